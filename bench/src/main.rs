@@ -1,0 +1,89 @@
+//! `hookyard-bench`: load generators and benchmarks that print their figures.
+
+mod ingest_compare;
+mod load;
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+// The same allocator as the `hookyard` binary, so the servers measured here allocate as
+// they do in production.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "hookyard-bench", about = "hookyard load generators and benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load a running ingest (or any URL) with POSTs and print throughput and latency.
+    Ingest {
+        #[arg(long)]
+        url: String,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
+    /// Start NATS, hookyard's ingest and a bare axum→JetStream handler, load each in
+    /// turn, and print both with their ratio. Checks that no 2xx came without a stored message.
+    IngestCompare {
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Alternating rounds per target.
+        #[arg(long, default_value_t = 2)]
+        rounds: u32,
+        /// HOOKS_RAW's duplicate window (how long message ids are remembered).
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+        duplicate_window: Duration,
+    },
+}
+
+#[derive(clap::Args, Clone, Copy)]
+pub struct LoadArgs {
+    /// Concurrent connections, each sending one request at a time.
+    #[arg(long, default_value_t = 256)]
+    connections: usize,
+    /// Seconds of measured load.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Seconds of unmeasured load first.
+    #[arg(long, default_value_t = 1)]
+    warmup: u64,
+    /// Request body size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    body_bytes: usize,
+}
+
+impl LoadArgs {
+    fn plan(&self) -> load::Plan {
+        load::Plan {
+            connections: self.connections,
+            duration: Duration::from_secs(self.duration),
+            warmup: Duration::from_secs(self.warmup),
+            body_bytes: self.body_bytes,
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::Ingest { url, load } => {
+                let report = load::run(&url, &load.plan()).await?;
+                report.print(&url);
+                Ok(())
+            }
+            Command::IngestCompare {
+                load,
+                rounds,
+                duplicate_window,
+            } => ingest_compare::run(&load.plan(), rounds, duplicate_window).await,
+        }
+    })
+}

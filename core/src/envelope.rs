@@ -1,0 +1,301 @@
+//! The envelope: one received webhook as it is stored in `HOOKS_RAW`.
+//!
+//! The NATS message payload is the provider's body, byte for byte (what every
+//! signature is computed over, and what an operator sees in `nats stream view`).
+//! The subject `hooks.raw.{environment}.{integration}` says where it came in, and the
+//! message id `{environment}:{integration}:{delivery id}` which delivery it is.
+//! The rest travels in NATS headers: our metadata under `Hookyard-*`, and each HTTP
+//! header of the request under `Http-{name}` (repeated headers stay repeated).
+//! Prefixing the provider's headers keeps a sender from injecting `Nats-Msg-Id`.
+//! Nothing is said twice: every header is bytes the server scans on every message.
+
+use std::str::FromStr;
+
+use async_nats::header::{HeaderMap, HeaderName, HeaderValue};
+use bytes::Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
+use sha2::{Digest, Sha256};
+
+use crate::keys::{EnvironmentName, IntegrationKey};
+
+pub const FORMAT_VERSION: &str = "1";
+
+const H_FORMAT: &str = "Hookyard-Envelope";
+const H_MESSAGE_ID: &str = "Nats-Msg-Id";
+const H_RECEIVED_AT: &str = "Hookyard-Received-At";
+/// Only present when the method is not POST.
+const H_METHOD: &str = "Hookyard-Method";
+const H_PATH: &str = "Hookyard-Path";
+const H_QUERY: &str = "Hookyard-Query";
+const HTTP_PREFIX: &str = "Http-";
+
+/// Request headers that carry the provider's own id for one delivery; a retry of the
+/// delivery repeats it. First match wins. (The provider catalog refines this per
+/// provider; these are the ones that need no provider knowledge.)
+pub const DELIVERY_ID_HEADERS: &[&str] = &[
+    "x-github-delivery",
+    "webhook-id",
+    "svix-id",
+    "x-shopify-webhook-id",
+    "linear-delivery",
+    "x-gitlab-event-uuid",
+    "x-atlassian-webhook-identifier",
+    "x-zendesk-webhook-invocation-id",
+    "i-twilio-idempotency-token",
+];
+
+/// A webhook as received: exact body bytes, headers, query string and where it came in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub environment: EnvironmentName,
+    pub integration: IntegrationKey,
+    pub received_at: DateTime<Utc>,
+    /// The provider's delivery id, or `h:{hex}` (a SHA-256 over what was received, cut
+    /// to 128 bits) when it sent none.
+    pub delivery_id: String,
+    pub method: String,
+    /// The part of the URL after `/webhook/{environment}/{integration}/`, if any.
+    pub path: Option<String>,
+    /// The raw query string, as received.
+    pub query: Option<String>,
+    /// Request headers, names lower-case; repeated headers keep their order.
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("message has no headers; it is not a hookyard envelope")]
+    NoHeaders,
+    #[error("subject {0:?} is not hooks.raw.{{environment}}.{{integration}}")]
+    Subject(String),
+    #[error("envelope header {0} is missing")]
+    Missing(&'static str),
+    #[error("envelope format {0:?} is not supported by this version (expected {FORMAT_VERSION})")]
+    Format(String),
+    #[error("envelope header {0} is invalid: {1}")]
+    Invalid(&'static str, String),
+}
+
+impl Envelope {
+    /// The subject this envelope is published on.
+    pub fn subject(&self) -> String {
+        crate::streams::raw_subject(&self.environment, &self.integration)
+    }
+
+    /// The JetStream message id: the same delivery published twice is stored once.
+    pub fn message_id(&self) -> String {
+        format!("{}:{}:{}", self.environment, self.integration, self.delivery_id)
+    }
+
+    /// The delivery id of a request: the provider's own when a known header carries one,
+    /// else a hash over everything that distinguishes one delivery from another.
+    pub fn derive_delivery_id(
+        integration: &IntegrationKey,
+        headers: &[(String, String)],
+        path: Option<&str>,
+        query: Option<&str>,
+        body: &[u8],
+    ) -> String {
+        let provided = DELIVERY_ID_HEADERS.iter().find_map(|wanted| {
+            headers
+                .iter()
+                .find(|(name, value)| name == wanted && !value.trim().is_empty())
+                .map(|(_, value)| value.trim().to_string())
+        });
+        provided.unwrap_or_else(|| {
+            let mut hash = Sha256::new();
+            for part in [
+                integration.as_str().as_bytes(),
+                path.unwrap_or("").as_bytes(),
+                query.unwrap_or("").as_bytes(),
+            ] {
+                hash.update((part.len() as u64).to_be_bytes());
+                hash.update(part);
+            }
+            hash.update(body);
+            // 128 bits of the hash are plenty to tell deliveries apart, and the id is
+            // held in the server's duplicate map for the whole window: keep it short.
+            format!("h:{}", hex::encode(&hash.finalize()[..16]))
+        })
+    }
+
+    /// NATS headers for this envelope; the payload is `self.body` unchanged.
+    pub fn to_headers(&self) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        map.insert(H_FORMAT, FORMAT_VERSION);
+        insert_checked(&mut map, H_MESSAGE_ID.to_string(), &self.message_id());
+        map.insert(
+            H_RECEIVED_AT,
+            self.received_at.to_rfc3339_opts(SecondsFormat::Micros, true).as_str(),
+        );
+        if self.method != "POST" {
+            map.insert(H_METHOD, self.method.as_str());
+        }
+        if let Some(path) = &self.path {
+            map.insert(H_PATH, path.as_str());
+        }
+        if let Some(query) = &self.query {
+            map.insert(H_QUERY, query.as_str());
+        }
+        for (name, value) in &self.headers {
+            insert_checked(&mut map, format!("{HTTP_PREFIX}{name}"), value);
+        }
+        map
+    }
+
+    /// Decodes a message of `HOOKS_RAW` (its subject, headers and payload).
+    pub fn from_message(subject: &str, headers: Option<&HeaderMap>, payload: Bytes) -> Result<Envelope, EnvelopeError> {
+        let map = headers.ok_or(EnvelopeError::NoHeaders)?;
+        let get = |name: &'static str| map.get(name).map(|v| v.as_str());
+        let need = |name: &'static str| get(name).ok_or(EnvelopeError::Missing(name));
+        let format = need(H_FORMAT)?;
+        if format != FORMAT_VERSION {
+            return Err(EnvelopeError::Format(format.to_string()));
+        }
+        let bad_subject = || EnvelopeError::Subject(subject.to_string());
+        let (environment, integration) = match subject.split('.').collect::<Vec<_>>()[..] {
+            ["hooks", "raw", environment, integration] => (
+                environment.parse::<EnvironmentName>().map_err(|_| bad_subject())?,
+                integration.parse::<IntegrationKey>().map_err(|_| bad_subject())?,
+            ),
+            _ => return Err(bad_subject()),
+        };
+        let prefix = format!("{environment}:{integration}:");
+        let delivery_id = need(H_MESSAGE_ID)?
+            .strip_prefix(&prefix)
+            .ok_or_else(|| EnvelopeError::Invalid(H_MESSAGE_ID, format!("does not start with {prefix}")))?
+            .to_string();
+        let received_at = DateTime::parse_from_rfc3339(need(H_RECEIVED_AT)?)
+            .map_err(|e| EnvelopeError::Invalid(H_RECEIVED_AT, e.to_string()))?
+            .with_timezone(&Utc);
+        let mut headers = Vec::new();
+        for (name, values) in map.iter() {
+            if let Some(http_name) = AsRef::<str>::as_ref(name).strip_prefix(HTTP_PREFIX) {
+                for value in values {
+                    headers.push((http_name.to_string(), value.as_str().to_string()));
+                }
+            }
+        }
+        Ok(Envelope {
+            environment,
+            integration,
+            received_at,
+            delivery_id,
+            method: get(H_METHOD).unwrap_or("POST").to_string(),
+            path: get(H_PATH).map(String::from),
+            query: get(H_QUERY).map(String::from),
+            headers,
+            body: payload,
+        })
+    }
+}
+
+/// Header names from an HTTP request are always valid here, and values cannot hold CR
+/// or LF; a value that somehow does is logged rather than failing the whole webhook.
+fn insert_checked(map: &mut HeaderMap, name: String, value: &str) {
+    match (HeaderName::from_str(&name), HeaderValue::from_str(value)) {
+        (Ok(name), Ok(value)) => map.append(name, value),
+        _ => tracing::warn!(header = %name, "header cannot be carried in the envelope; left out"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Envelope {
+        Envelope {
+            environment: "dev".parse().unwrap(),
+            integration: "github".parse().unwrap(),
+            received_at: "2026-11-26T17:30:00.123456Z".parse().unwrap(),
+            delivery_id: "d-1".into(),
+            method: "POST".into(),
+            path: Some("extra/part".into()),
+            query: Some("a=1&b=%20x".into()),
+            headers: vec![
+                ("content-type".into(), "application/json".into()),
+                ("x-dup".into(), "one".into()),
+                ("x-dup".into(), "two".into()),
+                ("nats-msg-id".into(), "forged".into()),
+            ],
+            body: Bytes::from_static(b"{\"a\": 1}\n\x00\xff"),
+        }
+    }
+
+    #[test]
+    fn round_trips_through_nats_headers() {
+        let envelope = sample();
+        let headers = envelope.to_headers();
+        assert_eq!(headers.get("Nats-Msg-Id").unwrap().as_str(), "dev:github:d-1");
+        let back = Envelope::from_message(&envelope.subject(), Some(&headers), envelope.body.clone()).unwrap();
+        assert_eq!(back.environment, envelope.environment);
+        assert_eq!(back.integration, envelope.integration);
+        assert_eq!(back.delivery_id, envelope.delivery_id);
+        assert_eq!(back.method, "POST");
+        assert_eq!(back.received_at, envelope.received_at);
+        assert_eq!(back.path, envelope.path);
+        assert_eq!(back.query, envelope.query);
+        assert_eq!(back.body, envelope.body);
+        let mut got = back.headers.clone();
+        let mut want = envelope.headers.clone();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "every header, repeats included, survives");
+    }
+
+    #[test]
+    fn provider_headers_cannot_forge_nats_ones() {
+        let headers = sample().to_headers();
+        let ids: Vec<_> = headers.get_all("Nats-Msg-Id").map(|v| v.as_str().to_string()).collect();
+        assert_eq!(ids, vec!["dev:github:d-1"]);
+    }
+
+    #[test]
+    fn other_methods_round_trip() {
+        let envelope = Envelope {
+            method: "GET".into(),
+            ..sample()
+        };
+        let back = Envelope::from_message(&envelope.subject(), Some(&envelope.to_headers()), Bytes::new()).unwrap();
+        assert_eq!(back.method, "GET");
+    }
+
+    #[test]
+    fn rejects_foreign_messages() {
+        let subject = sample().subject();
+        let none = Envelope::from_message(&subject, None, Bytes::new());
+        assert!(matches!(none, Err(EnvelopeError::NoHeaders)));
+        let mut headers = sample().to_headers();
+        let wrong_subject = Envelope::from_message("hooks.conn.dev.github", Some(&headers), Bytes::new());
+        assert!(matches!(wrong_subject, Err(EnvelopeError::Subject(_))));
+        let other_integration = Envelope::from_message("hooks.raw.dev.gitlab", Some(&headers), Bytes::new());
+        assert!(matches!(
+            other_integration,
+            Err(EnvelopeError::Invalid("Nats-Msg-Id", _))
+        ));
+        headers.insert(H_FORMAT, "9");
+        let future = Envelope::from_message(&subject, Some(&headers), Bytes::new());
+        assert!(matches!(future, Err(EnvelopeError::Format(_))));
+    }
+
+    #[test]
+    fn delivery_id_prefers_the_providers_and_hashes_otherwise() {
+        let key: IntegrationKey = "gh".parse().unwrap();
+        let with_id = vec![("x-github-delivery".to_string(), "72d3162e".to_string())];
+        assert_eq!(
+            Envelope::derive_delivery_id(&key, &with_id, None, None, b"x"),
+            "72d3162e"
+        );
+        let a = Envelope::derive_delivery_id(&key, &[], None, None, b"body");
+        assert!(a.starts_with("h:") && a.len() == 34, "{a}");
+        assert_eq!(a, Envelope::derive_delivery_id(&key, &[], None, None, b"body"));
+        assert_ne!(
+            a,
+            Envelope::derive_delivery_id(&key, &[], None, Some("connection_id=2"), b"body")
+        );
+        assert_ne!(a, Envelope::derive_delivery_id(&key, &[], None, None, b"body2"));
+        let other: IntegrationKey = "gl".parse().unwrap();
+        assert_ne!(a, Envelope::derive_delivery_id(&other, &[], None, None, b"body"));
+    }
+}

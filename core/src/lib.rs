@@ -1,0 +1,15 @@
+//! The contracts shared by hookyard's pipeline stages: configuration, telemetry,
+//! shutdown, the webhook envelope, the JetStream topology and the store.
+
+pub mod config;
+pub mod embedded_nats;
+pub mod envelope;
+pub mod keys;
+pub mod shutdown;
+pub mod store;
+pub mod streams;
+pub mod telemetry;
+
+pub use config::Config;
+pub use envelope::Envelope;
+pub use store::Store;

