@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream;
+use async_nats::jetstream::message::PublishMessage;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
@@ -15,11 +16,13 @@ use hookyard_core::embedded_nats::{server_bin, EmbeddedNats, ServerSpec};
 use hookyard_core::store::NewIntegration;
 use hookyard_core::streams::{Bus, RAW_STREAM};
 use hookyard_core::{Config, Store};
+use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::load::{self, Plan, Report};
 
 const BARE_STREAM: &str = "BARE";
+const BARE_ID_STREAM: &str = "BARE_ID";
 
 pub async fn run(plan: &Plan, rounds: u32, duplicate_window: Duration) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -67,10 +70,26 @@ pub async fn run(plan: &Plan, rounds: u32, duplicate_window: Duration) -> anyhow
     );
     tokio::spawn(hookyard_ingest::serve(listener, ingest, shutdown.clone()));
 
-    let bare_url = start_bare(&bus).await?;
+    let targets = [
+        Target {
+            name: "hookyard ingest",
+            url: hookyard_url,
+            stream: RAW_STREAM,
+        },
+        Target {
+            name: "bare axum + JetStream publish",
+            url: start_bare(&bus, BARE_STREAM, false, duplicate_window).await?,
+            stream: BARE_STREAM,
+        },
+        Target {
+            name: "bare + content-hash Nats-Msg-Id",
+            url: start_bare(&bus, BARE_ID_STREAM, true, duplicate_window).await?,
+            stream: BARE_ID_STREAM,
+        },
+    ];
 
     println!(
-        "ingest benchmark: {} connections, {} B bodies, {}s per round after {}s warm-up, {rounds} rounds each, duplicate window {:?}, nats-server {}\n",
+        "ingest benchmark: {} connections, {} B bodies, {}s per round after {}s warm-up, {rounds} rounds, duplicate window {:?}, nats-server {}\n",
         plan.connections,
         plan.body_bytes,
         plan.duration.as_secs(),
@@ -79,52 +98,53 @@ pub async fn run(plan: &Plan, rounds: u32, duplicate_window: Duration) -> anyhow
         bus.client.server_info().version
     );
     let nats_pid = nats.pid().context("nats-server pid")?;
-    let (mut hookyard_total, mut bare_total) = (0.0, 0.0);
-    for round in 1..=rounds {
+    let mut totals = [0.0; 3];
+    for round in 0..rounds as usize {
         // Whichever target runs first in a round is measurably disadvantaged (about 7%
-        // when both slots load the same server), so the order alternates.
-        let hookyard_first = round % 2 == 1;
-        for hookyard_turn in [hookyard_first, !hookyard_first] {
-            if hookyard_turn {
-                let before = stored(&bus.jetstream, RAW_STREAM).await?;
-                let cpu = CpuMeter::start(nats_pid);
-                let report = load::run(&hookyard_url, plan).await?;
-                let cpu = cpu.stop();
-                let after = stored(&bus.jetstream, RAW_STREAM).await?;
-                report.print(&format!("round {round}: hookyard ingest"));
-                cpu.print(&report);
-                check_acked(&report, after - before)?;
-                hookyard_total += report.throughput();
-            } else {
-                let cpu = CpuMeter::start(nats_pid);
-                let report = load::run(&bare_url, plan).await?;
-                let cpu = cpu.stop();
-                report.print(&format!("round {round}: bare axum + JetStream publish"));
-                cpu.print(&report);
-                bare_total += report.throughput();
-            }
+        // when two slots load the same server), so the order rotates.
+        for turn in 0..targets.len() {
+            let i = (round + turn) % targets.len();
+            let target = &targets[i];
+            let before = stored(&bus.jetstream, target.stream).await?;
+            let cpu = CpuMeter::start(nats_pid);
+            let report = load::run(&target.url, plan).await?;
+            let cpu = cpu.stop();
+            let after = stored(&bus.jetstream, target.stream).await?;
+            report.print(&format!("round {}: {}", round + 1, target.name));
+            cpu.print(&report);
+            check_acked(&report, after - before, target.stream)?;
+            totals[i] += report.throughput();
         }
     }
+    let mean = |i: usize| totals[i] / rounds as f64;
     println!(
-        "\nmean throughput: hookyard {:.0} req/s, bare {:.0} req/s, ratio {:.2}",
-        hookyard_total / rounds as f64,
-        bare_total / rounds as f64,
-        hookyard_total / bare_total
+        "\nmean throughput: hookyard {:.0} req/s, bare {:.0} req/s (ratio {:.2}), bare + message id {:.0} req/s (ratio {:.2})",
+        mean(0),
+        mean(1),
+        mean(0) / mean(1),
+        mean(2),
+        mean(0) / mean(2),
     );
     shutdown.cancel();
     Ok(())
 }
 
+struct Target {
+    name: &'static str,
+    url: String,
+    stream: &'static str,
+}
+
 /// Every 2xx must correspond to a stored message (each body is unique, so extra stored
 /// messages can only come from requests that failed on the client side after the ack).
-fn check_acked(report: &Report, stored: u64) -> anyhow::Result<()> {
+fn check_acked(report: &Report, stored: u64, stream: &str) -> anyhow::Result<()> {
     let answered = report.ok();
     // Warm-up requests are stored but not counted in the report.
     anyhow::ensure!(
         stored >= answered,
         "{answered} requests were answered 2xx but only {stored} messages were stored"
     );
-    println!("  ack check: {answered} answered 2xx (after warm-up), {stored} stored in {RAW_STREAM}: ok");
+    println!("  ack check: {answered} answered 2xx (after warm-up), {stored} stored in {stream}: ok");
     Ok(())
 }
 
@@ -133,36 +153,50 @@ async fn stored(jetstream: &jetstream::Context, stream: &str) -> anyhow::Result<
     Ok(stream.info().await?.state.messages)
 }
 
-/// The baseline: read the body, publish it, await the ack, answer 202.
-async fn start_bare(bus: &Bus) -> anyhow::Result<String> {
+/// A baseline: read the body, publish it (with a content-hash message id when `with_id`,
+/// the least a handler needs to store one delivery once), await the ack, answer 202.
+async fn start_bare(
+    bus: &Bus,
+    stream: &'static str,
+    with_id: bool,
+    duplicate_window: Duration,
+) -> anyhow::Result<String> {
+    let subject = format!("{}.load", stream.to_lowercase());
     bus.jetstream
         .create_or_update_stream(jetstream::stream::Config {
-            name: BARE_STREAM.into(),
-            subjects: vec!["bare.>".into()],
+            name: stream.into(),
+            subjects: vec![subject.clone()],
+            duplicate_window,
             ..Default::default()
         })
         .await?;
-    let jetstream = Arc::new(bus.jetstream.clone());
+    let state = Arc::new((bus.jetstream.clone(), subject));
     let app = axum::Router::new()
         .route(
             "/bare",
-            post(|State(js): State<Arc<jetstream::Context>>, body: Bytes| async move {
-                match js.publish("bare.load", body).await {
-                    Ok(ack) => match ack.await {
-                        Ok(_) => StatusCode::ACCEPTED,
+            post(
+                move |State(state): State<Arc<(jetstream::Context, String)>>, body: Bytes| async move {
+                    let (js, subject) = &*state;
+                    let mut message = PublishMessage::build().payload(body.clone());
+                    if with_id {
+                        message = message.message_id(hex::encode(&Sha256::digest(&body)[..16]));
+                    }
+                    match js.send_publish(subject.clone(), message).await {
+                        Ok(ack) => match ack.await {
+                            Ok(_) => StatusCode::ACCEPTED,
+                            Err(_) => StatusCode::SERVICE_UNAVAILABLE,
+                        },
                         Err(_) => StatusCode::SERVICE_UNAVAILABLE,
-                    },
-                    Err(_) => StatusCode::SERVICE_UNAVAILABLE,
-                }
-            }),
+                    }
+                },
+            ),
         )
-        .with_state(jetstream);
+        .with_state(state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}/bare", listener.local_addr()?);
     tokio::spawn(async move { axum::serve(listener, app).await });
     Ok(url)
 }
-
 /// CPU seconds used by this process (servers and load generator) and by nats-server.
 struct CpuMeter {
     nats_pid: u32,

@@ -77,8 +77,44 @@ fn start_embedded_nats(config: &Config) -> Result<(EmbeddedNats, String), Error>
         config_file: &data.join("nats.conf"),
         max_payload_mb: (config.ingest.max_body_bytes >> 20) + 2,
     };
+    let pid_file = data.join("nats.pid");
+    stop_stale_nats(&pid_file);
     let server = EmbeddedNats::start(&spec, Duration::from_secs(30))?;
+    if let Some(pid) = server.pid() {
+        if let Err(error) = std::fs::write(&pid_file, pid.to_string()) {
+            tracing::warn!(%error, "cannot record the nats-server pid");
+        }
+    }
     Ok((server, format!("nats://127.0.0.1:{port}")))
+}
+
+/// A `hookyard dev` that was killed (SIGKILL, a crash) leaves its nats-server running
+/// and holding the JetStream store; stop it before starting a new one.
+fn stop_stale_nats(pid_file: &Path) {
+    let Some(pid) = std::fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+    else {
+        return;
+    };
+    let is_nats = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|cmdline| String::from_utf8_lossy(&cmdline).contains("nats-server"))
+        .unwrap_or(false);
+    if !is_nats {
+        return;
+    }
+    tracing::warn!(pid, "stopping the nats-server left behind by an earlier hookyard dev");
+    let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+    // Wait (bounded) for it to release the store.
+    for _ in 0..100 {
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status();
 }
 
 async fn ensure_demo_integration(store: &Store, environment: &Environment) -> Result<(), Error> {

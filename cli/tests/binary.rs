@@ -352,3 +352,35 @@ async fn spans_are_exported_over_otlp_when_configured() {
     assert!(bytes > 0, "an export request with spans in it");
     assert!(ingest.terminate().await.success());
 }
+
+#[tokio::test]
+async fn dev_restarts_cleanly_after_being_killed_and_keeps_its_webhooks() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("HOOKYARD_INGEST__LISTEN", format!("127.0.0.1:{}", free_port()))];
+    let mut first = Process::spawn(&["dev"], &env, dir.path());
+    Process::wait_for(&first.stdout, "demo: HOOKS_RAW #1");
+    let orphan = std::fs::read_to_string(dir.path().join(".hookyard/nats.pid")).unwrap();
+    let orphan = format!("/proc/{}", orphan.trim());
+    // No chance to clean up: its nats-server child is left running on the store.
+    first.signal("-KILL");
+    first.wait_exit();
+    assert!(
+        std::path::Path::new(&orphan).exists(),
+        "the orphaned nats-server runs on"
+    );
+
+    let mut second = Process::spawn(&["dev"], &env, dir.path());
+    let stored = Process::wait_for(&second.stdout, "demo: HOOKS_RAW #");
+    assert!(
+        stored.contains("HOOKS_RAW #2"),
+        "the first webhook survived the crash: {stored}"
+    );
+    // Two servers on one JetStream store would corrupt it: the old one must be gone.
+    assert!(
+        !std::path::Path::new(&orphan).exists(),
+        "the orphaned nats-server was stopped"
+    );
+    second.signal("-TERM");
+    let status = tokio::task::spawn_blocking(move || second.wait_exit()).await.unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
