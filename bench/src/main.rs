@@ -2,6 +2,7 @@
 
 mod ingest_compare;
 mod load;
+mod records;
 
 use std::time::Duration;
 
@@ -39,6 +40,16 @@ enum Command {
         /// HOOKS_RAW's duplicate window (how long message ids are remembered).
         #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
         duplicate_window: Duration,
+    },
+    /// Records write throughput on Postgres (a fresh database on the local server, or
+    /// $HOOKYARD_TEST_POSTGRES_URL's) and SQLite, per batch size.
+    Records {
+        /// Batch sizes to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,100,1000")]
+        batch: Vec<usize>,
+        /// Records written per batch size (at least one batch).
+        #[arg(long, default_value_t = 20_000)]
+        records: usize,
     },
 }
 
@@ -84,6 +95,7 @@ fn main() -> anyhow::Result<()> {
                 rounds,
                 duplicate_window,
             } => ingest_compare::run(&load.plan(), rounds, duplicate_window).await,
+            Command::Records { batch, records } => records::run(&batch, records).await,
         }
     })
 }

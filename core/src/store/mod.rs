@@ -30,6 +30,8 @@ pub enum StoreError {
     Conflict(String),
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +60,8 @@ macro_rules! on_pool {
         }
     };
 }
+
+pub mod records;
 
 impl Store {
     /// Opens the database named by `url` (`postgres://…` or `sqlite://path`) and brings

@@ -1,0 +1,636 @@
+//! The records cache: Nango's `batchSave` / `batchUpdate` / `batchDelete` semantics,
+//! with a version on every write so that stale writes are ignored.
+//!
+//! A write call runs in one transaction: it first takes the scope's row lock (and the
+//! block of change sequence numbers it may use), reads the stored state of the ids it
+//! touches, decides each record's outcome in Rust ([`decide`], written once for both back
+//! ends), then applies all changes in one statement. Holding the scope lock from the
+//! first statement means writers of one scope commit in `seq` order, so a reader paging
+//! by `seq` never skips a change that commits late.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use sqlx::types::Json;
+
+use super::{Pool, Store, StoreError};
+use crate::keys::IntegrationKey;
+
+/// Whose records: the key prefix of every record.
+#[derive(Debug, Clone)]
+pub struct RecordScope {
+    pub environment_id: i64,
+    pub integration: IntegrationKey,
+    pub connection_id: String,
+    pub model: String,
+}
+
+impl RecordScope {
+    /// The four key columns as one unambiguous value (a JSON array), for the paging index.
+    fn key(&self) -> String {
+        serde_json::to_string(&(
+            self.environment_id,
+            self.integration.as_str(),
+            &self.connection_id,
+            &self.model,
+        ))
+        .expect("strings and integers serialise")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteKind {
+    /// Upsert; a record whose content did not change is not rewritten.
+    Save,
+    /// Deep-merge into an existing, non-deleted record (objects merge, arrays replace);
+    /// unknown or deleted ids are ignored.
+    Update,
+    /// Soft delete keeping the last payload; an unknown id leaves a tombstone.
+    Delete,
+}
+
+/// What a write call did, record by record.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct WriteCounts {
+    pub added: u64,
+    pub updated: u64,
+    pub deleted: u64,
+    pub unchanged: u64,
+    /// Writes older than the stored version, ignored.
+    pub skipped_stale: u64,
+    /// Updates of ids that do not exist or are deleted.
+    pub ignored: u64,
+    /// Earlier occurrences of an id repeated in the batch (the last one wins).
+    pub duplicates_in_batch: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum LastAction {
+    Added,
+    Updated,
+    Deleted,
+}
+
+impl LastAction {
+    fn as_str(self) -> &'static str {
+        match self {
+            LastAction::Added => "ADDED",
+            LastAction::Updated => "UPDATED",
+            LastAction::Deleted => "DELETED",
+        }
+    }
+
+    fn parse(text: &str) -> Result<LastAction, StoreError> {
+        match text {
+            "ADDED" => Ok(LastAction::Added),
+            "UPDATED" => Ok(LastAction::Updated),
+            "DELETED" => Ok(LastAction::Deleted),
+            other => Err(StoreError::Corrupt(format!("record last_action {other:?}"))),
+        }
+    }
+}
+
+/// The stored state a decision needs.
+struct Existing {
+    payload: Value,
+    hash: String,
+    version: i64,
+    deleted: bool,
+}
+
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    Stale,
+    Ignored,
+    Unchanged,
+    Write {
+        payload: Value,
+        hash: String,
+        action: LastAction,
+    },
+}
+
+/// The content hash: canonical JSON (object keys sorted, so their order never counts
+/// as a change), SHA-256 cut to 128 bits.
+pub fn content_hash(payload: &Value) -> String {
+    // serde_json's Map is a BTreeMap (no `preserve_order`), so this is key-sorted;
+    // `reordered_keys_hash_alike` guards it.
+    let bytes = serde_json::to_vec(payload).expect("a JSON value serialises");
+    hex::encode(&Sha256::digest(&bytes)[..16])
+}
+
+/// Objects merge recursively; anything else (arrays included) replaces.
+pub fn deep_merge(target: &mut Value, patch: Value) {
+    match (target, patch) {
+        (Value::Object(target), Value::Object(patch)) => {
+            for (key, value) in patch {
+                match target.get_mut(&key) {
+                    Some(existing) => deep_merge(existing, value),
+                    None => {
+                        target.insert(key, value);
+                    }
+                }
+            }
+        }
+        (target, patch) => *target = patch,
+    }
+}
+
+fn decide(kind: WriteKind, id: &str, input: Value, existing: Option<&Existing>, version: i64) -> Outcome {
+    if existing.is_some_and(|e| e.version > version) {
+        return Outcome::Stale;
+    }
+    let write = |payload: Value, action| Outcome::Write {
+        hash: content_hash(&payload),
+        payload,
+        action,
+    };
+    match (kind, existing) {
+        (WriteKind::Save, None) => write(input, LastAction::Added),
+        (WriteKind::Save, Some(e)) if e.deleted => write(input, LastAction::Added),
+        (WriteKind::Save, Some(e)) if e.hash == content_hash(&input) => Outcome::Unchanged,
+        (WriteKind::Save, Some(_)) => write(input, LastAction::Updated),
+        (WriteKind::Update, None) => Outcome::Ignored,
+        (WriteKind::Update, Some(e)) if e.deleted => Outcome::Ignored,
+        (WriteKind::Update, Some(e)) => {
+            let mut merged = e.payload.clone();
+            deep_merge(&mut merged, input);
+            if content_hash(&merged) == e.hash {
+                Outcome::Unchanged
+            } else {
+                write(merged, LastAction::Updated)
+            }
+        }
+        (WriteKind::Delete, None) => write(serde_json::json!({ "id": id }), LastAction::Deleted),
+        (WriteKind::Delete, Some(e)) if e.deleted => Outcome::Unchanged,
+        (WriteKind::Delete, Some(e)) => write(e.payload.clone(), LastAction::Deleted),
+    }
+}
+
+/// The action of a row that only moves an unchanged record's version on.
+const BUMP: &str = "BUMP";
+
+/// One row to write, as the bulk statement reads it from a JSON array.
+#[derive(Serialize)]
+struct RowWrite<'a> {
+    id: &'a str,
+    payload: &'a Value,
+    hash: &'a str,
+    seq: i64,
+    action: &'static str,
+}
+
+#[derive(sqlx::FromRow)]
+struct ExistingRow {
+    id: String,
+    payload: Json<Value>,
+    hash: String,
+    version: i64,
+    deleted: bool,
+}
+
+/// Reading a page of records.
+#[derive(Debug, Clone, Default)]
+pub struct RecordQuery {
+    /// Exclusive: records after this cursor.
+    pub cursor: Option<String>,
+    /// Inclusive.
+    pub modified_after: Option<DateTime<Utc>>,
+    pub limit: u32,
+    /// Which last actions to return; empty means all.
+    pub filter: Vec<LastAction>,
+    /// Only these ids, when given.
+    pub ids: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StoredRecord {
+    pub id: String,
+    pub payload: Value,
+    pub last_action: LastAction,
+    pub first_seen_at: DateTime<Utc>,
+    pub last_modified_at: DateTime<Utc>,
+    pub deleted_at: Option<DateTime<Utc>>,
+    /// Opaque: pass it back as `cursor` to continue after this record.
+    pub cursor: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordPage {
+    pub records: Vec<StoredRecord>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct RecordRow {
+    id: String,
+    payload: Json<Value>,
+    last_action: String,
+    first_seen_at: DateTime<Utc>,
+    last_modified_at: DateTime<Utc>,
+    deleted_at: Option<DateTime<Utc>>,
+    seq: i64,
+}
+
+const CURSOR_PREFIX: &str = "c1.";
+
+fn encode_cursor(seq: i64) -> String {
+    format!("{CURSOR_PREFIX}{seq}")
+}
+
+/// The `seq` a cursor stands for; a malformed cursor is an error the caller shows as 400.
+pub fn decode_cursor(cursor: &str) -> Result<i64, StoreError> {
+    cursor
+        .strip_prefix(CURSOR_PREFIX)
+        .and_then(|n| n.parse::<i64>().ok())
+        .filter(|n| *n >= 0)
+        .ok_or_else(|| StoreError::Invalid(format!("cursor {cursor:?} is not one this server handed out")))
+}
+
+/// Per-dialect SQL of the write flow; the flow itself is [`Store::write_records`].
+///
+/// Lookups by id filter on the key columns, which only the primary key indexes (paging
+/// goes through `scope`), so their plan cannot go wrong on a table Postgres has not yet
+/// analyzed. Unchanged records only have their version moved on: they travel in the same
+/// `INSERT … ON CONFLICT` as `BUMP` rows, whose conflict check goes through the primary key.
+struct Dialect {
+    reserve: &'static str,
+    existing: &'static str,
+    apply: &'static str,
+    page: &'static str,
+}
+
+const RESERVE: &str = "INSERT INTO record_scopes (environment_id, integration, connection_id, model, last_seq)
+     VALUES ($1, $2, $3, $4, $5)
+     ON CONFLICT (environment_id, integration, connection_id, model)
+     DO UPDATE SET last_seq = record_scopes.last_seq + $5
+     RETURNING last_seq";
+
+/// The column list of the bulk write (both dialects).
+macro_rules! insert_records {
+    () => {
+        "INSERT INTO records (environment_id, integration, connection_id, model, id, payload, hash, version, seq,
+                              last_action, first_seen_at, last_modified_at, deleted_at, scope) "
+    };
+}
+
+/// The conflict clause of the bulk write (both dialects): a newer or equal version
+/// replaces the row, except that a `BUMP` row moves only the version on.
+macro_rules! upsert_newer {
+    () => {
+        "ON CONFLICT (environment_id, integration, connection_id, model, id) DO UPDATE SET
+             version = excluded.version,
+             payload = CASE WHEN excluded.last_action = 'BUMP' THEN records.payload ELSE excluded.payload END,
+             hash = CASE WHEN excluded.last_action = 'BUMP' THEN records.hash ELSE excluded.hash END,
+             seq = CASE WHEN excluded.last_action = 'BUMP' THEN records.seq ELSE excluded.seq END,
+             last_modified_at = CASE WHEN excluded.last_action = 'BUMP' THEN records.last_modified_at
+                                     ELSE excluded.last_modified_at END,
+             deleted_at = CASE WHEN excluded.last_action = 'BUMP' THEN records.deleted_at ELSE excluded.deleted_at END,
+             last_action = CASE WHEN excluded.last_action = 'BUMP' THEN records.last_action ELSE excluded.last_action END
+         WHERE records.version <= excluded.version"
+    };
+}
+
+const POSTGRES: Dialect = Dialect {
+    reserve: RESERVE,
+    // One primary-key probe per wanted id: `LIMIT 1` keeps the planner from flattening
+    // the subquery into a join that scans the scope (as it does with `= ANY(…)` on a
+    // table it has not analyzed: O(scope × batch)).
+    existing: "SELECT r.id, r.payload, r.hash, r.version, r.deleted
+         FROM jsonb_array_elements_text($5::jsonb) AS wanted(id)
+         CROSS JOIN LATERAL (
+             SELECT id, payload, hash, version, deleted_at IS NOT NULL AS deleted FROM records
+             WHERE environment_id = $1 AND integration = $2 AND connection_id = $3 AND model = $4
+               AND id = wanted.id
+             LIMIT 1) AS r",
+    apply: concat!(
+        insert_records!(),
+        "SELECT $1, $2, $3, $4, r.id, r.payload, r.hash, $5, r.seq, r.action, $6, $6,
+                CASE WHEN r.action = 'DELETED' THEN $6::timestamptz END, $8
+         FROM jsonb_to_recordset($7::jsonb) AS r(id text, payload jsonb, hash text, seq bigint, action text) ",
+        upsert_newer!()
+    ),
+    page: "SELECT id, payload, last_action, first_seen_at, last_modified_at, deleted_at, seq FROM records
+         WHERE scope = $1 AND seq > $2
+           AND ($3::timestamptz IS NULL OR last_modified_at >= $3)
+           AND (($4 & 1 <> 0 AND last_action = 'ADDED') OR ($4 & 2 <> 0 AND last_action = 'UPDATED')
+                OR ($4 & 4 <> 0 AND last_action = 'DELETED'))
+           AND ($5::jsonb IS NULL OR id = ANY(ARRAY(SELECT jsonb_array_elements_text($5::jsonb))))
+         ORDER BY seq LIMIT $6",
+};
+
+const SQLITE: Dialect = Dialect {
+    reserve: RESERVE,
+    existing: "SELECT id, payload, hash, version, deleted_at IS NOT NULL AS deleted FROM records
+         WHERE environment_id = $1 AND integration = $2 AND connection_id = $3 AND model = $4
+           AND id IN (SELECT value FROM json_each($5))",
+    apply: concat!(
+        insert_records!(),
+        "SELECT $1, $2, $3, $4, r.value ->> '$.id', r.value -> '$.payload', r.value ->> '$.hash', $5,
+                r.value ->> '$.seq', r.value ->> '$.action', $6, $6,
+                CASE WHEN r.value ->> '$.action' = 'DELETED' THEN $6 END, $8
+         FROM json_each($7) AS r WHERE true ",
+        upsert_newer!()
+    ),
+    page: "SELECT id, payload, last_action, first_seen_at, last_modified_at, deleted_at, seq FROM records
+         WHERE scope = $1 AND seq > $2
+           AND ($3 IS NULL OR last_modified_at >= $3)
+           AND (($4 & 1 <> 0 AND last_action = 'ADDED') OR ($4 & 2 <> 0 AND last_action = 'UPDATED')
+                OR ($4 & 4 <> 0 AND last_action = 'DELETED'))
+           AND ($5 IS NULL OR id IN (SELECT value FROM json_each($5)))
+         ORDER BY seq LIMIT $6",
+};
+
+/// Binds the scope as `$1..$4` and the given values after it, then runs `$run` on the
+/// back end's connection or transaction `$conn`.
+macro_rules! scoped {
+    ($sql:expr, $scope:expr $(, $value:expr)*) => {
+        sqlx::query($sql)
+            .bind($scope.environment_id)
+            .bind($scope.integration.as_str())
+            .bind(&$scope.connection_id)
+            .bind(&$scope.model)
+            $(.bind($value))*
+    };
+}
+
+macro_rules! scoped_as {
+    ($row:ty, $sql:expr, $scope:expr $(, $value:expr)*) => {
+        sqlx::query_as::<_, $row>($sql)
+            .bind($scope.environment_id)
+            .bind($scope.integration.as_str())
+            .bind(&$scope.connection_id)
+            .bind(&$scope.model)
+            $(.bind($value))*
+    };
+}
+
+/// Runs the same flow text on either back end's transaction.
+macro_rules! in_transaction {
+    ($store:expr, |$tx:ident, $dialect:ident| $body:expr) => {
+        match &$store.pool {
+            Pool::Postgres(pool) => {
+                let mut $tx = pool.begin().await?;
+                let $dialect = &POSTGRES;
+                let result = $body;
+                $tx.commit().await?;
+                result
+            }
+            Pool::Sqlite(pool) => {
+                let mut $tx = pool.begin().await?;
+                let $dialect = &SQLITE;
+                let result = $body;
+                $tx.commit().await?;
+                result
+            }
+        }
+    };
+}
+
+impl Store {
+    fn dialect(&self) -> &'static Dialect {
+        match self.pool {
+            Pool::Postgres(_) => &POSTGRES,
+            Pool::Sqlite(_) => &SQLITE,
+        }
+    }
+
+    /// Applies one batch of `kind` writes at `version`, all in one transaction.
+    pub async fn write_records(
+        &self,
+        scope: &RecordScope,
+        kind: WriteKind,
+        records: Vec<(String, Value)>,
+        version: i64,
+    ) -> Result<WriteCounts, StoreError> {
+        let mut counts = WriteCounts::default();
+        // The last occurrence of an id wins; keep first-seen order otherwise.
+        let mut order: Vec<String> = Vec::with_capacity(records.len());
+        let mut latest: std::collections::HashMap<String, Value> = std::collections::HashMap::new();
+        for (id, payload) in records {
+            if latest.insert(id.clone(), payload).is_some() {
+                counts.duplicates_in_batch += 1;
+            } else {
+                order.push(id);
+            }
+        }
+        if order.is_empty() {
+            return Ok(counts);
+        }
+        let ids = Json(&order);
+        let now = Utc::now();
+        let reserved = order.len() as i64;
+        in_transaction!(self, |tx, dialect| {
+            // First statement: the scope's row lock, held to commit.
+            let last_seq: i64 = sqlx::query_scalar::<_, i64>(dialect.reserve)
+                .bind(scope.environment_id)
+                .bind(scope.integration.as_str())
+                .bind(&scope.connection_id)
+                .bind(&scope.model)
+                .bind(reserved)
+                .fetch_one(&mut *tx)
+                .await?;
+            let mut seq = last_seq - reserved;
+            let existing: std::collections::HashMap<String, Existing> =
+                scoped_as!(ExistingRow, dialect.existing, scope, ids)
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .into_iter()
+                    .map(|row| {
+                        let existing = Existing {
+                            payload: row.payload.0,
+                            hash: row.hash,
+                            version: row.version,
+                            deleted: row.deleted,
+                        };
+                        (row.id, existing)
+                    })
+                    .collect();
+            let mut rows: Vec<RowWrite<'_>> = Vec::new();
+            let mut written = Vec::new();
+            for id in &order {
+                let input = latest.remove(id).unwrap_or(Value::Null);
+                match decide(kind, id, input, existing.get(id), version) {
+                    Outcome::Stale => counts.skipped_stale += 1,
+                    Outcome::Ignored => counts.ignored += 1,
+                    Outcome::Unchanged => {
+                        counts.unchanged += 1;
+                        // Not rewritten, but the version moves on, so an older write that
+                        // arrives later is still recognised as stale.
+                        // (`{}`: the bulk row must pass NOT NULL before the conflict is seen.)
+                        written.push((id.as_str(), Value::Object(Default::default()), String::new(), 0, BUMP));
+                    }
+                    Outcome::Write { payload, hash, action } => {
+                        match action {
+                            LastAction::Added => counts.added += 1,
+                            LastAction::Updated => counts.updated += 1,
+                            LastAction::Deleted => counts.deleted += 1,
+                        }
+                        seq += 1;
+                        written.push((id.as_str(), payload, hash, seq, action.as_str()));
+                    }
+                }
+            }
+            rows.extend(written.iter().map(|(id, payload, hash, seq, action)| RowWrite {
+                id,
+                payload,
+                hash,
+                seq: *seq,
+                action,
+            }));
+            if !rows.is_empty() {
+                scoped!(dialect.apply, scope, version, now, Json(&rows), scope.key())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            counts
+        });
+        Ok(counts)
+    }
+
+    /// One page of a scope's records in change order.
+    pub async fn list_records(&self, scope: &RecordScope, query: &RecordQuery) -> Result<RecordPage, StoreError> {
+        let after = query.cursor.as_deref().map(decode_cursor).transpose()?.unwrap_or(0);
+        let filter: i64 = if query.filter.is_empty() {
+            7
+        } else {
+            query.filter.iter().fold(0, |bits, action| {
+                bits | match action {
+                    LastAction::Added => 1,
+                    LastAction::Updated => 2,
+                    LastAction::Deleted => 4,
+                }
+            })
+        };
+        let limit = i64::from(query.limit.clamp(1, 10_000));
+        let ids = query.ids.as_ref().map(Json);
+        let key = scope.key();
+        let rows: Vec<RecordRow> = on_pool!(self, |pool| {
+            sqlx::query_as::<_, RecordRow>(self.dialect().page)
+                .bind(&key)
+                .bind(after)
+                .bind(query.modified_after)
+                .bind(filter)
+                .bind(ids)
+                .bind(limit + 1)
+                .fetch_all(pool)
+                .await
+        })?;
+        let more = rows.len() as i64 > limit;
+        let records = rows
+            .into_iter()
+            .take(limit as usize)
+            .map(|row| {
+                Ok(StoredRecord {
+                    last_action: LastAction::parse(&row.last_action)?,
+                    id: row.id,
+                    payload: row.payload.0,
+                    first_seen_at: row.first_seen_at,
+                    last_modified_at: row.last_modified_at,
+                    deleted_at: row.deleted_at,
+                    cursor: encode_cursor(row.seq),
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let next_cursor = if more {
+            records.last().map(|r| r.cursor.clone())
+        } else {
+            None
+        };
+        Ok(RecordPage { records, next_cursor })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn existing(payload: Value, version: i64, deleted: bool) -> Existing {
+        Existing {
+            hash: content_hash(&payload),
+            payload,
+            version,
+            deleted,
+        }
+    }
+
+    #[test]
+    fn reordered_keys_hash_alike() {
+        let a: Value = serde_json::from_str(r#"{"a":1,"b":{"x":[1,2],"y":null}}"#).unwrap();
+        let b: Value = serde_json::from_str(r#"{"b":{"y":null,"x":[1,2]},"a":1}"#).unwrap();
+        assert_eq!(content_hash(&a), content_hash(&b));
+        let c: Value = serde_json::from_str(r#"{"b":{"y":null,"x":[2,1]},"a":1}"#).unwrap();
+        assert_ne!(content_hash(&a), content_hash(&c), "array order does count");
+    }
+
+    #[test]
+    fn deep_merge_merges_objects_and_replaces_the_rest() {
+        let mut target = json!({"id": "1", "name": {"first": "Ada", "last": "L"}, "tags": [1, 2], "n": 1});
+        deep_merge(
+            &mut target,
+            json!({"name": {"last": "Lovelace"}, "tags": [3], "n": {"k": 1}, "new": true}),
+        );
+        assert_eq!(
+            target,
+            json!({"id": "1", "name": {"first": "Ada", "last": "Lovelace"}, "tags": [3], "n": {"k": 1}, "new": true})
+        );
+    }
+
+    #[test]
+    fn decisions() {
+        let stored = existing(json!({"id": "1", "a": 1}), 10, false);
+        let tomb = existing(json!({"id": "1", "a": 1}), 10, true);
+        let save = |input: Value, e: Option<&Existing>, v| decide(WriteKind::Save, "1", input, e, v);
+        assert!(matches!(
+            save(json!({"a": 1}), None, 1),
+            Outcome::Write {
+                action: LastAction::Added,
+                ..
+            }
+        ));
+        assert_eq!(save(json!({"a": 1, "id": "1"}), Some(&stored), 11), Outcome::Unchanged);
+        assert!(matches!(
+            save(json!({"a": 2}), Some(&stored), 10),
+            Outcome::Write {
+                action: LastAction::Updated,
+                ..
+            }
+        ));
+        assert_eq!(save(json!({"a": 2}), Some(&stored), 9), Outcome::Stale);
+        assert_eq!(
+            save(json!({"a": 2}), Some(&tomb), 9),
+            Outcome::Stale,
+            "a stale save does not resurrect"
+        );
+        assert!(matches!(
+            save(json!({"a": 2}), Some(&tomb), 11),
+            Outcome::Write {
+                action: LastAction::Added,
+                ..
+            }
+        ));
+        let update = |input: Value, e: Option<&Existing>| decide(WriteKind::Update, "1", input, e, 11);
+        assert_eq!(update(json!({"a": 5}), None), Outcome::Ignored);
+        assert_eq!(update(json!({"a": 5}), Some(&tomb)), Outcome::Ignored);
+        assert_eq!(update(json!({"a": 1}), Some(&stored)), Outcome::Unchanged);
+        let delete = |e: Option<&Existing>| decide(WriteKind::Delete, "9", Value::Null, e, 11);
+        assert!(
+            matches!(delete(None), Outcome::Write { action: LastAction::Deleted, ref payload, .. } if payload == &json!({"id": "9"}))
+        );
+        assert!(
+            matches!(delete(Some(&stored)), Outcome::Write { action: LastAction::Deleted, ref payload, .. } if payload == &json!({"id": "1", "a": 1}))
+        );
+        assert_eq!(delete(Some(&tomb)), Outcome::Unchanged);
+    }
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        assert_eq!(decode_cursor(&encode_cursor(42)).unwrap(), 42);
+        for bad in ["", "42", "c1.", "c1.-3", "c1.x", "c2.4"] {
+            assert!(matches!(decode_cursor(bad), Err(StoreError::Invalid(_))), "{bad}");
+        }
+    }
+}
