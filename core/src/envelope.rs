@@ -54,7 +54,8 @@ pub struct Envelope {
     /// to 128 bits) when it sent none.
     pub delivery_id: String,
     pub method: String,
-    /// The part of the URL after `/webhook/{environment}/{integration}/`, if any.
+    /// The part of the URL after `/webhook/{environment}/{integration}/`, if any, as
+    /// received (percent-encoded).
     pub path: Option<String>,
     /// The raw query string, as received.
     pub query: Option<String>,
@@ -125,18 +126,16 @@ impl Envelope {
         let mut map = HeaderMap::new();
         map.insert(H_FORMAT, FORMAT_VERSION);
         insert_checked(&mut map, H_MESSAGE_ID.to_string(), &self.message_id());
-        map.insert(
-            H_RECEIVED_AT,
-            self.received_at.to_rfc3339_opts(SecondsFormat::Micros, true).as_str(),
-        );
+        let received_at = self.received_at.to_rfc3339_opts(SecondsFormat::Micros, true);
+        insert_checked(&mut map, H_RECEIVED_AT.to_string(), &received_at);
         if self.method != "POST" {
-            map.insert(H_METHOD, self.method.as_str());
+            insert_checked(&mut map, H_METHOD.to_string(), &self.method);
         }
         if let Some(path) = &self.path {
-            map.insert(H_PATH, path.as_str());
+            insert_checked(&mut map, H_PATH.to_string(), path);
         }
         if let Some(query) = &self.query {
-            map.insert(H_QUERY, query.as_str());
+            insert_checked(&mut map, H_QUERY.to_string(), query);
         }
         for (name, value) in &self.headers {
             insert_checked(&mut map, format!("{HTTP_PREFIX}{name}"), value);
@@ -191,8 +190,10 @@ impl Envelope {
     }
 }
 
-/// Header names from an HTTP request are always valid here, and values cannot hold CR
-/// or LF; a value that somehow does is logged rather than failing the whole webhook.
+/// Every value goes through here: async-nats asserts (panics) on CR or LF in a header
+/// value, and CR/LF would otherwise split the NATS header block. HTTP cannot deliver
+/// them in a header or a raw path; a value that somehow holds one is logged and left
+/// out rather than failing the webhook.
 fn insert_checked(map: &mut HeaderMap, name: String, value: &str) {
     match (HeaderName::from_str(&name), HeaderValue::from_str(value)) {
         (Ok(name), Ok(value)) => map.append(name, value),
@@ -247,6 +248,20 @@ mod tests {
     #[test]
     fn provider_headers_cannot_forge_nats_ones() {
         let headers = sample().to_headers();
+        let ids: Vec<_> = headers.get_all("Nats-Msg-Id").map(|v| v.as_str().to_string()).collect();
+        assert_eq!(ids, vec!["dev:github:d-1"]);
+    }
+
+    #[test]
+    fn values_with_line_breaks_are_left_out_not_a_panic() {
+        let envelope = Envelope {
+            path: Some("a\r\nNats-Msg-Id: forged".into()),
+            headers: vec![("x-evil".into(), "v\r\nNats-Msg-Id: forged".into())],
+            ..sample()
+        };
+        let headers = envelope.to_headers();
+        assert!(headers.get("Hookyard-Path").is_none());
+        assert!(headers.get("Http-x-evil").is_none());
         let ids: Vec<_> = headers.get_all("Nats-Msg-Id").map(|v| v.as_str().to_string()).collect();
         assert_eq!(ids, vec!["dev:github:d-1"]);
     }

@@ -88,10 +88,17 @@ pub async fn receive_webhook(
         })
         .collect();
     let query = uri.query().map(String::from);
+    // The trailing path as received, still percent-encoded: the decoded `rest` parameter
+    // could hold CR/LF, which must never reach a NATS header.
+    let path_rest = path
+        .rest
+        .as_ref()
+        .and_then(|_| uri.path().splitn(5, '/').nth(4))
+        .map(String::from);
     let delivery_id = Envelope::derive_delivery_id(
         &integration.unique_key,
         &headers,
-        path.rest.as_deref(),
+        path_rest.as_deref(),
         query.as_deref(),
         &body,
     );
@@ -101,7 +108,7 @@ pub async fn receive_webhook(
         received_at: Utc::now(),
         delivery_id,
         method: method.to_string(),
-        path: path.rest,
+        path: path_rest,
         query,
         headers,
         body,

@@ -284,3 +284,19 @@ async fn shutdown_waits_for_in_flight_publishes() {
 fn uuid_like() -> &'static str {
     "00000000-0000-4000-8000-000000000000"
 }
+
+#[tokio::test]
+async fn the_path_is_kept_as_received_and_cannot_inject_headers() {
+    let ingest = start_ingest(None, |_| {}).await;
+    let url = format!(
+        "{}/a%0d%0aNats-Msg-Id:%20forged/b%20c?x=%0d%0a",
+        ingest.webhook_url("demo")
+    );
+    let response = ingest.http.post(url).body("payload").send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+    let envelope = ingest.raw_envelope(1).await;
+    assert_eq!(envelope.path.as_deref(), Some("a%0d%0aNats-Msg-Id:%20forged/b%20c"));
+    assert_eq!(envelope.query.as_deref(), Some("x=%0d%0a"));
+    assert!(envelope.delivery_id.starts_with("h:"), "{}", envelope.delivery_id);
+    assert_eq!(&envelope.body[..], b"payload");
+}
