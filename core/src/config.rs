@@ -31,6 +31,10 @@ pub struct IngestConfig {
     pub listen: SocketAddr,
     /// Bodies above this are refused with 413 before they are published.
     pub max_body_bytes: usize,
+    /// How long reading a request body may take before 408 (a client trickling its body
+    /// would otherwise hold a place and a graceful shutdown forever).
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
     /// How long a request may wait for the JetStream ack (retries included) before 503.
     #[serde(with = "humantime_serde")]
     pub publish_timeout: Duration,
@@ -94,6 +98,7 @@ impl Default for IngestConfig {
         IngestConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 3003)),
             max_body_bytes: 10 * 1024 * 1024,
+            body_read_timeout: Duration::from_secs(30),
             publish_timeout: Duration::from_secs(2),
             max_in_flight: 1024,
             max_in_flight_bytes: 256 * 1024 * 1024,
@@ -191,6 +196,9 @@ impl Config {
                 "ingest.max_in_flight_bytes ({}) is smaller than ingest.max_body_bytes ({}): no large body could ever be accepted",
                 ingest.max_in_flight_bytes, ingest.max_body_bytes
             ));
+        }
+        if ingest.body_read_timeout < Duration::from_millis(100) {
+            problems.push("ingest.body_read_timeout must be at least 100ms".into());
         }
         if ingest.publish_timeout < Duration::from_millis(50) {
             problems.push("ingest.publish_timeout must be at least 50ms".into());

@@ -70,6 +70,23 @@ async fn sqlite() {
 }
 
 #[tokio::test]
+async fn sqlite_in_memory() {
+    let store = Store::connect("sqlite::memory:").await.unwrap();
+    conformance(store.clone()).await;
+    // Concurrent readers make the pool open more connections; sqlx names in-memory
+    // databases with a shared cache, so each sees the same data.
+    let readers: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.environments().await.map(|e| e.len()) })
+        })
+        .collect();
+    for reader in readers {
+        assert_eq!(reader.await.unwrap().unwrap(), 2);
+    }
+}
+
+#[tokio::test]
 async fn sqlite_creates_missing_folders() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}/a/b/hookyard.db", dir.path().display());

@@ -15,6 +15,8 @@ pub enum IngestError {
     TooLarge { limit: usize },
     #[error("the request body could not be read: {0}")]
     BadBody(String),
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(std::time::Duration),
     #[error("ingest is at its in-flight limit; retry later")]
     Saturated { retry_after: u64 },
     #[error("the message bus is unavailable: {reason}; retry later")]
@@ -27,6 +29,7 @@ impl IngestError {
             Self::UnknownEnvironment(_) | Self::UnknownIntegration { .. } => StatusCode::NOT_FOUND,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadBody(_) => StatusCode::BAD_REQUEST,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Saturated { .. } | Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -37,6 +40,7 @@ impl IngestError {
             Self::UnknownIntegration { .. } => "unknown_integration",
             Self::TooLarge { .. } => "payload_too_large",
             Self::BadBody(_) => "bad_body",
+            Self::BodyTimeout(_) => "body_timeout",
             Self::Saturated { .. } => "saturated",
             Self::Unavailable { .. } => "unavailable",
         }

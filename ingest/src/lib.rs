@@ -59,6 +59,7 @@ pub struct Ingest {
     pub publisher: Publisher,
     pub bus: Bus,
     pub max_body_bytes: usize,
+    pub body_read_timeout: std::time::Duration,
     pub retry_after_secs: u64,
 }
 
@@ -88,6 +89,7 @@ impl Ingest {
             publisher: Publisher::new(&bus, config.ingest.publish_timeout),
             bus,
             max_body_bytes: max_body,
+            body_read_timeout: config.ingest.body_read_timeout,
             retry_after_secs: config.ingest.retry_after.as_secs().max(1),
         }))
     }

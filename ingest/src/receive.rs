@@ -68,10 +68,15 @@ pub async fn receive_webhook(
         retry_after: ingest.retry_after_secs,
     };
     let mut admitted = ingest.admission.admit().ok_or_else(saturated)?;
-    let body = match Limited::new(body, ingest.max_body_bytes).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large),
-        Err(error) => return Err(IngestError::BadBody(error.to_string())),
+    let reading = tokio::time::timeout(
+        ingest.body_read_timeout,
+        Limited::new(body, ingest.max_body_bytes).collect(),
+    );
+    let body = match reading.await {
+        Err(_elapsed) => return Err(IngestError::BodyTimeout(ingest.body_read_timeout)),
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large),
+        Ok(Err(error)) => return Err(IngestError::BadBody(error.to_string())),
     };
     if !ingest.admission.hold_body(&mut admitted, body.len()) {
         return Err(saturated());

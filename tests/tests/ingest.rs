@@ -5,6 +5,8 @@ mod common;
 
 use std::time::Duration;
 
+use futures::StreamExt;
+
 use common::{add_integration, assert_error, start_ingest};
 use hookyard_testkit::{eventually, PgDatabase};
 
@@ -299,4 +301,27 @@ async fn the_path_is_kept_as_received_and_cannot_inject_headers() {
     assert_eq!(envelope.query.as_deref(), Some("x=%0d%0a"));
     assert!(envelope.delivery_id.starts_with("h:"), "{}", envelope.delivery_id);
     assert_eq!(&envelope.body[..], b"payload");
+}
+
+#[tokio::test]
+async fn a_trickling_body_times_out_with_408_and_frees_its_place() {
+    let ingest = start_ingest(None, |c| {
+        c.ingest.body_read_timeout = Duration::from_millis(300);
+        c.ingest.max_in_flight = 1;
+    })
+    .await;
+    // One chunk, then nothing: the stream never ends.
+    let stalled =
+        futures::stream::iter([Ok::<_, std::io::Error>(b"{\"partial\":".to_vec())]).chain(futures::stream::pending());
+    let response = ingest
+        .http
+        .post(ingest.webhook_url("demo"))
+        .body(reqwest::Body::wrap_stream(stalled))
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, 408, "body_timeout").await;
+    // Its place is free again (max_in_flight is 1).
+    assert_eq!(ingest.post("demo", b"next").await.status().as_u16(), 202);
+    assert_eq!(ingest.raw_count().await, 1);
 }
