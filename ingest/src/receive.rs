@@ -15,12 +15,22 @@ use crate::error::IngestError;
 use crate::publish::PublishFailure;
 use crate::Ingest;
 
+/// The routing part of the path. The trailing part is taken from the raw URI instead
+/// (see [`trailing_path`]).
 #[derive(Deserialize)]
 pub struct WebhookPath {
     environment: String,
     integration: String,
-    #[serde(default)]
-    rest: Option<String>,
+}
+
+/// What follows `/webhook/{environment}/{integration}/`, as received (percent-encoded):
+/// the decoded `{*rest}` parameter could hold CR/LF, which must never reach a NATS header.
+fn trailing_path(raw_path: &str) -> Option<String> {
+    raw_path
+        .splitn(5, '/')
+        .nth(4)
+        .filter(|rest| !rest.is_empty())
+        .map(String::from)
 }
 
 #[tracing::instrument(name = "receive_webhook", skip_all, fields(integration = %path.integration))]
@@ -93,13 +103,7 @@ pub async fn receive_webhook(
         })
         .collect();
     let query = uri.query().map(String::from);
-    // The trailing path as received, still percent-encoded: the decoded `rest` parameter
-    // could hold CR/LF, which must never reach a NATS header.
-    let path_rest = path
-        .rest
-        .as_ref()
-        .and_then(|_| uri.path().splitn(5, '/').nth(4))
-        .map(String::from);
+    let path_rest = trailing_path(uri.path());
     let delivery_id = Envelope::derive_delivery_id(
         &integration.unique_key,
         &headers,
@@ -153,4 +157,15 @@ struct Accepted<'a> {
     status: &'static str,
     delivery_id: &'a str,
     duplicate: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn trailing_path_is_raw_and_optional() {
+        use super::trailing_path;
+        assert_eq!(trailing_path("/webhook/e/i"), None);
+        assert_eq!(trailing_path("/webhook/e/i/"), None);
+        assert_eq!(trailing_path("/webhook/e/i/a%0d%0a/b").as_deref(), Some("a%0d%0a/b"));
+    }
 }
