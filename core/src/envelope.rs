@@ -125,20 +125,20 @@ impl Envelope {
     pub fn to_headers(&self) -> HeaderMap {
         let mut map = HeaderMap::new();
         map.insert(H_FORMAT, FORMAT_VERSION);
-        insert_checked(&mut map, H_MESSAGE_ID.to_string(), &self.message_id());
+        insert_checked(&mut map, H_MESSAGE_ID, &self.message_id());
         let received_at = self.received_at.to_rfc3339_opts(SecondsFormat::Micros, true);
-        insert_checked(&mut map, H_RECEIVED_AT.to_string(), &received_at);
+        insert_checked(&mut map, H_RECEIVED_AT, &received_at);
         if self.method != "POST" {
-            insert_checked(&mut map, H_METHOD.to_string(), &self.method);
+            insert_checked(&mut map, H_METHOD, &self.method);
         }
         if let Some(path) = &self.path {
-            insert_checked(&mut map, H_PATH.to_string(), path);
+            insert_checked(&mut map, H_PATH, path);
         }
         if let Some(query) = &self.query {
-            insert_checked(&mut map, H_QUERY.to_string(), query);
+            insert_checked(&mut map, H_QUERY, query);
         }
         for (name, value) in &self.headers {
-            insert_checked(&mut map, format!("{HTTP_PREFIX}{name}"), value);
+            insert_checked(&mut map, &format!("{HTTP_PREFIX}{name}"), value);
         }
         map
     }
@@ -194,8 +194,8 @@ impl Envelope {
 /// value, and CR/LF would otherwise split the NATS header block. HTTP cannot deliver
 /// them in a header or a raw path; a value that somehow holds one is logged and left
 /// out rather than failing the webhook.
-fn insert_checked(map: &mut HeaderMap, name: String, value: &str) {
-    match (HeaderName::from_str(&name), HeaderValue::from_str(value)) {
+fn insert_checked(map: &mut HeaderMap, name: &str, value: &str) {
+    match (HeaderName::from_str(name), HeaderValue::from_str(value)) {
         (Ok(name), Ok(value)) => map.append(name, value),
         _ => tracing::warn!(header = %name, "header cannot be carried in the envelope; left out"),
     }

@@ -176,8 +176,8 @@ const BUMP: &str = "BUMP";
 #[derive(Serialize)]
 struct RowWrite<'a> {
     id: &'a str,
-    payload: &'a Value,
-    hash: &'a str,
+    payload: Value,
+    hash: String,
     seq: i64,
     action: &'static str,
 }
@@ -343,22 +343,11 @@ const SQLITE: Dialect = Dialect {
          ORDER BY seq LIMIT $6",
 };
 
-/// Binds the scope as `$1..$4` and the given values after it, then runs `$run` on the
-/// back end's connection or transaction `$conn`.
-macro_rules! scoped {
-    ($sql:expr, $scope:expr $(, $value:expr)*) => {
-        sqlx::query($sql)
-            .bind($scope.environment_id)
-            .bind($scope.integration.as_str())
-            .bind(&$scope.connection_id)
-            .bind(&$scope.model)
-            $(.bind($value))*
-    };
-}
-
-macro_rules! scoped_as {
-    ($row:ty, $sql:expr, $scope:expr $(, $value:expr)*) => {
-        sqlx::query_as::<_, $row>($sql)
+/// `$query` (any sqlx query builder) with the scope bound as `$1..$4` and the given
+/// values after it.
+macro_rules! bind_scope {
+    ($query:expr, $scope:expr $(, $value:expr)*) => {
+        $query
             .bind($scope.environment_id)
             .bind($scope.integration.as_str())
             .bind(&$scope.connection_id)
@@ -424,17 +413,12 @@ impl Store {
         let reserved = order.len() as i64;
         in_transaction!(self, |tx, dialect| {
             // First statement: the scope's row lock, held to commit.
-            let last_seq: i64 = sqlx::query_scalar::<_, i64>(dialect.reserve)
-                .bind(scope.environment_id)
-                .bind(scope.integration.as_str())
-                .bind(&scope.connection_id)
-                .bind(&scope.model)
-                .bind(reserved)
+            let last_seq: i64 = bind_scope!(sqlx::query_scalar::<_, i64>(dialect.reserve), scope, reserved)
                 .fetch_one(&mut *tx)
                 .await?;
             let mut seq = last_seq - reserved;
             let existing: std::collections::HashMap<String, Existing> =
-                scoped_as!(ExistingRow, dialect.existing, scope, ids)
+                bind_scope!(sqlx::query_as::<_, ExistingRow>(dialect.existing), scope, ids)
                     .fetch_all(&mut *tx)
                     .await?
                     .into_iter()
@@ -449,7 +433,6 @@ impl Store {
                     })
                     .collect();
             let mut rows: Vec<RowWrite<'_>> = Vec::new();
-            let mut written = Vec::new();
             for id in &order {
                 let input = latest.remove(id).unwrap_or(Value::Null);
                 match decide(kind, id, input, existing.get(id), version) {
@@ -460,7 +443,13 @@ impl Store {
                         // Not rewritten, but the version moves on, so an older write that
                         // arrives later is still recognised as stale.
                         // (`{}`: the bulk row must pass NOT NULL before the conflict is seen.)
-                        written.push((id.as_str(), Value::Object(Default::default()), String::new(), 0, BUMP));
+                        rows.push(RowWrite {
+                            id,
+                            payload: Value::Object(Default::default()),
+                            hash: String::new(),
+                            seq: 0,
+                            action: BUMP,
+                        });
                     }
                     Outcome::Write { payload, hash, action } => {
                         match action {
@@ -469,21 +458,27 @@ impl Store {
                             LastAction::Deleted => counts.deleted += 1,
                         }
                         seq += 1;
-                        written.push((id.as_str(), payload, hash, seq, action.as_str()));
+                        rows.push(RowWrite {
+                            id,
+                            payload,
+                            hash,
+                            seq,
+                            action: action.as_str(),
+                        });
                     }
                 }
             }
-            rows.extend(written.iter().map(|(id, payload, hash, seq, action)| RowWrite {
-                id,
-                payload,
-                hash,
-                seq: *seq,
-                action,
-            }));
             if !rows.is_empty() {
-                scoped!(dialect.apply, scope, version, now, Json(&rows), scope.key())
-                    .execute(&mut *tx)
-                    .await?;
+                bind_scope!(
+                    sqlx::query(dialect.apply),
+                    scope,
+                    version,
+                    now,
+                    Json(&rows),
+                    scope.key()
+                )
+                .execute(&mut *tx)
+                .await?;
             }
             counts
         });
