@@ -13,6 +13,7 @@ use axum::http::StatusCode;
 use axum::routing::post;
 use bytes::Bytes;
 use hookyard_core::embedded_nats::{server_bin, EmbeddedNats, ServerSpec};
+use hookyard_core::secrets::{random_bytes, Cipher};
 use hookyard_core::store::NewIntegration;
 use hookyard_core::streams::{Bus, RAW_STREAM};
 use hookyard_core::{Config, Store};
@@ -46,18 +47,10 @@ pub async fn run(plan: &Plan, rounds: u32, duplicate_window: Duration) -> anyhow
     config.ingest.max_in_flight = plan.connections.max(1024);
     config.streams.duplicate_window = duplicate_window;
 
-    let store = Store::connect(&config.database_url).await?;
+    let store = Store::connect(&config.database_url, Cipher::from_bytes(random_bytes())).await?;
     let environment = store.ensure_environment(&"bench".parse()?).await?;
     store
-        .create_integration(
-            &environment,
-            &NewIntegration {
-                unique_key: "load".parse()?,
-                provider: "generic".into(),
-                webhook_secret: None,
-                settings: serde_json::json!({}),
-            },
-        )
+        .create_integration(&environment, &NewIntegration::new("load".parse()?, "generic"))
         .await?;
     let shutdown = CancellationToken::new();
     let bus = Bus::connect(&config, "bench-ingest").await?;

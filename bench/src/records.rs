@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use hookyard_core::secrets::{random_bytes, Cipher};
 use hookyard_core::store::records::{RecordScope, WriteKind};
 use hookyard_core::Store;
 use hookyard_testkit::{PgDatabase, SqliteFile};
@@ -17,7 +18,7 @@ pub async fn run(batches: &[usize], records_per_size: usize) -> anyhow::Result<(
         "backend", "batch", "insert rec/s", "update rec/s"
     );
     for (name, url) in [("postgres", pg.url.as_str()), ("sqlite", sqlite.url.as_str())] {
-        let store = Store::connect(url).await?;
+        let store = Store::connect(url, Cipher::from_bytes(random_bytes())).await?;
         let env = store.ensure_environment(&"bench".parse()?).await?;
         for &batch in batches {
             let scope = RecordScope {

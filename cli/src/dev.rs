@@ -5,7 +5,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use hookyard_core::config::EncryptionKey;
 use hookyard_core::embedded_nats::{server_bin, EmbeddedNats, ServerSpec};
+use hookyard_core::secrets::Cipher;
 use hookyard_core::store::{Environment, NewIntegration, StoreError};
 use hookyard_core::streams::{Bus, RAW_STREAM};
 use hookyard_core::{Config, Envelope, Store};
@@ -27,6 +29,9 @@ const DEMO_BODY: &str = r#"{"type":"contact.updated","contact":{"id":"c_1","emai
 pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken) -> Result<(), Error> {
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| format!("cannot create {}: {e}", config.data_dir.display()))?;
+    if config.encryption_key.is_none() {
+        config.encryption_key = Some(dev_encryption_key(&config.data_dir)?);
+    }
     let _nats = if std::env::var_os("HOOKYARD_NATS_URL").is_some() {
         None
     } else {
@@ -35,34 +40,106 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
         Some(server)
     };
 
-    let store = Store::connect(&config.database_url).await?;
+    let store = Store::connect(&config.database_url, config.cipher()?).await?;
     let environment = store.ensure_environment(&"dev".parse()?).await?;
     ensure_demo_integration(&store, &environment).await?;
     let bus = Bus::connect(&config, "hookyard-dev").await?;
-    let ingest = Ingest::start(&config, store, bus.clone(), shutdown.clone()).await?;
-    let addr = config.ingest.listen;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("cannot listen on {addr}: {e} (set HOOKYARD_INGEST__LISTEN to another address)"))?;
-    let webhook_url = format!("http://{addr}/webhook/{}/{DEMO_INTEGRATION}", environment.webhook_id);
+    let ingest = Ingest::start(&config, store.clone(), bus.clone(), shutdown.clone()).await?;
+    let ingest_listener = listen(config.ingest.listen, "HOOKYARD_INGEST__LISTEN").await?;
+    let api_listener = listen(config.api.listen, "HOOKYARD_API__LISTEN").await?;
+    let (api_router, _) = hookyard_api::router(store, &config);
+    let webhook_url = format!(
+        "{}/webhook/{}/{DEMO_INTEGRATION}",
+        config.webhook_base_url(),
+        environment.webhook_id
+    );
+    let api_url = format!("http://{}", config.api.listen);
     println!(
         "\nhookyard dev is running\n\
          \n  webhook URL   {webhook_url}\
+         \n  API           {api_url} (OpenAPI document at {api_url}/openapi.json)\
          \n  environment   dev (secret key {})\
          \n  NATS          {}\
          \n  database      {}\
          \n\nSend a webhook:\n\n  curl -i -X POST '{webhook_url}' -H 'content-type: application/json' -d '{DEMO_BODY}'\n\
+         \nAsk the API:\n\n  curl -s {api_url}/integrations -H 'Authorization: Bearer {}'\n\
          \nPress Ctrl-C to stop.\n",
-        environment.secret_key, config.nats_url, config.database_url,
+        environment.secret_key, config.nats_url, config.database_url, environment.secret_key,
     );
-    let server = tokio::spawn(hookyard_ingest::serve(listener, ingest, shutdown.clone()));
+    let ingest_server = spawn_stopping_all(
+        hookyard_ingest::serve(ingest_listener, ingest, shutdown.clone()),
+        shutdown.clone(),
+    );
+    let api_server = spawn_stopping_all(
+        hookyard_api::serve(api_listener, api_router, shutdown.clone()),
+        shutdown.clone(),
+    );
     if !args.no_demo {
         if let Err(error) = send_demo_webhook(&webhook_url, &bus.jetstream).await {
             eprintln!("demo webhook failed: {error}");
         }
+        if let Err(error) = show_demo_integration(&api_url, &environment.secret_key).await {
+            eprintln!("demo API call failed: {error}");
+        }
     }
-    server.await??;
+    let (ingest_result, api_result) = tokio::join!(ingest_server, api_server);
+    ingest_result??;
+    api_result??;
     Ok(())
+}
+
+/// Runs a server; when it stops (on an error too) the others are told to stop as well.
+fn spawn_stopping_all<F>(server: F, shutdown: CancellationToken) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::spawn(async move {
+        let outcome = server.await;
+        shutdown.cancel();
+        outcome
+    })
+}
+
+async fn listen(addr: std::net::SocketAddr, variable: &str) -> Result<tokio::net::TcpListener, Error> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e} (set {variable} to another address)").into())
+}
+
+/// Reads the demo integration back through the API.
+async fn show_demo_integration(api_url: &str, secret_key: &str) -> Result<(), Error> {
+    let url = format!("{api_url}/integrations/{DEMO_INTEGRATION}");
+    let response = reqwest::Client::new().get(&url).bearer_auth(secret_key).send().await?;
+    let status = response.status();
+    let body = response.text().await?;
+    println!("demo: GET {url}\n      -> {status} {body}\n");
+    Ok(())
+}
+
+/// The key `dev` seals its secrets under, kept in `{data_dir}/encryption.key` (readable
+/// by this user only) and made on first start.
+fn dev_encryption_key(data_dir: &Path) -> Result<EncryptionKey, Error> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = data_dir.join("encryption.key");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => return Ok(EncryptionKey(text.trim().to_string())),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(format!("cannot read {}: {e}", path.display()).into())
+        }
+        Err(_) => {}
+    }
+    let key = Cipher::generate_key_text();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    writeln!(file, "{key}").map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    tracing::info!(path = %path.display(), "made an encryption key for dev");
+    Ok(EncryptionKey(key))
 }
 
 /// A nats-server under the data folder, on a free loopback port.
@@ -118,12 +195,7 @@ fn stop_stale_nats(pid_file: &Path) {
 }
 
 async fn ensure_demo_integration(store: &Store, environment: &Environment) -> Result<(), Error> {
-    let demo = NewIntegration {
-        unique_key: DEMO_INTEGRATION.parse()?,
-        provider: "generic".into(),
-        webhook_secret: None,
-        settings: serde_json::json!({}),
-    };
+    let demo = NewIntegration::new(DEMO_INTEGRATION.parse()?, "generic");
     match store.create_integration(environment, &demo).await {
         Ok(_) | Err(StoreError::Conflict(_)) => Ok(()),
         Err(error) => Err(error.into()),

@@ -26,10 +26,23 @@ enum Command {
     Dev(dev::DevArgs),
     /// Run the ingest service: take webhooks in over HTTP, answer once they are durable.
     Ingest,
+    /// Run the control-plane API: integrations, connections, records.
+    Api,
+    /// Print a new random encryption key for HOOKYARD_ENCRYPTION_KEY.
+    Keygen,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let (service, dev_mode) = match &cli.command {
+        Command::Dev(_) => ("hookyard-dev", true),
+        Command::Ingest => ("hookyard-ingest", false),
+        Command::Api => ("hookyard-api", false),
+        Command::Keygen => {
+            println!("{}", hookyard_core::secrets::Cipher::generate_key_text());
+            return ExitCode::SUCCESS;
+        }
+    };
     let config = match Config::load() {
         Ok(config) => config,
         Err(error) => {
@@ -37,10 +50,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let (service, dev_mode) = match &cli.command {
-        Command::Dev(_) => ("hookyard-dev", true),
-        Command::Ingest => ("hookyard-ingest", false),
-    };
+    // Services refuse to start without the key that seals secrets; say so before anything runs.
+    if !dev_mode {
+        if let Err(error) = config.cipher() {
+            eprintln!("hookyard: {error}");
+            return ExitCode::from(2);
+        }
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -65,6 +81,8 @@ fn main() -> ExitCode {
         let outcome = match cli.command {
             Command::Dev(args) => dev::run(config, args, shutdown).await,
             Command::Ingest => hookyard_ingest::run(&config, shutdown).await,
+            Command::Api => hookyard_api::run(&config, shutdown).await,
+            Command::Keygen => Ok(()), // answered above
         };
         match outcome {
             Ok(()) => ExitCode::SUCCESS,

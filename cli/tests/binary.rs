@@ -9,7 +9,7 @@ use std::time::Duration;
 use hookyard_core::store::NewIntegration;
 use hookyard_core::streams::RAW_STREAM;
 use hookyard_core::Store;
-use hookyard_testkit::{eventually, free_port, NatsServer, SqliteFile};
+use hookyard_testkit::{eventually, free_port, test_cipher, NatsServer, SqliteFile, TEST_ENCRYPTION_KEY};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A running `hookyard` with its output lines delivered to channels.
@@ -30,8 +30,17 @@ impl Process {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if args.first() != Some(&"dev") {
+            // `dev` keeps a key of its own; the services need one given.
+            command.env("HOOKYARD_ENCRYPTION_KEY", TEST_ENCRYPTION_KEY);
+        }
         for (key, value) in env {
-            command.env(key, value);
+            // An empty value unsets the variable.
+            if value.is_empty() {
+                command.env_remove(key);
+            } else {
+                command.env(key, value);
+            }
         }
         let mut child = command.spawn().expect("spawning hookyard");
         let stdout = lines(child.stdout.take().unwrap());
@@ -98,21 +107,18 @@ fn lines(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
 
 /// A store with the `dev` environment and the `demo` integration; returns the webhook URL path.
 async fn prepared_store(url: &str) -> String {
-    let store = Store::connect(url).await.unwrap();
+    prepared_environment(url).await.0
+}
+
+/// As [`prepared_store`], also returning the `dev` environment's secret key.
+async fn prepared_environment(url: &str) -> (String, String) {
+    let store = Store::connect(url, test_cipher()).await.unwrap();
     let env = store.ensure_environment(&"dev".parse().unwrap()).await.unwrap();
     store
-        .create_integration(
-            &env,
-            &NewIntegration {
-                unique_key: "demo".parse().unwrap(),
-                provider: "generic".into(),
-                webhook_secret: None,
-                settings: serde_json::json!({}),
-            },
-        )
+        .create_integration(&env, &NewIntegration::new("demo".parse().unwrap(), "generic"))
         .await
         .unwrap();
-    format!("/webhook/{}/demo", env.webhook_id)
+    (format!("/webhook/{}/demo", env.webhook_id), env.secret_key)
 }
 
 /// `hookyard ingest` as a process against its own nats-server and SQLite store, with
@@ -159,6 +165,17 @@ impl IngestProcess {
             .await
             .unwrap()
     }
+}
+
+/// The JSON answer to an API GET made with `secret_key`.
+async fn get_json(url: &str, secret_key: &str) -> serde_json::Value {
+    let response = reqwest::Client::new()
+        .get(url)
+        .bearer_auth(secret_key)
+        .send()
+        .await
+        .unwrap();
+    response.json().await.unwrap()
 }
 
 /// Speaks just enough of the NATS protocol to introduce itself as version 2.9.15.
@@ -284,14 +301,25 @@ async fn sigterm_drains_in_flight_requests_and_exits_0() {
 async fn dev_starts_everything_and_takes_a_webhook() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
+    let api_port = free_port();
     let mut process = Process::spawn(
         &["dev"],
-        &[("HOOKYARD_INGEST__LISTEN", format!("127.0.0.1:{port}"))],
+        &[
+            ("HOOKYARD_INGEST__LISTEN", format!("127.0.0.1:{port}")),
+            ("HOOKYARD_API__LISTEN", format!("127.0.0.1:{api_port}")),
+        ],
         dir.path(),
     );
     let url_line = Process::wait_for(&process.stdout, "webhook URL");
     let url = url_line.split_whitespace().last().unwrap().to_string();
     assert!(url.starts_with(&format!("http://127.0.0.1:{port}/webhook/")), "{url}");
+    let env_line = Process::wait_for(&process.stdout, "secret key");
+    let secret_key = env_line
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .trim_end_matches(')')
+        .to_string();
     let accepted = Process::wait_for(&process.stdout, "-> 202");
     assert!(accepted.contains("\"duplicate\":false"), "{accepted}");
     let stored = Process::wait_for(&process.stdout, "demo: HOOKS_RAW #1");
@@ -307,6 +335,15 @@ async fn dev_starts_everything_and_takes_a_webhook() {
     assert_eq!(response.status().as_u16(), 202);
     let logged = Process::wait_for(&process.stderr, "\"sequence\":2");
     assert!(logged.contains("webhook accepted"), "{logged}");
+    let shown = Process::wait_for(&process.stdout, "-> 200 OK");
+    assert!(shown.contains(&url), "the API hands out the webhook URL: {shown}");
+
+    // The API answers with the printed key, and the key file is private.
+    let integrations = get_json(&format!("http://127.0.0.1:{api_port}/integrations"), &secret_key).await;
+    assert_eq!(integrations["data"][0]["unique_key"], "demo", "{integrations}");
+    use std::os::unix::fs::PermissionsExt as _;
+    let key_file = std::fs::metadata(dir.path().join(".hookyard/encryption.key")).unwrap();
+    assert_eq!(key_file.permissions().mode() & 0o777, 0o600);
 
     process.signal("-TERM");
     let status = tokio::task::spawn_blocking(move || process.wait_exit()).await.unwrap();
@@ -356,7 +393,10 @@ async fn spans_are_exported_over_otlp_when_configured() {
 #[tokio::test]
 async fn dev_restarts_cleanly_after_being_killed_and_keeps_its_webhooks() {
     let dir = tempfile::tempdir().unwrap();
-    let env = [("HOOKYARD_INGEST__LISTEN", format!("127.0.0.1:{}", free_port()))];
+    let env = [
+        ("HOOKYARD_INGEST__LISTEN", format!("127.0.0.1:{}", free_port())),
+        ("HOOKYARD_API__LISTEN", format!("127.0.0.1:{}", free_port())),
+    ];
     let mut first = Process::spawn(&["dev"], &env, dir.path());
     Process::wait_for(&first.stdout, "demo: HOOKS_RAW #1");
     let orphan = std::fs::read_to_string(dir.path().join(".hookyard/nats.pid")).unwrap();
@@ -375,6 +415,8 @@ async fn dev_restarts_cleanly_after_being_killed_and_keeps_its_webhooks() {
         stored.contains("HOOKS_RAW #2"),
         "the first webhook survived the crash: {stored}"
     );
+    // The kept encryption key still opens the secrets sealed by the first run.
+    Process::wait_for(&second.stdout, "-> 200 OK");
     // Two servers on one JetStream store would corrupt it: the old one must be gone.
     assert!(
         !std::path::Path::new(&orphan).exists(),
@@ -382,5 +424,58 @@ async fn dev_restarts_cleanly_after_being_killed_and_keeps_its_webhooks() {
     );
     second.signal("-TERM");
     let status = tokio::task::spawn_blocking(move || second.wait_exit()).await.unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[tokio::test]
+async fn services_refuse_to_start_without_an_encryption_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for service in ["api", "ingest"] {
+        let mut process = Process::spawn(&[service], &[("HOOKYARD_ENCRYPTION_KEY", String::new())], dir.path());
+        let status = process.wait_exit();
+        assert_eq!(status.code(), Some(2), "{service}");
+        let stderr = process.stderr_text();
+        assert!(stderr.contains("HOOKYARD_ENCRYPTION_KEY is not set"), "{stderr}");
+        assert!(stderr.contains("hookyard keygen"), "says how to fix it: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn keygen_prints_fresh_usable_keys() {
+    let run = || {
+        let output = Command::new(env!("CARGO_BIN_EXE_hookyard"))
+            .arg("keygen")
+            .output()
+            .unwrap();
+        assert!(output.status.success());
+        String::from_utf8(output.stdout).unwrap().trim().to_string()
+    };
+    let (a, b) = (run(), run());
+    assert_ne!(a, b);
+    hookyard_core::secrets::Cipher::from_text(&a).expect("a usable key");
+}
+
+#[tokio::test]
+async fn api_serves_the_environment_of_its_key_and_stops_on_sigterm() {
+    let sqlite = SqliteFile::create();
+    let (_, secret_key) = prepared_environment(&sqlite.url).await;
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut process = Process::spawn(
+        &["api"],
+        &[
+            ("HOOKYARD_DATABASE_URL", sqlite.url.clone()),
+            ("HOOKYARD_API__LISTEN", format!("127.0.0.1:{port}")),
+        ],
+        dir.path(),
+    );
+    Process::wait_for(&process.stderr, "api listening");
+    let url = format!("http://127.0.0.1:{port}/integrations/demo");
+    let body = get_json(&url, &secret_key).await;
+    assert_eq!(body["data"]["unique_key"], "demo", "{body}");
+    let anonymous = reqwest::get(&url).await.unwrap();
+    assert_eq!(anonymous.status().as_u16(), 401);
+    process.signal("-TERM");
+    let status = tokio::task::spawn_blocking(move || process.wait_exit()).await.unwrap();
     assert!(status.success(), "exit status {status:?}");
 }

@@ -11,6 +11,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use crate::secrets::Cipher;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -20,7 +22,11 @@ pub struct Config {
     pub database_url: String,
     /// Where `hookyard dev` keeps its SQLite file and its NATS store.
     pub data_dir: PathBuf,
+    /// Seals the secrets kept in the database (base64 or hex of 32 bytes). Required by
+    /// every service; `hookyard dev` keeps one under `data_dir` when none is given.
+    pub encryption_key: Option<EncryptionKey>,
     pub ingest: IngestConfig,
+    pub api: ApiConfig,
     pub streams: StreamsConfig,
     pub telemetry: TelemetryConfig,
 }
@@ -29,6 +35,9 @@ pub struct Config {
 #[serde(default, deny_unknown_fields)]
 pub struct IngestConfig {
     pub listen: SocketAddr,
+    /// The base URL providers reach ingest at, used in the `webhook_url` the API hands
+    /// out; `http://{listen}` when unset.
+    pub public_url: Option<String>,
     /// Bodies above this are refused with 413 before they are published.
     pub max_body_bytes: usize,
     /// How long reading a request body may take before 408 (a client trickling its body
@@ -48,6 +57,23 @@ pub struct IngestConfig {
     /// How often the environment and integration settings are reloaded from the store.
     #[serde(with = "humantime_serde")]
     pub settings_refresh: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+}
+
+/// The encryption key's text; never printed.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct EncryptionKey(pub String);
+
+impl std::fmt::Debug for EncryptionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EncryptionKey(***)")
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -86,7 +112,9 @@ impl Default for Config {
             nats_url: "nats://127.0.0.1:4222".into(),
             database_url: "sqlite://.hookyard/hookyard.db".into(),
             data_dir: PathBuf::from(".hookyard"),
+            encryption_key: None,
             ingest: IngestConfig::default(),
+            api: ApiConfig::default(),
             streams: StreamsConfig::default(),
             telemetry: TelemetryConfig::default(),
         }
@@ -97,6 +125,7 @@ impl Default for IngestConfig {
     fn default() -> Self {
         IngestConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 3003)),
+            public_url: None,
             max_body_bytes: 10 * 1024 * 1024,
             body_read_timeout: Duration::from_secs(30),
             publish_timeout: Duration::from_secs(2),
@@ -104,6 +133,14 @@ impl Default for IngestConfig {
             max_in_flight_bytes: 256 * 1024 * 1024,
             retry_after: Duration::from_secs(5),
             settings_refresh: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 3004)),
         }
     }
 }
@@ -138,6 +175,11 @@ pub enum ConfigError {
     MissingFile(PathBuf),
     #[error("configuration is invalid:\n  - {}", .0.join("\n  - "))]
     Invalid(Vec<String>),
+    #[error(
+        "HOOKYARD_ENCRYPTION_KEY is not set: the database keeps secrets sealed under it. \
+         Generate one with `hookyard keygen` and keep it safe: secrets sealed under a lost key cannot be read back"
+    )]
+    NoEncryptionKey,
 }
 
 /// `HOOKYARD_*` variables that are read elsewhere, not configuration keys.
@@ -180,6 +222,16 @@ impl Config {
                 "database_url {:?} is neither postgres://… nor sqlite:…",
                 self.database_url
             ));
+        }
+        if let Some(key) = &self.encryption_key {
+            if let Err(error) = Cipher::from_text(&key.0) {
+                problems.push(format!("encryption_key: {error}"));
+            }
+        }
+        if let Some(url) = &self.ingest.public_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                problems.push(format!("ingest.public_url {url:?} must start with http:// or https://"));
+            }
         }
         let ingest = &self.ingest;
         if !(1024..=64 * 1024 * 1024).contains(&ingest.max_body_bytes) {
@@ -226,6 +278,21 @@ impl Config {
             Ok(())
         } else {
             Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// The cipher for secrets at rest; an error naming the fix when no key is configured.
+    pub fn cipher(&self) -> Result<Cipher, ConfigError> {
+        let key = self.encryption_key.as_ref().ok_or(ConfigError::NoEncryptionKey)?;
+        // validate() has parsed it already; a Config built in code may skip that.
+        Cipher::from_text(&key.0).map_err(|e| ConfigError::Invalid(vec![format!("encryption_key: {e}")]))
+    }
+
+    /// Where providers send webhooks: `ingest.public_url`, or `http://{ingest.listen}`.
+    pub fn webhook_base_url(&self) -> String {
+        match &self.ingest.public_url {
+            Some(url) => url.trim_end_matches('/').to_string(),
+            None => format!("http://{}", self.ingest.listen),
         }
     }
 
@@ -291,6 +358,28 @@ mod tests {
             let message = Config::load().unwrap_err().to_string();
             assert!(message.contains("ingest.max_body_bytes is 10"), "{message}");
             assert!(message.contains("streams.replicas is 2"), "{message}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_encryption_key_is_checked_and_never_printed() {
+        Jail::expect_with(|jail| {
+            assert!(matches!(
+                Config::load().expect("valid").cipher(),
+                Err(ConfigError::NoEncryptionKey)
+            ));
+            jail.set_env("HOOKYARD_ENCRYPTION_KEY", "not-a-key");
+            let message = Config::load().unwrap_err().to_string();
+            assert!(
+                message.contains("encryption_key") && !message.contains("not-a-key"),
+                "{message}"
+            );
+            let key = Cipher::generate_key_text();
+            jail.set_env("HOOKYARD_ENCRYPTION_KEY", &key);
+            let config = Config::load().expect("valid");
+            config.cipher().expect("a usable key");
+            assert!(!format!("{config:?}").contains(&key));
             Ok(())
         });
     }

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use hookyard_core::store::records::{LastAction, RecordQuery, RecordScope, WriteCounts, WriteKind};
 use hookyard_core::store::{Store, StoreError};
-use hookyard_testkit::{PgDatabase, SqliteFile};
+use hookyard_testkit::{test_cipher, PgDatabase, SqliteFile};
 use serde_json::{json, Value};
 
 async fn scope(store: &Store, connection: &str) -> RecordScope {
@@ -514,11 +514,11 @@ async fn conformance(store: Store) {
 #[tokio::test]
 async fn postgres() {
     let db = PgDatabase::create().await;
-    conformance(Store::connect(&db.url).await.unwrap()).await;
+    conformance(Store::connect(&db.url, test_cipher()).await.unwrap()).await;
 }
 
 #[tokio::test]
 async fn sqlite() {
     let file = SqliteFile::create();
-    conformance(Store::connect(&file.url).await.unwrap()).await;
+    conformance(Store::connect(&file.url, test_cipher()).await.unwrap()).await;
 }

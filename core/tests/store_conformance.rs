@@ -1,10 +1,14 @@
 //! One conformance suite, run against Postgres and SQLite.
 
-use hookyard_core::store::{Backend, NewIntegration, Store, StoreError};
-use hookyard_testkit::{PgDatabase, SqliteFile};
+use hookyard_core::keys::IntegrationKey;
+use hookyard_core::store::{
+    Backend, ConnectionQuery, Credentials, Environment, IntegrationChanges, MetadataWrite, NewConnection,
+    NewIntegration, Store, StoreError,
+};
+use hookyard_testkit::{raw_execute, raw_texts, test_cipher, PgDatabase, SqliteFile};
 use serde_json::json;
 
-async fn conformance(store: Store) {
+async fn conformance(store: Store, url: Option<&str>) {
     store.ping().await.unwrap();
     let dev = store.ensure_environment(&"dev".parse().unwrap()).await.unwrap();
     let again = store.ensure_environment(&"dev".parse().unwrap()).await.unwrap();
@@ -14,26 +18,33 @@ async fn conformance(store: Store) {
     assert_ne!(dev.webhook_id, prod.webhook_id);
     assert_ne!(dev.secret_key, prod.secret_key);
     assert_eq!(store.environments().await.unwrap().len(), 2);
+    assert_eq!(
+        store.environment_by_secret_key(&prod.secret_key).await.unwrap(),
+        Some(prod.clone())
+    );
+    assert_eq!(store.environment_by_secret_key("sk_nope").await.unwrap(), None);
 
     let new = NewIntegration {
-        unique_key: "github".parse().unwrap(),
-        provider: "github".into(),
+        display_name: Some("GitHub".into()),
         webhook_secret: Some("s3cret".into()),
-        settings: json!({"forward_webhooks": true, "nested": {"a": [1, 2]}}),
+        settings: json!({"nested": {"a": [1, 2]}}),
+        ..NewIntegration::new("github".parse().unwrap(), "github")
     };
     let created = store.create_integration(&dev, &new).await.unwrap();
     assert_eq!(created.unique_key.as_str(), "github");
     assert_eq!(created.environment, dev.name);
     assert_eq!(created.settings, new.settings, "settings JSON round-trips");
     assert_eq!(created.webhook_secret.as_deref(), Some("s3cret"));
+    assert_eq!(created.display_name.as_deref(), Some("GitHub"));
+    assert!(created.forward_webhooks);
 
     let duplicate = store.create_integration(&dev, &new).await.unwrap_err();
     assert!(matches!(duplicate, StoreError::Conflict(_)), "{duplicate}");
     // The same key in another environment is a different integration.
     store.create_integration(&prod, &new).await.unwrap();
 
-    let all = store.integrations().await.unwrap();
-    assert_eq!(all.len(), 2);
+    assert_eq!(store.integrations(None).await.unwrap().len(), 2);
+    assert_eq!(store.integrations(Some(dev.id)).await.unwrap(), vec![created.clone()]);
     assert_eq!(
         store.integration(dev.id, &new.unique_key).await.unwrap().unwrap(),
         created
@@ -44,35 +55,243 @@ async fn conformance(store: Store) {
         .unwrap()
         .is_none());
 
+    // Partial updates: unset fields stay, Some(None) clears.
+    let changed = store
+        .update_integration(
+            dev.id,
+            &new.unique_key,
+            &IntegrationChanges {
+                display_name: Some(None),
+                forward_webhooks: Some(false),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(changed.display_name, None);
+    assert!(!changed.forward_webhooks);
+    assert_eq!(changed.webhook_secret.as_deref(), Some("s3cret"), "untouched");
+    assert_eq!(changed.provider, "github");
+    let rotated = store
+        .update_integration(
+            dev.id,
+            &new.unique_key,
+            &IntegrationChanges {
+                webhook_secret: Some(Some("n3w".into())),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(rotated.webhook_secret.as_deref(), Some("n3w"));
+    let missing = store
+        .update_integration(dev.id, &"nope".parse().unwrap(), &IntegrationChanges::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(missing, StoreError::NotFound(_)), "{missing}");
+
+    connections(&store, &dev, &prod).await;
+
+    if let Some(url) = url {
+        // At rest, secrets are ciphertext.
+        for text in raw_texts(url, "SELECT secret_key FROM environments").await {
+            assert!(text.starts_with("v1:") && !text.contains("sk_"), "{text}");
+        }
+        for text in raw_texts(url, "SELECT webhook_secret FROM integrations").await {
+            assert!(
+                text.starts_with("v1:") && !text.contains("s3cret") && !text.contains("n3w"),
+                "{text}"
+            );
+        }
+        for text in raw_texts(url, "SELECT credentials FROM connections WHERE credentials IS NOT NULL").await {
+            assert!(text.starts_with("v1:") && !text.contains("tok_live"), "{text}");
+        }
+    }
+
     assert!(store.delete_integration(dev.id, &new.unique_key).await.unwrap());
     assert!(!store.delete_integration(dev.id, &new.unique_key).await.unwrap());
     assert!(store.integration(dev.id, &new.unique_key).await.unwrap().is_none());
     assert!(store.integration(prod.id, &new.unique_key).await.unwrap().is_some());
+    let gone = store
+        .connections(
+            dev.id,
+            &ConnectionQuery {
+                limit: 100,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(gone.is_empty(), "an integration's connections go with it");
+}
+
+async fn connections(store: &Store, dev: &Environment, prod: &Environment) {
+    let github: IntegrationKey = "github".parse().unwrap();
+    let new = |id: &str| NewConnection {
+        integration: github.clone(),
+        connection_id: id.into(),
+        connection_config: json!({"installation_id": 42}),
+        metadata: json!({"plan": "pro", "seats": 3}),
+        tags: json!({"team": "a"}),
+        credentials: Some(Credentials::OAuth2 {
+            access_token: "tok_live".into(),
+            refresh_token: None,
+            expires_at: None,
+            raw: None,
+        }),
+    };
+    let created = store.create_connection(dev, &new("acme")).await.unwrap();
+    assert_eq!(created.connection_id, "acme");
+    assert_eq!(created.provider, "github");
+    assert_eq!(created.connection_config, json!({"installation_id": 42}));
+    assert!(
+        matches!(&created.credentials, Some(Credentials::OAuth2 { access_token, .. }) if access_token == "tok_live")
+    );
+    let conflict = store.create_connection(dev, &new("acme")).await.unwrap_err();
+    assert!(matches!(conflict, StoreError::Conflict(_)), "{conflict}");
+    let unknown = NewConnection {
+        integration: "nope".parse().unwrap(),
+        ..new("x")
+    };
+    assert!(matches!(
+        store.create_connection(dev, &unknown).await,
+        Err(StoreError::NotFound(_))
+    ));
+    // The same id in another environment is another connection.
+    store.create_connection(prod, &new("acme")).await.unwrap();
+    for id in ["Beta_1", "beta%2", "gamma"] {
+        store.create_connection(dev, &new(id)).await.unwrap();
+    }
+
+    let list = |query: ConnectionQuery| async move {
+        store
+            .connections(dev.id, &ConnectionQuery { limit: 100, ..query })
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.connection_id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        list(ConnectionQuery::default()).await,
+        ["acme", "Beta_1", "beta%2", "gamma"]
+    );
+    let search = |s: &str| ConnectionQuery {
+        search: Some(s.into()),
+        ..Default::default()
+    };
+    assert_eq!(list(search("BETA")).await, ["Beta_1", "beta%2"], "case-insensitive");
+    assert_eq!(list(search("%")).await, ["beta%2"], "wildcards are literal");
+    assert_eq!(list(search("a_")).await, ["Beta_1"]);
+    let page = ConnectionQuery {
+        limit: 2,
+        offset: 1,
+        ..Default::default()
+    };
+    let paged: Vec<_> = store
+        .connections(dev.id, &page)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.connection_id)
+        .collect();
+    assert_eq!(paged, ["Beta_1", "beta%2"]);
+    let other = ConnectionQuery {
+        integration: Some("nope".parse().unwrap()),
+        ..Default::default()
+    };
+    assert!(list(other).await.is_empty());
+
+    // Metadata: replace, then merge top-level keys, for several connections at once.
+    let ids = vec!["acme".to_string(), "gamma".to_string()];
+    let object = |v: serde_json::Value| v.as_object().unwrap().clone();
+    store
+        .set_connection_metadata(
+            dev.id,
+            &github,
+            &ids,
+            &object(json!({"plan": "free"})),
+            MetadataWrite::Replace,
+        )
+        .await
+        .unwrap();
+    store
+        .set_connection_metadata(
+            dev.id,
+            &github,
+            &ids,
+            &object(json!({"region": {"eu": true}})),
+            MetadataWrite::Merge,
+        )
+        .await
+        .unwrap();
+    for id in &ids {
+        let c = store.existing_connection(dev.id, &github, id).await.unwrap();
+        assert_eq!(c.metadata, json!({"plan": "free", "region": {"eu": true}}), "{id}");
+    }
+    // All or nothing: one unknown id leaves every connection as it was.
+    let with_unknown = vec!["acme".to_string(), "ghost".to_string()];
+    let err = store
+        .set_connection_metadata(
+            dev.id,
+            &github,
+            &with_unknown,
+            &object(json!({})),
+            MetadataWrite::Replace,
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("ghost"), "{err}");
+    let acme = store.existing_connection(dev.id, &github, "acme").await.unwrap();
+    assert_eq!(acme.metadata["plan"], "free");
+    // Another environment's connection is untouched and unreachable.
+    let theirs = store.existing_connection(prod.id, &github, "acme").await.unwrap();
+    assert_eq!(theirs.metadata, json!({"plan": "pro", "seats": 3}));
+
+    // Soft delete: gone from reads and lists, the id can be taken again.
+    assert!(store.delete_connection(dev.id, &github, "gamma").await.unwrap());
+    assert!(!store.delete_connection(dev.id, &github, "gamma").await.unwrap());
+    assert!(store.connection(dev.id, &github, "gamma").await.unwrap().is_none());
+    assert!(!list(ConnectionQuery::default()).await.contains(&"gamma".to_string()));
+    let again = store.create_connection(dev, &new("gamma")).await.unwrap();
+    assert_ne!(
+        again.row_id,
+        store
+            .existing_connection(prod.id, &github, "acme")
+            .await
+            .unwrap()
+            .row_id
+    );
+    assert_eq!(
+        again.metadata,
+        json!({"plan": "pro", "seats": 3}),
+        "a new connection, not the old one"
+    );
 }
 
 #[tokio::test]
 async fn postgres() {
     let db = PgDatabase::create().await;
-    let store = Store::connect(&db.url).await.unwrap();
+    let store = Store::connect(&db.url, test_cipher()).await.unwrap();
     assert_eq!(store.backend(), Backend::Postgres);
-    conformance(store.clone()).await;
+    conformance(store.clone(), Some(&db.url)).await;
     // Migrations are idempotent: a second start against the same database is fine.
-    Store::connect(&db.url).await.unwrap();
+    Store::connect(&db.url, test_cipher()).await.unwrap();
 }
 
 #[tokio::test]
 async fn sqlite() {
     let file = SqliteFile::create();
-    let store = Store::connect(&file.url).await.unwrap();
+    let store = Store::connect(&file.url, test_cipher()).await.unwrap();
     assert_eq!(store.backend(), Backend::Sqlite);
-    conformance(store).await;
-    Store::connect(&file.url).await.unwrap();
+    conformance(store, Some(&file.url)).await;
+    Store::connect(&file.url, test_cipher()).await.unwrap();
 }
 
 #[tokio::test]
 async fn sqlite_in_memory() {
-    let store = Store::connect("sqlite::memory:").await.unwrap();
-    conformance(store.clone()).await;
+    let store = Store::connect("sqlite::memory:", test_cipher()).await.unwrap();
+    conformance(store.clone(), None).await;
     // Concurrent readers make the pool open more connections; sqlx names in-memory
     // databases with a shared cache, so each sees the same data.
     let readers: Vec<_> = (0..8)
@@ -90,14 +309,14 @@ async fn sqlite_in_memory() {
 async fn sqlite_creates_missing_folders() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}/a/b/hookyard.db", dir.path().display());
-    Store::connect(&url).await.unwrap();
+    Store::connect(&url, test_cipher()).await.unwrap();
     assert!(dir.path().join("a/b/hookyard.db").exists());
 }
 
 #[tokio::test]
 async fn unreachable_postgres_is_a_clear_error() {
     // Port 1 on loopback: nothing listens there.
-    let err = Store::connect("postgres://u:pw@127.0.0.1:1/db")
+    let err = Store::connect("postgres://u:pw@127.0.0.1:1/db", test_cipher())
         .await
         .err()
         .expect("must fail");
@@ -107,4 +326,56 @@ async fn unreachable_postgres_is_a_clear_error() {
         "{message}"
     );
     assert!(!message.contains("pw"), "password leaked: {message}");
+}
+
+/// A database from before secrets were sealed: its plaintext keys are sealed at start,
+/// and the environment is found by its old secret key.
+async fn seals_legacy_plaintext(url: &str) {
+    // Apply the migrations, then put a row back into the old, plaintext shape.
+    Store::connect(url, test_cipher()).await.unwrap();
+    raw_execute(
+        url,
+        "INSERT INTO environments (name, webhook_id, secret_key, webhook_signing_key, created_at)
+         VALUES ('old', '6f1c2a52-0c4e-4c39-9d1b-1a2b3c4d5e6f', 'sk_plain', 'whsk_plain', '2026-01-01T00:00:00Z')",
+    )
+    .await;
+    raw_execute(
+        url,
+        "INSERT INTO integrations (environment_id, unique_key, provider, webhook_secret, settings, created_at, updated_at)
+         SELECT id, 'gh', 'github', 'plain-secret', '{}', created_at, created_at FROM environments WHERE name = 'old'",
+    )
+    .await;
+    let store = Store::connect(url, test_cipher()).await.unwrap();
+    let old = store
+        .environment_by_secret_key("sk_plain")
+        .await
+        .unwrap()
+        .expect("found by its key");
+    assert_eq!(old.webhook_signing_key, "whsk_plain");
+    let gh = store
+        .existing_integration(old.id, &"gh".parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(gh.webhook_secret.as_deref(), Some("plain-secret"));
+    for text in raw_texts(url, "SELECT secret_key FROM environments").await {
+        assert!(text.starts_with("v1:"), "{text}");
+    }
+    // Under another key the sealed secrets do not open: an error, not garbage.
+    let other = Store::connect(url, hookyard_core::secrets::Cipher::from_bytes([9; 32]))
+        .await
+        .unwrap();
+    let err = other.environments().await.unwrap_err();
+    assert!(err.to_string().contains("another encryption key"), "{err}");
+}
+
+#[tokio::test]
+async fn seals_legacy_plaintext_postgres() {
+    let db = PgDatabase::create().await;
+    seals_legacy_plaintext(&db.url).await;
+}
+
+#[tokio::test]
+async fn seals_legacy_plaintext_sqlite() {
+    let file = SqliteFile::create();
+    seals_legacy_plaintext(&file.url).await;
 }

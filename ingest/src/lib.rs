@@ -132,7 +132,7 @@ pub async fn serve(listener: TcpListener, ingest: Arc<Ingest>, shutdown: Cancell
 
 /// `hookyard ingest`: connect, start, serve until shutdown.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let store = Store::connect(&config.database_url).await?;
+    let store = Store::connect(&config.database_url, config.cipher()?).await?;
     let bus = Bus::connect(config, "hookyard-ingest").await?;
     let ingest = Ingest::start(config, store, bus, shutdown.clone()).await?;
     let addr = config.ingest.listen;

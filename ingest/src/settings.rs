@@ -88,7 +88,7 @@ async fn read_snapshot(store: &Store) -> Result<Snapshot, StoreError> {
             },
         );
     }
-    for integration in store.integrations().await? {
+    for integration in store.integrations(None).await? {
         if let Some(entry) = by_id.get_mut(&integration.environment_id) {
             entry
                 .integrations

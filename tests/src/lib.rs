@@ -18,6 +18,14 @@ use std::future::Future;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
+/// The encryption key every test store and test process uses (base64 of 32 bytes).
+pub const TEST_ENCRYPTION_KEY: &str = "aG9va3lhcmQtdGVzdC1rZXktMzItYnl0ZXMtbG9uZyE=";
+
+/// The cipher of [`TEST_ENCRYPTION_KEY`].
+pub fn test_cipher() -> hookyard_core::secrets::Cipher {
+    hookyard_core::secrets::Cipher::from_text(TEST_ENCRYPTION_KEY).expect("a valid test key")
+}
+
 /// A SQLite database file in its own temporary folder.
 pub struct SqliteFile {
     _dir: tempfile::TempDir,
@@ -29,6 +37,32 @@ impl SqliteFile {
         let dir = tempfile::tempdir().expect("temporary folder");
         let url = format!("sqlite://{}", dir.path().join("hookyard.db").display());
         SqliteFile { _dir: dir, url }
+    }
+}
+
+/// Every text `sql` returns, read past the store: what is at rest, on either back end.
+pub async fn raw_texts(database_url: &str, sql: &str) -> Vec<String> {
+    if database_url.starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(database_url).await.expect("opening SQLite");
+        sqlx::query_scalar(sql).fetch_all(&pool).await.expect(sql)
+    } else {
+        let pool = sqlx::PgPool::connect(database_url)
+            .await
+            .expect("connecting to Postgres");
+        sqlx::query_scalar(sql).fetch_all(&pool).await.expect(sql)
+    }
+}
+
+/// Runs `sql` past the store (to shape data as an older version left it).
+pub async fn raw_execute(database_url: &str, sql: &str) {
+    if database_url.starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(database_url).await.expect("opening SQLite");
+        sqlx::query(sql).execute(&pool).await.expect(sql);
+    } else {
+        let pool = sqlx::PgPool::connect(database_url)
+            .await
+            .expect("connecting to Postgres");
+        sqlx::query(sql).execute(&pool).await.expect(sql);
     }
 }
 

@@ -3,20 +3,25 @@
 //! query text against whichever back end is configured. Dialect differences live in
 //! the two migration folders, not in the queries.
 
+//!
+//! Secrets (environment keys, webhook secrets, connection credentials) are sealed by the
+//! store's [`Cipher`] on the way in and opened on the way out; the rest of hookyard
+//! only ever sees plaintext, the database only ever ciphertext.
+
 mod model;
 
 use std::str::FromStr;
 use std::time::Duration;
 
-use chrono::Utc;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::types::Json;
 
-pub use model::{Environment, Integration, NewIntegration};
-use model::{EnvironmentRow, IntegrationRow};
+pub use model::{
+    Connection, ConnectionQuery, Credentials, Environment, Integration, IntegrationChanges, NewConnection,
+    NewIntegration,
+};
 
-use crate::keys::{EnvironmentName, IntegrationKey};
+use crate::secrets::{Cipher, SecretError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -28,10 +33,33 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("{0} already exists")]
     Conflict(String),
+    #[error("{0} does not exist")]
+    NotFound(String),
+    #[error(transparent)]
+    Secret(#[from] SecretError),
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
     #[error("{0}")]
     Invalid(String),
+}
+
+impl StoreError {
+    /// The database could not be reached (as opposed to refusing the request): worth a
+    /// retry later, a 503 rather than a 500.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Connect { .. } => true,
+            StoreError::Database(
+                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_),
+            ) => true,
+            // Postgres's connection exceptions (08), resource shortages (53), operator
+            // intervention such as a shutdown (57), and a database that is gone (3D000).
+            StoreError::Database(sqlx::Error::Database(e)) => e
+                .code()
+                .is_some_and(|code| ["08", "53", "57"].iter().any(|class| code.starts_with(class)) || code == "3D000"),
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +77,7 @@ enum Pool {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    cipher: Cipher,
 }
 
 /// Runs `$body` with `$pool` bound to the configured back end's pool.
@@ -61,12 +90,38 @@ macro_rules! on_pool {
     };
 }
 
+/// Runs `$body` inside a transaction on the configured back end, committed when the
+/// body finishes; an early return (`?`) rolls it back.
+macro_rules! in_transaction {
+    ($store:expr, |$tx:ident| $body:expr) => {
+        match &$store.pool {
+            Pool::Postgres(pool) => {
+                let mut $tx = pool.begin().await?;
+                let result = $body;
+                $tx.commit().await?;
+                result
+            }
+            Pool::Sqlite(pool) => {
+                let mut $tx = pool.begin().await?;
+                let result = $body;
+                $tx.commit().await?;
+                result
+            }
+        }
+    };
+}
+
+mod connections;
+pub use connections::MetadataWrite;
+mod environments;
+mod integrations;
 pub mod records;
 
 impl Store {
     /// Opens the database named by `url` (`postgres://…` or `sqlite://path`) and brings
-    /// its schema up to date. A SQLite file and its folder are created when missing.
-    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+    /// its schema up to date; secrets are sealed under `cipher`. A SQLite file and its
+    /// folder are created when missing.
+    pub async fn connect(url: &str, cipher: Cipher) -> Result<Store, StoreError> {
         let connect_error = |source| StoreError::Connect {
             url: redact(url),
             source,
@@ -102,7 +157,9 @@ impl Store {
             sqlx::migrate!("./migrations/postgres").run(&pool).await?;
             Pool::Postgres(pool)
         };
-        Ok(Store { pool })
+        let store = Store { pool, cipher };
+        store.seal_legacy_environments().await?;
+        Ok(store)
     }
 
     pub fn backend(&self) -> Backend {
@@ -116,135 +173,19 @@ impl Store {
         on_pool!(self, |pool| sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))?;
         Ok(())
     }
-
-    /// The environment called `name`, created with fresh keys if it does not exist yet.
-    /// Safe to race: concurrent callers all get the one row.
-    pub async fn ensure_environment(&self, name: &EnvironmentName) -> Result<Environment, StoreError> {
-        let webhook_id = uuid::Uuid::new_v4().to_string();
-        let (secret_key, signing_key) = (random_key("sk_"), random_key("whsk_"));
-        on_pool!(self, |pool| sqlx::query(
-            "INSERT INTO environments (name, webhook_id, secret_key, webhook_signing_key, created_at)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING"
-        )
-        .bind(name.as_str())
-        .bind(&webhook_id)
-        .bind(&secret_key)
-        .bind(&signing_key)
-        .bind(Utc::now())
-        .execute(pool)
-        .await
-        .map(|_| ()))?;
-        self.environment(name)
-            .await?
-            .ok_or_else(|| StoreError::Corrupt(format!("environment {name} vanished after insert")))
-    }
-
-    pub async fn environment(&self, name: &EnvironmentName) -> Result<Option<Environment>, StoreError> {
-        let row: Option<EnvironmentRow> = on_pool!(self, |pool| sqlx::query_as(
-            "SELECT id, name, webhook_id, secret_key, webhook_signing_key, created_at
-             FROM environments WHERE name = $1"
-        )
-        .bind(name.as_str())
-        .fetch_optional(pool)
-        .await)?;
-        row.map(Environment::try_from).transpose()
-    }
-
-    pub async fn environments(&self) -> Result<Vec<Environment>, StoreError> {
-        let rows: Vec<EnvironmentRow> = on_pool!(self, |pool| sqlx::query_as(
-            "SELECT id, name, webhook_id, secret_key, webhook_signing_key, created_at
-             FROM environments ORDER BY id"
-        )
-        .fetch_all(pool)
-        .await)?;
-        rows.into_iter().map(Environment::try_from).collect()
-    }
-
-    pub async fn create_integration(
-        &self,
-        environment: &Environment,
-        new: &NewIntegration,
-    ) -> Result<Integration, StoreError> {
-        let now = Utc::now();
-        let inserted = on_pool!(self, |pool| {
-            sqlx::query(
-            "INSERT INTO integrations (environment_id, unique_key, provider, webhook_secret, settings, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $6)"
-        )
-        .bind(environment.id)
-        .bind(new.unique_key.as_str())
-        .bind(&new.provider)
-        .bind(&new.webhook_secret)
-        .bind(Json(&new.settings))
-        .bind(now)
-        .execute(pool)
-        .await
-        .map(|_| ())
-        });
-        match inserted {
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                return Err(StoreError::Conflict(format!(
-                    "integration {} in environment {}",
-                    new.unique_key, environment.name
-                )))
-            }
-            other => other?,
-        };
-        self.integration(environment.id, &new.unique_key)
-            .await?
-            .ok_or_else(|| StoreError::Corrupt(format!("integration {} vanished after insert", new.unique_key)))
-    }
-
-    pub async fn integration(
-        &self,
-        environment_id: i64,
-        key: &IntegrationKey,
-    ) -> Result<Option<Integration>, StoreError> {
-        let row: Option<IntegrationRow> = on_pool!(self, |pool| sqlx::query_as(
-            "SELECT i.id, i.environment_id, e.name AS environment, i.unique_key, i.provider, i.webhook_secret,
-                    i.settings, i.created_at, i.updated_at
-             FROM integrations i JOIN environments e ON e.id = i.environment_id
-             WHERE i.environment_id = $1 AND i.unique_key = $2"
-        )
-        .bind(environment_id)
-        .bind(key.as_str())
-        .fetch_optional(pool)
-        .await)?;
-        row.map(Integration::try_from).transpose()
-    }
-
-    /// Every integration of every environment (what ingest caches).
-    pub async fn integrations(&self) -> Result<Vec<Integration>, StoreError> {
-        let rows: Vec<IntegrationRow> = on_pool!(self, |pool| sqlx::query_as(
-            "SELECT i.id, i.environment_id, e.name AS environment, i.unique_key, i.provider, i.webhook_secret,
-                    i.settings, i.created_at, i.updated_at
-             FROM integrations i JOIN environments e ON e.id = i.environment_id
-             ORDER BY i.id"
-        )
-        .fetch_all(pool)
-        .await)?;
-        rows.into_iter().map(Integration::try_from).collect()
-    }
-
-    /// Deletes an integration; false when there was none.
-    pub async fn delete_integration(&self, environment_id: i64, key: &IntegrationKey) -> Result<bool, StoreError> {
-        let done = on_pool!(self, |pool| sqlx::query(
-            "DELETE FROM integrations WHERE environment_id = $1 AND unique_key = $2"
-        )
-        .bind(environment_id)
-        .bind(key.as_str())
-        .execute(pool)
-        .await
-        .map(|r| r.rows_affected()))?;
-        Ok(done > 0)
-    }
 }
 
 /// A random secret: `prefix` + 32 bytes from the OS, hex.
 fn random_key(prefix: &str) -> String {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).expect("the OS random source is unavailable");
-    format!("{prefix}{}", hex::encode(bytes))
+    format!("{prefix}{}", hex::encode(crate::secrets::random_bytes::<32>()))
+}
+
+/// Maps a unique violation to `Conflict(what)`.
+fn conflict_on_unique<T>(result: Result<T, sqlx::Error>, what: impl FnOnce() -> String) -> Result<T, StoreError> {
+    match result {
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict(what())),
+        other => Ok(other?),
+    }
 }
 
 /// The URL without its password, for error messages.

@@ -356,28 +356,6 @@ macro_rules! bind_scope {
     };
 }
 
-/// Runs the same flow text on either back end's transaction.
-macro_rules! in_transaction {
-    ($store:expr, |$tx:ident, $dialect:ident| $body:expr) => {
-        match &$store.pool {
-            Pool::Postgres(pool) => {
-                let mut $tx = pool.begin().await?;
-                let $dialect = &POSTGRES;
-                let result = $body;
-                $tx.commit().await?;
-                result
-            }
-            Pool::Sqlite(pool) => {
-                let mut $tx = pool.begin().await?;
-                let $dialect = &SQLITE;
-                let result = $body;
-                $tx.commit().await?;
-                result
-            }
-        }
-    };
-}
-
 impl Store {
     fn dialect(&self) -> &'static Dialect {
         match self.pool {
@@ -411,7 +389,8 @@ impl Store {
         let ids = Json(&order);
         let now = Utc::now();
         let reserved = order.len() as i64;
-        in_transaction!(self, |tx, dialect| {
+        let dialect = self.dialect();
+        in_transaction!(self, |tx| {
             // First statement: the scope's row lock, held to commit.
             let last_seq: i64 = bind_scope!(sqlx::query_scalar::<_, i64>(dialect.reserve), scope, reserved)
                 .fetch_one(&mut *tx)

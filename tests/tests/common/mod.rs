@@ -1,4 +1,6 @@
 //! Starts ingest in-process against a real nats-server and a real store.
+// Each test binary uses a part of this module.
+#![allow(dead_code)]
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +10,7 @@ use hookyard_core::store::{Environment, NewIntegration};
 use hookyard_core::streams::{Bus, RAW_STREAM};
 use hookyard_core::{Config, Envelope, Store};
 use hookyard_ingest::Ingest;
-use hookyard_testkit::{NatsServer, SqliteFile};
+use hookyard_testkit::{test_cipher, NatsServer, SqliteFile};
 use tokio_util::sync::CancellationToken;
 
 pub struct Running {
@@ -43,7 +45,7 @@ pub async fn start_ingest(database_url: Option<&str>, tweak: impl FnOnce(&mut Co
         .unwrap_or_else(|| sqlite.as_ref().unwrap().url.clone());
     let mut config = test_config(&nats, &url);
     tweak(&mut config);
-    let store = Store::connect(&config.database_url).await.unwrap();
+    let store = Store::connect(&config.database_url, test_cipher()).await.unwrap();
     let environment = store.ensure_environment(&"dev".parse().unwrap()).await.unwrap();
     add_integration(&store, &environment, "demo").await;
     let bus = Bus::connect(&config, "test-ingest").await.unwrap();
@@ -69,15 +71,7 @@ pub async fn start_ingest(database_url: Option<&str>, tweak: impl FnOnce(&mut Co
 
 pub async fn add_integration(store: &Store, environment: &Environment, key: &str) {
     store
-        .create_integration(
-            environment,
-            &NewIntegration {
-                unique_key: key.parse().unwrap(),
-                provider: "generic".into(),
-                webhook_secret: None,
-                settings: serde_json::json!({}),
-            },
-        )
+        .create_integration(environment, &NewIntegration::new(key.parse().unwrap(), "generic"))
         .await
         .unwrap();
 }

@@ -1,0 +1,317 @@
+//! `/connections`: customer accounts under an integration, in Nango's shapes. Older
+//! clients use the singular `/connection…` paths; `lib.rs` maps those onto these.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use chrono::{DateTime, Utc};
+use hookyard_core::keys::IntegrationKey;
+use hookyard_core::store::{Connection, ConnectionQuery, Credentials, Environment, MetadataWrite, NewConnection};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::error::{ApiError, Body, ErrorBody, Params};
+use crate::fields;
+use crate::{AppState, Success};
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(get, delete))
+        .routes(routes!(replace_metadata, merge_metadata))
+}
+
+const MAX_CONNECTION_ID: usize = 255;
+const MAX_METADATA_TARGETS: usize = 1000;
+
+#[derive(Serialize, ToSchema)]
+pub struct ConnectionView {
+    id: i64,
+    connection_id: String,
+    provider_config_key: String,
+    provider: String,
+    /// The identifiers webhooks are routed by (`portalId`, `team_id`, `installation_id`, …).
+    #[schema(value_type = Object)]
+    connection_config: Value,
+    #[schema(value_type = Object)]
+    metadata: Value,
+    #[schema(value_type = Object)]
+    tags: Value,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    /// Only when one connection is read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    credentials: Option<Credentials>,
+}
+
+impl ConnectionView {
+    fn new(connection: Connection, with_credentials: bool) -> ConnectionView {
+        ConnectionView {
+            id: connection.row_id,
+            connection_id: connection.connection_id,
+            provider_config_key: connection.provider_config_key.into(),
+            provider: connection.provider,
+            connection_config: connection.connection_config,
+            metadata: connection.metadata,
+            tags: connection.tags,
+            created_at: connection.created_at,
+            updated_at: connection.updated_at,
+            credentials: if with_credentials { connection.credentials } else { None },
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ConnectionList {
+    connections: Vec<ConnectionView>,
+    /// The `page` to ask for next; null on the last page.
+    next_page: Option<u64>,
+}
+
+#[derive(Deserialize, ToSchema)]
+pub struct CreateConnection {
+    provider_config_key: String,
+    /// Up to 255 characters; a UUID is made when absent.
+    connection_id: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    connection_config: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    metadata: Option<Value>,
+    /// `{type: "API_KEY", apiKey}`, `{type: "BASIC", username, password}` or
+    /// `{type: "OAUTH2", access_token, refresh_token?, expires_at?, raw?}`. Stored encrypted.
+    #[schema(value_type = Option<Object>)]
+    credentials: Option<Value>,
+    /// String values only.
+    #[schema(value_type = Option<Object>)]
+    tags: Option<Value>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// Only connections of this integration (also accepted as `integrationId`, `provider_config_key`).
+    #[serde(alias = "integrationId", alias = "provider_config_key")]
+    integration_id: Option<String>,
+    /// Only this connection id (also `connectionId`).
+    #[serde(alias = "connectionId")]
+    connection_id: Option<String>,
+    /// A case-insensitive part of the connection id.
+    search: Option<String>,
+    /// 1–1000, default 100.
+    limit: Option<u32>,
+    /// 0-based page of `limit` connections.
+    page: Option<u64>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct KeyParam {
+    /// The integration the connection belongs to (required).
+    provider_config_key: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize, ToSchema)]
+pub struct MetadataRequest {
+    #[schema(value_type = OneOrMany)]
+    connection_id: OneOrMany,
+    provider_config_key: String,
+    #[schema(value_type = Object)]
+    metadata: Value,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct MetadataResponse {
+    connection_id: OneOrMany,
+    provider_config_key: String,
+    #[schema(value_type = Object)]
+    metadata: Map<String, Value>,
+}
+
+fn integration_key(field: &str, text: &str) -> Result<IntegrationKey, ApiError> {
+    text.parse().map_err(|e| ApiError::invalid(field, e))
+}
+
+fn required_key(param: KeyParam) -> Result<IntegrationKey, ApiError> {
+    let text = param
+        .provider_config_key
+        .ok_or_else(|| ApiError::invalid("provider_config_key", "is required"))?;
+    integration_key("provider_config_key", &text)
+}
+
+/// List the environment's live connections, oldest first.
+#[utoipa::path(get, operation_id = "list_connections", path = "/connections", tag = "connections", params(ListParams),
+    responses((status = 200, body = ConnectionList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+async fn list(
+    State(state): State<AppState>,
+    Extension(environment): Extension<Environment>,
+    Params(params): Params<ListParams>,
+) -> Result<Json<ConnectionList>, ApiError> {
+    let limit = params.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::invalid("limit", "must be between 1 and 1000"));
+    }
+    let page = params.page.unwrap_or(0);
+    let query = ConnectionQuery {
+        integration: params
+            .integration_id
+            .map(|key| integration_key("integration_id", &key))
+            .transpose()?,
+        connection_id: params.connection_id,
+        search: params.search.filter(|s| !s.is_empty()),
+        // One more than asked tells whether a next page exists.
+        limit: limit + 1,
+        offset: page.saturating_mul(u64::from(limit)),
+    };
+    let mut connections = state.store.connections(environment.id, &query).await?;
+    let more = connections.len() > limit as usize;
+    connections.truncate(limit as usize);
+    Ok(Json(ConnectionList {
+        connections: connections.into_iter().map(|c| ConnectionView::new(c, false)).collect(),
+        next_page: more.then_some(page + 1),
+    }))
+}
+
+/// Create (import) a connection.
+#[utoipa::path(post, operation_id = "create_connection", path = "/connections", tag = "connections", request_body = CreateConnection,
+    responses((status = 201, body = ConnectionView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 404, body = ErrorBody, description = "unknown integration"), (status = 409, body = ErrorBody)))]
+async fn create(
+    State(state): State<AppState>,
+    Extension(environment): Extension<Environment>,
+    Body(body): Body<CreateConnection>,
+) -> Result<(StatusCode, Json<ConnectionView>), ApiError> {
+    let credentials = body
+        .credentials
+        .filter(|c| !c.is_null())
+        .map(serde_json::from_value::<Credentials>)
+        .transpose()
+        .map_err(|e| ApiError::invalid("credentials", e))?;
+    let connection_id = match body.connection_id {
+        Some(id) => fields::text("connection_id", id, MAX_CONNECTION_ID)?,
+        None => uuid_v4(),
+    };
+    let new = NewConnection {
+        integration: integration_key("provider_config_key", &body.provider_config_key)?,
+        connection_id,
+        connection_config: Value::Object(fields::object("connection_config", body.connection_config)?),
+        metadata: Value::Object(fields::object("metadata", body.metadata)?),
+        tags: Value::Object(fields::tags(body.tags)?),
+        credentials,
+    };
+    let connection = state.store.create_connection(&environment, &new).await?;
+    Ok((StatusCode::CREATED, Json(ConnectionView::new(connection, false))))
+}
+
+/// Get one connection, with its credentials.
+#[utoipa::path(get, operation_id = "get_connection", path = "/connections/{connection_id}", tag = "connections",
+    params(("connection_id" = String, Path), KeyParam),
+    responses((status = 200, body = ConnectionView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 404, body = ErrorBody)))]
+async fn get(
+    State(state): State<AppState>,
+    Extension(environment): Extension<Environment>,
+    Path(connection_id): Path<String>,
+    Params(param): Params<KeyParam>,
+) -> Result<Json<ConnectionView>, ApiError> {
+    let key = required_key(param)?;
+    let connection = state
+        .store
+        .existing_connection(environment.id, &key, &connection_id)
+        .await?;
+    Ok(Json(ConnectionView::new(connection, true)))
+}
+
+/// Delete a connection: it is never routed to again.
+#[utoipa::path(delete, operation_id = "delete_connection", path = "/connections/{connection_id}", tag = "connections",
+    params(("connection_id" = String, Path), KeyParam),
+    responses((status = 200, body = Success), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 404, body = ErrorBody)))]
+async fn delete(
+    State(state): State<AppState>,
+    Extension(environment): Extension<Environment>,
+    Path(connection_id): Path<String>,
+    Params(param): Params<KeyParam>,
+) -> Result<Json<Success>, ApiError> {
+    let key = required_key(param)?;
+    if !state
+        .store
+        .delete_connection(environment.id, &key, &connection_id)
+        .await?
+    {
+        return Err(ApiError::not_found(format!(
+            "connection {connection_id} of integration {key} does not exist"
+        )));
+    }
+    Ok(Json(Success { success: true }))
+}
+
+/// Replace the metadata of one or more connections (all or none).
+#[utoipa::path(post, operation_id = "set_connection_metadata", path = "/connections/metadata", tag = "connections", request_body = MetadataRequest,
+    responses((status = 200, body = MetadataResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 404, body = ErrorBody)))]
+async fn replace_metadata(
+    state: State<AppState>,
+    environment: Extension<Environment>,
+    body: Body<MetadataRequest>,
+) -> Result<Json<MetadataResponse>, ApiError> {
+    write_metadata(state, environment, body, MetadataWrite::Replace).await
+}
+
+/// Merge top-level keys into the metadata of one or more connections (all or none).
+#[utoipa::path(patch, operation_id = "update_connection_metadata", path = "/connections/metadata", tag = "connections", request_body = MetadataRequest,
+    responses((status = 200, body = MetadataResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 404, body = ErrorBody)))]
+async fn merge_metadata(
+    state: State<AppState>,
+    environment: Extension<Environment>,
+    body: Body<MetadataRequest>,
+) -> Result<Json<MetadataResponse>, ApiError> {
+    write_metadata(state, environment, body, MetadataWrite::Merge).await
+}
+
+async fn write_metadata(
+    State(state): State<AppState>,
+    Extension(environment): Extension<Environment>,
+    Body(body): Body<MetadataRequest>,
+    how: MetadataWrite,
+) -> Result<Json<MetadataResponse>, ApiError> {
+    let key = integration_key("provider_config_key", &body.provider_config_key)?;
+    let metadata = match body.metadata {
+        Value::Object(map) => map,
+        _ => return Err(ApiError::invalid("metadata", "must be a JSON object")),
+    };
+    let ids = match &body.connection_id {
+        OneOrMany::One(id) => vec![id.clone()],
+        OneOrMany::Many(ids) => ids.clone(),
+    };
+    if ids.is_empty() || ids.len() > MAX_METADATA_TARGETS {
+        return Err(ApiError::invalid(
+            "connection_id",
+            format!("give 1 to {MAX_METADATA_TARGETS} connection ids"),
+        ));
+    }
+    state
+        .store
+        .set_connection_metadata(environment.id, &key, &ids, &metadata, how)
+        .await?;
+    Ok(Json(MetadataResponse {
+        connection_id: body.connection_id,
+        provider_config_key: key.into(),
+        metadata,
+    }))
+}
+
+fn uuid_v4() -> String {
+    uuid::Uuid::new_v4().to_string()
+}

@@ -1,0 +1,51 @@
+//! Checks of request fields, each failing with a 400 that names the field.
+
+use serde::{Deserialize, Deserializer};
+use serde_json::{Map, Value};
+
+use crate::error::ApiError;
+
+/// A required text of 1 to `max` characters without control characters.
+pub fn text(field: &str, value: String, max: usize) -> Result<String, ApiError> {
+    if value.is_empty() {
+        return Err(ApiError::invalid(field, "must not be empty"));
+    }
+    if value.chars().count() > max {
+        return Err(ApiError::invalid(field, format!("is longer than {max} characters")));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ApiError::invalid(field, "must not contain control characters"));
+    }
+    Ok(value)
+}
+
+pub fn optional_text(field: &str, value: Option<String>, max: usize) -> Result<Option<String>, ApiError> {
+    value.map(|v| text(field, v, max)).transpose()
+}
+
+/// A JSON object (absent: empty).
+pub fn object(field: &str, value: Option<Value>) -> Result<Map<String, Value>, ApiError> {
+    match value {
+        None | Some(Value::Null) => Ok(Map::new()),
+        Some(Value::Object(map)) => Ok(map),
+        Some(_) => Err(ApiError::invalid(field, "must be a JSON object")),
+    }
+}
+
+/// Tags: an object of string values (absent: empty).
+pub fn tags(value: Option<Value>) -> Result<Map<String, Value>, ApiError> {
+    let map = object("tags", value)?;
+    if let Some((key, _)) = map.iter().find(|(_, v)| !v.is_string()) {
+        return Err(ApiError::invalid(&format!("tags.{key}"), "must be a string"));
+    }
+    Ok(map)
+}
+
+/// For `Option<Option<T>>` fields: absent stays `None`, `null` becomes `Some(None)`.
+pub fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
+}

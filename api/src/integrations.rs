@@ -1,0 +1,196 @@
+//! `/integrations`: one provider set up in the environment. Responses wrap in `{data}`
+//! as Nango's public API does.
+
+use axum::extract::{Path, State};
+use axum::{Extension, Json};
+use chrono::{DateTime, Utc};
+use hookyard_core::keys::IntegrationKey;
+use hookyard_core::store::{Environment, Integration, IntegrationChanges, NewIntegration};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::error::{ApiError, Body, ErrorBody};
+use crate::fields::{self, present};
+use crate::{AppState, Data, Success};
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(get, update, delete))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct IntegrationView {
+    unique_key: String,
+    provider: String,
+    display_name: Option<String>,
+    /// Whether this integration's webhooks are forwarded to your app.
+    forward_webhooks: bool,
+    /// Whether a webhook secret is set (the secret itself is never returned).
+    has_webhook_secret: bool,
+    /// Where the provider must send this integration's webhooks.
+    webhook_url: String,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl IntegrationView {
+    fn new(state: &AppState, environment: &Environment, integration: Integration) -> IntegrationView {
+        IntegrationView {
+            webhook_url: format!(
+                "{}/webhook/{}/{}",
+                state.webhook_base_url, environment.webhook_id, integration.unique_key
+            ),
+            unique_key: integration.unique_key.into(),
+            provider: integration.provider,
+            display_name: integration.display_name,
+            forward_webhooks: integration.forward_webhooks,
+            has_webhook_secret: integration.webhook_secret.is_some(),
+            created_at: integration.created_at,
+            updated_at: integration.updated_at,
+        }
+    }
+}
+
+#[derive(Deserialize, ToSchema)]
+pub struct CreateIntegration {
+    /// 1–64 characters from a-z, A-Z, 0-9, `-` and `_`; the provider config key.
+    unique_key: String,
+    /// The provider catalog entry (`github`, `hubspot`, …) or `generic`.
+    provider: String,
+    display_name: Option<String>,
+    /// The secret the provider signs webhooks with.
+    webhook_secret: Option<String>,
+    /// Default true.
+    forward_webhooks: Option<bool>,
+}
+
+/// Every field optional; `null` clears `display_name` or `webhook_secret`.
+#[derive(Deserialize, ToSchema)]
+pub struct UpdateIntegration {
+    provider: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    display_name: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    webhook_secret: Option<Option<String>>,
+    forward_webhooks: Option<bool>,
+    /// Cannot change: webhook URLs and records are keyed by it. Sending a different one is a 400.
+    unique_key: Option<String>,
+}
+
+fn key(text: &str) -> Result<IntegrationKey, ApiError> {
+    text.parse().map_err(|e| ApiError::invalid("unique_key", e))
+}
+
+/// List the environment's integrations.
+#[utoipa::path(get, operation_id = "list_integrations", path = "/integrations", tag = "integrations",
+    responses((status = 200, body = Data<Vec<IntegrationView>>), (status = 401, body = ErrorBody)))]
+async fn list(
+    State(state): State<AppState>,
+    Extension(environment): Extension<Environment>,
+) -> Result<Json<Data<Vec<IntegrationView>>>, ApiError> {
+    let integrations = state.store.integrations(Some(environment.id)).await?;
+    let views = integrations
+        .into_iter()
+        .map(|i| IntegrationView::new(&state, &environment, i))
+        .collect();
+    Ok(Json(Data { data: views }))
+}
+
+/// Create an integration.
+#[utoipa::path(post, operation_id = "create_integration", path = "/integrations", tag = "integrations", request_body = CreateIntegration,
+    responses((status = 200, body = Data<IntegrationView>), (status = 400, body = ErrorBody),
+              (status = 401, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn create(
+    State(state): State<AppState>,
+    Extension(environment): Extension<Environment>,
+    Body(body): Body<CreateIntegration>,
+) -> Result<Json<Data<IntegrationView>>, ApiError> {
+    let new = NewIntegration {
+        display_name: fields::optional_text("display_name", body.display_name, 255)?,
+        webhook_secret: fields::optional_text("webhook_secret", body.webhook_secret, 1024)?,
+        forward_webhooks: body.forward_webhooks.unwrap_or(true),
+        ..NewIntegration::new(key(&body.unique_key)?, fields::text("provider", body.provider, 64)?)
+    };
+    let integration = state.store.create_integration(&environment, &new).await?;
+    Ok(Json(Data {
+        data: IntegrationView::new(&state, &environment, integration),
+    }))
+}
+
+/// Get one integration, with the URL its webhooks go to.
+#[utoipa::path(get, operation_id = "get_integration", path = "/integrations/{unique_key}", tag = "integrations",
+    params(("unique_key" = String, Path)),
+    responses((status = 200, body = Data<IntegrationView>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn get(
+    State(state): State<AppState>,
+    Extension(environment): Extension<Environment>,
+    Path(unique_key): Path<String>,
+) -> Result<Json<Data<IntegrationView>>, ApiError> {
+    let integration = state
+        .store
+        .existing_integration(environment.id, &key(&unique_key)?)
+        .await?;
+    Ok(Json(Data {
+        data: IntegrationView::new(&state, &environment, integration),
+    }))
+}
+
+/// Change an integration's provider, display name, webhook secret or forwarding.
+#[utoipa::path(patch, operation_id = "update_integration", path = "/integrations/{unique_key}", tag = "integrations",
+    params(("unique_key" = String, Path)), request_body = UpdateIntegration,
+    responses((status = 200, body = Data<IntegrationView>), (status = 400, body = ErrorBody),
+              (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn update(
+    State(state): State<AppState>,
+    Extension(environment): Extension<Environment>,
+    Path(unique_key): Path<String>,
+    Body(body): Body<UpdateIntegration>,
+) -> Result<Json<Data<IntegrationView>>, ApiError> {
+    let current = key(&unique_key)?;
+    if body.unique_key.as_deref().is_some_and(|k| k != current.as_str()) {
+        return Err(ApiError::invalid(
+            "unique_key",
+            "an integration's key cannot change; create a new integration instead",
+        ));
+    }
+    let changes = IntegrationChanges {
+        provider: body.provider.map(|p| fields::text("provider", p, 64)).transpose()?,
+        display_name: body
+            .display_name
+            .map(|name| fields::optional_text("display_name", name, 255))
+            .transpose()?,
+        webhook_secret: body
+            .webhook_secret
+            .map(|secret| fields::optional_text("webhook_secret", secret, 1024))
+            .transpose()?,
+        forward_webhooks: body.forward_webhooks,
+    };
+    let integration = state
+        .store
+        .update_integration(environment.id, &current, &changes)
+        .await?;
+    Ok(Json(Data {
+        data: IntegrationView::new(&state, &environment, integration),
+    }))
+}
+
+/// Delete an integration and its connections.
+#[utoipa::path(delete, operation_id = "delete_integration", path = "/integrations/{unique_key}", tag = "integrations",
+    params(("unique_key" = String, Path)),
+    responses((status = 200, body = Success), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn delete(
+    State(state): State<AppState>,
+    Extension(environment): Extension<Environment>,
+    Path(unique_key): Path<String>,
+) -> Result<Json<Success>, ApiError> {
+    let key = key(&unique_key)?;
+    if !state.store.delete_integration(environment.id, &key).await? {
+        return Err(ApiError::not_found(format!("integration {key} does not exist")));
+    }
+    Ok(Json(Success { success: true }))
+}

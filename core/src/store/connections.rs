@@ -1,0 +1,212 @@
+//! Connections: a customer's account at a provider, under an integration. Deleting one
+//! is soft: the row stays (with `deleted_at`) but no read, list or route sees it again.
+
+use chrono::Utc;
+use serde_json::{Map, Value};
+use sqlx::types::Json;
+
+use super::model::ConnectionRow;
+use super::{conflict_on_unique, Connection, ConnectionQuery, Environment, NewConnection, Pool, Store, StoreError};
+use crate::keys::IntegrationKey;
+use crate::secrets::Purpose;
+
+const SELECT: &str = "SELECT c.id, c.environment_id, i.unique_key AS integration, i.provider, c.connection_id,
+        c.connection_config, c.metadata, c.tags, c.credentials, c.created_at, c.updated_at
+    FROM connections c JOIN integrations i ON i.id = c.integration_id";
+
+/// How `set_connection_metadata` treats the stored metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetadataWrite {
+    /// The new object replaces the stored one.
+    Replace,
+    /// Top-level keys of the new object overwrite the stored ones; others stay.
+    Merge,
+}
+
+impl Store {
+    pub async fn create_connection(
+        &self,
+        environment: &Environment,
+        new: &NewConnection,
+    ) -> Result<Connection, StoreError> {
+        let integration = self.existing_integration(environment.id, &new.integration).await?;
+        let credentials = match &new.credentials {
+            Some(credentials) => {
+                let json = serde_json::to_string(credentials).map_err(|e| StoreError::Invalid(e.to_string()))?;
+                Some(self.cipher.seal(Purpose::Credentials, &json))
+            }
+            None => None,
+        };
+        let inserted = on_pool!(self, |pool| {
+            sqlx::query(
+            "INSERT INTO connections (environment_id, integration_id, connection_id, connection_config, metadata, tags,
+                                      credentials, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)"
+        )
+        .bind(environment.id)
+        .bind(integration.id)
+        .bind(&new.connection_id)
+        .bind(Json(&new.connection_config))
+        .bind(Json(&new.metadata))
+        .bind(Json(&new.tags))
+        .bind(&credentials)
+        .bind(Utc::now())
+        .execute(pool)
+        .await
+        .map(|_| ())
+        });
+        conflict_on_unique(inserted, || {
+            format!("connection {} of integration {}", new.connection_id, new.integration)
+        })?;
+        self.existing_connection(environment.id, &new.integration, &new.connection_id)
+            .await
+    }
+
+    /// The live connection `connection_id` of the integration, if any.
+    pub async fn connection(
+        &self,
+        environment_id: i64,
+        integration: &IntegrationKey,
+        connection_id: &str,
+    ) -> Result<Option<Connection>, StoreError> {
+        let query = format!(
+            "{SELECT} WHERE c.environment_id = $1 AND i.unique_key = $2 AND c.connection_id = $3
+                        AND c.deleted_at IS NULL"
+        );
+        let row: Option<ConnectionRow> = on_pool!(self, |pool| sqlx::query_as(&query)
+            .bind(environment_id)
+            .bind(integration.as_str())
+            .bind(connection_id)
+            .fetch_optional(pool)
+            .await)?;
+        row.map(|row| row.open(&self.cipher)).transpose()
+    }
+
+    /// The live connection, or `NotFound` naming it.
+    pub async fn existing_connection(
+        &self,
+        environment_id: i64,
+        integration: &IntegrationKey,
+        connection_id: &str,
+    ) -> Result<Connection, StoreError> {
+        self.connection(environment_id, integration, connection_id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("connection {connection_id} of integration {integration}")))
+    }
+
+    /// Live connections of the environment matching `query`, oldest first.
+    pub async fn connections(
+        &self,
+        environment_id: i64,
+        query: &ConnectionQuery,
+    ) -> Result<Vec<Connection>, StoreError> {
+        let sql = format!(
+            "{SELECT} WHERE c.environment_id = $1 AND c.deleted_at IS NULL
+                 AND ($2 IS NULL OR i.unique_key = $2)
+                 AND ($3 IS NULL OR c.connection_id = $3)
+                 AND ($4 IS NULL OR LOWER(c.connection_id) LIKE $4 ESCAPE '\\')
+             ORDER BY c.id LIMIT $5 OFFSET $6"
+        );
+        let pattern = query.search.as_deref().map(like_pattern);
+        let rows: Vec<ConnectionRow> = on_pool!(self, |pool| sqlx::query_as(&sql)
+            .bind(environment_id)
+            .bind(query.integration.as_ref().map(IntegrationKey::as_str))
+            .bind(&query.connection_id)
+            .bind(&pattern)
+            .bind(i64::from(query.limit))
+            .bind(i64::try_from(query.offset).unwrap_or(i64::MAX))
+            .fetch_all(pool)
+            .await)?;
+        rows.into_iter().map(|row| row.open(&self.cipher)).collect()
+    }
+
+    /// Soft-deletes the connection; false when there was no live one.
+    pub async fn delete_connection(
+        &self,
+        environment_id: i64,
+        integration: &IntegrationKey,
+        connection_id: &str,
+    ) -> Result<bool, StoreError> {
+        let done = on_pool!(self, |pool| sqlx::query(
+            "UPDATE connections SET deleted_at = $1, updated_at = $1
+             WHERE environment_id = $2 AND connection_id = $3 AND deleted_at IS NULL
+               AND integration_id = (SELECT id FROM integrations WHERE environment_id = $2 AND unique_key = $4)"
+        )
+        .bind(Utc::now())
+        .bind(environment_id)
+        .bind(connection_id)
+        .bind(integration.as_str())
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected()))?;
+        Ok(done > 0)
+    }
+
+    /// Writes `metadata` to every connection in `connection_ids`, all or none: when one
+    /// of them does not exist, nothing is written and `NotFound` names it.
+    pub async fn set_connection_metadata(
+        &self,
+        environment_id: i64,
+        integration: &IntegrationKey,
+        connection_ids: &[String],
+        metadata: &Map<String, Value>,
+        how: MetadataWrite,
+    ) -> Result<(), StoreError> {
+        let now = Utc::now();
+        in_transaction!(self, |tx| {
+            for connection_id in connection_ids {
+                // Writing first takes the row lock (the database's write lock on SQLite),
+                // so a concurrent merge cannot slip between this read and the write.
+                let stored: Option<(i64, Json<Value>)> = sqlx::query_as(
+                    "UPDATE connections SET updated_at = $1
+                     WHERE environment_id = $2 AND connection_id = $3 AND deleted_at IS NULL
+                       AND integration_id = (SELECT id FROM integrations WHERE environment_id = $2 AND unique_key = $4)
+                     RETURNING id, metadata",
+                )
+                .bind(now)
+                .bind(environment_id)
+                .bind(connection_id)
+                .bind(integration.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some((row_id, Json(current))) = stored else {
+                    return Err(StoreError::NotFound(format!(
+                        "connection {connection_id} of integration {integration}"
+                    )));
+                };
+                let mut next = match (how, current) {
+                    (MetadataWrite::Merge, Value::Object(current)) => current,
+                    _ => Map::new(),
+                };
+                next.extend(metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
+                sqlx::query("UPDATE connections SET metadata = $1 WHERE id = $2")
+                    .bind(Json(Value::Object(next)))
+                    .bind(row_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Ok::<(), StoreError>(())
+        })
+    }
+}
+
+/// A LIKE pattern matching `text` anywhere, lower-cased, with `%`, `_` and `\` escaped.
+fn like_pattern(text: &str) -> String {
+    let mut pattern = String::from("%");
+    for c in text.to_lowercase().chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn like_patterns_escape_wildcards() {
+        assert_eq!(super::like_pattern("A_b%"), "%a\\_b\\%%");
+    }
+}
