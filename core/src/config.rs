@@ -363,6 +363,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_shows_the_defaults() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../hookyard.example.toml");
+        let from_file: Config = Figment::from(Toml::file(path)).extract().expect("the example parses");
+        let as_json = |c: &Config| serde_json::to_value(c).unwrap();
+        assert_eq!(as_json(&from_file), as_json(&Config::default()));
+    }
+
+    #[test]
     fn the_encryption_key_is_checked_and_never_printed() {
         Jail::expect_with(|jail| {
             assert!(matches!(
