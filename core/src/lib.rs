@@ -5,6 +5,7 @@ pub mod config;
 pub mod embedded_nats;
 pub mod envelope;
 pub mod keys;
+pub mod providers;
 pub mod secrets;
 pub mod shutdown;
 pub mod store;
