@@ -17,6 +17,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use sha2::{Digest, Sha256};
 
 use crate::keys::{EnvironmentName, IntegrationKey};
+use crate::providers::Verification;
 
 pub const FORMAT_VERSION: &str = "1";
 
@@ -27,6 +28,8 @@ const H_RECEIVED_AT: &str = "Hookyard-Received-At";
 const H_METHOD: &str = "Hookyard-Method";
 const H_PATH: &str = "Hookyard-Path";
 const H_QUERY: &str = "Hookyard-Query";
+/// Only present when not `unsigned`.
+const H_VERIFICATION: &str = "Hookyard-Verification";
 const HTTP_PREFIX: &str = "Http-";
 
 /// Request headers that carry the provider's own id for one delivery; a retry of the
@@ -62,6 +65,8 @@ pub struct Envelope {
     /// Request headers, names lower-case; repeated headers keep their order.
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
+    /// What ingest concluded about the signature.
+    pub verification: Verification,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +142,9 @@ impl Envelope {
         if let Some(query) = &self.query {
             insert_checked(&mut map, H_QUERY, query);
         }
+        if self.verification != Verification::Unsigned {
+            map.insert(H_VERIFICATION, self.verification.as_str());
+        }
         for (name, value) in &self.headers {
             insert_checked(&mut map, &format!("{HTTP_PREFIX}{name}"), value);
         }
@@ -186,6 +194,12 @@ impl Envelope {
             query: get(H_QUERY).map(String::from),
             headers,
             body: payload,
+            verification: match get(H_VERIFICATION) {
+                None => Verification::Unsigned,
+                Some(text) => {
+                    Verification::parse(text).ok_or_else(|| EnvelopeError::Invalid(H_VERIFICATION, text.to_string()))?
+                }
+            },
         })
     }
 }
@@ -221,6 +235,7 @@ mod tests {
                 ("nats-msg-id".into(), "forged".into()),
             ],
             body: Bytes::from_static(b"{\"a\": 1}\n\x00\xff"),
+            verification: Verification::Verified,
         }
     }
 
@@ -238,6 +253,7 @@ mod tests {
         assert_eq!(back.path, envelope.path);
         assert_eq!(back.query, envelope.query);
         assert_eq!(back.body, envelope.body);
+        assert_eq!(back.verification, Verification::Verified);
         let mut got = back.headers.clone();
         let mut want = envelope.headers.clone();
         got.sort();
@@ -274,6 +290,17 @@ mod tests {
         };
         let back = Envelope::from_message(&envelope.subject(), Some(&envelope.to_headers()), Bytes::new()).unwrap();
         assert_eq!(back.method, "GET");
+        let unsigned = Envelope {
+            verification: Verification::Unsigned,
+            ..sample()
+        };
+        let headers = unsigned.to_headers();
+        assert!(
+            headers.get("Hookyard-Verification").is_none(),
+            "the common case costs no header"
+        );
+        let back = Envelope::from_message(&unsigned.subject(), Some(&headers), Bytes::new()).unwrap();
+        assert_eq!(back.verification, Verification::Unsigned);
     }
 
     #[test]

@@ -42,7 +42,9 @@ fn github_docs_vector() {
         "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17",
     )]);
     let request = Inbound::new("POST", None, &h, None, b"Hello, World!");
-    spec("github").verify(&request, "It's a Secret to Everybody", &[], Utc::now()).unwrap();
+    spec("github")
+        .verify(&request, "It's a Secret to Everybody", &[], Utc::now())
+        .unwrap();
     let wrong = spec("github").verify(&request, "It's a Secret to Nobody", &[], Utc::now());
     assert_eq!(wrong, Err(VerifyError::Mismatch));
 }
@@ -53,16 +55,27 @@ fn slack_docs_vector() {
     let h = headers(&[
         ("Content-Type", "application/x-www-form-urlencoded"),
         ("X-Slack-Request-Timestamp", "1531420618"),
-        ("X-Slack-Signature", "v0=a2114d57b48eac39b9ad189dd8316235a7b4a8d21a10bd27519666489c69b503"),
+        (
+            "X-Slack-Signature",
+            "v0=a2114d57b48eac39b9ad189dd8316235a7b4a8d21a10bd27519666489c69b503",
+        ),
     ]);
     let request = Inbound::new("POST", None, &h, None, &body);
     let secret = "8f742231b10e8888abcd99yyyzzz85a5";
-    spec("slack").verify(&request, secret, &[], at(1531420618 + 30)).unwrap();
+    spec("slack")
+        .verify(&request, secret, &[], at(1531420618 + 30))
+        .unwrap();
     let stale = spec("slack").verify(&request, secret, &[], at(1531420618 + 3600));
     assert!(matches!(stale, Err(VerifyError::Stale(_))), "{stale:?}");
     // A slash command routes by its form field team_id.
     let found = events(&provider("slack"), &request);
-    assert_eq!(found[0].route, Route::Values(RoutingTarget::ConnectionConfig("team_id".into()), vec!["T1DC2JH3J".into()]));
+    assert_eq!(
+        found[0].route,
+        Route::Values(
+            RoutingTarget::ConnectionConfig("team_id".into()),
+            vec!["T1DC2JH3J".into()]
+        )
+    );
     assert_eq!(found[0].event_type.as_deref(), Some("/webhook-collect"));
 }
 
@@ -72,27 +85,32 @@ fn standard_webhooks_library_vector() {
     let h = headers(&[
         ("webhook-id", "msg_p5jXN8AQM9LWM0D4loKWxJek"),
         ("webhook-timestamp", "1614265330"),
-        ("webhook-signature", "v1,bm9ldHZhbGlk v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="),
+        (
+            "webhook-signature",
+            "v1,bm9ldHZhbGlk v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=",
+        ),
     ]);
     let request = Inbound::new("POST", None, &h, None, &body);
     let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
     // Two signatures in the header (rotation): the second matches.
-    spec("standard-webhooks").verify(&request, secret, &[], at(1614265330)).unwrap();
+    spec("standard-webhooks")
+        .verify(&request, secret, &[], at(1614265330))
+        .unwrap();
 }
 
 #[test]
 fn hubspot_docs_v1_vector_and_v3_round_trip() {
     let body = sample("hubspot/batch.contact.creation.json");
-    let v1: SignatureSpec = toml::from_str(
-        "algorithm = \"sha256\"\nheader = \"X-HubSpot-Signature\"\nsigned = \"{secret}{body}\"\n",
-    )
-    .unwrap();
+    let v1: SignatureSpec =
+        toml::from_str("algorithm = \"sha256\"\nheader = \"X-HubSpot-Signature\"\nsigned = \"{secret}{body}\"\n")
+            .unwrap();
     let h = headers(&[(
         "X-HubSpot-Signature",
         "232db2615f3d666fe21a8ec971ac7b5402d33b9a925784df3ca654d05f4817de",
     )]);
     let request = Inbound::new("POST", None, &h, None, &body);
-    v1.verify(&request, "yyyyyyyy-yyyy-yyyy-yyyy-yyyyyyyyyyyy", &[], Utc::now()).unwrap();
+    v1.verify(&request, "yyyyyyyy-yyyy-yyyy-yyyy-yyyyyyyyyyyy", &[], Utc::now())
+        .unwrap();
 }
 
 #[test]
@@ -106,9 +124,15 @@ fn twilio_docs_vector() {
     let request = Inbound::new("POST", Some(url), &h, None, &body);
     spec("twilio").verify(&request, "12345", &[], Utc::now()).unwrap();
     let elsewhere = Inbound::new("POST", Some("https://mycompany.com/other"), &h, None, &body);
-    assert_eq!(spec("twilio").verify(&elsewhere, "12345", &[], Utc::now()), Err(VerifyError::Mismatch));
+    assert_eq!(
+        spec("twilio").verify(&elsewhere, "12345", &[], Utc::now()),
+        Err(VerifyError::Mismatch)
+    );
     let no_url = Inbound::new("POST", None, &h, None, &body);
-    assert_eq!(spec("twilio").verify(&no_url, "12345", &[], Utc::now()), Err(VerifyError::NoUrl));
+    assert_eq!(
+        spec("twilio").verify(&no_url, "12345", &[], Utc::now()),
+        Err(VerifyError::NoUrl)
+    );
 }
 
 #[test]
@@ -117,7 +141,9 @@ fn zoom_handshake_docs_example() {
     let h = headers(&[("Content-Type", "application/json")]);
     let request = Inbound::new("POST", None, &h, None, &body);
     let zoom = provider("zoom");
-    let reply = answer(&zoom.handshakes, &request, Some("zoom-secret"), &json!({})).unwrap().unwrap();
+    let reply = answer(&zoom.handshakes, &request, Some("zoom-secret"), &json!({}))
+        .unwrap()
+        .unwrap();
     assert_eq!(reply.status, 200);
     assert_eq!(
         String::from_utf8(reply.body).unwrap(),
@@ -136,24 +162,96 @@ struct Case {
 }
 
 const CASES: &[Case] = &[
-    Case { provider: "github", sample: "github/installation.created.json", content_type: "application/json" },
-    Case { provider: "slack", sample: "slack/event_callback.app_mention.json", content_type: "application/json" },
-    Case { provider: "stripe", sample: "stripe/event.connect.ILLUSTRATIVE.json", content_type: "application/json" },
-    Case { provider: "hubspot", sample: "hubspot/batch.contact.creation.json", content_type: "application/json" },
-    Case { provider: "shopify", sample: "shopify/products.update.json", content_type: "application/json" },
-    Case { provider: "linear", sample: "linear/comment.create.json", content_type: "application/json" },
-    Case { provider: "zoom", sample: "zoom/meeting.started.json", content_type: "application/json" },
-    Case { provider: "intercom", sample: "intercom/company.created.json", content_type: "application/json" },
-    Case { provider: "jira", sample: "jira/issue_created.ILLUSTRATIVE.json", content_type: "application/json" },
-    Case { provider: "zendesk", sample: "zendesk/user.group_membership_created.zendesk-go-fixture.json", content_type: "application/json" },
-    Case { provider: "calendly", sample: "calendly/invitee.created.json", content_type: "application/json" },
-    Case { provider: "attio", sample: "attio/record.updated.json", content_type: "application/json" },
-    Case { provider: "airtable", sample: "airtable/notification.ping.json", content_type: "application/json" },
-    Case { provider: "twilio", sample: "twilio/voice.gather.form-urlencoded.txt", content_type: "application/x-www-form-urlencoded" },
-    Case { provider: "asana", sample: "github/ping.with-app_id.json", content_type: "application/json" },
-    Case { provider: "meta", sample: "github/ping.with-app_id.json", content_type: "application/json" },
-    Case { provider: "standard-webhooks", sample: "standard-webhooks/test.payload.txt", content_type: "application/json" },
-    Case { provider: "generic-hmac", sample: "github/ping.with-app_id.json", content_type: "application/json" },
+    Case {
+        provider: "github",
+        sample: "github/installation.created.json",
+        content_type: "application/json",
+    },
+    Case {
+        provider: "slack",
+        sample: "slack/event_callback.app_mention.json",
+        content_type: "application/json",
+    },
+    Case {
+        provider: "stripe",
+        sample: "stripe/event.connect.ILLUSTRATIVE.json",
+        content_type: "application/json",
+    },
+    Case {
+        provider: "hubspot",
+        sample: "hubspot/batch.contact.creation.json",
+        content_type: "application/json",
+    },
+    Case {
+        provider: "shopify",
+        sample: "shopify/products.update.json",
+        content_type: "application/json",
+    },
+    Case {
+        provider: "linear",
+        sample: "linear/comment.create.json",
+        content_type: "application/json",
+    },
+    Case {
+        provider: "zoom",
+        sample: "zoom/meeting.started.json",
+        content_type: "application/json",
+    },
+    Case {
+        provider: "intercom",
+        sample: "intercom/company.created.json",
+        content_type: "application/json",
+    },
+    Case {
+        provider: "jira",
+        sample: "jira/issue_created.ILLUSTRATIVE.json",
+        content_type: "application/json",
+    },
+    Case {
+        provider: "zendesk",
+        sample: "zendesk/user.group_membership_created.zendesk-go-fixture.json",
+        content_type: "application/json",
+    },
+    Case {
+        provider: "calendly",
+        sample: "calendly/invitee.created.json",
+        content_type: "application/json",
+    },
+    Case {
+        provider: "attio",
+        sample: "attio/record.updated.json",
+        content_type: "application/json",
+    },
+    Case {
+        provider: "airtable",
+        sample: "airtable/notification.ping.json",
+        content_type: "application/json",
+    },
+    Case {
+        provider: "twilio",
+        sample: "twilio/voice.gather.form-urlencoded.txt",
+        content_type: "application/x-www-form-urlencoded",
+    },
+    Case {
+        provider: "asana",
+        sample: "github/ping.with-app_id.json",
+        content_type: "application/json",
+    },
+    Case {
+        provider: "meta",
+        sample: "github/ping.with-app_id.json",
+        content_type: "application/json",
+    },
+    Case {
+        provider: "standard-webhooks",
+        sample: "standard-webhooks/test.payload.txt",
+        content_type: "application/json",
+    },
+    Case {
+        provider: "generic-hmac",
+        sample: "github/ping.with-app_id.json",
+        content_type: "application/json",
+    },
 ];
 
 const NOW: i64 = 1_700_000_000;
@@ -177,7 +275,9 @@ fn signed_request(case: &Case, secret: &str, body: &[u8]) -> (Vec<(String, Strin
     let timestamp = match &spec.timestamp {
         Some(ts) if ts.from.starts_with("body:") => {
             let json: Value = serde_json::from_slice(body).unwrap();
-            let ms = json[ts.from.trim_start_matches("body:")].as_i64().expect("a body timestamp");
+            let ms = json[ts.from.trim_start_matches("body:")]
+                .as_i64()
+                .expect("a body timestamp");
             now = ms / 1000;
             Some(ms.to_string())
         }
@@ -206,10 +306,15 @@ fn every_signing_provider_round_trips_and_rejects_tampering() {
     for case in CASES {
         let body = sample(case.sample);
         let spec = spec(case.provider);
-        let key = if case.provider == "standard-webhooks" { format!("whsec_{secret}") } else { secret.to_string() };
+        let key = if case.provider == "standard-webhooks" {
+            format!("whsec_{secret}")
+        } else {
+            secret.to_string()
+        };
         let (h, now) = signed_request(case, &key, &body);
         let good = Inbound::new("POST", Some(URL), &h, None, &body);
-        spec.verify(&good, &key, &[], at(now)).unwrap_or_else(|e| panic!("{}: {e}", case.provider));
+        spec.verify(&good, &key, &[], at(now))
+            .unwrap_or_else(|e| panic!("{}: {e}", case.provider));
 
         let mut tampered_body = body.clone();
         tampered_body.extend_from_slice(b" ");
@@ -217,17 +322,38 @@ fn every_signing_provider_round_trips_and_rejects_tampering() {
         let err = spec.verify(&tampered, &key, &[], at(now));
         assert_eq!(err, Err(VerifyError::Mismatch), "{}: tampered body", case.provider);
 
-        let wrong_key = if case.provider == "standard-webhooks" { "whsec_b3RoZXI=" } else { "b3RoZXI=" };
-        assert_eq!(spec.verify(&good, wrong_key, &[], at(now)), Err(VerifyError::Mismatch), "{}: wrong secret", case.provider);
+        let wrong_key = if case.provider == "standard-webhooks" {
+            "whsec_b3RoZXI="
+        } else {
+            "b3RoZXI="
+        };
+        assert_eq!(
+            spec.verify(&good, wrong_key, &[], at(now)),
+            Err(VerifyError::Mismatch),
+            "{}: wrong secret",
+            case.provider
+        );
 
         if let Some(ts) = &spec.timestamp {
             let later = now + ts.tolerance.as_secs() as i64 + 60;
             let stale = spec.verify(&good, &key, &[], at(later));
-            assert!(matches!(stale, Err(VerifyError::Stale(_))), "{}: {stale:?}", case.provider);
+            assert!(
+                matches!(stale, Err(VerifyError::Stale(_))),
+                "{}: {stale:?}",
+                case.provider
+            );
         }
-        let unsigned: Vec<_> = h.iter().filter(|(k, _)| !k.eq_ignore_ascii_case(&spec.header)).cloned().collect();
+        let unsigned: Vec<_> = h
+            .iter()
+            .filter(|(k, _)| !k.eq_ignore_ascii_case(&spec.header))
+            .cloned()
+            .collect();
         let missing = Inbound::new("POST", Some(URL), &unsigned, None, &body);
-        assert!(matches!(spec.verify(&missing, &key, &[], at(now)), Err(VerifyError::Missing(_))), "{}", case.provider);
+        assert!(
+            matches!(spec.verify(&missing, &key, &[], at(now)), Err(VerifyError::Missing(_))),
+            "{}",
+            case.provider
+        );
     }
 }
 
@@ -236,7 +362,10 @@ fn gitlab_compares_its_token_and_graph_its_client_state() {
     let h = headers(&[("X-Gitlab-Token", "t0ken")]);
     let request = Inbound::new("POST", None, &h, Some("connection_id=acme"), b"{}");
     spec("gitlab").verify(&request, "t0ken", &[], Utc::now()).unwrap();
-    assert_eq!(spec("gitlab").verify(&request, "t0ken2", &[], Utc::now()), Err(VerifyError::Mismatch));
+    assert_eq!(
+        spec("gitlab").verify(&request, "t0ken2", &[], Utc::now()),
+        Err(VerifyError::Mismatch)
+    );
 
     let body = sample("msgraph/change_notification.json");
     let json: Value = serde_json::from_slice(&body).unwrap();
@@ -244,8 +373,13 @@ fn gitlab_compares_its_token_and_graph_its_client_state() {
     let none: Vec<(String, String)> = vec![];
     let request = Inbound::new("POST", None, &none, None, &body);
     let elements: Vec<&Value> = json["value"].as_array().unwrap().iter().collect();
-    spec("microsoft-graph").verify(&request, &state, &elements, Utc::now()).unwrap();
-    assert_eq!(spec("microsoft-graph").verify(&request, "other", &elements, Utc::now()), Err(VerifyError::Mismatch));
+    spec("microsoft-graph")
+        .verify(&request, &state, &elements, Utc::now())
+        .unwrap();
+    assert_eq!(
+        spec("microsoft-graph").verify(&request, "other", &elements, Utc::now()),
+        Err(VerifyError::Mismatch)
+    );
 }
 
 // ---- handshakes ----
@@ -255,31 +389,53 @@ fn handshakes_are_answered_byte_exactly() {
     let json_headers = headers(&[("Content-Type", "application/json")]);
     let slack_body = sample("slack/url_verification.json");
     let request = Inbound::new("POST", None, &json_headers, None, &slack_body);
-    let reply = answer(&provider("slack").handshakes, &request, None, &json!({})).unwrap().unwrap();
+    let reply = answer(&provider("slack").handshakes, &request, None, &json!({}))
+        .unwrap()
+        .unwrap();
     assert_eq!(reply.body, b"3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P");
     assert_eq!(reply.content_type.as_deref(), Some("text/plain"));
 
     let none: Vec<(String, String)> = vec![];
-    let graph = Inbound::new("POST", None, &none, Some("validationToken=Validation%3A%20Testing%20client%20application"), b"");
-    let reply = answer(&provider("microsoft-graph").handshakes, &graph, None, &json!({})).unwrap().unwrap();
+    let graph = Inbound::new(
+        "POST",
+        None,
+        &none,
+        Some("validationToken=Validation%3A%20Testing%20client%20application"),
+        b"",
+    );
+    let reply = answer(&provider("microsoft-graph").handshakes, &graph, None, &json!({}))
+        .unwrap()
+        .unwrap();
     assert_eq!(reply.body, b"Validation: Testing client application");
 
     let head = Inbound::new("HEAD", None, &none, None, b"");
-    let reply = answer(&provider("intercom").handshakes, &head, None, &json!({})).unwrap().unwrap();
+    let reply = answer(&provider("intercom").handshakes, &head, None, &json!({}))
+        .unwrap()
+        .unwrap();
     assert_eq!((reply.status, reply.body.len()), (200, 0));
 
-    let asana_headers = headers(&[("X-Hook-Secret", "b537207f20cbfa02357cf448134da559e8bd39d61597dcd5631b8012eae53e81")]);
+    let asana_headers = headers(&[(
+        "X-Hook-Secret",
+        "b537207f20cbfa02357cf448134da559e8bd39d61597dcd5631b8012eae53e81",
+    )]);
     let asana = Inbound::new("POST", None, &asana_headers, None, b"");
-    let reply = answer(&provider("asana").handshakes, &asana, None, &json!({})).unwrap().unwrap();
+    let reply = answer(&provider("asana").handshakes, &asana, None, &json!({}))
+        .unwrap()
+        .unwrap();
     assert_eq!(
         reply.headers,
-        vec![("X-Hook-Secret".to_string(), "b537207f20cbfa02357cf448134da559e8bd39d61597dcd5631b8012eae53e81".to_string())]
+        vec![(
+            "X-Hook-Secret".to_string(),
+            "b537207f20cbfa02357cf448134da559e8bd39d61597dcd5631b8012eae53e81".to_string()
+        )]
     );
 
     let meta = provider("meta");
     let query = "hub.mode=subscribe&hub.challenge=1158201444&hub.verify_token=meatyhamhock";
     let get = Inbound::new("GET", None, &none, Some(query), b"");
-    let reply = answer(&meta.handshakes, &get, None, &json!({"verify_token": "meatyhamhock"})).unwrap().unwrap();
+    let reply = answer(&meta.handshakes, &get, None, &json!({"verify_token": "meatyhamhock"}))
+        .unwrap()
+        .unwrap();
     assert_eq!(reply.body, b"1158201444");
     let refused = answer(&meta.handshakes, &get, None, &json!({"verify_token": "other"})).unwrap();
     assert!(matches!(refused, Err(HandshakeRefused::WrongToken(_))));
@@ -292,7 +448,12 @@ fn handshakes_are_answered_byte_exactly() {
 
 // ---- events and routing ----
 
-fn routes(provider_name: &str, h: &[(String, String)], query: Option<&str>, body: &[u8]) -> Vec<(Option<String>, Route)> {
+fn routes(
+    provider_name: &str,
+    h: &[(String, String)],
+    query: Option<&str>,
+    body: &[u8],
+) -> Vec<(Option<String>, Route)> {
     let request = Inbound::new("POST", None, h, query, body);
     events(&provider(provider_name), &request)
         .into_iter()
@@ -312,11 +473,24 @@ fn events_split_type_and_route_per_provider() {
     let json_headers = headers(&[("Content-Type", "application/json")]);
     let github_headers = headers(&[("X-GitHub-Event", "installation")]);
     assert_eq!(
-        routes("github", &github_headers, None, &sample("github/installation.created.json")),
-        vec![(Some("installation.created".into()), by_value("installation_id", &["957387"]))]
+        routes(
+            "github",
+            &github_headers,
+            None,
+            &sample("github/installation.created.json")
+        ),
+        vec![(
+            Some("installation.created".into()),
+            by_value("installation_id", &["957387"])
+        )]
     );
     assert_eq!(
-        routes("github", &headers(&[("X-GitHub-Event", "ping")]), None, &sample("github/ping.with-app_id.json")),
+        routes(
+            "github",
+            &headers(&[("X-GitHub-Event", "ping")]),
+            None,
+            &sample("github/ping.with-app_id.json")
+        ),
         vec![(Some("ping".into()), Route::Missing)],
         "a repository webhook names no installation"
     );
@@ -346,34 +520,67 @@ fn events_split_type_and_route_per_provider() {
 
     // GitLab and Asana: the connection id is in the webhook URL's query.
     assert_eq!(
-        routes("gitlab", &json_headers, Some("connection_id=acme"), br#"{"object_kind":"push"}"#),
+        routes(
+            "gitlab",
+            &json_headers,
+            Some("connection_id=acme"),
+            br#"{"object_kind":"push"}"#
+        ),
         vec![(Some("push".into()), Route::ConnectionIds(vec!["acme".into()]))]
     );
 
     // Jira: the site is the origin of the issue's self URL.
-    let jira = routes("jira", &json_headers, None, &sample("jira/issue_created.ILLUSTRATIVE.json"));
+    let jira = routes(
+        "jira",
+        &json_headers,
+        None,
+        &sample("jira/issue_created.ILLUSTRATIVE.json"),
+    );
     match &jira[0].1 {
         Route::Values(RoutingTarget::ConnectionConfig(key), values) => {
             assert_eq!(key, "site");
-            assert!(values[0].starts_with("https://") && values[0].matches('/').count() == 2, "{values:?}");
+            assert!(
+                values[0].starts_with("https://") && values[0].matches('/').count() == 2,
+                "{values:?}"
+            );
         }
         other => panic!("{other:?}"),
     }
 
     // Graph: value[] elements, each with its tenant; lifecycle events typed as such.
-    let graph = routes("microsoft-graph", &json_headers, None, &sample("msgraph/change_notification.json"));
+    let graph = routes(
+        "microsoft-graph",
+        &json_headers,
+        None,
+        &sample("msgraph/change_notification.json"),
+    );
     assert!(!graph.is_empty() && graph.iter().all(|(_, r)| matches!(r, Route::Values(..))));
-    let lifecycle = routes("microsoft-graph", &json_headers, None, &sample("msgraph/lifecycle_notification.json"));
+    let lifecycle = routes(
+        "microsoft-graph",
+        &json_headers,
+        None,
+        &sample("msgraph/lifecycle_notification.json"),
+    );
     assert!(lifecycle[0].0.as_deref().is_some_and(|t| !t.is_empty()));
 
     // Attio: events[] with the workspace inside each; Airtable: by webhook id in metadata.
     let attio = routes("attio", &json_headers, None, &sample("attio/record.updated.json"));
-    assert!(attio.iter().all(|(t, r)| t.as_deref() == Some("record.updated") && matches!(r, Route::Values(..))));
+    assert!(attio
+        .iter()
+        .all(|(t, r)| t.as_deref() == Some("record.updated") && matches!(r, Route::Values(..))));
     assert_eq!(
-        routes("airtable", &json_headers, None, &sample("airtable/notification.ping.json")),
+        routes(
+            "airtable",
+            &json_headers,
+            None,
+            &sample("airtable/notification.ping.json")
+        ),
         vec![(
             Some("ping".into()),
-            Route::Values(RoutingTarget::Metadata("webhook_id".into()), vec!["ach00000000000000".into()])
+            Route::Values(
+                RoutingTarget::Metadata("webhook_id".into()),
+                vec!["ach00000000000000".into()]
+            )
         )]
     );
     assert_eq!(routes("generic", &json_headers, None, b"not json")[0].1, Route::All);
@@ -389,7 +596,12 @@ fn hubspot_orders_one_objects_events_creation_first_then_by_time() {
     let request = Inbound::new("POST", None, &h, None, body);
     let order: Vec<(i64, i64)> = events(&provider("hubspot"), &request)
         .iter()
-        .map(|e| (e.payload["objectId"].as_i64().unwrap(), e.payload["occurredAt"].as_i64().unwrap()))
+        .map(|e| {
+            (
+                e.payload["objectId"].as_i64().unwrap(),
+                e.payload["occurredAt"].as_i64().unwrap(),
+            )
+        })
         .collect();
     // Object 7 keeps its places (0, 2, 3) with creation first; object 8 stays at 1.
     assert_eq!(order, vec![(7, 40), (8, 10), (7, 20), (7, 30)]);

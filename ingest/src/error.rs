@@ -11,6 +11,12 @@ pub enum IngestError {
     UnknownEnvironment(String),
     #[error("environment {environment} has no integration {integration:?}")]
     UnknownIntegration { environment: String, integration: String },
+    #[error("the signature check failed: {0}")]
+    BadSignature(hookyard_core::providers::VerifyError),
+    #[error("the handshake was refused: {0}")]
+    HandshakeRefused(hookyard_core::providers::handshake::HandshakeRefused),
+    #[error("integration {integration} cannot take webhooks: {reason}")]
+    Misconfigured { integration: String, reason: String },
     #[error("the body is larger than the limit of {limit} bytes")]
     TooLarge { limit: usize },
     #[error("the request body could not be read: {0}")]
@@ -27,6 +33,9 @@ impl IngestError {
     fn status(&self) -> StatusCode {
         match self {
             Self::UnknownEnvironment(_) | Self::UnknownIntegration { .. } => StatusCode::NOT_FOUND,
+            Self::BadSignature(_) => StatusCode::UNAUTHORIZED,
+            Self::HandshakeRefused(_) => StatusCode::FORBIDDEN,
+            Self::Misconfigured { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadBody(_) => StatusCode::BAD_REQUEST,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -38,6 +47,9 @@ impl IngestError {
         match self {
             Self::UnknownEnvironment(_) => "unknown_environment",
             Self::UnknownIntegration { .. } => "unknown_integration",
+            Self::BadSignature(_) => "bad_signature",
+            Self::HandshakeRefused(_) => "handshake_refused",
+            Self::Misconfigured { .. } => "integration_misconfigured",
             Self::TooLarge { .. } => "payload_too_large",
             Self::BadBody(_) => "bad_body",
             Self::BodyTimeout(_) => "body_timeout",

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use axum::routing::{get, on, MethodFilter};
 use axum::serve::ListenerExt;
 use axum::Router;
+use hookyard_core::providers::Catalog;
 use hookyard_core::streams::Bus;
 use hookyard_core::{Config, Store};
 use tokio::net::TcpListener;
@@ -36,6 +37,8 @@ pub enum StartError {
     Streams(#[from] hookyard_core::streams::StreamsError),
     #[error(transparent)]
     Store(#[from] hookyard_core::store::StoreError),
+    #[error(transparent)]
+    Catalog(#[from] hookyard_core::providers::CatalogError),
     #[error(
         "the NATS server accepts messages up to {max_payload} bytes, but ingest.max_body_bytes is {max_body}; \
          set `max_payload: {suggest}MB` in the nats-server configuration or lower HOOKYARD_INGEST__MAX_BODY_BYTES"
@@ -55,6 +58,8 @@ pub enum StartError {
 /// Everything a request needs, shared by all of them.
 pub struct Ingest {
     pub settings: SettingsCache,
+    /// Where providers reach ingest (`ingest.public_url`), for schemes that sign the URL.
+    pub public_base_url: String,
     pub admission: Admission,
     pub publisher: Publisher,
     pub bus: Bus,
@@ -82,9 +87,11 @@ impl Ingest {
             });
         }
         bus.ensure_streams(&config.streams).await?;
-        let settings = SettingsCache::load(store, config.ingest.settings_refresh, shutdown).await?;
+        let catalog = Arc::new(Catalog::embedded()?);
+        let settings = SettingsCache::load(store, catalog, config.ingest.settings_refresh, shutdown).await?;
         Ok(Arc::new(Ingest {
             settings,
+            public_base_url: config.webhook_base_url(),
             admission: Admission::new(config.ingest.max_in_flight, config.ingest.max_in_flight_bytes),
             publisher: Publisher::new(&bus, config.ingest.publish_timeout),
             bus,

@@ -3,10 +3,13 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, Request, State};
-use axum::http::{header, Method, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::Utc;
+use hookyard_core::keys::IntegrationKey;
+use hookyard_core::providers::handshake::{self, HandshakeAnswer, HandshakeRefused};
+use hookyard_core::providers::Inbound;
 use hookyard_core::Envelope;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::{Deserialize, Serialize};
@@ -49,28 +52,46 @@ pub async fn receive_webhook(
         .ok()
         .and_then(|id| snapshot.environment(&id))
         .ok_or_else(|| IngestError::UnknownEnvironment(path.environment.clone()))?;
-    let integration =
-        environment
-            .integrations
-            .get(&path.integration)
-            .ok_or_else(|| IngestError::UnknownIntegration {
-                environment: environment.name.to_string(),
-                integration: path.integration.clone(),
-            })?;
+    let entry = environment
+        .integrations
+        .get(&path.integration)
+        .ok_or_else(|| IngestError::UnknownIntegration {
+            environment: environment.name.to_string(),
+            integration: path.integration.clone(),
+        })?;
+    let integration = &entry.integration;
+    let rules = entry.rules.as_ref().map_err(|reason| IngestError::Misconfigured {
+        integration: integration.unique_key.to_string(),
+        reason: reason.clone(),
+    })?;
+    let secret = integration.webhook_secret.as_deref();
+    let headers = header_list(&headers);
+    let query = uri.query().map(String::from);
+    // Some providers sign the URL they called: the public address plus the path and
+    // query exactly as received.
+    let url = format!(
+        "{}{}",
+        ingest.public_base_url,
+        uri.path_and_query().map_or(uri.path(), |pq| pq.as_str())
+    );
 
-    // GET and HEAD carry provider handshakes, which the provider catalog answers; until
-    // an integration's provider defines one, they only confirm the URL exists.
+    // GET and HEAD carry only handshakes (Meta's subscription check, Intercom's HEAD);
+    // any other one just confirms the URL exists.
     if method != Method::POST {
-        return Ok(StatusCode::OK.into_response());
+        let inbound = Inbound::new(method.as_str(), Some(&url), &headers, query.as_deref(), b"");
+        return match handshake::answer(&rules.handshakes, &inbound, secret, &integration.settings) {
+            Some(answer) => handshake_response(answer, &integration.unique_key),
+            None => Ok(StatusCode::OK.into_response()),
+        };
     }
 
     let too_large = IngestError::TooLarge {
         limit: ingest.max_body_bytes,
     };
     let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+        .iter()
+        .find(|(name, _)| name == "content-length")
+        .and_then(|(_, v)| v.parse::<u64>().ok());
     if declared.is_some_and(|length| length > ingest.max_body_bytes as u64) {
         return Err(too_large);
     }
@@ -92,17 +113,17 @@ pub async fn receive_webhook(
         return Err(saturated());
     }
 
-    let headers: Vec<(String, String)> = headers
-        .iter()
-        .map(|(name, value)| {
-            let value = match value.to_str() {
-                Ok(text) => text.to_string(),
-                Err(_) => String::from_utf8_lossy(value.as_bytes()).into_owned(),
-            };
-            (name.as_str().to_string(), value)
-        })
-        .collect();
-    let query = uri.query().map(String::from);
+    // Handshakes are answered here, synchronously and without publishing: they are
+    // the provider checking the URL, not events. Then the signature, failing closed.
+    let inbound = Inbound::new("POST", Some(&url), &headers, query.as_deref(), &body);
+    if let Some(answer) = handshake::answer(&rules.handshakes, &inbound, secret, &integration.settings) {
+        return handshake_response(answer, &integration.unique_key);
+    }
+    let verification = rules.verify(&inbound, secret, Utc::now()).map_err(|error| {
+        tracing::warn!(integration = %integration.unique_key, %error, "webhook refused: bad signature");
+        IngestError::BadSignature(error)
+    })?;
+
     let path_rest = trailing_path(uri.path());
     let delivery_id = Envelope::derive_delivery_id(
         &integration.unique_key,
@@ -121,6 +142,7 @@ pub async fn receive_webhook(
         query,
         headers,
         body,
+        verification,
     };
 
     let ack = ingest.publisher.publish_envelope(&envelope).await.map_err(|failure| {
@@ -149,6 +171,41 @@ pub async fn receive_webhook(
         duplicate: ack.duplicate,
     };
     Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
+}
+
+/// The request headers as (lower-case name, value) pairs, repeats kept.
+fn header_list(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(name, value)| {
+            let value = match value.to_str() {
+                Ok(text) => text.to_string(),
+                Err(_) => String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            };
+            (name.as_str().to_string(), value)
+        })
+        .collect()
+}
+
+fn handshake_response(
+    answer: Result<HandshakeAnswer, HandshakeRefused>,
+    integration: &IntegrationKey,
+) -> Result<Response, IngestError> {
+    let answer = answer.map_err(|refused| {
+        tracing::warn!(%integration, %refused, "handshake refused");
+        IngestError::HandshakeRefused(refused)
+    })?;
+    tracing::info!(%integration, status = answer.status, "handshake answered");
+    let mut response = Response::builder().status(answer.status);
+    if let Some(content_type) = &answer.content_type {
+        response = response.header(header::CONTENT_TYPE, content_type);
+    }
+    for (name, value) in &answer.headers {
+        response = response.header(name, value);
+    }
+    response
+        .body(axum::body::Body::from(answer.body))
+        .map_err(|e| IngestError::BadBody(format!("the handshake answer cannot be sent: {e}")))
 }
 
 /// The 202 body: which delivery this was, and whether it had been stored before.

@@ -7,6 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use hookyard_core::keys::EnvironmentName;
+use hookyard_core::providers::{Catalog, Provider};
 use hookyard_core::store::{Integration, StoreError};
 use hookyard_core::Store;
 use tokio_util::sync::CancellationToken;
@@ -15,7 +16,14 @@ use uuid::Uuid;
 /// One environment as ingest sees it: its name and its integrations by key.
 pub struct EnvironmentEntry {
     pub name: EnvironmentName,
-    pub integrations: HashMap<String, Arc<Integration>>,
+    pub integrations: HashMap<String, IntegrationEntry>,
+}
+
+/// An integration with the provider rules that apply to it (its settings' overrides
+/// included), or why they could not be put together.
+pub struct IntegrationEntry {
+    pub integration: Arc<Integration>,
+    pub rules: Result<Arc<Provider>, String>,
 }
 
 #[derive(Default)]
@@ -39,11 +47,12 @@ impl SettingsCache {
     /// every `refresh` until `shutdown`.
     pub async fn load(
         store: Store,
+        catalog: Arc<Catalog>,
         refresh: Duration,
         shutdown: CancellationToken,
     ) -> Result<SettingsCache, StoreError> {
         let cache = SettingsCache {
-            current: Arc::new(RwLock::new(Arc::new(read_snapshot(&store).await?))),
+            current: Arc::new(RwLock::new(Arc::new(read_snapshot(&store, &catalog).await?))),
         };
         let refreshed = cache.clone();
         tokio::spawn(async move {
@@ -54,7 +63,7 @@ impl SettingsCache {
                     _ = shutdown.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                match read_snapshot(&store).await {
+                match read_snapshot(&store, &catalog).await {
                     Ok(snapshot) => refreshed.replace(snapshot),
                     Err(error) => {
                         tracing::warn!(%error, "reloading integration settings failed; keeping the last copy")
@@ -74,7 +83,7 @@ impl SettingsCache {
     }
 }
 
-async fn read_snapshot(store: &Store) -> Result<Snapshot, StoreError> {
+async fn read_snapshot(store: &Store, catalog: &Catalog) -> Result<Snapshot, StoreError> {
     let environments = store.environments().await?;
     let mut by_id: HashMap<i64, EnvironmentEntry> = HashMap::new();
     let mut webhook_ids = HashMap::new();
@@ -90,9 +99,20 @@ async fn read_snapshot(store: &Store) -> Result<Snapshot, StoreError> {
     }
     for integration in store.integrations(None).await? {
         if let Some(entry) = by_id.get_mut(&integration.environment_id) {
-            entry
-                .integrations
-                .insert(integration.unique_key.as_str().to_string(), Arc::new(integration));
+            let rules = catalog
+                .resolve(&integration.provider, &integration.settings)
+                .map_err(|e| e.to_string());
+            if let Err(error) = &rules {
+                tracing::warn!(integration = %integration.unique_key, %error, "integration settings are invalid; its webhooks are refused");
+            }
+            let key = integration.unique_key.as_str().to_string();
+            entry.integrations.insert(
+                key,
+                IntegrationEntry {
+                    integration: Arc::new(integration),
+                    rules,
+                },
+            );
         }
     }
     Ok(Snapshot {

@@ -69,7 +69,9 @@ impl RoutingSpec {
         match text.split_once('.') {
             Some(("connection_config", key)) if !key.is_empty() => Ok(RoutingTarget::ConnectionConfig(key.into())),
             Some(("metadata", key)) if !key.is_empty() => Ok(RoutingTarget::Metadata(key.into())),
-            _ => Err(format!("routing.match {text:?} is not connection_config.KEY or metadata.KEY")),
+            _ => Err(format!(
+                "routing.match {text:?} is not connection_config.KEY or metadata.KEY"
+            )),
         }
     }
 }
@@ -109,15 +111,23 @@ pub struct OrderSpec {
     pub by: String,
 }
 
+/// The elements of a batched body (the body itself when the provider does not batch).
+pub fn batch_elements<'r>(provider: &Provider, request: &'r Inbound<'_>) -> Vec<&'r Value> {
+    match (&provider.batch, request.json()) {
+        (Some(path), Some(body)) => match at_path(body, path) {
+            Some(Value::Array(items)) if !items.is_empty() => items.iter().collect(),
+            _ => vec![body],
+        },
+        (None, Some(body)) => vec![body],
+        (_, None) => Vec::new(),
+    }
+}
+
 /// The events of `request` under `provider`'s rules.
 pub fn events(provider: &Provider, request: &Inbound<'_>) -> Vec<Event> {
-    let payloads: Vec<Value> = match (&provider.batch, request.json()) {
-        (Some(path), Some(body)) => match at_path(body, path) {
-            Some(Value::Array(items)) if !items.is_empty() => items.clone(),
-            _ => vec![body.clone()],
-        },
-        (None, Some(body)) => vec![body.clone()],
-        (_, None) => vec![Value::String(String::from_utf8_lossy(request.body).into_owned())],
+    let payloads: Vec<Value> = match request.json() {
+        Some(_) => batch_elements(provider, request).into_iter().cloned().collect(),
+        None => vec![Value::String(String::from_utf8_lossy(request.body).into_owned())],
     };
     let payloads = match &provider.order {
         Some(order) => reorder(payloads, order),
@@ -127,7 +137,10 @@ pub fn events(provider: &Provider, request: &Inbound<'_>) -> Vec<Event> {
         .into_iter()
         .enumerate()
         .map(|(index, payload)| {
-            let event_type = provider.event_type.as_ref().and_then(|t| t.render(request, Some(&payload)));
+            let event_type = provider
+                .event_type
+                .as_ref()
+                .and_then(|t| t.render(request, Some(&payload)));
             let route = route(&provider.routing, request, &payload);
             Event {
                 index: index as u32,
@@ -180,10 +193,11 @@ fn reorder(payloads: Vec<Value>, order: &OrderSpec) -> Vec<Value> {
     for positions in places.values() {
         let mut members: Vec<Value> = positions.iter().filter_map(|&i| slots[i].take()).collect();
         members.sort_by_key(|v| {
-            let later = order
-                .first
-                .as_ref()
-                .is_some_and(|(path, suffix)| !at_path(v, path).and_then(Value::as_str).is_some_and(|s| s.ends_with(suffix.as_str())));
+            let later = order.first.as_ref().is_some_and(|(path, suffix)| {
+                !at_path(v, path)
+                    .and_then(Value::as_str)
+                    .is_some_and(|s| s.ends_with(suffix.as_str()))
+            });
             let at = at_path(v, &order.by).and_then(Value::as_i64).unwrap_or(i64::MAX);
             (later, at)
         });

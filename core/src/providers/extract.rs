@@ -49,7 +49,11 @@ impl std::str::FromStr for Source {
                 "query" => Kind::Query,
                 "form" => Kind::Form,
                 "fixed" => Kind::Fixed,
-                other => return Err(format!("source kind {other:?} is not one of body, root, header, query, form, fixed")),
+                other => {
+                    return Err(format!(
+                        "source kind {other:?} is not one of body, root, header, query, form, fixed"
+                    ))
+                }
             };
             if name.is_empty() && kind != Kind::Fixed {
                 return Err(format!("source {part:?} names nothing"));
@@ -76,7 +80,10 @@ impl Source {
     pub fn values(&self, request: &Inbound<'_>, event: Option<&Value>) -> Vec<String> {
         for (kind, name) in &self.alternatives {
             let found: Vec<String> = match kind {
-                Kind::Body => event.or(request.json()).map(|v| scalars(at_path(v, name))).unwrap_or_default(),
+                Kind::Body => event
+                    .or(request.json())
+                    .map(|v| scalars(at_path(v, name)))
+                    .unwrap_or_default(),
                 Kind::Root => request.json().map(|v| scalars(at_path(v, name))).unwrap_or_default(),
                 Kind::Header => request.header(name).map(|v| vec![v.to_string()]).unwrap_or_default(),
                 Kind::Query => request.query_param(name).into_iter().collect(),
@@ -165,7 +172,9 @@ impl Template {
         let mut out = String::new();
         let mut any = false;
         for (i, (literal, source)) in self.parts.iter().enumerate() {
-            let Some(value) = source.first(request, event) else { continue };
+            let Some(value) = source.first(request, event) else {
+                continue;
+            };
             if i == 0 || any {
                 out.push_str(literal);
             }
@@ -202,8 +211,14 @@ mod tests {
         assert_eq!(source("header:X-GitHub-Event").first(&request, None).unwrap(), "issues");
         assert_eq!(source("query:connection_id").first(&request, None).unwrap(), "c 1");
         let element = json!({"portalId": 62515});
-        assert_eq!(source("body:portalId").first(&request, Some(&element)).unwrap(), "62515");
-        assert_eq!(source("root:installation.id").first(&request, Some(&element)).unwrap(), "957387");
+        assert_eq!(
+            source("body:portalId").first(&request, Some(&element)).unwrap(),
+            "62515"
+        );
+        assert_eq!(
+            source("root:installation.id").first(&request, Some(&element)).unwrap(),
+            "957387"
+        );
         assert!("nokind".parse::<Source>().is_err());
         assert!("disk:x".parse::<Source>().is_err());
     }

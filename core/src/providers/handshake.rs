@@ -37,7 +37,11 @@ pub enum Respond {
     /// Zoom: `{"plainToken": value, "encryptedToken": hex HMAC-SHA256(secret, value)}`.
     HmacToken { value: Source },
     /// Meta: echo `value` when `token` equals the integration setting `setting`.
-    VerifyToken { value: Source, token: Source, setting: String },
+    VerifyToken {
+        value: Source,
+        token: Source,
+        setting: String,
+    },
     /// Just a status.
     Status { status: u16 },
 }
@@ -75,7 +79,11 @@ impl HandshakeSpec {
     }
 
     fn matches(&self, request: &Inbound<'_>) -> bool {
-        if self.method.as_deref().is_some_and(|m| !m.eq_ignore_ascii_case(request.method)) {
+        if self
+            .method
+            .as_deref()
+            .is_some_and(|m| !m.eq_ignore_ascii_case(request.method))
+        {
             return false;
         }
         let Some(when) = &self.when else { return true };
@@ -83,7 +91,9 @@ impl HandshakeSpec {
             Some((source, value)) => (source, Some(value)),
             None => (when.as_str(), None),
         };
-        let Ok(source) = source.parse::<Source>() else { return false };
+        let Ok(source) = source.parse::<Source>() else {
+            return false;
+        };
         match (source.first(request, None), wanted) {
             (Some(found), Some(wanted)) => found == wanted,
             (Some(_), None) => true,
@@ -91,7 +101,12 @@ impl HandshakeSpec {
         }
     }
 
-    fn answer(&self, request: &Inbound<'_>, secret: Option<&str>, settings: &Value) -> Result<HandshakeAnswer, HandshakeRefused> {
+    fn answer(
+        &self,
+        request: &Inbound<'_>,
+        secret: Option<&str>,
+        settings: &Value,
+    ) -> Result<HandshakeAnswer, HandshakeRefused> {
         let read = |source: &Source| {
             source
                 .first(request, None)

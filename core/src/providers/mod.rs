@@ -29,7 +29,32 @@ pub use events::{Event, OrderSpec, Route, RoutingSpec, RoutingTarget};
 pub use extract::{Source, Template};
 pub use handshake::{HandshakeAnswer, HandshakeSpec};
 pub use request::Inbound;
-pub use signature::{SignatureSpec, Verification, VerifyError};
+pub use signature::{Algorithm, SignatureSpec, Verification, VerifyError};
+
+impl Provider {
+    /// Checks a received webhook's signature against the integration's secret: fails
+    /// closed when there is a secret, says `Unverified` when the provider signs but there
+    /// is no secret to check with.
+    pub fn verify(
+        &self,
+        request: &Inbound<'_>,
+        secret: Option<&str>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Verification, VerifyError> {
+        match (&self.signature, secret) {
+            (None, _) => Ok(Verification::Unsigned),
+            (Some(_), None) => Ok(Verification::Unverified),
+            (Some(spec), Some(secret)) => {
+                let elements = match spec.algorithm {
+                    Algorithm::ClientState => events::batch_elements(self, request),
+                    _ => Vec::new(),
+                };
+                spec.verify(request, secret, &elements, now)
+                    .map(|()| Verification::Verified)
+            }
+        }
+    }
+}
 
 /// One provider's rules, as written in its file.
 #[derive(Debug, Clone, Deserialize)]
@@ -144,9 +169,10 @@ impl Catalog {
             .cloned()
             .ok_or_else(|| CatalogError::Settings("the catalog has no generic provider".into()))?;
         let overrides: Overrides = match settings {
-            serde_json::Value::Object(map) if ["signature", "event_type", "batch", "routing"]
-                .iter()
-                .any(|k| map.contains_key(*k)) =>
+            serde_json::Value::Object(map)
+                if ["signature", "event_type", "batch", "routing"]
+                    .iter()
+                    .any(|k| map.contains_key(*k)) =>
             {
                 serde_json::from_value(settings.clone()).map_err(|e| CatalogError::Settings(e.to_string()))?
             }

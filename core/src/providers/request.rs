@@ -88,7 +88,9 @@ impl<'a> Inbound<'a> {
 
     /// The parsed body (see the module comment); `None` when it is neither.
     pub fn json(&self) -> Option<&Value> {
-        self.parsed.get_or_init(|| parse_body(self.body, self.is_form())).as_ref()
+        self.parsed
+            .get_or_init(|| parse_body(self.body, self.is_form()))
+            .as_ref()
     }
 }
 
@@ -127,7 +129,13 @@ mod tests {
         let headers = form_headers();
         let form = Inbound::new("POST", None, &headers, None, b"team_id=T1&text=a+b%21");
         assert_eq!(form.json().unwrap()["text"], "a b!");
-        let payload = Inbound::new("POST", None, &headers, None, b"payload=%7B%22team%22%3A%7B%22id%22%3A%22T9%22%7D%7D");
+        let payload = Inbound::new(
+            "POST",
+            None,
+            &headers,
+            None,
+            b"payload=%7B%22team%22%3A%7B%22id%22%3A%22T9%22%7D%7D",
+        );
         assert_eq!(payload.json().unwrap()["team"]["id"], "T9");
         let binary = Inbound::new("POST", None, &none, None, b"\xff\x00");
         assert!(binary.json().is_none());

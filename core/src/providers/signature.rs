@@ -188,7 +188,9 @@ impl SignatureSpec {
         }
         if let Some(ts) = &self.timestamp {
             if ts.from != "signature" {
-                ts.from.parse::<Source>().map_err(|e| format!("signature.timestamp.from: {e}"))?;
+                ts.from
+                    .parse::<Source>()
+                    .map_err(|e| format!("signature.timestamp.from: {e}"))?;
             } else if self.format != HeaderFormat::Keyed {
                 return Err("signature.timestamp.from = \"signature\" needs format = \"keyed\"".into());
             }
@@ -216,7 +218,9 @@ impl SignatureSpec {
     ) -> Result<(), VerifyError> {
         match self.algorithm {
             Algorithm::Token => {
-                let given = request.header(&self.header).ok_or_else(|| VerifyError::Missing(self.header.clone()))?;
+                let given = request
+                    .header(&self.header)
+                    .ok_or_else(|| VerifyError::Missing(self.header.clone()))?;
                 return equal(given.trim().as_bytes(), secret.as_bytes());
             }
             Algorithm::ClientState => {
@@ -282,7 +286,9 @@ impl SignatureSpec {
                 }
                 HeaderFormat::Keyed => {
                     for pair in value.split(',') {
-                        let Some((key, val)) = pair.trim().split_once('=') else { continue };
+                        let Some((key, val)) = pair.trim().split_once('=') else {
+                            continue;
+                        };
                         if key == "t" {
                             timestamp = Some(val.to_string());
                         } else if key == self.keyed_signature {
@@ -307,7 +313,12 @@ impl SignatureSpec {
         }
     }
 
-    fn signed_bytes(&self, request: &Inbound<'_>, timestamp: Option<&str>, secret: &str) -> Result<Vec<u8>, VerifyError> {
+    fn signed_bytes(
+        &self,
+        request: &Inbound<'_>,
+        timestamp: Option<&str>,
+        secret: &str,
+    ) -> Result<Vec<u8>, VerifyError> {
         let mut out = Vec::with_capacity(request.body.len() + 64);
         let mut rest = self.signed.as_str();
         while let Some(open) = rest.find('{') {
@@ -318,7 +329,9 @@ impl SignatureSpec {
                 "timestamp" => out.extend_from_slice(timestamp.unwrap_or_default().as_bytes()),
                 "id" => {
                     let name = self.id_header.as_deref().unwrap_or("webhook-id");
-                    let id = request.header(name).ok_or_else(|| VerifyError::Missing(name.to_string()))?;
+                    let id = request
+                        .header(name)
+                        .ok_or_else(|| VerifyError::Missing(name.to_string()))?;
                     out.extend_from_slice(id.as_bytes());
                 }
                 "method" => out.extend_from_slice(request.method.as_bytes()),
@@ -360,7 +373,12 @@ impl SignatureSpec {
 
 /// The signature that `spec` would carry for this request: for tests and for senders
 /// (the forwarder signs with the same engine).
-pub fn sign(spec: &SignatureSpec, request: &Inbound<'_>, secret: &str, timestamp: Option<&str>) -> Result<String, VerifyError> {
+pub fn sign(
+    spec: &SignatureSpec,
+    request: &Inbound<'_>,
+    secret: &str,
+    timestamp: Option<&str>,
+) -> Result<String, VerifyError> {
     let key = spec.key(secret)?;
     let signed = spec.signed_bytes(request, timestamp, secret)?;
     let digest = spec.digest(&key, &signed);
@@ -371,7 +389,10 @@ pub fn sign(spec: &SignatureSpec, request: &Inbound<'_>, secret: &str, timestamp
 }
 
 fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
-    if text.len() >= prefix.len() && text.is_char_boundary(prefix.len()) && text[..prefix.len()].eq_ignore_ascii_case(prefix) {
+    if text.len() >= prefix.len()
+        && text.is_char_boundary(prefix.len())
+        && text[..prefix.len()].eq_ignore_ascii_case(prefix)
+    {
         Some(&text[prefix.len()..])
     } else {
         None
@@ -388,9 +409,19 @@ fn equal(given: &[u8], expected: &[u8]) -> Result<(), VerifyError> {
 
 fn check_age(text: &str, spec: &TimestampSpec, now: DateTime<Utc>) -> Result<(), VerifyError> {
     let at = match spec.unit {
-        TimeUnit::Seconds => text.trim().parse::<i64>().ok().and_then(|s| DateTime::from_timestamp(s, 0)),
-        TimeUnit::Milliseconds => text.trim().parse::<i64>().ok().and_then(DateTime::from_timestamp_millis),
-        TimeUnit::Rfc3339 => DateTime::parse_from_rfc3339(text.trim()).ok().map(|t| t.with_timezone(&Utc)),
+        TimeUnit::Seconds => text
+            .trim()
+            .parse::<i64>()
+            .ok()
+            .and_then(|s| DateTime::from_timestamp(s, 0)),
+        TimeUnit::Milliseconds => text
+            .trim()
+            .parse::<i64>()
+            .ok()
+            .and_then(DateTime::from_timestamp_millis),
+        TimeUnit::Rfc3339 => DateTime::parse_from_rfc3339(text.trim())
+            .ok()
+            .map(|t| t.with_timezone(&Utc)),
     }
     .ok_or(VerifyError::BadTimestamp)?;
     let skew = (now - at).num_seconds();

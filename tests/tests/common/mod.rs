@@ -38,6 +38,15 @@ pub fn test_config(nats: &NatsServer, database_url: &str) -> Config {
 /// Ingest on a free port with a `dev` environment and a `demo` integration, on SQLite
 /// unless `database_url` is given.
 pub async fn start_ingest(database_url: Option<&str>, tweak: impl FnOnce(&mut Config)) -> Running {
+    start_ingest_with(database_url, tweak, Vec::new()).await
+}
+
+/// As [`start_ingest`], with these integrations in the `dev` environment too.
+pub async fn start_ingest_with(
+    database_url: Option<&str>,
+    tweak: impl FnOnce(&mut Config),
+    integrations: Vec<NewIntegration>,
+) -> Running {
     let nats = NatsServer::start();
     let sqlite = database_url.is_none().then(SqliteFile::create);
     let url = database_url
@@ -48,6 +57,9 @@ pub async fn start_ingest(database_url: Option<&str>, tweak: impl FnOnce(&mut Co
     let store = Store::connect(&config.database_url, test_cipher()).await.unwrap();
     let environment = store.ensure_environment(&"dev".parse().unwrap()).await.unwrap();
     add_integration(&store, &environment, "demo").await;
+    for integration in &integrations {
+        store.create_integration(&environment, integration).await.unwrap();
+    }
     let bus = Bus::connect(&config, "test-ingest").await.unwrap();
     let shutdown = CancellationToken::new();
     let ingest: Arc<Ingest> = Ingest::start(&config, store.clone(), bus.clone(), shutdown.clone())
