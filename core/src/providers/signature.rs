@@ -322,7 +322,7 @@ impl SignatureSpec {
         let mut out = Vec::with_capacity(request.body.len() + 64);
         let mut rest = self.signed.as_str();
         while let Some(open) = rest.find('{') {
-            out.extend_from_slice(rest[..open].as_bytes());
+            out.extend_from_slice(&rest.as_bytes()[..open]);
             let close = open + rest[open..].find('}').unwrap_or(rest.len() - open);
             match &rest[open + 1..close] {
                 "body" => out.extend_from_slice(request.body),
