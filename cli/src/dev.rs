@@ -45,6 +45,7 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
     ensure_demo_integration(&store, &environment).await?;
     let bus = Bus::connect(&config, "hookyard-dev").await?;
     let ingest = Ingest::start(&config, store.clone(), bus.clone(), shutdown.clone()).await?;
+    let router = hookyard_router::start(&config, store.clone(), &bus, shutdown.clone()).await?;
     let ingest_listener = listen(config.ingest.listen, "HOOKYARD_INGEST__LISTEN").await?;
     let api_listener = listen(config.api.listen, "HOOKYARD_API__LISTEN").await?;
     let (api_router, _) = hookyard_api::router(store, &config);
@@ -82,9 +83,10 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
             eprintln!("demo API call failed: {error}");
         }
     }
-    let (ingest_result, api_result) = tokio::join!(ingest_server, api_server);
+    let (ingest_result, api_result, router_result) = tokio::join!(ingest_server, api_server, router);
     ingest_result??;
     api_result??;
+    router_result??;
     Ok(())
 }
 

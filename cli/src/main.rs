@@ -26,6 +26,8 @@ enum Command {
     Dev(dev::DevArgs),
     /// Run the ingest service: take webhooks in over HTTP, answer once they are durable.
     Ingest,
+    /// Run the router: webhooks in HOOKS_RAW to events per connection in HOOKS_CONN.
+    Router,
     /// Run the control-plane API: integrations, connections, records.
     Api,
     /// Print a new random encryption key for HOOKYARD_ENCRYPTION_KEY.
@@ -37,6 +39,7 @@ fn main() -> ExitCode {
     let (service, dev_mode) = match &cli.command {
         Command::Dev(_) => ("hookyard-dev", true),
         Command::Ingest => ("hookyard-ingest", false),
+        Command::Router => ("hookyard-router", false),
         Command::Api => ("hookyard-api", false),
         Command::Keygen => {
             println!("{}", hookyard_core::secrets::Cipher::generate_key_text());
@@ -81,6 +84,7 @@ fn main() -> ExitCode {
         let outcome = match cli.command {
             Command::Dev(args) => dev::run(config, args, shutdown).await,
             Command::Ingest => hookyard_ingest::run(&config, shutdown).await,
+            Command::Router => hookyard_router::run(&config, shutdown).await,
             Command::Api => hookyard_api::run(&config, shutdown).await,
             Command::Keygen => Ok(()), // answered above
         };

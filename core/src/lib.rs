@@ -6,6 +6,7 @@ pub mod embedded_nats;
 pub mod envelope;
 pub mod keys;
 pub mod providers;
+pub mod routed;
 pub mod secrets;
 pub mod shutdown;
 pub mod store;

@@ -14,12 +14,48 @@ use crate::keys::{EnvironmentName, IntegrationKey};
 pub const RAW_STREAM: &str = "HOOKS_RAW";
 pub const RAW_SUBJECTS: &str = "hooks.raw.>";
 
+/// One message per (event, connection), as the router resolved them; and the events
+/// that matched no connection, kept under `hooks.unrouted.*`.
+pub const CONN_STREAM: &str = "HOOKS_CONN";
+pub const CONN_SUBJECTS: &[&str] = &["hooks.conn.>", "hooks.unrouted.>"];
+
 /// Older servers accept consumer filters, priority groups and message TTLs and then
 /// silently ignore them.
 pub const MIN_SERVER_VERSION: (u64, u64) = (2, 11);
 
 pub fn raw_subject(environment: &EnvironmentName, integration: &IntegrationKey) -> String {
     format!("hooks.raw.{environment}.{integration}")
+}
+
+/// `hooks.conn.{environment}.{integration}.{connection}`. A connection id that is not
+/// a safe subject token (it may hold `.`, `*`, spaces, …) is written `~` + its
+/// base64url, so each connection still has a subject of its own to filter on.
+pub fn conn_subject(environment: &EnvironmentName, integration: &IntegrationKey, connection_id: &str) -> String {
+    format!(
+        "hooks.conn.{environment}.{integration}.{}",
+        connection_token(connection_id)
+    )
+}
+
+pub fn unrouted_subject(environment: &EnvironmentName, integration: &IntegrationKey) -> String {
+    format!("hooks.unrouted.{environment}.{integration}")
+}
+
+pub fn connection_token(connection_id: &str) -> String {
+    use base64::Engine as _;
+    let safe = !connection_id.is_empty()
+        && connection_id.len() <= 64
+        && connection_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if safe {
+        connection_id.to_string()
+    } else {
+        format!(
+            "~{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(connection_id)
+        )
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,13 +131,15 @@ impl Bus {
 
     /// Creates the streams, or brings their settings up to date.
     pub async fn ensure_streams(&self, config: &StreamsConfig) -> Result<(), StreamsError> {
-        self.jetstream
-            .create_or_update_stream(raw_stream_config(config))
-            .await
-            .map_err(|source| StreamsError::Stream {
-                stream: RAW_STREAM,
-                source,
-            })?;
+        for (name, stream) in [
+            (RAW_STREAM, raw_stream_config(config)),
+            (CONN_STREAM, conn_stream_config(config)),
+        ] {
+            self.jetstream
+                .create_or_update_stream(stream)
+                .await
+                .map_err(|source| StreamsError::Stream { stream: name, source })?;
+        }
         Ok(())
     }
 
@@ -121,6 +159,22 @@ pub fn raw_stream_config(config: &StreamsConfig) -> stream::Config {
         subjects: vec![RAW_SUBJECTS.to_string()],
         // Limits, not WorkQueue: a work queue forgets what it delivered, and this stream
         // is what operators replay from.
+        retention: stream::RetentionPolicy::Limits,
+        max_age: config.raw_max_age,
+        duplicate_window: config.duplicate_window,
+        num_replicas: config.replicas,
+        storage: stream::StorageType::File,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+pub fn conn_stream_config(config: &StreamsConfig) -> stream::Config {
+    stream::Config {
+        name: CONN_STREAM.to_string(),
+        description: Some("hookyard: events resolved to connections, and the unrouted ones".into()),
+        subjects: CONN_SUBJECTS.iter().map(|s| s.to_string()).collect(),
+        // Limits: a connection's events can be inspected and replayed.
         retention: stream::RetentionPolicy::Limits,
         max_age: config.raw_max_age,
         duplicate_window: config.duplicate_window,
@@ -155,6 +209,15 @@ mod tests {
         assert!(!version_at_least("2.10.24", (2, 11)));
         assert!(!version_at_least("", (2, 11)));
         assert!(!version_at_least("garbage", (2, 11)));
+    }
+
+    #[test]
+    fn connection_ids_become_subject_tokens() {
+        let (env, integration) = ("dev".parse().unwrap(), "gh".parse().unwrap());
+        assert_eq!(conn_subject(&env, &integration, "acme-1"), "hooks.conn.dev.gh.acme-1");
+        let odd = conn_subject(&env, &integration, "a.b *>");
+        assert_eq!(odd, "hooks.conn.dev.gh.~YS5iICo-");
+        assert_ne!(connection_token("x y"), connection_token("x.y"));
     }
 
     #[test]

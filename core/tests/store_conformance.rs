@@ -249,7 +249,17 @@ async fn connections(store: &Store, dev: &Environment, prod: &Environment) {
     assert_eq!(theirs.metadata, json!({"plan": "pro", "seats": 3}));
 
     // Soft delete: gone from reads and lists, the id can be taken again.
+    let integration_id = store.existing_integration(dev.id, &github).await.unwrap().id;
+    let (before, live) = store.routing_connections(integration_id).await.unwrap();
+    assert!(live.iter().any(|c| c.connection_id == "gamma"));
     assert!(store.delete_connection(dev.id, &github, "gamma").await.unwrap());
+    let (after, live) = store.routing_connections(integration_id).await.unwrap();
+    assert!(after > before, "a delete moves the connections version on");
+    assert_eq!(store.connections_version(integration_id).await.unwrap(), after);
+    assert!(
+        !live.iter().any(|c| c.connection_id == "gamma"),
+        "routing never sees a deleted connection"
+    );
     assert!(!store.delete_connection(dev.id, &github, "gamma").await.unwrap());
     assert!(store.connection(dev.id, &github, "gamma").await.unwrap().is_none());
     assert!(!list(ConnectionQuery::default()).await.contains(&"gamma".to_string()));

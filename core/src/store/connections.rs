@@ -14,6 +14,11 @@ const SELECT: &str = "SELECT c.id, c.environment_id, i.unique_key AS integration
         c.connection_config, c.metadata, c.tags, c.credentials, c.created_at, c.updated_at
     FROM connections c JOIN integrations i ON i.id = c.integration_id";
 
+/// Moves an integration's `connections_version` on (see migration 0004).
+const BUMP_BY_ID: &str = "UPDATE integrations SET connections_version = connections_version + 1 WHERE id = $1";
+const BUMP_BY_KEY: &str =
+    "UPDATE integrations SET connections_version = connections_version + 1 WHERE environment_id = $1 AND unique_key = $2";
+
 /// How `set_connection_metadata` treats the stored metadata.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MetadataWrite {
@@ -37,26 +42,29 @@ impl Store {
             }
             None => None,
         };
-        let inserted = on_pool!(self, |pool| {
-            sqlx::query(
-            "INSERT INTO connections (environment_id, integration_id, connection_id, connection_config, metadata, tags,
-                                      credentials, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)"
-        )
-        .bind(environment.id)
-        .bind(integration.id)
-        .bind(&new.connection_id)
-        .bind(Json(&new.connection_config))
-        .bind(Json(&new.metadata))
-        .bind(Json(&new.tags))
-        .bind(&credentials)
-        .bind(Utc::now())
-        .execute(pool)
-        .await
-        .map(|_| ())
-        });
-        conflict_on_unique(inserted, || {
-            format!("connection {} of integration {}", new.connection_id, new.integration)
+        let now = Utc::now();
+        in_transaction!(self, |tx| {
+            let inserted = sqlx::query(
+                "INSERT INTO connections (environment_id, integration_id, connection_id, connection_config, metadata,
+                                          tags, credentials, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
+            )
+            .bind(environment.id)
+            .bind(integration.id)
+            .bind(&new.connection_id)
+            .bind(Json(&new.connection_config))
+            .bind(Json(&new.metadata))
+            .bind(Json(&new.tags))
+            .bind(&credentials)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map(|_| ());
+            conflict_on_unique(inserted, || {
+                format!("connection {} of integration {}", new.connection_id, new.integration)
+            })?;
+            sqlx::query(BUMP_BY_ID).bind(integration.id).execute(&mut *tx).await?;
+            Ok::<(), StoreError>(())
         })?;
         self.existing_connection(environment.id, &new.integration, &new.connection_id)
             .await
@@ -120,6 +128,35 @@ impl Store {
         rows.into_iter().map(|row| row.open(&self.cipher)).collect()
     }
 
+    /// The integration's `connections_version`: it moves on whenever one of its
+    /// connections is created, deleted or has its metadata written.
+    pub async fn connections_version(&self, integration_id: i64) -> Result<i64, StoreError> {
+        let version: Option<i64> = on_pool!(self, |pool| sqlx::query_scalar(
+            "SELECT connections_version FROM integrations WHERE id = $1"
+        )
+        .bind(integration_id)
+        .fetch_optional(pool)
+        .await)?;
+        version.ok_or_else(|| StoreError::NotFound(format!("integration #{integration_id}")))
+    }
+
+    /// Every live connection of an integration, with the version they were read at.
+    pub async fn routing_connections(&self, integration_id: i64) -> Result<(i64, Vec<Connection>), StoreError> {
+        let query = format!("{SELECT} WHERE c.integration_id = $1 AND c.deleted_at IS NULL ORDER BY c.id");
+        in_transaction!(self, |tx| {
+            let version: i64 = sqlx::query_scalar("SELECT connections_version FROM integrations WHERE id = $1")
+                .bind(integration_id)
+                .fetch_one(&mut *tx)
+                .await?;
+            let rows: Vec<ConnectionRow> = sqlx::query_as(&query).bind(integration_id).fetch_all(&mut *tx).await?;
+            let connections = rows
+                .into_iter()
+                .map(|row| row.open(&self.cipher))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok::<_, StoreError>((version, connections))
+        })
+    }
+
     /// Soft-deletes the connection; false when there was no live one.
     pub async fn delete_connection(
         &self,
@@ -127,18 +164,26 @@ impl Store {
         integration: &IntegrationKey,
         connection_id: &str,
     ) -> Result<bool, StoreError> {
-        let done = on_pool!(self, |pool| sqlx::query(
-            "UPDATE connections SET deleted_at = $1, updated_at = $1
-             WHERE environment_id = $2 AND connection_id = $3 AND deleted_at IS NULL
-               AND integration_id = (SELECT id FROM integrations WHERE environment_id = $2 AND unique_key = $4)"
-        )
-        .bind(Utc::now())
-        .bind(environment_id)
-        .bind(connection_id)
-        .bind(integration.as_str())
-        .execute(pool)
-        .await
-        .map(|r| r.rows_affected()))?;
+        let done = in_transaction!(self, |tx| {
+            let done = sqlx::query(
+                "UPDATE connections SET deleted_at = $1, updated_at = $1
+                 WHERE environment_id = $2 AND connection_id = $3 AND deleted_at IS NULL
+                   AND integration_id = (SELECT id FROM integrations WHERE environment_id = $2 AND unique_key = $4)",
+            )
+            .bind(Utc::now())
+            .bind(environment_id)
+            .bind(connection_id)
+            .bind(integration.as_str())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            sqlx::query(BUMP_BY_KEY)
+                .bind(environment_id)
+                .bind(integration.as_str())
+                .execute(&mut *tx)
+                .await?;
+            done
+        });
         Ok(done > 0)
     }
 
@@ -185,6 +230,11 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
             }
+            sqlx::query(BUMP_BY_KEY)
+                .bind(environment_id)
+                .bind(integration.as_str())
+                .execute(&mut *tx)
+                .await?;
             Ok::<(), StoreError>(())
         })
     }

@@ -15,6 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 pub struct Running {
     pub nats: NatsServer,
+    pub config: Config,
+    pub bus: Bus,
     pub store: Store,
     pub environment: Environment,
     pub base: String,
@@ -70,6 +72,8 @@ pub async fn start_ingest_with(
     let server = tokio::spawn(hookyard_ingest::serve(listener, ingest, shutdown.clone()));
     Running {
         nats,
+        config,
+        bus: bus.clone(),
         store,
         environment,
         base,

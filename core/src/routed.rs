@@ -1,0 +1,170 @@
+//! A routed event: one event of one webhook for one connection, as the router
+//! publishes it to `HOOKS_CONN` and the worker reads it. The payload is the event's
+//! JSON; the rest is in `Hookyard-*` headers. An event that matched no connection is
+//! published the same way under `hooks.unrouted.*`, with the reason.
+//!
+//! The message id `{raw-seq}:{index}:{connection}` makes a redelivered raw message
+//! (a router crash mid-batch) publish nothing twice.
+
+use async_nats::header::{HeaderMap, HeaderValue};
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::keys::{EnvironmentName, IntegrationKey};
+use crate::streams::{conn_subject, unrouted_subject};
+
+const H_MESSAGE_ID: &str = "Nats-Msg-Id";
+const H_RAW_SEQ: &str = "Hookyard-Raw-Seq";
+const H_INDEX: &str = "Hookyard-Index";
+const H_EVENT_TYPE: &str = "Hookyard-Event-Type";
+const H_DELIVERY_ID: &str = "Hookyard-Delivery-Id";
+const H_CONNECTION: &str = "Hookyard-Connection";
+const H_UNROUTED: &str = "Hookyard-Unrouted";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutedEvent {
+    pub environment: EnvironmentName,
+    pub integration: IntegrationKey,
+    /// `None` for an unrouted event.
+    pub connection_id: Option<String>,
+    /// Why no connection took it (unrouted events only).
+    pub unrouted: Option<String>,
+    /// The webhook's sequence in `HOOKS_RAW`: with `index`, the version of the record
+    /// writes it causes.
+    pub raw_seq: u64,
+    pub index: u32,
+    pub event_type: Option<String>,
+    pub delivery_id: String,
+    pub payload: Value,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RoutedError {
+    #[error("routed event header {0} is missing or invalid")]
+    Header(&'static str),
+    #[error("routed event subject {0:?} is not hooks.conn.* or hooks.unrouted.*")]
+    Subject(String),
+    #[error("routed event payload is not JSON: {0}")]
+    Payload(String),
+}
+
+impl RoutedEvent {
+    /// Versions of record writes: `raw_seq × 2^16 + index` (DESIGN.md, "Records").
+    pub fn version(&self) -> i64 {
+        ((self.raw_seq as i64) << 16) + i64::from(self.index.min(0xFFFE))
+    }
+
+    pub fn subject(&self) -> String {
+        match &self.connection_id {
+            Some(id) => conn_subject(&self.environment, &self.integration, id),
+            None => unrouted_subject(&self.environment, &self.integration),
+        }
+    }
+
+    pub fn message_id(&self) -> String {
+        format!(
+            "{}:{}:{}",
+            self.raw_seq,
+            self.index,
+            self.connection_id.as_deref().unwrap_or("-")
+        )
+    }
+
+    pub fn to_message(&self) -> (String, HeaderMap, Bytes) {
+        let mut headers = HeaderMap::new();
+        let mut put = |name: &'static str, value: &str| {
+            // Values come from providers and customers: never let CR/LF reach NATS.
+            if let Ok(value) = value.parse::<HeaderValue>() {
+                if !value.as_str().contains(['\r', '\n']) {
+                    headers.insert(name, value);
+                }
+            }
+        };
+        put(H_MESSAGE_ID, &self.message_id());
+        put(H_RAW_SEQ, &self.raw_seq.to_string());
+        put(H_INDEX, &self.index.to_string());
+        put(H_DELIVERY_ID, &self.delivery_id);
+        if let Some(event_type) = &self.event_type {
+            put(H_EVENT_TYPE, event_type);
+        }
+        if let Some(connection) = &self.connection_id {
+            put(H_CONNECTION, connection);
+        }
+        if let Some(reason) = &self.unrouted {
+            put(H_UNROUTED, reason);
+        }
+        let payload = serde_json::to_vec(&self.payload).expect("a JSON value serialises");
+        (self.subject(), headers, Bytes::from(payload))
+    }
+
+    pub fn from_message(
+        subject: &str,
+        headers: Option<&HeaderMap>,
+        payload: &[u8],
+    ) -> Result<RoutedEvent, RoutedError> {
+        let get = |name: &'static str| headers.and_then(|h| h.get(name)).map(|v| v.as_str().to_string());
+        let need = |name: &'static str| get(name).ok_or(RoutedError::Header(name));
+        let tokens: Vec<&str> = subject.split('.').collect();
+        let bad_subject = || RoutedError::Subject(subject.to_string());
+        let (environment, integration, routed) = match tokens[..] {
+            ["hooks", "conn", env, integration, _] => (env, integration, true),
+            ["hooks", "unrouted", env, integration] => (env, integration, false),
+            _ => return Err(bad_subject()),
+        };
+        Ok(RoutedEvent {
+            environment: environment.parse().map_err(|_| bad_subject())?,
+            integration: integration.parse().map_err(|_| bad_subject())?,
+            connection_id: if routed { Some(need(H_CONNECTION)?) } else { None },
+            unrouted: get(H_UNROUTED),
+            raw_seq: need(H_RAW_SEQ)?.parse().map_err(|_| RoutedError::Header(H_RAW_SEQ))?,
+            index: need(H_INDEX)?.parse().map_err(|_| RoutedError::Header(H_INDEX))?,
+            event_type: get(H_EVENT_TYPE),
+            delivery_id: need(H_DELIVERY_ID)?,
+            payload: serde_json::from_slice(payload).map_err(|e| RoutedError::Payload(e.to_string()))?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_versions_order_by_raw_sequence_then_index() {
+        let event = RoutedEvent {
+            environment: "dev".parse().unwrap(),
+            integration: "hubspot".parse().unwrap(),
+            connection_id: Some("portal 62515".into()),
+            unrouted: None,
+            raw_seq: 42,
+            index: 3,
+            event_type: Some("contact.creation".into()),
+            delivery_id: "h:abc".into(),
+            payload: serde_json::json!({"objectId": 123}),
+        };
+        let (subject, headers, payload) = event.to_message();
+        assert_eq!(subject, "hooks.conn.dev.hubspot.~cG9ydGFsIDYyNTE1");
+        assert_eq!(headers.get("Nats-Msg-Id").unwrap().as_str(), "42:3:portal 62515");
+        assert_eq!(
+            RoutedEvent::from_message(&subject, Some(&headers), &payload).unwrap(),
+            event
+        );
+        let later = RoutedEvent {
+            raw_seq: 43,
+            index: 0,
+            ..event.clone()
+        };
+        assert!(later.version() > event.version());
+        let unrouted = RoutedEvent {
+            connection_id: None,
+            unrouted: Some("no connection matches".into()),
+            ..event
+        };
+        let (subject, headers, payload) = unrouted.to_message();
+        assert_eq!(subject, "hooks.unrouted.dev.hubspot");
+        assert_eq!(
+            RoutedEvent::from_message(&subject, Some(&headers), &payload).unwrap(),
+            unrouted
+        );
+    }
+}

@@ -1,0 +1,245 @@
+//! The router (`hookyard router`, and inside `hookyard dev`): a durable consumer on
+//! `HOOKS_RAW`. For each webhook it splits the body into events (the provider catalog's
+//! rules), resolves each event's connections ([`resolve`]), and publishes one message
+//! per (event, connection) to `HOOKS_CONN`, or one under `hooks.unrouted.*` saying why
+//! none matched. The raw message is acked only after every publish is acked; message ids
+//! `{raw-seq}:{index}:{connection}` make a redelivery publish nothing twice.
+
+pub mod resolve;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use hookyard_core::providers::events::events;
+use hookyard_core::providers::{Catalog, CatalogError, Inbound, Route};
+use hookyard_core::routed::RoutedEvent;
+use hookyard_core::store::StoreError;
+use hookyard_core::streams::{Bus, StreamsError, RAW_STREAM};
+use hookyard_core::{Config, Envelope, Store};
+use tokio_util::sync::CancellationToken;
+
+use resolve::Resolver;
+
+/// The durable consumer's name: every router replica shares it (and the work).
+pub const CONSUMER: &str = "router";
+/// Raw messages handled at once per router.
+const CONCURRENCY: usize = 64;
+/// A raw message not acked within this is delivered again.
+const ACK_WAIT: Duration = Duration::from_secs(30);
+/// After a failure (NATS, the database), try the message again after this.
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error(transparent)]
+    Streams(#[from] StreamsError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error("JetStream: {0}")]
+    JetStream(String),
+}
+
+fn jetstream_error(e: impl std::fmt::Display) -> RouterError {
+    RouterError::JetStream(e.to_string())
+}
+
+/// What became of one raw message.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub routed: usize,
+    pub unrouted: usize,
+}
+
+pub struct Router {
+    resolver: Resolver,
+    jetstream: jetstream::Context,
+}
+
+impl Router {
+    pub fn new(store: Store, bus: &Bus) -> Result<Router, RouterError> {
+        Ok(Router {
+            resolver: Resolver::new(store, Arc::new(Catalog::embedded()?)),
+            jetstream: bus.jetstream.clone(),
+        })
+    }
+
+    /// Consumes `HOOKS_RAW` until `shutdown`; messages in progress finish first.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), RouterError> {
+        let stream = self.jetstream.get_stream(RAW_STREAM).await.map_err(jetstream_error)?;
+        let consumer = stream
+            .get_or_create_consumer(
+                CONSUMER,
+                pull::Config {
+                    durable_name: Some(CONSUMER.into()),
+                    description: Some("hookyard router".into()),
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: ACK_WAIT,
+                    deliver_policy: DeliverPolicy::All,
+                    max_ack_pending: 4 * CONCURRENCY as i64,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(jetstream_error)?;
+        let messages = consumer.messages().await.map_err(jetstream_error)?;
+        tracing::info!("router consuming {RAW_STREAM}");
+        messages
+            .take_until(shutdown.cancelled_owned())
+            .for_each_concurrent(CONCURRENCY, |message| {
+                let router = self.clone();
+                async move {
+                    match message {
+                        Ok(message) => router.handle(message).await,
+                        Err(error) => {
+                            tracing::warn!(%error, "pulling from {RAW_STREAM} failed; retrying");
+                            tokio::time::sleep(RETRY_DELAY).await;
+                        }
+                    }
+                }
+            })
+            .await;
+        tracing::info!("router stopped");
+        Ok(())
+    }
+
+    async fn handle(&self, message: jetstream::Message) {
+        let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let envelope = match Envelope::from_message(&message.subject, message.headers.as_ref(), message.payload.clone())
+        {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                // Not ours and never will be: retrying cannot help.
+                tracing::error!(sequence, subject = %message.subject, %error, "not a hookyard envelope; left in {RAW_STREAM}, not routed");
+                let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        match self.route(sequence, &envelope).await {
+            Ok(outcome) => {
+                tracing::debug!(
+                    sequence,
+                    routed = outcome.routed,
+                    unrouted = outcome.unrouted,
+                    "webhook routed"
+                );
+                if let Err(error) = message.double_ack().await {
+                    tracing::warn!(sequence, %error, "ack failed; the webhook will be routed again (without duplicates)");
+                }
+            }
+            Err(error) => {
+                tracing::warn!(sequence, %error, "routing failed; retrying");
+                let _ = message.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
+            }
+        }
+    }
+
+    /// Routes one webhook (the envelope at `raw_seq` in `HOOKS_RAW`) and publishes its
+    /// events, returning once every publish is acked.
+    pub async fn route(&self, raw_seq: u64, envelope: &Envelope) -> Result<Outcome, RouterError> {
+        let routed = self.resolve(raw_seq, envelope).await?;
+        let mut acks = Vec::with_capacity(routed.len());
+        let mut outcome = Outcome::default();
+        for event in &routed {
+            if event.connection_id.is_some() {
+                outcome.routed += 1;
+            } else {
+                outcome.unrouted += 1;
+                tracing::info!(
+                    raw_seq, index = event.index, integration = %event.integration,
+                    reason = event.unrouted.as_deref().unwrap_or(""), "event unrouted"
+                );
+            }
+            let (subject, headers, payload) = event.to_message();
+            let ack = self
+                .jetstream
+                .publish_with_headers(subject, headers, payload)
+                .await
+                .map_err(jetstream_error)?;
+            acks.push(ack);
+        }
+        for ack in futures::future::join_all(acks.into_iter().map(std::future::IntoFuture::into_future)).await {
+            ack.map_err(jetstream_error)?;
+        }
+        Ok(outcome)
+    }
+
+    /// The messages one webhook becomes.
+    pub async fn resolve(&self, raw_seq: u64, envelope: &Envelope) -> Result<Vec<RoutedEvent>, RouterError> {
+        let unrouted =
+            |index: u32, event_type: Option<String>, payload: serde_json::Value, reason: String| RoutedEvent {
+                environment: envelope.environment.clone(),
+                integration: envelope.integration.clone(),
+                connection_id: None,
+                unrouted: Some(reason),
+                raw_seq,
+                index,
+                event_type,
+                delivery_id: envelope.delivery_id.clone(),
+                payload,
+            };
+        let Some(state) = self
+            .resolver
+            .integration(&envelope.environment, &envelope.integration)
+            .await?
+        else {
+            let body = serde_json::Value::String(String::from_utf8_lossy(&envelope.body).into_owned());
+            return Ok(vec![unrouted(0, None, body, "the integration no longer exists".into())]);
+        };
+        let request = Inbound::from_envelope(envelope);
+        let connections = self.resolver.connections(&state).await?;
+        let mut out = Vec::new();
+        for event in events(&state.rules, &request) {
+            let chosen = connections.select(&event.route);
+            if chosen.is_empty() {
+                let reason = match &event.route {
+                    Route::Missing => "the event names no account to route by".to_string(),
+                    Route::Values(target, values) => format!("no live connection has {target:?} = {values:?}"),
+                    Route::ConnectionIds(ids) => format!("no live connection has id {ids:?}"),
+                    Route::All => "the integration has no live connections".to_string(),
+                };
+                out.push(unrouted(event.index, event.event_type, event.payload, reason));
+                continue;
+            }
+            for connection_id in chosen {
+                out.push(RoutedEvent {
+                    environment: envelope.environment.clone(),
+                    integration: envelope.integration.clone(),
+                    connection_id: Some(connection_id),
+                    unrouted: None,
+                    raw_seq,
+                    index: event.index,
+                    event_type: event.event_type.clone(),
+                    delivery_id: envelope.delivery_id.clone(),
+                    payload: event.payload.clone(),
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Starts a router on `store` and `bus` (the streams must exist); it runs until
+/// `shutdown`.
+pub async fn start(
+    config: &Config,
+    store: Store,
+    bus: &Bus,
+    shutdown: CancellationToken,
+) -> Result<tokio::task::JoinHandle<Result<(), RouterError>>, RouterError> {
+    bus.ensure_streams(&config.streams).await?;
+    let router = Arc::new(Router::new(store, bus)?);
+    Ok(tokio::spawn(router.run(shutdown)))
+}
+
+/// `hookyard router`: connect, route until shutdown.
+pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let store = Store::connect(&config.database_url, config.cipher()?).await?;
+    let bus = Bus::connect(config, "hookyard-router").await?;
+    start(config, store, &bus, shutdown).await?.await??;
+    Ok(())
+}

@@ -1,0 +1,287 @@
+//! ingest → router → `HOOKS_CONN` with real NATS and Postgres: batches fan out to
+//! their connections, each provider's routing value is found, unroutable events are
+//! kept, deleted connections are not matched, and a router that dies mid-batch
+//! publishes nothing twice.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use futures::StreamExt;
+use hookyard_core::routed::RoutedEvent;
+use hookyard_core::store::{NewConnection, NewIntegration};
+use hookyard_core::streams::{CONN_STREAM, RAW_STREAM};
+use hookyard_core::Envelope;
+use hookyard_router::Router;
+use hookyard_testkit::{eventually, PgDatabase};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use common::{start_ingest_with, Running};
+
+async fn start(db: &PgDatabase) -> Running {
+    let ingest = start_ingest_with(
+        Some(&db.url),
+        |_| {},
+        ["hubspot", "slack", "gitlab", "github"]
+            .iter()
+            .map(|p| NewIntegration::new(p.parse().unwrap(), *p))
+            .collect(),
+    )
+    .await;
+    for (integration, id, config) in [
+        ("hubspot", "portal-a", json!({"portalId": 62515})),
+        ("hubspot", "portal-b", json!({"portalId": "77"})),
+        ("slack", "team-one", json!({"team_id": "T1DC2JH3J"})),
+        ("gitlab", "acme", json!({})),
+        ("github", "octo", json!({"installation_id": 957387})),
+    ] {
+        connect(&ingest, integration, id, config).await;
+    }
+    ingest
+}
+
+async fn connect(ingest: &Running, integration: &str, id: &str, config: serde_json::Value) {
+    ingest
+        .store
+        .create_connection(
+            &ingest.environment,
+            &NewConnection {
+                integration: integration.parse().unwrap(),
+                connection_id: id.into(),
+                connection_config: config,
+                metadata: json!({}),
+                tags: json!({}),
+                credentials: None,
+            },
+        )
+        .await
+        .unwrap();
+}
+
+fn start_router(ingest: &Running) -> CancellationToken {
+    let shutdown = CancellationToken::new();
+    let router = Arc::new(Router::new(ingest.store.clone(), &ingest.bus).unwrap());
+    tokio::spawn(router.run(shutdown.clone()));
+    shutdown
+}
+
+/// Waits until the router has acked every webhook in `HOOKS_RAW`, then returns every
+/// message of `HOOKS_CONN`.
+async fn routed(ingest: &Running) -> Vec<RoutedEvent> {
+    let raw_last = ingest.raw_count().await;
+    eventually("the router to ack every webhook", Duration::from_secs(20), || async {
+        let stream = ingest.jetstream.get_stream(RAW_STREAM).await.ok()?;
+        let mut consumer = stream
+            .get_consumer::<pull::Config>(hookyard_router::CONSUMER)
+            .await
+            .ok()?;
+        let info = consumer.info().await.ok()?;
+        (info.ack_floor.stream_sequence >= raw_last && info.num_ack_pending == 0).then_some(())
+    })
+    .await;
+    read_conn(ingest).await
+}
+
+async fn read_conn(ingest: &Running) -> Vec<RoutedEvent> {
+    let mut stream = ingest.jetstream.get_stream(CONN_STREAM).await.unwrap();
+    let total = stream.info().await.unwrap().state.messages as usize;
+    if total == 0 {
+        return Vec::new();
+    }
+    let consumer = stream
+        .create_consumer(pull::Config {
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap().take(total);
+    let mut out = Vec::new();
+    while let Some(message) = messages.next().await {
+        let message = message.unwrap();
+        out.push(RoutedEvent::from_message(&message.subject, message.headers.as_ref(), &message.payload).unwrap());
+    }
+    out
+}
+
+async fn post(ingest: &Running, integration: &str, query: &str, headers: &[(&str, &str)], body: &str) {
+    let mut request = ingest
+        .http
+        .post(format!("{}{query}", ingest.webhook_url(integration)))
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+}
+
+fn targets(events: &[RoutedEvent]) -> BTreeMap<(String, u32), Option<String>> {
+    events
+        .iter()
+        .map(|e| ((e.integration.to_string(), e.index), e.connection_id.clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn webhooks_reach_their_connections() {
+    let db = PgDatabase::create().await;
+    let ingest = start(&db).await;
+    let _router = start_router(&ingest);
+
+    // HubSpot: one body, two portals, two connections; an unknown portal is unrouted.
+    post(
+        &ingest,
+        "hubspot",
+        "",
+        &[],
+        r#"[{"objectId":1,"portalId":62515,"subscriptionType":"contact.creation","occurredAt":1},
+            {"objectId":2,"portalId":77,"subscriptionType":"contact.deletion","occurredAt":2},
+            {"objectId":3,"portalId":99999,"subscriptionType":"contact.creation","occurredAt":3}]"#,
+    )
+    .await;
+    // Slack: flat team_id (Events API) and nested team.id (interactivity).
+    post(
+        &ingest,
+        "slack",
+        "",
+        &[],
+        r#"{"type":"event_callback","team_id":"T1DC2JH3J","event":{"type":"app_mention"}}"#,
+    )
+    .await;
+    post(
+        &ingest,
+        "slack",
+        "",
+        &[],
+        r#"{"type":"block_actions","team":{"id":"T1DC2JH3J"}}"#,
+    )
+    .await;
+    // GitLab: the connection id is in the webhook URL's query.
+    post(
+        &ingest,
+        "gitlab",
+        "?connection_id=acme",
+        &[],
+        r#"{"object_kind":"push"}"#,
+    )
+    .await;
+    // GitHub: a repository webhook with no installation is kept as unrouted.
+    post(&ingest, "github", "", &[("x-github-event", "ping")], r#"{"zen":"hi"}"#).await;
+
+    let mut events = routed(&ingest).await;
+    // Webhooks are routed concurrently; within one webhook, events keep batch order.
+    events.sort_by_key(|e| (e.raw_seq, e.index));
+    let hubspot: Vec<_> = events.iter().filter(|e| e.integration.as_str() == "hubspot").collect();
+    assert_eq!(hubspot.len(), 3);
+    assert_eq!(hubspot[0].connection_id.as_deref(), Some("portal-a"));
+    assert_eq!(hubspot[0].event_type.as_deref(), Some("contact.creation"));
+    assert_eq!(hubspot[0].payload["objectId"], 1);
+    assert_eq!(hubspot[1].connection_id.as_deref(), Some("portal-b"));
+    assert_eq!(hubspot[2].connection_id, None);
+    assert!(
+        hubspot[2].unrouted.as_deref().unwrap().contains("99999"),
+        "{:?}",
+        hubspot[2].unrouted
+    );
+    assert!(hubspot.iter().all(|e| e.raw_seq == hubspot[0].raw_seq), "one webhook");
+    assert!(
+        hubspot[0].version() < hubspot[1].version(),
+        "batch order is version order"
+    );
+
+    let slack: Vec<_> = events.iter().filter(|e| e.integration.as_str() == "slack").collect();
+    assert_eq!(slack.len(), 2);
+    assert!(slack.iter().all(|e| e.connection_id.as_deref() == Some("team-one")));
+    assert_eq!(slack[0].event_type.as_deref(), Some("app_mention"));
+    assert_eq!(slack[1].event_type.as_deref(), Some("block_actions"));
+
+    let gitlab: Vec<_> = events.iter().filter(|e| e.integration.as_str() == "gitlab").collect();
+    assert_eq!(gitlab.len(), 1);
+    assert_eq!(gitlab[0].connection_id.as_deref(), Some("acme"));
+
+    let github: Vec<_> = events.iter().filter(|e| e.integration.as_str() == "github").collect();
+    assert_eq!(github.len(), 1);
+    assert_eq!(github[0].connection_id, None);
+    assert_eq!(github[0].event_type.as_deref(), Some("ping"));
+    assert_eq!(
+        github[0].payload,
+        json!({"zen": "hi"}),
+        "the event is kept, not dropped"
+    );
+}
+
+#[tokio::test]
+async fn a_deleted_connection_is_not_matched() {
+    let db = PgDatabase::create().await;
+    let ingest = start(&db).await;
+    let _router = start_router(&ingest);
+    let body = r#"{"installation":{"id":957387},"action":"created"}"#;
+    post(&ingest, "github", "", &[("x-github-event", "installation")], body).await;
+    let first = routed(&ingest).await;
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].connection_id.as_deref(), Some("octo"));
+
+    // The router has the connection cached; deleting it must still take effect at once.
+    assert!(ingest
+        .store
+        .delete_connection(ingest.environment.id, &"github".parse().unwrap(), "octo")
+        .await
+        .unwrap());
+    let body = r#"{"installation":{"id":957387},"action":"deleted"}"#;
+    post(&ingest, "github", "", &[("x-github-event", "installation")], body).await;
+    let second = routed(&ingest).await;
+    assert_eq!(second.len(), 2);
+    assert_eq!(second[1].connection_id, None, "{:?}", second[1]);
+    assert_eq!(second[1].event_type.as_deref(), Some("installation.deleted"));
+}
+
+#[tokio::test]
+async fn a_router_dying_mid_batch_publishes_each_event_once() {
+    let db = PgDatabase::create().await;
+    let ingest = start(&db).await;
+    // A 300-event HubSpot batch over both portals.
+    let events: Vec<_> = (0..300)
+        .map(|i| json!({"objectId": i, "portalId": if i % 2 == 0 { 62515 } else { 77 }, "subscriptionType": "contact.propertyChange", "occurredAt": i}))
+        .collect();
+    post(&ingest, "hubspot", "", &[], &serde_json::to_string(&events).unwrap()).await;
+
+    // A first router publishes part of the batch and dies before acking the webhook.
+    let router = Router::new(ingest.store.clone(), &ingest.bus).unwrap();
+    let stored = ingest
+        .jetstream
+        .get_stream(RAW_STREAM)
+        .await
+        .unwrap()
+        .get_raw_message(1)
+        .await
+        .unwrap();
+    let envelope = Envelope::from_message(&stored.subject, Some(&stored.headers), stored.payload).unwrap();
+    let all = router.resolve(1, &envelope).await.unwrap();
+    assert_eq!(all.len(), 300);
+    for event in &all[..120] {
+        let (subject, headers, payload) = event.to_message();
+        ingest
+            .jetstream
+            .publish_with_headers(subject, headers, payload)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    assert_eq!(read_conn(&ingest).await.len(), 120);
+
+    // A router started afterwards gets the unacked webhook and routes all of it.
+    let _router = start_router(&ingest);
+    let published = routed(&ingest).await;
+    assert_eq!(published.len(), 300, "no event twice, none lost");
+    let distinct = targets(&published);
+    assert_eq!(distinct.len(), 300);
+    assert!(published.iter().all(|e| e.connection_id.is_some()));
+}
