@@ -12,7 +12,6 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use bytes::Bytes;
-use hookyard_core::embedded_nats::{server_bin, EmbeddedNats, ServerSpec};
 use hookyard_core::secrets::{random_bytes, Cipher};
 use hookyard_core::store::NewIntegration;
 use hookyard_core::streams::{Bus, RAW_STREAM};
@@ -21,24 +20,14 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::load::{self, Plan, Report};
+use crate::setup::{start_nats, CpuMeter};
 
 const BARE_STREAM: &str = "BARE";
 const BARE_ID_STREAM: &str = "BARE_ID";
 
 pub async fn run(plan: &Plan, rounds: u32, duplicate_window: Duration) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let bin = server_bin();
-    let nats = EmbeddedNats::start(
-        &ServerSpec {
-            bin: &bin,
-            port,
-            store_dir: &dir.path().join("js"),
-            config_file: &dir.path().join("nats.conf"),
-            max_payload_mb: 16,
-        },
-        Duration::from_secs(30),
-    )?;
+    let (nats, port) = start_nats(dir.path())?;
     let mut config = Config {
         nats_url: format!("nats://127.0.0.1:{port}"),
         database_url: format!("sqlite://{}", dir.path().join("hookyard.db").display()),
@@ -189,60 +178,4 @@ async fn start_bare(
     let url = format!("http://{}/bare", listener.local_addr()?);
     tokio::spawn(async move { axum::serve(listener, app).await });
     Ok(url)
-}
-/// CPU seconds used by this process (servers and load generator) and by nats-server.
-struct CpuMeter {
-    nats_pid: u32,
-    own: f64,
-    nats: f64,
-}
-
-struct CpuUsed {
-    own: f64,
-    nats: f64,
-}
-
-impl CpuMeter {
-    fn start(nats_pid: u32) -> CpuMeter {
-        CpuMeter {
-            nats_pid,
-            own: cpu_seconds("self"),
-            nats: cpu_seconds(&nats_pid.to_string()),
-        }
-    }
-
-    fn stop(self) -> CpuUsed {
-        CpuUsed {
-            own: cpu_seconds("self") - self.own,
-            nats: cpu_seconds(&self.nats_pid.to_string()) - self.nats,
-        }
-    }
-}
-
-impl CpuUsed {
-    fn print(&self, report: &Report) {
-        // Includes the warm-up second: requests are counted over the same span.
-        let requests = report.ok().max(1) as f64;
-        println!(
-            "  cpu: bench process (server + load generator) {:.1}s, nats-server {:.1}s; per 1000 requests {:.0} ms + {:.0} ms (incl. warm-up)",
-            self.own,
-            self.nats,
-            self.own * 1e6 / requests,
-            self.nats * 1e6 / requests
-        );
-    }
-}
-
-/// utime + stime of a process from /proc (Linux), in seconds; 0 where unavailable.
-fn cpu_seconds(pid: &str) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-    let fields: Vec<&str> = stat
-        .rsplit_once(") ")
-        .map(|(_, rest)| rest.split(' ').collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
 }

@@ -3,6 +3,8 @@
 mod ingest_compare;
 mod load;
 mod records;
+mod router;
+mod setup;
 
 use std::time::Duration;
 
@@ -51,6 +53,15 @@ enum Command {
         #[arg(long, default_value_t = 20_000)]
         records: usize,
     },
+    /// Router throughput: events/s for single-event and batched webhook bodies.
+    Router {
+        /// Events per webhook body.
+        #[arg(long, value_delimiter = ',', default_value = "1,100")]
+        batch: Vec<usize>,
+        /// Events routed per batch size.
+        #[arg(long, default_value_t = 20_000)]
+        events: usize,
+    },
 }
 
 #[derive(clap::Args, Clone, Copy)]
@@ -96,6 +107,7 @@ fn main() -> anyhow::Result<()> {
                 duplicate_window,
             } => ingest_compare::run(&load.plan(), rounds, duplicate_window).await,
             Command::Records { batch, records } => records::run(&batch, records).await,
+            Command::Router { batch, events } => router::run(&batch, events).await,
         }
     })
 }

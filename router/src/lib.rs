@@ -27,6 +27,11 @@ use resolve::Resolver;
 pub const CONSUMER: &str = "router";
 /// Raw messages handled at once per router.
 const CONCURRENCY: usize = 64;
+/// Publishes of one webhook awaiting their acks at once. Each pending ack holds one of
+/// the JetStream context's 5,000 ack permits until awaited: every webhook in flight
+/// holding its window must fit, or all of them would wait on each other forever.
+const PUBLISH_WINDOW: usize = 64;
+const _: () = assert!(CONCURRENCY * PUBLISH_WINDOW < 5_000);
 /// A raw message not acked within this is delivered again.
 const ACK_WAIT: Duration = Duration::from_secs(30);
 /// After a failure (NATS, the database), try the message again after this.
@@ -142,9 +147,12 @@ impl Router {
     /// events, returning once every publish is acked.
     pub async fn route(&self, raw_seq: u64, envelope: &Envelope) -> Result<Outcome, RouterError> {
         let routed = self.resolve(raw_seq, envelope).await?;
-        let mut acks = Vec::with_capacity(routed.len());
+        let mut acks = Vec::with_capacity(PUBLISH_WINDOW);
         let mut outcome = Outcome::default();
         for event in &routed {
+            if acks.len() == PUBLISH_WINDOW {
+                await_acks(&mut acks).await?;
+            }
             if event.connection_id.is_some() {
                 outcome.routed += 1;
             } else {
@@ -162,9 +170,7 @@ impl Router {
                 .map_err(jetstream_error)?;
             acks.push(ack);
         }
-        for ack in futures::future::join_all(acks.into_iter().map(std::future::IntoFuture::into_future)).await {
-            ack.map_err(jetstream_error)?;
-        }
+        await_acks(&mut acks).await?;
         Ok(outcome)
     }
 
@@ -221,6 +227,14 @@ impl Router {
         }
         Ok(out)
     }
+}
+
+async fn await_acks(acks: &mut Vec<async_nats::jetstream::context::PublishAckFuture>) -> Result<(), RouterError> {
+    let pending = acks.drain(..).map(std::future::IntoFuture::into_future);
+    for ack in futures::future::join_all(pending).await {
+        ack.map_err(jetstream_error)?;
+    }
+    Ok(())
 }
 
 /// Starts a router on `store` and `bus` (the streams must exist); it runs until

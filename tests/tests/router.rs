@@ -285,3 +285,22 @@ async fn a_router_dying_mid_batch_publishes_each_event_once() {
     assert_eq!(distinct.len(), 300);
     assert!(published.iter().all(|e| e.connection_id.is_some()));
 }
+
+#[tokio::test]
+async fn a_batch_larger_than_the_ack_permits_does_not_stall_the_router() {
+    // 6,000 events in one webhook: more publishes than the JetStream client has ack
+    // permits (5,000), which stalls a router that awaits its acks only at the end.
+    let db = PgDatabase::create().await;
+    let ingest = start(&db).await;
+    let events: Vec<_> = (0..6000)
+        .map(|i| json!({"objectId": i, "portalId": 62515, "subscriptionType": "contact.propertyChange", "occurredAt": i}))
+        .collect();
+    post(&ingest, "hubspot", "", &[], &serde_json::to_string(&events).unwrap()).await;
+    let _router = start_router(&ingest);
+    let published = routed(&ingest).await;
+    assert_eq!(published.len(), 6000);
+    assert!(
+        published.windows(2).all(|w| w[0].index < w[1].index),
+        "batch order kept"
+    );
+}

@@ -1,0 +1,82 @@
+//! What the benchmarks share: a nats-server of their own and CPU accounting.
+
+use std::path::Path;
+use std::time::Duration;
+
+use hookyard_core::embedded_nats::{server_bin, EmbeddedNats, ServerSpec};
+
+use crate::load::Report;
+
+/// A nats-server on a free loopback port with its store under `dir`.
+pub fn start_nats(dir: &Path) -> anyhow::Result<(EmbeddedNats, u16)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let bin = server_bin();
+    let nats = EmbeddedNats::start(
+        &ServerSpec {
+            bin: &bin,
+            port,
+            store_dir: &dir.join("js"),
+            config_file: &dir.join("nats.conf"),
+            max_payload_mb: 16,
+        },
+        Duration::from_secs(30),
+    )?;
+    Ok((nats, port))
+}
+
+/// CPU seconds used by this process (servers and load generator) and by nats-server.
+pub struct CpuMeter {
+    nats_pid: u32,
+    own: f64,
+    nats: f64,
+}
+
+pub struct CpuUsed {
+    own: f64,
+    nats: f64,
+}
+
+impl CpuMeter {
+    pub fn start(nats_pid: u32) -> CpuMeter {
+        CpuMeter {
+            nats_pid,
+            own: cpu_seconds("self"),
+            nats: cpu_seconds(&nats_pid.to_string()),
+        }
+    }
+
+    pub fn stop(self) -> CpuUsed {
+        CpuUsed {
+            own: cpu_seconds("self") - self.own,
+            nats: cpu_seconds(&self.nats_pid.to_string()) - self.nats,
+        }
+    }
+}
+
+impl CpuUsed {
+    pub fn print(&self, report: &Report) {
+        // Includes the warm-up second: requests are counted over the same span.
+        let requests = report.ok().max(1) as f64;
+        println!(
+            "  cpu: bench process (server + load generator) {:.1}s, nats-server {:.1}s; per 1000 requests {:.0} ms + {:.0} ms (incl. warm-up)",
+            self.own,
+            self.nats,
+            self.own * 1e6 / requests,
+            self.nats * 1e6 / requests
+        );
+    }
+}
+
+/// utime + stime of a process from /proc (Linux), in seconds; 0 where unavailable.
+pub fn cpu_seconds(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, rest)| rest.split(' ').collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
