@@ -26,6 +26,8 @@ pub struct IntegrationView {
     unique_key: String,
     provider: String,
     display_name: Option<String>,
+    #[schema(value_type = Object)]
+    settings: serde_json::Value,
     /// Whether this integration's webhooks are forwarded to your app.
     forward_webhooks: bool,
     /// Whether a webhook secret is set (the secret itself is never returned).
@@ -46,6 +48,7 @@ impl IntegrationView {
             unique_key: integration.unique_key.into(),
             provider: integration.provider,
             display_name: integration.display_name,
+            settings: integration.settings,
             forward_webhooks: integration.forward_webhooks,
             has_webhook_secret: integration.webhook_secret.is_some(),
             created_at: integration.created_at,
@@ -65,6 +68,10 @@ pub struct CreateIntegration {
     webhook_secret: Option<String>,
     /// Default true.
     forward_webhooks: Option<bool>,
+    /// Provider settings; a custom integration may give its own `signature`,
+    /// `routing`, `event_type` and `batch` here (same shapes as `providers/*.toml`).
+    #[schema(value_type = Option<Object>)]
+    settings: Option<serde_json::Value>,
 }
 
 /// Every field optional; `null` clears `display_name` or `webhook_secret`.
@@ -78,12 +85,33 @@ pub struct UpdateIntegration {
     #[schema(value_type = Option<String>)]
     webhook_secret: Option<Option<String>>,
     forward_webhooks: Option<bool>,
+    /// Replaces the settings (see `CreateIntegration`).
+    #[schema(value_type = Option<Object>)]
+    settings: Option<serde_json::Value>,
     /// Cannot change: webhook URLs and records are keyed by it. Sending a different one is a 400.
     unique_key: Option<String>,
 }
 
 fn key(text: &str) -> Result<IntegrationKey, ApiError> {
     text.parse().map_err(|e| ApiError::invalid("unique_key", e))
+}
+
+/// Settings must be an object the provider catalog accepts (a custom `signature` or
+/// `routing` is checked here, not when the first webhook arrives).
+fn checked_settings(
+    state: &AppState,
+    provider: &str,
+    settings: Option<serde_json::Value>,
+) -> Result<Option<serde_json::Value>, ApiError> {
+    let Some(settings) = settings else { return Ok(None) };
+    if !settings.is_object() {
+        return Err(ApiError::invalid("settings", "must be a JSON object"));
+    }
+    state
+        .catalog
+        .resolve(provider, &settings)
+        .map_err(|e| ApiError::invalid("settings", e))?;
+    Ok(Some(settings))
 }
 
 /// List the environment's integrations.
@@ -110,11 +138,14 @@ async fn create(
     Extension(environment): Extension<Environment>,
     Body(body): Body<CreateIntegration>,
 ) -> Result<Json<Data<IntegrationView>>, ApiError> {
+    let provider = fields::text("provider", body.provider, 64)?;
+    let settings = checked_settings(&state, &provider, body.settings)?.unwrap_or_else(|| serde_json::json!({}));
     let new = NewIntegration {
         display_name: fields::optional_text("display_name", body.display_name, 255)?,
+        settings,
         webhook_secret: fields::optional_text("webhook_secret", body.webhook_secret, 1024)?,
         forward_webhooks: body.forward_webhooks.unwrap_or(true),
-        ..NewIntegration::new(key(&body.unique_key)?, fields::text("provider", body.provider, 64)?)
+        ..NewIntegration::new(key(&body.unique_key)?, provider)
     };
     let integration = state.store.create_integration(&environment, &new).await?;
     Ok(Json(Data {
@@ -158,8 +189,18 @@ async fn update(
             "an integration's key cannot change; create a new integration instead",
         ));
     }
+    let provider = body.provider.map(|p| fields::text("provider", p, 64)).transpose()?;
+    let settings = match (&provider, body.settings) {
+        (_, None) => None,
+        (Some(p), settings) => checked_settings(&state, p, settings)?,
+        (None, settings) => {
+            let current = state.store.existing_integration(environment.id, &current).await?;
+            checked_settings(&state, &current.provider, settings)?
+        }
+    };
     let changes = IntegrationChanges {
-        provider: body.provider.map(|p| fields::text("provider", p, 64)).transpose()?,
+        provider,
+        settings,
         display_name: body
             .display_name
             .map(|name| fields::optional_text("display_name", name, 255))

@@ -18,6 +18,9 @@ use axum::http::{StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router, ServiceExt as _};
+use std::sync::Arc;
+
+use hookyard_core::providers::{Catalog, CatalogError};
 use hookyard_core::{Config, Store};
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -33,6 +36,8 @@ pub use error::ApiError;
 #[derive(Clone)]
 pub struct AppState {
     store: Store,
+    /// The provider catalog, to check integration settings.
+    catalog: Arc<Catalog>,
     /// `http(s)://host[:port]` of ingest, for the `webhook_url` of integrations.
     webhook_base_url: String,
 }
@@ -78,9 +83,10 @@ impl Modify for BearerAuth {
 const PATH_ALIASES: &[(&str, &str)] = &[("/connection", "/connections")];
 
 /// The API's routes and its OpenAPI document.
-pub fn router(store: Store, config: &Config) -> (Router, Document) {
+pub fn router(store: Store, config: &Config) -> Result<(Router, Document), CatalogError> {
     let state = AppState {
         store,
+        catalog: Arc::new(Catalog::embedded()?),
         webhook_base_url: config.webhook_base_url(),
     };
     let (authenticated, mut document) = OpenApiRouter::with_openapi(ApiDoc::openapi())
@@ -107,7 +113,7 @@ pub fn router(store: Store, config: &Config) -> (Router, Document) {
             )
         })
         .with_state(state);
-    (router, document)
+    Ok((router, document))
 }
 
 async fn ready(State(state): State<AppState>) -> impl IntoResponse {
@@ -181,7 +187,7 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: Cancellation
 /// `hookyard api`: open the store, serve until shutdown.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let store = Store::connect(&config.database_url, config.cipher()?).await?;
-    let (router, _) = router(store, config);
+    let (router, _) = router(store, config)?;
     let addr = config.api.listen;
     let listener = TcpListener::bind(addr)
         .await

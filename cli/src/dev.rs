@@ -5,11 +5,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use futures::StreamExt;
 use hookyard_core::config::EncryptionKey;
 use hookyard_core::embedded_nats::{server_bin, EmbeddedNats, ServerSpec};
+use hookyard_core::routed::RoutedEvent;
 use hookyard_core::secrets::Cipher;
-use hookyard_core::store::{Environment, NewIntegration, StoreError};
-use hookyard_core::streams::{Bus, RAW_STREAM};
+use hookyard_core::store::{Environment, NewConnection, NewIntegration, StoreError};
+use hookyard_core::streams::{Bus, CONN_STREAM, RAW_STREAM};
 use hookyard_core::{Config, Envelope, Store};
 use hookyard_ingest::Ingest;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +26,7 @@ pub struct DevArgs {
 }
 
 const DEMO_INTEGRATION: &str = "demo";
+const DEMO_CONNECTION: &str = "demo-connection";
 const DEMO_BODY: &str = r#"{"type":"contact.updated","contact":{"id":"c_1","email":"ada@example.com"}}"#;
 
 pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken) -> Result<(), Error> {
@@ -48,7 +51,7 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
     let router = hookyard_router::start(&config, store.clone(), &bus, shutdown.clone()).await?;
     let ingest_listener = listen(config.ingest.listen, "HOOKYARD_INGEST__LISTEN").await?;
     let api_listener = listen(config.api.listen, "HOOKYARD_API__LISTEN").await?;
-    let (api_router, _) = hookyard_api::router(store, &config);
+    let (api_router, _) = hookyard_api::router(store, &config)?;
     let webhook_url = format!(
         "{}/webhook/{}/{DEMO_INTEGRATION}",
         config.webhook_base_url(),
@@ -196,16 +199,43 @@ fn stop_stale_nats(pid_file: &Path) {
         .status();
 }
 
+/// The `demo` integration (generic: every webhook goes to every connection) and its
+/// one connection, `demo-connection`.
 async fn ensure_demo_integration(store: &Store, environment: &Environment) -> Result<(), Error> {
     let demo = NewIntegration::new(DEMO_INTEGRATION.parse()?, "generic");
     match store.create_integration(environment, &demo).await {
+        Ok(_) | Err(StoreError::Conflict(_)) => {}
+        Err(error) => return Err(error.into()),
+    }
+    let connection = NewConnection {
+        integration: DEMO_INTEGRATION.parse()?,
+        connection_id: DEMO_CONNECTION.into(),
+        connection_config: serde_json::json!({}),
+        metadata: serde_json::json!({}),
+        tags: serde_json::json!({}),
+        credentials: None,
+    };
+    match store.create_connection(environment, &connection).await {
         Ok(_) | Err(StoreError::Conflict(_)) => Ok(()),
         Err(error) => Err(error.into()),
     }
 }
 
-/// Posts one webhook to ourselves and shows it read back from `HOOKS_RAW`.
+/// Posts one webhook to ourselves and shows it read back from `HOOKS_RAW`, then as the
+/// router delivered it to the demo connection in `HOOKS_CONN`.
 async fn send_demo_webhook(url: &str, jetstream: &jetstream::Context) -> Result<(), Error> {
+    let routed_subject = format!("hooks.conn.dev.{DEMO_INTEGRATION}.{DEMO_CONNECTION}");
+    let watcher = jetstream
+        .get_stream(CONN_STREAM)
+        .await?
+        .create_consumer(jetstream::consumer::pull::Config {
+            filter_subject: routed_subject.clone(),
+            deliver_policy: jetstream::consumer::DeliverPolicy::New,
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            inactive_threshold: Duration::from_secs(30),
+            ..Default::default()
+        })
+        .await?;
     let response = reqwest::Client::new()
         .post(url)
         .header("content-type", "application/json")
@@ -227,5 +257,23 @@ async fn send_demo_webhook(url: &str, jetstream: &jetstream::Context) -> Result<
         envelope.delivery_id,
         String::from_utf8_lossy(&envelope.body)
     );
+    let mut routed = watcher
+        .fetch()
+        .max_messages(1)
+        .expires(Duration::from_secs(10))
+        .messages()
+        .await?;
+    match routed.next().await {
+        Some(message) => {
+            let message = message?;
+            let event = RoutedEvent::from_message(&message.subject, message.headers.as_ref(), &message.payload)?;
+            println!(
+                "demo: router -> {routed_subject}: event {}, version {}\n",
+                event.event_type.as_deref().unwrap_or("(none)"),
+                event.version()
+            );
+        }
+        None => println!("demo: the router did not deliver the webhook within 10 s\n"),
+    }
     Ok(())
 }

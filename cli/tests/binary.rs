@@ -324,6 +324,11 @@ async fn dev_starts_everything_and_takes_a_webhook() {
     assert!(accepted.contains("\"duplicate\":false"), "{accepted}");
     let stored = Process::wait_for(&process.stdout, "demo: HOOKS_RAW #1");
     assert!(stored.contains("POST 75 bytes"), "{stored}");
+    let routed = Process::wait_for(&process.stdout, "demo: router");
+    assert!(
+        routed.contains("hooks.conn.dev.demo.demo-connection: event contact.updated"),
+        "the router delivered the demo webhook to the demo connection: {routed}"
+    );
 
     let response = reqwest::Client::new()
         .post(&url)

@@ -152,29 +152,33 @@ impl Bus {
     }
 }
 
+/// `HOOKS_RAW`. Limits, not WorkQueue: a work queue forgets what it delivered, and this
+/// stream is what operators replay from.
 pub fn raw_stream_config(config: &StreamsConfig) -> stream::Config {
-    stream::Config {
-        name: RAW_STREAM.to_string(),
-        description: Some("hookyard: every received webhook, as received".into()),
-        subjects: vec![RAW_SUBJECTS.to_string()],
-        // Limits, not WorkQueue: a work queue forgets what it delivered, and this stream
-        // is what operators replay from.
-        retention: stream::RetentionPolicy::Limits,
-        max_age: config.raw_max_age,
-        duplicate_window: config.duplicate_window,
-        num_replicas: config.replicas,
-        storage: stream::StorageType::File,
-        allow_direct: true,
-        ..Default::default()
-    }
+    kept_stream(
+        config,
+        RAW_STREAM,
+        "hookyard: every received webhook, as received",
+        &[RAW_SUBJECTS],
+    )
 }
 
+/// `HOOKS_CONN`, kept the same way: a connection's events can be inspected and replayed.
 pub fn conn_stream_config(config: &StreamsConfig) -> stream::Config {
+    kept_stream(
+        config,
+        CONN_STREAM,
+        "hookyard: events resolved to connections, and the unrouted ones",
+        CONN_SUBJECTS,
+    )
+}
+
+/// A Limits-retention file stream kept for `raw_max_age`.
+fn kept_stream(config: &StreamsConfig, name: &str, description: &str, subjects: &[&str]) -> stream::Config {
     stream::Config {
-        name: CONN_STREAM.to_string(),
-        description: Some("hookyard: events resolved to connections, and the unrouted ones".into()),
-        subjects: CONN_SUBJECTS.iter().map(|s| s.to_string()).collect(),
-        // Limits: a connection's events can be inspected and replayed.
+        name: name.to_string(),
+        description: Some(description.into()),
+        subjects: subjects.iter().map(|s| s.to_string()).collect(),
         retention: stream::RetentionPolicy::Limits,
         max_age: config.raw_max_age,
         duplicate_window: config.duplicate_window,

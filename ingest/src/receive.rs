@@ -68,17 +68,19 @@ pub async fn receive_webhook(
     let headers = header_list(&headers);
     let query = uri.query().map(String::from);
     // Some providers sign the URL they called: the public address plus the path and
-    // query exactly as received.
-    let url = format!(
-        "{}{}",
-        ingest.public_base_url,
-        uri.path_and_query().map_or(uri.path(), |pq| pq.as_str())
-    );
+    // query exactly as received. Only built for them.
+    let url = rules.signs_url().then(|| {
+        format!(
+            "{}{}",
+            ingest.public_base_url,
+            uri.path_and_query().map_or(uri.path(), |pq| pq.as_str())
+        )
+    });
 
     // GET and HEAD carry only handshakes (Meta's subscription check, Intercom's HEAD);
     // any other one just confirms the URL exists.
     if method != Method::POST {
-        let inbound = Inbound::new(method.as_str(), Some(&url), &headers, query.as_deref(), b"");
+        let inbound = Inbound::new(method.as_str(), url.as_deref(), &headers, query.as_deref(), b"");
         return match handshake::answer(&rules.handshakes, &inbound, secret, &integration.settings) {
             Some(answer) => handshake_response(answer, &integration.unique_key),
             None => Ok(StatusCode::OK.into_response()),
@@ -115,7 +117,7 @@ pub async fn receive_webhook(
 
     // Handshakes are answered here, synchronously and without publishing: they are
     // the provider checking the URL, not events. Then the signature, failing closed.
-    let inbound = Inbound::new("POST", Some(&url), &headers, query.as_deref(), &body);
+    let inbound = Inbound::new("POST", url.as_deref(), &headers, query.as_deref(), &body);
     if let Some(answer) = handshake::answer(&rules.handshakes, &inbound, secret, &integration.settings) {
         return handshake_response(answer, &integration.unique_key);
     }

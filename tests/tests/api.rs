@@ -37,7 +37,7 @@ async fn start(database_url: &str) -> Api {
     let prod = store.ensure_environment(&"prod".parse().unwrap()).await.unwrap();
     let mut config = Config::default();
     config.ingest.public_url = Some("https://hooks.example.com/".into());
-    let (router, _) = hookyard_api::router(store.clone(), &config);
+    let (router, _) = hookyard_api::router(store.clone(), &config).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let shutdown = CancellationToken::new();
@@ -251,6 +251,43 @@ async fn integrations(api: &Api) {
         )
         .await;
     assert_eq!(cleared["data"]["has_webhook_secret"], false);
+    // A custom integration declares its signature and routing in settings, checked now.
+    let custom = json!({
+        "signature": {"algorithm": "hmac-sha256", "header": "X-Acme-Signature", "prefix": "sha256="},
+        "routing": {"by": "value", "source": ["body:account"], "match": "connection_config.account"}
+    });
+    let made = api
+        .ok(
+            api.dev(Method::POST, "/integrations")
+                .json(&json!({"unique_key": "acme", "provider": "acme-crm", "settings": custom})),
+            StatusCode::OK,
+        )
+        .await;
+    assert_eq!(made["data"]["settings"], custom);
+    for settings in [
+        json!({"routing": {"by": "value"}}),
+        json!({"signature": {"algorithm": "md5"}}),
+        json!([1]),
+    ] {
+        let bad = api
+            .dev(Method::PATCH, "/integrations/acme")
+            .json(&json!({"settings": settings}))
+            .send()
+            .await
+            .unwrap();
+        assert_bad_field(bad, "settings").await;
+    }
+    let cleared = api
+        .ok(
+            api.dev(Method::PATCH, "/integrations/acme")
+                .json(&json!({"settings": {}})),
+            StatusCode::OK,
+        )
+        .await;
+    assert_eq!(cleared["data"]["settings"], json!({}));
+    api.ok(api.dev(Method::DELETE, "/integrations/acme"), StatusCode::OK)
+        .await;
+
     let rename = api
         .dev(Method::PATCH, "/integrations/github")
         .json(&json!({"unique_key": "gh"}))

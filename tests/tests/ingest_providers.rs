@@ -19,6 +19,9 @@ fn integration(key: &str, provider: &str, secret: Option<&str>) -> NewIntegratio
 }
 
 async fn start() -> Running {
+    let mut custom = integration("custom", "acme-crm", Some("custom-secret"));
+    custom.settings =
+        json!({"signature": {"algorithm": "hmac-sha256", "header": "X-Acme-Signature", "prefix": "sha256="}});
     let mut meta = integration("meta", "meta", Some("app-secret"));
     meta.settings = json!({"verify_token": "meatyhamhock"});
     start_ingest_with(
@@ -32,6 +35,7 @@ async fn start() -> Running {
             integration("twilio", "twilio", Some("12345")),
             integration("intercom", "intercom", None),
             meta,
+            custom,
         ],
     )
     .await
@@ -156,4 +160,26 @@ async fn handshakes_are_answered_synchronously_and_not_published() {
     assert_eq!(head.status(), 200);
 
     assert_eq!(ingest.raw_count().await, 0, "handshakes are not events");
+}
+
+#[tokio::test]
+async fn a_custom_integration_verifies_by_its_settings() {
+    let ingest = start().await;
+    let body = r#"{"account":"a1"}"#;
+    let headers = vec![];
+    let request = Inbound::new("POST", None, &headers, None, body.as_bytes());
+    let spec: hookyard_core::providers::SignatureSpec =
+        serde_json::from_value(json!({"algorithm": "hmac-sha256", "header": "X-Acme-Signature"})).unwrap();
+    let signature = sign(&spec, &request, "custom-secret", None).unwrap();
+    let send = |signature: String| {
+        ingest
+            .http
+            .post(ingest.webhook_url("custom"))
+            .header("x-acme-signature", format!("sha256={signature}"))
+            .body(body)
+            .send()
+    };
+    assert_eq!(send(signature).await.unwrap().status(), 202);
+    assert_eq!(ingest.raw_envelope(1).await.verification, Verification::Verified);
+    assert_error(send("00".into()).await.unwrap(), 401, "bad_signature").await;
 }

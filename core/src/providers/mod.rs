@@ -32,6 +32,11 @@ pub use request::Inbound;
 pub use signature::{Algorithm, SignatureSpec, Verification, VerifyError};
 
 impl Provider {
+    /// Whether verification needs the URL the provider called (it signs it).
+    pub fn signs_url(&self) -> bool {
+        self.signature.as_ref().is_some_and(|s| s.signed.contains("{url}"))
+    }
+
     /// Checks a received webhook's signature against the integration's secret: fails
     /// closed when there is a secret, says `Unverified` when the provider signs but there
     /// is no secret to check with.

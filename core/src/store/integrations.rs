@@ -95,7 +95,8 @@ impl Store {
                  display_name = CASE WHEN $2 THEN $3 ELSE display_name END,
                  webhook_secret = CASE WHEN $4 THEN $5 ELSE webhook_secret END,
                  forward_webhooks = COALESCE($6, forward_webhooks),
-                 updated_at = $7
+                 updated_at = $7,
+                 settings = COALESCE($10, settings)
              WHERE environment_id = $8 AND unique_key = $9"
         )
         .bind(&changes.provider)
@@ -107,6 +108,7 @@ impl Store {
         .bind(Utc::now())
         .bind(environment_id)
         .bind(key.as_str())
+        .bind(changes.settings.as_ref().map(Json))
         .execute(pool)
         .await
         .map(|r| r.rows_affected()))?;

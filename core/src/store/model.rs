@@ -72,6 +72,8 @@ pub struct IntegrationChanges {
     pub display_name: Option<Option<String>>,
     pub webhook_secret: Option<Option<String>>,
     pub forward_webhooks: Option<bool>,
+    /// Replaces the settings object.
+    pub settings: Option<Value>,
 }
 
 /// How hookyard calls the provider's API for a connection (Nango's credential shapes).
