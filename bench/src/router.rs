@@ -75,6 +75,7 @@ pub async fn run(batches: &[usize], events_per_size: usize) -> anyhow::Result<()
                 headers: vec![("content-type".into(), "application/json".into())],
                 body: Bytes::from(serde_json::to_vec(&events)?),
                 verification: hookyard_core::providers::Verification::Unsigned,
+                traceparent: None,
             };
             acks.push(
                 bus.jetstream

@@ -30,6 +30,7 @@ const H_PATH: &str = "Hookyard-Path";
 const H_QUERY: &str = "Hookyard-Query";
 /// Only present when not `unsigned`.
 const H_VERIFICATION: &str = "Hookyard-Verification";
+const H_TRACEPARENT: &str = "traceparent";
 const HTTP_PREFIX: &str = "Http-";
 
 /// Request headers that carry the provider's own id for one delivery; a retry of the
@@ -67,6 +68,8 @@ pub struct Envelope {
     pub body: Bytes,
     /// What ingest concluded about the signature.
     pub verification: Verification,
+    /// The W3C trace context of the request's span, when traces are exported.
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +148,9 @@ impl Envelope {
         if self.verification != Verification::Unsigned {
             map.insert(H_VERIFICATION, self.verification.as_str());
         }
+        if let Some(traceparent) = &self.traceparent {
+            insert_checked(&mut map, H_TRACEPARENT, traceparent);
+        }
         for (name, value) in &self.headers {
             insert_checked(&mut map, &format!("{HTTP_PREFIX}{name}"), value);
         }
@@ -200,6 +206,7 @@ impl Envelope {
                     Verification::parse(text).ok_or_else(|| EnvelopeError::Invalid(H_VERIFICATION, text.to_string()))?
                 }
             },
+            traceparent: get(H_TRACEPARENT).map(String::from),
         })
     }
 }
@@ -236,6 +243,7 @@ mod tests {
             ],
             body: Bytes::from_static(b"{\"a\": 1}\n\x00\xff"),
             verification: Verification::Verified,
+            traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
         }
     }
 
@@ -254,6 +262,7 @@ mod tests {
         assert_eq!(back.query, envelope.query);
         assert_eq!(back.body, envelope.body);
         assert_eq!(back.verification, Verification::Verified);
+        assert_eq!(back.traceparent, envelope.traceparent);
         let mut got = back.headers.clone();
         let mut want = envelope.headers.clone();
         got.sort();

@@ -12,6 +12,7 @@ pub mod shutdown;
 pub mod store;
 pub mod streams;
 pub mod telemetry;
+pub mod trace_context;
 
 pub use config::Config;
 pub use envelope::Envelope;

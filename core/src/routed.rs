@@ -20,6 +20,7 @@ const H_EVENT_TYPE: &str = "Hookyard-Event-Type";
 const H_DELIVERY_ID: &str = "Hookyard-Delivery-Id";
 const H_CONNECTION: &str = "Hookyard-Connection";
 const H_UNROUTED: &str = "Hookyard-Unrouted";
+const H_TRACEPARENT: &str = "traceparent";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoutedEvent {
@@ -36,6 +37,8 @@ pub struct RoutedEvent {
     pub event_type: Option<String>,
     pub delivery_id: String,
     pub payload: Value,
+    /// The router's span for this webhook, in the webhook's trace.
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +96,9 @@ impl RoutedEvent {
         if let Some(reason) = &self.unrouted {
             put(H_UNROUTED, reason);
         }
+        if let Some(traceparent) = &self.traceparent {
+            put(H_TRACEPARENT, traceparent);
+        }
         let payload = serde_json::to_vec(&self.payload).expect("a JSON value serialises");
         (self.subject(), headers, Bytes::from(payload))
     }
@@ -121,6 +127,7 @@ impl RoutedEvent {
             event_type: get(H_EVENT_TYPE),
             delivery_id: need(H_DELIVERY_ID)?,
             payload: serde_json::from_slice(payload).map_err(|e| RoutedError::Payload(e.to_string()))?,
+            traceparent: get(H_TRACEPARENT),
         })
     }
 }
@@ -141,6 +148,7 @@ mod tests {
             event_type: Some("contact.creation".into()),
             delivery_id: "h:abc".into(),
             payload: serde_json::json!({"objectId": 123}),
+            traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
         };
         let (subject, headers, payload) = event.to_message();
         assert_eq!(subject, "hooks.conn.dev.hubspot.~cG9ydGFsIDYyNTE1");

@@ -145,6 +145,7 @@ pub async fn receive_webhook(
         headers,
         body,
         verification,
+        traceparent: hookyard_core::trace_context::current_traceparent(),
     };
 
     let ack = ingest.publisher.publish_envelope(&envelope).await.map_err(|failure| {

@@ -18,8 +18,10 @@ use hookyard_core::providers::{Catalog, CatalogError, Inbound, Route};
 use hookyard_core::routed::RoutedEvent;
 use hookyard_core::store::StoreError;
 use hookyard_core::streams::{Bus, StreamsError, RAW_STREAM};
+use hookyard_core::trace_context::{continue_trace, current_traceparent};
 use hookyard_core::{Config, Envelope, Store};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use resolve::Resolver;
 
@@ -124,7 +126,10 @@ impl Router {
                 return;
             }
         };
-        match self.route(sequence, &envelope).await {
+        // One trace per webhook: the router's span continues ingest's.
+        let span = tracing::info_span!("route_webhook", raw_seq = sequence, integration = %envelope.integration);
+        continue_trace(&span, envelope.traceparent.as_deref());
+        match self.route(sequence, &envelope).instrument(span).await {
             Ok(outcome) => {
                 tracing::debug!(
                     sequence,
@@ -176,6 +181,7 @@ impl Router {
 
     /// The messages one webhook becomes.
     pub async fn resolve(&self, raw_seq: u64, envelope: &Envelope) -> Result<Vec<RoutedEvent>, RouterError> {
+        let traceparent = current_traceparent();
         let unrouted =
             |index: u32, event_type: Option<String>, payload: serde_json::Value, reason: String| RoutedEvent {
                 environment: envelope.environment.clone(),
@@ -187,6 +193,7 @@ impl Router {
                 event_type,
                 delivery_id: envelope.delivery_id.clone(),
                 payload,
+                traceparent: traceparent.clone(),
             };
         let Some(state) = self
             .resolver
@@ -222,6 +229,7 @@ impl Router {
                     event_type: event.event_type.clone(),
                     delivery_id: envelope.delivery_id.clone(),
                     payload: event.payload.clone(),
+                    traceparent: traceparent.clone(),
                 });
             }
         }

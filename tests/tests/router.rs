@@ -304,3 +304,32 @@ async fn a_batch_larger_than_the_ack_permits_does_not_stall_the_router() {
         "batch order kept"
     );
 }
+
+#[tokio::test]
+async fn one_trace_follows_a_webhook_from_ingest_through_the_router() {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    // This test process exports traces (to nowhere): spans get real trace ids.
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    let subscriber =
+        tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+    tracing::subscriber::set_global_default(subscriber).unwrap();
+
+    let db = PgDatabase::create().await;
+    let ingest = start(&db).await;
+    let _router = start_router(&ingest);
+    post(
+        &ingest,
+        "gitlab",
+        "?connection_id=acme",
+        &[],
+        r#"{"object_kind":"push"}"#,
+    )
+    .await;
+    let envelope = ingest.raw_envelope(1).await;
+    let sent = envelope.traceparent.expect("ingest writes its trace context");
+    let routed = routed(&ingest).await;
+    let received = routed[0].traceparent.as_deref().expect("the router writes its own");
+    assert_eq!(received[3..35], sent[3..35], "one trace id from ingest to HOOKS_CONN");
+    assert_ne!(received[36..52], sent[36..52], "the router's own span");
+}
