@@ -87,9 +87,6 @@ pub struct Provider {
     pub order: Option<OrderSpec>,
     #[serde(default)]
     pub routing: RoutingSpec,
-    /// Request headers that carry the provider's id for one delivery.
-    #[serde(default)]
-    pub delivery_id_headers: Vec<String>,
 }
 
 /// The parts of a provider an integration's settings may replace.
