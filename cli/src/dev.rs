@@ -48,7 +48,7 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
     ensure_demo_integration(&store, &environment).await?;
     let bus = Bus::connect(&config, "hookyard-dev").await?;
     let ingest = Ingest::start(&config, store.clone(), bus.clone(), shutdown.clone()).await?;
-    let router = hookyard_router::start(&config, store.clone(), &bus, shutdown.clone()).await?;
+    let router = std::sync::Arc::new(hookyard_router::Router::new(store.clone(), &bus)?);
     let ingest_listener = listen(config.ingest.listen, "HOOKYARD_INGEST__LISTEN").await?;
     let api_listener = listen(config.api.listen, "HOOKYARD_API__LISTEN").await?;
     let (api_router, _) = hookyard_api::router(store, &config)?;
@@ -78,6 +78,7 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
         hookyard_api::serve(api_listener, api_router, shutdown.clone()),
         shutdown.clone(),
     );
+    let router = spawn_stopping_all(router.run(shutdown.clone()), shutdown.clone());
     if !args.no_demo {
         if let Err(error) = send_demo_webhook(&webhook_url, &bus.jetstream).await {
             eprintln!("demo webhook failed: {error}");

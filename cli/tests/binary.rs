@@ -435,7 +435,7 @@ async fn dev_restarts_cleanly_after_being_killed_and_keeps_its_webhooks() {
 #[tokio::test]
 async fn services_refuse_to_start_without_an_encryption_key() {
     let dir = tempfile::tempdir().unwrap();
-    for service in ["api", "ingest"] {
+    for service in ["api", "ingest", "router"] {
         let mut process = Process::spawn(&[service], &[("HOOKYARD_ENCRYPTION_KEY", String::new())], dir.path());
         let status = process.wait_exit();
         assert_eq!(status.code(), Some(2), "{service}");

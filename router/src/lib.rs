@@ -245,23 +245,11 @@ async fn await_acks(acks: &mut Vec<async_nats::jetstream::context::PublishAckFut
     Ok(())
 }
 
-/// Starts a router on `store` and `bus` (the streams must exist); it runs until
-/// `shutdown`.
-pub async fn start(
-    config: &Config,
-    store: Store,
-    bus: &Bus,
-    shutdown: CancellationToken,
-) -> Result<tokio::task::JoinHandle<Result<(), RouterError>>, RouterError> {
-    bus.ensure_streams(&config.streams).await?;
-    let router = Arc::new(Router::new(store, bus)?);
-    Ok(tokio::spawn(router.run(shutdown)))
-}
-
 /// `hookyard router`: connect, route until shutdown.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let store = Store::connect(&config.database_url, config.cipher()?).await?;
     let bus = Bus::connect(config, "hookyard-router").await?;
-    start(config, store, &bus, shutdown).await?.await??;
+    bus.ensure_streams(&config.streams).await?;
+    Arc::new(Router::new(store, &bus)?).run(shutdown).await?;
     Ok(())
 }
