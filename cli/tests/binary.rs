@@ -484,3 +484,98 @@ async fn api_serves_the_environment_of_its_key_and_stops_on_sigterm() {
     let status = tokio::task::spawn_blocking(move || process.wait_exit()).await.unwrap();
     assert!(status.success(), "exit status {status:?}");
 }
+
+#[tokio::test]
+async fn a_router_killed_mid_batch_and_restarted_routes_each_event_once() {
+    use hookyard_core::streams::CONN_STREAM;
+    let nats = NatsServer::start();
+    let sqlite = SqliteFile::create();
+    let store = Store::connect(&sqlite.url, test_cipher()).await.unwrap();
+    let env = store.ensure_environment(&"dev".parse().unwrap()).await.unwrap();
+    store
+        .create_integration(&env, &NewIntegration::new("hubspot".parse().unwrap(), "hubspot"))
+        .await
+        .unwrap();
+    for portal in [1, 2] {
+        let connection = hookyard_core::store::NewConnection {
+            integration: "hubspot".parse().unwrap(),
+            connection_id: format!("portal-{portal}"),
+            connection_config: serde_json::json!({"portalId": portal}),
+            metadata: serde_json::json!({}),
+            tags: serde_json::json!({}),
+            credentials: None,
+        };
+        store.create_connection(&env, &connection).await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let env_vars = [
+        ("HOOKYARD_NATS_URL", nats.url.clone()),
+        ("HOOKYARD_DATABASE_URL", sqlite.url.clone()),
+    ];
+    let mut first = Process::spawn(&["router"], &env_vars, dir.path());
+    Process::wait_for(&first.stderr, "router consuming");
+
+    // Five webhooks of 2,000 HubSpot events each, straight into HOOKS_RAW.
+    let jetstream = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    let mut last = 0;
+    for w in 0..5 {
+        let events: Vec<_> = (0..2000)
+            .map(|i| serde_json::json!({"objectId": w * 2000 + i, "portalId": 1 + i % 2, "subscriptionType": "contact.propertyChange", "occurredAt": i}))
+            .collect();
+        let envelope = hookyard_core::Envelope {
+            environment: env.name.clone(),
+            integration: "hubspot".parse().unwrap(),
+            received_at: chrono::Utc::now(),
+            delivery_id: format!("kill-{w}"),
+            method: "POST".into(),
+            path: None,
+            query: None,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: serde_json::to_vec(&events).unwrap().into(),
+            verification: hookyard_core::providers::Verification::Unsigned,
+            traceparent: None,
+        };
+        let ack = jetstream
+            .publish_with_headers(envelope.subject(), envelope.to_headers(), envelope.body.clone())
+            .await
+            .unwrap();
+        last = ack.await.unwrap().sequence;
+    }
+    let conn_count = || async {
+        let mut stream = jetstream.get_stream(CONN_STREAM).await.unwrap();
+        stream.info().await.unwrap().state.messages
+    };
+    // Killed as soon as it has published something: without a chance to ack.
+    eventually("the first routed events", Duration::from_secs(30), || async {
+        (conn_count().await > 0).then_some(())
+    })
+    .await;
+    first.signal("-KILL");
+    first.wait_exit();
+    let at_kill = conn_count().await;
+    assert!(
+        at_kill < 10_000,
+        "the kill landed mid-way ({at_kill} of 10000 published)"
+    );
+
+    // What the killed router held is delivered again once its ack wait (30 s) runs out.
+    let mut second = Process::spawn(&["router"], &env_vars, dir.path());
+    eventually(
+        "the restarted router to ack every webhook",
+        Duration::from_secs(90),
+        || async {
+            let stream = jetstream.get_stream(RAW_STREAM).await.ok()?;
+            let mut consumer = stream
+                .get_consumer::<async_nats::jetstream::consumer::pull::Config>("router")
+                .await
+                .ok()?;
+            let info = consumer.info().await.ok()?;
+            (info.ack_floor.stream_sequence >= last && info.num_ack_pending == 0).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(conn_count().await, 10_000, "every event once: none lost, none twice");
+    second.signal("-TERM");
+    let status = tokio::task::spawn_blocking(move || second.wait_exit()).await.unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
