@@ -91,7 +91,7 @@ pub async fn run(batches: &[usize], events_per_size: usize) -> anyhow::Result<()
         }
 
         let shutdown = CancellationToken::new();
-        let router = Arc::new(Router::new(store.clone(), &bus)?);
+        let router = Arc::new(Router::new(store.clone(), &bus, &config.router)?);
         let (own, server) = (cpu_seconds("self"), cpu_seconds(&nats_pid));
         let started = Instant::now();
         let task = tokio::spawn(router.run(shutdown.clone()));

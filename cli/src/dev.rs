@@ -48,7 +48,7 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
     ensure_demo_integration(&store, &environment).await?;
     let bus = Bus::connect(&config, "hookyard-dev").await?;
     let ingest = Ingest::start(&config, store.clone(), bus.clone(), shutdown.clone()).await?;
-    let router = std::sync::Arc::new(hookyard_router::Router::new(store.clone(), &bus)?);
+    let router = std::sync::Arc::new(hookyard_router::Router::new(store.clone(), &bus, &config.router)?);
     let ingest_listener = listen(config.ingest.listen, "HOOKYARD_INGEST__LISTEN").await?;
     let api_listener = listen(config.api.listen, "HOOKYARD_API__LISTEN").await?;
     let (api_router, _) = hookyard_api::router(store, &config)?;

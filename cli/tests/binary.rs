@@ -511,6 +511,7 @@ async fn a_router_killed_mid_batch_and_restarted_routes_each_event_once() {
     let env_vars = [
         ("HOOKYARD_NATS_URL", nats.url.clone()),
         ("HOOKYARD_DATABASE_URL", sqlite.url.clone()),
+        ("HOOKYARD_ROUTER__ACK_WAIT", "2s".into()),
     ];
     let mut first = Process::spawn(&["router"], &env_vars, dir.path());
     Process::wait_for(&first.stderr, "router consuming");
@@ -558,7 +559,7 @@ async fn a_router_killed_mid_batch_and_restarted_routes_each_event_once() {
         "the kill landed mid-way ({at_kill} of 10000 published)"
     );
 
-    // What the killed router held is delivered again once its ack wait (30 s) runs out.
+    // What the killed router held is delivered again once its ack wait (2 s here) runs out.
     let mut second = Process::spawn(&["router"], &env_vars, dir.path());
     eventually(
         "the restarted router to ack every webhook",

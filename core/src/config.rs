@@ -26,6 +26,7 @@ pub struct Config {
     /// every service; `hookyard dev` keeps one under `data_dir` when none is given.
     pub encryption_key: Option<EncryptionKey>,
     pub ingest: IngestConfig,
+    pub router: RouterConfig,
     pub api: ApiConfig,
     pub streams: StreamsConfig,
     pub telemetry: TelemetryConfig,
@@ -57,6 +58,14 @@ pub struct IngestConfig {
     /// How often the environment and integration settings are reloaded from the store.
     #[serde(with = "humantime_serde")]
     pub settings_refresh: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouterConfig {
+    /// A webhook a router took and did not finish (it died) goes to another after this.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -114,6 +123,7 @@ impl Default for Config {
             data_dir: PathBuf::from(".hookyard"),
             encryption_key: None,
             ingest: IngestConfig::default(),
+            router: RouterConfig::default(),
             api: ApiConfig::default(),
             streams: StreamsConfig::default(),
             telemetry: TelemetryConfig::default(),
@@ -133,6 +143,14 @@ impl Default for IngestConfig {
             max_in_flight_bytes: 256 * 1024 * 1024,
             retry_after: Duration::from_secs(5),
             settings_refresh: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            ack_wait: Duration::from_secs(30),
         }
     }
 }
@@ -260,6 +278,9 @@ impl Config {
         }
         if ingest.settings_refresh < Duration::from_millis(100) {
             problems.push("ingest.settings_refresh must be at least 100ms".into());
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.router.ack_wait) {
+            problems.push("router.ack_wait must be between 1s and 1h".into());
         }
         let streams = &self.streams;
         if streams.raw_max_age < Duration::from_secs(60) {

@@ -13,6 +13,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
+use hookyard_core::config::RouterConfig;
 use hookyard_core::providers::events::events;
 use hookyard_core::providers::{Catalog, CatalogError, Inbound, Route};
 use hookyard_core::routed::RoutedEvent;
@@ -34,8 +35,6 @@ const CONCURRENCY: usize = 64;
 /// holding its window must fit, or all of them would wait on each other forever.
 const PUBLISH_WINDOW: usize = 64;
 const _: () = assert!(CONCURRENCY * PUBLISH_WINDOW < 5_000);
-/// A raw message not acked within this is delivered again.
-const ACK_WAIT: Duration = Duration::from_secs(30);
 /// After a failure (NATS, the database), try the message again after this.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 
@@ -65,32 +64,32 @@ pub struct Outcome {
 pub struct Router {
     resolver: Resolver,
     jetstream: jetstream::Context,
+    config: RouterConfig,
 }
 
 impl Router {
-    pub fn new(store: Store, bus: &Bus) -> Result<Router, RouterError> {
+    pub fn new(store: Store, bus: &Bus, config: &RouterConfig) -> Result<Router, RouterError> {
         Ok(Router {
             resolver: Resolver::new(store, Arc::new(Catalog::embedded()?)),
             jetstream: bus.jetstream.clone(),
+            config: config.clone(),
         })
     }
 
     /// Consumes `HOOKS_RAW` until `shutdown`; messages in progress finish first.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), RouterError> {
         let stream = self.jetstream.get_stream(RAW_STREAM).await.map_err(jetstream_error)?;
+        // Create or update: a changed `router.ack_wait` takes effect at the next start.
         let consumer = stream
-            .get_or_create_consumer(
-                CONSUMER,
-                pull::Config {
-                    durable_name: Some(CONSUMER.into()),
-                    description: Some("hookyard router".into()),
-                    ack_policy: AckPolicy::Explicit,
-                    ack_wait: ACK_WAIT,
-                    deliver_policy: DeliverPolicy::All,
-                    max_ack_pending: 4 * CONCURRENCY as i64,
-                    ..Default::default()
-                },
-            )
+            .create_consumer(pull::Config {
+                durable_name: Some(CONSUMER.into()),
+                description: Some("hookyard router".into()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: self.config.ack_wait,
+                deliver_policy: DeliverPolicy::All,
+                max_ack_pending: 4 * CONCURRENCY as i64,
+                ..Default::default()
+            })
             .await
             .map_err(jetstream_error)?;
         let messages = consumer.messages().await.map_err(jetstream_error)?;
@@ -250,6 +249,8 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box
     let store = Store::connect(&config.database_url, config.cipher()?).await?;
     let bus = Bus::connect(config, "hookyard-router").await?;
     bus.ensure_streams(&config.streams).await?;
-    Arc::new(Router::new(store, &bus)?).run(shutdown).await?;
+    Arc::new(Router::new(store, &bus, &config.router)?)
+        .run(shutdown)
+        .await?;
     Ok(())
 }
