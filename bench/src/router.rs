@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::pull;
 use bytes::Bytes;
 use hookyard_core::secrets::{random_bytes, Cipher};
 use hookyard_core::store::{NewConnection, NewIntegration};
@@ -95,15 +94,8 @@ pub async fn run(batches: &[usize], events_per_size: usize) -> anyhow::Result<()
         let (own, server) = (cpu_seconds("self"), cpu_seconds(&nats_pid));
         let started = Instant::now();
         let task = tokio::spawn(router.run(shutdown.clone()));
-        loop {
+        while !hookyard_router::acked_through(&bus.jetstream, last).await? {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            let stream = bus.jetstream.get_stream(RAW_STREAM).await?;
-            if let Ok(mut consumer) = stream.get_consumer::<pull::Config>(hookyard_router::CONSUMER).await {
-                let info = consumer.info().await?;
-                if info.ack_floor.stream_sequence >= last && info.num_ack_pending == 0 {
-                    break;
-                }
-            }
         }
         let elapsed = started.elapsed().as_secs_f64();
         let (own, server) = (cpu_seconds("self") - own, cpu_seconds(&nats_pid) - server);

@@ -565,13 +565,10 @@ async fn a_router_killed_mid_batch_and_restarted_routes_each_event_once() {
         "the restarted router to ack every webhook",
         Duration::from_secs(90),
         || async {
-            let stream = jetstream.get_stream(RAW_STREAM).await.ok()?;
-            let mut consumer = stream
-                .get_consumer::<async_nats::jetstream::consumer::pull::Config>("router")
+            hookyard_router::acked_through(&jetstream, last)
                 .await
-                .ok()?;
-            let info = consumer.info().await.ok()?;
-            (info.ack_floor.stream_sequence >= last && info.num_ack_pending == 0).then_some(())
+                .ok()
+                .filter(|done| *done)
         },
     )
     .await;

@@ -211,14 +211,14 @@ impl Envelope {
     }
 }
 
-/// Every value goes through here: async-nats asserts (panics) on CR or LF in a header
-/// value, and CR/LF would otherwise split the NATS header block. HTTP cannot deliver
-/// them in a header or a raw path; a value that somehow holds one is logged and left
-/// out rather than failing the webhook.
-fn insert_checked(map: &mut HeaderMap, name: &str, value: &str) {
+/// Every header value hookyard puts on a NATS message goes through here: async-nats
+/// asserts (panics) on CR or LF in a header value, and CR/LF would otherwise split the
+/// NATS header block. HTTP cannot deliver them in a header or a raw path; a value that
+/// somehow holds one is logged and left out rather than failing the message.
+pub(crate) fn insert_checked(map: &mut HeaderMap, name: &str, value: &str) {
     match (HeaderName::from_str(name), HeaderValue::from_str(value)) {
         (Ok(name), Ok(value)) => map.append(name, value),
-        _ => tracing::warn!(header = %name, "header cannot be carried in the envelope; left out"),
+        _ => tracing::warn!(header = %name, "header cannot be carried in a NATS message; left out"),
     }
 }
 

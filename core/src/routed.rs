@@ -6,10 +6,11 @@
 //! The message id `{raw-seq}:{index}:{connection}` makes a redelivered raw message
 //! (a router crash mid-batch) publish nothing twice.
 
-use async_nats::header::{HeaderMap, HeaderValue};
+use async_nats::header::HeaderMap;
 use bytes::Bytes;
 use serde_json::Value;
 
+use crate::envelope::insert_checked;
 use crate::keys::{EnvironmentName, IntegrationKey};
 use crate::streams::{conn_subject, unrouted_subject};
 
@@ -75,14 +76,8 @@ impl RoutedEvent {
 
     pub fn to_message(&self) -> (String, HeaderMap, Bytes) {
         let mut headers = HeaderMap::new();
-        let mut put = |name: &'static str, value: &str| {
-            // Values come from providers and customers: never let CR/LF reach NATS.
-            if let Ok(value) = value.parse::<HeaderValue>() {
-                if !value.as_str().contains(['\r', '\n']) {
-                    headers.insert(name, value);
-                }
-            }
-        };
+        // Values come from providers and customers: each goes through the CR/LF check.
+        let mut put = |name: &str, value: &str| insert_checked(&mut headers, name, value);
         put(H_MESSAGE_ID, &self.message_id());
         put(H_RAW_SEQ, &self.raw_seq.to_string());
         put(H_INDEX, &self.index.to_string());

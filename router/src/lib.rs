@@ -244,6 +244,18 @@ async fn await_acks(acks: &mut Vec<async_nats::jetstream::context::PublishAckFut
     Ok(())
 }
 
+/// True once the routers have acked every webhook in `HOOKS_RAW` up to `sequence` and
+/// hold none unacked: everything before it is in `HOOKS_CONN`. False while the durable
+/// consumer does not exist yet.
+pub async fn acked_through(jetstream: &jetstream::Context, sequence: u64) -> Result<bool, RouterError> {
+    let stream = jetstream.get_stream(RAW_STREAM).await.map_err(jetstream_error)?;
+    let Ok(mut consumer) = stream.get_consumer::<pull::Config>(CONSUMER).await else {
+        return Ok(false);
+    };
+    let info = consumer.info().await.map_err(jetstream_error)?;
+    Ok(info.ack_floor.stream_sequence >= sequence && info.num_ack_pending == 0)
+}
+
 /// `hookyard router`: connect, route until shutdown.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let store = Store::connect(&config.database_url, config.cipher()?).await?;

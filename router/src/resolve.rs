@@ -3,15 +3,15 @@
 //! primary-key lookup), and the connections are reloaded when it moved: a connection
 //! deleted before a webhook arrives is never matched by it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hookyard_core::keys::{EnvironmentName, IntegrationKey};
+use hookyard_core::providers::extract::scalars;
 use hookyard_core::providers::{Catalog, Provider, Route, RoutingTarget};
 use hookyard_core::store::{Connection, Integration, StoreError};
 use hookyard_core::Store;
-use serde_json::Value;
 
 /// How long an integration's settings (provider, routing overrides) are trusted.
 const INTEGRATION_TTL: Duration = Duration::from_secs(5);
@@ -27,7 +27,10 @@ pub struct IntegrationState {
 /// The live connections of one integration, indexed by what routing matches on.
 pub struct ConnectionIndex {
     version: i64,
+    /// In creation order (what `Route::All` delivers to).
     ids: Vec<String>,
+    /// The same ids, for `Route::ConnectionIds` lookups.
+    live: HashSet<String>,
     by_value: HashMap<(RoutingTarget, String), Vec<String>>,
 }
 
@@ -48,9 +51,11 @@ impl ConnectionIndex {
                 }
             }
         }
+        let ids: Vec<String> = connections.into_iter().map(|c| c.connection_id).collect();
         ConnectionIndex {
             version,
-            ids: connections.into_iter().map(|c| c.connection_id).collect(),
+            live: ids.iter().cloned().collect(),
+            ids,
             by_value,
         }
     }
@@ -59,7 +64,7 @@ impl ConnectionIndex {
     pub fn select(&self, route: &Route) -> Vec<String> {
         let mut chosen: Vec<String> = match route {
             Route::All => self.ids.clone(),
-            Route::ConnectionIds(wanted) => wanted.iter().filter(|id| self.ids.contains(id)).cloned().collect(),
+            Route::ConnectionIds(wanted) => wanted.iter().filter(|id| self.live.contains(*id)).cloned().collect(),
             Route::Values(target, values) => values
                 .iter()
                 .flat_map(|v| self.by_value.get(&(target.clone(), v.clone())).into_iter().flatten())
@@ -68,28 +73,13 @@ impl ConnectionIndex {
             Route::Missing => Vec::new(),
         };
         // One event reaches a connection once, even when several of its values match.
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         chosen.retain(|id| seen.insert(id.clone()));
         chosen
     }
 
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
-    }
-}
-
-/// A connection's value as text(s): scalars as themselves, arrays by their members.
-fn scalars(value: Option<&Value>) -> Vec<String> {
-    let one = |v: &Value| match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Bool(b) => Some(b.to_string()),
-        _ => None,
-    };
-    match value {
-        Some(Value::Array(items)) => items.iter().filter_map(one).collect(),
-        Some(other) => one(other).into_iter().collect(),
-        None => Vec::new(),
     }
 }
 
@@ -169,7 +159,7 @@ impl Resolver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     fn connection(id: &str, config: Value) -> Connection {
         Connection {

@@ -74,13 +74,10 @@ fn start_router(ingest: &Running) -> CancellationToken {
 async fn routed(ingest: &Running) -> Vec<RoutedEvent> {
     let raw_last = ingest.raw_count().await;
     eventually("the router to ack every webhook", Duration::from_secs(20), || async {
-        let stream = ingest.jetstream.get_stream(RAW_STREAM).await.ok()?;
-        let mut consumer = stream
-            .get_consumer::<pull::Config>(hookyard_router::CONSUMER)
+        hookyard_router::acked_through(&ingest.jetstream, raw_last)
             .await
-            .ok()?;
-        let info = consumer.info().await.ok()?;
-        (info.ack_floor.stream_sequence >= raw_last && info.num_ack_pending == 0).then_some(())
+            .ok()
+            .filter(|done| *done)
     })
     .await;
     read_conn(ingest).await

@@ -128,7 +128,9 @@ fn scalar(value: &Value) -> Option<String> {
     }
 }
 
-fn scalars(value: Option<&Value>) -> Vec<String> {
+/// A value as text(s): a scalar as itself, an array by its scalar members; objects and
+/// null give nothing.
+pub fn scalars(value: Option<&Value>) -> Vec<String> {
     match value {
         Some(Value::Array(items)) => items.iter().filter_map(scalar).collect(),
         Some(other) => scalar(other).into_iter().collect(),

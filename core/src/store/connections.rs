@@ -16,6 +16,7 @@ const SELECT: &str = "SELECT c.id, c.environment_id, i.unique_key AS integration
 
 /// Moves an integration's `connections_version` on (see migration 0004).
 const BUMP_BY_ID: &str = "UPDATE integrations SET connections_version = connections_version + 1 WHERE id = $1";
+const VERSION: &str = "SELECT connections_version FROM integrations WHERE id = $1";
 const BUMP_BY_KEY: &str =
     "UPDATE integrations SET connections_version = connections_version + 1 WHERE environment_id = $1 AND unique_key = $2";
 
@@ -131,12 +132,10 @@ impl Store {
     /// The integration's `connections_version`: it moves on whenever one of its
     /// connections is created, deleted or has its metadata written.
     pub async fn connections_version(&self, integration_id: i64) -> Result<i64, StoreError> {
-        let version: Option<i64> = on_pool!(self, |pool| sqlx::query_scalar(
-            "SELECT connections_version FROM integrations WHERE id = $1"
-        )
-        .bind(integration_id)
-        .fetch_optional(pool)
-        .await)?;
+        let version: Option<i64> = on_pool!(self, |pool| sqlx::query_scalar(VERSION)
+            .bind(integration_id)
+            .fetch_optional(pool)
+            .await)?;
         version.ok_or_else(|| StoreError::NotFound(format!("integration #{integration_id}")))
     }
 
@@ -144,7 +143,7 @@ impl Store {
     pub async fn routing_connections(&self, integration_id: i64) -> Result<(i64, Vec<Connection>), StoreError> {
         let query = format!("{SELECT} WHERE c.integration_id = $1 AND c.deleted_at IS NULL ORDER BY c.id");
         in_transaction!(self, |tx| {
-            let version: i64 = sqlx::query_scalar("SELECT connections_version FROM integrations WHERE id = $1")
+            let version: i64 = sqlx::query_scalar(VERSION)
                 .bind(integration_id)
                 .fetch_one(&mut *tx)
                 .await?;
