@@ -27,6 +27,7 @@ pub struct Config {
     pub encryption_key: Option<EncryptionKey>,
     pub ingest: IngestConfig,
     pub router: RouterConfig,
+    pub worker: WorkerConfig,
     pub api: ApiConfig,
     pub streams: StreamsConfig,
     pub telemetry: TelemetryConfig,
@@ -66,6 +67,41 @@ pub struct RouterConfig {
     /// A webhook a router took and did not finish (it died) goes to another after this.
     #[serde(with = "humantime_serde")]
     pub ack_wait: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Routed events taken at once: executed together, their writes committed together.
+    pub batch: usize,
+    /// Threads that run function code; 0 means one per CPU.
+    pub js_threads: usize,
+    /// An event a worker took and did not finish (it died) goes to another after this.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+    /// The waits before each retry of a failed execution; after the last retry fails,
+    /// the event goes to dead letters.
+    pub retry_delays: Vec<humantime_serde::Serde<Duration>>,
+    /// How often a worker checks for a new deploy.
+    #[serde(with = "humantime_serde")]
+    pub functions_refresh: Duration,
+    pub limits: FunctionLimits,
+}
+
+/// What one execution of a function may use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FunctionLimits {
+    /// Heap of the function's runtime (its loaded modules included).
+    pub memory_bytes: usize,
+    /// JavaScript stack; deeper recursion fails with `stack_overflow`.
+    pub stack_bytes: usize,
+    /// CPU time of the JS thread, checked by QuickJS's interrupt handler.
+    #[serde(with = "humantime_serde")]
+    pub cpu_budget: Duration,
+    /// Wall-clock time, timers and waits included.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -124,6 +160,7 @@ impl Default for Config {
             encryption_key: None,
             ingest: IngestConfig::default(),
             router: RouterConfig::default(),
+            worker: WorkerConfig::default(),
             api: ApiConfig::default(),
             streams: StreamsConfig::default(),
             telemetry: TelemetryConfig::default(),
@@ -151,6 +188,32 @@ impl Default for RouterConfig {
     fn default() -> Self {
         RouterConfig {
             ack_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            batch: 256,
+            js_threads: 0,
+            ack_wait: Duration::from_secs(60),
+            retry_delays: [1, 10, 60, 300, 1800]
+                .map(|s| humantime_serde::Serde::from(Duration::from_secs(s)))
+                .to_vec(),
+            functions_refresh: Duration::from_secs(1),
+            limits: FunctionLimits::default(),
+        }
+    }
+}
+
+impl Default for FunctionLimits {
+    fn default() -> Self {
+        FunctionLimits {
+            memory_bytes: 64 * 1024 * 1024,
+            stack_bytes: 1024 * 1024,
+            cpu_budget: Duration::from_secs(2),
+            timeout: Duration::from_secs(10),
         }
     }
 }
@@ -281,6 +344,33 @@ impl Config {
         }
         if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.router.ack_wait) {
             problems.push("router.ack_wait must be between 1s and 1h".into());
+        }
+        let worker = &self.worker;
+        if !(1..=10_000).contains(&worker.batch) {
+            problems.push("worker.batch must be between 1 and 10000".into());
+        }
+        let limits = &worker.limits;
+        if limits.memory_bytes < 1024 * 1024 {
+            problems.push("worker.limits.memory_bytes must be at least 1 MiB".into());
+        }
+        if !(64 * 1024..=64 * 1024 * 1024).contains(&limits.stack_bytes) {
+            problems.push("worker.limits.stack_bytes must be between 64 KiB and 64 MiB".into());
+        }
+        if limits.cpu_budget < Duration::from_millis(1) || limits.timeout < limits.cpu_budget {
+            problems.push("worker.limits.cpu_budget must be at least 1ms and no more than worker.limits.timeout".into());
+        }
+        // A running execution must never be redelivered to another worker.
+        if worker.ack_wait < limits.timeout * 2 + Duration::from_secs(5) {
+            problems.push(format!(
+                "worker.ack_wait ({:?}) must exceed twice worker.limits.timeout ({:?}) plus 5s",
+                worker.ack_wait, limits.timeout
+            ));
+        }
+        if worker.retry_delays.iter().any(|d| **d < Duration::from_millis(10)) {
+            problems.push("worker.retry_delays must each be at least 10ms (a zero delay retries in a hot loop)".into());
+        }
+        if worker.functions_refresh < Duration::from_millis(100) {
+            problems.push("worker.functions_refresh must be at least 100ms".into());
         }
         let streams = &self.streams;
         if streams.raw_max_age < Duration::from_secs(60) {

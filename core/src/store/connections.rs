@@ -6,6 +6,7 @@ use serde_json::{Map, Value};
 use sqlx::types::Json;
 
 use super::model::ConnectionRow;
+use super::tx::{on_tx, Tx};
 use super::{conflict_on_unique, Connection, ConnectionQuery, Environment, NewConnection, Pool, Store, StoreError};
 use crate::keys::IntegrationKey;
 use crate::secrets::Purpose;
@@ -89,6 +90,31 @@ impl Store {
             .fetch_optional(pool)
             .await)?;
         row.map(|row| row.open(&self.cipher)).transpose()
+    }
+
+    /// The live connections among `connection_ids` of the integration (missing ones are
+    /// left out), in one query.
+    pub async fn connections_named(
+        &self,
+        environment_id: i64,
+        integration: &IntegrationKey,
+        connection_ids: &[&str],
+    ) -> Result<Vec<Connection>, StoreError> {
+        let wanted = match self.pool {
+            Pool::Postgres(_) => "SELECT jsonb_array_elements_text($3::jsonb)",
+            Pool::Sqlite(_) => "SELECT value FROM json_each($3)",
+        };
+        let query = format!(
+            "{SELECT} WHERE c.environment_id = $1 AND i.unique_key = $2 AND c.deleted_at IS NULL
+                        AND c.connection_id IN ({wanted})"
+        );
+        let rows: Vec<ConnectionRow> = on_pool!(self, |pool| sqlx::query_as(&query)
+            .bind(environment_id)
+            .bind(integration.as_str())
+            .bind(Json(connection_ids))
+            .fetch_all(pool)
+            .await)?;
+        rows.into_iter().map(|row| row.open(&self.cipher)).collect()
     }
 
     /// The live connection, or `NotFound` naming it.
@@ -196,47 +222,67 @@ impl Store {
         metadata: &Map<String, Value>,
         how: MetadataWrite,
     ) -> Result<(), StoreError> {
-        let now = Utc::now();
-        in_transaction!(self, |tx| {
-            for connection_id in connection_ids {
-                // Writing first takes the row lock (the database's write lock on SQLite),
-                // so a concurrent merge cannot slip between this read and the write.
-                let stored: Option<(i64, Json<Value>)> = sqlx::query_as(
-                    "UPDATE connections SET updated_at = $1
-                     WHERE environment_id = $2 AND connection_id = $3 AND deleted_at IS NULL
-                       AND integration_id = (SELECT id FROM integrations WHERE environment_id = $2 AND unique_key = $4)
-                     RETURNING id, metadata",
-                )
-                .bind(now)
-                .bind(environment_id)
-                .bind(connection_id)
-                .bind(integration.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
-                let Some((row_id, Json(current))) = stored else {
-                    return Err(StoreError::NotFound(format!(
-                        "connection {connection_id} of integration {integration}"
-                    )));
-                };
-                let mut next = match (how, current) {
-                    (MetadataWrite::Merge, Value::Object(current)) => current,
-                    _ => Map::new(),
-                };
-                next.extend(metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
-                sqlx::query("UPDATE connections SET metadata = $1 WHERE id = $2")
-                    .bind(Json(Value::Object(next)))
-                    .bind(row_id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            sqlx::query(BUMP_BY_KEY)
-                .bind(environment_id)
-                .bind(integration.as_str())
-                .execute(&mut *tx)
-                .await?;
-            Ok::<(), StoreError>(())
-        })
+        let mut tx = self.begin().await?;
+        write_metadata(&mut tx, environment_id, integration, connection_ids, metadata, how).await?;
+        tx.commit().await
     }
+}
+
+/// [`Store::set_connection_metadata`] inside a transaction the caller commits.
+pub(crate) async fn write_metadata(
+    tx: &mut Tx,
+    environment_id: i64,
+    integration: &IntegrationKey,
+    connection_ids: &[String],
+    metadata: &Map<String, Value>,
+    how: MetadataWrite,
+) -> Result<(), StoreError> {
+    let now = Utc::now();
+    for connection_id in connection_ids {
+        // Writing first takes the row lock (the database's write lock on SQLite), so a
+        // concurrent merge cannot slip between this read and the write.
+        let stored: Option<(i64, Json<Value>)> = on_tx!(tx, |conn| {
+            sqlx::query_as(
+                "UPDATE connections SET updated_at = $1
+                 WHERE environment_id = $2 AND connection_id = $3 AND deleted_at IS NULL
+                   AND integration_id = (SELECT id FROM integrations WHERE environment_id = $2 AND unique_key = $4)
+                 RETURNING id, metadata",
+            )
+            .bind(now)
+            .bind(environment_id)
+            .bind(connection_id)
+            .bind(integration.as_str())
+            .fetch_optional(&mut *conn)
+            .await
+        })?;
+        let Some((row_id, Json(current))) = stored else {
+            return Err(StoreError::NotFound(format!(
+                "connection {connection_id} of integration {integration}"
+            )));
+        };
+        let mut next = match (how, current) {
+            (MetadataWrite::Merge, Value::Object(current)) => current,
+            _ => Map::new(),
+        };
+        next.extend(metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
+        on_tx!(tx, |conn| {
+            sqlx::query("UPDATE connections SET metadata = $1 WHERE id = $2")
+                .bind(Json(Value::Object(next)))
+                .bind(row_id)
+                .execute(&mut *conn)
+                .await
+                .map(|_| ())
+        })?;
+    }
+    on_tx!(tx, |conn| {
+        sqlx::query(BUMP_BY_KEY)
+            .bind(environment_id)
+            .bind(integration.as_str())
+            .execute(&mut *conn)
+            .await
+                .map(|_| ())
+    })?;
+    Ok(())
 }
 
 /// A LIKE pattern matching `text` anywhere, lower-cased, with `%`, `_` and `\` escaped.

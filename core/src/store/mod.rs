@@ -111,11 +111,14 @@ macro_rules! in_transaction {
     };
 }
 
+pub(crate) mod tx;
 mod connections;
 pub use connections::MetadataWrite;
 mod environments;
 mod integrations;
 pub mod records;
+pub mod commit;
+pub mod functions;
 
 impl Store {
     /// Opens the database named by `url` (`postgres://…` or `sqlite://path`) and brings

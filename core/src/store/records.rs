@@ -14,6 +14,9 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use sqlx::types::Json;
 
+use std::collections::{BTreeMap, HashMap};
+
+use super::tx::{on_tx, Tx};
 use super::{Pool, Store, StoreError};
 use crate::keys::IntegrationKey;
 
@@ -29,14 +32,17 @@ pub struct RecordScope {
 impl RecordScope {
     /// The four key columns as one unambiguous value (a JSON array), for the paging index.
     fn key(&self) -> String {
-        serde_json::to_string(&(
+        scope_key(
             self.environment_id,
             self.integration.as_str(),
             &self.connection_id,
             &self.model,
-        ))
-        .expect("strings and integers serialise")
+        )
     }
+}
+
+fn scope_key(environment_id: i64, integration: &str, connection_id: &str, model: &str) -> String {
+    serde_json::to_string(&(environment_id, integration, connection_id, model)).expect("strings and integers serialise")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +69,20 @@ pub struct WriteCounts {
     pub ignored: u64,
     /// Earlier occurrences of an id repeated in the batch (the last one wins).
     pub duplicates_in_batch: u64,
+}
+
+impl WriteCounts {
+    pub fn plus(&self, other: &WriteCounts) -> WriteCounts {
+        WriteCounts {
+            added: self.added + other.added,
+            updated: self.updated + other.updated,
+            deleted: self.deleted + other.deleted,
+            unchanged: self.unchanged + other.unchanged,
+            skipped_stale: self.skipped_stale + other.skipped_stale,
+            ignored: self.ignored + other.ignored,
+            duplicates_in_batch: self.duplicates_in_batch + other.duplicates_in_batch,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -175,16 +195,22 @@ const BUMP: &str = "BUMP";
 /// One row to write, as the bulk statement reads it from a JSON array.
 #[derive(Serialize)]
 struct RowWrite<'a> {
+    e: i64,
+    i: &'a str,
+    c: &'a str,
+    m: &'a str,
+    scope: &'a str,
     id: &'a str,
     payload: Value,
     hash: String,
+    version: i64,
     seq: i64,
     action: &'static str,
 }
 
 #[derive(sqlx::FromRow)]
 struct ExistingRow {
-    id: String,
+    pos: i64,
     payload: Json<Value>,
     hash: String,
     version: i64,
@@ -249,7 +275,8 @@ pub fn decode_cursor(cursor: &str) -> Result<i64, StoreError> {
         .ok_or_else(|| StoreError::Invalid(format!("cursor {cursor:?} is not one this server handed out")))
 }
 
-/// Per-dialect SQL of the write flow; the flow itself is [`Store::write_records`].
+/// Per-dialect SQL of the write flow; the flow itself is [`Store::apply_writes`]. Each
+/// statement takes the rows of every scope in the batch at once, as a JSON array.
 ///
 /// Lookups by id filter on the key columns, which only the primary key indexes (paging
 /// goes through `scope`), so their plan cannot go wrong on a table Postgres has not yet
@@ -261,12 +288,6 @@ struct Dialect {
     apply: &'static str,
     page: &'static str,
 }
-
-const RESERVE: &str = "INSERT INTO record_scopes (environment_id, integration, connection_id, model, last_seq)
-     VALUES ($1, $2, $3, $4, $5)
-     ON CONFLICT (environment_id, integration, connection_id, model)
-     DO UPDATE SET last_seq = record_scopes.last_seq + $5
-     RETURNING last_seq";
 
 /// The column list of the bulk write (both dialects).
 macro_rules! insert_records {
@@ -293,23 +314,42 @@ macro_rules! upsert_newer {
     };
 }
 
+/// Takes the scopes' row locks (in key order, so two batches never wait on each other
+/// in a cycle) and reserves a block of change sequence numbers in each.
+macro_rules! reserve_scopes {
+    ($select:expr) => {
+        concat!(
+            "INSERT INTO record_scopes (environment_id, integration, connection_id, model, last_seq) ",
+            $select,
+            " ON CONFLICT (environment_id, integration, connection_id, model)
+             DO UPDATE SET last_seq = record_scopes.last_seq + excluded.last_seq
+             RETURNING environment_id, integration, connection_id, model, last_seq"
+        )
+    };
+}
+
 const POSTGRES: Dialect = Dialect {
-    reserve: RESERVE,
+    reserve: reserve_scopes!(
+        "SELECT s.e, s.i, s.c, s.m, s.n
+         FROM jsonb_to_recordset($1::jsonb) AS s(pos bigint, e bigint, i text, c text, m text, n bigint)
+         ORDER BY s.pos"
+    ),
     // One primary-key probe per wanted id: `LIMIT 1` keeps the planner from flattening
     // the subquery into a join that scans the scope (as it does with `= ANY(…)` on a
     // table it has not analyzed: O(scope × batch)).
-    existing: "SELECT r.id, r.payload, r.hash, r.version, r.deleted
-         FROM jsonb_array_elements_text($5::jsonb) AS wanted(id)
+    existing: "SELECT w.pos, r.payload, r.hash, r.version, r.deleted
+         FROM jsonb_to_recordset($1::jsonb) AS w(pos bigint, e bigint, i text, c text, m text, id text)
          CROSS JOIN LATERAL (
-             SELECT id, payload, hash, version, deleted_at IS NOT NULL AS deleted FROM records
-             WHERE environment_id = $1 AND integration = $2 AND connection_id = $3 AND model = $4
-               AND id = wanted.id
+             SELECT payload, hash, version, deleted_at IS NOT NULL AS deleted FROM records
+             WHERE environment_id = w.e AND integration = w.i AND connection_id = w.c AND model = w.m
+               AND id = w.id
              LIMIT 1) AS r",
     apply: concat!(
         insert_records!(),
-        "SELECT $1, $2, $3, $4, r.id, r.payload, r.hash, $5, r.seq, r.action, $6, $6,
-                CASE WHEN r.action = 'DELETED' THEN $6::timestamptz END, $8
-         FROM jsonb_to_recordset($7::jsonb) AS r(id text, payload jsonb, hash text, seq bigint, action text) ",
+        "SELECT r.e, r.i, r.c, r.m, r.id, r.payload, r.hash, r.version, r.seq, r.action, $1, $1,
+                CASE WHEN r.action = 'DELETED' THEN $1::timestamptz END, r.scope
+         FROM jsonb_to_recordset($2::jsonb) AS r(e bigint, i text, c text, m text, id text, payload jsonb,
+                                                 hash text, version bigint, seq bigint, action text, scope text) ",
         upsert_newer!()
     ),
     page: "SELECT id, payload, last_action, first_seen_at, last_modified_at, deleted_at, seq FROM records
@@ -322,16 +362,21 @@ const POSTGRES: Dialect = Dialect {
 };
 
 const SQLITE: Dialect = Dialect {
-    reserve: RESERVE,
-    existing: "SELECT id, payload, hash, version, deleted_at IS NOT NULL AS deleted FROM records
-         WHERE environment_id = $1 AND integration = $2 AND connection_id = $3 AND model = $4
-           AND id IN (SELECT value FROM json_each($5))",
+    reserve: reserve_scopes!(
+        "SELECT s.value ->> '$.e', s.value ->> '$.i', s.value ->> '$.c', s.value ->> '$.m', s.value ->> '$.n'
+         FROM json_each($1) AS s WHERE true ORDER BY s.key"
+    ),
+    existing: "SELECT w.key AS pos, r.payload, r.hash, r.version, r.deleted_at IS NOT NULL AS deleted
+         FROM json_each($1) AS w JOIN records AS r
+           ON r.environment_id = w.value ->> '$.e' AND r.integration = w.value ->> '$.i'
+          AND r.connection_id = w.value ->> '$.c' AND r.model = w.value ->> '$.m' AND r.id = w.value ->> '$.id'",
     apply: concat!(
         insert_records!(),
-        "SELECT $1, $2, $3, $4, r.value ->> '$.id', r.value -> '$.payload', r.value ->> '$.hash', $5,
-                r.value ->> '$.seq', r.value ->> '$.action', $6, $6,
-                CASE WHEN r.value ->> '$.action' = 'DELETED' THEN $6 END, $8
-         FROM json_each($7) AS r WHERE true ",
+        "SELECT r.value ->> '$.e', r.value ->> '$.i', r.value ->> '$.c', r.value ->> '$.m', r.value ->> '$.id',
+                r.value -> '$.payload', r.value ->> '$.hash', r.value ->> '$.version', r.value ->> '$.seq',
+                r.value ->> '$.action', $1, $1, CASE WHEN r.value ->> '$.action' = 'DELETED' THEN $1 END,
+                r.value ->> '$.scope'
+         FROM json_each($2) AS r WHERE true ",
         upsert_newer!()
     ),
     page: "SELECT id, payload, last_action, first_seen_at, last_modified_at, deleted_at, seq FROM records
@@ -343,18 +388,79 @@ const SQLITE: Dialect = Dialect {
          ORDER BY seq LIMIT $6",
 };
 
-/// `$query` (any sqlx query builder) with the scope bound as `$1..$4` and the given
-/// values after it.
-macro_rules! bind_scope {
-    ($query:expr, $scope:expr $(, $value:expr)*) => {
-        $query
-            .bind($scope.environment_id)
-            .bind($scope.integration.as_str())
-            .bind(&$scope.connection_id)
-            .bind(&$scope.model)
-            $(.bind($value))*
-    };
+/// Record writes of one or more calls (`batchSave`, `batchUpdate`, `batchDelete`), over
+/// any number of scopes, to apply in one transaction.
+#[derive(Default)]
+pub struct WriteBatch {
+    scopes: Vec<RecordScope>,
+    scope_index: HashMap<String, usize>,
+    entries: Vec<Entry>,
+    calls: usize,
 }
+
+struct Entry {
+    scope: usize,
+    kind: WriteKind,
+    id: String,
+    payload: Value,
+    version: i64,
+    call: usize,
+}
+
+impl WriteBatch {
+    /// Adds one call's writes and returns its number: the index of its counts in what
+    /// [`Store::commit`] or [`Store::write_records`] report.
+    pub fn add(&mut self, scope: &RecordScope, kind: WriteKind, records: Vec<(String, Value)>, version: i64) -> usize {
+        let call = self.calls;
+        self.calls += 1;
+        let key = scope.key();
+        let scope = match self.scope_index.get(&key) {
+            Some(index) => *index,
+            None => {
+                self.scopes.push(scope.clone());
+                self.scope_index.insert(key, self.scopes.len() - 1);
+                self.scopes.len() - 1
+            }
+        };
+        self.entries.extend(records.into_iter().map(|(id, payload)| Entry {
+            scope,
+            kind,
+            id,
+            payload,
+            version,
+            call,
+        }));
+        call
+    }
+
+    pub fn calls(&self) -> usize {
+        self.calls
+    }
+}
+
+/// A scope with its reservation, as the reserve statement reads it.
+#[derive(Serialize)]
+struct ScopeRow<'a> {
+    pos: usize,
+    e: i64,
+    i: &'a str,
+    c: &'a str,
+    m: &'a str,
+    n: i64,
+}
+
+/// A stored record wanted, as the lookup statement reads it.
+#[derive(Serialize)]
+struct WantedRow<'a> {
+    pos: usize,
+    e: i64,
+    i: &'a str,
+    c: &'a str,
+    m: &'a str,
+    id: &'a str,
+}
+
+type ReservedRow = (i64, String, String, String, i64);
 
 impl Store {
     fn dialect(&self) -> &'static Dialect {
@@ -372,63 +478,147 @@ impl Store {
         records: Vec<(String, Value)>,
         version: i64,
     ) -> Result<WriteCounts, StoreError> {
-        let mut counts = WriteCounts::default();
-        // The last occurrence of an id wins; keep first-seen order otherwise.
-        let mut order: Vec<String> = Vec::with_capacity(records.len());
-        let mut latest: std::collections::HashMap<String, Value> = std::collections::HashMap::new();
-        for (id, payload) in records {
-            if latest.insert(id.clone(), payload).is_some() {
-                counts.duplicates_in_batch += 1;
-            } else {
-                order.push(id);
+        let mut batch = WriteBatch::default();
+        batch.add(scope, kind, records, version);
+        let mut tx = self.begin().await?;
+        let counts = self.apply_writes(&mut tx, batch).await?;
+        tx.commit().await?;
+        Ok(counts[0])
+    }
+
+    /// Applies `batch` inside `tx`, returning each call's counts.
+    ///
+    /// Within one call the last occurrence of an id wins. Writes of one record by several
+    /// calls are applied in version order (ties in call order), each deciding against the
+    /// state the previous one left, and only the outcome is written.
+    pub(crate) async fn apply_writes(&self, tx: &mut Tx, batch: WriteBatch) -> Result<Vec<WriteCounts>, StoreError> {
+        let WriteBatch {
+            scopes,
+            mut entries,
+            calls,
+            ..
+        } = batch;
+        // Payloads apart, so that they can be moved out while the ids stay borrowed.
+        let mut payloads: Vec<Value> = entries.iter_mut().map(|e| std::mem::take(&mut e.payload)).collect();
+        let mut counts = vec![WriteCounts::default(); calls];
+        // The last occurrence of an id within a call wins.
+        let mut last: HashMap<(usize, usize, &str), usize> = HashMap::with_capacity(entries.len());
+        for (index, entry) in entries.iter().enumerate() {
+            if last.insert((entry.call, entry.scope, &entry.id), index).is_some() {
+                counts[entry.call].duplicates_in_batch += 1;
             }
         }
-        if order.is_empty() {
+        let mut kept: Vec<usize> = last.into_values().collect();
+        kept.sort_unstable();
+        // Per record, the writes in version order.
+        let mut records: BTreeMap<(usize, &str), Vec<usize>> = BTreeMap::new();
+        for index in kept {
+            let entry = &entries[index];
+            records.entry((entry.scope, entry.id.as_str())).or_default().push(index);
+        }
+        for writes in records.values_mut() {
+            writes.sort_by_key(|index| (entries[*index].version, *index));
+        }
+        if records.is_empty() {
             return Ok(counts);
         }
-        let ids = Json(&order);
-        let now = Utc::now();
-        let reserved = order.len() as i64;
         let dialect = self.dialect();
-        in_transaction!(self, |tx| {
-            // First statement: the scope's row lock, held to commit.
-            let last_seq: i64 = bind_scope!(sqlx::query_scalar::<_, i64>(dialect.reserve), scope, reserved)
-                .fetch_one(&mut *tx)
-                .await?;
-            let mut seq = last_seq - reserved;
-            let existing: std::collections::HashMap<String, Existing> =
-                bind_scope!(sqlx::query_as::<_, ExistingRow>(dialect.existing), scope, ids)
-                    .fetch_all(&mut *tx)
-                    .await?
-                    .into_iter()
-                    .map(|row| {
-                        let existing = Existing {
-                            payload: row.payload.0,
-                            hash: row.hash,
-                            version: row.version,
-                            deleted: row.deleted,
-                        };
-                        (row.id, existing)
-                    })
-                    .collect();
-            let mut rows: Vec<RowWrite<'_>> = Vec::new();
-            for id in &order {
-                let input = latest.remove(id).unwrap_or(Value::Null);
-                match decide(kind, id, input, existing.get(id), version) {
+
+        // First statement: the scopes' row locks, held to commit.
+        let mut per_scope = vec![0i64; scopes.len()];
+        for (scope, _) in records.keys() {
+            per_scope[*scope] += 1;
+        }
+        let mut order: Vec<usize> = (0..scopes.len()).filter(|s| per_scope[*s] > 0).collect();
+        let keys: Vec<String> = scopes.iter().map(RecordScope::key).collect();
+        order.sort_by(|a, b| keys[*a].cmp(&keys[*b]));
+        let scope_rows: Vec<ScopeRow> = order
+            .iter()
+            .enumerate()
+            .map(|(pos, s)| {
+                let scope = &scopes[*s];
+                ScopeRow {
+                    pos,
+                    e: scope.environment_id,
+                    i: scope.integration.as_str(),
+                    c: &scope.connection_id,
+                    m: &scope.model,
+                    n: per_scope[*s],
+                }
+            })
+            .collect();
+        let reserved: Vec<ReservedRow> = on_tx!(tx, |conn| {
+            sqlx::query_as::<_, ReservedRow>(dialect.reserve)
+                .bind(Json(&scope_rows))
+                .fetch_all(&mut *conn)
+                .await
+        })?;
+        let mut next_seq = vec![0i64; scopes.len()];
+        let by_key: HashMap<&str, usize> = order.iter().map(|s| (keys[*s].as_str(), *s)).collect();
+        for (e, i, c, m, last_seq) in reserved {
+            let key = scope_key(e, &i, &c, &m);
+            let scope = *by_key
+                .get(key.as_str())
+                .ok_or_else(|| StoreError::Corrupt(format!("record scope {key} was reserved but not asked for")))?;
+            next_seq[scope] = last_seq - per_scope[scope];
+        }
+
+        let wanted: Vec<WantedRow> = records
+            .keys()
+            .enumerate()
+            .map(|(pos, (s, id))| {
+                let scope = &scopes[*s];
+                WantedRow {
+                    pos,
+                    e: scope.environment_id,
+                    i: scope.integration.as_str(),
+                    c: &scope.connection_id,
+                    m: &scope.model,
+                    id,
+                }
+            })
+            .collect();
+        let mut existing: HashMap<usize, Existing> = on_tx!(tx, |conn| {
+            sqlx::query_as::<_, ExistingRow>(dialect.existing)
+                .bind(Json(&wanted))
+                .fetch_all(&mut *conn)
+                .await
+        })?
+        .into_iter()
+        .map(|row| {
+            let existing = Existing {
+                payload: row.payload.0,
+                hash: row.hash,
+                version: row.version,
+                deleted: row.deleted,
+            };
+            (row.pos as usize, existing)
+        })
+        .collect();
+
+        let mut rows: Vec<RowWrite<'_>> = Vec::new();
+        for (pos, ((s, id), writes)) in records.iter().enumerate() {
+            let mut state = existing.remove(&pos);
+            let mut first_action = None;
+            let mut last_action = None;
+            let mut bumped = false;
+            for index in writes {
+                let Entry {
+                    kind, version, call, ..
+                } = entries[*index];
+                let payload = std::mem::take(&mut payloads[*index]);
+                let counts = &mut counts[call];
+                match decide(kind, id, payload, state.as_ref(), version) {
                     Outcome::Stale => counts.skipped_stale += 1,
                     Outcome::Ignored => counts.ignored += 1,
                     Outcome::Unchanged => {
                         counts.unchanged += 1;
                         // Not rewritten, but the version moves on, so an older write that
                         // arrives later is still recognised as stale.
-                        // (`{}`: the bulk row must pass NOT NULL before the conflict is seen.)
-                        rows.push(RowWrite {
-                            id,
-                            payload: Value::Object(Default::default()),
-                            hash: String::new(),
-                            seq: 0,
-                            action: BUMP,
-                        });
+                        if let Some(state) = &mut state {
+                            state.version = version;
+                        }
+                        bumped = true;
                     }
                     Outcome::Write { payload, hash, action } => {
                         match action {
@@ -436,31 +626,58 @@ impl Store {
                             LastAction::Updated => counts.updated += 1,
                             LastAction::Deleted => counts.deleted += 1,
                         }
-                        seq += 1;
-                        rows.push(RowWrite {
-                            id,
+                        first_action.get_or_insert(action);
+                        last_action = Some(action);
+                        state = Some(Existing {
                             payload,
                             hash,
-                            seq,
-                            action: action.as_str(),
+                            version,
+                            deleted: action == LastAction::Deleted,
                         });
                     }
                 }
             }
-            if !rows.is_empty() {
-                bind_scope!(
-                    sqlx::query(dialect.apply),
-                    scope,
-                    version,
-                    now,
-                    Json(&rows),
-                    scope.key()
-                )
-                .execute(&mut *tx)
-                .await?;
+            let Some(state) = state else { continue };
+            let scope = &scopes[*s];
+            let row = |payload, hash, seq, action| RowWrite {
+                e: scope.environment_id,
+                i: scope.integration.as_str(),
+                c: &scope.connection_id,
+                m: &scope.model,
+                scope: &keys[*s],
+                id,
+                payload,
+                hash,
+                version: state.version,
+                seq,
+                action,
+            };
+            match last_action {
+                Some(action) => {
+                    // Added then updated within the batch is, to a reader, added.
+                    let action = match (first_action, action) {
+                        (Some(LastAction::Added), LastAction::Updated) => LastAction::Added,
+                        _ => action,
+                    };
+                    next_seq[*s] += 1;
+                    rows.push(row(state.payload, state.hash, next_seq[*s], action.as_str()));
+                }
+                // `{}`: the bulk row must pass NOT NULL before the conflict is seen.
+                None if bumped => rows.push(row(Value::Object(Default::default()), String::new(), 0, BUMP)),
+                None => {}
             }
-            counts
-        });
+        }
+        if !rows.is_empty() {
+            let now = Utc::now();
+            on_tx!(tx, |conn| {
+                sqlx::query(dialect.apply)
+                    .bind(now)
+                    .bind(Json(&rows))
+                    .execute(&mut *conn)
+                    .await
+                .map(|_| ())
+            })?;
+        }
         Ok(counts)
     }
 

@@ -1,0 +1,297 @@
+//! The worker's commit: the effects of many handled messages (record writes, metadata
+//! writes, dead letters) with an idempotency marker for each, in one transaction. A
+//! message whose marker is already there (a redelivery after a crash between commit and
+//! ack, or another worker that got it too) has nothing applied again.
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use sqlx::types::Json;
+
+use super::connections::write_metadata;
+use super::records::{RecordScope, WriteBatch, WriteCounts, WriteKind};
+use super::tx::on_tx;
+use super::{MetadataWrite, Pool, Store, StoreError};
+use crate::keys::IntegrationKey;
+
+/// "This consumer has committed the effects of this message."
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Marker {
+    pub consumer: String,
+    pub message_id: String,
+}
+
+/// One `batchSave` / `batchUpdate` / `batchDelete` call.
+#[derive(Debug, Clone)]
+pub struct RecordCall {
+    pub scope: RecordScope,
+    pub kind: WriteKind,
+    pub records: Vec<(String, Value)>,
+    pub version: i64,
+}
+
+/// One `setMetadata` / `updateMetadata` call.
+#[derive(Debug, Clone)]
+pub struct MetadataCall {
+    pub environment_id: i64,
+    pub integration: IntegrationKey,
+    pub connection_id: String,
+    pub metadata: Map<String, Value>,
+    pub how: MetadataWrite,
+}
+
+/// A message given up on, with why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeadLetter {
+    pub consumer: String,
+    pub environment: String,
+    pub integration: String,
+    pub connection_id: Option<String>,
+    pub subject: String,
+    pub message_id: String,
+    pub stream_seq: i64,
+    pub payload: String,
+    pub function_name: Option<String>,
+    pub function_version: Option<i32>,
+    pub error_kind: String,
+    pub error: String,
+    pub attempts: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StoredDeadLetter {
+    pub id: i64,
+    #[serde(flatten)]
+    pub letter: DeadLetter,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What one message's handling committed.
+#[derive(Debug, Clone)]
+pub struct Unit {
+    pub marker: Marker,
+    pub records: Vec<RecordCall>,
+    pub metadata: Vec<MetadataCall>,
+    pub dead_letter: Option<DeadLetter>,
+}
+
+impl Unit {
+    pub fn new(marker: Marker) -> Unit {
+        Unit {
+            marker,
+            records: Vec::new(),
+            metadata: Vec::new(),
+            dead_letter: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnitOutcome {
+    /// Committed now; the record write counts of all its calls together.
+    Applied(WriteCounts),
+    /// Its marker was there already: nothing was applied.
+    AlreadyDone,
+}
+
+#[derive(sqlx::FromRow)]
+struct DeadLetterRow {
+    id: i64,
+    consumer: String,
+    environment: String,
+    integration: String,
+    connection_id: Option<String>,
+    subject: String,
+    message_id: String,
+    stream_seq: i64,
+    payload: String,
+    function_name: Option<String>,
+    function_version: Option<i32>,
+    error_kind: String,
+    error: String,
+    attempts: i32,
+    created_at: DateTime<Utc>,
+}
+
+impl Store {
+    /// Commits `units` in one transaction; each outcome is at its unit's index.
+    pub async fn commit(&self, units: Vec<Unit>) -> Result<Vec<UnitOutcome>, StoreError> {
+        if units.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut markers: Vec<&Marker> = units.iter().map(|u| &u.marker).collect();
+        // One order for every transaction: two commits never wait on each other in a cycle.
+        markers.sort();
+        markers.dedup();
+        let insert = match self.pool {
+            Pool::Postgres(_) => {
+                "INSERT INTO processed_messages (consumer, message_id, processed_at)
+                 SELECT m.consumer, m.message_id, $2 FROM jsonb_to_recordset($1::jsonb) AS m(consumer text, message_id text)
+                 ON CONFLICT DO NOTHING RETURNING consumer, message_id"
+            }
+            Pool::Sqlite(_) => {
+                "INSERT INTO processed_messages (consumer, message_id, processed_at)
+                 SELECT m.value ->> '$.consumer', m.value ->> '$.message_id', $2 FROM json_each($1) AS m WHERE true
+                 ON CONFLICT DO NOTHING RETURNING consumer, message_id"
+            }
+        };
+        let now = Utc::now();
+        let mut tx = self.begin().await?;
+        let claimed: HashSet<(String, String)> = on_tx!(&mut tx, |conn| {
+            sqlx::query_as::<_, (String, String)>(insert)
+                .bind(Json(&markers))
+                .bind(now)
+                .fetch_all(&mut *conn)
+                .await
+        })?
+        .into_iter()
+        .collect();
+
+        let mut batch = WriteBatch::default();
+        let mut calls_of: Vec<Option<Vec<usize>>> = Vec::with_capacity(units.len());
+        let mut metadata: Vec<&MetadataCall> = Vec::new();
+        let mut seen = HashSet::new();
+        for unit in &units {
+            let key = (unit.marker.consumer.clone(), unit.marker.message_id.clone());
+            // A unit listed twice is applied once.
+            if !claimed.contains(&key) || !seen.insert(key) {
+                calls_of.push(None);
+                continue;
+            }
+            let calls = unit
+                .records
+                .iter()
+                .map(|call| batch.add(&call.scope, call.kind, call.records.clone(), call.version))
+                .collect();
+            calls_of.push(Some(calls));
+            metadata.extend(&unit.metadata);
+            if let Some(letter) = &unit.dead_letter {
+                insert_dead_letter(&mut tx, letter, now).await?;
+            }
+        }
+        let counts = self.apply_writes(&mut tx, batch).await?;
+        metadata.sort_by(|a, b| {
+            (a.environment_id, a.integration.as_str(), &a.connection_id).cmp(&(
+                b.environment_id,
+                b.integration.as_str(),
+                &b.connection_id,
+            ))
+        });
+        for call in metadata {
+            let ids = [call.connection_id.clone()];
+            match write_metadata(&mut tx, call.environment_id, &call.integration, &ids, &call.metadata, call.how).await {
+                // The connection was deleted since: its metadata is gone with it.
+                Err(StoreError::NotFound(what)) => tracing::info!("metadata write skipped: {what} no longer exists"),
+                other => other?,
+            }
+        }
+        tx.commit().await?;
+        Ok(calls_of
+            .into_iter()
+            .map(|calls| match calls {
+                None => UnitOutcome::AlreadyDone,
+                Some(calls) => UnitOutcome::Applied(calls.iter().fold(WriteCounts::default(), |sum, call| {
+                    sum.plus(&counts[*call])
+                })),
+            })
+            .collect())
+    }
+
+    /// The markers among `markers` that are committed already.
+    pub async fn processed(&self, markers: &[Marker]) -> Result<HashSet<Marker>, StoreError> {
+        if markers.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let query = match self.pool {
+            Pool::Postgres(_) => {
+                "SELECT p.consumer, p.message_id FROM jsonb_to_recordset($1::jsonb) AS m(consumer text, message_id text)
+                 JOIN processed_messages p ON p.consumer = m.consumer AND p.message_id = m.message_id"
+            }
+            Pool::Sqlite(_) => {
+                "SELECT p.consumer, p.message_id FROM json_each($1) AS m
+                 JOIN processed_messages p ON p.consumer = m.value ->> '$.consumer' AND p.message_id = m.value ->> '$.message_id'"
+            }
+        };
+        let rows: Vec<(String, String)> =
+            on_pool!(self, |pool| sqlx::query_as(query).bind(Json(markers)).fetch_all(pool).await)?;
+        Ok(rows
+            .into_iter()
+            .map(|(consumer, message_id)| Marker { consumer, message_id })
+            .collect())
+    }
+
+    /// Drops markers older than `before` (their messages can no longer be redelivered).
+    pub async fn prune_processed(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let done = on_pool!(self, |pool| sqlx::query("DELETE FROM processed_messages WHERE processed_at < $1")
+            .bind(before)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected()))?;
+        Ok(done)
+    }
+
+    /// The environment's dead letters, newest first.
+    pub async fn dead_letters(&self, environment: &str, limit: u32) -> Result<Vec<StoredDeadLetter>, StoreError> {
+        let rows: Vec<DeadLetterRow> = on_pool!(self, |pool| sqlx::query_as(
+            "SELECT id, consumer, environment, integration, connection_id, subject, message_id, stream_seq, payload,
+                    function_name, function_version, error_kind, error, attempts, created_at
+             FROM dead_letters WHERE environment = $1 ORDER BY id DESC LIMIT $2"
+        )
+        .bind(environment)
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await)?;
+        Ok(rows
+            .into_iter()
+            .map(|row| StoredDeadLetter {
+                id: row.id,
+                created_at: row.created_at,
+                letter: DeadLetter {
+                    consumer: row.consumer,
+                    environment: row.environment,
+                    integration: row.integration,
+                    connection_id: row.connection_id,
+                    subject: row.subject,
+                    message_id: row.message_id,
+                    stream_seq: row.stream_seq,
+                    payload: row.payload,
+                    function_name: row.function_name,
+                    function_version: row.function_version,
+                    error_kind: row.error_kind,
+                    error: row.error,
+                    attempts: row.attempts,
+                },
+            })
+            .collect())
+    }
+}
+
+async fn insert_dead_letter(tx: &mut super::tx::Tx, letter: &DeadLetter, now: DateTime<Utc>) -> Result<(), StoreError> {
+    on_tx!(tx, |conn| {
+        sqlx::query(
+            "INSERT INTO dead_letters (consumer, environment, integration, connection_id, subject, message_id, stream_seq,
+                                       payload, function_name, function_version, error_kind, error, attempts, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        )
+        .bind(&letter.consumer)
+        .bind(&letter.environment)
+        .bind(&letter.integration)
+        .bind(&letter.connection_id)
+        .bind(&letter.subject)
+        .bind(&letter.message_id)
+        .bind(letter.stream_seq)
+        .bind(&letter.payload)
+        .bind(&letter.function_name)
+        .bind(letter.function_version)
+        .bind(&letter.error_kind)
+        .bind(&letter.error)
+        .bind(letter.attempts)
+        .bind(now)
+        .execute(&mut *conn)
+        .await
+                .map(|_| ())
+    })?;
+    Ok(())
+}

@@ -1,0 +1,273 @@
+//! A deploy: a functions project's files compiled once to QuickJS bytecode, and each
+//! sync's configuration read by evaluating its module.
+//!
+//! Layout, as in Nango: a sync lives at `{integration}/syncs/{name}.js` (the integration
+//! is the folder, the sync name the file). When the project has an `index.js`, the syncs
+//! are the sync files it imports; otherwise every file at that place is one.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use hookyard_core::keys::IntegrationKey;
+use hookyard_core::store::functions::{FunctionBundle, NewSync};
+use rquickjs::{CatchResultExt, Context, Module, Object, Runtime, Value};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::engine::evaluate_entry;
+use crate::sandbox::{Sandbox, Sources};
+use crate::{Limits, ENGINE};
+
+/// What a deploy stores: the bundle and its syncs.
+#[derive(Debug, Clone)]
+pub struct Project {
+    pub bundle: FunctionBundle,
+    pub syncs: Vec<NewSync>,
+}
+
+/// Why a project cannot be deployed, naming the file when one is at fault.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}{message}", file.as_deref().map(|f| format!("{f}: ")).unwrap_or_default())]
+pub struct DeployError {
+    pub file: Option<String>,
+    pub message: String,
+}
+
+fn at(file: &str, message: impl Into<String>) -> DeployError {
+    DeployError {
+        file: Some(file.to_string()),
+        message: message.into(),
+    }
+}
+
+fn whole(message: impl Into<String>) -> DeployError {
+    DeployError {
+        file: None,
+        message: message.into(),
+    }
+}
+
+/// Compiles `files` (path → source) and reads every sync's configuration.
+pub fn compile_project(files: BTreeMap<String, String>, limits: &Limits) -> Result<Project, DeployError> {
+    let mut sources = BTreeMap::new();
+    for (path, source) in files {
+        let path = normalise(&path)?;
+        if path.ends_with(".ts") || path.ends_with(".mts") {
+            return Err(at(&path, "TypeScript is not deployed yet: deploy the compiled JavaScript"));
+        }
+        if !path.ends_with(".js") && !path.ends_with(".mjs") {
+            return Err(at(&path, "only JavaScript modules (.js, .mjs) are deployed"));
+        }
+        sources.insert(path, source);
+    }
+    if sources.is_empty() {
+        return Err(whole("the deploy holds no JavaScript files"));
+    }
+    let modules = Arc::new(compile_modules(&sources)?);
+    let entries = sync_entries(&sources, &modules, limits)?;
+    let mut syncs = Vec::new();
+    for (entry, integration, name) in entries {
+        let sandbox = Sandbox::new(modules.clone(), limits).map_err(|e| at(&entry, e.message))?;
+        let config = sandbox.context.with(|ctx| {
+            let export = evaluate_entry(&ctx, &sandbox, &entry, limits).map_err(|e| at(&entry, e.to_string()))?;
+            read_config(&export.object).map_err(|message| at(&entry, message))
+        })?;
+        let loaded = sandbox.modules.loaded.lock().expect("loader lock").clone();
+        syncs.push(NewSync {
+            integration,
+            name,
+            code_hash: hash(loaded.iter().map(|m| (m.as_str(), sources[m].as_str()))),
+            entry,
+            config,
+        });
+    }
+    Ok(Project {
+        bundle: FunctionBundle {
+            hash: hash(sources.iter().map(|(p, s)| (p.as_str(), s.as_str()))),
+            engine: ENGINE.to_string(),
+            sources,
+            modules: Arc::try_unwrap(modules).unwrap_or_else(|shared| (*shared).clone()),
+        },
+        syncs,
+    })
+}
+
+/// Compiles every module to bytecode (no code runs). Each in a runtime of its own:
+/// QuickJS loads (compiles) a module's imports along with it.
+pub fn compile_modules(sources: &BTreeMap<String, String>) -> Result<BTreeMap<String, Vec<u8>>, DeployError> {
+    let shared = Sources(Arc::new(sources.clone()));
+    sources
+        .iter()
+        .map(|(path, source)| {
+            let runtime = Runtime::new().map_err(|e| whole(format!("engine: {e}")))?;
+            runtime.set_loader(shared.clone(), shared.clone());
+            let context = Context::full(&runtime).map_err(|e| whole(format!("engine: {e}")))?;
+            context.with(|ctx| {
+                let module = Module::declare(ctx.clone(), path.as_str(), source.as_str())
+                    .catch(&ctx)
+                    .map_err(|e| at(path, e.to_string()))?;
+                let code = module.write(false).map_err(|e| at(path, e.to_string()))?;
+                Ok((path.clone(), code))
+            })
+        })
+        .collect()
+}
+
+/// The syncs: `(entry module, integration, name)`.
+fn sync_entries(
+    sources: &BTreeMap<String, String>,
+    modules: &Arc<BTreeMap<String, Vec<u8>>>,
+    limits: &Limits,
+) -> Result<Vec<(String, IntegrationKey, String)>, DeployError> {
+    let candidates: Vec<String> = if sources.contains_key("index.js") {
+        // The sync files index.js imports, directly or not.
+        let sandbox = Sandbox::new(modules.clone(), limits).map_err(|e| at("index.js", e.message))?;
+        sandbox
+            .context
+            .with(|ctx| evaluate_entry(&ctx, &sandbox, "index.js", limits).map(|_| ()))
+            .or_else(|e| {
+                // index.js has no default export of its own: only its imports count.
+                if e.message.contains("default export") {
+                    Ok(())
+                } else {
+                    Err(at("index.js", e.to_string()))
+                }
+            })?;
+        let loaded: BTreeSet<String> = sandbox.modules.loaded.lock().expect("loader lock").clone();
+        loaded.into_iter().filter(|m| sync_place(m).is_some()).collect()
+    } else {
+        sources.keys().filter(|m| sync_place(m).is_some()).cloned().collect()
+    };
+    if candidates.is_empty() {
+        return Err(whole(
+            "no syncs found: put each at {integration}/syncs/{name}.js (and import them from index.js if there is one)",
+        ));
+    }
+    candidates
+        .into_iter()
+        .map(|entry| {
+            let (integration, name) = sync_place(&entry).expect("filtered above");
+            let integration: IntegrationKey = integration
+                .parse()
+                .map_err(|e| at(&entry, format!("the folder {integration:?} is not an integration key: {e}")))?;
+            Ok((entry.clone(), integration, name.to_string()))
+        })
+        .collect()
+}
+
+/// `{integration}/syncs/{name}.js` → `(integration, name)`.
+fn sync_place(path: &str) -> Option<(&str, &str)> {
+    let mut parts = path.split('/');
+    let (integration, syncs, file) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || syncs != "syncs" {
+        return None;
+    }
+    let name = file.strip_suffix(".js").or_else(|| file.strip_suffix(".mjs"))?;
+    (!name.is_empty()).then_some((integration, name))
+}
+
+/// A deploy path, relative and without `.`/`..` segments.
+fn normalise(path: &str) -> Result<String, DeployError> {
+    let trimmed = path.trim_start_matches("./");
+    let bad = trimmed.is_empty()
+        || trimmed.starts_with('/')
+        || trimmed.contains('\\')
+        || trimmed.split('/').any(|part| part.is_empty() || part == "." || part == "..");
+    if bad {
+        return Err(at(path, "file paths must be relative, without . or .. segments"));
+    }
+    Ok(trimmed.to_string())
+}
+
+/// Reads what a sync declares; the message says which option is wrong.
+fn read_config(export: &Object<'_>) -> Result<serde_json::Value, String> {
+    let kind: Option<String> = export.get("type").map_err(|_| "type must be a string".to_string())?;
+    if let Some(kind) = kind.as_deref().filter(|k| *k != "sync") {
+        return Err(format!(
+            "its default export is a {kind}; only syncs (createSync) are deployed"
+        ));
+    }
+    let text = |name: &str| -> Result<Option<String>, String> {
+        export.get::<_, Option<String>>(name).map_err(|_| format!("{name} must be a string"))
+    };
+    let function = |name: &str| -> Result<bool, String> {
+        let value: Value = export.get(name).map_err(|e| e.to_string())?;
+        match value.type_of() {
+            t if t.is_void() => Ok(false),
+            _ if value.is_function() => Ok(true),
+            _ => Err(format!("{name} must be a function")),
+        }
+    };
+    let subscriptions: Vec<String> = export
+        .get::<_, Option<Vec<String>>>("webhookSubscriptions")
+        .map_err(|_| "webhookSubscriptions must be an array of strings (event types, or '*')".to_string())?
+        .unwrap_or_default();
+    if subscriptions.iter().any(|s| s.is_empty()) {
+        return Err("webhookSubscriptions holds an empty event type".into());
+    }
+    let models_value: Value = export.get("models").map_err(|e| e.to_string())?;
+    let models: Vec<String> = if models_value.type_of().is_void() {
+        Vec::new()
+    } else if let Some(array) = models_value.as_array() {
+        array
+            .iter::<String>()
+            .collect::<Result<_, _>>()
+            .map_err(|_| "models must be an object keyed by model name (or an array of names)".to_string())?
+    } else if let Some(object) = models_value.as_object().filter(|_| !models_value.is_function()) {
+        object
+            .keys::<String>()
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?
+    } else {
+        return Err("models must be an object keyed by model name (or an array of names)".into());
+    };
+    let on_webhook = function("onWebhook")?;
+    if !subscriptions.is_empty() && !on_webhook {
+        return Err("it subscribes to webhooks (webhookSubscriptions) but has no onWebhook".into());
+    }
+    let auto_start: Option<bool> = export
+        .get("autoStart")
+        .map_err(|_| "autoStart must be true or false".to_string())?;
+    let metadata: Value = export.get("metadata").map_err(|e| e.to_string())?;
+    Ok(json!({
+        "description": text("description")?,
+        "version": text("version")?,
+        "frequency": text("frequency")?,
+        "models": models,
+        "webhookSubscriptions": subscriptions,
+        "autoStart": auto_start.unwrap_or(true),
+        "metadata": !metadata.type_of().is_void(),
+        "exec": function("exec")?,
+        "onWebhook": on_webhook,
+    }))
+}
+
+/// SHA-256 over the engine and `(path, source)` pairs, hex.
+fn hash<'a>(files: impl Iterator<Item = (&'a str, &'a str)>) -> String {
+    let mut digest = Sha256::new();
+    digest.update(ENGINE.as_bytes());
+    for (path, source) in files {
+        for part in [path, source] {
+            digest.update((part.len() as u64).to_le_bytes());
+            digest.update(part.as_bytes());
+        }
+    }
+    hex::encode(digest.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_places() {
+        assert_eq!(sync_place("hubspot/syncs/contacts.js"), Some(("hubspot", "contacts")));
+        assert_eq!(sync_place("hubspot/contacts.js"), None);
+        assert_eq!(sync_place("hubspot/syncs/deep/contacts.js"), None);
+        assert_eq!(sync_place("hubspot/actions/x.js"), None);
+        assert_eq!(normalise("./a/b.js").unwrap(), "a/b.js");
+        for bad in ["/etc/x.js", "a/../b.js", "a//b.js", "", "a\\b.js"] {
+            assert!(normalise(bad).is_err(), "{bad}");
+        }
+    }
+}

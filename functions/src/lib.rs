@@ -1,0 +1,112 @@
+//! Webhook functions: a deploy's JavaScript compiled once to QuickJS bytecode
+//! ([`compile`]), and handlers run from it in a sandbox on dedicated threads ([`pool`]).
+//!
+//! A function is Nango-style: a module whose default export is `createSync({...})` from
+//! the built-in module `nango`. Its `onWebhook(nango, payload)` gets a `nango` object
+//! whose record and metadata writes are collected, not applied: the worker commits them
+//! (or, when the execution fails, drops them).
+
+pub mod compile;
+mod engine;
+pub mod pool;
+mod sandbox;
+
+use hookyard_core::store::records::WriteKind;
+use hookyard_core::store::MetadataWrite;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+pub use hookyard_core::config::FunctionLimits as Limits;
+
+/// Names the engine that wrote a bundle's bytecode; a bundle written by another one is
+/// compiled again from its sources.
+pub const ENGINE: &str = "quickjs-ng via rquickjs 0.9, bytecode 1";
+
+/// Why an execution failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The function threw (or its promise rejected).
+    Thrown,
+    /// It ran past its CPU budget or its wall-clock timeout.
+    Timeout,
+    OutOfMemory,
+    StackOverflow,
+    /// The engine could not run it (a bundle that does not load, for one).
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Thrown => "thrown",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::OutOfMemory => "out_of_memory",
+            ErrorKind::StackOverflow => "stack_overflow",
+            ErrorKind::Internal => "internal",
+        }
+    }
+
+    /// After these the runtime's state cannot be trusted: it is thrown away.
+    fn poisons_runtime(self) -> bool {
+        !matches!(self, ErrorKind::Thrown)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}: {message}", kind.as_str())]
+pub struct FunctionError {
+    pub kind: ErrorKind,
+    pub message: String,
+    /// What the function logged before it failed.
+    pub logs: Vec<LogLine>,
+}
+
+impl FunctionError {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> FunctionError {
+        FunctionError {
+            kind,
+            message: message.into(),
+            logs: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct LogLine {
+    pub level: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Value>,
+}
+
+/// One `batchSave` / `batchUpdate` / `batchDelete` call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Write {
+    pub kind: WriteKind,
+    pub model: String,
+    pub records: Vec<(String, Value)>,
+}
+
+/// What a successful execution asks for.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Effects {
+    pub writes: Vec<Write>,
+    pub metadata: Vec<(MetadataWrite, Map<String, Value>)>,
+    pub logs: Vec<LogLine>,
+}
+
+/// What an `onWebhook` execution is given.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Invocation {
+    #[serde(skip)]
+    pub payload: String,
+    pub connection_id: String,
+    pub provider_config_key: String,
+    pub metadata: Value,
+    /// What `nango.getConnection()` answers.
+    pub connection: Value,
+    /// The sync's models: writes to other models are refused.
+    pub models: Vec<String>,
+}

@@ -1,0 +1,289 @@
+//! One QuickJS runtime and context set up for function code: the memory and stack
+//! limits, the interrupt handler that enforces the CPU budget and the deadline, the
+//! module loader over a deploy's bytecode (plus the built-in `nango`), and the prelude.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use rquickjs::loader::{Loader, Resolver};
+use rquickjs::module::Declared;
+use rquickjs::{CatchResultExt, CaughtError, Context, Ctx, Module, Runtime};
+
+use crate::{ErrorKind, FunctionError, Limits};
+
+const NANGO: &str = include_str!("js/nango.js");
+const PRELUDE: &str = include_str!("js/prelude.js");
+
+/// Why an execution was interrupted, if it was.
+const NOT_TRIPPED: u8 = 0;
+const TRIPPED_CPU: u8 = 1;
+const TRIPPED_WALL: u8 = 2;
+
+/// The current execution's budget, read by the interrupt handler on the JS thread.
+#[derive(Default)]
+pub(crate) struct Budget {
+    /// Thread CPU time (ns) past which the execution is stopped; 0 when none runs.
+    cpu_deadline: AtomicU64,
+    /// Wall-clock deadline, in ns since [`epoch`]; 0 when none runs.
+    wall_deadline: AtomicU64,
+    tripped: AtomicU8,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn wall_now() -> u64 {
+    epoch().elapsed().as_nanos() as u64
+}
+
+/// CPU time this thread has used: only the JS thread's own work counts against a budget.
+fn thread_cpu_now() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given and nothing else.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl Budget {
+    pub(crate) fn arm(&self, limits: &Limits) {
+        self.tripped.store(NOT_TRIPPED, Ordering::Relaxed);
+        self.cpu_deadline
+            .store(thread_cpu_now() + limits.cpu_budget.as_nanos() as u64, Ordering::Relaxed);
+        self.wall_deadline
+            .store(wall_now() + limits.timeout.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn disarm(&self) {
+        self.cpu_deadline.store(0, Ordering::Relaxed);
+        self.wall_deadline.store(0, Ordering::Relaxed);
+    }
+
+    /// Time left before the wall-clock deadline.
+    pub(crate) fn remaining(&self) -> Duration {
+        let deadline = self.wall_deadline.load(Ordering::Relaxed);
+        Duration::from_nanos(deadline.saturating_sub(wall_now()))
+    }
+
+    pub(crate) fn expire_wall(&self) {
+        self.tripped.store(TRIPPED_WALL, Ordering::Relaxed);
+    }
+
+    fn check(&self) -> bool {
+        let wall = self.wall_deadline.load(Ordering::Relaxed);
+        if wall == 0 {
+            return false;
+        }
+        if wall_now() > wall {
+            self.tripped.store(TRIPPED_WALL, Ordering::Relaxed);
+            return true;
+        }
+        if thread_cpu_now() > self.cpu_deadline.load(Ordering::Relaxed) {
+            self.tripped.store(TRIPPED_CPU, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+
+    /// The timeout error, when the budget ran out.
+    pub(crate) fn tripped(&self, limits: &Limits) -> Option<FunctionError> {
+        let message = match self.tripped.load(Ordering::Relaxed) {
+            TRIPPED_CPU => format!("used more than its CPU budget of {:?}", limits.cpu_budget),
+            TRIPPED_WALL => format!("did not finish within {:?}", limits.timeout),
+            _ => return None,
+        };
+        Some(FunctionError::new(ErrorKind::Timeout, message))
+    }
+}
+
+/// The modules a runtime may load, and which it did load.
+#[derive(Clone)]
+pub(crate) struct Modules {
+    pub code: Arc<BTreeMap<String, Vec<u8>>>,
+    pub loaded: Arc<Mutex<BTreeSet<String>>>,
+}
+
+impl Resolver for Modules {
+    fn resolve(&mut self, _ctx: &Ctx<'_>, base: &str, name: &str) -> rquickjs::Result<String> {
+        // The engine's own import of an entry module names it by its deploy path.
+        if base.is_empty() && self.code.contains_key(name) {
+            return Ok(name.to_string());
+        }
+        resolve_import(base, name, |candidate| self.code.contains_key(candidate))
+            .ok_or_else(|| rquickjs::Error::new_resolving_message(base, name, import_help(name)))
+    }
+}
+
+impl Loader for Modules {
+    fn load<'js>(&mut self, ctx: &Ctx<'js>, name: &str) -> rquickjs::Result<Module<'js, Declared>> {
+        if name == "nango" {
+            return Module::declare(ctx.clone(), "nango", NANGO);
+        }
+        let code = self
+            .code
+            .get(name)
+            .ok_or_else(|| rquickjs::Error::new_loading_message(name, "not in this deploy"))?;
+        self.loaded.lock().expect("loader lock").insert(name.to_string());
+        // SAFETY: the bytecode was written by this engine at deploy time (the bundle's
+        // engine is checked before it is used).
+        unsafe { Module::load(ctx.clone(), code) }
+    }
+}
+
+/// A deploy's sources, for compiling: QuickJS loads a module's imports as it compiles it.
+#[derive(Clone)]
+pub(crate) struct Sources(pub Arc<BTreeMap<String, String>>);
+
+impl Resolver for Sources {
+    fn resolve(&mut self, _ctx: &Ctx<'_>, base: &str, name: &str) -> rquickjs::Result<String> {
+        resolve_import(base, name, |candidate| self.0.contains_key(candidate))
+            .ok_or_else(|| rquickjs::Error::new_resolving_message(base, name, import_help(name)))
+    }
+}
+
+impl Loader for Sources {
+    fn load<'js>(&mut self, ctx: &Ctx<'js>, name: &str) -> rquickjs::Result<Module<'js, Declared>> {
+        let source = if name == "nango" {
+            NANGO
+        } else {
+            self.0
+                .get(name)
+                .ok_or_else(|| rquickjs::Error::new_loading_message(name, "not in this deploy"))?
+        };
+        Module::declare(ctx.clone(), name, source)
+    }
+}
+
+fn import_help(name: &str) -> String {
+    format!("cannot import {name:?}: a function may import 'nango' and the files of its own deploy (./ or ../ paths)")
+}
+
+/// The module an `import name` in module `base` means: `nango`, or a path of the deploy
+/// relative to `base` (`.js` may be left out).
+pub(crate) fn resolve_import(base: &str, name: &str, exists: impl Fn(&str) -> bool) -> Option<String> {
+    if name == "nango" {
+        return Some("nango".into());
+    }
+    if !(name.starts_with("./") || name.starts_with("../")) {
+        return None;
+    }
+    let mut parts: Vec<&str> = base.split('/').collect();
+    parts.pop();
+    for part in name.split('/') {
+        match part {
+            "." | "" => {}
+            ".." => {
+                parts.pop()?;
+            }
+            other => parts.push(other),
+        }
+    }
+    let path = parts.join("/");
+    [path.clone(), format!("{path}.js"), format!("{path}/index.js")]
+        .into_iter()
+        .find(|candidate| exists(candidate))
+}
+
+/// A runtime (held by its context) ready for function code. Values saved out of the
+/// context must be dropped before it (see `engine::Loaded`).
+pub(crate) struct Sandbox {
+    pub context: Context,
+    pub budget: Arc<Budget>,
+    pub modules: Modules,
+}
+
+impl Sandbox {
+    pub(crate) fn new(code: Arc<BTreeMap<String, Vec<u8>>>, limits: &Limits) -> Result<Sandbox, FunctionError> {
+        let setup = |e: rquickjs::Error| FunctionError::new(ErrorKind::Internal, format!("engine setup: {e}"));
+        let runtime = Runtime::new().map_err(setup)?;
+        runtime.set_max_stack_size(limits.stack_bytes);
+        let budget = Arc::new(Budget::default());
+        let handler_budget = budget.clone();
+        runtime.set_interrupt_handler(Some(Box::new(move || handler_budget.check())));
+        let modules = Modules {
+            code,
+            loaded: Arc::default(),
+        };
+        runtime.set_loader(modules.clone(), modules.clone());
+        let context = Context::full(&runtime).map_err(setup)?;
+        context.with(|ctx| {
+            ctx.eval::<(), _>(PRELUDE)
+                .catch(&ctx)
+                .map_err(|e| FunctionError::new(ErrorKind::Internal, format!("engine prelude: {e}")))
+        })?;
+        // After the prelude, so that only function code counts against the limit.
+        runtime.set_memory_limit(limits.memory_bytes);
+        Ok(Sandbox {
+            context,
+            budget,
+            modules,
+        })
+    }
+}
+
+/// Describes a caught JS error (or the limit it hit) as a function error.
+pub(crate) fn describe<'js>(ctx: &Ctx<'js>, error: CaughtError<'js>, budget: &Budget, limits: &Limits) -> FunctionError {
+    if let Some(timeout) = budget.tripped(limits) {
+        return timeout;
+    }
+    let (text, stack) = match &error {
+        CaughtError::Exception(e) => {
+            let name: Option<String> = e.as_object().get("name").ok();
+            let message = e.message().unwrap_or_default();
+            let text = match name {
+                Some(name) if !name.is_empty() => format!("{name}: {message}"),
+                _ => message,
+            };
+            (text, e.stack().filter(|s| !s.is_empty()))
+        }
+        CaughtError::Value(value) => {
+            let text = ctx
+                .json_stringify(value.clone())
+                .ok()
+                .flatten()
+                .and_then(|s| s.to_string().ok())
+                .unwrap_or_else(|| format!("{value:?}"));
+            (format!("thrown value: {text}"), None)
+        }
+        CaughtError::Error(rquickjs::Error::Allocation) => ("out of memory".to_string(), None),
+        CaughtError::Error(e) => (e.to_string(), None),
+    };
+    let lower = text.to_lowercase();
+    let kind = if lower.contains("out of memory") {
+        ErrorKind::OutOfMemory
+    } else if lower.contains("stack overflow") || lower.contains("maximum call stack size exceeded") {
+        ErrorKind::StackOverflow
+    } else {
+        ErrorKind::Thrown
+    };
+    let message = match (kind, stack) {
+        (ErrorKind::OutOfMemory, _) => format!("ran out of memory (limit {} bytes)", limits.memory_bytes),
+        (ErrorKind::StackOverflow, _) => format!("overflowed its stack ({text})"),
+        (_, Some(stack)) => format!("{text}\n{}", stack.trim_end()),
+        (_, None) => text,
+    };
+    FunctionError::new(kind, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn imports_resolve_within_the_deploy_only() {
+        let files = ["hubspot/syncs/contacts.js", "hubspot/models.js", "lib/index.js", "util.js"];
+        let exists = |p: &str| files.contains(&p);
+        let resolve = |base, name| resolve_import(base, name, exists);
+        assert_eq!(resolve("hubspot/syncs/contacts.js", "nango").as_deref(), Some("nango"));
+        assert_eq!(resolve("hubspot/syncs/contacts.js", "../models.js").as_deref(), Some("hubspot/models.js"));
+        assert_eq!(resolve("hubspot/syncs/contacts.js", "../models").as_deref(), Some("hubspot/models.js"));
+        assert_eq!(resolve("hubspot/syncs/contacts.js", "../../lib").as_deref(), Some("lib/index.js"));
+        assert_eq!(resolve("index.js", "./util.js").as_deref(), Some("util.js"));
+        assert_eq!(resolve("index.js", "../escape.js"), None, "no way out of the deploy");
+        assert_eq!(resolve("index.js", "fs"), None);
+        assert_eq!(resolve("index.js", "/etc/passwd"), None);
+    }
+}

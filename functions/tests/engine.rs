@@ -1,0 +1,228 @@
+//! The function engine end to end: compile a project, run its handlers on the pool,
+//! and fail each kind of bad function the way the worker reports it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hookyard_core::store::records::WriteKind;
+use hookyard_core::store::MetadataWrite;
+use hookyard_functions::compile::{compile_project, Project};
+use hookyard_functions::pool::{Pool, SyncCode};
+use hookyard_functions::{ErrorKind, Invocation, Limits};
+use serde_json::json;
+
+fn limits() -> Limits {
+    Limits {
+        memory_bytes: 16 * 1024 * 1024,
+        stack_bytes: 256 * 1024,
+        cpu_budget: Duration::from_millis(300),
+        timeout: Duration::from_secs(2),
+    }
+}
+
+fn project(files: &[(&str, &str)]) -> Project {
+    compile_project(files.iter().map(|(p, s)| (p.to_string(), s.to_string())).collect(), &limits())
+        .unwrap_or_else(|e| panic!("deploy failed: {e}"))
+}
+
+fn deploy_error(files: &[(&str, &str)]) -> String {
+    compile_project(files.iter().map(|(p, s)| (p.to_string(), s.to_string())).collect(), &limits())
+        .map(|_| ())
+        .expect_err("the deploy should fail")
+        .to_string()
+}
+
+fn code(project: &Project, name: &str) -> Arc<SyncCode> {
+    let sync = project.syncs.iter().find(|s| s.name == name).expect("the sync is deployed");
+    Arc::new(SyncCode {
+        key: format!("{}/{}", project.bundle.hash, sync.entry),
+        modules: Arc::new(project.bundle.modules.clone()),
+        entry: sync.entry.clone(),
+    })
+}
+
+fn invocation(payload: serde_json::Value) -> Invocation {
+    Invocation {
+        payload: payload.to_string(),
+        connection_id: "conn-1".into(),
+        provider_config_key: "crm".into(),
+        metadata: json!({"region": "eu"}),
+        connection: json!({"connection_id": "conn-1", "metadata": {"region": "eu"}}),
+        models: vec!["Contact".into()],
+    }
+}
+
+/// A sync `crm/syncs/{name}.js` whose onWebhook body is `body`.
+fn sync_with(body: &str) -> String {
+    format!(
+        "import {{ createSync }} from 'nango';
+         export default createSync({{
+           models: {{ Contact: {{}} }},
+           webhookSubscriptions: ['*'],
+           onWebhook: async (nango, payload) => {{ {body} }},
+         }});"
+    )
+}
+
+const CONTACTS: &str = r#"
+import { createSync } from 'nango';
+import { toContact } from '../models.js';
+export default createSync({
+  description: 'contacts',
+  version: '1.0.0',
+  frequency: 'every hour',
+  models: { Contact: {} },
+  webhookSubscriptions: ['contact.updated', 'contact.deleted'],
+  exec: async () => {},
+  onWebhook: async (nango, payload) => {
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    const meta = await nango.getMetadata();
+    console.log('handling', payload.type);
+    if (payload.type === 'contact.deleted') {
+      await nango.batchDelete([{ id: payload.contact.id }], 'Contact');
+    } else {
+      await nango.batchSave([toContact(payload.contact, meta.region)], 'Contact');
+    }
+    await nango.updateMetadata({ last: payload.contact.id });
+  },
+});
+"#;
+const MODELS: &str = "export const toContact = (c, region) => ({ id: c.id, email: c.email, region });";
+
+#[tokio::test]
+async fn a_sync_compiles_once_and_its_handler_collects_writes_metadata_and_logs() {
+    let project = project(&[("crm/syncs/contacts.js", CONTACTS), ("crm/models.js", MODELS)]);
+    assert_eq!(project.syncs.len(), 1);
+    let sync = &project.syncs[0];
+    assert_eq!((sync.integration.as_str(), sync.name.as_str()), ("crm", "contacts"));
+    assert_eq!(sync.config["webhookSubscriptions"], json!(["contact.updated", "contact.deleted"]));
+    assert_eq!(sync.config["models"], json!(["Contact"]));
+    assert_eq!(sync.config["frequency"], json!("every hour"));
+    assert_eq!(sync.config["exec"], json!(true));
+
+    let pool = Pool::new(2, limits());
+    let effects = pool
+        .execute(
+            code(&project, "contacts"),
+            invocation(json!({"type": "contact.updated", "contact": {"id": 7, "email": "a@x"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(effects.writes.len(), 1);
+    assert_eq!(effects.writes[0].kind, WriteKind::Save);
+    assert_eq!(effects.writes[0].model, "Contact");
+    assert_eq!(
+        effects.writes[0].records,
+        vec![("7".to_string(), json!({"id": 7, "email": "a@x", "region": "eu"}))]
+    );
+    assert_eq!(effects.metadata, vec![(MetadataWrite::Merge, json!({"last": 7}).as_object().unwrap().clone())]);
+    assert_eq!(effects.logs[0].message, "handling contact.updated");
+
+    let effects = pool
+        .execute(code(&project, "contacts"), invocation(json!({"type": "contact.deleted", "contact": {"id": "9"}})))
+        .await
+        .unwrap();
+    assert_eq!(effects.writes[0].kind, WriteKind::Delete);
+    assert_eq!(effects.writes[0].records[0].0, "9");
+}
+
+#[tokio::test]
+async fn each_failure_has_its_kind_and_the_pool_keeps_working() {
+    let project = project(&[
+        ("crm/syncs/throws.js", &sync_with("throw new Error('provider said no');")),
+        ("crm/syncs/rejects.js", &sync_with("await Promise.reject(new TypeError('bad input'));")),
+        ("crm/syncs/loops.js", &sync_with("while (true) {}")),
+        ("crm/syncs/catches_loop.js", &sync_with("try { while (true) {} } catch (e) {} await nango.batchSave([{id: 'x'}], 'Contact');")),
+        ("crm/syncs/waits.js", &sync_with("await new Promise((r) => setTimeout(r, 60000));")),
+        ("crm/syncs/never.js", &sync_with("await new Promise(() => {});")),
+        ("crm/syncs/recurses.js", &sync_with("const f = (n) => f(n + 1) + 1; f(0);")),
+        ("crm/syncs/allocates.js", &sync_with("const keep = []; while (true) keep.push(new Array(100000).fill(1));")),
+        ("crm/syncs/evals.js", &sync_with("eval('1');")),
+        ("crm/syncs/constructs.js", &sync_with("(function(){}).constructor('return 1')();")),
+        ("crm/syncs/bad_model.js", &sync_with("await nango.batchSave([{id: 1}], 'Company');")),
+        ("crm/syncs/no_id.js", &sync_with("await nango.batchSave([{name: 'x'}], 'Contact');")),
+        ("crm/syncs/ok.js", &sync_with("await nango.batchSave([{id: 'fine'}], 'Contact');")),
+    ]);
+    let pool = Pool::new(2, limits());
+    let run = |name: &str| pool.execute(code(&project, name), invocation(json!({})));
+    let cases = [
+        ("throws", ErrorKind::Thrown, "provider said no"),
+        ("rejects", ErrorKind::Thrown, "TypeError: bad input"),
+        ("loops", ErrorKind::Timeout, "CPU budget"),
+        ("catches_loop", ErrorKind::Timeout, "CPU budget"),
+        ("waits", ErrorKind::Timeout, "did not finish within"),
+        ("never", ErrorKind::Thrown, "can never settle"),
+        ("recurses", ErrorKind::StackOverflow, "stack"),
+        ("allocates", ErrorKind::OutOfMemory, "out of memory"),
+        ("evals", ErrorKind::Thrown, "eval"),
+        ("constructs", ErrorKind::Thrown, "code generation from strings"),
+        ("bad_model", ErrorKind::Thrown, "model \"Company\" is not one of this sync's models"),
+        ("no_id", ErrorKind::Thrown, "every record needs an id"),
+    ];
+    for (name, kind, text) in cases {
+        let started = Instant::now();
+        let error = run(name).await.expect_err(name);
+        assert_eq!(error.kind, kind, "{name}: {error}");
+        assert!(error.message.contains(text), "{name}: {error}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{name} took {:?}", started.elapsed());
+        // The pool still runs good code after each failure, on every thread.
+        for _ in 0..pool.threads() {
+            let effects = run("ok").await.expect("a good function still runs");
+            assert_eq!(effects.writes[0].records[0].0, "fine");
+        }
+    }
+}
+
+#[test]
+fn bad_deploys_name_the_file_and_the_problem() {
+    let cases: Vec<(Vec<(&str, String)>, &str)> = vec![
+        (vec![("crm/syncs/a.js", "export default createSync({".into())], "invalid property name\n    at crm/syncs/a.js:1:15"),
+        (
+            vec![("crm/syncs/a.js", "import { x } from 'fs'; export default {};".into())],
+            "crm/syncs/a.js: ",
+        ),
+        (
+            vec![("crm/syncs/a.js", "export default { type: 'sync', webhookSubscriptions: 'contact.updated', onWebhook() {} };".into())],
+            "crm/syncs/a.js: webhookSubscriptions must be an array",
+        ),
+        (
+            vec![("crm/syncs/a.js", "export default { webhookSubscriptions: ['x'] };".into())],
+            "crm/syncs/a.js: it subscribes to webhooks (webhookSubscriptions) but has no onWebhook",
+        ),
+        (
+            vec![("crm/syncs/a.js", "throw new Error('top level');".into())],
+            "crm/syncs/a.js: thrown: Error: top level",
+        ),
+        (vec![("crm/syncs/a.js", "while (true) {}".into())], "crm/syncs/a.js: timeout"),
+        (vec![("crm/syncs/a.ts", "export default {}".into())], "crm/syncs/a.ts: TypeScript"),
+        (vec![("crm/helpers.js", "export const x = 1;".into())], "no syncs found"),
+        (vec![("../crm/syncs/a.js", "export default {}".into())], "must be relative"),
+        (vec![("CRM Inc/syncs/a.js", "export default {}".into())], "is not an integration key"),
+    ];
+    for (files, expected) in cases {
+        let files: Vec<(&str, &str)> = files.iter().map(|(p, s)| (*p, s.as_str())).collect();
+        let error = deploy_error(&files);
+        assert!(error.contains(expected), "{files:?}: {error}");
+    }
+}
+
+#[test]
+fn index_js_chooses_the_syncs_and_an_object_export_is_a_sync_too() {
+    let plain = "export default { type: 'sync', models: ['Contact'], webhookSubscriptions: ['*'], onWebhook: async () => {} };";
+    let project = project(&[
+        ("index.js", "import './crm/syncs/contacts.js';"),
+        ("crm/syncs/contacts.js", plain),
+        ("crm/syncs/draft.js", "export default {};"),
+    ]);
+    let names: Vec<&str> = project.syncs.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, vec!["contacts"], "draft.js is not imported by index.js");
+    assert_eq!(project.syncs[0].config["models"], json!(["Contact"]));
+
+    // The code hash covers what a sync loads, not its siblings.
+    let a = self::project(&[("crm/syncs/a.js", plain), ("crm/syncs/b.js", plain)]);
+    let b = self::project(&[("crm/syncs/a.js", plain), ("crm/syncs/b.js", &format!("{plain}\n// changed"))]);
+    let hash = |p: &Project, name: &str| p.syncs.iter().find(|s| s.name == name).unwrap().code_hash.clone();
+    assert_eq!(hash(&a, "a"), hash(&b, "a"));
+    assert_ne!(hash(&a, "b"), hash(&b, "b"));
+    assert_ne!(a.bundle.hash, b.bundle.hash);
+}
