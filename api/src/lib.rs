@@ -10,6 +10,7 @@ mod auth;
 mod connections;
 mod error;
 mod fields;
+mod functions;
 mod integrations;
 mod records;
 
@@ -40,6 +41,8 @@ pub struct AppState {
     catalog: Arc<Catalog>,
     /// `http(s)://host[:port]` of ingest, for the `webhook_url` of integrations.
     webhook_base_url: String,
+    /// What a deploy's top-level code may use while its configuration is read.
+    function_limits: hookyard_functions::Limits,
 }
 
 /// Nango's wrapper of single objects and lists.
@@ -55,10 +58,10 @@ pub struct Success {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "hookyard", description = "hookyard's control plane: integrations, connections and records."),
+    info(title = "hookyard", description = "hookyard's control plane: integrations, connections, records and function deploys."),
     modifiers(&BearerAuth),
     security(("secret_key" = [])),
-    tags((name = "integrations"), (name = "connections"), (name = "records"))
+    tags((name = "integrations"), (name = "connections"), (name = "records"), (name = "functions"))
 )]
 struct ApiDoc;
 
@@ -88,11 +91,13 @@ pub fn router(store: Store, config: &Config) -> Result<(Router, Document), Catal
         store,
         catalog: Arc::new(Catalog::embedded()?),
         webhook_base_url: config.webhook_base_url(),
+        function_limits: config.worker.limits.clone(),
     };
     let (authenticated, mut document) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(integrations::routes())
         .merge(connections::routes())
         .merge(records::routes())
+        .merge(functions::routes())
         .split_for_parts();
     list_aliases(&mut document);
     let json = serde_json::to_value(&document).expect("the OpenAPI document serialises");

@@ -1,5 +1,6 @@
-//! `hookyard dev`: every stage in one process on embedded defaults, a `dev` environment
-//! and a `demo` integration, and a demo webhook sent through it on start.
+//! `hookyard dev`: every stage in one process on embedded defaults, a `dev` environment,
+//! a `demo` integration with the `crm-contacts` example function deployed to it, and a
+//! demo webhook sent through it on start (shown as the record it becomes).
 
 use std::path::Path;
 use std::time::Duration;
@@ -28,6 +29,15 @@ pub struct DevArgs {
 const DEMO_INTEGRATION: &str = "demo";
 const DEMO_CONNECTION: &str = "demo-connection";
 const DEMO_BODY: &str = r#"{"type":"contact.updated","contact":{"id":"c_1","email":"ada@example.com"}}"#;
+/// `examples/crm-contacts`, deployed to the demo integration on first start.
+const EXAMPLE: &[(&str, &str)] = &[
+    ("index.js", include_str!("../../examples/crm-contacts/index.js")),
+    ("demo/models.js", include_str!("../../examples/crm-contacts/demo/models.js")),
+    (
+        "demo/syncs/contacts.js",
+        include_str!("../../examples/crm-contacts/demo/syncs/contacts.js"),
+    ),
+];
 
 pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken) -> Result<(), Error> {
     std::fs::create_dir_all(&config.data_dir)
@@ -46,9 +56,11 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
     let store = Store::connect(&config.database_url, config.cipher()?).await?;
     let environment = store.ensure_environment(&"dev".parse()?).await?;
     ensure_demo_integration(&store, &environment).await?;
+    deploy_example(&store, &environment, &config).await?;
     let bus = Bus::connect(&config, "hookyard-dev").await?;
     let ingest = Ingest::start(&config, store.clone(), bus.clone(), shutdown.clone()).await?;
     let router = std::sync::Arc::new(hookyard_router::Router::new(store.clone(), &bus, &config.router)?);
+    let worker = std::sync::Arc::new(hookyard_worker::Worker::new(store.clone(), &bus, &config));
     let ingest_listener = listen(config.ingest.listen, "HOOKYARD_INGEST__LISTEN").await?;
     let api_listener = listen(config.api.listen, "HOOKYARD_API__LISTEN").await?;
     let (api_router, _) = hookyard_api::router(store, &config)?;
@@ -66,7 +78,7 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
          \n  NATS          {}\
          \n  database      {}\
          \n\nSend a webhook:\n\n  curl -i -X POST '{webhook_url}' -H 'content-type: application/json' -d '{DEMO_BODY}'\n\
-         \nAsk the API:\n\n  curl -s {api_url}/integrations -H 'Authorization: Bearer {}'\n\
+         \nSee the record the example function made of it:\n\n  curl -s '{api_url}/records?model=Contact' -H 'Authorization: Bearer {}' \\\n    -H 'Connection-Id: {DEMO_CONNECTION}' -H 'Provider-Config-Key: {DEMO_INTEGRATION}'\n\
          \nPress Ctrl-C to stop.\n",
         environment.secret_key, config.nats_url, config.database_url, environment.secret_key,
     );
@@ -79,18 +91,21 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
         shutdown.clone(),
     );
     let router = spawn_stopping_all(router.run(shutdown.clone()), shutdown.clone());
+    let worker = spawn_stopping_all(worker.run(shutdown.clone()), shutdown.clone());
     if !args.no_demo {
         if let Err(error) = send_demo_webhook(&webhook_url, &bus.jetstream).await {
             eprintln!("demo webhook failed: {error}");
         }
-        if let Err(error) = show_demo_integration(&api_url, &environment.secret_key).await {
+        if let Err(error) = show_demo_record(&api_url, &environment.secret_key).await {
             eprintln!("demo API call failed: {error}");
         }
     }
-    let (ingest_result, api_result, router_result) = tokio::join!(ingest_server, api_server, router);
+    let (ingest_result, api_result, router_result, worker_result) =
+        tokio::join!(ingest_server, api_server, router, worker);
     ingest_result??;
     api_result??;
     router_result??;
+    worker_result??;
     Ok(())
 }
 
@@ -113,13 +128,52 @@ async fn listen(addr: std::net::SocketAddr, variable: &str) -> Result<tokio::net
         .map_err(|e| format!("cannot listen on {addr}: {e} (set {variable} to another address)").into())
 }
 
-/// Reads the demo integration back through the API.
-async fn show_demo_integration(api_url: &str, secret_key: &str) -> Result<(), Error> {
-    let url = format!("{api_url}/integrations/{DEMO_INTEGRATION}");
-    let response = reqwest::Client::new().get(&url).bearer_auth(secret_key).send().await?;
-    let status = response.status();
-    let body = response.text().await?;
-    println!("demo: GET {url}\n      -> {status} {body}\n");
+/// Reads the record the example function made of the demo webhook through the API,
+/// waiting (bounded) for the worker to commit it.
+async fn show_demo_record(api_url: &str, secret_key: &str) -> Result<(), Error> {
+    let url = format!("{api_url}/records?model=Contact");
+    let client = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let response = client
+            .get(&url)
+            .bearer_auth(secret_key)
+            .header("Connection-Id", DEMO_CONNECTION)
+            .header("Provider-Config-Key", DEMO_INTEGRATION)
+            .send()
+            .await?;
+        let status = response.status();
+        let body: serde_json::Value = response.json().await?;
+        let found = body["records"].as_array().is_some_and(|r| !r.is_empty());
+        if found || tokio::time::Instant::now() >= deadline {
+            let shown = if found { body["records"][0].to_string() } else { body.to_string() };
+            println!("demo: worker -> GET {url}\n      -> {status} {shown}\n");
+            if !found {
+                println!("demo: the record did not appear within 10 s\n");
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Deploys `examples/crm-contacts` to the demo integration, unless the environment has
+/// functions already (a deploy of your own is never replaced).
+async fn deploy_example(store: &Store, environment: &Environment, config: &Config) -> Result<(), Error> {
+    if !store.functions(environment.id).await?.is_empty() {
+        return Ok(());
+    }
+    let files = EXAMPLE.iter().map(|(p, s)| (p.to_string(), s.to_string())).collect();
+    let limits = config.worker.limits.clone();
+    let project = tokio::task::spawn_blocking(move || hookyard_functions::compile::compile_project(files, &limits))
+        .await?
+        .map_err(|e| format!("the example function does not deploy: {e}"))?;
+    for change in store.deploy_functions(environment, &project.bundle, &project.syncs).await? {
+        println!(
+            "deployed examples/crm-contacts: {}/{} v{}",
+            change.integration, change.name, change.version
+        );
+    }
     Ok(())
 }
 

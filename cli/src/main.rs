@@ -1,5 +1,6 @@
 //! The `hookyard` binary: a thin CLI over the stage crates.
 
+mod deploy;
 mod dev;
 
 use std::process::ExitCode;
@@ -28,8 +29,12 @@ enum Command {
     Ingest,
     /// Run the router: webhooks in HOOKS_RAW to events per connection in HOOKS_CONN.
     Router,
-    /// Run the control-plane API: integrations, connections, records.
+    /// Run a worker: the deployed functions' onWebhook for each event in HOOKS_CONN.
+    Worker,
+    /// Run the control-plane API: integrations, connections, records, function deploys.
     Api,
+    /// Deploy a functions project (default: the current folder) through the API.
+    Deploy(deploy::DeployArgs),
     /// Print a new random encryption key for HOOKYARD_ENCRYPTION_KEY.
     Keygen,
 }
@@ -40,12 +45,27 @@ fn main() -> ExitCode {
         Command::Dev(_) => ("hookyard-dev", true),
         Command::Ingest => ("hookyard-ingest", false),
         Command::Router => ("hookyard-router", false),
+        Command::Worker => ("hookyard-worker", false),
         Command::Api => ("hookyard-api", false),
         Command::Keygen => {
             println!("{}", hookyard_core::secrets::Cipher::generate_key_text());
             return ExitCode::SUCCESS;
         }
+        Command::Deploy(_) => ("hookyard-deploy", false),
     };
+    if let Command::Deploy(args) = cli.command {
+        // A client of the API: no configuration, no key of its own.
+        let outcome = tokio::runtime::Runtime::new()
+            .map_err(|e| e.to_string())
+            .and_then(|runtime| runtime.block_on(deploy::run(args)));
+        return match outcome {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("hookyard deploy: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = match Config::load() {
         Ok(config) => config,
         Err(error) => {
@@ -85,8 +105,9 @@ fn main() -> ExitCode {
             Command::Dev(args) => dev::run(config, args, shutdown).await,
             Command::Ingest => hookyard_ingest::run(&config, shutdown).await,
             Command::Router => hookyard_router::run(&config, shutdown).await,
+            Command::Worker => hookyard_worker::run(&config, shutdown).await,
             Command::Api => hookyard_api::run(&config, shutdown).await,
-            Command::Keygen => Ok(()), // answered above
+            Command::Keygen | Command::Deploy(_) => Ok(()), // answered above
         };
         match outcome {
             Ok(()) => ExitCode::SUCCESS,

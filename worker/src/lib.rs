@@ -1,1 +1,504 @@
-pub fn placeholder() {}
+//! The worker (`hookyard worker`, and inside `hookyard dev`): a durable consumer on
+//! `HOOKS_CONN` that runs the subscribed syncs' `onWebhook` for each routed event.
+//!
+//! Events are taken in groups ([`WorkerConfig::batch`]): their executions run at once on
+//! the JS threads, and everything that succeeded is committed in one transaction, each
+//! (event, sync) with its idempotency marker. Only then are the events acked, so a
+//! redelivery (a crash between commit and ack, another worker) applies nothing twice.
+//! A failed execution is retried after a growing delay and, after the last, committed
+//! as a dead letter; it never holds back the others.
+
+pub mod deployments;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use hookyard_core::config::WorkerConfig;
+use hookyard_core::keys::IntegrationKey;
+use hookyard_core::routed::RoutedEvent;
+use hookyard_core::store::commit::{DeadLetter, Marker, MetadataCall, RecordCall, Unit, UnitOutcome};
+use hookyard_core::store::records::RecordScope;
+use hookyard_core::store::{Connection, StoreError};
+use hookyard_core::streams::{Bus, StreamsError, CONN_STREAM};
+use hookyard_core::trace_context::continue_trace;
+use hookyard_core::{Config, Store};
+use hookyard_functions::pool::Pool;
+use hookyard_functions::{Effects, FunctionError, Invocation};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use deployments::{Deployments, LiveSync};
+
+/// The durable consumer's name: every worker replica shares it (and the work).
+pub const CONSUMER: &str = "functions";
+/// Groups in flight at once: one executes while the one before commits.
+const GROUPS_IN_FLIGHT: usize = 2;
+/// After an infrastructure failure (the database, NATS), try the group again after this.
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Markers outlive any redelivery by far after this; pruned once an hour.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Streams(#[from] StreamsError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("JetStream: {0}")]
+    JetStream(String),
+}
+
+fn jetstream_error(e: impl std::fmt::Display) -> WorkerError {
+    WorkerError::JetStream(e.to_string())
+}
+
+/// What became of one group.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct GroupOutcome {
+    pub executed: usize,
+    pub committed: usize,
+    pub already_done: usize,
+    pub retried: usize,
+    pub dead_lettered: usize,
+}
+
+pub struct Worker {
+    store: Store,
+    jetstream: jetstream::Context,
+    pool: Pool,
+    deployments: Deployments,
+    config: WorkerConfig,
+    /// How long markers are kept: as long as `HOOKS_RAW` keeps what could be replayed.
+    marker_ttl: Duration,
+}
+
+/// One (event, sync) to run.
+struct Task {
+    message: usize,
+    sync: Arc<LiveSync>,
+    marker: Marker,
+}
+
+impl Worker {
+    pub fn new(store: Store, bus: &Bus, config: &Config) -> Worker {
+        Worker {
+            pool: Pool::new(config.worker.js_threads, config.worker.limits.clone()),
+            deployments: Deployments::new(store.clone()),
+            store,
+            jetstream: bus.jetstream.clone(),
+            config: config.worker.clone(),
+            marker_ttl: config.streams.raw_max_age,
+        }
+    }
+
+    pub fn deployments(&self) -> &Deployments {
+        &self.deployments
+    }
+
+    /// Consumes `HOOKS_CONN` until `shutdown`; groups in progress finish first.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        self.deployments.refresh().await?;
+        let stream = self.jetstream.get_stream(CONN_STREAM).await.map_err(jetstream_error)?;
+        let batch = self.config.batch;
+        // Create or update: a changed `worker.ack_wait` takes effect at the next start.
+        let consumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some(CONSUMER.into()),
+                description: Some("hookyard worker: onWebhook functions".into()),
+                filter_subject: "hooks.conn.>".into(),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: self.config.ack_wait,
+                deliver_policy: DeliverPolicy::All,
+                max_ack_pending: (batch * GROUPS_IN_FLIGHT * 2) as i64,
+                ..Default::default()
+            })
+            .await
+            .map_err(jetstream_error)?;
+        let refresher = tokio::spawn(self.clone().refresh_loop(shutdown.clone()));
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(batch)
+            .messages()
+            .await
+            .map_err(jetstream_error)?;
+        tracing::info!(threads = self.pool.threads(), batch, "worker consuming {CONN_STREAM}");
+        messages
+            .take_until(shutdown.cancelled_owned())
+            .ready_chunks(batch)
+            .for_each_concurrent(GROUPS_IN_FLIGHT, |chunk| {
+                let worker = self.clone();
+                async move {
+                    let mut group = Vec::with_capacity(chunk.len());
+                    for message in chunk {
+                        match message {
+                            Ok(message) => group.push(message),
+                            Err(error) => tracing::warn!(%error, "pulling from {CONN_STREAM} failed; retrying"),
+                        }
+                    }
+                    worker.handle_with_progress(group).await;
+                }
+            })
+            .await;
+        refresher.abort();
+        tracing::info!("worker stopped");
+        Ok(())
+    }
+
+    /// Reloads deploys as they happen, and prunes old markers.
+    async fn refresh_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut last_prune = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.config.functions_refresh) => {}
+            }
+            if let Err(error) = self.deployments.refresh().await {
+                tracing::warn!(%error, "reloading functions failed; keeping the loaded ones");
+            }
+            if last_prune.elapsed() >= PRUNE_EVERY {
+                last_prune = tokio::time::Instant::now();
+                let before = chrono::Utc::now() - self.marker_ttl;
+                match self.store.prune_processed(before).await {
+                    Ok(pruned) => tracing::info!(pruned, "old idempotency markers pruned"),
+                    Err(error) => tracing::warn!(%error, "pruning idempotency markers failed"),
+                }
+            }
+        }
+    }
+
+    /// [`Worker::handle`], telling JetStream the group is still in progress while it
+    /// runs, so a long group is not redelivered to another worker meanwhile.
+    async fn handle_with_progress(&self, group: Vec<jetstream::Message>) -> GroupOutcome {
+        let every = self.config.ack_wait / 3;
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let handling = self.handle(&group);
+        tokio::pin!(handling);
+        loop {
+            tokio::select! {
+                outcome = &mut handling => return outcome,
+                _ = ticker.tick() => {
+                    for message in &group {
+                        let _ = message.ack_with(AckKind::Progress).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs one group of messages to commit, then acks or naks each.
+    pub async fn handle(&self, group: &[jetstream::Message]) -> GroupOutcome {
+        let mut outcome = GroupOutcome::default();
+        let mut events: Vec<Option<RoutedEvent>> = Vec::with_capacity(group.len());
+        let mut units: Vec<Unit> = Vec::new();
+        for message in group {
+            match RoutedEvent::from_message(&message.subject, message.headers.as_ref(), &message.payload) {
+                Ok(event) => events.push(Some(event)),
+                Err(error) => {
+                    // Not ours and never will be: kept as a dead letter, not retried.
+                    tracing::error!(subject = %message.subject, %error, "not a routed event");
+                    let info = message.info().ok();
+                    let seq = info.as_ref().map_or(0, |i| i.stream_sequence);
+                    let letter = DeadLetter {
+                        consumer: CONSUMER.into(),
+                        environment: subject_token(&message.subject, 2),
+                        integration: subject_token(&message.subject, 3),
+                        connection_id: None,
+                        subject: message.subject.to_string(),
+                        message_id: format!("{CONN_STREAM}:{seq}"),
+                        stream_seq: seq as i64,
+                        payload: String::from_utf8_lossy(&message.payload).into_owned(),
+                        function_name: None,
+                        function_version: None,
+                        error_kind: "invalid_message".into(),
+                        error: error.to_string(),
+                        attempts: info.map_or(1, |i| i.delivered as i32),
+                    };
+                    let marker = Marker {
+                        consumer: CONSUMER.into(),
+                        message_id: letter.message_id.clone(),
+                    };
+                    units.push(Unit {
+                        dead_letter: Some(letter),
+                        ..Unit::new(marker)
+                    });
+                    events.push(None);
+                }
+            }
+        }
+
+        let mut tasks = Vec::new();
+        for (index, event) in events.iter().enumerate() {
+            let Some(event) = event else { continue };
+            for sync in self
+                .deployments
+                .matching(&event.environment, &event.integration, event.event_type.as_deref())
+            {
+                tasks.push(Task {
+                    message: index,
+                    marker: Marker {
+                        consumer: sync.consumer(),
+                        message_id: event.message_id(),
+                    },
+                    sync,
+                });
+            }
+        }
+        // Every message whose tasks all commit (or that has none) is acked.
+        let mut retry: HashMap<usize, Duration> = HashMap::new();
+        if !tasks.is_empty() {
+            match self.prepare(&events, tasks).await {
+                Ok((runnable, already_done)) => {
+                    outcome.already_done += already_done;
+                    outcome.executed = runnable.len();
+                    let results = futures::future::join_all(
+                        runnable
+                            .iter()
+                            .map(|(task, invocation)| self.execute(task, invocation.clone(), &events)),
+                    )
+                    .await;
+                    for ((task, _), result) in runnable.into_iter().zip(results) {
+                        let index = task.message;
+                        let event = events[index].as_ref().expect("tasks are of parsed events");
+                        let message = &group[index];
+                        match result {
+                            Ok(effects) => units.push(self.unit(task, event, effects)),
+                            Err(error) => {
+                                let attempts = message.info().map_or(1, |i| i.delivered.max(1) as usize);
+                                match self.config.retry_delays.get(attempts - 1) {
+                                    Some(delay) => {
+                                        tracing::warn!(
+                                            sync = %task.sync.sync.name, version = task.sync.sync.version,
+                                            message = %task.marker.message_id, attempts, error = %error,
+                                            "function failed; retrying in {:?}", **delay
+                                        );
+                                        outcome.retried += 1;
+                                        let wait = retry.entry(index).or_insert(**delay);
+                                        *wait = (*wait).max(**delay);
+                                        continue;
+                                    }
+                                    None => {
+                                        tracing::error!(
+                                            sync = %task.sync.sync.name, version = task.sync.sync.version,
+                                            message = %task.marker.message_id, attempts, error = %error,
+                                            "function failed for the last time; dead-lettered"
+                                        );
+                                        outcome.dead_lettered += 1;
+                                        units.push(dead_letter(task, event, message, &error, attempts));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "preparing a group failed; it will be retried");
+                    nak_all(group, RETRY_DELAY).await;
+                    return outcome;
+                }
+            }
+        }
+        if !units.is_empty() {
+            match self.store.commit(units).await {
+                Ok(outcomes) => {
+                    for unit_outcome in outcomes {
+                        match unit_outcome {
+                            UnitOutcome::Applied(_) => outcome.committed += 1,
+                            UnitOutcome::AlreadyDone => outcome.already_done += 1,
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, messages = group.len(), "committing a group failed; it will be retried");
+                    nak_all(group, RETRY_DELAY).await;
+                    return outcome;
+                }
+            }
+            fault::after_commit();
+        }
+        for (index, message) in group.iter().enumerate() {
+            let result = match retry.get(&index) {
+                Some(delay) => message.ack_with(AckKind::Nak(Some(*delay))).await,
+                None => message.ack().await,
+            };
+            if let Err(error) = result {
+                tracing::warn!(%error, "ack failed; the event will come back and be recognised as done");
+            }
+        }
+        outcome
+    }
+
+    /// The tasks still to run with what each is given, and how many are done already.
+    /// One query for the markers and one per integration for the connections.
+    async fn prepare(
+        &self,
+        events: &[Option<RoutedEvent>],
+        tasks: Vec<Task>,
+    ) -> Result<(Vec<(Task, Invocation)>, usize), StoreError> {
+        let markers: Vec<Marker> = tasks.iter().map(|t| t.marker.clone()).collect();
+        let done = self.store.processed(&markers).await?;
+        let mut wanted: HashMap<(i64, IntegrationKey), Vec<&str>> = HashMap::new();
+        for task in &tasks {
+            let event = events[task.message].as_ref().expect("tasks are of parsed events");
+            let ids = wanted
+                .entry((task.sync.sync.environment_id, event.integration.clone()))
+                .or_default();
+            let id = event.connection_id.as_deref().unwrap_or_default();
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        let mut connections: HashMap<(i64, IntegrationKey, String), Connection> = HashMap::new();
+        for ((environment_id, integration), ids) in &wanted {
+            for connection in self.store.connections_named(*environment_id, integration, ids).await? {
+                connections.insert(
+                    (*environment_id, integration.clone(), connection.connection_id.clone()),
+                    connection,
+                );
+            }
+        }
+        let mut runnable = Vec::with_capacity(tasks.len());
+        let mut already_done = 0;
+        for task in tasks {
+            if done.contains(&task.marker) {
+                already_done += 1;
+                continue;
+            }
+            let event = events[task.message].as_ref().expect("tasks are of parsed events");
+            let connection_id = event.connection_id.clone().unwrap_or_default();
+            let key = (task.sync.sync.environment_id, event.integration.clone(), connection_id);
+            let Some(connection) = connections.get(&key) else {
+                // Deleted since it was routed: nothing of it is kept up to date any more.
+                tracing::info!(connection = %key.2, sync = %task.sync.sync.name, "connection no longer exists; event skipped");
+                continue;
+            };
+            let invocation = invocation(&task.sync, event, connection);
+            runnable.push((task, invocation));
+        }
+        Ok((runnable, already_done))
+    }
+
+    async fn execute(&self, task: &Task, invocation: Invocation, events: &[Option<RoutedEvent>]) -> Result<Effects, FunctionError> {
+        let event = events[task.message].as_ref().expect("tasks are of parsed events");
+        let span = tracing::info_span!(
+            "on_webhook", sync = %task.sync.sync.name, version = task.sync.sync.version, message = %task.marker.message_id
+        );
+        continue_trace(&span, event.traceparent.as_deref());
+        let result = self.pool.execute(task.sync.code.clone(), invocation).instrument(span.clone()).await;
+        let logs = match &result {
+            Ok(effects) => &effects.logs,
+            Err(error) => &error.logs,
+        };
+        for line in logs {
+            tracing::debug!(parent: &span, level = %line.level, payload = ?line.payload, "function log: {}", line.message);
+        }
+        result
+    }
+
+    fn unit(&self, task: Task, event: &RoutedEvent, effects: Effects) -> Unit {
+        let environment_id = task.sync.sync.environment_id;
+        let connection_id = event.connection_id.clone().unwrap_or_default();
+        let version = event.version();
+        Unit {
+            records: effects
+                .writes
+                .into_iter()
+                .map(|write| RecordCall {
+                    scope: RecordScope {
+                        environment_id,
+                        integration: event.integration.clone(),
+                        connection_id: connection_id.clone(),
+                        model: write.model,
+                    },
+                    kind: write.kind,
+                    records: write.records,
+                    version,
+                })
+                .collect(),
+            metadata: effects
+                .metadata
+                .into_iter()
+                .map(|(how, metadata)| MetadataCall {
+                    environment_id,
+                    integration: event.integration.clone(),
+                    connection_id: connection_id.clone(),
+                    metadata,
+                    how,
+                })
+                .collect(),
+            ..Unit::new(task.marker)
+        }
+    }
+}
+
+fn invocation(sync: &LiveSync, event: &RoutedEvent, connection: &Connection) -> Invocation {
+    let mut described = serde_json::to_value(connection).unwrap_or_default();
+    described["credentials"] = serde_json::to_value(&connection.credentials).unwrap_or_default();
+    Invocation {
+        payload: event.payload.to_string(),
+        connection_id: connection.connection_id.clone(),
+        provider_config_key: event.integration.to_string(),
+        metadata: connection.metadata.clone(),
+        connection: described,
+        models: sync.models.clone(),
+    }
+}
+
+fn dead_letter(task: Task, event: &RoutedEvent, message: &jetstream::Message, error: &FunctionError, attempts: usize) -> Unit {
+    let letter = DeadLetter {
+        consumer: task.marker.consumer.clone(),
+        environment: event.environment.to_string(),
+        integration: event.integration.to_string(),
+        connection_id: event.connection_id.clone(),
+        subject: message.subject.to_string(),
+        message_id: task.marker.message_id.clone(),
+        stream_seq: message.info().map_or(0, |i| i.stream_sequence as i64),
+        payload: event.payload.to_string(),
+        function_name: Some(task.sync.sync.name.clone()),
+        function_version: Some(task.sync.sync.version),
+        error_kind: error.kind.as_str().into(),
+        error: error.message.clone(),
+        attempts: attempts as i32,
+    };
+    Unit {
+        dead_letter: Some(letter),
+        ..Unit::new(task.marker)
+    }
+}
+
+async fn nak_all(group: &[jetstream::Message], delay: Duration) {
+    for message in group {
+        let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+    }
+}
+
+/// Token `n` of a subject, or `?`.
+fn subject_token(subject: &str, n: usize) -> String {
+    subject.split('.').nth(n).unwrap_or("?").to_string()
+}
+
+/// Fault injection for the crash tests: `HOOKYARD_FAULT=kill-after-commit` makes the
+/// process SIGKILL itself right after its first commit, before any ack.
+mod fault {
+    use std::sync::OnceLock;
+
+    pub fn after_commit() {
+        static KILL: OnceLock<bool> = OnceLock::new();
+        if *KILL.get_or_init(|| std::env::var("HOOKYARD_FAULT").as_deref() == Ok("kill-after-commit")) {
+            // SAFETY: signals this process; nothing to uphold.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+    }
+}
+
+/// `hookyard worker`: connect, run functions until shutdown.
+pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let store = Store::connect(&config.database_url, config.cipher()?).await?;
+    let bus = Bus::connect(config, "hookyard-worker").await?;
+    bus.ensure_streams(&config.streams).await?;
+    Arc::new(Worker::new(store, &bus, config)).run(shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! `hookyard deploy [DIR]`: sends a functions project's JavaScript files to the API,
+//! which compiles and stores them, and prints what changed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+#[derive(clap::Args)]
+pub struct DeployArgs {
+    /// The project folder: syncs at {integration}/syncs/{name}.js, an optional index.js.
+    #[arg(default_value = ".")]
+    dir: PathBuf,
+    /// The API's address.
+    #[arg(long, env = "HOOKYARD_API_URL", default_value = "http://127.0.0.1:3004")]
+    api_url: String,
+    /// The environment's secret key.
+    #[arg(long, env = "HOOKYARD_SECRET_KEY", hide_env_values = true)]
+    secret_key: String,
+}
+
+/// Deploys and prints the changes; the error says what to fix.
+pub async fn run(args: DeployArgs) -> Result<(), String> {
+    let files = collect(&args.dir)?;
+    if files.is_empty() {
+        return Err(format!("{} holds no .js files to deploy", args.dir.display()));
+    }
+    let url = format!("{}/functions/deploy", args.api_url.trim_end_matches('/'));
+    let response = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(&args.secret_key)
+        .json(&serde_json::json!({ "files": files }))
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach the API at {url}: {e}"))?;
+    let status = response.status();
+    let body: Value = response
+        .json()
+        .await
+        .map_err(|e| format!("the API answered {status} without JSON: {e}"))?;
+    if !status.is_success() {
+        let message = body["error"]["message"].as_str().unwrap_or("no message");
+        return Err(format!("deploy refused ({status}): {message}"));
+    }
+    let changes = body["data"]["changes"].as_array().cloned().unwrap_or_default();
+    println!("deployed {} file(s) from {}", files.len(), args.dir.display());
+    for change in &changes {
+        println!(
+            "  {:<9} {}/{} v{}",
+            change["change"].as_str().unwrap_or("?"),
+            change["integration"].as_str().unwrap_or("?"),
+            change["name"].as_str().unwrap_or("?"),
+            change["version"]
+        );
+    }
+    Ok(())
+}
+
+/// The project's source files, by path relative to `dir`: JavaScript (and TypeScript,
+/// which the API refuses with a message saying so), outside `node_modules` and hidden
+/// folders.
+fn collect(dir: &Path) -> Result<BTreeMap<String, String>, String> {
+    let mut files = BTreeMap::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(folder) = pending.pop() {
+        let entries = std::fs::read_dir(&folder).map_err(|e| format!("cannot read {}: {e}", folder.display()))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| format!("cannot read {}: {e}", folder.display()))?;
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if path.is_dir() {
+                if !(name.starts_with('.') || name == "node_modules") {
+                    pending.push(path);
+                }
+                continue;
+            }
+            let source = [".js", ".mjs", ".ts", ".mts"].iter().any(|ext| name.ends_with(ext)) && !name.ends_with(".d.ts");
+            if !source {
+                continue;
+            }
+            let relative = path
+                .strip_prefix(dir)
+                .map_err(|e| e.to_string())?
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join("/");
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            files.insert(relative, text);
+        }
+    }
+    Ok(files)
+}

@@ -1,0 +1,35 @@
+// Keeps the CRM's contacts current from its webhooks: a `contact.updated` event saves
+// the contact, a `contact.deleted` event deletes it. The full state is reconciled by
+// `exec` on the schedule in `frequency`.
+import { createSync } from 'nango';
+import { Contact, toContact } from '../models.js';
+
+export default createSync({
+  description: 'CRM contacts, kept current by webhooks',
+  version: '1.0.0',
+  frequency: 'every day',
+  autoStart: true,
+  models: { Contact },
+  webhookSubscriptions: ['contact.updated', 'contact.deleted'],
+
+  exec: async (nango) => {
+    const contacts = [];
+    for await (const page of nango.paginate({ endpoint: '/contacts' })) {
+      contacts.push(...page.map(toContact));
+    }
+    await nango.batchSave(contacts, 'Contact');
+  },
+
+  onWebhook: async (nango, payload) => {
+    const contact = payload.contact;
+    if (!contact || contact.id === undefined) {
+      await nango.log('webhook without a contact; ignored', { type: payload.type }, { level: 'warn' });
+      return;
+    }
+    if (payload.type === 'contact.deleted') {
+      await nango.batchDelete([{ id: String(contact.id) }], 'Contact');
+    } else {
+      await nango.batchSave([toContact(contact)], 'Contact');
+    }
+  },
+});
