@@ -210,6 +210,7 @@ impl Sandbox {
         runtime.set_loader(modules.clone(), modules.clone());
         let context = Context::full(&runtime).map_err(setup)?;
         context.with(|ctx| {
+            seed_math_random(&ctx).map_err(setup)?;
             ctx.eval::<(), _>(PRELUDE)
                 .catch(&ctx)
                 .map_err(|e| FunctionError::new(ErrorKind::Internal, format!("engine prelude: {e}")))
@@ -222,6 +223,29 @@ impl Sandbox {
             modules,
         })
     }
+}
+
+/// QuickJS seeds each context's `Math.random` from the clock in microseconds, so that
+/// contexts made in the same microsecond (one per JS thread) draw the same numbers. This
+/// one draws from a per-thread generator seeded by the OS.
+fn seed_math_random(ctx: &Ctx<'_>) -> rquickjs::Result<()> {
+    thread_local! {
+        static STATE: std::cell::Cell<u64> =
+            std::cell::Cell::new(u64::from_le_bytes(hookyard_core::secrets::random_bytes::<8>()) | 1);
+    }
+    let random = rquickjs::Function::new(ctx.clone(), || {
+        STATE.with(|state| {
+            // xorshift64*: 53 high bits make a double in [0, 1).
+            let mut x = state.get();
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            state.set(x);
+            (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+        })
+    })?;
+    let math: rquickjs::Object = ctx.globals().get("Math")?;
+    math.set("random", random)
 }
 
 /// Describes a caught JS error (or the limit it hit) as a function error.

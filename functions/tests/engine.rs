@@ -226,3 +226,16 @@ fn index_js_chooses_the_syncs_and_an_object_export_is_a_sync_too() {
     assert_ne!(hash(&a, "b"), hash(&b, "b"));
     assert_ne!(a.bundle.hash, b.bundle.hash);
 }
+
+#[tokio::test]
+async fn math_random_differs_between_sandboxes_made_at_once() {
+    let project = project(&[("crm/syncs/r.js", &sync_with("await nango.batchSave([{id: String(Math.random())}], 'Contact');"))]);
+    let pool = Pool::new(4, limits());
+    let runs = (0..8).map(|_| pool.execute(code(&project, "r"), invocation(json!({}))));
+    let ids: std::collections::HashSet<String> = futures::future::join_all(runs)
+        .await
+        .into_iter()
+        .map(|effects| effects.unwrap().writes[0].records[0].0.clone())
+        .collect();
+    assert_eq!(ids.len(), 8, "{ids:?}");
+}

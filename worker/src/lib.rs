@@ -11,6 +11,7 @@
 pub mod deployments;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -74,6 +75,8 @@ pub struct Worker {
     config: WorkerConfig,
     /// How long markers are kept: as long as `HOOKS_RAW` keeps what could be replayed.
     marker_ttl: Duration,
+    /// (event, sync) executions committed by this worker since it started.
+    committed: AtomicU64,
 }
 
 /// One (event, sync) to run.
@@ -92,7 +95,13 @@ impl Worker {
             jetstream: bus.jetstream.clone(),
             config: config.worker.clone(),
             marker_ttl: config.streams.raw_max_age,
+            committed: AtomicU64::new(0),
         }
+    }
+
+    /// Executions (and dead letters) this worker has committed since it started.
+    pub fn committed(&self) -> u64 {
+        self.committed.load(Ordering::Relaxed)
     }
 
     pub fn deployments(&self) -> &Deployments {
@@ -304,7 +313,7 @@ impl Worker {
         if !units.is_empty() {
             match self.store.commit(units).await {
                 Ok(outcomes) => {
-                    for unit_outcome in outcomes {
+                    for unit_outcome in &outcomes {
                         match unit_outcome {
                             UnitOutcome::Applied(_) => outcome.committed += 1,
                             UnitOutcome::AlreadyDone => outcome.already_done += 1,
@@ -317,6 +326,7 @@ impl Worker {
                     return outcome;
                 }
             }
+            self.committed.fetch_add(outcome.committed as u64, Ordering::Relaxed);
             fault::after_commit();
         }
         for (index, message) in group.iter().enumerate() {

@@ -1,0 +1,403 @@
+//! Routed events → worker → records, with a real nats-server and Postgres (SQLite for
+//! the single-node path): subscriptions, retries and dead letters, sandbox failures,
+//! version order, two workers on one consumer, and a deploy during traffic. Events are
+//! published straight to `HOOKS_CONN`, as the router publishes them.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use hookyard_core::routed::RoutedEvent;
+use hookyard_core::store::{Environment, NewConnection, NewIntegration};
+use hookyard_core::streams::{Bus, CONN_STREAM};
+use hookyard_core::{Config, Store};
+use hookyard_testkit::{eventually, raw_texts, test_cipher, NatsServer, PgDatabase, SqliteFile};
+use hookyard_worker::Worker;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+struct Harness {
+    _nats: NatsServer,
+    _sqlite: Option<SqliteFile>,
+    config: Config,
+    store: Store,
+    bus: Bus,
+    environment: Environment,
+    api: String,
+    http: reqwest::Client,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// NATS, the store (SQLite unless a Postgres URL is given), the API, a `crm`
+/// integration with `connections` connections named `c0`, `c1`, …
+async fn harness(database_url: Option<&str>, connections: usize) -> Harness {
+    let nats = NatsServer::start();
+    let sqlite = database_url.is_none().then(SqliteFile::create);
+    let url = database_url.map(String::from).unwrap_or_else(|| sqlite.as_ref().unwrap().url.clone());
+    let mut config = Config {
+        nats_url: nats.url.clone(),
+        database_url: url,
+        ..Config::default()
+    };
+    config.worker.retry_delays = [100, 300].map(|ms| Duration::from_millis(ms).into()).to_vec();
+    config.worker.functions_refresh = Duration::from_millis(100);
+    config.worker.limits.cpu_budget = Duration::from_millis(200);
+    config.worker.limits.timeout = Duration::from_secs(1);
+    config.worker.limits.memory_bytes = 16 * 1024 * 1024;
+    config.worker.ack_wait = Duration::from_secs(8);
+    config.validate().unwrap();
+    let store = Store::connect(&config.database_url, test_cipher()).await.unwrap();
+    let environment = store.ensure_environment(&"dev".parse().unwrap()).await.unwrap();
+    store
+        .create_integration(&environment, &NewIntegration::new("crm".parse().unwrap(), "generic"))
+        .await
+        .unwrap();
+    for n in 0..connections {
+        store
+            .create_connection(
+                &environment,
+                &NewConnection {
+                    integration: "crm".parse().unwrap(),
+                    connection_id: format!("c{n}"),
+                    connection_config: json!({}),
+                    metadata: json!({"n": n}),
+                    tags: json!({}),
+                    credentials: None,
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let bus = Bus::connect(&config, "test-worker").await.unwrap();
+    bus.ensure_streams(&config.streams).await.unwrap();
+    let (router, _) = hookyard_api::router(store.clone(), &config).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(hookyard_api::serve(listener, router, shutdown.clone()));
+    Harness {
+        _nats: nats,
+        _sqlite: sqlite,
+        config,
+        store,
+        bus,
+        environment,
+        api,
+        http: reqwest::Client::new(),
+        shutdown,
+    }
+}
+
+/// A sync of `crm` subscribed to `subscriptions` whose onWebhook body is `body`. Every
+/// execution also saves a `Run` record with a random id: two rows for one event would
+/// mean it was applied twice.
+fn sync(subscriptions: &str, body: &str) -> String {
+    format!(
+        "import {{ createSync }} from 'nango';
+         export default createSync({{
+           models: {{ Contact: {{}}, Run: {{}} }},
+           webhookSubscriptions: {subscriptions},
+           onWebhook: async (nango, payload) => {{
+             {body}
+             await nango.batchSave([{{ id: payload.n + ':' + Math.random(), n: payload.n }}], 'Run');
+           }},
+         }});"
+    )
+}
+
+impl Harness {
+    async fn deploy(&self, files: &[(&str, String)]) -> Value {
+        let files: BTreeMap<&str, &str> = files.iter().map(|(p, s)| (*p, s.as_str())).collect();
+        let response = self
+            .http
+            .post(format!("{}/functions/deploy", self.api))
+            .bearer_auth(&self.environment.secret_key)
+            .json(&json!({ "files": files }))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    fn start_worker(&self) -> Arc<Worker> {
+        let worker = Arc::new(Worker::new(self.store.clone(), &self.bus, &self.config));
+        tokio::spawn(worker.clone().run(self.shutdown.clone()));
+        worker
+    }
+
+    /// Publishes routed events of `crm` and waits for their acks.
+    async fn publish(&self, events: impl IntoIterator<Item = (u64, &str, &str, Value)>) {
+        let mut acks = Vec::new();
+        for (raw_seq, connection, event_type, payload) in events {
+            let event = RoutedEvent {
+                environment: "dev".parse().unwrap(),
+                integration: "crm".parse().unwrap(),
+                connection_id: Some(connection.to_string()),
+                unrouted: None,
+                raw_seq,
+                index: 0,
+                event_type: Some(event_type.to_string()),
+                delivery_id: format!("d{raw_seq}"),
+                payload,
+                traceparent: None,
+            };
+            let (subject, headers, payload) = event.to_message();
+            acks.push(self.bus.jetstream.publish_with_headers(subject, headers, payload).await.unwrap());
+            if acks.len() == 256 {
+                for ack in acks.drain(..) {
+                    ack.await.unwrap();
+                }
+            }
+        }
+        for ack in acks {
+            ack.await.unwrap();
+        }
+    }
+
+    /// Waits until the worker consumer has nothing pending or unacked.
+    async fn drained(&self) {
+        let stream = self.bus.jetstream.get_stream(CONN_STREAM).await.unwrap();
+        eventually("the worker to ack every event", Duration::from_secs(60), || {
+            let stream = stream.clone();
+            async move {
+                let mut consumer = stream
+                    .get_consumer::<jetstream::consumer::pull::Config>(hookyard_worker::CONSUMER)
+                    .await
+                    .ok()?;
+                let info = consumer.info().await.ok()?;
+                (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// A connection's records of `model`, read through `GET /records`.
+    async fn records(&self, connection: &str, model: &str) -> Vec<Value> {
+        let response = self
+            .http
+            .get(format!("{}/records?model={model}&limit=1000", self.api))
+            .bearer_auth(&self.environment.secret_key)
+            .header("Connection-Id", connection)
+            .header("Provider-Config-Key", "crm")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.unwrap();
+        body["records"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// `n` of every `Run` record in the database (one per applied execution).
+    async fn runs(&self) -> Vec<u64> {
+        raw_texts(&self.config.database_url, "SELECT id FROM records WHERE model = 'Run'")
+            .await
+            .iter()
+            .map(|id| id.split(':').next().unwrap().parse().unwrap())
+            .collect()
+    }
+}
+
+fn contact(n: u64, id: &str, name: &str) -> Value {
+    json!({"n": n, "contact": {"id": id, "name": name}})
+}
+
+const SAVE_CONTACT: &str = "await nango.batchSave([{ id: payload.contact.id, name: payload.contact.name }], 'Contact');";
+
+async fn subscriptions_decide_what_runs(database_url: Option<&str>) {
+    let h = harness(database_url, 2).await;
+    let body = h
+        .deploy(&[
+            ("crm/syncs/contacts.js", sync("['contact.updated']", SAVE_CONTACT)),
+            ("crm/syncs/audit.js", sync("['*']", "")),
+            ("crm/syncs/deals.js", sync("['deal.created']", "")),
+        ])
+        .await;
+    assert_eq!(body["data"]["changes"].as_array().unwrap().len(), 3, "{body}");
+    let listed: Value = h
+        .http
+        .get(format!("{}/functions", h.api))
+        .bearer_auth(&h.environment.secret_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let contacts = listed["data"].as_array().unwrap().iter().find(|s| s["name"] == "contacts").unwrap();
+    assert_eq!(contacts["webhook_subscriptions"], json!(["contact.updated"]));
+    assert_eq!(contacts["models"], json!(["Contact", "Run"]));
+    assert_eq!(contacts["version"], 1);
+
+    h.start_worker();
+    h.publish([
+        (1, "c0", "contact.updated", contact(1, "p1", "Ada")),
+        (2, "c0", "ticket.closed", json!({"n": 2})),
+        (3, "c1", "contact.updated", contact(3, "p2", "Grace")),
+    ])
+    .await;
+    h.drained().await;
+    let c0 = h.records("c0", "Contact").await;
+    assert_eq!(c0.len(), 1);
+    assert_eq!((c0[0]["id"].as_str(), c0[0]["name"].as_str()), (Some("p1"), Some("Ada")));
+    assert_eq!(c0[0]["_nango_metadata"]["last_action"], "ADDED");
+    assert_eq!(h.records("c1", "Contact").await[0]["name"], "Grace");
+    // Event 1 ran two syncs (contacts and '*'), event 2 only '*', event 3 two; deals none.
+    let mut runs = h.runs().await;
+    runs.sort();
+    assert_eq!(runs, vec![1, 1, 2, 3, 3]);
+}
+
+#[tokio::test]
+async fn subscriptions_decide_what_runs_on_sqlite() {
+    subscriptions_decide_what_runs(None).await;
+}
+
+#[tokio::test]
+async fn subscriptions_decide_what_runs_on_postgres() {
+    let db = PgDatabase::create().await;
+    subscriptions_decide_what_runs(Some(&db.url)).await;
+}
+
+#[tokio::test]
+async fn failures_are_retried_then_dead_lettered_and_the_rest_goes_on() {
+    let db = PgDatabase::create().await;
+    let h = harness(Some(&db.url), 1).await;
+    h.deploy(&[
+        ("crm/syncs/throws.js", sync("['throw']", "throw new Error('the provider said no');")),
+        ("crm/syncs/loops.js", sync("['loop']", "while (true) {}")),
+        ("crm/syncs/allocates.js", sync("['allocate']", "const keep = []; while (true) keep.push(new Array(100000).fill(1));")),
+        ("crm/syncs/recurses.js", sync("['recurse']", "const f = (n) => f(n + 1) + 1; f(0);")),
+        ("crm/syncs/fine.js", sync("['fine']", "")),
+    ])
+    .await;
+    let started = Instant::now();
+    h.start_worker();
+    h.publish([
+        (1, "c0", "throw", json!({"n": 1})),
+        (2, "c0", "loop", json!({"n": 2})),
+        (3, "c0", "allocate", json!({"n": 3})),
+        (4, "c0", "recurse", json!({"n": 4})),
+    ])
+    .await;
+    h.publish((10..60).map(|n| (n, "c0", "fine", json!({"n": n})))).await;
+    h.drained().await;
+    // The fine events all ran, once, while the others were failing.
+    let mut runs = h.runs().await;
+    runs.sort();
+    assert_eq!(runs, (10..60).collect::<Vec<_>>());
+    let letters = h.store.dead_letters("dev", 10).await.unwrap();
+    let by_function: BTreeMap<&str, _> = letters
+        .iter()
+        .map(|l| (l.letter.function_name.as_deref().unwrap(), &l.letter))
+        .collect();
+    assert_eq!(by_function.len(), 4, "{letters:#?}");
+    for (function, kind, text) in [
+        ("throws", "thrown", "the provider said no"),
+        ("loops", "timeout", "CPU budget"),
+        ("allocates", "out_of_memory", "out of memory"),
+        ("recurses", "stack_overflow", "stack"),
+    ] {
+        let letter = by_function[function];
+        assert_eq!(letter.error_kind, kind, "{letter:?}");
+        assert!(letter.error.contains(text), "{letter:?}");
+        assert_eq!(letter.attempts, 3, "two retries, then the dead letter: {letter:?}");
+        assert_eq!(letter.function_version, Some(1));
+        assert_eq!(letter.connection_id.as_deref(), Some("c0"));
+    }
+    // Two retries, 100 ms and 300 ms after the failures before them.
+    assert!(started.elapsed() >= Duration::from_millis(400));
+}
+
+#[tokio::test]
+async fn an_older_event_never_overwrites_a_newer_one() {
+    let h = harness(None, 1).await;
+    h.deploy(&[("crm/syncs/contacts.js", sync("['contact.updated']", SAVE_CONTACT))]).await;
+    h.start_worker();
+    // The newer webhook (HOOKS_RAW #20) is handled first, the older (#10) after it.
+    h.publish([(20, "c0", "contact.updated", contact(20, "p1", "newer"))]).await;
+    h.drained().await;
+    h.publish([(10, "c0", "contact.updated", contact(10, "p1", "older"))]).await;
+    h.drained().await;
+    let records = h.records("c0", "Contact").await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["name"], "newer");
+    assert_eq!(h.runs().await.len(), 2, "both events ran; the older one's save was stale");
+}
+
+#[tokio::test]
+async fn two_workers_apply_ten_thousand_events_exactly_once() {
+    let db = PgDatabase::create().await;
+    let h = harness(Some(&db.url), 50).await;
+    h.deploy(&[("crm/syncs/contacts.js", sync("['contact.updated']", SAVE_CONTACT))]).await;
+    let workers = [h.start_worker(), h.start_worker()];
+    let connections: Vec<String> = (0..50).map(|n| format!("c{n}")).collect();
+    h.publish((1..=10_000u64).map(|n| {
+        let connection = connections[(n % 50) as usize].as_str();
+        (n, connection, "contact.updated", contact(n, &format!("p{n}"), "x"))
+    }))
+    .await;
+    h.drained().await;
+    let runs = h.runs().await;
+    assert_eq!(runs.len(), 10_000, "each event applied once");
+    assert_eq!(runs.iter().collect::<HashSet<_>>().len(), 10_000);
+    let committed: Vec<u64> = workers.iter().map(|w| w.committed()).collect();
+    assert_eq!(committed.iter().sum::<u64>(), 10_000, "{committed:?}");
+    assert!(committed.iter().all(|c| *c > 0), "both workers took a share: {committed:?}");
+}
+
+#[tokio::test]
+async fn a_deploy_during_traffic_switches_versions_without_losing_or_repeating_events() {
+    let db = PgDatabase::create().await;
+    let h = harness(Some(&db.url), 10).await;
+    let versioned = |v: u32| sync("['*']", &format!("payload.version = {v};")).replace(
+        "n: payload.n }",
+        "n: payload.n, version: payload.version }",
+    );
+    h.deploy(&[("crm/syncs/runs.js", versioned(1))]).await;
+    let worker = h.start_worker();
+    let event = |n: u64| (n, ["c0", "c1", "c2", "c3", "c4"][(n % 5) as usize], "any", json!({"n": n}));
+    h.publish((1..=1500).map(event)).await;
+    eventually("a third of the events to run", Duration::from_secs(60), || async {
+        (h.runs().await.len() >= 500).then_some(())
+    })
+    .await;
+    let before = worker.deployments().revision();
+    let body = h.deploy(&[("crm/syncs/runs.js", versioned(2))]).await;
+    assert_eq!(body["data"]["changes"][0]["change"], "updated", "{body}");
+    assert_eq!(body["data"]["changes"][0]["version"], 2, "{body}");
+    eventually("the worker to load version 2", Duration::from_secs(10), || async {
+        (worker.deployments().revision() > before).then_some(())
+    })
+    .await;
+    h.publish((1501..=3000).map(event)).await;
+    h.drained().await;
+    let rows = raw_texts(
+        &h.config.database_url,
+        "SELECT (payload->>'n') || ':' || (payload->>'version') FROM records WHERE model = 'Run'",
+    )
+    .await;
+    let runs: Vec<(u64, u32)> = rows
+        .iter()
+        .map(|r| {
+            let (n, v) = r.split_once(':').unwrap();
+            (n.parse().unwrap(), v.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(runs.len(), 3000, "every event ran once");
+    assert_eq!(runs.iter().map(|(n, _)| n).collect::<HashSet<_>>().len(), 3000);
+    assert!(runs.iter().any(|(_, v)| *v == 1));
+    assert!(
+        runs.iter().filter(|(n, _)| *n > 1500).all(|(_, v)| *v == 2),
+        "events published after the deploy was loaded ran version 2"
+    );
+}
