@@ -340,8 +340,13 @@ async fn dev_starts_everything_and_takes_a_webhook() {
     assert_eq!(response.status().as_u16(), 202);
     let logged = Process::wait_for(&process.stderr, "\"sequence\":2");
     assert!(logged.contains("webhook accepted"), "{logged}");
-    let shown = Process::wait_for(&process.stdout, "-> 200 OK");
-    assert!(shown.contains(&url), "the API hands out the webhook URL: {shown}");
+    let shown = Process::wait_for(&process.stdout, "demo: worker");
+    assert!(shown.contains("/records?model=Contact"), "{shown}");
+    let record = Process::wait_for(&process.stdout, "-> 200 OK");
+    assert!(
+        record.contains(r#""email":"ada@example.com""#) && record.contains(r#""last_action":"ADDED""#),
+        "the example function made a record of the demo webhook: {record}"
+    );
 
     // The API answers with the printed key, and the key file is private.
     let integrations = get_json(&format!("http://127.0.0.1:{api_port}/integrations"), &secret_key).await;
@@ -435,7 +440,7 @@ async fn dev_restarts_cleanly_after_being_killed_and_keeps_its_webhooks() {
 #[tokio::test]
 async fn services_refuse_to_start_without_an_encryption_key() {
     let dir = tempfile::tempdir().unwrap();
-    for service in ["api", "ingest", "router"] {
+    for service in ["api", "ingest", "router", "worker"] {
         let mut process = Process::spawn(&[service], &[("HOOKYARD_ENCRYPTION_KEY", String::new())], dir.path());
         let status = process.wait_exit();
         assert_eq!(status.code(), Some(2), "{service}");
@@ -576,4 +581,168 @@ async fn a_router_killed_mid_batch_and_restarted_routes_each_event_once() {
     second.signal("-TERM");
     let status = tokio::task::spawn_blocking(move || second.wait_exit()).await.unwrap();
     assert!(status.success(), "exit status {status:?}");
+}
+
+/// The `dev` environment with a `crm` integration, connection `c0` and a sync that saves
+/// a `Run` record with a random id for every event (two for one event would show it
+/// applied twice); `events` routed events published to `HOOKS_CONN`.
+async fn worker_fixture(store: &Store, nats: &NatsServer, events: u64) -> async_nats::jetstream::Context {
+    let env = store.ensure_environment(&"dev".parse().unwrap()).await.unwrap();
+    store
+        .create_integration(&env, &NewIntegration::new("crm".parse().unwrap(), "generic"))
+        .await
+        .unwrap();
+    let connection = hookyard_core::store::NewConnection {
+        integration: "crm".parse().unwrap(),
+        connection_id: "c0".into(),
+        connection_config: serde_json::json!({}),
+        metadata: serde_json::json!({}),
+        tags: serde_json::json!({}),
+        credentials: None,
+    };
+    store.create_connection(&env, &connection).await.unwrap();
+    let source = "import { createSync } from 'nango';
+        export default createSync({
+          models: { Run: {} },
+          webhookSubscriptions: ['*'],
+          onWebhook: async (nango, payload) => {
+            await nango.batchSave([{ id: payload.n + ':' + Math.random() }], 'Run');
+          },
+        });";
+    let project = hookyard_functions::compile::compile_project(
+        [("crm/syncs/runs.js".to_string(), source.to_string())].into(),
+        &Default::default(),
+    )
+    .unwrap();
+    store.deploy_functions(&env, &project.bundle, &project.syncs).await.unwrap();
+    let config = hookyard_core::Config {
+        nats_url: nats.url.clone(),
+        ..Default::default()
+    };
+    let bus = hookyard_core::streams::Bus::connect(&config, "test").await.unwrap();
+    bus.ensure_streams(&config.streams).await.unwrap();
+    for n in 1..=events {
+        let event = hookyard_core::routed::RoutedEvent {
+            environment: "dev".parse().unwrap(),
+            integration: "crm".parse().unwrap(),
+            connection_id: Some("c0".into()),
+            unrouted: None,
+            raw_seq: n,
+            index: 0,
+            event_type: Some("any".into()),
+            delivery_id: format!("d{n}"),
+            payload: serde_json::json!({ "n": n }),
+            traceparent: None,
+        };
+        let (subject, headers, payload) = event.to_message();
+        bus.jetstream
+            .publish_with_headers(subject, headers, payload)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    bus.jetstream
+}
+
+#[tokio::test]
+async fn a_worker_killed_between_commit_and_ack_applies_nothing_twice() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let nats = NatsServer::start();
+    let db = hookyard_testkit::PgDatabase::create().await;
+    let store = Store::connect(&db.url, test_cipher()).await.unwrap();
+    let jetstream = worker_fixture(&store, &nats, 500).await;
+    let runs = || async {
+        hookyard_testkit::raw_texts(&db.url, "SELECT split_part(id, ':', 1) FROM records WHERE model = 'Run'").await
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let env_vars = |fault: &str| {
+        vec![
+            ("HOOKYARD_NATS_URL", nats.url.clone()),
+            ("HOOKYARD_DATABASE_URL", db.url.clone()),
+            ("HOOKYARD_WORKER__LIMITS__TIMEOUT", "1s".into()),
+            ("HOOKYARD_WORKER__LIMITS__CPU_BUDGET", "500ms".into()),
+            ("HOOKYARD_WORKER__ACK_WAIT", "7s".into()),
+            ("HOOKYARD_FAULT", fault.into()),
+        ]
+    };
+    // Dies by SIGKILL right after its first commit, before acking anything.
+    let mut first = Process::spawn(&["worker"], &env_vars("kill-after-commit"), dir.path());
+    let status = tokio::task::spawn_blocking(move || first.wait_exit()).await.unwrap();
+    assert_eq!(status.signal(), Some(9), "{status:?}");
+    let committed = runs().await.len();
+    assert!(committed > 0 && committed < 500, "one group committed before the kill: {committed}");
+
+    // Its events come back after the ack wait; their markers say they are done.
+    let mut second = Process::spawn(&["worker"], &env_vars(""), dir.path());
+    let stream = jetstream.get_stream(hookyard_core::streams::CONN_STREAM).await.unwrap();
+    eventually("the restarted worker to ack every event", Duration::from_secs(90), || {
+        let stream = stream.clone();
+        async move {
+            let mut consumer = stream
+                .get_consumer::<async_nats::jetstream::consumer::pull::Config>(hookyard_worker::CONSUMER)
+                .await
+                .ok()?;
+            let info = consumer.info().await.ok()?;
+            (info.num_pending == 0 && info.num_ack_pending == 0 && info.ack_floor.stream_sequence == 500).then_some(())
+        }
+    })
+    .await;
+    let runs = runs().await;
+    assert_eq!(runs.len(), 500, "every event applied once: none lost, none twice");
+    assert_eq!(runs.iter().collect::<std::collections::HashSet<_>>().len(), 500);
+    second.signal("-TERM");
+    let status = tokio::task::spawn_blocking(move || second.wait_exit()).await.unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[tokio::test]
+async fn deploy_sends_a_project_and_prints_what_changed() {
+    let sqlite = SqliteFile::create();
+    let store = Store::connect(&sqlite.url, test_cipher()).await.unwrap();
+    let (_, secret_key) = prepared_environment(&sqlite.url).await;
+    let (router, _) = hookyard_api::router(store, &hookyard_core::Config::default()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(hookyard_api::serve(listener, router, shutdown.clone()));
+
+    let project = tempfile::tempdir().unwrap();
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/crm-contacts");
+    for file in ["index.js", "demo/models.js", "demo/syncs/contacts.js"] {
+        let target = project.path().join(file);
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::copy(example.join(file), target).unwrap();
+    }
+    std::fs::create_dir_all(project.path().join("node_modules/x")).unwrap();
+    std::fs::write(project.path().join("node_modules/x/index.js"), "this is not deployed(").unwrap();
+    let deploy = move |dir: &std::path::Path| {
+        let output = Command::new(env!("CARGO_BIN_EXE_hookyard"))
+            .args(["deploy", dir.to_str().unwrap()])
+            .env("HOOKYARD_API_URL", &api)
+            .env("HOOKYARD_SECRET_KEY", &secret_key)
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (output.status, text(&output.stdout), text(&output.stderr))
+    };
+    let dir = project.path().to_path_buf();
+    let run = move || deploy(&dir);
+    let (status, stdout, stderr) = tokio::task::spawn_blocking(run.clone()).await.unwrap();
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.contains("added     demo/contacts v1"), "{stdout}");
+    let (_, stdout, _) = tokio::task::spawn_blocking(run.clone()).await.unwrap();
+    assert!(stdout.contains("unchanged demo/contacts v1"), "{stdout}");
+
+    let sync = project.path().join("demo/syncs/contacts.js");
+    let source = std::fs::read_to_string(&sync).unwrap();
+    std::fs::write(&sync, source.replace("'1.0.0'", "'1.0.1'")).unwrap();
+    let (_, stdout, _) = tokio::task::spawn_blocking(run.clone()).await.unwrap();
+    assert!(stdout.contains("updated   demo/contacts v2"), "{stdout}");
+
+    std::fs::write(project.path().join("demo/models.js"), "export const Contact = {;").unwrap();
+    let (status, _, stderr) = tokio::task::spawn_blocking(run).await.unwrap();
+    assert_eq!(status.code(), Some(1));
+    assert!(stderr.contains("deploy refused (400 Bad Request): demo/models.js"), "{stderr}");
+    shutdown.cancel();
 }

@@ -264,7 +264,16 @@ pub enum ConfigError {
 }
 
 /// `HOOKYARD_*` variables that are read elsewhere, not configuration keys.
-const NOT_CONFIG_KEYS: &[&str] = &["config", "nats_server_bin", "test_postgres_url"];
+const NOT_CONFIG_KEYS: &[&str] = &[
+    "config",
+    "nats_server_bin",
+    "test_postgres_url",
+    // `hookyard deploy`'s own.
+    "api_url",
+    "secret_key",
+    // Fault injection for the crash tests (worker).
+    "fault",
+];
 
 impl Config {
     /// Defaults, then `hookyard.toml` (or `$HOOKYARD_CONFIG`), then `HOOKYARD_*`.

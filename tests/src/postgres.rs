@@ -62,3 +62,26 @@ impl PgDatabase {
             .expect("DROP DATABASE");
     }
 }
+
+impl PgDatabase {
+    /// Cuts every client off and refuses new connections until [`PgDatabase::reopen`]:
+    /// Postgres down for a while, as its clients see it.
+    pub async fn close_for_now(&self) {
+        let mut conn = PgConnection::connect(&admin_url()).await.expect("admin connection");
+        for sql in [
+            format!("ALTER DATABASE {} ALLOW_CONNECTIONS false", self.name),
+            format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{}'",
+                self.name
+            ),
+        ] {
+            conn.execute(sql.as_str()).await.expect(&sql);
+        }
+    }
+
+    pub async fn reopen(&self) {
+        let mut conn = PgConnection::connect(&admin_url()).await.expect("admin connection");
+        let sql = format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", self.name);
+        conn.execute(sql.as_str()).await.expect(&sql);
+    }
+}

@@ -401,3 +401,74 @@ async fn a_deploy_during_traffic_switches_versions_without_losing_or_repeating_e
         "events published after the deploy was loaded ran version 2"
     );
 }
+
+#[tokio::test]
+async fn bad_deploys_are_refused_naming_the_file_and_store_nothing() {
+    let h = harness(None, 0).await;
+    h.deploy(&[("crm/syncs/ok.js", sync("['*']", ""))]).await;
+    let cases: Vec<(Vec<(&str, String)>, &str)> = vec![
+        (
+            vec![("crm/syncs/ok.js", sync("['*']", "")), ("crm/syncs/bad.js", "export default {".into())],
+            "crm/syncs/bad.js: ",
+        ),
+        (
+            vec![("other/syncs/x.js", sync("['*']", ""))],
+            "other/syncs/x.js: integration other does not exist in environment dev",
+        ),
+        (
+            vec![("crm/syncs/ok.js", sync("'contact.updated'", ""))],
+            "crm/syncs/ok.js: webhookSubscriptions must be an array",
+        ),
+        (vec![], "the deploy holds no JavaScript files"),
+    ];
+    for (files, expected) in cases {
+        let files: BTreeMap<&str, &str> = files.iter().map(|(p, s)| (*p, s.as_str())).collect();
+        let response = h
+            .http
+            .post(format!("{}/functions/deploy", h.api))
+            .bearer_auth(&h.environment.secret_key)
+            .json(&json!({ "files": files }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_function", "{body}");
+        assert!(body["error"]["message"].as_str().unwrap().starts_with(expected), "{body}");
+    }
+    let live = h.store.functions(h.environment.id).await.unwrap();
+    assert_eq!(live.len(), 1);
+    assert_eq!((live[0].name.as_str(), live[0].version), ("ok", 1), "nothing of the refused deploys was stored");
+}
+
+#[tokio::test]
+async fn events_wait_out_a_postgres_outage_and_apply_once() {
+    let db = PgDatabase::create().await;
+    let h = harness(Some(&db.url), 1).await;
+    h.deploy(&[("crm/syncs/runs.js", sync("['*']", ""))]).await;
+    h.start_worker();
+    h.publish((1..=20).map(|n| (n, "c0", "any", json!({"n": n})))).await;
+    h.drained().await;
+    db.close_for_now().await;
+    h.publish((21..=60).map(|n| (n, "c0", "any", json!({"n": n})))).await;
+    // The worker cannot commit: its events are nak'd and delivered again, not acked.
+    let stream = h.bus.jetstream.get_stream(CONN_STREAM).await.unwrap();
+    eventually("the worker to fail and retry", Duration::from_secs(30), || {
+        let stream = stream.clone();
+        async move {
+            let mut consumer = stream
+                .get_consumer::<jetstream::consumer::pull::Config>(hookyard_worker::CONSUMER)
+                .await
+                .ok()?;
+            let info = consumer.info().await.ok()?;
+            (info.num_redelivered > 0).then_some(())
+        }
+    })
+    .await;
+    assert!(h.store.ping().await.is_err(), "the database is away");
+    db.reopen().await;
+    h.drained().await;
+    let mut runs = h.runs().await;
+    runs.sort();
+    assert_eq!(runs, (1..=60).collect::<Vec<_>>(), "every event applied once after the outage");
+}
