@@ -5,6 +5,7 @@ mod load;
 mod records;
 mod router;
 mod setup;
+mod worker;
 
 use std::time::Duration;
 
@@ -62,6 +63,28 @@ enum Command {
         #[arg(long, default_value_t = 20_000)]
         events: usize,
     },
+    /// Worker throughput (a burst) and latency (a steady rate) for the example
+    /// function on Postgres, with the worker's CPU per event.
+    Worker {
+        /// Events of the burst.
+        #[arg(long, default_value_t = 50_000)]
+        events: u64,
+        /// Connections the events are spread over.
+        #[arg(long, default_value_t = 100)]
+        connections: usize,
+        /// Seconds of the steady-rate phase.
+        #[arg(long, default_value_t = 10)]
+        latency_seconds: u64,
+        /// Events/s of the steady-rate phase (0: half the burst throughput).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// The worker's JS threads (0: one per CPU).
+        #[arg(long, default_value_t = 0)]
+        js_threads: usize,
+    },
+    /// (Used by `worker`: the measured worker process.)
+    #[command(hide = true)]
+    WorkerProcess,
 }
 
 #[derive(clap::Args, Clone, Copy)]
@@ -108,6 +131,23 @@ fn main() -> anyhow::Result<()> {
             } => ingest_compare::run(&load.plan(), rounds, duplicate_window).await,
             Command::Records { batch, records } => records::run(&batch, records).await,
             Command::Router { batch, events } => router::run(&batch, events).await,
+            Command::Worker {
+                events,
+                connections,
+                latency_seconds,
+                rate,
+                js_threads,
+            } => {
+                worker::run(&worker::Plan {
+                    events,
+                    connections,
+                    latency_seconds,
+                    rate,
+                    js_threads,
+                })
+                .await
+            }
+            Command::WorkerProcess => worker::run_process().await,
         }
     })
 }

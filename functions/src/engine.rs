@@ -52,14 +52,22 @@ impl Loaded {
         let Some(handler) = &self.handler else {
             return Err(FunctionError::new(ErrorKind::Thrown, "the sync has no onWebhook handler"));
         };
-        let input = serde_json::to_string(invocation).expect("an invocation serialises");
         let budget = &self.sandbox.budget;
         budget.arm(limits);
         let result = self.sandbox.context.with(|ctx| {
             let handler = handler.clone().restore(&ctx).map_err(internal)?;
             let run = self.run.clone().restore(&ctx).map_err(internal)?;
+            let args = (
+                handler,
+                &*invocation.payload,
+                invocation.connection_id.as_str(),
+                invocation.provider_config_key.as_str(),
+                &*invocation.metadata,
+                &*invocation.connection,
+                &*invocation.models,
+            );
             let outcome = run
-                .call::<_, Promise>((handler, invocation.payload.as_str(), input.as_str()))
+                .call::<_, Promise>(args)
                 .catch(&ctx)
                 .map_err(|e| describe(&ctx, e, budget, limits))
                 .and_then(|promise| settle(&ctx, &promise, budget, limits));

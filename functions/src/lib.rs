@@ -13,6 +13,8 @@ mod sandbox;
 
 use hookyard_core::store::records::WriteKind;
 use hookyard_core::store::MetadataWrite;
+use std::sync::Arc;
+
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -96,17 +98,18 @@ pub struct Effects {
     pub logs: Vec<LogLine>,
 }
 
-/// What an `onWebhook` execution is given.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
+/// What an `onWebhook` execution is given. The JSON texts are shared (`Arc<str>`): a
+/// connection's are made once for all its events in a group, a sync's models once.
+#[derive(Debug, Clone)]
 pub struct Invocation {
-    #[serde(skip)]
-    pub payload: String,
+    /// The event, as JSON.
+    pub payload: Arc<str>,
     pub connection_id: String,
     pub provider_config_key: String,
-    pub metadata: Value,
-    /// What `nango.getConnection()` answers.
-    pub connection: Value,
-    /// The sync's models: writes to other models are refused.
-    pub models: Vec<String>,
+    /// The connection's metadata, as JSON (`getMetadata`).
+    pub metadata: Arc<str>,
+    /// What `nango.getConnection()` answers, as JSON.
+    pub connection: Arc<str>,
+    /// The sync's model names as a JSON array: writes to other models are refused.
+    pub models: Arc<str>,
 }

@@ -24,10 +24,10 @@ pub struct SyncCode {
     pub entry: String,
 }
 
+/// Executions handed to one thread at once (one wake-up for all of them).
 struct Job {
-    code: Arc<SyncCode>,
-    invocation: Invocation,
-    reply: oneshot::Sender<Result<Effects, FunctionError>>,
+    runs: Vec<(Arc<SyncCode>, Invocation)>,
+    reply: oneshot::Sender<Vec<Result<Effects, FunctionError>>>,
 }
 
 #[derive(Clone)]
@@ -66,16 +66,41 @@ impl Pool {
 
     /// Runs the sync's `onWebhook` with `invocation` on a JS thread.
     pub async fn execute(&self, code: Arc<SyncCode>, invocation: Invocation) -> Result<Effects, FunctionError> {
-        let (reply, outcome) = oneshot::channel();
-        let gone = || FunctionError::new(ErrorKind::Internal, "the JS threads stopped");
-        self.jobs
-            .send(Job {
-                code,
-                invocation,
-                reply,
-            })
-            .map_err(|_| gone())?;
-        outcome.await.map_err(|_| gone())?
+        self.execute_all(vec![(code, invocation)])
+            .await
+            .pop()
+            .expect("one outcome per execution")
+    }
+
+    /// Runs each `onWebhook` of `runs`, spread over the JS threads in one job per thread;
+    /// the outcomes are in the order of `runs`.
+    pub async fn execute_all(&self, runs: Vec<(Arc<SyncCode>, Invocation)>) -> Vec<Result<Effects, FunctionError>> {
+        let count = runs.len();
+        let per_thread = count.div_ceil(self.threads).max(1);
+        let mut pending = Vec::with_capacity(self.threads);
+        let mut runs = runs.into_iter();
+        loop {
+            let chunk: Vec<_> = runs.by_ref().take(per_thread).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            let size = chunk.len();
+            let (reply, outcome) = oneshot::channel();
+            let sent = self.jobs.send(Job { runs: chunk, reply }).is_ok();
+            pending.push((size, sent.then_some(outcome)));
+        }
+        let gone = || Err(FunctionError::new(ErrorKind::Internal, "the JS threads stopped"));
+        let mut outcomes = Vec::with_capacity(count);
+        for (size, outcome) in pending {
+            match outcome {
+                Some(outcome) => match outcome.await {
+                    Ok(results) => outcomes.extend(results),
+                    Err(_) => outcomes.extend((0..size).map(|_| gone())),
+                },
+                None => outcomes.extend((0..size).map(|_| gone())),
+            }
+        }
+        outcomes
     }
 }
 
@@ -87,17 +112,27 @@ fn run_thread(queue: &Mutex<mpsc::Receiver<Job>>, limits: &Limits) {
             // The pool is gone.
             _ => return,
         };
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| execute(&mut loaded, &job, limits)))
-            .unwrap_or_else(|_| {
-                loaded.remove(&job.code.key);
-                Err(FunctionError::new(ErrorKind::Internal, "the engine panicked"))
-            });
-        let _ = job.reply.send(outcome);
+        let outcomes = job
+            .runs
+            .iter()
+            .map(|(code, invocation)| {
+                std::panic::catch_unwind(AssertUnwindSafe(|| execute(&mut loaded, code, invocation, limits)))
+                    .unwrap_or_else(|_| {
+                        loaded.remove(&code.key);
+                        Err(FunctionError::new(ErrorKind::Internal, "the engine panicked"))
+                    })
+            })
+            .collect();
+        let _ = job.reply.send(outcomes);
     }
 }
 
-fn execute(loaded: &mut HashMap<String, Loaded>, job: &Job, limits: &Limits) -> Result<Effects, FunctionError> {
-    let code = &job.code;
+fn execute(
+    loaded: &mut HashMap<String, Loaded>,
+    code: &SyncCode,
+    invocation: &Invocation,
+    limits: &Limits,
+) -> Result<Effects, FunctionError> {
     if !loaded.contains_key(&code.key) {
         if loaded.len() >= LOADED_PER_THREAD {
             loaded.clear();
@@ -106,7 +141,7 @@ fn execute(loaded: &mut HashMap<String, Loaded>, job: &Job, limits: &Limits) -> 
         loaded.insert(code.key.clone(), sync);
     }
     let sync = loaded.get(&code.key).expect("loaded above");
-    let outcome = sync.execute(&job.invocation, limits);
+    let outcome = sync.execute(invocation, limits);
     if let Err(error) = &outcome {
         if error.kind.poisons_runtime() {
             loaded.remove(&code.key);

@@ -43,12 +43,12 @@ fn code(project: &Project, name: &str) -> Arc<SyncCode> {
 
 fn invocation(payload: serde_json::Value) -> Invocation {
     Invocation {
-        payload: payload.to_string(),
+        payload: payload.to_string().into(),
         connection_id: "conn-1".into(),
         provider_config_key: "crm".into(),
-        metadata: json!({"region": "eu"}),
-        connection: json!({"connection_id": "conn-1", "metadata": {"region": "eu"}}),
-        models: vec!["Contact".into()],
+        metadata: json!({"region": "eu"}).to_string().into(),
+        connection: json!({"connection_id": "conn-1", "metadata": {"region": "eu"}}).to_string().into(),
+        models: json!(["Contact"]).to_string().into(),
     }
 }
 

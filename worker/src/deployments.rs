@@ -19,7 +19,8 @@ pub struct LiveSync {
     pub sync: DeployedSync,
     pub code: Arc<SyncCode>,
     pub subscriptions: Vec<String>,
-    pub models: Vec<String>,
+    /// The model names as a JSON array, as executions are given them.
+    pub models: Arc<str>,
 }
 
 impl LiveSync {
@@ -110,7 +111,7 @@ impl Deployments {
                     entry: sync.entry.clone(),
                 }),
                 subscriptions: strings("webhookSubscriptions"),
-                models: strings("models"),
+                models: serde_json::to_string(&strings("models")).expect("strings serialise").into(),
                 sync,
             };
             next.syncs

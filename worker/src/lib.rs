@@ -30,7 +30,6 @@ use hookyard_core::{Config, Store};
 use hookyard_functions::pool::Pool;
 use hookyard_functions::{Effects, FunctionError, Invocation};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument as _;
 
 use deployments::{Deployments, LiveSync};
 
@@ -38,6 +37,8 @@ use deployments::{Deployments, LiveSync};
 pub const CONSUMER: &str = "functions";
 /// Groups in flight at once: one executes while the one before commits.
 const GROUPS_IN_FLIGHT: usize = 2;
+/// How long a group waits for more events after its first.
+const LINGER: Duration = Duration::from_millis(5);
 /// After an infrastructure failure (the database, NATS), try the group again after this.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Markers outlive any redelivery by far after this; pruned once an hour.
@@ -128,30 +129,60 @@ impl Worker {
             .await
             .map_err(jetstream_error)?;
         let refresher = tokio::spawn(self.clone().refresh_loop(shutdown.clone()));
-        let messages = consumer
+        let mut messages = consumer
             .stream()
             .max_messages_per_batch(batch)
             .messages()
             .await
             .map_err(jetstream_error)?;
         tracing::info!(threads = self.pool.threads(), batch, "worker consuming {CONN_STREAM}");
-        messages
-            .take_until(shutdown.cancelled_owned())
-            .ready_chunks(batch)
-            .for_each_concurrent(GROUPS_IN_FLIGHT, |chunk| {
-                let worker = self.clone();
-                async move {
-                    let mut group = Vec::with_capacity(chunk.len());
-                    for message in chunk {
-                        match message {
-                            Ok(message) => group.push(message),
-                            Err(error) => tracing::warn!(%error, "pulling from {CONN_STREAM} failed; retrying"),
-                        }
-                    }
-                    worker.handle_with_progress(group).await;
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(GROUPS_IN_FLIGHT));
+        let mut groups = tokio::task::JoinSet::new();
+        loop {
+            // A group starts with the first event and takes what follows within LINGER,
+            // up to `batch`: full groups under load, little wait when traffic is light.
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                next = messages.next() => next,
+            };
+            let Some(first) = first else { break };
+            let mut group = Vec::with_capacity(batch);
+            let take = |group: &mut Vec<jetstream::Message>, message: Result<jetstream::Message, _>| match message {
+                Ok(message) => group.push(message),
+                Err(error) => tracing::warn!(%error, "pulling from {CONN_STREAM} failed; retrying"),
+            };
+            take(&mut group, first);
+            let linger = tokio::time::sleep(LINGER);
+            tokio::pin!(linger);
+            let mut ended = false;
+            while group.len() < batch {
+                tokio::select! {
+                    biased;
+                    next = messages.next() => match next {
+                        Some(message) => take(&mut group, message),
+                        None => { ended = true; break }
+                    },
+                    _ = &mut linger => break,
                 }
-            })
-            .await;
+            }
+            if group.is_empty() {
+                // Only errors (NATS away): wait before pulling again.
+                tokio::time::sleep(RETRY_DELAY).await;
+                continue;
+            }
+            let permit = in_flight.clone().acquire_owned().await.expect("the semaphore is never closed");
+            let worker = self.clone();
+            groups.spawn(async move {
+                worker.handle_with_progress(group).await;
+                drop(permit);
+            });
+            while groups.try_join_next().is_some() {}
+            if ended {
+                break;
+            }
+        }
+        // Groups in progress finish (and ack) before the worker stops.
+        while groups.join_next().await.is_some() {}
         refresher.abort();
         tracing::info!("worker stopped");
         Ok(())
@@ -200,6 +231,7 @@ impl Worker {
 
     /// Runs one group of messages to commit, then acks or naks each.
     pub async fn handle(&self, group: &[jetstream::Message]) -> GroupOutcome {
+        tracing::debug!(messages = group.len(), "group");
         let mut outcome = GroupOutcome::default();
         let mut events: Vec<Option<RoutedEvent>> = Vec::with_capacity(group.len());
         let mut units: Vec<Unit> = Vec::new();
@@ -259,16 +291,11 @@ impl Worker {
         // Every message whose tasks all commit (or that has none) is acked.
         let mut retry: HashMap<usize, Duration> = HashMap::new();
         if !tasks.is_empty() {
-            match self.prepare(&events, tasks).await {
+            match self.prepare(group, &events, tasks).await {
                 Ok((runnable, already_done)) => {
                     outcome.already_done += already_done;
                     outcome.executed = runnable.len();
-                    let results = futures::future::join_all(
-                        runnable
-                            .iter()
-                            .map(|(task, invocation)| self.execute(task, invocation.clone(), &events)),
-                    )
-                    .await;
+                    let results = self.execute(&runnable, &events).await;
                     for ((task, _), result) in runnable.into_iter().zip(results) {
                         let index = task.message;
                         let event = events[index].as_ref().expect("tasks are of parsed events");
@@ -345,6 +372,7 @@ impl Worker {
     /// One query for the markers and one per integration for the connections.
     async fn prepare(
         &self,
+        group: &[jetstream::Message],
         events: &[Option<RoutedEvent>],
         tasks: Vec<Task>,
     ) -> Result<(Vec<(Task, Invocation)>, usize), StoreError> {
@@ -361,15 +389,17 @@ impl Worker {
                 ids.push(id);
             }
         }
-        let mut connections: HashMap<(i64, IntegrationKey, String), Connection> = HashMap::new();
+        // Each connection's JSON is made once for all its events.
+        let mut connections: HashMap<(i64, IntegrationKey, String), (Arc<str>, Arc<str>)> = HashMap::new();
         for ((environment_id, integration), ids) in &wanted {
             for connection in self.store.connections_named(*environment_id, integration, ids).await? {
                 connections.insert(
                     (*environment_id, integration.clone(), connection.connection_id.clone()),
-                    connection,
+                    connection_json(&connection),
                 );
             }
         }
+        let mut payloads: HashMap<usize, Arc<str>> = HashMap::new();
         let mut runnable = Vec::with_capacity(tasks.len());
         let mut already_done = 0;
         for task in tasks {
@@ -385,27 +415,52 @@ impl Worker {
                 tracing::info!(connection = %key.2, sync = %task.sync.sync.name, "connection no longer exists; event skipped");
                 continue;
             };
-            let invocation = invocation(&task.sync, event, connection);
+            let payload = payloads
+                .entry(task.message)
+                .or_insert_with(|| match std::str::from_utf8(&group[task.message].payload) {
+                    Ok(text) => text.into(),
+                    Err(_) => event.payload.to_string().into(),
+                })
+                .clone();
+            let (metadata, connection) = connection.clone();
+            let invocation = Invocation {
+                payload,
+                connection_id: key.2.clone(),
+                provider_config_key: event.integration.to_string(),
+                metadata,
+                connection,
+                models: task.sync.models.clone(),
+            };
             runnable.push((task, invocation));
         }
         Ok((runnable, already_done))
     }
 
-    async fn execute(&self, task: &Task, invocation: Invocation, events: &[Option<RoutedEvent>]) -> Result<Effects, FunctionError> {
-        let event = events[task.message].as_ref().expect("tasks are of parsed events");
-        let span = tracing::info_span!(
-            "on_webhook", sync = %task.sync.sync.name, version = task.sync.sync.version, message = %task.marker.message_id
-        );
-        continue_trace(&span, event.traceparent.as_deref());
-        let result = self.pool.execute(task.sync.code.clone(), invocation).instrument(span.clone()).await;
-        let logs = match &result {
-            Ok(effects) => &effects.logs,
-            Err(error) => &error.logs,
-        };
-        for line in logs {
-            tracing::debug!(parent: &span, level = %line.level, payload = ?line.payload, "function log: {}", line.message);
+    /// Runs the tasks on the JS threads; outcomes in task order.
+    async fn execute(&self, runnable: &[(Task, Invocation)], events: &[Option<RoutedEvent>]) -> Vec<Result<Effects, FunctionError>> {
+        let runs = runnable
+            .iter()
+            .map(|(task, invocation)| (task.sync.code.clone(), invocation.clone()))
+            .collect();
+        let results = self.pool.execute_all(runs).await;
+        for ((task, _), result) in runnable.iter().zip(&results) {
+            let logs = match result {
+                Ok(effects) => &effects.logs,
+                Err(error) => &error.logs,
+            };
+            if logs.is_empty() {
+                continue;
+            }
+            let event = events[task.message].as_ref().expect("tasks are of parsed events");
+            let span = tracing::info_span!(
+                "on_webhook", sync = %task.sync.sync.name, version = task.sync.sync.version, message = %task.marker.message_id
+            );
+            continue_trace(&span, event.traceparent.as_deref());
+            for line in logs {
+                tracing::debug!(parent: &span, level = %line.level, payload = ?line.payload, "function log: {}", line.message);
+            }
         }
-        result
+        results
     }
 
     fn unit(&self, task: Task, event: &RoutedEvent, effects: Effects) -> Unit {
@@ -444,17 +499,11 @@ impl Worker {
     }
 }
 
-fn invocation(sync: &LiveSync, event: &RoutedEvent, connection: &Connection) -> Invocation {
+/// A connection's metadata, and the connection as `getConnection()` answers it, as JSON.
+fn connection_json(connection: &Connection) -> (Arc<str>, Arc<str>) {
     let mut described = serde_json::to_value(connection).unwrap_or_default();
     described["credentials"] = serde_json::to_value(&connection.credentials).unwrap_or_default();
-    Invocation {
-        payload: event.payload.to_string(),
-        connection_id: connection.connection_id.clone(),
-        provider_config_key: event.integration.to_string(),
-        metadata: connection.metadata.clone(),
-        connection: described,
-        models: sync.models.clone(),
-    }
+    (connection.metadata.to_string().into(), described.to_string().into())
 }
 
 fn dead_letter(task: Task, event: &RoutedEvent, message: &jetstream::Message, error: &FunctionError, attempts: usize) -> Unit {

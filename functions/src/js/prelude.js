@@ -49,8 +49,19 @@
     for (const t of due) t.fn(...t.args);
   };
 
+  // Model names by the JSON text the engine passes: parsed once per sync, not per run.
+  const modelSets = new Map();
+  const modelsOf = (json) => {
+    let models = modelSets.get(json);
+    if (models === undefined) {
+      models = new Set(JSON.parse(json));
+      modelSets.set(json, models);
+    }
+    return models;
+  };
+
   const makeNango = (input, effects) => {
-    const models = new Set(input.models);
+    const models = input.models;
     const checked = (records, model, call) => {
       if (!Array.isArray(records)) throw new TypeError(`${call}: the records must be an array`);
       if (typeof model !== 'string' || (models.size > 0 && !models.has(model))) {
@@ -62,44 +73,52 @@
           throw new TypeError(`${call}: every record needs an id (a non-empty string or a number)`);
         }
       }
-      return copy(records);
+      // Serialised now: what the call saw is what is written, whatever the function
+      // does with its objects afterwards.
+      return JSON.stringify(records);
     };
     const write = (kind, call) => async (records, model) => {
-      effects.writes.push({ kind, model, records: checked(records, model, call) });
+      effects.writes.push(`{"kind":"${kind}","model":${JSON.stringify(model)},"records":${checked(records, model, call)}}`);
       return true;
     };
-    let metadata = copy(input.metadata ?? {});
+    // Parsed when first asked for: most handlers never read them.
+    let metadata;
+    const currentMetadata = () => {
+      if (metadata === undefined) metadata = JSON.parse(input.metadata);
+      return metadata;
+    };
     const metadataWrite = (how, call) => async (value) => {
       if (!isObject(value)) throw new TypeError(`${call}: the metadata must be an object`);
       const written = copy(value);
-      metadata = how === 'replace' ? written : { ...metadata, ...written };
+      metadata = how === 'replace' ? written : { ...currentMetadata(), ...written };
       effects.metadata.push({ how, value: written });
     };
-    return Object.freeze({
+    return {
       connectionId: input.connectionId,
       providerConfigKey: input.providerConfigKey,
       batchSave: write('save', 'batchSave'),
       batchUpdate: write('update', 'batchUpdate'),
       batchDelete: write('delete', 'batchDelete'),
-      getMetadata: async () => copy(metadata),
+      getMetadata: async () => copy(currentMetadata()),
       setMetadata: metadataWrite('replace', 'setMetadata'),
       updateMetadata: metadataWrite('merge', 'updateMetadata'),
-      getConnection: async () => copy(input.connection),
+      getConnection: async () => JSON.parse(input.connection),
       log: async (message, payload, options) => {
         const level = (options && options.level) || (isObject(payload) && payload.level) || 'info';
         log(String(level), message, isObject(payload) && 'level' in payload ? undefined : payload);
       },
-    });
+    };
   };
 
   const engine = {
-    run: async (handler, payloadJson, inputJson) => {
+    run: async (handler, payload, connectionId, providerConfigKey, metadata, connection, models) => {
       const effects = { writes: [], metadata: [], logs: [] };
       current = effects;
       timers = [];
-      const input = JSON.parse(inputJson);
-      await handler(makeNango(input, effects), JSON.parse(payloadJson));
-      return JSON.stringify(effects);
+      const input = { connectionId, providerConfigKey, metadata, connection, models: modelsOf(models) };
+      await handler(makeNango(input, effects), JSON.parse(payload));
+      // The writes are JSON already.
+      return `{"writes":[${effects.writes.join(',')}],"metadata":${JSON.stringify(effects.metadata)},"logs":${JSON.stringify(effects.logs)}}`;
     },
     logs: () => JSON.stringify(current.logs),
     nextTimer,

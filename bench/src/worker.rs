@@ -1,0 +1,326 @@
+//! Worker throughput and latency for the `examples/crm-contacts` function on Postgres.
+//!
+//! Routed events go straight into `HOOKS_CONN` (as the router publishes them), spread
+//! over `connections` connections; each saves one Contact record. One worker runs in a
+//! child process (this binary, `worker-process`), so that its CPU is its own:
+//!
+//! 1. burst: `events` events are published first, then the worker is timed from the
+//!    moment it starts consuming until it has acked the last one;
+//! 2. latency: events are published at a steady rate below the burst throughput, and
+//!    each one's time from publish ack to its record's commit is measured (the
+//!    record's `first_seen_at`, stamped in the committing transaction).
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use chrono::{DateTime, Utc};
+use hdrhistogram::Histogram;
+use hookyard_core::routed::RoutedEvent;
+use hookyard_core::secrets::Cipher;
+use hookyard_core::store::{NewConnection, NewIntegration};
+use hookyard_core::streams::{Bus, CONN_STREAM};
+use hookyard_core::{Config, Store};
+use hookyard_testkit::PgDatabase;
+use serde_json::json;
+
+use crate::setup::{cpu_seconds, start_nats};
+
+const EXAMPLE: &[(&str, &str)] = &[
+    ("index.js", include_str!("../../examples/crm-contacts/index.js")),
+    ("demo/models.js", include_str!("../../examples/crm-contacts/demo/models.js")),
+    (
+        "demo/syncs/contacts.js",
+        include_str!("../../examples/crm-contacts/demo/syncs/contacts.js"),
+    ),
+];
+
+pub struct Plan {
+    pub events: u64,
+    pub connections: usize,
+    pub latency_seconds: u64,
+    /// Events/s of the latency phase; half the burst throughput when 0.
+    pub rate: u64,
+    pub js_threads: usize,
+}
+
+pub async fn run(plan: &Plan) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (nats, port) = start_nats(dir.path())?;
+    let pg = PgDatabase::create().await;
+    let key = Cipher::generate_key_text();
+    let config = Config {
+        nats_url: format!("nats://127.0.0.1:{port}"),
+        database_url: pg.url.clone(),
+        ..Config::default()
+    };
+    let store = Store::connect(&config.database_url, Cipher::from_text(&key)?).await?;
+    let environment = store.ensure_environment(&"dev".parse()?).await?;
+    store
+        .create_integration(&environment, &NewIntegration::new("demo".parse()?, "generic"))
+        .await?;
+    let connections: Vec<String> = (0..plan.connections).map(|n| format!("conn-{n}")).collect();
+    for id in &connections {
+        let connection = NewConnection {
+            integration: "demo".parse()?,
+            connection_id: id.clone(),
+            connection_config: json!({}),
+            metadata: json!({}),
+            tags: json!({}),
+            credentials: None,
+        };
+        store.create_connection(&environment, &connection).await?;
+    }
+    let files = EXAMPLE.iter().map(|(p, s)| (p.to_string(), s.to_string())).collect();
+    let project = hookyard_functions::compile::compile_project(files, &config.worker.limits)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    store.deploy_functions(&environment, &project.bundle, &project.syncs).await?;
+    let bus = Bus::connect(&config, "bench-worker").await?;
+    bus.ensure_streams(&config.streams).await?;
+
+    println!(
+        "worker benchmark: examples/crm-contacts (one Contact saved per event), routed events published \
+         straight into {CONN_STREAM}, {} connections, Postgres, one worker process ({} JS threads)\n",
+        plan.connections,
+        if plan.js_threads == 0 { "one per CPU".to_string() } else { plan.js_threads.to_string() }
+    );
+
+    // 1. Burst.
+    let started = Instant::now();
+    publish(&bus.jetstream, &connections, 1..=plan.events, "burst").await?;
+    println!("published {} events in {:.1}s", plan.events, started.elapsed().as_secs_f64());
+    let mut worker = spawn_worker(&config, &key, plan.js_threads)?;
+    let pid = worker.id().to_string();
+    let stream = bus.jetstream.get_stream(CONN_STREAM).await?;
+    let consumer_exists = || async {
+        stream
+            .get_consumer::<jetstream::consumer::pull::Config>(hookyard_worker::CONSUMER)
+            .await
+            .is_ok()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !consumer_exists().await {
+        anyhow::ensure!(Instant::now() < deadline, "the worker did not start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let cpu = Cpu::now(&pid, nats.pid().unwrap_or(0));
+    let started = Instant::now();
+    wait_acked(&stream, plan.events, &mut worker).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let used = cpu.since();
+    let throughput = plan.events as f64 / elapsed;
+    let saved: i64 = sqlx_count(&pg.url).await?;
+    anyhow::ensure!(saved == plan.events as i64, "{saved} records saved for {} events", plan.events);
+    println!(
+        "burst:   {} events in {elapsed:.2}s = {throughput:.0} events/s through one worker\n         \
+         CPU per 1,000 events: worker process {:.0} ms, Postgres {:.0} ms, nats-server {:.0} ms",
+        plan.events,
+        used.worker * 1e6 / plan.events as f64,
+        used.postgres * 1e6 / plan.events as f64,
+        used.nats * 1e6 / plan.events as f64,
+    );
+
+    // 2. Latency at a steady rate.
+    let rate = if plan.rate > 0 { plan.rate } else { (throughput / 2.0).max(100.0) as u64 };
+    let count = rate * plan.latency_seconds;
+    let first = plan.events + 1;
+    let acked = paced(&bus.jetstream, &connections, first..=plan.events + count, rate).await?;
+    wait_acked(&stream, plan.events + count, &mut worker).await?;
+    let committed = commit_times(&pg.url).await?;
+    let mut histogram = Histogram::<u64>::new(3)?;
+    for (n, at) in &acked {
+        let Some(done) = committed.get(n) else {
+            anyhow::bail!("event {n} has no record");
+        };
+        let micros = (*done - *at).num_microseconds().unwrap_or(0).max(0) as u64;
+        histogram.record(micros.max(1))?;
+    }
+    println!(
+        "latency: {count} events at {rate}/s, publish ack to commit: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        histogram.value_at_quantile(0.5) as f64 / 1000.0,
+        histogram.value_at_quantile(0.99) as f64 / 1000.0,
+        histogram.max() as f64 / 1000.0
+    );
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let _ = worker.wait();
+    Ok(())
+}
+
+fn event(n: u64, connections: &[String], phase: &str) -> RoutedEvent {
+    RoutedEvent {
+        environment: "dev".parse().expect("a valid name"),
+        integration: "demo".parse().expect("a valid key"),
+        connection_id: Some(connections[n as usize % connections.len()].clone()),
+        unrouted: None,
+        raw_seq: n,
+        index: 0,
+        event_type: Some("contact.updated".into()),
+        delivery_id: format!("{phase}-{n}"),
+        payload: json!({
+            "type": "contact.updated",
+            "contact": {"id": n, "email": format!("person{n}@example.com"), "first_name": "Ada", "last_name": "Lovelace",
+                        "updated_at": "2026-11-26T10:00:00Z"}
+        }),
+        traceparent: None,
+    }
+}
+
+async fn publish(
+    jetstream: &jetstream::Context,
+    connections: &[String],
+    range: std::ops::RangeInclusive<u64>,
+    phase: &str,
+) -> anyhow::Result<()> {
+    let mut acks = Vec::with_capacity(1024);
+    for n in range {
+        let (subject, headers, payload) = event(n, connections, phase).to_message();
+        acks.push(jetstream.publish_with_headers(subject, headers, payload).await?);
+        if acks.len() == 1024 {
+            for ack in acks.drain(..) {
+                ack.await?;
+            }
+        }
+    }
+    for ack in acks {
+        ack.await?;
+    }
+    Ok(())
+}
+
+/// Publishes one event every 1/rate s; returns each one's publish-ack time.
+async fn paced(
+    jetstream: &jetstream::Context,
+    connections: &[String],
+    range: std::ops::RangeInclusive<u64>,
+    rate: u64,
+) -> anyhow::Result<Vec<(u64, DateTime<Utc>)>> {
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut pending = Vec::new();
+    for n in range {
+        ticker.tick().await;
+        let (subject, headers, payload) = event(n, connections, "paced").to_message();
+        let ack = jetstream.publish_with_headers(subject, headers, payload).await?;
+        pending.push(tokio::spawn(async move {
+            ack.await.map(|_| (n, Utc::now()))
+        }));
+    }
+    let mut acked = Vec::with_capacity(pending.len());
+    for task in pending {
+        acked.push(task.await??);
+    }
+    Ok(acked)
+}
+
+async fn wait_acked(stream: &jetstream::stream::Stream, last: u64, worker: &mut Child) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let mut consumer = stream
+            .get_consumer::<jetstream::consumer::pull::Config>(hookyard_worker::CONSUMER)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let info = consumer.info().await?;
+        if info.ack_floor.stream_sequence >= last {
+            return Ok(());
+        }
+        if let Some(status) = worker.try_wait()? {
+            anyhow::bail!("the worker exited: {status}");
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the worker did not finish within 10 minutes");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn spawn_worker(config: &Config, key: &str, js_threads: usize) -> anyhow::Result<Child> {
+    Ok(Command::new(std::env::current_exe()?)
+        .arg("worker-process")
+        .env("HOOKYARD_NATS_URL", &config.nats_url)
+        .env("HOOKYARD_DATABASE_URL", &config.database_url)
+        .env("HOOKYARD_ENCRYPTION_KEY", key)
+        .env("HOOKYARD_WORKER__JS_THREADS", js_threads.to_string())
+        .env(
+            "HOOKYARD_TELEMETRY__LOG_FILTER",
+            std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .spawn()?)
+}
+
+/// `worker-process`: one worker on the configuration in the environment, until SIGTERM.
+pub async fn run_process() -> anyhow::Result<()> {
+    let config = Config::load()?;
+    let _telemetry = hookyard_core::telemetry::init(&config.telemetry, "hookyard-bench-worker")?;
+    hookyard_worker::run(&config, hookyard_core::shutdown::on_signal())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+struct Cpu {
+    worker_pid: String,
+    nats_pid: String,
+    worker: f64,
+    nats: f64,
+    postgres: f64,
+}
+
+struct CpuDelta {
+    worker: f64,
+    nats: f64,
+    postgres: f64,
+}
+
+impl Cpu {
+    fn now(worker_pid: &str, nats_pid: u32) -> Cpu {
+        let nats_pid = nats_pid.to_string();
+        Cpu {
+            worker: cpu_seconds(worker_pid),
+            nats: cpu_seconds(&nats_pid),
+            postgres: postgres_cpu(),
+            worker_pid: worker_pid.to_string(),
+            nats_pid,
+        }
+    }
+
+    fn since(&self) -> CpuDelta {
+        CpuDelta {
+            worker: cpu_seconds(&self.worker_pid) - self.worker,
+            nats: cpu_seconds(&self.nats_pid) - self.nats,
+            postgres: postgres_cpu() - self.postgres,
+        }
+    }
+}
+
+/// CPU seconds of every `postgres` process on the machine (the server and its backends).
+fn postgres_cpu() -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0.0 };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().map(String::from))
+        .filter(|pid| pid.chars().all(|c| c.is_ascii_digit()))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "postgres")
+        })
+        .map(|pid| cpu_seconds(&pid))
+        .sum()
+}
+
+async fn sqlx_count(url: &str) -> anyhow::Result<i64> {
+    let rows = hookyard_testkit::raw_texts(url, "SELECT COUNT(*)::text FROM records WHERE model = 'Contact'").await;
+    Ok(rows.first().and_then(|r| r.parse().ok()).unwrap_or(0))
+}
+
+/// Each Contact's commit time, by event number (its id).
+async fn commit_times(url: &str) -> anyhow::Result<HashMap<u64, DateTime<Utc>>> {
+    let rows = hookyard_testkit::raw_texts(
+        url,
+        "SELECT id || ' ' || to_char(first_seen_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') FROM records WHERE model = 'Contact'",
+    )
+    .await;
+    let mut times = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let (id, at) = row.split_once(' ').ok_or_else(|| anyhow::anyhow!("bad row {row}"))?;
+        times.insert(id.parse()?, at.parse()?);
+    }
+    Ok(times)
+}
