@@ -475,9 +475,13 @@ mod tests {
         Jail::expect_with(|jail| {
             jail.set_env("HOOKYARD_INGEST__MAX_BODY_BYTES", "10");
             jail.set_env("HOOKYARD_STREAMS__REPLICAS", "2");
+            jail.set_env("HOOKYARD_WORKER__LIMITS__TIMEOUT", "1m");
+            jail.set_env("HOOKYARD_WORKER__RETRY_DELAYS", "[\"0s\"]");
             let message = Config::load().unwrap_err().to_string();
             assert!(message.contains("ingest.max_body_bytes is 10"), "{message}");
             assert!(message.contains("streams.replicas is 2"), "{message}");
+            assert!(message.contains("worker.ack_wait (60s) must exceed twice worker.limits.timeout (60s)"), "{message}");
+            assert!(message.contains("worker.retry_delays must each be at least 10ms"), "{message}");
             Ok(())
         });
     }
