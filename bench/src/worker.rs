@@ -106,7 +106,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     }
     let cpu = Cpu::now(&pid, nats.pid().unwrap_or(0));
     let started = Instant::now();
-    wait_acked(&stream, plan.events, &mut worker).await?;
+    wait_acked(&bus.jetstream, &mut worker).await?;
     let elapsed = started.elapsed().as_secs_f64();
     let used = cpu.since();
     let throughput = plan.events as f64 / elapsed;
@@ -126,7 +126,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     let count = rate * plan.latency_seconds;
     let first = plan.events + 1;
     let acked = paced(&bus.jetstream, &connections, first..=plan.events + count, rate).await?;
-    wait_acked(&stream, plan.events + count, &mut worker).await?;
+    wait_acked(&bus.jetstream, &mut worker).await?;
     let committed = commit_times(&pg.url).await?;
     let mut histogram = Histogram::<u64>::new(3)?;
     for (n, at) in &acked {
@@ -213,23 +213,17 @@ async fn paced(
     Ok(acked)
 }
 
-async fn wait_acked(stream: &jetstream::stream::Stream, last: u64, worker: &mut Child) -> anyhow::Result<()> {
+/// Waits until the worker has applied and acked every event published so far.
+async fn wait_acked(jetstream: &jetstream::Context, worker: &mut Child) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let mut consumer = stream
-            .get_consumer::<jetstream::consumer::pull::Config>(hookyard_worker::CONSUMER)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let info = consumer.info().await?;
-        if info.ack_floor.stream_sequence >= last {
-            return Ok(());
-        }
+    while !hookyard_worker::idle(jetstream).await? {
         if let Some(status) = worker.try_wait()? {
             anyhow::bail!("the worker exited: {status}");
         }
         anyhow::ensure!(Instant::now() < deadline, "the worker did not finish within 10 minutes");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    Ok(())
 }
 
 fn spawn_worker(config: &Config, key: &str, js_threads: usize) -> anyhow::Result<Child> {

@@ -675,17 +675,8 @@ async fn a_worker_killed_between_commit_and_ack_applies_nothing_twice() {
 
     // Its events come back after the ack wait; their markers say they are done.
     let mut second = Process::spawn(&["worker"], &env_vars(""), dir.path());
-    let stream = jetstream.get_stream(hookyard_core::streams::CONN_STREAM).await.unwrap();
-    eventually("the restarted worker to ack every event", Duration::from_secs(90), || {
-        let stream = stream.clone();
-        async move {
-            let mut consumer = stream
-                .get_consumer::<async_nats::jetstream::consumer::pull::Config>(hookyard_worker::CONSUMER)
-                .await
-                .ok()?;
-            let info = consumer.info().await.ok()?;
-            (info.num_pending == 0 && info.num_ack_pending == 0 && info.ack_floor.stream_sequence == 500).then_some(())
-        }
+    eventually("the restarted worker to ack every event", Duration::from_secs(90), || async {
+        hookyard_worker::idle(&jetstream).await.ok().filter(|idle| *idle)
     })
     .await;
     let runs = runs().await;

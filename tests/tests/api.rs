@@ -798,6 +798,8 @@ async fn openapi_document_is_valid_and_lists_every_route() {
         "POST /connection/metadata",
         "PATCH /connection/metadata",
         "GET /records",
+        "GET /functions",
+        "POST /functions/deploy",
     ]
     .into_iter()
     .map(String::from)

@@ -113,16 +113,21 @@ fn sync(subscriptions: &str, body: &str) -> String {
 }
 
 impl Harness {
-    async fn deploy(&self, files: &[(&str, String)]) -> Value {
+    /// `POST /functions/deploy` with these files.
+    async fn post_deploy(&self, files: &[(&str, String)]) -> reqwest::Response {
         let files: BTreeMap<&str, &str> = files.iter().map(|(p, s)| (*p, s.as_str())).collect();
-        let response = self
-            .http
+        self.http
             .post(format!("{}/functions/deploy", self.api))
             .bearer_auth(&self.environment.secret_key)
             .json(&json!({ "files": files }))
             .send()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// A deploy that must succeed; its answer.
+    async fn deploy(&self, files: &[(&str, String)]) -> Value {
+        let response = self.post_deploy(files).await;
         let status = response.status();
         let body: Value = response.json().await.unwrap();
         assert_eq!(status, 200, "{body}");
@@ -164,19 +169,10 @@ impl Harness {
         }
     }
 
-    /// Waits until the worker consumer has nothing pending or unacked.
+    /// Waits until the workers have applied and acked every event.
     async fn drained(&self) {
-        let stream = self.bus.jetstream.get_stream(CONN_STREAM).await.unwrap();
-        eventually("the worker to ack every event", Duration::from_secs(60), || {
-            let stream = stream.clone();
-            async move {
-                let mut consumer = stream
-                    .get_consumer::<jetstream::consumer::pull::Config>(hookyard_worker::CONSUMER)
-                    .await
-                    .ok()?;
-                let info = consumer.info().await.ok()?;
-                (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
-            }
+        eventually("the worker to ack every event", Duration::from_secs(60), || async {
+            hookyard_worker::idle(&self.bus.jetstream).await.ok().filter(|idle| *idle)
         })
         .await;
     }
@@ -422,15 +418,7 @@ async fn bad_deploys_are_refused_naming_the_file_and_store_nothing() {
         (vec![], "the deploy holds no JavaScript files"),
     ];
     for (files, expected) in cases {
-        let files: BTreeMap<&str, &str> = files.iter().map(|(p, s)| (*p, s.as_str())).collect();
-        let response = h
-            .http
-            .post(format!("{}/functions/deploy", h.api))
-            .bearer_auth(&h.environment.secret_key)
-            .json(&json!({ "files": files }))
-            .send()
-            .await
-            .unwrap();
+        let response = h.post_deploy(&files).await;
         assert_eq!(response.status(), 400);
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["error"]["code"], "invalid_function", "{body}");

@@ -553,6 +553,17 @@ mod fault {
     }
 }
 
+/// True once the workers' consumer exists and holds no event pending or unacked: every
+/// event in `HOOKS_CONN` so far is applied (or dead-lettered) and acked.
+pub async fn idle(jetstream: &jetstream::Context) -> Result<bool, WorkerError> {
+    let stream = jetstream.get_stream(CONN_STREAM).await.map_err(jetstream_error)?;
+    let Ok(mut consumer) = stream.get_consumer::<pull::Config>(CONSUMER).await else {
+        return Ok(false);
+    };
+    let info = consumer.info().await.map_err(jetstream_error)?;
+    Ok(info.num_pending == 0 && info.num_ack_pending == 0)
+}
+
 /// `hookyard worker`: connect, run functions until shutdown.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let store = Store::connect(&config.database_url, config.cipher()?).await?;
