@@ -42,6 +42,16 @@ ensure_postgres() {
     exit 1
 }
 
+# The Standard Webhooks reference library: the forwarding tests check hookyard's
+# signatures with it, an implementation that is not hookyard's own.
+STANDARDWEBHOOKS_VERSION=1.0.0
+ensure_standardwebhooks() {
+    if ! python3 -c 'import standardwebhooks' 2>/dev/null; then
+        say "installing standardwebhooks $STANDARDWEBHOOKS_VERSION (PyPI)"
+        python3 -m pip install --quiet --disable-pip-version-check "standardwebhooks==$STANDARDWEBHOOKS_VERSION"
+    fi
+}
+
 ensure_nextest() {
     if ! cargo nextest --version >/dev/null 2>&1; then
         say "installing cargo-nextest"

@@ -109,7 +109,7 @@ pub struct ListParams {
 
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-pub struct KeyParam {
+pub(crate) struct KeyParam {
     /// The integration the connection belongs to (required).
     provider_config_key: Option<String>,
 }
@@ -142,7 +142,7 @@ fn integration_key(field: &str, text: &str) -> Result<IntegrationKey, ApiError> 
     text.parse().map_err(|e| ApiError::invalid(field, e))
 }
 
-fn required_key(param: KeyParam) -> Result<IntegrationKey, ApiError> {
+pub(crate) fn required_key(param: KeyParam) -> Result<IntegrationKey, ApiError> {
     let text = param
         .provider_config_key
         .ok_or_else(|| ApiError::invalid("provider_config_key", "is required"))?;

@@ -10,6 +10,7 @@ mod auth;
 mod connections;
 mod error;
 mod fields;
+mod forwarding;
 mod functions;
 mod integrations;
 mod records;
@@ -61,7 +62,7 @@ pub struct Success {
     info(title = "hookyard", description = "hookyard's control plane: integrations, connections, records and function deploys."),
     modifiers(&BearerAuth),
     security(("secret_key" = [])),
-    tags((name = "integrations"), (name = "connections"), (name = "records"), (name = "functions"))
+    tags((name = "integrations"), (name = "connections"), (name = "records"), (name = "functions"), (name = "forwarding"))
 )]
 struct ApiDoc;
 
@@ -98,6 +99,7 @@ pub fn router(store: Store, config: &Config) -> Result<(Router, Document), Catal
         .merge(connections::routes())
         .merge(records::routes())
         .merge(functions::routes())
+        .merge(forwarding::routes())
         .split_for_parts();
     list_aliases(&mut document);
     let json = serde_json::to_value(&document).expect("the OpenAPI document serialises");

@@ -60,10 +60,11 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
     let bus = Bus::connect(&config, "hookyard-dev").await?;
     let ingest = Ingest::start(&config, store.clone(), bus.clone(), shutdown.clone()).await?;
     let router = std::sync::Arc::new(hookyard_router::Router::new(store.clone(), &bus, &config.router)?);
-    let worker = std::sync::Arc::new(hookyard_worker::Worker::new(store.clone(), &bus, &config));
+    // Forwarding to an app on this machine is what dev is for.
+    config.forwarding.allow_loopback = true;
     let ingest_listener = listen(config.ingest.listen, "HOOKYARD_INGEST__LISTEN").await?;
     let api_listener = listen(config.api.listen, "HOOKYARD_API__LISTEN").await?;
-    let (api_router, _) = hookyard_api::router(store, &config)?;
+    let (api_router, _) = hookyard_api::router(store.clone(), &config)?;
     let webhook_url = format!(
         "{}/webhook/{}/{DEMO_INTEGRATION}",
         config.webhook_base_url(),
@@ -91,7 +92,13 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
         shutdown.clone(),
     );
     let router = spawn_stopping_all(router.run(shutdown.clone()), shutdown.clone());
-    let worker = spawn_stopping_all(worker.run(shutdown.clone()), shutdown.clone());
+    let worker = spawn_stopping_all(
+        {
+            let (store, bus, config, shutdown) = (store.clone(), bus.clone(), config.clone(), shutdown.clone());
+            async move { hookyard_worker::run_all(store, &bus, &config, shutdown).await }
+        },
+        shutdown.clone(),
+    );
     if !args.no_demo {
         if let Err(error) = send_demo_webhook(&webhook_url, &bus.jetstream).await {
             eprintln!("demo webhook failed: {error}");

@@ -28,6 +28,7 @@ pub struct Config {
     pub ingest: IngestConfig,
     pub router: RouterConfig,
     pub worker: WorkerConfig,
+    pub forwarding: ForwardingConfig,
     pub api: ApiConfig,
     pub streams: StreamsConfig,
     pub telemetry: TelemetryConfig,
@@ -86,6 +87,54 @@ pub struct WorkerConfig {
     #[serde(with = "humantime_serde")]
     pub functions_refresh: Duration,
     pub limits: FunctionLimits,
+}
+
+/// Delivery of forwards and sync notifications to customers' apps.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ForwardingConfig {
+    /// Base waits before each retry; each wait is drawn between zero and its base (full
+    /// jitter). After the last retry fails the delivery goes to dead letters.
+    pub retry_delays: Vec<humantime_serde::Serde<Duration>>,
+    /// Whether waits are jittered (off only for tests that time retries).
+    pub jitter: bool,
+    /// One attempt's time limit, connection to last byte.
+    #[serde(with = "humantime_serde")]
+    pub attempt_timeout: Duration,
+    /// Attempts in flight to one destination at once.
+    pub concurrency_per_destination: usize,
+    /// Failed attempts in a row (5xx, timeouts, refused connections) that open a
+    /// destination's circuit: its deliveries then wait `breaker_open`, and one probe
+    /// decides whether it closes.
+    pub breaker_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub breaker_open: Duration,
+    /// Allow destinations on loopback (tests, `hookyard dev`).
+    pub allow_loopback: bool,
+    /// Allow private, link-local and cloud-metadata addresses.
+    pub allow_private: bool,
+    /// A delivery whose worker died mid-attempt goes to another after this.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+}
+
+impl Default for ForwardingConfig {
+    fn default() -> Self {
+        ForwardingConfig {
+            // Ten attempts; with full jitter they spread over about a day (the bases sum to 56 h).
+            retry_delays: [60, 300, 1800, 3600, 7200, 14400, 28800, 57600, 86400]
+                .map(|s| humantime_serde::Serde::from(Duration::from_secs(s)))
+                .to_vec(),
+            jitter: true,
+            attempt_timeout: Duration::from_secs(15),
+            concurrency_per_destination: 16,
+            breaker_failures: 5,
+            breaker_open: Duration::from_secs(30),
+            allow_loopback: false,
+            allow_private: false,
+            ack_wait: Duration::from_secs(60),
+        }
+    }
 }
 
 /// What one execution of a function may use.
@@ -161,6 +210,7 @@ impl Default for Config {
             ingest: IngestConfig::default(),
             router: RouterConfig::default(),
             worker: WorkerConfig::default(),
+            forwarding: ForwardingConfig::default(),
             api: ApiConfig::default(),
             streams: StreamsConfig::default(),
             telemetry: TelemetryConfig::default(),
@@ -380,6 +430,19 @@ impl Config {
         }
         if worker.functions_refresh < Duration::from_millis(100) {
             problems.push("worker.functions_refresh must be at least 100ms".into());
+        }
+        let forwarding = &self.forwarding;
+        if forwarding.retry_delays.iter().any(|d| **d < Duration::from_millis(10)) {
+            problems.push("forwarding.retry_delays must each be at least 10ms".into());
+        }
+        if forwarding.concurrency_per_destination == 0 || forwarding.breaker_failures == 0 {
+            problems.push("forwarding.concurrency_per_destination and forwarding.breaker_failures must be at least 1".into());
+        }
+        if forwarding.ack_wait < forwarding.attempt_timeout * 2 {
+            problems.push(format!(
+                "forwarding.ack_wait ({:?}) must be at least twice forwarding.attempt_timeout ({:?})",
+                forwarding.ack_wait, forwarding.attempt_timeout
+            ));
         }
         let streams = &self.streams;
         if streams.raw_max_age < Duration::from_secs(60) {

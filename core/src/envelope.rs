@@ -215,7 +215,7 @@ impl Envelope {
 /// asserts (panics) on CR or LF in a header value, and CR/LF would otherwise split the
 /// NATS header block. HTTP cannot deliver them in a header or a raw path; a value that
 /// somehow holds one is logged and left out rather than failing the message.
-pub(crate) fn insert_checked(map: &mut HeaderMap, name: &str, value: &str) {
+pub fn insert_checked(map: &mut HeaderMap, name: &str, value: &str) {
     match (HeaderName::from_str(name), HeaderValue::from_str(value)) {
         (Ok(name), Ok(value)) => map.append(name, value),
         _ => tracing::warn!(header = %name, "header cannot be carried in a NATS message; left out"),

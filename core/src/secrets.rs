@@ -35,6 +35,7 @@ pub enum Purpose {
     EnvironmentSigningKey,
     WebhookSecret,
     Credentials,
+    ForwardSigningKey,
 }
 
 impl Purpose {
@@ -44,6 +45,7 @@ impl Purpose {
             Purpose::EnvironmentSigningKey => "environment webhook signing key",
             Purpose::WebhookSecret => "integration webhook secret",
             Purpose::Credentials => "connection credentials",
+            Purpose::ForwardSigningKey => "forwarding signing key",
         }
     }
 }

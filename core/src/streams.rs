@@ -19,6 +19,15 @@ pub const RAW_SUBJECTS: &str = "hooks.raw.>";
 pub const CONN_STREAM: &str = "HOOKS_CONN";
 pub const CONN_SUBJECTS: &[&str] = &["hooks.conn.>", "hooks.unrouted.>"];
 
+/// Deliveries to customers' apps (forwards and sync notifications), one message each,
+/// retried on their own schedule.
+pub const FWD_STREAM: &str = "HOOKS_FWD";
+pub const FWD_SUBJECTS: &str = "hooks.fwd.>";
+
+pub fn fwd_subject(environment: &str, kind: &str) -> String {
+    format!("hooks.fwd.{environment}.{kind}")
+}
+
 /// Older servers accept consumer filters, priority groups and message TTLs and then
 /// silently ignore them.
 pub const MIN_SERVER_VERSION: (u64, u64) = (2, 11);
@@ -134,6 +143,7 @@ impl Bus {
         for (name, stream) in [
             (RAW_STREAM, raw_stream_config(config)),
             (CONN_STREAM, conn_stream_config(config)),
+            (FWD_STREAM, fwd_stream_config(config)),
         ] {
             self.jetstream
                 .create_or_update_stream(stream)
@@ -170,6 +180,16 @@ pub fn conn_stream_config(config: &StreamsConfig) -> stream::Config {
         CONN_STREAM,
         "hookyard: events resolved to connections, and the unrouted ones",
         CONN_SUBJECTS,
+    )
+}
+
+/// `HOOKS_FWD`, kept the same way: a delivery can be inspected and replayed.
+pub fn fwd_stream_config(config: &StreamsConfig) -> stream::Config {
+    kept_stream(
+        config,
+        FWD_STREAM,
+        "hookyard: deliveries to customers' apps (forwards, sync notifications)",
+        &[FWD_SUBJECTS],
     )
 }
 

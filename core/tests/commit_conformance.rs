@@ -85,11 +85,12 @@ async fn commits_apply_once_in_version_order(store: &Store) {
         ])
         .await
         .unwrap();
-    assert!(outcomes.iter().all(|o| matches!(o, UnitOutcome::Applied(_))), "{outcomes:?}");
-    let UnitOutcome::Applied(older) = outcomes[1] else { unreachable!() };
+    assert!(outcomes.iter().all(|o| matches!(o, UnitOutcome::Applied { .. })), "{outcomes:?}");
+    let UnitOutcome::Applied { total: older, .. } = &outcomes[1] else { unreachable!() };
     assert_eq!(older.added, 1, "the older write came first, and added the record");
-    let UnitOutcome::Applied(newer) = outcomes[0] else { unreachable!() };
+    let UnitOutcome::Applied { total: newer, per_call } = &outcomes[0] else { unreachable!() };
     assert_eq!(newer.updated, 1, "the newer one then updated it");
+    assert_eq!(per_call.len(), 1);
     let a = records(store, "a", env.id).await;
     assert_eq!(a["1"], (json!({"id": "1", "v": "new"}), LastAction::Added), "added then updated reads as added");
     assert_eq!(records(store, "b", env.id).await.len(), 1);
@@ -105,7 +106,7 @@ async fn commits_apply_once_in_version_order(store: &Store) {
         .await
         .unwrap();
     assert_eq!(again[0], UnitOutcome::AlreadyDone);
-    assert!(matches!(again[1], UnitOutcome::Applied(_)));
+    assert!(matches!(again[1], UnitOutcome::Applied { .. }));
     let a = records(store, "a", env.id).await;
     assert_eq!(a["1"].0["v"], "new");
     assert!(a.contains_key("2"));
@@ -127,7 +128,7 @@ async fn commits_apply_once_in_version_order(store: &Store) {
         how: MetadataWrite::Replace,
     });
     let outcome = store.commit(vec![late]).await.unwrap();
-    assert!(matches!(outcome[0], UnitOutcome::Applied(c) if c.skipped_stale == 1), "{outcome:?}");
+    assert!(matches!(&outcome[0], UnitOutcome::Applied { total, .. } if total.skipped_stale == 1), "{outcome:?}");
     assert_eq!(records(store, "a", env.id).await["1"].0["v"], "new");
 
     // A dead letter is committed with its marker.

@@ -8,7 +8,11 @@
 //! A failed execution is retried after a growing delay and, after the last, committed
 //! as a dead letter; it never holds back the others.
 
+pub mod deliver;
 pub mod deployments;
+pub mod forward;
+pub mod notify;
+pub mod settings;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,7 +58,7 @@ pub enum WorkerError {
     JetStream(String),
 }
 
-fn jetstream_error(e: impl std::fmt::Display) -> WorkerError {
+pub(crate) fn jetstream_error(e: impl std::fmt::Display) -> WorkerError {
     WorkerError::JetStream(e.to_string())
 }
 
@@ -78,6 +82,7 @@ pub struct Worker {
     marker_ttl: Duration,
     /// (event, sync) executions committed by this worker since it started.
     committed: AtomicU64,
+    settings: Arc<settings::Settings>,
 }
 
 /// One (event, sync) to run.
@@ -89,6 +94,7 @@ struct Task {
 
 impl Worker {
     pub fn new(store: Store, bus: &Bus, config: &Config) -> Worker {
+        let store_for_settings = store.clone();
         Worker {
             pool: Pool::new(config.worker.js_threads, config.worker.limits.clone()),
             deployments: Deployments::new(store.clone()),
@@ -97,6 +103,7 @@ impl Worker {
             config: config.worker.clone(),
             marker_ttl: config.streams.raw_max_age,
             committed: AtomicU64::new(0),
+            settings: Arc::new(settings::Settings::new(store_for_settings)),
         }
     }
 
@@ -235,6 +242,8 @@ impl Worker {
         let mut outcome = GroupOutcome::default();
         let mut events: Vec<Option<RoutedEvent>> = Vec::with_capacity(group.len());
         let mut units: Vec<Unit> = Vec::new();
+        // Per unit: the execution it commits, for sync notifications (none for dead letters).
+        let mut runs: Vec<Option<notify::Run>> = Vec::new();
         for message in group {
             match RoutedEvent::from_message(&message.subject, message.headers.as_ref(), &message.payload) {
                 Ok(event) => events.push(Some(event)),
@@ -266,6 +275,7 @@ impl Worker {
                         dead_letter: Some(letter),
                         ..Unit::new(marker)
                     });
+                    runs.push(None);
                     events.push(None);
                 }
             }
@@ -301,7 +311,17 @@ impl Worker {
                         let event = events[index].as_ref().expect("tasks are of parsed events");
                         let message = &group[index];
                         match result {
-                            Ok(effects) => units.push(self.unit(task, event, effects)),
+                            Ok(effects) => {
+                                runs.push(Some(notify::Run {
+                                    environment: event.environment.clone(),
+                                    integration: event.integration.clone(),
+                                    connection: event.connection_id.clone().unwrap_or_default(),
+                                    sync: task.sync.sync.name.clone(),
+                                    models: effects.writes.iter().map(|w| w.model.clone()).collect(),
+                                    message_id: event.message_id(),
+                                }));
+                                units.push(self.unit(task, event, effects));
+                            }
                             Err(error) => {
                                 let attempts = message.info().map_or(1, |i| i.delivered.max(1) as usize);
                                 match self.config.retry_delays.get(attempts - 1) {
@@ -323,6 +343,7 @@ impl Worker {
                                             "function failed for the last time; dead-lettered"
                                         );
                                         outcome.dead_lettered += 1;
+                                        runs.push(None);
                                         units.push(dead_letter(task, event, message, &error, attempts));
                                     }
                                 }
@@ -340,11 +361,23 @@ impl Worker {
         if !units.is_empty() {
             match self.store.commit(units).await {
                 Ok(outcomes) => {
-                    for unit_outcome in &outcomes {
+                    let mut notices = Vec::new();
+                    for (unit_outcome, run) in outcomes.iter().zip(&runs) {
                         match unit_outcome {
-                            UnitOutcome::Applied(_) => outcome.committed += 1,
+                            UnitOutcome::Applied { per_call, .. } => {
+                                outcome.committed += 1;
+                                if let Some(run) = run {
+                                    notices.push((run, per_call.as_slice()));
+                                }
+                            }
                             UnitOutcome::AlreadyDone => outcome.already_done += 1,
                         }
+                    }
+                    // Before the acks: a crash in between redelivers the events, but their
+                    // markers say done, so these notifications would not be made again.
+                    // (Made from an outbox in the same commit, they would survive that.)
+                    if let Err(error) = notify::notify(&self.settings, &self.jetstream, &notices).await {
+                        tracing::warn!(%error, "sync notifications could not be queued; they are lost");
                     }
                 }
                 Err(error) => {
@@ -564,11 +597,32 @@ pub async fn idle(jetstream: &jetstream::Context) -> Result<bool, WorkerError> {
     Ok(info.num_pending == 0 && info.num_ack_pending == 0)
 }
 
-/// `hookyard worker`: connect, run functions until shutdown.
+/// `hookyard worker`: connect, run functions, forwarding and deliveries until shutdown.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let store = Store::connect(&config.database_url, config.cipher()?).await?;
     let bus = Bus::connect(config, "hookyard-worker").await?;
     bus.ensure_streams(&config.streams).await?;
-    Arc::new(Worker::new(store, &bus, config)).run(shutdown).await?;
+    run_all(store, &bus, config, shutdown).await?;
     Ok(())
+}
+
+/// The worker's three consumers (functions, forwarder, deliverer) until shutdown; when
+/// one stops on an error the others are stopped too.
+pub async fn run_all(store: Store, bus: &Bus, config: &Config, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    let settings = Arc::new(settings::Settings::new(store.clone()));
+    let worker = Arc::new(Worker::new(store.clone(), bus, config));
+    let forwarder = Arc::new(forward::Forwarder::new(settings.clone(), bus.jetstream.clone()));
+    let deliverer = Arc::new(deliver::Deliverer::new(store, settings, bus.jetstream.clone(), &config.forwarding));
+    let stopping = |outcome: Result<(), WorkerError>| {
+        if outcome.is_err() {
+            shutdown.cancel();
+        }
+        outcome
+    };
+    let (functions, forwarding, deliveries) = tokio::join!(
+        async { stopping(worker.run(shutdown.clone()).await) },
+        async { stopping(forwarder.run(shutdown.clone()).await) },
+        async { stopping(deliverer.run(shutdown.clone()).await) },
+    );
+    functions.and(forwarding).and(deliveries)
 }

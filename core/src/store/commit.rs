@@ -88,10 +88,10 @@ impl Unit {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UnitOutcome {
-    /// Committed now; the record write counts of all its calls together.
-    Applied(WriteCounts),
+    /// Committed now: the record write counts of all its calls together, and of each.
+    Applied { total: WriteCounts, per_call: Vec<WriteCounts> },
     /// Its marker was there already: nothing was applied.
     AlreadyDone,
 }
@@ -192,9 +192,13 @@ impl Store {
             .into_iter()
             .map(|calls| match calls {
                 None => UnitOutcome::AlreadyDone,
-                Some(calls) => UnitOutcome::Applied(calls.iter().fold(WriteCounts::default(), |sum, call| {
-                    sum.plus(&counts[*call])
-                })),
+                Some(calls) => {
+                    let per_call: Vec<WriteCounts> = calls.iter().map(|call| counts[*call]).collect();
+                    UnitOutcome::Applied {
+                        total: per_call.iter().fold(WriteCounts::default(), |sum, c| sum.plus(c)),
+                        per_call,
+                    }
+                }
             })
             .collect())
     }

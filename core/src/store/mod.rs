@@ -118,6 +118,7 @@ mod environments;
 mod integrations;
 pub mod records;
 pub mod commit;
+pub mod forwarding;
 pub mod functions;
 
 impl Store {

@@ -2,6 +2,8 @@
 // Each test binary uses a part of this module.
 #![allow(dead_code)]
 
+pub mod pipeline;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -1,0 +1,215 @@
+//! A pipeline from `HOOKS_CONN` on: NATS, the store (Postgres or SQLite), the API, a
+//! `crm` integration with connections, and workers started in-process. Events are
+//! published straight to `HOOKS_CONN`, as the router publishes them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hookyard_core::routed::RoutedEvent;
+use hookyard_core::store::{Environment, NewConnection, NewIntegration};
+use hookyard_core::streams::Bus;
+use hookyard_core::{Config, Store};
+use hookyard_testkit::{eventually, raw_texts, test_cipher, NatsServer, SqliteFile};
+use hookyard_worker::Worker;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+pub struct Harness {
+    pub _nats: NatsServer,
+    pub _sqlite: Option<SqliteFile>,
+    pub config: Config,
+    pub store: Store,
+    pub bus: Bus,
+    pub environment: Environment,
+    pub api: String,
+    pub http: reqwest::Client,
+    pub shutdown: CancellationToken,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// NATS, the store (SQLite unless a Postgres URL is given), the API, a `crm`
+/// integration with `connections` connections named `c0`, `c1`, …
+pub async fn harness(database_url: Option<&str>, connections: usize) -> Harness {
+    harness_with(database_url, connections, |_| {}).await
+}
+
+/// As [`harness`], with the configuration changed by `tweak` first.
+pub async fn harness_with(database_url: Option<&str>, connections: usize, tweak: impl FnOnce(&mut Config)) -> Harness {
+    let nats = NatsServer::start();
+    let sqlite = database_url.is_none().then(SqliteFile::create);
+    let url = database_url.map(String::from).unwrap_or_else(|| sqlite.as_ref().unwrap().url.clone());
+    let mut config = Config {
+        nats_url: nats.url.clone(),
+        database_url: url,
+        ..Config::default()
+    };
+    config.worker.retry_delays = [100, 300].map(|ms| Duration::from_millis(ms).into()).to_vec();
+    config.worker.functions_refresh = Duration::from_millis(100);
+    config.worker.limits.cpu_budget = Duration::from_millis(200);
+    config.worker.limits.timeout = Duration::from_secs(1);
+    config.worker.limits.memory_bytes = 16 * 1024 * 1024;
+    config.worker.ack_wait = Duration::from_secs(8);
+    tweak(&mut config);
+    config.validate().unwrap();
+    let store = Store::connect(&config.database_url, test_cipher()).await.unwrap();
+    let environment = store.ensure_environment(&"dev".parse().unwrap()).await.unwrap();
+    store
+        .create_integration(&environment, &NewIntegration::new("crm".parse().unwrap(), "generic"))
+        .await
+        .unwrap();
+    for n in 0..connections {
+        store
+            .create_connection(
+                &environment,
+                &NewConnection {
+                    integration: "crm".parse().unwrap(),
+                    connection_id: format!("c{n}"),
+                    connection_config: json!({}),
+                    metadata: json!({"n": n}),
+                    tags: json!({}),
+                    credentials: None,
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let bus = Bus::connect(&config, "test-worker").await.unwrap();
+    bus.ensure_streams(&config.streams).await.unwrap();
+    let (router, _) = hookyard_api::router(store.clone(), &config).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(hookyard_api::serve(listener, router, shutdown.clone()));
+    Harness {
+        _nats: nats,
+        _sqlite: sqlite,
+        config,
+        store,
+        bus,
+        environment,
+        api,
+        http: reqwest::Client::new(),
+        shutdown,
+    }
+}
+
+/// A sync of `crm` subscribed to `subscriptions` whose onWebhook body is `body`. Every
+/// execution also saves a `Run` record with a random id: two rows for one event would
+/// mean it was applied twice.
+pub fn sync(subscriptions: &str, body: &str) -> String {
+    format!(
+        "import {{ createSync }} from 'nango';
+         export default createSync({{
+           models: {{ Contact: {{}}, Run: {{}} }},
+           webhookSubscriptions: {subscriptions},
+           onWebhook: async (nango, payload) => {{
+             {body}
+             await nango.batchSave([{{ id: payload.n + ':' + Math.random(), n: payload.n }}], 'Run');
+           }},
+         }});"
+    )
+}
+
+impl Harness {
+    /// `POST /functions/deploy` with these files.
+    pub async fn post_deploy(&self, files: &[(&str, String)]) -> reqwest::Response {
+        let files: BTreeMap<&str, &str> = files.iter().map(|(p, s)| (*p, s.as_str())).collect();
+        self.http
+            .post(format!("{}/functions/deploy", self.api))
+            .bearer_auth(&self.environment.secret_key)
+            .json(&json!({ "files": files }))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// A deploy that must succeed; its answer.
+    pub async fn deploy(&self, files: &[(&str, String)]) -> Value {
+        let response = self.post_deploy(files).await;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// The worker's three consumers (functions, forwarder, deliverer), as `hookyard worker` runs them.
+    pub fn start_all(&self) {
+        let (store, bus, config, shutdown) = (self.store.clone(), self.bus.clone(), self.config.clone(), self.shutdown.clone());
+        tokio::spawn(async move { hookyard_worker::run_all(store, &bus, &config, shutdown).await });
+    }
+
+    pub fn start_worker(&self) -> Arc<Worker> {
+        let worker = Arc::new(Worker::new(self.store.clone(), &self.bus, &self.config));
+        tokio::spawn(worker.clone().run(self.shutdown.clone()));
+        worker
+    }
+
+    /// Publishes routed events of `crm` and waits for their acks.
+    pub async fn publish(&self, events: impl IntoIterator<Item = (u64, &str, &str, Value)>) {
+        let mut acks = Vec::new();
+        for (raw_seq, connection, event_type, payload) in events {
+            let event = RoutedEvent {
+                environment: "dev".parse().unwrap(),
+                integration: "crm".parse().unwrap(),
+                connection_id: Some(connection.to_string()),
+                unrouted: None,
+                raw_seq,
+                index: 0,
+                event_type: Some(event_type.to_string()),
+                delivery_id: format!("d{raw_seq}"),
+                payload,
+                traceparent: None,
+            };
+            let (subject, headers, payload) = event.to_message();
+            acks.push(self.bus.jetstream.publish_with_headers(subject, headers, payload).await.unwrap());
+            if acks.len() == 256 {
+                for ack in acks.drain(..) {
+                    ack.await.unwrap();
+                }
+            }
+        }
+        for ack in acks {
+            ack.await.unwrap();
+        }
+    }
+
+    /// Waits until the workers have applied and acked every event.
+    pub async fn drained(&self) {
+        eventually("the worker to ack every event", Duration::from_secs(60), || async {
+            hookyard_worker::idle(&self.bus.jetstream).await.ok().filter(|idle| *idle)
+        })
+        .await;
+    }
+
+    /// A connection's records of `model`, read through `GET /records`.
+    pub async fn records(&self, connection: &str, model: &str) -> Vec<Value> {
+        let response = self
+            .http
+            .get(format!("{}/records?model={model}&limit=1000", self.api))
+            .bearer_auth(&self.environment.secret_key)
+            .header("Connection-Id", connection)
+            .header("Provider-Config-Key", "crm")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.unwrap();
+        body["records"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// `n` of every `Run` record in the database (one per applied execution).
+    pub async fn runs(&self) -> Vec<u64> {
+        raw_texts(&self.config.database_url, "SELECT id FROM records WHERE model = 'Run'")
+            .await
+            .iter()
+            .map(|id| id.split(':').next().unwrap().parse().unwrap())
+            .collect()
+    }
+}
+

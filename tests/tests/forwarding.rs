@@ -1,0 +1,346 @@
+//! Forwarding to a receiver on loopback, end to end with real NATS: the exact body and
+//! both signatures (the Standard Webhooks one checked by the `standardwebhooks` library
+//! from PyPI), retries keeping one `webhook-id`, `Retry-After`, 410, the SSRF guard,
+//! independence from functions, and sync notifications.
+
+mod common;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, StatusCode};
+use hmac::{Hmac, Mac};
+use hookyard_core::store::forwarding::{ForwardingScope, ForwardingSettings};
+use hookyard_core::{Config, Envelope};
+use hookyard_testkit::{eventually, PgDatabase};
+use serde_json::{json, Value};
+use sha2::Sha256;
+
+use common::pipeline::{harness_with, sync, Harness};
+
+/// One request the receiver got.
+#[derive(Clone, Debug)]
+struct Hit {
+    at: Instant,
+    headers: HeaderMap,
+    body: Vec<u8>,
+}
+
+/// An HTTP receiver on loopback answering from a script (then 200).
+#[derive(Clone)]
+struct Receiver {
+    url: String,
+    hits: Arc<Mutex<Vec<Hit>>>,
+}
+
+impl Receiver {
+    async fn start(script: &[(u16, Option<&'static str>)]) -> Receiver {
+        let hits = Arc::new(Mutex::new(Vec::new()));
+        let script = Arc::new(Mutex::new(script.iter().copied().collect::<VecDeque<_>>()));
+        let (h, s) = (hits.clone(), script.clone());
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+                let (hits, script) = (h.clone(), s.clone());
+                async move {
+                    hits.lock().unwrap().push(Hit {
+                        at: Instant::now(),
+                        headers,
+                        body: body.to_vec(),
+                    });
+                    let (status, retry_after) = script.lock().unwrap().pop_front().unwrap_or((200, None));
+                    let mut response = axum::response::Response::new(axum::body::Body::empty());
+                    *response.status_mut() = StatusCode::from_u16(status).unwrap();
+                    if let Some(value) = retry_after {
+                        response.headers_mut().insert("retry-after", value.parse().unwrap());
+                    }
+                    response
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Receiver { url, hits }
+    }
+
+    fn hits(&self) -> Vec<Hit> {
+        self.hits.lock().unwrap().clone()
+    }
+
+    async fn wait_hits(&self, count: usize) -> Vec<Hit> {
+        eventually(&format!("{count} requests at the receiver"), Duration::from_secs(60), || async {
+            let hits = self.hits();
+            (hits.len() >= count).then_some(hits)
+        })
+        .await
+    }
+}
+
+fn header(hit: &Hit, name: &str) -> String {
+    hit.headers.get(name).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default()
+}
+
+/// Fast retries, loopback allowed, no jitter (the tests time retries).
+fn forwarding_config(config: &mut Config) {
+    config.forwarding.allow_loopback = true;
+    config.forwarding.jitter = false;
+    config.forwarding.retry_delays = [100, 200, 300, 5000].map(|ms| Duration::from_millis(ms).into()).to_vec();
+    config.forwarding.attempt_timeout = Duration::from_secs(2);
+    config.forwarding.ack_wait = Duration::from_secs(4);
+}
+
+async fn forward_to(h: &Harness, urls: &[&str]) {
+    let settings = ForwardingSettings {
+        urls: urls.iter().map(|u| u.to_string()).collect(),
+        ..Default::default()
+    };
+    h.store
+        .set_forwarding(h.environment.id, ForwardingScope::Environment, &settings)
+        .await
+        .unwrap();
+}
+
+/// A webhook as ingest stores it in `HOOKS_RAW`, then its routed event for `c0`.
+async fn webhook(h: &Harness, n: u64, body: &Value, headers: &[(&str, &str)]) {
+    let envelope = Envelope {
+        environment: "dev".parse().unwrap(),
+        integration: "crm".parse().unwrap(),
+        received_at: chrono::Utc::now(),
+        delivery_id: format!("d{n}"),
+        method: "POST".into(),
+        path: None,
+        query: None,
+        headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        body: serde_json::to_vec(body).unwrap().into(),
+        verification: hookyard_core::providers::Verification::Unsigned,
+        traceparent: None,
+    };
+    let ack = h
+        .bus
+        .jetstream
+        .publish_with_headers(envelope.subject(), envelope.to_headers(), envelope.body.clone())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    h.publish([(ack.sequence, "c0", "contact.updated", body.clone())]).await;
+}
+
+#[tokio::test]
+async fn an_attributed_forward_carries_the_event_and_verifies_both_ways() {
+    let db = PgDatabase::create().await;
+    let h = harness_with(Some(&db.url), 1, forwarding_config).await;
+    let receiver = Receiver::start(&[]).await;
+    forward_to(&h, &[&receiver.url]).await;
+    h.start_all();
+    let event = json!({"type": "contact.updated", "n": 1, "contact": {"id": "p1"}});
+    webhook(
+        &h,
+        1,
+        &event,
+        &[("content-type", "application/json"), ("x-provider-signature", "abc"), ("authorization", "Bearer secret"), ("user-agent", "CRM-Hooks/1.0")],
+    )
+    .await;
+    let hit = receiver.wait_hits(1).await.remove(0);
+    let expected = format!(
+        r#"{{"connectionId":"c0","from":"generic","payload":{},"providerConfigKey":"crm","type":"forward"}}"#,
+        serde_json::to_string(&event).unwrap()
+    );
+    assert_eq!(String::from_utf8(hit.body.clone()).unwrap(), expected);
+    // Signed with the environment's secret key, the default.
+    let key = h.environment.secret_key.as_bytes();
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
+    mac.update(&hit.body);
+    assert_eq!(header(&hit, "x-nango-hmac-sha256"), hex::encode(mac.finalize().into_bytes()));
+    assert_eq!(header(&hit, "x-provider-signature"), "abc", "the provider's headers come along");
+    assert_eq!(header(&hit, "user-agent"), "CRM-Hooks/1.0");
+    assert_eq!(header(&hit, "authorization"), "", "but not its credentials");
+    assert_eq!(header(&hit, "content-type"), "application/json");
+    standard_webhooks_verifies(key, &hit);
+}
+
+/// Checks the Standard Webhooks signature with the reference Python library.
+fn standard_webhooks_verifies(key: &[u8], hit: &Hit) {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("body"), &hit.body).unwrap();
+    let headers = json!({
+        "webhook-id": header(hit, "webhook-id"),
+        "webhook-timestamp": header(hit, "webhook-timestamp"),
+        "webhook-signature": header(hit, "webhook-signature"),
+    });
+    std::fs::write(dir.path().join("headers.json"), headers.to_string()).unwrap();
+    let secret = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(key));
+    let script = "import json, sys\n\
+        from standardwebhooks.webhooks import Webhook\n\
+        body = open(sys.argv[1], 'rb').read()\n\
+        headers = json.load(open(sys.argv[2]))\n\
+        Webhook(sys.argv[3]).verify(body, headers)\n\
+        print('verified')\n";
+    let output = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(dir.path().join("body"))
+        .arg(dir.path().join("headers.json"))
+        .arg(&secret)
+        .output()
+        .expect("python3");
+    assert!(
+        output.status.success() && String::from_utf8_lossy(&output.stdout).contains("verified"),
+        "standardwebhooks did not verify (pip install standardwebhooks): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // And a tampered body does not verify.
+    std::fs::write(dir.path().join("body"), b"{}").unwrap();
+    let tampered = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(dir.path().join("body"))
+        .arg(dir.path().join("headers.json"))
+        .arg(&secret)
+        .output()
+        .unwrap();
+    assert!(!tampered.status.success());
+}
+
+#[tokio::test]
+async fn failures_are_retried_with_one_webhook_id_and_retry_after_is_respected() {
+    let h = harness_with(None, 1, forwarding_config).await;
+    let receiver = Receiver::start(&[(500, None), (500, None), (500, None), (200, None)]).await;
+    let patient = Receiver::start(&[(429, Some("2"))]).await;
+    forward_to(&h, &[&receiver.url, &patient.url]).await;
+    h.start_all();
+    webhook(&h, 1, &json!({"n": 1}), &[]).await;
+    let hits = receiver.wait_hits(4).await;
+    let id = header(&hits[0], "webhook-id");
+    assert!(id.starts_with("msg_"));
+    assert!(hits.iter().all(|hit| header(hit, "webhook-id") == id), "one webhook-id throughout");
+    assert!(hits.iter().all(|hit| hit.body == hits[0].body));
+    let attempts = eventually("the four attempts recorded", Duration::from_secs(10), || async {
+        let attempts = h.store.delivery_attempts(&id).await.unwrap();
+        (attempts.len() == 4).then_some(attempts)
+    })
+    .await;
+    let statuses: Vec<Option<i32>> = attempts.iter().map(|a| a.status).collect();
+    assert_eq!(statuses, vec![Some(500), Some(500), Some(500), Some(200)]);
+
+    let hits = patient.wait_hits(2).await;
+    let waited = hits[1].at - hits[0].at;
+    assert!(waited >= Duration::from_secs(2), "Retry-After: 2 respected, waited {waited:?}");
+    assert!(waited < Duration::from_secs(5), "and not the schedule's 5 s: {waited:?}");
+}
+
+#[tokio::test]
+async fn a_410_disables_the_destination() {
+    let h = harness_with(None, 1, forwarding_config).await;
+    let gone = Receiver::start(&[(410, None)]).await;
+    let fine = Receiver::start(&[]).await;
+    forward_to(&h, &[&gone.url, &fine.url]).await;
+    h.start_all();
+    webhook(&h, 1, &json!({"n": 1}), &[]).await;
+    gone.wait_hits(1).await;
+    fine.wait_hits(1).await;
+    eventually("the destination to be disabled", Duration::from_secs(10), || async {
+        let disabled = h.store.disabled_destinations(h.environment.id).await.unwrap();
+        disabled.contains(&gone.url).then_some(())
+    })
+    .await;
+    // Later events go only to the destination that is still on (a delivery queued to the
+    // disabled one before the forwarder's settings refresh is dropped unsent).
+    webhook(&h, 2, &json!({"n": 2}), &[]).await;
+    fine.wait_hits(2).await;
+    assert_eq!(gone.hits().len(), 1, "nothing more was sent to the disabled destination");
+}
+
+#[tokio::test]
+async fn loopback_destinations_are_refused_unless_allowed() {
+    let h = harness_with(None, 1, |config| {
+        forwarding_config(config);
+        config.forwarding.allow_loopback = false;
+    })
+    .await;
+    let receiver = Receiver::start(&[]).await;
+    forward_to(&h, &[&receiver.url]).await;
+    h.start_all();
+    webhook(&h, 1, &json!({"n": 1}), &[]).await;
+    let letter = eventually("the refused delivery's dead letter", Duration::from_secs(30), || async {
+        let letters = h.store.dead_letters("dev", 10).await.unwrap();
+        letters.into_iter().find(|l| l.letter.consumer == "deliveries")
+    })
+    .await;
+    assert_eq!(letter.letter.error_kind, "refused");
+    assert!(letter.letter.error.contains("127.0.0.1, a loopback address"), "{letter:?}");
+    let attempts = h.store.delivery_attempts(&letter.letter.message_id).await.unwrap();
+    assert!(attempts[0].error.as_deref().unwrap().starts_with("refused: "), "{attempts:?}");
+    assert!(receiver.hits().is_empty());
+}
+
+#[tokio::test]
+async fn a_down_receiver_does_not_hold_back_functions() {
+    let db = PgDatabase::create().await;
+    let h = harness_with(Some(&db.url), 1, forwarding_config).await;
+    // Accepts connections and never answers: every attempt waits out its timeout.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("http://{}/hook", silent.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    forward_to(&h, &[&silent_url]).await;
+    h.deploy(&[("crm/syncs/runs.js", sync("['*']", ""))]).await;
+    h.start_all();
+    h.publish((1..=500).map(|n| (n, "c0", "any", json!({"n": n})))).await;
+    h.drained().await;
+    assert_eq!(h.runs().await.len(), 500, "every function ran");
+    // …while not one forward has been delivered.
+    let attempts = hookyard_testkit::raw_texts(
+        &h.config.database_url,
+        "SELECT COUNT(*)::text FROM delivery_attempts WHERE status BETWEEN 200 AND 299",
+    )
+    .await;
+    assert_eq!(attempts, vec!["0".to_string()]);
+}
+
+#[tokio::test]
+async fn a_notification_follows_a_run_that_changed_records_and_only_then() {
+    let h = harness_with(None, 1, forwarding_config).await;
+    let receiver = Receiver::start(&[]).await;
+    forward_to(&h, &[&receiver.url]).await;
+    h.deploy(&[(
+        "crm/syncs/contacts.js",
+        sync("['contact.updated']", "await nango.batchSave([{ id: payload.contact.id, name: payload.contact.name }], 'Contact');"),
+    )])
+    .await;
+    h.start_all();
+    let contact = |n: u64, name: &str| json!({"n": n, "contact": {"id": "p1", "name": name}});
+    webhook(&h, 1, &contact(1, "Ada"), &[]).await;
+    h.drained().await;
+    webhook(&h, 2, &contact(2, "Ada"), &[]).await; // changes nothing in Contact
+    h.drained().await;
+    webhook(&h, 3, &contact(3, "Ada L."), &[]).await;
+    h.drained().await;
+    // Each webhook is forwarded (3); Contact notifications come for 1 and 3 only. (Every
+    // run also adds one Run record, so Run notifications come for each.)
+    let hits = eventually("forwards and notifications", Duration::from_secs(30), || async {
+        let hits = receiver.hits();
+        let bodies: Vec<Value> = hits.iter().map(|h| serde_json::from_slice(&h.body).unwrap()).collect();
+        let contacts: Vec<Value> = bodies.iter().filter(|b| b["type"] == "sync" && b["model"] == "Contact").cloned().collect();
+        let runs = bodies.iter().filter(|b| b["type"] == "sync" && b["model"] == "Run").count();
+        let forwards = bodies.iter().filter(|b| b["type"] == "forward").count();
+        (forwards == 3 && runs == 3 && contacts.len() >= 2).then_some(contacts)
+    })
+    .await;
+    assert_eq!(hits.len(), 2, "{hits:?}");
+    let mut results: Vec<Value> = hits.iter().map(|b| b["responseResults"].clone()).collect();
+    results.sort_by_key(|r| r["added"].as_u64());
+    assert_eq!(results, vec![json!({"added": 0, "updated": 1, "deleted": 0}), json!({"added": 1, "updated": 0, "deleted": 0})]);
+    let first = &hits[0];
+    assert_eq!(first["from"], "hookyard");
+    assert_eq!(first["connectionId"], "c0");
+    assert_eq!(first["providerConfigKey"], "crm");
+    assert_eq!(first["syncName"], "contacts");
+    assert_eq!(first["syncType"], "WEBHOOK");
+    assert_eq!(first["success"], true);
+}

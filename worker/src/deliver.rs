@@ -1,0 +1,506 @@
+//! The deliverer: a durable consumer (`deliveries`) on `HOOKS_FWD` that sends each
+//! delivery to its destination, signed, and keeps at it on a schedule that spans hours.
+//!
+//! - 2xx: done. 410: the destination is disabled, no more retries. Another 4xx (but 408
+//!   and 429) is final after one retry. 429 and 503 wait their `Retry-After` (clamped to
+//!   the schedule's bounds); the rest wait the schedule's next delay with full jitter.
+//!   After the last attempt the delivery goes to dead letters.
+//! - A retry is a `nak` with that delay: the server keeps the schedule, so a worker that
+//!   dies mid-schedule leaves it to be picked up where it was. Attempts are counted in
+//!   the store, not by JetStream's delivery count (which waits and crashes inflate).
+//! - Per destination: at most `concurrency_per_destination` attempts at once, and a
+//!   circuit breaker that, after `breaker_failures` failures in a row, holds deliveries
+//!   back for `breaker_open` and then lets one probe through.
+//! - Destinations on loopback, private, link-local or metadata addresses are refused
+//!   unless the configuration allows them (checked on every attempt, after resolving).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::{self, AckKind};
+use chrono::Utc;
+use futures::StreamExt;
+use hmac::{Hmac, Mac};
+use hookyard_core::config::ForwardingConfig;
+use hookyard_core::store::commit::{DeadLetter, Marker, Unit};
+use hookyard_core::store::forwarding::DeliveryAttempt;
+use hookyard_core::streams::FWD_STREAM;
+use hookyard_core::Store;
+use sha2::Sha256;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::forward::Delivery;
+use crate::settings::Settings;
+use crate::{jetstream_error, WorkerError};
+
+pub const DELIVERER: &str = "deliveries";
+/// Deliveries in flight at once, over all destinations.
+const CONCURRENCY: usize = 256;
+
+pub struct Deliverer {
+    store: Store,
+    settings: Arc<Settings>,
+    jetstream: jetstream::Context,
+    http: reqwest::Client,
+    config: ForwardingConfig,
+    destinations: Mutex<HashMap<String, Arc<Destination>>>,
+}
+
+/// One URL's concurrency limit and circuit breaker.
+struct Destination {
+    slots: Semaphore,
+    breaker: Mutex<Breaker>,
+}
+
+#[derive(Default)]
+struct Breaker {
+    failures: u32,
+    open_until: Option<Instant>,
+    probing: bool,
+}
+
+enum Admit {
+    Go,
+    Wait(Duration),
+}
+
+impl Breaker {
+    fn admit(&mut self, now: Instant) -> Admit {
+        match self.open_until {
+            None => Admit::Go,
+            Some(until) if now < until => Admit::Wait(until - now),
+            // Open time is over: one probe decides, the others wait for it.
+            Some(_) if self.probing => Admit::Wait(Duration::from_secs(1)),
+            Some(_) => {
+                self.probing = true;
+                Admit::Go
+            }
+        }
+    }
+
+    fn record(&mut self, healthy: bool, threshold: u32, open_for: Duration) {
+        self.probing = false;
+        if healthy {
+            self.failures = 0;
+            self.open_until = None;
+        } else {
+            self.failures += 1;
+            if self.failures >= threshold {
+                self.open_until = Some(Instant::now() + open_for);
+            }
+        }
+    }
+}
+
+/// What became of one attempt.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    Delivered,
+    Gone,
+    Retry(Duration),
+    Final(String),
+}
+
+impl Deliverer {
+    pub fn new(store: Store, settings: Arc<Settings>, jetstream: jetstream::Context, config: &ForwardingConfig) -> Deliverer {
+        let http = reqwest::Client::builder()
+            .timeout(config.attempt_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("an HTTP client");
+        Deliverer {
+            store,
+            settings,
+            jetstream,
+            http,
+            config: config.clone(),
+            destinations: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        let stream = self.jetstream.get_stream(FWD_STREAM).await.map_err(jetstream_error)?;
+        let consumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some(DELIVERER.into()),
+                description: Some("hookyard worker: deliveries to customers' apps".into()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: self.config.ack_wait,
+                deliver_policy: DeliverPolicy::All,
+                max_ack_pending: 4 * CONCURRENCY as i64,
+                ..Default::default()
+            })
+            .await
+            .map_err(jetstream_error)?;
+        let messages = consumer.messages().await.map_err(jetstream_error)?;
+        tracing::info!("deliverer consuming {FWD_STREAM}");
+        messages
+            .take_until(shutdown.cancelled_owned())
+            .for_each_concurrent(CONCURRENCY, |message| {
+                let deliverer = self.clone();
+                async move {
+                    match message {
+                        Ok(message) => deliverer.handle(message).await,
+                        Err(error) => {
+                            tracing::warn!(%error, "pulling from {FWD_STREAM} failed; retrying");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+            })
+            .await;
+        Ok(())
+    }
+
+    fn destination(&self, url: &str) -> Arc<Destination> {
+        self.destinations
+            .lock()
+            .expect("destinations lock")
+            .entry(url.to_string())
+            .or_insert_with(|| {
+                Arc::new(Destination {
+                    slots: Semaphore::new(self.config.concurrency_per_destination),
+                    breaker: Mutex::new(Breaker::default()),
+                })
+            })
+            .clone()
+    }
+
+    async fn handle(&self, message: jetstream::Message) {
+        let delivery: Delivery = match serde_json::from_slice(&message.payload) {
+            Ok(delivery) => delivery,
+            Err(error) => {
+                tracing::error!(%error, "not a delivery; dropped from the schedule");
+                let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        match self.attempt(&delivery).await {
+            Ok(Some(delay)) => {
+                let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+            }
+            Ok(None) => {
+                let _ = message.ack().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, delivery = %delivery.id, "delivery bookkeeping failed; retrying");
+                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            }
+        }
+    }
+
+    /// One attempt of `delivery` (or a wait for its destination's circuit); the delay
+    /// before the next one, or `None` when it is done with.
+    async fn attempt(&self, delivery: &Delivery) -> Result<Option<Duration>, WorkerError> {
+        let Ok(name) = delivery.environment.parse() else {
+            return Ok(None);
+        };
+        let Some(environment) = self.settings.environment(&name).await? else {
+            tracing::info!(delivery = %delivery.id, "environment gone; delivery dropped");
+            return Ok(None);
+        };
+        if self.store.disabled_destinations(environment.id).await?.contains(&delivery.url) {
+            tracing::info!(delivery = %delivery.id, url = %delivery.url, "destination disabled (410); not sent");
+            return Ok(None);
+        }
+        let destination = self.destination(&delivery.url);
+        if let Admit::Wait(wait) = destination.breaker.lock().expect("breaker lock").admit(Instant::now()) {
+            return Ok(Some(wait));
+        }
+        let attempt = self.store.attempts_made(&delivery.id).await? + 1;
+        if let Err(reason) = allowed_destination(&delivery.url, &self.config).await {
+            tracing::warn!(delivery = %delivery.id, url = %delivery.url, %reason, "destination refused");
+            self.record(delivery, attempt, None, Duration::ZERO, Some(format!("refused: {reason}"))).await?;
+            destination.breaker.lock().expect("breaker lock").probing = false;
+            self.dead_letter(delivery, attempt, "refused", &reason).await?;
+            return Ok(None);
+        }
+        let integration_key = delivery.integration.parse().ok();
+        let connection = match (&integration_key, &delivery.connection) {
+            (Some(integration), Some(connection)) => Some((integration, connection.as_str())),
+            _ => None,
+        };
+        let signing_key = self.settings.targets(&environment, connection).await?.signing_key;
+        let body = delivery.body_bytes().map_err(|e| WorkerError::JetStream(format!("delivery body: {e}")))?;
+
+        let _slot = destination.slots.acquire().await.expect("never closed");
+        let started = Instant::now();
+        let mut request = self.http.post(&delivery.url);
+        for (name, value) in &delivery.headers {
+            request = request.header(name, value);
+        }
+        if !delivery.headers.iter().any(|(n, _)| n == "content-type") {
+            request = request.header("content-type", "application/json");
+        }
+        for (name, value) in signature_headers(&signing_key, &delivery.id, Utc::now().timestamp(), &body) {
+            request = request.header(name, value);
+        }
+        let sent = request.body(body).send().await;
+        let latency = started.elapsed();
+        let (status, retry_after, error) = match &sent {
+            Ok(response) => (
+                Some(response.status().as_u16()),
+                response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_retry_after),
+                None,
+            ),
+            Err(e) => (None, None, Some(describe_send_error(e))),
+        };
+        self.record(delivery, attempt, status.map(i32::from), latency, error.clone()).await?;
+        let healthy = status.is_some_and(|s| s < 500);
+        destination.breaker.lock().expect("breaker lock").record(
+            healthy,
+            self.config.breaker_failures,
+            self.config.breaker_open,
+        );
+        match self.verdict(attempt, status, retry_after) {
+            Verdict::Delivered => Ok(None),
+            Verdict::Gone => {
+                tracing::warn!(url = %delivery.url, "destination answered 410 Gone; disabled");
+                self.store
+                    .disable_destination(environment.id, &delivery.url, "answered 410 Gone")
+                    .await?;
+                Ok(None)
+            }
+            Verdict::Retry(delay) => {
+                tracing::debug!(delivery = %delivery.id, attempt, ?status, ?error, "delivery failed; retrying in {delay:?}");
+                Ok(Some(delay))
+            }
+            Verdict::Final(why) => {
+                tracing::warn!(delivery = %delivery.id, attempt, url = %delivery.url, "delivery given up: {why}");
+                let detail = error.unwrap_or_else(|| format!("answered {}", status.unwrap_or(0)));
+                self.dead_letter(delivery, attempt, &why, &detail).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn verdict(&self, attempt: i64, status: Option<u16>, retry_after: Option<Duration>) -> Verdict {
+        let delays: Vec<Duration> = self.config.retry_delays.iter().map(|d| **d).collect();
+        let retries_left = (attempt as usize) <= delays.len();
+        match status {
+            Some(s) if (200..300).contains(&s) => return Verdict::Delivered,
+            Some(410) => return Verdict::Gone,
+            Some(s) if (400..500).contains(&s) && s != 408 && s != 429 && attempt >= 2 => {
+                return Verdict::Final(format!("answered {s} twice"))
+            }
+            _ => {}
+        }
+        if !retries_left {
+            return Verdict::Final(format!("no answer in 2xx after {attempt} attempts"));
+        }
+        let base = delays[attempt as usize - 1];
+        let (shortest, longest) = (
+            delays.iter().min().copied().unwrap_or(base),
+            delays.iter().max().copied().unwrap_or(base),
+        );
+        match (status, retry_after) {
+            (Some(429 | 503), Some(asked)) => Verdict::Retry(asked.clamp(shortest, longest)),
+            _ if self.config.jitter => Verdict::Retry(full_jitter(base)),
+            _ => Verdict::Retry(base),
+        }
+    }
+
+    async fn record(
+        &self,
+        delivery: &Delivery,
+        attempt: i64,
+        status: Option<i32>,
+        latency: Duration,
+        error: Option<String>,
+    ) -> Result<(), WorkerError> {
+        self.store
+            .record_attempt(&DeliveryAttempt {
+                delivery_id: delivery.id.clone(),
+                environment: delivery.environment.clone(),
+                url: delivery.url.clone(),
+                attempt: attempt as i32,
+                at: Utc::now(),
+                status,
+                latency_ms: latency.as_millis() as i32,
+                error,
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery, attempts: i64, kind: &str, error: &str) -> Result<(), WorkerError> {
+        let letter = DeadLetter {
+            consumer: DELIVERER.into(),
+            environment: delivery.environment.clone(),
+            integration: delivery.integration.clone(),
+            connection_id: delivery.connection.clone(),
+            subject: delivery.url.clone(),
+            message_id: delivery.id.clone(),
+            stream_seq: 0,
+            payload: serde_json::to_string(delivery).expect("a delivery serialises"),
+            function_name: None,
+            function_version: None,
+            error_kind: kind.into(),
+            error: error.into(),
+            attempts: attempts as i32,
+        };
+        let marker = Marker {
+            consumer: DELIVERER.into(),
+            message_id: delivery.id.clone(),
+        };
+        self.store
+            .commit(vec![Unit {
+                dead_letter: Some(letter),
+                ..Unit::new(marker)
+            }])
+            .await?;
+        Ok(())
+    }
+}
+
+/// `X-Nango-Hmac-Sha256` (hex HMAC-SHA256 of the body) and the Standard Webhooks
+/// headers (`v1,` + base64 HMAC-SHA256 of `{id}.{timestamp}.{body}`), both under the
+/// signing key's UTF-8 bytes. (A Standard Webhooks library takes the key base64-encoded:
+/// `whsec_` + base64 of the signing key.)
+pub fn signature_headers(key: &str, id: &str, timestamp: i64, body: &[u8]) -> [(&'static str, String); 4] {
+    use base64::Engine as _;
+    let mac = |parts: &[&[u8]]| {
+        let mut mac = Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("HMAC takes any key");
+        for part in parts {
+            mac.update(part);
+        }
+        mac.finalize().into_bytes()
+    };
+    let nango = hex::encode(mac(&[body]));
+    let standard = mac(&[id.as_bytes(), b".", timestamp.to_string().as_bytes(), b".", body]);
+    [
+        ("x-nango-hmac-sha256", nango),
+        ("webhook-id", id.to_string()),
+        ("webhook-timestamp", timestamp.to_string()),
+        (
+            "webhook-signature",
+            format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(standard)),
+        ),
+    ]
+}
+
+/// Seconds, or an HTTP date.
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let wait = at.with_timezone(&Utc) - Utc::now();
+    Some(wait.to_std().unwrap_or(Duration::ZERO))
+}
+
+/// A wait drawn uniformly between zero and `base` (at least 10 ms).
+fn full_jitter(base: Duration) -> Duration {
+    let draw = u64::from_le_bytes(hookyard_core::secrets::random_bytes::<8>());
+    let fraction = (draw >> 11) as f64 / (1u64 << 53) as f64;
+    base.mul_f64(fraction).max(Duration::from_millis(10))
+}
+
+fn describe_send_error(error: &reqwest::Error) -> String {
+    if error.is_timeout() {
+        "timed out".into()
+    } else if error.is_connect() {
+        format!("could not connect: {error}")
+    } else {
+        error.to_string()
+    }
+}
+
+/// Refuses a destination that is not http(s), or that resolves to an address the
+/// configuration does not allow (loopback, private, link-local, metadata…).
+pub async fn allowed_destination(url: &str, config: &ForwardingConfig) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!("scheme {} is not http or https", parsed.scheme()));
+    }
+    let host = parsed.host_str().ok_or("no host")?.trim_start_matches('[').trim_end_matches(']');
+    let port = parsed.port_or_known_default().unwrap_or(443);
+    let addresses: Vec<IpAddr> = match host.parse::<IpAddr>() {
+        Ok(ip) => vec![ip],
+        Err(_) => tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| format!("{host} does not resolve: {e}"))?
+            .map(|a| a.ip())
+            .collect(),
+    };
+    for ip in addresses {
+        if let Some(kind) = forbidden(ip, config) {
+            return Err(format!("{host} resolves to {ip}, a {kind} address"));
+        }
+    }
+    Ok(())
+}
+
+fn forbidden(ip: IpAddr, config: &ForwardingConfig) -> Option<&'static str> {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    let loopback = ip.is_loopback();
+    if loopback {
+        return (!config.allow_loopback).then_some("loopback");
+    }
+    let private = match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_private() || v4.is_link_local() || (a == 100 && (64..128).contains(&b))
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80
+        }
+    };
+    if private {
+        return (!config.allow_private).then_some("private, link-local or metadata");
+    }
+    if ip.is_unspecified() || ip.is_multicast() || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
+        return Some("non-routable");
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_refused_unless_allowed() {
+        let strict = ForwardingConfig::default();
+        for ip in ["127.0.0.1", "::1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1",
+                   "fd00::1", "fe80::1", "::ffff:127.0.0.1", "0.0.0.0", "224.0.0.1"] {
+            assert!(forbidden(ip.parse().unwrap(), &strict).is_some(), "{ip}");
+        }
+        for ip in ["93.184.216.34", "2606:2800:220:1::1"] {
+            assert!(forbidden(ip.parse().unwrap(), &strict).is_none(), "{ip}");
+        }
+        let loopback = ForwardingConfig { allow_loopback: true, ..ForwardingConfig::default() };
+        assert!(forbidden("127.0.0.1".parse().unwrap(), &loopback).is_none());
+        assert!(forbidden("10.0.0.1".parse().unwrap(), &loopback).is_some());
+    }
+
+    #[test]
+    fn retry_after_and_breaker() {
+        assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_retry_after("soon"), None);
+        let mut breaker = Breaker::default();
+        for _ in 0..3 {
+            assert!(matches!(breaker.admit(Instant::now()), Admit::Go));
+            breaker.record(false, 3, Duration::from_secs(60));
+        }
+        assert!(matches!(breaker.admit(Instant::now()), Admit::Wait(_)), "open after 3 failures");
+        let later = Instant::now() + Duration::from_secs(61);
+        assert!(matches!(breaker.admit(later), Admit::Go), "one probe");
+        assert!(matches!(breaker.admit(later), Admit::Wait(_)), "the others wait for it");
+        breaker.record(true, 3, Duration::from_secs(60));
+        assert!(matches!(breaker.admit(later), Admit::Go), "closed again");
+    }
+}

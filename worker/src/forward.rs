@@ -1,0 +1,260 @@
+//! The forwarder: a durable consumer (`forwarder`) on `HOOKS_CONN`, independent of the
+//! functions consumer, so a slow customer app never delays functions and the reverse.
+//! For each event whose integration forwards, it puts one delivery per destination into
+//! `HOOKS_FWD` (with a message id, so a redelivered event adds none twice), then acks.
+//! [`crate::deliver`] sends them.
+//!
+//! An attributed event is forwarded as Nango's `{from, type: "forward", connectionId,
+//! providerConfigKey, payload}` (keys sorted); an unrouted one as the raw provider body,
+//! once per webhook.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::{self, AckKind};
+use base64::Engine as _;
+use futures::StreamExt;
+use hookyard_core::envelope::insert_checked;
+use hookyard_core::routed::RoutedEvent;
+use hookyard_core::streams::{fwd_subject, CONN_STREAM, RAW_STREAM};
+use hookyard_core::Envelope;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use crate::settings::Settings;
+use crate::{jetstream_error, WorkerError};
+
+pub const FORWARDER: &str = "forwarder";
+const CONCURRENCY: usize = 64;
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// One delivery: what to send where. The body is sent exactly as these bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// The Standard Webhooks `webhook-id`: the same on every attempt.
+    pub id: String,
+    pub environment: String,
+    pub integration: String,
+    pub connection: Option<String>,
+    pub url: String,
+    /// `forward` or `sync`.
+    pub kind: String,
+    /// The body, base64.
+    pub body: String,
+    /// Headers to send along (the provider's, for a forward).
+    pub headers: Vec<(String, String)>,
+}
+
+impl Delivery {
+    pub fn new(
+        key: &str,
+        environment: &str,
+        integration: &str,
+        connection: Option<&str>,
+        url: &str,
+        kind: &str,
+        body: &[u8],
+        headers: Vec<(String, String)>,
+    ) -> Delivery {
+        let digest = Sha256::digest(format!("{key}\n{url}").as_bytes());
+        Delivery {
+            id: format!("msg_{}", hex::encode(&digest[..12])),
+            environment: environment.into(),
+            integration: integration.into(),
+            connection: connection.map(String::from),
+            url: url.into(),
+            kind: kind.into(),
+            body: base64::engine::general_purpose::STANDARD.encode(body),
+            headers,
+        }
+    }
+
+    pub fn body_bytes(&self) -> Result<Vec<u8>, base64::DecodeError> {
+        base64::engine::general_purpose::STANDARD.decode(&self.body)
+    }
+
+    /// Publishes it to `HOOKS_FWD` (message id: its id), returning the ack to await.
+    pub async fn publish(
+        &self,
+        jetstream: &jetstream::Context,
+    ) -> Result<jetstream::context::PublishAckFuture, WorkerError> {
+        let mut headers = async_nats::HeaderMap::new();
+        insert_checked(&mut headers, "Nats-Msg-Id", &self.id);
+        let payload = serde_json::to_vec(self).expect("a delivery serialises");
+        jetstream
+            .publish_with_headers(fwd_subject(&self.environment, &self.kind), headers, payload.into())
+            .await
+            .map_err(jetstream_error)
+    }
+}
+
+/// Request headers of the provider's that are not passed on.
+const NOT_FORWARDED: &[&str] = &[
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te", "trailer",
+    "transfer-encoding", "upgrade", "host", "authorization", "cookie", "content-length",
+    // Ours are set on the forward; the provider's of the same name would contradict them.
+    "x-nango-hmac-sha256", "webhook-id", "webhook-timestamp", "webhook-signature",
+];
+
+pub fn forwarded_headers(envelope: &Envelope, keep_content_type: bool) -> Vec<(String, String)> {
+    envelope
+        .headers
+        .iter()
+        .filter(|(name, _)| !NOT_FORWARDED.contains(&name.as_str()))
+        .filter(|(name, _)| keep_content_type || name != "content-type")
+        .cloned()
+        .collect()
+}
+
+pub struct Forwarder {
+    settings: Arc<Settings>,
+    jetstream: jetstream::Context,
+    /// Envelopes by `HOOKS_RAW` sequence: a webhook's events arrive together.
+    envelopes: Mutex<HashMap<u64, Option<Arc<Envelope>>>>,
+}
+
+impl Forwarder {
+    pub fn new(settings: Arc<Settings>, jetstream: jetstream::Context) -> Forwarder {
+        Forwarder {
+            settings,
+            jetstream,
+            envelopes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        let stream = self.jetstream.get_stream(CONN_STREAM).await.map_err(jetstream_error)?;
+        let consumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some(FORWARDER.into()),
+                description: Some("hookyard worker: forwarding to customers' apps".into()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                deliver_policy: DeliverPolicy::All,
+                max_ack_pending: 4 * CONCURRENCY as i64,
+                ..Default::default()
+            })
+            .await
+            .map_err(jetstream_error)?;
+        let messages = consumer.messages().await.map_err(jetstream_error)?;
+        tracing::info!("forwarder consuming {CONN_STREAM}");
+        messages
+            .take_until(shutdown.cancelled_owned())
+            .for_each_concurrent(CONCURRENCY, |message| {
+                let forwarder = self.clone();
+                async move {
+                    match message {
+                        Ok(message) => forwarder.handle(message).await,
+                        Err(error) => {
+                            tracing::warn!(%error, "pulling from {CONN_STREAM} failed; retrying");
+                            tokio::time::sleep(RETRY_DELAY).await;
+                        }
+                    }
+                }
+            })
+            .await;
+        Ok(())
+    }
+
+    async fn handle(&self, message: jetstream::Message) {
+        let event = match RoutedEvent::from_message(&message.subject, message.headers.as_ref(), &message.payload) {
+            Ok(event) => event,
+            Err(error) => {
+                tracing::error!(subject = %message.subject, %error, "not a routed event; not forwarded");
+                let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        match self.forward(&event).await {
+            Ok(()) => {
+                let _ = message.ack().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, message = %event.message_id(), "forwarding failed; retrying");
+                let _ = message.ack_with(AckKind::Nak(Some(RETRY_DELAY))).await;
+            }
+        }
+    }
+
+    /// Puts the event's deliveries into `HOOKS_FWD`, returning once they are stored.
+    pub async fn forward(&self, event: &RoutedEvent) -> Result<(), WorkerError> {
+        let Some(environment) = self.settings.environment(&event.environment).await? else {
+            return Ok(());
+        };
+        let Some(integration) = self.settings.integration(&environment, &event.integration).await? else {
+            return Ok(());
+        };
+        if !integration.forward_webhooks {
+            return Ok(());
+        }
+        let connection = event.connection_id.as_deref().map(|c| (&event.integration, c));
+        let targets = self.settings.targets(&environment, connection).await?;
+        if targets.urls.is_empty() {
+            return Ok(());
+        }
+        let envelope = self.envelope(event.raw_seq).await;
+        let (key, body, headers) = match &event.connection_id {
+            Some(connection_id) => {
+                let body = serde_json::json!({
+                    "from": integration.provider,
+                    "type": "forward",
+                    "connectionId": connection_id,
+                    "providerConfigKey": event.integration,
+                    "payload": event.payload,
+                });
+                let headers = envelope.as_deref().map(|e| forwarded_headers(e, false)).unwrap_or_default();
+                (event.message_id(), serde_json::to_vec(&body).expect("JSON serialises"), headers)
+            }
+            // The raw body, once per webhook (its unrouted events share the key).
+            None => match envelope.as_deref() {
+                Some(envelope) => (
+                    format!("{}:raw", event.raw_seq),
+                    envelope.body.to_vec(),
+                    forwarded_headers(envelope, true),
+                ),
+                None => (format!("{}:raw", event.raw_seq), event.payload.to_string().into_bytes(), Vec::new()),
+            },
+        };
+        let mut acks = Vec::with_capacity(targets.urls.len());
+        for url in &targets.urls {
+            let delivery = Delivery::new(
+                &key,
+                environment.name.as_str(),
+                event.integration.as_str(),
+                event.connection_id.as_deref(),
+                url,
+                "forward",
+                &body,
+                headers.clone(),
+            );
+            acks.push(delivery.publish(&self.jetstream).await?);
+        }
+        for ack in acks {
+            ack.await.map_err(jetstream_error)?;
+        }
+        Ok(())
+    }
+
+    /// The webhook at `sequence` in `HOOKS_RAW` (its headers and raw body), if still kept.
+    async fn envelope(&self, sequence: u64) -> Option<Arc<Envelope>> {
+        if let Some(hit) = self.envelopes.lock().expect("envelope cache").get(&sequence) {
+            return hit.clone();
+        }
+        let envelope = async {
+            let stream = self.jetstream.get_stream(RAW_STREAM).await.ok()?;
+            let message = stream.get_raw_message(sequence).await.ok()?;
+            Envelope::from_message(&message.subject, Some(&message.headers), message.payload).ok()
+        }
+        .await
+        .map(Arc::new);
+        let mut cache = self.envelopes.lock().expect("envelope cache");
+        if cache.len() > 1024 {
+            cache.clear();
+        }
+        cache.insert(sequence, envelope.clone());
+        envelope
+    }
+}

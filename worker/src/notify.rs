@@ -1,0 +1,90 @@
+//! Sync notifications: after an execution whose commit changed records, one POST per
+//! model to the connection's forwarding destinations (Nango's `type: "sync"` body),
+//! delivered like forwards. Runs that changed nothing send nothing, unless the
+//! environment asks to always be told.
+
+use std::collections::BTreeMap;
+
+use async_nats::jetstream;
+use chrono::{SecondsFormat, Utc};
+use hookyard_core::keys::{EnvironmentName, IntegrationKey};
+use hookyard_core::store::records::WriteCounts;
+
+use crate::forward::Delivery;
+use crate::settings::Settings;
+use crate::{jetstream_error, WorkerError};
+
+/// One committed execution, as a notification describes it.
+pub struct Run {
+    pub environment: EnvironmentName,
+    pub integration: IntegrationKey,
+    pub connection: String,
+    pub sync: String,
+    /// The model of each record call, in call order.
+    pub models: Vec<String>,
+    /// The event's message id: with the sync and model, the notification's identity.
+    pub message_id: String,
+}
+
+/// Puts the notifications of `runs` (each with its calls' counts) into `HOOKS_FWD`.
+pub async fn notify(
+    settings: &Settings,
+    jetstream: &jetstream::Context,
+    runs: &[(&Run, &[WriteCounts])],
+) -> Result<(), WorkerError> {
+    let mut acks = Vec::new();
+    for (run, counts) in runs {
+        let mut by_model: BTreeMap<&str, WriteCounts> = BTreeMap::new();
+        for (model, count) in run.models.iter().zip(counts.iter()) {
+            let sum = by_model.entry(model).or_default();
+            *sum = sum.plus(count);
+        }
+        if by_model.is_empty() {
+            continue;
+        }
+        let Some(environment) = settings.environment(&run.environment).await? else { continue };
+        let targets = settings
+            .targets(&environment, Some((&run.integration, &run.connection)))
+            .await?;
+        if targets.urls.is_empty() {
+            continue;
+        }
+        let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
+        for (model, count) in by_model {
+            if count.added + count.updated + count.deleted == 0 && !targets.always_notify {
+                continue;
+            }
+            let body = serde_json::json!({
+                "from": "hookyard",
+                "type": "sync",
+                "connectionId": run.connection,
+                "providerConfigKey": run.integration,
+                "syncName": run.sync,
+                "model": model,
+                "syncType": "WEBHOOK",
+                "success": true,
+                "modifiedAfter": now,
+                "responseResults": {"added": count.added, "updated": count.updated, "deleted": count.deleted},
+            });
+            let body = serde_json::to_vec(&body).expect("JSON serialises");
+            let key = format!("{}:{}:{model}:sync", run.message_id, run.sync);
+            for url in &targets.urls {
+                let delivery = Delivery::new(
+                    &key,
+                    run.environment.as_str(),
+                    run.integration.as_str(),
+                    Some(&run.connection),
+                    url,
+                    "sync",
+                    &body,
+                    Vec::new(),
+                );
+                acks.push(delivery.publish(jetstream).await?);
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.map_err(jetstream_error)?;
+    }
+    Ok(())
+}

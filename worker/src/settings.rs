@@ -1,0 +1,88 @@
+//! Environments, integrations and forwarding targets as the forwarder, the deliverer and
+//! sync notifications read them: from the store, kept for a second so that a burst does
+//! not query it per event (a change is seen within that second).
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hookyard_core::keys::{EnvironmentName, IntegrationKey};
+use hookyard_core::store::forwarding::ForwardTargets;
+use hookyard_core::store::{Environment, Integration, StoreError};
+use hookyard_core::Store;
+
+const TTL: Duration = Duration::from_secs(1);
+
+struct Cached<K, V>(Mutex<HashMap<K, (Instant, V)>>);
+
+impl<K: Eq + Hash, V: Clone> Cached<K, V> {
+    fn new() -> Self {
+        Cached(Mutex::new(HashMap::new()))
+    }
+
+    fn get(&self, key: &K) -> Option<V> {
+        let map = self.0.lock().expect("cache lock");
+        map.get(key).filter(|(at, _)| at.elapsed() < TTL).map(|(_, v)| v.clone())
+    }
+
+    fn put(&self, key: K, value: V) -> V {
+        let mut map = self.0.lock().expect("cache lock");
+        if map.len() > 10_000 {
+            map.retain(|_, (at, _)| at.elapsed() < TTL);
+        }
+        map.insert(key, (Instant::now(), value.clone()));
+        value
+    }
+}
+
+pub struct Settings {
+    store: Store,
+    environments: Cached<String, Option<Environment>>,
+    integrations: Cached<(i64, String), Option<Integration>>,
+    targets: Cached<(i64, Option<(String, String)>), ForwardTargets>,
+}
+
+impl Settings {
+    pub fn new(store: Store) -> Settings {
+        Settings {
+            store,
+            environments: Cached::new(),
+            integrations: Cached::new(),
+            targets: Cached::new(),
+        }
+    }
+
+    pub async fn environment(&self, name: &EnvironmentName) -> Result<Option<Environment>, StoreError> {
+        let key = name.to_string();
+        if let Some(hit) = self.environments.get(&key) {
+            return Ok(hit);
+        }
+        Ok(self.environments.put(key, self.store.environment(name).await?))
+    }
+
+    pub async fn integration(
+        &self,
+        environment: &Environment,
+        key: &IntegrationKey,
+    ) -> Result<Option<Integration>, StoreError> {
+        let cache_key = (environment.id, key.to_string());
+        if let Some(hit) = self.integrations.get(&cache_key) {
+            return Ok(hit);
+        }
+        Ok(self.integrations.put(cache_key, self.store.integration(environment.id, key).await?))
+    }
+
+    /// Where a connection's forwards go (`None`: an unrouted event's).
+    pub async fn targets(
+        &self,
+        environment: &Environment,
+        connection: Option<(&IntegrationKey, &str)>,
+    ) -> Result<ForwardTargets, StoreError> {
+        let key = (environment.id, connection.map(|(i, c)| (i.to_string(), c.to_string())));
+        if let Some(hit) = self.targets.get(&key) {
+            return Ok(hit);
+        }
+        Ok(self.targets.put(key, self.store.forward_targets(environment, connection).await?))
+    }
+}
