@@ -195,11 +195,8 @@ const BUMP: &str = "BUMP";
 /// One row to write, as the bulk statement reads it from a JSON array.
 #[derive(Serialize)]
 struct RowWrite<'a> {
-    e: i64,
-    i: &'a str,
-    c: &'a str,
-    m: &'a str,
-    scope: &'a str,
+    /// The scope's index in the batch.
+    s: usize,
     id: &'a str,
     payload: Value,
     hash: String,
@@ -210,7 +207,11 @@ struct RowWrite<'a> {
 
 #[derive(sqlx::FromRow)]
 struct ExistingRow {
-    pos: i64,
+    /// Postgres answers by position in the wanted list, SQLite (per scope) by id.
+    #[sqlx(default)]
+    pos: Option<i64>,
+    #[sqlx(default)]
+    id: Option<String>,
     payload: Json<Value>,
     hash: String,
     version: i64,
@@ -275,8 +276,10 @@ pub fn decode_cursor(cursor: &str) -> Result<i64, StoreError> {
         .ok_or_else(|| StoreError::Invalid(format!("cursor {cursor:?} is not one this server handed out")))
 }
 
-/// Per-dialect SQL of the write flow; the flow itself is [`Store::apply_writes`]. Each
-/// statement takes the rows of every scope in the batch at once, as a JSON array.
+/// Per-dialect SQL of the write flow; the flow itself is [`Store::apply_writes`]. On
+/// Postgres each statement takes the rows of every scope in the batch at once, as a JSON
+/// array (one round trip for a whole worker group); on SQLite the lookup and the write
+/// run once per scope.
 ///
 /// Lookups by id filter on the key columns, which only the primary key indexes (paging
 /// goes through `scope`), so their plan cannot go wrong on a table Postgres has not yet
@@ -338,18 +341,20 @@ const POSTGRES: Dialect = Dialect {
     // the subquery into a join that scans the scope (as it does with `= ANY(…)` on a
     // table it has not analyzed: O(scope × batch)).
     existing: "SELECT w.pos, r.payload, r.hash, r.version, r.deleted
-         FROM jsonb_to_recordset($1::jsonb) AS w(pos bigint, e bigint, i text, c text, m text, id text)
+         FROM jsonb_to_recordset($1::jsonb) AS w(s int, pos bigint, id text)
+         JOIN jsonb_to_recordset($2::jsonb) AS sc(s int, e bigint, i text, c text, m text) ON sc.s = w.s
          CROSS JOIN LATERAL (
              SELECT payload, hash, version, deleted_at IS NOT NULL AS deleted FROM records
-             WHERE environment_id = w.e AND integration = w.i AND connection_id = w.c AND model = w.m
+             WHERE environment_id = sc.e AND integration = sc.i AND connection_id = sc.c AND model = sc.m
                AND id = w.id
              LIMIT 1) AS r",
     apply: concat!(
         insert_records!(),
-        "SELECT r.e, r.i, r.c, r.m, r.id, r.payload, r.hash, r.version, r.seq, r.action, $1, $1,
-                CASE WHEN r.action = 'DELETED' THEN $1::timestamptz END, r.scope
-         FROM jsonb_to_recordset($2::jsonb) AS r(e bigint, i text, c text, m text, id text, payload jsonb,
-                                                 hash text, version bigint, seq bigint, action text, scope text) ",
+        "SELECT sc.e, sc.i, sc.c, sc.m, r.id, r.payload, r.hash, r.version, r.seq, r.action, $1, $1,
+                CASE WHEN r.action = 'DELETED' THEN $1::timestamptz END, sc.scope
+         FROM jsonb_to_recordset($2::jsonb) AS r(s int, id text, payload jsonb, hash text, version bigint, seq bigint,
+                                                 action text)
+         JOIN jsonb_to_recordset($3::jsonb) AS sc(s int, e bigint, i text, c text, m text, scope text) ON sc.s = r.s ",
         upsert_newer!()
     ),
     page: "SELECT id, payload, last_action, first_seen_at, last_modified_at, deleted_at, seq FROM records
@@ -366,17 +371,18 @@ const SQLITE: Dialect = Dialect {
         "SELECT s.value ->> '$.e', s.value ->> '$.i', s.value ->> '$.c', s.value ->> '$.m', s.value ->> '$.n'
          FROM json_each($1) AS s WHERE true ORDER BY s.key"
     ),
-    existing: "SELECT w.key AS pos, r.payload, r.hash, r.version, r.deleted_at IS NOT NULL AS deleted
-         FROM json_each($1) AS w JOIN records AS r
-           ON r.environment_id = w.value ->> '$.e' AND r.integration = w.value ->> '$.i'
-          AND r.connection_id = w.value ->> '$.c' AND r.model = w.value ->> '$.m' AND r.id = w.value ->> '$.id'",
+    // Per scope (SQLite is in-process: a statement costs no round trip), with the scope
+    // bound as parameters: every `->>` re-reads its JSON object, so rows carry only
+    // what differs between them.
+    existing: "SELECT id, payload, hash, version, deleted_at IS NOT NULL AS deleted FROM records
+         WHERE environment_id = $1 AND integration = $2 AND connection_id = $3 AND model = $4
+           AND id IN (SELECT value FROM json_each($5))",
     apply: concat!(
         insert_records!(),
-        "SELECT r.value ->> '$.e', r.value ->> '$.i', r.value ->> '$.c', r.value ->> '$.m', r.value ->> '$.id',
-                r.value -> '$.payload', r.value ->> '$.hash', r.value ->> '$.version', r.value ->> '$.seq',
-                r.value ->> '$.action', $1, $1, CASE WHEN r.value ->> '$.action' = 'DELETED' THEN $1 END,
-                r.value ->> '$.scope'
-         FROM json_each($2) AS r WHERE true ",
+        "SELECT $1, $2, $3, $4, r.value ->> '$.id', r.value -> '$.payload', r.value ->> '$.hash',
+                r.value ->> '$.version', r.value ->> '$.seq', r.value ->> '$.action', $5, $5,
+                CASE WHEN r.value ->> '$.action' = 'DELETED' THEN $5 END, $6
+         FROM json_each($7) AS r WHERE true ",
         upsert_newer!()
     ),
     page: "SELECT id, payload, last_action, first_seen_at, last_modified_at, deleted_at, seq FROM records
@@ -441,26 +447,39 @@ impl WriteBatch {
 /// A scope with its reservation, as the reserve statement reads it.
 #[derive(Serialize)]
 struct ScopeRow<'a> {
+    /// Its index in the batch: rows refer to their scope by it.
+    s: usize,
     pos: usize,
     e: i64,
     i: &'a str,
     c: &'a str,
     m: &'a str,
     n: i64,
+    scope: &'a str,
 }
 
-/// A stored record wanted, as the lookup statement reads it.
+/// A stored record wanted, as the lookup statement reads it (its scope by index).
 #[derive(Serialize)]
 struct WantedRow<'a> {
+    s: usize,
     pos: usize,
-    e: i64,
-    i: &'a str,
-    c: &'a str,
-    m: &'a str,
     id: &'a str,
 }
 
 type ReservedRow = (i64, String, String, String, i64);
+
+/// `$query` (any sqlx query builder) with the scope bound as `$1..$4` and the given
+/// values after it.
+macro_rules! bind_scope {
+    ($query:expr, $scope:expr $(, $value:expr)*) => {
+        $query
+            .bind($scope.environment_id)
+            .bind($scope.integration.as_str())
+            .bind(&$scope.connection_id)
+            .bind(&$scope.model)
+            $(.bind($value))*
+    };
+}
 
 impl Store {
     fn dialect(&self) -> &'static Dialect {
@@ -538,12 +557,14 @@ impl Store {
             .map(|(pos, s)| {
                 let scope = &scopes[*s];
                 ScopeRow {
+                    s: *s,
                     pos,
                     e: scope.environment_id,
                     i: scope.integration.as_str(),
                     c: &scope.connection_id,
                     m: &scope.model,
                     n: per_scope[*s],
+                    scope: &keys[*s],
                 }
             })
             .collect();
@@ -566,35 +587,41 @@ impl Store {
         let wanted: Vec<WantedRow> = records
             .keys()
             .enumerate()
-            .map(|(pos, (s, id))| {
-                let scope = &scopes[*s];
-                WantedRow {
-                    pos,
-                    e: scope.environment_id,
-                    i: scope.integration.as_str(),
-                    c: &scope.connection_id,
-                    m: &scope.model,
-                    id,
-                }
-            })
+            .map(|(pos, (s, id))| WantedRow { s: *s, pos, id })
             .collect();
-        let mut existing: HashMap<usize, Existing> = on_tx!(tx, |conn| {
-            sqlx::query_as::<_, ExistingRow>(dialect.existing)
-                .bind(Json(&wanted))
-                .fetch_all(&mut *conn)
-                .await
-        })?
-        .into_iter()
-        .map(|row| {
-            let existing = Existing {
-                payload: row.payload.0,
-                hash: row.hash,
-                version: row.version,
-                deleted: row.deleted,
-            };
-            (row.pos as usize, existing)
-        })
-        .collect();
+        let existing_of = |row: ExistingRow| Existing {
+            payload: row.payload.0,
+            hash: row.hash,
+            version: row.version,
+            deleted: row.deleted,
+        };
+        let mut existing: HashMap<usize, Existing> = HashMap::with_capacity(wanted.len());
+        match tx {
+            Tx::Postgres(conn) => {
+                let found = sqlx::query_as::<_, ExistingRow>(dialect.existing)
+                    .bind(Json(&wanted))
+                    .bind(Json(&scope_rows))
+                    .fetch_all(&mut **conn)
+                    .await?;
+                existing.extend(found.into_iter().map(|row| (row.pos.unwrap_or(-1) as usize, existing_of(row))));
+            }
+            Tx::Sqlite(conn) => {
+                for s in &order {
+                    let scope = &scopes[*s];
+                    let in_scope: HashMap<&str, usize> =
+                        wanted.iter().filter(|w| w.s == *s).map(|w| (w.id, w.pos)).collect();
+                    let ids: Vec<&str> = in_scope.keys().copied().collect();
+                    let found = bind_scope!(sqlx::query_as::<_, ExistingRow>(dialect.existing), scope, Json(&ids))
+                        .fetch_all(&mut **conn)
+                        .await?;
+                    for row in found {
+                        if let Some(pos) = row.id.as_deref().and_then(|id| in_scope.get(id)) {
+                            existing.insert(*pos, existing_of(row));
+                        }
+                    }
+                }
+            }
+        }
 
         let mut rows: Vec<RowWrite<'_>> = Vec::new();
         for (pos, ((s, id), writes)) in records.iter().enumerate() {
@@ -638,13 +665,8 @@ impl Store {
                 }
             }
             let Some(state) = state else { continue };
-            let scope = &scopes[*s];
             let row = |payload, hash, seq, action| RowWrite {
-                e: scope.environment_id,
-                i: scope.integration.as_str(),
-                c: &scope.connection_id,
-                m: &scope.model,
-                scope: &keys[*s],
+                s: *s,
                 id,
                 payload,
                 hash,
@@ -669,14 +691,28 @@ impl Store {
         }
         if !rows.is_empty() {
             let now = Utc::now();
-            on_tx!(tx, |conn| {
-                sqlx::query(dialect.apply)
-                    .bind(now)
-                    .bind(Json(&rows))
-                    .execute(&mut *conn)
-                    .await
-                .map(|_| ())
-            })?;
+            match tx {
+                Tx::Postgres(conn) => {
+                    sqlx::query(dialect.apply)
+                        .bind(now)
+                        .bind(Json(&rows))
+                        .bind(Json(&scope_rows))
+                        .execute(&mut **conn)
+                        .await?;
+                }
+                Tx::Sqlite(conn) => {
+                    for s in &order {
+                        let in_scope: Vec<&RowWrite<'_>> = rows.iter().filter(|r| r.s == *s).collect();
+                        if in_scope.is_empty() {
+                            continue;
+                        }
+                        let scope = &scopes[*s];
+                        bind_scope!(sqlx::query(dialect.apply), scope, now, &keys[*s], Json(&in_scope))
+                            .execute(&mut **conn)
+                            .await?;
+                    }
+                }
+            }
         }
         Ok(counts)
     }
