@@ -1,5 +1,6 @@
 //! `hookyard-bench`: load generators and benchmarks that print their figures.
 
+mod forward;
 mod ingest_compare;
 mod load;
 mod records;
@@ -82,6 +83,12 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         js_threads: usize,
     },
+    /// Forwarding throughput to a fast local receiver, deliveries/s.
+    Forward {
+        /// Events forwarded (one delivery each).
+        #[arg(long, default_value_t = 20_000)]
+        events: u64,
+    },
     /// (Used by `worker`: the measured worker process.)
     #[command(hide = true)]
     WorkerProcess,
@@ -148,6 +155,7 @@ fn main() -> anyhow::Result<()> {
                 .await
             }
             Command::WorkerProcess => worker::run_process().await,
+            Command::Forward { events } => forward::run(events).await,
         }
     })
 }

@@ -270,7 +270,11 @@ async fn loopback_destinations_are_refused_unless_allowed() {
     .await;
     assert_eq!(letter.letter.error_kind, "refused");
     assert!(letter.letter.error.contains("127.0.0.1, a loopback address"), "{letter:?}");
-    let attempts = h.store.delivery_attempts(&letter.letter.message_id).await.unwrap();
+    let attempts = eventually("the refused attempt recorded", Duration::from_secs(10), || async {
+        let attempts = h.store.delivery_attempts(&letter.letter.message_id).await.unwrap();
+        (!attempts.is_empty()).then_some(attempts)
+    })
+    .await;
     assert!(attempts[0].error.as_deref().unwrap().starts_with("refused: "), "{attempts:?}");
     assert!(receiver.hits().is_empty());
 }

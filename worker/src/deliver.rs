@@ -43,6 +43,11 @@ const CONCURRENCY: usize = 256;
 
 pub struct Deliverer {
     store: Store,
+    /// Attempts are written in batches by a task of their own (one commit per batch).
+    attempts: tokio::sync::mpsc::UnboundedSender<DeliveryAttempt>,
+    /// Attempts made by this process, by delivery: the count for a delivery whose
+    /// attempts are not written yet. Dropped when a delivery is done with.
+    made: Mutex<HashMap<String, i64>>,
     settings: Arc<Settings>,
     jetstream: jetstream::Context,
     http: reqwest::Client,
@@ -112,7 +117,11 @@ impl Deliverer {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("an HTTP client");
+        let (attempts, pending) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(write_attempts(store.clone(), pending));
         Deliverer {
+            attempts,
+            made: Mutex::new(HashMap::new()),
             store,
             settings,
             jetstream,
@@ -179,7 +188,12 @@ impl Deliverer {
                 return;
             }
         };
-        match self.attempt(&delivery).await {
+        let delivered = message.info().map_or(1, |i| i.delivered);
+        let outcome = self.attempt(&delivery, delivered).await;
+        if matches!(outcome, Ok(None)) {
+            self.made.lock().expect("attempts lock").remove(&delivery.id);
+        }
+        match outcome {
             Ok(Some(delay)) => {
                 let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
             }
@@ -195,7 +209,7 @@ impl Deliverer {
 
     /// One attempt of `delivery` (or a wait for its destination's circuit); the delay
     /// before the next one, or `None` when it is done with.
-    async fn attempt(&self, delivery: &Delivery) -> Result<Option<Duration>, WorkerError> {
+    async fn attempt(&self, delivery: &Delivery, delivered: i64) -> Result<Option<Duration>, WorkerError> {
         let Ok(name) = delivery.environment.parse() else {
             return Ok(None);
         };
@@ -203,7 +217,7 @@ impl Deliverer {
             tracing::info!(delivery = %delivery.id, "environment gone; delivery dropped");
             return Ok(None);
         };
-        if self.store.disabled_destinations(environment.id).await?.contains(&delivery.url) {
+        if self.settings.disabled(environment.id).await?.contains(&delivery.url) {
             tracing::info!(delivery = %delivery.id, url = %delivery.url, "destination disabled (410); not sent");
             return Ok(None);
         }
@@ -211,10 +225,19 @@ impl Deliverer {
         if let Admit::Wait(wait) = destination.breaker.lock().expect("breaker lock").admit(Instant::now()) {
             return Ok(Some(wait));
         }
-        let attempt = self.store.attempts_made(&delivery.id).await? + 1;
+        // A first delivery is a first attempt; later ones ask the store (attempts survive
+        // restarts there) and this process's own count (not all written yet).
+        let made_here = self.made.lock().expect("attempts lock").get(&delivery.id).copied().unwrap_or(0);
+        let made = if delivered <= 1 && made_here == 0 {
+            0
+        } else {
+            made_here.max(self.store.attempts_made(&delivery.id).await?)
+        };
+        let attempt = made + 1;
+        self.made.lock().expect("attempts lock").insert(delivery.id.clone(), attempt);
         if let Err(reason) = allowed_destination(&delivery.url, &self.config).await {
             tracing::warn!(delivery = %delivery.id, url = %delivery.url, %reason, "destination refused");
-            self.record(delivery, attempt, None, Duration::ZERO, Some(format!("refused: {reason}"))).await?;
+            self.record(delivery, attempt, None, Duration::ZERO, Some(format!("refused: {reason}")))?;
             destination.breaker.lock().expect("breaker lock").probing = false;
             self.dead_letter(delivery, attempt, "refused", &reason).await?;
             return Ok(None);
@@ -253,7 +276,7 @@ impl Deliverer {
             ),
             Err(e) => (None, None, Some(describe_send_error(e))),
         };
-        self.record(delivery, attempt, status.map(i32::from), latency, error.clone()).await?;
+        self.record(delivery, attempt, status.map(i32::from), latency, error.clone())?;
         let healthy = status.is_some_and(|s| s < 500);
         destination.breaker.lock().expect("breaker lock").record(
             healthy,
@@ -267,6 +290,7 @@ impl Deliverer {
                 self.store
                     .disable_destination(environment.id, &delivery.url, "answered 410 Gone")
                     .await?;
+                self.settings.forget_disabled(environment.id);
                 Ok(None)
             }
             Verdict::Retry(delay) => {
@@ -308,26 +332,17 @@ impl Deliverer {
         }
     }
 
-    async fn record(
-        &self,
-        delivery: &Delivery,
-        attempt: i64,
-        status: Option<i32>,
-        latency: Duration,
-        error: Option<String>,
-    ) -> Result<(), WorkerError> {
-        self.store
-            .record_attempt(&DeliveryAttempt {
-                delivery_id: delivery.id.clone(),
-                environment: delivery.environment.clone(),
-                url: delivery.url.clone(),
-                attempt: attempt as i32,
-                at: Utc::now(),
-                status,
-                latency_ms: latency.as_millis() as i32,
-                error,
-            })
-            .await?;
+    fn record(&self, delivery: &Delivery, attempt: i64, status: Option<i32>, latency: Duration, error: Option<String>) -> Result<(), WorkerError> {
+        let _ = self.attempts.send(DeliveryAttempt {
+            delivery_id: delivery.id.clone(),
+            environment: delivery.environment.clone(),
+            url: delivery.url.clone(),
+            attempt: attempt as i32,
+            at: Utc::now(),
+            status,
+            latency_ms: latency.as_millis() as i32,
+            error,
+        });
         Ok(())
     }
 
@@ -358,6 +373,20 @@ impl Deliverer {
             }])
             .await?;
         Ok(())
+    }
+}
+
+/// Writes attempts as they come, up to 500 per transaction; a failed write is retried.
+/// (Attempts of the last moments before a crash may be lost: their deliveries are
+/// tried once more than their schedule says, never less.)
+async fn write_attempts(store: Store, mut pending: tokio::sync::mpsc::UnboundedReceiver<DeliveryAttempt>) {
+    let mut batch = Vec::with_capacity(500);
+    while pending.recv_many(&mut batch, 500).await > 0 {
+        while let Err(error) = store.record_attempts(&batch).await {
+            tracing::warn!(%error, attempts = batch.len(), "recording delivery attempts failed; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        batch.clear();
     }
 }
 

@@ -114,6 +114,7 @@ pub struct Forwarder {
     jetstream: jetstream::Context,
     /// Envelopes by `HOOKS_RAW` sequence: a webhook's events arrive together.
     envelopes: Mutex<HashMap<u64, Option<Arc<Envelope>>>>,
+    raw: tokio::sync::OnceCell<jetstream::stream::Stream>,
 }
 
 impl Forwarder {
@@ -122,6 +123,7 @@ impl Forwarder {
             settings,
             jetstream,
             envelopes: Mutex::new(HashMap::new()),
+            raw: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -244,7 +246,11 @@ impl Forwarder {
             return hit.clone();
         }
         let envelope = async {
-            let stream = self.jetstream.get_stream(RAW_STREAM).await.ok()?;
+            let stream = self
+                .raw
+                .get_or_try_init(|| self.jetstream.get_stream(RAW_STREAM))
+                .await
+                .ok()?;
             let message = stream.get_raw_message(sequence).await.ok()?;
             Envelope::from_message(&message.subject, Some(&message.headers), message.payload).ok()
         }

@@ -2,9 +2,9 @@
 //! sync notifications read them: from the store, kept for a second so that a burst does
 //! not query it per event (a change is seen within that second).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hookyard_core::keys::{EnvironmentName, IntegrationKey};
@@ -41,6 +41,7 @@ pub struct Settings {
     environments: Cached<String, Option<Environment>>,
     integrations: Cached<(i64, String), Option<Integration>>,
     targets: Cached<(i64, Option<(String, String)>), ForwardTargets>,
+    disabled: Cached<i64, Arc<HashSet<String>>>,
 }
 
 impl Settings {
@@ -50,6 +51,7 @@ impl Settings {
             environments: Cached::new(),
             integrations: Cached::new(),
             targets: Cached::new(),
+            disabled: Cached::new(),
         }
     }
 
@@ -71,6 +73,20 @@ impl Settings {
             return Ok(hit);
         }
         Ok(self.integrations.put(cache_key, self.store.integration(environment.id, key).await?))
+    }
+
+    /// The environment's destinations disabled by a 410.
+    pub async fn disabled(&self, environment_id: i64) -> Result<Arc<HashSet<String>>, StoreError> {
+        if let Some(hit) = self.disabled.get(&environment_id) {
+            return Ok(hit);
+        }
+        let disabled = Arc::new(self.store.disabled_destinations(environment_id).await?);
+        Ok(self.disabled.put(environment_id, disabled))
+    }
+
+    /// Drops the cached disabled destinations (after this process disabled one).
+    pub fn forget_disabled(&self, environment_id: i64) {
+        self.disabled.0.lock().expect("cache lock").remove(&environment_id);
     }
 
     /// Where a connection's forwards go (`None`: an unrouted event's).

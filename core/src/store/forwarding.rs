@@ -215,23 +215,29 @@ impl Store {
         Ok(rows.into_iter().map(|(url,)| url).collect())
     }
 
-    pub async fn record_attempt(&self, attempt: &DeliveryAttempt) -> Result<(), StoreError> {
-        on_pool!(self, |pool| sqlx::query(
-            "INSERT INTO delivery_attempts (delivery_id, environment, url, attempt, at, status, latency_ms, error)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-        )
-        .bind(&attempt.delivery_id)
-        .bind(&attempt.environment)
-        .bind(&attempt.url)
-        .bind(attempt.attempt)
-        .bind(attempt.at)
-        .bind(attempt.status)
-        .bind(attempt.latency_ms)
-        .bind(&attempt.error)
-        .execute(pool)
-        .await
-        .map(|_| ()))?;
-        Ok(())
+    /// Records attempts, all in one transaction.
+    pub async fn record_attempts(&self, attempts: &[DeliveryAttempt]) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        for attempt in attempts {
+            super::tx::on_tx!(&mut tx, |conn| {
+                sqlx::query(
+                    "INSERT INTO delivery_attempts (delivery_id, environment, url, attempt, at, status, latency_ms, error)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(&attempt.delivery_id)
+                .bind(&attempt.environment)
+                .bind(&attempt.url)
+                .bind(attempt.attempt)
+                .bind(attempt.at)
+                .bind(attempt.status)
+                .bind(attempt.latency_ms)
+                .bind(&attempt.error)
+                .execute(&mut *conn)
+                .await
+                .map(|_| ())
+            })?;
+        }
+        tx.commit().await
     }
 
     /// Attempts of one delivery, oldest first.
