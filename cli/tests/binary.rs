@@ -737,3 +737,75 @@ async fn deploy_sends_a_project_and_prints_what_changed() {
     assert!(stderr.contains("deploy refused (400 Bad Request): demo/models.js"), "{stderr}");
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn a_worker_killed_mid_retry_resumes_the_schedule_and_delivers_once() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let nats = NatsServer::start();
+    let db = hookyard_testkit::PgDatabase::create().await;
+    let store = Store::connect(&db.url, test_cipher()).await.unwrap();
+
+    // A receiver that fails until told otherwise, noting each request's webhook-id and answer.
+    let healthy = Arc::new(AtomicBool::new(false));
+    // (The fixture's function changes a record, so a sync notification comes too: only
+    // the forward is counted.)
+    let hits: Arc<Mutex<Vec<(String, u16)>>> = Arc::default();
+    let (flag, seen) = (healthy.clone(), hits.clone());
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+            let status = if flag.load(Ordering::SeqCst) { 200 } else { 503 };
+            let kind = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["type"].clone();
+            if kind == "forward" {
+                let id = headers.get("webhook-id").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+                seen.lock().unwrap().push((id, status));
+            }
+            std::future::ready(axum::http::StatusCode::from_u16(status).unwrap())
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let env = store.ensure_environment(&"dev".parse().unwrap()).await.unwrap();
+    let forwarding = hookyard_core::store::forwarding::ForwardingSettings {
+        urls: vec![url],
+        ..Default::default()
+    };
+    store
+        .set_forwarding(env.id, hookyard_core::store::forwarding::ForwardingScope::Environment, &forwarding)
+        .await
+        .unwrap();
+    worker_fixture(&store, &nats, 1).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let env_vars = vec![
+        ("HOOKYARD_NATS_URL", nats.url.clone()),
+        ("HOOKYARD_DATABASE_URL", db.url.clone()),
+        ("HOOKYARD_FORWARDING__ALLOW_LOOPBACK", "true".into()),
+        ("HOOKYARD_FORWARDING__JITTER", "false".into()),
+        ("HOOKYARD_FORWARDING__RETRY_DELAYS", r#"["300ms","300ms","300ms","300ms","300ms","300ms","300ms","300ms"]"#.into()),
+        ("HOOKYARD_FORWARDING__ATTEMPT_TIMEOUT", "1s".into()),
+        ("HOOKYARD_FORWARDING__ACK_WAIT", "2s".into()),
+    ];
+    let mut first = Process::spawn(&["worker"], &env_vars, dir.path());
+    let count = |hits: &Arc<Mutex<Vec<(String, u16)>>>| hits.lock().unwrap().len();
+    eventually("two failed attempts", Duration::from_secs(30), || async { (count(&hits) >= 2).then_some(()) }).await;
+    first.signal("-KILL");
+    first.wait_exit();
+    let failed = count(&hits);
+    healthy.store(true, Ordering::SeqCst);
+
+    let mut second = Process::spawn(&["worker"], &env_vars, dir.path());
+    eventually("the delivery to succeed", Duration::from_secs(30), || async {
+        hits.lock().unwrap().iter().any(|(_, status)| *status == 200).then_some(())
+    })
+    .await;
+    let hits = hits.lock().unwrap().clone();
+    assert!(hits.len() > failed, "the restarted worker went on with the schedule");
+    assert!(hits.iter().all(|(id, _)| id == &hits[0].0 && id.starts_with("msg_")), "one webhook-id: {hits:?}");
+    assert_eq!(hits.iter().filter(|(_, s)| *s == 200).count(), 1, "delivered once: {hits:?}");
+    second.signal("-TERM");
+    let status = tokio::task::spawn_blocking(move || second.wait_exit()).await.unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}

@@ -800,6 +800,12 @@ async fn openapi_document_is_valid_and_lists_every_route() {
         "GET /records",
         "GET /functions",
         "POST /functions/deploy",
+        "GET /forwarding",
+        "PUT /forwarding",
+        "GET /connections/{connection_id}/forwarding",
+        "PUT /connections/{connection_id}/forwarding",
+        "GET /connection/{connection_id}/forwarding",
+        "PUT /connection/{connection_id}/forwarding",
     ]
     .into_iter()
     .map(String::from)
