@@ -128,6 +128,23 @@ async fn webhook(h: &Harness, n: u64, body: &Value, headers: &[(&str, &str)]) {
     h.publish([(ack.sequence, "c0", "contact.updated", body.clone())]).await;
 }
 
+/// Waits until the forwarder and the deliverer hold nothing pending or unacked.
+async fn forwarding_idle(h: &Harness) {
+    use async_nats::jetstream::consumer::pull::Config as Pull;
+    use hookyard_core::streams::{CONN_STREAM, FWD_STREAM};
+    eventually("forwarding to settle", Duration::from_secs(30), || async {
+        for (stream, consumer) in [(CONN_STREAM, hookyard_worker::forward::FORWARDER), (FWD_STREAM, hookyard_worker::deliver::DELIVERER)] {
+            let stream = h.bus.jetstream.get_stream(stream).await.ok()?;
+            let info = stream.get_consumer::<Pull>(consumer).await.ok()?.info().await.ok()?.clone();
+            if info.num_pending > 0 || info.num_ack_pending > 0 {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn an_attributed_forward_carries_the_event_and_verifies_both_ways() {
     let db = PgDatabase::create().await;
@@ -347,4 +364,136 @@ async fn a_notification_follows_a_run_that_changed_records_and_only_then() {
     assert_eq!(first["syncName"], "contacts");
     assert_eq!(first["syncType"], "WEBHOOK");
     assert_eq!(first["success"], true);
+}
+
+#[tokio::test]
+async fn destinations_are_set_through_the_api_and_a_connection_may_override_them() {
+    let h = harness_with(None, 2, forwarding_config).await;
+    let environment_receiver = Receiver::start(&[]).await;
+    let connection_receiver = Receiver::start(&[]).await;
+    let put = |path: &str, body: Value| {
+        h.http
+            .put(format!("{}{path}", h.api))
+            .bearer_auth(&h.environment.secret_key)
+            .json(&body)
+            .send()
+    };
+    for (body, field) in [
+        (json!({"urls": ["http://a.example/1", "http://a.example/2", "http://a.example/3"]}), "urls: at most 2"),
+        (json!({"urls": ["ftp://a.example/"]}), "is not http(s)"),
+        (json!({"urls": ["not a url"]}), "not an absolute URL"),
+        (json!({"urls": [], "webhook_signing_key": "short"}), "webhook_signing_key"),
+    ] {
+        let response = put("/forwarding", body).await.unwrap();
+        assert_eq!(response.status(), 400);
+        let answer: Value = response.json().await.unwrap();
+        assert!(answer["error"]["message"].as_str().unwrap().contains(field), "{answer}");
+    }
+    let set = put("/forwarding", json!({"urls": [environment_receiver.url]})).await.unwrap();
+    assert_eq!(set.status(), 200);
+    let own_key = "connection-c1-signing-key";
+    let set = put(
+        "/connections/c1/forwarding?provider_config_key=crm",
+        json!({"urls": [connection_receiver.url], "webhook_signing_key": own_key}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(set.status(), 200);
+    let missing = put("/connections/nobody/forwarding?provider_config_key=crm", json!({"urls": []})).await.unwrap();
+    assert_eq!(missing.status(), 404);
+    let shown: Value = h
+        .http
+        .get(format!("{}/connections/c1/forwarding?provider_config_key=crm", h.api))
+        .bearer_auth(&h.environment.secret_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(shown["data"], json!({"urls": [connection_receiver.url], "has_signing_key": true, "always_notify": false}));
+
+    h.start_all();
+    h.publish([(1, "c0", "any", json!({"n": 1})), (2, "c1", "any", json!({"n": 2}))]).await;
+    let to_environment = environment_receiver.wait_hits(1).await;
+    let to_connection = connection_receiver.wait_hits(1).await;
+    assert_eq!(serde_json::from_slice::<Value>(&to_environment[0].body).unwrap()["connectionId"], "c0");
+    let hit = &to_connection[0];
+    assert_eq!(serde_json::from_slice::<Value>(&hit.body).unwrap()["connectionId"], "c1");
+    let mut mac = Hmac::<Sha256>::new_from_slice(own_key.as_bytes()).unwrap();
+    mac.update(&hit.body);
+    assert_eq!(header(hit, "x-nango-hmac-sha256"), hex::encode(mac.finalize().into_bytes()), "signed with its own key");
+}
+
+#[tokio::test]
+async fn an_unrouted_webhook_goes_raw_and_once() {
+    let h = harness_with(None, 1, forwarding_config).await;
+    let receiver = Receiver::start(&[]).await;
+    forward_to(&h, &[&receiver.url]).await;
+    h.start_all();
+    // A webhook of two events that matched no connection: its raw body goes once.
+    let raw = br#"[{"id":1},  {"id":2}]"#;
+    let envelope = Envelope {
+        environment: "dev".parse().unwrap(),
+        integration: "crm".parse().unwrap(),
+        received_at: chrono::Utc::now(),
+        delivery_id: "raw-1".into(),
+        method: "POST".into(),
+        path: None,
+        query: None,
+        headers: vec![("content-type".into(), "application/json; charset=utf-8".into())],
+        body: raw.to_vec().into(),
+        verification: hookyard_core::providers::Verification::Unsigned,
+        traceparent: None,
+    };
+    let sequence = h
+        .bus
+        .jetstream
+        .publish_with_headers(envelope.subject(), envelope.to_headers(), envelope.body.clone())
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence;
+    for index in 0..2 {
+        let event = hookyard_core::routed::RoutedEvent {
+            environment: "dev".parse().unwrap(),
+            integration: "crm".parse().unwrap(),
+            connection_id: None,
+            unrouted: Some("no connection matches".into()),
+            raw_seq: sequence,
+            index,
+            event_type: None,
+            delivery_id: "raw-1".into(),
+            payload: json!({"id": index + 1}),
+            traceparent: None,
+        };
+        let (subject, headers, payload) = event.to_message();
+        h.bus.jetstream.publish_with_headers(subject, headers, payload).await.unwrap().await.unwrap();
+    }
+    receiver.wait_hits(1).await;
+    forwarding_idle(&h).await;
+    let hits = receiver.hits();
+    assert_eq!(hits.len(), 1, "one forward for the webhook, not one per unrouted event");
+    assert_eq!(hits[0].body, raw.to_vec(), "the provider's body, byte for byte");
+    assert_eq!(header(&hits[0], "content-type"), "application/json; charset=utf-8");
+
+}
+
+#[tokio::test]
+async fn an_integration_with_forwarding_off_forwards_nothing() {
+    let h = harness_with(None, 1, forwarding_config).await;
+    let receiver = Receiver::start(&[]).await;
+    forward_to(&h, &[&receiver.url]).await;
+    let off = hookyard_core::store::IntegrationChanges {
+        forward_webhooks: Some(false),
+        ..Default::default()
+    };
+    h.store.update_integration(h.environment.id, &"crm".parse().unwrap(), &off).await.unwrap();
+    h.start_all();
+    h.publish((1..=5).map(|n| (n, "c0", "any", json!({"n": n})))).await;
+    forwarding_idle(&h).await;
+    let mut deliveries = h.bus.jetstream.get_stream(hookyard_core::streams::FWD_STREAM).await.unwrap();
+    assert_eq!(deliveries.info().await.unwrap().state.messages, 0, "no delivery was queued");
+    assert!(receiver.hits().is_empty());
 }

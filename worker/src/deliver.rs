@@ -283,7 +283,7 @@ impl Deliverer {
             self.config.breaker_failures,
             self.config.breaker_open,
         );
-        match self.verdict(attempt, status, retry_after) {
+        match verdict(&self.config, attempt, status, retry_after) {
             Verdict::Delivered => Ok(None),
             Verdict::Gone => {
                 tracing::warn!(url = %delivery.url, "destination answered 410 Gone; disabled");
@@ -303,32 +303,6 @@ impl Deliverer {
                 self.dead_letter(delivery, attempt, &why, &detail).await?;
                 Ok(None)
             }
-        }
-    }
-
-    fn verdict(&self, attempt: i64, status: Option<u16>, retry_after: Option<Duration>) -> Verdict {
-        let delays: Vec<Duration> = self.config.retry_delays.iter().map(|d| **d).collect();
-        let retries_left = (attempt as usize) <= delays.len();
-        match status {
-            Some(s) if (200..300).contains(&s) => return Verdict::Delivered,
-            Some(410) => return Verdict::Gone,
-            Some(s) if (400..500).contains(&s) && s != 408 && s != 429 && attempt >= 2 => {
-                return Verdict::Final(format!("answered {s} twice"))
-            }
-            _ => {}
-        }
-        if !retries_left {
-            return Verdict::Final(format!("no answer in 2xx after {attempt} attempts"));
-        }
-        let base = delays[attempt as usize - 1];
-        let (shortest, longest) = (
-            delays.iter().min().copied().unwrap_or(base),
-            delays.iter().max().copied().unwrap_or(base),
-        );
-        match (status, retry_after) {
-            (Some(429 | 503), Some(asked)) => Verdict::Retry(asked.clamp(shortest, longest)),
-            _ if self.config.jitter => Verdict::Retry(full_jitter(base)),
-            _ => Verdict::Retry(base),
         }
     }
 
@@ -373,6 +347,33 @@ impl Deliverer {
             }])
             .await?;
         Ok(())
+    }
+}
+
+/// What to do after attempt number `attempt` got `status` (`None`: no answer).
+fn verdict(config: &ForwardingConfig, attempt: i64, status: Option<u16>, retry_after: Option<Duration>) -> Verdict {
+    let delays: Vec<Duration> = config.retry_delays.iter().map(|d| **d).collect();
+    match status {
+        Some(s) if (200..300).contains(&s) => return Verdict::Delivered,
+        Some(410) => return Verdict::Gone,
+        Some(s) if (400..500).contains(&s) && s != 408 && s != 429 && attempt >= 2 => {
+            return Verdict::Final(format!("answered {s} twice"))
+        }
+        _ => {}
+    }
+    let Some(&base) = delays.get(attempt as usize - 1) else {
+        return Verdict::Final(format!("no 2xx answer in {attempt} attempts"));
+    };
+    let (shortest, longest) = (
+        delays.iter().min().copied().unwrap_or(base),
+        delays.iter().max().copied().unwrap_or(base),
+    );
+    let last = attempt as usize == delays.len();
+    match (status, retry_after) {
+        (Some(429 | 503), Some(asked)) => Verdict::Retry(asked.clamp(shortest, longest)),
+        // The last wait is whole, so that the schedule spans at least its last base.
+        _ if config.jitter && !last => Verdict::Retry(full_jitter(base)),
+        _ => Verdict::Retry(base),
     }
 }
 
@@ -514,6 +515,36 @@ mod tests {
         let loopback = ForwardingConfig { allow_loopback: true, ..ForwardingConfig::default() };
         assert!(forbidden("127.0.0.1".parse().unwrap(), &loopback).is_none());
         assert!(forbidden("10.0.0.1".parse().unwrap(), &loopback).is_some());
+    }
+
+    #[test]
+    fn verdicts_follow_the_policy() {
+        let config = ForwardingConfig {
+            retry_delays: [1, 2, 3].map(|s| Duration::from_secs(s).into()).to_vec(),
+            jitter: false,
+            ..ForwardingConfig::default()
+        };
+        let v = |attempt, status, retry_after| verdict(&config, attempt, status, retry_after);
+        assert_eq!(v(1, Some(204), None), Verdict::Delivered);
+        assert_eq!(v(1, Some(410), None), Verdict::Gone);
+        assert_eq!(v(1, Some(500), None), Verdict::Retry(Duration::from_secs(1)));
+        assert_eq!(v(2, None, None), Verdict::Retry(Duration::from_secs(2)));
+        assert_eq!(v(1, Some(404), None), Verdict::Retry(Duration::from_secs(1)), "one retry for a 4xx");
+        assert!(matches!(v(2, Some(404), None), Verdict::Final(_)), "then final");
+        assert_eq!(v(2, Some(408), None), Verdict::Retry(Duration::from_secs(2)), "a timeout is not final");
+        assert_eq!(v(1, Some(429), Some(Duration::from_secs(2))), Verdict::Retry(Duration::from_secs(2)));
+        assert_eq!(v(1, Some(503), Some(Duration::from_secs(60))), Verdict::Retry(Duration::from_secs(3)), "clamped");
+        assert_eq!(v(1, Some(429), Some(Duration::ZERO)), Verdict::Retry(Duration::from_secs(1)), "clamped");
+        assert!(matches!(v(4, Some(500), None), Verdict::Final(_)), "after the last attempt");
+        let jittered = ForwardingConfig { jitter: true, ..config.clone() };
+        for _ in 0..100 {
+            let Verdict::Retry(wait) = verdict(&jittered, 1, Some(500), None) else { panic!() };
+            assert!(wait <= Duration::from_secs(1));
+        }
+        assert_eq!(verdict(&jittered, 3, Some(500), None), Verdict::Retry(Duration::from_secs(3)), "the last is whole");
+        let default = ForwardingConfig::default();
+        let last: Duration = **default.retry_delays.last().unwrap();
+        assert!(default.retry_delays.len() + 1 >= 8 && last >= Duration::from_secs(24 * 3600), "≥ 8 attempts over ≥ 24 h");
     }
 
     #[test]
