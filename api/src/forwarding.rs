@@ -57,7 +57,10 @@ fn settings(body: ForwardingRequest) -> Result<ForwardingSettings, ApiError> {
     }
     let signing_key = body.webhook_signing_key.flatten();
     if signing_key.as_deref().is_some_and(|k| k.len() < 16) {
-        return Err(ApiError::invalid("webhook_signing_key", "must be at least 16 characters"));
+        return Err(ApiError::invalid(
+            "webhook_signing_key",
+            "must be at least 16 characters",
+        ));
     }
     Ok(ForwardingSettings {
         urls: body.urls,
@@ -91,7 +94,10 @@ async fn get_environment(
     State(state): State<AppState>,
     Extension(environment): Extension<Environment>,
 ) -> Result<Json<Data<ForwardingView>>, ApiError> {
-    let settings = state.store.forwarding(environment.id, ForwardingScope::Environment).await?;
+    let settings = state
+        .store
+        .forwarding(environment.id, ForwardingScope::Environment)
+        .await?;
     Ok(Json(Data { data: view(settings) }))
 }
 
@@ -109,7 +115,9 @@ async fn set_environment(
         .store
         .set_forwarding(environment.id, ForwardingScope::Environment, &settings)
         .await?;
-    Ok(Json(Data { data: view(Some(settings)) }))
+    Ok(Json(Data {
+        data: view(Some(settings)),
+    }))
 }
 
 /// One connection's forwarding override (`urls: []` and no key when it has none).
@@ -124,7 +132,10 @@ async fn get_connection(
     Params(param): Params<KeyParam>,
 ) -> Result<Json<Data<ForwardingView>>, ApiError> {
     let key = required_key(param)?;
-    state.store.existing_connection(environment.id, &key, &connection_id).await?;
+    state
+        .store
+        .existing_connection(environment.id, &key, &connection_id)
+        .await?;
     let settings = state
         .store
         .forwarding(environment.id, ForwardingScope::Connection(&key, &connection_id))
@@ -145,11 +156,20 @@ async fn set_connection(
     Body(body): Body<ForwardingRequest>,
 ) -> Result<Json<Data<ForwardingView>>, ApiError> {
     let key = required_key(param)?;
-    state.store.existing_connection(environment.id, &key, &connection_id).await?;
+    state
+        .store
+        .existing_connection(environment.id, &key, &connection_id)
+        .await?;
     let settings = settings(body)?;
     state
         .store
-        .set_forwarding(environment.id, ForwardingScope::Connection(&key, &connection_id), &settings)
+        .set_forwarding(
+            environment.id,
+            ForwardingScope::Connection(&key, &connection_id),
+            &settings,
+        )
         .await?;
-    Ok(Json(Data { data: view(Some(settings)) }))
+    Ok(Json(Data {
+        data: view(Some(settings)),
+    }))
 }

@@ -135,7 +135,12 @@ async fn deploy(
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_function", e.to_string()))?;
     for sync in &project.syncs {
-        if state.store.integration(environment.id, &sync.integration).await?.is_none() {
+        if state
+            .store
+            .integration(environment.id, &sync.integration)
+            .await?
+            .is_none()
+        {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_function",

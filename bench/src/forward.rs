@@ -102,7 +102,10 @@ pub async fn run(events: u64) -> anyhow::Result<()> {
     );
     let shutdown = CancellationToken::new();
     let settings = Arc::new(hookyard_worker::settings::Settings::new(store.clone()));
-    let forwarder = Arc::new(hookyard_worker::forward::Forwarder::new(settings.clone(), bus.jetstream.clone()));
+    let forwarder = Arc::new(hookyard_worker::forward::Forwarder::new(
+        settings.clone(),
+        bus.jetstream.clone(),
+    ));
     let deliverer = Arc::new(hookyard_worker::deliver::Deliverer::new(
         store.clone(),
         settings,
@@ -116,7 +119,10 @@ pub async fn run(events: u64) -> anyhow::Result<()> {
     tokio::spawn(deliverer.run(shutdown.clone()));
     let deadline = Instant::now() + Duration::from_secs(600);
     while received.load(Ordering::Relaxed) < events {
-        anyhow::ensure!(Instant::now() < deadline, "not every delivery arrived within 10 minutes");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "not every delivery arrived within 10 minutes"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = started.elapsed().as_secs_f64();

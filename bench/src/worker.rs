@@ -29,7 +29,10 @@ use crate::setup::{cpu_seconds, start_nats};
 
 const EXAMPLE: &[(&str, &str)] = &[
     ("index.js", include_str!("../../examples/crm-contacts/index.js")),
-    ("demo/models.js", include_str!("../../examples/crm-contacts/demo/models.js")),
+    (
+        "demo/models.js",
+        include_str!("../../examples/crm-contacts/demo/models.js"),
+    ),
     (
         "demo/syncs/contacts.js",
         include_str!("../../examples/crm-contacts/demo/syncs/contacts.js"),
@@ -75,7 +78,9 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     let files = EXAMPLE.iter().map(|(p, s)| (p.to_string(), s.to_string())).collect();
     let project = hookyard_functions::compile::compile_project(files, &config.worker.limits)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    store.deploy_functions(&environment, &project.bundle, &project.syncs).await?;
+    store
+        .deploy_functions(&environment, &project.bundle, &project.syncs)
+        .await?;
     let bus = Bus::connect(&config, "bench-worker").await?;
     bus.ensure_streams(&config.streams).await?;
 
@@ -83,13 +88,21 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
         "worker benchmark: examples/crm-contacts (one Contact saved per event), routed events published \
          straight into {CONN_STREAM}, {} connections, Postgres, one worker process ({} JS threads)\n",
         plan.connections,
-        if plan.js_threads == 0 { "one per CPU".to_string() } else { plan.js_threads.to_string() }
+        if plan.js_threads == 0 {
+            "one per CPU".to_string()
+        } else {
+            plan.js_threads.to_string()
+        }
     );
 
     // 1. Burst.
     let started = Instant::now();
     publish(&bus.jetstream, &connections, 1..=plan.events, "burst").await?;
-    println!("published {} events in {:.1}s", plan.events, started.elapsed().as_secs_f64());
+    println!(
+        "published {} events in {:.1}s",
+        plan.events,
+        started.elapsed().as_secs_f64()
+    );
     let mut worker = spawn_worker(&config, &key, plan.js_threads)?;
     let pid = worker.id().to_string();
     let stream = bus.jetstream.get_stream(CONN_STREAM).await?;
@@ -111,7 +124,11 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     let used = cpu.since();
     let throughput = plan.events as f64 / elapsed;
     let saved: i64 = sqlx_count(&pg.url).await?;
-    anyhow::ensure!(saved == plan.events as i64, "{saved} records saved for {} events", plan.events);
+    anyhow::ensure!(
+        saved == plan.events as i64,
+        "{saved} records saved for {} events",
+        plan.events
+    );
     println!(
         "burst:   {} events in {elapsed:.2}s = {throughput:.0} events/s through one worker\n         \
          CPU per 1,000 events: worker process {:.0} ms, Postgres {:.0} ms, nats-server {:.0} ms",
@@ -122,7 +139,11 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     );
 
     // 2. Latency at a steady rate.
-    let rate = if plan.rate > 0 { plan.rate } else { (throughput / 2.0).max(100.0) as u64 };
+    let rate = if plan.rate > 0 {
+        plan.rate
+    } else {
+        (throughput / 2.0).max(100.0) as u64
+    };
     let count = rate * plan.latency_seconds;
     let first = plan.events + 1;
     let acked = paced(&bus.jetstream, &connections, first..=plan.events + count, rate).await?;
@@ -202,9 +223,7 @@ async fn paced(
         ticker.tick().await;
         let (subject, headers, payload) = event(n, connections, "paced").to_message();
         let ack = jetstream.publish_with_headers(subject, headers, payload).await?;
-        pending.push(tokio::spawn(async move {
-            ack.await.map(|_| (n, Utc::now()))
-        }));
+        pending.push(tokio::spawn(async move { ack.await.map(|_| (n, Utc::now())) }));
     }
     let mut acked = Vec::with_capacity(pending.len());
     for task in pending {
@@ -287,14 +306,14 @@ impl Cpu {
 
 /// CPU seconds of every `postgres` process on the machine (the server and its backends).
 fn postgres_cpu() -> f64 {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return 0.0 };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
     entries
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str().map(String::from))
         .filter(|pid| pid.chars().all(|c| c.is_ascii_digit()))
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "postgres")
-        })
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "postgres"))
         .map(|pid| cpu_seconds(&pid))
         .sum()
 }

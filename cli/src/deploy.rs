@@ -74,7 +74,8 @@ fn collect(dir: &Path) -> Result<BTreeMap<String, String>, String> {
                 }
                 continue;
             }
-            let source = [".js", ".mjs", ".ts", ".mts"].iter().any(|ext| name.ends_with(ext)) && !name.ends_with(".d.ts");
+            let source =
+                [".js", ".mjs", ".ts", ".mts"].iter().any(|ext| name.ends_with(ext)) && !name.ends_with(".d.ts");
             if !source {
                 continue;
             }

@@ -32,7 +32,10 @@ const DEMO_BODY: &str = r#"{"type":"contact.updated","contact":{"id":"c_1","emai
 /// `examples/crm-contacts`, deployed to the demo integration on first start.
 const EXAMPLE: &[(&str, &str)] = &[
     ("index.js", include_str!("../../examples/crm-contacts/index.js")),
-    ("demo/models.js", include_str!("../../examples/crm-contacts/demo/models.js")),
+    (
+        "demo/models.js",
+        include_str!("../../examples/crm-contacts/demo/models.js"),
+    ),
     (
         "demo/syncs/contacts.js",
         include_str!("../../examples/crm-contacts/demo/syncs/contacts.js"),
@@ -153,7 +156,11 @@ async fn show_demo_record(api_url: &str, secret_key: &str) -> Result<(), Error> 
         let body: serde_json::Value = response.json().await?;
         let found = body["records"].as_array().is_some_and(|r| !r.is_empty());
         if found || tokio::time::Instant::now() >= deadline {
-            let shown = if found { body["records"][0].to_string() } else { body.to_string() };
+            let shown = if found {
+                body["records"][0].to_string()
+            } else {
+                body.to_string()
+            };
             println!("demo: worker -> GET {url}\n      -> {status} {shown}\n");
             if !found {
                 println!("demo: the record did not appear within 10 s\n");
@@ -175,7 +182,10 @@ async fn deploy_example(store: &Store, environment: &Environment, config: &Confi
     let project = tokio::task::spawn_blocking(move || hookyard_functions::compile::compile_project(files, &limits))
         .await?
         .map_err(|e| format!("the example function does not deploy: {e}"))?;
-    for change in store.deploy_functions(environment, &project.bundle, &project.syncs).await? {
+    for change in store
+        .deploy_functions(environment, &project.bundle, &project.syncs)
+        .await?
+    {
         println!(
             "deployed examples/crm-contacts: {}/{} v{}",
             change.integration, change.name, change.version

@@ -614,7 +614,10 @@ async fn worker_fixture(store: &Store, nats: &NatsServer, events: u64) -> async_
         &Default::default(),
     )
     .unwrap();
-    store.deploy_functions(&env, &project.bundle, &project.syncs).await.unwrap();
+    store
+        .deploy_functions(&env, &project.bundle, &project.syncs)
+        .await
+        .unwrap();
     let config = hookyard_core::Config {
         nats_url: nats.url.clone(),
         ..Default::default()
@@ -653,7 +656,11 @@ async fn a_worker_killed_between_commit_and_ack_applies_nothing_twice() {
     let store = Store::connect(&db.url, test_cipher()).await.unwrap();
     let jetstream = worker_fixture(&store, &nats, 500).await;
     let runs = || async {
-        hookyard_testkit::raw_texts(&db.url, "SELECT split_part(id, ':', 1) FROM records WHERE model = 'Run'").await
+        hookyard_testkit::raw_texts(
+            &db.url,
+            "SELECT split_part(id, ':', 1) FROM records WHERE model = 'Run'",
+        )
+        .await
     };
     let dir = tempfile::tempdir().unwrap();
     let env_vars = |fault: &str| {
@@ -671,13 +678,18 @@ async fn a_worker_killed_between_commit_and_ack_applies_nothing_twice() {
     let status = tokio::task::spawn_blocking(move || first.wait_exit()).await.unwrap();
     assert_eq!(status.signal(), Some(9), "{status:?}");
     let committed = runs().await.len();
-    assert!(committed > 0 && committed < 500, "one group committed before the kill: {committed}");
+    assert!(
+        committed > 0 && committed < 500,
+        "one group committed before the kill: {committed}"
+    );
 
     // Its events come back after the ack wait; their markers say they are done.
     let mut second = Process::spawn(&["worker"], &env_vars(""), dir.path());
-    eventually("the restarted worker to ack every event", Duration::from_secs(90), || async {
-        hookyard_worker::idle(&jetstream).await.ok().filter(|idle| *idle)
-    })
+    eventually(
+        "the restarted worker to ack every event",
+        Duration::from_secs(90),
+        || async { hookyard_worker::idle(&jetstream).await.ok().filter(|idle| *idle) },
+    )
     .await;
     let runs = runs().await;
     assert_eq!(runs.len(), 500, "every event applied once: none lost, none twice");
@@ -734,7 +746,10 @@ async fn deploy_sends_a_project_and_prints_what_changed() {
     std::fs::write(project.path().join("demo/models.js"), "export const Contact = {;").unwrap();
     let (status, _, stderr) = tokio::task::spawn_blocking(run).await.unwrap();
     assert_eq!(status.code(), Some(1));
-    assert!(stderr.contains("deploy refused (400 Bad Request): demo/models.js"), "{stderr}");
+    assert!(
+        stderr.contains("deploy refused (400 Bad Request): demo/models.js"),
+        "{stderr}"
+    );
     shutdown.cancel();
 }
 
@@ -758,7 +773,10 @@ async fn a_worker_killed_mid_retry_resumes_the_schedule_and_delivers_once() {
             let status = if flag.load(Ordering::SeqCst) { 200 } else { 503 };
             let kind = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["type"].clone();
             if kind == "forward" {
-                let id = headers.get("webhook-id").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+                let id = headers
+                    .get("webhook-id")
+                    .map(|v| v.to_str().unwrap().to_string())
+                    .unwrap_or_default();
                 seen.lock().unwrap().push((id, status));
             }
             std::future::ready(axum::http::StatusCode::from_u16(status).unwrap())
@@ -773,7 +791,11 @@ async fn a_worker_killed_mid_retry_resumes_the_schedule_and_delivers_once() {
         ..Default::default()
     };
     store
-        .set_forwarding(env.id, hookyard_core::store::forwarding::ForwardingScope::Environment, &forwarding)
+        .set_forwarding(
+            env.id,
+            hookyard_core::store::forwarding::ForwardingScope::Environment,
+            &forwarding,
+        )
         .await
         .unwrap();
     worker_fixture(&store, &nats, 1).await;
@@ -784,13 +806,19 @@ async fn a_worker_killed_mid_retry_resumes_the_schedule_and_delivers_once() {
         ("HOOKYARD_DATABASE_URL", db.url.clone()),
         ("HOOKYARD_FORWARDING__ALLOW_LOOPBACK", "true".into()),
         ("HOOKYARD_FORWARDING__JITTER", "false".into()),
-        ("HOOKYARD_FORWARDING__RETRY_DELAYS", r#"["300ms","300ms","300ms","300ms","300ms","300ms","300ms","300ms"]"#.into()),
+        (
+            "HOOKYARD_FORWARDING__RETRY_DELAYS",
+            r#"["300ms","300ms","300ms","300ms","300ms","300ms","300ms","300ms"]"#.into(),
+        ),
         ("HOOKYARD_FORWARDING__ATTEMPT_TIMEOUT", "1s".into()),
         ("HOOKYARD_FORWARDING__ACK_WAIT", "2s".into()),
     ];
     let mut first = Process::spawn(&["worker"], &env_vars, dir.path());
     let count = |hits: &Arc<Mutex<Vec<(String, u16)>>>| hits.lock().unwrap().len();
-    eventually("two failed attempts", Duration::from_secs(30), || async { (count(&hits) >= 2).then_some(()) }).await;
+    eventually("two failed attempts", Duration::from_secs(30), || async {
+        (count(&hits) >= 2).then_some(())
+    })
+    .await;
     first.signal("-KILL");
     first.wait_exit();
     let failed = count(&hits);
@@ -798,13 +826,24 @@ async fn a_worker_killed_mid_retry_resumes_the_schedule_and_delivers_once() {
 
     let mut second = Process::spawn(&["worker"], &env_vars, dir.path());
     eventually("the delivery to succeed", Duration::from_secs(30), || async {
-        hits.lock().unwrap().iter().any(|(_, status)| *status == 200).then_some(())
+        hits.lock()
+            .unwrap()
+            .iter()
+            .any(|(_, status)| *status == 200)
+            .then_some(())
     })
     .await;
     let hits = hits.lock().unwrap().clone();
     assert!(hits.len() > failed, "the restarted worker went on with the schedule");
-    assert!(hits.iter().all(|(id, _)| id == &hits[0].0 && id.starts_with("msg_")), "one webhook-id: {hits:?}");
-    assert_eq!(hits.iter().filter(|(_, s)| *s == 200).count(), 1, "delivered once: {hits:?}");
+    assert!(
+        hits.iter().all(|(id, _)| id == &hits[0].0 && id.starts_with("msg_")),
+        "one webhook-id: {hits:?}"
+    );
+    assert_eq!(
+        hits.iter().filter(|(_, s)| *s == 200).count(),
+        1,
+        "delivered once: {hits:?}"
+    );
     second.signal("-TERM");
     let status = tokio::task::spawn_blocking(move || second.wait_exit()).await.unwrap();
     assert!(status.success(), "exit status {status:?}");

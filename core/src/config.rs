@@ -416,7 +416,8 @@ impl Config {
             problems.push("worker.limits.stack_bytes must be between 64 KiB and 64 MiB".into());
         }
         if limits.cpu_budget < Duration::from_millis(1) || limits.timeout < limits.cpu_budget {
-            problems.push("worker.limits.cpu_budget must be at least 1ms and no more than worker.limits.timeout".into());
+            problems
+                .push("worker.limits.cpu_budget must be at least 1ms and no more than worker.limits.timeout".into());
         }
         // A running execution must never be redelivered to another worker.
         if worker.ack_wait < limits.timeout * 2 + Duration::from_secs(5) {
@@ -436,7 +437,9 @@ impl Config {
             problems.push("forwarding.retry_delays must each be at least 10ms".into());
         }
         if forwarding.concurrency_per_destination == 0 || forwarding.breaker_failures == 0 {
-            problems.push("forwarding.concurrency_per_destination and forwarding.breaker_failures must be at least 1".into());
+            problems.push(
+                "forwarding.concurrency_per_destination and forwarding.breaker_failures must be at least 1".into(),
+            );
         }
         if forwarding.ack_wait < forwarding.attempt_timeout * 2 {
             problems.push(format!(
@@ -543,8 +546,14 @@ mod tests {
             let message = Config::load().unwrap_err().to_string();
             assert!(message.contains("ingest.max_body_bytes is 10"), "{message}");
             assert!(message.contains("streams.replicas is 2"), "{message}");
-            assert!(message.contains("worker.ack_wait (60s) must exceed twice worker.limits.timeout (60s)"), "{message}");
-            assert!(message.contains("worker.retry_delays must each be at least 10ms"), "{message}");
+            assert!(
+                message.contains("worker.ack_wait (60s) must exceed twice worker.limits.timeout (60s)"),
+                "{message}"
+            );
+            assert!(
+                message.contains("worker.retry_delays must each be at least 10ms"),
+                "{message}"
+            );
             Ok(())
         });
     }

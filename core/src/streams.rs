@@ -87,6 +87,63 @@ pub enum StreamsError {
         stream: &'static str,
         source: async_nats::jetstream::context::CreateStreamError,
     },
+    #[error("cannot consume {stream} as {consumer}: {message}")]
+    Consume {
+        stream: String,
+        consumer: String,
+        message: String,
+    },
+}
+
+/// Runs `handle` on each message of the durable pull consumer `config` (created or
+/// updated) on `stream`, `concurrency` at once, until `shutdown`; messages in progress
+/// finish first. A failed pull is logged and retried after a second.
+pub async fn consume<F, Fut>(
+    jetstream: &jetstream::Context,
+    stream: &str,
+    config: jetstream::consumer::pull::Config,
+    concurrency: usize,
+    shutdown: tokio_util::sync::CancellationToken,
+    handle: F,
+) -> Result<(), StreamsError>
+where
+    F: Fn(jetstream::Message) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    use futures::StreamExt as _;
+    let consumer_name = config.durable_name.clone().unwrap_or_default();
+    let failed = |e: &dyn std::fmt::Display| StreamsError::Consume {
+        stream: stream.to_string(),
+        consumer: consumer_name.clone(),
+        message: e.to_string(),
+    };
+    let messages = jetstream
+        .get_stream(stream)
+        .await
+        .map_err(|e| failed(&e))?
+        .create_consumer(config)
+        .await
+        .map_err(|e| failed(&e))?
+        .messages()
+        .await
+        .map_err(|e| failed(&e))?;
+    tracing::info!("{consumer_name} consuming {stream}");
+    messages
+        .take_until(shutdown.cancelled_owned())
+        .for_each_concurrent(concurrency, |message| {
+            let handled = message.map(&handle);
+            async move {
+                match handled {
+                    Ok(handling) => handling.await,
+                    Err(error) => {
+                        tracing::warn!(%error, "pulling from {stream} failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        })
+        .await;
+    Ok(())
 }
 
 /// Connected NATS client and JetStream context.

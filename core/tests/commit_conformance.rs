@@ -41,10 +41,19 @@ fn unit(message: &str, records: Vec<RecordCall>) -> Unit {
 
 async fn records(store: &Store, connection: &str, env: i64) -> BTreeMap<String, (Value, LastAction)> {
     let page = store
-        .list_records(&scope(env, connection), &RecordQuery { limit: 1000, ..Default::default() })
+        .list_records(
+            &scope(env, connection),
+            &RecordQuery {
+                limit: 1000,
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
-    page.records.into_iter().map(|r| (r.id, (r.payload, r.last_action))).collect()
+    page.records
+        .into_iter()
+        .map(|r| (r.id, (r.payload, r.last_action)))
+        .collect()
 }
 
 async fn commits_apply_once_in_version_order(store: &Store) {
@@ -69,7 +78,10 @@ async fn commits_apply_once_in_version_order(store: &Store) {
         .unwrap();
     // Three messages over two connections; two of them write record 1 of `a`, the newer
     // one listed first; one sets metadata.
-    let mut with_metadata = unit("3:0:a", vec![save(env.id, "a", "1", json!({"id": "1", "v": "new"}), 3 << 16)]);
+    let mut with_metadata = unit(
+        "3:0:a",
+        vec![save(env.id, "a", "1", json!({"id": "1", "v": "new"}), 3 << 16)],
+    );
     with_metadata.metadata.push(MetadataCall {
         environment_id: env.id,
         integration: integration.unique_key.clone(),
@@ -80,27 +92,47 @@ async fn commits_apply_once_in_version_order(store: &Store) {
     let outcomes = store
         .commit(vec![
             with_metadata,
-            unit("2:0:a", vec![save(env.id, "a", "1", json!({"id": "1", "v": "old"}), 2 << 16)]),
+            unit(
+                "2:0:a",
+                vec![save(env.id, "a", "1", json!({"id": "1", "v": "old"}), 2 << 16)],
+            ),
             unit("2:0:b", vec![save(env.id, "b", "9", json!({"id": "9"}), 2 << 16)]),
         ])
         .await
         .unwrap();
-    assert!(outcomes.iter().all(|o| matches!(o, UnitOutcome::Applied { .. })), "{outcomes:?}");
-    let UnitOutcome::Applied { total: older, .. } = &outcomes[1] else { unreachable!() };
+    assert!(
+        outcomes.iter().all(|o| matches!(o, UnitOutcome::Applied { .. })),
+        "{outcomes:?}"
+    );
+    let UnitOutcome::Applied { total: older, .. } = &outcomes[1] else {
+        unreachable!()
+    };
     assert_eq!(older.added, 1, "the older write came first, and added the record");
-    let UnitOutcome::Applied { total: newer, per_call } = &outcomes[0] else { unreachable!() };
+    let UnitOutcome::Applied { total: newer, per_call } = &outcomes[0] else {
+        unreachable!()
+    };
     assert_eq!(newer.updated, 1, "the newer one then updated it");
     assert_eq!(per_call.len(), 1);
     let a = records(store, "a", env.id).await;
-    assert_eq!(a["1"], (json!({"id": "1", "v": "new"}), LastAction::Added), "added then updated reads as added");
+    assert_eq!(
+        a["1"],
+        (json!({"id": "1", "v": "new"}), LastAction::Added),
+        "added then updated reads as added"
+    );
     assert_eq!(records(store, "b", env.id).await.len(), 1);
-    let connection = store.existing_connection(env.id, &integration.unique_key, "a").await.unwrap();
+    let connection = store
+        .existing_connection(env.id, &integration.unique_key, "a")
+        .await
+        .unwrap();
     assert_eq!(connection.metadata, json!({"keep": 1, "cursor": "x"}));
 
     // Redelivered (same markers): nothing applied, even with other content.
     let again = store
         .commit(vec![
-            unit("2:0:a", vec![save(env.id, "a", "1", json!({"id": "1", "v": "replayed"}), 9 << 16)]),
+            unit(
+                "2:0:a",
+                vec![save(env.id, "a", "1", json!({"id": "1", "v": "replayed"}), 9 << 16)],
+            ),
             unit("4:0:a", vec![save(env.id, "a", "2", json!({"id": "2"}), 4 << 16)]),
         ])
         .await
@@ -111,15 +143,27 @@ async fn commits_apply_once_in_version_order(store: &Store) {
     assert_eq!(a["1"].0["v"], "new");
     assert!(a.contains_key("2"));
     let markers = [
-        Marker { consumer: "onWebhook:contacts".into(), message_id: "2:0:a".into() },
-        Marker { consumer: "onWebhook:contacts".into(), message_id: "7:0:a".into() },
+        Marker {
+            consumer: "onWebhook:contacts".into(),
+            message_id: "2:0:a".into(),
+        },
+        Marker {
+            consumer: "onWebhook:contacts".into(),
+            message_id: "7:0:a".into(),
+        },
     ];
     let done = store.processed(&markers).await.unwrap();
     assert!(done.contains(&markers[0]) && !done.contains(&markers[1]));
 
     // An older write after a newer one is stale; metadata of a deleted connection is skipped.
-    store.delete_connection(env.id, &integration.unique_key, "a").await.unwrap();
-    let mut late = unit("1:0:a", vec![save(env.id, "a", "1", json!({"id": "1", "v": "oldest"}), 1 << 16)]);
+    store
+        .delete_connection(env.id, &integration.unique_key, "a")
+        .await
+        .unwrap();
+    let mut late = unit(
+        "1:0:a",
+        vec![save(env.id, "a", "1", json!({"id": "1", "v": "oldest"}), 1 << 16)],
+    );
     late.metadata.push(MetadataCall {
         environment_id: env.id,
         integration: integration.unique_key.clone(),
@@ -128,7 +172,10 @@ async fn commits_apply_once_in_version_order(store: &Store) {
         how: MetadataWrite::Replace,
     });
     let outcome = store.commit(vec![late]).await.unwrap();
-    assert!(matches!(&outcome[0], UnitOutcome::Applied { total, .. } if total.skipped_stale == 1), "{outcome:?}");
+    assert!(
+        matches!(&outcome[0], UnitOutcome::Applied { total, .. } if total.skipped_stale == 1),
+        "{outcome:?}"
+    );
     assert_eq!(records(store, "a", env.id).await["1"].0["v"], "new");
 
     // A dead letter is committed with its marker.
@@ -147,14 +194,23 @@ async fn commits_apply_once_in_version_order(store: &Store) {
         error: "Error: no".into(),
         attempts: 4,
     };
-    let dead = Unit { dead_letter: Some(letter.clone()), ..unit("5:0:b", vec![]) };
+    let dead = Unit {
+        dead_letter: Some(letter.clone()),
+        ..unit("5:0:b", vec![])
+    };
     store.commit(vec![dead.clone()]).await.unwrap();
     assert_eq!(store.commit(vec![dead]).await.unwrap()[0], UnitOutcome::AlreadyDone);
     let letters = store.dead_letters("dev", 10).await.unwrap();
     assert_eq!(letters.len(), 1, "a redelivered dead letter is not stored twice");
     assert_eq!(letters[0].letter, letter);
 
-    assert_eq!(store.prune_processed(chrono::Utc::now() + chrono::Duration::seconds(1)).await.unwrap(), 6);
+    assert_eq!(
+        store
+            .prune_processed(chrono::Utc::now() + chrono::Duration::seconds(1))
+            .await
+            .unwrap(),
+        6
+    );
     assert!(store.processed(&markers).await.unwrap().is_empty());
 }
 
@@ -174,20 +230,36 @@ async fn deploys_version_changed_syncs(store: &Store) {
         config: json!({"webhookSubscriptions": ["*"]}),
     };
     let revision = store.functions_revision().await.unwrap();
-    let changes = store.deploy_functions(&env, &bundle("1"), &[sync("a", "h1"), sync("b", "h1")]).await.unwrap();
+    let changes = store
+        .deploy_functions(&env, &bundle("1"), &[sync("a", "h1"), sync("b", "h1")])
+        .await
+        .unwrap();
     assert!(changes.iter().all(|c| c.change == SyncChange::Added && c.version == 1));
     assert!(store.functions_revision().await.unwrap() > revision);
-    let changes = store.deploy_functions(&env, &bundle("2"), &[sync("a", "h2"), sync("c", "h1")]).await.unwrap();
+    let changes = store
+        .deploy_functions(&env, &bundle("2"), &[sync("a", "h2"), sync("c", "h1")])
+        .await
+        .unwrap();
     let summary: Vec<(&str, i32, SyncChange)> =
         changes.iter().map(|c| (c.name.as_str(), c.version, c.change)).collect();
     assert_eq!(
         summary,
-        vec![("a", 2, SyncChange::Updated), ("c", 1, SyncChange::Added), ("b", 1, SyncChange::Removed)]
+        vec![
+            ("a", 2, SyncChange::Updated),
+            ("c", 1, SyncChange::Added),
+            ("b", 1, SyncChange::Removed)
+        ]
     );
-    let changes = store.deploy_functions(&env, &bundle("2"), &[sync("a", "h2"), sync("c", "h1")]).await.unwrap();
+    let changes = store
+        .deploy_functions(&env, &bundle("2"), &[sync("a", "h2"), sync("c", "h1")])
+        .await
+        .unwrap();
     assert!(changes.iter().all(|c| c.change == SyncChange::Unchanged), "{changes:?}");
     let live = store.functions(env.id).await.unwrap();
-    assert_eq!(live.iter().map(|f| (f.name.as_str(), f.version)).collect::<Vec<_>>(), vec![("a", 2), ("c", 1)]);
+    assert_eq!(
+        live.iter().map(|f| (f.name.as_str(), f.version)).collect::<Vec<_>>(),
+        vec![("a", 2), ("c", 1)]
+    );
     let stored = store.function_bundle("bundle-2").await.unwrap();
     assert_eq!(stored, bundle("2"));
     assert!(store.all_functions().await.unwrap().len() >= 2);

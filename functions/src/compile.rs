@@ -53,7 +53,10 @@ pub fn compile_project(files: BTreeMap<String, String>, limits: &Limits) -> Resu
     for (path, source) in files {
         let path = normalise(&path)?;
         if path.ends_with(".ts") || path.ends_with(".mts") {
-            return Err(at(&path, "TypeScript is not deployed yet: deploy the compiled JavaScript"));
+            return Err(at(
+                &path,
+                "TypeScript is not deployed yet: deploy the compiled JavaScript",
+            ));
         }
         if !path.ends_with(".js") && !path.ends_with(".mjs") {
             return Err(at(&path, "only JavaScript modules (.js, .mjs) are deployed"));
@@ -147,9 +150,12 @@ fn sync_entries(
         .into_iter()
         .map(|entry| {
             let (integration, name) = sync_place(&entry).expect("filtered above");
-            let integration: IntegrationKey = integration
-                .parse()
-                .map_err(|e| at(&entry, format!("the folder {integration:?} is not an integration key: {e}")))?;
+            let integration: IntegrationKey = integration.parse().map_err(|e| {
+                at(
+                    &entry,
+                    format!("the folder {integration:?} is not an integration key: {e}"),
+                )
+            })?;
             Ok((entry.clone(), integration, name.to_string()))
         })
         .collect()
@@ -172,7 +178,9 @@ fn normalise(path: &str) -> Result<String, DeployError> {
     let bad = trimmed.is_empty()
         || trimmed.starts_with('/')
         || trimmed.contains('\\')
-        || trimmed.split('/').any(|part| part.is_empty() || part == "." || part == "..");
+        || trimmed
+            .split('/')
+            .any(|part| part.is_empty() || part == "." || part == "..");
     if bad {
         return Err(at(path, "file paths must be relative, without . or .. segments"));
     }
@@ -188,7 +196,9 @@ fn read_config(export: &Object<'_>) -> Result<serde_json::Value, String> {
         ));
     }
     let text = |name: &str| -> Result<Option<String>, String> {
-        export.get::<_, Option<String>>(name).map_err(|_| format!("{name} must be a string"))
+        export
+            .get::<_, Option<String>>(name)
+            .map_err(|_| format!("{name} must be a string"))
     };
     let function = |name: &str| -> Result<bool, String> {
         let value: Value = export.get(name).map_err(|e| e.to_string())?;

@@ -27,7 +27,11 @@ pub(crate) struct Export<'js> {
 
 impl Loaded {
     /// Evaluates `entry` from `code` and keeps its `onWebhook`.
-    pub(crate) fn load(code: Arc<BTreeMap<String, Vec<u8>>>, entry: &str, limits: &Limits) -> Result<Loaded, FunctionError> {
+    pub(crate) fn load(
+        code: Arc<BTreeMap<String, Vec<u8>>>,
+        entry: &str,
+        limits: &Limits,
+    ) -> Result<Loaded, FunctionError> {
         let sandbox = Sandbox::new(code, limits)?;
         let (handler, run) = sandbox.context.with(|ctx| {
             let export = evaluate_entry(&ctx, &sandbox, entry, limits)?;
@@ -39,10 +43,7 @@ impl Loaded {
             let run: Function = engine
                 .get("run")
                 .map_err(|e| FunctionError::new(ErrorKind::Internal, format!("engine runner missing: {e}")))?;
-            Ok::<_, FunctionError>((
-                handler.map(|h| Persistent::save(&ctx, h)),
-                Persistent::save(&ctx, run),
-            ))
+            Ok::<_, FunctionError>((handler.map(|h| Persistent::save(&ctx, h)), Persistent::save(&ctx, run)))
         })?;
         Ok(Loaded { handler, run, sandbox })
     }
@@ -50,7 +51,10 @@ impl Loaded {
     /// Runs `onWebhook(nango, payload)` to completion; its effects, or why it failed.
     pub(crate) fn execute(&self, invocation: &Invocation, limits: &Limits) -> Result<Effects, FunctionError> {
         let Some(handler) = &self.handler else {
-            return Err(FunctionError::new(ErrorKind::Thrown, "the sync has no onWebhook handler"));
+            return Err(FunctionError::new(
+                ErrorKind::Thrown,
+                "the sync has no onWebhook handler",
+            ));
         };
         let budget = &self.sandbox.budget;
         budget.arm(limits);
@@ -85,7 +89,6 @@ impl Loaded {
         budget.disarm();
         result
     }
-
 }
 
 fn internal(e: rquickjs::Error) -> FunctionError {
@@ -101,7 +104,10 @@ pub(crate) fn evaluate_entry<'js>(
     limits: &Limits,
 ) -> Result<Export<'js>, FunctionError> {
     if !sandbox.modules.code.contains_key(entry) {
-        return Err(FunctionError::new(ErrorKind::Internal, format!("module {entry} is not in the bundle")));
+        return Err(FunctionError::new(
+            ErrorKind::Internal,
+            format!("module {entry} is not in the bundle"),
+        ));
     }
     let budget = &sandbox.budget;
     budget.arm(limits);
@@ -133,7 +139,12 @@ pub(crate) fn evaluate_entry<'js>(
 
 /// Runs jobs and timers until `promise` settles, the budget runs out, or nothing is
 /// left that could settle it.
-fn settle<'js>(ctx: &Ctx<'js>, promise: &Promise<'js>, budget: &Budget, limits: &Limits) -> Result<Value<'js>, FunctionError> {
+fn settle<'js>(
+    ctx: &Ctx<'js>,
+    promise: &Promise<'js>,
+    budget: &Budget,
+    limits: &Limits,
+) -> Result<Value<'js>, FunctionError> {
     loop {
         while ctx.execute_pending_job() {}
         if let Some(result) = promise.result::<Value>() {
@@ -145,7 +156,12 @@ fn settle<'js>(ctx: &Ctx<'js>, promise: &Promise<'js>, budget: &Budget, limits: 
         // An exception no promise took (out of memory inside a job, say).
         let pending = ctx.catch();
         if !pending.type_of().is_void() {
-            return Err(describe(ctx, CaughtError::from_error(ctx, ctx.throw(pending)), budget, limits));
+            return Err(describe(
+                ctx,
+                CaughtError::from_error(ctx, ctx.throw(pending)),
+                budget,
+                limits,
+            ));
         }
         let timers: Object = ctx.globals().get("__hookyard").map_err(internal)?;
         let next: f64 = timers
@@ -158,7 +174,10 @@ fn settle<'js>(ctx: &Ctx<'js>, promise: &Promise<'js>, budget: &Budget, limits: 
                 "its promise can never settle: it awaits something that no job or timer will complete",
             ));
         }
-        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as f64;
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as f64;
         let wait = Duration::from_millis((next - now_ms).max(0.0) as u64);
         let remaining = budget.remaining();
         if wait >= remaining {
@@ -207,7 +226,8 @@ struct RawMetadata {
 
 /// The runner's JSON, typed. The prelude checked ids already; numbers become strings.
 fn parse_effects(text: &str) -> Result<Effects, FunctionError> {
-    let raw: RawEffects = serde_json::from_str(text).map_err(|e| FunctionError::new(ErrorKind::Internal, format!("effects: {e}")))?;
+    let raw: RawEffects =
+        serde_json::from_str(text).map_err(|e| FunctionError::new(ErrorKind::Internal, format!("effects: {e}")))?;
     let writes = raw
         .writes
         .into_iter()
@@ -240,7 +260,11 @@ fn parse_effects(text: &str) -> Result<Effects, FunctionError> {
         .metadata
         .into_iter()
         .map(|m| {
-            let how = if m.how == "replace" { MetadataWrite::Replace } else { MetadataWrite::Merge };
+            let how = if m.how == "replace" {
+                MetadataWrite::Replace
+            } else {
+                MetadataWrite::Merge
+            };
             (how, m.value)
         })
         .collect();

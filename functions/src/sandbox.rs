@@ -51,8 +51,10 @@ fn thread_cpu_now() -> u64 {
 impl Budget {
     pub(crate) fn arm(&self, limits: &Limits) {
         self.tripped.store(NOT_TRIPPED, Ordering::Relaxed);
-        self.cpu_deadline
-            .store(thread_cpu_now() + limits.cpu_budget.as_nanos() as u64, Ordering::Relaxed);
+        self.cpu_deadline.store(
+            thread_cpu_now() + limits.cpu_budget.as_nanos() as u64,
+            Ordering::Relaxed,
+        );
         self.wall_deadline
             .store(wall_now() + limits.timeout.as_nanos() as u64, Ordering::Relaxed);
     }
@@ -249,7 +251,12 @@ fn seed_math_random(ctx: &Ctx<'_>) -> rquickjs::Result<()> {
 }
 
 /// Describes a caught JS error (or the limit it hit) as a function error.
-pub(crate) fn describe<'js>(ctx: &Ctx<'js>, error: CaughtError<'js>, budget: &Budget, limits: &Limits) -> FunctionError {
+pub(crate) fn describe<'js>(
+    ctx: &Ctx<'js>,
+    error: CaughtError<'js>,
+    budget: &Budget,
+    limits: &Limits,
+) -> FunctionError {
     if let Some(timeout) = budget.tripped(limits) {
         return timeout;
     }
@@ -298,13 +305,27 @@ mod tests {
 
     #[test]
     fn imports_resolve_within_the_deploy_only() {
-        let files = ["hubspot/syncs/contacts.js", "hubspot/models.js", "lib/index.js", "util.js"];
+        let files = [
+            "hubspot/syncs/contacts.js",
+            "hubspot/models.js",
+            "lib/index.js",
+            "util.js",
+        ];
         let exists = |p: &str| files.contains(&p);
         let resolve = |base, name| resolve_import(base, name, exists);
         assert_eq!(resolve("hubspot/syncs/contacts.js", "nango").as_deref(), Some("nango"));
-        assert_eq!(resolve("hubspot/syncs/contacts.js", "../models.js").as_deref(), Some("hubspot/models.js"));
-        assert_eq!(resolve("hubspot/syncs/contacts.js", "../models").as_deref(), Some("hubspot/models.js"));
-        assert_eq!(resolve("hubspot/syncs/contacts.js", "../../lib").as_deref(), Some("lib/index.js"));
+        assert_eq!(
+            resolve("hubspot/syncs/contacts.js", "../models.js").as_deref(),
+            Some("hubspot/models.js")
+        );
+        assert_eq!(
+            resolve("hubspot/syncs/contacts.js", "../models").as_deref(),
+            Some("hubspot/models.js")
+        );
+        assert_eq!(
+            resolve("hubspot/syncs/contacts.js", "../../lib").as_deref(),
+            Some("lib/index.js")
+        );
         assert_eq!(resolve("index.js", "./util.js").as_deref(), Some("util.js"));
         assert_eq!(resolve("index.js", "../escape.js"), None, "no way out of the deploy");
         assert_eq!(resolve("index.js", "fs"), None);

@@ -21,19 +21,29 @@ fn limits() -> Limits {
 }
 
 fn project(files: &[(&str, &str)]) -> Project {
-    compile_project(files.iter().map(|(p, s)| (p.to_string(), s.to_string())).collect(), &limits())
-        .unwrap_or_else(|e| panic!("deploy failed: {e}"))
+    compile_project(
+        files.iter().map(|(p, s)| (p.to_string(), s.to_string())).collect(),
+        &limits(),
+    )
+    .unwrap_or_else(|e| panic!("deploy failed: {e}"))
 }
 
 fn deploy_error(files: &[(&str, &str)]) -> String {
-    compile_project(files.iter().map(|(p, s)| (p.to_string(), s.to_string())).collect(), &limits())
-        .map(|_| ())
-        .expect_err("the deploy should fail")
-        .to_string()
+    compile_project(
+        files.iter().map(|(p, s)| (p.to_string(), s.to_string())).collect(),
+        &limits(),
+    )
+    .map(|_| ())
+    .expect_err("the deploy should fail")
+    .to_string()
 }
 
 fn code(project: &Project, name: &str) -> Arc<SyncCode> {
-    let sync = project.syncs.iter().find(|s| s.name == name).expect("the sync is deployed");
+    let sync = project
+        .syncs
+        .iter()
+        .find(|s| s.name == name)
+        .expect("the sync is deployed");
     Arc::new(SyncCode {
         key: format!("{}/{}", project.bundle.hash, sync.entry),
         modules: Arc::new(project.bundle.modules.clone()),
@@ -47,7 +57,9 @@ fn invocation(payload: serde_json::Value) -> Invocation {
         connection_id: "conn-1".into(),
         provider_config_key: "crm".into(),
         metadata: json!({"region": "eu"}).to_string().into(),
-        connection: json!({"connection_id": "conn-1", "metadata": {"region": "eu"}}).to_string().into(),
+        connection: json!({"connection_id": "conn-1", "metadata": {"region": "eu"}})
+            .to_string()
+            .into(),
         models: json!(["Contact"]).to_string().into(),
     }
 }
@@ -95,7 +107,10 @@ async fn a_sync_compiles_once_and_its_handler_collects_writes_metadata_and_logs(
     assert_eq!(project.syncs.len(), 1);
     let sync = &project.syncs[0];
     assert_eq!((sync.integration.as_str(), sync.name.as_str()), ("crm", "contacts"));
-    assert_eq!(sync.config["webhookSubscriptions"], json!(["contact.updated", "contact.deleted"]));
+    assert_eq!(
+        sync.config["webhookSubscriptions"],
+        json!(["contact.updated", "contact.deleted"])
+    );
     assert_eq!(sync.config["models"], json!(["Contact"]));
     assert_eq!(sync.config["frequency"], json!("every hour"));
     assert_eq!(sync.config["exec"], json!(true));
@@ -115,11 +130,17 @@ async fn a_sync_compiles_once_and_its_handler_collects_writes_metadata_and_logs(
         effects.writes[0].records,
         vec![("7".to_string(), json!({"id": 7, "email": "a@x", "region": "eu"}))]
     );
-    assert_eq!(effects.metadata, vec![(MetadataWrite::Merge, json!({"last": 7}).as_object().unwrap().clone())]);
+    assert_eq!(
+        effects.metadata,
+        vec![(MetadataWrite::Merge, json!({"last": 7}).as_object().unwrap().clone())]
+    );
     assert_eq!(effects.logs[0].message, "handling contact.updated");
 
     let effects = pool
-        .execute(code(&project, "contacts"), invocation(json!({"type": "contact.deleted", "contact": {"id": "9"}})))
+        .execute(
+            code(&project, "contacts"),
+            invocation(json!({"type": "contact.deleted", "contact": {"id": "9"}})),
+        )
         .await
         .unwrap();
     assert_eq!(effects.writes[0].kind, WriteKind::Delete);
@@ -129,19 +150,49 @@ async fn a_sync_compiles_once_and_its_handler_collects_writes_metadata_and_logs(
 #[tokio::test]
 async fn each_failure_has_its_kind_and_the_pool_keeps_working() {
     let project = project(&[
-        ("crm/syncs/throws.js", &sync_with("throw new Error('provider said no');")),
-        ("crm/syncs/rejects.js", &sync_with("await Promise.reject(new TypeError('bad input'));")),
+        (
+            "crm/syncs/throws.js",
+            &sync_with("throw new Error('provider said no');"),
+        ),
+        (
+            "crm/syncs/rejects.js",
+            &sync_with("await Promise.reject(new TypeError('bad input'));"),
+        ),
         ("crm/syncs/loops.js", &sync_with("while (true) {}")),
-        ("crm/syncs/catches_loop.js", &sync_with("try { while (true) {} } catch (e) {} await nango.batchSave([{id: 'x'}], 'Contact');")),
-        ("crm/syncs/waits.js", &sync_with("await new Promise((r) => setTimeout(r, 60000));")),
+        (
+            "crm/syncs/catches_loop.js",
+            &sync_with("try { while (true) {} } catch (e) {} await nango.batchSave([{id: 'x'}], 'Contact');"),
+        ),
+        (
+            "crm/syncs/waits.js",
+            &sync_with("await new Promise((r) => setTimeout(r, 60000));"),
+        ),
         ("crm/syncs/never.js", &sync_with("await new Promise(() => {});")),
-        ("crm/syncs/recurses.js", &sync_with("const f = (n) => f(n + 1) + 1; f(0);")),
-        ("crm/syncs/allocates.js", &sync_with("const keep = []; while (true) keep.push(new Array(100000).fill(1));")),
+        (
+            "crm/syncs/recurses.js",
+            &sync_with("const f = (n) => f(n + 1) + 1; f(0);"),
+        ),
+        (
+            "crm/syncs/allocates.js",
+            &sync_with("const keep = []; while (true) keep.push(new Array(100000).fill(1));"),
+        ),
         ("crm/syncs/evals.js", &sync_with("eval('1');")),
-        ("crm/syncs/constructs.js", &sync_with("(function(){}).constructor('return 1')();")),
-        ("crm/syncs/bad_model.js", &sync_with("await nango.batchSave([{id: 1}], 'Company');")),
-        ("crm/syncs/no_id.js", &sync_with("await nango.batchSave([{name: 'x'}], 'Contact');")),
-        ("crm/syncs/ok.js", &sync_with("await nango.batchSave([{id: 'fine'}], 'Contact');")),
+        (
+            "crm/syncs/constructs.js",
+            &sync_with("(function(){}).constructor('return 1')();"),
+        ),
+        (
+            "crm/syncs/bad_model.js",
+            &sync_with("await nango.batchSave([{id: 1}], 'Company');"),
+        ),
+        (
+            "crm/syncs/no_id.js",
+            &sync_with("await nango.batchSave([{name: 'x'}], 'Contact');"),
+        ),
+        (
+            "crm/syncs/ok.js",
+            &sync_with("await nango.batchSave([{id: 'fine'}], 'Contact');"),
+        ),
     ]);
     let pool = Pool::new(2, limits());
     let run = |name: &str| pool.execute(code(&project, name), invocation(json!({})));
@@ -156,7 +207,11 @@ async fn each_failure_has_its_kind_and_the_pool_keeps_working() {
         ("allocates", ErrorKind::OutOfMemory, "out of memory"),
         ("evals", ErrorKind::Thrown, "eval"),
         ("constructs", ErrorKind::Thrown, "code generation from strings"),
-        ("bad_model", ErrorKind::Thrown, "model \"Company\" is not one of this sync's models"),
+        (
+            "bad_model",
+            ErrorKind::Thrown,
+            "model \"Company\" is not one of this sync's models",
+        ),
         ("no_id", ErrorKind::Thrown, "every record needs an id"),
     ];
     for (name, kind, text) in cases {
@@ -164,7 +219,11 @@ async fn each_failure_has_its_kind_and_the_pool_keeps_working() {
         let error = run(name).await.expect_err(name);
         assert_eq!(error.kind, kind, "{name}: {error}");
         assert!(error.message.contains(text), "{name}: {error}");
-        assert!(started.elapsed() < Duration::from_secs(5), "{name} took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{name} took {:?}",
+            started.elapsed()
+        );
         // The pool still runs good code after each failure, on every thread.
         for _ in 0..pool.threads() {
             let effects = run("ok").await.expect("a good function still runs");
@@ -176,28 +235,49 @@ async fn each_failure_has_its_kind_and_the_pool_keeps_working() {
 #[test]
 fn bad_deploys_name_the_file_and_the_problem() {
     let cases: Vec<(Vec<(&str, String)>, &str)> = vec![
-        (vec![("crm/syncs/a.js", "export default createSync({".into())], "invalid property name\n    at crm/syncs/a.js:1:15"),
+        (
+            vec![("crm/syncs/a.js", "export default createSync({".into())],
+            "invalid property name\n    at crm/syncs/a.js:1:15",
+        ),
         (
             vec![("crm/syncs/a.js", "import { x } from 'fs'; export default {};".into())],
             "crm/syncs/a.js: ",
         ),
         (
-            vec![("crm/syncs/a.js", "export default { type: 'sync', webhookSubscriptions: 'contact.updated', onWebhook() {} };".into())],
+            vec![(
+                "crm/syncs/a.js",
+                "export default { type: 'sync', webhookSubscriptions: 'contact.updated', onWebhook() {} };".into(),
+            )],
             "crm/syncs/a.js: webhookSubscriptions must be an array",
         ),
         (
-            vec![("crm/syncs/a.js", "export default { webhookSubscriptions: ['x'] };".into())],
+            vec![(
+                "crm/syncs/a.js",
+                "export default { webhookSubscriptions: ['x'] };".into(),
+            )],
             "crm/syncs/a.js: it subscribes to webhooks (webhookSubscriptions) but has no onWebhook",
         ),
         (
             vec![("crm/syncs/a.js", "throw new Error('top level');".into())],
             "crm/syncs/a.js: thrown: Error: top level",
         ),
-        (vec![("crm/syncs/a.js", "while (true) {}".into())], "crm/syncs/a.js: timeout"),
-        (vec![("crm/syncs/a.ts", "export default {}".into())], "crm/syncs/a.ts: TypeScript"),
+        (
+            vec![("crm/syncs/a.js", "while (true) {}".into())],
+            "crm/syncs/a.js: timeout",
+        ),
+        (
+            vec![("crm/syncs/a.ts", "export default {}".into())],
+            "crm/syncs/a.ts: TypeScript",
+        ),
         (vec![("crm/helpers.js", "export const x = 1;".into())], "no syncs found"),
-        (vec![("../crm/syncs/a.js", "export default {}".into())], "must be relative"),
-        (vec![("CRM Inc/syncs/a.js", "export default {}".into())], "is not an integration key"),
+        (
+            vec![("../crm/syncs/a.js", "export default {}".into())],
+            "must be relative",
+        ),
+        (
+            vec![("CRM Inc/syncs/a.js", "export default {}".into())],
+            "is not an integration key",
+        ),
     ];
     for (files, expected) in cases {
         let files: Vec<(&str, &str)> = files.iter().map(|(p, s)| (*p, s.as_str())).collect();
@@ -208,7 +288,8 @@ fn bad_deploys_name_the_file_and_the_problem() {
 
 #[test]
 fn index_js_chooses_the_syncs_and_an_object_export_is_a_sync_too() {
-    let plain = "export default { type: 'sync', models: ['Contact'], webhookSubscriptions: ['*'], onWebhook: async () => {} };";
+    let plain =
+        "export default { type: 'sync', models: ['Contact'], webhookSubscriptions: ['*'], onWebhook: async () => {} };";
     let project = project(&[
         ("index.js", "import './crm/syncs/contacts.js';"),
         ("crm/syncs/contacts.js", plain),
@@ -220,7 +301,10 @@ fn index_js_chooses_the_syncs_and_an_object_export_is_a_sync_too() {
 
     // The code hash covers what a sync loads, not its siblings.
     let a = self::project(&[("crm/syncs/a.js", plain), ("crm/syncs/b.js", plain)]);
-    let b = self::project(&[("crm/syncs/a.js", plain), ("crm/syncs/b.js", &format!("{plain}\n// changed"))]);
+    let b = self::project(&[
+        ("crm/syncs/a.js", plain),
+        ("crm/syncs/b.js", &format!("{plain}\n// changed")),
+    ]);
     let hash = |p: &Project, name: &str| p.syncs.iter().find(|s| s.name == name).unwrap().code_hash.clone();
     assert_eq!(hash(&a, "a"), hash(&b, "a"));
     assert_ne!(hash(&a, "b"), hash(&b, "b"));
@@ -229,7 +313,10 @@ fn index_js_chooses_the_syncs_and_an_object_export_is_a_sync_too() {
 
 #[tokio::test]
 async fn math_random_differs_between_sandboxes_made_at_once() {
-    let project = project(&[("crm/syncs/r.js", &sync_with("await nango.batchSave([{id: String(Math.random())}], 'Contact');"))]);
+    let project = project(&[(
+        "crm/syncs/r.js",
+        &sync_with("await nango.batchSave([{id: String(Math.random())}], 'Contact');"),
+    )]);
     let pool = Pool::new(4, limits());
     let runs = (0..8).map(|_| pool.execute(code(&project, "r"), invocation(json!({}))));
     let ids: std::collections::HashSet<String> = futures::future::join_all(runs)

@@ -12,13 +12,12 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{self, AckKind};
-use futures::StreamExt;
 use hookyard_core::config::RouterConfig;
 use hookyard_core::providers::events::events;
 use hookyard_core::providers::{Catalog, CatalogError, Inbound, Route};
 use hookyard_core::routed::RoutedEvent;
 use hookyard_core::store::StoreError;
-use hookyard_core::streams::{Bus, StreamsError, RAW_STREAM};
+use hookyard_core::streams::{consume, Bus, StreamsError, RAW_STREAM};
 use hookyard_core::trace_context::{continue_trace, current_traceparent};
 use hookyard_core::{Config, Envelope, Store};
 use tokio_util::sync::CancellationToken;
@@ -78,37 +77,22 @@ impl Router {
 
     /// Consumes `HOOKS_RAW` until `shutdown`; messages in progress finish first.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), RouterError> {
-        let stream = self.jetstream.get_stream(RAW_STREAM).await.map_err(jetstream_error)?;
         // Create or update: a changed `router.ack_wait` takes effect at the next start.
-        let consumer = stream
-            .create_consumer(pull::Config {
-                durable_name: Some(CONSUMER.into()),
-                description: Some("hookyard router".into()),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: self.config.ack_wait,
-                deliver_policy: DeliverPolicy::All,
-                max_ack_pending: 4 * CONCURRENCY as i64,
-                ..Default::default()
-            })
-            .await
-            .map_err(jetstream_error)?;
-        let messages = consumer.messages().await.map_err(jetstream_error)?;
-        tracing::info!("router consuming {RAW_STREAM}");
-        messages
-            .take_until(shutdown.cancelled_owned())
-            .for_each_concurrent(CONCURRENCY, |message| {
-                let router = self.clone();
-                async move {
-                    match message {
-                        Ok(message) => router.handle(message).await,
-                        Err(error) => {
-                            tracing::warn!(%error, "pulling from {RAW_STREAM} failed; retrying");
-                            tokio::time::sleep(RETRY_DELAY).await;
-                        }
-                    }
-                }
-            })
-            .await;
+        let config = pull::Config {
+            durable_name: Some(CONSUMER.into()),
+            description: Some("hookyard router".into()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: self.config.ack_wait,
+            deliver_policy: DeliverPolicy::All,
+            max_ack_pending: 4 * CONCURRENCY as i64,
+            ..Default::default()
+        };
+        let jetstream = self.jetstream.clone();
+        consume(&jetstream, RAW_STREAM, config, CONCURRENCY, shutdown, |message| {
+            let router = self.clone();
+            async move { router.handle(message).await }
+        })
+        .await?;
         tracing::info!("router stopped");
         Ok(())
     }

@@ -70,23 +70,32 @@ impl Receiver {
     }
 
     async fn wait_hits(&self, count: usize) -> Vec<Hit> {
-        eventually(&format!("{count} requests at the receiver"), Duration::from_secs(60), || async {
-            let hits = self.hits();
-            (hits.len() >= count).then_some(hits)
-        })
+        eventually(
+            &format!("{count} requests at the receiver"),
+            Duration::from_secs(60),
+            || async {
+                let hits = self.hits();
+                (hits.len() >= count).then_some(hits)
+            },
+        )
         .await
     }
 }
 
 fn header(hit: &Hit, name: &str) -> String {
-    hit.headers.get(name).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default()
+    hit.headers
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
 }
 
 /// Fast retries, loopback allowed, no jitter (the tests time retries).
 fn forwarding_config(config: &mut Config) {
     config.forwarding.allow_loopback = true;
     config.forwarding.jitter = false;
-    config.forwarding.retry_delays = [100, 200, 300, 5000].map(|ms| Duration::from_millis(ms).into()).to_vec();
+    config.forwarding.retry_delays = [100, 200, 300, 5000]
+        .map(|ms| Duration::from_millis(ms).into())
+        .to_vec();
     config.forwarding.attempt_timeout = Duration::from_secs(2);
     config.forwarding.ack_wait = Duration::from_secs(4);
 }
@@ -102,30 +111,35 @@ async fn forward_to(h: &Harness, urls: &[&str]) {
         .unwrap();
 }
 
-/// A webhook as ingest stores it in `HOOKS_RAW`, then its routed event for `c0`.
-async fn webhook(h: &Harness, n: u64, body: &Value, headers: &[(&str, &str)]) {
+/// A webhook as ingest stores it in `HOOKS_RAW`; its sequence.
+async fn store_raw(h: &Harness, body: &[u8], headers: &[(&str, &str)]) -> u64 {
     let envelope = Envelope {
         environment: "dev".parse().unwrap(),
         integration: "crm".parse().unwrap(),
         received_at: chrono::Utc::now(),
-        delivery_id: format!("d{n}"),
+        delivery_id: format!("d-{}", uuid::Uuid::new_v4()),
         method: "POST".into(),
         path: None,
         query: None,
         headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-        body: serde_json::to_vec(body).unwrap().into(),
+        body: body.to_vec().into(),
         verification: hookyard_core::providers::Verification::Unsigned,
         traceparent: None,
     };
-    let ack = h
-        .bus
+    h.bus
         .jetstream
         .publish_with_headers(envelope.subject(), envelope.to_headers(), envelope.body.clone())
         .await
         .unwrap()
         .await
-        .unwrap();
-    h.publish([(ack.sequence, "c0", "contact.updated", body.clone())]).await;
+        .unwrap()
+        .sequence
+}
+
+/// A webhook stored in `HOOKS_RAW`, then its routed event for `c0`.
+async fn webhook(h: &Harness, body: &Value, headers: &[(&str, &str)]) {
+    let sequence = store_raw(h, &serde_json::to_vec(body).unwrap(), headers).await;
+    h.publish([(sequence, "c0", "contact.updated", body.clone())]).await;
 }
 
 /// Waits until the forwarder and the deliverer hold nothing pending or unacked.
@@ -133,9 +147,19 @@ async fn forwarding_idle(h: &Harness) {
     use async_nats::jetstream::consumer::pull::Config as Pull;
     use hookyard_core::streams::{CONN_STREAM, FWD_STREAM};
     eventually("forwarding to settle", Duration::from_secs(30), || async {
-        for (stream, consumer) in [(CONN_STREAM, hookyard_worker::forward::FORWARDER), (FWD_STREAM, hookyard_worker::deliver::DELIVERER)] {
+        for (stream, consumer) in [
+            (CONN_STREAM, hookyard_worker::forward::FORWARDER),
+            (FWD_STREAM, hookyard_worker::deliver::DELIVERER),
+        ] {
             let stream = h.bus.jetstream.get_stream(stream).await.ok()?;
-            let info = stream.get_consumer::<Pull>(consumer).await.ok()?.info().await.ok()?.clone();
+            let info = stream
+                .get_consumer::<Pull>(consumer)
+                .await
+                .ok()?
+                .info()
+                .await
+                .ok()?
+                .clone();
             if info.num_pending > 0 || info.num_ack_pending > 0 {
                 return None;
             }
@@ -155,9 +179,13 @@ async fn an_attributed_forward_carries_the_event_and_verifies_both_ways() {
     let event = json!({"type": "contact.updated", "n": 1, "contact": {"id": "p1"}});
     webhook(
         &h,
-        1,
         &event,
-        &[("content-type", "application/json"), ("x-provider-signature", "abc"), ("authorization", "Bearer secret"), ("user-agent", "CRM-Hooks/1.0")],
+        &[
+            ("content-type", "application/json"),
+            ("x-provider-signature", "abc"),
+            ("authorization", "Bearer secret"),
+            ("user-agent", "CRM-Hooks/1.0"),
+        ],
     )
     .await;
     let hit = receiver.wait_hits(1).await.remove(0);
@@ -170,8 +198,15 @@ async fn an_attributed_forward_carries_the_event_and_verifies_both_ways() {
     let key = h.environment.secret_key.as_bytes();
     let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
     mac.update(&hit.body);
-    assert_eq!(header(&hit, "x-nango-hmac-sha256"), hex::encode(mac.finalize().into_bytes()));
-    assert_eq!(header(&hit, "x-provider-signature"), "abc", "the provider's headers come along");
+    assert_eq!(
+        header(&hit, "x-nango-hmac-sha256"),
+        hex::encode(mac.finalize().into_bytes())
+    );
+    assert_eq!(
+        header(&hit, "x-provider-signature"),
+        "abc",
+        "the provider's headers come along"
+    );
     assert_eq!(header(&hit, "user-agent"), "CRM-Hooks/1.0");
     assert_eq!(header(&hit, "authorization"), "", "but not its credentials");
     assert_eq!(header(&hit, "content-type"), "application/json");
@@ -227,11 +262,14 @@ async fn failures_are_retried_with_one_webhook_id_and_retry_after_is_respected()
     let patient = Receiver::start(&[(429, Some("2"))]).await;
     forward_to(&h, &[&receiver.url, &patient.url]).await;
     h.start_all();
-    webhook(&h, 1, &json!({"n": 1}), &[]).await;
+    webhook(&h, &json!({"n": 1}), &[]).await;
     let hits = receiver.wait_hits(4).await;
     let id = header(&hits[0], "webhook-id");
     assert!(id.starts_with("msg_"));
-    assert!(hits.iter().all(|hit| header(hit, "webhook-id") == id), "one webhook-id throughout");
+    assert!(
+        hits.iter().all(|hit| header(hit, "webhook-id") == id),
+        "one webhook-id throughout"
+    );
     assert!(hits.iter().all(|hit| hit.body == hits[0].body));
     let attempts = eventually("the four attempts recorded", Duration::from_secs(10), || async {
         let attempts = h.store.delivery_attempts(&id).await.unwrap();
@@ -243,8 +281,14 @@ async fn failures_are_retried_with_one_webhook_id_and_retry_after_is_respected()
 
     let hits = patient.wait_hits(2).await;
     let waited = hits[1].at - hits[0].at;
-    assert!(waited >= Duration::from_secs(2), "Retry-After: 2 respected, waited {waited:?}");
-    assert!(waited < Duration::from_secs(5), "and not the schedule's 5 s: {waited:?}");
+    assert!(
+        waited >= Duration::from_secs(2),
+        "Retry-After: 2 respected, waited {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(5),
+        "and not the schedule's 5 s: {waited:?}"
+    );
 }
 
 #[tokio::test]
@@ -254,7 +298,7 @@ async fn a_410_disables_the_destination() {
     let fine = Receiver::start(&[]).await;
     forward_to(&h, &[&gone.url, &fine.url]).await;
     h.start_all();
-    webhook(&h, 1, &json!({"n": 1}), &[]).await;
+    webhook(&h, &json!({"n": 1}), &[]).await;
     gone.wait_hits(1).await;
     fine.wait_hits(1).await;
     eventually("the destination to be disabled", Duration::from_secs(10), || async {
@@ -264,9 +308,13 @@ async fn a_410_disables_the_destination() {
     .await;
     // Later events go only to the destination that is still on (a delivery queued to the
     // disabled one before the forwarder's settings refresh is dropped unsent).
-    webhook(&h, 2, &json!({"n": 2}), &[]).await;
+    webhook(&h, &json!({"n": 2}), &[]).await;
     fine.wait_hits(2).await;
-    assert_eq!(gone.hits().len(), 1, "nothing more was sent to the disabled destination");
+    assert_eq!(
+        gone.hits().len(),
+        1,
+        "nothing more was sent to the disabled destination"
+    );
 }
 
 #[tokio::test]
@@ -279,20 +327,30 @@ async fn loopback_destinations_are_refused_unless_allowed() {
     let receiver = Receiver::start(&[]).await;
     forward_to(&h, &[&receiver.url]).await;
     h.start_all();
-    webhook(&h, 1, &json!({"n": 1}), &[]).await;
-    let letter = eventually("the refused delivery's dead letter", Duration::from_secs(30), || async {
-        let letters = h.store.dead_letters("dev", 10).await.unwrap();
-        letters.into_iter().find(|l| l.letter.consumer == "deliveries")
-    })
+    webhook(&h, &json!({"n": 1}), &[]).await;
+    let letter = eventually(
+        "the refused delivery's dead letter",
+        Duration::from_secs(30),
+        || async {
+            let letters = h.store.dead_letters("dev", 10).await.unwrap();
+            letters.into_iter().find(|l| l.letter.consumer == "deliveries")
+        },
+    )
     .await;
     assert_eq!(letter.letter.error_kind, "refused");
-    assert!(letter.letter.error.contains("127.0.0.1, a loopback address"), "{letter:?}");
+    assert!(
+        letter.letter.error.contains("127.0.0.1, a loopback address"),
+        "{letter:?}"
+    );
     let attempts = eventually("the refused attempt recorded", Duration::from_secs(10), || async {
         let attempts = h.store.delivery_attempts(&letter.letter.message_id).await.unwrap();
         (!attempts.is_empty()).then_some(attempts)
     })
     .await;
-    assert!(attempts[0].error.as_deref().unwrap().starts_with("refused: "), "{attempts:?}");
+    assert!(
+        attempts[0].error.as_deref().unwrap().starts_with("refused: "),
+        "{attempts:?}"
+    );
     assert!(receiver.hits().is_empty());
 }
 
@@ -331,24 +389,34 @@ async fn a_notification_follows_a_run_that_changed_records_and_only_then() {
     forward_to(&h, &[&receiver.url]).await;
     h.deploy(&[(
         "crm/syncs/contacts.js",
-        sync("['contact.updated']", "await nango.batchSave([{ id: payload.contact.id, name: payload.contact.name }], 'Contact');"),
+        sync(
+            "['contact.updated']",
+            "await nango.batchSave([{ id: payload.contact.id, name: payload.contact.name }], 'Contact');",
+        ),
     )])
     .await;
     h.start_all();
     let contact = |n: u64, name: &str| json!({"n": n, "contact": {"id": "p1", "name": name}});
-    webhook(&h, 1, &contact(1, "Ada"), &[]).await;
+    webhook(&h, &contact(1, "Ada"), &[]).await;
     h.drained().await;
-    webhook(&h, 2, &contact(2, "Ada"), &[]).await; // changes nothing in Contact
+    webhook(&h, &contact(2, "Ada"), &[]).await; // changes nothing in Contact
     h.drained().await;
-    webhook(&h, 3, &contact(3, "Ada L."), &[]).await;
+    webhook(&h, &contact(3, "Ada L."), &[]).await;
     h.drained().await;
     // Each webhook is forwarded (3); Contact notifications come for 1 and 3 only. (Every
     // run also adds one Run record, so Run notifications come for each.)
     let hits = eventually("forwards and notifications", Duration::from_secs(30), || async {
         let hits = receiver.hits();
         let bodies: Vec<Value> = hits.iter().map(|h| serde_json::from_slice(&h.body).unwrap()).collect();
-        let contacts: Vec<Value> = bodies.iter().filter(|b| b["type"] == "sync" && b["model"] == "Contact").cloned().collect();
-        let runs = bodies.iter().filter(|b| b["type"] == "sync" && b["model"] == "Run").count();
+        let contacts: Vec<Value> = bodies
+            .iter()
+            .filter(|b| b["type"] == "sync" && b["model"] == "Contact")
+            .cloned()
+            .collect();
+        let runs = bodies
+            .iter()
+            .filter(|b| b["type"] == "sync" && b["model"] == "Run")
+            .count();
         let forwards = bodies.iter().filter(|b| b["type"] == "forward").count();
         (forwards == 3 && runs == 3 && contacts.len() >= 2).then_some(contacts)
     })
@@ -356,7 +424,13 @@ async fn a_notification_follows_a_run_that_changed_records_and_only_then() {
     assert_eq!(hits.len(), 2, "{hits:?}");
     let mut results: Vec<Value> = hits.iter().map(|b| b["responseResults"].clone()).collect();
     results.sort_by_key(|r| r["added"].as_u64());
-    assert_eq!(results, vec![json!({"added": 0, "updated": 1, "deleted": 0}), json!({"added": 1, "updated": 0, "deleted": 0})]);
+    assert_eq!(
+        results,
+        vec![
+            json!({"added": 0, "updated": 1, "deleted": 0}),
+            json!({"added": 1, "updated": 0, "deleted": 0})
+        ]
+    );
     let first = &hits[0];
     assert_eq!(first["from"], "hookyard");
     assert_eq!(first["connectionId"], "c0");
@@ -379,17 +453,25 @@ async fn destinations_are_set_through_the_api_and_a_connection_may_override_them
             .send()
     };
     for (body, field) in [
-        (json!({"urls": ["http://a.example/1", "http://a.example/2", "http://a.example/3"]}), "urls: at most 2"),
+        (
+            json!({"urls": ["http://a.example/1", "http://a.example/2", "http://a.example/3"]}),
+            "urls: at most 2",
+        ),
         (json!({"urls": ["ftp://a.example/"]}), "is not http(s)"),
         (json!({"urls": ["not a url"]}), "not an absolute URL"),
-        (json!({"urls": [], "webhook_signing_key": "short"}), "webhook_signing_key"),
+        (
+            json!({"urls": [], "webhook_signing_key": "short"}),
+            "webhook_signing_key",
+        ),
     ] {
         let response = put("/forwarding", body).await.unwrap();
         assert_eq!(response.status(), 400);
         let answer: Value = response.json().await.unwrap();
         assert!(answer["error"]["message"].as_str().unwrap().contains(field), "{answer}");
     }
-    let set = put("/forwarding", json!({"urls": [environment_receiver.url]})).await.unwrap();
+    let set = put("/forwarding", json!({"urls": [environment_receiver.url]}))
+        .await
+        .unwrap();
     assert_eq!(set.status(), 200);
     let own_key = "connection-c1-signing-key";
     let set = put(
@@ -399,7 +481,12 @@ async fn destinations_are_set_through_the_api_and_a_connection_may_override_them
     .await
     .unwrap();
     assert_eq!(set.status(), 200);
-    let missing = put("/connections/nobody/forwarding?provider_config_key=crm", json!({"urls": []})).await.unwrap();
+    let missing = put(
+        "/connections/nobody/forwarding?provider_config_key=crm",
+        json!({"urls": []}),
+    )
+    .await
+    .unwrap();
     assert_eq!(missing.status(), 404);
     let shown: Value = h
         .http
@@ -411,18 +498,32 @@ async fn destinations_are_set_through_the_api_and_a_connection_may_override_them
         .json()
         .await
         .unwrap();
-    assert_eq!(shown["data"], json!({"urls": [connection_receiver.url], "has_signing_key": true, "always_notify": false}));
+    assert_eq!(
+        shown["data"],
+        json!({"urls": [connection_receiver.url], "has_signing_key": true, "always_notify": false})
+    );
 
     h.start_all();
-    h.publish([(1, "c0", "any", json!({"n": 1})), (2, "c1", "any", json!({"n": 2}))]).await;
+    h.publish([(1, "c0", "any", json!({"n": 1})), (2, "c1", "any", json!({"n": 2}))])
+        .await;
     let to_environment = environment_receiver.wait_hits(1).await;
     let to_connection = connection_receiver.wait_hits(1).await;
-    assert_eq!(serde_json::from_slice::<Value>(&to_environment[0].body).unwrap()["connectionId"], "c0");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&to_environment[0].body).unwrap()["connectionId"],
+        "c0"
+    );
     let hit = &to_connection[0];
-    assert_eq!(serde_json::from_slice::<Value>(&hit.body).unwrap()["connectionId"], "c1");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&hit.body).unwrap()["connectionId"],
+        "c1"
+    );
     let mut mac = Hmac::<Sha256>::new_from_slice(own_key.as_bytes()).unwrap();
     mac.update(&hit.body);
-    assert_eq!(header(hit, "x-nango-hmac-sha256"), hex::encode(mac.finalize().into_bytes()), "signed with its own key");
+    assert_eq!(
+        header(hit, "x-nango-hmac-sha256"),
+        hex::encode(mac.finalize().into_bytes()),
+        "signed with its own key"
+    );
 }
 
 #[tokio::test]
@@ -433,28 +534,7 @@ async fn an_unrouted_webhook_goes_raw_and_once() {
     h.start_all();
     // A webhook of two events that matched no connection: its raw body goes once.
     let raw = br#"[{"id":1},  {"id":2}]"#;
-    let envelope = Envelope {
-        environment: "dev".parse().unwrap(),
-        integration: "crm".parse().unwrap(),
-        received_at: chrono::Utc::now(),
-        delivery_id: "raw-1".into(),
-        method: "POST".into(),
-        path: None,
-        query: None,
-        headers: vec![("content-type".into(), "application/json; charset=utf-8".into())],
-        body: raw.to_vec().into(),
-        verification: hookyard_core::providers::Verification::Unsigned,
-        traceparent: None,
-    };
-    let sequence = h
-        .bus
-        .jetstream
-        .publish_with_headers(envelope.subject(), envelope.to_headers(), envelope.body.clone())
-        .await
-        .unwrap()
-        .await
-        .unwrap()
-        .sequence;
+    let sequence = store_raw(&h, raw, &[("content-type", "application/json; charset=utf-8")]).await;
     for index in 0..2 {
         let event = hookyard_core::routed::RoutedEvent {
             environment: "dev".parse().unwrap(),
@@ -469,7 +549,13 @@ async fn an_unrouted_webhook_goes_raw_and_once() {
             traceparent: None,
         };
         let (subject, headers, payload) = event.to_message();
-        h.bus.jetstream.publish_with_headers(subject, headers, payload).await.unwrap().await.unwrap();
+        h.bus
+            .jetstream
+            .publish_with_headers(subject, headers, payload)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
     }
     receiver.wait_hits(1).await;
     forwarding_idle(&h).await;
@@ -477,7 +563,6 @@ async fn an_unrouted_webhook_goes_raw_and_once() {
     assert_eq!(hits.len(), 1, "one forward for the webhook, not one per unrouted event");
     assert_eq!(hits[0].body, raw.to_vec(), "the provider's body, byte for byte");
     assert_eq!(header(&hits[0], "content-type"), "application/json; charset=utf-8");
-
 }
 
 #[tokio::test]
@@ -489,11 +574,23 @@ async fn an_integration_with_forwarding_off_forwards_nothing() {
         forward_webhooks: Some(false),
         ..Default::default()
     };
-    h.store.update_integration(h.environment.id, &"crm".parse().unwrap(), &off).await.unwrap();
+    h.store
+        .update_integration(h.environment.id, &"crm".parse().unwrap(), &off)
+        .await
+        .unwrap();
     h.start_all();
     h.publish((1..=5).map(|n| (n, "c0", "any", json!({"n": n})))).await;
     forwarding_idle(&h).await;
-    let mut deliveries = h.bus.jetstream.get_stream(hookyard_core::streams::FWD_STREAM).await.unwrap();
-    assert_eq!(deliveries.info().await.unwrap().state.messages, 0, "no delivery was queued");
+    let mut deliveries = h
+        .bus
+        .jetstream
+        .get_stream(hookyard_core::streams::FWD_STREAM)
+        .await
+        .unwrap();
+    assert_eq!(
+        deliveries.info().await.unwrap().state.messages,
+        0,
+        "no delivery was queued"
+    );
     assert!(receiver.hits().is_empty());
 }

@@ -19,7 +19,8 @@ fn contact(n: u64, id: &str, name: &str) -> Value {
     json!({"n": n, "contact": {"id": id, "name": name}})
 }
 
-const SAVE_CONTACT: &str = "await nango.batchSave([{ id: payload.contact.id, name: payload.contact.name }], 'Contact');";
+const SAVE_CONTACT: &str =
+    "await nango.batchSave([{ id: payload.contact.id, name: payload.contact.name }], 'Contact');";
 
 async fn subscriptions_decide_what_runs(database_url: Option<&str>) {
     let h = harness(database_url, 2).await;
@@ -41,7 +42,12 @@ async fn subscriptions_decide_what_runs(database_url: Option<&str>) {
         .json()
         .await
         .unwrap();
-    let contacts = listed["data"].as_array().unwrap().iter().find(|s| s["name"] == "contacts").unwrap();
+    let contacts = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "contacts")
+        .unwrap();
     assert_eq!(contacts["webhook_subscriptions"], json!(["contact.updated"]));
     assert_eq!(contacts["models"], json!(["Contact", "Run"]));
     assert_eq!(contacts["version"], 1);
@@ -56,7 +62,10 @@ async fn subscriptions_decide_what_runs(database_url: Option<&str>) {
     h.drained().await;
     let c0 = h.records("c0", "Contact").await;
     assert_eq!(c0.len(), 1);
-    assert_eq!((c0[0]["id"].as_str(), c0[0]["name"].as_str()), (Some("p1"), Some("Ada")));
+    assert_eq!(
+        (c0[0]["id"].as_str(), c0[0]["name"].as_str()),
+        (Some("p1"), Some("Ada"))
+    );
     assert_eq!(c0[0]["_nango_metadata"]["last_action"], "ADDED");
     assert_eq!(h.records("c1", "Contact").await[0]["name"], "Grace");
     // Event 1 ran two syncs (contacts and '*'), event 2 only '*', event 3 two; deals none.
@@ -81,10 +90,22 @@ async fn failures_are_retried_then_dead_lettered_and_the_rest_goes_on() {
     let db = PgDatabase::create().await;
     let h = harness(Some(&db.url), 1).await;
     h.deploy(&[
-        ("crm/syncs/throws.js", sync("['throw']", "throw new Error('the provider said no');")),
+        (
+            "crm/syncs/throws.js",
+            sync("['throw']", "throw new Error('the provider said no');"),
+        ),
         ("crm/syncs/loops.js", sync("['loop']", "while (true) {}")),
-        ("crm/syncs/allocates.js", sync("['allocate']", "const keep = []; while (true) keep.push(new Array(100000).fill(1));")),
-        ("crm/syncs/recurses.js", sync("['recurse']", "const f = (n) => f(n + 1) + 1; f(0);")),
+        (
+            "crm/syncs/allocates.js",
+            sync(
+                "['allocate']",
+                "const keep = []; while (true) keep.push(new Array(100000).fill(1));",
+            ),
+        ),
+        (
+            "crm/syncs/recurses.js",
+            sync("['recurse']", "const f = (n) => f(n + 1) + 1; f(0);"),
+        ),
         ("crm/syncs/fine.js", sync("['fine']", "")),
     ])
     .await;
@@ -129,24 +150,32 @@ async fn failures_are_retried_then_dead_lettered_and_the_rest_goes_on() {
 #[tokio::test]
 async fn an_older_event_never_overwrites_a_newer_one() {
     let h = harness(None, 1).await;
-    h.deploy(&[("crm/syncs/contacts.js", sync("['contact.updated']", SAVE_CONTACT))]).await;
+    h.deploy(&[("crm/syncs/contacts.js", sync("['contact.updated']", SAVE_CONTACT))])
+        .await;
     h.start_worker();
     // The newer webhook (HOOKS_RAW #20) is handled first, the older (#10) after it.
-    h.publish([(20, "c0", "contact.updated", contact(20, "p1", "newer"))]).await;
+    h.publish([(20, "c0", "contact.updated", contact(20, "p1", "newer"))])
+        .await;
     h.drained().await;
-    h.publish([(10, "c0", "contact.updated", contact(10, "p1", "older"))]).await;
+    h.publish([(10, "c0", "contact.updated", contact(10, "p1", "older"))])
+        .await;
     h.drained().await;
     let records = h.records("c0", "Contact").await;
     assert_eq!(records.len(), 1);
     assert_eq!(records[0]["name"], "newer");
-    assert_eq!(h.runs().await.len(), 2, "both events ran; the older one's save was stale");
+    assert_eq!(
+        h.runs().await.len(),
+        2,
+        "both events ran; the older one's save was stale"
+    );
 }
 
 #[tokio::test]
 async fn two_workers_apply_ten_thousand_events_exactly_once() {
     let db = PgDatabase::create().await;
     let h = harness(Some(&db.url), 50).await;
-    h.deploy(&[("crm/syncs/contacts.js", sync("['contact.updated']", SAVE_CONTACT))]).await;
+    h.deploy(&[("crm/syncs/contacts.js", sync("['contact.updated']", SAVE_CONTACT))])
+        .await;
     let workers = [h.start_worker(), h.start_worker()];
     let connections: Vec<String> = (0..50).map(|n| format!("c{n}")).collect();
     h.publish((1..=10_000u64).map(|n| {
@@ -160,20 +189,30 @@ async fn two_workers_apply_ten_thousand_events_exactly_once() {
     assert_eq!(runs.iter().collect::<HashSet<_>>().len(), 10_000);
     let committed: Vec<u64> = workers.iter().map(|w| w.committed()).collect();
     assert_eq!(committed.iter().sum::<u64>(), 10_000, "{committed:?}");
-    assert!(committed.iter().all(|c| *c > 0), "both workers took a share: {committed:?}");
+    assert!(
+        committed.iter().all(|c| *c > 0),
+        "both workers took a share: {committed:?}"
+    );
 }
 
 #[tokio::test]
 async fn a_deploy_during_traffic_switches_versions_without_losing_or_repeating_events() {
     let db = PgDatabase::create().await;
     let h = harness(Some(&db.url), 10).await;
-    let versioned = |v: u32| sync("['*']", &format!("payload.version = {v};")).replace(
-        "n: payload.n }",
-        "n: payload.n, version: payload.version }",
-    );
+    let versioned = |v: u32| {
+        sync("['*']", &format!("payload.version = {v};"))
+            .replace("n: payload.n }", "n: payload.n, version: payload.version }")
+    };
     h.deploy(&[("crm/syncs/runs.js", versioned(1))]).await;
     let worker = h.start_worker();
-    let event = |n: u64| (n, ["c0", "c1", "c2", "c3", "c4"][(n % 5) as usize], "any", json!({"n": n}));
+    let event = |n: u64| {
+        (
+            n,
+            ["c0", "c1", "c2", "c3", "c4"][(n % 5) as usize],
+            "any",
+            json!({"n": n}),
+        )
+    };
     h.publish((1..=1500).map(event)).await;
     eventually("a third of the events to run", Duration::from_secs(60), || async {
         (h.runs().await.len() >= 500).then_some(())
@@ -216,7 +255,10 @@ async fn bad_deploys_are_refused_naming_the_file_and_store_nothing() {
     h.deploy(&[("crm/syncs/ok.js", sync("['*']", ""))]).await;
     let cases: Vec<(Vec<(&str, String)>, &str)> = vec![
         (
-            vec![("crm/syncs/ok.js", sync("['*']", "")), ("crm/syncs/bad.js", "export default {".into())],
+            vec![
+                ("crm/syncs/ok.js", sync("['*']", "")),
+                ("crm/syncs/bad.js", "export default {".into()),
+            ],
             "crm/syncs/bad.js: ",
         ),
         (
@@ -234,11 +276,18 @@ async fn bad_deploys_are_refused_naming_the_file_and_store_nothing() {
         assert_eq!(response.status(), 400);
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["error"]["code"], "invalid_function", "{body}");
-        assert!(body["error"]["message"].as_str().unwrap().starts_with(expected), "{body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().starts_with(expected),
+            "{body}"
+        );
     }
     let live = h.store.functions(h.environment.id).await.unwrap();
     assert_eq!(live.len(), 1);
-    assert_eq!((live[0].name.as_str(), live[0].version), ("ok", 1), "nothing of the refused deploys was stored");
+    assert_eq!(
+        (live[0].name.as_str(), live[0].version),
+        ("ok", 1),
+        "nothing of the refused deploys was stored"
+    );
 }
 
 #[tokio::test]
@@ -270,5 +319,9 @@ async fn events_wait_out_a_postgres_outage_and_apply_once() {
     h.drained().await;
     let mut runs = h.runs().await;
     runs.sort();
-    assert_eq!(runs, (1..=60).collect::<Vec<_>>(), "every event applied once after the outage");
+    assert_eq!(
+        runs,
+        (1..=60).collect::<Vec<_>>(),
+        "every event applied once after the outage"
+    );
 }

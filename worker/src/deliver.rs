@@ -22,12 +22,11 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{self, AckKind};
 use chrono::Utc;
-use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use hookyard_core::config::ForwardingConfig;
 use hookyard_core::store::commit::{DeadLetter, Marker, Unit};
 use hookyard_core::store::forwarding::DeliveryAttempt;
-use hookyard_core::streams::FWD_STREAM;
+use hookyard_core::streams::{consume, FWD_STREAM};
 use hookyard_core::Store;
 use sha2::Sha256;
 use tokio::sync::Semaphore;
@@ -35,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::forward::Delivery;
 use crate::settings::Settings;
-use crate::{jetstream_error, WorkerError};
+use crate::WorkerError;
 
 pub const DELIVERER: &str = "deliveries";
 /// Deliveries in flight at once, over all destinations.
@@ -111,7 +110,12 @@ enum Verdict {
 }
 
 impl Deliverer {
-    pub fn new(store: Store, settings: Arc<Settings>, jetstream: jetstream::Context, config: &ForwardingConfig) -> Deliverer {
+    pub fn new(
+        store: Store,
+        settings: Arc<Settings>,
+        jetstream: jetstream::Context,
+        config: &ForwardingConfig,
+    ) -> Deliverer {
         let http = reqwest::Client::builder()
             .timeout(config.attempt_timeout)
             .redirect(reqwest::redirect::Policy::none())
@@ -132,36 +136,21 @@ impl Deliverer {
     }
 
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), WorkerError> {
-        let stream = self.jetstream.get_stream(FWD_STREAM).await.map_err(jetstream_error)?;
-        let consumer = stream
-            .create_consumer(pull::Config {
-                durable_name: Some(DELIVERER.into()),
-                description: Some("hookyard worker: deliveries to customers' apps".into()),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: self.config.ack_wait,
-                deliver_policy: DeliverPolicy::All,
-                max_ack_pending: 4 * CONCURRENCY as i64,
-                ..Default::default()
-            })
-            .await
-            .map_err(jetstream_error)?;
-        let messages = consumer.messages().await.map_err(jetstream_error)?;
-        tracing::info!("deliverer consuming {FWD_STREAM}");
-        messages
-            .take_until(shutdown.cancelled_owned())
-            .for_each_concurrent(CONCURRENCY, |message| {
-                let deliverer = self.clone();
-                async move {
-                    match message {
-                        Ok(message) => deliverer.handle(message).await,
-                        Err(error) => {
-                            tracing::warn!(%error, "pulling from {FWD_STREAM} failed; retrying");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                        }
-                    }
-                }
-            })
-            .await;
+        let config = pull::Config {
+            durable_name: Some(DELIVERER.into()),
+            description: Some("hookyard worker: deliveries to customers' apps".into()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: self.config.ack_wait,
+            deliver_policy: DeliverPolicy::All,
+            max_ack_pending: 4 * CONCURRENCY as i64,
+            ..Default::default()
+        };
+        let jetstream = self.jetstream.clone();
+        consume(&jetstream, FWD_STREAM, config, CONCURRENCY, shutdown, |message| {
+            let deliverer = self.clone();
+            async move { deliverer.handle(message).await }
+        })
+        .await?;
         Ok(())
     }
 
@@ -227,17 +216,32 @@ impl Deliverer {
         }
         // A first delivery is a first attempt; later ones ask the store (attempts survive
         // restarts there) and this process's own count (not all written yet).
-        let made_here = self.made.lock().expect("attempts lock").get(&delivery.id).copied().unwrap_or(0);
+        let made_here = self
+            .made
+            .lock()
+            .expect("attempts lock")
+            .get(&delivery.id)
+            .copied()
+            .unwrap_or(0);
         let made = if delivered <= 1 && made_here == 0 {
             0
         } else {
             made_here.max(self.store.attempts_made(&delivery.id).await?)
         };
         let attempt = made + 1;
-        self.made.lock().expect("attempts lock").insert(delivery.id.clone(), attempt);
+        self.made
+            .lock()
+            .expect("attempts lock")
+            .insert(delivery.id.clone(), attempt);
         if let Err(reason) = allowed_destination(&delivery.url, &self.config).await {
             tracing::warn!(delivery = %delivery.id, url = %delivery.url, %reason, "destination refused");
-            self.record(delivery, attempt, None, Duration::ZERO, Some(format!("refused: {reason}")))?;
+            self.record(
+                delivery,
+                attempt,
+                None,
+                Duration::ZERO,
+                Some(format!("refused: {reason}")),
+            )?;
             destination.breaker.lock().expect("breaker lock").probing = false;
             self.dead_letter(delivery, attempt, "refused", &reason).await?;
             return Ok(None);
@@ -248,7 +252,9 @@ impl Deliverer {
             _ => None,
         };
         let signing_key = self.settings.targets(&environment, connection).await?.signing_key;
-        let body = delivery.body_bytes().map_err(|e| WorkerError::JetStream(format!("delivery body: {e}")))?;
+        let body = delivery
+            .body_bytes()
+            .map_err(|e| WorkerError::JetStream(format!("delivery body: {e}")))?;
 
         let _slot = destination.slots.acquire().await.expect("never closed");
         let started = Instant::now();
@@ -306,7 +312,14 @@ impl Deliverer {
         }
     }
 
-    fn record(&self, delivery: &Delivery, attempt: i64, status: Option<i32>, latency: Duration, error: Option<String>) -> Result<(), WorkerError> {
+    fn record(
+        &self,
+        delivery: &Delivery,
+        attempt: i64,
+        status: Option<i32>,
+        latency: Duration,
+        error: Option<String>,
+    ) -> Result<(), WorkerError> {
         let _ = self.attempts.send(DeliveryAttempt {
             delivery_id: delivery.id.clone(),
             environment: delivery.environment.clone(),
@@ -320,7 +333,13 @@ impl Deliverer {
         Ok(())
     }
 
-    async fn dead_letter(&self, delivery: &Delivery, attempts: i64, kind: &str, error: &str) -> Result<(), WorkerError> {
+    async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        attempts: i64,
+        kind: &str,
+        error: &str,
+    ) -> Result<(), WorkerError> {
         let letter = DeadLetter {
             consumer: DELIVERER.into(),
             environment: delivery.environment.clone(),
@@ -452,7 +471,11 @@ pub async fn allowed_destination(url: &str, config: &ForwardingConfig) -> Result
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(format!("scheme {} is not http or https", parsed.scheme()));
     }
-    let host = parsed.host_str().ok_or("no host")?.trim_start_matches('[').trim_end_matches(']');
+    let host = parsed
+        .host_str()
+        .ok_or("no host")?
+        .trim_start_matches('[')
+        .trim_end_matches(']');
     let port = parsed.port_or_known_default().unwrap_or(443);
     let addresses: Vec<IpAddr> = match host.parse::<IpAddr>() {
         Ok(ip) => vec![ip],
@@ -505,14 +528,29 @@ mod tests {
     #[test]
     fn addresses_are_refused_unless_allowed() {
         let strict = ForwardingConfig::default();
-        for ip in ["127.0.0.1", "::1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1",
-                   "fd00::1", "fe80::1", "::ffff:127.0.0.1", "0.0.0.0", "224.0.0.1"] {
+        for ip in [
+            "127.0.0.1",
+            "::1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+        ] {
             assert!(forbidden(ip.parse().unwrap(), &strict).is_some(), "{ip}");
         }
         for ip in ["93.184.216.34", "2606:2800:220:1::1"] {
             assert!(forbidden(ip.parse().unwrap(), &strict).is_none(), "{ip}");
         }
-        let loopback = ForwardingConfig { allow_loopback: true, ..ForwardingConfig::default() };
+        let loopback = ForwardingConfig {
+            allow_loopback: true,
+            ..ForwardingConfig::default()
+        };
         assert!(forbidden("127.0.0.1".parse().unwrap(), &loopback).is_none());
         assert!(forbidden("10.0.0.1".parse().unwrap(), &loopback).is_some());
     }
@@ -529,22 +567,56 @@ mod tests {
         assert_eq!(v(1, Some(410), None), Verdict::Gone);
         assert_eq!(v(1, Some(500), None), Verdict::Retry(Duration::from_secs(1)));
         assert_eq!(v(2, None, None), Verdict::Retry(Duration::from_secs(2)));
-        assert_eq!(v(1, Some(404), None), Verdict::Retry(Duration::from_secs(1)), "one retry for a 4xx");
+        assert_eq!(
+            v(1, Some(404), None),
+            Verdict::Retry(Duration::from_secs(1)),
+            "one retry for a 4xx"
+        );
         assert!(matches!(v(2, Some(404), None), Verdict::Final(_)), "then final");
-        assert_eq!(v(2, Some(408), None), Verdict::Retry(Duration::from_secs(2)), "a timeout is not final");
-        assert_eq!(v(1, Some(429), Some(Duration::from_secs(2))), Verdict::Retry(Duration::from_secs(2)));
-        assert_eq!(v(1, Some(503), Some(Duration::from_secs(60))), Verdict::Retry(Duration::from_secs(3)), "clamped");
-        assert_eq!(v(1, Some(429), Some(Duration::ZERO)), Verdict::Retry(Duration::from_secs(1)), "clamped");
-        assert!(matches!(v(4, Some(500), None), Verdict::Final(_)), "after the last attempt");
-        let jittered = ForwardingConfig { jitter: true, ..config.clone() };
+        assert_eq!(
+            v(2, Some(408), None),
+            Verdict::Retry(Duration::from_secs(2)),
+            "a timeout is not final"
+        );
+        assert_eq!(
+            v(1, Some(429), Some(Duration::from_secs(2))),
+            Verdict::Retry(Duration::from_secs(2))
+        );
+        assert_eq!(
+            v(1, Some(503), Some(Duration::from_secs(60))),
+            Verdict::Retry(Duration::from_secs(3)),
+            "clamped"
+        );
+        assert_eq!(
+            v(1, Some(429), Some(Duration::ZERO)),
+            Verdict::Retry(Duration::from_secs(1)),
+            "clamped"
+        );
+        assert!(
+            matches!(v(4, Some(500), None), Verdict::Final(_)),
+            "after the last attempt"
+        );
+        let jittered = ForwardingConfig {
+            jitter: true,
+            ..config.clone()
+        };
         for _ in 0..100 {
-            let Verdict::Retry(wait) = verdict(&jittered, 1, Some(500), None) else { panic!() };
+            let Verdict::Retry(wait) = verdict(&jittered, 1, Some(500), None) else {
+                panic!()
+            };
             assert!(wait <= Duration::from_secs(1));
         }
-        assert_eq!(verdict(&jittered, 3, Some(500), None), Verdict::Retry(Duration::from_secs(3)), "the last is whole");
+        assert_eq!(
+            verdict(&jittered, 3, Some(500), None),
+            Verdict::Retry(Duration::from_secs(3)),
+            "the last is whole"
+        );
         let default = ForwardingConfig::default();
         let last: Duration = **default.retry_delays.last().unwrap();
-        assert!(default.retry_delays.len() + 1 >= 8 && last >= Duration::from_secs(24 * 3600), "≥ 8 attempts over ≥ 24 h");
+        assert!(
+            default.retry_delays.len() + 1 >= 8 && last >= Duration::from_secs(24 * 3600),
+            "≥ 8 attempts over ≥ 24 h"
+        );
     }
 
     #[test]
@@ -556,7 +628,10 @@ mod tests {
             assert!(matches!(breaker.admit(Instant::now()), Admit::Go));
             breaker.record(false, 3, Duration::from_secs(60));
         }
-        assert!(matches!(breaker.admit(Instant::now()), Admit::Wait(_)), "open after 3 failures");
+        assert!(
+            matches!(breaker.admit(Instant::now()), Admit::Wait(_)),
+            "open after 3 failures"
+        );
         let later = Instant::now() + Duration::from_secs(61);
         assert!(matches!(breaker.admit(later), Admit::Go), "one probe");
         assert!(matches!(breaker.admit(later), Admit::Wait(_)), "the others wait for it");

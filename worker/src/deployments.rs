@@ -34,7 +34,10 @@ impl LiveSync {
     /// The idempotency marker's consumer: one per sync, so that each sync of an event
     /// commits (and is retried) on its own.
     pub fn consumer(&self) -> String {
-        format!("onWebhook:{}/{}/{}", self.sync.environment, self.sync.integration, self.sync.name)
+        format!(
+            "onWebhook:{}/{}/{}",
+            self.sync.environment, self.sync.integration, self.sync.name
+        )
     }
 }
 
@@ -93,7 +96,11 @@ impl Deployments {
             ..Default::default()
         };
         for sync in self.store.all_functions().await? {
-            let modules = match next.bundles.get(&sync.bundle_hash).or(previous.bundles.get(&sync.bundle_hash)) {
+            let modules = match next
+                .bundles
+                .get(&sync.bundle_hash)
+                .or(previous.bundles.get(&sync.bundle_hash))
+            {
                 Some(modules) => modules.clone(),
                 None => Arc::new(self.bundle_modules(&sync.bundle_hash).await?),
             };
@@ -111,7 +118,9 @@ impl Deployments {
                     entry: sync.entry.clone(),
                 }),
                 subscriptions: strings("webhookSubscriptions"),
-                models: serde_json::to_string(&strings("models")).expect("strings serialise").into(),
+                models: serde_json::to_string(&strings("models"))
+                    .expect("strings serialise")
+                    .into(),
                 sync,
             };
             next.syncs
@@ -119,7 +128,11 @@ impl Deployments {
                 .or_default()
                 .push(Arc::new(live));
         }
-        tracing::info!(revision, syncs = next.syncs.values().map(Vec::len).sum::<usize>(), "functions loaded");
+        tracing::info!(
+            revision,
+            syncs = next.syncs.values().map(Vec::len).sum::<usize>(),
+            "functions loaded"
+        );
         *self.current.write().expect("deployments lock") = Arc::new(next);
         Ok(true)
     }

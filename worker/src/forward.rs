@@ -15,10 +15,9 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{self, AckKind};
 use base64::Engine as _;
-use futures::StreamExt;
 use hookyard_core::envelope::insert_checked;
 use hookyard_core::routed::RoutedEvent;
-use hookyard_core::streams::{fwd_subject, CONN_STREAM, RAW_STREAM};
+use hookyard_core::streams::{consume, fwd_subject, CONN_STREAM, RAW_STREAM};
 use hookyard_core::Envelope;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -93,10 +92,24 @@ impl Delivery {
 
 /// Request headers of the provider's that are not passed on.
 const NOT_FORWARDED: &[&str] = &[
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te", "trailer",
-    "transfer-encoding", "upgrade", "host", "authorization", "cookie", "content-length",
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "authorization",
+    "cookie",
+    "content-length",
     // Ours are set on the forward; the provider's of the same name would contradict them.
-    "x-nango-hmac-sha256", "webhook-id", "webhook-timestamp", "webhook-signature",
+    "x-nango-hmac-sha256",
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
 ];
 
 pub fn forwarded_headers(envelope: &Envelope, keep_content_type: bool) -> Vec<(String, String)> {
@@ -128,36 +141,21 @@ impl Forwarder {
     }
 
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), WorkerError> {
-        let stream = self.jetstream.get_stream(CONN_STREAM).await.map_err(jetstream_error)?;
-        let consumer = stream
-            .create_consumer(pull::Config {
-                durable_name: Some(FORWARDER.into()),
-                description: Some("hookyard worker: forwarding to customers' apps".into()),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
-                deliver_policy: DeliverPolicy::All,
-                max_ack_pending: 4 * CONCURRENCY as i64,
-                ..Default::default()
-            })
-            .await
-            .map_err(jetstream_error)?;
-        let messages = consumer.messages().await.map_err(jetstream_error)?;
-        tracing::info!("forwarder consuming {CONN_STREAM}");
-        messages
-            .take_until(shutdown.cancelled_owned())
-            .for_each_concurrent(CONCURRENCY, |message| {
-                let forwarder = self.clone();
-                async move {
-                    match message {
-                        Ok(message) => forwarder.handle(message).await,
-                        Err(error) => {
-                            tracing::warn!(%error, "pulling from {CONN_STREAM} failed; retrying");
-                            tokio::time::sleep(RETRY_DELAY).await;
-                        }
-                    }
-                }
-            })
-            .await;
+        let config = pull::Config {
+            durable_name: Some(FORWARDER.into()),
+            description: Some("hookyard worker: forwarding to customers' apps".into()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            deliver_policy: DeliverPolicy::All,
+            max_ack_pending: 4 * CONCURRENCY as i64,
+            ..Default::default()
+        };
+        let jetstream = self.jetstream.clone();
+        consume(&jetstream, CONN_STREAM, config, CONCURRENCY, shutdown, |message| {
+            let forwarder = self.clone();
+            async move { forwarder.handle(message).await }
+        })
+        .await?;
         Ok(())
     }
 
@@ -207,8 +205,15 @@ impl Forwarder {
                     "providerConfigKey": event.integration,
                     "payload": event.payload,
                 });
-                let headers = envelope.as_deref().map(|e| forwarded_headers(e, false)).unwrap_or_default();
-                (event.message_id(), serde_json::to_vec(&body).expect("JSON serialises"), headers)
+                let headers = envelope
+                    .as_deref()
+                    .map(|e| forwarded_headers(e, false))
+                    .unwrap_or_default();
+                (
+                    event.message_id(),
+                    serde_json::to_vec(&body).expect("JSON serialises"),
+                    headers,
+                )
             }
             // The raw body, once per webhook (its unrouted events share the key).
             None => match envelope.as_deref() {
@@ -217,7 +222,11 @@ impl Forwarder {
                     envelope.body.to_vec(),
                     forwarded_headers(envelope, true),
                 ),
-                None => (format!("{}:raw", event.raw_seq), event.payload.to_string().into_bytes(), Vec::new()),
+                None => (
+                    format!("{}:raw", event.raw_seq),
+                    event.payload.to_string().into_bytes(),
+                    Vec::new(),
+                ),
             },
         };
         let mut acks = Vec::with_capacity(targets.urls.len());

@@ -177,7 +177,11 @@ impl Worker {
                 tokio::time::sleep(RETRY_DELAY).await;
                 continue;
             }
-            let permit = in_flight.clone().acquire_owned().await.expect("the semaphore is never closed");
+            let permit = in_flight
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
             let worker = self.clone();
             groups.spawn(async move {
                 worker.handle_with_progress(group).await;
@@ -470,7 +474,11 @@ impl Worker {
     }
 
     /// Runs the tasks on the JS threads; outcomes in task order.
-    async fn execute(&self, runnable: &[(Task, Invocation)], events: &[Option<RoutedEvent>]) -> Vec<Result<Effects, FunctionError>> {
+    async fn execute(
+        &self,
+        runnable: &[(Task, Invocation)],
+        events: &[Option<RoutedEvent>],
+    ) -> Vec<Result<Effects, FunctionError>> {
         let runs = runnable
             .iter()
             .map(|(task, invocation)| (task.sync.code.clone(), invocation.clone()))
@@ -539,7 +547,13 @@ fn connection_json(connection: &Connection) -> (Arc<str>, Arc<str>) {
     (connection.metadata.to_string().into(), described.to_string().into())
 }
 
-fn dead_letter(task: Task, event: &RoutedEvent, message: &jetstream::Message, error: &FunctionError, attempts: usize) -> Unit {
+fn dead_letter(
+    task: Task,
+    event: &RoutedEvent,
+    message: &jetstream::Message,
+    error: &FunctionError,
+    attempts: usize,
+) -> Unit {
     let letter = DeadLetter {
         consumer: task.marker.consumer.clone(),
         environment: event.environment.to_string(),
@@ -612,7 +626,12 @@ pub async fn run_all(store: Store, bus: &Bus, config: &Config, shutdown: Cancell
     let settings = Arc::new(settings::Settings::new(store.clone()));
     let worker = Arc::new(Worker::new(store.clone(), bus, config));
     let forwarder = Arc::new(forward::Forwarder::new(settings.clone(), bus.jetstream.clone()));
-    let deliverer = Arc::new(deliver::Deliverer::new(store, settings, bus.jetstream.clone(), &config.forwarding));
+    let deliverer = Arc::new(deliver::Deliverer::new(
+        store,
+        settings,
+        bus.jetstream.clone(),
+        &config.forwarding,
+    ));
     let stopping = |outcome: Result<(), WorkerError>| {
         if outcome.is_err() {
             shutdown.cancel();

@@ -42,7 +42,9 @@ pub async fn notify(
         if by_model.is_empty() {
             continue;
         }
-        let Some(environment) = settings.environment(&run.environment).await? else { continue };
+        let Some(environment) = settings.environment(&run.environment).await? else {
+            continue;
+        };
         let targets = settings
             .targets(&environment, Some((&run.integration, &run.connection)))
             .await?;

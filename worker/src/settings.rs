@@ -23,7 +23,9 @@ impl<K: Eq + Hash, V: Clone> Cached<K, V> {
 
     fn get(&self, key: &K) -> Option<V> {
         let map = self.0.lock().expect("cache lock");
-        map.get(key).filter(|(at, _)| at.elapsed() < TTL).map(|(_, v)| v.clone())
+        map.get(key)
+            .filter(|(at, _)| at.elapsed() < TTL)
+            .map(|(_, v)| v.clone())
     }
 
     fn put(&self, key: K, value: V) -> V {
@@ -72,7 +74,9 @@ impl Settings {
         if let Some(hit) = self.integrations.get(&cache_key) {
             return Ok(hit);
         }
-        Ok(self.integrations.put(cache_key, self.store.integration(environment.id, key).await?))
+        Ok(self
+            .integrations
+            .put(cache_key, self.store.integration(environment.id, key).await?))
     }
 
     /// The environment's destinations disabled by a 410.
@@ -99,6 +103,8 @@ impl Settings {
         if let Some(hit) = self.targets.get(&key) {
             return Ok(hit);
         }
-        Ok(self.targets.put(key, self.store.forward_targets(environment, connection).await?))
+        Ok(self
+            .targets
+            .put(key, self.store.forward_targets(environment, connection).await?))
     }
 }

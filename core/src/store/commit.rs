@@ -91,7 +91,10 @@ impl Unit {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UnitOutcome {
     /// Committed now: the record write counts of all its calls together, and of each.
-    Applied { total: WriteCounts, per_call: Vec<WriteCounts> },
+    Applied {
+        total: WriteCounts,
+        per_call: Vec<WriteCounts>,
+    },
     /// Its marker was there already: nothing was applied.
     AlreadyDone,
 }
@@ -181,7 +184,16 @@ impl Store {
         });
         for call in metadata {
             let ids = [call.connection_id.clone()];
-            match write_metadata(&mut tx, call.environment_id, &call.integration, &ids, &call.metadata, call.how).await {
+            match write_metadata(
+                &mut tx,
+                call.environment_id,
+                &call.integration,
+                &ids,
+                &call.metadata,
+                call.how,
+            )
+            .await
+            {
                 // The connection was deleted since: its metadata is gone with it.
                 Err(StoreError::NotFound(what)) => tracing::info!("metadata write skipped: {what} no longer exists"),
                 other => other?,
@@ -218,8 +230,10 @@ impl Store {
                  JOIN processed_messages p ON p.consumer = m.value ->> '$.consumer' AND p.message_id = m.value ->> '$.message_id'"
             }
         };
-        let rows: Vec<(String, String)> =
-            on_pool!(self, |pool| sqlx::query_as(query).bind(Json(markers)).fetch_all(pool).await)?;
+        let rows: Vec<(String, String)> = on_pool!(self, |pool| sqlx::query_as(query)
+            .bind(Json(markers))
+            .fetch_all(pool)
+            .await)?;
         Ok(rows
             .into_iter()
             .map(|(consumer, message_id)| Marker { consumer, message_id })
@@ -228,17 +242,21 @@ impl Store {
 
     /// Drops markers older than `before` (their messages can no longer be redelivered).
     pub async fn prune_processed(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
-        let done = on_pool!(self, |pool| sqlx::query("DELETE FROM processed_messages WHERE processed_at < $1")
-            .bind(before)
-            .execute(pool)
-            .await
-            .map(|r| r.rows_affected()))?;
+        let done = on_pool!(self, |pool| sqlx::query(
+            "DELETE FROM processed_messages WHERE processed_at < $1"
+        )
+        .bind(before)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected()))?;
         Ok(done)
     }
 
     /// The environment's dead letters, newest first.
     pub async fn dead_letters(&self, environment: &str, limit: u32) -> Result<Vec<StoredDeadLetter>, StoreError> {
-        let rows: Vec<DeadLetterRow> = on_pool!(self, |pool| sqlx::query_as(
+        let rows: Vec<DeadLetterRow> =
+            on_pool!(self, |pool| {
+                sqlx::query_as(
             "SELECT id, consumer, environment, integration, connection_id, subject, message_id, stream_seq, payload,
                     function_name, function_version, error_kind, error, attempts, created_at
              FROM dead_letters WHERE environment = $1 ORDER BY id DESC LIMIT $2"
@@ -246,7 +264,8 @@ impl Store {
         .bind(environment)
         .bind(i64::from(limit))
         .fetch_all(pool)
-        .await)?;
+        .await
+            })?;
         Ok(rows
             .into_iter()
             .map(|row| StoredDeadLetter {

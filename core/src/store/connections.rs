@@ -280,7 +280,7 @@ pub(crate) async fn write_metadata(
             .bind(integration.as_str())
             .execute(&mut *conn)
             .await
-                .map(|_| ())
+            .map(|_| ())
     })?;
     Ok(())
 }

@@ -169,7 +169,10 @@ impl Store {
         environment: &Environment,
         connection: Option<(&IntegrationKey, &str)>,
     ) -> Result<ForwardTargets, StoreError> {
-        let own = self.forwarding(environment.id, ForwardingScope::Environment).await?.unwrap_or_default();
+        let own = self
+            .forwarding(environment.id, ForwardingScope::Environment)
+            .await?
+            .unwrap_or_default();
         let overriding = match connection {
             Some((integration, id)) => {
                 self.forwarding(environment.id, ForwardingScope::Connection(integration, id))
@@ -177,7 +180,10 @@ impl Store {
             }
             None => None,
         };
-        let environment_key = own.signing_key.clone().unwrap_or_else(|| environment.secret_key.clone());
+        let environment_key = own
+            .signing_key
+            .clone()
+            .unwrap_or_else(|| environment.secret_key.clone());
         let (urls, signing_key) = match overriding {
             Some(o) => (o.urls, o.signing_key.unwrap_or(environment_key)),
             None => (own.urls, environment_key),

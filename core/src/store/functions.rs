@@ -100,8 +100,14 @@ impl SyncRow {
         Ok(DeployedSync {
             id: self.id,
             environment_id: self.environment_id,
-            environment: self.environment.try_into().map_err(|e| corrupt("function environment", e))?,
-            integration: self.integration.parse().map_err(|e| corrupt("function integration", e))?,
+            environment: self
+                .environment
+                .try_into()
+                .map_err(|e| corrupt("function environment", e))?,
+            integration: self
+                .integration
+                .parse()
+                .map_err(|e| corrupt("function integration", e))?,
             name: self.name,
             version: self.version,
             bundle_hash: self.bundle_hash,
@@ -113,7 +119,8 @@ impl SyncRow {
     }
 }
 
-const LIVE: &str = "SELECT f.id, f.environment_id, e.name AS environment, f.integration, f.name, f.version, f.bundle_hash,
+const LIVE: &str =
+    "SELECT f.id, f.environment_id, e.name AS environment, f.integration, f.name, f.version, f.bundle_hash,
         f.entry, f.code_hash, f.config, f.created_at
     FROM functions f JOIN environments e ON e.id = f.environment_id
     WHERE f.superseded_at IS NULL";
@@ -147,7 +154,7 @@ impl Store {
             .bind(now)
             .execute(&mut *conn)
             .await
-                .map(|_| ())
+            .map(|_| ())
         })?;
         let mut changes = Vec::new();
         for sync in syncs {
@@ -167,7 +174,7 @@ impl Store {
                             .bind(f.id)
                             .execute(&mut *conn)
                             .await
-                .map(|_| ())
+                            .map(|_| ())
                     })?;
                     SyncChange::Unchanged
                 }
@@ -208,7 +215,7 @@ impl Store {
                         .bind(now)
                         .execute(&mut *conn)
                         .await
-                .map(|_| ())
+                        .map(|_| ())
                     });
                     conflict_on_unique(inserted, || {
                         format!("a concurrent deploy of {}/{}", sync.integration, sync.name)
@@ -250,8 +257,10 @@ impl Store {
     /// The environment's live syncs, by integration and name.
     pub async fn functions(&self, environment_id: i64) -> Result<Vec<DeployedSync>, StoreError> {
         let query = format!("{LIVE} AND f.environment_id = $1 ORDER BY f.integration, f.name");
-        let rows: Vec<SyncRow> =
-            on_pool!(self, |pool| sqlx::query_as(&query).bind(environment_id).fetch_all(pool).await)?;
+        let rows: Vec<SyncRow> = on_pool!(self, |pool| sqlx::query_as(&query)
+            .bind(environment_id)
+            .fetch_all(pool)
+            .await)?;
         rows.into_iter().map(SyncRow::open).collect()
     }
 
@@ -272,13 +281,13 @@ impl Store {
     }
 
     pub async fn function_bundle(&self, hash: &str) -> Result<FunctionBundle, StoreError> {
-        let row: Option<(String, Json<BTreeMap<String, String>>, Json<BTreeMap<String, String>>)> =
-            on_pool!(self, |pool| sqlx::query_as(
-                "SELECT engine, sources, modules FROM function_bundles WHERE hash = $1"
-            )
-            .bind(hash)
-            .fetch_optional(pool)
-            .await)?;
+        let row: Option<(String, Json<BTreeMap<String, String>>, Json<BTreeMap<String, String>>)> = on_pool!(
+            self,
+            |pool| sqlx::query_as("SELECT engine, sources, modules FROM function_bundles WHERE hash = $1")
+                .bind(hash)
+                .fetch_optional(pool)
+                .await
+        )?;
         let (engine, Json(sources), Json(modules)) =
             row.ok_or_else(|| StoreError::NotFound(format!("function bundle {hash}")))?;
         let modules = modules
@@ -306,7 +315,7 @@ async fn retire(tx: &mut super::tx::Tx, id: i64, now: DateTime<Utc>) -> Result<(
             .bind(id)
             .execute(&mut *conn)
             .await
-                .map(|_| ())
+            .map(|_| ())
     })?;
     Ok(())
 }

@@ -111,15 +111,15 @@ macro_rules! in_transaction {
     };
 }
 
-pub(crate) mod tx;
 mod connections;
+pub(crate) mod tx;
 pub use connections::MetadataWrite;
-mod environments;
-mod integrations;
-pub mod records;
 pub mod commit;
+mod environments;
 pub mod forwarding;
 pub mod functions;
+mod integrations;
+pub mod records;
 
 impl Store {
     /// Opens the database named by `url` (`postgres://…` or `sqlite://path`) and brings

@@ -603,7 +603,11 @@ impl Store {
                     .bind(Json(&scope_rows))
                     .fetch_all(&mut **conn)
                     .await?;
-                existing.extend(found.into_iter().map(|row| (row.pos.unwrap_or(-1) as usize, existing_of(row))));
+                existing.extend(
+                    found
+                        .into_iter()
+                        .map(|row| (row.pos.unwrap_or(-1) as usize, existing_of(row))),
+                );
             }
             Tx::Sqlite(conn) => {
                 for s in &order {

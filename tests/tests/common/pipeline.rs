@@ -43,7 +43,9 @@ pub async fn harness(database_url: Option<&str>, connections: usize) -> Harness 
 pub async fn harness_with(database_url: Option<&str>, connections: usize, tweak: impl FnOnce(&mut Config)) -> Harness {
     let nats = NatsServer::start();
     let sqlite = database_url.is_none().then(SqliteFile::create);
-    let url = database_url.map(String::from).unwrap_or_else(|| sqlite.as_ref().unwrap().url.clone());
+    let url = database_url
+        .map(String::from)
+        .unwrap_or_else(|| sqlite.as_ref().unwrap().url.clone());
     let mut config = Config {
         nats_url: nats.url.clone(),
         database_url: url,
@@ -140,7 +142,12 @@ impl Harness {
 
     /// The worker's three consumers (functions, forwarder, deliverer), as `hookyard worker` runs them.
     pub fn start_all(&self) {
-        let (store, bus, config, shutdown) = (self.store.clone(), self.bus.clone(), self.config.clone(), self.shutdown.clone());
+        let (store, bus, config, shutdown) = (
+            self.store.clone(),
+            self.bus.clone(),
+            self.config.clone(),
+            self.shutdown.clone(),
+        );
         tokio::spawn(async move { hookyard_worker::run_all(store, &bus, &config, shutdown).await });
     }
 
@@ -167,7 +174,13 @@ impl Harness {
                 traceparent: None,
             };
             let (subject, headers, payload) = event.to_message();
-            acks.push(self.bus.jetstream.publish_with_headers(subject, headers, payload).await.unwrap());
+            acks.push(
+                self.bus
+                    .jetstream
+                    .publish_with_headers(subject, headers, payload)
+                    .await
+                    .unwrap(),
+            );
             if acks.len() == 256 {
                 for ack in acks.drain(..) {
                     ack.await.unwrap();
@@ -182,7 +195,10 @@ impl Harness {
     /// Waits until the workers have applied and acked every event.
     pub async fn drained(&self) {
         eventually("the worker to ack every event", Duration::from_secs(60), || async {
-            hookyard_worker::idle(&self.bus.jetstream).await.ok().filter(|idle| *idle)
+            hookyard_worker::idle(&self.bus.jetstream)
+                .await
+                .ok()
+                .filter(|idle| *idle)
         })
         .await;
     }
@@ -212,4 +228,3 @@ impl Harness {
             .collect()
     }
 }
-
