@@ -160,6 +160,14 @@ impl Forwarder {
     }
 
     async fn handle(&self, message: jetstream::Message) {
+        // Most environments forward nothing: settle those from the subject alone.
+        let environment = message.subject.split('.').nth(2).and_then(|name| name.parse().ok());
+        if let Some(environment) = environment {
+            if let Ok(None) = self.settings.forwarding_environment(&environment).await {
+                let _ = message.ack().await;
+                return;
+            }
+        }
         let event = match RoutedEvent::from_message(&message.subject, message.headers.as_ref(), &message.payload) {
             Ok(event) => event,
             Err(error) => {
@@ -181,7 +189,7 @@ impl Forwarder {
 
     /// Puts the event's deliveries into `HOOKS_FWD`, returning once they are stored.
     pub async fn forward(&self, event: &RoutedEvent) -> Result<(), WorkerError> {
-        let Some(environment) = self.settings.environment(&event.environment).await? else {
+        let Some(environment) = self.settings.forwarding_environment(&event.environment).await? else {
             return Ok(());
         };
         let Some(integration) = self.settings.integration(&environment, &event.integration).await? else {

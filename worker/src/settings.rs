@@ -44,6 +44,7 @@ pub struct Settings {
     integrations: Cached<(i64, String), Option<Integration>>,
     targets: Cached<(i64, Option<(String, String)>), ForwardTargets>,
     disabled: Cached<i64, Arc<HashSet<String>>>,
+    forwarding_set: Cached<i64, bool>,
 }
 
 impl Settings {
@@ -54,6 +55,7 @@ impl Settings {
             integrations: Cached::new(),
             targets: Cached::new(),
             disabled: Cached::new(),
+            forwarding_set: Cached::new(),
         }
     }
 
@@ -77,6 +79,20 @@ impl Settings {
         Ok(self
             .integrations
             .put(cache_key, self.store.integration(environment.id, key).await?))
+    }
+
+    /// The environment, when it (or one of its connections) forwards anywhere.
+    pub async fn forwarding_environment(&self, name: &EnvironmentName) -> Result<Option<Environment>, StoreError> {
+        let Some(environment) = self.environment(name).await? else {
+            return Ok(None);
+        };
+        let set = match self.forwarding_set.get(&environment.id) {
+            Some(set) => set,
+            None => self
+                .forwarding_set
+                .put(environment.id, self.store.forwarding_set(environment.id).await?),
+        };
+        Ok(set.then_some(environment))
     }
 
     /// The environment's destinations disabled by a 410.

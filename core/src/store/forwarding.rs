@@ -161,6 +161,18 @@ impl Store {
         .transpose()
     }
 
+    /// Whether the environment or any of its connections has forwarding set: when not,
+    /// nothing of it needs looking at.
+    pub async fn forwarding_set(&self, environment_id: i64) -> Result<bool, StoreError> {
+        let rows: i64 = on_pool!(self, |pool| sqlx::query_scalar(
+            "SELECT COUNT(*) FROM forwarding WHERE environment_id = $1"
+        )
+        .bind(environment_id)
+        .fetch_one(pool)
+        .await)?;
+        Ok(rows > 0)
+    }
+
     /// Where forwards of this connection (or, with `None`, of an unrouted event) go: the
     /// connection's settings where it has them, else the environment's; destinations
     /// disabled by a 410 left out.
