@@ -82,6 +82,10 @@ enum Command {
         /// The worker's JS threads (0: one per CPU).
         #[arg(long, default_value_t = 0)]
         js_threads: usize,
+        /// Also forward every event: nowhere (none), to a receiver answering 200 (fast),
+        /// or to one that never answers (silent). Functions must not slow down for it.
+        #[arg(long, value_enum, default_value = "none")]
+        destination: worker::Destination,
     },
     /// Forwarding throughput to a fast local receiver, deliveries/s.
     Forward {
@@ -144,6 +148,7 @@ fn main() -> anyhow::Result<()> {
                 latency_seconds,
                 rate,
                 js_threads,
+                destination,
             } => {
                 worker::run(&worker::Plan {
                     events,
@@ -151,6 +156,7 @@ fn main() -> anyhow::Result<()> {
                     latency_seconds,
                     rate,
                     js_threads,
+                    destination,
                 })
                 .await
             }

@@ -46,6 +46,16 @@ pub struct Plan {
     /// Events/s of the latency phase; half the burst throughput when 0.
     pub rate: u64,
     pub js_threads: usize,
+    /// Where every event is also forwarded: nowhere, a receiver answering 200 at once,
+    /// or one that accepts connections and never answers.
+    pub destination: Destination,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Destination {
+    None,
+    Fast,
+    Silent,
 }
 
 pub async fn run(plan: &Plan) -> anyhow::Result<()> {
@@ -81,6 +91,28 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     store
         .deploy_functions(&environment, &project.bundle, &project.syncs)
         .await?;
+    if plan.destination != Destination::None {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}/hook", listener.local_addr()?);
+        if plan.destination == Destination::Silent {
+            tokio::spawn(async move {
+                let mut held = Vec::new();
+                while let Ok((socket, _)) = listener.accept().await {
+                    held.push(socket);
+                }
+            });
+        } else {
+            let app = axum::Router::new().route("/hook", axum::routing::post(|| std::future::ready("ok")));
+            tokio::spawn(async move { axum::serve(listener, app).await });
+        }
+        let settings = hookyard_core::store::forwarding::ForwardingSettings {
+            urls: vec![url],
+            ..Default::default()
+        };
+        store
+            .set_forwarding(environment.id, hookyard_core::store::forwarding::ForwardingScope::Environment, &settings)
+            .await?;
+    }
     let bus = Bus::connect(&config, "bench-worker").await?;
     bus.ensure_streams(&config.streams).await?;
 
@@ -163,6 +195,20 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
         histogram.value_at_quantile(0.99) as f64 / 1000.0,
         histogram.max() as f64 / 1000.0
     );
+    if plan.destination != Destination::None {
+        let mut consumer = bus
+            .jetstream
+            .get_stream(hookyard_core::streams::FWD_STREAM)
+            .await?
+            .get_consumer::<jetstream::consumer::pull::Config>(hookyard_worker::deliver::DELIVERER)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let info = consumer.info().await?;
+        println!(
+            "forwarding at the end: {} deliveries waiting or in flight",
+            info.num_pending + info.num_ack_pending as u64
+        );
+    }
     let _ = Command::new("kill").args(["-TERM", &pid]).status();
     let _ = worker.wait();
     Ok(())
@@ -252,6 +298,7 @@ fn spawn_worker(config: &Config, key: &str, js_threads: usize) -> anyhow::Result
         .env("HOOKYARD_DATABASE_URL", &config.database_url)
         .env("HOOKYARD_ENCRYPTION_KEY", key)
         .env("HOOKYARD_WORKER__JS_THREADS", js_threads.to_string())
+        .env("HOOKYARD_FORWARDING__ALLOW_LOOPBACK", "true")
         .env(
             "HOOKYARD_TELEMETRY__LOG_FILTER",
             std::env::var("BENCH_WORKER_LOG").unwrap_or_else(|_| "warn".into()),

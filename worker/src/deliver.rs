@@ -73,12 +73,14 @@ enum Admit {
 }
 
 impl Breaker {
-    fn admit(&mut self, now: Instant) -> Admit {
+    /// Whether an attempt may go now. The waits are spread over up to another open
+    /// period, so that the deliveries held back do not all come back at one instant.
+    fn admit(&mut self, now: Instant, open_for: Duration) -> Admit {
         match self.open_until {
             None => Admit::Go,
-            Some(until) if now < until => Admit::Wait(until - now),
+            Some(until) if now < until => Admit::Wait(until - now + full_jitter(open_for)),
             // Open time is over: one probe decides, the others wait for it.
-            Some(_) if self.probing => Admit::Wait(Duration::from_secs(1)),
+            Some(_) if self.probing => Admit::Wait(open_for / 2 + full_jitter(open_for)),
             Some(_) => {
                 self.probing = true;
                 Admit::Go
@@ -211,7 +213,12 @@ impl Deliverer {
             return Ok(None);
         }
         let destination = self.destination(&delivery.url);
-        if let Admit::Wait(wait) = destination.breaker.lock().expect("breaker lock").admit(Instant::now()) {
+        let admitted = destination
+            .breaker
+            .lock()
+            .expect("breaker lock")
+            .admit(Instant::now(), self.config.breaker_open);
+        if let Admit::Wait(wait) = admitted {
             return Ok(Some(wait));
         }
         // A first delivery is a first attempt; later ones ask the store (attempts survive
@@ -256,7 +263,13 @@ impl Deliverer {
             .body_bytes()
             .map_err(|e| WorkerError::JetStream(format!("delivery body: {e}")))?;
 
-        let _slot = destination.slots.acquire().await.expect("never closed");
+        // A delivery waits for a slot at most half its ack wait (past the ack wait it would
+        // be handed out a second time); then it goes back, to come again a little later.
+        let Ok(slot) = tokio::time::timeout(self.config.ack_wait / 2, destination.slots.acquire()).await else {
+            destination.breaker.lock().expect("breaker lock").probing = false;
+            return Ok(Some(Duration::from_secs(1) + full_jitter(self.config.attempt_timeout)));
+        };
+        let _slot = slot.expect("never closed");
         let started = Instant::now();
         let mut request = self.http.post(&delivery.url);
         for (name, value) in &delivery.headers {
@@ -625,17 +638,17 @@ mod tests {
         assert_eq!(parse_retry_after("soon"), None);
         let mut breaker = Breaker::default();
         for _ in 0..3 {
-            assert!(matches!(breaker.admit(Instant::now()), Admit::Go));
+            assert!(matches!(breaker.admit(Instant::now(), Duration::from_secs(60)), Admit::Go));
             breaker.record(false, 3, Duration::from_secs(60));
         }
         assert!(
-            matches!(breaker.admit(Instant::now()), Admit::Wait(_)),
+            matches!(breaker.admit(Instant::now(), Duration::from_secs(60)), Admit::Wait(w) if w >= Duration::from_secs(59)),
             "open after 3 failures"
         );
         let later = Instant::now() + Duration::from_secs(61);
-        assert!(matches!(breaker.admit(later), Admit::Go), "one probe");
-        assert!(matches!(breaker.admit(later), Admit::Wait(_)), "the others wait for it");
+        assert!(matches!(breaker.admit(later, Duration::from_secs(60)), Admit::Go), "one probe");
+        assert!(matches!(breaker.admit(later, Duration::from_secs(60)), Admit::Wait(_)), "the others wait for it");
         breaker.record(true, 3, Duration::from_secs(60));
-        assert!(matches!(breaker.admit(later), Admit::Go), "closed again");
+        assert!(matches!(breaker.admit(later, Duration::from_secs(60)), Admit::Go), "closed again");
     }
 }
