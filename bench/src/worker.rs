@@ -27,18 +27,6 @@ use serde_json::json;
 
 use crate::setup::{cpu_seconds, start_nats};
 
-const EXAMPLE: &[(&str, &str)] = &[
-    ("index.js", include_str!("../../examples/crm-contacts/index.js")),
-    (
-        "demo/models.js",
-        include_str!("../../examples/crm-contacts/demo/models.js"),
-    ),
-    (
-        "demo/syncs/contacts.js",
-        include_str!("../../examples/crm-contacts/demo/syncs/contacts.js"),
-    ),
-];
-
 pub struct Plan {
     pub events: u64,
     pub connections: usize,
@@ -85,7 +73,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
         };
         store.create_connection(&environment, &connection).await?;
     }
-    let files = EXAMPLE.iter().map(|(p, s)| (p.to_string(), s.to_string())).collect();
+    let files = hookyard_functions::examples::files(hookyard_functions::examples::CRM_CONTACTS);
     let project = hookyard_functions::compile::compile_project(files, &config.worker.limits)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     store
@@ -110,7 +98,11 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
             ..Default::default()
         };
         store
-            .set_forwarding(environment.id, hookyard_core::store::forwarding::ForwardingScope::Environment, &settings)
+            .set_forwarding(
+                environment.id,
+                hookyard_core::store::forwarding::ForwardingScope::Environment,
+                &settings,
+            )
             .await?;
     }
     let bus = Bus::connect(&config, "bench-worker").await?;

@@ -29,19 +29,6 @@ pub struct DevArgs {
 const DEMO_INTEGRATION: &str = "demo";
 const DEMO_CONNECTION: &str = "demo-connection";
 const DEMO_BODY: &str = r#"{"type":"contact.updated","contact":{"id":"c_1","email":"ada@example.com"}}"#;
-/// `examples/crm-contacts`, deployed to the demo integration on first start.
-const EXAMPLE: &[(&str, &str)] = &[
-    ("index.js", include_str!("../../examples/crm-contacts/index.js")),
-    (
-        "demo/models.js",
-        include_str!("../../examples/crm-contacts/demo/models.js"),
-    ),
-    (
-        "demo/syncs/contacts.js",
-        include_str!("../../examples/crm-contacts/demo/syncs/contacts.js"),
-    ),
-];
-
 pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken) -> Result<(), Error> {
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| format!("cannot create {}: {e}", config.data_dir.display()))?;
@@ -177,7 +164,7 @@ async fn deploy_example(store: &Store, environment: &Environment, config: &Confi
     if !store.functions(environment.id).await?.is_empty() {
         return Ok(());
     }
-    let files = EXAMPLE.iter().map(|(p, s)| (p.to_string(), s.to_string())).collect();
+    let files = hookyard_functions::examples::files(hookyard_functions::examples::CRM_CONTACTS);
     let limits = config.worker.limits.clone();
     let project = tokio::task::spawn_blocking(move || hookyard_functions::compile::compile_project(files, &limits))
         .await?

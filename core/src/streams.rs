@@ -95,6 +95,24 @@ pub enum StreamsError {
     },
 }
 
+/// A durable pull consumer with explicit acks that starts at the stream's first message.
+pub fn durable(
+    name: &str,
+    description: &str,
+    ack_wait: Duration,
+    max_ack_pending: usize,
+) -> jetstream::consumer::pull::Config {
+    jetstream::consumer::pull::Config {
+        durable_name: Some(name.into()),
+        description: Some(description.into()),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait,
+        deliver_policy: jetstream::consumer::DeliverPolicy::All,
+        max_ack_pending: max_ack_pending as i64,
+        ..Default::default()
+    }
+}
+
 /// Runs `handle` on each message of the durable pull consumer `config` (created or
 /// updated) on `stream`, `concurrency` at once, until `shutdown`; messages in progress
 /// finish first. A failed pull is logged and retried after a second.

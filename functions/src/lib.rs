@@ -8,6 +8,7 @@
 
 pub mod compile;
 mod engine;
+pub mod examples;
 pub mod pool;
 mod sandbox;
 

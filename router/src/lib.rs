@@ -10,14 +10,14 @@ pub mod resolve;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::{self, AckKind};
 use hookyard_core::config::RouterConfig;
 use hookyard_core::providers::events::events;
 use hookyard_core::providers::{Catalog, CatalogError, Inbound, Route};
 use hookyard_core::routed::RoutedEvent;
 use hookyard_core::store::StoreError;
-use hookyard_core::streams::{consume, Bus, StreamsError, RAW_STREAM};
+use hookyard_core::streams::{consume, durable, Bus, StreamsError, RAW_STREAM};
 use hookyard_core::trace_context::{continue_trace, current_traceparent};
 use hookyard_core::{Config, Envelope, Store};
 use tokio_util::sync::CancellationToken;
@@ -78,15 +78,7 @@ impl Router {
     /// Consumes `HOOKS_RAW` until `shutdown`; messages in progress finish first.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), RouterError> {
         // Create or update: a changed `router.ack_wait` takes effect at the next start.
-        let config = pull::Config {
-            durable_name: Some(CONSUMER.into()),
-            description: Some("hookyard router".into()),
-            ack_policy: AckPolicy::Explicit,
-            ack_wait: self.config.ack_wait,
-            deliver_policy: DeliverPolicy::All,
-            max_ack_pending: 4 * CONCURRENCY as i64,
-            ..Default::default()
-        };
+        let config = durable(CONSUMER, "hookyard router", self.config.ack_wait, 4 * CONCURRENCY);
         let jetstream = self.jetstream.clone();
         consume(&jetstream, RAW_STREAM, config, CONCURRENCY, shutdown, |message| {
             let router = self.clone();

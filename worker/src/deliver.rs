@@ -19,14 +19,13 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{self, AckKind};
 use chrono::Utc;
 use hmac::{Hmac, Mac};
 use hookyard_core::config::ForwardingConfig;
 use hookyard_core::store::commit::{DeadLetter, Marker, Unit};
 use hookyard_core::store::forwarding::DeliveryAttempt;
-use hookyard_core::streams::{consume, FWD_STREAM};
+use hookyard_core::streams::{consume, durable, FWD_STREAM};
 use hookyard_core::Store;
 use sha2::Sha256;
 use tokio::sync::Semaphore;
@@ -138,15 +137,12 @@ impl Deliverer {
     }
 
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), WorkerError> {
-        let config = pull::Config {
-            durable_name: Some(DELIVERER.into()),
-            description: Some("hookyard worker: deliveries to customers' apps".into()),
-            ack_policy: AckPolicy::Explicit,
-            ack_wait: self.config.ack_wait,
-            deliver_policy: DeliverPolicy::All,
-            max_ack_pending: 4 * CONCURRENCY as i64,
-            ..Default::default()
-        };
+        let config = durable(
+            DELIVERER,
+            "hookyard worker: deliveries to customers' apps",
+            self.config.ack_wait,
+            4 * CONCURRENCY,
+        );
         let jetstream = self.jetstream.clone();
         consume(&jetstream, FWD_STREAM, config, CONCURRENCY, shutdown, |message| {
             let deliverer = self.clone();
@@ -638,7 +634,10 @@ mod tests {
         assert_eq!(parse_retry_after("soon"), None);
         let mut breaker = Breaker::default();
         for _ in 0..3 {
-            assert!(matches!(breaker.admit(Instant::now(), Duration::from_secs(60)), Admit::Go));
+            assert!(matches!(
+                breaker.admit(Instant::now(), Duration::from_secs(60)),
+                Admit::Go
+            ));
             breaker.record(false, 3, Duration::from_secs(60));
         }
         assert!(
@@ -646,9 +645,18 @@ mod tests {
             "open after 3 failures"
         );
         let later = Instant::now() + Duration::from_secs(61);
-        assert!(matches!(breaker.admit(later, Duration::from_secs(60)), Admit::Go), "one probe");
-        assert!(matches!(breaker.admit(later, Duration::from_secs(60)), Admit::Wait(_)), "the others wait for it");
+        assert!(
+            matches!(breaker.admit(later, Duration::from_secs(60)), Admit::Go),
+            "one probe"
+        );
+        assert!(
+            matches!(breaker.admit(later, Duration::from_secs(60)), Admit::Wait(_)),
+            "the others wait for it"
+        );
         breaker.record(true, 3, Duration::from_secs(60));
-        assert!(matches!(breaker.admit(later, Duration::from_secs(60)), Admit::Go), "closed again");
+        assert!(
+            matches!(breaker.admit(later, Duration::from_secs(60)), Admit::Go),
+            "closed again"
+        );
     }
 }

@@ -12,12 +12,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{self, AckKind};
 use base64::Engine as _;
 use hookyard_core::envelope::insert_checked;
 use hookyard_core::routed::RoutedEvent;
-use hookyard_core::streams::{consume, fwd_subject, CONN_STREAM, RAW_STREAM};
+use hookyard_core::streams::{consume, durable, fwd_subject, CONN_STREAM, RAW_STREAM};
 use hookyard_core::Envelope;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -141,15 +140,12 @@ impl Forwarder {
     }
 
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), WorkerError> {
-        let config = pull::Config {
-            durable_name: Some(FORWARDER.into()),
-            description: Some("hookyard worker: forwarding to customers' apps".into()),
-            ack_policy: AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(30),
-            deliver_policy: DeliverPolicy::All,
-            max_ack_pending: 4 * CONCURRENCY as i64,
-            ..Default::default()
-        };
+        let config = durable(
+            FORWARDER,
+            "hookyard worker: forwarding to customers' apps",
+            Duration::from_secs(30),
+            4 * CONCURRENCY,
+        );
         let jetstream = self.jetstream.clone();
         consume(&jetstream, CONN_STREAM, config, CONCURRENCY, shutdown, |message| {
             let forwarder = self.clone();

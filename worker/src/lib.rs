@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use hookyard_core::config::WorkerConfig;
@@ -28,7 +28,7 @@ use hookyard_core::routed::RoutedEvent;
 use hookyard_core::store::commit::{DeadLetter, Marker, MetadataCall, RecordCall, Unit, UnitOutcome};
 use hookyard_core::store::records::RecordScope;
 use hookyard_core::store::{Connection, StoreError};
-use hookyard_core::streams::{Bus, StreamsError, CONN_STREAM};
+use hookyard_core::streams::{durable, Bus, StreamsError, CONN_STREAM};
 use hookyard_core::trace_context::continue_trace;
 use hookyard_core::{Config, Store};
 use hookyard_functions::pool::Pool;
@@ -124,14 +124,13 @@ impl Worker {
         // Create or update: a changed `worker.ack_wait` takes effect at the next start.
         let consumer = stream
             .create_consumer(pull::Config {
-                durable_name: Some(CONSUMER.into()),
-                description: Some("hookyard worker: onWebhook functions".into()),
                 filter_subject: "hooks.conn.>".into(),
-                ack_policy: AckPolicy::Explicit,
-                ack_wait: self.config.ack_wait,
-                deliver_policy: DeliverPolicy::All,
-                max_ack_pending: (batch * GROUPS_IN_FLIGHT * 2) as i64,
-                ..Default::default()
+                ..durable(
+                    CONSUMER,
+                    "hookyard worker: onWebhook functions",
+                    self.config.ack_wait,
+                    batch * GROUPS_IN_FLIGHT * 2,
+                )
             })
             .await
             .map_err(jetstream_error)?;

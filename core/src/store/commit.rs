@@ -254,9 +254,8 @@ impl Store {
 
     /// The environment's dead letters, newest first.
     pub async fn dead_letters(&self, environment: &str, limit: u32) -> Result<Vec<StoredDeadLetter>, StoreError> {
-        let rows: Vec<DeadLetterRow> =
-            on_pool!(self, |pool| {
-                sqlx::query_as(
+        let rows: Vec<DeadLetterRow> = on_pool!(self, |pool| {
+            sqlx::query_as(
             "SELECT id, consumer, environment, integration, connection_id, subject, message_id, stream_seq, payload,
                     function_name, function_version, error_kind, error, attempts, created_at
              FROM dead_letters WHERE environment = $1 ORDER BY id DESC LIMIT $2"
@@ -265,7 +264,7 @@ impl Store {
         .bind(i64::from(limit))
         .fetch_all(pool)
         .await
-            })?;
+        })?;
         Ok(rows
             .into_iter()
             .map(|row| StoredDeadLetter {
