@@ -488,16 +488,7 @@ async fn destinations_are_set_through_the_api_and_a_connection_may_override_them
     .await
     .unwrap();
     assert_eq!(missing.status(), 404);
-    let shown: Value = h
-        .http
-        .get(format!("{}/connections/c1/forwarding?provider_config_key=crm", h.api))
-        .bearer_auth(&h.environment.secret_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let shown = h.api_get("/connections/c1/forwarding?provider_config_key=crm").await;
     assert_eq!(
         shown["data"],
         json!({"urls": [connection_receiver.url], "has_signing_key": true, "always_notify": false})

@@ -32,16 +32,7 @@ async fn subscriptions_decide_what_runs(database_url: Option<&str>) {
         ])
         .await;
     assert_eq!(body["data"]["changes"].as_array().unwrap().len(), 3, "{body}");
-    let listed: Value = h
-        .http
-        .get(format!("{}/functions", h.api))
-        .bearer_auth(&h.environment.secret_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = h.api_get("/functions").await;
     let contacts = listed["data"]
         .as_array()
         .unwrap()

@@ -34,6 +34,10 @@ pub async fn notify(
 ) -> Result<(), WorkerError> {
     let mut acks = Vec::new();
     for (run, counts) in runs {
+        // Most environments forward nothing: nothing else to look at for those.
+        let Some(environment) = settings.forwarding_environment(&run.environment).await? else {
+            continue;
+        };
         let mut by_model: BTreeMap<&str, WriteCounts> = BTreeMap::new();
         for (model, count) in run.models.iter().zip(counts.iter()) {
             let sum = by_model.entry(model).or_default();
@@ -42,9 +46,6 @@ pub async fn notify(
         if by_model.is_empty() {
             continue;
         }
-        let Some(environment) = settings.environment(&run.environment).await? else {
-            continue;
-        };
         let targets = settings
             .targets(&environment, Some((&run.integration, &run.connection)))
             .await?;

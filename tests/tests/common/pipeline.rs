@@ -203,6 +203,19 @@ impl Harness {
         .await;
     }
 
+    /// `GET {path}` on the API as the `dev` environment; the JSON answer.
+    pub async fn api_get(&self, path: &str) -> Value {
+        self.http
+            .get(format!("{}{path}", self.api))
+            .bearer_auth(&self.environment.secret_key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// A connection's records of `model`, read through `GET /records`.
     pub async fn records(&self, connection: &str, model: &str) -> Vec<Value> {
         let response = self
