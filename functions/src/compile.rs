@@ -73,7 +73,7 @@ pub fn compile_project(files: BTreeMap<String, String>, limits: &Limits) -> Resu
         let sandbox = Sandbox::new(modules.clone(), limits).map_err(|e| at(&entry, e.message))?;
         let config = sandbox.context.with(|ctx| {
             let export = evaluate_entry(&ctx, &sandbox, &entry, limits).map_err(|e| at(&entry, e.to_string()))?;
-            read_config(&export.object).map_err(|message| at(&entry, message))
+            read_config(&export).map_err(|message| at(&entry, message))
         })?;
         let loaded = sandbox.modules.loaded.lock().expect("loader lock").clone();
         syncs.push(NewSync {

@@ -20,11 +20,6 @@ pub(crate) struct Loaded {
     sandbox: Sandbox,
 }
 
-/// The default export of an evaluated module, as JSON-able facts plus its functions.
-pub(crate) struct Export<'js> {
-    pub object: Object<'js>,
-}
-
 impl Loaded {
     /// Evaluates `entry` from `code` and keeps its `onWebhook`.
     pub(crate) fn load(
@@ -35,7 +30,7 @@ impl Loaded {
         let sandbox = Sandbox::new(code, limits)?;
         let (handler, run) = sandbox.context.with(|ctx| {
             let export = evaluate_entry(&ctx, &sandbox, entry, limits)?;
-            let handler: Option<Function> = export.object.get("onWebhook").ok();
+            let handler: Option<Function> = export.get("onWebhook").ok();
             let engine: Object = ctx
                 .globals()
                 .get("__hookyard")
@@ -102,7 +97,7 @@ pub(crate) fn evaluate_entry<'js>(
     sandbox: &Sandbox,
     entry: &str,
     limits: &Limits,
-) -> Result<Export<'js>, FunctionError> {
+) -> Result<Object<'js>, FunctionError> {
     if !sandbox.modules.code.contains_key(entry) {
         return Err(FunctionError::new(
             ErrorKind::Internal,
@@ -126,7 +121,7 @@ pub(crate) fn evaluate_entry<'js>(
             .map_err(|e| describe(ctx, e, budget, limits))?
             .unwrap_or_else(|| Value::new_undefined(ctx.clone()));
         match export.into_object() {
-            Some(object) => Ok(Export { object }),
+            Some(object) => Ok(object),
             None => Err(FunctionError::new(
                 ErrorKind::Thrown,
                 "its default export is not an object: export default createSync({...})",

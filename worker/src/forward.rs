@@ -74,18 +74,26 @@ impl Delivery {
         base64::engine::general_purpose::STANDARD.decode(&self.body)
     }
 
-    /// Publishes it to `HOOKS_FWD` (message id: its id), returning the ack to await.
-    pub async fn publish(
-        &self,
-        jetstream: &jetstream::Context,
-    ) -> Result<jetstream::context::PublishAckFuture, WorkerError> {
-        let mut headers = async_nats::HeaderMap::new();
-        insert_checked(&mut headers, "Nats-Msg-Id", &self.id);
-        let payload = serde_json::to_vec(self).expect("a delivery serialises");
-        jetstream
-            .publish_with_headers(fwd_subject(&self.environment, &self.kind), headers, payload.into())
-            .await
-            .map_err(jetstream_error)
+    /// Puts `deliveries` into `HOOKS_FWD` (message id: each one's id), returning once
+    /// every one is stored.
+    pub async fn publish_all(jetstream: &jetstream::Context, deliveries: Vec<Delivery>) -> Result<(), WorkerError> {
+        let mut acks = Vec::with_capacity(deliveries.len());
+        for delivery in &deliveries {
+            let mut headers = async_nats::HeaderMap::new();
+            insert_checked(&mut headers, "Nats-Msg-Id", &delivery.id);
+            let payload = serde_json::to_vec(delivery).expect("a delivery serialises");
+            let subject = fwd_subject(&delivery.environment, &delivery.kind);
+            acks.push(
+                jetstream
+                    .publish_with_headers(subject, headers, payload.into())
+                    .await
+                    .map_err(jetstream_error)?,
+            );
+        }
+        for ack in acks {
+            ack.await.map_err(jetstream_error)?;
+        }
+        Ok(())
     }
 }
 
@@ -233,24 +241,23 @@ impl Forwarder {
                 ),
             },
         };
-        let mut acks = Vec::with_capacity(targets.urls.len());
-        for url in &targets.urls {
-            let delivery = Delivery::new(
-                &key,
-                environment.name.as_str(),
-                event.integration.as_str(),
-                event.connection_id.as_deref(),
-                url,
-                "forward",
-                &body,
-                headers.clone(),
-            );
-            acks.push(delivery.publish(&self.jetstream).await?);
-        }
-        for ack in acks {
-            ack.await.map_err(jetstream_error)?;
-        }
-        Ok(())
+        let deliveries = targets
+            .urls
+            .iter()
+            .map(|url| {
+                Delivery::new(
+                    &key,
+                    environment.name.as_str(),
+                    event.integration.as_str(),
+                    event.connection_id.as_deref(),
+                    url,
+                    "forward",
+                    &body,
+                    headers.clone(),
+                )
+            })
+            .collect();
+        Delivery::publish_all(&self.jetstream, deliveries).await
     }
 
     /// The webhook at `sequence` in `HOOKS_RAW` (its headers and raw body), if still kept.

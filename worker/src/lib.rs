@@ -94,16 +94,15 @@ struct Task {
 
 impl Worker {
     pub fn new(store: Store, bus: &Bus, config: &Config) -> Worker {
-        let store_for_settings = store.clone();
         Worker {
             pool: Pool::new(config.worker.js_threads, config.worker.limits.clone()),
             deployments: Deployments::new(store.clone()),
+            settings: Arc::new(settings::Settings::new(store.clone())),
             store,
             jetstream: bus.jetstream.clone(),
             config: config.worker.clone(),
             marker_ttl: config.streams.raw_max_age,
             committed: AtomicU64::new(0),
-            settings: Arc::new(settings::Settings::new(store_for_settings)),
         }
     }
 
@@ -622,8 +621,9 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box
 /// The worker's three consumers (functions, forwarder, deliverer) until shutdown; when
 /// one stops on an error the others are stopped too.
 pub async fn run_all(store: Store, bus: &Bus, config: &Config, shutdown: CancellationToken) -> Result<(), WorkerError> {
-    let settings = Arc::new(settings::Settings::new(store.clone()));
     let worker = Arc::new(Worker::new(store.clone(), bus, config));
+    // One cache of environments, integrations and targets for the three consumers.
+    let settings = worker.settings.clone();
     let forwarder = Arc::new(forward::Forwarder::new(settings.clone(), bus.jetstream.clone()));
     let deliverer = Arc::new(deliver::Deliverer::new(
         store,

@@ -12,7 +12,7 @@ use hookyard_core::store::records::WriteCounts;
 
 use crate::forward::Delivery;
 use crate::settings::Settings;
-use crate::{jetstream_error, WorkerError};
+use crate::WorkerError;
 
 /// One committed execution, as a notification describes it.
 pub struct Run {
@@ -32,7 +32,7 @@ pub async fn notify(
     jetstream: &jetstream::Context,
     runs: &[(&Run, &[WriteCounts])],
 ) -> Result<(), WorkerError> {
-    let mut acks = Vec::new();
+    let mut deliveries = Vec::new();
     for (run, counts) in runs {
         // Most environments forward nothing: nothing else to look at for those.
         let Some(environment) = settings.forwarding_environment(&run.environment).await? else {
@@ -72,7 +72,7 @@ pub async fn notify(
             let body = serde_json::to_vec(&body).expect("JSON serialises");
             let key = format!("{}:{}:{model}:sync", run.message_id, run.sync);
             for url in &targets.urls {
-                let delivery = Delivery::new(
+                deliveries.push(Delivery::new(
                     &key,
                     run.environment.as_str(),
                     run.integration.as_str(),
@@ -81,13 +81,9 @@ pub async fn notify(
                     "sync",
                     &body,
                     Vec::new(),
-                );
-                acks.push(delivery.publish(jetstream).await?);
+                ));
             }
         }
     }
-    for ack in acks {
-        ack.await.map_err(jetstream_error)?;
-    }
-    Ok(())
+    Delivery::publish_all(jetstream, deliveries).await
 }
