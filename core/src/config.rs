@@ -87,6 +87,12 @@ pub struct WorkerConfig {
     #[serde(with = "humantime_serde")]
     pub functions_refresh: Duration,
     pub limits: FunctionLimits,
+    /// Threads that run exec (reconciliation runs); apart from the onWebhook threads, so a
+    /// long run never holds webhooks back. Also how many runs one worker does at once.
+    pub exec_threads: usize,
+    /// Per exec run: longer than a webhook's, since a run pages through the provider's
+    /// API (the wait for the API does not count against `cpu_budget`).
+    pub exec_limits: FunctionLimits,
 }
 
 /// Delivery of forwards and sync notifications to customers' apps.
@@ -253,6 +259,13 @@ impl Default for WorkerConfig {
                 .to_vec(),
             functions_refresh: Duration::from_secs(1),
             limits: FunctionLimits::default(),
+            exec_threads: 2,
+            exec_limits: FunctionLimits {
+                memory_bytes: 256 * 1024 * 1024,
+                stack_bytes: 1024 * 1024,
+                cpu_budget: Duration::from_secs(600),
+                timeout: Duration::from_secs(3600),
+            },
         }
     }
 }
@@ -408,17 +421,23 @@ impl Config {
         if !(1..=10_000).contains(&worker.batch) {
             problems.push("worker.batch must be between 1 and 10000".into());
         }
+        for (name, limits) in [("worker.limits", &worker.limits), ("worker.exec_limits", &worker.exec_limits)] {
+            if limits.memory_bytes < 1024 * 1024 {
+                problems.push(format!("{name}.memory_bytes must be at least 1 MiB"));
+            }
+            if !(64 * 1024..=64 * 1024 * 1024).contains(&limits.stack_bytes) {
+                problems.push(format!("{name}.stack_bytes must be between 64 KiB and 64 MiB"));
+            }
+            if limits.cpu_budget < Duration::from_millis(1) || limits.timeout < limits.cpu_budget {
+                problems.push(format!(
+                    "{name}.cpu_budget must be at least 1ms and no more than {name}.timeout"
+                ));
+            }
+        }
+        if !(1..=64).contains(&worker.exec_threads) {
+            problems.push("worker.exec_threads must be between 1 and 64".into());
+        }
         let limits = &worker.limits;
-        if limits.memory_bytes < 1024 * 1024 {
-            problems.push("worker.limits.memory_bytes must be at least 1 MiB".into());
-        }
-        if !(64 * 1024..=64 * 1024 * 1024).contains(&limits.stack_bytes) {
-            problems.push("worker.limits.stack_bytes must be between 64 KiB and 64 MiB".into());
-        }
-        if limits.cpu_budget < Duration::from_millis(1) || limits.timeout < limits.cpu_budget {
-            problems
-                .push("worker.limits.cpu_budget must be at least 1ms and no more than worker.limits.timeout".into());
-        }
         // A running execution must never be redelivered to another worker.
         if worker.ack_wait < limits.timeout * 2 + Duration::from_secs(5) {
             problems.push(format!(

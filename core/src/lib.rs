@@ -4,6 +4,8 @@
 pub mod config;
 pub mod embedded_nats;
 pub mod envelope;
+pub mod exec_job;
+pub mod frequency;
 pub mod keys;
 pub mod providers;
 pub mod routed;

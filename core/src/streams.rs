@@ -28,6 +28,18 @@ pub fn fwd_subject(environment: &str, kind: &str) -> String {
     format!("hooks.fwd.{environment}.{kind}")
 }
 
+/// Exec jobs from the reconciler, one per (sync, connection, schedule slot or trigger).
+pub const EXEC_STREAM: &str = "HOOKS_EXEC";
+pub const EXEC_SUBJECTS: &str = "hooks.exec.>";
+
+/// `hooks.exec.{environment}.{integration}.{connection}`.
+pub fn exec_subject(environment: &EnvironmentName, integration: &IntegrationKey, connection_id: &str) -> String {
+    format!(
+        "hooks.exec.{environment}.{integration}.{}",
+        connection_token(connection_id)
+    )
+}
+
 /// Older servers accept consumer filters, priority groups and message TTLs and then
 /// silently ignore them.
 pub const MIN_SERVER_VERSION: (u64, u64) = (2, 11);
@@ -219,6 +231,7 @@ impl Bus {
             (RAW_STREAM, raw_stream_config(config)),
             (CONN_STREAM, conn_stream_config(config)),
             (FWD_STREAM, fwd_stream_config(config)),
+            (EXEC_STREAM, exec_stream_config(config)),
         ] {
             self.jetstream
                 .create_or_update_stream(stream)
@@ -269,6 +282,15 @@ pub fn fwd_stream_config(config: &StreamsConfig) -> stream::Config {
 }
 
 /// A Limits-retention file stream kept for `raw_max_age`.
+pub fn exec_stream_config(config: &StreamsConfig) -> stream::Config {
+    kept_stream(
+        config,
+        EXEC_STREAM,
+        "hookyard: exec runs of syncs, scheduled or triggered",
+        &[EXEC_SUBJECTS],
+    )
+}
+
 fn kept_stream(config: &StreamsConfig, name: &str, description: &str, subjects: &[&str]) -> stream::Config {
     stream::Config {
         name: name.to_string(),

@@ -239,15 +239,23 @@ fn read_config(export: &Object<'_>) -> Result<serde_json::Value, String> {
         .get("autoStart")
         .map_err(|_| "autoStart must be true or false".to_string())?;
     let metadata: Value = export.get("metadata").map_err(|e| e.to_string())?;
+    let frequency = text("frequency")?;
+    let exec = function("exec")?;
+    if let Some(frequency) = &frequency {
+        hookyard_core::frequency::parse_frequency(frequency)?;
+        if !exec {
+            return Err("it has a frequency but no exec to run on it".into());
+        }
+    }
     Ok(json!({
         "description": text("description")?,
         "version": text("version")?,
-        "frequency": text("frequency")?,
+        "frequency": frequency,
         "models": models,
         "webhookSubscriptions": subscriptions,
         "autoStart": auto_start.unwrap_or(true),
         "metadata": !metadata.type_of().is_void(),
-        "exec": function("exec")?,
+        "exec": exec,
         "onWebhook": on_webhook,
     }))
 }

@@ -6,31 +6,34 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hookyard_core::store::records::WriteKind;
 use hookyard_core::store::MetadataWrite;
+use rquickjs::function::Args;
 use rquickjs::{CatchResultExt, CaughtError, Ctx, Function, Module, Object, Persistent, Promise, Value};
 use serde::Deserialize;
 
-use crate::sandbox::{describe, Budget, Sandbox};
-use crate::{Effects, ErrorKind, FunctionError, Invocation, Limits, LogLine, Write};
+use crate::sandbox::{describe, with_host, Budget, Sandbox};
+use crate::{Effects, ErrorKind, FunctionError, Handler, Invocation, Limits, LogLine, Write};
 
 /// A sync's module evaluated once; its handler runs many times. Field order is drop
 /// order: the saved functions go before the sandbox that owns them.
 pub(crate) struct Loaded {
-    handler: Option<Persistent<Function<'static>>>,
+    on_webhook: Option<Persistent<Function<'static>>>,
+    exec: Option<Persistent<Function<'static>>>,
     run: Persistent<Function<'static>>,
     sandbox: Sandbox,
 }
 
 impl Loaded {
-    /// Evaluates `entry` from `code` and keeps its `onWebhook`.
+    /// Evaluates `entry` from `code` and keeps its `onWebhook` and `exec`.
     pub(crate) fn load(
         code: Arc<BTreeMap<String, Vec<u8>>>,
         entry: &str,
         limits: &Limits,
     ) -> Result<Loaded, FunctionError> {
         let sandbox = Sandbox::new(code, limits)?;
-        let (handler, run) = sandbox.context.with(|ctx| {
+        let (on_webhook, exec, run) = sandbox.context.with(|ctx| {
             let export = evaluate_entry(&ctx, &sandbox, entry, limits)?;
-            let handler: Option<Function> = export.get("onWebhook").ok();
+            let handler = |name: &str| export.get::<_, Function>(name).ok().map(|h| Persistent::save(&ctx, h));
+            let (on_webhook, exec) = (handler("onWebhook"), handler("exec"));
             let engine: Object = ctx
                 .globals()
                 .get("__hookyard")
@@ -38,35 +41,62 @@ impl Loaded {
             let run: Function = engine
                 .get("run")
                 .map_err(|e| FunctionError::new(ErrorKind::Internal, format!("engine runner missing: {e}")))?;
-            Ok::<_, FunctionError>((handler.map(|h| Persistent::save(&ctx, h)), Persistent::save(&ctx, run)))
+            Ok::<_, FunctionError>((on_webhook, exec, Persistent::save(&ctx, run)))
         })?;
-        Ok(Loaded { handler, run, sandbox })
+        Ok(Loaded {
+            on_webhook,
+            exec,
+            run,
+            sandbox,
+        })
     }
 
-    /// Runs `onWebhook(nango, payload)` to completion; its effects, or why it failed.
+    /// Runs `onWebhook(nango, payload)` or `exec(nango)` to completion; its effects, or
+    /// why it failed.
     pub(crate) fn execute(&self, invocation: &Invocation, limits: &Limits) -> Result<Effects, FunctionError> {
-        let Some(handler) = &self.handler else {
+        let (handler, name) = match invocation.handler {
+            Handler::OnWebhook => (&self.on_webhook, "onWebhook"),
+            Handler::Exec => (&self.exec, "exec"),
+        };
+        let Some(handler) = handler else {
             return Err(FunctionError::new(
                 ErrorKind::Thrown,
-                "the sync has no onWebhook handler",
+                format!("the sync has no {name} handler"),
             ));
         };
+        with_host(invocation.host.clone(), || self.run(handler, invocation, limits))
+    }
+
+    fn run(
+        &self,
+        handler: &Persistent<Function<'static>>,
+        invocation: &Invocation,
+        limits: &Limits,
+    ) -> Result<Effects, FunctionError> {
         let budget = &self.sandbox.budget;
         budget.arm(limits);
         let result = self.sandbox.context.with(|ctx| {
             let handler = handler.clone().restore(&ctx).map_err(internal)?;
             let run = self.run.clone().restore(&ctx).map_err(internal)?;
-            let args = (
-                handler,
-                &*invocation.payload,
-                invocation.connection_id.as_str(),
-                invocation.provider_config_key.as_str(),
-                &*invocation.metadata,
-                &*invocation.connection,
-                &*invocation.models,
-            );
+            // More arguments than a tuple carries.
+            let mut args = Args::new(ctx.clone(), 8);
+            let pushed = (|| {
+                args.push_arg(handler)?;
+                for text in [
+                    &*invocation.payload,
+                    invocation.connection_id.as_str(),
+                    invocation.provider_config_key.as_str(),
+                    &*invocation.metadata,
+                    &*invocation.connection,
+                    &*invocation.models,
+                ] {
+                    args.push_arg(text)?;
+                }
+                args.push_arg(invocation.host.is_some())
+            })();
+            pushed.map_err(internal)?;
             let outcome = run
-                .call::<_, Promise>(args)
+                .call_arg::<Promise>(args)
                 .catch(&ctx)
                 .map_err(|e| describe(&ctx, e, budget, limits))
                 .and_then(|promise| settle(&ctx, &promise, budget, limits));

@@ -99,7 +99,26 @@ pub struct Effects {
     pub logs: Vec<LogLine>,
 }
 
-/// What an `onWebhook` execution is given. The JSON texts are shared (`Arc<str>`): a
+/// The handler an execution runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Handler {
+    /// `onWebhook(nango, payload)`: its writes are collected and committed by the worker.
+    #[default]
+    OnWebhook,
+    /// `exec(nango)`: a reconciliation run. Its `nango` calls out to a [`Host`] as it goes
+    /// (writes are applied at once, the provider's API is reachable).
+    Exec,
+}
+
+/// What an exec's `nango` calls: the store, the provider's API, checkpoints. Called on the
+/// JS thread and may block it (the thread is the run's own).
+pub trait Host: Send + Sync {
+    /// One call: `op` names it and `args` is JSON; the answer is JSON (or empty for
+    /// nothing), or a message the function sees thrown.
+    fn call(&self, op: &str, args: &str) -> Result<String, String>;
+}
+
+/// What an execution is given. The JSON texts are shared (`Arc<str>`): a
 /// connection's are made once for all its events in a group, a sync's models once.
 #[derive(Debug, Clone)]
 pub struct Invocation {
@@ -113,4 +132,13 @@ pub struct Invocation {
     pub connection: Arc<str>,
     /// The sync's model names as a JSON array: writes to other models are refused.
     pub models: Arc<str>,
+    pub handler: Handler,
+    /// For [`Handler::Exec`]: what its `nango` calls out to.
+    pub host: Option<Arc<dyn Host>>,
+}
+
+impl std::fmt::Debug for dyn Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Host")
+    }
 }

@@ -11,7 +11,7 @@ use rquickjs::loader::{Loader, Resolver};
 use rquickjs::module::Declared;
 use rquickjs::{CatchResultExt, CaughtError, Context, Ctx, Module, Runtime};
 
-use crate::{ErrorKind, FunctionError, Limits};
+use crate::{ErrorKind, FunctionError, Host, Limits};
 
 const NANGO: &str = include_str!("js/nango.js");
 const PRELUDE: &str = include_str!("js/prelude.js");
@@ -213,6 +213,7 @@ impl Sandbox {
         let context = Context::full(&runtime).map_err(setup)?;
         context.with(|ctx| {
             seed_math_random(&ctx).map_err(setup)?;
+            install_host_call(&ctx).map_err(setup)?;
             ctx.eval::<(), _>(PRELUDE)
                 .catch(&ctx)
                 .map_err(|e| FunctionError::new(ErrorKind::Internal, format!("engine prelude: {e}")))
@@ -225,6 +226,46 @@ impl Sandbox {
             modules,
         })
     }
+}
+
+thread_local! {
+    /// The host of the execution running on this thread, if it has one.
+    static HOST: std::cell::RefCell<Option<Arc<dyn Host>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with `host` as what `__hookyardHost` calls on this thread.
+pub(crate) fn with_host<T>(host: Option<Arc<dyn Host>>, f: impl FnOnce() -> T) -> T {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            HOST.with(|h| h.borrow_mut().take());
+        }
+    }
+    HOST.with(|h| *h.borrow_mut() = host);
+    let _reset = Reset;
+    f()
+}
+
+/// `__hookyardHost(op, argsJson)`: the prelude's way out to the execution's [`Host`].
+/// Taken out of reach of function code by the prelude.
+fn install_host_call(ctx: &Ctx<'_>) -> rquickjs::Result<()> {
+    let call = rquickjs::Function::new(
+        ctx.clone(),
+        |ctx: Ctx<'_>, op: String, args: String| -> rquickjs::Result<String> {
+            let host = HOST.with(|h| h.borrow().clone());
+            let Some(host) = host else {
+                return Err(rquickjs::Exception::throw_message(
+                    &ctx,
+                    &format!(
+                        "{op}: the provider API, checkpoints and delete tracking are only available in exec, not in onWebhook"
+                    ),
+                ));
+            };
+            host.call(&op, &args)
+                .map_err(|message| rquickjs::Exception::throw_message(&ctx, &message))
+        },
+    )?;
+    ctx.globals().set("__hookyardHost", call)
 }
 
 /// QuickJS seeds each context's `Math.random` from the clock in microseconds, so that

@@ -8,7 +8,8 @@ use hookyard_core::store::records::WriteKind;
 use hookyard_core::store::MetadataWrite;
 use hookyard_functions::compile::{compile_project, Project};
 use hookyard_functions::pool::{Pool, SyncCode};
-use hookyard_functions::{ErrorKind, Invocation, Limits};
+use hookyard_functions::{ErrorKind, Handler, Host, Invocation, Limits};
+use std::sync::Mutex;
 use serde_json::json;
 
 fn limits() -> Limits {
@@ -61,6 +62,8 @@ fn invocation(payload: serde_json::Value) -> Invocation {
             .to_string()
             .into(),
         models: json!(["Contact"]).to_string().into(),
+        handler: Default::default(),
+        host: None,
     }
 }
 
@@ -325,4 +328,100 @@ async fn math_random_differs_between_sandboxes_made_at_once() {
         .map(|effects| effects.unwrap().writes[0].records[0].0.clone())
         .collect();
     assert_eq!(ids.len(), 8, "{ids:?}");
+}
+
+/// A host that answers the provider's API from pages and records every call.
+#[derive(Default)]
+struct FakeHost {
+    calls: Mutex<Vec<(String, serde_json::Value)>>,
+}
+
+impl Host for FakeHost {
+    fn call(&self, op: &str, args: &str) -> Result<String, String> {
+        let args: serde_json::Value = serde_json::from_str(args).map_err(|e| e.to_string())?;
+        self.calls.lock().unwrap().push((op.to_string(), args.clone()));
+        Ok(match op {
+            "proxy" => {
+                let cursor = args["params"]["cursor"].as_str().unwrap_or("");
+                let page = match cursor {
+                    "" => json!({"items": [{"id": 1}, {"id": 2}], "next": "p2"}),
+                    "p2" => json!({"items": [{"id": 3}], "next": null}),
+                    _ => return Err(format!("no page {cursor}")),
+                };
+                if args["endpoint"] == "/fail" {
+                    json!({"status": 500, "headers": {}, "data": {"error": "boom"}}).to_string()
+                } else {
+                    json!({"status": 200, "headers": {}, "data": page}).to_string()
+                }
+            }
+            "pagination" => "null".to_string(),
+            "getCheckpoint" => json!({"since": "yesterday"}).to_string(),
+            "trackDeletesEnd" => "0".to_string(),
+            _ => String::new(),
+        })
+    }
+}
+
+#[tokio::test]
+async fn exec_calls_its_host_as_it_goes_and_paginates_by_cursor() {
+    let sync = r#"
+import { createSync } from 'nango';
+export default createSync({
+  frequency: 'every hour',
+  models: { Contact: {} },
+  exec: async (nango) => {
+    const checkpoint = await nango.getCheckpoint();
+    await nango.trackDeletesStart('Contact');
+    for await (const page of nango.paginate({
+      endpoint: '/contacts',
+      paginate: { type: 'cursor', cursor_path_in_response: 'next', cursor_name_in_request: 'cursor', response_path: 'items' },
+    })) {
+      await nango.batchSave(page.map((c) => ({ id: String(c.id), since: checkpoint.since })), 'Contact');
+    }
+    await nango.trackDeletesEnd('Contact');
+    await nango.saveCheckpoint({ since: 'today' });
+    try {
+      await nango.get({ endpoint: '/fail' });
+    } catch (e) {
+      await nango.log(`failed with ${e.status}`);
+    }
+  },
+});
+"#;
+    let project = project(&[("crm/syncs/contacts.js", sync)]);
+    let pool = Pool::new(1, limits());
+    let host = Arc::new(FakeHost::default());
+    let effects = pool
+        .execute(
+            code(&project, "contacts"),
+            Invocation {
+                handler: Handler::Exec,
+                host: Some(host.clone()),
+                ..invocation(json!(null))
+            },
+        )
+        .await
+        .expect("exec runs");
+    assert!(effects.writes.is_empty(), "exec writes go to the host, not the effects");
+    assert_eq!(effects.logs[0].message, "failed with 500");
+    let calls = host.calls.lock().unwrap();
+    let ops: Vec<&str> = calls.iter().map(|(op, _)| op.as_str()).collect();
+    assert_eq!(
+        ops,
+        ["getCheckpoint", "trackDeletesStart", "pagination", "proxy", "write", "proxy", "write", "trackDeletesEnd", "saveCheckpoint", "proxy"]
+    );
+    let saved: Vec<&serde_json::Value> = calls.iter().filter(|(op, _)| op == "write").map(|(_, a)| a).collect();
+    assert_eq!(saved[0]["records"], json!([{"id": "1", "since": "yesterday"}, {"id": "2", "since": "yesterday"}]));
+    assert_eq!(saved[0]["strategy"], "ignore_if_modified_after");
+    assert_eq!(saved[1]["records"], json!([{"id": "3", "since": "yesterday"}]));
+    assert_eq!(calls[5].1["params"]["cursor"], "p2");
+
+    // onWebhook has no provider API: the call throws.
+    let webhook_only = sync_with("await nango.get({ endpoint: '/x' });");
+    let project = self::project(&[("crm/syncs/hook.js", &webhook_only)]);
+    let error = pool
+        .execute(code(&project, "hook"), invocation(json!({})))
+        .await
+        .expect_err("no host for onWebhook");
+    assert!(error.message.contains("only available in exec, not in onWebhook"), "{}", error.message);
 }

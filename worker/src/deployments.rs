@@ -80,6 +80,15 @@ impl Deployments {
             .unwrap_or_default()
     }
 
+    /// One live sync by name.
+    pub fn find(&self, environment: &EnvironmentName, integration: &IntegrationKey, name: &str) -> Option<Arc<LiveSync>> {
+        let snapshot = self.current.read().expect("deployments lock").clone();
+        snapshot
+            .syncs
+            .get(&(environment.clone(), integration.clone()))
+            .and_then(|syncs| syncs.iter().find(|s| s.sync.name == name).cloned())
+    }
+
     pub fn revision(&self) -> i64 {
         self.current.read().expect("deployments lock").revision
     }

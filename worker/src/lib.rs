@@ -10,8 +10,10 @@
 
 pub mod deliver;
 pub mod deployments;
+pub mod exec;
 pub mod forward;
 pub mod notify;
+pub mod provider_api;
 pub mod settings;
 
 use std::collections::HashMap;
@@ -76,7 +78,7 @@ pub struct Worker {
     store: Store,
     jetstream: jetstream::Context,
     pool: Pool,
-    deployments: Deployments,
+    deployments: Arc<Deployments>,
     config: WorkerConfig,
     /// How long markers are kept: as long as `HOOKS_RAW` keeps what could be replayed.
     marker_ttl: Duration,
@@ -96,7 +98,7 @@ impl Worker {
     pub fn new(store: Store, bus: &Bus, config: &Config) -> Worker {
         Worker {
             pool: Pool::new(config.worker.js_threads, config.worker.limits.clone()),
-            deployments: Deployments::new(store.clone()),
+            deployments: Arc::new(Deployments::new(store.clone())),
             settings: Arc::new(settings::Settings::new(store.clone())),
             store,
             jetstream: bus.jetstream.clone(),
@@ -465,6 +467,8 @@ impl Worker {
                 metadata,
                 connection,
                 models: task.sync.models.clone(),
+                handler: Default::default(),
+                host: None,
             };
             runnable.push((task, invocation));
         }
@@ -539,7 +543,7 @@ impl Worker {
 }
 
 /// A connection's metadata, and the connection as `getConnection()` answers it, as JSON.
-fn connection_json(connection: &Connection) -> (Arc<str>, Arc<str>) {
+pub(crate) fn connection_json(connection: &Connection) -> (Arc<str>, Arc<str>) {
     let mut described = serde_json::to_value(connection).unwrap_or_default();
     described["credentials"] = serde_json::to_value(&connection.credentials).unwrap_or_default();
     (connection.metadata.to_string().into(), described.to_string().into())
@@ -618,10 +622,16 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box
     Ok(())
 }
 
-/// The worker's three consumers (functions, forwarder, deliverer) until shutdown; when
-/// one stops on an error the others are stopped too.
+/// The worker's four consumers (functions, exec, forwarder, deliverer) until shutdown;
+/// when one stops on an error the others are stopped too.
 pub async fn run_all(store: Store, bus: &Bus, config: &Config, shutdown: CancellationToken) -> Result<(), WorkerError> {
     let worker = Arc::new(Worker::new(store.clone(), bus, config));
+    let executor = Arc::new(exec::Executor::new(
+        store.clone(),
+        bus.jetstream.clone(),
+        worker.deployments.clone(),
+        config,
+    )?);
     // One cache of environments, integrations and targets for the three consumers.
     let settings = worker.settings.clone();
     let forwarder = Arc::new(forward::Forwarder::new(settings.clone(), bus.jetstream.clone()));
@@ -637,10 +647,11 @@ pub async fn run_all(store: Store, bus: &Bus, config: &Config, shutdown: Cancell
         }
         outcome
     };
-    let (functions, forwarding, deliveries) = tokio::join!(
+    let (functions, execs, forwarding, deliveries) = tokio::join!(
         async { stopping(worker.run(shutdown.clone()).await) },
+        async { stopping(executor.run(shutdown.clone()).await) },
         async { stopping(forwarder.run(shutdown.clone()).await) },
         async { stopping(deliverer.run(shutdown.clone()).await) },
     );
-    functions.and(forwarding).and(deliveries)
+    functions.and(execs).and(forwarding).and(deliveries)
 }

@@ -14,6 +14,7 @@
 //! An integration's `settings` may override `signature`, `event_type`, `batch` and
 //! `routing` (same shapes as the files), so a custom integration needs no code.
 
+pub mod api;
 pub mod events;
 pub mod extract;
 pub mod handshake;
@@ -87,6 +88,9 @@ pub struct Provider {
     pub order: Option<OrderSpec>,
     #[serde(default)]
     pub routing: RoutingSpec,
+    /// The provider's API, for exec (`nango.get`, `nango.paginate`, …).
+    #[serde(default)]
+    pub api: Option<api::ApiSpec>,
 }
 
 /// The parts of a provider an integration's settings may replace.

@@ -7,7 +7,7 @@ use sqlx::types::Json;
 
 use super::model::ConnectionRow;
 use super::tx::{on_tx, Tx};
-use super::{conflict_on_unique, Connection, ConnectionQuery, Environment, NewConnection, Pool, Store, StoreError};
+use super::{conflict_on_unique, Connection, ConnectionQuery, Credentials, Environment, NewConnection, Pool, Store, StoreError};
 use crate::keys::IntegrationKey;
 use crate::secrets::Purpose;
 
@@ -157,6 +157,50 @@ impl Store {
 
     /// The integration's `connections_version`: it moves on whenever one of its
     /// connections is created, deleted or has its metadata written.
+    /// Replaces a live connection's credentials (a refreshed OAuth2 token); false when the
+    /// connection is gone.
+    pub async fn update_credentials(
+        &self,
+        environment_id: i64,
+        integration: &IntegrationKey,
+        connection_id: &str,
+        credentials: &Credentials,
+    ) -> Result<bool, StoreError> {
+        let json = serde_json::to_string(credentials).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let sealed = self.cipher.seal(Purpose::Credentials, &json);
+        let updated = on_pool!(self, |pool| sqlx::query(
+            "UPDATE connections SET credentials = $1, updated_at = $2
+             WHERE environment_id = $3 AND connection_id = $4 AND deleted_at IS NULL
+               AND integration_id = (SELECT id FROM integrations WHERE environment_id = $3 AND unique_key = $5)"
+        )
+        .bind(&sealed)
+        .bind(Utc::now())
+        .bind(environment_id)
+        .bind(connection_id)
+        .bind(integration.as_str())
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected()))?;
+        Ok(updated == 1)
+    }
+
+    /// The ids of an integration's live connections, oldest first.
+    pub async fn live_connection_ids(
+        &self,
+        environment_id: i64,
+        integration: &IntegrationKey,
+    ) -> Result<Vec<String>, StoreError> {
+        let rows: Vec<(String,)> = on_pool!(self, |pool| sqlx::query_as(
+            "SELECT c.connection_id FROM connections c JOIN integrations i ON i.id = c.integration_id
+             WHERE c.environment_id = $1 AND i.unique_key = $2 AND c.deleted_at IS NULL ORDER BY c.id"
+        )
+        .bind(environment_id)
+        .bind(integration.as_str())
+        .fetch_all(pool)
+        .await)?;
+        Ok(rows.into_iter().map(|(id,)| id).collect())
+    }
+
     pub async fn connections_version(&self, integration_id: i64) -> Result<i64, StoreError> {
         let version: Option<i64> = on_pool!(self, |pool| sqlx::query_scalar(VERSION)
             .bind(integration_id)

@@ -120,6 +120,7 @@ pub mod forwarding;
 pub mod functions;
 mod integrations;
 pub mod records;
+pub mod syncs;
 
 impl Store {
     /// Opens the database named by `url` (`postgres://…` or `sqlite://path`) and brings

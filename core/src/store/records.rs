@@ -721,6 +721,50 @@ impl Store {
         Ok(counts)
     }
 
+    /// Soft-deletes, at `version`, the scope's live records not in `seen` and written at
+    /// `version` or before (an exec run's delete tracking: what it did not see is gone at
+    /// the provider, unless a webhook wrote it after the run began).
+    pub async fn delete_unseen(
+        &self,
+        scope: &RecordScope,
+        seen: &std::collections::HashSet<String>,
+        version: i64,
+    ) -> Result<WriteCounts, StoreError> {
+        let mut tx = self.begin().await?;
+        let key = scope.key();
+        let live: Vec<(String,)> = on_tx!(&mut tx, |conn| {
+            sqlx::query_as("SELECT id FROM records WHERE scope = $1 AND deleted_at IS NULL AND version <= $2")
+                .bind(&key)
+                .bind(version)
+                .fetch_all(&mut *conn)
+                .await
+        })?;
+        let gone: Vec<(String, Value)> = live
+            .into_iter()
+            .filter(|(id,)| !seen.contains(id))
+            .map(|(id,)| {
+                let payload = serde_json::json!({ "id": id });
+                (id, payload)
+            })
+            .collect();
+        let mut batch = WriteBatch::default();
+        batch.add(scope, WriteKind::Delete, gone, version);
+        let counts = self.apply_writes(&mut tx, batch).await?;
+        tx.commit().await?;
+        Ok(counts[0])
+    }
+
+    /// Removes every record of the scope for good (a trigger with `emptyCache`).
+    pub async fn empty_records(&self, scope: &RecordScope) -> Result<u64, StoreError> {
+        let key = scope.key();
+        let removed = on_pool!(self, |pool| sqlx::query("DELETE FROM records WHERE scope = $1")
+            .bind(&key)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected()))?;
+        Ok(removed)
+    }
+
     /// One page of a scope's records in change order.
     pub async fn list_records(&self, scope: &RecordScope, query: &RecordQuery) -> Result<RecordPage, StoreError> {
         let after = query.cursor.as_deref().map(decode_cursor).transpose()?.unwrap_or(0);

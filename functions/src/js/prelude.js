@@ -12,6 +12,13 @@
   }
   delete globalThis.eval;
   globalThis.Function = noCode;
+  // The way out to the execution's host (exec only): kept here, out of function code's reach.
+  const hostCall = globalThis.__hookyardHost;
+  delete globalThis.__hookyardHost;
+  const host = (op, args) => {
+    const answer = hostCall(op, typeof args === 'string' ? args : JSON.stringify(args ?? null));
+    return answer === '' ? undefined : JSON.parse(answer);
+  };
 
   const copy = (value) => (value === undefined ? undefined : JSON.parse(JSON.stringify(value)));
   const isObject = (value) => value !== null && typeof value === 'object' && !Array.isArray(value);
@@ -60,7 +67,7 @@
     return models;
   };
 
-  const makeNango = (input, effects) => {
+  const makeNango = (input, effects, hosted) => {
     const models = input.models;
     const checked = (records, model, call) => {
       if (!Array.isArray(records)) throw new TypeError(`${call}: the records must be an array`);
@@ -77,8 +84,15 @@
       // does with its objects afterwards.
       return JSON.stringify(records);
     };
+    let strategy = 'ignore_if_modified_after';
     const write = (kind, call) => async (records, model) => {
-      effects.writes.push(`{"kind":"${kind}","model":${JSON.stringify(model)},"records":${checked(records, model, call)}}`);
+      const json = `{"kind":"${kind}","model":${JSON.stringify(model)},"records":${checked(records, model, call)}}`;
+      if (hosted) {
+        // Applied now, as Nango's batchSave does: a long exec does not hold its records.
+        host('write', `{"strategy":"${strategy}",${json.slice(1)}`);
+      } else {
+        effects.writes.push(json);
+      }
       return true;
     };
     // Parsed when first asked for: most handlers never read them.
@@ -91,9 +105,10 @@
       if (!isObject(value)) throw new TypeError(`${call}: the metadata must be an object`);
       const written = copy(value);
       metadata = how === 'replace' ? written : { ...currentMetadata(), ...written };
-      effects.metadata.push({ how, value: written });
+      if (hosted) host('metadata', { how, value: written });
+      else effects.metadata.push({ how, value: written });
     };
-    return {
+    const nango = {
       connectionId: input.connectionId,
       providerConfigKey: input.providerConfigKey,
       batchSave: write('save', 'batchSave'),
@@ -108,15 +123,127 @@
         log(String(level), message, isObject(payload) && 'level' in payload ? undefined : payload);
       },
     };
+    // In onWebhook these exist too, and throw saying they are for exec.
+    return Object.assign(nango, execApi(models, (s) => { strategy = s; }));
+  };
+
+  // What exec adds to `nango`: the provider's API, delete tracking, checkpoints.
+  const execApi = (models, setStrategy) => {
+    const modelChecked = (model, call) => {
+      if (typeof model !== 'string' || (models.size > 0 && !models.has(model))) {
+        throw new TypeError(`${call}: model ${JSON.stringify(model)} is not one of this sync's models`);
+      }
+      return model;
+    };
+    const proxy = async (config) => {
+      if (!isObject(config) || typeof config.endpoint !== 'string') {
+        throw new TypeError('proxy: give it an object with an endpoint');
+      }
+      const method = String(config.method || 'GET').toUpperCase();
+      const response = host('proxy', {
+        method,
+        endpoint: config.endpoint,
+        params: config.params ?? null,
+        data: config.data === undefined ? null : config.data,
+        headers: config.headers ?? null,
+        retries: config.retries ?? null,
+      });
+      if (response.status >= 400) {
+        const error = new Error(`${method} ${config.endpoint} answered ${response.status}`);
+        error.status = response.status;
+        error.response = response;
+        throw error;
+      }
+      return response;
+    };
+    const verb = (method) => (config) => proxy({ ...config, method });
+    const at = (value, path) => {
+      if (!path) return value;
+      return String(path).split('.').reduce((v, key) => (v === null || v === undefined ? undefined : v[key]), value);
+    };
+    const nextLink = (header, rel) => {
+      if (typeof header !== 'string') return undefined;
+      for (const part of header.split(',')) {
+        const match = part.match(/<([^>]*)>\s*;(.*)/);
+        if (match && new RegExp(`rel="?${rel}"?`).test(match[2])) return match[1];
+      }
+      return undefined;
+    };
+    // Nango's paginate: cursor, link and offset styles; each page's items are yielded.
+    async function* paginate(config) {
+      if (!isObject(config) || typeof config.endpoint !== 'string') {
+        throw new TypeError('paginate: give it an object with an endpoint');
+      }
+      const rules = { ...(host('pagination', {}) ?? {}), ...(config.paginate ?? {}) };
+      const method = config.method || 'GET';
+      const params = { ...(config.params ?? {}) };
+      if (rules.limit !== undefined && rules.limit_name_in_request) params[rules.limit_name_in_request] = rules.limit;
+      let endpoint = config.endpoint;
+      let offset = Number(rules.offset_start_value ?? 0);
+      for (let page = 0; ; page++) {
+        if (rules.type === 'offset') params[rules.offset_name_in_request || 'offset'] = offset;
+        const response = await proxy({ ...config, method, endpoint, params });
+        const items = at(response.data, rules.response_path);
+        if (!Array.isArray(items)) {
+          throw new TypeError(`paginate: the response ${rules.response_path ? `at ${rules.response_path} ` : ''}is not an array`);
+        }
+        if (items.length > 0) yield items;
+        if (items.length === 0 || !rules.type) return;
+        if (rules.type === 'cursor') {
+          const cursor = at(response.data, rules.cursor_path_in_response);
+          if (cursor === undefined || cursor === null || cursor === '') return;
+          params[rules.cursor_name_in_request || 'cursor'] = cursor;
+        } else if (rules.type === 'link') {
+          const link = rules.link_path_in_response_body
+            ? at(response.data, rules.link_path_in_response_body)
+            : nextLink(response.headers.link, rules.link_rel_in_response_header || 'next');
+          if (!link) return;
+          endpoint = link;
+          for (const key of Object.keys(params)) delete params[key];
+        } else if (rules.type === 'offset') {
+          if (rules.limit !== undefined && items.length < Number(rules.limit)) return;
+          offset += rules.offset_calculation_method === 'per-page' ? 1 : items.length;
+        } else {
+          throw new TypeError(`paginate: type ${JSON.stringify(rules.type)} is not cursor, link or offset`);
+        }
+      }
+    }
+    return {
+      proxy,
+      get: verb('GET'),
+      post: verb('POST'),
+      put: verb('PUT'),
+      patch: verb('PATCH'),
+      delete: verb('DELETE'),
+      paginate,
+      trackDeletesStart: async (model) => { host('trackDeletesStart', { model: modelChecked(model, 'trackDeletesStart') }); },
+      trackDeletesEnd: async (model) => host('trackDeletesEnd', { model: modelChecked(model, 'trackDeletesEnd') }),
+      setMergingStrategy: async (merging, model) => {
+        const chosen = isObject(merging) ? merging.strategy : undefined;
+        if (chosen !== 'ignore_if_modified_after' && chosen !== 'override') {
+          throw new TypeError("setMergingStrategy: strategy must be 'ignore_if_modified_after' or 'override'");
+        }
+        if (model !== undefined) modelChecked(model, 'setMergingStrategy');
+        setStrategy(chosen);
+      },
+      getCheckpoint: async () => host('getCheckpoint', {}) ?? null,
+      saveCheckpoint: async (checkpoint) => {
+        if (!isObject(checkpoint)) throw new TypeError('saveCheckpoint: the checkpoint must be an object');
+        host('saveCheckpoint', checkpoint);
+      },
+      clearCheckpoint: async () => { host('clearCheckpoint', {}); },
+    };
   };
 
   const engine = {
-    run: async (handler, payload, connectionId, providerConfigKey, metadata, connection, models) => {
+    run: async (handler, payload, connectionId, providerConfigKey, metadata, connection, models, hosted) => {
       const effects = { writes: [], metadata: [], logs: [] };
       current = effects;
       timers = [];
       const input = { connectionId, providerConfigKey, metadata, connection, models: modelsOf(models) };
-      await handler(makeNango(input, effects), JSON.parse(payload));
+      const nango = makeNango(input, effects, hosted);
+      if (hosted) await handler(nango);
+      else await handler(nango, JSON.parse(payload));
       // The writes are JSON already.
       return `{"writes":[${effects.writes.join(',')}],"metadata":${JSON.stringify(effects.metadata)},"logs":${JSON.stringify(effects.logs)}}`;
     },

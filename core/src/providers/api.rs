@@ -1,0 +1,50 @@
+//! How exec reaches a provider's API: its base URL, how an API key is sent, where an
+//! OAuth2 token is refreshed, and its default pagination. From the provider's file
+//! (`[api]`), field by field overridden by an integration's `settings.api`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::CatalogError;
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSpec {
+    /// Every call's URL starts with this; calls to other hosts are refused.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// The header an `API_KEY` credential goes in; `Authorization` (the default) sends
+    /// `Bearer {key}`.
+    #[serde(default)]
+    pub api_key_header: Option<String>,
+    /// Where an expired OAuth2 access token is refreshed.
+    #[serde(default)]
+    pub token_url: Option<String>,
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub client_secret: Option<String>,
+    /// Nango's pagination config, used by `nango.paginate` unless the call gives its own.
+    #[serde(default)]
+    pub paginate: Option<Value>,
+}
+
+impl ApiSpec {
+    /// The provider's spec with the integration's `settings.api` laid over it.
+    pub fn for_integration(provider: Option<&ApiSpec>, settings: &Value) -> Result<ApiSpec, CatalogError> {
+        let base = provider.cloned().unwrap_or_default();
+        let Some(over) = settings.get("api") else {
+            return Ok(base);
+        };
+        let over: ApiSpec =
+            serde_json::from_value(over.clone()).map_err(|e| CatalogError::Settings(format!("api: {e}")))?;
+        Ok(ApiSpec {
+            base_url: over.base_url.or(base.base_url),
+            api_key_header: over.api_key_header.or(base.api_key_header),
+            token_url: over.token_url.or(base.token_url),
+            client_id: over.client_id.or(base.client_id),
+            client_secret: over.client_secret.or(base.client_secret),
+            paginate: over.paginate.or(base.paginate),
+        })
+    }
+}

@@ -1,0 +1,342 @@
+//! Scheduled exec runs per (sync, connection): whether the sync is started or paused, the
+//! schedule slots handed out, the run in progress (a lease, so two never overlap), the
+//! last run's outcome, and the sync's checkpoint.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::{Pool, Store, StoreError};
+use crate::keys::IntegrationKey;
+
+/// One sync for one connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SyncKey {
+    pub environment_id: i64,
+    pub integration: IntegrationKey,
+    pub sync: String,
+    pub connection_id: String,
+}
+
+/// What `GET /sync/status` reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SyncStatus {
+    Running,
+    Success,
+    Error,
+    Paused,
+    /// Not started: `autoStart: false` and no `POST /sync/start` yet.
+    Stopped,
+    /// Started, and its first run has not finished yet.
+    Pending,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncState {
+    pub key: SyncKey,
+    pub started: bool,
+    pub paused: bool,
+    pub last_slot: i64,
+    pub next_run_at: Option<DateTime<Utc>>,
+    pub running: bool,
+    pub last_started_at: Option<DateTime<Utc>>,
+    pub last_ended_at: Option<DateTime<Utc>>,
+    pub last_outcome: Option<String>,
+    pub last_result: Option<Value>,
+    pub last_error: Option<String>,
+    pub pending_trigger: Option<Trigger>,
+}
+
+impl SyncState {
+    pub fn status(&self) -> SyncStatus {
+        match (self.running, self.paused, self.started, self.last_outcome.as_deref()) {
+            (true, ..) => SyncStatus::Running,
+            (_, true, ..) => SyncStatus::Paused,
+            (_, _, false, _) => SyncStatus::Stopped,
+            (.., Some("ERROR")) => SyncStatus::Error,
+            (.., Some(_)) => SyncStatus::Success,
+            (.., None) => SyncStatus::Pending,
+        }
+    }
+}
+
+/// A run asked for through the API, waiting for the reconciler to queue it.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Trigger {
+    /// Names this request: the job's message id carries it.
+    pub token: String,
+    #[serde(default)]
+    pub reset: bool,
+    #[serde(default, rename = "emptyCache")]
+    pub empty_cache: bool,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunOutcome {
+    /// Its counts per model.
+    Success(Value),
+    Error(String),
+}
+
+type StateRow = (
+    i64,
+    String,
+    String,
+    String,
+    bool,
+    bool,
+    i64,
+    Option<DateTime<Utc>>,
+    Option<i64>,
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+const STATE_COLUMNS: &str = "environment_id, integration, sync_name, connection_id, started, paused, last_slot, \
+     next_run_at, running_until, last_started_at, last_ended_at, last_outcome, last_result, last_error, pending_trigger";
+
+const KEY_MATCH: &str = "environment_id = $1 AND integration = $2 AND sync_name = $3 AND connection_id = $4";
+
+fn state_of(row: StateRow, now_ms: i64) -> Result<SyncState, StoreError> {
+    let (environment_id, integration, sync, connection_id, started, paused, last_slot, next_run_at, until, ..) = row;
+    let (.., last_started_at, last_ended_at, last_outcome, last_result, last_error, trigger) = row;
+    Ok(SyncState {
+        key: SyncKey {
+            environment_id,
+            integration: integration
+                .parse()
+                .map_err(|e| StoreError::Corrupt(format!("sync state integration {integration:?}: {e}")))?,
+            sync,
+            connection_id,
+        },
+        started,
+        paused,
+        last_slot,
+        next_run_at,
+        running: until.is_some_and(|until| until > now_ms),
+        last_started_at,
+        last_ended_at,
+        last_outcome,
+        last_result: last_result.and_then(|text| serde_json::from_str(&text).ok()),
+        last_error,
+        pending_trigger: trigger.and_then(|text| serde_json::from_str(&text).ok()),
+    })
+}
+
+/// `$query` with a [`SyncKey`] bound as `$1..$4`.
+macro_rules! bind_key {
+    ($query:expr, $key:expr) => {
+        $query
+            .bind($key.environment_id)
+            .bind($key.integration.as_str())
+            .bind(&$key.sync)
+            .bind(&$key.connection_id)
+    };
+}
+
+impl Store {
+    /// Every sync state, or one environment's (optionally one integration's).
+    pub async fn sync_states(
+        &self,
+        environment_id: Option<i64>,
+        integration: Option<&IntegrationKey>,
+    ) -> Result<Vec<SyncState>, StoreError> {
+        let sql = format!(
+            "SELECT {STATE_COLUMNS} FROM sync_states
+             WHERE ($1 IS NULL OR environment_id = $1) AND ($2 IS NULL OR integration = $2)
+             ORDER BY environment_id, integration, sync_name, connection_id"
+        );
+        let rows: Vec<StateRow> = on_pool!(self, |pool| sqlx::query_as(&sql)
+            .bind(environment_id)
+            .bind(integration.map(IntegrationKey::as_str))
+            .fetch_all(pool)
+            .await)?;
+        let now = now_ms();
+        rows.into_iter().map(|row| state_of(row, now)).collect()
+    }
+
+    /// Makes the states that do not exist yet, started or not (a sync's `autoStart`).
+    pub async fn ensure_sync_states(&self, keys: &[(SyncKey, bool)]) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        for (key, started) in keys {
+            super::tx::on_tx!(&mut tx, |conn| bind_key!(
+                sqlx::query(
+                    "INSERT INTO sync_states (environment_id, integration, sync_name, connection_id, started)
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (environment_id, integration, sync_name, connection_id) DO NOTHING",
+                ),
+                key
+            )
+            .bind(*started)
+            .execute(&mut *conn)
+            .await
+            .map(|_| ()))?;
+        }
+        tx.commit().await
+    }
+
+    /// Pauses (`paused`) or starts the syncs of `keys`, making their states if need be.
+    pub async fn set_syncs_paused(&self, keys: &[SyncKey], paused: bool) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        for key in keys {
+            super::tx::on_tx!(&mut tx, |conn| bind_key!(
+                sqlx::query(
+                    "INSERT INTO sync_states (environment_id, integration, sync_name, connection_id, started, paused)
+                     VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT (environment_id, integration, sync_name, connection_id)
+                     DO UPDATE SET paused = $6, started = (sync_states.started OR $5)",
+                ),
+                key
+            )
+            .bind(!paused)
+            .bind(paused)
+            .execute(&mut *conn)
+            .await
+            .map(|_| ()))?;
+        }
+        tx.commit().await
+    }
+
+    /// Asks for a run of each of `keys` (made if need be), queued by the reconciler.
+    pub async fn request_trigger(&self, keys: &[SyncKey], trigger: &Trigger) -> Result<(), StoreError> {
+        let text = serde_json::to_string(trigger).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut tx = self.begin().await?;
+        for key in keys {
+            super::tx::on_tx!(&mut tx, |conn| bind_key!(
+                sqlx::query(
+                    "INSERT INTO sync_states (environment_id, integration, sync_name, connection_id, started, pending_trigger)
+                     VALUES ($1, $2, $3, $4, TRUE, $5)
+                     ON CONFLICT (environment_id, integration, sync_name, connection_id)
+                     DO UPDATE SET pending_trigger = $5",
+                ),
+                key
+            )
+            .bind(&text)
+            .execute(&mut *conn)
+            .await
+            .map(|_| ()))?;
+        }
+        tx.commit().await
+    }
+
+    /// Forgets a trigger once it is queued (unless a newer one replaced it meanwhile).
+    pub async fn clear_trigger(&self, key: &SyncKey, token: &str) -> Result<(), StoreError> {
+        let rows: Vec<(Option<String>,)> = {
+            let sql = format!("SELECT pending_trigger FROM sync_states WHERE {KEY_MATCH}");
+            on_pool!(self, |pool| bind_key!(sqlx::query_as(&sql), key).fetch_all(pool).await)?
+        };
+        let Some(text) = rows.into_iter().next().and_then(|(text,)| text) else {
+            return Ok(());
+        };
+        let still_ours = serde_json::from_str::<Trigger>(&text).is_ok_and(|t| t.token == token);
+        if still_ours {
+            let sql = format!("UPDATE sync_states SET pending_trigger = NULL WHERE {KEY_MATCH} AND pending_trigger = $5");
+            on_pool!(self, |pool| bind_key!(sqlx::query(&sql), key)
+                .bind(&text)
+                .execute(pool)
+                .await
+                .map(|_| ()))?;
+        }
+        Ok(())
+    }
+
+    /// Hands out schedule slot `slot` of a started, unpaused sync: true for the one caller
+    /// (of any replica) that moved `last_slot` on to it.
+    pub async fn claim_slot(&self, key: &SyncKey, slot: i64, next_run_at: DateTime<Utc>) -> Result<bool, StoreError> {
+        let sql = format!(
+            "UPDATE sync_states SET last_slot = $5, next_run_at = $6
+             WHERE {KEY_MATCH} AND last_slot < $5 AND started AND NOT paused"
+        );
+        let done = on_pool!(self, |pool| bind_key!(sqlx::query(&sql), key)
+            .bind(slot)
+            .bind(next_run_at)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected()))?;
+        Ok(done == 1)
+    }
+
+    /// Takes the run lease: false while another run of this sync and connection lives.
+    pub async fn claim_run(&self, key: &SyncKey, run_id: &str, lease: std::time::Duration) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let sql = format!(
+            "UPDATE sync_states SET run_id = $5, running_until = $6, last_started_at = $7
+             WHERE {KEY_MATCH} AND (running_until IS NULL OR running_until < $8)"
+        );
+        let done = on_pool!(self, |pool| bind_key!(sqlx::query(&sql), key)
+            .bind(run_id)
+            .bind(now + lease.as_millis() as i64)
+            .bind(Utc::now())
+            .bind(now)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected()))?;
+        Ok(done == 1)
+    }
+
+    /// Keeps the lease of a run that is still going.
+    pub async fn extend_run(&self, key: &SyncKey, run_id: &str, lease: std::time::Duration) -> Result<(), StoreError> {
+        let sql = format!("UPDATE sync_states SET running_until = $6 WHERE {KEY_MATCH} AND run_id = $5");
+        on_pool!(self, |pool| bind_key!(sqlx::query(&sql), key)
+            .bind(run_id)
+            .bind(now_ms() + lease.as_millis() as i64)
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Ends a run: its lease is given back and its outcome kept.
+    pub async fn finish_run(&self, key: &SyncKey, run_id: &str, outcome: &RunOutcome) -> Result<(), StoreError> {
+        let (label, result, error) = match outcome {
+            RunOutcome::Success(counts) => ("SUCCESS", Some(counts.to_string()), None),
+            RunOutcome::Error(message) => ("ERROR", None, Some(message.as_str())),
+        };
+        let sql = format!(
+            "UPDATE sync_states SET run_id = NULL, running_until = NULL, last_ended_at = $6,
+                    last_outcome = $7, last_result = COALESCE($8, last_result), last_error = $9
+             WHERE {KEY_MATCH} AND run_id = $5"
+        );
+        on_pool!(self, |pool| bind_key!(sqlx::query(&sql), key)
+            .bind(run_id)
+            .bind(Utc::now())
+            .bind(label)
+            .bind(result.as_deref())
+            .bind(error)
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// The sync's checkpoint for the connection (`nango.getCheckpoint`).
+    pub async fn checkpoint(&self, key: &SyncKey) -> Result<Option<Value>, StoreError> {
+        let sql = format!("SELECT checkpoint FROM sync_states WHERE {KEY_MATCH}");
+        let row: Option<(Option<String>,)> =
+            on_pool!(self, |pool| bind_key!(sqlx::query_as(&sql), key).fetch_optional(pool).await)?;
+        Ok(row
+            .and_then(|(text,)| text)
+            .and_then(|text| serde_json::from_str(&text).ok()))
+    }
+
+    /// Saves (or, with `None`, clears) the checkpoint.
+    pub async fn set_checkpoint(&self, key: &SyncKey, checkpoint: Option<&Value>) -> Result<(), StoreError> {
+        let sql = format!("UPDATE sync_states SET checkpoint = $5 WHERE {KEY_MATCH}");
+        on_pool!(self, |pool| bind_key!(sqlx::query(&sql), key)
+            .bind(checkpoint.map(Value::to_string))
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
+}
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}

@@ -1,0 +1,306 @@
+//! The reconciler (`hookyard reconciler`, and inside `hookyard dev`): turns each deployed
+//! sync's `frequency` into exec jobs on `HOOKS_EXEC`, one per connection and schedule
+//! slot, and queues the runs asked for through `POST /sync/trigger`.
+//!
+//! Slots are spread: a (sync, connection)'s slots start at an offset within the interval
+//! taken from a hash of its name, so "every hour" does not mean every connection at :00.
+//! Several replicas may run. A job's message id names its slot, so JetStream stores the
+//! copies two replicas queue at once only once; and the slot is then claimed in the
+//! database, so a replica that starts later does not queue it again after the duplicate
+//! window has passed.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use chrono::{DateTime, TimeZone, Utc};
+use hookyard_core::envelope::insert_checked;
+use hookyard_core::exec_job::{ExecJob, ExecReason};
+use hookyard_core::frequency::parse_frequency;
+use hookyard_core::keys::{EnvironmentName, IntegrationKey};
+use hookyard_core::store::functions::DeployedSync;
+use hookyard_core::store::syncs::{SyncKey, SyncState, Trigger};
+use hookyard_core::store::StoreError;
+use hookyard_core::streams::{exec_subject, Bus, StreamsError};
+use hookyard_core::{Config, Store};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+/// How often the schedule is looked at: the lateness of a run at most.
+pub const TICK: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcilerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Streams(#[from] StreamsError),
+    #[error("queueing an exec job: {0}")]
+    Publish(String),
+}
+
+/// What one tick queued.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tick {
+    pub scheduled: usize,
+    pub triggered: usize,
+}
+
+pub struct Reconciler {
+    store: Store,
+    jetstream: jetstream::Context,
+}
+
+/// A sync that can run exec, with its interval when it has a frequency.
+struct Runnable<'a> {
+    sync: &'a DeployedSync,
+    every: Option<Duration>,
+    auto_start: bool,
+}
+
+impl Reconciler {
+    pub fn new(store: Store, jetstream: jetstream::Context) -> Reconciler {
+        Reconciler { store, jetstream }
+    }
+
+    /// Ticks every [`TICK`] until `shutdown`. A failed tick is logged and the next one
+    /// tries again: a slot missed while the database or NATS was away runs when they are
+    /// back (the current slot of each sync is queued then, not every missed one).
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        tracing::info!("reconciler scheduling exec runs");
+        let mut ticker = tokio::time::interval(TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = ticker.tick() => {}
+            }
+            match self.tick(Utc::now()).await {
+                Ok(tick) if tick != Tick::default() => {
+                    tracing::debug!(scheduled = tick.scheduled, triggered = tick.triggered, "exec jobs queued")
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "reconciler tick failed; trying again"),
+            }
+        }
+        tracing::info!("reconciler stopped");
+    }
+
+    /// Queues what is due at `now`: slots that came round, and pending triggers.
+    pub async fn tick(&self, now: DateTime<Utc>) -> Result<Tick, ReconcilerError> {
+        let deployed = self.store.all_functions().await?;
+        let runnable: Vec<Runnable> = deployed
+            .iter()
+            .filter(|sync| sync.config["exec"] == true)
+            .map(|sync| Runnable {
+                sync,
+                every: sync.config["frequency"]
+                    .as_str()
+                    .and_then(|text| parse_frequency(text).ok()),
+                auto_start: sync.config["autoStart"] != false,
+            })
+            .collect();
+        let mut states: HashMap<SyncKey, SyncState> = self
+            .store
+            .sync_states(None, None)
+            .await?
+            .into_iter()
+            .map(|state| (state.key.clone(), state))
+            .collect();
+
+        // Every (sync, connection) with a frequency gets its state; new ones start as
+        // their sync's autoStart says.
+        let mut connections: HashMap<(i64, &IntegrationKey), Vec<String>> = HashMap::new();
+        let mut missing = Vec::new();
+        let mut scheduled_keys = Vec::new();
+        for runnable in runnable.iter().filter(|r| r.every.is_some()) {
+            let sync = runnable.sync;
+            let ids = match connections.entry((sync.environment_id, &sync.integration)) {
+                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::hash_map::Entry::Vacant(entry) => entry.insert(
+                    self.store
+                        .live_connection_ids(sync.environment_id, &sync.integration)
+                        .await?,
+                ),
+            };
+            for connection_id in ids.iter() {
+                let key = key_of(sync, connection_id);
+                if !states.contains_key(&key) {
+                    missing.push((key.clone(), runnable.auto_start));
+                }
+                scheduled_keys.push((runnable, key));
+            }
+        }
+        if !missing.is_empty() {
+            self.store.ensure_sync_states(&missing).await?;
+            let fresh: HashSet<&SyncKey> = missing.iter().map(|(key, _)| key).collect();
+            for state in self.store.sync_states(None, None).await? {
+                if fresh.contains(&state.key) {
+                    states.insert(state.key.clone(), state);
+                }
+            }
+        }
+
+        let mut tick = Tick::default();
+        for (runnable, key) in &scheduled_keys {
+            let Some(state) = states.get(key) else { continue };
+            if !state.started || state.paused {
+                continue;
+            }
+            let every = runnable.every.expect("filtered above");
+            let (slot, next_run_at) = slot_at(key, every, now);
+            if slot <= state.last_slot {
+                continue;
+            }
+            let job = ExecJob {
+                environment: runnable.sync.environment.clone(),
+                integration: key.integration.clone(),
+                sync: key.sync.clone(),
+                connection_id: key.connection_id.clone(),
+                reason: ExecReason::Schedule,
+                slot: Some(slot),
+                reset: false,
+                empty_cache: false,
+            };
+            // Queued first, claimed after: a crash in between queues the same message id
+            // again, which JetStream drops.
+            self.publish(&job, "").await?;
+            if self.store.claim_slot(key, slot, next_run_at).await? {
+                tick.scheduled += 1;
+            }
+        }
+
+        // Triggers, for any sync with an exec (a frequency is not needed).
+        let environments: HashMap<(i64, &IntegrationKey, &str), &EnvironmentName> = runnable
+            .iter()
+            .map(|r| {
+                (
+                    (r.sync.environment_id, &r.sync.integration, r.sync.name.as_str()),
+                    &r.sync.environment,
+                )
+            })
+            .collect();
+        for state in states.values() {
+            let Some(trigger) = &state.pending_trigger else { continue };
+            let key = &state.key;
+            let Some(environment) = environments.get(&(key.environment_id, &key.integration, key.sync.as_str())) else {
+                // The sync is gone (or has no exec): nothing to run.
+                self.store.clear_trigger(key, &trigger.token).await?;
+                continue;
+            };
+            let job = trigger_job(environment, key, trigger);
+            self.publish(&job, &trigger.token).await?;
+            self.store.clear_trigger(key, &trigger.token).await?;
+            tick.triggered += 1;
+        }
+        Ok(tick)
+    }
+
+    async fn publish(&self, job: &ExecJob, token: &str) -> Result<(), ReconcilerError> {
+        let failed = |e: &dyn std::fmt::Display| ReconcilerError::Publish(e.to_string());
+        let mut headers = async_nats::HeaderMap::new();
+        insert_checked(&mut headers, "Nats-Msg-Id", &job.message_id(token));
+        let payload = serde_json::to_vec(job).map_err(|e| failed(&e))?;
+        self.jetstream
+            .publish_with_headers(
+                exec_subject(&job.environment, &job.integration, &job.connection_id),
+                headers,
+                payload.into(),
+            )
+            .await
+            .map_err(|e| failed(&e))?
+            .await
+            .map_err(|e| failed(&e))?;
+        Ok(())
+    }
+}
+
+fn key_of(sync: &DeployedSync, connection_id: &str) -> SyncKey {
+    SyncKey {
+        environment_id: sync.environment_id,
+        integration: sync.integration.clone(),
+        sync: sync.name.clone(),
+        connection_id: connection_id.to_string(),
+    }
+}
+
+fn trigger_job(environment: &EnvironmentName, key: &SyncKey, trigger: &Trigger) -> ExecJob {
+    ExecJob {
+        environment: environment.clone(),
+        integration: key.integration.clone(),
+        sync: key.sync.clone(),
+        connection_id: key.connection_id.clone(),
+        reason: ExecReason::Trigger,
+        slot: None,
+        reset: trigger.reset,
+        empty_cache: trigger.empty_cache,
+    }
+}
+
+/// The slot `now` falls in for `key` every `every`, and when the next one starts. Slot
+/// `n` starts at `offset + n × every`, the offset (under `every`) from a hash of the key.
+pub fn slot_at(key: &SyncKey, every: Duration, now: DateTime<Utc>) -> (i64, DateTime<Utc>) {
+    let every_ms = every.as_millis().max(1) as i64;
+    let mut digest = Sha256::new();
+    for part in [
+        key.environment_id.to_string().as_str(),
+        key.integration.as_str(),
+        &key.sync,
+        &key.connection_id,
+    ] {
+        digest.update((part.len() as u64).to_le_bytes());
+        digest.update(part.as_bytes());
+    }
+    let hash = digest.finalize();
+    let offset = (u64::from_le_bytes(hash[..8].try_into().expect("8 bytes")) % every_ms as u64) as i64;
+    let slot = (now.timestamp_millis() - offset).div_euclid(every_ms);
+    let next = Utc
+        .timestamp_millis_opt(offset + (slot + 1) * every_ms)
+        .single()
+        .unwrap_or(now);
+    (slot, next)
+}
+
+/// `hookyard reconciler`: connect and schedule until shutdown.
+pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let store = Store::connect(&config.database_url, config.cipher()?).await?;
+    let bus = Bus::connect(config, "hookyard-reconciler").await?;
+    bus.ensure_streams(&config.streams).await?;
+    Arc::new(Reconciler::new(store, bus.jetstream.clone())).run(shutdown).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(connection: &str) -> SyncKey {
+        SyncKey {
+            environment_id: 1,
+            integration: "crm".parse().unwrap(),
+            sync: "contacts".into(),
+            connection_id: connection.into(),
+        }
+    }
+
+    #[test]
+    fn slots_are_spread_over_the_interval_and_follow_each_other() {
+        let hour = Duration::from_secs(3600);
+        let now = Utc.timestamp_millis_opt(1_800_000_000_000).unwrap();
+        let offsets: HashSet<i64> = (0..50)
+            .map(|n| {
+                let (_, next) = slot_at(&key(&format!("c{n}")), hour, now);
+                next.timestamp_millis() % 3_600_000
+            })
+            .collect();
+        assert!(offsets.len() > 45, "connections start at different times: {}", offsets.len());
+
+        let (slot, next) = slot_at(&key("c1"), hour, now);
+        let (same, _) = slot_at(&key("c1"), hour, next - chrono::Duration::milliseconds(1));
+        let (after, after_next) = slot_at(&key("c1"), hour, next);
+        assert_eq!(same, slot, "the slot lasts until the next one starts");
+        assert_eq!(after, slot + 1);
+        assert_eq!(after_next - next, chrono::Duration::hours(1));
+    }
+}

@@ -1,0 +1,372 @@
+//! Exec's way to a provider's API (`nango.proxy`, `get`, `post`, …): calls against the
+//! integration's base URL only, with the connection's credentials applied (API key,
+//! Basic, OAuth2 Bearer refreshed through the token URL when expired or refused with
+//! 401, the new token stored), and 429 / 5xx retried honouring `Retry-After`.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use hookyard_core::config::ForwardingConfig;
+use hookyard_core::keys::IntegrationKey;
+use hookyard_core::providers::api::ApiSpec;
+use hookyard_core::store::Credentials;
+use hookyard_core::Store;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, RETRY_AFTER};
+use reqwest::{Method, Url};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tokio::sync::Mutex;
+
+/// Retries of a 429 / 5xx / unreachable call unless the call says otherwise.
+const DEFAULT_RETRIES: u32 = 3;
+/// A `Retry-After` longer than this is not waited for: the call fails instead.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// An OAuth2 token this close to expiring is refreshed before it is used.
+const EXPIRY_MARGIN: chrono::Duration = chrono::Duration::seconds(30);
+
+/// What `nango.proxy` asks for.
+#[derive(Debug, Deserialize)]
+pub struct ProxyRequest {
+    pub method: String,
+    pub endpoint: String,
+    #[serde(default)]
+    pub params: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub data: Option<Value>,
+    #[serde(default)]
+    pub headers: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub retries: Option<u32>,
+}
+
+/// What it gets back (a non-2xx is thrown by the prelude, with this as `response`).
+#[derive(Debug, Serialize)]
+pub struct ProxyResponse {
+    pub status: u16,
+    pub headers: Map<String, Value>,
+    pub data: Value,
+}
+
+/// Whose credentials, so that a refreshed token can be stored.
+pub struct Owner {
+    pub environment_id: i64,
+    pub integration: IntegrationKey,
+    pub connection_id: String,
+}
+
+pub struct ProviderApi {
+    client: reqwest::Client,
+    base: Url,
+    spec: ApiSpec,
+    credentials: Mutex<Option<Credentials>>,
+    owner: Owner,
+    store: Store,
+    /// Which addresses may be called (loopback and private ones are refused by default).
+    guard: ForwardingConfig,
+}
+
+impl ProviderApi {
+    pub fn new(
+        spec: ApiSpec,
+        credentials: Option<Credentials>,
+        owner: Owner,
+        store: Store,
+        guard: ForwardingConfig,
+    ) -> Result<ProviderApi, String> {
+        let base_text = spec.base_url.clone().ok_or_else(|| {
+            format!(
+                "integration {} has no API base URL: set settings.api.base_url",
+                owner.integration
+            )
+        })?;
+        let base = Url::parse(&base_text).map_err(|e| format!("API base URL {base_text:?}: {e}"))?;
+        let client = reqwest::Client::builder()
+            .timeout(ATTEMPT_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(ProviderApi {
+            client,
+            base,
+            spec,
+            credentials: Mutex::new(credentials),
+            owner,
+            store,
+            guard,
+        })
+    }
+
+    /// The integration's default pagination, for `nango.paginate`.
+    pub fn pagination(&self) -> Value {
+        self.spec.paginate.clone().unwrap_or(Value::Null)
+    }
+
+    /// One call, with its retries and at most one token refresh.
+    pub async fn call(&self, request: ProxyRequest) -> Result<ProxyResponse, String> {
+        let url = self.url(&request)?;
+        crate::deliver::allowed_destination(url.as_str(), &self.guard)
+            .await
+            .map_err(|e| format!("{}: {e}", url_for_errors(&url)))?;
+        let method = Method::from_bytes(request.method.as_bytes())
+            .map_err(|_| format!("{:?} is not an HTTP method", request.method))?;
+        let retries = request.retries.unwrap_or(DEFAULT_RETRIES);
+        self.refresh_if_expired().await?;
+        let mut refreshed = false;
+        let mut attempt = 0;
+        loop {
+            let auth = self.auth_headers().await?;
+            let sent = self.send(&method, &url, &request, auth).await;
+            let retry_in = match &sent {
+                Ok(response) if response.status().as_u16() == 401 && !refreshed && self.can_refresh().await => {
+                    refreshed = true;
+                    self.refresh().await?;
+                    continue;
+                }
+                Ok(response) if response.status().as_u16() == 429 || response.status().is_server_error() => {
+                    Some(retry_after(response.headers()).unwrap_or_else(|| backoff(attempt)))
+                }
+                Ok(_) => None,
+                Err(_) => Some(backoff(attempt)),
+            };
+            match (retry_in, sent) {
+                (Some(wait), _) if attempt < retries && wait <= MAX_RETRY_AFTER => {
+                    attempt += 1;
+                    tracing::debug!(url = %url_for_errors(&url), attempt, ?wait, "provider call retried");
+                    tokio::time::sleep(wait).await;
+                }
+                (_, Ok(response)) => return read(response).await,
+                (_, Err(error)) => {
+                    return Err(format!(
+                        "{} {} failed after {} attempts: {error}",
+                        request.method,
+                        url_for_errors(&url),
+                        attempt + 1
+                    ))
+                }
+            }
+        }
+    }
+
+    /// The endpoint against the base URL; an absolute URL must be on the base's origin.
+    fn url(&self, request: &ProxyRequest) -> Result<Url, String> {
+        let endpoint = request.endpoint.as_str();
+        let mut url = if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
+            let url = Url::parse(endpoint).map_err(|e| format!("endpoint {endpoint:?}: {e}"))?;
+            if url.origin() != self.base.origin() {
+                return Err(format!(
+                    "calls to {} are refused: only the integration's API ({}) can be called",
+                    url.origin().ascii_serialization(),
+                    self.base.origin().ascii_serialization()
+                ));
+            }
+            url
+        } else {
+            let mut url = self.base.clone();
+            let path = format!(
+                "{}/{}",
+                self.base.path().trim_end_matches('/'),
+                endpoint.trim_start_matches('/')
+            );
+            let (path, query) = path.split_once('?').unwrap_or((&path, ""));
+            url.set_path(path);
+            url.set_query((!query.is_empty()).then_some(query));
+            url
+        };
+        if let Some(params) = &request.params {
+            let mut pairs = url.query_pairs_mut();
+            for (name, value) in params {
+                match value {
+                    Value::Null => {}
+                    Value::String(text) => {
+                        pairs.append_pair(name, text);
+                    }
+                    other => {
+                        pairs.append_pair(name, &other.to_string());
+                    }
+                }
+            }
+        }
+        Ok(url)
+    }
+
+    async fn send(
+        &self,
+        method: &Method,
+        url: &Url,
+        request: &ProxyRequest,
+        auth: HeaderMap,
+    ) -> Result<reqwest::Response, reqwest::Error> {
+        let mut builder = self.client.request(method.clone(), url.clone()).headers(auth);
+        for (name, value) in request.headers.iter().flatten() {
+            let text = match value {
+                Value::String(text) => text.clone(),
+                other => other.to_string(),
+            };
+            if let (Ok(name), Ok(value)) = (HeaderName::try_from(name.as_str()), HeaderValue::try_from(text)) {
+                builder = builder.header(name, value);
+            }
+        }
+        builder = match &request.data {
+            None | Some(Value::Null) => builder,
+            Some(Value::String(text)) => builder.body(text.clone()),
+            Some(json) => builder.json(json),
+        };
+        builder.send().await
+    }
+
+    async fn auth_headers(&self) -> Result<HeaderMap, String> {
+        let mut headers = HeaderMap::new();
+        let credentials = self.credentials.lock().await;
+        let value = |text: String| HeaderValue::try_from(text).map_err(|_| "credentials hold a character a header cannot".to_string());
+        match &*credentials {
+            None => {}
+            Some(Credentials::ApiKey { api_key }) => match self.spec.api_key_header.as_deref() {
+                None | Some("Authorization") | Some("authorization") => {
+                    headers.insert(AUTHORIZATION, value(format!("Bearer {api_key}"))?);
+                }
+                Some(header) => {
+                    let name = HeaderName::try_from(header).map_err(|_| format!("api_key_header {header:?} is not a header name"))?;
+                    headers.insert(name, value(api_key.clone())?);
+                }
+            },
+            Some(Credentials::Basic { username, password }) => {
+                use base64::Engine as _;
+                let token = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
+                headers.insert(AUTHORIZATION, value(format!("Basic {token}"))?);
+            }
+            Some(Credentials::OAuth2 { access_token, .. }) => {
+                headers.insert(AUTHORIZATION, value(format!("Bearer {access_token}"))?);
+            }
+        }
+        Ok(headers)
+    }
+
+    async fn can_refresh(&self) -> bool {
+        self.spec.token_url.is_some()
+            && matches!(
+                &*self.credentials.lock().await,
+                Some(Credentials::OAuth2 { refresh_token: Some(_), .. })
+            )
+    }
+
+    async fn refresh_if_expired(&self) -> Result<(), String> {
+        let expired = matches!(
+            &*self.credentials.lock().await,
+            Some(Credentials::OAuth2 { expires_at: Some(at), refresh_token: Some(_), .. }) if *at <= Utc::now() + EXPIRY_MARGIN
+        );
+        if expired && self.spec.token_url.is_some() {
+            self.refresh().await?;
+        }
+        Ok(())
+    }
+
+    /// Trades the refresh token for a new access token and stores it.
+    async fn refresh(&self) -> Result<(), String> {
+        let mut credentials = self.credentials.lock().await;
+        let Some(Credentials::OAuth2 {
+            refresh_token: Some(refresh_token),
+            ..
+        }) = &*credentials
+        else {
+            return Err("the connection's OAuth2 token was refused and there is no refresh token".into());
+        };
+        let token_url = self.spec.token_url.as_deref().ok_or("the integration has no token_url")?;
+        let mut form = form_urlencoded::Serializer::new(String::new());
+        form.append_pair("grant_type", "refresh_token");
+        form.append_pair("refresh_token", refresh_token);
+        if let Some(id) = &self.spec.client_id {
+            form.append_pair("client_id", id);
+        }
+        if let Some(secret) = &self.spec.client_secret {
+            form.append_pair("client_secret", secret);
+        }
+        crate::deliver::allowed_destination(token_url, &self.guard)
+            .await
+            .map_err(|e| format!("token URL: {e}"))?;
+        let response = self
+            .client
+            .post(token_url)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("accept", "application/json")
+            .body(form.finish())
+            .send()
+            .await
+            .map_err(|e| format!("refreshing the OAuth2 token: {e}"))?;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        let Some(access_token) = body["access_token"].as_str().filter(|_| status.is_success()) else {
+            return Err(format!("refreshing the OAuth2 token: the token URL answered {status}"));
+        };
+        let refreshed = Credentials::OAuth2 {
+            access_token: access_token.to_string(),
+            refresh_token: body["refresh_token"]
+                .as_str()
+                .map(str::to_string)
+                .or_else(|| Some(refresh_token.clone())),
+            expires_at: body["expires_in"]
+                .as_i64()
+                .map(|seconds| Utc::now() + chrono::Duration::seconds(seconds)),
+            raw: Some(body),
+        };
+        let owner = &self.owner;
+        self.store
+            .update_credentials(owner.environment_id, &owner.integration, &owner.connection_id, &refreshed)
+            .await
+            .map_err(|e| format!("storing the refreshed OAuth2 token: {e}"))?;
+        tracing::info!(connection = %owner.connection_id, integration = %owner.integration, "OAuth2 token refreshed");
+        *credentials = Some(refreshed);
+        Ok(())
+    }
+}
+
+async fn read(response: reqwest::Response) -> Result<ProxyResponse, String> {
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .filter_map(|(name, value)| Some((name.as_str().to_string(), Value::String(value.to_str().ok()?.to_string()))))
+        .collect();
+    let bytes = response.bytes().await.map_err(|e| format!("reading the answer: {e}"))?;
+    let data = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    Ok(ProxyResponse { status, headers, data })
+}
+
+/// `Retry-After` in seconds or as an HTTP date.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let text = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(text).ok()?;
+    Some((at.with_timezone(&Utc) - Utc::now()).to_std().unwrap_or_default())
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(500 * 2u64.pow(attempt.min(6)))
+}
+
+/// A URL without its query (which may carry tokens), for messages.
+fn url_for_errors(url: &Url) -> String {
+    let mut shown = url.clone();
+    shown.set_query(None);
+    shown.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("2"));
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(2)));
+        let later = (Utc::now() + chrono::Duration::seconds(30)).to_rfc2822();
+        headers.insert(RETRY_AFTER, HeaderValue::try_from(later).unwrap());
+        let wait = retry_after(&headers).unwrap();
+        assert!(wait > Duration::from_secs(25) && wait <= Duration::from_secs(30), "{wait:?}");
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&headers), None);
+    }
+}
