@@ -14,6 +14,7 @@ mod forwarding;
 mod functions;
 mod integrations;
 mod records;
+mod syncs;
 
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, Uri};
@@ -100,6 +101,7 @@ pub fn router(store: Store, config: &Config) -> Result<(Router, Document), Catal
         .merge(records::routes())
         .merge(functions::routes())
         .merge(forwarding::routes())
+        .merge(syncs::routes())
         .split_for_parts();
     list_aliases(&mut document);
     let json = serde_json::to_value(&document).expect("the OpenAPI document serialises");

@@ -89,6 +89,17 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
         },
         shutdown.clone(),
     );
+    let reconciler = spawn_stopping_all(
+        {
+            let reconciler = std::sync::Arc::new(hookyard_reconciler::Reconciler::new(store.clone(), bus.jetstream.clone()));
+            let shutdown = shutdown.clone();
+            async move {
+                reconciler.run(shutdown).await;
+                Ok::<(), std::io::Error>(())
+            }
+        },
+        shutdown.clone(),
+    );
     if !args.no_demo {
         if let Err(error) = send_demo_webhook(&webhook_url, &bus.jetstream).await {
             eprintln!("demo webhook failed: {error}");
@@ -97,12 +108,13 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
             eprintln!("demo API call failed: {error}");
         }
     }
-    let (ingest_result, api_result, router_result, worker_result) =
-        tokio::join!(ingest_server, api_server, router, worker);
+    let (ingest_result, api_result, router_result, worker_result, reconciler_result) =
+        tokio::join!(ingest_server, api_server, router, worker, reconciler);
     ingest_result??;
     api_result??;
     router_result??;
     worker_result??;
+    reconciler_result??;
     Ok(())
 }
 

@@ -29,8 +29,11 @@ enum Command {
     Ingest,
     /// Run the router: webhooks in HOOKS_RAW to events per connection in HOOKS_CONN.
     Router,
-    /// Run a worker: the deployed functions' onWebhook for each event in HOOKS_CONN.
+    /// Run a worker: the deployed functions' onWebhook for each event in HOOKS_CONN, exec
+    /// runs from HOOKS_EXEC, and forwarding.
     Worker,
+    /// Run the reconciler: syncs' frequencies and API triggers to exec runs in HOOKS_EXEC.
+    Reconciler,
     /// Run the control-plane API: integrations, connections, records, function deploys.
     Api,
     /// Deploy a functions project (default: the current folder) through the API.
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
         Command::Ingest => ("hookyard-ingest", false),
         Command::Router => ("hookyard-router", false),
         Command::Worker => ("hookyard-worker", false),
+        Command::Reconciler => ("hookyard-reconciler", false),
         Command::Api => ("hookyard-api", false),
         Command::Keygen => {
             println!("{}", hookyard_core::secrets::Cipher::generate_key_text());
@@ -106,6 +110,7 @@ fn main() -> ExitCode {
             Command::Ingest => hookyard_ingest::run(&config, shutdown).await,
             Command::Router => hookyard_router::run(&config, shutdown).await,
             Command::Worker => hookyard_worker::run(&config, shutdown).await,
+            Command::Reconciler => hookyard_reconciler::run(&config, shutdown).await,
             Command::Api => hookyard_api::run(&config, shutdown).await,
             Command::Keygen | Command::Deploy(_) => Ok(()), // answered above
         };

@@ -274,6 +274,18 @@ fn bad_deploys_name_the_file_and_the_problem() {
         ),
         (vec![("crm/helpers.js", "export const x = 1;".into())], "no syncs found"),
         (
+            vec![("crm/syncs/a.js", "export default { frequency: 'every 10s', exec() {} };".into())],
+            "crm/syncs/a.js: frequency \"every 10s\" is more often than every 30 seconds",
+        ),
+        (
+            vec![("crm/syncs/a.js", "export default { frequency: 'now and then', exec() {} };".into())],
+            "crm/syncs/a.js: frequency \"now and then\" is not understood",
+        ),
+        (
+            vec![("crm/syncs/a.js", "export default { frequency: 'every hour' };".into())],
+            "crm/syncs/a.js: it has a frequency but no exec",
+        ),
+        (
             vec![("../crm/syncs/a.js", "export default {}".into())],
             "must be relative",
         ),

@@ -191,8 +191,9 @@ impl Reconciler {
             };
             let job = trigger_job(environment, key, trigger);
             self.publish(&job, &trigger.token).await?;
-            self.store.clear_trigger(key, &trigger.token).await?;
-            tick.triggered += 1;
+            if self.store.clear_trigger(key, &trigger.token).await? {
+                tick.triggered += 1;
+            }
         }
         Ok(tick)
     }

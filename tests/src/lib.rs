@@ -8,6 +8,7 @@
 //!
 //! nextest runs every test in its own process, so every test gets its own services.
 
+pub mod fake_provider;
 mod nats;
 mod postgres;
 

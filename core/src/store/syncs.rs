@@ -203,21 +203,23 @@ impl Store {
         tx.commit().await
     }
 
-    /// Asks for a run of each of `keys` (made if need be), queued by the reconciler.
-    pub async fn request_trigger(&self, keys: &[SyncKey], trigger: &Trigger) -> Result<(), StoreError> {
+    /// Asks for a run of each of `keys` (made if need be, started or not as given: a
+    /// trigger does not start a schedule), queued by the reconciler.
+    pub async fn request_trigger(&self, keys: &[(SyncKey, bool)], trigger: &Trigger) -> Result<(), StoreError> {
         let text = serde_json::to_string(trigger).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut tx = self.begin().await?;
-        for key in keys {
+        for (key, started) in keys {
             super::tx::on_tx!(&mut tx, |conn| bind_key!(
                 sqlx::query(
                     "INSERT INTO sync_states (environment_id, integration, sync_name, connection_id, started, pending_trigger)
-                     VALUES ($1, $2, $3, $4, TRUE, $5)
+                     VALUES ($1, $2, $3, $4, $6, $5)
                      ON CONFLICT (environment_id, integration, sync_name, connection_id)
                      DO UPDATE SET pending_trigger = $5",
                 ),
                 key
             )
             .bind(&text)
+            .bind(*started)
             .execute(&mut *conn)
             .await
             .map(|_| ()))?;
@@ -225,25 +227,27 @@ impl Store {
         tx.commit().await
     }
 
-    /// Forgets a trigger once it is queued (unless a newer one replaced it meanwhile).
-    pub async fn clear_trigger(&self, key: &SyncKey, token: &str) -> Result<(), StoreError> {
+    /// Forgets a trigger once it is queued (unless a newer one replaced it meanwhile);
+    /// true for the one caller that did.
+    pub async fn clear_trigger(&self, key: &SyncKey, token: &str) -> Result<bool, StoreError> {
         let rows: Vec<(Option<String>,)> = {
             let sql = format!("SELECT pending_trigger FROM sync_states WHERE {KEY_MATCH}");
             on_pool!(self, |pool| bind_key!(sqlx::query_as(&sql), key).fetch_all(pool).await)?
         };
         let Some(text) = rows.into_iter().next().and_then(|(text,)| text) else {
-            return Ok(());
+            return Ok(false);
         };
         let still_ours = serde_json::from_str::<Trigger>(&text).is_ok_and(|t| t.token == token);
         if still_ours {
             let sql = format!("UPDATE sync_states SET pending_trigger = NULL WHERE {KEY_MATCH} AND pending_trigger = $5");
-            on_pool!(self, |pool| bind_key!(sqlx::query(&sql), key)
+            let cleared = on_pool!(self, |pool| bind_key!(sqlx::query(&sql), key)
                 .bind(&text)
                 .execute(pool)
                 .await
-                .map(|_| ()))?;
+                .map(|r| r.rows_affected()))?;
+            return Ok(cleared == 1);
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Hands out schedule slot `slot` of a started, unpaused sync: true for the one caller

@@ -1,0 +1,266 @@
+//! A fake CRM provider for end-to-end tests: contacts listed in the three pagination
+//! styles exec functions use, API-key and OAuth2 auth (tokens that expire, refreshed at
+//! `/oauth/token`), injected 429s and 500s, a page that can be held back while a test
+//! does something else, and webhooks signed like a real provider's.
+//!
+//! - `GET /cursor/contacts?cursor=&limit=` → `{"results": [...], "next_cursor": "…"|null}`
+//! - `GET /link/contacts?page=&limit=` → `{"data": [...]}` and `Link: <…>; rel="next"`
+//! - `GET /offset/contacts?offset=&limit=` → `{"items": [...]}`
+//! - `POST /oauth/token` (`grant_type=refresh_token`) → `{"access_token", "refresh_token", "expires_in"}`
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+use tokio::sync::Notify;
+
+/// The API key the fake accepts (as `X-API-Key`).
+pub const API_KEY: &str = "crm-test-api-key";
+pub const CLIENT_ID: &str = "crm-client";
+pub const CLIENT_SECRET: &str = "crm-client-secret";
+
+#[derive(Default)]
+struct Fake {
+    contacts: BTreeMap<String, Value>,
+    /// Access token → still valid.
+    tokens: HashMap<String, bool>,
+    refresh_tokens: HashMap<String, bool>,
+    refreshes: u32,
+    /// Answers to give before any real one: (status, Retry-After seconds).
+    faults: VecDeque<(u16, Option<u64>)>,
+    /// Every answered list request, with its status.
+    requests: Vec<(String, u16)>,
+    /// A list page (by its number from 0) held until released.
+    hold: Option<(usize, Arc<Notify>, Arc<Notify>)>,
+    issued: u32,
+}
+
+/// The running fake; stopped when dropped.
+pub struct FakeCrm {
+    pub url: String,
+    state: Arc<Mutex<Fake>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeCrm {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+type Shared = Arc<Mutex<Fake>>;
+
+impl FakeCrm {
+    pub async fn start() -> FakeCrm {
+        let state: Shared = Arc::default();
+        let app = Router::new()
+            .route("/cursor/contacts", get(cursor_page))
+            .route("/link/contacts", get(link_page))
+            .route("/offset/contacts", get(offset_page))
+            .route("/oauth/token", post(token))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
+        let url = format!("http://{}", listener.local_addr().expect("bound"));
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FakeCrm { url, state, server }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Fake) -> T) -> T {
+        f(&mut self.state.lock().expect("fake CRM state"))
+    }
+
+    /// Adds or replaces a contact (the provider's side of a change).
+    pub fn put_contact(&self, id: &str, email: &str) {
+        self.with(|f| {
+            f.contacts
+                .insert(id.to_string(), json!({"id": id, "email": email, "first_name": id}))
+        });
+    }
+
+    pub fn remove_contact(&self, id: &str) {
+        self.with(|f| f.contacts.remove(id));
+    }
+
+    /// An OAuth2 access token that is valid (or already expired), and a refresh token.
+    pub fn issue_tokens(&self, valid: bool) -> (String, String) {
+        self.with(|f| {
+            f.issued += 1;
+            let (access, refresh) = (format!("access-{}", f.issued), format!("refresh-{}", f.issued));
+            f.tokens.insert(access.clone(), valid);
+            f.refresh_tokens.insert(refresh.clone(), true);
+            (access, refresh)
+        })
+    }
+
+    /// Token refreshes answered so far.
+    pub fn refreshes(&self) -> u32 {
+        self.with(|f| f.refreshes)
+    }
+
+    /// The next `count` list requests answer `status` (with `Retry-After` when given).
+    pub fn fail_next(&self, count: usize, status: u16, retry_after: Option<u64>) {
+        self.with(|f| f.faults.extend(std::iter::repeat_n((status, retry_after), count)));
+    }
+
+    /// Every list request answered so far, as `(path?query, status)`.
+    pub fn requests(&self) -> Vec<(String, u16)> {
+        self.with(|f| f.requests.clone())
+    }
+
+    /// Holds list page `page` (0-based) until [`Held::release`]; `reached` resolves when a
+    /// request for it arrives.
+    pub fn hold_page(&self, page: usize) -> Held {
+        let (reached, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        self.with(|f| f.hold = Some((page, reached.clone(), release.clone())));
+        Held { reached, release }
+    }
+
+    /// Signs `body` like the generic HMAC provider (`X-Signature`: hex HMAC-SHA256).
+    pub fn sign(secret: &str, body: &[u8]) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+        mac.update(body);
+        hex::encode(mac.finalize().into_bytes())
+    }
+}
+
+pub struct Held {
+    reached: Arc<Notify>,
+    release: Arc<Notify>,
+}
+
+impl Held {
+    pub async fn reached(&self) {
+        self.reached.notified().await;
+    }
+
+    pub fn release(&self) {
+        self.release.notify_one();
+    }
+}
+
+/// Auth, injected faults and the hold, before a list page is served.
+async fn gate(state: &Shared, headers: &HeaderMap, page: usize, path: String) -> Result<(), Response> {
+    let (status, hold) = {
+        let mut fake = state.lock().expect("fake CRM state");
+        let authorised = match headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+            Some(key) => key == API_KEY,
+            None => headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .is_some_and(|token| fake.tokens.get(token) == Some(&true)),
+        };
+        let fault = if authorised { fake.faults.pop_front() } else { None };
+        let status = match (authorised, fault) {
+            (false, _) => Err((401, None)),
+            (true, Some(fault)) => Err(fault),
+            (true, None) => Ok(()),
+        };
+        fake.requests.push((path, status.map_or_else(|(s, _)| s, |()| 200)));
+        let hold = match &fake.hold {
+            Some((held, reached, release)) if *held == page && status.is_ok() => {
+                let hold = (reached.clone(), release.clone());
+                fake.hold = None;
+                Some(hold)
+            }
+            _ => None,
+        };
+        (status, hold)
+    };
+    if let Some((reached, release)) = hold {
+        reached.notify_one();
+        release.notified().await;
+    }
+    status.map_err(|(code, retry_after)| {
+        let mut response = (
+            StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            axum::Json(json!({"error": "injected"})),
+        )
+            .into_response();
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert("retry-after", seconds.to_string().parse().expect("digits"));
+        }
+        response
+    })
+}
+
+fn slice(state: &Shared, from: usize, limit: usize) -> (Vec<Value>, bool) {
+    let fake = state.lock().expect("fake CRM state");
+    let all: Vec<Value> = fake.contacts.values().cloned().collect();
+    let page: Vec<Value> = all.iter().skip(from).take(limit).cloned().collect();
+    (page, from + limit < all.len())
+}
+
+fn number(query: &HashMap<String, String>, name: &str, default: usize) -> usize {
+    query.get(name).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+async fn cursor_page(State(state): State<Shared>, headers: HeaderMap, Query(query): Query<HashMap<String, String>>) -> Response {
+    let from = number(&query, "cursor", 0);
+    let limit = number(&query, "limit", 2);
+    if let Err(refused) = gate(&state, &headers, from / limit.max(1), format!("/cursor/contacts?cursor={from}")).await {
+        return refused;
+    }
+    let (results, more) = slice(&state, from, limit);
+    let next = more.then(|| (from + limit).to_string());
+    axum::Json(json!({"results": results, "next_cursor": next})).into_response()
+}
+
+async fn link_page(State(state): State<Shared>, headers: HeaderMap, Query(query): Query<HashMap<String, String>>) -> Response {
+    let page = number(&query, "page", 0);
+    let limit = number(&query, "limit", 2);
+    if let Err(refused) = gate(&state, &headers, page, format!("/link/contacts?page={page}")).await {
+        return refused;
+    }
+    let (data, more) = slice(&state, page * limit, limit);
+    let mut response = axum::Json(json!({"data": data})).into_response();
+    if more {
+        let host = headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("127.0.0.1");
+        let link = format!("<http://{host}/link/contacts?page={}&limit={limit}>; rel=\"next\"", page + 1);
+        response.headers_mut().insert("link", link.parse().expect("a header value"));
+    }
+    response
+}
+
+async fn offset_page(State(state): State<Shared>, headers: HeaderMap, Query(query): Query<HashMap<String, String>>) -> Response {
+    let offset = number(&query, "offset", 0);
+    let limit = number(&query, "limit", 2);
+    if let Err(refused) = gate(&state, &headers, offset / limit.max(1), format!("/offset/contacts?offset={offset}")).await {
+        return refused;
+    }
+    let (items, _) = slice(&state, offset, limit);
+    axum::Json(json!({"items": items})).into_response()
+}
+
+async fn token(State(state): State<Shared>, body: String) -> Response {
+    let form: HashMap<String, String> = form_urlencoded::parse(body.as_bytes()).into_owned().collect();
+    let mut fake = state.lock().expect("fake CRM state");
+    let client_ok = form.get("client_id").map(String::as_str) == Some(CLIENT_ID)
+        && form.get("client_secret").map(String::as_str) == Some(CLIENT_SECRET);
+    let refresh = form.get("refresh_token").cloned().unwrap_or_default();
+    if form.get("grant_type").map(String::as_str) != Some("refresh_token")
+        || !client_ok
+        || fake.refresh_tokens.get(&refresh) != Some(&true)
+    {
+        return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": "invalid_grant"}))).into_response();
+    }
+    fake.refreshes += 1;
+    fake.issued += 1;
+    let (access, next_refresh) = (format!("access-{}", fake.issued), format!("refresh-{}", fake.issued));
+    fake.tokens.insert(access.clone(), true);
+    fake.refresh_tokens.insert(refresh, false);
+    fake.refresh_tokens.insert(next_refresh.clone(), true);
+    axum::Json(json!({"access_token": access, "refresh_token": next_refresh, "expires_in": 3600, "token_type": "bearer"}))
+        .into_response()
+}

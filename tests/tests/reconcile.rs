@@ -1,0 +1,558 @@
+//! Exec runs end to end against the fake CRM: the reconciler queues them (ticked by the
+//! test at chosen instants, so slots come round without waiting an hour), the worker
+//! runs them with the provider API, and the records cache and `GET /sync/status` show
+//! the outcome.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use common::pipeline::{harness_with, Harness};
+use hookyard_core::routed::RoutedEvent;
+use hookyard_core::store::IntegrationChanges;
+use hookyard_core::store::syncs::SyncState;
+use hookyard_core::store::{Credentials, NewConnection};
+use hookyard_core::streams::EXEC_STREAM;
+use hookyard_reconciler::Reconciler;
+use hookyard_testkit::{eventually, PgDatabase};
+use hookyard_testkit::fake_provider::{FakeCrm, API_KEY, CLIENT_ID, CLIENT_SECRET};
+use serde_json::{json, Value};
+
+/// Lists contacts in the style the connection's metadata names (cursor, link or offset),
+/// tracking deletes; `contact.updated` webhooks save one contact.
+const CONTACTS: &str = r#"
+import { createSync } from 'nango';
+const STYLES = {
+  cursor: { endpoint: '/cursor/contacts', params: { limit: 2 },
+            paginate: { type: 'cursor', cursor_path_in_response: 'next_cursor', cursor_name_in_request: 'cursor', response_path: 'results' } },
+  link:   { endpoint: '/link/contacts', params: { limit: 2 },
+            paginate: { type: 'link', response_path: 'data' } },
+  offset: { endpoint: '/offset/contacts',
+            paginate: { type: 'offset', offset_name_in_request: 'offset', limit_name_in_request: 'limit', limit: 2, response_path: 'items' } },
+};
+export default createSync({
+  frequency: 'every hour',
+  autoStart: AUTO_START,
+  models: { Contact: {} },
+  webhookSubscriptions: ['contact.updated'],
+  exec: async (nango) => {
+    const meta = await nango.getMetadata();
+    const config = { ...STYLES[meta.style || 'cursor'], retries: meta.retries ?? 3 };
+    await nango.trackDeletesStart('Contact');
+    for await (const page of nango.paginate(config)) {
+      await nango.batchSave(page.map((c) => ({ id: c.id, email: c.email })), 'Contact');
+    }
+    await nango.trackDeletesEnd('Contact');
+  },
+  onWebhook: async (nango, payload) => {
+    await nango.batchSave([{ id: payload.contact.id, email: payload.contact.email }], 'Contact');
+  },
+});
+"#;
+
+struct Setup {
+    h: Harness,
+    crm: FakeCrm,
+    reconciler: Reconciler,
+}
+
+/// The pipeline with the worker running, `crm` pointed at the fake CRM, and one
+/// connection per `(id, metadata, credentials)`.
+async fn setup(connections: &[(&str, Value, Credentials)], auto_start: bool) -> Setup {
+    setup_on(None, connections, auto_start).await
+}
+
+async fn setup_on(database_url: Option<&str>, connections: &[(&str, Value, Credentials)], auto_start: bool) -> Setup {
+    let h = harness_with(database_url, 0, |config| {
+        config.forwarding.allow_loopback = true;
+    })
+    .await;
+    let crm = FakeCrm::start().await;
+    h.store
+        .update_integration(
+            h.environment.id,
+            &"crm".parse().unwrap(),
+            &IntegrationChanges {
+                settings: Some(json!({"api": {
+                    "base_url": crm.url,
+                    "api_key_header": "X-API-Key",
+                    "token_url": format!("{}/oauth/token", crm.url),
+                    "client_id": CLIENT_ID,
+                    "client_secret": CLIENT_SECRET,
+                }})),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    for (id, metadata, credentials) in connections {
+        h.store
+            .create_connection(
+                &h.environment,
+                &NewConnection {
+                    integration: "crm".parse().unwrap(),
+                    connection_id: id.to_string(),
+                    connection_config: json!({}),
+                    metadata: metadata.clone(),
+                    tags: json!({}),
+                    credentials: Some(credentials.clone()),
+                },
+            )
+            .await
+            .unwrap();
+    }
+    h.deploy(&[(
+        "crm/syncs/contacts.js",
+        CONTACTS.replace("AUTO_START", &auto_start.to_string()),
+    )])
+    .await;
+    h.start_all();
+    let reconciler = Reconciler::new(h.store.clone(), h.bus.jetstream.clone());
+    Setup { h, crm, reconciler }
+}
+
+fn api_key() -> Credentials {
+    Credentials::ApiKey {
+        api_key: API_KEY.into(),
+    }
+}
+
+impl Setup {
+    async fn state(&self, connection: &str) -> Option<SyncState> {
+        self.h
+            .store
+            .sync_states(Some(self.h.environment.id), None)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|s| s.key.connection_id == connection)
+    }
+
+    /// Waits for a run of `connection` that ends after `since`.
+    async fn finished_after(&self, connection: &str, since: DateTime<Utc>) -> SyncState {
+        eventually("an exec run to finish", Duration::from_secs(30), || async {
+            self.state(connection)
+                .await
+                .filter(|s| !s.running && s.last_ended_at.is_some_and(|at| at > since))
+        })
+        .await
+    }
+
+    /// Ticks the reconciler at `at` and waits for the runs of `connections` it queued.
+    async fn run_at(&self, at: DateTime<Utc>, connections: &[&str]) -> Vec<SyncState> {
+        let since = Utc::now();
+        let tick = self.reconciler.tick(at).await.unwrap();
+        assert_eq!(tick.scheduled + tick.triggered, connections.len(), "runs queued at {at}");
+        let mut states = Vec::new();
+        for connection in connections {
+            states.push(self.finished_after(connection, since).await);
+        }
+        states
+    }
+
+    /// The connection's Contact records: id → (email, last action).
+    async fn contacts(&self, connection: &str) -> Vec<(String, Value, String)> {
+        let mut records: Vec<(String, Value, String)> = self
+            .h
+            .records(connection, "Contact")
+            .await
+            .into_iter()
+            .map(|r| {
+                (
+                    r["id"].as_str().unwrap().to_string(),
+                    r["email"].clone(),
+                    r["_nango_metadata"]["last_action"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        records.sort_by(|a, b| a.0.cmp(&b.0));
+        records
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let response = self
+            .h
+            .http
+            .post(format!("{}{path}", self.h.api))
+            .bearer_auth(&self.h.environment.secret_key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn exec_jobs(&self) -> u64 {
+        let mut stream = self.h.bus.jetstream.get_stream(EXEC_STREAM).await.unwrap();
+        stream.info().await.unwrap().state.messages
+    }
+}
+
+fn live(records: &[(String, Value, String)]) -> Vec<&str> {
+    records
+        .iter()
+        .filter(|(_, _, action)| action != "DELETED")
+        .map(|(id, _, _)| id.as_str())
+        .collect()
+}
+
+fn hour_later(at: DateTime<Utc>) -> DateTime<Utc> {
+    at + chrono::Duration::hours(1) + chrono::Duration::seconds(1)
+}
+
+#[tokio::test]
+async fn scheduled_exec_fills_the_cache_in_each_pagination_style_and_deletes_what_the_provider_lost() {
+    let s = setup(
+        &[
+            ("c-cursor", json!({"style": "cursor"}), api_key()),
+            ("c-link", json!({"style": "link"}), api_key()),
+            ("c-offset", json!({"style": "offset"}), api_key()),
+        ],
+        true,
+    )
+    .await;
+    for n in 1..=5 {
+        s.crm.put_contact(&format!("p{n}"), &format!("p{n}@crm.test"));
+    }
+    let connections = ["c-cursor", "c-link", "c-offset"];
+    let now = Utc::now();
+    for state in s.run_at(now, &connections).await {
+        assert_eq!(state.last_outcome.as_deref(), Some("SUCCESS"), "{:?}", state.last_error);
+        assert_eq!(state.last_result.unwrap()["Contact"]["added"], 5);
+    }
+    for connection in connections {
+        assert_eq!(live(&s.contacts(connection).await), ["p1", "p2", "p3", "p4", "p5"], "{connection}");
+    }
+    // Three pages of two in each style.
+    let requests = s.crm.requests();
+    for style in ["cursor", "link", "offset"] {
+        let pages = requests.iter().filter(|(path, _)| path.starts_with(&format!("/{style}/"))).count();
+        assert_eq!(pages, 3, "{style}: {requests:?}");
+    }
+    // The same slot is not queued again.
+    assert_eq!(s.reconciler.tick(now).await.unwrap().scheduled, 0);
+
+    s.crm.remove_contact("p3");
+    s.crm.put_contact("p6", "p6@crm.test");
+    s.crm.put_contact("p1", "p1-new@crm.test");
+    for state in s.run_at(hour_later(now), &connections).await {
+        let result = state.last_result.unwrap();
+        assert_eq!(
+            (&result["Contact"]["added"], &result["Contact"]["updated"], &result["Contact"]["deleted"]),
+            (&json!(1), &json!(1), &json!(1)),
+            "{result}"
+        );
+    }
+    for connection in connections {
+        let contacts = s.contacts(connection).await;
+        assert_eq!(live(&contacts), ["p1", "p2", "p4", "p5", "p6"], "{connection}");
+        let p3 = contacts.iter().find(|(id, _, _)| id == "p3").expect("soft-deleted, still listed");
+        assert_eq!(p3.2, "DELETED");
+        assert_eq!(contacts[0].1, "p1-new@crm.test");
+    }
+}
+
+#[tokio::test]
+async fn an_exec_that_fails_midway_deletes_nothing_and_reports_its_error() {
+    let s = setup(&[("c0", json!({"retries": 0}), api_key())], true).await;
+    for n in 1..=5 {
+        s.crm.put_contact(&format!("p{n}"), &format!("p{n}@crm.test"));
+    }
+    let now = Utc::now();
+    s.run_at(now, &["c0"]).await;
+    assert_eq!(live(&s.contacts("c0").await).len(), 5);
+
+    // p1 is gone at the provider; the run fails on its second (last) page.
+    s.crm.remove_contact("p1");
+    let held = s.crm.hold_page(0);
+    let since = Utc::now();
+    assert_eq!(s.reconciler.tick(hour_later(now)).await.unwrap().scheduled, 1);
+    held.reached().await;
+    s.crm.fail_next(1, 500, None);
+    held.release();
+    let state = s.finished_after("c0", since).await;
+    assert_eq!(state.last_outcome.as_deref(), Some("ERROR"));
+    assert!(state.last_error.as_deref().unwrap().contains("answered 500"), "{:?}", state.last_error);
+    assert_eq!(
+        live(&s.contacts("c0").await),
+        ["p1", "p2", "p3", "p4", "p5"],
+        "a failed run deletes nothing"
+    );
+    let status = s.h.api_get("/sync/status?syncs=contacts&provider_config_key=crm&connection_id=c0").await;
+    assert_eq!(status["syncs"][0]["status"], "ERROR", "{status}");
+    assert!(status["syncs"][0]["error"].as_str().unwrap().contains("answered 500"));
+}
+
+#[tokio::test]
+async fn a_webhook_that_lands_while_exec_runs_is_not_overwritten_by_older_data() {
+    let s = setup(&[("c0", json!({}), api_key())], true).await;
+    s.crm.put_contact("p1", "old@crm.test");
+    s.crm.put_contact("p2", "p2@crm.test");
+    let held = s.crm.hold_page(0);
+    let since = Utc::now();
+    assert_eq!(s.reconciler.tick(Utc::now()).await.unwrap().scheduled, 1);
+    held.reached().await;
+
+    // The run has begun (and read what it read); now the provider changes p1 and says
+    // so by webhook, ingested after the run began.
+    let ack = s
+        .h
+        .bus
+        .jetstream
+        .publish("hooks.raw.dev.crm", "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let event = RoutedEvent {
+        environment: "dev".parse().unwrap(),
+        integration: "crm".parse().unwrap(),
+        connection_id: Some("c0".into()),
+        unrouted: None,
+        raw_seq: ack.sequence,
+        index: 0,
+        event_type: Some("contact.updated".into()),
+        delivery_id: "d1".into(),
+        payload: json!({"type": "contact.updated", "contact": {"id": "p1", "email": "new@crm.test"}}),
+        traceparent: None,
+    };
+    let (subject, headers, payload) = event.to_message();
+    s.h.bus
+        .jetstream
+        .publish_with_headers(subject, headers, payload)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    eventually("the webhook's write", Duration::from_secs(20), || async {
+        let contacts = s.contacts("c0").await;
+        contacts.iter().any(|(id, email, _)| id == "p1" && email == "new@crm.test").then_some(())
+    })
+    .await;
+    // A run asked for meanwhile is skipped: one run at a time per sync and connection.
+    let (status, _) = s
+        .post("/sync/trigger", json!({"syncs": ["contacts"], "provider_config_key": "crm"}))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(s.reconciler.tick(Utc::now()).await.unwrap().triggered, 1);
+    eventually("the second job to be handled", Duration::from_secs(20), || async {
+        let mut consumer = s
+            .h
+            .bus
+            .jetstream
+            .get_stream(EXEC_STREAM)
+            .await
+            .ok()?
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>("exec")
+            .await
+            .ok()?;
+        let info = consumer.info().await.ok()?;
+        (info.delivered.stream_sequence == 2 && info.num_ack_pending == 1 && info.num_pending == 0).then_some(())
+    })
+    .await;
+    held.release();
+    let state = s.finished_after("c0", since).await;
+    assert_eq!(state.last_outcome.as_deref(), Some("SUCCESS"));
+    let listings = s.crm.requests().iter().filter(|(path, _)| path.ends_with("cursor=0")).count();
+    assert_eq!(listings, 1, "the second run was skipped, not queued behind the first");
+    let contacts = s.contacts("c0").await;
+    assert_eq!(contacts[0].0, "p1");
+    assert_eq!(contacts[0].1, "new@crm.test", "the run's older copy does not overwrite the webhook's");
+    assert_eq!(live(&contacts), ["p1", "p2"]);
+}
+
+#[tokio::test]
+async fn oauth2_tokens_are_refreshed_once_when_expired_or_refused_and_stored() {
+    let s = setup(&[], true).await;
+    for n in 1..=5 {
+        s.crm.put_contact(&format!("p{n}"), &format!("p{n}@crm.test"));
+    }
+    // One token expired by its date, one the provider refuses although its date is fine.
+    let (expired, expired_refresh) = s.crm.issue_tokens(true);
+    let (revoked, revoked_refresh) = s.crm.issue_tokens(false);
+    for (id, access, refresh, expires_in) in [
+        ("c-expired", expired, expired_refresh, -60),
+        ("c-revoked", revoked, revoked_refresh, 3600),
+    ] {
+        s.h.store
+            .create_connection(
+                &s.h.environment,
+                &NewConnection {
+                    integration: "crm".parse().unwrap(),
+                    connection_id: id.into(),
+                    connection_config: json!({}),
+                    metadata: json!({}),
+                    tags: json!({}),
+                    credentials: Some(Credentials::OAuth2 {
+                        access_token: access,
+                        refresh_token: Some(refresh),
+                        expires_at: Some(Utc::now() + chrono::Duration::seconds(expires_in)),
+                        raw: None,
+                    }),
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let states = s.run_at(Utc::now(), &["c-expired", "c-revoked"]).await;
+    for state in &states {
+        assert_eq!(state.last_outcome.as_deref(), Some("SUCCESS"), "{:?}", state.last_error);
+    }
+    assert_eq!(s.crm.refreshes(), 2, "one refresh per connection, not one per page");
+    for id in ["c-expired", "c-revoked"] {
+        assert_eq!(live(&s.contacts(id).await).len(), 5);
+        let stored = s
+            .h
+            .store
+            .connection(s.h.environment.id, &"crm".parse().unwrap(), id)
+            .await
+            .unwrap()
+            .unwrap();
+        match stored.credentials {
+            Some(Credentials::OAuth2 {
+                access_token,
+                expires_at,
+                ..
+            }) => {
+                assert!(access_token.starts_with("access-"), "{access_token}");
+                assert!(expires_at.unwrap() > Utc::now() + chrono::Duration::minutes(30));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // The refused token was tried once, then the new one was used for every page.
+    let refused = s.crm.requests().iter().filter(|(_, status)| *status == 401).count();
+    assert_eq!(refused, 1);
+}
+
+#[tokio::test]
+async fn a_429_is_retried_after_its_retry_after() {
+    let s = setup(&[("c0", json!({}), api_key())], true).await;
+    s.crm.put_contact("p1", "p1@crm.test");
+    s.crm.fail_next(1, 429, Some(1));
+    let started = Instant::now();
+    let state = &s.run_at(Utc::now(), &["c0"]).await[0];
+    assert_eq!(state.last_outcome.as_deref(), Some("SUCCESS"), "{:?}", state.last_error);
+    assert!(started.elapsed() >= Duration::from_secs(1), "Retry-After: 1 was waited for");
+    let statuses: Vec<u16> = s.crm.requests().iter().map(|(_, status)| *status).collect();
+    assert_eq!(statuses, [429, 200]);
+    assert_eq!(live(&s.contacts("c0").await), ["p1"]);
+}
+
+#[tokio::test]
+async fn two_reconcilers_queue_exactly_one_run_per_slot() {
+    two_reconcilers(None).await;
+}
+
+#[tokio::test]
+async fn two_reconcilers_queue_exactly_one_run_per_slot_on_postgres() {
+    let db = PgDatabase::create().await;
+    two_reconcilers(Some(&db.url)).await;
+}
+
+/// Also runs one exec and a trigger end to end, on either back end.
+async fn two_reconcilers(database_url: Option<&str>) {
+    let s = setup_on(database_url, &[("c0", json!({}), api_key()), ("c1", json!({}), api_key())], true).await;
+    s.crm.put_contact("p1", "p1@crm.test");
+    let other = Reconciler::new(s.h.store.clone(), s.h.bus.jetstream.clone());
+    let start = Utc::now();
+    let mut scheduled = 0;
+    for slot in 0..3 {
+        let at = start + chrono::Duration::hours(slot) + chrono::Duration::seconds(slot);
+        let (a, b) = tokio::join!(s.reconciler.tick(at), other.tick(at));
+        let (again_a, again_b) = tokio::join!(s.reconciler.tick(at), other.tick(at));
+        scheduled += a.unwrap().scheduled + b.unwrap().scheduled;
+        scheduled += again_a.unwrap().scheduled + again_b.unwrap().scheduled;
+    }
+    assert_eq!(scheduled, 6, "two connections × three slots, claimed once each");
+    assert_eq!(s.exec_jobs().await, 6, "and queued once each");
+    // The worker ran them, one at a time per connection.
+    for connection in ["c0", "c1"] {
+        s.finished_after(connection, start - chrono::Duration::seconds(1)).await;
+        assert_eq!(live(&s.contacts(connection).await), ["p1"]);
+    }
+    let (status, _) = s
+        .post("/sync/trigger", json!({"syncs": ["contacts"], "provider_config_key": "crm", "connection_id": "c1", "opts": {"reset": true}}))
+        .await;
+    assert_eq!(status, 200);
+    let ticks = tokio::join!(s.reconciler.tick(Utc::now()), other.tick(Utc::now()));
+    assert_eq!(ticks.0.unwrap().triggered + ticks.1.unwrap().triggered, 1, "a trigger is claimed once");
+    assert_eq!(s.exec_jobs().await, 7, "and queued once");
+}
+
+#[tokio::test]
+async fn pause_stops_scheduled_runs_and_start_resumes_them() {
+    // autoStart false: nothing runs until started.
+    let s = setup(&[("c0", json!({}), api_key())], false).await;
+    let now = Utc::now();
+    assert_eq!(s.reconciler.tick(now).await.unwrap().scheduled, 0);
+    let status = s.h.api_get("/sync/status?syncs=*&provider_config_key=crm").await;
+    assert_eq!(status["syncs"][0]["status"], "STOPPED", "{status}");
+
+    let body = json!({"syncs": ["contacts"], "provider_config_key": "crm"});
+    assert_eq!(s.post("/sync/start", body.clone()).await.0, 200);
+    s.run_at(now, &["c0"]).await;
+    let status = s.h.api_get("/sync/status?syncs=contacts&provider_config_key=crm").await;
+    let view = &status["syncs"][0];
+    assert_eq!(view["status"], "SUCCESS", "{status}");
+    assert_eq!(view["frequency"], "every hour");
+    assert!(view["nextScheduledSyncAt"].is_string());
+
+    assert_eq!(s.post("/sync/pause", body.clone()).await.0, 200);
+    let status = s.h.api_get("/sync/status?syncs=contacts&provider_config_key=crm").await;
+    assert_eq!(status["syncs"][0]["status"], "PAUSED");
+    let jobs = s.exec_jobs().await;
+    assert_eq!(s.reconciler.tick(hour_later(now)).await.unwrap().scheduled, 0);
+    assert_eq!(s.exec_jobs().await, jobs, "a paused sync gets no runs");
+
+    assert_eq!(s.post("/sync/start", body).await.0, 200);
+    s.run_at(hour_later(now), &["c0"]).await;
+
+    // Unknown syncs and integrations are named.
+    let (status, error) = s
+        .post("/sync/trigger", json!({"syncs": ["nope"], "provider_config_key": "crm"}))
+        .await;
+    assert_eq!(status, 404);
+    assert!(error.to_string().contains("nope"), "{error}");
+    let (status, _) = s
+        .post("/sync/pause", json!({"syncs": ["contacts"], "provider_config_key": "other"}))
+        .await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn trigger_with_empty_cache_empties_the_model_before_the_run() {
+    let s = setup(&[("c0", json!({}), api_key())], false).await;
+    s.crm.put_contact("p1", "p1@crm.test");
+    // A record the provider never had, as a stray webhook might leave.
+    s.h.store
+        .write_records(
+            &hookyard_core::store::records::RecordScope {
+                environment_id: s.h.environment.id,
+                integration: "crm".parse().unwrap(),
+                connection_id: "c0".into(),
+                model: "Contact".into(),
+            },
+            hookyard_core::store::records::WriteKind::Save,
+            vec![("ghost".into(), json!({"id": "ghost"}))],
+            1,
+        )
+        .await
+        .unwrap();
+    let (status, body) = s
+        .post(
+            "/sync/trigger",
+            json!({"syncs": ["contacts"], "provider_config_key": "crm", "connection_id": "c0", "opts": {"emptyCache": true}}),
+        )
+        .await;
+    assert_eq!((status, &body["count"]), (200, &json!(1)), "{body}");
+    let states = s.run_at(Utc::now(), &["c0"]).await;
+    assert_eq!(states[0].last_outcome.as_deref(), Some("SUCCESS"));
+    let contacts = s.contacts("c0").await;
+    assert_eq!(
+        contacts.iter().map(|(id, _, _)| id.as_str()).collect::<Vec<_>>(),
+        ["p1"],
+        "the ghost is gone, not merely marked deleted"
+    );
+}
