@@ -7,6 +7,7 @@ pub mod envelope;
 pub mod exec_job;
 pub mod frequency;
 pub mod keys;
+pub mod outbound;
 pub mod providers;
 pub mod routed;
 pub mod secrets;

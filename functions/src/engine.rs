@@ -265,14 +265,7 @@ fn parse_effects(text: &str) -> Result<Effects, FunctionError> {
             let records = w
                 .records
                 .into_iter()
-                .map(|record| {
-                    let id = match record.get("id") {
-                        Some(serde_json::Value::String(s)) => s.clone(),
-                        Some(other) => other.to_string(),
-                        None => String::new(),
-                    };
-                    (id, record)
-                })
+                .map(|record| (crate::host::record_id(&record), record))
                 .collect();
             Write {
                 kind,

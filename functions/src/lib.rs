@@ -9,7 +9,9 @@
 pub mod compile;
 mod engine;
 pub mod examples;
+pub mod host;
 pub mod pool;
+pub mod provider_api;
 mod sandbox;
 
 use hookyard_core::store::records::WriteKind;

@@ -15,7 +15,6 @@
 //!   unless the configuration allows them (checked on every attempt, after resolving).
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -236,7 +235,7 @@ impl Deliverer {
             .lock()
             .expect("attempts lock")
             .insert(delivery.id.clone(), attempt);
-        if let Err(reason) = allowed_destination(&delivery.url, &self.config).await {
+        if let Err(reason) = hookyard_core::outbound::allowed_destination(&delivery.url, &self.config).await {
             tracing::warn!(delivery = %delivery.id, url = %delivery.url, %reason, "destination refused");
             self.record(
                 delivery,
@@ -286,7 +285,7 @@ impl Deliverer {
                     .headers()
                     .get("retry-after")
                     .and_then(|v| v.to_str().ok())
-                    .and_then(parse_retry_after),
+                    .and_then(hookyard_core::outbound::parse_retry_after),
                 None,
             ),
             Err(e) => (None, None, Some(describe_send_error(e))),
@@ -445,17 +444,6 @@ pub fn signature_headers(key: &str, id: &str, timestamp: i64, body: &[u8]) -> [(
     ]
 }
 
-/// Seconds, or an HTTP date.
-fn parse_retry_after(value: &str) -> Option<Duration> {
-    let value = value.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
-    let wait = at.with_timezone(&Utc) - Utc::now();
-    Some(wait.to_std().unwrap_or(Duration::ZERO))
-}
-
 /// A wait drawn uniformly between zero and `base` (at least 10 ms).
 fn full_jitter(base: Duration) -> Duration {
     let draw = u64::from_le_bytes(hookyard_core::secrets::random_bytes::<8>());
@@ -473,96 +461,9 @@ fn describe_send_error(error: &reqwest::Error) -> String {
     }
 }
 
-/// Refuses a destination that is not http(s), or that resolves to an address the
-/// configuration does not allow (loopback, private, link-local, metadata…).
-pub async fn allowed_destination(url: &str, config: &ForwardingConfig) -> Result<(), String> {
-    let parsed = reqwest::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
-    if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(format!("scheme {} is not http or https", parsed.scheme()));
-    }
-    let host = parsed
-        .host_str()
-        .ok_or("no host")?
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    let port = parsed.port_or_known_default().unwrap_or(443);
-    let addresses: Vec<IpAddr> = match host.parse::<IpAddr>() {
-        Ok(ip) => vec![ip],
-        Err(_) => tokio::net::lookup_host((host, port))
-            .await
-            .map_err(|e| format!("{host} does not resolve: {e}"))?
-            .map(|a| a.ip())
-            .collect(),
-    };
-    for ip in addresses {
-        if let Some(kind) = forbidden(ip, config) {
-            return Err(format!("{host} resolves to {ip}, a {kind} address"));
-        }
-    }
-    Ok(())
-}
-
-fn forbidden(ip: IpAddr, config: &ForwardingConfig) -> Option<&'static str> {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    };
-    let loopback = ip.is_loopback();
-    if loopback {
-        return (!config.allow_loopback).then_some("loopback");
-    }
-    let private = match ip {
-        IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            v4.is_private() || v4.is_link_local() || (a == 100 && (64..128).contains(&b))
-        }
-        IpAddr::V6(v6) => {
-            let first = v6.segments()[0];
-            (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80
-        }
-    };
-    if private {
-        return (!config.allow_private).then_some("private, link-local or metadata");
-    }
-    if ip.is_unspecified() || ip.is_multicast() || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
-        return Some("non-routable");
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn addresses_are_refused_unless_allowed() {
-        let strict = ForwardingConfig::default();
-        for ip in [
-            "127.0.0.1",
-            "::1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.169.254",
-            "100.64.0.1",
-            "fd00::1",
-            "fe80::1",
-            "::ffff:127.0.0.1",
-            "0.0.0.0",
-            "224.0.0.1",
-        ] {
-            assert!(forbidden(ip.parse().unwrap(), &strict).is_some(), "{ip}");
-        }
-        for ip in ["93.184.216.34", "2606:2800:220:1::1"] {
-            assert!(forbidden(ip.parse().unwrap(), &strict).is_none(), "{ip}");
-        }
-        let loopback = ForwardingConfig {
-            allow_loopback: true,
-            ..ForwardingConfig::default()
-        };
-        assert!(forbidden("127.0.0.1".parse().unwrap(), &loopback).is_none());
-        assert!(forbidden("10.0.0.1".parse().unwrap(), &loopback).is_some());
-    }
 
     #[test]
     fn verdicts_follow_the_policy() {
@@ -629,9 +530,7 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_and_breaker() {
-        assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
-        assert_eq!(parse_retry_after("soon"), None);
+    fn breaker_opens_and_probes() {
         let mut breaker = Breaker::default();
         for _ in 0..3 {
             assert!(matches!(

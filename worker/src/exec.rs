@@ -8,28 +8,24 @@
 //! webhook's write that came in after the run began. A failed run is not retried: the
 //! next slot runs it again, and its error shows in `GET /sync/status`.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
 use hookyard_core::config::{Config, ForwardingConfig};
 use hookyard_core::exec_job::ExecJob;
-use hookyard_core::providers::api::ApiSpec;
 use hookyard_core::providers::Catalog;
-use hookyard_core::store::records::{RecordScope, WriteCounts, WriteKind};
+use hookyard_core::store::records::RecordScope;
 use hookyard_core::store::syncs::{RunOutcome, SyncKey};
-use hookyard_core::store::MetadataWrite;
-use hookyard_core::streams::{consume, durable, EXEC_STREAM, RAW_STREAM};
+use hookyard_core::streams::{consume, durable, EXEC_STREAM};
 use hookyard_core::Store;
+use hookyard_functions::host::{connection_api, raw_version, Kind, Mode, StoreHost};
 use hookyard_functions::pool::Pool;
-use hookyard_functions::{Handler, Host, Invocation};
-use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use hookyard_functions::{Handler, Invocation};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::deployments::{Deployments, LiveSync};
-use crate::provider_api::{Owner, ProviderApi, ProxyRequest};
 use crate::{connection_json, jetstream_error, WorkerError};
 
 /// The consumer's name, shared by every worker replica.
@@ -198,36 +194,9 @@ impl Executor {
     }
 
     /// The host and invocation of a run, after `emptyCache` and `reset` are done.
-    async fn prepare(&self, job: &ExecJob, sync: &Arc<LiveSync>, key: &SyncKey) -> Result<(Arc<ExecHost>, Invocation), String> {
+    async fn prepare(&self, job: &ExecJob, sync: &Arc<LiveSync>, key: &SyncKey) -> Result<(Arc<StoreHost>, Invocation), String> {
         let failed = |e: &dyn std::fmt::Display| e.to_string();
-        let connection = self
-            .store
-            .connection(key.environment_id, &key.integration, &key.connection_id)
-            .await
-            .map_err(|e| failed(&e))?
-            .ok_or_else(|| format!("connection {} no longer exists", key.connection_id))?;
-        let integration = self
-            .store
-            .integration(key.environment_id, &key.integration)
-            .await
-            .map_err(|e| failed(&e))?
-            .ok_or_else(|| format!("integration {} no longer exists", key.integration))?;
-        let provider_api = self.catalog.get(&integration.provider).and_then(|p| p.api.as_ref());
-        let api = ApiSpec::for_integration(provider_api, &integration.settings)
-            .map_err(|e| failed(&e))
-            .and_then(|spec| {
-                ProviderApi::new(
-                    spec,
-                    connection.credentials.clone(),
-                    Owner {
-                        environment_id: key.environment_id,
-                        integration: key.integration.clone(),
-                        connection_id: key.connection_id.clone(),
-                    },
-                    self.store.clone(),
-                    self.guard.clone(),
-                )
-            });
+        let (connection, api) = connection_api(&self.store, &self.catalog, key, &self.guard).await?;
         let models: Vec<String> = serde_json::from_str(&sync.models).unwrap_or_default();
         let scope = |model: &str| RecordScope {
             environment_id: key.environment_id,
@@ -245,15 +214,15 @@ impl Executor {
         }
         let version = raw_version(&self.jetstream).await?;
         let (metadata, described) = connection_json(&connection);
-        let host = Arc::new(ExecHost {
-            runtime: tokio::runtime::Handle::current(),
-            store: self.store.clone(),
-            jetstream: self.jetstream.clone(),
-            key: key.clone(),
+        let host = Arc::new(StoreHost::new(
+            self.store.clone(),
+            Some(self.jetstream.clone()),
+            key.clone(),
             version,
             api,
-            state: Mutex::default(),
-        });
+            Mode::Apply,
+            Kind::Sync,
+        ));
         let invocation = Invocation {
             payload: "null".into(),
             connection_id: key.connection_id.clone(),
@@ -275,198 +244,5 @@ fn log_report(job: &ExecJob, report: &RunReport) {
         RunReport::Failed(error) => tracing::warn!(%sync, %connection, %error, "exec run failed"),
         RunReport::Skipped => tracing::info!(%sync, %connection, "exec job skipped: a run of it is in progress"),
         RunReport::NotDeployed => tracing::info!(%sync, %connection, "exec job skipped: the sync has no deployed exec"),
-    }
-}
-
-/// The version a run writes at: after every webhook ingested so far, before any later.
-async fn raw_version(jetstream: &jetstream::Context) -> Result<i64, String> {
-    let mut stream = jetstream.get_stream(RAW_STREAM).await.map_err(|e| e.to_string())?;
-    let last = stream.info().await.map_err(|e| e.to_string())?.state.last_sequence;
-    Ok(((last as i64) << 16) | 0xFFFF)
-}
-
-/// What an exec's `nango` calls: applied as they come, from the run's JS thread.
-struct ExecHost {
-    runtime: tokio::runtime::Handle,
-    store: Store,
-    jetstream: jetstream::Context,
-    key: SyncKey,
-    version: i64,
-    api: Result<ProviderApi, String>,
-    state: Mutex<RunState>,
-}
-
-#[derive(Default)]
-struct RunState {
-    counts: HashMap<String, WriteCounts>,
-    /// Per model whose deletes are tracked: the ids written since `trackDeletesStart`.
-    seen: HashMap<String, HashSet<String>>,
-}
-
-#[derive(Deserialize)]
-struct WriteArgs {
-    strategy: String,
-    kind: String,
-    model: String,
-    records: Vec<Value>,
-}
-
-#[derive(Deserialize)]
-struct ModelArgs {
-    model: String,
-}
-
-#[derive(Deserialize)]
-struct MetadataArgs {
-    how: String,
-    value: Map<String, Value>,
-}
-
-impl Host for ExecHost {
-    fn call(&self, op: &str, args: &str) -> Result<String, String> {
-        self.runtime.block_on(self.dispatch(op, args))
-    }
-}
-
-impl ExecHost {
-    async fn dispatch(&self, op: &str, args: &str) -> Result<String, String> {
-        let parse_error = |e: serde_json::Error| format!("{op}: {e}");
-        let store_error = |e: hookyard_core::store::StoreError| format!("{op}: {e}");
-        match op {
-            "write" => {
-                let args: WriteArgs = serde_json::from_str(args).map_err(parse_error)?;
-                self.write(args).await?;
-                Ok(String::new())
-            }
-            "metadata" => {
-                let args: MetadataArgs = serde_json::from_str(args).map_err(parse_error)?;
-                let how = if args.how == "replace" {
-                    MetadataWrite::Replace
-                } else {
-                    MetadataWrite::Merge
-                };
-                let key = &self.key;
-                self.store
-                    .set_connection_metadata(key.environment_id, &key.integration, &[key.connection_id.clone()], &args.value, how)
-                    .await
-                    .map_err(store_error)?;
-                Ok(String::new())
-            }
-            "proxy" => {
-                let request: ProxyRequest = serde_json::from_str(args).map_err(parse_error)?;
-                let api = self.api.as_ref().map_err(Clone::clone)?;
-                let response = api.call(request).await?;
-                serde_json::to_string(&response).map_err(|e| e.to_string())
-            }
-            "pagination" => Ok(self.api.as_ref().map(ProviderApi::pagination).unwrap_or(Value::Null).to_string()),
-            "trackDeletesStart" => {
-                let args: ModelArgs = serde_json::from_str(args).map_err(parse_error)?;
-                self.state.lock().expect("run state").seen.insert(args.model, HashSet::new());
-                Ok(String::new())
-            }
-            "trackDeletesEnd" => {
-                let args: ModelArgs = serde_json::from_str(args).map_err(parse_error)?;
-                let seen = self
-                    .state
-                    .lock()
-                    .expect("run state")
-                    .seen
-                    .remove(&args.model)
-                    .ok_or_else(|| format!("trackDeletesEnd({:?}) without trackDeletesStart", args.model))?;
-                let counts = self
-                    .store
-                    .delete_unseen(&self.scope(&args.model), &seen, self.version)
-                    .await
-                    .map_err(store_error)?;
-                self.count(&args.model, &counts);
-                Ok(counts.deleted.to_string())
-            }
-            "getCheckpoint" => Ok(self
-                .store
-                .checkpoint(&self.key)
-                .await
-                .map_err(store_error)?
-                .unwrap_or(Value::Null)
-                .to_string()),
-            "saveCheckpoint" => {
-                let checkpoint: Value = serde_json::from_str(args).map_err(parse_error)?;
-                self.store.set_checkpoint(&self.key, Some(&checkpoint)).await.map_err(store_error)?;
-                Ok(String::new())
-            }
-            "clearCheckpoint" => {
-                self.store.set_checkpoint(&self.key, None).await.map_err(store_error)?;
-                Ok(String::new())
-            }
-            other => Err(format!("nango has no {other}")),
-        }
-    }
-
-    async fn write(&self, args: WriteArgs) -> Result<(), String> {
-        let kind = match args.kind.as_str() {
-            "save" => WriteKind::Save,
-            "update" => WriteKind::Update,
-            _ => WriteKind::Delete,
-        };
-        // `override`: the write wins over every webhook ingested until now.
-        let version = if args.strategy == "override" {
-            raw_version(&self.jetstream).await?
-        } else {
-            self.version
-        };
-        let records: Vec<(String, Value)> = args
-            .records
-            .into_iter()
-            .map(|record| {
-                let id = match &record["id"] {
-                    Value::String(id) => id.clone(),
-                    other => other.to_string(),
-                };
-                (id, record)
-            })
-            .collect();
-        {
-            let mut state = self.state.lock().expect("run state");
-            if let Some(seen) = state.seen.get_mut(&args.model) {
-                seen.extend(records.iter().map(|(id, _)| id.clone()));
-            }
-        }
-        let counts = self
-            .store
-            .write_records(&self.scope(&args.model), kind, records, version)
-            .await
-            .map_err(|e| format!("writing {} records: {e}", args.model))?;
-        self.count(&args.model, &counts);
-        Ok(())
-    }
-
-    fn scope(&self, model: &str) -> RecordScope {
-        RecordScope {
-            environment_id: self.key.environment_id,
-            integration: self.key.integration.clone(),
-            connection_id: self.key.connection_id.clone(),
-            model: model.to_string(),
-        }
-    }
-
-    fn count(&self, model: &str, counts: &WriteCounts) {
-        let mut state = self.state.lock().expect("run state");
-        let total = state.counts.entry(model.to_string()).or_default();
-        *total = total.plus(counts);
-    }
-
-    /// Per model: added, updated, deleted (what `GET /sync/status` reports).
-    fn counts(&self) -> Value {
-        let state = self.state.lock().expect("run state");
-        state
-            .counts
-            .iter()
-            .map(|(model, c)| {
-                (
-                    model.clone(),
-                    json!({"added": c.added, "updated": c.updated, "deleted": c.deleted}),
-                )
-            })
-            .collect::<Map<String, Value>>()
-            .into()
     }
 }

@@ -13,7 +13,6 @@ pub mod deployments;
 pub mod exec;
 pub mod forward;
 pub mod notify;
-pub mod provider_api;
 pub mod settings;
 
 use std::collections::HashMap;

@@ -394,6 +394,9 @@ const SQLITE: Dialect = Dialect {
          ORDER BY seq LIMIT $6",
 };
 
+/// A scope's live records written at a version or before.
+const UNSEEN: &str = "SELECT id FROM records WHERE scope = $1 AND deleted_at IS NULL AND version <= $2";
+
 /// Record writes of one or more calls (`batchSave`, `batchUpdate`, `batchDelete`), over
 /// any number of scopes, to apply in one transaction.
 #[derive(Default)]
@@ -721,9 +724,26 @@ impl Store {
         Ok(counts)
     }
 
-    /// Soft-deletes, at `version`, the scope's live records not in `seen` and written at
-    /// `version` or before (an exec run's delete tracking: what it did not see is gone at
+    /// The ids of the scope's live records not in `seen` and written at `version` or
+    /// before: what an exec run's delete tracking deletes (what it did not see is gone at
     /// the provider, unless a webhook wrote it after the run began).
+    pub async fn unseen_records(
+        &self,
+        scope: &RecordScope,
+        seen: &std::collections::HashSet<String>,
+        version: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let key = scope.key();
+        let live: Vec<(String,)> = on_pool!(self, |pool| sqlx::query_as(UNSEEN)
+            .bind(&key)
+            .bind(version)
+            .fetch_all(pool)
+            .await)?;
+        Ok(live.into_iter().map(|(id,)| id).filter(|id| !seen.contains(id)).collect())
+    }
+
+    /// Soft-deletes, at `version`, what [`Store::unseen_records`] lists, in one
+    /// transaction (so a webhook's write in between is decided against, not lost).
     pub async fn delete_unseen(
         &self,
         scope: &RecordScope,
@@ -733,7 +753,7 @@ impl Store {
         let mut tx = self.begin().await?;
         let key = scope.key();
         let live: Vec<(String,)> = on_tx!(&mut tx, |conn| {
-            sqlx::query_as("SELECT id FROM records WHERE scope = $1 AND deleted_at IS NULL AND version <= $2")
+            sqlx::query_as(UNSEEN)
                 .bind(&key)
                 .bind(version)
                 .fetch_all(&mut *conn)

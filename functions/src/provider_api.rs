@@ -8,6 +8,7 @@ use std::time::Duration;
 use chrono::Utc;
 use hookyard_core::config::ForwardingConfig;
 use hookyard_core::keys::IntegrationKey;
+use hookyard_core::outbound::parse_retry_after;
 use hookyard_core::providers::api::ApiSpec;
 use hookyard_core::store::Credentials;
 use hookyard_core::Store;
@@ -105,7 +106,7 @@ impl ProviderApi {
     /// One call, with its retries and at most one token refresh.
     pub async fn call(&self, request: ProxyRequest) -> Result<ProxyResponse, String> {
         let url = self.url(&request)?;
-        crate::deliver::allowed_destination(url.as_str(), &self.guard)
+        hookyard_core::outbound::allowed_destination(url.as_str(), &self.guard)
             .await
             .map_err(|e| format!("{}: {e}", url_for_errors(&url)))?;
         let method = Method::from_bytes(request.method.as_bytes())
@@ -124,7 +125,14 @@ impl ProviderApi {
                     continue;
                 }
                 Ok(response) if response.status().as_u16() == 429 || response.status().is_server_error() => {
-                    Some(retry_after(response.headers()).unwrap_or_else(|| backoff(attempt)))
+                    Some(
+                        response
+                            .headers()
+                            .get(RETRY_AFTER)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(parse_retry_after)
+                            .unwrap_or_else(|| backoff(attempt)),
+                    )
                 }
                 Ok(_) => None,
                 Err(_) => Some(backoff(attempt)),
@@ -281,7 +289,7 @@ impl ProviderApi {
         if let Some(secret) = &self.spec.client_secret {
             form.append_pair("client_secret", secret);
         }
-        crate::deliver::allowed_destination(token_url, &self.guard)
+        hookyard_core::outbound::allowed_destination(token_url, &self.guard)
             .await
             .map_err(|e| format!("token URL: {e}"))?;
         let response = self
@@ -332,16 +340,6 @@ async fn read(response: reqwest::Response) -> Result<ProxyResponse, String> {
     Ok(ProxyResponse { status, headers, data })
 }
 
-/// `Retry-After` in seconds or as an HTTP date.
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let text = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(seconds) = text.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let at = chrono::DateTime::parse_from_rfc2822(text).ok()?;
-    Some((at.with_timezone(&Utc) - Utc::now()).to_std().unwrap_or_default())
-}
-
 fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(500 * 2u64.pow(attempt.min(6)))
 }
@@ -351,22 +349,4 @@ fn url_for_errors(url: &Url) -> String {
     let mut shown = url.clone();
     shown.set_query(None);
     shown.to_string()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retry_after_in_seconds_or_as_a_date() {
-        let mut headers = HeaderMap::new();
-        headers.insert(RETRY_AFTER, HeaderValue::from_static("2"));
-        assert_eq!(retry_after(&headers), Some(Duration::from_secs(2)));
-        let later = (Utc::now() + chrono::Duration::seconds(30)).to_rfc2822();
-        headers.insert(RETRY_AFTER, HeaderValue::try_from(later).unwrap());
-        let wait = retry_after(&headers).unwrap();
-        assert!(wait > Duration::from_secs(25) && wait <= Duration::from_secs(30), "{wait:?}");
-        headers.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
-        assert_eq!(retry_after(&headers), None);
-    }
 }

@@ -1,0 +1,121 @@
+//! Calls hookyard makes out to the world (forwards to customers' apps, exec's provider
+//! API calls): which destinations may be called, and how long a `Retry-After` says to wait.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use chrono::Utc;
+
+use crate::config::ForwardingConfig;
+
+/// Refuses a destination that is not http(s), or that resolves to an address the
+/// configuration does not allow (loopback, private, link-local, metadata…).
+pub async fn allowed_destination(url: &str, config: &ForwardingConfig) -> Result<(), String> {
+    let parsed = url::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!("scheme {} is not http or https", parsed.scheme()));
+    }
+    let host = parsed
+        .host_str()
+        .ok_or("no host")?
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let port = parsed.port_or_known_default().unwrap_or(443);
+    let addresses: Vec<IpAddr> = match host.parse::<IpAddr>() {
+        Ok(ip) => vec![ip],
+        Err(_) => tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| format!("{host} does not resolve: {e}"))?
+            .map(|a| a.ip())
+            .collect(),
+    };
+    for ip in addresses {
+        if let Some(kind) = forbidden(ip, config) {
+            return Err(format!("{host} resolves to {ip}, a {kind} address"));
+        }
+    }
+    Ok(())
+}
+
+fn forbidden(ip: IpAddr, config: &ForwardingConfig) -> Option<&'static str> {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    let loopback = ip.is_loopback();
+    if loopback {
+        return (!config.allow_loopback).then_some("loopback");
+    }
+    let private = match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_private() || v4.is_link_local() || (a == 100 && (64..128).contains(&b))
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80
+        }
+    };
+    if private {
+        return (!config.allow_private).then_some("private, link-local or metadata");
+    }
+    if ip.is_unspecified() || ip.is_multicast() || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
+        return Some("non-routable");
+    }
+    None
+}
+
+/// Seconds, or an HTTP date.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let wait = at.with_timezone(&Utc) - Utc::now();
+    Some(wait.to_std().unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_refused_unless_allowed() {
+        let strict = ForwardingConfig::default();
+        for ip in [
+            "127.0.0.1",
+            "::1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+        ] {
+            assert!(forbidden(ip.parse().unwrap(), &strict).is_some(), "{ip}");
+        }
+        for ip in ["93.184.216.34", "2606:2800:220:1::1"] {
+            assert!(forbidden(ip.parse().unwrap(), &strict).is_none(), "{ip}");
+        }
+        let loopback = ForwardingConfig {
+            allow_loopback: true,
+            ..ForwardingConfig::default()
+        };
+        assert!(forbidden("127.0.0.1".parse().unwrap(), &loopback).is_none());
+        assert!(forbidden("10.0.0.1".parse().unwrap(), &loopback).is_some());
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_retry_after("soon"), None);
+        let later = (Utc::now() + chrono::Duration::seconds(30)).to_rfc2822();
+        let wait = parse_retry_after(&later).unwrap();
+        assert!(wait > Duration::from_secs(25) && wait <= Duration::from_secs(30), "{wait:?}");
+    }
+}

@@ -1,0 +1,399 @@
+//! The [`Host`] behind exec and event functions: record writes at the run's version,
+//! delete tracking, checkpoints and metadata on the store, and the provider's API.
+//!
+//! In [`Mode::DryRun`] nothing is written: writes, deletes a `trackDeletesEnd` would make,
+//! metadata and checkpoints are collected in a [`Plan`] instead (the provider's API is
+//! still called for real, and a refreshed OAuth2 token is still stored: it is not the
+//! connection's data).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
+
+use async_nats::jetstream;
+use hookyard_core::store::records::{RecordScope, WriteCounts, WriteKind};
+use hookyard_core::store::syncs::SyncKey;
+use hookyard_core::store::MetadataWrite;
+use hookyard_core::streams::RAW_STREAM;
+use hookyard_core::Store;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use hookyard_core::config::ForwardingConfig;
+use hookyard_core::providers::api::ApiSpec;
+use hookyard_core::providers::Catalog;
+use hookyard_core::store::{Connection, StoreError};
+
+use crate::provider_api::{Owner, ProviderApi, ProxyRequest};
+use crate::Host;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Apply,
+    DryRun,
+}
+
+/// What runs on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A sync's exec (or, in a dry run, its onWebhook): writes records.
+    Sync,
+    /// An event function (`createOnEvent`): no records, only metadata and the API.
+    Event,
+}
+
+/// What a dry run would have done.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Plan {
+    /// Per model: the records each kind of write would send, in call order.
+    pub records: BTreeMap<String, PlannedWrites>,
+    pub metadata: Vec<Value>,
+    /// The checkpoint it would leave (`null`: cleared), if it touched it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PlannedWrites {
+    pub save: Vec<Value>,
+    pub update: Vec<Value>,
+    /// Deleted by `batchDelete`, and by delete tracking (`{"id": …}`).
+    pub delete: Vec<Value>,
+}
+
+/// The version an exec run writes at: after every webhook ingested so far (the last
+/// `HOOKS_RAW` sequence), before any later one.
+pub async fn raw_version(jetstream: &jetstream::Context) -> Result<i64, String> {
+    let mut stream = jetstream.get_stream(RAW_STREAM).await.map_err(|e| e.to_string())?;
+    let last = stream.info().await.map_err(|e| e.to_string())?.state.last_sequence;
+    Ok(((last as i64) << 16) | 0xFFFF)
+}
+
+/// A run's connection (live), and its provider API (or why there is none: a run that
+/// never calls it does not need one).
+pub async fn connection_api(
+    store: &Store,
+    catalog: &Catalog,
+    key: &SyncKey,
+    guard: &ForwardingConfig,
+) -> Result<(Connection, Result<ProviderApi, String>), String> {
+    let failed = |e: StoreError| e.to_string();
+    let connection = store
+        .connection(key.environment_id, &key.integration, &key.connection_id)
+        .await
+        .map_err(failed)?
+        .ok_or_else(|| format!("connection {} no longer exists", key.connection_id))?;
+    let integration = store
+        .integration(key.environment_id, &key.integration)
+        .await
+        .map_err(failed)?
+        .ok_or_else(|| format!("integration {} no longer exists", key.integration))?;
+    let provider = catalog.get(&integration.provider).and_then(|p| p.api.as_ref());
+    let api = ApiSpec::for_integration(provider, &integration.settings)
+        .map_err(|e| e.to_string())
+        .and_then(|spec| {
+            ProviderApi::new(
+                spec,
+                connection.credentials.clone(),
+                Owner {
+                    environment_id: key.environment_id,
+                    integration: key.integration.clone(),
+                    connection_id: key.connection_id.clone(),
+                },
+                store.clone(),
+                guard.clone(),
+            )
+        });
+    Ok((connection, api))
+}
+
+pub struct StoreHost {
+    runtime: tokio::runtime::Handle,
+    store: Store,
+    /// For `override` writes, which take the version at the time of the write.
+    jetstream: Option<jetstream::Context>,
+    key: SyncKey,
+    version: i64,
+    api: Result<ProviderApi, String>,
+    mode: Mode,
+    kind: Kind,
+    state: Mutex<RunState>,
+}
+
+#[derive(Default)]
+struct RunState {
+    counts: HashMap<String, WriteCounts>,
+    /// Per model whose deletes are tracked: the ids written since `trackDeletesStart`.
+    seen: HashMap<String, HashSet<String>>,
+    plan: Plan,
+}
+
+#[derive(Deserialize)]
+struct WriteArgs {
+    strategy: String,
+    kind: String,
+    model: String,
+    records: Vec<Value>,
+}
+
+#[derive(Deserialize)]
+struct ModelArgs {
+    model: String,
+}
+
+#[derive(Deserialize)]
+struct MetadataArgs {
+    how: String,
+    value: Map<String, Value>,
+}
+
+impl Host for StoreHost {
+    fn call(&self, op: &str, args: &str) -> Result<String, String> {
+        self.runtime.block_on(self.dispatch(op, args))
+    }
+}
+
+impl StoreHost {
+    /// A host for one run of `key`, writing at `version`. Must be made on the async
+    /// runtime its calls will block on.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Store,
+        jetstream: Option<jetstream::Context>,
+        key: SyncKey,
+        version: i64,
+        api: Result<ProviderApi, String>,
+        mode: Mode,
+        kind: Kind,
+    ) -> StoreHost {
+        StoreHost {
+            runtime: tokio::runtime::Handle::current(),
+            store,
+            jetstream,
+            key,
+            version,
+            api,
+            mode,
+            kind,
+            state: Mutex::default(),
+        }
+    }
+
+    async fn dispatch(&self, op: &str, args: &str) -> Result<String, String> {
+        let parse_error = |e: serde_json::Error| format!("{op}: {e}");
+        let store_error = |e: hookyard_core::store::StoreError| format!("{op}: {e}");
+        let dry = self.mode == Mode::DryRun;
+        match op {
+            "write" => {
+                let args: WriteArgs = serde_json::from_str(args).map_err(parse_error)?;
+                self.write(args).await?;
+                Ok(String::new())
+            }
+            "metadata" => {
+                let args: MetadataArgs = serde_json::from_str(args).map_err(parse_error)?;
+                if dry {
+                    self.state().plan.metadata.push(json!({"how": args.how, "value": args.value}));
+                    return Ok(String::new());
+                }
+                let how = if args.how == "replace" {
+                    MetadataWrite::Replace
+                } else {
+                    MetadataWrite::Merge
+                };
+                let key = &self.key;
+                self.store
+                    .set_connection_metadata(
+                        key.environment_id,
+                        &key.integration,
+                        std::slice::from_ref(&key.connection_id),
+                        &args.value,
+                        how,
+                    )
+                    .await
+                    .map_err(store_error)?;
+                Ok(String::new())
+            }
+            "proxy" => {
+                let request: ProxyRequest = serde_json::from_str(args).map_err(parse_error)?;
+                let api = self.api.as_ref().map_err(Clone::clone)?;
+                let response = api.call(request).await?;
+                serde_json::to_string(&response).map_err(|e| e.to_string())
+            }
+            "pagination" => Ok(self
+                .api
+                .as_ref()
+                .map(ProviderApi::pagination)
+                .unwrap_or(Value::Null)
+                .to_string()),
+            "trackDeletesStart" => {
+                let args: ModelArgs = serde_json::from_str(args).map_err(parse_error)?;
+                self.state().seen.insert(args.model, HashSet::new());
+                Ok(String::new())
+            }
+            "trackDeletesEnd" => {
+                let args: ModelArgs = serde_json::from_str(args).map_err(parse_error)?;
+                let seen = self
+                    .state()
+                    .seen
+                    .remove(&args.model)
+                    .ok_or_else(|| format!("trackDeletesEnd({:?}) without trackDeletesStart", args.model))?;
+                let scope = self.scope(&args.model);
+                if dry {
+                    let gone = self
+                        .store
+                        .unseen_records(&scope, &seen, self.version)
+                        .await
+                        .map_err(store_error)?;
+                    let count = gone.len();
+                    let mut state = self.state();
+                    let planned = state.plan.records.entry(args.model).or_default();
+                    planned.delete.extend(gone.into_iter().map(|id| json!({ "id": id })));
+                    return Ok(count.to_string());
+                }
+                let counts = self
+                    .store
+                    .delete_unseen(&scope, &seen, self.version)
+                    .await
+                    .map_err(store_error)?;
+                self.count(&args.model, &counts);
+                Ok(counts.deleted.to_string())
+            }
+            "getCheckpoint" => {
+                if let Some(planned) = self.state().plan.checkpoint.clone() {
+                    return Ok(planned.to_string());
+                }
+                Ok(self
+                    .store
+                    .checkpoint(&self.key)
+                    .await
+                    .map_err(store_error)?
+                    .unwrap_or(Value::Null)
+                    .to_string())
+            }
+            "saveCheckpoint" | "clearCheckpoint" => {
+                let checkpoint: Option<Value> = if op == "saveCheckpoint" {
+                    Some(serde_json::from_str(args).map_err(parse_error)?)
+                } else {
+                    None
+                };
+                if dry {
+                    self.state().plan.checkpoint = Some(checkpoint.unwrap_or(Value::Null));
+                    return Ok(String::new());
+                }
+                self.store
+                    .set_checkpoint(&self.key, checkpoint.as_ref())
+                    .await
+                    .map_err(store_error)?;
+                Ok(String::new())
+            }
+            other => Err(format!("nango has no {other}")),
+        }
+    }
+
+    async fn write(&self, args: WriteArgs) -> Result<(), String> {
+        if self.kind == Kind::Event {
+            return Err("event functions do not write records: use a sync".into());
+        }
+        let kind = match args.kind.as_str() {
+            "save" => WriteKind::Save,
+            "update" => WriteKind::Update,
+            _ => WriteKind::Delete,
+        };
+        {
+            let mut state = self.state();
+            if let Some(seen) = state.seen.get_mut(&args.model) {
+                seen.extend(args.records.iter().map(record_id));
+            }
+        }
+        if self.mode == Mode::DryRun {
+            self.plan(&args.model, kind, args.records);
+            return Ok(());
+        }
+        // `override`: the write wins over every webhook ingested until now.
+        let version = match (&self.jetstream, args.strategy.as_str()) {
+            (Some(jetstream), "override") => raw_version(jetstream).await?,
+            _ => self.version,
+        };
+        let records: Vec<(String, Value)> = args.records.into_iter().map(|r| (record_id(&r), r)).collect();
+        let counts = self
+            .store
+            .write_records(&self.scope(&args.model), kind, records, version)
+            .await
+            .map_err(|e| format!("writing {} records: {e}", args.model))?;
+        self.count(&args.model, &counts);
+        Ok(())
+    }
+
+    /// Applies writes collected elsewhere (an onWebhook's effects) the way exec's are.
+    pub async fn apply(&self, model: &str, kind: WriteKind, records: Vec<Value>) -> Result<(), String> {
+        let kind = match kind {
+            WriteKind::Save => "save",
+            WriteKind::Update => "update",
+            WriteKind::Delete => "delete",
+        };
+        self.write(WriteArgs {
+            strategy: "ignore_if_modified_after".into(),
+            kind: kind.into(),
+            model: model.into(),
+            records,
+        })
+        .await
+    }
+
+    fn plan(&self, model: &str, kind: WriteKind, records: Vec<Value>) {
+        let mut state = self.state();
+        let planned = state.plan.records.entry(model.to_string()).or_default();
+        match kind {
+            WriteKind::Save => planned.save.extend(records),
+            WriteKind::Update => planned.update.extend(records),
+            WriteKind::Delete => planned.delete.extend(records),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, RunState> {
+        self.state.lock().expect("run state")
+    }
+
+    fn scope(&self, model: &str) -> RecordScope {
+        RecordScope {
+            environment_id: self.key.environment_id,
+            integration: self.key.integration.clone(),
+            connection_id: self.key.connection_id.clone(),
+            model: model.to_string(),
+        }
+    }
+
+    fn count(&self, model: &str, counts: &WriteCounts) {
+        let mut state = self.state();
+        let total = state.counts.entry(model.to_string()).or_default();
+        *total = total.plus(counts);
+    }
+
+    /// Per model: added, updated, deleted (what `GET /sync/status` reports).
+    pub fn counts(&self) -> Value {
+        let state = self.state();
+        state
+            .counts
+            .iter()
+            .map(|(model, c)| {
+                (
+                    model.clone(),
+                    json!({"added": c.added, "updated": c.updated, "deleted": c.deleted}),
+                )
+            })
+            .collect::<Map<String, Value>>()
+            .into()
+    }
+
+    /// What a dry run would have done.
+    pub fn plan_so_far(&self) -> Plan {
+        self.state().plan.clone()
+    }
+}
+
+/// A record's id as stored: strings as they are, numbers as their text.
+pub fn record_id(record: &Value) -> String {
+    match &record["id"] {
+        Value::String(id) => id.clone(),
+        other => other.to_string(),
+    }
+}
