@@ -1,6 +1,7 @@
 //! `/connections`: customer accounts under an integration, in Nango's shapes. Older
 //! clients use the singular `/connection…` paths; `lib.rs` maps those onto these.
 
+use std::time::Duration;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
@@ -210,6 +211,9 @@ async fn create(
         credentials,
     };
     let connection = state.store.create_connection(&environment, &new).await?;
+    // After the answer is on its way: registering a webhook need not hold the caller.
+    let (events, integration, id) = (state.events.clone(), new.integration.clone(), connection.connection_id.clone());
+    tokio::spawn(async move { events.run(&environment, &integration, &id, "post-connection-creation").await });
     Ok((StatusCode::CREATED, Json(ConnectionView::new(connection, false))))
 }
 
@@ -244,6 +248,13 @@ async fn delete(
     Params(param): Params<KeyParam>,
 ) -> Result<Json<Success>, ApiError> {
     let key = required_key(param)?;
+    // While the connection still exists, so that it can unregister what it registered.
+    if state.store.connection(environment.id, &key, &connection_id).await?.is_some() {
+        let events = state.events.run(&environment, &key, &connection_id, "pre-connection-deletion");
+        if tokio::time::timeout(crate::events::EVENT_TIMEOUT + Duration::from_secs(1), events).await.is_err() {
+            tracing::warn!(connection = %connection_id, "pre-connection-deletion functions did not finish; deleting anyway");
+        }
+    }
     if !state
         .store
         .delete_connection(environment.id, &key, &connection_id)

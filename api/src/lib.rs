@@ -9,6 +9,7 @@
 mod auth;
 mod connections;
 mod error;
+mod events;
 mod fields;
 mod forwarding;
 mod functions;
@@ -45,6 +46,8 @@ pub struct AppState {
     webhook_base_url: String,
     /// What a deploy's top-level code may use while its configuration is read.
     function_limits: hookyard_functions::Limits,
+    /// Runs event functions when connections are created and deleted.
+    events: Arc<events::Events>,
 }
 
 /// Nango's wrapper of single objects and lists.
@@ -89,9 +92,11 @@ const PATH_ALIASES: &[(&str, &str)] = &[("/connection", "/connections")];
 
 /// The API's routes and its OpenAPI document.
 pub fn router(store: Store, config: &Config) -> Result<(Router, Document), CatalogError> {
+    let catalog = Arc::new(Catalog::embedded()?);
     let state = AppState {
+        events: Arc::new(events::Events::new(store.clone(), catalog.clone(), config)),
         store,
-        catalog: Arc::new(Catalog::embedded()?),
+        catalog,
         webhook_base_url: config.webhook_base_url(),
         function_limits: config.worker.limits.clone(),
     };

@@ -2,14 +2,16 @@
 //! sync's configuration read by evaluating its module.
 //!
 //! Layout, as in Nango: a sync lives at `{integration}/syncs/{name}.js` (the integration
-//! is the folder, the sync name the file). When the project has an `index.js`, the syncs
-//! are the sync files it imports; otherwise every file at that place is one.
+//! is the folder, the sync name the file), an event function (`createOnEvent`) at
+//! `{integration}/on-events/{name}.js`. When the project has an `index.js`, the functions
+//! are the files it imports from those places; otherwise every file there is one.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use hookyard_core::keys::IntegrationKey;
 use hookyard_core::store::functions::{FunctionBundle, NewSync};
+use hookyard_core::store::StoreError;
 use rquickjs::{CatchResultExt, Context, Module, Object, Runtime, Value};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -116,6 +118,21 @@ pub fn compile_modules(sources: &BTreeMap<String, String>) -> Result<BTreeMap<St
         .collect()
 }
 
+/// A stored bundle's bytecode; compiled again from its sources when another engine
+/// wrote it.
+pub async fn stored_modules(store: &hookyard_core::Store, hash: &str) -> Result<BTreeMap<String, Vec<u8>>, StoreError> {
+    let bundle = store.function_bundle(hash).await?;
+    if bundle.engine == ENGINE {
+        return Ok(bundle.modules);
+    }
+    tracing::info!(bundle = hash, engine = %bundle.engine, "bundle written by another engine; compiling it again");
+    let hash = hash.to_string();
+    tokio::task::spawn_blocking(move || compile_modules(&bundle.sources))
+        .await
+        .map_err(|e| StoreError::Invalid(format!("compiling bundle {hash}: {e}")))?
+        .map_err(|e| StoreError::Invalid(format!("bundle {hash} no longer compiles: {e}")))
+}
+
 /// The syncs: `(entry module, integration, name)`.
 fn sync_entries(
     sources: &BTreeMap<String, String>,
@@ -143,8 +160,16 @@ fn sync_entries(
     };
     if candidates.is_empty() {
         return Err(whole(
-            "no syncs found: put each at {integration}/syncs/{name}.js (and import them from index.js if there is one)",
+            "no syncs found: put each at {integration}/syncs/{name}.js, event functions at \
+             {integration}/on-events/{name}.js (and import them from index.js if there is one)",
         ));
+    }
+    let mut names = BTreeSet::new();
+    for entry in &candidates {
+        let (integration, name) = sync_place(entry).expect("filtered above");
+        if !names.insert((integration, name)) {
+            return Err(at(entry, format!("{integration} has two functions named {name:?}")));
+        }
     }
     candidates
         .into_iter()
@@ -161,11 +186,11 @@ fn sync_entries(
         .collect()
 }
 
-/// `{integration}/syncs/{name}.js` → `(integration, name)`.
+/// `{integration}/syncs/{name}.js` (or `on-events/`) → `(integration, name)`.
 fn sync_place(path: &str) -> Option<(&str, &str)> {
     let mut parts = path.split('/');
     let (integration, syncs, file) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() || syncs != "syncs" {
+    if parts.next().is_some() || !matches!(syncs, "syncs" | "on-events") {
         return None;
     }
     let name = file.strip_suffix(".js").or_else(|| file.strip_suffix(".mjs"))?;
@@ -187,14 +212,12 @@ fn normalise(path: &str) -> Result<String, DeployError> {
     Ok(trimmed.to_string())
 }
 
-/// Reads what a sync declares; the message says which option is wrong.
+/// The connection events an event function can run on.
+pub const EVENTS: [&str; 2] = ["post-connection-creation", "pre-connection-deletion"];
+
+/// Reads what a sync or event function declares; the message says which option is wrong.
 fn read_config(export: &Object<'_>) -> Result<serde_json::Value, String> {
     let kind: Option<String> = export.get("type").map_err(|_| "type must be a string".to_string())?;
-    if let Some(kind) = kind.as_deref().filter(|k| *k != "sync") {
-        return Err(format!(
-            "its default export is a {kind}; only syncs (createSync) are deployed"
-        ));
-    }
     let text = |name: &str| -> Result<Option<String>, String> {
         export
             .get::<_, Option<String>>(name)
@@ -208,6 +231,33 @@ fn read_config(export: &Object<'_>) -> Result<serde_json::Value, String> {
             _ => Err(format!("{name} must be a function")),
         }
     };
+    match kind.as_deref() {
+        None | Some("sync") => {}
+        Some("on-event") => {
+            // Runs its `exec` when a connection is created or is about to be deleted.
+            let event = text("event")?.unwrap_or_default();
+            if !EVENTS.contains(&event.as_str()) {
+                return Err(format!("event must be one of {}", EVENTS.join(", ")));
+            }
+            if !function("exec")? {
+                return Err("an event function needs an exec".into());
+            }
+            return Ok(json!({
+                "type": "on-event",
+                "event": event,
+                "description": text("description")?,
+                "version": text("version")?,
+                "onEvent": true,
+                "exec": false,
+                "onWebhook": false,
+            }));
+        }
+        Some(other) => {
+            return Err(format!(
+                "its default export is a {other}; syncs (createSync) and event functions (createOnEvent) are deployed"
+            ))
+        }
+    }
     let subscriptions: Vec<String> = export
         .get::<_, Option<Vec<String>>>("webhookSubscriptions")
         .map_err(|_| "webhookSubscriptions must be an array of strings (event types, or '*')".to_string())?

@@ -390,6 +390,14 @@ impl StoreHost {
     }
 }
 
+/// A connection's metadata, and the connection as `getConnection()` answers it (with
+/// its credentials), as JSON.
+pub fn connection_texts(connection: &Connection) -> (std::sync::Arc<str>, std::sync::Arc<str>) {
+    let mut described = serde_json::to_value(connection).unwrap_or_default();
+    described["credentials"] = serde_json::to_value(&connection.credentials).unwrap_or_default();
+    (connection.metadata.to_string().into(), described.to_string().into())
+}
+
 /// A record's id as stored: strings as they are, numbers as their text.
 pub fn record_id(record: &Value) -> String {
     match &record["id"] {

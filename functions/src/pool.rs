@@ -24,6 +24,17 @@ pub struct SyncCode {
     pub entry: String,
 }
 
+impl SyncCode {
+    /// A deployed function's code, from its bundle's modules.
+    pub fn of(sync: &hookyard_core::store::functions::DeployedSync, modules: Arc<BTreeMap<String, Vec<u8>>>) -> SyncCode {
+        SyncCode {
+            key: format!("{}/{}", sync.bundle_hash, sync.entry),
+            modules,
+            entry: sync.entry.clone(),
+        }
+    }
+}
+
 /// Executions handed to one thread at once (one wake-up for all of them).
 struct Job {
     runs: Vec<(Arc<SyncCode>, Invocation)>,

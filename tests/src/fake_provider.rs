@@ -6,6 +6,7 @@
 //! - `GET /cursor/contacts?cursor=&limit=` → `{"results": [...], "next_cursor": "…"|null}`
 //! - `GET /link/contacts?page=&limit=` → `{"data": [...]}` and `Link: <…>; rel="next"`
 //! - `GET /offset/contacts?offset=&limit=` → `{"items": [...]}`
+//! - `POST /webhooks` `{"url"}` → `{"id"}`, `DELETE /webhooks/{id}`: webhook subscriptions
 //! - `POST /oauth/token` (`grant_type=refresh_token`) → `{"access_token", "refresh_token", "expires_in"}`
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -40,6 +41,8 @@ struct Fake {
     /// A list page (by its number from 0) held until released.
     hold: Option<(usize, Arc<Notify>, Arc<Notify>)>,
     issued: u32,
+    /// Webhook subscriptions: id → URL.
+    subscriptions: BTreeMap<String, String>,
 }
 
 /// The running fake; stopped when dropped.
@@ -65,6 +68,8 @@ impl FakeCrm {
             .route("/link/contacts", get(link_page))
             .route("/offset/contacts", get(offset_page))
             .route("/oauth/token", post(token))
+            .route("/webhooks", post(subscribe))
+            .route("/webhooks/{id}", axum::routing::delete(unsubscribe))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
         let url = format!("http://{}", listener.local_addr().expect("bound"));
@@ -122,6 +127,11 @@ impl FakeCrm {
         let (reached, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
         self.with(|f| f.hold = Some((page, reached.clone(), release.clone())));
         Held { reached, release }
+    }
+
+    /// The webhook subscriptions: id → URL.
+    pub fn subscriptions(&self) -> BTreeMap<String, String> {
+        self.with(|f| f.subscriptions.clone())
     }
 
     /// Signs `body` like the generic HMAC provider (`X-Signature`: hex HMAC-SHA256).
@@ -263,4 +273,33 @@ async fn token(State(state): State<Shared>, body: String) -> Response {
     fake.refresh_tokens.insert(next_refresh.clone(), true);
     axum::Json(json!({"access_token": access, "refresh_token": next_refresh, "expires_in": 3600, "token_type": "bearer"}))
         .into_response()
+}
+
+fn api_key_ok(headers: &HeaderMap) -> bool {
+    headers.get("x-api-key").and_then(|v| v.to_str().ok()) == Some(API_KEY)
+}
+
+async fn subscribe(State(state): State<Shared>, headers: HeaderMap, axum::Json(body): axum::Json<Value>) -> Response {
+    if !api_key_ok(&headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let mut fake = state.lock().expect("fake CRM state");
+    let id = format!("sub-{}", fake.subscriptions.len() + 1);
+    let url = body["url"].as_str().unwrap_or_default().to_string();
+    fake.subscriptions.insert(id.clone(), url);
+    (StatusCode::CREATED, axum::Json(json!({"id": id}))).into_response()
+}
+
+async fn unsubscribe(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    if !api_key_ok(&headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    match state.lock().expect("fake CRM state").subscriptions.remove(&id) {
+        Some(_) => StatusCode::NO_CONTENT.into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
 }

@@ -806,6 +806,10 @@ async fn openapi_document_is_valid_and_lists_every_route() {
         "PUT /connections/{connection_id}/forwarding",
         "GET /connection/{connection_id}/forwarding",
         "PUT /connection/{connection_id}/forwarding",
+        "POST /sync/trigger",
+        "POST /sync/pause",
+        "POST /sync/start",
+        "GET /sync/status",
     ]
     .into_iter()
     .map(String::from)

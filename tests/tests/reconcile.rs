@@ -556,3 +556,92 @@ async fn trigger_with_empty_cache_empties_the_model_before_the_run() {
         "the ghost is gone, not merely marked deleted"
     );
 }
+
+const REGISTER: &str = r#"
+import { createOnEvent } from 'nango';
+export default createOnEvent({
+  event: 'post-connection-creation',
+  exec: async (nango) => {
+    const response = await nango.post({ endpoint: '/webhooks', data: { url: `https://hooks.example/${nango.connectionId}` } });
+    await nango.updateMetadata({ subscriptionId: response.data.id });
+    await nango.log(`registered ${response.data.id}`);
+  },
+});
+"#;
+
+const UNREGISTER: &str = r#"
+import { createOnEvent } from 'nango';
+export default createOnEvent({
+  event: 'pre-connection-deletion',
+  exec: async (nango) => {
+    const { subscriptionId } = await nango.getMetadata();
+    if (subscriptionId === 'stuck') throw new Error('cannot unregister');
+    await nango.delete({ endpoint: `/webhooks/${subscriptionId}` });
+  },
+});
+"#;
+
+#[tokio::test]
+async fn event_functions_register_on_creation_and_unregister_before_deletion() {
+    let s = setup(&[], true).await;
+    s.h.deploy(&[
+        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "true")),
+        ("crm/on-events/register.js", REGISTER.to_string()),
+        ("crm/on-events/unregister.js", UNREGISTER.to_string()),
+    ])
+    .await;
+    let create = |id: &str| {
+        json!({"provider_config_key": "crm", "connection_id": id, "credentials": {"type": "API_KEY", "apiKey": API_KEY}})
+    };
+    let (status, body) = s.post("/connections", create("c-new")).await;
+    assert_eq!(status, 201, "{body}");
+
+    // Post-creation ran with the connection's context: it called the provider as the
+    // connection and kept the subscription id in its metadata.
+    let metadata = eventually("the post-creation function's metadata", Duration::from_secs(20), || async {
+        let connection = s.h.api_get("/connections/c-new?provider_config_key=crm").await;
+        connection["metadata"]["subscriptionId"].as_str().map(str::to_string)
+    })
+    .await;
+    let subscriptions = s.crm.subscriptions();
+    assert_eq!(subscriptions.get(&metadata).map(String::as_str), Some("https://hooks.example/c-new"));
+
+    // Pre-deletion runs before the deletion answers, while the connection still exists.
+    let delete = |id: &str| {
+        s.h.http
+            .delete(format!("{}/connections/{id}?provider_config_key=crm", s.h.api))
+            .bearer_auth(&s.h.environment.secret_key)
+            .send()
+    };
+    assert_eq!(delete("c-new").await.unwrap().status(), 200);
+    assert!(s.crm.subscriptions().is_empty(), "unregistered before the deletion answered");
+
+    // A failing pre-deletion function is logged and the deletion goes ahead.
+    let (status, _) = s.post("/connections", create("c-stuck")).await;
+    assert_eq!(status, 201);
+    eventually("the second registration", Duration::from_secs(20), || async {
+        (s.crm.subscriptions().len() == 1).then_some(())
+    })
+    .await;
+    s.h.store
+        .set_connection_metadata(
+            s.h.environment.id,
+            &"crm".parse().unwrap(),
+            &["c-stuck".to_string()],
+            json!({"subscriptionId": "stuck"}).as_object().unwrap(),
+            hookyard_core::store::MetadataWrite::Merge,
+        )
+        .await
+        .unwrap();
+    assert_eq!(delete("c-stuck").await.unwrap().status(), 200);
+    let gone = s
+        .h
+        .http
+        .get(format!("{}/connections/c-stuck?provider_config_key=crm", s.h.api))
+        .bearer_auth(&s.h.environment.secret_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 404);
+    assert_eq!(s.crm.subscriptions().len(), 1, "its subscription stayed: the function failed");
+}

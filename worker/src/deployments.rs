@@ -9,9 +9,8 @@ use hookyard_core::keys::{EnvironmentName, IntegrationKey};
 use hookyard_core::store::functions::DeployedSync;
 use hookyard_core::store::StoreError;
 use hookyard_core::Store;
-use hookyard_functions::compile::compile_modules;
+use hookyard_functions::compile::stored_modules;
 use hookyard_functions::pool::SyncCode;
-use hookyard_functions::ENGINE;
 
 /// One live sync with its code.
 #[derive(Debug)]
@@ -111,7 +110,7 @@ impl Deployments {
                 .or(previous.bundles.get(&sync.bundle_hash))
             {
                 Some(modules) => modules.clone(),
-                None => Arc::new(self.bundle_modules(&sync.bundle_hash).await?),
+                None => Arc::new(stored_modules(&self.store, &sync.bundle_hash).await?),
             };
             next.bundles.insert(sync.bundle_hash.clone(), modules.clone());
             let strings = |key: &str| -> Vec<String> {
@@ -121,11 +120,7 @@ impl Deployments {
                     .unwrap_or_default()
             };
             let live = LiveSync {
-                code: Arc::new(SyncCode {
-                    key: format!("{}/{}", sync.bundle_hash, sync.entry),
-                    modules,
-                    entry: sync.entry.clone(),
-                }),
+                code: Arc::new(SyncCode::of(&sync, modules)),
                 subscriptions: strings("webhookSubscriptions"),
                 models: serde_json::to_string(&strings("models"))
                     .expect("strings serialise")
@@ -144,18 +139,5 @@ impl Deployments {
         );
         *self.current.write().expect("deployments lock") = Arc::new(next);
         Ok(true)
-    }
-
-    /// A bundle's bytecode; compiled again from its sources when another engine wrote it.
-    async fn bundle_modules(&self, hash: &str) -> Result<BTreeMap<String, Vec<u8>>, StoreError> {
-        let bundle = self.store.function_bundle(hash).await?;
-        if bundle.engine == ENGINE {
-            return Ok(bundle.modules);
-        }
-        tracing::info!(bundle = hash, engine = %bundle.engine, "bundle written by another engine; compiling it again");
-        tokio::task::spawn_blocking(move || compile_modules(&bundle.sources))
-            .await
-            .map_err(|e| StoreError::Invalid(format!("compiling bundle {hash}: {e}")))?
-            .map_err(|e| StoreError::Invalid(format!("bundle {hash} no longer compiles: {e}")))
     }
 }

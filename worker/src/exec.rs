@@ -19,14 +19,14 @@ use hookyard_core::store::records::RecordScope;
 use hookyard_core::store::syncs::{RunOutcome, SyncKey};
 use hookyard_core::streams::{consume, durable, EXEC_STREAM};
 use hookyard_core::Store;
-use hookyard_functions::host::{connection_api, raw_version, Kind, Mode, StoreHost};
+use hookyard_functions::host::{connection_api, connection_texts, raw_version, Kind, Mode, StoreHost};
 use hookyard_functions::pool::Pool;
 use hookyard_functions::{Handler, Invocation};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::deployments::{Deployments, LiveSync};
-use crate::{connection_json, jetstream_error, WorkerError};
+use crate::{jetstream_error, WorkerError};
 
 /// The consumer's name, shared by every worker replica.
 pub const CONSUMER: &str = "exec";
@@ -213,7 +213,7 @@ impl Executor {
             self.store.set_checkpoint(key, None).await.map_err(|e| failed(&e))?;
         }
         let version = raw_version(&self.jetstream).await?;
-        let (metadata, described) = connection_json(&connection);
+        let (metadata, described) = connection_texts(&connection);
         let host = Arc::new(StoreHost::new(
             self.store.clone(),
             Some(self.jetstream.clone()),

@@ -28,7 +28,7 @@ use hookyard_core::keys::IntegrationKey;
 use hookyard_core::routed::RoutedEvent;
 use hookyard_core::store::commit::{DeadLetter, Marker, MetadataCall, RecordCall, Unit, UnitOutcome};
 use hookyard_core::store::records::RecordScope;
-use hookyard_core::store::{Connection, StoreError};
+use hookyard_core::store::StoreError;
 use hookyard_core::streams::{durable, Bus, StreamsError, CONN_STREAM};
 use hookyard_core::trace_context::continue_trace;
 use hookyard_core::{Config, Store};
@@ -431,7 +431,7 @@ impl Worker {
             for connection in self.store.connections_named(*environment_id, integration, ids).await? {
                 connections.insert(
                     (*environment_id, integration.clone(), connection.connection_id.clone()),
-                    connection_json(&connection),
+                    hookyard_functions::host::connection_texts(&connection),
                 );
             }
         }
@@ -539,13 +539,6 @@ impl Worker {
             ..Unit::new(task.marker)
         }
     }
-}
-
-/// A connection's metadata, and the connection as `getConnection()` answers it, as JSON.
-pub(crate) fn connection_json(connection: &Connection) -> (Arc<str>, Arc<str>) {
-    let mut described = serde_json::to_value(connection).unwrap_or_default();
-    described["credentials"] = serde_json::to_value(&connection.credentials).unwrap_or_default();
-    (connection.metadata.to_string().into(), described.to_string().into())
 }
 
 fn dead_letter(
