@@ -59,7 +59,7 @@ pub async fn run(args: DeployArgs) -> Result<(), String> {
 /// The project's source files, by path relative to `dir`: JavaScript (and TypeScript,
 /// which the API refuses with a message saying so), outside `node_modules` and hidden
 /// folders.
-fn collect(dir: &Path) -> Result<BTreeMap<String, String>, String> {
+pub(crate) fn collect(dir: &Path) -> Result<BTreeMap<String, String>, String> {
     let mut files = BTreeMap::new();
     let mut pending = vec![dir.to_path_buf()];
     while let Some(folder) = pending.pop() {

@@ -1,6 +1,7 @@
 //! The `hookyard` binary: a thin CLI over the stage crates.
 
 mod deploy;
+mod dryrun;
 mod dev;
 
 use std::process::ExitCode;
@@ -36,6 +37,9 @@ enum Command {
     Reconciler,
     /// Run the control-plane API: integrations, connections, records, function deploys.
     Api,
+    /// Run a sync's exec (or onWebhook) from the local functions folder against a real
+    /// connection and print the records it would write; `--save` writes them.
+    Dryrun(dryrun::DryrunArgs),
     /// Deploy a functions project (default: the current folder) through the API.
     Deploy(deploy::DeployArgs),
     /// Print a new random encryption key for HOOKYARD_ENCRYPTION_KEY.
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::Deploy(_) => ("hookyard-deploy", false),
+        Command::Dryrun(_) => ("hookyard-dryrun", false),
     };
     if let Command::Deploy(args) = cli.command {
         // A client of the API: no configuration, no key of its own.
@@ -112,6 +117,14 @@ fn main() -> ExitCode {
             Command::Worker => hookyard_worker::run(&config, shutdown).await,
             Command::Reconciler => hookyard_reconciler::run(&config, shutdown).await,
             Command::Api => hookyard_api::run(&config, shutdown).await,
+            Command::Dryrun(args) => {
+                // A command, not a service: its error is a line for the user.
+                if let Err(error) = dryrun::run(&config, args).await {
+                    eprintln!("hookyard dryrun: {error}");
+                    return ExitCode::FAILURE;
+                }
+                Ok(())
+            }
             Command::Keygen | Command::Deploy(_) => Ok(()), // answered above
         };
         match outcome {

@@ -848,3 +848,114 @@ async fn a_worker_killed_mid_retry_resumes_the_schedule_and_delivers_once() {
     let status = tokio::task::spawn_blocking(move || second.wait_exit()).await.unwrap();
     assert!(status.success(), "exit status {status:?}");
 }
+
+#[tokio::test]
+async fn dryrun_prints_what_exec_and_on_webhook_would_write_and_save_writes_it() {
+    use hookyard_core::store::records::{RecordScope, WriteKind};
+    use hookyard_testkit::fake_provider::{cursor_pagination, FakeCrm, API_KEY};
+
+    let sqlite = SqliteFile::create();
+    let store = Store::connect(&sqlite.url, test_cipher()).await.unwrap();
+    let environment = store.ensure_environment(&"dev".parse().unwrap()).await.unwrap();
+    let crm = FakeCrm::start().await;
+    crm.put_contact("p1", "p1@crm.test");
+    crm.put_contact("p2", "p2@crm.test");
+    crm.put_contact("p3", "p3@crm.test");
+    let mut integration = NewIntegration::new("demo".parse().unwrap(), "generic");
+    integration.settings = serde_json::json!({"api": {
+        "base_url": crm.url, "api_key_header": "X-API-Key", "paginate": cursor_pagination()
+    }});
+    store.create_integration(&environment, &integration).await.unwrap();
+    store
+        .create_connection(
+            &environment,
+            &hookyard_core::store::NewConnection {
+                integration: "demo".parse().unwrap(),
+                connection_id: "c0".into(),
+                connection_config: serde_json::json!({}),
+                metadata: serde_json::json!({}),
+                tags: serde_json::json!({}),
+                credentials: Some(hookyard_core::store::Credentials::ApiKey { api_key: API_KEY.into() }),
+            },
+        )
+        .await
+        .unwrap();
+    // Cached, but no longer at the provider: delete tracking would delete it.
+    let scope = RecordScope {
+        environment_id: environment.id,
+        integration: "demo".parse().unwrap(),
+        connection_id: "c0".into(),
+        model: "Contact".into(),
+    };
+    store
+        .write_records(&scope, WriteKind::Save, vec![("gone".into(), serde_json::json!({"id": "gone"}))], 1)
+        .await
+        .unwrap();
+
+    let project = tempfile::tempdir().unwrap();
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/crm-contacts");
+    for file in ["index.js", "demo/models.js", "demo/syncs/contacts.js"] {
+        let target = project.path().join(file);
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::copy(example.join(file), target).unwrap();
+    }
+    let payload = project.path().join("payload.json");
+    std::fs::write(&payload, r#"{"type": "contact.updated", "contact": {"id": 7, "email": "p7@crm.test"}}"#).unwrap();
+    let nats = NatsServer::start();
+    let (url, dir, nats_url) = (sqlite.url.clone(), project.path().to_path_buf(), nats.url.clone());
+    let dryrun = move |sync: &str, extra: Vec<String>| {
+        let mut args = vec!["dryrun".to_string(), sync.into(), "c0".into(), "--dir".into()];
+        args.push(dir.to_str().unwrap().into());
+        args.extend(extra);
+        let output = Command::new(env!("CARGO_BIN_EXE_hookyard"))
+            .args(&args)
+            .env("HOOKYARD_DATABASE_URL", &url)
+            .env("HOOKYARD_NATS_URL", &nats_url)
+            .env("HOOKYARD_ENCRYPTION_KEY", TEST_ENCRYPTION_KEY)
+            .env("HOOKYARD_FORWARDING__ALLOW_LOOPBACK", "true")
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (output.status, text(&output.stdout), text(&output.stderr))
+    };
+    let stored = || async {
+        let mut rows = hookyard_testkit::raw_texts(&sqlite.url, "SELECT id || ':' || last_action || ':' || payload FROM records").await;
+        rows.sort();
+        rows
+    };
+    let before = stored().await;
+
+    let run = dryrun.clone();
+    let (status, stdout, stderr) = tokio::task::spawn_blocking(move || run("contacts", vec![])).await.unwrap();
+    assert!(status.success(), "{stderr}");
+    let plan: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let ids = |list: &serde_json::Value| -> Vec<String> {
+        list.as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(ids(&plan["records"]["Contact"]["save"]), ["p1", "p2", "p3"]);
+    assert_eq!(ids(&plan["records"]["Contact"]["delete"]), ["gone"]);
+    assert!(stderr.contains("Contact: 3 to save, 0 to update, 1 to delete"), "{stderr}");
+    assert_eq!(stored().await, before, "a dry run writes nothing");
+
+    let run = dryrun.clone();
+    let webhook = vec!["--webhook".to_string(), payload.to_str().unwrap().into()];
+    let (status, stdout, stderr) = tokio::task::spawn_blocking(move || run("contacts", webhook)).await.unwrap();
+    assert!(status.success(), "{stderr}");
+    let plan: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(ids(&plan["records"]["Contact"]["save"]), ["7"]);
+    assert_eq!(stored().await, before, "nor does a dry run of onWebhook");
+
+    let run = dryrun.clone();
+    let (status, stdout, stderr) = tokio::task::spawn_blocking(move || run("contacts", vec!["--save".into()])).await.unwrap();
+    assert!(status.success(), "{stderr}");
+    let saved: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(saved["saved"]["Contact"], serde_json::json!({"added": 3, "updated": 0, "deleted": 1}));
+    let after = stored().await;
+    assert_eq!(after.len(), 4);
+    assert!(after.iter().any(|row| row.starts_with("gone:DELETED")), "{after:?}");
+
+    // An unknown sync is named.
+    let (status, _, stderr) = tokio::task::spawn_blocking(move || dryrun("nosuch", vec![])).await.unwrap();
+    assert!(!status.success());
+    assert!(stderr.contains("no sync \"nosuch\""), "{stderr}");
+}

@@ -323,20 +323,32 @@ impl StoreHost {
         Ok(())
     }
 
-    /// Applies writes collected elsewhere (an onWebhook's effects) the way exec's are.
-    pub async fn apply(&self, model: &str, kind: WriteKind, records: Vec<Value>) -> Result<(), String> {
-        let kind = match kind {
-            WriteKind::Save => "save",
-            WriteKind::Update => "update",
-            WriteKind::Delete => "delete",
-        };
-        self.write(WriteArgs {
-            strategy: "ignore_if_modified_after".into(),
-            kind: kind.into(),
-            model: model.into(),
-            records,
-        })
-        .await
+    /// Applies (or, dry, plans) what an onWebhook collected, as exec's calls would.
+    pub async fn apply_effects(
+        &self,
+        writes: Vec<crate::Write>,
+        metadata: Vec<(MetadataWrite, Map<String, Value>)>,
+    ) -> Result<(), String> {
+        for write in writes {
+            let kind = match write.kind {
+                WriteKind::Save => "save",
+                WriteKind::Update => "update",
+                WriteKind::Delete => "delete",
+            };
+            self.write(WriteArgs {
+                strategy: "ignore_if_modified_after".into(),
+                kind: kind.into(),
+                model: write.model,
+                records: write.records.into_iter().map(|(_, record)| record).collect(),
+            })
+            .await?;
+        }
+        for (how, value) in metadata {
+            let how = if how == MetadataWrite::Replace { "replace" } else { "merge" };
+            self.dispatch("metadata", &json!({"how": how, "value": value}).to_string())
+                .await?;
+        }
+        Ok(())
     }
 
     fn plan(&self, model: &str, kind: WriteKind, records: Vec<Value>) {

@@ -27,10 +27,15 @@ pub struct SyncCode {
 impl SyncCode {
     /// A deployed function's code, from its bundle's modules.
     pub fn of(sync: &hookyard_core::store::functions::DeployedSync, modules: Arc<BTreeMap<String, Vec<u8>>>) -> SyncCode {
+        SyncCode::new(&sync.bundle_hash, &sync.entry, modules)
+    }
+
+    /// The code of module `entry` of the bundle `bundle_hash`.
+    pub fn new(bundle_hash: &str, entry: &str, modules: Arc<BTreeMap<String, Vec<u8>>>) -> SyncCode {
         SyncCode {
-            key: format!("{}/{}", sync.bundle_hash, sync.entry),
+            key: format!("{bundle_hash}/{entry}"),
             modules,
-            entry: sync.entry.clone(),
+            entry: entry.to_string(),
         }
     }
 }

@@ -45,11 +45,11 @@ fn code(project: &Project, name: &str) -> Arc<SyncCode> {
         .iter()
         .find(|s| s.name == name)
         .expect("the sync is deployed");
-    Arc::new(SyncCode {
-        key: format!("{}/{}", project.bundle.hash, sync.entry),
-        modules: Arc::new(project.bundle.modules.clone()),
-        entry: sync.entry.clone(),
-    })
+    Arc::new(SyncCode::new(
+        &project.bundle.hash,
+        &sync.entry,
+        Arc::new(project.bundle.modules.clone()),
+    ))
 }
 
 fn invocation(payload: serde_json::Value) -> Invocation {

@@ -3,7 +3,7 @@
 //! `/oauth/token`), injected 429s and 500s, a page that can be held back while a test
 //! does something else, and webhooks signed like a real provider's.
 //!
-//! - `GET /cursor/contacts?cursor=&limit=` → `{"results": [...], "next_cursor": "…"|null}`
+//! - `GET /cursor/contacts?cursor=&limit=` (also `/contacts`) → `{"results": [...], "next_cursor": "…"|null}`
 //! - `GET /link/contacts?page=&limit=` → `{"data": [...]}` and `Link: <…>; rel="next"`
 //! - `GET /offset/contacts?offset=&limit=` → `{"items": [...]}`
 //! - `POST /webhooks` `{"url"}` → `{"id"}`, `DELETE /webhooks/{id}`: webhook subscriptions
@@ -21,6 +21,11 @@ use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
 use tokio::sync::Notify;
+
+/// How `nango.paginate` walks `/contacts`: the integration's `settings.api.paginate`.
+pub fn cursor_pagination() -> Value {
+    json!({"type": "cursor", "cursor_path_in_response": "next_cursor", "cursor_name_in_request": "cursor", "response_path": "results"})
+}
 
 /// The API key the fake accepts (as `X-API-Key`).
 pub const API_KEY: &str = "crm-test-api-key";
@@ -65,6 +70,7 @@ impl FakeCrm {
         let state: Shared = Arc::default();
         let app = Router::new()
             .route("/cursor/contacts", get(cursor_page))
+            .route("/contacts", get(cursor_page))
             .route("/link/contacts", get(link_page))
             .route("/offset/contacts", get(offset_page))
             .route("/oauth/token", post(token))

@@ -12,12 +12,14 @@ export default createSync({
   models: { Contact },
   webhookSubscriptions: ['contact.updated', 'contact.deleted'],
 
+  // The whole list, page by page (the pagination style is the integration's
+  // settings.api.paginate); contacts the provider no longer has are deleted.
   exec: async (nango) => {
-    const contacts = [];
+    await nango.trackDeletesStart('Contact');
     for await (const page of nango.paginate({ endpoint: '/contacts' })) {
-      contacts.push(...page.map(toContact));
+      await nango.batchSave(page.map(toContact), 'Contact');
     }
-    await nango.batchSave(contacts, 'Contact');
+    await nango.trackDeletesEnd('Contact');
   },
 
   onWebhook: async (nango, payload) => {

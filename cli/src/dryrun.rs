@@ -1,0 +1,140 @@
+//! `hookyard dryrun SYNC CONNECTION_ID`: runs a sync's `exec` (or, with `--webhook`, its
+//! `onWebhook` on that payload) from the local functions folder against the real
+//! connection and provider API, and prints the records it would save, update and delete
+//! per model. Nothing is written unless `--save` (then NATS is needed too: writes take
+//! their version from `HOOKS_RAW`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hookyard_core::keys::{EnvironmentName, IntegrationKey};
+use hookyard_core::providers::Catalog;
+use hookyard_core::store::syncs::SyncKey;
+use hookyard_core::streams::Bus;
+use hookyard_core::{Config, Store};
+use hookyard_functions::compile::compile_project;
+use hookyard_functions::host::{connection_api, connection_texts, raw_version, Kind, Mode, StoreHost};
+use hookyard_functions::pool::{Pool, SyncCode};
+use hookyard_functions::{Handler, Invocation};
+use serde_json::{json, Value};
+
+#[derive(clap::Args)]
+pub struct DryrunArgs {
+    /// The sync's name (its file name under {integration}/syncs/).
+    sync: String,
+    /// The connection to run it for.
+    connection_id: String,
+    /// The sync's integration, when several have a sync of that name.
+    #[arg(long)]
+    integration: Option<String>,
+    /// Run onWebhook with this JSON payload instead of exec.
+    #[arg(long)]
+    webhook: Option<PathBuf>,
+    /// Apply the writes (records, metadata, checkpoint) instead of only printing them.
+    #[arg(long)]
+    save: bool,
+    /// The functions folder.
+    #[arg(long, default_value = ".")]
+    dir: PathBuf,
+    /// The environment the connection belongs to.
+    #[arg(long, default_value = "dev")]
+    environment: String,
+}
+
+pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let files = crate::deploy::collect(&args.dir)?;
+    let limits = config.worker.exec_limits.clone();
+    let project = compile_project(files, &limits).map_err(|e| format!("the functions do not compile: {e}"))?;
+    let wanted: Option<IntegrationKey> = args.integration.as_deref().map(str::parse).transpose()?;
+    let matching: Vec<_> = project
+        .syncs
+        .iter()
+        .filter(|s| s.name == args.sync && wanted.as_ref().is_none_or(|w| &s.integration == w))
+        .collect();
+    let sync = match matching.as_slice() {
+        [one] => *one,
+        [] => return Err(format!("no sync {:?} in {}", args.sync, args.dir.display()).into()),
+        _ => return Err(format!("several integrations have a sync {:?}: say which with --integration", args.sync).into()),
+    };
+    let payload: Option<Value> = match &args.webhook {
+        Some(path) => Some(
+            serde_json::from_str(&std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?)
+                .map_err(|e| format!("{}: not JSON: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+
+    let store = Store::connect(&config.database_url, config.cipher()?).await?;
+    let environment_name: EnvironmentName = args.environment.parse()?;
+    let environment = store
+        .environment(&environment_name)
+        .await?
+        .ok_or_else(|| format!("no environment {environment_name}"))?;
+    let key = SyncKey {
+        environment_id: environment.id,
+        integration: sync.integration.clone(),
+        sync: sync.name.clone(),
+        connection_id: args.connection_id.clone(),
+    };
+    let catalog = Catalog::embedded()?;
+    let (connection, api) = connection_api(&store, &catalog, &key, &config.forwarding).await?;
+    // A dry run compares against everything stored; a saved run writes at the version
+    // a worker would.
+    let (jetstream, version, mode) = if args.save {
+        let bus = Bus::connect(config, "hookyard-dryrun").await?;
+        bus.ensure_streams(&config.streams).await?;
+        let version = raw_version(&bus.jetstream).await?;
+        (Some(bus.jetstream), version, Mode::Apply)
+    } else {
+        (None, i64::MAX, Mode::DryRun)
+    };
+    let host = Arc::new(StoreHost::new(store.clone(), jetstream, key, version, api, mode, Kind::Sync));
+    let (metadata, described) = connection_texts(&connection);
+    let models: Vec<String> = sync.config["models"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|m| m.as_str().map(String::from)).collect())
+        .unwrap_or_default();
+    let invocation = Invocation {
+        payload: payload.as_ref().map_or_else(|| "null".to_string(), Value::to_string).into(),
+        connection_id: args.connection_id.clone(),
+        provider_config_key: sync.integration.to_string(),
+        metadata,
+        connection: described,
+        models: serde_json::to_string(&models)?.into(),
+        handler: if payload.is_some() { Handler::OnWebhook } else { Handler::Exec },
+        host: payload.is_none().then(|| host.clone() as Arc<dyn hookyard_functions::Host>),
+    };
+    let code = Arc::new(SyncCode::new(
+        &project.bundle.hash,
+        &sync.entry,
+        Arc::new(project.bundle.modules.clone()),
+    ));
+    let what = if payload.is_some() { "onWebhook" } else { "exec" };
+    eprintln!("running {what} of {}/{} for {} …", sync.integration, sync.name, args.connection_id);
+    let pool = Pool::new(1, limits);
+    let effects = pool
+        .execute(code, invocation)
+        .await
+        .map_err(|e| format!("{what} failed: {e}"))?;
+    // onWebhook's writes come back collected; they go the way exec's went.
+    host.apply_effects(effects.writes, effects.metadata).await?;
+    for line in &effects.logs {
+        eprintln!("  log {}: {}", line.level, line.message);
+    }
+    if args.save {
+        println!("{}", serde_json::to_string_pretty(&json!({"saved": host.counts()}))?);
+    } else {
+        let plan = host.plan_so_far();
+        for (model, writes) in &plan.records {
+            eprintln!(
+                "{model}: {} to save, {} to update, {} to delete",
+                writes.save.len(),
+                writes.update.len(),
+                writes.delete.len()
+            );
+        }
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+        eprintln!("nothing was written (--save writes)");
+    }
+    Ok(())
+}
