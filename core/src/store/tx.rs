@@ -30,7 +30,10 @@ impl Store {
     pub(crate) async fn begin(&self) -> Result<Tx, StoreError> {
         Ok(match &self.pool {
             Pool::Postgres(pool) => Tx::Postgres(pool.begin().await?),
-            Pool::Sqlite(pool) => Tx::Sqlite(pool.begin().await?),
+            // Every transaction here writes: taking the write lock at BEGIN waits for the
+            // busy timeout, where a read lock upgraded later fails at once ("database is
+            // locked") when another writer got in first.
+            Pool::Sqlite(pool) => Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
         })
     }
 }
