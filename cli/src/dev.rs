@@ -1,6 +1,7 @@
 //! `hookyard dev`: every stage in one process on embedded defaults, a `dev` environment,
-//! a `demo` integration with the `crm-contacts` example function deployed to it, and a
-//! demo webhook sent through it on start (shown as the record it becomes).
+//! a `demo` integration with the `crm-contacts` example function deployed to it, a demo
+//! CRM on loopback whose contacts the example's `exec` reads, and a demo webhook sent
+//! through it on start (shown as the record it becomes).
 
 use std::path::Path;
 use std::time::Duration;
@@ -11,10 +12,12 @@ use hookyard_core::config::EncryptionKey;
 use hookyard_core::embedded_nats::{server_bin, EmbeddedNats, ServerSpec};
 use hookyard_core::routed::RoutedEvent;
 use hookyard_core::secrets::Cipher;
-use hookyard_core::store::{Environment, NewConnection, NewIntegration, StoreError};
+use hookyard_core::keys::IntegrationKey;
+use hookyard_core::store::{Credentials, Environment, IntegrationChanges, NewConnection, NewIntegration, StoreError};
 use hookyard_core::streams::{Bus, CONN_STREAM, RAW_STREAM};
 use hookyard_core::{Config, Envelope, Store};
 use hookyard_ingest::Ingest;
+use hookyard_testkit::fake_provider::{cursor_pagination, FakeCrm, API_KEY};
 use tokio_util::sync::CancellationToken;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -45,7 +48,8 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
 
     let store = Store::connect(&config.database_url, config.cipher()?).await?;
     let environment = store.ensure_environment(&"dev".parse()?).await?;
-    ensure_demo_integration(&store, &environment).await?;
+    let crm = demo_crm().await;
+    ensure_demo_integration(&store, &environment, &crm.url).await?;
     deploy_example(&store, &environment, &config).await?;
     let bus = Bus::connect(&config, "hookyard-dev").await?;
     let ingest = Ingest::start(&config, store.clone(), bus.clone(), shutdown.clone()).await?;
@@ -106,6 +110,9 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
         }
         if let Err(error) = show_demo_record(&api_url, &environment.secret_key).await {
             eprintln!("demo API call failed: {error}");
+        }
+        if let Err(error) = show_demo_sync(&api_url, &environment.secret_key, &crm.url).await {
+            eprintln!("demo sync status failed: {error}");
         }
     }
     let (ingest_result, api_result, router_result, worker_result, reconciler_result) =
@@ -270,25 +277,75 @@ fn stop_stale_nats(pid_file: &Path) {
         .status();
 }
 
-/// The `demo` integration (generic: every webhook goes to every connection) and its
-/// one connection, `demo-connection`.
-async fn ensure_demo_integration(store: &Store, environment: &Environment) -> Result<(), Error> {
-    let demo = NewIntegration::new(DEMO_INTEGRATION.parse()?, "generic");
+/// A CRM on loopback for the demo: the contacts the example's exec lists (the one the
+/// demo webhook changes among them).
+async fn demo_crm() -> FakeCrm {
+    let crm = FakeCrm::start().await;
+    for (id, email) in [("c_1", "ada@example.com"), ("c_2", "grace@example.com"), ("c_3", "linus@example.com")] {
+        crm.put_contact(id, email);
+    }
+    crm
+}
+
+/// The `demo` integration (generic: every webhook goes to every connection), its API at
+/// the demo CRM, and its one connection, `demo-connection`, with the CRM's API key.
+async fn ensure_demo_integration(store: &Store, environment: &Environment, crm_url: &str) -> Result<(), Error> {
+    let key: IntegrationKey = DEMO_INTEGRATION.parse()?;
+    let settings = serde_json::json!({"api": {
+        "base_url": crm_url, "api_key_header": "X-API-Key", "paginate": cursor_pagination()
+    }});
+    let demo = NewIntegration {
+        settings: settings.clone(),
+        ..NewIntegration::new(key.clone(), "generic")
+    };
     match store.create_integration(environment, &demo).await {
-        Ok(_) | Err(StoreError::Conflict(_)) => {}
+        Ok(_) => {}
+        Err(StoreError::Conflict(_)) => {
+            // The demo CRM has a new port at every start.
+            let changes = IntegrationChanges {
+                settings: Some(settings),
+                ..Default::default()
+            };
+            store.update_integration(environment.id, &key, &changes).await?;
+        }
         Err(error) => return Err(error.into()),
     }
+    let credentials = Credentials::ApiKey { api_key: API_KEY.into() };
     let connection = NewConnection {
-        integration: DEMO_INTEGRATION.parse()?,
+        integration: key.clone(),
         connection_id: DEMO_CONNECTION.into(),
         connection_config: serde_json::json!({}),
         metadata: serde_json::json!({}),
         tags: serde_json::json!({}),
-        credentials: None,
+        credentials: Some(credentials.clone()),
     };
     match store.create_connection(environment, &connection).await {
-        Ok(_) | Err(StoreError::Conflict(_)) => Ok(()),
+        Ok(_) => Ok(()),
+        Err(StoreError::Conflict(_)) => {
+            store.update_credentials(environment.id, &key, DEMO_CONNECTION, &credentials).await?;
+            Ok(())
+        }
         Err(error) => Err(error.into()),
+    }
+}
+
+/// Shows the example's first exec run (started by the reconciler: the sync has
+/// `autoStart`), waiting for it at most 10 s.
+async fn show_demo_sync(api_url: &str, secret_key: &str, crm_url: &str) -> Result<(), Error> {
+    let url = format!("{api_url}/sync/status?syncs=contacts&provider_config_key={DEMO_INTEGRATION}");
+    let client = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let body: serde_json::Value = client.get(&url).bearer_auth(secret_key).send().await?.json().await?;
+        let sync = &body["syncs"][0];
+        let done = matches!(sync["status"].as_str(), Some("SUCCESS" | "ERROR"));
+        if done || tokio::time::Instant::now() >= deadline {
+            println!(
+                "demo: reconciler -> exec of demo/contacts read the demo CRM at {crm_url}\n      -> GET {url}\n      -> {sync}\n"
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
