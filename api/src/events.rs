@@ -14,7 +14,7 @@ use hookyard_core::store::syncs::SyncKey;
 use hookyard_core::store::Environment;
 use hookyard_core::Store;
 use hookyard_functions::compile::stored_modules;
-use hookyard_functions::host::{connection_api, connection_texts, Kind, Mode, StoreHost};
+use hookyard_functions::host::{connection_api, connection_texts, Kind, Mode, Run, StoreHost};
 use hookyard_functions::pool::{Pool, SyncCode};
 use hookyard_functions::{Handler, Invocation};
 
@@ -101,7 +101,16 @@ impl Events {
             .map_err(|e| e.to_string())?;
         let code = Arc::new(SyncCode::of(function, Arc::new(modules)));
         let (metadata, described) = connection_texts(&connection);
-        let host = StoreHost::new(self.store.clone(), None, key, 0, api, Mode::Apply, Kind::Event);
+        // Event functions write no records: their version does not matter.
+        let host = StoreHost::new(Run {
+            store: self.store.clone(),
+            jetstream: None,
+            key,
+            version: 0,
+            api,
+            mode: Mode::Apply,
+            kind: Kind::Event,
+        });
         let invocation = Invocation {
             payload: "null".into(),
             connection_id: connection_id.to_string(),

@@ -13,7 +13,7 @@ use hookyard_core::store::syncs::SyncKey;
 use hookyard_core::streams::Bus;
 use hookyard_core::{Config, Store};
 use hookyard_functions::compile::compile_project;
-use hookyard_functions::host::{connection_api, connection_texts, raw_version, Kind, Mode, StoreHost};
+use hookyard_functions::host::{connection_api, connection_texts, raw_version, Kind, Mode, Run, StoreHost};
 use hookyard_functions::pool::{Pool, SyncCode};
 use hookyard_functions::{Handler, Invocation};
 use serde_json::{json, Value};
@@ -88,7 +88,15 @@ pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::e
     } else {
         (None, i64::MAX, Mode::DryRun)
     };
-    let host = Arc::new(StoreHost::new(store.clone(), jetstream, key, version, api, mode, Kind::Sync));
+    let host = Arc::new(StoreHost::new(Run {
+        store: store.clone(),
+        jetstream,
+        key,
+        version,
+        api,
+        mode,
+        kind: Kind::Sync,
+    }));
     let (metadata, described) = connection_texts(&connection);
     let models: Vec<String> = sync.config["models"]
         .as_array()

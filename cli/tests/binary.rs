@@ -343,10 +343,16 @@ async fn dev_starts_everything_and_takes_a_webhook() {
     let shown = Process::wait_for(&process.stdout, "demo: worker");
     assert!(shown.contains("/records?model=Contact"), "{shown}");
     let record = Process::wait_for(&process.stdout, "-> 200 OK");
+    // ADDED by the webhook, or UPDATED by it after the first exec run listed the contact.
     assert!(
-        record.contains(r#""email":"ada@example.com""#) && record.contains(r#""last_action":"ADDED""#),
+        record.contains(r#""email":"ada@example.com""#) && record.contains(r#""id":"c_1""#),
         "the example function made a record of the demo webhook: {record}"
     );
+    // The reconciler ran the example's exec against the demo CRM (three contacts).
+    Process::wait_for(&process.stdout, "demo: reconciler");
+    let status = Process::wait_for(&process.stdout, "\"status\"");
+    assert!(status.contains(r#""status":"SUCCESS""#), "{status}");
+    assert!(status.contains(r#""frequency":"every day""#), "{status}");
 
     // The API answers with the printed key, and the key file is private.
     let integrations = get_json(&format!("http://127.0.0.1:{api_port}/integrations"), &secret_key).await;
@@ -699,6 +705,16 @@ async fn a_worker_killed_between_commit_and_ack_applies_nothing_twice() {
     assert!(status.success(), "exit status {status:?}");
 }
 
+/// Copies `examples/crm-contacts` into `dir`.
+fn copy_example(dir: &std::path::Path) {
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/crm-contacts");
+    for file in ["index.js", "demo/models.js", "demo/syncs/contacts.js"] {
+        let target = dir.join(file);
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::copy(example.join(file), target).unwrap();
+    }
+}
+
 #[tokio::test]
 async fn deploy_sends_a_project_and_prints_what_changed() {
     let sqlite = SqliteFile::create();
@@ -711,12 +727,7 @@ async fn deploy_sends_a_project_and_prints_what_changed() {
     tokio::spawn(hookyard_api::serve(listener, router, shutdown.clone()));
 
     let project = tempfile::tempdir().unwrap();
-    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/crm-contacts");
-    for file in ["index.js", "demo/models.js", "demo/syncs/contacts.js"] {
-        let target = project.path().join(file);
-        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-        std::fs::copy(example.join(file), target).unwrap();
-    }
+    copy_example(project.path());
     std::fs::create_dir_all(project.path().join("node_modules/x")).unwrap();
     std::fs::write(project.path().join("node_modules/x/index.js"), "this is not deployed(").unwrap();
     let deploy = move |dir: &std::path::Path| {
@@ -893,12 +904,7 @@ async fn dryrun_prints_what_exec_and_on_webhook_would_write_and_save_writes_it()
         .unwrap();
 
     let project = tempfile::tempdir().unwrap();
-    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/crm-contacts");
-    for file in ["index.js", "demo/models.js", "demo/syncs/contacts.js"] {
-        let target = project.path().join(file);
-        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-        std::fs::copy(example.join(file), target).unwrap();
-    }
+    copy_example(project.path());
     let payload = project.path().join("payload.json");
     std::fs::write(&payload, r#"{"type": "contact.updated", "contact": {"id": 7, "email": "p7@crm.test"}}"#).unwrap();
     let nats = NatsServer::start();

@@ -106,16 +106,22 @@ pub async fn connection_api(
     Ok((connection, api))
 }
 
+/// What a host serves: one run of one function for one connection.
+pub struct Run {
+    pub store: Store,
+    /// For `override` writes, which take the version at the time of the write.
+    pub jetstream: Option<jetstream::Context>,
+    pub key: SyncKey,
+    /// The version the run writes at.
+    pub version: i64,
+    pub api: Result<ProviderApi, String>,
+    pub mode: Mode,
+    pub kind: Kind,
+}
+
 pub struct StoreHost {
     runtime: tokio::runtime::Handle,
-    store: Store,
-    /// For `override` writes, which take the version at the time of the write.
-    jetstream: Option<jetstream::Context>,
-    key: SyncKey,
-    version: i64,
-    api: Result<ProviderApi, String>,
-    mode: Mode,
-    kind: Kind,
+    run: Run,
     state: Mutex<RunState>,
 }
 
@@ -153,27 +159,11 @@ impl Host for StoreHost {
 }
 
 impl StoreHost {
-    /// A host for one run of `key`, writing at `version`. Must be made on the async
-    /// runtime its calls will block on.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        store: Store,
-        jetstream: Option<jetstream::Context>,
-        key: SyncKey,
-        version: i64,
-        api: Result<ProviderApi, String>,
-        mode: Mode,
-        kind: Kind,
-    ) -> StoreHost {
+    /// A host for `run`. Must be made on the async runtime its calls will block on.
+    pub fn new(run: Run) -> StoreHost {
         StoreHost {
             runtime: tokio::runtime::Handle::current(),
-            store,
-            jetstream,
-            key,
-            version,
-            api,
-            mode,
-            kind,
+            run,
             state: Mutex::default(),
         }
     }
@@ -181,7 +171,7 @@ impl StoreHost {
     async fn dispatch(&self, op: &str, args: &str) -> Result<String, String> {
         let parse_error = |e: serde_json::Error| format!("{op}: {e}");
         let store_error = |e: hookyard_core::store::StoreError| format!("{op}: {e}");
-        let dry = self.mode == Mode::DryRun;
+        let dry = self.run.mode == Mode::DryRun;
         match op {
             "write" => {
                 let args: WriteArgs = serde_json::from_str(args).map_err(parse_error)?;
@@ -199,8 +189,8 @@ impl StoreHost {
                 } else {
                     MetadataWrite::Merge
                 };
-                let key = &self.key;
-                self.store
+                let key = &self.run.key;
+                self.run.store
                     .set_connection_metadata(
                         key.environment_id,
                         &key.integration,
@@ -214,12 +204,12 @@ impl StoreHost {
             }
             "proxy" => {
                 let request: ProxyRequest = serde_json::from_str(args).map_err(parse_error)?;
-                let api = self.api.as_ref().map_err(Clone::clone)?;
+                let api = self.run.api.as_ref().map_err(Clone::clone)?;
                 let response = api.call(request).await?;
                 serde_json::to_string(&response).map_err(|e| e.to_string())
             }
             "pagination" => Ok(self
-                .api
+                .run.api
                 .as_ref()
                 .map(ProviderApi::pagination)
                 .unwrap_or(Value::Null)
@@ -239,8 +229,8 @@ impl StoreHost {
                 let scope = self.scope(&args.model);
                 if dry {
                     let gone = self
-                        .store
-                        .unseen_records(&scope, &seen, self.version)
+                        .run.store
+                        .unseen_records(&scope, &seen, self.run.version)
                         .await
                         .map_err(store_error)?;
                     let count = gone.len();
@@ -250,8 +240,8 @@ impl StoreHost {
                     return Ok(count.to_string());
                 }
                 let counts = self
-                    .store
-                    .delete_unseen(&scope, &seen, self.version)
+                    .run.store
+                    .delete_unseen(&scope, &seen, self.run.version)
                     .await
                     .map_err(store_error)?;
                 self.count(&args.model, &counts);
@@ -262,8 +252,8 @@ impl StoreHost {
                     return Ok(planned.to_string());
                 }
                 Ok(self
-                    .store
-                    .checkpoint(&self.key)
+                    .run.store
+                    .checkpoint(&self.run.key)
                     .await
                     .map_err(store_error)?
                     .unwrap_or(Value::Null)
@@ -279,8 +269,8 @@ impl StoreHost {
                     self.state().plan.checkpoint = Some(checkpoint.unwrap_or(Value::Null));
                     return Ok(String::new());
                 }
-                self.store
-                    .set_checkpoint(&self.key, checkpoint.as_ref())
+                self.run.store
+                    .set_checkpoint(&self.run.key, checkpoint.as_ref())
                     .await
                     .map_err(store_error)?;
                 Ok(String::new())
@@ -290,7 +280,7 @@ impl StoreHost {
     }
 
     async fn write(&self, args: WriteArgs) -> Result<(), String> {
-        if self.kind == Kind::Event {
+        if self.run.kind == Kind::Event {
             return Err("event functions do not write records: use a sync".into());
         }
         let kind = match args.kind.as_str() {
@@ -304,18 +294,18 @@ impl StoreHost {
                 seen.extend(args.records.iter().map(record_id));
             }
         }
-        if self.mode == Mode::DryRun {
+        if self.run.mode == Mode::DryRun {
             self.plan(&args.model, kind, args.records);
             return Ok(());
         }
         // `override`: the write wins over every webhook ingested until now.
-        let version = match (&self.jetstream, args.strategy.as_str()) {
+        let version = match (&self.run.jetstream, args.strategy.as_str()) {
             (Some(jetstream), "override") => raw_version(jetstream).await?,
-            _ => self.version,
+            _ => self.run.version,
         };
         let records: Vec<(String, Value)> = args.records.into_iter().map(|r| (record_id(&r), r)).collect();
         let counts = self
-            .store
+            .run.store
             .write_records(&self.scope(&args.model), kind, records, version)
             .await
             .map_err(|e| format!("writing {} records: {e}", args.model))?;
@@ -367,9 +357,9 @@ impl StoreHost {
 
     fn scope(&self, model: &str) -> RecordScope {
         RecordScope {
-            environment_id: self.key.environment_id,
-            integration: self.key.integration.clone(),
-            connection_id: self.key.connection_id.clone(),
+            environment_id: self.run.key.environment_id,
+            integration: self.run.key.integration.clone(),
+            connection_id: self.run.key.connection_id.clone(),
             model: model.to_string(),
         }
     }

@@ -427,6 +427,7 @@ export default createSync({
     assert_eq!(saved[0]["strategy"], "ignore_if_modified_after");
     assert_eq!(saved[1]["records"], json!([{"id": "3", "since": "yesterday"}]));
     assert_eq!(calls[5].1["params"]["cursor"], "p2");
+    drop(calls);
 
     // onWebhook has no provider API: the call throws.
     let webhook_only = sync_with("await nango.get({ endpoint: '/x' });");

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use common::pipeline::{harness_with, Harness};
-use hookyard_core::routed::RoutedEvent;
 use hookyard_core::store::IntegrationChanges;
 use hookyard_core::store::syncs::SyncState;
 use hookyard_core::store::{Credentials, NewConnection};
@@ -305,26 +304,13 @@ async fn a_webhook_that_lands_while_exec_runs_is_not_overwritten_by_older_data()
         .unwrap()
         .await
         .unwrap();
-    let event = RoutedEvent {
-        environment: "dev".parse().unwrap(),
-        integration: "crm".parse().unwrap(),
-        connection_id: Some("c0".into()),
-        unrouted: None,
-        raw_seq: ack.sequence,
-        index: 0,
-        event_type: Some("contact.updated".into()),
-        delivery_id: "d1".into(),
-        payload: json!({"type": "contact.updated", "contact": {"id": "p1", "email": "new@crm.test"}}),
-        traceparent: None,
-    };
-    let (subject, headers, payload) = event.to_message();
-    s.h.bus
-        .jetstream
-        .publish_with_headers(subject, headers, payload)
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    s.h.publish([(
+        ack.sequence,
+        "c0",
+        "contact.updated",
+        json!({"type": "contact.updated", "contact": {"id": "p1", "email": "new@crm.test"}}),
+    )])
+    .await;
     eventually("the webhook's write", Duration::from_secs(20), || async {
         let contacts = s.contacts("c0").await;
         contacts.iter().any(|(id, email, _)| id == "p1" && email == "new@crm.test").then_some(())

@@ -19,7 +19,7 @@ use hookyard_core::store::records::RecordScope;
 use hookyard_core::store::syncs::{RunOutcome, SyncKey};
 use hookyard_core::streams::{consume, durable, EXEC_STREAM};
 use hookyard_core::Store;
-use hookyard_functions::host::{connection_api, connection_texts, raw_version, Kind, Mode, StoreHost};
+use hookyard_functions::host::{connection_api, connection_texts, raw_version, Kind, Mode, Run, StoreHost};
 use hookyard_functions::pool::Pool;
 use hookyard_functions::{Handler, Invocation};
 use serde_json::Value;
@@ -214,15 +214,15 @@ impl Executor {
         }
         let version = raw_version(&self.jetstream).await?;
         let (metadata, described) = connection_texts(&connection);
-        let host = Arc::new(StoreHost::new(
-            self.store.clone(),
-            Some(self.jetstream.clone()),
-            key.clone(),
+        let host = Arc::new(StoreHost::new(Run {
+            store: self.store.clone(),
+            jetstream: Some(self.jetstream.clone()),
+            key: key.clone(),
             version,
             api,
-            Mode::Apply,
-            Kind::Sync,
-        ));
+            mode: Mode::Apply,
+            kind: Kind::Sync,
+        }));
         let invocation = Invocation {
             payload: "null".into(),
             connection_id: key.connection_id.clone(),
