@@ -105,7 +105,7 @@ impl ProviderApi {
 
     /// One call, with its retries and at most one token refresh.
     pub async fn call(&self, request: ProxyRequest) -> Result<ProxyResponse, String> {
-        let url = self.url(&request)?;
+        let url = endpoint_url(&self.base, &request)?;
         hookyard_core::outbound::allowed_destination(url.as_str(), &self.guard)
             .await
             .map_err(|e| format!("{}: {e}", url_for_errors(&url)))?;
@@ -116,7 +116,7 @@ impl ProviderApi {
         let mut refreshed = false;
         let mut attempt = 0;
         loop {
-            let auth = self.auth_headers().await?;
+            let auth = auth_headers(self.credentials.lock().await.as_ref(), &self.spec)?;
             let sent = self.send(&method, &url, &request, auth).await;
             let retry_in = match &sent {
                 Ok(response) if response.status().as_u16() == 401 && !refreshed && self.can_refresh().await => {
@@ -156,48 +156,6 @@ impl ProviderApi {
         }
     }
 
-    /// The endpoint against the base URL; an absolute URL must be on the base's origin.
-    fn url(&self, request: &ProxyRequest) -> Result<Url, String> {
-        let endpoint = request.endpoint.as_str();
-        let mut url = if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
-            let url = Url::parse(endpoint).map_err(|e| format!("endpoint {endpoint:?}: {e}"))?;
-            if url.origin() != self.base.origin() {
-                return Err(format!(
-                    "calls to {} are refused: only the integration's API ({}) can be called",
-                    url.origin().ascii_serialization(),
-                    self.base.origin().ascii_serialization()
-                ));
-            }
-            url
-        } else {
-            let mut url = self.base.clone();
-            let path = format!(
-                "{}/{}",
-                self.base.path().trim_end_matches('/'),
-                endpoint.trim_start_matches('/')
-            );
-            let (path, query) = path.split_once('?').unwrap_or((&path, ""));
-            url.set_path(path);
-            url.set_query((!query.is_empty()).then_some(query));
-            url
-        };
-        if let Some(params) = &request.params {
-            let mut pairs = url.query_pairs_mut();
-            for (name, value) in params {
-                match value {
-                    Value::Null => {}
-                    Value::String(text) => {
-                        pairs.append_pair(name, text);
-                    }
-                    other => {
-                        pairs.append_pair(name, &other.to_string());
-                    }
-                }
-            }
-        }
-        Ok(url)
-    }
-
     async fn send(
         &self,
         method: &Method,
@@ -221,33 +179,6 @@ impl ProviderApi {
             Some(json) => builder.json(json),
         };
         builder.send().await
-    }
-
-    async fn auth_headers(&self) -> Result<HeaderMap, String> {
-        let mut headers = HeaderMap::new();
-        let credentials = self.credentials.lock().await;
-        let value = |text: String| HeaderValue::try_from(text).map_err(|_| "credentials hold a character a header cannot".to_string());
-        match &*credentials {
-            None => {}
-            Some(Credentials::ApiKey { api_key }) => match self.spec.api_key_header.as_deref() {
-                None | Some("Authorization") | Some("authorization") => {
-                    headers.insert(AUTHORIZATION, value(format!("Bearer {api_key}"))?);
-                }
-                Some(header) => {
-                    let name = HeaderName::try_from(header).map_err(|_| format!("api_key_header {header:?} is not a header name"))?;
-                    headers.insert(name, value(api_key.clone())?);
-                }
-            },
-            Some(Credentials::Basic { username, password }) => {
-                use base64::Engine as _;
-                let token = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
-                headers.insert(AUTHORIZATION, value(format!("Basic {token}"))?);
-            }
-            Some(Credentials::OAuth2 { access_token, .. }) => {
-                headers.insert(AUTHORIZATION, value(format!("Bearer {access_token}"))?);
-            }
-        }
-        Ok(headers)
     }
 
     async fn can_refresh(&self) -> bool {
@@ -344,9 +275,140 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(500 * 2u64.pow(attempt.min(6)))
 }
 
+/// The endpoint against the base URL; an absolute URL must be on the base's origin.
+fn endpoint_url(base: &Url, request: &ProxyRequest) -> Result<Url, String> {
+    let endpoint = request.endpoint.as_str();
+    let mut url = if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
+        let url = Url::parse(endpoint).map_err(|e| format!("endpoint {endpoint:?}: {e}"))?;
+        if url.origin() != base.origin() {
+            return Err(format!(
+                "calls to {} are refused: only the integration's API ({}) can be called",
+                url.origin().ascii_serialization(),
+                base.origin().ascii_serialization()
+            ));
+        }
+        url
+    } else {
+        let mut url = base.clone();
+        let path = format!(
+            "{}/{}",
+            base.path().trim_end_matches('/'),
+            endpoint.trim_start_matches('/')
+        );
+        let (path, query) = path.split_once('?').unwrap_or((&path, ""));
+        url.set_path(path);
+        url.set_query((!query.is_empty()).then_some(query));
+        url
+    };
+    if let Some(params) = &request.params {
+        let mut pairs = url.query_pairs_mut();
+        for (name, value) in params {
+            match value {
+                Value::Null => {}
+                Value::String(text) => {
+                    pairs.append_pair(name, text);
+                }
+                other => {
+                    pairs.append_pair(name, &other.to_string());
+                }
+            }
+        }
+    }
+    Ok(url)
+}
+
+/// The headers that carry the connection's credentials.
+fn auth_headers(credentials: Option<&Credentials>, spec: &ApiSpec) -> Result<HeaderMap, String> {
+    let mut headers = HeaderMap::new();
+    let value = |text: String| HeaderValue::try_from(text).map_err(|_| "credentials hold a character a header cannot".to_string());
+    match credentials {
+        None => {}
+        Some(Credentials::ApiKey { api_key }) => match spec.api_key_header.as_deref() {
+            None | Some("Authorization") | Some("authorization") => {
+                headers.insert(AUTHORIZATION, value(format!("Bearer {api_key}"))?);
+            }
+            Some(header) => {
+                let name = HeaderName::try_from(header).map_err(|_| format!("api_key_header {header:?} is not a header name"))?;
+                headers.insert(name, value(api_key.clone())?);
+            }
+        },
+        Some(Credentials::Basic { username, password }) => {
+            use base64::Engine as _;
+            let token = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
+            headers.insert(AUTHORIZATION, value(format!("Basic {token}"))?);
+        }
+        Some(Credentials::OAuth2 { access_token, .. }) => {
+            headers.insert(AUTHORIZATION, value(format!("Bearer {access_token}"))?);
+        }
+    }
+    Ok(headers)
+}
+
 /// A URL without its query (which may carry tokens), for messages.
 fn url_for_errors(url: &Url) -> String {
     let mut shown = url.clone();
     shown.set_query(None);
     shown.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(endpoint: &str, params: Value) -> ProxyRequest {
+        ProxyRequest {
+            method: "GET".into(),
+            endpoint: endpoint.into(),
+            params: params.as_object().cloned(),
+            data: None,
+            headers: None,
+            retries: None,
+        }
+    }
+
+    #[test]
+    fn endpoints_resolve_against_the_base_and_other_hosts_are_refused() {
+        let base = Url::parse("https://api.crm.test/v2/").unwrap();
+        let url = endpoint_url(&base, &request("/contacts?a=1", serde_json::json!({"limit": 2, "q": "x y", "none": null}))).unwrap();
+        assert_eq!(url.as_str(), "https://api.crm.test/v2/contacts?a=1&limit=2&q=x+y");
+        let same = endpoint_url(&base, &request("https://api.crm.test/v2/contacts?page=2", Value::Null)).unwrap();
+        assert_eq!(same.as_str(), "https://api.crm.test/v2/contacts?page=2");
+        for other in ["https://evil.test/contacts", "http://api.crm.test/v2/contacts", "https://api.crm.test:8443/x"] {
+            let error = endpoint_url(&base, &request(other, Value::Null)).unwrap_err();
+            assert!(error.contains("are refused"), "{other}: {error}");
+        }
+    }
+
+    #[test]
+    fn credentials_become_headers() {
+        let header = |credentials: &Credentials, spec: &ApiSpec| {
+            let headers = auth_headers(Some(credentials), spec).unwrap();
+            headers
+                .iter()
+                .map(|(n, v)| format!("{}: {}", n, v.to_str().unwrap()))
+                .collect::<Vec<_>>()
+        };
+        let key = Credentials::ApiKey { api_key: "k1".into() };
+        assert_eq!(header(&key, &ApiSpec::default()), ["authorization: Bearer k1"]);
+        let custom = ApiSpec {
+            api_key_header: Some("X-API-Key".into()),
+            ..ApiSpec::default()
+        };
+        assert_eq!(header(&key, &custom), ["x-api-key: k1"]);
+        let basic = Credentials::Basic {
+            username: "ada".into(),
+            password: "pw".into(),
+        };
+        assert_eq!(header(&basic, &ApiSpec::default()), ["authorization: Basic YWRhOnB3"]);
+        let oauth = Credentials::OAuth2 {
+            access_token: "t1".into(),
+            refresh_token: None,
+            expires_at: None,
+            raw: None,
+        };
+        assert_eq!(header(&oauth, &ApiSpec::default()), ["authorization: Bearer t1"]);
+        assert!(auth_headers(None, &ApiSpec::default()).unwrap().is_empty());
+        let broken = Credentials::ApiKey { api_key: "a\nb".into() };
+        assert!(auth_headers(Some(&broken), &ApiSpec::default()).is_err());
+    }
 }

@@ -146,6 +146,22 @@ impl FakeCrm {
         mac.update(body);
         hex::encode(mac.finalize().into_bytes())
     }
+
+    /// Sends a webhook as the provider does: `body` as JSON, signed with `secret` in
+    /// `X-Signature`; the receiver's status.
+    pub async fn send_webhook(url: &str, secret: &str, body: &Value) -> u16 {
+        let body = body.to_string();
+        reqwest::Client::new()
+            .post(url)
+            .header("content-type", "application/json")
+            .header("x-signature", FakeCrm::sign(secret, body.as_bytes()))
+            .body(body)
+            .send()
+            .await
+            .expect("the receiver answers")
+            .status()
+            .as_u16()
+    }
 }
 
 pub struct Held {

@@ -631,3 +631,68 @@ async fn event_functions_register_on_creation_and_unregister_before_deletion() {
     assert_eq!(gone.status(), 404);
     assert_eq!(s.crm.subscriptions().len(), 1, "its subscription stayed: the function failed");
 }
+
+#[tokio::test]
+async fn the_fake_crm_signs_webhooks_that_go_through_ingest_and_the_router_to_the_records() {
+    let h = harness_with(None, 0, |_| {}).await;
+    let mut integration = hookyard_core::store::NewIntegration::new("crmhooks".parse().unwrap(), "generic-hmac");
+    integration.webhook_secret = Some("whsec-test".into());
+    h.store.create_integration(&h.environment, &integration).await.unwrap();
+    h.store
+        .create_connection(
+            &h.environment,
+            &NewConnection {
+                integration: "crmhooks".parse().unwrap(),
+                connection_id: "c0".into(),
+                connection_config: json!({}),
+                metadata: json!({}),
+                tags: json!({}),
+                credentials: None,
+            },
+        )
+        .await
+        .unwrap();
+    // Deployed before the worker starts, which loads it at once.
+    h.deploy(&[("crmhooks/syncs/contacts.js", CONTACTS.replace("AUTO_START", "true"))])
+        .await;
+    h.start_all();
+    let s = Setup {
+        crm: FakeCrm::start().await,
+        reconciler: Reconciler::new(h.store.clone(), h.bus.jetstream.clone()),
+        h,
+    };
+    let ingest = hookyard_ingest::Ingest::start(&s.h.config, s.h.store.clone(), s.h.bus.clone(), s.h.shutdown.clone())
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "http://{}/webhook/{}/crmhooks?connection_id=c0",
+        listener.local_addr().unwrap(),
+        s.h.environment.webhook_id
+    );
+    tokio::spawn(hookyard_ingest::serve(listener, ingest, s.h.shutdown.clone()));
+    let router = std::sync::Arc::new(hookyard_router::Router::new(s.h.store.clone(), &s.h.bus, &s.h.config.router).unwrap());
+    tokio::spawn(router.run(s.h.shutdown.clone()));
+
+    let body = json!({"type": "contact.updated", "contact": {"id": "p9", "email": "p9@crm.test"}});
+    assert_eq!(FakeCrm::send_webhook(&url, "whsec-test", &body).await, 202);
+    assert_eq!(FakeCrm::send_webhook(&url, "not-the-secret", &body).await, 401);
+    let records = eventually("the signed webhook's record", Duration::from_secs(20), || async {
+        let response = s
+            .h
+            .http
+            .get(format!("{}/records?model=Contact", s.h.api))
+            .bearer_auth(&s.h.environment.secret_key)
+            .header("Connection-Id", "c0")
+            .header("Provider-Config-Key", "crmhooks")
+            .send()
+            .await
+            .ok()?;
+        let body: Value = response.json().await.ok()?;
+        let records = body["records"].as_array()?.clone();
+        (!records.is_empty()).then_some(records)
+    })
+    .await;
+    assert_eq!(records.len(), 1, "the badly signed copy was refused");
+    assert_eq!(records[0]["email"], "p9@crm.test");
+}
