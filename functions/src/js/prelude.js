@@ -123,8 +123,9 @@
         log(String(level), message, isObject(payload) && 'level' in payload ? undefined : payload);
       },
     };
-    // In onWebhook these exist too, and throw saying they are for exec.
-    return Object.assign(nango, execApi(models, (s) => { strategy = s; }));
+    if (hosted) return Object.assign(nango, execApi(models, (s) => { strategy = s; }));
+    // In onWebhook they exist too (made once, shared), and throw saying they are for exec.
+    return Object.setPrototypeOf(nango, execOnly);
   };
 
   // What exec adds to `nango`: the provider's API, delete tracking, checkpoints.
@@ -234,6 +235,18 @@
       clearCheckpoint: async () => { host('clearCheckpoint', {}); },
     };
   };
+
+  const execOnly = Object.freeze(
+    Object.fromEntries(
+      ['proxy', 'get', 'post', 'put', 'patch', 'delete', 'paginate', 'trackDeletesStart', 'trackDeletesEnd',
+        'setMergingStrategy', 'getCheckpoint', 'saveCheckpoint', 'clearCheckpoint'].map((name) => [
+        name,
+        () => {
+          throw new Error(`${name}: the provider API, checkpoints and delete tracking are only available in exec, not in onWebhook`);
+        },
+      ]),
+    ),
+  );
 
   const engine = {
     run: async (handler, payload, connectionId, providerConfigKey, metadata, connection, models, hosted) => {
