@@ -83,7 +83,7 @@ pub struct WorkerConfig {
     /// The waits before each retry of a failed execution; after the last retry fails,
     /// the event goes to dead letters.
     pub retry_delays: Vec<humantime_serde::Serde<Duration>>,
-    /// How often a worker checks for a new deploy.
+    /// How often an idle worker checks for a new deploy (it also checks before each group).
     #[serde(with = "humantime_serde")]
     pub functions_refresh: Duration,
     pub limits: FunctionLimits,

@@ -652,10 +652,11 @@ async fn the_fake_crm_signs_webhooks_that_go_through_ingest_and_the_router_to_th
         )
         .await
         .unwrap();
-    // Deployed before the worker starts, which loads it at once.
+    // Deployed while the worker runs: the first webhook after the deploy answered meets
+    // the new sync (the worker looks for a new deploy before each group).
+    h.start_all();
     h.deploy(&[("crmhooks/syncs/contacts.js", CONTACTS.replace("AUTO_START", "true"))])
         .await;
-    h.start_all();
     let s = Setup {
         crm: FakeCrm::start().await,
         reconciler: Reconciler::new(h.store.clone(), h.bus.jetstream.clone()),

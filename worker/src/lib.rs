@@ -284,6 +284,11 @@ impl Worker {
             }
         }
 
+        // A deploy that committed before this group is seen by it: a webhook sent right
+        // after a deploy answered meets the new syncs (one query when nothing changed).
+        if let Err(error) = self.deployments.refresh().await {
+            tracing::warn!(%error, "checking for a new deploy failed; using the loaded functions");
+        }
         let mut tasks = Vec::new();
         for (index, event) in events.iter().enumerate() {
             let Some(event) = event else { continue };
