@@ -697,3 +697,94 @@ async fn the_fake_crm_signs_webhooks_that_go_through_ingest_and_the_router_to_th
     assert_eq!(records.len(), 1, "the badly signed copy was refused");
     assert_eq!(records[0]["email"], "p9@crm.test");
 }
+
+#[tokio::test]
+async fn override_lets_exec_win_over_a_webhook_that_came_in_before_its_write() {
+    let s = setup(&[("c0", json!({}), api_key())], true).await;
+    s.h.deploy(&[(
+        "crm/syncs/contacts.js",
+        CONTACTS
+            .replace("AUTO_START", "true")
+            .replace("await nango.trackDeletesStart('Contact');", "await nango.setMergingStrategy({ strategy: 'override' }, 'Contact');")
+            .replace("await nango.trackDeletesEnd('Contact');", ""),
+    )])
+    .await;
+    s.crm.put_contact("p1", "from-exec@crm.test");
+    let held = s.crm.hold_page(0);
+    let since = Utc::now();
+    assert_eq!(s.reconciler.tick(Utc::now()).await.unwrap().scheduled, 1);
+    held.reached().await;
+    let ack = s
+        .h
+        .bus
+        .jetstream
+        .publish("hooks.raw.dev.crm", "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    s.h.publish([(
+        ack.sequence,
+        "c0",
+        "contact.updated",
+        json!({"type": "contact.updated", "contact": {"id": "p1", "email": "from-webhook@crm.test"}}),
+    )])
+    .await;
+    eventually("the webhook's write", Duration::from_secs(20), || async {
+        let contacts = s.contacts("c0").await;
+        contacts.iter().any(|(_, email, _)| email == "from-webhook@crm.test").then_some(())
+    })
+    .await;
+    held.release();
+    let state = s.finished_after("c0", since).await;
+    assert_eq!(state.last_outcome.as_deref(), Some("SUCCESS"), "{:?}", state.last_error);
+    assert_eq!(
+        s.contacts("c0").await[0].1,
+        "from-exec@crm.test",
+        "with override, the run's write (made after the webhook came in) wins"
+    );
+}
+
+const CHECKPOINTED: &str = r#"
+import { createSync } from 'nango';
+export default createSync({
+  frequency: 'every hour',
+  autoStart: false,
+  models: { Run: {} },
+  exec: async (nango) => {
+    const checkpoint = (await nango.getCheckpoint()) ?? { runs: 0 };
+    const runs = checkpoint.runs + 1;
+    await nango.batchSave([{ id: `run-${runs}`, runs }], 'Run');
+    await nango.saveCheckpoint({ runs });
+  },
+});
+"#;
+
+#[tokio::test]
+async fn checkpoints_carry_over_between_runs_and_reset_forgets_them() {
+    let s = setup(&[("c0", json!({}), api_key())], false).await;
+    s.h.deploy(&[("crm/syncs/counted.js", CHECKPOINTED.to_string())]).await;
+    let trigger = |reset: bool| {
+        json!({"syncs": ["counted"], "provider_config_key": "crm", "connection_id": "c0", "opts": {"reset": reset}})
+    };
+    for reset in [false, false, true] {
+        assert_eq!(s.post("/sync/trigger", trigger(reset)).await.0, 200);
+        s.run_at(Utc::now(), &["c0"]).await;
+    }
+    let mut runs: Vec<String> = s
+        .h
+        .records("c0", "Run")
+        .await
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    runs.sort();
+    assert_eq!(runs, ["run-1", "run-2"], "the third run started again from no checkpoint");
+    let key = hookyard_core::store::syncs::SyncKey {
+        environment_id: s.h.environment.id,
+        integration: "crm".parse().unwrap(),
+        sync: "counted".into(),
+        connection_id: "c0".into(),
+    };
+    assert_eq!(s.h.store.checkpoint(&key).await.unwrap(), Some(json!({"runs": 1})));
+}

@@ -124,19 +124,12 @@ impl Executor {
     /// Runs one job: claims the run, prepares it (`emptyCache`, `reset`), executes and
     /// records the outcome. `Err` only when the database or NATS failed around it.
     pub async fn run_job(&self, job: &ExecJob) -> Result<RunReport, WorkerError> {
-        let find = || {
-            self.deployments
-                .find(&job.environment, &job.integration, &job.sync)
-                .filter(|s| s.sync.config["exec"] == true)
-        };
-        // A sync deployed a moment ago may not be loaded yet.
-        let found = match find() {
-            Some(sync) => Some(sync),
-            None => {
-                self.deployments.refresh().await?;
-                find()
-            }
-        };
+        // The latest deploy runs (one query when nothing changed; jobs are few).
+        self.deployments.refresh().await?;
+        let found = self
+            .deployments
+            .find(&job.environment, &job.integration, &job.sync)
+            .filter(|s| s.sync.config["exec"] == true);
         let Some(sync) = found else {
             return Ok(RunReport::NotDeployed);
         };
