@@ -15,7 +15,7 @@ use hookyard_core::store::{Credentials, NewConnection};
 use hookyard_core::streams::EXEC_STREAM;
 use hookyard_reconciler::Reconciler;
 use hookyard_testkit::{eventually, PgDatabase};
-use hookyard_testkit::fake_provider::{FakeCrm, API_KEY, CLIENT_ID, CLIENT_SECRET};
+use hookyard_testkit::fake_provider::{FakeCrm, Held, API_KEY, CLIENT_ID, CLIENT_SECRET};
 use serde_json::{json, Value};
 
 /// Lists contacts in the style the connection's metadata names (cursor, link or offset),
@@ -182,6 +182,26 @@ impl Setup {
         (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
     }
 
+    /// Starts a run of `c0` held on its first page; then, the run having begun, the
+    /// provider changes `p1` to `email` and says so by webhook (ingested after the run
+    /// began), which the worker applies. The held page, and when the run was queued.
+    async fn webhook_during_a_held_run(&self, email: &str) -> (Held, DateTime<Utc>) {
+        let held = self.crm.hold_page(0);
+        let since = Utc::now();
+        assert_eq!(self.reconciler.tick(Utc::now()).await.unwrap().scheduled, 1);
+        held.reached().await;
+        let jetstream = &self.h.bus.jetstream;
+        let ack = jetstream.publish("hooks.raw.dev.crm", "{}".into()).await.unwrap().await.unwrap();
+        let contact = json!({"type": "contact.updated", "contact": {"id": "p1", "email": email}});
+        self.h.publish([(ack.sequence, "c0", "contact.updated", contact)]).await;
+        eventually("the webhook's write", Duration::from_secs(20), || async {
+            let contacts = self.contacts("c0").await;
+            contacts.iter().any(|(id, stored, _)| id == "p1" && stored == email).then_some(())
+        })
+        .await;
+        (held, since)
+    }
+
     async fn exec_jobs(&self) -> u64 {
         let mut stream = self.h.bus.jetstream.get_stream(EXEC_STREAM).await.unwrap();
         stream.info().await.unwrap().state.messages
@@ -288,34 +308,7 @@ async fn a_webhook_that_lands_while_exec_runs_is_not_overwritten_by_older_data()
     let s = setup(&[("c0", json!({}), api_key())], true).await;
     s.crm.put_contact("p1", "old@crm.test");
     s.crm.put_contact("p2", "p2@crm.test");
-    let held = s.crm.hold_page(0);
-    let since = Utc::now();
-    assert_eq!(s.reconciler.tick(Utc::now()).await.unwrap().scheduled, 1);
-    held.reached().await;
-
-    // The run has begun (and read what it read); now the provider changes p1 and says
-    // so by webhook, ingested after the run began.
-    let ack = s
-        .h
-        .bus
-        .jetstream
-        .publish("hooks.raw.dev.crm", "{}".into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    s.h.publish([(
-        ack.sequence,
-        "c0",
-        "contact.updated",
-        json!({"type": "contact.updated", "contact": {"id": "p1", "email": "new@crm.test"}}),
-    )])
-    .await;
-    eventually("the webhook's write", Duration::from_secs(20), || async {
-        let contacts = s.contacts("c0").await;
-        contacts.iter().any(|(id, email, _)| id == "p1" && email == "new@crm.test").then_some(())
-    })
-    .await;
+    let (held, since) = s.webhook_during_a_held_run("new@crm.test").await;
     // A run asked for meanwhile is skipped: one run at a time per sync and connection.
     let (status, _) = s
         .post("/sync/trigger", json!({"syncs": ["contacts"], "provider_config_key": "crm"}))
@@ -710,31 +703,7 @@ async fn override_lets_exec_win_over_a_webhook_that_came_in_before_its_write() {
     )])
     .await;
     s.crm.put_contact("p1", "from-exec@crm.test");
-    let held = s.crm.hold_page(0);
-    let since = Utc::now();
-    assert_eq!(s.reconciler.tick(Utc::now()).await.unwrap().scheduled, 1);
-    held.reached().await;
-    let ack = s
-        .h
-        .bus
-        .jetstream
-        .publish("hooks.raw.dev.crm", "{}".into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    s.h.publish([(
-        ack.sequence,
-        "c0",
-        "contact.updated",
-        json!({"type": "contact.updated", "contact": {"id": "p1", "email": "from-webhook@crm.test"}}),
-    )])
-    .await;
-    eventually("the webhook's write", Duration::from_secs(20), || async {
-        let contacts = s.contacts("c0").await;
-        contacts.iter().any(|(_, email, _)| email == "from-webhook@crm.test").then_some(())
-    })
-    .await;
+    let (held, since) = s.webhook_during_a_held_run("from-webhook@crm.test").await;
     held.release();
     let state = s.finished_after("c0", since).await;
     assert_eq!(state.last_outcome.as_deref(), Some("SUCCESS"), "{:?}", state.last_error);
