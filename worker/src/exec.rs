@@ -157,33 +157,29 @@ impl Executor {
                 }
             }
         };
-        let outcome = match &report {
-            RunReport::Finished(counts) => RunOutcome::Success(counts.clone()),
-            RunReport::Failed(error) => RunOutcome::Error(error.clone()),
-            _ => RunOutcome::Error("not run".into()),
+        let outcome = match report {
+            Ok(counts) => RunOutcome::Success(counts),
+            Err(error) => RunOutcome::Error(error),
         };
         self.store.finish_run(&key, &run_id, &outcome).await?;
-        Ok(report)
+        Ok(match outcome {
+            RunOutcome::Success(counts) => RunReport::Finished(counts),
+            RunOutcome::Error(error) => RunReport::Failed(error),
+        })
     }
 
-    async fn execute(&self, job: &ExecJob, sync: &Arc<LiveSync>, key: &SyncKey) -> RunReport {
-        match self.prepare(job, sync, key).await {
-            Ok((host, invocation)) => {
-                let outcome = self.pool.execute(sync.code.clone(), invocation).await;
-                let logs = match &outcome {
-                    Ok(effects) => &effects.logs,
-                    Err(error) => &error.logs,
-                };
-                for line in logs {
-                    tracing::debug!(sync = %job.sync, connection = %job.connection_id, level = %line.level, "exec log: {}", line.message);
-                }
-                match outcome {
-                    Ok(_) => RunReport::Finished(host.counts()),
-                    Err(error) => RunReport::Failed(error.to_string()),
-                }
-            }
-            Err(error) => RunReport::Failed(error),
+    /// One run: its counts per model, or why it failed.
+    async fn execute(&self, job: &ExecJob, sync: &Arc<LiveSync>, key: &SyncKey) -> Result<Value, String> {
+        let (host, invocation) = self.prepare(job, sync, key).await?;
+        let outcome = self.pool.execute(sync.code.clone(), invocation).await;
+        let logs = match &outcome {
+            Ok(effects) => &effects.logs,
+            Err(error) => &error.logs,
+        };
+        for line in logs {
+            tracing::debug!(sync = %job.sync, connection = %job.connection_id, level = %line.level, "exec log: {}", line.message);
         }
+        outcome.map(|_| host.counts()).map_err(|error| error.to_string())
     }
 
     /// The host and invocation of a run, after `emptyCache` and `reset` are done.
