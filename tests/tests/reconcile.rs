@@ -757,3 +757,28 @@ async fn checkpoints_carry_over_between_runs_and_reset_forgets_them() {
     };
     assert_eq!(s.h.store.checkpoint(&key).await.unwrap(), Some(json!({"runs": 1})));
 }
+
+#[tokio::test]
+async fn a_message_on_hooks_exec_that_is_no_job_is_kept_as_a_dead_letter() {
+    let s = setup(&[("c0", json!({}), api_key())], true).await;
+    s.h.bus
+        .jetstream
+        .publish("hooks.exec.dev.crm.c0", "not a job".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let letters = eventually("the dead letter", Duration::from_secs(20), || async {
+        let letters = s.h.store.dead_letters("dev", 10).await.ok()?;
+        (!letters.is_empty()).then_some(letters)
+    })
+    .await;
+    assert_eq!(letters.len(), 1);
+    let letter = &letters[0].letter;
+    assert_eq!((letter.consumer.as_str(), letter.error_kind.as_str()), ("exec", "invalid_message"));
+    assert_eq!((letter.integration.as_str(), letter.payload.as_str()), ("crm", "not a job"));
+    // A run still goes through afterwards.
+    s.crm.put_contact("p1", "p1@crm.test");
+    s.run_at(Utc::now(), &["c0"]).await;
+    assert_eq!(live(&s.contacts("c0").await), ["p1"]);
+}

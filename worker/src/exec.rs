@@ -93,8 +93,18 @@ impl Executor {
         let job: ExecJob = match serde_json::from_slice(&message.payload) {
             Ok(job) => job,
             Err(error) => {
-                tracing::error!(subject = %message.subject, %error, "not an exec job; dropped");
-                let _ = message.ack().await;
+                // Kept as a dead letter; acked only once it is.
+                tracing::error!(subject = %message.subject, %error, "not an exec job; dead-lettered");
+                let letter = crate::invalid_message(CONSUMER, EXEC_STREAM, &message, &error.to_string());
+                match self.store.commit(vec![letter]).await {
+                    Ok(_) => {
+                        let _ = message.ack().await;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "keeping a dead letter failed; retrying");
+                        let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(5)))).await;
+                    }
+                }
                 return;
             }
         };

@@ -253,31 +253,7 @@ impl Worker {
                 Err(error) => {
                     // Not ours and never will be: kept as a dead letter, not retried.
                     tracing::error!(subject = %message.subject, %error, "not a routed event");
-                    let info = message.info().ok();
-                    let seq = info.as_ref().map_or(0, |i| i.stream_sequence);
-                    let letter = DeadLetter {
-                        consumer: CONSUMER.into(),
-                        environment: subject_token(&message.subject, 2),
-                        integration: subject_token(&message.subject, 3),
-                        connection_id: None,
-                        subject: message.subject.to_string(),
-                        message_id: format!("{CONN_STREAM}:{seq}"),
-                        stream_seq: seq as i64,
-                        payload: String::from_utf8_lossy(&message.payload).into_owned(),
-                        function_name: None,
-                        function_version: None,
-                        error_kind: "invalid_message".into(),
-                        error: error.to_string(),
-                        attempts: info.map_or(1, |i| i.delivered as i32),
-                    };
-                    let marker = Marker {
-                        consumer: CONSUMER.into(),
-                        message_id: letter.message_id.clone(),
-                    };
-                    units.push(Unit {
-                        dead_letter: Some(letter),
-                        ..Unit::new(marker)
-                    });
+                    units.push(invalid_message(CONSUMER, CONN_STREAM, message, &error.to_string()));
                     runs.push(None);
                     events.push(None);
                 }
@@ -577,6 +553,36 @@ fn dead_letter(
 async fn nak_all(group: &[jetstream::Message], delay: Duration) {
     for message in group {
         let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+    }
+}
+
+/// A message that is not what `consumer` takes, kept as a dead letter (with its marker,
+/// so that a redelivery is not kept twice) rather than retried or dropped.
+pub(crate) fn invalid_message(consumer: &str, stream: &str, message: &jetstream::Message, error: &str) -> Unit {
+    let info = message.info().ok();
+    let seq = info.as_ref().map_or(0, |i| i.stream_sequence);
+    let letter = DeadLetter {
+        consumer: consumer.into(),
+        environment: subject_token(&message.subject, 2),
+        integration: subject_token(&message.subject, 3),
+        connection_id: None,
+        subject: message.subject.to_string(),
+        message_id: format!("{stream}:{seq}"),
+        stream_seq: seq as i64,
+        payload: String::from_utf8_lossy(&message.payload).into_owned(),
+        function_name: None,
+        function_version: None,
+        error_kind: "invalid_message".into(),
+        error: error.to_string(),
+        attempts: info.map_or(1, |i| i.delivered as i32),
+    };
+    let marker = Marker {
+        consumer: consumer.into(),
+        message_id: letter.message_id.clone(),
+    };
+    Unit {
+        dead_letter: Some(letter),
+        ..Unit::new(marker)
     }
 }
 
