@@ -372,18 +372,19 @@ impl StoreHost {
 
     /// Per model: added, updated, deleted (what `GET /sync/status` reports).
     pub fn counts(&self) -> Value {
-        let state = self.state();
-        state
-            .counts
-            .iter()
-            .map(|(model, c)| {
-                (
-                    model.clone(),
-                    json!({"added": c.added, "updated": c.updated, "deleted": c.deleted}),
-                )
-            })
+        self.counts_per_model()
+            .into_iter()
+            .map(|(model, c)| (model, json!({"added": c.added, "updated": c.updated, "deleted": c.deleted})))
             .collect::<Map<String, Value>>()
             .into()
+    }
+
+    /// Each model's counts, by model name.
+    pub fn counts_per_model(&self) -> Vec<(String, WriteCounts)> {
+        let mut counts: Vec<(String, WriteCounts)> =
+            self.state().counts.iter().map(|(m, c)| (m.clone(), *c)).collect();
+        counts.sort_by(|a, b| a.0.cmp(&b.0));
+        counts
     }
 
     /// What a dry run would have done.

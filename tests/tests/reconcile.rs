@@ -782,3 +782,57 @@ async fn a_message_on_hooks_exec_that_is_no_job_is_kept_as_a_dead_letter() {
     s.run_at(Utc::now(), &["c0"]).await;
     assert_eq!(live(&s.contacts("c0").await), ["p1"]);
 }
+
+#[tokio::test]
+async fn exec_runs_that_change_records_send_sync_notifications() {
+    let s = setup(&[("c0", json!({}), api_key())], true).await;
+    let (sent, mut received) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+            let sent = sent.clone();
+            async move {
+                let _ = sent.send(body);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let response = s
+        .h
+        .http
+        .put(format!("{}/forwarding", s.h.api))
+        .bearer_auth(&s.h.environment.secret_key)
+        .json(&json!({"urls": [url]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    s.crm.put_contact("p1", "p1@crm.test");
+    s.crm.put_contact("p2", "p2@crm.test");
+    let now = Utc::now();
+    s.run_at(now, &["c0"]).await;
+    let first = next_notification(&mut received).await;
+    assert_eq!(
+        (&first["type"], &first["syncName"], &first["model"], &first["syncType"]),
+        (&json!("sync"), &json!("contacts"), &json!("Contact"), &json!("INITIAL")),
+        "{first}"
+    );
+    assert_eq!(first["responseResults"], json!({"added": 2, "updated": 0, "deleted": 0}));
+
+    s.crm.put_contact("p3", "p3@crm.test");
+    s.run_at(hour_later(now), &["c0"]).await;
+    let second = next_notification(&mut received).await;
+    assert_eq!(second["syncType"], "INCREMENTAL");
+    assert_eq!(second["responseResults"], json!({"added": 1, "updated": 0, "deleted": 0}));
+}
+
+async fn next_notification(received: &mut tokio::sync::mpsc::UnboundedReceiver<Value>) -> Value {
+    tokio::time::timeout(Duration::from_secs(20), received.recv())
+        .await
+        .expect("a sync notification")
+        .unwrap()
+}

@@ -15,7 +15,7 @@ use async_nats::jetstream::{self, AckKind};
 use hookyard_core::config::{Config, ForwardingConfig};
 use hookyard_core::exec_job::ExecJob;
 use hookyard_core::providers::Catalog;
-use hookyard_core::store::records::RecordScope;
+use hookyard_core::store::records::{RecordScope, WriteCounts};
 use hookyard_core::store::syncs::{RunOutcome, SyncKey};
 use hookyard_core::streams::{consume, durable, EXEC_STREAM};
 use hookyard_core::Store;
@@ -26,6 +26,8 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::deployments::{Deployments, LiveSync};
+use crate::notify;
+use crate::settings::Settings;
 use crate::{jetstream_error, WorkerError};
 
 /// The consumer's name, shared by every worker replica.
@@ -50,6 +52,8 @@ pub struct Executor {
     jetstream: jetstream::Context,
     pool: Pool,
     deployments: Arc<Deployments>,
+    /// For the sync notifications of runs that changed records.
+    settings: Arc<Settings>,
     catalog: Arc<Catalog>,
     guard: ForwardingConfig,
     ack_wait: Duration,
@@ -61,9 +65,11 @@ impl Executor {
         store: Store,
         jetstream: jetstream::Context,
         deployments: Arc<Deployments>,
+        settings: Arc<Settings>,
         config: &Config,
     ) -> Result<Executor, WorkerError> {
         Ok(Executor {
+            settings,
             pool: Pool::new(config.worker.exec_threads, config.worker.exec_limits.clone()),
             catalog: Arc::new(Catalog::embedded().map_err(jetstream_error)?),
             store,
@@ -151,6 +157,8 @@ impl Executor {
         };
         let run_id = hex::encode(hookyard_core::secrets::random_bytes::<8>());
         self.store.ensure_sync_states(&[(key.clone(), true)]).await?;
+        let first = self.store.sync_state(&key).await?.is_none_or(|s| s.last_outcome.is_none());
+        let started = chrono::Utc::now();
         if !self.store.claim_run(&key, &run_id, LEASE).await? {
             return Ok(RunReport::Skipped);
         }
@@ -168,7 +176,23 @@ impl Executor {
             }
         };
         let outcome = match report {
-            Ok(counts) => RunOutcome::Success(counts),
+            Ok((counts, per_model)) => {
+                let run = notify::Run {
+                    environment: job.environment.clone(),
+                    integration: job.integration.clone(),
+                    connection: job.connection_id.clone(),
+                    sync: job.sync.clone(),
+                    models: per_model.iter().map(|(model, _)| model.clone()).collect(),
+                    message_id: format!("exec-{run_id}"),
+                    sync_type: if first { "INITIAL" } else { "INCREMENTAL" },
+                    modified_after: started,
+                };
+                let counts_per_model: Vec<WriteCounts> = per_model.into_iter().map(|(_, c)| c).collect();
+                if let Err(error) = notify::notify(&self.settings, &self.jetstream, &[(&run, &counts_per_model)]).await {
+                    tracing::warn!(%error, "the exec run's sync notifications could not be queued; they are lost");
+                }
+                RunOutcome::Success(counts)
+            }
             Err(error) => RunOutcome::Error(error),
         };
         self.store.finish_run(&key, &run_id, &outcome).await?;
@@ -178,8 +202,13 @@ impl Executor {
         })
     }
 
-    /// One run: its counts per model, or why it failed.
-    async fn execute(&self, job: &ExecJob, sync: &Arc<LiveSync>, key: &SyncKey) -> Result<Value, String> {
+    /// One run: its counts per model (as reported, and as notified), or why it failed.
+    async fn execute(
+        &self,
+        job: &ExecJob,
+        sync: &Arc<LiveSync>,
+        key: &SyncKey,
+    ) -> Result<(Value, Vec<(String, WriteCounts)>), String> {
         let (host, invocation) = self.prepare(job, sync, key).await?;
         let outcome = self.pool.execute(sync.code.clone(), invocation).await;
         let logs = match &outcome {
@@ -189,7 +218,9 @@ impl Executor {
         for line in logs {
             tracing::debug!(sync = %job.sync, connection = %job.connection_id, level = %line.level, "exec log: {}", line.message);
         }
-        outcome.map(|_| host.counts()).map_err(|error| error.to_string())
+        outcome
+            .map(|_| (host.counts(), host.counts_per_model()))
+            .map_err(|error| error.to_string())
     }
 
     /// The host and invocation of a run, after `emptyCache` and `reset` are done.

@@ -303,6 +303,8 @@ impl Worker {
                                     sync: task.sync.sync.name.clone(),
                                     models: effects.writes.iter().map(|w| w.model.clone()).collect(),
                                     message_id: event.message_id(),
+                                    sync_type: "WEBHOOK",
+                                    modified_after: chrono::Utc::now(),
                                 }));
                                 units.push(self.unit(task, event, effects));
                             }
@@ -633,9 +635,10 @@ pub async fn run_all(store: Store, bus: &Bus, config: &Config, shutdown: Cancell
         store.clone(),
         bus.jetstream.clone(),
         worker.deployments.clone(),
+        worker.settings.clone(),
         config,
     )?);
-    // One cache of environments, integrations and targets for the three consumers.
+    // One cache of environments, integrations and targets for the consumers.
     let settings = worker.settings.clone();
     let forwarder = Arc::new(forward::Forwarder::new(settings.clone(), bus.jetstream.clone()));
     let deliverer = Arc::new(deliver::Deliverer::new(

@@ -1,4 +1,4 @@
-//! Sync notifications: after an execution whose commit changed records, one POST per
+//! Sync notifications: after an execution (onWebhook or exec) that changed records, one POST per
 //! model to the connection's forwarding destinations (Nango's `type: "sync"` body),
 //! delivered like forwards. Runs that changed nothing send nothing, unless the
 //! environment asks to always be told.
@@ -22,8 +22,13 @@ pub struct Run {
     pub sync: String,
     /// The model of each record call, in call order.
     pub models: Vec<String>,
-    /// The event's message id: with the sync and model, the notification's identity.
+    /// The event's message id (or the exec run's id): with the sync and model, the
+    /// notification's identity.
     pub message_id: String,
+    /// Nango's `syncType`: `WEBHOOK` for onWebhook, `INITIAL` / `INCREMENTAL` for exec.
+    pub sync_type: &'static str,
+    /// Records changed after this are the run's (`modifiedAfter`).
+    pub modified_after: chrono::DateTime<Utc>,
 }
 
 /// Puts the notifications of `runs` (each with its calls' counts) into `HOOKS_FWD`.
@@ -52,7 +57,7 @@ pub async fn notify(
         if targets.urls.is_empty() {
             continue;
         }
-        let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
+        let modified_after = run.modified_after.to_rfc3339_opts(SecondsFormat::Millis, true);
         for (model, count) in by_model {
             if count.added + count.updated + count.deleted == 0 && !targets.always_notify {
                 continue;
@@ -64,9 +69,9 @@ pub async fn notify(
                 "providerConfigKey": run.integration,
                 "syncName": run.sync,
                 "model": model,
-                "syncType": "WEBHOOK",
+                "syncType": run.sync_type,
                 "success": true,
-                "modifiedAfter": now,
+                "modifiedAfter": modified_after,
                 "responseResults": {"added": count.added, "updated": count.updated, "deleted": count.deleted},
             });
             let body = serde_json::to_vec(&body).expect("JSON serialises");

@@ -161,6 +161,13 @@ impl Store {
         rows.into_iter().map(|row| state_of(row, now)).collect()
     }
 
+    /// One sync state.
+    pub async fn sync_state(&self, key: &SyncKey) -> Result<Option<SyncState>, StoreError> {
+        let sql = format!("SELECT {STATE_COLUMNS} FROM sync_states WHERE {KEY_MATCH}");
+        let row: Option<StateRow> = on_pool!(self, |pool| bind_key!(sqlx::query_as(&sql), key).fetch_optional(pool).await)?;
+        row.map(|row| state_of(row, now_ms())).transpose()
+    }
+
     /// Makes the states that do not exist yet, started or not (a sync's `autoStart`).
     pub async fn ensure_sync_states(&self, keys: &[(SyncKey, bool)]) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
