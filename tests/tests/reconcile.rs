@@ -406,16 +406,17 @@ async fn oauth2_tokens_are_refreshed_once_when_expired_or_refused_and_stored() {
 }
 
 #[tokio::test]
-async fn a_429_is_retried_after_its_retry_after() {
+async fn a_429_is_retried_after_its_retry_after_and_a_5xx_after_a_backoff() {
     let s = setup(&[("c0", json!({}), api_key())], true).await;
     s.crm.put_contact("p1", "p1@crm.test");
     s.crm.fail_next(1, 429, Some(1));
+    s.crm.fail_next(1, 503, None);
     let started = Instant::now();
     let state = &s.run_at(Utc::now(), &["c0"]).await[0];
     assert_eq!(state.last_outcome.as_deref(), Some("SUCCESS"), "{:?}", state.last_error);
     assert!(started.elapsed() >= Duration::from_secs(1), "Retry-After: 1 was waited for");
     let statuses: Vec<u16> = s.crm.requests().iter().map(|(_, status)| *status).collect();
-    assert_eq!(statuses, [429, 200]);
+    assert_eq!(statuses, [429, 503, 200], "a 5xx is retried too");
     assert_eq!(live(&s.contacts("c0").await), ["p1"]);
 }
 
