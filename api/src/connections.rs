@@ -1,7 +1,6 @@
 //! `/connections`: customer accounts under an integration, in Nango's shapes. Older
 //! clients use the singular `/connection…` paths; `lib.rs` maps those onto these.
 
-use std::time::Duration;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
@@ -10,6 +9,7 @@ use hookyard_core::keys::IntegrationKey;
 use hookyard_core::store::{Connection, ConnectionQuery, Credentials, Environment, MetadataWrite, NewConnection};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use std::time::Duration;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -212,8 +212,16 @@ async fn create(
     };
     let connection = state.store.create_connection(&environment, &new).await?;
     // After the answer is on its way: registering a webhook need not hold the caller.
-    let (events, integration, id) = (state.events.clone(), new.integration.clone(), connection.connection_id.clone());
-    tokio::spawn(async move { events.run(&environment, &integration, &id, "post-connection-creation").await });
+    let (events, integration, id) = (
+        state.events.clone(),
+        new.integration.clone(),
+        connection.connection_id.clone(),
+    );
+    tokio::spawn(async move {
+        events
+            .run(&environment, &integration, &id, "post-connection-creation")
+            .await
+    });
     Ok((StatusCode::CREATED, Json(ConnectionView::new(connection, false))))
 }
 
@@ -249,9 +257,19 @@ async fn delete(
 ) -> Result<Json<Success>, ApiError> {
     let key = required_key(param)?;
     // While the connection still exists, so that it can unregister what it registered.
-    if state.store.connection(environment.id, &key, &connection_id).await?.is_some() {
-        let events = state.events.run(&environment, &key, &connection_id, "pre-connection-deletion");
-        if tokio::time::timeout(crate::events::EVENT_TIMEOUT + Duration::from_secs(1), events).await.is_err() {
+    if state
+        .store
+        .connection(environment.id, &key, &connection_id)
+        .await?
+        .is_some()
+    {
+        let events = state
+            .events
+            .run(&environment, &key, &connection_id, "pre-connection-deletion");
+        if tokio::time::timeout(crate::events::EVENT_TIMEOUT + Duration::from_secs(1), events)
+            .await
+            .is_err()
+        {
             tracing::warn!(connection = %connection_id, "pre-connection-deletion functions did not finish; deleting anyway");
         }
     }

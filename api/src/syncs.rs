@@ -100,7 +100,14 @@ async fn trigger(
     Extension(environment): Extension<Environment>,
     Body(body): Body<SyncsRequest>,
 ) -> Result<Json<Done>, ApiError> {
-    let (keys, syncs) = resolve(&state, &environment, &body.provider_config_key, &body.syncs, body.connection_id.as_deref()).await?;
+    let (keys, syncs) = resolve(
+        &state,
+        &environment,
+        &body.provider_config_key,
+        &body.syncs,
+        body.connection_id.as_deref(),
+    )
+    .await?;
     let keys: Vec<(SyncKey, bool)> = keys
         .into_iter()
         .map(|key| {
@@ -114,7 +121,10 @@ async fn trigger(
         empty_cache: body.opts.empty_cache,
     };
     state.store.request_trigger(&keys, &trigger).await?;
-    Ok(Json(Done { success: true, count: keys.len() }))
+    Ok(Json(Done {
+        success: true,
+        count: keys.len(),
+    }))
 }
 
 /// Stop scheduling the syncs (a run in progress finishes).
@@ -141,10 +151,25 @@ async fn start(
     set_paused(state, environment, body, false).await
 }
 
-async fn set_paused(state: AppState, environment: Environment, body: SyncsRequest, paused: bool) -> Result<Json<Done>, ApiError> {
-    let (keys, _) = resolve(&state, &environment, &body.provider_config_key, &body.syncs, body.connection_id.as_deref()).await?;
+async fn set_paused(
+    state: AppState,
+    environment: Environment,
+    body: SyncsRequest,
+    paused: bool,
+) -> Result<Json<Done>, ApiError> {
+    let (keys, _) = resolve(
+        &state,
+        &environment,
+        &body.provider_config_key,
+        &body.syncs,
+        body.connection_id.as_deref(),
+    )
+    .await?;
     state.store.set_syncs_paused(&keys, paused).await?;
-    Ok(Json(Done { success: true, count: keys.len() }))
+    Ok(Json(Done {
+        success: true,
+        count: keys.len(),
+    }))
 }
 
 /// Each sync's state per connection: status, schedule and last run.
@@ -159,9 +184,21 @@ async fn status(
     let names: Vec<String> = if query.syncs.trim() == "*" {
         Vec::new()
     } else {
-        query.syncs.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+        query
+            .syncs
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
     };
-    let (keys, syncs) = resolve(&state, &environment, &query.provider_config_key, &names, query.connection_id.as_deref()).await?;
+    let (keys, syncs) = resolve(
+        &state,
+        &environment,
+        &query.provider_config_key,
+        &names,
+        query.connection_id.as_deref(),
+    )
+    .await?;
     let integration = keys.first().map(|k| k.integration.clone());
     let states: HashMap<SyncKey, SyncState> = state
         .store
@@ -178,7 +215,13 @@ async fn status(
                 name: key.sync.clone(),
                 connection_id: key.connection_id.clone(),
                 status: state.map_or_else(
-                    || if sync.config["autoStart"] != false { SyncStatus::Pending } else { SyncStatus::Stopped },
+                    || {
+                        if sync.config["autoStart"] != false {
+                            SyncStatus::Pending
+                        } else {
+                            SyncStatus::Stopped
+                        }
+                    },
                     SyncState::status,
                 ),
                 frequency: sync.config["frequency"].as_str().map(str::to_string),
@@ -231,7 +274,10 @@ async fn resolve(
     };
     let connections = match connection_id {
         Some(id) => {
-            state.store.existing_connection(environment.id, &integration, id).await?;
+            state
+                .store
+                .existing_connection(environment.id, &integration, id)
+                .await?;
             vec![id.to_string()]
         }
         None => state.store.live_connection_ids(environment.id, &integration).await?,

@@ -10,9 +10,9 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use hookyard_core::config::EncryptionKey;
 use hookyard_core::embedded_nats::{server_bin, EmbeddedNats, ServerSpec};
+use hookyard_core::keys::IntegrationKey;
 use hookyard_core::routed::RoutedEvent;
 use hookyard_core::secrets::Cipher;
-use hookyard_core::keys::IntegrationKey;
 use hookyard_core::store::{Credentials, Environment, IntegrationChanges, NewConnection, NewIntegration, StoreError};
 use hookyard_core::streams::{Bus, CONN_STREAM, RAW_STREAM};
 use hookyard_core::{Config, Envelope, Store};
@@ -95,7 +95,10 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
     );
     let reconciler = spawn_stopping_all(
         {
-            let reconciler = std::sync::Arc::new(hookyard_reconciler::Reconciler::new(store.clone(), bus.jetstream.clone()));
+            let reconciler = std::sync::Arc::new(hookyard_reconciler::Reconciler::new(
+                store.clone(),
+                bus.jetstream.clone(),
+            ));
             let shutdown = shutdown.clone();
             async move {
                 reconciler.run(shutdown).await;
@@ -281,7 +284,11 @@ fn stop_stale_nats(pid_file: &Path) {
 /// demo webhook changes among them).
 async fn demo_crm() -> FakeCrm {
     let crm = FakeCrm::start().await;
-    for (id, email) in [("c_1", "ada@example.com"), ("c_2", "grace@example.com"), ("c_3", "linus@example.com")] {
+    for (id, email) in [
+        ("c_1", "ada@example.com"),
+        ("c_2", "grace@example.com"),
+        ("c_3", "linus@example.com"),
+    ] {
         crm.put_contact(id, email);
     }
     crm
@@ -310,7 +317,9 @@ async fn ensure_demo_integration(store: &Store, environment: &Environment, crm_u
         }
         Err(error) => return Err(error.into()),
     }
-    let credentials = Credentials::ApiKey { api_key: API_KEY.into() };
+    let credentials = Credentials::ApiKey {
+        api_key: API_KEY.into(),
+    };
     let connection = NewConnection {
         integration: key.clone(),
         connection_id: DEMO_CONNECTION.into(),
@@ -322,7 +331,9 @@ async fn ensure_demo_integration(store: &Store, environment: &Environment, crm_u
     match store.create_connection(environment, &connection).await {
         Ok(_) => Ok(()),
         Err(StoreError::Conflict(_)) => {
-            store.update_credentials(environment.id, &key, DEMO_CONNECTION, &credentials).await?;
+            store
+                .update_credentials(environment.id, &key, DEMO_CONNECTION, &credentials)
+                .await?;
             Ok(())
         }
         Err(error) => Err(error.into()),

@@ -54,7 +54,13 @@ pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::e
     let sync = match matching.as_slice() {
         [one] => *one,
         [] => return Err(format!("no sync {:?} in {}", args.sync, args.dir.display()).into()),
-        _ => return Err(format!("several integrations have a sync {:?}: say which with --integration", args.sync).into()),
+        _ => {
+            return Err(format!(
+                "several integrations have a sync {:?}: say which with --integration",
+                args.sync
+            )
+            .into())
+        }
     };
     let payload: Option<Value> = match &args.webhook {
         Some(path) => Some(
@@ -103,14 +109,23 @@ pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::e
         .map(|a| a.iter().filter_map(|m| m.as_str().map(String::from)).collect())
         .unwrap_or_default();
     let invocation = Invocation {
-        payload: payload.as_ref().map_or_else(|| "null".to_string(), Value::to_string).into(),
+        payload: payload
+            .as_ref()
+            .map_or_else(|| "null".to_string(), Value::to_string)
+            .into(),
         connection_id: args.connection_id.clone(),
         provider_config_key: sync.integration.to_string(),
         metadata,
         connection: described,
         models: serde_json::to_string(&models)?.into(),
-        handler: if payload.is_some() { Handler::OnWebhook } else { Handler::Exec },
-        host: payload.is_none().then(|| host.clone() as Arc<dyn hookyard_functions::Host>),
+        handler: if payload.is_some() {
+            Handler::OnWebhook
+        } else {
+            Handler::Exec
+        },
+        host: payload
+            .is_none()
+            .then(|| host.clone() as Arc<dyn hookyard_functions::Host>),
     };
     let code = Arc::new(SyncCode::new(
         &project.bundle.hash,
@@ -118,7 +133,10 @@ pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::e
         Arc::new(project.bundle.modules.clone()),
     ));
     let what = if payload.is_some() { "onWebhook" } else { "exec" };
-    eprintln!("running {what} of {}/{} for {} …", sync.integration, sync.name, args.connection_id);
+    eprintln!(
+        "running {what} of {}/{} for {} …",
+        sync.integration, sync.name, args.connection_id
+    );
     let pool = Pool::new(1, limits);
     let effects = pool
         .execute(code, invocation)

@@ -1,8 +1,8 @@
 //! The `hookyard` binary: a thin CLI over the stage crates.
 
 mod deploy;
-mod dryrun;
 mod dev;
+mod dryrun;
 
 use std::process::ExitCode;
 

@@ -886,7 +886,9 @@ async fn dryrun_prints_what_exec_and_on_webhook_would_write_and_save_writes_it()
                 connection_config: serde_json::json!({}),
                 metadata: serde_json::json!({}),
                 tags: serde_json::json!({}),
-                credentials: Some(hookyard_core::store::Credentials::ApiKey { api_key: API_KEY.into() }),
+                credentials: Some(hookyard_core::store::Credentials::ApiKey {
+                    api_key: API_KEY.into(),
+                }),
             },
         )
         .await
@@ -899,14 +901,23 @@ async fn dryrun_prints_what_exec_and_on_webhook_would_write_and_save_writes_it()
         model: "Contact".into(),
     };
     store
-        .write_records(&scope, WriteKind::Save, vec![("gone".into(), serde_json::json!({"id": "gone"}))], 1)
+        .write_records(
+            &scope,
+            WriteKind::Save,
+            vec![("gone".into(), serde_json::json!({"id": "gone"}))],
+            1,
+        )
         .await
         .unwrap();
 
     let project = tempfile::tempdir().unwrap();
     copy_example(project.path());
     let payload = project.path().join("payload.json");
-    std::fs::write(&payload, r#"{"type": "contact.updated", "contact": {"id": 7, "email": "p7@crm.test"}}"#).unwrap();
+    std::fs::write(
+        &payload,
+        r#"{"type": "contact.updated", "contact": {"id": 7, "email": "p7@crm.test"}}"#,
+    )
+    .unwrap();
     let nats = NatsServer::start();
     let (url, dir, nats_url) = (sqlite.url.clone(), project.path().to_path_buf(), nats.url.clone());
     let dryrun = move |sync: &str, extra: Vec<String>| {
@@ -925,43 +936,65 @@ async fn dryrun_prints_what_exec_and_on_webhook_would_write_and_save_writes_it()
         (output.status, text(&output.stdout), text(&output.stderr))
     };
     let stored = || async {
-        let mut rows = hookyard_testkit::raw_texts(&sqlite.url, "SELECT id || ':' || last_action || ':' || payload FROM records").await;
+        let mut rows = hookyard_testkit::raw_texts(
+            &sqlite.url,
+            "SELECT id || ':' || last_action || ':' || payload FROM records",
+        )
+        .await;
         rows.sort();
         rows
     };
     let before = stored().await;
 
     let run = dryrun.clone();
-    let (status, stdout, stderr) = tokio::task::spawn_blocking(move || run("contacts", vec![])).await.unwrap();
+    let (status, stdout, stderr) = tokio::task::spawn_blocking(move || run("contacts", vec![]))
+        .await
+        .unwrap();
     assert!(status.success(), "{stderr}");
     let plan: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
     let ids = |list: &serde_json::Value| -> Vec<String> {
-        list.as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_string()).collect()
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect()
     };
     assert_eq!(ids(&plan["records"]["Contact"]["save"]), ["p1", "p2", "p3"]);
     assert_eq!(ids(&plan["records"]["Contact"]["delete"]), ["gone"]);
-    assert!(stderr.contains("Contact: 3 to save, 0 to update, 1 to delete"), "{stderr}");
+    assert!(
+        stderr.contains("Contact: 3 to save, 0 to update, 1 to delete"),
+        "{stderr}"
+    );
     assert_eq!(stored().await, before, "a dry run writes nothing");
 
     let run = dryrun.clone();
     let webhook = vec!["--webhook".to_string(), payload.to_str().unwrap().into()];
-    let (status, stdout, stderr) = tokio::task::spawn_blocking(move || run("contacts", webhook)).await.unwrap();
+    let (status, stdout, stderr) = tokio::task::spawn_blocking(move || run("contacts", webhook))
+        .await
+        .unwrap();
     assert!(status.success(), "{stderr}");
     let plan: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(ids(&plan["records"]["Contact"]["save"]), ["7"]);
     assert_eq!(stored().await, before, "nor does a dry run of onWebhook");
 
     let run = dryrun.clone();
-    let (status, stdout, stderr) = tokio::task::spawn_blocking(move || run("contacts", vec!["--save".into()])).await.unwrap();
+    let (status, stdout, stderr) = tokio::task::spawn_blocking(move || run("contacts", vec!["--save".into()]))
+        .await
+        .unwrap();
     assert!(status.success(), "{stderr}");
     let saved: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(saved["saved"]["Contact"], serde_json::json!({"added": 3, "updated": 0, "deleted": 1}));
+    assert_eq!(
+        saved["saved"]["Contact"],
+        serde_json::json!({"added": 3, "updated": 0, "deleted": 1})
+    );
     let after = stored().await;
     assert_eq!(after.len(), 4);
     assert!(after.iter().any(|row| row.starts_with("gone:DELETED")), "{after:?}");
 
     // An unknown sync is named.
-    let (status, _, stderr) = tokio::task::spawn_blocking(move || dryrun("nosuch", vec![])).await.unwrap();
+    let (status, _, stderr) = tokio::task::spawn_blocking(move || dryrun("nosuch", vec![]))
+        .await
+        .unwrap();
     assert!(!status.success());
     assert!(stderr.contains("no sync \"nosuch\""), "{stderr}");
 }

@@ -421,7 +421,10 @@ impl Config {
         if !(1..=10_000).contains(&worker.batch) {
             problems.push("worker.batch must be between 1 and 10000".into());
         }
-        for (name, limits) in [("worker.limits", &worker.limits), ("worker.exec_limits", &worker.exec_limits)] {
+        for (name, limits) in [
+            ("worker.limits", &worker.limits),
+            ("worker.exec_limits", &worker.exec_limits),
+        ] {
             if limits.memory_bytes < 1024 * 1024 {
                 problems.push(format!("{name}.memory_bytes must be at least 1 MiB"));
             }

@@ -74,7 +74,15 @@ mod tests {
     fn too_often_or_unreadable() {
         assert!(parse_frequency("every 10s").unwrap_err().contains("shortest allowed"));
         assert!(parse_frequency("every 29 seconds").is_err());
-        for bad in ["", "every", "soon", "every 0 minutes", "1.5h", "every -5 minutes", "5 fortnights"] {
+        for bad in [
+            "",
+            "every",
+            "soon",
+            "every 0 minutes",
+            "1.5h",
+            "every -5 minutes",
+            "5 fortnights",
+        ] {
             assert!(parse_frequency(bad).unwrap_err().contains("not understood"), "{bad}");
         }
     }

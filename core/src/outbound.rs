@@ -116,6 +116,9 @@ mod tests {
         assert_eq!(parse_retry_after("soon"), None);
         let later = (Utc::now() + chrono::Duration::seconds(30)).to_rfc2822();
         let wait = parse_retry_after(&later).unwrap();
-        assert!(wait > Duration::from_secs(25) && wait <= Duration::from_secs(30), "{wait:?}");
+        assert!(
+            wait > Duration::from_secs(25) && wait <= Duration::from_secs(30),
+            "{wait:?}"
+        );
     }
 }

@@ -181,7 +181,10 @@ impl StoreHost {
             "metadata" => {
                 let args: MetadataArgs = serde_json::from_str(args).map_err(parse_error)?;
                 if dry {
-                    self.state().plan.metadata.push(json!({"how": args.how, "value": args.value}));
+                    self.state()
+                        .plan
+                        .metadata
+                        .push(json!({"how": args.how, "value": args.value}));
                     return Ok(String::new());
                 }
                 let how = if args.how == "replace" {
@@ -190,7 +193,8 @@ impl StoreHost {
                     MetadataWrite::Merge
                 };
                 let key = &self.run.key;
-                self.run.store
+                self.run
+                    .store
                     .set_connection_metadata(
                         key.environment_id,
                         &key.integration,
@@ -209,7 +213,8 @@ impl StoreHost {
                 serde_json::to_string(&response).map_err(|e| e.to_string())
             }
             "pagination" => Ok(self
-                .run.api
+                .run
+                .api
                 .as_ref()
                 .map(ProviderApi::pagination)
                 .unwrap_or(Value::Null)
@@ -229,7 +234,8 @@ impl StoreHost {
                 let scope = self.scope(&args.model);
                 if dry {
                     let gone = self
-                        .run.store
+                        .run
+                        .store
                         .unseen_records(&scope, &seen, self.run.version)
                         .await
                         .map_err(store_error)?;
@@ -240,7 +246,8 @@ impl StoreHost {
                     return Ok(count.to_string());
                 }
                 let counts = self
-                    .run.store
+                    .run
+                    .store
                     .delete_unseen(&scope, &seen, self.run.version)
                     .await
                     .map_err(store_error)?;
@@ -252,7 +259,8 @@ impl StoreHost {
                     return Ok(planned.to_string());
                 }
                 Ok(self
-                    .run.store
+                    .run
+                    .store
                     .checkpoint(&self.run.key)
                     .await
                     .map_err(store_error)?
@@ -269,7 +277,8 @@ impl StoreHost {
                     self.state().plan.checkpoint = Some(checkpoint.unwrap_or(Value::Null));
                     return Ok(String::new());
                 }
-                self.run.store
+                self.run
+                    .store
                     .set_checkpoint(&self.run.key, checkpoint.as_ref())
                     .await
                     .map_err(store_error)?;
@@ -305,7 +314,8 @@ impl StoreHost {
         };
         let records: Vec<(String, Value)> = args.records.into_iter().map(|r| (record_id(&r), r)).collect();
         let counts = self
-            .run.store
+            .run
+            .store
             .write_records(&self.scope(&args.model), kind, records, version)
             .await
             .map_err(|e| format!("writing {} records: {e}", args.model))?;
@@ -334,7 +344,11 @@ impl StoreHost {
             .await?;
         }
         for (how, value) in metadata {
-            let how = if how == MetadataWrite::Replace { "replace" } else { "merge" };
+            let how = if how == MetadataWrite::Replace {
+                "replace"
+            } else {
+                "merge"
+            };
             self.dispatch("metadata", &json!({"how": how, "value": value}).to_string())
                 .await?;
         }
@@ -374,15 +388,19 @@ impl StoreHost {
     pub fn counts(&self) -> Value {
         self.counts_per_model()
             .into_iter()
-            .map(|(model, c)| (model, json!({"added": c.added, "updated": c.updated, "deleted": c.deleted})))
+            .map(|(model, c)| {
+                (
+                    model,
+                    json!({"added": c.added, "updated": c.updated, "deleted": c.deleted}),
+                )
+            })
             .collect::<Map<String, Value>>()
             .into()
     }
 
     /// Each model's counts, by model name.
     pub fn counts_per_model(&self) -> Vec<(String, WriteCounts)> {
-        let mut counts: Vec<(String, WriteCounts)> =
-            self.state().counts.iter().map(|(m, c)| (m.clone(), *c)).collect();
+        let mut counts: Vec<(String, WriteCounts)> = self.state().counts.iter().map(|(m, c)| (m.clone(), *c)).collect();
         counts.sort_by(|a, b| a.0.cmp(&b.0));
         counts
     }

@@ -26,7 +26,10 @@ pub struct SyncCode {
 
 impl SyncCode {
     /// A deployed function's code, from its bundle's modules.
-    pub fn of(sync: &hookyard_core::store::functions::DeployedSync, modules: Arc<BTreeMap<String, Vec<u8>>>) -> SyncCode {
+    pub fn of(
+        sync: &hookyard_core::store::functions::DeployedSync,
+        modules: Arc<BTreeMap<String, Vec<u8>>>,
+    ) -> SyncCode {
         SyncCode::new(&sync.bundle_hash, &sync.entry, modules)
     }
 

@@ -124,16 +124,14 @@ impl ProviderApi {
                     self.refresh().await?;
                     continue;
                 }
-                Ok(response) if response.status().as_u16() == 429 || response.status().is_server_error() => {
-                    Some(
-                        response
-                            .headers()
-                            .get(RETRY_AFTER)
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(parse_retry_after)
-                            .unwrap_or_else(|| backoff(attempt)),
-                    )
-                }
+                Ok(response) if response.status().as_u16() == 429 || response.status().is_server_error() => Some(
+                    response
+                        .headers()
+                        .get(RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(parse_retry_after)
+                        .unwrap_or_else(|| backoff(attempt)),
+                ),
                 Ok(_) => None,
                 Err(_) => Some(backoff(attempt)),
             };
@@ -185,7 +183,10 @@ impl ProviderApi {
         self.spec.token_url.is_some()
             && matches!(
                 &*self.credentials.lock().await,
-                Some(Credentials::OAuth2 { refresh_token: Some(_), .. })
+                Some(Credentials::OAuth2 {
+                    refresh_token: Some(_),
+                    ..
+                })
             )
     }
 
@@ -210,7 +211,11 @@ impl ProviderApi {
         else {
             return Err("the connection's OAuth2 token was refused and there is no refresh token".into());
         };
-        let token_url = self.spec.token_url.as_deref().ok_or("the integration has no token_url")?;
+        let token_url = self
+            .spec
+            .token_url
+            .as_deref()
+            .ok_or("the integration has no token_url")?;
         let mut form = form_urlencoded::Serializer::new(String::new());
         form.append_pair("grant_type", "refresh_token");
         form.append_pair("refresh_token", refresh_token);
@@ -250,7 +255,12 @@ impl ProviderApi {
         };
         let owner = &self.owner;
         self.store
-            .update_credentials(owner.environment_id, &owner.integration, &owner.connection_id, &refreshed)
+            .update_credentials(
+                owner.environment_id,
+                &owner.integration,
+                &owner.connection_id,
+                &refreshed,
+            )
             .await
             .map_err(|e| format!("storing the refreshed OAuth2 token: {e}"))?;
         tracing::info!(connection = %owner.connection_id, integration = %owner.integration, "OAuth2 token refreshed");
@@ -264,10 +274,16 @@ async fn read(response: reqwest::Response) -> Result<ProxyResponse, String> {
     let headers = response
         .headers()
         .iter()
-        .filter_map(|(name, value)| Some((name.as_str().to_string(), Value::String(value.to_str().ok()?.to_string()))))
+        .filter_map(|(name, value)| {
+            Some((
+                name.as_str().to_string(),
+                Value::String(value.to_str().ok()?.to_string()),
+            ))
+        })
         .collect();
     let bytes = response.bytes().await.map_err(|e| format!("reading the answer: {e}"))?;
-    let data = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    let data =
+        serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     Ok(ProxyResponse { status, headers, data })
 }
 
@@ -320,7 +336,9 @@ fn endpoint_url(base: &Url, request: &ProxyRequest) -> Result<Url, String> {
 /// The headers that carry the connection's credentials.
 fn auth_headers(credentials: Option<&Credentials>, spec: &ApiSpec) -> Result<HeaderMap, String> {
     let mut headers = HeaderMap::new();
-    let value = |text: String| HeaderValue::try_from(text).map_err(|_| "credentials hold a character a header cannot".to_string());
+    let value = |text: String| {
+        HeaderValue::try_from(text).map_err(|_| "credentials hold a character a header cannot".to_string())
+    };
     match credentials {
         None => {}
         Some(Credentials::ApiKey { api_key }) => match spec.api_key_header.as_deref() {
@@ -328,7 +346,8 @@ fn auth_headers(credentials: Option<&Credentials>, spec: &ApiSpec) -> Result<Hea
                 headers.insert(AUTHORIZATION, value(format!("Bearer {api_key}"))?);
             }
             Some(header) => {
-                let name = HeaderName::try_from(header).map_err(|_| format!("api_key_header {header:?} is not a header name"))?;
+                let name = HeaderName::try_from(header)
+                    .map_err(|_| format!("api_key_header {header:?} is not a header name"))?;
                 headers.insert(name, value(api_key.clone())?);
             }
         },
@@ -369,11 +388,22 @@ mod tests {
     #[test]
     fn endpoints_resolve_against_the_base_and_other_hosts_are_refused() {
         let base = Url::parse("https://api.crm.test/v2/").unwrap();
-        let url = endpoint_url(&base, &request("/contacts?a=1", serde_json::json!({"limit": 2, "q": "x y", "none": null}))).unwrap();
+        let url = endpoint_url(
+            &base,
+            &request(
+                "/contacts?a=1",
+                serde_json::json!({"limit": 2, "q": "x y", "none": null}),
+            ),
+        )
+        .unwrap();
         assert_eq!(url.as_str(), "https://api.crm.test/v2/contacts?a=1&limit=2&q=x+y");
         let same = endpoint_url(&base, &request("https://api.crm.test/v2/contacts?page=2", Value::Null)).unwrap();
         assert_eq!(same.as_str(), "https://api.crm.test/v2/contacts?page=2");
-        for other in ["https://evil.test/contacts", "http://api.crm.test/v2/contacts", "https://api.crm.test:8443/x"] {
+        for other in [
+            "https://evil.test/contacts",
+            "http://api.crm.test/v2/contacts",
+            "https://api.crm.test:8443/x",
+        ] {
             let error = endpoint_url(&base, &request(other, Value::Null)).unwrap_err();
             assert!(error.contains("are refused"), "{other}: {error}");
         }

@@ -9,8 +9,8 @@ use hookyard_core::store::MetadataWrite;
 use hookyard_functions::compile::{compile_project, Project};
 use hookyard_functions::pool::{Pool, SyncCode};
 use hookyard_functions::{ErrorKind, Handler, Host, Invocation, Limits};
-use std::sync::Mutex;
 use serde_json::json;
+use std::sync::Mutex;
 
 fn limits() -> Limits {
     Limits {
@@ -274,11 +274,17 @@ fn bad_deploys_name_the_file_and_the_problem() {
         ),
         (vec![("crm/helpers.js", "export const x = 1;".into())], "no syncs found"),
         (
-            vec![("crm/syncs/a.js", "export default { frequency: 'every 10s', exec() {} };".into())],
+            vec![(
+                "crm/syncs/a.js",
+                "export default { frequency: 'every 10s', exec() {} };".into(),
+            )],
             "crm/syncs/a.js: frequency \"every 10s\" is more often than every 30 seconds",
         ),
         (
-            vec![("crm/syncs/a.js", "export default { frequency: 'now and then', exec() {} };".into())],
+            vec![(
+                "crm/syncs/a.js",
+                "export default { frequency: 'now and then', exec() {} };".into(),
+            )],
             "crm/syncs/a.js: frequency \"now and then\" is not understood",
         ),
         (
@@ -420,10 +426,24 @@ export default createSync({
     let ops: Vec<&str> = calls.iter().map(|(op, _)| op.as_str()).collect();
     assert_eq!(
         ops,
-        ["getCheckpoint", "trackDeletesStart", "pagination", "proxy", "write", "proxy", "write", "trackDeletesEnd", "saveCheckpoint", "proxy"]
+        [
+            "getCheckpoint",
+            "trackDeletesStart",
+            "pagination",
+            "proxy",
+            "write",
+            "proxy",
+            "write",
+            "trackDeletesEnd",
+            "saveCheckpoint",
+            "proxy"
+        ]
     );
     let saved: Vec<&serde_json::Value> = calls.iter().filter(|(op, _)| op == "write").map(|(_, a)| a).collect();
-    assert_eq!(saved[0]["records"], json!([{"id": "1", "since": "yesterday"}, {"id": "2", "since": "yesterday"}]));
+    assert_eq!(
+        saved[0]["records"],
+        json!([{"id": "1", "since": "yesterday"}, {"id": "2", "since": "yesterday"}])
+    );
     assert_eq!(saved[0]["strategy"], "ignore_if_modified_after");
     assert_eq!(saved[1]["records"], json!([{"id": "3", "since": "yesterday"}]));
     assert_eq!(calls[5].1["params"]["cursor"], "p2");
@@ -435,5 +455,9 @@ export default createSync({
         .execute(code(&project, "hook"), invocation(json!({})))
         .await
         .expect_err("no host for onWebhook");
-    assert!(error.message.contains("only available in exec, not in onWebhook"), "{}", error.message);
+    assert!(
+        error.message.contains("only available in exec, not in onWebhook"),
+        "{}",
+        error.message
+    );
 }

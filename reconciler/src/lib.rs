@@ -78,7 +78,11 @@ impl Reconciler {
             }
             match self.tick(Utc::now()).await {
                 Ok(tick) if tick != Tick::default() => {
-                    tracing::debug!(scheduled = tick.scheduled, triggered = tick.triggered, "exec jobs queued")
+                    tracing::debug!(
+                        scheduled = tick.scheduled,
+                        triggered = tick.triggered,
+                        "exec jobs queued"
+                    )
                 }
                 Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "reconciler tick failed; trying again"),
@@ -182,7 +186,9 @@ impl Reconciler {
             })
             .collect();
         for state in states.values() {
-            let Some(trigger) = &state.pending_trigger else { continue };
+            let Some(trigger) = &state.pending_trigger else {
+                continue;
+            };
             let key = &state.key;
             let Some(environment) = environments.get(&(key.environment_id, &key.integration, key.sync.as_str())) else {
                 // The sync is gone (or has no exec): nothing to run.
@@ -268,7 +274,9 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box
     let store = Store::connect(&config.database_url, config.cipher()?).await?;
     let bus = Bus::connect(config, "hookyard-reconciler").await?;
     bus.ensure_streams(&config.streams).await?;
-    Arc::new(Reconciler::new(store, bus.jetstream.clone())).run(shutdown).await;
+    Arc::new(Reconciler::new(store, bus.jetstream.clone()))
+        .run(shutdown)
+        .await;
     Ok(())
 }
 
@@ -295,7 +303,11 @@ mod tests {
                 next.timestamp_millis() % 3_600_000
             })
             .collect();
-        assert!(offsets.len() > 45, "connections start at different times: {}", offsets.len());
+        assert!(
+            offsets.len() > 45,
+            "connections start at different times: {}",
+            offsets.len()
+        );
 
         let (slot, next) = slot_at(&key("c1"), hour, now);
         let (same, _) = slot_at(&key("c1"), hour, next - chrono::Duration::milliseconds(1));

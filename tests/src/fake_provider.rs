@@ -77,7 +77,9 @@ impl FakeCrm {
             .route("/webhooks", post(subscribe))
             .route("/webhooks/{id}", axum::routing::delete(unsubscribe))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback port");
         let url = format!("http://{}", listener.local_addr().expect("bound"));
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -238,10 +240,21 @@ fn number(query: &HashMap<String, String>, name: &str, default: usize) -> usize 
     query.get(name).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-async fn cursor_page(State(state): State<Shared>, headers: HeaderMap, Query(query): Query<HashMap<String, String>>) -> Response {
+async fn cursor_page(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
     let from = number(&query, "cursor", 0);
     let limit = number(&query, "limit", 2);
-    if let Err(refused) = gate(&state, &headers, from / limit.max(1), format!("/cursor/contacts?cursor={from}")).await {
+    if let Err(refused) = gate(
+        &state,
+        &headers,
+        from / limit.max(1),
+        format!("/cursor/contacts?cursor={from}"),
+    )
+    .await
+    {
         return refused;
     }
     let (results, more) = slice(&state, from, limit);
@@ -249,7 +262,11 @@ async fn cursor_page(State(state): State<Shared>, headers: HeaderMap, Query(quer
     axum::Json(json!({"results": results, "next_cursor": next})).into_response()
 }
 
-async fn link_page(State(state): State<Shared>, headers: HeaderMap, Query(query): Query<HashMap<String, String>>) -> Response {
+async fn link_page(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
     let page = number(&query, "page", 0);
     let limit = number(&query, "limit", 2);
     if let Err(refused) = gate(&state, &headers, page, format!("/link/contacts?page={page}")).await {
@@ -259,16 +276,32 @@ async fn link_page(State(state): State<Shared>, headers: HeaderMap, Query(query)
     let mut response = axum::Json(json!({"data": data})).into_response();
     if more {
         let host = headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("127.0.0.1");
-        let link = format!("<http://{host}/link/contacts?page={}&limit={limit}>; rel=\"next\"", page + 1);
-        response.headers_mut().insert("link", link.parse().expect("a header value"));
+        let link = format!(
+            "<http://{host}/link/contacts?page={}&limit={limit}>; rel=\"next\"",
+            page + 1
+        );
+        response
+            .headers_mut()
+            .insert("link", link.parse().expect("a header value"));
     }
     response
 }
 
-async fn offset_page(State(state): State<Shared>, headers: HeaderMap, Query(query): Query<HashMap<String, String>>) -> Response {
+async fn offset_page(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
     let offset = number(&query, "offset", 0);
     let limit = number(&query, "limit", 2);
-    if let Err(refused) = gate(&state, &headers, offset / limit.max(1), format!("/offset/contacts?offset={offset}")).await {
+    if let Err(refused) = gate(
+        &state,
+        &headers,
+        offset / limit.max(1),
+        format!("/offset/contacts?offset={offset}"),
+    )
+    .await
+    {
         return refused;
     }
     let (items, _) = slice(&state, offset, limit);
@@ -293,8 +326,10 @@ async fn token(State(state): State<Shared>, body: String) -> Response {
     fake.tokens.insert(access.clone(), true);
     fake.refresh_tokens.insert(refresh, false);
     fake.refresh_tokens.insert(next_refresh.clone(), true);
-    axum::Json(json!({"access_token": access, "refresh_token": next_refresh, "expires_in": 3600, "token_type": "bearer"}))
-        .into_response()
+    axum::Json(
+        json!({"access_token": access, "refresh_token": next_refresh, "expires_in": 3600, "token_type": "bearer"}),
+    )
+    .into_response()
 }
 
 fn api_key_ok(headers: &HeaderMap) -> bool {

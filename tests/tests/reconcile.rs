@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use common::pipeline::{harness_with, Harness};
-use hookyard_core::store::IntegrationChanges;
 use hookyard_core::store::syncs::SyncState;
+use hookyard_core::store::IntegrationChanges;
 use hookyard_core::store::{Credentials, NewConnection};
 use hookyard_core::streams::EXEC_STREAM;
 use hookyard_reconciler::Reconciler;
-use hookyard_testkit::{eventually, PgDatabase};
 use hookyard_testkit::fake_provider::{FakeCrm, Held, API_KEY, CLIENT_ID, CLIENT_SECRET};
+use hookyard_testkit::{eventually, PgDatabase};
 use serde_json::{json, Value};
 
 /// Lists contacts in the style the connection's metadata names (cursor, link or offset),
@@ -142,7 +142,11 @@ impl Setup {
     async fn run_at(&self, at: DateTime<Utc>, connections: &[&str]) -> Vec<SyncState> {
         let since = Utc::now();
         let tick = self.reconciler.tick(at).await.unwrap();
-        assert_eq!(tick.scheduled + tick.triggered, connections.len(), "runs queued at {at}");
+        assert_eq!(
+            tick.scheduled + tick.triggered,
+            connections.len(),
+            "runs queued at {at}"
+        );
         let mut states = Vec::new();
         for connection in connections {
             states.push(self.finished_after(connection, since).await);
@@ -191,12 +195,20 @@ impl Setup {
         assert_eq!(self.reconciler.tick(Utc::now()).await.unwrap().scheduled, 1);
         held.reached().await;
         let jetstream = &self.h.bus.jetstream;
-        let ack = jetstream.publish("hooks.raw.dev.crm", "{}".into()).await.unwrap().await.unwrap();
+        let ack = jetstream
+            .publish("hooks.raw.dev.crm", "{}".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
         let contact = json!({"type": "contact.updated", "contact": {"id": "p1", "email": email}});
         self.h.publish([(ack.sequence, "c0", "contact.updated", contact)]).await;
         eventually("the webhook's write", Duration::from_secs(20), || async {
             let contacts = self.contacts("c0").await;
-            contacts.iter().any(|(id, stored, _)| id == "p1" && stored == email).then_some(())
+            contacts
+                .iter()
+                .any(|(id, stored, _)| id == "p1" && stored == email)
+                .then_some(())
         })
         .await;
         (held, since)
@@ -241,12 +253,19 @@ async fn scheduled_exec_fills_the_cache_in_each_pagination_style_and_deletes_wha
         assert_eq!(state.last_result.unwrap()["Contact"]["added"], 5);
     }
     for connection in connections {
-        assert_eq!(live(&s.contacts(connection).await), ["p1", "p2", "p3", "p4", "p5"], "{connection}");
+        assert_eq!(
+            live(&s.contacts(connection).await),
+            ["p1", "p2", "p3", "p4", "p5"],
+            "{connection}"
+        );
     }
     // Three pages of two in each style.
     let requests = s.crm.requests();
     for style in ["cursor", "link", "offset"] {
-        let pages = requests.iter().filter(|(path, _)| path.starts_with(&format!("/{style}/"))).count();
+        let pages = requests
+            .iter()
+            .filter(|(path, _)| path.starts_with(&format!("/{style}/")))
+            .count();
         assert_eq!(pages, 3, "{style}: {requests:?}");
     }
     // The same slot is not queued again.
@@ -258,7 +277,11 @@ async fn scheduled_exec_fills_the_cache_in_each_pagination_style_and_deletes_wha
     for state in s.run_at(hour_later(now), &connections).await {
         let result = state.last_result.unwrap();
         assert_eq!(
-            (&result["Contact"]["added"], &result["Contact"]["updated"], &result["Contact"]["deleted"]),
+            (
+                &result["Contact"]["added"],
+                &result["Contact"]["updated"],
+                &result["Contact"]["deleted"]
+            ),
             (&json!(1), &json!(1), &json!(1)),
             "{result}"
         );
@@ -266,7 +289,10 @@ async fn scheduled_exec_fills_the_cache_in_each_pagination_style_and_deletes_wha
     for connection in connections {
         let contacts = s.contacts(connection).await;
         assert_eq!(live(&contacts), ["p1", "p2", "p4", "p5", "p6"], "{connection}");
-        let p3 = contacts.iter().find(|(id, _, _)| id == "p3").expect("soft-deleted, still listed");
+        let p3 = contacts
+            .iter()
+            .find(|(id, _, _)| id == "p3")
+            .expect("soft-deleted, still listed");
         assert_eq!(p3.2, "DELETED");
         assert_eq!(contacts[0].1, "p1-new@crm.test");
     }
@@ -292,13 +318,19 @@ async fn an_exec_that_fails_midway_deletes_nothing_and_reports_its_error() {
     held.release();
     let state = s.finished_after("c0", since).await;
     assert_eq!(state.last_outcome.as_deref(), Some("ERROR"));
-    assert!(state.last_error.as_deref().unwrap().contains("answered 500"), "{:?}", state.last_error);
+    assert!(
+        state.last_error.as_deref().unwrap().contains("answered 500"),
+        "{:?}",
+        state.last_error
+    );
     assert_eq!(
         live(&s.contacts("c0").await),
         ["p1", "p2", "p3", "p4", "p5"],
         "a failed run deletes nothing"
     );
-    let status = s.h.api_get("/sync/status?syncs=contacts&provider_config_key=crm&connection_id=c0").await;
+    let status =
+        s.h.api_get("/sync/status?syncs=contacts&provider_config_key=crm&connection_id=c0")
+            .await;
     assert_eq!(status["syncs"][0]["status"], "ERROR", "{status}");
     assert!(status["syncs"][0]["error"].as_str().unwrap().contains("answered 500"));
 }
@@ -311,21 +343,23 @@ async fn a_webhook_that_lands_while_exec_runs_is_not_overwritten_by_older_data()
     let (held, since) = s.webhook_during_a_held_run("new@crm.test").await;
     // A run asked for meanwhile is skipped: one run at a time per sync and connection.
     let (status, _) = s
-        .post("/sync/trigger", json!({"syncs": ["contacts"], "provider_config_key": "crm"}))
+        .post(
+            "/sync/trigger",
+            json!({"syncs": ["contacts"], "provider_config_key": "crm"}),
+        )
         .await;
     assert_eq!(status, 200);
     assert_eq!(s.reconciler.tick(Utc::now()).await.unwrap().triggered, 1);
     eventually("the second job to be handled", Duration::from_secs(20), || async {
-        let mut consumer = s
-            .h
-            .bus
-            .jetstream
-            .get_stream(EXEC_STREAM)
-            .await
-            .ok()?
-            .get_consumer::<async_nats::jetstream::consumer::pull::Config>("exec")
-            .await
-            .ok()?;
+        let mut consumer =
+            s.h.bus
+                .jetstream
+                .get_stream(EXEC_STREAM)
+                .await
+                .ok()?
+                .get_consumer::<async_nats::jetstream::consumer::pull::Config>("exec")
+                .await
+                .ok()?;
         let info = consumer.info().await.ok()?;
         (info.delivered.stream_sequence == 2 && info.num_ack_pending == 1 && info.num_pending == 0).then_some(())
     })
@@ -333,11 +367,19 @@ async fn a_webhook_that_lands_while_exec_runs_is_not_overwritten_by_older_data()
     held.release();
     let state = s.finished_after("c0", since).await;
     assert_eq!(state.last_outcome.as_deref(), Some("SUCCESS"));
-    let listings = s.crm.requests().iter().filter(|(path, _)| path.ends_with("cursor=0")).count();
+    let listings = s
+        .crm
+        .requests()
+        .iter()
+        .filter(|(path, _)| path.ends_with("cursor=0"))
+        .count();
     assert_eq!(listings, 1, "the second run was skipped, not queued behind the first");
     let contacts = s.contacts("c0").await;
     assert_eq!(contacts[0].0, "p1");
-    assert_eq!(contacts[0].1, "new@crm.test", "the run's older copy does not overwrite the webhook's");
+    assert_eq!(
+        contacts[0].1, "new@crm.test",
+        "the run's older copy does not overwrite the webhook's"
+    );
     assert_eq!(live(&contacts), ["p1", "p2"]);
 }
 
@@ -381,13 +423,12 @@ async fn oauth2_tokens_are_refreshed_once_when_expired_or_refused_and_stored() {
     assert_eq!(s.crm.refreshes(), 2, "one refresh per connection, not one per page");
     for id in ["c-expired", "c-revoked"] {
         assert_eq!(live(&s.contacts(id).await).len(), 5);
-        let stored = s
-            .h
-            .store
-            .connection(s.h.environment.id, &"crm".parse().unwrap(), id)
-            .await
-            .unwrap()
-            .unwrap();
+        let stored =
+            s.h.store
+                .connection(s.h.environment.id, &"crm".parse().unwrap(), id)
+                .await
+                .unwrap()
+                .unwrap();
         match stored.credentials {
             Some(Credentials::OAuth2 {
                 access_token,
@@ -414,7 +455,10 @@ async fn a_429_is_retried_after_its_retry_after_and_a_5xx_after_a_backoff() {
     let started = Instant::now();
     let state = &s.run_at(Utc::now(), &["c0"]).await[0];
     assert_eq!(state.last_outcome.as_deref(), Some("SUCCESS"), "{:?}", state.last_error);
-    assert!(started.elapsed() >= Duration::from_secs(1), "Retry-After: 1 was waited for");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After: 1 was waited for"
+    );
     let statuses: Vec<u16> = s.crm.requests().iter().map(|(_, status)| *status).collect();
     assert_eq!(statuses, [429, 503, 200], "a 5xx is retried too");
     assert_eq!(live(&s.contacts("c0").await), ["p1"]);
@@ -433,7 +477,12 @@ async fn two_reconcilers_queue_exactly_one_run_per_slot_on_postgres() {
 
 /// Also runs one exec and a trigger end to end, on either back end.
 async fn two_reconcilers(database_url: Option<&str>) {
-    let s = setup_on(database_url, &[("c0", json!({}), api_key()), ("c1", json!({}), api_key())], true).await;
+    let s = setup_on(
+        database_url,
+        &[("c0", json!({}), api_key()), ("c1", json!({}), api_key())],
+        true,
+    )
+    .await;
     s.crm.put_contact("p1", "p1@crm.test");
     let other = Reconciler::new(s.h.store.clone(), s.h.bus.jetstream.clone());
     let start = Utc::now();
@@ -457,7 +506,11 @@ async fn two_reconcilers(database_url: Option<&str>) {
         .await;
     assert_eq!(status, 200);
     let ticks = tokio::join!(s.reconciler.tick(Utc::now()), other.tick(Utc::now()));
-    assert_eq!(ticks.0.unwrap().triggered + ticks.1.unwrap().triggered, 1, "a trigger is claimed once");
+    assert_eq!(
+        ticks.0.unwrap().triggered + ticks.1.unwrap().triggered,
+        1,
+        "a trigger is claimed once"
+    );
     assert_eq!(s.exec_jobs().await, 7, "and queued once");
 }
 
@@ -491,12 +544,18 @@ async fn pause_stops_scheduled_runs_and_start_resumes_them() {
 
     // Unknown syncs and integrations are named.
     let (status, error) = s
-        .post("/sync/trigger", json!({"syncs": ["nope"], "provider_config_key": "crm"}))
+        .post(
+            "/sync/trigger",
+            json!({"syncs": ["nope"], "provider_config_key": "crm"}),
+        )
         .await;
     assert_eq!(status, 404);
     assert!(error.to_string().contains("nope"), "{error}");
     let (status, _) = s
-        .post("/sync/pause", json!({"syncs": ["contacts"], "provider_config_key": "other"}))
+        .post(
+            "/sync/pause",
+            json!({"syncs": ["contacts"], "provider_config_key": "other"}),
+        )
         .await;
     assert_eq!(status, 404);
 }
@@ -570,21 +629,26 @@ async fn event_functions_register_on_creation_and_unregister_before_deletion() {
         ("crm/on-events/unregister.js", UNREGISTER.to_string()),
     ])
     .await;
-    let create = |id: &str| {
-        json!({"provider_config_key": "crm", "connection_id": id, "credentials": {"type": "API_KEY", "apiKey": API_KEY}})
-    };
+    let create = |id: &str| json!({"provider_config_key": "crm", "connection_id": id, "credentials": {"type": "API_KEY", "apiKey": API_KEY}});
     let (status, body) = s.post("/connections", create("c-new")).await;
     assert_eq!(status, 201, "{body}");
 
     // Post-creation ran with the connection's context: it called the provider as the
     // connection and kept the subscription id in its metadata.
-    let metadata = eventually("the post-creation function's metadata", Duration::from_secs(20), || async {
-        let connection = s.h.api_get("/connections/c-new?provider_config_key=crm").await;
-        connection["metadata"]["subscriptionId"].as_str().map(str::to_string)
-    })
+    let metadata = eventually(
+        "the post-creation function's metadata",
+        Duration::from_secs(20),
+        || async {
+            let connection = s.h.api_get("/connections/c-new?provider_config_key=crm").await;
+            connection["metadata"]["subscriptionId"].as_str().map(str::to_string)
+        },
+    )
     .await;
     let subscriptions = s.crm.subscriptions();
-    assert_eq!(subscriptions.get(&metadata).map(String::as_str), Some("https://hooks.example/c-new"));
+    assert_eq!(
+        subscriptions.get(&metadata).map(String::as_str),
+        Some("https://hooks.example/c-new")
+    );
 
     // Pre-deletion runs before the deletion answers, while the connection still exists.
     let delete = |id: &str| {
@@ -594,7 +658,10 @@ async fn event_functions_register_on_creation_and_unregister_before_deletion() {
             .send()
     };
     assert_eq!(delete("c-new").await.unwrap().status(), 200);
-    assert!(s.crm.subscriptions().is_empty(), "unregistered before the deletion answered");
+    assert!(
+        s.crm.subscriptions().is_empty(),
+        "unregistered before the deletion answered"
+    );
 
     // A failing pre-deletion function is logged and the deletion goes ahead.
     let (status, _) = s.post("/connections", create("c-stuck")).await;
@@ -614,16 +681,19 @@ async fn event_functions_register_on_creation_and_unregister_before_deletion() {
         .await
         .unwrap();
     assert_eq!(delete("c-stuck").await.unwrap().status(), 200);
-    let gone = s
-        .h
-        .http
-        .get(format!("{}/connections/c-stuck?provider_config_key=crm", s.h.api))
-        .bearer_auth(&s.h.environment.secret_key)
-        .send()
-        .await
-        .unwrap();
+    let gone =
+        s.h.http
+            .get(format!("{}/connections/c-stuck?provider_config_key=crm", s.h.api))
+            .bearer_auth(&s.h.environment.secret_key)
+            .send()
+            .await
+            .unwrap();
     assert_eq!(gone.status(), 404);
-    assert_eq!(s.crm.subscriptions().len(), 1, "its subscription stayed: the function failed");
+    assert_eq!(
+        s.crm.subscriptions().len(),
+        1,
+        "its subscription stayed: the function failed"
+    );
 }
 
 #[tokio::test]
@@ -666,23 +736,23 @@ async fn the_fake_crm_signs_webhooks_that_go_through_ingest_and_the_router_to_th
         s.h.environment.webhook_id
     );
     tokio::spawn(hookyard_ingest::serve(listener, ingest, s.h.shutdown.clone()));
-    let router = std::sync::Arc::new(hookyard_router::Router::new(s.h.store.clone(), &s.h.bus, &s.h.config.router).unwrap());
+    let router =
+        std::sync::Arc::new(hookyard_router::Router::new(s.h.store.clone(), &s.h.bus, &s.h.config.router).unwrap());
     tokio::spawn(router.run(s.h.shutdown.clone()));
 
     let body = json!({"type": "contact.updated", "contact": {"id": "p9", "email": "p9@crm.test"}});
     assert_eq!(FakeCrm::send_webhook(&url, "whsec-test", &body).await, 202);
     assert_eq!(FakeCrm::send_webhook(&url, "not-the-secret", &body).await, 401);
     let records = eventually("the signed webhook's record", Duration::from_secs(20), || async {
-        let response = s
-            .h
-            .http
-            .get(format!("{}/records?model=Contact", s.h.api))
-            .bearer_auth(&s.h.environment.secret_key)
-            .header("Connection-Id", "c0")
-            .header("Provider-Config-Key", "crmhooks")
-            .send()
-            .await
-            .ok()?;
+        let response =
+            s.h.http
+                .get(format!("{}/records?model=Contact", s.h.api))
+                .bearer_auth(&s.h.environment.secret_key)
+                .header("Connection-Id", "c0")
+                .header("Provider-Config-Key", "crmhooks")
+                .send()
+                .await
+                .ok()?;
         let body: Value = response.json().await.ok()?;
         let records = body["records"].as_array()?.clone();
         (!records.is_empty()).then_some(records)
@@ -699,7 +769,10 @@ async fn override_lets_exec_win_over_a_webhook_that_came_in_before_its_write() {
         "crm/syncs/contacts.js",
         CONTACTS
             .replace("AUTO_START", "true")
-            .replace("await nango.trackDeletesStart('Contact');", "await nango.setMergingStrategy({ strategy: 'override' }, 'Contact');")
+            .replace(
+                "await nango.trackDeletesStart('Contact');",
+                "await nango.setMergingStrategy({ strategy: 'override' }, 'Contact');",
+            )
             .replace("await nango.trackDeletesEnd('Contact');", ""),
     )])
     .await;
@@ -734,22 +807,23 @@ export default createSync({
 async fn checkpoints_carry_over_between_runs_and_reset_forgets_them() {
     let s = setup(&[("c0", json!({}), api_key())], false).await;
     s.h.deploy(&[("crm/syncs/counted.js", CHECKPOINTED.to_string())]).await;
-    let trigger = |reset: bool| {
-        json!({"syncs": ["counted"], "provider_config_key": "crm", "connection_id": "c0", "opts": {"reset": reset}})
-    };
+    let trigger = |reset: bool| json!({"syncs": ["counted"], "provider_config_key": "crm", "connection_id": "c0", "opts": {"reset": reset}});
     for reset in [false, false, true] {
         assert_eq!(s.post("/sync/trigger", trigger(reset)).await.0, 200);
         s.run_at(Utc::now(), &["c0"]).await;
     }
-    let mut runs: Vec<String> = s
-        .h
-        .records("c0", "Run")
-        .await
-        .iter()
-        .map(|r| r["id"].as_str().unwrap().to_string())
-        .collect();
+    let mut runs: Vec<String> =
+        s.h.records("c0", "Run")
+            .await
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect();
     runs.sort();
-    assert_eq!(runs, ["run-1", "run-2"], "the third run started again from no checkpoint");
+    assert_eq!(
+        runs,
+        ["run-1", "run-2"],
+        "the third run started again from no checkpoint"
+    );
     let key = hookyard_core::store::syncs::SyncKey {
         environment_id: s.h.environment.id,
         integration: "crm".parse().unwrap(),
@@ -776,8 +850,14 @@ async fn a_message_on_hooks_exec_that_is_no_job_is_kept_as_a_dead_letter() {
     .await;
     assert_eq!(letters.len(), 1);
     let letter = &letters[0].letter;
-    assert_eq!((letter.consumer.as_str(), letter.error_kind.as_str()), ("exec", "invalid_message"));
-    assert_eq!((letter.integration.as_str(), letter.payload.as_str()), ("crm", "not a job"));
+    assert_eq!(
+        (letter.consumer.as_str(), letter.error_kind.as_str()),
+        ("exec", "invalid_message")
+    );
+    assert_eq!(
+        (letter.integration.as_str(), letter.payload.as_str()),
+        ("crm", "not a job")
+    );
     // A run still goes through afterwards.
     s.crm.put_contact("p1", "p1@crm.test");
     s.run_at(Utc::now(), &["c0"]).await;
@@ -801,15 +881,14 @@ async fn exec_runs_that_change_records_send_sync_notifications() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
-    let response = s
-        .h
-        .http
-        .put(format!("{}/forwarding", s.h.api))
-        .bearer_auth(&s.h.environment.secret_key)
-        .json(&json!({"urls": [url]}))
-        .send()
-        .await
-        .unwrap();
+    let response =
+        s.h.http
+            .put(format!("{}/forwarding", s.h.api))
+            .bearer_auth(&s.h.environment.secret_key)
+            .json(&json!({"urls": [url]}))
+            .send()
+            .await
+            .unwrap();
     assert_eq!(response.status(), 200);
 
     s.crm.put_contact("p1", "p1@crm.test");
@@ -822,13 +901,19 @@ async fn exec_runs_that_change_records_send_sync_notifications() {
         (&json!("sync"), &json!("contacts"), &json!("Contact"), &json!("INITIAL")),
         "{first}"
     );
-    assert_eq!(first["responseResults"], json!({"added": 2, "updated": 0, "deleted": 0}));
+    assert_eq!(
+        first["responseResults"],
+        json!({"added": 2, "updated": 0, "deleted": 0})
+    );
 
     s.crm.put_contact("p3", "p3@crm.test");
     s.run_at(hour_later(now), &["c0"]).await;
     let second = next_notification(&mut received).await;
     assert_eq!(second["syncType"], "INCREMENTAL");
-    assert_eq!(second["responseResults"], json!({"added": 1, "updated": 0, "deleted": 0}));
+    assert_eq!(
+        second["responseResults"],
+        json!({"added": 1, "updated": 0, "deleted": 0})
+    );
 }
 
 async fn next_notification(received: &mut tokio::sync::mpsc::UnboundedReceiver<Value>) -> Value {

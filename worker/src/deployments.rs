@@ -80,7 +80,12 @@ impl Deployments {
     }
 
     /// One live sync by name.
-    pub fn find(&self, environment: &EnvironmentName, integration: &IntegrationKey, name: &str) -> Option<Arc<LiveSync>> {
+    pub fn find(
+        &self,
+        environment: &EnvironmentName,
+        integration: &IntegrationKey,
+        name: &str,
+    ) -> Option<Arc<LiveSync>> {
         let snapshot = self.current.read().expect("deployments lock").clone();
         snapshot
             .syncs

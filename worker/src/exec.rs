@@ -87,10 +87,17 @@ impl Executor {
             filter_subject: "hooks.exec.>".into(),
             ..durable(CONSUMER, "hookyard worker: exec runs", self.ack_wait, self.threads * 2)
         };
-        consume(&self.jetstream, EXEC_STREAM, config, self.threads, shutdown, |message| {
-            let executor = self.clone();
-            async move { executor.handle(message).await }
-        })
+        consume(
+            &self.jetstream,
+            EXEC_STREAM,
+            config,
+            self.threads,
+            shutdown,
+            |message| {
+                let executor = self.clone();
+                async move { executor.handle(message).await }
+            },
+        )
         .await?;
         Ok(())
     }
@@ -157,7 +164,11 @@ impl Executor {
         };
         let run_id = hex::encode(hookyard_core::secrets::random_bytes::<8>());
         self.store.ensure_sync_states(&[(key.clone(), true)]).await?;
-        let first = self.store.sync_state(&key).await?.is_none_or(|s| s.last_outcome.is_none());
+        let first = self
+            .store
+            .sync_state(&key)
+            .await?
+            .is_none_or(|s| s.last_outcome.is_none());
         let started = chrono::Utc::now();
         if !self.store.claim_run(&key, &run_id, LEASE).await? {
             return Ok(RunReport::Skipped);
@@ -188,7 +199,8 @@ impl Executor {
                     modified_after: started,
                 };
                 let counts_per_model: Vec<WriteCounts> = per_model.into_iter().map(|(_, c)| c).collect();
-                if let Err(error) = notify::notify(&self.settings, &self.jetstream, &[(&run, &counts_per_model)]).await {
+                if let Err(error) = notify::notify(&self.settings, &self.jetstream, &[(&run, &counts_per_model)]).await
+                {
                     tracing::warn!(%error, "the exec run's sync notifications could not be queued; they are lost");
                 }
                 RunOutcome::Success(counts)
@@ -224,7 +236,12 @@ impl Executor {
     }
 
     /// The host and invocation of a run, after `emptyCache` and `reset` are done.
-    async fn prepare(&self, job: &ExecJob, sync: &Arc<LiveSync>, key: &SyncKey) -> Result<(Arc<StoreHost>, Invocation), String> {
+    async fn prepare(
+        &self,
+        job: &ExecJob,
+        sync: &Arc<LiveSync>,
+        key: &SyncKey,
+    ) -> Result<(Arc<StoreHost>, Invocation), String> {
         let failed = |e: &dyn std::fmt::Display| e.to_string();
         let (connection, api) = connection_api(&self.store, &self.catalog, key, &self.guard).await?;
         let models: Vec<String> = serde_json::from_str(&sync.models).unwrap_or_default();

@@ -7,7 +7,9 @@ use sqlx::types::Json;
 
 use super::model::ConnectionRow;
 use super::tx::{on_tx, Tx};
-use super::{conflict_on_unique, Connection, ConnectionQuery, Credentials, Environment, NewConnection, Pool, Store, StoreError};
+use super::{
+    conflict_on_unique, Connection, ConnectionQuery, Credentials, Environment, NewConnection, Pool, Store, StoreError,
+};
 use crate::keys::IntegrationKey;
 use crate::secrets::Purpose;
 

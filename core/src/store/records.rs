@@ -739,7 +739,11 @@ impl Store {
             .bind(version)
             .fetch_all(pool)
             .await)?;
-        Ok(live.into_iter().map(|(id,)| id).filter(|id| !seen.contains(id)).collect())
+        Ok(live
+            .into_iter()
+            .map(|(id,)| id)
+            .filter(|id| !seen.contains(id))
+            .collect())
     }
 
     /// Soft-deletes, at `version`, what [`Store::unseen_records`] lists, in one

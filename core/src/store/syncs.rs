@@ -164,7 +164,9 @@ impl Store {
     /// One sync state.
     pub async fn sync_state(&self, key: &SyncKey) -> Result<Option<SyncState>, StoreError> {
         let sql = format!("SELECT {STATE_COLUMNS} FROM sync_states WHERE {KEY_MATCH}");
-        let row: Option<StateRow> = on_pool!(self, |pool| bind_key!(sqlx::query_as(&sql), key).fetch_optional(pool).await)?;
+        let row: Option<StateRow> = on_pool!(self, |pool| bind_key!(sqlx::query_as(&sql), key)
+            .fetch_optional(pool)
+            .await)?;
         row.map(|row| state_of(row, now_ms())).transpose()
     }
 
@@ -216,7 +218,8 @@ impl Store {
         let text = serde_json::to_string(trigger).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut tx = self.begin().await?;
         for (key, started) in keys {
-            super::tx::on_tx!(&mut tx, |conn| bind_key!(
+            super::tx::on_tx!(&mut tx, |conn| {
+                bind_key!(
                 sqlx::query(
                     "INSERT INTO sync_states (environment_id, integration, sync_name, connection_id, started, pending_trigger)
                      VALUES ($1, $2, $3, $4, $6, $5)
@@ -229,7 +232,8 @@ impl Store {
             .bind(*started)
             .execute(&mut *conn)
             .await
-            .map(|_| ()))?;
+            .map(|_| ())
+            })?;
         }
         tx.commit().await
     }
@@ -246,7 +250,8 @@ impl Store {
         };
         let still_ours = serde_json::from_str::<Trigger>(&text).is_ok_and(|t| t.token == token);
         if still_ours {
-            let sql = format!("UPDATE sync_states SET pending_trigger = NULL WHERE {KEY_MATCH} AND pending_trigger = $5");
+            let sql =
+                format!("UPDATE sync_states SET pending_trigger = NULL WHERE {KEY_MATCH} AND pending_trigger = $5");
             let cleared = on_pool!(self, |pool| bind_key!(sqlx::query(&sql), key)
                 .bind(&text)
                 .execute(pool)
@@ -329,8 +334,9 @@ impl Store {
     /// The sync's checkpoint for the connection (`nango.getCheckpoint`).
     pub async fn checkpoint(&self, key: &SyncKey) -> Result<Option<Value>, StoreError> {
         let sql = format!("SELECT checkpoint FROM sync_states WHERE {KEY_MATCH}");
-        let row: Option<(Option<String>,)> =
-            on_pool!(self, |pool| bind_key!(sqlx::query_as(&sql), key).fetch_optional(pool).await)?;
+        let row: Option<(Option<String>,)> = on_pool!(self, |pool| bind_key!(sqlx::query_as(&sql), key)
+            .fetch_optional(pool)
+            .await)?;
         Ok(row
             .and_then(|(text,)| text)
             .and_then(|text| serde_json::from_str(&text).ok()))
