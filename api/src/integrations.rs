@@ -32,6 +32,8 @@ pub struct IntegrationView {
     forward_webhooks: bool,
     /// Whether a webhook secret is set (the secret itself is never returned).
     has_webhook_secret: bool,
+    /// Whether an OAuth2 client secret is set (never returned either).
+    has_oauth_client_secret: bool,
     /// Where the provider must send this integration's webhooks.
     webhook_url: String,
     created_at: DateTime<Utc>,
@@ -51,6 +53,7 @@ impl IntegrationView {
             settings: integration.settings,
             forward_webhooks: integration.forward_webhooks,
             has_webhook_secret: integration.webhook_secret.is_some(),
+            has_oauth_client_secret: integration.oauth_client_secret.is_some(),
             created_at: integration.created_at,
             updated_at: integration.updated_at,
         }
@@ -66,6 +69,9 @@ pub struct CreateIntegration {
     display_name: Option<String>,
     /// The secret the provider signs webhooks with.
     webhook_secret: Option<String>,
+    /// The OAuth2 client secret exec refreshes connections' tokens with (sealed at rest;
+    /// the client id and token URL go in `settings.api`).
+    oauth_client_secret: Option<String>,
     /// Default true.
     forward_webhooks: Option<bool>,
     /// Provider settings; a custom integration may give its own `signature`,
@@ -74,7 +80,8 @@ pub struct CreateIntegration {
     settings: Option<serde_json::Value>,
 }
 
-/// Every field optional; `null` clears `display_name` or `webhook_secret`.
+/// Every field optional; `null` clears `display_name`, `webhook_secret` or
+/// `oauth_client_secret`.
 #[derive(Deserialize, ToSchema)]
 pub struct UpdateIntegration {
     provider: Option<String>,
@@ -84,6 +91,9 @@ pub struct UpdateIntegration {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<String>)]
     webhook_secret: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    oauth_client_secret: Option<Option<String>>,
     forward_webhooks: Option<bool>,
     /// Replaces the settings (see `CreateIntegration`).
     #[schema(value_type = Option<Object>)]
@@ -110,6 +120,10 @@ fn checked_settings(
     state
         .catalog
         .resolve(provider, &settings)
+        .map_err(|e| ApiError::invalid("settings", e))?;
+    // `settings.api` is checked now too, not when the first exec runs.
+    let provider_api = state.catalog.get(provider).and_then(|p| p.api.as_ref());
+    hookyard_core::providers::api::ApiSpec::for_integration(provider_api, &settings, None)
         .map_err(|e| ApiError::invalid("settings", e))?;
     Ok(Some(settings))
 }
@@ -144,6 +158,7 @@ async fn create(
         display_name: fields::optional_text("display_name", body.display_name, 255)?,
         settings,
         webhook_secret: fields::optional_text("webhook_secret", body.webhook_secret, 1024)?,
+        oauth_client_secret: fields::optional_text("oauth_client_secret", body.oauth_client_secret, 1024)?,
         forward_webhooks: body.forward_webhooks.unwrap_or(true),
         ..NewIntegration::new(key(&body.unique_key)?, provider)
     };
@@ -208,6 +223,10 @@ async fn update(
         webhook_secret: body
             .webhook_secret
             .map(|secret| fields::optional_text("webhook_secret", secret, 1024))
+            .transpose()?,
+        oauth_client_secret: body
+            .oauth_client_secret
+            .map(|secret| fields::optional_text("oauth_client_secret", secret, 1024))
             .transpose()?,
         forward_webhooks: body.forward_webhooks,
     };

@@ -34,6 +34,7 @@ pub enum Purpose {
     EnvironmentSecretKey,
     EnvironmentSigningKey,
     WebhookSecret,
+    OAuthClientSecret,
     Credentials,
     ForwardSigningKey,
 }
@@ -44,6 +45,7 @@ impl Purpose {
             Purpose::EnvironmentSecretKey => "environment secret key",
             Purpose::EnvironmentSigningKey => "environment webhook signing key",
             Purpose::WebhookSecret => "integration webhook secret",
+            Purpose::OAuthClientSecret => "integration OAuth2 client secret",
             Purpose::Credentials => "connection credentials",
             Purpose::ForwardSigningKey => "forwarding signing key",
         }

@@ -88,21 +88,25 @@ pub async fn connection_api(
         .map_err(failed)?
         .ok_or_else(|| format!("integration {} no longer exists", key.integration))?;
     let provider = catalog.get(&integration.provider).and_then(|p| p.api.as_ref());
-    let api = ApiSpec::for_integration(provider, &integration.settings)
-        .map_err(|e| e.to_string())
-        .and_then(|spec| {
-            ProviderApi::new(
-                spec,
-                connection.credentials.clone(),
-                Owner {
-                    environment_id: key.environment_id,
-                    integration: key.integration.clone(),
-                    connection_id: key.connection_id.clone(),
-                },
-                store.clone(),
-                guard.clone(),
-            )
-        });
+    let api = ApiSpec::for_integration(
+        provider,
+        &integration.settings,
+        integration.oauth_client_secret.as_deref(),
+    )
+    .map_err(|e| e.to_string())
+    .and_then(|spec| {
+        ProviderApi::new(
+            spec,
+            connection.credentials.clone(),
+            Owner {
+                environment_id: key.environment_id,
+                integration: key.integration.clone(),
+                connection_id: key.connection_id.clone(),
+            },
+            store.clone(),
+            guard.clone(),
+        )
+    });
     Ok((connection, api))
 }
 

@@ -285,6 +285,60 @@ async fn integrations(api: &Api) {
         )
         .await;
     assert_eq!(cleared["data"]["settings"], json!({}));
+    // The OAuth2 client secret exec refreshes tokens with is sealed, never returned, and
+    // refused in settings (which are not sealed).
+    let api_settings = json!({"api": {"base_url": "https://api.acme.test", "token_url": "https://acme.test/token", "client_id": "acme-app"}});
+    let with_secret = api
+        .ok(
+            api.dev(Method::PATCH, "/integrations/acme")
+                .json(&json!({"settings": api_settings, "oauth_client_secret": "client-s3cret"})),
+            StatusCode::OK,
+        )
+        .await;
+    assert_eq!(with_secret["data"]["has_oauth_client_secret"], true);
+    assert!(!with_secret.to_string().contains("client-s3cret"), "{with_secret}");
+    let stored = raw_texts(
+        &api.url,
+        "SELECT oauth_client_secret FROM integrations WHERE unique_key = 'acme'",
+    )
+    .await;
+    assert!(
+        stored[0].starts_with("v1:") && !stored[0].contains("client-s3cret"),
+        "{stored:?}"
+    );
+    let integration = api
+        .store
+        .integration(api.dev.id, &"acme".parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(integration.oauth_client_secret.as_deref(), Some("client-s3cret"));
+    let in_settings = api
+        .dev(Method::PATCH, "/integrations/acme")
+        .json(&json!({"settings": {"api": {"client_secret": "plain"}}}))
+        .send()
+        .await
+        .unwrap();
+    let body: Value = in_settings.json().await.unwrap();
+    assert!(
+        body.to_string().contains("oauth_client_secret"),
+        "the error says where it goes: {body}"
+    );
+    let bad_api = api
+        .dev(Method::PATCH, "/integrations/acme")
+        .json(&json!({"settings": {"api": {"base_url": 7}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_bad_field(bad_api, "settings").await;
+    let cleared = api
+        .ok(
+            api.dev(Method::PATCH, "/integrations/acme")
+                .json(&json!({"oauth_client_secret": null})),
+            StatusCode::OK,
+        )
+        .await;
+    assert_eq!(cleared["data"]["has_oauth_client_secret"], false);
     api.ok(api.dev(Method::DELETE, "/integrations/acme"), StatusCode::OK)
         .await;
 

@@ -78,8 +78,8 @@ async fn setup_on(database_url: Option<&str>, connections: &[(&str, Value, Crede
                     "api_key_header": "X-API-Key",
                     "token_url": format!("{}/oauth/token", crm.url),
                     "client_id": CLIENT_ID,
-                    "client_secret": CLIENT_SECRET,
                 }})),
+                oauth_client_secret: Some(Some(CLIENT_SECRET.into())),
                 ..Default::default()
             },
         )

@@ -22,7 +22,8 @@ pub struct ApiSpec {
     pub token_url: Option<String>,
     #[serde(default)]
     pub client_id: Option<String>,
-    #[serde(default)]
+    /// Not in settings: the integration's `oauth_client_secret`, sealed at rest.
+    #[serde(skip)]
     pub client_secret: Option<String>,
     /// Nango's pagination config, used by `nango.paginate` unless the call gives its own.
     #[serde(default)]
@@ -30,12 +31,27 @@ pub struct ApiSpec {
 }
 
 impl ApiSpec {
-    /// The provider's spec with the integration's `settings.api` laid over it.
-    pub fn for_integration(provider: Option<&ApiSpec>, settings: &Value) -> Result<ApiSpec, CatalogError> {
-        let base = provider.cloned().unwrap_or_default();
+    /// The provider's spec with the integration's `settings.api` laid over it, and its
+    /// OAuth2 client secret.
+    pub fn for_integration(
+        provider: Option<&ApiSpec>,
+        settings: &Value,
+        client_secret: Option<&str>,
+    ) -> Result<ApiSpec, CatalogError> {
+        let base = ApiSpec {
+            client_secret: client_secret.map(str::to_string),
+            ..provider.cloned().unwrap_or_default()
+        };
         let Some(over) = settings.get("api") else {
             return Ok(base);
         };
+        if over.get("client_secret").is_some() {
+            return Err(CatalogError::Settings(
+                "api.client_secret does not belong in settings (they are not sealed): \
+                 give it as the integration's oauth_client_secret"
+                    .into(),
+            ));
+        }
         let over: ApiSpec =
             serde_json::from_value(over.clone()).map_err(|e| CatalogError::Settings(format!("api: {e}")))?;
         Ok(ApiSpec {
@@ -43,7 +59,7 @@ impl ApiSpec {
             api_key_header: over.api_key_header.or(base.api_key_header),
             token_url: over.token_url.or(base.token_url),
             client_id: over.client_id.or(base.client_id),
-            client_secret: over.client_secret.or(base.client_secret),
+            client_secret: base.client_secret,
             paginate: over.paginate.or(base.paginate),
         })
     }

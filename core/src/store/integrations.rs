@@ -12,7 +12,7 @@ use crate::keys::IntegrationKey;
 use crate::secrets::Purpose;
 
 const SELECT: &str = "SELECT i.id, i.environment_id, e.name AS environment, i.unique_key, i.provider, i.display_name,
-        i.webhook_secret, i.forward_webhooks, i.settings, i.created_at, i.updated_at
+        i.webhook_secret, i.oauth_client_secret, i.forward_webhooks, i.settings, i.created_at, i.updated_at
     FROM integrations i JOIN environments e ON e.id = i.environment_id";
 
 impl Store {
@@ -21,11 +21,12 @@ impl Store {
         environment: &Environment,
         new: &NewIntegration,
     ) -> Result<Integration, StoreError> {
-        let sealed = self.seal_webhook_secret(new.webhook_secret.as_deref());
+        let sealed = self.seal(Purpose::WebhookSecret, new.webhook_secret.as_deref());
+        let client_secret = self.seal(Purpose::OAuthClientSecret, new.oauth_client_secret.as_deref());
         let inserted = on_pool!(self, |pool| sqlx::query(
             "INSERT INTO integrations (environment_id, unique_key, provider, display_name, webhook_secret,
-                                       forward_webhooks, settings, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)"
+                                       forward_webhooks, settings, created_at, updated_at, oauth_client_secret)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9)"
         )
         .bind(environment.id)
         .bind(new.unique_key.as_str())
@@ -35,6 +36,7 @@ impl Store {
         .bind(new.forward_webhooks)
         .bind(Json(&new.settings))
         .bind(Utc::now())
+        .bind(&client_secret)
         .execute(pool)
         .await
         .map(|_| ()));
@@ -89,6 +91,7 @@ impl Store {
         // One statement, no read first: concurrent updates of different fields both land.
         let (set_name, name) = split_change(&changes.display_name);
         let (set_secret, secret) = split_change(&changes.webhook_secret);
+        let (set_client_secret, client_secret) = split_change(&changes.oauth_client_secret);
         let updated = on_pool!(self, |pool| sqlx::query(
             "UPDATE integrations SET
                  provider = COALESCE($1, provider),
@@ -96,19 +99,22 @@ impl Store {
                  webhook_secret = CASE WHEN $4 THEN $5 ELSE webhook_secret END,
                  forward_webhooks = COALESCE($6, forward_webhooks),
                  updated_at = $7,
-                 settings = COALESCE($10, settings)
+                 settings = COALESCE($10, settings),
+                 oauth_client_secret = CASE WHEN $11 THEN $12 ELSE oauth_client_secret END
              WHERE environment_id = $8 AND unique_key = $9"
         )
         .bind(&changes.provider)
         .bind(set_name)
         .bind(name)
         .bind(set_secret)
-        .bind(self.seal_webhook_secret(secret))
+        .bind(self.seal(Purpose::WebhookSecret, secret))
         .bind(changes.forward_webhooks)
         .bind(Utc::now())
         .bind(environment_id)
         .bind(key.as_str())
         .bind(changes.settings.as_ref().map(Json))
+        .bind(set_client_secret)
+        .bind(self.seal(Purpose::OAuthClientSecret, client_secret))
         .execute(pool)
         .await
         .map(|r| r.rows_affected()))?;
@@ -131,8 +137,8 @@ impl Store {
         Ok(done > 0)
     }
 
-    fn seal_webhook_secret(&self, secret: Option<&str>) -> Option<String> {
-        secret.map(|s| self.cipher.seal(Purpose::WebhookSecret, s))
+    fn seal(&self, purpose: Purpose, secret: Option<&str>) -> Option<String> {
+        secret.map(|s| self.cipher.seal(purpose, s))
     }
 }
 

@@ -34,6 +34,9 @@ pub struct Integration {
     pub display_name: Option<String>,
     #[serde(skip)]
     pub webhook_secret: Option<String>,
+    /// The OAuth2 client secret connections' tokens are refreshed with.
+    #[serde(skip)]
+    pub oauth_client_secret: Option<String>,
     /// Whether webhooks of this integration are forwarded to the customer's app.
     pub forward_webhooks: bool,
     pub settings: Value,
@@ -47,6 +50,7 @@ pub struct NewIntegration {
     pub provider: String,
     pub display_name: Option<String>,
     pub webhook_secret: Option<String>,
+    pub oauth_client_secret: Option<String>,
     pub forward_webhooks: bool,
     pub settings: Value,
 }
@@ -59,6 +63,7 @@ impl NewIntegration {
             provider: provider.into(),
             display_name: None,
             webhook_secret: None,
+            oauth_client_secret: None,
             forward_webhooks: true,
             settings: Value::Object(Default::default()),
         }
@@ -71,6 +76,7 @@ pub struct IntegrationChanges {
     pub provider: Option<String>,
     pub display_name: Option<Option<String>>,
     pub webhook_secret: Option<Option<String>>,
+    pub oauth_client_secret: Option<Option<String>>,
     pub forward_webhooks: Option<bool>,
     /// Replaces the settings object.
     pub settings: Option<Value>,
@@ -164,6 +170,7 @@ pub(super) struct IntegrationRow {
     provider: String,
     display_name: Option<String>,
     webhook_secret: Option<String>,
+    oauth_client_secret: Option<String>,
     forward_webhooks: bool,
     settings: Json<Value>,
     created_at: DateTime<Utc>,
@@ -220,6 +227,10 @@ impl IntegrationRow {
             webhook_secret: self
                 .webhook_secret
                 .map(|sealed| cipher.open(Purpose::WebhookSecret, &sealed))
+                .transpose()?,
+            oauth_client_secret: self
+                .oauth_client_secret
+                .map(|sealed| cipher.open(Purpose::OAuthClientSecret, &sealed))
                 .transpose()?,
             forward_webhooks: self.forward_webhooks,
             settings: self.settings.0,
