@@ -40,6 +40,24 @@ pub struct SyncsRequest {
     opts: TriggerOptions,
 }
 
+impl SyncsRequest {
+    /// The (sync, connection) pairs it names; see [`resolve`].
+    async fn resolve(
+        &self,
+        state: &AppState,
+        environment: &Environment,
+    ) -> Result<(Vec<SyncKey>, HashMap<String, DeployedSync>), ApiError> {
+        resolve(
+            state,
+            environment,
+            &self.provider_config_key,
+            &self.syncs,
+            self.connection_id.as_deref(),
+        )
+        .await
+    }
+}
+
 #[derive(Deserialize, Default, ToSchema)]
 pub struct TriggerOptions {
     /// Forget the checkpoint: a full run.
@@ -100,14 +118,7 @@ async fn trigger(
     Extension(environment): Extension<Environment>,
     Body(body): Body<SyncsRequest>,
 ) -> Result<Json<Done>, ApiError> {
-    let (keys, syncs) = resolve(
-        &state,
-        &environment,
-        &body.provider_config_key,
-        &body.syncs,
-        body.connection_id.as_deref(),
-    )
-    .await?;
+    let (keys, syncs) = body.resolve(&state, &environment).await?;
     let keys: Vec<(SyncKey, bool)> = keys
         .into_iter()
         .map(|key| {
@@ -157,14 +168,7 @@ async fn set_paused(
     body: SyncsRequest,
     paused: bool,
 ) -> Result<Json<Done>, ApiError> {
-    let (keys, _) = resolve(
-        &state,
-        &environment,
-        &body.provider_config_key,
-        &body.syncs,
-        body.connection_id.as_deref(),
-    )
-    .await?;
+    let (keys, _) = body.resolve(&state, &environment).await?;
     state.store.set_syncs_paused(&keys, paused).await?;
     Ok(Json(Done {
         success: true,
