@@ -44,6 +44,9 @@ pub struct Settings {
     integrations: Cached<(i64, String), Option<Integration>>,
     targets: Cached<(i64, Option<(String, String)>), ForwardTargets>,
     disabled: Cached<i64, Arc<HashSet<String>>>,
+    /// Moved on by every [`Settings::forget_disabled`]: a load that began before it does
+    /// not put its (stale) set back in the cache.
+    disabled_generation: std::sync::atomic::AtomicU64,
     forwarding_set: Cached<i64, bool>,
 }
 
@@ -55,6 +58,7 @@ impl Settings {
             integrations: Cached::new(),
             targets: Cached::new(),
             disabled: Cached::new(),
+            disabled_generation: std::sync::atomic::AtomicU64::new(0),
             forwarding_set: Cached::new(),
         }
     }
@@ -97,15 +101,24 @@ impl Settings {
 
     /// The environment's destinations disabled by a 410.
     pub async fn disabled(&self, environment_id: i64) -> Result<Arc<HashSet<String>>, StoreError> {
+        use std::sync::atomic::Ordering;
         if let Some(hit) = self.disabled.get(&environment_id) {
             return Ok(hit);
         }
+        let generation = self.disabled_generation.load(Ordering::SeqCst);
         let disabled = Arc::new(self.store.disabled_destinations(environment_id).await?);
+        // Read before a destination was disabled: good for this caller, not for the cache.
+        if self.disabled_generation.load(Ordering::SeqCst) != generation {
+            return Ok(disabled);
+        }
         Ok(self.disabled.put(environment_id, disabled))
     }
 
-    /// Drops the cached disabled destinations (after this process disabled one).
+    /// Drops the cached disabled destinations (after this process disabled one), and
+    /// keeps loads already under way from caching what they read.
     pub fn forget_disabled(&self, environment_id: i64) {
+        self.disabled_generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.disabled.0.lock().expect("cache lock").remove(&environment_id);
     }
 
