@@ -14,9 +14,8 @@ use hookyard_core::store::syncs::SyncKey;
 use hookyard_core::store::Environment;
 use hookyard_core::Store;
 use hookyard_functions::compile::stored_modules;
-use hookyard_functions::host::{connection_api, connection_texts, Kind, Mode, Run, StoreHost};
+use hookyard_functions::host::{connection_api, exec_invocation, Kind, Mode, Run, StoreHost};
 use hookyard_functions::pool::{Pool, SyncCode};
-use hookyard_functions::{Handler, Invocation};
 
 /// How long an event function may run (and a deletion waits for one).
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -100,7 +99,6 @@ impl Events {
             .await
             .map_err(|e| e.to_string())?;
         let code = Arc::new(SyncCode::of(function, Arc::new(modules)));
-        let (metadata, described) = connection_texts(&connection);
         // Event functions write no records: their version does not matter.
         let host = StoreHost::new(Run {
             store: self.store.clone(),
@@ -111,16 +109,7 @@ impl Events {
             mode: Mode::Apply,
             kind: Kind::Event,
         });
-        let invocation = Invocation {
-            payload: "null".into(),
-            connection_id: connection_id.to_string(),
-            provider_config_key: function.integration.to_string(),
-            metadata,
-            connection: described,
-            models: "[]".into(),
-            handler: Handler::Exec,
-            host: Some(Arc::new(host)),
-        };
+        let invocation = exec_invocation(&connection, "[]".into(), Arc::new(host));
         match self.pool.execute(code, invocation).await {
             Ok(effects) => Ok(effects.logs.into_iter().map(|l| l.message).collect()),
             Err(error) => Err(error.to_string()),

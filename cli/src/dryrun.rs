@@ -13,7 +13,7 @@ use hookyard_core::store::syncs::SyncKey;
 use hookyard_core::streams::Bus;
 use hookyard_core::{Config, Store};
 use hookyard_functions::compile::compile_project;
-use hookyard_functions::host::{connection_api, connection_texts, raw_version, Kind, Mode, Run, StoreHost};
+use hookyard_functions::host::{connection_api, exec_invocation, raw_version, Kind, Mode, Run, StoreHost};
 use hookyard_functions::pool::{Pool, SyncCode};
 use hookyard_functions::{Handler, Invocation};
 use serde_json::{json, Value};
@@ -103,29 +103,20 @@ pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::e
         mode,
         kind: Kind::Sync,
     }));
-    let (metadata, described) = connection_texts(&connection);
     let models: Vec<String> = sync.config["models"]
         .as_array()
         .map(|a| a.iter().filter_map(|m| m.as_str().map(String::from)).collect())
         .unwrap_or_default();
-    let invocation = Invocation {
-        payload: payload
-            .as_ref()
-            .map_or_else(|| "null".to_string(), Value::to_string)
-            .into(),
-        connection_id: args.connection_id.clone(),
-        provider_config_key: sync.integration.to_string(),
-        metadata,
-        connection: described,
-        models: serde_json::to_string(&models)?.into(),
-        handler: if payload.is_some() {
-            Handler::OnWebhook
-        } else {
-            Handler::Exec
+    let exec = exec_invocation(&connection, serde_json::to_string(&models)?.into(), host.clone());
+    let invocation = match &payload {
+        // onWebhook's writes are collected, and applied (or planned) below.
+        Some(payload) => Invocation {
+            payload: payload.to_string().into(),
+            handler: Handler::OnWebhook,
+            host: None,
+            ..exec
         },
-        host: payload
-            .is_none()
-            .then(|| host.clone() as Arc<dyn hookyard_functions::Host>),
+        None => exec,
     };
     let code = Arc::new(SyncCode::new(
         &project.bundle.hash,

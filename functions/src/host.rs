@@ -374,12 +374,7 @@ impl StoreHost {
     }
 
     fn scope(&self, model: &str) -> RecordScope {
-        RecordScope {
-            environment_id: self.run.key.environment_id,
-            integration: self.run.key.integration.clone(),
-            connection_id: self.run.key.connection_id.clone(),
-            model: model.to_string(),
-        }
+        self.run.key.scope(model)
     }
 
     fn count(&self, model: &str, counts: &WriteCounts) {
@@ -421,6 +416,26 @@ pub fn connection_texts(connection: &Connection) -> (std::sync::Arc<str>, std::s
     let mut described = serde_json::to_value(connection).unwrap_or_default();
     described["credentials"] = serde_json::to_value(&connection.credentials).unwrap_or_default();
     (connection.metadata.to_string().into(), described.to_string().into())
+}
+
+/// What an exec (or event function) run of `connection` is given: its `nango` calls
+/// `host`, and writes are refused outside `models` (a JSON array of names).
+pub fn exec_invocation(
+    connection: &Connection,
+    models: std::sync::Arc<str>,
+    host: std::sync::Arc<dyn Host>,
+) -> crate::Invocation {
+    let (metadata, described) = connection_texts(connection);
+    crate::Invocation {
+        payload: "null".into(),
+        connection_id: connection.connection_id.clone(),
+        provider_config_key: connection.provider_config_key.to_string(),
+        metadata,
+        connection: described,
+        models,
+        handler: crate::Handler::Exec,
+        host: Some(host),
+    }
 }
 
 /// A record's id as stored: strings as they are, numbers as their text.

@@ -15,20 +15,20 @@ use async_nats::jetstream::{self, AckKind};
 use hookyard_core::config::{Config, ForwardingConfig};
 use hookyard_core::exec_job::ExecJob;
 use hookyard_core::providers::Catalog;
-use hookyard_core::store::records::{RecordScope, WriteCounts};
+use hookyard_core::store::records::WriteCounts;
 use hookyard_core::store::syncs::{RunOutcome, SyncKey};
 use hookyard_core::streams::{consume, durable, EXEC_STREAM};
 use hookyard_core::Store;
-use hookyard_functions::host::{connection_api, connection_texts, raw_version, Kind, Mode, Run, StoreHost};
+use hookyard_functions::host::{connection_api, exec_invocation, raw_version, Kind, Mode, Run, StoreHost};
 use hookyard_functions::pool::Pool;
-use hookyard_functions::{Handler, Invocation};
+use hookyard_functions::Invocation;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::deployments::{Deployments, LiveSync};
 use crate::notify;
 use crate::settings::Settings;
-use crate::{jetstream_error, WorkerError};
+use crate::{jetstream_error, with_heartbeat, WorkerError};
 
 /// The consumer's name, shared by every worker replica.
 pub const CONSUMER: &str = "exec";
@@ -122,16 +122,10 @@ impl Executor {
             }
         };
         // The job stays ours while the run lasts.
-        let every = self.ack_wait / 3;
-        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        let running = self.run_job(&job);
-        tokio::pin!(running);
-        let report = loop {
-            tokio::select! {
-                report = &mut running => break report,
-                _ = ticker.tick() => { let _ = message.ack_with(AckKind::Progress).await; }
-            }
-        };
+        let report = with_heartbeat(self.run_job(&job), self.ack_wait / 3, || async {
+            let _ = message.ack_with(AckKind::Progress).await;
+        })
+        .await;
         match report {
             Ok(report) => {
                 log_report(&job, &report);
@@ -173,19 +167,12 @@ impl Executor {
         if !self.store.claim_run(&key, &run_id, LEASE).await? {
             return Ok(RunReport::Skipped);
         }
-        let running = self.execute(job, &sync, &key);
-        tokio::pin!(running);
-        let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + LEASE / 3, LEASE / 3);
-        let report = loop {
-            tokio::select! {
-                report = &mut running => break report,
-                _ = renew.tick() => {
-                    if let Err(error) = self.store.extend_run(&key, &run_id, LEASE).await {
-                        tracing::warn!(%error, "renewing an exec run's lease failed");
-                    }
-                }
+        let report = with_heartbeat(self.execute(job, &sync, &key), LEASE / 3, || async {
+            if let Err(error) = self.store.extend_run(&key, &run_id, LEASE).await {
+                tracing::warn!(%error, "renewing an exec run's lease failed");
             }
-        };
+        })
+        .await;
         let outcome = match report {
             Ok((counts, per_model)) => {
                 let run = notify::Run {
@@ -245,22 +232,18 @@ impl Executor {
         let failed = |e: &dyn std::fmt::Display| e.to_string();
         let (connection, api) = connection_api(&self.store, &self.catalog, key, &self.guard).await?;
         let models: Vec<String> = serde_json::from_str(&sync.models).unwrap_or_default();
-        let scope = |model: &str| RecordScope {
-            environment_id: key.environment_id,
-            integration: key.integration.clone(),
-            connection_id: key.connection_id.clone(),
-            model: model.to_string(),
-        };
         if job.empty_cache {
             for model in &models {
-                self.store.empty_records(&scope(model)).await.map_err(|e| failed(&e))?;
+                self.store
+                    .empty_records(&key.scope(model))
+                    .await
+                    .map_err(|e| failed(&e))?;
             }
         }
         if job.reset {
             self.store.set_checkpoint(key, None).await.map_err(|e| failed(&e))?;
         }
         let version = raw_version(&self.jetstream).await?;
-        let (metadata, described) = connection_texts(&connection);
         let host = Arc::new(StoreHost::new(Run {
             store: self.store.clone(),
             jetstream: Some(self.jetstream.clone()),
@@ -270,16 +253,7 @@ impl Executor {
             mode: Mode::Apply,
             kind: Kind::Sync,
         }));
-        let invocation = Invocation {
-            payload: "null".into(),
-            connection_id: key.connection_id.clone(),
-            provider_config_key: key.integration.to_string(),
-            metadata,
-            connection: described,
-            models: sync.models.clone(),
-            handler: Handler::Exec,
-            host: Some(host.clone()),
-        };
+        let invocation = exec_invocation(&connection, sync.models.clone(), host.clone());
         Ok((host, invocation))
     }
 }

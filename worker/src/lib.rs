@@ -223,20 +223,12 @@ impl Worker {
     /// [`Worker::handle`], telling JetStream the group is still in progress while it
     /// runs, so a long group is not redelivered to another worker meanwhile.
     async fn handle_with_progress(&self, group: Vec<jetstream::Message>) -> GroupOutcome {
-        let every = self.config.ack_wait / 3;
-        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        let handling = self.handle(&group);
-        tokio::pin!(handling);
-        loop {
-            tokio::select! {
-                outcome = &mut handling => return outcome,
-                _ = ticker.tick() => {
-                    for message in &group {
-                        let _ = message.ack_with(AckKind::Progress).await;
-                    }
-                }
+        with_heartbeat(self.handle(&group), self.config.ack_wait / 3, || async {
+            for message in &group {
+                let _ = message.ack_with(AckKind::Progress).await;
             }
-        }
+        })
+        .await
     }
 
     /// Runs one group of messages to commit, then acks or naks each.
@@ -555,6 +547,23 @@ fn dead_letter(
 async fn nak_all(group: &[jetstream::Message], delay: Duration) {
     for message in group {
         let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+    }
+}
+
+/// Runs `work` to its end, calling `beat` every `every` meanwhile (first after one
+/// `every`): in-progress acks and leases that must not lapse while long work goes on.
+pub(crate) async fn with_heartbeat<T, B: std::future::Future<Output = ()>>(
+    work: impl std::future::Future<Output = T>,
+    every: Duration,
+    mut beat: impl FnMut() -> B,
+) -> T {
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = ticker.tick() => beat().await,
+        }
     }
 }
 

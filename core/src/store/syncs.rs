@@ -18,6 +18,18 @@ pub struct SyncKey {
     pub connection_id: String,
 }
 
+impl SyncKey {
+    /// The records of `model` this sync keeps for this connection.
+    pub fn scope(&self, model: &str) -> super::records::RecordScope {
+        super::records::RecordScope {
+            environment_id: self.environment_id,
+            integration: self.integration.clone(),
+            connection_id: self.connection_id.clone(),
+            model: model.to_string(),
+        }
+    }
+}
+
 /// What `GET /sync/status` reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
