@@ -5,6 +5,7 @@
 
 use axum::extract::{Path, State};
 use axum::{Extension, Json};
+use hookyard_core::keys::IntegrationKey;
 use hookyard_core::store::forwarding::{ForwardingScope, ForwardingSettings, MAX_URLS};
 use hookyard_core::store::Environment;
 use serde::{Deserialize, Serialize};
@@ -120,6 +121,21 @@ async fn set_environment(
     }))
 }
 
+/// The integration of a connection that exists (400 without one, 404 when it does not).
+async fn existing_connection(
+    state: &AppState,
+    environment: &Environment,
+    connection_id: &str,
+    param: KeyParam,
+) -> Result<IntegrationKey, ApiError> {
+    let key = required_key(param)?;
+    state
+        .store
+        .existing_connection(environment.id, &key, connection_id)
+        .await?;
+    Ok(key)
+}
+
 /// One connection's forwarding override (`urls: []` and no key when it has none).
 #[utoipa::path(get, operation_id = "get_connection_forwarding", path = "/connections/{connection_id}/forwarding",
     tag = "forwarding", params(("connection_id" = String, Path), KeyParam),
@@ -131,11 +147,7 @@ async fn get_connection(
     Path(connection_id): Path<String>,
     Params(param): Params<KeyParam>,
 ) -> Result<Json<Data<ForwardingView>>, ApiError> {
-    let key = required_key(param)?;
-    state
-        .store
-        .existing_connection(environment.id, &key, &connection_id)
-        .await?;
+    let key = existing_connection(&state, &environment, &connection_id, param).await?;
     let settings = state
         .store
         .forwarding(environment.id, ForwardingScope::Connection(&key, &connection_id))
@@ -155,11 +167,7 @@ async fn set_connection(
     Params(param): Params<KeyParam>,
     Body(body): Body<ForwardingRequest>,
 ) -> Result<Json<Data<ForwardingView>>, ApiError> {
-    let key = required_key(param)?;
-    state
-        .store
-        .existing_connection(environment.id, &key, &connection_id)
-        .await?;
+    let key = existing_connection(&state, &environment, &connection_id, param).await?;
     let settings = settings(body)?;
     state
         .store
