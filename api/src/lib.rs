@@ -8,6 +8,7 @@
 
 mod auth;
 mod connections;
+mod dead_letters;
 mod error;
 mod events;
 mod fields;
@@ -66,7 +67,7 @@ pub struct Success {
     info(title = "hookyard", description = "hookyard's control plane: integrations, connections, records and function deploys."),
     modifiers(&BearerAuth),
     security(("secret_key" = [])),
-    tags((name = "integrations"), (name = "connections"), (name = "records"), (name = "functions"), (name = "forwarding"))
+    tags((name = "integrations"), (name = "connections"), (name = "records"), (name = "functions"), (name = "forwarding"), (name = "syncs"), (name = "dead letters"))
 )]
 struct ApiDoc;
 
@@ -107,6 +108,7 @@ pub fn router(store: Store, config: &Config) -> Result<(Router, Document), Catal
         .merge(functions::routes())
         .merge(forwarding::routes())
         .merge(syncs::routes())
+        .merge(dead_letters::routes())
         .split_for_parts();
     list_aliases(&mut document);
     let json = serde_json::to_value(&document).expect("the OpenAPI document serialises");

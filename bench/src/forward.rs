@@ -83,6 +83,7 @@ pub async fn run(events: u64) -> anyhow::Result<()> {
             delivery_id: format!("d{n}"),
             payload: json!({"type": "contact.updated", "contact": {"id": n, "email": format!("p{n}@example.com")}}),
             traceparent: None,
+            origin: Default::default(),
         };
         let (subject, headers, payload) = event.to_message();
         acks.push(bus.jetstream.publish_with_headers(subject, headers, payload).await?);

@@ -222,6 +222,7 @@ fn event(n: u64, connections: &[String], phase: &str) -> RoutedEvent {
                         "updated_at": "2026-11-26T10:00:00Z"}
         }),
         traceparent: None,
+        origin: Default::default(),
     }
 }
 

@@ -642,6 +642,7 @@ async fn worker_fixture(store: &Store, nats: &NatsServer, events: u64) -> async_
             delivery_id: format!("d{n}"),
             payload: serde_json::json!({ "n": n }),
             traceparent: None,
+            origin: Default::default(),
         };
         let (subject, headers, payload) = event.to_message();
         bus.jetstream

@@ -2,6 +2,7 @@
 //! shutdown, the webhook envelope, the JetStream topology and the store.
 
 pub mod config;
+pub mod delivery;
 pub mod embedded_nats;
 pub mod envelope;
 pub mod exec_job;

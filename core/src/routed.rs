@@ -4,7 +4,10 @@
 //! published the same way under `hooks.unrouted.*`, with the reason.
 //!
 //! The message id `{raw-seq}:{index}:{connection}` makes a redelivered raw message
-//! (a router crash mid-batch) publish nothing twice.
+//! (a router crash mid-batch) publish nothing twice. A replayed or redriven event
+//! ([`Origin`]) has a suffix on its id, so that neither JetStream's duplicate window nor
+//! the consumers' idempotency markers take it for the original; its version stays the
+//! raw sequence's, so records never go back to an older state.
 
 use async_nats::header::HeaderMap;
 use bytes::Bytes;
@@ -22,6 +25,83 @@ const H_DELIVERY_ID: &str = "Hookyard-Delivery-Id";
 const H_CONNECTION: &str = "Hookyard-Connection";
 const H_UNROUTED: &str = "Hookyard-Unrouted";
 const H_TRACEPARENT: &str = "traceparent";
+const H_REPLAY: &str = "Hookyard-Replay";
+const H_REPLAY_TARGET: &str = "Hookyard-Replay-Target";
+const H_REDRIVE: &str = "Hookyard-Redrive";
+const H_REDRIVE_CONSUMER: &str = "Hookyard-Redrive-Consumer";
+
+/// Where an event comes from, besides live traffic.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Origin {
+    #[default]
+    Live,
+    /// Replay `id`, for `target`'s consumers.
+    Replay { id: i64, target: ReplayTarget },
+    /// Dead letter `id`, redriven for the one consumer that gave up on it.
+    Redrive { id: i64, consumer: String },
+}
+
+impl Origin {
+    /// Whether the functions consumer takes it.
+    pub fn for_functions(&self) -> bool {
+        !matches!(
+            self,
+            Origin::Replay {
+                target: ReplayTarget::Forward,
+                ..
+            }
+        )
+    }
+
+    /// Whether the forwarder takes it (a redrive is a function's only).
+    pub fn for_forwarding(&self) -> bool {
+        match self {
+            Origin::Live => true,
+            Origin::Replay { target, .. } => *target != ReplayTarget::Functions,
+            Origin::Redrive { .. } => false,
+        }
+    }
+
+    /// What it adds to message ids and delivery keys.
+    pub fn suffix(&self) -> String {
+        match self {
+            Origin::Live => String::new(),
+            Origin::Replay { id, .. } => format!(":replay-{id}"),
+            Origin::Redrive { id, .. } => format!(":redrive-{id}"),
+        }
+    }
+}
+
+/// Which consumers a replay is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplayTarget {
+    Functions,
+    Forward,
+    All,
+}
+
+impl ReplayTarget {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplayTarget::Functions => "functions",
+            ReplayTarget::Forward => "forward",
+            ReplayTarget::All => "all",
+        }
+    }
+}
+
+impl std::str::FromStr for ReplayTarget {
+    type Err = String;
+    fn from_str(text: &str) -> Result<ReplayTarget, String> {
+        match text {
+            "functions" => Ok(ReplayTarget::Functions),
+            "forward" => Ok(ReplayTarget::Forward),
+            "all" => Ok(ReplayTarget::All),
+            other => Err(format!("{other:?} is not a target (functions, forward or all)")),
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoutedEvent {
@@ -40,6 +120,7 @@ pub struct RoutedEvent {
     pub payload: Value,
     /// The router's span for this webhook, in the webhook's trace.
     pub traceparent: Option<String>,
+    pub origin: Origin,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,10 +148,11 @@ impl RoutedEvent {
 
     pub fn message_id(&self) -> String {
         format!(
-            "{}:{}:{}",
+            "{}:{}:{}{}",
             self.raw_seq,
             self.index,
-            self.connection_id.as_deref().unwrap_or("-")
+            self.connection_id.as_deref().unwrap_or("-"),
+            self.origin.suffix()
         )
     }
 
@@ -93,6 +175,17 @@ impl RoutedEvent {
         }
         if let Some(traceparent) = &self.traceparent {
             put(H_TRACEPARENT, traceparent);
+        }
+        match &self.origin {
+            Origin::Live => {}
+            Origin::Replay { id, target } => {
+                put(H_REPLAY, &id.to_string());
+                put(H_REPLAY_TARGET, target.as_str());
+            }
+            Origin::Redrive { id, consumer } => {
+                put(H_REDRIVE, &id.to_string());
+                put(H_REDRIVE_CONSUMER, consumer);
+            }
         }
         let payload = serde_json::to_vec(&self.payload).expect("a JSON value serialises");
         (self.subject(), headers, Bytes::from(payload))
@@ -123,8 +216,28 @@ impl RoutedEvent {
             delivery_id: need(H_DELIVERY_ID)?,
             payload: serde_json::from_slice(payload).map_err(|e| RoutedError::Payload(e.to_string()))?,
             traceparent: get(H_TRACEPARENT),
+            origin: origin(&get)?,
         })
     }
+}
+
+fn origin(get: &impl Fn(&'static str) -> Option<String>) -> Result<Origin, RoutedError> {
+    let id = |name: &'static str| -> Result<Option<i64>, RoutedError> {
+        get(name)
+            .map(|v| v.parse().map_err(|_| RoutedError::Header(name)))
+            .transpose()
+    };
+    if let Some(id) = id(H_REPLAY)? {
+        let target = get(H_REPLAY_TARGET)
+            .and_then(|t| t.parse().ok())
+            .ok_or(RoutedError::Header(H_REPLAY_TARGET))?;
+        return Ok(Origin::Replay { id, target });
+    }
+    if let Some(id) = id(H_REDRIVE)? {
+        let consumer = get(H_REDRIVE_CONSUMER).ok_or(RoutedError::Header(H_REDRIVE_CONSUMER))?;
+        return Ok(Origin::Redrive { id, consumer });
+    }
+    Ok(Origin::Live)
 }
 
 #[cfg(test)]
@@ -144,6 +257,7 @@ mod tests {
             delivery_id: "h:abc".into(),
             payload: serde_json::json!({"objectId": 123}),
             traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+            origin: Origin::Live,
         };
         let (subject, headers, payload) = event.to_message();
         assert_eq!(subject, "hooks.conn.dev.hubspot.~cG9ydGFsIDYyNTE1");
@@ -169,5 +283,72 @@ mod tests {
             RoutedEvent::from_message(&subject, Some(&headers), &payload).unwrap(),
             unrouted
         );
+    }
+
+    #[test]
+    fn replays_and_redrives_have_ids_of_their_own_and_the_same_version() {
+        let live = RoutedEvent {
+            environment: "dev".parse().unwrap(),
+            integration: "crm".parse().unwrap(),
+            connection_id: Some("c0".into()),
+            unrouted: None,
+            raw_seq: 7,
+            index: 1,
+            event_type: None,
+            delivery_id: "d".into(),
+            payload: serde_json::json!({}),
+            traceparent: None,
+            origin: Origin::Live,
+        };
+        for origin in [
+            Origin::Replay {
+                id: 3,
+                target: ReplayTarget::Functions,
+            },
+            Origin::Redrive {
+                id: 9,
+                consumer: "fn:1:crm:contacts".into(),
+            },
+        ] {
+            let event = RoutedEvent {
+                origin: origin.clone(),
+                ..live.clone()
+            };
+            assert_eq!(event.version(), live.version());
+            assert_ne!(event.message_id(), live.message_id());
+            let (subject, headers, payload) = event.to_message();
+            assert_eq!(headers.get("Nats-Msg-Id").unwrap().as_str(), event.message_id());
+            assert_eq!(
+                RoutedEvent::from_message(&subject, Some(&headers), &payload).unwrap(),
+                event
+            );
+        }
+        assert_eq!(
+            RoutedEvent {
+                origin: Origin::Replay {
+                    id: 3,
+                    target: ReplayTarget::All
+                },
+                ..live.clone()
+            }
+            .message_id(),
+            "7:1:c0:replay-3"
+        );
+        assert!(!Origin::Replay {
+            id: 1,
+            target: ReplayTarget::Functions
+        }
+        .for_forwarding());
+        assert!(!Origin::Replay {
+            id: 1,
+            target: ReplayTarget::Forward
+        }
+        .for_functions());
+        assert!(!Origin::Redrive {
+            id: 1,
+            consumer: String::new()
+        }
+        .for_forwarding());
+        assert!(Origin::Live.for_forwarding() && Origin::Live.for_functions());
     }
 }

@@ -19,12 +19,26 @@ pub fn current_traceparent() -> Option<String> {
     carrier.remove(TRACEPARENT)
 }
 
-/// Makes `span` a child of the trace `traceparent` names (a malformed one is ignored).
+/// Makes `span` a child of the trace `traceparent` names (a malformed one is ignored),
+/// and records the trace id in the span's `trace_id` field.
 pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>) {
-    let Some(traceparent) = traceparent else { return };
-    let carrier = HashMap::from([(TRACEPARENT.to_string(), traceparent.to_string())]);
-    let parent = TraceContextPropagator::new().extract(&carrier);
-    let _ = span.set_parent(parent);
+    if let Some(traceparent) = traceparent {
+        let carrier = HashMap::from([(TRACEPARENT.to_string(), traceparent.to_string())]);
+        let parent = TraceContextPropagator::new().extract(&carrier);
+        let _ = span.set_parent(parent);
+    }
+    record_trace_id(span);
+}
+
+/// Writes the span's trace id into its `trace_id` field (declared `Empty`), so that
+/// every log line written inside it carries the id. Nothing when nothing is traced.
+pub fn record_trace_id(span: &tracing::Span) {
+    use opentelemetry::trace::TraceContextExt as _;
+    let context = span.context();
+    let span_context = context.span().span_context().clone();
+    if span_context.is_valid() {
+        span.record("trace_id", tracing::field::display(span_context.trace_id()));
+    }
 }
 
 #[cfg(test)]

@@ -200,7 +200,7 @@ async fn commits_apply_once_in_version_order(store: &Store) {
     };
     store.commit(vec![dead.clone()]).await.unwrap();
     assert_eq!(store.commit(vec![dead]).await.unwrap()[0], UnitOutcome::AlreadyDone);
-    let letters = store.dead_letters("dev", 10).await.unwrap();
+    let letters = store.dead_letters("dev", &Default::default(), 10).await.unwrap();
     assert_eq!(letters.len(), 1, "a redelivered dead letter is not stored twice");
     assert_eq!(letters[0].letter, letter);
 

@@ -36,12 +36,13 @@ fn trailing_path(raw_path: &str) -> Option<String> {
         .map(String::from)
 }
 
-#[tracing::instrument(name = "receive_webhook", skip_all, fields(integration = %path.integration))]
+#[tracing::instrument(name = "receive_webhook", skip_all, fields(integration = %path.integration, trace_id = tracing::field::Empty))]
 pub async fn receive_webhook(
     State(ingest): State<Arc<Ingest>>,
     Path(path): Path<WebhookPath>,
     request: Request,
 ) -> Result<Response, IngestError> {
+    hookyard_core::trace_context::record_trace_id(&tracing::Span::current());
     // Taken apart rather than extracted piecewise: the header map is not cloned.
     let (parts, body) = request.into_parts();
     let (method, uri, headers) = (parts.method, parts.uri, parts.headers);

@@ -5,6 +5,7 @@
 //! none matched. The raw message is acked only after every publish is acked; message ids
 //! `{raw-seq}:{index}:{connection}` make a redelivery publish nothing twice.
 
+pub mod redrive;
 pub mod resolve;
 
 use std::sync::Arc;
@@ -61,6 +62,7 @@ pub struct Outcome {
 }
 
 pub struct Router {
+    store: Store,
     resolver: Resolver,
     jetstream: jetstream::Context,
     config: RouterConfig,
@@ -69,14 +71,18 @@ pub struct Router {
 impl Router {
     pub fn new(store: Store, bus: &Bus, config: &RouterConfig) -> Result<Router, RouterError> {
         Ok(Router {
-            resolver: Resolver::new(store, Arc::new(Catalog::embedded()?)),
+            resolver: Resolver::new(store.clone(), Arc::new(Catalog::embedded()?)),
+            store,
             jetstream: bus.jetstream.clone(),
             config: config.clone(),
         })
     }
 
-    /// Consumes `HOOKS_RAW` until `shutdown`; messages in progress finish first.
+    /// Consumes `HOOKS_RAW` until `shutdown`; messages in progress finish first. Carries
+    /// out the dead letters' redrives meanwhile.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), RouterError> {
+        let redriver = redrive::Redriver::new(self.store.clone(), self.jetstream.clone());
+        let redrives = tokio::spawn(redriver.run(shutdown.clone()));
         // Create or update: a changed `router.ack_wait` takes effect at the next start.
         let config = durable(CONSUMER, "hookyard router", self.config.ack_wait, 4 * CONCURRENCY);
         let jetstream = self.jetstream.clone();
@@ -85,6 +91,7 @@ impl Router {
             async move { router.handle(message).await }
         })
         .await?;
+        let _ = redrives.await;
         tracing::info!("router stopped");
         Ok(())
     }
@@ -102,7 +109,9 @@ impl Router {
             }
         };
         // One trace per webhook: the router's span continues ingest's.
-        let span = tracing::info_span!("route_webhook", raw_seq = sequence, integration = %envelope.integration);
+        let span = tracing::info_span!(
+            "route_webhook", raw_seq = sequence, integration = %envelope.integration, trace_id = tracing::field::Empty
+        );
         continue_trace(&span, envelope.traceparent.as_deref());
         match self.route(sequence, &envelope).instrument(span).await {
             Ok(outcome) => {
@@ -169,6 +178,7 @@ impl Router {
                 delivery_id: envelope.delivery_id.clone(),
                 payload,
                 traceparent: traceparent.clone(),
+                origin: Default::default(),
             };
         let Some(state) = self
             .resolver
@@ -205,6 +215,7 @@ impl Router {
                     delivery_id: envelope.delivery_id.clone(),
                     payload: event.payload.clone(),
                     traceparent: traceparent.clone(),
+                    origin: Default::default(),
                 });
             }
         }

@@ -332,7 +332,7 @@ async fn loopback_destinations_are_refused_unless_allowed() {
         "the refused delivery's dead letter",
         Duration::from_secs(30),
         || async {
-            let letters = h.store.dead_letters("dev", 10).await.unwrap();
+            let letters = h.store.dead_letters("dev", &Default::default(), 10).await.unwrap();
             letters.into_iter().find(|l| l.letter.consumer == "deliveries")
         },
     )
@@ -538,6 +538,7 @@ async fn an_unrouted_webhook_goes_raw_and_once() {
             delivery_id: "raw-1".into(),
             payload: json!({"id": index + 1}),
             traceparent: None,
+            origin: Default::default(),
         };
         let (subject, headers, payload) = event.to_message();
         h.bus

@@ -726,19 +726,7 @@ async fn the_fake_crm_signs_webhooks_that_go_through_ingest_and_the_router_to_th
         reconciler: Reconciler::new(h.store.clone(), h.bus.jetstream.clone()),
         h,
     };
-    let ingest = hookyard_ingest::Ingest::start(&s.h.config, s.h.store.clone(), s.h.bus.clone(), s.h.shutdown.clone())
-        .await
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!(
-        "http://{}/webhook/{}/crmhooks?connection_id=c0",
-        listener.local_addr().unwrap(),
-        s.h.environment.webhook_id
-    );
-    tokio::spawn(hookyard_ingest::serve(listener, ingest, s.h.shutdown.clone()));
-    let router =
-        std::sync::Arc::new(hookyard_router::Router::new(s.h.store.clone(), &s.h.bus, &s.h.config.router).unwrap());
-    tokio::spawn(router.run(s.h.shutdown.clone()));
+    let url = format!("{}/crmhooks?connection_id=c0", s.h.start_edge().await);
 
     let body = json!({"type": "contact.updated", "contact": {"id": "p9", "email": "p9@crm.test"}});
     assert_eq!(FakeCrm::send_webhook(&url, "whsec-test", &body).await, 202);
@@ -844,7 +832,7 @@ async fn a_message_on_hooks_exec_that_is_no_job_is_kept_as_a_dead_letter() {
         .await
         .unwrap();
     let letters = eventually("the dead letter", Duration::from_secs(20), || async {
-        let letters = s.h.store.dead_letters("dev", 10).await.ok()?;
+        let letters = s.h.store.dead_letters("dev", &Default::default(), 10).await.ok()?;
         (!letters.is_empty()).then_some(letters)
     })
     .await;

@@ -115,7 +115,7 @@ async fn failures_are_retried_then_dead_lettered_and_the_rest_goes_on() {
     let mut runs = h.runs().await;
     runs.sort();
     assert_eq!(runs, (10..60).collect::<Vec<_>>());
-    let letters = h.store.dead_letters("dev", 10).await.unwrap();
+    let letters = h.store.dead_letters("dev", &Default::default(), 10).await.unwrap();
     let by_function: BTreeMap<&str, _> = letters
         .iter()
         .map(|l| (l.letter.function_name.as_deref().unwrap(), &l.letter))

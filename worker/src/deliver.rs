@@ -34,7 +34,7 @@ use crate::forward::Delivery;
 use crate::settings::Settings;
 use crate::WorkerError;
 
-pub const DELIVERER: &str = "deliveries";
+pub const DELIVERER: &str = hookyard_core::store::dead_letters::FORWARD_CONSUMER;
 /// Deliveries in flight at once, over all destinations.
 const CONCURRENCY: usize = 256;
 
@@ -175,9 +175,13 @@ impl Deliverer {
             }
         };
         let delivered = message.info().map_or(1, |i| i.delivered);
-        let outcome = self.attempt(&delivery, delivered).await;
+        let span = tracing::info_span!(
+            "deliver", delivery = %delivery.id, attempt = delivered, trace_id = tracing::field::Empty
+        );
+        hookyard_core::trace_context::continue_trace(&span, delivery.traceparent.as_deref());
+        let outcome = tracing::Instrument::instrument(self.attempt(&delivery, delivered), span).await;
         if matches!(outcome, Ok(None)) {
-            self.made.lock().expect("attempts lock").remove(&delivery.id);
+            self.made.lock().expect("attempts lock").remove(&delivery.attempt_key());
         }
         match outcome {
             Ok(Some(delay)) => {
@@ -222,19 +226,19 @@ impl Deliverer {
             .made
             .lock()
             .expect("attempts lock")
-            .get(&delivery.id)
+            .get(&delivery.attempt_key())
             .copied()
             .unwrap_or(0);
         let made = if delivered <= 1 && made_here == 0 {
             0
         } else {
-            made_here.max(self.store.attempts_made(&delivery.id).await?)
+            made_here.max(self.store.attempts_made(&delivery.attempt_key()).await?)
         };
         let attempt = made + 1;
         self.made
             .lock()
             .expect("attempts lock")
-            .insert(delivery.id.clone(), attempt);
+            .insert(delivery.attempt_key(), attempt);
         if let Err(reason) = hookyard_core::outbound::allowed_destination(&delivery.url, &self.config).await {
             tracing::warn!(delivery = %delivery.id, url = %delivery.url, %reason, "destination refused");
             self.record(
@@ -329,7 +333,7 @@ impl Deliverer {
         error: Option<String>,
     ) -> Result<(), WorkerError> {
         let _ = self.attempts.send(DeliveryAttempt {
-            delivery_id: delivery.id.clone(),
+            delivery_id: delivery.attempt_key(),
             environment: delivery.environment.clone(),
             url: delivery.url.clone(),
             attempt: attempt as i32,
@@ -354,7 +358,7 @@ impl Deliverer {
             integration: delivery.integration.clone(),
             connection_id: delivery.connection.clone(),
             subject: delivery.url.clone(),
-            message_id: delivery.id.clone(),
+            message_id: delivery.attempt_key(),
             stream_seq: 0,
             payload: serde_json::to_string(delivery).expect("a delivery serialises"),
             function_name: None,
@@ -365,7 +369,7 @@ impl Deliverer {
         };
         let marker = Marker {
             consumer: DELIVERER.into(),
-            message_id: delivery.id.clone(),
+            message_id: delivery.attempt_key(),
         };
         self.store
             .commit(vec![Unit {

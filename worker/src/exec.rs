@@ -31,7 +31,7 @@ use crate::settings::Settings;
 use crate::{jetstream_error, with_heartbeat, WorkerError};
 
 /// The consumer's name, shared by every worker replica.
-pub const CONSUMER: &str = "exec";
+pub const CONSUMER: &str = hookyard_core::store::dead_letters::EXEC_CONSUMER;
 /// A run's lease; renewed every third of it while the run lives.
 const LEASE: Duration = Duration::from_secs(90);
 

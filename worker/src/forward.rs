@@ -13,14 +13,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
-use base64::Engine as _;
-use hookyard_core::envelope::insert_checked;
+pub use hookyard_core::delivery::Delivery;
 use hookyard_core::routed::RoutedEvent;
-use hookyard_core::streams::{consume, durable, fwd_subject, CONN_STREAM, RAW_STREAM};
+use hookyard_core::streams::{consume, durable, CONN_STREAM, RAW_STREAM};
+use hookyard_core::trace_context::continue_trace;
 use hookyard_core::Envelope;
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::settings::Settings;
 use crate::{jetstream_error, WorkerError};
@@ -29,72 +28,22 @@ pub const FORWARDER: &str = "forwarder";
 const CONCURRENCY: usize = 64;
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 
-/// One delivery: what to send where. The body is sent exactly as these bytes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Delivery {
-    /// The Standard Webhooks `webhook-id`: the same on every attempt.
-    pub id: String,
-    pub environment: String,
-    pub integration: String,
-    pub connection: Option<String>,
-    pub url: String,
-    /// `forward` or `sync`.
-    pub kind: String,
-    /// The body, base64.
-    pub body: String,
-    /// Headers to send along (the provider's, for a forward).
-    pub headers: Vec<(String, String)>,
-}
-
-impl Delivery {
-    pub fn new(
-        key: &str,
-        environment: &str,
-        integration: &str,
-        connection: Option<&str>,
-        url: &str,
-        kind: &str,
-        body: &[u8],
-        headers: Vec<(String, String)>,
-    ) -> Delivery {
-        let digest = Sha256::digest(format!("{key}\n{url}").as_bytes());
-        Delivery {
-            id: format!("msg_{}", hex::encode(&digest[..12])),
-            environment: environment.into(),
-            integration: integration.into(),
-            connection: connection.map(String::from),
-            url: url.into(),
-            kind: kind.into(),
-            body: base64::engine::general_purpose::STANDARD.encode(body),
-            headers,
-        }
+/// Puts `deliveries` into `HOOKS_FWD`, returning once every one is stored.
+pub async fn publish_deliveries(jetstream: &jetstream::Context, deliveries: Vec<Delivery>) -> Result<(), WorkerError> {
+    let mut acks = Vec::with_capacity(deliveries.len());
+    for delivery in &deliveries {
+        let (subject, headers, payload) = delivery.to_message();
+        acks.push(
+            jetstream
+                .publish_with_headers(subject, headers, payload)
+                .await
+                .map_err(jetstream_error)?,
+        );
     }
-
-    pub fn body_bytes(&self) -> Result<Vec<u8>, base64::DecodeError> {
-        base64::engine::general_purpose::STANDARD.decode(&self.body)
+    for ack in acks {
+        ack.await.map_err(jetstream_error)?;
     }
-
-    /// Puts `deliveries` into `HOOKS_FWD` (message id: each one's id), returning once
-    /// every one is stored.
-    pub async fn publish_all(jetstream: &jetstream::Context, deliveries: Vec<Delivery>) -> Result<(), WorkerError> {
-        let mut acks = Vec::with_capacity(deliveries.len());
-        for delivery in &deliveries {
-            let mut headers = async_nats::HeaderMap::new();
-            insert_checked(&mut headers, "Nats-Msg-Id", &delivery.id);
-            let payload = serde_json::to_vec(delivery).expect("a delivery serialises");
-            let subject = fwd_subject(&delivery.environment, &delivery.kind);
-            acks.push(
-                jetstream
-                    .publish_with_headers(subject, headers, payload.into())
-                    .await
-                    .map_err(jetstream_error)?,
-            );
-        }
-        for ack in acks {
-            ack.await.map_err(jetstream_error)?;
-        }
-        Ok(())
-    }
+    Ok(())
 }
 
 /// Request headers of the provider's that are not passed on.
@@ -180,7 +129,11 @@ impl Forwarder {
                 return;
             }
         };
-        match self.forward(&event).await {
+        let span = tracing::info_span!(
+            "forward_event", message = %event.message_id(), trace_id = tracing::field::Empty
+        );
+        continue_trace(&span, event.traceparent.as_deref());
+        match self.forward(&event).instrument(span).await {
             Ok(()) => {
                 let _ = message.ack().await;
             }
@@ -193,6 +146,9 @@ impl Forwarder {
 
     /// Puts the event's deliveries into `HOOKS_FWD`, returning once they are stored.
     pub async fn forward(&self, event: &RoutedEvent) -> Result<(), WorkerError> {
+        if !event.origin.for_forwarding() {
+            return Ok(());
+        }
         let Some(environment) = self.settings.forwarding_environment(&event.environment).await? else {
             return Ok(());
         };
@@ -230,12 +186,12 @@ impl Forwarder {
             // The raw body, once per webhook (its unrouted events share the key).
             None => match envelope.as_deref() {
                 Some(envelope) => (
-                    format!("{}:raw", event.raw_seq),
+                    format!("{}:raw{}", event.raw_seq, event.origin.suffix()),
                     envelope.body.to_vec(),
                     forwarded_headers(envelope, true),
                 ),
                 None => (
-                    format!("{}:raw", event.raw_seq),
+                    format!("{}:raw{}", event.raw_seq, event.origin.suffix()),
                     event.payload.to_string().into_bytes(),
                     Vec::new(),
                 ),
@@ -257,7 +213,7 @@ impl Forwarder {
                 )
             })
             .collect();
-        Delivery::publish_all(&self.jetstream, deliveries).await
+        publish_deliveries(&self.jetstream, deliveries).await
     }
 
     /// The webhook at `sequence` in `HOOKS_RAW` (its headers and raw body), if still kept.

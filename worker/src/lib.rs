@@ -25,8 +25,9 @@ use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use hookyard_core::config::WorkerConfig;
 use hookyard_core::keys::IntegrationKey;
-use hookyard_core::routed::RoutedEvent;
+use hookyard_core::routed::{Origin, RoutedEvent};
 use hookyard_core::store::commit::{DeadLetter, Marker, MetadataCall, RecordCall, Unit, UnitOutcome};
+use hookyard_core::store::dead_letters::FailedAttempt;
 use hookyard_core::store::records::RecordScope;
 use hookyard_core::store::StoreError;
 use hookyard_core::streams::{durable, Bus, StreamsError, CONN_STREAM};
@@ -216,6 +217,9 @@ impl Worker {
                     Ok(pruned) => tracing::info!(pruned, "old idempotency markers pruned"),
                     Err(error) => tracing::warn!(%error, "pruning idempotency markers failed"),
                 }
+                if let Err(error) = self.store.prune_failed_attempts(before).await {
+                    tracing::warn!(%error, "pruning failed attempts failed");
+                }
             }
         }
     }
@@ -239,6 +243,8 @@ impl Worker {
         let mut units: Vec<Unit> = Vec::new();
         // Per unit: the execution it commits, for sync notifications (none for dead letters).
         let mut runs: Vec<Option<notify::Run>> = Vec::new();
+        // The spans of the executions being committed: the commit shows in each trace.
+        let mut spans: Vec<tracing::Span> = Vec::new();
         for message in group {
             match RoutedEvent::from_message(&message.subject, message.headers.as_ref(), &message.payload) {
                 Ok(event) => events.push(Some(event)),
@@ -260,10 +266,19 @@ impl Worker {
         let mut tasks = Vec::new();
         for (index, event) in events.iter().enumerate() {
             let Some(event) = event else { continue };
+            if !event.origin.for_functions() {
+                continue;
+            }
             for sync in self
                 .deployments
                 .matching(&event.environment, &event.integration, event.event_type.as_deref())
             {
+                // A redrive is for the one sync that gave up on the event.
+                if let Origin::Redrive { consumer, .. } = &event.origin {
+                    if *consumer != sync.consumer() {
+                        continue;
+                    }
+                }
                 tasks.push(Task {
                     message: index,
                     marker: Marker {
@@ -276,13 +291,15 @@ impl Worker {
         }
         // Every message whose tasks all commit (or that has none) is acked.
         let mut retry: HashMap<usize, Duration> = HashMap::new();
+        // Attempts that failed and will be retried: a dead letter's history.
+        let mut failed = Vec::new();
         if !tasks.is_empty() {
             match self.prepare(group, &events, tasks).await {
                 Ok((runnable, already_done)) => {
                     outcome.already_done += already_done;
                     outcome.executed = runnable.len();
                     let results = self.execute(&runnable, &events).await;
-                    for ((task, _), result) in runnable.into_iter().zip(results) {
+                    for ((task, _), (result, span)) in runnable.into_iter().zip(results) {
                         let index = task.message;
                         let event = events[index].as_ref().expect("tasks are of parsed events");
                         let message = &group[index];
@@ -299,6 +316,7 @@ impl Worker {
                                     modified_after: chrono::Utc::now(),
                                 }));
                                 units.push(self.unit(task, event, effects));
+                                spans.push(span);
                             }
                             Err(error) => {
                                 let attempts = message.info().map_or(1, |i| i.delivered.max(1) as usize);
@@ -310,6 +328,15 @@ impl Worker {
                                             "function failed; retrying in {:?}", **delay
                                         );
                                         outcome.retried += 1;
+                                        failed.push((
+                                            task.marker.clone(),
+                                            FailedAttempt {
+                                                attempt: attempts as i32,
+                                                error_kind: error.kind.as_str().into(),
+                                                error: error.message.clone(),
+                                                failed_at: chrono::Utc::now(),
+                                            },
+                                        ));
                                         let wait = retry.entry(index).or_insert(**delay);
                                         *wait = (*wait).max(**delay);
                                         continue;
@@ -337,7 +364,13 @@ impl Worker {
             }
         }
         if !units.is_empty() {
-            match self.store.commit(units).await {
+            let commit_spans: Vec<tracing::Span> = spans
+                .iter()
+                .map(|span| tracing::info_span!(parent: span, "store_commit", units = units.len()))
+                .collect();
+            let committed = self.store.commit(units).await;
+            drop(commit_spans);
+            match committed {
                 Ok(outcomes) => {
                     let mut notices = Vec::new();
                     for (unit_outcome, run) in outcomes.iter().zip(&runs) {
@@ -366,6 +399,9 @@ impl Worker {
             }
             self.committed.fetch_add(outcome.committed as u64, Ordering::Relaxed);
             fault::after_commit();
+        }
+        if let Err(error) = self.store.record_failed_attempts(&failed).await {
+            tracing::warn!(%error, "failed attempts could not be kept; their errors are in the log only");
         }
         for (index, message) in group.iter().enumerate() {
             let result = match retry.get(&index) {
@@ -449,35 +485,41 @@ impl Worker {
         Ok((runnable, already_done))
     }
 
-    /// Runs the tasks on the JS threads; outcomes in task order.
+    /// Runs the tasks on the JS threads; outcomes in task order, each with its span (in
+    /// its webhook's trace) holding the function's log lines.
     async fn execute(
         &self,
         runnable: &[(Task, Invocation)],
         events: &[Option<RoutedEvent>],
-    ) -> Vec<Result<Effects, FunctionError>> {
+    ) -> Vec<(Result<Effects, FunctionError>, tracing::Span)> {
+        let spans: Vec<tracing::Span> = runnable
+            .iter()
+            .map(|(task, _)| {
+                let event = events[task.message].as_ref().expect("tasks are of parsed events");
+                let span = tracing::info_span!(
+                    "on_webhook", sync = %task.sync.sync.name, version = task.sync.sync.version,
+                    message = %task.marker.message_id, status = tracing::field::Empty, trace_id = tracing::field::Empty
+                );
+                continue_trace(&span, event.traceparent.as_deref());
+                span
+            })
+            .collect();
         let runs = runnable
             .iter()
             .map(|(task, invocation)| (task.sync.code.clone(), invocation.clone()))
             .collect();
         let results = self.pool.execute_all(runs).await;
-        for ((task, _), result) in runnable.iter().zip(&results) {
+        for (result, span) in results.iter().zip(&spans) {
             let logs = match result {
                 Ok(effects) => &effects.logs,
                 Err(error) => &error.logs,
             };
-            if logs.is_empty() {
-                continue;
-            }
-            let event = events[task.message].as_ref().expect("tasks are of parsed events");
-            let span = tracing::info_span!(
-                "on_webhook", sync = %task.sync.sync.name, version = task.sync.sync.version, message = %task.marker.message_id
-            );
-            continue_trace(&span, event.traceparent.as_deref());
+            span.record("status", if result.is_ok() { "ok" } else { "failed" });
             for line in logs {
-                tracing::debug!(parent: &span, level = %line.level, payload = ?line.payload, "function log: {}", line.message);
+                tracing::debug!(parent: span, level = %line.level, payload = ?line.payload, "function log: {}", line.message);
             }
         }
-        results
+        results.into_iter().zip(spans).collect()
     }
 
     fn unit(&self, task: Task, event: &RoutedEvent, effects: Effects) -> Unit {

@@ -90,5 +90,5 @@ pub async fn notify(
             }
         }
     }
-    Delivery::publish_all(jetstream, deliveries).await
+    crate::forward::publish_deliveries(jetstream, deliveries).await
 }

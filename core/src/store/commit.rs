@@ -11,6 +11,8 @@ use serde_json::{Map, Value};
 use sqlx::types::Json;
 
 use super::connections::write_metadata;
+use super::dead_letters::insert_dead_letter;
+pub use super::dead_letters::DeadLetter;
 use super::records::{RecordScope, WriteBatch, WriteCounts, WriteKind};
 use super::tx::on_tx;
 use super::{MetadataWrite, Pool, Store, StoreError};
@@ -42,32 +44,6 @@ pub struct MetadataCall {
     pub how: MetadataWrite,
 }
 
-/// A message given up on, with why.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct DeadLetter {
-    pub consumer: String,
-    pub environment: String,
-    pub integration: String,
-    pub connection_id: Option<String>,
-    pub subject: String,
-    pub message_id: String,
-    pub stream_seq: i64,
-    pub payload: String,
-    pub function_name: Option<String>,
-    pub function_version: Option<i32>,
-    pub error_kind: String,
-    pub error: String,
-    pub attempts: i32,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct StoredDeadLetter {
-    pub id: i64,
-    #[serde(flatten)]
-    pub letter: DeadLetter,
-    pub created_at: DateTime<Utc>,
-}
-
 /// What one message's handling committed.
 #[derive(Debug, Clone)]
 pub struct Unit {
@@ -97,25 +73,6 @@ pub enum UnitOutcome {
     },
     /// Its marker was there already: nothing was applied.
     AlreadyDone,
-}
-
-#[derive(sqlx::FromRow)]
-struct DeadLetterRow {
-    id: i64,
-    consumer: String,
-    environment: String,
-    integration: String,
-    connection_id: Option<String>,
-    subject: String,
-    message_id: String,
-    stream_seq: i64,
-    payload: String,
-    function_name: Option<String>,
-    function_version: Option<i32>,
-    error_kind: String,
-    error: String,
-    attempts: i32,
-    created_at: DateTime<Utc>,
 }
 
 impl Store {
@@ -251,69 +208,4 @@ impl Store {
         .map(|r| r.rows_affected()))?;
         Ok(done)
     }
-
-    /// The environment's dead letters, newest first.
-    pub async fn dead_letters(&self, environment: &str, limit: u32) -> Result<Vec<StoredDeadLetter>, StoreError> {
-        let rows: Vec<DeadLetterRow> = on_pool!(self, |pool| {
-            sqlx::query_as(
-            "SELECT id, consumer, environment, integration, connection_id, subject, message_id, stream_seq, payload,
-                    function_name, function_version, error_kind, error, attempts, created_at
-             FROM dead_letters WHERE environment = $1 ORDER BY id DESC LIMIT $2"
-        )
-        .bind(environment)
-        .bind(i64::from(limit))
-        .fetch_all(pool)
-        .await
-        })?;
-        Ok(rows
-            .into_iter()
-            .map(|row| StoredDeadLetter {
-                id: row.id,
-                created_at: row.created_at,
-                letter: DeadLetter {
-                    consumer: row.consumer,
-                    environment: row.environment,
-                    integration: row.integration,
-                    connection_id: row.connection_id,
-                    subject: row.subject,
-                    message_id: row.message_id,
-                    stream_seq: row.stream_seq,
-                    payload: row.payload,
-                    function_name: row.function_name,
-                    function_version: row.function_version,
-                    error_kind: row.error_kind,
-                    error: row.error,
-                    attempts: row.attempts,
-                },
-            })
-            .collect())
-    }
-}
-
-async fn insert_dead_letter(tx: &mut super::tx::Tx, letter: &DeadLetter, now: DateTime<Utc>) -> Result<(), StoreError> {
-    on_tx!(tx, |conn| {
-        sqlx::query(
-            "INSERT INTO dead_letters (consumer, environment, integration, connection_id, subject, message_id, stream_seq,
-                                       payload, function_name, function_version, error_kind, error, attempts, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-        )
-        .bind(&letter.consumer)
-        .bind(&letter.environment)
-        .bind(&letter.integration)
-        .bind(&letter.connection_id)
-        .bind(&letter.subject)
-        .bind(&letter.message_id)
-        .bind(letter.stream_seq)
-        .bind(&letter.payload)
-        .bind(&letter.function_name)
-        .bind(letter.function_version)
-        .bind(&letter.error_kind)
-        .bind(&letter.error)
-        .bind(letter.attempts)
-        .bind(now)
-        .execute(&mut *conn)
-        .await
-                .map(|_| ())
-    })?;
-    Ok(())
 }

@@ -151,6 +151,30 @@ impl Harness {
         tokio::spawn(async move { hookyard_worker::run_all(store, &bus, &config, shutdown).await });
     }
 
+    /// Ingest and the router, in-process; ingest's base URL for `dev`'s webhooks
+    /// (`{base}/{integration}`).
+    pub async fn start_edge(&self) -> String {
+        let ingest = hookyard_ingest::Ingest::start(
+            &self.config,
+            self.store.clone(),
+            self.bus.clone(),
+            self.shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!(
+            "http://{}/webhook/{}",
+            listener.local_addr().unwrap(),
+            self.environment.webhook_id
+        );
+        tokio::spawn(hookyard_ingest::serve(listener, ingest, self.shutdown.clone()));
+        let router =
+            Arc::new(hookyard_router::Router::new(self.store.clone(), &self.bus, &self.config.router).unwrap());
+        tokio::spawn(router.run(self.shutdown.clone()));
+        base
+    }
+
     pub fn start_worker(&self) -> Arc<Worker> {
         let worker = Arc::new(Worker::new(self.store.clone(), &self.bus, &self.config));
         tokio::spawn(worker.clone().run(self.shutdown.clone()));
@@ -172,6 +196,7 @@ impl Harness {
                 delivery_id: format!("d{raw_seq}"),
                 payload,
                 traceparent: None,
+                origin: Default::default(),
             };
             let (subject, headers, payload) = event.to_message();
             acks.push(

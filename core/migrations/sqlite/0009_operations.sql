@@ -1,0 +1,49 @@
+-- Redriving dead letters: asked for through the API, done by the router (which
+-- republishes the message under a new id). A letter stays listed, with how often it
+-- was redriven; a redrive that fails again makes a new letter.
+ALTER TABLE dead_letters ADD COLUMN redrive_requested_at TEXT;
+ALTER TABLE dead_letters ADD COLUMN redriven_at TEXT;
+ALTER TABLE dead_letters ADD COLUMN redrives INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE dead_letters ADD COLUMN redrive_error TEXT;
+CREATE INDEX dead_letters_redrive_requested ON dead_letters (redrive_requested_at) WHERE redrive_requested_at IS NOT NULL;
+
+-- The failed attempts of function executions before they succeeded or were given up
+-- on: what a dead letter shows as its history.
+CREATE TABLE failed_attempts (
+    consumer   TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    attempt    INTEGER NOT NULL,
+    error_kind TEXT NOT NULL,
+    error      TEXT NOT NULL,
+    failed_at  TEXT NOT NULL,
+    PRIMARY KEY (consumer, message_id, attempt)
+);
+CREATE INDEX failed_attempts_by_age ON failed_attempts (failed_at);
+
+-- Replays of HOOKS_RAW, asked for through the API and run by a router, which holds a
+-- lease while it runs one and records how far it got (so another router can resume it).
+CREATE TABLE replays (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    environment      TEXT NOT NULL,
+    integration      TEXT,
+    connection_id    TEXT,
+    since            TEXT NOT NULL,
+    until            TEXT NOT NULL,
+    target           TEXT NOT NULL,
+    dry_run          INTEGER NOT NULL,
+    rate             INTEGER,
+    status           TEXT NOT NULL,
+    total            BIGINT,
+    read             BIGINT NOT NULL DEFAULT 0,
+    published        BIGINT NOT NULL DEFAULT 0,
+    skipped          BIGINT NOT NULL DEFAULT 0,
+    next_seq         BIGINT,
+    end_seq          BIGINT,
+    error            TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    lease_until      TEXT,
+    created_at       TEXT NOT NULL,
+    started_at       TEXT,
+    finished_at      TEXT
+);
+CREATE INDEX replays_by_environment ON replays (environment, id);
