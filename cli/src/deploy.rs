@@ -4,19 +4,15 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde_json::Value;
+use crate::client::{ApiArgs, Client};
 
 #[derive(clap::Args)]
 pub struct DeployArgs {
     /// The project folder: syncs at {integration}/syncs/{name}.js, an optional index.js.
     #[arg(default_value = ".")]
     dir: PathBuf,
-    /// The API's address.
-    #[arg(long, env = "HOOKYARD_API_URL", default_value = "http://127.0.0.1:3004")]
-    api_url: String,
-    /// The environment's secret key.
-    #[arg(long, env = "HOOKYARD_SECRET_KEY", hide_env_values = true)]
-    secret_key: String,
+    #[command(flatten)]
+    api: ApiArgs,
 }
 
 /// Deploys and prints the changes; the error says what to fix.
@@ -25,23 +21,14 @@ pub async fn run(args: DeployArgs) -> Result<(), String> {
     if files.is_empty() {
         return Err(format!("{} holds no .js files to deploy", args.dir.display()));
     }
-    let url = format!("{}/functions/deploy", args.api_url.trim_end_matches('/'));
-    let response = reqwest::Client::new()
-        .post(&url)
-        .bearer_auth(&args.secret_key)
-        .json(&serde_json::json!({ "files": files }))
-        .send()
+    let body = Client::new(args.api.clone())
+        .call(
+            reqwest::Method::POST,
+            "/functions/deploy",
+            Some(&serde_json::json!({ "files": files })),
+        )
         .await
-        .map_err(|e| format!("cannot reach the API at {url}: {e}"))?;
-    let status = response.status();
-    let body: Value = response
-        .json()
-        .await
-        .map_err(|e| format!("the API answered {status} without JSON: {e}"))?;
-    if !status.is_success() {
-        let message = body["error"]["message"].as_str().unwrap_or("no message");
-        return Err(format!("deploy refused ({status}): {message}"));
-    }
+        .map_err(|e| format!("deploy {e}"))?;
     let changes = body["data"]["changes"].as_array().cloned().unwrap_or_default();
     println!("deployed {} file(s) from {}", files.len(), args.dir.display());
     for change in &changes {

@@ -1,12 +1,15 @@
 //! The `hookyard` binary: a thin CLI over the stage crates.
 
+mod client;
 mod deploy;
 mod dev;
+mod dlq;
 mod dryrun;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use futures::FutureExt as _;
 use hookyard_core::{shutdown, telemetry, Config};
 
 // glibc's allocator contends on its arena locks under many concurrent requests; with
@@ -42,6 +45,8 @@ enum Command {
     Dryrun(dryrun::DryrunArgs),
     /// Deploy a functions project (default: the current folder) through the API.
     Deploy(deploy::DeployArgs),
+    /// Dead letters: list, show, redrive or purge them through the API.
+    Dlq(dlq::DlqArgs),
     /// Print a new random encryption key for HOOKYARD_ENCRYPTION_KEY.
     Keygen,
 }
@@ -59,22 +64,28 @@ fn main() -> ExitCode {
             println!("{}", hookyard_core::secrets::Cipher::generate_key_text());
             return ExitCode::SUCCESS;
         }
-        Command::Deploy(_) => ("hookyard-deploy", false),
         Command::Dryrun(_) => ("hookyard-dryrun", false),
+        Command::Deploy(_) | Command::Dlq(_) => ("hookyard-client", false),
     };
-    if let Command::Deploy(args) = cli.command {
-        // A client of the API: no configuration, no key of its own.
+    // Clients of the API: no configuration, no key of their own.
+    let (client, command) = match cli.command {
+        Command::Deploy(args) => (Some(("deploy", deploy::run(args).boxed())), None),
+        Command::Dlq(args) => (Some(("dlq", dlq::run(args).boxed())), None),
+        command => (None, Some(command)),
+    };
+    if let Some((name, command)) = client {
         let outcome = tokio::runtime::Runtime::new()
             .map_err(|e| e.to_string())
-            .and_then(|runtime| runtime.block_on(deploy::run(args)));
+            .and_then(|runtime| runtime.block_on(command));
         return match outcome {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
-                eprintln!("hookyard deploy: {error}");
+                eprintln!("hookyard {name}: {error}");
                 ExitCode::FAILURE
             }
         };
     }
+    let command = command.expect("every client command returned above");
     let config = match Config::load() {
         Ok(config) => config,
         Err(error) => {
@@ -110,7 +121,7 @@ fn main() -> ExitCode {
             }
         };
         let shutdown = shutdown::on_signal();
-        let outcome = match cli.command {
+        let outcome = match command {
             Command::Dev(args) => dev::run(config, args, shutdown).await,
             Command::Ingest => hookyard_ingest::run(&config, shutdown).await,
             Command::Router => hookyard_router::run(&config, shutdown).await,
@@ -125,7 +136,7 @@ fn main() -> ExitCode {
                 }
                 Ok(())
             }
-            Command::Keygen | Command::Deploy(_) => Ok(()), // answered above
+            Command::Keygen | Command::Deploy(_) | Command::Dlq(_) => Ok(()), // answered above
         };
         match outcome {
             Ok(()) => ExitCode::SUCCESS,

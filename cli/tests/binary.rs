@@ -716,52 +716,136 @@ fn copy_example(dir: &std::path::Path) {
     }
 }
 
-#[tokio::test]
-async fn deploy_sends_a_project_and_prints_what_changed() {
-    let sqlite = SqliteFile::create();
-    let store = Store::connect(&sqlite.url, test_cipher()).await.unwrap();
-    let (_, secret_key) = prepared_environment(&sqlite.url).await;
+/// The API on a free port over `store`; its address, and the token that stops it.
+async fn start_api(store: Store) -> (String, tokio_util::sync::CancellationToken) {
     let (router, _) = hookyard_api::router(store, &hookyard_core::Config::default()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let api = format!("http://{}", listener.local_addr().unwrap());
     let shutdown = tokio_util::sync::CancellationToken::new();
     tokio::spawn(hookyard_api::serve(listener, router, shutdown.clone()));
+    (api, shutdown)
+}
+
+/// `hookyard ARGS` as a client of the API at `api`; its exit status, stdout and stderr.
+async fn client(args: &[&str], api: &str, secret_key: &str) -> (ExitStatus, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_hookyard"));
+    command
+        .args(args)
+        .env("HOOKYARD_API_URL", api)
+        .env("HOOKYARD_SECRET_KEY", secret_key);
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (output.status, text(&output.stdout), text(&output.stderr))
+}
+
+#[tokio::test]
+async fn deploy_sends_a_project_and_prints_what_changed() {
+    let sqlite = SqliteFile::create();
+    let store = Store::connect(&sqlite.url, test_cipher()).await.unwrap();
+    let (_, secret_key) = prepared_environment(&sqlite.url).await;
+    let (api, shutdown) = start_api(store).await;
 
     let project = tempfile::tempdir().unwrap();
     copy_example(project.path());
     std::fs::create_dir_all(project.path().join("node_modules/x")).unwrap();
     std::fs::write(project.path().join("node_modules/x/index.js"), "this is not deployed(").unwrap();
-    let deploy = move |dir: &std::path::Path| {
-        let output = Command::new(env!("CARGO_BIN_EXE_hookyard"))
-            .args(["deploy", dir.to_str().unwrap()])
-            .env("HOOKYARD_API_URL", &api)
-            .env("HOOKYARD_SECRET_KEY", &secret_key)
-            .output()
-            .unwrap();
-        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-        (output.status, text(&output.stdout), text(&output.stderr))
-    };
-    let dir = project.path().to_path_buf();
-    let run = move || deploy(&dir);
-    let (status, stdout, stderr) = tokio::task::spawn_blocking(run.clone()).await.unwrap();
+    let args = ["deploy", project.path().to_str().unwrap()];
+    let run = || client(&args, &api, &secret_key);
+    let (status, stdout, stderr) = run().await;
     assert!(status.success(), "{stderr}");
     assert!(stdout.contains("added     demo/contacts v1"), "{stdout}");
-    let (_, stdout, _) = tokio::task::spawn_blocking(run.clone()).await.unwrap();
+    let (_, stdout, _) = run().await;
     assert!(stdout.contains("unchanged demo/contacts v1"), "{stdout}");
 
     let sync = project.path().join("demo/syncs/contacts.js");
     let source = std::fs::read_to_string(&sync).unwrap();
     std::fs::write(&sync, source.replace("'1.0.0'", "'1.0.1'")).unwrap();
-    let (_, stdout, _) = tokio::task::spawn_blocking(run.clone()).await.unwrap();
+    let (_, stdout, _) = run().await;
     assert!(stdout.contains("updated   demo/contacts v2"), "{stdout}");
 
     std::fs::write(project.path().join("demo/models.js"), "export const Contact = {;").unwrap();
-    let (status, _, stderr) = tokio::task::spawn_blocking(run).await.unwrap();
+    let (status, _, stderr) = run().await;
     assert_eq!(status.code(), Some(1));
     assert!(
         stderr.contains("deploy refused (400 Bad Request): demo/models.js"),
         "{stderr}"
     );
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn dlq_lists_shows_redrives_and_purges_dead_letters() {
+    use hookyard_core::store::commit::{DeadLetter, Marker, Unit};
+    let sqlite = SqliteFile::create();
+    let store = Store::connect(&sqlite.url, test_cipher()).await.unwrap();
+    let (_, key) = prepared_environment(&sqlite.url).await;
+    let letter = |n: u32, consumer: &str, error: &str| Unit {
+        dead_letter: Some(DeadLetter {
+            consumer: consumer.into(),
+            environment: "dev".into(),
+            integration: "demo".into(),
+            connection_id: Some("acme".into()),
+            subject: "hooks.conn.dev.demo.acme".into(),
+            message_id: format!("{n}:0:acme"),
+            stream_seq: n as i64,
+            payload: format!("{{\"n\":{n}}}"),
+            function_name: Some("contacts".into()),
+            function_version: Some(2),
+            error_kind: "threw".into(),
+            error: error.into(),
+            attempts: 3,
+        }),
+        ..Unit::new(Marker {
+            consumer: consumer.into(),
+            message_id: format!("{n}:0:acme"),
+        })
+    };
+    store
+        .commit(vec![
+            letter(1, "onWebhook:dev/demo/contacts", "TypeError: x is undefined"),
+            letter(2, "exec", "not an exec job"),
+        ])
+        .await
+        .unwrap();
+    let (api, shutdown) = start_api(store).await;
+
+    let (status, stdout, stderr) = client(&["dlq", "list"], &api, &key).await;
+    assert!(status.success(), "{stderr}");
+    assert_eq!(stdout.lines().count(), 3, "a header and two letters:\n{stdout}");
+    assert!(stdout.contains("threw: TypeError: x is undefined"), "{stdout}");
+    let (_, stdout, _) = client(&["dlq", "list", "--kind", "function"], &api, &key).await;
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    assert!(stdout.contains("demo/contacts"), "{stdout}");
+
+    let (status, stdout, _) = client(&["dlq", "show", "1"], &api, &key).await;
+    assert!(status.success());
+    let shown: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(shown["message"]["n"], 1);
+    assert_eq!(shown["attempts"][0]["error"], "TypeError: x is undefined");
+    let (status, _, stderr) = client(&["dlq", "show", "99"], &api, &key).await;
+    assert_eq!(status.code(), Some(1));
+    assert!(stderr.contains("hookyard dlq: refused (404 Not Found)"), "{stderr}");
+
+    let (status, stdout, stderr) = client(&["dlq", "redrive", "--all"], &api, &key).await;
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stdout.contains("1 letter(s) to redrive: 1"),
+        "the exec letter is no job to redrive: {stdout}"
+    );
+    let (_, stdout, _) = client(&["dlq", "list", "--kind", "function"], &api, &key).await;
+    assert!(stdout.contains("requested"), "{stdout}");
+
+    let (status, _, stderr) = client(&["dlq", "purge"], &api, &key).await;
+    assert_eq!(status.code(), Some(1));
+    assert!(stderr.contains("all=true"), "{stderr}");
+    let (_, stdout, _) = client(&["dlq", "purge", "2"], &api, &key).await;
+    assert!(stdout.contains("1 letter(s) deleted"), "{stdout}");
+    let (_, stdout, _) = client(&["dlq", "purge", "--error", "typeerror"], &api, &key).await;
+    assert!(stdout.contains("1 letter(s) deleted"), "{stdout}");
+    let (_, stdout, _) = client(&["dlq", "list"], &api, &key).await;
+    assert!(stdout.contains("no dead letters"), "{stdout}");
     shutdown.cancel();
 }
 
