@@ -16,6 +16,7 @@ mod forwarding;
 mod functions;
 mod integrations;
 mod records;
+mod replays;
 mod syncs;
 
 use axum::extract::{Request, State};
@@ -67,7 +68,7 @@ pub struct Success {
     info(title = "hookyard", description = "hookyard's control plane: integrations, connections, records and function deploys."),
     modifiers(&BearerAuth),
     security(("secret_key" = [])),
-    tags((name = "integrations"), (name = "connections"), (name = "records"), (name = "functions"), (name = "forwarding"), (name = "syncs"), (name = "dead letters"))
+    tags((name = "integrations"), (name = "connections"), (name = "records"), (name = "functions"), (name = "forwarding"), (name = "syncs"), (name = "dead letters"), (name = "replay"))
 )]
 struct ApiDoc;
 
@@ -109,6 +110,7 @@ pub fn router(store: Store, config: &Config) -> Result<(Router, Document), Catal
         .merge(forwarding::routes())
         .merge(syncs::routes())
         .merge(dead_letters::routes())
+        .merge(replays::routes())
         .split_for_parts();
     list_aliases(&mut document);
     let json = serde_json::to_value(&document).expect("the OpenAPI document serialises");

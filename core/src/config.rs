@@ -68,6 +68,9 @@ pub struct RouterConfig {
     /// A webhook a router took and did not finish (it died) goes to another after this.
     #[serde(with = "humantime_serde")]
     pub ack_wait: Duration,
+    /// A replay waits while the workers have more events than this waiting: live traffic
+    /// queues behind at most this many replayed events.
+    pub replay_max_backlog: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -244,6 +247,7 @@ impl Default for RouterConfig {
     fn default() -> Self {
         RouterConfig {
             ack_wait: Duration::from_secs(30),
+            replay_max_backlog: 20_000,
         }
     }
 }

@@ -18,6 +18,9 @@ pub const RAW_SUBJECTS: &str = "hooks.raw.>";
 /// that matched no connection, kept under `hooks.unrouted.*`.
 pub const CONN_STREAM: &str = "HOOKS_CONN";
 pub const CONN_SUBJECTS: &[&str] = &["hooks.conn.>", "hooks.unrouted.>"];
+/// The workers' durable consumers on `HOOKS_CONN`: functions, and forwarding.
+pub const FUNCTIONS_CONSUMER: &str = "functions";
+pub const FORWARDER_CONSUMER: &str = "forwarder";
 
 /// Deliveries to customers' apps (forwards and sync notifications), one message each,
 /// retried on their own schedule.

@@ -6,6 +6,7 @@
 //! `{raw-seq}:{index}:{connection}` make a redelivery publish nothing twice.
 
 pub mod redrive;
+pub mod replay;
 pub mod resolve;
 
 use std::sync::Arc;
@@ -78,11 +79,13 @@ impl Router {
         })
     }
 
-    /// Consumes `HOOKS_RAW` until `shutdown`; messages in progress finish first. Carries
-    /// out the dead letters' redrives meanwhile.
+    /// Consumes `HOOKS_RAW` until `shutdown`; messages in progress finish first. Runs
+    /// replays and carries out the dead letters' redrives meanwhile.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), RouterError> {
         let redriver = redrive::Redriver::new(self.store.clone(), self.jetstream.clone());
         let redrives = tokio::spawn(redriver.run(shutdown.clone()));
+        let replayer = replay::Replayer::new(self.clone(), self.store.clone(), self.config.replay_max_backlog);
+        let replays = tokio::spawn(replayer.run(shutdown.clone()));
         // Create or update: a changed `router.ack_wait` takes effect at the next start.
         let config = durable(CONSUMER, "hookyard router", self.config.ack_wait, 4 * CONCURRENCY);
         let jetstream = self.jetstream.clone();
@@ -91,7 +94,7 @@ impl Router {
             async move { router.handle(message).await }
         })
         .await?;
-        let _ = redrives.await;
+        let _ = tokio::join!(redrives, replays);
         tracing::info!("router stopped");
         Ok(())
     }
@@ -165,6 +168,16 @@ impl Router {
 
     /// The messages one webhook becomes.
     pub async fn resolve(&self, raw_seq: u64, envelope: &Envelope) -> Result<Vec<RoutedEvent>, RouterError> {
+        self.resolve_within(raw_seq, envelope, Duration::ZERO).await
+    }
+
+    /// As [`Router::resolve`], with connections as of at most `staleness` ago.
+    pub async fn resolve_within(
+        &self,
+        raw_seq: u64,
+        envelope: &Envelope,
+        staleness: Duration,
+    ) -> Result<Vec<RoutedEvent>, RouterError> {
         let traceparent = current_traceparent();
         let unrouted =
             |index: u32, event_type: Option<String>, payload: serde_json::Value, reason: String| RoutedEvent {
@@ -189,7 +202,7 @@ impl Router {
             return Ok(vec![unrouted(0, None, body, "the integration no longer exists".into())]);
         };
         let request = Inbound::from_envelope(envelope);
-        let connections = self.resolver.connections(&state).await?;
+        let connections = self.resolver.connections_within(&state, staleness).await?;
         let mut out = Vec::new();
         for event in events(&state.rules, &request) {
             let chosen = connections.select(&event.route);

@@ -20,7 +20,8 @@ const INTEGRATION_TTL: Duration = Duration::from_secs(5);
 pub struct IntegrationState {
     pub integration: Integration,
     pub rules: Arc<Provider>,
-    connections: Mutex<Option<Arc<ConnectionIndex>>>,
+    /// The index, and when its version was last checked.
+    connections: Mutex<Option<(Arc<ConnectionIndex>, Instant)>>,
     loaded_at: Instant,
 }
 
@@ -143,15 +144,32 @@ impl Resolver {
 
     /// The integration's live connections, current as of now.
     pub async fn connections(&self, state: &IntegrationState) -> Result<Arc<ConnectionIndex>, StoreError> {
-        let version = self.store.connections_version(state.integration.id).await?;
+        self.connections_within(state, Duration::ZERO).await
+    }
+
+    /// The integration's live connections as of at most `staleness` ago: a replay
+    /// routes thousands of webhooks a second, and need not ask the store for each.
+    pub async fn connections_within(
+        &self,
+        state: &IntegrationState,
+        staleness: Duration,
+    ) -> Result<Arc<ConnectionIndex>, StoreError> {
         let current = state.connections.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(index) = current.filter(|i| i.version == version) {
-            return Ok(index);
+        if let Some((index, checked)) = &current {
+            if !staleness.is_zero() && checked.elapsed() < staleness {
+                return Ok(index.clone());
+            }
         }
-        let (version, connections) = self.store.routing_connections(state.integration.id).await?;
-        let target = state.rules.routing.target().ok();
-        let index = Arc::new(ConnectionIndex::build(version, connections, target.as_ref()));
-        *state.connections.lock().unwrap_or_else(|e| e.into_inner()) = Some(index.clone());
+        let version = self.store.connections_version(state.integration.id).await?;
+        let index = match current.filter(|(i, _)| i.version == version) {
+            Some((index, _)) => index,
+            None => {
+                let (version, connections) = self.store.routing_connections(state.integration.id).await?;
+                let target = state.rules.routing.target().ok();
+                Arc::new(ConnectionIndex::build(version, connections, target.as_ref()))
+            }
+        };
+        *state.connections.lock().unwrap_or_else(|e| e.into_inner()) = Some((index.clone(), Instant::now()));
         Ok(index)
     }
 }

@@ -864,6 +864,15 @@ async fn openapi_document_is_valid_and_lists_every_route() {
         "POST /sync/pause",
         "POST /sync/start",
         "GET /sync/status",
+        "GET /dead-letters",
+        "DELETE /dead-letters",
+        "GET /dead-letters/{id}",
+        "DELETE /dead-letters/{id}",
+        "POST /dead-letters/redrive",
+        "POST /replay",
+        "GET /replay",
+        "GET /replay/{id}",
+        "POST /replay/{id}/cancel",
     ]
     .into_iter()
     .map(String::from)

@@ -220,3 +220,140 @@ async fn a_dead_lettered_execution_is_redriven_after_the_fix_and_applied_once() 
     let (status, _) = call(&h, reqwest::Method::GET, &format!("/dead-letters/{id}"), None).await;
     assert_eq!(status, 404);
 }
+
+const SAVE_CONTACT: &str =
+    "await nango.batchSave([{ id: payload.contact.id, name: payload.contact.name }], 'Contact');";
+
+fn contact(n: u64, id: &str, name: &str) -> Value {
+    json!({"type": "contact.updated", "n": n, "contact": {"id": id, "name": name}})
+}
+
+/// `POST /replay` with `body`; the replay once it has finished.
+async fn replayed(h: &Harness, body: Value) -> Value {
+    let (status, answer) = call(h, reqwest::Method::POST, "/replay", Some(body)).await;
+    assert_eq!(status, 202, "{answer}");
+    let id = answer["data"]["id"].as_i64().unwrap();
+    eventually("the replay to finish", Duration::from_secs(30), || async {
+        let (_, shown) = call(h, reqwest::Method::GET, &format!("/replay/{id}"), None).await;
+        let status = shown["data"]["status"].as_str()?.to_string();
+        ["done", "cancelled", "failed"].contains(&status.as_str()).then(|| shown["data"].clone())
+    })
+    .await
+}
+
+async fn conn_messages(h: &Harness) -> u64 {
+    let mut stream = h.bus.jetstream.get_stream(hookyard_core::streams::CONN_STREAM).await.unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+async fn names(h: &Harness) -> Vec<(String, String)> {
+    let mut names: Vec<(String, String)> = h
+        .records("c0", "Contact")
+        .await
+        .iter()
+        .map(|r| (r["id"].as_str().unwrap().to_string(), r["name"].as_str().unwrap().to_string()))
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn a_replay_of_an_earlier_window_never_takes_records_back_and_counts_what_the_stream_holds() {
+    let h = harness(None, 1).await;
+    h.deploy(&[("crm/syncs/contacts.js", sync("['*']", SAVE_CONTACT))]).await;
+    h.start_all();
+    let webhooks = format!("{}/crm", h.start_edge().await);
+    let since = chrono::Utc::now();
+    for (n, id, name) in [(1, "p1", "Ada v1"), (2, "p2", "Grace v1"), (3, "p3", "Alan v1")] {
+        assert_eq!(post_webhook(&h.http, &webhooks, &contact(n, id, name)).await, 202);
+    }
+    let until = chrono::Utc::now();
+    assert_eq!(post_webhook(&h.http, &webhooks, &contact(4, "p1", "Ada v2")).await, 202);
+    let live = vec![
+        ("p1".to_string(), "Ada v2".to_string()),
+        ("p2".to_string(), "Grace v1".to_string()),
+        ("p3".to_string(), "Alan v1".to_string()),
+    ];
+    eventually("live traffic's records", Duration::from_secs(20), || async {
+        (names(&h).await == live).then_some(())
+    })
+    .await;
+    h.drained().await;
+    assert_eq!(h.runs().await.len(), 4);
+    let window = json!({"since": since, "until": until});
+
+    // A dry run counts and publishes nothing.
+    let before = conn_messages(&h).await;
+    let dry = replayed(&h, json!({"since": since, "until": until, "dry_run": true})).await;
+    assert_eq!(dry["status"], "done", "{dry}");
+    assert_eq!((dry["total"].as_i64(), dry["read"].as_i64(), dry["published"].as_i64()), (Some(3), Some(3), Some(3)), "{dry}");
+    assert_eq!(conn_messages(&h).await, before);
+    let other = replayed(
+        &h,
+        json!({"since": since, "until": until, "dry_run": true, "integration": "crm", "connection_id": "c9"}),
+    )
+    .await;
+    assert_eq!((other["read"].as_i64(), other["published"].as_i64(), other["skipped"].as_i64()), (Some(3), Some(0), Some(3)));
+
+    // The replay runs the functions again on the window's three webhooks: p1's older
+    // payload does not win over the newer one live traffic wrote.
+    let mut body = window.clone();
+    body["target"] = json!("functions");
+    let done = replayed(&h, body).await;
+    assert_eq!(done["status"], "done", "{done}");
+    assert_eq!((done["total"].as_i64(), done["read"].as_i64(), done["published"].as_i64()), (Some(3), Some(3), Some(3)), "{done}");
+    assert_eq!(conn_messages(&h).await, before + 3);
+    h.drained().await;
+    assert_eq!(h.runs().await.len(), 7, "the replayed events were executed");
+    assert_eq!(names(&h).await, live, "no record went back to an older state");
+}
+
+#[tokio::test]
+async fn a_replay_can_be_cancelled_and_bad_requests_are_refused() {
+    let h = harness(None, 1).await;
+    let webhooks = format!("{}/crm", h.start_edge().await);
+    let since = chrono::Utc::now();
+    for n in 0..6 {
+        assert_eq!(post_webhook(&h.http, &webhooks, &contact(n, "p", "x")).await, 202);
+    }
+    let (status, answer) = call(
+        &h,
+        reqwest::Method::POST,
+        "/replay",
+        Some(json!({"since": since, "rate": 2, "target": "functions"})),
+    )
+    .await;
+    assert_eq!(status, 202, "{answer}");
+    let id = answer["data"]["id"].as_i64().unwrap();
+    eventually("the replay to publish", Duration::from_secs(20), || async {
+        let (_, shown) = call(&h, reqwest::Method::GET, &format!("/replay/{id}"), None).await;
+        (shown["data"]["published"].as_i64()? >= 1).then_some(())
+    })
+    .await;
+    let (status, _) = call(&h, reqwest::Method::POST, &format!("/replay/{id}/cancel"), None).await;
+    assert_eq!(status, 200);
+    let cancelled = eventually("the replay to stop", Duration::from_secs(20), || async {
+        let (_, shown) = call(&h, reqwest::Method::GET, &format!("/replay/{id}"), None).await;
+        (shown["data"]["status"] == "cancelled").then(|| shown["data"].clone())
+    })
+    .await;
+    assert!(cancelled["published"].as_i64().unwrap() < 6, "{cancelled}");
+    assert_eq!(cancelled["total"], 6);
+    let (_, listed) = call(&h, reqwest::Method::GET, "/replay", None).await;
+    assert_eq!(listed["data"][0]["id"], id);
+
+    for (body, status, field) in [
+        (json!({"since": since, "until": since}), 400, "since"),
+        (json!({"since": since, "connection_id": "c0"}), 400, "connection_id"),
+        (json!({"since": since, "rate": 0}), 400, "rate"),
+        (json!({"since": "yesterday"}), 400, "since"),
+        (json!({"since": since, "integration": "nope"}), 404, ""),
+        (json!({"since": since, "target": "everything"}), 400, "target"),
+    ] {
+        let (got, answer) = call(&h, reqwest::Method::POST, "/replay", Some(body.clone())).await;
+        assert_eq!(got, status, "{body} → {answer}");
+        assert!(answer["error"]["message"].as_str().unwrap().contains(field), "{answer}");
+    }
+    let (status, _) = call(&h, reqwest::Method::GET, "/replay/999", None).await;
+    assert_eq!(status, 404);
+}

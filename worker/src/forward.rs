@@ -24,7 +24,7 @@ use tracing::Instrument as _;
 use crate::settings::Settings;
 use crate::{jetstream_error, WorkerError};
 
-pub const FORWARDER: &str = "forwarder";
+pub const FORWARDER: &str = hookyard_core::streams::FORWARDER_CONSUMER;
 const CONCURRENCY: usize = 64;
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 

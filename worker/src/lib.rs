@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use deployments::{Deployments, LiveSync};
 
 /// The durable consumer's name: every worker replica shares it (and the work).
-pub const CONSUMER: &str = "functions";
+pub const CONSUMER: &str = hookyard_core::streams::FUNCTIONS_CONSUMER;
 /// Groups in flight at once: one executes while the one before commits.
 const GROUPS_IN_FLIGHT: usize = 2;
 /// How long a group waits for more events after its first.
