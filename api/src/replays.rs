@@ -69,7 +69,10 @@ async fn start(
         return Err(ApiError::invalid("connection_id", "needs integration"));
     }
     if request.rate == Some(0) {
-        return Err(ApiError::invalid("rate", "must be at least 1 (leave it out for no limit)"));
+        return Err(ApiError::invalid(
+            "rate",
+            "must be at least 1 (leave it out for no limit)",
+        ));
     }
     if let Some(key) = &request.integration {
         let key: IntegrationKey = key.parse().map_err(|e| ApiError::invalid("integration", e))?;
@@ -90,7 +93,12 @@ async fn start(
             rate: request.rate,
         })
         .await?;
-    Ok((StatusCode::ACCEPTED, Json(Data { data: ReplayView(replay) })))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Data {
+            data: ReplayView(replay),
+        }),
+    ))
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -124,7 +132,9 @@ async fn show(
     Path(id): Path<i64>,
 ) -> Result<Json<Data<ReplayView>>, ApiError> {
     let replay = state.store.replay(environment.name.as_str(), id).await?;
-    Ok(Json(Data { data: ReplayView(replay) }))
+    Ok(Json(Data {
+        data: ReplayView(replay),
+    }))
 }
 
 /// Stop a replay: at once when it has not started, within a second when it runs.
@@ -137,5 +147,7 @@ async fn cancel(
     Path(id): Path<i64>,
 ) -> Result<Json<Data<ReplayView>>, ApiError> {
     let replay = state.store.cancel_replay(environment.name.as_str(), id).await?;
-    Ok(Json(Data { data: ReplayView(replay) }))
+    Ok(Json(Data {
+        data: ReplayView(replay),
+    }))
 }

@@ -1083,3 +1083,91 @@ async fn dryrun_prints_what_exec_and_on_webhook_would_write_and_save_writes_it()
     assert!(!status.success());
     assert!(stderr.contains("no sync \"nosuch\""), "{stderr}");
 }
+
+#[tokio::test]
+async fn replay_follows_a_replay_to_its_end_and_ctrl_c_cancels_it() {
+    let nats = NatsServer::start();
+    let sqlite = SqliteFile::create();
+    let (_, key) = prepared_environment(&sqlite.url).await;
+    let store = Store::connect(&sqlite.url, test_cipher()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let env_vars = [
+        ("HOOKYARD_NATS_URL", nats.url.clone()),
+        ("HOOKYARD_DATABASE_URL", sqlite.url.clone()),
+    ];
+    let mut router = Process::spawn(&["router"], &env_vars, dir.path());
+    Process::wait_for(&router.stderr, "router consuming");
+    let jetstream = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    for n in 0..5 {
+        let envelope = hookyard_core::Envelope {
+            environment: "dev".parse().unwrap(),
+            integration: "demo".parse().unwrap(),
+            received_at: chrono::Utc::now(),
+            delivery_id: format!("replay-{n}"),
+            method: "POST".into(),
+            path: None,
+            query: None,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: serde_json::to_vec(&serde_json::json!({"type": "ping", "n": n}))
+                .unwrap()
+                .into(),
+            verification: hookyard_core::providers::Verification::Unsigned,
+            traceparent: None,
+        };
+        jetstream
+            .publish_with_headers(envelope.subject(), envelope.to_headers(), envelope.body.clone())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let (api, shutdown) = start_api(store).await;
+
+    let (status, stdout, stderr) = client(&["replay", "--since", "1h", "--dry-run"], &api, &key).await;
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.contains("done (dry run)"), "{stdout}");
+    assert!(
+        stdout.contains("read 5 of 5 webhooks, 5 events would be published"),
+        "{stdout}"
+    );
+
+    // At one event a second, interrupted once it has published one.
+    let mut replay = Process::spawn(
+        &["replay", "--since", "1h", "--rate", "1/s", "--target", "functions"],
+        &[("HOOKYARD_API_URL", api.clone()), ("HOOKYARD_SECRET_KEY", key.clone())],
+        dir.path(),
+    );
+    let http = reqwest::Client::new();
+    eventually("the replay to publish", Duration::from_secs(20), || async {
+        let body: serde_json::Value = http
+            .get(format!("{api}/replay"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let latest = &body["data"][0];
+        (latest["dry_run"] == false && latest["published"].as_i64()? >= 1).then_some(())
+    })
+    .await;
+    replay.signal("-INT");
+    let status = tokio::task::spawn_blocking(move || replay.wait_exit()).await.unwrap();
+    assert_eq!(status.code(), Some(1), "a cancelled replay is not a success");
+    let (_, listed, _) = client(&["replay", "list"], &api, &key).await;
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines.len(), 2, "{listed}");
+    assert!(lines[0].contains("cancelled"), "{listed}");
+    assert!(!lines[0].contains("read 5 of"), "stopped early: {listed}");
+
+    let (status, _, stderr) = client(&["replay", "--since", "yesterday"], &api, &key).await;
+    assert_eq!(status.code(), Some(2));
+    assert!(stderr.contains("neither an RFC 3339 time nor a duration"), "{stderr}");
+    let (status, _, stderr) = client(&["replay", "cancel", "99"], &api, &key).await;
+    assert_eq!(status.code(), Some(1));
+    assert!(stderr.contains("404"), "{stderr}");
+    router.signal("-TERM");
+    router.wait_exit();
+    shutdown.cancel();
+}

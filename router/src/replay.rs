@@ -204,7 +204,8 @@ impl Replayer {
                                 .map_err(jetstream_error)?,
                         );
                         if let Some(rate) = replay.rate {
-                            let due = Duration::from_secs_f64((progress.published - published_before) as f64 / rate as f64);
+                            let due =
+                                Duration::from_secs_f64((progress.published - published_before) as f64 / rate as f64);
                             if let Some(wait) = due.checked_sub(started.elapsed()) {
                                 tokio::time::sleep(wait).await;
                             }
@@ -278,7 +279,14 @@ struct Window {
 /// asked (webhooks that arrive during the replay are live traffic, not replayed).
 async fn window(stream: &Stream, filter: &str, replay: &Replay) -> Result<Window, RouterError> {
     let last_now = stream.get_info().await.map_err(jetstream_error)?.state.last_sequence;
-        let (from_since, first) = first_from(stream, filter, DeliverPolicy::ByStartTime { start_time: replay.since }).await?;
+    let (from_since, first) = first_from(
+        stream,
+        filter,
+        DeliverPolicy::ByStartTime {
+            start_time: replay.since,
+        },
+    )
+    .await?;
     let Some(first) = first.filter(|first| *first <= last_now) else {
         return Ok(Window {
             first: 1,
@@ -286,7 +294,14 @@ async fn window(stream: &Stream, filter: &str, replay: &Replay) -> Result<Window
             count: 0,
         });
     };
-    let (from_until, boundary) = first_from(stream, filter, DeliverPolicy::ByStartTime { start_time: replay.until }).await?;
+    let (from_until, boundary) = first_from(
+        stream,
+        filter,
+        DeliverPolicy::ByStartTime {
+            start_time: replay.until,
+        },
+    )
+    .await?;
     let (last, count) = match boundary {
         Some(boundary) if boundary <= last_now => (boundary - 1, from_since.saturating_sub(from_until)),
         // Nothing stored at or after `until` yet: the window runs to what is stored now.
@@ -328,4 +343,3 @@ async fn first_from(stream: &Stream, filter: &str, policy: DeliverPolicy) -> Res
     let _ = stream.delete_consumer(&name).await;
     Ok((pending, first))
 }
-

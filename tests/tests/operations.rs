@@ -236,13 +236,20 @@ async fn replayed(h: &Harness, body: Value) -> Value {
     eventually("the replay to finish", Duration::from_secs(30), || async {
         let (_, shown) = call(h, reqwest::Method::GET, &format!("/replay/{id}"), None).await;
         let status = shown["data"]["status"].as_str()?.to_string();
-        ["done", "cancelled", "failed"].contains(&status.as_str()).then(|| shown["data"].clone())
+        ["done", "cancelled", "failed"]
+            .contains(&status.as_str())
+            .then(|| shown["data"].clone())
     })
     .await
 }
 
 async fn conn_messages(h: &Harness) -> u64 {
-    let mut stream = h.bus.jetstream.get_stream(hookyard_core::streams::CONN_STREAM).await.unwrap();
+    let mut stream = h
+        .bus
+        .jetstream
+        .get_stream(hookyard_core::streams::CONN_STREAM)
+        .await
+        .unwrap();
     stream.info().await.unwrap().state.messages
 }
 
@@ -251,7 +258,12 @@ async fn names(h: &Harness) -> Vec<(String, String)> {
         .records("c0", "Contact")
         .await
         .iter()
-        .map(|r| (r["id"].as_str().unwrap().to_string(), r["name"].as_str().unwrap().to_string()))
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap().to_string(),
+                r["name"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     names.sort();
     names
@@ -260,7 +272,8 @@ async fn names(h: &Harness) -> Vec<(String, String)> {
 #[tokio::test]
 async fn a_replay_of_an_earlier_window_never_takes_records_back_and_counts_what_the_stream_holds() {
     let h = harness(None, 1).await;
-    h.deploy(&[("crm/syncs/contacts.js", sync("['*']", SAVE_CONTACT))]).await;
+    h.deploy(&[("crm/syncs/contacts.js", sync("['*']", SAVE_CONTACT))])
+        .await;
     h.start_all();
     let webhooks = format!("{}/crm", h.start_edge().await);
     let since = chrono::Utc::now();
@@ -286,14 +299,25 @@ async fn a_replay_of_an_earlier_window_never_takes_records_back_and_counts_what_
     let before = conn_messages(&h).await;
     let dry = replayed(&h, json!({"since": since, "until": until, "dry_run": true})).await;
     assert_eq!(dry["status"], "done", "{dry}");
-    assert_eq!((dry["total"].as_i64(), dry["read"].as_i64(), dry["published"].as_i64()), (Some(3), Some(3), Some(3)), "{dry}");
+    assert_eq!(
+        (dry["total"].as_i64(), dry["read"].as_i64(), dry["published"].as_i64()),
+        (Some(3), Some(3), Some(3)),
+        "{dry}"
+    );
     assert_eq!(conn_messages(&h).await, before);
     let other = replayed(
         &h,
         json!({"since": since, "until": until, "dry_run": true, "integration": "crm", "connection_id": "c9"}),
     )
     .await;
-    assert_eq!((other["read"].as_i64(), other["published"].as_i64(), other["skipped"].as_i64()), (Some(3), Some(0), Some(3)));
+    assert_eq!(
+        (
+            other["read"].as_i64(),
+            other["published"].as_i64(),
+            other["skipped"].as_i64()
+        ),
+        (Some(3), Some(0), Some(3))
+    );
 
     // The replay runs the functions again on the window's three webhooks: p1's older
     // payload does not win over the newer one live traffic wrote.
@@ -301,7 +325,15 @@ async fn a_replay_of_an_earlier_window_never_takes_records_back_and_counts_what_
     body["target"] = json!("functions");
     let done = replayed(&h, body).await;
     assert_eq!(done["status"], "done", "{done}");
-    assert_eq!((done["total"].as_i64(), done["read"].as_i64(), done["published"].as_i64()), (Some(3), Some(3), Some(3)), "{done}");
+    assert_eq!(
+        (
+            done["total"].as_i64(),
+            done["read"].as_i64(),
+            done["published"].as_i64()
+        ),
+        (Some(3), Some(3), Some(3)),
+        "{done}"
+    );
     assert_eq!(conn_messages(&h).await, before + 3);
     h.drained().await;
     assert_eq!(h.runs().await.len(), 7, "the replayed events were executed");

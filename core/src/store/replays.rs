@@ -244,7 +244,12 @@ impl Store {
 
     /// Writes a running replay's progress and extends its lease; whether a cancel was
     /// asked for since.
-    pub async fn replay_progress(&self, id: i64, progress: &ReplayProgress, lease: Duration) -> Result<bool, StoreError> {
+    pub async fn replay_progress(
+        &self,
+        id: i64,
+        progress: &ReplayProgress,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
         let cancel: Option<bool> = on_pool!(self, |pool| sqlx::query_scalar(
             "UPDATE replays SET total = $2, read = $3, published = $4, skipped = $5, next_seq = $6, end_seq = $7,
                     lease_until = $8
