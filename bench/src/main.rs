@@ -4,6 +4,7 @@ mod forward;
 mod ingest_compare;
 mod load;
 mod records;
+mod replay;
 mod router;
 mod setup;
 mod worker;
@@ -63,6 +64,19 @@ enum Command {
         /// Events routed per batch size.
         #[arg(long, default_value_t = 20_000)]
         events: usize,
+    },
+    /// Replay throughput: webhooks read from HOOKS_RAW and re-routed to HOOKS_CONN per
+    /// second, by one router.
+    Replay {
+        /// Events per webhook body.
+        #[arg(long, value_delimiter = ',', default_value = "1,10")]
+        batch: Vec<usize>,
+        /// Webhooks in the replayed window, per batch size.
+        #[arg(long, default_value_t = 100_000)]
+        webhooks: usize,
+        /// Replays of the same window per batch size.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
     },
     /// Worker throughput (a burst) and latency (a steady rate) for the example
     /// function on Postgres, with the worker's CPU per event.
@@ -142,6 +156,11 @@ fn main() -> anyhow::Result<()> {
             } => ingest_compare::run(&load.plan(), rounds, duplicate_window).await,
             Command::Records { batch, records } => records::run(&batch, records).await,
             Command::Router { batch, events } => router::run(&batch, events).await,
+            Command::Replay {
+                batch,
+                webhooks,
+                rounds,
+            } => replay::run(&batch, webhooks, rounds).await,
             Command::Worker {
                 events,
                 connections,

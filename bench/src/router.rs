@@ -16,55 +16,68 @@ use tokio_util::sync::CancellationToken;
 
 use crate::setup::{cpu_seconds, start_nats};
 
-pub async fn run(batches: &[usize], events_per_size: usize) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let (nats, port) = start_nats(dir.path())?;
-    let config = Config {
-        nats_url: format!("nats://127.0.0.1:{port}"),
-        database_url: format!("sqlite://{}", dir.path().join("hookyard.db").display()),
-        ..Config::default()
-    };
-    let store = Store::connect(&config.database_url, Cipher::from_bytes(random_bytes())).await?;
-    let environment = store.ensure_environment(&"bench".parse()?).await?;
-    store
-        .create_integration(&environment, &NewIntegration::new("hubspot".parse()?, "hubspot"))
-        .await?;
-    for portal in [1, 2] {
-        let connection = NewConnection {
-            integration: "hubspot".parse()?,
-            connection_id: format!("portal-{portal}"),
-            connection_config: json!({"portalId": portal}),
-            metadata: json!({}),
-            tags: json!({}),
-            credentials: None,
-        };
-        store.create_connection(&environment, &connection).await?;
-    }
-    let bus = Bus::connect(&config, "bench-router").await?;
-    bus.ensure_streams(&config.streams).await?;
-    let nats_pid = nats.pid().unwrap_or(0).to_string();
+/// NATS, a SQLite store and a HubSpot integration with two portal connections.
+pub(crate) struct HubspotBench {
+    _dir: tempfile::TempDir,
+    pub nats: hookyard_core::embedded_nats::EmbeddedNats,
+    pub config: Config,
+    pub store: Store,
+    pub environment: hookyard_core::store::Environment,
+    pub bus: Bus,
+}
 
-    println!(
-        "router benchmark: HubSpot batches over two connections, SQLite store, one router (64 webhooks in flight)\n"
-    );
-    println!(
-        "{:>6} {:>9} {:>11} {:>12} {:>15} {:>17}",
-        "batch", "webhooks", "webhooks/s", "events/s", "router CPU/evt", "nats-server CPU/evt"
-    );
-    for &batch in batches {
-        let webhooks = (events_per_size / batch).max(1);
-        let stream = bus.jetstream.get_stream(RAW_STREAM).await?;
+impl HubspotBench {
+    pub async fn start() -> anyhow::Result<HubspotBench> {
+        let dir = tempfile::tempdir()?;
+        let (nats, port) = start_nats(dir.path())?;
+        let config = Config {
+            nats_url: format!("nats://127.0.0.1:{port}"),
+            database_url: format!("sqlite://{}", dir.path().join("hookyard.db").display()),
+            ..Config::default()
+        };
+        let store = Store::connect(&config.database_url, Cipher::from_bytes(random_bytes())).await?;
+        let environment = store.ensure_environment(&"bench".parse()?).await?;
+        store
+            .create_integration(&environment, &NewIntegration::new("hubspot".parse()?, "hubspot"))
+            .await?;
+        for portal in [1, 2] {
+            let connection = NewConnection {
+                integration: "hubspot".parse()?,
+                connection_id: format!("portal-{portal}"),
+                connection_config: json!({"portalId": portal}),
+                metadata: json!({}),
+                tags: json!({}),
+                credentials: None,
+            };
+            store.create_connection(&environment, &connection).await?;
+        }
+        let bus = Bus::connect(&config, "bench-router").await?;
+        bus.ensure_streams(&config.streams).await?;
+        Ok(HubspotBench {
+            _dir: dir,
+            nats,
+            config,
+            store,
+            environment,
+            bus,
+        })
+    }
+
+    /// Empties the streams, then puts `webhooks` HubSpot bodies of `batch` events each
+    /// (alternating portals) into `HOOKS_RAW`; the last one's sequence.
+    pub async fn fill(&self, batch: usize, webhooks: usize) -> anyhow::Result<u64> {
+        let stream = self.bus.jetstream.get_stream(RAW_STREAM).await?;
         stream.purge().await?;
-        bus.jetstream.get_stream(CONN_STREAM).await?.purge().await?;
+        self.bus.jetstream.get_stream(CONN_STREAM).await?.purge().await?;
         let _ = stream.delete_consumer(hookyard_router::CONSUMER).await;
         let mut acks = Vec::with_capacity(1000);
         let mut last = 0;
         for w in 0..webhooks {
             let events: Vec<_> = (0..batch)
-                .map(|i| json!({"objectId": w * batch + i, "portalId": 1 + i % 2, "subscriptionType": "contact.propertyChange", "occurredAt": i, "propertyName": "email", "propertyValue": "ada@example.com"}))
+                .map(|i| json!({"objectId": w * batch + i, "portalId": 1 + (w + i) % 2, "subscriptionType": "contact.propertyChange", "occurredAt": i, "propertyName": "email", "propertyValue": "ada@example.com"}))
                 .collect();
             let envelope = Envelope {
-                environment: environment.name.clone(),
+                environment: self.environment.name.clone(),
                 integration: "hubspot".parse()?,
                 received_at: chrono::Utc::now(),
                 delivery_id: format!("bench-{batch}-{w}"),
@@ -77,7 +90,8 @@ pub async fn run(batches: &[usize], events_per_size: usize) -> anyhow::Result<()
                 traceparent: None,
             };
             acks.push(
-                bus.jetstream
+                self.bus
+                    .jetstream
                     .publish_with_headers(envelope.subject(), envelope.to_headers(), envelope.body.clone())
                     .await?,
             );
@@ -88,9 +102,47 @@ pub async fn run(batches: &[usize], events_per_size: usize) -> anyhow::Result<()
                 }
             }
         }
+        Ok(last)
+    }
+
+    /// Messages in `HOOKS_CONN`.
+    pub async fn routed(&self) -> anyhow::Result<usize> {
+        Ok(self
+            .bus
+            .jetstream
+            .get_stream(CONN_STREAM)
+            .await?
+            .info()
+            .await?
+            .state
+            .messages as usize)
+    }
+}
+
+pub async fn run(batches: &[usize], events_per_size: usize) -> anyhow::Result<()> {
+    let bench = HubspotBench::start().await?;
+    let HubspotBench {
+        nats,
+        config,
+        store,
+        bus,
+        ..
+    } = &bench;
+    let nats_pid = nats.pid().unwrap_or(0).to_string();
+
+    println!(
+        "router benchmark: HubSpot batches over two connections, SQLite store, one router (64 webhooks in flight)\n"
+    );
+    println!(
+        "{:>6} {:>9} {:>11} {:>12} {:>15} {:>17}",
+        "batch", "webhooks", "webhooks/s", "events/s", "router CPU/evt", "nats-server CPU/evt"
+    );
+    for &batch in batches {
+        let webhooks = (events_per_size / batch).max(1);
+        let last = bench.fill(batch, webhooks).await?;
 
         let shutdown = CancellationToken::new();
-        let router = Arc::new(Router::new(store.clone(), &bus, &config.router)?);
+        let router = Arc::new(Router::new(store.clone(), bus, &config.router)?);
         let (own, server) = (cpu_seconds("self"), cpu_seconds(&nats_pid));
         let started = Instant::now();
         let task = tokio::spawn(router.run(shutdown.clone()));
@@ -101,14 +153,7 @@ pub async fn run(batches: &[usize], events_per_size: usize) -> anyhow::Result<()
         let (own, server) = (cpu_seconds("self") - own, cpu_seconds(&nats_pid) - server);
         shutdown.cancel();
         let _ = task.await;
-        let routed = bus
-            .jetstream
-            .get_stream(CONN_STREAM)
-            .await?
-            .info()
-            .await?
-            .state
-            .messages as usize;
+        let routed = bench.routed().await?;
         anyhow::ensure!(
             routed == webhooks * batch,
             "expected {} routed events, found {routed}",
