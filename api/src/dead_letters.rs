@@ -122,7 +122,7 @@ pub struct Page {
 }
 
 /// The environment's dead letters, newest first.
-#[utoipa::path(get, path = "/dead-letters", tag = "dead letters", params(Selection, Paging),
+#[utoipa::path(operation_id = "dead_letters_list", get, path = "/dead-letters", tag = "dead letters", params(Selection, Paging),
     responses((status = 200, body = Page), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 async fn list(
     State(state): State<AppState>,
@@ -162,7 +162,7 @@ pub struct Shown {
 }
 
 /// One dead letter: the message, and every attempt's error.
-#[utoipa::path(get, path = "/dead-letters/{id}", tag = "dead letters",
+#[utoipa::path(operation_id = "dead_letters_show", get, path = "/dead-letters/{id}", tag = "dead letters",
     params(("id" = i64, Path, description = "the letter's id")),
     responses((status = 200, body = Data<Shown>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn show(
@@ -227,7 +227,7 @@ pub struct Redriving {
 /// Redrive dead letters: their messages are handled again, each by the consumer that
 /// gave up on it only, with the version it had (records never go back). Exec job
 /// messages that were no jobs are left out.
-#[utoipa::path(post, path = "/dead-letters/redrive", tag = "dead letters", request_body = Selection,
+#[utoipa::path(operation_id = "dead_letters_redrive", post, path = "/dead-letters/redrive", tag = "dead letters", request_body = Selection,
     responses((status = 200, body = Data<Redriving>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 async fn redrive(
     State(state): State<AppState>,
@@ -247,7 +247,7 @@ pub struct Purged {
 }
 
 /// Delete the selected dead letters.
-#[utoipa::path(delete, path = "/dead-letters", tag = "dead letters", params(Selection),
+#[utoipa::path(operation_id = "dead_letters_purge", delete, path = "/dead-letters", tag = "dead letters", params(Selection),
     responses((status = 200, body = Data<Purged>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 async fn purge(
     State(state): State<AppState>,
@@ -265,7 +265,7 @@ async fn purge(
 }
 
 /// Delete one dead letter.
-#[utoipa::path(delete, path = "/dead-letters/{id}", tag = "dead letters",
+#[utoipa::path(operation_id = "dead_letters_delete_one", delete, path = "/dead-letters/{id}", tag = "dead letters",
     params(("id" = i64, Path, description = "the letter's id")),
     responses((status = 200, body = Data<Purged>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn delete_one(

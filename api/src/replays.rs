@@ -53,7 +53,7 @@ pub struct ReplayView(Replay);
 /// Replay a window of received webhooks: route them again and run them through the
 /// targeted consumers. Records never go back to an older state (the original versions
 /// are kept). Answered at once; the replay runs in a router.
-#[utoipa::path(post, path = "/replay", tag = "replay", request_body = ReplayRequest,
+#[utoipa::path(operation_id = "replay_start", post, path = "/replay", tag = "replay", request_body = ReplayRequest,
     responses((status = 202, body = Data<ReplayView>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
               (status = 404, body = ErrorBody)))]
 async fn start(
@@ -109,7 +109,7 @@ pub struct ListQuery {
 }
 
 /// The environment's replays, newest first.
-#[utoipa::path(get, path = "/replay", tag = "replay", params(ListQuery),
+#[utoipa::path(operation_id = "replay_list", get, path = "/replay", tag = "replay", params(ListQuery),
     responses((status = 200, body = Data<Vec<ReplayView>>), (status = 401, body = ErrorBody)))]
 async fn list(
     State(state): State<AppState>,
@@ -124,7 +124,7 @@ async fn list(
 }
 
 /// One replay and its progress.
-#[utoipa::path(get, path = "/replay/{id}", tag = "replay", params(("id" = i64, Path, description = "the replay's id")),
+#[utoipa::path(operation_id = "replay_show", get, path = "/replay/{id}", tag = "replay", params(("id" = i64, Path, description = "the replay's id")),
     responses((status = 200, body = Data<ReplayView>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn show(
     State(state): State<AppState>,
@@ -139,7 +139,7 @@ async fn show(
 
 /// Stop a replay: at once when it has not started, within a second when it runs.
 /// What it published so far stays published.
-#[utoipa::path(post, path = "/replay/{id}/cancel", tag = "replay", params(("id" = i64, Path, description = "the replay's id")),
+#[utoipa::path(operation_id = "replay_cancel", post, path = "/replay/{id}/cancel", tag = "replay", params(("id" = i64, Path, description = "the replay's id")),
     responses((status = 200, body = Data<ReplayView>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn cancel(
     State(state): State<AppState>,

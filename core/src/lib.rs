@@ -8,6 +8,7 @@ pub mod envelope;
 pub mod exec_job;
 pub mod frequency;
 pub mod keys;
+pub mod metrics;
 pub mod outbound;
 pub mod providers;
 pub mod routed;

@@ -1,0 +1,134 @@
+//! Prometheus metrics. Each process installs one recorder; `GET /metrics` renders it on
+//! ingest's and the API's listeners, and on `telemetry.metrics_listen` for the services
+//! without one (router, worker, reconciler; `hookyard dev` shows everything on the API).
+//!
+//! Besides what the code counts as it goes (see [`names`]), a scrape reads the
+//! JetStream consumers' pending and ack-pending counts, so a stopped worker's backlog
+//! shows on any process that is still up.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use futures::StreamExt as _;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::sync::Mutex;
+
+use crate::streams::{CONN_STREAM, EXEC_STREAM, FWD_STREAM, RAW_STREAM};
+
+/// The metric names, in one place.
+pub mod names {
+    /// Webhooks that reached ingest, by `integration` and `outcome`.
+    pub const WEBHOOKS_RECEIVED: &str = "hookyard_webhooks_received_total";
+    /// From publishing a webhook to JetStream's ack.
+    pub const PUBLISH_ACK_SECONDS: &str = "hookyard_publish_ack_seconds";
+    /// Per durable consumer (`stream`, `consumer`): messages not delivered yet, and
+    /// delivered but not acked.
+    pub const CONSUMER_PENDING: &str = "hookyard_consumer_pending";
+    pub const CONSUMER_ACK_PENDING: &str = "hookyard_consumer_ack_pending";
+    /// Function executions by `kind` (on_webhook, exec) and `status` (ok, failed).
+    pub const EXECUTIONS: &str = "hookyard_executions_total";
+    pub const EXECUTION_SECONDS: &str = "hookyard_execution_seconds";
+    /// Record writes committed, by `action` (added, updated, deleted).
+    pub const RECORD_WRITES: &str = "hookyard_record_writes_total";
+    /// Delivery attempts to customers' apps, by `status` (2xx, 4xx, 5xx, error).
+    pub const FORWARD_ATTEMPTS: &str = "hookyard_forward_attempts_total";
+    /// Dead letters written, by `kind` (function, forward, exec).
+    pub const DEAD_LETTERS: &str = "hookyard_dead_letters_total";
+    /// Replays: webhooks read and events published.
+    pub const REPLAY_READ: &str = "hookyard_replay_webhooks_read_total";
+    pub const REPLAY_PUBLISHED: &str = "hookyard_replay_events_published_total";
+    pub const REPLAYS_RUNNING: &str = "hookyard_replays_running";
+}
+
+/// Latency buckets (seconds) for every `_seconds` histogram.
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Consumer counts are read from JetStream at most this often.
+const CONSUMERS_EVERY: Duration = Duration::from_secs(1);
+
+/// The process's recorder, installed on first use.
+pub fn handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
+            .expect("the buckets are not empty");
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("another metrics recorder is installed; /metrics shows nothing of it");
+        }
+        handle
+    })
+}
+
+/// Installs the recorder now, so that what is counted before the first scrape counts.
+pub fn install() {
+    handle();
+}
+
+/// The text exposition, with the consumer counts read fresh (when `jetstream` is given).
+pub async fn render(jetstream: Option<&jetstream::Context>) -> String {
+    if let Some(jetstream) = jetstream {
+        observe_consumers(jetstream).await;
+    }
+    handle().render()
+}
+
+/// Sets the pending gauges of every durable consumer of hookyard's streams.
+async fn observe_consumers(jetstream: &jetstream::Context) {
+    static LAST: Mutex<Option<Instant>> = Mutex::const_new(None);
+    let mut last = LAST.lock().await;
+    if last.is_some_and(|at| at.elapsed() < CONSUMERS_EVERY) {
+        return;
+    }
+    for stream_name in [RAW_STREAM, CONN_STREAM, FWD_STREAM, EXEC_STREAM] {
+        let Ok(stream) = jetstream.get_stream(stream_name).await else {
+            continue;
+        };
+        let mut consumers = stream.consumers();
+        while let Some(Ok(info)) = consumers.next().await {
+            let Some(name) = info.config.durable_name.clone() else {
+                continue;
+            };
+            let labels = [("stream", stream_name.to_string()), ("consumer", name)];
+            metrics::gauge!(names::CONSUMER_PENDING, &labels).set(info.num_pending as f64);
+            metrics::gauge!(names::CONSUMER_ACK_PENDING, &labels).set(info.num_ack_pending as f64);
+        }
+    }
+    *last = Some(Instant::now());
+}
+
+/// `GET /metrics`, to merge into a service's router.
+pub fn route<S: Clone + Send + Sync + 'static>(jetstream: Option<jetstream::Context>) -> axum::Router<S> {
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let jetstream = jetstream.clone();
+            async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    render(jetstream.as_ref()).await,
+                )
+            }
+        }),
+    )
+}
+
+/// Serves `GET /metrics` on `listen` until `shutdown` (for the services without HTTP).
+pub async fn serve(
+    listen: std::net::SocketAddr,
+    jetstream: Option<jetstream::Context>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {listen} for metrics: {e}")))?;
+    tracing::info!(%listen, "metrics on /metrics");
+    axum::serve(listener, route::<()>(jetstream))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
