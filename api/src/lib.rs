@@ -1,7 +1,7 @@
 //! The control plane (`hookyard api`): integrations, connections and records over HTTP,
 //! in Nango's shapes so its clients work against it.
 //!
-//! Every route but `/openapi.json`, `/healthz` and `/readyz` requires
+//! Every route but `/openapi.json`, `/healthz`, `/readyz` and `/metrics` requires
 //! `Authorization: Bearer <environment secret key>`; the key selects the environment.
 //! The OpenAPI document is generated from the handlers' annotations, so it lists exactly
 //! the routes that are served.
@@ -15,6 +15,7 @@ mod fields;
 mod forwarding;
 mod functions;
 mod integrations;
+mod logs;
 mod records;
 mod replays;
 mod syncs;
@@ -68,7 +69,7 @@ pub struct Success {
     info(title = "hookyard", description = "hookyard's control plane: integrations, connections, records and function deploys."),
     modifiers(&BearerAuth),
     security(("secret_key" = [])),
-    tags((name = "integrations"), (name = "connections"), (name = "records"), (name = "functions"), (name = "forwarding"), (name = "syncs"), (name = "dead letters"), (name = "replay"))
+    tags((name = "integrations"), (name = "connections"), (name = "records"), (name = "functions"), (name = "forwarding"), (name = "syncs"), (name = "dead letters"), (name = "replay"), (name = "logs"))
 )]
 struct ApiDoc;
 
@@ -111,6 +112,7 @@ pub fn router(store: Store, config: &Config) -> Result<(Router, Document), Catal
         .merge(syncs::routes())
         .merge(dead_letters::routes())
         .merge(replays::routes())
+        .merge(logs::routes())
         .split_for_parts();
     list_aliases(&mut document);
     let json = serde_json::to_value(&document).expect("the OpenAPI document serialises");
@@ -122,6 +124,7 @@ pub fn router(store: Store, config: &Config) -> Result<(Router, Document), Catal
         .route("/openapi.json", get(move || std::future::ready(Json(json.clone()))))
         .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
+        .merge(hookyard_core::metrics::route(None))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(

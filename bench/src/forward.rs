@@ -112,6 +112,7 @@ pub async fn run(events: u64) -> anyhow::Result<()> {
         settings,
         bus.jetstream.clone(),
         &config.forwarding,
+        hookyard_core::oplog::OpLog::start(store.clone(), &config.logs),
     ));
     let nats_pid = nats.pid().unwrap_or(0).to_string();
     let (own, nats_cpu) = (cpu_seconds("self"), cpu_seconds(&nats_pid));

@@ -17,7 +17,7 @@ use crate::setup::cpu_seconds;
 pub async fn run(batches: &[usize], webhooks: usize, rounds: usize) -> anyhow::Result<()> {
     let bench = HubspotBench::start().await?;
     let nats_pid = bench.nats.pid().unwrap_or(0).to_string();
-    let router = Arc::new(Router::new(bench.store.clone(), &bench.bus, &bench.config.router)?);
+    let router = Arc::new(Router::new(bench.store.clone(), &bench.bus, &bench.config)?);
     println!("replay benchmark: HubSpot webhooks over two connections, SQLite store, one router replaying\n");
     println!(
         "{:>6} {:>9} {:>6} {:>11} {:>12} {:>15} {:>19}",

@@ -53,7 +53,7 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
     deploy_example(&store, &environment, &config).await?;
     let bus = Bus::connect(&config, "hookyard-dev").await?;
     let ingest = Ingest::start(&config, store.clone(), bus.clone(), shutdown.clone()).await?;
-    let router = std::sync::Arc::new(hookyard_router::Router::new(store.clone(), &bus, &config.router)?);
+    let router = std::sync::Arc::new(hookyard_router::Router::new(store.clone(), &bus, &config)?);
     // Forwarding to an app on this machine is what dev is for.
     config.forwarding.allow_loopback = true;
     let ingest_listener = listen(config.ingest.listen, "HOOKYARD_INGEST__LISTEN").await?;

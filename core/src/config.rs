@@ -32,6 +32,29 @@ pub struct Config {
     pub api: ApiConfig,
     pub streams: StreamsConfig,
     pub telemetry: TelemetryConfig,
+    pub logs: LogsConfig,
+}
+
+/// The per-webhook operation log (`GET /logs`, `hookyard logs`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogsConfig {
+    /// Entries older than this are deleted (hourly).
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// Entries waiting to be written, per process. When the database falls behind and
+    /// this fills, further entries are dropped (and counted in
+    /// `hookyard_log_entries_dropped_total`); webhooks never are.
+    pub buffer: usize,
+}
+
+impl Default for LogsConfig {
+    fn default() -> Self {
+        LogsConfig {
+            retention: Duration::from_secs(7 * 86400),
+            buffer: 20_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -199,6 +222,9 @@ pub struct TelemetryConfig {
     pub log_format: LogFormat,
     /// A `tracing` filter; `RUST_LOG` takes precedence when set.
     pub log_filter: String,
+    /// Where the router, the worker and the reconciler serve `GET /metrics` (ingest and
+    /// the API serve it on their own listeners). Unset: not served.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -223,6 +249,7 @@ impl Default for Config {
             api: ApiConfig::default(),
             streams: StreamsConfig::default(),
             telemetry: TelemetryConfig::default(),
+            logs: LogsConfig::default(),
         }
     }
 }
@@ -310,6 +337,7 @@ impl Default for TelemetryConfig {
         TelemetryConfig {
             log_format: LogFormat::Auto,
             log_filter: "info".into(),
+            metrics_listen: None,
         }
     }
 }

@@ -33,6 +33,9 @@ pub struct Delivery {
     /// The dead letter this is a redrive of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redrive: Option<i64>,
+    /// The forwarded webhook's `HOOKS_RAW` sequence (its operation log's key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_seq: Option<u64>,
 }
 
 impl Delivery {
@@ -61,6 +64,7 @@ impl Delivery {
             headers,
             traceparent: crate::trace_context::current_traceparent(),
             redrive: None,
+            raw_seq: None,
         }
     }
 

@@ -132,3 +132,20 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
 }
+
+/// Serves `GET /metrics` on `telemetry.metrics_listen`, when it is set, until `shutdown`.
+pub fn serve_configured(
+    config: &crate::Config,
+    jetstream: Option<jetstream::Context>,
+    shutdown: &tokio_util::sync::CancellationToken,
+) {
+    let Some(listen) = config.telemetry.metrics_listen else {
+        return;
+    };
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        if let Err(error) = serve(listen, jetstream, shutdown).await {
+            tracing::error!(%error, "metrics are not served");
+        }
+    });
+}

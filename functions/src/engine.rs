@@ -290,5 +290,6 @@ fn parse_effects(text: &str) -> Result<Effects, FunctionError> {
         writes,
         metadata,
         logs: raw.logs,
+        elapsed: std::time::Duration::ZERO,
     })
 }

@@ -65,6 +65,8 @@ pub struct FunctionError {
     pub message: String,
     /// What the function logged before it failed.
     pub logs: Vec<LogLine>,
+    /// How long it ran.
+    pub elapsed: std::time::Duration,
 }
 
 impl FunctionError {
@@ -73,6 +75,7 @@ impl FunctionError {
             kind,
             message: message.into(),
             logs: Vec::new(),
+            elapsed: std::time::Duration::ZERO,
         }
     }
 }
@@ -99,6 +102,8 @@ pub struct Effects {
     pub writes: Vec<Write>,
     pub metadata: Vec<(MetadataWrite, Map<String, Value>)>,
     pub logs: Vec<LogLine>,
+    /// How long it ran.
+    pub elapsed: std::time::Duration,
 }
 
 /// The handler an execution runs.

@@ -135,11 +135,18 @@ fn run_thread(queue: &Mutex<mpsc::Receiver<Job>>, limits: &Limits) {
             .runs
             .iter()
             .map(|(code, invocation)| {
-                std::panic::catch_unwind(AssertUnwindSafe(|| execute(&mut loaded, code, invocation, limits)))
-                    .unwrap_or_else(|_| {
-                        loaded.remove(&code.key);
-                        Err(FunctionError::new(ErrorKind::Internal, "the engine panicked"))
-                    })
+                let started = std::time::Instant::now();
+                let mut outcome =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| execute(&mut loaded, code, invocation, limits)))
+                        .unwrap_or_else(|_| {
+                            loaded.remove(&code.key);
+                            Err(FunctionError::new(ErrorKind::Internal, "the engine panicked"))
+                        });
+                match &mut outcome {
+                    Ok(effects) => effects.elapsed = started.elapsed(),
+                    Err(error) => error.elapsed = started.elapsed(),
+                }
+                outcome
             })
             .collect();
         let _ = job.reply.send(outcomes);

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use axum::routing::{get, on, MethodFilter};
 use axum::serve::ListenerExt;
 use axum::Router;
+use hookyard_core::oplog::OpLog;
 use hookyard_core::providers::Catalog;
 use hookyard_core::streams::Bus;
 use hookyard_core::{Config, Store};
@@ -66,6 +67,8 @@ pub struct Ingest {
     pub max_body_bytes: usize,
     pub body_read_timeout: std::time::Duration,
     pub retry_after_secs: u64,
+    /// Where each webhook's entry in the operation log goes (queued, never awaited).
+    pub oplog: OpLog,
 }
 
 impl Ingest {
@@ -88,6 +91,8 @@ impl Ingest {
         }
         bus.ensure_streams(&config.streams).await?;
         let catalog = Arc::new(Catalog::embedded()?);
+        hookyard_core::metrics::install();
+        let oplog = OpLog::start(store.clone(), &config.logs);
         let settings = SettingsCache::load(store, catalog, config.ingest.settings_refresh, shutdown).await?;
         Ok(Arc::new(Ingest {
             settings,
@@ -98,11 +103,12 @@ impl Ingest {
             max_body_bytes: max_body,
             body_read_timeout: config.ingest.body_read_timeout,
             retry_after_secs: config.ingest.retry_after.as_secs().max(1),
+            oplog,
         }))
     }
 }
 
-/// The routes: webhooks (with or without a trailing path) and health.
+/// The routes: webhooks (with or without a trailing path), health and metrics.
 pub fn app(ingest: Arc<Ingest>) -> Router {
     let methods = MethodFilter::POST.or(MethodFilter::GET).or(MethodFilter::HEAD);
     Router::new()
@@ -116,6 +122,7 @@ pub fn app(ingest: Arc<Ingest>) -> Router {
         )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .merge(hookyard_core::metrics::route(Some(ingest.bus.jetstream.clone())))
         .with_state(ingest)
 }
 

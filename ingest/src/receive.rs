@@ -8,8 +8,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::Utc;
 use hookyard_core::keys::IntegrationKey;
+use hookyard_core::metrics::names;
 use hookyard_core::providers::handshake::{self, HandshakeAnswer, HandshakeRefused};
 use hookyard_core::providers::Inbound;
+use hookyard_core::store::logs::WebhookEntry;
 use hookyard_core::Envelope;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::{Deserialize, Serialize};
@@ -36,6 +38,24 @@ fn trailing_path(raw_path: &str) -> Option<String> {
         .map(String::from)
 }
 
+/// What one request turned out to be, for the metrics and the operation log.
+#[derive(Default)]
+struct Seen {
+    /// The environment's name, once known (webhooks of unknown environments are counted,
+    /// not logged: no environment's API could show them).
+    environment: Option<String>,
+    /// The path's integration names one the environment has.
+    known_integration: bool,
+    delivery_id: Option<String>,
+    verification: Option<&'static str>,
+    raw_seq: Option<u64>,
+    duplicate: bool,
+    handshake: bool,
+    /// A GET or HEAD that only checked the URL exists.
+    probe: bool,
+    bytes: usize,
+}
+
 #[tracing::instrument(name = "receive_webhook", skip_all, fields(integration = %path.integration, trace_id = tracing::field::Empty))]
 pub async fn receive_webhook(
     State(ingest): State<Arc<Ingest>>,
@@ -43,6 +63,58 @@ pub async fn receive_webhook(
     request: Request,
 ) -> Result<Response, IngestError> {
     hookyard_core::trace_context::record_trace_id(&tracing::Span::current());
+    let received_at = Utc::now();
+    let mut seen = Seen::default();
+    let answer = receive(&ingest, &path, request, &mut seen).await;
+    observe(&ingest, &path, &seen, &answer, received_at);
+    answer
+}
+
+/// Counts the request and logs it (off the hot path: the log only queues it).
+fn observe(
+    ingest: &Ingest,
+    path: &WebhookPath,
+    seen: &Seen,
+    answer: &Result<Response, IngestError>,
+    received_at: chrono::DateTime<Utc>,
+) {
+    let (status, outcome, detail) = match answer {
+        Ok(_) if seen.probe => return,
+        Ok(_) if seen.handshake => ("handshake", "handshake", None),
+        Ok(_) if seen.duplicate => ("duplicate", "duplicate", seen.verification.map(String::from)),
+        Ok(_) => ("accepted", "accepted", seen.verification.map(String::from)),
+        Err(error @ (IngestError::Saturated { .. } | IngestError::Unavailable { .. })) => {
+            ("unavailable", error.code(), Some(error.to_string()))
+        }
+        Err(error) => ("rejected", error.code(), Some(format!("{}: {error}", error.code()))),
+    };
+    let integration = if seen.known_integration {
+        path.integration.as_str()
+    } else {
+        "unknown"
+    };
+    metrics::counter!(names::WEBHOOKS_RECEIVED, "integration" => integration.to_string(), "outcome" => outcome)
+        .increment(1);
+    if let Some(environment) = &seen.environment {
+        ingest.oplog.webhook(WebhookEntry {
+            environment: environment.clone(),
+            integration: path.integration.clone(),
+            raw_seq: seen.raw_seq.map(|seq| seq as i64),
+            delivery_id: seen.delivery_id.clone(),
+            received_at,
+            status: status.into(),
+            detail,
+            bytes: seen.bytes as i64,
+        });
+    }
+}
+
+async fn receive(
+    ingest: &Ingest,
+    path: &WebhookPath,
+    request: Request,
+    seen: &mut Seen,
+) -> Result<Response, IngestError> {
     // Taken apart rather than extracted piecewise: the header map is not cloned.
     let (parts, body) = request.into_parts();
     let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
@@ -53,6 +125,7 @@ pub async fn receive_webhook(
         .ok()
         .and_then(|id| snapshot.environment(&id))
         .ok_or_else(|| IngestError::UnknownEnvironment(path.environment.clone()))?;
+    seen.environment = Some(environment.name.to_string());
     let entry = environment
         .integrations
         .get(&path.integration)
@@ -60,6 +133,7 @@ pub async fn receive_webhook(
             environment: environment.name.to_string(),
             integration: path.integration.clone(),
         })?;
+    seen.known_integration = true;
     let integration = &entry.integration;
     let rules = entry.rules.as_ref().map_err(|reason| IngestError::Misconfigured {
         integration: integration.unique_key.to_string(),
@@ -83,8 +157,14 @@ pub async fn receive_webhook(
     if method != Method::POST {
         let inbound = Inbound::new(method.as_str(), url.as_deref(), &headers, query.as_deref(), b"");
         return match handshake::answer(&rules.handshakes, &inbound, secret, &integration.settings) {
-            Some(answer) => handshake_response(answer, &integration.unique_key),
-            None => Ok(StatusCode::OK.into_response()),
+            Some(answer) => {
+                seen.handshake = true;
+                handshake_response(answer, &integration.unique_key)
+            }
+            None => {
+                seen.probe = true;
+                Ok(StatusCode::OK.into_response())
+            }
         };
     }
 
@@ -112,6 +192,7 @@ pub async fn receive_webhook(
         Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large),
         Ok(Err(error)) => return Err(IngestError::BadBody(error.to_string())),
     };
+    seen.bytes = body.len();
     if !ingest.admission.hold_body(&mut admitted, body.len()) {
         return Err(saturated());
     }
@@ -120,12 +201,14 @@ pub async fn receive_webhook(
     // the provider checking the URL, not events. Then the signature, failing closed.
     let inbound = Inbound::new("POST", url.as_deref(), &headers, query.as_deref(), &body);
     if let Some(answer) = handshake::answer(&rules.handshakes, &inbound, secret, &integration.settings) {
+        seen.handshake = true;
         return handshake_response(answer, &integration.unique_key);
     }
     let verification = rules.verify(&inbound, secret, Utc::now()).map_err(|error| {
         tracing::warn!(integration = %integration.unique_key, %error, "webhook refused: bad signature");
         IngestError::BadSignature(error)
     })?;
+    seen.verification = Some(verification.as_str());
 
     let path_rest = trailing_path(uri.path());
     let delivery_id = Envelope::derive_delivery_id(
@@ -149,6 +232,8 @@ pub async fn receive_webhook(
         traceparent: hookyard_core::trace_context::current_traceparent(),
     };
 
+    seen.delivery_id = Some(envelope.delivery_id.clone());
+    let publishing = std::time::Instant::now();
     let ack = ingest.publisher.publish_envelope(&envelope).await.map_err(|failure| {
         tracing::warn!(integration = %envelope.integration, delivery_id = %envelope.delivery_id, %failure, "webhook not accepted");
         match failure {
@@ -159,6 +244,9 @@ pub async fn receive_webhook(
             },
         }
     })?;
+    metrics::histogram!(names::PUBLISH_ACK_SECONDS).record(publishing.elapsed().as_secs_f64());
+    seen.raw_seq = Some(ack.sequence);
+    seen.duplicate = ack.duplicate;
     tracing::debug!(
         environment = %envelope.environment,
         integration = %envelope.integration,

@@ -274,6 +274,8 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box
     let store = Store::connect(&config.database_url, config.cipher()?).await?;
     let bus = Bus::connect(config, "hookyard-reconciler").await?;
     bus.ensure_streams(&config.streams).await?;
+    hookyard_core::metrics::install();
+    hookyard_core::metrics::serve_configured(config, Some(bus.jetstream.clone()), &shutdown);
     Arc::new(Reconciler::new(store, bus.jetstream.clone()))
         .run(shutdown)
         .await;

@@ -15,6 +15,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::{self, AckKind};
 use hookyard_core::config::RouterConfig;
+use hookyard_core::oplog::OpLog;
 use hookyard_core::providers::events::events;
 use hookyard_core::providers::{Catalog, CatalogError, Inbound, Route};
 use hookyard_core::routed::RoutedEvent;
@@ -64,18 +65,22 @@ pub struct Outcome {
 
 pub struct Router {
     store: Store,
+    /// Each webhook's routing, for the operation log.
+    oplog: OpLog,
     resolver: Resolver,
     jetstream: jetstream::Context,
     config: RouterConfig,
 }
 
 impl Router {
-    pub fn new(store: Store, bus: &Bus, config: &RouterConfig) -> Result<Router, RouterError> {
+    pub fn new(store: Store, bus: &Bus, config: &Config) -> Result<Router, RouterError> {
+        hookyard_core::metrics::install();
         Ok(Router {
             resolver: Resolver::new(store.clone(), Arc::new(Catalog::embedded()?)),
+            oplog: OpLog::start(store.clone(), &config.logs),
             store,
             jetstream: bus.jetstream.clone(),
-            config: config.clone(),
+            config: config.router.clone(),
         })
     }
 
@@ -163,7 +168,30 @@ impl Router {
             acks.push(ack);
         }
         await_acks(&mut acks).await?;
+        self.log_routing(raw_seq, &routed);
         Ok(outcome)
+    }
+
+    /// The webhook's routing step in the operation log: the connections it reached, or
+    /// why it reached none.
+    fn log_routing(&self, raw_seq: u64, routed: &[RoutedEvent]) {
+        let mut connections: Vec<&str> = routed.iter().filter_map(|e| e.connection_id.as_deref()).collect();
+        connections.sort_unstable();
+        connections.dedup();
+        let mut unrouted: Vec<&str> = routed.iter().filter_map(|e| e.unrouted.as_deref()).collect();
+        unrouted.sort_unstable();
+        unrouted.dedup();
+        let status = match (connections.is_empty(), unrouted.is_empty()) {
+            (false, true) => "routed",
+            (true, _) => "unrouted",
+            (false, false) => "partly_routed",
+        };
+        let detail = serde_json::json!({
+            "events": routed.len(),
+            "connections": connections,
+            "unrouted": unrouted,
+        });
+        self.oplog.step(raw_seq, "route", None, status, detail);
     }
 
     /// The messages one webhook becomes.
@@ -261,8 +289,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box
     let store = Store::connect(&config.database_url, config.cipher()?).await?;
     let bus = Bus::connect(config, "hookyard-router").await?;
     bus.ensure_streams(&config.streams).await?;
-    Arc::new(Router::new(store, &bus, &config.router)?)
-        .run(shutdown)
-        .await?;
+    hookyard_core::metrics::serve_configured(config, Some(bus.jetstream.clone()), &shutdown);
+    Arc::new(Router::new(store, &bus, config)?).run(shutdown).await?;
     Ok(())
 }

@@ -20,6 +20,7 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::{self, stream::Stream};
 use futures::StreamExt as _;
 use hookyard_core::keys::{EnvironmentName, IntegrationKey};
+use hookyard_core::metrics::names;
 use hookyard_core::routed::{Origin, ReplayTarget};
 use hookyard_core::store::replays::{Replay, ReplayProgress, ReplayStatus};
 use hookyard_core::streams::{raw_subject, CONN_STREAM, FORWARDER_CONSUMER, FUNCTIONS_CONSUMER, RAW_STREAM};
@@ -85,10 +86,14 @@ impl Replayer {
     /// left running with its progress written: its lease lapses and a router resumes it.
     pub async fn replay_and_record(&self, replay: &Replay, shutdown: &CancellationToken) {
         tracing::info!(replay = replay.id, since = %replay.since, until = %replay.until, "replay started");
+        let running = metrics::gauge!(names::REPLAYS_RUNNING);
+        running.increment(1.0);
         let ended = tokio::select! {
             ended = self.replay(replay) => ended,
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => None,
         };
+        running.decrement(1.0);
+        let Some(ended) = ended else { return };
         tracing::info!(
             replay = replay.id, status = ?ended.status, read = ended.progress.read,
             published = ended.progress.published, error = ended.error.as_deref().unwrap_or(""), "replay ended"
@@ -102,9 +107,12 @@ impl Replayer {
         }
     }
 
-    async fn replay(&self, replay: &Replay) -> Ended {
+    async fn replay(&self, replay: &Replay) -> Option<Ended> {
         let mut progress = replay.progress;
-        match self.replay_window(replay, &mut progress).await {
+        let mut reported = replay.progress;
+        let outcome = self.replay_window(replay, &mut progress, &mut reported).await;
+        report(&mut reported, &progress);
+        Some(match outcome {
             Ok(status) => Ended {
                 status,
                 progress,
@@ -115,10 +123,15 @@ impl Replayer {
                 progress,
                 error: Some(error.to_string()),
             },
-        }
+        })
     }
 
-    async fn replay_window(&self, replay: &Replay, progress: &mut ReplayProgress) -> Result<ReplayStatus, RouterError> {
+    async fn replay_window(
+        &self,
+        replay: &Replay,
+        progress: &mut ReplayProgress,
+        reported: &mut ReplayProgress,
+    ) -> Result<ReplayStatus, RouterError> {
         let environment: EnvironmentName = replay
             .environment
             .parse()
@@ -221,6 +234,7 @@ impl Replayer {
             if last_progress.elapsed() >= PROGRESS_EVERY {
                 // What the row says is done is stored: a resumed replay starts after it.
                 await_acks(&mut acks).await?;
+                report(reported, progress);
                 if self.store.replay_progress(replay.id, progress, LEASE).await? {
                     return Ok(ReplayStatus::Cancelled);
                 }
@@ -265,6 +279,13 @@ impl Replayer {
             }
         }
     }
+}
+
+/// Counts what `progress` has done since `reported` in the replay metrics.
+fn report(reported: &mut ReplayProgress, progress: &ReplayProgress) {
+    metrics::counter!(names::REPLAY_READ).increment((progress.read - reported.read).max(0) as u64);
+    metrics::counter!(names::REPLAY_PUBLISHED).increment((progress.published - reported.published).max(0) as u64);
+    *reported = *progress;
 }
 
 /// A replay's window in `HOOKS_RAW`: the first and last sequence, and how many webhooks

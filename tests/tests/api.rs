@@ -873,6 +873,8 @@ async fn openapi_document_is_valid_and_lists_every_route() {
         "GET /replay",
         "GET /replay/{id}",
         "POST /replay/{id}/cancel",
+        "GET /logs",
+        "GET /logs/{id}",
     ]
     .into_iter()
     .map(String::from)

@@ -116,7 +116,7 @@ async fn call(h: &Harness, method: reqwest::Method, path: &str, body: Option<Val
 }
 
 fn start_router(h: &Harness) {
-    let router = Arc::new(hookyard_router::Router::new(h.store.clone(), &h.bus, &h.config.router).unwrap());
+    let router = Arc::new(hookyard_router::Router::new(h.store.clone(), &h.bus, &h.config).unwrap());
     tokio::spawn(router.run(h.shutdown.clone()));
 }
 
@@ -388,4 +388,236 @@ async fn a_replay_can_be_cancelled_and_bad_requests_are_refused() {
     }
     let (status, _) = call(&h, reqwest::Method::GET, "/replay/999", None).await;
     assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn every_webhook_of_a_burst_taken_while_the_worker_was_stopped_logs_its_execution() {
+    use hookyard_core::store::{NewConnection, NewIntegration};
+    use hookyard_testkit::fake_provider::FakeCrm;
+    let h = harness(None, 0).await;
+    let mut integration = NewIntegration::new("crmhooks".parse().unwrap(), "generic-hmac");
+    integration.webhook_secret = Some("whsec-test".into());
+    h.store.create_integration(&h.environment, &integration).await.unwrap();
+    h.store
+        .create_connection(
+            &h.environment,
+            &NewConnection {
+                integration: "crmhooks".parse().unwrap(),
+                connection_id: "c0".into(),
+                connection_config: json!({}),
+                metadata: json!({}),
+                tags: json!({}),
+                credentials: None,
+            },
+        )
+        .await
+        .unwrap();
+    h.deploy(&[(
+        "crmhooks/syncs/contacts.js",
+        sync(
+            "['*']",
+            "nango.log('saving ' + payload.contact.id);".to_owned().as_str(),
+        )
+        .replace(
+            "await nango.batchSave([{ id: payload.n",
+            &format!("{SAVE_CONTACT}\n await nango.batchSave([{{ id: payload.n"),
+        ),
+    )])
+    .await;
+    // Ingest and the router run; the worker does not, yet.
+    let url = format!("{}/crmhooks?connection_id=c0", h.start_edge().await);
+    const BURST: u64 = 20;
+    for n in 0..BURST {
+        let body = contact(n, &format!("p{n}"), "Ada");
+        assert_eq!(FakeCrm::send_webhook(&url, "whsec-test", &body).await, 202);
+    }
+    assert_eq!(
+        FakeCrm::send_webhook(&url, "not-the-secret", &contact(99, "p99", "Eve")).await,
+        401
+    );
+    let routed = || async {
+        let (_, page) = call(&h, reqwest::Method::GET, "/logs?integration=crmhooks&limit=100", None).await;
+        page["data"].as_array().cloned().unwrap_or_default()
+    };
+    let entries = eventually("every webhook in the log", Duration::from_secs(20), || async {
+        let entries = routed().await;
+        (entries.len() as u64 == BURST + 1).then_some(entries)
+    })
+    .await;
+    let rejected: Vec<&Value> = entries.iter().filter(|e| e["status"] == "rejected").collect();
+    assert_eq!(rejected.len(), 1, "{entries:?}");
+    assert!(
+        rejected[0]["detail"].as_str().unwrap().starts_with("bad_signature"),
+        "{}",
+        rejected[0]
+    );
+    assert!(rejected[0]["raw_seq"].is_null());
+    let (_, only) = call(&h, reqwest::Method::GET, "/logs?status=rejected", None).await;
+    assert_eq!(only["data"].as_array().unwrap().len(), 1);
+
+    h.start_all();
+    h.drained().await;
+    let accepted: Vec<&Value> = entries.iter().filter(|e| e["status"] == "accepted").collect();
+    assert_eq!(accepted.len() as u64, BURST);
+    for entry in accepted {
+        assert_eq!(entry["detail"], "verified");
+        let id = entry["id"].as_i64().unwrap();
+        let shown = eventually(
+            "the webhook's execution in its log",
+            Duration::from_secs(20),
+            || async {
+                let (_, shown) = call(&h, reqwest::Method::GET, &format!("/logs/{id}"), None).await;
+                let steps = shown["data"]["steps"].as_array()?.clone();
+                steps.iter().any(|s| s["stage"] == "execution").then_some(shown)
+            },
+        )
+        .await;
+        let steps = shown["data"]["steps"].as_array().unwrap();
+        assert_eq!(steps[0]["stage"], "route");
+        assert_eq!(steps[0]["status"], "routed");
+        assert_eq!(steps[0]["detail"]["connections"], json!(["c0"]));
+        let execution = steps.iter().find(|s| s["stage"] == "execution").unwrap();
+        assert_eq!(execution["status"], "ok", "{shown}");
+        assert_eq!(execution["connection_id"], "c0");
+        assert_eq!(execution["detail"]["sync"], "contacts");
+        assert_eq!(
+            execution["detail"]["records"]["added"], 2,
+            "a Contact and a Run: {execution}"
+        );
+        let n = shown["data"]["raw_seq"].as_i64().unwrap() - 1;
+        assert_eq!(
+            execution["detail"]["logs"][0]["message"],
+            format!("saving p{n}"),
+            "{execution}"
+        );
+    }
+    let (_, for_c0) = call(&h, reqwest::Method::GET, "/logs?connection=c0&limit=100", None).await;
+    assert_eq!(for_c0["data"].as_array().unwrap().len() as u64, BURST);
+    let (status, _) = call(&h, reqwest::Method::GET, "/logs?status=sideways", None).await;
+    assert_eq!(status, 400);
+}
+
+/// The value of `name` with `labels` in a Prometheus text exposition, parsed.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid exposition");
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+}
+
+#[tokio::test]
+async fn metrics_parse_and_the_pending_gauge_rises_while_the_worker_is_stopped() {
+    let h = harness(None, 1).await;
+    h.deploy(&[("crm/syncs/contacts.js", sync("['*']", SAVE_CONTACT))])
+        .await;
+    let webhooks = h.start_edge().await;
+    let base = webhooks.split("/webhook/").next().unwrap().to_string();
+    let scrape = || async {
+        h.http
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let pending = |text: &str| {
+        sample(
+            text,
+            "hookyard_consumer_pending",
+            &[("stream", "HOOKS_CONN"), ("consumer", "functions")],
+        )
+    };
+
+    // The worker runs once (its consumer exists), then stops.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let worker = Arc::new(hookyard_worker::Worker::new(h.store.clone(), &h.bus, &h.config));
+    let running = tokio::spawn(worker.run(stop.clone()));
+    h.drained().await;
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    eventually("a pending count of 0", Duration::from_secs(10), || async {
+        (pending(&scrape().await) == Some(0.0)).then_some(())
+    })
+    .await;
+
+    for n in 0..5 {
+        assert_eq!(
+            post_webhook(&h.http, &format!("{webhooks}/crm"), &contact(n, "p", "x")).await,
+            202
+        );
+    }
+    let (status, _) = h
+        .http
+        .post(format!("{webhooks}/nope"))
+        .body("{}")
+        .send()
+        .await
+        .map(|r| (r.status(), ()))
+        .unwrap();
+    assert_eq!(status, 404);
+    let text = eventually("the pending count to rise", Duration::from_secs(10), || async {
+        let text = scrape().await;
+        (pending(&text) == Some(5.0)).then_some(text)
+    })
+    .await;
+    assert_eq!(
+        sample(
+            &text,
+            "hookyard_webhooks_received_total",
+            &[("integration", "crm"), ("outcome", "accepted")]
+        ),
+        Some(5.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "hookyard_webhooks_received_total",
+            &[("integration", "unknown"), ("outcome", "unknown_integration")]
+        ),
+        Some(1.0)
+    );
+    let scrape_parsed = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let acks = scrape_parsed
+        .samples
+        .iter()
+        .find(|s| s.metric == "hookyard_publish_ack_seconds")
+        .expect("the ack histogram");
+    match &acks.value {
+        prometheus_parse::Value::Histogram(buckets) => {
+            assert_eq!(
+                buckets.last().unwrap().count,
+                5.0,
+                "one per accepted webhook: {buckets:?}"
+            )
+        }
+        other => panic!("not a histogram: {other:?}"),
+    }
+
+    // Started again, it works the backlog off.
+    h.start_all();
+    h.drained().await;
+    let text = eventually("the pending count to fall", Duration::from_secs(10), || async {
+        let text = scrape().await;
+        (pending(&text) == Some(0.0)).then_some(text)
+    })
+    .await;
+    assert!(
+        sample(
+            &text,
+            "hookyard_executions_total",
+            &[("kind", "on_webhook"), ("status", "ok")]
+        )
+        .unwrap()
+            >= 5.0
+    );
+    assert!(sample(&text, "hookyard_record_writes_total", &[("action", "added")]).unwrap() >= 1.0);
 }

@@ -64,7 +64,7 @@ async fn connect(ingest: &Running, integration: &str, id: &str, config: serde_js
 
 fn start_router(ingest: &Running) -> CancellationToken {
     let shutdown = CancellationToken::new();
-    let router = Arc::new(Router::new(ingest.store.clone(), &ingest.bus, &ingest.config.router).unwrap());
+    let router = Arc::new(Router::new(ingest.store.clone(), &ingest.bus, &ingest.config).unwrap());
     tokio::spawn(router.run(shutdown.clone()));
     shutdown
 }
@@ -250,7 +250,7 @@ async fn a_router_dying_mid_batch_publishes_each_event_once() {
     post(&ingest, "hubspot", "", &[], &serde_json::to_string(&events).unwrap()).await;
 
     // A first router publishes part of the batch and dies before acking the webhook.
-    let router = Router::new(ingest.store.clone(), &ingest.bus, &ingest.config.router).unwrap();
+    let router = Router::new(ingest.store.clone(), &ingest.bus, &ingest.config).unwrap();
     let stored = ingest
         .jetstream
         .get_stream(RAW_STREAM)

@@ -22,6 +22,8 @@ use async_nats::jetstream::{self, AckKind};
 use chrono::Utc;
 use hmac::{Hmac, Mac};
 use hookyard_core::config::ForwardingConfig;
+use hookyard_core::metrics::names;
+use hookyard_core::oplog::OpLog;
 use hookyard_core::store::commit::{DeadLetter, Marker, Unit};
 use hookyard_core::store::forwarding::DeliveryAttempt;
 use hookyard_core::streams::{consume, durable, FWD_STREAM};
@@ -40,6 +42,8 @@ const CONCURRENCY: usize = 256;
 
 pub struct Deliverer {
     store: Store,
+    /// Each forward's attempts, in its webhook's operation log.
+    oplog: OpLog,
     /// Attempts are written in batches by a task of their own (one commit per batch).
     attempts: tokio::sync::mpsc::UnboundedSender<DeliveryAttempt>,
     /// Attempts made by this process, by delivery: the count for a delivery whose
@@ -115,6 +119,7 @@ impl Deliverer {
         settings: Arc<Settings>,
         jetstream: jetstream::Context,
         config: &ForwardingConfig,
+        oplog: OpLog,
     ) -> Deliverer {
         let http = reqwest::Client::builder()
             .timeout(config.attempt_timeout)
@@ -124,6 +129,7 @@ impl Deliverer {
         let (attempts, pending) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(write_attempts(store.clone(), pending));
         Deliverer {
+            oplog,
             attempts,
             made: Mutex::new(HashMap::new()),
             store,
@@ -249,6 +255,14 @@ impl Deliverer {
                 Some(format!("refused: {reason}")),
             )?;
             destination.breaker.lock().expect("breaker lock").probing = false;
+            self.observe(
+                delivery,
+                attempt,
+                None,
+                Duration::ZERO,
+                Some(&reason.to_string()),
+                "refused",
+            );
             self.dead_letter(delivery, attempt, "refused", &reason).await?;
             return Ok(None);
         }
@@ -301,7 +315,15 @@ impl Deliverer {
             self.config.breaker_failures,
             self.config.breaker_open,
         );
-        match verdict(&self.config, attempt, status, retry_after) {
+        let verdict = verdict(&self.config, attempt, status, retry_after);
+        let outcome = match &verdict {
+            Verdict::Delivered => "delivered",
+            Verdict::Gone => "gone",
+            Verdict::Retry(_) => "failed",
+            Verdict::Final(_) => "gave_up",
+        };
+        self.observe(delivery, attempt, status, latency, error.as_deref(), outcome);
+        match verdict {
             Verdict::Delivered => Ok(None),
             Verdict::Gone => {
                 tracing::warn!(url = %delivery.url, "destination answered 410 Gone; disabled");
@@ -345,6 +367,32 @@ impl Deliverer {
         Ok(())
     }
 
+    /// Counts an attempt, and adds it to its webhook's operation log (forwards only:
+    /// sync notifications belong to no webhook).
+    fn observe(
+        &self,
+        delivery: &Delivery,
+        attempt: i64,
+        status: Option<u16>,
+        latency: Duration,
+        error: Option<&str>,
+        outcome: &str,
+    ) {
+        let class = match status {
+            Some(status) => format!("{}xx", status / 100),
+            None => "error".into(),
+        };
+        metrics::counter!(names::FORWARD_ATTEMPTS, "status" => class).increment(1);
+        if let Some(raw_seq) = delivery.raw_seq {
+            let detail = serde_json::json!({
+                "url": delivery.url, "delivery": delivery.id, "attempt": attempt, "status_code": status,
+                "latency_ms": latency.as_secs_f64() * 1e3, "error": error,
+            });
+            self.oplog
+                .step(raw_seq, "forward", delivery.connection.as_deref(), outcome, detail);
+        }
+    }
+
     async fn dead_letter(
         &self,
         delivery: &Delivery,
@@ -367,6 +415,7 @@ impl Deliverer {
             error: error.into(),
             attempts: attempts as i32,
         };
+        metrics::counter!(names::DEAD_LETTERS, "kind" => "forward").increment(1);
         let marker = Marker {
             consumer: DELIVERER.into(),
             message_id: delivery.attempt_key(),

@@ -14,6 +14,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind};
 use hookyard_core::config::{Config, ForwardingConfig};
 use hookyard_core::exec_job::ExecJob;
+use hookyard_core::metrics::names;
 use hookyard_core::providers::Catalog;
 use hookyard_core::store::records::WriteCounts;
 use hookyard_core::store::syncs::{RunOutcome, SyncKey};
@@ -210,10 +211,12 @@ impl Executor {
     ) -> Result<(Value, Vec<(String, WriteCounts)>), String> {
         let (host, invocation) = self.prepare(job, sync, key).await?;
         let outcome = self.pool.execute(sync.code.clone(), invocation).await;
-        let logs = match &outcome {
-            Ok(effects) => &effects.logs,
-            Err(error) => &error.logs,
+        let (logs, status, elapsed) = match &outcome {
+            Ok(effects) => (&effects.logs, "ok", effects.elapsed),
+            Err(error) => (&error.logs, "failed", error.elapsed),
         };
+        metrics::counter!(names::EXECUTIONS, "kind" => "exec", "status" => status).increment(1);
+        metrics::histogram!(names::EXECUTION_SECONDS, "kind" => "exec").record(elapsed.as_secs_f64());
         for line in logs {
             tracing::debug!(sync = %job.sync, connection = %job.connection_id, level = %line.level, "exec log: {}", line.message);
         }

@@ -200,8 +200,9 @@ impl Forwarder {
         let deliveries = targets
             .urls
             .iter()
-            .map(|url| {
-                Delivery::new(
+            .map(|url| Delivery {
+                raw_seq: Some(event.raw_seq),
+                ..Delivery::new(
                     &key,
                     environment.name.as_str(),
                     event.integration.as_str(),

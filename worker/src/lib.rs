@@ -25,10 +25,13 @@ use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use hookyard_core::config::WorkerConfig;
 use hookyard_core::keys::IntegrationKey;
+use hookyard_core::metrics::names;
+use hookyard_core::oplog::OpLog;
 use hookyard_core::routed::{Origin, RoutedEvent};
 use hookyard_core::store::commit::{DeadLetter, Marker, MetadataCall, RecordCall, Unit, UnitOutcome};
 use hookyard_core::store::dead_letters::FailedAttempt;
 use hookyard_core::store::records::RecordScope;
+use hookyard_core::store::records::WriteCounts;
 use hookyard_core::store::StoreError;
 use hookyard_core::streams::{durable, Bus, StreamsError, CONN_STREAM};
 use hookyard_core::trace_context::continue_trace;
@@ -85,6 +88,8 @@ pub struct Worker {
     /// (event, sync) executions committed by this worker since it started.
     committed: AtomicU64,
     settings: Arc<settings::Settings>,
+    /// Each execution's entry in the operation log.
+    oplog: OpLog,
 }
 
 /// One (event, sync) to run.
@@ -96,6 +101,8 @@ struct Task {
 
 impl Worker {
     pub fn new(store: Store, bus: &Bus, config: &Config) -> Worker {
+        hookyard_core::metrics::install();
+        let store_for_log = store.clone();
         Worker {
             pool: Pool::new(config.worker.js_threads, config.worker.limits.clone()),
             deployments: Arc::new(Deployments::new(store.clone())),
@@ -105,6 +112,7 @@ impl Worker {
             config: config.worker.clone(),
             marker_ttl: config.streams.raw_max_age,
             committed: AtomicU64::new(0),
+            oplog: OpLog::start(store_for_log, &config.logs),
         }
     }
 
@@ -245,6 +253,8 @@ impl Worker {
         let mut runs: Vec<Option<notify::Run>> = Vec::new();
         // The spans of the executions being committed: the commit shows in each trace.
         let mut spans: Vec<tracing::Span> = Vec::new();
+        // Per unit: its execution's entry in the operation log, written once committed.
+        let mut logged: Vec<Option<ExecutionLog>> = Vec::new();
         for message in group {
             match RoutedEvent::from_message(&message.subject, message.headers.as_ref(), &message.payload) {
                 Ok(event) => events.push(Some(event)),
@@ -253,6 +263,7 @@ impl Worker {
                     tracing::error!(subject = %message.subject, %error, "not a routed event");
                     units.push(invalid_message(CONSUMER, CONN_STREAM, message, &error.to_string()));
                     runs.push(None);
+                    logged.push(None);
                     events.push(None);
                 }
             }
@@ -303,8 +314,11 @@ impl Worker {
                         let index = task.message;
                         let event = events[index].as_ref().expect("tasks are of parsed events");
                         let message = &group[index];
+                        let attempts = message.info().map_or(1, |i| i.delivered.max(1) as usize);
+                        let log = ExecutionLog::of(&task, event, attempts, &result);
                         match result {
                             Ok(effects) => {
+                                logged.push(Some(log));
                                 runs.push(Some(notify::Run {
                                     environment: event.environment.clone(),
                                     integration: event.integration.clone(),
@@ -318,41 +332,40 @@ impl Worker {
                                 units.push(self.unit(task, event, effects));
                                 spans.push(span);
                             }
-                            Err(error) => {
-                                let attempts = message.info().map_or(1, |i| i.delivered.max(1) as usize);
-                                match self.config.retry_delays.get(attempts - 1) {
-                                    Some(delay) => {
-                                        tracing::warn!(
-                                            sync = %task.sync.sync.name, version = task.sync.sync.version,
-                                            message = %task.marker.message_id, attempts, error = %error,
-                                            "function failed; retrying in {:?}", **delay
-                                        );
-                                        outcome.retried += 1;
-                                        failed.push((
-                                            task.marker.clone(),
-                                            FailedAttempt {
-                                                attempt: attempts as i32,
-                                                error_kind: error.kind.as_str().into(),
-                                                error: error.message.clone(),
-                                                failed_at: chrono::Utc::now(),
-                                            },
-                                        ));
-                                        let wait = retry.entry(index).or_insert(**delay);
-                                        *wait = (*wait).max(**delay);
-                                        continue;
-                                    }
-                                    None => {
-                                        tracing::error!(
-                                            sync = %task.sync.sync.name, version = task.sync.sync.version,
-                                            message = %task.marker.message_id, attempts, error = %error,
-                                            "function failed for the last time; dead-lettered"
-                                        );
-                                        outcome.dead_lettered += 1;
-                                        runs.push(None);
-                                        units.push(dead_letter(task, event, message, &error, attempts));
-                                    }
+                            Err(error) => match self.config.retry_delays.get(attempts - 1) {
+                                Some(delay) => {
+                                    tracing::warn!(
+                                        sync = %task.sync.sync.name, version = task.sync.sync.version,
+                                        message = %task.marker.message_id, attempts, error = %error,
+                                        "function failed; retrying in {:?}", **delay
+                                    );
+                                    outcome.retried += 1;
+                                    log.write(&self.oplog, "failed", None);
+                                    failed.push((
+                                        task.marker.clone(),
+                                        FailedAttempt {
+                                            attempt: attempts as i32,
+                                            error_kind: error.kind.as_str().into(),
+                                            error: error.message.clone(),
+                                            failed_at: chrono::Utc::now(),
+                                        },
+                                    ));
+                                    let wait = retry.entry(index).or_insert(**delay);
+                                    *wait = (*wait).max(**delay);
+                                    continue;
                                 }
-                            }
+                                None => {
+                                    tracing::error!(
+                                        sync = %task.sync.sync.name, version = task.sync.sync.version,
+                                        message = %task.marker.message_id, attempts, error = %error,
+                                        "function failed for the last time; dead-lettered"
+                                    );
+                                    outcome.dead_lettered += 1;
+                                    runs.push(None);
+                                    logged.push(Some(log));
+                                    units.push(dead_letter(task, event, message, &error, attempts));
+                                }
+                            },
                         }
                     }
                 }
@@ -373,10 +386,20 @@ impl Worker {
             match committed {
                 Ok(outcomes) => {
                     let mut notices = Vec::new();
-                    for (unit_outcome, run) in outcomes.iter().zip(&runs) {
+                    for ((unit_outcome, run), log) in outcomes.iter().zip(&runs).zip(&logged) {
                         match unit_outcome {
-                            UnitOutcome::Applied { per_call, .. } => {
+                            UnitOutcome::Applied { per_call, total } => {
                                 outcome.committed += 1;
+                                count_writes(total);
+                                if let Some(log) = log {
+                                    match run {
+                                        Some(_) => log.write(&self.oplog, "ok", Some(total)),
+                                        None => {
+                                            metrics::counter!(names::DEAD_LETTERS, "kind" => "function").increment(1);
+                                            log.write(&self.oplog, "dead_lettered", None);
+                                        }
+                                    }
+                                }
                                 if let Some(run) = run {
                                     notices.push((run, per_call.as_slice()));
                                 }
@@ -514,7 +537,13 @@ impl Worker {
                 Ok(effects) => &effects.logs,
                 Err(error) => &error.logs,
             };
-            span.record("status", if result.is_ok() { "ok" } else { "failed" });
+            let (status, elapsed) = match result {
+                Ok(effects) => ("ok", effects.elapsed),
+                Err(error) => ("failed", error.elapsed),
+            };
+            span.record("status", status);
+            metrics::counter!(names::EXECUTIONS, "kind" => "on_webhook", "status" => status).increment(1);
+            metrics::histogram!(names::EXECUTION_SECONDS, "kind" => "on_webhook").record(elapsed.as_secs_f64());
             for line in logs {
                 tracing::debug!(parent: span, level = %line.level, payload = ?line.payload, "function log: {}", line.message);
             }
@@ -583,6 +612,65 @@ fn dead_letter(
     Unit {
         dead_letter: Some(letter),
         ..Unit::new(task.marker)
+    }
+}
+
+/// One execution as the operation log shows it.
+struct ExecutionLog {
+    raw_seq: u64,
+    connection: Option<String>,
+    detail: serde_json::Value,
+}
+
+impl ExecutionLog {
+    fn of(task: &Task, event: &RoutedEvent, attempt: usize, result: &Result<Effects, FunctionError>) -> ExecutionLog {
+        let (elapsed, logs, error) = match result {
+            Ok(effects) => (effects.elapsed, &effects.logs, None),
+            Err(error) => (error.elapsed, &error.logs, Some(error.to_string())),
+        };
+        let origin = match &event.origin {
+            Origin::Live => None,
+            Origin::Replay { id, .. } => Some(format!("replay {id}")),
+            Origin::Redrive { id, .. } => Some(format!("redrive of dead letter {id}")),
+        };
+        ExecutionLog {
+            raw_seq: event.raw_seq,
+            connection: event.connection_id.clone(),
+            detail: serde_json::json!({
+                "sync": task.sync.sync.name,
+                "version": task.sync.sync.version,
+                "event_index": event.index,
+                "attempt": attempt,
+                "duration_ms": elapsed.as_secs_f64() * 1e3,
+                "logs": logs,
+                "error": error,
+                "origin": origin,
+            }),
+        }
+    }
+
+    fn write(&self, oplog: &OpLog, status: &str, counts: Option<&WriteCounts>) {
+        let mut detail = self.detail.clone();
+        if let Some(counts) = counts {
+            detail["records"] = serde_json::json!({
+                "added": counts.added, "updated": counts.updated, "deleted": counts.deleted,
+                "unchanged": counts.unchanged, "stale": counts.skipped_stale,
+            });
+        }
+        oplog.step(self.raw_seq, "execution", self.connection.as_deref(), status, detail);
+    }
+}
+
+/// Counts committed record writes in the metrics.
+pub(crate) fn count_writes(counts: &WriteCounts) {
+    for (action, n) in [
+        ("added", counts.added),
+        ("updated", counts.updated),
+        ("deleted", counts.deleted),
+    ] {
+        if n > 0 {
+            metrics::counter!(names::RECORD_WRITES, "action" => action).increment(n);
+        }
     }
 }
 
@@ -674,6 +762,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box
     let store = Store::connect(&config.database_url, config.cipher()?).await?;
     let bus = Bus::connect(config, "hookyard-worker").await?;
     bus.ensure_streams(&config.streams).await?;
+    hookyard_core::metrics::serve_configured(config, Some(bus.jetstream.clone()), &shutdown);
     run_all(store, &bus, config, shutdown).await?;
     Ok(())
 }
@@ -697,6 +786,7 @@ pub async fn run_all(store: Store, bus: &Bus, config: &Config, shutdown: Cancell
         settings,
         bus.jetstream.clone(),
         &config.forwarding,
+        worker.oplog.clone(),
     ));
     let stopping = |outcome: Result<(), WorkerError>| {
         if outcome.is_err() {

@@ -120,6 +120,7 @@ mod environments;
 pub mod forwarding;
 pub mod functions;
 mod integrations;
+pub mod logs;
 pub mod records;
 pub mod replays;
 pub mod syncs;

@@ -169,8 +169,7 @@ impl Harness {
             self.environment.webhook_id
         );
         tokio::spawn(hookyard_ingest::serve(listener, ingest, self.shutdown.clone()));
-        let router =
-            Arc::new(hookyard_router::Router::new(self.store.clone(), &self.bus, &self.config.router).unwrap());
+        let router = Arc::new(hookyard_router::Router::new(self.store.clone(), &self.bus, &self.config).unwrap());
         tokio::spawn(router.run(self.shutdown.clone()));
         base
     }

@@ -1,0 +1,124 @@
+//! The operation log: `GET /logs` lists the webhooks that reached ingest (newest first,
+//! or oldest first after an id, to follow it), `GET /logs/{id}` shows one with what
+//! followed: its routing, each function execution and each forwarding attempt.
+
+use axum::extract::{Path, State};
+use axum::{Extension, Json};
+use chrono::{DateTime, Utc};
+use hookyard_core::store::logs::{LogFilter, LogStep, LoggedWebhook};
+use hookyard_core::store::Environment;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::error::{ApiError, ErrorBody, Params};
+use crate::{AppState, Data};
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list)).routes(routes!(show))
+}
+
+const MAX_LIMIT: u32 = 1000;
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LogQuery {
+    integration: Option<String>,
+    /// Webhooks routed to this connection.
+    connection: Option<String>,
+    /// `accepted`, `duplicate`, `handshake`, `rejected`, `unavailable`, or `failed` (a
+    /// function execution or a forward of it failed).
+    status: Option<String>,
+    /// Received at or after this (RFC 3339).
+    since: Option<DateTime<Utc>>,
+    /// Received before this.
+    until: Option<DateTime<Utc>>,
+    /// At most this many (default 50, at most 1000).
+    limit: Option<u32>,
+    /// From `next_cursor`: older entries.
+    cursor: Option<i64>,
+    /// Entries after this id, oldest first (to follow the log).
+    after: Option<i64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct LogPage {
+    #[schema(value_type = Vec<Object>)]
+    data: Vec<LoggedWebhook>,
+    /// Pass back as `cursor` for older entries; null on the last page.
+    next_cursor: Option<i64>,
+}
+
+/// The webhooks that reached ingest, newest first.
+#[utoipa::path(operation_id = "logs_list", get, path = "/logs", tag = "logs", params(LogQuery),
+    responses((status = 200, body = LogPage), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+async fn list(
+    State(state): State<AppState>,
+    Extension(environment): Extension<Environment>,
+    Params(query): Params<LogQuery>,
+) -> Result<Json<LogPage>, ApiError> {
+    let limit = query.limit.unwrap_or(50);
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err(ApiError::invalid("limit", format!("must be 1 to {MAX_LIMIT}")));
+    }
+    if query.cursor.is_some() && query.after.is_some() {
+        return Err(ApiError::invalid("after", "give cursor or after, not both"));
+    }
+    const STATUSES: &[&str] = &[
+        "accepted",
+        "duplicate",
+        "handshake",
+        "rejected",
+        "unavailable",
+        "failed",
+    ];
+    if let Some(status) = query.status.as_deref().filter(|s| !STATUSES.contains(s)) {
+        return Err(ApiError::invalid(
+            "status",
+            format!("{status:?} is not one of {}", STATUSES.join(", ")),
+        ));
+    }
+    let filter = LogFilter {
+        integration: query.integration,
+        connection_id: query.connection,
+        status: query.status,
+        since: query.since,
+        until: query.until,
+        before_id: query.cursor,
+        after_id: query.after,
+    };
+    let data = state
+        .store
+        .logged_webhooks(environment.name.as_str(), &filter, limit)
+        .await?;
+    let next_cursor = (filter.after_id.is_none() && data.len() == limit as usize)
+        .then(|| data.last().map(|w| w.id))
+        .flatten();
+    Ok(Json(LogPage { data, next_cursor }))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct LoggedView {
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    webhook: LoggedWebhook,
+    /// In order: `route`, then per connection each `execution` and `forward` attempt.
+    #[schema(value_type = Vec<Object>)]
+    steps: Vec<LogStep>,
+}
+
+/// One webhook and everything that followed it.
+#[utoipa::path(operation_id = "logs_show", get, path = "/logs/{id}", tag = "logs",
+    params(("id" = i64, Path, description = "the log entry's id")),
+    responses((status = 200, body = Data<LoggedView>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn show(
+    State(state): State<AppState>,
+    Extension(environment): Extension<Environment>,
+    Path(id): Path<i64>,
+) -> Result<Json<Data<LoggedView>>, ApiError> {
+    let (webhook, steps) = state.store.logged_webhook(environment.name.as_str(), id).await?;
+    Ok(Json(Data {
+        data: LoggedView { webhook, steps },
+    }))
+}
