@@ -5,6 +5,7 @@ mod deploy;
 mod dev;
 mod dlq;
 mod dryrun;
+mod logs;
 mod replay;
 
 use std::process::ExitCode;
@@ -48,6 +49,9 @@ enum Command {
     Deploy(deploy::DeployArgs),
     /// Dead letters: list, show, redrive or purge them through the API.
     Dlq(dlq::DlqArgs),
+    /// The operation log: what became of each webhook (--follow to keep watching;
+    /// an id shows one webhook with its routing, executions and forwards).
+    Logs(logs::LogsArgs),
     /// Replay received webhooks (from HOOKS_RAW) through the functions and/or forwarding,
     /// with progress; Ctrl-C cancels. Also: replay list|watch ID|cancel ID.
     Replay(replay::ReplayArgs),
@@ -69,13 +73,14 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::Dryrun(_) => ("hookyard-dryrun", false),
-        Command::Deploy(_) | Command::Dlq(_) | Command::Replay(_) => ("hookyard-client", false),
+        Command::Deploy(_) | Command::Dlq(_) | Command::Replay(_) | Command::Logs(_) => ("hookyard-client", false),
     };
     // Clients of the API: no configuration, no key of their own.
     let (client, command) = match cli.command {
         Command::Deploy(args) => (Some(("deploy", deploy::run(args).boxed())), None),
         Command::Dlq(args) => (Some(("dlq", dlq::run(args).boxed())), None),
         Command::Replay(args) => (Some(("replay", replay::run(args).boxed())), None),
+        Command::Logs(args) => (Some(("logs", logs::run(args).boxed())), None),
         command => (None, Some(command)),
     };
     if let Some((name, command)) = client {
@@ -141,7 +146,7 @@ fn main() -> ExitCode {
                 }
                 Ok(())
             }
-            Command::Keygen | Command::Deploy(_) | Command::Dlq(_) | Command::Replay(_) => Ok(()), // answered above
+            Command::Keygen | Command::Deploy(_) | Command::Dlq(_) | Command::Replay(_) | Command::Logs(_) => Ok(()), // answered above
         };
         match outcome {
             Ok(()) => ExitCode::SUCCESS,

@@ -1171,3 +1171,91 @@ async fn replay_follows_a_replay_to_its_end_and_ctrl_c_cancels_it() {
     router.wait_exit();
     shutdown.cancel();
 }
+
+// Multi-threaded: the API serves in-process while the test blocks on the child's output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_prints_webhooks_one_in_full_and_follows_new_ones() {
+    use hookyard_core::store::logs::{LogStep, LogWrite, WebhookEntry};
+    let sqlite = SqliteFile::create();
+    let (_, key) = prepared_environment(&sqlite.url).await;
+    let store = Store::connect(&sqlite.url, test_cipher()).await.unwrap();
+    let entry = |n: i64, status: &str, detail: &str| {
+        LogWrite::Webhook(WebhookEntry {
+            environment: "dev".into(),
+            integration: "demo".into(),
+            raw_seq: (status == "accepted").then_some(n),
+            delivery_id: Some(format!("d{n}")),
+            received_at: chrono::Utc::now(),
+            status: status.into(),
+            detail: Some(detail.into()),
+            bytes: 42,
+        })
+    };
+    let step = |stage: &str, status: &str, detail: serde_json::Value| {
+        LogWrite::Step(LogStep {
+            raw_seq: 1,
+            at: chrono::Utc::now(),
+            stage: stage.into(),
+            connection_id: Some("acme".into()),
+            status: status.into(),
+            detail,
+        })
+    };
+    store
+        .write_log(&[
+            entry(1, "accepted", "verified"),
+            entry(2, "rejected", "bad_signature: no signature header"),
+            step("route", "routed", serde_json::json!({"connections": ["acme"], "unrouted": [], "events": 1})),
+            step(
+                "execution",
+                "ok",
+                serde_json::json!({"sync": "contacts", "version": 3, "attempt": 1, "duration_ms": 1.5,
+                    "records": {"added": 1, "updated": 0, "deleted": 0}, "logs": [{"level": "info", "message": "saved p1"}]}),
+            ),
+        ])
+        .await
+        .unwrap();
+    let (api, shutdown) = start_api(store.clone()).await;
+
+    let (status, stdout, stderr) = client(&["logs"], &api, &key).await;
+    assert!(status.success(), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0].contains("accepted") && lines[0].contains("seq 1"),
+        "oldest first: {stdout}"
+    );
+    assert!(
+        lines[1].contains("rejected") && lines[1].contains("bad_signature"),
+        "{stdout}"
+    );
+    let (_, stdout, _) = client(&["logs", "--status", "rejected"], &api, &key).await;
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+
+    let (_, stdout, _) = client(&["logs", "1"], &api, &key).await;
+    assert!(
+        stdout.contains("route     acme           routed     to acme"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("contacts v3 attempt 1 in 1.5 ms, records +1 ~0 -0"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("info saved p1"), "{stdout}");
+    let (status, _, stderr) = client(&["logs", "9"], &api, &key).await;
+    assert_eq!(status.code(), Some(1));
+    assert!(stderr.contains("404"), "{stderr}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut follow = Process::spawn(
+        &["logs", "--follow"],
+        &[("HOOKYARD_API_URL", api.clone()), ("HOOKYARD_SECRET_KEY", key.clone())],
+        dir.path(),
+    );
+    Process::wait_for(&follow.stdout, "bad_signature");
+    store.write_log(&[entry(3, "handshake", "url check")]).await.unwrap();
+    Process::wait_for(&follow.stdout, "handshake");
+    follow.signal("-TERM");
+    follow.wait_exit();
+    shutdown.cancel();
+}

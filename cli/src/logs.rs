@@ -1,0 +1,172 @@
+//! `hookyard logs [ID] [--follow] [filters]`: the operation log, one line per webhook
+//! (newest last), or one webhook with everything that followed it.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::client::{query, ApiArgs, Client};
+
+#[derive(clap::Args)]
+pub struct LogsArgs {
+    /// Show this webhook (its log id) with its routing, executions and forwards.
+    id: Option<i64>,
+    /// Keep printing webhooks as they arrive.
+    #[arg(long, short)]
+    follow: bool,
+    #[arg(long)]
+    integration: Option<String>,
+    /// Webhooks routed to this connection.
+    #[arg(long)]
+    connection: Option<String>,
+    /// accepted, duplicate, handshake, rejected, unavailable, or failed.
+    #[arg(long)]
+    status: Option<String>,
+    /// Received at or after this (RFC 3339).
+    #[arg(long)]
+    since: Option<String>,
+    /// Received before this (RFC 3339).
+    #[arg(long)]
+    until: Option<String>,
+    /// How many of the latest to show first.
+    #[arg(long, default_value_t = 20)]
+    limit: u32,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+pub async fn run(args: LogsArgs) -> Result<(), String> {
+    let client = Client::new(args.api.clone());
+    if let Some(id) = args.id {
+        let shown = client.get(&format!("/logs/{id}")).await?;
+        print_one(&shown["data"]);
+        return Ok(());
+    }
+    let filters = |extra: Vec<(&'static str, Option<String>)>| {
+        let mut pairs = vec![
+            ("integration", args.integration.clone()),
+            ("connection", args.connection.clone()),
+            ("status", args.status.clone()),
+            ("since", args.since.clone()),
+            ("until", args.until.clone()),
+        ];
+        pairs.extend(extra);
+        query(&pairs)
+    };
+    let page = client
+        .get(&format!(
+            "/logs{}",
+            filters(vec![("limit", Some(args.limit.to_string()))])
+        ))
+        .await?;
+    let mut latest: Vec<Value> = page["data"].as_array().cloned().unwrap_or_default();
+    latest.reverse();
+    if latest.is_empty() && !args.follow {
+        println!("no webhooks logged");
+    }
+    let mut last = 0;
+    for entry in &latest {
+        println!("{}", line(entry));
+        last = last.max(entry["id"].as_i64().unwrap_or(0));
+    }
+    while args.follow {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let path = format!(
+            "/logs{}",
+            filters(vec![("after", Some(last.to_string())), ("limit", Some("500".into()))])
+        );
+        for entry in client.get(&path).await?["data"].as_array().into_iter().flatten() {
+            println!("{}", line(entry));
+            last = last.max(entry["id"].as_i64().unwrap_or(0));
+        }
+    }
+    Ok(())
+}
+
+/// One webhook on one line.
+fn line(entry: &Value) -> String {
+    let text = |key: &str| entry[key].as_str().unwrap_or("-").to_string();
+    format!(
+        "{:>7}  {}  {:<16}  {:<11}  {:>7}  {}  {}",
+        entry["id"],
+        text("received_at").chars().take(23).collect::<String>(),
+        text("integration"),
+        text("status"),
+        entry["bytes"].as_i64().map_or("-".into(), |b| format!("{b}B")),
+        entry["raw_seq"].as_i64().map_or("-".into(), |s| format!("seq {s}")),
+        text("detail"),
+    )
+}
+
+fn print_one(webhook: &Value) {
+    println!("{}", line(webhook));
+    println!("  delivery {}", webhook["delivery_id"].as_str().unwrap_or("-"));
+    let steps = webhook["steps"].as_array().cloned().unwrap_or_default();
+    if steps.is_empty() && webhook["status"] == "accepted" {
+        println!("  (not routed yet)");
+    }
+    for step in &steps {
+        let detail = &step["detail"];
+        let what = match step["stage"].as_str() {
+            Some("route") => match detail["connections"].as_array().filter(|c| !c.is_empty()) {
+                Some(connections) => format!(
+                    "to {}",
+                    connections
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                None => format!("nowhere: {}", detail["unrouted"]),
+            },
+            Some("execution") => {
+                let mut text = format!(
+                    "{} v{} attempt {} in {:.1} ms",
+                    detail["sync"].as_str().unwrap_or("?"),
+                    detail["version"],
+                    detail["attempt"],
+                    detail["duration_ms"].as_f64().unwrap_or(0.0)
+                );
+                if let Some(records) = detail["records"].as_object() {
+                    text += &format!(
+                        ", records +{} ~{} -{}",
+                        records["added"], records["updated"], records["deleted"]
+                    );
+                }
+                if let Some(error) = detail["error"].as_str() {
+                    text += &format!(": {error}");
+                }
+                if let Some(origin) = detail["origin"].as_str() {
+                    text += &format!(" ({origin})");
+                }
+                text
+            }
+            Some("forward") => format!(
+                "{} attempt {} → {} in {:.0} ms{}",
+                detail["url"].as_str().unwrap_or("?"),
+                detail["attempt"],
+                detail["status_code"],
+                detail["latency_ms"].as_f64().unwrap_or(0.0),
+                detail["error"].as_str().map(|e| format!(": {e}")).unwrap_or_default()
+            ),
+            _ => detail.to_string(),
+        };
+        println!(
+            "  {}  {:<9} {:<14} {:<10} {}",
+            step["at"].as_str().unwrap_or("").chars().take(23).collect::<String>(),
+            step["stage"].as_str().unwrap_or("?"),
+            step["connection_id"].as_str().unwrap_or(""),
+            step["status"].as_str().unwrap_or("?"),
+            what
+        );
+        if step["stage"] == "execution" {
+            for log in detail["logs"].as_array().into_iter().flatten() {
+                println!(
+                    "      {} {}",
+                    log["level"].as_str().unwrap_or("info"),
+                    log["message"].as_str().unwrap_or("")
+                );
+            }
+        }
+    }
+}
