@@ -74,8 +74,19 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
          \n  database      {}\
          \n\nSend a webhook:\n\n  curl -i -X POST '{webhook_url}' -H 'content-type: application/json' -d '{DEMO_BODY}'\n\
          \nSee the record the example function made of it:\n\n  curl -s '{api_url}/records?model=Contact' -H 'Authorization: Bearer {}' \\\n    -H 'Connection-Id: {DEMO_CONNECTION}' -H 'Provider-Config-Key: {DEMO_INTEGRATION}'\n\
+         \nFollow what becomes of each webhook, replay the last hour, list dead letters:\n\
+         \n  export HOOKYARD_API_URL={api_url} HOOKYARD_SECRET_KEY={}\
+         \n  hookyard logs --follow\
+         \n  hookyard replay --since 1h --dry-run\
+         \n  hookyard dlq list\n\
+         \nPrometheus metrics: {}/metrics\n\
          \nPress Ctrl-C to stop.\n",
-        environment.secret_key, config.nats_url, config.database_url, environment.secret_key,
+        environment.secret_key,
+        config.nats_url,
+        config.database_url,
+        environment.secret_key,
+        environment.secret_key,
+        config.webhook_base_url(),
     );
     let ingest_server = spawn_stopping_all(
         hookyard_ingest::serve(ingest_listener, ingest, shutdown.clone()),
@@ -108,11 +119,20 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
         shutdown.clone(),
     );
     if !args.no_demo {
-        if let Err(error) = send_demo_webhook(&webhook_url, &bus.jetstream).await {
-            eprintln!("demo webhook failed: {error}");
-        }
+        let demo_seq = match send_demo_webhook(&webhook_url, &bus.jetstream).await {
+            Ok(seq) => Some(seq),
+            Err(error) => {
+                eprintln!("demo webhook failed: {error}");
+                None
+            }
+        };
         if let Err(error) = show_demo_record(&api_url, &environment.secret_key).await {
             eprintln!("demo API call failed: {error}");
+        }
+        if let Some(seq) = demo_seq {
+            if let Err(error) = show_demo_log(&api_url, &environment.secret_key, seq).await {
+                eprintln!("demo log failed: {error}");
+            }
         }
         if let Err(error) = show_demo_sync(&api_url, &environment.secret_key, &crm.url).await {
             eprintln!("demo sync status failed: {error}");
@@ -163,17 +183,70 @@ async fn show_demo_record(api_url: &str, secret_key: &str) -> Result<(), Error> 
             .await?;
         let status = response.status();
         let body: serde_json::Value = response.json().await?;
-        let found = body["records"].as_array().is_some_and(|r| !r.is_empty());
+        // The demo webhook's contact (the exec run may have saved others first).
+        let demo: serde_json::Value = serde_json::from_str(DEMO_BODY)?;
+        let record = body["records"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["id"] == demo["contact"]["id"]);
+        let found = record.is_some();
         if found || tokio::time::Instant::now() >= deadline {
-            let shown = if found {
-                body["records"][0].to_string()
-            } else {
-                body.to_string()
+            let shown = match record {
+                Some(record) => record.to_string(),
+                None => body.to_string(),
             };
             println!("demo: worker -> GET {url}\n      -> {status} {shown}\n");
             if !found {
                 println!("demo: the record did not appear within 10 s\n");
             }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Shows the demo webhook's operation log: accepted, routed, executed (the log is
+/// written a moment after the work it records, so this waits for the execution).
+async fn show_demo_log(api_url: &str, secret_key: &str, raw_seq: u64) -> Result<(), Error> {
+    let client = reqwest::Client::new();
+    let get = |path: String| {
+        let request = client.get(format!("{api_url}{path}")).bearer_auth(secret_key);
+        async move { request.send().await?.json::<serde_json::Value>().await }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let latest = get("/logs?limit=100".into()).await?;
+        let demo = latest["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|entry| entry["raw_seq"].as_u64() == Some(raw_seq));
+        if let Some(id) = demo.and_then(|entry| entry["id"].as_i64()) {
+            let shown = get(format!("/logs/{id}")).await?;
+            let steps = shown["data"]["steps"].as_array().cloned().unwrap_or_default();
+            let executed = steps.iter().any(|s| s["stage"] == "execution");
+            if executed || tokio::time::Instant::now() >= deadline {
+                println!(
+                    "demo: the webhook's operation log (GET {api_url}/logs/{id}, or `hookyard logs {id}`):\n      {} {}",
+                    shown["data"]["status"],
+                    shown["data"]["detail"]
+                );
+                for step in &steps {
+                    println!(
+                        "      {} {} {} {}",
+                        step["stage"].as_str().unwrap_or("?"),
+                        step["connection_id"].as_str().unwrap_or(""),
+                        step["status"].as_str().unwrap_or("?"),
+                        step["detail"]
+                    );
+                }
+                println!();
+                return Ok(());
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            println!("demo: the webhook did not appear in the operation log within 10 s\n");
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -362,7 +435,8 @@ async fn show_demo_sync(api_url: &str, secret_key: &str, crm_url: &str) -> Resul
 
 /// Posts one webhook to ourselves and shows it read back from `HOOKS_RAW`, then as the
 /// router delivered it to the demo connection in `HOOKS_CONN`.
-async fn send_demo_webhook(url: &str, jetstream: &jetstream::Context) -> Result<(), Error> {
+/// Sends the demo webhook and shows it stored and routed; its `HOOKS_RAW` sequence.
+async fn send_demo_webhook(url: &str, jetstream: &jetstream::Context) -> Result<u64, Error> {
     let routed_subject = format!("hooks.conn.dev.{DEMO_INTEGRATION}.{DEMO_CONNECTION}");
     let watcher = jetstream
         .get_stream(CONN_STREAM)
@@ -414,5 +488,5 @@ async fn send_demo_webhook(url: &str, jetstream: &jetstream::Context) -> Result<
         }
         None => println!("demo: the router did not deliver the webhook within 10 s\n"),
     }
-    Ok(())
+    Ok(stored.sequence)
 }

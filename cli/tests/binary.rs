@@ -348,6 +348,15 @@ async fn dev_starts_everything_and_takes_a_webhook() {
         record.contains(r#""email":"ada@example.com""#) && record.contains(r#""id":"c_1""#),
         "the example function made a record of the demo webhook: {record}"
     );
+    // Its operation log: accepted (unsigned), routed to the connection, executed.
+    let log = Process::wait_for(&process.stdout, "operation log");
+    assert!(log.contains("hookyard logs"), "{log}");
+    let accepted = Process::wait_for(&process.stdout, "\"accepted\"");
+    assert!(accepted.contains("\"unsigned\""), "{accepted}");
+    let route = Process::wait_for(&process.stdout, "route");
+    assert!(route.contains("routed") && route.contains("demo-connection"), "{route}");
+    let execution = Process::wait_for(&process.stdout, "execution");
+    assert!(execution.contains("demo-connection ok"), "{execution}");
     // The reconciler ran the example's exec against the demo CRM (three contacts).
     Process::wait_for(&process.stdout, "demo: reconciler");
     let status = Process::wait_for(&process.stdout, "\"status\"");
