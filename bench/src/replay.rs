@@ -53,7 +53,7 @@ pub async fn run(batches: &[usize], webhooks: usize, rounds: usize) -> anyhow::R
             replayer.replay_and_record(&replay, &CancellationToken::new()).await;
             let elapsed = started.elapsed().as_secs_f64();
             let (own, server) = (cpu_seconds("self") - own, cpu_seconds(&nats_pid) - server);
-            let done = bench.store.replay(&replay.environment, replay.id).await?;
+            let done = bench.store.replay(&replay.request.environment, replay.id).await?;
             anyhow::ensure!(
                 done.status == ReplayStatus::Done,
                 "replay ended {:?}: {:?}",

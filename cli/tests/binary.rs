@@ -110,6 +110,23 @@ async fn prepared_store(url: &str) -> String {
     prepared_environment(url).await.0
 }
 
+/// An unsigned JSON webhook of `dev`'s `integration`, as ingest would store it.
+fn json_envelope(integration: &str, delivery_id: &str, body: &serde_json::Value) -> hookyard_core::Envelope {
+    hookyard_core::Envelope {
+        environment: "dev".parse().unwrap(),
+        integration: integration.parse().unwrap(),
+        received_at: chrono::Utc::now(),
+        delivery_id: delivery_id.into(),
+        method: "POST".into(),
+        path: None,
+        query: None,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: serde_json::to_vec(body).unwrap().into(),
+        verification: hookyard_core::providers::Verification::Unsigned,
+        traceparent: None,
+    }
+}
+
 /// As [`prepared_store`], also returning the `dev` environment's secret key.
 async fn prepared_environment(url: &str) -> (String, String) {
     let store = Store::connect(url, test_cipher()).await.unwrap();
@@ -543,19 +560,7 @@ async fn a_router_killed_mid_batch_and_restarted_routes_each_event_once() {
         let events: Vec<_> = (0..2000)
             .map(|i| serde_json::json!({"objectId": w * 2000 + i, "portalId": 1 + i % 2, "subscriptionType": "contact.propertyChange", "occurredAt": i}))
             .collect();
-        let envelope = hookyard_core::Envelope {
-            environment: env.name.clone(),
-            integration: "hubspot".parse().unwrap(),
-            received_at: chrono::Utc::now(),
-            delivery_id: format!("kill-{w}"),
-            method: "POST".into(),
-            path: None,
-            query: None,
-            headers: vec![("content-type".into(), "application/json".into())],
-            body: serde_json::to_vec(&events).unwrap().into(),
-            verification: hookyard_core::providers::Verification::Unsigned,
-            traceparent: None,
-        };
+        let envelope = json_envelope("hubspot", &format!("kill-{w}"), &serde_json::json!(events));
         let ack = jetstream
             .publish_with_headers(envelope.subject(), envelope.to_headers(), envelope.body.clone())
             .await
@@ -1108,21 +1113,11 @@ async fn replay_follows_a_replay_to_its_end_and_ctrl_c_cancels_it() {
     Process::wait_for(&router.stderr, "router consuming");
     let jetstream = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
     for n in 0..5 {
-        let envelope = hookyard_core::Envelope {
-            environment: "dev".parse().unwrap(),
-            integration: "demo".parse().unwrap(),
-            received_at: chrono::Utc::now(),
-            delivery_id: format!("replay-{n}"),
-            method: "POST".into(),
-            path: None,
-            query: None,
-            headers: vec![("content-type".into(), "application/json".into())],
-            body: serde_json::to_vec(&serde_json::json!({"type": "ping", "n": n}))
-                .unwrap()
-                .into(),
-            verification: hookyard_core::providers::Verification::Unsigned,
-            traceparent: None,
-        };
+        let envelope = json_envelope(
+            "demo",
+            &format!("replay-{n}"),
+            &serde_json::json!({"type": "ping", "n": n}),
+        );
         jetstream
             .publish_with_headers(envelope.subject(), envelope.to_headers(), envelope.body.clone())
             .await

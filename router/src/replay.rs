@@ -85,7 +85,7 @@ impl Replayer {
     /// Runs `replay` to its end and records how it ended. Stopped by `shutdown`, it is
     /// left running with its progress written: its lease lapses and a router resumes it.
     pub async fn replay_and_record(&self, replay: &Replay, shutdown: &CancellationToken) {
-        tracing::info!(replay = replay.id, since = %replay.since, until = %replay.until, "replay started");
+        tracing::info!(replay = replay.id, since = %replay.request.since, until = %replay.request.until, "replay started");
         let running = metrics::gauge!(names::REPLAYS_RUNNING);
         running.increment(1.0);
         let ended = tokio::select! {
@@ -132,11 +132,10 @@ impl Replayer {
         progress: &mut ReplayProgress,
         reported: &mut ReplayProgress,
     ) -> Result<ReplayStatus, RouterError> {
-        let environment: EnvironmentName = replay
-            .environment
-            .parse()
-            .map_err(|_| RouterError::JetStream(format!("{:?} is not an environment name", replay.environment)))?;
-        let filter = match &replay.integration {
+        let environment: EnvironmentName = replay.request.environment.parse().map_err(|_| {
+            RouterError::JetStream(format!("{:?} is not an environment name", replay.request.environment))
+        })?;
+        let filter = match &replay.request.integration {
             Some(key) => {
                 let key: IntegrationKey = key
                     .parse()
@@ -174,7 +173,7 @@ impl Replayer {
 
         let origin = Origin::Replay {
             id: replay.id,
-            target: replay.target,
+            target: replay.request.target,
         };
         let started = Instant::now();
         let published_before = progress.published;
@@ -197,12 +196,13 @@ impl Replayer {
                 }
                 Ok(envelope) => {
                     for mut event in self.router.resolve_within(seq, &envelope, STALENESS).await? {
-                        if replay.connection_id.is_some() && event.connection_id != replay.connection_id {
+                        if replay.request.connection_id.is_some() && event.connection_id != replay.request.connection_id
+                        {
                             progress.skipped += 1;
                             continue;
                         }
                         progress.published += 1;
-                        if replay.dry_run {
+                        if replay.request.dry_run {
                             continue;
                         }
                         event.origin = origin.clone();
@@ -216,7 +216,7 @@ impl Replayer {
                                 .await
                                 .map_err(jetstream_error)?,
                         );
-                        if let Some(rate) = replay.rate {
+                        if let Some(rate) = replay.request.rate {
                             let due =
                                 Duration::from_secs_f64((progress.published - published_before) as f64 / rate as f64);
                             if let Some(wait) = due.checked_sub(started.elapsed()) {
@@ -238,7 +238,7 @@ impl Replayer {
                 if self.store.replay_progress(replay.id, progress, LEASE).await? {
                     return Ok(ReplayStatus::Cancelled);
                 }
-                if !replay.dry_run && self.hold_back(replay, progress).await? {
+                if !replay.request.dry_run && self.hold_back(replay, progress).await? {
                     return Ok(ReplayStatus::Cancelled);
                 }
                 last_progress = Instant::now();
@@ -253,7 +253,7 @@ impl Replayer {
     /// Waits while the consumers the replay feeds have more than `max_backlog` events
     /// waiting, keeping the lease; true when the replay was cancelled meanwhile.
     async fn hold_back(&self, replay: &Replay, progress: &ReplayProgress) -> Result<bool, RouterError> {
-        let consumers: &[&str] = match replay.target {
+        let consumers: &[&str] = match replay.request.target {
             ReplayTarget::Functions => &[FUNCTIONS_CONSUMER],
             ReplayTarget::Forward => &[FORWARDER_CONSUMER],
             ReplayTarget::All => &[FUNCTIONS_CONSUMER, FORWARDER_CONSUMER],
@@ -304,7 +304,7 @@ async fn window(stream: &Stream, filter: &str, replay: &Replay) -> Result<Window
         stream,
         filter,
         DeliverPolicy::ByStartTime {
-            start_time: replay.since,
+            start_time: replay.request.since,
         },
     )
     .await?;
@@ -319,7 +319,7 @@ async fn window(stream: &Stream, filter: &str, replay: &Replay) -> Result<Window
         stream,
         filter,
         DeliverPolicy::ByStartTime {
-            start_time: replay.until,
+            start_time: replay.request.until,
         },
     )
     .await?;

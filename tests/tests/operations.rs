@@ -392,26 +392,9 @@ async fn a_replay_can_be_cancelled_and_bad_requests_are_refused() {
 
 #[tokio::test]
 async fn every_webhook_of_a_burst_taken_while_the_worker_was_stopped_logs_its_execution() {
-    use hookyard_core::store::{NewConnection, NewIntegration};
     use hookyard_testkit::fake_provider::FakeCrm;
     let h = harness(None, 0).await;
-    let mut integration = NewIntegration::new("crmhooks".parse().unwrap(), "generic-hmac");
-    integration.webhook_secret = Some("whsec-test".into());
-    h.store.create_integration(&h.environment, &integration).await.unwrap();
-    h.store
-        .create_connection(
-            &h.environment,
-            &NewConnection {
-                integration: "crmhooks".parse().unwrap(),
-                connection_id: "c0".into(),
-                connection_config: json!({}),
-                metadata: json!({}),
-                tags: json!({}),
-                credentials: None,
-            },
-        )
-        .await
-        .unwrap();
+    h.add_signed_integration("crmhooks", "whsec-test").await;
     h.deploy(&[(
         "crmhooks/syncs/contacts.js",
         sync(

@@ -699,23 +699,7 @@ async fn event_functions_register_on_creation_and_unregister_before_deletion() {
 #[tokio::test]
 async fn the_fake_crm_signs_webhooks_that_go_through_ingest_and_the_router_to_the_records() {
     let h = harness_with(None, 0, |_| {}).await;
-    let mut integration = hookyard_core::store::NewIntegration::new("crmhooks".parse().unwrap(), "generic-hmac");
-    integration.webhook_secret = Some("whsec-test".into());
-    h.store.create_integration(&h.environment, &integration).await.unwrap();
-    h.store
-        .create_connection(
-            &h.environment,
-            &NewConnection {
-                integration: "crmhooks".parse().unwrap(),
-                connection_id: "c0".into(),
-                connection_config: json!({}),
-                metadata: json!({}),
-                tags: json!({}),
-                credentials: None,
-            },
-        )
-        .await
-        .unwrap();
+    h.add_signed_integration("crmhooks", "whsec-test").await;
     // Deployed while the worker runs: the first webhook after the deploy answered meets
     // the new sync (the worker looks for a new deploy before each group).
     h.start_all();

@@ -12,7 +12,7 @@ use super::{Pool, Store, StoreError};
 use crate::routed::ReplayTarget;
 
 /// What to replay.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NewReplay {
     pub environment: String,
     pub integration: Option<String>,
@@ -85,14 +85,8 @@ pub struct ReplayProgress {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Replay {
     pub id: i64,
-    pub environment: String,
-    pub integration: Option<String>,
-    pub connection_id: Option<String>,
-    pub since: DateTime<Utc>,
-    pub until: DateTime<Utc>,
-    pub target: ReplayTarget,
-    pub dry_run: bool,
-    pub rate: Option<u32>,
+    #[serde(flatten)]
+    pub request: NewReplay,
     pub status: ReplayStatus,
     #[serde(flatten)]
     pub progress: ReplayProgress,
@@ -132,14 +126,16 @@ impl From<ReplayRow> for Replay {
     fn from(row: ReplayRow) -> Replay {
         Replay {
             id: row.id,
-            environment: row.environment,
-            integration: row.integration,
-            connection_id: row.connection_id,
-            since: row.since,
-            until: row.until,
-            target: row.target.parse().unwrap_or(ReplayTarget::All),
-            dry_run: row.dry_run,
-            rate: row.rate.map(|r| r as u32),
+            request: NewReplay {
+                environment: row.environment,
+                integration: row.integration,
+                connection_id: row.connection_id,
+                since: row.since,
+                until: row.until,
+                target: row.target.parse().unwrap_or(ReplayTarget::All),
+                dry_run: row.dry_run,
+                rate: row.rate.map(|r| r as u32),
+            },
             status: ReplayStatus::parse(&row.status),
             progress: ReplayProgress {
                 total: row.total,

@@ -151,6 +151,31 @@ impl Harness {
         tokio::spawn(async move { hookyard_worker::run_all(store, &bus, &config, shutdown).await });
     }
 
+    /// A `generic-hmac` integration `key` signed with `secret`, and its connection `c0`
+    /// (webhooks reach it with `?connection_id=c0`).
+    pub async fn add_signed_integration(&self, key: &str, secret: &str) {
+        let mut integration = NewIntegration::new(key.parse().unwrap(), "generic-hmac");
+        integration.webhook_secret = Some(secret.into());
+        self.store
+            .create_integration(&self.environment, &integration)
+            .await
+            .unwrap();
+        self.store
+            .create_connection(
+                &self.environment,
+                &NewConnection {
+                    integration: key.parse().unwrap(),
+                    connection_id: "c0".into(),
+                    connection_config: json!({}),
+                    metadata: json!({}),
+                    tags: json!({}),
+                    credentials: None,
+                },
+            )
+            .await
+            .unwrap();
+    }
+
     /// Ingest and the router, in-process; ingest's base URL for `dev`'s webhooks
     /// (`{base}/{integration}`).
     pub async fn start_edge(&self) -> String {
