@@ -142,7 +142,7 @@ pub async fn run(batches: &[usize], events_per_size: usize) -> anyhow::Result<()
         let last = bench.fill(batch, webhooks).await?;
 
         let shutdown = CancellationToken::new();
-        let router = Arc::new(Router::new(store.clone(), bus, &config)?);
+        let router = Arc::new(Router::new(store.clone(), bus, config)?);
         let (own, server) = (cpu_seconds("self"), cpu_seconds(&nats_pid));
         let started = Instant::now();
         let task = tokio::spawn(router.run(shutdown.clone()));

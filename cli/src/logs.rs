@@ -69,7 +69,10 @@ pub async fn run(args: LogsArgs) -> Result<(), String> {
         println!("{}", line(entry));
         last = last.max(entry["id"].as_i64().unwrap_or(0));
     }
-    while args.follow {
+    if !args.follow {
+        return Ok(());
+    }
+    loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let path = format!(
             "/logs{}",
@@ -80,7 +83,6 @@ pub async fn run(args: LogsArgs) -> Result<(), String> {
             last = last.max(entry["id"].as_i64().unwrap_or(0));
         }
     }
-    Ok(())
 }
 
 /// One webhook on one line.

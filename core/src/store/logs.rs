@@ -107,6 +107,16 @@ struct EntryRow {
     bytes: i64,
 }
 
+#[derive(sqlx::FromRow)]
+struct StepRead {
+    raw_seq: i64,
+    at: DateTime<Utc>,
+    stage: String,
+    connection_id: Option<String>,
+    status: String,
+    detail: String,
+}
+
 impl From<EntryRow> for LoggedWebhook {
     fn from(row: EntryRow) -> LoggedWebhook {
         LoggedWebhook {
@@ -250,7 +260,7 @@ impl Store {
         let Some(raw_seq) = webhook.entry.raw_seq else {
             return Ok((webhook, Vec::new()));
         };
-        let rows: Vec<(i64, DateTime<Utc>, String, Option<String>, String, String)> = on_pool!(self, |pool| {
+        let rows: Vec<StepRead> = on_pool!(self, |pool| {
             sqlx::query_as(
                 "SELECT raw_seq, at, stage, connection_id, status, detail FROM webhook_log_steps
                  WHERE raw_seq = $1 ORDER BY id",
@@ -261,13 +271,13 @@ impl Store {
         })?;
         let steps = rows
             .into_iter()
-            .map(|(raw_seq, at, stage, connection_id, status, detail)| LogStep {
-                raw_seq,
-                at,
-                stage,
-                connection_id,
-                status,
-                detail: serde_json::from_str(&detail).unwrap_or(Value::String(detail)),
+            .map(|row| LogStep {
+                raw_seq: row.raw_seq,
+                at: row.at,
+                stage: row.stage,
+                connection_id: row.connection_id,
+                status: row.status,
+                detail: serde_json::from_str(&row.detail).unwrap_or(Value::String(row.detail)),
             })
             .collect();
         Ok((webhook, steps))
