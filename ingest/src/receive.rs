@@ -70,7 +70,8 @@ pub async fn receive_webhook(
     answer
 }
 
-/// Counts the request and logs it (off the hot path: the log only queues it).
+/// Counts the request, and logs it when it was not stored (off the hot path: the log
+/// only queues it).
 fn observe(
     ingest: &Ingest,
     path: &WebhookPath,
@@ -81,7 +82,11 @@ fn observe(
     let (status, outcome, detail) = match answer {
         Ok(_) if seen.probe => return,
         Ok(_) if seen.handshake => ("handshake", "handshake", None),
-        Ok(_) if seen.duplicate => ("duplicate", "duplicate", seen.verification.map(String::from)),
+        Ok(_) if seen.duplicate => (
+            "duplicate",
+            "duplicate",
+            seen.raw_seq.map(|seq| format!("already stored as HOOKS_RAW #{seq}")),
+        ),
         Ok(_) => ("accepted", "accepted", seen.verification.map(String::from)),
         Err(error @ (IngestError::Saturated { .. } | IngestError::Unavailable { .. })) => {
             ("unavailable", error.code(), Some(error.to_string()))
@@ -95,11 +100,18 @@ fn observe(
     };
     metrics::counter!(names::WEBHOOKS_RECEIVED, "integration" => integration.to_string(), "outcome" => outcome)
         .increment(1);
+    // An accepted webhook's entry is written by the router that routes it: nothing
+    // more on this path for the common case.
+    if status == "accepted" {
+        return;
+    }
     if let Some(environment) = &seen.environment {
         ingest.oplog.webhook(WebhookEntry {
             environment: environment.clone(),
             integration: path.integration.clone(),
-            raw_seq: seen.raw_seq.map(|seq| seq as i64),
+            // Only what was not stored is logged here (a duplicate's sequence is its
+            // original's, whose entry the router writes).
+            raw_seq: None,
             delivery_id: seen.delivery_id.clone(),
             received_at,
             status: status.into(),

@@ -19,6 +19,7 @@ use hookyard_core::oplog::OpLog;
 use hookyard_core::providers::events::events;
 use hookyard_core::providers::{Catalog, CatalogError, Inbound, Route};
 use hookyard_core::routed::RoutedEvent;
+use hookyard_core::store::logs::WebhookEntry;
 use hookyard_core::store::StoreError;
 use hookyard_core::streams::{consume, durable, Bus, StreamsError, RAW_STREAM};
 use hookyard_core::trace_context::{continue_trace, current_traceparent};
@@ -168,13 +169,23 @@ impl Router {
             acks.push(ack);
         }
         await_acks(&mut acks).await?;
-        self.log_routing(raw_seq, &routed);
+        self.log_routing(raw_seq, envelope, &routed);
         Ok(outcome)
     }
 
-    /// The webhook's routing step in the operation log: the connections it reached, or
-    /// why it reached none.
-    fn log_routing(&self, raw_seq: u64, routed: &[RoutedEvent]) {
+    /// The webhook's entry in the operation log (accepted, as ingest stored it) and its
+    /// routing step: the connections it reached, or why it reached none.
+    fn log_routing(&self, raw_seq: u64, envelope: &Envelope, routed: &[RoutedEvent]) {
+        self.oplog.webhook(WebhookEntry {
+            environment: envelope.environment.to_string(),
+            integration: envelope.integration.to_string(),
+            raw_seq: Some(raw_seq as i64),
+            delivery_id: Some(envelope.delivery_id.clone()),
+            received_at: envelope.received_at,
+            status: "accepted".into(),
+            detail: Some(envelope.verification.as_str().into()),
+            bytes: envelope.body.len() as i64,
+        });
         let mut connections: Vec<&str> = routed.iter().filter_map(|e| e.connection_id.as_deref()).collect();
         connections.sort_unstable();
         connections.dedup();

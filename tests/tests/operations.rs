@@ -418,15 +418,23 @@ async fn every_webhook_of_a_burst_taken_while_the_worker_was_stopped_logs_its_ex
         FakeCrm::send_webhook(&url, "not-the-secret", &contact(99, "p99", "Eve")).await,
         401
     );
+    // The provider sends the first one again: stored once, logged as a duplicate.
+    assert_eq!(
+        FakeCrm::send_webhook(&url, "whsec-test", &contact(0, "p0", "Ada")).await,
+        202
+    );
     let routed = || async {
         let (_, page) = call(&h, reqwest::Method::GET, "/logs?integration=crmhooks&limit=100", None).await;
         page["data"].as_array().cloned().unwrap_or_default()
     };
     let entries = eventually("every webhook in the log", Duration::from_secs(20), || async {
         let entries = routed().await;
-        (entries.len() as u64 == BURST + 1).then_some(entries)
+        (entries.len() as u64 == BURST + 2).then_some(entries)
     })
     .await;
+    let duplicate: Vec<&Value> = entries.iter().filter(|e| e["status"] == "duplicate").collect();
+    assert_eq!(duplicate.len(), 1, "{entries:?}");
+    assert_eq!(duplicate[0]["detail"], "already stored as HOOKS_RAW #1");
     let rejected: Vec<&Value> = entries.iter().filter(|e| e["status"] == "rejected").collect();
     assert_eq!(rejected.len(), 1, "{entries:?}");
     assert!(

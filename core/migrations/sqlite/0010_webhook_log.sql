@@ -1,7 +1,8 @@
--- The operation log: one row per webhook that reached ingest (accepted, rejected or a
--- handshake), and the steps that followed an accepted one (routing, each function
--- execution, each forwarding attempt), joined by the webhook's HOOKS_RAW sequence.
--- Written through buffered writers off the hot path; pruned after `logs.retention`.
+-- The operation log: one row per webhook that reached ingest (accepted ones written by
+-- the router that routes them, the others by ingest), and the steps that followed an
+-- accepted one (routing, each function execution, each forwarding attempt), joined by
+-- the webhook's HOOKS_RAW sequence. Written through buffered writers off the hot path;
+-- pruned after `logs.retention`.
 CREATE TABLE webhook_log (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     environment TEXT NOT NULL,
@@ -14,7 +15,8 @@ CREATE TABLE webhook_log (
     bytes       BIGINT NOT NULL
 );
 CREATE INDEX webhook_log_by_environment ON webhook_log (environment, id);
-CREATE INDEX webhook_log_by_raw_seq ON webhook_log (raw_seq);
+-- One entry per stored webhook, however often its raw message is routed.
+CREATE UNIQUE INDEX webhook_log_by_raw_seq ON webhook_log (raw_seq);
 CREATE INDEX webhook_log_by_age ON webhook_log (received_at);
 
 CREATE TABLE webhook_log_steps (

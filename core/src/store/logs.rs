@@ -1,6 +1,9 @@
-//! The operation log: what became of each webhook. Ingest writes one entry per webhook
-//! that reached it; the router, the worker and the deliverer add steps to an accepted
-//! one, found by its `HOOKS_RAW` sequence. Written in bulk by [`crate::oplog`].
+//! The operation log: what became of each webhook. The router writes the entry of each
+//! webhook it routes (from the envelope in `HOOKS_RAW`: one entry however often it is
+//! routed) and ingest the entry of each one it did not store (rejected, a handshake, a
+//! duplicate, NATS unavailable), so ingest's hot path writes nothing for an accepted
+//! webhook. The router, the worker and the deliverer add steps to an accepted one,
+//! found by its `HOOKS_RAW` sequence. Written in bulk by [`crate::oplog`].
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
@@ -169,7 +172,8 @@ impl Store {
                 "INSERT INTO webhook_log (environment, integration, raw_seq, delivery_id, received_at, status, detail, bytes)
                  SELECT environment, integration, raw_seq, delivery_id, received_at::timestamptz, status, detail, bytes
                  FROM jsonb_to_recordset($1::jsonb) AS m(environment text, integration text, raw_seq bigint,
-                      delivery_id text, received_at text, status text, detail text, bytes bigint)",
+                      delivery_id text, received_at text, status text, detail text, bytes bigint)
+                 ON CONFLICT DO NOTHING",
                 "INSERT INTO webhook_log_steps (raw_seq, at, stage, connection_id, status, detail)
                  SELECT raw_seq, at::timestamptz, stage, connection_id, status, detail
                  FROM jsonb_to_recordset($1::jsonb) AS m(raw_seq bigint, at text, stage text, connection_id text,
@@ -180,7 +184,8 @@ impl Store {
                  SELECT m.value ->> '$.environment', m.value ->> '$.integration', m.value ->> '$.raw_seq',
                         m.value ->> '$.delivery_id', m.value ->> '$.received_at', m.value ->> '$.status',
                         m.value ->> '$.detail', m.value ->> '$.bytes'
-                 FROM json_each($1) AS m",
+                 FROM json_each($1) AS m WHERE true
+                 ON CONFLICT DO NOTHING",
                 "INSERT INTO webhook_log_steps (raw_seq, at, stage, connection_id, status, detail)
                  SELECT m.value ->> '$.raw_seq', m.value ->> '$.at', m.value ->> '$.stage',
                         m.value ->> '$.connection_id', m.value ->> '$.status', m.value ->> '$.detail'
