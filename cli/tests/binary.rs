@@ -1193,6 +1193,8 @@ async fn logs_prints_webhooks_one_in_full_and_follows_new_ones() {
             status: status.into(),
             detail: Some(detail.into()),
             bytes: 42,
+            routing: (status == "accepted")
+                .then(|| serde_json::json!({"status": "routed", "connections": ["acme"], "unrouted": [], "events": 1})),
         })
     };
     let step = |stage: &str, status: &str, detail: serde_json::Value| {
@@ -1209,7 +1211,6 @@ async fn logs_prints_webhooks_one_in_full_and_follows_new_ones() {
         .write_log(&[
             entry(1, "accepted", "verified"),
             entry(2, "rejected", "bad_signature: no signature header"),
-            step("route", "routed", serde_json::json!({"connections": ["acme"], "unrouted": [], "events": 1})),
             step(
                 "execution",
                 "ok",

@@ -117,6 +117,7 @@ fn observe(
             status: status.into(),
             detail,
             bytes: seen.bytes as i64,
+            routing: None,
         });
     }
 }

@@ -173,19 +173,9 @@ impl Router {
         Ok(outcome)
     }
 
-    /// The webhook's entry in the operation log (accepted, as ingest stored it) and its
-    /// routing step: the connections it reached, or why it reached none.
+    /// The webhook's entry in the operation log (accepted, as ingest stored it), with its
+    /// routing: the connections it reached, or why it reached none.
     fn log_routing(&self, raw_seq: u64, envelope: &Envelope, routed: &[RoutedEvent]) {
-        self.oplog.webhook(WebhookEntry {
-            environment: envelope.environment.to_string(),
-            integration: envelope.integration.to_string(),
-            raw_seq: Some(raw_seq as i64),
-            delivery_id: Some(envelope.delivery_id.clone()),
-            received_at: envelope.received_at,
-            status: "accepted".into(),
-            detail: Some(envelope.verification.as_str().into()),
-            bytes: envelope.body.len() as i64,
-        });
         let mut connections: Vec<&str> = routed.iter().filter_map(|e| e.connection_id.as_deref()).collect();
         connections.sort_unstable();
         connections.dedup();
@@ -197,12 +187,23 @@ impl Router {
             (true, _) => "unrouted",
             (false, false) => "partly_routed",
         };
-        let detail = serde_json::json!({
-            "events": routed.len(),
-            "connections": connections,
-            "unrouted": unrouted,
+        self.oplog.webhook(WebhookEntry {
+            environment: envelope.environment.to_string(),
+            integration: envelope.integration.to_string(),
+            raw_seq: Some(raw_seq as i64),
+            delivery_id: Some(envelope.delivery_id.clone()),
+            received_at: envelope.received_at,
+            status: "accepted".into(),
+            detail: Some(envelope.verification.as_str().into()),
+            bytes: envelope.body.len() as i64,
+            routing: Some(serde_json::json!({
+                "at": chrono::Utc::now(),
+                "status": status,
+                "events": routed.len(),
+                "connections": connections,
+                "unrouted": unrouted,
+            })),
         });
-        self.oplog.step(raw_seq, "route", None, status, detail);
     }
 
     /// The messages one webhook becomes.

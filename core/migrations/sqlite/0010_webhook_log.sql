@@ -12,7 +12,9 @@ CREATE TABLE webhook_log (
     received_at TEXT NOT NULL,
     status      TEXT NOT NULL,
     detail      TEXT,
-    bytes       BIGINT NOT NULL
+    bytes       BIGINT NOT NULL,
+    -- The router's routing of it: its first step, kept in the same row.
+    routing     TEXT
 );
 CREATE INDEX webhook_log_by_environment ON webhook_log (environment, id);
 -- One entry per stored webhook, however often its raw message is routed.

@@ -26,6 +26,10 @@ pub struct WebhookEntry {
     /// The signature check's result, or why the webhook was refused.
     pub detail: Option<String>,
     pub bytes: i64,
+    /// Where the router sent it (`{at, status, events, connections, unrouted}`): kept
+    /// in the entry itself, one row per webhook; shown as its first step.
+    #[serde(skip)]
+    pub routing: Option<Value>,
 }
 
 /// One thing that happened to an accepted webhook.
@@ -85,6 +89,7 @@ struct WebhookRow<'a> {
     status: &'a str,
     detail: Option<&'a str>,
     bytes: i64,
+    routing: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -108,6 +113,7 @@ struct EntryRow {
     status: String,
     detail: Option<String>,
     bytes: i64,
+    routing: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -133,12 +139,14 @@ impl From<EntryRow> for LoggedWebhook {
                 status: row.status,
                 detail: row.detail,
                 bytes: row.bytes,
+                routing: row.routing.and_then(|text| serde_json::from_str(&text).ok()),
             },
         }
     }
 }
 
-const ENTRY_COLUMNS: &str = "id, environment, integration, raw_seq, delivery_id, received_at, status, detail, bytes";
+const ENTRY_COLUMNS: &str =
+    "id, environment, integration, raw_seq, delivery_id, received_at, status, detail, bytes, routing";
 
 impl Store {
     /// Writes log entries and steps: one statement per table.
@@ -156,6 +164,7 @@ impl Store {
                     status: &e.status,
                     detail: e.detail.as_deref(),
                     bytes: e.bytes,
+                    routing: e.routing.as_ref().map(Value::to_string),
                 }),
                 LogWrite::Step(s) => steps.push(StepRow {
                     raw_seq: s.raw_seq,
@@ -169,10 +178,12 @@ impl Store {
         }
         let (insert_webhooks, insert_steps) = match self.pool {
             Pool::Postgres(_) => (
-                "INSERT INTO webhook_log (environment, integration, raw_seq, delivery_id, received_at, status, detail, bytes)
-                 SELECT environment, integration, raw_seq, delivery_id, received_at::timestamptz, status, detail, bytes
+                "INSERT INTO webhook_log (environment, integration, raw_seq, delivery_id, received_at, status, detail, bytes,
+                                          routing)
+                 SELECT environment, integration, raw_seq, delivery_id, received_at::timestamptz, status, detail, bytes,
+                        routing
                  FROM jsonb_to_recordset($1::jsonb) AS m(environment text, integration text, raw_seq bigint,
-                      delivery_id text, received_at text, status text, detail text, bytes bigint)
+                      delivery_id text, received_at text, status text, detail text, bytes bigint, routing text)
                  ON CONFLICT DO NOTHING",
                 "INSERT INTO webhook_log_steps (raw_seq, at, stage, connection_id, status, detail)
                  SELECT raw_seq, at::timestamptz, stage, connection_id, status, detail
@@ -180,10 +191,11 @@ impl Store {
                       status text, detail text)",
             ),
             Pool::Sqlite(_) => (
-                "INSERT INTO webhook_log (environment, integration, raw_seq, delivery_id, received_at, status, detail, bytes)
+                "INSERT INTO webhook_log (environment, integration, raw_seq, delivery_id, received_at, status, detail, bytes,
+                                          routing)
                  SELECT m.value ->> '$.environment', m.value ->> '$.integration', m.value ->> '$.raw_seq',
                         m.value ->> '$.delivery_id', m.value ->> '$.received_at', m.value ->> '$.status',
-                        m.value ->> '$.detail', m.value ->> '$.bytes'
+                        m.value ->> '$.detail', m.value ->> '$.bytes', m.value ->> '$.routing'
                  FROM json_each($1) AS m WHERE true
                  ON CONFLICT DO NOTHING",
                 "INSERT INTO webhook_log_steps (raw_seq, at, stage, connection_id, status, detail)
@@ -274,16 +286,28 @@ impl Store {
             .fetch_all(pool)
             .await
         })?;
-        let steps = rows
+        let routing = webhook.entry.routing.iter().map(|routing| LogStep {
+            raw_seq,
+            at: routing["at"]
+                .as_str()
+                .and_then(|at| at.parse().ok())
+                .unwrap_or(webhook.entry.received_at),
+            stage: "route".into(),
+            connection_id: None,
+            status: routing["status"].as_str().unwrap_or("routed").into(),
+            detail: routing.clone(),
+        });
+        let steps = routing
+            .collect::<Vec<_>>()
             .into_iter()
-            .map(|row| LogStep {
+            .chain(rows.into_iter().map(|row| LogStep {
                 raw_seq: row.raw_seq,
                 at: row.at,
                 stage: row.stage,
                 connection_id: row.connection_id,
                 status: row.status,
                 detail: serde_json::from_str(&row.detail).unwrap_or(Value::String(row.detail)),
-            })
+            }))
             .collect();
         Ok((webhook, steps))
     }
