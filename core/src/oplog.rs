@@ -1,6 +1,6 @@
 //! The operation log's writer: each stage hands entries to an [`OpLog`] (a bounded
 //! queue; handing over never waits), and one task per process writes what has queued
-//! up in one transaction, several hundred at a time. A slow or absent database never
+//! up in one transaction, up to a thousand at a time. A slow or absent database never
 //! slows a webhook: when the queue is full, entries are dropped and counted
 //! (`hookyard_log_entries_dropped_total`).
 
@@ -14,7 +14,10 @@ use crate::store::logs::{LogStep, LogWrite, WebhookEntry};
 use crate::Store;
 
 /// Entries written per transaction at most.
-const BATCH: usize = 500;
+const BATCH: usize = 1000;
+/// After the first entry of a batch, wait this long for more: one transaction for many
+/// entries costs far less than many small ones (and the log is read by people).
+const LINGER: Duration = Duration::from_millis(100);
 /// After a failed write, wait this long before the next try.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// How often old entries are pruned.
@@ -80,6 +83,15 @@ async fn write_loop(store: Store, mut queue: mpsc::Receiver<LogWrite>, retention
     let mut last_prune = tokio::time::Instant::now();
     // Ends once every sender is gone and the queue is empty.
     while queue.recv_many(&mut batch, BATCH).await > 0 {
+        if batch.len() < BATCH {
+            tokio::time::sleep(LINGER).await;
+            while batch.len() < BATCH {
+                match queue.try_recv() {
+                    Ok(write) => batch.push(write),
+                    Err(_) => break,
+                }
+            }
+        }
         loop {
             match store.write_log(&batch).await {
                 Ok(()) => break,
