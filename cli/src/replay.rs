@@ -160,7 +160,12 @@ async fn follow(client: &Client, id: i64) -> Result<(), String> {
         }
         bar.set_position(replay["read"].as_u64().unwrap_or(0));
         bar.set_message(format!(
-            "{} events {}",
+            "{}{} events {}",
+            if replay["waiting"] == true {
+                "waiting for the workers · "
+            } else {
+                ""
+            },
             replay["published"],
             if replay["dry_run"] == true {
                 "would be published"
@@ -204,9 +209,14 @@ fn summary(replay: &Value) -> String {
         _ => "every integration".to_string(),
     };
     format!(
-        "replay {} {}{}: {} → {} of {}, target {}: read {} of {} webhooks, {} events {}, {} skipped{}",
+        "replay {} {}{}{}: {} → {} of {}, target {}: read {} of {} webhooks, {} events {}, {} skipped{}",
         replay["id"],
         replay["status"].as_str().unwrap_or("?"),
+        if replay["waiting"] == true {
+            " (waiting for the workers)"
+        } else {
+            ""
+        },
         if replay["dry_run"] == true { " (dry run)" } else { "" },
         replay["since"].as_str().unwrap_or("?"),
         replay["until"].as_str().unwrap_or("?"),

@@ -252,7 +252,7 @@ impl Replayer {
 
     /// Waits while the consumers the replay feeds have more than `max_backlog` events
     /// waiting, keeping the lease; true when the replay was cancelled meanwhile.
-    async fn hold_back(&self, replay: &Replay, progress: &ReplayProgress) -> Result<bool, RouterError> {
+    async fn hold_back(&self, replay: &Replay, progress: &mut ReplayProgress) -> Result<bool, RouterError> {
         let consumers: &[&str] = match replay.request.target {
             ReplayTarget::Functions => &[FUNCTIONS_CONSUMER],
             ReplayTarget::Forward => &[FORWARDER_CONSUMER],
@@ -270,9 +270,11 @@ impl Replayer {
                 }
             }
             if backlog <= self.max_backlog {
+                progress.waiting = false;
                 return Ok(false);
             }
             tracing::debug!(replay = replay.id, backlog, "replay waits for the workers");
+            progress.waiting = true;
             tokio::time::sleep(PROGRESS_EVERY).await;
             if self.store.replay_progress(replay.id, progress, LEASE).await? {
                 return Ok(true);

@@ -586,3 +586,53 @@ async fn an_integration_with_forwarding_off_forwards_nothing() {
     );
     assert!(receiver.hits().is_empty());
 }
+
+#[tokio::test]
+async fn each_forwarding_attempt_shows_in_the_webhooks_operation_log() {
+    let h = harness_with(None, 1, forwarding_config).await;
+    let receiver = Receiver::start(&[(500, None)]).await;
+    forward_to(&h, &[&receiver.url]).await;
+    h.start_all();
+    let webhooks = h.start_edge().await;
+    let sent = h
+        .http
+        .post(format!("{webhooks}/crm"))
+        .json(&json!({"type": "contact.updated", "n": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 202);
+    receiver.wait_hits(2).await;
+    let steps = eventually("both attempts in the log", Duration::from_secs(20), || async {
+        let listed = h.api_get("/logs").await;
+        let id = listed["data"][0]["id"].as_i64()?;
+        let shown = h.api_get(&format!("/logs/{id}")).await;
+        let forwards: Vec<Value> = shown["data"]["steps"]
+            .as_array()?
+            .iter()
+            .filter(|s| s["stage"] == "forward")
+            .cloned()
+            .collect();
+        (forwards.len() == 2).then_some(forwards)
+    })
+    .await;
+    assert_eq!(
+        (steps[0]["status"].as_str(), steps[0]["detail"]["status_code"].as_u64()),
+        (Some("failed"), Some(500))
+    );
+    assert_eq!(
+        (steps[1]["status"].as_str(), steps[1]["detail"]["status_code"].as_u64()),
+        (Some("delivered"), Some(200))
+    );
+    for step in &steps {
+        assert_eq!(step["connection_id"], "c0");
+        assert_eq!(step["detail"]["url"], receiver.url);
+    }
+    assert_eq!(steps[1]["detail"]["attempt"], 2);
+    let failed = h.api_get("/logs?status=failed").await;
+    assert_eq!(
+        failed["data"].as_array().unwrap().len(),
+        1,
+        "a webhook with a failed attempt is found by status=failed"
+    );
+}

@@ -612,3 +612,61 @@ async fn metrics_parse_and_the_pending_gauge_rises_while_the_worker_is_stopped()
     );
     assert!(sample(&text, "hookyard_record_writes_total", &[("action", "added")]).unwrap() >= 1.0);
 }
+
+#[tokio::test]
+async fn a_replay_waits_while_the_workers_have_too_much_waiting_then_goes_on() {
+    let h = common::pipeline::harness_with(None, 1, |config| config.router.replay_max_backlog = 3).await;
+    h.deploy(&[("crm/syncs/contacts.js", sync("['*']", SAVE_CONTACT))])
+        .await;
+    // The worker ran once (its consumer exists) and is stopped: live webhooks pile up.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let worker = Arc::new(hookyard_worker::Worker::new(h.store.clone(), &h.bus, &h.config));
+    let running = tokio::spawn(worker.run(stop.clone()));
+    h.drained().await;
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    let webhooks = format!("{}/crm", h.start_edge().await);
+    let since = chrono::Utc::now();
+    for n in 0..8 {
+        assert_eq!(post_webhook(&h.http, &webhooks, &contact(n, "p", "x")).await, 202);
+    }
+    let (status, answer) = call(
+        &h,
+        reqwest::Method::POST,
+        "/replay",
+        Some(json!({"since": since, "target": "functions", "rate": 8})),
+    )
+    .await;
+    assert_eq!(status, 202, "{answer}");
+    let id = answer["data"]["id"].as_i64().unwrap();
+    let show = || async {
+        let (_, shown) = call(&h, reqwest::Method::GET, &format!("/replay/{id}"), None).await;
+        shown["data"].clone()
+    };
+    let held = eventually(
+        "the replay to wait for the workers",
+        Duration::from_secs(20),
+        || async {
+            let shown = show().await;
+            (shown["waiting"] == true).then_some(shown)
+        },
+    )
+    .await;
+    assert_eq!(held["status"], "running");
+    assert!(held["published"].as_i64().unwrap() < 8, "{held}");
+
+    // The workers catch up: the replay goes on to the end.
+    h.start_all();
+    let done = eventually("the replay to finish", Duration::from_secs(30), || async {
+        let shown = show().await;
+        (shown["status"] == "done").then_some(shown)
+    })
+    .await;
+    assert_eq!(
+        (done["published"].as_i64(), done["waiting"].as_bool()),
+        (Some(8), Some(false)),
+        "{done}"
+    );
+    h.drained().await;
+    assert_eq!(h.runs().await.len(), 16, "eight live executions and eight replayed");
+}

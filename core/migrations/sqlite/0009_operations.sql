@@ -37,6 +37,8 @@ CREATE TABLE replays (
     read             BIGINT NOT NULL DEFAULT 0,
     published        BIGINT NOT NULL DEFAULT 0,
     skipped          BIGINT NOT NULL DEFAULT 0,
+    -- Held back while the workers have too much waiting.
+    waiting          INTEGER NOT NULL DEFAULT 0,
     next_seq         BIGINT,
     end_seq          BIGINT,
     error            TEXT,

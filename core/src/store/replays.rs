@@ -77,6 +77,8 @@ pub struct ReplayProgress {
     pub published: i64,
     /// Events left out (another connection than the one asked for).
     pub skipped: i64,
+    /// Held back: the workers have more than `router.replay_max_backlog` events waiting.
+    pub waiting: bool,
     /// The `HOOKS_RAW` sequence to go on from, and the last one in the window.
     pub next_seq: Option<i64>,
     pub end_seq: Option<i64>,
@@ -113,6 +115,7 @@ struct ReplayRow {
     read: i64,
     published: i64,
     skipped: i64,
+    waiting: bool,
     next_seq: Option<i64>,
     end_seq: Option<i64>,
     error: Option<String>,
@@ -142,6 +145,7 @@ impl From<ReplayRow> for Replay {
                 read: row.read,
                 published: row.published,
                 skipped: row.skipped,
+                waiting: row.waiting,
                 next_seq: row.next_seq,
                 end_seq: row.end_seq,
             },
@@ -155,7 +159,7 @@ impl From<ReplayRow> for Replay {
 }
 
 const COLUMNS: &str = "id, environment, integration, connection_id, since, until, target, dry_run, rate, status,
-    total, read, published, skipped, next_seq, end_seq, error, cancel_requested, created_at, started_at, finished_at";
+    total, read, published, skipped, waiting, next_seq, end_seq, error, cancel_requested, created_at, started_at, finished_at";
 
 impl Store {
     pub async fn create_replay(&self, new: &NewReplay) -> Result<Replay, StoreError> {
@@ -248,7 +252,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let cancel: Option<bool> = on_pool!(self, |pool| sqlx::query_scalar(
             "UPDATE replays SET total = $2, read = $3, published = $4, skipped = $5, next_seq = $6, end_seq = $7,
-                    lease_until = $8
+                    lease_until = $8, waiting = $9
              WHERE id = $1 RETURNING cancel_requested"
         )
         .bind(id)
@@ -259,6 +263,7 @@ impl Store {
         .bind(progress.next_seq)
         .bind(progress.end_seq)
         .bind(Utc::now() + chrono_duration(lease))
+        .bind(progress.waiting)
         .fetch_optional(pool)
         .await)?;
         // A replay deleted meanwhile stops too.

@@ -1,0 +1,177 @@
+//! The operation log's store and writer, against Postgres and SQLite: filters, one entry
+//! per stored webhook, steps in order, retention; and a full queue that drops and counts
+//! rather than waits.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use hookyard_core::config::LogsConfig;
+use hookyard_core::oplog::OpLog;
+use hookyard_core::store::logs::{LogFilter, LogStep, LogWrite, WebhookEntry};
+use hookyard_core::store::Store;
+use hookyard_testkit::{eventually, test_cipher, PgDatabase, SqliteFile};
+use serde_json::json;
+
+fn entry(raw_seq: Option<i64>, integration: &str, status: &str, at: DateTime<Utc>) -> LogWrite {
+    LogWrite::Webhook(WebhookEntry {
+        environment: "dev".into(),
+        integration: integration.into(),
+        raw_seq,
+        delivery_id: Some(format!("d{raw_seq:?}")),
+        received_at: at,
+        status: status.into(),
+        detail: None,
+        bytes: 10,
+        routing: raw_seq.map(|_| json!({"status": "routed", "connections": ["c0"], "at": at})),
+    })
+}
+
+fn step(raw_seq: i64, connection: &str, status: &str, at: DateTime<Utc>) -> LogWrite {
+    LogWrite::Step(LogStep {
+        raw_seq,
+        at,
+        stage: "execution".into(),
+        connection_id: Some(connection.into()),
+        status: status.into(),
+        detail: json!({"sync": "contacts"}),
+    })
+}
+
+async fn log_conformance(store: Store) {
+    let now = Utc::now();
+    let old = now - chrono::Duration::days(10);
+    store
+        .write_log(&[
+            entry(Some(1), "crm", "accepted", old),
+            entry(Some(2), "crm", "accepted", now),
+            entry(None, "crm", "rejected", now),
+            entry(Some(3), "other", "accepted", now),
+            step(1, "c0", "ok", old),
+            step(2, "c0", "failed", now),
+            step(2, "c0", "ok", now),
+            step(3, "c9", "ok", now),
+        ])
+        .await
+        .unwrap();
+    // A webhook routed twice (a redelivery) keeps one entry.
+    store
+        .write_log(&[entry(Some(2), "crm", "accepted", now)])
+        .await
+        .unwrap();
+
+    let ids = |filter: LogFilter| {
+        let store = store.clone();
+        async move {
+            let found = store.logged_webhooks("dev", &filter, 100).await.unwrap();
+            found.iter().map(|w| w.entry.raw_seq).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        ids(LogFilter::default()).await,
+        [Some(3), None, Some(2), Some(1)],
+        "newest first"
+    );
+    let crm = LogFilter {
+        integration: Some("crm".into()),
+        ..Default::default()
+    };
+    assert_eq!(ids(crm.clone()).await, [None, Some(2), Some(1)]);
+    let failed = LogFilter {
+        status: Some("failed".into()),
+        ..Default::default()
+    };
+    assert_eq!(ids(failed).await, [Some(2)], "a failed step marks its webhook");
+    let rejected = LogFilter {
+        status: Some("rejected".into()),
+        ..Default::default()
+    };
+    assert_eq!(ids(rejected).await, [None]);
+    let c9 = LogFilter {
+        connection_id: Some("c9".into()),
+        ..Default::default()
+    };
+    assert_eq!(ids(c9).await, [Some(3)]);
+    let recent = LogFilter {
+        since: Some(now - chrono::Duration::days(1)),
+        ..Default::default()
+    };
+    assert_eq!(ids(recent).await.len(), 3);
+    let all = store.logged_webhooks("dev", &LogFilter::default(), 100).await.unwrap();
+    let after_first = LogFilter {
+        after_id: Some(all[3].id),
+        ..Default::default()
+    };
+    assert_eq!(
+        ids(after_first).await,
+        [Some(2), None, Some(3)],
+        "oldest first after an id"
+    );
+    let page = store.logged_webhooks("dev", &LogFilter::default(), 2).await.unwrap();
+    let next = LogFilter {
+        before_id: Some(page[1].id),
+        ..Default::default()
+    };
+    assert_eq!(ids(next).await, [Some(2), Some(1)]);
+    assert!(store
+        .logged_webhooks("prod", &LogFilter::default(), 100)
+        .await
+        .unwrap()
+        .is_empty());
+
+    let second = all.iter().find(|w| w.entry.raw_seq == Some(2)).unwrap();
+    let (shown, steps) = store.logged_webhook("dev", second.id).await.unwrap();
+    assert_eq!(shown.entry.integration, "crm");
+    let stages: Vec<(&str, &str)> = steps.iter().map(|s| (s.stage.as_str(), s.status.as_str())).collect();
+    assert_eq!(
+        stages,
+        [("route", "routed"), ("execution", "failed"), ("execution", "ok")]
+    );
+    assert!(store.logged_webhook("prod", second.id).await.is_err());
+
+    // Retention: what is older than the cut goes, entries and steps.
+    let pruned = store.prune_log(now - chrono::Duration::days(1)).await.unwrap();
+    assert_eq!(pruned, 2, "webhook 1 and its step");
+    assert_eq!(ids(LogFilter::default()).await, [Some(3), None, Some(2)]);
+}
+
+#[tokio::test]
+async fn log_store_on_sqlite() {
+    let file = SqliteFile::create();
+    log_conformance(Store::connect(&file.url, test_cipher()).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn log_store_on_postgres() {
+    let db = PgDatabase::create().await;
+    log_conformance(Store::connect(&db.url, test_cipher()).await.unwrap()).await;
+}
+
+// Current-thread: the writer cannot run between the entries handed over below.
+#[tokio::test(flavor = "current_thread")]
+async fn a_full_queue_drops_entries_and_counts_them_and_never_waits() {
+    let file = SqliteFile::create();
+    let store = Store::connect(&file.url, test_cipher()).await.unwrap();
+    hookyard_core::metrics::install();
+    let oplog = OpLog::start(
+        store.clone(),
+        &LogsConfig {
+            buffer: 5,
+            ..LogsConfig::default()
+        },
+    );
+    let now = Utc::now();
+    for n in 0..50 {
+        let LogWrite::Webhook(webhook) = entry(Some(n), "crm", "accepted", now) else {
+            unreachable!()
+        };
+        oplog.webhook(webhook);
+    }
+    let text = hookyard_core::metrics::render(None).await;
+    assert!(text.contains("hookyard_log_entries_dropped_total 45"), "{text}");
+    // What fit is written.
+    eventually("the queued entries written", Duration::from_secs(10), || async {
+        let written = store.logged_webhooks("dev", &LogFilter::default(), 100).await.unwrap();
+        (written.len() == 5).then_some(())
+    })
+    .await;
+}
