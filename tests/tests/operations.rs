@@ -510,22 +510,25 @@ async fn metrics_parse_and_the_pending_gauge_rises_while_the_worker_is_stopped()
         .await;
     let webhooks = h.start_edge().await;
     let base = webhooks.split("/webhook/").next().unwrap().to_string();
-    let scrape = || async {
-        h.http
-            .get(format!("{base}/metrics"))
-            .send()
+    // The exposition once the functions consumer's pending gauge reads `count`.
+    let when_pending = |count: f64| {
+        let (http, url) = (h.http.clone(), format!("{base}/metrics"));
+        async move {
+            eventually(
+                &format!("a pending count of {count}"),
+                Duration::from_secs(10),
+                || async {
+                    let text = http.get(&url).send().await.ok()?.text().await.ok()?;
+                    let pending = sample(
+                        &text,
+                        "hookyard_consumer_pending",
+                        &[("stream", "HOOKS_CONN"), ("consumer", "functions")],
+                    );
+                    (pending == Some(count)).then_some(text)
+                },
+            )
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
-    let pending = |text: &str| {
-        sample(
-            text,
-            "hookyard_consumer_pending",
-            &[("stream", "HOOKS_CONN"), ("consumer", "functions")],
-        )
+        }
     };
 
     // The worker runs once (its consumer exists), then stops.
@@ -535,10 +538,7 @@ async fn metrics_parse_and_the_pending_gauge_rises_while_the_worker_is_stopped()
     h.drained().await;
     stop.cancel();
     running.await.unwrap().unwrap();
-    eventually("a pending count of 0", Duration::from_secs(10), || async {
-        (pending(&scrape().await) == Some(0.0)).then_some(())
-    })
-    .await;
+    when_pending(0.0).await;
 
     for n in 0..5 {
         assert_eq!(
@@ -546,20 +546,16 @@ async fn metrics_parse_and_the_pending_gauge_rises_while_the_worker_is_stopped()
             202
         );
     }
-    let (status, _) = h
+    let status = h
         .http
         .post(format!("{webhooks}/nope"))
         .body("{}")
         .send()
         .await
-        .map(|r| (r.status(), ()))
-        .unwrap();
+        .unwrap()
+        .status();
     assert_eq!(status, 404);
-    let text = eventually("the pending count to rise", Duration::from_secs(10), || async {
-        let text = scrape().await;
-        (pending(&text) == Some(5.0)).then_some(text)
-    })
-    .await;
+    let text = when_pending(5.0).await;
     assert_eq!(
         sample(
             &text,
@@ -596,11 +592,7 @@ async fn metrics_parse_and_the_pending_gauge_rises_while_the_worker_is_stopped()
     // Started again, it works the backlog off.
     h.start_all();
     h.drained().await;
-    let text = eventually("the pending count to fall", Duration::from_secs(10), || async {
-        let text = scrape().await;
-        (pending(&text) == Some(0.0)).then_some(text)
-    })
-    .await;
+    let text = when_pending(0.0).await;
     assert!(
         sample(
             &text,
