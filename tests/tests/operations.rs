@@ -228,11 +228,16 @@ fn contact(n: u64, id: &str, name: &str) -> Value {
     json!({"type": "contact.updated", "n": n, "contact": {"id": id, "name": name}})
 }
 
-/// `POST /replay` with `body`; the replay once it has finished.
-async fn replayed(h: &Harness, body: Value) -> Value {
+/// `POST /replay` with `body`, which must be taken; the replay's id.
+async fn start_replay(h: &Harness, body: Value) -> i64 {
     let (status, answer) = call(h, reqwest::Method::POST, "/replay", Some(body)).await;
     assert_eq!(status, 202, "{answer}");
-    let id = answer["data"]["id"].as_i64().unwrap();
+    answer["data"]["id"].as_i64().unwrap()
+}
+
+/// `POST /replay` with `body`; the replay once it has finished.
+async fn replayed(h: &Harness, body: Value) -> Value {
+    let id = start_replay(h, body).await;
     eventually("the replay to finish", Duration::from_secs(30), || async {
         let (_, shown) = call(h, reqwest::Method::GET, &format!("/replay/{id}"), None).await;
         let status = shown["data"]["status"].as_str()?.to_string();
@@ -348,15 +353,7 @@ async fn a_replay_can_be_cancelled_and_bad_requests_are_refused() {
     for n in 0..6 {
         assert_eq!(post_webhook(&h.http, &webhooks, &contact(n, "p", "x")).await, 202);
     }
-    let (status, answer) = call(
-        &h,
-        reqwest::Method::POST,
-        "/replay",
-        Some(json!({"since": since, "rate": 2, "target": "functions"})),
-    )
-    .await;
-    assert_eq!(status, 202, "{answer}");
-    let id = answer["data"]["id"].as_i64().unwrap();
+    let id = start_replay(&h, json!({"since": since, "rate": 2, "target": "functions"})).await;
     eventually("the replay to publish", Duration::from_secs(20), || async {
         let (_, shown) = call(&h, reqwest::Method::GET, &format!("/replay/{id}"), None).await;
         (shown["data"]["published"].as_i64()? >= 1).then_some(())
@@ -532,12 +529,7 @@ async fn metrics_parse_and_the_pending_gauge_rises_while_the_worker_is_stopped()
     };
 
     // The worker runs once (its consumer exists), then stops.
-    let stop = tokio_util::sync::CancellationToken::new();
-    let worker = Arc::new(hookyard_worker::Worker::new(h.store.clone(), &h.bus, &h.config));
-    let running = tokio::spawn(worker.run(stop.clone()));
-    h.drained().await;
-    stop.cancel();
-    running.await.unwrap().unwrap();
+    h.run_worker_once().await;
     when_pending(0.0).await;
 
     for n in 0..5 {
@@ -611,26 +603,13 @@ async fn a_replay_waits_while_the_workers_have_too_much_waiting_then_goes_on() {
     h.deploy(&[("crm/syncs/contacts.js", sync("['*']", SAVE_CONTACT))])
         .await;
     // The worker ran once (its consumer exists) and is stopped: live webhooks pile up.
-    let stop = tokio_util::sync::CancellationToken::new();
-    let worker = Arc::new(hookyard_worker::Worker::new(h.store.clone(), &h.bus, &h.config));
-    let running = tokio::spawn(worker.run(stop.clone()));
-    h.drained().await;
-    stop.cancel();
-    running.await.unwrap().unwrap();
+    h.run_worker_once().await;
     let webhooks = format!("{}/crm", h.start_edge().await);
     let since = chrono::Utc::now();
     for n in 0..8 {
         assert_eq!(post_webhook(&h.http, &webhooks, &contact(n, "p", "x")).await, 202);
     }
-    let (status, answer) = call(
-        &h,
-        reqwest::Method::POST,
-        "/replay",
-        Some(json!({"since": since, "target": "functions", "rate": 8})),
-    )
-    .await;
-    assert_eq!(status, 202, "{answer}");
-    let id = answer["data"]["id"].as_i64().unwrap();
+    let id = start_replay(&h, json!({"since": since, "target": "functions", "rate": 8})).await;
     let show = || async {
         let (_, shown) = call(&h, reqwest::Method::GET, &format!("/replay/{id}"), None).await;
         shown["data"].clone()

@@ -199,6 +199,17 @@ impl Harness {
         base
     }
 
+    /// Runs a worker until it has acked everything, then stops it: its consumer exists,
+    /// and what comes next waits there.
+    pub async fn run_worker_once(&self) {
+        let stop = CancellationToken::new();
+        let worker = Arc::new(Worker::new(self.store.clone(), &self.bus, &self.config));
+        let running = tokio::spawn(worker.run(stop.clone()));
+        self.drained().await;
+        stop.cancel();
+        running.await.unwrap().unwrap();
+    }
+
     pub fn start_worker(&self) -> Arc<Worker> {
         let worker = Arc::new(Worker::new(self.store.clone(), &self.bus, &self.config));
         tokio::spawn(worker.clone().run(self.shutdown.clone()));
