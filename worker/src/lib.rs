@@ -379,6 +379,7 @@ impl Worker {
         if !units.is_empty() {
             let commit_spans: Vec<tracing::Span> = spans
                 .iter()
+                .filter(|span| !span.is_none())
                 .map(|span| tracing::info_span!(parent: span, "store_commit", units = units.len()))
                 .collect();
             let committed = self.store.commit(units).await;
@@ -386,7 +387,7 @@ impl Worker {
             match committed {
                 Ok(outcomes) => {
                     let mut notices = Vec::new();
-                    for ((unit_outcome, run), log) in outcomes.iter().zip(&runs).zip(&logged) {
+                    for ((unit_outcome, run), log) in outcomes.iter().zip(&runs).zip(logged) {
                         match unit_outcome {
                             UnitOutcome::Applied { per_call, total } => {
                                 outcome.committed += 1;
@@ -515,16 +516,26 @@ impl Worker {
         runnable: &[(Task, Invocation)],
         events: &[Option<RoutedEvent>],
     ) -> Vec<(Result<Effects, FunctionError>, tracing::Span)> {
-        let spans: Vec<tracing::Span> = runnable
+        let span_of = |task: &Task| {
+            tracing::info_span!(
+                "on_webhook", sync = %task.sync.sync.name, version = task.sync.sync.version,
+                message = %task.marker.message_id, status = tracing::field::Empty, trace_id = tracing::field::Empty
+            )
+        };
+        // A span from the start for a traced webhook; for the others only when the
+        // function logged something (a span per execution would cost every event).
+        let mut spans: Vec<tracing::Span> = runnable
             .iter()
             .map(|(task, _)| {
                 let event = events[task.message].as_ref().expect("tasks are of parsed events");
-                let span = tracing::info_span!(
-                    "on_webhook", sync = %task.sync.sync.name, version = task.sync.sync.version,
-                    message = %task.marker.message_id, status = tracing::field::Empty, trace_id = tracing::field::Empty
-                );
-                continue_trace(&span, event.traceparent.as_deref());
-                span
+                match event.traceparent.as_deref() {
+                    Some(traceparent) => {
+                        let span = span_of(task);
+                        continue_trace(&span, Some(traceparent));
+                        span
+                    }
+                    None => tracing::Span::none(),
+                }
             })
             .collect();
         let runs = runnable
@@ -532,20 +543,19 @@ impl Worker {
             .map(|(task, invocation)| (task.sync.code.clone(), invocation.clone()))
             .collect();
         let results = self.pool.execute_all(runs).await;
-        for (result, span) in results.iter().zip(&spans) {
-            let logs = match result {
-                Ok(effects) => &effects.logs,
-                Err(error) => &error.logs,
+        for ((result, span), (task, _)) in results.iter().zip(&mut spans).zip(runnable) {
+            let (logs, status, elapsed) = match result {
+                Ok(effects) => (&effects.logs, "ok", effects.elapsed),
+                Err(error) => (&error.logs, "failed", error.elapsed),
             };
-            let (status, elapsed) = match result {
-                Ok(effects) => ("ok", effects.elapsed),
-                Err(error) => ("failed", error.elapsed),
-            };
-            span.record("status", status);
             metrics::counter!(names::EXECUTIONS, "kind" => "on_webhook", "status" => status).increment(1);
             metrics::histogram!(names::EXECUTION_SECONDS, "kind" => "on_webhook").record(elapsed.as_secs_f64());
+            if span.is_none() && !logs.is_empty() {
+                *span = span_of(task);
+            }
+            span.record("status", status);
             for line in logs {
-                tracing::debug!(parent: span, level = %line.level, payload = ?line.payload, "function log: {}", line.message);
+                tracing::debug!(parent: &*span, level = %line.level, payload = ?line.payload, "function log: {}", line.message);
             }
         }
         results.into_iter().zip(spans).collect()
@@ -649,8 +659,8 @@ impl ExecutionLog {
         }
     }
 
-    fn write(&self, oplog: &OpLog, status: &str, counts: Option<&WriteCounts>) {
-        let mut detail = self.detail.clone();
+    fn write(self, oplog: &OpLog, status: &str, counts: Option<&WriteCounts>) {
+        let mut detail = self.detail;
         if let Some(counts) = counts {
             detail["records"] = serde_json::json!({
                 "added": counts.added, "updated": counts.updated, "deleted": counts.deleted,
