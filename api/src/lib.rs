@@ -1,7 +1,7 @@
 //! The control plane (`hookyard api`): integrations, connections and records over HTTP,
 //! in Nango's shapes so its clients work against it.
 //!
-//! Every route but `/openapi.json`, `/healthz`, `/readyz` and `/metrics` requires
+//! Every route but `/openapi.json`, `/healthz` and `/readyz` requires
 //! `Authorization: Bearer <environment secret key>`; the key selects the environment.
 //! The OpenAPI document is generated from the handlers' annotations, so it lists exactly
 //! the routes that are served.
@@ -124,7 +124,6 @@ pub fn router(store: Store, config: &Config) -> Result<(Router, Document), Catal
         .route("/openapi.json", get(move || std::future::ready(Json(json.clone()))))
         .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
         .route("/readyz", get(ready))
-        .merge(hookyard_core::metrics::route(None))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -209,6 +208,8 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: Cancellation
 pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let store = Store::connect(&config.database_url, config.cipher()?).await?;
     let (router, _) = router(store, config)?;
+    // The API holds no NATS connection: its metrics are its own counters only.
+    hookyard_core::metrics::serve_configured(config, None, &shutdown);
     let addr = config.api.listen;
     let listener = TcpListener::bind(addr)
         .await

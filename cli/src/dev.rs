@@ -31,6 +31,9 @@ pub struct DevArgs {
 
 const DEMO_INTEGRATION: &str = "demo";
 const DEMO_CONNECTION: &str = "demo-connection";
+/// Where `hookyard dev` serves `/metrics` unless `telemetry.metrics_listen` says otherwise.
+const DEV_METRICS_LISTEN: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 3005);
 const DEMO_BODY: &str = r#"{"type":"contact.updated","contact":{"id":"c_1","email":"ada@example.com"}}"#;
 pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken) -> Result<(), Error> {
     std::fs::create_dir_all(&config.data_dir)
@@ -65,6 +68,7 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
         environment.webhook_id
     );
     let api_url = format!("http://{}", config.api.listen);
+    let metrics_listen = *config.telemetry.metrics_listen.get_or_insert(DEV_METRICS_LISTEN);
     println!(
         "\nhookyard dev is running\n\
          \n  webhook URL   {webhook_url}\
@@ -79,15 +83,16 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
          \n  hookyard logs --follow\
          \n  hookyard replay --since 1h --dry-run\
          \n  hookyard dlq list\n\
-         \nPrometheus metrics: {}/metrics\n\
+         \nPrometheus metrics: http://{}/metrics\n\
          \nPress Ctrl-C to stop.\n",
         environment.secret_key,
         config.nats_url,
         config.database_url,
         environment.secret_key,
         environment.secret_key,
-        config.webhook_base_url(),
+        metrics_listen,
     );
+    hookyard_core::metrics::serve_configured(&config, Some(bus.jetstream.clone()), &shutdown);
     let ingest_server = spawn_stopping_all(
         hookyard_ingest::serve(ingest_listener, ingest, shutdown.clone()),
         shutdown.clone(),

@@ -319,11 +319,16 @@ async fn dev_starts_everything_and_takes_a_webhook() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let api_port = free_port();
+    let metrics_port = free_port();
     let mut process = Process::spawn(
         &["dev"],
         &[
             ("HOOKYARD_INGEST__LISTEN", format!("127.0.0.1:{port}")),
             ("HOOKYARD_API__LISTEN", format!("127.0.0.1:{api_port}")),
+            (
+                "HOOKYARD_TELEMETRY__METRICS_LISTEN",
+                format!("127.0.0.1:{metrics_port}"),
+            ),
         ],
         dir.path(),
     );
@@ -376,6 +381,23 @@ async fn dev_starts_everything_and_takes_a_webhook() {
     assert!(execution.contains("demo-connection ok"), "{execution}");
     // The reconciler ran the example's exec against the demo CRM (three contacts).
     Process::wait_for(&process.stdout, "demo: reconciler");
+    // Metrics on their own listener, not on ingest's public one.
+    let metrics = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"hookyard_webhooks_received_total{integration="demo",outcome="accepted"}"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"hookyard_consumer_pending{stream="HOOKS_CONN",consumer="functions"}"#),
+        "{metrics}"
+    );
+    let public = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap();
+    assert_eq!(public.status(), 404);
     let status = Process::wait_for(&process.stdout, "\"status\"");
     assert!(status.contains(r#""status":"SUCCESS""#), "{status}");
     assert!(status.contains(r#""frequency":"every day""#), "{status}");
@@ -438,6 +460,10 @@ async fn dev_restarts_cleanly_after_being_killed_and_keeps_its_webhooks() {
     let env = [
         ("HOOKYARD_INGEST__LISTEN", format!("127.0.0.1:{}", free_port())),
         ("HOOKYARD_API__LISTEN", format!("127.0.0.1:{}", free_port())),
+        (
+            "HOOKYARD_TELEMETRY__METRICS_LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        ),
     ];
     let mut first = Process::spawn(&["dev"], &env, dir.path());
     Process::wait_for(&first.stdout, "demo: HOOKS_RAW #1");

@@ -222,8 +222,8 @@ pub struct TelemetryConfig {
     pub log_format: LogFormat,
     /// A `tracing` filter; `RUST_LOG` takes precedence when set.
     pub log_filter: String,
-    /// Where the router, the worker and the reconciler serve `GET /metrics` (ingest and
-    /// the API serve it on their own listeners). Unset: not served.
+    /// Where the service serves Prometheus' `GET /metrics`: a listener of its own, kept
+    /// off the public ones. Unset: not served (`hookyard dev`: 127.0.0.1:3005).
     pub metrics_listen: Option<SocketAddr>,
 }
 

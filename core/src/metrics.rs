@@ -1,6 +1,7 @@
 //! Prometheus metrics. Each process installs one recorder; `GET /metrics` renders it on
-//! ingest's and the API's listeners, and on `telemetry.metrics_listen` for the services
-//! without one (router, worker, reconciler; `hookyard dev` shows everything on the API).
+//! `telemetry.metrics_listen`, a listener of its own (ingest's faces the internet, and
+//! integration keys are labels), for every service; `hookyard dev` serves it on
+//! 127.0.0.1:3005 unless told otherwise.
 //!
 //! Besides what the code counts as it goes (see [`names`]), a scrape reads the
 //! JetStream consumers' pending and ack-pending counts, so a stopped worker's backlog
@@ -102,8 +103,8 @@ async fn observe_consumers(jetstream: &jetstream::Context) {
     *last = Some(Instant::now());
 }
 
-/// `GET /metrics`, to merge into a service's router.
-pub fn route<S: Clone + Send + Sync + 'static>(jetstream: Option<jetstream::Context>) -> axum::Router<S> {
+/// `GET /metrics`.
+fn route(jetstream: Option<jetstream::Context>) -> axum::Router {
     axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
@@ -118,7 +119,7 @@ pub fn route<S: Clone + Send + Sync + 'static>(jetstream: Option<jetstream::Cont
     )
 }
 
-/// Serves `GET /metrics` on `listen` until `shutdown` (for the services without HTTP).
+/// Serves `GET /metrics` on `listen` until `shutdown`.
 pub async fn serve(
     listen: std::net::SocketAddr,
     jetstream: Option<jetstream::Context>,
@@ -128,7 +129,7 @@ pub async fn serve(
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {listen} for metrics: {e}")))?;
     tracing::info!(%listen, "metrics on /metrics");
-    axum::serve(listener, route::<()>(jetstream))
+    axum::serve(listener, route(jetstream))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
 }

@@ -108,7 +108,8 @@ impl Ingest {
     }
 }
 
-/// The routes: webhooks (with or without a trailing path), health and metrics.
+/// The routes: webhooks (with or without a trailing path) and health. Metrics are not
+/// served here (this listener faces the internet) but on `telemetry.metrics_listen`.
 pub fn app(ingest: Arc<Ingest>) -> Router {
     let methods = MethodFilter::POST.or(MethodFilter::GET).or(MethodFilter::HEAD);
     Router::new()
@@ -122,7 +123,6 @@ pub fn app(ingest: Arc<Ingest>) -> Router {
         )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
-        .merge(hookyard_core::metrics::route(Some(ingest.bus.jetstream.clone())))
         .with_state(ingest)
 }
 
@@ -148,7 +148,8 @@ pub async fn serve(listener: TcpListener, ingest: Arc<Ingest>, shutdown: Cancell
 pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let store = Store::connect(&config.database_url, config.cipher()?).await?;
     let bus = Bus::connect(config, "hookyard-ingest").await?;
-    let ingest = Ingest::start(config, store, bus, shutdown.clone()).await?;
+    let ingest = Ingest::start(config, store, bus.clone(), shutdown.clone()).await?;
+    hookyard_core::metrics::serve_configured(config, Some(bus.jetstream), &shutdown);
     let addr = config.ingest.listen;
     let listener = TcpListener::bind(addr)
         .await

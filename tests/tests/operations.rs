@@ -506,7 +506,13 @@ async fn metrics_parse_and_the_pending_gauge_rises_while_the_worker_is_stopped()
     h.deploy(&[("crm/syncs/contacts.js", sync("['*']", SAVE_CONTACT))])
         .await;
     let webhooks = h.start_edge().await;
-    let base = webhooks.split("/webhook/").next().unwrap().to_string();
+    // This process's metrics (ingest, router and worker run in it), as a service serves them.
+    let base = format!("http://127.0.0.1:{}", hookyard_testkit::free_port());
+    tokio::spawn(hookyard_core::metrics::serve(
+        base.trim_start_matches("http://").parse().unwrap(),
+        Some(h.bus.jetstream.clone()),
+        h.shutdown.clone(),
+    ));
     // The exposition once the functions consumer's pending gauge reads `count`.
     let when_pending = |count: f64| {
         let (http, url) = (h.http.clone(), format!("{base}/metrics"));
