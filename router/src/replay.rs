@@ -66,7 +66,7 @@ impl Replayer {
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
-        loop {
+        while !shutdown.is_cancelled() {
             match self.store.claim_replay(LEASE).await {
                 Ok(Some(replay)) => {
                     self.replay_and_record(&replay, &shutdown).await;
@@ -82,37 +82,46 @@ impl Replayer {
         }
     }
 
-    /// Runs `replay` to its end and records how it ended. Stopped by `shutdown`, it is
-    /// left running with its progress written: its lease lapses and a router resumes it.
+    /// Runs `replay` to its end and records how it ended. Stopped by `shutdown`, it
+    /// writes how far it got and gives up its lease, so another router goes on from there
+    /// at once (after a crash, once the lease has run out).
     pub async fn replay_and_record(&self, replay: &Replay, shutdown: &CancellationToken) {
         tracing::info!(replay = replay.id, since = %replay.request.since, until = %replay.request.until, "replay started");
         let running = metrics::gauge!(names::REPLAYS_RUNNING);
         running.increment(1.0);
-        let ended = tokio::select! {
-            ended = self.replay(replay) => ended,
-            _ = shutdown.cancelled() => None,
-        };
+        let ended = self.replay(replay, shutdown).await;
         running.decrement(1.0);
-        let Some(ended) = ended else { return };
-        tracing::info!(
-            replay = replay.id, status = ?ended.status, read = ended.progress.read,
-            published = ended.progress.published, error = ended.error.as_deref().unwrap_or(""), "replay ended"
-        );
-        if let Err(error) = self
-            .store
-            .finish_replay(replay.id, &ended.progress, ended.status, ended.error.as_deref())
-            .await
-        {
-            tracing::warn!(replay = replay.id, %error, "recording the end of a replay failed; it will be resumed");
+        let recorded = if ended.status == ReplayStatus::Running {
+            tracing::info!(
+                replay = replay.id,
+                read = ended.progress.read,
+                "replay handed over (shutting down)"
+            );
+            // A lease that ends now: the next router to look takes it.
+            self.store
+                .replay_progress(replay.id, &ended.progress, Duration::ZERO)
+                .await
+                .map(|_| ())
+        } else {
+            tracing::info!(
+                replay = replay.id, status = ?ended.status, read = ended.progress.read,
+                published = ended.progress.published, error = ended.error.as_deref().unwrap_or(""), "replay ended"
+            );
+            self.store
+                .finish_replay(replay.id, &ended.progress, ended.status, ended.error.as_deref())
+                .await
+        };
+        if let Err(error) = recorded {
+            tracing::warn!(replay = replay.id, %error, "recording a replay's progress failed; it will be resumed");
         }
     }
 
-    async fn replay(&self, replay: &Replay) -> Option<Ended> {
+    async fn replay(&self, replay: &Replay, shutdown: &CancellationToken) -> Ended {
         let mut progress = replay.progress;
         let mut reported = replay.progress;
-        let outcome = self.replay_window(replay, &mut progress, &mut reported).await;
+        let outcome = self.replay_window(replay, &mut progress, &mut reported, shutdown).await;
         report(&mut reported, &progress);
-        Some(match outcome {
+        match outcome {
             Ok(status) => Ended {
                 status,
                 progress,
@@ -123,7 +132,7 @@ impl Replayer {
                 progress,
                 error: Some(error.to_string()),
             },
-        })
+        }
     }
 
     async fn replay_window(
@@ -131,6 +140,7 @@ impl Replayer {
         replay: &Replay,
         progress: &mut ReplayProgress,
         reported: &mut ReplayProgress,
+        shutdown: &CancellationToken,
     ) -> Result<ReplayStatus, RouterError> {
         let environment: EnvironmentName = replay.request.environment.parse().map_err(|_| {
             RouterError::JetStream(format!("{:?} is not an environment name", replay.request.environment))
@@ -231,6 +241,11 @@ impl Replayer {
             if seq >= end || pending == 0 {
                 break;
             }
+            if shutdown.is_cancelled() {
+                // Left at a clean point: everything up to `next_seq` is published.
+                await_acks(&mut acks).await?;
+                return Ok(ReplayStatus::Running);
+            }
             if last_progress.elapsed() >= PROGRESS_EVERY {
                 // What the row says is done is stored: a resumed replay starts after it.
                 await_acks(&mut acks).await?;
@@ -238,7 +253,7 @@ impl Replayer {
                 if self.store.replay_progress(replay.id, progress, LEASE).await? {
                     return Ok(ReplayStatus::Cancelled);
                 }
-                if !replay.request.dry_run && self.hold_back(replay, progress).await? {
+                if !replay.request.dry_run && self.hold_back(replay, progress, shutdown).await? {
                     return Ok(ReplayStatus::Cancelled);
                 }
                 last_progress = Instant::now();
@@ -251,8 +266,14 @@ impl Replayer {
     }
 
     /// Waits while the consumers the replay feeds have more than `max_backlog` events
-    /// waiting, keeping the lease; true when the replay was cancelled meanwhile.
-    async fn hold_back(&self, replay: &Replay, progress: &mut ReplayProgress) -> Result<bool, RouterError> {
+    /// waiting (or until shutdown), keeping the lease; true when the replay was cancelled
+    /// meanwhile.
+    async fn hold_back(
+        &self,
+        replay: &Replay,
+        progress: &mut ReplayProgress,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, RouterError> {
         let consumers: &[&str] = match replay.request.target {
             ReplayTarget::Functions => &[FUNCTIONS_CONSUMER],
             ReplayTarget::Forward => &[FORWARDER_CONSUMER],
@@ -269,7 +290,7 @@ impl Replayer {
                     }
                 }
             }
-            if backlog <= self.max_backlog {
+            if backlog <= self.max_backlog || shutdown.is_cancelled() {
                 progress.waiting = false;
                 return Ok(false);
             }

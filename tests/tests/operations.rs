@@ -115,11 +115,6 @@ async fn call(h: &Harness, method: reqwest::Method, path: &str, body: Option<Val
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-fn start_router(h: &Harness) {
-    let router = Arc::new(hookyard_router::Router::new(h.store.clone(), &h.bus, &h.config).unwrap());
-    tokio::spawn(router.run(h.shutdown.clone()));
-}
-
 #[tokio::test]
 async fn a_dead_lettered_execution_is_redriven_after_the_fix_and_applied_once() {
     let h = harness(None, 1).await;
@@ -133,7 +128,7 @@ async fn a_dead_lettered_execution_is_redriven_after_the_fix_and_applied_once() 
     ])
     .await;
     h.start_worker();
-    start_router(&h);
+    h.start_router(h.shutdown.clone());
     h.publish([(1, "c0", "contact.updated", json!({"n": 1}))]).await;
     let letters = eventually("the dead letter", Duration::from_secs(20), || async {
         let (_, page) = call(&h, reqwest::Method::GET, "/dead-letters?kind=function", None).await;
@@ -646,4 +641,61 @@ async fn a_replay_waits_while_the_workers_have_too_much_waiting_then_goes_on() {
     );
     h.drained().await;
     assert_eq!(h.runs().await.len(), 16, "eight live executions and eight replayed");
+}
+
+#[tokio::test]
+async fn a_replay_left_by_a_router_that_stops_is_finished_by_another_exactly() {
+    let h = harness(None, 1).await;
+    h.deploy(&[("crm/syncs/contacts.js", sync("['*']", SAVE_CONTACT))])
+        .await;
+    h.start_all();
+    let webhooks = format!("{}/crm", h.start_ingest().await);
+    let first = tokio_util::sync::CancellationToken::new();
+    let first_router = h.start_router(first.clone());
+    let since = chrono::Utc::now();
+    for n in 0..8 {
+        assert_eq!(post_webhook(&h.http, &webhooks, &contact(n, "p", "x")).await, 202);
+    }
+    eventually("the live events applied", Duration::from_secs(20), || async {
+        (h.runs().await.len() == 8).then_some(())
+    })
+    .await;
+    h.drained().await;
+    let before = conn_messages(&h).await;
+
+    let id = start_replay(&h, json!({"since": since, "target": "functions", "rate": 4})).await;
+    let show = || async {
+        let (_, shown) = call(&h, reqwest::Method::GET, &format!("/replay/{id}"), None).await;
+        shown["data"].clone()
+    };
+    eventually("the replay under way", Duration::from_secs(20), || async {
+        (show().await["published"].as_i64()? >= 2).then_some(())
+    })
+    .await;
+    // The first router stops: it writes how far it got and lets go.
+    first.cancel();
+    first_router.await.unwrap().unwrap();
+    let left = show().await;
+    assert_eq!(left["status"], "running", "{left}");
+    assert!(left["read"].as_i64().unwrap() < 8, "{left}");
+
+    // Another takes it up at once and finishes it.
+    h.start_router(h.shutdown.clone());
+    let done = eventually("the replay finished", Duration::from_secs(20), || async {
+        let shown = show().await;
+        (shown["status"] == "done").then_some(shown)
+    })
+    .await;
+    assert_eq!(
+        (
+            done["read"].as_i64(),
+            done["published"].as_i64(),
+            done["total"].as_i64()
+        ),
+        (Some(8), Some(8), Some(8)),
+        "{done}"
+    );
+    assert_eq!(conn_messages(&h).await, before + 8, "each event replayed once");
+    h.drained().await;
+    assert_eq!(h.runs().await.len(), 16);
 }

@@ -179,6 +179,13 @@ impl Harness {
     /// Ingest and the router, in-process; ingest's base URL for `dev`'s webhooks
     /// (`{base}/{integration}`).
     pub async fn start_edge(&self) -> String {
+        let base = self.start_ingest().await;
+        self.start_router(self.shutdown.clone());
+        base
+    }
+
+    /// Ingest alone, in-process; its base URL for `dev`'s webhooks.
+    pub async fn start_ingest(&self) -> String {
         let ingest = hookyard_ingest::Ingest::start(
             &self.config,
             self.store.clone(),
@@ -194,9 +201,16 @@ impl Harness {
             self.environment.webhook_id
         );
         tokio::spawn(hookyard_ingest::serve(listener, ingest, self.shutdown.clone()));
-        let router = Arc::new(hookyard_router::Router::new(self.store.clone(), &self.bus, &self.config).unwrap());
-        tokio::spawn(router.run(self.shutdown.clone()));
         base
+    }
+
+    /// A router (with its replays and redrives) until `stop`.
+    pub fn start_router(
+        &self,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<Result<(), hookyard_router::RouterError>> {
+        let router = Arc::new(hookyard_router::Router::new(self.store.clone(), &self.bus, &self.config).unwrap());
+        tokio::spawn(router.run(stop))
     }
 
     /// Runs a worker until it has acked everything, then stops it: its consumer exists,
