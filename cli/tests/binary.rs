@@ -836,6 +836,7 @@ async fn dlq_lists_shows_redrives_and_purges_dead_letters() {
             error_kind: "threw".into(),
             error: error.into(),
             attempts: 3,
+            headers: None,
         }),
         ..Unit::new(Marker {
             consumer: consumer.into(),

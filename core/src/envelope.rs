@@ -222,6 +222,25 @@ pub fn insert_checked(map: &mut HeaderMap, name: &str, value: &str) {
     }
 }
 
+/// A message's headers as (name, value) pairs, repeats kept: to keep a message outside
+/// NATS (a dead letter) and publish it again later ([`headers_from_pairs`]).
+pub fn header_pairs(map: &HeaderMap) -> Vec<(String, String)> {
+    let mut pairs: Vec<(String, String)> = map
+        .iter()
+        .flat_map(|(name, values)| values.iter().map(move |v| (name.to_string(), v.as_str().to_string())))
+        .collect();
+    pairs.sort();
+    pairs
+}
+
+pub fn headers_from_pairs(pairs: &[(String, String)]) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (name, value) in pairs {
+        insert_checked(&mut map, name, value);
+    }
+    map
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

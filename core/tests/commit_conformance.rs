@@ -193,6 +193,7 @@ async fn commits_apply_once_in_version_order(store: &Store) {
         error_kind: "thrown".into(),
         error: "Error: no".into(),
         attempts: 4,
+        headers: None,
     };
     let dead = Unit {
         dead_letter: Some(letter.clone()),

@@ -2,18 +2,20 @@
 //! and carried out here, in every router (a letter is redriven once: the message ids
 //! make a second router's copy a duplicate).
 //!
-//! - A function's letter: its event is read back from `HOOKS_CONN` and published again
-//!   as a redrive for that one sync: a message id of its own (the original's marker says
+//! - A function's letter: its event, as the letter keeps it (headers and payload; read
+//!   back from `HOOKS_CONN` for letters older than that), is published again as a
+//!   redrive for that one sync: a message id of its own (the original's marker says
 //!   "done" since the letter was committed), the original version.
 //! - A forward's letter: the delivery goes back into `HOOKS_FWD`, with its attempts
 //!   counted afresh and the same `webhook-id`.
 //!
-//! A letter whose message is no longer kept records why it could not be redriven.
+//! A letter whose message cannot be had records why it could not be redriven.
 
 use std::time::Duration;
 
 use async_nats::jetstream;
 use hookyard_core::delivery::Delivery;
+use hookyard_core::envelope::headers_from_pairs;
 use hookyard_core::routed::{Origin, RoutedEvent};
 use hookyard_core::store::dead_letters::{DeadLetterKind, StoredDeadLetter};
 use hookyard_core::streams::CONN_STREAM;
@@ -79,17 +81,11 @@ impl Redriver {
     async fn redrive(&self, letter: &StoredDeadLetter) -> Result<(), RedriveError> {
         let (subject, headers, payload) = match letter.kind {
             DeadLetterKind::Function => {
-                let stream = self
-                    .jetstream
-                    .get_stream(CONN_STREAM)
-                    .await
-                    .map_err(|e| RedriveError::Publish(e.to_string()))?;
-                let message = stream
-                    .get_raw_message(letter.letter.stream_seq as u64)
-                    .await
-                    .map_err(|e| RedriveError::Gone(format!("{CONN_STREAM} no longer holds its event ({e})")))?;
-                let mut event = RoutedEvent::from_message(&message.subject, Some(&message.headers), &message.payload)
-                    .map_err(|e| RedriveError::Unusable(e.to_string()))?;
+                let mut event = match &letter.letter.headers {
+                    Some(headers) => self.kept_event(letter, headers)?,
+                    // Letters written before they kept their headers.
+                    None => self.stream_event(letter).await?,
+                };
                 event.origin = Origin::Redrive {
                     id: letter.id,
                     consumer: letter.letter.consumer.clone(),
@@ -114,6 +110,35 @@ impl Redriver {
             .await
             .map_err(|e| RedriveError::Publish(e.to_string()))?;
         Ok(())
+    }
+}
+
+impl Redriver {
+    /// The event as the letter keeps it.
+    fn kept_event(&self, letter: &StoredDeadLetter, headers: &str) -> Result<RoutedEvent, RedriveError> {
+        let pairs: Vec<(String, String)> =
+            serde_json::from_str(headers).map_err(|e| RedriveError::Unusable(format!("its headers: {e}")))?;
+        RoutedEvent::from_message(
+            &letter.letter.subject,
+            Some(&headers_from_pairs(&pairs)),
+            letter.letter.payload.as_bytes(),
+        )
+        .map_err(|e| RedriveError::Unusable(e.to_string()))
+    }
+
+    /// The event read back from `HOOKS_CONN`, while the stream keeps it.
+    async fn stream_event(&self, letter: &StoredDeadLetter) -> Result<RoutedEvent, RedriveError> {
+        let stream = self
+            .jetstream
+            .get_stream(CONN_STREAM)
+            .await
+            .map_err(|e| RedriveError::Publish(e.to_string()))?;
+        let message = stream
+            .get_raw_message(letter.letter.stream_seq as u64)
+            .await
+            .map_err(|e| RedriveError::Gone(format!("{CONN_STREAM} no longer holds its event ({e})")))?;
+        RoutedEvent::from_message(&message.subject, Some(&message.headers), &message.payload)
+            .map_err(|e| RedriveError::Unusable(e.to_string()))
     }
 }
 

@@ -636,3 +636,60 @@ async fn each_forwarding_attempt_shows_in_the_webhooks_operation_log() {
         "a webhook with a failed attempt is found by status=failed"
     );
 }
+
+#[tokio::test]
+async fn a_given_up_delivery_is_redriven_with_the_same_webhook_id_and_delivered_once() {
+    let h = harness_with(None, 1, |config| {
+        forwarding_config(config);
+        config.forwarding.retry_delays = [50, 50].map(|ms| Duration::from_millis(ms).into()).to_vec();
+    })
+    .await;
+    // Three attempts, all refused: the delivery is given up.
+    let receiver = Receiver::start(&[(500, None), (500, None), (500, None)]).await;
+    forward_to(&h, &[&receiver.url]).await;
+    h.start_all();
+    h.start_router(h.shutdown.clone());
+    webhook(&h, &json!({"n": 1}), &[]).await;
+    let letter = eventually("the given-up delivery's letter", Duration::from_secs(30), || async {
+        let listed = h.api_get("/dead-letters?kind=forward").await;
+        listed["data"].as_array().and_then(|l| l.first().cloned())
+    })
+    .await;
+    assert_eq!(letter["attempts"], 3, "{letter}");
+    let id = letter["id"].as_i64().unwrap();
+    let shown = h.api_get(&format!("/dead-letters/{id}")).await;
+    assert_eq!(shown["data"]["attempts"].as_array().unwrap().len(), 3, "{shown}");
+    assert_eq!(shown["data"]["attempts"][2]["status"], 500);
+
+    // The receiver is fixed (it answers 200 from now on); the letter is redriven.
+    let redrive = h
+        .http
+        .post(format!("{}/dead-letters/redrive", h.api))
+        .bearer_auth(&h.environment.secret_key)
+        .json(&json!({"kind": "forward"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(redrive.status(), 200);
+    let hits = receiver.wait_hits(4).await;
+    forwarding_idle(&h).await;
+    assert_eq!(receiver.hits().len(), 4, "delivered once more, no more");
+    assert_eq!(
+        header(&hits[3], "webhook-id"),
+        header(&hits[0], "webhook-id"),
+        "the same webhook-id"
+    );
+    assert_eq!(hits[3].body, hits[0].body);
+    let shown = eventually("the redrive recorded", Duration::from_secs(10), || async {
+        let shown = h.api_get(&format!("/dead-letters/{id}")).await;
+        (shown["data"]["redrives"] == 1).then_some(shown)
+    })
+    .await;
+    assert!(shown["data"]["redrive_error"].is_null(), "{shown}");
+    let letters = h.api_get("/dead-letters").await;
+    assert_eq!(
+        letters["data"].as_array().unwrap().len(),
+        1,
+        "the redrive succeeded: no new letter"
+    );
+}

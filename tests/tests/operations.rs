@@ -160,6 +160,17 @@ async fn a_dead_lettered_execution_is_redriven_after_the_fix_and_applied_once() 
     let (_, none) = call(&h, reqwest::Method::GET, "/dead-letters?error=nothing-like-it", None).await;
     assert_eq!(none["data"], json!([]));
 
+    // The stream has dropped the event meanwhile (as its max_age would): the letter's own
+    // copy is what is redriven.
+    h.bus
+        .jetstream
+        .get_stream(hookyard_core::streams::CONN_STREAM)
+        .await
+        .unwrap()
+        .purge()
+        .await
+        .unwrap();
+
     // Fixed, then redriven: applied once, by contacts only.
     h.deploy(&[
         ("crm/syncs/contacts.js", sync("['*']", "")),

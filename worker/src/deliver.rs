@@ -414,6 +414,7 @@ impl Deliverer {
             error_kind: kind.into(),
             error: error.into(),
             attempts: attempts as i32,
+            headers: None,
         };
         metrics::counter!(names::DEAD_LETTERS, "kind" => "forward").increment(1);
         let marker = Marker {

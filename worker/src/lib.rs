@@ -24,6 +24,7 @@ use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
 use hookyard_core::config::WorkerConfig;
+use hookyard_core::envelope::header_pairs;
 use hookyard_core::keys::IntegrationKey;
 use hookyard_core::metrics::names;
 use hookyard_core::oplog::OpLog;
@@ -618,6 +619,10 @@ fn dead_letter(
         error_kind: error.kind.as_str().into(),
         error: error.message.clone(),
         attempts: attempts as i32,
+        headers: message
+            .headers
+            .as_ref()
+            .map(|headers| serde_json::to_string(&header_pairs(headers)).expect("pairs serialise")),
     };
     Unit {
         dead_letter: Some(letter),
@@ -726,6 +731,7 @@ pub(crate) fn invalid_message(consumer: &str, stream: &str, message: &jetstream:
         error_kind: "invalid_message".into(),
         error: error.to_string(),
         attempts: info.map_or(1, |i| i.delivered as i32),
+        headers: None,
     };
     let marker = Marker {
         consumer: consumer.into(),

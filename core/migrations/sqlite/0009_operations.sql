@@ -5,6 +5,9 @@ ALTER TABLE dead_letters ADD COLUMN redrive_requested_at TEXT;
 ALTER TABLE dead_letters ADD COLUMN redriven_at TEXT;
 ALTER TABLE dead_letters ADD COLUMN redrives INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE dead_letters ADD COLUMN redrive_error TEXT;
+-- A function's event, as it was published (its headers; the payload is kept already), so
+-- that it can be redriven however long ago its stream dropped it.
+ALTER TABLE dead_letters ADD COLUMN headers TEXT;
 CREATE INDEX dead_letters_redrive_requested ON dead_letters (redrive_requested_at) WHERE redrive_requested_at IS NOT NULL;
 
 -- The failed attempts of function executions before they succeeded or were given up

@@ -28,6 +28,9 @@ pub struct DeadLetter {
     pub error_kind: String,
     pub error: String,
     pub attempts: i32,
+    /// The message's headers (JSON `[[name, value], …]`) when it can be published again
+    /// from the letter alone: a function's event, however long ago its stream dropped it.
+    pub headers: Option<String>,
 }
 
 /// `function` (an `onWebhook` execution, or a message the functions consumer could not
@@ -114,6 +117,7 @@ struct DeadLetterRow {
     error_kind: String,
     error: String,
     attempts: i32,
+    headers: Option<String>,
     created_at: DateTime<Utc>,
     redrive_requested_at: Option<DateTime<Utc>>,
     redriven_at: Option<DateTime<Utc>>,
@@ -145,13 +149,14 @@ impl From<DeadLetterRow> for StoredDeadLetter {
                 error_kind: row.error_kind,
                 error: row.error,
                 attempts: row.attempts,
+                headers: row.headers,
             },
         }
     }
 }
 
 const COLUMNS: &str = "id, consumer, environment, integration, connection_id, subject, message_id, stream_seq,
-    payload, function_name, function_version, error_kind, error, attempts, created_at,
+    payload, function_name, function_version, error_kind, error, attempts, headers, created_at,
     redrive_requested_at, redriven_at, redrives, redrive_error";
 
 /// Binds `$1`..`$7` of [`Store::dead_letter_filter`] to `$query` (any query type, either
@@ -374,8 +379,9 @@ pub(crate) async fn insert_dead_letter(
     on_tx!(tx, |conn| {
         sqlx::query(
             "INSERT INTO dead_letters (consumer, environment, integration, connection_id, subject, message_id, stream_seq,
-                                       payload, function_name, function_version, error_kind, error, attempts, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                                       payload, function_name, function_version, error_kind, error, attempts, created_at,
+                                       headers)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
         )
         .bind(&letter.consumer)
         .bind(&letter.environment)
@@ -391,6 +397,7 @@ pub(crate) async fn insert_dead_letter(
         .bind(&letter.error)
         .bind(letter.attempts)
         .bind(now)
+        .bind(&letter.headers)
         .execute(&mut *conn)
         .await
         .map(|_| ())
