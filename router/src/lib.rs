@@ -51,6 +51,19 @@ pub enum RouterError {
     Catalog(#[from] CatalogError),
     #[error("JetStream: {0}")]
     JetStream(String),
+    /// A replay that cannot run as asked (retrying would not help).
+    #[error("{0}")]
+    Replay(String),
+}
+
+impl RouterError {
+    /// Whether trying again later can succeed (NATS or the database away).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            RouterError::JetStream(_) | RouterError::Store(_) | RouterError::Streams(_)
+        )
+    }
 }
 
 fn jetstream_error(e: impl std::fmt::Display) -> RouterError {

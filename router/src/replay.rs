@@ -33,6 +33,8 @@ use crate::{await_acks, jetstream_error, Router, RouterError};
 const POLL: Duration = Duration::from_secs(1);
 /// A replay's lease; renewed at every progress write.
 const LEASE: Duration = Duration::from_secs(30);
+/// After NATS or the database failed a replay, a router tries again after this.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// How often progress is written (and a cancel looked for).
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// How old the connections a replayed webhook is routed by may be.
@@ -53,6 +55,8 @@ struct Ended {
     status: ReplayStatus,
     progress: ReplayProgress,
     error: Option<String>,
+    /// The error can pass (NATS or the database away): try again later.
+    transient: bool,
 }
 
 impl Replayer {
@@ -91,7 +95,15 @@ impl Replayer {
         running.increment(1.0);
         let ended = self.replay(replay, shutdown).await;
         running.decrement(1.0);
-        let recorded = if ended.status == ReplayStatus::Running {
+        let recorded = if ended.transient {
+            let error = ended.error.as_deref().unwrap_or("");
+            tracing::warn!(replay = replay.id, %error, "replay interrupted; it goes on in {RETRY_AFTER:?}");
+            // From its last written progress: what was published after it is published
+            // again under the same ids (the duplicate window drops it).
+            self.store
+                .retry_replay(replay.id, &format!("interrupted, going on: {error}"), RETRY_AFTER)
+                .await
+        } else if ended.status == ReplayStatus::Running {
             tracing::info!(
                 replay = replay.id,
                 read = ended.progress.read,
@@ -126,10 +138,12 @@ impl Replayer {
                 status,
                 progress,
                 error: None,
+                transient: false,
             },
             Err(error) => Ended {
                 status: ReplayStatus::Failed,
                 progress,
+                transient: error.is_transient(),
                 error: Some(error.to_string()),
             },
         }
@@ -142,14 +156,15 @@ impl Replayer {
         reported: &mut ReplayProgress,
         shutdown: &CancellationToken,
     ) -> Result<ReplayStatus, RouterError> {
-        let environment: EnvironmentName = replay.request.environment.parse().map_err(|_| {
-            RouterError::JetStream(format!("{:?} is not an environment name", replay.request.environment))
-        })?;
+        let environment: EnvironmentName =
+            replay.request.environment.parse().map_err(|_| {
+                RouterError::Replay(format!("{:?} is not an environment name", replay.request.environment))
+            })?;
         let filter = match &replay.request.integration {
             Some(key) => {
                 let key: IntegrationKey = key
                     .parse()
-                    .map_err(|_| RouterError::JetStream(format!("{key:?} is not an integration key")))?;
+                    .map_err(|_| RouterError::Replay(format!("{key:?} is not an integration key")))?;
                 raw_subject(&environment, &key)
             }
             None => format!("hooks.raw.{environment}.>"),

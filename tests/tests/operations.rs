@@ -710,3 +710,75 @@ async fn a_replay_left_by_a_router_that_stops_is_finished_by_another_exactly() {
     h.drained().await;
     assert_eq!(h.runs().await.len(), 16);
 }
+
+#[tokio::test]
+async fn a_replay_interrupted_by_nats_going_away_goes_on_when_it_is_back() {
+    let mut h = harness(None, 1).await;
+    h.deploy(&[("crm/syncs/contacts.js", sync("['*']", SAVE_CONTACT))])
+        .await;
+    h.start_all();
+    let webhooks = format!("{}/crm", h.start_edge().await);
+    let since = chrono::Utc::now();
+    for n in 0..8 {
+        assert_eq!(post_webhook(&h.http, &webhooks, &contact(n, "p", "x")).await, 202);
+    }
+    eventually("the live events applied", Duration::from_secs(20), || async {
+        (h.runs().await.len() == 8).then_some(())
+    })
+    .await;
+    h.drained().await;
+    let before = conn_messages(&h).await;
+    let id = start_replay(&h, json!({"since": since, "target": "functions", "rate": 4})).await;
+    let show = |h: &Harness| {
+        let (http, url, key) = (
+            h.http.clone(),
+            format!("{}/replay/{id}", h.api),
+            h.environment.secret_key.clone(),
+        );
+        async move {
+            let body: Value = http
+                .get(url)
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            body["data"].clone()
+        }
+    };
+    eventually("the replay under way", Duration::from_secs(20), || async {
+        (show(&h).await["published"].as_i64()? >= 2).then_some(())
+    })
+    .await;
+    h._nats.stop();
+    let interrupted = eventually(
+        "the replay to say it was interrupted",
+        Duration::from_secs(30),
+        || async {
+            let shown = show(&h).await;
+            shown["error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("interrupted"))
+                .then_some(shown)
+        },
+    )
+    .await;
+    assert_eq!(interrupted["status"], "running", "{interrupted}");
+    h._nats.restart();
+    let done = eventually("the replay finished", Duration::from_secs(60), || async {
+        let shown = show(&h).await;
+        (shown["status"] == "done").then_some(shown)
+    })
+    .await;
+    assert_eq!(
+        (done["read"].as_i64(), done["total"].as_i64()),
+        (Some(8), Some(8)),
+        "{done}"
+    );
+    assert!(done["error"].is_null(), "{done}");
+    assert_eq!(conn_messages(&h).await, before + 8, "each event replayed once");
+    h.drained().await;
+    assert_eq!(h.runs().await.len(), 16);
+}

@@ -270,6 +270,21 @@ impl Store {
         Ok(cancel.unwrap_or(true))
     }
 
+    /// Leaves a running replay, interrupted by `error`, for a router to take up again
+    /// after `after`, from its last written progress.
+    pub async fn retry_replay(&self, id: i64, error: &str, after: Duration) -> Result<(), StoreError> {
+        on_pool!(self, |pool| sqlx::query(
+            "UPDATE replays SET error = $2, lease_until = $3 WHERE id = $1 AND status = 'running'"
+        )
+        .bind(id)
+        .bind(error)
+        .bind(Utc::now() + chrono_duration(after))
+        .execute(pool)
+        .await
+        .map(|_| ()))?;
+        Ok(())
+    }
+
     pub async fn finish_replay(
         &self,
         id: i64,
