@@ -241,6 +241,27 @@ async fn start_replay(h: &Harness, body: Value) -> i64 {
     answer["data"]["id"].as_i64().unwrap()
 }
 
+/// `GET /replay/{id}`: the replay as it stands.
+async fn replay_state(h: &Harness, id: i64) -> Value {
+    let (_, shown) = call(h, reqwest::Method::GET, &format!("/replay/{id}"), None).await;
+    shown["data"].clone()
+}
+
+/// Posts `count` contact webhooks of `crm` and waits until the worker applied them; when
+/// they started, and how many messages `HOOKS_CONN` holds then.
+async fn live_webhooks(h: &Harness, webhooks: &str, count: u64) -> (chrono::DateTime<chrono::Utc>, u64) {
+    let since = chrono::Utc::now();
+    for n in 0..count {
+        assert_eq!(post_webhook(&h.http, webhooks, &contact(n, "p", "x")).await, 202);
+    }
+    eventually("the live events applied", Duration::from_secs(20), || async {
+        (h.runs().await.len() as u64 == count).then_some(())
+    })
+    .await;
+    h.drained().await;
+    (since, conn_messages(h).await)
+}
+
 /// `POST /replay` with `body`; the replay once it has finished.
 async fn replayed(h: &Harness, body: Value) -> Value {
     let id = start_replay(h, body).await;
@@ -361,15 +382,14 @@ async fn a_replay_can_be_cancelled_and_bad_requests_are_refused() {
     }
     let id = start_replay(&h, json!({"since": since, "rate": 2, "target": "functions"})).await;
     eventually("the replay to publish", Duration::from_secs(20), || async {
-        let (_, shown) = call(&h, reqwest::Method::GET, &format!("/replay/{id}"), None).await;
-        (shown["data"]["published"].as_i64()? >= 1).then_some(())
+        (replay_state(&h, id).await["published"].as_i64()? >= 1).then_some(())
     })
     .await;
     let (status, _) = call(&h, reqwest::Method::POST, &format!("/replay/{id}/cancel"), None).await;
     assert_eq!(status, 200);
     let cancelled = eventually("the replay to stop", Duration::from_secs(20), || async {
-        let (_, shown) = call(&h, reqwest::Method::GET, &format!("/replay/{id}"), None).await;
-        (shown["data"]["status"] == "cancelled").then(|| shown["data"].clone())
+        let shown = replay_state(&h, id).await;
+        (shown["status"] == "cancelled").then_some(shown)
     })
     .await;
     assert!(cancelled["published"].as_i64().unwrap() < 6, "{cancelled}");
@@ -622,15 +642,11 @@ async fn a_replay_waits_while_the_workers_have_too_much_waiting_then_goes_on() {
         assert_eq!(post_webhook(&h.http, &webhooks, &contact(n, "p", "x")).await, 202);
     }
     let id = start_replay(&h, json!({"since": since, "target": "functions", "rate": 8})).await;
-    let show = || async {
-        let (_, shown) = call(&h, reqwest::Method::GET, &format!("/replay/{id}"), None).await;
-        shown["data"].clone()
-    };
     let held = eventually(
         "the replay to wait for the workers",
         Duration::from_secs(20),
         || async {
-            let shown = show().await;
+            let shown = replay_state(&h, id).await;
             (shown["waiting"] == true).then_some(shown)
         },
     )
@@ -641,7 +657,7 @@ async fn a_replay_waits_while_the_workers_have_too_much_waiting_then_goes_on() {
     // The workers catch up: the replay goes on to the end.
     h.start_all();
     let done = eventually("the replay to finish", Duration::from_secs(30), || async {
-        let shown = show().await;
+        let shown = replay_state(&h, id).await;
         (shown["status"] == "done").then_some(shown)
     })
     .await;
@@ -663,37 +679,24 @@ async fn a_replay_left_by_a_router_that_stops_is_finished_by_another_exactly() {
     let webhooks = format!("{}/crm", h.start_ingest().await);
     let first = tokio_util::sync::CancellationToken::new();
     let first_router = h.start_router(first.clone());
-    let since = chrono::Utc::now();
-    for n in 0..8 {
-        assert_eq!(post_webhook(&h.http, &webhooks, &contact(n, "p", "x")).await, 202);
-    }
-    eventually("the live events applied", Duration::from_secs(20), || async {
-        (h.runs().await.len() == 8).then_some(())
-    })
-    .await;
-    h.drained().await;
-    let before = conn_messages(&h).await;
+    let (since, before) = live_webhooks(&h, &webhooks, 8).await;
 
     let id = start_replay(&h, json!({"since": since, "target": "functions", "rate": 4})).await;
-    let show = || async {
-        let (_, shown) = call(&h, reqwest::Method::GET, &format!("/replay/{id}"), None).await;
-        shown["data"].clone()
-    };
     eventually("the replay under way", Duration::from_secs(20), || async {
-        (show().await["published"].as_i64()? >= 2).then_some(())
+        (replay_state(&h, id).await["published"].as_i64()? >= 2).then_some(())
     })
     .await;
     // The first router stops: it writes how far it got and lets go.
     first.cancel();
     first_router.await.unwrap().unwrap();
-    let left = show().await;
+    let left = replay_state(&h, id).await;
     assert_eq!(left["status"], "running", "{left}");
     assert!(left["read"].as_i64().unwrap() < 8, "{left}");
 
     // Another takes it up at once and finishes it.
     h.start_router(h.shutdown.clone());
     let done = eventually("the replay finished", Duration::from_secs(20), || async {
-        let shown = show().await;
+        let shown = replay_state(&h, id).await;
         (shown["status"] == "done").then_some(shown)
     })
     .await;
@@ -718,38 +721,10 @@ async fn a_replay_interrupted_by_nats_going_away_goes_on_when_it_is_back() {
         .await;
     h.start_all();
     let webhooks = format!("{}/crm", h.start_edge().await);
-    let since = chrono::Utc::now();
-    for n in 0..8 {
-        assert_eq!(post_webhook(&h.http, &webhooks, &contact(n, "p", "x")).await, 202);
-    }
-    eventually("the live events applied", Duration::from_secs(20), || async {
-        (h.runs().await.len() == 8).then_some(())
-    })
-    .await;
-    h.drained().await;
-    let before = conn_messages(&h).await;
+    let (since, before) = live_webhooks(&h, &webhooks, 8).await;
     let id = start_replay(&h, json!({"since": since, "target": "functions", "rate": 4})).await;
-    let show = |h: &Harness| {
-        let (http, url, key) = (
-            h.http.clone(),
-            format!("{}/replay/{id}", h.api),
-            h.environment.secret_key.clone(),
-        );
-        async move {
-            let body: Value = http
-                .get(url)
-                .bearer_auth(key)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            body["data"].clone()
-        }
-    };
     eventually("the replay under way", Duration::from_secs(20), || async {
-        (show(&h).await["published"].as_i64()? >= 2).then_some(())
+        (replay_state(&h, id).await["published"].as_i64()? >= 2).then_some(())
     })
     .await;
     h._nats.stop();
@@ -757,7 +732,7 @@ async fn a_replay_interrupted_by_nats_going_away_goes_on_when_it_is_back() {
         "the replay to say it was interrupted",
         Duration::from_secs(30),
         || async {
-            let shown = show(&h).await;
+            let shown = replay_state(&h, id).await;
             shown["error"]
                 .as_str()
                 .is_some_and(|e| e.starts_with("interrupted"))
@@ -768,7 +743,7 @@ async fn a_replay_interrupted_by_nats_going_away_goes_on_when_it_is_back() {
     assert_eq!(interrupted["status"], "running", "{interrupted}");
     h._nats.restart();
     let done = eventually("the replay finished", Duration::from_secs(60), || async {
-        let shown = show(&h).await;
+        let shown = replay_state(&h, id).await;
         (shown["status"] == "done").then_some(shown)
     })
     .await;
