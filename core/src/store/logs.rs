@@ -5,10 +5,9 @@
 //! webhook. The router, the worker and the deliverer add steps to an accepted one,
 //! found by its `HOOKS_RAW` sequence. Written in bulk by [`crate::oplog`].
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::types::Json;
 
 use super::{Pool, Store, StoreError};
 
@@ -73,34 +72,8 @@ pub struct LogFilter {
     pub after_id: Option<i64>,
 }
 
-/// Timestamps as text the way sqlx writes them for SQLite, so rows written through JSON
-/// compare with bound parameters (Postgres reads the same text as `timestamptz`).
-fn stamp(at: &DateTime<Utc>) -> String {
-    at.to_rfc3339_opts(SecondsFormat::AutoSi, false)
-}
-
-#[derive(Serialize)]
-struct WebhookRow<'a> {
-    environment: &'a str,
-    integration: &'a str,
-    raw_seq: Option<i64>,
-    delivery_id: Option<&'a str>,
-    received_at: String,
-    status: &'a str,
-    detail: Option<&'a str>,
-    bytes: i64,
-    routing: Option<String>,
-}
-
-#[derive(Serialize)]
-struct StepRow<'a> {
-    raw_seq: i64,
-    at: String,
-    stage: &'a str,
-    connection_id: Option<&'a str>,
-    status: &'a str,
-    detail: String,
-}
+/// Rows per insert: nine parameters each stays well within SQLite's 32,766.
+const ROWS_PER_STATEMENT: usize = 1000;
 
 #[derive(sqlx::FromRow)]
 struct EntryRow {
@@ -149,75 +122,54 @@ const ENTRY_COLUMNS: &str =
     "id, environment, integration, raw_seq, delivery_id, received_at, status, detail, bytes, routing";
 
 impl Store {
-    /// Writes log entries and steps: one statement per table.
+    /// Writes log entries and steps: one multi-row statement per table (at most
+    /// [`ROWS_PER_STATEMENT`] rows, within SQLite's parameter limit).
     pub async fn write_log(&self, writes: &[LogWrite]) -> Result<(), StoreError> {
         let mut webhooks = Vec::new();
         let mut steps = Vec::new();
         for write in writes {
             match write {
-                LogWrite::Webhook(e) => webhooks.push(WebhookRow {
-                    environment: &e.environment,
-                    integration: &e.integration,
-                    raw_seq: e.raw_seq,
-                    delivery_id: e.delivery_id.as_deref(),
-                    received_at: stamp(&e.received_at),
-                    status: &e.status,
-                    detail: e.detail.as_deref(),
-                    bytes: e.bytes,
-                    routing: e.routing.as_ref().map(Value::to_string),
-                }),
-                LogWrite::Step(s) => steps.push(StepRow {
-                    raw_seq: s.raw_seq,
-                    at: stamp(&s.at),
-                    stage: &s.stage,
-                    connection_id: s.connection_id.as_deref(),
-                    status: &s.status,
-                    detail: s.detail.to_string(),
-                }),
+                LogWrite::Webhook(entry) => webhooks.push(entry),
+                LogWrite::Step(step) => steps.push(step),
             }
         }
-        let (insert_webhooks, insert_steps) = match self.pool {
-            Pool::Postgres(_) => (
-                "INSERT INTO webhook_log (environment, integration, raw_seq, delivery_id, received_at, status, detail, bytes,
-                                          routing)
-                 SELECT environment, integration, raw_seq, delivery_id, received_at::timestamptz, status, detail, bytes,
-                        routing
-                 FROM jsonb_to_recordset($1::jsonb) AS m(environment text, integration text, raw_seq bigint,
-                      delivery_id text, received_at text, status text, detail text, bytes bigint, routing text)
-                 ON CONFLICT DO NOTHING",
-                "INSERT INTO webhook_log_steps (raw_seq, at, stage, connection_id, status, detail)
-                 SELECT raw_seq, at::timestamptz, stage, connection_id, status, detail
-                 FROM jsonb_to_recordset($1::jsonb) AS m(raw_seq bigint, at text, stage text, connection_id text,
-                      status text, detail text)",
-            ),
-            Pool::Sqlite(_) => (
-                "INSERT INTO webhook_log (environment, integration, raw_seq, delivery_id, received_at, status, detail, bytes,
-                                          routing)
-                 SELECT m.value ->> '$.environment', m.value ->> '$.integration', m.value ->> '$.raw_seq',
-                        m.value ->> '$.delivery_id', m.value ->> '$.received_at', m.value ->> '$.status',
-                        m.value ->> '$.detail', m.value ->> '$.bytes', m.value ->> '$.routing'
-                 FROM json_each($1) AS m WHERE true
-                 ON CONFLICT DO NOTHING",
-                "INSERT INTO webhook_log_steps (raw_seq, at, stage, connection_id, status, detail)
-                 SELECT m.value ->> '$.raw_seq', m.value ->> '$.at', m.value ->> '$.stage',
-                        m.value ->> '$.connection_id', m.value ->> '$.status', m.value ->> '$.detail'
-                 FROM json_each($1) AS m",
-            ),
-        };
         let mut tx = self.begin().await?;
-        if !webhooks.is_empty() {
-            super::tx::on_tx!(&mut tx, |conn| sqlx::query(insert_webhooks)
-                .bind(Json(&webhooks))
-                .execute(&mut *conn)
-                .await
-                .map(|_| ()))?;
+        for chunk in webhooks.chunks(ROWS_PER_STATEMENT) {
+            super::tx::on_tx!(&mut tx, |conn| {
+                let mut insert = sqlx::QueryBuilder::new(
+                    "INSERT INTO webhook_log (environment, integration, raw_seq, delivery_id, received_at, status, detail, \
+                     bytes, routing) ",
+                );
+                insert.push_values(chunk, |mut row, e| {
+                    row.push_bind(&e.environment)
+                        .push_bind(&e.integration)
+                        .push_bind(e.raw_seq)
+                        .push_bind(&e.delivery_id)
+                        .push_bind(e.received_at)
+                        .push_bind(&e.status)
+                        .push_bind(&e.detail)
+                        .push_bind(e.bytes)
+                        .push_bind(e.routing.as_ref().map(Value::to_string));
+                });
+                insert.push(" ON CONFLICT DO NOTHING");
+                insert.build().execute(&mut *conn).await.map(|_| ())
+            })?;
         }
-        if !steps.is_empty() {
-            super::tx::on_tx!(&mut tx, |conn| sqlx::query(insert_steps)
-                .bind(Json(&steps))
-                .execute(&mut *conn)
-                .await
-                .map(|_| ()))?;
+        for chunk in steps.chunks(ROWS_PER_STATEMENT) {
+            super::tx::on_tx!(&mut tx, |conn| {
+                let mut insert = sqlx::QueryBuilder::new(
+                    "INSERT INTO webhook_log_steps (raw_seq, at, stage, connection_id, status, detail) ",
+                );
+                insert.push_values(chunk, |mut row, s| {
+                    row.push_bind(s.raw_seq)
+                        .push_bind(s.at)
+                        .push_bind(&s.stage)
+                        .push_bind(&s.connection_id)
+                        .push_bind(&s.status)
+                        .push_bind(s.detail.to_string());
+                });
+                insert.build().execute(&mut *conn).await.map(|_| ())
+            })?;
         }
         tx.commit().await
     }
