@@ -29,7 +29,7 @@ pub const DROPPED: &str = "hookyard_log_entries_dropped_total";
 /// queued) once every clone is dropped.
 #[derive(Clone)]
 pub struct OpLog {
-    queue: Option<mpsc::Sender<LogWrite>>,
+    queue: mpsc::Sender<LogWrite>,
 }
 
 impl OpLog {
@@ -37,12 +37,7 @@ impl OpLog {
     pub fn start(store: Store, config: &LogsConfig) -> OpLog {
         let (sender, receiver) = mpsc::channel(config.buffer.max(1));
         tokio::spawn(write_loop(store, receiver, config.retention));
-        OpLog { queue: Some(sender) }
-    }
-
-    /// Writes nothing (benchmarks of other things, tools).
-    pub fn disabled() -> OpLog {
-        OpLog { queue: None }
+        OpLog { queue: sender }
     }
 
     pub fn webhook(&self, entry: WebhookEntry) {
@@ -57,9 +52,6 @@ impl OpLog {
         status: &str,
         detail: serde_json::Value,
     ) {
-        if self.queue.is_none() {
-            return;
-        }
         self.record(LogWrite::Step(LogStep {
             raw_seq: raw_seq as i64,
             at: Utc::now(),
@@ -71,8 +63,7 @@ impl OpLog {
     }
 
     fn record(&self, write: LogWrite) {
-        let Some(queue) = &self.queue else { return };
-        if queue.try_send(write).is_err() {
+        if self.queue.try_send(write).is_err() {
             metrics::counter!(DROPPED).increment(1);
         }
     }

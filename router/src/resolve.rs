@@ -142,13 +142,9 @@ impl Resolver {
             .cloned()
     }
 
-    /// The integration's live connections, current as of now.
-    pub async fn connections(&self, state: &IntegrationState) -> Result<Arc<ConnectionIndex>, StoreError> {
-        self.connections_within(state, Duration::ZERO).await
-    }
-
-    /// The integration's live connections as of at most `staleness` ago: a replay
-    /// routes thousands of webhooks a second, and need not ask the store for each.
+    /// The integration's live connections as of at most `staleness` ago (zero: current
+    /// as of now). A replay routes thousands of webhooks a second, and need not ask the
+    /// store for each.
     pub async fn connections_within(
         &self,
         state: &IntegrationState,
