@@ -94,7 +94,14 @@ impl Envelope {
 
     /// The JetStream message id: the same delivery published twice is stored once.
     pub fn message_id(&self) -> String {
-        format!("{}:{}:{}", self.environment, self.integration, self.delivery_id)
+        let (environment, integration) = (self.environment.as_str(), self.integration.as_str());
+        let mut id = String::with_capacity(environment.len() + integration.len() + self.delivery_id.len() + 2);
+        id.push_str(environment);
+        id.push(':');
+        id.push_str(integration);
+        id.push(':');
+        id.push_str(&self.delivery_id);
+        id
     }
 
     /// The delivery id of a request: the provider's own when a known header carries one,
@@ -125,34 +132,57 @@ impl Envelope {
             hash.update(body);
             // 128 bits of the hash are plenty to tell deliveries apart, and the id is
             // held in the server's duplicate map for the whole window: keep it short.
-            format!("h:{}", hex::encode(&hash.finalize()[..16]))
+            let mut hex = [0u8; 32];
+            hex::encode_to_slice(&hash.finalize()[..16], &mut hex).expect("32 hex digits for 16 bytes");
+            let mut id = String::with_capacity(2 + hex.len());
+            id.push_str("h:");
+            id.push_str(std::str::from_utf8(&hex).expect("hex digits are ASCII"));
+            id
         })
     }
 
     /// NATS headers for this envelope; the payload is `self.body` unchanged.
+    ///
+    /// On ingest's hot path: our own names are static (no allocation, no validation),
+    /// each value is copied once, and names that occur once are inserted (one hash)
+    /// rather than appended (two).
     pub fn to_headers(&self) -> HeaderMap {
         let mut map = HeaderMap::new();
-        map.insert(H_FORMAT, FORMAT_VERSION);
-        insert_checked(&mut map, H_MESSAGE_ID, &self.message_id());
-        let received_at = self.received_at.to_rfc3339_opts(SecondsFormat::Micros, true);
-        insert_checked(&mut map, H_RECEIVED_AT, &received_at);
+        let mut ours = |name: &'static str, value: String| {
+            if let Some(value) = checked_value(name, value) {
+                map.insert(HeaderName::from_static(name), value);
+            }
+        };
+        ours(H_FORMAT, FORMAT_VERSION.to_string());
+        ours(H_MESSAGE_ID, self.message_id());
+        ours(
+            H_RECEIVED_AT,
+            self.received_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+        );
         if self.method != "POST" {
-            insert_checked(&mut map, H_METHOD, &self.method);
+            ours(H_METHOD, self.method.clone());
         }
         if let Some(path) = &self.path {
-            insert_checked(&mut map, H_PATH, path);
+            ours(H_PATH, path.clone());
         }
         if let Some(query) = &self.query {
-            insert_checked(&mut map, H_QUERY, query);
+            ours(H_QUERY, query.clone());
         }
         if self.verification != Verification::Unsigned {
-            map.insert(H_VERIFICATION, self.verification.as_str());
+            ours(H_VERIFICATION, self.verification.as_str().to_string());
         }
         if let Some(traceparent) = &self.traceparent {
-            insert_checked(&mut map, H_TRACEPARENT, traceparent);
+            ours(H_TRACEPARENT, traceparent.clone());
         }
         for (name, value) in &self.headers {
-            insert_checked(&mut map, &format!("{HTTP_PREFIX}{name}"), value);
+            let mut prefixed = String::with_capacity(HTTP_PREFIX.len() + name.len());
+            prefixed.push_str(HTTP_PREFIX);
+            prefixed.push_str(name);
+            match (HeaderName::try_from(prefixed), checked_value(name, value.clone())) {
+                (Ok(prefixed), Some(value)) => map.append(prefixed, value),
+                (Err(_), _) => left_out(name),
+                (_, None) => {}
+            }
         }
         map
     }
@@ -216,10 +246,27 @@ impl Envelope {
 /// NATS header block. HTTP cannot deliver them in a header or a raw path; a value that
 /// somehow holds one is logged and left out rather than failing the message.
 pub fn insert_checked(map: &mut HeaderMap, name: &str, value: &str) {
-    match (HeaderName::from_str(name), HeaderValue::from_str(value)) {
-        (Ok(name), Ok(value)) => map.append(name, value),
-        _ => tracing::warn!(header = %name, "header cannot be carried in a NATS message; left out"),
+    match HeaderName::from_str(name) {
+        Ok(header) => {
+            if let Some(value) = checked_value(name, value.to_string()) {
+                map.append(header, value)
+            }
+        }
+        Err(_) => left_out(name),
     }
+}
+
+/// `value` as a header value, or `None` (logged) when it holds CR or LF.
+fn checked_value(name: &str, value: String) -> Option<HeaderValue> {
+    if value.contains(['\r', '\n']) {
+        left_out(name);
+        return None;
+    }
+    Some(HeaderValue::from(value))
+}
+
+fn left_out(name: &str) {
+    tracing::warn!(header = %name, "header cannot be carried in a NATS message; left out");
 }
 
 /// A message's headers as (name, value) pairs, repeats kept: to keep a message outside

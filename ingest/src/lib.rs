@@ -69,6 +69,8 @@ pub struct Ingest {
     pub retry_after_secs: u64,
     /// Where each webhook's entry in the operation log goes (queued, never awaited).
     pub oplog: OpLog,
+    /// Registered once: a lookup per webhook costs more than the recording.
+    pub publish_ack_seconds: metrics::Histogram,
 }
 
 impl Ingest {
@@ -104,6 +106,7 @@ impl Ingest {
             body_read_timeout: config.ingest.body_read_timeout,
             retry_after_secs: config.ingest.retry_after.as_secs().max(1),
             oplog,
+            publish_ack_seconds: metrics::histogram!(hookyard_core::metrics::names::PUBLISH_ACK_SECONDS),
         }))
     }
 }

@@ -56,30 +56,32 @@ impl Publisher {
             return Err(PublishFailure::Disconnected);
         }
         let subject = envelope.subject();
-        // Encoded once; a retry (rare) encodes again rather than every attempt cloning.
-        let first = std::sync::Mutex::new(Some(envelope.to_headers()));
-        let attempt = || async {
-            let headers = first
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take()
-                .unwrap_or_else(|| envelope.to_headers());
+        let attempt = |headers| {
             let message = PublishMessage::build().payload(envelope.body.clone()).headers(headers);
-            self.jetstream.send_publish(subject.clone(), message).await?.await
+            let subject = subject.clone();
+            async move { self.jetstream.send_publish(subject, message).await?.await }
         };
-        let retries = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(10))
-            .with_max_delay(Duration::from_millis(250))
-            .with_jitter()
-            .without_max_times();
-        let outcome = tokio::time::timeout(
-            self.timeout,
-            attempt
-                .retry(retries)
-                .when(|e: &async_nats::jetstream::context::PublishError| is_transient(e.kind()))
-                .notify(|error, after| tracing::debug!(%error, ?after, "retrying publish")),
-        )
-        .await;
+        // The first attempt goes out directly; only a transient failure pays for the
+        // retry machinery (each retry encodes the headers again).
+        let publishing = async {
+            match attempt(envelope.to_headers()).await {
+                Err(error) if is_transient(error.kind()) => {
+                    tracing::debug!(%error, "retrying publish");
+                    let retries = ExponentialBuilder::default()
+                        .with_min_delay(Duration::from_millis(10))
+                        .with_max_delay(Duration::from_millis(250))
+                        .with_jitter()
+                        .without_max_times();
+                    (|| attempt(envelope.to_headers()))
+                        .retry(retries)
+                        .when(|e: &async_nats::jetstream::context::PublishError| is_transient(e.kind()))
+                        .notify(|error, after| tracing::debug!(%error, ?after, "retrying publish"))
+                        .await
+                }
+                other => other,
+            }
+        };
+        let outcome = tokio::time::timeout(self.timeout, publishing).await;
         match outcome {
             Err(_elapsed) => Err(PublishFailure::Deadline(self.timeout)),
             Ok(Ok(ack)) => Ok(ack),

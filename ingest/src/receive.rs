@@ -44,10 +44,10 @@ struct Seen {
     /// The environment's name, once known (webhooks of unknown environments are counted,
     /// not logged: no environment's API could show them).
     environment: Option<String>,
-    /// The path's integration names one the environment has.
-    known_integration: bool,
+    /// The `accepted` count of the path's integration, once the environment is known to
+    /// have it.
+    accepted: Option<metrics::Counter>,
     delivery_id: Option<String>,
-    verification: Option<&'static str>,
     raw_seq: Option<u64>,
     duplicate: bool,
     handshake: bool,
@@ -65,7 +65,7 @@ pub async fn receive_webhook(
     hookyard_core::trace_context::record_trace_id(&tracing::Span::current());
     let received_at = Utc::now();
     let mut seen = Seen::default();
-    let answer = receive(&ingest, &path, request, &mut seen).await;
+    let answer = receive(&ingest, &path, request, received_at, &mut seen).await;
     observe(&ingest, &path, &seen, &answer, received_at);
     answer
 }
@@ -87,24 +87,26 @@ fn observe(
             "duplicate",
             seen.raw_seq.map(|seq| format!("already stored as HOOKS_RAW #{seq}")),
         ),
-        Ok(_) => ("accepted", "accepted", seen.verification.map(String::from)),
+        // The common case: counted through the handle the settings cache registered,
+        // and logged by the router that routes it. Nothing more on this path.
+        Ok(_) => {
+            if let Some(accepted) = &seen.accepted {
+                accepted.increment(1);
+            }
+            return;
+        }
         Err(error @ (IngestError::Saturated { .. } | IngestError::Unavailable { .. })) => {
             ("unavailable", error.code(), Some(error.to_string()))
         }
         Err(error) => ("rejected", error.code(), Some(format!("{}: {error}", error.code()))),
     };
-    let integration = if seen.known_integration {
+    let integration = if seen.accepted.is_some() {
         path.integration.as_str()
     } else {
         "unknown"
     };
     metrics::counter!(names::WEBHOOKS_RECEIVED, "integration" => integration.to_string(), "outcome" => outcome)
         .increment(1);
-    // An accepted webhook's entry is written by the router that routes it: nothing
-    // more on this path for the common case.
-    if status == "accepted" {
-        return;
-    }
     if let Some(environment) = &seen.environment {
         ingest.oplog.webhook(WebhookEntry {
             environment: environment.clone(),
@@ -126,6 +128,7 @@ async fn receive(
     ingest: &Ingest,
     path: &WebhookPath,
     request: Request,
+    received_at: chrono::DateTime<Utc>,
     seen: &mut Seen,
 ) -> Result<Response, IngestError> {
     // Taken apart rather than extracted piecewise: the header map is not cloned.
@@ -146,7 +149,7 @@ async fn receive(
             environment: environment.name.to_string(),
             integration: path.integration.clone(),
         })?;
-    seen.known_integration = true;
+    seen.accepted = Some(entry.accepted.clone());
     let integration = &entry.integration;
     let rules = entry.rules.as_ref().map_err(|reason| IngestError::Misconfigured {
         integration: integration.unique_key.to_string(),
@@ -217,11 +220,10 @@ async fn receive(
         seen.handshake = true;
         return handshake_response(answer, &integration.unique_key);
     }
-    let verification = rules.verify(&inbound, secret, Utc::now()).map_err(|error| {
+    let verification = rules.verify(&inbound, secret, received_at).map_err(|error| {
         tracing::warn!(integration = %integration.unique_key, %error, "webhook refused: bad signature");
         IngestError::BadSignature(error)
     })?;
-    seen.verification = Some(verification.as_str());
 
     let path_rest = trailing_path(uri.path());
     let delivery_id = Envelope::derive_delivery_id(
@@ -234,7 +236,7 @@ async fn receive(
     let envelope = Envelope {
         environment: environment.name.clone(),
         integration: integration.unique_key.clone(),
-        received_at: Utc::now(),
+        received_at,
         delivery_id,
         method: method.to_string(),
         path: path_rest,
@@ -257,7 +259,7 @@ async fn receive(
             },
         }
     })?;
-    metrics::histogram!(names::PUBLISH_ACK_SECONDS).record(publishing.elapsed().as_secs_f64());
+    ingest.publish_ack_seconds.record(publishing.elapsed().as_secs_f64());
     seen.raw_seq = Some(ack.sequence);
     seen.duplicate = ack.duplicate;
     tracing::debug!(

@@ -7,6 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use hookyard_core::keys::EnvironmentName;
+use hookyard_core::metrics::names;
 use hookyard_core::providers::{Catalog, Provider};
 use hookyard_core::store::{Integration, StoreError};
 use hookyard_core::Store;
@@ -24,6 +25,8 @@ pub struct EnvironmentEntry {
 pub struct IntegrationEntry {
     pub integration: Arc<Integration>,
     pub rules: Result<Arc<Provider>, String>,
+    /// Its `accepted` count, registered once here rather than looked up per webhook.
+    pub accepted: metrics::Counter,
 }
 
 #[derive(Default)]
@@ -106,11 +109,14 @@ async fn read_snapshot(store: &Store, catalog: &Catalog) -> Result<Snapshot, Sto
                 tracing::warn!(integration = %integration.unique_key, %error, "integration settings are invalid; its webhooks are refused");
             }
             let key = integration.unique_key.as_str().to_string();
+            let accepted =
+                metrics::counter!(names::WEBHOOKS_RECEIVED, "integration" => key.clone(), "outcome" => "accepted");
             entry.integrations.insert(
                 key,
                 IntegrationEntry {
                     integration: Arc::new(integration),
                     rules,
+                    accepted,
                 },
             );
         }

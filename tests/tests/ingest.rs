@@ -8,6 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use common::{add_integration, assert_error, start_ingest};
+use hookyard_core::streams::RAW_STREAM;
 use hookyard_testkit::{eventually, PgDatabase};
 
 #[tokio::test]
@@ -180,6 +181,45 @@ async fn nats_down_is_503_and_ingest_recovers_when_it_returns() {
     // The store survived the restart; nothing answered 503 was stored.
     assert_eq!(ingest.raw_count().await, 2);
     assert_eq!(&ingest.raw_envelope(2).await.body[..], b"after");
+}
+
+/// During a stream-leader election a publish can go unanswered. Ingest gives up on an
+/// ack at half the publish timeout and publishes again with the same message id, so
+/// the webhook is answered 202 once the stream answers again, and stored once.
+#[tokio::test]
+async fn an_unanswered_publish_is_retried_with_the_same_id_within_the_timeout() {
+    let ingest = start_ingest(None, |c| c.ingest.publish_timeout = Duration::from_secs(3)).await;
+    // Every attempt is also seen by a plain subscriber on the subject. (Its interest
+    // also means the server answers "no responders" to nobody: with the stream gone,
+    // an attempt simply goes unanswered, as during an election.)
+    let mut attempts = ingest.bus.client.subscribe("hooks.raw.>").await.unwrap();
+    ingest.bus.client.flush().await.unwrap();
+    ingest.jetstream.delete_stream(RAW_STREAM).await.unwrap();
+
+    let sending = tokio::spawn(ingest.http.post(ingest.webhook_url("demo")).body("retried").send());
+    let within = Duration::from_secs(10);
+    let first = tokio::time::timeout(within, attempts.next()).await.unwrap().unwrap();
+    // The server had already found no stream for that attempt when it reached us.
+    let started = std::time::Instant::now();
+    ingest.bus.ensure_streams(&ingest.config.streams).await.unwrap();
+
+    let response = tokio::time::timeout(within, sending).await.unwrap().unwrap().unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "answered within the publish timeout"
+    );
+    let retry = tokio::time::timeout(within, attempts.next()).await.unwrap().unwrap();
+    let id = |m: &async_nats::Message| {
+        m.headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .map(|v| v.to_string())
+    };
+    assert!(id(&first).is_some());
+    assert_eq!(id(&first), id(&retry), "a retry keeps the message id");
+    assert_eq!(ingest.raw_count().await, 1);
+    assert_eq!(&ingest.raw_envelope(1).await.body[..], b"retried");
 }
 
 #[tokio::test]
