@@ -3,6 +3,7 @@
 mod forward;
 mod ingest_compare;
 mod load;
+mod publish_modes;
 mod records;
 mod replay;
 mod router;
@@ -45,6 +46,16 @@ enum Command {
         /// HOOKS_RAW's duplicate window (how long message ids are remembered).
         #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
         duplicate_window: Duration,
+    },
+    /// JetStream publishes with a message id, each awaiting its ack, against one
+    /// fast-ingest batch: messages/s and CPU per message of client and nats-server.
+    PublishModes {
+        /// Seconds per mode.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Acked publishes in flight at once.
+        #[arg(long, default_value_t = 256)]
+        in_flight: usize,
     },
     /// Records write throughput on Postgres (a fresh database on the local server, or
     /// $HOOKYARD_TEST_POSTGRES_URL's) and SQLite, per batch size.
@@ -154,6 +165,7 @@ fn main() -> anyhow::Result<()> {
                 rounds,
                 duplicate_window,
             } => ingest_compare::run(&load.plan(), rounds, duplicate_window).await,
+            Command::PublishModes { seconds, in_flight } => publish_modes::run(seconds, in_flight).await,
             Command::Records { batch, records } => records::run(&batch, records).await,
             Command::Router { batch, events } => router::run(&batch, events).await,
             Command::Replay {

@@ -56,14 +56,17 @@ impl CpuMeter {
 impl CpuUsed {
     pub fn print(&self, report: &Report) {
         // Includes the warm-up second: requests are counted over the same span.
-        let requests = report.ok().max(1) as f64;
+        let (own, nats) = self.per_thousand(report.ok());
         println!(
-            "  cpu: bench process (server + load generator) {:.1}s, nats-server {:.1}s; per 1000 requests {:.0} ms + {:.0} ms (incl. warm-up)",
-            self.own,
-            self.nats,
-            self.own * 1e6 / requests,
-            self.nats * 1e6 / requests
+            "  cpu: bench process (server + load generator) {:.1}s, nats-server {:.1}s; per 1000 requests {own:.0} ms + {nats:.0} ms (incl. warm-up)",
+            self.own, self.nats,
         );
+    }
+
+    /// Milliseconds of CPU per 1000 of `count`: this process's, then nats-server's.
+    pub fn per_thousand(&self, count: u64) -> (f64, f64) {
+        let count = count.max(1) as f64;
+        (self.own * 1e6 / count, self.nats * 1e6 / count)
     }
 }
 
