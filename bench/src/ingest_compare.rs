@@ -200,15 +200,7 @@ fn envelope(headers: &HeaderMap, body: Bytes) -> Envelope {
         std::sync::LazyLock::new(|| "bench".parse().expect("a valid name"));
     static INTEGRATION: std::sync::LazyLock<IntegrationKey> =
         std::sync::LazyLock::new(|| "load".parse().expect("a valid key"));
-    let headers: Vec<(String, String)> = headers
-        .iter()
-        .map(|(name, value)| {
-            (
-                name.as_str().to_string(),
-                String::from_utf8_lossy(value.as_bytes()).into_owned(),
-            )
-        })
-        .collect();
+    let headers = hookyard_ingest::receive::header_list(headers);
     Envelope {
         environment: ENVIRONMENT.clone(),
         integration: INTEGRATION.clone(),

@@ -281,7 +281,7 @@ async fn receive(
 }
 
 /// The request headers as (lower-case name, value) pairs, repeats kept.
-fn header_list(headers: &HeaderMap) -> Vec<(String, String)> {
+pub fn header_list(headers: &HeaderMap) -> Vec<(String, String)> {
     headers
         .iter()
         .map(|(name, value)| {
