@@ -16,7 +16,7 @@ use hookyard_testkit::PgDatabase;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::setup::{cpu_seconds, start_nats};
+use crate::setup::{start_nats, CpuMeter};
 
 pub async fn run(events: u64) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -114,8 +114,7 @@ pub async fn run(events: u64) -> anyhow::Result<()> {
         &config.forwarding,
         hookyard_core::oplog::OpLog::start(store.clone(), &config.logs),
     ));
-    let nats_pid = nats.pid().unwrap_or(0).to_string();
-    let (own, nats_cpu) = (cpu_seconds("self"), cpu_seconds(&nats_pid));
+    let cpu = CpuMeter::start(nats.pid().unwrap_or(0));
     let started = Instant::now();
     tokio::spawn(forwarder.run(shutdown.clone()));
     tokio::spawn(deliverer.run(shutdown.clone()));
@@ -128,14 +127,14 @@ pub async fn run(events: u64) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let (own, nats_cpu) = (cpu_seconds("self") - own, cpu_seconds(&nats_pid) - nats_cpu);
+    let (own, nats_cpu) = cpu.stop().per_thousand(events);
     shutdown.cancel();
     println!(
         "{events} deliveries in {elapsed:.2}s = {:.0} deliveries/s\n\
          CPU per 1,000 deliveries: this process (forwarder, deliverer, receiver) {:.0} ms, nats-server {:.0} ms",
         events as f64 / elapsed,
-        own * 1e6 / events as f64,
-        nats_cpu * 1e6 / events as f64,
+        own,
+        nats_cpu,
     );
     Ok(())
 }

@@ -69,11 +69,12 @@ pub async fn run(seconds: u64, in_flight: usize) -> anyhow::Result<()> {
         } else {
             format!("publish + ack per message, {in_flight} in flight")
         };
+        let (own, nats) = cpu.per_thousand(sent);
         println!(
             "{name}\n  {:.0} messages/s; CPU per 1000: client {:.1} ms, nats-server {:.1} ms",
             sent as f64 / elapsed,
-            cpu.per_thousand(sent).0,
-            cpu.per_thousand(sent).1,
+            own,
+            nats,
         );
         println!("  {sent} sent ({duplicates} of them repeating an earlier id), {stored} stored");
         if batched {

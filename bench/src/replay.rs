@@ -12,11 +12,11 @@ use hookyard_router::Router;
 use tokio_util::sync::CancellationToken;
 
 use crate::router::HubspotBench;
-use crate::setup::cpu_seconds;
+use crate::setup::CpuMeter;
 
 pub async fn run(batches: &[usize], webhooks: usize, rounds: usize) -> anyhow::Result<()> {
     let bench = HubspotBench::start().await?;
-    let nats_pid = bench.nats.pid().unwrap_or(0).to_string();
+    let nats_pid = bench.nats.pid().unwrap_or(0);
     let router = Arc::new(Router::new(bench.store.clone(), &bench.bus, &bench.config)?);
     println!("replay benchmark: HubSpot webhooks over two connections, SQLite store, one router replaying\n");
     println!(
@@ -48,11 +48,11 @@ pub async fn run(batches: &[usize], webhooks: usize, rounds: usize) -> anyhow::R
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("the replay was not queued"))?;
             let replayer = Replayer::new(router.clone(), bench.store.clone(), u64::MAX);
-            let (own, server) = (cpu_seconds("self"), cpu_seconds(&nats_pid));
+            let cpu = CpuMeter::start(nats_pid);
             let started = Instant::now();
             replayer.replay_and_record(&replay, &CancellationToken::new()).await;
             let elapsed = started.elapsed().as_secs_f64();
-            let (own, server) = (cpu_seconds("self") - own, cpu_seconds(&nats_pid) - server);
+            let cpu = cpu.stop();
             let done = bench.store.replay(&replay.request.environment, replay.id).await?;
             anyhow::ensure!(
                 done.status == ReplayStatus::Done,
@@ -67,12 +67,13 @@ pub async fn run(batches: &[usize], webhooks: usize, rounds: usize) -> anyhow::R
                 webhooks * batch,
                 done.progress.read
             );
+            let (own, server) = cpu.per_thousand(published as u64);
             println!(
                 "{batch:>6} {webhooks:>9} {round:>6} {:>11.0} {:>12.0} {:>12.1} µs {:>16.1} µs",
                 webhooks as f64 / elapsed,
                 published as f64 / elapsed,
-                own * 1e6 / published as f64,
-                server * 1e6 / published as f64,
+                own,
+                server,
             );
         }
     }

@@ -14,7 +14,7 @@ use hookyard_router::Router;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::setup::{cpu_seconds, start_nats};
+use crate::setup::{start_nats, CpuMeter};
 
 /// NATS, a SQLite store and a HubSpot integration with two portal connections.
 pub(crate) struct HubspotBench {
@@ -128,7 +128,7 @@ pub async fn run(batches: &[usize], events_per_size: usize) -> anyhow::Result<()
         bus,
         ..
     } = &bench;
-    let nats_pid = nats.pid().unwrap_or(0).to_string();
+    let nats_pid = nats.pid().unwrap_or(0);
 
     println!(
         "router benchmark: HubSpot batches over two connections, SQLite store, one router (64 webhooks in flight)\n"
@@ -143,14 +143,14 @@ pub async fn run(batches: &[usize], events_per_size: usize) -> anyhow::Result<()
 
         let shutdown = CancellationToken::new();
         let router = Arc::new(Router::new(store.clone(), bus, config)?);
-        let (own, server) = (cpu_seconds("self"), cpu_seconds(&nats_pid));
+        let cpu = CpuMeter::start(nats_pid);
         let started = Instant::now();
         let task = tokio::spawn(router.run(shutdown.clone()));
         while !hookyard_router::acked_through(&bus.jetstream, last).await? {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let elapsed = started.elapsed().as_secs_f64();
-        let (own, server) = (cpu_seconds("self") - own, cpu_seconds(&nats_pid) - server);
+        let cpu = cpu.stop();
         shutdown.cancel();
         let _ = task.await;
         let routed = bench.routed().await?;
@@ -159,12 +159,13 @@ pub async fn run(batches: &[usize], events_per_size: usize) -> anyhow::Result<()
             "expected {} routed events, found {routed}",
             webhooks * batch
         );
+        let (own, server) = cpu.per_thousand(routed as u64);
         println!(
             "{batch:>6} {webhooks:>9} {:>11.0} {:>12.0} {:>12.1} µs {:>14.1} µs",
             webhooks as f64 / elapsed,
             routed as f64 / elapsed,
-            own * 1e6 / routed as f64,
-            server * 1e6 / routed as f64,
+            own,
+            server,
         );
     }
     Ok(())
