@@ -274,7 +274,12 @@ async fn sigterm_drains_in_flight_requests_and_exits_0() {
             .body("in flight at SIGTERM")
             .send(),
     );
-    eventually("one request in flight", Duration::from_secs(10), || async {
+    // `false`: the request was answered while NATS was paused, which is a failure of
+    // its own (said below, with the answer) rather than a wait that times out.
+    let in_flight_seen = eventually("one request in flight", Duration::from_secs(10), || async {
+        if in_flight.is_finished() {
+            return Some(false);
+        }
         let body: serde_json::Value = http
             .get(format!("{base}/healthz"))
             .send()
@@ -283,9 +288,16 @@ async fn sigterm_drains_in_flight_requests_and_exits_0() {
             .json()
             .await
             .ok()?;
-        (body["in_flight"] == 1).then_some(())
+        (body["in_flight"] == 1).then_some(true)
     })
     .await;
+    if !in_flight_seen {
+        let answer = match in_flight.await.unwrap() {
+            Ok(response) => format!("{} {}", response.status(), response.text().await.unwrap_or_default()),
+            Err(error) => error.to_string(),
+        };
+        panic!("the request was answered before SIGTERM, with NATS paused: {answer}");
+    }
     ingest.process.signal("-TERM");
     Process::wait_for(&ingest.process.stderr, "shutdown requested");
     ingest.nats.resume();
