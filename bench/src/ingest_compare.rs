@@ -98,7 +98,8 @@ pub async fn run(plan: &Plan, rounds: u32, duplicate_window: Duration) -> anyhow
         bus.client.server_info().version
     );
     let nats_pid = nats.pid().context("nats-server pid")?;
-    let mut totals = [0.0; 4];
+    // Throughput per target, one entry per round.
+    let mut rounds_of: [Vec<f64>; 4] = Default::default();
     for round in 0..rounds as usize {
         // Whichever target runs first in a round is measurably disadvantaged (about 7%
         // when two slots load the same server), so the order rotates.
@@ -113,16 +114,36 @@ pub async fn run(plan: &Plan, rounds: u32, duplicate_window: Duration) -> anyhow
             report.print(&format!("round {}: {}", round + 1, target.name));
             cpu.print(&report);
             check_acked(&report, after - before, target.stream)?;
-            totals[i] += report.throughput();
+            rounds_of[i].push(report.throughput());
         }
     }
-    let mean = |i: usize| totals[i] / rounds as f64;
-    println!("\nmean throughput, and hookyard's ratio to each:");
+    let mean = |i: usize| rounds_of[i].iter().sum::<f64>() / rounds as f64;
+    println!("\nmean throughput; hookyard's ratio to each, of the means and per round (median, range):");
     for (i, target) in targets.iter().enumerate() {
-        println!("  {:>7.0} req/s  {:.2}  {}", mean(i), mean(0) / mean(i), target.name);
+        let mut ratios: Vec<f64> = rounds_of[0].iter().zip(&rounds_of[i]).map(|(h, t)| h / t).collect();
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "  {:>7.0} req/s  {:.2}  {:.2} ({:.2}–{:.2})  {}",
+            mean(i),
+            mean(0) / mean(i),
+            median(&ratios),
+            ratios[0],
+            ratios[ratios.len() - 1],
+            target.name
+        );
     }
     shutdown.cancel();
     Ok(())
+}
+
+/// The middle of sorted `values` (the mean of the middle two for an even count).
+fn median(values: &[f64]) -> f64 {
+    let mid = values.len() / 2;
+    if values.len() % 2 == 0 {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    }
 }
 
 struct Target {

@@ -35,13 +35,13 @@ enum Command {
         #[command(flatten)]
         load: LoadArgs,
     },
-    /// Start NATS, hookyard's ingest and a bare axum→JetStream handler, load each in
-    /// turn, and print both with their ratio. Checks that no 2xx came without a stored message.
+    /// Start NATS, hookyard's ingest and bare axum→JetStream handlers, load each in
+    /// turn, and print hookyard's ratio to each. Checks that no 2xx came without a stored message.
     IngestCompare {
         #[command(flatten)]
         load: LoadArgs,
         /// Alternating rounds per target.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
         rounds: u32,
         /// HOOKS_RAW's duplicate window (how long message ids are remembered).
         #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
