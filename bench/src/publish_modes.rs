@@ -134,7 +134,7 @@ async fn fast_batch(
     duration: Duration,
 ) -> anyhow::Result<(u64, u64)> {
     // The reply subject is parsed from the right: <prefix>.<batch>.<flow>.<gap>.<seq>.<op>.$FI
-    let inbox = format!("_INBOX.{}", hex::encode(&hookyard_core::secrets::random_bytes::<12>()));
+    let inbox = format!("_INBOX.{}", hex::encode(hookyard_core::secrets::random_bytes::<12>()));
     let mut replies = client.subscribe(format!("{inbox}.>")).await?;
     let reply = |seq: u64, op: u8| format!("{inbox}.{FLOW}.fail.{seq}.{op}.$FI");
     let (mut seq, mut acked) = (0u64, 0u64);

@@ -462,7 +462,9 @@ impl Worker {
             }
         }
         // Each connection's JSON is made once for all its events.
-        let mut connections: HashMap<(i64, IntegrationKey, String), (Arc<str>, Arc<str>)> = HashMap::new();
+        // (environment, integration, connection id) → its metadata and its getConnection() JSON
+        type ConnectionKey = (i64, IntegrationKey, String);
+        let mut connections: HashMap<ConnectionKey, (Arc<str>, Arc<str>)> = HashMap::new();
         for ((environment_id, integration), ids) in &wanted {
             for connection in self.store.connections_named(*environment_id, integration, ids).await? {
                 connections.insert(

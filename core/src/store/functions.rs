@@ -281,13 +281,14 @@ impl Store {
     }
 
     pub async fn function_bundle(&self, hash: &str) -> Result<FunctionBundle, StoreError> {
-        let row: Option<(String, Json<BTreeMap<String, String>>, Json<BTreeMap<String, String>>)> = on_pool!(
-            self,
-            |pool| sqlx::query_as("SELECT engine, sources, modules FROM function_bundles WHERE hash = $1")
-                .bind(hash)
-                .fetch_optional(pool)
-                .await
-        )?;
+        // engine, sources by path, bytecode (base64) by module name
+        type Row = (String, Json<BTreeMap<String, String>>, Json<BTreeMap<String, String>>);
+        let row: Option<Row> = on_pool!(self, |pool| sqlx::query_as(
+            "SELECT engine, sources, modules FROM function_bundles WHERE hash = $1"
+        )
+        .bind(hash)
+        .fetch_optional(pool)
+        .await)?;
         let (engine, Json(sources), Json(modules)) =
             row.ok_or_else(|| StoreError::NotFound(format!("function bundle {hash}")))?;
         let modules = modules
