@@ -3,6 +3,8 @@
 //! flight), and one fast-ingest batch (nats-server 2.14+, `allow_batched`), acked by
 //! the server every `FLOW` messages. No HTTP: what each costs NATS and its client per
 //! message, and what a duplicate id inside a batch tells the publisher (nothing).
+//! Between them, the per-message publish of what ingest really sends: hookyard's
+//! envelope of a GitHub delivery (its twelve request headers and our metadata).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,6 +15,8 @@ use async_nats::jetstream::{self, message::PublishMessage};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::StreamExt as _;
+use hookyard_core::providers::Verification;
+use hookyard_core::Envelope;
 use serde::Deserialize;
 
 use crate::setup::{start_nats, CpuMeter};
@@ -33,7 +37,12 @@ pub async fn run(seconds: u64, in_flight: usize) -> anyhow::Result<()> {
         "1 KiB messages, each with a Nats-Msg-Id, for {seconds}s per mode; nats-server {}\n",
         client.server_info().version
     );
-    for (stream, batched) in [("ACKED", false), ("BATCHED", true)] {
+    let github = github_envelope(&body);
+    for (stream, batched, envelope) in [
+        ("ACKED", false, None),
+        ("ACKED_ENVELOPE", false, Some(&github)),
+        ("BATCHED", true, None),
+    ] {
         // As JSON: async-nats knows `allow_batched` only under a feature we do not build.
         let config = serde_json::json!({
             "name": stream,
@@ -59,15 +68,18 @@ pub async fn run(seconds: u64, in_flight: usize) -> anyhow::Result<()> {
         let (sent, duplicates) = if batched {
             fast_batch(&client, &subject, &body, duration).await?
         } else {
-            (acked(&jetstream, &subject, &body, duration, in_flight).await?, 0)
+            (
+                acked(&jetstream, &subject, &body, envelope, duration, in_flight).await?,
+                0,
+            )
         };
         let elapsed = started.elapsed().as_secs_f64();
         let cpu = cpu.stop();
         let stored = jetstream.get_stream(stream).await?.info().await?.state.messages;
-        let name = if batched {
-            format!("one fast-ingest batch, ack every {FLOW}")
-        } else {
-            format!("publish + ack per message, {in_flight} in flight")
+        let name = match (batched, envelope) {
+            (true, _) => format!("one fast-ingest batch, ack every {FLOW}"),
+            (false, None) => format!("publish + ack per message, {in_flight} in flight"),
+            (false, Some(_)) => format!("the same, each message hookyard's envelope of a GitHub delivery"),
         };
         let (own, nats) = cpu.per_thousand(sent);
         println!(
@@ -86,10 +98,13 @@ pub async fn run(seconds: u64, in_flight: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `envelope`: send each message as this envelope (with the message's own delivery id)
+/// instead of the body with a bare id.
 async fn acked(
     jetstream: &jetstream::Context,
     subject: &str,
     body: &Bytes,
+    envelope: Option<&Envelope>,
     duration: Duration,
     in_flight: usize,
 ) -> anyhow::Result<u64> {
@@ -98,10 +113,23 @@ async fn acked(
     let publishers: Vec<_> = (0..in_flight)
         .map(|_| {
             let (jetstream, subject, body, next) = (jetstream.clone(), subject.to_string(), body.clone(), next.clone());
+            let envelope = envelope.cloned();
             tokio::spawn(async move {
                 while Instant::now() < stop_at {
                     let id = next.fetch_add(1, Ordering::Relaxed).to_string();
-                    let message = PublishMessage::build().message_id(id).payload(body.clone());
+                    let message = match &envelope {
+                        None => PublishMessage::build().message_id(id).payload(body.clone()),
+                        // As ingest does: the request's headers copied out, then encoded.
+                        Some(template) => {
+                            let envelope = Envelope {
+                                delivery_id: id,
+                                ..template.clone()
+                            };
+                            PublishMessage::build()
+                                .headers(envelope.to_headers())
+                                .payload(body.clone())
+                        }
+                    };
                     jetstream.send_publish(subject.clone(), message).await?.await?;
                 }
                 anyhow::Ok(())
@@ -112,6 +140,41 @@ async fn acked(
         publisher.await??;
     }
     Ok(next.load(Ordering::Relaxed))
+}
+
+/// A GitHub delivery as ingest stores it: the headers GitHub documents for a delivery,
+/// plus what a client and a proxy add.
+fn github_envelope(body: &Bytes) -> Envelope {
+    let headers = [
+        ("host", "hooks.example.com"),
+        ("user-agent", "GitHub-Hookshot/9b3e2a1"),
+        ("content-type", "application/json"),
+        ("content-length", "1024"),
+        ("accept", "*/*"),
+        ("x-github-event", "installation"),
+        ("x-github-delivery", "72d3162e-cc78-11e3-81ab-4c9367dc0958"),
+        ("x-github-hook-id", "292430182"),
+        ("x-github-hook-installation-target-id", "79929171"),
+        ("x-github-hook-installation-target-type", "integration"),
+        ("x-hub-signature", "sha1=7d38cdd689735b008b3c702edd92eea23791c5f6"),
+        (
+            "x-hub-signature-256",
+            "sha256=d57c68ca6f92289e6987922ff26938930f6e66a2d161ef06abdf1859230aa23c",
+        ),
+    ];
+    Envelope {
+        environment: "bench".parse().expect("a valid name"),
+        integration: "github".parse().expect("a valid key"),
+        received_at: chrono::Utc::now(),
+        delivery_id: String::new(),
+        method: "POST".into(),
+        path: None,
+        query: None,
+        headers: headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect(),
+        body: body.clone(),
+        verification: Verification::Verified,
+        traceparent: None,
+    }
 }
 
 /// What the server sends a fast batch's inbox: flow acks, gaps and errors carry a
