@@ -15,6 +15,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::pull;
 use async_nats::jetstream::{self, AckKind};
 use hookyard_core::config::RouterConfig;
+use hookyard_core::envelope::EnvelopeError;
 use hookyard_core::oplog::OpLog;
 use hookyard_core::providers::events::events;
 use hookyard_core::providers::{Catalog, CatalogError, Inbound, Route};
@@ -40,6 +41,9 @@ const PUBLISH_WINDOW: usize = 64;
 const _: () = assert!(CONCURRENCY * PUBLISH_WINDOW < 5_000);
 /// After a failure (NATS, the database), try the message again after this.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// An envelope newer than this router reads waits this long for another router (one
+/// already upgraded, in a rolling upgrade) to take it.
+const NEWER_FORMAT_DELAY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
@@ -123,6 +127,11 @@ impl Router {
         let envelope = match Envelope::from_message(&message.subject, message.headers.as_ref(), message.payload.clone())
         {
             Ok(envelope) => envelope,
+            Err(error @ EnvelopeError::Format(_)) => {
+                tracing::error!(sequence, %error, "webhook from a newer ingest; upgrade this router (the webhook waits for one that reads it)");
+                let _ = message.ack_with(AckKind::Nak(Some(NEWER_FORMAT_DELAY))).await;
+                return;
+            }
             Err(error) => {
                 // Not ours and never will be: retrying cannot help.
                 tracing::error!(sequence, subject = %message.subject, %error, "not a hookyard envelope; left in {RAW_STREAM}, not routed");

@@ -1,7 +1,8 @@
 //! ingest → router → `HOOKS_CONN` with real NATS and Postgres: batches fan out to
 //! their connections, each provider's routing value is found, unroutable events are
-//! kept, deleted connections are not matched, and a router that dies mid-batch
-//! publishes nothing twice.
+//! kept, deleted connections are not matched, a router that dies mid-batch
+//! publishes nothing twice, and an envelope from a newer ingest waits for a router
+//! that reads it.
 
 mod common;
 
@@ -329,4 +330,53 @@ async fn one_trace_follows_a_webhook_from_ingest_through_the_router() {
     let received = routed[0].traceparent.as_deref().expect("the router writes its own");
     assert_eq!(received[3..35], sent[3..35], "one trace id from ingest to HOOKS_CONN");
     assert_ne!(received[36..52], sent[36..52], "the router's own span");
+}
+
+/// In a rolling upgrade ingest may publish an envelope format this router does not
+/// read yet: it is handed back for a router that does, not terminated (which would
+/// leave it unrouted until someone replays it).
+#[tokio::test]
+async fn an_envelope_from_a_newer_ingest_waits_for_a_router_that_reads_it() {
+    let db = PgDatabase::create().await;
+    let ingest = start(&db).await;
+    let envelope = Envelope {
+        environment: ingest.environment.name.clone(),
+        integration: "github".parse().unwrap(),
+        received_at: chrono::Utc::now(),
+        delivery_id: "from-the-future".into(),
+        method: "POST".into(),
+        path: None,
+        query: None,
+        headers: vec![("x-github-event".into(), "ping".into())],
+        body: bytes::Bytes::from_static(b"{}"),
+        verification: hookyard_core::providers::Verification::Unsigned,
+        traceparent: None,
+    };
+    let mut headers = envelope.to_headers();
+    headers.insert("Hookyard-Envelope", "99");
+    let sequence = ingest
+        .jetstream
+        .publish_with_headers(envelope.subject(), headers, envelope.body.clone())
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence;
+    let _router = start_router(&ingest);
+
+    let stream = ingest.jetstream.get_stream(RAW_STREAM).await.unwrap();
+    let info = eventually(
+        "the router to be handed the message again",
+        Duration::from_secs(30),
+        || async {
+            let info = stream.consumer_info(hookyard_router::CONSUMER).await.ok()?;
+            (info.num_redelivered >= 1).then_some(info)
+        },
+    )
+    .await;
+    assert!(
+        info.ack_floor.stream_sequence < sequence,
+        "the message was acked or terminated: {:?}",
+        info.ack_floor
+    );
 }
