@@ -79,7 +79,7 @@ pub async fn run(seconds: u64, in_flight: usize) -> anyhow::Result<()> {
         let name = match (batched, envelope) {
             (true, _) => format!("one fast-ingest batch, ack every {FLOW}"),
             (false, None) => format!("publish + ack per message, {in_flight} in flight"),
-            (false, Some(_)) => format!("the same, each message hookyard's envelope of a GitHub delivery"),
+            (false, Some(_)) => "the same, each message hookyard's envelope of a GitHub delivery".to_string(),
         };
         let (own, nats) = cpu.per_thousand(sent);
         println!(
