@@ -275,6 +275,15 @@ async fn replayed(h: &Harness, body: Value) -> Value {
     .await
 }
 
+/// A replay's (total, read, published).
+fn counts(replay: &Value) -> (Option<i64>, Option<i64>, Option<i64>) {
+    (
+        replay["total"].as_i64(),
+        replay["read"].as_i64(),
+        replay["published"].as_i64(),
+    )
+}
+
 async fn conn_messages(h: &Harness) -> u64 {
     let mut stream = h
         .bus
@@ -331,11 +340,7 @@ async fn a_replay_of_an_earlier_window_never_takes_records_back_and_counts_what_
     let before = conn_messages(&h).await;
     let dry = replayed(&h, json!({"since": since, "until": until, "dry_run": true})).await;
     assert_eq!(dry["status"], "done", "{dry}");
-    assert_eq!(
-        (dry["total"].as_i64(), dry["read"].as_i64(), dry["published"].as_i64()),
-        (Some(3), Some(3), Some(3)),
-        "{dry}"
-    );
+    assert_eq!(counts(&dry), (Some(3), Some(3), Some(3)), "{dry}");
     assert_eq!(conn_messages(&h).await, before);
     let other = replayed(
         &h,
@@ -357,15 +362,7 @@ async fn a_replay_of_an_earlier_window_never_takes_records_back_and_counts_what_
     body["target"] = json!("functions");
     let done = replayed(&h, body).await;
     assert_eq!(done["status"], "done", "{done}");
-    assert_eq!(
-        (
-            done["total"].as_i64(),
-            done["read"].as_i64(),
-            done["published"].as_i64()
-        ),
-        (Some(3), Some(3), Some(3)),
-        "{done}"
-    );
+    assert_eq!(counts(&done), (Some(3), Some(3), Some(3)), "{done}");
     assert_eq!(conn_messages(&h).await, before + 3);
     h.drained().await;
     assert_eq!(h.runs().await.len(), 7, "the replayed events were executed");
@@ -700,15 +697,7 @@ async fn a_replay_left_by_a_router_that_stops_is_finished_by_another_exactly() {
         (shown["status"] == "done").then_some(shown)
     })
     .await;
-    assert_eq!(
-        (
-            done["read"].as_i64(),
-            done["published"].as_i64(),
-            done["total"].as_i64()
-        ),
-        (Some(8), Some(8), Some(8)),
-        "{done}"
-    );
+    assert_eq!(counts(&done), (Some(8), Some(8), Some(8)), "{done}");
     assert_eq!(conn_messages(&h).await, before + 8, "each event replayed once");
     h.drained().await;
     assert_eq!(h.runs().await.len(), 16);
