@@ -275,6 +275,15 @@ async fn replayed(h: &Harness, body: Value) -> Value {
     .await
 }
 
+/// The replay `id` once it is done, waiting up to `within`.
+async fn replay_done(h: &Harness, id: i64, within: Duration) -> Value {
+    eventually("the replay to be done", within, || async {
+        let shown = replay_state(h, id).await;
+        (shown["status"] == "done").then_some(shown)
+    })
+    .await
+}
+
 /// A replay's (total, read, published).
 fn counts(replay: &Value) -> (Option<i64>, Option<i64>, Option<i64>) {
     (
@@ -653,11 +662,7 @@ async fn a_replay_waits_while_the_workers_have_too_much_waiting_then_goes_on() {
 
     // The workers catch up: the replay goes on to the end.
     h.start_all();
-    let done = eventually("the replay to finish", Duration::from_secs(30), || async {
-        let shown = replay_state(&h, id).await;
-        (shown["status"] == "done").then_some(shown)
-    })
-    .await;
+    let done = replay_done(&h, id, Duration::from_secs(30)).await;
     assert_eq!(
         (done["published"].as_i64(), done["waiting"].as_bool()),
         (Some(8), Some(false)),
@@ -692,11 +697,7 @@ async fn a_replay_left_by_a_router_that_stops_is_finished_by_another_exactly() {
 
     // Another takes it up at once and finishes it.
     h.start_router(h.shutdown.clone());
-    let done = eventually("the replay finished", Duration::from_secs(20), || async {
-        let shown = replay_state(&h, id).await;
-        (shown["status"] == "done").then_some(shown)
-    })
-    .await;
+    let done = replay_done(&h, id, Duration::from_secs(20)).await;
     assert_eq!(counts(&done), (Some(8), Some(8), Some(8)), "{done}");
     assert_eq!(conn_messages(&h).await, before + 8, "each event replayed once");
     h.drained().await;
@@ -731,11 +732,7 @@ async fn a_replay_interrupted_by_nats_going_away_goes_on_when_it_is_back() {
     .await;
     assert_eq!(interrupted["status"], "running", "{interrupted}");
     h._nats.restart();
-    let done = eventually("the replay finished", Duration::from_secs(60), || async {
-        let shown = replay_state(&h, id).await;
-        (shown["status"] == "done").then_some(shown)
-    })
-    .await;
+    let done = replay_done(&h, id, Duration::from_secs(60)).await;
     assert_eq!(
         (done["read"].as_i64(), done["total"].as_i64()),
         (Some(8), Some(8)),
