@@ -89,9 +89,10 @@ pub async fn run(plan: &Plan, rounds: u32, duplicate_window: Duration) -> anyhow
     ];
 
     println!(
-        "ingest benchmark: {} connections, {} B bodies, {}s per round after {}s warm-up, {rounds} rounds, duplicate window {:?}, nats-server {}\n",
+        "ingest benchmark: {} connections, {} B bodies, {:?} request headers, {}s per round after {}s warm-up, {rounds} rounds, duplicate window {:?}, nats-server {}\n",
         plan.connections,
         plan.body_bytes,
+        plan.headers,
         plan.duration.as_secs(),
         plan.warmup.as_secs(),
         duplicate_window,

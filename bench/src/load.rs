@@ -12,6 +12,52 @@ pub struct Plan {
     pub duration: Duration,
     pub warmup: Duration,
     pub body_bytes: usize,
+    pub headers: Headers,
+}
+
+/// What each request carries besides the client's own `host`, `content-length` and
+/// `accept`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Headers {
+    /// Nothing more.
+    Minimal,
+    /// What GitHub sends with a delivery ([`GITHUB_HEADERS`]), with a fresh
+    /// `x-github-delivery` per request.
+    Github,
+}
+
+/// The headers GitHub sends with a webhook delivery (its documented set), values from
+/// its documentation's example.
+pub const GITHUB_HEADERS: &[(&str, &str)] = &[
+    ("user-agent", "GitHub-Hookshot/9b3e2a1"),
+    ("content-type", "application/json"),
+    ("x-github-event", "installation"),
+    ("x-github-delivery", "72d3162e-cc78-11e3-81ab-4c9367dc0958"),
+    ("x-github-hook-id", "292430182"),
+    ("x-github-hook-installation-target-id", "79929171"),
+    ("x-github-hook-installation-target-type", "integration"),
+    ("x-hub-signature", "sha1=7d38cdd689735b008b3c702edd92eea23791c5f6"),
+    (
+        "x-hub-signature-256",
+        "sha256=d57c68ca6f92289e6987922ff26938930f6e66a2d161ef06abdf1859230aa23c",
+    ),
+];
+
+/// The headers for request number `n`.
+fn request_headers(headers: Headers, n: u64) -> reqwest::header::HeaderMap {
+    let mut map = reqwest::header::HeaderMap::new();
+    if let Headers::Github = headers {
+        for (name, value) in GITHUB_HEADERS {
+            let value = if *name == "x-github-delivery" {
+                // One delivery per request: a repeated id is (rightly) stored once.
+                format!("{:08x}-0000-4000-8000-{:012x}", n >> 48, n & 0xffff_ffff_ffff)
+            } else {
+                value.to_string()
+            };
+            map.insert(*name, value.parse().expect("a valid header value"));
+        }
+    }
+    map
 }
 
 pub struct Report {
@@ -93,7 +139,7 @@ pub async fn run(url: &str, plan: &Plan) -> anyhow::Result<Report> {
             let client = client.clone();
             let url = url.to_string();
             let counter = counter.clone();
-            let body_bytes = plan.body_bytes;
+            let (body_bytes, headers) = (plan.body_bytes, plan.headers);
             tokio::spawn(async move {
                 let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
                 let mut statuses = BTreeMap::new();
@@ -104,7 +150,12 @@ pub async fn run(url: &str, plan: &Plan) -> anyhow::Result<Report> {
                         break;
                     }
                     let n = counter.fetch_add(1, Ordering::Relaxed);
-                    let result = client.post(&url).body(body(body_bytes, n)).send().await;
+                    let result = client
+                        .post(&url)
+                        .headers(request_headers(headers, n))
+                        .body(body(body_bytes, n))
+                        .send()
+                        .await;
                     let outcome = match result {
                         Ok(response) => {
                             let status = response.status().as_u16();

@@ -137,6 +137,9 @@ pub struct LoadArgs {
     /// Request body size in bytes.
     #[arg(long, default_value_t = 1024)]
     body_bytes: usize,
+    /// Request headers: the client's own only, or also those GitHub sends.
+    #[arg(long, value_enum, default_value = "minimal")]
+    headers: load::Headers,
 }
 
 impl LoadArgs {
@@ -146,6 +149,7 @@ impl LoadArgs {
             duration: Duration::from_secs(self.duration),
             warmup: Duration::from_secs(self.warmup),
             body_bytes: self.body_bytes,
+            headers: self.headers,
         }
     }
 }
