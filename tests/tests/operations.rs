@@ -266,11 +266,11 @@ async fn live_webhooks(h: &Harness, webhooks: &str, count: u64) -> (chrono::Date
 async fn replayed(h: &Harness, body: Value) -> Value {
     let id = start_replay(h, body).await;
     eventually("the replay to finish", Duration::from_secs(30), || async {
-        let (_, shown) = call(h, reqwest::Method::GET, &format!("/replay/{id}"), None).await;
-        let status = shown["data"]["status"].as_str()?.to_string();
+        let shown = replay_state(h, id).await;
+        let status = shown["status"].as_str()?.to_string();
         ["done", "cancelled", "failed"]
             .contains(&status.as_str())
-            .then(|| shown["data"].clone())
+            .then_some(shown)
     })
     .await
 }
