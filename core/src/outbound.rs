@@ -1,7 +1,8 @@
 //! Calls hookyard makes out to the world (forwards to customers' apps, exec's provider
 //! API calls): which destinations may be called, and how long a `Retry-After` says to wait.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -9,7 +10,9 @@ use chrono::Utc;
 use crate::config::ForwardingConfig;
 
 /// Refuses a destination that is not http(s), or that resolves to an address the
-/// configuration does not allow (loopback, private, link-local, metadata…).
+/// configuration does not allow (loopback, private, link-local, metadata…): the check
+/// before an attempt, which says why. The clients of [`client_builder`] check again, on
+/// the addresses they connect to.
 pub async fn allowed_destination(url: &str, config: &ForwardingConfig) -> Result<(), String> {
     let parsed = url::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
     if !matches!(parsed.scheme(), "http" | "https") {
@@ -29,12 +32,45 @@ pub async fn allowed_destination(url: &str, config: &ForwardingConfig) -> Result
             .map(|a| a.ip())
             .collect(),
     };
+    check_addresses(host, addresses, config)
+}
+
+fn check_addresses(
+    host: &str,
+    addresses: impl IntoIterator<Item = IpAddr>,
+    config: &ForwardingConfig,
+) -> Result<(), String> {
     for ip in addresses {
         if let Some(kind) = forbidden(ip, config) {
             return Err(format!("{host} resolves to {ip}, a {kind} address"));
         }
     }
     Ok(())
+}
+
+/// An HTTP client builder for calls out (forwards, provider APIs): no redirects, and a
+/// resolver that refuses forbidden addresses. A connection goes to the addresses that
+/// were checked, so a name that resolves elsewhere after [`allowed_destination`] (DNS
+/// rebinding) is refused as well. (An IP in the URL is not resolved: the check before
+/// the attempt covers it.)
+pub fn client_builder(config: &ForwardingConfig) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .dns_resolver(GuardedResolver(Arc::new(config.clone())))
+}
+
+struct GuardedResolver(Arc<ForwardingConfig>);
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let config = self.0.clone();
+        Box::pin(async move {
+            let host = name.as_str();
+            let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host, 0)).await?.collect();
+            check_addresses(host, addresses.iter().map(SocketAddr::ip), &config)?;
+            Ok(Box::new(addresses.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
 }
 
 fn forbidden(ip: IpAddr, config: &ForwardingConfig) -> Option<&'static str> {
@@ -108,6 +144,41 @@ mod tests {
         };
         assert!(forbidden("127.0.0.1".parse().unwrap(), &loopback).is_none());
         assert!(forbidden("10.0.0.1".parse().unwrap(), &loopback).is_some());
+    }
+
+    /// The client's own resolver refuses a name that resolves to loopback, whatever was
+    /// checked before: what a rebinding name would resolve to at connection time.
+    #[tokio::test]
+    async fn the_client_connects_only_to_addresses_it_checked() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://localhost:{}/", listener.local_addr().unwrap().port());
+        tokio::spawn(async move {
+            // Answers the first request on each connection (a GET fits in one read).
+            while let Ok((mut socket, _)) = listener.accept().await {
+                use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                let _ = socket.read(&mut [0; 4096]).await;
+                let _ = socket
+                    .write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+        let strict = client_builder(&ForwardingConfig::default()).build().unwrap();
+        let error = strict.get(&url).send().await.unwrap_err();
+        let chain = std::iter::successors(Some(&error as &dyn std::error::Error), |e| e.source())
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join(": ");
+        assert!(
+            chain.contains("localhost resolves to") && chain.contains("loopback"),
+            "{chain}"
+        );
+
+        let loopback = ForwardingConfig {
+            allow_loopback: true,
+            ..ForwardingConfig::default()
+        };
+        let allowed = client_builder(&loopback).build().unwrap();
+        assert_eq!(allowed.get(&url).send().await.unwrap().status(), 204);
     }
 
     #[test]

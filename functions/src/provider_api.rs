@@ -82,9 +82,8 @@ impl ProviderApi {
             )
         })?;
         let base = Url::parse(&base_text).map_err(|e| format!("API base URL {base_text:?}: {e}"))?;
-        let client = reqwest::Client::builder()
+        let client = hookyard_core::outbound::client_builder(&guard)
             .timeout(ATTEMPT_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| e.to_string())?;
         Ok(ProviderApi {

@@ -121,9 +121,8 @@ impl Deliverer {
         config: &ForwardingConfig,
         oplog: OpLog,
     ) -> Deliverer {
-        let http = reqwest::Client::builder()
+        let http = hookyard_core::outbound::client_builder(config)
             .timeout(config.attempt_timeout)
-            .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("an HTTP client");
         let (attempts, pending) = tokio::sync::mpsc::unbounded_channel();
