@@ -6,9 +6,11 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use hookyard_core::store::forwarding::{ForwardingScope, ForwardingSettings};
 use hookyard_core::store::NewIntegration;
 use hookyard_core::streams::RAW_STREAM;
 use hookyard_core::Store;
+use hookyard_testkit::receiver::Receiver;
 use hookyard_testkit::{eventually, free_port, test_cipher, NatsServer, SqliteFile, TEST_ENCRYPTION_KEY};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -708,12 +710,23 @@ async fn worker_fixture(store: &Store, nats: &NatsServer, events: u64) -> async_
 }
 
 #[tokio::test]
-async fn a_worker_killed_between_commit_and_ack_applies_nothing_twice() {
+async fn a_worker_killed_between_commit_and_ack_applies_nothing_twice_and_loses_no_notification() {
     use std::os::unix::process::ExitStatusExt as _;
     let nats = NatsServer::start();
     let db = hookyard_testkit::PgDatabase::create().await;
     let store = Store::connect(&db.url, test_cipher()).await.unwrap();
     let jetstream = worker_fixture(&store, &nats, 500).await;
+    // Every run changes a record, so each of the 500 makes one sync notification.
+    let receiver = Receiver::start(&[]).await;
+    let env = store.ensure_environment(&"dev".parse().unwrap()).await.unwrap();
+    let destination = ForwardingSettings {
+        urls: vec![receiver.url.clone()],
+        ..Default::default()
+    };
+    store
+        .set_forwarding(env.id, ForwardingScope::Environment, &destination)
+        .await
+        .unwrap();
     let runs = || async {
         hookyard_testkit::raw_texts(
             &db.url,
@@ -729,10 +742,13 @@ async fn a_worker_killed_between_commit_and_ack_applies_nothing_twice() {
             ("HOOKYARD_WORKER__LIMITS__TIMEOUT", "1s".into()),
             ("HOOKYARD_WORKER__LIMITS__CPU_BUDGET", "500ms".into()),
             ("HOOKYARD_WORKER__ACK_WAIT", "7s".into()),
+            ("HOOKYARD_FORWARDING__ALLOW_LOOPBACK", "true".into()),
+            ("HOOKYARD_FORWARDING__NOTICES_RESEND_AFTER", "1s".into()),
             ("HOOKYARD_FAULT", fault.into()),
         ]
     };
-    // Dies by SIGKILL right after its first commit, before acking anything.
+    // Dies by SIGKILL right after its first commit, before queueing its sync
+    // notifications or acking anything.
     let mut first = Process::spawn(&["worker"], &env_vars("kill-after-commit"), dir.path());
     let status = tokio::task::spawn_blocking(move || first.wait_exit()).await.unwrap();
     assert_eq!(status.signal(), Some(9), "{status:?}");
@@ -753,6 +769,28 @@ async fn a_worker_killed_between_commit_and_ack_applies_nothing_twice() {
     let runs = runs().await;
     assert_eq!(runs.len(), 500, "every event applied once: none lost, none twice");
     assert_eq!(runs.iter().collect::<std::collections::HashSet<_>>().len(), 500);
+
+    // The first group's notices were committed with its records: the restarted worker's
+    // sweep sends them, and each run is notified once.
+    let notified = || {
+        receiver
+            .hits()
+            .into_iter()
+            .filter(|hit| hit.json()["type"] == "sync")
+            .map(|hit| hit.header("webhook-id"))
+            .collect::<Vec<_>>()
+    };
+    eventually("a notification of every run", Duration::from_secs(60), || async {
+        let distinct: std::collections::HashSet<String> = notified().into_iter().collect();
+        (distinct.len() >= 500).then_some(())
+    })
+    .await;
+    eventually("the outbox to be empty", Duration::from_secs(30), || async {
+        let left = hookyard_testkit::raw_texts(&db.url, "SELECT key FROM sync_notices").await;
+        left.is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(notified().len(), 500, "none notified twice");
     second.signal("-TERM");
     let status = tokio::task::spawn_blocking(move || second.wait_exit()).await.unwrap();
     assert!(status.success(), "exit status {status:?}");

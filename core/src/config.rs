@@ -148,6 +148,10 @@ pub struct ForwardingConfig {
     /// A delivery whose worker died mid-attempt goes to another after this.
     #[serde(with = "humantime_serde")]
     pub ack_wait: Duration,
+    /// A sync notice still in the outbox this long after its run's commit (its worker
+    /// died, or NATS was away) is queued by a worker's sweep, run every half of this.
+    #[serde(with = "humantime_serde")]
+    pub notices_resend_after: Duration,
 }
 
 impl Default for ForwardingConfig {
@@ -165,6 +169,7 @@ impl Default for ForwardingConfig {
             allow_loopback: false,
             allow_private: false,
             ack_wait: Duration::from_secs(60),
+            notices_resend_after: Duration::from_secs(30),
         }
     }
 }
@@ -500,6 +505,9 @@ impl Config {
                 "forwarding.ack_wait ({:?}) must be at least twice forwarding.attempt_timeout ({:?})",
                 forwarding.ack_wait, forwarding.attempt_timeout
             ));
+        }
+        if forwarding.notices_resend_after < Duration::from_millis(200) {
+            problems.push("forwarding.notices_resend_after must be at least 200ms".into());
         }
         let streams = &self.streams;
         if streams.raw_max_age < Duration::from_secs(60) {

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use hookyard_core::store::commit::{DeadLetter, Marker, MetadataCall, RecordCall, Unit, UnitOutcome};
 use hookyard_core::store::functions::{FunctionBundle, NewSync, SyncChange};
+use hookyard_core::store::notices::SyncNotice;
 use hookyard_core::store::records::{LastAction, RecordQuery, RecordScope, WriteKind};
 use hookyard_core::store::{MetadataWrite, NewConnection, NewIntegration, Store};
 use hookyard_testkit::{test_cipher, PgDatabase, SqliteFile};
@@ -108,7 +109,10 @@ async fn commits_apply_once_in_version_order(store: &Store) {
         unreachable!()
     };
     assert_eq!(older.added, 1, "the older write came first, and added the record");
-    let UnitOutcome::Applied { total: newer, per_call } = &outcomes[0] else {
+    let UnitOutcome::Applied {
+        total: newer, per_call, ..
+    } = &outcomes[0]
+    else {
         unreachable!()
     };
     assert_eq!(newer.updated, 1, "the newer one then updated it");
@@ -266,8 +270,90 @@ async fn deploys_version_changed_syncs(store: &Store) {
     assert!(store.all_functions().await.unwrap().len() >= 2);
 }
 
+/// A sync notice is written with its run's changes, its counts filled in by the commit;
+/// a redelivered unit writes none; the sweep's read sees only old ones; delete drops them.
+async fn notices_are_committed_with_their_changes(store: &Store) {
+    let env = store.ensure_environment(&"notices".parse().unwrap()).await.unwrap();
+    let notice = |message: &str| SyncNotice {
+        environment: "notices".parse().unwrap(),
+        integration: "crm".parse().unwrap(),
+        connection: "a".into(),
+        sync: "contacts".into(),
+        models: vec!["Contact".into(), "Contact".into()],
+        message_id: message.into(),
+        sync_type: "WEBHOOK".into(),
+        modified_after: chrono::Utc::now(),
+        counts: Vec::new(),
+    };
+    let with_notice = |message: &str, records| Unit {
+        notice: Some(notice(message)),
+        ..unit(message, records)
+    };
+    let first = with_notice(
+        "n1",
+        vec![
+            save(env.id, "a", "p1", json!({"n": 1}), 10),
+            save(env.id, "a", "p1", json!({"n": 1}), 11),
+        ],
+    );
+    let outcomes = store
+        .commit(vec![first.clone(), with_notice("n2", vec![]), unit("n3", vec![])])
+        .await
+        .unwrap();
+    let UnitOutcome::Applied {
+        notice: Some(written),
+        per_call,
+        ..
+    } = &outcomes[0]
+    else {
+        panic!("{outcomes:?}");
+    };
+    assert_eq!(written.counts, *per_call);
+    assert_eq!((per_call[0].added, per_call[1].unchanged), (1, 1), "{per_call:?}");
+    assert!(matches!(&outcomes[2], UnitOutcome::Applied { notice: None, .. }));
+
+    let all = |store: &Store| {
+        let store = store.clone();
+        async move {
+            let later = chrono::Utc::now() + chrono::Duration::seconds(1);
+            let found = store.notices_before(later, 100).await.unwrap();
+            let mut found: Vec<SyncNotice> = found.into_iter().map(Result::unwrap).collect();
+            found.sort_by(|a, b| a.message_id.cmp(&b.message_id));
+            found
+        }
+    };
+    let stored = all(store).await;
+    assert_eq!(
+        stored.iter().map(|n| n.message_id.as_str()).collect::<Vec<_>>(),
+        ["n1", "n2"]
+    );
+    assert_eq!(&stored[0], &**written, "read back as written");
+    let earlier = chrono::Utc::now() - chrono::Duration::seconds(60);
+    assert!(
+        store.notices_before(earlier, 100).await.unwrap().is_empty(),
+        "none is that old"
+    );
+
+    // A redelivery is already done: no second notice, the first one untouched.
+    assert_eq!(store.commit(vec![first]).await.unwrap()[0], UnitOutcome::AlreadyDone);
+    assert_eq!(all(store).await, stored);
+    // An exec run's notice, written on its own; written twice, kept once.
+    store.add_notices(&[notice("exec-1")]).await.unwrap();
+    store.add_notices(&[notice("exec-1")]).await.unwrap();
+    assert_eq!(all(store).await.len(), 3);
+
+    let keys: Vec<String> = all(store).await.iter().map(SyncNotice::key).collect();
+    assert_eq!(keys[0], "exec-1:contacts");
+    store.delete_notices(&keys[..2]).await.unwrap();
+    assert_eq!(
+        all(store).await.iter().map(SyncNotice::key).collect::<Vec<_>>(),
+        ["n2:contacts"]
+    );
+}
+
 async fn conformance(store: Store) {
     commits_apply_once_in_version_order(&store).await;
+    notices_are_committed_with_their_changes(&store).await;
     deploys_version_changed_syncs(&store).await;
 }
 

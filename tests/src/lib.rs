@@ -5,12 +5,14 @@
 //!   store, and paused (SIGSTOP) to play a server that no longer answers.
 //! - [`PgDatabase`]: a freshly created Postgres database, dropped afterwards.
 //! - [`SqliteFile`]: a fresh SQLite file in a temporary folder.
+//! - [`receiver::Receiver`]: an HTTP receiver on loopback that records what it is sent.
 //!
 //! nextest runs every test in its own process, so every test gets its own services.
 
 pub mod fake_provider;
 mod nats;
 mod postgres;
+pub mod receiver;
 
 pub use nats::{nats_server_bin, NatsServer};
 pub use postgres::PgDatabase;

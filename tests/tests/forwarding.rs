@@ -5,89 +5,17 @@
 
 mod common;
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use axum::http::{HeaderMap, StatusCode};
 use hmac::{Hmac, Mac};
 use hookyard_core::store::forwarding::{ForwardingScope, ForwardingSettings};
 use hookyard_core::{Config, Envelope};
+use hookyard_testkit::receiver::{Hit, Receiver};
 use hookyard_testkit::{eventually, PgDatabase};
 use serde_json::{json, Value};
 use sha2::Sha256;
 
 use common::pipeline::{harness_with, sync, Harness};
-
-/// One request the receiver got.
-#[derive(Clone, Debug)]
-struct Hit {
-    at: Instant,
-    headers: HeaderMap,
-    body: Vec<u8>,
-}
-
-/// An HTTP receiver on loopback answering from a script (then 200).
-#[derive(Clone)]
-struct Receiver {
-    url: String,
-    hits: Arc<Mutex<Vec<Hit>>>,
-}
-
-impl Receiver {
-    async fn start(script: &[(u16, Option<&'static str>)]) -> Receiver {
-        let hits = Arc::new(Mutex::new(Vec::new()));
-        let script = Arc::new(Mutex::new(script.iter().copied().collect::<VecDeque<_>>()));
-        let (h, s) = (hits.clone(), script.clone());
-        let app = axum::Router::new().route(
-            "/hook",
-            axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
-                let (hits, script) = (h.clone(), s.clone());
-                async move {
-                    hits.lock().unwrap().push(Hit {
-                        at: Instant::now(),
-                        headers,
-                        body: body.to_vec(),
-                    });
-                    let (status, retry_after) = script.lock().unwrap().pop_front().unwrap_or((200, None));
-                    let mut response = axum::response::Response::new(axum::body::Body::empty());
-                    *response.status_mut() = StatusCode::from_u16(status).unwrap();
-                    if let Some(value) = retry_after {
-                        response.headers_mut().insert("retry-after", value.parse().unwrap());
-                    }
-                    response
-                }
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/hook", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        Receiver { url, hits }
-    }
-
-    fn hits(&self) -> Vec<Hit> {
-        self.hits.lock().unwrap().clone()
-    }
-
-    async fn wait_hits(&self, count: usize) -> Vec<Hit> {
-        eventually(
-            &format!("{count} requests at the receiver"),
-            Duration::from_secs(60),
-            || async {
-                let hits = self.hits();
-                (hits.len() >= count).then_some(hits)
-            },
-        )
-        .await
-    }
-}
-
-fn header(hit: &Hit, name: &str) -> String {
-    hit.headers
-        .get(name)
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default()
-}
 
 /// Fast retries, loopback allowed, no jitter (the tests time retries).
 fn forwarding_config(config: &mut Config) {
@@ -199,17 +127,17 @@ async fn an_attributed_forward_carries_the_event_and_verifies_both_ways() {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
     mac.update(&hit.body);
     assert_eq!(
-        header(&hit, "x-nango-hmac-sha256"),
+        hit.header("x-nango-hmac-sha256"),
         hex::encode(mac.finalize().into_bytes())
     );
     assert_eq!(
-        header(&hit, "x-provider-signature"),
+        hit.header("x-provider-signature"),
         "abc",
         "the provider's headers come along"
     );
-    assert_eq!(header(&hit, "user-agent"), "CRM-Hooks/1.0");
-    assert_eq!(header(&hit, "authorization"), "", "but not its credentials");
-    assert_eq!(header(&hit, "content-type"), "application/json");
+    assert_eq!(hit.header("user-agent"), "CRM-Hooks/1.0");
+    assert_eq!(hit.header("authorization"), "", "but not its credentials");
+    assert_eq!(hit.header("content-type"), "application/json");
     standard_webhooks_verifies(key, &hit);
 }
 
@@ -219,9 +147,9 @@ fn standard_webhooks_verifies(key: &[u8], hit: &Hit) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("body"), &hit.body).unwrap();
     let headers = json!({
-        "webhook-id": header(hit, "webhook-id"),
-        "webhook-timestamp": header(hit, "webhook-timestamp"),
-        "webhook-signature": header(hit, "webhook-signature"),
+        "webhook-id": hit.header("webhook-id"),
+        "webhook-timestamp": hit.header("webhook-timestamp"),
+        "webhook-signature": hit.header("webhook-signature"),
     });
     std::fs::write(dir.path().join("headers.json"), headers.to_string()).unwrap();
     let secret = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(key));
@@ -264,10 +192,10 @@ async fn failures_are_retried_with_one_webhook_id_and_retry_after_is_respected()
     h.start_all();
     webhook(&h, &json!({"n": 1}), &[]).await;
     let hits = receiver.wait_hits(4).await;
-    let id = header(&hits[0], "webhook-id");
+    let id = hits[0].header("webhook-id");
     assert!(id.starts_with("msg_"));
     assert!(
-        hits.iter().all(|hit| header(hit, "webhook-id") == id),
+        hits.iter().all(|hit| hit.header("webhook-id") == id),
         "one webhook-id throughout"
     );
     assert!(hits.iter().all(|hit| hit.body == hits[0].body));
@@ -440,6 +368,79 @@ async fn a_notification_follows_a_run_that_changed_records_and_only_then() {
     assert_eq!(first["success"], true);
 }
 
+/// The notices in the outbox (committed, not yet queued).
+async fn outbox(h: &Harness) -> Vec<String> {
+    let later = chrono::Utc::now() + chrono::Duration::seconds(1);
+    let found = h.store.notices_before(later, 100).await.unwrap();
+    found.into_iter().map(|n| n.unwrap().key()).collect()
+}
+
+#[tokio::test]
+async fn a_notification_that_could_not_be_queued_is_sent_by_the_sweep() {
+    let h = harness_with(None, 1, |config| {
+        forwarding_config(config);
+        config.forwarding.notices_resend_after = Duration::from_millis(300);
+    })
+    .await;
+    let receiver = Receiver::start(&[]).await;
+    forward_to(&h, &[&receiver.url]).await;
+    h.deploy(&[(
+        "crm/syncs/contacts.js",
+        sync(
+            "['contact.updated']",
+            "await nango.batchSave([{ id: 'p1' }], 'Contact');",
+        ),
+    )])
+    .await;
+    // HOOKS_FWD is gone: the worker commits the run, and queueing its notification fails.
+    h.bus
+        .jetstream
+        .delete_stream(hookyard_core::streams::FWD_STREAM)
+        .await
+        .unwrap();
+    h.start_worker();
+    webhook(&h, &json!({"contact": {"id": "p1"}}), &[]).await;
+    h.drained().await;
+    let contacts = h.records("c0", "Contact").await;
+    assert_eq!(contacts.len(), 1, "{contacts:?}");
+    let kept = outbox(&h).await;
+    assert_eq!(kept.len(), 1, "the notice is kept: {kept:?}");
+    assert!(receiver.hits().is_empty());
+
+    // NATS takes it again: the sweep of a running worker sends it (one notification per
+    // model the run changed), once. The forwarder, started now, forwards the event too.
+    h.bus.ensure_streams(&h.config.streams).await.unwrap();
+    h.start_all();
+    let notifications = || {
+        let hits = receiver.hits().into_iter().map(|hit| hit.json());
+        let mut sent: Vec<(String, Value)> = hits
+            .filter(|body| body["type"] == "sync")
+            .map(|body| {
+                (
+                    body["model"].as_str().unwrap().to_string(),
+                    body["responseResults"].clone(),
+                )
+            })
+            .collect();
+        sent.sort_by(|a, b| a.0.cmp(&b.0));
+        sent
+    };
+    eventually("the notifications", Duration::from_secs(30), || async {
+        (notifications().len() >= 2).then_some(())
+    })
+    .await;
+    eventually("the outbox to be empty", Duration::from_secs(10), || async {
+        outbox(&h).await.is_empty().then_some(())
+    })
+    .await;
+    forwarding_idle(&h).await;
+    let added = json!({"added": 1, "updated": 0, "deleted": 0});
+    assert_eq!(
+        notifications(),
+        vec![("Contact".to_string(), added.clone()), ("Run".to_string(), added)]
+    );
+}
+
 #[tokio::test]
 async fn destinations_are_set_through_the_api_and_a_connection_may_override_them() {
     let h = harness_with(None, 2, forwarding_config).await;
@@ -511,7 +512,7 @@ async fn destinations_are_set_through_the_api_and_a_connection_may_override_them
     let mut mac = Hmac::<Sha256>::new_from_slice(own_key.as_bytes()).unwrap();
     mac.update(&hit.body);
     assert_eq!(
-        header(hit, "x-nango-hmac-sha256"),
+        hit.header("x-nango-hmac-sha256"),
         hex::encode(mac.finalize().into_bytes()),
         "signed with its own key"
     );
@@ -554,7 +555,7 @@ async fn an_unrouted_webhook_goes_raw_and_once() {
     let hits = receiver.hits();
     assert_eq!(hits.len(), 1, "one forward for the webhook, not one per unrouted event");
     assert_eq!(hits[0].body, raw.to_vec(), "the provider's body, byte for byte");
-    assert_eq!(header(&hits[0], "content-type"), "application/json; charset=utf-8");
+    assert_eq!(hits[0].header("content-type"), "application/json; charset=utf-8");
 }
 
 #[tokio::test]
@@ -680,8 +681,8 @@ async fn a_given_up_delivery_is_redriven_with_the_same_webhook_id_and_delivered_
     forwarding_idle(&h).await;
     assert_eq!(receiver.hits().len(), 4, "delivered once more, no more");
     assert_eq!(
-        header(&hits[3], "webhook-id"),
-        header(&hits[0], "webhook-id"),
+        hits[3].header("webhook-id"),
+        hits[0].header("webhook-id"),
         "the same webhook-id"
     );
     assert_eq!(hits[3].body, hits[0].body);

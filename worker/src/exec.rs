@@ -16,6 +16,7 @@ use hookyard_core::config::{Config, ForwardingConfig};
 use hookyard_core::exec_job::ExecJob;
 use hookyard_core::metrics::names;
 use hookyard_core::providers::Catalog;
+use hookyard_core::store::notices::SyncNotice;
 use hookyard_core::store::records::WriteCounts;
 use hookyard_core::store::syncs::{RunOutcome, SyncKey};
 use hookyard_core::streams::{consume, durable, EXEC_STREAM};
@@ -176,20 +177,20 @@ impl Executor {
         .await;
         let outcome = match report {
             Ok((counts, per_model)) => {
-                let run = notify::Run {
-                    environment: job.environment.clone(),
-                    integration: job.integration.clone(),
-                    connection: job.connection_id.clone(),
-                    sync: job.sync.clone(),
-                    models: per_model.iter().map(|(model, _)| model.clone()).collect(),
-                    message_id: format!("exec-{run_id}"),
-                    sync_type: if first { "INITIAL" } else { "INCREMENTAL" },
-                    modified_after: started,
-                };
-                let counts_per_model: Vec<WriteCounts> = per_model.into_iter().map(|(_, c)| c).collect();
-                if let Err(error) = notify::notify(&self.settings, &self.jetstream, &[(&run, &counts_per_model)]).await
-                {
-                    tracing::warn!(%error, "the exec run's sync notifications could not be queued; they are lost");
+                if notify::wanted(&self.settings, &job.environment).await {
+                    let (models, per_model_counts) = per_model.into_iter().unzip();
+                    let notice = SyncNotice {
+                        environment: job.environment.clone(),
+                        integration: job.integration.clone(),
+                        connection: job.connection_id.clone(),
+                        sync: job.sync.clone(),
+                        models,
+                        message_id: format!("exec-{run_id}"),
+                        sync_type: if first { "INITIAL" } else { "INCREMENTAL" }.into(),
+                        modified_after: started,
+                        counts: per_model_counts,
+                    };
+                    self.notify(notice).await;
                 }
                 RunOutcome::Success(counts)
             }
@@ -200,6 +201,18 @@ impl Executor {
             RunOutcome::Success(counts) => RunReport::Finished(counts),
             RunOutcome::Error(error) => RunReport::Failed(error),
         })
+    }
+
+    /// Keeps the run's notice in the outbox (its writes were committed as it ran), then
+    /// queues its notifications; what fails here is left to the sweep.
+    async fn notify(&self, notice: SyncNotice) {
+        let notices = [notice];
+        if let Err(error) = self.store.add_notices(&notices).await {
+            tracing::warn!(%error, "the exec run's sync notice could not be kept; queueing it directly");
+        }
+        if let Err(error) = notify::send(&self.settings, &self.jetstream, &self.store, &notices).await {
+            tracing::warn!(%error, "the exec run's sync notifications could not be queued now; the sweep will");
+        }
     }
 
     /// One run: its counts per model (as reported, and as notified), or why it failed.

@@ -31,6 +31,7 @@ use hookyard_core::oplog::OpLog;
 use hookyard_core::routed::{Origin, RoutedEvent};
 use hookyard_core::store::commit::{DeadLetter, Marker, MetadataCall, RecordCall, Unit, UnitOutcome};
 use hookyard_core::store::dead_letters::FailedAttempt;
+use hookyard_core::store::notices::SyncNotice;
 use hookyard_core::store::records::RecordScope;
 use hookyard_core::store::records::WriteCounts;
 use hookyard_core::store::StoreError;
@@ -250,8 +251,8 @@ impl Worker {
         let mut outcome = GroupOutcome::default();
         let mut events: Vec<Option<RoutedEvent>> = Vec::with_capacity(group.len());
         let mut units: Vec<Unit> = Vec::new();
-        // Per unit: the execution it commits, for sync notifications (none for dead letters).
-        let mut runs: Vec<Option<notify::Run>> = Vec::new();
+        // Per unit: whether it commits an execution (not a dead letter).
+        let mut executed: Vec<bool> = Vec::new();
         // The spans of the executions being committed: the commit shows in each trace.
         let mut spans: Vec<tracing::Span> = Vec::new();
         // Per unit: its execution's entry in the operation log, written once committed.
@@ -263,7 +264,7 @@ impl Worker {
                     // Not ours and never will be: kept as a dead letter, not retried.
                     tracing::error!(subject = %message.subject, %error, "not a routed event");
                     units.push(invalid_message(CONSUMER, CONN_STREAM, message, &error.to_string()));
-                    runs.push(None);
+                    executed.push(false);
                     logged.push(None);
                     events.push(None);
                 }
@@ -320,17 +321,25 @@ impl Worker {
                         match result {
                             Ok(effects) => {
                                 logged.push(Some(log));
-                                runs.push(Some(notify::Run {
-                                    environment: event.environment.clone(),
-                                    integration: event.integration.clone(),
-                                    connection: event.connection_id.clone().unwrap_or_default(),
-                                    sync: task.sync.sync.name.clone(),
-                                    models: effects.writes.iter().map(|w| w.model.clone()).collect(),
-                                    message_id: event.message_id(),
-                                    sync_type: "WEBHOOK",
-                                    modified_after: chrono::Utc::now(),
-                                }));
-                                units.push(self.unit(task, event, effects));
+                                executed.push(true);
+                                let notice =
+                                    notify::wanted(&self.settings, &event.environment)
+                                        .await
+                                        .then(|| SyncNotice {
+                                            environment: event.environment.clone(),
+                                            integration: event.integration.clone(),
+                                            connection: event.connection_id.clone().unwrap_or_default(),
+                                            sync: task.sync.sync.name.clone(),
+                                            models: effects.writes.iter().map(|w| w.model.clone()).collect(),
+                                            message_id: event.message_id(),
+                                            sync_type: "WEBHOOK".into(),
+                                            modified_after: chrono::Utc::now(),
+                                            counts: Vec::new(),
+                                        });
+                                units.push(Unit {
+                                    notice,
+                                    ..self.unit(task, event, effects)
+                                });
                                 spans.push(span);
                             }
                             Err(error) => match self.config.retry_delays.get(attempts - 1) {
@@ -362,7 +371,7 @@ impl Worker {
                                         "function failed for the last time; dead-lettered"
                                     );
                                     outcome.dead_lettered += 1;
-                                    runs.push(None);
+                                    executed.push(false);
                                     logged.push(Some(log));
                                     units.push(dead_letter(task, event, message, &error, attempts));
                                 }
@@ -387,33 +396,30 @@ impl Worker {
             drop(commit_spans);
             match committed {
                 Ok(outcomes) => {
+                    fault::after_commit();
                     let mut notices = Vec::new();
-                    for ((unit_outcome, run), log) in outcomes.iter().zip(&runs).zip(logged) {
+                    for ((unit_outcome, executed), log) in outcomes.into_iter().zip(executed).zip(logged) {
                         match unit_outcome {
-                            UnitOutcome::Applied { per_call, total } => {
+                            UnitOutcome::Applied { total, notice, .. } => {
                                 outcome.committed += 1;
-                                count_writes(total);
+                                count_writes(&total);
                                 if let Some(log) = log {
-                                    match run {
-                                        Some(_) => log.write(&self.oplog, "ok", Some(total)),
-                                        None => {
-                                            metrics::counter!(names::DEAD_LETTERS, "kind" => "function").increment(1);
-                                            log.write(&self.oplog, "dead_lettered", None);
-                                        }
+                                    if executed {
+                                        log.write(&self.oplog, "ok", Some(&total));
+                                    } else {
+                                        metrics::counter!(names::DEAD_LETTERS, "kind" => "function").increment(1);
+                                        log.write(&self.oplog, "dead_lettered", None);
                                     }
                                 }
-                                if let Some(run) = run {
-                                    notices.push((run, per_call.as_slice()));
-                                }
+                                notices.extend(notice.map(|notice| *notice));
                             }
                             UnitOutcome::AlreadyDone => outcome.already_done += 1,
                         }
                     }
-                    // Before the acks: a crash in between redelivers the events, but their
-                    // markers say done, so these notifications would not be made again.
-                    // (Made from an outbox in the same commit, they would survive that.)
-                    if let Err(error) = notify::notify(&self.settings, &self.jetstream, &notices).await {
-                        tracing::warn!(%error, "sync notifications could not be queued; they are lost");
+                    // The notices are committed with the changes: if this fails (or the
+                    // process dies first) the sweep sends them later.
+                    if let Err(error) = notify::send(&self.settings, &self.jetstream, &self.store, &notices).await {
+                        tracing::warn!(%error, "sync notifications could not be queued now; the sweep will");
                     }
                 }
                 Err(error) => {
@@ -423,7 +429,6 @@ impl Worker {
                 }
             }
             self.committed.fetch_add(outcome.committed as u64, Ordering::Relaxed);
-            fault::after_commit();
         }
         if let Err(error) = self.store.record_failed_attempts(&failed).await {
             tracing::warn!(%error, "failed attempts could not be kept; their errors are in the log only");
@@ -751,7 +756,8 @@ fn subject_token(subject: &str, n: usize) -> String {
 }
 
 /// Fault injection for the crash tests: `HOOKYARD_FAULT=kill-after-commit` makes the
-/// process SIGKILL itself right after its first commit, before any ack.
+/// process SIGKILL itself right after its first commit, before its sync notifications
+/// are queued and before any ack.
 mod fault {
     use std::sync::OnceLock;
 
@@ -785,8 +791,9 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box
     Ok(())
 }
 
-/// The worker's four consumers (functions, exec, forwarder, deliverer) until shutdown;
-/// when one stops on an error the others are stopped too.
+/// The worker's four consumers (functions, exec, forwarder, deliverer) and the sweep of
+/// left-behind sync notices until shutdown; when a consumer stops on an error the others
+/// are stopped too.
 pub async fn run_all(store: Store, bus: &Bus, config: &Config, shutdown: CancellationToken) -> Result<(), WorkerError> {
     let worker = Arc::new(Worker::new(store.clone(), bus, config));
     let executor = Arc::new(exec::Executor::new(
@@ -812,11 +819,18 @@ pub async fn run_all(store: Store, bus: &Bus, config: &Config, shutdown: Cancell
         }
         outcome
     };
-    let (functions, execs, forwarding, deliveries) = tokio::join!(
-        async { stopping(worker.run(shutdown.clone()).await) },
+    let (functions, execs, forwarding, deliveries, ()) = tokio::join!(
+        async { stopping(worker.clone().run(shutdown.clone()).await) },
         async { stopping(executor.run(shutdown.clone()).await) },
         async { stopping(forwarder.run(shutdown.clone()).await) },
         async { stopping(deliverer.run(shutdown.clone()).await) },
+        notify::sweep_loop(
+            &worker.settings,
+            &bus.jetstream,
+            &worker.store,
+            config.forwarding.notices_resend_after,
+            shutdown.clone()
+        ),
     );
     functions.and(execs).and(forwarding).and(deliveries)
 }

@@ -13,6 +13,7 @@ use sqlx::types::Json;
 use super::connections::write_metadata;
 use super::dead_letters::insert_dead_letter;
 pub use super::dead_letters::DeadLetter;
+use super::notices::{insert_notices, SyncNotice};
 use super::records::{RecordScope, WriteBatch, WriteCounts, WriteKind};
 use super::tx::on_tx;
 use super::{MetadataWrite, Pool, Store, StoreError};
@@ -51,6 +52,9 @@ pub struct Unit {
     pub records: Vec<RecordCall>,
     pub metadata: Vec<MetadataCall>,
     pub dead_letter: Option<DeadLetter>,
+    /// Its run's sync notice, when its environment is told of changes: written with the
+    /// changes (its counts filled in), as an outbox.
+    pub notice: Option<SyncNotice>,
 }
 
 impl Unit {
@@ -60,16 +64,19 @@ impl Unit {
             records: Vec::new(),
             metadata: Vec::new(),
             dead_letter: None,
+            notice: None,
         }
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UnitOutcome {
-    /// Committed now: the record write counts of all its calls together, and of each.
+    /// Committed now: the record write counts of all its calls together, and of each,
+    /// and its notice as written, to be queued.
     Applied {
         total: WriteCounts,
         per_call: Vec<WriteCounts>,
+        notice: Option<Box<SyncNotice>>,
     },
     /// Its marker was there already: nothing was applied.
     AlreadyDone,
@@ -110,10 +117,10 @@ impl Store {
         .collect();
 
         let mut batch = WriteBatch::default();
-        let mut calls_of: Vec<Option<Vec<usize>>> = Vec::with_capacity(units.len());
-        let mut metadata: Vec<&MetadataCall> = Vec::new();
+        let mut calls_of: Vec<Option<(Vec<usize>, Option<SyncNotice>)>> = Vec::with_capacity(units.len());
+        let mut metadata: Vec<MetadataCall> = Vec::new();
         let mut seen = HashSet::new();
-        for unit in &units {
+        for unit in units {
             let key = (unit.marker.consumer.clone(), unit.marker.message_id.clone());
             // A unit listed twice is applied once.
             if !claimed.contains(&key) || !seen.insert(key) {
@@ -122,16 +129,43 @@ impl Store {
             }
             let calls = unit
                 .records
-                .iter()
-                .map(|call| batch.add(&call.scope, call.kind, call.records.clone(), call.version))
+                .into_iter()
+                .map(|call| batch.add(&call.scope, call.kind, call.records, call.version))
                 .collect();
-            calls_of.push(Some(calls));
-            metadata.extend(&unit.metadata);
+            calls_of.push(Some((calls, unit.notice)));
+            metadata.extend(unit.metadata);
             if let Some(letter) = &unit.dead_letter {
                 insert_dead_letter(&mut tx, letter, now).await?;
             }
         }
         let counts = self.apply_writes(&mut tx, batch).await?;
+        let outcomes: Vec<UnitOutcome> = calls_of
+            .into_iter()
+            .map(|applied| match applied {
+                None => UnitOutcome::AlreadyDone,
+                Some((calls, notice)) => {
+                    let per_call: Vec<WriteCounts> = calls.iter().map(|call| counts[*call]).collect();
+                    UnitOutcome::Applied {
+                        total: per_call.iter().fold(WriteCounts::default(), |sum, c| sum.plus(c)),
+                        notice: notice.map(|notice| {
+                            Box::new(SyncNotice {
+                                counts: per_call.clone(),
+                                ..notice
+                            })
+                        }),
+                        per_call,
+                    }
+                }
+            })
+            .collect();
+        let notices: Vec<SyncNotice> = outcomes
+            .iter()
+            .filter_map(|outcome| match outcome {
+                UnitOutcome::Applied { notice, .. } => notice.as_deref().cloned(),
+                UnitOutcome::AlreadyDone => None,
+            })
+            .collect();
+        insert_notices(&mut tx, &notices, now).await?;
         metadata.sort_by(|a, b| {
             (a.environment_id, a.integration.as_str(), &a.connection_id).cmp(&(
                 b.environment_id,
@@ -157,19 +191,7 @@ impl Store {
             }
         }
         tx.commit().await?;
-        Ok(calls_of
-            .into_iter()
-            .map(|calls| match calls {
-                None => UnitOutcome::AlreadyDone,
-                Some(calls) => {
-                    let per_call: Vec<WriteCounts> = calls.iter().map(|call| counts[*call]).collect();
-                    UnitOutcome::Applied {
-                        total: per_call.iter().fold(WriteCounts::default(), |sum, c| sum.plus(c)),
-                        per_call,
-                    }
-                }
-            })
-            .collect())
+        Ok(outcomes)
     }
 
     /// The markers among `markers` that are committed already.

@@ -121,6 +121,7 @@ pub mod forwarding;
 pub mod functions;
 mod integrations;
 pub mod logs;
+pub mod notices;
 pub mod records;
 pub mod replays;
 pub mod syncs;

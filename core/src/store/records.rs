@@ -57,7 +57,8 @@ pub enum WriteKind {
 }
 
 /// What a write call did, record by record.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct WriteCounts {
     pub added: u64,
     pub updated: u64,
