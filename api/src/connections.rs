@@ -6,6 +6,7 @@ use axum::http::StatusCode;
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use hookyard_core::keys::IntegrationKey;
+use hookyard_core::store::connection_events::POST_CREATION;
 use hookyard_core::store::{Connection, ConnectionQuery, Credentials, Environment, MetadataWrite, NewConnection};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -210,18 +211,15 @@ async fn create(
         tags: Value::Object(fields::tags(body.tags)?),
         credentials,
     };
-    let connection = state.store.create_connection(&environment, &new).await?;
+    let claimed_until = Utc::now() + crate::events::CLAIM;
+    let (connection, owed) = state
+        .store
+        .create_connection_owing(&environment, &new, POST_CREATION, claimed_until)
+        .await?;
     // After the answer is on its way: registering a webhook need not hold the caller.
-    let (events, integration, id) = (
-        state.events.clone(),
-        new.integration.clone(),
-        connection.connection_id.clone(),
-    );
-    tokio::spawn(async move {
-        events
-            .run(&environment, &integration, &id, "post-connection-creation")
-            .await
-    });
+    // Owed since the commit, so an API that stops meanwhile leaves it to another's sweep.
+    let events = state.events.clone();
+    tokio::spawn(async move { events.run_owed(&owed).await });
     Ok((StatusCode::CREATED, Json(ConnectionView::new(connection, false))))
 }
 
@@ -266,11 +264,14 @@ async fn delete(
         let events = state
             .events
             .run(&environment, &key, &connection_id, "pre-connection-deletion");
-        if tokio::time::timeout(crate::events::EVENT_TIMEOUT + Duration::from_secs(1), events)
-            .await
-            .is_err()
-        {
-            tracing::warn!(connection = %connection_id, "pre-connection-deletion functions did not finish; deleting anyway");
+        match tokio::time::timeout(crate::events::EVENT_TIMEOUT + Duration::from_secs(1), events).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, connection = %connection_id, "pre-connection-deletion functions could not be loaded; deleting anyway")
+            }
+            Err(_) => {
+                tracing::warn!(connection = %connection_id, "pre-connection-deletion functions did not finish; deleting anyway")
+            }
         }
     }
     if !state

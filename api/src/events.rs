@@ -3,22 +3,37 @@
 //! id with `setMetadata`); `pre-connection-deletion` runs before one is deleted, and the
 //! deletion waits for it, at most [`EVENT_TIMEOUT`]. A failure is logged and the
 //! deletion goes ahead. They run here, in the API, on a JS thread of their own.
+//!
+//! A post-creation run is owed from the connection's commit on (the store's
+//! `connection_events`): the API that created the connection claims it for [`CLAIM`]
+//! and settles it once its functions ran, whatever their outcome. One whose claim ran
+//! out (that API stopped or died mid-run) is run by an API's [`sweep_loop`]: at least
+//! once, never lost.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::Utc;
+
 use hookyard_core::config::{Config, ForwardingConfig};
 use hookyard_core::keys::IntegrationKey;
 use hookyard_core::providers::Catalog;
+use hookyard_core::store::connection_events::OwedEvent;
 use hookyard_core::store::syncs::SyncKey;
-use hookyard_core::store::Environment;
+use hookyard_core::store::{Environment, StoreError};
 use hookyard_core::Store;
 use hookyard_functions::compile::stored_modules;
 use hookyard_functions::host::{connection_api, exec_invocation, Kind, Mode, Run, StoreHost};
 use hookyard_functions::pool::{Pool, SyncCode};
+use tokio_util::sync::CancellationToken;
 
 /// How long an event function may run (and a deletion waits for one).
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the API that created a connection holds its post-creation run; after this
+/// another API's sweep may run it.
+pub const CLAIM: Duration = Duration::from_secs(120);
+/// How often an API looks for owed runs whose claim ran out.
+const SWEEP_EVERY: Duration = Duration::from_secs(15);
 
 pub struct Events {
     store: Store,
@@ -42,22 +57,71 @@ impl Events {
         }
     }
 
+    /// Runs an owed event's functions, then settles it. It stays owed (for the sweep)
+    /// only when the database could not say what to run.
+    pub async fn run_owed(&self, owed: &OwedEvent) {
+        let found = match self.store.environment(&owed.environment).await {
+            Ok(Some(environment)) => {
+                let connection = self
+                    .store
+                    .connection(environment.id, &owed.integration, &owed.connection_id)
+                    .await;
+                connection.map(|c| c.map(|_| environment))
+            }
+            Ok(None) => Ok(None),
+            Err(error) => Err(error),
+        };
+        match found {
+            Ok(Some(environment)) => {
+                if let Err(error) = self
+                    .run(&environment, &owed.integration, &owed.connection_id, &owed.event)
+                    .await
+                {
+                    tracing::warn!(%error, event = owed.event, connection = owed.connection_id, "event functions could not be loaded; trying again later");
+                    return;
+                }
+            }
+            // Deleted since: nothing to set up for it.
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(%error, event = owed.event, connection = owed.connection_id, "owed event functions not run; trying again later");
+                return;
+            }
+        }
+        if let Err(error) = self.store.settle_event(owed).await {
+            tracing::warn!(%error, event = owed.event, connection = owed.connection_id, "an event run could not be marked done; it may run again");
+        }
+    }
+
+    /// Claims and runs the owed events whose claim ran out; how many it ran.
+    pub async fn sweep(&self) -> Result<usize, StoreError> {
+        let now = Utc::now();
+        let mut ran = 0;
+        for owed in self.store.unclaimed_events(now, 100).await? {
+            if self.store.claim_event(&owed, now + CLAIM).await? {
+                tracing::info!(
+                    event = owed.event,
+                    connection = owed.connection_id,
+                    "running event functions another API did not finish"
+                );
+                self.run_owed(&owed).await;
+                ran += 1;
+            }
+        }
+        Ok(ran)
+    }
+
     /// Runs the integration's event functions for `event` on the connection, one after
-    /// the other; each outcome is logged. Returns how many ran and how many failed.
+    /// the other; each outcome is logged. Returns how many ran and how many failed, or
+    /// why they could not be loaded.
     pub async fn run(
         &self,
         environment: &Environment,
         integration: &IntegrationKey,
         connection_id: &str,
         event: &str,
-    ) -> (usize, usize) {
-        let functions = match self.store.functions(environment.id).await {
-            Ok(functions) => functions,
-            Err(error) => {
-                tracing::warn!(%error, event, connection = connection_id, "event functions could not be loaded");
-                return (0, 1);
-            }
-        };
+    ) -> Result<(usize, usize), StoreError> {
+        let functions = self.store.functions(environment.id).await?;
         let mut outcome = (0, 0);
         for function in functions
             .into_iter()
@@ -79,7 +143,7 @@ impl Events {
                 }
             }
         }
-        outcome
+        Ok(outcome)
     }
 
     async fn run_one(
@@ -113,6 +177,21 @@ impl Events {
         match self.pool.execute(code, invocation).await {
             Ok(effects) => Ok(effects.logs.into_iter().map(|l| l.message).collect()),
             Err(error) => Err(error.to_string()),
+        }
+    }
+}
+
+/// Runs [`Events::sweep`] now and every [`SWEEP_EVERY`] until `shutdown`.
+pub async fn sweep_loop(events: Arc<Events>, shutdown: CancellationToken) {
+    loop {
+        match events.sweep().await {
+            Ok(0) => {}
+            Ok(ran) => tracing::info!(ran, "owed event functions run"),
+            Err(error) => tracing::warn!(%error, "looking for owed event functions failed; trying again later"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(SWEEP_EVERY) => {}
         }
     }
 }

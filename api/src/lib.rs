@@ -197,6 +197,15 @@ fn canonical_uri(mut request: Request) -> Request {
 }
 
 /// Serves the API on `listener` until `shutdown`, finishing requests in progress.
+/// Runs the post-connection-creation event functions that an API left unrun (it
+/// stopped or died while they ran), now and every 15 s, until `shutdown`. `hookyard api`
+/// and `hookyard dev` run it beside the routes.
+pub async fn sweep_owed_events(store: Store, config: &Config, shutdown: CancellationToken) -> Result<(), CatalogError> {
+    let catalog = Arc::new(Catalog::embedded()?);
+    events::sweep_loop(Arc::new(events::Events::new(store, catalog, config)), shutdown).await;
+    Ok(())
+}
+
 pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
     let app = axum::middleware::map_request(|request: Request| async move { canonical_uri(request) }).layer(router);
     axum::serve(listener, app.into_make_service())
@@ -207,7 +216,11 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: Cancellation
 /// `hookyard api`: open the store, serve until shutdown.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let store = Store::connect(&config.database_url, config.cipher()?).await?;
-    let (router, _) = router(store, config)?;
+    let (router, _) = router(store.clone(), config)?;
+    tokio::spawn({
+        let (config, shutdown) = (config.clone(), shutdown.clone());
+        async move { sweep_owed_events(store, &config, shutdown).await }
+    });
     // The API holds no NATS connection: its metrics are its own counters only.
     hookyard_core::metrics::serve_configured(config, None, &shutdown);
     let addr = config.api.listen;

@@ -101,6 +101,13 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
         hookyard_api::serve(api_listener, api_router, shutdown.clone()),
         shutdown.clone(),
     );
+    let events = spawn_stopping_all(
+        {
+            let (store, config, shutdown) = (store.clone(), config.clone(), shutdown.clone());
+            async move { hookyard_api::sweep_owed_events(store, &config, shutdown).await }
+        },
+        shutdown.clone(),
+    );
     let router = spawn_stopping_all(router.run(shutdown.clone()), shutdown.clone());
     let worker = spawn_stopping_all(
         {
@@ -143,10 +150,11 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
             eprintln!("demo sync status failed: {error}");
         }
     }
-    let (ingest_result, api_result, router_result, worker_result, reconciler_result) =
-        tokio::join!(ingest_server, api_server, router, worker, reconciler);
+    let (ingest_result, api_result, events_result, router_result, worker_result, reconciler_result) =
+        tokio::join!(ingest_server, api_server, events, router, worker, reconciler);
     ingest_result??;
     api_result??;
+    events_result??;
     router_result??;
     worker_result??;
     reconciler_result??;

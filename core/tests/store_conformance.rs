@@ -1,6 +1,7 @@
 //! One conformance suite, run against Postgres and SQLite.
 
 use hookyard_core::keys::IntegrationKey;
+use hookyard_core::store::connection_events::POST_CREATION;
 use hookyard_core::store::{
     Backend, ConnectionQuery, Credentials, Environment, IntegrationChanges, MetadataWrite, NewConnection,
     NewIntegration, Store, StoreError,
@@ -276,6 +277,74 @@ async fn connections(store: &Store, dev: &Environment, prod: &Environment) {
         again.metadata,
         json!({"plan": "pro", "seats": 3}),
         "a new connection, not the old one"
+    );
+    owed_events(store, dev, &new).await;
+}
+
+/// A connection created owing its post-creation run: the run is owed from the same
+/// commit, claimed by its creator until it says, then claimable once; settled, it is gone.
+async fn owed_events(store: &Store, dev: &Environment, new: &dyn Fn(&str) -> NewConnection) {
+    let now = chrono::Utc::now();
+    let owing = |id: &'static str, claimed_until| async move {
+        store
+            .create_connection_owing(dev, &new(id), POST_CREATION, claimed_until)
+            .await
+            .unwrap()
+    };
+    let (connection, held) = owing("owes-1", now + chrono::Duration::minutes(2)).await;
+    assert_eq!(connection.connection_id, "owes-1");
+    assert_eq!(
+        (
+            held.environment.as_str(),
+            held.integration.as_str(),
+            held.connection_id.as_str(),
+            held.event.as_str()
+        ),
+        ("dev", "github", "owes-1", POST_CREATION)
+    );
+    let (_, lapsed) = owing("owes-2", now - chrono::Duration::seconds(1)).await;
+    // A connection that already exists is refused, and owes nothing more.
+    let conflict = store
+        .create_connection_owing(dev, &new("owes-2"), POST_CREATION, now)
+        .await
+        .unwrap_err();
+    assert!(matches!(conflict, StoreError::Conflict(_)), "{conflict}");
+
+    assert_eq!(
+        store.unclaimed_events(now, 10).await.unwrap(),
+        std::slice::from_ref(&lapsed)
+    );
+    assert!(
+        !store
+            .claim_event(&held, now + chrono::Duration::minutes(5))
+            .await
+            .unwrap(),
+        "its creator holds it"
+    );
+    assert!(store
+        .claim_event(&lapsed, now + chrono::Duration::minutes(1))
+        .await
+        .unwrap());
+    assert!(
+        !store
+            .claim_event(&lapsed, now + chrono::Duration::minutes(1))
+            .await
+            .unwrap(),
+        "claimed once"
+    );
+    assert!(store.unclaimed_events(now, 10).await.unwrap().is_empty());
+    let later = now + chrono::Duration::minutes(3);
+    assert_eq!(
+        store.unclaimed_events(later, 10).await.unwrap(),
+        [lapsed.clone(), held.clone()]
+    );
+
+    store.settle_event(&held).await.unwrap();
+    store.settle_event(&lapsed).await.unwrap();
+    assert!(store.unclaimed_events(later, 10).await.unwrap().is_empty());
+    assert!(
+        !store.claim_event(&lapsed, later).await.unwrap(),
+        "a settled event is gone"
     );
 }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use common::pipeline::{harness_with, Harness};
+use hookyard_core::store::connection_events::POST_CREATION;
 use hookyard_core::store::syncs::SyncState;
 use hookyard_core::store::IntegrationChanges;
 use hookyard_core::store::{Credentials, NewConnection};
@@ -649,6 +650,13 @@ async fn event_functions_register_on_creation_and_unregister_before_deletion() {
         subscriptions.get(&metadata).map(String::as_str),
         Some("https://hooks.example/c-new")
     );
+    // Its run was owed from the creation's commit, and is settled now.
+    eventually(
+        "the post-creation run to be settled",
+        Duration::from_secs(10),
+        || async { owed_events(&s).await.is_empty().then_some(()) },
+    )
+    .await;
 
     // Pre-deletion runs before the deletion answers, while the connection still exists.
     let delete = |id: &str| {
@@ -694,6 +702,68 @@ async fn event_functions_register_on_creation_and_unregister_before_deletion() {
         1,
         "its subscription stayed: the function failed"
     );
+}
+
+/// Every owed connection event, claimed or not.
+async fn owed_events(s: &Setup) -> Vec<String> {
+    let far = Utc::now() + chrono::Duration::days(1);
+    let owed = s.h.store.unclaimed_events(far, 100).await.unwrap();
+    owed.into_iter().map(|o| o.connection_id).collect()
+}
+
+#[tokio::test]
+async fn a_post_creation_run_its_api_did_not_finish_is_run_by_the_sweep() {
+    let s = setup(&[], true).await;
+    s.h.deploy(&[
+        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "true")),
+        ("crm/on-events/register.js", REGISTER.to_string()),
+    ])
+    .await;
+    // Connections created through an API that then died: one whose claim ran out, one
+    // still claimed (its API may be running it).
+    let new = |id: &str| NewConnection {
+        integration: "crm".parse().unwrap(),
+        connection_id: id.into(),
+        connection_config: json!({}),
+        metadata: json!({}),
+        tags: json!({}),
+        credentials: Some(api_key()),
+    };
+    let owe = |id: &'static str, claimed_until| {
+        let s = &s;
+        async move {
+            s.h.store
+                .create_connection_owing(&s.h.environment, &new(id), POST_CREATION, claimed_until)
+                .await
+                .unwrap()
+        }
+    };
+    owe("c-orphan", Utc::now() - chrono::Duration::seconds(1)).await;
+    owe("c-claimed", Utc::now() + chrono::Duration::hours(1)).await;
+
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let sweep = tokio::spawn({
+        let (store, config, shutdown) = (s.h.store.clone(), s.h.config.clone(), shutdown.clone());
+        async move { hookyard_api::sweep_owed_events(store, &config, shutdown).await }
+    });
+    let subscription = eventually("the orphan's registration", Duration::from_secs(20), || async {
+        let connection = s.h.api_get("/connections/c-orphan?provider_config_key=crm").await;
+        connection["metadata"]["subscriptionId"].as_str().map(str::to_string)
+    })
+    .await;
+    eventually("the orphan's run to be settled", Duration::from_secs(10), || async {
+        (owed_events(&s).await == ["c-claimed"]).then_some(())
+    })
+    .await;
+    shutdown.cancel();
+    sweep.await.unwrap().unwrap();
+    let subscriptions = s.crm.subscriptions();
+    assert_eq!(
+        subscriptions.values().collect::<Vec<_>>(),
+        ["https://hooks.example/c-orphan"],
+        "the orphan registered once; the claimed one left to its API"
+    );
+    assert!(subscriptions.contains_key(&subscription));
 }
 
 #[tokio::test]

@@ -1,10 +1,11 @@
 //! Connections: a customer's account at a provider, under an integration. Deleting one
 //! is soft: the row stays (with `deleted_at`) but no read, list or route sees it again.
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use sqlx::types::Json;
 
+use super::connection_events::{bind_key, OwedEvent, OWE};
 use super::model::ConnectionRow;
 use super::tx::{on_tx, Tx};
 use super::{
@@ -38,6 +39,36 @@ impl Store {
         environment: &Environment,
         new: &NewConnection,
     ) -> Result<Connection, StoreError> {
+        self.insert_connection(environment, new, None).await
+    }
+
+    /// [`Store::create_connection`], and in the same transaction `event` owed to it,
+    /// claimed by the caller until `claimed_until` (see [`super::connection_events`]).
+    pub async fn create_connection_owing(
+        &self,
+        environment: &Environment,
+        new: &NewConnection,
+        event: &str,
+        claimed_until: DateTime<Utc>,
+    ) -> Result<(Connection, OwedEvent), StoreError> {
+        let owed = OwedEvent {
+            environment: environment.name.clone(),
+            integration: new.integration.clone(),
+            connection_id: new.connection_id.clone(),
+            event: event.to_string(),
+        };
+        let connection = self
+            .insert_connection(environment, new, Some((&owed, claimed_until)))
+            .await?;
+        Ok((connection, owed))
+    }
+
+    async fn insert_connection(
+        &self,
+        environment: &Environment,
+        new: &NewConnection,
+        owed: Option<(&OwedEvent, DateTime<Utc>)>,
+    ) -> Result<Connection, StoreError> {
         let integration = self.existing_integration(environment.id, &new.integration).await?;
         let credentials = match &new.credentials {
             Some(credentials) => {
@@ -68,6 +99,12 @@ impl Store {
                 format!("connection {} of integration {}", new.connection_id, new.integration)
             })?;
             sqlx::query(BUMP_BY_ID).bind(integration.id).execute(&mut *tx).await?;
+            if let Some((owed, claimed_until)) = owed {
+                bind_key!(sqlx::query(OWE), owed)
+                    .bind(claimed_until)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             Ok::<(), StoreError>(())
         })?;
         self.existing_connection(environment.id, &new.integration, &new.connection_id)

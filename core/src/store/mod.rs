@@ -115,6 +115,7 @@ mod connections;
 pub(crate) mod tx;
 pub use connections::MetadataWrite;
 pub mod commit;
+pub mod connection_events;
 pub mod dead_letters;
 mod environments;
 pub mod forwarding;
