@@ -310,18 +310,22 @@ async fn a_down_receiver_does_not_hold_back_functions() {
     assert_eq!(attempts, vec!["0".to_string()]);
 }
 
+/// A receiver that every forward goes to, and a sync on `contact.updated` running `body`.
+async fn notified_receiver(h: &Harness, body: &str) -> Receiver {
+    let receiver = Receiver::start(&[]).await;
+    forward_to(h, &[&receiver.url]).await;
+    h.deploy(&[("crm/syncs/contacts.js", sync("['contact.updated']", body))])
+        .await;
+    receiver
+}
+
 #[tokio::test]
 async fn a_notification_follows_a_run_that_changed_records_and_only_then() {
     let h = harness_with(None, 1, forwarding_config).await;
-    let receiver = Receiver::start(&[]).await;
-    forward_to(&h, &[&receiver.url]).await;
-    h.deploy(&[(
-        "crm/syncs/contacts.js",
-        sync(
-            "['contact.updated']",
-            "await nango.batchSave([{ id: payload.contact.id, name: payload.contact.name }], 'Contact');",
-        ),
-    )])
+    let receiver = notified_receiver(
+        &h,
+        "await nango.batchSave([{ id: payload.contact.id, name: payload.contact.name }], 'Contact');",
+    )
     .await;
     h.start_all();
     let contact = |n: u64, name: &str| json!({"n": n, "contact": {"id": "p1", "name": name}});
@@ -382,16 +386,7 @@ async fn a_notification_that_could_not_be_queued_is_sent_by_the_sweep() {
         config.forwarding.notices_resend_after = Duration::from_millis(300);
     })
     .await;
-    let receiver = Receiver::start(&[]).await;
-    forward_to(&h, &[&receiver.url]).await;
-    h.deploy(&[(
-        "crm/syncs/contacts.js",
-        sync(
-            "['contact.updated']",
-            "await nango.batchSave([{ id: 'p1' }], 'Contact');",
-        ),
-    )])
-    .await;
+    let receiver = notified_receiver(&h, "await nango.batchSave([{ id: 'p1' }], 'Contact');").await;
     // HOOKS_FWD is gone: the worker commits the run, and queueing its notification fails.
     h.bus
         .jetstream
