@@ -57,48 +57,40 @@ impl Events {
         }
     }
 
-    /// Runs an owed event's functions, then settles it. It stays owed (for the sweep)
-    /// only when the database could not say what to run.
+    /// Runs an owed event's functions, then settles it, whatever their outcome. It stays
+    /// owed (for the sweep) only when the database could not say what to run.
     pub async fn run_owed(&self, owed: &OwedEvent) {
-        let found = match self.store.environment(&owed.environment).await {
-            Ok(Some(environment)) => {
-                let connection = self
-                    .store
-                    .connection(environment.id, &owed.integration, &owed.connection_id)
-                    .await;
-                connection.map(|c| c.map(|_| environment))
-            }
-            Ok(None) => Ok(None),
-            Err(error) => Err(error),
-        };
-        match found {
-            Ok(Some(environment)) => {
-                if let Err(error) = self
-                    .run(&environment, &owed.integration, &owed.connection_id, &owed.event)
-                    .await
-                {
-                    tracing::warn!(%error, event = owed.event, connection = owed.connection_id, "event functions could not be loaded; trying again later");
-                    return;
-                }
-            }
-            // Deleted since: nothing to set up for it.
-            Ok(None) => {}
-            Err(error) => {
-                tracing::warn!(%error, event = owed.event, connection = owed.connection_id, "owed event functions not run; trying again later");
-                return;
-            }
+        if let Err(error) = self.run_if_connected(owed).await {
+            tracing::warn!(%error, event = owed.event, connection = owed.connection_id, "owed event functions not run; trying again later");
+            return;
         }
         if let Err(error) = self.store.settle_event(owed).await {
             tracing::warn!(%error, event = owed.event, connection = owed.connection_id, "an event run could not be marked done; it may run again");
         }
     }
 
+    async fn run_if_connected(&self, owed: &OwedEvent) -> Result<(), StoreError> {
+        let Some(environment) = self.store.environment(&owed.environment).await? else {
+            return Ok(());
+        };
+        let connection = self
+            .store
+            .connection(environment.id, &owed.integration, &owed.connection_id)
+            .await?;
+        // Deleted since: nothing to set up for it.
+        if connection.is_some() {
+            self.run(&environment, &owed.integration, &owed.connection_id, &owed.event)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Claims and runs the owed events whose claim ran out; how many it ran.
     pub async fn sweep(&self) -> Result<usize, StoreError> {
-        let now = Utc::now();
         let mut ran = 0;
-        for owed in self.store.unclaimed_events(now, 100).await? {
-            if self.store.claim_event(&owed, now + CLAIM).await? {
+        for owed in self.store.unclaimed_events(Utc::now(), 100).await? {
+            // Claimed as it starts: the runs before it may have taken a while.
+            if self.store.claim_event(&owed, Utc::now() + CLAIM).await? {
                 tracing::info!(
                     event = owed.event,
                     connection = owed.connection_id,

@@ -196,7 +196,6 @@ fn canonical_uri(mut request: Request) -> Request {
     request
 }
 
-/// Serves the API on `listener` until `shutdown`, finishing requests in progress.
 /// Runs the post-connection-creation event functions that an API left unrun (it
 /// stopped or died while they ran), now and every 15 s, until `shutdown`. `hookyard api`
 /// and `hookyard dev` run it beside the routes.
@@ -206,6 +205,7 @@ pub async fn sweep_owed_events(store: Store, config: &Config, shutdown: Cancella
     Ok(())
 }
 
+/// Serves the API on `listener` until `shutdown`, finishing requests in progress.
 pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
     let app = axum::middleware::map_request(|request: Request| async move { canonical_uri(request) }).layer(router);
     axum::serve(listener, app.into_make_service())
