@@ -131,6 +131,12 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
         shutdown.clone(),
     );
     if !args.no_demo {
+        // The example's first exec run, then the webhook: sent while that run reads the
+        // demo CRM, the webhook would race it for the same contact, and its write could
+        // come out stale (the run read the CRM after the webhook was stored).
+        if let Err(error) = show_demo_sync(&api_url, &environment.secret_key, &crm.url).await {
+            eprintln!("demo sync status failed: {error}");
+        }
         let demo_seq = match send_demo_webhook(&webhook_url, &bus.jetstream).await {
             Ok(seq) => Some(seq),
             Err(error) => {
@@ -145,9 +151,6 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
             if let Err(error) = show_demo_log(&api_url, &environment.secret_key, seq).await {
                 eprintln!("demo log failed: {error}");
             }
-        }
-        if let Err(error) = show_demo_sync(&api_url, &environment.secret_key, &crm.url).await {
-            eprintln!("demo sync status failed: {error}");
         }
     }
     let (ingest_result, api_result, events_result, router_result, worker_result, reconciler_result) =
@@ -446,8 +449,6 @@ async fn show_demo_sync(api_url: &str, secret_key: &str, crm_url: &str) -> Resul
     }
 }
 
-/// Posts one webhook to ourselves and shows it read back from `HOOKS_RAW`, then as the
-/// router delivered it to the demo connection in `HOOKS_CONN`.
 /// Sends the demo webhook and shows it stored and routed; its `HOOKS_RAW` sequence.
 async fn send_demo_webhook(url: &str, jetstream: &jetstream::Context) -> Result<u64, Error> {
     let routed_subject = format!("hooks.conn.dev.{DEMO_INTEGRATION}.{DEMO_CONNECTION}");

@@ -356,6 +356,12 @@ async fn dev_starts_everything_and_takes_a_webhook() {
         .unwrap()
         .trim_end_matches(')')
         .to_string();
+    // First the reconciler's exec of the example against the demo CRM (three contacts).
+    Process::wait_for(&process.stdout, "demo: reconciler");
+    let status = Process::wait_for(&process.stdout, "\"status\"");
+    assert!(status.contains(r#""status":"SUCCESS""#), "{status}");
+    assert!(status.contains(r#""frequency":"every day""#), "{status}");
+    // Then the demo webhook.
     let accepted = Process::wait_for(&process.stdout, "-> 202");
     assert!(accepted.contains("\"duplicate\":false"), "{accepted}");
     let stored = Process::wait_for(&process.stdout, "demo: HOOKS_RAW #1");
@@ -379,7 +385,7 @@ async fn dev_starts_everything_and_takes_a_webhook() {
     let shown = Process::wait_for(&process.stdout, "demo: worker");
     assert!(shown.contains("/records?model=Contact"), "{shown}");
     let record = Process::wait_for(&process.stdout, "-> 200 OK");
-    // ADDED by the webhook, or UPDATED by it after the first exec run listed the contact.
+    // The webhook's copy of the contact the exec run listed.
     assert!(
         record.contains(r#""email":"ada@example.com""#) && record.contains(r#""id":"c_1""#),
         "the example function made a record of the demo webhook: {record}"
@@ -393,8 +399,8 @@ async fn dev_starts_everything_and_takes_a_webhook() {
     assert!(route.contains("routed") && route.contains("demo-connection"), "{route}");
     let execution = Process::wait_for(&process.stdout, "execution");
     assert!(execution.contains("demo-connection ok"), "{execution}");
-    // The reconciler ran the example's exec against the demo CRM (three contacts).
-    Process::wait_for(&process.stdout, "demo: reconciler");
+    // Sent after the exec run, the webhook is newer than the run's copy, never stale.
+    assert!(execution.contains(r#""stale":0"#), "{execution}");
     // Metrics on their own listener, not on ingest's public one.
     let metrics = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
         .await
@@ -412,9 +418,6 @@ async fn dev_starts_everything_and_takes_a_webhook() {
     );
     let public = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap();
     assert_eq!(public.status(), 404);
-    let status = Process::wait_for(&process.stdout, "\"status\"");
-    assert!(status.contains(r#""status":"SUCCESS""#), "{status}");
-    assert!(status.contains(r#""frequency":"every day""#), "{status}");
 
     // The API answers with the printed key, and the key file is private.
     let integrations = get_json(&format!("http://127.0.0.1:{api_port}/integrations"), &secret_key).await;
