@@ -4,6 +4,7 @@ mod forward;
 mod ingest_compare;
 mod load;
 mod publish_modes;
+mod reconciler;
 mod records;
 mod replay;
 mod router;
@@ -66,6 +67,15 @@ enum Command {
         /// Records written per batch size (at least one batch).
         #[arg(long, default_value_t = 20_000)]
         records: usize,
+    },
+    /// Reconciler tick time and Postgres CPU with N scheduled connections and nothing due.
+    Reconciler {
+        /// Connection counts to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        connections: Vec<usize>,
+        /// Ticks timed per count, after the first.
+        #[arg(long, default_value_t = 20)]
+        ticks: usize,
     },
     /// Router throughput: events/s for single-event and batched webhook bodies.
     Router {
@@ -171,6 +181,7 @@ fn main() -> anyhow::Result<()> {
             } => ingest_compare::run(&load.plan(), rounds, duplicate_window).await,
             Command::PublishModes { seconds, in_flight } => publish_modes::run(seconds, in_flight).await,
             Command::Records { batch, records } => records::run(&batch, records).await,
+            Command::Reconciler { connections, ticks } => reconciler::run(&connections, ticks).await,
             Command::Router { batch, events } => router::run(&batch, events).await,
             Command::Replay {
                 batch,

@@ -25,7 +25,7 @@ use hookyard_core::{Config, Store};
 use hookyard_testkit::PgDatabase;
 use serde_json::json;
 
-use crate::setup::{cpu_seconds, start_nats};
+use crate::setup::{cpu_seconds, postgres_cpu, start_nats};
 
 pub struct Plan {
     pub events: u64,
@@ -342,20 +342,6 @@ impl Cpu {
             postgres: postgres_cpu() - self.postgres,
         }
     }
-}
-
-/// CPU seconds of every `postgres` process on the machine (the server and its backends).
-fn postgres_cpu() -> f64 {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0.0;
-    };
-    entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str().map(String::from))
-        .filter(|pid| pid.chars().all(|c| c.is_ascii_digit()))
-        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "postgres"))
-        .map(|pid| cpu_seconds(&pid))
-        .sum()
 }
 
 async fn sqlx_count(url: &str) -> anyhow::Result<i64> {
