@@ -1,5 +1,6 @@
 //! What the benchmarks share: a nats-server of their own and CPU accounting.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -84,16 +85,30 @@ pub fn cpu_seconds(pid: &str) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// CPU seconds of every `postgres` process on the machine (the server and its backends).
-pub fn postgres_cpu() -> f64 {
+/// CPU seconds of each `postgres` process on the machine (the server and its backends),
+/// by pid.
+pub fn postgres_cpu() -> HashMap<String, f64> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0.0;
+        return HashMap::new();
     };
     entries
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str().map(String::from))
         .filter(|pid| pid.chars().all(|c| c.is_ascii_digit()))
         .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "postgres"))
-        .map(|pid| cpu_seconds(&pid))
+        .map(|pid| {
+            let seconds = cpu_seconds(&pid);
+            (pid, seconds)
+        })
+        .collect()
+}
+
+/// CPU seconds the `postgres` processes used since `before` was read. One that exited
+/// meanwhile is left out (its last seconds can no longer be read); one started since
+/// counts whole.
+pub fn postgres_cpu_since(before: &HashMap<String, f64>) -> f64 {
+    postgres_cpu()
+        .into_iter()
+        .map(|(pid, now)| now - before.get(&pid).copied().unwrap_or(0.0))
         .sum()
 }

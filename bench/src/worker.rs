@@ -25,7 +25,7 @@ use hookyard_core::{Config, Store};
 use hookyard_testkit::PgDatabase;
 use serde_json::json;
 
-use crate::setup::{cpu_seconds, postgres_cpu, start_nats};
+use crate::setup::{cpu_seconds, postgres_cpu, postgres_cpu_since, start_nats};
 
 pub struct Plan {
     pub events: u64,
@@ -314,7 +314,7 @@ struct Cpu {
     nats_pid: String,
     worker: f64,
     nats: f64,
-    postgres: f64,
+    postgres: HashMap<String, f64>,
 }
 
 struct CpuDelta {
@@ -339,7 +339,7 @@ impl Cpu {
         CpuDelta {
             worker: cpu_seconds(&self.worker_pid) - self.worker,
             nats: cpu_seconds(&self.nats_pid) - self.nats,
-            postgres: postgres_cpu() - self.postgres,
+            postgres: postgres_cpu_since(&self.postgres),
         }
     }
 }

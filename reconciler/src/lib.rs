@@ -47,10 +47,21 @@ pub struct Tick {
     pub triggered: usize,
 }
 
+/// Ticks between full passes read only what is due; a full pass runs at least this often.
+pub const FULL_PASS_EVERY: Duration = Duration::from_secs(60);
+
 pub struct Reconciler {
     store: Store,
     jetstream: jetstream::Context,
+    /// What the last full pass saw (the deploy revision and every integration's
+    /// connections version), and when.
+    last_full_pass: std::sync::Mutex<Option<(Changes, std::time::Instant)>>,
 }
+
+type Changes = (i64, Vec<(i64, i64)>);
+
+/// The states a tick looks at, and the (sync, connection) pairs it schedules.
+type Candidates<'a> = (HashMap<SyncKey, SyncState>, Vec<(&'a Runnable<'a>, SyncKey)>);
 
 /// A sync that can run exec, with its interval when it has a frequency.
 struct Runnable<'a> {
@@ -61,7 +72,11 @@ struct Runnable<'a> {
 
 impl Reconciler {
     pub fn new(store: Store, jetstream: jetstream::Context) -> Reconciler {
-        Reconciler { store, jetstream }
+        Reconciler {
+            store,
+            jetstream,
+            last_full_pass: std::sync::Mutex::new(None),
+        }
     }
 
     /// Ticks every [`TICK`] until `shutdown`. A failed tick is logged and the next one
@@ -92,6 +107,12 @@ impl Reconciler {
     }
 
     /// Queues what is due at `now`: slots that came round, and pending triggers.
+    ///
+    /// A full pass looks at every (sync, connection): it gives new pairs their state and
+    /// schedules each by its slot. It runs on the first tick, after any deploy or any
+    /// connection created or deleted, and every [`FULL_PASS_EVERY`]. The ticks between
+    /// read only the states that are due or triggered, so an idle schedule costs little
+    /// however many connections it has.
     pub async fn tick(&self, now: DateTime<Utc>) -> Result<Tick, ReconcilerError> {
         let deployed = self.store.all_functions().await?;
         let runnable: Vec<Runnable> = deployed
@@ -105,46 +126,19 @@ impl Reconciler {
                 auto_start: sync.config["autoStart"] != false,
             })
             .collect();
-        let mut states: HashMap<SyncKey, SyncState> = self
-            .store
-            .sync_states(None, None)
-            .await?
-            .into_iter()
-            .map(|state| (state.key.clone(), state))
-            .collect();
-
-        // Every (sync, connection) with a frequency gets its state; new ones start as
-        // their sync's autoStart says.
-        let mut connections: HashMap<(i64, &IntegrationKey), Vec<String>> = HashMap::new();
-        let mut missing = Vec::new();
-        let mut scheduled_keys = Vec::new();
-        for runnable in runnable.iter().filter(|r| r.every.is_some()) {
-            let sync = runnable.sync;
-            let ids = match connections.entry((sync.environment_id, &sync.integration)) {
-                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
-                std::collections::hash_map::Entry::Vacant(entry) => entry.insert(
-                    self.store
-                        .live_connection_ids(sync.environment_id, &sync.integration)
-                        .await?,
-                ),
-            };
-            for connection_id in ids.iter() {
-                let key = key_of(sync, connection_id);
-                if !states.contains_key(&key) {
-                    missing.push((key.clone(), runnable.auto_start));
-                }
-                scheduled_keys.push((runnable, key));
-            }
-        }
-        if !missing.is_empty() {
-            self.store.ensure_sync_states(&missing).await?;
-            let fresh: HashSet<&SyncKey> = missing.iter().map(|(key, _)| key).collect();
-            for state in self.store.sync_states(None, None).await? {
-                if fresh.contains(&state.key) {
-                    states.insert(state.key.clone(), state);
-                }
-            }
-        }
+        let changes = (
+            self.store.functions_revision().await?,
+            self.store.connections_versions().await?,
+        );
+        let full = match &*self.last_full_pass.lock().expect("full pass lock") {
+            Some((seen, at)) => *seen != changes || at.elapsed() >= FULL_PASS_EVERY,
+            None => true,
+        };
+        let (states, scheduled_keys) = if full {
+            self.everything(&runnable).await?
+        } else {
+            self.due(&runnable, now).await?
+        };
 
         let mut tick = Tick::default();
         for (runnable, key) in &scheduled_keys {
@@ -201,7 +195,85 @@ impl Reconciler {
                 tick.triggered += 1;
             }
         }
+        if full {
+            *self.last_full_pass.lock().expect("full pass lock") = Some((changes, std::time::Instant::now()));
+        }
         Ok(tick)
+    }
+
+    /// Every (sync with a frequency, live connection), each given its state if new (as
+    /// its sync's autoStart says), and every state.
+    async fn everything<'a>(&self, runnable: &'a [Runnable<'a>]) -> Result<Candidates<'a>, ReconcilerError> {
+        let mut states: HashMap<SyncKey, SyncState> = self
+            .store
+            .sync_states(None, None)
+            .await?
+            .into_iter()
+            .map(|state| (state.key.clone(), state))
+            .collect();
+        let mut connections: HashMap<(i64, &IntegrationKey), Vec<String>> = HashMap::new();
+        let mut missing = Vec::new();
+        let mut scheduled_keys = Vec::new();
+        for runnable in runnable.iter().filter(|r| r.every.is_some()) {
+            let sync = runnable.sync;
+            let ids = match connections.entry((sync.environment_id, &sync.integration)) {
+                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::hash_map::Entry::Vacant(entry) => entry.insert(
+                    self.store
+                        .live_connection_ids(sync.environment_id, &sync.integration)
+                        .await?,
+                ),
+            };
+            for connection_id in ids.iter() {
+                let key = key_of(sync, connection_id);
+                if !states.contains_key(&key) {
+                    missing.push((key.clone(), runnable.auto_start));
+                }
+                scheduled_keys.push((runnable, key));
+            }
+        }
+        if !missing.is_empty() {
+            self.store.ensure_sync_states(&missing).await?;
+            let fresh: HashSet<&SyncKey> = missing.iter().map(|(key, _)| key).collect();
+            for state in self.store.sync_states(None, None).await? {
+                if fresh.contains(&state.key) {
+                    states.insert(state.key.clone(), state);
+                }
+            }
+        }
+        Ok((states, scheduled_keys))
+    }
+
+    /// The states due at `now` or triggered. A due one that no frequency schedules (its
+    /// sync has none now, or is gone) is deferred until the next full pass would have
+    /// looked at it anyway.
+    async fn due<'a>(
+        &self,
+        runnable: &'a [Runnable<'a>],
+        now: DateTime<Utc>,
+    ) -> Result<Candidates<'a>, ReconcilerError> {
+        let scheduling: HashMap<(i64, &IntegrationKey, &str), &Runnable> = runnable
+            .iter()
+            .filter(|r| r.every.is_some())
+            .map(|r| ((r.sync.environment_id, &r.sync.integration, r.sync.name.as_str()), r))
+            .collect();
+        let mut states = HashMap::new();
+        let mut scheduled_keys = Vec::new();
+        for state in self.store.due_sync_states(now).await? {
+            let key = &state.key;
+            let due = state.started && !state.paused && state.next_run_at.is_none_or(|at| at <= now);
+            match scheduling.get(&(key.environment_id, &key.integration, key.sync.as_str())) {
+                Some(runnable) if due => scheduled_keys.push((*runnable, key.clone())),
+                Some(_) => {}
+                None if due => {
+                    let until = now + chrono::Duration::from_std(FULL_PASS_EVERY).expect("a short interval");
+                    self.store.defer_sync_state(key, now, until).await?;
+                }
+                None => {}
+            }
+            states.insert(key.clone(), state);
+        }
+        Ok((states, scheduled_keys))
     }
 
     async fn publish(&self, job: &ExecJob, token: &str) -> Result<(), ReconcilerError> {

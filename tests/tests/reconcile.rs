@@ -233,6 +233,49 @@ fn hour_later(at: DateTime<Utc>) -> DateTime<Utc> {
     at + chrono::Duration::hours(1) + chrono::Duration::seconds(1)
 }
 
+/// Between full passes a tick reads only due states: a connection created or deleted
+/// still counts at once, and a deleted one's state, though due, is never run.
+#[tokio::test]
+async fn ticks_between_full_passes_see_new_and_deleted_connections() {
+    let s = setup(&[("c0", json!({}), api_key())], true).await;
+    let now = Utc::now();
+    s.run_at(now, &["c0"]).await;
+    assert_eq!(s.reconciler.tick(now).await.unwrap().scheduled, 0, "nothing due");
+
+    // Created after the full pass: the next tick takes it up.
+    let new = |id: &str| NewConnection {
+        integration: "crm".parse().unwrap(),
+        connection_id: id.into(),
+        connection_config: json!({}),
+        metadata: json!({}),
+        tags: json!({}),
+        credentials: Some(api_key()),
+    };
+    s.h.store.create_connection(&s.h.environment, &new("c1")).await.unwrap();
+    s.run_at(now, &["c1"]).await;
+
+    // Deleted: neither the tick after it (a full pass) nor one between full passes runs
+    // it, though its state is due.
+    let crm: hookyard_core::keys::IntegrationKey = "crm".parse().unwrap();
+    assert!(s
+        .h
+        .store
+        .delete_connection(s.h.environment.id, &crm, "c0")
+        .await
+        .unwrap());
+    assert_eq!(s.reconciler.tick(now).await.unwrap().scheduled, 0);
+    let states = s.h.store.sync_states(Some(s.h.environment.id), None).await.unwrap();
+    let next_run = |id: &str| {
+        states
+            .iter()
+            .find(|state| state.key.connection_id == id)
+            .and_then(|state| state.next_run_at)
+            .unwrap()
+    };
+    // Both next slots have come round by then; only c1 runs.
+    s.run_at(next_run("c0").max(next_run("c1")), &["c1"]).await;
+}
+
 #[tokio::test]
 async fn scheduled_exec_fills_the_cache_in_each_pagination_style_and_deletes_what_the_provider_lost() {
     let s = setup(

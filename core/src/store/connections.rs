@@ -248,6 +248,16 @@ impl Store {
         version.ok_or_else(|| StoreError::NotFound(format!("integration #{integration_id}")))
     }
 
+    /// Every integration's connections version, by integration id: any connection
+    /// created or deleted anywhere changes this.
+    pub async fn connections_versions(&self) -> Result<Vec<(i64, i64)>, StoreError> {
+        Ok(on_pool!(self, |pool| sqlx::query_as(
+            "SELECT id, connections_version FROM integrations ORDER BY id"
+        )
+        .fetch_all(pool)
+        .await)?)
+    }
+
     /// Every live connection of an integration, with the version they were read at.
     pub async fn routing_connections(&self, integration_id: i64) -> Result<(i64, Vec<Connection>), StoreError> {
         let query = format!("{SELECT} WHERE c.integration_id = $1 AND c.deleted_at IS NULL ORDER BY c.id");

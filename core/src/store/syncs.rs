@@ -173,6 +173,46 @@ impl Store {
         rows.into_iter().map(|row| state_of(row, now)).collect()
     }
 
+    /// What a tick between the reconciler's full passes looks at: states that are
+    /// started, not paused, due by `now` (or never scheduled) and of a live connection;
+    /// and those with a trigger waiting.
+    pub async fn due_sync_states(&self, now: DateTime<Utc>) -> Result<Vec<SyncState>, StoreError> {
+        // Two selects, so that each can use its index (a state in both comes once).
+        let sql = format!(
+            "SELECT {STATE_COLUMNS} FROM sync_states WHERE pending_trigger IS NOT NULL
+             UNION
+             SELECT {STATE_COLUMNS} FROM sync_states s
+             WHERE (next_run_at <= $1 OR next_run_at IS NULL) AND started AND NOT paused
+               AND EXISTS (SELECT 1 FROM connections c JOIN integrations i ON i.id = c.integration_id
+                           WHERE c.environment_id = s.environment_id AND i.unique_key = s.integration
+                             AND c.connection_id = s.connection_id AND c.deleted_at IS NULL)"
+        );
+        let rows: Vec<StateRow> = on_pool!(self, |pool| sqlx::query_as(&sql).bind(now).fetch_all(pool).await)?;
+        let now = now_ms();
+        rows.into_iter().map(|row| state_of(row, now)).collect()
+    }
+
+    /// Moves a due state's next run to `until`: one no frequency schedules (its sync has
+    /// none now, or is gone) is then not looked at by every tick. (A full pass schedules
+    /// by slot, whatever this says.)
+    pub async fn defer_sync_state(
+        &self,
+        key: &SyncKey,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let sql = format!(
+            "UPDATE sync_states SET next_run_at = $5 WHERE {KEY_MATCH} AND (next_run_at IS NULL OR next_run_at <= $6)"
+        );
+        on_pool!(self, |pool| bind_key!(sqlx::query(&sql), key)
+            .bind(until)
+            .bind(now)
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
+
     /// One sync state.
     pub async fn sync_state(&self, key: &SyncKey) -> Result<Option<SyncState>, StoreError> {
         let sql = format!("SELECT {STATE_COLUMNS} FROM sync_states WHERE {KEY_MATCH}");
