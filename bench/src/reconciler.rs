@@ -13,7 +13,7 @@ use hookyard_core::{Config, Store};
 use hookyard_reconciler::Reconciler;
 use hookyard_testkit::{raw_execute, raw_texts, PgDatabase};
 
-use crate::setup::{cpu_seconds, postgres_cpu, postgres_cpu_since, start_nats};
+use crate::setup::{cpu_seconds, deploy_example, postgres_cpu, postgres_cpu_since, start_nats};
 
 pub async fn run(sizes: &[usize], ticks: usize) -> anyhow::Result<()> {
     anyhow::ensure!(ticks > 0, "--ticks must be at least 1");
@@ -49,12 +49,7 @@ pub async fn run(sizes: &[usize], ticks: usize) -> anyhow::Result<()> {
             ),
         )
         .await;
-        let files = hookyard_functions::examples::files(hookyard_functions::examples::CRM_CONTACTS);
-        let project = hookyard_functions::compile::compile_project(files, &config.worker.limits)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        store
-            .deploy_functions(&environment, &project.bundle, &project.syncs)
-            .await?;
+        deploy_example(&store, &environment, &config).await?;
         let bus = Bus::connect(&config, "bench-reconciler").await?;
         bus.ensure_streams(&config.streams).await?;
         // A fresh stream per size: the jobs of the size before are not counted again.

@@ -25,6 +25,21 @@ pub fn start_nats(dir: &Path) -> anyhow::Result<(EmbeddedNats, u16)> {
     Ok((nats, port))
 }
 
+/// Deploys `examples/crm-contacts` to `environment`.
+pub async fn deploy_example(
+    store: &hookyard_core::Store,
+    environment: &hookyard_core::store::Environment,
+    config: &hookyard_core::Config,
+) -> anyhow::Result<()> {
+    let files = hookyard_functions::examples::files(hookyard_functions::examples::CRM_CONTACTS);
+    let project = hookyard_functions::compile::compile_project(files, &config.worker.limits)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    store
+        .deploy_functions(environment, &project.bundle, &project.syncs)
+        .await?;
+    Ok(())
+}
+
 /// CPU seconds used by this process (servers and load generator) and by nats-server.
 pub struct CpuMeter {
     nats_pid: u32,

@@ -25,7 +25,7 @@ use hookyard_core::{Config, Store};
 use hookyard_testkit::PgDatabase;
 use serde_json::json;
 
-use crate::setup::{cpu_seconds, postgres_cpu, postgres_cpu_since, start_nats};
+use crate::setup::{cpu_seconds, deploy_example, postgres_cpu, postgres_cpu_since, start_nats};
 
 pub struct Plan {
     pub events: u64,
@@ -73,12 +73,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
         };
         store.create_connection(&environment, &connection).await?;
     }
-    let files = hookyard_functions::examples::files(hookyard_functions::examples::CRM_CONTACTS);
-    let project = hookyard_functions::compile::compile_project(files, &config.worker.limits)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    store
-        .deploy_functions(&environment, &project.bundle, &project.syncs)
-        .await?;
+    deploy_example(&store, &environment, &config).await?;
     if plan.destination != Destination::None {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}/hook", listener.local_addr()?);

@@ -257,22 +257,23 @@ impl Reconciler {
             .filter(|r| r.every.is_some())
             .map(|r| ((r.sync.environment_id, &r.sync.integration, r.sync.name.as_str()), r))
             .collect();
-        let mut states = HashMap::new();
+        let (due, triggered) = self.store.due_sync_states(now).await?;
         let mut scheduled_keys = Vec::new();
-        for state in self.store.due_sync_states(now).await? {
+        for state in &due {
             let key = &state.key;
-            let due = state.started && !state.paused && state.next_run_at.is_none_or(|at| at <= now);
             match scheduling.get(&(key.environment_id, &key.integration, key.sync.as_str())) {
-                Some(runnable) if due => scheduled_keys.push((*runnable, key.clone())),
-                Some(_) => {}
-                None if due => {
+                Some(runnable) => scheduled_keys.push((*runnable, key.clone())),
+                None => {
                     let until = now + chrono::Duration::from_std(FULL_PASS_EVERY).expect("a short interval");
                     self.store.defer_sync_state(key, now, until).await?;
                 }
-                None => {}
             }
-            states.insert(key.clone(), state);
         }
+        let states = due
+            .into_iter()
+            .chain(triggered)
+            .map(|state| (state.key.clone(), state))
+            .collect();
         Ok((states, scheduled_keys))
     }
 

@@ -59,6 +59,18 @@ struct Setup {
 
 /// The pipeline with the worker running, `crm` pointed at the fake CRM, and one
 /// connection per `(id, metadata, credentials)`.
+/// A connection `id` of `crm`.
+fn connection(id: &str, metadata: Value, credentials: Credentials) -> NewConnection {
+    NewConnection {
+        integration: "crm".parse().unwrap(),
+        connection_id: id.into(),
+        connection_config: json!({}),
+        metadata,
+        tags: json!({}),
+        credentials: Some(credentials),
+    }
+}
+
 async fn setup(connections: &[(&str, Value, Credentials)], auto_start: bool) -> Setup {
     setup_on(None, connections, auto_start).await
 }
@@ -88,17 +100,7 @@ async fn setup_on(database_url: Option<&str>, connections: &[(&str, Value, Crede
         .unwrap();
     for (id, metadata, credentials) in connections {
         h.store
-            .create_connection(
-                &h.environment,
-                &NewConnection {
-                    integration: "crm".parse().unwrap(),
-                    connection_id: id.to_string(),
-                    connection_config: json!({}),
-                    metadata: metadata.clone(),
-                    tags: json!({}),
-                    credentials: Some(credentials.clone()),
-                },
-            )
+            .create_connection(&h.environment, &connection(id, metadata.clone(), credentials.clone()))
             .await
             .unwrap();
     }
@@ -243,15 +245,10 @@ async fn ticks_between_full_passes_see_new_and_deleted_connections() {
     assert_eq!(s.reconciler.tick(now).await.unwrap().scheduled, 0, "nothing due");
 
     // Created after the full pass: the next tick takes it up.
-    let new = |id: &str| NewConnection {
-        integration: "crm".parse().unwrap(),
-        connection_id: id.into(),
-        connection_config: json!({}),
-        metadata: json!({}),
-        tags: json!({}),
-        credentials: Some(api_key()),
-    };
-    s.h.store.create_connection(&s.h.environment, &new("c1")).await.unwrap();
+    s.h.store
+        .create_connection(&s.h.environment, &connection("c1", json!({}), api_key()))
+        .await
+        .unwrap();
     s.run_at(now, &["c1"]).await;
 
     // Deleted: neither the tick after it (a full pass) nor one between full passes runs
@@ -764,19 +761,16 @@ async fn a_post_creation_run_its_api_did_not_finish_is_run_by_the_sweep() {
     .await;
     // Connections created through an API that then died: one whose claim ran out, one
     // still claimed (its API may be running it).
-    let new = |id: &str| NewConnection {
-        integration: "crm".parse().unwrap(),
-        connection_id: id.into(),
-        connection_config: json!({}),
-        metadata: json!({}),
-        tags: json!({}),
-        credentials: Some(api_key()),
-    };
     let owe = |id: &'static str, claimed_until| {
         let s = &s;
         async move {
             s.h.store
-                .create_connection_owing(&s.h.environment, &new(id), POST_CREATION, claimed_until)
+                .create_connection_owing(
+                    &s.h.environment,
+                    &connection(id, json!({}), api_key()),
+                    POST_CREATION,
+                    claimed_until,
+                )
                 .await
                 .unwrap()
         }

@@ -173,23 +173,25 @@ impl Store {
         rows.into_iter().map(|row| state_of(row, now)).collect()
     }
 
-    /// What a tick between the reconciler's full passes looks at: states that are
+    /// What a tick between the reconciler's full passes looks at: the states that are
     /// started, not paused, due by `now` (or never scheduled) and of a live connection;
-    /// and those with a trigger waiting.
-    pub async fn due_sync_states(&self, now: DateTime<Utc>) -> Result<Vec<SyncState>, StoreError> {
-        // Two selects, so that each can use its index (a state in both comes once).
-        let sql = format!(
-            "SELECT {STATE_COLUMNS} FROM sync_states WHERE pending_trigger IS NOT NULL
-             UNION
-             SELECT {STATE_COLUMNS} FROM sync_states s
+    /// then those with a trigger waiting. (Two queries, so that each can use its index.)
+    pub async fn due_sync_states(&self, now: DateTime<Utc>) -> Result<(Vec<SyncState>, Vec<SyncState>), StoreError> {
+        let due = format!(
+            "SELECT {STATE_COLUMNS} FROM sync_states s
              WHERE (next_run_at <= $1 OR next_run_at IS NULL) AND started AND NOT paused
                AND EXISTS (SELECT 1 FROM connections c JOIN integrations i ON i.id = c.integration_id
                            WHERE c.environment_id = s.environment_id AND i.unique_key = s.integration
                              AND c.connection_id = s.connection_id AND c.deleted_at IS NULL)"
         );
-        let rows: Vec<StateRow> = on_pool!(self, |pool| sqlx::query_as(&sql).bind(now).fetch_all(pool).await)?;
+        let triggered = format!("SELECT {STATE_COLUMNS} FROM sync_states WHERE pending_trigger IS NOT NULL");
+        let due: Vec<StateRow> = on_pool!(self, |pool| sqlx::query_as(&due).bind(now).fetch_all(pool).await)?;
+        let triggered: Vec<StateRow> = on_pool!(self, |pool| sqlx::query_as(&triggered).fetch_all(pool).await)?;
         let now = now_ms();
-        rows.into_iter().map(|row| state_of(row, now)).collect()
+        let states = |rows: Vec<StateRow>| -> Result<Vec<SyncState>, StoreError> {
+            rows.into_iter().map(|row| state_of(row, now)).collect()
+        };
+        Ok((states(due)?, states(triggered)?))
     }
 
     /// Moves a due state's next run to `until`: one no frequency schedules (its sync has
