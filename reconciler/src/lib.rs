@@ -47,6 +47,10 @@ pub struct Tick {
     pub triggered: usize,
 }
 
+/// Scheduled jobs queued together: their publishes in flight at once, their slots
+/// claimed in one transaction.
+const QUEUE_CHUNK: usize = 256;
+
 /// Ticks between full passes read only what is due; a full pass runs at least this often.
 pub const FULL_PASS_EVERY: Duration = Duration::from_secs(60);
 
@@ -141,6 +145,7 @@ impl Reconciler {
         };
 
         let mut tick = Tick::default();
+        let mut due = Vec::new();
         for (runnable, key) in &scheduled_keys {
             let Some(state) = states.get(key) else { continue };
             if !state.started || state.paused {
@@ -161,12 +166,21 @@ impl Reconciler {
                 reset: false,
                 empty_cache: false,
             };
-            // Queued first, claimed after: a crash in between queues the same message id
-            // again, which JetStream drops.
-            self.publish(&job, "").await?;
-            if self.store.claim_slot(key, slot, next_run_at).await? {
-                tick.scheduled += 1;
+            due.push((job, (key.clone(), slot, next_run_at)));
+        }
+        // Queued first, claimed after: a crash in between queues the same message ids
+        // again, which JetStream drops. A chunk's publishes are in flight together and
+        // its claims share a transaction (a deploy to many connections queues them all).
+        for chunk in due.chunks(QUEUE_CHUNK) {
+            let mut acks = Vec::with_capacity(chunk.len());
+            for (job, _) in chunk {
+                acks.push(self.send(job, "").await?);
             }
+            for ack in acks {
+                ack.await.map_err(|e| ReconcilerError::Publish(e.to_string()))?;
+            }
+            let slots: Vec<_> = chunk.iter().map(|(_, slot)| slot.clone()).collect();
+            tick.scheduled += self.store.claim_slots(&slots).await?.into_iter().filter(|c| *c).count();
         }
 
         // Triggers, for any sync with an exec (a frequency is not needed).
@@ -278,6 +292,15 @@ impl Reconciler {
     }
 
     async fn publish(&self, job: &ExecJob, token: &str) -> Result<(), ReconcilerError> {
+        self.send(job, token)
+            .await?
+            .await
+            .map_err(|e| ReconcilerError::Publish(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Publishes `job`; the ack is to be awaited.
+    async fn send(&self, job: &ExecJob, token: &str) -> Result<jetstream::context::PublishAckFuture, ReconcilerError> {
         let failed = |e: &dyn std::fmt::Display| ReconcilerError::Publish(e.to_string());
         let mut headers = async_nats::HeaderMap::new();
         insert_checked(&mut headers, "Nats-Msg-Id", &job.message_id(token));
@@ -289,10 +312,7 @@ impl Reconciler {
                 payload.into(),
             )
             .await
-            .map_err(|e| failed(&e))?
-            .await
-            .map_err(|e| failed(&e))?;
-        Ok(())
+            .map_err(|e| failed(&e))
     }
 }
 

@@ -10,7 +10,7 @@ use super::{Pool, Store, StoreError};
 use crate::keys::IntegrationKey;
 
 /// One sync for one connection.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SyncKey {
     pub environment_id: i64,
     pub integration: IntegrationKey,
@@ -316,20 +316,31 @@ impl Store {
         Ok(false)
     }
 
-    /// Hands out schedule slot `slot` of a started, unpaused sync: true for the one caller
-    /// (of any replica) that moved `last_slot` on to it.
-    pub async fn claim_slot(&self, key: &SyncKey, slot: i64, next_run_at: DateTime<Utc>) -> Result<bool, StoreError> {
+    /// Hands out schedule slots: each `(key, slot, next slot's start)` of a started,
+    /// unpaused sync is claimed by the one caller (of any replica) that moves `last_slot`
+    /// on to it. One transaction for all; whether each was claimed now.
+    pub async fn claim_slots(&self, slots: &[(SyncKey, i64, DateTime<Utc>)]) -> Result<Vec<bool>, StoreError> {
         let sql = format!(
             "UPDATE sync_states SET last_slot = $5, next_run_at = $6
              WHERE {KEY_MATCH} AND last_slot < $5 AND started AND NOT paused"
         );
-        let done = on_pool!(self, |pool| bind_key!(sqlx::query(&sql), key)
-            .bind(slot)
-            .bind(next_run_at)
-            .execute(pool)
-            .await
-            .map(|r| r.rows_affected()))?;
-        Ok(done == 1)
+        // Rows are locked in key order: two replicas claiming at once never deadlock.
+        let mut order: Vec<usize> = (0..slots.len()).collect();
+        order.sort_by(|a, b| slots[*a].0.cmp(&slots[*b].0));
+        let mut claimed = vec![false; slots.len()];
+        let mut tx = self.begin().await?;
+        for index in order {
+            let (key, slot, next_run_at) = &slots[index];
+            let done = super::tx::on_tx!(&mut tx, |conn| bind_key!(sqlx::query(&sql), key)
+                .bind(slot)
+                .bind(next_run_at)
+                .execute(&mut *conn)
+                .await
+                .map(|r| r.rows_affected()))?;
+            claimed[index] = done == 1;
+        }
+        tx.commit().await?;
+        Ok(claimed)
     }
 
     /// Takes the run lease: false while another run of this sync and connection lives.
