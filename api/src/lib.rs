@@ -95,9 +95,43 @@ const PATH_ALIASES: &[(&str, &str)] = &[("/connection", "/connections")];
 
 /// The API's routes and its OpenAPI document.
 pub fn router(store: Store, config: &Config) -> Result<(Router, Document), CatalogError> {
-    let catalog = Arc::new(Catalog::embedded()?);
+    Api::new(store, config).map(|api| (api.router, api.document))
+}
+
+/// The API's routes and OpenAPI document, with the event functions they run, which
+/// [`Api::owed_event_sweep`] shares.
+pub struct Api {
+    pub router: Router,
+    pub document: Document,
+    events: Arc<events::Events>,
+}
+
+impl Api {
+    pub fn new(store: Store, config: &Config) -> Result<Api, CatalogError> {
+        let catalog = Arc::new(Catalog::embedded()?);
+        let events = Arc::new(events::Events::new(store.clone(), catalog.clone(), config));
+        let (router, document) = routes(store, catalog, events.clone(), config);
+        Ok(Api {
+            router,
+            document,
+            events,
+        })
+    }
+
+    /// Runs the post-connection-creation event functions that an API left unrun (it
+    /// stopped or died while they ran), now and every 15 s, until `shutdown`.
+    /// `hookyard api` and `hookyard dev` run it beside the routes.
+    pub fn owed_event_sweep(
+        &self,
+        shutdown: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        events::sweep_loop(self.events.clone(), shutdown)
+    }
+}
+
+fn routes(store: Store, catalog: Arc<Catalog>, events: Arc<events::Events>, config: &Config) -> (Router, Document) {
     let state = AppState {
-        events: Arc::new(events::Events::new(store.clone(), catalog.clone(), config)),
+        events,
         store,
         catalog,
         webhook_base_url: config.webhook_base_url(),
@@ -133,7 +167,7 @@ pub fn router(store: Store, config: &Config) -> Result<(Router, Document), Catal
             )
         })
         .with_state(state);
-    Ok((router, document))
+    (router, document)
 }
 
 async fn ready(State(state): State<AppState>) -> impl IntoResponse {
@@ -196,15 +230,6 @@ fn canonical_uri(mut request: Request) -> Request {
     request
 }
 
-/// Runs the post-connection-creation event functions that an API left unrun (it
-/// stopped or died while they ran), now and every 15 s, until `shutdown`. `hookyard api`
-/// and `hookyard dev` run it beside the routes.
-pub async fn sweep_owed_events(store: Store, config: &Config, shutdown: CancellationToken) -> Result<(), CatalogError> {
-    let catalog = Arc::new(Catalog::embedded()?);
-    events::sweep_loop(Arc::new(events::Events::new(store, catalog, config)), shutdown).await;
-    Ok(())
-}
-
 /// Serves the API on `listener` until `shutdown`, finishing requests in progress.
 pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
     let app = axum::middleware::map_request(|request: Request| async move { canonical_uri(request) }).layer(router);
@@ -216,11 +241,8 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: Cancellation
 /// `hookyard api`: open the store, serve until shutdown.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let store = Store::connect(&config.database_url, config.cipher()?).await?;
-    let (router, _) = router(store.clone(), config)?;
-    tokio::spawn({
-        let (config, shutdown) = (config.clone(), shutdown.clone());
-        async move { sweep_owed_events(store, &config, shutdown).await }
-    });
+    let api = Api::new(store, config)?;
+    tokio::spawn(api.owed_event_sweep(shutdown.clone()));
     // The API holds no NATS connection: its metrics are its own counters only.
     hookyard_core::metrics::serve_configured(config, None, &shutdown);
     let addr = config.api.listen;
@@ -228,7 +250,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e} (set HOOKYARD_API__LISTEN to another address)"))?;
     tracing::info!(%addr, "api listening");
-    serve(listener, router, shutdown).await?;
+    serve(listener, api.router, shutdown).await?;
     tracing::info!("api stopped");
     Ok(())
 }

@@ -61,7 +61,8 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
     config.forwarding.allow_loopback = true;
     let ingest_listener = listen(config.ingest.listen, "HOOKYARD_INGEST__LISTEN").await?;
     let api_listener = listen(config.api.listen, "HOOKYARD_API__LISTEN").await?;
-    let (api_router, _) = hookyard_api::router(store.clone(), &config)?;
+    let api = hookyard_api::Api::new(store.clone(), &config)?;
+    let owed_events = api.owed_event_sweep(shutdown.clone());
     let webhook_url = format!(
         "{}/webhook/{}/{DEMO_INTEGRATION}",
         config.webhook_base_url(),
@@ -98,13 +99,15 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
         shutdown.clone(),
     );
     let api_server = spawn_stopping_all(
-        hookyard_api::serve(api_listener, api_router, shutdown.clone()),
+        hookyard_api::serve(api_listener, api.router, shutdown.clone()),
         shutdown.clone(),
     );
     let events = spawn_stopping_all(
         {
-            let (store, config, shutdown) = (store.clone(), config.clone(), shutdown.clone());
-            async move { hookyard_api::sweep_owed_events(store, &config, shutdown).await }
+            async move {
+                owed_events.await;
+                Ok::<(), std::io::Error>(())
+            }
         },
         shutdown.clone(),
     );

@@ -779,10 +779,8 @@ async fn a_post_creation_run_its_api_did_not_finish_is_run_by_the_sweep() {
     owe("c-claimed", Utc::now() + chrono::Duration::hours(1)).await;
 
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let sweep = tokio::spawn({
-        let (store, config, shutdown) = (s.h.store.clone(), s.h.config.clone(), shutdown.clone());
-        async move { hookyard_api::sweep_owed_events(store, &config, shutdown).await }
-    });
+    let api = hookyard_api::Api::new(s.h.store.clone(), &s.h.config).unwrap();
+    let sweep = tokio::spawn(api.owed_event_sweep(shutdown.clone()));
     let subscription = eventually("the orphan's registration", Duration::from_secs(20), || async {
         let connection = s.h.api_get("/connections/c-orphan?provider_config_key=crm").await;
         connection["metadata"]["subscriptionId"].as_str().map(str::to_string)
@@ -793,7 +791,7 @@ async fn a_post_creation_run_its_api_did_not_finish_is_run_by_the_sweep() {
     })
     .await;
     shutdown.cancel();
-    sweep.await.unwrap().unwrap();
+    sweep.await.unwrap();
     let subscriptions = s.crm.subscriptions();
     assert_eq!(
         subscriptions.values().collect::<Vec<_>>(),
