@@ -69,9 +69,26 @@ impl NatsServer {
         self.spawn();
     }
 
-    /// Freezes the server (SIGSTOP): connections stay open, nothing is answered.
+    /// Freezes the server (SIGSTOP): connections stay open, nothing is answered. Returns
+    /// once every thread of it is stopped: `kill` returns when the signal is sent, and a
+    /// thread busy on the other core could still answer one more message.
     pub fn pause(&self) {
         self.signal("-STOP");
+        let tasks = format!("/proc/{}/task", self.pid());
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let stopped = std::fs::read_dir(&tasks).expect("the server's threads").all(|task| {
+                let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap_or_default();
+                // The state follows the parenthesised command name.
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+            });
+            if stopped {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "nats-server did not stop");
+            std::thread::yield_now();
+        }
     }
 
     /// Undoes [`NatsServer::pause`].
@@ -79,14 +96,16 @@ impl NatsServer {
         self.signal("-CONT");
     }
 
-    fn signal(&self, signal: &str) {
-        let pid = self
-            .process
+    fn pid(&self) -> u32 {
+        self.process
             .as_ref()
             .and_then(EmbeddedNats::pid)
-            .expect("server is running");
+            .expect("server is running")
+    }
+
+    fn signal(&self, signal: &str) {
         let status = Command::new("kill")
-            .args([signal, &pid.to_string()])
+            .args([signal, &self.pid().to_string()])
             .status()
             .expect("running kill");
         assert!(status.success(), "kill {signal} failed");
