@@ -164,6 +164,7 @@ impl Events {
             api,
             mode: Mode::Apply,
             kind: Kind::Event,
+            notice: None,
         });
         let invocation = exec_invocation(&connection, "[]".into(), Arc::new(host));
         match self.pool.execute(code, invocation).await {

@@ -40,7 +40,9 @@ pub async fn run(batches: &[usize], records_per_size: usize) -> anyhow::Result<(
                         })
                         .collect();
                     version += 1;
-                    store.write_records(&scope, WriteKind::Save, records, version).await?;
+                    store
+                        .write_records(&scope, WriteKind::Save, records, version, None)
+                        .await?;
                 }
                 rates.push(total as f64 / started.elapsed().as_secs_f64());
             }

@@ -102,6 +102,7 @@ pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::e
         api,
         mode,
         kind: Kind::Sync,
+        notice: None,
     }));
     let models: Vec<String> = sync.config["models"]
         .as_array()

@@ -799,6 +799,162 @@ async fn a_worker_killed_between_commit_and_ack_applies_nothing_twice_and_loses_
     assert!(status.success(), "exit status {status:?}");
 }
 
+/// A worker killed while an exec run waits for its second page, the first one written:
+/// once the run's lease lapses, the restarted worker's sweep sends the notification of
+/// what the run wrote (`success: false`), and the job's rerun notifies the rest. Each
+/// contact is notified as added exactly once.
+#[tokio::test]
+async fn a_worker_killed_mid_exec_run_loses_no_notification_of_what_the_run_wrote() {
+    use hookyard_core::exec_job::{ExecJob, ExecReason};
+    use hookyard_testkit::fake_provider::{cursor_pagination, FakeCrm, API_KEY};
+
+    let nats = NatsServer::start();
+    let db = hookyard_testkit::PgDatabase::create().await;
+    let store = Store::connect(&db.url, test_cipher()).await.unwrap();
+    let env = store.ensure_environment(&"dev".parse().unwrap()).await.unwrap();
+    let crm = FakeCrm::start().await;
+    for n in 1..=4 {
+        crm.put_contact(&format!("p{n}"), &format!("p{n}@crm.test"));
+    }
+    let mut integration = NewIntegration::new("crm".parse().unwrap(), "generic");
+    integration.settings = serde_json::json!({"api": {
+        "base_url": crm.url, "api_key_header": "X-API-Key", "paginate": cursor_pagination()
+    }});
+    store.create_integration(&env, &integration).await.unwrap();
+    let connection = hookyard_core::store::NewConnection {
+        integration: "crm".parse().unwrap(),
+        connection_id: "c0".into(),
+        connection_config: serde_json::json!({}),
+        metadata: serde_json::json!({}),
+        tags: serde_json::json!({}),
+        credentials: Some(hookyard_core::store::Credentials::ApiKey {
+            api_key: API_KEY.into(),
+        }),
+    };
+    store.create_connection(&env, &connection).await.unwrap();
+    let source = "import { createSync } from 'nango';
+        export default createSync({
+          frequency: 'every day',
+          models: { Contact: {} },
+          exec: async (nango) => {
+            for await (const page of nango.paginate({ endpoint: '/contacts', params: { limit: 2 } })) {
+              await nango.batchSave(page.map((c) => ({ id: c.id, email: c.email })), 'Contact');
+            }
+          },
+        });";
+    let project = hookyard_functions::compile::compile_project(
+        [("crm/syncs/contacts.js".to_string(), source.to_string())].into(),
+        &Default::default(),
+    )
+    .unwrap();
+    store
+        .deploy_functions(&env, &project.bundle, &project.syncs)
+        .await
+        .unwrap();
+    let receiver = Receiver::start(&[]).await;
+    let destination = ForwardingSettings {
+        urls: vec![receiver.url.clone()],
+        ..Default::default()
+    };
+    store
+        .set_forwarding(env.id, ForwardingScope::Environment, &destination)
+        .await
+        .unwrap();
+    let config = hookyard_core::Config {
+        nats_url: nats.url.clone(),
+        ..Default::default()
+    };
+    let bus = hookyard_core::streams::Bus::connect(&config, "test").await.unwrap();
+    bus.ensure_streams(&config.streams).await.unwrap();
+    let job = ExecJob {
+        environment: "dev".parse().unwrap(),
+        integration: "crm".parse().unwrap(),
+        sync: "contacts".into(),
+        connection_id: "c0".into(),
+        reason: ExecReason::Trigger,
+        slot: None,
+        reset: false,
+        empty_cache: false,
+    };
+    let subject = hookyard_core::streams::exec_subject(&job.environment, &job.integration, &job.connection_id);
+    bus.jetstream
+        .publish(subject, serde_json::to_vec(&job).unwrap().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let env_vars = vec![
+        ("HOOKYARD_NATS_URL", nats.url.clone()),
+        ("HOOKYARD_DATABASE_URL", db.url.clone()),
+        ("HOOKYARD_WORKER__LIMITS__TIMEOUT", "1s".into()),
+        ("HOOKYARD_WORKER__LIMITS__CPU_BUDGET", "500ms".into()),
+        ("HOOKYARD_WORKER__ACK_WAIT", "7s".into()),
+        ("HOOKYARD_WORKER__EXEC_LEASE", "2s".into()),
+        ("HOOKYARD_FORWARDING__ALLOW_LOOPBACK", "true".into()),
+        ("HOOKYARD_FORWARDING__NOTICES_RESEND_AFTER", "1s".into()),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let held = crm.hold_page(1);
+    let first = Process::spawn(&["worker"], &env_vars, dir.path());
+    tokio::time::timeout(Duration::from_secs(60), held.reached())
+        .await
+        .expect("the run to ask for its second page");
+    let contacts = || hookyard_testkit::raw_texts(&db.url, "SELECT id FROM records WHERE model = 'Contact'");
+    assert_eq!(contacts().await.len(), 2, "the first page is written");
+    drop(first); // kills it with SIGKILL
+    held.release();
+
+    let mut second = Process::spawn(&["worker"], &env_vars, dir.path());
+    let notified = || {
+        receiver
+            .hits()
+            .into_iter()
+            .map(|hit| hit.json())
+            .filter(|body| body["type"] == "sync")
+            .collect::<Vec<_>>()
+    };
+    let added = |bodies: &[serde_json::Value]| {
+        bodies
+            .iter()
+            .map(|body| body["responseResults"]["added"].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    eventually(
+        "every contact to be notified as added",
+        Duration::from_secs(90),
+        || async { (added(&notified()) >= 4).then_some(()) },
+    )
+    .await;
+    eventually("the outbox to be empty", Duration::from_secs(30), || async {
+        let left = hookyard_testkit::raw_texts(&db.url, "SELECT key FROM sync_notices").await;
+        left.is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(contacts().await.len(), 4);
+    let bodies = notified();
+    assert_eq!(
+        (bodies.len(), added(&bodies)),
+        (2, 4),
+        "each added contact notified once: {bodies:?}"
+    );
+    let unfinished = bodies
+        .iter()
+        .find(|body| body["success"] == false)
+        .expect("the killed run's notification");
+    assert_eq!(unfinished["responseResults"]["added"], 2, "{unfinished}");
+    assert!(
+        unfinished["error"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("did not finish"),
+        "{unfinished}"
+    );
+    second.signal("-TERM");
+    let status = tokio::task::spawn_blocking(move || second.wait_exit()).await.unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
+
 /// Copies `examples/crm-contacts` into `dir`.
 fn copy_example(dir: &std::path::Path) {
     let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/crm-contacts");
@@ -1085,6 +1241,7 @@ async fn dryrun_prints_what_exec_and_on_webhook_would_write_and_save_writes_it()
             WriteKind::Save,
             vec![("gone".into(), serde_json::json!({"id": "gone"}))],
             1,
+            None,
         )
         .await
         .unwrap();

@@ -119,6 +119,11 @@ pub struct WorkerConfig {
     /// Per exec run: longer than a webhook's, since a run pages through the provider's
     /// API (the wait for the API does not count against `cpu_budget`).
     pub exec_limits: FunctionLimits,
+    /// An exec run's lease, renewed every third of it while the run lives: a run whose
+    /// worker died is seen as over once it lapses (another run may start, and the sync
+    /// notification of what it wrote is sent).
+    #[serde(with = "humantime_serde")]
+    pub exec_lease: Duration,
 }
 
 /// Delivery of forwards and sync notifications to customers' apps.
@@ -302,6 +307,7 @@ impl Default for WorkerConfig {
                 cpu_budget: Duration::from_secs(600),
                 timeout: Duration::from_secs(3600),
             },
+            exec_lease: Duration::from_secs(90),
         }
     }
 }
@@ -476,6 +482,9 @@ impl Config {
         }
         if !(1..=64).contains(&worker.exec_threads) {
             problems.push("worker.exec_threads must be between 1 and 64".into());
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&worker.exec_lease) {
+            problems.push("worker.exec_lease must be between 1s and 1h".into());
         }
         let limits = &worker.limits;
         // A running execution must never be redelivered to another worker.

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use hookyard_core::store::commit::{DeadLetter, Marker, MetadataCall, RecordCall, Unit, UnitOutcome};
 use hookyard_core::store::functions::{FunctionBundle, NewSync, SyncChange};
-use hookyard_core::store::notices::SyncNotice;
+use hookyard_core::store::notices::{HeldNotice, SyncNotice, UNFINISHED};
 use hookyard_core::store::records::{LastAction, RecordQuery, RecordScope, WriteKind};
 use hookyard_core::store::{MetadataWrite, NewConnection, NewIntegration, Store};
 use hookyard_testkit::{test_cipher, PgDatabase, SqliteFile};
@@ -272,6 +272,8 @@ async fn deploys_version_changed_syncs(store: &Store) {
 
 /// A sync notice is written with its run's changes, its counts filled in by the commit;
 /// a redelivered unit writes none; the sweep's read sees only old ones; delete drops them.
+/// An exec run's notice grows with its writes and is held from the sweep until its hold
+/// lapses or it is settled.
 async fn notices_are_committed_with_their_changes(store: &Store) {
     let env = store.ensure_environment(&"notices".parse().unwrap()).await.unwrap();
     let notice = |message: &str| SyncNotice {
@@ -284,6 +286,7 @@ async fn notices_are_committed_with_their_changes(store: &Store) {
         sync_type: "WEBHOOK".into(),
         modified_after: chrono::Utc::now(),
         counts: Vec::new(),
+        error: None,
     };
     let with_notice = |message: &str, records| Unit {
         notice: Some(notice(message)),
@@ -337,13 +340,55 @@ async fn notices_are_committed_with_their_changes(store: &Store) {
     // A redelivery is already done: no second notice, the first one untouched.
     assert_eq!(store.commit(vec![first]).await.unwrap()[0], UnitOutcome::AlreadyDone);
     assert_eq!(all(store).await, stored);
-    // An exec run's notice, written on its own; written twice, kept once.
-    store.add_notices(&[notice("exec-1")]).await.unwrap();
-    store.add_notices(&[notice("exec-1")]).await.unwrap();
-    assert_eq!(all(store).await.len(), 3);
+    // An exec run's notice: each write adds to it, and the sweep does not see it while
+    // it is held.
+    let held = HeldNotice {
+        notice: SyncNotice {
+            models: Vec::new(),
+            error: Some(UNFINISHED.into()),
+            ..notice("exec-1")
+        },
+        hold: std::time::Duration::from_secs(60),
+    };
+    let scope = RecordScope {
+        environment_id: env.id,
+        integration: "crm".parse().unwrap(),
+        connection_id: "a".into(),
+        model: "Contact".into(),
+    };
+    for (id, version) in [("e1", 20), ("e2", 21)] {
+        let records = vec![(id.to_string(), json!({"id": id}))];
+        store
+            .write_records(&scope, WriteKind::Save, records, version, Some(&held))
+            .await
+            .unwrap();
+    }
+    assert_eq!(all(store).await, stored, "held while its run lives");
+    // Its run died: once the hold lapses, the sweep reads what it wrote.
+    let lapsed = chrono::Utc::now() - chrono::Duration::seconds(1);
+    store.hold_notice(&held.notice.key(), lapsed).await.unwrap();
+    let found = all(store).await;
+    assert_eq!(found.len(), 3);
+    assert_eq!(found[0].key(), "exec-1:contacts");
+    assert_eq!(
+        (&found[0].models, found[0].error.as_deref()),
+        (&vec!["Contact".to_string()], Some(UNFINISHED))
+    );
+    assert_eq!(
+        (found[0].counts.len(), found[0].counts[0].added),
+        (1, 2),
+        "{:?}",
+        found[0].counts
+    );
+    // A run that finishes settles its notice over the kept one.
+    let settled = SyncNotice {
+        error: None,
+        ..found[0].clone()
+    };
+    store.settle_notice(&settled).await.unwrap();
+    assert_eq!(all(store).await[0], settled);
 
     let keys: Vec<String> = all(store).await.iter().map(SyncNotice::key).collect();
-    assert_eq!(keys[0], "exec-1:contacts");
     store.delete_notices(&keys[..2]).await.unwrap();
     assert_eq!(
         all(store).await.iter().map(SyncNotice::key).collect::<Vec<_>>(),

@@ -47,7 +47,10 @@ async fn write(
     items: &[(&str, Value)],
     version: i64,
 ) -> WriteCounts {
-    store.write_records(scope, kind, records(items), version).await.unwrap()
+    store
+        .write_records(scope, kind, records(items), version, None)
+        .await
+        .unwrap()
 }
 
 fn counts(added: u64, updated: u64, deleted: u64, unchanged: u64, skipped_stale: u64) -> WriteCounts {
@@ -331,7 +334,10 @@ async fn filters_ids_and_modified_after(store: &Store) {
 async fn paging_with_interleaved_writes(store: &Store) {
     let s = scope(store, "c-paging").await;
     let initial: Vec<(String, Value)> = (0..5).map(|i| (format!("r{i}"), json!({"v": 0}))).collect();
-    store.write_records(&s, WriteKind::Save, initial, 1).await.unwrap();
+    store
+        .write_records(&s, WriteKind::Save, initial, 1, None)
+        .await
+        .unwrap();
     let mut seen: Vec<(String, Value)> = Vec::new();
     let mut cursor = None;
     let mut version = 2;
@@ -408,7 +414,7 @@ async fn paging_during_concurrent_writes(store: &Store) {
                         })
                         .collect();
                     store
-                        .write_records(&s, WriteKind::Save, batch, round * 10 + w)
+                        .write_records(&s, WriteKind::Save, batch, round * 10 + w, None)
                         .await
                         .unwrap();
                 }
@@ -466,13 +472,13 @@ async fn large_batch(store: &Store) {
         .map(|i| (format!("id-{i}"), json!({"i": i, "name": format!("n{i}")})))
         .collect();
     let result = store
-        .write_records(&s, WriteKind::Save, batch.clone(), 1)
+        .write_records(&s, WriteKind::Save, batch.clone(), 1, None)
         .await
         .unwrap();
     assert_eq!(result.added, 1000);
     assert_eq!(
         store
-            .write_records(&s, WriteKind::Save, batch, 2)
+            .write_records(&s, WriteKind::Save, batch, 2, None)
             .await
             .unwrap()
             .unchanged,

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 
 use async_nats::jetstream;
+use hookyard_core::store::notices::HeldNotice;
 use hookyard_core::store::records::{RecordScope, WriteCounts, WriteKind};
 use hookyard_core::store::syncs::SyncKey;
 use hookyard_core::store::MetadataWrite;
@@ -121,6 +122,9 @@ pub struct Run {
     pub api: Result<ProviderApi, String>,
     pub mode: Mode,
     pub kind: Kind,
+    /// An exec run's sync notice, kept current by each of its writes (`None`: nothing
+    /// forwards, or not an exec run).
+    pub notice: Option<HeldNotice>,
 }
 
 pub struct StoreHost {
@@ -252,7 +256,7 @@ impl StoreHost {
                 let counts = self
                     .run
                     .store
-                    .delete_unseen(&scope, &seen, self.run.version)
+                    .delete_unseen(&scope, &seen, self.run.version, self.run.notice.as_ref())
                     .await
                     .map_err(store_error)?;
                 self.count(&args.model, &counts);
@@ -320,7 +324,13 @@ impl StoreHost {
         let counts = self
             .run
             .store
-            .write_records(&self.scope(&args.model), kind, records, version)
+            .write_records(
+                &self.scope(&args.model),
+                kind,
+                records,
+                version,
+                self.run.notice.as_ref(),
+            )
             .await
             .map_err(|e| format!("writing {} records: {e}", args.model))?;
         self.count(&args.model, &counts);

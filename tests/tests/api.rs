@@ -616,11 +616,17 @@ async fn records(api: &Api) {
         })
         .collect();
     api.store
-        .write_records(&scope, WriteKind::Save, items, 10)
+        .write_records(&scope, WriteKind::Save, items, 10, None)
         .await
         .unwrap();
     api.store
-        .write_records(&scope, WriteKind::Delete, vec![("2".into(), json!({"id": "2"}))], 11)
+        .write_records(
+            &scope,
+            WriteKind::Delete,
+            vec![("2".into(), json!({"id": "2"}))],
+            11,
+            None,
+        )
         .await
         .unwrap();
     api.store
@@ -629,6 +635,7 @@ async fn records(api: &Api) {
             WriteKind::Update,
             vec![("3".into(), json!({"state": "closed"}))],
             12,
+            None,
         )
         .await
         .unwrap();

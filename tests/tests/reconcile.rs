@@ -617,6 +617,7 @@ async fn trigger_with_empty_cache_empties_the_model_before_the_run() {
             hookyard_core::store::records::WriteKind::Save,
             vec![("ghost".into(), json!({"id": "ghost"}))],
             1,
+            None,
         )
         .await
         .unwrap();
@@ -941,9 +942,11 @@ async fn a_message_on_hooks_exec_that_is_no_job_is_kept_as_a_dead_letter() {
     assert_eq!(live(&s.contacts("c0").await), ["p1"]);
 }
 
+/// Exec runs notify what they changed (`INITIAL`, then `INCREMENTAL`), and a run that
+/// fails what it wrote before failing.
 #[tokio::test]
 async fn exec_runs_that_change_records_send_sync_notifications() {
-    let s = setup(&[("c0", json!({}), api_key())], true).await;
+    let s = setup(&[("c0", json!({"retries": 0}), api_key())], true).await;
     let (sent, mut received) = tokio::sync::mpsc::unbounded_channel::<Value>();
     let app = axum::Router::new().route(
         "/",
@@ -990,6 +993,29 @@ async fn exec_runs_that_change_records_send_sync_notifications() {
     assert_eq!(
         second["responseResults"],
         json!({"added": 1, "updated": 0, "deleted": 0})
+    );
+    assert_eq!((&second["success"], &second["error"]), (&json!(true), &Value::Null));
+
+    // A run that fails on its second page is notified of what its first page changed.
+    s.crm.put_contact("p1", "p1@changed.test");
+    let held = s.crm.hold_page(0);
+    let since = Utc::now();
+    let later = hour_later(hour_later(now));
+    assert_eq!(s.reconciler.tick(later).await.unwrap().scheduled, 1);
+    held.reached().await;
+    s.crm.fail_next(1, 500, None);
+    held.release();
+    let state = s.finished_after("c0", since).await;
+    assert_eq!(state.last_outcome.as_deref(), Some("ERROR"));
+    let third = next_notification(&mut received).await;
+    assert_eq!(
+        (&third["success"], &third["responseResults"]),
+        (&json!(false), &json!({"added": 0, "updated": 1, "deleted": 0})),
+        "{third}"
+    );
+    assert!(
+        third["error"]["description"].as_str().unwrap().contains("answered 500"),
+        "{third}"
     );
 }
 

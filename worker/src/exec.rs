@@ -16,7 +16,7 @@ use hookyard_core::config::{Config, ForwardingConfig};
 use hookyard_core::exec_job::ExecJob;
 use hookyard_core::metrics::names;
 use hookyard_core::providers::Catalog;
-use hookyard_core::store::notices::SyncNotice;
+use hookyard_core::store::notices::{HeldNotice, SyncNotice, UNFINISHED};
 use hookyard_core::store::records::WriteCounts;
 use hookyard_core::store::syncs::{RunOutcome, SyncKey};
 use hookyard_core::streams::{consume, durable, EXEC_STREAM};
@@ -34,8 +34,6 @@ use crate::{jetstream_error, with_heartbeat, WorkerError};
 
 /// The consumer's name, shared by every worker replica.
 pub const CONSUMER: &str = hookyard_core::store::dead_letters::EXEC_CONSUMER;
-/// A run's lease; renewed every third of it while the run lives.
-const LEASE: Duration = Duration::from_secs(90);
 
 /// Why a run did not happen, or how it ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,6 +58,8 @@ pub struct Executor {
     guard: ForwardingConfig,
     ack_wait: Duration,
     threads: usize,
+    /// A run's lease (and its notice's hold); renewed every third of it while it lives.
+    lease: Duration,
 }
 
 impl Executor {
@@ -80,6 +80,7 @@ impl Executor {
             guard: config.forwarding.clone(),
             ack_wait: config.worker.ack_wait,
             threads: config.worker.exec_threads,
+            lease: config.worker.exec_lease,
         })
     }
 
@@ -166,36 +167,52 @@ impl Executor {
             .await?
             .is_none_or(|s| s.last_outcome.is_none());
         let started = chrono::Utc::now();
-        if !self.store.claim_run(&key, &run_id, LEASE).await? {
+        if !self.store.claim_run(&key, &run_id, self.lease).await? {
             return Ok(RunReport::Skipped);
         }
-        let report = with_heartbeat(self.execute(job, &sync, &key), LEASE / 3, || async {
-            if let Err(error) = self.store.extend_run(&key, &run_id, LEASE).await {
+        // Each write keeps this notice current, so a run that dies midway leaves one.
+        let held = notify::wanted(&self.settings, &job.environment)
+            .await
+            .then(|| HeldNotice {
+                notice: unfinished_notice(job, &run_id, first, started),
+                hold: self.lease,
+            });
+        let notice_key = held.as_ref().map(|held| held.notice.key());
+        let running = self.execute(job, &sync, &key, held.clone());
+        let report = with_heartbeat(running, self.lease / 3, || async {
+            if let Err(error) = self.store.extend_run(&key, &run_id, self.lease).await {
                 tracing::warn!(%error, "renewing an exec run's lease failed");
+            }
+            if let Some(notice_key) = &notice_key {
+                if let Err(error) = self
+                    .store
+                    .hold_notice(notice_key, chrono::Utc::now() + self.lease)
+                    .await
+                {
+                    tracing::warn!(%error, "holding an exec run's sync notice failed");
+                }
             }
         })
         .await;
-        let outcome = match report {
-            Ok((counts, per_model)) => {
-                if notify::wanted(&self.settings, &job.environment).await {
-                    let (models, per_model_counts) = per_model.into_iter().unzip();
-                    let notice = SyncNotice {
-                        environment: job.environment.clone(),
-                        integration: job.integration.clone(),
-                        connection: job.connection_id.clone(),
-                        sync: job.sync.clone(),
-                        models,
-                        message_id: format!("exec-{run_id}"),
-                        sync_type: if first { "INITIAL" } else { "INCREMENTAL" }.into(),
-                        modified_after: started,
-                        counts: per_model_counts,
-                    };
-                    self.notify(notice).await;
-                }
-                RunOutcome::Success(counts)
-            }
-            Err(error) => RunOutcome::Error(error),
+        let (outcome, per_model) = match report {
+            Ok((counts, per_model)) => (RunOutcome::Success(counts), per_model),
+            Err((error, per_model)) => (RunOutcome::Error(error), per_model),
         };
+        if let Some(held) = held {
+            // What the run wrote is notified whether or not it succeeded.
+            let (models, counts) = per_model.into_iter().unzip();
+            let error = match &outcome {
+                RunOutcome::Success(_) => None,
+                RunOutcome::Error(error) => Some(error.clone()),
+            };
+            self.notify(SyncNotice {
+                models,
+                counts,
+                error,
+                ..held.notice
+            })
+            .await;
+        }
         self.store.finish_run(&key, &run_id, &outcome).await?;
         Ok(match outcome {
             RunOutcome::Success(counts) => RunReport::Finished(counts),
@@ -203,26 +220,31 @@ impl Executor {
         })
     }
 
-    /// Keeps the run's notice in the outbox (its writes were committed as it ran), then
+    /// Settles the run's notice in the outbox (over the copy its writes kept), then
     /// queues its notifications; what fails here is left to the sweep.
     async fn notify(&self, notice: SyncNotice) {
-        let notices = [notice];
-        if let Err(error) = self.store.add_notices(&notices).await {
-            tracing::warn!(%error, "the exec run's sync notice could not be kept; queueing it directly");
+        if let Err(error) = self.store.settle_notice(&notice).await {
+            tracing::warn!(%error, "the exec run's sync notice could not be settled; queueing it directly");
         }
+        let notices = [notice];
         if let Err(error) = notify::send(&self.settings, &self.jetstream, &self.store, &notices).await {
             tracing::warn!(%error, "the exec run's sync notifications could not be queued now; the sweep will");
         }
     }
 
-    /// One run: its counts per model (as reported, and as notified), or why it failed.
+    /// One run: its counts per model (as reported, and as notified), or why it failed
+    /// with the counts of what it wrote before.
     async fn execute(
         &self,
         job: &ExecJob,
         sync: &Arc<LiveSync>,
         key: &SyncKey,
-    ) -> Result<(Value, Vec<(String, WriteCounts)>), String> {
-        let (host, invocation) = self.prepare(job, sync, key).await?;
+        notice: Option<HeldNotice>,
+    ) -> Result<(Value, PerModel), (String, PerModel)> {
+        let (host, invocation) = self
+            .prepare(job, sync, key, notice)
+            .await
+            .map_err(|e| (e, Vec::new()))?;
         let outcome = self.pool.execute(sync.code.clone(), invocation).await;
         let (logs, status, elapsed) = match &outcome {
             Ok(effects) => (&effects.logs, "ok", effects.elapsed),
@@ -233,9 +255,10 @@ impl Executor {
         for line in logs {
             tracing::debug!(sync = %job.sync, connection = %job.connection_id, level = %line.level, "exec log: {}", line.message);
         }
-        outcome
-            .map(|_| (host.counts(), host.counts_per_model()))
-            .map_err(|error| error.to_string())
+        match outcome {
+            Ok(_) => Ok((host.counts(), host.counts_per_model())),
+            Err(error) => Err((error.to_string(), host.counts_per_model())),
+        }
     }
 
     /// The host and invocation of a run, after `emptyCache` and `reset` are done.
@@ -244,6 +267,7 @@ impl Executor {
         job: &ExecJob,
         sync: &Arc<LiveSync>,
         key: &SyncKey,
+        notice: Option<HeldNotice>,
     ) -> Result<(Arc<StoreHost>, Invocation), String> {
         let failed = |e: &dyn std::fmt::Display| e.to_string();
         let (connection, api) = connection_api(&self.store, &self.catalog, key, &self.guard).await?;
@@ -268,9 +292,29 @@ impl Executor {
             api,
             mode: Mode::Apply,
             kind: Kind::Sync,
+            notice,
         }));
         let invocation = exec_invocation(&connection, sync.models.clone(), host.clone());
         Ok((host, invocation))
+    }
+}
+
+/// Each written model's counts.
+type PerModel = Vec<(String, WriteCounts)>;
+
+/// The notice of run `run_id` before it writes, as the sweep sends it if the run dies.
+fn unfinished_notice(job: &ExecJob, run_id: &str, first: bool, started: chrono::DateTime<chrono::Utc>) -> SyncNotice {
+    SyncNotice {
+        environment: job.environment.clone(),
+        integration: job.integration.clone(),
+        connection: job.connection_id.clone(),
+        sync: job.sync.clone(),
+        models: Vec::new(),
+        message_id: format!("exec-{run_id}"),
+        sync_type: if first { "INITIAL" } else { "INCREMENTAL" }.into(),
+        modified_after: started,
+        counts: Vec::new(),
+        error: Some(UNFINISHED.into()),
     }
 }
 

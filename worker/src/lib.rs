@@ -335,6 +335,7 @@ impl Worker {
                                             sync_type: "WEBHOOK".into(),
                                             modified_after: chrono::Utc::now(),
                                             counts: Vec::new(),
+                                            error: None,
                                         });
                                 units.push(Unit {
                                     notice,

@@ -1,7 +1,8 @@
 //! Sync notifications: after an execution (onWebhook or exec) that changed records, one POST per
 //! model to the connection's forwarding destinations (Nango's `type: "sync"` body),
 //! delivered like forwards. Runs that changed nothing send nothing, unless the
-//! environment asks to always be told.
+//! environment asks to always be told. An exec run that failed or died after writing
+//! is notified of what it wrote, with `success: false` and why.
 //!
 //! A run's [`SyncNotice`] is written with its changes (the store's outbox). [`send`]
 //! queues its notifications on `HOOKS_FWD` and deletes it; [`sweep`] sends the notices a
@@ -82,7 +83,7 @@ async fn deliveries_of(settings: &Settings, notice: &SyncNotice) -> Result<Vec<D
         if count.added + count.updated + count.deleted == 0 && !targets.always_notify {
             continue;
         }
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "from": "hookyard",
             "type": "sync",
             "connectionId": notice.connection,
@@ -90,10 +91,14 @@ async fn deliveries_of(settings: &Settings, notice: &SyncNotice) -> Result<Vec<D
             "syncName": notice.sync,
             "model": model,
             "syncType": notice.sync_type,
-            "success": true,
+            "success": notice.error.is_none(),
             "modifiedAfter": modified_after,
             "responseResults": {"added": count.added, "updated": count.updated, "deleted": count.deleted},
         });
+        if let Some(error) = &notice.error {
+            // The run failed or died after these writes: they are in the cache all the same.
+            body["error"] = serde_json::json!({"type": "run_failed", "description": error});
+        }
         let body = serde_json::to_vec(&body).expect("JSON serialises");
         let key = format!("{}:{model}:sync", notice.key());
         for url in &targets.urls {

@@ -3,6 +3,10 @@
 //! before queueing its notifications does not lose them: the worker that committed
 //! queues them and deletes the notice at once, and a worker's sweep queues those left
 //! behind.
+//!
+//! An exec run commits as it goes, so its notice is kept up to date by each of its
+//! writes ([`HeldNotice`]) and held from the sweep while the run lives. A run that dies
+//! leaves a notice of what it wrote, which the sweep sends once the hold lapses.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -31,6 +35,23 @@ pub struct SyncNotice {
     pub modified_after: DateTime<Utc>,
     /// What each record call did, in call order; filled in by the commit.
     pub counts: Vec<WriteCounts>,
+    /// Why the run did not succeed, when its writes are notified all the same (an exec
+    /// run that failed or died after writing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The error of a held notice that the sweep sends: its run never settled it.
+pub const UNFINISHED: &str = "the run did not finish: its worker stopped before the end";
+
+/// A running exec run's notice: each write adds its counts to the stored copy in the
+/// write's transaction, and holds it from the sweep for `hold` (the run's lease; the
+/// run's heartbeat extends it with [`Store::hold_notice`]).
+#[derive(Debug, Clone)]
+pub struct HeldNotice {
+    /// The run's notice before any write (no models; `error` says [`UNFINISHED`]).
+    pub notice: SyncNotice,
+    pub hold: std::time::Duration,
 }
 
 /// A stored notice that does not parse (written by another version, or edited by hand).
@@ -44,6 +65,17 @@ impl SyncNotice {
     /// One notice per (message, sync): a run is committed once.
     pub fn key(&self) -> String {
         format!("{}:{}", self.message_id, self.sync)
+    }
+
+    /// Adds `counts` to `model`'s entry (one entry per model, however many writes).
+    pub fn add(&mut self, model: &str, counts: &WriteCounts) {
+        match self.models.iter().position(|m| m == model) {
+            Some(i) => self.counts[i] = self.counts[i].plus(counts),
+            None => {
+                self.models.push(model.to_string());
+                self.counts.push(*counts);
+            }
+        }
     }
 }
 
@@ -88,26 +120,87 @@ pub(crate) async fn insert_notices(tx: &mut Tx, notices: &[SyncNotice], now: Dat
     Ok(())
 }
 
+/// Adds one write's `counts` for `model` to `held`'s stored notice, in the write's `tx`.
+pub(crate) async fn add_to_held(
+    tx: &mut Tx,
+    held: &HeldNotice,
+    model: &str,
+    counts: &WriteCounts,
+) -> Result<(), StoreError> {
+    let key = held.notice.key();
+    let stored: Option<(String,)> = on_tx!(tx, |conn| sqlx::query_as(
+        "SELECT notice FROM sync_notices WHERE key = $1"
+    )
+    .bind(&key)
+    .fetch_optional(&mut *conn)
+    .await)?;
+    let mut notice = match stored {
+        Some((text,)) => {
+            serde_json::from_str(&text).map_err(|e| StoreError::Invalid(format!("stored sync notice {key}: {e}")))?
+        }
+        None => held.notice.clone(),
+    };
+    notice.add(model, counts);
+    let held_until = Utc::now() + held.hold;
+    put_notice(tx, &notice, Some(held_until)).await
+}
+
+/// Writes `notice` whole, over the stored one of its key if any, held until `held_until`.
+async fn put_notice(tx: &mut Tx, notice: &SyncNotice, held_until: Option<DateTime<Utc>>) -> Result<(), StoreError> {
+    let text = serde_json::to_string(notice).map_err(|e| StoreError::Invalid(format!("sync notice: {e}")))?;
+    on_tx!(tx, |conn| sqlx::query(
+        "INSERT INTO sync_notices (key, notice, created_at, held_until) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (key) DO UPDATE
+         SET notice = excluded.notice, created_at = excluded.created_at, held_until = excluded.held_until"
+    )
+    .bind(notice.key())
+    .bind(text)
+    .bind(Utc::now())
+    .bind(held_until)
+    .execute(&mut *conn)
+    .await
+    .map(|_| ()))?;
+    Ok(())
+}
+
 impl Store {
-    /// Writes `notices` on their own (an exec run's, whose writes were made as it ran).
-    pub async fn add_notices(&self, notices: &[SyncNotice]) -> Result<(), StoreError> {
+    /// Writes a finished exec run's `notice` (its writes were committed as it ran), over
+    /// the copy its writes kept: no longer held, it is the sweep's after the usual wait.
+    pub async fn settle_notice(&self, notice: &SyncNotice) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
-        insert_notices(&mut tx, notices, Utc::now()).await?;
+        put_notice(&mut tx, notice, None).await?;
         tx.commit().await
     }
 
-    /// Up to `limit` notices written before `before`, oldest first: those their worker
-    /// did not get to queue. One that cannot be read comes back as its key and why.
+    /// Keeps the notice of `key`, if its run wrote one yet, from the sweep until `until`.
+    pub async fn hold_notice(&self, key: &str, until: DateTime<Utc>) -> Result<(), StoreError> {
+        on_pool!(self, |pool| sqlx::query(
+            "UPDATE sync_notices SET held_until = $2 WHERE key = $1 AND held_until IS NOT NULL"
+        )
+        .bind(key)
+        .bind(until)
+        .execute(pool)
+        .await
+        .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Up to `limit` notices written before `before` and not held, oldest first: those
+    /// their worker did not get to queue. One that cannot be read comes back as its key
+    /// and why.
     pub async fn notices_before(
         &self,
         before: DateTime<Utc>,
         limit: i64,
     ) -> Result<Vec<Result<SyncNotice, UnreadableNotice>>, StoreError> {
         let rows: Vec<(String, String)> = on_pool!(self, |pool| sqlx::query_as(
-            "SELECT key, notice FROM sync_notices WHERE created_at < $1 ORDER BY created_at LIMIT $2"
+            "SELECT key, notice FROM sync_notices
+             WHERE created_at < $1 AND (held_until IS NULL OR held_until < $3)
+             ORDER BY created_at LIMIT $2"
         )
         .bind(before)
         .bind(limit)
+        .bind(Utc::now())
         .fetch_all(pool)
         .await)?;
         Ok(rows

@@ -16,6 +16,7 @@ use sqlx::types::Json;
 
 use std::collections::{BTreeMap, HashMap};
 
+use super::notices::{add_to_held, HeldNotice};
 use super::tx::{on_tx, Tx};
 use super::{Pool, Store, StoreError};
 use crate::keys::IntegrationKey;
@@ -493,20 +494,37 @@ impl Store {
         }
     }
 
-    /// Applies one batch of `kind` writes at `version`, all in one transaction.
+    /// Applies one batch of `kind` writes at `version`, all in one transaction, and adds
+    /// what it did to the `held` notice of the run that writes, if any.
     pub async fn write_records(
         &self,
         scope: &RecordScope,
         kind: WriteKind,
         records: Vec<(String, Value)>,
         version: i64,
+        held: Option<&HeldNotice>,
     ) -> Result<WriteCounts, StoreError> {
         let mut batch = WriteBatch::default();
         batch.add(scope, kind, records, version);
-        let mut tx = self.begin().await?;
-        let counts = self.apply_writes(&mut tx, batch).await?;
+        let tx = self.begin().await?;
+        self.commit_call(tx, batch, &scope.model, held).await
+    }
+
+    /// Applies `batch` (one call, on `model`) in `tx`, adds what it did to `held`, and
+    /// commits.
+    async fn commit_call(
+        &self,
+        mut tx: Tx,
+        batch: WriteBatch,
+        model: &str,
+        held: Option<&HeldNotice>,
+    ) -> Result<WriteCounts, StoreError> {
+        let counts = self.apply_writes(&mut tx, batch).await?[0];
+        if let Some(held) = held {
+            add_to_held(&mut tx, held, model, &counts).await?;
+        }
         tx.commit().await?;
-        Ok(counts[0])
+        Ok(counts)
     }
 
     /// Applies `batch` inside `tx`, returning each call's counts.
@@ -748,12 +766,14 @@ impl Store {
     }
 
     /// Soft-deletes, at `version`, what [`Store::unseen_records`] lists, in one
-    /// transaction (so a webhook's write in between is decided against, not lost).
+    /// transaction (so a webhook's write in between is decided against, not lost), and
+    /// adds what it did to the `held` notice of the run, if any.
     pub async fn delete_unseen(
         &self,
         scope: &RecordScope,
         seen: &std::collections::HashSet<String>,
         version: i64,
+        held: Option<&HeldNotice>,
     ) -> Result<WriteCounts, StoreError> {
         let mut tx = self.begin().await?;
         let key = scope.key();
@@ -774,9 +794,7 @@ impl Store {
             .collect();
         let mut batch = WriteBatch::default();
         batch.add(scope, WriteKind::Delete, gone, version);
-        let counts = self.apply_writes(&mut tx, batch).await?;
-        tx.commit().await?;
-        Ok(counts[0])
+        self.commit_call(tx, batch, &scope.model, held).await
     }
 
     /// Removes every record of the scope for good (a trigger with `emptyCache`).
