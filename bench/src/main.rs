@@ -121,6 +121,13 @@ enum Command {
         /// or to one that never answers (silent). Functions must not slow down for it.
         #[arg(long, value_enum, default_value = "none")]
         destination: worker::Destination,
+        /// Make every Nth event (0: none) a `contact.slow` event, which a second sync
+        /// handles by waiting `slow_ms` on its JS thread (a function that hangs or loops
+        /// until its limits stop it, but succeeds): what it costs the other events.
+        #[arg(long, default_value_t = 0)]
+        slow_every: u64,
+        #[arg(long, default_value_t = 1000)]
+        slow_ms: u64,
     },
     /// Forwarding throughput to a fast local receiver, deliveries/s.
     Forward {
@@ -195,6 +202,8 @@ fn main() -> anyhow::Result<()> {
                 rate,
                 js_threads,
                 destination,
+                slow_every,
+                slow_ms,
             } => {
                 worker::run(&worker::Plan {
                     events,
@@ -203,6 +212,7 @@ fn main() -> anyhow::Result<()> {
                     rate,
                     js_threads,
                     destination,
+                    slow: (slow_every > 0).then_some((slow_every, slow_ms)),
                 })
                 .await
             }

@@ -32,6 +32,16 @@ pub async fn deploy_example(
     config: &hookyard_core::Config,
 ) -> anyhow::Result<()> {
     let files = hookyard_functions::examples::files(hookyard_functions::examples::CRM_CONTACTS);
+    deploy_files(store, environment, config, files).await
+}
+
+/// Compiles and deploys the project of `files`.
+pub async fn deploy_files(
+    store: &hookyard_core::Store,
+    environment: &hookyard_core::store::Environment,
+    config: &hookyard_core::Config,
+    files: std::collections::BTreeMap<String, String>,
+) -> anyhow::Result<()> {
     let project = hookyard_functions::compile::compile_project(files, &config.worker.limits)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     store

@@ -25,7 +25,7 @@ use hookyard_core::{Config, Store};
 use hookyard_testkit::PgDatabase;
 use serde_json::json;
 
-use crate::setup::{cpu_seconds, deploy_example, postgres_cpu, postgres_cpu_since, start_nats};
+use crate::setup::{cpu_seconds, deploy_example, deploy_files, postgres_cpu, postgres_cpu_since, start_nats};
 
 pub struct Plan {
     pub events: u64,
@@ -37,6 +37,37 @@ pub struct Plan {
     /// Where every event is also forwarded: nowhere, a receiver answering 200 at once,
     /// or one that accepts connections and never answers.
     pub destination: Destination,
+    /// Every Nth event is a `contact.slow` one, whose function takes this many ms.
+    pub slow: Option<(u64, u64)>,
+}
+
+/// The events the plan publishes: which of them are slow.
+#[derive(Clone, Copy)]
+struct Mix {
+    slow_every: u64,
+}
+
+impl Mix {
+    fn is_slow(&self, n: u64) -> bool {
+        self.slow_every > 0 && n % self.slow_every == 0
+    }
+
+    /// Events among `range` that save a Contact.
+    fn contacts(&self, range: std::ops::RangeInclusive<u64>) -> i64 {
+        range.filter(|n| !self.is_slow(*n)).count() as i64
+    }
+}
+
+/// A sync for `contact.slow` events that waits `ms` on its JS thread, then succeeds.
+fn slow_sync(ms: u64) -> String {
+    format!(
+        "import {{ createSync }} from 'nango';
+         export default createSync({{
+           models: {{ Slow: {{}} }},
+           webhookSubscriptions: ['contact.slow'],
+           onWebhook: async () => {{ await new Promise((done) => setTimeout(done, {ms})); }},
+         }});"
+    )
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -73,7 +104,21 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
         };
         store.create_connection(&environment, &connection).await?;
     }
-    deploy_example(&store, &environment, &config).await?;
+    let mix = Mix {
+        slow_every: plan.slow.map_or(0, |(every, _)| every),
+    };
+    match plan.slow {
+        None => deploy_example(&store, &environment, &config).await?,
+        Some((_, ms)) => {
+            let mut files = hookyard_functions::examples::files(hookyard_functions::examples::CRM_CONTACTS);
+            files.insert("demo/syncs/slow.js".into(), slow_sync(ms));
+            files
+                .get_mut("index.js")
+                .expect("the example has an index")
+                .push_str("import './demo/syncs/slow.js';\n");
+            deploy_files(&store, &environment, &config, files).await?;
+        }
+    }
     if plan.destination != Destination::None {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}/hook", listener.local_addr()?);
@@ -105,18 +150,22 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
 
     println!(
         "worker benchmark: examples/crm-contacts (one Contact saved per event), routed events published \
-         straight into {CONN_STREAM}, {} connections, Postgres, one worker process ({} JS threads)\n",
+         straight into {CONN_STREAM}, {} connections, Postgres, one worker process ({} JS threads){}\n",
         plan.connections,
         if plan.js_threads == 0 {
             "one per CPU".to_string()
         } else {
             plan.js_threads.to_string()
+        },
+        match plan.slow {
+            Some((every, ms)) => format!("; every {every}th event is slow ({ms} ms)"),
+            None => String::new(),
         }
     );
 
     // 1. Burst.
     let started = Instant::now();
-    publish(&bus.jetstream, &connections, 1..=plan.events, "burst").await?;
+    publish(&bus.jetstream, &connections, mix, 1..=plan.events, "burst").await?;
     println!(
         "published {} events in {:.1}s",
         plan.events,
@@ -143,11 +192,8 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     let used = cpu.since();
     let throughput = plan.events as f64 / elapsed;
     let saved: i64 = sqlx_count(&pg.url).await?;
-    anyhow::ensure!(
-        saved == plan.events as i64,
-        "{saved} records saved for {} events",
-        plan.events
-    );
+    let expected = mix.contacts(1..=plan.events);
+    anyhow::ensure!(saved == expected, "{saved} records saved for {expected} contact events");
     println!(
         "burst:   {} events in {elapsed:.2}s = {throughput:.0} events/s through one worker\n         \
          CPU per 1,000 events: worker process {:.0} ms, Postgres {:.0} ms, nats-server {:.0} ms",
@@ -165,11 +211,11 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     };
     let count = rate * plan.latency_seconds;
     let first = plan.events + 1;
-    let acked = paced(&bus.jetstream, &connections, first..=plan.events + count, rate).await?;
+    let acked = paced(&bus.jetstream, &connections, mix, first..=plan.events + count, rate).await?;
     wait_acked(&bus.jetstream, &mut worker).await?;
     let committed = commit_times(&pg.url).await?;
     let mut histogram = Histogram::<u64>::new(3)?;
-    for (n, at) in &acked {
+    for (n, at) in acked.iter().filter(|(n, _)| !mix.is_slow(*n)) {
         let Some(done) = committed.get(n) else {
             anyhow::bail!("event {n} has no record");
         };
@@ -201,7 +247,12 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn event(n: u64, connections: &[String], phase: &str) -> RoutedEvent {
+fn event(n: u64, connections: &[String], mix: Mix, phase: &str) -> RoutedEvent {
+    let event_type = if mix.is_slow(n) {
+        "contact.slow"
+    } else {
+        "contact.updated"
+    };
     RoutedEvent {
         environment: "dev".parse().expect("a valid name"),
         integration: "demo".parse().expect("a valid key"),
@@ -209,10 +260,10 @@ fn event(n: u64, connections: &[String], phase: &str) -> RoutedEvent {
         unrouted: None,
         raw_seq: n,
         index: 0,
-        event_type: Some("contact.updated".into()),
+        event_type: Some(event_type.into()),
         delivery_id: format!("{phase}-{n}"),
         payload: json!({
-            "type": "contact.updated",
+            "type": event_type,
             "contact": {"id": n, "email": format!("person{n}@example.com"), "first_name": "Ada", "last_name": "Lovelace",
                         "updated_at": "2026-11-26T10:00:00Z"}
         }),
@@ -224,12 +275,13 @@ fn event(n: u64, connections: &[String], phase: &str) -> RoutedEvent {
 async fn publish(
     jetstream: &jetstream::Context,
     connections: &[String],
+    mix: Mix,
     range: std::ops::RangeInclusive<u64>,
     phase: &str,
 ) -> anyhow::Result<()> {
     let mut acks = Vec::with_capacity(1024);
     for n in range {
-        let (subject, headers, payload) = event(n, connections, phase).to_message();
+        let (subject, headers, payload) = event(n, connections, mix, phase).to_message();
         acks.push(jetstream.publish_with_headers(subject, headers, payload).await?);
         if acks.len() == 1024 {
             for ack in acks.drain(..) {
@@ -247,6 +299,7 @@ async fn publish(
 async fn paced(
     jetstream: &jetstream::Context,
     connections: &[String],
+    mix: Mix,
     range: std::ops::RangeInclusive<u64>,
     rate: u64,
 ) -> anyhow::Result<Vec<(u64, DateTime<Utc>)>> {
@@ -255,7 +308,7 @@ async fn paced(
     let mut pending = Vec::new();
     for n in range {
         ticker.tick().await;
-        let (subject, headers, payload) = event(n, connections, "paced").to_message();
+        let (subject, headers, payload) = event(n, connections, mix, "paced").to_message();
         let ack = jetstream.publish_with_headers(subject, headers, payload).await?;
         pending.push(tokio::spawn(async move { ack.await.map(|_| (n, Utc::now())) }));
     }

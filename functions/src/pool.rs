@@ -1,13 +1,15 @@
 //! The threads that run function code. JavaScript never runs on the async runtime's
-//! threads: each execution is queued here and its outcome sent back. Every thread keeps
+//! threads: each execution is queued here, taken by the first free thread, and its
+//! outcome gathered in its [`Batch`]. Every thread keeps
 //! the syncs it has loaded (one QuickJS runtime each) and throws a runtime away after a
 //! timeout, out-of-memory or stack overflow, whose state cannot be trusted after.
 
 use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use tokio::sync::Notify;
 
 use crate::engine::Loaded;
 use crate::{Effects, ErrorKind, FunctionError, Invocation, Limits};
@@ -43,10 +45,108 @@ impl SyncCode {
     }
 }
 
-/// Executions handed to one thread at once (one wake-up for all of them).
+/// One execution of a [`Batch`]. Dropped before it ran (its thread gone, or the pool),
+/// it ends as [`stopped`], so that its batch never waits for it in vain.
 struct Job {
-    runs: Vec<(Arc<SyncCode>, Invocation)>,
-    reply: oneshot::Sender<Vec<Result<Effects, FunctionError>>>,
+    batch: Arc<Batch>,
+    slot: usize,
+    run: Option<(Arc<SyncCode>, Invocation)>,
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        if self.run.is_some() {
+            self.batch.end(self.slot, Err(stopped()));
+        }
+    }
+}
+
+/// The outcome of an execution whose thread went away.
+pub fn stopped() -> FunctionError {
+    FunctionError::new(ErrorKind::Internal, "the JS threads stopped")
+}
+
+/// Executions submitted together. Each is run by whichever thread is free, so a slow one
+/// holds back none queued after it while another thread is free. Their outcomes are
+/// gathered here, and the task that waits is woken once for the batch (and once per
+/// `quiet` it waits for), not once per execution.
+pub struct Batch {
+    state: Mutex<Outcomes>,
+    ended: Notify,
+}
+
+struct Outcomes {
+    /// By slot: the outcome, once ended and until taken.
+    slots: Vec<Option<Result<Effects, FunctionError>>>,
+    running: usize,
+    last_end: Option<Instant>,
+}
+
+impl Batch {
+    fn new(size: usize) -> Batch {
+        Batch {
+            state: Mutex::new(Outcomes {
+                slots: (0..size).map(|_| None).collect(),
+                running: size,
+                last_end: None,
+            }),
+            ended: Notify::new(),
+        }
+    }
+
+    fn outcomes(&self) -> std::sync::MutexGuard<'_, Outcomes> {
+        // Nothing that holds the lock can panic.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn end(&self, slot: usize, outcome: Result<Effects, FunctionError>) {
+        let mut outcomes = self.outcomes();
+        outcomes.slots[slot] = Some(outcome);
+        outcomes.running -= 1;
+        outcomes.last_end = Some(Instant::now());
+        if outcomes.running == 0 {
+            self.ended.notify_one();
+        }
+    }
+
+    /// Waits until every execution ended, or (with `quiet`) until none has ended for
+    /// that long after at least one did.
+    pub async fn wait(&self, quiet: Option<Duration>) {
+        loop {
+            let ended = self.ended.notified();
+            let (running, last_end) = {
+                let outcomes = self.outcomes();
+                (outcomes.running, outcomes.last_end)
+            };
+            if running == 0 {
+                return;
+            }
+            let Some(quiet) = quiet else {
+                ended.await;
+                continue;
+            };
+            // Quiet since the last end: done. Before the first end: look again later.
+            let look_again = match last_end.map(|at| at.elapsed()) {
+                Some(since) if since >= quiet => return,
+                Some(since) => quiet - since,
+                None => quiet,
+            };
+            tokio::select! {
+                _ = ended => {}
+                _ = tokio::time::sleep(look_again) => {}
+            }
+        }
+    }
+
+    /// The outcomes that ended since the last call, by slot.
+    pub fn take_ended(&self) -> Vec<(usize, Result<Effects, FunctionError>)> {
+        self.outcomes()
+            .slots
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(slot, outcome)| outcome.take().map(|outcome| (slot, outcome)))
+            .collect()
+    }
 }
 
 #[derive(Clone)]
@@ -85,41 +185,26 @@ impl Pool {
 
     /// Runs the sync's `onWebhook` with `invocation` on a JS thread.
     pub async fn execute(&self, code: Arc<SyncCode>, invocation: Invocation) -> Result<Effects, FunctionError> {
-        self.execute_all(vec![(code, invocation)])
-            .await
+        let batch = self.submit(vec![(code, invocation)]);
+        batch.wait(None).await;
+        batch
+            .take_ended()
             .pop()
-            .expect("one outcome per execution")
+            .map_or_else(|| Err(stopped()), |(_, outcome)| outcome)
     }
 
-    /// Runs each `onWebhook` of `runs`, spread over the JS threads in one job per thread;
-    /// the outcomes are in the order of `runs`.
-    pub async fn execute_all(&self, runs: Vec<(Arc<SyncCode>, Invocation)>) -> Vec<Result<Effects, FunctionError>> {
-        let count = runs.len();
-        let per_thread = count.div_ceil(self.threads).max(1);
-        let mut pending = Vec::with_capacity(self.threads);
-        let mut runs = runs.into_iter();
-        loop {
-            let chunk: Vec<_> = runs.by_ref().take(per_thread).collect();
-            if chunk.is_empty() {
-                break;
-            }
-            let size = chunk.len();
-            let (reply, outcome) = oneshot::channel();
-            let sent = self.jobs.send(Job { runs: chunk, reply }).is_ok();
-            pending.push((size, sent.then_some(outcome)));
+    /// Queues `runs` as one batch, slot `n` for `runs[n]`.
+    pub fn submit(&self, runs: Vec<(Arc<SyncCode>, Invocation)>) -> Arc<Batch> {
+        let batch = Arc::new(Batch::new(runs.len()));
+        for (slot, run) in runs.into_iter().enumerate() {
+            // A failed send drops the job, which ends it as stopped.
+            let _ = self.jobs.send(Job {
+                batch: batch.clone(),
+                slot,
+                run: Some(run),
+            });
         }
-        let gone = || Err(FunctionError::new(ErrorKind::Internal, "the JS threads stopped"));
-        let mut outcomes = Vec::with_capacity(count);
-        for (size, outcome) in pending {
-            match outcome {
-                Some(outcome) => match outcome.await {
-                    Ok(results) => outcomes.extend(results),
-                    Err(_) => outcomes.extend((0..size).map(|_| gone())),
-                },
-                None => outcomes.extend((0..size).map(|_| gone())),
-            }
-        }
-        outcomes
+        batch
     }
 }
 
@@ -131,25 +216,22 @@ fn run_thread(queue: &Mutex<mpsc::Receiver<Job>>, limits: &Limits) {
             // The pool is gone.
             _ => return,
         };
-        let outcomes = job
-            .runs
-            .iter()
-            .map(|(code, invocation)| {
-                let started = std::time::Instant::now();
-                let mut outcome =
-                    std::panic::catch_unwind(AssertUnwindSafe(|| execute(&mut loaded, code, invocation, limits)))
-                        .unwrap_or_else(|_| {
-                            loaded.remove(&code.key);
-                            Err(FunctionError::new(ErrorKind::Internal, "the engine panicked"))
-                        });
-                match &mut outcome {
-                    Ok(effects) => effects.elapsed = started.elapsed(),
-                    Err(error) => error.elapsed = started.elapsed(),
-                }
-                outcome
-            })
-            .collect();
-        let _ = job.reply.send(outcomes);
+        let mut job = job;
+        let Some((code, invocation)) = job.run.take() else {
+            continue;
+        };
+        let started = Instant::now();
+        let mut outcome =
+            std::panic::catch_unwind(AssertUnwindSafe(|| execute(&mut loaded, &code, &invocation, limits)))
+                .unwrap_or_else(|_| {
+                    loaded.remove(&code.key);
+                    Err(FunctionError::new(ErrorKind::Internal, "the engine panicked"))
+                });
+        match &mut outcome {
+            Ok(effects) => effects.elapsed = started.elapsed(),
+            Err(error) => error.elapsed = started.elapsed(),
+        }
+        job.batch.end(job.slot, outcome);
     }
 }
 

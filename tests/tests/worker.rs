@@ -13,7 +13,7 @@ use hookyard_core::streams::CONN_STREAM;
 use hookyard_testkit::{eventually, raw_texts, PgDatabase};
 use serde_json::{json, Value};
 
-use common::pipeline::{harness, sync};
+use common::pipeline::{harness, harness_with, sync};
 
 fn contact(n: u64, id: &str, name: &str) -> Value {
     json!({"n": n, "contact": {"id": id, "name": name}})
@@ -315,4 +315,42 @@ async fn events_wait_out_a_postgres_outage_and_apply_once() {
         (1..=60).collect::<Vec<_>>(),
         "every event applied once after the outage"
     );
+}
+
+/// A function that hangs holds back only its own event: the rest of its group is
+/// committed while it still runs, and it commits on its own once it ends.
+#[tokio::test]
+async fn a_slow_function_holds_back_only_its_own_event() {
+    let h = harness_with(None, 1, |config| {
+        config.worker.limits.timeout = Duration::from_secs(10);
+        config.worker.ack_wait = Duration::from_secs(30);
+    })
+    .await;
+    h.deploy(&[
+        (
+            "crm/syncs/slow.js",
+            sync("['slow']", "await new Promise((done) => setTimeout(done, 8000));"),
+        ),
+        ("crm/syncs/fine.js", sync("['fine']", "")),
+    ])
+    .await;
+    // All in HOOKS_CONN before the worker starts, so that its first group takes them.
+    h.publish([(1, "c0", "slow", json!({"n": 1}))]).await;
+    h.publish((2..=41).map(|n| (n, "c0", "fine", json!({"n": n})))).await;
+    let started = Instant::now();
+    h.start_worker();
+    eventually("the fine events to commit", Duration::from_secs(6), || async {
+        let runs = h.runs().await;
+        (runs.iter().filter(|n| **n > 1).count() == 40).then_some(runs)
+    })
+    .await;
+    assert!(
+        !h.runs().await.contains(&1),
+        "the slow event is still running when the others have committed"
+    );
+    h.drained().await;
+    let mut runs = h.runs().await;
+    runs.sort();
+    assert_eq!(runs, (1..=41).collect::<Vec<_>>(), "each event once");
+    assert!(started.elapsed() >= Duration::from_secs(8));
 }

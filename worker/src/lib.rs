@@ -6,7 +6,9 @@
 //! (event, sync) with its idempotency marker. Only then are the events acked, so a
 //! redelivery (a crash between commit and ack, another worker) applies nothing twice.
 //! A failed execution is retried after a growing delay and, after the last, committed
-//! as a dead letter; it never holds back the others.
+//! as a dead letter; it never holds back the others. Nor does a slow one: once the
+//! group's executions stop finishing, those done are committed, and the events still
+//! running commit on their own when they end.
 
 pub mod deliver;
 pub mod deployments;
@@ -15,7 +17,7 @@ pub mod forward;
 pub mod notify;
 pub mod settings;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,7 +40,7 @@ use hookyard_core::store::StoreError;
 use hookyard_core::streams::{durable, Bus, StreamsError, CONN_STREAM};
 use hookyard_core::trace_context::continue_trace;
 use hookyard_core::{Config, Store};
-use hookyard_functions::pool::Pool;
+use hookyard_functions::pool::{Batch, Pool};
 use hookyard_functions::{Effects, FunctionError, Invocation};
 use tokio_util::sync::CancellationToken;
 
@@ -50,6 +52,9 @@ pub const CONSUMER: &str = hookyard_core::streams::FUNCTIONS_CONSUMER;
 const GROUPS_IN_FLIGHT: usize = 2;
 /// How long a group waits for more events after its first.
 const LINGER: Duration = Duration::from_millis(5);
+/// Once a group's executions stop finishing for this long, those that finished are
+/// committed without waiting for the rest.
+const STRAGGLER_WAIT: Duration = Duration::from_millis(20);
 /// After an infrastructure failure (the database, NATS), try the group again after this.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Markers outlive any redelivery by far after this; pruned once an hour.
@@ -194,8 +199,12 @@ impl Worker {
                 .expect("the semaphore is never closed");
             let worker = self.clone();
             groups.spawn(async move {
-                worker.handle_with_progress(group).await;
+                let stragglers = worker.handle_with_progress(group).await;
+                // The next group may start while the stragglers finish.
                 drop(permit);
+                if let Some(stragglers) = stragglers {
+                    worker.finish_stragglers(stragglers).await;
+                }
             });
             while groups.try_join_next().is_some() {}
             if ended {
@@ -236,36 +245,33 @@ impl Worker {
 
     /// [`Worker::handle`], telling JetStream the group is still in progress while it
     /// runs, so a long group is not redelivered to another worker meanwhile.
-    async fn handle_with_progress(&self, group: Vec<jetstream::Message>) -> GroupOutcome {
-        with_heartbeat(self.handle(&group), self.config.ack_wait / 3, || async {
-            for message in &group {
-                let _ = message.ack_with(AckKind::Progress).await;
-            }
-        })
-        .await
+    async fn handle_with_progress(&self, group: Vec<jetstream::Message>) -> Option<Stragglers> {
+        let all: Vec<usize> = (0..group.len()).collect();
+        let (_, stragglers) =
+            with_heartbeat(self.handle(&group), self.config.ack_wait / 3, || progress(&group, &all)).await;
+        stragglers
     }
 
-    /// Runs one group of messages to commit, then acks or naks each.
-    pub async fn handle(&self, group: &[jetstream::Message]) -> GroupOutcome {
+    /// Runs one group of messages to commit, then acks or naks each. A message with an
+    /// execution still running once the others have stopped finishing (a function that
+    /// hangs, or loops until its limits stop it) is left out of the commit and comes back
+    /// in [`Stragglers`], for [`Worker::finish_stragglers`]: it does not hold back the rest.
+    pub async fn handle(&self, group: &[jetstream::Message]) -> (GroupOutcome, Option<Stragglers>) {
         tracing::debug!(messages = group.len(), "group");
         let mut outcome = GroupOutcome::default();
         let mut events: Vec<Option<RoutedEvent>> = Vec::with_capacity(group.len());
-        let mut units: Vec<Unit> = Vec::new();
-        // Per unit: whether it commits an execution (not a dead letter).
-        let mut executed: Vec<bool> = Vec::new();
-        // The spans of the executions being committed: the commit shows in each trace.
-        let mut spans: Vec<tracing::Span> = Vec::new();
-        // Per unit: its execution's entry in the operation log, written once committed.
-        let mut logged: Vec<Option<ExecutionLog>> = Vec::new();
+        let mut commit = Commit::default();
         for message in group {
             match RoutedEvent::from_message(&message.subject, message.headers.as_ref(), &message.payload) {
                 Ok(event) => events.push(Some(event)),
                 Err(error) => {
                     // Not ours and never will be: kept as a dead letter, not retried.
                     tracing::error!(subject = %message.subject, %error, "not a routed event");
-                    units.push(invalid_message(CONSUMER, CONN_STREAM, message, &error.to_string()));
-                    executed.push(false);
-                    logged.push(None);
+                    commit
+                        .units
+                        .push(invalid_message(CONSUMER, CONN_STREAM, message, &error.to_string()));
+                    commit.executed.push(false);
+                    commit.logged.push(None);
                     events.push(None);
                 }
             }
@@ -302,91 +308,172 @@ impl Worker {
                 });
             }
         }
+        let all: Vec<usize> = (0..group.len()).collect();
+        if tasks.is_empty() {
+            return (
+                self.settle(group, &events, &all, commit, Vec::new(), outcome).await,
+                None,
+            );
+        }
+        let (runnable, already_done) = match self.prepare(group, &events, tasks).await {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                tracing::warn!(%error, "preparing a group failed; it will be retried");
+                nak(group, &all, RETRY_DELAY).await;
+                return (outcome, None);
+            }
+        };
+        outcome.already_done += already_done;
+        outcome.executed = runnable.len();
+        let (batch, mut executions) = self.start(runnable, &events);
+        gather(&batch, &mut executions, Some(STRAGGLER_WAIT)).await;
+
+        // Messages with an execution still running wait for it; the others commit now.
+        let late: HashSet<usize> = executions
+            .iter()
+            .filter(|execution| execution.outcome.is_none())
+            .map(|execution| execution.task.message)
+            .collect();
+        let (later, now): (Vec<Execution>, Vec<Execution>) = executions
+            .into_iter()
+            .partition(|execution| late.contains(&execution.task.message));
+        let mine: Vec<usize> = all.into_iter().filter(|index| !late.contains(index)).collect();
+        let outcome = self.settle(group, &events, &mine, commit, now, outcome).await;
+        if late.is_empty() {
+            return (outcome, None);
+        }
+        tracing::debug!(
+            messages = late.len(),
+            "executions still running; the rest of the group is committed without them"
+        );
+        let mut mine: Vec<usize> = late.into_iter().collect();
+        mine.sort_unstable();
+        let stragglers = Stragglers {
+            group: group.to_vec(),
+            events,
+            mine,
+            batch,
+            executions: later,
+        };
+        (outcome, Some(stragglers))
+    }
+
+    /// Waits for the stragglers' executions, then commits and acks them on their own,
+    /// telling JetStream meanwhile that they are in progress.
+    pub async fn finish_stragglers(&self, stragglers: Stragglers) -> GroupOutcome {
+        let Stragglers {
+            group,
+            events,
+            mine,
+            batch,
+            executions,
+        } = stragglers;
+        let work = async {
+            let mut executions = executions;
+            gather(&batch, &mut executions, None).await;
+            let outcome = GroupOutcome::default();
+            self.settle(&group, &events, &mine, Commit::default(), executions, outcome)
+                .await
+        };
+        with_heartbeat(work, self.config.ack_wait / 3, || progress(&group, &mine)).await
+    }
+
+    /// Commits `commit` and what `executions` did, then acks the messages `mine` of
+    /// `group` (or naks them: to retry a failed execution, or all of them when the commit
+    /// failed).
+    async fn settle(
+        &self,
+        group: &[jetstream::Message],
+        events: &[Option<RoutedEvent>],
+        mine: &[usize],
+        mut commit: Commit,
+        executions: Vec<Execution>,
+        mut outcome: GroupOutcome,
+    ) -> GroupOutcome {
         // Every message whose tasks all commit (or that has none) is acked.
         let mut retry: HashMap<usize, Duration> = HashMap::new();
         // Attempts that failed and will be retried: a dead letter's history.
         let mut failed = Vec::new();
-        if !tasks.is_empty() {
-            match self.prepare(group, &events, tasks).await {
-                Ok((runnable, already_done)) => {
-                    outcome.already_done += already_done;
-                    outcome.executed = runnable.len();
-                    let results = self.execute(&runnable, &events).await;
-                    for ((task, _), (result, span)) in runnable.into_iter().zip(results) {
-                        let index = task.message;
-                        let event = events[index].as_ref().expect("tasks are of parsed events");
-                        let message = &group[index];
-                        let attempts = message.info().map_or(1, |i| i.delivered.max(1) as usize);
-                        let log = ExecutionLog::of(&task, event, attempts, &result);
-                        match result {
-                            Ok(effects) => {
-                                logged.push(Some(log));
-                                executed.push(true);
-                                let notice =
-                                    notify::wanted(&self.settings, &event.environment)
-                                        .await
-                                        .then(|| SyncNotice {
-                                            environment: event.environment.clone(),
-                                            integration: event.integration.clone(),
-                                            connection: event.connection_id.clone().unwrap_or_default(),
-                                            sync: task.sync.sync.name.clone(),
-                                            models: effects.writes.iter().map(|w| w.model.clone()).collect(),
-                                            message_id: event.message_id(),
-                                            sync_type: "WEBHOOK".into(),
-                                            modified_after: chrono::Utc::now(),
-                                            counts: Vec::new(),
-                                            error: None,
-                                        });
-                                units.push(Unit {
-                                    notice,
-                                    ..self.unit(task, event, effects)
-                                });
-                                spans.push(span);
-                            }
-                            Err(error) => match self.config.retry_delays.get(attempts - 1) {
-                                Some(delay) => {
-                                    tracing::warn!(
-                                        sync = %task.sync.sync.name, version = task.sync.sync.version,
-                                        message = %task.marker.message_id, attempts, error = %error,
-                                        "function failed; retrying in {:?}", **delay
-                                    );
-                                    outcome.retried += 1;
-                                    log.write(&self.oplog, "failed", None);
-                                    failed.push((
-                                        task.marker.clone(),
-                                        FailedAttempt {
-                                            attempt: attempts as i32,
-                                            error_kind: error.kind.as_str().into(),
-                                            error: error.message.clone(),
-                                            failed_at: chrono::Utc::now(),
-                                        },
-                                    ));
-                                    let wait = retry.entry(index).or_insert(**delay);
-                                    *wait = (*wait).max(**delay);
-                                    continue;
-                                }
-                                None => {
-                                    tracing::error!(
-                                        sync = %task.sync.sync.name, version = task.sync.sync.version,
-                                        message = %task.marker.message_id, attempts, error = %error,
-                                        "function failed for the last time; dead-lettered"
-                                    );
-                                    outcome.dead_lettered += 1;
-                                    executed.push(false);
-                                    logged.push(Some(log));
-                                    units.push(dead_letter(task, event, message, &error, attempts));
-                                }
+        for execution in executions {
+            let Execution {
+                task,
+                mut span,
+                outcome: result,
+                ..
+            } = execution;
+            let result = result.expect("executions are settled once their outcome is in");
+            observe(&task, &result, &mut span);
+            let index = task.message;
+            let event = events[index].as_ref().expect("tasks are of parsed events");
+            let message = &group[index];
+            let attempts = message.info().map_or(1, |i| i.delivered.max(1) as usize);
+            let log = ExecutionLog::of(&task, event, attempts, &result);
+            match result {
+                Ok(effects) => {
+                    commit.logged.push(Some(log));
+                    commit.executed.push(true);
+                    let notice = notify::wanted(&self.settings, &event.environment)
+                        .await
+                        .then(|| SyncNotice {
+                            environment: event.environment.clone(),
+                            integration: event.integration.clone(),
+                            connection: event.connection_id.clone().unwrap_or_default(),
+                            sync: task.sync.sync.name.clone(),
+                            models: effects.writes.iter().map(|w| w.model.clone()).collect(),
+                            message_id: event.message_id(),
+                            sync_type: "WEBHOOK".into(),
+                            modified_after: chrono::Utc::now(),
+                            counts: Vec::new(),
+                            error: None,
+                        });
+                    commit.units.push(Unit {
+                        notice,
+                        ..self.unit(task, event, effects)
+                    });
+                    commit.spans.push(span);
+                }
+                Err(error) => match self.config.retry_delays.get(attempts - 1) {
+                    Some(delay) => {
+                        tracing::warn!(
+                            sync = %task.sync.sync.name, version = task.sync.sync.version,
+                            message = %task.marker.message_id, attempts, error = %error,
+                            "function failed; retrying in {:?}", **delay
+                        );
+                        outcome.retried += 1;
+                        log.write(&self.oplog, "failed", None);
+                        failed.push((
+                            task.marker.clone(),
+                            FailedAttempt {
+                                attempt: attempts as i32,
+                                error_kind: error.kind.as_str().into(),
+                                error: error.message.clone(),
+                                failed_at: chrono::Utc::now(),
                             },
-                        }
+                        ));
+                        let wait = retry.entry(index).or_insert(**delay);
+                        *wait = (*wait).max(**delay);
+                        continue;
                     }
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "preparing a group failed; it will be retried");
-                    nak_all(group, RETRY_DELAY).await;
-                    return outcome;
-                }
+                    None => {
+                        tracing::error!(
+                            sync = %task.sync.sync.name, version = task.sync.sync.version,
+                            message = %task.marker.message_id, attempts, error = %error,
+                            "function failed for the last time; dead-lettered"
+                        );
+                        outcome.dead_lettered += 1;
+                        commit.executed.push(false);
+                        commit.logged.push(Some(log));
+                        commit.units.push(dead_letter(task, event, message, &error, attempts));
+                    }
+                },
             }
         }
+        let Commit {
+            units,
+            executed,
+            logged,
+            spans,
+        } = commit;
         if !units.is_empty() {
             let commit_spans: Vec<tracing::Span> = spans
                 .iter()
@@ -424,8 +511,8 @@ impl Worker {
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(%error, messages = group.len(), "committing a group failed; it will be retried");
-                    nak_all(group, RETRY_DELAY).await;
+                    tracing::warn!(%error, messages = mine.len(), "committing a group failed; it will be retried");
+                    nak(group, mine, RETRY_DELAY).await;
                     return outcome;
                 }
             }
@@ -434,7 +521,8 @@ impl Worker {
         if let Err(error) = self.store.record_failed_attempts(&failed).await {
             tracing::warn!(%error, "failed attempts could not be kept; their errors are in the log only");
         }
-        for (index, message) in group.iter().enumerate() {
+        for &index in mine {
+            let message = &group[index];
             let result = match retry.get(&index) {
                 Some(delay) => message.ack_with(AckKind::Nak(Some(*delay))).await,
                 None => message.ack().await,
@@ -518,56 +606,34 @@ impl Worker {
         Ok((runnable, already_done))
     }
 
-    /// Runs the tasks on the JS threads; outcomes in task order, each with its span (in
-    /// its webhook's trace) holding the function's log lines.
-    async fn execute(
-        &self,
-        runnable: &[(Task, Invocation)],
-        events: &[Option<RoutedEvent>],
-    ) -> Vec<(Result<Effects, FunctionError>, tracing::Span)> {
-        let span_of = |task: &Task| {
-            tracing::info_span!(
-                "on_webhook", sync = %task.sync.sync.name, version = task.sync.sync.version,
-                message = %task.marker.message_id, status = tracing::field::Empty, trace_id = tracing::field::Empty
-            )
-        };
-        // A span from the start for a traced webhook; for the others only when the
-        // function logged something (a span per execution would cost every event).
-        let mut spans: Vec<tracing::Span> = runnable
-            .iter()
-            .map(|(task, _)| {
+    /// Queues the tasks on the JS threads as one batch, each with its span: from the
+    /// start for a traced webhook; for the others only once the function logged
+    /// something (a span per execution would cost every event).
+    fn start(&self, runnable: Vec<(Task, Invocation)>, events: &[Option<RoutedEvent>]) -> (Arc<Batch>, Vec<Execution>) {
+        let mut runs = Vec::with_capacity(runnable.len());
+        let executions = runnable
+            .into_iter()
+            .enumerate()
+            .map(|(slot, (task, invocation))| {
                 let event = events[task.message].as_ref().expect("tasks are of parsed events");
-                match event.traceparent.as_deref() {
+                let span = match event.traceparent.as_deref() {
                     Some(traceparent) => {
-                        let span = span_of(task);
+                        let span = execution_span(&task);
                         continue_trace(&span, Some(traceparent));
                         span
                     }
                     None => tracing::Span::none(),
+                };
+                runs.push((task.sync.code.clone(), invocation));
+                Execution {
+                    task,
+                    span,
+                    slot,
+                    outcome: None,
                 }
             })
             .collect();
-        let runs = runnable
-            .iter()
-            .map(|(task, invocation)| (task.sync.code.clone(), invocation.clone()))
-            .collect();
-        let results = self.pool.execute_all(runs).await;
-        for ((result, span), (task, _)) in results.iter().zip(&mut spans).zip(runnable) {
-            let (logs, status, elapsed) = match result {
-                Ok(effects) => (&effects.logs, "ok", effects.elapsed),
-                Err(error) => (&error.logs, "failed", error.elapsed),
-            };
-            metrics::counter!(names::EXECUTIONS, "kind" => "on_webhook", "status" => status).increment(1);
-            metrics::histogram!(names::EXECUTION_SECONDS, "kind" => "on_webhook").record(elapsed.as_secs_f64());
-            if span.is_none() && !logs.is_empty() {
-                *span = span_of(task);
-            }
-            span.record("status", status);
-            for line in logs {
-                tracing::debug!(parent: &*span, level = %line.level, payload = ?line.payload, "function log: {}", line.message);
-            }
-        }
-        results.into_iter().zip(spans).collect()
+        (self.pool.submit(runs), executions)
     }
 
     fn unit(&self, task: Task, event: &RoutedEvent, effects: Effects) -> Unit {
@@ -697,9 +763,84 @@ pub(crate) fn count_writes(counts: &WriteCounts) {
     }
 }
 
-async fn nak_all(group: &[jetstream::Message], delay: Duration) {
-    for message in group {
-        let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+/// Naks the messages at `indices` of `group`, to come back after `delay`.
+async fn nak(group: &[jetstream::Message], indices: &[usize], delay: Duration) {
+    for &index in indices {
+        let _ = group[index].ack_with(AckKind::Nak(Some(delay))).await;
+    }
+}
+
+/// What a group commits besides its executions' writes, and what the commit is logged
+/// with: per unit, whether it is an execution (not a dead letter) and its entry in the
+/// operation log; the spans of the executions (the commit shows in each trace).
+#[derive(Default)]
+struct Commit {
+    units: Vec<Unit>,
+    executed: Vec<bool>,
+    logged: Vec<Option<ExecutionLog>>,
+    spans: Vec<tracing::Span>,
+}
+
+/// One (event, sync) on the JS threads.
+struct Execution {
+    task: Task,
+    /// In its webhook's trace; holds the function's log lines.
+    span: tracing::Span,
+    /// Its place in its batch.
+    slot: usize,
+    outcome: Option<Result<Effects, FunctionError>>,
+}
+
+/// The messages of a group that waited for an execution, with what they need to commit.
+pub struct Stragglers {
+    group: Vec<jetstream::Message>,
+    events: Vec<Option<RoutedEvent>>,
+    /// Their places in `group`.
+    mine: Vec<usize>,
+    batch: Arc<Batch>,
+    executions: Vec<Execution>,
+}
+
+/// Waits for `batch` (all of it, or with `quiet` as [`Batch::wait`] says) and gives
+/// `executions` the outcomes that came.
+async fn gather(batch: &Batch, executions: &mut [Execution], quiet: Option<Duration>) {
+    batch.wait(quiet).await;
+    let mut ended: HashMap<usize, Result<Effects, FunctionError>> = batch.take_ended().into_iter().collect();
+    for execution in executions {
+        if let Some(outcome) = ended.remove(&execution.slot) {
+            execution.outcome = Some(outcome);
+        }
+    }
+}
+
+fn execution_span(task: &Task) -> tracing::Span {
+    tracing::info_span!(
+        "on_webhook", sync = %task.sync.sync.name, version = task.sync.sync.version,
+        message = %task.marker.message_id, status = tracing::field::Empty, trace_id = tracing::field::Empty
+    )
+}
+
+/// Counts an execution in the metrics and puts its log lines in its span.
+fn observe(task: &Task, result: &Result<Effects, FunctionError>, span: &mut tracing::Span) {
+    let (logs, status, elapsed) = match result {
+        Ok(effects) => (&effects.logs, "ok", effects.elapsed),
+        Err(error) => (&error.logs, "failed", error.elapsed),
+    };
+    metrics::counter!(names::EXECUTIONS, "kind" => "on_webhook", "status" => status).increment(1);
+    metrics::histogram!(names::EXECUTION_SECONDS, "kind" => "on_webhook").record(elapsed.as_secs_f64());
+    if span.is_none() && !logs.is_empty() {
+        *span = execution_span(task);
+    }
+    span.record("status", status);
+    for line in logs {
+        tracing::debug!(parent: &*span, level = %line.level, payload = ?line.payload, "function log: {}", line.message);
+    }
+}
+
+/// Tells JetStream that the messages at `indices` of `group` are in progress.
+async fn progress(group: &[jetstream::Message], indices: &[usize]) {
+    for &index in indices {
+        let _ = group[index].ack_with(AckKind::Progress).await;
     }
 }
 
