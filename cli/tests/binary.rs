@@ -672,21 +672,8 @@ async fn worker_fixture(store: &Store, nats: &NatsServer, events: u64) -> async_
             await nango.batchSave([{ id: payload.n + ':' + Math.random() }], 'Run');
           },
         });";
-    let project = hookyard_functions::compile::compile_project(
-        [("crm/syncs/runs.js".to_string(), source.to_string())].into(),
-        &Default::default(),
-    )
-    .unwrap();
-    store
-        .deploy_functions(&env, &project.bundle, &project.syncs)
-        .await
-        .unwrap();
-    let config = hookyard_core::Config {
-        nats_url: nats.url.clone(),
-        ..Default::default()
-    };
-    let bus = hookyard_core::streams::Bus::connect(&config, "test").await.unwrap();
-    bus.ensure_streams(&config.streams).await.unwrap();
+    deploy(store, &env, "crm/syncs/runs.js", source).await;
+    let bus = connect(nats).await;
     for n in 1..=events {
         let event = hookyard_core::routed::RoutedEvent {
             environment: "dev".parse().unwrap(),
@@ -712,16 +699,33 @@ async fn worker_fixture(store: &Store, nats: &NatsServer, events: u64) -> async_
     bus.jetstream
 }
 
-#[tokio::test]
-async fn a_worker_killed_between_commit_and_ack_applies_nothing_twice_and_loses_no_notification() {
-    use std::os::unix::process::ExitStatusExt as _;
-    let nats = NatsServer::start();
-    let db = hookyard_testkit::PgDatabase::create().await;
-    let store = Store::connect(&db.url, test_cipher()).await.unwrap();
-    let jetstream = worker_fixture(&store, &nats, 500).await;
-    // Every run changes a record, so each of the 500 makes one sync notification.
+/// Compiles `source` as the project's one file, at `path`, and deploys it to `env`.
+async fn deploy(store: &Store, env: &hookyard_core::store::Environment, path: &str, source: &str) {
+    let project = hookyard_functions::compile::compile_project(
+        [(path.to_string(), source.to_string())].into(),
+        &Default::default(),
+    )
+    .unwrap();
+    store
+        .deploy_functions(env, &project.bundle, &project.syncs)
+        .await
+        .unwrap();
+}
+
+/// A client of `nats`, with the streams in place.
+async fn connect(nats: &NatsServer) -> hookyard_core::streams::Bus {
+    let config = hookyard_core::Config {
+        nats_url: nats.url.clone(),
+        ..Default::default()
+    };
+    let bus = hookyard_core::streams::Bus::connect(&config, "test").await.unwrap();
+    bus.ensure_streams(&config.streams).await.unwrap();
+    bus
+}
+
+/// A receiver that `env` forwards everything to (sync notifications included).
+async fn forwarded_to_a_receiver(store: &Store, env: &hookyard_core::store::Environment) -> Receiver {
     let receiver = Receiver::start(&[]).await;
-    let env = store.ensure_environment(&"dev".parse().unwrap()).await.unwrap();
     let destination = ForwardingSettings {
         urls: vec![receiver.url.clone()],
         ..Default::default()
@@ -730,6 +734,19 @@ async fn a_worker_killed_between_commit_and_ack_applies_nothing_twice_and_loses_
         .set_forwarding(env.id, ForwardingScope::Environment, &destination)
         .await
         .unwrap();
+    receiver
+}
+
+#[tokio::test]
+async fn a_worker_killed_between_commit_and_ack_applies_nothing_twice_and_loses_no_notification() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let nats = NatsServer::start();
+    let db = hookyard_testkit::PgDatabase::create().await;
+    let store = Store::connect(&db.url, test_cipher()).await.unwrap();
+    let jetstream = worker_fixture(&store, &nats, 500).await;
+    // Every run changes a record, so each of the 500 makes one sync notification.
+    let env = store.ensure_environment(&"dev".parse().unwrap()).await.unwrap();
+    let receiver = forwarded_to_a_receiver(&store, &env).await;
     let runs = || async {
         hookyard_testkit::raw_texts(
             &db.url,
@@ -842,30 +859,9 @@ async fn a_worker_killed_mid_exec_run_loses_no_notification_of_what_the_run_wrot
             }
           },
         });";
-    let project = hookyard_functions::compile::compile_project(
-        [("crm/syncs/contacts.js".to_string(), source.to_string())].into(),
-        &Default::default(),
-    )
-    .unwrap();
-    store
-        .deploy_functions(&env, &project.bundle, &project.syncs)
-        .await
-        .unwrap();
-    let receiver = Receiver::start(&[]).await;
-    let destination = ForwardingSettings {
-        urls: vec![receiver.url.clone()],
-        ..Default::default()
-    };
-    store
-        .set_forwarding(env.id, ForwardingScope::Environment, &destination)
-        .await
-        .unwrap();
-    let config = hookyard_core::Config {
-        nats_url: nats.url.clone(),
-        ..Default::default()
-    };
-    let bus = hookyard_core::streams::Bus::connect(&config, "test").await.unwrap();
-    bus.ensure_streams(&config.streams).await.unwrap();
+    deploy(&store, &env, "crm/syncs/contacts.js", source).await;
+    let receiver = forwarded_to_a_receiver(&store, &env).await;
+    let bus = connect(&nats).await;
     let job = ExecJob {
         environment: "dev".parse().unwrap(),
         integration: "crm".parse().unwrap(),
