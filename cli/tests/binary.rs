@@ -723,6 +723,33 @@ async fn connect(nats: &NatsServer) -> hookyard_core::streams::Bus {
     bus
 }
 
+/// Integration `key` of `env`, whose provider API is the fake `crm` (cursor pagination),
+/// and its connection `c0` with the fake's API key.
+async fn crm_integration(
+    store: &Store,
+    env: &hookyard_core::store::Environment,
+    key: &str,
+    crm: &hookyard_testkit::fake_provider::FakeCrm,
+) {
+    use hookyard_testkit::fake_provider::{cursor_pagination, API_KEY};
+    let mut integration = NewIntegration::new(key.parse().unwrap(), "generic");
+    integration.settings = serde_json::json!({"api": {
+        "base_url": crm.url, "api_key_header": "X-API-Key", "paginate": cursor_pagination()
+    }});
+    store.create_integration(env, &integration).await.unwrap();
+    let connection = hookyard_core::store::NewConnection {
+        integration: key.parse().unwrap(),
+        connection_id: "c0".into(),
+        connection_config: serde_json::json!({}),
+        metadata: serde_json::json!({}),
+        tags: serde_json::json!({}),
+        credentials: Some(hookyard_core::store::Credentials::ApiKey {
+            api_key: API_KEY.into(),
+        }),
+    };
+    store.create_connection(env, &connection).await.unwrap();
+}
+
 /// A receiver that `env` forwards everything to (sync notifications included).
 async fn forwarded_to_a_receiver(store: &Store, env: &hookyard_core::store::Environment) -> Receiver {
     let receiver = Receiver::start(&[]).await;
@@ -823,7 +850,7 @@ async fn a_worker_killed_between_commit_and_ack_applies_nothing_twice_and_loses_
 #[tokio::test]
 async fn a_worker_killed_mid_exec_run_loses_no_notification_of_what_the_run_wrote() {
     use hookyard_core::exec_job::{ExecJob, ExecReason};
-    use hookyard_testkit::fake_provider::{cursor_pagination, FakeCrm, API_KEY};
+    use hookyard_testkit::fake_provider::FakeCrm;
 
     let nats = NatsServer::start();
     let db = hookyard_testkit::PgDatabase::create().await;
@@ -833,22 +860,7 @@ async fn a_worker_killed_mid_exec_run_loses_no_notification_of_what_the_run_wrot
     for n in 1..=4 {
         crm.put_contact(&format!("p{n}"), &format!("p{n}@crm.test"));
     }
-    let mut integration = NewIntegration::new("crm".parse().unwrap(), "generic");
-    integration.settings = serde_json::json!({"api": {
-        "base_url": crm.url, "api_key_header": "X-API-Key", "paginate": cursor_pagination()
-    }});
-    store.create_integration(&env, &integration).await.unwrap();
-    let connection = hookyard_core::store::NewConnection {
-        integration: "crm".parse().unwrap(),
-        connection_id: "c0".into(),
-        connection_config: serde_json::json!({}),
-        metadata: serde_json::json!({}),
-        tags: serde_json::json!({}),
-        credentials: Some(hookyard_core::store::Credentials::ApiKey {
-            api_key: API_KEY.into(),
-        }),
-    };
-    store.create_connection(&env, &connection).await.unwrap();
+    crm_integration(&store, &env, "crm", &crm).await;
     let source = "import { createSync } from 'nango';
         export default createSync({
           frequency: 'every day',
@@ -1194,7 +1206,7 @@ async fn a_worker_killed_mid_retry_resumes_the_schedule_and_delivers_once() {
 #[tokio::test]
 async fn dryrun_prints_what_exec_and_on_webhook_would_write_and_save_writes_it() {
     use hookyard_core::store::records::{RecordScope, WriteKind};
-    use hookyard_testkit::fake_provider::{cursor_pagination, FakeCrm, API_KEY};
+    use hookyard_testkit::fake_provider::FakeCrm;
 
     let sqlite = SqliteFile::create();
     let store = Store::connect(&sqlite.url, test_cipher()).await.unwrap();
@@ -1203,27 +1215,7 @@ async fn dryrun_prints_what_exec_and_on_webhook_would_write_and_save_writes_it()
     crm.put_contact("p1", "p1@crm.test");
     crm.put_contact("p2", "p2@crm.test");
     crm.put_contact("p3", "p3@crm.test");
-    let mut integration = NewIntegration::new("demo".parse().unwrap(), "generic");
-    integration.settings = serde_json::json!({"api": {
-        "base_url": crm.url, "api_key_header": "X-API-Key", "paginate": cursor_pagination()
-    }});
-    store.create_integration(&environment, &integration).await.unwrap();
-    store
-        .create_connection(
-            &environment,
-            &hookyard_core::store::NewConnection {
-                integration: "demo".parse().unwrap(),
-                connection_id: "c0".into(),
-                connection_config: serde_json::json!({}),
-                metadata: serde_json::json!({}),
-                tags: serde_json::json!({}),
-                credentials: Some(hookyard_core::store::Credentials::ApiKey {
-                    api_key: API_KEY.into(),
-                }),
-            },
-        )
-        .await
-        .unwrap();
+    crm_integration(&store, &environment, "demo", &crm).await;
     // Cached, but no longer at the provider: delete tracking would delete it.
     let scope = RecordScope {
         environment_id: environment.id,
