@@ -2,6 +2,7 @@
 
 use hookyard_core::keys::IntegrationKey;
 use hookyard_core::store::connection_events::POST_CREATION;
+use hookyard_core::store::syncs::SyncKey;
 use hookyard_core::store::{
     Backend, ConnectionQuery, Credentials, Environment, IntegrationChanges, MetadataWrite, NewConnection,
     NewIntegration, Store, StoreError,
@@ -108,6 +109,8 @@ async fn conformance(store: Store, url: Option<&str>) {
             assert!(text.starts_with("v1:") && !text.contains("tok_live"), "{text}");
         }
     }
+
+    schedule_slots(&store, &dev).await;
 
     assert!(store.delete_integration(dev.id, &new.unique_key).await.unwrap());
     assert!(!store.delete_integration(dev.id, &new.unique_key).await.unwrap());
@@ -279,6 +282,55 @@ async fn connections(store: &Store, dev: &Environment, prod: &Environment) {
         "a new connection, not the old one"
     );
     owed_events(store, dev, &new).await;
+}
+
+/// Sync states are made once, whatever `started` says the second time; a slot is
+/// claimed once, only for a started, unpaused sync, and moves `next_run_at` on; more
+/// keys than one statement takes work alike.
+async fn schedule_slots(store: &Store, dev: &Environment) {
+    let key = |connection: &str| SyncKey {
+        environment_id: dev.id,
+        integration: "crm".parse().unwrap(),
+        sync: "contacts".into(),
+        connection_id: connection.into(),
+    };
+    let (a, b, c) = (key("a"), key("b"), key("c"));
+    let made = [(a.clone(), true), (b.clone(), true), (c.clone(), false)];
+    store.ensure_sync_states(&made).await.unwrap();
+    store.ensure_sync_states(&[(c.clone(), true)]).await.unwrap();
+    store.set_syncs_paused(std::slice::from_ref(&b), true).await.unwrap();
+    let at = |minutes: i64| {
+        chrono::DateTime::parse_from_rfc3339("2026-11-27T12:00:00.123Z")
+            .unwrap()
+            .to_utc()
+            + chrono::Duration::minutes(minutes)
+    };
+    let claimed = store
+        .claim_slots(&[(a.clone(), 1, at(1)), (b.clone(), 1, at(1)), (c.clone(), 1, at(1))])
+        .await
+        .unwrap();
+    assert_eq!(claimed, [true, false, false], "only a started, unpaused sync");
+    assert_eq!(
+        store.claim_slots(&[(a.clone(), 1, at(1))]).await.unwrap(),
+        [false],
+        "once"
+    );
+    assert_eq!(store.claim_slots(&[(a.clone(), 2, at(2))]).await.unwrap(), [true]);
+    let state = store.sync_state(&a).await.unwrap().unwrap();
+    assert_eq!((state.last_slot, state.next_run_at), (2, Some(at(2))));
+    assert!(!store.sync_state(&c).await.unwrap().unwrap().started, "made once");
+
+    let many: Vec<SyncKey> = (0..2500).map(|n| key(&format!("many-{n}"))).collect();
+    let made: Vec<(SyncKey, bool)> = many.iter().map(|k| (k.clone(), true)).collect();
+    store.ensure_sync_states(&made).await.unwrap();
+    let slots: Vec<_> = many.iter().map(|k| (k.clone(), 1, at(1))).collect();
+    let claimed = store.claim_slots(&slots).await.unwrap();
+    assert!(
+        claimed.iter().all(|c| *c),
+        "{} of 2500",
+        claimed.iter().filter(|c| **c).count()
+    );
+    assert!(store.claim_slots(&slots).await.unwrap().iter().all(|c| !*c));
 }
 
 /// A connection created owing its post-creation run: the run is owed from the same

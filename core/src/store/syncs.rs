@@ -5,6 +5,7 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
+use sqlx::types::Json;
 
 use super::{Pool, Store, StoreError};
 use crate::keys::IntegrationKey;
@@ -141,6 +142,29 @@ fn state_of(row: StateRow, now_ms: i64) -> Result<SyncState, StoreError> {
     })
 }
 
+/// Keys (with more values) per statement, as one JSON parameter.
+const BULK: usize = 1000;
+
+/// A [`SyncKey`] as the columns of a JSON row.
+#[derive(Serialize)]
+struct KeyColumns<'a> {
+    environment_id: i64,
+    integration: &'a str,
+    sync_name: &'a str,
+    connection_id: &'a str,
+}
+
+impl<'a> KeyColumns<'a> {
+    fn of(key: &'a SyncKey) -> KeyColumns<'a> {
+        KeyColumns {
+            environment_id: key.environment_id,
+            integration: key.integration.as_str(),
+            sync_name: &key.sync,
+            connection_id: &key.connection_id,
+        }
+    }
+}
+
 /// `$query` with a [`SyncKey`] bound as `$1..$4`.
 macro_rules! bind_key {
     ($query:expr, $key:expr) => {
@@ -225,21 +249,46 @@ impl Store {
     }
 
     /// Makes the states that do not exist yet, started or not (a sync's `autoStart`).
+    /// One statement per [`BULK`] keys, in key order (as another replica would).
     pub async fn ensure_sync_states(&self, keys: &[(SyncKey, bool)]) -> Result<(), StoreError> {
+        #[derive(Serialize)]
+        struct Row<'a> {
+            #[serde(flatten)]
+            key: KeyColumns<'a>,
+            started: bool,
+        }
+        let insert = match self.pool {
+            Pool::Postgres(_) => {
+                "INSERT INTO sync_states (environment_id, integration, sync_name, connection_id, started)
+                 SELECT k.environment_id, k.integration, k.sync_name, k.connection_id, k.started
+                 FROM jsonb_to_recordset($1::jsonb)
+                   AS k(environment_id bigint, integration text, sync_name text, connection_id text, started boolean)
+                 ON CONFLICT (environment_id, integration, sync_name, connection_id) DO NOTHING"
+            }
+            Pool::Sqlite(_) => {
+                "INSERT INTO sync_states (environment_id, integration, sync_name, connection_id, started)
+                 SELECT k.value ->> '$.environment_id', k.value ->> '$.integration', k.value ->> '$.sync_name',
+                        k.value ->> '$.connection_id', k.value ->> '$.started'
+                 FROM json_each($1) AS k WHERE true
+                 ON CONFLICT (environment_id, integration, sync_name, connection_id) DO NOTHING"
+            }
+        };
+        let mut sorted: Vec<&(SyncKey, bool)> = keys.iter().collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
         let mut tx = self.begin().await?;
-        for (key, started) in keys {
-            super::tx::on_tx!(&mut tx, |conn| bind_key!(
-                sqlx::query(
-                    "INSERT INTO sync_states (environment_id, integration, sync_name, connection_id, started)
-                     VALUES ($1, $2, $3, $4, $5)
-                     ON CONFLICT (environment_id, integration, sync_name, connection_id) DO NOTHING",
-                ),
-                key
-            )
-            .bind(*started)
-            .execute(&mut *conn)
-            .await
-            .map(|_| ()))?;
+        for chunk in sorted.chunks(BULK) {
+            let rows: Vec<Row> = chunk
+                .iter()
+                .map(|(key, started)| Row {
+                    key: KeyColumns::of(key),
+                    started: *started,
+                })
+                .collect();
+            super::tx::on_tx!(&mut tx, |conn| sqlx::query(insert)
+                .bind(Json(&rows))
+                .execute(&mut *conn)
+                .await
+                .map(|_| ()))?;
         }
         tx.commit().await
     }
@@ -318,29 +367,91 @@ impl Store {
 
     /// Hands out schedule slots: each `(key, slot, next slot's start)` of a started,
     /// unpaused sync is claimed by the one caller (of any replica) that moves `last_slot`
-    /// on to it. One transaction for all; whether each was claimed now.
+    /// on to it. One transaction for all, two statements per [`BULK`] slots; whether
+    /// each was claimed now.
     pub async fn claim_slots(&self, slots: &[(SyncKey, i64, DateTime<Utc>)]) -> Result<Vec<bool>, StoreError> {
-        let sql = format!(
-            "UPDATE sync_states SET last_slot = $5, next_run_at = $6
-             WHERE {KEY_MATCH} AND last_slot < $5 AND started AND NOT paused"
-        );
-        // Rows are locked in key order: two replicas claiming at once never deadlock.
-        let mut order: Vec<usize> = (0..slots.len()).collect();
-        order.sort_by(|a, b| slots[*a].0.cmp(&slots[*b].0));
-        let mut claimed = vec![false; slots.len()];
+        #[derive(Serialize)]
+        struct Row<'a> {
+            #[serde(flatten)]
+            key: KeyColumns<'a>,
+            slot: i64,
+            /// As the SQLite driver writes a timestamp, so that stored ones compare.
+            next_run_at: String,
+        }
+        const WANTED: &str = "jsonb_to_recordset($1::jsonb) AS w(environment_id bigint, integration text, \
+             sync_name text, connection_id text, slot bigint, next_run_at timestamptz)";
+        const MATCH: &str = "s.environment_id = w.environment_id AND s.integration = w.integration \
+             AND s.sync_name = w.sync_name AND s.connection_id = w.connection_id";
+        let (lock, claim) = match self.pool {
+            // Rows are locked in key order first: two replicas claiming at once never
+            // deadlock.
+            Pool::Postgres(_) => (
+                Some(format!(
+                    "SELECT 1 FROM sync_states s JOIN {WANTED} ON {MATCH}
+                     ORDER BY s.environment_id, s.integration, s.sync_name, s.connection_id FOR UPDATE OF s"
+                )),
+                format!(
+                    "UPDATE sync_states s SET last_slot = w.slot, next_run_at = w.next_run_at FROM {WANTED}
+                     WHERE {MATCH} AND s.last_slot < w.slot AND s.started AND NOT s.paused
+                     RETURNING s.environment_id, s.integration, s.sync_name, s.connection_id"
+                ),
+            ),
+            // One writer at a time: nothing to order. (RETURNING names only the updated
+            // table's columns, unqualified.)
+            Pool::Sqlite(_) => (
+                None,
+                format!(
+                    "UPDATE sync_states AS s SET last_slot = w.slot, next_run_at = w.next_run_at
+                     FROM (SELECT k.value ->> '$.environment_id' AS environment_id,
+                                  k.value ->> '$.integration' AS integration,
+                                  k.value ->> '$.sync_name' AS sync_name,
+                                  k.value ->> '$.connection_id' AS connection_id,
+                                  k.value ->> '$.slot' AS slot,
+                                  k.value ->> '$.next_run_at' AS next_run_at
+                           FROM json_each($1) AS k) AS w
+                     WHERE {MATCH} AND s.last_slot < w.slot AND s.started AND NOT s.paused
+                     RETURNING environment_id, integration, sync_name, connection_id"
+                ),
+            ),
+        };
+        let mut claimed_keys: std::collections::HashSet<(i64, String, String, String)> = Default::default();
         let mut tx = self.begin().await?;
-        for index in order {
-            let (key, slot, next_run_at) = &slots[index];
-            let done = super::tx::on_tx!(&mut tx, |conn| bind_key!(sqlx::query(&sql), key)
-                .bind(slot)
-                .bind(next_run_at)
-                .execute(&mut *conn)
-                .await
-                .map(|r| r.rows_affected()))?;
-            claimed[index] = done == 1;
+        for chunk in slots.chunks(BULK) {
+            let rows: Vec<Row> = chunk
+                .iter()
+                .map(|(key, slot, next_run_at)| Row {
+                    key: KeyColumns::of(key),
+                    slot: *slot,
+                    next_run_at: next_run_at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false),
+                })
+                .collect();
+            if let Some(lock) = &lock {
+                super::tx::on_tx!(&mut tx, |conn| sqlx::query(lock)
+                    .bind(Json(&rows))
+                    .execute(&mut *conn)
+                    .await
+                    .map(|_| ()))?;
+            }
+            let claimed: Vec<(i64, String, String, String)> =
+                super::tx::on_tx!(&mut tx, |conn| sqlx::query_as(&claim)
+                    .bind(Json(&rows))
+                    .fetch_all(&mut *conn)
+                    .await)?;
+            claimed_keys.extend(claimed);
         }
         tx.commit().await?;
-        Ok(claimed)
+        Ok(slots
+            .iter()
+            .map(|(key, ..)| {
+                let row = (
+                    key.environment_id,
+                    key.integration.to_string(),
+                    key.sync.clone(),
+                    key.connection_id.clone(),
+                );
+                claimed_keys.contains(&row)
+            })
+            .collect())
     }
 
     /// Takes the run lease: false while another run of this sync and connection lives.
