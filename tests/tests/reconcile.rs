@@ -16,6 +16,7 @@ use hookyard_core::store::{Credentials, NewConnection};
 use hookyard_core::streams::EXEC_STREAM;
 use hookyard_reconciler::Reconciler;
 use hookyard_testkit::fake_provider::{FakeCrm, Held, API_KEY, CLIENT_ID, CLIENT_SECRET};
+use hookyard_testkit::receiver::Receiver;
 use hookyard_testkit::{eventually, PgDatabase};
 use serde_json::{json, Value};
 
@@ -947,25 +948,16 @@ async fn a_message_on_hooks_exec_that_is_no_job_is_kept_as_a_dead_letter() {
 #[tokio::test]
 async fn exec_runs_that_change_records_send_sync_notifications() {
     let s = setup(&[("c0", json!({"retries": 0}), api_key())], true).await;
-    let (sent, mut received) = tokio::sync::mpsc::unbounded_channel::<Value>();
-    let app = axum::Router::new().route(
-        "/",
-        axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
-            let sent = sent.clone();
-            async move {
-                let _ = sent.send(body);
-                "ok"
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let receiver = Receiver::start(&[]).await;
+    let notification = |n: usize| {
+        let receiver = receiver.clone();
+        async move { receiver.wait_hits(n).await[n - 1].json() }
+    };
     let response =
         s.h.http
             .put(format!("{}/forwarding", s.h.api))
             .bearer_auth(&s.h.environment.secret_key)
-            .json(&json!({"urls": [url]}))
+            .json(&json!({"urls": [receiver.url]}))
             .send()
             .await
             .unwrap();
@@ -975,7 +967,7 @@ async fn exec_runs_that_change_records_send_sync_notifications() {
     s.crm.put_contact("p2", "p2@crm.test");
     let now = Utc::now();
     s.run_at(now, &["c0"]).await;
-    let first = next_notification(&mut received).await;
+    let first = notification(1).await;
     assert_eq!(
         (&first["type"], &first["syncName"], &first["model"], &first["syncType"]),
         (&json!("sync"), &json!("contacts"), &json!("Contact"), &json!("INITIAL")),
@@ -988,7 +980,7 @@ async fn exec_runs_that_change_records_send_sync_notifications() {
 
     s.crm.put_contact("p3", "p3@crm.test");
     s.run_at(hour_later(now), &["c0"]).await;
-    let second = next_notification(&mut received).await;
+    let second = notification(2).await;
     assert_eq!(second["syncType"], "INCREMENTAL");
     assert_eq!(
         second["responseResults"],
@@ -1007,7 +999,7 @@ async fn exec_runs_that_change_records_send_sync_notifications() {
     held.release();
     let state = s.finished_after("c0", since).await;
     assert_eq!(state.last_outcome.as_deref(), Some("ERROR"));
-    let third = next_notification(&mut received).await;
+    let third = notification(3).await;
     assert_eq!(
         (&third["success"], &third["responseResults"]),
         (&json!(false), &json!({"added": 0, "updated": 1, "deleted": 0})),
@@ -1017,11 +1009,4 @@ async fn exec_runs_that_change_records_send_sync_notifications() {
         third["error"]["description"].as_str().unwrap().contains("answered 500"),
         "{third}"
     );
-}
-
-async fn next_notification(received: &mut tokio::sync::mpsc::UnboundedReceiver<Value>) -> Value {
-    tokio::time::timeout(Duration::from_secs(20), received.recv())
-        .await
-        .expect("a sync notification")
-        .unwrap()
 }
