@@ -147,13 +147,15 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
                 None
             }
         };
-        if let Err(error) = show_demo_record(&api_url, &environment.secret_key).await {
-            eprintln!("demo API call failed: {error}");
-        }
+        // The log first: it waits for the execution, logged once committed, so the record
+        // read next is the webhook's copy, not the exec run's.
         if let Some(seq) = demo_seq {
             if let Err(error) = show_demo_log(&api_url, &environment.secret_key, seq).await {
                 eprintln!("demo log failed: {error}");
             }
+        }
+        if let Err(error) = show_demo_record(&api_url, &environment.secret_key).await {
+            eprintln!("demo API call failed: {error}");
         }
     }
     let (ingest_result, api_result, events_result, router_result, worker_result, reconciler_result) =

@@ -382,14 +382,6 @@ async fn dev_starts_everything_and_takes_a_webhook() {
     assert_eq!(response.status().as_u16(), 202);
     let logged = Process::wait_for(&process.stderr, "\"sequence\":2");
     assert!(logged.contains("webhook accepted"), "{logged}");
-    let shown = Process::wait_for(&process.stdout, "demo: worker");
-    assert!(shown.contains("/records?model=Contact"), "{shown}");
-    let record = Process::wait_for(&process.stdout, "-> 200 OK");
-    // The webhook's copy of the contact the exec run listed.
-    assert!(
-        record.contains(r#""email":"ada@example.com""#) && record.contains(r#""id":"c_1""#),
-        "the example function made a record of the demo webhook: {record}"
-    );
     // Its operation log: accepted (unsigned), routed to the connection, executed.
     let log = Process::wait_for(&process.stdout, "operation log");
     assert!(log.contains("hookyard logs"), "{log}");
@@ -401,6 +393,16 @@ async fn dev_starts_everything_and_takes_a_webhook() {
     assert!(execution.contains("demo-connection ok"), "{execution}");
     // Sent after the exec run, the webhook is newer than the run's copy, never stale.
     assert!(execution.contains(r#""stale":0"#), "{execution}");
+    let shown = Process::wait_for(&process.stdout, "demo: worker");
+    assert!(shown.contains("/records?model=Contact"), "{shown}");
+    let record = Process::wait_for(&process.stdout, "-> 200 OK");
+    // The webhook's copy of the contact the exec run added.
+    assert!(
+        record.contains(r#""email":"ada@example.com""#)
+            && record.contains(r#""id":"c_1""#)
+            && record.contains(r#""last_action":"UPDATED""#),
+        "the example function made a record of the demo webhook: {record}"
+    );
     // Metrics on their own listener, not on ingest's public one.
     let metrics = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
         .await
