@@ -12,6 +12,7 @@ pub mod examples;
 pub mod host;
 pub mod pool;
 pub mod provider_api;
+mod queue;
 mod sandbox;
 
 use hookyard_core::store::records::WriteKind;

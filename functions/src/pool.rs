@@ -1,17 +1,19 @@
 //! The threads that run function code. JavaScript never runs on the async runtime's
-//! threads: each execution is queued here, taken by the first free thread, and its
-//! outcome gathered in its [`Batch`]. Every thread keeps
-//! the syncs it has loaded (one QuickJS runtime each) and throws a runtime away after a
-//! timeout, out-of-memory or stack overflow, whose state cannot be trusted after.
+//! threads: each execution is queued here and taken by the first free thread, in order,
+//! except that a sync not known to be quick never runs on every thread (`queue.rs`). Its
+//! outcome is gathered in its [`Batch`]. Every thread keeps the syncs it has loaded (one
+//! QuickJS runtime each) and throws a runtime away after a timeout, out-of-memory or
+//! stack overflow, whose state cannot be trusted after.
 
 use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
 use crate::engine::Loaded;
+use crate::queue::Queue;
 use crate::{Effects, ErrorKind, FunctionError, Invocation, Limits};
 
 /// Syncs a thread keeps loaded; past this it starts again from none.
@@ -151,8 +153,17 @@ impl Batch {
 
 #[derive(Clone)]
 pub struct Pool {
-    jobs: mpsc::Sender<Job>,
+    queue: Arc<Closing>,
     threads: usize,
+}
+
+/// Closes the queue when the last clone of its pool is dropped, so the threads stop.
+struct Closing(Arc<Queue<Job>>);
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        self.0.close();
+    }
 }
 
 impl Pool {
@@ -163,8 +174,7 @@ impl Pool {
         } else {
             threads
         };
-        let (jobs, queue) = mpsc::channel::<Job>();
-        let queue = Arc::new(Mutex::new(queue));
+        let queue = Arc::new(Queue::new(threads));
         let limits = Arc::new(limits);
         for n in 0..threads {
             let queue = queue.clone();
@@ -176,7 +186,10 @@ impl Pool {
                 .spawn(move || run_thread(&queue, &limits))
                 .expect("spawning a JS thread");
         }
-        Pool { jobs, threads }
+        Pool {
+            queue: Arc::new(Closing(queue)),
+            threads,
+        }
     }
 
     pub fn threads(&self) -> usize {
@@ -197,30 +210,24 @@ impl Pool {
     pub fn submit(&self, runs: Vec<(Arc<SyncCode>, Invocation)>) -> Arc<Batch> {
         let batch = Arc::new(Batch::new(runs.len()));
         for (slot, run) in runs.into_iter().enumerate() {
-            // A failed send drops the job, which ends it as stopped.
-            let _ = self.jobs.send(Job {
+            let key = run.0.key.clone();
+            let job = Job {
                 batch: batch.clone(),
                 slot,
                 run: Some(run),
-            });
+            };
+            self.queue.0.push(key, job);
         }
         batch
     }
 }
 
-fn run_thread(queue: &Mutex<mpsc::Receiver<Job>>, limits: &Limits) {
+fn run_thread(queue: &Queue<Job>, limits: &Limits) {
     let mut loaded: HashMap<String, Loaded> = HashMap::new();
-    loop {
-        let job = match queue.lock().map(|q| q.recv()) {
-            Ok(Ok(job)) => job,
-            // The pool is gone.
-            _ => return,
-        };
-        let mut job = job;
+    while let Some((key, started, mut job)) = queue.next() {
         let Some((code, invocation)) = job.run.take() else {
             continue;
         };
-        let started = Instant::now();
         let mut outcome =
             std::panic::catch_unwind(AssertUnwindSafe(|| execute(&mut loaded, &code, &invocation, limits)))
                 .unwrap_or_else(|_| {
@@ -231,6 +238,7 @@ fn run_thread(queue: &Mutex<mpsc::Receiver<Job>>, limits: &Limits) {
             Ok(effects) => effects.elapsed = started.elapsed(),
             Err(error) => error.elapsed = started.elapsed(),
         }
+        queue.ended(&key, started);
         job.batch.end(job.slot, outcome);
     }
 }

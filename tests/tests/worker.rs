@@ -354,3 +354,46 @@ async fn a_slow_function_holds_back_only_its_own_event() {
     assert_eq!(runs, (1..=41).collect::<Vec<_>>(), "each event once");
     assert!(started.elapsed() >= Duration::from_secs(8));
 }
+
+/// A sync whose executions hang never takes every JS thread, from its first execution
+/// on: with two of its events queued ahead of the others on two threads, the others
+/// still run at once.
+#[tokio::test]
+async fn a_hanging_sync_never_takes_every_js_thread() {
+    let h = harness_with(None, 1, |config| {
+        config.worker.js_threads = 2;
+        config.worker.limits.timeout = Duration::from_secs(10);
+        config.worker.ack_wait = Duration::from_secs(30);
+    })
+    .await;
+    h.deploy(&[
+        (
+            "crm/syncs/slow.js",
+            sync("['slow']", "await new Promise((done) => setTimeout(done, 3000));"),
+        ),
+        ("crm/syncs/fine.js", sync("['fine']", "")),
+    ])
+    .await;
+    h.publish([(1, "c0", "slow", json!({"n": 1})), (2, "c0", "slow", json!({"n": 2}))])
+        .await;
+    h.publish((3..=22).map(|n| (n, "c0", "fine", json!({"n": n})))).await;
+    let started = Instant::now();
+    h.start_worker();
+    eventually("the fine events to commit", Duration::from_millis(2500), || async {
+        let runs = h.runs().await;
+        (runs.iter().filter(|n| **n > 2).count() == 20).then_some(runs)
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "before either slow execution ended"
+    );
+    h.drained().await;
+    let mut runs = h.runs().await;
+    runs.sort();
+    assert_eq!(runs, (1..=22).collect::<Vec<_>>(), "each event once");
+    assert!(
+        started.elapsed() >= Duration::from_secs(6),
+        "the slow ones ran one after the other"
+    );
+}
