@@ -1,7 +1,7 @@
 //! The threads that run function code. JavaScript never runs on the async runtime's
-//! threads: each execution is queued here and taken by the first free thread, in order,
-//! except that a sync not known to be quick never runs on every thread (`queue.rs`). Its
-//! outcome is gathered in its [`Batch`]. Every thread keeps the syncs it has loaded (one
+//! threads: each execution is queued here and taken by the first free thread, in order
+//! (in a [`Pool::shared`], a sync not known to be quick never runs on every thread:
+//! `queue.rs`). Its outcome is gathered in its [`Batch`]. Every thread keeps the syncs it has loaded (one
 //! QuickJS runtime each) and throws a runtime away after a timeout, out-of-memory or
 //! stack overflow, whose state cannot be trusted after.
 
@@ -167,14 +167,31 @@ impl Drop for Closing {
 }
 
 impl Pool {
-    /// Starts `threads` JS threads (0: one per CPU).
+    /// Starts `threads` JS threads (0: one per CPU), which take executions in order.
     pub fn new(threads: usize, limits: Limits) -> Pool {
+        Pool::start(threads, limits, false)
+    }
+
+    /// As [`Pool::new`], except that a sync not known to be quick runs on all threads but
+    /// one at most (`queue.rs`): for many customers' short functions, where one that
+    /// hangs must not hold back the others. (Not for exec runs, which are all long.)
+    pub fn shared(threads: usize, limits: Limits) -> Pool {
+        Pool::start(threads, limits, true)
+    }
+
+    fn start(threads: usize, limits: Limits, shared: bool) -> Pool {
         let threads = if threads == 0 {
             std::thread::available_parallelism().map_or(2, |n| n.get())
         } else {
             threads
         };
-        let queue = Arc::new(Queue::new(threads));
+        // A sync on every thread holds nothing back: the cap of a pool not shared.
+        let cap = if shared {
+            threads.saturating_sub(1).max(1)
+        } else {
+            threads
+        };
+        let queue = Arc::new(Queue::new(cap));
         let limits = Arc::new(limits);
         for n in 0..threads {
             let queue = queue.clone();

@@ -1,8 +1,9 @@
-//! The JS threads' queue: first in, first out, except that a sync runs on all threads
-//! but one at most unless it is known to be quick (its last execution took less than
-//! [`SLOW`], and none of it has been running for that long). One customer's function that
-//! hangs, or loops until its limits stop it, thus leaves a thread to every other sync,
-//! from its first execution on; a quick sync may use every thread.
+//! The JS threads' queue: first in, first out, except that a sync runs on `cap` threads
+//! at most (all but one, in a shared pool) unless it is known to be quick: its last
+//! execution took less than [`SLOW`], and none of it has been running for that long. One
+//! customer's function that hangs, or loops until its limits stop it, thus leaves a
+//! thread to every other sync, from its first execution on; a quick sync may use every
+//! thread.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -44,7 +45,8 @@ impl Load {
 }
 
 impl<T> Queue<T> {
-    pub(crate) fn new(threads: usize) -> Queue<T> {
+    /// A queue whose syncs not known to be quick run on `cap` threads at most.
+    pub(crate) fn new(cap: usize) -> Queue<T> {
         Queue {
             state: Mutex::new(State {
                 waiting: VecDeque::new(),
@@ -52,7 +54,7 @@ impl<T> Queue<T> {
                 closed: false,
             }),
             changed: Condvar::new(),
-            cap: threads.saturating_sub(1).max(1),
+            cap,
         }
     }
 
@@ -125,7 +127,7 @@ mod tests {
 
     #[test]
     fn a_sync_not_known_to_be_quick_leaves_a_thread_to_the_others() {
-        let queue = Queue::new(2);
+        let queue = Queue::new(1);
         for item in ["s1", "s2", "f1", "s3"] {
             queue.push(item[..1].to_string(), item);
         }
@@ -156,7 +158,7 @@ mod tests {
 
     #[test]
     fn next_returns_none_once_closed_and_empty() {
-        let queue: Queue<()> = Queue::new(2);
+        let queue: Queue<()> = Queue::new(1);
         queue.push("a".into(), ());
         queue.close();
         assert!(queue.next().is_some());

@@ -461,3 +461,32 @@ export default createSync({
         error.message
     );
 }
+
+/// A plain pool runs a sync on every thread, slow or not (exec runs are all long); a
+/// shared one runs a sync not known to be quick on all threads but one.
+#[tokio::test]
+async fn a_shared_pool_holds_a_slow_sync_to_all_threads_but_one() {
+    let project = project(&[(
+        "crm/syncs/waits.js",
+        &sync_with("await new Promise((done) => setTimeout(done, 1000));"),
+    )]);
+    let two_runs = |pool: &Pool| {
+        let runs = (0..2)
+            .map(|_| (code(&project, "waits"), invocation(json!({}))))
+            .collect();
+        let started = Instant::now();
+        let batch = pool.submit(runs);
+        async move {
+            batch.wait(None).await;
+            assert!(batch.take_ended().iter().all(|(_, outcome)| outcome.is_ok()));
+            started.elapsed()
+        }
+    };
+    let together = two_runs(&Pool::new(2, limits())).await;
+    assert!(together < Duration::from_millis(1800), "side by side: {together:?}");
+    let one_by_one = two_runs(&Pool::shared(2, limits())).await;
+    assert!(
+        one_by_one >= Duration::from_secs(2),
+        "one after the other: {one_by_one:?}"
+    );
+}
