@@ -317,23 +317,29 @@ async fn events_wait_out_a_postgres_outage_and_apply_once() {
     );
 }
 
-/// A function that hangs holds back only its own event: the rest of its group is
-/// committed while it still runs, and it commits on its own once it ends.
-#[tokio::test]
-async fn a_slow_function_holds_back_only_its_own_event() {
+/// Two JS threads; a sync for `slow` events that waits `wait_ms`, and one for `fine`
+/// events that does nothing (both save their `Run`).
+async fn slow_and_fine(wait_ms: u64) -> common::pipeline::Harness {
     let h = harness_with(None, 1, |config| {
+        config.worker.js_threads = 2;
         config.worker.limits.timeout = Duration::from_secs(10);
         config.worker.ack_wait = Duration::from_secs(30);
     })
     .await;
+    let wait = format!("await new Promise((done) => setTimeout(done, {wait_ms}));");
     h.deploy(&[
-        (
-            "crm/syncs/slow.js",
-            sync("['slow']", "await new Promise((done) => setTimeout(done, 8000));"),
-        ),
+        ("crm/syncs/slow.js", sync("['slow']", &wait)),
         ("crm/syncs/fine.js", sync("['fine']", "")),
     ])
     .await;
+    h
+}
+
+/// A function that hangs holds back only its own event: the rest of its group is
+/// committed while it still runs, and it commits on its own once it ends.
+#[tokio::test]
+async fn a_slow_function_holds_back_only_its_own_event() {
+    let h = slow_and_fine(8000).await;
     // All in HOOKS_CONN before the worker starts, so that its first group takes them.
     h.publish([(1, "c0", "slow", json!({"n": 1}))]).await;
     h.publish((2..=41).map(|n| (n, "c0", "fine", json!({"n": n})))).await;
@@ -360,20 +366,7 @@ async fn a_slow_function_holds_back_only_its_own_event() {
 /// still run at once.
 #[tokio::test]
 async fn a_hanging_sync_never_takes_every_js_thread() {
-    let h = harness_with(None, 1, |config| {
-        config.worker.js_threads = 2;
-        config.worker.limits.timeout = Duration::from_secs(10);
-        config.worker.ack_wait = Duration::from_secs(30);
-    })
-    .await;
-    h.deploy(&[
-        (
-            "crm/syncs/slow.js",
-            sync("['slow']", "await new Promise((done) => setTimeout(done, 3000));"),
-        ),
-        ("crm/syncs/fine.js", sync("['fine']", "")),
-    ])
-    .await;
+    let h = slow_and_fine(3000).await;
     h.publish([(1, "c0", "slow", json!({"n": 1})), (2, "c0", "slow", json!({"n": 2}))])
         .await;
     h.publish((3..=22).map(|n| (n, "c0", "fine", json!({"n": n})))).await;
