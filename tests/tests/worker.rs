@@ -335,29 +335,42 @@ async fn slow_and_fine(wait_ms: u64) -> common::pipeline::Harness {
     h
 }
 
+/// Queues `slow` slow events, then `fine` fine ones, all before the worker starts (so
+/// that its first group takes them); starts it and waits up to `within` for every fine
+/// one to commit. When the worker started.
+async fn fine_events_commit_within(h: &common::pipeline::Harness, slow: u64, fine: u64, within: Duration) -> Instant {
+    h.publish((1..=slow).map(|n| (n, "c0", "slow", json!({"n": n})))).await;
+    h.publish((slow + 1..=slow + fine).map(|n| (n, "c0", "fine", json!({"n": n}))))
+        .await;
+    let started = Instant::now();
+    h.start_worker();
+    eventually("the fine events to commit", within, || async {
+        let runs = h.runs().await;
+        (runs.iter().filter(|n| **n > slow).count() == fine as usize).then_some(())
+    })
+    .await;
+    started
+}
+
+/// Waits for the worker to ack everything; each of events `1..=total` applied once.
+async fn each_applied_once(h: &common::pipeline::Harness, total: u64) {
+    h.drained().await;
+    let mut runs = h.runs().await;
+    runs.sort();
+    assert_eq!(runs, (1..=total).collect::<Vec<_>>(), "each event once");
+}
+
 /// A function that hangs holds back only its own event: the rest of its group is
 /// committed while it still runs, and it commits on its own once it ends.
 #[tokio::test]
 async fn a_slow_function_holds_back_only_its_own_event() {
     let h = slow_and_fine(8000).await;
-    // All in HOOKS_CONN before the worker starts, so that its first group takes them.
-    h.publish([(1, "c0", "slow", json!({"n": 1}))]).await;
-    h.publish((2..=41).map(|n| (n, "c0", "fine", json!({"n": n})))).await;
-    let started = Instant::now();
-    h.start_worker();
-    eventually("the fine events to commit", Duration::from_secs(6), || async {
-        let runs = h.runs().await;
-        (runs.iter().filter(|n| **n > 1).count() == 40).then_some(runs)
-    })
-    .await;
+    let started = fine_events_commit_within(&h, 1, 40, Duration::from_secs(6)).await;
     assert!(
         !h.runs().await.contains(&1),
         "the slow event is still running when the others have committed"
     );
-    h.drained().await;
-    let mut runs = h.runs().await;
-    runs.sort();
-    assert_eq!(runs, (1..=41).collect::<Vec<_>>(), "each event once");
+    each_applied_once(&h, 41).await;
     assert!(started.elapsed() >= Duration::from_secs(8));
 }
 
@@ -367,24 +380,12 @@ async fn a_slow_function_holds_back_only_its_own_event() {
 #[tokio::test]
 async fn a_hanging_sync_never_takes_every_js_thread() {
     let h = slow_and_fine(3000).await;
-    h.publish([(1, "c0", "slow", json!({"n": 1})), (2, "c0", "slow", json!({"n": 2}))])
-        .await;
-    h.publish((3..=22).map(|n| (n, "c0", "fine", json!({"n": n})))).await;
-    let started = Instant::now();
-    h.start_worker();
-    eventually("the fine events to commit", Duration::from_millis(2500), || async {
-        let runs = h.runs().await;
-        (runs.iter().filter(|n| **n > 2).count() == 20).then_some(runs)
-    })
-    .await;
+    let started = fine_events_commit_within(&h, 2, 20, Duration::from_millis(2500)).await;
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "before either slow execution ended"
     );
-    h.drained().await;
-    let mut runs = h.runs().await;
-    runs.sort();
-    assert_eq!(runs, (1..=22).collect::<Vec<_>>(), "each event once");
+    each_applied_once(&h, 22).await;
     assert!(
         started.elapsed() >= Duration::from_secs(6),
         "the slow ones ran one after the other"
