@@ -242,19 +242,23 @@ impl Pool {
 fn run_thread(queue: &Queue<Job>, limits: &Limits) {
     let mut loaded: HashMap<String, Loaded> = HashMap::new();
     while let Some((key, started, mut job)) = queue.next() {
-        let Some((code, invocation)) = job.run.take() else {
-            continue;
+        let mut outcome = match &job.run {
+            Some((code, invocation)) => {
+                std::panic::catch_unwind(AssertUnwindSafe(|| execute(&mut loaded, code, invocation, limits)))
+                    .unwrap_or_else(|_| {
+                        loaded.remove(&code.key);
+                        Err(FunctionError::new(ErrorKind::Internal, "the engine panicked"))
+                    })
+            }
+            // Never: a job is queued once, with its run.
+            None => Err(stopped()),
         };
-        let mut outcome =
-            std::panic::catch_unwind(AssertUnwindSafe(|| execute(&mut loaded, &code, &invocation, limits)))
-                .unwrap_or_else(|_| {
-                    loaded.remove(&code.key);
-                    Err(FunctionError::new(ErrorKind::Internal, "the engine panicked"))
-                });
         match &mut outcome {
             Ok(effects) => effects.elapsed = started.elapsed(),
             Err(error) => error.elapsed = started.elapsed(),
         }
+        // Ended here, not by the drop guard.
+        job.run = None;
         queue.ended(&key, started);
         job.batch.end(job.slot, outcome);
     }
