@@ -103,6 +103,10 @@ pub struct WorkerConfig {
     pub batch: usize,
     /// Threads that run function code; 0 means one per CPU.
     pub js_threads: usize,
+    /// A sync not known to be quick (an execution of 100 ms or more) runs on all those
+    /// threads but one at most, so that one customer's function that hangs leaves a
+    /// thread to the others. Off: any sync may take every thread.
+    pub hold_back_slow_syncs: bool,
     /// An event a worker took and did not finish (it died) goes to another after this.
     #[serde(with = "humantime_serde")]
     pub ack_wait: Duration,
@@ -294,6 +298,7 @@ impl Default for WorkerConfig {
         WorkerConfig {
             batch: 256,
             js_threads: 0,
+            hold_back_slow_syncs: true,
             ack_wait: Duration::from_secs(60),
             retry_delays: [1, 10, 60, 300, 1800]
                 .map(|s| humantime_serde::Serde::from(Duration::from_secs(s)))

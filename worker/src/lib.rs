@@ -111,7 +111,11 @@ impl Worker {
         hookyard_core::metrics::install();
         let store_for_log = store.clone();
         Worker {
-            pool: Pool::shared(config.worker.js_threads, config.worker.limits.clone()),
+            pool: if config.worker.hold_back_slow_syncs {
+                Pool::shared(config.worker.js_threads, config.worker.limits.clone())
+            } else {
+                Pool::new(config.worker.js_threads, config.worker.limits.clone())
+            },
             deployments: Arc::new(Deployments::new(store.clone())),
             settings: Arc::new(settings::Settings::new(store.clone())),
             store,
