@@ -74,16 +74,6 @@ pub(crate) fn jetstream_error(e: impl std::fmt::Display) -> WorkerError {
     WorkerError::JetStream(e.to_string())
 }
 
-/// What became of one group.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct GroupOutcome {
-    pub executed: usize,
-    pub committed: usize,
-    pub already_done: usize,
-    pub retried: usize,
-    pub dead_lettered: usize,
-}
-
 pub struct Worker {
     store: Store,
     jetstream: jetstream::Context,
@@ -251,18 +241,15 @@ impl Worker {
     /// runs, so a long group is not redelivered to another worker meanwhile.
     async fn handle_with_progress(&self, group: Vec<jetstream::Message>) -> Option<Stragglers> {
         let all: Vec<usize> = (0..group.len()).collect();
-        let (_, stragglers) =
-            with_heartbeat(self.handle(&group), self.config.ack_wait / 3, || progress(&group, &all)).await;
-        stragglers
+        with_heartbeat(self.handle(&group), self.config.ack_wait / 3, || progress(&group, &all)).await
     }
 
     /// Runs one group of messages to commit, then acks or naks each. A message with an
     /// execution still running once the others have stopped finishing (a function that
     /// hangs, or loops until its limits stop it) is left out of the commit and comes back
     /// in [`Stragglers`], for [`Worker::finish_stragglers`]: it does not hold back the rest.
-    pub async fn handle(&self, group: &[jetstream::Message]) -> (GroupOutcome, Option<Stragglers>) {
+    pub async fn handle(&self, group: &[jetstream::Message]) -> Option<Stragglers> {
         tracing::debug!(messages = group.len(), "group");
-        let mut outcome = GroupOutcome::default();
         let mut events: Vec<Option<RoutedEvent>> = Vec::with_capacity(group.len());
         let mut commit = Commit::default();
         for message in group {
@@ -314,21 +301,17 @@ impl Worker {
         }
         let all: Vec<usize> = (0..group.len()).collect();
         if tasks.is_empty() {
-            return (
-                self.settle(group, &events, &all, commit, Vec::new(), outcome).await,
-                None,
-            );
+            self.settle(group, &events, &all, commit, Vec::new()).await;
+            return None;
         }
-        let (runnable, already_done) = match self.prepare(group, &events, tasks).await {
+        let runnable = match self.prepare(group, &events, tasks).await {
             Ok(prepared) => prepared,
             Err(error) => {
                 tracing::warn!(%error, "preparing a group failed; it will be retried");
                 nak(group, &all, RETRY_DELAY).await;
-                return (outcome, None);
+                return None;
             }
         };
-        outcome.already_done += already_done;
-        outcome.executed = runnable.len();
         let (batch, mut executions) = self.start(runnable, &events);
         gather(&batch, &mut executions, Some(STRAGGLER_WAIT)).await;
 
@@ -342,9 +325,9 @@ impl Worker {
             .into_iter()
             .partition(|execution| late.contains(&execution.task.message));
         let mine: Vec<usize> = all.into_iter().filter(|index| !late.contains(index)).collect();
-        let outcome = self.settle(group, &events, &mine, commit, now, outcome).await;
+        self.settle(group, &events, &mine, commit, now).await;
         if late.is_empty() {
-            return (outcome, None);
+            return None;
         }
         tracing::debug!(
             messages = late.len(),
@@ -359,12 +342,12 @@ impl Worker {
             batch,
             executions: later,
         };
-        (outcome, Some(stragglers))
+        Some(stragglers)
     }
 
     /// Waits for the stragglers' executions, then commits and acks them on their own,
     /// telling JetStream meanwhile that they are in progress.
-    pub async fn finish_stragglers(&self, stragglers: Stragglers) -> GroupOutcome {
+    pub async fn finish_stragglers(&self, stragglers: Stragglers) {
         let Stragglers {
             group,
             events,
@@ -375,9 +358,7 @@ impl Worker {
         let work = async {
             let mut executions = executions;
             gather(&batch, &mut executions, None).await;
-            let outcome = GroupOutcome::default();
-            self.settle(&group, &events, &mine, Commit::default(), executions, outcome)
-                .await
+            self.settle(&group, &events, &mine, Commit::default(), executions).await
         };
         with_heartbeat(work, self.config.ack_wait / 3, || progress(&group, &mine)).await
     }
@@ -392,8 +373,7 @@ impl Worker {
         mine: &[usize],
         mut commit: Commit,
         executions: Vec<Execution>,
-        mut outcome: GroupOutcome,
-    ) -> GroupOutcome {
+    ) {
         // Every message whose tasks all commit (or that has none) is acked.
         let mut retry: HashMap<usize, Duration> = HashMap::new();
         // Attempts that failed and will be retried: a dead letter's history.
@@ -443,7 +423,6 @@ impl Worker {
                             message = %task.marker.message_id, attempts, error = %error,
                             "function failed; retrying in {:?}", **delay
                         );
-                        outcome.retried += 1;
                         log.write(&self.oplog, "failed", None);
                         failed.push((
                             task.marker.clone(),
@@ -464,7 +443,6 @@ impl Worker {
                             message = %task.marker.message_id, attempts, error = %error,
                             "function failed for the last time; dead-lettered"
                         );
-                        outcome.dead_lettered += 1;
                         commit.executed.push(false);
                         commit.logged.push(Some(log));
                         commit.units.push(dead_letter(task, event, message, &error, attempts));
@@ -484,16 +462,17 @@ impl Worker {
                 .filter(|span| !span.is_none())
                 .map(|span| tracing::info_span!(parent: span, "store_commit", units = units.len()))
                 .collect();
-            let committed = self.store.commit(units).await;
+            let result = self.store.commit(units).await;
             drop(commit_spans);
-            match committed {
+            match result {
                 Ok(outcomes) => {
                     fault::after_commit();
+                    let mut committed = 0;
                     let mut notices = Vec::new();
                     for ((unit_outcome, executed), log) in outcomes.into_iter().zip(executed).zip(logged) {
                         match unit_outcome {
                             UnitOutcome::Applied { total, notice, .. } => {
-                                outcome.committed += 1;
+                                committed += 1;
                                 count_writes(&total);
                                 if let Some(log) = log {
                                     if executed {
@@ -505,9 +484,10 @@ impl Worker {
                                 }
                                 notices.extend(notice.map(|notice| *notice));
                             }
-                            UnitOutcome::AlreadyDone => outcome.already_done += 1,
+                            UnitOutcome::AlreadyDone => {}
                         }
                     }
+                    self.committed.fetch_add(committed, Ordering::Relaxed);
                     // The notices are committed with the changes: if this fails (or the
                     // process dies first) the sweep sends them later.
                     if let Err(error) = notify::send(&self.settings, &self.jetstream, &self.store, &notices).await {
@@ -517,10 +497,9 @@ impl Worker {
                 Err(error) => {
                     tracing::warn!(%error, messages = mine.len(), "committing a group failed; it will be retried");
                     nak(group, mine, RETRY_DELAY).await;
-                    return outcome;
+                    return;
                 }
             }
-            self.committed.fetch_add(outcome.committed as u64, Ordering::Relaxed);
         }
         if let Err(error) = self.store.record_failed_attempts(&failed).await {
             tracing::warn!(%error, "failed attempts could not be kept; their errors are in the log only");
@@ -535,17 +514,16 @@ impl Worker {
                 tracing::warn!(%error, "ack failed; the event will come back and be recognised as done");
             }
         }
-        outcome
     }
 
-    /// The tasks still to run with what each is given, and how many are done already.
+    /// The tasks still to run (those not done already) with what each is given.
     /// One query for the markers and one per integration for the connections.
     async fn prepare(
         &self,
         group: &[jetstream::Message],
         events: &[Option<RoutedEvent>],
         tasks: Vec<Task>,
-    ) -> Result<(Vec<(Task, Invocation)>, usize), StoreError> {
+    ) -> Result<Vec<(Task, Invocation)>, StoreError> {
         let markers: Vec<Marker> = tasks.iter().map(|t| t.marker.clone()).collect();
         let done = self.store.processed(&markers).await?;
         let mut wanted: HashMap<(i64, IntegrationKey), Vec<&str>> = HashMap::new();
@@ -573,10 +551,8 @@ impl Worker {
         }
         let mut payloads: HashMap<usize, Arc<str>> = HashMap::new();
         let mut runnable = Vec::with_capacity(tasks.len());
-        let mut already_done = 0;
         for task in tasks {
             if done.contains(&task.marker) {
-                already_done += 1;
                 continue;
             }
             let event = events[task.message].as_ref().expect("tasks are of parsed events");
@@ -607,7 +583,7 @@ impl Worker {
             };
             runnable.push((task, invocation));
         }
-        Ok((runnable, already_done))
+        Ok(runnable)
     }
 
     /// Queues the tasks on the JS threads as one batch, each with its span: from the
