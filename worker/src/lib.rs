@@ -241,7 +241,10 @@ impl Worker {
     /// runs, so a long group is not redelivered to another worker meanwhile.
     async fn handle_with_progress(&self, group: Vec<jetstream::Message>) -> Option<Stragglers> {
         let all: Vec<usize> = (0..group.len()).collect();
-        with_heartbeat(self.handle(&group), self.config.ack_wait / 3, || progress(&group, &all)).await
+        with_heartbeat(self.handle(&group), self.config.ack_wait / 3, || {
+            answer(&group, &all, AckKind::Progress)
+        })
+        .await
     }
 
     /// Runs one group of messages to commit, then acks or naks each. A message with an
@@ -308,7 +311,7 @@ impl Worker {
             Ok(prepared) => prepared,
             Err(error) => {
                 tracing::warn!(%error, "preparing a group failed; it will be retried");
-                nak(group, &all, RETRY_DELAY).await;
+                answer(group, &all, AckKind::Nak(Some(RETRY_DELAY))).await;
                 return None;
             }
         };
@@ -360,7 +363,10 @@ impl Worker {
             gather(&batch, &mut executions, None).await;
             self.settle(&group, &events, &mine, Commit::default(), executions).await
         };
-        with_heartbeat(work, self.config.ack_wait / 3, || progress(&group, &mine)).await
+        with_heartbeat(work, self.config.ack_wait / 3, || {
+            answer(&group, &mine, AckKind::Progress)
+        })
+        .await
     }
 
     /// Commits `commit` and what `executions` did, then acks the messages `mine` of
@@ -496,7 +502,7 @@ impl Worker {
                 }
                 Err(error) => {
                     tracing::warn!(%error, messages = mine.len(), "committing a group failed; it will be retried");
-                    nak(group, mine, RETRY_DELAY).await;
+                    answer(group, mine, AckKind::Nak(Some(RETRY_DELAY))).await;
                     return;
                 }
             }
@@ -743,10 +749,10 @@ pub(crate) fn count_writes(counts: &WriteCounts) {
     }
 }
 
-/// Naks the messages at `indices` of `group`, to come back after `delay`.
-async fn nak(group: &[jetstream::Message], indices: &[usize], delay: Duration) {
+/// Answers `kind` for the messages at `indices` of `group` (a nak or an in-progress).
+async fn answer(group: &[jetstream::Message], indices: &[usize], kind: AckKind) {
     for &index in indices {
-        let _ = group[index].ack_with(AckKind::Nak(Some(delay))).await;
+        let _ = group[index].ack_with(kind).await;
     }
 }
 
@@ -814,13 +820,6 @@ fn observe(task: &Task, result: &Result<Effects, FunctionError>, span: &mut trac
     span.record("status", status);
     for line in logs {
         tracing::debug!(parent: &*span, level = %line.level, payload = ?line.payload, "function log: {}", line.message);
-    }
-}
-
-/// Tells JetStream that the messages at `indices` of `group` are in progress.
-async fn progress(group: &[jetstream::Message], indices: &[usize]) {
-    for &index in indices {
-        let _ = group[index].ack_with(AckKind::Progress).await;
     }
 }
 
