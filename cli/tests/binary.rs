@@ -69,6 +69,18 @@ impl Process {
         assert!(status.success());
     }
 
+    /// Sends SIGTERM and returns the exit status.
+    async fn terminate(mut self) -> ExitStatus {
+        self.signal("-TERM");
+        tokio::task::spawn_blocking(move || self.wait_exit()).await.unwrap()
+    }
+
+    /// Sends SIGTERM; the process must exit 0.
+    async fn stops_cleanly(self) {
+        let status = self.terminate().await;
+        assert!(status.success(), "exit status {status:?}");
+    }
+
     fn wait_exit(&mut self) -> ExitStatus {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
@@ -178,11 +190,8 @@ impl IngestProcess {
     }
 
     /// Sends SIGTERM and returns the exit status.
-    async fn terminate(mut self) -> ExitStatus {
-        self.process.signal("-TERM");
-        tokio::task::spawn_blocking(move || self.process.wait_exit())
-            .await
-            .unwrap()
+    async fn terminate(self) -> ExitStatus {
+        self.process.terminate().await
     }
 }
 
@@ -334,7 +343,7 @@ async fn dev_starts_everything_and_takes_a_webhook() {
     let port = free_port();
     let api_port = free_port();
     let metrics_port = free_port();
-    let mut process = Process::spawn(
+    let process = Process::spawn(
         &["dev"],
         &[
             ("HOOKYARD_INGEST__LISTEN", format!("127.0.0.1:{port}")),
@@ -428,9 +437,7 @@ async fn dev_starts_everything_and_takes_a_webhook() {
     let key_file = std::fs::metadata(dir.path().join(".hookyard/encryption.key")).unwrap();
     assert_eq!(key_file.permissions().mode() & 0o777, 0o600);
 
-    process.signal("-TERM");
-    let status = tokio::task::spawn_blocking(move || process.wait_exit()).await.unwrap();
-    assert!(status.success(), "exit status {status:?}");
+    process.stops_cleanly().await;
     assert!(dir.path().join(".hookyard/hookyard.db").exists());
     assert!(dir.path().join(".hookyard/nats").is_dir());
 }
@@ -496,7 +503,7 @@ async fn dev_restarts_cleanly_after_being_killed_and_keeps_its_webhooks() {
         "the orphaned nats-server runs on"
     );
 
-    let mut second = Process::spawn(&["dev"], &env, dir.path());
+    let second = Process::spawn(&["dev"], &env, dir.path());
     let stored = Process::wait_for(&second.stdout, "demo: HOOKS_RAW #");
     assert!(
         stored.contains("HOOKS_RAW #2"),
@@ -509,9 +516,7 @@ async fn dev_restarts_cleanly_after_being_killed_and_keeps_its_webhooks() {
         !std::path::Path::new(&orphan).exists(),
         "the orphaned nats-server was stopped"
     );
-    second.signal("-TERM");
-    let status = tokio::task::spawn_blocking(move || second.wait_exit()).await.unwrap();
-    assert!(status.success(), "exit status {status:?}");
+    second.stops_cleanly().await;
 }
 
 #[tokio::test]
@@ -548,7 +553,7 @@ async fn api_serves_the_environment_of_its_key_and_stops_on_sigterm() {
     let (_, secret_key) = prepared_environment(&sqlite.url).await;
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
-    let mut process = Process::spawn(
+    let process = Process::spawn(
         &["api"],
         &[
             ("HOOKYARD_DATABASE_URL", sqlite.url.clone()),
@@ -562,9 +567,7 @@ async fn api_serves_the_environment_of_its_key_and_stops_on_sigterm() {
     assert_eq!(body["data"]["unique_key"], "demo", "{body}");
     let anonymous = reqwest::get(&url).await.unwrap();
     assert_eq!(anonymous.status().as_u16(), 401);
-    process.signal("-TERM");
-    let status = tokio::task::spawn_blocking(move || process.wait_exit()).await.unwrap();
-    assert!(status.success(), "exit status {status:?}");
+    process.stops_cleanly().await;
 }
 
 #[tokio::test]
@@ -630,7 +633,7 @@ async fn a_router_killed_mid_batch_and_restarted_routes_each_event_once() {
     );
 
     // What the killed router held is delivered again once its ack wait (2 s here) runs out.
-    let mut second = Process::spawn(&["router"], &env_vars, dir.path());
+    let second = Process::spawn(&["router"], &env_vars, dir.path());
     eventually(
         "the restarted router to ack every webhook",
         Duration::from_secs(90),
@@ -643,9 +646,7 @@ async fn a_router_killed_mid_batch_and_restarted_routes_each_event_once() {
     )
     .await;
     assert_eq!(conn_count().await, 10_000, "every event once: none lost, none twice");
-    second.signal("-TERM");
-    let status = tokio::task::spawn_blocking(move || second.wait_exit()).await.unwrap();
-    assert!(status.success(), "exit status {status:?}");
+    second.stops_cleanly().await;
 }
 
 /// The `dev` environment with a `crm` integration, connection `c0` and a sync that saves
@@ -723,6 +724,15 @@ async fn connect(nats: &NatsServer) -> hookyard_core::streams::Bus {
     let bus = hookyard_core::streams::Bus::connect(&config, "test").await.unwrap();
     bus.ensure_streams(&config.streams).await.unwrap();
     bus
+}
+
+/// Waits until no sync notice is left in the outbox.
+async fn outbox_empties(database_url: &str) {
+    eventually("the outbox to be empty", Duration::from_secs(30), || async {
+        let left = hookyard_testkit::raw_texts(database_url, "SELECT key FROM sync_notices").await;
+        left.is_empty().then_some(())
+    })
+    .await;
 }
 
 /// Integration `key` of `env`, whose provider API is the fake `crm` (cursor pagination),
@@ -808,7 +818,7 @@ async fn a_worker_killed_between_commit_and_ack_applies_nothing_twice_and_loses_
     );
 
     // Its events come back after the ack wait; their markers say they are done.
-    let mut second = Process::spawn(&["worker"], &env_vars(""), dir.path());
+    let second = Process::spawn(&["worker"], &env_vars(""), dir.path());
     eventually(
         "the restarted worker to ack every event",
         Duration::from_secs(90),
@@ -834,15 +844,9 @@ async fn a_worker_killed_between_commit_and_ack_applies_nothing_twice_and_loses_
         (distinct.len() >= 500).then_some(())
     })
     .await;
-    eventually("the outbox to be empty", Duration::from_secs(30), || async {
-        let left = hookyard_testkit::raw_texts(&db.url, "SELECT key FROM sync_notices").await;
-        left.is_empty().then_some(())
-    })
-    .await;
+    outbox_empties(&db.url).await;
     assert_eq!(notified().len(), 500, "none notified twice");
-    second.signal("-TERM");
-    let status = tokio::task::spawn_blocking(move || second.wait_exit()).await.unwrap();
-    assert!(status.success(), "exit status {status:?}");
+    second.stops_cleanly().await;
 }
 
 /// A worker killed while an exec run waits for its second page, the first one written:
@@ -915,7 +919,7 @@ async fn a_worker_killed_mid_exec_run_loses_no_notification_of_what_the_run_wrot
     drop(first); // kills it with SIGKILL
     held.release();
 
-    let mut second = Process::spawn(&["worker"], &env_vars, dir.path());
+    let second = Process::spawn(&["worker"], &env_vars, dir.path());
     let notified = || {
         receiver
             .hits()
@@ -936,11 +940,7 @@ async fn a_worker_killed_mid_exec_run_loses_no_notification_of_what_the_run_wrot
         || async { (added(&notified()) >= 4).then_some(()) },
     )
     .await;
-    eventually("the outbox to be empty", Duration::from_secs(30), || async {
-        let left = hookyard_testkit::raw_texts(&db.url, "SELECT key FROM sync_notices").await;
-        left.is_empty().then_some(())
-    })
-    .await;
+    outbox_empties(&db.url).await;
     assert_eq!(contacts().await.len(), 4);
     let bodies = notified();
     assert_eq!(
@@ -960,9 +960,7 @@ async fn a_worker_killed_mid_exec_run_loses_no_notification_of_what_the_run_wrot
             .contains("did not finish"),
         "{unfinished}"
     );
-    second.signal("-TERM");
-    let status = tokio::task::spawn_blocking(move || second.wait_exit()).await.unwrap();
-    assert!(status.success(), "exit status {status:?}");
+    second.stops_cleanly().await;
 }
 
 /// Copies `examples/crm-contacts` into `dir`.
@@ -1180,7 +1178,7 @@ async fn a_worker_killed_mid_retry_resumes_the_schedule_and_delivers_once() {
     let failed = count(&hits);
     healthy.store(true, Ordering::SeqCst);
 
-    let mut second = Process::spawn(&["worker"], &env_vars, dir.path());
+    let second = Process::spawn(&["worker"], &env_vars, dir.path());
     eventually("the delivery to succeed", Duration::from_secs(30), || async {
         hits.lock()
             .unwrap()
@@ -1200,9 +1198,7 @@ async fn a_worker_killed_mid_retry_resumes_the_schedule_and_delivers_once() {
         1,
         "delivered once: {hits:?}"
     );
-    second.signal("-TERM");
-    let status = tokio::task::spawn_blocking(move || second.wait_exit()).await.unwrap();
-    assert!(status.success(), "exit status {status:?}");
+    second.stops_cleanly().await;
 }
 
 #[tokio::test]
