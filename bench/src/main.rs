@@ -121,13 +121,17 @@ enum Command {
         /// or to one that never answers (silent). Functions must not slow down for it.
         #[arg(long, value_enum, default_value = "none")]
         destination: worker::Destination,
-        /// Make every Nth event (0: none) a `contact.slow` event, which a second sync
+        /// Make every Nth event (0: none) a `contact.slow.*` event, which another sync
         /// handles by waiting `slow_ms` on its JS thread (a function that hangs or loops
         /// until its limits stop it, but succeeds): what it costs the other events.
         #[arg(long, default_value_t = 0)]
         slow_every: u64,
         #[arg(long, default_value_t = 1000)]
         slow_ms: u64,
+        /// Syncs the slow events go to in turn (each customer's function that hangs is
+        /// one).
+        #[arg(long, default_value_t = 1)]
+        slow_syncs: u64,
     },
     /// Forwarding throughput to a fast local receiver, deliveries/s.
     Forward {
@@ -204,6 +208,7 @@ fn main() -> anyhow::Result<()> {
                 destination,
                 slow_every,
                 slow_ms,
+                slow_syncs,
             } => {
                 worker::run(&worker::Plan {
                     events,
@@ -212,7 +217,11 @@ fn main() -> anyhow::Result<()> {
                     rate,
                     js_threads,
                     destination,
-                    slow: (slow_every > 0).then_some((slow_every, slow_ms)),
+                    slow: (slow_every > 0).then_some(worker::Slow {
+                        every: slow_every,
+                        ms: slow_ms,
+                        syncs: slow_syncs,
+                    }),
                 })
                 .await
             }

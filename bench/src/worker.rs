@@ -37,19 +37,38 @@ pub struct Plan {
     /// Where every event is also forwarded: nowhere, a receiver answering 200 at once,
     /// or one that accepts connections and never answers.
     pub destination: Destination,
-    /// Every Nth event is a `contact.slow` one, whose function takes this many ms.
-    pub slow: Option<(u64, u64)>,
+    /// Slow events, if any.
+    pub slow: Option<Slow>,
+}
+
+/// Every `every`th event is a `contact.slow.{i}` one, for `i` in turn among `syncs`
+/// syncs, each of which takes `ms` on its JS thread.
+#[derive(Clone, Copy)]
+pub struct Slow {
+    pub every: u64,
+    pub ms: u64,
+    pub syncs: u64,
 }
 
 /// The events the plan publishes: which of them are slow.
 #[derive(Clone, Copy)]
 struct Mix {
     slow_every: u64,
+    slow_syncs: u64,
 }
 
 impl Mix {
     fn is_slow(&self, n: u64) -> bool {
         self.slow_every > 0 && n % self.slow_every == 0
+    }
+
+    /// The type of event `n`: the slow ones go to each slow sync in turn.
+    fn event_type(&self, n: u64) -> String {
+        if self.is_slow(n) {
+            format!("contact.slow.{}", (n / self.slow_every) % self.slow_syncs)
+        } else {
+            "contact.updated".into()
+        }
     }
 
     /// Events among `range` that save a Contact.
@@ -58,13 +77,13 @@ impl Mix {
     }
 }
 
-/// A sync for `contact.slow` events that waits `ms` on its JS thread, then succeeds.
-fn slow_sync(ms: u64) -> String {
+/// A sync for `contact.slow.{i}` events that waits `ms` on its JS thread, then succeeds.
+fn slow_sync(i: u64, ms: u64) -> String {
     format!(
         "import {{ createSync }} from 'nango';
          export default createSync({{
            models: {{ Slow: {{}} }},
-           webhookSubscriptions: ['contact.slow'],
+           webhookSubscriptions: ['contact.slow.{i}'],
            onWebhook: async () => {{ await new Promise((done) => setTimeout(done, {ms})); }},
          }});"
     )
@@ -105,17 +124,20 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
         store.create_connection(&environment, &connection).await?;
     }
     let mix = Mix {
-        slow_every: plan.slow.map_or(0, |(every, _)| every),
+        slow_every: plan.slow.map_or(0, |slow| slow.every),
+        slow_syncs: plan.slow.map_or(1, |slow| slow.syncs.max(1)),
     };
     match plan.slow {
         None => deploy_example(&store, &environment, &config).await?,
-        Some((_, ms)) => {
+        Some(slow) => {
             let mut files = hookyard_functions::examples::files(hookyard_functions::examples::CRM_CONTACTS);
-            files.insert("demo/syncs/slow.js".into(), slow_sync(ms));
-            files
-                .get_mut("index.js")
-                .expect("the example has an index")
-                .push_str("import './demo/syncs/slow.js';\n");
+            for i in 0..mix.slow_syncs {
+                files.insert(format!("demo/syncs/slow{i}.js"), slow_sync(i, slow.ms));
+                files
+                    .get_mut("index.js")
+                    .expect("the example has an index")
+                    .push_str(&format!("import './demo/syncs/slow{i}.js';\n"));
+            }
             deploy_files(&store, &environment, &config, files).await?;
         }
     }
@@ -158,7 +180,8 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
             plan.js_threads.to_string()
         },
         match plan.slow {
-            Some((every, ms)) => format!("; every {every}th event is slow ({ms} ms)"),
+            Some(Slow { every, ms, syncs }) =>
+                format!("; every {every}th event is slow ({ms} ms), for {syncs} slow syncs in turn"),
             None => String::new(),
         }
     );
@@ -248,11 +271,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
 }
 
 fn event(n: u64, connections: &[String], mix: Mix, phase: &str) -> RoutedEvent {
-    let event_type = if mix.is_slow(n) {
-        "contact.slow"
-    } else {
-        "contact.updated"
-    };
+    let event_type = mix.event_type(n);
     RoutedEvent {
         environment: "dev".parse().expect("a valid name"),
         integration: "demo".parse().expect("a valid key"),
@@ -260,7 +279,7 @@ fn event(n: u64, connections: &[String], mix: Mix, phase: &str) -> RoutedEvent {
         unrouted: None,
         raw_seq: n,
         index: 0,
-        event_type: Some(event_type.into()),
+        event_type: Some(event_type.clone()),
         delivery_id: format!("{phase}-{n}"),
         payload: json!({
             "type": event_type,

@@ -103,9 +103,9 @@ pub struct WorkerConfig {
     pub batch: usize,
     /// Threads that run function code; 0 means one per CPU.
     pub js_threads: usize,
-    /// A sync not known to be quick (an execution of 100 ms or more) runs on all those
-    /// threads but one at most, so that one customer's function that hangs leaves a
-    /// thread to the others. Off: any sync may take every thread.
+    /// Syncs not known to be quick (their last execution took 100 ms or more) share all
+    /// those threads but one, so that however many customers' functions hang, the quick
+    /// ones keep a thread. Off: any sync may take every thread.
     pub hold_back_slow_syncs: bool,
     /// An event a worker took and did not finish (it died) goes to another after this.
     #[serde(with = "humantime_serde")]

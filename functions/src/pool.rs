@@ -1,6 +1,6 @@
 //! The threads that run function code. JavaScript never runs on the async runtime's
 //! threads: each execution is queued here and taken by the first free thread, in order
-//! (in a [`Pool::shared`], a sync not known to be quick never runs on every thread:
+//! (in a [`Pool::shared`], syncs not known to be quick never take every thread:
 //! `queue.rs`). Its outcome is gathered in its [`Batch`]. Every thread keeps the syncs it has loaded (one
 //! QuickJS runtime each) and throws a runtime away after a timeout, out-of-memory or
 //! stack overflow, whose state cannot be trusted after.
@@ -172,9 +172,9 @@ impl Pool {
         Pool::start(threads, limits, false)
     }
 
-    /// As [`Pool::new`], except that a sync not known to be quick runs on all threads but
-    /// one at most (`queue.rs`): for many customers' short functions, where one that
-    /// hangs must not hold back the others. (Not for exec runs, which are all long.)
+    /// As [`Pool::new`], except that syncs not known to be quick share all threads but
+    /// one (`queue.rs`): for many customers' short functions, where those that hang must
+    /// not hold back the others. (Not for exec runs, which are all long.)
     pub fn shared(threads: usize, limits: Limits) -> Pool {
         Pool::start(threads, limits, true)
     }

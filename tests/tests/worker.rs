@@ -320,18 +320,23 @@ async fn events_wait_out_a_postgres_outage_and_apply_once() {
 /// Two JS threads; a sync for `slow` events that waits `wait_ms`, and one for `fine`
 /// events that does nothing (both save their `Run`).
 async fn slow_and_fine(wait_ms: u64) -> common::pipeline::Harness {
+    let wait = format!("await new Promise((done) => setTimeout(done, {wait_ms}));");
+    two_threads_with(&[
+        ("crm/syncs/slow.js", sync("['slow']", &wait)),
+        ("crm/syncs/fine.js", sync("['fine']", "")),
+    ])
+    .await
+}
+
+/// A worker configuration with two JS threads and these functions deployed.
+async fn two_threads_with(files: &[(&str, String)]) -> common::pipeline::Harness {
     let h = harness_with(None, 1, |config| {
         config.worker.js_threads = 2;
         config.worker.limits.timeout = Duration::from_secs(10);
         config.worker.ack_wait = Duration::from_secs(30);
     })
     .await;
-    let wait = format!("await new Promise((done) => setTimeout(done, {wait_ms}));");
-    h.deploy(&[
-        ("crm/syncs/slow.js", sync("['slow']", &wait)),
-        ("crm/syncs/fine.js", sync("['fine']", "")),
-    ])
-    .await;
+    h.deploy(files).await;
     h
 }
 
@@ -344,12 +349,17 @@ async fn fine_events_commit_within(h: &common::pipeline::Harness, slow: u64, fin
         .await;
     let started = Instant::now();
     h.start_worker();
+    runs_after_commit(h, slow, fine, within).await;
+    started
+}
+
+/// Waits up to `within` for `count` events numbered above `after` to commit.
+async fn runs_after_commit(h: &common::pipeline::Harness, after: u64, count: u64, within: Duration) {
     eventually("the fine events to commit", within, || async {
         let runs = h.runs().await;
-        (runs.iter().filter(|n| **n > slow).count() == fine as usize).then_some(())
+        (runs.iter().filter(|n| **n > after).count() == count as usize).then_some(())
     })
     .await;
-    started
 }
 
 /// Waits for the worker to ack everything; each of events `1..=total` applied once.
@@ -386,6 +396,47 @@ async fn a_hanging_sync_never_takes_every_js_thread() {
         "before either slow execution ended"
     );
     each_applied_once(&h, 22).await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(6),
+        "the slow ones ran one after the other"
+    );
+}
+
+/// However many syncs are slow, one JS thread is left to the others: two syncs known to
+/// be slow (as when a provider's API stops answering every sync that calls it), one
+/// hanging event of each queued ahead of the others, two threads, and the others still
+/// run at once.
+#[tokio::test]
+async fn slow_syncs_together_never_take_every_js_thread() {
+    let wait = "await new Promise((done) => setTimeout(done, payload.wait));";
+    let h = two_threads_with(&[
+        ("crm/syncs/slow.js", sync("['slow']", wait)),
+        ("crm/syncs/slower.js", sync("['slower']", wait)),
+        ("crm/syncs/fine.js", sync("['fine']", "")),
+    ])
+    .await;
+    h.start_worker();
+    // An execution of 150 ms each makes both known to be slow.
+    h.publish([
+        (1, "c0", "slow", json!({"n": 1, "wait": 150})),
+        (2, "c0", "slower", json!({"n": 2, "wait": 150})),
+    ])
+    .await;
+    runs_after_commit(&h, 0, 2, Duration::from_secs(10)).await;
+
+    let started = Instant::now();
+    h.publish([
+        (3, "c0", "slow", json!({"n": 3, "wait": 3000})),
+        (4, "c0", "slower", json!({"n": 4, "wait": 3000})),
+    ])
+    .await;
+    h.publish((5..=24).map(|n| (n, "c0", "fine", json!({"n": n})))).await;
+    runs_after_commit(&h, 4, 20, Duration::from_millis(2500)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "before either slow execution ended"
+    );
+    each_applied_once(&h, 24).await;
     assert!(
         started.elapsed() >= Duration::from_secs(6),
         "the slow ones ran one after the other"
