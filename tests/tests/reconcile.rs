@@ -10,14 +10,16 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use common::pipeline::{harness_with, Harness};
 use hookyard_core::store::connection_events::POST_CREATION;
+use hookyard_core::store::notices::UNFINISHED;
 use hookyard_core::store::syncs::SyncState;
 use hookyard_core::store::IntegrationChanges;
 use hookyard_core::store::{Credentials, NewConnection};
 use hookyard_core::streams::EXEC_STREAM;
+use hookyard_core::Config;
 use hookyard_reconciler::Reconciler;
 use hookyard_testkit::fake_provider::{FakeCrm, Held, API_KEY, CLIENT_ID, CLIENT_SECRET};
 use hookyard_testkit::receiver::Receiver;
-use hookyard_testkit::{eventually, PgDatabase};
+use hookyard_testkit::{eventually, raw_execute, PgDatabase};
 use serde_json::{json, Value};
 
 /// Lists contacts in the style the connection's metadata names (cursor, link or offset),
@@ -73,12 +75,18 @@ fn connection(id: &str, metadata: Value, credentials: Credentials) -> NewConnect
 }
 
 async fn setup(connections: &[(&str, Value, Credentials)], auto_start: bool) -> Setup {
-    setup_on(None, connections, auto_start).await
+    setup_on(None, connections, auto_start, |_| {}).await
 }
 
-async fn setup_on(database_url: Option<&str>, connections: &[(&str, Value, Credentials)], auto_start: bool) -> Setup {
+async fn setup_on(
+    database_url: Option<&str>,
+    connections: &[(&str, Value, Credentials)],
+    auto_start: bool,
+    tweak: impl FnOnce(&mut Config),
+) -> Setup {
     let h = harness_with(database_url, 0, |config| {
         config.forwarding.allow_loopback = true;
+        tweak(config);
     })
     .await;
     let crm = FakeCrm::start().await;
@@ -130,6 +138,20 @@ impl Setup {
             .unwrap()
             .into_iter()
             .find(|s| s.key.connection_id == connection)
+    }
+
+    /// Forwards the environment's events and notifications to `url`.
+    async fn forward_to(&self, url: &str) {
+        let response = self
+            .h
+            .http
+            .put(format!("{}/forwarding", self.h.api))
+            .bearer_auth(&self.h.environment.secret_key)
+            .json(&json!({"urls": [url]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
     }
 
     /// Waits for a run of `connection` that ends after `since`.
@@ -523,6 +545,7 @@ async fn two_reconcilers(database_url: Option<&str>) {
         database_url,
         &[("c0", json!({}), api_key()), ("c1", json!({}), api_key())],
         true,
+        |_| {},
     )
     .await;
     s.crm.put_contact("p1", "p1@crm.test");
@@ -953,15 +976,7 @@ async fn exec_runs_that_change_records_send_sync_notifications() {
         let receiver = receiver.clone();
         async move { receiver.wait_hits(n).await[n - 1].json() }
     };
-    let response =
-        s.h.http
-            .put(format!("{}/forwarding", s.h.api))
-            .bearer_auth(&s.h.environment.secret_key)
-            .json(&json!({"urls": [receiver.url]}))
-            .send()
-            .await
-            .unwrap();
-    assert_eq!(response.status(), 200);
+    s.forward_to(&receiver.url).await;
 
     s.crm.put_contact("p1", "p1@crm.test");
     s.crm.put_contact("p2", "p2@crm.test");
@@ -1008,5 +1023,48 @@ async fn exec_runs_that_change_records_send_sync_notifications() {
     assert!(
         third["error"]["description"].as_str().unwrap().contains("answered 500"),
         "{third}"
+    );
+}
+
+/// A run whose notice the sweep sent early (its heartbeat could not reach the database
+/// for a whole lease, so it looked dead) still sends its final notification: the early
+/// one, of what it had written, does not take the final one's identity.
+#[tokio::test]
+async fn a_run_that_looked_dead_still_sends_its_final_notification() {
+    let s = setup_on(None, &[("c0", json!({"retries": 0}), api_key())], true, |config| {
+        config.forwarding.notices_resend_after = Duration::from_millis(200);
+    })
+    .await;
+    let receiver = Receiver::start(&[]).await;
+    s.forward_to(&receiver.url).await;
+    for n in 1..=4 {
+        s.crm.put_contact(&format!("p{n}"), &format!("p{n}@crm.test"));
+    }
+    // Two contacts a page: the run writes the first and waits for the second.
+    let held = s.crm.hold_page(1);
+    let since = Utc::now();
+    assert_eq!(s.reconciler.tick(Utc::now()).await.unwrap().scheduled, 1);
+    held.reached().await;
+    // Its hold lapses as if no heartbeat had reached the database.
+    raw_execute(
+        &s.h.config.database_url,
+        "UPDATE sync_notices SET held_until = created_at WHERE held_until IS NOT NULL",
+    )
+    .await;
+    let early = receiver.wait_hits(1).await[0].json();
+    assert_eq!(
+        (&early["success"], &early["responseResults"]),
+        (&json!(false), &json!({"added": 2, "updated": 0, "deleted": 0})),
+        "{early}"
+    );
+    assert_eq!(early["error"]["description"], UNFINISHED, "{early}");
+
+    held.release();
+    s.finished_after("c0", since).await;
+    let last = receiver.wait_hits(2).await[1].json();
+    assert_eq!(
+        (&last["success"], &last["responseResults"]),
+        (&json!(true), &json!({"added": 4, "updated": 0, "deleted": 0})),
+        "{last}"
     );
 }

@@ -100,7 +100,7 @@ async fn deliveries_of(settings: &Settings, notice: &SyncNotice) -> Result<Vec<D
             body["error"] = serde_json::json!({"type": "run_failed", "description": error});
         }
         let body = serde_json::to_vec(&body).expect("JSON serialises");
-        let key = format!("{}:{model}:sync", notice.key());
+        let key = notice.notification_key(model);
         for url in &targets.urls {
             deliveries.push(Delivery::new(
                 &key,

@@ -6,7 +6,8 @@
 //!
 //! An exec run commits as it goes, so its notice is kept up to date by each of its
 //! writes ([`HeldNotice`]) and held from the sweep while the run lives. A run that dies
-//! leaves a notice of what it wrote, which the sweep sends once the hold lapses.
+//! leaves a notice of what it wrote, which the sweep sends once the hold lapses, under
+//! an identity of its own ([`SyncNotice::notification_key`]).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -65,6 +66,19 @@ impl SyncNotice {
     /// One notice per (message, sync): a run is committed once.
     pub fn key(&self) -> String {
         format!("{}:{}", self.message_id, self.sync)
+    }
+
+    /// The identity of `model`'s notification: one per (message, sync, model). The
+    /// sweep's notification of an unfinished run has its own, so that the run's final one,
+    /// should the run be alive after all (its heartbeat could not reach the database for
+    /// a whole lease), is not taken for a duplicate of it.
+    pub fn notification_key(&self, model: &str) -> String {
+        let unfinished = if self.error.as_deref() == Some(UNFINISHED) {
+            ":unfinished"
+        } else {
+            ""
+        };
+        format!("{}:{model}:sync{unfinished}", self.key())
     }
 
     /// Adds `counts` to `model`'s entry (one entry per model, however many writes).
