@@ -1,5 +1,6 @@
 //! `hookyard-bench`: load generators and benchmarks that print their figures.
 
+mod dev_memory;
 mod forward;
 mod ingest_compare;
 mod load;
@@ -47,6 +48,18 @@ enum Command {
         /// HOOKS_RAW's duplicate window (how long message ids are remembered).
         #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
         duplicate_window: Duration,
+    },
+    /// Start `hookyard dev`, load its ingest in rounds, and print its resident memory
+    /// before and after each round (once the pipeline has drained).
+    DevMemory {
+        /// The `hookyard` binary (default: the one next to this one).
+        #[arg(long)]
+        hookyard: Option<std::path::PathBuf>,
+        /// Rounds of load.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+        rounds: u32,
+        #[command(flatten)]
+        load: LoadArgs,
     },
     /// JetStream publishes with a message id, each awaiting its ack, against one
     /// fast-ingest batch: messages/s and CPU per message of client and nats-server.
@@ -190,6 +203,13 @@ fn main() -> anyhow::Result<()> {
                 rounds,
                 duplicate_window,
             } => ingest_compare::run(&load.plan(), rounds, duplicate_window).await,
+            Command::DevMemory { hookyard, rounds, load } => {
+                let hookyard = match hookyard {
+                    Some(path) => path,
+                    None => std::env::current_exe()?.with_file_name("hookyard"),
+                };
+                dev_memory::run(&hookyard, &load.plan(), rounds).await
+            }
             Command::PublishModes { seconds, in_flight } => publish_modes::run(seconds, in_flight).await,
             Command::Records { batch, records } => records::run(&batch, records).await,
             Command::Reconciler { connections, ticks } => reconciler::run(&connections, ticks).await,

@@ -132,6 +132,39 @@ async fn log_conformance(store: Store) {
     let pruned = store.prune_log(now - chrono::Duration::days(1)).await.unwrap();
     assert_eq!(pruned, 2, "webhook 1 and its step");
     assert_eq!(ids(LogFilter::default()).await, [Some(3), None, Some(2)]);
+
+    // Every field comes back as written, and a batch larger than one statement takes
+    // is written whole.
+    let written = WebhookEntry {
+        environment: "bulk".into(),
+        integration: "crm".into(),
+        raw_seq: Some(100),
+        delivery_id: Some("d100".into()),
+        received_at: "2026-11-27T10:00:00.123456Z".parse().unwrap(),
+        status: "accepted".into(),
+        detail: Some("a \"quoted\" detail".into()),
+        bytes: 1234,
+        routing: Some(json!({"status": "routed", "connections": ["c0"]})),
+    };
+    let mut batch = vec![LogWrite::Webhook(written.clone())];
+    batch.extend((101..2600).map(|n| {
+        LogWrite::Webhook(WebhookEntry {
+            raw_seq: Some(n),
+            routing: None,
+            detail: None,
+            delivery_id: None,
+            ..written.clone()
+        })
+    }));
+    store.write_log(&batch).await.unwrap();
+    let bulk = store
+        .logged_webhooks("bulk", &LogFilter::default(), 3000)
+        .await
+        .unwrap();
+    assert_eq!(bulk.len(), 2500);
+    assert_eq!(bulk.last().unwrap().entry, written, "the oldest, as written");
+    assert_eq!(bulk[0].entry.raw_seq, Some(2599));
+    assert_eq!(bulk[0].entry.routing, None);
 }
 
 #[tokio::test]

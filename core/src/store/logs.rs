@@ -8,6 +8,7 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
+use sqlx::types::Json;
 
 use super::{Pool, Store, StoreError};
 
@@ -72,7 +73,7 @@ pub struct LogFilter {
     pub after_id: Option<i64>,
 }
 
-/// Rows per insert: nine parameters each stays well within SQLite's 32,766.
+/// Rows per insert.
 const ROWS_PER_STATEMENT: usize = 1000;
 
 #[derive(sqlx::FromRow)]
@@ -121,55 +122,107 @@ impl From<EntryRow> for LoggedWebhook {
 const ENTRY_COLUMNS: &str =
     "id, environment, integration, raw_seq, delivery_id, received_at, status, detail, bytes, routing";
 
+/// A timestamp in a JSON parameter: as the SQLite driver writes one (so that stored ones
+/// still compare as text), which Postgres reads too.
+fn timestamp(at: &DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false)
+}
+
 impl Store {
-    /// Writes log entries and steps: one multi-row statement per table (at most
-    /// [`ROWS_PER_STATEMENT`] rows, within SQLite's parameter limit).
+    /// Writes log entries and steps: one statement per table and [`ROWS_PER_STATEMENT`]
+    /// rows, the rows in one JSON parameter. The statement's text is the same however
+    /// many rows it takes, so each connection prepares and keeps it once (a multi-row
+    /// `VALUES` list would be a statement of its own for each row count, and the
+    /// statement caches would fill with them).
     pub async fn write_log(&self, writes: &[LogWrite]) -> Result<(), StoreError> {
+        #[derive(Serialize)]
+        struct EntryJson<'a> {
+            environment: &'a str,
+            integration: &'a str,
+            raw_seq: Option<i64>,
+            delivery_id: Option<&'a str>,
+            received_at: String,
+            status: &'a str,
+            detail: Option<&'a str>,
+            bytes: i64,
+            routing: Option<String>,
+        }
+        #[derive(Serialize)]
+        struct StepJson<'a> {
+            raw_seq: i64,
+            at: String,
+            stage: &'a str,
+            connection_id: Option<&'a str>,
+            status: &'a str,
+            detail: String,
+        }
         let mut webhooks = Vec::new();
         let mut steps = Vec::new();
         for write in writes {
             match write {
-                LogWrite::Webhook(entry) => webhooks.push(entry),
-                LogWrite::Step(step) => steps.push(step),
+                LogWrite::Webhook(e) => webhooks.push(EntryJson {
+                    environment: &e.environment,
+                    integration: &e.integration,
+                    raw_seq: e.raw_seq,
+                    delivery_id: e.delivery_id.as_deref(),
+                    received_at: timestamp(&e.received_at),
+                    status: &e.status,
+                    detail: e.detail.as_deref(),
+                    bytes: e.bytes,
+                    routing: e.routing.as_ref().map(Value::to_string),
+                }),
+                LogWrite::Step(s) => steps.push(StepJson {
+                    raw_seq: s.raw_seq,
+                    at: timestamp(&s.at),
+                    stage: &s.stage,
+                    connection_id: s.connection_id.as_deref(),
+                    status: &s.status,
+                    detail: s.detail.to_string(),
+                }),
             }
         }
+        let (insert_webhooks, insert_steps) = match self.pool {
+            Pool::Postgres(_) => (
+                "INSERT INTO webhook_log (environment, integration, raw_seq, delivery_id, received_at, status, detail,
+                                          bytes, routing)
+                 SELECT e.environment, e.integration, e.raw_seq, e.delivery_id, e.received_at, e.status, e.detail,
+                        e.bytes, e.routing
+                 FROM jsonb_to_recordset($1::jsonb) AS e(environment text, integration text, raw_seq bigint,
+                      delivery_id text, received_at timestamptz, status text, detail text, bytes bigint, routing text)
+                 ON CONFLICT DO NOTHING",
+                "INSERT INTO webhook_log_steps (raw_seq, at, stage, connection_id, status, detail)
+                 SELECT s.raw_seq, s.at, s.stage, s.connection_id, s.status, s.detail
+                 FROM jsonb_to_recordset($1::jsonb) AS s(raw_seq bigint, at timestamptz, stage text,
+                      connection_id text, status text, detail text)",
+            ),
+            Pool::Sqlite(_) => (
+                "INSERT INTO webhook_log (environment, integration, raw_seq, delivery_id, received_at, status, detail,
+                                          bytes, routing)
+                 SELECT e.value ->> '$.environment', e.value ->> '$.integration', e.value ->> '$.raw_seq',
+                        e.value ->> '$.delivery_id', e.value ->> '$.received_at', e.value ->> '$.status',
+                        e.value ->> '$.detail', e.value ->> '$.bytes', e.value ->> '$.routing'
+                 FROM json_each($1) AS e WHERE true
+                 ON CONFLICT DO NOTHING",
+                "INSERT INTO webhook_log_steps (raw_seq, at, stage, connection_id, status, detail)
+                 SELECT s.value ->> '$.raw_seq', s.value ->> '$.at', s.value ->> '$.stage',
+                        s.value ->> '$.connection_id', s.value ->> '$.status', s.value ->> '$.detail'
+                 FROM json_each($1) AS s WHERE true",
+            ),
+        };
         let mut tx = self.begin().await?;
         for chunk in webhooks.chunks(ROWS_PER_STATEMENT) {
-            super::tx::on_tx!(&mut tx, |conn| {
-                let mut insert = sqlx::QueryBuilder::new(
-                    "INSERT INTO webhook_log (environment, integration, raw_seq, delivery_id, received_at, status, detail, \
-                     bytes, routing) ",
-                );
-                insert.push_values(chunk, |mut row, e| {
-                    row.push_bind(&e.environment)
-                        .push_bind(&e.integration)
-                        .push_bind(e.raw_seq)
-                        .push_bind(&e.delivery_id)
-                        .push_bind(e.received_at)
-                        .push_bind(&e.status)
-                        .push_bind(&e.detail)
-                        .push_bind(e.bytes)
-                        .push_bind(e.routing.as_ref().map(Value::to_string));
-                });
-                insert.push(" ON CONFLICT DO NOTHING");
-                insert.build().execute(&mut *conn).await.map(|_| ())
-            })?;
+            super::tx::on_tx!(&mut tx, |conn| sqlx::query(insert_webhooks)
+                .bind(Json(chunk))
+                .execute(&mut *conn)
+                .await
+                .map(|_| ()))?;
         }
         for chunk in steps.chunks(ROWS_PER_STATEMENT) {
-            super::tx::on_tx!(&mut tx, |conn| {
-                let mut insert = sqlx::QueryBuilder::new(
-                    "INSERT INTO webhook_log_steps (raw_seq, at, stage, connection_id, status, detail) ",
-                );
-                insert.push_values(chunk, |mut row, s| {
-                    row.push_bind(s.raw_seq)
-                        .push_bind(s.at)
-                        .push_bind(&s.stage)
-                        .push_bind(&s.connection_id)
-                        .push_bind(&s.status)
-                        .push_bind(s.detail.to_string());
-                });
-                insert.build().execute(&mut *conn).await.map(|_| ())
-            })?;
+            super::tx::on_tx!(&mut tx, |conn| sqlx::query(insert_steps)
+                .bind(Json(chunk))
+                .execute(&mut *conn)
+                .await
+                .map(|_| ()))?;
         }
         tx.commit().await
     }
