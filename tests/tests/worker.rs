@@ -384,6 +384,21 @@ async fn a_slow_function_holds_back_only_its_own_event() {
     assert!(started.elapsed() >= Duration::from_secs(8));
 }
 
+/// The fine events committed before either of two 3 s slow executions, queued at
+/// `started`, ended; then each of events `1..=total` is applied once, the slow ones one
+/// after the other.
+async fn two_slow_ones_ran_one_after_the_other(h: &common::pipeline::Harness, started: Instant, total: u64) {
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "before either slow execution ended"
+    );
+    each_applied_once(h, total).await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(6),
+        "the slow ones ran one after the other"
+    );
+}
+
 /// A sync whose executions hang never takes every JS thread, from its first execution
 /// on: with two of its events queued ahead of the others on two threads, the others
 /// still run at once.
@@ -391,15 +406,7 @@ async fn a_slow_function_holds_back_only_its_own_event() {
 async fn a_hanging_sync_never_takes_every_js_thread() {
     let h = slow_and_fine(3000).await;
     let started = fine_events_commit_within(&h, 2, 20, Duration::from_millis(2500)).await;
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "before either slow execution ended"
-    );
-    each_applied_once(&h, 22).await;
-    assert!(
-        started.elapsed() >= Duration::from_secs(6),
-        "the slow ones ran one after the other"
-    );
+    two_slow_ones_ran_one_after_the_other(&h, started, 22).await;
 }
 
 /// However many syncs are slow, one JS thread is left to the others: two syncs known to
@@ -432,13 +439,5 @@ async fn slow_syncs_together_never_take_every_js_thread() {
     .await;
     h.publish((5..=24).map(|n| (n, "c0", "fine", json!({"n": n})))).await;
     runs_after_commit(&h, 4, 20, Duration::from_millis(2500)).await;
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "before either slow execution ended"
-    );
-    each_applied_once(&h, 24).await;
-    assert!(
-        started.elapsed() >= Duration::from_secs(6),
-        "the slow ones ran one after the other"
-    );
+    two_slow_ones_ran_one_after_the_other(&h, started, 24).await;
 }
