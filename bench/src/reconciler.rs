@@ -68,6 +68,18 @@ pub async fn run(sizes: &[usize], ticks: usize) -> anyhow::Result<()> {
             "the first tick queued {} jobs for {connections} connections",
             first.scheduled
         );
+        let jobs = bus
+            .jetstream
+            .get_stream(hookyard_core::streams::EXEC_STREAM)
+            .await?
+            .info()
+            .await?
+            .state
+            .messages;
+        anyhow::ensure!(
+            jobs == connections as u64,
+            "the first tick put {jobs} jobs in HOOKS_EXEC for {connections} connections"
+        );
 
         // The first tick wrote a state per connection; autovacuum would analyze the table
         // within a minute, and the steady state is what is measured.

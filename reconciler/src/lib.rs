@@ -47,9 +47,12 @@ pub struct Tick {
     pub triggered: usize,
 }
 
-/// Scheduled jobs queued together: their publishes in flight at once, their slots
-/// claimed in one transaction.
+/// Scheduled jobs whose publishes are in flight at once.
 const QUEUE_CHUNK: usize = 256;
+/// Scheduled jobs whose slots are claimed in one transaction, once all are queued: a
+/// commit per [`QUEUE_CHUNK`] cost a first tick over many connections more than its
+/// publishes did.
+const CLAIM_GROUP: usize = 4096;
 
 /// Ticks between full passes read only what is due; a full pass runs at least this often.
 pub const FULL_PASS_EVERY: Duration = Duration::from_secs(60);
@@ -169,17 +172,20 @@ impl Reconciler {
             due.push((job, (key.clone(), slot, next_run_at)));
         }
         // Queued first, claimed after: a crash in between queues the same message ids
-        // again, which JetStream drops. A chunk's publishes are in flight together and
-        // its claims share a transaction (a deploy to many connections queues them all).
-        for chunk in due.chunks(QUEUE_CHUNK) {
-            let mut acks = Vec::with_capacity(chunk.len());
-            for (job, _) in chunk {
-                acks.push(self.send(job, "").await?);
+        // again, which JetStream drops. A chunk's publishes are in flight together, and
+        // a group of chunks shares the transaction of its claims (a deploy to many
+        // connections queues them all).
+        for group in due.chunks(CLAIM_GROUP) {
+            for chunk in group.chunks(QUEUE_CHUNK) {
+                let mut acks = Vec::with_capacity(chunk.len());
+                for (job, _) in chunk {
+                    acks.push(self.send(job, "").await?);
+                }
+                for ack in acks {
+                    ack.await.map_err(|e| ReconcilerError::Publish(e.to_string()))?;
+                }
             }
-            for ack in acks {
-                ack.await.map_err(|e| ReconcilerError::Publish(e.to_string()))?;
-            }
-            let slots: Vec<_> = chunk.iter().map(|(_, slot)| slot.clone()).collect();
+            let slots: Vec<_> = group.iter().map(|(_, slot)| slot.clone()).collect();
             tick.scheduled += self.store.claim_slots(&slots).await?.into_iter().filter(|c| *c).count();
         }
 
