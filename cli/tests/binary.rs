@@ -776,6 +776,26 @@ async fn forwarded_to_a_receiver(store: &Store, env: &hookyard_core::store::Envi
     receiver
 }
 
+/// The environment of a crash test's worker process: short limits and ack wait,
+/// loopback forwarding, left-behind notices swept after 1 s; and `extra`.
+fn crash_test_worker_env(
+    nats_url: &str,
+    database_url: &str,
+    extra: &[(&'static str, &str)],
+) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("HOOKYARD_NATS_URL", nats_url.to_string()),
+        ("HOOKYARD_DATABASE_URL", database_url.to_string()),
+        ("HOOKYARD_WORKER__LIMITS__TIMEOUT", "1s".into()),
+        ("HOOKYARD_WORKER__LIMITS__CPU_BUDGET", "500ms".into()),
+        ("HOOKYARD_WORKER__ACK_WAIT", "7s".into()),
+        ("HOOKYARD_FORWARDING__ALLOW_LOOPBACK", "true".into()),
+        ("HOOKYARD_FORWARDING__NOTICES_RESEND_AFTER", "1s".into()),
+    ];
+    env.extend(extra.iter().map(|(name, value)| (*name, value.to_string())));
+    env
+}
+
 #[tokio::test]
 async fn a_worker_killed_between_commit_and_ack_applies_nothing_twice_and_loses_no_notification() {
     use std::os::unix::process::ExitStatusExt as _;
@@ -794,18 +814,7 @@ async fn a_worker_killed_between_commit_and_ack_applies_nothing_twice_and_loses_
         .await
     };
     let dir = tempfile::tempdir().unwrap();
-    let env_vars = |fault: &str| {
-        vec![
-            ("HOOKYARD_NATS_URL", nats.url.clone()),
-            ("HOOKYARD_DATABASE_URL", db.url.clone()),
-            ("HOOKYARD_WORKER__LIMITS__TIMEOUT", "1s".into()),
-            ("HOOKYARD_WORKER__LIMITS__CPU_BUDGET", "500ms".into()),
-            ("HOOKYARD_WORKER__ACK_WAIT", "7s".into()),
-            ("HOOKYARD_FORWARDING__ALLOW_LOOPBACK", "true".into()),
-            ("HOOKYARD_FORWARDING__NOTICES_RESEND_AFTER", "1s".into()),
-            ("HOOKYARD_FAULT", fault.into()),
-        ]
-    };
+    let env_vars = |fault: &str| crash_test_worker_env(&nats.url, &db.url, &[("HOOKYARD_FAULT", fault)]);
     // Dies by SIGKILL right after its first commit, before queueing its sync
     // notifications or acking anything.
     let mut first = Process::spawn(&["worker"], &env_vars("kill-after-commit"), dir.path());
@@ -898,16 +907,7 @@ async fn a_worker_killed_mid_exec_run_loses_no_notification_of_what_the_run_wrot
         .await
         .unwrap();
 
-    let env_vars = vec![
-        ("HOOKYARD_NATS_URL", nats.url.clone()),
-        ("HOOKYARD_DATABASE_URL", db.url.clone()),
-        ("HOOKYARD_WORKER__LIMITS__TIMEOUT", "1s".into()),
-        ("HOOKYARD_WORKER__LIMITS__CPU_BUDGET", "500ms".into()),
-        ("HOOKYARD_WORKER__ACK_WAIT", "7s".into()),
-        ("HOOKYARD_WORKER__EXEC_LEASE", "2s".into()),
-        ("HOOKYARD_FORWARDING__ALLOW_LOOPBACK", "true".into()),
-        ("HOOKYARD_FORWARDING__NOTICES_RESEND_AFTER", "1s".into()),
-    ];
+    let env_vars = crash_test_worker_env(&nats.url, &db.url, &[("HOOKYARD_WORKER__EXEC_LEASE", "2s")]);
     let dir = tempfile::tempdir().unwrap();
     let held = crm.hold_page(1);
     let first = Process::spawn(&["worker"], &env_vars, dir.path());
