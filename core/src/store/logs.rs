@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::types::Json;
 
-use super::{Pool, Store, StoreError};
+use super::{json_timestamp, Pool, Store, StoreError};
 
 /// One webhook as ingest saw it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -122,12 +122,6 @@ impl From<EntryRow> for LoggedWebhook {
 const ENTRY_COLUMNS: &str =
     "id, environment, integration, raw_seq, delivery_id, received_at, status, detail, bytes, routing";
 
-/// A timestamp in a JSON parameter: as the SQLite driver writes one (so that stored ones
-/// still compare as text), which Postgres reads too.
-fn timestamp(at: &DateTime<Utc>) -> String {
-    at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false)
-}
-
 impl Store {
     /// Writes log entries and steps: one statement per table and [`ROWS_PER_STATEMENT`]
     /// rows, the rows in one JSON parameter. The statement's text is the same however
@@ -165,7 +159,7 @@ impl Store {
                     integration: &e.integration,
                     raw_seq: e.raw_seq,
                     delivery_id: e.delivery_id.as_deref(),
-                    received_at: timestamp(&e.received_at),
+                    received_at: json_timestamp(&e.received_at),
                     status: &e.status,
                     detail: e.detail.as_deref(),
                     bytes: e.bytes,
@@ -173,7 +167,7 @@ impl Store {
                 }),
                 LogWrite::Step(s) => steps.push(StepJson {
                     raw_seq: s.raw_seq,
-                    at: timestamp(&s.at),
+                    at: json_timestamp(&s.at),
                     stage: &s.stage,
                     connection_id: s.connection_id.as_deref(),
                     status: &s.status,

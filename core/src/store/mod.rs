@@ -185,6 +185,12 @@ impl Store {
     }
 }
 
+/// A timestamp in a JSON parameter: as the SQLite driver writes one (so that stored ones
+/// still compare as text), which Postgres reads too.
+fn json_timestamp(at: &chrono::DateTime<chrono::Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false)
+}
+
 /// A random secret: `prefix` + 32 bytes from the OS, hex.
 fn random_key(prefix: &str) -> String {
     format!("{prefix}{}", hex::encode(crate::secrets::random_bytes::<32>()))

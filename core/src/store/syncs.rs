@@ -375,7 +375,7 @@ impl Store {
             #[serde(flatten)]
             key: KeyColumns<'a>,
             slot: i64,
-            /// As the SQLite driver writes a timestamp, so that stored ones compare.
+            /// [`super::json_timestamp`].
             next_run_at: String,
         }
         const WANTED: &str = "jsonb_to_recordset($1::jsonb) AS w(environment_id bigint, integration text, \
@@ -422,7 +422,7 @@ impl Store {
                 .map(|(key, slot, next_run_at)| Row {
                     key: KeyColumns::of(key),
                     slot: *slot,
-                    next_run_at: next_run_at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false),
+                    next_run_at: super::json_timestamp(next_run_at),
                 })
                 .collect();
             if let Some(lock) = &lock {
