@@ -165,6 +165,27 @@ async fn log_conformance(store: Store) {
     assert_eq!(bulk.last().unwrap().entry, written, "the oldest, as written");
     assert_eq!(bulk[0].entry.raw_seq, Some(2599));
     assert_eq!(bulk[0].entry.routing, None);
+
+    // Batches of every size from 1 to 40 rows leave one statement prepared on each
+    // connection that ran one (ten at most), not one per size: sqlx keeps each text
+    // prepared, and a text per size would fill memory with traffic.
+    let before = store.prepared_statements().await.unwrap();
+    for rows in 1..=40 {
+        let batch: Vec<LogWrite> = (0..rows)
+            .map(|n| {
+                LogWrite::Webhook(WebhookEntry {
+                    raw_seq: Some(10_000 + rows * 100 + n),
+                    ..written.clone()
+                })
+            })
+            .collect();
+        store.write_log(&batch).await.unwrap();
+    }
+    let after = store.prepared_statements().await.unwrap();
+    assert!(
+        after < before + 20,
+        "{before} statements prepared before, {after} after forty batch sizes"
+    );
 }
 
 #[tokio::test]

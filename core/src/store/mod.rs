@@ -179,6 +179,19 @@ impl Store {
         }
     }
 
+    /// Statements the pool's connections keep prepared, all together. It holds every
+    /// connection of the pool for a moment, so it is for tests and diagnostics: a count
+    /// that grows with traffic means a statement whose text varies (each text is
+    /// prepared and kept on its own).
+    pub async fn prepared_statements(&self) -> Result<usize, StoreError> {
+        use sqlx::Connection as _;
+        on_pool!(self, |pool| {
+            let all = (0..pool.options().get_max_connections()).map(|_| pool.acquire());
+            let connections = futures::future::try_join_all(all).await?;
+            Ok(connections.iter().map(|c| c.cached_statements_size()).sum())
+        })
+    }
+
     pub async fn ping(&self) -> Result<(), StoreError> {
         on_pool!(self, |pool| sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))?;
         Ok(())
