@@ -143,7 +143,7 @@ enum Command {
         slow_ms: u64,
         /// Syncs the slow events go to in turn (each customer's function that hangs is
         /// one).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
         slow_syncs: u64,
     },
     /// Forwarding throughput to a fast local receiver, deliveries/s.

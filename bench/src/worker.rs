@@ -41,8 +41,8 @@ pub struct Plan {
     pub slow: Option<Slow>,
 }
 
-/// Every `every`th event is a `contact.slow.{i}` one, for `i` in turn among `syncs`
-/// syncs, each of which takes `ms` on its JS thread.
+/// Every `every`th event (`every` > 0) is a `contact.slow.{i}` one, for `i` in turn
+/// among `syncs` (> 0) syncs, each of which takes `ms` on its JS thread.
 #[derive(Clone, Copy)]
 pub struct Slow {
     pub every: u64,
@@ -52,22 +52,24 @@ pub struct Slow {
 
 /// The events the plan publishes: which of them are slow.
 #[derive(Clone, Copy)]
-struct Mix {
-    slow_every: u64,
-    slow_syncs: u64,
-}
+struct Mix(Option<Slow>);
 
 impl Mix {
-    fn is_slow(&self, n: u64) -> bool {
-        self.slow_every > 0 && n % self.slow_every == 0
+    /// The slow sync event `n` goes to, if it is slow.
+    fn slow_sync(&self, n: u64) -> Option<u64> {
+        self.0
+            .filter(|slow| n % slow.every == 0)
+            .map(|slow| (n / slow.every) % slow.syncs)
     }
 
-    /// The type of event `n`: the slow ones go to each slow sync in turn.
+    fn is_slow(&self, n: u64) -> bool {
+        self.slow_sync(n).is_some()
+    }
+
     fn event_type(&self, n: u64) -> String {
-        if self.is_slow(n) {
-            format!("contact.slow.{}", (n / self.slow_every) % self.slow_syncs)
-        } else {
-            "contact.updated".into()
+        match self.slow_sync(n) {
+            Some(i) => format!("contact.slow.{i}"),
+            None => "contact.updated".into(),
         }
     }
 
@@ -123,15 +125,12 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
         };
         store.create_connection(&environment, &connection).await?;
     }
-    let mix = Mix {
-        slow_every: plan.slow.map_or(0, |slow| slow.every),
-        slow_syncs: plan.slow.map_or(1, |slow| slow.syncs.max(1)),
-    };
+    let mix = Mix(plan.slow);
     match plan.slow {
         None => deploy_example(&store, &environment, &config).await?,
         Some(slow) => {
             let mut files = hookyard_functions::examples::files(hookyard_functions::examples::CRM_CONTACTS);
-            for i in 0..mix.slow_syncs {
+            for i in 0..slow.syncs {
                 files.insert(format!("demo/syncs/slow{i}.js"), slow_sync(i, slow.ms));
                 files
                     .get_mut("index.js")
