@@ -5,6 +5,7 @@
 //! none matched. The raw message is acked only after every publish is acked; message ids
 //! `{raw-seq}:{index}:{connection}` make a redelivery publish nothing twice.
 
+mod fresh;
 pub mod redrive;
 pub mod replay;
 pub mod resolve;

@@ -1,7 +1,8 @@
 //! Which connections an event goes to. Integrations and their live connections are
-//! cached; before each webhook the integration's `connections_version` is read (one
-//! primary-key lookup), and the connections are reloaded when it moved: a connection
-//! deleted before a webhook arrives is never matched by it.
+//! cached; each webhook is routed with the integration's `connections_version` as read
+//! after it arrived (one primary-key lookup, shared by the webhooks that arrived while
+//! the previous one ran: [`FreshRead`]), and the connections are reloaded when it
+//! moved: a connection deleted before a webhook arrives is never matched by it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,8 @@ use hookyard_core::providers::{Catalog, Provider, Route, RoutingTarget};
 use hookyard_core::store::{Connection, Integration, StoreError};
 use hookyard_core::Store;
 
+use crate::fresh::FreshRead;
+
 /// How long an integration's settings (provider, routing overrides) are trusted.
 const INTEGRATION_TTL: Duration = Duration::from_secs(5);
 
@@ -20,8 +23,8 @@ const INTEGRATION_TTL: Duration = Duration::from_secs(5);
 pub struct IntegrationState {
     pub integration: Integration,
     pub rules: Arc<Provider>,
-    /// The index, and when its version was last checked.
-    connections: Mutex<Option<(Arc<ConnectionIndex>, Instant)>>,
+    /// The index, as of its last version check.
+    connections: FreshRead<Arc<ConnectionIndex>>,
     loaded_at: Instant,
 }
 
@@ -125,7 +128,7 @@ impl Resolver {
         let state = Arc::new(IntegrationState {
             integration,
             rules,
-            connections: Mutex::new(None),
+            connections: FreshRead::default(),
             loaded_at: Instant::now(),
         });
         self.integrations
@@ -142,31 +145,26 @@ impl Resolver {
             .cloned()
     }
 
-    /// The integration's live connections as of at most `staleness` ago (zero: current
-    /// as of now). A replay routes thousands of webhooks a second, and need not ask the
-    /// store for each.
+    /// The integration's live connections as of at most `staleness` ago (zero: as of a
+    /// version check that began after this call). A replay routes thousands of webhooks
+    /// a second, and need not ask the store for each.
     pub async fn connections_within(
         &self,
         state: &IntegrationState,
         staleness: Duration,
     ) -> Result<Arc<ConnectionIndex>, StoreError> {
-        let current = state.connections.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some((index, checked)) = &current {
-            if !staleness.is_zero() && checked.elapsed() < staleness {
-                return Ok(index.clone());
+        let since = Instant::now().checked_sub(staleness);
+        let id = state.integration.id;
+        let check = |current: Option<Arc<ConnectionIndex>>| async move {
+            let version = self.store.connections_version(id).await?;
+            if let Some(index) = current.filter(|index| index.version == version) {
+                return Ok(index);
             }
-        }
-        let version = self.store.connections_version(state.integration.id).await?;
-        let index = match current.filter(|(i, _)| i.version == version) {
-            Some((index, _)) => index,
-            None => {
-                let (version, connections) = self.store.routing_connections(state.integration.id).await?;
-                let target = state.rules.routing.target().ok();
-                Arc::new(ConnectionIndex::build(version, connections, target.as_ref()))
-            }
+            let (version, connections) = self.store.routing_connections(id).await?;
+            let target = state.rules.routing.target().ok();
+            Ok(Arc::new(ConnectionIndex::build(version, connections, target.as_ref())))
         };
-        *state.connections.lock().unwrap_or_else(|e| e.into_inner()) = Some((index.clone(), Instant::now()));
-        Ok(index)
+        state.connections.get(since, check).await
     }
 }
 

@@ -1,6 +1,7 @@
 //! ingest → router → `HOOKS_CONN` with real NATS and Postgres: batches fan out to
 //! their connections, each provider's routing value is found, unroutable events are
-//! kept, deleted connections are not matched, a router that dies mid-batch
+//! kept, deleted connections are not matched (also by a burst already in flight),
+//! a router that dies mid-batch
 //! publishes nothing twice, and an envelope from a newer ingest waits for a router
 //! that reads it.
 
@@ -238,6 +239,76 @@ async fn a_deleted_connection_is_not_matched() {
     assert_eq!(second.len(), 2);
     assert_eq!(second[1].connection_id, None, "{:?}", second[1]);
     assert_eq!(second[1].event_type.as_deref(), Some("installation.deleted"));
+}
+
+/// Webhooks in flight share the router's version reads; none may share one that began
+/// before it arrived. A connection is deleted in the middle of a burst: every webhook
+/// posted after the delete returned must find it gone.
+#[tokio::test]
+async fn a_connection_deleted_during_a_burst_is_not_matched_by_later_webhooks() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    const WEBHOOKS: usize = 600;
+    let db = PgDatabase::create().await;
+    let ingest = Arc::new(start(&db).await);
+    let _router = start_router(&ingest);
+    let deleted = Arc::new(AtomicBool::new(false));
+    let next = Arc::new(AtomicUsize::new(0));
+    // Sixteen senders; each notes whether the delete had returned before its POST began.
+    let mut senders = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let (ingest, deleted, next) = (ingest.clone(), deleted.clone(), next.clone());
+        senders.spawn(async move {
+            let mut after_delete = Vec::new();
+            loop {
+                let n = next.fetch_add(1, Ordering::SeqCst);
+                if n >= WEBHOOKS {
+                    return after_delete;
+                }
+                if deleted.load(Ordering::SeqCst) {
+                    after_delete.push(n);
+                }
+                let body = json!([{"objectId": n, "portalId": 62515, "subscriptionType": "contact.creation", "occurredAt": n}]);
+                post(&ingest, "hubspot", "", &[], &body.to_string()).await;
+            }
+        });
+    }
+    // The delete lands mid-burst for the router too: a quarter of it is routed already.
+    eventually("a quarter of the burst routed", Duration::from_secs(20), || async {
+        let mut conn = ingest.jetstream.get_stream(CONN_STREAM).await.ok()?;
+        (conn.info().await.ok()?.state.messages >= (WEBHOOKS / 4) as u64).then_some(())
+    })
+    .await;
+    assert!(ingest
+        .store
+        .delete_connection(ingest.environment.id, &"hubspot".parse().unwrap(), "portal-a")
+        .await
+        .unwrap());
+    deleted.store(true, Ordering::SeqCst);
+    let mut after_delete = Vec::new();
+    while let Some(sent) = senders.join_next().await {
+        after_delete.extend(sent.unwrap());
+    }
+    assert!(
+        after_delete.len() > WEBHOOKS / 3,
+        "only {} posted after the delete",
+        after_delete.len()
+    );
+
+    let events = routed(&ingest).await;
+    let hubspot: BTreeMap<u64, Option<String>> = events
+        .iter()
+        .filter(|e| e.integration.as_str() == "hubspot")
+        .map(|e| (e.payload["objectId"].as_u64().unwrap(), e.connection_id.clone()))
+        .collect();
+    assert_eq!(hubspot.len(), WEBHOOKS, "each webhook once");
+    for n in &after_delete {
+        assert_eq!(hubspot[&(*n as u64)], None, "webhook {n} was posted after the delete");
+    }
+    let before = hubspot.values().filter(|c| c.is_some()).count();
+    assert!(
+        before >= WEBHOOKS / 3,
+        "the webhooks answered before the delete reached portal-a"
+    );
 }
 
 #[tokio::test]
