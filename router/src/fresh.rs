@@ -8,57 +8,75 @@
 //! the next read, which answers all of them.
 
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-pub struct FreshRead<T> {
+pub struct FreshRead<T, E> {
     /// The last value read, and when the read that returned it began.
-    last: Mutex<Option<(T, Instant)>>,
+    value: Mutex<Option<(T, Instant)>>,
+    /// The last read that failed, and when it began: the callers that waited for it
+    /// fail with it rather than each trying again in turn (one after another, each
+    /// bounded by the pool's timeout, they would wait minutes).
+    failed: Mutex<Option<(Arc<E>, Instant)>>,
     /// Held for the length of one read.
     reading: tokio::sync::Mutex<()>,
 }
 
-impl<T> Default for FreshRead<T> {
+impl<T, E> Default for FreshRead<T, E> {
     fn default() -> Self {
         FreshRead {
-            last: Mutex::new(None),
+            value: Mutex::new(None),
+            failed: Mutex::new(None),
             reading: tokio::sync::Mutex::new(()),
         }
     }
 }
 
-impl<T: Clone> FreshRead<T> {
-    /// A value from a read that began at or after `since` (`None`: any read will do).
-    /// When the last one is older, `read` runs with it (to reuse what has not changed),
-    /// unless another caller's read that began late enough finishes first.
-    pub async fn get<F, Fut, E>(&self, since: Option<Instant>, read: F) -> Result<T, E>
+impl<T: Clone, E> FreshRead<T, E> {
+    /// The outcome of a read that began at or after `since` (`None`: any read will do).
+    /// When there is none, `read` runs with the last value (to reuse what has not
+    /// changed), unless another caller's read that began late enough ends first.
+    pub async fn get<F, Fut>(&self, since: Option<Instant>, read: F) -> Result<T, Arc<E>>
     where
         F: FnOnce(Option<T>) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        if let Some(value) = self.recent(since) {
+        if let Some(value) = recent(&self.value, since) {
             return Ok(value);
         }
         let _reading = self.reading.lock().await;
-        if let Some(value) = self.recent(since) {
+        if let Some(value) = recent(&self.value, since) {
             return Ok(value);
         }
+        if let Some(error) = recent(&self.failed, since) {
+            return Err(error);
+        }
         let began = Instant::now();
-        let previous = self.last().map(|(value, _)| value);
-        let value = read(previous).await?;
-        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some((value.clone(), began));
-        Ok(value)
+        let previous = recent(&self.value, None);
+        match read(previous).await {
+            Ok(value) => {
+                *lock(&self.value) = Some((value.clone(), began));
+                Ok(value)
+            }
+            Err(error) => {
+                let error = Arc::new(error);
+                *lock(&self.failed) = Some((error.clone(), began));
+                Err(error)
+            }
+        }
     }
+}
 
-    fn last(&self) -> Option<(T, Instant)> {
-        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
+fn lock<V>(slot: &Mutex<V>) -> std::sync::MutexGuard<'_, V> {
+    slot.lock().unwrap_or_else(|e| e.into_inner())
+}
 
-    fn recent(&self, since: Option<Instant>) -> Option<T> {
-        self.last()
-            .filter(|(_, began)| since.is_none_or(|since| *began >= since))
-            .map(|(value, _)| value)
-    }
+/// What `slot` holds, if it came from a read that began at or after `since`.
+fn recent<V: Clone>(slot: &Mutex<Option<(V, Instant)>>, since: Option<Instant>) -> Option<V> {
+    lock(slot)
+        .as_ref()
+        .filter(|(_, began)| since.is_none_or(|since| *began >= since))
+        .map(|(value, _)| value.clone())
 }
 
 #[cfg(test)]
@@ -79,7 +97,7 @@ mod tests {
 
     #[tokio::test]
     async fn callers_share_reads_that_began_after_they_asked() {
-        let shared = Arc::new(FreshRead::<Instant>::default());
+        let shared = Arc::new(FreshRead::<Instant, ()>::default());
         let reads = Arc::new(AtomicUsize::new(0));
         let mut callers = tokio::task::JoinSet::new();
         for i in 0..50u64 {
@@ -101,7 +119,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_value_read_before_a_caller_asked_is_read_again() {
-        let shared = FreshRead::<u32>::default();
+        let shared = FreshRead::<u32, ()>::default();
         assert_eq!(shared.get(None, |_| async { Ok::<_, ()>(1) }).await, Ok(1));
         // Any read will do: the last value.
         assert_eq!(shared.get(None, |_| async { Ok::<_, ()>(2) }).await, Ok(1));
@@ -117,13 +135,33 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_read_is_its_callers_error_and_the_next_caller_reads() {
-        let shared = FreshRead::<u32>::default();
-        let failed = shared.get(Some(Instant::now()), |_| async { Err::<u32, _>("store away") });
-        assert_eq!(failed.await, Err("store away"));
+    async fn the_callers_waiting_for_a_failed_read_fail_with_it() {
+        let shared = Arc::new(FreshRead::<u32, &str>::default());
+        let reads = Arc::new(AtomicUsize::new(0));
+        let mut callers = tokio::task::JoinSet::new();
+        for _ in 0..10 {
+            let (shared, reads) = (shared.clone(), reads.clone());
+            callers.spawn(async move {
+                let asked = Instant::now();
+                let read = |_| async move {
+                    reads.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Err("store away")
+                };
+                shared.get(Some(asked), read).await
+            });
+        }
+        while let Some(joined) = callers.join_next().await {
+            assert_eq!(joined.unwrap().map_err(|e| *e), Err("store away"));
+        }
+        // The first read, and at most one more by those that asked after it began.
+        let reads = reads.load(Ordering::SeqCst);
+        assert!(reads <= 2, "10 callers made {reads} reads of a store that is away");
+
+        // A caller that asks after the failure reads again; nothing was kept from it.
         let read = shared.get(Some(Instant::now()), |previous| async move {
-            assert_eq!(previous, None, "nothing was kept from the failed read");
-            Ok::<_, &str>(7)
+            assert_eq!(previous, None);
+            Ok(7)
         });
         assert_eq!(read.await, Ok(7));
     }

@@ -52,6 +52,9 @@ pub enum RouterError {
     Streams(#[from] StreamsError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A store error shared by every webhook that waited for the same read.
+    #[error(transparent)]
+    SharedStore(#[from] Arc<StoreError>),
     #[error(transparent)]
     Catalog(#[from] CatalogError),
     #[error("JetStream: {0}")]
@@ -66,7 +69,7 @@ impl RouterError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            RouterError::JetStream(_) | RouterError::Store(_) | RouterError::Streams(_)
+            RouterError::JetStream(_) | RouterError::Store(_) | RouterError::SharedStore(_) | RouterError::Streams(_)
         )
     }
 }

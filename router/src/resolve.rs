@@ -24,7 +24,7 @@ pub struct IntegrationState {
     pub integration: Integration,
     pub rules: Arc<Provider>,
     /// The index, as of its last version check.
-    connections: FreshRead<Arc<ConnectionIndex>>,
+    connections: FreshRead<Arc<ConnectionIndex>, StoreError>,
     loaded_at: Instant,
 }
 
@@ -152,7 +152,7 @@ impl Resolver {
         &self,
         state: &IntegrationState,
         staleness: Duration,
-    ) -> Result<Arc<ConnectionIndex>, StoreError> {
+    ) -> Result<Arc<ConnectionIndex>, Arc<StoreError>> {
         let since = Instant::now().checked_sub(staleness);
         let id = state.integration.id;
         let check = |current: Option<Arc<ConnectionIndex>>| async move {

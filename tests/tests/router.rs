@@ -1,6 +1,7 @@
 //! ingest → router → `HOOKS_CONN` with real NATS and Postgres: batches fan out to
 //! their connections, each provider's routing value is found, unroutable events are
 //! kept, deleted connections are not matched (also by a burst already in flight),
+//! webhooks wait out a Postgres outage,
 //! a router that dies mid-batch
 //! publishes nothing twice, and an envelope from a newer ingest waits for a router
 //! that reads it.
@@ -309,6 +310,49 @@ async fn a_connection_deleted_during_a_burst_is_not_matched_by_later_webhooks() 
         before >= WEBHOOKS / 3,
         "the webhooks answered before the delete reached portal-a"
     );
+}
+
+/// Postgres away: the router cannot read the connections, so it routes nothing and
+/// the webhooks are delivered again; once it is back, each is routed once.
+#[tokio::test]
+async fn webhooks_wait_out_a_postgres_outage_and_are_routed_once() {
+    const WEBHOOKS: u64 = 30;
+    let db = PgDatabase::create().await;
+    let ingest = start(&db).await;
+    let _router = start_router(&ingest);
+    let hubspot = |n: u64| {
+        json!([{"objectId": n, "portalId": 62515, "subscriptionType": "contact.creation", "occurredAt": n}]).to_string()
+    };
+    post(&ingest, "hubspot", "", &[], &hubspot(0)).await;
+    assert_eq!(routed(&ingest).await.len(), 1);
+
+    db.close_for_now().await;
+    // Ingest keeps taking webhooks (no database on its path).
+    for n in 1..=WEBHOOKS {
+        post(&ingest, "hubspot", "", &[], &hubspot(n)).await;
+    }
+    let raw = ingest.jetstream.get_stream(RAW_STREAM).await.unwrap();
+    eventually("the router to fail and retry", Duration::from_secs(30), || {
+        let raw = raw.clone();
+        async move {
+            let mut consumer = raw.get_consumer::<pull::Config>(hookyard_router::CONSUMER).await.ok()?;
+            (consumer.info().await.ok()?.num_redelivered > 0).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(
+        read_conn(&ingest).await.len(),
+        1,
+        "nothing is routed without the connections"
+    );
+    assert!(ingest.store.ping().await.is_err(), "the database is away");
+
+    db.reopen().await;
+    let events = routed(&ingest).await;
+    let mut objects: Vec<u64> = events.iter().map(|e| e.payload["objectId"].as_u64().unwrap()).collect();
+    objects.sort_unstable();
+    assert_eq!(objects, (0..=WEBHOOKS).collect::<Vec<_>>(), "each webhook routed once");
+    assert!(events.iter().all(|e| e.connection_id.as_deref() == Some("portal-a")));
 }
 
 #[tokio::test]
