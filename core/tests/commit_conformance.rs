@@ -3,13 +3,14 @@
 //! letters), and function deploys.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use hookyard_core::store::commit::{DeadLetter, Marker, MetadataCall, RecordCall, Unit, UnitOutcome};
 use hookyard_core::store::functions::{FunctionBundle, NewSync, SyncChange};
 use hookyard_core::store::notices::{HeldNotice, SyncNotice, UNFINISHED};
 use hookyard_core::store::records::{LastAction, RecordQuery, RecordScope, WriteKind};
 use hookyard_core::store::{MetadataWrite, NewConnection, NewIntegration, Store};
-use hookyard_testkit::{test_cipher, PgDatabase, SqliteFile};
+use hookyard_testkit::{eventually, raw_execute, raw_texts, test_cipher, PgDatabase, SqliteFile};
 use serde_json::{json, Value};
 
 fn scope(env: i64, connection: &str) -> RecordScope {
@@ -412,4 +413,51 @@ async fn postgres() {
 async fn sqlite() {
     let file = SqliteFile::create();
     conformance(Store::connect(&file.url, test_cipher()).await.unwrap()).await;
+}
+
+/// Postgres: the worker's marker lookup goes by the index however small the table was
+/// when a connection first ran it. A plan kept from a new, empty database would read
+/// the whole table for every group once it has grown, until autovacuum analyzed it.
+#[tokio::test]
+async fn postgres_marker_lookups_use_the_index_as_the_table_grows() {
+    let db = PgDatabase::create().await;
+    let store = Store::connect(&db.url, test_cipher()).await.unwrap();
+    let markers = |from: usize| -> Vec<Marker> {
+        (from..from + 256)
+            .map(|n| Marker {
+                consumer: "onWebhook:contacts".into(),
+                message_id: format!("m{n}"),
+            })
+            .collect()
+    };
+    let insert = |from: u32, to: u32| {
+        format!(
+            "INSERT INTO processed_messages (consumer, message_id, processed_at)
+             SELECT 'onWebhook:contacts', 'm' || g, now() FROM generate_series({from}, {to}) g"
+        )
+    };
+    // The first groups' markers: a page of the table.
+    raw_execute(&db.url, &insert(0, 99)).await;
+    // Postgres keeps a plan for a statement once it has planned it five times; the pool
+    // spreads these over its connections.
+    for _ in 0..60 {
+        assert!(store.processed(&markers(100_000)).await.unwrap().is_empty());
+    }
+    raw_execute(&db.url, &insert(100, 49_999)).await;
+    for _ in 0..10 {
+        assert_eq!(store.processed(&markers(1000)).await.unwrap().len(), 256);
+    }
+    // A backend's table statistics arrive within seconds of its going idle, all at once.
+    let stats = "SELECT idx_scan::text || ' ' || seq_tup_read::text FROM pg_stat_user_tables WHERE relname = 'processed_messages'";
+    let seq_read = eventually(
+        "the lookups' index scans in the statistics",
+        Duration::from_secs(30),
+        || async {
+            let row = raw_texts(&db.url, stats).await.pop()?;
+        let (index_scans, seq_read) = row.split_once(' ')?;
+            (index_scans.parse::<u64>().ok()? >= 10 * 256).then(|| seq_read.parse::<u64>().unwrap())
+        },
+    )
+    .await;
+    assert!(seq_read < 50_000, "{seq_read} markers were read by scanning the table");
 }
