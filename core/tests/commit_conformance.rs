@@ -454,7 +454,7 @@ async fn postgres_marker_lookups_use_the_index_as_the_table_grows() {
         Duration::from_secs(30),
         || async {
             let row = raw_texts(&db.url, stats).await.pop()?;
-        let (index_scans, seq_read) = row.split_once(' ')?;
+            let (index_scans, seq_read) = row.split_once(' ')?;
             (index_scans.parse::<u64>().ok()? >= 10 * 256).then(|| seq_read.parse::<u64>().unwrap())
         },
     )

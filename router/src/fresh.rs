@@ -33,6 +33,15 @@ impl<T, E> Default for FreshRead<T, E> {
 }
 
 impl<T: Clone, E> FreshRead<T, E> {
+    /// A new one that starts from this one's last value, as of when it was read: a
+    /// caller that needs a fresher one reads again, with that value to reuse.
+    pub fn carried(&self) -> FreshRead<T, E> {
+        FreshRead {
+            value: Mutex::new(lock(&self.value).clone()),
+            ..FreshRead::default()
+        }
+    }
+
     /// The outcome of a read that began at or after `since` (`None`: any read will do).
     /// When there is none, `read` runs with the last value (to reuse what has not
     /// changed), unless another caller's read that began late enough ends first.
@@ -132,6 +141,13 @@ mod tests {
         assert_eq!(read.await, Ok(11));
         // A read that began after `asked` serves it.
         assert_eq!(shared.get(Some(asked), |_| async { Ok::<_, ()>(99) }).await, Ok(11));
+        // Carried over, the value serves as it did, and is given to the next read.
+        let carried = shared.carried();
+        assert_eq!(carried.get(Some(asked), |_| async { Ok::<_, ()>(99) }).await, Ok(11));
+        let read = carried.get(Some(Instant::now()), |previous| async move {
+            Ok::<_, ()>(previous.unwrap() + 1)
+        });
+        assert_eq!(read.await, Ok(12));
     }
 
     #[tokio::test]

@@ -31,6 +31,8 @@ pub struct IntegrationState {
 /// The live connections of one integration, indexed by what routing matches on.
 pub struct ConnectionIndex {
     version: i64,
+    /// What `by_value` is keyed by (the integration's settings can change it).
+    target: Option<RoutingTarget>,
     /// In creation order (what `Route::All` delivers to).
     ids: Vec<String>,
     /// The same ids, for `Route::ConnectionIds` lookups.
@@ -58,6 +60,7 @@ impl ConnectionIndex {
         let ids: Vec<String> = connections.into_iter().map(|c| c.connection_id).collect();
         ConnectionIndex {
             version,
+            target: target.cloned(),
             live: ids.iter().cloned().collect(),
             ids,
             by_value,
@@ -125,10 +128,21 @@ impl Resolver {
             .catalog
             .resolve(&integration.provider, &integration.settings)
             .map_err(|e| StoreError::Invalid(format!("integration {key}: {e}")))?;
+        // The expired state's connections are kept for the version check to confirm:
+        // reloading every connection of a large integration each time would be wasted.
+        let connections = match self
+            .integrations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&cache_key)
+        {
+            Some(expired) if expired.integration.id == integration.id => expired.connections.carried(),
+            _ => FreshRead::default(),
+        };
         let state = Arc::new(IntegrationState {
             integration,
             rules,
-            connections: FreshRead::default(),
+            connections,
             loaded_at: Instant::now(),
         });
         self.integrations
@@ -155,13 +169,13 @@ impl Resolver {
     ) -> Result<Arc<ConnectionIndex>, Arc<StoreError>> {
         let since = Instant::now().checked_sub(staleness);
         let id = state.integration.id;
+        let target = state.rules.routing.target().ok();
         let check = |current: Option<Arc<ConnectionIndex>>| async move {
             let version = self.store.connections_version(id).await?;
-            if let Some(index) = current.filter(|index| index.version == version) {
+            if let Some(index) = current.filter(|index| index.version == version && index.target == target) {
                 return Ok(index);
             }
             let (version, connections) = self.store.routing_connections(id).await?;
-            let target = state.rules.routing.target().ok();
             Ok(Arc::new(ConnectionIndex::build(version, connections, target.as_ref())))
         };
         state.connections.get(since, check).await

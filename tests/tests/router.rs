@@ -1,7 +1,7 @@
 //! ingest → router → `HOOKS_CONN` with real NATS and Postgres: batches fan out to
 //! their connections, each provider's routing value is found, unroutable events are
 //! kept, deleted connections are not matched (also by a burst already in flight),
-//! webhooks wait out a Postgres outage,
+//! webhooks wait out a Postgres outage, a changed routing rule takes effect,
 //! a router that dies mid-batch
 //! publishes nothing twice, and an envelope from a newer ingest waits for a router
 //! that reads it.
@@ -15,7 +15,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use futures::StreamExt;
 use hookyard_core::routed::RoutedEvent;
-use hookyard_core::store::{NewConnection, NewIntegration};
+use hookyard_core::store::{IntegrationChanges, NewConnection, NewIntegration};
 use hookyard_core::streams::{CONN_STREAM, RAW_STREAM};
 use hookyard_core::Envelope;
 use hookyard_router::Router;
@@ -353,6 +353,73 @@ async fn webhooks_wait_out_a_postgres_outage_and_are_routed_once() {
     objects.sort_unstable();
     assert_eq!(objects, (0..=WEBHOOKS).collect::<Vec<_>>(), "each webhook routed once");
     assert!(events.iter().all(|e| e.connection_id.as_deref() == Some("portal-a")));
+}
+
+/// The router keeps an integration's connections across its periodic reread of the
+/// integration (a large one's would be reloaded for nothing), but not across a change
+/// of what its routing matches on.
+#[tokio::test]
+async fn a_changed_routing_rule_applies_to_connections_already_cached() {
+    let routing = |by: &str| json!({"routing": {"by": "value", "source": ["body:account"], "match": by}});
+    let custom = NewIntegration {
+        settings: routing("connection_config.account"),
+        ..NewIntegration::new("custom".parse().unwrap(), "my-own")
+    };
+    let db = PgDatabase::create().await;
+    let ingest = start_ingest_with(Some(&db.url), |_| {}, vec![custom]).await;
+    ingest
+        .store
+        .create_connection(
+            &ingest.environment,
+            &NewConnection {
+                integration: "custom".parse().unwrap(),
+                connection_id: "acme".into(),
+                connection_config: json!({"account": "1"}),
+                metadata: json!({"account": "2"}),
+                tags: json!({}),
+                credentials: None,
+            },
+        )
+        .await
+        .unwrap();
+    let _router = start_router(&ingest);
+    // The connection of the last webhook carrying `n`.
+    let route = |n: u32, account: &'static str| {
+        let ingest = &ingest;
+        async move {
+            post(
+                ingest,
+                "custom",
+                "",
+                &[],
+                &json!({"account": account, "n": n}).to_string(),
+            )
+            .await;
+            let events = routed(ingest).await;
+            let event = events.iter().rev().find(|e| e.payload["n"] == n).expect("routed");
+            event.connection_id.clone()
+        }
+    };
+    assert_eq!(route(0, "1").await.as_deref(), Some("acme"));
+
+    let changes = IntegrationChanges {
+        settings: Some(routing("metadata.account")),
+        ..Default::default()
+    };
+    ingest
+        .store
+        .update_integration(ingest.environment.id, &"custom".parse().unwrap(), &changes)
+        .await
+        .unwrap();
+    // Seen once the router rereads the integration (every few seconds).
+    let mut n = 0;
+    eventually("the new rule to route by metadata", Duration::from_secs(20), || {
+        n += 1;
+        let routed = route(n, "2");
+        async move { (routed.await.as_deref() == Some("acme")).then_some(()) }
+    })
+    .await;
+    assert_eq!(route(n + 1, "1").await, None, "the old rule no longer matches");
 }
 
 #[tokio::test]
