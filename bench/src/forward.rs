@@ -1,6 +1,8 @@
 //! Forwarding throughput: routed events are put in `HOOKS_CONN` first, then the
 //! forwarder and the deliverer are started (in this process) and timed until a fast
 //! local receiver has answered every delivery. Each event goes to one destination.
+//! Postgres's CPU is counted until every attempt is recorded (written in batches, after
+//! the answers).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,11 +14,11 @@ use hookyard_core::store::forwarding::{ForwardingScope, ForwardingSettings};
 use hookyard_core::store::{NewConnection, NewIntegration};
 use hookyard_core::streams::Bus;
 use hookyard_core::{Config, Store};
-use hookyard_testkit::PgDatabase;
+use hookyard_testkit::{raw_texts, PgDatabase};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::setup::{start_nats, CpuMeter};
+use crate::setup::{postgres_cpu, postgres_cpu_since, start_nats, CpuMeter};
 
 pub async fn run(events: u64) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -115,6 +117,7 @@ pub async fn run(events: u64) -> anyhow::Result<()> {
         hookyard_core::oplog::OpLog::start(store.clone(), &config.logs),
     ));
     let cpu = CpuMeter::start(nats.pid().unwrap_or(0));
+    let postgres = postgres_cpu();
     let started = Instant::now();
     tokio::spawn(forwarder.run(shutdown.clone()));
     tokio::spawn(deliverer.run(shutdown.clone()));
@@ -128,10 +131,20 @@ pub async fn run(events: u64) -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let (own, nats_cpu) = cpu.stop().per_thousand(events);
+    let recorded = "SELECT COUNT(*)::text FROM delivery_attempts";
+    while raw_texts(&pg.url, recorded).await[0].parse::<u64>()? < events {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "not every attempt was recorded within 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let postgres_cpu = postgres_cpu_since(&postgres) * 1e6 / events as f64;
     shutdown.cancel();
     println!(
         "{events} deliveries in {elapsed:.2}s = {:.0} deliveries/s\n\
-         CPU per 1,000 deliveries: this process (forwarder, deliverer, receiver) {:.0} ms, nats-server {:.0} ms",
+         CPU per 1,000 deliveries: this process (forwarder, deliverer, receiver) {:.0} ms, nats-server {:.0} ms, \
+         Postgres (until every attempt is recorded) {postgres_cpu:.0} ms",
         events as f64 / elapsed,
         own,
         nats_cpu,

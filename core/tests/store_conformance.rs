@@ -2,6 +2,7 @@
 
 use hookyard_core::keys::IntegrationKey;
 use hookyard_core::store::connection_events::POST_CREATION;
+use hookyard_core::store::forwarding::DeliveryAttempt;
 use hookyard_core::store::syncs::SyncKey;
 use hookyard_core::store::{
     Backend, ConnectionQuery, Credentials, Environment, IntegrationChanges, MetadataWrite, NewConnection,
@@ -111,6 +112,7 @@ async fn conformance(store: Store, url: Option<&str>) {
     }
 
     schedule_slots(&store, &dev).await;
+    delivery_attempts(&store).await;
 
     assert!(store.delete_integration(dev.id, &new.unique_key).await.unwrap());
     assert!(!store.delete_integration(dev.id, &new.unique_key).await.unwrap());
@@ -335,6 +337,32 @@ async fn schedule_slots(store: &Store, dev: &Environment) {
 
 /// A connection created owing its post-creation run: the run is owed from the same
 /// commit, claimed by its creator until it says, then claimable once; settled, it is gone.
+/// Attempts come back as written, in order, and a batch larger than one statement
+/// takes is written whole.
+async fn delivery_attempts(store: &Store) {
+    let attempt = |delivery: &str, n: i32, status: Option<i32>, error: Option<&str>| DeliveryAttempt {
+        delivery_id: delivery.into(),
+        environment: "dev".into(),
+        url: "https://app.example/hooks?a=1".into(),
+        attempt: n,
+        at: "2026-11-27T10:00:00.123456Z".parse().unwrap(),
+        status,
+        latency_ms: 5000 + n,
+        error: error.map(String::from),
+    };
+    let first = vec![
+        attempt("d1", 1, None, Some("timed out after 5s: \"quoted\"")),
+        attempt("d1", 2, Some(200), None),
+    ];
+    let mut all = first.clone();
+    all.extend((1..=1500).map(|n| attempt("d2", n, Some(500), Some("server error"))));
+    store.record_attempts(&all).await.unwrap();
+    assert_eq!(store.delivery_attempts("d1").await.unwrap(), first);
+    let bulk = store.delivery_attempts("d2").await.unwrap();
+    assert_eq!(bulk.len(), 1500);
+    assert_eq!(bulk[1499], all[1501], "in the order written");
+}
+
 async fn owed_events(store: &Store, dev: &Environment, new: &dyn Fn(&str) -> NewConnection) {
     let now = chrono::Utc::now();
     let owing = |id: &'static str, claimed_until| async move {

@@ -233,28 +233,50 @@ impl Store {
         Ok(rows.into_iter().map(|(url,)| url).collect())
     }
 
-    /// Records attempts, all in one transaction.
+    /// Records attempts, all in one transaction, the rows in JSON parameters
+    /// ([`super::tx::Tx::insert_json_rows`]).
     pub async fn record_attempts(&self, attempts: &[DeliveryAttempt]) -> Result<(), StoreError> {
-        let mut tx = self.begin().await?;
-        for attempt in attempts {
-            super::tx::on_tx!(&mut tx, |conn| {
-                sqlx::query(
-                    "INSERT INTO delivery_attempts (delivery_id, environment, url, attempt, at, status, latency_ms, error)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                )
-                .bind(&attempt.delivery_id)
-                .bind(&attempt.environment)
-                .bind(&attempt.url)
-                .bind(attempt.attempt)
-                .bind(attempt.at)
-                .bind(attempt.status)
-                .bind(attempt.latency_ms)
-                .bind(&attempt.error)
-                .execute(&mut *conn)
-                .await
-                .map(|_| ())
-            })?;
+        #[derive(Serialize)]
+        struct Row<'a> {
+            delivery_id: &'a str,
+            environment: &'a str,
+            url: &'a str,
+            attempt: i32,
+            at: String,
+            status: Option<i32>,
+            latency_ms: i32,
+            error: Option<&'a str>,
         }
+        let rows: Vec<Row> = attempts
+            .iter()
+            .map(|a| Row {
+                delivery_id: &a.delivery_id,
+                environment: &a.environment,
+                url: &a.url,
+                attempt: a.attempt,
+                at: super::json_timestamp(&a.at),
+                status: a.status,
+                latency_ms: a.latency_ms,
+                error: a.error.as_deref(),
+            })
+            .collect();
+        let insert = match self.pool {
+            Pool::Postgres(_) => {
+                "INSERT INTO delivery_attempts (delivery_id, environment, url, attempt, at, status, latency_ms, error)
+                 SELECT a.delivery_id, a.environment, a.url, a.attempt, a.at, a.status, a.latency_ms, a.error
+                 FROM jsonb_to_recordset($1::jsonb) AS a(delivery_id text, environment text, url text, attempt int,
+                      at timestamptz, status int, latency_ms int, error text)"
+            }
+            Pool::Sqlite(_) => {
+                "INSERT INTO delivery_attempts (delivery_id, environment, url, attempt, at, status, latency_ms, error)
+                 SELECT a.value ->> '$.delivery_id', a.value ->> '$.environment', a.value ->> '$.url',
+                        a.value ->> '$.attempt', a.value ->> '$.at', a.value ->> '$.status',
+                        a.value ->> '$.latency_ms', a.value ->> '$.error'
+                 FROM json_each($1) AS a"
+            }
+        };
+        let mut tx = self.begin().await?;
+        tx.insert_json_rows(insert, &rows).await?;
         tx.commit().await
     }
 

@@ -8,7 +8,6 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::types::Json;
 
 use super::{json_timestamp, Pool, Store, StoreError};
 
@@ -73,9 +72,6 @@ pub struct LogFilter {
     pub after_id: Option<i64>,
 }
 
-/// Rows per insert.
-const ROWS_PER_STATEMENT: usize = 1000;
-
 #[derive(sqlx::FromRow)]
 struct EntryRow {
     id: i64,
@@ -123,11 +119,8 @@ const ENTRY_COLUMNS: &str =
     "id, environment, integration, raw_seq, delivery_id, received_at, status, detail, bytes, routing";
 
 impl Store {
-    /// Writes log entries and steps: one statement per table and [`ROWS_PER_STATEMENT`]
-    /// rows, the rows in one JSON parameter. The statement's text is the same however
-    /// many rows it takes, so each connection prepares and keeps it once (a multi-row
-    /// `VALUES` list would be a statement of its own for each row count, and the
-    /// statement caches would fill with them).
+    /// Writes log entries and steps in one transaction, the rows of each table in JSON
+    /// parameters ([`super::tx::Tx::insert_json_rows`]).
     pub async fn write_log(&self, writes: &[LogWrite]) -> Result<(), StoreError> {
         #[derive(Serialize)]
         struct EntryJson<'a> {
@@ -204,20 +197,8 @@ impl Store {
             ),
         };
         let mut tx = self.begin().await?;
-        for chunk in webhooks.chunks(ROWS_PER_STATEMENT) {
-            super::tx::on_tx!(&mut tx, |conn| sqlx::query(insert_webhooks)
-                .bind(Json(chunk))
-                .execute(&mut *conn)
-                .await
-                .map(|_| ()))?;
-        }
-        for chunk in steps.chunks(ROWS_PER_STATEMENT) {
-            super::tx::on_tx!(&mut tx, |conn| sqlx::query(insert_steps)
-                .bind(Json(chunk))
-                .execute(&mut *conn)
-                .await
-                .map(|_| ()))?;
-        }
+        tx.insert_json_rows(insert_webhooks, &webhooks).await?;
+        tx.insert_json_rows(insert_steps, &steps).await?;
         tx.commit().await
     }
 

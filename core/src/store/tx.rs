@@ -38,7 +38,29 @@ impl Store {
     }
 }
 
+/// Rows per statement of [`Tx::insert_json_rows`].
+const ROWS_PER_STATEMENT: usize = 1000;
+
 impl Tx {
+    /// Runs `insert`, whose one parameter is a JSON array of rows, for `rows` in chunks
+    /// of [`ROWS_PER_STATEMENT`]. One statement text whatever the count: a multi-row
+    /// `VALUES` list would be a prepared statement per row count, and a statement per
+    /// row a round trip each.
+    pub(crate) async fn insert_json_rows<R: serde::Serialize>(
+        &mut self,
+        insert: &str,
+        rows: &[R],
+    ) -> Result<(), StoreError> {
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            on_tx!(self, |conn| sqlx::query(insert)
+                .bind(sqlx::types::Json(chunk))
+                .execute(&mut *conn)
+                .await
+                .map(|_| ()))?;
+        }
+        Ok(())
+    }
+
     pub(crate) async fn commit(self) -> Result<(), StoreError> {
         match self {
             Tx::Postgres(tx) => tx.commit().await?,
