@@ -98,6 +98,9 @@ enum Command {
         /// Events routed per batch size.
         #[arg(long, default_value_t = 20_000)]
         events: usize,
+        /// The store the router reads connections from.
+        #[arg(long, value_enum, default_value = "sqlite")]
+        store: router::StoreKind,
     },
     /// Replay throughput: webhooks read from HOOKS_RAW and re-routed to HOOKS_CONN per
     /// second, by one router.
@@ -213,7 +216,7 @@ fn main() -> anyhow::Result<()> {
             Command::PublishModes { seconds, in_flight } => publish_modes::run(seconds, in_flight).await,
             Command::Records { batch, records } => records::run(&batch, records).await,
             Command::Reconciler { connections, ticks } => reconciler::run(&connections, ticks).await,
-            Command::Router { batch, events } => router::run(&batch, events).await,
+            Command::Router { batch, events, store } => router::run(&batch, events, store).await,
             Command::Replay {
                 batch,
                 webhooks,

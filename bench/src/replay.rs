@@ -15,7 +15,7 @@ use crate::router::HubspotBench;
 use crate::setup::CpuMeter;
 
 pub async fn run(batches: &[usize], webhooks: usize, rounds: usize) -> anyhow::Result<()> {
-    let bench = HubspotBench::start().await?;
+    let bench = HubspotBench::start(crate::router::StoreKind::Sqlite).await?;
     let nats_pid = bench.nats.pid().unwrap_or(0);
     let router = Arc::new(Router::new(bench.store.clone(), &bench.bus, &bench.config)?);
     println!("replay benchmark: HubSpot webhooks over two connections, SQLite store, one router replaying\n");

@@ -16,9 +16,18 @@ use tokio_util::sync::CancellationToken;
 
 use crate::setup::{start_nats, CpuMeter};
 
-/// NATS, a SQLite store and a HubSpot integration with two portal connections.
+/// Where the bench's store is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    Sqlite,
+    Postgres,
+}
+
+/// NATS, a store and a HubSpot integration with two portal connections.
 pub(crate) struct HubspotBench {
     _dir: tempfile::TempDir,
+    /// Dropped with the bench.
+    _postgres: Option<hookyard_testkit::PgDatabase>,
     pub nats: hookyard_core::embedded_nats::EmbeddedNats,
     pub config: Config,
     pub store: Store,
@@ -27,12 +36,20 @@ pub(crate) struct HubspotBench {
 }
 
 impl HubspotBench {
-    pub async fn start() -> anyhow::Result<HubspotBench> {
+    pub async fn start(kind: StoreKind) -> anyhow::Result<HubspotBench> {
         let dir = tempfile::tempdir()?;
         let (nats, port) = start_nats(dir.path())?;
+        let postgres = match kind {
+            StoreKind::Sqlite => None,
+            StoreKind::Postgres => Some(hookyard_testkit::PgDatabase::create().await),
+        };
+        let database_url = match &postgres {
+            Some(db) => db.url.clone(),
+            None => format!("sqlite://{}", dir.path().join("hookyard.db").display()),
+        };
         let config = Config {
             nats_url: format!("nats://127.0.0.1:{port}"),
-            database_url: format!("sqlite://{}", dir.path().join("hookyard.db").display()),
+            database_url,
             ..Config::default()
         };
         let store = Store::connect(&config.database_url, Cipher::from_bytes(random_bytes())).await?;
@@ -55,6 +72,7 @@ impl HubspotBench {
         bus.ensure_streams(&config.streams).await?;
         Ok(HubspotBench {
             _dir: dir,
+            _postgres: postgres,
             nats,
             config,
             store,
@@ -119,8 +137,8 @@ impl HubspotBench {
     }
 }
 
-pub async fn run(batches: &[usize], events_per_size: usize) -> anyhow::Result<()> {
-    let bench = HubspotBench::start().await?;
+pub async fn run(batches: &[usize], events_per_size: usize, store_kind: StoreKind) -> anyhow::Result<()> {
+    let bench = HubspotBench::start(store_kind).await?;
     let HubspotBench {
         nats,
         config,
@@ -131,7 +149,7 @@ pub async fn run(batches: &[usize], events_per_size: usize) -> anyhow::Result<()
     let nats_pid = nats.pid().unwrap_or(0);
 
     println!(
-        "router benchmark: HubSpot batches over two connections, SQLite store, one router (64 webhooks in flight)\n"
+        "router benchmark: HubSpot batches over two connections, {store_kind:?} store, one router (64 webhooks in flight)\n"
     );
     println!(
         "{:>6} {:>9} {:>11} {:>12} {:>15} {:>17}",
