@@ -169,8 +169,9 @@ impl Resolver {
     ) -> Result<Arc<ConnectionIndex>, Arc<StoreError>> {
         let since = Instant::now().checked_sub(staleness);
         let id = state.integration.id;
-        let target = state.rules.routing.target().ok();
+        // Only when a read runs: a webhook that shares one does no work of its own.
         let check = |current: Option<Arc<ConnectionIndex>>| async move {
+            let target = state.rules.routing.target().ok();
             let version = self.store.connections_version(id).await?;
             if let Some(index) = current.filter(|index| index.version == version && index.target == target) {
                 return Ok(index);
