@@ -194,8 +194,6 @@ impl Store {
         rows.into_iter().map(|row| row.open(&self.cipher)).collect()
     }
 
-    /// The integration's `connections_version`: it moves on whenever one of its
-    /// connections is created, deleted or has its metadata written.
     /// Replaces a live connection's credentials (a refreshed OAuth2 token); false when the
     /// connection is gone.
     pub async fn update_credentials(
@@ -240,6 +238,8 @@ impl Store {
         Ok(rows.into_iter().map(|(id,)| id).collect())
     }
 
+    /// The integration's `connections_version`: it moves on whenever one of its
+    /// connections is created, deleted or has its metadata written.
     pub async fn connections_version(&self, integration_id: i64) -> Result<i64, StoreError> {
         let version: Option<i64> = on_pool!(self, |pool| sqlx::query_scalar(VERSION)
             .bind(integration_id)
