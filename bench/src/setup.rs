@@ -19,6 +19,7 @@ pub fn start_nats(dir: &Path) -> anyhow::Result<(EmbeddedNats, u16)> {
             store_dir: &dir.join("js"),
             config_file: &dir.join("nats.conf"),
             max_payload_mb: 16,
+            cluster: None,
         },
         Duration::from_secs(30),
     )?;

@@ -333,6 +333,7 @@ fn start_embedded_nats(config: &Config) -> Result<(EmbeddedNats, String), Error>
         store_dir: &data.join("nats"),
         config_file: &data.join("nats.conf"),
         max_payload_mb: (config.ingest.max_body_bytes >> 20) + 2,
+        cluster: None,
     };
     let pid_file = data.join("nats.pid");
     stop_stale_nats(&pid_file);

@@ -37,6 +37,41 @@ pub struct ServerSpec<'a> {
     pub config_file: &'a Path,
     /// The largest message the server accepts (webhook body plus envelope headers).
     pub max_payload_mb: usize,
+    /// Set for a node of a JetStream cluster; `None` runs a single node on 127.0.0.1.
+    pub cluster: Option<ClusterNode<'a>>,
+}
+
+/// One node of a cluster of servers on loopback addresses (the multi-node tests).
+pub struct ClusterNode<'a> {
+    /// The server's name, which JetStream reports as a stream's leader.
+    pub name: &'a str,
+    /// The loopback address it listens on, for clients and for routes (127.0.0.x).
+    pub host: &'a str,
+    pub cluster_port: u16,
+    /// The other nodes' route addresses (`host:port`).
+    pub routes: &'a [String],
+}
+
+impl ServerSpec<'_> {
+    fn host(&self) -> &str {
+        self.cluster.as_ref().map_or("127.0.0.1", |node| node.host)
+    }
+
+    /// The configuration file's text.
+    fn config(&self) -> String {
+        let mut config = format!("max_payload: {}MB\n", self.max_payload_mb);
+        if let Some(node) = &self.cluster {
+            let routes: Vec<String> = node.routes.iter().map(|r| format!("\"nats-route://{r}\"")).collect();
+            config.push_str(&format!(
+                "server_name: {}\ncluster {{\n  name: hookyard\n  listen: \"{}:{}\"\n  routes: [{}]\n}}\n",
+                node.name,
+                node.host,
+                node.cluster_port,
+                routes.join(", ")
+            ));
+        }
+        config
+    }
 }
 
 /// A running server; killed when dropped.
@@ -48,14 +83,12 @@ impl EmbeddedNats {
     /// Starts the server and returns once it accepts clients (or fails after `timeout`).
     pub fn start(spec: &ServerSpec<'_>, timeout: Duration) -> Result<EmbeddedNats, EmbeddedNatsError> {
         let bin = spec.bin.display().to_string();
-        std::fs::write(spec.config_file, format!("max_payload: {}MB\n", spec.max_payload_mb)).map_err(|source| {
-            EmbeddedNatsError::Write {
-                path: spec.config_file.display().to_string(),
-                source,
-            }
+        std::fs::write(spec.config_file, spec.config()).map_err(|source| EmbeddedNatsError::Write {
+            path: spec.config_file.display().to_string(),
+            source,
         })?;
         let mut child = Command::new(spec.bin)
-            .args(["-a", "127.0.0.1", "-p", &spec.port.to_string(), "-js", "-sd"])
+            .args(["-a", spec.host(), "-p", &spec.port.to_string(), "-js", "-sd"])
             .arg(spec.store_dir)
             .arg("-c")
             .arg(spec.config_file)

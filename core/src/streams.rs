@@ -128,6 +128,13 @@ pub fn durable(
     }
 }
 
+/// The idle heartbeat asked of the server on each pull. A pull request can be lost with
+/// a node (its consumer's leader died, or this client moved to another server and the
+/// server dropped the request); the client notices after two missed beats and pulls
+/// again. With async-nats's default (15 s) a router stalled for 30 s after a node died
+/// (`tests/tests/cluster.rs`).
+pub const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+
 /// Runs `handle` on each message of the durable pull consumer `config` (created or
 /// updated) on `stream`, `concurrency` at once, until `shutdown`; messages in progress
 /// finish first. A failed pull is logged and retried after a second.
@@ -157,6 +164,8 @@ where
         .create_consumer(config)
         .await
         .map_err(|e| failed(&e))?
+        .stream()
+        .heartbeat(PULL_HEARTBEAT)
         .messages()
         .await
         .map_err(|e| failed(&e))?;

@@ -36,9 +36,8 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(bus: &Bus, timeout: Duration) -> Publisher {
-        // A lost ack is given up on halfway through the deadline, leaving time for a retry.
         let jetstream = jetstream::ContextBuilder::new()
-            .timeout(timeout / 2)
+            .timeout(ack_wait(timeout))
             .build(bus.client.clone());
         Publisher {
             client: bus.client.clone(),
@@ -91,6 +90,14 @@ impl Publisher {
             }),
         }
     }
+}
+
+/// How long one attempt waits for its ack: half the deadline, leaving time for a retry,
+/// and at most a second. While a stream elects a new leader its followers take publishes
+/// without answering, so only this ends an attempt; kept short, the retry reaches the
+/// new leader soon after the election (measured in `tests/tests/cluster.rs`).
+fn ack_wait(deadline: Duration) -> Duration {
+    (deadline / 2).min(Duration::from_secs(1))
 }
 
 /// Errors a stream-leader election or a reconnect produces, which a retry can outlast.

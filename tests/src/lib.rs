@@ -3,6 +3,8 @@
 //! - [`NatsServer`]: a `nats-server` (2.11 or newer) on a free loopback port with its
 //!   own temporary JetStream store; it can be stopped, restarted on the same port and
 //!   store, and paused (SIGSTOP) to play a server that no longer answers.
+//! - [`NatsCluster`]: such servers clustered on 127.0.0.1, 127.0.0.2, …, whose nodes
+//!   can be killed and started again.
 //! - [`PgDatabase`]: a freshly created Postgres database, dropped afterwards.
 //! - [`SqliteFile`]: a fresh SQLite file in a temporary folder.
 //! - [`receiver::Receiver`]: an HTTP receiver on loopback that records what it is sent.
@@ -14,7 +16,7 @@ mod nats;
 mod postgres;
 pub mod receiver;
 
-pub use nats::{nats_server_bin, NatsServer};
+pub use nats::{nats_server_bin, NatsCluster, NatsServer};
 pub use postgres::PgDatabase;
 
 use std::future::Future;
@@ -75,6 +77,14 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("binding an ephemeral port")
         .port()
+}
+
+/// Two distinct ports on `host` that were free a moment ago.
+pub fn free_ports(host: &str) -> [u16; 2] {
+    let bind = || TcpListener::bind((host, 0)).expect("binding an ephemeral port");
+    // Both held at once, so they differ.
+    let (a, b) = (bind(), bind());
+    [a, b].map(|l| l.local_addr().expect("a bound address").port())
 }
 
 /// Polls `check` until it yields `Some`, or panics with `what` after `timeout`.

@@ -1,7 +1,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use hookyard_core::embedded_nats::{server_bin, EmbeddedNats, ServerSpec};
+use hookyard_core::embedded_nats::{server_bin, ClusterNode, EmbeddedNats, ServerSpec};
 
 pub use hookyard_core::embedded_nats::server_bin as nats_server_bin;
 
@@ -9,10 +9,74 @@ pub use hookyard_core::embedded_nats::server_bin as nats_server_bin;
 pub struct NatsServer {
     pub port: u16,
     pub url: String,
+    /// The server's name in a cluster (`n1`, `n2`, …); empty for a single server.
+    pub name: String,
+    host: String,
+    /// In a cluster: the route port, and the other nodes' route addresses.
+    cluster: Option<(u16, Vec<String>)>,
     bin: std::path::PathBuf,
     max_payload_mb: usize,
     dir: tempfile::TempDir,
     process: Option<EmbeddedNats>,
+}
+
+/// Servers clustered on 127.0.0.1, 127.0.0.2, …, each with its own JetStream store; a
+/// node can be killed and started again.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `size` nodes; returns once each accepts clients (JetStream elects its
+    /// leaders a little later: wait for a stream operation to succeed).
+    pub fn start(size: usize) -> NatsCluster {
+        let hosts: Vec<String> = (1..=size).map(|i| format!("127.0.0.{i}")).collect();
+        let ports: Vec<[u16; 2]> = hosts.iter().map(|host| crate::free_ports(host)).collect();
+        let routes: Vec<String> = hosts
+            .iter()
+            .zip(&ports)
+            .map(|(host, [_, route])| format!("{host}:{route}"))
+            .collect();
+        let nodes = hosts
+            .iter()
+            .zip(&ports)
+            .enumerate()
+            .map(|(i, (host, &[port, route_port]))| {
+                let others = routes
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, r)| r.clone());
+                let mut node = NatsServer {
+                    port,
+                    url: format!("nats://{host}:{port}"),
+                    name: format!("n{}", i + 1),
+                    host: host.clone(),
+                    cluster: Some((route_port, others.collect())),
+                    bin: server_bin(),
+                    dir: tempfile::tempdir().expect("temporary folder"),
+                    max_payload_mb: 16,
+                    process: None,
+                };
+                node.spawn();
+                node
+            })
+            .collect();
+        NatsCluster { nodes }
+    }
+
+    /// Every node's client URL, comma separated (as `HOOKYARD_NATS_URL` takes them).
+    pub fn urls(&self) -> String {
+        self.nodes.iter().map(|n| n.url.as_str()).collect::<Vec<_>>().join(",")
+    }
+
+    /// The node named `name`.
+    pub fn node(&mut self, name: &str) -> &mut NatsServer {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
 }
 
 impl NatsServer {
@@ -37,6 +101,9 @@ impl NatsServer {
         let mut server = NatsServer {
             port,
             url: format!("nats://127.0.0.1:{port}"),
+            name: String::new(),
+            host: "127.0.0.1".into(),
+            cluster: None,
             bin: bin.to_path_buf(),
             dir: tempfile::tempdir().expect("temporary folder"),
             max_payload_mb,
@@ -53,6 +120,12 @@ impl NatsServer {
             store_dir: &self.dir.path().join("js"),
             config_file: &self.dir.path().join("nats.conf"),
             max_payload_mb: self.max_payload_mb,
+            cluster: self.cluster.as_ref().map(|(cluster_port, routes)| ClusterNode {
+                name: &self.name,
+                host: &self.host,
+                cluster_port: *cluster_port,
+                routes,
+            }),
         };
         let process = EmbeddedNats::start(&spec, Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}"));
         self.process = Some(process);

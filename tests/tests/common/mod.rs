@@ -58,20 +58,13 @@ pub async fn start_ingest_with(
         .unwrap_or_else(|| sqlite.as_ref().unwrap().url.clone());
     let mut config = test_config(&nats, &url);
     tweak(&mut config);
-    let store = Store::connect(&config.database_url, test_cipher()).await.unwrap();
-    let environment = store.ensure_environment(&"dev".parse().unwrap()).await.unwrap();
-    add_integration(&store, &environment, "demo").await;
-    for integration in &integrations {
-        store.create_integration(&environment, integration).await.unwrap();
-    }
-    let bus = Bus::connect(&config, "test-ingest").await.unwrap();
-    let shutdown = CancellationToken::new();
-    let ingest: Arc<Ingest> = Ingest::start(&config, store.clone(), bus.clone(), shutdown.clone())
-        .await
-        .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let server = tokio::spawn(hookyard_ingest::serve(listener, ingest, shutdown.clone()));
+    let (store, environment) = demo_store(&config, &integrations).await;
+    let Served {
+        bus,
+        base,
+        shutdown,
+        server,
+    } = serve_ingest(&config, &store).await;
     Running {
         nats,
         config,
@@ -84,6 +77,45 @@ pub async fn start_ingest_with(
         shutdown,
         server,
         _sqlite: sqlite,
+    }
+}
+
+/// The store of `config` with a `dev` environment holding a `demo` integration and
+/// `integrations`.
+pub async fn demo_store(config: &Config, integrations: &[NewIntegration]) -> (Store, Environment) {
+    let store = Store::connect(&config.database_url, test_cipher()).await.unwrap();
+    let environment = store.ensure_environment(&"dev".parse().unwrap()).await.unwrap();
+    add_integration(&store, &environment, "demo").await;
+    for integration in integrations {
+        store.create_integration(&environment, integration).await.unwrap();
+    }
+    (store, environment)
+}
+
+/// Ingest serving on a free loopback port until `shutdown`.
+pub struct Served {
+    pub bus: Bus,
+    /// `http://127.0.0.1:port`.
+    pub base: String,
+    pub shutdown: CancellationToken,
+    pub server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Starts ingest with `config` on `store` (it creates or updates the streams).
+pub async fn serve_ingest(config: &Config, store: &Store) -> Served {
+    let bus = Bus::connect(config, "test-ingest").await.unwrap();
+    let shutdown = CancellationToken::new();
+    let ingest: Arc<Ingest> = Ingest::start(config, store.clone(), bus.clone(), shutdown.clone())
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(hookyard_ingest::serve(listener, ingest, shutdown.clone()));
+    Served {
+        bus,
+        base,
+        shutdown,
+        server,
     }
 }
 
