@@ -128,12 +128,45 @@ pub fn durable(
     }
 }
 
-/// The idle heartbeat asked of the server on each pull. A pull request can be lost with
-/// a node (its consumer's leader died, or this client moved to another server and the
-/// server dropped the request); the client notices after two missed beats and pulls
-/// again. With async-nats's default (15 s) a router stalled for 30 s after a node died
-/// (`tests/tests/cluster.rs`).
-pub const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+/// The idle heartbeat asked of the server on each pull: two missed beats mean the pull
+/// was lost (see [`pull`]).
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+
+/// The messages of `consumer`, `batch` per pull (async-nats's default when `None`).
+///
+/// A pull request can be lost without a word: sent to a new replicated consumer before
+/// it has a leader, held by a leader that died, or dropped with this client's server.
+/// async-nats reports the missed heartbeats but pulls again only when the pull expires
+/// (35 s); the router sat idle that long in `tests/tests/cluster.rs`. Here a missed
+/// heartbeat is passed on as an error and the next item comes from a fresh pull.
+pub fn pull(
+    consumer: jetstream::consumer::PullConsumer,
+    batch: Option<usize>,
+) -> impl futures::Stream<Item = Result<jetstream::Message, async_nats::Error>> {
+    use futures::StreamExt as _;
+    use jetstream::consumer::pull::MessagesErrorKind;
+    futures::stream::unfold((consumer, None), move |(consumer, current)| async move {
+        let mut messages = match current {
+            Some(messages) => messages,
+            None => {
+                let mut builder = consumer.stream().heartbeat(PULL_HEARTBEAT);
+                if let Some(batch) = batch {
+                    builder = builder.max_messages_per_batch(batch);
+                }
+                match builder.messages().await {
+                    Ok(messages) => messages,
+                    Err(error) => return Some((Err(error.into()), (consumer, None))),
+                }
+            }
+        };
+        match messages.next().await? {
+            Err(error) if error.kind() == MessagesErrorKind::MissingHeartbeat => {
+                Some((Err(error.into()), (consumer, None)))
+            }
+            next => Some((next.map_err(Into::into), (consumer, Some(messages)))),
+        }
+    })
+}
 
 /// Runs `handle` on each message of the durable pull consumer `config` (created or
 /// updated) on `stream`, `concurrency` at once, until `shutdown`; messages in progress
@@ -157,20 +190,15 @@ where
         consumer: consumer_name.clone(),
         message: e.to_string(),
     };
-    let messages = jetstream
+    let consumer = jetstream
         .get_stream(stream)
         .await
         .map_err(|e| failed(&e))?
         .create_consumer(config)
         .await
-        .map_err(|e| failed(&e))?
-        .stream()
-        .heartbeat(PULL_HEARTBEAT)
-        .messages()
-        .await
         .map_err(|e| failed(&e))?;
     tracing::info!("{consumer_name} consuming {stream}");
-    messages
+    pull(consumer, None)
         .take_until(shutdown.cancelled_owned())
         .for_each_concurrent(concurrency, |message| {
             let handled = message.map(&handle);

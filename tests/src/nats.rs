@@ -9,15 +9,21 @@ pub use hookyard_core::embedded_nats::server_bin as nats_server_bin;
 pub struct NatsServer {
     pub port: u16,
     pub url: String,
-    /// The server's name in a cluster (`n1`, `n2`, …); empty for a single server.
-    pub name: String,
     host: String,
-    /// In a cluster: the route port, and the other nodes' route addresses.
-    cluster: Option<(u16, Vec<String>)>,
+    cluster: Option<Membership>,
     bin: std::path::PathBuf,
     max_payload_mb: usize,
     dir: tempfile::TempDir,
     process: Option<EmbeddedNats>,
+}
+
+/// A node's place in a cluster.
+struct Membership {
+    /// `n1`, `n2`, …: what JetStream names as a stream's leader.
+    name: String,
+    route_port: u16,
+    /// The other nodes' route addresses.
+    routes: Vec<String>,
 }
 
 /// Servers clustered on 127.0.0.1, 127.0.0.2, …, each with its own JetStream store; a
@@ -47,19 +53,12 @@ impl NatsCluster {
                     .enumerate()
                     .filter(|(j, _)| *j != i)
                     .map(|(_, r)| r.clone());
-                let mut node = NatsServer {
-                    port,
-                    url: format!("nats://{host}:{port}"),
+                let membership = Membership {
                     name: format!("n{}", i + 1),
-                    host: host.clone(),
-                    cluster: Some((route_port, others.collect())),
-                    bin: server_bin(),
-                    dir: tempfile::tempdir().expect("temporary folder"),
-                    max_payload_mb: 16,
-                    process: None,
+                    route_port,
+                    routes: others.collect(),
                 };
-                node.spawn();
-                node
+                NatsServer::started(&server_bin(), host, port, 16, Some(membership))
             })
             .collect();
         NatsCluster { nodes }
@@ -74,7 +73,7 @@ impl NatsCluster {
     pub fn node(&mut self, name: &str) -> &mut NatsServer {
         self.nodes
             .iter_mut()
-            .find(|n| n.name == name)
+            .find(|n| n.name() == name)
             .unwrap_or_else(|| panic!("no node {name}"))
     }
 }
@@ -97,13 +96,21 @@ impl NatsServer {
     }
 
     fn start_custom(bin: &std::path::Path, max_payload_mb: usize) -> NatsServer {
-        let port = crate::free_port();
+        Self::started(bin, "127.0.0.1", crate::free_port(), max_payload_mb, None)
+    }
+
+    fn started(
+        bin: &std::path::Path,
+        host: &str,
+        port: u16,
+        max_payload_mb: usize,
+        cluster: Option<Membership>,
+    ) -> NatsServer {
         let mut server = NatsServer {
             port,
-            url: format!("nats://127.0.0.1:{port}"),
-            name: String::new(),
-            host: "127.0.0.1".into(),
-            cluster: None,
+            url: format!("nats://{host}:{port}"),
+            host: host.into(),
+            cluster,
             bin: bin.to_path_buf(),
             dir: tempfile::tempdir().expect("temporary folder"),
             max_payload_mb,
@@ -113,6 +120,11 @@ impl NatsServer {
         server
     }
 
+    /// The server's name in a cluster (`n1`, `n2`, …); empty for a single server.
+    pub fn name(&self) -> &str {
+        self.cluster.as_ref().map_or("", |c| c.name.as_str())
+    }
+
     fn spawn(&mut self) {
         let spec = ServerSpec {
             bin: &self.bin,
@@ -120,11 +132,11 @@ impl NatsServer {
             store_dir: &self.dir.path().join("js"),
             config_file: &self.dir.path().join("nats.conf"),
             max_payload_mb: self.max_payload_mb,
-            cluster: self.cluster.as_ref().map(|(cluster_port, routes)| ClusterNode {
-                name: &self.name,
+            cluster: self.cluster.as_ref().map(|c| ClusterNode {
+                name: &c.name,
                 host: &self.host,
-                cluster_port: *cluster_port,
-                routes,
+                cluster_port: c.route_port,
+                routes: &c.routes,
             }),
         };
         let process = EmbeddedNats::start(&spec, Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}"));

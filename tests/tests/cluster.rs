@@ -326,8 +326,8 @@ async fn every_acknowledged_webhook_is_kept_and_routed_once_through_the_loss_of_
         },
     )
     .await;
-    // Here 5–12 s with `router.ack_wait` at 5 s; a pull request lost with the node used
-    // to stall the router for 30 s more (async-nats's default idle heartbeat).
+    // Here 2–12 s with `router.ack_wait` at 5 s. A lost pull request used to leave the
+    // router idle until the pull expired, 35 s (see `streams::pull`).
     let caught_up = outage.killed_at.elapsed();
     eprintln!("every webhook routed {caught_up:?} after the kill");
     assert!(caught_up < Duration::from_secs(25), "the router stalled: {caught_up:?}");

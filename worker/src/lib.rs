@@ -37,7 +37,7 @@ use hookyard_core::store::notices::SyncNotice;
 use hookyard_core::store::records::RecordScope;
 use hookyard_core::store::records::WriteCounts;
 use hookyard_core::store::StoreError;
-use hookyard_core::streams::{durable, Bus, StreamsError, CONN_STREAM, PULL_HEARTBEAT};
+use hookyard_core::streams::{durable, Bus, StreamsError, CONN_STREAM};
 use hookyard_core::trace_context::continue_trace;
 use hookyard_core::{Config, Store};
 use hookyard_functions::pool::{Batch, Pool};
@@ -145,13 +145,7 @@ impl Worker {
             .await
             .map_err(jetstream_error)?;
         let refresher = tokio::spawn(self.clone().refresh_loop(shutdown.clone()));
-        let mut messages = consumer
-            .stream()
-            .max_messages_per_batch(batch)
-            .heartbeat(PULL_HEARTBEAT)
-            .messages()
-            .await
-            .map_err(jetstream_error)?;
+        let mut messages = Box::pin(hookyard_core::streams::pull(consumer, Some(batch)));
         tracing::info!(threads = self.pool.threads(), batch, "worker consuming {CONN_STREAM}");
         let in_flight = Arc::new(tokio::sync::Semaphore::new(GROUPS_IN_FLIGHT));
         let mut groups = tokio::task::JoinSet::new();
