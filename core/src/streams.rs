@@ -155,7 +155,11 @@ pub fn pull(
                 }
                 match builder.messages().await {
                     Ok(messages) => messages,
-                    Err(error) => return Some((Err(error.into()), (consumer, None))),
+                    Err(error) => {
+                        // Paced here: the caller asks again at once.
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        return Some((Err(error.into()), (consumer, None)));
+                    }
                 }
             }
         };
