@@ -326,7 +326,7 @@ async fn every_acknowledged_webhook_is_kept_and_routed_once_through_the_loss_of_
         },
     )
     .await;
-    // Here 2–12 s with `router.ack_wait` at 5 s. A lost pull request used to leave the
+    // Here 3–13 s with `router.ack_wait` at 5 s. A lost pull request used to leave the
     // router idle until the pull expired, 35 s (see `streams::pull`).
     let caught_up = outage.killed_at.elapsed();
     eprintln!("every webhook routed {caught_up:?} after the kill");
