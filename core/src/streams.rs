@@ -172,9 +172,69 @@ pub fn pull(
     })
 }
 
-/// Runs `handle` on each message of the durable pull consumer `config` (created or
-/// updated) on `stream`, `concurrency` at once, until `shutdown`; messages in progress
-/// finish first. A failed pull is logged and retried after a second.
+/// Creates (or updates) the durable pull consumer `config` on `stream`.
+///
+/// The server can take longer than a request's timeout to answer: a new replicated
+/// consumer is answered once its group has elected a leader, and on a new cluster in
+/// `tests/tests/cluster.rs` the router stopped on "timed out" 10 s after it started. So a
+/// timeout, a failed request or a temporary JetStream error (503) is logged and the
+/// same request sent again a second later (it is idempotent), until `shutdown`: then
+/// `None` at once. A refusal, such as a setting that cannot change, is returned.
+pub async fn durable_consumer(
+    jetstream: &jetstream::Context,
+    stream: &str,
+    config: jetstream::consumer::pull::Config,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<Option<jetstream::consumer::PullConsumer>, StreamsError> {
+    use jetstream::context::GetStreamErrorKind;
+    use jetstream::stream::ConsumerErrorKind;
+    let temporary = |error: &jetstream::Error| error.code() >= 500;
+    let consumer = config.durable_name.clone().unwrap_or_default();
+    loop {
+        let attempt = async {
+            let found = jetstream.get_stream(stream).await.map_err(|e| {
+                let retry = match e.kind() {
+                    GetStreamErrorKind::Request => true,
+                    GetStreamErrorKind::JetStream(error) => temporary(&error),
+                    _ => false,
+                };
+                (retry, e.to_string())
+            })?;
+            found.create_consumer(config.clone()).await.map_err(|e| {
+                let retry = match e.kind() {
+                    ConsumerErrorKind::TimedOut | ConsumerErrorKind::Request => true,
+                    ConsumerErrorKind::JetStream(error) => temporary(&error),
+                    _ => false,
+                };
+                (retry, e.to_string())
+            })
+        };
+        let Some(outcome) = shutdown.run_until_cancelled(attempt).await else {
+            return Ok(None);
+        };
+        match outcome {
+            Ok(created) => return Ok(Some(created)),
+            Err((true, error)) => {
+                tracing::warn!(stream, consumer, %error, "setting up the consumer failed; retrying");
+                let pause = tokio::time::sleep(Duration::from_secs(1));
+                if shutdown.run_until_cancelled(pause).await.is_none() {
+                    return Ok(None);
+                }
+            }
+            Err((false, message)) => {
+                return Err(StreamsError::Consume {
+                    stream: stream.to_string(),
+                    consumer,
+                    message,
+                })
+            }
+        }
+    }
+}
+
+/// Runs `handle` on each message of the durable pull consumer `config` (see
+/// [`durable_consumer`]) on `stream`, `concurrency` at once, until `shutdown`; messages
+/// in progress finish first. A failed pull is logged and retried after a second.
 pub async fn consume<F, Fut>(
     jetstream: &jetstream::Context,
     stream: &str,
@@ -189,18 +249,9 @@ where
 {
     use futures::StreamExt as _;
     let consumer_name = config.durable_name.clone().unwrap_or_default();
-    let failed = |e: &dyn std::fmt::Display| StreamsError::Consume {
-        stream: stream.to_string(),
-        consumer: consumer_name.clone(),
-        message: e.to_string(),
+    let Some(consumer) = durable_consumer(jetstream, stream, config, &shutdown).await? else {
+        return Ok(());
     };
-    let consumer = jetstream
-        .get_stream(stream)
-        .await
-        .map_err(|e| failed(&e))?
-        .create_consumer(config)
-        .await
-        .map_err(|e| failed(&e))?;
     tracing::info!("{consumer_name} consuming {stream}");
     pull(consumer, None)
         .take_until(shutdown.cancelled_owned())

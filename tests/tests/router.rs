@@ -3,7 +3,8 @@
 //! kept, deleted connections are not matched (also by a burst already in flight),
 //! webhooks wait out a Postgres outage, a changed routing rule takes effect,
 //! a router that dies mid-batch
-//! publishes nothing twice, and an envelope from a newer ingest waits for a router
+//! publishes nothing twice, a router started while NATS does not answer waits for it,
+//! and an envelope from a newer ingest waits for a router
 //! that reads it.
 
 mod common;
@@ -460,6 +461,45 @@ async fn a_router_dying_mid_batch_publishes_each_event_once() {
     let distinct = targets(&published);
     assert_eq!(distinct.len(), 300);
     assert!(published.iter().all(|e| e.connection_id.is_some()));
+}
+
+/// A router starting while NATS does not answer (here frozen; on a new cluster, a
+/// replicated consumer is answered once it has elected a leader) waits for it, and
+/// stops at once when told to, instead of stopping on "timed out".
+#[tokio::test]
+async fn a_router_started_while_nats_does_not_answer_waits_for_it() {
+    let db = PgDatabase::create().await;
+    let ingest = start(&db).await;
+    post(
+        &ingest,
+        "gitlab",
+        "?connection_id=acme",
+        &[],
+        r#"{"object_kind": "push"}"#,
+    )
+    .await;
+    ingest.nats.pause();
+    let spawn_router = |shutdown: &CancellationToken| {
+        let router = Arc::new(Router::new(ingest.store.clone(), &ingest.bus, &ingest.config).unwrap());
+        tokio::spawn(router.run(shutdown.clone()))
+    };
+    let (stop_first, stop_second) = (CancellationToken::new(), CancellationToken::new());
+    let (mut first, mut second) = (spawn_router(&stop_first), spawn_router(&stop_second));
+    // Past the first request's failure: finding the stream timed out after 10 s, and
+    // the router used to stop on that.
+    let waited = tokio::time::timeout(Duration::from_secs(12), &mut first).await;
+    assert!(waited.is_err(), "the router stopped: {waited:?}");
+    assert!(!second.is_finished(), "the router stopped: {:?}", (&mut second).await);
+    stop_first.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(1), first).await;
+    assert!(matches!(stopped, Ok(Ok(Ok(())))), "{stopped:?}");
+
+    ingest.nats.resume();
+    let published = routed(&ingest).await;
+    assert_eq!(published.len(), 1);
+    assert_eq!(published[0].connection_id.as_deref(), Some("acme"));
+    stop_second.cancel();
+    second.await.unwrap().unwrap();
 }
 
 #[tokio::test]

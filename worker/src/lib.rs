@@ -37,7 +37,7 @@ use hookyard_core::store::notices::SyncNotice;
 use hookyard_core::store::records::RecordScope;
 use hookyard_core::store::records::WriteCounts;
 use hookyard_core::store::StoreError;
-use hookyard_core::streams::{durable, Bus, StreamsError, CONN_STREAM};
+use hookyard_core::streams::{durable, durable_consumer, Bus, StreamsError, CONN_STREAM};
 use hookyard_core::trace_context::continue_trace;
 use hookyard_core::{Config, Store};
 use hookyard_functions::pool::{Batch, Pool};
@@ -129,21 +129,20 @@ impl Worker {
     /// Consumes `HOOKS_CONN` until `shutdown`; groups in progress finish first.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), WorkerError> {
         self.deployments.refresh().await?;
-        let stream = self.jetstream.get_stream(CONN_STREAM).await.map_err(jetstream_error)?;
         let batch = self.config.batch;
         // Create or update: a changed `worker.ack_wait` takes effect at the next start.
-        let consumer = stream
-            .create_consumer(pull::Config {
-                filter_subject: "hooks.conn.>".into(),
-                ..durable(
-                    CONSUMER,
-                    "hookyard worker: onWebhook functions",
-                    self.config.ack_wait,
-                    batch * GROUPS_IN_FLIGHT * 2,
-                )
-            })
-            .await
-            .map_err(jetstream_error)?;
+        let config = pull::Config {
+            filter_subject: "hooks.conn.>".into(),
+            ..durable(
+                CONSUMER,
+                "hookyard worker: onWebhook functions",
+                self.config.ack_wait,
+                batch * GROUPS_IN_FLIGHT * 2,
+            )
+        };
+        let Some(consumer) = durable_consumer(&self.jetstream, CONN_STREAM, config, &shutdown).await? else {
+            return Ok(());
+        };
         let refresher = tokio::spawn(self.clone().refresh_loop(shutdown.clone()));
         let mut messages = Box::pin(hookyard_core::streams::pull(consumer, Some(batch)));
         tracing::info!(threads = self.pool.threads(), batch, "worker consuming {CONN_STREAM}");
