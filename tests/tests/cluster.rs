@@ -1,6 +1,6 @@
-//! Ingest and the router on a three-node NATS cluster with replicated streams
+//! The pipeline on a three-node NATS cluster with replicated streams
 //! (`streams.replicas = 3`), through the loss of a node: killed (SIGKILL) while webhooks
-//! are being posted.
+//! are being posted (ingest and the router) or routed events published (the worker).
 
 mod common;
 
@@ -9,13 +9,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
+use async_nats::jetstream::consumer::pull;
+use async_nats::jetstream::stream::ClusterInfo;
+use common::pipeline::{harness_on, routed, sync, Harness};
 use common::{demo_store, serve_ingest, test_config, Served};
 use futures::FutureExt as _;
 use hookyard_core::routed::RoutedEvent;
 use hookyard_core::streams::{Bus, CONN_STREAM, RAW_STREAM};
-use hookyard_core::Envelope;
+use hookyard_core::{Config, Envelope};
 use hookyard_router::Router;
-use hookyard_testkit::{eventually, NatsCluster, SqliteFile};
+use hookyard_testkit::{eventually, NatsCluster, PgDatabase, SqliteFile};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 /// How one post was answered.
@@ -84,7 +88,7 @@ async fn post_and_kill(
             let kill = kill.to_string();
             let led_again = tokio::spawn(async move {
                 eventually("HOOKS_RAW to be led again", Duration::from_secs(60), || async {
-                    raw_leader_now(&jetstream).await.filter(|leader| *leader != kill)
+                    RAW.leader_now(&jetstream).await.filter(|leader| *leader != kill)
                 })
                 .await;
                 killed_at.elapsed()
@@ -131,48 +135,76 @@ impl Outage {
     }
 }
 
-/// The server leading `HOOKS_RAW`, if it has one that answers.
-async fn raw_leader_now(jetstream: &jetstream::Context) -> Option<String> {
-    let stream = jetstream.get_stream(RAW_STREAM).await.ok()?;
-    stream.cached_info().cluster.as_ref()?.leader.clone()
+/// What JetStream elects a leader for: a stream, or a consumer of one.
+#[derive(Clone, Copy, Debug)]
+enum Replicated {
+    Stream(&'static str),
+    Consumer(&'static str, &'static str),
 }
 
-/// The server leading `HOOKS_RAW`, once there is one.
-async fn raw_leader(bus: &Bus) -> String {
-    eventually("HOOKS_RAW to have a leader", Duration::from_secs(30), || {
-        raw_leader_now(&bus.jetstream)
-    })
-    .await
-}
+const RAW: Replicated = Replicated::Stream(RAW_STREAM);
+const FUNCTIONS: Replicated = Replicated::Consumer(CONN_STREAM, hookyard_worker::CONSUMER);
 
-/// The leader of `HOOKS_RAW`, made to step down if it is `node`.
-async fn leader_other_than(bus: &Bus, node: &str) -> String {
-    if raw_leader(bus).await == node {
-        bus.client
-            .request(format!("$JS.API.STREAM.LEADER.STEPDOWN.{RAW_STREAM}"), "".into())
-            .await
-            .unwrap();
+impl Replicated {
+    /// Its replicas as they are now; `None` while it has no leader that answers.
+    async fn cluster(self, jetstream: &jetstream::Context) -> Option<ClusterInfo> {
+        let (stream, consumer) = match self {
+            Replicated::Stream(stream) => (stream, None),
+            Replicated::Consumer(stream, consumer) => (stream, Some(consumer)),
+        };
+        let stream = jetstream.get_stream(stream).await.ok()?;
+        match consumer {
+            None => stream.cached_info().cluster.clone(),
+            Some(name) => {
+                let consumer = stream.get_consumer::<pull::Config>(name).await.ok()?;
+                consumer.cached_info().cluster.clone()
+            }
+        }
     }
-    eventually("a leader on another node", Duration::from_secs(30), || async {
-        Some(raw_leader(bus).await).filter(|leader| leader != node)
-    })
-    .await
-}
 
-/// Waits until `HOOKS_RAW` has a leader and both other replicas are current.
-async fn fully_replicated(bus: &Bus) {
-    eventually(
-        "HOOKS_RAW's replicas to be current",
-        Duration::from_secs(60),
-        || async {
-            let mut stream = bus.jetstream.get_stream(RAW_STREAM).await.ok()?;
-            let info = stream.info().await.ok()?;
-            let cluster = info.cluster.as_ref()?;
-            (cluster.leader.is_some() && cluster.replicas.len() == 2 && cluster.replicas.iter().all(|r| r.current))
-                .then_some(())
-        },
-    )
-    .await
+    /// The server leading it, if it has one that answers.
+    async fn leader_now(self, jetstream: &jetstream::Context) -> Option<String> {
+        self.cluster(jetstream).await?.leader
+    }
+
+    /// The server leading it, once there is one.
+    async fn leader(self, bus: &Bus) -> String {
+        eventually(&format!("{self:?} to have a leader"), Duration::from_secs(30), || {
+            self.leader_now(&bus.jetstream)
+        })
+        .await
+    }
+
+    /// Its leader, made to step down if it is `node`.
+    async fn leader_other_than(self, bus: &Bus, node: &str) -> String {
+        if self.leader(bus).await == node {
+            let subject = match self {
+                Replicated::Stream(stream) => format!("$JS.API.STREAM.LEADER.STEPDOWN.{stream}"),
+                Replicated::Consumer(stream, consumer) => {
+                    format!("$JS.API.CONSUMER.LEADER.STEPDOWN.{stream}.{consumer}")
+                }
+            };
+            bus.client.request(subject, "".into()).await.unwrap();
+        }
+        eventually("a leader on another node", Duration::from_secs(30), || async {
+            Some(self.leader(bus).await).filter(|leader| leader != node)
+        })
+        .await
+    }
+
+    /// Waits until it has a leader and both other replicas are current.
+    async fn fully_replicated(self, bus: &Bus) {
+        eventually(
+            &format!("{self:?}'s replicas to be current"),
+            Duration::from_secs(60),
+            || async {
+                let cluster = self.cluster(&bus.jetstream).await?;
+                (cluster.leader.is_some() && cluster.replicas.len() == 2 && cluster.replicas.iter().all(|r| r.current))
+                    .then_some(())
+            },
+        )
+        .await
+    }
 }
 
 /// Every message stored in `stream`, in order. (A stream that lost its leader with a
@@ -192,6 +224,48 @@ async fn stored(bus: &Bus, stream: &str) -> Vec<jetstream::message::StreamMessag
     messages
 }
 
+/// A connection to `config`'s cluster, once the cluster has taken its replicated
+/// streams (a new cluster elects its leaders first).
+async fn replicated_streams(config: &Config) -> Bus {
+    let bus = Bus::connect(config, "test").await.unwrap();
+    eventually(
+        "the cluster to take replicated streams",
+        Duration::from_secs(60),
+        || async { bus.ensure_streams(&config.streams).await.ok() },
+    )
+    .await;
+    bus
+}
+
+/// What the server says of a consumer, for a failure's message.
+async fn consumer_state(bus: &Bus, stream: &str, consumer: &str) -> String {
+    let info = async {
+        let stream = bus.jetstream.get_stream(stream).await.ok()?;
+        let mut consumer = stream.get_consumer::<pull::Config>(consumer).await.ok()?;
+        consumer.info().await.ok().cloned()
+    };
+    match info.await {
+        Some(i) => format!(
+            "consumer {consumer}: {} pending, {} awaiting an ack, {} pull requests waiting, delivered {:?}, acked through {:?}, leader {:?}",
+            i.num_pending,
+            i.num_ack_pending,
+            i.num_waiting,
+            i.delivered,
+            i.ack_floor,
+            i.cluster.and_then(|c| c.leader),
+        ),
+        None => format!("consumer {consumer}: no answer"),
+    }
+}
+
+/// Warnings (the pipeline's, async-nats's) in the test's output: shown when it fails.
+fn show_warnings() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_test_writer()
+        .try_init();
+}
+
 async fn post_delivery(http: &reqwest::Client, url: &str, id: &str) -> serde_json::Value {
     let response = http
         .post(url)
@@ -207,6 +281,7 @@ async fn post_delivery(http: &reqwest::Client, url: &str, id: &str) -> serde_jso
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_webhook_is_kept_and_routed_once_through_the_loss_of_a_node() {
     const EACH: usize = 300;
+    show_warnings();
     let mut cluster = NatsCluster::start(3);
     let sqlite = SqliteFile::create();
     let mut config = test_config(&cluster.nodes[0], &sqlite.url);
@@ -214,13 +289,7 @@ async fn every_acknowledged_webhook_is_kept_and_routed_once_through_the_loss_of_
     config.streams.replicas = 3;
     // Longer than an election (here 4–8 s after the leader dies).
     config.ingest.publish_timeout = Duration::from_secs(30);
-    let bus = Bus::connect(&config, "test").await.unwrap();
-    eventually(
-        "the cluster to take replicated streams",
-        Duration::from_secs(60),
-        || async { bus.ensure_streams(&config.streams).await.ok() },
-    )
-    .await;
+    let bus = replicated_streams(&config).await;
     let (store, environment) = demo_store(&config, &[]).await;
     let Served {
         bus: ingest_bus, base, ..
@@ -239,7 +308,7 @@ async fn every_acknowledged_webhook_is_kept_and_routed_once_through_the_loss_of_
     // 1. The stream's leader dies, on a node ingest is not connected to: a new leader is
     //    elected while publishes wait, and ingest's retries (same message id) reach it.
     let connected = ingest_bus.client.server_info().server_name;
-    let leader = leader_other_than(&bus, &connected).await;
+    let leader = RAW.leader_other_than(&bus, &connected).await;
     let outage = post_and_kill(&url, 0..EACH, EACH / 3, &mut cluster, &leader, &bus).await;
     eprintln!("leader {leader} killed: {}", outage.describe());
     let refused: Vec<usize> = outage
@@ -264,7 +333,7 @@ async fn every_acknowledged_webhook_is_kept_and_routed_once_through_the_loss_of_
         "answers lagged the election: {}",
         outage.describe()
     );
-    assert_ne!(raw_leader(&bus).await, leader);
+    assert_ne!(RAW.leader(&bus).await, leader);
     // The duplicate window lives on in the new leader.
     assert_eq!(post_delivery(&http, &url, "failover-1").await["duplicate"], true);
 
@@ -272,9 +341,9 @@ async fn every_acknowledged_webhook_is_kept_and_routed_once_through_the_loss_of_
     //    disconnected are answered 503 with Retry-After, and a provider's retry of them
     //    is taken once ingest has reconnected to another node, without a restart.
     cluster.node(&leader).restart();
-    fully_replicated(&bus).await;
+    RAW.fully_replicated(&bus).await;
     let connected = ingest_bus.client.server_info().server_name;
-    leader_other_than(&bus, &connected).await;
+    RAW.leader_other_than(&bus, &connected).await;
     let outage = post_and_kill(&url, EACH..2 * EACH, EACH / 3, &mut cluster, &connected, &bus).await;
     let mut retried = 0;
     for answer in &outage.answers {
@@ -315,17 +384,24 @@ async fn every_acknowledged_webhook_is_kept_and_routed_once_through_the_loss_of_
 
     // And each routed once, though the router's connection or its consumer's leader
     // went down with a node.
-    eventually(
+    // Timed out outside, to say what the consumer looks like.
+    let routed_all = eventually(
         "the router to have routed every webhook",
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         || async {
+            assert!(!routing.is_finished(), "the router stopped");
             hookyard_router::acked_through(&bus.jetstream, stored_count)
                 .await
                 .ok()
                 .filter(|done| *done)
         },
-    )
-    .await;
+    );
+    if tokio::time::timeout(Duration::from_secs(60), routed_all).await.is_err() {
+        panic!(
+            "the router has not routed every webhook within 60 s; {}",
+            consumer_state(&bus, RAW_STREAM, hookyard_router::CONSUMER).await
+        );
+    }
     // Here 3–13 s with `router.ack_wait` at 5 s. A lost pull request used to leave the
     // router idle until the pull expired, 35 s (see `streams::pull`).
     let caught_up = outage.killed_at.elapsed();
@@ -344,4 +420,124 @@ async fn every_acknowledged_webhook_is_kept_and_routed_once_through_the_loss_of_
     routed.sort();
     assert_eq!(routed, (1..=stored_count).collect::<Vec<_>>());
     stop_router.cancel();
+}
+
+/// A node of `cluster` that is none of `not`.
+fn node_other_than(cluster: &NatsCluster, not: &[&str]) -> String {
+    let names = cluster.nodes.iter().map(|node| node.name());
+    names.into_iter().find(|name| !not.contains(name)).unwrap().to_string()
+}
+
+/// Connections the worker test's events are spread over.
+const CONNECTIONS: u64 = 4;
+
+/// Publishes the routed events `range` (payload `{"n": …}`) one at a time, each until it
+/// is stored, from a client of node `via` alone, and kills node `kill` once `kill_after`
+/// are stored. Returns when the kill was.
+async fn publish_and_kill(
+    h: &mut Harness<NatsCluster>,
+    via: &str,
+    range: std::ops::RangeInclusive<u64>,
+    kill_after: usize,
+    kill: &str,
+) -> Instant {
+    let client = async_nats::connect(h.nats.node(via).url.clone()).await.unwrap();
+    let jetstream = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(1))
+        .build(client);
+    let mut killed_at = None;
+    for (i, n) in range.enumerate() {
+        if i == kill_after {
+            h.nats.node(kill).stop();
+            killed_at = Some(Instant::now());
+        }
+        let event = routed(n, &format!("c{}", n % CONNECTIONS), "contact.updated", json!({"n": n}));
+        // Stored once however often it is sent: its message id is in the duplicate window.
+        eventually("a routed event to be stored", Duration::from_secs(60), || async {
+            let (subject, headers, payload) = event.to_message();
+            jetstream
+                .publish_with_headers(subject, headers, payload)
+                .await
+                .ok()?
+                .await
+                .ok()
+        })
+        .await;
+    }
+    killed_at.expect("the node was killed")
+}
+
+/// Waits for the worker to ack every event; each of `1..=total` applied once. Returns how
+/// long after `killed_at` that was.
+async fn applied_once(h: &Harness<NatsCluster>, total: u64, killed_at: Instant) -> Duration {
+    // Within the harness's own 60 s, to say what the consumer looks like.
+    if tokio::time::timeout(Duration::from_secs(50), h.drained())
+        .await
+        .is_err()
+    {
+        panic!(
+            "the worker has not applied every event within 50 s; {}",
+            consumer_state(&h.bus, CONN_STREAM, hookyard_worker::CONSUMER).await
+        );
+    }
+    let caught_up = killed_at.elapsed();
+    let mut runs = h.runs().await;
+    runs.sort();
+    assert_eq!(runs, (1..=total).collect::<Vec<_>>(), "each event applied once");
+    caught_up
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_routed_event_is_applied_once_through_the_loss_of_a_node() {
+    const EACH: u64 = 400;
+    show_warnings();
+    let cluster = NatsCluster::start(3);
+    let urls = cluster.urls();
+    let replicated = |config: &mut Config| {
+        config.nats_url = urls.clone();
+        config.streams.replicas = 3;
+    };
+    let mut config = Config::default();
+    replicated(&mut config);
+    replicated_streams(&config).await;
+    let db = PgDatabase::create().await;
+    // The harness's `worker.ack_wait` is 8 s: an event whose ack went down with a node is
+    // delivered again after that.
+    let mut h = harness_on(cluster, &urls, Some(&db.url), CONNECTIONS as usize, replicated).await;
+    h.deploy(&[("crm/syncs/runs.js", sync("['*']", ""))]).await;
+    // `hookyard worker`'s consumers, on a connection of their own.
+    let worker_bus = Bus::connect(&h.config, "test-worker").await.unwrap();
+    let worker_client = worker_bus.client.clone();
+    let stop_worker = CancellationToken::new();
+    let working = tokio::spawn({
+        let (store, config, stop) = (h.store.clone(), h.config.clone(), stop_worker.clone());
+        async move { hookyard_worker::run_all(store, &worker_bus, &config, stop).await }
+    });
+
+    // 1. The functions consumer's leader dies, not the worker's node: the worker's pull
+    //    goes down with it, and the worker pulls again from the new leader.
+    let on = worker_client.server_info().server_name;
+    let leader = FUNCTIONS.leader_other_than(&h.bus, &on).await;
+    let via = node_other_than(&h.nats, &[&leader]);
+    let killed_at = publish_and_kill(&mut h, &via, 1..=EACH, EACH as usize / 3, &leader).await;
+    let caught_up = applied_once(&h, EACH, killed_at).await;
+    eprintln!("consumer leader {leader} killed: every event applied {caught_up:?} after");
+    assert!(caught_up < Duration::from_secs(25), "the worker stalled: {caught_up:?}");
+
+    // 2. The worker's node dies, not the consumer's leader: acks in flight are lost, and
+    //    the events they were for come back and are recognised as done.
+    h.nats.node(&leader).restart();
+    Replicated::Stream(CONN_STREAM).fully_replicated(&h.bus).await;
+    FUNCTIONS.fully_replicated(&h.bus).await;
+    let on = worker_client.server_info().server_name;
+    FUNCTIONS.leader_other_than(&h.bus, &on).await;
+    let via = node_other_than(&h.nats, &[&on]);
+    let killed_at = publish_and_kill(&mut h, &via, EACH + 1..=2 * EACH, EACH as usize / 3, &on).await;
+    let caught_up = applied_once(&h, 2 * EACH, killed_at).await;
+    eprintln!("worker's node {on} killed: every event applied {caught_up:?} after");
+    assert!(caught_up < Duration::from_secs(25), "the worker stalled: {caught_up:?}");
+    assert_ne!(worker_client.server_info().server_name, on);
+    assert!(!working.is_finished(), "the worker stopped: {:?}", working.await);
+    stop_worker.cancel();
+    working.await.unwrap().unwrap();
 }

@@ -717,7 +717,7 @@ async fn a_replay_interrupted_by_nats_going_away_goes_on_when_it_is_back() {
         (replay_state(&h, id).await["published"].as_i64()? >= 2).then_some(())
     })
     .await;
-    h._nats.stop();
+    h.nats.stop();
     let interrupted = eventually(
         "the replay to say it was interrupted",
         Duration::from_secs(30),
@@ -731,7 +731,7 @@ async fn a_replay_interrupted_by_nats_going_away_goes_on_when_it_is_back() {
     )
     .await;
     assert_eq!(interrupted["status"], "running", "{interrupted}");
-    h._nats.restart();
+    h.nats.restart();
     let done = replay_done(&h, id, Duration::from_secs(60)).await;
     assert_eq!(
         (done["read"].as_i64(), done["total"].as_i64()),

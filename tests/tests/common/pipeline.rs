@@ -15,8 +15,9 @@ use hookyard_worker::Worker;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-pub struct Harness {
-    pub _nats: NatsServer,
+/// `N` is the NATS it runs on: a [`NatsServer`], or a cluster.
+pub struct Harness<N = NatsServer> {
+    pub nats: N,
     pub _sqlite: Option<SqliteFile>,
     pub config: Config,
     pub store: Store,
@@ -27,7 +28,7 @@ pub struct Harness {
     pub shutdown: CancellationToken,
 }
 
-impl Drop for Harness {
+impl<N> Drop for Harness<N> {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
@@ -42,12 +43,25 @@ pub async fn harness(database_url: Option<&str>, connections: usize) -> Harness 
 /// As [`harness`], with the configuration changed by `tweak` first.
 pub async fn harness_with(database_url: Option<&str>, connections: usize, tweak: impl FnOnce(&mut Config)) -> Harness {
     let nats = NatsServer::start();
+    let url = nats.url.clone();
+    harness_on(nats, &url, database_url, connections, tweak).await
+}
+
+/// As [`harness_with`], on `nats` reached at `nats_url` (its streams must be creatable
+/// at once: a new cluster has to elect its leaders first).
+pub async fn harness_on<N>(
+    nats: N,
+    nats_url: &str,
+    database_url: Option<&str>,
+    connections: usize,
+    tweak: impl FnOnce(&mut Config),
+) -> Harness<N> {
     let sqlite = database_url.is_none().then(SqliteFile::create);
     let url = database_url
         .map(String::from)
         .unwrap_or_else(|| sqlite.as_ref().unwrap().url.clone());
     let mut config = Config {
-        nats_url: nats.url.clone(),
+        nats_url: nats_url.to_string(),
         database_url: url,
         ..Config::default()
     };
@@ -89,7 +103,7 @@ pub async fn harness_with(database_url: Option<&str>, connections: usize, tweak:
     let shutdown = CancellationToken::new();
     tokio::spawn(hookyard_api::serve(listener, router, shutdown.clone()));
     Harness {
-        _nats: nats,
+        nats,
         _sqlite: sqlite,
         config,
         store,
@@ -98,6 +112,24 @@ pub async fn harness_with(database_url: Option<&str>, connections: usize, tweak:
         api,
         http: reqwest::Client::new(),
         shutdown,
+    }
+}
+
+/// The event the router would publish for webhook `raw_seq` of `crm`, routed to
+/// `connection`.
+pub fn routed(raw_seq: u64, connection: &str, event_type: &str, payload: Value) -> RoutedEvent {
+    RoutedEvent {
+        environment: "dev".parse().unwrap(),
+        integration: "crm".parse().unwrap(),
+        connection_id: Some(connection.to_string()),
+        unrouted: None,
+        raw_seq,
+        index: 0,
+        event_type: Some(event_type.to_string()),
+        delivery_id: format!("d{raw_seq}"),
+        payload,
+        traceparent: None,
+        origin: Default::default(),
     }
 }
 
@@ -118,7 +150,7 @@ pub fn sync(subscriptions: &str, body: &str) -> String {
     )
 }
 
-impl Harness {
+impl<N> Harness<N> {
     /// `POST /functions/deploy` with these files.
     pub async fn post_deploy(&self, files: &[(&str, String)]) -> reqwest::Response {
         let files: BTreeMap<&str, &str> = files.iter().map(|(p, s)| (*p, s.as_str())).collect();
@@ -234,20 +266,7 @@ impl Harness {
     pub async fn publish(&self, events: impl IntoIterator<Item = (u64, &str, &str, Value)>) {
         let mut acks = Vec::new();
         for (raw_seq, connection, event_type, payload) in events {
-            let event = RoutedEvent {
-                environment: "dev".parse().unwrap(),
-                integration: "crm".parse().unwrap(),
-                connection_id: Some(connection.to_string()),
-                unrouted: None,
-                raw_seq,
-                index: 0,
-                event_type: Some(event_type.to_string()),
-                delivery_id: format!("d{raw_seq}"),
-                payload,
-                traceparent: None,
-                origin: Default::default(),
-            };
-            let (subject, headers, payload) = event.to_message();
+            let (subject, headers, payload) = routed(raw_seq, connection, event_type, payload).to_message();
             acks.push(
                 self.bus
                     .jetstream
