@@ -424,8 +424,8 @@ async fn every_acknowledged_webhook_is_kept_and_routed_once_through_the_loss_of_
 
 /// A node of `cluster` that is none of `not`.
 fn node_other_than(cluster: &NatsCluster, not: &[&str]) -> String {
-    let names = cluster.nodes.iter().map(|node| node.name());
-    names.into_iter().find(|name| !not.contains(name)).unwrap().to_string()
+    let mut names = cluster.nodes.iter().map(|node| node.name());
+    names.find(|name| !not.contains(name)).unwrap().to_string()
 }
 
 /// Connections the worker test's events are spread over.
