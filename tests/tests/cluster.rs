@@ -143,6 +143,7 @@ enum Replicated {
 }
 
 const RAW: Replicated = Replicated::Stream(RAW_STREAM);
+const ROUTER: Replicated = Replicated::Consumer(RAW_STREAM, hookyard_router::CONSUMER);
 const FUNCTIONS: Replicated = Replicated::Consumer(CONN_STREAM, hookyard_worker::CONSUMER);
 
 impl Replicated {
@@ -301,6 +302,9 @@ async fn every_acknowledged_webhook_is_kept_and_routed_once_through_the_loss_of_
     let router = Arc::new(Router::new(store.clone(), &router_bus, &config).unwrap());
     let stop_router = CancellationToken::new();
     let routing = tokio::spawn(router.run(stop_router.clone()));
+    // Consuming before any node dies: a consumer whose creation met an election stayed
+    // without a leader here (its pulls answered "no responders" for over a minute).
+    ROUTER.fully_replicated(&bus).await;
     let url = format!("{base}/webhook/{}/demo", environment.webhook_id);
     let http = reqwest::Client::new();
     assert_eq!(post_delivery(&http, &url, "failover-1").await["duplicate"], false);
