@@ -128,6 +128,9 @@ pub fn durable(
     }
 }
 
+/// How long a failed pull, or a failed consumer setup, waits before it is tried again.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
+
 /// The idle heartbeat asked of the server on each pull: two missed beats mean the pull
 /// was lost (see [`pull`]).
 const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
@@ -157,7 +160,7 @@ pub fn pull(
                     Ok(messages) => messages,
                     Err(error) => {
                         // Paced here: the caller asks again at once.
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        tokio::time::sleep(RETRY_PAUSE).await;
                         return Some((Err(error.into()), (consumer, None)));
                     }
                 }
@@ -216,7 +219,7 @@ pub async fn durable_consumer(
             Ok(created) => return Ok(Some(created)),
             Err((true, error)) => {
                 tracing::warn!(stream, consumer, %error, "setting up the consumer failed; retrying");
-                let pause = tokio::time::sleep(Duration::from_secs(1));
+                let pause = tokio::time::sleep(RETRY_PAUSE);
                 if shutdown.run_until_cancelled(pause).await.is_none() {
                     return Ok(None);
                 }
@@ -262,7 +265,7 @@ where
                     Ok(handling) => handling.await,
                     Err(error) => {
                         tracing::warn!(%error, "pulling from {stream} failed; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        tokio::time::sleep(RETRY_PAUSE).await;
                     }
                 }
             }
