@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use async_nats::jetstream::consumer::pull;
+use async_nats::jetstream::consumer::{self, pull};
 use async_nats::jetstream::stream::ClusterInfo;
 use common::pipeline::{harness_on, routed, sync, Harness};
 use common::{demo_store, serve_ingest, test_config, Served};
@@ -149,17 +149,39 @@ const FUNCTIONS: Replicated = Replicated::Consumer(CONN_STREAM, hookyard_worker:
 impl Replicated {
     /// Its replicas as they are now; `None` while it has no leader that answers.
     async fn cluster(self, jetstream: &jetstream::Context) -> Option<ClusterInfo> {
-        let (stream, consumer) = match self {
-            Replicated::Stream(stream) => (stream, None),
-            Replicated::Consumer(stream, consumer) => (stream, Some(consumer)),
+        match self {
+            Replicated::Stream(stream) => {
+                let stream = jetstream.get_stream(stream).await.ok()?;
+                stream.cached_info().cluster.clone()
+            }
+            Replicated::Consumer(..) => self.consumer_info(jetstream).await?.cluster,
+        }
+    }
+
+    /// A consumer's info as the server gives it now; `None` for a stream, or while the
+    /// consumer has no leader that answers.
+    async fn consumer_info(self, jetstream: &jetstream::Context) -> Option<consumer::Info> {
+        let Replicated::Consumer(stream, name) = self else {
+            return None;
         };
         let stream = jetstream.get_stream(stream).await.ok()?;
-        match consumer {
-            None => stream.cached_info().cluster.clone(),
-            Some(name) => {
-                let consumer = stream.get_consumer::<pull::Config>(name).await.ok()?;
-                consumer.cached_info().cluster.clone()
-            }
+        let consumer = stream.get_consumer::<pull::Config>(name).await.ok()?;
+        Some(consumer.cached_info().clone())
+    }
+
+    /// What the server says of a consumer, for a failure's message.
+    async fn state(self, bus: &Bus) -> String {
+        match self.consumer_info(&bus.jetstream).await {
+            Some(i) => format!(
+                "{self:?}: {} pending, {} awaiting an ack, {} pull requests waiting, delivered {:?}, acked through {:?}, leader {:?}",
+                i.num_pending,
+                i.num_ack_pending,
+                i.num_waiting,
+                i.delivered,
+                i.ack_floor,
+                i.cluster.and_then(|c| c.leader),
+            ),
+            None => format!("{self:?}: no answer"),
         }
     }
 
@@ -236,27 +258,6 @@ async fn replicated_streams(config: &Config) -> Bus {
     )
     .await;
     bus
-}
-
-/// What the server says of a consumer, for a failure's message.
-async fn consumer_state(bus: &Bus, stream: &str, consumer: &str) -> String {
-    let info = async {
-        let stream = bus.jetstream.get_stream(stream).await.ok()?;
-        let mut consumer = stream.get_consumer::<pull::Config>(consumer).await.ok()?;
-        consumer.info().await.ok().cloned()
-    };
-    match info.await {
-        Some(i) => format!(
-            "consumer {consumer}: {} pending, {} awaiting an ack, {} pull requests waiting, delivered {:?}, acked through {:?}, leader {:?}",
-            i.num_pending,
-            i.num_ack_pending,
-            i.num_waiting,
-            i.delivered,
-            i.ack_floor,
-            i.cluster.and_then(|c| c.leader),
-        ),
-        None => format!("consumer {consumer}: no answer"),
-    }
 }
 
 /// Warnings (the pipeline's, async-nats's) in the test's output: shown when it fails.
@@ -403,7 +404,7 @@ async fn every_acknowledged_webhook_is_kept_and_routed_once_through_the_loss_of_
     if tokio::time::timeout(Duration::from_secs(60), routed_all).await.is_err() {
         panic!(
             "the router has not routed every webhook within 60 s; {}",
-            consumer_state(&bus, RAW_STREAM, hookyard_router::CONSUMER).await
+            ROUTER.state(&bus).await
         );
     }
     // Here 3–13 s with `router.ack_wait` at 5 s. A lost pull request used to leave the
@@ -481,7 +482,7 @@ async fn applied_once(h: &Harness<NatsCluster>, total: u64, killed_at: Instant) 
     {
         panic!(
             "the worker has not applied every event within 50 s; {}",
-            consumer_state(&h.bus, CONN_STREAM, hookyard_worker::CONSUMER).await
+            FUNCTIONS.state(&h.bus).await
         );
     }
     let caught_up = killed_at.elapsed();
