@@ -55,7 +55,10 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
     ensure_demo_integration(&store, &environment, &crm.url).await?;
     deploy_example(&store, &environment, &config).await?;
     let bus = Bus::connect(&config, "hookyard-dev").await?;
-    let ingest = Ingest::start(&config, store.clone(), bus.clone(), shutdown.clone()).await?;
+    let ingest = match Ingest::start(&config, store.clone(), bus.clone(), shutdown.clone()).await {
+        Err(hookyard_ingest::StartError::Stopped) => return Ok(()),
+        started => started?,
+    };
     let router = std::sync::Arc::new(hookyard_router::Router::new(store.clone(), &bus, &config)?);
     // Forwarding to an app on this machine is what dev is for.
     config.forwarding.allow_loopback = true;

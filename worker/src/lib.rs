@@ -900,7 +900,9 @@ pub async fn idle(jetstream: &jetstream::Context) -> Result<bool, WorkerError> {
 pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let store = Store::connect(&config.database_url, config.cipher()?).await?;
     let bus = Bus::connect(config, "hookyard-worker").await?;
-    bus.ensure_streams(&config.streams).await?;
+    if !bus.set_up_streams(&config.streams, &shutdown).await? {
+        return Ok(());
+    }
     hookyard_core::metrics::serve_configured(config, Some(bus.jetstream.clone()), &shutdown);
     run_all(store, &bus, config, shutdown).await?;
     Ok(())
