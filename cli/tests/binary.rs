@@ -69,6 +69,18 @@ impl Process {
         assert!(status.success());
     }
 
+    /// Runs `hookyard {args}` with `env` in a fresh folder to its exit; its status and
+    /// what it wrote on stderr.
+    async fn exit_of(args: &'static [&'static str], env: Vec<(&'static str, String)>) -> (ExitStatus, String) {
+        tokio::task::spawn_blocking(move || {
+            let dir = tempfile::tempdir().unwrap();
+            let mut process = Process::spawn(args, &env, dir.path());
+            (process.wait_exit(), process.stderr_text())
+        })
+        .await
+        .unwrap()
+    }
+
     /// Sends SIGTERM and returns the exit status.
     async fn terminate(mut self) -> ExitStatus {
         self.signal("-TERM");
@@ -236,23 +248,15 @@ async fn fake_old_nats() -> u16 {
 async fn ingest_refuses_a_nats_server_older_than_2_11() {
     let port = fake_old_nats().await;
     let sqlite = SqliteFile::create();
-    let dir = tempfile::tempdir().unwrap();
-    let mut process = Process::spawn(
+    let (status, stderr) = Process::exit_of(
         &["ingest"],
-        &[
+        vec![
             ("HOOKYARD_NATS_URL", format!("nats://127.0.0.1:{port}")),
             ("HOOKYARD_DATABASE_URL", sqlite.url.clone()),
             ("HOOKYARD_INGEST__LISTEN", format!("127.0.0.1:{}", free_port())),
         ],
-        dir.path(),
-    );
-    let status = tokio::task::spawn_blocking(move || {
-        let status = process.wait_exit();
-        (status, process.stderr_text())
-    })
-    .await
-    .unwrap();
-    let (status, stderr) = status;
+    )
+    .await;
     assert!(!status.success());
     assert!(stderr.contains("version 2.9.15"), "{stderr}");
     assert!(stderr.contains("2.11 or newer"), "{stderr}");
@@ -265,20 +269,16 @@ async fn ingest_refuses_a_nats_server_older_than_2_11() {
 async fn ingest_exits_with_the_servers_refusal_to_create_a_stream() {
     let nats = NatsServer::start();
     let sqlite = SqliteFile::create();
-    let dir = tempfile::tempdir().unwrap();
-    let mut process = Process::spawn(
+    let (status, stderr) = Process::exit_of(
         &["ingest"],
-        &[
+        vec![
             ("HOOKYARD_NATS_URL", nats.url.clone()),
             ("HOOKYARD_DATABASE_URL", sqlite.url.clone()),
             ("HOOKYARD_INGEST__LISTEN", format!("127.0.0.1:{}", free_port())),
             ("HOOKYARD_STREAMS__REPLICAS", "3".to_string()),
         ],
-        dir.path(),
-    );
-    let (status, stderr) = tokio::task::spawn_blocking(move || (process.wait_exit(), process.stderr_text()))
-        .await
-        .unwrap();
+    )
+    .await;
     assert!(!status.success());
     assert!(stderr.contains("cannot create or update stream HOOKS_RAW"), "{stderr}");
     assert!(
@@ -286,6 +286,42 @@ async fn ingest_exits_with_the_servers_refusal_to_create_a_stream() {
         "{stderr}"
     );
     assert!(!stderr.contains("retrying"), "a refusal is not retried: {stderr}");
+}
+
+/// With no NATS server or no database to reach at start, a service exits and
+/// names what it could not reach (its supervisor starts it again).
+#[tokio::test]
+async fn a_service_without_its_servers_exits_naming_them() {
+    let nats = NatsServer::start();
+    let sqlite = SqliteFile::create();
+    let nowhere = free_port();
+    let (status, stderr) = Process::exit_of(
+        &["ingest"],
+        vec![
+            ("HOOKYARD_NATS_URL", format!("nats://127.0.0.1:{nowhere}")),
+            ("HOOKYARD_DATABASE_URL", sqlite.url.clone()),
+        ],
+    )
+    .await;
+    assert!(!status.success());
+    assert!(
+        stderr.contains(&format!("cannot connect to NATS at nats://127.0.0.1:{nowhere}")),
+        "{stderr}"
+    );
+    let (status, stderr) = Process::exit_of(
+        &["router"],
+        vec![
+            ("HOOKYARD_NATS_URL", nats.url.clone()),
+            (
+                "HOOKYARD_DATABASE_URL",
+                format!("postgres://postgres:pw-not-shown@127.0.0.1:{nowhere}/hookyard"),
+            ),
+        ],
+    )
+    .await;
+    assert!(!status.success());
+    assert!(stderr.contains("cannot open the database postgres://"), "{stderr}");
+    assert!(!stderr.contains("pw-not-shown"), "the password is not shown: {stderr}");
 }
 
 #[tokio::test]
