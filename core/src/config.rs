@@ -89,6 +89,7 @@ pub struct IngestConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct RouterConfig {
     /// A webhook a router took and did not finish (it died) goes to another after this.
+    /// A router routing a webhook tells JetStream it is still at it every third of this.
     #[serde(with = "humantime_serde")]
     pub ack_wait: Duration,
     /// A replay waits while the workers have more events than this waiting: live traffic
@@ -287,7 +288,7 @@ impl Default for IngestConfig {
 impl Default for RouterConfig {
     fn default() -> Self {
         RouterConfig {
-            ack_wait: Duration::from_secs(30),
+            ack_wait: Duration::from_secs(10),
             replay_max_backlog: 20_000,
         }
     }

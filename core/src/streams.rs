@@ -185,6 +185,23 @@ pub fn pull(
     })
 }
 
+/// Runs `work` to its end, calling `beat` every `every` meanwhile (first after one
+/// `every`): in-progress acks and leases that must not lapse while long work goes on.
+pub async fn with_heartbeat<T, B: std::future::Future<Output = ()>>(
+    work: impl std::future::Future<Output = T>,
+    every: Duration,
+    mut beat: impl FnMut() -> B,
+) -> T {
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = ticker.tick() => beat().await,
+        }
+    }
+}
+
 /// Creates (or updates) the durable pull consumer `config` on `stream`.
 ///
 /// The server can take longer than a request's timeout to answer: a new replicated

@@ -23,7 +23,7 @@ use hookyard_core::providers::{Catalog, CatalogError, Inbound, Route};
 use hookyard_core::routed::RoutedEvent;
 use hookyard_core::store::logs::WebhookEntry;
 use hookyard_core::store::StoreError;
-use hookyard_core::streams::{consume, durable, Bus, StreamsError, RAW_STREAM};
+use hookyard_core::streams::{consume, durable, with_heartbeat, Bus, StreamsError, RAW_STREAM};
 use hookyard_core::trace_context::{continue_trace, current_traceparent};
 use hookyard_core::{Config, Envelope, Store};
 use tokio_util::sync::CancellationToken;
@@ -148,7 +148,15 @@ impl Router {
             "route_webhook", raw_seq = sequence, integration = %envelope.integration, trace_id = tracing::field::Empty
         );
         continue_trace(&span, envelope.traceparent.as_deref());
-        match self.route(sequence, &envelope).instrument(span).await {
+        // The webhook stays this router's while it is routed, however long that takes
+        // (a batch of thousands of events, a slow database): `ack_wait` need only cover
+        // a router that died.
+        let routing = self.route(sequence, &envelope).instrument(span);
+        let routed = with_heartbeat(routing, self.config.ack_wait / 3, || async {
+            let _ = message.ack_with(AckKind::Progress).await;
+        })
+        .await;
+        match routed {
             Ok(outcome) => {
                 tracing::debug!(
                     sequence,

@@ -3,7 +3,8 @@
 //! kept, deleted connections are not matched (also by a burst already in flight),
 //! webhooks wait out a Postgres outage, a changed routing rule takes effect,
 //! a router that dies mid-batch
-//! publishes nothing twice, a router started while NATS does not answer waits for it,
+//! publishes nothing twice, a webhook that takes longer than `ack_wait` to route is not
+//! handed out again meanwhile, a router started while NATS does not answer waits for it,
 //! and an envelope from a newer ingest waits for a router
 //! that reads it.
 
@@ -350,6 +351,61 @@ async fn webhooks_wait_out_a_postgres_outage_and_are_routed_once() {
     objects.sort_unstable();
     assert_eq!(objects, (0..=WEBHOOKS).collect::<Vec<_>>(), "each webhook routed once");
     assert!(events.iter().all(|e| e.connection_id.as_deref() == Some("portal-a")));
+}
+
+/// A webhook that takes the router longer than `router.ack_wait` to route (here its read
+/// of the integration waits 3 s on a lock, against an `ack_wait` of 1 s) stays that
+/// router's: it tells JetStream it is still at it, and the webhook is not handed out
+/// again meanwhile.
+#[tokio::test]
+async fn a_webhook_routed_for_longer_than_ack_wait_is_not_handed_out_again() {
+    use sqlx::Connection as _;
+    let db = PgDatabase::create().await;
+    let ingest = start(&db).await;
+    let mut holder = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let mut lock = holder.begin().await.unwrap();
+    sqlx::query("LOCK TABLE integrations IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    post(
+        &ingest,
+        "gitlab",
+        "?connection_id=acme",
+        &[],
+        r#"{"object_kind": "push"}"#,
+    )
+    .await;
+    let mut config = ingest.config.clone();
+    config.router.ack_wait = Duration::from_secs(1);
+    let router = Arc::new(Router::new(ingest.store.clone(), &ingest.bus, &config).unwrap());
+    let stop = CancellationToken::new();
+    let routing = tokio::spawn(router.run(stop.clone()));
+    let raw = ingest.jetstream.get_stream(RAW_STREAM).await.unwrap();
+    let consumer = || async {
+        let mut consumer = raw.get_consumer::<pull::Config>(hookyard_router::CONSUMER).await.ok()?;
+        consumer.info().await.ok().cloned()
+    };
+    eventually("the router to take the webhook", Duration::from_secs(10), || async {
+        consumer().await.filter(|info| info.num_ack_pending == 1)
+    })
+    .await;
+    // Three times `ack_wait` with the router's read held: the time under test, not a
+    // wait for an event.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    lock.commit().await.unwrap();
+
+    let published = routed(&ingest).await;
+    assert_eq!(published.len(), 1);
+    assert_eq!(published[0].connection_id.as_deref(), Some("acme"));
+    let info = consumer().await.unwrap();
+    // Each delivery counts: 4 here when the router did not say it was still at it.
+    assert_eq!(
+        info.delivered.consumer_sequence, 1,
+        "handed out again while being routed"
+    );
+    stop.cancel();
+    routing.await.unwrap().unwrap();
 }
 
 /// The router keeps an integration's connections across its periodic reread of the

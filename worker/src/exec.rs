@@ -19,7 +19,7 @@ use hookyard_core::providers::Catalog;
 use hookyard_core::store::notices::{HeldNotice, SyncNotice, UNFINISHED};
 use hookyard_core::store::records::WriteCounts;
 use hookyard_core::store::syncs::{RunOutcome, SyncKey};
-use hookyard_core::streams::{consume, durable, EXEC_STREAM};
+use hookyard_core::streams::{consume, durable, with_heartbeat, EXEC_STREAM};
 use hookyard_core::Store;
 use hookyard_functions::host::{connection_api, exec_invocation, raw_version, Kind, Mode, Run, StoreHost};
 use hookyard_functions::pool::Pool;
@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::deployments::{Deployments, LiveSync};
 use crate::notify;
 use crate::settings::Settings;
-use crate::{jetstream_error, with_heartbeat, WorkerError};
+use crate::{jetstream_error, WorkerError};
 
 /// The consumer's name, shared by every worker replica.
 pub const CONSUMER: &str = hookyard_core::store::dead_letters::EXEC_CONSUMER;

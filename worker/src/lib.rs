@@ -37,7 +37,7 @@ use hookyard_core::store::notices::SyncNotice;
 use hookyard_core::store::records::RecordScope;
 use hookyard_core::store::records::WriteCounts;
 use hookyard_core::store::StoreError;
-use hookyard_core::streams::{durable, durable_consumer, Bus, StreamsError, CONN_STREAM};
+use hookyard_core::streams::{durable, durable_consumer, with_heartbeat, Bus, StreamsError, CONN_STREAM};
 use hookyard_core::trace_context::continue_trace;
 use hookyard_core::{Config, Store};
 use hookyard_functions::pool::{Batch, Pool};
@@ -814,23 +814,6 @@ fn observe(task: &Task, result: &Result<Effects, FunctionError>, span: &mut trac
     span.record("status", status);
     for line in logs {
         tracing::debug!(parent: &*span, level = %line.level, payload = ?line.payload, "function log: {}", line.message);
-    }
-}
-
-/// Runs `work` to its end, calling `beat` every `every` meanwhile (first after one
-/// `every`): in-progress acks and leases that must not lapse while long work goes on.
-pub(crate) async fn with_heartbeat<T, B: std::future::Future<Output = ()>>(
-    work: impl std::future::Future<Output = T>,
-    every: Duration,
-    mut beat: impl FnMut() -> B,
-) -> T {
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    tokio::pin!(work);
-    loop {
-        tokio::select! {
-            done = &mut work => return done,
-            _ = ticker.tick() => beat().await,
-        }
     }
 }
 
