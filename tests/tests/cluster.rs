@@ -292,7 +292,10 @@ async fn every_acknowledged_webhook_is_kept_and_routed_once_through_the_loss_of_
     let bus = replicated_streams(&config).await;
     let (store, environment) = demo_store(&config, &[]).await;
     let Served {
-        bus: ingest_bus, base, ..
+        bus: ingest_bus,
+        base,
+        shutdown: stop_ingest,
+        server: ingest,
     } = serve_ingest(&config, &store).await;
     // The router on a connection of its own; a webhook it took when its node died is
     // handed to it again after `router.ack_wait`.
@@ -423,6 +426,9 @@ async fn every_acknowledged_webhook_is_kept_and_routed_once_through_the_loss_of_
     routed.sort();
     assert_eq!(routed, (1..=stored_count).collect::<Vec<_>>());
     stop_router.cancel();
+    stop_ingest.cancel();
+    routing.await.unwrap().unwrap();
+    ingest.await.unwrap().unwrap();
 }
 
 /// A node of `cluster` that is none of `not`.
