@@ -152,6 +152,8 @@ const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 /// async-nats reports the missed heartbeats but pulls again only when the pull expires
 /// (35 s); the router sat idle that long in `tests/tests/cluster.rs`. Here a missed
 /// heartbeat is passed on as an error and the next item comes from a fresh pull.
+/// It ends (after the error saying so) when the consumer is deleted: the caller creates
+/// it again ([`consume`], the worker).
 pub fn pull(
     consumer: jetstream::consumer::PullConsumer,
     batch: Option<usize>,
@@ -183,6 +185,9 @@ pub fn pull(
             next => Some((next.map_err(Into::into), (consumer, Some(messages)))),
         }
     })
+    // Ended stays ended: a loop that asks once more after the end gets `None` again
+    // rather than a panic.
+    .fuse()
 }
 
 /// Runs `work` to its end, calling `beat` every `every` meanwhile (first after one
@@ -326,26 +331,41 @@ where
 {
     use futures::StreamExt as _;
     let consumer_name = config.durable_name.clone().unwrap_or_default();
-    let Some(consumer) = durable_consumer(jetstream, stream, config, &shutdown).await? else {
-        return Ok(());
-    };
-    tracing::info!("{consumer_name} consuming {stream}");
-    pull(consumer, None)
-        .take_until(shutdown.cancelled_owned())
-        .for_each_concurrent(concurrency, |message| {
-            let handled = message.map(&handle);
-            async move {
-                match handled {
-                    Ok(handling) => handling.await,
-                    Err(error) => {
-                        tracing::warn!(%error, "pulling from {stream} failed; retrying");
-                        tokio::time::sleep(RETRY_PAUSE).await;
+    loop {
+        let Some(consumer) = durable_consumer(jetstream, stream, config.clone(), &shutdown).await? else {
+            return Ok(());
+        };
+        tracing::info!("{consumer_name} consuming {stream}");
+        pull(consumer, None)
+            .take_until(shutdown.clone().cancelled_owned())
+            .for_each_concurrent(concurrency, |message| {
+                let handled = message.map(&handle);
+                async move {
+                    match handled {
+                        Ok(handling) => handling.await,
+                        Err(error) => {
+                            tracing::warn!(%error, "pulling from {stream} failed; retrying");
+                            tokio::time::sleep(RETRY_PAUSE).await;
+                        }
                     }
                 }
-            }
-        })
-        .await;
-    Ok(())
+            })
+            .await;
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        consumer_gone(stream, &consumer_name);
+    }
+}
+
+/// Logs that [`pull`] ended before shutdown: its consumer was deleted (an operator
+/// resetting it), and is created again, as a restart would.
+pub fn consumer_gone(stream: &str, consumer: &str) {
+    tracing::warn!(
+        "consumer {consumer} on {stream} was deleted; creating it again: it starts from the \
+         stream's first message, as at a restart (what was consumed comes again, and is \
+         recognised by its message id)"
+    );
 }
 
 /// Connected NATS client and JetStream context.

@@ -4,7 +4,7 @@
 //! webhooks wait out a Postgres outage, a changed routing rule takes effect,
 //! a router that dies mid-batch
 //! publishes nothing twice, a webhook that takes longer than `ack_wait` to route is not
-//! handed out again meanwhile, a router started while NATS does not answer waits for it,
+//! handed out again meanwhile, a deleted consumer is created again, a router started while NATS does not answer waits for it,
 //! and an envelope from a newer ingest waits for a router
 //! that reads it.
 
@@ -404,6 +404,33 @@ async fn a_webhook_routed_for_longer_than_ack_wait_is_not_handed_out_again() {
         info.delivered.consumer_sequence, 1,
         "handed out again while being routed"
     );
+    stop.cancel();
+    routing.await.unwrap().unwrap();
+}
+
+/// An operator who deletes the router's consumer (to reset it) does not stop routing:
+/// the router creates it again, as a restart would, and goes on. (It used to end its
+/// consuming quietly, and `hookyard router` to exit 0.)
+#[tokio::test]
+async fn a_router_whose_consumer_is_deleted_creates_it_again_and_goes_on() {
+    let db = PgDatabase::create().await;
+    let ingest = start(&db).await;
+    let router = Arc::new(Router::new(ingest.store.clone(), &ingest.bus, &ingest.config).unwrap());
+    let stop = CancellationToken::new();
+    let routing = tokio::spawn(router.run(stop.clone()));
+    let push = |n: u32| format!(r#"{{"object_kind": "push", "n": {n}}}"#);
+    post(&ingest, "gitlab", "?connection_id=acme", &[], &push(1)).await;
+    assert_eq!(routed(&ingest).await.len(), 1);
+
+    let raw = ingest.jetstream.get_stream(RAW_STREAM).await.unwrap();
+    raw.delete_consumer(hookyard_router::CONSUMER).await.unwrap();
+    post(&ingest, "gitlab", "?connection_id=acme", &[], &push(2)).await;
+    // The new consumer starts from the first webhook again: routed again, its events
+    // are dropped as duplicates by their message ids.
+    let published = routed(&ingest).await;
+    let pushes: Vec<_> = published.iter().map(|e| e.payload["n"].as_u64()).collect();
+    assert_eq!(pushes, [Some(1), Some(2)]);
+    assert!(!routing.is_finished(), "the router stopped: {:?}", routing.await);
     stop.cancel();
     routing.await.unwrap().unwrap();
 }

@@ -1,6 +1,7 @@
 //! Routed events → worker → records, with a real nats-server and Postgres (SQLite for
 //! the single-node path): subscriptions, retries and dead letters, sandbox failures,
-//! version order, two workers on one consumer, and a deploy during traffic. Events are
+//! version order, two workers on one consumer, a deploy during traffic, and the
+//! consumer deleted under a running worker. Events are
 //! published straight to `HOOKS_CONN`, as the router publishes them.
 
 mod common;
@@ -315,6 +316,32 @@ async fn events_wait_out_a_postgres_outage_and_apply_once() {
         (1..=60).collect::<Vec<_>>(),
         "every event applied once after the outage"
     );
+}
+
+/// An operator who deletes the functions consumer (to reset it) does not stop the
+/// worker: it creates the consumer again, as a restart would, and goes on; the events it
+/// had applied come again and are recognised as done. (Its consuming used to end, and
+/// `hookyard worker` to exit 0.)
+#[tokio::test]
+async fn a_worker_whose_consumer_is_deleted_creates_it_again_and_goes_on() {
+    let h = harness(None, 1).await;
+    h.deploy(&[("crm/syncs/runs.js", sync("['*']", ""))]).await;
+    let worker = std::sync::Arc::new(hookyard_worker::Worker::new(h.store.clone(), &h.bus, &h.config));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(worker.run(stop.clone()));
+    h.publish((1..=5).map(|n| (n, "c0", "any", json!({"n": n})))).await;
+    h.drained().await;
+
+    let stream = h.bus.jetstream.get_stream(CONN_STREAM).await.unwrap();
+    stream.delete_consumer(hookyard_worker::CONSUMER).await.unwrap();
+    h.publish((6..=10).map(|n| (n, "c0", "any", json!({"n": n})))).await;
+    h.drained().await;
+    let mut runs = h.runs().await;
+    runs.sort();
+    assert_eq!(runs, (1..=10).collect::<Vec<_>>(), "every event applied once");
+    assert!(!running.is_finished(), "the worker stopped: {:?}", running.await);
+    stop.cancel();
+    running.await.unwrap().unwrap();
 }
 
 /// Two JS threads; a sync for `slow` events that waits `wait_ms`, and one for `fine`

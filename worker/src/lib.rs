@@ -140,22 +140,49 @@ impl Worker {
                 batch * GROUPS_IN_FLIGHT * 2,
             )
         };
-        let Some(consumer) = durable_consumer(&self.jetstream, CONN_STREAM, config, &shutdown).await? else {
-            return Ok(());
-        };
         let refresher = tokio::spawn(self.clone().refresh_loop(shutdown.clone()));
-        let mut messages = Box::pin(hookyard_core::streams::pull(consumer, Some(batch)));
-        tracing::info!(threads = self.pool.threads(), batch, "worker consuming {CONN_STREAM}");
         let in_flight = Arc::new(tokio::sync::Semaphore::new(GROUPS_IN_FLIGHT));
         let mut groups = tokio::task::JoinSet::new();
+        let outcome = loop {
+            let consumer = match durable_consumer(&self.jetstream, CONN_STREAM, config.clone(), &shutdown).await {
+                Ok(Some(consumer)) => consumer,
+                Ok(None) => break Ok(()),
+                Err(error) => break Err(error.into()),
+            };
+            tracing::info!(threads = self.pool.threads(), batch, "worker consuming {CONN_STREAM}");
+            let messages = hookyard_core::streams::pull(consumer, Some(batch));
+            self.clone().consume(messages, &in_flight, &mut groups, &shutdown).await;
+            if shutdown.is_cancelled() {
+                break Ok(());
+            }
+            hookyard_core::streams::consumer_gone(CONN_STREAM, CONSUMER);
+        };
+        // Groups in progress finish (and ack) before the worker stops.
+        while groups.join_next().await.is_some() {}
+        refresher.abort();
+        tracing::info!("worker stopped");
+        outcome
+    }
+
+    /// Takes `messages` in groups and hands each to [`Worker::handle_with_progress`],
+    /// [`GROUPS_IN_FLIGHT`] at once, until `shutdown` or the end of `messages`.
+    async fn consume(
+        self: Arc<Self>,
+        messages: impl futures::Stream<Item = Result<jetstream::Message, async_nats::Error>>,
+        in_flight: &Arc<tokio::sync::Semaphore>,
+        groups: &mut tokio::task::JoinSet<()>,
+        shutdown: &CancellationToken,
+    ) {
+        let batch = self.config.batch;
+        let mut messages = Box::pin(messages);
         loop {
             // A group starts with the first event and takes what follows within LINGER,
             // up to `batch`: full groups under load, little wait when traffic is light.
             let first = tokio::select! {
-                _ = shutdown.cancelled() => break,
+                _ = shutdown.cancelled() => return,
                 next = messages.next() => next,
             };
-            let Some(first) = first else { break };
+            let Some(first) = first else { return };
             let mut group = Vec::with_capacity(batch);
             let take = |group: &mut Vec<jetstream::Message>, message: Result<jetstream::Message, _>| match message {
                 Ok(message) => group.push(message),
@@ -176,6 +203,9 @@ impl Worker {
                 }
             }
             if group.is_empty() {
+                if ended {
+                    return;
+                }
                 // Only errors (NATS away): wait before pulling again.
                 tokio::time::sleep(RETRY_DELAY).await;
                 continue;
@@ -196,14 +226,9 @@ impl Worker {
             });
             while groups.try_join_next().is_some() {}
             if ended {
-                break;
+                return;
             }
         }
-        // Groups in progress finish (and ack) before the worker stops.
-        while groups.join_next().await.is_some() {}
-        refresher.abort();
-        tracing::info!("worker stopped");
-        Ok(())
     }
 
     /// Reloads deploys as they happen, and prunes old markers.
