@@ -354,18 +354,20 @@ where
         if shutdown.is_cancelled() {
             return Ok(());
         }
-        consumer_gone(stream, &consumer_name);
+        consumer_gone(stream, &consumer_name).await;
     }
 }
 
 /// Logs that [`pull`] ended before shutdown: its consumer was deleted (an operator
-/// resetting it), and is created again, as a restart would.
-pub fn consumer_gone(stream: &str, consumer: &str) {
+/// resetting it), and is created again, as a restart would; after [`RETRY_PAUSE`], so
+/// that a consumer that keeps going away is not recreated in a tight loop.
+pub async fn consumer_gone(stream: &str, consumer: &str) {
     tracing::warn!(
         "consumer {consumer} on {stream} was deleted; creating it again: it starts from the \
          stream's first message, as at a restart (what was consumed comes again, and is \
          recognised by its message id)"
     );
+    tokio::time::sleep(RETRY_PAUSE).await;
 }
 
 /// Connected NATS client and JetStream context.

@@ -155,7 +155,7 @@ impl Worker {
             if shutdown.is_cancelled() {
                 break Ok(());
             }
-            hookyard_core::streams::consumer_gone(CONN_STREAM, CONSUMER);
+            hookyard_core::streams::consumer_gone(CONN_STREAM, CONSUMER).await;
         };
         // Groups in progress finish (and ack) before the worker stops.
         while groups.join_next().await.is_some() {}
