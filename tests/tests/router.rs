@@ -68,10 +68,20 @@ async fn connect(ingest: &Running, integration: &str, id: &str, config: serde_js
 }
 
 fn start_router(ingest: &Running) -> CancellationToken {
+    spawn_router(ingest, &ingest.config).0
+}
+
+/// A router on `config` until the token is cancelled, and its task.
+fn spawn_router(
+    ingest: &Running,
+    config: &hookyard_core::Config,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), hookyard_router::RouterError>>,
+) {
     let shutdown = CancellationToken::new();
-    let router = Arc::new(Router::new(ingest.store.clone(), &ingest.bus, &ingest.config).unwrap());
-    tokio::spawn(router.run(shutdown.clone()));
-    shutdown
+    let router = Arc::new(Router::new(ingest.store.clone(), &ingest.bus, config).unwrap());
+    (shutdown.clone(), tokio::spawn(router.run(shutdown)))
 }
 
 /// Waits until the router has acked every webhook in `HOOKS_RAW`, then returns every
@@ -378,9 +388,7 @@ async fn a_webhook_routed_for_longer_than_ack_wait_is_not_handed_out_again() {
     .await;
     let mut config = ingest.config.clone();
     config.router.ack_wait = Duration::from_secs(1);
-    let router = Arc::new(Router::new(ingest.store.clone(), &ingest.bus, &config).unwrap());
-    let stop = CancellationToken::new();
-    let routing = tokio::spawn(router.run(stop.clone()));
+    let (stop, routing) = spawn_router(&ingest, &config);
     let raw = ingest.jetstream.get_stream(RAW_STREAM).await.unwrap();
     let consumer = || async {
         let mut consumer = raw.get_consumer::<pull::Config>(hookyard_router::CONSUMER).await.ok()?;
@@ -415,9 +423,7 @@ async fn a_webhook_routed_for_longer_than_ack_wait_is_not_handed_out_again() {
 async fn a_router_whose_consumer_is_deleted_creates_it_again_and_goes_on() {
     let db = PgDatabase::create().await;
     let ingest = start(&db).await;
-    let router = Arc::new(Router::new(ingest.store.clone(), &ingest.bus, &ingest.config).unwrap());
-    let stop = CancellationToken::new();
-    let routing = tokio::spawn(router.run(stop.clone()));
+    let (stop, routing) = spawn_router(&ingest, &ingest.config);
     let push = |n: u32| format!(r#"{{"object_kind": "push", "n": {n}}}"#);
     post(&ingest, "gitlab", "?connection_id=acme", &[], &push(1)).await;
     assert_eq!(routed(&ingest).await.len(), 1);
@@ -562,12 +568,8 @@ async fn a_router_started_while_nats_does_not_answer_waits_for_it() {
     )
     .await;
     ingest.nats.pause();
-    let spawn_router = |shutdown: &CancellationToken| {
-        let router = Arc::new(Router::new(ingest.store.clone(), &ingest.bus, &ingest.config).unwrap());
-        tokio::spawn(router.run(shutdown.clone()))
-    };
-    let (stop_first, stop_second) = (CancellationToken::new(), CancellationToken::new());
-    let (mut first, mut second) = (spawn_router(&stop_first), spawn_router(&stop_second));
+    let (stop_first, mut first) = spawn_router(&ingest, &ingest.config);
+    let (stop_second, mut second) = spawn_router(&ingest, &ingest.config);
     // Past the first request's failure: finding the stream timed out after 10 s, and
     // the router used to stop on that.
     let waited = tokio::time::timeout(Duration::from_secs(12), &mut first).await;
