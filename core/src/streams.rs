@@ -152,8 +152,8 @@ const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 /// async-nats reports the missed heartbeats but pulls again only when the pull expires
 /// (35 s); the router sat idle that long in `tests/tests/cluster.rs`. Here a missed
 /// heartbeat is passed on as an error and the next item comes from a fresh pull.
-/// It ends (after the error saying so) when the consumer is deleted: the caller creates
-/// it again ([`consume`], the worker).
+/// It ends (after the error saying so) when the consumer is deleted: [`Pulls`] creates
+/// it again.
 pub fn pull(
     consumer: jetstream::consumer::PullConsumer,
     batch: Option<usize>,
@@ -330,13 +330,10 @@ where
     Fut: std::future::Future<Output = ()>,
 {
     use futures::StreamExt as _;
-    let consumer_name = config.durable_name.clone().unwrap_or_default();
-    loop {
-        let Some(consumer) = durable_consumer(jetstream, stream, config.clone(), &shutdown).await? else {
-            return Ok(());
-        };
-        tracing::info!("{consumer_name} consuming {stream}");
-        pull(consumer, None)
+    let mut pulls = Pulls::new(jetstream, stream, config, None, &shutdown);
+    while let Some(messages) = pulls.next().await? {
+        tracing::info!("{} consuming {stream}", pulls.consumer);
+        messages
             .take_until(shutdown.clone().cancelled_owned())
             .for_each_concurrent(concurrency, |message| {
                 let handled = message.map(&handle);
@@ -351,23 +348,65 @@ where
                 }
             })
             .await;
-        if shutdown.is_cancelled() {
-            return Ok(());
-        }
-        consumer_gone(stream, &consumer_name).await;
     }
+    Ok(())
 }
 
-/// Logs that [`pull`] ended before shutdown: its consumer was deleted (an operator
-/// resetting it), and is created again, as a restart would; after [`RETRY_PAUSE`], so
-/// that a consumer that keeps going away is not recreated in a tight loop.
-pub async fn consumer_gone(stream: &str, consumer: &str) {
-    tracing::warn!(
-        "consumer {consumer} on {stream} was deleted; creating it again: it starts from the \
-         stream's first message, as at a restart (what was consumed comes again, and is \
-         recognised by its message id)"
-    );
-    tokio::time::sleep(RETRY_PAUSE).await;
+/// The [`pull`]s of the durable consumer `config` on `stream`, one after another: the
+/// first from the consumer as [`durable_consumer`] creates it, and each next one after
+/// the last ended before shutdown (its consumer was deleted, an operator resetting it)
+/// from the consumer created again, as a restart would, a [`RETRY_PAUSE`] later (so
+/// that a consumer that keeps going away is not recreated in a tight loop).
+pub struct Pulls<'a> {
+    jetstream: &'a jetstream::Context,
+    stream: &'a str,
+    pub consumer: String,
+    config: jetstream::consumer::pull::Config,
+    batch: Option<usize>,
+    shutdown: &'a tokio_util::sync::CancellationToken,
+    pulled: bool,
+}
+
+impl<'a> Pulls<'a> {
+    pub fn new(
+        jetstream: &'a jetstream::Context,
+        stream: &'a str,
+        config: jetstream::consumer::pull::Config,
+        batch: Option<usize>,
+        shutdown: &'a tokio_util::sync::CancellationToken,
+    ) -> Pulls<'a> {
+        let consumer = config.durable_name.clone().unwrap_or_default();
+        Pulls {
+            jetstream,
+            stream,
+            consumer,
+            config,
+            batch,
+            shutdown,
+            pulled: false,
+        }
+    }
+
+    /// The next pull; `None` on shutdown, an error when the consumer cannot be created.
+    pub async fn next(
+        &mut self,
+    ) -> Result<Option<impl futures::Stream<Item = Result<jetstream::Message, async_nats::Error>>>, StreamsError> {
+        if self.shutdown.is_cancelled() {
+            return Ok(None);
+        }
+        if std::mem::replace(&mut self.pulled, true) {
+            tracing::warn!(
+                "consumer {} on {} was deleted; creating it again: it starts from the stream's \
+                 first message, as at a restart (what was consumed comes again, and is \
+                 recognised by its message id)",
+                self.consumer,
+                self.stream
+            );
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+        let created = durable_consumer(self.jetstream, self.stream, self.config.clone(), self.shutdown).await?;
+        Ok(created.map(|consumer| pull(consumer, self.batch)))
+    }
 }
 
 /// Connected NATS client and JetStream context.

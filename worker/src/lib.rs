@@ -37,7 +37,7 @@ use hookyard_core::store::notices::SyncNotice;
 use hookyard_core::store::records::RecordScope;
 use hookyard_core::store::records::WriteCounts;
 use hookyard_core::store::StoreError;
-use hookyard_core::streams::{durable, durable_consumer, with_heartbeat, Bus, StreamsError, CONN_STREAM};
+use hookyard_core::streams::{durable, with_heartbeat, Bus, Pulls, StreamsError, CONN_STREAM};
 use hookyard_core::trace_context::continue_trace;
 use hookyard_core::{Config, Store};
 use hookyard_functions::pool::{Batch, Pool};
@@ -143,19 +143,15 @@ impl Worker {
         let refresher = tokio::spawn(self.clone().refresh_loop(shutdown.clone()));
         let in_flight = Arc::new(tokio::sync::Semaphore::new(GROUPS_IN_FLIGHT));
         let mut groups = tokio::task::JoinSet::new();
+        let mut pulls = Pulls::new(&self.jetstream, CONN_STREAM, config, Some(batch), &shutdown);
         let outcome = loop {
-            let consumer = match durable_consumer(&self.jetstream, CONN_STREAM, config.clone(), &shutdown).await {
-                Ok(Some(consumer)) => consumer,
+            let messages = match pulls.next().await {
+                Ok(Some(messages)) => messages,
                 Ok(None) => break Ok(()),
                 Err(error) => break Err(error.into()),
             };
             tracing::info!(threads = self.pool.threads(), batch, "worker consuming {CONN_STREAM}");
-            let messages = hookyard_core::streams::pull(consumer, Some(batch));
             self.clone().consume(messages, &in_flight, &mut groups, &shutdown).await;
-            if shutdown.is_cancelled() {
-                break Ok(());
-            }
-            hookyard_core::streams::consumer_gone(CONN_STREAM, CONSUMER).await;
         };
         // Groups in progress finish (and ack) before the worker stops.
         while groups.join_next().await.is_some() {}
