@@ -71,7 +71,7 @@ pub async fn run(events: u64) -> anyhow::Result<()> {
         .await?;
 
     let bus = Bus::connect(&config, "bench-forward").await?;
-    bus.ensure_streams(&config.streams).await?;
+    bus.ensure_streams(&config.streams, &store).await?;
     let mut acks = Vec::with_capacity(1024);
     for n in 1..=events {
         let event = RoutedEvent {

@@ -51,7 +51,7 @@ pub async fn run(sizes: &[usize], ticks: usize) -> anyhow::Result<()> {
         .await;
         deploy_example(&store, &environment, &config).await?;
         let bus = Bus::connect(&config, "bench-reconciler").await?;
-        bus.ensure_streams(&config.streams).await?;
+        bus.ensure_streams(&config.streams, &store).await?;
         // A fresh stream per size: the jobs of the size before are not counted again.
         bus.jetstream
             .get_stream(hookyard_core::streams::EXEC_STREAM)

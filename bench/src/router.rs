@@ -69,7 +69,7 @@ impl HubspotBench {
             store.create_connection(&environment, &connection).await?;
         }
         let bus = Bus::connect(&config, "bench-router").await?;
-        bus.ensure_streams(&config.streams).await?;
+        bus.ensure_streams(&config.streams, &store).await?;
         Ok(HubspotBench {
             _dir: dir,
             _postgres: postgres,

@@ -167,7 +167,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
             .await?;
     }
     let bus = Bus::connect(&config, "bench-worker").await?;
-    bus.ensure_streams(&config.streams).await?;
+    bus.ensure_streams(&config.streams, &store).await?;
 
     println!(
         "worker benchmark: examples/crm-contacts (one Contact saved per event), routed events published \

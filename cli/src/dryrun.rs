@@ -88,7 +88,7 @@ pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::e
     // a worker would.
     let (jetstream, version, mode) = if args.save {
         let bus = Bus::connect(config, "hookyard-dryrun").await?;
-        bus.ensure_streams(&config.streams).await?;
+        bus.ensure_streams(&config.streams, &store).await?;
         let version = raw_version(&bus.jetstream).await?;
         (Some(bus.jetstream), version, Mode::Apply)
     } else {

@@ -770,7 +770,7 @@ async fn worker_fixture(store: &Store, nats: &NatsServer, events: u64) -> async_
           },
         });";
     deploy(store, &env, "crm/syncs/runs.js", source).await;
-    let bus = connect(nats).await;
+    let bus = connect(nats, store).await;
     for n in 1..=events {
         let event = hookyard_core::routed::RoutedEvent {
             environment: "dev".parse().unwrap(),
@@ -810,13 +810,13 @@ async fn deploy(store: &Store, env: &hookyard_core::store::Environment, path: &s
 }
 
 /// A client of `nats`, with the streams in place.
-async fn connect(nats: &NatsServer) -> hookyard_core::streams::Bus {
+async fn connect(nats: &NatsServer, store: &Store) -> hookyard_core::streams::Bus {
     let config = hookyard_core::Config {
         nats_url: nats.url.clone(),
         ..Default::default()
     };
     let bus = hookyard_core::streams::Bus::connect(&config, "test").await.unwrap();
-    bus.ensure_streams(&config.streams).await.unwrap();
+    bus.ensure_streams(&config.streams, store).await.unwrap();
     bus
 }
 
@@ -982,7 +982,7 @@ async fn a_worker_killed_mid_exec_run_loses_no_notification_of_what_the_run_wrot
         });";
     deploy(&store, &env, "crm/syncs/contacts.js", source).await;
     let receiver = forwarded_to_a_receiver(&store, &env).await;
-    let bus = connect(&nats).await;
+    let bus = connect(&nats, &store).await;
     let job = ExecJob {
         environment: "dev".parse().unwrap(),
         integration: "crm".parse().unwrap(),

@@ -8,9 +8,11 @@ use async_nats::{Client, ConnectOptions};
 
 use crate::config::{Config, StreamsConfig};
 use crate::keys::{EnvironmentName, IntegrationKey};
+use crate::store::Store;
 
 /// The durable inbox of every received webhook. Its sequence is the version clock of
-/// record writes, so it is never deleted and recreated.
+/// record writes, so it is never deleted and recreated by hookyard; when it is gone all
+/// the same, it is created to start past the store's clock ([`Bus::ensure_streams`]).
 pub const RAW_STREAM: &str = "HOOKS_RAW";
 pub const RAW_SUBJECTS: &str = "hooks.raw.>";
 
@@ -102,6 +104,8 @@ pub enum StreamsError {
         stream: &'static str,
         source: async_nats::jetstream::context::CreateStreamError,
     },
+    #[error("cannot read from the store where a new {RAW_STREAM} must start: {0}")]
+    RawClock(#[source] crate::store::StoreError),
     #[error("cannot consume {stream} as {consumer}: {message}")]
     Consume {
         stream: String,
@@ -152,15 +156,19 @@ const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 /// async-nats reports the missed heartbeats but pulls again only when the pull expires
 /// (35 s); the router sat idle that long in `tests/tests/cluster.rs`. Here a missed
 /// heartbeat is passed on as an error and the next item comes from a fresh pull.
-/// It ends (after the error saying so) when the consumer is deleted: [`Pulls`] creates
-/// it again.
+/// It ends (after the error saying so) when the consumer is deleted, and when a pull
+/// meets no consumer and the server says it is gone: one deleted while this client was
+/// away, or on a server that lost its store, sends no word of it. [`Pulls`] then
+/// creates it again.
 pub fn pull(
     consumer: jetstream::consumer::PullConsumer,
     batch: Option<usize>,
 ) -> impl futures::Stream<Item = Result<jetstream::Message, async_nats::Error>> {
     use futures::StreamExt as _;
     use jetstream::consumer::pull::MessagesErrorKind;
-    futures::stream::unfold((consumer, None), move |(consumer, current)| async move {
+    // `None` once ended.
+    futures::stream::unfold(Some((consumer, None)), move |state| async move {
+        let (consumer, current) = state?;
         let mut messages = match current {
             Some(messages) => messages,
             None => {
@@ -173,21 +181,41 @@ pub fn pull(
                     Err(error) => {
                         // Paced here: the caller asks again at once.
                         tokio::time::sleep(RETRY_PAUSE).await;
-                        return Some((Err(error.into()), (consumer, None)));
+                        return Some((Err(error.into()), Some((consumer, None))));
                     }
                 }
             }
         };
         match messages.next().await? {
             Err(error) if error.kind() == MessagesErrorKind::MissingHeartbeat => {
-                Some((Err(error.into()), (consumer, None)))
+                Some((Err(error.into()), Some((consumer, None))))
             }
-            next => Some((next.map_err(Into::into), (consumer, Some(messages)))),
+            // A consumer electing its leader answers no pull either: only the server's
+            // word that the consumer is gone ends the pull (else the same silence is met
+            // every heartbeat, for ever).
+            Err(error) if error.kind() == MessagesErrorKind::NoResponders => {
+                let gone = gone(&consumer).await;
+                Some((Err(error.into()), (!gone).then_some((consumer, Some(messages)))))
+            }
+            next => Some((next.map_err(Into::into), Some((consumer, Some(messages))))),
         }
     })
     // Ended stays ended: a loop that asks once more after the end gets `None` again
     // rather than a panic.
     .fuse()
+}
+
+/// Whether the server says `consumer`, or its stream, does not exist; asked for at
+/// most a heartbeat (a consumer without a leader may not answer: not gone).
+async fn gone(consumer: &jetstream::consumer::PullConsumer) -> bool {
+    use jetstream::context::ConsumerInfoErrorKind;
+    match tokio::time::timeout(PULL_HEARTBEAT, consumer.get_info()).await {
+        Ok(Err(error)) => matches!(
+            error.kind(),
+            ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound
+        ),
+        _ => false,
+    }
 }
 
 /// Runs `work` to its end, calling `beat` every `every` meanwhile (first after one
@@ -354,9 +382,10 @@ where
 
 /// The [`pull`]s of the durable consumer `config` on `stream`, one after another: the
 /// first from the consumer as [`durable_consumer`] creates it, and each next one after
-/// the last ended before shutdown (its consumer was deleted, an operator resetting it)
-/// from the consumer created again, as a restart would, a [`RETRY_PAUSE`] later (so
-/// that a consumer that keeps going away is not recreated in a tight loop).
+/// the last ended before shutdown (its consumer was deleted, an operator resetting it,
+/// or it answers no pull) from the consumer created again, as a restart would, a
+/// [`RETRY_PAUSE`] later (so that a consumer that keeps going away is not recreated in
+/// a tight loop). Creating one that exists changes nothing.
 pub struct Pulls<'a> {
     jetstream: &'a jetstream::Context,
     stream: &'a str,
@@ -396,13 +425,20 @@ impl<'a> Pulls<'a> {
         }
         if std::mem::replace(&mut self.pulled, true) {
             tracing::warn!(
-                "consumer {} on {} was deleted; creating it again: it starts from the stream's \
-                 first message, as at a restart (what was consumed comes again, and is \
-                 recognised by its message id)",
+                "consumer {} on {} was deleted or answers no pull; creating it again: a deleted \
+                 one starts from the stream's first message, as at a restart (what was consumed \
+                 comes again, and is recognised by its message id)",
                 self.consumer,
                 self.stream
             );
-            tokio::time::sleep(RETRY_PAUSE).await;
+            if self
+                .shutdown
+                .run_until_cancelled(tokio::time::sleep(RETRY_PAUSE))
+                .await
+                .is_none()
+            {
+                return Ok(None);
+            }
         }
         let created = durable_consumer(self.jetstream, self.stream, self.config.clone(), self.shutdown).await?;
         Ok(created.map(|consumer| pull(consumer, self.batch)))
@@ -459,10 +495,22 @@ impl Bus {
     }
 
     /// Creates the streams, or brings their settings up to date; one attempt (tools and
-    /// tests). Services start with [`Bus::set_up_streams`].
-    pub async fn ensure_streams(&self, config: &StreamsConfig) -> Result<(), StreamsError> {
+    /// tests). Services start with [`Bus::set_up_streams`]. A `HOOKS_RAW` created here
+    /// starts past every sequence `store` has seen (see [`Bus::create_raw_stream`]).
+    pub async fn ensure_streams(&self, config: &StreamsConfig, store: &Store) -> Result<(), StreamsError> {
+        use jetstream::context::CreateStreamErrorKind;
+        match self.jetstream.update_stream(raw_stream_config(config)).await {
+            Err(error) if error.kind() == CreateStreamErrorKind::NotFound => {
+                self.create_raw_stream(config, store).await?;
+            }
+            updated => {
+                updated.map_err(|source| StreamsError::Stream {
+                    stream: RAW_STREAM,
+                    source,
+                })?;
+            }
+        }
         for (name, stream) in [
-            (RAW_STREAM, raw_stream_config(config)),
             (CONN_STREAM, conn_stream_config(config)),
             (FWD_STREAM, fwd_stream_config(config)),
             (EXEC_STREAM, exec_stream_config(config)),
@@ -475,6 +523,32 @@ impl Bus {
         Ok(())
     }
 
+    /// Creates `HOOKS_RAW` at the sequence after the last one `store` has seen: its
+    /// sequence is the records' version clock, and a stream that is new while the store
+    /// is not (NATS lost its store, or the stream was deleted) must not turn it back.
+    async fn create_raw_stream(&self, config: &StreamsConfig, store: &Store) -> Result<(), StreamsError> {
+        let seen = store.raw_sequence_seen().await.map_err(StreamsError::RawClock)?;
+        let stream = stream::Config {
+            first_sequence: (seen > 0).then_some(seen + 1),
+            ..raw_stream_config(config)
+        };
+        self.jetstream
+            .create_stream(stream)
+            .await
+            .map_err(|source| StreamsError::Stream {
+                stream: RAW_STREAM,
+                source,
+            })?;
+        if seen > 0 {
+            tracing::warn!(
+                "{RAW_STREAM} did not exist and the store refers to its sequences up to {seen}: \
+                 created it to start at {}, so that new webhooks' writes stay newer than stored ones",
+                seen + 1
+            );
+        }
+        Ok(())
+    }
+
     /// [`Bus::ensure_streams`] at a service's start, sent again while the server answers
     /// with a timeout or a temporary error: a cluster still electing its leaders, or
     /// busy. Exiting instead would leave the service to its supervisor's restart backoff.
@@ -482,6 +556,7 @@ impl Bus {
     pub async fn set_up_streams(
         &self,
         config: &StreamsConfig,
+        store: &Store,
         shutdown: &tokio_util::sync::CancellationToken,
     ) -> Result<bool, StreamsError> {
         use jetstream::context::CreateStreamErrorKind;
@@ -491,10 +566,11 @@ impl Bus {
                 CreateStreamErrorKind::JetStream(error) => temporary(&error),
                 _ => false,
             },
+            StreamsError::RawClock(error) => error.is_unavailable(),
             _ => false,
         };
         let ready = until_answered("setting up the streams", shutdown, is_temporary, || {
-            self.ensure_streams(config)
+            self.ensure_streams(config, store)
         })
         .await?;
         Ok(ready.is_some())

@@ -397,8 +397,67 @@ async fn notices_are_committed_with_their_changes(store: &Store) {
     );
 }
 
+/// The highest `HOOKS_RAW` sequence the store refers to, which a new `HOOKS_RAW` must
+/// start past: in record versions, the operation log, and onWebhook markers.
+async fn the_raw_sequence_seen_covers_versions_log_and_markers(store: &Store) {
+    use hookyard_core::store::logs::{LogStep, LogWrite, WebhookEntry};
+    let env = store.ensure_environment(&"dev".parse().unwrap()).await.unwrap();
+    let before = store.raw_sequence_seen().await.unwrap();
+    assert!(before > 0, "the records committed before carry versions");
+    let marker = |consumer: &str, id: String| {
+        Unit::new(Marker {
+            consumer: consumer.into(),
+            message_id: id,
+        })
+    };
+    store
+        .commit(vec![
+            marker("onWebhook:dev/crm/contacts", format!("{}:0:a", before + 100)),
+            // Not an onWebhook marker, nor a routed event's id: not a raw sequence.
+            marker("exec", format!("{}:a:1", before + 900)),
+            marker("onWebhook:dev/crm/contacts", "not-a-sequence:0:a".into()),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(store.raw_sequence_seen().await.unwrap(), before + 100);
+    let step = LogStep {
+        raw_seq: (before + 200) as i64,
+        at: chrono::Utc::now(),
+        stage: "routed".into(),
+        connection_id: None,
+        status: "ok".into(),
+        detail: json!({}),
+    };
+    store.write_log(&[LogWrite::Step(step)]).await.unwrap();
+    assert_eq!(store.raw_sequence_seen().await.unwrap(), before + 200);
+    let entry = WebhookEntry {
+        environment: "dev".into(),
+        integration: "crm".into(),
+        raw_seq: Some((before + 300) as i64),
+        delivery_id: None,
+        received_at: chrono::Utc::now(),
+        status: "accepted".into(),
+        detail: None,
+        bytes: 2,
+        routing: None,
+    };
+    store.write_log(&[LogWrite::Webhook(entry)]).await.unwrap();
+    assert_eq!(store.raw_sequence_seen().await.unwrap(), before + 300);
+    // An exec run's write: the last sequence when it started, in the version's high bits.
+    let exec_version = (((before + 400) << 16) + 0xFFFF) as i64;
+    store
+        .commit(vec![unit(
+            "exec-run-clock",
+            vec![save(env.id, "a", "clock", json!({"n": 1}), exec_version)],
+        )])
+        .await
+        .unwrap();
+    assert_eq!(store.raw_sequence_seen().await.unwrap(), before + 400);
+}
+
 async fn conformance(store: Store) {
     commits_apply_once_in_version_order(&store).await;
+    the_raw_sequence_seen_covers_versions_log_and_markers(&store).await;
     notices_are_committed_with_their_changes(&store).await;
     deploys_version_changed_syncs(&store).await;
 }

@@ -94,7 +94,7 @@ impl Ingest {
                 suggest: (max_body + HEADER_ALLOWANCE).div_ceil(1024 * 1024),
             });
         }
-        if !bus.set_up_streams(&config.streams, &shutdown).await? {
+        if !bus.set_up_streams(&config.streams, &store, &shutdown).await? {
             return Err(StartError::Stopped);
         }
         let catalog = Arc::new(Catalog::embedded()?);

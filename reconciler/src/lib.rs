@@ -372,7 +372,7 @@ pub fn slot_at(key: &SyncKey, every: Duration, now: DateTime<Utc>) -> (i64, Date
 pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let store = Store::connect(&config.database_url, config.cipher()?).await?;
     let bus = Bus::connect(config, "hookyard-reconciler").await?;
-    if !bus.set_up_streams(&config.streams, &shutdown).await? {
+    if !bus.set_up_streams(&config.streams, &store, &shutdown).await? {
         return Ok(());
     }
     hookyard_core::metrics::install();

@@ -334,7 +334,7 @@ pub async fn acked_through(jetstream: &jetstream::Context, sequence: u64) -> Res
 pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let store = Store::connect(&config.database_url, config.cipher()?).await?;
     let bus = Bus::connect(config, "hookyard-router").await?;
-    if !bus.set_up_streams(&config.streams, &shutdown).await? {
+    if !bus.set_up_streams(&config.streams, &store, &shutdown).await? {
         return Ok(());
     }
     hookyard_core::metrics::serve_configured(config, Some(bus.jetstream.clone()), &shutdown);

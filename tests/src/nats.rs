@@ -154,6 +154,25 @@ impl NatsServer {
         self.spawn();
     }
 
+    /// Starts the server again on the same port with an empty store: a server whose
+    /// storage was lost (a container restarted without its volume).
+    pub fn restart_empty(&mut self) {
+        self.stop();
+        let store = self.dir.path().join("js");
+        std::fs::remove_dir_all(&store).unwrap_or_else(|e| panic!("removing {}: {e}", store.display()));
+        self.spawn();
+    }
+
+    /// Starts the server again on the same port with its store, less the durable
+    /// consumer `consumer` of `stream`: a consumer gone with no word to its clients.
+    pub fn restart_without_consumer(&mut self, stream: &str, consumer: &str) {
+        self.stop();
+        let account = self.dir.path().join("js").join("jetstream").join("$G");
+        let kept = account.join("streams").join(stream).join("obs").join(consumer);
+        std::fs::remove_dir_all(&kept).unwrap_or_else(|e| panic!("removing {}: {e}", kept.display()));
+        self.spawn();
+    }
+
     /// Freezes the server (SIGSTOP): connections stay open, nothing is answered. Returns
     /// once every thread of it is stopped: `kill` returns when the signal is sent, and a
     /// thread busy on the other core could still answer one more message.

@@ -252,7 +252,11 @@ async fn stored(bus: &Bus, stream: &str) -> Vec<jetstream::message::StreamMessag
 async fn replicated_streams(config: &Config) -> Bus {
     let bus = Bus::connect(config, "test").await.unwrap();
     let never = CancellationToken::new();
-    let setup = bus.set_up_streams(&config.streams, &never);
+    let sqlite = hookyard_testkit::SqliteFile::create();
+    let store = hookyard_core::Store::connect(&sqlite.url, hookyard_testkit::test_cipher())
+        .await
+        .unwrap();
+    let setup = bus.set_up_streams(&config.streams, &store, &never);
     let ready = tokio::time::timeout(Duration::from_secs(60), setup).await;
     assert!(matches!(ready, Ok(Ok(true))), "the streams were not set up: {ready:?}");
     bus

@@ -404,7 +404,7 @@ async fn a_notification_that_could_not_be_queued_is_sent_by_the_sweep() {
 
     // NATS takes it again: the sweep of a running worker sends it (one notification per
     // model the run changed), once. The forwarder, started now, forwards the event too.
-    h.bus.ensure_streams(&h.config.streams).await.unwrap();
+    h.bus.ensure_streams(&h.config.streams, &h.store).await.unwrap();
     h.start_all();
     let notifications = || {
         let hits = receiver.hits().into_iter().map(|hit| hit.json());

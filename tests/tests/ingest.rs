@@ -260,7 +260,11 @@ async fn an_unanswered_publish_is_retried_with_the_same_id_within_the_timeout() 
     let first = tokio::time::timeout(within, attempts.next()).await.unwrap().unwrap();
     // The server had already found no stream for that attempt when it reached us.
     let started = std::time::Instant::now();
-    ingest.bus.ensure_streams(&ingest.config.streams).await.unwrap();
+    ingest
+        .bus
+        .ensure_streams(&ingest.config.streams, &ingest.store)
+        .await
+        .unwrap();
 
     let response = tokio::time::timeout(within, sending).await.unwrap().unwrap().unwrap();
     assert_eq!(response.status().as_u16(), 202);

@@ -1,5 +1,6 @@
 //! What an operator uses during and after an incident, end to end: one trace per
-//! webhook, dead letters (list, show, redrive, purge), replay and metrics.
+//! webhook, dead letters (list, show, redrive, purge), replay and metrics; and a NATS
+//! server that comes back without its store.
 
 mod common;
 
@@ -14,6 +15,7 @@ use serde_json::{json, Value};
 use tracing_subscriber::layer::SubscriberExt as _;
 
 use common::pipeline::{harness, sync, Harness};
+use hookyard_core::streams::RAW_STREAM;
 
 /// Keeps every finished span in memory.
 #[derive(Debug, Clone, Default)]
@@ -742,4 +744,56 @@ async fn a_replay_interrupted_by_nats_going_away_goes_on_when_it_is_back() {
     assert_eq!(conn_messages(&h).await, before + 8, "each event replayed once");
     h.drained().await;
     assert_eq!(h.runs().await.len(), 16);
+}
+
+/// A NATS server that comes back without its store (a container restarted without its
+/// volume) has no streams; the next service to start creates them, and `HOOKS_RAW`
+/// starts past the sequences the store has seen: a webhook sent after it updates the
+/// record one sent before wrote. (From sequence 1 again, its write was no newer than
+/// the stored one and its event met the first one's idempotency marker: both ignored.)
+#[tokio::test]
+async fn webhooks_after_nats_lost_its_store_still_update_records() {
+    let mut h = harness(None, 1).await;
+    h.deploy(&[("crm/syncs/contacts.js", sync("['*']", SAVE_CONTACT))])
+        .await;
+    let first = tokio_util::sync::CancellationToken::new();
+    let (webhooks, services) = h.start_services(&first).await;
+    assert_eq!(
+        post_webhook(&h.http, &format!("{webhooks}/crm"), &contact(1, "p1", "Ada v1")).await,
+        202
+    );
+    eventually("the first webhook's record", Duration::from_secs(20), || async {
+        (names(&h).await == [("p1".to_string(), "Ada v1".to_string())]).then_some(())
+    })
+    .await;
+    first.cancel();
+    services.await.unwrap();
+
+    h.nats.restart_empty();
+    let second = tokio_util::sync::CancellationToken::new();
+    let (webhooks, services) = h.start_services(&second).await;
+    assert_eq!(
+        post_webhook(&h.http, &format!("{webhooks}/crm"), &contact(2, "p1", "Ada v2")).await,
+        202
+    );
+    eventually("the second webhook's record", Duration::from_secs(20), || async {
+        (names(&h).await == [("p1".to_string(), "Ada v2".to_string())]).then_some(())
+    })
+    .await;
+    let raw = h
+        .bus
+        .jetstream
+        .get_stream(RAW_STREAM)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .clone();
+    assert_eq!((raw.first_sequence, raw.last_sequence), (2, 2), "{raw:?}");
+    h.drained().await;
+    assert_eq!(h.runs().await.len(), 2, "each webhook executed once");
+    second.cancel();
+    services.await.unwrap();
 }

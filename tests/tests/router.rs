@@ -4,7 +4,9 @@
 //! webhooks wait out a Postgres outage, a changed routing rule takes effect,
 //! a router that dies mid-batch
 //! publishes nothing twice, a webhook that takes longer than `ack_wait` to route is not
-//! handed out again meanwhile, a deleted consumer is created again, a router started while NATS does not answer waits for it,
+//! handed out again meanwhile, a deleted consumer is created again (also one lost with
+//! NATS's store, whose loss stops the router if its stream is gone too), a router
+//! started while NATS does not answer waits for it,
 //! and an envelope from a newer ingest waits for a router
 //! that reads it.
 
@@ -424,7 +426,6 @@ async fn a_router_whose_consumer_is_deleted_creates_it_again_and_goes_on() {
     let db = PgDatabase::create().await;
     let ingest = start(&db).await;
     let (stop, routing) = spawn_router(&ingest, &ingest.config);
-    let push = |n: u32| format!(r#"{{"object_kind": "push", "n": {n}}}"#);
     post(&ingest, "gitlab", "?connection_id=acme", &[], &push(1)).await;
     assert_eq!(routed(&ingest).await.len(), 1);
 
@@ -439,6 +440,65 @@ async fn a_router_whose_consumer_is_deleted_creates_it_again_and_goes_on() {
     assert!(!routing.is_finished(), "the router stopped: {:?}", routing.await);
     stop.cancel();
     routing.await.unwrap().unwrap();
+}
+
+/// A consumer can go without a word to its clients: deleted while they were
+/// disconnected, or lost with the server's store. The router's pulls then meet no
+/// consumer; it used to pull into that silence for ever, and now creates its consumer
+/// again and goes on.
+#[tokio::test]
+async fn a_router_whose_consumer_went_without_a_word_creates_it_again_and_goes_on() {
+    let db = PgDatabase::create().await;
+    let mut ingest = start(&db).await;
+    let (stop, routing) = spawn_router(&ingest, &ingest.config);
+    post(&ingest, "gitlab", "?connection_id=acme", &[], &push(1)).await;
+    assert_eq!(routed(&ingest).await.len(), 1);
+
+    ingest
+        .nats
+        .restart_without_consumer(RAW_STREAM, hookyard_router::CONSUMER);
+    let accepted = eventually("ingest to take a webhook again", Duration::from_secs(20), || async {
+        let response = ingest
+            .http
+            .post(format!("{}?connection_id=acme", ingest.webhook_url("gitlab")))
+            .body(push(2))
+            .send()
+            .await
+            .unwrap();
+        (response.status() == 202).then_some(())
+    });
+    accepted.await;
+    // The new consumer starts from the first webhook again: routed again, its events
+    // are dropped as duplicates by their message ids.
+    let pushes: Vec<_> = routed(&ingest).await.iter().map(|e| e.payload["n"].as_u64()).collect();
+    assert_eq!(pushes, [Some(1), Some(2)]);
+    assert!(!routing.is_finished(), "the router stopped: {:?}", routing.await);
+    stop.cancel();
+    routing.await.unwrap().unwrap();
+}
+
+/// A NATS server that comes back without its store (its volume lost) has no streams
+/// either. With no service to set them up again, the router stops with an error naming
+/// the stream it lost (its restart sets them up), rather than waiting for ever.
+#[tokio::test]
+async fn a_router_whose_nats_lost_its_store_stops_naming_the_stream() {
+    let db = PgDatabase::create().await;
+    let mut ingest = start(&db).await;
+    let (_stop, routing) = spawn_router(&ingest, &ingest.config);
+    post(&ingest, "gitlab", "?connection_id=acme", &[], &push(1)).await;
+    assert_eq!(routed(&ingest).await.len(), 1);
+
+    ingest.nats.restart_empty();
+    let stopped = tokio::time::timeout(Duration::from_secs(30), routing)
+        .await
+        .expect("the router still runs 30 s after its consumer and stream were lost")
+        .unwrap();
+    let error = stopped.expect_err("the router stopped without an error").to_string();
+    assert!(error.contains("HOOKS_RAW") && error.contains("not found"), "{error}");
+}
+
+fn push(n: u32) -> String {
+    format!(r#"{{"object_kind": "push", "n": {n}}}"#)
 }
 
 /// The router keeps an integration's connections across its periodic reread of the

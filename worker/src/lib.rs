@@ -904,7 +904,7 @@ pub async fn idle(jetstream: &jetstream::Context) -> Result<bool, WorkerError> {
 pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let store = Store::connect(&config.database_url, config.cipher()?).await?;
     let bus = Bus::connect(config, "hookyard-worker").await?;
-    if !bus.set_up_streams(&config.streams, &shutdown).await? {
+    if !bus.set_up_streams(&config.streams, &store, &shutdown).await? {
         return Ok(());
     }
     hookyard_core::metrics::serve_configured(config, Some(bus.jetstream.clone()), &shutdown);

@@ -111,6 +111,7 @@ macro_rules! in_transaction {
     };
 }
 
+mod clock;
 mod connections;
 pub(crate) mod tx;
 pub use connections::MetadataWrite;

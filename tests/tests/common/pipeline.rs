@@ -96,7 +96,7 @@ pub async fn harness_on<N>(
             .unwrap();
     }
     let bus = Bus::connect(&config, "test-worker").await.unwrap();
-    bus.ensure_streams(&config.streams).await.unwrap();
+    bus.ensure_streams(&config.streams, &store).await.unwrap();
     let (router, _) = hookyard_api::router(store.clone(), &config).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let api = format!("http://{}", listener.local_addr().unwrap());
@@ -218,22 +218,40 @@ impl<N> Harness<N> {
 
     /// Ingest alone, in-process; its base URL for `dev`'s webhooks.
     pub async fn start_ingest(&self) -> String {
-        let ingest = hookyard_ingest::Ingest::start(
-            &self.config,
-            self.store.clone(),
-            self.bus.clone(),
-            self.shutdown.clone(),
-        )
-        .await
-        .unwrap();
+        self.start_ingest_until(self.shutdown.clone()).await.0
+    }
+
+    /// Ingest until `stop`: its base URL, and its server's task.
+    async fn start_ingest_until(
+        &self,
+        stop: CancellationToken,
+    ) -> (String, tokio::task::JoinHandle<std::io::Result<()>>) {
+        let ingest = hookyard_ingest::Ingest::start(&self.config, self.store.clone(), self.bus.clone(), stop.clone())
+            .await
+            .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!(
             "http://{}/webhook/{}",
             listener.local_addr().unwrap(),
             self.environment.webhook_id
         );
-        tokio::spawn(hookyard_ingest::serve(listener, ingest, self.shutdown.clone()));
-        base
+        (base, tokio::spawn(hookyard_ingest::serve(listener, ingest, stop)))
+    }
+
+    /// Ingest, the router and the worker's consumers until `stop`, each started as its
+    /// service starts (streams set up first); ingest's base URL, and a task that ends
+    /// when all of them have stopped, each without an error.
+    pub async fn start_services(&self, stop: &CancellationToken) -> (String, tokio::task::JoinHandle<()>) {
+        let (base, ingest) = self.start_ingest_until(stop.clone()).await;
+        let router = self.start_router(stop.clone());
+        let (store, bus, config, stop) = (self.store.clone(), self.bus.clone(), self.config.clone(), stop.clone());
+        let all = tokio::spawn(async move {
+            let worker = hookyard_worker::run_all(store, &bus, &config, stop).await;
+            worker.unwrap();
+            router.await.unwrap().unwrap();
+            ingest.await.unwrap().unwrap();
+        });
+        (base, all)
     }
 
     /// A router (with its replays and redrives) until `stop`.
