@@ -746,6 +746,19 @@ async fn a_replay_interrupted_by_nats_going_away_goes_on_when_it_is_back() {
     assert_eq!(h.runs().await.len(), 16);
 }
 
+/// Webhook `n` sent to `webhooks` names p1 `name`: answered 202, and p1's record then
+/// says so.
+async fn saves(h: &Harness, webhooks: &str, n: u64, name: &str) {
+    let status = post_webhook(&h.http, &format!("{webhooks}/crm"), &contact(n, "p1", name)).await;
+    assert_eq!(status, 202);
+    eventually(
+        &format!("p1's record to name {name}"),
+        Duration::from_secs(20),
+        || async { (names(h).await == [("p1".to_string(), name.to_string())]).then_some(()) },
+    )
+    .await;
+}
+
 /// A NATS server that comes back without its store (a container restarted without its
 /// volume) has no streams; the next service to start creates them, and `HOOKS_RAW`
 /// starts past the sequences the store has seen: a webhook sent after it updates the
@@ -758,28 +771,14 @@ async fn webhooks_after_nats_lost_its_store_still_update_records() {
         .await;
     let first = tokio_util::sync::CancellationToken::new();
     let (webhooks, services) = h.start_services(&first).await;
-    assert_eq!(
-        post_webhook(&h.http, &format!("{webhooks}/crm"), &contact(1, "p1", "Ada v1")).await,
-        202
-    );
-    eventually("the first webhook's record", Duration::from_secs(20), || async {
-        (names(&h).await == [("p1".to_string(), "Ada v1".to_string())]).then_some(())
-    })
-    .await;
+    saves(&h, &webhooks, 1, "Ada v1").await;
     first.cancel();
     services.await.unwrap();
 
     h.nats.restart_empty();
     let second = tokio_util::sync::CancellationToken::new();
     let (webhooks, services) = h.start_services(&second).await;
-    assert_eq!(
-        post_webhook(&h.http, &format!("{webhooks}/crm"), &contact(2, "p1", "Ada v2")).await,
-        202
-    );
-    eventually("the second webhook's record", Duration::from_secs(20), || async {
-        (names(&h).await == [("p1".to_string(), "Ada v2".to_string())]).then_some(())
-    })
-    .await;
+    saves(&h, &webhooks, 2, "Ada v2").await;
     let raw = h
         .bus
         .jetstream

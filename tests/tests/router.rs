@@ -418,28 +418,46 @@ async fn a_webhook_routed_for_longer_than_ack_wait_is_not_handed_out_again() {
     routing.await.unwrap().unwrap();
 }
 
-/// An operator who deletes the router's consumer (to reset it) does not stop routing:
-/// the router creates it again, as a restart would, and goes on. (It used to end its
-/// consuming quietly, and `hookyard router` to exit 0.)
-#[tokio::test]
-async fn a_router_whose_consumer_is_deleted_creates_it_again_and_goes_on() {
+/// A router on a new Postgres database, once it has routed one webhook (push 1).
+async fn routing_after_one_push() -> (
+    PgDatabase,
+    Running,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), hookyard_router::RouterError>>,
+) {
     let db = PgDatabase::create().await;
     let ingest = start(&db).await;
     let (stop, routing) = spawn_router(&ingest, &ingest.config);
     post(&ingest, "gitlab", "?connection_id=acme", &[], &push(1)).await;
     assert_eq!(routed(&ingest).await.len(), 1);
+    (db, ingest, stop, routing)
+}
 
-    let raw = ingest.jetstream.get_stream(RAW_STREAM).await.unwrap();
-    raw.delete_consumer(hookyard_router::CONSUMER).await.unwrap();
-    post(&ingest, "gitlab", "?connection_id=acme", &[], &push(2)).await;
-    // The new consumer starts from the first webhook again: routed again, its events
-    // are dropped as duplicates by their message ids.
-    let published = routed(&ingest).await;
-    let pushes: Vec<_> = published.iter().map(|e| e.payload["n"].as_u64()).collect();
+/// Push 2 routed after push 1 by a router that is still running; then stops it. (A new
+/// consumer starts from the first webhook again: routed again, its events are dropped
+/// as duplicates by their message ids.)
+async fn push_two_routed_by_the_running_router(
+    ingest: &Running,
+    stop: CancellationToken,
+    routing: tokio::task::JoinHandle<Result<(), hookyard_router::RouterError>>,
+) {
+    let pushes: Vec<_> = routed(ingest).await.iter().map(|e| e.payload["n"].as_u64()).collect();
     assert_eq!(pushes, [Some(1), Some(2)]);
     assert!(!routing.is_finished(), "the router stopped: {:?}", routing.await);
     stop.cancel();
     routing.await.unwrap().unwrap();
+}
+
+/// An operator who deletes the router's consumer (to reset it) does not stop routing:
+/// the router creates it again, as a restart would, and goes on. (It used to end its
+/// consuming quietly, and `hookyard router` to exit 0.)
+#[tokio::test]
+async fn a_router_whose_consumer_is_deleted_creates_it_again_and_goes_on() {
+    let (_db, ingest, stop, routing) = routing_after_one_push().await;
+    let raw = ingest.jetstream.get_stream(RAW_STREAM).await.unwrap();
+    raw.delete_consumer(hookyard_router::CONSUMER).await.unwrap();
+    post(&ingest, "gitlab", "?connection_id=acme", &[], &push(2)).await;
+    push_two_routed_by_the_running_router(&ingest, stop, routing).await;
 }
 
 /// A consumer can go without a word to its clients: deleted while they were
@@ -448,12 +466,7 @@ async fn a_router_whose_consumer_is_deleted_creates_it_again_and_goes_on() {
 /// again and goes on.
 #[tokio::test]
 async fn a_router_whose_consumer_went_without_a_word_creates_it_again_and_goes_on() {
-    let db = PgDatabase::create().await;
-    let mut ingest = start(&db).await;
-    let (stop, routing) = spawn_router(&ingest, &ingest.config);
-    post(&ingest, "gitlab", "?connection_id=acme", &[], &push(1)).await;
-    assert_eq!(routed(&ingest).await.len(), 1);
-
+    let (_db, mut ingest, stop, routing) = routing_after_one_push().await;
     ingest
         .nats
         .restart_without_consumer(RAW_STREAM, hookyard_router::CONSUMER);
@@ -468,13 +481,7 @@ async fn a_router_whose_consumer_went_without_a_word_creates_it_again_and_goes_o
         (response.status() == 202).then_some(())
     });
     accepted.await;
-    // The new consumer starts from the first webhook again: routed again, its events
-    // are dropped as duplicates by their message ids.
-    let pushes: Vec<_> = routed(&ingest).await.iter().map(|e| e.payload["n"].as_u64()).collect();
-    assert_eq!(pushes, [Some(1), Some(2)]);
-    assert!(!routing.is_finished(), "the router stopped: {:?}", routing.await);
-    stop.cancel();
-    routing.await.unwrap().unwrap();
+    push_two_routed_by_the_running_router(&ingest, stop, routing).await;
 }
 
 /// A NATS server that comes back without its store (its volume lost) has no streams
@@ -482,12 +489,7 @@ async fn a_router_whose_consumer_went_without_a_word_creates_it_again_and_goes_o
 /// the stream it lost (its restart sets them up), rather than waiting for ever.
 #[tokio::test]
 async fn a_router_whose_nats_lost_its_store_stops_naming_the_stream() {
-    let db = PgDatabase::create().await;
-    let mut ingest = start(&db).await;
-    let (_stop, routing) = spawn_router(&ingest, &ingest.config);
-    post(&ingest, "gitlab", "?connection_id=acme", &[], &push(1)).await;
-    assert_eq!(routed(&ingest).await.len(), 1);
-
+    let (_db, mut ingest, _stop, routing) = routing_after_one_push().await;
     ingest.nats.restart_empty();
     let stopped = tokio::time::timeout(Duration::from_secs(30), routing)
         .await
