@@ -106,6 +106,16 @@ pub enum StreamsError {
     },
     #[error("cannot read from the store where a new {RAW_STREAM} must start: {0}")]
     RawClock(#[source] crate::store::StoreError),
+    #[error(
+        "{RAW_STREAM} ends at sequence {last}, but the store has logged webhooks up to sequence \
+         {logged}: this NATS server holds an older {RAW_STREAM} than the store has seen (restored \
+         from an older backup, or deleted and created again by hand). New webhooks would get \
+         sequences that record versions and idempotency markers already carry, and their writes \
+         would be ignored. Move the stream past them, then start again: purge it up to sequence \
+         {past} (the JetStream request $JS.API.STREAM.PURGE.{RAW_STREAM} with {{\"seq\": {past}}}); \
+         this deletes the messages it holds"
+    )]
+    RawBehind { last: u64, logged: u64, past: u64 },
     #[error("cannot consume {stream} as {consumer}: {message}")]
     Consume {
         stream: String,
@@ -503,11 +513,12 @@ impl Bus {
             Err(error) if error.kind() == CreateStreamErrorKind::NotFound => {
                 self.create_raw_stream(config, store).await?;
             }
-            updated => {
-                updated.map_err(|source| StreamsError::Stream {
+            Ok(info) => refuse_raw_behind(info.state.last_sequence, store).await?,
+            Err(source) => {
+                return Err(StreamsError::Stream {
                     stream: RAW_STREAM,
                     source,
-                })?;
+                })
             }
         }
         for (name, stream) in [
@@ -583,6 +594,22 @@ impl Bus {
             Ok(Ok(_))
         )
     }
+}
+
+/// Refuses a `HOOKS_RAW` ending at `last` that the store has seen further (see
+/// [`StreamsError::RawBehind`]): checked at every start by the log's highest sequence
+/// (one index lookup), and the way out computed from the whole clock.
+async fn refuse_raw_behind(last: u64, store: &Store) -> Result<(), StreamsError> {
+    let logged = store.raw_sequence_logged().await.map_err(StreamsError::RawClock)?;
+    if logged <= last {
+        return Ok(());
+    }
+    let seen = store.raw_sequence_seen().await.map_err(StreamsError::RawClock)?;
+    Err(StreamsError::RawBehind {
+        last,
+        logged,
+        past: seen.max(logged) + 1,
+    })
 }
 
 /// `HOOKS_RAW`. Limits, not WorkQueue: a work queue forgets what it delivered, and this

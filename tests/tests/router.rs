@@ -5,7 +5,8 @@
 //! a router that dies mid-batch
 //! publishes nothing twice, a webhook that takes longer than `ack_wait` to route is not
 //! handed out again meanwhile, a deleted consumer is created again (also one lost with
-//! NATS's store, whose loss stops the router if its stream is gone too), a router
+//! NATS's store, whose loss stops the router if its stream is gone too), a `HOOKS_RAW`
+//! behind the store refused until moved past it, a router
 //! started while NATS does not answer waits for it,
 //! and an envelope from a newer ingest waits for a router
 //! that reads it.
@@ -497,6 +498,50 @@ async fn a_router_whose_nats_lost_its_store_stops_naming_the_stream() {
         .unwrap();
     let error = stopped.expect_err("the router stopped without an error").to_string();
     assert!(error.contains("HOOKS_RAW") && error.contains("not found"), "{error}");
+}
+
+/// A `HOOKS_RAW` behind the store (here deleted and created again by hand; a NATS
+/// restored from an older backup is the same) would hand out sequences the records
+/// already carry. A service refuses to start on it, saying how to move it past them;
+/// done as it says, the next webhook gets a sequence past the store's.
+#[tokio::test]
+async fn a_hooks_raw_behind_the_store_is_refused_until_moved_past_it() {
+    let (_db, ingest, stop, routing) = routing_after_one_push().await;
+    eventually("the router to log the webhook", Duration::from_secs(20), || async {
+        (ingest.store.raw_sequence_logged().await.unwrap() == 1).then_some(())
+    })
+    .await;
+    stop.cancel();
+    routing.await.unwrap().unwrap();
+    ingest.jetstream.delete_stream(RAW_STREAM).await.unwrap();
+    let by_hand = hookyard_core::streams::raw_stream_config(&ingest.config.streams);
+    ingest.jetstream.create_stream(by_hand).await.unwrap();
+
+    let starting = hookyard_ingest::Ingest::start(
+        &ingest.config,
+        ingest.store.clone(),
+        ingest.bus.clone(),
+        CancellationToken::new(),
+    );
+    let refused = match starting.await {
+        Ok(_) => panic!("ingest started on a HOOKS_RAW behind the store"),
+        Err(error) => error.to_string(),
+    };
+    assert!(
+        refused.contains("ends at sequence 0, but the store has logged webhooks up to sequence 1")
+            && refused.contains(r#"$JS.API.STREAM.PURGE.HOOKS_RAW with {"seq": 2}"#),
+        "{refused}"
+    );
+
+    let raw = ingest.jetstream.get_stream(RAW_STREAM).await.unwrap();
+    raw.purge().sequence(2).await.unwrap();
+    let never = CancellationToken::new();
+    let set_up = ingest.bus.set_up_streams(&ingest.config.streams, &ingest.store, &never);
+    assert!(set_up.await.unwrap());
+    post(&ingest, "gitlab", "?connection_id=acme", &[], &push(2)).await;
+    let mut raw = ingest.jetstream.get_stream(RAW_STREAM).await.unwrap();
+    let state = raw.info().await.unwrap().state.clone();
+    assert_eq!((state.messages, state.last_sequence), (1, 2), "{state:?}");
 }
 
 fn push(n: u32) -> String {

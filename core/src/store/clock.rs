@@ -34,4 +34,14 @@ impl Store {
         let (seen,): (i64,) = on_pool!(self, |pool| sqlx::query_as(query).fetch_one(pool).await)?;
         Ok(seen.max(0) as u64)
     }
+
+    /// The highest `HOOKS_RAW` sequence of a webhook in the operation log (the router
+    /// logs each one it routes); 0 for none. One index lookup: cheap enough for every
+    /// start, to tell a `HOOKS_RAW` that is behind the store.
+    pub async fn raw_sequence_logged(&self) -> Result<u64, StoreError> {
+        let (logged,): (Option<i64>,) = on_pool!(self, |pool| sqlx::query_as("SELECT MAX(raw_seq) FROM webhook_log")
+            .fetch_one(pool)
+            .await)?;
+        Ok(logged.unwrap_or(0).max(0) as u64)
+    }
 }
