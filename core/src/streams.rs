@@ -104,7 +104,7 @@ pub enum StreamsError {
         stream: &'static str,
         source: async_nats::jetstream::context::CreateStreamError,
     },
-    #[error("cannot read from the store where a new {RAW_STREAM} must start: {0}")]
+    #[error("cannot read {RAW_STREAM}'s clock (the sequences the store has seen): {0}")]
     RawClock(#[source] crate::store::StoreError),
     #[error(
         "{RAW_STREAM} ends at sequence {last}, but the store has logged webhooks up to sequence \
