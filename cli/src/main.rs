@@ -7,6 +7,7 @@ mod dlq;
 mod dryrun;
 mod logs;
 mod replay;
+mod streams;
 
 use std::process::ExitCode;
 
@@ -55,6 +56,9 @@ enum Command {
     /// Replay received webhooks (from HOOKS_RAW) through the functions and/or forwarding,
     /// with progress; Ctrl-C cancels. Also: replay list|watch ID|cancel ID.
     Replay(replay::ReplayArgs),
+    /// HOOKS_RAW against the store's clock: `streams advance` moves a HOOKS_RAW that is
+    /// behind the store (restored from an older backup) past it.
+    Streams(streams::StreamsArgs),
     /// Print a new random encryption key for HOOKYARD_ENCRYPTION_KEY.
     Keygen,
 }
@@ -73,6 +77,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::Dryrun(_) => ("hookyard-dryrun", false),
+        Command::Streams(_) => ("hookyard-streams", false),
         Command::Deploy(_) | Command::Dlq(_) | Command::Replay(_) | Command::Logs(_) => ("hookyard-client", false),
     };
     // Clients of the API: no configuration, no key of their own.
@@ -138,14 +143,8 @@ fn main() -> ExitCode {
             Command::Worker => hookyard_worker::run(&config, shutdown).await,
             Command::Reconciler => hookyard_reconciler::run(&config, shutdown).await,
             Command::Api => hookyard_api::run(&config, shutdown).await,
-            Command::Dryrun(args) => {
-                // A command, not a service: its error is a line for the user.
-                if let Err(error) = dryrun::run(&config, args).await {
-                    eprintln!("hookyard dryrun: {error}");
-                    return ExitCode::FAILURE;
-                }
-                Ok(())
-            }
+            Command::Dryrun(args) => return said("dryrun", dryrun::run(&config, args).await),
+            Command::Streams(args) => return said("streams", streams::run(&config, args).await),
             Command::Keygen | Command::Deploy(_) | Command::Dlq(_) | Command::Replay(_) | Command::Logs(_) => Ok(()), // answered above
         };
         match outcome {
@@ -156,4 +155,15 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// A command's outcome, not a service's: its error is a line for the user.
+fn said(name: &str, outcome: Result<(), Box<dyn std::error::Error + Send + Sync>>) -> ExitCode {
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("hookyard {name}: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }

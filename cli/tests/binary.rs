@@ -1581,3 +1581,99 @@ async fn logs_prints_webhooks_one_in_full_and_follows_new_ones() {
     follow.wait_exit();
     shutdown.cancel();
 }
+
+/// `hookyard streams advance` with no `HOOKS_RAW` says where it will begin; on one behind
+/// the store (created by hand, two messages, while the store's log has seen sequence 7)
+/// it says what it would do and changes nothing; with `--yes` it moves the stream past
+/// the store's clock, the next message gets sequence 8, and asked again it has nothing
+/// to do.
+#[tokio::test]
+async fn streams_advance_moves_a_hooks_raw_behind_the_store_past_it() {
+    use hookyard_core::store::logs::{LogWrite, WebhookEntry};
+    let nats = NatsServer::start();
+    let sqlite = SqliteFile::create();
+    let store = Store::connect(&sqlite.url, test_cipher()).await.unwrap();
+    let entry = WebhookEntry {
+        environment: "dev".into(),
+        integration: "crm".into(),
+        raw_seq: Some(7),
+        delivery_id: None,
+        received_at: chrono::Utc::now(),
+        status: "accepted".into(),
+        detail: None,
+        bytes: 2,
+        routing: None,
+    };
+    store.write_log(&[LogWrite::Webhook(entry)]).await.unwrap();
+    let (url, nats_url) = (sqlite.url.clone(), nats.url.clone());
+    let advance = move |extra: &'static [&'static str]| {
+        let (url, nats_url) = (url.clone(), nats_url.clone());
+        tokio::task::spawn_blocking(move || {
+            let output = Command::new(env!("CARGO_BIN_EXE_hookyard"))
+                .args(["streams", "advance"])
+                .args(extra)
+                .env("HOOKYARD_DATABASE_URL", &url)
+                .env("HOOKYARD_NATS_URL", &nats_url)
+                .env("HOOKYARD_ENCRYPTION_KEY", TEST_ENCRYPTION_KEY)
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+            assert!(
+                output.status.success(),
+                "{stdout}{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            stdout
+        })
+    };
+    let missing = advance(&[]).await.unwrap();
+    assert!(
+        missing.contains("HOOKS_RAW does not exist: the next service to start creates it to begin at sequence 8."),
+        "{missing}"
+    );
+    let jetstream = async_nats::jetstream::new(async_nats::connect(&nats.url).await.unwrap());
+    let by_hand = hookyard_core::streams::raw_stream_config(&Default::default());
+    jetstream.create_stream(by_hand).await.unwrap();
+    for _ in 0..2 {
+        jetstream
+            .publish("hooks.raw.dev.crm", "{}".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let state = || async {
+        jetstream
+            .get_stream(RAW_STREAM)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .clone()
+    };
+
+    let plan = advance(&[]).await.unwrap();
+    assert!(
+        plan.contains("HOOKS_RAW ends at sequence 2, behind the store, which has seen sequences up to 7. With --yes its 2 messages are purged and its next message gets sequence 8."),
+        "{plan}"
+    );
+    assert_eq!(state().await.messages, 2, "nothing purged without --yes");
+
+    let done = advance(&["--yes"]).await.unwrap();
+    assert!(
+        done.contains("purged 2 messages from HOOKS_RAW: its next message gets sequence 8."),
+        "{done}"
+    );
+    let ack = jetstream
+        .publish("hooks.raw.dev.crm", "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(ack.sequence, 8);
+
+    let again = advance(&["--yes"]).await.unwrap();
+    assert!(again.contains("nothing to do"), "{again}");
+}

@@ -111,11 +111,13 @@ pub enum StreamsError {
          {logged}: this NATS server holds an older {RAW_STREAM} than the store has seen (restored \
          from an older backup, or deleted and created again by hand). New webhooks would get \
          sequences that record versions and idempotency markers already carry, and their writes \
-         would be ignored. Move the stream past them, then start again: purge it up to sequence \
-         {past} (the JetStream request $JS.API.STREAM.PURGE.{RAW_STREAM} with {{\"seq\": {past}}}); \
-         this deletes the messages it holds"
+         would be ignored. Move the stream past them, then start again: `hookyard streams \
+         advance --yes` purges it up to sequence {past} (the JetStream request \
+         $JS.API.STREAM.PURGE.{RAW_STREAM} with {{\"seq\": {past}}}), deleting the messages it holds"
     )]
     RawBehind { last: u64, logged: u64, past: u64 },
+    #[error("{what} {RAW_STREAM} failed: {message}")]
+    RawRequest { what: &'static str, message: String },
     #[error("cannot consume {stream} as {consumer}: {message}")]
     Consume {
         stream: String,
@@ -560,6 +562,50 @@ impl Bus {
         Ok(())
     }
 
+    /// Where `HOOKS_RAW` stands against the store's clock; `None` when it does not exist.
+    pub async fn raw_standing(&self, store: &Store) -> Result<Option<RawStanding>, StreamsError> {
+        use jetstream::context::GetStreamErrorKind;
+        let failed = |message: String| StreamsError::RawRequest {
+            what: "reading",
+            message,
+        };
+        let mut stream = match self.jetstream.get_stream(RAW_STREAM).await {
+            Ok(stream) => stream,
+            Err(error) if matches!(error.kind(), GetStreamErrorKind::JetStream(e) if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) => {
+                return Ok(None)
+            }
+            Err(error) => return Err(failed(error.to_string())),
+        };
+        let state = stream.info().await.map_err(|e| failed(e.to_string()))?.state.clone();
+        let seen = store.raw_sequence_seen().await.map_err(StreamsError::RawClock)?;
+        Ok(Some(RawStanding {
+            last: state.last_sequence,
+            messages: state.messages,
+            seen,
+        }))
+    }
+
+    /// Moves `HOOKS_RAW` past the store's clock: purges it up to `standing.seen + 1`, so
+    /// that its next message gets that sequence. Deletes every message it holds; the
+    /// number deleted.
+    pub async fn advance_raw_stream(&self, standing: &RawStanding) -> Result<u64, StreamsError> {
+        let failed = |message: String| StreamsError::RawRequest {
+            what: "purging",
+            message,
+        };
+        let stream = self
+            .jetstream
+            .get_stream(RAW_STREAM)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let purged = stream
+            .purge()
+            .sequence(standing.seen + 1)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        Ok(purged.purged)
+    }
+
     /// [`Bus::ensure_streams`] at a service's start, sent again while the server answers
     /// with a timeout or a temporary error: a cluster still electing its leaders, or
     /// busy. Exiting instead would leave the service to its supervisor's restart backoff.
@@ -593,6 +639,22 @@ impl Bus {
             tokio::time::timeout(wait, self.jetstream.get_stream(RAW_STREAM)).await,
             Ok(Ok(_))
         )
+    }
+}
+
+/// `HOOKS_RAW`'s last sequence and message count, and the highest sequence the store
+/// refers to ([`Store::raw_sequence_seen`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawStanding {
+    pub last: u64,
+    pub messages: u64,
+    pub seen: u64,
+}
+
+impl RawStanding {
+    /// The stream would hand out sequences the store has seen.
+    pub fn behind(&self) -> bool {
+        self.last < self.seen
     }
 }
 
