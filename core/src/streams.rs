@@ -569,14 +569,15 @@ impl Bus {
             what: "reading",
             message,
         };
-        let mut stream = match self.jetstream.get_stream(RAW_STREAM).await {
+        let stream = match self.jetstream.get_stream(RAW_STREAM).await {
             Ok(stream) => stream,
             Err(error) if matches!(error.kind(), GetStreamErrorKind::JetStream(e) if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) => {
                 return Ok(None)
             }
             Err(error) => return Err(failed(error.to_string())),
         };
-        let state = stream.info().await.map_err(|e| failed(e.to_string()))?.state.clone();
+        // The lookup brought the stream's info with it.
+        let state = &stream.cached_info().state;
         let seen = store.raw_sequence_seen().await.map_err(StreamsError::RawClock)?;
         Ok(Some(RawStanding {
             last: state.last_sequence,
@@ -595,7 +596,7 @@ impl Bus {
         };
         let stream = self
             .jetstream
-            .get_stream(RAW_STREAM)
+            .get_stream_no_info(RAW_STREAM)
             .await
             .map_err(|e| failed(e.to_string()))?;
         let purged = stream
