@@ -772,6 +772,17 @@ async fn worker_fixture(store: &Store, nats: &NatsServer, events: u64) -> async_
     deploy(store, &env, "crm/syncs/runs.js", source).await;
     let bus = connect(nats, store).await;
     for n in 1..=events {
+        // Each event refers to a webhook HOOKS_RAW holds, as the router's do: a service
+        // refuses to start on a HOOKS_RAW behind the sequences the records carry.
+        let webhook = json_envelope("crm", &format!("d{n}"), &serde_json::json!({ "n": n }));
+        let stored = bus
+            .jetstream
+            .publish_with_headers(webhook.subject(), webhook.to_headers(), webhook.body.clone())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert_eq!(stored.sequence, n, "the fixture starts on an empty HOOKS_RAW");
         let event = hookyard_core::routed::RoutedEvent {
             environment: "dev".parse().unwrap(),
             integration: "crm".parse().unwrap(),

@@ -107,15 +107,16 @@ pub enum StreamsError {
     #[error("cannot read {RAW_STREAM}'s clock (the sequences the store has seen): {0}")]
     RawClock(#[source] crate::store::StoreError),
     #[error(
-        "{RAW_STREAM} ends at sequence {last}, but the store has logged webhooks up to sequence \
-         {logged}: this NATS server holds an older {RAW_STREAM} than the store has seen (restored \
-         from an older backup, or deleted and created again by hand). New webhooks would get \
+        "{RAW_STREAM} ends at sequence {last}, but the store has recorded sequences up to \
+         {recorded} (record writes, the operation log): this NATS server holds an older \
+         {RAW_STREAM} than the store has seen (restored from an older backup, or deleted and \
+         created again by hand). New webhooks would get \
          sequences that record versions and idempotency markers already carry, and their writes \
          would be ignored. Move the stream past them, then start again: `hookyard streams \
          advance --yes` purges it up to sequence {past} (the JetStream request \
          $JS.API.STREAM.PURGE.{RAW_STREAM} with {{\"seq\": {past}}}), deleting the messages it holds"
     )]
-    RawBehind { last: u64, logged: u64, past: u64 },
+    RawBehind { last: u64, recorded: u64, past: u64 },
     #[error("{what} {RAW_STREAM} failed: {message}")]
     RawRequest { what: &'static str, message: String },
     #[error("cannot consume {stream} as {consumer}: {message}")]
@@ -660,18 +661,18 @@ impl RawStanding {
 }
 
 /// Refuses a `HOOKS_RAW` ending at `last` that the store has seen further (see
-/// [`StreamsError::RawBehind`]): checked at every start by the log's highest sequence
-/// (one index lookup), and the way out computed from the whole clock.
+/// [`StreamsError::RawBehind`]): checked at every start by the log's and the record
+/// scopes' highest sequences (cheap), and the way out computed from the whole clock.
 async fn refuse_raw_behind(last: u64, store: &Store) -> Result<(), StreamsError> {
-    let logged = store.raw_sequence_logged().await.map_err(StreamsError::RawClock)?;
-    if logged <= last {
+    let recorded = store.raw_sequence_recorded().await.map_err(StreamsError::RawClock)?;
+    if recorded <= last {
         return Ok(());
     }
     let seen = store.raw_sequence_seen().await.map_err(StreamsError::RawClock)?;
     Err(StreamsError::RawBehind {
         last,
-        logged,
-        past: seen.max(logged) + 1,
+        recorded,
+        past: seen.max(recorded) + 1,
     })
 }
 

@@ -398,12 +398,16 @@ async fn notices_are_committed_with_their_changes(store: &Store) {
 }
 
 /// The highest `HOOKS_RAW` sequence the store refers to, which a new `HOOKS_RAW` must
-/// start past: in record versions, the operation log, and onWebhook markers.
-async fn the_raw_sequence_seen_covers_versions_log_and_markers(store: &Store) {
+/// start past: in record versions, the operation log, and onWebhook markers. And the
+/// part of it every start checks: the log and the record scopes, also once the log is
+/// pruned.
+async fn the_raw_clock_covers_versions_log_and_markers(store: &Store) {
     use hookyard_core::store::logs::{LogStep, LogWrite, WebhookEntry};
     let env = store.ensure_environment(&"dev".parse().unwrap()).await.unwrap();
     let before = store.raw_sequence_seen().await.unwrap();
     assert!(before > 0, "the records committed before carry versions");
+    let recorded = store.raw_sequence_recorded().await.unwrap();
+    assert_eq!(recorded, before, "only records carry sequences so far");
     let marker = |consumer: &str, id: String| {
         Unit::new(Marker {
             consumer: consumer.into(),
@@ -430,6 +434,11 @@ async fn the_raw_sequence_seen_covers_versions_log_and_markers(store: &Store) {
     };
     store.write_log(&[LogWrite::Step(step)]).await.unwrap();
     assert_eq!(store.raw_sequence_seen().await.unwrap(), before + 200);
+    assert_eq!(
+        store.raw_sequence_recorded().await.unwrap(),
+        before,
+        "markers and steps are not checked at start"
+    );
     let entry = WebhookEntry {
         environment: "dev".into(),
         integration: "crm".into(),
@@ -443,6 +452,7 @@ async fn the_raw_sequence_seen_covers_versions_log_and_markers(store: &Store) {
     };
     store.write_log(&[LogWrite::Webhook(entry)]).await.unwrap();
     assert_eq!(store.raw_sequence_seen().await.unwrap(), before + 300);
+    assert_eq!(store.raw_sequence_recorded().await.unwrap(), before + 300);
     // An exec run's write: the last sequence when it started, in the version's high bits.
     let exec_version = (((before + 400) << 16) + 0xFFFF) as i64;
     store
@@ -453,11 +463,19 @@ async fn the_raw_sequence_seen_covers_versions_log_and_markers(store: &Store) {
         .await
         .unwrap();
     assert_eq!(store.raw_sequence_seen().await.unwrap(), before + 400);
+    assert_eq!(store.raw_sequence_recorded().await.unwrap(), before + 400);
+    let everything = chrono::Utc::now() + chrono::Duration::hours(1);
+    store.prune_log(everything).await.unwrap();
+    assert_eq!(
+        store.raw_sequence_recorded().await.unwrap(),
+        before + 400,
+        "the record scopes keep the clock when the log is gone"
+    );
 }
 
 async fn conformance(store: Store) {
     commits_apply_once_in_version_order(&store).await;
-    the_raw_sequence_seen_covers_versions_log_and_markers(&store).await;
+    the_raw_clock_covers_versions_log_and_markers(&store).await;
     notices_are_committed_with_their_changes(&store).await;
     deploys_version_changed_syncs(&store).await;
 }

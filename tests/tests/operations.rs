@@ -759,6 +759,49 @@ async fn saves(h: &Harness, webhooks: &str, n: u64, name: &str) {
     .await;
 }
 
+/// A `HOOKS_RAW` behind the store (a NATS server restored from an older backup; here
+/// deleted and created again by hand) is refused at start also once the operation log
+/// is pruned: the record scopes keep the highest version written, and the records are
+/// what its sequences would have been ignored against.
+#[tokio::test]
+async fn a_hooks_raw_behind_the_records_is_refused_once_the_log_is_pruned() {
+    let h = harness(None, 1).await;
+    h.deploy(&[("crm/syncs/contacts.js", sync("['*']", SAVE_CONTACT))])
+        .await;
+    let first = tokio_util::sync::CancellationToken::new();
+    let (webhooks, services) = h.start_services(&first).await;
+    saves(&h, &webhooks, 1, "Ada v1").await;
+    first.cancel();
+    services.await.unwrap();
+    let env = h.environment.name.to_string();
+    let no_filter = hookyard_core::store::logs::LogFilter::default();
+    eventually("the webhook's log entry", Duration::from_secs(20), || async {
+        let logged = h.store.logged_webhooks(&env, &no_filter, 10).await.unwrap();
+        (!logged.is_empty()).then_some(())
+    })
+    .await;
+    let everything = chrono::Utc::now() + chrono::Duration::hours(1);
+    h.store.prune_log(everything).await.unwrap();
+    h.bus.jetstream.delete_stream(RAW_STREAM).await.unwrap();
+    let by_hand = hookyard_core::streams::raw_stream_config(&h.config.streams);
+    h.bus.jetstream.create_stream(by_hand).await.unwrap();
+
+    let starting = hookyard_ingest::Ingest::start(
+        &h.config,
+        h.store.clone(),
+        h.bus.clone(),
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let refused = match starting.await {
+        Ok(_) => panic!("ingest started on a HOOKS_RAW behind the records"),
+        Err(error) => error.to_string(),
+    };
+    assert!(
+        refused.contains("ends at sequence 0, but the store has recorded sequences up to 1"),
+        "{refused}"
+    );
+}
+
 /// A NATS server that comes back without its store (a container restarted without its
 /// volume) has no streams; the next service to start creates them, and `HOOKS_RAW`
 /// starts past the sequences the store has seen: a webhook sent after it updates the

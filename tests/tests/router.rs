@@ -449,6 +449,21 @@ async fn push_two_routed_by_the_running_router(
     routing.await.unwrap().unwrap();
 }
 
+/// Push 2 posted until ingest, reconnecting to a restarted NATS, takes it.
+async fn push_two_once_nats_is_back(ingest: &Running) {
+    let accepted = eventually("ingest to take a webhook again", Duration::from_secs(20), || async {
+        let response = ingest
+            .http
+            .post(format!("{}?connection_id=acme", ingest.webhook_url("gitlab")))
+            .body(push(2))
+            .send()
+            .await
+            .unwrap();
+        (response.status() == 202).then_some(())
+    });
+    accepted.await;
+}
+
 /// An operator who deletes the router's consumer (to reset it) does not stop routing:
 /// the router creates it again, as a restart would, and goes on. (It used to end its
 /// consuming quietly, and `hookyard router` to exit 0.)
@@ -458,6 +473,17 @@ async fn a_router_whose_consumer_is_deleted_creates_it_again_and_goes_on() {
     let raw = ingest.jetstream.get_stream(RAW_STREAM).await.unwrap();
     raw.delete_consumer(hookyard_router::CONSUMER).await.unwrap();
     post(&ingest, "gitlab", "?connection_id=acme", &[], &push(2)).await;
+    push_two_routed_by_the_running_router(&ingest, stop, routing).await;
+}
+
+/// A NATS server restarted with its store keeps the router's consumer but not its
+/// pull request: the router pulls again once reconnected, and a webhook taken after the
+/// restart is routed without a restart of the router.
+#[tokio::test]
+async fn a_router_goes_on_after_a_nats_restart() {
+    let (_db, mut ingest, stop, routing) = routing_after_one_push().await;
+    ingest.nats.restart();
+    push_two_once_nats_is_back(&ingest).await;
     push_two_routed_by_the_running_router(&ingest, stop, routing).await;
 }
 
@@ -471,17 +497,7 @@ async fn a_router_whose_consumer_went_without_a_word_creates_it_again_and_goes_o
     ingest
         .nats
         .restart_without_consumer(RAW_STREAM, hookyard_router::CONSUMER);
-    let accepted = eventually("ingest to take a webhook again", Duration::from_secs(20), || async {
-        let response = ingest
-            .http
-            .post(format!("{}?connection_id=acme", ingest.webhook_url("gitlab")))
-            .body(push(2))
-            .send()
-            .await
-            .unwrap();
-        (response.status() == 202).then_some(())
-    });
-    accepted.await;
+    push_two_once_nats_is_back(&ingest).await;
     push_two_routed_by_the_running_router(&ingest, stop, routing).await;
 }
 
@@ -508,7 +524,7 @@ async fn a_router_whose_nats_lost_its_store_stops_naming_the_stream() {
 async fn a_hooks_raw_behind_the_store_is_refused_until_moved_past_it() {
     let (_db, ingest, stop, routing) = routing_after_one_push().await;
     eventually("the router to log the webhook", Duration::from_secs(20), || async {
-        (ingest.store.raw_sequence_logged().await.unwrap() == 1).then_some(())
+        (ingest.store.raw_sequence_recorded().await.unwrap() == 1).then_some(())
     })
     .await;
     stop.cancel();
@@ -528,7 +544,7 @@ async fn a_hooks_raw_behind_the_store_is_refused_until_moved_past_it() {
         Err(error) => error.to_string(),
     };
     assert!(
-        refused.contains("ends at sequence 0, but the store has logged webhooks up to sequence 1")
+        refused.contains("ends at sequence 0, but the store has recorded sequences up to 1")
             && refused.contains(r#"$JS.API.STREAM.PURGE.HOOKS_RAW with {"seq": 2}"#),
         "{refused}"
     );

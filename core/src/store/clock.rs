@@ -36,12 +36,24 @@ impl Store {
     }
 
     /// The highest `HOOKS_RAW` sequence of a webhook in the operation log (the router
-    /// logs each one it routes); 0 for none. One index lookup: cheap enough for every
-    /// start, to tell a `HOOKS_RAW` that is behind the store.
-    pub async fn raw_sequence_logged(&self) -> Result<u64, StoreError> {
-        let (logged,): (Option<i64>,) = on_pool!(self, |pool| sqlx::query_as("SELECT MAX(raw_seq) FROM webhook_log")
-            .fetch_one(pool)
-            .await)?;
-        Ok(logged.unwrap_or(0).max(0) as u64)
+    /// logs each one it routes) or of a record write (each scope keeps its highest
+    /// version); 0 for none. One index lookup and a scan of the scopes, not of the
+    /// records: cheap enough for every start, to tell a `HOOKS_RAW` that is behind the
+    /// store, also once the log is pruned.
+    pub async fn raw_sequence_recorded(&self) -> Result<u64, StoreError> {
+        let query = match self.pool {
+            Pool::Postgres(_) => {
+                "SELECT GREATEST(
+                     (SELECT COALESCE(MAX(raw_seq), 0) FROM webhook_log),
+                     (SELECT COALESCE(MAX(max_version), 0) >> 16 FROM record_scopes))"
+            }
+            Pool::Sqlite(_) => {
+                "SELECT MAX(
+                     (SELECT COALESCE(MAX(raw_seq), 0) FROM webhook_log),
+                     (SELECT COALESCE(MAX(max_version), 0) >> 16 FROM record_scopes))"
+            }
+        };
+        let (recorded,): (i64,) = on_pool!(self, |pool| sqlx::query_as(query).fetch_one(pool).await)?;
+        Ok(recorded.max(0) as u64)
     }
 }

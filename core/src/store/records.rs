@@ -320,14 +320,19 @@ macro_rules! upsert_newer {
 }
 
 /// Takes the scopes' row locks (in key order, so two batches never wait on each other
-/// in a cycle) and reserves a block of change sequence numbers in each.
+/// in a cycle), reserves a block of change sequence numbers in each and raises its
+/// highest version written (the raw clock's witness, `Store::raw_sequence_recorded`).
+/// `$greatest` is the dialect's two-argument maximum.
 macro_rules! reserve_scopes {
-    ($select:expr) => {
+    ($select:expr, $greatest:literal) => {
         concat!(
-            "INSERT INTO record_scopes (environment_id, integration, connection_id, model, last_seq) ",
+            "INSERT INTO record_scopes (environment_id, integration, connection_id, model, last_seq, max_version) ",
             $select,
             " ON CONFLICT (environment_id, integration, connection_id, model)
-             DO UPDATE SET last_seq = record_scopes.last_seq + excluded.last_seq
+             DO UPDATE SET last_seq = record_scopes.last_seq + excluded.last_seq,
+                           max_version = ",
+            $greatest,
+            "(record_scopes.max_version, excluded.max_version)
              RETURNING environment_id, integration, connection_id, model, last_seq"
         )
     };
@@ -335,9 +340,10 @@ macro_rules! reserve_scopes {
 
 const POSTGRES: Dialect = Dialect {
     reserve: reserve_scopes!(
-        "SELECT s.e, s.i, s.c, s.m, s.n
-         FROM jsonb_to_recordset($1::jsonb) AS s(pos bigint, e bigint, i text, c text, m text, n bigint)
-         ORDER BY s.pos"
+        "SELECT s.e, s.i, s.c, s.m, s.n, s.v
+         FROM jsonb_to_recordset($1::jsonb) AS s(pos bigint, e bigint, i text, c text, m text, n bigint, v bigint)
+         ORDER BY s.pos",
+        "GREATEST"
     ),
     // One primary-key probe per wanted id: `LIMIT 1` keeps the planner from flattening
     // the subquery into a join that scans the scope (as it does with `= ANY(…)` on a
@@ -370,8 +376,10 @@ const POSTGRES: Dialect = Dialect {
 
 const SQLITE: Dialect = Dialect {
     reserve: reserve_scopes!(
-        "SELECT s.value ->> '$.e', s.value ->> '$.i', s.value ->> '$.c', s.value ->> '$.m', s.value ->> '$.n'
-         FROM json_each($1) AS s WHERE true ORDER BY s.key"
+        "SELECT s.value ->> '$.e', s.value ->> '$.i', s.value ->> '$.c', s.value ->> '$.m', s.value ->> '$.n',
+                s.value ->> '$.v'
+         FROM json_each($1) AS s WHERE true ORDER BY s.key",
+        "MAX"
     ),
     // Per scope (SQLite is in-process: a statement costs no round trip), with the scope
     // bound as parameters: every `->>` re-reads its JSON object, so rows carry only
@@ -460,6 +468,8 @@ struct ScopeRow<'a> {
     c: &'a str,
     m: &'a str,
     n: i64,
+    /// The highest version among the scope's writes.
+    v: i64,
     scope: &'a str,
 }
 
@@ -567,8 +577,12 @@ impl Store {
 
         // First statement: the scopes' row locks, held to commit.
         let mut per_scope = vec![0i64; scopes.len()];
-        for (scope, _) in records.keys() {
+        let mut max_version = vec![0i64; scopes.len()];
+        for ((scope, _), writes) in &records {
             per_scope[*scope] += 1;
+            // Sorted by version: the last is the highest.
+            let last = writes.last().map_or(0, |index| entries[*index].version);
+            max_version[*scope] = max_version[*scope].max(last);
         }
         let mut order: Vec<usize> = (0..scopes.len()).filter(|s| per_scope[*s] > 0).collect();
         let keys: Vec<String> = scopes.iter().map(RecordScope::key).collect();
@@ -586,6 +600,7 @@ impl Store {
                     c: &scope.connection_id,
                     m: &scope.model,
                     n: per_scope[*s],
+                    v: max_version[*s],
                     scope: &keys[*s],
                 }
             })
