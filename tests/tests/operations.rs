@@ -759,20 +759,27 @@ async fn saves(h: &Harness, webhooks: &str, n: u64, name: &str) {
     .await;
 }
 
+/// A pipeline whose services, started and then stopped, saved p1 "Ada v1" from
+/// webhook 1.
+async fn saved_once_by_the_services() -> Harness {
+    let h = harness(None, 1).await;
+    h.deploy(&[("crm/syncs/contacts.js", sync("['*']", SAVE_CONTACT))])
+        .await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (webhooks, services) = h.start_services(&stop).await;
+    saves(&h, &webhooks, 1, "Ada v1").await;
+    stop.cancel();
+    services.await.unwrap();
+    h
+}
+
 /// A `HOOKS_RAW` behind the store (a NATS server restored from an older backup; here
 /// deleted and created again by hand) is refused at start also once the operation log
 /// is pruned: the record scopes keep the highest version written, and the records are
 /// what its sequences would have been ignored against.
 #[tokio::test]
 async fn a_hooks_raw_behind_the_records_is_refused_once_the_log_is_pruned() {
-    let h = harness(None, 1).await;
-    h.deploy(&[("crm/syncs/contacts.js", sync("['*']", SAVE_CONTACT))])
-        .await;
-    let first = tokio_util::sync::CancellationToken::new();
-    let (webhooks, services) = h.start_services(&first).await;
-    saves(&h, &webhooks, 1, "Ada v1").await;
-    first.cancel();
-    services.await.unwrap();
+    let h = saved_once_by_the_services().await;
     let env = h.environment.name.to_string();
     let no_filter = hookyard_core::store::logs::LogFilter::default();
     eventually("the webhook's log entry", Duration::from_secs(20), || async {
@@ -809,14 +816,7 @@ async fn a_hooks_raw_behind_the_records_is_refused_once_the_log_is_pruned() {
 /// the stored one and its event met the first one's idempotency marker: both ignored.)
 #[tokio::test]
 async fn webhooks_after_nats_lost_its_store_still_update_records() {
-    let mut h = harness(None, 1).await;
-    h.deploy(&[("crm/syncs/contacts.js", sync("['*']", SAVE_CONTACT))])
-        .await;
-    let first = tokio_util::sync::CancellationToken::new();
-    let (webhooks, services) = h.start_services(&first).await;
-    saves(&h, &webhooks, 1, "Ada v1").await;
-    first.cancel();
-    services.await.unwrap();
+    let mut h = saved_once_by_the_services().await;
 
     h.nats.restart_empty();
     let second = tokio_util::sync::CancellationToken::new();
