@@ -162,6 +162,21 @@ const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// was lost (see [`pull`]).
 const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 
+/// How long a setup request (a stream or a consumer created or updated) waits for its
+/// answer before it is sent again. The server answers in milliseconds when it can; a
+/// request written as the connection dropped is never answered (NATS delivers at most
+/// once), and a service starting while NATS restarted waited out the connection's
+/// request timeout (10 s) for it.
+const SETUP_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `jetstream` with setup requests bounded by [`SETUP_REQUEST_TIMEOUT`] (handles made
+/// from it keep that bound; acks keep their default of the same length).
+fn setup_context(jetstream: &jetstream::Context) -> jetstream::Context {
+    let mut setup = jetstream.clone();
+    setup.set_timeout(SETUP_REQUEST_TIMEOUT);
+    setup
+}
+
 /// The messages of `consumer`, `batch` per pull (async-nats's default when `None`).
 ///
 /// A pull request can be lost without a word: sent to a new replicated consumer before
@@ -265,6 +280,7 @@ pub async fn durable_consumer(
     use jetstream::stream::ConsumerErrorKind;
     let consumer = config.durable_name.clone().unwrap_or_default();
     let what = format!("setting up consumer {consumer} on {stream}");
+    let jetstream = &setup_context(jetstream);
     let attempt = || async {
         let found = jetstream.get_stream(stream).await.map_err(|e| SetupFailure {
             temporary: match e.kind() {
@@ -628,8 +644,12 @@ impl Bus {
             StreamsError::RawClock(error) => error.is_unavailable(),
             _ => false,
         };
+        let setup = Bus {
+            client: self.client.clone(),
+            jetstream: setup_context(&self.jetstream),
+        };
         let ready = until_answered("setting up the streams", shutdown, is_temporary, || {
-            self.ensure_streams(config, store)
+            setup.ensure_streams(config, store)
         })
         .await?;
         Ok(ready.is_some())
