@@ -41,17 +41,20 @@ impl Store {
     /// records: cheap enough for every start, to tell a `HOOKS_RAW` that is behind the
     /// store, also once the log is pruned.
     pub async fn raw_sequence_recorded(&self) -> Result<u64, StoreError> {
+        // The same query but for the dialect's two-argument maximum.
+        macro_rules! recorded {
+            ($greatest:literal) => {
+                concat!(
+                    "SELECT ",
+                    $greatest,
+                    "((SELECT COALESCE(MAX(raw_seq), 0) FROM webhook_log),
+                      (SELECT COALESCE(MAX(max_version), 0) >> 16 FROM record_scopes))"
+                )
+            };
+        }
         let query = match self.pool {
-            Pool::Postgres(_) => {
-                "SELECT GREATEST(
-                     (SELECT COALESCE(MAX(raw_seq), 0) FROM webhook_log),
-                     (SELECT COALESCE(MAX(max_version), 0) >> 16 FROM record_scopes))"
-            }
-            Pool::Sqlite(_) => {
-                "SELECT MAX(
-                     (SELECT COALESCE(MAX(raw_seq), 0) FROM webhook_log),
-                     (SELECT COALESCE(MAX(max_version), 0) >> 16 FROM record_scopes))"
-            }
+            Pool::Postgres(_) => recorded!("GREATEST"),
+            Pool::Sqlite(_) => recorded!("MAX"),
         };
         let (recorded,): (i64,) = on_pool!(self, |pool| sqlx::query_as(query).fetch_one(pool).await)?;
         Ok(recorded.max(0) as u64)
