@@ -162,20 +162,14 @@ const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// was lost (see [`pull`]).
 const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 
-/// How long a setup request (a stream or a consumer created or updated) waits for its
-/// answer before it is sent again. The server answers in milliseconds when it can; a
-/// request written as the connection dropped is never answered (NATS delivers at most
-/// once), and a service starting while NATS restarted waited out the connection's
-/// request timeout (10 s) for it.
-const SETUP_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// `jetstream` with setup requests bounded by [`SETUP_REQUEST_TIMEOUT`] (handles made
-/// from it keep that bound; acks keep their default of the same length).
-fn setup_context(jetstream: &jetstream::Context) -> jetstream::Context {
-    let mut setup = jetstream.clone();
-    setup.set_timeout(SETUP_REQUEST_TIMEOUT);
-    setup
-}
+/// How long a stream setup request waits for its answer before it is sent again. The
+/// server answers in milliseconds when it can; a request written as the connection
+/// dropped is never answered (NATS delivers at most once), and a service starting while
+/// NATS restarted waited out the connection's request timeout (10 s) for it. Consumer
+/// setup keeps that 10 s: sent every 6 s instead while a stream elected its leader, a
+/// consumer was once created without a leader of its own for 10 s more (1 round of 8 in
+/// the election reproduction of `tests/tests/cluster.rs`; none of 8 at 10 s).
+const STREAM_SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The messages of `consumer`, `batch` per pull (async-nats's default when `None`).
 ///
@@ -280,7 +274,6 @@ pub async fn durable_consumer(
     use jetstream::stream::ConsumerErrorKind;
     let consumer = config.durable_name.clone().unwrap_or_default();
     let what = format!("setting up consumer {consumer} on {stream}");
-    let jetstream = &setup_context(jetstream);
     let attempt = || async {
         let found = jetstream.get_stream(stream).await.map_err(|e| SetupFailure {
             temporary: match e.kind() {
@@ -644,10 +637,8 @@ impl Bus {
             StreamsError::RawClock(error) => error.is_unavailable(),
             _ => false,
         };
-        let setup = Bus {
-            client: self.client.clone(),
-            jetstream: setup_context(&self.jetstream),
-        };
+        let mut setup = self.clone();
+        setup.jetstream.set_timeout(STREAM_SETUP_TIMEOUT);
         let ready = until_answered("setting up the streams", shutdown, is_temporary, || {
             setup.ensure_streams(config, store)
         })
