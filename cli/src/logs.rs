@@ -3,9 +3,11 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use crate::client::{query, ApiArgs, Client};
+use crate::when::{rfc3339, when};
 
 #[derive(clap::Args)]
 pub struct LogsArgs {
@@ -22,12 +24,12 @@ pub struct LogsArgs {
     /// accepted, duplicate, handshake, rejected, unavailable, or failed.
     #[arg(long)]
     status: Option<String>,
-    /// Received at or after this (RFC 3339).
-    #[arg(long)]
-    since: Option<String>,
-    /// Received before this (RFC 3339).
-    #[arg(long)]
-    until: Option<String>,
+    /// Received at or after this: RFC 3339 (2026-11-27T10:00:00Z) or a time ago (2h, 30m).
+    #[arg(long, value_parser = when)]
+    since: Option<DateTime<Utc>>,
+    /// Received before this. Same forms as --since.
+    #[arg(long, value_parser = when)]
+    until: Option<DateTime<Utc>>,
     /// How many of the latest to show first.
     #[arg(long, default_value_t = 20)]
     limit: u32,
@@ -47,8 +49,8 @@ pub async fn run(args: LogsArgs) -> Result<(), String> {
             ("integration", args.integration.clone()),
             ("connection", args.connection.clone()),
             ("status", args.status.clone()),
-            ("since", args.since.clone()),
-            ("until", args.until.clone()),
+            ("since", args.since.map(rfc3339)),
+            ("until", args.until.map(rfc3339)),
         ];
         pairs.extend(extra);
         query(&pairs)

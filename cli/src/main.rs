@@ -8,6 +8,7 @@ mod dryrun;
 mod logs;
 mod replay;
 mod streams;
+mod when;
 
 use std::process::ExitCode;
 

@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
 
 use crate::client::{ApiArgs, Client};
+use crate::when::when;
 
 #[derive(clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -61,18 +62,6 @@ struct StartArgs {
 }
 
 /// An RFC 3339 time, or a duration meaning that long ago.
-fn when(text: &str) -> Result<DateTime<Utc>, String> {
-    if let Ok(at) = DateTime::parse_from_rfc3339(text) {
-        return Ok(at.with_timezone(&Utc));
-    }
-    let ago = humantime::parse_duration(text.trim_end_matches(" ago"))
-        .map_err(|_| format!("{text:?} is neither an RFC 3339 time nor a duration such as 2h"))?;
-    chrono::Duration::from_std(ago)
-        .ok()
-        .and_then(|ago| Utc::now().checked_sub_signed(ago))
-        .ok_or_else(|| format!("{text:?} is too long ago"))
-}
-
 fn rate(text: &str) -> Result<u32, String> {
     let number = text.trim_end_matches("/s");
     match number.parse::<u32>() {

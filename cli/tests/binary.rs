@@ -1575,6 +1575,25 @@ async fn logs_prints_webhooks_one_in_full_and_follows_new_ones() {
         "{stdout}"
     );
     assert!(stdout.contains("info saved p1"), "{stdout}");
+
+    // --since takes a time ago, as replay's does, and an RFC 3339 time.
+    let mut old = entry(4, "duplicate", "an old retry");
+    if let LogWrite::Webhook(webhook) = &mut old {
+        webhook.received_at -= chrono::Duration::hours(3);
+    }
+    store.write_log(&[old]).await.unwrap();
+    let (status, stdout, stderr) = client(&["logs", "--since", "1h"], &api, &key).await;
+    assert!(status.success(), "{stderr}");
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    assert!(!stdout.contains("an old retry"), "{stdout}");
+    let four_hours_ago = (chrono::Utc::now() - chrono::Duration::hours(4)).to_rfc3339();
+    let (_, stdout, _) = client(&["logs", "--since", &four_hours_ago, "--until", "2h ago"], &api, &key).await;
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(stdout.contains("an old retry"), "{stdout}");
+    let (status, _, stderr) = client(&["logs", "--since", "yesterday"], &api, &key).await;
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("neither an RFC 3339 time nor a duration"), "{stderr}");
+
     let (status, _, stderr) = client(&["logs", "9"], &api, &key).await;
     assert_eq!(status.code(), Some(1));
     assert!(stderr.contains("404"), "{stderr}");
