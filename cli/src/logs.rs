@@ -102,6 +102,10 @@ fn line(entry: &Value) -> String {
     )
 }
 
+fn joined(values: &[Value]) -> String {
+    values.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", ")
+}
+
 fn print_one(webhook: &Value) {
     println!("{}", line(webhook));
     println!("  delivery {}", webhook["delivery_id"].as_str().unwrap_or("-"));
@@ -112,17 +116,16 @@ fn print_one(webhook: &Value) {
     for step in &steps {
         let detail = &step["detail"];
         let what = match step["stage"].as_str() {
-            Some("route") => match detail["connections"].as_array().filter(|c| !c.is_empty()) {
-                Some(connections) => format!(
-                    "to {}",
-                    connections
-                        .iter()
-                        .filter_map(Value::as_str)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                None => format!("nowhere: {}", detail["unrouted"]),
-            },
+            Some("route") => {
+                let mut text = match detail["connections"].as_array().filter(|c| !c.is_empty()) {
+                    Some(connections) => format!("to {}", joined(connections)),
+                    None => format!("nowhere: {}", detail["unrouted"]),
+                };
+                if let Some(types) = detail["types"].as_array().filter(|t| !t.is_empty()) {
+                    text += &format!(" (event {})", joined(types));
+                }
+                text
+            }
             Some("execution") => {
                 let mut text = format!(
                     "{} v{} attempt {} in {:.1} ms",

@@ -1522,7 +1522,7 @@ async fn logs_prints_webhooks_one_in_full_and_follows_new_ones() {
             detail: Some(detail.into()),
             bytes: 42,
             routing: (status == "accepted")
-                .then(|| serde_json::json!({"status": "routed", "connections": ["acme"], "unrouted": [], "events": 1})),
+                .then(|| serde_json::json!({"status": "routed", "connections": ["acme"], "unrouted": [], "events": 1, "types": ["contact.updated"]})),
         })
     };
     let step = |stage: &str, status: &str, detail: serde_json::Value| {
@@ -1567,7 +1567,7 @@ async fn logs_prints_webhooks_one_in_full_and_follows_new_ones() {
 
     let (_, stdout, _) = client(&["logs", "1"], &api, &key).await;
     assert!(
-        stdout.contains(" route ") && stdout.contains(" routed     to acme"),
+        stdout.contains(" route ") && stdout.contains(" routed     to acme (event contact.updated)"),
         "{stdout}"
     );
     assert!(

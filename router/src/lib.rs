@@ -208,7 +208,7 @@ impl Router {
     }
 
     /// The webhook's entry in the operation log (accepted, as ingest stored it), with its
-    /// routing: the connections it reached, or why it reached none.
+    /// routing: the connections it reached, or why it reached none, and its event types.
     fn log_routing(&self, raw_seq: u64, envelope: &Envelope, routed: &[RoutedEvent]) {
         let mut connections: Vec<&str> = routed.iter().filter_map(|e| e.connection_id.as_deref()).collect();
         connections.sort_unstable();
@@ -216,6 +216,10 @@ impl Router {
         let mut unrouted: Vec<&str> = routed.iter().filter_map(|e| e.unrouted.as_deref()).collect();
         unrouted.sort_unstable();
         unrouted.dedup();
+        // The event types, so that a webhook no sync ran on can be told by its type.
+        let mut types: Vec<&str> = routed.iter().filter_map(|e| e.event_type.as_deref()).collect();
+        types.sort_unstable();
+        types.dedup();
         let status = match (connections.is_empty(), unrouted.is_empty()) {
             (false, true) => "routed",
             (true, _) => "unrouted",
@@ -236,6 +240,7 @@ impl Router {
                 "events": routed.len(),
                 "connections": connections,
                 "unrouted": unrouted,
+                "types": types,
             })),
         });
     }

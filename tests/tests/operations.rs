@@ -498,6 +498,7 @@ async fn every_webhook_of_a_burst_taken_while_the_worker_was_stopped_logs_its_ex
         assert_eq!(steps[0]["stage"], "route");
         assert_eq!(steps[0]["status"], "routed");
         assert_eq!(steps[0]["detail"]["connections"], json!(["c0"]));
+        assert_eq!(steps[0]["detail"]["types"], json!(["contact.updated"]));
         let execution = steps.iter().find(|s| s["stage"] == "execution").unwrap();
         assert_eq!(execution["status"], "ok", "{shown}");
         assert_eq!(execution["connection_id"], "c0");

@@ -25,7 +25,7 @@ pub struct WebhookEntry {
     /// The signature check's result, or why the webhook was refused.
     pub detail: Option<String>,
     pub bytes: i64,
-    /// Where the router sent it (`{at, status, events, connections, unrouted}`): kept
+    /// Where the router sent it (`{at, status, events, connections, unrouted, types}`): kept
     /// in the entry itself, one row per webhook; shown as its first step.
     #[serde(skip)]
     pub routing: Option<Value>,
