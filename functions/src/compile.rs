@@ -12,6 +12,7 @@ use std::sync::Arc;
 use hookyard_core::keys::IntegrationKey;
 use hookyard_core::store::functions::{FunctionBundle, NewSync};
 use hookyard_core::store::StoreError;
+use rquickjs::module::WriteOptions;
 use rquickjs::{CatchResultExt, Context, Module, Object, Runtime, Value};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -111,7 +112,9 @@ pub fn compile_modules(sources: &BTreeMap<String, String>) -> Result<BTreeMap<St
                 let module = Module::declare(ctx.clone(), path.as_str(), source.as_str())
                     .catch(&ctx)
                     .map_err(|e| at(path, e.to_string()))?;
-                let code = module.write(false).map_err(|e| at(path, e.to_string()))?;
+                let code = module
+                    .write(WriteOptions::default())
+                    .map_err(|e| at(path, e.to_string()))?;
                 Ok((path.clone(), code))
             })
         })

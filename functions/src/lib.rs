@@ -6,6 +6,7 @@
 //! whose record and metadata writes are collected, not applied: the worker commits them
 //! (or, when the execution fails, drops them).
 
+mod allocator;
 pub mod compile;
 mod engine;
 pub mod examples;
@@ -26,7 +27,7 @@ pub use hookyard_core::config::FunctionLimits as Limits;
 
 /// Names the engine that wrote a bundle's bytecode; a bundle written by another one is
 /// compiled again from its sources.
-pub const ENGINE: &str = "quickjs-ng via rquickjs 0.9, bytecode 1";
+pub const ENGINE: &str = "quickjs-ng 0.16 via rquickjs 0.14, bytecode 1";
 
 /// Why an execution failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -1,16 +1,18 @@
-//! One QuickJS runtime and context set up for function code: the memory and stack
-//! limits, the interrupt handler that enforces the CPU budget and the deadline, the
-//! module loader over a deploy's bytecode (plus the built-in `nango`), and the prelude.
+//! One QuickJS runtime and context set up for function code: the memory (metered by its
+//! allocator) and stack limits, the interrupt handler that enforces the CPU budget and
+//! the deadline, the module loader over a deploy's bytecode (plus the built-in `nango`),
+//! and the prelude.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use rquickjs::loader::{Loader, Resolver};
+use rquickjs::loader::{ImportAttributes, Loader, Resolver};
 use rquickjs::module::Declared;
 use rquickjs::{CatchResultExt, CaughtError, Context, Ctx, Module, Runtime};
 
+use crate::allocator::{Meter, Metered};
 use crate::{ErrorKind, FunctionError, Host, Limits};
 
 const NANGO: &str = include_str!("js/nango.js");
@@ -29,6 +31,8 @@ pub(crate) struct Budget {
     /// Wall-clock deadline, in ns since [`epoch`]; 0 when none runs.
     wall_deadline: AtomicU64,
     tripped: AtomicU8,
+    /// The runtime's memory, metered by its allocator.
+    pub memory: Arc<Meter>,
 }
 
 fn epoch() -> Instant {
@@ -51,6 +55,7 @@ fn thread_cpu_now() -> u64 {
 impl Budget {
     pub(crate) fn arm(&self, limits: &Limits) {
         self.tripped.store(NOT_TRIPPED, Ordering::Relaxed);
+        self.memory.reset();
         self.cpu_deadline.store(
             thread_cpu_now() + limits.cpu_budget.as_nanos() as u64,
             Ordering::Relaxed,
@@ -109,7 +114,13 @@ pub(crate) struct Modules {
 }
 
 impl Resolver for Modules {
-    fn resolve(&mut self, _ctx: &Ctx<'_>, base: &str, name: &str) -> rquickjs::Result<String> {
+    fn resolve<'js>(
+        &mut self,
+        _ctx: &Ctx<'js>,
+        base: &str,
+        name: &str,
+        _attributes: Option<ImportAttributes<'js>>,
+    ) -> rquickjs::Result<String> {
         // The engine's own import of an entry module names it by its deploy path.
         if base.is_empty() && self.code.contains_key(name) {
             return Ok(name.to_string());
@@ -120,7 +131,12 @@ impl Resolver for Modules {
 }
 
 impl Loader for Modules {
-    fn load<'js>(&mut self, ctx: &Ctx<'js>, name: &str) -> rquickjs::Result<Module<'js, Declared>> {
+    fn load<'js>(
+        &mut self,
+        ctx: &Ctx<'js>,
+        name: &str,
+        _attributes: Option<ImportAttributes<'js>>,
+    ) -> rquickjs::Result<Module<'js, Declared>> {
         if name == "nango" {
             return Module::declare(ctx.clone(), "nango", NANGO);
         }
@@ -140,14 +156,25 @@ impl Loader for Modules {
 pub(crate) struct Sources(pub Arc<BTreeMap<String, String>>);
 
 impl Resolver for Sources {
-    fn resolve(&mut self, _ctx: &Ctx<'_>, base: &str, name: &str) -> rquickjs::Result<String> {
+    fn resolve<'js>(
+        &mut self,
+        _ctx: &Ctx<'js>,
+        base: &str,
+        name: &str,
+        _attributes: Option<ImportAttributes<'js>>,
+    ) -> rquickjs::Result<String> {
         resolve_import(base, name, |candidate| self.0.contains_key(candidate))
             .ok_or_else(|| rquickjs::Error::new_resolving_message(base, name, import_help(name)))
     }
 }
 
 impl Loader for Sources {
-    fn load<'js>(&mut self, ctx: &Ctx<'js>, name: &str) -> rquickjs::Result<Module<'js, Declared>> {
+    fn load<'js>(
+        &mut self,
+        ctx: &Ctx<'js>,
+        name: &str,
+        _attributes: Option<ImportAttributes<'js>>,
+    ) -> rquickjs::Result<Module<'js, Declared>> {
         let source = if name == "nango" {
             NANGO
         } else {
@@ -200,9 +227,9 @@ pub(crate) struct Sandbox {
 impl Sandbox {
     pub(crate) fn new(code: Arc<BTreeMap<String, Vec<u8>>>, limits: &Limits) -> Result<Sandbox, FunctionError> {
         let setup = |e: rquickjs::Error| FunctionError::new(ErrorKind::Internal, format!("engine setup: {e}"));
-        let runtime = Runtime::new().map_err(setup)?;
-        runtime.set_max_stack_size(limits.stack_bytes);
         let budget = Arc::new(Budget::default());
+        let runtime = Runtime::new_with_alloc(Metered(budget.memory.clone())).map_err(setup)?;
+        runtime.set_max_stack_size(limits.stack_bytes);
         let handler_budget = budget.clone();
         runtime.set_interrupt_handler(Some(Box::new(move || handler_budget.check())));
         let modules = Modules {
@@ -218,8 +245,8 @@ impl Sandbox {
                 .catch(&ctx)
                 .map_err(|e| FunctionError::new(ErrorKind::Internal, format!("engine prelude: {e}")))
         })?;
-        // After the prelude, so that only function code counts against the limit.
-        runtime.set_memory_limit(limits.memory_bytes);
+        // After the prelude, so that setting it up cannot fail on the limit.
+        budget.memory.set_limit(limits.memory_bytes);
         Ok(Sandbox {
             context,
             budget,
@@ -261,7 +288,10 @@ fn install_host_call(ctx: &Ctx<'_>) -> rquickjs::Result<()> {
                     ),
                 ));
             };
-            host.call(&op, &args)
+            // A panic must not unwind into QuickJS (that aborts the process): one here (the
+            // host's async runtime shutting down under it, say) fails the function instead.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| host.call(&op, &args)))
+                .unwrap_or_else(|_| Err(format!("{op}: the host failed; the service may be stopping")))
                 .map_err(|message| rquickjs::Exception::throw_message(&ctx, &message))
         },
     )?;
@@ -301,6 +331,9 @@ pub(crate) fn describe<'js>(
     if let Some(timeout) = budget.tripped(limits) {
         return timeout;
     }
+    if budget.memory.refused() {
+        return out_of_memory(limits);
+    }
     let (text, stack) = match &error {
         CaughtError::Exception(e) => {
             let name: Option<String> = e.as_object().get("name").ok();
@@ -332,12 +365,19 @@ pub(crate) fn describe<'js>(
         ErrorKind::Thrown
     };
     let message = match (kind, stack) {
-        (ErrorKind::OutOfMemory, _) => format!("ran out of memory (limit {} bytes)", limits.memory_bytes),
+        (ErrorKind::OutOfMemory, _) => return out_of_memory(limits),
         (ErrorKind::StackOverflow, _) => format!("overflowed its stack ({text})"),
         (_, Some(stack)) => format!("{text}\n{}", stack.trim_end()),
         (_, None) => text,
     };
     FunctionError::new(kind, message)
+}
+
+fn out_of_memory(limits: &Limits) -> FunctionError {
+    FunctionError::new(
+        ErrorKind::OutOfMemory,
+        format!("ran out of memory (limit {} bytes)", limits.memory_bytes),
+    )
 }
 
 #[cfg(test)]

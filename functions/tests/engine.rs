@@ -179,6 +179,10 @@ async fn each_failure_has_its_kind_and_the_pool_keeps_working() {
             "crm/syncs/allocates.js",
             &sync_with("const keep = []; while (true) keep.push(new Array(100000).fill(1));"),
         ),
+        (
+            "crm/syncs/allocates_strings.js",
+            &sync_with("const a = []; while (true) a.push('x'.repeat(1000));"),
+        ),
         ("crm/syncs/evals.js", &sync_with("eval('1');")),
         (
             "crm/syncs/constructs.js",
@@ -208,6 +212,7 @@ async fn each_failure_has_its_kind_and_the_pool_keeps_working() {
         ("never", ErrorKind::Thrown, "can never settle"),
         ("recurses", ErrorKind::StackOverflow, "stack"),
         ("allocates", ErrorKind::OutOfMemory, "out of memory"),
+        ("allocates_strings", ErrorKind::OutOfMemory, "out of memory"),
         ("evals", ErrorKind::Thrown, "eval"),
         ("constructs", ErrorKind::Thrown, "code generation from strings"),
         (
@@ -240,7 +245,7 @@ fn bad_deploys_name_the_file_and_the_problem() {
     let cases: Vec<(Vec<(&str, String)>, &str)> = vec![
         (
             vec![("crm/syncs/a.js", "export default createSync({".into())],
-            "invalid property name\n    at crm/syncs/a.js:1:15",
+            "invalid property name\n    at crm/syncs/a.js:1:28",
         ),
         (
             vec![("crm/syncs/a.js", "import { x } from 'fs'; export default {};".into())],
@@ -462,6 +467,62 @@ export default createSync({
     );
 }
 
+struct PanickingHost;
+
+impl Host for PanickingHost {
+    fn call(&self, op: &str, _args: &str) -> Result<String, String> {
+        panic!("{op}: the async runtime is gone");
+    }
+}
+
+/// A host call that panics (the worker's async runtime shutting down under an exec run)
+/// fails the run with a message; it does not unwind into the engine, which aborts the
+/// process, and the pool goes on.
+#[tokio::test]
+async fn a_host_that_panics_fails_the_run_not_the_process() {
+    let sync = r#"
+import { createSync } from 'nango';
+export default createSync({
+  frequency: 'every hour',
+  models: { Contact: {} },
+  exec: async (nango) => {
+    try {
+      await nango.getCheckpoint();
+    } catch (e) {
+      await nango.log(`first: ${e.message}`);
+    }
+    await nango.saveCheckpoint({ since: 'today' });
+  },
+});
+"#;
+    let project = project(&[("crm/syncs/contacts.js", sync)]);
+    let pool = Pool::new(1, limits());
+    let run = || {
+        pool.execute(
+            code(&project, "contacts"),
+            Invocation {
+                handler: Handler::Exec,
+                host: Some(Arc::new(PanickingHost)),
+                ..invocation(json!(null))
+            },
+        )
+    };
+    for _ in 0..2 {
+        let error = run().await.expect_err("the host fails");
+        assert_eq!(error.kind, ErrorKind::Thrown, "{error}");
+        assert!(
+            error
+                .message
+                .starts_with("Error: saveCheckpoint: the host failed; the service may be stopping"),
+            "{error}"
+        );
+        assert_eq!(
+            error.logs[0].message,
+            "first: getCheckpoint: the host failed; the service may be stopping"
+        );
+    }
+}
+
 /// A plain pool runs a sync on every thread, slow or not (exec runs are all long); a
 /// shared one runs a sync not known to be quick on all threads but one.
 #[tokio::test]
@@ -489,4 +550,43 @@ async fn a_shared_pool_holds_a_slow_sync_to_all_threads_but_one() {
         one_by_one >= Duration::from_secs(2),
         "one after the other: {one_by_one:?}"
     );
+}
+
+/// Running out of memory is reported as such, whatever the limit: QuickJS crashed the
+/// process building the error's backtrace at some limits (engine 0.8), and at others
+/// threw `null` for want of memory to make an error.
+#[tokio::test]
+async fn running_out_of_memory_is_reported_at_every_limit() {
+    let project = project(&[
+        (
+            "crm/syncs/allocates_strings.js",
+            &sync_with("const a = []; while (true) a.push('x'.repeat(1000));"),
+        ),
+        (
+            "crm/syncs/throws_null.js",
+            &sync_with("await nango.batchSave([{id: 'x'}], 'Contact'); throw null;"),
+        ),
+    ]);
+    for mib in 4..=40 {
+        let pool = Pool::new(
+            1,
+            Limits {
+                memory_bytes: mib * 1024 * 1024,
+                cpu_budget: Duration::from_secs(5),
+                ..limits()
+            },
+        );
+        let error = pool
+            .execute(code(&project, "allocates_strings"), invocation(json!({})))
+            .await
+            .expect_err("it cannot succeed");
+        assert_eq!(error.kind, ErrorKind::OutOfMemory, "at {mib} MiB: {error}");
+        // A function's own `throw null` is not taken for running out of memory.
+        let error = pool
+            .execute(code(&project, "throws_null"), invocation(json!({})))
+            .await
+            .expect_err("it throws");
+        assert_eq!(error.kind, ErrorKind::Thrown, "at {mib} MiB: {error}");
+        assert_eq!(error.message, "thrown value: null");
+    }
 }
