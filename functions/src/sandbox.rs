@@ -342,7 +342,16 @@ pub(crate) fn describe<'js>(
                 Some(name) if !name.is_empty() => format!("{name}: {message}"),
                 _ => message,
             };
-            (text, e.stack().filter(|s| !s.is_empty()))
+            // The prelude's own frames (evaluated as `eval_script`) say nothing to the
+            // function's author.
+            let stack = e.stack().map(|stack| {
+                stack
+                    .lines()
+                    .filter(|line| !line.contains("(eval_script:"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+            (text, stack.filter(|s| !s.is_empty()))
         }
         CaughtError::Value(value) => {
             let text = ctx

@@ -204,7 +204,11 @@ async fn each_failure_has_its_kind_and_the_pool_keeps_working() {
     let pool = Pool::new(2, limits());
     let run = |name: &str| pool.execute(code(&project, name), invocation(json!({})));
     let cases = [
-        ("throws", ErrorKind::Thrown, "provider said no"),
+        (
+            "throws",
+            ErrorKind::Thrown,
+            "Error: provider said no\n    at onWebhook (crm/syncs/throws.js:",
+        ),
         ("rejects", ErrorKind::Thrown, "TypeError: bad input"),
         ("loops", ErrorKind::Timeout, "CPU budget"),
         ("catches_loop", ErrorKind::Timeout, "CPU budget"),
@@ -227,6 +231,7 @@ async fn each_failure_has_its_kind_and_the_pool_keeps_working() {
         let error = run(name).await.expect_err(name);
         assert_eq!(error.kind, kind, "{name}: {error}");
         assert!(error.message.contains(text), "{name}: {error}");
+        assert!(!error.message.contains("eval_script"), "the prelude's frames: {error}");
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "{name} took {:?}",
