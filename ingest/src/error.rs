@@ -27,12 +27,17 @@ pub enum IngestError {
     Saturated { retry_after: u64 },
     #[error("the message bus is unavailable: {reason}; retry later")]
     Unavailable { reason: String, retry_after: u64 },
+    #[error("no such route: webhooks go to /webhook/{{environment webhook id}}/{{integration}}")]
+    NoRoute,
+    #[error("webhooks are POSTed (GET and HEAD answer handshakes)")]
+    MethodNotAllowed,
 }
 
 impl IngestError {
     fn status(&self) -> StatusCode {
         match self {
-            Self::UnknownEnvironment(_) | Self::UnknownIntegration { .. } => StatusCode::NOT_FOUND,
+            Self::UnknownEnvironment(_) | Self::UnknownIntegration { .. } | Self::NoRoute => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::BadSignature(_) => StatusCode::UNAUTHORIZED,
             Self::HandshakeRefused(_) => StatusCode::FORBIDDEN,
             Self::Misconfigured { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -55,6 +60,8 @@ impl IngestError {
             Self::BodyTimeout(_) => "body_timeout",
             Self::Saturated { .. } => "saturated",
             Self::Unavailable { .. } => "unavailable",
+            Self::NoRoute => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
         }
     }
 

@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use admission::Admission;
+use error::IngestError;
 use publish::Publisher;
 use settings::SettingsCache;
 
@@ -131,6 +132,8 @@ pub fn app(ingest: Arc<Ingest>) -> Router {
         )
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .fallback(|| async { IngestError::NoRoute })
+        .method_not_allowed_fallback(|| async { IngestError::MethodNotAllowed })
         .with_state(ingest)
 }
 

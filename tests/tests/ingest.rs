@@ -92,6 +92,19 @@ async fn unknown_environment_or_integration_is_404() {
     let response = ingest.http.post(not_a_uuid).body("x").send().await.unwrap();
     assert_error(response, 404, "unknown_environment").await;
     assert_error(ingest.post("nope", b"x").await, 404, "unknown_integration").await;
+    // Other paths and methods answer JSON errors too; a 405 says which methods.
+    let elsewhere = format!("{}/webhooks/demo", ingest.base);
+    let response = ingest.http.post(elsewhere).body("x").send().await.unwrap();
+    assert_error(response, 404, "not_found").await;
+    let response = ingest
+        .http
+        .put(ingest.webhook_url("demo"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["allow"], "GET,HEAD,POST");
+    assert_error(response, 405, "method_not_allowed").await;
     assert_eq!(ingest.raw_count().await, 0, "nothing published");
 }
 
