@@ -67,6 +67,18 @@ fn invocation(payload: serde_json::Value) -> Invocation {
     }
 }
 
+/// A sync with an hourly `exec` whose body is `body`.
+fn exec_sync(body: &str) -> String {
+    format!(
+        "import {{ createSync }} from 'nango';
+         export default createSync({{
+           frequency: 'every hour',
+           models: {{ Contact: {{}} }},
+           exec: async (nango) => {{ {body} }},
+         }});"
+    )
+}
+
 /// A sync `crm/syncs/{name}.js` whose onWebhook body is `body`.
 fn sync_with(body: &str) -> String {
     format!(
@@ -392,12 +404,8 @@ impl Host for FakeHost {
 
 #[tokio::test]
 async fn exec_calls_its_host_as_it_goes_and_paginates_by_cursor() {
-    let sync = r#"
-import { createSync } from 'nango';
-export default createSync({
-  frequency: 'every hour',
-  models: { Contact: {} },
-  exec: async (nango) => {
+    let sync = exec_sync(
+        r#"
     const checkpoint = await nango.getCheckpoint();
     await nango.trackDeletesStart('Contact');
     for await (const page of nango.paginate({
@@ -413,10 +421,9 @@ export default createSync({
     } catch (e) {
       await nango.log(`failed with ${e.status}`);
     }
-  },
-});
-"#;
-    let project = project(&[("crm/syncs/contacts.js", sync)]);
+"#,
+    );
+    let project = project(&[("crm/syncs/contacts.js", &sync)]);
     let pool = Pool::new(1, limits());
     let host = Arc::new(FakeHost::default());
     let effects = pool
@@ -485,22 +492,17 @@ impl Host for PanickingHost {
 /// process, and the pool goes on.
 #[tokio::test]
 async fn a_host_that_panics_fails_the_run_not_the_process() {
-    let sync = r#"
-import { createSync } from 'nango';
-export default createSync({
-  frequency: 'every hour',
-  models: { Contact: {} },
-  exec: async (nango) => {
+    let sync = exec_sync(
+        r#"
     try {
       await nango.getCheckpoint();
     } catch (e) {
       await nango.log(`first: ${e.message}`);
     }
     await nango.saveCheckpoint({ since: 'today' });
-  },
-});
-"#;
-    let project = project(&[("crm/syncs/contacts.js", sync)]);
+"#,
+    );
+    let project = project(&[("crm/syncs/contacts.js", &sync)]);
     let pool = Pool::new(1, limits());
     let run = || {
         pool.execute(
