@@ -22,19 +22,24 @@ const LOADED_PER_THREAD: usize = 64;
 /// One sync's code: the bundle's modules and the entry module.
 #[derive(Debug)]
 pub struct SyncCode {
-    /// The bundle hash and entry: what a thread's loaded copy is kept under.
+    /// What a thread's loaded copy is kept under: the bundle hash and entry (and the
+    /// environment, for a deployed sync).
     pub key: String,
     pub modules: Arc<BTreeMap<String, Vec<u8>>>,
     pub entry: String,
 }
 
 impl SyncCode {
-    /// A deployed function's code, from its bundle's modules.
+    /// A deployed function's code, from its bundle's modules. Kept per environment: a
+    /// loaded copy keeps its module-level state between executions, and the same code
+    /// deployed to two environments (dev and prod) must not share it.
     pub fn of(
         sync: &hookyard_core::store::functions::DeployedSync,
         modules: Arc<BTreeMap<String, Vec<u8>>>,
     ) -> SyncCode {
-        SyncCode::new(&sync.bundle_hash, &sync.entry, modules)
+        let mut code = SyncCode::new(&sync.bundle_hash, &sync.entry, modules);
+        code.key = format!("{}/{}", sync.environment, code.key);
+        code
     }
 
     /// The code of module `entry` of the bundle `bundle_hash`.

@@ -479,6 +479,47 @@ async fn exec_calls_its_host_as_it_goes_and_paginates_by_cursor() {
     );
 }
 
+/// A loaded sync keeps its module-level state between executions, as a module does;
+/// the same code deployed to two environments is loaded once for each, so one never
+/// sees what the other kept.
+#[tokio::test]
+async fn identical_code_in_two_environments_shares_no_state() {
+    use hookyard_core::store::functions::DeployedSync;
+    let project = project(&[(
+        "crm/syncs/keeps.js",
+        &sync_with(
+            "globalThis.seen = (globalThis.seen ?? []).concat([payload.n]); await nango.log(JSON.stringify(globalThis.seen));",
+        ),
+    )]);
+    let entry = &project.syncs[0].entry;
+    let deployed = |environment: &str| {
+        let sync = DeployedSync {
+            id: 1,
+            environment_id: 1,
+            environment: environment.parse().unwrap(),
+            integration: "crm".parse().unwrap(),
+            name: "keeps".into(),
+            version: 1,
+            bundle_hash: project.bundle.hash.clone(),
+            entry: entry.clone(),
+            code_hash: String::new(),
+            config: json!({}),
+            deployed_at: chrono::Utc::now(),
+        };
+        Arc::new(SyncCode::of(&sync, Arc::new(project.bundle.modules.clone())))
+    };
+    let (dev, prod) = (deployed("dev"), deployed("prod"));
+    let pool = Pool::new(1, limits());
+    let seen = |code: &Arc<SyncCode>, n: u32| {
+        let run = pool.execute(code.clone(), invocation(json!({"n": n})));
+        async move { run.await.expect("it runs").logs[0].message.clone() }
+    };
+    assert_eq!(seen(&dev, 1).await, "[1]");
+    assert_eq!(seen(&dev, 2).await, "[1,2]");
+    assert_eq!(seen(&prod, 3).await, "[3]", "prod does not see dev's state");
+    assert_eq!(seen(&dev, 4).await, "[1,2,4]");
+}
+
 struct PanickingHost;
 
 impl Host for PanickingHost {
