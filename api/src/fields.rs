@@ -1,5 +1,6 @@
 //! Checks of request fields, each failing with a 400 that names the field.
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
@@ -48,4 +49,24 @@ where
     T: Deserialize<'de>,
 {
     Option::<T>::deserialize(deserializer).map(Some)
+}
+
+/// An RFC 3339 time, parsed with a message that says what is expected (serde's own is
+/// chrono's bare "input contains invalid characters").
+pub fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|at| at.with_timezone(&Utc))
+        .map_err(|e| format!("{text:?} is not an RFC 3339 time such as 2026-11-27T10:00:00Z ({e})"))
+}
+
+/// `deserialize_with` for a required time.
+pub fn time<'de, D: Deserializer<'de>>(deserializer: D) -> Result<DateTime<Utc>, D::Error> {
+    parse_time(&String::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+}
+
+/// `deserialize_with` for an optional time (with `#[serde(default)]`).
+pub fn optional_time<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+    Option::<String>::deserialize(deserializer)?
+        .map(|text| parse_time(&text).map_err(serde::de::Error::custom))
+        .transpose()
 }

@@ -13,6 +13,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::error::{ApiError, ErrorBody, Params};
+use crate::fields;
 use crate::{AppState, Data};
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -31,8 +32,10 @@ pub struct LogQuery {
     /// function execution or a forward of it failed).
     status: Option<String>,
     /// Received at or after this (RFC 3339).
+    #[serde(default, deserialize_with = "fields::optional_time")]
     since: Option<DateTime<Utc>>,
     /// Received before this.
+    #[serde(default, deserialize_with = "fields::optional_time")]
     until: Option<DateTime<Utc>>,
     /// At most this many (default 50, at most 1000).
     limit: Option<u32>,

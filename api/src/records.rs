@@ -15,6 +15,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::error::{ApiError, ErrorBody};
+use crate::fields;
 use crate::AppState;
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -66,9 +67,7 @@ fn parse_query(raw: Option<&str>) -> Result<ListQuery, ApiError> {
             }
             // `delta` is the older name.
             "modified_after" | "delta" if !value.is_empty() => {
-                let at = DateTime::parse_from_rfc3339(&value)
-                    .map_err(|e| ApiError::invalid(&name, format!("{value:?} is not an ISO 8601 timestamp ({e})")))?;
-                query.modified_after = Some(at.with_timezone(&Utc));
+                query.modified_after = Some(fields::parse_time(&value).map_err(|e| ApiError::invalid(&name, e))?);
             }
             "limit" => {
                 query.limit = value

@@ -16,6 +16,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::error::{ApiError, Body, ErrorBody, Params};
+use crate::fields;
 use crate::{AppState, Data};
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -28,8 +29,10 @@ pub fn routes() -> OpenApiRouter<AppState> {
 #[derive(Deserialize, ToSchema)]
 pub struct ReplayRequest {
     /// Webhooks received at or after this (RFC 3339).
+    #[serde(deserialize_with = "fields::time")]
     since: DateTime<Utc>,
     /// … and before this (default: now).
+    #[serde(default, deserialize_with = "fields::optional_time")]
     until: Option<DateTime<Utc>>,
     /// One integration's webhooks (default: every integration's).
     integration: Option<String>,

@@ -409,7 +409,16 @@ async fn a_replay_can_be_cancelled_and_bad_requests_are_refused() {
         (json!({"since": since, "until": since}), 400, "since"),
         (json!({"since": since, "connection_id": "c0"}), 400, "connection_id"),
         (json!({"since": since, "rate": 0}), 400, "rate"),
-        (json!({"since": "yesterday"}), 400, "since"),
+        (
+            json!({"since": "yesterday"}),
+            400,
+            "since: \"yesterday\" is not an RFC 3339 time",
+        ),
+        (
+            json!({"since": since, "until": "soon"}),
+            400,
+            "until: \"soon\" is not an RFC 3339 time",
+        ),
         (json!({"since": since, "integration": "nope"}), 404, ""),
         (json!({"since": since, "target": "everything"}), 400, "target"),
     ] {
@@ -518,6 +527,15 @@ async fn every_webhook_of_a_burst_taken_while_the_worker_was_stopped_logs_its_ex
     assert_eq!(for_c0["data"].as_array().unwrap().len() as u64, BURST);
     let (status, _) = call(&h, reqwest::Method::GET, "/logs?status=sideways", None).await;
     assert_eq!(status, 400);
+    let (status, answer) = call(&h, reqwest::Method::GET, "/logs?since=yesterday", None).await;
+    assert_eq!(status, 400);
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("since: \"yesterday\" is not an RFC 3339 time such as"),
+        "{answer}"
+    );
 }
 
 /// The value of `name` with `labels` in a Prometheus text exposition, parsed.
