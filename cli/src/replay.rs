@@ -61,7 +61,7 @@ struct StartArgs {
     detach: bool,
 }
 
-/// An RFC 3339 time, or a duration meaning that long ago.
+/// `--rate`: events per second, `500` or `500/s`.
 fn rate(text: &str) -> Result<u32, String> {
     let number = text.trim_end_matches("/s");
     match number.parse::<u32>() {
