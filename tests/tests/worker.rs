@@ -95,6 +95,13 @@ async fn failures_are_retried_then_dead_lettered_and_the_rest_goes_on() {
             ),
         ),
         (
+            "crm/syncs/allocates_strings.js",
+            sync(
+                "['allocate_strings']",
+                "const keep = []; while (true) keep.push('x'.repeat(1000));",
+            ),
+        ),
+        (
             "crm/syncs/recurses.js",
             sync("['recurse']", "const f = (n) => f(n + 1) + 1; f(0);"),
         ),
@@ -108,6 +115,7 @@ async fn failures_are_retried_then_dead_lettered_and_the_rest_goes_on() {
         (2, "c0", "loop", json!({"n": 2})),
         (3, "c0", "allocate", json!({"n": 3})),
         (4, "c0", "recurse", json!({"n": 4})),
+        (5, "c0", "allocate_strings", json!({"n": 5})),
     ])
     .await;
     h.publish((10..60).map(|n| (n, "c0", "fine", json!({"n": n})))).await;
@@ -121,11 +129,12 @@ async fn failures_are_retried_then_dead_lettered_and_the_rest_goes_on() {
         .iter()
         .map(|l| (l.letter.function_name.as_deref().unwrap(), &l.letter))
         .collect();
-    assert_eq!(by_function.len(), 4, "{letters:#?}");
+    assert_eq!(by_function.len(), 5, "{letters:#?}");
     for (function, kind, text) in [
         ("throws", "thrown", "the provider said no"),
         ("loops", "timeout", "CPU budget"),
         ("allocates", "out_of_memory", "out of memory"),
+        ("allocates_strings", "out_of_memory", "out of memory"),
         ("recurses", "stack_overflow", "stack"),
     ] {
         let letter = by_function[function];
