@@ -431,6 +431,23 @@ async fn sigterm_drains_in_flight_requests_and_exits_0() {
     assert_eq!(stream.info().await.unwrap().state.messages, 1);
 }
 
+/// With NATS gone, SIGTERM still stops ingest at once, exit 0: the last flush does not
+/// wait for a reconnection that will not come.
+#[tokio::test]
+async fn sigterm_stops_ingest_while_nats_is_down() {
+    let mut ingest = IngestProcess::start(&[]).await;
+    ingest.nats.stop();
+    Process::wait_for(&ingest.process.stderr, "NATS disconnected");
+    let signalled = std::time::Instant::now();
+    let status = ingest.terminate().await;
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(10),
+        "stopped {:?} after SIGTERM",
+        signalled.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn dev_starts_everything_and_takes_a_webhook() {
     let dir = tempfile::tempdir().unwrap();

@@ -14,6 +14,7 @@ pub mod receive;
 pub mod settings;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::routing::{get, on, MethodFilter};
 use axum::serve::ListenerExt;
@@ -139,6 +140,9 @@ pub fn app(ingest: Arc<Ingest>) -> Router {
 
 /// Serves until `shutdown`, then stops accepting and waits for every in-flight request
 /// (each bounded by the publish timeout) before flushing the NATS connection.
+/// How long the stop waits for NATS to take the client's last writes.
+const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub async fn serve(listener: TcpListener, ingest: Arc<Ingest>, shutdown: CancellationToken) -> std::io::Result<()> {
     let client = ingest.bus.client.clone();
     // Webhook answers are small; Nagle's algorithm would hold them back.
@@ -148,8 +152,16 @@ pub async fn serve(listener: TcpListener, ingest: Arc<Ingest>, shutdown: Cancell
     axum::serve(listener, app(ingest))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;
-    if let Err(error) = client.flush().await {
-        tracing::warn!(%error, "flushing NATS at shutdown failed");
+    // Every accepted webhook has its ack already; the flush only sends what is left in
+    // the client's buffer, and must not hold the exit while NATS is away (it would wait
+    // for a reconnection that may never come).
+    match tokio::time::timeout(SHUTDOWN_FLUSH_TIMEOUT, client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "flushing NATS at shutdown failed"),
+        Err(_) => tracing::warn!(
+            timeout = ?SHUTDOWN_FLUSH_TIMEOUT,
+            "NATS did not take the last writes at shutdown; stopping without them"
+        ),
     }
     tracing::info!("ingest stopped");
     Ok(())
