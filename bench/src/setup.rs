@@ -20,6 +20,7 @@ pub fn start_nats(dir: &Path) -> anyhow::Result<(EmbeddedNats, u16)> {
             config_file: &dir.join("nats.conf"),
             max_payload_mb: 16,
             cluster: None,
+            own_process_group: false,
         },
         Duration::from_secs(30),
     )?;

@@ -9,7 +9,6 @@ use std::time::Duration;
 use async_nats::jetstream;
 use futures::StreamExt;
 use hookyard_core::config::EncryptionKey;
-use hookyard_core::embedded_nats::{server_bin, EmbeddedNats, ServerSpec};
 use hookyard_core::keys::IntegrationKey;
 use hookyard_core::routed::RoutedEvent;
 use hookyard_core::secrets::Cipher;
@@ -20,7 +19,9 @@ use hookyard_ingest::Ingest;
 use hookyard_testkit::fake_provider::{cursor_pagination, FakeCrm, API_KEY};
 use tokio_util::sync::CancellationToken;
 
-type Error = Box<dyn std::error::Error + Send + Sync>;
+use crate::dev_nats::DevNats;
+
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(clap::Args)]
 pub struct DevArgs {
@@ -41,12 +42,12 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
     if config.encryption_key.is_none() {
         config.encryption_key = Some(dev_encryption_key(&config.data_dir)?);
     }
-    let _nats = if std::env::var_os("HOOKYARD_NATS_URL").is_some() {
+    let nats = if std::env::var_os("HOOKYARD_NATS_URL").is_some() {
         None
     } else {
-        let (server, url) = start_embedded_nats(&config)?;
-        config.nats_url = url;
-        Some(server)
+        let nats = DevNats::start(&config)?;
+        config.nats_url = nats.url.clone();
+        Some(nats)
     };
 
     let store = Store::connect(&config.database_url, config.cipher()?).await?;
@@ -97,6 +98,18 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
         metrics_listen,
     );
     hookyard_core::metrics::serve_configured(&config, Some(bus.jetstream.clone()), &shutdown);
+    let nats = spawn_stopping_all(
+        {
+            let shutdown = shutdown.clone();
+            async move {
+                match nats {
+                    Some(nats) => nats.supervise(shutdown).await.map(Some),
+                    None => Ok(None),
+                }
+            }
+        },
+        shutdown.clone(),
+    );
     let ingest_server = spawn_stopping_all(
         hookyard_ingest::serve(ingest_listener, ingest, shutdown.clone()),
         shutdown.clone(),
@@ -163,6 +176,12 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
     }
     let (ingest_result, api_result, events_result, router_result, worker_result, reconciler_result) =
         tokio::join!(ingest_server, api_server, events, router, worker, reconciler);
+    // Last, once the services have drained (their final acks and publishes need it),
+    // and after the client has let go, which would otherwise try to reconnect.
+    if let Some(nats) = nats.await?? {
+        let _ = tokio::time::timeout(Duration::from_secs(2), bus.client.drain()).await;
+        nats.stop().await;
+    }
     ingest_result??;
     api_result??;
     events_result??;
@@ -323,59 +342,6 @@ fn dev_encryption_key(data_dir: &Path) -> Result<EncryptionKey, Error> {
     writeln!(file, "{key}").map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     tracing::info!(path = %path.display(), "made an encryption key for dev");
     Ok(EncryptionKey(key))
-}
-
-/// A nats-server under the data folder, on a free loopback port.
-fn start_embedded_nats(config: &Config) -> Result<(EmbeddedNats, String), Error> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let data = Path::new(&config.data_dir);
-    let bin = server_bin();
-    let spec = ServerSpec {
-        bin: &bin,
-        port,
-        store_dir: &data.join("nats"),
-        config_file: &data.join("nats.conf"),
-        max_payload_mb: (config.ingest.max_body_bytes >> 20) + 2,
-        cluster: None,
-    };
-    let pid_file = data.join("nats.pid");
-    stop_stale_nats(&pid_file);
-    let server = EmbeddedNats::start(&spec, Duration::from_secs(30))?;
-    if let Some(pid) = server.pid() {
-        if let Err(error) = std::fs::write(&pid_file, pid.to_string()) {
-            tracing::warn!(%error, "cannot record the nats-server pid");
-        }
-    }
-    Ok((server, format!("nats://127.0.0.1:{port}")))
-}
-
-/// A `hookyard dev` that was killed (SIGKILL, a crash) leaves its nats-server running
-/// and holding the JetStream store; stop it before starting a new one.
-fn stop_stale_nats(pid_file: &Path) {
-    let Some(pid) = std::fs::read_to_string(pid_file)
-        .ok()
-        .and_then(|s| s.trim().parse::<u32>().ok())
-    else {
-        return;
-    };
-    let is_nats = std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|cmdline| String::from_utf8_lossy(&cmdline).contains("nats-server"))
-        .unwrap_or(false);
-    if !is_nats {
-        return;
-    }
-    tracing::warn!(pid, "stopping the nats-server left behind by an earlier hookyard dev");
-    let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
-    // Wait (bounded) for it to release the store.
-    for _ in 0..100 {
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = std::process::Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status();
 }
 
 /// A CRM on loopback for the demo: the contacts the example's exec lists (the one the

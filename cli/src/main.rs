@@ -3,6 +3,7 @@
 mod client;
 mod deploy;
 mod dev;
+mod dev_nats;
 mod dlq;
 mod dryrun;
 mod logs;

@@ -630,6 +630,64 @@ async fn dev_restarts_cleanly_after_being_killed_and_keeps_its_webhooks() {
     second.stops_cleanly().await;
 }
 
+/// The process group of process `pid` (the fifth field of `/proc/{pid}/stat`).
+fn process_group(pid: &str) -> String {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 1..];
+    after_name.split_whitespace().nth(2).unwrap().to_string()
+}
+
+/// dev's nats-server, killed from outside, is started again on the same port and store,
+/// and webhooks are taken again without a restart of dev; it sits in a process group of
+/// its own (a terminal's Ctrl-C reaches dev alone, which stops it after draining).
+#[tokio::test]
+async fn dev_starts_its_nats_server_again_when_it_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let process = Process::spawn(
+        &["dev", "--no-demo"],
+        &[
+            ("HOOKYARD_INGEST__LISTEN", format!("127.0.0.1:{}", free_port())),
+            ("HOOKYARD_API__LISTEN", format!("127.0.0.1:{}", free_port())),
+            (
+                "HOOKYARD_TELEMETRY__METRICS_LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            ),
+        ],
+        dir.path(),
+    );
+    let url_line = Process::wait_for(&process.stdout, "webhook URL");
+    let url = url_line.split_whitespace().last().unwrap().to_string();
+    let pid_file = dir.path().join(".hookyard/nats.pid");
+    let first = std::fs::read_to_string(&pid_file).unwrap().trim().to_string();
+    assert_ne!(
+        process_group(&first),
+        process_group(&process.child.id().to_string()),
+        "the nats-server has a process group of its own"
+    );
+
+    let killed = Command::new("kill").args(["-KILL", &first]).status().unwrap();
+    assert!(killed.success());
+    let noticed = Process::wait_for(&process.stderr, "the nats-server stopped by itself");
+    assert!(noticed.contains("signal: 9"), "{noticed}");
+    Process::wait_for(&process.stderr, "nats-server started again");
+    let second = std::fs::read_to_string(&pid_file).unwrap().trim().to_string();
+    assert_ne!(first, second);
+
+    let http = reqwest::Client::new();
+    let status = eventually("a webhook taken again", Duration::from_secs(30), || async {
+        let response = http.post(&url).body(r#"{"after":"restart"}"#).send().await.ok()?;
+        (response.status() != 503).then(|| response.status().as_u16())
+    })
+    .await;
+    assert_eq!(status, 202);
+
+    process.stops_cleanly().await;
+    assert!(
+        !std::path::Path::new(&format!("/proc/{second}")).exists(),
+        "dev stopped its nats-server"
+    );
+}
+
 #[tokio::test]
 async fn services_refuse_to_start_without_an_encryption_key() {
     let dir = tempfile::tempdir().unwrap();

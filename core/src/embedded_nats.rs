@@ -2,11 +2,15 @@
 //! the per-test server of the test harness. Readiness is read from the server's own
 //! log ("Server is ready"), not guessed with a sleep.
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
+
+use tokio::sync::oneshot;
 
 /// The `nats-server` to run: `$HOOKYARD_NATS_SERVER_BIN`, else the one on `PATH`.
 pub fn server_bin() -> PathBuf {
@@ -39,6 +43,10 @@ pub struct ServerSpec<'a> {
     pub max_payload_mb: usize,
     /// Set for a node of a JetStream cluster; `None` runs a single node on 127.0.0.1.
     pub cluster: Option<ClusterNode<'a>>,
+    /// Runs the server in a process group of its own, so that a terminal's Ctrl-C
+    /// reaches only its parent, which stops it once the parent has drained (`hookyard
+    /// dev`). Left in the parent's group, it stops with whatever stops the parent (tests).
+    pub own_process_group: bool,
 }
 
 /// One node of a cluster of servers on loopback addresses (the multi-node tests).
@@ -77,7 +85,12 @@ impl ServerSpec<'_> {
 /// A running server; killed when dropped.
 pub struct EmbeddedNats {
     child: Option<Child>,
+    /// Its last log lines, sent when its stderr closes: when the process has ended.
+    ended: Option<oneshot::Receiver<String>>,
 }
+
+/// How many of the server's last log lines are kept for when it ends.
+const LAST_LINES: usize = 20;
 
 impl EmbeddedNats {
     /// Starts the server and returns once it accepts clients (or fails after `timeout`).
@@ -87,34 +100,47 @@ impl EmbeddedNats {
             path: spec.config_file.display().to_string(),
             source,
         })?;
-        let mut child = Command::new(spec.bin)
+        let mut command = Command::new(spec.bin);
+        command
             .args(["-a", spec.host(), "-p", &spec.port.to_string(), "-js", "-sd"])
             .arg(spec.store_dir)
             .arg("-c")
             .arg(spec.config_file)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| EmbeddedNatsError::Spawn {
-                bin: bin.clone(),
-                source,
-            })?;
+            .stderr(Stdio::piped());
+        if spec.own_process_group {
+            command.process_group(0);
+        }
+        let mut child = command.spawn().map_err(|source| EmbeddedNatsError::Spawn {
+            bin: bin.clone(),
+            source,
+        })?;
         let stderr = child.stderr.take().expect("stderr is piped");
         let (ready_tx, ready_rx) = mpsc::channel();
+        let (ended_tx, ended) = oneshot::channel();
         std::thread::spawn(move || {
             let mut log = Vec::new();
+            let mut last = VecDeque::with_capacity(LAST_LINES);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("Server is ready") {
                     let _ = ready_tx.send(Ok(()));
                 }
                 if log.len() < 200 {
-                    log.push(line);
+                    log.push(line.clone());
                 }
+                if last.len() == LAST_LINES {
+                    last.pop_front();
+                }
+                last.push_back(line);
             }
             let _ = ready_tx.send(Err(log.join("\n")));
+            let _ = ended_tx.send(Vec::from(last).join("\n"));
         });
-        let mut server = EmbeddedNats { child: Some(child) };
+        let mut server = EmbeddedNats {
+            child: Some(child),
+            ended: Some(ended),
+        };
         match ready_rx.recv_timeout(timeout) {
             Ok(Ok(())) => Ok(server),
             Ok(Err(log)) => {
@@ -138,6 +164,33 @@ impl EmbeddedNats {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Waits for the server's process to end by itself (a crash, a kill from outside);
+    /// its exit status and last log lines. Pending for ever once reported, or after
+    /// [`EmbeddedNats::kill`].
+    pub async fn ended(&mut self) -> (Option<ExitStatus>, String) {
+        let last_lines = match self.ended.as_mut() {
+            Some(ended) => ended.await.unwrap_or_default(),
+            None => std::future::pending().await,
+        };
+        self.ended = None;
+        // Its stderr closed as it exited; reaping it takes no time.
+        let status = self.child.take().and_then(|mut child| child.wait().ok());
+        (status, last_lines)
+    }
+
+    /// Asks the server to stop (SIGTERM: it writes its JetStream state and exits), and
+    /// kills it if it has not within `grace`.
+    pub async fn stop(&mut self, grace: Duration) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: kill(2) on our own child's pid, which is not reaped before this.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+            if tokio::time::timeout(grace, self.ended()).await.is_err() {
+                tracing::warn!(?grace, "nats-server did not stop in time; killing it");
+            }
+        }
+        self.kill();
     }
 }
 

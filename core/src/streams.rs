@@ -498,6 +498,7 @@ impl Bus {
                 match event {
                     async_nats::Event::Connected => tracing::info!("NATS connected"),
                     async_nats::Event::Disconnected => tracing::warn!("NATS disconnected; reconnecting"),
+                    async_nats::Event::Draining => tracing::info!("NATS connection draining"),
                     async_nats::Event::Closed => tracing::info!("NATS connection closed"),
                     other => tracing::warn!(event = %other, "NATS event"),
                 }

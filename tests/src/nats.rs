@@ -138,6 +138,7 @@ impl NatsServer {
                 cluster_port: c.route_port,
                 routes: &c.routes,
             }),
+            own_process_group: false,
         };
         let process = EmbeddedNats::start(&spec, Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}"));
         self.process = Some(process);
