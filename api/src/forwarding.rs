@@ -5,7 +5,9 @@
 
 use axum::extract::{Path, State};
 use axum::{Extension, Json};
+use hookyard_core::config::ForwardingConfig;
 use hookyard_core::keys::IntegrationKey;
+use hookyard_core::outbound::checked_url;
 use hookyard_core::store::forwarding::{ForwardingScope, ForwardingSettings, MAX_URLS};
 use hookyard_core::store::Environment;
 use serde::{Deserialize, Serialize};
@@ -46,15 +48,19 @@ pub struct ForwardingView {
     always_notify: bool,
 }
 
-fn settings(body: ForwardingRequest) -> Result<ForwardingSettings, ApiError> {
+/// The settings of a request, each URL checked as far as it can be without resolving
+/// its name (a name is checked before each attempt).
+fn settings(body: ForwardingRequest, allowed: &ForwardingConfig) -> Result<ForwardingSettings, ApiError> {
     if body.urls.len() > MAX_URLS {
         return Err(ApiError::invalid("urls", format!("at most {MAX_URLS} URLs")));
     }
+    let mut seen = Vec::with_capacity(body.urls.len());
     for url in &body.urls {
-        let parsed = reqwest_url(url).map_err(|e| ApiError::invalid("urls", format!("{url:?}: {e}")))?;
-        if !matches!(parsed.as_str(), "http" | "https") {
-            return Err(ApiError::invalid("urls", format!("{url:?} is not http(s)")));
+        let parsed = checked_url(url, allowed).map_err(|e| ApiError::invalid("urls", format!("{url:?}: {e}")))?;
+        if seen.contains(&parsed) {
+            return Err(ApiError::invalid("urls", format!("{url:?} is given twice")));
         }
+        seen.push(parsed);
     }
     let signing_key = body.webhook_signing_key.flatten();
     if signing_key.as_deref().is_some_and(|k| k.len() < 16) {
@@ -68,15 +74,6 @@ fn settings(body: ForwardingRequest) -> Result<ForwardingSettings, ApiError> {
         signing_key,
         always_notify: body.always_notify,
     })
-}
-
-/// The scheme of an absolute URL with a host.
-fn reqwest_url(url: &str) -> Result<String, &'static str> {
-    let (scheme, rest) = url.split_once("://").ok_or("not an absolute URL")?;
-    if rest.is_empty() || rest.starts_with('/') {
-        return Err("no host");
-    }
-    Ok(scheme.to_ascii_lowercase())
 }
 
 fn view(settings: Option<ForwardingSettings>) -> ForwardingView {
@@ -111,7 +108,7 @@ async fn set_environment(
     Extension(environment): Extension<Environment>,
     Body(body): Body<ForwardingRequest>,
 ) -> Result<Json<Data<ForwardingView>>, ApiError> {
-    let settings = settings(body)?;
+    let settings = settings(body, &state.forwarding)?;
     state
         .store
         .set_forwarding(environment.id, ForwardingScope::Environment, &settings)
@@ -168,7 +165,7 @@ async fn set_connection(
     Body(body): Body<ForwardingRequest>,
 ) -> Result<Json<Data<ForwardingView>>, ApiError> {
     let key = existing_connection(&state, &environment, &connection_id, param).await?;
-    let settings = settings(body)?;
+    let settings = settings(body, &state.forwarding)?;
     state
         .store
         .set_forwarding(

@@ -49,6 +49,8 @@ pub struct AppState {
     webhook_base_url: String,
     /// What a deploy's top-level code may use while its configuration is read.
     function_limits: hookyard_functions::Limits,
+    /// Which forwarding destinations are allowed, checked as they are set.
+    forwarding: hookyard_core::config::ForwardingConfig,
     /// Runs event functions when connections are created and deleted.
     events: Arc<events::Events>,
 }
@@ -136,6 +138,7 @@ fn routes(store: Store, catalog: Arc<Catalog>, events: Arc<events::Events>, conf
         catalog,
         webhook_base_url: config.webhook_base_url(),
         function_limits: config.worker.limits.clone(),
+        forwarding: config.forwarding.clone(),
     };
     let (authenticated, mut document) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(integrations::routes())

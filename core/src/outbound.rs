@@ -14,25 +14,36 @@ use crate::config::ForwardingConfig;
 /// before an attempt, which says why. The clients of [`client_builder`] check again, on
 /// the addresses they connect to.
 pub async fn allowed_destination(url: &str, config: &ForwardingConfig) -> Result<(), String> {
+    let parsed = checked_url(url, config)?;
+    let Some(url::Host::Domain(host)) = parsed.host() else {
+        return Ok(());
+    };
+    let port = parsed.port_or_known_default().unwrap_or(443);
+    let addresses = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| format!("{host} does not resolve: {e}"))?
+        .map(|a| a.ip());
+    check_addresses(host, addresses, config)
+}
+
+/// What can be told of a destination without resolving its name: an absolute http(s)
+/// URL with a host, and when the host is an address, one the configuration allows. The
+/// API checks this when a destination is set; [`allowed_destination`] checks it again
+/// before each attempt, with the name resolved.
+pub fn checked_url(url: &str, config: &ForwardingConfig) -> Result<url::Url, String> {
     let parsed = url::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(format!("scheme {} is not http or https", parsed.scheme()));
     }
-    let host = parsed
-        .host_str()
-        .ok_or("no host")?
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    let port = parsed.port_or_known_default().unwrap_or(443);
-    let addresses: Vec<IpAddr> = match host.parse::<IpAddr>() {
-        Ok(ip) => vec![ip],
-        Err(_) => tokio::net::lookup_host((host, port))
-            .await
-            .map_err(|e| format!("{host} does not resolve: {e}"))?
-            .map(|a| a.ip())
-            .collect(),
+    let ip = match parsed.host().ok_or("no host")? {
+        url::Host::Domain(_) => return Ok(parsed),
+        url::Host::Ipv4(v4) => IpAddr::V4(v4),
+        url::Host::Ipv6(v6) => IpAddr::V6(v6),
     };
-    check_addresses(host, addresses, config)
+    match forbidden(ip, config) {
+        Some(kind) => Err(format!("{ip} is a {kind} address")),
+        None => Ok(parsed),
+    }
 }
 
 fn check_addresses(

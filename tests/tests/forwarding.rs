@@ -267,7 +267,7 @@ async fn loopback_destinations_are_refused_unless_allowed() {
     .await;
     assert_eq!(letter.letter.error_kind, "refused");
     assert!(
-        letter.letter.error.contains("127.0.0.1, a loopback address"),
+        letter.letter.error.contains("127.0.0.1 is a loopback address"),
         "{letter:?}"
     );
     let attempts = eventually("the refused attempt recorded", Duration::from_secs(10), || async {
@@ -453,8 +453,23 @@ async fn destinations_are_set_through_the_api_and_a_connection_may_override_them
             json!({"urls": ["http://a.example/1", "http://a.example/2", "http://a.example/3"]}),
             "urls: at most 2",
         ),
-        (json!({"urls": ["ftp://a.example/"]}), "is not http(s)"),
-        (json!({"urls": ["not a url"]}), "not an absolute URL"),
+        (json!({"urls": ["ftp://a.example/"]}), "scheme ftp is not http or https"),
+        (json!({"urls": ["not a url"]}), "not a URL"),
+        (
+            json!({"urls": ["http://a example/"]}),
+            "invalid international domain name",
+        ),
+        (json!({"urls": ["http://a.example:99999/"]}), "invalid port number"),
+        (json!({"urls": ["http://"]}), "empty host"),
+        (
+            json!({"urls": ["http://a.example/1", "HTTP://A.example/1"]}),
+            "\"HTTP://A.example/1\" is given twice",
+        ),
+        // An address is checked as it is set; a name before each attempt.
+        (
+            json!({"urls": ["http://169.254.169.254/latest"]}),
+            "169.254.169.254 is a private, link-local or metadata address",
+        ),
         (
             json!({"urls": [], "webhook_signing_key": "short"}),
             "webhook_signing_key",
