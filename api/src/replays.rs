@@ -82,6 +82,13 @@ async fn start(
         if state.store.integration(environment.id, &key).await?.is_none() {
             return Err(ApiError::not_found(format!("integration {key} does not exist")));
         }
+        // A replay routes with today's connections: one that does not exist gets nothing.
+        if let Some(connection_id) = &request.connection_id {
+            state
+                .store
+                .existing_connection(environment.id, &key, connection_id)
+                .await?;
+        }
     }
     let replay = state
         .store

@@ -59,6 +59,10 @@ struct Filter {
 }
 
 impl Filter {
+    fn is_empty(&self) -> bool {
+        self.kind.is_none() && self.integration.is_none() && self.connection.is_none() && self.error.is_none()
+    }
+
     fn pairs(&self, ids: &[i64], all: bool) -> Vec<(&'static str, Option<String>)> {
         let ids = (!ids.is_empty()).then(|| ids.iter().map(i64::to_string).collect::<Vec<_>>().join(","));
         vec![
@@ -119,21 +123,44 @@ pub async fn run(args: DlqArgs) -> Result<(), String> {
                     Some(&Value::Object(body)),
                 )
                 .await?;
-            let ids = answer["data"]["redriving"].as_array().cloned().unwrap_or_default();
-            println!(
-                "{} letter(s) to redrive: {}",
-                ids.len(),
-                ids.iter().map(Value::to_string).collect::<Vec<_>>().join(" ")
-            );
-            println!("the routers publish them within seconds; `hookyard dlq show ID` tells how it went");
+            let taken: Vec<i64> = answer["data"]["redriving"]
+                .as_array()
+                .map(|ids| ids.iter().filter_map(Value::as_i64).collect())
+                .unwrap_or_default();
+            if taken.is_empty() {
+                println!("no letter to redrive");
+            } else {
+                println!("{} letter(s) to redrive: {}", taken.len(), joined(&taken));
+                println!("the routers publish them within seconds; `hookyard dlq show ID` tells how it went");
+            }
+            // Ids asked for by themselves (a filter narrows on purpose) and not taken.
+            let left: Vec<i64> = ids.into_iter().filter(|id| !taken.contains(id)).collect();
+            if !left.is_empty() && filter.is_empty() {
+                return Err(format!(
+                    "not redriven: {} (no such letter, or an exec run or a message that was no event: those are not redriven)",
+                    joined(&left)
+                ));
+            }
         }
         DlqCommand::Purge { ids, filter, all } => {
             let path = format!("/dead-letters{}", query(&filter.pairs(&ids, all)));
             let answer = client.call(reqwest::Method::DELETE, &path, None).await?;
-            println!("{} letter(s) deleted", answer["data"]["deleted"]);
+            let deleted = answer["data"]["deleted"].as_u64().unwrap_or(0);
+            println!("{deleted} letter(s) deleted");
+            if !ids.is_empty() && deleted < ids.len() as u64 && filter.is_empty() {
+                return Err(format!(
+                    "{} of the letters {} did not exist",
+                    ids.len() as u64 - deleted,
+                    joined(&ids)
+                ));
+            }
         }
     }
     Ok(())
+}
+
+fn joined(ids: &[i64]) -> String {
+    ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ")
 }
 
 /// One line of `dlq list`.

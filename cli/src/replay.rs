@@ -48,7 +48,7 @@ struct StartArgs {
     #[arg(long)]
     connection: Option<String>,
     /// Which consumers get the replayed events: functions, forward or all.
-    #[arg(long, default_value = "all")]
+    #[arg(long, default_value = "all", value_parser = ["functions", "forward", "all"])]
     target: String,
     /// Count what would be replayed; publish nothing.
     #[arg(long)]

@@ -1274,12 +1274,26 @@ async fn dlq_lists_shows_redrives_and_purges_dead_letters() {
     );
     let (_, stdout, _) = client(&["dlq", "list", "--kind", "function"], &api, &key).await;
     assert!(stdout.contains("requested"), "{stdout}");
+    // Ids asked for by name and not taken are named, and the command fails.
+    let (status, stdout, stderr) = client(&["dlq", "redrive", "1", "2", "99"], &api, &key).await;
+    assert_eq!(status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("1 letter(s) to redrive: 1"), "{stdout}");
+    assert!(
+        stderr.contains("not redriven: 2 99 (no such letter, or an exec run"),
+        "{stderr}"
+    );
+    let (status, stdout, stderr) = client(&["dlq", "redrive", "99"], &api, &key).await;
+    assert_eq!(status.code(), Some(1));
+    assert!(stdout.contains("no letter to redrive"), "{stdout}");
+    assert!(stderr.contains("not redriven: 99"), "{stderr}");
 
     let (status, _, stderr) = client(&["dlq", "purge"], &api, &key).await;
     assert_eq!(status.code(), Some(1));
     assert!(stderr.contains("all=true"), "{stderr}");
-    let (_, stdout, _) = client(&["dlq", "purge", "2"], &api, &key).await;
+    let (status, stdout, stderr) = client(&["dlq", "purge", "2", "98", "99"], &api, &key).await;
+    assert_eq!(status.code(), Some(1));
     assert!(stdout.contains("1 letter(s) deleted"), "{stdout}");
+    assert!(stderr.contains("2 of the letters 2 98 99 did not exist"), "{stderr}");
     let (_, stdout, _) = client(&["dlq", "purge", "--error", "typeerror"], &api, &key).await;
     assert!(stdout.contains("1 letter(s) deleted"), "{stdout}");
     let (_, stdout, _) = client(&["dlq", "list"], &api, &key).await;

@@ -353,19 +353,13 @@ async fn a_replay_of_an_earlier_window_never_takes_records_back_and_counts_what_
     assert_eq!(dry["status"], "done", "{dry}");
     assert_eq!(counts(&dry), (Some(3), Some(3), Some(3)), "{dry}");
     assert_eq!(conn_messages(&h).await, before);
-    let other = replayed(
+    let one = replayed(
         &h,
-        json!({"since": since, "until": until, "dry_run": true, "integration": "crm", "connection_id": "c9"}),
+        json!({"since": since, "until": until, "dry_run": true, "integration": "crm", "connection_id": "c0"}),
     )
     .await;
-    assert_eq!(
-        (
-            other["read"].as_i64(),
-            other["published"].as_i64(),
-            other["skipped"].as_i64()
-        ),
-        (Some(3), Some(0), Some(3))
-    );
+    assert_eq!(counts(&one), (Some(3), Some(3), Some(3)), "{one}");
+    assert_eq!(one["connection_id"], "c0", "{one}");
 
     // The replay runs the functions again on the window's three webhooks: p1's older
     // payload does not win over the newer one live traffic wrote.
@@ -419,7 +413,16 @@ async fn a_replay_can_be_cancelled_and_bad_requests_are_refused() {
             400,
             "until: \"soon\" is not an RFC 3339 time",
         ),
-        (json!({"since": since, "integration": "nope"}), 404, ""),
+        (
+            json!({"since": since, "integration": "nope"}),
+            404,
+            "integration nope does not exist",
+        ),
+        (
+            json!({"since": since, "integration": "crm", "connection_id": "c9"}),
+            404,
+            "connection c9 of integration crm does not exist",
+        ),
         (json!({"since": since, "target": "everything"}), 400, "target"),
     ] {
         let (got, answer) = call(&h, reqwest::Method::POST, "/replay", Some(body.clone())).await;
