@@ -363,7 +363,7 @@ impl Default for TelemetryConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("configuration: {0}")]
-    Parse(#[from] Box<figment::Error>),
+    Parse(String),
     #[error("configuration file {0} does not exist")]
     MissingFile(PathBuf),
     #[error("configuration is invalid:\n  - {}", .0.join("\n  - "))]
@@ -406,7 +406,7 @@ impl Config {
 
     /// Extracts and validates a configuration from any set of layers.
     pub fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
-        let config: Config = figment.extract().map_err(Box::new)?;
+        let config: Config = figment.extract().map_err(|e| ConfigError::Parse(described(&e)))?;
         config.validate()?;
         Ok(config)
     }
@@ -570,6 +570,38 @@ impl Config {
     }
 }
 
+/// A layer's error with its key as the user wrote it: `HOOKYARD_INGEST__LISTEN` for a
+/// variable, `hookyard.toml: ingest.listen` for the file (figment's own wording shows
+/// `INGEST.LISTEN` and `default.ingest.listen`).
+fn described(error: &figment::Error) -> String {
+    use figment::error::Kind;
+    let what = match &error.kind {
+        Kind::UnknownField(found, known) => format!("unknown key `{found}` (known: {})", known.join(", ")),
+        Kind::UnknownVariant(found, known) => format!("unknown value `{found}` (one of: {})", known.join(", ")),
+        other => other.to_string(),
+    };
+    let key = error.path.join(".");
+    let Some(metadata) = &error.metadata else {
+        return if key.is_empty() { what } else { format!("{key}: {what}") };
+    };
+    match &metadata.source {
+        Some(figment::Source::File(file)) if key.is_empty() => format!("{}: {what}", file.display()),
+        Some(figment::Source::File(file)) => format!("{}: {key}: {what}", file.display()),
+        _ if metadata.name.contains("environment") => format!("{}: {what}", variable(&error.path)),
+        _ => format!("{key}: {what}"),
+    }
+}
+
+/// The `HOOKYARD_*` variable of a key path: the one set (an unknown section's path
+/// stops at the section), else the name it would have.
+fn variable(path: &[String]) -> String {
+    let name = format!("HOOKYARD_{}", path.join("__").to_ascii_uppercase());
+    std::env::vars()
+        .map(|(set, _)| set)
+        .find(|set| *set == name || set.starts_with(&format!("{name}__")))
+        .unwrap_or(name)
+}
+
 #[cfg(test)]
 #[allow(clippy::result_large_err)] // figment's Jail closures return its (large) Error
 mod tests {
@@ -670,10 +702,34 @@ mod tests {
         Jail::expect_with(|jail| {
             jail.create_file("hookyard.toml", "[ingest]\nmax_bodybytes = 10\n")?;
             let message = Config::load().unwrap_err().to_string();
-            assert!(message.contains("max_bodybytes"), "{message}");
+            assert!(
+                message.contains("hookyard.toml: ingest.max_bodybytes: unknown key `max_bodybytes` (known: listen, "),
+                "{message}"
+            );
             jail.create_file("hookyard.toml", "[ingest]\npublish_timeout = 'soon'\n")?;
             let message = Config::load().unwrap_err().to_string();
-            assert!(message.contains("publish_timeout"), "{message}");
+            assert!(
+                message.contains(
+                    "hookyard.toml: ingest.publish_timeout: invalid value string \"soon\", expected a duration"
+                ),
+                "{message}"
+            );
+            jail.create_file("hookyard.toml", "")?;
+            // A variable is named as it is set, not as figment's path.
+            jail.set_env("HOOKYARD_INGEST__PUBLISH_TIMEOUT", "soon");
+            let message = Config::load().unwrap_err().to_string();
+            assert!(
+                message.contains("HOOKYARD_INGEST__PUBLISH_TIMEOUT: invalid value"),
+                "{message}"
+            );
+            jail.set_env("HOOKYARD_INGEST__PUBLISH_TIMEOUT", "1s");
+            jail.set_env("HOOKYARD_INGST__LISTEN", "127.0.0.1:1");
+            let message = Config::load().unwrap_err().to_string();
+            assert!(
+                message.contains("HOOKYARD_INGST__LISTEN: unknown key `ingst` (known: nats_url, "),
+                "{message}"
+            );
+            jail.clear_env();
             jail.set_env("HOOKYARD_CONFIG", "missing.toml");
             let message = Config::load().unwrap_err().to_string();
             assert!(message.contains("missing.toml does not exist"), "{message}");
