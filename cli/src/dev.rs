@@ -39,6 +39,7 @@ const DEMO_BODY: &str = r#"{"type":"contact.updated","contact":{"id":"c_1","emai
 pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken) -> Result<(), Error> {
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| format!("cannot create {}: {e}", config.data_dir.display()))?;
+    let _lock = lock_data_dir(&config.data_dir)?;
     if config.encryption_key.is_none() {
         config.encryption_key = Some(dev_encryption_key(&config.data_dir)?);
     }
@@ -317,6 +318,37 @@ async fn deploy_example(store: &Store, environment: &Environment, config: &Confi
         );
     }
     Ok(())
+}
+
+/// Holds `{data_dir}/dev.lock` for the life of the process (the kernel lets go when it
+/// ends, however it ends). A second dev on the same folder would take the first one's
+/// nats-server for one left behind, stop it, and run another on the same store.
+fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, Error> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    let path = data_dir.join("dev.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    // SAFETY: flock(2) on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        return Err(format!(
+            "another hookyard dev (pid {}) is running on {}; stop it first, or give this one a folder of its own (HOOKYARD_DATA_DIR)",
+            holder.trim(),
+            data_dir.display()
+        )
+        .into());
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(file, "{}", std::process::id())?;
+    Ok(file)
 }
 
 /// The key `dev` seals its secrets under, kept in `{data_dir}/encryption.key` (readable

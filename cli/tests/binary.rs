@@ -688,6 +688,41 @@ async fn dev_starts_its_nats_server_again_when_it_stops() {
     );
 }
 
+/// A second dev on the same folder is refused and leaves the first one's nats-server
+/// alone (it used to stop it as one left behind, and run its own on the same store).
+#[tokio::test]
+async fn a_second_dev_on_the_same_folder_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = || {
+        vec![
+            ("HOOKYARD_INGEST__LISTEN", format!("127.0.0.1:{}", free_port())),
+            ("HOOKYARD_API__LISTEN", format!("127.0.0.1:{}", free_port())),
+            (
+                "HOOKYARD_TELEMETRY__METRICS_LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            ),
+        ]
+    };
+    let first = Process::spawn(&["dev", "--no-demo"], &ports(), dir.path());
+    Process::wait_for(&first.stdout, "webhook URL");
+    let pid_file = dir.path().join(".hookyard/nats.pid");
+    let nats = std::fs::read_to_string(&pid_file).unwrap();
+
+    let mut second = Process::spawn(&["dev", "--no-demo"], &ports(), dir.path());
+    assert_eq!(second.wait_exit().code(), Some(1));
+    let stderr = second.stderr_text();
+    assert!(
+        stderr.contains(&format!("another hookyard dev (pid {}) is running", first.child.id())),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&pid_file).unwrap(), nats);
+    assert!(
+        std::path::Path::new(&format!("/proc/{}", nats.trim())).exists(),
+        "the first dev's nats-server runs on"
+    );
+    first.stops_cleanly().await;
+}
+
 #[tokio::test]
 async fn services_refuse_to_start_without_an_encryption_key() {
     let dir = tempfile::tempdir().unwrap();
