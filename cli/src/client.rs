@@ -27,30 +27,84 @@ impl Client {
     }
 
     /// `method path` with an optional JSON body; the answer's JSON, or what went wrong.
-    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<Value, String> {
+    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<Value, CallError> {
         let url = format!("{}{path}", self.args.api_url.trim_end_matches('/'));
         let mut request = self.http.request(method, &url).bearer_auth(&self.args.secret_key);
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| format!("cannot reach the API at {url}: {e}"))?;
+        let response = request.send().await.map_err(|e| CallError {
+            message: format!("cannot reach the API at {url}: {e}"),
+            transient: true,
+        })?;
         let status = response.status();
-        let body: Value = response
-            .json()
-            .await
-            .map_err(|e| format!("the API answered {status} without JSON: {e}"))?;
+        // A proxy in front of a stopped API, or the API with its database away.
+        let transient = matches!(status.as_u16(), 502..=504);
+        let body: Value = response.json().await.map_err(|e| CallError {
+            message: format!("the API answered {status} without JSON: {e}"),
+            transient,
+        })?;
         if !status.is_success() {
             let message = body["error"]["message"].as_str().unwrap_or("no message");
-            return Err(format!("refused ({status}): {message}"));
+            return Err(CallError {
+                message: format!("refused ({status}): {message}"),
+                transient,
+            });
         }
         Ok(body)
     }
 
-    pub async fn get(&self, path: &str) -> Result<Value, String> {
+    pub async fn get(&self, path: &str) -> Result<Value, CallError> {
         self.call(reqwest::Method::GET, path, None).await
+    }
+
+    /// A GET for a command that follows something for long (`logs --follow`, a
+    /// replay's progress): an API that cannot be reached or answers 502–504 is waited
+    /// for, which `say` tells once, and again when it answers, rather than ending the
+    /// command. A refusal ends it.
+    pub async fn get_waiting(&self, path: &str, say: &(dyn Fn(&str) + Sync)) -> Result<Value, String> {
+        let mut waiting = false;
+        loop {
+            match self.get(path).await {
+                Ok(answer) => {
+                    if waiting {
+                        say("the API answers again");
+                    }
+                    return Ok(answer);
+                }
+                Err(error) if error.transient => {
+                    if !waiting {
+                        say(&format!("{}; trying again every {}s", error.message, WAIT.as_secs()));
+                        waiting = true;
+                    }
+                    tokio::time::sleep(WAIT).await;
+                }
+                Err(error) => return Err(error.message),
+            }
+        }
+    }
+}
+
+/// How often [`Client::get_waiting`] asks an API that did not answer.
+const WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Why a call failed; `transient` when waiting may help: the API could not be reached,
+/// or answered 502, 503 or 504.
+#[derive(Debug)]
+pub struct CallError {
+    pub message: String,
+    pub transient: bool,
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<CallError> for String {
+    fn from(error: CallError) -> String {
+        error.message
     }
 }
 

@@ -80,7 +80,8 @@ pub async fn run(args: LogsArgs) -> Result<(), String> {
             "/logs{}",
             filters(vec![("after", Some(last.to_string())), ("limit", Some("500".into()))])
         );
-        for entry in client.get(&path).await?["data"].as_array().into_iter().flatten() {
+        let answer = client.get_waiting(&path, &|notice| eprintln!("{notice}")).await?;
+        for entry in answer["data"].as_array().into_iter().flatten() {
             println!("{}", line(entry));
             last = last.max(entry["id"].as_i64().unwrap_or(0));
         }

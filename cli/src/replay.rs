@@ -138,12 +138,30 @@ async fn follow(client: &Client, id: i64) -> Result<(), String> {
         )
         .expect("a valid template"),
     );
+    // A hidden bar prints nothing, not even its `println`s.
+    let say = |notice: &str| {
+        if terminal {
+            bar.println(notice)
+        } else {
+            eprintln!("{notice}")
+        }
+    };
     let mut last_line = Instant::now();
     let mut cancel_sent = false;
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
     let replay = loop {
-        let replay = client.get(&format!("/replay/{id}")).await?["data"].clone();
+        let path = format!("/replay/{id}");
+        let asked = client.get_waiting(&path, &say);
+        let replay = tokio::select! {
+            answer = asked => answer?["data"].clone(),
+            // Only while the API is away: the cancel needs it.
+            _ = &mut interrupted, if !cancel_sent => {
+                return Err(format!(
+                    "stopped following replay {id}, which goes on: `hookyard replay cancel {id}` stops it once the API answers"
+                ));
+            }
+        };
         if let Some(total) = replay["total"].as_u64() {
             bar.set_length(total);
         }
@@ -173,7 +191,7 @@ async fn follow(client: &Client, id: i64) -> Result<(), String> {
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             _ = &mut interrupted, if !cancel_sent => {
                 cancel_sent = true;
-                bar.println("cancelling…");
+                say("cancelling…");
                 client.call(reqwest::Method::POST, &format!("/replay/{id}/cancel"), None).await?;
             }
         }

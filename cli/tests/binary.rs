@@ -1731,9 +1731,29 @@ async fn logs_prints_webhooks_one_in_full_and_follows_new_ones() {
     Process::wait_for(&follow.stdout, "bad_signature");
     store.write_log(&[entry(3, "handshake", "url check")]).await.unwrap();
     Process::wait_for(&follow.stdout, "handshake");
+
+    // The API stops and comes back on the same address: --follow waits, says so, and
+    // goes on from where it was.
+    shutdown.cancel();
+    let waiting = Process::wait_for(&follow.stderr, "cannot reach the API");
+    assert!(waiting.contains("trying again every 1s"), "{waiting}");
+    let addr = api.trim_start_matches("http://").to_string();
+    let listener = eventually("the API's address free again", Duration::from_secs(10), || async {
+        tokio::net::TcpListener::bind(&addr).await.ok()
+    })
+    .await;
+    let (router, _) = hookyard_api::router(store.clone(), &hookyard_core::Config::default()).unwrap();
+    let again = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(hookyard_api::serve(listener, router, again.clone()));
+    store
+        .write_log(&[entry(5, "handshake", "after the restart")])
+        .await
+        .unwrap();
+    Process::wait_for(&follow.stdout, "after the restart");
+    Process::wait_for(&follow.stderr, "the API answers again");
     follow.signal("-TERM");
     follow.wait_exit();
-    shutdown.cancel();
+    again.cancel();
 }
 
 /// `hookyard streams advance` with no `HOOKS_RAW` says where it will begin; on one behind
