@@ -106,6 +106,45 @@ fn key(text: &str) -> Result<IntegrationKey, ApiError> {
     text.parse().map_err(|e| ApiError::invalid("unique_key", e))
 }
 
+/// A provider name: one of the catalog's, or a custom provider's own. A catalog name
+/// written otherwise (`GitHub`) is refused: as a custom name it would get the generic
+/// provider's rules (no signature, every connection) without a word.
+fn provider_name(state: &AppState, text: String) -> Result<String, ApiError> {
+    let provider = fields::text("provider", text, 64)?;
+    if let Some((known, 0)) = state.catalog.closest(&provider) {
+        return Err(ApiError::invalid(
+            "provider",
+            format!("{provider:?} is not in the catalog; did you mean {known:?}?"),
+        ));
+    }
+    Ok(provider)
+}
+
+/// A webhook secret is refused where nothing would check it (the generic provider, or a
+/// custom one without `settings.signature`): every webhook would be accepted while its
+/// owner takes them for verified.
+fn check_secret_is_checked(state: &AppState, provider: &str, settings: &serde_json::Value) -> Result<(), ApiError> {
+    let rules = state
+        .catalog
+        .resolve(provider, settings)
+        .map_err(|e| ApiError::invalid("settings", e))?;
+    if rules.signature.is_some() {
+        return Ok(());
+    }
+    let known = match state.catalog.closest(provider) {
+        Some((near, _)) => format!(", which is not in the catalog (did you mean {near:?}?),"),
+        None if state.catalog.get(provider).is_none() => ", which is not in the catalog,".into(),
+        None => String::new(),
+    };
+    Err(ApiError::invalid(
+        "webhook_secret",
+        format!(
+            "provider {provider:?}{known} verifies no signature, so the secret would never be checked; \
+             a custom provider declares settings.signature (as generic-hmac does)"
+        ),
+    ))
+}
+
 /// Settings must be an object the provider catalog accepts (a custom `signature` or
 /// `routing` is checked here, not when the first webhook arrives).
 fn checked_settings(
@@ -152,12 +191,16 @@ async fn create(
     Extension(environment): Extension<Environment>,
     Body(body): Body<CreateIntegration>,
 ) -> Result<Json<Data<IntegrationView>>, ApiError> {
-    let provider = fields::text("provider", body.provider, 64)?;
+    let provider = provider_name(&state, body.provider)?;
     let settings = checked_settings(&state, &provider, body.settings)?.unwrap_or_else(|| serde_json::json!({}));
+    let webhook_secret = fields::optional_text("webhook_secret", body.webhook_secret, 1024)?;
+    if webhook_secret.is_some() {
+        check_secret_is_checked(&state, &provider, &settings)?;
+    }
     let new = NewIntegration {
         display_name: fields::optional_text("display_name", body.display_name, 255)?,
         settings,
-        webhook_secret: fields::optional_text("webhook_secret", body.webhook_secret, 1024)?,
+        webhook_secret,
         oauth_client_secret: fields::optional_text("oauth_client_secret", body.oauth_client_secret, 1024)?,
         forward_webhooks: body.forward_webhooks.unwrap_or(true),
         ..NewIntegration::new(key(&body.unique_key)?, provider)
@@ -204,15 +247,26 @@ async fn update(
             "an integration's key cannot change; create a new integration instead",
         ));
     }
-    let provider = body.provider.map(|p| fields::text("provider", p, 64)).transpose()?;
-    let settings = match (&provider, body.settings) {
-        (_, None) => None,
-        (Some(p), settings) => checked_settings(&state, p, settings)?,
-        (None, settings) => {
-            let current = state.store.existing_integration(environment.id, &current).await?;
-            checked_settings(&state, &current.provider, settings)?
+    let existing = state.store.existing_integration(environment.id, &current).await?;
+    let provider = body.provider.map(|p| provider_name(&state, p)).transpose()?;
+    let settings = checked_settings(&state, provider.as_deref().unwrap_or(&existing.provider), body.settings)?;
+    let webhook_secret = body
+        .webhook_secret
+        .map(|secret| fields::optional_text("webhook_secret", secret, 1024))
+        .transpose()?;
+    // What the integration becomes, when this changes what checks its webhooks.
+    if provider.is_some() || settings.is_some() || webhook_secret.is_some() {
+        let has_secret = webhook_secret
+            .as_ref()
+            .map_or(existing.webhook_secret.is_some(), Option::is_some);
+        if has_secret {
+            check_secret_is_checked(
+                &state,
+                provider.as_deref().unwrap_or(&existing.provider),
+                settings.as_ref().unwrap_or(&existing.settings),
+            )?;
         }
-    };
+    }
     let changes = IntegrationChanges {
         provider,
         settings,
@@ -220,10 +274,7 @@ async fn update(
             .display_name
             .map(|name| fields::optional_text("display_name", name, 255))
             .transpose()?,
-        webhook_secret: body
-            .webhook_secret
-            .map(|secret| fields::optional_text("webhook_secret", secret, 1024))
-            .transpose()?,
+        webhook_secret,
         oauth_client_secret: body
             .oauth_client_secret
             .map(|secret| fields::optional_text("oauth_client_secret", secret, 1024))

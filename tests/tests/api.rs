@@ -197,10 +197,63 @@ async fn integrations(api: &Api) {
             json!({"unique_key": "x", "provider": "p", "forward_webhooks": "yes"}),
             "forward_webhooks",
         ),
+        // A catalog name written otherwise would be taken for a custom provider.
+        (
+            json!({"unique_key": "x", "provider": "GitHub"}),
+            "provider: \"GitHub\" is not in the catalog; did you mean \"github\"?",
+        ),
+        (
+            json!({"unique_key": "x", "provider": "microsoft_graph"}),
+            "did you mean \"microsoft-graph\"?",
+        ),
+        // A secret nothing would check: every webhook would pass for verified.
+        (
+            json!({"unique_key": "x", "provider": "gitub", "webhook_secret": "s3cret"}),
+            "webhook_secret: provider \"gitub\", which is not in the catalog (did you mean \"github\"?), verifies no signature",
+        ),
+        (
+            json!({"unique_key": "x", "provider": "generic", "webhook_secret": "s3cret"}),
+            "webhook_secret: provider \"generic\" verifies no signature",
+        ),
     ] {
         let response = api.dev(Method::POST, "/integrations").json(&body).send().await.unwrap();
         assert_bad_field(response, field).await;
     }
+    // A custom provider's own name is fine, and so is its secret once it says how the
+    // provider signs; taking that away again with the secret kept is refused.
+    api.ok(
+        api.dev(Method::POST, "/integrations")
+            .json(&json!({"unique_key": "plain", "provider": "acme-plain"})),
+        StatusCode::OK,
+    )
+    .await;
+    let unchecked = api
+        .dev(Method::PATCH, "/integrations/plain")
+        .json(&json!({"webhook_secret": "s3cret"}))
+        .send()
+        .await
+        .unwrap();
+    assert_bad_field(
+        unchecked,
+        "webhook_secret: provider \"acme-plain\", which is not in the catalog,",
+    )
+    .await;
+    let signing = json!({"signature": {"algorithm": "hmac-sha256", "header": "X-Plain-Signature"}});
+    api.ok(
+        api.dev(Method::PATCH, "/integrations/plain")
+            .json(&json!({"webhook_secret": "s3cret", "settings": signing})),
+        StatusCode::OK,
+    )
+    .await;
+    let unsigned = api
+        .dev(Method::PATCH, "/integrations/plain")
+        .json(&json!({"settings": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_bad_field(unsigned, "webhook_secret").await;
+    api.ok(api.dev(Method::DELETE, "/integrations/plain"), StatusCode::OK)
+        .await;
     let not_json = api
         .dev(Method::POST, "/integrations")
         .header("content-type", "application/json")

@@ -166,6 +166,27 @@ impl Catalog {
         self.providers.keys().map(String::as_str)
     }
 
+    /// For a name the catalog does not have, the catalog name it may have meant and how
+    /// far it is: 0 when only case and separators differ (`GitHub`, `microsoft_graph`),
+    /// else up to two edits (`gitub`).
+    pub fn closest(&self, name: &str) -> Option<(&str, usize)> {
+        if self.get(name).is_some() {
+            return None;
+        }
+        let folded = |s: &str| -> String {
+            s.chars()
+                .filter(char::is_ascii_alphanumeric)
+                .map(|c| c.to_ascii_lowercase())
+                .collect()
+        };
+        let wanted = folded(name);
+        self.names()
+            .map(|known| (strsim::damerau_levenshtein(&wanted, &folded(known)), known))
+            .filter(|(distance, _)| *distance <= 2)
+            .min()
+            .map(|(distance, known)| (known, distance))
+    }
+
     /// The rules for an integration: its provider's (or `generic` for one the catalog
     /// does not know), with the integration's settings' overrides applied.
     pub fn resolve(&self, provider: &str, settings: &serde_json::Value) -> Result<Arc<Provider>, CatalogError> {
