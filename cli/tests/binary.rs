@@ -93,6 +93,17 @@ impl Process {
         assert!(status.success(), "exit status {status:?}");
     }
 
+    /// Sends SIGTERM; the process must exit 0 within `limit`.
+    async fn stops_within(self, limit: Duration) {
+        let signalled = std::time::Instant::now();
+        self.stops_cleanly().await;
+        assert!(
+            signalled.elapsed() < limit,
+            "stopped {:?} after SIGTERM",
+            signalled.elapsed()
+        );
+    }
+
     fn wait_exit(&mut self) -> ExitStatus {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
@@ -282,14 +293,7 @@ async fn a_service_waiting_for_its_streams_stops_at_once_on_sigterm() {
         dir.path(),
     );
     Process::wait_for(&process.stderr, "NATS connected");
-    let signalled = std::time::Instant::now();
-    let status = process.terminate().await;
-    assert!(status.success(), "{status:?}");
-    assert!(
-        signalled.elapsed() < Duration::from_secs(5),
-        "stopped {:?} after SIGTERM",
-        signalled.elapsed()
-    );
+    process.stops_within(Duration::from_secs(5)).await;
 }
 
 /// A refusal is not retried like a timeout: asked for three replicas of each stream, a
@@ -438,14 +442,7 @@ async fn sigterm_stops_ingest_while_nats_is_down() {
     let mut ingest = IngestProcess::start(&[]).await;
     ingest.nats.stop();
     Process::wait_for(&ingest.process.stderr, "NATS disconnected");
-    let signalled = std::time::Instant::now();
-    let status = ingest.terminate().await;
-    assert!(status.success(), "exit status {status:?}");
-    assert!(
-        signalled.elapsed() < Duration::from_secs(10),
-        "stopped {:?} after SIGTERM",
-        signalled.elapsed()
-    );
+    ingest.process.stops_within(Duration::from_secs(10)).await;
 }
 
 #[tokio::test]
