@@ -147,21 +147,30 @@ async fn follow(client: &Client, id: i64) -> Result<(), String> {
         }
     };
     let mut last_line = Instant::now();
+    // Ctrl-C asks for a cancel once; after it, the signal is not listened to again.
+    let mut interrupt_seen = false;
     let mut cancel_sent = false;
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
     let replay = loop {
         let path = format!("/replay/{id}");
         let asked = client.get_waiting(&path, &say);
-        let replay = tokio::select! {
-            answer = asked => answer?["data"].clone(),
-            // Only while the API is away: the cancel needs it.
-            _ = &mut interrupted, if !cancel_sent => {
-                return Err(format!(
-                    "stopped following replay {id}, which goes on: `hookyard replay cancel {id}` stops it once the API answers"
-                ));
+        tokio::pin!(asked);
+        let answer = tokio::select! {
+            answer = &mut asked => answer,
+            _ = &mut interrupted, if !interrupt_seen => {
+                interrupt_seen = true;
+                // The cancel goes out once this answer is in; an API that is away (the
+                // answer does not come) is not waited for: the cancel needs it.
+                match tokio::time::timeout(Duration::from_secs(2), &mut asked).await {
+                    Ok(answer) => answer,
+                    Err(_) => return Err(format!(
+                        "stopped following replay {id}, which goes on: `hookyard replay cancel {id}` stops it once the API answers"
+                    )),
+                }
             }
         };
+        let replay = answer?["data"].clone();
         if let Some(total) = replay["total"].as_u64() {
             bar.set_length(total);
         }
@@ -187,14 +196,20 @@ async fn follow(client: &Client, id: i64) -> Result<(), String> {
         if ["done", "cancelled", "failed"].contains(&replay["status"].as_str().unwrap_or("")) {
             break replay;
         }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            _ = &mut interrupted, if !cancel_sent => {
-                cancel_sent = true;
-                say("cancelling…");
-                client.call(reqwest::Method::POST, &format!("/replay/{id}/cancel"), None).await?;
+        if !interrupt_seen {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                _ = &mut interrupted => interrupt_seen = true,
             }
         }
+        if !cancel_sent {
+            cancel_sent = true;
+            say("cancelling…");
+            client
+                .call(reqwest::Method::POST, &format!("/replay/{id}/cancel"), None)
+                .await?;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     };
     bar.finish_and_clear();
     println!("{}", summary(&replay));
