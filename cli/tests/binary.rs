@@ -105,12 +105,22 @@ impl Process {
     }
 
     fn wait_exit(&mut self) -> ExitStatus {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        self.exit_within(Duration::from_secs(60))
+            .expect("hookyard did not exit")
+    }
+
+    /// Its exit status, once it has exited within `limit`.
+    fn exit_within(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = std::time::Instant::now() + limit;
         loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Some(status),
+                Ok(None) => {}
+                Err(_) => return None,
             }
-            assert!(std::time::Instant::now() < deadline, "hookyard did not exit");
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -126,7 +136,18 @@ impl Process {
 }
 
 impl Drop for Process {
+    /// A test that fails leaves no process behind: SIGTERM first, so that a `dev` stops
+    /// the nats-server it started (SIGKILL would leave it running in its process group),
+    /// then SIGKILL.
     fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            if self.exit_within(Duration::from_secs(10)).is_some() {
+                return;
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
