@@ -53,7 +53,28 @@ pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::e
         .collect();
     let sync = match matching.as_slice() {
         [one] => *one,
-        [] => return Err(format!("no sync {:?} in {}", args.sync, args.dir.display()).into()),
+        [] => {
+            let known: Vec<String> = project
+                .syncs
+                .iter()
+                .map(|s| format!("{}/{}", s.integration, s.name))
+                .collect();
+            let scope = wanted
+                .as_ref()
+                .map(|w| format!(" for integration {w}"))
+                .unwrap_or_default();
+            return Err(format!(
+                "no sync {:?}{scope} in {} (it has: {})",
+                args.sync,
+                args.dir.display(),
+                if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                }
+            )
+            .into());
+        }
         _ => {
             return Err(format!(
                 "several integrations have a sync {:?}: say which with --integration",

@@ -1560,12 +1560,15 @@ async fn dryrun_prints_what_exec_and_on_webhook_would_write_and_save_writes_it()
     assert_eq!(after.len(), 4);
     assert!(after.iter().any(|row| row.starts_with("gone:DELETED")), "{after:?}");
 
-    // An unknown sync is named.
+    // An unknown sync is named, with the ones the folder has.
     let (status, _, stderr) = tokio::task::spawn_blocking(move || dryrun("nosuch", vec![]))
         .await
         .unwrap();
     assert!(!status.success());
-    assert!(stderr.contains("no sync \"nosuch\""), "{stderr}");
+    assert!(
+        stderr.contains("no sync \"nosuch\" in ") && stderr.contains("(it has: demo/contacts)"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]

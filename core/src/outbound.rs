@@ -41,7 +41,7 @@ pub fn checked_url(url: &str, config: &ForwardingConfig) -> Result<url::Url, Str
         url::Host::Ipv6(v6) => IpAddr::V6(v6),
     };
     match forbidden(ip, config) {
-        Some(kind) => Err(format!("{ip} is a {kind} address")),
+        Some(what) => Err(format!("{ip} is {what}")),
         None => Ok(parsed),
     }
 }
@@ -52,8 +52,8 @@ fn check_addresses(
     config: &ForwardingConfig,
 ) -> Result<(), String> {
     for ip in addresses {
-        if let Some(kind) = forbidden(ip, config) {
-            return Err(format!("{host} resolves to {ip}, a {kind} address"));
+        if let Some(what) = forbidden(ip, config) {
+            return Err(format!("{host} resolves to {ip}, {what}"));
         }
     }
     Ok(())
@@ -84,6 +84,8 @@ impl reqwest::dns::Resolve for GuardedResolver {
     }
 }
 
+/// What kind of address `ip` is when the configuration refuses it, with the key that
+/// would allow it.
 fn forbidden(ip: IpAddr, config: &ForwardingConfig) -> Option<&'static str> {
     let ip = match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
@@ -91,7 +93,7 @@ fn forbidden(ip: IpAddr, config: &ForwardingConfig) -> Option<&'static str> {
     };
     let loopback = ip.is_loopback();
     if loopback {
-        return (!config.allow_loopback).then_some("loopback");
+        return (!config.allow_loopback).then_some("a loopback address (forwarding.allow_loopback allows it)");
     }
     let private = match ip {
         IpAddr::V4(v4) => {
@@ -104,10 +106,11 @@ fn forbidden(ip: IpAddr, config: &ForwardingConfig) -> Option<&'static str> {
         }
     };
     if private {
-        return (!config.allow_private).then_some("private, link-local or metadata");
+        return (!config.allow_private)
+            .then_some("a private, link-local or metadata address (forwarding.allow_private allows it)");
     }
     if ip.is_unspecified() || ip.is_multicast() || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
-        return Some("non-routable");
+        return Some("a non-routable address");
     }
     None
 }

@@ -82,12 +82,17 @@ pub async fn connection_api(
         .connection(key.environment_id, &key.integration, &key.connection_id)
         .await
         .map_err(failed)?
-        .ok_or_else(|| format!("connection {} no longer exists", key.connection_id))?;
+        .ok_or_else(|| {
+            format!(
+                "connection {} of integration {} does not exist",
+                key.connection_id, key.integration
+            )
+        })?;
     let integration = store
         .integration(key.environment_id, &key.integration)
         .await
         .map_err(failed)?
-        .ok_or_else(|| format!("integration {} no longer exists", key.integration))?;
+        .ok_or_else(|| format!("integration {} does not exist", key.integration))?;
     let provider = catalog.get(&integration.provider).and_then(|p| p.api.as_ref());
     let api = ApiSpec::for_integration(
         provider,

@@ -267,7 +267,10 @@ async fn loopback_destinations_are_refused_unless_allowed() {
     .await;
     assert_eq!(letter.letter.error_kind, "refused");
     assert!(
-        letter.letter.error.contains("127.0.0.1 is a loopback address"),
+        letter
+            .letter
+            .error
+            .contains("127.0.0.1 is a loopback address (forwarding.allow_loopback allows it)"),
         "{letter:?}"
     );
     let attempts = eventually("the refused attempt recorded", Duration::from_secs(10), || async {
