@@ -40,6 +40,9 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| format!("cannot create {}: {e}", config.data_dir.display()))?;
     let _lock = lock_data_dir(&config.data_dir)?;
+    // First, so that a taken port fails before NATS and the store are set up.
+    let ingest_listener = listen(config.ingest.listen, "HOOKYARD_INGEST__LISTEN").await?;
+    let api_listener = listen(config.api.listen, "HOOKYARD_API__LISTEN").await?;
     if config.encryption_key.is_none() {
         config.encryption_key = Some(dev_encryption_key(&config.data_dir)?);
     }
@@ -64,8 +67,6 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
     let router = std::sync::Arc::new(hookyard_router::Router::new(store.clone(), &bus, &config)?);
     // Forwarding to an app on this machine is what dev is for.
     config.forwarding.allow_loopback = true;
-    let ingest_listener = listen(config.ingest.listen, "HOOKYARD_INGEST__LISTEN").await?;
-    let api_listener = listen(config.api.listen, "HOOKYARD_API__LISTEN").await?;
     let api = hookyard_api::Api::new(store.clone(), &config)?;
     let owed_events = api.owed_event_sweep(shutdown.clone());
     let webhook_url = format!(
