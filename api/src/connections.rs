@@ -193,9 +193,12 @@ async fn create(
     Extension(environment): Extension<Environment>,
     Body(body): Body<CreateConnection>,
 ) -> Result<(StatusCode, Json<ConnectionView>), ApiError> {
-    let credentials = body
-        .credentials
-        .filter(|c| !c.is_null())
+    let credentials = body.credentials.filter(|c| !c.is_null());
+    // Said with the time expected: chrono's own text names neither field nor format.
+    if let Some(at) = credentials.as_ref().and_then(|c| c.get("expires_at")?.as_str()) {
+        fields::parse_time(at).map_err(|e| ApiError::invalid("credentials.expires_at", e))?;
+    }
+    let credentials = credentials
         .map(serde_json::from_value::<Credentials>)
         .transpose()
         .map_err(|e| ApiError::invalid("credentials", e))?;

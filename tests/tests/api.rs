@@ -505,6 +505,11 @@ async fn connections(api: &Api) {
             json!({"provider_config_key": "github", "credentials": {"type": "BASIC"}}),
             "credentials",
         ),
+        (
+            json!({"provider_config_key": "github",
+                   "credentials": {"type": "OAUTH2", "access_token": "t", "expires_at": "soon"}}),
+            "credentials.expires_at: \"soon\" is not an RFC 3339 time",
+        ),
     ] {
         let response = api.dev(Method::POST, "/connections").json(&body).send().await.unwrap();
         assert_bad_field(response, field).await;
