@@ -515,6 +515,9 @@ impl Config {
                 "forwarding.concurrency_per_destination and forwarding.breaker_failures must be at least 1".into(),
             );
         }
+        if forwarding.attempt_timeout < Duration::from_millis(100) {
+            problems.push("forwarding.attempt_timeout must be at least 100ms".into());
+        }
         if forwarding.ack_wait < forwarding.attempt_timeout * 2 {
             problems.push(format!(
                 "forwarding.ack_wait ({:?}) must be at least twice forwarding.attempt_timeout ({:?})",
@@ -530,6 +533,12 @@ impl Config {
         }
         if streams.duplicate_window < Duration::from_secs(1) || streams.duplicate_window > streams.raw_max_age {
             problems.push("streams.duplicate_window must be between 1s and streams.raw_max_age".into());
+        }
+        if self.logs.retention < Duration::from_secs(60) {
+            problems.push("logs.retention must be at least 1m".into());
+        }
+        if self.logs.buffer == 0 {
+            problems.push("logs.buffer must be at least 1".into());
         }
         if ![1, 3, 5].contains(&streams.replicas) {
             problems.push(format!(
@@ -652,6 +661,9 @@ mod tests {
             jail.set_env("HOOKYARD_STREAMS__REPLICAS", "2");
             jail.set_env("HOOKYARD_WORKER__LIMITS__TIMEOUT", "1m");
             jail.set_env("HOOKYARD_WORKER__RETRY_DELAYS", "[\"0s\"]");
+            jail.set_env("HOOKYARD_FORWARDING__ATTEMPT_TIMEOUT", "0s");
+            jail.set_env("HOOKYARD_LOGS__RETENTION", "0s");
+            jail.set_env("HOOKYARD_LOGS__BUFFER", "0");
             let message = Config::load().unwrap_err().to_string();
             assert!(message.contains("ingest.max_body_bytes is 10"), "{message}");
             assert!(message.contains("streams.replicas is 2"), "{message}");
@@ -663,6 +675,13 @@ mod tests {
                 message.contains("worker.retry_delays must each be at least 10ms"),
                 "{message}"
             );
+            for problem in [
+                "forwarding.attempt_timeout must be at least 100ms",
+                "logs.retention must be at least 1m",
+                "logs.buffer must be at least 1",
+            ] {
+                assert!(message.contains(problem), "{message}");
+            }
             Ok(())
         });
     }
