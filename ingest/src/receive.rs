@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::IngestError;
 use crate::publish::PublishFailure;
+use crate::settings::{EnvironmentEntry, IntegrationEntry, Snapshot};
 use crate::Ingest;
 
 /// The routing part of the path. The trailing part is taken from the raw URI instead
@@ -124,6 +125,27 @@ fn observe(
     }
 }
 
+/// The path's environment and integration in `snapshot`.
+fn lookup<'a>(
+    snapshot: &'a Snapshot,
+    path: &WebhookPath,
+) -> Result<(&'a EnvironmentEntry, &'a IntegrationEntry), IngestError> {
+    let environment = path
+        .environment
+        .parse()
+        .ok()
+        .and_then(|id| snapshot.environment(&id))
+        .ok_or_else(|| IngestError::UnknownEnvironment(path.environment.clone()))?;
+    let entry = environment
+        .integrations
+        .get(&path.integration)
+        .ok_or_else(|| IngestError::UnknownIntegration {
+            environment: environment.name.to_string(),
+            integration: path.integration.clone(),
+        })?;
+    Ok((environment, entry))
+}
+
 async fn receive(
     ingest: &Ingest,
     path: &WebhookPath,
@@ -135,20 +157,20 @@ async fn receive(
     let (parts, body) = request.into_parts();
     let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
     let snapshot = ingest.settings.snapshot();
-    let environment = path
-        .environment
-        .parse()
-        .ok()
-        .and_then(|id| snapshot.environment(&id))
-        .ok_or_else(|| IngestError::UnknownEnvironment(path.environment.clone()))?;
+    let reloaded;
+    let (environment, entry) = match lookup(&snapshot, path) {
+        Ok(found) => found,
+        // Not in the copy: perhaps created a moment ago.
+        Err(_) => {
+            reloaded = ingest.settings.after_miss().await;
+            lookup(&reloaded, path).inspect_err(|error| {
+                if let IngestError::UnknownIntegration { environment, .. } = error {
+                    seen.environment = Some(environment.clone());
+                }
+            })?
+        }
+    };
     seen.environment = Some(environment.name.to_string());
-    let entry = environment
-        .integrations
-        .get(&path.integration)
-        .ok_or_else(|| IngestError::UnknownIntegration {
-            environment: environment.name.to_string(),
-            integration: path.integration.clone(),
-        })?;
     seen.accepted = Some(entry.accepted.clone());
     let integration = &entry.integration;
     let rules = entry.rules.as_ref().map_err(|reason| IngestError::Misconfigured {

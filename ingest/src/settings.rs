@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hookyard_core::keys::EnvironmentName;
 use hookyard_core::metrics::names;
@@ -43,7 +43,16 @@ impl Snapshot {
 #[derive(Clone)]
 pub struct SettingsCache {
     current: Arc<RwLock<Arc<Snapshot>>>,
+    store: Store,
+    catalog: Arc<Catalog>,
+    /// When a miss last reloaded the copy (see [`SettingsCache::after_miss`]).
+    miss_reloaded: Arc<tokio::sync::Mutex<Option<Instant>>>,
 }
+
+/// A miss reloads the copy at most this often…
+const MISS_RELOAD_EVERY: Duration = Duration::from_secs(1);
+/// …and waits this long at most for the store.
+const MISS_RELOAD_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl SettingsCache {
     /// Loads the settings once (an error here stops the start) and keeps them fresh
@@ -56,6 +65,9 @@ impl SettingsCache {
     ) -> Result<SettingsCache, StoreError> {
         let cache = SettingsCache {
             current: Arc::new(RwLock::new(Arc::new(read_snapshot(&store, &catalog).await?))),
+            store: store.clone(),
+            catalog: catalog.clone(),
+            miss_reloaded: Arc::default(),
         };
         let refreshed = cache.clone();
         tokio::spawn(async move {
@@ -79,6 +91,25 @@ impl SettingsCache {
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The copy after a webhook for an environment or integration it does not have:
+    /// reloaded now, so that one created a moment ago (a provider pings its new URL at
+    /// once) is found without waiting for the next refresh. At most one reload a
+    /// second, one at a time, bounded by [`MISS_RELOAD_TIMEOUT`], so a scan of made-up
+    /// paths cannot turn into a query per request.
+    pub async fn after_miss(&self) -> Arc<Snapshot> {
+        let mut last = self.miss_reloaded.lock().await;
+        if last.is_some_and(|at| at.elapsed() < MISS_RELOAD_EVERY) {
+            return self.snapshot();
+        }
+        *last = Some(Instant::now());
+        match tokio::time::timeout(MISS_RELOAD_TIMEOUT, read_snapshot(&self.store, &self.catalog)).await {
+            Ok(Ok(snapshot)) => self.replace(snapshot),
+            Ok(Err(error)) => tracing::warn!(%error, "reloading integration settings after a miss failed"),
+            Err(_) => tracing::warn!("reloading integration settings after a miss timed out"),
+        }
+        self.snapshot()
     }
 
     fn replace(&self, snapshot: Snapshot) {

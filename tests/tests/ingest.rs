@@ -380,6 +380,28 @@ async fn settings_changes_are_seen_without_a_restart_and_survive_a_store_outage(
     }
 }
 
+/// An integration created a moment ago is served at once (a provider pings its new URL
+/// right away), without waiting for the settings' next refresh: a miss reloads them.
+/// Misses reload at most once a second, so a scan of made-up paths is no query each.
+#[tokio::test]
+async fn an_integration_created_a_moment_ago_is_served_at_once() {
+    let ingest = start_ingest(None, |config| {
+        config.ingest.settings_refresh = Duration::from_secs(3600)
+    })
+    .await;
+    add_integration(&ingest.store, &ingest.environment, "fresh").await;
+    assert_eq!(ingest.post("fresh", b"ping").await.status().as_u16(), 202);
+
+    // The miss just now reloaded; the next one within the second does not.
+    assert_error(ingest.post("made-up", b"x").await, 404, "unknown_integration").await;
+    add_integration(&ingest.store, &ingest.environment, "second").await;
+    assert_error(ingest.post("second", b"x").await, 404, "unknown_integration").await;
+    eventually("a later miss to reload", Duration::from_secs(10), || async {
+        (ingest.post("second", b"y").await.status() == 202).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn shutdown_waits_for_in_flight_publishes() {
     let ingest = start_ingest(None, |c| c.ingest.publish_timeout = Duration::from_secs(30)).await;
