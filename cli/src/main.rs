@@ -126,9 +126,10 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         let mut telemetry_config = config.telemetry.clone();
-        if dev_mode && std::env::var_os("RUST_LOG").is_none() && telemetry_config.log_filter == "info" {
+        let default_filter = hookyard_core::config::DEFAULT_LOG_FILTER;
+        if dev_mode && std::env::var_os("RUST_LOG").is_none() && telemetry_config.log_filter == default_filter {
             // In dev, show each accepted webhook.
-            telemetry_config.log_filter = "info,hookyard_ingest=debug".into();
+            telemetry_config.log_filter = format!("{default_filter},hookyard_ingest=debug");
         }
         let _telemetry = match telemetry::init(&telemetry_config, service) {
             Ok(guard) => guard,

@@ -353,11 +353,16 @@ impl Default for TelemetryConfig {
     fn default() -> Self {
         TelemetryConfig {
             log_format: LogFormat::Auto,
-            log_filter: "info".into(),
+            log_filter: DEFAULT_LOG_FILTER.into(),
             metrics_listen: None,
         }
     }
 }
+
+/// Info for hookyard; warnings only from the NATS client (its connection events repeat
+/// hookyard's own) and sqlx (Postgres notices such as "relation … already exists,
+/// skipping" at every start).
+pub const DEFAULT_LOG_FILTER: &str = "info,async_nats=warn,sqlx=warn";
 
 /// Why the configuration cannot be used; the message names the key and the fix.
 #[derive(Debug, thiserror::Error)]
