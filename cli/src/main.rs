@@ -6,6 +6,7 @@ mod dev;
 mod dev_nats;
 mod dlq;
 mod dryrun;
+mod env;
 mod logs;
 mod replay;
 mod streams;
@@ -61,6 +62,9 @@ enum Command {
     /// HOOKS_RAW against the store's clock: `streams advance` moves a HOOKS_RAW that is
     /// behind the store (restored from an older backup) past it.
     Streams(streams::StreamsArgs),
+    /// Environments (prod, staging, …) on the store: create, list, show or rotate-key.
+    /// Prints the webhook URLs and the secret key the API and CLI take.
+    Env(env::EnvArgs),
     /// Print a new random encryption key for HOOKYARD_ENCRYPTION_KEY.
     Keygen,
 }
@@ -80,6 +84,7 @@ fn main() -> ExitCode {
         }
         Command::Dryrun(_) => ("hookyard-dryrun", false),
         Command::Streams(_) => ("hookyard-streams", false),
+        Command::Env(_) => ("hookyard-env", false),
         Command::Deploy(_) | Command::Dlq(_) | Command::Replay(_) | Command::Logs(_) => ("hookyard-client", false),
     };
     // Clients of the API: no configuration, no key of their own.
@@ -148,6 +153,7 @@ fn main() -> ExitCode {
             Command::Api => hookyard_api::run(&config, shutdown).await,
             Command::Dryrun(args) => return said("dryrun", dryrun::run(&config, args).await),
             Command::Streams(args) => return said("streams", streams::run(&config, args).await),
+            Command::Env(args) => return said("env", env::run(&config, args).await),
             Command::Keygen | Command::Deploy(_) | Command::Dlq(_) | Command::Replay(_) | Command::Logs(_) => Ok(()), // answered above
         };
         match outcome {

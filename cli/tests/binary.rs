@@ -81,6 +81,12 @@ impl Process {
         .unwrap()
     }
 
+    /// Kills it (SIGKILL: no chance to clean up, as in a crash) and reaps it.
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and returns the exit status.
     async fn terminate(mut self) -> ExitStatus {
         self.signal("-TERM");
@@ -741,6 +747,79 @@ async fn a_second_dev_on_the_same_folder_is_refused() {
     first.stops_cleanly().await;
 }
 
+/// `hookyard ARGS` on the store at `database_url` (commands that open the store
+/// themselves); its exit status, stdout and stderr.
+async fn on_store(args: &[&str], database_url: &str) -> (ExitStatus, String, String) {
+    hookyard(
+        args,
+        &[
+            ("HOOKYARD_DATABASE_URL", database_url),
+            ("HOOKYARD_ENCRYPTION_KEY", TEST_ENCRYPTION_KEY),
+        ],
+    )
+    .await
+}
+
+/// A deployment's first environment comes from `hookyard env`, whose key the API takes;
+/// a rotated key replaces the old one at once.
+#[tokio::test]
+async fn env_creates_shows_lists_and_rotates_environments() {
+    let sqlite = SqliteFile::create();
+    let (status, stdout, _) = on_store(&["env", "list"], &sqlite.url).await;
+    assert!(status.success());
+    assert!(stdout.contains("no environments"), "{stdout}");
+
+    let (status, created, stderr) = on_store(&["env", "create", "prod"], &sqlite.url).await;
+    assert!(status.success(), "{stderr}");
+    let key_of = |text: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix("secret key    "))
+            .unwrap_or_else(|| panic!("no secret key in {text}"))
+            .to_string()
+    };
+    let key = key_of(&created);
+    assert!(key.starts_with("sk_"), "{created}");
+    assert!(
+        created.contains("/webhook/") && created.contains("/{integration}"),
+        "{created}"
+    );
+    let (status, _, stderr) = on_store(&["env", "create", "prod"], &sqlite.url).await;
+    assert_eq!(status.code(), Some(1));
+    assert!(stderr.contains("environment prod already exists"), "{stderr}");
+    let (_, shown, _) = on_store(&["env", "show", "prod"], &sqlite.url).await;
+    assert_eq!(shown, created);
+    let (status, _, stderr) = on_store(&["env", "show", "nope"], &sqlite.url).await;
+    assert_eq!(status.code(), Some(1));
+    assert!(stderr.contains("environment nope does not exist"), "{stderr}");
+    let (_, listed, _) = on_store(&["env", "list"], &sqlite.url).await;
+    assert!(listed.starts_with("prod "), "{listed}");
+    assert!(!listed.contains(&key), "a list shows no keys: {listed}");
+
+    let store = Store::connect(&sqlite.url, test_cipher()).await.unwrap();
+    let (api, shutdown) = start_api(store).await;
+    let status_with = |key: String| {
+        let url = format!("{api}/integrations");
+        async move {
+            reqwest::Client::new()
+                .get(url)
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(status_with(key.clone()).await, 200);
+    let (status, rotated, _) = on_store(&["env", "rotate-key", "prod"], &sqlite.url).await;
+    assert!(status.success());
+    let new_key = key_of(&rotated);
+    assert_ne!(new_key, key);
+    assert_eq!(status_with(key).await, 401, "the old key stops working");
+    assert_eq!(status_with(new_key).await, 200);
+    shutdown.cancel();
+}
+
 #[tokio::test]
 async fn services_refuse_to_start_without_an_encryption_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -1149,7 +1228,7 @@ async fn a_worker_killed_mid_exec_run_loses_no_notification_of_what_the_run_wrot
         .expect("the run to ask for its second page");
     let contacts = || hookyard_testkit::raw_texts(&db.url, "SELECT id FROM records WHERE model = 'Contact'");
     assert_eq!(contacts().await.len(), 2, "the first page is written");
-    drop(first); // kills it with SIGKILL
+    first.kill();
     held.release();
 
     let second = Process::spawn(&["worker"], &env_vars, dir.path());
@@ -1218,11 +1297,13 @@ async fn start_api(store: Store) -> (String, tokio_util::sync::CancellationToken
 
 /// `hookyard ARGS` as a client of the API at `api`; its exit status, stdout and stderr.
 async fn client(args: &[&str], api: &str, secret_key: &str) -> (ExitStatus, String, String) {
+    hookyard(args, &[("HOOKYARD_API_URL", api), ("HOOKYARD_SECRET_KEY", secret_key)]).await
+}
+
+/// `hookyard ARGS` with `env` set, run to its exit; its status, stdout and stderr.
+async fn hookyard(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_hookyard"));
-    command
-        .args(args)
-        .env("HOOKYARD_API_URL", api)
-        .env("HOOKYARD_SECRET_KEY", secret_key);
+    command.args(args).envs(env.iter().copied());
     let output = tokio::task::spawn_blocking(move || command.output().unwrap())
         .await
         .unwrap();

@@ -26,6 +26,22 @@ async fn conformance(store: Store, url: Option<&str>) {
         Some(prod.clone())
     );
     assert_eq!(store.environment_by_secret_key("sk_nope").await.unwrap(), None);
+    let exists = store.create_environment(&"prod".parse().unwrap()).await.unwrap_err();
+    assert!(matches!(exists, StoreError::Conflict(_)), "{exists}");
+    let staging = store.create_environment(&"staging".parse().unwrap()).await.unwrap();
+    let rotated = store.rotate_secret_key(&staging.name).await.unwrap();
+    assert_ne!(rotated.secret_key, staging.secret_key);
+    assert_eq!(rotated.webhook_id, staging.webhook_id, "its webhook URLs stay");
+    assert_eq!(
+        store.environment_by_secret_key(&staging.secret_key).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.environment_by_secret_key(&rotated.secret_key).await.unwrap(),
+        Some(rotated)
+    );
+    let missing = store.rotate_secret_key(&"nope".parse().unwrap()).await.unwrap_err();
+    assert!(matches!(missing, StoreError::NotFound(_)), "{missing}");
 
     let new = NewIntegration {
         display_name: Some("GitHub".into()),
@@ -461,7 +477,8 @@ async fn sqlite_in_memory() {
         })
         .collect();
     for reader in readers {
-        assert_eq!(reader.await.unwrap().unwrap(), 2);
+        // dev, prod and staging.
+        assert_eq!(reader.await.unwrap().unwrap(), 3);
     }
 }
 

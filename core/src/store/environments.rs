@@ -35,6 +35,36 @@ impl Store {
             .ok_or_else(|| StoreError::Corrupt(format!("environment {name} vanished after insert")))
     }
 
+    /// A new environment `name` with fresh keys; `Conflict` when it exists.
+    pub async fn create_environment(&self, name: &EnvironmentName) -> Result<Environment, StoreError> {
+        if self.environment(name).await?.is_some() {
+            return Err(StoreError::Conflict(format!("environment {name}")));
+        }
+        self.ensure_environment(name).await
+    }
+
+    /// Gives environment `name` a new secret key; the old one stops working at once (the
+    /// API looks keys up per request). Its webhook URLs stay.
+    pub async fn rotate_secret_key(&self, name: &EnvironmentName) -> Result<Environment, StoreError> {
+        let secret_key = random_key("sk_");
+        let sealed = self.cipher.seal(Purpose::EnvironmentSecretKey, &secret_key);
+        let updated = on_pool!(self, |pool| sqlx::query(
+            "UPDATE environments SET secret_key = $1, secret_key_hash = $2 WHERE name = $3"
+        )
+        .bind(&sealed)
+        .bind(key_hash(&secret_key))
+        .bind(name.as_str())
+        .execute(pool)
+        .await
+        .map(|done| done.rows_affected()))?;
+        if updated == 0 {
+            return Err(StoreError::NotFound(format!("environment {name}")));
+        }
+        self.environment(name)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("environment {name}")))
+    }
+
     pub async fn environment(&self, name: &EnvironmentName) -> Result<Option<Environment>, StoreError> {
         let query = format!("{SELECT} WHERE name = $1");
         let row: Option<EnvironmentRow> = on_pool!(self, |pool| sqlx::query_as(&query)
