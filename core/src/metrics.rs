@@ -122,16 +122,48 @@ async fn observe_consumers(jetstream: &jetstream::Context) {
     *last = Some(Instant::now());
 }
 
-/// `GET /metrics`.
+/// `GET /metrics`, and the probes of services that have no listener of their own
+/// (router, worker, reconciler): `/healthz` (the process is up) and, with NATS,
+/// `/readyz` (connected to it).
 fn route(jetstream: Option<jetstream::Context>) -> axum::Router {
-    axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let jetstream = jetstream.clone();
+    use axum::routing::get;
+    let router = axum::Router::new()
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(serde_json::json!({"status": "up"})) }),
+        )
+        .route(
+            "/metrics",
+            get({
+                let jetstream = jetstream.clone();
+                move || {
+                    let jetstream = jetstream.clone();
+                    async move {
+                        (
+                            [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                            render(jetstream.as_ref()).await,
+                        )
+                    }
+                }
+            }),
+        );
+    let Some(jetstream) = jetstream else {
+        return router;
+    };
+    let client = jetstream.client();
+    router.route(
+        "/readyz",
+        get(move || {
+            let connected = client.connection_state() == async_nats::connection::State::Connected;
+            let status = if connected {
+                axum::http::StatusCode::OK
+            } else {
+                axum::http::StatusCode::SERVICE_UNAVAILABLE
+            };
             async move {
                 (
-                    [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                    render(jetstream.as_ref()).await,
+                    status,
+                    axum::Json(serde_json::json!({"ready": connected, "nats_connected": connected})),
                 )
             }
         }),
@@ -147,7 +179,7 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {listen} for metrics: {e}")))?;
-    tracing::info!(%listen, "metrics on /metrics");
+    tracing::info!(%listen, "metrics on /metrics, probes on /healthz and /readyz");
     axum::serve(listener, route(jetstream))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

@@ -659,6 +659,45 @@ async fn metrics_parse_and_the_pending_gauge_rises_while_the_worker_is_stopped()
     assert!(sample(&text, "hookyard_record_writes_total", &[("action", "added")]).unwrap() >= 1.0);
 }
 
+/// The metrics listener also answers the probes of the services that have no listener
+/// of their own (router, worker, reconciler): up, and ready while NATS is connected.
+#[tokio::test]
+async fn the_metrics_listener_answers_liveness_and_readiness_probes() {
+    let mut nats = hookyard_testkit::NatsServer::start();
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let addr = format!("127.0.0.1:{}", hookyard_testkit::free_port());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(hookyard_core::metrics::serve(
+        addr.parse().unwrap(),
+        Some(async_nats::jetstream::new(client)),
+        shutdown.clone(),
+    ));
+    let http = reqwest::Client::new();
+    let probe = |path: &'static str| {
+        let (http, url) = (http.clone(), format!("http://{addr}{path}"));
+        async move {
+            let response = http.get(url).send().await.ok()?;
+            let status = response.status().as_u16();
+            Some((status, response.json::<Value>().await.ok()?))
+        }
+    };
+    let (status, up) = eventually("the listener", Duration::from_secs(10), || probe("/healthz")).await;
+    assert_eq!((status, up), (200, json!({"status": "up"})));
+    assert_eq!(
+        probe("/readyz").await.unwrap(),
+        (200, json!({"ready": true, "nats_connected": true}))
+    );
+
+    nats.stop();
+    let not_ready = eventually("not ready without NATS", Duration::from_secs(10), || async {
+        probe("/readyz").await.filter(|(status, _)| *status == 503)
+    })
+    .await;
+    assert_eq!(not_ready.1, json!({"ready": false, "nats_connected": false}));
+    assert_eq!(probe("/healthz").await.unwrap().0, 200, "still up");
+    shutdown.cancel();
+}
+
 #[tokio::test]
 async fn a_replay_waits_while_the_workers_have_too_much_waiting_then_goes_on() {
     let h = common::pipeline::harness_with(None, 1, |config| config.router.replay_max_backlog = 3).await;
