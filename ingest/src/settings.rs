@@ -65,8 +65,8 @@ impl SettingsCache {
     ) -> Result<SettingsCache, StoreError> {
         let cache = SettingsCache {
             current: Arc::new(RwLock::new(Arc::new(read_snapshot(&store, &catalog).await?))),
-            store: store.clone(),
-            catalog: catalog.clone(),
+            store,
+            catalog,
             miss_reloaded: Arc::default(),
         };
         let refreshed = cache.clone();
@@ -78,12 +78,7 @@ impl SettingsCache {
                     _ = shutdown.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                match read_snapshot(&store, &catalog).await {
-                    Ok(snapshot) => refreshed.replace(snapshot),
-                    Err(error) => {
-                        tracing::warn!(%error, "reloading integration settings failed; keeping the last copy")
-                    }
-                }
+                refreshed.reload("refresh").await;
             }
         });
         Ok(cache)
@@ -104,16 +99,23 @@ impl SettingsCache {
             return self.snapshot();
         }
         *last = Some(Instant::now());
-        match tokio::time::timeout(MISS_RELOAD_TIMEOUT, read_snapshot(&self.store, &self.catalog)).await {
-            Ok(Ok(snapshot)) => self.replace(snapshot),
-            Ok(Err(error)) => tracing::warn!(%error, "reloading integration settings after a miss failed"),
-            Err(_) => tracing::warn!("reloading integration settings after a miss timed out"),
+        if tokio::time::timeout(MISS_RELOAD_TIMEOUT, self.reload("miss"))
+            .await
+            .is_err()
+        {
+            tracing::warn!("reloading integration settings after a miss timed out; keeping the last copy");
         }
         self.snapshot()
     }
 
-    fn replace(&self, snapshot: Snapshot) {
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snapshot);
+    /// Reads the settings again; a store that fails leaves the last copy in place.
+    async fn reload(&self, after: &'static str) {
+        match read_snapshot(&self.store, &self.catalog).await {
+            Ok(snapshot) => *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snapshot),
+            Err(error) => {
+                tracing::warn!(%error, after, "reloading integration settings failed; keeping the last copy")
+            }
+        }
     }
 }
 
