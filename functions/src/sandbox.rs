@@ -125,8 +125,7 @@ impl Resolver for Modules {
         if base.is_empty() && self.code.contains_key(name) {
             return Ok(name.to_string());
         }
-        resolve_import(base, name, |candidate| self.code.contains_key(candidate))
-            .ok_or_else(|| rquickjs::Error::new_resolving_message(base, name, import_help(name)))
+        resolved(base, name, |candidate| self.code.contains_key(candidate))
     }
 }
 
@@ -163,8 +162,7 @@ impl Resolver for Sources {
         name: &str,
         _attributes: Option<ImportAttributes<'js>>,
     ) -> rquickjs::Result<String> {
-        resolve_import(base, name, |candidate| self.0.contains_key(candidate))
-            .ok_or_else(|| rquickjs::Error::new_resolving_message(base, name, import_help(name)))
+        resolved(base, name, |candidate| self.0.contains_key(candidate))
     }
 }
 
@@ -184,6 +182,13 @@ impl Loader for Sources {
         };
         Module::declare(ctx.clone(), name, source)
     }
+}
+
+/// [`resolve_import`] for a module loader: what it cannot resolve is an engine error
+/// saying what a function may import.
+fn resolved(base: &str, name: &str, exists: impl Fn(&str) -> bool) -> rquickjs::Result<String> {
+    resolve_import(base, name, exists)
+        .ok_or_else(|| rquickjs::Error::new_resolving_message(base, name, import_help(name)))
 }
 
 fn import_help(name: &str) -> String {
