@@ -32,9 +32,10 @@ const MAX_DEPLOY_BYTES: usize = 16 * 1024 * 1024;
 
 #[derive(Deserialize, ToSchema)]
 pub struct DeployRequest {
-    /// The project's files: path (such as `hubspot/syncs/contacts.js`) → source. A sync
-    /// lives at `{integration}/syncs/{name}.js`; an optional `index.js` imports the syncs
-    /// to deploy.
+    /// The project's files: path (such as `hubspot/syncs/contacts.ts`) → source,
+    /// JavaScript or TypeScript (types erased in place). A sync lives at
+    /// `{integration}/syncs/{name}.ts` (or `.js`); an optional `index.ts` (or `index.js`)
+    /// imports the syncs to deploy.
     files: BTreeMap<String, String>,
 }
 

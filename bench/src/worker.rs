@@ -133,7 +133,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
             for i in 0..slow.syncs {
                 files.insert(format!("demo/syncs/slow{i}.js"), slow_sync(i, slow.ms));
                 files
-                    .get_mut("index.js")
+                    .get_mut("index.ts")
                     .expect("the example has an index")
                     .push_str(&format!("import './demo/syncs/slow{i}.js';\n"));
             }

@@ -1,5 +1,5 @@
-//! `hookyard deploy [DIR]`: sends a functions project's JavaScript files to the API,
-//! which compiles and stores them, and prints what changed.
+//! `hookyard deploy [DIR]`: sends a functions project's JavaScript and TypeScript files
+//! to the API, which compiles and stores them, and prints what changed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,7 +8,7 @@ use crate::client::{ApiArgs, Client};
 
 #[derive(clap::Args)]
 pub struct DeployArgs {
-    /// The project folder: syncs at {integration}/syncs/{name}.js, an optional index.js.
+    /// The project folder: syncs at {integration}/syncs/{name}.js (or .ts), an optional index.js (or index.ts).
     #[arg(default_value = ".")]
     dir: PathBuf,
     #[command(flatten)]
@@ -19,7 +19,7 @@ pub struct DeployArgs {
 pub async fn run(args: DeployArgs) -> Result<(), String> {
     let files = collect(&args.dir)?;
     if files.is_empty() {
-        return Err(format!("{} holds no .js files to deploy", args.dir.display()));
+        return Err(format!("{} holds no .js or .ts files to deploy", args.dir.display()));
     }
     let body = Client::new(args.api.clone())
         .call(
@@ -43,8 +43,8 @@ pub async fn run(args: DeployArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// The project's source files, by path relative to `dir`: JavaScript (and TypeScript,
-/// which the API refuses with a message saying so), outside `node_modules` and hidden
+/// The project's source files, by path relative to `dir`: JavaScript and TypeScript
+/// (not declaration files: nothing in them runs), outside `node_modules` and hidden
 /// folders.
 pub(crate) fn collect(dir: &Path) -> Result<BTreeMap<String, String>, String> {
     let mut files = BTreeMap::new();

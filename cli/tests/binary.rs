@@ -1275,13 +1275,12 @@ async fn a_worker_killed_mid_exec_run_loses_no_notification_of_what_the_run_wrot
     second.stops_cleanly().await;
 }
 
-/// Copies `examples/crm-contacts` into `dir`.
+/// Writes `examples/crm-contacts` into `dir`.
 fn copy_example(dir: &std::path::Path) {
-    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/crm-contacts");
-    for file in ["index.js", "demo/models.js", "demo/syncs/contacts.js"] {
+    for (file, source) in hookyard_functions::examples::CRM_CONTACTS {
         let target = dir.join(file);
         std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-        std::fs::copy(example.join(file), target).unwrap();
+        std::fs::write(target, source).unwrap();
     }
 }
 
@@ -1330,17 +1329,25 @@ async fn deploy_sends_a_project_and_prints_what_changed() {
     let (_, stdout, _) = run().await;
     assert!(stdout.contains("unchanged demo/contacts v1"), "{stdout}");
 
-    let sync = project.path().join("demo/syncs/contacts.js");
+    let sync = project.path().join("demo/syncs/contacts.ts");
     let source = std::fs::read_to_string(&sync).unwrap();
     std::fs::write(&sync, source.replace("'1.0.0'", "'1.0.1'")).unwrap();
+    // Declarations are not sent: nothing in them runs.
+    std::fs::write(project.path().join("demo/nango.d.ts"), "this is not TypeScript(").unwrap();
     let (_, stdout, _) = run().await;
+    assert!(stdout.contains("deployed 3 file(s)"), "{stdout}");
     assert!(stdout.contains("updated   demo/contacts v2"), "{stdout}");
 
-    std::fs::write(project.path().join("demo/models.js"), "export const Contact = {;").unwrap();
+    let models = project.path().join("demo/models.ts");
+    let source = std::fs::read_to_string(&models).unwrap();
+    std::fs::write(&models, format!("{source}\nexport enum Kind {{ Person, Company }}\n")).unwrap();
     let (status, _, stderr) = run().await;
     assert_eq!(status.code(), Some(1));
+    let line = source.lines().count() + 2;
     assert!(
-        stderr.contains("deploy refused (400 Bad Request): demo/models.js"),
+        stderr.contains(&format!(
+            "deploy refused (400 Bad Request): demo/models.ts: TypeScript that cannot be deployed:\n{line}:8: TypeScript enum"
+        )),
         "{stderr}"
     );
     shutdown.cancel();

@@ -3,8 +3,9 @@
 //!
 //! Layout, as in Nango: a sync lives at `{integration}/syncs/{name}.js` (the integration
 //! is the folder, the sync name the file), an event function (`createOnEvent`) at
-//! `{integration}/on-events/{name}.js`. When the project has an `index.js`, the functions
-//! are the files it imports from those places; otherwise every file there is one.
+//! `{integration}/on-events/{name}.js`; `.ts` as well (see `typescript`). When the project
+//! has an `index.js` (or `index.ts`), the functions are the files it imports from those
+//! places; otherwise every file there is one.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use sha2::{Digest, Sha256};
 
 use crate::engine::evaluate_entry;
 use crate::sandbox::{Sandbox, Sources};
+use crate::typescript::{is_typescript, strip_types};
 use crate::{Limits, ENGINE};
 
 /// What a deploy stores: the bundle and its syncs.
@@ -55,19 +57,20 @@ pub fn compile_project(files: BTreeMap<String, String>, limits: &Limits) -> Resu
     let mut sources = BTreeMap::new();
     for (path, source) in files {
         let path = normalise(&path)?;
-        if path.ends_with(".ts") || path.ends_with(".mts") {
+        if path.ends_with(".d.ts") || path.ends_with(".d.mts") {
+            // Declarations only: nothing in them runs, and `import type` is erased.
+            continue;
+        }
+        if !MODULE_EXTENSIONS.iter().any(|ext| path.ends_with(ext)) {
             return Err(at(
                 &path,
-                "TypeScript is not deployed yet: deploy the compiled JavaScript",
+                "only JavaScript and TypeScript modules (.js, .mjs, .ts, .mts) are deployed",
             ));
-        }
-        if !path.ends_with(".js") && !path.ends_with(".mjs") {
-            return Err(at(&path, "only JavaScript modules (.js, .mjs) are deployed"));
         }
         sources.insert(path, source);
     }
     if sources.is_empty() {
-        return Err(whole("the deploy holds no JavaScript files"));
+        return Err(whole("the deploy holds no JavaScript or TypeScript files"));
     }
     let modules = Arc::new(compile_modules(&sources)?);
     let entries = sync_entries(&sources, &modules, limits)?;
@@ -75,7 +78,7 @@ pub fn compile_project(files: BTreeMap<String, String>, limits: &Limits) -> Resu
     for (entry, integration, name) in entries {
         let sandbox = Sandbox::new(modules.clone(), limits).map_err(|e| at(&entry, e.message))?;
         let config = sandbox.context.with(|ctx| {
-            let export = evaluate_entry(&ctx, &sandbox, &entry, limits).map_err(|e| at(&entry, e.to_string()))?;
+            let export = evaluate_entry(&ctx, &sandbox, &entry, limits).map_err(|e| unrunnable(&entry, e))?;
             read_config(&export).map_err(|message| at(&entry, message))
         })?;
         let loaded = sandbox.modules.loaded.lock().expect("loader lock").clone();
@@ -98,11 +101,24 @@ pub fn compile_project(files: BTreeMap<String, String>, limits: &Limits) -> Resu
     })
 }
 
-/// Compiles every module to bytecode (no code runs). Each in a runtime of its own:
-/// QuickJS loads (compiles) a module's imports along with it.
+/// What a module's file name may end with.
+const MODULE_EXTENSIONS: [&str; 4] = [".js", ".mjs", ".ts", ".mts"];
+
+/// Compiles every module to bytecode (no code runs), TypeScript once its types are
+/// erased. Each in a runtime of its own: QuickJS loads (compiles) a module's imports
+/// along with it.
 pub fn compile_modules(sources: &BTreeMap<String, String>) -> Result<BTreeMap<String, Vec<u8>>, DeployError> {
-    let shared = Sources(Arc::new(sources.clone()));
-    sources
+    let javascript = sources
+        .iter()
+        .map(|(path, source)| match is_typescript(path) {
+            true => strip_types(path, source)
+                .map(|code| (path.clone(), code))
+                .map_err(|problems| at(path, format!("TypeScript that cannot be deployed:\n{problems}"))),
+            false => Ok((path.clone(), source.clone())),
+        })
+        .collect::<Result<BTreeMap<_, _>, _>>()?;
+    let shared = Sources(Arc::new(javascript.clone()));
+    javascript
         .iter()
         .map(|(path, source)| {
             let runtime = Runtime::new().map_err(|e| whole(format!("engine: {e}")))?;
@@ -142,29 +158,42 @@ fn sync_entries(
     modules: &Arc<BTreeMap<String, Vec<u8>>>,
     limits: &Limits,
 ) -> Result<Vec<(String, IntegrationKey, String)>, DeployError> {
-    let candidates: Vec<String> = if sources.contains_key("index.js") {
-        // The sync files index.js imports, directly or not.
-        let sandbox = Sandbox::new(modules.clone(), limits).map_err(|e| at("index.js", e.message))?;
-        sandbox
-            .context
-            .with(|ctx| evaluate_entry(&ctx, &sandbox, "index.js", limits).map(|_| ()))
-            .or_else(|e| {
-                // index.js has no default export of its own: only its imports count.
-                if e.message.contains("default export") {
-                    Ok(())
-                } else {
-                    Err(at("index.js", e.to_string()))
-                }
-            })?;
-        let loaded: BTreeSet<String> = sandbox.modules.loaded.lock().expect("loader lock").clone();
-        loaded.into_iter().filter(|m| sync_place(m).is_some()).collect()
-    } else {
-        sources.keys().filter(|m| sync_place(m).is_some()).cloned().collect()
+    let indexes: Vec<&String> = sources
+        .keys()
+        .filter(|path| module_stem(path) == Some("index"))
+        .collect();
+    let candidates: Vec<String> = match indexes[..] {
+        [] => sources.keys().filter(|m| sync_place(m).is_some()).cloned().collect(),
+        [index] => {
+            // The sync files the index imports, directly or not.
+            let sandbox = Sandbox::new(modules.clone(), limits).map_err(|e| at(index, e.message))?;
+            sandbox
+                .context
+                .with(|ctx| evaluate_entry(&ctx, &sandbox, index, limits).map(|_| ()))
+                .or_else(|e| {
+                    // The index has no default export of its own: only its imports count.
+                    if e.message.contains("default export") {
+                        Ok(())
+                    } else {
+                        Err(unrunnable(index, e))
+                    }
+                })?;
+            let loaded: BTreeSet<String> = sandbox.modules.loaded.lock().expect("loader lock").clone();
+            loaded.into_iter().filter(|m| sync_place(m).is_some()).collect()
+        }
+        _ => {
+            let names: Vec<&str> = indexes.iter().map(|p| p.as_str()).collect();
+            return Err(whole(format!(
+                "the deploy has {} index files ({}): keep one",
+                names.len(),
+                names.join(", ")
+            )));
+        }
     };
     if candidates.is_empty() {
         return Err(whole(
             "no syncs found: put each at {integration}/syncs/{name}.js, event functions at \
-             {integration}/on-events/{name}.js (and import them from index.js if there is one)",
+             {integration}/on-events/{name}.js (or .ts; and import them from the index if there is one)",
         ));
     }
     let mut names = BTreeSet::new();
@@ -196,8 +225,30 @@ fn sync_place(path: &str) -> Option<(&str, &str)> {
     if parts.next().is_some() || !matches!(syncs, "syncs" | "on-events") {
         return None;
     }
-    let name = file.strip_suffix(".js").or_else(|| file.strip_suffix(".mjs"))?;
+    let name = module_stem(file)?;
     (!name.is_empty()).then_some((integration, name))
+}
+
+/// A top-level module's name without its extension: `index.ts` → `index`; `None` for a
+/// path in a folder or one that is no module.
+fn module_stem(file: &str) -> Option<&str> {
+    if file.contains('/') {
+        return None;
+    }
+    MODULE_EXTENSIONS.iter().find_map(|ext| file.strip_suffix(ext))
+}
+
+/// An entry module that fails to load or run; an import of a name its module does not
+/// export may be a TypeScript type imported as a value, which erasing types leaves.
+fn unrunnable(entry: &str, error: crate::FunctionError) -> DeployError {
+    let mut message = error.to_string();
+    if message.contains("Could not find export") {
+        message.push_str(
+            " (if it is a TypeScript type, import it with `import type { … }` or `import { type … }`: \
+             only those are erased with the types)",
+        );
+    }
+    at(entry, message)
 }
 
 /// A deploy path, relative and without `.`/`..` segments.
@@ -336,6 +387,10 @@ mod tests {
         assert_eq!(sync_place("hubspot/contacts.js"), None);
         assert_eq!(sync_place("hubspot/syncs/deep/contacts.js"), None);
         assert_eq!(sync_place("hubspot/actions/x.js"), None);
+        assert_eq!(sync_place("hubspot/on-events/setup.ts"), Some(("hubspot", "setup")));
+        assert_eq!(sync_place("hubspot/syncs/contacts.json"), None);
+        assert_eq!(module_stem("index.mts"), Some("index"));
+        assert_eq!(module_stem("lib/index.ts"), None);
         assert_eq!(normalise("./a/b.js").unwrap(), "a/b.js");
         for bad in ["/etc/x.js", "a/../b.js", "a//b.js", "", "a\\b.js"] {
             assert!(normalise(bad).is_err(), "{bad}");

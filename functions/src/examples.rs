@@ -1,16 +1,16 @@
 //! The example projects under `examples/`, built in: `hookyard dev` deploys one, the
 //! worker benchmark runs it.
 
-/// `examples/crm-contacts`: path → source.
+/// `examples/crm-contacts` (TypeScript): path → source.
 pub const CRM_CONTACTS: &[(&str, &str)] = &[
-    ("index.js", include_str!("../../examples/crm-contacts/index.js")),
+    ("index.ts", include_str!("../../examples/crm-contacts/index.ts")),
     (
-        "demo/models.js",
-        include_str!("../../examples/crm-contacts/demo/models.js"),
+        "demo/models.ts",
+        include_str!("../../examples/crm-contacts/demo/models.ts"),
     ),
     (
-        "demo/syncs/contacts.js",
-        include_str!("../../examples/crm-contacts/demo/syncs/contacts.js"),
+        "demo/syncs/contacts.ts",
+        include_str!("../../examples/crm-contacts/demo/syncs/contacts.ts"),
     ),
 ];
 

@@ -15,6 +15,7 @@ pub mod pool;
 pub mod provider_api;
 mod queue;
 mod sandbox;
+pub mod typescript;
 
 use hookyard_core::store::records::WriteKind;
 use hookyard_core::store::MetadataWrite;

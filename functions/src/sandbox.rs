@@ -196,7 +196,8 @@ fn import_help(name: &str) -> String {
 }
 
 /// The module an `import name` in module `base` means: `nango`, or a path of the deploy
-/// relative to `base` (`.js` may be left out).
+/// relative to `base`. As TypeScript resolves it: the extension may be left out, and
+/// `./x.js` is `./x.ts` when only that is in the deploy.
 pub(crate) fn resolve_import(base: &str, name: &str, exists: impl Fn(&str) -> bool) -> Option<String> {
     if name == "nango" {
         return Some("nango".into());
@@ -216,8 +217,16 @@ pub(crate) fn resolve_import(base: &str, name: &str, exists: impl Fn(&str) -> bo
         }
     }
     let path = parts.join("/");
-    [path.clone(), format!("{path}.js"), format!("{path}/index.js")]
+    let typescript = [(".js", ".ts"), (".mjs", ".mts")]
         .into_iter()
+        .find_map(|(js, ts)| Some(format!("{}{ts}", path.strip_suffix(js)?)));
+    std::iter::once(path.clone())
+        .chain(typescript)
+        .chain(
+            ["", "/index"]
+                .into_iter()
+                .flat_map(|tail| [".js", ".ts"].map(|ext| format!("{path}{tail}{ext}"))),
+        )
         .find(|candidate| exists(candidate))
 }
 
@@ -425,5 +434,30 @@ mod tests {
         assert_eq!(resolve("index.js", "../escape.js"), None, "no way out of the deploy");
         assert_eq!(resolve("index.js", "fs"), None);
         assert_eq!(resolve("index.js", "/etc/passwd"), None);
+    }
+
+    #[test]
+    fn typescript_imports_resolve_as_typescript_resolves_them() {
+        let files = [
+            "crm/syncs/contacts.ts",
+            "crm/models.ts",
+            "lib/index.ts",
+            "util.mts",
+            "both.js",
+            "both.ts",
+        ];
+        let exists = |p: &str| files.contains(&p);
+        let resolve = |name| resolve_import("crm/syncs/contacts.ts", name, exists);
+        assert_eq!(resolve("../models.js").as_deref(), Some("crm/models.ts"));
+        assert_eq!(resolve("../models").as_deref(), Some("crm/models.ts"));
+        assert_eq!(resolve("../models.ts").as_deref(), Some("crm/models.ts"));
+        assert_eq!(resolve("../../lib").as_deref(), Some("lib/index.ts"));
+        assert_eq!(resolve("../../util.mjs").as_deref(), Some("util.mts"));
+        assert_eq!(
+            resolve("../../both.js").as_deref(),
+            Some("both.js"),
+            "the file named comes first"
+        );
+        assert_eq!(resolve("../../both").as_deref(), Some("both.js"));
     }
 }

@@ -291,8 +291,31 @@ fn bad_deploys_name_the_file_and_the_problem() {
             "crm/syncs/a.js: timeout",
         ),
         (
-            vec![("crm/syncs/a.ts", "export default {}".into())],
-            "crm/syncs/a.ts: TypeScript",
+            vec![("crm/syncs/a.ts", "const a = 1;\nenum Kind { Contact }\nexport default {};".into())],
+            "crm/syncs/a.ts: TypeScript that cannot be deployed:\n2:1: TypeScript enum is not supported in strip-only mode",
+        ),
+        (
+            vec![("crm/syncs/a.ts", "export default { models: {} as };".into())],
+            "crm/syncs/a.ts: TypeScript that cannot be deployed:\n1:32: Unexpected token",
+        ),
+        (
+            vec![
+                ("crm/models.ts", "export interface Contact { id: string }".into()),
+                ("crm/syncs/a.ts", "import { Contact } from '../models';\nexport default {};".into()),
+            ],
+            "import type",
+        ),
+        (
+            vec![
+                ("index.js", "import './crm/syncs/a.js';".into()),
+                ("index.ts", "import './crm/syncs/a.js';".into()),
+                ("crm/syncs/a.ts", "export default {};".into()),
+            ],
+            "the deploy has 2 index files (index.js, index.ts): keep one",
+        ),
+        (
+            vec![("crm/syncs/a.py", "print('hi')".into())],
+            "crm/syncs/a.py: only JavaScript and TypeScript modules",
         ),
         (vec![("crm/helpers.js", "export const x = 1;".into())], "no syncs found"),
         (
@@ -327,6 +350,104 @@ fn bad_deploys_name_the_file_and_the_problem() {
         let error = deploy_error(&files);
         assert!(error.contains(expected), "{files:?}: {error}");
     }
+}
+
+const TS_MODELS: &str = "// The Contact model.
+export interface Contact {
+  id: string;
+  email: string | null;
+}
+export type RawContact = { id: number | string; email?: string };
+
+export function toContact(raw: RawContact, region?: string): Contact & { region?: string } {
+  return { id: String(raw.id), email: raw.email ?? null, region } satisfies Contact;
+}
+";
+
+const TS_CONTACTS: &str = "import { createSync } from 'nango';
+import type { NangoSync } from 'nango';
+import { toContact, type RawContact } from '../models.js';
+
+interface Payload {
+  type: 'contact.updated' | 'contact.deleted';
+  contact?: RawContact;
+}
+
+class Counter {
+  private count: number = 0;
+  public next(): number { return ++this.count; }
+}
+
+export default createSync({
+  models: { Contact: {} as Record<string, unknown> },
+  webhookSubscriptions: ['contact.updated'] as const,
+  onWebhook: async (nango: NangoSync, payload: Payload): Promise<void> => {
+    const seen = new Counter();
+    seen.next();
+    if (!payload.contact) {
+      throw new Error(`no contact in ${payload.type as string}`);
+    }
+    const meta = await nango.getMetadata<{ region: string }>();
+    await nango.batchSave([toContact(payload.contact!, meta.region)], 'Contact');
+  },
+});
+";
+
+#[tokio::test]
+async fn typescript_deploys_with_its_types_erased_and_its_errors_at_its_own_lines() {
+    let project = project(&[
+        ("index.ts", "import './crm/syncs/contacts.js';"),
+        ("crm/models.ts", TS_MODELS),
+        ("crm/syncs/contacts.ts", TS_CONTACTS),
+        (
+            "crm/syncs/types.d.ts",
+            "declare module 'nango' { export type NangoSync = any; }",
+        ),
+    ]);
+    let names: Vec<&str> = project.syncs.iter().map(|s| s.entry.as_str()).collect();
+    assert_eq!(
+        names,
+        vec!["crm/syncs/contacts.ts"],
+        "the index chose the sync; .d.ts is not one"
+    );
+    assert_eq!(
+        project.syncs[0].config["webhookSubscriptions"],
+        json!(["contact.updated"])
+    );
+    assert_eq!(
+        project.bundle.sources["crm/syncs/contacts.ts"], TS_CONTACTS,
+        "the bundle keeps the TypeScript as written"
+    );
+    assert!(!project.bundle.sources.contains_key("crm/syncs/types.d.ts"));
+
+    let pool = Pool::new(1, limits());
+    let effects = pool
+        .execute(
+            code(&project, "contacts"),
+            invocation(json!({"type": "contact.updated", "contact": {"id": 7, "email": "a@x"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        effects.writes[0].records,
+        vec![("7".to_string(), json!({"id": "7", "email": "a@x", "region": "eu"}))]
+    );
+
+    let line = 1 + TS_CONTACTS.lines().position(|l| l.contains("throw new Error")).unwrap();
+    let error = pool
+        .execute(
+            code(&project, "contacts"),
+            invocation(json!({"type": "contact.updated"})),
+        )
+        .await
+        .expect_err("no contact");
+    assert_eq!(error.kind, ErrorKind::Thrown);
+    assert!(
+        error.message.starts_with(&format!(
+            "Error: no contact in contact.updated\n    at onWebhook (crm/syncs/contacts.ts:{line}:"
+        )),
+        "{error}"
+    );
 }
 
 #[test]

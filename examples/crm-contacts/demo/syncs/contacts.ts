@@ -2,7 +2,12 @@
 // the contact, a `contact.deleted` event deletes it. The full state is reconciled by
 // `exec` on the schedule in `frequency`.
 import { createSync } from 'nango';
-import { Contact, toContact } from '../models.js';
+import { Contact, toContact, type CrmContact } from '../models.js';
+
+interface ContactEvent {
+  type: 'contact.updated' | 'contact.deleted';
+  contact?: CrmContact;
+}
 
 export default createSync({
   description: 'CRM contacts, kept current by webhooks',
@@ -16,13 +21,13 @@ export default createSync({
   // settings.api.paginate); contacts the provider no longer has are deleted.
   exec: async (nango) => {
     await nango.trackDeletesStart('Contact');
-    for await (const page of nango.paginate({ endpoint: '/contacts' })) {
+    for await (const page of nango.paginate<CrmContact>({ endpoint: '/contacts' })) {
       await nango.batchSave(page.map(toContact), 'Contact');
     }
     await nango.trackDeletesEnd('Contact');
   },
 
-  onWebhook: async (nango, payload) => {
+  onWebhook: async (nango, payload: ContactEvent) => {
     const contact = payload.contact;
     if (!contact || contact.id === undefined) {
       await nango.log('webhook without a contact; ignored', { type: payload.type }, { level: 'warn' });
