@@ -270,7 +270,14 @@ async fn bad_deploys_are_refused_naming_the_file_and_store_nothing() {
             vec![("crm/syncs/ok.js", sync("'contact.updated'", ""))],
             "crm/syncs/ok.js: webhookSubscriptions must be an array",
         ),
-        (vec![], "the deploy holds no JavaScript files"),
+        (
+            vec![(
+                "crm/syncs/typed.ts",
+                format!("enum Kind {{ Contact }}\n{}", sync("['*']", "")),
+            )],
+            "crm/syncs/typed.ts: TypeScript that cannot be deployed:\n1:1: TypeScript enum",
+        ),
+        (vec![], "the deploy holds no JavaScript or TypeScript files"),
     ];
     for (files, expected) in cases {
         let response = h.post_deploy(&files).await;
