@@ -67,6 +67,9 @@ enum Command {
     Env(env::EnvArgs),
     /// Print a new random encryption key for HOOKYARD_ENCRYPTION_KEY.
     Keygen,
+    /// Print the TypeScript declarations of the `nango` module and the sandbox's globals,
+    /// for `tsc --noEmit` and editors: `hookyard types > nango.d.ts`.
+    Types,
 }
 
 fn main() -> ExitCode {
@@ -80,6 +83,10 @@ fn main() -> ExitCode {
         Command::Api => ("hookyard-api", false),
         Command::Keygen => {
             println!("{}", hookyard_core::secrets::Cipher::generate_key_text());
+            return ExitCode::SUCCESS;
+        }
+        Command::Types => {
+            print!("{}", hookyard_functions::typescript::DECLARATIONS);
             return ExitCode::SUCCESS;
         }
         Command::Dryrun(_) => ("hookyard-dryrun", false),
@@ -154,7 +161,12 @@ fn main() -> ExitCode {
             Command::Dryrun(args) => return said("dryrun", dryrun::run(&config, args).await),
             Command::Streams(args) => return said("streams", streams::run(&config, args).await),
             Command::Env(args) => return said("env", env::run(&config, args).await),
-            Command::Keygen | Command::Deploy(_) | Command::Dlq(_) | Command::Replay(_) | Command::Logs(_) => Ok(()), // answered above
+            Command::Keygen
+            | Command::Types
+            | Command::Deploy(_)
+            | Command::Dlq(_)
+            | Command::Replay(_)
+            | Command::Logs(_) => Ok(()), // answered above
         };
         match outcome {
             Ok(()) => ExitCode::SUCCESS,

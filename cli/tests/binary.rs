@@ -1310,6 +1310,62 @@ async fn hookyard(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String, S
     (output.status, text(&output.stdout), text(&output.stderr))
 }
 
+/// `tsc --project dir`: whether it passed, and what it said.
+fn tsc(dir: &std::path::Path) -> (bool, String) {
+    let tsc = std::env::var("HOOKYARD_TSC").unwrap_or_else(|_| "tsc".into());
+    let output = Command::new(&tsc)
+        .arg("--project")
+        .arg(dir)
+        .arg("--pretty")
+        .arg("false")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {tsc} ({e}): run the tests through scripts/test, or set HOOKYARD_TSC"));
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn types_let_tsc_check_a_project_as_hookyard_deploys_it() {
+    let project = tempfile::tempdir().unwrap();
+    copy_example(project.path());
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/crm-contacts");
+    std::fs::copy(example.join("tsconfig.json"), project.path().join("tsconfig.json")).unwrap();
+    let (status, declarations, _) = hookyard(&["types"], &[]).await;
+    assert!(status.success());
+    std::fs::write(project.path().join("nango.d.ts"), &declarations).unwrap();
+    let (passed, said) = tsc(project.path());
+    assert!(passed, "the example type-checks: {said}");
+
+    // What hookyard refuses at deploy, and misuse of `nango`, tsc refuses too.
+    std::fs::write(
+        project.path().join("demo/syncs/bad.ts"),
+        "import { createSync } from 'nango';
+import { CrmContact } from '../models.js';
+enum Kind { Person }
+export default createSync({
+  webhookSubscriptions: ['contact.updated'],
+  onWebhook: async (nango, payload: CrmContact) => {
+    for await (const page of nango.paginate({ endpoint: '/contacts' })) {}
+    await nango.batchSave([{ name: 'no id' }], 'Contact');
+  },
+});
+",
+    )
+    .unwrap();
+    let (passed, said) = tsc(project.path());
+    assert!(!passed);
+    for expected in [
+        "bad.ts(2,10): error TS1484: 'CrmContact' is a type and must be imported using a type-only import",
+        "bad.ts(3,6): error TS1294: This syntax is not allowed when 'erasableSyntaxOnly' is enabled",
+        "bad.ts(7,36): error TS2339: Property 'paginate' does not exist on type 'NangoWebhook'",
+        "bad.ts(8,30): error TS2353",
+    ] {
+        assert!(said.contains(expected), "{expected}\n{said}");
+    }
+}
+
 #[tokio::test]
 async fn deploy_sends_a_project_and_prints_what_changed() {
     let sqlite = SqliteFile::create();

@@ -12,6 +12,10 @@ use swc_common::sync::Lrc;
 use swc_common::{BytePos, SourceMap};
 use swc_ts_fast_strip::{operate, ErrorCode, Mode, Options};
 
+/// Type declarations of the `nango` module and the sandbox's globals, for checking a
+/// functions project with `tsc` (`hookyard types`).
+pub const DECLARATIONS: &str = include_str!("js/nango.d.ts");
+
 /// Whether `path` is a TypeScript module.
 pub fn is_typescript(path: &str) -> bool {
     path.ends_with(".ts") || path.ends_with(".mts")
