@@ -384,7 +384,9 @@ pub enum ConfigError {
 const NOT_CONFIG_KEYS: &[&str] = &[
     "config",
     "nats_server_bin",
+    // The tests' own: their Postgres, and the TypeScript compiler they check types with.
     "test_postgres_url",
+    "tsc",
     // `hookyard deploy`'s own.
     "api_url",
     "secret_key",
