@@ -9,6 +9,7 @@ mod dryrun;
 mod env;
 mod logs;
 mod replay;
+mod reseal;
 mod streams;
 mod when;
 
@@ -65,6 +66,10 @@ enum Command {
     /// Environments (prod, staging, …) on the store: create, list, show or rotate-key.
     /// Prints the webhook URLs and the secret key the API and CLI take.
     Env(env::EnvArgs),
+    /// Seal every secret in the store again under HOOKYARD_ENCRYPTION_KEY, opening those
+    /// still under a key of HOOKYARD_DECRYPTION_KEYS: the step of changing the key that
+    /// moves the data. Safe while the services run.
+    Reseal(reseal::ResealArgs),
     /// Print a new random encryption key for HOOKYARD_ENCRYPTION_KEY.
     Keygen,
     /// Print the TypeScript declarations of the `nango` module and the sandbox's globals,
@@ -92,6 +97,7 @@ fn main() -> ExitCode {
         Command::Dryrun(_) => ("hookyard-dryrun", false),
         Command::Streams(_) => ("hookyard-streams", false),
         Command::Env(_) => ("hookyard-env", false),
+        Command::Reseal(_) => ("hookyard-reseal", false),
         Command::Deploy(_) | Command::Dlq(_) | Command::Replay(_) | Command::Logs(_) => ("hookyard-client", false),
     };
     // Clients of the API: no configuration, no key of their own.
@@ -161,6 +167,7 @@ fn main() -> ExitCode {
             Command::Dryrun(args) => return said("dryrun", dryrun::run(&config, args).await),
             Command::Streams(args) => return said("streams", streams::run(&config, args).await),
             Command::Env(args) => return said("env", env::run(&config, args).await),
+            Command::Reseal(args) => return said("reseal", reseal::run(&config, args).await),
             Command::Keygen
             | Command::Types
             | Command::Deploy(_)

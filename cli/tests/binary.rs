@@ -820,6 +820,76 @@ async fn env_creates_shows_lists_and_rotates_environments() {
     shutdown.cancel();
 }
 
+/// Changing the encryption key: with the old key in HOOKYARD_DECRYPTION_KEYS the new one
+/// reads everything, `reseal` moves every secret to it, and then the new key alone does.
+#[tokio::test]
+async fn reseal_moves_every_secret_to_a_new_encryption_key() {
+    let sqlite = SqliteFile::create();
+    let (old, new) = (
+        TEST_ENCRYPTION_KEY.to_string(),
+        hookyard_core::secrets::Cipher::generate_key_text(),
+    );
+    let url = sqlite.url.as_str();
+    let keys = |key: &str, also: &str| {
+        vec![
+            ("HOOKYARD_DATABASE_URL", url.to_string()),
+            ("HOOKYARD_ENCRYPTION_KEY", key.to_string()),
+            ("HOOKYARD_DECRYPTION_KEYS", also.to_string()),
+        ]
+    };
+    let run = |args: &'static [&'static str], env: Vec<(&'static str, String)>| async move {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        hookyard(args, &env).await
+    };
+    let (status, created, _) = run(&["env", "create", "prod"], keys(&old, "")).await;
+    assert!(status.success());
+    let (status, _, stderr) = run(&["env", "show", "prod"], keys(&new, "")).await;
+    assert_eq!(status.code(), Some(1));
+    assert!(stderr.contains("sealed under another encryption key"), "{stderr}");
+    let (_, shown, _) = run(&["env", "show", "prod"], keys(&new, &old)).await;
+    assert_eq!(shown, created, "the new key also opening with the old one reads it");
+
+    let (status, planned, stderr) = run(&["reseal", "--dry-run"], keys(&new, &old)).await;
+    assert!(status.success(), "{stderr}");
+    assert!(
+        planned
+            .lines()
+            .any(|l| l.starts_with("environments.secret_key") && l.contains(" 1 to seal again")),
+        "{planned}"
+    );
+    let (status, _, _) = run(&["env", "show", "prod"], keys(&new, "")).await;
+    assert_eq!(status.code(), Some(1), "a dry run writes nothing");
+
+    let (status, done, stderr) = run(&["reseal"], keys(&new, &old)).await;
+    assert!(status.success(), "{stderr}");
+    assert!(
+        done.lines()
+            .any(|l| l.starts_with("environments.webhook_signing_key") && l.contains(" 1 sealed again")),
+        "{done}"
+    );
+    assert!(
+        done.contains("restart the services without HOOKYARD_DECRYPTION_KEYS"),
+        "{done}"
+    );
+    let (_, shown, _) = run(&["env", "show", "prod"], keys(&new, "")).await;
+    assert_eq!(shown, created, "the new key alone reads it");
+
+    // A secret under a key given to neither: named, with exit status 1.
+    let third = hookyard_core::secrets::Cipher::generate_key_text();
+    let (status, _, _) = run(&["env", "create", "staging"], keys(&third, "")).await;
+    assert!(status.success());
+    let (status, said, stderr) = run(&["reseal"], keys(&new, &old)).await;
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        said.contains("1 that no key opens") && said.contains("no key opens the rows with id 2"),
+        "{said}"
+    );
+    assert!(
+        stderr.contains("2 secret(s) open with neither HOOKYARD_ENCRYPTION_KEY nor HOOKYARD_DECRYPTION_KEYS"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn services_refuse_to_start_without_an_encryption_key() {
     let dir = tempfile::tempdir().unwrap();

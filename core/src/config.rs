@@ -25,6 +25,9 @@ pub struct Config {
     /// Seals the secrets kept in the database (base64 or hex of 32 bytes). Required by
     /// every service; `hookyard dev` keeps one under `data_dir` when none is given.
     pub encryption_key: Option<EncryptionKey>,
+    /// While the encryption key changes: more keys, separated by commas, that secrets
+    /// may be sealed under. They open secrets and never seal one (`hookyard reseal`).
+    pub decryption_keys: Option<EncryptionKey>,
     pub ingest: IngestConfig,
     pub router: RouterConfig,
     pub worker: WorkerConfig,
@@ -257,6 +260,7 @@ impl Default for Config {
             database_url: "sqlite://.hookyard/hookyard.db".into(),
             data_dir: PathBuf::from(".hookyard"),
             encryption_key: None,
+            decryption_keys: None,
             ingest: IngestConfig::default(),
             router: RouterConfig::default(),
             worker: WorkerConfig::default(),
@@ -437,6 +441,9 @@ impl Config {
                 problems.push(format!("encryption_key: {error}"));
             }
         }
+        if let Err(error) = self.decryption_ciphers() {
+            problems.push(error);
+        }
         if let Some(url) = &self.ingest.public_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 problems.push(format!("ingest.public_url {url:?} must start with http:// or https://"));
@@ -560,11 +567,29 @@ impl Config {
         }
     }
 
-    /// The cipher for secrets at rest; an error naming the fix when no key is configured.
+    /// The cipher for secrets at rest (also opening with `decryption_keys`); an error
+    /// naming the fix when no key is configured.
     pub fn cipher(&self) -> Result<Cipher, ConfigError> {
         let key = self.encryption_key.as_ref().ok_or(ConfigError::NoEncryptionKey)?;
-        // validate() has parsed it already; a Config built in code may skip that.
-        Cipher::from_text(&key.0).map_err(|e| ConfigError::Invalid(vec![format!("encryption_key: {e}")]))
+        // validate() has parsed them already; a Config built in code may skip that.
+        let cipher =
+            Cipher::from_text(&key.0).map_err(|e| ConfigError::Invalid(vec![format!("encryption_key: {e}")]))?;
+        let others = self.decryption_ciphers().map_err(|e| ConfigError::Invalid(vec![e]))?;
+        Ok(cipher.also_opening(others))
+    }
+
+    /// The ciphers of `decryption_keys`; the error names the one that is not a key.
+    fn decryption_ciphers(&self) -> Result<Vec<Cipher>, String> {
+        let Some(keys) = &self.decryption_keys else {
+            return Ok(Vec::new());
+        };
+        keys.0
+            .split(',')
+            .map(str::trim)
+            .filter(|key| !key.is_empty())
+            .enumerate()
+            .map(|(n, key)| Cipher::from_text(key).map_err(|e| format!("decryption_keys: key {}: {e}", n + 1)))
+            .collect()
     }
 
     /// Where providers send webhooks: `ingest.public_url`, or `http://{ingest.listen}`.
@@ -719,6 +744,30 @@ mod tests {
             let config = Config::load().expect("valid");
             config.cipher().expect("a usable key");
             assert!(!format!("{config:?}").contains(&key));
+
+            let old = Cipher::generate_key_text();
+            jail.set_env("HOOKYARD_DECRYPTION_KEYS", format!("{old},not-a-key"));
+            let message = Config::load().unwrap_err().to_string();
+            assert!(
+                message.contains("decryption_keys: key 2: the encryption key is invalid")
+                    && !message.contains("not-a-key")
+                    && !message.contains(&old),
+                "{message}"
+            );
+            let sealed = Cipher::from_text(&old)
+                .unwrap()
+                .seal(crate::secrets::Purpose::Credentials, "{}");
+            jail.set_env("HOOKYARD_DECRYPTION_KEYS", format!("{old}, "));
+            let config = Config::load().expect("valid");
+            assert!(!format!("{config:?}").contains(&old));
+            let cipher = config.cipher().unwrap();
+            assert_eq!(
+                cipher
+                    .open_telling(crate::secrets::Purpose::Credentials, &sealed)
+                    .unwrap(),
+                ("{}".to_string(), false),
+                "opens what the old key sealed"
+            );
             Ok(())
         });
     }

@@ -5,8 +5,13 @@
 //! A sealed value is `v1:` + base64(24-byte random nonce ‖ ciphertext ‖ tag). The column
 //! it belongs to is the associated data, so a value copied into another column (an
 //! environment key pasted over a webhook secret) fails to open instead of leaking.
+//!
+//! To change the key, a cipher also opens (never seals) with the keys in
+//! `HOOKYARD_DECRYPTION_KEYS`, and `hookyard reseal` moves every secret to the current
+//! key (deploy/README.md, "Changing the encryption key").
 
 use std::fmt;
+use std::sync::Arc;
 
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
 use base64::Engine;
@@ -52,10 +57,12 @@ impl Purpose {
     }
 }
 
-/// Seals and opens secrets under one key. Cheap to clone.
+/// Seals secrets under one key and opens them with it, or with the keys it also opens
+/// with while the key changes. Cheap to clone.
 #[derive(Clone)]
 pub struct Cipher {
     aead: XChaCha20Poly1305,
+    also_opens: Arc<[XChaCha20Poly1305]>,
 }
 
 impl fmt::Debug for Cipher {
@@ -68,6 +75,15 @@ impl Cipher {
     pub fn from_bytes(key: [u8; 32]) -> Cipher {
         Cipher {
             aead: XChaCha20Poly1305::new(&key.into()),
+            also_opens: Arc::new([]),
+        }
+    }
+
+    /// This cipher, also opening what `others` sealed (it still seals under its own key).
+    pub fn also_opening(self, others: impl IntoIterator<Item = Cipher>) -> Cipher {
+        Cipher {
+            also_opens: others.into_iter().map(|other| other.aead).collect(),
+            ..self
         }
     }
 
@@ -107,6 +123,12 @@ impl Cipher {
     }
 
     pub fn open(&self, purpose: Purpose, sealed: &str) -> Result<String, SecretError> {
+        self.open_telling(purpose, sealed).map(|(plain, _)| plain)
+    }
+
+    /// Opens a sealed value, and tells whether it is sealed under this cipher's own key
+    /// (`false`: under one it only opens with).
+    pub fn open_telling(&self, purpose: Purpose, sealed: &str) -> Result<(String, bool), SecretError> {
         let fail = || SecretError::CannotOpen(purpose.label());
         let bytes = sealed
             .strip_prefix(PREFIX)
@@ -114,17 +136,21 @@ impl Cipher {
             .filter(|bytes| bytes.len() > NONCE_LEN)
             .ok_or_else(fail)?;
         let (nonce, ciphertext) = bytes.split_at(NONCE_LEN);
-        let plain = self
-            .aead
-            .decrypt(
-                XNonce::from_slice(nonce),
-                Payload {
-                    msg: ciphertext,
-                    aad: purpose.label().as_bytes(),
-                },
-            )
-            .map_err(|_| fail())?;
-        String::from_utf8(plain).map_err(|_| fail())
+        let payload = || Payload {
+            msg: ciphertext,
+            aad: purpose.label().as_bytes(),
+        };
+        let nonce = XNonce::from_slice(nonce);
+        let (plain, own) = match self.aead.decrypt(nonce, payload()) {
+            Ok(plain) => (plain, true),
+            Err(_) => self
+                .also_opens
+                .iter()
+                .find_map(|aead| aead.decrypt(nonce, payload()).ok())
+                .map(|plain| (plain, false))
+                .ok_or_else(fail)?,
+        };
+        String::from_utf8(plain).map(|plain| (plain, own)).map_err(|_| fail())
     }
 }
 
@@ -165,6 +191,30 @@ mod tests {
         damaged.push(if sealed.ends_with('A') { 'B' } else { 'A' });
         assert!(cipher.open(Purpose::Credentials, &damaged).is_err());
         assert!(cipher.open(Purpose::Credentials, "plaintext").is_err());
+    }
+
+    #[test]
+    fn opens_with_the_keys_it_also_opens_with_and_seals_with_its_own() {
+        let (old, new) = (Cipher::from_bytes([1; 32]), Cipher::from_bytes([2; 32]));
+        let sealed_old = old.seal(Purpose::Credentials, "old");
+        let changing = new.clone().also_opening([old.clone()]);
+        assert_eq!(
+            changing.open_telling(Purpose::Credentials, &sealed_old).unwrap(),
+            ("old".to_string(), false)
+        );
+        let sealed_new = changing.seal(Purpose::Credentials, "new");
+        assert_eq!(
+            changing.open_telling(Purpose::Credentials, &sealed_new).unwrap(),
+            ("new".to_string(), true)
+        );
+        assert_eq!(new.open(Purpose::Credentials, &sealed_new).unwrap(), "new");
+        assert!(old.open(Purpose::Credentials, &sealed_new).is_err());
+        assert!(
+            changing.open(Purpose::WebhookSecret, &sealed_old).is_err(),
+            "still bound to its column"
+        );
+        let stranger = Cipher::from_bytes([3; 32]).seal(Purpose::Credentials, "x");
+        assert!(changing.open(Purpose::Credentials, &stranger).is_err());
     }
 
     #[test]

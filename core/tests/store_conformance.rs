@@ -556,3 +556,161 @@ async fn seals_legacy_plaintext_sqlite() {
     let file = SqliteFile::create();
     seals_legacy_plaintext(&file.url).await;
 }
+
+/// Changing the encryption key: a store that also opens with the old key reads
+/// everything the old one sealed; `reseal` moves each secret to the new key, after
+/// which the new key alone opens everything and the old one nothing.
+async fn reseals_under_a_new_key(url: &str) {
+    use hookyard_core::secrets::Cipher;
+    use hookyard_core::store::forwarding::{ForwardingScope, ForwardingSettings};
+
+    let (old, new) = (Cipher::from_bytes([1; 32]), Cipher::from_bytes([2; 32]));
+    let store = Store::connect(url, old.clone()).await.unwrap();
+    let dev = store.ensure_environment(&"dev".parse().unwrap()).await.unwrap();
+    let crm: IntegrationKey = "crm".parse().unwrap();
+    let integration = NewIntegration {
+        webhook_secret: Some("whsec_crm".into()),
+        oauth_client_secret: Some("client-secret".into()),
+        ..NewIntegration::new(crm.clone(), "hubspot")
+    };
+    store.create_integration(&dev, &integration).await.unwrap();
+    let connection = |id: &str| NewConnection {
+        integration: crm.clone(),
+        connection_id: id.into(),
+        connection_config: json!({}),
+        metadata: json!({}),
+        tags: json!({}),
+        credentials: Some(Credentials::ApiKey {
+            api_key: format!("key-{id}"),
+        }),
+    };
+    // More connections than one page of the reseal.
+    for n in 0..1_200 {
+        store
+            .create_connection(&dev, &connection(&format!("c{n}")))
+            .await
+            .unwrap();
+    }
+    let forwarding = ForwardingSettings {
+        urls: vec!["https://app.example.com/hooks".into()],
+        signing_key: Some("fwd-key".into()),
+        always_notify: false,
+    };
+    store
+        .set_forwarding(dev.id, ForwardingScope::Environment, &forwarding)
+        .await
+        .unwrap();
+    let everything = |store: Store| async move {
+        let env = store.environments().await?.remove(0);
+        let integration = store.existing_integration(env.id, &"crm".parse().unwrap()).await?;
+        let connection = store
+            .connection(env.id, &"crm".parse().unwrap(), "c1199")
+            .await?
+            .expect("the connection");
+        let forwarding = store.forwarding(env.id, ForwardingScope::Environment).await?;
+        Ok::<_, StoreError>((env, integration, connection.credentials, forwarding))
+    };
+    let before = everything(store.clone()).await.unwrap();
+    let sealed = || raw_texts(url, "SELECT credentials FROM connections ORDER BY id");
+
+    let changing = Store::connect(url, new.clone().also_opening([old.clone()]))
+        .await
+        .unwrap();
+    assert_eq!(
+        everything(changing.clone()).await.unwrap(),
+        before,
+        "opens what the old key sealed"
+    );
+    let old_texts = sealed().await;
+    let mut heard = 0;
+    let planned = changing.reseal(true, |_| heard += 1).await.unwrap();
+    assert!(heard >= 6, "progress for each column");
+    assert_eq!(sealed().await, old_texts, "a dry run writes nothing");
+    let counts = |report: &[hookyard_core::store::reseal::Resealed]| {
+        report
+            .iter()
+            .map(|r| (r.column.clone(), r.total, r.resealed, r.current, r.unreadable))
+            .collect::<Vec<_>>()
+    };
+    // (column, total, re-sealed, current, unreadable) when `connections` are all under
+    // the old key (`stale`) or all under the new one.
+    let expected = |connections: u64, stale: bool| {
+        [
+            ("environments.secret_key", 1),
+            ("environments.webhook_signing_key", 1),
+            ("integrations.webhook_secret", 1),
+            ("integrations.oauth_client_secret", 1),
+            ("connections.credentials", connections),
+            ("forwarding.signing_key", 1),
+        ]
+        .map(|(column, total)| {
+            let (resealed, current) = if stale { (total, 0) } else { (0, total) };
+            (column.to_string(), total, resealed, current, 0)
+        })
+        .to_vec()
+    };
+    assert_eq!(counts(&planned), expected(1_200, true));
+
+    // A secret sealed under a key given to neither store is named, not skipped quietly.
+    raw_execute(
+        url,
+        &format!(
+            "UPDATE connections SET credentials = '{}' WHERE connection_id = 'c7'",
+            Cipher::from_bytes([3; 32]).seal(hookyard_core::secrets::Purpose::Credentials, "{}")
+        ),
+    )
+    .await;
+    raw_execute(
+        url,
+        &format!(
+            "UPDATE forwarding SET signing_key = '{}'",
+            Cipher::from_bytes([3; 32]).seal(hookyard_core::secrets::Purpose::ForwardSigningKey, "x")
+        ),
+    )
+    .await;
+    let done = changing.reseal(false, |_| {}).await.unwrap();
+    assert_eq!(
+        (done[5].unreadable, done[5].unreadable_ids.len()),
+        (1, 0),
+        "counted, though it has no id"
+    );
+    changing
+        .set_forwarding(dev.id, ForwardingScope::Environment, &forwarding)
+        .await
+        .unwrap();
+    let credentials = &done[4];
+    assert_eq!(credentials.column, "connections.credentials");
+    assert_eq!((credentials.resealed, credentials.unreadable), (1_199, 1));
+    let c7_id = raw_texts(
+        url,
+        "SELECT CAST(id AS TEXT) FROM connections WHERE connection_id = 'c7'",
+    )
+    .await;
+    assert_eq!(credentials.unreadable_ids, vec![c7_id[0].parse::<i64>().unwrap()]);
+    let c7 = changing.connection(dev.id, &crm, "c7").await.unwrap_err();
+    assert!(c7.to_string().contains("another encryption key"), "{c7}");
+    raw_execute(url, "DELETE FROM connections WHERE connection_id = 'c7'").await;
+
+    let after = Store::connect(url, new.clone()).await.unwrap();
+    assert_eq!(
+        everything(after.clone()).await.unwrap(),
+        before,
+        "the new key alone opens everything"
+    );
+    let stale = Store::connect(url, old.clone()).await.unwrap();
+    assert!(everything(stale).await.is_err(), "the old key alone opens nothing");
+    let again = after.reseal(false, |_| {}).await.unwrap();
+    assert_eq!(counts(&again), expected(1_199, false), "all under the new key");
+}
+
+#[tokio::test]
+async fn reseals_under_a_new_key_postgres() {
+    let db = PgDatabase::create().await;
+    reseals_under_a_new_key(&db.url).await;
+}
+
+#[tokio::test]
+async fn reseals_under_a_new_key_sqlite() {
+    let file = SqliteFile::create();
+    reseals_under_a_new_key(&file.url).await;
+}

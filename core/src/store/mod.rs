@@ -126,6 +126,7 @@ pub mod logs;
 pub mod notices;
 pub mod records;
 pub mod replays;
+pub mod reseal;
 pub mod syncs;
 
 impl Store {
