@@ -91,6 +91,16 @@ fn sync_with(body: &str) -> String {
     )
 }
 
+/// Runs the `contacts` sync's onWebhook on a `contact.updated` event of contact 7.
+async fn contact_7_updated(pool: &Pool, project: &Project) -> hookyard_functions::Effects {
+    pool.execute(
+        code(project, "contacts"),
+        invocation(json!({"type": "contact.updated", "contact": {"id": 7, "email": "a@x"}})),
+    )
+    .await
+    .unwrap()
+}
+
 const CONTACTS: &str = r#"
 import { createSync } from 'nango';
 import { toContact } from '../models.js';
@@ -131,13 +141,7 @@ async fn a_sync_compiles_once_and_its_handler_collects_writes_metadata_and_logs(
     assert_eq!(sync.config["exec"], json!(true));
 
     let pool = Pool::new(2, limits());
-    let effects = pool
-        .execute(
-            code(&project, "contacts"),
-            invocation(json!({"type": "contact.updated", "contact": {"id": 7, "email": "a@x"}})),
-        )
-        .await
-        .unwrap();
+    let effects = contact_7_updated(&pool, &project).await;
     assert_eq!(effects.writes.len(), 1);
     assert_eq!(effects.writes[0].kind, WriteKind::Save);
     assert_eq!(effects.writes[0].model, "Contact");
@@ -421,13 +425,7 @@ async fn typescript_deploys_with_its_types_erased_and_its_errors_at_its_own_line
     assert!(!project.bundle.sources.contains_key("crm/syncs/types.d.ts"));
 
     let pool = Pool::new(1, limits());
-    let effects = pool
-        .execute(
-            code(&project, "contacts"),
-            invocation(json!({"type": "contact.updated", "contact": {"id": 7, "email": "a@x"}})),
-        )
-        .await
-        .unwrap();
+    let effects = contact_7_updated(&pool, &project).await;
     assert_eq!(
         effects.writes[0].records,
         vec![("7".to_string(), json!({"id": "7", "email": "a@x", "region": "eu"}))]
