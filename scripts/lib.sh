@@ -52,18 +52,20 @@ ensure_standardwebhooks() {
     fi
 }
 
-# The TypeScript compiler, exported as HOOKYARD_TSC: a test type-checks the example
-# project against `hookyard types` with it. Installed from npm under ~/.cache.
+# The TypeScript compiler, exported as HOOKYARD_TSC, beside zod's types (the version
+# of functions/src/js/vendor/zod.js): a test type-checks the example project against
+# `hookyard types` with it. Installed from npm under ~/.cache.
 TYPESCRIPT_VERSION=5.9.3
+ZOD_VERSION=4.6.7
 ensure_typescript() {
-    local prefix="$HOME/.cache/hookyard/typescript-$TYPESCRIPT_VERSION"
-    if ! "$prefix/node_modules/.bin/tsc" --version >/dev/null 2>&1; then
+    local prefix="$HOME/.cache/hookyard/typescript-$TYPESCRIPT_VERSION-zod-$ZOD_VERSION"
+    if ! "$prefix/node_modules/.bin/tsc" --version >/dev/null 2>&1 || [ ! -f "$prefix/node_modules/zod/package.json" ]; then
         if ! command -v npm >/dev/null; then
             echo "npm is not installed (apt-get install npm): the tests type-check TypeScript with tsc" >&2
             exit 1
         fi
-        say "installing typescript $TYPESCRIPT_VERSION (npm)"
-        npm install --silent --no-audit --no-fund --prefix "$prefix" "typescript@$TYPESCRIPT_VERSION"
+        say "installing typescript $TYPESCRIPT_VERSION and zod $ZOD_VERSION (npm)"
+        npm install --silent --no-audit --no-fund --prefix "$prefix" "typescript@$TYPESCRIPT_VERSION" "zod@$ZOD_VERSION"
     fi
     export HOOKYARD_TSC="$prefix/node_modules/.bin/tsc"
 }

@@ -1380,9 +1380,19 @@ async fn hookyard(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String, S
     (output.status, text(&output.stdout), text(&output.stderr))
 }
 
-/// `tsc --project dir`: whether it passed, and what it said.
+/// `tsc --project dir` (`HOOKYARD_TSC`, installed beside zod's types by scripts/test,
+/// whose `node_modules` is linked into `dir`): whether it passed, and what it said.
 fn tsc(dir: &std::path::Path) -> (bool, String) {
-    let tsc = std::env::var("HOOKYARD_TSC").unwrap_or_else(|_| "tsc".into());
+    let tsc = std::env::var("HOOKYARD_TSC")
+        .unwrap_or_else(|_| panic!("HOOKYARD_TSC is not set: run the tests through scripts/test"));
+    let modules = std::path::Path::new(&tsc)
+        .ancestors()
+        .nth(2)
+        .expect("tsc in node_modules/.bin");
+    let link = dir.join("node_modules");
+    if !link.exists() {
+        std::os::unix::fs::symlink(modules, link).unwrap();
+    }
     let output = Command::new(&tsc)
         .arg("--project")
         .arg(dir)

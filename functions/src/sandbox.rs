@@ -1,7 +1,7 @@
 //! One QuickJS runtime and context set up for function code: the memory (metered by its
 //! allocator) and stack limits, the interrupt handler that enforces the CPU budget and
-//! the deadline, the module loader over a deploy's bytecode (plus the built-in `nango`),
-//! and the prelude.
+//! the deadline, the module loader over a deploy's bytecode (plus the built-in `nango`
+//! and `zod`), and the prelude.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -17,6 +17,38 @@ use crate::{ErrorKind, FunctionError, Host, Limits};
 
 const NANGO: &str = include_str!("js/nango.js");
 const PRELUDE: &str = include_str!("js/prelude.js");
+/// zod, which Nango's functions declare their models with: a bundle of the npm package
+/// (`scripts/vendor-zod`).
+const ZOD: &str = include_str!("js/vendor/zod.js");
+
+/// What a function may import besides its deploy's own files.
+const BUILTINS: [&str; 2] = ["nango", "zod"];
+
+/// A built-in module declared in `ctx`; `None` for any other name.
+fn builtin<'js>(ctx: &Ctx<'js>, name: &str) -> Option<rquickjs::Result<Module<'js, Declared>>> {
+    match name {
+        "nango" => Some(Module::declare(ctx.clone(), "nango", NANGO)),
+        // SAFETY: bytecode this process's engine wrote (zod_bytecode).
+        "zod" => Some(zod_bytecode().and_then(|code| unsafe { Module::load(ctx.clone(), code) })),
+        _ => None,
+    }
+}
+
+/// zod compiled once per process: 450 KB of source is not parsed again for each runtime.
+fn zod_bytecode() -> rquickjs::Result<&'static [u8]> {
+    static CODE: OnceLock<Result<Vec<u8>, String>> = OnceLock::new();
+    CODE.get_or_init(|| {
+        let runtime = Runtime::new().map_err(|e| e.to_string())?;
+        let context = Context::full(&runtime).map_err(|e| e.to_string())?;
+        context.with(|ctx| {
+            Module::declare(ctx.clone(), "zod", ZOD)
+                .and_then(|module| module.write(rquickjs::module::WriteOptions::default()))
+                .map_err(|e| e.to_string())
+        })
+    })
+    .as_deref()
+    .map_err(|e| rquickjs::Error::new_loading_message("zod", e.clone()))
+}
 
 /// Why an execution was interrupted, if it was.
 const NOT_TRIPPED: u8 = 0;
@@ -136,8 +168,8 @@ impl Loader for Modules {
         name: &str,
         _attributes: Option<ImportAttributes<'js>>,
     ) -> rquickjs::Result<Module<'js, Declared>> {
-        if name == "nango" {
-            return Module::declare(ctx.clone(), "nango", NANGO);
+        if let Some(module) = builtin(ctx, name) {
+            return module;
         }
         let code = self
             .code
@@ -173,14 +205,14 @@ impl Loader for Sources {
         name: &str,
         _attributes: Option<ImportAttributes<'js>>,
     ) -> rquickjs::Result<Module<'js, Declared>> {
-        let source = if name == "nango" {
-            NANGO
-        } else {
-            self.0
-                .get(name)
-                .ok_or_else(|| rquickjs::Error::new_loading_message(name, "not in this deploy"))?
-        };
-        Module::declare(ctx.clone(), name, source)
+        if let Some(module) = builtin(ctx, name) {
+            return module;
+        }
+        let source = self
+            .0
+            .get(name)
+            .ok_or_else(|| rquickjs::Error::new_loading_message(name, "not in this deploy"))?;
+        Module::declare(ctx.clone(), name, source.as_str())
     }
 }
 
@@ -192,15 +224,17 @@ fn resolved(base: &str, name: &str, exists: impl Fn(&str) -> bool) -> rquickjs::
 }
 
 fn import_help(name: &str) -> String {
-    format!("cannot import {name:?}: a function may import 'nango' and the files of its own deploy (./ or ../ paths)")
+    format!(
+        "cannot import {name:?}: a function may import 'nango', 'zod' and the files of its own deploy (./ or ../ paths)"
+    )
 }
 
-/// The module an `import name` in module `base` means: `nango`, or a path of the deploy
+/// The module an `import name` in module `base` means: a built-in, or a path of the deploy
 /// relative to `base`. As TypeScript resolves it: the extension may be left out, and
 /// `./x.js` is `./x.ts` when only that is in the deploy.
 pub(crate) fn resolve_import(base: &str, name: &str, exists: impl Fn(&str) -> bool) -> Option<String> {
-    if name == "nango" {
-        return Some("nango".into());
+    if BUILTINS.contains(&name) {
+        return Some(name.into());
     }
     if !(name.starts_with("./") || name.starts_with("../")) {
         return None;
@@ -418,6 +452,8 @@ mod tests {
         let exists = |p: &str| files.contains(&p);
         let resolve = |base, name| resolve_import(base, name, exists);
         assert_eq!(resolve("hubspot/syncs/contacts.js", "nango").as_deref(), Some("nango"));
+        assert_eq!(resolve("hubspot/syncs/contacts.js", "zod").as_deref(), Some("zod"));
+        assert_eq!(resolve("hubspot/syncs/contacts.js", "zod/mini"), None);
         assert_eq!(
             resolve("hubspot/syncs/contacts.js", "../models.js").as_deref(),
             Some("hubspot/models.js")

@@ -448,6 +448,52 @@ async fn typescript_deploys_with_its_types_erased_and_its_errors_at_its_own_line
     );
 }
 
+/// Nango's functions declare their models with zod, imported by name.
+#[tokio::test]
+async fn zod_is_built_in_for_models_and_checks() {
+    let sync = "import { createSync } from 'nango';
+import * as z from 'zod';
+import zod, { z as named } from 'zod';
+
+const Contact = z.object({ id: z.string(), email: z.email().nullable() });
+type Contact = z.infer<typeof Contact>;
+
+export default createSync({
+  models: { Contact },
+  webhookSubscriptions: ['*'],
+  onWebhook: async (nango, payload: unknown) => {
+    if (zod !== named || typeof zod.object !== 'function') {
+      throw new Error('the default export is not z');
+    }
+    const contact: Contact = Contact.parse(payload);
+    await nango.batchSave([contact], 'Contact');
+  },
+});
+";
+    let project = project(&[("crm/syncs/contacts.ts", sync)]);
+    assert_eq!(project.syncs[0].config["models"], json!(["Contact"]));
+    assert!(
+        !project.bundle.sources.contains_key("zod"),
+        "zod is the engine's, not the deploy's"
+    );
+    let pool = Pool::new(1, limits());
+    let run = |payload| pool.execute(code(&project, "contacts"), invocation(payload));
+    let effects = run(json!({"id": "c1", "email": "ada@example.com", "extra": 1}))
+        .await
+        .unwrap();
+    assert_eq!(
+        effects.writes[0].records,
+        vec![("c1".to_string(), json!({"id": "c1", "email": "ada@example.com"}))],
+        "parsed by the model: unknown keys stripped"
+    );
+    let error = run(json!({"id": "c2", "email": "not an email"})).await.unwrap_err();
+    assert_eq!(error.kind, ErrorKind::Thrown);
+    assert!(
+        error.message.starts_with("ZodError: ") && error.message.contains("Invalid email address"),
+        "{error}"
+    );
+}
+
 #[test]
 fn index_js_chooses_the_syncs_and_an_object_export_is_a_sync_too() {
     let plain =

@@ -1,10 +1,14 @@
-// The Contact model, and how a provider's contact becomes one.
-export interface Contact {
-  id: string;
-  email: string | null;
-  name: string | null;
-  updatedAt: string | null;
-}
+// The Contact model, and how a provider's contact becomes one. Models are zod schemas,
+// as in Nango; the type is inferred from the schema.
+import * as z from 'zod';
+
+export const Contact = z.object({
+  id: z.string(),
+  email: z.string().nullable(),
+  name: z.string().nullable(),
+  updatedAt: z.string().nullable(),
+});
+export type Contact = z.infer<typeof Contact>;
 
 // A contact as the CRM's API and webhooks send it.
 export interface CrmContact {
@@ -14,14 +18,6 @@ export interface CrmContact {
   last_name?: string;
   updated_at?: string;
 }
-
-// The model's fields, as the sync declares them.
-export const Contact = {
-  id: 'string',
-  email: 'string | null',
-  name: 'string | null',
-  updatedAt: 'string | null',
-};
 
 export function toContact(contact: CrmContact): Contact {
   return {
