@@ -17,7 +17,7 @@ pub struct DeployArgs {
 
 /// Deploys and prints the changes; the error says what to fix.
 pub async fn run(args: DeployArgs) -> Result<(), String> {
-    let files = collect(&args.dir)?;
+    let (files, tests) = collect(&args.dir)?;
     if files.is_empty() {
         return Err(format!("{} holds no .js or .ts files to deploy", args.dir.display()));
     }
@@ -31,6 +31,9 @@ pub async fn run(args: DeployArgs) -> Result<(), String> {
         .map_err(|e| format!("deploy {e}"))?;
     let changes = body["data"]["changes"].as_array().cloned().unwrap_or_default();
     println!("deployed {} file(s) from {}", files.len(), args.dir.display());
+    if !tests.is_empty() {
+        println!("  left out {} test file(s): {}", tests.len(), tests.join(", "));
+    }
     for change in &changes {
         println!(
             "  {:<9} {}/{} v{}",
@@ -45,9 +48,10 @@ pub async fn run(args: DeployArgs) -> Result<(), String> {
 
 /// The project's source files, by path relative to `dir`: JavaScript and TypeScript
 /// (not declaration files: nothing in them runs), outside `node_modules` and hidden
-/// folders.
-pub(crate) fn collect(dir: &Path) -> Result<BTreeMap<String, String>, String> {
+/// folders; and the test files left out (see [`is_test`]).
+pub(crate) fn collect(dir: &Path) -> Result<(BTreeMap<String, String>, Vec<String>), String> {
     let mut files = BTreeMap::new();
+    let mut tests = Vec::new();
     let mut pending = vec![dir.to_path_buf()];
     while let Some(folder) = pending.pop() {
         let entries = std::fs::read_dir(&folder).map_err(|e| format!("cannot read {}: {e}", folder.display()))?;
@@ -73,9 +77,21 @@ pub(crate) fn collect(dir: &Path) -> Result<BTreeMap<String, String>, String> {
                 .map(|c| c.as_os_str().to_string_lossy().into_owned())
                 .collect::<Vec<_>>()
                 .join("/");
+            if is_test(&name) {
+                tests.push(relative);
+                continue;
+            }
             let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             files.insert(relative, text);
         }
     }
-    Ok(files)
+    tests.sort();
+    Ok((files, tests))
+}
+
+/// A test, or a test runner's configuration (`contacts.test.ts`, `x.spec.js`,
+/// `vitest.setup.ts`): they import what functions cannot (`vitest`), and a deploy has
+/// no use for them.
+fn is_test(name: &str) -> bool {
+    name.contains(".test.") || name.contains(".spec.") || name.starts_with("vitest.") || name.starts_with("jest.")
 }

@@ -42,7 +42,7 @@ pub struct DryrunArgs {
 }
 
 pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let files = crate::deploy::collect(&args.dir)?;
+    let (files, _tests) = crate::deploy::collect(&args.dir)?;
     let limits = config.worker.exec_limits.clone();
     let project = compile_project(files, &limits).map_err(|e| format!("the functions do not compile: {e}"))?;
     let wanted: Option<IntegrationKey> = args.integration.as_deref().map(str::parse).transpose()?;

@@ -1468,10 +1468,19 @@ async fn deploy_sends_a_project_and_prints_what_changed() {
     let sync = project.path().join("demo/syncs/contacts.ts");
     let source = std::fs::read_to_string(&sync).unwrap();
     std::fs::write(&sync, source.replace("'1.0.0'", "'1.0.1'")).unwrap();
-    // Declarations are not sent: nothing in them runs.
+    // Declarations are not sent (nothing in them runs), nor are tests (they import what
+    // functions cannot), as Nango projects have them.
     std::fs::write(project.path().join("demo/nango.d.ts"), "this is not TypeScript(").unwrap();
+    std::fs::create_dir_all(project.path().join("demo/tests")).unwrap();
+    let test = "import { expect, it } from 'vitest';\nit('saves', () => expect(1).toBe(1));\n";
+    std::fs::write(project.path().join("demo/tests/demo-contacts.test.ts"), test).unwrap();
+    std::fs::write(project.path().join("vitest.setup.ts"), "import 'vitest';\n").unwrap();
     let (_, stdout, _) = run().await;
     assert!(stdout.contains("deployed 3 file(s)"), "{stdout}");
+    assert!(
+        stdout.contains("left out 2 test file(s): demo/tests/demo-contacts.test.ts, vitest.setup.ts"),
+        "{stdout}"
+    );
     assert!(stdout.contains("updated   demo/contacts v2"), "{stdout}");
 
     let models = project.path().join("demo/models.ts");
