@@ -21,9 +21,39 @@ pub fn is_typescript(path: &str) -> bool {
     path.ends_with(".ts") || path.ends_with(".mts")
 }
 
+/// The largest TypeScript module deployed (a webhook function's are far smaller).
+pub const MAX_TYPESCRIPT_BYTES: usize = 1 << 20;
+
+/// Stack for erasing types, per byte of source. The stripper recurses once per level of
+/// nesting (its parser grows its own stack, its walk over the syntax tree does not): a
+/// level took up to ~3.2 KiB in a debug build, and needs at least one byte of source. So
+/// a file, however it nests, cannot overflow a stack of this much per byte, where the
+/// 2 MiB a thread gets by default overflowed at a thousand nested parentheses and aborted the
+/// process.
+const STACK_PER_BYTE: usize = 4 << 10;
+
 /// The JavaScript of a TypeScript module, or why its types cannot be erased: one line per
 /// problem, `line:column: message`, then what to write instead.
 pub fn strip_types(path: &str, source: &str) -> Result<String, String> {
+    if source.len() > MAX_TYPESCRIPT_BYTES {
+        return Err(format!(
+            "the file holds {} bytes; a TypeScript module may hold {MAX_TYPESCRIPT_BYTES} (split it, or deploy it as JavaScript)",
+            source.len()
+        ));
+    }
+    // A thread of its own, with the stack the source can need; only what the walk
+    // touches is ever mapped in.
+    let (path, source) = (path.to_string(), source.to_string());
+    std::thread::Builder::new()
+        .name("strip-types".into())
+        .stack_size((8 << 20) + STACK_PER_BYTE * source.len())
+        .spawn(move || strip_on_this_thread(&path, &source))
+        .map_err(|e| format!("cannot start erasing types: {e}"))?
+        .join()
+        .unwrap_or_else(|_| Err("erasing the types failed on this file (the stripper panicked)".into()))
+}
+
+fn strip_on_this_thread(path: &str, source: &str) -> Result<String, String> {
     let map: Lrc<SourceMap> = Default::default();
     let problems = Problems::default();
     let handler = Handler::with_emitter(false, false, Box::new(problems.clone()));
@@ -101,6 +131,28 @@ mod tests {
             stripped.lines().nth(2).unwrap().starts_with("export function f(a"),
             "{stripped}"
         );
+    }
+
+    #[test]
+    fn deep_nesting_is_erased_without_overflowing_and_huge_files_are_refused() {
+        // Each of these aborted the process on the default stack.
+        for (kind, source) in [
+            (
+                "parentheses",
+                format!("const x: number = {}1{};", "(".repeat(30_000), ")".repeat(30_000)),
+            ),
+            ("a chain", format!("const x: boolean = {}1 as any;", "!".repeat(60_000))),
+            ("unclosed", format!("let y: string = {}", "[".repeat(60_000))),
+        ] {
+            let result = strip_types("deep.ts", &source);
+            match kind {
+                "unclosed" => assert!(result.is_err(), "{kind}"),
+                _ => assert_eq!(result.map(|code| code.len()), Ok(source.len()), "{kind}"),
+            }
+        }
+        let huge = format!("const x: string = '{}';", "x".repeat(MAX_TYPESCRIPT_BYTES));
+        let error = strip_types("huge.ts", &huge).unwrap_err();
+        assert!(error.contains("a TypeScript module may hold 1048576"), "{error}");
     }
 
     #[test]
