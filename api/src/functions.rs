@@ -103,6 +103,8 @@ impl From<DeployedChange> for ChangeView {
 pub struct DeployView {
     changes: Vec<ChangeView>,
     syncs: Vec<SyncView>,
+    /// Nango actions in the deploy (`{integration}/actions/…`): stored, never run.
+    actions: Vec<String>,
 }
 
 /// The environment's live syncs.
@@ -161,6 +163,7 @@ async fn deploy(
         data: DeployView {
             changes: changes.into_iter().map(ChangeView::from).collect(),
             syncs: syncs.into_iter().map(SyncView::from).collect(),
+            actions: project.actions,
         },
     }))
 }

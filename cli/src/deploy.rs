@@ -34,6 +34,16 @@ pub async fn run(args: DeployArgs) -> Result<(), String> {
     if !tests.is_empty() {
         println!("  left out {} test file(s): {}", tests.len(), tests.join(", "));
     }
+    let actions: Vec<&str> = body["data"]["actions"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    if !actions.is_empty() {
+        println!(
+            "  not run   {} (actions: hookyard runs syncs and event functions)",
+            actions.join(", ")
+        );
+    }
     for change in &changes {
         println!(
             "  {:<9} {}/{} v{}",

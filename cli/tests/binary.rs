@@ -1475,8 +1475,19 @@ async fn deploy_sends_a_project_and_prints_what_changed() {
     let test = "import { expect, it } from 'vitest';\nit('saves', () => expect(1).toBe(1));\n";
     std::fs::write(project.path().join("demo/tests/demo-contacts.test.ts"), test).unwrap();
     std::fs::write(project.path().join("vitest.setup.ts"), "import 'vitest';\n").unwrap();
+    // A Nango action is deployed along and named as not run.
+    std::fs::create_dir_all(project.path().join("demo/actions")).unwrap();
+    let action = "import { createAction } from 'nango';\nexport default createAction({ exec: async () => ({}) });\n";
+    std::fs::write(project.path().join("demo/actions/create-contact.ts"), action).unwrap();
+    let index = project.path().join("index.ts");
+    let imports = std::fs::read_to_string(&index).unwrap() + "import './demo/actions/create-contact.js';\n";
+    std::fs::write(&index, imports).unwrap();
     let (_, stdout, _) = run().await;
-    assert!(stdout.contains("deployed 3 file(s)"), "{stdout}");
+    assert!(stdout.contains("deployed 4 file(s)"), "{stdout}");
+    assert!(
+        stdout.contains("not run   demo/actions/create-contact.ts (actions: hookyard runs syncs and event functions)"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("left out 2 test file(s): demo/tests/demo-contacts.test.ts, vitest.setup.ts"),
         "{stdout}"

@@ -28,6 +28,10 @@ use crate::{Limits, ENGINE};
 pub struct Project {
     pub bundle: FunctionBundle,
     pub syncs: Vec<NewSync>,
+    /// Nango actions in the deploy (`{integration}/actions/…`, or those the index
+    /// imports): stored with the bundle, never run. Named so that a deploy does not
+    /// drop them silently.
+    pub actions: Vec<String>,
 }
 
 /// Why a project cannot be deployed, naming the file when one is at fault.
@@ -73,7 +77,7 @@ pub fn compile_project(files: BTreeMap<String, String>, limits: &Limits) -> Resu
         return Err(whole("the deploy holds no JavaScript or TypeScript files"));
     }
     let modules = Arc::new(compile_modules(&sources)?);
-    let entries = sync_entries(&sources, &modules, limits)?;
+    let (entries, actions) = sync_entries(&sources, &modules, limits)?;
     let mut syncs = Vec::new();
     for (entry, integration, name) in entries {
         let sandbox = Sandbox::new(modules.clone(), limits).map_err(|e| at(&entry, e.message))?;
@@ -98,6 +102,7 @@ pub fn compile_project(files: BTreeMap<String, String>, limits: &Limits) -> Resu
             modules: Arc::try_unwrap(modules).unwrap_or_else(|shared| (*shared).clone()),
         },
         syncs,
+        actions,
     })
 }
 
@@ -152,18 +157,21 @@ pub async fn stored_modules(store: &hookyard_core::Store, hash: &str) -> Result<
         .map_err(|e| StoreError::Invalid(format!("bundle {hash} no longer compiles: {e}")))
 }
 
-/// The syncs: `(entry module, integration, name)`.
+/// A sync's entry module, integration and name.
+type Entry = (String, IntegrationKey, String);
+
+/// The syncs, and the actions.
 fn sync_entries(
     sources: &BTreeMap<String, String>,
     modules: &Arc<BTreeMap<String, Vec<u8>>>,
     limits: &Limits,
-) -> Result<Vec<(String, IntegrationKey, String)>, DeployError> {
+) -> Result<(Vec<Entry>, Vec<String>), DeployError> {
     let indexes: Vec<&String> = sources
         .keys()
         .filter(|path| module_stem(path) == Some("index"))
         .collect();
-    let candidates: Vec<String> = match indexes[..] {
-        [] => sources.keys().filter(|m| sync_place(m).is_some()).cloned().collect(),
+    let functions: Vec<String> = match indexes[..] {
+        [] => sources.keys().cloned().collect(),
         [index] => {
             // The sync files the index imports, directly or not.
             let sandbox = Sandbox::new(modules.clone(), limits).map_err(|e| at(index, e.message))?;
@@ -179,7 +187,7 @@ fn sync_entries(
                     }
                 })?;
             let loaded: BTreeSet<String> = sandbox.modules.loaded.lock().expect("loader lock").clone();
-            loaded.into_iter().filter(|m| sync_place(m).is_some()).collect()
+            loaded.into_iter().collect()
         }
         _ => {
             let names: Vec<&str> = indexes.iter().map(|p| p.as_str()).collect();
@@ -190,11 +198,17 @@ fn sync_entries(
             )));
         }
     };
+    let actions: Vec<String> = functions.iter().filter(|m| is_action(m)).cloned().collect();
+    let candidates: Vec<String> = functions.into_iter().filter(|m| sync_place(m).is_some()).collect();
     if candidates.is_empty() {
-        return Err(whole(
-            "no syncs found: put each at {integration}/syncs/{name}.js, event functions at \
-             {integration}/on-events/{name}.js (or .ts; and import them from the index if there is one)",
-        ));
+        let also = match actions.len() {
+            0 => String::new(),
+            n => format!("; {n} action(s) found, which hookyard does not run"),
+        };
+        return Err(whole(format!(
+            "no syncs found: put each at {{integration}}/syncs/{{name}}.js, event functions at \
+             {{integration}}/on-events/{{name}}.js (or .ts; and import them from the index if there is one){also}"
+        )));
     }
     let mut names = BTreeSet::new();
     for entry in &candidates {
@@ -203,7 +217,7 @@ fn sync_entries(
             return Err(at(entry, format!("{integration} has two functions named {name:?}")));
         }
     }
-    candidates
+    let entries = candidates
         .into_iter()
         .map(|entry| {
             let (integration, name) = sync_place(&entry).expect("filtered above");
@@ -215,14 +229,25 @@ fn sync_entries(
             })?;
             Ok((entry.clone(), integration, name.to_string()))
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok((entries, actions))
 }
 
 /// `{integration}/syncs/{name}.js` (or `on-events/`) → `(integration, name)`.
 fn sync_place(path: &str) -> Option<(&str, &str)> {
+    function_place(path, &["syncs", "on-events"])
+}
+
+/// Whether `path` is a Nango action, `{integration}/actions/{name}.js`.
+fn is_action(path: &str) -> bool {
+    function_place(path, &["actions"]).is_some()
+}
+
+/// `{integration}/{folder}/{name}.js` with `folder` one of `folders` → `(integration, name)`.
+fn function_place<'a>(path: &'a str, folders: &[&str]) -> Option<(&'a str, &'a str)> {
     let mut parts = path.split('/');
-    let (integration, syncs, file) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() || !matches!(syncs, "syncs" | "on-events") {
+    let (integration, folder, file) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || !folders.contains(&folder) {
         return None;
     }
     let name = module_stem(file)?;
@@ -387,6 +412,7 @@ mod tests {
         assert_eq!(sync_place("hubspot/contacts.js"), None);
         assert_eq!(sync_place("hubspot/syncs/deep/contacts.js"), None);
         assert_eq!(sync_place("hubspot/actions/x.js"), None);
+        assert!(is_action("hubspot/actions/x.ts") && !is_action("hubspot/syncs/x.ts"));
         assert_eq!(sync_place("hubspot/on-events/setup.ts"), Some(("hubspot", "setup")));
         assert_eq!(sync_place("hubspot/syncs/contacts.json"), None);
         assert_eq!(module_stem("index.mts"), Some("index"));

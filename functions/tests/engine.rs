@@ -494,6 +494,36 @@ export default createSync({
     );
 }
 
+/// A Nango project's actions deploy with it, are named, and are not run.
+#[test]
+fn actions_are_named_and_not_run() {
+    let action = "import { createAction } from 'nango';
+export default createAction({ exec: async () => ({ ok: true }) });";
+    let sync = "export default { type: 'sync', webhookSubscriptions: ['*'], onWebhook: async () => {} };";
+    let project = project(&[
+        (
+            "index.ts",
+            "import './crm/syncs/contacts.js';\nimport './crm/actions/create-contact.js';",
+        ),
+        ("crm/syncs/contacts.ts", sync),
+        ("crm/actions/create-contact.ts", action),
+        ("crm/actions/draft.ts", action),
+    ]);
+    let names: Vec<&str> = project.syncs.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, vec!["contacts"]);
+    assert_eq!(
+        project.actions,
+        vec!["crm/actions/create-contact.ts"],
+        "the ones the index imports"
+    );
+
+    let error = deploy_error(&[("crm/actions/create-contact.ts", action)]);
+    assert!(
+        error.starts_with("no syncs found") && error.ends_with("; 1 action(s) found, which hookyard does not run"),
+        "{error}"
+    );
+}
+
 #[test]
 fn index_js_chooses_the_syncs_and_an_object_export_is_a_sync_too() {
     let plain =
