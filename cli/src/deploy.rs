@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use hookyard_functions::compile::{is_declaration, is_module};
+
 use crate::client::{ApiArgs, Client};
 
 #[derive(clap::Args)]
@@ -75,9 +77,7 @@ pub(crate) fn collect(dir: &Path) -> Result<(BTreeMap<String, String>, Vec<Strin
                 }
                 continue;
             }
-            let source =
-                [".js", ".mjs", ".ts", ".mts"].iter().any(|ext| name.ends_with(ext)) && !name.ends_with(".d.ts");
-            if !source {
+            if !is_module(&name) || is_declaration(&name) {
                 continue;
             }
             let relative = path

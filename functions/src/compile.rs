@@ -61,11 +61,10 @@ pub fn compile_project(files: BTreeMap<String, String>, limits: &Limits) -> Resu
     let mut sources = BTreeMap::new();
     for (path, source) in files {
         let path = normalise(&path)?;
-        if path.ends_with(".d.ts") || path.ends_with(".d.mts") {
-            // Declarations only: nothing in them runs, and `import type` is erased.
+        if is_declaration(&path) {
             continue;
         }
-        if !MODULE_EXTENSIONS.iter().any(|ext| path.ends_with(ext)) {
+        if !is_module(&path) {
             return Err(at(
                 &path,
                 "only JavaScript and TypeScript modules (.js, .mjs, .ts, .mts) are deployed",
@@ -108,6 +107,17 @@ pub fn compile_project(files: BTreeMap<String, String>, limits: &Limits) -> Resu
 
 /// What a module's file name may end with.
 const MODULE_EXTENSIONS: [&str; 4] = [".js", ".mjs", ".ts", ".mts"];
+
+/// Whether `path` is a JavaScript or TypeScript module (declarations included).
+pub fn is_module(path: &str) -> bool {
+    MODULE_EXTENSIONS.iter().any(|ext| path.ends_with(ext))
+}
+
+/// Whether `path` holds TypeScript declarations only, which a deploy leaves out: nothing
+/// in them runs, and `import type` is erased.
+pub fn is_declaration(path: &str) -> bool {
+    path.ends_with(".d.ts") || path.ends_with(".d.mts")
+}
 
 /// Compiles every module to bytecode (no code runs), TypeScript once its types are
 /// erased. Each in a runtime of its own: QuickJS loads (compiles) a module's imports
