@@ -47,13 +47,13 @@ pub fn strip_types(path: &str, source: &str) -> Result<String, String> {
     std::thread::Builder::new()
         .name("strip-types".into())
         .stack_size((8 << 20) + STACK_PER_BYTE * source.len())
-        .spawn(move || strip_on_this_thread(&path, &source))
+        .spawn(move || strip_on_this_thread(&path, source))
         .map_err(|e| format!("cannot start erasing types: {e}"))?
         .join()
         .unwrap_or_else(|_| Err("erasing the types failed on this file (the stripper panicked)".into()))
 }
 
-fn strip_on_this_thread(path: &str, source: &str) -> Result<String, String> {
+fn strip_on_this_thread(path: &str, source: String) -> Result<String, String> {
     let map: Lrc<SourceMap> = Default::default();
     let problems = Problems::default();
     let handler = Handler::with_emitter(false, false, Box::new(problems.clone()));
@@ -63,7 +63,7 @@ fn strip_on_this_thread(path: &str, source: &str) -> Result<String, String> {
         mode: Mode::StripOnly,
         ..Default::default()
     };
-    let error = match operate(&map, &handler, source.to_string(), options) {
+    let error = match operate(&map, &handler, source, options) {
         Ok(output) => return Ok(output.code),
         Err(error) => error,
     };
