@@ -8,6 +8,7 @@ mod dlq;
 mod dryrun;
 mod env;
 mod logs;
+mod progress;
 mod replay;
 mod reseal;
 mod streams;

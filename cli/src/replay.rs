@@ -2,11 +2,9 @@
 //! a progress bar (webhooks read of the window, events published, rate, time left);
 //! Ctrl-C cancels it. `list`, `watch ID` and `cancel ID` work on replays already asked for.
 
-use std::io::IsTerminal as _;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
 
 use crate::client::{ApiArgs, Client};
@@ -123,22 +121,9 @@ pub async fn run(args: ReplayArgs) -> Result<(), String> {
 /// Shows the replay's progress until it ends; Ctrl-C asks for a cancel and goes on
 /// showing until the router has stopped it.
 async fn follow(client: &Client, id: i64) -> Result<(), String> {
-    let terminal = std::io::stderr().is_terminal();
-    let bar = ProgressBar::with_draw_target(
-        None,
-        if terminal {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        },
+    let (bar, terminal) = crate::progress::bar(
+        "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} webhooks · {per_sec} · ETA {eta} · {msg}",
     );
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} webhooks · {per_sec} · ETA {eta} · {msg}",
-        )
-        .expect("a valid template"),
-    );
-    // A hidden bar prints nothing, not even its `println`s.
     let say = |notice: &str| {
         if terminal {
             bar.println(notice)

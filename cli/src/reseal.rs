@@ -3,10 +3,7 @@
 //! `HOOKYARD_DECRYPTION_KEYS`: the step of changing the key that moves the data
 //! (deploy/README.md, "Changing the encryption key").
 
-use std::io::IsTerminal;
-
 use hookyard_core::{Config, Store};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -19,15 +16,7 @@ pub struct ResealArgs {
 
 pub async fn run(config: &Config, args: ResealArgs) -> Result<(), Error> {
     let store = Store::connect(&config.database_url, config.cipher()?).await?;
-    let bar = ProgressBar::with_draw_target(
-        None,
-        if std::io::stderr().is_terminal() {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        },
-    );
-    bar.set_style(ProgressStyle::with_template("{wide_bar} {pos}/{len} {msg}").expect("a valid template"));
+    let (bar, _) = crate::progress::bar("{wide_bar} {pos}/{len} {msg}");
     let report = store
         .reseal(args.dry_run, |column| {
             if bar.message() != column.column {
