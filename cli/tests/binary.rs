@@ -1415,6 +1415,30 @@ async fn types_let_tsc_check_a_project_as_hookyard_deploys_it() {
     let (status, declarations, _) = hookyard(&["types"], &[]).await;
     assert!(status.success());
     std::fs::write(project.path().join("nango.d.ts"), &declarations).unwrap();
+    // With a function that uses what the sandbox has of Node.js, as Nango's functions do.
+    std::fs::write(
+        project.path().join("demo/syncs/signed.ts"),
+        "import { createSync } from 'nango';
+import { createHmac, randomUUID } from 'node:crypto';
+import crypto from 'crypto';
+import { URL as NodeURL } from 'url';
+import { Buffer as NodeBuffer } from 'buffer';
+export default createSync({
+  webhookSubscriptions: ['*'],
+  onWebhook: async (nango, payload: { url: string; body: string }) => {
+    const url = new URL(payload.url);
+    url.searchParams.set('page', '2');
+    const same: boolean = NodeURL === URL && NodeBuffer === Buffer;
+    const signature: string = createHmac('sha256', 'secret').update(payload.body).digest('hex');
+    const raw: Buffer = crypto.createHash('sha1').update(Buffer.from(payload.body, 'base64')).digest();
+    const text: string = new TextDecoder().decode(new TextEncoder().encode(atob(btoa('x'))));
+    const id = randomUUID();
+    await nango.batchSave([{ id, href: url.href, same, signature, raw: raw.toString('base64url'), text }], 'Contact');
+  },
+});
+",
+    )
+    .unwrap();
     let (passed, said) = tsc(project.path());
     assert!(passed, "the example type-checks: {said}");
 
@@ -1429,6 +1453,7 @@ export default createSync({
   onWebhook: async (nango, payload: CrmContact) => {
     for await (const page of nango.paginate({ endpoint: '/contacts' })) {}
     await nango.batchSave([{ name: 'no id' }], 'Contact');
+    Buffer.from('x').toString('utf32');
   },
 });
 ",
@@ -1441,6 +1466,7 @@ export default createSync({
         "bad.ts(3,6): error TS1294: This syntax is not allowed when 'erasableSyntaxOnly' is enabled",
         "bad.ts(7,36): error TS2339: Property 'paginate' does not exist on type 'NangoWebhook'",
         "bad.ts(8,30): error TS2353",
+        "bad.ts(9,31): error TS2345: Argument of type '\"utf32\"' is not assignable to parameter of type 'BufferEncoding",
     ] {
         assert!(said.contains(expected), "{expected}\n{said}");
     }

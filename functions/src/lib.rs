@@ -10,6 +10,7 @@ mod allocator;
 pub mod compile;
 mod engine;
 pub mod examples;
+mod globals;
 pub mod host;
 pub mod pool;
 pub mod provider_api;

@@ -1,7 +1,7 @@
 //! One QuickJS runtime and context set up for function code: the memory (metered by its
 //! allocator) and stack limits, the interrupt handler that enforces the CPU budget and
-//! the deadline, the module loader over a deploy's bytecode (plus the built-in `nango`
-//! and `zod`), and the prelude.
+//! the deadline, the module loader over a deploy's bytecode (plus the built-in `nango`,
+//! `zod`, `crypto`, `url` and `buffer`), and the prelude.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -21,8 +21,25 @@ const PRELUDE: &str = include_str!("js/prelude.js");
 /// (`scripts/vendor-zod`).
 const ZOD: &str = include_str!("js/vendor/zod.js");
 
+/// The Node.js modules Nango's runtime lets its functions import, by either name.
+const NODE_MODULES: [(&str, &str); 3] = [
+    ("crypto", include_str!("js/node/crypto.js")),
+    ("url", include_str!("js/node/url.js")),
+    ("buffer", include_str!("js/node/buffer.js")),
+];
+
 /// What a function may import besides its deploy's own files.
-const BUILTINS: [&str; 2] = ["nango", "zod"];
+fn is_builtin(name: &str) -> bool {
+    matches!(name, "nango" | "zod") || node_module(name).is_some()
+}
+
+fn node_module(name: &str) -> Option<&'static str> {
+    let bare = name.strip_prefix("node:").unwrap_or(name);
+    NODE_MODULES
+        .iter()
+        .find(|(module, _)| *module == bare)
+        .map(|(_, source)| *source)
+}
 
 /// A built-in module declared in `ctx`; `None` for any other name.
 fn builtin<'js>(ctx: &Ctx<'js>, name: &str) -> Option<rquickjs::Result<Module<'js, Declared>>> {
@@ -30,7 +47,7 @@ fn builtin<'js>(ctx: &Ctx<'js>, name: &str) -> Option<rquickjs::Result<Module<'j
         "nango" => Some(Module::declare(ctx.clone(), "nango", NANGO)),
         // SAFETY: bytecode this process's engine wrote (zod_bytecode).
         "zod" => Some(zod_bytecode().and_then(|code| unsafe { Module::load(ctx.clone(), code) })),
-        _ => None,
+        _ => node_module(name).map(|source| Module::declare(ctx.clone(), name, source)),
     }
 }
 
@@ -225,7 +242,7 @@ fn resolved(base: &str, name: &str, exists: impl Fn(&str) -> bool) -> rquickjs::
 
 fn import_help(name: &str) -> String {
     format!(
-        "cannot import {name:?}: a function may import 'nango', 'zod' and the files of its own deploy (./ or ../ paths)"
+        "cannot import {name:?}: a function may import 'nango', 'zod', 'crypto', 'url', 'buffer' and the files of its own deploy (./ or ../ paths)"
     )
 }
 
@@ -233,7 +250,7 @@ fn import_help(name: &str) -> String {
 /// relative to `base`. As TypeScript resolves it: the extension may be left out, and
 /// `./x.js` is `./x.ts` when only that is in the deploy.
 pub(crate) fn resolve_import(base: &str, name: &str, exists: impl Fn(&str) -> bool) -> Option<String> {
-    if BUILTINS.contains(&name) {
+    if is_builtin(name) {
         return Some(name.into());
     }
     if !(name.starts_with("./") || name.starts_with("../")) {
@@ -289,6 +306,7 @@ impl Sandbox {
         context.with(|ctx| {
             seed_math_random(&ctx).map_err(setup)?;
             install_host_call(&ctx).map_err(setup)?;
+            crate::globals::install_loader(&ctx).map_err(setup)?;
             ctx.eval::<(), _>(PRELUDE)
                 .catch(&ctx)
                 .map_err(|e| FunctionError::new(ErrorKind::Internal, format!("engine prelude: {e}")))
@@ -454,6 +472,11 @@ mod tests {
         assert_eq!(resolve("hubspot/syncs/contacts.js", "nango").as_deref(), Some("nango"));
         assert_eq!(resolve("hubspot/syncs/contacts.js", "zod").as_deref(), Some("zod"));
         assert_eq!(resolve("hubspot/syncs/contacts.js", "zod/mini"), None);
+        for node in ["crypto", "node:crypto", "url", "node:url", "buffer", "node:buffer"] {
+            assert_eq!(resolve("hubspot/syncs/contacts.js", node).as_deref(), Some(node));
+        }
+        assert_eq!(resolve("hubspot/syncs/contacts.js", "node:fs"), None);
+        assert_eq!(resolve("hubspot/syncs/contacts.js", "node:"), None);
         assert_eq!(
             resolve("hubspot/syncs/contacts.js", "../models.js").as_deref(),
             Some("hubspot/models.js")

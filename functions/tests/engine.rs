@@ -269,8 +269,8 @@ fn bad_deploys_name_the_file_and_the_problem() {
             "invalid property name\n    at crm/syncs/a.js:1:28",
         ),
         (
-            vec![("crm/syncs/a.js", "import { x } from 'fs'; export default {};".into())],
-            "crm/syncs/a.js: ",
+            vec![("crm/syncs/a.js", "import { x } from 'node:fs'; export default {};".into())],
+            "cannot import \"node:fs\": a function may import 'nango', 'zod', 'crypto', 'url', 'buffer' and the files of its own deploy",
         ),
         (
             vec![(
@@ -831,5 +831,125 @@ async fn running_out_of_memory_is_reported_at_every_limit() {
             .expect_err("it throws");
         assert_eq!(error.kind, ErrorKind::Thrown, "at {mib} MiB: {error}");
         assert_eq!(error.message, "thrown value: null");
+    }
+}
+
+/// URL, URLSearchParams, Buffer, the text codecs, atob/btoa and the `crypto`, `url` and
+/// `buffer` modules answer as Node.js's own do (Nango's runtime is Node.js): the cases
+/// in node_parity/cases.js run in both, and every answer must match.
+#[tokio::test]
+async fn node_globals_and_modules_answer_as_node_does() {
+    const CASES: &str = include_str!("node_parity/cases.js");
+    let node = {
+        use std::io::Write;
+        let mut child = std::process::Command::new("node")
+            .args(["--no-deprecation", "--input-type=module"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("Node.js (`node` on PATH) is this test's reference");
+        let script = format!("{CASES}\nprocess.stdout.write(JSON.stringify(cases()));");
+        child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "node failed on the cases");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+
+    let sync = "import { createSync } from 'nango';
+import { cases } from '../cases.js';
+export default createSync({
+  models: { Result: {} },
+  webhookSubscriptions: ['*'],
+  onWebhook: async (nango) => { await nango.batchSave([{ id: 'cases', cases: cases() }], 'Result'); },
+});";
+    let project = project(&[("parity/cases.js", CASES), ("parity/syncs/parity.js", sync)]);
+    let pool = Pool::new(1, limits());
+    let mut run = invocation(json!({}));
+    run.models = json!(["Result"]).to_string().into();
+    let effects = pool.execute(code(&project, "parity"), run).await.unwrap();
+    let ours = &effects.writes[0].records[0].1["cases"];
+
+    let mut differences = Vec::new();
+    differ("cases", ours, &node, &mut differences);
+    assert!(
+        differences.is_empty(),
+        "{} answers differ from Node.js's:\n{}",
+        differences.len(),
+        differences.join("\n")
+    );
+}
+
+/// The Node.js modules import by either name in each form, from TypeScript too; what
+/// Node.js 20 (the parity reference) lacks is checked here; bytes are the sandbox's memory.
+#[tokio::test]
+async fn node_modules_import_by_either_name_and_bytes_count_against_the_memory_limit() {
+    let sync = "import { createSync } from 'nango';
+import { createHash, hash } from 'crypto';
+import * as nodeCrypto from 'node:crypto';
+import buffer, { Buffer as B } from 'node:buffer';
+import { URL as U } from 'node:url';
+
+export default createSync({
+  models: { Contact: {} },
+  webhookSubscriptions: ['*'],
+  onWebhook: async (nango, payload: { size: number }) => {
+    const same: boolean[] = [nodeCrypto.createHash === createHash, buffer.Buffer === B, B === Buffer, U === URL];
+    if (same.includes(false)) throw new Error(`not the same: ${same}`);
+    const checks = [
+      hash('sha256', 'x') === createHash('sha256').update('x').digest('hex'),
+      hash('md5', 'x', 'base64') === createHash('md5').update('x').digest('base64'),
+      URL.parse('nope') === null,
+      URL.parse('b', 'https://a.com/')?.href === 'https://a.com/b',
+    ];
+    if (checks.includes(false)) throw new Error(`checks: ${checks}`);
+    await nango.batchSave([{ id: 'big', length: Buffer.alloc(payload.size).length }], 'Contact');
+  },
+});";
+    let project = project(&[("crm/syncs/contacts.ts", sync)]);
+    let pool = Pool::new(1, limits());
+    let run = |size: u64| pool.execute(code(&project, "contacts"), invocation(json!({ "size": size })));
+    let effects = run(1024 * 1024).await.unwrap();
+    assert_eq!(effects.writes[0].records[0].1["length"], json!(1024 * 1024));
+    // 64 MiB of Buffer against a 16 MiB limit: refused as memory, the pool goes on.
+    let error = run(64 * 1024 * 1024).await.unwrap_err();
+    assert_eq!(error.kind, ErrorKind::OutOfMemory, "{error}");
+    run(16).await.unwrap();
+
+    // The globals are set up when first read; one a function sets before that is its own.
+    let own = "globalThis.URL = 'mine';
+export default { webhookSubscriptions: ['*'], onWebhook: async (nango) => {
+  if (Buffer.from('aGk=', 'base64').toString() !== 'hi' || URL !== 'mine') throw new Error(`URL ${URL}`);
+  await nango.batchSave([{ id: 'own' }], 'Contact');
+} };";
+    let project = self::project(&[("crm/syncs/own.js", own)]);
+    let effects = pool
+        .execute(code(&project, "own"), invocation(json!({})))
+        .await
+        .unwrap();
+    assert_eq!(effects.writes[0].records[0].0, "own");
+}
+
+/// Where `ours` and `theirs` differ, by path.
+fn differ(path: &str, ours: &serde_json::Value, theirs: &serde_json::Value, out: &mut Vec<String>) {
+    use serde_json::Value;
+    match (ours, theirs) {
+        (Value::Object(a), Value::Object(b)) => {
+            for key in a.keys().chain(b.keys().filter(|k| !a.contains_key(*k))) {
+                let none = Value::Null;
+                differ(
+                    &format!("{path}.{key}"),
+                    a.get(key).unwrap_or(&none),
+                    b.get(key).unwrap_or(&none),
+                    out,
+                );
+            }
+        }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                differ(&format!("{path}[{i}]"), x, y, out);
+            }
+        }
+        _ if ours != theirs => out.push(format!("{path}: hookyard {ours}, Node.js {theirs}")),
+        _ => {}
     }
 }

@@ -3,7 +3,9 @@
 // and editors: `hookyard types > nango.d.ts` in a functions project. hookyard itself
 // erases types when it deploys and does not check them.
 
-// The globals the sandbox adds to the language's own (it has no DOM and no Node.js).
+// The globals the sandbox adds to the language's own: no DOM and no Node.js, but what
+// Nango's runtime gives its functions of them (URL, URLSearchParams, Buffer and the
+// modules `crypto`, `url` and `buffer`, below), plus TextEncoder, TextDecoder, atob, btoa.
 declare var console: {
   log(...args: unknown[]): void;
   info(...args: unknown[]): void;
@@ -14,6 +16,136 @@ declare var console: {
 /** Runs while the execution waits for it, never past its deadline. */
 declare function setTimeout<A extends unknown[]>(fn: (...args: A) => void, ms?: number, ...args: A): number;
 declare function clearTimeout(id: number): void;
+
+/** A URL as WHATWG parses it (as Node.js and browsers do). */
+declare class URL {
+  constructor(url: string | URL, base?: string | URL);
+  static canParse(url: string | URL, base?: string | URL): boolean;
+  static parse(url: string | URL, base?: string | URL): URL | null;
+  href: string;
+  readonly origin: string;
+  protocol: string;
+  username: string;
+  password: string;
+  host: string;
+  hostname: string;
+  port: string;
+  pathname: string;
+  search: string;
+  hash: string;
+  /** Live: changing it changes the URL's query. */
+  readonly searchParams: URLSearchParams;
+  toString(): string;
+  toJSON(): string;
+}
+declare class URLSearchParams implements Iterable<[string, string]> {
+  constructor(init?: string | Iterable<readonly [string, string]> | Record<string, string> | URLSearchParams);
+  readonly size: number;
+  append(name: string, value: string): void;
+  delete(name: string, value?: string): void;
+  get(name: string): string | null;
+  getAll(name: string): string[];
+  has(name: string, value?: string): boolean;
+  set(name: string, value: string): void;
+  sort(): void;
+  forEach(callback: (value: string, name: string, params: URLSearchParams) => void, thisArg?: unknown): void;
+  entries(): IterableIterator<[string, string]>;
+  keys(): IterableIterator<string>;
+  values(): IterableIterator<string>;
+  [Symbol.iterator](): IterableIterator<[string, string]>;
+  toString(): string;
+}
+
+type BufferEncoding = 'utf8' | 'utf-8' | 'hex' | 'base64' | 'base64url' | 'latin1' | 'binary' | 'ascii' | 'ucs2' | 'ucs-2' | 'utf16le' | 'utf-16le';
+/** Node.js's Buffer: a Uint8Array with its encodings and byte helpers. */
+interface Buffer extends Uint8Array {
+  toString(encoding?: BufferEncoding, start?: number, end?: number): string;
+  toJSON(): { type: 'Buffer'; data: number[] };
+  equals(other: Uint8Array): boolean;
+  compare(target: Uint8Array, targetStart?: number, targetEnd?: number, sourceStart?: number, sourceEnd?: number): -1 | 0 | 1;
+  /** A view of the same memory, as in Node.js. */
+  slice(start?: number, end?: number): Buffer;
+  subarray(start?: number, end?: number): Buffer;
+  write(string: string, encoding?: BufferEncoding): number;
+  write(string: string, offset: number, encoding?: BufferEncoding): number;
+  write(string: string, offset: number, length: number, encoding?: BufferEncoding): number;
+  copy(target: Uint8Array, targetStart?: number, sourceStart?: number, sourceEnd?: number): number;
+  fill(value: string | number | Uint8Array, offset?: number, end?: number, encoding?: BufferEncoding): this;
+  indexOf(value: string | number | Uint8Array, byteOffset?: number, encoding?: BufferEncoding): number;
+  lastIndexOf(value: string | number | Uint8Array, byteOffset?: number, encoding?: BufferEncoding): number;
+  includes(value: string | number | Uint8Array, byteOffset?: number, encoding?: BufferEncoding): boolean;
+  readUInt8(offset?: number): number; readUint8(offset?: number): number; readInt8(offset?: number): number;
+  readUInt16LE(offset?: number): number; readUInt16BE(offset?: number): number; readUint16LE(offset?: number): number; readUint16BE(offset?: number): number;
+  readInt16LE(offset?: number): number; readInt16BE(offset?: number): number;
+  readUInt32LE(offset?: number): number; readUInt32BE(offset?: number): number; readUint32LE(offset?: number): number; readUint32BE(offset?: number): number;
+  readInt32LE(offset?: number): number; readInt32BE(offset?: number): number;
+  readFloatLE(offset?: number): number; readFloatBE(offset?: number): number; readDoubleLE(offset?: number): number; readDoubleBE(offset?: number): number;
+  readBigUInt64LE(offset?: number): bigint; readBigUInt64BE(offset?: number): bigint; readBigUint64LE(offset?: number): bigint; readBigUint64BE(offset?: number): bigint;
+  readBigInt64LE(offset?: number): bigint; readBigInt64BE(offset?: number): bigint;
+  writeUInt8(value: number, offset?: number): number; writeUint8(value: number, offset?: number): number; writeInt8(value: number, offset?: number): number;
+  writeUInt16LE(value: number, offset?: number): number; writeUInt16BE(value: number, offset?: number): number; writeUint16LE(value: number, offset?: number): number; writeUint16BE(value: number, offset?: number): number;
+  writeInt16LE(value: number, offset?: number): number; writeInt16BE(value: number, offset?: number): number;
+  writeUInt32LE(value: number, offset?: number): number; writeUInt32BE(value: number, offset?: number): number; writeUint32LE(value: number, offset?: number): number; writeUint32BE(value: number, offset?: number): number;
+  writeInt32LE(value: number, offset?: number): number; writeInt32BE(value: number, offset?: number): number;
+  writeFloatLE(value: number, offset?: number): number; writeFloatBE(value: number, offset?: number): number; writeDoubleLE(value: number, offset?: number): number; writeDoubleBE(value: number, offset?: number): number;
+  writeBigUInt64LE(value: bigint, offset?: number): number; writeBigUInt64BE(value: bigint, offset?: number): number; writeBigUint64LE(value: bigint, offset?: number): number; writeBigUint64BE(value: bigint, offset?: number): number;
+  writeBigInt64LE(value: bigint, offset?: number): number; writeBigInt64BE(value: bigint, offset?: number): number;
+}
+declare var Buffer: {
+  from(string: string, encoding?: BufferEncoding): Buffer;
+  from(data: ArrayBuffer, byteOffset?: number, length?: number): Buffer;
+  from(data: Uint8Array | ArrayLike<number> | { type: 'Buffer'; data: number[] }): Buffer;
+  alloc(size: number, fill?: string | number | Uint8Array, encoding?: BufferEncoding): Buffer;
+  /** Zeroed, as alloc. */
+  allocUnsafe(size: number): Buffer;
+  allocUnsafeSlow(size: number): Buffer;
+  byteLength(value: string | ArrayBuffer | ArrayBufferView, encoding?: BufferEncoding): number;
+  isBuffer(value: unknown): value is Buffer;
+  isEncoding(encoding: string): encoding is BufferEncoding;
+  concat(list: readonly Uint8Array[], totalLength?: number): Buffer;
+  compare(a: Uint8Array, b: Uint8Array): -1 | 0 | 1;
+};
+
+declare class TextEncoder {
+  readonly encoding: 'utf-8';
+  encode(input?: string): Uint8Array;
+  encodeInto(source: string, destination: Uint8Array): { read: number; written: number };
+}
+/** UTF-8 only. */
+declare class TextDecoder {
+  constructor(label?: 'utf-8' | 'utf8', options?: { fatal?: boolean; ignoreBOM?: boolean });
+  readonly encoding: 'utf-8';
+  readonly fatal: boolean;
+  readonly ignoreBOM: boolean;
+  decode(input?: ArrayBuffer | ArrayBufferView, options?: { stream?: boolean }): string;
+}
+declare function atob(data: string): string;
+declare function btoa(data: string): string;
+
+/** What `crypto` (and `node:crypto`) exports: hashing, HMACs and random values. */
+interface HookyardCrypto {
+  createHash(algorithm: HookyardCrypto.Algorithm): HookyardCrypto.Hash;
+  createHmac(algorithm: HookyardCrypto.Algorithm, key: string | ArrayBuffer | ArrayBufferView): HookyardCrypto.Hash;
+  /** `createHash(algorithm).update(data).digest(outputEncoding)`, hex by default. */
+  hash(algorithm: HookyardCrypto.Algorithm, data: string | ArrayBuffer | ArrayBufferView, outputEncoding?: BufferEncoding): string;
+  getHashes(): string[];
+  randomBytes(size: number): Buffer;
+  randomBytes(size: number, callback: (error: Error | null, bytes: Buffer) => void): void;
+  randomUUID(): string;
+  getRandomValues<T extends Int8Array | Uint8Array | Uint8ClampedArray | Int16Array | Uint16Array | Int32Array | Uint32Array | BigInt64Array | BigUint64Array>(array: T): T;
+  timingSafeEqual(a: ArrayBuffer | ArrayBufferView, b: ArrayBuffer | ArrayBufferView): boolean;
+}
+declare namespace HookyardCrypto {
+  /** Any case; `sha-256` as well as `sha256`. */
+  type Algorithm = 'md5' | 'sha1' | 'sha224' | 'sha256' | 'sha384' | 'sha512' | (string & {});
+  interface Hash {
+    update(data: string | ArrayBuffer | ArrayBufferView, inputEncoding?: BufferEncoding): Hash;
+    digest(): Buffer;
+    digest(encoding: BufferEncoding): string;
+    /** Hashes only (not HMACs). */
+    copy(): Hash;
+  }
+}
 
 declare module 'nango' {
   /** A record of a model: an `id` (a non-empty string or a number) and any fields. */
@@ -145,4 +277,45 @@ declare module 'nango' {
 
   const nango: { createSync: typeof createSync; createOnEvent: typeof createOnEvent };
   export default nango;
+}
+
+declare module 'crypto' {
+  const crypto: HookyardCrypto;
+  export default crypto;
+  export const createHash: HookyardCrypto['createHash'];
+  export const createHmac: HookyardCrypto['createHmac'];
+  export const hash: HookyardCrypto['hash'];
+  export const getHashes: HookyardCrypto['getHashes'];
+  export const randomBytes: HookyardCrypto['randomBytes'];
+  export const randomUUID: HookyardCrypto['randomUUID'];
+  export const getRandomValues: HookyardCrypto['getRandomValues'];
+  export const timingSafeEqual: HookyardCrypto['timingSafeEqual'];
+}
+declare module 'node:crypto' {
+  export * from 'crypto';
+  export { default } from 'crypto';
+}
+declare module 'url' {
+  const url: { URL: typeof URL; URLSearchParams: typeof URLSearchParams };
+  export default url;
+  const URLClass: typeof URL;
+  const URLSearchParamsClass: typeof URLSearchParams;
+  export { URLClass as URL, URLSearchParamsClass as URLSearchParams };
+}
+declare module 'node:url' {
+  export * from 'url';
+  export { default } from 'url';
+}
+declare module 'buffer' {
+  const buffer: { Buffer: typeof Buffer; atob: typeof atob; btoa: typeof btoa };
+  export default buffer;
+  const BufferValue: typeof Buffer;
+  type BufferValue = Buffer;
+  const atobFunction: typeof atob;
+  const btoaFunction: typeof btoa;
+  export { BufferValue as Buffer, atobFunction as atob, btoaFunction as btoa };
+}
+declare module 'node:buffer' {
+  export * from 'buffer';
+  export { default } from 'buffer';
 }

@@ -15,6 +15,24 @@
   // The way out to the execution's host (exec only): kept here, out of function code's reach.
   const hostCall = globalThis.__hookyardHost;
   delete globalThis.__hookyardHost;
+  // URL, Buffer and the rest of globals.js are set up the first time one is read (most
+  // functions never do); one the function sets before that stays its own.
+  const loadGlobals = globalThis.__hookyardLoadGlobals;
+  delete globalThis.__hookyardLoadGlobals;
+  let globalsLoaded = false;
+  const lazyGlobal = (name, settable) => {
+    const get = () => {
+      if (!globalsLoaded) {
+        globalsLoaded = true;
+        loadGlobals();
+      }
+      return Object.getOwnPropertyDescriptor(globalThis, name)?.value;
+    };
+    const set = (value) => Object.defineProperty(globalThis, name, { value, writable: true, configurable: true });
+    Object.defineProperty(globalThis, name, { get, set: settable ? set : undefined, configurable: true });
+  };
+  for (const name of ['URL', 'URLSearchParams', 'Buffer', 'TextEncoder', 'TextDecoder', 'atob', 'btoa']) lazyGlobal(name, true);
+  lazyGlobal('__hookyardNode', false);
   const host = (op, args) => {
     const answer = hostCall(op, typeof args === 'string' ? args : JSON.stringify(args ?? null));
     return answer === '' ? undefined : JSON.parse(answer);
