@@ -40,6 +40,7 @@ pub struct Events {
     pool: Pool,
     catalog: Arc<Catalog>,
     guard: ForwardingConfig,
+    webhook_base_url: String,
 }
 
 impl Events {
@@ -54,6 +55,7 @@ impl Events {
             pool: Pool::new(1, limits),
             catalog,
             guard: config.forwarding.clone(),
+            webhook_base_url: config.webhook_base_url(),
         }
     }
 
@@ -165,6 +167,7 @@ impl Events {
             mode: Mode::Apply,
             kind: Kind::Event,
             notice: None,
+            webhook_base_url: self.webhook_base_url.clone(),
         });
         let invocation = exec_invocation(&connection, "[]".into(), Arc::new(host));
         match self.pool.execute(code, invocation).await {

@@ -43,10 +43,7 @@ pub struct IntegrationView {
 impl IntegrationView {
     fn new(state: &AppState, environment: &Environment, integration: Integration) -> IntegrationView {
         IntegrationView {
-            webhook_url: format!(
-                "{}/webhook/{}/{}",
-                state.webhook_base_url, environment.webhook_id, integration.unique_key
-            ),
+            webhook_url: environment.webhook_url(&state.webhook_base_url, integration.unique_key.as_str()),
             unique_key: integration.unique_key.into(),
             provider: integration.provider,
             display_name: integration.display_name,

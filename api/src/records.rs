@@ -4,12 +4,11 @@
 use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::{Extension, Json};
-use chrono::{DateTime, Utc};
 use hookyard_core::keys::IntegrationKey;
 use hookyard_core::store::records::{decode_cursor, LastAction, RecordQuery, RecordScope, StoredRecord};
 use hookyard_core::store::Environment;
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -33,15 +32,6 @@ pub struct RecordList {
     records: Vec<Value>,
     /// Pass back as `cursor` for the next page; null on the last page.
     next_cursor: Option<String>,
-}
-
-#[derive(Serialize)]
-struct NangoMetadata {
-    first_seen_at: DateTime<Utc>,
-    last_modified_at: DateTime<Utc>,
-    last_action: LastAction,
-    deleted_at: Option<DateTime<Utc>>,
-    cursor: String,
 }
 
 /// The query string, read by hand: `ids` may repeat (`ids=a&ids=b`), which serde's
@@ -119,26 +109,6 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
         .ok_or_else(|| ApiError::invalid(name, "header is required"))
 }
 
-fn render(record: StoredRecord) -> Value {
-    let mut object = match record.payload {
-        Value::Object(map) => map,
-        other => Map::from_iter([("value".to_string(), other)]),
-    };
-    object.insert("id".into(), Value::String(record.id));
-    let metadata = NangoMetadata {
-        first_seen_at: record.first_seen_at,
-        last_modified_at: record.last_modified_at,
-        last_action: record.last_action,
-        deleted_at: record.deleted_at,
-        cursor: record.cursor,
-    };
-    object.insert(
-        "_nango_metadata".into(),
-        serde_json::to_value(metadata).expect("metadata serialises"),
-    );
-    Value::Object(object)
-}
-
 /// A page of a connection's records of one model, in the order they last changed.
 #[utoipa::path(get, operation_id = "list_records", path = "/records", tag = "records",
     params(
@@ -177,7 +147,7 @@ async fn list(
     };
     let page = state.store.list_records(&scope, &query).await?;
     Ok(Json(RecordList {
-        records: page.records.into_iter().map(render).collect(),
+        records: page.records.into_iter().map(StoredRecord::into_nango).collect(),
         next_cursor: page.next_cursor,
     }))
 }

@@ -69,11 +69,7 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
     config.forwarding.allow_loopback = true;
     let api = hookyard_api::Api::new(store.clone(), &config)?;
     let owed_events = api.owed_event_sweep(shutdown.clone());
-    let webhook_url = format!(
-        "{}/webhook/{}/{DEMO_INTEGRATION}",
-        config.webhook_base_url(),
-        environment.webhook_id
-    );
+    let webhook_url = environment.webhook_url(&config.webhook_base_url(), DEMO_INTEGRATION);
     let api_url = format!("http://{}", config.api.listen);
     let metrics_listen = *config.telemetry.metrics_listen.get_or_insert(DEV_METRICS_LISTEN);
     println!(

@@ -124,6 +124,7 @@ pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::e
         mode,
         kind: Kind::Sync,
         notice: None,
+        webhook_base_url: config.webhook_base_url(),
     }));
     let models: Vec<String> = sync.config["models"]
         .as_array()

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use async_nats::jetstream;
 use hookyard_core::store::notices::HeldNotice;
-use hookyard_core::store::records::{RecordScope, WriteCounts, WriteKind};
+use hookyard_core::store::records::{LastAction, RecordQuery, RecordScope, StoredRecord, WriteCounts, WriteKind};
 use hookyard_core::store::syncs::SyncKey;
 use hookyard_core::store::MetadataWrite;
 use hookyard_core::streams::RAW_STREAM;
@@ -130,6 +130,10 @@ pub struct Run {
     /// An exec run's sync notice, kept current by each of its writes (`None`: nothing
     /// forwards, or not an exec run).
     pub notice: Option<HeldNotice>,
+    /// Ingest's address for providers ([`Config::webhook_base_url`]), for `getWebhookURL`.
+    ///
+    /// [`Config::webhook_base_url`]: hookyard_core::config::Config::webhook_base_url
+    pub webhook_base_url: String,
 }
 
 pub struct StoreHost {
@@ -157,6 +161,15 @@ struct WriteArgs {
 #[derive(Deserialize)]
 struct ModelArgs {
     model: String,
+}
+
+/// `getRecordsByIds` sends the ids a hundred at a time.
+const IDS_PER_CALL: usize = 100;
+
+#[derive(Deserialize)]
+struct IdsArgs {
+    model: String,
+    ids: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -224,6 +237,44 @@ impl StoreHost {
                 let api = self.run.api.as_ref().map_err(Clone::clone)?;
                 let response = api.call(request).await?;
                 serde_json::to_string(&response).map_err(|e| e.to_string())
+            }
+            "getToken" => {
+                let api = self.run.api.as_ref().map_err(Clone::clone)?;
+                Ok(api.token().await?.to_string())
+            }
+            "getWebhookURL" => {
+                let key = &self.run.key;
+                let environment = self
+                    .run
+                    .store
+                    .environment_by_id(key.environment_id)
+                    .await
+                    .map_err(store_error)?
+                    .ok_or_else(|| format!("{op}: the environment is gone"))?;
+                let url = environment.webhook_url(&self.run.webhook_base_url, key.integration.as_str());
+                Ok(Value::String(url).to_string())
+            }
+            "getRecordsByIds" => {
+                let args: IdsArgs = serde_json::from_str(args).map_err(parse_error)?;
+                if args.ids.len() > IDS_PER_CALL {
+                    return Err(format!("{op}: at most {IDS_PER_CALL} ids a call"));
+                }
+                // What the cache holds now; deleted records are not there.
+                let query = RecordQuery {
+                    cursor: None,
+                    modified_after: None,
+                    limit: IDS_PER_CALL as u32,
+                    filter: vec![LastAction::Added, LastAction::Updated],
+                    ids: Some(args.ids),
+                };
+                let page = self
+                    .run
+                    .store
+                    .list_records(&self.scope(&args.model), &query)
+                    .await
+                    .map_err(store_error)?;
+                let records: Vec<Value> = page.records.into_iter().map(StoredRecord::into_nango).collect();
+                Ok(Value::Array(records).to_string())
             }
             "pagination" => Ok(self
                 .run

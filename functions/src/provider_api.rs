@@ -102,6 +102,17 @@ impl ProviderApi {
         self.spec.paginate.clone().unwrap_or(Value::Null)
     }
 
+    /// Nango's `getToken`: an OAuth2 connection's access token (refreshed first when it
+    /// expires within the margin), or the credentials of another kind as they are stored.
+    pub async fn token(&self) -> Result<Value, String> {
+        self.refresh_if_expired().await?;
+        match &*self.credentials.lock().await {
+            Some(Credentials::OAuth2 { access_token, .. }) => Ok(Value::String(access_token.clone())),
+            Some(other) => serde_json::to_value(other).map_err(|e| e.to_string()),
+            None => Err(format!("connection {} has no credentials", self.owner.connection_id)),
+        }
+    }
+
     /// One call, with its retries and at most one token refresh.
     pub async fn call(&self, request: ProxyRequest) -> Result<ProxyResponse, String> {
         let url = endpoint_url(&self.base, &request)?;

@@ -667,7 +667,7 @@ import { createOnEvent } from 'nango';
 export default createOnEvent({
   event: 'post-connection-creation',
   exec: async (nango) => {
-    const response = await nango.post({ endpoint: '/webhooks', data: { url: `https://hooks.example/${nango.connectionId}` } });
+    const response = await nango.post({ endpoint: '/webhooks', data: { url: await nango.getWebhookURL() } });
     await nango.updateMetadata({ subscriptionId: response.data.id });
     await nango.log(`registered ${response.data.id}`);
   },
@@ -688,7 +688,10 @@ export default createOnEvent({
 
 #[tokio::test]
 async fn event_functions_register_on_creation_and_unregister_before_deletion() {
-    let s = setup(&[], true).await;
+    let s = setup_on(None, &[], true, |config| {
+        config.ingest.public_url = Some("https://hooks.example/in/".into());
+    })
+    .await;
     s.h.deploy(&[
         ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "true")),
         ("crm/on-events/register.js", REGISTER.to_string()),
@@ -710,11 +713,10 @@ async fn event_functions_register_on_creation_and_unregister_before_deletion() {
         },
     )
     .await;
+    // It registered this environment's webhook URL for the integration.
     let subscriptions = s.crm.subscriptions();
-    assert_eq!(
-        subscriptions.get(&metadata).map(String::as_str),
-        Some("https://hooks.example/c-new")
-    );
+    let webhook_url = format!("https://hooks.example/in/webhook/{}/crm", s.h.environment.webhook_id);
+    assert_eq!(subscriptions.get(&metadata), Some(&webhook_url));
     // Its run was owed from the creation's commit, and is settled now.
     eventually(
         "the post-creation run to be settled",
@@ -818,9 +820,10 @@ async fn a_post_creation_run_its_api_did_not_finish_is_run_by_the_sweep() {
     shutdown.cancel();
     sweep.await.unwrap();
     let subscriptions = s.crm.subscriptions();
+    let webhook_url = s.h.environment.webhook_url(&s.h.config.webhook_base_url(), "crm");
     assert_eq!(
         subscriptions.values().collect::<Vec<_>>(),
-        ["https://hooks.example/c-orphan"],
+        [&webhook_url],
         "the orphan registered once; the claimed one left to its API"
     );
     assert!(subscriptions.contains_key(&subscription));
@@ -933,6 +936,76 @@ async fn checkpoints_carry_over_between_runs_and_reset_forgets_them() {
         connection_id: "c0".into(),
     };
     assert_eq!(s.h.store.checkpoint(&key).await.unwrap(), Some(json!({"runs": 1})));
+}
+
+/// Reads its token and the cache as Nango's exec does, keeping what it saw in metadata.
+const READS: &str = r#"
+import { createSync } from 'nango';
+export default createSync({
+  frequency: 'every hour',
+  autoStart: false,
+  models: { Contact: {} },
+  exec: async (nango) => {
+    const before = await nango.getRecordsByIds(['a', 2], 'Contact');
+    const many = Array.from({ length: 150 }, (_, i) => ({ id: `x${i}`, n: i }));
+    await nango.batchSave([{ id: 'a', n: 1 }, { id: '2', n: 2 }, { id: 'gone', n: 3 }, ...many], 'Contact');
+    await nango.batchDelete([{ id: 'gone' }], 'Contact');
+    const after = await nango.getRecordsByIds(['a', 2, 'gone', 'missing'], 'Contact');
+    const all = await nango.getRecordsByIds(many.map((r) => r.id), 'Contact');
+    await nango.updateMetadata({
+      token: await nango.getToken(),
+      before: before.size,
+      after: [...after.entries()].map(([id, r]) => [id, typeof id, r.n, r._nango_metadata.last_action]),
+      all: all.size,
+    });
+  },
+});
+"#;
+
+#[tokio::test]
+async fn exec_reads_its_token_and_the_records_cache_as_nangos_does() {
+    let s = setup(&[("c-key", json!({}), api_key())], false).await;
+    let (expired, refresh) = s.crm.issue_tokens(true);
+    let oauth = Credentials::OAuth2 {
+        access_token: expired.clone(),
+        refresh_token: Some(refresh),
+        expires_at: Some(Utc::now() - chrono::Duration::seconds(60)),
+        raw: None,
+    };
+    s.h.store
+        .create_connection(&s.h.environment, &connection("c-oauth", json!({}), oauth))
+        .await
+        .unwrap();
+    s.h.deploy(&[("crm/syncs/reads.js", READS.to_string())]).await;
+    for id in ["c-key", "c-oauth"] {
+        let trigger = json!({"syncs": ["reads"], "provider_config_key": "crm", "connection_id": id});
+        assert_eq!(s.post("/sync/trigger", trigger).await.0, 200);
+    }
+    for state in s.run_at(Utc::now(), &["c-key", "c-oauth"]).await {
+        assert_eq!(state.last_outcome.as_deref(), Some("SUCCESS"), "{:?}", state.last_error);
+    }
+    let s = &s;
+    let metadata = |id: &'static str| async move {
+        s.h.store
+            .connection(s.h.environment.id, &"crm".parse().unwrap(), id)
+            .await
+            .unwrap()
+            .unwrap()
+            .metadata
+    };
+    let key = metadata("c-key").await;
+    assert_eq!(key["token"], json!({"type": "API_KEY", "apiKey": API_KEY}));
+    assert_eq!(key["before"], 0);
+    // Keyed by the ids as given (2 stays a number); deleted and missing ones are not there.
+    assert_eq!(
+        key["after"],
+        json!([["a", "string", 1, "ADDED"], [2, "number", 2, "ADDED"]])
+    );
+    assert_eq!(key["all"], 150, "more ids than one call takes");
+    // The expired OAuth2 token was refreshed before it was handed out.
+    let token = metadata("c-oauth").await["token"].as_str().unwrap().to_string();
+    assert!(token.starts_with("access-") && token != expired, "{token}");
+    assert_eq!(s.crm.refreshes(), 1);
 }
 
 #[tokio::test]

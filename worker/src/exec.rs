@@ -60,6 +60,7 @@ pub struct Executor {
     threads: usize,
     /// A run's lease (and its notice's hold); renewed every third of it while it lives.
     lease: Duration,
+    webhook_base_url: String,
 }
 
 impl Executor {
@@ -81,6 +82,7 @@ impl Executor {
             ack_wait: config.worker.ack_wait,
             threads: config.worker.exec_threads,
             lease: config.worker.exec_lease,
+            webhook_base_url: config.webhook_base_url(),
         })
     }
 
@@ -293,6 +295,7 @@ impl Executor {
             mode: Mode::Apply,
             kind: Kind::Sync,
             notice,
+            webhook_base_url: self.webhook_base_url.clone(),
         }));
         let invocation = exec_invocation(&connection, sync.models.clone(), host.clone());
         Ok((host, invocation))

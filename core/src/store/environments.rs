@@ -72,6 +72,13 @@ impl Store {
         row.map(|row| row.open(&self.cipher)).transpose()
     }
 
+    pub async fn environment_by_id(&self, id: i64) -> Result<Option<Environment>, StoreError> {
+        let query = format!("{SELECT} WHERE id = $1");
+        let row: Option<EnvironmentRow> =
+            on_pool!(self, |pool| sqlx::query_as(&query).bind(id).fetch_optional(pool).await)?;
+        row.map(|row| row.open(&self.cipher)).transpose()
+    }
+
     /// The environment whose secret key this is (API authentication).
     pub async fn environment_by_secret_key(&self, secret_key: &str) -> Result<Option<Environment>, StoreError> {
         let query = format!("{SELECT} WHERE secret_key_hash = $1");

@@ -24,6 +24,14 @@ pub struct Environment {
     pub created_at: DateTime<Utc>,
 }
 
+impl Environment {
+    /// Where providers send `integration`'s webhooks, on ingest at `base`
+    /// ([`Config::webhook_base_url`](crate::config::Config::webhook_base_url)).
+    pub fn webhook_url(&self, base: &str, integration: &str) -> String {
+        format!("{base}/webhook/{}/{integration}", self.webhook_id)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Integration {
     pub id: i64,

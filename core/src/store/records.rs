@@ -246,6 +246,27 @@ pub struct StoredRecord {
     pub cursor: String,
 }
 
+impl StoredRecord {
+    /// As Nango's records API gives it: the record's own fields, its `id`, and
+    /// `_nango_metadata`.
+    pub fn into_nango(self) -> Value {
+        let mut object = match self.payload {
+            Value::Object(map) => map,
+            other => serde_json::Map::from_iter([("value".to_string(), other)]),
+        };
+        object.insert("id".into(), Value::String(self.id));
+        let metadata = serde_json::json!({
+            "first_seen_at": self.first_seen_at,
+            "last_modified_at": self.last_modified_at,
+            "last_action": self.last_action,
+            "deleted_at": self.deleted_at,
+            "cursor": self.cursor,
+        });
+        object.insert("_nango_metadata".into(), metadata);
+        Value::Object(object)
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct RecordPage {
     pub records: Vec<StoredRecord>,

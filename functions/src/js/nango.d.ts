@@ -246,6 +246,15 @@ declare module 'nango' {
     getCheckpoint<T extends object = Record<string, unknown>>(): Promise<T | null>;
     saveCheckpoint(checkpoint: Record<string, unknown>): Promise<void>;
     clearCheckpoint(): Promise<void>;
+    /** An OAuth2 connection's access token (refreshed when about to expire); the stored
+     *  credentials of another kind (`{ type: 'API_KEY', apiKey }`, …). */
+    getToken(): Promise<string | Record<string, unknown>>;
+    /** Where the provider sends this integration's webhooks for this environment: to
+     *  register them in a `post-connection-creation` event function. */
+    getWebhookURL(): Promise<string>;
+    /** The cached records of `model` with these ids (deleted ones are not), keyed by the
+     *  ids as given, in their order; each with its `_nango_metadata`. */
+    getRecordsByIds<K extends string | number = string, T = any>(ids: readonly K[], model: string): Promise<Map<K, T>>;
   }
 
   /** A sync: `exec` on its `frequency`, `onWebhook` for its `webhookSubscriptions`. */

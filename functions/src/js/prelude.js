@@ -146,7 +146,8 @@
     return Object.setPrototypeOf(nango, execOnly);
   };
 
-  // What exec adds to `nango`: the provider's API, delete tracking, checkpoints.
+  // What exec adds to `nango`: the provider's API, delete tracking, checkpoints, reads of
+  // the records cache.
   const execApi = (models, setStrategy) => {
     const modelChecked = (model, call) => {
       if (typeof model !== 'string' || (models.size > 0 && !models.has(model))) {
@@ -251,16 +252,33 @@
         host('saveCheckpoint', checkpoint);
       },
       clearCheckpoint: async () => { host('clearCheckpoint', {}); },
+      getToken: async () => host('getToken', {}),
+      getWebhookURL: async () => host('getWebhookURL', {}),
+      // Keyed by the ids as given (Nango's Map), in their order; asked for a hundred at a time.
+      getRecordsByIds: async (ids, model) => {
+        if (!Array.isArray(ids)) throw new TypeError('getRecordsByIds: the ids must be an array');
+        modelChecked(model, 'getRecordsByIds');
+        const given = new Map(ids.map((id) => [String(id), id]));
+        const texts = [...given.keys()];
+        const records = new Map();
+        for (let i = 0; i < texts.length; i += 100) {
+          for (const record of host('getRecordsByIds', { model, ids: texts.slice(i, i + 100) })) {
+            records.set(record.id, record);
+          }
+        }
+        return new Map(texts.filter((text) => records.has(text)).map((text) => [given.get(text), records.get(text)]));
+      },
     };
   };
 
   const execOnly = Object.freeze(
     Object.fromEntries(
       ['proxy', 'get', 'post', 'put', 'patch', 'delete', 'paginate', 'trackDeletesStart', 'trackDeletesEnd',
-        'setMergingStrategy', 'getCheckpoint', 'saveCheckpoint', 'clearCheckpoint'].map((name) => [
+        'setMergingStrategy', 'getCheckpoint', 'saveCheckpoint', 'clearCheckpoint', 'getToken', 'getWebhookURL',
+        'getRecordsByIds'].map((name) => [
         name,
         () => {
-          throw new Error(`${name}: the provider API, checkpoints and delete tracking are only available in exec, not in onWebhook`);
+          throw new Error(`${name}: the provider API, checkpoints, delete tracking and record reads are only available in exec, not in onWebhook`);
         },
       ]),
     ),
