@@ -714,3 +714,65 @@ async fn reseals_under_a_new_key_sqlite() {
     let file = SqliteFile::create();
     reseals_under_a_new_key(&file.url).await;
 }
+
+/// Nango's `lastSyncDate`: the start of the last run that succeeded, kept through a
+/// failed run and one still going, forgotten by a reset with the checkpoint.
+async fn last_sync_date_is_the_start_of_the_last_successful_run(url: &str) {
+    use hookyard_core::store::syncs::RunOutcome;
+    let store = Store::connect(url, test_cipher()).await.unwrap();
+    let dev = store.ensure_environment(&"dev".parse().unwrap()).await.unwrap();
+    assert_eq!(store.environment_by_id(dev.id).await.unwrap(), Some(dev.clone()));
+    assert_eq!(store.environment_by_id(dev.id + 1000).await.unwrap(), None);
+    let key = SyncKey {
+        environment_id: dev.id,
+        integration: "crm".parse().unwrap(),
+        sync: "contacts".into(),
+        connection_id: "c1".into(),
+    };
+    store.ensure_sync_states(&[(key.clone(), true)]).await.unwrap();
+    let last = || store.last_sync_date(&key);
+    assert_eq!(last().await.unwrap(), None, "before the first run");
+    let start = |run_id: &'static str| {
+        let (store, key) = (&store, &key);
+        async move {
+            assert!(store
+                .claim_run(key, run_id, std::time::Duration::from_secs(60))
+                .await
+                .unwrap());
+            store.sync_state(key).await.unwrap().unwrap().last_started_at.unwrap()
+        }
+    };
+    let success = RunOutcome::Success(json!({}));
+
+    let first = start("r1").await;
+    store.finish_run(&key, "r1", &success).await.unwrap();
+    assert_eq!(last().await.unwrap(), Some(first));
+    start("r2").await;
+    store
+        .finish_run(&key, "r2", &RunOutcome::Error("boom".into()))
+        .await
+        .unwrap();
+    assert_eq!(last().await.unwrap(), Some(first), "a failed run does not move it");
+    let third = start("r3").await;
+    assert!(third > first);
+    assert_eq!(last().await.unwrap(), Some(first), "nor does one still going");
+    store.finish_run(&key, "r3", &success).await.unwrap();
+    assert_eq!(last().await.unwrap(), Some(third));
+
+    store.set_checkpoint(&key, Some(&json!({"page": 3}))).await.unwrap();
+    store.reset_sync_progress(&key).await.unwrap();
+    assert_eq!(last().await.unwrap(), None);
+    assert_eq!(store.checkpoint(&key).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn last_sync_date_is_the_start_of_the_last_successful_run_postgres() {
+    let db = PgDatabase::create().await;
+    last_sync_date_is_the_start_of_the_last_successful_run(&db.url).await;
+}
+
+#[tokio::test]
+async fn last_sync_date_is_the_start_of_the_last_successful_run_sqlite() {
+    let file = SqliteFile::create();
+    last_sync_date_is_the_start_of_the_last_successful_run(&file.url).await;
+}

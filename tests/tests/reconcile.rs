@@ -1008,6 +1008,75 @@ async fn exec_reads_its_token_and_the_records_cache_as_nangos_does() {
     assert_eq!(s.crm.refreshes(), 1);
 }
 
+/// Keeps the `lastSyncDate` each run saw in the connection's metadata; fails when told.
+const INCREMENTAL: &str = r#"
+import { createSync } from 'nango';
+export default createSync({
+  frequency: 'every hour',
+  autoStart: false,
+  syncType: 'incremental',
+  models: { Contact: {} },
+  exec: async (nango) => {
+    const meta = await nango.getMetadata();
+    const since = nango.lastSyncDate;
+    if (since !== undefined && !(since instanceof Date)) throw new Error('not a Date');
+    await nango.updateMetadata({ seen: [...(meta.seen ?? []), since?.toISOString() ?? null], fail: false });
+    if (meta.fail) throw new Error('failing as told');
+  },
+});
+"#;
+
+#[tokio::test]
+async fn last_sync_date_is_when_the_last_successful_run_started() {
+    let s = setup(&[("c0", json!({}), api_key())], false).await;
+    s.h.deploy(&[("crm/syncs/incremental.js", INCREMENTAL.to_string())])
+        .await;
+    let run = |reset: bool, fail: bool| {
+        let s = &s;
+        async move {
+            if fail {
+                s.h.store
+                    .set_connection_metadata(
+                        s.h.environment.id,
+                        &"crm".parse().unwrap(),
+                        &["c0".to_string()],
+                        json!({"fail": true}).as_object().unwrap(),
+                        hookyard_core::store::MetadataWrite::Merge,
+                    )
+                    .await
+                    .unwrap();
+            }
+            let trigger = json!({"syncs": ["incremental"], "provider_config_key": "crm", "connection_id": "c0", "opts": {"reset": reset}});
+            assert_eq!(s.post("/sync/trigger", trigger).await.0, 200);
+            let state = s.run_at(Utc::now(), &["c0"]).await.remove(0);
+            assert_eq!(
+                state.last_outcome.as_deref(),
+                Some(if fail { "ERROR" } else { "SUCCESS" })
+            );
+            state
+                .last_started_at
+                .unwrap()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        }
+    };
+    let first = run(false, false).await;
+    let second = run(false, false).await;
+    run(false, true).await;
+    run(false, false).await;
+    run(true, false).await;
+    let connection =
+        s.h.store
+            .connection(s.h.environment.id, &"crm".parse().unwrap(), "c0")
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(
+        connection.metadata["seen"],
+        json!([null, first, second, second, null]),
+        "none at first, then the start of the last success (not of the failed run), none after a reset"
+    );
+}
+
 #[tokio::test]
 async fn a_message_on_hooks_exec_that_is_no_job_is_kept_as_a_dead_letter() {
     let s = setup(&[("c0", json!({}), api_key())], true).await;

@@ -490,9 +490,13 @@ impl Store {
             RunOutcome::Success(counts) => ("SUCCESS", Some(counts.to_string()), None),
             RunOutcome::Error(message) => ("ERROR", None, Some(message.as_str())),
         };
+        // A success is when the sync last caught up: its start, not its end, so that
+        // what changed while it ran is asked for again.
         let sql = format!(
             "UPDATE sync_states SET run_id = NULL, running_until = NULL, last_ended_at = $6,
-                    last_outcome = $7, last_result = COALESCE($8, last_result), last_error = $9
+                    last_outcome = $7, last_result = COALESCE($8, last_result), last_error = $9,
+                    last_success_started_at = CASE WHEN $7 = 'SUCCESS' THEN last_started_at
+                                                   ELSE last_success_started_at END
              WHERE {KEY_MATCH} AND run_id = $5"
         );
         on_pool!(self, |pool| bind_key!(sqlx::query(&sql), key)
@@ -501,6 +505,26 @@ impl Store {
             .bind(label)
             .bind(result.as_deref())
             .bind(error)
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// When the last successful run started (`nango.lastSyncDate`); none before the first
+    /// or after a reset.
+    pub async fn last_sync_date(&self, key: &SyncKey) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let sql = format!("SELECT last_success_started_at FROM sync_states WHERE {KEY_MATCH}");
+        let row: Option<(Option<DateTime<Utc>>,)> = on_pool!(self, |pool| bind_key!(sqlx::query_as(&sql), key)
+            .fetch_optional(pool)
+            .await)?;
+        Ok(row.and_then(|(at,)| at))
+    }
+
+    /// A reset trigger's start from nothing: no checkpoint and no last sync date.
+    pub async fn reset_sync_progress(&self, key: &SyncKey) -> Result<(), StoreError> {
+        let sql = format!("UPDATE sync_states SET checkpoint = NULL, last_success_started_at = NULL WHERE {KEY_MATCH}");
+        on_pool!(self, |pool| bind_key!(sqlx::query(&sql), key)
             .execute(pool)
             .await
             .map(|_| ()))?;

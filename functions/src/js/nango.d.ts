@@ -228,6 +228,8 @@ declare module 'nango' {
 
   /** What `exec` (and an event function) gets: writes applied as they are made, the provider's API. */
   export interface NangoSync extends NangoWebhook {
+    /** When the last successful run started; undefined before the first and after a reset. */
+    readonly lastSyncDate: Date | undefined;
     proxy<T = any>(config: ProxyConfiguration): Promise<ProxyResponse<T>>;
     get<T = any>(config: Omit<ProxyConfiguration, 'method'>): Promise<ProxyResponse<T>>;
     post<T = any>(config: Omit<ProxyConfiguration, 'method'>): Promise<ProxyResponse<T>>;

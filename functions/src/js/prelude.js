@@ -141,7 +141,19 @@
         log(String(level), message, isObject(payload) && 'level' in payload ? undefined : payload);
       },
     };
-    if (hosted) return Object.assign(nango, execApi(models, (s) => { strategy = s; }));
+    if (hosted) {
+      Object.assign(nango, execApi(models, (s) => { strategy = s; }));
+      // Nango's: a Date, or undefined before the first successful run. Asked for once.
+      let lastSyncDate = null;
+      Object.defineProperty(nango, 'lastSyncDate', {
+        enumerable: true,
+        get: () => {
+          if (lastSyncDate === null) lastSyncDate = host('lastSyncDate', {}) ?? undefined;
+          return lastSyncDate === undefined ? undefined : new Date(lastSyncDate);
+        },
+      });
+      return nango;
+    }
     // In onWebhook they exist too (made once, shared), and throw saying they are for exec.
     return Object.setPrototypeOf(nango, execOnly);
   };
