@@ -168,7 +168,6 @@ impl Events {
             kind: Kind::Event,
             notice: None,
             webhook_base_url: self.webhook_base_url.clone(),
-            last_sync_date: None,
         });
         let invocation = exec_invocation(&connection, "[]".into(), Arc::new(host));
         match self.pool.execute(code, invocation).await {

@@ -105,7 +105,6 @@ pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::e
     };
     let catalog = Catalog::embedded()?;
     let (connection, api) = connection_api(&store, &catalog, &key, &config.forwarding).await?;
-    let last_sync_date = store.last_sync_date(&key).await?;
     // A dry run compares against everything stored; a saved run writes at the version
     // a worker would.
     let (jetstream, version, mode) = if args.save {
@@ -126,7 +125,6 @@ pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::e
         kind: Kind::Sync,
         notice: None,
         webhook_base_url: config.webhook_base_url(),
-        last_sync_date,
     }));
     let models: Vec<String> = sync.config["models"]
         .as_array()

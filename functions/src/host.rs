@@ -134,8 +134,6 @@ pub struct Run {
     ///
     /// [`Config::webhook_base_url`]: hookyard_core::config::Config::webhook_base_url
     pub webhook_base_url: String,
-    /// When the sync's last successful run started (`nango.lastSyncDate`).
-    pub last_sync_date: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 pub struct StoreHost {
@@ -240,12 +238,17 @@ impl StoreHost {
                 let response = api.call(request).await?;
                 serde_json::to_string(&response).map_err(|e| e.to_string())
             }
-            // In milliseconds, which is what a JS Date holds and parses.
-            "lastSyncDate" => Ok(json!(self
-                .run
-                .last_sync_date
-                .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
-            .to_string()),
+            "lastSyncDate" => {
+                let at = self
+                    .run
+                    .store
+                    .last_sync_date(&self.run.key)
+                    .await
+                    .map_err(store_error)?;
+                // In milliseconds, which is what a JS Date holds and parses.
+                let text = at.map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+                Ok(json!(text).to_string())
+            }
             "getToken" => {
                 let api = self.run.api.as_ref().map_err(Clone::clone)?;
                 Ok(api.token().await?.to_string())

@@ -286,7 +286,6 @@ impl Executor {
             self.store.reset_sync_progress(key).await.map_err(|e| failed(&e))?;
         }
         let version = raw_version(&self.jetstream).await?;
-        let last_sync_date = self.store.last_sync_date(key).await.map_err(|e| failed(&e))?;
         let host = Arc::new(StoreHost::new(Run {
             store: self.store.clone(),
             jetstream: Some(self.jetstream.clone()),
@@ -297,7 +296,6 @@ impl Executor {
             kind: Kind::Sync,
             notice,
             webhook_base_url: self.webhook_base_url.clone(),
-            last_sync_date,
         }));
         let invocation = exec_invocation(&connection, sync.models.clone(), host.clone());
         Ok((host, invocation))
