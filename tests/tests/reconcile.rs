@@ -180,6 +180,13 @@ impl Setup {
         states
     }
 
+    /// The connection's metadata, as the functions left it.
+    async fn metadata(&self, connection: &str) -> Value {
+        let crm = "crm".parse().unwrap();
+        let stored = self.h.store.connection(self.h.environment.id, &crm, connection).await;
+        stored.unwrap().expect("the connection exists").metadata
+    }
+
     /// The connection's Contact records: id → (email, last action).
     async fn contacts(&self, connection: &str) -> Vec<(String, Value, String)> {
         let mut records: Vec<(String, Value, String)> = self
@@ -984,16 +991,7 @@ async fn exec_reads_its_token_and_the_records_cache_as_nangos_does() {
     for state in s.run_at(Utc::now(), &["c-key", "c-oauth"]).await {
         assert_eq!(state.last_outcome.as_deref(), Some("SUCCESS"), "{:?}", state.last_error);
     }
-    let s = &s;
-    let metadata = |id: &'static str| async move {
-        s.h.store
-            .connection(s.h.environment.id, &"crm".parse().unwrap(), id)
-            .await
-            .unwrap()
-            .unwrap()
-            .metadata
-    };
-    let key = metadata("c-key").await;
+    let key = s.metadata("c-key").await;
     assert_eq!(key["token"], json!({"type": "API_KEY", "apiKey": API_KEY}));
     assert_eq!(key["before"], 0);
     // Keyed by the ids as given (2 stays a number); deleted and missing ones are not there.
@@ -1003,7 +1001,7 @@ async fn exec_reads_its_token_and_the_records_cache_as_nangos_does() {
     );
     assert_eq!(key["all"], 150, "more ids than one call takes");
     // The expired OAuth2 token was refreshed before it was handed out.
-    let token = metadata("c-oauth").await["token"].as_str().unwrap().to_string();
+    let token = s.metadata("c-oauth").await["token"].as_str().unwrap().to_string();
     assert!(token.starts_with("access-") && token != expired, "{token}");
     assert_eq!(s.crm.refreshes(), 1);
 }
@@ -1064,14 +1062,8 @@ async fn last_sync_date_is_when_the_last_successful_run_started() {
     run(false, true).await;
     run(false, false).await;
     run(true, false).await;
-    let connection =
-        s.h.store
-            .connection(s.h.environment.id, &"crm".parse().unwrap(), "c0")
-            .await
-            .unwrap()
-            .unwrap();
     assert_eq!(
-        connection.metadata["seen"],
+        s.metadata("c0").await["seen"],
         json!([null, first, second, second, null]),
         "none at first, then the start of the last success (not of the failed run), none after a reset"
     );
