@@ -660,18 +660,49 @@ async fn exec_calls_its_host_as_it_goes_and_paginates_by_cursor() {
     assert_eq!(saved[1]["records"], json!([{"id": "3", "since": "yesterday"}]));
     assert_eq!(calls[5].1["params"]["cursor"], "p2");
 
-    // onWebhook has no provider API: the call throws.
-    let webhook_only = sync_with("await nango.get({ endpoint: '/x' });");
-    let project = self::project(&[("crm/syncs/hook.js", &webhook_only)]);
-    let error = pool
-        .execute(code(&project, "hook"), invocation(json!({})))
-        .await
-        .expect_err("no host for onWebhook");
-    assert!(
-        error.message.contains("only available in exec, not in onWebhook"),
-        "{}",
-        error.message
-    );
+    // onWebhook has no provider API nor record reads: the call throws.
+    for call in [
+        "get({ endpoint: '/x' })",
+        "getRecordsByIds(['a'], 'Contact')",
+        "getToken()",
+    ] {
+        let webhook_only = sync_with(&format!("await nango.{call};"));
+        let project = self::project(&[("crm/syncs/hook.js", &webhook_only)]);
+        let error = pool
+            .execute(code(&project, "hook"), invocation(json!({})))
+            .await
+            .expect_err("no host for onWebhook");
+        assert!(
+            error.message.contains("only available in exec, not in onWebhook"),
+            "{call}: {}",
+            error.message
+        );
+    }
+    // In exec, getRecordsByIds checks its arguments before asking the host.
+    for (call, expected) in [
+        (
+            "getRecordsByIds('a', 'Contact')",
+            "getRecordsByIds: the ids must be an array",
+        ),
+        (
+            "getRecordsByIds(['a'], 'Deal')",
+            "getRecordsByIds: model \"Deal\" is not one of this sync's models",
+        ),
+    ] {
+        let project = self::project(&[("crm/syncs/reads.js", &exec_sync(&format!("await nango.{call};")))]);
+        let error = pool
+            .execute(
+                code(&project, "reads"),
+                Invocation {
+                    handler: Handler::Exec,
+                    host: Some(Arc::new(FakeHost::default())),
+                    ..invocation(json!(null))
+                },
+            )
+            .await
+            .expect_err("bad arguments");
+        assert!(error.message.contains(expected), "{call}: {}", error.message);
+    }
 }
 
 /// A loaded sync keeps its module-level state between executions, as a module does;

@@ -960,7 +960,7 @@ export default createSync({
     const after = await nango.getRecordsByIds(['a', 2, 'gone', 'missing'], 'Contact');
     const all = await nango.getRecordsByIds(many.map((r) => r.id), 'Contact');
     await nango.updateMetadata({
-      token: await nango.getToken(),
+      token: await nango.getToken().catch((e) => ({ error: e.message })),
       before: before.size,
       after: [...after.entries()].map(([id, r]) => [id, typeof id, r.n, r._nango_metadata.last_action]),
       all: all.size,
@@ -983,12 +983,17 @@ async fn exec_reads_its_token_and_the_records_cache_as_nangos_does() {
         .create_connection(&s.h.environment, &connection("c-oauth", json!({}), oauth))
         .await
         .unwrap();
+    let without = NewConnection {
+        credentials: None,
+        ..connection("c-none", json!({}), api_key())
+    };
+    s.h.store.create_connection(&s.h.environment, &without).await.unwrap();
     s.h.deploy(&[("crm/syncs/reads.js", READS.to_string())]).await;
-    for id in ["c-key", "c-oauth"] {
+    for id in ["c-key", "c-oauth", "c-none"] {
         let trigger = json!({"syncs": ["reads"], "provider_config_key": "crm", "connection_id": id});
         assert_eq!(s.post("/sync/trigger", trigger).await.0, 200);
     }
-    for state in s.run_at(Utc::now(), &["c-key", "c-oauth"]).await {
+    for state in s.run_at(Utc::now(), &["c-key", "c-oauth", "c-none"]).await {
         assert_eq!(state.last_outcome.as_deref(), Some("SUCCESS"), "{:?}", state.last_error);
     }
     let key = s.metadata("c-key").await;
@@ -1004,6 +1009,11 @@ async fn exec_reads_its_token_and_the_records_cache_as_nangos_does() {
     let token = s.metadata("c-oauth").await["token"].as_str().unwrap().to_string();
     assert!(token.starts_with("access-") && token != expired, "{token}");
     assert_eq!(s.crm.refreshes(), 1);
+    // A connection without credentials has no token to give: the call says so.
+    assert_eq!(
+        s.metadata("c-none").await["token"],
+        json!({"error": "connection c-none has no credentials"})
+    );
 }
 
 /// Keeps the `lastSyncDate` each run saw in the connection's metadata; fails when told.
