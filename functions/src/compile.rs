@@ -306,6 +306,16 @@ pub const EVENTS: [&str; 2] = ["post-connection-creation", "pre-connection-delet
 
 /// Reads what a sync or event function declares; the message says which option is wrong.
 fn read_config(export: &Object<'_>) -> Result<serde_json::Value, String> {
+    if export.is_function() {
+        // Nango's older format: the script's default export is `fetchData(nango)` and
+        // nango.yaml holds what createSync now declares.
+        return Err(
+            "its default export is a function (Nango's older nango.yaml format, which is not read): \
+             export default createSync({ exec, onWebhook, models, frequency, webhookSubscriptions }) \
+             with what nango.yaml declared"
+                .into(),
+        );
+    }
     let kind: Option<String> = export.get("type").map_err(|_| "type must be a string".to_string())?;
     let text = |name: &str| -> Result<Option<String>, String> {
         export
@@ -374,17 +384,20 @@ fn read_config(export: &Object<'_>) -> Result<serde_json::Value, String> {
     if !subscriptions.is_empty() && !on_webhook {
         return Err("it subscribes to webhooks (webhookSubscriptions) but has no onWebhook".into());
     }
+    let exec = function("exec")?;
     let auto_start: Option<bool> = export
         .get("autoStart")
         .map_err(|_| "autoStart must be true or false".to_string())?;
     let metadata: Value = export.get("metadata").map_err(|e| e.to_string())?;
     let frequency = text("frequency")?;
-    let exec = function("exec")?;
     if let Some(frequency) = &frequency {
         hookyard_core::frequency::parse_frequency(frequency)?;
         if !exec {
             return Err("it has a frequency but no exec to run on it".into());
         }
+    }
+    if !exec && !on_webhook {
+        return Err("it has neither an exec nor an onWebhook: nothing of it would ever run".into());
     }
     Ok(json!({
         "description": text("description")?,

@@ -287,6 +287,18 @@ fn bad_deploys_name_the_file_and_the_problem() {
             "crm/syncs/a.js: it subscribes to webhooks (webhookSubscriptions) but has no onWebhook",
         ),
         (
+            vec![("crm/syncs/a.js", "export default { models: { Contact: {} } };".into())],
+            "crm/syncs/a.js: it has neither an exec nor an onWebhook: nothing of it would ever run",
+        ),
+        (
+            // Nango's older format: nango.yaml held the configuration.
+            vec![(
+                "crm/syncs/a.js",
+                "export default async function fetchData(nango) {}\nexport async function onWebhookPayloadReceived() {}".into(),
+            )],
+            "crm/syncs/a.js: its default export is a function (Nango's older nango.yaml format, which is not read)",
+        ),
+        (
             vec![("crm/syncs/a.js", "throw new Error('top level');".into())],
             "crm/syncs/a.js: thrown: Error: top level",
         ),
