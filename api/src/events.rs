@@ -25,6 +25,7 @@ use hookyard_core::Store;
 use hookyard_functions::compile::stored_modules;
 use hookyard_functions::host::{connection_api, exec_invocation, Kind, Mode, Run, StoreHost};
 use hookyard_functions::pool::{Pool, SyncCode};
+use hookyard_functions::RecordValidation;
 use tokio_util::sync::CancellationToken;
 
 /// How long an event function may run (and a deletion waits for one).
@@ -169,7 +170,8 @@ impl Events {
             notice: None,
             webhook_base_url: self.webhook_base_url.clone(),
         });
-        let invocation = exec_invocation(&connection, "[]".into(), Arc::new(host));
+        // Event functions write no records: nothing to validate.
+        let invocation = exec_invocation(&connection, "[]".into(), Arc::new(host), RecordValidation::Off);
         match self.pool.execute(code, invocation).await {
             Ok(effects) => Ok(effects.logs.into_iter().map(|l| l.message).collect()),
             Err(error) => Err(error.to_string()),

@@ -130,7 +130,8 @@ pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::e
         .as_array()
         .map(|a| a.iter().filter_map(|m| m.as_str().map(String::from)).collect())
         .unwrap_or_default();
-    let exec = exec_invocation(&connection, serde_json::to_string(&models)?.into(), host.clone());
+    let models = serde_json::to_string(&models)?.into();
+    let exec = exec_invocation(&connection, models, host.clone(), config.worker.validate_records);
     let invocation = match &payload {
         // onWebhook's writes are collected, and applied (or planned) below.
         Some(payload) => Invocation {

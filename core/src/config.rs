@@ -132,6 +132,32 @@ pub struct WorkerConfig {
     /// notification of what it wrote is sent).
     #[serde(with = "humantime_serde")]
     pub exec_lease: Duration,
+    /// What `batchSave` does with a record its model (a zod schema) refuses, in onWebhook
+    /// and exec alike.
+    pub validate_records: RecordValidation,
+}
+
+/// What `batchSave` does with records that do not match their model's zod schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordValidation {
+    /// Not checked (a zod parse per record saved, spared).
+    Off,
+    /// Saved all the same, with a warning in the execution's log, as Nango does.
+    #[default]
+    Warn,
+    /// The call throws: the execution fails, and is retried and dead-lettered like any.
+    Fail,
+}
+
+impl RecordValidation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordValidation::Off => "off",
+            RecordValidation::Warn => "warn",
+            RecordValidation::Fail => "fail",
+        }
+    }
 }
 
 /// Delivery of forwards and sync notifications to customers' apps.
@@ -318,6 +344,7 @@ impl Default for WorkerConfig {
                 timeout: Duration::from_secs(3600),
             },
             exec_lease: Duration::from_secs(90),
+            validate_records: RecordValidation::default(),
         }
     }
 }
@@ -714,6 +741,28 @@ mod tests {
             ] {
                 assert!(message.contains(problem), "{message}");
             }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn record_validation_is_warn_fail_or_off() {
+        Jail::expect_with(|jail| {
+            assert_eq!(
+                Config::load().expect("valid").worker.validate_records,
+                RecordValidation::Warn
+            );
+            jail.set_env("HOOKYARD_WORKER__VALIDATE_RECORDS", "fail");
+            assert_eq!(
+                Config::load().expect("valid").worker.validate_records,
+                RecordValidation::Fail
+            );
+            jail.set_env("HOOKYARD_WORKER__VALIDATE_RECORDS", "strict");
+            let message = Config::load().unwrap_err().to_string();
+            assert!(
+                message.contains("HOOKYARD_WORKER__VALIDATE_RECORDS: unknown value `strict` (one of: off, warn, fail)"),
+                "{message}"
+            );
             Ok(())
         });
     }

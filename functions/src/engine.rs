@@ -18,6 +18,9 @@ use crate::{Effects, ErrorKind, FunctionError, Handler, Invocation, Limits, LogL
 pub(crate) struct Loaded {
     on_webhook: Option<Persistent<Function<'static>>>,
     exec: Option<Persistent<Function<'static>>>,
+    /// The export's `models` (zod schemas by name, when they are), for `batchSave` to
+    /// check records against.
+    models: Persistent<Value<'static>>,
     run: Persistent<Function<'static>>,
     sandbox: Sandbox,
 }
@@ -30,10 +33,12 @@ impl Loaded {
         limits: &Limits,
     ) -> Result<Loaded, FunctionError> {
         let sandbox = Sandbox::new(code, limits)?;
-        let (on_webhook, exec, run) = sandbox.context.with(|ctx| {
+        let (on_webhook, exec, models, run) = sandbox.context.with(|ctx| {
             let export = evaluate_entry(&ctx, &sandbox, entry, limits)?;
             let handler = |name: &str| export.get::<_, Function>(name).ok().map(|h| Persistent::save(&ctx, h));
             let (on_webhook, exec) = (handler("onWebhook"), handler("exec"));
+            let models: Value = export.get("models").map_err(internal)?;
+            let models = Persistent::save(&ctx, models);
             let engine: Object = ctx
                 .globals()
                 .get("__hookyard")
@@ -41,11 +46,12 @@ impl Loaded {
             let run: Function = engine
                 .get("run")
                 .map_err(|e| FunctionError::new(ErrorKind::Internal, format!("engine runner missing: {e}")))?;
-            Ok::<_, FunctionError>((on_webhook, exec, Persistent::save(&ctx, run)))
+            Ok::<_, FunctionError>((on_webhook, exec, models, Persistent::save(&ctx, run)))
         })?;
         Ok(Loaded {
             on_webhook,
             exec,
+            models,
             run,
             sandbox,
         })
@@ -78,8 +84,9 @@ impl Loaded {
         let result = self.sandbox.context.with(|ctx| {
             let handler = handler.clone().restore(&ctx).map_err(internal)?;
             let run = self.run.clone().restore(&ctx).map_err(internal)?;
+            let models = self.models.clone().restore(&ctx).map_err(internal)?;
             // More arguments than a tuple carries.
-            let mut args = Args::new(ctx.clone(), 8);
+            let mut args = Args::new(ctx.clone(), 10);
             let pushed = (|| {
                 args.push_arg(handler)?;
                 for text in [
@@ -92,7 +99,9 @@ impl Loaded {
                 ] {
                     args.push_arg(text)?;
                 }
-                args.push_arg(invocation.host.is_some())
+                args.push_arg(invocation.host.is_some())?;
+                args.push_arg(models)?;
+                args.push_arg(invocation.validation.as_str())
             })();
             pushed.map_err(internal)?;
             let outcome = run

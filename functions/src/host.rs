@@ -501,6 +501,7 @@ pub fn exec_invocation(
     connection: &Connection,
     models: std::sync::Arc<str>,
     host: std::sync::Arc<dyn Host>,
+    validation: crate::RecordValidation,
 ) -> crate::Invocation {
     let (metadata, described) = connection_texts(connection);
     crate::Invocation {
@@ -512,6 +513,7 @@ pub fn exec_invocation(
         models,
         handler: crate::Handler::Exec,
         host: Some(host),
+        validation,
     }
 }
 

@@ -26,6 +26,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 pub use hookyard_core::config::FunctionLimits as Limits;
+pub use hookyard_core::config::RecordValidation;
 
 /// Names the engine that wrote a bundle's bytecode; a bundle written by another one is
 /// compiled again from its sources.
@@ -146,6 +147,8 @@ pub struct Invocation {
     pub handler: Handler,
     /// For [`Handler::Exec`]: what its `nango` calls out to.
     pub host: Option<Arc<dyn Host>>,
+    /// Whether `batchSave` checks records against their model's zod schema.
+    pub validation: RecordValidation,
 }
 
 impl std::fmt::Debug for dyn Host {

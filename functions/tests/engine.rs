@@ -8,7 +8,7 @@ use hookyard_core::store::records::WriteKind;
 use hookyard_core::store::MetadataWrite;
 use hookyard_functions::compile::{compile_project, Project};
 use hookyard_functions::pool::{Pool, SyncCode};
-use hookyard_functions::{ErrorKind, Handler, Host, Invocation, Limits};
+use hookyard_functions::{ErrorKind, Handler, Host, Invocation, Limits, RecordValidation};
 use serde_json::json;
 use std::sync::Mutex;
 
@@ -64,6 +64,7 @@ fn invocation(payload: serde_json::Value) -> Invocation {
         models: json!(["Contact"]).to_string().into(),
         handler: Default::default(),
         host: None,
+        validation: Default::default(),
     }
 }
 
@@ -504,6 +505,55 @@ export default createSync({
         error.message.starts_with("ZodError: ") && error.message.contains("Invalid email address"),
         "{error}"
     );
+}
+
+/// batchSave checks records against a zod model as Nango does: a warning by default, a
+/// failure when asked, nothing when off; batchUpdate (partial records) and models that
+/// are not schemas are not checked.
+#[tokio::test]
+async fn saved_records_are_checked_against_their_zod_model() {
+    let sync = "import { createSync } from 'nango';
+import * as z from 'zod';
+const Contact = z.object({ id: z.string(), email: z.email().nullable() });
+export default createSync({
+  models: { Contact, Note: {} },
+  webhookSubscriptions: ['*'],
+  onWebhook: async (nango) => {
+    await nango.batchSave([{ id: 'c1', email: null }, { id: 'c2', email: 'nope' }, { id: 3, email: null }], 'Contact');
+    await nango.batchUpdate([{ id: 'c1' }], 'Contact');
+    await nango.batchSave([{ id: 'n1', anything: true }], 'Note');
+  },
+});
+";
+    let project = project(&[("crm/syncs/contacts.ts", sync)]);
+    let pool = Pool::new(1, limits());
+    let run = |validation| {
+        let mut run = invocation(json!({}));
+        run.models = json!(["Contact", "Note"]).to_string().into();
+        run.validation = validation;
+        pool.execute(code(&project, "contacts"), run)
+    };
+    let warned = run(RecordValidation::Warn).await.unwrap();
+    assert_eq!(warned.writes[0].records.len(), 3, "saved all the same");
+    let warnings: Vec<&str> = warned
+        .logs
+        .iter()
+        .filter(|l| l.level == "warn")
+        .map(|l| l.message.as_str())
+        .collect();
+    assert_eq!(
+        warnings,
+        ["batchSave: 2 of 3 record(s) do not match the Contact model; the first, id \"c2\": email: Invalid email address"]
+    );
+    let failed = run(RecordValidation::Fail).await.unwrap_err();
+    assert_eq!(failed.kind, ErrorKind::Thrown);
+    assert!(
+        failed.message.starts_with("TypeError: batchSave: 2 of 3 record(s)"),
+        "{failed}"
+    );
+    let off = run(RecordValidation::Off).await.unwrap();
+    assert!(off.logs.is_empty(), "{:?}", off.logs);
+    assert_eq!(off.writes.len(), 3);
 }
 
 /// A Nango project's actions deploy with it, are named, and are not run.

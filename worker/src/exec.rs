@@ -61,6 +61,7 @@ pub struct Executor {
     /// A run's lease (and its notice's hold); renewed every third of it while it lives.
     lease: Duration,
     webhook_base_url: String,
+    validation: hookyard_functions::RecordValidation,
 }
 
 impl Executor {
@@ -83,6 +84,7 @@ impl Executor {
             threads: config.worker.exec_threads,
             lease: config.worker.exec_lease,
             webhook_base_url: config.webhook_base_url(),
+            validation: config.worker.validate_records,
         })
     }
 
@@ -297,7 +299,7 @@ impl Executor {
             notice,
             webhook_base_url: self.webhook_base_url.clone(),
         }));
-        let invocation = exec_invocation(&connection, sync.models.clone(), host.clone());
+        let invocation = exec_invocation(&connection, sync.models.clone(), host.clone(), self.validation);
         Ok((host, invocation))
     }
 }

@@ -601,6 +601,7 @@ impl Worker {
                 models: task.sync.models.clone(),
                 handler: Default::default(),
                 host: None,
+                validation: self.config.validate_records,
             };
             runnable.push((task, invocation));
         }

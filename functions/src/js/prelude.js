@@ -102,9 +102,31 @@
       // does with its objects afterwards.
       return JSON.stringify(records);
     };
+    // batchSave's records against their model, when it is a zod schema: as Nango does, a
+    // warning in the log, or (validation 'fail') the call throws.
+    const validated = (records, model, call) => {
+      const schema = input.validation === 'off' || !isObject(input.schemas) ? undefined : input.schemas[model];
+      if (typeof schema?.safeParse !== 'function') return;
+      let invalid = 0;
+      let first;
+      for (const record of records) {
+        const result = schema.safeParse(record);
+        if (!result.success) {
+          invalid += 1;
+          first ??= { id: record.id, issue: result.error.issues[0] ?? { path: [], message: 'invalid' } };
+        }
+      }
+      if (invalid === 0) return;
+      const where = first.issue.path.length > 0 ? first.issue.path.join('.') : 'the record';
+      const message = `${call}: ${invalid} of ${records.length} record(s) do not match the ${model} model; ` +
+        `the first, id ${JSON.stringify(first.id)}: ${where}: ${first.issue.message}`;
+      if (input.validation === 'fail') throw new TypeError(message);
+      log('warn', message);
+    };
     let strategy = 'ignore_if_modified_after';
     const write = (kind, call) => async (records, model) => {
       const json = `{"kind":"${kind}","model":${JSON.stringify(model)},"records":${checked(records, model, call)}}`;
+      if (kind === 'save') validated(records, model, call);
       if (hosted) {
         // Applied now, as Nango's batchSave does: a long exec does not hold its records.
         host('write', `{"strategy":"${strategy}",${json.slice(1)}`);
@@ -297,11 +319,11 @@
   );
 
   const engine = {
-    run: async (handler, payload, connectionId, providerConfigKey, metadata, connection, models, hosted) => {
+    run: async (handler, payload, connectionId, providerConfigKey, metadata, connection, models, hosted, schemas, validation) => {
       const effects = { writes: [], metadata: [], logs: [] };
       current = effects;
       timers = [];
-      const input = { connectionId, providerConfigKey, metadata, connection, models: modelsOf(models) };
+      const input = { connectionId, providerConfigKey, metadata, connection, models: modelsOf(models), schemas, validation };
       const nango = makeNango(input, effects, hosted);
       if (hosted) await handler(nango);
       else await handler(nango, JSON.parse(payload));
