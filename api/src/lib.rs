@@ -9,6 +9,7 @@
 mod auth;
 mod connections;
 mod dead_letters;
+mod environment_variables;
 mod error;
 mod events;
 mod fields;
@@ -71,7 +72,7 @@ pub struct Success {
     info(title = "hookyard", description = "hookyard's control plane: integrations, connections, records and function deploys."),
     modifiers(&BearerAuth),
     security(("secret_key" = [])),
-    tags((name = "integrations"), (name = "connections"), (name = "records"), (name = "functions"), (name = "forwarding"), (name = "syncs"), (name = "dead letters"), (name = "replay"), (name = "logs"))
+    tags((name = "integrations"), (name = "connections"), (name = "records"), (name = "functions"), (name = "forwarding"), (name = "environment variables"), (name = "syncs"), (name = "dead letters"), (name = "replay"), (name = "logs"))
 )]
 struct ApiDoc;
 
@@ -146,6 +147,7 @@ fn routes(store: Store, catalog: Arc<Catalog>, events: Arc<events::Events>, conf
         .merge(records::routes())
         .merge(functions::routes())
         .merge(forwarding::routes())
+        .merge(environment_variables::routes())
         .merge(syncs::routes())
         .merge(dead_letters::routes())
         .merge(replays::routes())

@@ -42,6 +42,7 @@ pub enum Purpose {
     OAuthClientSecret,
     Credentials,
     ForwardSigningKey,
+    EnvironmentVariable,
 }
 
 impl Purpose {
@@ -53,6 +54,7 @@ impl Purpose {
             Purpose::OAuthClientSecret => "integration OAuth2 client secret",
             Purpose::Credentials => "connection credentials",
             Purpose::ForwardSigningKey => "forwarding signing key",
+            Purpose::EnvironmentVariable => "environment variable",
         }
     }
 }

@@ -5,8 +5,8 @@ use hookyard_core::store::connection_events::POST_CREATION;
 use hookyard_core::store::forwarding::DeliveryAttempt;
 use hookyard_core::store::syncs::SyncKey;
 use hookyard_core::store::{
-    Backend, ConnectionQuery, Credentials, Environment, IntegrationChanges, MetadataWrite, NewConnection,
-    NewIntegration, Store, StoreError,
+    Backend, ConnectionQuery, Credentials, Environment, EnvironmentVariable, IntegrationChanges, MetadataWrite,
+    NewConnection, NewIntegration, Store, StoreError,
 };
 use hookyard_testkit::{raw_execute, raw_texts, test_cipher, PgDatabase, SqliteFile};
 use serde_json::json;
@@ -600,6 +600,11 @@ async fn reseals_under_a_new_key(url: &str) {
         .set_forwarding(dev.id, ForwardingScope::Environment, &forwarding)
         .await
         .unwrap();
+    let variable = EnvironmentVariable {
+        name: "TEAM_ID".into(),
+        value: "team-1".into(),
+    };
+    store.set_environment_variables(dev.id, &[variable]).await.unwrap();
     let everything = |store: Store| async move {
         let env = store.environments().await?.remove(0);
         let integration = store.existing_integration(env.id, &"crm".parse().unwrap()).await?;
@@ -608,7 +613,8 @@ async fn reseals_under_a_new_key(url: &str) {
             .await?
             .expect("the connection");
         let forwarding = store.forwarding(env.id, ForwardingScope::Environment).await?;
-        Ok::<_, StoreError>((env, integration, connection.credentials, forwarding))
+        let variables = store.environment_variables(env.id).await?;
+        Ok::<_, StoreError>((env, integration, connection.credentials, forwarding, variables))
     };
     let before = everything(store.clone()).await.unwrap();
     let sealed = || raw_texts(url, "SELECT credentials FROM connections ORDER BY id");
@@ -624,7 +630,7 @@ async fn reseals_under_a_new_key(url: &str) {
     let old_texts = sealed().await;
     let mut heard = 0;
     let planned = changing.reseal(true, |_| heard += 1).await.unwrap();
-    assert!(heard >= 6, "progress for each column");
+    assert!(heard >= 7, "progress for each column");
     assert_eq!(sealed().await, old_texts, "a dry run writes nothing");
     let counts = |report: &[hookyard_core::store::reseal::Resealed]| {
         report
@@ -642,6 +648,7 @@ async fn reseals_under_a_new_key(url: &str) {
             ("integrations.oauth_client_secret", 1),
             ("connections.credentials", connections),
             ("forwarding.signing_key", 1),
+            ("environment_variables.value", 1),
         ]
         .map(|(column, total)| {
             let (resealed, current) = if stale { (total, 0) } else { (0, total) };
@@ -775,4 +782,67 @@ async fn last_sync_date_is_the_start_of_the_last_successful_run_postgres() {
 async fn last_sync_date_is_the_start_of_the_last_successful_run_sqlite() {
     let file = SqliteFile::create();
     last_sync_date_is_the_start_of_the_last_successful_run(&file.url).await;
+}
+
+/// An environment's variables: replaced as a whole, sealed at rest, kept apart from
+/// other environments', gone with their environment.
+async fn environment_variables_are_replaced_whole_and_sealed(url: &str) {
+    let store = Store::connect(url, test_cipher()).await.unwrap();
+    let dev = store.ensure_environment(&"dev".parse().unwrap()).await.unwrap();
+    let prod = store.ensure_environment(&"prod".parse().unwrap()).await.unwrap();
+    let variable = |name: &str, value: &str| EnvironmentVariable {
+        name: name.into(),
+        value: value.into(),
+    };
+    assert_eq!(store.environment_variables(dev.id).await.unwrap(), []);
+    let first = [variable("TEAM_ID", "team-1"), variable("API_TOKEN", "s3cret-token")];
+    store.set_environment_variables(dev.id, &first).await.unwrap();
+    store
+        .set_environment_variables(prod.id, &[variable("TEAM_ID", "team-prod")])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.environment_variables(dev.id).await.unwrap(),
+        [variable("API_TOKEN", "s3cret-token"), variable("TEAM_ID", "team-1")],
+        "by name"
+    );
+    let stored = raw_texts(url, "SELECT value FROM environment_variables").await;
+    assert!(
+        stored.iter().all(|v| !v.contains("s3cret") && !v.contains("team")),
+        "sealed at rest: {stored:?}"
+    );
+    store
+        .set_environment_variables(dev.id, &[variable("TEAM_ID", "team-2")])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.environment_variables(dev.id).await.unwrap(),
+        [variable("TEAM_ID", "team-2")]
+    );
+    assert_eq!(
+        store.environment_variables(prod.id).await.unwrap(),
+        [variable("TEAM_ID", "team-prod")],
+        "another environment's are its own"
+    );
+    store.set_environment_variables(dev.id, &[]).await.unwrap();
+    assert_eq!(store.environment_variables(dev.id).await.unwrap(), []);
+    let twice = [variable("A", "1"), variable("A", "2")];
+    assert!(store.set_environment_variables(prod.id, &twice).await.is_err());
+    assert_eq!(
+        store.environment_variables(prod.id).await.unwrap(),
+        [variable("TEAM_ID", "team-prod")],
+        "a failed replacement changes nothing"
+    );
+}
+
+#[tokio::test]
+async fn environment_variables_are_replaced_whole_and_sealed_postgres() {
+    let db = PgDatabase::create().await;
+    environment_variables_are_replaced_whole_and_sealed(&db.url).await;
+}
+
+#[tokio::test]
+async fn environment_variables_are_replaced_whole_and_sealed_sqlite() {
+    let file = SqliteFile::create();
+    environment_variables_are_replaced_whole_and_sealed(&file.url).await;
 }

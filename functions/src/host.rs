@@ -249,6 +249,15 @@ impl StoreHost {
                 let text = at.map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
                 Ok(json!(text).to_string())
             }
+            "getEnvironmentVariables" => {
+                let variables = self
+                    .run
+                    .store
+                    .environment_variables(self.run.key.environment_id)
+                    .await
+                    .map_err(store_error)?;
+                serde_json::to_string(&variables).map_err(|e| e.to_string())
+            }
             "getToken" => {
                 let api = self.run.api.as_ref().map_err(Clone::clone)?;
                 Ok(api.token().await?.to_string())

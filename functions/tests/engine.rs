@@ -727,6 +727,7 @@ async fn exec_calls_its_host_as_it_goes_and_paginates_by_cursor() {
         "get({ endpoint: '/x' })",
         "getRecordsByIds(['a'], 'Contact')",
         "getToken()",
+        "getEnvironmentVariables()",
     ] {
         let webhook_only = sync_with(&format!("await nango.{call};"));
         let project = self::project(&[("crm/syncs/hook.js", &webhook_only)]);

@@ -83,6 +83,56 @@ async fn every_route(database_url: &str) {
     records(&api).await;
     isolation(&api).await;
     deletes(&api).await;
+    environment_variables(&api).await;
+}
+
+/// Replaced as a whole, read back by name, each environment's its own; a bad list
+/// changes nothing and says which variable is wrong.
+async fn environment_variables(api: &Api) {
+    let path = "/environment-variables";
+    let empty = api.ok(api.dev(Method::GET, path), StatusCode::OK).await;
+    assert_eq!(empty, json!({"data": []}));
+    let set = json!({"variables": [{"name": "TEAM_ID", "value": "t-1"}, {"name": "API_TOKEN", "value": "s3cret"}]});
+    let answered = api.ok(api.dev(Method::PUT, path).json(&set), StatusCode::OK).await;
+    let expected = json!({"data": [{"name": "API_TOKEN", "value": "s3cret"}, {"name": "TEAM_ID", "value": "t-1"}]});
+    assert_eq!(answered, expected);
+    assert_eq!(api.ok(api.dev(Method::GET, path), StatusCode::OK).await, expected);
+    let prod = api.ok(api.as_env(&api.prod, Method::GET, path), StatusCode::OK).await;
+    assert_eq!(prod, json!({"data": []}), "another environment's are its own");
+    for (bad, problem) in [
+        (
+            json!({"variables": [{"name": "1ST", "value": "x"}]}),
+            "\"1ST\" is not a name",
+        ),
+        (
+            json!({"variables": [{"name": "A-B", "value": "x"}]}),
+            "\"A-B\" is not a name",
+        ),
+        (
+            json!({"variables": [{"name": "A", "value": "x"}, {"name": "A", "value": "y"}]}),
+            "A is given twice",
+        ),
+        (
+            json!({"variables": [{"name": "A", "value": "x".repeat(40_000)}]}),
+            "A: the value is over",
+        ),
+        (json!({"variables": [{"name": "A"}]}), "value"),
+    ] {
+        let response = api.dev(Method::PUT, path).json(&bad).send().await.unwrap();
+        assert_bad_field(response, problem).await;
+    }
+    assert_eq!(
+        api.ok(api.dev(Method::GET, path), StatusCode::OK).await,
+        expected,
+        "unchanged"
+    );
+    let cleared = api
+        .ok(
+            api.dev(Method::PUT, path).json(&json!({"variables": []})),
+            StatusCode::OK,
+        )
+        .await;
+    assert_eq!(cleared, json!({"data": []}));
 }
 
 #[tokio::test]
@@ -925,6 +975,8 @@ async fn openapi_document_is_valid_and_lists_every_route() {
         "PUT /connections/{connection_id}/forwarding",
         "GET /connection/{connection_id}/forwarding",
         "PUT /connection/{connection_id}/forwarding",
+        "GET /environment-variables",
+        "PUT /environment-variables",
         "POST /sync/trigger",
         "POST /sync/pause",
         "POST /sync/start",

@@ -960,6 +960,7 @@ export default createSync({
     const after = await nango.getRecordsByIds(['a', 2, 'gone', 'missing'], 'Contact');
     const all = await nango.getRecordsByIds(many.map((r) => r.id), 'Contact');
     await nango.updateMetadata({
+      variables: await nango.getEnvironmentVariables(),
       token: await nango.getToken().catch((e) => ({ error: e.message })),
       before: before.size,
       after: [...after.entries()].map(([id, r]) => [id, typeof id, r.n, r._nango_metadata.last_action]),
@@ -989,6 +990,14 @@ async fn exec_reads_its_token_and_the_records_cache_as_nangos_does() {
     };
     s.h.store.create_connection(&s.h.environment, &without).await.unwrap();
     s.h.deploy(&[("crm/syncs/reads.js", READS.to_string())]).await;
+    let variable = hookyard_core::store::EnvironmentVariable {
+        name: "TEAM_ID".into(),
+        value: "team-1".into(),
+    };
+    s.h.store
+        .set_environment_variables(s.h.environment.id, &[variable])
+        .await
+        .unwrap();
     for id in ["c-key", "c-oauth", "c-none"] {
         let trigger = json!({"syncs": ["reads"], "provider_config_key": "crm", "connection_id": id});
         assert_eq!(s.post("/sync/trigger", trigger).await.0, 200);
@@ -998,6 +1007,7 @@ async fn exec_reads_its_token_and_the_records_cache_as_nangos_does() {
     }
     let key = s.metadata("c-key").await;
     assert_eq!(key["token"], json!({"type": "API_KEY", "apiKey": API_KEY}));
+    assert_eq!(key["variables"], json!([{"name": "TEAM_ID", "value": "team-1"}]));
     assert_eq!(key["before"], 0);
     // Keyed by the ids as given (2 stays a number); deleted and missing ones are not there.
     assert_eq!(

@@ -3,7 +3,7 @@
 use chrono::Utc;
 
 use super::model::EnvironmentRow;
-use super::{random_key, Environment, Pool, Store, StoreError};
+use super::{random_key, Environment, EnvironmentVariable, Pool, Store, StoreError};
 use crate::keys::EnvironmentName;
 use crate::secrets::{key_hash, Purpose};
 
@@ -77,6 +77,49 @@ impl Store {
         let row: Option<EnvironmentRow> =
             on_pool!(self, |pool| sqlx::query_as(&query).bind(id).fetch_optional(pool).await)?;
         row.map(|row| row.open(&self.cipher)).transpose()
+    }
+
+    /// The environment's variables, by name (byte order: the same on both back ends,
+    /// whatever Postgres' collation).
+    pub async fn environment_variables(&self, environment_id: i64) -> Result<Vec<EnvironmentVariable>, StoreError> {
+        let rows: Vec<(String, String)> = on_pool!(self, |pool| sqlx::query_as(
+            "SELECT name, value FROM environment_variables WHERE environment_id = $1"
+        )
+        .bind(environment_id)
+        .fetch_all(pool)
+        .await)?;
+        let mut variables = rows
+            .into_iter()
+            .map(|(name, sealed)| {
+                let value = self.cipher.open(Purpose::EnvironmentVariable, &sealed)?;
+                Ok(EnvironmentVariable { name, value })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        variables.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(variables)
+    }
+
+    /// Replaces the environment's variables with `variables` (names unique), at once.
+    pub async fn set_environment_variables(
+        &self,
+        environment_id: i64,
+        variables: &[EnvironmentVariable],
+    ) -> Result<(), StoreError> {
+        in_transaction!(self, |tx| {
+            sqlx::query("DELETE FROM environment_variables WHERE environment_id = $1")
+                .bind(environment_id)
+                .execute(&mut *tx)
+                .await?;
+            for variable in variables {
+                sqlx::query("INSERT INTO environment_variables (environment_id, name, value) VALUES ($1, $2, $3)")
+                    .bind(environment_id)
+                    .bind(&variable.name)
+                    .bind(self.cipher.seal(Purpose::EnvironmentVariable, &variable.value))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Ok::<_, StoreError>(())
+        })
     }
 
     /// The environment whose secret key this is (API authentication).

@@ -17,8 +17,8 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 pub use model::{
-    Connection, ConnectionQuery, Credentials, Environment, Integration, IntegrationChanges, NewConnection,
-    NewIntegration,
+    Connection, ConnectionQuery, Credentials, Environment, EnvironmentVariable, Integration, IntegrationChanges,
+    NewConnection, NewIntegration,
 };
 
 use crate::secrets::{Cipher, SecretError};

@@ -32,6 +32,13 @@ impl Environment {
     }
 }
 
+/// One of an environment's variables (`nango.getEnvironmentVariables()`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct EnvironmentVariable {
+    pub name: String,
+    pub value: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Integration {
     pub id: i64,

@@ -15,7 +15,7 @@ struct SealedColumn {
     id: Option<&'static str>,
 }
 
-const SEALED: [SealedColumn; 6] = [
+const SEALED: [SealedColumn; 7] = [
     SealedColumn {
         table: "environments",
         column: "secret_key",
@@ -50,6 +50,12 @@ const SEALED: [SealedColumn; 6] = [
         table: "forwarding",
         column: "signing_key",
         purpose: Purpose::ForwardSigningKey,
+        id: None,
+    },
+    SealedColumn {
+        table: "environment_variables",
+        column: "value",
+        purpose: Purpose::EnvironmentVariable,
         id: None,
     },
 ];
@@ -202,6 +208,7 @@ mod tests {
             Purpose::OAuthClientSecret,
             Purpose::Credentials,
             Purpose::ForwardSigningKey,
+            Purpose::EnvironmentVariable,
         ];
         for purpose in all {
             match purpose {
@@ -210,7 +217,8 @@ mod tests {
                 | Purpose::WebhookSecret
                 | Purpose::OAuthClientSecret
                 | Purpose::Credentials
-                | Purpose::ForwardSigningKey => {}
+                | Purpose::ForwardSigningKey
+                | Purpose::EnvironmentVariable => {}
             }
             let named = format!("{purpose:?}");
             assert!(

@@ -287,6 +287,8 @@
       },
       clearCheckpoint: async () => { host('clearCheckpoint', {}); },
       getToken: async () => host('getToken', {}),
+      // Nango's: [{ name, value }], set through PUT /environment-variables.
+      getEnvironmentVariables: async () => host('getEnvironmentVariables', {}),
       getWebhookURL: async () => host('getWebhookURL', {}),
       // Keyed by the ids as given (Nango's Map), in their order; asked for a hundred at a time.
       getRecordsByIds: async (ids, model) => {
@@ -309,7 +311,7 @@
     Object.fromEntries(
       ['proxy', 'get', 'post', 'put', 'patch', 'delete', 'paginate', 'trackDeletesStart', 'trackDeletesEnd',
         'setMergingStrategy', 'getCheckpoint', 'saveCheckpoint', 'clearCheckpoint', 'getToken', 'getWebhookURL',
-        'getRecordsByIds'].map((name) => [
+        'getRecordsByIds', 'getEnvironmentVariables'].map((name) => [
         name,
         () => {
           throw new Error(`${name}: the provider API, checkpoints, delete tracking and record reads are only available in exec, not in onWebhook`);
