@@ -138,6 +138,7 @@ pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::e
             payload: payload.to_string().into(),
             handler: Handler::OnWebhook,
             host: None,
+            environment_variables: serde_json::to_string(&store.environment_variables(environment.id).await?)?.into(),
             ..exec
         },
         None => exec,

@@ -86,7 +86,7 @@ impl Loaded {
             let run = self.run.clone().restore(&ctx).map_err(internal)?;
             let models = self.models.clone().restore(&ctx).map_err(internal)?;
             // More arguments than a tuple carries.
-            let mut args = Args::new(ctx.clone(), 10);
+            let mut args = Args::new(ctx.clone(), 11);
             let pushed = (|| {
                 args.push_arg(handler)?;
                 for text in [
@@ -101,7 +101,8 @@ impl Loaded {
                 }
                 args.push_arg(invocation.host.is_some())?;
                 args.push_arg(models)?;
-                args.push_arg(invocation.validation.as_str())
+                args.push_arg(invocation.validation.as_str())?;
+                args.push_arg(&*invocation.environment_variables)
             })();
             pushed.map_err(internal)?;
             let outcome = run

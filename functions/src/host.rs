@@ -523,6 +523,7 @@ pub fn exec_invocation(
         handler: crate::Handler::Exec,
         host: Some(host),
         validation,
+        environment_variables: "[]".into(),
     }
 }
 

@@ -149,6 +149,9 @@ pub struct Invocation {
     pub host: Option<Arc<dyn Host>>,
     /// Whether `batchSave` checks records against their model's zod schema.
     pub validation: RecordValidation,
+    /// The environment's variables as JSON, for onWebhook's `getEnvironmentVariables()`
+    /// (exec asks its host, for them as they are now).
+    pub environment_variables: Arc<str>,
 }
 
 impl std::fmt::Debug for dyn Host {

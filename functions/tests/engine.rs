@@ -65,6 +65,7 @@ fn invocation(payload: serde_json::Value) -> Invocation {
         handler: Default::default(),
         host: None,
         validation: Default::default(),
+        environment_variables: json!([{"name": "TEAM_ID", "value": "team-1"}]).to_string().into(),
     }
 }
 
@@ -727,7 +728,6 @@ async fn exec_calls_its_host_as_it_goes_and_paginates_by_cursor() {
         "get({ endpoint: '/x' })",
         "getRecordsByIds(['a'], 'Contact')",
         "getToken()",
-        "getEnvironmentVariables()",
     ] {
         let webhook_only = sync_with(&format!("await nango.{call};"));
         let project = self::project(&[("crm/syncs/hook.js", &webhook_only)]);
@@ -741,6 +741,17 @@ async fn exec_calls_its_host_as_it_goes_and_paginates_by_cursor() {
             error.message
         );
     }
+    // The environment's variables are onWebhook's too, as the worker gives them.
+    let reads = sync_with(
+        "const vars = await nango.getEnvironmentVariables();
+         await nango.batchSave([{ id: 'v', team: vars.find((v) => v.name === 'TEAM_ID').value }], 'Contact');",
+    );
+    let project = self::project(&[("crm/syncs/vars.js", &reads)]);
+    let effects = pool
+        .execute(code(&project, "vars"), invocation(json!({})))
+        .await
+        .unwrap();
+    assert_eq!(effects.writes[0].records[0].1["team"], "team-1");
     // In exec, getRecordsByIds checks its arguments before asking the host.
     for (call, expected) in [
         (

@@ -77,6 +77,48 @@ async fn subscriptions_decide_what_runs_on_postgres() {
     subscriptions_decide_what_runs(Some(&db.url)).await;
 }
 
+/// onWebhook reads the environment's variables; a change is seen within the worker's
+/// one-second cache.
+#[tokio::test]
+async fn on_webhook_reads_the_environment_variables() {
+    use hookyard_core::store::EnvironmentVariable;
+    let h = harness(None, 1).await;
+    let team = |value: &str| {
+        [EnvironmentVariable {
+            name: "TEAM_ID".into(),
+            value: value.into(),
+        }]
+    };
+    h.store
+        .set_environment_variables(h.environment.id, &team("team-1"))
+        .await
+        .unwrap();
+    let body = "const vars = await nango.getEnvironmentVariables();
+                await nango.batchSave([{ id: 'v', team: vars.find((v) => v.name === 'TEAM_ID')?.value ?? null, n: payload.n }], 'Contact');";
+    h.deploy(&[("crm/syncs/vars.js", sync("['*']", body))]).await;
+    h.start_worker();
+    h.publish([(1, "c0", "team.read", json!({"n": 1}))]).await;
+    h.drained().await;
+    assert_eq!(h.records("c0", "Contact").await[0]["team"], "team-1");
+
+    h.store
+        .set_environment_variables(h.environment.id, &team("team-2"))
+        .await
+        .unwrap();
+    let mut n = 1;
+    eventually("an event to see the new value", Duration::from_secs(10), || {
+        n += 1;
+        let seq = n;
+        let h = &h;
+        async move {
+            h.publish([(seq, "c0", "team.read", json!({"n": seq}))]).await;
+            h.drained().await;
+            (h.records("c0", "Contact").await[0]["team"] == "team-2").then_some(())
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn failures_are_retried_then_dead_lettered_and_the_rest_goes_on() {
     let db = PgDatabase::create().await;

@@ -592,6 +592,7 @@ impl Worker {
                 })
                 .clone();
             let (metadata, connection) = connection.clone();
+            let environment_variables = self.settings.environment_variables(key.0).await?;
             let invocation = Invocation {
                 payload,
                 connection_id: key.2.clone(),
@@ -602,6 +603,7 @@ impl Worker {
                 handler: Default::default(),
                 host: None,
                 validation: self.config.validate_records,
+                environment_variables,
             };
             runnable.push((task, invocation));
         }

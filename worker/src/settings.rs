@@ -1,6 +1,7 @@
 //! Environments, integrations and forwarding targets as the forwarder, the deliverer and
-//! sync notifications read them: from the store, kept for a second so that a burst does
-//! not query it per event (a change is seen within that second).
+//! sync notifications read them, and environment variables as onWebhook reads them:
+//! from the store, kept for a second so that a burst does not query it per event (a
+//! change is seen within that second).
 
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
@@ -48,6 +49,8 @@ pub struct Settings {
     /// not put its (stale) set back in the cache.
     disabled_generation: std::sync::atomic::AtomicU64,
     forwarding_set: Cached<i64, bool>,
+    /// Each environment's variables as the JSON `getEnvironmentVariables()` answers.
+    variables: Cached<i64, Arc<str>>,
 }
 
 impl Settings {
@@ -60,7 +63,18 @@ impl Settings {
             disabled: Cached::new(),
             disabled_generation: std::sync::atomic::AtomicU64::new(0),
             forwarding_set: Cached::new(),
+            variables: Cached::new(),
         }
+    }
+
+    /// The environment's variables, as JSON (`[{name, value}]`).
+    pub async fn environment_variables(&self, environment_id: i64) -> Result<Arc<str>, StoreError> {
+        if let Some(hit) = self.variables.get(&environment_id) {
+            return Ok(hit);
+        }
+        let variables = self.store.environment_variables(environment_id).await?;
+        let json = serde_json::to_string(&variables).expect("variables serialise");
+        Ok(self.variables.put(environment_id, json.into()))
     }
 
     pub async fn environment(&self, name: &EnvironmentName) -> Result<Option<Environment>, StoreError> {

@@ -158,6 +158,9 @@
       setMetadata: metadataWrite('replace', 'setMetadata'),
       updateMetadata: metadataWrite('merge', 'updateMetadata'),
       getConnection: async () => JSON.parse(input.connection),
+      // Nango's: [{ name, value }], set through PUT /environment-variables. Exec asks its
+      // host instead (below), for them as they are now.
+      getEnvironmentVariables: async () => JSON.parse(input.environmentVariables),
       log: async (message, payload, options) => {
         const level = (options && options.level) || (isObject(payload) && payload.level) || 'info';
         log(String(level), message, isObject(payload) && 'level' in payload ? undefined : payload);
@@ -287,7 +290,6 @@
       },
       clearCheckpoint: async () => { host('clearCheckpoint', {}); },
       getToken: async () => host('getToken', {}),
-      // Nango's: [{ name, value }], set through PUT /environment-variables.
       getEnvironmentVariables: async () => host('getEnvironmentVariables', {}),
       getWebhookURL: async () => host('getWebhookURL', {}),
       // Keyed by the ids as given (Nango's Map), in their order; asked for a hundred at a time.
@@ -311,7 +313,7 @@
     Object.fromEntries(
       ['proxy', 'get', 'post', 'put', 'patch', 'delete', 'paginate', 'trackDeletesStart', 'trackDeletesEnd',
         'setMergingStrategy', 'getCheckpoint', 'saveCheckpoint', 'clearCheckpoint', 'getToken', 'getWebhookURL',
-        'getRecordsByIds', 'getEnvironmentVariables'].map((name) => [
+        'getRecordsByIds'].map((name) => [
         name,
         () => {
           throw new Error(`${name}: the provider API, checkpoints, delete tracking and record reads are only available in exec, not in onWebhook`);
@@ -321,11 +323,14 @@
   );
 
   const engine = {
-    run: async (handler, payload, connectionId, providerConfigKey, metadata, connection, models, hosted, schemas, validation) => {
+    run: async (handler, payload, connectionId, providerConfigKey, metadata, connection, models, hosted, schemas, validation,
+      environmentVariables) => {
       const effects = { writes: [], metadata: [], logs: [] };
       current = effects;
       timers = [];
-      const input = { connectionId, providerConfigKey, metadata, connection, models: modelsOf(models), schemas, validation };
+      const input = {
+        connectionId, providerConfigKey, metadata, connection, models: modelsOf(models), schemas, validation, environmentVariables,
+      };
       const nango = makeNango(input, effects, hosted);
       if (hosted) await handler(nango);
       else await handler(nango, JSON.parse(payload));
