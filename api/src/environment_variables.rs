@@ -87,8 +87,8 @@ async fn list(
     Ok(Json(Data { data: views(variables) }))
 }
 
-/// Replace the environment's variables (an empty list removes them all). Functions see
-/// the new ones from their next execution.
+/// Replace the environment's variables (an empty list removes them all). exec sees the
+/// new ones at once, onWebhook within a second (the worker's cache).
 #[utoipa::path(put, operation_id = "set_environment_variables", path = "/environment-variables",
     tag = "environment variables", request_body = VariablesRequest,
     responses((status = 200, body = Data<Vec<Variable>>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]

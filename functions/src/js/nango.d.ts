@@ -183,6 +183,9 @@ declare module 'nango' {
     setMetadata(metadata: Record<string, unknown>): Promise<void>;
     updateMetadata(metadata: Record<string, unknown>): Promise<void>;
     getConnection(): Promise<Connection>;
+    /** The environment's variables (`PUT /environment-variables`), by name; in onWebhook
+     *  as the worker read them, at most a second before. */
+    getEnvironmentVariables(): Promise<{ name: string; value: string }[]>;
     log(message: unknown, payload?: unknown, options?: { level?: LogLevel }): Promise<void>;
   }
 
@@ -254,8 +257,6 @@ declare module 'nango' {
     /** Where the provider sends this integration's webhooks for this environment: to
      *  register them in a `post-connection-creation` event function. */
     getWebhookURL(): Promise<string>;
-    /** The environment's variables (`PUT /environment-variables`), by name. */
-    getEnvironmentVariables(): Promise<{ name: string; value: string }[]>;
     /** The cached records of `model` with these ids (deleted ones are not), keyed by the
      *  ids as given, in their order; each with its `_nango_metadata`. */
     getRecordsByIds<K extends string | number = string, T = any>(ids: readonly K[], model: string): Promise<Map<K, T>>;
