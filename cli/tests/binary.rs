@@ -1424,6 +1424,8 @@ import crypto from 'crypto';
 import { URL as NodeURL } from 'url';
 import { Buffer as NodeBuffer } from 'buffer';
 export default createSync({
+  endpoints: [{ method: 'GET', path: '/signed', group: 'Signed' }],
+  syncType: 'full',
   webhookSubscriptions: ['*'],
   onWebhook: async (nango, payload: { url: string; body: string }) => {
     const url = new URL(payload.url);

@@ -389,6 +389,9 @@ fn read_config(export: &Object<'_>) -> Result<serde_json::Value, String> {
         .get("autoStart")
         .map_err(|_| "autoStart must be true or false".to_string())?;
     let metadata: Value = export.get("metadata").map_err(|e| e.to_string())?;
+    let track_deletes: Option<bool> = export
+        .get("trackDeletes")
+        .map_err(|_| "trackDeletes must be true or false".to_string())?;
     let frequency = text("frequency")?;
     if let Some(frequency) = &frequency {
         hookyard_core::frequency::parse_frequency(frequency)?;
@@ -406,6 +409,7 @@ fn read_config(export: &Object<'_>) -> Result<serde_json::Value, String> {
         "models": models,
         "webhookSubscriptions": subscriptions,
         "autoStart": auto_start.unwrap_or(true),
+        "trackDeletes": track_deletes.unwrap_or(false),
         "metadata": !metadata.type_of().is_void(),
         "exec": exec,
         "onWebhook": on_webhook,

@@ -21,6 +21,9 @@ pub(crate) struct Loaded {
     /// The export's `models` (zod schemas by name, when they are), for `batchSave` to
     /// check records against.
     models: Persistent<Value<'static>>,
+    /// Nango's older `trackDeletes: true` (of a full sync, as in Nango): each exec run
+    /// tracks the deletes of every model.
+    track_deletes: bool,
     run: Persistent<Function<'static>>,
     sandbox: Sandbox,
 }
@@ -33,12 +36,14 @@ impl Loaded {
         limits: &Limits,
     ) -> Result<Loaded, FunctionError> {
         let sandbox = Sandbox::new(code, limits)?;
-        let (on_webhook, exec, models, run) = sandbox.context.with(|ctx| {
+        let (on_webhook, exec, models, track_deletes, run) = sandbox.context.with(|ctx| {
             let export = evaluate_entry(&ctx, &sandbox, entry, limits)?;
             let handler = |name: &str| export.get::<_, Function>(name).ok().map(|h| Persistent::save(&ctx, h));
             let (on_webhook, exec) = (handler("onWebhook"), handler("exec"));
             let models: Value = export.get("models").map_err(internal)?;
             let models = Persistent::save(&ctx, models);
+            let track_deletes = export.get::<_, Option<bool>>("trackDeletes").ok().flatten() == Some(true)
+                && export.get::<_, Option<String>>("syncType").ok().flatten().as_deref() != Some("incremental");
             let engine: Object = ctx
                 .globals()
                 .get("__hookyard")
@@ -46,12 +51,13 @@ impl Loaded {
             let run: Function = engine
                 .get("run")
                 .map_err(|e| FunctionError::new(ErrorKind::Internal, format!("engine runner missing: {e}")))?;
-            Ok::<_, FunctionError>((on_webhook, exec, models, Persistent::save(&ctx, run)))
+            Ok::<_, FunctionError>((on_webhook, exec, models, track_deletes, Persistent::save(&ctx, run)))
         })?;
         Ok(Loaded {
             on_webhook,
             exec,
             models,
+            track_deletes,
             run,
             sandbox,
         })
@@ -86,7 +92,7 @@ impl Loaded {
             let run = self.run.clone().restore(&ctx).map_err(internal)?;
             let models = self.models.clone().restore(&ctx).map_err(internal)?;
             // More arguments than a tuple carries.
-            let mut args = Args::new(ctx.clone(), 11);
+            let mut args = Args::new(ctx.clone(), 12);
             let pushed = (|| {
                 args.push_arg(handler)?;
                 for text in [
@@ -102,7 +108,8 @@ impl Loaded {
                 args.push_arg(invocation.host.is_some())?;
                 args.push_arg(models)?;
                 args.push_arg(invocation.validation.as_str())?;
-                args.push_arg(&*invocation.environment_variables)
+                args.push_arg(&*invocation.environment_variables)?;
+                args.push_arg(self.track_deletes)
             })();
             pushed.map_err(internal)?;
             let outcome = run

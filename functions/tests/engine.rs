@@ -289,6 +289,10 @@ fn bad_deploys_name_the_file_and_the_problem() {
             "crm/syncs/a.js: it subscribes to webhooks (webhookSubscriptions) but has no onWebhook",
         ),
         (
+            vec![("crm/syncs/a.js", "export default { exec: async () => {}, trackDeletes: 'yes' };".into())],
+            "crm/syncs/a.js: trackDeletes must be true or false",
+        ),
+        (
             vec![("crm/syncs/a.js", "export default { models: { Contact: {} } };".into())],
             "crm/syncs/a.js: it has neither an exec nor an onWebhook: nothing of it would ever run",
         ),

@@ -1089,6 +1089,80 @@ async fn last_sync_date_is_when_the_last_successful_run_started() {
     );
 }
 
+/// Nango's older delete tracking: `trackDeletes: true` on the sync, no calls in exec.
+const TRACKED: &str = r#"
+import { createSync } from 'nango';
+export default createSync({
+  frequency: 'every hour',
+  autoStart: false,
+  syncType: 'SYNC_TYPE',
+  trackDeletes: true,
+  models: { MODEL: {} },
+  exec: async (nango) => {
+    const config = { endpoint: '/cursor/contacts', params: { limit: 2 },
+      paginate: { type: 'cursor', cursor_path_in_response: 'next_cursor', cursor_name_in_request: 'cursor', response_path: 'results' } };
+    for await (const page of nango.paginate(config)) {
+      await nango.batchSave(page.map((c) => ({ id: c.id, email: c.email })), 'MODEL');
+    }
+  },
+});
+"#;
+
+#[tokio::test]
+async fn track_deletes_on_a_full_sync_deletes_what_a_run_did_not_save() {
+    let s = setup(&[("c0", json!({}), api_key())], false).await;
+    let tracked = |sync_type: &str, model: &str| TRACKED.replace("SYNC_TYPE", sync_type).replace("MODEL", model);
+    s.h.deploy(&[
+        ("crm/syncs/full.js", tracked("full", "Contact")),
+        ("crm/syncs/incremental.js", tracked("incremental", "Lead")),
+    ])
+    .await;
+    for n in 1..=3 {
+        s.crm.put_contact(&format!("p{n}"), &format!("p{n}@crm.test"));
+    }
+    let run = || async {
+        for sync in ["full", "incremental"] {
+            let trigger = json!({"syncs": [sync], "provider_config_key": "crm", "connection_id": "c0"});
+            assert_eq!(s.post("/sync/trigger", trigger).await.0, 200);
+        }
+        let since = Utc::now();
+        let tick = s.reconciler.tick(Utc::now()).await.unwrap();
+        assert_eq!(tick.triggered, 2);
+        eventually("both runs to finish", Duration::from_secs(30), || async {
+            let states = s.h.store.sync_states(Some(s.h.environment.id), None).await.unwrap();
+            let done = states
+                .iter()
+                .filter(|st| !st.running && st.last_ended_at.is_some_and(|at| at > since))
+                .count();
+            (done == 2).then_some(states)
+        })
+        .await
+    };
+    run().await;
+    s.crm.remove_contact("p2");
+    for state in run().await {
+        assert_eq!(state.last_outcome.as_deref(), Some("SUCCESS"), "{:?}", state.last_error);
+    }
+    let s = &s;
+    let records = |model: &'static str| async move {
+        let mut live: Vec<String> =
+            s.h.records("c0", model)
+                .await
+                .iter()
+                .filter(|r| r["_nango_metadata"]["deleted_at"].is_null())
+                .map(|r| r["id"].as_str().unwrap().to_string())
+                .collect();
+        live.sort();
+        live
+    };
+    assert_eq!(records("Contact").await, ["p1", "p3"], "the full sync deleted p2");
+    assert_eq!(
+        records("Lead").await,
+        ["p1", "p2", "p3"],
+        "as in Nango, an incremental sync's trackDeletes deletes nothing"
+    );
+}
+
 #[tokio::test]
 async fn a_message_on_hooks_exec_that_is_no_job_is_kept_as_a_dead_letter() {
     let s = setup(&[("c0", json!({}), api_key())], true).await;

@@ -274,6 +274,14 @@ declare module 'nango' {
     /** Event types, or `'*'`. */
     webhookSubscriptions?: readonly string[];
     metadata?: unknown;
+    /** Nango's older delete tracking: each run of a full sync deletes, at its end, the
+     *  records it did not save (`trackDeletesStart/End` around the run, every model). */
+    trackDeletes?: boolean;
+    /** `incremental` turns `trackDeletes` off, as in Nango. */
+    syncType?: 'full' | 'incremental';
+    /** Nango's, accepted and not used here. */
+    endpoints?: unknown[];
+    scopes?: string[];
     exec?: (nango: NangoSync) => Promise<void>;
     onWebhook?: (nango: NangoWebhook, payload: Payload) => Promise<void>;
   }

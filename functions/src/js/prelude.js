@@ -324,7 +324,7 @@
 
   const engine = {
     run: async (handler, payload, connectionId, providerConfigKey, metadata, connection, models, hosted, schemas, validation,
-      environmentVariables) => {
+      environmentVariables, trackDeletes) => {
       const effects = { writes: [], metadata: [], logs: [] };
       current = effects;
       timers = [];
@@ -332,8 +332,16 @@
         connectionId, providerConfigKey, metadata, connection, models: modelsOf(models), schemas, validation, environmentVariables,
       };
       const nango = makeNango(input, effects, hosted);
-      if (hosted) await handler(nango);
-      else await handler(nango, JSON.parse(payload));
+      if (hosted) {
+        // Nango's older `trackDeletes: true`: records of any model not saved by a run that
+        // succeeds are deleted at its end, as trackDeletesStart/End around it would.
+        const tracked = trackDeletes ? [...input.models] : [];
+        for (const model of tracked) host('trackDeletesStart', { model });
+        await handler(nango);
+        for (const model of tracked) host('trackDeletesEnd', { model });
+      } else {
+        await handler(nango, JSON.parse(payload));
+      }
       // The writes are JSON already.
       return `{"writes":[${effects.writes.join(',')}],"metadata":${JSON.stringify(effects.metadata)},"logs":${JSON.stringify(effects.logs)}}`;
     },
