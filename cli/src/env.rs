@@ -59,10 +59,7 @@ pub async fn run(config: &Config, args: EnvArgs) -> Result<(), Error> {
 
 fn print(config: &Config, environment: &Environment) {
     println!("environment   {}", environment.name);
-    println!(
-        "webhook URLs  {}/webhook/{}/{{integration}}",
-        config.webhook_base_url(),
-        environment.webhook_id
-    );
+    let urls = environment.webhook_url(&config.webhook_base_url(), "{integration}");
+    println!("webhook URLs  {urls}");
     println!("secret key    {}", environment.secret_key);
 }

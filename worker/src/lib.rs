@@ -562,7 +562,13 @@ impl Worker {
         // (environment, integration, connection id) → its metadata and its getConnection() JSON
         type ConnectionKey = (i64, IntegrationKey, String);
         let mut connections: HashMap<ConnectionKey, (Arc<str>, Arc<str>)> = HashMap::new();
+        // Each environment's variables, once for all its events.
+        let mut variables: HashMap<i64, Arc<str>> = HashMap::new();
         for ((environment_id, integration), ids) in &wanted {
+            if !variables.contains_key(environment_id) {
+                let json = self.settings.environment_variables(*environment_id).await?;
+                variables.insert(*environment_id, json);
+            }
             for connection in self.store.connections_named(*environment_id, integration, ids).await? {
                 connections.insert(
                     (*environment_id, integration.clone(), connection.connection_id.clone()),
@@ -592,7 +598,7 @@ impl Worker {
                 })
                 .clone();
             let (metadata, connection) = connection.clone();
-            let environment_variables = self.settings.environment_variables(key.0).await?;
+            let environment_variables = variables[&key.0].clone();
             let invocation = Invocation {
                 payload,
                 connection_id: key.2.clone(),
