@@ -120,7 +120,7 @@ fn body(size: usize, n: u64) -> Vec<u8> {
 }
 
 pub async fn run(url: &str, plan: &Plan) -> anyhow::Result<Report> {
-    let client = reqwest::Client::builder()
+    let client = hookyard_core::outbound::http_builder()
         .pool_max_idle_per_host(plan.connections)
         .tcp_nodelay(true)
         .build()?;

@@ -22,7 +22,7 @@ impl Client {
     pub fn new(args: ApiArgs) -> Client {
         Client {
             args,
-            http: reqwest::Client::new(),
+            http: hookyard_core::outbound::http_client(),
         }
     }
 

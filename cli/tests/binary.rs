@@ -247,7 +247,7 @@ impl IngestProcess {
 
 /// The JSON answer to an API GET made with `secret_key`.
 async fn get_json(url: &str, secret_key: &str) -> serde_json::Value {
-    let response = reqwest::Client::new()
+    let response = hookyard_core::outbound::http_client()
         .get(url)
         .bearer_auth(secret_key)
         .send()
@@ -401,7 +401,7 @@ async fn invalid_configuration_exits_2_naming_the_key() {
 #[tokio::test]
 async fn sigterm_drains_in_flight_requests_and_exits_0() {
     let ingest = IngestProcess::start(&[("HOOKYARD_INGEST__PUBLISH_TIMEOUT", "30s".into())]).await;
-    let http = reqwest::Client::new();
+    let http = hookyard_core::outbound::http_client();
     let base = ingest.base.clone();
 
     ingest.nats.pause();
@@ -516,7 +516,7 @@ async fn dev_starts_everything_and_takes_a_webhook() {
         "the router delivered the demo webhook to the demo connection: {routed}"
     );
 
-    let response = reqwest::Client::new()
+    let response = hookyard_core::outbound::http_client()
         .post(&url)
         .header("content-type", "application/json")
         .body(r#"{"hello":"dev"}"#)
@@ -548,7 +548,9 @@ async fn dev_starts_everything_and_takes_a_webhook() {
         "the example function made a record of the demo webhook: {record}"
     );
     // Metrics on their own listener, not on ingest's public one.
-    let metrics = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+    let metrics = hookyard_core::outbound::http_client()
+        .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .send()
         .await
         .unwrap()
         .text()
@@ -562,7 +564,11 @@ async fn dev_starts_everything_and_takes_a_webhook() {
         metrics.contains(r#"hookyard_consumer_pending{stream="HOOKS_CONN",consumer="functions"}"#),
         "{metrics}"
     );
-    let public = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap();
+    let public = hookyard_core::outbound::http_client()
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(public.status(), 404);
 
     // The API answers with the printed key, and the key file is private.
@@ -600,7 +606,7 @@ async fn spans_are_exported_over_otlp_when_configured() {
         ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
     ])
     .await;
-    let response = reqwest::Client::new()
+    let response = hookyard_core::outbound::http_client()
         .post(format!("{}{}", ingest.base, ingest.path))
         .body("traced")
         .send()
@@ -697,7 +703,7 @@ async fn dev_starts_its_nats_server_again_when_it_stops() {
     let second = std::fs::read_to_string(&pid_file).unwrap().trim().to_string();
     assert_ne!(first, second);
 
-    let http = reqwest::Client::new();
+    let http = hookyard_core::outbound::http_client();
     let status = eventually("a webhook taken again", Duration::from_secs(30), || async {
         let response = http.post(&url).body(r#"{"after":"restart"}"#).send().await.ok()?;
         (response.status() != 503).then(|| response.status().as_u16())
@@ -800,7 +806,7 @@ async fn env_creates_shows_lists_and_rotates_environments() {
     let status_with = |key: String| {
         let url = format!("{api}/integrations");
         async move {
-            reqwest::Client::new()
+            hookyard_core::outbound::http_client()
                 .get(url)
                 .bearer_auth(key)
                 .send()
@@ -936,7 +942,7 @@ async fn api_serves_the_environment_of_its_key_and_stops_on_sigterm() {
     let url = format!("http://127.0.0.1:{port}/integrations/demo");
     let body = get_json(&url, &secret_key).await;
     assert_eq!(body["data"]["unique_key"], "demo", "{body}");
-    let anonymous = reqwest::get(&url).await.unwrap();
+    let anonymous = hookyard_core::outbound::http_client().get(&url).send().await.unwrap();
     assert_eq!(anonymous.status().as_u16(), 401);
     process.stops_cleanly().await;
 }
@@ -1886,7 +1892,7 @@ async fn replay_follows_a_replay_to_its_end_and_ctrl_c_cancels_it() {
         &[("HOOKYARD_API_URL", api.clone()), ("HOOKYARD_SECRET_KEY", key.clone())],
         dir.path(),
     );
-    let http = reqwest::Client::new();
+    let http = hookyard_core::outbound::http_client();
     eventually("the replay to publish", Duration::from_secs(20), || async {
         let body: serde_json::Value = http
             .get(format!("{api}/replay"))

@@ -59,13 +59,38 @@ fn check_addresses(
     Ok(())
 }
 
+/// Makes ring the process's rustls crypto provider, once. reqwest is built without a
+/// provider of its own and panics building any client (https or not) before one is
+/// installed; the NATS client's TLS takes it too. [`client_builder`], [`http_builder`]
+/// and telemetry's start call this, so every client is built after it.
+pub fn install_tls_provider() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        // An error means another provider was installed first, which serves as well.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// An HTTP client builder for calls that are not out to the world (the CLI to the API,
+/// tests): TLS set up, reqwest's defaults otherwise.
+pub fn http_builder() -> reqwest::ClientBuilder {
+    install_tls_provider();
+    #[allow(clippy::disallowed_methods)] // the one place it is built
+    reqwest::Client::builder()
+}
+
+/// A client of [`http_builder`]'s defaults.
+pub fn http_client() -> reqwest::Client {
+    http_builder().build().expect("a client with reqwest's defaults builds")
+}
+
 /// An HTTP client builder for calls out (forwards, provider APIs): no redirects, and a
 /// resolver that refuses forbidden addresses. A connection goes to the addresses that
 /// were checked, so a name that resolves elsewhere after [`allowed_destination`] (DNS
 /// rebinding) is refused as well. (An IP in the URL is not resolved: the check before
 /// the attempt covers it.)
 pub fn client_builder(config: &ForwardingConfig) -> reqwest::ClientBuilder {
-    reqwest::Client::builder()
+    http_builder()
         .redirect(reqwest::redirect::Policy::none())
         .dns_resolver(GuardedResolver(Arc::new(config.clone())))
 }

@@ -39,6 +39,8 @@ pub enum TelemetryError {
 
 /// Installs the global subscriber. `service` names the process in exported traces.
 pub fn init(config: &TelemetryConfig, service: &'static str) -> Result<TelemetryGuard, TelemetryError> {
+    // The OTLP exporter's HTTP client is built below.
+    crate::outbound::install_tls_provider();
     let filter = match std::env::var("RUST_LOG") {
         Ok(env) if !env.is_empty() => {
             EnvFilter::try_new(&env).map_err(|e| TelemetryError::Filter(env, e.to_string()))?

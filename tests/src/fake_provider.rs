@@ -153,7 +153,7 @@ impl FakeCrm {
     /// `X-Signature`; the receiver's status.
     pub async fn send_webhook(url: &str, secret: &str, body: &Value) -> u16 {
         let body = body.to_string();
-        reqwest::Client::new()
+        hookyard_core::outbound::http_client()
             .post(url)
             .header("content-type", "application/json")
             .header("x-signature", FakeCrm::sign(secret, body.as_bytes()))

@@ -54,7 +54,7 @@ async fn post_and_kill(
     for _ in 0..8 {
         let (next, answers, url, end) = (next.clone(), answers_tx.clone(), url.to_string(), range.end);
         tokio::spawn(async move {
-            let http = reqwest::Client::new();
+            let http = hookyard_core::outbound::http_client();
             loop {
                 let index = next.fetch_add(1, Ordering::Relaxed);
                 if index >= end {
@@ -312,7 +312,7 @@ async fn every_acknowledged_webhook_is_kept_and_routed_once_through_the_loss_of_
     // without a leader here (its pulls answered "no responders" for over a minute).
     ROUTER.fully_replicated(&bus).await;
     let url = format!("{base}/webhook/{}/demo", environment.webhook_id);
-    let http = reqwest::Client::new();
+    let http = hookyard_core::outbound::http_client();
     assert_eq!(post_delivery(&http, &url, "failover-1").await["duplicate"], false);
 
     // 1. The stream's leader dies, on a node ingest is not connected to: a new leader is

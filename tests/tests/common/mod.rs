@@ -72,7 +72,7 @@ pub async fn start_ingest_with(
         store,
         environment,
         base,
-        http: reqwest::Client::new(),
+        http: hookyard_core::outbound::http_client(),
         jetstream: bus.jetstream,
         shutdown,
         server,
