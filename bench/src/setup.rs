@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use hookyard_core::embedded_nats::{server_bin, EmbeddedNats, ServerSpec};
+use hookyard_core::embedded_nats::{server_bin, ConfigFile, EmbeddedNats, ServerSpec};
 
 use crate::load::Report;
 
@@ -17,9 +17,12 @@ pub fn start_nats(dir: &Path) -> anyhow::Result<(EmbeddedNats, u16)> {
             bin: &bin,
             port,
             store_dir: &dir.join("js"),
-            config_file: &dir.join("nats.conf"),
-            max_payload_mb: 16,
+            config: ConfigFile::Written {
+                path: &dir.join("nats.conf"),
+                max_payload_mb: 16,
+            },
             cluster: None,
+            monitor_port: None,
             own_process_group: false,
         },
         Duration::from_secs(30),

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use hookyard_core::embedded_nats::{server_bin, EmbeddedNats, ServerSpec};
+use hookyard_core::embedded_nats::{server_bin, ConfigFile, EmbeddedNats, ServerSpec};
 use hookyard_core::Config;
 use tokio_util::sync::CancellationToken;
 
@@ -42,9 +42,12 @@ impl Launch {
             bin: &self.bin,
             port: self.port,
             store_dir: &self.data.join("nats"),
-            config_file: &self.data.join("nats.conf"),
-            max_payload_mb: self.max_payload_mb,
+            config: ConfigFile::Written {
+                path: &self.data.join("nats.conf"),
+                max_payload_mb: self.max_payload_mb,
+            },
             cluster: None,
+            monitor_port: None,
             // Ctrl-C goes to dev alone, which stops the server after draining.
             own_process_group: true,
         };

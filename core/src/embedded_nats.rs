@@ -37,16 +37,25 @@ pub struct ServerSpec<'a> {
     pub port: u16,
     /// JetStream store folder.
     pub store_dir: &'a Path,
-    /// Where the generated configuration file is written.
-    pub config_file: &'a Path,
-    /// The largest message the server accepts (webhook body plus envelope headers).
-    pub max_payload_mb: usize,
+    pub config: ConfigFile<'a>,
     /// Set for a node of a JetStream cluster; `None` runs a single node on 127.0.0.1.
     pub cluster: Option<ClusterNode<'a>>,
+    /// The monitoring port (`/healthz`, `/jsz`); `None` leaves it to the file.
+    pub monitor_port: Option<u16>,
     /// Runs the server in a process group of its own, so that a terminal's Ctrl-C
     /// reaches only its parent, which stops it once the parent has drained (`hookyard
     /// dev`). Left in the parent's group, it stops with whatever stops the parent (tests).
     pub own_process_group: bool,
+}
+
+/// The server's configuration file. Either way the command line sets what differs per
+/// server (address, ports, store, cluster membership) over it.
+pub enum ConfigFile<'a> {
+    /// Written at `path`: the largest message the server accepts (a webhook body plus
+    /// its envelope's headers) and nothing else.
+    Written { path: &'a Path, max_payload_mb: usize },
+    /// An operator's file, used as it is (`deploy/nats/nats.conf`).
+    Given(&'a Path),
 }
 
 /// One node of a cluster of servers on loopback addresses (the multi-node tests).
@@ -65,20 +74,36 @@ impl ServerSpec<'_> {
         self.cluster.as_ref().map_or("127.0.0.1", |node| node.host)
     }
 
-    /// The configuration file's text.
-    fn config(&self) -> String {
-        let mut config = format!("max_payload: {}MB\n", self.max_payload_mb);
-        if let Some(node) = &self.cluster {
-            let routes: Vec<String> = node.routes.iter().map(|r| format!("\"nats-route://{r}\"")).collect();
-            config.push_str(&format!(
-                "server_name: {}\ncluster {{\n  name: hookyard\n  listen: \"{}:{}\"\n  routes: [{}]\n}}\n",
-                node.name,
-                node.host,
-                node.cluster_port,
-                routes.join(", ")
-            ));
+    /// The command line's arguments.
+    fn args(&self) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = ["-a", self.host(), "-p", &self.port.to_string(), "-js", "-sd"]
+            .map(Into::into)
+            .into();
+        args.push(self.store_dir.into());
+        args.push("-c".into());
+        args.push(match &self.config {
+            ConfigFile::Written { path, .. } | ConfigFile::Given(path) => path.into(),
+        });
+        if let Some(port) = self.monitor_port {
+            args.extend(["-m".into(), port.to_string().into()]);
         }
-        config
+        if let Some(node) = &self.cluster {
+            let routes: Vec<String> = node.routes.iter().map(|r| format!("nats-route://{r}")).collect();
+            args.extend(
+                [
+                    "--name",
+                    node.name,
+                    "--cluster_name",
+                    "hookyard",
+                    "--cluster",
+                    &format!("nats://{}:{}", node.host, node.cluster_port),
+                    "--routes",
+                    &routes.join(","),
+                ]
+                .map(Into::into),
+            );
+        }
+        args
     }
 }
 
@@ -96,16 +121,17 @@ impl EmbeddedNats {
     /// Starts the server and returns once it accepts clients (or fails after `timeout`).
     pub fn start(spec: &ServerSpec<'_>, timeout: Duration) -> Result<EmbeddedNats, EmbeddedNatsError> {
         let bin = spec.bin.display().to_string();
-        std::fs::write(spec.config_file, spec.config()).map_err(|source| EmbeddedNatsError::Write {
-            path: spec.config_file.display().to_string(),
-            source,
-        })?;
+        if let ConfigFile::Written { path, max_payload_mb } = spec.config {
+            std::fs::write(path, format!("max_payload: {max_payload_mb}MB\n")).map_err(|source| {
+                EmbeddedNatsError::Write {
+                    path: path.display().to_string(),
+                    source,
+                }
+            })?;
+        }
         let mut command = Command::new(spec.bin);
         command
-            .args(["-a", spec.host(), "-p", &spec.port.to_string(), "-js", "-sd"])
-            .arg(spec.store_dir)
-            .arg("-c")
-            .arg(spec.config_file)
+            .args(spec.args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

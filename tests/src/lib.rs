@@ -16,7 +16,7 @@ mod nats;
 mod postgres;
 pub mod receiver;
 
-pub use nats::{nats_server_bin, NatsCluster, NatsServer};
+pub use nats::{deploy_dir, nats_server_bin, NatsCluster, NatsServer};
 pub use postgres::PgDatabase;
 
 use std::future::Future;
@@ -79,12 +79,11 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Two distinct ports on `host` that were free a moment ago.
-pub fn free_ports(host: &str) -> [u16; 2] {
-    let bind = || TcpListener::bind((host, 0)).expect("binding an ephemeral port");
-    // Both held at once, so they differ.
-    let (a, b) = (bind(), bind());
-    [a, b].map(|l| l.local_addr().expect("a bound address").port())
+/// `N` distinct ports on `host` that were free a moment ago.
+pub fn free_ports<const N: usize>(host: &str) -> [u16; N] {
+    // All held at once, so they differ.
+    let held = [(); N].map(|()| TcpListener::bind((host, 0)).expect("binding an ephemeral port"));
+    held.map(|l| l.local_addr().expect("a bound address").port())
 }
 
 /// Polls `check` until it yields `Some`, or panics with `what` after `timeout`.

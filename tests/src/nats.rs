@@ -1,7 +1,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use hookyard_core::embedded_nats::{server_bin, ClusterNode, EmbeddedNats, ServerSpec};
+use hookyard_core::embedded_nats::{server_bin, ClusterNode, ConfigFile, EmbeddedNats, ServerSpec};
 
 pub use hookyard_core::embedded_nats::server_bin as nats_server_bin;
 
@@ -9,6 +9,8 @@ pub use hookyard_core::embedded_nats::server_bin as nats_server_bin;
 pub struct NatsServer {
     pub port: u16,
     pub url: String,
+    /// Its monitoring port (`/healthz`, `/jsz`), for a node of a cluster.
+    pub monitor_port: Option<u16>,
     host: String,
     cluster: Option<Membership>,
     bin: std::path::PathBuf,
@@ -22,12 +24,15 @@ struct Membership {
     /// `n1`, `n2`, …: what JetStream names as a stream's leader.
     name: String,
     route_port: u16,
+    monitor_port: u16,
     /// The other nodes' route addresses.
     routes: Vec<String>,
 }
 
-/// Servers clustered on 127.0.0.1, 127.0.0.2, …, each with its own JetStream store; a
-/// node can be killed and started again.
+/// Servers clustered on 127.0.0.1, 127.0.0.2, …, each with its own JetStream store, run
+/// on the configuration hookyard ships (`deploy/nats/nats.conf`) with the command line
+/// setting each node's addresses as deployments do; a node can be killed and started
+/// again.
 pub struct NatsCluster {
     pub nodes: Vec<NatsServer>,
 }
@@ -37,17 +42,17 @@ impl NatsCluster {
     /// leaders a little later: wait for a stream operation to succeed).
     pub fn start(size: usize) -> NatsCluster {
         let hosts: Vec<String> = (1..=size).map(|i| format!("127.0.0.{i}")).collect();
-        let ports: Vec<[u16; 2]> = hosts.iter().map(|host| crate::free_ports(host)).collect();
+        let ports: Vec<[u16; 3]> = hosts.iter().map(|host| crate::free_ports(host)).collect();
         let routes: Vec<String> = hosts
             .iter()
             .zip(&ports)
-            .map(|(host, [_, route])| format!("{host}:{route}"))
+            .map(|(host, [_, route, _])| format!("{host}:{route}"))
             .collect();
         let nodes = hosts
             .iter()
             .zip(&ports)
             .enumerate()
-            .map(|(i, (host, &[port, route_port]))| {
+            .map(|(i, (host, &[port, route_port, monitor_port]))| {
                 let others = routes
                     .iter()
                     .enumerate()
@@ -56,6 +61,7 @@ impl NatsCluster {
                 let membership = Membership {
                     name: format!("n{}", i + 1),
                     route_port,
+                    monitor_port,
                     routes: others.collect(),
                 };
                 NatsServer::started(&server_bin(), host, port, 16, Some(membership))
@@ -76,6 +82,11 @@ impl NatsCluster {
             .find(|n| n.name() == name)
             .unwrap_or_else(|| panic!("no node {name}"))
     }
+}
+
+/// The deployment files hookyard ships (`deploy/`).
+pub fn deploy_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
 }
 
 impl NatsServer {
@@ -109,6 +120,7 @@ impl NatsServer {
         let mut server = NatsServer {
             port,
             url: format!("nats://{host}:{port}"),
+            monitor_port: cluster.as_ref().map(|c| c.monitor_port),
             host: host.into(),
             cluster,
             bin: bin.to_path_buf(),
@@ -120,18 +132,31 @@ impl NatsServer {
         server
     }
 
+    /// Its monitoring endpoint (`http://host:port`), for a node of a cluster.
+    pub fn monitor_url(&self) -> Option<String> {
+        self.monitor_port.map(|port| format!("http://{}:{port}", self.host))
+    }
+
     /// The server's name in a cluster (`n1`, `n2`, …); empty for a single server.
     pub fn name(&self) -> &str {
         self.cluster.as_ref().map_or("", |c| c.name.as_str())
     }
 
     fn spawn(&mut self) {
+        let written = self.dir.path().join("nats.conf");
+        let shipped = deploy_dir().join("nats/nats.conf");
         let spec = ServerSpec {
             bin: &self.bin,
             port: self.port,
             store_dir: &self.dir.path().join("js"),
-            config_file: &self.dir.path().join("nats.conf"),
-            max_payload_mb: self.max_payload_mb,
+            config: match self.cluster {
+                Some(_) => ConfigFile::Given(&shipped),
+                None => ConfigFile::Written {
+                    path: &written,
+                    max_payload_mb: self.max_payload_mb,
+                },
+            },
+            monitor_port: self.monitor_port,
             cluster: self.cluster.as_ref().map(|c| ClusterNode {
                 name: &c.name,
                 host: &self.host,
