@@ -11,6 +11,7 @@ mod logs;
 mod progress;
 mod replay;
 mod reseal;
+mod show_config;
 mod streams;
 mod when;
 
@@ -71,6 +72,10 @@ enum Command {
     /// still under a key of HOOKYARD_DECRYPTION_KEYS: the step of changing the key that
     /// moves the data. Safe while the services run.
     Reseal(reseal::ResealArgs),
+    /// Check the configuration as a service would load it (hookyard.toml or
+    /// HOOKYARD_CONFIG, then HOOKYARD_* variables) and print it as TOML, secrets hidden;
+    /// exit status 2 naming each problem.
+    Config,
     /// Print a new random encryption key for HOOKYARD_ENCRYPTION_KEY.
     Keygen,
     /// Print the TypeScript declarations of the `nango` module and the sandbox's globals,
@@ -99,6 +104,7 @@ fn main() -> ExitCode {
         Command::Streams(_) => ("hookyard-streams", false),
         Command::Env(_) => ("hookyard-env", false),
         Command::Reseal(_) => ("hookyard-reseal", false),
+        Command::Config => ("hookyard-config", false),
         Command::Deploy(_) | Command::Dlq(_) | Command::Replay(_) | Command::Logs(_) => ("hookyard-client", false),
     };
     // Clients of the API: no configuration, no key of their own.
@@ -136,6 +142,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    if let Command::Config = command {
+        return match show_config::print(&config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("hookyard config: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -171,6 +186,7 @@ fn main() -> ExitCode {
             Command::Reseal(args) => return said("reseal", reseal::run(&config, args).await),
             Command::Keygen
             | Command::Types
+            | Command::Config
             | Command::Deploy(_)
             | Command::Dlq(_)
             | Command::Replay(_)

@@ -615,3 +615,135 @@ async fn a_consumer_created_during_its_streams_election_gets_a_leader() {
         cluster.node(&leader).restart();
     }
 }
+
+/// `deploy/kubernetes/keda.yaml`'s triggers: (account, stream, consumer) each.
+fn keda_triggers() -> Vec<(String, String, String)> {
+    let path = hookyard_testkit::deploy_dir().join("kubernetes/keda.yaml");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let docs = yaml_rust2::YamlLoader::load_from_str(&text).unwrap();
+    docs[0]["spec"]["triggers"]
+        .as_vec()
+        .expect("triggers")
+        .iter()
+        .map(|trigger| {
+            assert_eq!(trigger["type"].as_str(), Some("nats-jetstream"));
+            let field = |name: &str| trigger["metadata"][name].as_str().expect(name).to_string();
+            (field("account"), field("stream"), field("consumer"))
+        })
+        .collect()
+}
+
+/// The probe paths of `deploy/kubernetes/nats.yaml`'s server container.
+fn nats_probe_paths() -> Vec<String> {
+    let path = hookyard_testkit::deploy_dir().join("kubernetes/nats.yaml");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let docs = yaml_rust2::YamlLoader::load_from_str(&text).unwrap();
+    let set = docs
+        .iter()
+        .find(|d| d["kind"].as_str() == Some("StatefulSet"))
+        .expect("a StatefulSet");
+    let container = &set["spec"]["template"]["spec"]["containers"][0];
+    ["startupProbe", "readinessProbe", "livenessProbe"]
+        .iter()
+        .map(|probe| container[*probe]["httpGet"]["path"].as_str().expect(probe).to_string())
+        .collect()
+}
+
+/// What KEDA's NATS JetStream scaler reads for `(account, stream, consumer)`: each node's
+/// `/jsz`, and on the node leading the consumer, its pending plus unacknowledged messages.
+/// `None` until a node leading it reports it.
+async fn keda_lag(
+    http: &reqwest::Client,
+    cluster: &NatsCluster,
+    (account, stream, consumer): &(String, String, String),
+) -> Option<i64> {
+    for node in &cluster.nodes {
+        let url = format!(
+            "{}/jsz?acc={account}&consumers=true&config=true",
+            node.monitor_url().unwrap()
+        );
+        let jsz: serde_json::Value = http.get(&url).send().await.ok()?.json().await.ok()?;
+        assert_eq!(jsz["meta_cluster"]["cluster_size"], 3, "{jsz}");
+        let found = jsz["account_details"]
+            .as_array()?
+            .iter()
+            .filter(|a| a["name"] == account.as_str())
+            .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
+            .filter(|s| s["name"] == stream.as_str())
+            .flat_map(|s| s["consumer_detail"].as_array().into_iter().flatten())
+            .find(|c| c["name"] == consumer.as_str() && c["cluster"]["leader"] == node.name());
+        if let Some(found) = found {
+            return Some(found["num_pending"].as_i64()? + found["num_ack_pending"].as_i64()?);
+        }
+    }
+    None
+}
+
+/// The cluster the deployment files set up (every test here runs on
+/// `deploy/nats/nats.conf`) answers the NATS pods' probes, and KEDA's triggers in
+/// `deploy/kubernetes/keda.yaml` name consumers the workers create, whose backlog the
+/// servers report as the scaler reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deployed_cluster_answers_its_probes_and_reports_the_backlog_keda_scales_on() {
+    const WAITING: i64 = 25;
+    show_warnings();
+    let cluster = NatsCluster::start(3);
+    let urls = cluster.urls();
+    let replicated = |config: &mut Config| {
+        config.nats_url = urls.clone();
+        config.streams.replicas = 3;
+    };
+    let mut config = Config::default();
+    replicated(&mut config);
+    replicated_streams(&config).await;
+    let h = harness_on(cluster, &urls, None, 1, replicated).await;
+
+    let http = hookyard_core::outbound::http_client();
+    for node in &h.nats.nodes {
+        for path in nats_probe_paths() {
+            let url = format!("{}{path}", node.monitor_url().unwrap());
+            let what = format!("{url} to answer 200");
+            eventually(&what, Duration::from_secs(30), || async {
+                let response = http.get(&url).send().await.ok()?;
+                (response.status() == 200).then_some(())
+            })
+            .await;
+        }
+    }
+
+    // The workers' consumers, as `hookyard worker` creates them; then no worker.
+    let worker_bus = Bus::connect(&h.config, "test-worker").await.unwrap();
+    let stop_worker = CancellationToken::new();
+    let working = tokio::spawn({
+        let (store, config, stop) = (h.store.clone(), h.config.clone(), stop_worker.clone());
+        async move { hookyard_worker::run_all(store, &worker_bus, &config, stop).await }
+    });
+    let triggers = keda_triggers();
+    assert!(
+        triggers
+            .iter()
+            .any(|(_, stream, consumer)| stream == CONN_STREAM && consumer == hookyard_worker::CONSUMER),
+        "KEDA does not scale on the functions consumer: {triggers:?}"
+    );
+    for trigger in &triggers {
+        let what = format!("{trigger:?} to be reported");
+        eventually(&what, Duration::from_secs(60), || keda_lag(&http, &h.nats, trigger)).await;
+    }
+    stop_worker.cancel();
+    working.await.unwrap().unwrap();
+
+    h.publish((1..=WAITING as u64).map(|seq| (seq, "c0", "contact.updated", json!({"n": seq}))))
+        .await;
+    for trigger in &triggers {
+        let expected = if trigger.2 == hookyard_worker::CONSUMER {
+            WAITING
+        } else {
+            0
+        };
+        let what = format!("{trigger:?} to report a backlog of {expected}");
+        eventually(&what, Duration::from_secs(30), || async {
+            keda_lag(&http, &h.nats, trigger).await.filter(|lag| *lag == expected)
+        })
+        .await;
+    }
+}
