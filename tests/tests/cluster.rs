@@ -262,6 +262,21 @@ async fn replicated_streams(config: &Config) -> Bus {
     bus
 }
 
+/// The pipeline harness (`connections` connections of `crm`) on a new three-node cluster,
+/// once the cluster has taken its replicated streams.
+async fn replicated_harness(database_url: Option<&str>, connections: usize) -> Harness<NatsCluster> {
+    let cluster = NatsCluster::start(3);
+    let urls = cluster.urls();
+    let replicated = |config: &mut Config| {
+        config.nats_url = urls.clone();
+        config.streams.replicas = 3;
+    };
+    let mut config = Config::default();
+    replicated(&mut config);
+    replicated_streams(&config).await;
+    harness_on(cluster, &urls, database_url, connections, replicated).await
+}
+
 /// Warnings (the pipeline's, async-nats's) in the test's output: shown when it fails.
 fn show_warnings() {
     let _ = tracing_subscriber::fmt()
@@ -504,19 +519,10 @@ async fn applied_once(h: &Harness<NatsCluster>, total: u64, killed_at: Instant) 
 async fn every_routed_event_is_applied_once_through_the_loss_of_a_node() {
     const EACH: u64 = 400;
     show_warnings();
-    let cluster = NatsCluster::start(3);
-    let urls = cluster.urls();
-    let replicated = |config: &mut Config| {
-        config.nats_url = urls.clone();
-        config.streams.replicas = 3;
-    };
-    let mut config = Config::default();
-    replicated(&mut config);
-    replicated_streams(&config).await;
     let db = PgDatabase::create().await;
     // The harness's `worker.ack_wait` is 8 s: an event whose ack went down with a node is
     // delivered again after that.
-    let mut h = harness_on(cluster, &urls, Some(&db.url), CONNECTIONS as usize, replicated).await;
+    let mut h = replicated_harness(Some(&db.url), CONNECTIONS as usize).await;
     h.deploy(&[("crm/syncs/runs.js", sync("['*']", ""))]).await;
     // `hookyard worker`'s consumers, on a connection of their own.
     let worker_bus = Bus::connect(&h.config, "test-worker").await.unwrap();
@@ -687,16 +693,7 @@ async fn keda_lag(
 async fn the_deployed_cluster_answers_its_probes_and_reports_the_backlog_keda_scales_on() {
     const WAITING: i64 = 25;
     show_warnings();
-    let cluster = NatsCluster::start(3);
-    let urls = cluster.urls();
-    let replicated = |config: &mut Config| {
-        config.nats_url = urls.clone();
-        config.streams.replicas = 3;
-    };
-    let mut config = Config::default();
-    replicated(&mut config);
-    replicated_streams(&config).await;
-    let h = harness_on(cluster, &urls, None, 1, replicated).await;
+    let h = replicated_harness(None, 1).await;
 
     let http = hookyard_core::outbound::http_client();
     for node in &h.nats.nodes {
