@@ -23,9 +23,16 @@ impl PgDatabase {
         conn.execute(format!("CREATE DATABASE {name}").as_str())
             .await
             .expect("CREATE DATABASE");
-        let base = admin.rsplit_once('/').map(|(base, _)| base).unwrap_or(&admin);
+        // The same server and parameters (`?sslmode=…`), another database.
+        let (address, query) = admin.split_once('?').map_or((admin.as_str(), ""), |(a, q)| (a, q));
+        let base = address.rsplit_once('/').map_or(address, |(base, _)| base);
+        let query = if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{query}")
+        };
         PgDatabase {
-            url: format!("{base}/{name}"),
+            url: format!("{base}/{name}{query}"),
             name,
         }
     }
