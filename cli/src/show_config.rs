@@ -14,6 +14,7 @@ pub fn print(config: &Config) -> Result<(), String> {
     shown.encryption_key = hide(shown.encryption_key);
     shown.decryption_keys = hide(shown.decryption_keys);
     shown.database_url = without_password(&shown.database_url);
+    shown.nats_url = config.nats_url_shown();
     let text = toml::to_string(&shown).map_err(|e| format!("cannot print the configuration: {e}"))?;
     print!("{text}");
     Ok(())

@@ -454,6 +454,9 @@ impl Config {
         if self.nats_servers().is_empty() {
             problems.push("nats_url is empty; give a server address such as nats://127.0.0.1:4222".into());
         }
+        if let Err(problem) = self.nats_auth() {
+            problems.push(problem);
+        }
         if !(self.database_url.starts_with("postgres://")
             || self.database_url.starts_with("postgresql://")
             || self.database_url.starts_with("sqlite:"))
@@ -636,6 +639,87 @@ impl Config {
             .map(String::from)
             .collect()
     }
+
+    /// The credentials `nats_url` carries (`nats://user:password@host`, or a token as
+    /// `nats://token@host`), for the client's options: async-nats reads none from a URL
+    /// (nats-io/nats.rs#1623). One set for every server; servers written without any
+    /// get it too.
+    pub fn nats_auth(&self) -> Result<Option<NatsAuth>, String> {
+        let mut found: Option<NatsAuth> = None;
+        for server in self.nats_servers() {
+            let Some(url) = nats_server_url(&server) else { continue };
+            let decoded = |part: &str| {
+                percent_encoding::percent_decode_str(part)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            let auth = match (url.username(), url.password()) {
+                ("", None) => continue,
+                (user, Some(password)) => NatsAuth::UserPassword {
+                    user: decoded(user),
+                    password: decoded(password),
+                },
+                (token, None) => NatsAuth::Token(decoded(token)),
+            };
+            match &found {
+                Some(other) if *other != auth => {
+                    return Err(
+                        "nats_url: its servers carry different credentials; hookyard connects to \
+                                every server of the cluster with one set"
+                            .into(),
+                    )
+                }
+                _ => found = Some(auth),
+            }
+        }
+        Ok(found)
+    }
+
+    /// `nats_url` as messages and `hookyard config` show it: passwords and tokens hidden.
+    pub fn nats_url_shown(&self) -> String {
+        self.nats_servers()
+            .iter()
+            .map(|server| match nats_server_url(server) {
+                Some(mut url) if !url.username().is_empty() || url.password().is_some() => {
+                    if url.password().is_some() {
+                        let _ = url.set_password(Some("(hidden)"));
+                    } else {
+                        let _ = url.set_username("(hidden)");
+                    }
+                    url.to_string().trim_end_matches('/').to_string()
+                }
+                _ => server.clone(),
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// How hookyard authenticates to NATS: what `nats_url` carries.
+#[derive(Clone, PartialEq, Eq)]
+pub enum NatsAuth {
+    UserPassword { user: String, password: String },
+    Token(String),
+}
+
+impl std::fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NatsAuth::UserPassword { user, .. } => write!(f, "UserPassword({user}, ***)"),
+            NatsAuth::Token(_) => f.write_str("Token(***)"),
+        }
+    }
+}
+
+/// A server of `nats_url` as a URL (`nats://` assumed when it names no scheme, as
+/// async-nats does); `None` when it does not parse, which the client reports.
+fn nats_server_url(server: &str) -> Option<url::Url> {
+    let full = if server.contains("://") {
+        server.to_string()
+    } else {
+        format!("nats://{server}")
+    };
+    url::Url::parse(&full).ok()
 }
 
 /// A layer's error with its key as the user wrote it: `HOOKYARD_INGEST__LISTEN` for a
@@ -675,6 +759,37 @@ fn variable(path: &[String]) -> String {
 mod tests {
     use super::*;
     use figment::Jail;
+
+    #[test]
+    fn nats_credentials_come_from_the_url_once_and_are_shown_hidden() {
+        let with = |nats_url: &str| Config {
+            nats_url: nats_url.into(),
+            ..Config::default()
+        };
+        let cluster = with("nats://app:p%40ss@a:4222, nats://app:p%40ss@b:4222,c:4222");
+        assert_eq!(
+            cluster.nats_auth(),
+            Ok(Some(NatsAuth::UserPassword {
+                user: "app".into(),
+                password: "p@ss".into()
+            }))
+        );
+        assert_eq!(
+            cluster.nats_url_shown(),
+            "nats://app:(hidden)@a:4222,nats://app:(hidden)@b:4222,c:4222"
+        );
+        let token = with("tls://s3cr3t@nats.example.com");
+        assert_eq!(token.nats_auth(), Ok(Some(NatsAuth::Token("s3cr3t".into()))));
+        assert_eq!(token.nats_url_shown(), "tls://(hidden)@nats.example.com");
+        assert_eq!(with("nats://127.0.0.1:4222").nats_auth(), Ok(None));
+
+        let mixed = with("nats://app:one@a:4222,nats://app:two@b:4222");
+        let problem = mixed.validate().unwrap_err().to_string();
+        assert!(
+            problem.contains("different credentials") && !problem.contains("two"),
+            "{problem}"
+        );
+    }
 
     #[test]
     fn defaults_are_valid() {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 use async_nats::{Client, ConnectOptions};
 
-use crate::config::{Config, StreamsConfig};
+use crate::config::{Config, NatsAuth, StreamsConfig};
 use crate::keys::{EnvironmentName, IntegrationKey};
 use crate::store::Store;
 
@@ -86,6 +86,8 @@ pub fn connection_token(connection_id: &str) -> String {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StreamsError {
+    #[error("{0}")]
+    Credentials(String),
     #[error("cannot connect to NATS at {servers}: {source}")]
     Connect {
         servers: String,
@@ -479,18 +481,24 @@ impl Bus {
     /// keeps reconnecting for the life of the process after that.
     pub async fn connect(config: &Config, name: &str) -> Result<Bus, StreamsError> {
         let servers = config.nats_servers();
-        let shown = servers.join(",");
+        let shown = config.nats_url_shown();
         let addrs: Vec<async_nats::ServerAddr> = servers
             .iter()
-            .filter_map(|s| match s.parse() {
+            .zip(shown.split(','))
+            .filter_map(|(s, shown)| match s.parse() {
                 Ok(addr) => Some(addr),
                 Err(e) => {
-                    tracing::error!(server = %s, error = %e, "ignoring unparseable NATS address");
+                    tracing::error!(server = %shown, error = %e, "ignoring unparseable NATS address");
                     None
                 }
             })
             .collect();
-        let client = ConnectOptions::new()
+        let options = match config.nats_auth().map_err(StreamsError::Credentials)? {
+            Some(NatsAuth::UserPassword { user, password }) => ConnectOptions::with_user_and_password(user, password),
+            Some(NatsAuth::Token(token)) => ConnectOptions::with_token(token),
+            None => ConnectOptions::new(),
+        };
+        let client = options
             .name(name)
             .connection_timeout(Duration::from_secs(5))
             .max_reconnects(None)
