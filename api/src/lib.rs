@@ -245,7 +245,7 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: Cancellation
 
 /// `hookyard api`: open the store, serve until shutdown.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let store = Store::connect(&config.database_url, config.cipher()?).await?;
+    let store = Store::connect_with(&config.database_url, config.cipher()?, config.database_max_connections).await?;
     let api = Api::new(store, config)?;
     tokio::spawn(api.owed_event_sweep(shutdown.clone()));
     // The API holds no NATS connection: its metrics are its own counters only.

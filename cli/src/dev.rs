@@ -54,7 +54,7 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
         Some(nats)
     };
 
-    let store = Store::connect(&config.database_url, config.cipher()?).await?;
+    let store = Store::connect_with(&config.database_url, config.cipher()?, config.database_max_connections).await?;
     let environment = store.ensure_environment(&"dev".parse()?).await?;
     let crm = demo_crm().await;
     ensure_demo_integration(&store, &environment, &crm.url).await?;

@@ -91,7 +91,7 @@ pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::e
         None => None,
     };
 
-    let store = Store::connect(&config.database_url, config.cipher()?).await?;
+    let store = Store::connect_with(&config.database_url, config.cipher()?, config.database_max_connections).await?;
     let environment_name: EnvironmentName = args.environment.parse()?;
     let environment = store
         .environment(&environment_name)

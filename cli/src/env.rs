@@ -28,7 +28,7 @@ enum Action {
 }
 
 pub async fn run(config: &Config, args: EnvArgs) -> Result<(), Error> {
-    let store = Store::connect(&config.database_url, config.cipher()?).await?;
+    let store = Store::connect_with(&config.database_url, config.cipher()?, config.database_max_connections).await?;
     match args.action {
         Action::Create { name } => print(config, &store.create_environment(&name).await?),
         Action::List => {

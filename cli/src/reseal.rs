@@ -15,7 +15,7 @@ pub struct ResealArgs {
 }
 
 pub async fn run(config: &Config, args: ResealArgs) -> Result<(), Error> {
-    let store = Store::connect(&config.database_url, config.cipher()?).await?;
+    let store = Store::connect_with(&config.database_url, config.cipher()?, config.database_max_connections).await?;
     let (bar, _) = crate::progress::bar("{wide_bar} {pos}/{len} {msg}");
     let report = store
         .reseal(args.dry_run, |column| {

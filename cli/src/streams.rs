@@ -26,7 +26,7 @@ enum Action {
 
 pub async fn run(config: &Config, args: StreamsArgs) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let Action::Advance { yes } = args.action;
-    let store = Store::connect(&config.database_url, config.cipher()?).await?;
+    let store = Store::connect_with(&config.database_url, config.cipher()?, config.database_max_connections).await?;
     let bus = Bus::connect(config, "hookyard-streams").await?;
     let Some(standing) = bus.raw_standing(&store).await? else {
         println!(

@@ -298,6 +298,7 @@ fn compose_runs_each_service_on_settings_hookyard_accepts() {
     }
 
     let mut checked = Vec::new();
+    let mut connections = 0;
     for (name, service) in services {
         let name = name.as_str().unwrap();
         if !service["image"].as_str().is_some_and(|i| i.starts_with("hookyard")) {
@@ -343,10 +344,17 @@ fn compose_runs_each_service_on_settings_hookyard_accepts() {
             "{name}: no service {host}"
         );
         container.check_ports(&settings);
+        let replicas = service["deploy"]["replicas"].as_i64().unwrap_or(1);
+        connections += replicas * settings.get("database_max_connections").as_integer().unwrap();
         checked.push(container.args[0].clone());
     }
     checked.sort();
     assert_eq!(checked, ["api", "ingest", "reconciler", "router", "worker"]);
+    // The postgres service keeps its default max_connections: 100, 3 of them reserved.
+    assert!(
+        connections <= 97,
+        "the services may open {connections} Postgres connections"
+    );
 }
 
 /// `kustomization.yaml`'s generated ConfigMaps: name → (key → file of `deploy/`).

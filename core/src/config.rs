@@ -20,6 +20,9 @@ pub struct Config {
     pub nats_url: String,
     /// `postgres://…` in production; `sqlite://…` is the embedded single-node default.
     pub database_url: String,
+    /// Postgres connections one process keeps at most (SQLite takes 4: one writer at a
+    /// time). Every replica of every service counts against the server's own limit.
+    pub database_max_connections: u32,
     /// Where `hookyard dev` keeps its SQLite file and its NATS store.
     pub data_dir: PathBuf,
     /// Seals the secrets kept in the database (base64 or hex of 32 bytes). Required by
@@ -284,6 +287,7 @@ impl Default for Config {
         Config {
             nats_url: "nats://127.0.0.1:4222".into(),
             database_url: "sqlite://.hookyard/hookyard.db".into(),
+            database_max_connections: 10,
             data_dir: PathBuf::from(".hookyard"),
             encryption_key: None,
             decryption_keys: None,
@@ -465,6 +469,9 @@ impl Config {
                 "database_url {:?} is neither postgres://… nor sqlite:…",
                 self.database_url
             ));
+        }
+        if !(1..=1000).contains(&self.database_max_connections) {
+            problems.push("database_max_connections must be between 1 and 1000".into());
         }
         if let Some(key) = &self.encryption_key {
             if let Err(error) = Cipher::from_text(&key.0) {
@@ -838,6 +845,7 @@ mod tests {
             jail.set_env("HOOKYARD_FORWARDING__ATTEMPT_TIMEOUT", "0s");
             jail.set_env("HOOKYARD_LOGS__RETENTION", "0s");
             jail.set_env("HOOKYARD_LOGS__BUFFER", "0");
+            jail.set_env("HOOKYARD_DATABASE_MAX_CONNECTIONS", "0");
             let message = Config::load().unwrap_err().to_string();
             assert!(message.contains("ingest.max_body_bytes is 10"), "{message}");
             assert!(message.contains("streams.replicas is 2"), "{message}");
@@ -853,6 +861,7 @@ mod tests {
                 "forwarding.attempt_timeout must be at least 100ms",
                 "logs.retention must be at least 1m",
                 "logs.buffer must be at least 1",
+                "database_max_connections must be between 1 and 1000",
             ] {
                 assert!(message.contains(problem), "{message}");
             }

@@ -169,7 +169,7 @@ pub async fn serve(listener: TcpListener, ingest: Arc<Ingest>, shutdown: Cancell
 
 /// `hookyard ingest`: connect, start, serve until shutdown.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let store = Store::connect(&config.database_url, config.cipher()?).await?;
+    let store = Store::connect_with(&config.database_url, config.cipher()?, config.database_max_connections).await?;
     let bus = Bus::connect(config, "hookyard-ingest").await?;
     let ingest = match Ingest::start(config, store, bus.clone(), shutdown.clone()).await {
         Err(StartError::Stopped) => return Ok(()),

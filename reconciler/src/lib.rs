@@ -370,7 +370,7 @@ pub fn slot_at(key: &SyncKey, every: Duration, now: DateTime<Utc>) -> (i64, Date
 
 /// `hookyard reconciler`: connect and schedule until shutdown.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let store = Store::connect(&config.database_url, config.cipher()?).await?;
+    let store = Store::connect_with(&config.database_url, config.cipher()?, config.database_max_connections).await?;
     let bus = Bus::connect(config, "hookyard-reconciler").await?;
     if !bus.set_up_streams(&config.streams, &store, &shutdown).await? {
         return Ok(());

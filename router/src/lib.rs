@@ -337,7 +337,7 @@ pub async fn acked_through(jetstream: &jetstream::Context, sequence: u64) -> Res
 
 /// `hookyard router`: connect, route until shutdown.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let store = Store::connect(&config.database_url, config.cipher()?).await?;
+    let store = Store::connect_with(&config.database_url, config.cipher()?, config.database_max_connections).await?;
     let bus = Bus::connect(config, "hookyard-router").await?;
     if !bus.set_up_streams(&config.streams, &store, &shutdown).await? {
         return Ok(());

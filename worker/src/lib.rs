@@ -911,7 +911,7 @@ pub async fn idle(jetstream: &jetstream::Context) -> Result<bool, WorkerError> {
 
 /// `hookyard worker`: connect, run functions, forwarding and deliveries until shutdown.
 pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let store = Store::connect(&config.database_url, config.cipher()?).await?;
+    let store = Store::connect_with(&config.database_url, config.cipher()?, config.database_max_connections).await?;
     let bus = Bus::connect(config, "hookyard-worker").await?;
     if !bus.set_up_streams(&config.streams, &store, &shutdown).await? {
         return Ok(());

@@ -134,6 +134,12 @@ impl Store {
     /// its schema up to date; secrets are sealed under `cipher`. A SQLite file and its
     /// folder are created when missing.
     pub async fn connect(url: &str, cipher: Cipher) -> Result<Store, StoreError> {
+        Self::connect_with(url, cipher, 10).await
+    }
+
+    /// [`Store::connect`] keeping at most `max_connections` Postgres connections
+    /// (`database_max_connections`).
+    pub async fn connect_with(url: &str, cipher: Cipher, max_connections: u32) -> Result<Store, StoreError> {
         let connect_error = |source| StoreError::Connect {
             url: redact(url),
             source,
@@ -161,7 +167,7 @@ impl Store {
             Pool::Sqlite(pool)
         } else {
             let pool = PgPoolOptions::new()
-                .max_connections(10)
+                .max_connections(max_connections)
                 .acquire_timeout(Duration::from_secs(5))
                 .connect(url)
                 .await
