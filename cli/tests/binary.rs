@@ -910,21 +910,6 @@ async fn services_refuse_to_start_without_an_encryption_key() {
 }
 
 #[tokio::test]
-async fn keygen_prints_fresh_usable_keys() {
-    let run = || {
-        let output = Command::new(env!("CARGO_BIN_EXE_hookyard"))
-            .arg("keygen")
-            .output()
-            .unwrap();
-        assert!(output.status.success());
-        String::from_utf8(output.stdout).unwrap().trim().to_string()
-    };
-    let (a, b) = (run(), run());
-    assert_ne!(a, b);
-    hookyard_core::secrets::Cipher::from_text(&a).expect("a usable key");
-}
-
-#[tokio::test]
 async fn api_serves_the_environment_of_its_key_and_stops_on_sigterm() {
     let sqlite = SqliteFile::create();
     let (_, secret_key) = prepared_environment(&sqlite.url).await;

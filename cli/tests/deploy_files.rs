@@ -1,4 +1,4 @@
-//! `hookyard config`, and the deployment files (`deploy/`) checked against the binary
+//! `hookyard config` and `keygen`, and the deployment files (`deploy/`) checked against the binary
 //! they run: every hookyard container of `deploy/compose.yaml` and of the Kubernetes
 //! manifests runs a command hookyard has, on settings `hookyard config` accepts (the
 //! mounted `hookyard.toml` and the container's variables, as the service would load
@@ -103,6 +103,13 @@ fn keygen() -> String {
         .unwrap();
     assert!(output.status.success());
     String::from_utf8(output.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn keygen_prints_fresh_usable_keys() {
+    let (a, b) = (keygen(), keygen());
+    assert_ne!(a, b);
+    hookyard_core::secrets::Cipher::from_text(&a).expect("a usable key");
 }
 
 impl Container {
