@@ -89,7 +89,7 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
          \nPrometheus metrics: http://{}/metrics\n\
          \nPress Ctrl-C to stop.\n",
         environment.secret_key,
-        config.nats_url,
+        config.nats_url_shown(),
         config.database_url,
         environment.secret_key,
         environment.secret_key,
