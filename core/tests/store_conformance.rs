@@ -499,7 +499,7 @@ async fn unreachable_postgres_is_a_clear_error() {
         .expect("must fail");
     let message = err.to_string();
     assert!(
-        message.contains("cannot open the database postgres://u:***@127.0.0.1:1/db"),
+        message.contains("cannot open the database postgres://u:(hidden)@127.0.0.1:1/db"),
         "{message}"
     );
     assert!(!message.contains("pw"), "password leaked: {message}");

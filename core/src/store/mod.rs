@@ -141,7 +141,7 @@ impl Store {
     /// (`database_max_connections`).
     pub async fn connect_with(url: &str, cipher: Cipher, max_connections: u32) -> Result<Store, StoreError> {
         let connect_error = |source| StoreError::Connect {
-            url: redact(url),
+            url: without_password(url),
             source,
         };
         let pool = if url.starts_with("sqlite:") {
@@ -225,13 +225,17 @@ fn conflict_on_unique<T>(result: Result<T, sqlx::Error>, what: impl FnOnce() -> 
     }
 }
 
-/// The URL without its password, for error messages.
-fn redact(url: &str) -> String {
+/// The database URL with its password shown as `(hidden)`: for error messages and
+/// `hookyard config`. Plain string work, so that a URL that does not parse keeps it
+/// hidden too.
+pub fn without_password(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:(hidden){}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
         }
         _ => url.to_string(),
     }
@@ -242,9 +246,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn redacts_passwords() {
-        assert_eq!(redact("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
-        assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
+    fn passwords_are_hidden_and_the_rest_kept() {
+        assert_eq!(
+            without_password("postgres://u:s3cr:et@h:5432/db?sslmode=require"),
+            "postgres://u:(hidden)@h:5432/db?sslmode=require"
+        );
+        assert_eq!(without_password("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(without_password("sqlite://x.db"), "sqlite://x.db");
     }
 
     #[test]
