@@ -42,6 +42,23 @@ ensure_postgres() {
     exit 1
 }
 
+# Schema checkers for the deployment files (cli/tests/deploy_files.rs): Kubernetes'
+# own schemas (kubernetes-validate bundles them) and the Compose specification's
+# (check-jsonschema vendors it). Both read no network at test time.
+KUBERNETES_VALIDATE_VERSION=1.37.0
+CHECK_JSONSCHEMA_VERSION=0.39.0
+ensure_deploy_validators() {
+    local scripts
+    scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+    if ! "$scripts/kubernetes-validate" --version 2>/dev/null | grep -q "$KUBERNETES_VALIDATE_VERSION" \
+        || ! "$scripts/check-jsonschema" --version 2>/dev/null | grep -q "$CHECK_JSONSCHEMA_VERSION"; then
+        say "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION and check-jsonschema $CHECK_JSONSCHEMA_VERSION (PyPI)"
+        python3 -m pip install --quiet --disable-pip-version-check \
+            "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" "check-jsonschema==$CHECK_JSONSCHEMA_VERSION"
+    fi
+    export PATH="$scripts:$PATH"
+}
+
 # The Standard Webhooks reference library: the forwarding tests check hookyard's
 # signatures with it, an implementation that is not hookyard's own.
 STANDARDWEBHOOKS_VERSION=1.0.0

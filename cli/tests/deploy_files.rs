@@ -621,3 +621,34 @@ fn the_dockerfile_builds_this_binary_and_runs_it_as_the_manifests_expect() {
         );
     }
 }
+
+/// Runs a schema checker `scripts/test` installs (PyPI); its output on failure.
+fn schema_check(program: &str, args: &[&str]) {
+    let output = Command::new(program)
+        .args(args)
+        .current_dir(deploy_dir())
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e} (scripts/test installs it: ensure_deploy_validators)"));
+    assert!(
+        output.status.success(),
+        "{program} refused the files:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The manifests against Kubernetes' own schemas (strict: an unknown field, such as a
+/// misspelt probe, is an error; 1.30, the oldest with the preStop sleep on by default),
+/// and the Compose file against the Compose specification's.
+#[test]
+fn the_deployment_files_follow_the_kubernetes_and_compose_schemas() {
+    let kustomization = yaml_docs("kustomization.yaml").remove(0);
+    let resources = texts(&kustomization["resources"]);
+    let mut args = vec!["--strict", "--quiet", "-k", "1.30.0"];
+    args.extend(resources.iter().map(String::as_str));
+    schema_check("kubernetes-validate", &args);
+    schema_check(
+        "check-jsonschema",
+        &["--builtin-schema", "vendor.compose-spec", "compose.yaml"],
+    );
+}
