@@ -143,6 +143,9 @@ fn main() -> ExitCode {
         }
     }
     if let Command::Config = command {
+        for warning in config.warnings() {
+            eprintln!("hookyard config: warning: {warning}");
+        }
         return match show_config::print(&config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
@@ -172,6 +175,9 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        for warning in config.warnings() {
+            tracing::warn!("{warning}");
+        }
         let shutdown = shutdown::on_signal();
         let outcome = match command {
             Command::Dev(args) => dev::run(config, args, shutdown).await,

@@ -137,6 +137,7 @@ impl Container {
             "{}: hookyard config refused its settings: {stderr}",
             self.origin
         );
+        assert!(stderr.is_empty(), "{}: hookyard config warned: {stderr}", self.origin);
         let printed = String::from_utf8(output.stdout).unwrap();
         Settings(
             printed
@@ -257,6 +258,16 @@ fn config_prints_the_settings_a_service_would_run_with_and_hides_its_secrets() {
         Some("postgres://hookyard:(hidden)@db/hookyard")
     );
     assert!(!printed.contains("s3cret") && !printed.contains(&key), "{printed}");
+
+    assert!(output.stderr.is_empty(), "{}", String::from_utf8_lossy(&output.stderr));
+    // Valid but not meant: said, and printed all the same.
+    let unreachable = run(&[
+        ("HOOKYARD_ENCRYPTION_KEY", &key),
+        ("HOOKYARD_INGEST__LISTEN", "0.0.0.0:3003"),
+    ]);
+    assert!(unreachable.status.success());
+    let said = String::from_utf8_lossy(&unreachable.stderr);
+    assert!(said.contains("warning: ingest.public_url is not set"), "{said}");
 
     // What a service would refuse, it refuses: status 2, naming the problem.
     let typo = run(&[

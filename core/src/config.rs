@@ -629,6 +629,21 @@ impl Config {
             .collect()
     }
 
+    /// Settings that are valid but probably not meant: logged as warnings at start and
+    /// printed by `hookyard config`.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.ingest.public_url.is_none() && self.ingest.listen.ip().is_unspecified() {
+            warnings.push(format!(
+                "ingest.public_url is not set, so webhook URLs (the API's, `hookyard env`'s, \
+                 getWebhookURL()) name {}, which no provider can reach: set it to the address \
+                 providers reach ingest at",
+                self.webhook_base_url()
+            ));
+        }
+        warnings
+    }
+
     /// Where providers send webhooks: `ingest.public_url`, or `http://{ingest.listen}`.
     pub fn webhook_base_url(&self) -> String {
         match &self.ingest.public_url {
@@ -796,6 +811,17 @@ mod tests {
             problem.contains("different credentials") && !problem.contains("two"),
             "{problem}"
         );
+    }
+
+    #[test]
+    fn a_public_url_left_to_an_all_interfaces_listener_is_warned_of() {
+        let mut config = Config::default();
+        assert!(config.warnings().is_empty(), "{:?}", config.warnings());
+        config.ingest.listen = "0.0.0.0:3003".parse().unwrap();
+        let warnings = config.warnings();
+        assert!(warnings[0].contains("name http://0.0.0.0:3003"), "{warnings:?}");
+        config.ingest.public_url = Some("https://hooks.example.com".into());
+        assert!(config.warnings().is_empty());
     }
 
     #[test]
