@@ -2,12 +2,8 @@
 //! every layer and the same checks, printed as TOML with its secrets hidden. A way to
 //! see what a container's file and variables add up to before a service starts on them.
 
-use hookyard_core::config::EncryptionKey;
+use hookyard_core::config::{EncryptionKey, HIDDEN};
 use hookyard_core::Config;
-
-/// What a secret is shown as: it is set, and that is all (as the database password and
-/// NATS credentials are).
-const HIDDEN: &str = "(hidden)";
 
 pub fn print(config: &Config) -> Result<(), String> {
     let mut shown = config.clone();

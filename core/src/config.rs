@@ -704,9 +704,9 @@ impl Config {
             .map(|server| match nats_server_url(server) {
                 Some(mut url) if !url.username().is_empty() || url.password().is_some() => {
                     if url.password().is_some() {
-                        let _ = url.set_password(Some("(hidden)"));
+                        let _ = url.set_password(Some(HIDDEN));
                     } else {
-                        let _ = url.set_username("(hidden)");
+                        let _ = url.set_username(HIDDEN);
                     }
                     url.to_string().trim_end_matches('/').to_string()
                 }
@@ -716,6 +716,9 @@ impl Config {
             .join(",")
     }
 }
+
+/// What a secret is shown as in messages and `hookyard config`: it is set, and that is all.
+pub const HIDDEN: &str = "(hidden)";
 
 /// How hookyard authenticates to NATS: what `nats_url` carries.
 #[derive(Clone, PartialEq, Eq)]

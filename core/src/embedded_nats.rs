@@ -93,8 +93,6 @@ impl ServerSpec<'_> {
                 [
                     "--name",
                     node.name,
-                    "--cluster_name",
-                    "hookyard",
                     "--cluster",
                     &format!("nats://{}:{}", node.host, node.cluster_port),
                     "--routes",
@@ -102,6 +100,11 @@ impl ServerSpec<'_> {
                 ]
                 .map(Into::into),
             );
+            // A given file names its cluster (`deploy/nats/nats.conf` does); a written one
+            // does not.
+            if let ConfigFile::Written { .. } = self.config {
+                args.extend(["--cluster_name".into(), "hookyard".into()]);
+            }
         }
         args
     }

@@ -96,20 +96,19 @@ async fn a_token_in_nats_url_reaches_the_server() {
 #[tokio::test]
 async fn a_tls_server_is_reached_and_verified() {
     std::env::set_var("SSL_CERT_FILE", fixture("ca.pem"));
-    let settings = format!(
-        "tls {{ cert_file: \"{}\", key_file: \"{}\" }}\n",
-        fixture("localhost.pem").display(),
-        fixture("localhost.key").display()
-    );
-    let server = start(&settings);
+    // A server presenting the fixture certificate `name`.pem.
+    let tls_server = |name: &str| {
+        start(&format!(
+            "tls {{ cert_file: \"{}\", key_file: \"{}\" }}\n",
+            fixture(&format!("{name}.pem")).display(),
+            fixture(&format!("{name}.key")).display()
+        ))
+    };
+    let server = tls_server("localhost");
     let bus = connect(format!("tls://localhost:{}", server.port)).await.unwrap();
     bus.client.flush().await.unwrap();
 
-    let untrusted = start(&format!(
-        "tls {{ cert_file: \"{}\", key_file: \"{}\" }}\n",
-        fixture("untrusted.pem").display(),
-        fixture("untrusted.key").display()
-    ));
+    let untrusted = tls_server("untrusted");
     let refused = connect(format!("tls://localhost:{}", untrusted.port)).await.err();
     assert!(refused.is_some(), "a server no root vouches for was trusted");
 }

@@ -229,11 +229,12 @@ fn conflict_on_unique<T>(result: Result<T, sqlx::Error>, what: impl FnOnce() -> 
 /// `hookyard config`. Plain string work, so that a URL that does not parse keeps it
 /// hidden too.
 pub fn without_password(url: &str) -> String {
+    use crate::config::HIDDEN;
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];
             match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:(hidden){}", &url[..scheme + 3], &url[at..]),
+                Some((user, _)) => format!("{}{user}:{HIDDEN}{}", &url[..scheme + 3], &url[at..]),
                 None => url.to_string(),
             }
         }

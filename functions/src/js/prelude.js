@@ -183,6 +183,9 @@
     return Object.setPrototypeOf(nango, execOnly);
   };
 
+  // The most ids one getRecordsByIds host call takes (host.rs's IDS_PER_CALL).
+  const IDS_PER_CALL = 100;
+
   // What exec adds to `nango`: the provider's API, delete tracking, checkpoints, reads of
   // the records cache.
   const execApi = (models, setStrategy) => {
@@ -299,8 +302,8 @@
         const given = new Map(ids.map((id) => [String(id), id]));
         const texts = [...given.keys()];
         const records = new Map();
-        for (let i = 0; i < texts.length; i += 100) {
-          for (const record of host('getRecordsByIds', { model, ids: texts.slice(i, i + 100) })) {
+        for (let i = 0; i < texts.length; i += IDS_PER_CALL) {
+          for (const record of host('getRecordsByIds', { model, ids: texts.slice(i, i + IDS_PER_CALL) })) {
             records.set(record.id, record);
           }
         }
