@@ -115,7 +115,7 @@ pub async fn run(events: u64) -> anyhow::Result<()> {
         bus.jetstream.clone(),
         &config.forwarding,
         hookyard_core::oplog::OpLog::start(store.clone(), &config.logs),
-    ));
+    )?);
     let cpu = CpuMeter::start(nats.pid().unwrap_or(0));
     let postgres = postgres_cpu();
     let started = Instant::now();

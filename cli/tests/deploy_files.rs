@@ -242,6 +242,7 @@ fn config_prints_the_settings_a_service_would_run_with_and_hides_its_secrets() {
         ("HOOKYARD_ENCRYPTION_KEY", &key),
         ("HOOKYARD_DATABASE_URL", "postgres://hookyard:s3cret@db/hookyard"),
         ("HOOKYARD_STREAMS__REPLICAS", "3"),
+        ("HOOKYARD_FORWARDING__PROXY", "http://egress:pr0xy@proxy.internal:3128"),
     ]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let printed = String::from_utf8(output.stdout).unwrap();
@@ -257,7 +258,13 @@ fn config_prints_the_settings_a_service_would_run_with_and_hides_its_secrets() {
         settings.get("database_url").as_str(),
         Some("postgres://hookyard:(hidden)@db/hookyard")
     );
-    assert!(!printed.contains("s3cret") && !printed.contains(&key), "{printed}");
+    assert_eq!(
+        settings.get("forwarding.proxy").as_str(),
+        Some("http://egress:(hidden)@proxy.internal:3128")
+    );
+    for secret in ["s3cret", "pr0xy", &key] {
+        assert!(!printed.contains(secret), "{printed}");
+    }
 
     assert!(output.stderr.is_empty(), "{}", String::from_utf8_lossy(&output.stderr));
     // Valid but not meant: said, and printed all the same.
@@ -276,6 +283,17 @@ fn config_prints_the_settings_a_service_would_run_with_and_hides_its_secrets() {
     ]);
     assert_eq!(typo.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&typo.stderr).contains("HOOKYARD_INGEST__LISTN"));
+    // The environment's proxy is checked too (calls out would use it).
+    let socks = run(&[
+        ("HOOKYARD_ENCRYPTION_KEY", &key),
+        ("HTTPS_PROXY", "socks5://proxy.internal:1080"),
+    ]);
+    assert_eq!(socks.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&socks.stderr);
+    assert!(
+        said.contains("HTTPS_PROXY \"socks5://proxy.internal:1080\" is not an http"),
+        "{said}"
+    );
     let keyless = run(&[]);
     assert_eq!(keyless.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&keyless.stderr).contains("HOOKYARD_ENCRYPTION_KEY"));

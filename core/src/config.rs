@@ -187,6 +187,15 @@ pub struct ForwardingConfig {
     pub allow_loopback: bool,
     /// Allow private, link-local and cloud-metadata addresses.
     pub allow_private: bool,
+    /// The proxy calls out (forwards, provider APIs, token refreshes) go through:
+    /// `http://host:port` or `https://…`, credentials as `user:password@`. Unset: the
+    /// environment's `HTTPS_PROXY`, `HTTP_PROXY` and `ALL_PROXY`, read as curl reads them;
+    /// `""`: none, whatever the environment says. Its host is trusted past the address
+    /// checks above.
+    pub proxy: Option<String>,
+    /// Destinations called directly, not through the proxy: curl's `NO_PROXY` rules
+    /// (names with their subdomains, addresses, CIDR ranges, `*`). Unset: `NO_PROXY`.
+    pub no_proxy: Option<String>,
     /// A delivery whose worker died mid-attempt goes to another after this.
     #[serde(with = "humantime_serde")]
     pub ack_wait: Duration,
@@ -210,6 +219,8 @@ impl Default for ForwardingConfig {
             breaker_open: Duration::from_secs(30),
             allow_loopback: false,
             allow_private: false,
+            proxy: None,
+            no_proxy: None,
             ack_wait: Duration::from_secs(60),
             notices_resend_after: Duration::from_secs(30),
         }
@@ -486,6 +497,9 @@ impl Config {
                 problems.push(format!("ingest.public_url {url:?} must start with http:// or https://"));
             }
         }
+        if let Err(problem) = crate::outbound::Proxies::of(&self.forwarding) {
+            problems.push(problem);
+        }
         let ingest = &self.ingest;
         if !(1024..=64 * 1024 * 1024).contains(&ingest.max_body_bytes) {
             problems.push(format!(
@@ -720,6 +734,22 @@ impl Config {
 /// What a secret is shown as in messages and `hookyard config`: it is set, and that is all.
 pub const HIDDEN: &str = "(hidden)";
 
+/// A URL with its password shown as [`HIDDEN`] (database, proxy): for messages and
+/// `hookyard config`. Plain string work, so that a URL that does not parse keeps it
+/// hidden too.
+pub fn without_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:{HIDDEN}{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
 /// How hookyard authenticates to NATS: what `nats_url` carries.
 #[derive(Clone, PartialEq, Eq)]
 pub enum NatsAuth {
@@ -875,6 +905,7 @@ mod tests {
             jail.set_env("HOOKYARD_LOGS__RETENTION", "0s");
             jail.set_env("HOOKYARD_LOGS__BUFFER", "0");
             jail.set_env("HOOKYARD_DATABASE_MAX_CONNECTIONS", "0");
+            jail.set_env("HOOKYARD_FORWARDING__PROXY", "socks5://u:pw@proxy:1080");
             let message = Config::load().unwrap_err().to_string();
             assert!(message.contains("ingest.max_body_bytes is 10"), "{message}");
             assert!(message.contains("streams.replicas is 2"), "{message}");
@@ -891,11 +922,22 @@ mod tests {
                 "logs.retention must be at least 1m",
                 "logs.buffer must be at least 1",
                 "database_max_connections must be between 1 and 1000",
+                "forwarding.proxy \"socks5://u:(hidden)@proxy:1080\" is not an http:// or https:// proxy",
             ] {
                 assert!(message.contains(problem), "{message}");
             }
             Ok(())
         });
+    }
+
+    #[test]
+    fn passwords_are_hidden_and_the_rest_kept() {
+        assert_eq!(
+            without_password("postgres://u:s3cr:et@h:5432/db?sslmode=require"),
+            "postgres://u:(hidden)@h:5432/db?sslmode=require"
+        );
+        assert_eq!(without_password("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(without_password("sqlite://x.db"), "sqlite://x.db");
     }
 
     #[test]

@@ -13,17 +13,22 @@ use crate::config::ForwardingConfig;
 /// configuration does not allow (loopback, private, link-local, metadata…): the check
 /// before an attempt, which says why. The clients of [`client_builder`] check again, on
 /// the addresses they connect to.
+///
+/// Through a proxy the proxy resolves the name: one that resolves here is still checked
+/// (a name of the internal network is refused), one that does not is left to the proxy,
+/// which is then what keeps calls from reaching internal addresses.
 pub async fn allowed_destination(url: &str, config: &ForwardingConfig) -> Result<(), String> {
     let parsed = checked_url(url, config)?;
     let Some(url::Host::Domain(host)) = parsed.host() else {
         return Ok(());
     };
     let port = parsed.port_or_known_default().unwrap_or(443);
-    let addresses = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|e| format!("{host} does not resolve: {e}"))?
-        .map(|a| a.ip());
-    check_addresses(host, addresses, config)
+    let resolved = tokio::net::lookup_host((host, port)).await;
+    match resolved {
+        Ok(addresses) => check_addresses(host, addresses.map(|a| a.ip()), config),
+        Err(_) if Proxies::of(config)?.proxy_for(&parsed).is_some() => Ok(()),
+        Err(e) => Err(format!("{host} does not resolve: {e}")),
+    }
 }
 
 /// What can be told of a destination without resolving its name: an absolute http(s)
@@ -84,29 +89,138 @@ pub fn http_client() -> reqwest::Client {
     http_builder().build().expect("a client with reqwest's defaults builds")
 }
 
-/// An HTTP client builder for calls out (forwards, provider APIs): no redirects, and a
-/// resolver that refuses forbidden addresses. A connection goes to the addresses that
-/// were checked, so a name that resolves elsewhere after [`allowed_destination`] (DNS
-/// rebinding) is refused as well. (An IP in the URL is not resolved: the check before
-/// the attempt covers it.)
-pub fn client_builder(config: &ForwardingConfig) -> reqwest::ClientBuilder {
-    http_builder()
+/// An HTTP client builder for calls out (forwards, provider APIs): no redirects, the
+/// configured proxy ([`Proxies`]), and a resolver that refuses forbidden addresses. A
+/// connection goes to the addresses that were checked, so a name that resolves elsewhere
+/// after [`allowed_destination`] (DNS rebinding) is refused as well. (An IP in the URL is
+/// not resolved: the check before the attempt covers it. The proxy's own name is
+/// resolved unchecked.) Fails on a proxy setting [`Proxies::of`] refuses, which
+/// `Config::validate` refuses at start.
+pub fn client_builder(config: &ForwardingConfig) -> Result<reqwest::ClientBuilder, String> {
+    let proxies = Arc::new(Proxies::of(config)?);
+    let trusted = proxies.hosts();
+    let route = proxies.clone();
+    Ok(http_builder()
         .redirect(reqwest::redirect::Policy::none())
-        .dns_resolver(GuardedResolver(Arc::new(config.clone())))
+        // Replaces reqwest's own reading of the environment: one decision, ours.
+        .proxy(reqwest::Proxy::custom(move |url| route.proxy_for(url).cloned()))
+        .dns_resolver(GuardedResolver {
+            config: Arc::new(config.clone()),
+            trusted,
+        }))
 }
 
-struct GuardedResolver(Arc<ForwardingConfig>);
+struct GuardedResolver {
+    config: Arc<ForwardingConfig>,
+    /// The proxies' names: where the operator sends calls, often a private address.
+    trusted: Vec<String>,
+}
 
 impl reqwest::dns::Resolve for GuardedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let config = self.0.clone();
+        let config = self.config.clone();
+        let trusted = self.trusted.iter().any(|host| host.eq_ignore_ascii_case(name.as_str()));
         Box::pin(async move {
             let host = name.as_str();
             let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host, 0)).await?.collect();
-            check_addresses(host, addresses.iter().map(SocketAddr::ip), &config)?;
+            if !trusted {
+                check_addresses(host, addresses.iter().map(SocketAddr::ip), &config)?;
+            }
             Ok(Box::new(addresses.into_iter()) as reqwest::dns::Addrs)
         })
     }
+}
+
+/// The proxies calls out go through: `forwarding.proxy` and `forwarding.no_proxy`, each
+/// falling back to the environment as curl reads it (`HTTPS_PROXY` for https
+/// destinations, `HTTP_PROXY` for http ones, `ALL_PROXY` for both, lower case too;
+/// `NO_PROXY`).
+pub struct Proxies {
+    http: Option<url::Url>,
+    https: Option<url::Url>,
+    /// Decides `no_proxy` (hyper-util's matcher, curl's rules); built with both proxies.
+    matcher: hyper_util::client::proxy::matcher::Matcher,
+}
+
+impl Proxies {
+    /// From the configuration and this process's environment; an error names the
+    /// setting or variable whose value is not an http(s) proxy URL.
+    pub fn of(config: &ForwardingConfig) -> Result<Proxies, String> {
+        Self::read(config, |name| std::env::var(name).ok())
+    }
+
+    fn read(config: &ForwardingConfig, var: impl Fn(&str) -> Option<String>) -> Result<Proxies, String> {
+        let first = |names: [&'static str; 2]| {
+            names
+                .into_iter()
+                .find_map(|name| Some((name, var(name).filter(|v| !v.is_empty())?)))
+        };
+        let parse = |found: Option<(&str, String)>| found.map(|(name, value)| proxy_url(name, &value)).transpose();
+        let (http, https) = match config.proxy.as_deref() {
+            Some("") => (None, None),
+            Some(proxy) => {
+                let url = proxy_url("forwarding.proxy", proxy)?;
+                (Some(url.clone()), Some(url))
+            }
+            None => {
+                let all = parse(first(["ALL_PROXY", "all_proxy"]))?;
+                (
+                    parse(first(["HTTP_PROXY", "http_proxy"]))?.or_else(|| all.clone()),
+                    parse(first(["HTTPS_PROXY", "https_proxy"]))?.or(all),
+                )
+            }
+        };
+        let no = match &config.no_proxy {
+            Some(no) => no.clone(),
+            None => first(["NO_PROXY", "no_proxy"]).map(|(_, v)| v).unwrap_or_default(),
+        };
+        let text = |url: &Option<url::Url>| url.as_ref().map(url::Url::to_string).unwrap_or_default();
+        let matcher = hyper_util::client::proxy::matcher::Matcher::builder()
+            .http(text(&http))
+            .https(text(&https))
+            .no(no)
+            .build();
+        Ok(Proxies { http, https, matcher })
+    }
+
+    /// The proxy a call to `url` goes through, if any.
+    pub fn proxy_for(&self, url: &url::Url) -> Option<&url::Url> {
+        let uri: axum::http::Uri = url.as_str().parse().ok()?;
+        self.matcher.intercept(&uri)?;
+        match url.scheme() {
+            "https" => self.https.as_ref(),
+            _ => self.http.as_ref(),
+        }
+    }
+
+    /// The proxies' host names.
+    fn hosts(&self) -> Vec<String> {
+        [&self.http, &self.https]
+            .into_iter()
+            .flatten()
+            .filter_map(|url| url.host_str().map(str::to_string))
+            .collect()
+    }
+}
+
+/// A proxy URL as curl takes one: `http://` when no scheme is given.
+fn proxy_url(setting: &str, value: &str) -> Result<url::Url, String> {
+    let with_scheme = if value.contains("://") {
+        value.to_string()
+    } else {
+        format!("http://{value}")
+    };
+    let shown = crate::config::without_password(&with_scheme);
+    let url = url::Url::parse(&with_scheme).map_err(|e| format!("{setting} {shown:?} is not a URL: {e}"))?;
+    // The matcher takes it as an `http::Uri`; one it could not read would mean no proxy.
+    let readable = url.as_str().parse::<axum::http::Uri>().is_ok();
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() || !readable {
+        return Err(format!(
+            "{setting} {shown:?} is not an http:// or https:// proxy (calls out support those; \
+             set forwarding.proxy to one, or to \"\" for none)"
+        ));
+    }
+    Ok(url)
 }
 
 /// What kind of address `ip` is when the configuration refuses it, with the key that
@@ -185,6 +299,81 @@ mod tests {
         assert!(forbidden("10.0.0.1".parse().unwrap(), &loopback).is_some());
     }
 
+    fn env<'a>(vars: &'a [(&str, &str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| vars.iter().find(|(n, _)| *n == name).map(|(_, v)| v.to_string())
+    }
+
+    /// Where a call to `url` goes: its proxy, or "direct".
+    fn route(proxies: &Proxies, url: &str) -> String {
+        proxies
+            .proxy_for(&url.parse().unwrap())
+            .map_or("direct".into(), |p| p.to_string())
+    }
+
+    #[test]
+    fn proxies_come_from_the_settings_or_else_the_environment_as_curl_reads_it() {
+        let unset = ForwardingConfig::default();
+        let from_env = Proxies::read(
+            &unset,
+            env(&[
+                ("https_proxy", "proxy.corp:3128"),
+                ("HTTP_PROXY", "http://plain:8080"),
+                ("NO_PROXY", "internal.example, 10.0.0.0/8"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(route(&from_env, "https://api.example.com/x"), "http://proxy.corp:3128/");
+        assert_eq!(route(&from_env, "http://api.example.com/x"), "http://plain:8080/");
+        assert_eq!(route(&from_env, "https://a.internal.example/x"), "direct");
+        assert_eq!(route(&from_env, "http://10.1.2.3/x"), "direct");
+        assert_eq!(from_env.hosts(), ["plain", "proxy.corp"]);
+
+        let all = Proxies::read(&unset, env(&[("ALL_PROXY", "https://u:p@all:8443")])).unwrap();
+        assert_eq!(route(&all, "https://api.example.com/"), "https://u:p@all:8443/");
+        assert_eq!(route(&all, "http://api.example.com/"), "https://u:p@all:8443/");
+
+        let set = ForwardingConfig {
+            proxy: Some("http://set:3128".into()),
+            no_proxy: Some("example.com".into()),
+            ..ForwardingConfig::default()
+        };
+        let vars = env(&[("HTTPS_PROXY", "http://env:1"), ("NO_PROXY", "other.org")]);
+        let overridden = Proxies::read(&set, vars).unwrap();
+        assert_eq!(route(&overridden, "https://api.example.com/"), "direct");
+        assert_eq!(route(&overridden, "https://other.org/"), "http://set:3128/");
+
+        let off = ForwardingConfig {
+            proxy: Some(String::new()),
+            ..ForwardingConfig::default()
+        };
+        let vars = env(&[("HTTPS_PROXY", "http://env:1"), ("HTTP_PROXY", "http://env:1")]);
+        let off = Proxies::read(&off, vars).unwrap();
+        assert_eq!(route(&off, "https://other.org/"), "direct");
+        assert_eq!(route(&off, "http://other.org/"), "direct");
+        assert_eq!(
+            route(&Proxies::read(&unset, env(&[])).unwrap(), "https://other.org/"),
+            "direct"
+        );
+    }
+
+    #[test]
+    fn a_proxy_that_is_not_http_is_refused_naming_its_setting_or_variable() {
+        let unset = ForwardingConfig::default();
+        let error = Proxies::read(&unset, env(&[("HTTPS_PROXY", "socks5h://u:secret@s:1080")]))
+            .err()
+            .unwrap();
+        assert!(
+            error.starts_with("HTTPS_PROXY \"socks5h://u:(hidden)@s:1080\" is not an http:// or https:// proxy"),
+            "{error}"
+        );
+        let hostless = ForwardingConfig {
+            proxy: Some("http://".into()),
+            ..ForwardingConfig::default()
+        };
+        let error = Proxies::read(&hostless, env(&[])).err().unwrap();
+        assert!(error.starts_with("forwarding.proxy \"http://\""), "{error}");
+    }
+
     /// The client's own resolver refuses a name that resolves to loopback, whatever was
     /// checked before: what a rebinding name would resolve to at connection time.
     #[tokio::test]
@@ -201,7 +390,7 @@ mod tests {
                     .await;
             }
         });
-        let strict = client_builder(&ForwardingConfig::default()).build().unwrap();
+        let strict = client_builder(&ForwardingConfig::default()).unwrap().build().unwrap();
         let error = strict.get(&url).send().await.unwrap_err();
         let chain = std::iter::successors(Some(&error as &dyn std::error::Error), |e| e.source())
             .map(|e| e.to_string())
@@ -216,7 +405,7 @@ mod tests {
             allow_loopback: true,
             ..ForwardingConfig::default()
         };
-        let allowed = client_builder(&loopback).build().unwrap();
+        let allowed = client_builder(&loopback).unwrap().build().unwrap();
         assert_eq!(allowed.get(&url).send().await.unwrap().status(), 204);
     }
 

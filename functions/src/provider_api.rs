@@ -82,7 +82,7 @@ impl ProviderApi {
             )
         })?;
         let base = Url::parse(&base_text).map_err(|e| format!("API base URL {base_text:?}: {e}"))?;
-        let client = hookyard_core::outbound::client_builder(&guard)
+        let client = hookyard_core::outbound::client_builder(&guard)?
             .timeout(ATTEMPT_TIMEOUT)
             .build()
             .map_err(|e| e.to_string())?;

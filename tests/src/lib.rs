@@ -8,12 +8,14 @@
 //! - [`PgDatabase`]: a freshly created Postgres database, dropped afterwards.
 //! - [`SqliteFile`]: a fresh SQLite file in a temporary folder.
 //! - [`receiver::Receiver`]: an HTTP receiver on loopback that records what it is sent.
+//! - [`proxy::ForwardProxy`]: an egress proxy on loopback that records what it is asked.
 //!
 //! nextest runs every test in its own process, so every test gets its own services.
 
 pub mod fake_provider;
 mod nats;
 mod postgres;
+pub mod proxy;
 pub mod receiver;
 
 pub use nats::{deploy_dir, nats_server_bin, NatsCluster, NatsServer};

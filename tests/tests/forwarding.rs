@@ -1,7 +1,7 @@
 //! Forwarding to a receiver on loopback, end to end with real NATS: the exact body and
 //! both signatures (the Standard Webhooks one checked by the `standardwebhooks` library
 //! from PyPI), retries keeping one `webhook-id`, `Retry-After`, 410, the SSRF guard,
-//! independence from functions, and sync notifications.
+//! independence from functions, sync notifications, and an egress proxy.
 
 mod common;
 
@@ -10,6 +10,7 @@ use std::time::Duration;
 use hmac::{Hmac, Mac};
 use hookyard_core::store::forwarding::{ForwardingScope, ForwardingSettings};
 use hookyard_core::{Config, Envelope};
+use hookyard_testkit::proxy::ForwardProxy;
 use hookyard_testkit::receiver::{Hit, Receiver};
 use hookyard_testkit::{eventually, PgDatabase};
 use serde_json::{json, Value};
@@ -283,6 +284,39 @@ async fn loopback_destinations_are_refused_unless_allowed() {
         "{attempts:?}"
     );
     assert!(receiver.hits().is_empty());
+}
+
+/// Through `forwarding.proxy` (with credentials): the app is reached by a name only the
+/// proxy resolves, and the proxy, on loopback itself, is trusted while loopback
+/// destinations stay refused.
+#[tokio::test]
+async fn a_forward_goes_through_the_configured_proxy() {
+    let receiver = Receiver::start(&[]).await;
+    let app = receiver.url.trim_start_matches("http://").trim_end_matches("/hook");
+    let proxy = ForwardProxy::start(app.parse().unwrap()).await;
+    let proxy_url = format!("http://hookyard:se%2Fcret@{}", proxy.address);
+    let h = harness_with(None, 1, |config| {
+        forwarding_config(config);
+        config.forwarding.allow_loopback = false;
+        config.forwarding.proxy = Some(proxy_url);
+    })
+    .await;
+    forward_to(&h, &["http://app.invalid/hook"]).await;
+    h.start_all();
+    let event = json!({"type": "contact.updated", "n": 1});
+    webhook(&h, &event, &[]).await;
+    let hit = receiver.wait_hits(1).await.remove(0);
+    assert_eq!(hit.json()["payload"], event);
+    assert_eq!(hit.header("host"), "app.invalid");
+    let requests = proxy.requests();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(requests[0].line, "POST http://app.invalid/hook HTTP/1.1");
+    use base64::Engine as _;
+    let credentials = base64::engine::general_purpose::STANDARD.encode("hookyard:se/cret");
+    assert_eq!(requests[0].authorization, Some(format!("Basic {credentials}")));
+    forwarding_idle(&h).await;
+    let letters = h.store.dead_letters("dev", &Default::default(), 10).await.unwrap();
+    assert!(letters.is_empty(), "{letters:?}");
 }
 
 #[tokio::test]

@@ -120,14 +120,15 @@ impl Deliverer {
         jetstream: jetstream::Context,
         config: &ForwardingConfig,
         oplog: OpLog,
-    ) -> Deliverer {
+    ) -> Result<Deliverer, WorkerError> {
         let http = hookyard_core::outbound::client_builder(config)
+            .map_err(WorkerError::Forwarding)?
             .timeout(config.attempt_timeout)
             .build()
-            .expect("an HTTP client");
+            .map_err(|e| WorkerError::Forwarding(e.to_string()))?;
         let (attempts, pending) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(write_attempts(store.clone(), pending));
-        Deliverer {
+        Ok(Deliverer {
             oplog,
             attempts,
             made: Mutex::new(HashMap::new()),
@@ -137,7 +138,7 @@ impl Deliverer {
             http,
             config: config.clone(),
             destinations: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), WorkerError> {

@@ -68,6 +68,8 @@ pub enum WorkerError {
     Store(#[from] StoreError),
     #[error("JetStream: {0}")]
     JetStream(String),
+    #[error("forwarding: {0}")]
+    Forwarding(String),
 }
 
 pub(crate) fn jetstream_error(e: impl std::fmt::Display) -> WorkerError {
@@ -942,7 +944,7 @@ pub async fn run_all(store: Store, bus: &Bus, config: &Config, shutdown: Cancell
         bus.jetstream.clone(),
         &config.forwarding,
         worker.oplog.clone(),
-    ));
+    )?);
     let stopping = |outcome: Result<(), WorkerError>| {
         if outcome.is_err() {
             shutdown.cancel();

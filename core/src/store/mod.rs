@@ -141,7 +141,7 @@ impl Store {
     /// (`database_max_connections`).
     pub async fn connect_with(url: &str, cipher: Cipher, max_connections: u32) -> Result<Store, StoreError> {
         let connect_error = |source| StoreError::Connect {
-            url: without_password(url),
+            url: crate::config::without_password(url),
             source,
         };
         let pool = if url.starts_with("sqlite:") {
@@ -225,36 +225,9 @@ fn conflict_on_unique<T>(result: Result<T, sqlx::Error>, what: impl FnOnce() -> 
     }
 }
 
-/// The database URL with its password shown as `(hidden)`: for error messages and
-/// `hookyard config`. Plain string work, so that a URL that does not parse keeps it
-/// hidden too.
-pub fn without_password(url: &str) -> String {
-    use crate::config::HIDDEN;
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:{HIDDEN}{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_are_hidden_and_the_rest_kept() {
-        assert_eq!(
-            without_password("postgres://u:s3cr:et@h:5432/db?sslmode=require"),
-            "postgres://u:(hidden)@h:5432/db?sslmode=require"
-        );
-        assert_eq!(without_password("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(without_password("sqlite://x.db"), "sqlite://x.db");
-    }
 
     #[test]
     fn keys_are_random_and_prefixed() {

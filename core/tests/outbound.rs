@@ -1,0 +1,160 @@
+//! Calls out (forwards to customers' apps, provider APIs, OAuth2 token refreshes: every
+//! client made by `outbound::client_builder`) reach https destinations, verifying their
+//! certificates against the system's roots, which `SSL_CERT_FILE` can name; and they go
+//! through the configured proxy, which resolves the names this host cannot.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hookyard_core::config::ForwardingConfig;
+use hookyard_core::outbound::{allowed_destination, client_builder};
+use hookyard_testkit::proxy::ForwardProxy;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::TlsAcceptor;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tls")
+        .join(name)
+}
+
+/// An https server on loopback presenting `name`.pem; answers each request 200 `ok`.
+/// Returns its URL (by name, so the certificate's name is checked too).
+async fn https_server(name: &str) -> String {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(fixture(&format!("{name}.pem")))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(fixture(&format!("{name}.key"))).unwrap();
+    let config = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://localhost:{}/hook", listener.local_addr().unwrap().port());
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                // A refused handshake (the client distrusting the certificate) ends here.
+                let Ok(mut tls) = acceptor.accept(socket).await else {
+                    return;
+                };
+                let _ = tls.read(&mut [0; 4096]).await;
+                let _ = tls
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+                    .await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    url
+}
+
+fn error_chain(error: &reqwest::Error) -> String {
+    std::iter::successors(Some(error as &dyn std::error::Error), |e| e.source())
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+/// Sets the process's `SSL_CERT_FILE` to the test CA, as an operator trusting a private
+/// CA would; before any client of the test exists (nextest runs each test in a process
+/// of its own).
+fn trust_the_test_ca() {
+    std::env::set_var("SSL_CERT_FILE", fixture("ca.pem"));
+}
+
+#[tokio::test]
+async fn calls_out_reach_https_destinations_and_check_their_certificates() {
+    trust_the_test_ca();
+    let config = ForwardingConfig {
+        allow_loopback: true,
+        ..ForwardingConfig::default()
+    };
+    let client = client_builder(&config).unwrap().build().unwrap();
+
+    let trusted = https_server("localhost").await;
+    let response = client.post(&trusted).body("{}").send().await.unwrap_or_else(|e| {
+        panic!(
+            "an https destination whose certificate the roots vouch for: {}",
+            error_chain(&e)
+        )
+    });
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "ok");
+
+    // Verification is on: a certificate no root vouches for is refused, saying why.
+    let untrusted = https_server("untrusted").await;
+    let error = client.post(&untrusted).body("{}").send().await.unwrap_err();
+    let chain = error_chain(&error);
+    assert!(chain.contains("invalid peer certificate"), "{chain}");
+}
+
+/// https through the proxy is a `CONNECT` tunnel, the certificate still checked end to
+/// end; a destination in `no_proxy` is called directly.
+#[tokio::test]
+async fn https_goes_through_the_proxys_tunnel_and_no_proxy_destinations_go_direct() {
+    trust_the_test_ca();
+    let url = https_server("localhost").await;
+    let port = url::Url::parse(&url).unwrap().port().unwrap();
+    let proxy = ForwardProxy::start(([127, 0, 0, 1], port).into()).await;
+    let through = ForwardingConfig {
+        allow_loopback: true,
+        proxy: Some(format!("http://{}", proxy.address)),
+        ..ForwardingConfig::default()
+    };
+    let client = client_builder(&through).unwrap().build().unwrap();
+    let response = client.post(&url).body("{}").send().await.unwrap_or_else(|e| {
+        panic!("through the proxy: {}", error_chain(&e));
+    });
+    assert_eq!(response.text().await.unwrap(), "ok");
+    let requests = proxy.requests();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(requests[0].line, format!("CONNECT localhost:{port} HTTP/1.1"));
+    assert_eq!(requests[0].authorization, None);
+
+    let direct = ForwardingConfig {
+        no_proxy: Some("localhost".into()),
+        ..through
+    };
+    let client = client_builder(&direct).unwrap().build().unwrap();
+    let response = client.post(&url).body("{}").send().await.unwrap();
+    assert_eq!(response.text().await.unwrap(), "ok");
+    assert_eq!(proxy.requests().len(), 1, "no_proxy went through the proxy");
+}
+
+/// Through a proxy, a destination's name that resolves here is still checked (a name of
+/// the internal network stays refused); one that does not resolve here is the proxy's
+/// to resolve. Without a proxy, or for a `no_proxy` name, it is refused.
+#[tokio::test]
+async fn through_a_proxy_names_resolved_here_are_checked_and_the_rest_left_to_it() {
+    let direct = ForwardingConfig {
+        proxy: Some(String::new()),
+        ..ForwardingConfig::default()
+    };
+    let through = ForwardingConfig {
+        proxy: Some("http://localhost:9".into()),
+        ..ForwardingConfig::default()
+    };
+    let bypassed = ForwardingConfig {
+        no_proxy: Some("app.invalid".into()),
+        ..through.clone()
+    };
+    let outside = "https://app.invalid/hook";
+    assert_eq!(allowed_destination(outside, &through).await, Ok(()));
+    for config in [&direct, &bypassed] {
+        let error = allowed_destination(outside, config).await.unwrap_err();
+        assert!(error.starts_with("app.invalid does not resolve"), "{error}");
+    }
+    let error = allowed_destination("http://localhost:8080/", &through)
+        .await
+        .unwrap_err();
+    assert!(error.contains("a loopback address"), "{error}");
+    let error = allowed_destination("http://10.0.0.1/", &through).await.unwrap_err();
+    assert!(error.contains("a private, link-local or metadata address"), "{error}");
+}

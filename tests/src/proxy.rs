@@ -1,0 +1,81 @@
+//! An HTTP forward proxy on loopback standing in for an egress proxy: it tunnels
+//! `CONNECT` and passes on absolute-form requests, whatever host they name, to one
+//! upstream address, and records what it was asked.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The first request of a connection to the proxy.
+#[derive(Clone, Debug)]
+pub struct Proxied {
+    /// Its request line: `CONNECT host:443 HTTP/1.1`, `POST http://host/path HTTP/1.1`.
+    pub line: String,
+    /// Its `Proxy-Authorization` header.
+    pub authorization: Option<String>,
+}
+
+pub struct ForwardProxy {
+    /// Where it listens, by name: `localhost:{port}` (prefix a scheme to use it).
+    pub address: String,
+    seen: Arc<Mutex<Vec<Proxied>>>,
+}
+
+impl ForwardProxy {
+    /// A proxy that sends everything to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> ForwardProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = format!("localhost:{}", listener.local_addr().unwrap().port());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(relay(client, upstream, record.clone()));
+            }
+        });
+        ForwardProxy { address, seen }
+    }
+
+    /// What it was asked so far (one entry per connection).
+    pub fn requests(&self) -> Vec<Proxied> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+async fn relay(mut client: TcpStream, upstream: SocketAddr, seen: Arc<Mutex<Vec<Proxied>>>) {
+    // The request head; a body's first bytes may come with it and are passed on as read.
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match client.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = text.split("\r\n");
+    let line = lines.next().unwrap_or_default().to_string();
+    let authorization = lines
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .find(|(name, _)| name.eq_ignore_ascii_case("proxy-authorization"))
+        .map(|(_, value)| value.trim().to_string());
+    let tunnel = line.starts_with("CONNECT ");
+    seen.lock().unwrap().push(Proxied { line, authorization });
+    let Ok(mut server) = TcpStream::connect(upstream).await else {
+        let _ = client
+            .write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n")
+            .await;
+        return;
+    };
+    let passed = if tunnel {
+        client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await
+    } else {
+        server.write_all(&head).await
+    };
+    if passed.is_ok() {
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+    }
+}
