@@ -4,7 +4,7 @@
 //! Loaded and validated once at start; every error names the key at fault.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -18,6 +18,10 @@ use crate::secrets::Cipher;
 pub struct Config {
     /// NATS server address, or several separated by commas (one cluster).
     pub nats_url: String,
+    /// A NATS credentials file (`.creds`: a user JWT and its nkey seed, as `nsc`,
+    /// Synadia Cloud and NATS's operator tooling hand out), for servers in operator
+    /// mode. Instead of credentials in `nats_url`.
+    pub nats_credentials: Option<PathBuf>,
     /// `postgres://…` in production; `sqlite://…` is the embedded single-node default.
     pub database_url: String,
     /// Postgres connections one process keeps at most (SQLite takes 4: one writer at a
@@ -297,6 +301,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_credentials: None,
             database_url: "sqlite://.hookyard/hookyard.db".into(),
             database_max_connections: 10,
             data_dir: PathBuf::from(".hookyard"),
@@ -471,6 +476,11 @@ impl Config {
         }
         if let Err(problem) = self.nats_auth() {
             problems.push(problem);
+        }
+        if let Some(file) = &self.nats_credentials {
+            if let Err(problem) = read_nats_credentials(file) {
+                problems.push(problem);
+            }
         }
         if !(self.database_url.starts_with("postgres://")
             || self.database_url.starts_with("postgresql://")
@@ -676,11 +686,21 @@ impl Config {
             .collect()
     }
 
-    /// The credentials `nats_url` carries (`nats://user:password@host`, or a token as
-    /// `nats://token@host`), for the client's options: async-nats reads none from a URL
-    /// (nats-io/nats.rs#1623). One set for every server; servers written without any
-    /// get it too.
+    /// How to sign in to NATS: `nats_credentials`' file, or the credentials `nats_url`
+    /// carries (`nats://user:password@host`, or a token as `nats://token@host`), for the
+    /// client's options: async-nats reads none from a URL (nats-io/nats.rs#1623). One set
+    /// for every server; servers written without any get it too.
     pub fn nats_auth(&self) -> Result<Option<NatsAuth>, String> {
+        match (&self.nats_credentials, self.nats_url_auth()?) {
+            (Some(_), Some(_)) => Err("nats_url carries credentials and nats_credentials names a file: \
+                                       give one of them"
+                .into()),
+            (Some(file), None) => Ok(Some(NatsAuth::CredentialsFile(file.clone()))),
+            (None, auth) => Ok(auth),
+        }
+    }
+
+    fn nats_url_auth(&self) -> Result<Option<NatsAuth>, String> {
         let mut found: Option<NatsAuth> = None;
         for server in self.nats_servers() {
             let Some(url) = nats_server_url(&server) else { continue };
@@ -753,8 +773,13 @@ pub fn without_password(url: &str) -> String {
 /// How hookyard authenticates to NATS: what `nats_url` carries.
 #[derive(Clone, PartialEq, Eq)]
 pub enum NatsAuth {
-    UserPassword { user: String, password: String },
+    UserPassword {
+        user: String,
+        password: String,
+    },
     Token(String),
+    /// A `.creds` file, read when connecting.
+    CredentialsFile(PathBuf),
 }
 
 impl std::fmt::Debug for NatsAuth {
@@ -762,8 +787,24 @@ impl std::fmt::Debug for NatsAuth {
         match self {
             NatsAuth::UserPassword { user, .. } => write!(f, "UserPassword({user}, ***)"),
             NatsAuth::Token(_) => f.write_str("Token(***)"),
+            NatsAuth::CredentialsFile(file) => write!(f, "CredentialsFile({})", file.display()),
         }
     }
+}
+
+/// A `.creds` file's text, checked to hold a user JWT and a seed (read again at each
+/// connect: a rotated file is taken up by a restart). Errors name the file, never its
+/// contents.
+pub fn read_nats_credentials(file: &Path) -> Result<String, String> {
+    let text =
+        std::fs::read_to_string(file).map_err(|e| format!("nats_credentials: cannot read {}: {e}", file.display()))?;
+    async_nats::ConnectOptions::with_credentials(&text).map_err(|e| {
+        format!(
+            "nats_credentials: {} is not a NATS credentials file (a user JWT and its nkey seed): {e}",
+            file.display()
+        )
+    })?;
+    Ok(text)
 }
 
 /// A server of `nats_url` as a URL (`nats://` assumed when it names no scheme, as
