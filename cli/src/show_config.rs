@@ -11,7 +11,11 @@ pub fn print(config: &Config) -> Result<(), String> {
     shown.encryption_key = hide(shown.encryption_key);
     shown.decryption_keys = hide(shown.decryption_keys);
     shown.database_url = without_password(&config.database_url);
-    shown.forwarding.proxy = config.forwarding.proxy.as_deref().map(without_password);
+    shown.forwarding.proxy = config
+        .forwarding
+        .proxy
+        .as_deref()
+        .map(hookyard_core::outbound::proxy_shown);
     shown.nats_url = config.nats_url_shown();
     let text = toml::to_string(&shown).map_err(|e| format!("cannot print the configuration: {e}"))?;
     print!("{text}");

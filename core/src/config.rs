@@ -770,7 +770,7 @@ pub fn without_password(url: &str) -> String {
     }
 }
 
-/// How hookyard authenticates to NATS: what `nats_url` carries.
+/// How hookyard authenticates to NATS: what `nats_url` carries, or `nats_credentials`.
 #[derive(Clone, PartialEq, Eq)]
 pub enum NatsAuth {
     UserPassword {
@@ -792,9 +792,8 @@ impl std::fmt::Debug for NatsAuth {
     }
 }
 
-/// A `.creds` file's text, checked to hold a user JWT and a seed (read again at each
-/// connect: a rotated file is taken up by a restart). Errors name the file, never its
-/// contents.
+/// A `.creds` file's text, checked to hold a user JWT and a seed (read at each start: a
+/// rotated file is taken up by a restart). Errors name the file, never its contents.
 pub fn read_nats_credentials(file: &Path) -> Result<String, String> {
     let text =
         std::fs::read_to_string(file).map_err(|e| format!("nats_credentials: cannot read {}: {e}", file.display()))?;

@@ -9,6 +9,24 @@ use chrono::Utc;
 
 use crate::config::ForwardingConfig;
 
+/// Why a destination is not called.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Never allowed: not http(s), or an address the configuration does not allow.
+    Forbidden(String),
+    /// Its name does not resolve now (the resolver is away, or the name is not
+    /// registered yet): a later attempt may find it.
+    Unresolved(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Forbidden(reason) | Refusal::Unresolved(reason) => f.write_str(reason),
+        }
+    }
+}
+
 /// Refuses a destination that is not http(s), or that resolves to an address the
 /// configuration does not allow (loopback, private, link-local, metadata…): the check
 /// before an attempt, which says why. The clients of [`client_builder`] check again, on
@@ -17,17 +35,19 @@ use crate::config::ForwardingConfig;
 /// Through a proxy the proxy resolves the name: one that resolves here is still checked
 /// (a name of the internal network is refused), one that does not is left to the proxy,
 /// which is then what keeps calls from reaching internal addresses.
-pub async fn allowed_destination(url: &str, config: &ForwardingConfig) -> Result<(), String> {
-    let parsed = checked_url(url, config)?;
+pub async fn allowed_destination(url: &str, config: &ForwardingConfig) -> Result<(), Refusal> {
+    let parsed = checked_url(url, config).map_err(Refusal::Forbidden)?;
     let Some(url::Host::Domain(host)) = parsed.host() else {
         return Ok(());
     };
     let port = parsed.port_or_known_default().unwrap_or(443);
     let resolved = tokio::net::lookup_host((host, port)).await;
     match resolved {
-        Ok(addresses) => check_addresses(host, addresses.map(|a| a.ip()), config),
-        Err(_) if Proxies::of(config)?.proxy_for(&parsed).is_some() => Ok(()),
-        Err(e) => Err(format!("{host} does not resolve: {e}")),
+        Ok(addresses) => check_addresses(host, addresses.map(|a| a.ip()), config).map_err(Refusal::Forbidden),
+        Err(e) => match Proxies::of(config).map_err(Refusal::Forbidden)?.proxy_for(&parsed) {
+            Some(_) => Ok(()),
+            None => Err(Refusal::Unresolved(format!("{host} does not resolve: {e}"))),
+        },
     }
 }
 
@@ -203,15 +223,27 @@ impl Proxies {
     }
 }
 
-/// A proxy URL as curl takes one: `http://` when no scheme is given.
-fn proxy_url(setting: &str, value: &str) -> Result<url::Url, String> {
-    let with_scheme = if value.contains("://") {
+/// A proxy setting as curl reads one: `http://` when it names no scheme.
+fn with_scheme(value: &str) -> String {
+    if value.contains("://") {
         value.to_string()
     } else {
         format!("http://{value}")
-    };
-    let shown = crate::config::without_password(&with_scheme);
-    let url = url::Url::parse(&with_scheme).map_err(|e| format!("{setting} {shown:?} is not a URL: {e}"))?;
+    }
+}
+
+/// A proxy setting as messages and `hookyard config` show it: its password hidden (`""`,
+/// no proxy, as it is).
+pub fn proxy_shown(value: &str) -> String {
+    match value {
+        "" => String::new(),
+        _ => crate::config::without_password(&with_scheme(value)),
+    }
+}
+
+fn proxy_url(setting: &str, value: &str) -> Result<url::Url, String> {
+    let shown = proxy_shown(value);
+    let url = url::Url::parse(&with_scheme(value)).map_err(|e| format!("{setting} {shown:?} is not a URL: {e}"))?;
     // The matcher takes it as an `http::Uri`; one it could not read would mean no proxy.
     let readable = url.as_str().parse::<axum::http::Uri>().is_ok();
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() || !readable {
@@ -372,6 +404,8 @@ mod tests {
         };
         let error = Proxies::read(&hostless, env(&[])).err().unwrap();
         assert!(error.starts_with("forwarding.proxy \"http://\""), "{error}");
+        assert_eq!(proxy_shown("u:pw@proxy:3128"), "http://u:(hidden)@proxy:3128");
+        assert_eq!(proxy_shown(""), "");
     }
 
     /// The client's own resolver refuses a name that resolves to loopback, whatever was

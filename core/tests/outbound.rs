@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use hookyard_core::config::ForwardingConfig;
-use hookyard_core::outbound::{allowed_destination, client_builder};
+use hookyard_core::outbound::{allowed_destination, client_builder, Refusal};
 use hookyard_testkit::proxy::ForwardProxy;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
@@ -148,13 +148,18 @@ async fn through_a_proxy_names_resolved_here_are_checked_and_the_rest_left_to_it
     let outside = "https://app.invalid/hook";
     assert_eq!(allowed_destination(outside, &through).await, Ok(()));
     for config in [&direct, &bypassed] {
-        let error = allowed_destination(outside, config).await.unwrap_err();
-        assert!(error.starts_with("app.invalid does not resolve"), "{error}");
+        match allowed_destination(outside, config).await {
+            Err(Refusal::Unresolved(error)) => assert!(error.starts_with("app.invalid does not resolve"), "{error}"),
+            other => panic!("{other:?}"),
+        }
     }
-    let error = allowed_destination("http://localhost:8080/", &through)
-        .await
-        .unwrap_err();
-    assert!(error.contains("a loopback address"), "{error}");
-    let error = allowed_destination("http://10.0.0.1/", &through).await.unwrap_err();
-    assert!(error.contains("a private, link-local or metadata address"), "{error}");
+    for (url, why) in [
+        ("http://localhost:8080/", "a loopback address"),
+        ("http://10.0.0.1/", "a private, link-local or metadata address"),
+    ] {
+        match allowed_destination(url, &through).await {
+            Err(Refusal::Forbidden(error)) => assert!(error.contains(why), "{error}"),
+            other => panic!("{url}: {other:?}"),
+        }
+    }
 }

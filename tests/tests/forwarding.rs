@@ -319,6 +319,36 @@ async fn a_forward_goes_through_the_configured_proxy() {
     assert!(letters.is_empty(), "{letters:?}");
 }
 
+/// A name that does not resolve (a DNS outage, a domain not registered yet) is a failed
+/// attempt, tried again on the schedule like a refused connection, not a refusal.
+#[tokio::test]
+async fn a_destination_that_does_not_resolve_is_retried_not_refused() {
+    let h = harness_with(None, 1, |config| {
+        forwarding_config(config);
+        config.forwarding.retry_delays = [50, 50].map(|ms| Duration::from_millis(ms).into()).to_vec();
+    })
+    .await;
+    forward_to(&h, &["http://app.invalid/hook"]).await;
+    h.start_all();
+    webhook(&h, &json!({"n": 1}), &[]).await;
+    let letter = eventually("the given-up delivery's letter", Duration::from_secs(30), || async {
+        let letters = h.store.dead_letters("dev", &Default::default(), 10).await.unwrap();
+        letters.into_iter().find(|l| l.letter.consumer == "deliveries")
+    })
+    .await;
+    assert_ne!(letter.letter.error_kind, "refused", "{letter:?}");
+    assert_eq!(letter.letter.attempts, 3, "{letter:?}");
+    let attempts = eventually("the three attempts recorded", Duration::from_secs(10), || async {
+        let attempts = h.store.delivery_attempts(&letter.letter.message_id).await.unwrap();
+        (attempts.len() == 3).then_some(attempts)
+    })
+    .await;
+    for attempt in &attempts {
+        let error = attempt.error.as_deref().unwrap_or_default();
+        assert!(error.starts_with("not sent: app.invalid does not resolve"), "{attempts:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_down_receiver_does_not_hold_back_functions() {
     let db = PgDatabase::create().await;

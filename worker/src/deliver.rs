@@ -24,6 +24,7 @@ use hmac::{Hmac, Mac};
 use hookyard_core::config::ForwardingConfig;
 use hookyard_core::metrics::names;
 use hookyard_core::oplog::OpLog;
+use hookyard_core::outbound::Refusal;
 use hookyard_core::store::commit::{DeadLetter, Marker, Unit};
 use hookyard_core::store::forwarding::DeliveryAttempt;
 use hookyard_core::streams::{consume, durable, FWD_STREAM};
@@ -245,27 +246,14 @@ impl Deliverer {
             .lock()
             .expect("attempts lock")
             .insert(delivery.attempt_key(), attempt);
-        if let Err(reason) = hookyard_core::outbound::allowed_destination(&delivery.url, &self.config).await {
-            tracing::warn!(delivery = %delivery.id, url = %delivery.url, %reason, "destination refused");
-            self.record(
-                delivery,
-                attempt,
-                None,
-                Duration::ZERO,
-                Some(format!("refused: {reason}")),
-            )?;
-            destination.breaker.lock().expect("breaker lock").probing = false;
-            self.observe(
-                delivery,
-                attempt,
-                None,
-                Duration::ZERO,
-                Some(&reason.to_string()),
-                "refused",
-            );
-            self.dead_letter(delivery, attempt, "refused", &reason).await?;
-            return Ok(None);
-        }
+        let unresolved = match hookyard_core::outbound::allowed_destination(&delivery.url, &self.config).await {
+            Ok(()) => None,
+            Err(Refusal::Unresolved(reason)) => Some(reason),
+            Err(Refusal::Forbidden(reason)) => {
+                self.refuse(delivery, attempt, &destination, &reason).await?;
+                return Ok(None);
+            }
+        };
         let integration_key = delivery.integration.parse().ok();
         let connection = match (&integration_key, &delivery.connection) {
             (Some(integration), Some(connection)) => Some((integration, connection.as_str())),
@@ -276,37 +264,45 @@ impl Deliverer {
             .body_bytes()
             .map_err(|e| WorkerError::JetStream(format!("delivery body: {e}")))?;
 
-        // A delivery waits for a slot at most half its ack wait (past the ack wait it would
-        // be handed out a second time); then it goes back, to come again a little later.
-        let Ok(slot) = tokio::time::timeout(self.config.ack_wait / 2, destination.slots.acquire()).await else {
-            destination.breaker.lock().expect("breaker lock").probing = false;
-            return Ok(Some(Duration::from_secs(1) + full_jitter(self.config.attempt_timeout)));
-        };
-        let _slot = slot.expect("never closed");
-        let started = Instant::now();
-        let mut request = self.http.post(&delivery.url);
-        for (name, value) in &delivery.headers {
-            request = request.header(name, value);
-        }
-        if !delivery.headers.iter().any(|(n, _)| n == "content-type") {
-            request = request.header("content-type", "application/json");
-        }
-        for (name, value) in signature_headers(&signing_key, &delivery.id, Utc::now().timestamp(), &body) {
-            request = request.header(name, value);
-        }
-        let sent = request.body(body).send().await;
-        let latency = started.elapsed();
-        let (status, retry_after, error) = match &sent {
-            Ok(response) => (
-                Some(response.status().as_u16()),
-                response
-                    .headers()
-                    .get("retry-after")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(hookyard_core::outbound::parse_retry_after),
-                None,
-            ),
-            Err(e) => (None, None, Some(describe_send_error(e))),
+        let (status, retry_after, error, latency) = match unresolved {
+            // As a refused connection: a failed attempt, tried again on the schedule.
+            Some(reason) => (None, None, Some(format!("not sent: {reason}")), Duration::ZERO),
+            None => {
+                // A delivery waits for a slot at most half its ack wait (past the ack wait
+                // it would be handed out a second time); then it goes back, to come again
+                // a little later.
+                let Ok(slot) = tokio::time::timeout(self.config.ack_wait / 2, destination.slots.acquire()).await else {
+                    destination.breaker.lock().expect("breaker lock").probing = false;
+                    return Ok(Some(Duration::from_secs(1) + full_jitter(self.config.attempt_timeout)));
+                };
+                let _slot = slot.expect("never closed");
+                let started = Instant::now();
+                let mut request = self.http.post(&delivery.url);
+                for (name, value) in &delivery.headers {
+                    request = request.header(name, value);
+                }
+                if !delivery.headers.iter().any(|(n, _)| n == "content-type") {
+                    request = request.header("content-type", "application/json");
+                }
+                for (name, value) in signature_headers(&signing_key, &delivery.id, Utc::now().timestamp(), &body) {
+                    request = request.header(name, value);
+                }
+                let sent = request.body(body).send().await;
+                let latency = started.elapsed();
+                match &sent {
+                    Ok(response) => (
+                        Some(response.status().as_u16()),
+                        response
+                            .headers()
+                            .get("retry-after")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(hookyard_core::outbound::parse_retry_after),
+                        None,
+                        latency,
+                    ),
+                    Err(e) => (None, None, Some(describe_send_error(e)), latency),
+                }
+            }
         };
         self.record(delivery, attempt, status.map(i32::from), latency, error.clone())?;
         let healthy = status.is_some_and(|s| s < 500);
@@ -344,6 +340,28 @@ impl Deliverer {
                 Ok(None)
             }
         }
+    }
+
+    /// A destination the configuration forbids: recorded and dead-lettered at once, as no
+    /// later attempt would be allowed either.
+    async fn refuse(
+        &self,
+        delivery: &Delivery,
+        attempt: i64,
+        destination: &Destination,
+        reason: &str,
+    ) -> Result<(), WorkerError> {
+        tracing::warn!(delivery = %delivery.id, url = %delivery.url, %reason, "destination refused");
+        self.record(
+            delivery,
+            attempt,
+            None,
+            Duration::ZERO,
+            Some(format!("refused: {reason}")),
+        )?;
+        destination.breaker.lock().expect("breaker lock").probing = false;
+        self.observe(delivery, attempt, None, Duration::ZERO, Some(reason), "refused");
+        self.dead_letter(delivery, attempt, "refused", reason).await
     }
 
     fn record(
