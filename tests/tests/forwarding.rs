@@ -345,7 +345,10 @@ async fn a_destination_that_does_not_resolve_is_retried_not_refused() {
     .await;
     for attempt in &attempts {
         let error = attempt.error.as_deref().unwrap_or_default();
-        assert!(error.starts_with("not sent: app.invalid does not resolve"), "{attempts:?}");
+        assert!(
+            error.starts_with("not sent: app.invalid does not resolve"),
+            "{attempts:?}"
+        );
     }
 }
 

@@ -58,6 +58,26 @@ pub struct Deliverer {
 }
 
 /// One URL's concurrency limit and circuit breaker.
+/// What an attempt came to.
+struct Answer {
+    status: Option<u16>,
+    retry_after: Option<Duration>,
+    error: Option<String>,
+    latency: Duration,
+}
+
+impl Answer {
+    /// No answer: the request failed, or was not sent.
+    fn failed(error: String) -> Answer {
+        Answer {
+            status: None,
+            retry_after: None,
+            error: Some(error),
+            latency: Duration::ZERO,
+        }
+    }
+}
+
 struct Destination {
     slots: Semaphore,
     breaker: Mutex<Breaker>,
@@ -264,46 +284,24 @@ impl Deliverer {
             .body_bytes()
             .map_err(|e| WorkerError::JetStream(format!("delivery body: {e}")))?;
 
-        let (status, retry_after, error, latency) = match unresolved {
+        let answer = match unresolved {
             // As a refused connection: a failed attempt, tried again on the schedule.
-            Some(reason) => (None, None, Some(format!("not sent: {reason}")), Duration::ZERO),
-            None => {
-                // A delivery waits for a slot at most half its ack wait (past the ack wait
-                // it would be handed out a second time); then it goes back, to come again
-                // a little later.
-                let Ok(slot) = tokio::time::timeout(self.config.ack_wait / 2, destination.slots.acquire()).await else {
+            Some(reason) => Answer::failed(format!("not sent: {reason}")),
+            None => match self.send(delivery, &destination, &signing_key, body).await {
+                Some(answer) => answer,
+                // No slot in time: back, to come again a little later.
+                None => {
                     destination.breaker.lock().expect("breaker lock").probing = false;
                     return Ok(Some(Duration::from_secs(1) + full_jitter(self.config.attempt_timeout)));
-                };
-                let _slot = slot.expect("never closed");
-                let started = Instant::now();
-                let mut request = self.http.post(&delivery.url);
-                for (name, value) in &delivery.headers {
-                    request = request.header(name, value);
                 }
-                if !delivery.headers.iter().any(|(n, _)| n == "content-type") {
-                    request = request.header("content-type", "application/json");
-                }
-                for (name, value) in signature_headers(&signing_key, &delivery.id, Utc::now().timestamp(), &body) {
-                    request = request.header(name, value);
-                }
-                let sent = request.body(body).send().await;
-                let latency = started.elapsed();
-                match &sent {
-                    Ok(response) => (
-                        Some(response.status().as_u16()),
-                        response
-                            .headers()
-                            .get("retry-after")
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(hookyard_core::outbound::parse_retry_after),
-                        None,
-                        latency,
-                    ),
-                    Err(e) => (None, None, Some(describe_send_error(e)), latency),
-                }
-            }
+            },
         };
+        let Answer {
+            status,
+            retry_after,
+            error,
+            latency,
+        } = answer;
         self.record(delivery, attempt, status.map(i32::from), latency, error.clone())?;
         let healthy = status.is_some_and(|s| s < 500);
         destination.breaker.lock().expect("breaker lock").record(
@@ -340,6 +338,51 @@ impl Deliverer {
                 Ok(None)
             }
         }
+    }
+
+    /// Sends one attempt once the destination has a slot for it; `None` when none freed
+    /// up within half the ack wait (past the ack wait the delivery would be handed out a
+    /// second time).
+    async fn send(
+        &self,
+        delivery: &Delivery,
+        destination: &Destination,
+        signing_key: &str,
+        body: Vec<u8>,
+    ) -> Option<Answer> {
+        let slot = tokio::time::timeout(self.config.ack_wait / 2, destination.slots.acquire())
+            .await
+            .ok()?;
+        let _slot = slot.expect("never closed");
+        let started = Instant::now();
+        let mut request = self.http.post(&delivery.url);
+        for (name, value) in &delivery.headers {
+            request = request.header(name, value);
+        }
+        if !delivery.headers.iter().any(|(n, _)| n == "content-type") {
+            request = request.header("content-type", "application/json");
+        }
+        for (name, value) in signature_headers(signing_key, &delivery.id, Utc::now().timestamp(), &body) {
+            request = request.header(name, value);
+        }
+        let sent = request.body(body).send().await;
+        let latency = started.elapsed();
+        Some(match &sent {
+            Ok(response) => Answer {
+                status: Some(response.status().as_u16()),
+                retry_after: response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(hookyard_core::outbound::parse_retry_after),
+                error: None,
+                latency,
+            },
+            Err(e) => Answer {
+                latency,
+                ..Answer::failed(describe_send_error(e))
+            },
+        })
     }
 
     /// A destination the configuration forbids: recorded and dead-lettered at once, as no
