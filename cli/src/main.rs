@@ -146,6 +146,12 @@ fn main() -> ExitCode {
         for warning in config.warnings() {
             eprintln!("hookyard config: warning: {warning}");
         }
+        // Validated above: the proxies read.
+        if let Ok(proxies) = hookyard_core::outbound::Proxies::of(&config.forwarding) {
+            for line in proxies.describe() {
+                eprintln!("hookyard config: {line}");
+            }
+        }
         return match show_config::print(&config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {

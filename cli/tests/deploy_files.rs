@@ -266,7 +266,12 @@ fn config_prints_the_settings_a_service_would_run_with_and_hides_its_secrets() {
         assert!(!printed.contains(secret), "{printed}");
     }
 
-    assert!(output.stderr.is_empty(), "{}", String::from_utf8_lossy(&output.stderr));
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(!said.contains("warning"), "{said}");
+    assert!(
+        said.contains("calls out to https:// destinations go through http://egress:(hidden)@proxy.internal:3128 (forwarding.proxy)"),
+        "{said}"
+    );
     // Valid but not meant: said, and printed all the same.
     let unreachable = run(&[
         ("HOOKYARD_ENCRYPTION_KEY", &key),
@@ -283,6 +288,22 @@ fn config_prints_the_settings_a_service_would_run_with_and_hides_its_secrets() {
     ]);
     assert_eq!(typo.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&typo.stderr).contains("HOOKYARD_INGEST__LISTN"));
+    // Which proxy calls out take, and from where, is said.
+    let proxied = run(&[
+        ("HOOKYARD_ENCRYPTION_KEY", &key),
+        ("HTTPS_PROXY", "http://egress:pr0xy@proxy.internal:3128"),
+        ("NO_PROXY", ".internal"),
+    ]);
+    assert!(proxied.status.success());
+    let said = String::from_utf8_lossy(&proxied.stderr);
+    for line in [
+        "calls out to https:// destinations go through http://egress:(hidden)@proxy.internal:3128 (HTTPS_PROXY)",
+        "calls out to http:// destinations go direct",
+        "except to .internal (NO_PROXY)",
+    ] {
+        assert!(said.contains(line), "{said}");
+    }
+    assert!(!said.contains("pr0xy"), "{said}");
     // The environment's proxy is checked too (calls out would use it).
     let socks = run(&[
         ("HOOKYARD_ENCRYPTION_KEY", &key),

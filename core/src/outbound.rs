@@ -160,6 +160,15 @@ pub struct Proxies {
     https: Option<url::Url>,
     /// Decides `no_proxy` (hyper-util's matcher, curl's rules); built with both proxies.
     matcher: hyper_util::client::proxy::matcher::Matcher,
+    /// Where each came from, for [`Proxies::describe`]: a setting or a variable.
+    sources: Sources,
+}
+
+#[derive(Default)]
+struct Sources {
+    http: &'static str,
+    https: &'static str,
+    no: Option<(&'static str, String)>,
 }
 
 impl Proxies {
@@ -175,32 +184,74 @@ impl Proxies {
                 .into_iter()
                 .find_map(|name| Some((name, var(name).filter(|v| !v.is_empty())?)))
         };
-        let parse = |found: Option<(&str, String)>| found.map(|(name, value)| proxy_url(name, &value)).transpose();
-        let (http, https) = match config.proxy.as_deref() {
-            Some("") => (None, None),
+        let parse = |found: Option<(&'static str, String)>| {
+            found
+                .map(|(name, value)| proxy_url(name, &value).map(|url| (url, name)))
+                .transpose()
+        };
+        let ((http, http_source), (https, https_source)) = match config.proxy.as_deref() {
+            Some("") => ((None, ""), (None, "")),
             Some(proxy) => {
                 let url = proxy_url("forwarding.proxy", proxy)?;
-                (Some(url.clone()), Some(url))
+                ((Some(url.clone()), "forwarding.proxy"), (Some(url), "forwarding.proxy"))
             }
             None => {
                 let all = parse(first(["ALL_PROXY", "all_proxy"]))?;
+                let split = |found: Option<(url::Url, &'static str)>| match found {
+                    Some((url, name)) => (Some(url), name),
+                    None => (None, ""),
+                };
                 (
-                    parse(first(["HTTP_PROXY", "http_proxy"]))?.or_else(|| all.clone()),
-                    parse(first(["HTTPS_PROXY", "https_proxy"]))?.or(all),
+                    split(parse(first(["HTTP_PROXY", "http_proxy"]))?.or_else(|| all.clone())),
+                    split(parse(first(["HTTPS_PROXY", "https_proxy"]))?.or(all)),
                 )
             }
         };
         let no = match &config.no_proxy {
-            Some(no) => no.clone(),
-            None => first(["NO_PROXY", "no_proxy"]).map(|(_, v)| v).unwrap_or_default(),
+            Some(no) => Some(("forwarding.no_proxy", no.clone())),
+            None => first(["NO_PROXY", "no_proxy"]),
         };
+        let sources = Sources {
+            http: http_source,
+            https: https_source,
+            no: no.clone().filter(|(_, list)| !list.is_empty()),
+        };
+        let no = no.map(|(_, list)| list).unwrap_or_default();
         let text = |url: &Option<url::Url>| url.as_ref().map(url::Url::to_string).unwrap_or_default();
         let matcher = hyper_util::client::proxy::matcher::Matcher::builder()
             .http(text(&http))
             .https(text(&https))
             .no(no)
             .build();
-        Ok(Proxies { http, https, matcher })
+        Ok(Proxies {
+            http,
+            https,
+            matcher,
+            sources,
+        })
+    }
+
+    /// What calls out do, in words, with where each setting came from (passwords
+    /// hidden); nothing when no proxy is in effect.
+    pub fn describe(&self) -> Vec<String> {
+        if self.http.is_none() && self.https.is_none() {
+            return Vec::new();
+        }
+        let route = |scheme: &str, proxy: &Option<url::Url>, source: &str| match proxy {
+            Some(url) => format!(
+                "calls out to {scheme}:// destinations go through {} ({source})",
+                proxy_shown(url.as_str()).trim_end_matches('/')
+            ),
+            None => format!("calls out to {scheme}:// destinations go direct"),
+        };
+        let mut lines = vec![
+            route("https", &self.https, self.sources.https),
+            route("http", &self.http, self.sources.http),
+        ];
+        if let Some((source, list)) = &self.sources.no {
+            lines.push(format!("except to {list} ({source})"));
+        }
+        lines
     }
 
     /// The proxy a call to `url` goes through, if any.
@@ -359,6 +410,14 @@ mod tests {
         assert_eq!(route(&from_env, "https://a.internal.example/x"), "direct");
         assert_eq!(route(&from_env, "http://10.1.2.3/x"), "direct");
         assert_eq!(from_env.hosts(), ["plain", "proxy.corp"]);
+        assert_eq!(
+            from_env.describe(),
+            [
+                "calls out to https:// destinations go through http://proxy.corp:3128 (https_proxy)",
+                "calls out to http:// destinations go through http://plain:8080 (HTTP_PROXY)",
+                "except to internal.example, 10.0.0.0/8 (NO_PROXY)",
+            ]
+        );
 
         let all = Proxies::read(&unset, env(&[("ALL_PROXY", "https://u:p@all:8443")])).unwrap();
         assert_eq!(route(&all, "https://api.example.com/"), "https://u:p@all:8443/");
@@ -371,6 +430,7 @@ mod tests {
         };
         let vars = env(&[("HTTPS_PROXY", "http://env:1"), ("NO_PROXY", "other.org")]);
         let overridden = Proxies::read(&set, vars).unwrap();
+        assert_eq!(overridden.describe()[2], "except to example.com (forwarding.no_proxy)");
         assert_eq!(route(&overridden, "https://api.example.com/"), "direct");
         assert_eq!(route(&overridden, "https://other.org/"), "http://set:3128/");
 
@@ -382,6 +442,7 @@ mod tests {
         let off = Proxies::read(&off, vars).unwrap();
         assert_eq!(route(&off, "https://other.org/"), "direct");
         assert_eq!(route(&off, "http://other.org/"), "direct");
+        assert!(off.describe().is_empty());
         assert_eq!(
             route(&Proxies::read(&unset, env(&[])).unwrap(), "https://other.org/"),
             "direct"

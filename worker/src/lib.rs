@@ -919,6 +919,9 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box
         return Ok(());
     }
     hookyard_core::metrics::serve_configured(config, Some(bus.jetstream.clone()), &shutdown);
+    for line in hookyard_core::outbound::Proxies::of(&config.forwarding)?.describe() {
+        tracing::info!("{line}");
+    }
     run_all(store, &bus, config, shutdown).await?;
     Ok(())
 }
