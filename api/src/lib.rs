@@ -250,6 +250,8 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box
     tokio::spawn(api.owed_event_sweep(shutdown.clone()));
     // The API holds no NATS connection: its metrics are its own counters only.
     hookyard_core::metrics::serve_configured(config, None, &shutdown);
+    // Event functions and dry runs call providers.
+    hookyard_core::outbound::log_proxies(&config.forwarding);
     let addr = config.api.listen;
     let listener = TcpListener::bind(addr)
         .await

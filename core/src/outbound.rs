@@ -274,6 +274,16 @@ impl Proxies {
     }
 }
 
+/// Logs which proxy calls out take ([`Proxies::describe`]): at the start of the services
+/// that call out. Proxy settings were checked at start; one that no longer reads is
+/// said too.
+pub fn log_proxies(config: &ForwardingConfig) {
+    match Proxies::of(config) {
+        Ok(proxies) => proxies.describe().iter().for_each(|line| tracing::info!("{line}")),
+        Err(error) => tracing::warn!(%error, "proxy settings"),
+    }
+}
+
 /// A proxy setting as curl reads one: `http://` when it names no scheme.
 fn with_scheme(value: &str) -> String {
     if value.contains("://") {

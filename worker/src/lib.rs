@@ -919,9 +919,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box
         return Ok(());
     }
     hookyard_core::metrics::serve_configured(config, Some(bus.jetstream.clone()), &shutdown);
-    for line in hookyard_core::outbound::Proxies::of(&config.forwarding)?.describe() {
-        tracing::info!("{line}");
-    }
+    hookyard_core::outbound::log_proxies(&config.forwarding);
     run_all(store, &bus, config, shutdown).await?;
     Ok(())
 }
