@@ -4,7 +4,7 @@
 //! Loaded and validated once at start; every error names the key at fault.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -478,7 +478,7 @@ impl Config {
             problems.push(problem);
         }
         if let Some(file) = &self.nats_credentials {
-            if let Err(problem) = read_nats_credentials(file) {
+            if let Err(problem) = crate::nats_creds::read(file) {
                 problems.push(problem);
             }
         }
@@ -778,7 +778,7 @@ pub enum NatsAuth {
         password: String,
     },
     Token(String),
-    /// A `.creds` file, read when connecting.
+    /// A `.creds` file, read at each connection (`nats_creds`).
     CredentialsFile(PathBuf),
 }
 
@@ -790,20 +790,6 @@ impl std::fmt::Debug for NatsAuth {
             NatsAuth::CredentialsFile(file) => write!(f, "CredentialsFile({})", file.display()),
         }
     }
-}
-
-/// A `.creds` file's text, checked to hold a user JWT and a seed (read at each start: a
-/// rotated file is taken up by a restart). Errors name the file, never its contents.
-pub fn read_nats_credentials(file: &Path) -> Result<String, String> {
-    let text =
-        std::fs::read_to_string(file).map_err(|e| format!("nats_credentials: cannot read {}: {e}", file.display()))?;
-    async_nats::ConnectOptions::with_credentials(&text).map_err(|e| {
-        format!(
-            "nats_credentials: {} is not a NATS credentials file (a user JWT and its nkey seed): {e}",
-            file.display()
-        )
-    })?;
-    Ok(text)
 }
 
 /// A server of `nats_url` as a URL (`nats://` assumed when it names no scheme, as

@@ -9,6 +9,7 @@ pub mod exec_job;
 pub mod frequency;
 pub mod keys;
 pub mod metrics;
+pub mod nats_creds;
 pub mod oplog;
 pub mod outbound;
 pub mod providers;

@@ -496,10 +496,7 @@ impl Bus {
         let options = match config.nats_auth().map_err(StreamsError::Credentials)? {
             Some(NatsAuth::UserPassword { user, password }) => ConnectOptions::with_user_and_password(user, password),
             Some(NatsAuth::Token(token)) => ConnectOptions::with_token(token),
-            Some(NatsAuth::CredentialsFile(file)) => {
-                let text = crate::config::read_nats_credentials(&file).map_err(StreamsError::Credentials)?;
-                ConnectOptions::with_credentials(&text).map_err(|e| StreamsError::Credentials(e.to_string()))?
-            }
+            Some(NatsAuth::CredentialsFile(file)) => crate::nats_creds::connect_options(file),
             None => ConnectOptions::new(),
         };
         let client = options

@@ -22,14 +22,24 @@ struct Server {
 
 fn start(settings: &str) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let conf = dir.path().join("nats.conf");
-    std::fs::write(&conf, settings).unwrap();
     let port = hookyard_testkit::free_port();
-    let process = EmbeddedNats::start(
+    Server {
+        port,
+        _process: run(port, dir.path(), settings),
+        _dir: dir,
+    }
+}
+
+/// A nats-server on `port` running `settings`, its files under `dir` (a restart on the
+/// same port and store is another call).
+fn run(port: u16, dir: &Path, settings: &str) -> EmbeddedNats {
+    let conf = dir.join("nats.conf");
+    std::fs::write(&conf, settings).unwrap();
+    EmbeddedNats::start(
         &ServerSpec {
             bin: &server_bin(),
             port,
-            store_dir: &dir.path().join("js"),
+            store_dir: &dir.join("js"),
             config: ConfigFile::Given(&conf),
             cluster: None,
             monitor_port: None,
@@ -37,12 +47,7 @@ fn start(settings: &str) -> Server {
         },
         Duration::from_secs(20),
     )
-    .unwrap_or_else(|e| panic!("{e}"));
-    Server {
-        port,
-        _process: process,
-        _dir: dir,
-    }
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn fixture(name: &str) -> PathBuf {
@@ -138,83 +143,131 @@ fn jwt(issuer: &KeyPair, subject: &str, nats: Value) -> String {
     format!("{input}.{}", b64.encode(signature))
 }
 
-/// A user of `account` in the `.creds` layout `nsc` writes.
-fn creds(account: &KeyPair) -> String {
+/// A user of `account` in the `.creds` layout `nsc` writes, and the user's public key.
+fn creds(account: &KeyPair) -> (String, String) {
     let user = KeyPair::new_user();
     let user_jwt = jwt(
         account,
         &user.public_key(),
         json!({"type": "user", "version": 2, "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1}),
     );
-    format!(
+    let text = format!(
         "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
          ************************* IMPORTANT *************************\n\
          NKEY Seed printed below can be used to sign and prove identity.\n\n\
          -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
         user.seed().unwrap()
-    )
+    );
+    (text, user.public_key())
 }
 
-/// A server in operator mode (a memory resolver holding an account with JetStream and
-/// the system account); a user's `.creds` file signs in and has JetStream, nothing else
-/// does.
+/// An operator with an account that has JetStream, and the system account: what a
+/// server in operator mode with a memory resolver is configured with.
+struct Operator {
+    operator: KeyPair,
+    account: KeyPair,
+    system: KeyPair,
+}
+
+impl Operator {
+    fn new() -> Operator {
+        Operator {
+            operator: KeyPair::new_operator(),
+            account: KeyPair::new_account(),
+            system: KeyPair::new_account(),
+        }
+    }
+
+    /// The server's settings; `revoked` users of the account are refused.
+    fn settings(&self, revoked: &[&str]) -> String {
+        let unlimited = json!({
+            "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true,
+            "conn": -1, "leaf": -1, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+        });
+        // Revoked: their JWTs issued up to a minute from now.
+        let until = chrono::Utc::now().timestamp() + 60;
+        let revocations: serde_json::Map<String, Value> =
+            revoked.iter().map(|user| (user.to_string(), json!(until))).collect();
+        let account = |key: &KeyPair, nats: Value| {
+            format!("{}: {}", key.public_key(), jwt(&self.operator, &key.public_key(), nats))
+        };
+        format!(
+            "operator: {}\nsystem_account: {}\nresolver: MEMORY\nresolver_preload: {{\n  {}\n  {}\n}}\n",
+            jwt(
+                &self.operator,
+                &self.operator.public_key(),
+                json!({"type": "operator", "version": 2})
+            ),
+            self.system.public_key(),
+            account(
+                &self.account,
+                json!({"type": "account", "version": 2, "limits": unlimited, "revocations": revocations})
+            ),
+            account(&self.system, json!({"type": "account", "version": 2})),
+        )
+    }
+}
+
+/// A `Bus` to the server on `port` signing in with `file` (checked as at a start).
+async fn connect_with_creds(port: u16, file: Option<PathBuf>) -> Result<Bus, String> {
+    let config = Config {
+        nats_url: format!("nats://127.0.0.1:{port}"),
+        nats_credentials: file,
+        ..Config::default()
+    };
+    config.validate().map_err(|e| e.to_string())?;
+    Bus::connect(&config, "test").await.map_err(|e| e.to_string())
+}
+
+/// A server in operator mode; a user's `.creds` file signs in and has JetStream, nothing
+/// else does.
 #[tokio::test]
 async fn a_creds_file_signs_in_to_a_server_in_operator_mode() {
-    let operator = KeyPair::new_operator();
-    let (account, system) = (KeyPair::new_account(), KeyPair::new_account());
-    let unlimited = json!({
-        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true,
-        "conn": -1, "leaf": -1, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
-    });
-    let server = start(&format!(
-        "operator: {}\nsystem_account: {}\nresolver: MEMORY\nresolver_preload: {{\n  {}: {}\n  {}: {}\n}}\n",
-        jwt(
-            &operator,
-            &operator.public_key(),
-            json!({"type": "operator", "version": 2})
-        ),
-        system.public_key(),
-        account.public_key(),
-        jwt(
-            &operator,
-            &account.public_key(),
-            json!({"type": "account", "version": 2, "limits": unlimited})
-        ),
-        system.public_key(),
-        jwt(
-            &operator,
-            &system.public_key(),
-            json!({"type": "account", "version": 2})
-        ),
-    ));
+    let operator = Operator::new();
+    let server = start(&operator.settings(&[]));
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, text: &str| {
         let path = dir.path().join(name);
         std::fs::write(&path, text).unwrap();
         path
     };
-    let connect_with = |file: Option<PathBuf>| {
-        let config = Config {
-            nats_url: format!("nats://127.0.0.1:{}", server.port),
-            nats_credentials: file,
-            ..Config::default()
-        };
-        async move {
-            config.validate().map_err(|e| e.to_string())?;
-            Bus::connect(&config, "test").await.map_err(|e| e.to_string())
-        }
-    };
 
-    let user = write("user.creds", &creds(&account));
-    let bus = connect_with(Some(user)).await.unwrap();
+    let user = write("user.creds", &creds(&operator.account).0);
+    let bus = connect_with_creds(server.port, Some(user)).await.unwrap();
     let info = bus.jetstream.query_account().await.unwrap();
     assert_eq!(info.streams, 0, "{info:?}");
 
-    let refused = connect_with(None).await.err().unwrap();
+    let refused = connect_with_creds(server.port, None).await.err().unwrap();
     assert!(refused.contains("authorization violation"), "{refused}");
-    let stranger = write("stranger.creds", &creds(&KeyPair::new_account()));
-    let refused = connect_with(Some(stranger)).await.err().unwrap();
+    let stranger = write("stranger.creds", &creds(&KeyPair::new_account()).0);
+    let refused = connect_with_creds(server.port, Some(stranger)).await.err().unwrap();
     assert!(refused.contains("authorization violation"), "{refused}");
+}
+
+/// The file is read again at each connection: the server restarted with the first user
+/// revoked, the service reconnects as the user its rotated file now names, without a
+/// restart of its own.
+#[tokio::test]
+async fn a_rotated_creds_file_is_read_again_when_reconnecting() {
+    let operator = Operator::new();
+    let dir = tempfile::tempdir().unwrap();
+    let port = hookyard_testkit::free_port();
+    let server = run(port, dir.path(), &operator.settings(&[]));
+    let (first, first_user) = creds(&operator.account);
+    let file = dir.path().join("user.creds");
+    std::fs::write(&file, first).unwrap();
+    let bus = connect_with_creds(port, Some(file.clone())).await.unwrap();
+    bus.client.flush().await.unwrap();
+
+    std::fs::write(&file, creds(&operator.account).0).unwrap();
+    drop(server);
+    let _server = run(port, dir.path(), &operator.settings(&[&first_user]));
+    hookyard_testkit::eventually("a reconnection as the second user", Duration::from_secs(30), || async {
+        let connected = bus.client.connection_state() == async_nats::connection::State::Connected;
+        let answered = connected && bus.jetstream.query_account().await.is_ok();
+        answered.then_some(())
+    })
+    .await;
 }
 
 /// What the start refuses: a file that is not there or not a `.creds` file, and a file
@@ -247,7 +300,7 @@ fn a_creds_file_is_checked_at_start() {
     assert!(said.contains("is not a NATS credentials file"), "{said}");
     assert!(!said.contains(&seed), "{said}");
     let valid = dir.path().join("user.creds");
-    std::fs::write(&valid, creds(&KeyPair::new_account())).unwrap();
+    std::fs::write(&valid, creds(&KeyPair::new_account()).0).unwrap();
     assert_eq!(check("nats://h:4222", valid.clone()), None);
     let said = check("nats://app:pw@h:4222", valid).unwrap();
     assert!(said.contains("give one of them"), "{said}");
