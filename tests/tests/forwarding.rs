@@ -29,6 +29,21 @@ fn forwarding_config(config: &mut Config) {
     config.forwarding.ack_wait = Duration::from_secs(4);
 }
 
+/// As [`forwarding_config`], giving up after three quick attempts.
+fn three_attempts(config: &mut Config) {
+    forwarding_config(config);
+    config.forwarding.retry_delays = [50, 50].map(|ms| Duration::from_millis(ms).into()).to_vec();
+}
+
+/// The first dead letter of a delivery, once there is one.
+async fn delivery_letter(h: &Harness) -> hookyard_core::store::dead_letters::StoredDeadLetter {
+    eventually("a delivery's dead letter", Duration::from_secs(30), || async {
+        let letters = h.store.dead_letters("dev", &Default::default(), 10).await.unwrap();
+        letters.into_iter().find(|l| l.letter.consumer == "deliveries")
+    })
+    .await
+}
+
 async fn forward_to(h: &Harness, urls: &[&str]) {
     let settings = ForwardingSettings {
         urls: urls.iter().map(|u| u.to_string()).collect(),
@@ -257,15 +272,7 @@ async fn loopback_destinations_are_refused_unless_allowed() {
     forward_to(&h, &[&receiver.url]).await;
     h.start_all();
     webhook(&h, &json!({"n": 1}), &[]).await;
-    let letter = eventually(
-        "the refused delivery's dead letter",
-        Duration::from_secs(30),
-        || async {
-            let letters = h.store.dead_letters("dev", &Default::default(), 10).await.unwrap();
-            letters.into_iter().find(|l| l.letter.consumer == "deliveries")
-        },
-    )
-    .await;
+    let letter = delivery_letter(&h).await;
     assert_eq!(letter.letter.error_kind, "refused");
     assert!(
         letter
@@ -323,19 +330,11 @@ async fn a_forward_goes_through_the_configured_proxy() {
 /// attempt, tried again on the schedule like a refused connection, not a refusal.
 #[tokio::test]
 async fn a_destination_that_does_not_resolve_is_retried_not_refused() {
-    let h = harness_with(None, 1, |config| {
-        forwarding_config(config);
-        config.forwarding.retry_delays = [50, 50].map(|ms| Duration::from_millis(ms).into()).to_vec();
-    })
-    .await;
+    let h = harness_with(None, 1, three_attempts).await;
     forward_to(&h, &["http://app.invalid/hook"]).await;
     h.start_all();
     webhook(&h, &json!({"n": 1}), &[]).await;
-    let letter = eventually("the given-up delivery's letter", Duration::from_secs(30), || async {
-        let letters = h.store.dead_letters("dev", &Default::default(), 10).await.unwrap();
-        letters.into_iter().find(|l| l.letter.consumer == "deliveries")
-    })
-    .await;
+    let letter = delivery_letter(&h).await;
     assert_ne!(letter.letter.error_kind, "refused", "{letter:?}");
     assert_eq!(letter.letter.attempts, 3, "{letter:?}");
     let attempts = eventually("the three attempts recorded", Duration::from_secs(10), || async {
@@ -720,11 +719,7 @@ async fn each_forwarding_attempt_shows_in_the_webhooks_operation_log() {
 
 #[tokio::test]
 async fn a_given_up_delivery_is_redriven_with_the_same_webhook_id_and_delivered_once() {
-    let h = harness_with(None, 1, |config| {
-        forwarding_config(config);
-        config.forwarding.retry_delays = [50, 50].map(|ms| Duration::from_millis(ms).into()).to_vec();
-    })
-    .await;
+    let h = harness_with(None, 1, three_attempts).await;
     // Three attempts, all refused: the delivery is given up.
     let receiver = Receiver::start(&[(500, None), (500, None), (500, None)]).await;
     forward_to(&h, &[&receiver.url]).await;
