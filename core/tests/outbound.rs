@@ -21,9 +21,8 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// An https server on loopback presenting `name`.pem; answers each request 200 `ok`.
-/// Returns its URL (by name, so the certificate's name is checked too).
-async fn https_server(name: &str) -> String {
+/// A TLS acceptor presenting the fixture certificate `name`.pem.
+fn acceptor(name: &str) -> TlsAcceptor {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(fixture(&format!("{name}.pem")))
         .unwrap()
         .map(Result::unwrap)
@@ -33,7 +32,13 @@ async fn https_server(name: &str) -> String {
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .unwrap();
-    let acceptor = TlsAcceptor::from(Arc::new(config));
+    TlsAcceptor::from(Arc::new(config))
+}
+
+/// An https server on loopback presenting `name`.pem; answers each request 200 `ok`.
+/// Returns its URL (by name, so the certificate's name is checked too).
+async fn https_server(name: &str) -> String {
+    let acceptor = acceptor(name);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://localhost:{}/hook", listener.local_addr().unwrap().port());
     tokio::spawn(async move {
@@ -126,6 +131,36 @@ async fn https_goes_through_the_proxys_tunnel_and_no_proxy_destinations_go_direc
     let response = client.post(&url).body("{}").send().await.unwrap();
     assert_eq!(response.text().await.unwrap(), "ok");
     assert_eq!(proxy.requests().len(), 1, "no_proxy went through the proxy");
+}
+
+/// An `https://` proxy is reached over TLS, its certificate checked as any other; the
+/// destination's TLS runs inside.
+#[tokio::test]
+async fn an_https_proxy_is_reached_over_tls_and_its_certificate_checked() {
+    trust_the_test_ca();
+    let url = https_server("localhost").await;
+    let port = url::Url::parse(&url).unwrap().port().unwrap();
+    let upstream = ([127, 0, 0, 1], port).into();
+    let through = |proxy: &ForwardProxy| {
+        let config = ForwardingConfig {
+            allow_loopback: true,
+            proxy: Some(format!("https://{}", proxy.address)),
+            ..ForwardingConfig::default()
+        };
+        client_builder(&config).unwrap().build().unwrap()
+    };
+    let proxy = ForwardProxy::start_tls(upstream, acceptor("localhost")).await;
+    let response = through(&proxy).post(&url).body("{}").send().await.unwrap_or_else(|e| {
+        panic!("through an https proxy: {}", error_chain(&e));
+    });
+    assert_eq!(response.text().await.unwrap(), "ok");
+    assert_eq!(proxy.requests()[0].line, format!("CONNECT localhost:{port} HTTP/1.1"));
+
+    let untrusted = ForwardProxy::start_tls(upstream, acceptor("untrusted")).await;
+    let error = through(&untrusted).post(&url).body("{}").send().await.unwrap_err();
+    assert!(untrusted.requests().is_empty(), "{:?}", untrusted.requests());
+    let chain = error_chain(&error);
+    assert!(chain.contains("invalid peer certificate"), "{chain}");
 }
 
 /// Through a proxy, a destination's name that resolves here is still checked (a name of

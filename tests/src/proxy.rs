@@ -5,8 +5,9 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 
 /// The first request of a connection to the proxy.
 #[derive(Clone, Debug)]
@@ -26,13 +27,33 @@ pub struct ForwardProxy {
 impl ForwardProxy {
     /// A proxy that sends everything to `upstream`.
     pub async fn start(upstream: SocketAddr) -> ForwardProxy {
+        Self::listen(upstream, None).await
+    }
+
+    /// The same, reached over TLS (an `https://` proxy), presenting `tls`'s certificate.
+    pub async fn start_tls(upstream: SocketAddr, tls: TlsAcceptor) -> ForwardProxy {
+        Self::listen(upstream, Some(tls)).await
+    }
+
+    async fn listen(upstream: SocketAddr, tls: Option<TlsAcceptor>) -> ForwardProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = format!("localhost:{}", listener.local_addr().unwrap().port());
         let seen = Arc::new(Mutex::new(Vec::new()));
         let record = seen.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                tokio::spawn(relay(client, upstream, record.clone()));
+                let (record, tls) = (record.clone(), tls.clone());
+                tokio::spawn(async move {
+                    match tls {
+                        None => relay(client, upstream, record).await,
+                        // A refused handshake (the client distrusting the certificate) ends here.
+                        Some(tls) => {
+                            if let Ok(client) = tls.accept(client).await {
+                                relay(client, upstream, record).await;
+                            }
+                        }
+                    }
+                });
             }
         });
         ForwardProxy { address, seen }
@@ -44,7 +65,7 @@ impl ForwardProxy {
     }
 }
 
-async fn relay(mut client: TcpStream, upstream: SocketAddr, seen: Arc<Mutex<Vec<Proxied>>>) {
+async fn relay<C: AsyncRead + AsyncWrite + Unpin>(mut client: C, upstream: SocketAddr, seen: Arc<Mutex<Vec<Proxied>>>) {
     // The request head; a body's first bytes may come with it and are passed on as read.
     let mut head = Vec::new();
     let mut chunk = [0u8; 4096];
