@@ -254,8 +254,22 @@ impl Proxies {
         lines
     }
 
-    /// The proxy a call to `url` goes through, if any.
+    /// The proxy a call to `url` goes through, if any. Never one for a loopback
+    /// destination (`localhost`, `127.0.0.0/8`, `::1`): this host's own, which no proxy
+    /// reaches (Go's net/http decides the same), whatever `NO_PROXY` says; `hookyard dev`'s
+    /// demo calls one.
     pub fn proxy_for(&self, url: &url::Url) -> Option<&url::Url> {
+        let loopback = match url.host()? {
+            url::Host::Domain(name) => {
+                let name = name.trim_end_matches('.').to_ascii_lowercase();
+                name == "localhost" || name.ends_with(".localhost")
+            }
+            url::Host::Ipv4(ip) => ip.is_loopback(),
+            url::Host::Ipv6(ip) => ip.is_loopback(),
+        };
+        if loopback {
+            return None;
+        }
         let uri: axum::http::Uri = url.as_str().parse().ok()?;
         self.matcher.intercept(&uri)?;
         match url.scheme() {
@@ -419,6 +433,14 @@ mod tests {
         assert_eq!(route(&from_env, "http://api.example.com/x"), "http://plain:8080/");
         assert_eq!(route(&from_env, "https://a.internal.example/x"), "direct");
         assert_eq!(route(&from_env, "http://10.1.2.3/x"), "direct");
+        for loopback in [
+            "http://localhost:8080/",
+            "https://LocalHost./",
+            "http://127.0.0.2/",
+            "http://[::1]:80/",
+        ] {
+            assert_eq!(route(&from_env, loopback), "direct", "{loopback}");
+        }
         assert_eq!(from_env.hosts(), ["plain", "proxy.corp"]);
         assert_eq!(
             from_env.describe(),

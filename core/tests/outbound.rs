@@ -101,36 +101,38 @@ async fn calls_out_reach_https_destinations_and_check_their_certificates() {
 }
 
 /// https through the proxy is a `CONNECT` tunnel, the certificate still checked end to
-/// end; a destination in `no_proxy` is called directly.
+/// end (`app.invalid`: a name only the proxy resolves); a loopback destination is called
+/// directly whatever the proxy settings.
 #[tokio::test]
-async fn https_goes_through_the_proxys_tunnel_and_no_proxy_destinations_go_direct() {
+async fn https_goes_through_the_proxys_tunnel_and_loopback_destinations_go_direct() {
     trust_the_test_ca();
     let url = https_server("localhost").await;
     let port = url::Url::parse(&url).unwrap().port().unwrap();
+    let outside = format!("https://app.invalid:{port}/hook");
     let proxy = ForwardProxy::start(([127, 0, 0, 1], port).into()).await;
     let through = ForwardingConfig {
-        allow_loopback: true,
         proxy: Some(format!("http://{}", proxy.address)),
         ..ForwardingConfig::default()
     };
+    assert_eq!(allowed_destination(&outside, &through).await, Ok(()));
     let client = client_builder(&through).unwrap().build().unwrap();
-    let response = client.post(&url).body("{}").send().await.unwrap_or_else(|e| {
+    let response = client.post(&outside).body("{}").send().await.unwrap_or_else(|e| {
         panic!("through the proxy: {}", error_chain(&e));
     });
     assert_eq!(response.text().await.unwrap(), "ok");
     let requests = proxy.requests();
     assert_eq!(requests.len(), 1, "{requests:?}");
-    assert_eq!(requests[0].line, format!("CONNECT localhost:{port} HTTP/1.1"));
+    assert_eq!(requests[0].line, format!("CONNECT app.invalid:{port} HTTP/1.1"));
     assert_eq!(requests[0].authorization, None);
 
-    let direct = ForwardingConfig {
-        no_proxy: Some("localhost".into()),
+    let loopback = ForwardingConfig {
+        allow_loopback: true,
         ..through
     };
-    let client = client_builder(&direct).unwrap().build().unwrap();
+    let client = client_builder(&loopback).unwrap().build().unwrap();
     let response = client.post(&url).body("{}").send().await.unwrap();
     assert_eq!(response.text().await.unwrap(), "ok");
-    assert_eq!(proxy.requests().len(), 1, "no_proxy went through the proxy");
+    assert_eq!(proxy.requests().len(), 1, "a loopback call went through the proxy");
 }
 
 /// An `https://` proxy is reached over TLS, its certificate checked as any other; the
@@ -140,24 +142,29 @@ async fn an_https_proxy_is_reached_over_tls_and_its_certificate_checked() {
     trust_the_test_ca();
     let url = https_server("localhost").await;
     let port = url::Url::parse(&url).unwrap().port().unwrap();
+    let outside = format!("https://app.invalid:{port}/hook");
     let upstream = ([127, 0, 0, 1], port).into();
     let through = |proxy: &ForwardProxy| {
         let config = ForwardingConfig {
-            allow_loopback: true,
             proxy: Some(format!("https://{}", proxy.address)),
             ..ForwardingConfig::default()
         };
         client_builder(&config).unwrap().build().unwrap()
     };
     let proxy = ForwardProxy::start_tls(upstream, acceptor("localhost")).await;
-    let response = through(&proxy).post(&url).body("{}").send().await.unwrap_or_else(|e| {
-        panic!("through an https proxy: {}", error_chain(&e));
-    });
+    let response = through(&proxy)
+        .post(&outside)
+        .body("{}")
+        .send()
+        .await
+        .unwrap_or_else(|e| {
+            panic!("through an https proxy: {}", error_chain(&e));
+        });
     assert_eq!(response.text().await.unwrap(), "ok");
-    assert_eq!(proxy.requests()[0].line, format!("CONNECT localhost:{port} HTTP/1.1"));
+    assert_eq!(proxy.requests()[0].line, format!("CONNECT app.invalid:{port} HTTP/1.1"));
 
     let untrusted = ForwardProxy::start_tls(upstream, acceptor("untrusted")).await;
-    let error = through(&untrusted).post(&url).body("{}").send().await.unwrap_err();
+    let error = through(&untrusted).post(&outside).body("{}").send().await.unwrap_err();
     assert!(untrusted.requests().is_empty(), "{:?}", untrusted.requests());
     let chain = error_chain(&error);
     assert!(chain.contains("invalid peer certificate"), "{chain}");
