@@ -97,11 +97,27 @@ pub fn install_tls_provider() {
 }
 
 /// An HTTP client builder for calls that are not out to the world (the CLI to the API,
-/// tests): TLS set up, reqwest's defaults otherwise.
+/// `hookyard dev`'s demo, tests): TLS set up, the environment's proxy as curl reads it
+/// but never for loopback ([`Proxies::proxy_for`]), reqwest's defaults otherwise.
 pub fn http_builder() -> reqwest::ClientBuilder {
+    let builder = bare_builder();
+    match Proxies::of(&ForwardingConfig::default()) {
+        Ok(proxies) => routed(builder, Arc::new(proxies)),
+        // A variable that names no http(s) proxy: reqwest reads the environment itself.
+        Err(_) => builder,
+    }
+}
+
+fn bare_builder() -> reqwest::ClientBuilder {
     install_tls_provider();
     #[allow(clippy::disallowed_methods)] // the one place it is built
     reqwest::Client::builder()
+}
+
+/// `builder` sending each request where `proxies` say: reqwest no longer reads the
+/// environment itself, so there is one decision, ours.
+fn routed(builder: reqwest::ClientBuilder, proxies: Arc<Proxies>) -> reqwest::ClientBuilder {
+    builder.proxy(reqwest::Proxy::custom(move |url| proxies.proxy_for(url).cloned()))
 }
 
 /// A client of [`http_builder`]'s defaults.
@@ -119,11 +135,8 @@ pub fn http_client() -> reqwest::Client {
 pub fn client_builder(config: &ForwardingConfig) -> Result<reqwest::ClientBuilder, String> {
     let proxies = Arc::new(Proxies::of(config)?);
     let trusted = proxies.hosts();
-    let route = proxies.clone();
-    Ok(http_builder()
+    Ok(routed(bare_builder(), proxies)
         .redirect(reqwest::redirect::Policy::none())
-        // Replaces reqwest's own reading of the environment: one decision, ours.
-        .proxy(reqwest::Proxy::custom(move |url| route.proxy_for(url).cloned()))
         .dns_resolver(GuardedResolver {
             config: Arc::new(config.clone()),
             trusted,

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use hookyard_core::config::ForwardingConfig;
-use hookyard_core::outbound::{allowed_destination, client_builder, Refusal};
+use hookyard_core::outbound::{allowed_destination, client_builder, http_client, Refusal};
 use hookyard_testkit::proxy::ForwardProxy;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
@@ -133,6 +133,33 @@ async fn https_goes_through_the_proxys_tunnel_and_loopback_destinations_go_direc
     let response = client.post(&url).body("{}").send().await.unwrap();
     assert_eq!(response.text().await.unwrap(), "ok");
     assert_eq!(proxy.requests().len(), 1, "a loopback call went through the proxy");
+}
+
+/// The clients of calls that are not out to the world (the CLI to the API, `hookyard
+/// dev`'s demo) take the environment's proxy too, but call loopback directly: a
+/// developer's `HTTPS_PROXY` does not take them to the proxy.
+#[tokio::test]
+async fn internal_calls_to_loopback_skip_the_environments_proxy() {
+    trust_the_test_ca();
+    let url = https_server("localhost").await;
+    let port = url::Url::parse(&url).unwrap().port().unwrap();
+    let proxy = ForwardProxy::start(([127, 0, 0, 1], port).into()).await;
+    // Before any client of this test exists.
+    std::env::set_var("HTTPS_PROXY", format!("http://{}", proxy.address));
+    let client = http_client();
+    let response = client.post(&url).body("{}").send().await.unwrap_or_else(|e| {
+        panic!("a loopback call with a proxy in the environment: {}", error_chain(&e));
+    });
+    assert_eq!(response.text().await.unwrap(), "ok");
+    assert!(proxy.requests().is_empty(), "{:?}", proxy.requests());
+    // Elsewhere the environment's proxy is used.
+    let response = client
+        .post(format!("https://app.invalid:{port}/hook"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.text().await.unwrap(), "ok");
+    assert_eq!(proxy.requests()[0].line, format!("CONNECT app.invalid:{port} HTTP/1.1"));
 }
 
 /// An `https://` proxy is reached over TLS, its certificate checked as any other; the
