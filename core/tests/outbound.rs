@@ -60,6 +60,25 @@ async fn https_server(name: &str) -> String {
     url
 }
 
+/// What the proxy tests call: an https server on loopback (the test CA trusted), by its
+/// loopback URL and as `app.invalid`, a name only the tests' proxy resolves.
+struct App {
+    url: String,
+    outside: String,
+    port: u16,
+}
+
+async fn app() -> App {
+    trust_the_test_ca();
+    let url = https_server("localhost").await;
+    let port = url::Url::parse(&url).unwrap().port().unwrap();
+    App {
+        url,
+        outside: format!("https://app.invalid:{port}/hook"),
+        port,
+    }
+}
+
 fn error_chain(error: &reqwest::Error) -> String {
     std::iter::successors(Some(error as &dyn std::error::Error), |e| e.source())
         .map(|e| e.to_string())
@@ -105,10 +124,7 @@ async fn calls_out_reach_https_destinations_and_check_their_certificates() {
 /// directly whatever the proxy settings.
 #[tokio::test]
 async fn https_goes_through_the_proxys_tunnel_and_loopback_destinations_go_direct() {
-    trust_the_test_ca();
-    let url = https_server("localhost").await;
-    let port = url::Url::parse(&url).unwrap().port().unwrap();
-    let outside = format!("https://app.invalid:{port}/hook");
+    let App { url, outside, port } = app().await;
     let proxy = ForwardProxy::start(([127, 0, 0, 1], port).into()).await;
     let through = ForwardingConfig {
         proxy: Some(format!("http://{}", proxy.address)),
@@ -140,9 +156,7 @@ async fn https_goes_through_the_proxys_tunnel_and_loopback_destinations_go_direc
 /// developer's `HTTPS_PROXY` does not take them to the proxy.
 #[tokio::test]
 async fn internal_calls_to_loopback_skip_the_environments_proxy() {
-    trust_the_test_ca();
-    let url = https_server("localhost").await;
-    let port = url::Url::parse(&url).unwrap().port().unwrap();
+    let App { url, outside, port } = app().await;
     let proxy = ForwardProxy::start(([127, 0, 0, 1], port).into()).await;
     // Before any client of this test exists.
     std::env::set_var("HTTPS_PROXY", format!("http://{}", proxy.address));
@@ -153,11 +167,7 @@ async fn internal_calls_to_loopback_skip_the_environments_proxy() {
     assert_eq!(response.text().await.unwrap(), "ok");
     assert!(proxy.requests().is_empty(), "{:?}", proxy.requests());
     // Elsewhere the environment's proxy is used.
-    let response = client
-        .post(format!("https://app.invalid:{port}/hook"))
-        .send()
-        .await
-        .unwrap();
+    let response = client.post(&outside).send().await.unwrap();
     assert_eq!(response.text().await.unwrap(), "ok");
     assert_eq!(proxy.requests()[0].line, format!("CONNECT app.invalid:{port} HTTP/1.1"));
 }
@@ -166,10 +176,7 @@ async fn internal_calls_to_loopback_skip_the_environments_proxy() {
 /// destination's TLS runs inside.
 #[tokio::test]
 async fn an_https_proxy_is_reached_over_tls_and_its_certificate_checked() {
-    trust_the_test_ca();
-    let url = https_server("localhost").await;
-    let port = url::Url::parse(&url).unwrap().port().unwrap();
-    let outside = format!("https://app.invalid:{port}/hook");
+    let App { outside, port, .. } = app().await;
     let upstream = ([127, 0, 0, 1], port).into();
     let through = |proxy: &ForwardProxy| {
         let config = ForwardingConfig {
