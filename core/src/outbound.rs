@@ -169,19 +169,19 @@ impl reqwest::dns::Resolve for GuardedResolver {
 /// destinations, `HTTP_PROXY` for http ones, `ALL_PROXY` for both, lower case too;
 /// `NO_PROXY`).
 pub struct Proxies {
-    http: Option<url::Url>,
-    https: Option<url::Url>,
+    http: Option<Route>,
+    https: Option<Route>,
     /// Decides `no_proxy` (hyper-util's matcher, curl's rules); built with both proxies.
     matcher: hyper_util::client::proxy::matcher::Matcher,
-    /// Where each came from, for [`Proxies::describe`]: a setting or a variable.
-    sources: Sources,
+    /// `no_proxy` when it lists anything, and the setting or variable it came from.
+    no: Option<(&'static str, String)>,
 }
 
-#[derive(Default)]
-struct Sources {
-    http: &'static str,
-    https: &'static str,
-    no: Option<(&'static str, String)>,
+/// One scheme's proxy, and the setting or variable it came from ([`Proxies::describe`]).
+#[derive(Clone)]
+struct Route {
+    url: url::Url,
+    source: &'static str,
 }
 
 impl Proxies {
@@ -197,26 +197,19 @@ impl Proxies {
                 .into_iter()
                 .find_map(|name| Some((name, var(name).filter(|v| !v.is_empty())?)))
         };
-        let parse = |found: Option<(&'static str, String)>| {
-            found
-                .map(|(name, value)| proxy_url(name, &value).map(|url| (url, name)))
-                .transpose()
-        };
-        let ((http, http_source), (https, https_source)) = match config.proxy.as_deref() {
-            Some("") => ((None, ""), (None, "")),
+        let route = |source: &'static str, value: &str| proxy_url(source, value).map(|url| Route { url, source });
+        let env_route = |names| first(names).map(|(source, value)| route(source, &value)).transpose();
+        let (http, https) = match config.proxy.as_deref() {
+            Some("") => (None, None),
             Some(proxy) => {
-                let url = proxy_url("forwarding.proxy", proxy)?;
-                ((Some(url.clone()), "forwarding.proxy"), (Some(url), "forwarding.proxy"))
+                let both = route("forwarding.proxy", proxy)?;
+                (Some(both.clone()), Some(both))
             }
             None => {
-                let all = parse(first(["ALL_PROXY", "all_proxy"]))?;
-                let split = |found: Option<(url::Url, &'static str)>| match found {
-                    Some((url, name)) => (Some(url), name),
-                    None => (None, ""),
-                };
+                let all = env_route(["ALL_PROXY", "all_proxy"])?;
                 (
-                    split(parse(first(["HTTP_PROXY", "http_proxy"]))?.or_else(|| all.clone())),
-                    split(parse(first(["HTTPS_PROXY", "https_proxy"]))?.or(all)),
+                    env_route(["HTTP_PROXY", "http_proxy"])?.or_else(|| all.clone()),
+                    env_route(["HTTPS_PROXY", "https_proxy"])?.or(all),
                 )
             }
         };
@@ -224,23 +217,17 @@ impl Proxies {
             Some(no) => Some(("forwarding.no_proxy", no.clone())),
             None => first(["NO_PROXY", "no_proxy"]),
         };
-        let sources = Sources {
-            http: http_source,
-            https: https_source,
-            no: no.clone().filter(|(_, list)| !list.is_empty()),
-        };
-        let no = no.map(|(_, list)| list).unwrap_or_default();
-        let text = |url: &Option<url::Url>| url.as_ref().map(url::Url::to_string).unwrap_or_default();
+        let text = |route: &Option<Route>| route.as_ref().map(|r| r.url.to_string()).unwrap_or_default();
         let matcher = hyper_util::client::proxy::matcher::Matcher::builder()
             .http(text(&http))
             .https(text(&https))
-            .no(no)
+            .no(no.as_ref().map(|(_, list)| list.as_str()).unwrap_or_default())
             .build();
         Ok(Proxies {
             http,
             https,
             matcher,
-            sources,
+            no: no.filter(|(_, list)| !list.is_empty()),
         })
     }
 
@@ -250,18 +237,15 @@ impl Proxies {
         if self.http.is_none() && self.https.is_none() {
             return Vec::new();
         }
-        let route = |scheme: &str, proxy: &Option<url::Url>, source: &str| match proxy {
-            Some(url) => format!(
+        let said = |scheme: &str, route: &Option<Route>| match route {
+            Some(Route { url, source }) => format!(
                 "calls out to {scheme}:// destinations go through {} ({source})",
                 proxy_shown(url.as_str()).trim_end_matches('/')
             ),
             None => format!("calls out to {scheme}:// destinations go direct"),
         };
-        let mut lines = vec![
-            route("https", &self.https, self.sources.https),
-            route("http", &self.http, self.sources.http),
-        ];
-        if let Some((source, list)) = &self.sources.no {
+        let mut lines = vec![said("https", &self.https), said("http", &self.http)];
+        if let Some((source, list)) = &self.no {
             lines.push(format!("except to {list} ({source})"));
         }
         lines
@@ -285,10 +269,11 @@ impl Proxies {
         }
         let uri: axum::http::Uri = url.as_str().parse().ok()?;
         self.matcher.intercept(&uri)?;
-        match url.scheme() {
+        let route = match url.scheme() {
             "https" => self.https.as_ref(),
             _ => self.http.as_ref(),
-        }
+        };
+        route.map(|route| &route.url)
     }
 
     /// The proxies' host names.
@@ -296,7 +281,7 @@ impl Proxies {
         [&self.http, &self.https]
             .into_iter()
             .flatten()
-            .filter_map(|url| url.host_str().map(str::to_string))
+            .filter_map(|route| route.url.host_str().map(str::to_string))
             .collect()
     }
 }
