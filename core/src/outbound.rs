@@ -252,7 +252,7 @@ impl Proxies {
     }
 
     /// The proxy a call to `url` goes through, if any. Never one for a loopback
-    /// destination (`localhost`, `127.0.0.0/8`, `::1`): this host's own, which no proxy
+    /// destination (`localhost`, `127.0.0.0/8`, `::1`, `::ffff:127.0.0.1`): this host's own, which no proxy
     /// reaches (Go's net/http decides the same), whatever `NO_PROXY` says; `hookyard dev`'s
     /// demo calls one.
     pub fn proxy_for(&self, url: &url::Url) -> Option<&url::Url> {
@@ -262,7 +262,7 @@ impl Proxies {
                 name == "localhost" || name.ends_with(".localhost")
             }
             url::Host::Ipv4(ip) => ip.is_loopback(),
-            url::Host::Ipv6(ip) => ip.is_loopback(),
+            url::Host::Ipv6(ip) => unmapped(IpAddr::V6(ip)).is_loopback(),
         };
         if loopback {
             return None;
@@ -331,10 +331,7 @@ fn proxy_url(setting: &str, value: &str) -> Result<url::Url, String> {
 /// What kind of address `ip` is when the configuration refuses it, with the key that
 /// would allow it.
 fn forbidden(ip: IpAddr, config: &ForwardingConfig) -> Option<&'static str> {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    };
+    let ip = unmapped(ip);
     let loopback = ip.is_loopback();
     if loopback {
         return (!config.allow_loopback).then_some("a loopback address (forwarding.allow_loopback allows it)");
@@ -357,6 +354,14 @@ fn forbidden(ip: IpAddr, config: &ForwardingConfig) -> Option<&'static str> {
         return Some("a non-routable address");
     }
     None
+}
+
+/// An IPv4 address written as IPv6 (`::ffff:127.0.0.1`) as the IPv4 address it reaches.
+fn unmapped(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
 }
 
 /// Seconds, or an HTTP date.
@@ -436,6 +441,7 @@ mod tests {
             "https://LocalHost./",
             "http://127.0.0.2/",
             "http://[::1]:80/",
+            "http://[::ffff:127.0.0.1]:80/",
         ] {
             assert_eq!(route(&from_env, loopback), "direct", "{loopback}");
         }
