@@ -604,6 +604,8 @@ async fn spans_are_exported_over_otlp_when_configured() {
     let ingest = IngestProcess::start(&[
         ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp),
         ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
+        // A developer's proxy, which cannot reach this host's collector.
+        ("HTTP_PROXY", format!("http://127.0.0.1:{}", free_port())),
     ])
     .await;
     let response = hookyard_core::outbound::http_client()

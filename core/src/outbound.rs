@@ -101,23 +101,25 @@ pub fn install_tls_provider() {
 /// but never for loopback ([`Proxies::proxy_for`]), reqwest's defaults otherwise.
 pub fn http_builder() -> reqwest::ClientBuilder {
     let builder = bare_builder();
-    match Proxies::of(&ForwardingConfig::default()) {
-        Ok(proxies) => routed(builder, Arc::new(proxies)),
-        // A variable that names no http(s) proxy: reqwest reads the environment itself.
-        Err(_) => builder,
+    match environment_proxy() {
+        Some(proxy) => builder.proxy(proxy),
+        None => builder,
     }
+}
+
+/// The environment's proxies as curl reads them, never for loopback, as one reqwest
+/// proxy: [`http_builder`]'s, and the OTLP exporter's (a collector on this host is
+/// reached directly). `None` for a variable that names no http(s) proxy: reqwest then
+/// reads the environment itself.
+pub fn environment_proxy() -> Option<reqwest::Proxy> {
+    let proxies = Proxies::of(&ForwardingConfig::default()).ok()?;
+    Some(Arc::new(proxies).as_reqwest())
 }
 
 fn bare_builder() -> reqwest::ClientBuilder {
     install_tls_provider();
     #[allow(clippy::disallowed_methods)] // the one place it is built
     reqwest::Client::builder()
-}
-
-/// `builder` sending each request where `proxies` say: reqwest no longer reads the
-/// environment itself, so there is one decision, ours.
-fn routed(builder: reqwest::ClientBuilder, proxies: Arc<Proxies>) -> reqwest::ClientBuilder {
-    builder.proxy(reqwest::Proxy::custom(move |url| proxies.proxy_for(url).cloned()))
 }
 
 /// A client of [`http_builder`]'s defaults.
@@ -135,7 +137,8 @@ pub fn http_client() -> reqwest::Client {
 pub fn client_builder(config: &ForwardingConfig) -> Result<reqwest::ClientBuilder, String> {
     let proxies = Arc::new(Proxies::of(config)?);
     let trusted = proxies.hosts();
-    Ok(routed(bare_builder(), proxies)
+    Ok(bare_builder()
+        .proxy(proxies.as_reqwest())
         .redirect(reqwest::redirect::Policy::none())
         .dns_resolver(GuardedResolver {
             config: Arc::new(config.clone()),
@@ -274,6 +277,12 @@ impl Proxies {
             _ => self.http.as_ref(),
         };
         route.map(|route| &route.url)
+    }
+
+    /// As reqwest takes them: each request sent where [`Proxies::proxy_for`] says, so
+    /// reqwest no longer reads the environment itself and there is one decision, ours.
+    fn as_reqwest(self: Arc<Self>) -> reqwest::Proxy {
+        reqwest::Proxy::custom(move |url| self.proxy_for(url).cloned())
     }
 
     /// The proxies' host names.

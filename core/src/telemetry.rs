@@ -4,6 +4,7 @@
 use std::io::IsTerminal;
 
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithHttpConfig;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
 use tracing_subscriber::layer::SubscriberExt;
@@ -84,11 +85,36 @@ pub fn init(config: &TelemetryConfig, service: &'static str) -> Result<Telemetry
     Ok(TelemetryGuard { provider })
 }
 
+/// The exporter's HTTP client: the exporter's own default (blocking, the standard
+/// timeout variables), but proxied by [`crate::outbound::environment_proxy`], so a
+/// developer's `HTTP_PROXY` does not take the spans for a collector on this host to a
+/// proxy that cannot reach it. Built on a thread of its own, as the exporter builds its
+/// default: a blocking client starts a runtime, which cannot be done inside another.
+fn otlp_client() -> Result<reqwest::blocking::Client, TelemetryError> {
+    let timeout = ["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"]
+        .into_iter()
+        .find_map(|var| std::env::var(var).ok()?.parse().ok())
+        .map_or(std::time::Duration::from_secs(10), std::time::Duration::from_millis);
+    let build = move || {
+        let builder = reqwest::blocking::Client::builder().timeout(timeout);
+        match crate::outbound::environment_proxy() {
+            Some(proxy) => builder.proxy(proxy),
+            None => builder,
+        }
+        .build()
+    };
+    std::thread::spawn(build)
+        .join()
+        .map_err(|_| TelemetryError::Exporter("building its HTTP client panicked".into()))?
+        .map_err(|e| TelemetryError::Exporter(format!("its HTTP client: {e}")))
+}
+
 /// OTLP over HTTP/protobuf; endpoint, headers and batching follow the standard
 /// `OTEL_EXPORTER_OTLP_*` and `OTEL_BSP_*` variables.
 fn otlp_provider(service: &'static str) -> Result<SdkTracerProvider, TelemetryError> {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
+        .with_http_client(otlp_client()?)
         .build()
         .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
     Ok(SdkTracerProvider::builder()
