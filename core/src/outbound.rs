@@ -1,6 +1,7 @@
 //! Calls hookyard makes out to the world (forwards to customers' apps, exec's provider
 //! API calls): which destinations may be called, and how long a `Retry-After` says to wait.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,19 +36,77 @@ impl std::fmt::Display for Refusal {
 /// Through a proxy the proxy resolves the name: one that resolves here is still checked
 /// (a name of the internal network is refused), one that does not is left to the proxy,
 /// which is then what keeps calls from reaching internal addresses.
+///
+/// The lookup waits at most [`LOOKUP_LIMIT`]: where only the proxy reaches outside DNS,
+/// this host's resolver may never answer for an outside name, and the system's own
+/// timeouts (10 s and more) would hold every forward and provider call. A name that
+/// did not resolve is then left to the proxy for [`UNRESOLVED_KEPT`] without asking again.
 pub async fn allowed_destination(url: &str, config: &ForwardingConfig) -> Result<(), Refusal> {
+    allowed_after_lookup(url, config, |host, port| async move {
+        tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map(|addresses| addresses.map(|a| a.ip()).collect())
+    })
+    .await
+}
+
+/// How long the check before a call out waits for its destination's name to resolve.
+pub const LOOKUP_LIMIT: Duration = Duration::from_secs(5);
+/// How long a name that did not resolve is left to the proxy without a lookup.
+pub const UNRESOLVED_KEPT: Duration = Duration::from_secs(60);
+
+/// [`allowed_destination`] with the lookup given (tests give one that never answers).
+async fn allowed_after_lookup<F, L>(url: &str, config: &ForwardingConfig, lookup: L) -> Result<(), Refusal>
+where
+    L: FnOnce(String, u16) -> F,
+    F: std::future::Future<Output = std::io::Result<Vec<IpAddr>>>,
+{
     let parsed = checked_url(url, config).map_err(Refusal::Forbidden)?;
     let Some(url::Host::Domain(host)) = parsed.host() else {
         return Ok(());
     };
+    let proxied = || {
+        Ok(Proxies::of(config)
+            .map_err(Refusal::Forbidden)?
+            .proxy_for(&parsed)
+            .is_some())
+    };
+    if UNRESOLVED.recently(host) && proxied()? {
+        return Ok(());
+    }
     let port = parsed.port_or_known_default().unwrap_or(443);
-    let resolved = tokio::net::lookup_host((host, port)).await;
-    match resolved {
-        Ok(addresses) => check_addresses(host, addresses.map(|a| a.ip()), config).map_err(Refusal::Forbidden),
-        Err(e) => match Proxies::of(config).map_err(Refusal::Forbidden)?.proxy_for(&parsed) {
-            Some(_) => Ok(()),
-            None => Err(Refusal::Unresolved(format!("{host} does not resolve: {e}"))),
-        },
+    let failure = match tokio::time::timeout(LOOKUP_LIMIT, lookup(host.to_string(), port)).await {
+        Ok(Ok(addresses)) => return check_addresses(host, addresses, config).map_err(Refusal::Forbidden),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {} s", LOOKUP_LIMIT.as_secs()),
+    };
+    if proxied()? {
+        UNRESOLVED.remember(host);
+        return Ok(());
+    }
+    Err(Refusal::Unresolved(format!("{host} does not resolve: {failure}")))
+}
+
+/// Names that did not resolve here lately, each with when.
+static UNRESOLVED: Unresolved = Unresolved(std::sync::Mutex::new(None));
+
+/// (tokio's clock: tests pause it.)
+struct Unresolved(std::sync::Mutex<Option<HashMap<String, tokio::time::Instant>>>);
+
+impl Unresolved {
+    fn recently(&self, host: &str) -> bool {
+        let names = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        names
+            .as_ref()
+            .and_then(|names| names.get(host))
+            .is_some_and(|at| at.elapsed() < UNRESOLVED_KEPT)
+    }
+
+    fn remember(&self, host: &str) {
+        let mut names = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let names = names.get_or_insert_with(HashMap::new);
+        names.retain(|_, at| at.elapsed() < UNRESOLVED_KEPT);
+        names.insert(host.to_string(), tokio::time::Instant::now());
     }
 }
 
@@ -547,6 +606,67 @@ mod tests {
         };
         let allowed = client_builder(&loopback).unwrap().build().unwrap();
         assert_eq!(allowed.get(&url).send().await.unwrap().status(), 204);
+    }
+
+    /// A resolver that never answers holds the check [`LOOKUP_LIMIT`], no more: a call
+    /// that goes direct fails (it is retried), one through a proxy is left to the proxy,
+    /// and its name is for [`UNRESOLVED_KEPT`] without a lookup.
+    #[tokio::test(start_paused = true)]
+    async fn a_lookup_that_never_answers_is_given_up() {
+        type Lookup = std::future::Ready<std::io::Result<Vec<IpAddr>>>;
+        let never = |_: String, _: u16| std::future::pending::<std::io::Result<Vec<IpAddr>>>();
+        let not_again = |_: String, _: u16| -> Lookup { panic!("looked up again") };
+        let direct = ForwardingConfig {
+            proxy: Some(String::new()),
+            ..Default::default()
+        };
+        let through = ForwardingConfig {
+            proxy: Some("http://proxy.corp:3128".into()),
+            no_proxy: Some(String::new()),
+            ..Default::default()
+        };
+        let started = tokio::time::Instant::now();
+        match allowed_after_lookup("https://silent.example/hook", &direct, never).await {
+            Err(Refusal::Unresolved(reason)) => {
+                assert_eq!(reason, "silent.example does not resolve: no answer within 5 s")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(started.elapsed(), LOOKUP_LIMIT);
+
+        assert_eq!(
+            allowed_after_lookup("https://silent.example/hook", &through, never).await,
+            Ok(())
+        );
+        assert_eq!(started.elapsed(), LOOKUP_LIMIT * 2);
+        assert_eq!(
+            allowed_after_lookup("https://silent.example/b", &through, not_again).await,
+            Ok(())
+        );
+        // A call that goes direct still needs the name: it asks.
+        let answered = |_: String, _: u16| std::future::ready(Ok(vec!["93.184.216.34".parse().unwrap()]));
+        assert_eq!(
+            allowed_after_lookup("https://silent.example/c", &direct, answered).await,
+            Ok(())
+        );
+        // A name that resolves to an internal address is refused through the proxy too.
+        let internal = |_: String, _: u16| std::future::ready(Ok(vec!["10.0.0.7".parse().unwrap()]));
+        assert!(matches!(
+            allowed_after_lookup("https://db.corp.example/", &through, internal).await,
+            Err(Refusal::Forbidden(_))
+        ));
+
+        tokio::time::advance(UNRESOLVED_KEPT).await;
+        let asked = std::sync::atomic::AtomicBool::new(false);
+        let again = |_: String, _: u16| {
+            asked.store(true, std::sync::atomic::Ordering::Relaxed);
+            std::future::ready(Ok(vec!["10.0.0.8".parse().unwrap()]))
+        };
+        assert!(matches!(
+            allowed_after_lookup("https://silent.example/hook", &through, again).await,
+            Err(Refusal::Forbidden(_))
+        ));
+        assert!(asked.into_inner(), "looked up again once the name was kept a minute");
     }
 
     #[test]
