@@ -1434,6 +1434,24 @@ export default createSync({
 ",
     )
     .unwrap();
+    // A Nango action beside it (deployed, not run), with Nango's types and error.
+    std::fs::create_dir_all(project.path().join("demo/actions")).unwrap();
+    std::fs::write(
+        project.path().join("demo/actions/create-contact.ts"),
+        "import { createAction } from 'nango';
+import type { ActionError, NangoAction } from 'nango';
+const refused = (error: ActionError): string => `${error.type}: ${error.message}`;
+export default createAction({
+  description: 'Creates a contact',
+  exec: async (nango: NangoAction, input: { email?: string }) => {
+    if (!input.email) throw new nango.ActionError({ message: `email is required for ${nango.provider}` });
+    const created = await nango.post<{ id: string }>({ endpoint: '/contacts', data: input });
+    return { id: created.data.id, refused };
+  },
+});
+",
+    )
+    .unwrap();
     let (passed, said) = tsc(project.path());
     assert!(passed, "the example type-checks: {said}");
 
@@ -1454,6 +1472,14 @@ export default createSync({
 ",
     )
     .unwrap();
+    // As in Nango, ActionError is a type: the class is `nango.ActionError`.
+    std::fs::write(
+        project.path().join("demo/actions/bad.ts"),
+        "import { createAction, ActionError } from 'nango';
+export default createAction({ exec: async () => { throw new ActionError(); } });
+",
+    )
+    .unwrap();
     let (passed, said) = tsc(project.path());
     assert!(!passed);
     for expected in [
@@ -1462,6 +1488,7 @@ export default createSync({
         "bad.ts(7,36): error TS2339: Property 'paginate' does not exist on type 'NangoWebhook'",
         "bad.ts(8,30): error TS2353",
         "bad.ts(9,31): error TS2345: Argument of type '\"utf32\"' is not assignable to parameter of type 'BufferEncoding",
+        "actions/bad.ts(2,61): error TS1362: 'ActionError' cannot be used as a value because it was exported using 'export type'",
     ] {
         assert!(said.contains(expected), "{expected}\n{said}");
     }

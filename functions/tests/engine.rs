@@ -58,7 +58,7 @@ fn invocation(payload: serde_json::Value) -> Invocation {
         connection_id: "conn-1".into(),
         provider_config_key: "crm".into(),
         metadata: json!({"region": "eu"}).to_string().into(),
-        connection: json!({"connection_id": "conn-1", "metadata": {"region": "eu"}})
+        connection: json!({"connection_id": "conn-1", "provider": "hubspot", "metadata": {"region": "eu"}})
             .to_string()
             .into(),
         models: json!(["Contact"]).to_string().into(),
@@ -218,6 +218,19 @@ async fn each_failure_has_its_kind_and_the_pool_keeps_working() {
             "crm/syncs/ok.js",
             &sync_with("await nango.batchSave([{id: 'fine'}], 'Contact');"),
         ),
+        // Nango's error for callers, and its provider.
+        (
+            "crm/syncs/action_error.js",
+            &sync_with("throw new nango.ActionError({ message: 'no email' });"),
+        ),
+        (
+            "crm/syncs/action_error_payload.js",
+            &sync_with("throw new nango.ActionError({ code: 'missing', field: 'email' });"),
+        ),
+        (
+            "crm/syncs/provider.js",
+            &sync_with("await nango.batchSave([{id: nango.provider}], 'Contact');"),
+        ),
     ]);
     let pool = Pool::new(2, limits());
     let run = |name: &str| pool.execute(code(&project, name), invocation(json!({})));
@@ -243,6 +256,16 @@ async fn each_failure_has_its_kind_and_the_pool_keeps_working() {
             "model \"Company\" is not one of this sync's models",
         ),
         ("no_id", ErrorKind::Thrown, "every record needs an id"),
+        (
+            "action_error",
+            ErrorKind::Thrown,
+            "ActionError: no email\n    at onWebhook (crm/syncs/action_error.js:",
+        ),
+        (
+            "action_error_payload",
+            ErrorKind::Thrown,
+            r#"ActionError: {"code":"missing","field":"email"}"#,
+        ),
     ];
     for (name, kind, text) in cases {
         let started = Instant::now();
@@ -261,6 +284,8 @@ async fn each_failure_has_its_kind_and_the_pool_keeps_working() {
             assert_eq!(effects.writes[0].records[0].0, "fine");
         }
     }
+    let effects = run("provider").await.unwrap();
+    assert_eq!(effects.writes[0].records[0].0, "hubspot");
 }
 
 #[test]

@@ -172,10 +172,23 @@ declare module 'nango' {
     updated_at: string;
   }
 
+  /** Nango's: thrown as `throw new nango.ActionError({ message: '…' })`; reported as
+   *  `ActionError: ` and the payload's message (or the payload as JSON). */
+  class ActionErrorClass<P = Record<string, unknown>> extends Error {
+    constructor(payload?: P);
+    readonly type: 'action_script_runtime_error';
+    readonly payload?: P;
+  }
+  /** A type, as in Nango: the class is `nango.ActionError`. */
+  export type { ActionErrorClass as ActionError };
+
   /** What `onWebhook` gets: record writes (committed when it succeeds), metadata, logs. */
   export interface NangoWebhook {
     readonly connectionId: string;
     readonly providerConfigKey: string;
+    /** The integration's provider (`github`, `hubspot`, …). */
+    readonly provider: string;
+    readonly ActionError: typeof ActionErrorClass;
     batchSave<T extends RecordWithId>(records: T[], model: string): Promise<boolean>;
     batchUpdate<T extends RecordWithId>(records: T[], model: string): Promise<boolean>;
     batchDelete<T extends RecordWithId>(records: T[], model: string): Promise<boolean>;
@@ -294,10 +307,26 @@ declare module 'nango' {
     exec: (nango: NangoSync) => Promise<void>;
   }
 
+  /** Nango's name for what an action gets. */
+  export type NangoAction = NangoSync;
+
+  /** A Nango action: deployed with the project and not run here (hookyard runs syncs and
+   *  event functions); declared so a project that has some type-checks. */
+  export interface ActionConfig {
+    description?: string;
+    version?: string;
+    input?: unknown;
+    output?: unknown;
+    endpoint?: unknown;
+    scopes?: string[];
+    exec: (nango: NangoAction, input: any) => Promise<unknown>;
+  }
+
   export function createSync<Payload = any>(config: SyncConfig<Payload>): SyncConfig<Payload> & { type: 'sync' };
   export function createOnEvent(config: OnEventConfig): OnEventConfig & { type: 'on-event' };
+  export function createAction(config: ActionConfig): ActionConfig & { type: 'action' };
 
-  const nango: { createSync: typeof createSync; createOnEvent: typeof createOnEvent };
+  const nango: { createSync: typeof createSync; createOnEvent: typeof createOnEvent; createAction: typeof createAction };
   export default nango;
 }
 

@@ -85,6 +85,18 @@
     return models;
   };
 
+  // Nango's `nango.ActionError`: an error whose payload the caller is meant to see. Its
+  // message is the payload's (Nango leaves it empty), so a failure report says it.
+  class ActionError extends Error {
+    constructor(payload) {
+      const message = typeof payload?.message === 'string' ? payload.message : JSON.stringify(payload) ?? '';
+      super(message);
+      this.name = 'ActionError';
+      this.type = 'action_script_runtime_error';
+      if (payload) this.payload = payload;
+    }
+  }
+
   const makeNango = (input, effects, hosted) => {
     const models = input.models;
     const checked = (records, model, call) => {
@@ -151,6 +163,11 @@
     const nango = {
       connectionId: input.connectionId,
       providerConfigKey: input.providerConfigKey,
+      // The integration's provider (`github`, …), as Nango's; read from the connection when asked.
+      get provider() {
+        return JSON.parse(input.connection).provider;
+      },
+      ActionError,
       batchSave: write('save', 'batchSave'),
       batchUpdate: write('update', 'batchUpdate'),
       batchDelete: write('delete', 'batchDelete'),
