@@ -49,7 +49,7 @@ pub async fn run(hookyard: &Path, plan: &Plan, rounds: u32) -> anyhow::Result<()
         plan.duration.as_secs()
     );
     println!("resident at start: {:.1} MiB", rss_mib(pid)?);
-    let client = hookyard_core::outbound::http_client();
+    let client = hookyard_core::outbound::http_client().map_err(anyhow::Error::msg)?;
     for round in 1..=rounds {
         let report = load::run(&url, plan).await?;
         report.print(&format!("round {round}"));

@@ -19,11 +19,11 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(args: ApiArgs) -> Client {
-        Client {
+    pub fn new(args: ApiArgs) -> Result<Client, String> {
+        Ok(Client {
             args,
-            http: hookyard_core::outbound::http_client(),
-        }
+            http: hookyard_core::outbound::http_client()?,
+        })
     }
 
     /// `method path` with an optional JSON body; the answer's JSON, or what went wrong.

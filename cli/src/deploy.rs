@@ -23,7 +23,7 @@ pub async fn run(args: DeployArgs) -> Result<(), String> {
     if files.is_empty() {
         return Err(format!("{} holds no .js or .ts files to deploy", args.dir.display()));
     }
-    let body = Client::new(args.api.clone())
+    let body = Client::new(args.api.clone())?
         .call(
             reqwest::Method::POST,
             "/functions/deploy",

@@ -212,7 +212,7 @@ async fn listen(addr: std::net::SocketAddr, variable: &str) -> Result<tokio::net
 /// waiting (bounded) for the worker to commit it.
 async fn show_demo_record(api_url: &str, secret_key: &str) -> Result<(), Error> {
     let url = format!("{api_url}/records?model=Contact");
-    let client = hookyard_core::outbound::http_client();
+    let client = hookyard_core::outbound::http_client()?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let response = client
@@ -250,7 +250,7 @@ async fn show_demo_record(api_url: &str, secret_key: &str) -> Result<(), Error> 
 /// Shows the demo webhook's operation log: accepted, routed, executed (the log is
 /// written a moment after the work it records, so this waits for the execution).
 async fn show_demo_log(api_url: &str, secret_key: &str, raw_seq: u64) -> Result<(), Error> {
-    let client = hookyard_core::outbound::http_client();
+    let client = hookyard_core::outbound::http_client()?;
     let get = |path: String| {
         let request = client.get(format!("{api_url}{path}")).bearer_auth(secret_key);
         async move { request.send().await?.json::<serde_json::Value>().await }
@@ -437,7 +437,7 @@ async fn ensure_demo_integration(store: &Store, environment: &Environment, crm_u
 /// `autoStart`), waiting for it at most 10 s.
 async fn show_demo_sync(api_url: &str, secret_key: &str, crm_url: &str) -> Result<(), Error> {
     let url = format!("{api_url}/sync/status?syncs=contacts&provider_config_key={DEMO_INTEGRATION}");
-    let client = hookyard_core::outbound::http_client();
+    let client = hookyard_core::outbound::http_client()?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let body: serde_json::Value = client.get(&url).bearer_auth(secret_key).send().await?.json().await?;
@@ -467,7 +467,7 @@ async fn send_demo_webhook(url: &str, jetstream: &jetstream::Context) -> Result<
             ..Default::default()
         })
         .await?;
-    let response = hookyard_core::outbound::http_client()
+    let response = hookyard_core::outbound::http_client()?
         .post(url)
         .header("content-type", "application/json")
         .header("webhook-id", format!("demo-{}", uuid::Uuid::new_v4()))

@@ -77,7 +77,7 @@ impl Filter {
 }
 
 pub async fn run(args: DlqArgs) -> Result<(), String> {
-    let client = Client::new(args.api);
+    let client = Client::new(args.api)?;
     match args.command {
         DlqCommand::List { filter, limit } => {
             let mut pairs = filter.pairs(&[], false);

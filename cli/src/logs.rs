@@ -38,7 +38,7 @@ pub struct LogsArgs {
 }
 
 pub async fn run(args: LogsArgs) -> Result<(), String> {
-    let client = Client::new(args.api.clone());
+    let client = Client::new(args.api.clone())?;
     if let Some(id) = args.id {
         let shown = client.get(&format!("/logs/{id}")).await?;
         print_one(&shown["data"]);

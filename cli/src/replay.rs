@@ -69,7 +69,7 @@ fn rate(text: &str) -> Result<u32, String> {
 }
 
 pub async fn run(args: ReplayArgs) -> Result<(), String> {
-    let client = Client::new(args.api);
+    let client = Client::new(args.api)?;
     match args.command {
         Some(ReplayCommand::List) => {
             let replays = client.get("/replay").await?;

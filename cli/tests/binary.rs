@@ -248,6 +248,7 @@ impl IngestProcess {
 /// The JSON answer to an API GET made with `secret_key`.
 async fn get_json(url: &str, secret_key: &str) -> serde_json::Value {
     let response = hookyard_core::outbound::http_client()
+        .unwrap()
         .get(url)
         .bearer_auth(secret_key)
         .send()
@@ -384,6 +385,37 @@ async fn a_service_without_its_servers_exits_naming_them() {
     assert!(!stderr.contains("pw-not-shown"), "the password is not shown: {stderr}");
 }
 
+/// Without CA certificates (an image without `ca-certificates`, `SSL_CERT_FILE` naming
+/// nothing) no HTTP client can be built at all: the CLI and the worker say so, and what
+/// to install, rather than panicking or stopping on "builder error".
+#[tokio::test]
+async fn without_ca_certificates_the_cli_and_the_worker_say_what_to_install() {
+    let no_roots = [
+        ("SSL_CERT_FILE", "/nonexistent/ca.pem"),
+        ("SSL_CERT_DIR", "/nonexistent"),
+    ];
+    let said = "cannot make an HTTP client: unexpected error: No CA certificates were loaded from the system \
+                (install the ca-certificates package, or point SSL_CERT_FILE or SSL_CERT_DIR at certificates that exist)";
+    let api = [
+        ("HOOKYARD_API_URL", "http://127.0.0.1:9"),
+        ("HOOKYARD_SECRET_KEY", "sk_x"),
+    ];
+    let (status, _, stderr) = hookyard(&["logs"], &[&no_roots[..], &api[..]].concat()).await;
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(said), "{stderr}");
+
+    let nats = NatsServer::start();
+    let sqlite = SqliteFile::create();
+    let mut env = crash_test_worker_env(&nats.url, &sqlite.url, &no_roots);
+    env.push((
+        "HOOKYARD_TELEMETRY__METRICS_LISTEN",
+        format!("127.0.0.1:{}", free_port()),
+    ));
+    let (status, stderr) = Process::exit_of(&["worker"], env).await;
+    assert!(!status.success());
+    assert!(stderr.contains(said), "{stderr}");
+}
+
 #[tokio::test]
 async fn invalid_configuration_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -401,7 +433,7 @@ async fn invalid_configuration_exits_2_naming_the_key() {
 #[tokio::test]
 async fn sigterm_drains_in_flight_requests_and_exits_0() {
     let ingest = IngestProcess::start(&[("HOOKYARD_INGEST__PUBLISH_TIMEOUT", "30s".into())]).await;
-    let http = hookyard_core::outbound::http_client();
+    let http = hookyard_core::outbound::http_client().unwrap();
     let base = ingest.base.clone();
 
     ingest.nats.pause();
@@ -517,6 +549,7 @@ async fn dev_starts_everything_and_takes_a_webhook() {
     );
 
     let response = hookyard_core::outbound::http_client()
+        .unwrap()
         .post(&url)
         .header("content-type", "application/json")
         .body(r#"{"hello":"dev"}"#)
@@ -549,6 +582,7 @@ async fn dev_starts_everything_and_takes_a_webhook() {
     );
     // Metrics on their own listener, not on ingest's public one.
     let metrics = hookyard_core::outbound::http_client()
+        .unwrap()
         .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
         .send()
         .await
@@ -565,6 +599,7 @@ async fn dev_starts_everything_and_takes_a_webhook() {
         "{metrics}"
     );
     let public = hookyard_core::outbound::http_client()
+        .unwrap()
         .get(format!("http://127.0.0.1:{port}/metrics"))
         .send()
         .await
@@ -609,6 +644,7 @@ async fn spans_are_exported_over_otlp_when_configured() {
     ])
     .await;
     let response = hookyard_core::outbound::http_client()
+        .unwrap()
         .post(format!("{}{}", ingest.base, ingest.path))
         .body("traced")
         .send()
@@ -705,7 +741,7 @@ async fn dev_starts_its_nats_server_again_when_it_stops() {
     let second = std::fs::read_to_string(&pid_file).unwrap().trim().to_string();
     assert_ne!(first, second);
 
-    let http = hookyard_core::outbound::http_client();
+    let http = hookyard_core::outbound::http_client().unwrap();
     let status = eventually("a webhook taken again", Duration::from_secs(30), || async {
         let response = http.post(&url).body(r#"{"after":"restart"}"#).send().await.ok()?;
         (response.status() != 503).then(|| response.status().as_u16())
@@ -809,6 +845,7 @@ async fn env_creates_shows_lists_and_rotates_environments() {
         let url = format!("{api}/integrations");
         async move {
             hookyard_core::outbound::http_client()
+                .unwrap()
                 .get(url)
                 .bearer_auth(key)
                 .send()
@@ -929,7 +966,12 @@ async fn api_serves_the_environment_of_its_key_and_stops_on_sigterm() {
     let url = format!("http://127.0.0.1:{port}/integrations/demo");
     let body = get_json(&url, &secret_key).await;
     assert_eq!(body["data"]["unique_key"], "demo", "{body}");
-    let anonymous = hookyard_core::outbound::http_client().get(&url).send().await.unwrap();
+    let anonymous = hookyard_core::outbound::http_client()
+        .unwrap()
+        .get(&url)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(anonymous.status().as_u16(), 401);
     process.stops_cleanly().await;
 }
@@ -1906,7 +1948,7 @@ async fn replay_follows_a_replay_to_its_end_and_ctrl_c_cancels_it() {
         &[("HOOKYARD_API_URL", api.clone()), ("HOOKYARD_SECRET_KEY", key.clone())],
         dir.path(),
     );
-    let http = hookyard_core::outbound::http_client();
+    let http = hookyard_core::outbound::http_client().unwrap();
     eventually("the replay to publish", Duration::from_secs(20), || async {
         let body: serde_json::Value = http
             .get(format!("{api}/replay"))

@@ -181,9 +181,35 @@ fn bare_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
 }
 
-/// A client of [`http_builder`]'s defaults.
-pub fn http_client() -> reqwest::Client {
-    http_builder().build().expect("a client with reqwest's defaults builds")
+/// A client of [`http_builder`]'s defaults, or why there is none ([`build_client`]).
+pub fn http_client() -> Result<reqwest::Client, String> {
+    build_client(http_builder())
+}
+
+/// `builder`'s client. reqwest's own error says only "builder error": this one gives its
+/// causes, and on a system without CA certificates (an image without `ca-certificates`,
+/// `SSL_CERT_FILE` naming a file that is not there), where no client can be built at
+/// all, what to do.
+pub fn build_client(builder: reqwest::ClientBuilder) -> Result<reqwest::Client, String> {
+    builder.build().map_err(|error| unbuilt(&error))
+}
+
+/// Why a client could not be built ([`build_client`]), for reqwest's blocking clients too.
+pub fn unbuilt(error: &reqwest::Error) -> String {
+    // reqwest's own text ("builder error") says nothing its causes do not.
+    let first = std::error::Error::source(error).unwrap_or(error);
+    let causes = std::iter::successors(Some(first), |e| e.source());
+    let mut text = format!(
+        "cannot make an HTTP client: {}",
+        causes.map(ToString::to_string).collect::<Vec<_>>().join(": ")
+    );
+    if text.contains("No CA certificates") {
+        text.push_str(
+            " (install the ca-certificates package, or point SSL_CERT_FILE or SSL_CERT_DIR at \
+             certificates that exist)",
+        );
+    }
+    text
 }
 
 /// An HTTP client builder for calls out (forwards, provider APIs): no redirects, the

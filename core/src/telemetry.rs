@@ -106,7 +106,7 @@ fn otlp_client() -> Result<reqwest::blocking::Client, TelemetryError> {
     std::thread::spawn(build)
         .join()
         .map_err(|_| TelemetryError::Exporter("building its HTTP client panicked".into()))?
-        .map_err(|e| TelemetryError::Exporter(format!("its HTTP client: {e}")))
+        .map_err(|e| TelemetryError::Exporter(crate::outbound::unbuilt(&e)))
 }
 
 /// OTLP over HTTP/protobuf; endpoint, headers and batching follow the standard

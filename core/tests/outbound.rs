@@ -160,7 +160,7 @@ async fn internal_calls_to_loopback_skip_the_environments_proxy() {
     let proxy = ForwardProxy::start(([127, 0, 0, 1], port).into()).await;
     // Before any client of this test exists.
     std::env::set_var("HTTPS_PROXY", format!("http://{}", proxy.address));
-    let client = http_client();
+    let client = http_client().unwrap();
     let response = client.post(&url).body("{}").send().await.unwrap_or_else(|e| {
         panic!("a loopback call with a proxy in the environment: {}", error_chain(&e));
     });

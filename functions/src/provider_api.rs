@@ -82,10 +82,9 @@ impl ProviderApi {
             )
         })?;
         let base = Url::parse(&base_text).map_err(|e| format!("API base URL {base_text:?}: {e}"))?;
-        let client = hookyard_core::outbound::client_builder(&guard)?
-            .timeout(ATTEMPT_TIMEOUT)
-            .build()
-            .map_err(|e| e.to_string())?;
+        let client = hookyard_core::outbound::build_client(
+            hookyard_core::outbound::client_builder(&guard)?.timeout(ATTEMPT_TIMEOUT),
+        )?;
         Ok(ProviderApi {
             client,
             base,

@@ -154,6 +154,7 @@ impl FakeCrm {
     pub async fn send_webhook(url: &str, secret: &str, body: &Value) -> u16 {
         let body = body.to_string();
         hookyard_core::outbound::http_client()
+            .unwrap()
             .post(url)
             .header("content-type", "application/json")
             .header("x-signature", FakeCrm::sign(secret, body.as_bytes()))

@@ -48,7 +48,7 @@ async fn start(database_url: &str) -> Api {
         store,
         dev,
         prod,
-        http: hookyard_core::outbound::http_client(),
+        http: hookyard_core::outbound::http_client().unwrap(),
         shutdown,
     }
 }

@@ -54,7 +54,7 @@ async fn post_and_kill(
     for _ in 0..8 {
         let (next, answers, url, end) = (next.clone(), answers_tx.clone(), url.to_string(), range.end);
         tokio::spawn(async move {
-            let http = hookyard_core::outbound::http_client();
+            let http = hookyard_core::outbound::http_client().unwrap();
             loop {
                 let index = next.fetch_add(1, Ordering::Relaxed);
                 if index >= end {
@@ -327,7 +327,7 @@ async fn every_acknowledged_webhook_is_kept_and_routed_once_through_the_loss_of_
     // without a leader here (its pulls answered "no responders" for over a minute).
     ROUTER.fully_replicated(&bus).await;
     let url = format!("{base}/webhook/{}/demo", environment.webhook_id);
-    let http = hookyard_core::outbound::http_client();
+    let http = hookyard_core::outbound::http_client().unwrap();
     assert_eq!(post_delivery(&http, &url, "failover-1").await["duplicate"], false);
 
     // 1. The stream's leader dies, on a node ingest is not connected to: a new leader is
@@ -695,7 +695,7 @@ async fn the_deployed_cluster_answers_its_probes_and_reports_the_backlog_keda_sc
     show_warnings();
     let h = replicated_harness(None, 1).await;
 
-    let http = hookyard_core::outbound::http_client();
+    let http = hookyard_core::outbound::http_client().unwrap();
     for node in &h.nats.nodes {
         for path in nats_probe_paths() {
             let url = format!("{}{path}", node.monitor_url().unwrap());

@@ -672,7 +672,7 @@ async fn the_metrics_listener_answers_liveness_and_readiness_probes() {
         Some(async_nats::jetstream::new(client)),
         shutdown.clone(),
     ));
-    let http = hookyard_core::outbound::http_client();
+    let http = hookyard_core::outbound::http_client().unwrap();
     let probe = |path: &'static str| {
         let (http, url) = (http.clone(), format!("http://{addr}{path}"));
         async move {

@@ -142,11 +142,9 @@ impl Deliverer {
         config: &ForwardingConfig,
         oplog: OpLog,
     ) -> Result<Deliverer, WorkerError> {
-        let http = hookyard_core::outbound::client_builder(config)
-            .map_err(WorkerError::Forwarding)?
-            .timeout(config.attempt_timeout)
-            .build()
-            .map_err(|e| WorkerError::Forwarding(e.to_string()))?;
+        let builder = hookyard_core::outbound::client_builder(config).map_err(WorkerError::Forwarding)?;
+        let http = hookyard_core::outbound::build_client(builder.timeout(config.attempt_timeout))
+            .map_err(WorkerError::Forwarding)?;
         let (attempts, pending) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(write_attempts(store.clone(), pending));
         Ok(Deliverer {

@@ -72,7 +72,7 @@ pub async fn start_ingest_with(
         store,
         environment,
         base,
-        http: hookyard_core::outbound::http_client(),
+        http: hookyard_core::outbound::http_client().unwrap(),
         jetstream: bus.jetstream,
         shutdown,
         server,

@@ -110,7 +110,7 @@ pub async fn harness_on<N>(
         bus,
         environment,
         api,
-        http: hookyard_core::outbound::http_client(),
+        http: hookyard_core::outbound::http_client().unwrap(),
         shutdown,
     }
 }
