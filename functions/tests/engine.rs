@@ -229,7 +229,12 @@ async fn each_failure_has_its_kind_and_the_pool_keeps_working() {
         ),
         (
             "crm/syncs/provider.js",
-            &sync_with("await nango.batchSave([{id: nango.provider}], 'Contact');"),
+            &sync_with(
+                "const none = await nango.getFieldMapping();
+                 await nango.updateMetadata({ fieldMapping: { email: 'Email__c' } });
+                 const mapped = await nango.getFieldMapping();
+                 await nango.batchSave([{ id: nango.provider, none, mapped }], 'Contact');",
+            ),
         ),
     ]);
     let pool = Pool::new(2, limits());
@@ -285,7 +290,13 @@ async fn each_failure_has_its_kind_and_the_pool_keeps_working() {
         }
     }
     let effects = run("provider").await.unwrap();
-    assert_eq!(effects.writes[0].records[0].0, "hubspot");
+    assert_eq!(
+        effects.writes[0].records[0],
+        (
+            "hubspot".to_string(),
+            json!({"id": "hubspot", "none": {}, "mapped": {"email": "Email__c"}})
+        )
+    );
 }
 
 #[test]

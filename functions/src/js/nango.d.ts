@@ -193,6 +193,8 @@ declare module 'nango' {
     batchUpdate<T extends RecordWithId>(records: T[], model: string): Promise<boolean>;
     batchDelete<T extends RecordWithId>(records: T[], model: string): Promise<boolean>;
     getMetadata<T extends object = Record<string, unknown>>(): Promise<T>;
+    /** @deprecated As in Nango: the metadata's `fieldMapping` (`{}` when it has none); use getMetadata. */
+    getFieldMapping(): Promise<Record<string, unknown>>;
     setMetadata(metadata: Record<string, unknown>): Promise<void>;
     updateMetadata(metadata: Record<string, unknown>): Promise<void>;
     getConnection(): Promise<Connection>;

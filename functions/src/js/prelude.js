@@ -172,6 +172,8 @@
       batchUpdate: write('update', 'batchUpdate'),
       batchDelete: write('delete', 'batchDelete'),
       getMetadata: async () => copy(currentMetadata()),
+      // Nango's, deprecated there for getMetadata: the metadata's `fieldMapping`.
+      getFieldMapping: async () => copy(currentMetadata().fieldMapping) ?? {},
       setMetadata: metadataWrite('replace', 'setMetadata'),
       updateMetadata: metadataWrite('merge', 'updateMetadata'),
       getConnection: async () => JSON.parse(input.connection),
