@@ -228,6 +228,10 @@ async fn each_failure_has_its_kind_and_the_pool_keeps_working() {
             &sync_with("throw new nango.ActionError({ code: 'missing', field: 'email' });"),
         ),
         (
+            "crm/syncs/action_error_circular.js",
+            &sync_with("const p = { code: 'loop' }; p.self = p; throw new nango.ActionError(p);"),
+        ),
+        (
             "crm/syncs/provider.js",
             &sync_with(
                 "const none = await nango.getFieldMapping();
@@ -270,6 +274,11 @@ async fn each_failure_has_its_kind_and_the_pool_keeps_working() {
             "action_error_payload",
             ErrorKind::Thrown,
             r#"ActionError: {"code":"missing","field":"email"}"#,
+        ),
+        (
+            "action_error_circular",
+            ErrorKind::Thrown,
+            "ActionError: [object Object]",
         ),
     ];
     for (name, kind, text) in cases {

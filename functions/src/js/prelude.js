@@ -87,10 +87,16 @@
 
   // Nango's `nango.ActionError`: an error whose payload the caller is meant to see. Its
   // message is the payload's (Nango leaves it empty), so a failure report says it.
+  const shown = (value) => {
+    try {
+      return JSON.stringify(value) ?? '';
+    } catch {
+      return String(value);
+    }
+  };
   class ActionError extends Error {
     constructor(payload) {
-      const message = typeof payload?.message === 'string' ? payload.message : JSON.stringify(payload) ?? '';
-      super(message);
+      super(typeof payload?.message === 'string' ? payload.message : shown(payload));
       this.name = 'ActionError';
       this.type = 'action_script_runtime_error';
       if (payload) this.payload = payload;
