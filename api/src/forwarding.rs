@@ -7,7 +7,7 @@ use axum::extract::{Path, State};
 use axum::{Extension, Json};
 use hookyard_core::config::ForwardingConfig;
 use hookyard_core::keys::IntegrationKey;
-use hookyard_core::outbound::checked_url;
+use hookyard_core::outbound::{allowed_destination, checked_url, Refusal};
 use hookyard_core::store::forwarding::{ForwardingScope, ForwardingSettings, MAX_URLS};
 use hookyard_core::store::Environment;
 use serde::{Deserialize, Serialize};
@@ -46,6 +46,11 @@ pub struct ForwardingView {
     /// Whether a signing key of its own is set (it is never returned).
     has_signing_key: bool,
     always_notify: bool,
+    /// After a `PUT`: the URLs whose deliveries would not go through as their names
+    /// resolve now (a name that does not resolve, or resolves to an address the
+    /// configuration refuses), and why. They are set all the same: names change.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    warnings: Vec<String>,
 }
 
 /// The settings of a request, each URL checked as far as it can be without resolving
@@ -82,6 +87,29 @@ fn view(settings: Option<ForwardingSettings>) -> ForwardingView {
         urls: settings.urls,
         has_signing_key: settings.signing_key.is_some(),
         always_notify: settings.always_notify,
+        warnings: Vec::new(),
+    }
+}
+
+/// [`view`] of settings just set, with the check each delivery makes before its
+/// attempt run on them now: a typo in a name, or a name of the internal network, is
+/// said when it is set rather than found in the dead letters.
+async fn view_of_set(settings: ForwardingSettings, allowed: &ForwardingConfig) -> ForwardingView {
+    let mut warnings = Vec::new();
+    for url in &settings.urls {
+        match allowed_destination(url, allowed).await {
+            Ok(()) => {}
+            Err(Refusal::Forbidden(why)) => warnings.push(format!(
+                "{url}: {why}; deliveries to it are refused (dead-lettered) while it does"
+            )),
+            Err(Refusal::Unresolved(why)) => warnings.push(format!(
+                "{url}: {why}; deliveries to it fail and are retried until it does"
+            )),
+        }
+    }
+    ForwardingView {
+        warnings,
+        ..view(Some(settings))
     }
 }
 
@@ -114,7 +142,7 @@ async fn set_environment(
         .set_forwarding(environment.id, ForwardingScope::Environment, &settings)
         .await?;
     Ok(Json(Data {
-        data: view(Some(settings)),
+        data: view_of_set(settings, &state.forwarding).await,
     }))
 }
 
@@ -175,6 +203,6 @@ async fn set_connection(
         )
         .await?;
     Ok(Json(Data {
-        data: view(Some(settings)),
+        data: view_of_set(settings, &state.forwarding).await,
     }))
 }

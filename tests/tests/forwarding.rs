@@ -505,6 +505,86 @@ async fn a_notification_that_could_not_be_queued_is_sent_by_the_sweep() {
     );
 }
 
+/// A name is checked as it is set, as before each attempt: one that does not resolve,
+/// or resolves to an address the configuration refuses, is set with a warning.
+#[tokio::test]
+async fn setting_a_destination_warns_of_a_name_its_deliveries_would_fail_on() {
+    let h = harness_with(None, 1, |_| {}).await;
+    let set = |path: &'static str, urls: Value| {
+        h.http
+            .put(format!("{}{path}", h.api))
+            .bearer_auth(&h.environment.secret_key)
+            .json(&json!({ "urls": urls }))
+            .send()
+    };
+    let answer: Value = set(
+        "/forwarding",
+        json!(["http://app.invalid/hook", "http://localhost:9/x"]),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let data = &answer["data"];
+    assert_eq!(
+        data["urls"],
+        json!(["http://app.invalid/hook", "http://localhost:9/x"]),
+        "{answer}"
+    );
+    let warnings: Vec<&str> = data["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap())
+        .collect();
+    assert_eq!(warnings.len(), 2, "{answer}");
+    assert!(
+        warnings[0].starts_with("http://app.invalid/hook: app.invalid does not resolve: ")
+            && warnings[0].ends_with("; deliveries to it fail and are retried until it does"),
+        "{answer}"
+    );
+    assert!(
+        warnings[1].starts_with("http://localhost:9/x: localhost resolves to ")
+            && warnings[1]
+                .contains("a loopback address (forwarding.allow_loopback allows it); deliveries to it are refused"),
+        "{answer}"
+    );
+    // Only when set: reading the settings does not resolve anything.
+    let shown = h.api_get("/forwarding").await;
+    assert!(shown["data"].get("warnings").is_none(), "{shown}");
+    let answer: Value = set(
+        "/connections/c0/forwarding?provider_config_key=crm",
+        json!(["http://93.184.216.34/x"]),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(answer["data"]["urls"], json!(["http://93.184.216.34/x"]), "{answer}");
+    assert!(
+        answer["data"].get("warnings").is_none(),
+        "an address has no name to resolve: {answer}"
+    );
+    let answer: Value = set(
+        "/connections/c0/forwarding?provider_config_key=crm",
+        json!(["https://app.invalid/c0"]),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert!(
+        answer["data"]["warnings"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("https://app.invalid/c0: app.invalid does not resolve"),
+        "{answer}"
+    );
+}
+
 #[tokio::test]
 async fn destinations_are_set_through_the_api_and_a_connection_may_override_them() {
     let h = harness_with(None, 2, forwarding_config).await;
