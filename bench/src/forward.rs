@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::setup::{postgres_cpu, postgres_cpu_since, start_nats, CpuMeter};
 
-pub async fn run(events: u64) -> anyhow::Result<()> {
+pub async fn run(events: u64, by_name: bool) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let (nats, port) = start_nats(dir.path())?;
     let pg = PgDatabase::create().await;
@@ -60,10 +60,14 @@ pub async fn run(events: u64) -> anyhow::Result<()> {
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/hook", listener.local_addr()?);
+    let receiver_port = listener.local_addr()?.port();
+    let url = match by_name {
+        true => format!("http://localhost:{receiver_port}/hook"),
+        false => format!("http://127.0.0.1:{receiver_port}/hook"),
+    };
     tokio::spawn(async move { axum::serve(listener, app).await });
     let settings = ForwardingSettings {
-        urls: vec![url],
+        urls: vec![url.clone()],
         ..Default::default()
     };
     store
@@ -99,7 +103,7 @@ pub async fn run(events: u64) -> anyhow::Result<()> {
         ack.await?;
     }
     println!(
-        "forwarding benchmark: {events} routed events in {}, one destination (a local receiver answering 200), \
+        "forwarding benchmark: {events} routed events in {}, one destination ({url}, a local receiver answering 200), \
          forwarder and deliverer in this process, Postgres\n",
         hookyard_core::streams::CONN_STREAM
     );

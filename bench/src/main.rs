@@ -154,6 +154,10 @@ enum Command {
         /// Events forwarded (one delivery each).
         #[arg(long, default_value_t = 20_000)]
         events: u64,
+        /// Address the receiver as `localhost`, a name (looked up before each attempt,
+        /// as a customer's URL is), rather than as 127.0.0.1.
+        #[arg(long)]
+        by_name: bool,
     },
     /// (Used by `worker`: the measured worker process.)
     #[command(hide = true)]
@@ -249,7 +253,7 @@ fn main() -> anyhow::Result<()> {
                 .await
             }
             Command::WorkerProcess => worker::run_process().await,
-            Command::Forward { events } => forward::run(events).await,
+            Command::Forward { events, by_name } => forward::run(events, by_name).await,
         }
     })
 }

@@ -41,6 +41,11 @@ impl std::fmt::Display for Refusal {
 /// this host's resolver may never answer for an outside name, and the system's own
 /// timeouts (10 s and more) would hold every forward and provider call. A name that
 /// did not resolve is then left to the proxy for [`UNRESOLVED_KEPT`] without asking again.
+///
+/// A name whose addresses were all allowed is not looked up again for [`ALLOWED_KEPT`]:
+/// a burst of deliveries to one destination asks the resolver once every few seconds,
+/// not once each. (The client's resolver still checks the addresses of every new
+/// connection, so a name that moves meanwhile is refused there.)
 pub async fn allowed_destination(url: &str, config: &ForwardingConfig) -> Result<(), Refusal> {
     allowed_after_lookup(url, config, |host, port| async move {
         tokio::net::lookup_host((host.as_str(), port))
@@ -54,6 +59,8 @@ pub async fn allowed_destination(url: &str, config: &ForwardingConfig) -> Result
 pub const LOOKUP_LIMIT: Duration = Duration::from_secs(5);
 /// How long a name that did not resolve is left to the proxy without a lookup.
 pub const UNRESOLVED_KEPT: Duration = Duration::from_secs(60);
+/// How long a name whose addresses were all allowed is taken as allowed without a lookup.
+pub const ALLOWED_KEPT: Duration = Duration::from_secs(5);
 
 /// [`allowed_destination`] with the lookup given (tests give one that never answers).
 async fn allowed_after_lookup<F, L>(url: &str, config: &ForwardingConfig, lookup: L) -> Result<(), Refusal>
@@ -71,43 +78,94 @@ where
             .proxy_for(&parsed)
             .is_some())
     };
-    if UNRESOLVED.recently(host) && proxied()? {
-        return Ok(());
+    match NAMES.seen(host, config) {
+        Some(Seen::Allowed) => return Ok(()),
+        Some(Seen::Unresolved) if proxied()? => return Ok(()),
+        _ => {}
     }
     let port = parsed.port_or_known_default().unwrap_or(443);
     let failure = match tokio::time::timeout(LOOKUP_LIMIT, lookup(host.to_string(), port)).await {
-        Ok(Ok(addresses)) => return check_addresses(host, addresses, config).map_err(Refusal::Forbidden),
+        Ok(Ok(addresses)) => {
+            check_addresses(host, addresses, config).map_err(Refusal::Forbidden)?;
+            NAMES.remember(host, config, Seen::Allowed);
+            return Ok(());
+        }
         Ok(Err(e)) => e.to_string(),
         Err(_) => format!("no answer within {} s", LOOKUP_LIMIT.as_secs()),
     };
     if proxied()? {
-        UNRESOLVED.remember(host);
+        NAMES.remember(host, config, Seen::Unresolved);
         return Ok(());
     }
     Err(Refusal::Unresolved(format!("{host} does not resolve: {failure}")))
 }
 
-/// Names that did not resolve here lately, each with when.
-static UNRESOLVED: Unresolved = Unresolved(std::sync::Mutex::new(None));
+/// What the check before an attempt learned of each name lately.
+static NAMES: Names = Names(std::sync::Mutex::new(None));
 
-/// (tokio's clock: tests pause it.)
-struct Unresolved(std::sync::Mutex<Option<HashMap<String, tokio::time::Instant>>>);
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Seen {
+    /// Its addresses were all allowed (by the configuration of the entry).
+    Allowed,
+    /// It did not resolve here, and was left to the proxy.
+    Unresolved,
+}
 
-impl Unresolved {
-    fn recently(&self, host: &str) -> bool {
-        let names = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        names
-            .as_ref()
-            .and_then(|names| names.get(host))
-            .is_some_and(|at| at.elapsed() < UNRESOLVED_KEPT)
+impl Seen {
+    fn kept(self) -> Duration {
+        match self {
+            Seen::Allowed => ALLOWED_KEPT,
+            Seen::Unresolved => UNRESOLVED_KEPT,
+        }
+    }
+}
+
+struct Names(std::sync::Mutex<Option<Book>>);
+
+struct Book {
+    entries: HashMap<String, Entry>,
+    /// Expired entries are dropped at most once per [`ALLOWED_KEPT`], not at every
+    /// insert: with many destinations that would be a scan of all of them per lookup.
+    pruned: tokio::time::Instant,
+}
+
+/// When (tokio's clock: tests pause it), and under which of the configuration's allowances.
+struct Entry {
+    seen: Seen,
+    at: tokio::time::Instant,
+    allowances: (bool, bool),
+}
+
+impl Names {
+    fn seen(&self, host: &str, config: &ForwardingConfig) -> Option<Seen> {
+        let book = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = book.as_ref()?.entries.get(host)?;
+        let current = entry.at.elapsed() < entry.seen.kept() && entry.allowances == allowances(config);
+        current.then_some(entry.seen)
     }
 
-    fn remember(&self, host: &str) {
-        let mut names = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let names = names.get_or_insert_with(HashMap::new);
-        names.retain(|_, at| at.elapsed() < UNRESOLVED_KEPT);
-        names.insert(host.to_string(), tokio::time::Instant::now());
+    fn remember(&self, host: &str, config: &ForwardingConfig, seen: Seen) {
+        let mut book = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let now = tokio::time::Instant::now();
+        let book = book.get_or_insert_with(|| Book {
+            entries: HashMap::new(),
+            pruned: now,
+        });
+        if now.duration_since(book.pruned) >= ALLOWED_KEPT {
+            book.entries.retain(|_, entry| entry.at.elapsed() < entry.seen.kept());
+            book.pruned = now;
+        }
+        let entry = Entry {
+            seen,
+            at: now,
+            allowances: allowances(config),
+        };
+        book.entries.insert(host.to_string(), entry);
     }
+}
+
+fn allowances(config: &ForwardingConfig) -> (bool, bool) {
+    (config.allow_loopback, config.allow_private)
 }
 
 /// What can be told of a destination without resolving its name: an absolute http(s)
@@ -693,6 +751,49 @@ mod tests {
             Err(Refusal::Forbidden(_))
         ));
         assert!(asked.into_inner(), "looked up again once the name was kept a minute");
+    }
+
+    /// A name whose addresses were all allowed is taken as allowed for [`ALLOWED_KEPT`]
+    /// under the same allowances, without a lookup; a refused one is looked up each time.
+    #[tokio::test(start_paused = true)]
+    async fn an_allowed_name_is_looked_up_once_every_few_seconds() {
+        let lookups = &std::sync::atomic::AtomicUsize::new(0);
+        let resolving_to = |ip: &'static str| {
+            move |_: String, _: u16| {
+                lookups.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                std::future::ready(Ok(vec![ip.parse::<IpAddr>().unwrap()]))
+            }
+        };
+        let looked_up = || lookups.load(std::sync::atomic::Ordering::Relaxed);
+        let url = "https://api.kept.example/x";
+        let strict = ForwardingConfig::default();
+        for _ in 0..3 {
+            assert_eq!(
+                allowed_after_lookup(url, &strict, resolving_to("93.184.216.34")).await,
+                Ok(())
+            );
+        }
+        assert_eq!(looked_up(), 1);
+
+        // Moved to an internal address: refused at the next lookup, and looked up again.
+        tokio::time::advance(ALLOWED_KEPT).await;
+        for _ in 0..2 {
+            let refused = allowed_after_lookup(url, &strict, resolving_to("10.0.0.9")).await;
+            assert!(matches!(refused, Err(Refusal::Forbidden(_))), "{refused:?}");
+        }
+        assert_eq!(looked_up(), 3);
+        // Allowed under other allowances is not allowed under these.
+        let private = ForwardingConfig {
+            allow_private: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            allowed_after_lookup(url, &private, resolving_to("10.0.0.9")).await,
+            Ok(())
+        );
+        let refused = allowed_after_lookup(url, &strict, resolving_to("10.0.0.9")).await;
+        assert!(matches!(refused, Err(Refusal::Forbidden(_))), "{refused:?}");
+        assert_eq!(looked_up(), 5);
     }
 
     #[test]
