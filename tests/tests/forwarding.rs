@@ -510,22 +510,20 @@ async fn a_notification_that_could_not_be_queued_is_sent_by_the_sweep() {
 #[tokio::test]
 async fn setting_a_destination_warns_of_a_name_its_deliveries_would_fail_on() {
     let h = harness_with(None, 1, |_| {}).await;
+    // The answer to setting `urls` at `path`.
     let set = |path: &'static str, urls: Value| {
-        h.http
+        let request = h
+            .http
             .put(format!("{}{path}", h.api))
             .bearer_auth(&h.environment.secret_key)
-            .json(&json!({ "urls": urls }))
-            .send()
+            .json(&json!({ "urls": urls }));
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
     };
-    let answer: Value = set(
+    let answer = set(
         "/forwarding",
         json!(["http://app.invalid/hook", "http://localhost:9/x"]),
     )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    .await;
     let data = &answer["data"];
     assert_eq!(
         data["urls"],
@@ -553,29 +551,21 @@ async fn setting_a_destination_warns_of_a_name_its_deliveries_would_fail_on() {
     // Only when set: reading the settings does not resolve anything.
     let shown = h.api_get("/forwarding").await;
     assert!(shown["data"].get("warnings").is_none(), "{shown}");
-    let answer: Value = set(
+    let answer = set(
         "/connections/c0/forwarding?provider_config_key=crm",
         json!(["http://93.184.216.34/x"]),
     )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    .await;
     assert_eq!(answer["data"]["urls"], json!(["http://93.184.216.34/x"]), "{answer}");
     assert!(
         answer["data"].get("warnings").is_none(),
         "an address has no name to resolve: {answer}"
     );
-    let answer: Value = set(
+    let answer = set(
         "/connections/c0/forwarding?provider_config_key=crm",
         json!(["https://app.invalid/c0"]),
     )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    .await;
     assert!(
         answer["data"]["warnings"][0]
             .as_str()
