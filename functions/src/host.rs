@@ -173,6 +173,12 @@ struct IdsArgs {
 }
 
 #[derive(Deserialize)]
+struct IntegrationArgs {
+    #[serde(default)]
+    include: Vec<String>,
+}
+
+#[derive(Deserialize)]
 struct MetadataArgs {
     how: String,
     value: Map<String, Value>,
@@ -262,17 +268,38 @@ impl StoreHost {
                 let api = self.run.api.as_ref().map_err(Clone::clone)?;
                 Ok(api.token().await?.to_string())
             }
-            "getWebhookURL" => {
+            "getWebhookURL" => Ok(Value::String(self.webhook_url(op).await?).to_string()),
+            "getIntegration" => {
+                let args: IntegrationArgs = serde_json::from_str(args).map_err(parse_error)?;
                 let key = &self.run.key;
-                let environment = self
+                let integration = self
                     .run
                     .store
-                    .environment_by_id(key.environment_id)
+                    .existing_integration(key.environment_id, &key.integration)
                     .await
-                    .map_err(store_error)?
-                    .ok_or_else(|| format!("{op}: the environment is gone"))?;
-                let url = environment.webhook_url(&self.run.webhook_base_url, key.integration.as_str());
-                Ok(Value::String(url).to_string())
+                    .map_err(store_error)?;
+                // Nango's shape (no `logo`: there is none here).
+                let mut shown = json!({
+                    "unique_key": integration.unique_key,
+                    "provider": integration.provider,
+                    "display_name": integration.display_name,
+                    "forward_webhooks": integration.forward_webhooks,
+                    "created_at": integration.created_at,
+                    "updated_at": integration.updated_at,
+                });
+                for include in &args.include {
+                    match include.as_str() {
+                        "webhook" => shown["webhook_url"] = Value::String(self.webhook_url(op).await?),
+                        "credentials" => {
+                            return Err(format!(
+                                "{op}: include 'credentials' is not served: functions are not given the \
+                                 integration's OAuth client secret (getToken gives the connection's token)"
+                            ))
+                        }
+                        other => return Err(format!("{op}: include {other:?} is not 'webhook' or 'credentials'")),
+                    }
+                }
+                Ok(shown.to_string())
             }
             "getRecordsByIds" => {
                 let args: IdsArgs = serde_json::from_str(args).map_err(parse_error)?;
@@ -457,6 +484,19 @@ impl StoreHost {
 
     fn state(&self) -> std::sync::MutexGuard<'_, RunState> {
         self.state.lock().expect("run state")
+    }
+
+    /// Where the provider sends this integration's webhooks for the run's environment.
+    async fn webhook_url(&self, op: &str) -> Result<String, String> {
+        let key = &self.run.key;
+        let environment = self
+            .run
+            .store
+            .environment_by_id(key.environment_id)
+            .await
+            .map_err(|e| format!("{op}: {e}"))?
+            .ok_or_else(|| format!("{op}: the environment is gone"))?;
+        Ok(environment.webhook_url(&self.run.webhook_base_url, key.integration.as_str()))
     }
 
     fn scope(&self, model: &str) -> RecordScope {

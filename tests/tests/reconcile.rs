@@ -675,7 +675,9 @@ export default createOnEvent({
   event: 'post-connection-creation',
   exec: async (nango) => {
     const response = await nango.post({ endpoint: '/webhooks', data: { url: await nango.getWebhookURL() } });
-    await nango.updateMetadata({ subscriptionId: response.data.id });
+    const { unique_key, provider, webhook_url } = await nango.getIntegration({ include: ['webhook'] });
+    const credentials = await nango.getIntegration({ include: ['credentials'] }).then(() => 'served', (e) => e.message);
+    await nango.updateMetadata({ subscriptionId: response.data.id, integration: { unique_key, provider, webhook_url, credentials } });
     await nango.log(`registered ${response.data.id}`);
   },
 });
@@ -724,6 +726,20 @@ async fn event_functions_register_on_creation_and_unregister_before_deletion() {
     let subscriptions = s.crm.subscriptions();
     let webhook_url = format!("https://hooks.example/in/webhook/{}/crm", s.h.environment.webhook_id);
     assert_eq!(subscriptions.get(&metadata), Some(&webhook_url));
+    // And read its integration, Nango's getIntegration: the webhook URL included on
+    // request, the integration's OAuth client secret never.
+    let connection = s.h.api_get("/connections/c-new?provider_config_key=crm").await;
+    let provider = s.h.api_get("/integrations/crm").await["data"]["provider"].clone();
+    assert_eq!(
+        connection["metadata"]["integration"],
+        json!({
+            "unique_key": "crm",
+            "provider": provider,
+            "webhook_url": webhook_url,
+            "credentials": "getIntegration: include 'credentials' is not served: functions are not given the \
+                            integration's OAuth client secret (getToken gives the connection's token)",
+        })
+    );
     // Its run was owed from the creation's commit, and is settled now.
     eventually(
         "the post-creation run to be settled",

@@ -172,6 +172,17 @@ declare module 'nango' {
     updated_at: string;
   }
 
+  /** An integration as `getIntegration()` gives it. */
+  export interface Integration {
+    unique_key: string;
+    provider: string;
+    display_name: string | null;
+    forward_webhooks: boolean;
+    created_at: string;
+    updated_at: string;
+    webhook_url?: string;
+  }
+
   /** Nango's: thrown as `throw new nango.ActionError({ message: '…' })`; reported as
    *  `ActionError: ` and the payload's message (or the payload as JSON). */
   class ActionErrorClass<P = Record<string, unknown>> extends Error {
@@ -272,6 +283,10 @@ declare module 'nango' {
     /** Where the provider sends this integration's webhooks for this environment: to
      *  register them in a `post-connection-creation` event function. */
     getWebhookURL(): Promise<string>;
+    /** The integration, in Nango's shape (no `logo`); `include: ['webhook']` adds
+     *  `webhook_url`. `'credentials'` is refused: functions are not given the
+     *  integration's OAuth client secret. */
+    getIntegration(config?: { include?: ('webhook' | 'credentials')[] }): Promise<Integration>;
     /** The cached records of `model` with these ids (deleted ones are not), keyed by the
      *  ids as given, in their order; each with its `_nango_metadata`. */
     getRecordsByIds<K extends string | number = string, T = any>(ids: readonly K[], model: string): Promise<Map<K, T>>;

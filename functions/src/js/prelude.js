@@ -320,6 +320,8 @@
       getToken: async () => host('getToken', {}),
       getEnvironmentVariables: async () => host('getEnvironmentVariables', {}),
       getWebhookURL: async () => host('getWebhookURL', {}),
+      // Nango's: the integration; `include: ['webhook']` adds its webhook_url.
+      getIntegration: async (config) => host('getIntegration', { include: config?.include ?? [] }),
       // Keyed by the ids as given (Nango's Map), in their order; asked for a hundred at a time.
       getRecordsByIds: async (ids, model) => {
         if (!Array.isArray(ids)) throw new TypeError('getRecordsByIds: the ids must be an array');
@@ -341,7 +343,7 @@
     Object.fromEntries(
       ['proxy', 'get', 'post', 'put', 'patch', 'delete', 'paginate', 'trackDeletesStart', 'trackDeletesEnd',
         'setMergingStrategy', 'getCheckpoint', 'saveCheckpoint', 'clearCheckpoint', 'getToken', 'getWebhookURL',
-        'getRecordsByIds'].map((name) => [
+        'getIntegration', 'getRecordsByIds'].map((name) => [
         name,
         () => {
           throw new Error(`${name}: the provider API, checkpoints, delete tracking and record reads are only available in exec, not in onWebhook`);
