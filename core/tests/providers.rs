@@ -252,6 +252,21 @@ const CASES: &[Case] = &[
         sample: "github/ping.with-app_id.json",
         content_type: "application/json",
     },
+    Case {
+        provider: "quickbooks",
+        sample: "quickbooks/account.created.cloudevents.json",
+        content_type: "application/json",
+    },
+    Case {
+        provider: "notion",
+        sample: "notion/page.created.ILLUSTRATIVE.json",
+        content_type: "application/json",
+    },
+    Case {
+        provider: "dropbox",
+        sample: "dropbox/list_folder.json",
+        content_type: "application/json",
+    },
 ];
 
 const NOW: i64 = 1_700_000_000;
@@ -440,6 +455,16 @@ fn handshakes_are_answered_byte_exactly() {
     let refused = answer(&meta.handshakes, &get, None, &json!({"verify_token": "other"})).unwrap();
     assert!(matches!(refused, Err(HandshakeRefused::WrongToken(_))));
 
+    // Dropbox: GET ?challenge=…, the challenge back as text.
+    let dropbox = Inbound::new("GET", None, &none, Some("challenge=8VGt2Ql7%2Bx0"), b"");
+    let reply = answer(&provider("dropbox").handshakes, &dropbox, None, &json!({}))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (reply.body.as_slice(), reply.content_type.as_deref()),
+        (&b"8VGt2Ql7+x0"[..], Some("text/plain"))
+    );
+
     // An ordinary event is no handshake.
     let event_body = sample("slack/event_callback.app_mention.json");
     let event = Inbound::new("POST", None, &json_headers, None, &event_body);
@@ -580,6 +605,51 @@ fn events_split_type_and_route_per_provider() {
             Route::Values(
                 RoutingTarget::Metadata("webhook_id".into()),
                 vec!["ach00000000000000".into()]
+            )
+        )]
+    );
+    // QuickBooks: a CloudEvents array, each event with its company (realm).
+    let cloudevents = br#"[{"type":"qbo.invoice.created.v1","intuitaccountid":"310687","intuitentityid":"95"},
+                          {"type":"qbo.customer.updated.v1","intuitaccountid":"420798","intuitentityid":"7"}]"#;
+    assert_eq!(
+        routes("quickbooks", &json_headers, None, cloudevents),
+        vec![
+            (Some("qbo.invoice.created.v1".into()), by_value("realmId", &["310687"])),
+            (Some("qbo.customer.updated.v1".into()), by_value("realmId", &["420798"])),
+        ]
+    );
+    assert_eq!(
+        routes(
+            "quickbooks",
+            &json_headers,
+            None,
+            &sample("quickbooks/account.created.cloudevents.json")
+        ),
+        vec![(Some("qbo.account.created.v1".into()), by_value("realmId", &["310687"]))]
+    );
+    // Notion: by workspace; Dropbox: every account the notification lists.
+    assert_eq!(
+        routes(
+            "notion",
+            &json_headers,
+            None,
+            &sample("notion/page.created.ILLUSTRATIVE.json")
+        ),
+        vec![(
+            Some("page.created".into()),
+            by_value("workspace_id", &["13950b26-c203-4f3b-b97d-93ec06319565"])
+        )]
+    );
+    assert_eq!(
+        routes("dropbox", &json_headers, None, &sample("dropbox/list_folder.json")),
+        vec![(
+            Some("file_change".into()),
+            by_value(
+                "account_id",
+                &[
+                    "dbid:AAH4f99T0taONIb-OurWxbNQ6ywGRopQngc",
+                    "dbid:AAB1HP1t5Uq4XmSR9SUMRiv5B0JiNZfnd0Q"
+                ]
             )
         )]
     );

@@ -329,6 +329,11 @@ fn handshake_response(
     if let Some(content_type) = &answer.content_type {
         response = response.header(header::CONTENT_TYPE, content_type);
     }
+    if !answer.body.is_empty() {
+        // The body echoes what the request sent: no browser may read it as anything but
+        // its type (Dropbox asks for this; it holds for every echo).
+        response = response.header(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+    }
     for (name, value) in &answer.headers {
         response = response.header(name, value);
     }

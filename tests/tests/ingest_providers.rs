@@ -34,6 +34,7 @@ async fn start() -> Running {
             integration("zoom", "zoom", Some("zoom-secret")),
             integration("twilio", "twilio", Some("12345")),
             integration("intercom", "intercom", None),
+            integration("dropbox", "dropbox", Some("app-secret")),
             meta,
             custom,
         ],
@@ -122,6 +123,7 @@ async fn handshakes_are_answered_synchronously_and_not_published() {
         .unwrap();
     assert_eq!(slack.status(), 200);
     assert_eq!(slack.headers()["content-type"], "text/plain");
+    assert_eq!(slack.headers()["x-content-type-options"], "nosniff");
     assert_eq!(
         slack.text().await.unwrap(),
         "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P"
@@ -152,9 +154,20 @@ async fn handshakes_are_answered_synchronously_and_not_published() {
     };
     let meta = ingest.http.get(meta_url("meatyhamhock")).send().await.unwrap();
     assert_eq!(meta.status(), 200);
+    assert_eq!(meta.headers()["x-content-type-options"], "nosniff");
     assert_eq!(meta.text().await.unwrap(), "1158201444");
     let wrong = ingest.http.get(meta_url("guess")).send().await.unwrap();
     assert_error(wrong, 403, "handshake_refused").await;
+
+    let dropbox = ingest
+        .http
+        .get(format!("{}?challenge=8VGt2Ql7", ingest.webhook_url("dropbox")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(dropbox.status(), 200);
+    assert_eq!(dropbox.headers()["x-content-type-options"], "nosniff");
+    assert_eq!(dropbox.text().await.unwrap(), "8VGt2Ql7");
 
     let head = ingest.http.head(ingest.webhook_url("intercom")).send().await.unwrap();
     assert_eq!(head.status(), 200);
