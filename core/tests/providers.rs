@@ -486,6 +486,11 @@ fn routes(
         .collect()
 }
 
+/// [`routes`] of a POST of the sample at `path`.
+fn sample_routes(provider_name: &str, h: &[(String, String)], path: &str) -> Vec<(Option<String>, Route)> {
+    routes(provider_name, h, None, &sample(path))
+}
+
 fn by_value(key: &str, values: &[&str]) -> Route {
     Route::Values(
         RoutingTarget::ConnectionConfig(key.into()),
@@ -498,12 +503,7 @@ fn events_split_type_and_route_per_provider() {
     let json_headers = headers(&[("Content-Type", "application/json")]);
     let github_headers = headers(&[("X-GitHub-Event", "installation")]);
     assert_eq!(
-        routes(
-            "github",
-            &github_headers,
-            None,
-            &sample("github/installation.created.json")
-        ),
+        sample_routes("github", &github_headers, "github/installation.created.json"),
         vec![(
             Some("installation.created".into()),
             by_value("installation_id", &["957387"])
@@ -555,12 +555,7 @@ fn events_split_type_and_route_per_provider() {
     );
 
     // Jira: the site is the origin of the issue's self URL.
-    let jira = routes(
-        "jira",
-        &json_headers,
-        None,
-        &sample("jira/issue_created.ILLUSTRATIVE.json"),
-    );
+    let jira = sample_routes("jira", &json_headers, "jira/issue_created.ILLUSTRATIVE.json");
     match &jira[0].1 {
         Route::Values(RoutingTarget::ConnectionConfig(key), values) => {
             assert_eq!(key, "site");
@@ -573,33 +568,18 @@ fn events_split_type_and_route_per_provider() {
     }
 
     // Graph: value[] elements, each with its tenant; lifecycle events typed as such.
-    let graph = routes(
-        "microsoft-graph",
-        &json_headers,
-        None,
-        &sample("msgraph/change_notification.json"),
-    );
+    let graph = sample_routes("microsoft-graph", &json_headers, "msgraph/change_notification.json");
     assert!(!graph.is_empty() && graph.iter().all(|(_, r)| matches!(r, Route::Values(..))));
-    let lifecycle = routes(
-        "microsoft-graph",
-        &json_headers,
-        None,
-        &sample("msgraph/lifecycle_notification.json"),
-    );
+    let lifecycle = sample_routes("microsoft-graph", &json_headers, "msgraph/lifecycle_notification.json");
     assert!(lifecycle[0].0.as_deref().is_some_and(|t| !t.is_empty()));
 
     // Attio: events[] with the workspace inside each; Airtable: by webhook id in metadata.
-    let attio = routes("attio", &json_headers, None, &sample("attio/record.updated.json"));
+    let attio = sample_routes("attio", &json_headers, "attio/record.updated.json");
     assert!(attio
         .iter()
         .all(|(t, r)| t.as_deref() == Some("record.updated") && matches!(r, Route::Values(..))));
     assert_eq!(
-        routes(
-            "airtable",
-            &json_headers,
-            None,
-            &sample("airtable/notification.ping.json")
-        ),
+        sample_routes("airtable", &json_headers, "airtable/notification.ping.json"),
         vec![(
             Some("ping".into()),
             Route::Values(
@@ -619,29 +599,23 @@ fn events_split_type_and_route_per_provider() {
         ]
     );
     assert_eq!(
-        routes(
+        sample_routes(
             "quickbooks",
             &json_headers,
-            None,
-            &sample("quickbooks/account.created.cloudevents.json")
+            "quickbooks/account.created.cloudevents.json"
         ),
         vec![(Some("qbo.account.created.v1".into()), by_value("realmId", &["310687"]))]
     );
     // Notion: by workspace; Dropbox: every account the notification lists.
     assert_eq!(
-        routes(
-            "notion",
-            &json_headers,
-            None,
-            &sample("notion/page.created.ILLUSTRATIVE.json")
-        ),
+        sample_routes("notion", &json_headers, "notion/page.created.ILLUSTRATIVE.json"),
         vec![(
             Some("page.created".into()),
             by_value("workspace_id", &["13950b26-c203-4f3b-b97d-93ec06319565"])
         )]
     );
     assert_eq!(
-        routes("dropbox", &json_headers, None, &sample("dropbox/list_folder.json")),
+        sample_routes("dropbox", &json_headers, "dropbox/list_folder.json"),
         vec![(
             Some("file_change".into()),
             by_value(
