@@ -6,6 +6,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
+use async_nats::jetstream::stream::RawMessageErrorKind;
+use hookyard_core::streams::{raw_subject, Bus, RAW_STREAM};
+use hookyard_core::Config;
+
 use crate::client::{query, ApiArgs, Client};
 use crate::when::{rfc3339, when};
 
@@ -13,6 +17,10 @@ use crate::when::{rfc3339, when};
 pub struct LogsArgs {
     /// Show this webhook (its log id) with its routing, executions and forwards.
     id: Option<i64>,
+    /// Write that webhook's body, byte for byte as received, to stdout: read from
+    /// `HOOKS_RAW` through NATS (`nats_url`, as the services take it).
+    #[arg(long, requires = "id")]
+    body: bool,
     /// Keep printing webhooks as they arrive.
     #[arg(long, short)]
     follow: bool,
@@ -41,7 +49,10 @@ pub async fn run(args: LogsArgs) -> Result<(), String> {
     let client = Client::new(args.api.clone())?;
     if let Some(id) = args.id {
         let shown = client.get(&format!("/logs/{id}")).await?;
-        print_one(&shown["data"]);
+        match args.body {
+            true => write_body(&shown["data"]).await?,
+            false => print_one(&shown["data"]),
+        }
         return Ok(());
     }
     let filters = |extra: Vec<(&'static str, Option<String>)>| {
@@ -177,4 +188,54 @@ fn print_one(webhook: &Value) {
             }
         }
     }
+}
+
+/// Writes the body of the webhook `entry` (an operation log entry) as `HOOKS_RAW` holds
+/// it. A webhook that was not stored (rejected, a handshake) has none; one older than
+/// the stream keeps is gone.
+async fn write_body(entry: &Value) -> Result<(), String> {
+    use std::io::Write;
+    let id = &entry["id"];
+    let Some(seq) = entry["raw_seq"].as_u64() else {
+        let status = entry["status"].as_str().unwrap_or("not stored");
+        return Err(format!(
+            "webhook {id} was not stored ({status}): it has no body in {RAW_STREAM}"
+        ));
+    };
+    let subject = match (entry["environment"].as_str(), entry["integration"].as_str()) {
+        (Some(environment), Some(integration)) => raw_subject(
+            &environment.parse().map_err(|e| format!("{e}"))?,
+            &integration.parse().map_err(|e| format!("{e}"))?,
+        ),
+        _ => {
+            return Err(format!(
+                "webhook {id}: the API's entry names no environment and integration"
+            ))
+        }
+    };
+    let config = Config::load().map_err(|e| e.to_string())?;
+    let bus = Bus::connect(&config, "hookyard-logs")
+        .await
+        .map_err(|e| e.to_string())?;
+    let stream = bus
+        .jetstream
+        .get_stream(RAW_STREAM)
+        .await
+        .map_err(|e| format!("{RAW_STREAM}: {e}"))?;
+    let message = stream.get_raw_message(seq).await.map_err(|e| match e.kind() {
+        RawMessageErrorKind::NoMessageFound => {
+            format!("{RAW_STREAM} no longer holds #{seq}, webhook {id}'s (it keeps webhooks for streams.raw_max_age)")
+        }
+        _ => format!("{RAW_STREAM} #{seq}: {e}"),
+    })?;
+    if message.subject.as_str() != subject {
+        return Err(format!(
+            "{RAW_STREAM} #{seq} is a webhook of {}, not webhook {id} of {subject} (was the stream moved past the store?)",
+            message.subject
+        ));
+    }
+    let mut out = std::io::stdout().lock();
+    out.write_all(&message.payload)
+        .and_then(|()| out.flush())
+        .map_err(|e| format!("writing the body: {e}"))
 }

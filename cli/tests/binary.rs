@@ -1983,6 +1983,75 @@ async fn replay_follows_a_replay_to_its_end_and_ctrl_c_cancels_it() {
     shutdown.cancel();
 }
 
+/// `hookyard logs ID --body` writes the webhook's body as `HOOKS_RAW` holds it; a
+/// webhook that was not stored, or is no longer, is said.
+#[tokio::test]
+async fn logs_body_writes_a_webhook_as_received() {
+    use hookyard_core::store::logs::{LogWrite, WebhookEntry};
+    let nats = NatsServer::start();
+    let sqlite = SqliteFile::create();
+    let (_, key) = prepared_environment(&sqlite.url).await;
+    let store = Store::connect(&sqlite.url, test_cipher()).await.unwrap();
+    let bus = connect(&nats, &store).await;
+    let body = serde_json::json!({"verification_token": "secret_tMrlL1qK5vuQAh1b6cZGhFChZTSYJlce98V0pYn7yBl"});
+    let envelope = json_envelope("demo", "d1", &body);
+    let message = async_nats::jetstream::message::PublishMessage::build()
+        .headers(envelope.to_headers())
+        .payload(envelope.body.clone());
+    let seq = bus
+        .jetstream
+        .send_publish(envelope.subject(), message)
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .sequence as i64;
+    let entry = |raw_seq: Option<i64>, status: &str| {
+        LogWrite::Webhook(WebhookEntry {
+            environment: "dev".into(),
+            integration: "demo".into(),
+            raw_seq,
+            delivery_id: None,
+            received_at: chrono::Utc::now(),
+            status: status.into(),
+            detail: None,
+            bytes: 42,
+            routing: None,
+        })
+    };
+    store
+        .write_log(&[
+            entry(Some(seq), "accepted"),
+            entry(None, "rejected"),
+            entry(Some(seq + 100), "accepted"),
+        ])
+        .await
+        .unwrap();
+    let (api, shutdown) = start_api(store).await;
+    let env = [
+        ("HOOKYARD_API_URL", api.as_str()),
+        ("HOOKYARD_SECRET_KEY", key.as_str()),
+        ("HOOKYARD_NATS_URL", nats.url.as_str()),
+    ];
+    let logs = |id: &'static str| async move { hookyard(&["logs", id, "--body"], &env).await };
+    let (status, stdout, stderr) = logs("1").await;
+    assert!(status.success(), "{stderr}");
+    assert_eq!(stdout.as_bytes(), &envelope.body[..], "byte for byte");
+    let (status, _, stderr) = logs("2").await;
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        stderr.contains("webhook 2 was not stored (rejected): it has no body in HOOKS_RAW"),
+        "{stderr}"
+    );
+    let (status, _, stderr) = logs("3").await;
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        stderr.contains(&format!("HOOKS_RAW no longer holds #{}, webhook 3's", seq + 100)),
+        "{stderr}"
+    );
+    shutdown.cancel();
+}
+
 // Multi-threaded: the API serves in-process while the test blocks on the child's output.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_prints_webhooks_one_in_full_and_follows_new_ones() {
