@@ -17,6 +17,7 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    payload: Option<serde_json::Value>,
 }
 
 /// The error body, as documented in the OpenAPI document.
@@ -31,6 +32,11 @@ pub struct ErrorDetail {
     /// `conflict`, `unavailable`, …
     code: String,
     message: String,
+    /// What a failed action's error carried (`ActionError`'s payload, the provider's
+    /// answer); absent elsewhere.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    payload: Option<serde_json::Value>,
 }
 
 impl ApiError {
@@ -39,7 +45,12 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            payload: None,
         }
+    }
+
+    pub fn with_payload(self, payload: Option<serde_json::Value>) -> ApiError {
+        ApiError { payload, ..self }
     }
 
     /// A 400 about one field of the request.
@@ -95,6 +106,7 @@ impl IntoResponse for ApiError {
             error: ErrorDetail {
                 code: self.code.to_string(),
                 message: self.message,
+                payload: self.payload,
             },
         };
         let mut response = (self.status, axum::Json(body)).into_response();

@@ -15,18 +15,16 @@ use std::time::Duration;
 
 use chrono::Utc;
 
-use hookyard_core::config::{Config, ForwardingConfig};
+use hookyard_core::config::Config;
 use hookyard_core::keys::IntegrationKey;
 use hookyard_core::providers::Catalog;
 use hookyard_core::store::connection_events::OwedEvent;
-use hookyard_core::store::syncs::SyncKey;
 use hookyard_core::store::{Environment, StoreError};
 use hookyard_core::Store;
-use hookyard_functions::compile::stored_modules;
-use hookyard_functions::host::{connection_api, exec_invocation, Kind, Mode, Run, StoreHost};
-use hookyard_functions::pool::{Pool, SyncCode};
-use hookyard_functions::RecordValidation;
+use hookyard_functions::pool::Pool;
 use tokio_util::sync::CancellationToken;
+
+use crate::runs::{Call, RunError, Runner};
 
 /// How long an event function may run (and a deletion waits for one).
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -39,9 +37,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(15);
 pub struct Events {
     store: Store,
     pool: Pool,
-    catalog: Arc<Catalog>,
-    guard: ForwardingConfig,
-    webhook_base_url: String,
+    runner: Runner,
 }
 
 impl Events {
@@ -52,11 +48,9 @@ impl Events {
             ..config.worker.exec_limits.clone()
         };
         Events {
+            runner: Runner::new(store.clone(), catalog, config),
             store,
             pool: Pool::new(1, limits),
-            catalog,
-            guard: config.forwarding.clone(),
-            webhook_base_url: config.webhook_base_url(),
         }
     }
 
@@ -147,34 +141,14 @@ impl Events {
         function: &hookyard_core::store::functions::DeployedSync,
         connection_id: &str,
     ) -> Result<Vec<String>, String> {
-        let key = SyncKey {
-            environment_id: environment.id,
-            integration: function.integration.clone(),
-            sync: function.name.clone(),
-            connection_id: connection_id.to_string(),
-        };
-        let (connection, api) = connection_api(&self.store, &self.catalog, &key, &self.guard).await?;
-        let modules = stored_modules(&self.store, &function.bundle_hash)
+        match self
+            .runner
+            .run(&self.pool, environment, function, connection_id, Call::Event)
             .await
-            .map_err(|e| e.to_string())?;
-        let code = Arc::new(SyncCode::of(function, Arc::new(modules)));
-        // Event functions write no records: their version does not matter.
-        let host = StoreHost::new(Run {
-            store: self.store.clone(),
-            jetstream: None,
-            key,
-            version: 0,
-            api,
-            mode: Mode::Apply,
-            kind: Kind::Event,
-            notice: None,
-            webhook_base_url: self.webhook_base_url.clone(),
-        });
-        // Event functions write no records: nothing to validate.
-        let invocation = exec_invocation(&connection, "[]".into(), Arc::new(host), RecordValidation::Off);
-        match self.pool.execute(code, invocation).await {
+        {
             Ok(effects) => Ok(effects.logs.into_iter().map(|l| l.message).collect()),
-            Err(error) => Err(error.to_string()),
+            Err(RunError::Setup(error)) => Err(error),
+            Err(RunError::Function(error)) => Err(error.to_string()),
         }
     }
 }

@@ -43,6 +43,9 @@ pub struct DeployRequest {
 pub struct SyncView {
     integration: String,
     name: String,
+    /// `sync`, `action` (run by `POST /action/trigger`) or `on-event`.
+    #[serde(rename = "type")]
+    kind: String,
     version: i32,
     /// Event types (or `*`) whose webhooks run `onWebhook`.
     webhook_subscriptions: Vec<String>,
@@ -63,6 +66,7 @@ impl From<DeployedSync> for SyncView {
         };
         let text = |key: &str| sync.config[key].as_str().map(String::from);
         SyncView {
+            kind: text("type").unwrap_or_else(|| "sync".into()),
             webhook_subscriptions: strings("webhookSubscriptions"),
             models: strings("models"),
             frequency: text("frequency"),
@@ -103,8 +107,6 @@ impl From<DeployedChange> for ChangeView {
 pub struct DeployView {
     changes: Vec<ChangeView>,
     syncs: Vec<SyncView>,
-    /// Nango actions in the deploy (`{integration}/actions/…`): stored, never run.
-    actions: Vec<String>,
 }
 
 /// The environment's live syncs.
@@ -163,7 +165,6 @@ async fn deploy(
         data: DeployView {
             changes: changes.into_iter().map(ChangeView::from).collect(),
             syncs: syncs.into_iter().map(SyncView::from).collect(),
-            actions: project.actions,
         },
     }))
 }

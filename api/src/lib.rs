@@ -6,6 +6,7 @@
 //! The OpenAPI document is generated from the handlers' annotations, so it lists exactly
 //! the routes that are served.
 
+mod actions;
 mod auth;
 mod connections;
 mod dead_letters;
@@ -19,6 +20,7 @@ mod integrations;
 mod logs;
 mod records;
 mod replays;
+mod runs;
 mod syncs;
 
 use axum::extract::{Request, State};
@@ -54,6 +56,8 @@ pub struct AppState {
     forwarding: hookyard_core::config::ForwardingConfig,
     /// Runs event functions when connections are created and deleted.
     events: Arc<events::Events>,
+    /// Runs actions when triggered.
+    actions: Arc<actions::Actions>,
 }
 
 /// Nango's wrapper of single objects and lists.
@@ -72,7 +76,7 @@ pub struct Success {
     info(title = "hookyard", description = "hookyard's control plane: integrations, connections, records and function deploys."),
     modifiers(&BearerAuth),
     security(("secret_key" = [])),
-    tags((name = "integrations"), (name = "connections"), (name = "records"), (name = "functions"), (name = "forwarding"), (name = "environment variables"), (name = "syncs"), (name = "dead letters"), (name = "replay"), (name = "logs"))
+    tags((name = "integrations"), (name = "connections"), (name = "records"), (name = "functions"), (name = "forwarding"), (name = "environment variables"), (name = "syncs"), (name = "actions"), (name = "dead letters"), (name = "replay"), (name = "logs"))
 )]
 struct ApiDoc;
 
@@ -113,7 +117,8 @@ impl Api {
     pub fn new(store: Store, config: &Config) -> Result<Api, CatalogError> {
         let catalog = Arc::new(Catalog::embedded()?);
         let events = Arc::new(events::Events::new(store.clone(), catalog.clone(), config));
-        let (router, document) = routes(store, catalog, events.clone(), config);
+        let actions = Arc::new(actions::Actions::new(store.clone(), catalog.clone(), config));
+        let (router, document) = routes(store, catalog, events.clone(), actions, config);
         Ok(Api {
             router,
             document,
@@ -132,9 +137,16 @@ impl Api {
     }
 }
 
-fn routes(store: Store, catalog: Arc<Catalog>, events: Arc<events::Events>, config: &Config) -> (Router, Document) {
+fn routes(
+    store: Store,
+    catalog: Arc<Catalog>,
+    events: Arc<events::Events>,
+    actions: Arc<actions::Actions>,
+    config: &Config,
+) -> (Router, Document) {
     let state = AppState {
         events,
+        actions,
         store,
         catalog,
         webhook_base_url: config.webhook_base_url(),
@@ -149,6 +161,7 @@ fn routes(store: Store, catalog: Arc<Catalog>, events: Arc<events::Events>, conf
         .merge(forwarding::routes())
         .merge(environment_variables::routes())
         .merge(syncs::routes())
+        .merge(actions::routes())
         .merge(dead_letters::routes())
         .merge(replays::routes())
         .merge(logs::routes())

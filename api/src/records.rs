@@ -100,7 +100,8 @@ fn parse_query(raw: Option<&str>) -> Result<ListQuery, ApiError> {
     Ok(ListQuery { model, query })
 }
 
-fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
+/// A header's value, trimmed; a 400 naming it when it is missing or empty.
+pub(crate) fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
     headers
         .get(name)
         .and_then(|v| v.to_str().ok())

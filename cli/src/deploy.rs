@@ -10,7 +10,7 @@ use crate::client::{ApiArgs, Client};
 
 #[derive(clap::Args)]
 pub struct DeployArgs {
-    /// The project folder: syncs at {integration}/syncs/{name}.js (or .ts), an optional index.js (or index.ts).
+    /// The project folder: syncs at {integration}/syncs/{name}.js (or .ts), actions at {integration}/actions/, event functions at {integration}/on-events/, an optional index.js (or index.ts).
     #[arg(default_value = ".")]
     dir: PathBuf,
     #[command(flatten)]
@@ -35,16 +35,6 @@ pub async fn run(args: DeployArgs) -> Result<(), String> {
     println!("deployed {} file(s) from {}", files.len(), args.dir.display());
     if !tests.is_empty() {
         println!("  left out {} test file(s): {}", tests.len(), tests.join(", "));
-    }
-    let actions: Vec<&str> = body["data"]["actions"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
-        .unwrap_or_default();
-    if !actions.is_empty() {
-        println!(
-            "  not run   {} (actions: hookyard runs syncs and event functions)",
-            actions.join(", ")
-        );
     }
     for change in &changes {
         println!(

@@ -171,6 +171,9 @@ pub async fn run(mut config: Config, args: DevArgs, shutdown: CancellationToken)
         if let Err(error) = show_demo_record(&api_url, &environment.secret_key).await {
             eprintln!("demo API call failed: {error}");
         }
+        if let Err(error) = show_demo_action(&api_url, &environment.secret_key).await {
+            eprintln!("demo action failed: {error}");
+        }
     }
     let (ingest_result, api_result, events_result, router_result, worker_result, reconciler_result) =
         tokio::join!(ingest_server, api_server, events, router, worker, reconciler);
@@ -292,6 +295,24 @@ async fn show_demo_log(api_url: &str, secret_key: &str, raw_seq: u64) -> Result<
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Runs the example's action for the demo connection, as an app would.
+async fn show_demo_action(api_url: &str, secret_key: &str) -> Result<(), Error> {
+    let url = format!("{api_url}/action/trigger");
+    let body = serde_json::json!({"action_name": "find-contact", "input": {"email": "grace@example.com"}});
+    let response = hookyard_core::outbound::http_client()?
+        .post(&url)
+        .bearer_auth(secret_key)
+        .header("Connection-Id", DEMO_CONNECTION)
+        .header("Provider-Config-Key", DEMO_INTEGRATION)
+        .json(&body)
+        .send()
+        .await?;
+    let status = response.status();
+    let answer = response.text().await?;
+    println!("demo: action -> POST {url} {body}\n      -> {status} {answer}\n");
+    Ok(())
 }
 
 /// Deploys `examples/crm-contacts` to the demo integration, unless the environment has

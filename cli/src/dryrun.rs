@@ -2,7 +2,7 @@
 //! `onWebhook` on that payload) from the local functions folder against the real
 //! connection and provider API, and prints the records it would save, update and delete
 //! per model. Nothing is written unless `--save` (then NATS is needed too: writes take
-//! their version from `HOOKS_RAW`).
+//! their version from `HOOKS_RAW`). An action (`--input`) prints what it returns.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 
 #[derive(clap::Args)]
 pub struct DryrunArgs {
-    /// The sync's name (its file name under {integration}/syncs/).
+    /// The sync's name (its file name under {integration}/syncs/), or an action's.
     sync: String,
     /// The connection to run it for.
     connection_id: String,
@@ -30,6 +30,9 @@ pub struct DryrunArgs {
     /// Run onWebhook with this JSON payload instead of exec.
     #[arg(long)]
     webhook: Option<PathBuf>,
+    /// An action's input, as JSON text (`'{"name": "Ada"}'`); none is `null`.
+    #[arg(long)]
+    input: Option<String>,
     /// Apply the writes (records, metadata, checkpoint) instead of only printing them.
     #[arg(long)]
     save: bool,
@@ -83,6 +86,16 @@ pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::e
             .into())
         }
     };
+    let is_action = sync.config["type"] == "action";
+    let input: Option<Value> = match (&args.input, is_action) {
+        (Some(text), true) => Some(serde_json::from_str(text).map_err(|e| format!("--input: not JSON: {e}"))?),
+        (None, true) => Some(Value::Null),
+        (Some(_), false) => return Err(format!("--input is for actions; {} is not one", args.sync).into()),
+        (None, false) => None,
+    };
+    if is_action && args.webhook.is_some() {
+        return Err(format!("{} is an action, which takes --input, not --webhook", args.sync).into());
+    }
     let payload: Option<Value> = match &args.webhook {
         Some(path) => Some(
             serde_json::from_str(&std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?)
@@ -107,7 +120,10 @@ pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::e
     let (connection, api) = connection_api(&store, &catalog, &key, &config.forwarding).await?;
     // A dry run compares against everything stored; a saved run writes at the version
     // a worker would.
-    let (jetstream, version, mode) = if args.save {
+    let (jetstream, version, mode) = if args.save && is_action {
+        // An action writes no records: no version to take.
+        (None, 0, Mode::Apply)
+    } else if args.save {
         let bus = Bus::connect(config, "hookyard-dryrun").await?;
         bus.ensure_streams(&config.streams, &store).await?;
         let version = raw_version(&bus.jetstream).await?;
@@ -122,7 +138,7 @@ pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::e
         version,
         api,
         mode,
-        kind: Kind::Sync,
+        kind: if is_action { Kind::Action } else { Kind::Sync },
         notice: None,
         webhook_base_url: config.webhook_base_url(),
     }));
@@ -141,14 +157,25 @@ pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::e
             environment_variables: serde_json::to_string(&store.environment_variables(environment.id).await?)?.into(),
             ..exec
         },
-        None => exec,
+        None => match &input {
+            Some(input) => Invocation {
+                payload: input.to_string().into(),
+                handler: Handler::Action,
+                ..exec
+            },
+            None => exec,
+        },
     };
     let code = Arc::new(SyncCode::new(
         &project.bundle.hash,
         &sync.entry,
         Arc::new(project.bundle.modules.clone()),
     ));
-    let what = if payload.is_some() { "onWebhook" } else { "exec" };
+    let what = match (&payload, is_action) {
+        (Some(_), _) => "onWebhook",
+        (None, true) => "action",
+        (None, false) => "exec",
+    };
     eprintln!(
         "running {what} of {}/{} for {} …",
         sync.integration, sync.name, args.connection_id
@@ -163,7 +190,14 @@ pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::e
     for line in &effects.logs {
         eprintln!("  log {}: {}", line.level, line.message);
     }
-    if args.save {
+    if is_action {
+        let output = effects.output.unwrap_or(Value::Null);
+        println!("{}", serde_json::to_string_pretty(&output)?);
+        let metadata = host.plan_so_far().metadata;
+        if !args.save && !metadata.is_empty() {
+            eprintln!("it would write metadata (--save writes): {}", Value::Array(metadata));
+        }
+    } else if args.save {
         println!("{}", serde_json::to_string_pretty(&json!({"saved": host.counts()}))?);
     } else {
         let plan = host.plan_so_far();

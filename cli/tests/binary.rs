@@ -580,6 +580,13 @@ async fn dev_starts_everything_and_takes_a_webhook() {
             && record.contains(r#""last_action":"UPDATED""#),
         "the example function made a record of the demo webhook: {record}"
     );
+    // Then the example's action, looking a contact up in the demo CRM.
+    Process::wait_for(&process.stdout, "demo: action");
+    let found = Process::wait_for(&process.stdout, "-> 200 OK");
+    assert!(
+        found.contains(r#""email":"grace@example.com""#) && found.contains(r#""id":"c_2""#),
+        "{found}"
+    );
     // Metrics on their own listener, not on ingest's public one.
     let metrics = hookyard_core::outbound::http_client()
         .unwrap()
@@ -1565,7 +1572,7 @@ async fn deploy_sends_a_project_and_prints_what_changed() {
     let test = "import { expect, it } from 'vitest';\nit('saves', () => expect(1).toBe(1));\n";
     std::fs::write(project.path().join("demo/tests/demo-contacts.test.ts"), test).unwrap();
     std::fs::write(project.path().join("vitest.setup.ts"), "import 'vitest';\n").unwrap();
-    // A Nango action is deployed along and named as not run.
+    // A Nango action is deployed along.
     std::fs::create_dir_all(project.path().join("demo/actions")).unwrap();
     let action = "import { createAction } from 'nango';\nexport default createAction({ exec: async () => ({}) });\n";
     std::fs::write(project.path().join("demo/actions/create-contact.ts"), action).unwrap();
@@ -1573,11 +1580,8 @@ async fn deploy_sends_a_project_and_prints_what_changed() {
     let imports = std::fs::read_to_string(&index).unwrap() + "import './demo/actions/create-contact.js';\n";
     std::fs::write(&index, imports).unwrap();
     let (_, stdout, _) = run().await;
-    assert!(stdout.contains("deployed 4 file(s)"), "{stdout}");
-    assert!(
-        stdout.contains("not run   demo/actions/create-contact.ts (actions: hookyard runs syncs and event functions)"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("deployed 5 file(s)"), "{stdout}");
+    assert!(stdout.contains("added     demo/create-contact v1"), "{stdout}");
     assert!(
         stdout.contains("left out 2 test file(s): demo/tests/demo-contacts.test.ts, vitest.setup.ts"),
         "{stdout}"
@@ -1894,13 +1898,61 @@ async fn dryrun_prints_what_exec_and_on_webhook_would_write_and_save_writes_it()
     assert_eq!(after.len(), 4);
     assert!(after.iter().any(|row| row.starts_with("gone:DELETED")), "{after:?}");
 
+    // An action runs with its input and prints what it returns; the metadata it sets is
+    // said, not written.
+    std::fs::create_dir_all(project.path().join("demo/actions")).unwrap();
+    std::fs::write(
+        project.path().join("demo/actions/first-contact.js"),
+        "import { createAction } from 'nango';
+export default createAction({
+  exec: async (nango, input) => {
+    const response = await nango.get({ endpoint: '/contacts', params: { limit: 1 } });
+    await nango.updateMetadata({ looked: true });
+    return { first: response.data.results[0].id, asked: input.asked };
+  },
+});",
+    )
+    .unwrap();
+    let index = project.path().join("index.ts");
+    let imports = std::fs::read_to_string(&index).unwrap() + "import './demo/actions/first-contact.js';\n";
+    std::fs::write(&index, imports).unwrap();
+    let run = dryrun.clone();
+    let input = vec!["--input".to_string(), r#"{"asked": "by test"}"#.into()];
+    let (status, stdout, stderr) = tokio::task::spawn_blocking(move || run("first-contact", input))
+        .await
+        .unwrap();
+    assert!(status.success(), "{stderr}");
+    let output: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(output, serde_json::json!({"first": "p1", "asked": "by test"}));
+    assert!(
+        stderr.contains(r#"it would write metadata (--save writes): [{"how":"merge","value":{"looked":true}}]"#),
+        "{stderr}"
+    );
+    let metadata = store
+        .connection(environment.id, &"demo".parse().unwrap(), "c0")
+        .await
+        .unwrap()
+        .unwrap()
+        .metadata;
+    assert_eq!(metadata.get("looked"), None, "not written");
+    let run = dryrun.clone();
+    let input = vec!["--input".to_string(), "{}".into()];
+    let (status, _, stderr) = tokio::task::spawn_blocking(move || run("contacts", input))
+        .await
+        .unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("--input is for actions; contacts is not one"),
+        "{stderr}"
+    );
+
     // An unknown sync is named, with the ones the folder has.
     let (status, _, stderr) = tokio::task::spawn_blocking(move || dryrun("nosuch", vec![]))
         .await
         .unwrap();
     assert!(!status.success());
     assert!(
-        stderr.contains("no sync \"nosuch\" in ") && stderr.contains("(it has: demo/contacts)"),
+        stderr.contains("no sync \"nosuch\" in ") && stderr.contains("(it has: demo/find-contact, demo/first-contact, demo/contacts)"),
         "{stderr}"
     );
 }

@@ -251,6 +251,11 @@ pub struct FunctionLimits {
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
     pub listen: SocketAddr,
+    /// Threads that run actions (`POST /action/trigger`): how many run at once. Four
+    /// times as many may wait for one; more are answered 503.
+    pub action_threads: usize,
+    /// Per action run; the caller waits for it.
+    pub action_limits: FunctionLimits,
 }
 
 /// The encryption key's text; never printed.
@@ -384,6 +389,13 @@ impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 3004)),
+            action_threads: 2,
+            action_limits: FunctionLimits {
+                memory_bytes: 256 * 1024 * 1024,
+                stack_bytes: 1024 * 1024,
+                cpu_budget: Duration::from_secs(30),
+                timeout: Duration::from_secs(60),
+            },
         }
     }
 }
@@ -548,6 +560,7 @@ impl Config {
         for (name, limits) in [
             ("worker.limits", &worker.limits),
             ("worker.exec_limits", &worker.exec_limits),
+            ("api.action_limits", &self.api.action_limits),
         ] {
             if limits.memory_bytes < 1024 * 1024 {
                 problems.push(format!("{name}.memory_bytes must be at least 1 MiB"));
@@ -563,6 +576,9 @@ impl Config {
         }
         if !(1..=64).contains(&worker.exec_threads) {
             problems.push("worker.exec_threads must be between 1 and 64".into());
+        }
+        if !(1..=64).contains(&self.api.action_threads) {
+            problems.push("api.action_threads must be between 1 and 64".into());
         }
         if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&worker.exec_lease) {
             problems.push("worker.exec_lease must be between 1s and 1h".into());

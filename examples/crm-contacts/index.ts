@@ -1,2 +1,3 @@
-// The syncs of this project: `hookyard deploy` deploys what this file imports.
+// The functions of this project: `hookyard deploy` deploys what this file imports.
 import './demo/syncs/contacts.js';
+import './demo/actions/find-contact.js';

@@ -3,9 +3,11 @@
 //!
 //! Layout, as in Nango: a sync lives at `{integration}/syncs/{name}.js` (the integration
 //! is the folder, the sync name the file), an event function (`createOnEvent`) at
-//! `{integration}/on-events/{name}.js`; `.ts` as well (see `typescript`). When the project
+//! `{integration}/on-events/{name}.js`, an action (`createAction`) at
+//! `{integration}/actions/{name}.js`; `.ts` as well (see `typescript`). When the project
 //! has an `index.js` (or `index.ts`), the functions are the files it imports from those
-//! places; otherwise every file there is one.
+//! places; otherwise every file there is one. All three are stored as syncs, their kind in
+//! their configuration's `type`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -23,15 +25,11 @@ use crate::sandbox::{Sandbox, Sources};
 use crate::typescript::{is_typescript, strip_types};
 use crate::{Limits, ENGINE};
 
-/// What a deploy stores: the bundle and its syncs.
+/// What a deploy stores: the bundle and its functions (syncs, event functions, actions).
 #[derive(Debug, Clone)]
 pub struct Project {
     pub bundle: FunctionBundle,
     pub syncs: Vec<NewSync>,
-    /// Nango actions in the deploy (`{integration}/actions/…`, or those the index
-    /// imports): stored with the bundle, never run. Named so that a deploy does not
-    /// drop them silently.
-    pub actions: Vec<String>,
 }
 
 /// Why a project cannot be deployed, naming the file when one is at fault.
@@ -76,14 +74,23 @@ pub fn compile_project(files: BTreeMap<String, String>, limits: &Limits) -> Resu
         return Err(whole("the deploy holds no JavaScript or TypeScript files"));
     }
     let modules = Arc::new(compile_modules(&sources)?);
-    let (entries, actions) = sync_entries(&sources, &modules, limits)?;
     let mut syncs = Vec::new();
-    for (entry, integration, name) in entries {
+    for (entry, integration, name) in function_entries(&sources, &modules, limits)? {
         let sandbox = Sandbox::new(modules.clone(), limits).map_err(|e| at(&entry, e.message))?;
         let config = sandbox.context.with(|ctx| {
             let export = evaluate_entry(&ctx, &sandbox, &entry, limits).map_err(|e| unrunnable(&entry, e))?;
             read_config(&export).map_err(|message| at(&entry, message))
         })?;
+        let in_actions = function_place(&entry, &["actions"]).is_some();
+        if in_actions != (config["type"] == "action") {
+            return Err(at(
+                &entry,
+                match in_actions {
+                    true => "a file in actions/ must export createAction({...})",
+                    false => "an action (createAction) lives at {integration}/actions/{name}.js",
+                },
+            ));
+        }
         let loaded = sandbox.modules.loaded.lock().expect("loader lock").clone();
         syncs.push(NewSync {
             integration,
@@ -101,7 +108,6 @@ pub fn compile_project(files: BTreeMap<String, String>, limits: &Limits) -> Resu
             modules: Arc::try_unwrap(modules).unwrap_or_else(|shared| (*shared).clone()),
         },
         syncs,
-        actions,
     })
 }
 
@@ -167,15 +173,18 @@ pub async fn stored_modules(store: &hookyard_core::Store, hash: &str) -> Result<
         .map_err(|e| StoreError::Invalid(format!("bundle {hash} no longer compiles: {e}")))
 }
 
-/// A sync's entry module, integration and name.
+/// A function's entry module, integration and name.
 type Entry = (String, IntegrationKey, String);
 
-/// The syncs, and the actions.
-fn sync_entries(
+/// Where functions live: `{integration}/{folder}/{name}.js`.
+const FUNCTION_FOLDERS: [&str; 3] = ["syncs", "on-events", "actions"];
+
+/// The functions to deploy.
+fn function_entries(
     sources: &BTreeMap<String, String>,
     modules: &Arc<BTreeMap<String, Vec<u8>>>,
     limits: &Limits,
-) -> Result<(Vec<Entry>, Vec<String>), DeployError> {
+) -> Result<Vec<Entry>, DeployError> {
     let indexes: Vec<&String> = sources
         .keys()
         .filter(|path| module_stem(path) == Some("index"))
@@ -183,7 +192,7 @@ fn sync_entries(
     let functions: Vec<String> = match indexes[..] {
         [] => sources.keys().cloned().collect(),
         [index] => {
-            // The sync files the index imports, directly or not.
+            // The function files the index imports, directly or not.
             let sandbox = Sandbox::new(modules.clone(), limits).map_err(|e| at(index, e.message))?;
             sandbox
                 .context
@@ -208,21 +217,21 @@ fn sync_entries(
             )));
         }
     };
-    let actions: Vec<String> = functions.iter().filter(|m| is_action(m)).cloned().collect();
-    let candidates: Vec<String> = functions.into_iter().filter(|m| sync_place(m).is_some()).collect();
+    let candidates: Vec<String> = functions
+        .into_iter()
+        .filter(|m| function_place(m, &FUNCTION_FOLDERS).is_some())
+        .collect();
     if candidates.is_empty() {
-        let also = match actions.len() {
-            0 => String::new(),
-            n => format!("; {n} action(s) found, which hookyard does not run"),
-        };
-        return Err(whole(format!(
-            "no syncs found: put each at {{integration}}/syncs/{{name}}.js, event functions at \
-             {{integration}}/on-events/{{name}}.js (or .ts; and import them from the index if there is one){also}"
-        )));
+        return Err(whole(
+            "no functions found: put each sync at {integration}/syncs/{name}.js, event functions at \
+             {integration}/on-events/{name}.js, actions at {integration}/actions/{name}.js (or .ts; and \
+             import them from the index if there is one)",
+        ));
     }
+    // Syncs and actions share their names, as in Nango: an action is triggered by name.
     let mut names = BTreeSet::new();
     for entry in &candidates {
-        let (integration, name) = sync_place(entry).expect("filtered above");
+        let (integration, name) = function_place(entry, &FUNCTION_FOLDERS).expect("filtered above");
         if !names.insert((integration, name)) {
             return Err(at(entry, format!("{integration} has two functions named {name:?}")));
         }
@@ -230,7 +239,7 @@ fn sync_entries(
     let entries = candidates
         .into_iter()
         .map(|entry| {
-            let (integration, name) = sync_place(&entry).expect("filtered above");
+            let (integration, name) = function_place(&entry, &FUNCTION_FOLDERS).expect("filtered above");
             let integration: IntegrationKey = integration.parse().map_err(|e| {
                 at(
                     &entry,
@@ -240,17 +249,7 @@ fn sync_entries(
             Ok((entry.clone(), integration, name.to_string()))
         })
         .collect::<Result<_, _>>()?;
-    Ok((entries, actions))
-}
-
-/// `{integration}/syncs/{name}.js` (or `on-events/`) → `(integration, name)`.
-fn sync_place(path: &str) -> Option<(&str, &str)> {
-    function_place(path, &["syncs", "on-events"])
-}
-
-/// Whether `path` is a Nango action, `{integration}/actions/{name}.js`.
-fn is_action(path: &str) -> bool {
-    function_place(path, &["actions"]).is_some()
+    Ok(entries)
 }
 
 /// `{integration}/{folder}/{name}.js` with `folder` one of `folders` → `(integration, name)`.
@@ -351,9 +350,24 @@ fn read_config(export: &Object<'_>) -> Result<serde_json::Value, String> {
                 "onWebhook": false,
             }));
         }
+        Some("action") => {
+            // Run by `POST /action/trigger`, with its input; never scheduled, never on a webhook.
+            if !function("exec")? {
+                return Err("an action needs an exec".into());
+            }
+            return Ok(json!({
+                "type": "action",
+                "description": text("description")?,
+                "version": text("version")?,
+                "action": true,
+                "exec": false,
+                "onWebhook": false,
+            }));
+        }
         Some(other) => {
             return Err(format!(
-                "its default export is a {other}; syncs (createSync) and event functions (createOnEvent) are deployed"
+                "its default export is a {other}; syncs (createSync), actions (createAction) and event functions \
+                 (createOnEvent) are deployed"
             ))
         }
     }
@@ -434,14 +448,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sync_places() {
-        assert_eq!(sync_place("hubspot/syncs/contacts.js"), Some(("hubspot", "contacts")));
-        assert_eq!(sync_place("hubspot/contacts.js"), None);
-        assert_eq!(sync_place("hubspot/syncs/deep/contacts.js"), None);
-        assert_eq!(sync_place("hubspot/actions/x.js"), None);
-        assert!(is_action("hubspot/actions/x.ts") && !is_action("hubspot/syncs/x.ts"));
-        assert_eq!(sync_place("hubspot/on-events/setup.ts"), Some(("hubspot", "setup")));
-        assert_eq!(sync_place("hubspot/syncs/contacts.json"), None);
+    fn function_places() {
+        let place = |path| function_place(path, &FUNCTION_FOLDERS);
+        assert_eq!(place("hubspot/syncs/contacts.js"), Some(("hubspot", "contacts")));
+        assert_eq!(place("hubspot/contacts.js"), None);
+        assert_eq!(place("hubspot/syncs/deep/contacts.js"), None);
+        assert_eq!(place("hubspot/actions/x.ts"), Some(("hubspot", "x")));
+        assert_eq!(place("hubspot/helpers/x.ts"), None);
+        assert_eq!(place("hubspot/on-events/setup.ts"), Some(("hubspot", "setup")));
+        assert_eq!(place("hubspot/syncs/contacts.json"), None);
         assert_eq!(module_stem("index.mts"), Some("index"));
         assert_eq!(module_stem("lib/index.ts"), None);
         assert_eq!(normalise("./a/b.js").unwrap(), "a/b.js");

@@ -18,9 +18,9 @@ use crate::{Effects, ErrorKind, FunctionError, Handler, Invocation, Limits, LogL
 pub(crate) struct Loaded {
     on_webhook: Option<Persistent<Function<'static>>>,
     exec: Option<Persistent<Function<'static>>>,
-    /// The export's `models` (zod schemas by name, when they are), for `batchSave` to
-    /// check records against.
-    models: Persistent<Value<'static>>,
+    /// The default export: the runner reads its `models` (zod schemas by name, when they
+    /// are) for `batchSave` to check records against, an action's `input` and `output`.
+    definition: Persistent<Object<'static>>,
     /// Nango's older `trackDeletes: true` (of a full sync, as in Nango): each exec run
     /// tracks the deletes of every model.
     track_deletes: bool,
@@ -36,12 +36,10 @@ impl Loaded {
         limits: &Limits,
     ) -> Result<Loaded, FunctionError> {
         let sandbox = Sandbox::new(code, limits)?;
-        let (on_webhook, exec, models, track_deletes, run) = sandbox.context.with(|ctx| {
+        let (on_webhook, exec, definition, track_deletes, run) = sandbox.context.with(|ctx| {
             let export = evaluate_entry(&ctx, &sandbox, entry, limits)?;
             let handler = |name: &str| export.get::<_, Function>(name).ok().map(|h| Persistent::save(&ctx, h));
             let (on_webhook, exec) = (handler("onWebhook"), handler("exec"));
-            let models: Value = export.get("models").map_err(internal)?;
-            let models = Persistent::save(&ctx, models);
             let track_deletes = export.get::<_, Option<bool>>("trackDeletes").ok().flatten() == Some(true)
                 && export.get::<_, Option<String>>("syncType").ok().flatten().as_deref() != Some("incremental");
             let engine: Object = ctx
@@ -51,29 +49,30 @@ impl Loaded {
             let run: Function = engine
                 .get("run")
                 .map_err(|e| FunctionError::new(ErrorKind::Internal, format!("engine runner missing: {e}")))?;
-            Ok::<_, FunctionError>((on_webhook, exec, models, track_deletes, Persistent::save(&ctx, run)))
+            let definition = Persistent::save(&ctx, export);
+            Ok::<_, FunctionError>((on_webhook, exec, definition, track_deletes, Persistent::save(&ctx, run)))
         })?;
         Ok(Loaded {
             on_webhook,
             exec,
-            models,
+            definition,
             track_deletes,
             run,
             sandbox,
         })
     }
 
-    /// Runs `onWebhook(nango, payload)` or `exec(nango)` to completion; its effects, or
-    /// why it failed.
+    /// Runs `onWebhook(nango, payload)`, `exec(nango)` or an action's `exec(nango, input)`
+    /// to completion; its effects, or why it failed.
     pub(crate) fn execute(&self, invocation: &Invocation, limits: &Limits) -> Result<Effects, FunctionError> {
         let (handler, name) = match invocation.handler {
             Handler::OnWebhook => (&self.on_webhook, "onWebhook"),
-            Handler::Exec => (&self.exec, "exec"),
+            Handler::Exec | Handler::Action => (&self.exec, "exec"),
         };
         let Some(handler) = handler else {
             return Err(FunctionError::new(
                 ErrorKind::Thrown,
-                format!("the sync has no {name} handler"),
+                format!("the function has no {name} handler"),
             ));
         };
         with_host(invocation.host.clone(), || self.run(handler, invocation, limits))
@@ -90,7 +89,7 @@ impl Loaded {
         let result = self.sandbox.context.with(|ctx| {
             let handler = handler.clone().restore(&ctx).map_err(internal)?;
             let run = self.run.clone().restore(&ctx).map_err(internal)?;
-            let models = self.models.clone().restore(&ctx).map_err(internal)?;
+            let definition = self.definition.clone().restore(&ctx).map_err(internal)?;
             // More arguments than a tuple carries.
             let mut args = Args::new(ctx.clone(), 12);
             let pushed = (|| {
@@ -105,8 +104,8 @@ impl Loaded {
                 ] {
                     args.push_arg(text)?;
                 }
-                args.push_arg(invocation.host.is_some())?;
-                args.push_arg(models)?;
+                args.push_arg(invocation.handler.mode())?;
+                args.push_arg(definition)?;
                 args.push_arg(invocation.validation.as_str())?;
                 args.push_arg(&*invocation.environment_variables)?;
                 args.push_arg(self.track_deletes)
@@ -251,6 +250,9 @@ struct RawEffects {
     writes: Vec<RawWrite>,
     metadata: Vec<RawMetadata>,
     logs: Vec<LogLine>,
+    /// An action's output; absent for other handlers.
+    #[serde(default)]
+    output: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -308,5 +310,6 @@ fn parse_effects(text: &str) -> Result<Effects, FunctionError> {
         metadata,
         logs: raw.logs,
         elapsed: std::time::Duration::ZERO,
+        output: raw.output,
     })
 }

@@ -12,6 +12,10 @@ pub const CRM_CONTACTS: &[(&str, &str)] = &[
         "demo/syncs/contacts.ts",
         include_str!("../../examples/crm-contacts/demo/syncs/contacts.ts"),
     ),
+    (
+        "demo/actions/find-contact.ts",
+        include_str!("../../examples/crm-contacts/demo/actions/find-contact.ts"),
+    ),
 ];
 
 /// A project's files as `compile_project` takes them.

@@ -40,6 +40,8 @@ pub enum Kind {
     Sync,
     /// An event function (`createOnEvent`): no records, only metadata and the API.
     Event,
+    /// An action (`createAction`), run by `POST /action/trigger`: as an event function.
+    Action,
 }
 
 /// What a dry run would have done.
@@ -400,8 +402,10 @@ impl StoreHost {
     }
 
     async fn write(&self, args: WriteArgs) -> Result<(), String> {
-        if self.run.kind == Kind::Event {
-            return Err("event functions do not write records: use a sync".into());
+        match self.run.kind {
+            Kind::Sync => {}
+            Kind::Event => return Err("event functions do not write records: use a sync".into()),
+            Kind::Action => return Err("actions do not write records: use a sync".into()),
         }
         let kind = match args.kind.as_str() {
             "save" => WriteKind::Save,

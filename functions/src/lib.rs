@@ -72,6 +72,20 @@ pub struct FunctionError {
     pub logs: Vec<LogLine>,
     /// How long it ran.
     pub elapsed: std::time::Duration,
+    /// The thrown error's `type` and `payload`, when it has a `type`: Nango's
+    /// `ActionError` (`action_script_runtime_error`, the payload its caller is meant to
+    /// see), a provider API call's failure (`script_http_error`), an action's input or
+    /// output that its schema refuses.
+    pub thrown: Option<Box<Thrown>>,
+}
+
+/// What a thrown error says of itself, for an action's caller.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Thrown {
+    #[serde(rename = "type")]
+    pub error_type: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Value>,
 }
 
 impl FunctionError {
@@ -81,6 +95,7 @@ impl FunctionError {
             message: message.into(),
             logs: Vec::new(),
             elapsed: std::time::Duration::ZERO,
+            thrown: None,
         }
     }
 }
@@ -109,6 +124,9 @@ pub struct Effects {
     pub logs: Vec<LogLine>,
     /// How long it ran.
     pub elapsed: std::time::Duration,
+    /// What an action returned; `None` when that was nothing (or `null`), and for other
+    /// handlers.
+    pub output: Option<Value>,
 }
 
 /// The handler an execution runs.
@@ -120,6 +138,20 @@ pub enum Handler {
     /// `exec(nango)`: a reconciliation run. Its `nango` calls out to a [`Host`] as it goes
     /// (writes are applied at once, the provider's API is reachable).
     Exec,
+    /// An action's `exec(nango, input)`: the invocation's payload is the input, checked
+    /// against the action's `input` schema; what it returns is the output.
+    Action,
+}
+
+impl Handler {
+    /// The name the runner knows it by.
+    fn mode(self) -> &'static str {
+        match self {
+            Handler::OnWebhook => "webhook",
+            Handler::Exec => "exec",
+            Handler::Action => "action",
+        }
+    }
 }
 
 /// What an exec's `nango` calls: the store, the provider's API, checkpoints. Called on the
@@ -134,7 +166,7 @@ pub trait Host: Send + Sync {
 /// connection's are made once for all its events in a group, a sync's models once.
 #[derive(Debug, Clone)]
 pub struct Invocation {
-    /// The event, as JSON.
+    /// The event (an action's input), as JSON.
     pub payload: Arc<str>,
     pub connection_id: String,
     pub provider_config_key: String,

@@ -13,7 +13,7 @@ use rquickjs::module::Declared;
 use rquickjs::{CatchResultExt, CaughtError, Context, Ctx, Module, Runtime};
 
 use crate::allocator::{Meter, Metered};
-use crate::{ErrorKind, FunctionError, Host, Limits};
+use crate::{ErrorKind, FunctionError, Host, Limits, Thrown};
 
 const NANGO: &str = include_str!("js/nango.js");
 const PRELUDE: &str = include_str!("js/prelude.js");
@@ -400,8 +400,10 @@ pub(crate) fn describe<'js>(
     if budget.memory.refused() {
         return out_of_memory(limits);
     }
+    let mut thrown = None;
     let (text, stack) = match &error {
         CaughtError::Exception(e) => {
+            thrown = thrown_of(ctx, e.as_object());
             let name: Option<String> = e.as_object().get("name").ok();
             let message = e.message().unwrap_or_default();
             let text = match name {
@@ -445,7 +447,29 @@ pub(crate) fn describe<'js>(
         (_, Some(stack)) => format!("{text}\n{}", stack.trim_end()),
         (_, None) => text,
     };
-    FunctionError::new(kind, message)
+    FunctionError {
+        thrown,
+        ..FunctionError::new(kind, message)
+    }
+}
+
+/// The error's `type` and `payload` (as JSON), when it has a `type`.
+fn thrown_of<'js>(ctx: &Ctx<'js>, error: &rquickjs::Object<'js>) -> Option<Box<Thrown>> {
+    let error_type = error.get::<_, Option<String>>("type").ok().flatten()?;
+    let payload = error
+        .get::<_, rquickjs::Value>("payload")
+        .ok()
+        .filter(|p| !p.type_of().is_void())
+        .and_then(|p| match ctx.json_stringify(p) {
+            Ok(text) => text.and_then(|t| t.to_string().ok()),
+            Err(_) => {
+                // A cycle: the exception JSON.stringify threw is not the function's.
+                ctx.catch();
+                None
+            }
+        })
+        .and_then(|text| serde_json::from_str(&text).ok());
+    Some(Box::new(Thrown { error_type, payload }))
 }
 
 fn out_of_memory(limits: &Limits) -> FunctionError {

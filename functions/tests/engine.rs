@@ -384,7 +384,7 @@ fn bad_deploys_name_the_file_and_the_problem() {
             vec![("crm/syncs/a.py", "print('hi')".into())],
             "crm/syncs/a.py: only JavaScript and TypeScript modules",
         ),
-        (vec![("crm/helpers.js", "export const x = 1;".into())], "no syncs found"),
+        (vec![("crm/helpers.js", "export const x = 1;".into())], "no functions found"),
         (
             vec![(
                 "crm/syncs/a.js",
@@ -606,9 +606,10 @@ export default createSync({
     assert_eq!(off.writes.len(), 3);
 }
 
-/// A Nango project's actions deploy with it, are named, and are not run.
+/// A Nango project's actions deploy with it as functions of type `action`; their folder
+/// and their kind must agree.
 #[test]
-fn actions_are_named_and_not_run() {
+fn actions_deploy_as_functions() {
     let action = "import { createAction } from 'nango';
 export default createAction({ exec: async () => ({ ok: true }) });";
     let sync = "export default { type: 'sync', webhookSubscriptions: ['*'], onWebhook: async () => {} };";
@@ -621,19 +622,148 @@ export default createAction({ exec: async () => ({ ok: true }) });";
         ("crm/actions/create-contact.ts", action),
         ("crm/actions/draft.ts", action),
     ]);
-    let names: Vec<&str> = project.syncs.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, vec!["contacts"]);
+    let kinds: Vec<(&str, &serde_json::Value)> = project
+        .syncs
+        .iter()
+        .map(|s| (s.name.as_str(), &s.config["type"]))
+        .collect();
     assert_eq!(
-        project.actions,
-        vec!["crm/actions/create-contact.ts"],
+        kinds,
+        vec![
+            ("create-contact", &json!("action")),
+            ("contacts", &serde_json::Value::Null)
+        ],
         "the ones the index imports"
     );
+    let action_config = &project.syncs[0].config;
+    assert_eq!(
+        (&action_config["exec"], &action_config["onWebhook"]),
+        (&json!(false), &json!(false)),
+        "never scheduled, never on a webhook"
+    );
 
-    let error = deploy_error(&[("crm/actions/create-contact.ts", action)]);
+    // An action-only project deploys.
+    assert_eq!(
+        project_of_one("crm/actions/create-contact.ts", action),
+        "create-contact"
+    );
+    let error = deploy_error(&[("crm/actions/create-contact.ts", sync)]);
     assert!(
-        error.starts_with("no syncs found") && error.ends_with("; 1 action(s) found, which hookyard does not run"),
+        error.ends_with("a file in actions/ must export createAction({...})"),
         "{error}"
     );
+    let error = deploy_error(&[("crm/syncs/create-contact.ts", action)]);
+    assert!(error.contains("an action (createAction) lives at"), "{error}");
+    let error = deploy_error(&[("crm/actions/contacts.ts", action), ("crm/syncs/contacts.ts", sync)]);
+    assert!(error.contains("crm has two functions named \"contacts\""), "{error}");
+    let error = deploy_error(&[(
+        "crm/actions/x.ts",
+        "import { createAction } from 'nango'; export default createAction({});",
+    )]);
+    assert!(error.ends_with("an action needs an exec"), "{error}");
+}
+
+fn project_of_one(path: &str, source: &str) -> String {
+    project(&[(path, source)]).syncs[0].name.clone()
+}
+
+/// An action's `exec(nango, input)`: the input as given, the output as returned; input its
+/// schema refuses is not run; a thrown error's type and payload are kept for the caller.
+#[tokio::test]
+async fn an_action_runs_with_its_input_and_answers_its_output() {
+    let action = "import { createAction } from 'nango';
+import * as z from 'zod';
+export default createAction({
+  input: z.object({ name: z.string() }),
+  output: z.object({ id: z.string() }),
+  exec: async (nango, input) => {
+    if (input.name === 'refused') throw new nango.ActionError({ message: 'refused here', name: input.name });
+    if (input.name === 'upstream') await nango.get({ endpoint: '/fail' });
+    if (input.name === 'bad-output') return { id: 7 };
+    if (input.name === 'nothing') return undefined;
+    if (input.name === 'plain') throw new Error('plain');
+    const response = await nango.post({ endpoint: '/contacts', data: input });
+    return { id: `${response.status}-${input.name}` };
+  },
+});";
+    let project = project(&[("crm/actions/create-contact.ts", action)]);
+    let pool = Pool::new(1, limits());
+    let host = Arc::new(FakeHost::default());
+    let run = |input: serde_json::Value, validation: RecordValidation| {
+        pool.execute(
+            code(&project, "create-contact"),
+            Invocation {
+                handler: Handler::Action,
+                host: Some(host.clone()),
+                validation,
+                ..invocation(input)
+            },
+        )
+    };
+    let effects = run(json!({"name": "ada"}), RecordValidation::Warn)
+        .await
+        .expect("it runs");
+    assert_eq!(effects.output, Some(json!({"id": "200-ada"})));
+    let calls = host.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(
+        (calls[0].0.as_str(), &calls[0].1["data"]),
+        ("proxy", &json!({"name": "ada"}))
+    );
+
+    let nothing = run(json!({"name": "nothing"}), RecordValidation::Off).await.unwrap();
+    assert_eq!(nothing.output, None);
+
+    let refused = run(json!({"name": 5}), RecordValidation::Warn).await.unwrap_err();
+    let thrown = refused.thrown.clone().expect("a typed error");
+    assert_eq!(thrown.error_type, "invalid_action_input");
+    assert_eq!(thrown.payload.unwrap()["issues"][0]["path"], json!(["name"]));
+    assert!(
+        refused
+            .message
+            .starts_with("ValidationError: the input does not match the action's input schema: name: "),
+        "{refused}"
+    );
+    assert_eq!(host.calls.lock().unwrap().len(), 1, "refused input is not run");
+
+    let failed = run(json!({"name": "refused"}), RecordValidation::Warn)
+        .await
+        .unwrap_err();
+    let thrown = failed.thrown.expect("ActionError's");
+    assert_eq!(thrown.error_type, "action_script_runtime_error");
+    assert_eq!(
+        thrown.payload,
+        Some(json!({"message": "refused here", "name": "refused"}))
+    );
+
+    let upstream = run(json!({"name": "upstream"}), RecordValidation::Warn)
+        .await
+        .unwrap_err();
+    let thrown = upstream.thrown.expect("the provider call's");
+    assert_eq!(thrown.error_type, "script_http_error");
+    assert_eq!(thrown.payload, Some(json!({"status": 500, "data": {"error": "boom"}})));
+
+    // Output its schema refuses: a warning, or with "fail" a failure.
+    let warned = run(json!({"name": "bad-output"}), RecordValidation::Warn)
+        .await
+        .unwrap();
+    assert_eq!(warned.output, Some(json!({"id": 7})));
+    assert!(
+        warned.logs[0]
+            .message
+            .starts_with("the output does not match the action's output schema: id: "),
+        "{:?}",
+        warned.logs
+    );
+    let failed = run(json!({"name": "bad-output"}), RecordValidation::Fail)
+        .await
+        .unwrap_err();
+    assert_eq!(failed.thrown.unwrap().error_type, "invalid_action_output");
+
+    // An error without a type is only its message.
+    let plain = run(json!({"name": "plain"}), RecordValidation::Warn).await.unwrap_err();
+    assert_eq!((plain.kind, plain.thrown), (ErrorKind::Thrown, None));
+    assert!(plain.message.starts_with("Error: plain"), "{}", plain.message);
 }
 
 #[test]

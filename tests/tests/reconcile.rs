@@ -794,6 +794,207 @@ async fn event_functions_register_on_creation_and_unregister_before_deletion() {
     );
 }
 
+/// Subscribes the connection to a URL at the fake CRM and answers the subscription;
+/// refuses `refuse` with an `ActionError`.
+const SUBSCRIBE: &str = r#"
+import { createAction } from 'nango';
+import * as z from 'zod';
+export default createAction({
+  input: z.object({ url: z.string() }),
+  output: z.object({ id: z.string(), connection: z.string() }),
+  exec: async (nango, input) => {
+    if (input.url === 'refuse') throw new nango.ActionError({ message: 'not that one', url: input.url });
+    const response = await nango.post({ endpoint: '/webhooks', data: { url: input.url } });
+    return { id: response.data.id, connection: nango.connectionId };
+  },
+});
+"#;
+
+/// Deletes a subscription, not catching the provider's refusal.
+const UNSUBSCRIBE: &str = r#"
+import { createAction } from 'nango';
+export default createAction({
+  exec: async (nango, input) => {
+    await nango.delete({ endpoint: `/webhooks/${input.id}` });
+  },
+});
+"#;
+
+const SPIN: &str = r#"
+import { createAction } from 'nango';
+export default createAction({ exec: async () => { for (;;) {} } });
+"#;
+
+const WAIT: &str = r#"
+import { createAction } from 'nango';
+export default createAction({ exec: () => new Promise((resolve) => setTimeout(resolve, 3600000)) });
+"#;
+
+impl Setup {
+    /// `POST /action/trigger` for connection `c0` of `crm` with `headers` added.
+    async fn trigger(&self, body: Value, headers: &[(&str, &str)]) -> (u16, Value) {
+        let mut request = self
+            .h
+            .http
+            .post(format!("{}/action/trigger", self.h.api))
+            .bearer_auth(&self.h.environment.secret_key)
+            .json(&body);
+        for (name, value) in [("Connection-Id", "c0"), ("Provider-Config-Key", "crm")]
+            .iter()
+            .filter(|(name, _)| !headers.iter().any(|(given, _)| given == name))
+            .chain(headers.iter().filter(|(_, value)| !value.is_empty()))
+        {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.unwrap();
+        let retry_after = response.headers().get("retry-after").is_some();
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        assert!(status != 503 || retry_after, "a 503 says when to retry");
+        (status, body)
+    }
+}
+
+#[tokio::test]
+async fn actions_run_for_a_connection_and_answer_what_they_return() {
+    let s = setup_on(None, &[("c0", json!({}), api_key())], false, |config| {
+        config.api.action_threads = 1;
+        config.api.action_limits.cpu_budget = Duration::from_millis(300);
+        config.api.action_limits.timeout = Duration::from_secs(1);
+    })
+    .await;
+    s.h.deploy(&[
+        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false")),
+        ("crm/actions/subscribe.js", SUBSCRIBE.to_string()),
+        ("crm/actions/unsubscribe.js", UNSUBSCRIBE.to_string()),
+        ("crm/actions/spin.js", SPIN.to_string()),
+        ("crm/actions/wait.js", WAIT.to_string()),
+    ])
+    .await;
+    let listed = s.h.api_get("/functions").await;
+    let kinds: Vec<(&str, &str)> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["name"].as_str().unwrap(), f["type"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("contacts", "sync"),
+            ("spin", "action"),
+            ("subscribe", "action"),
+            ("unsubscribe", "action"),
+            ("wait", "action")
+        ]
+    );
+    let subscribe = |url: Value| json!({"action_name": "subscribe", "input": {"url": url}});
+
+    // It ran as the connection, called the provider, and answered its output.
+    let (status, body) = s.trigger(subscribe(json!("https://app.example/a")), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["connection"], "c0");
+    let id = body["id"].as_str().expect("the subscription id").to_string();
+    assert_eq!(
+        s.crm.subscriptions().get(&id).map(String::as_str),
+        Some("https://app.example/a")
+    );
+
+    // Input its schema refuses is not run.
+    let (status, body) = s.trigger(subscribe(json!(5)), &[]).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_action_input");
+    assert_eq!(body["error"]["payload"]["issues"][0]["path"], json!(["url"]));
+    assert_eq!(s.crm.subscriptions().len(), 1);
+
+    // Nango's ActionError: its payload, for the caller.
+    let (status, body) = s.trigger(subscribe(json!("refuse")), &[]).await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"]["code"], "action_script_runtime_error");
+    assert_eq!(body["error"]["message"], "ActionError: not that one");
+    assert_eq!(
+        body["error"]["payload"],
+        json!({"message": "not that one", "url": "refuse"})
+    );
+
+    // A provider call it let through: 424 with the provider's status.
+    let unsubscribe = |id: &str| json!({"action_name": "unsubscribe", "input": {"id": id}});
+    let (status, body) = s.trigger(unsubscribe("nope"), &[]).await;
+    assert_eq!(status, 424, "{body}");
+    assert_eq!(body["error"]["code"], "script_http_error");
+    assert_eq!(body["error"]["payload"]["status"], 404);
+    // Returning nothing answers null.
+    let (status, body) = s.trigger(unsubscribe(&id), &[]).await;
+    assert_eq!((status, &body), (200, &Value::Null));
+    assert!(s.crm.subscriptions().is_empty());
+
+    // One that never ends is stopped at its limit; the next runs.
+    let (status, body) = s.trigger(json!({"action_name": "spin"}), &[]).await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"]["code"], "action_script_failure");
+    assert!(
+        body["error"]["message"].as_str().unwrap().starts_with("timeout: "),
+        "{body}"
+    );
+    let (status, _) = s.trigger(subscribe(json!("https://app.example/b")), &[]).await;
+    assert_eq!(status, 200);
+
+    // What is not there, or not asked for properly, is said.
+    for (body, headers, expected, says) in [
+        (
+            json!({"action_name": "nope"}),
+            vec![],
+            404,
+            "integration crm has no action named \"nope\" (its actions: spin, subscribe, unsubscribe, wait)",
+        ),
+        (
+            json!({"action_name": "contacts"}),
+            vec![],
+            404,
+            "crm's contacts is a sync or event function, not an action (createAction)",
+        ),
+        (
+            json!({"action_name": "spin"}),
+            vec![("Connection-Id", "c9")],
+            404,
+            "connection c9 of integration crm does not exist",
+        ),
+        (
+            json!({"action_name": "spin"}),
+            vec![("Connection-Id", "")],
+            400,
+            "Connection-Id: header is required",
+        ),
+        (
+            json!({"action_name": "spin"}),
+            vec![("X-Async", "true")],
+            400,
+            "X-Async: asynchronous actions are not supported",
+        ),
+        (json!({"input": {}}), vec![], 400, "body: missing field `action_name`"),
+    ] {
+        let (status, answer) = s.trigger(body.clone(), &headers).await;
+        assert_eq!(status, expected, "{body} {headers:?}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.starts_with(says), "{body} {headers:?}: {message}");
+    }
+
+    // Actions are never scheduled.
+    let states = s.h.store.sync_states(Some(s.h.environment.id), None).await.unwrap();
+    assert!(states.iter().all(|state| state.key.sync == "contacts"), "{states:?}");
+
+    // A busy thread with enough runs waiting for it: 503, not an ever longer queue. Six at
+    // once, each waiting out its timeout (1 s) on a timer: the sixth finds no room.
+    let waits: Vec<_> = (0..6).map(|_| s.trigger(json!({"action_name": "wait"}), &[])).collect();
+    let mut statuses: Vec<u16> = futures::future::join_all(waits)
+        .await
+        .into_iter()
+        .map(|(status, _)| status)
+        .collect();
+    statuses.sort();
+    assert_eq!(statuses, [500, 500, 500, 500, 500, 503]);
+}
+
 /// Every owed connection event, claimed or not.
 async fn owed_events(s: &Setup) -> Vec<String> {
     let far = Utc::now() + chrono::Duration::days(1);

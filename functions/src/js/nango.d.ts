@@ -327,12 +327,15 @@ declare module 'nango' {
   /** Nango's name for what an action gets. */
   export type NangoAction = NangoSync;
 
-  /** A Nango action: deployed with the project and not run here (hookyard runs syncs and
-   *  event functions); declared so a project that has some type-checks. */
+  /** A Nango action, at `{integration}/actions/{name}.ts`: `POST /action/trigger` runs its
+   *  `exec(nango, input)` for a connection and answers with what it returns. */
   export interface ActionConfig {
     description?: string;
     version?: string;
+    /** A zod schema: input it refuses is answered 400 (`invalid_action_input`), unrun. */
     input?: unknown;
+    /** A zod schema: output it refuses is logged (`worker.validate_records = "warn"`) or
+     *  fails the run (`"fail"`). */
     output?: unknown;
     endpoint?: unknown;
     scopes?: string[];

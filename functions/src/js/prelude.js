@@ -237,6 +237,9 @@
         const error = new Error(`${method} ${config.endpoint} answered ${response.status}`);
         error.status = response.status;
         error.response = response;
+        // What an action's caller is shown when the function lets it through.
+        error.type = 'script_http_error';
+        error.payload = { status: response.status, data: response.data };
         throw error;
       }
       return response;
@@ -352,17 +355,51 @@
     ),
   );
 
+  // An action's input or output against its zod schema, when it has one: the issues, or
+  // undefined when it matches.
+  const schemaIssues = (schema, value) => {
+    if (typeof schema?.safeParse !== 'function') return undefined;
+    const result = schema.safeParse(value);
+    return result.success ? undefined : result.error.issues;
+  };
+  const mismatch = (what, issues) => {
+    const first = issues[0] ?? { path: [], message: 'invalid' };
+    const where = first.path?.length > 0 ? first.path.join('.') : 'it';
+    const error = new Error(`the ${what} does not match the action's ${what} schema: ${where}: ${first.message}`);
+    error.name = 'ValidationError';
+    error.type = `invalid_action_${what}`;
+    error.payload = { issues: copy(issues) };
+    return error;
+  };
+  // An action: its input is refused when its schema refuses it; its output, as records
+  // are (`validation`: a warning, or with 'fail' an error).
+  const runAction = async (handler, nango, definition, payload, validation) => {
+    const given = JSON.parse(payload);
+    const refused = schemaIssues(definition.input, given);
+    if (refused) throw mismatch('input', refused);
+    const output = await handler(nango, given);
+    const issues = validation === 'off' ? undefined : schemaIssues(definition.output, output);
+    if (issues && validation === 'fail') throw mismatch('output', issues);
+    if (issues) log('warn', mismatch('output', issues).message);
+    return JSON.stringify(output) ?? 'null';
+  };
+
   const engine = {
-    run: async (handler, payload, connectionId, providerConfigKey, metadata, connection, models, hosted, schemas, validation,
+    run: async (handler, payload, connectionId, providerConfigKey, metadata, connection, models, mode, definition, validation,
       environmentVariables, trackDeletes) => {
       const effects = { writes: [], metadata: [], logs: [] };
       current = effects;
       timers = [];
       const input = {
-        connectionId, providerConfigKey, metadata, connection, models: modelsOf(models), schemas, validation, environmentVariables,
+        connectionId, providerConfigKey, metadata, connection, models: modelsOf(models), schemas: definition.models, validation,
+        environmentVariables,
       };
+      const hosted = mode !== 'webhook';
       const nango = makeNango(input, effects, hosted);
-      if (hosted) {
+      let output = '';
+      if (mode === 'action') {
+        output = `,"output":${await runAction(handler, nango, definition, payload, validation)}`;
+      } else if (hosted) {
         // Nango's older `trackDeletes: true`: records of any model not saved by a run that
         // succeeds are deleted at its end, as trackDeletesStart/End around it would.
         const tracked = trackDeletes ? [...input.models] : [];
@@ -373,7 +410,7 @@
         await handler(nango, JSON.parse(payload));
       }
       // The writes are JSON already.
-      return `{"writes":[${effects.writes.join(',')}],"metadata":${JSON.stringify(effects.metadata)},"logs":${JSON.stringify(effects.logs)}}`;
+      return `{"writes":[${effects.writes.join(',')}],"metadata":${JSON.stringify(effects.metadata)},"logs":${JSON.stringify(effects.logs)}${output}}`;
     },
     logs: () => JSON.stringify(current.logs),
     nextTimer,
