@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use hookyard_core::config::{Config, ForwardingConfig};
+use hookyard_core::metrics::names;
 use hookyard_core::providers::Catalog;
 use hookyard_core::store::functions::DeployedSync;
 use hookyard_core::store::syncs::SyncKey;
@@ -83,9 +84,9 @@ impl Runner {
             .await
             .map_err(RunError::Setup)?;
         let code = Arc::new(SyncCode::of(function, self.modules(&function.bundle_hash).await?));
-        let kind = match call {
-            Call::Event => Kind::Event,
-            Call::Action(_) => Kind::Action,
+        let (kind, label) = match call {
+            Call::Event => (Kind::Event, "event"),
+            Call::Action(_) => (Kind::Action, "action"),
         };
         // Neither writes records: their version does not matter.
         let host = StoreHost::new(Run {
@@ -109,7 +110,14 @@ impl Runner {
                 ..exec
             },
         };
-        pool.execute(code, invocation).await.map_err(RunError::Function)
+        let outcome = pool.execute(code, invocation).await;
+        let (status, elapsed) = match &outcome {
+            Ok(effects) => ("ok", effects.elapsed),
+            Err(error) => ("failed", error.elapsed),
+        };
+        metrics::counter!(names::EXECUTIONS, "kind" => label, "status" => status).increment(1);
+        metrics::histogram!(names::EXECUTION_SECONDS, "kind" => label).record(elapsed.as_secs_f64());
+        outcome.map_err(RunError::Function)
     }
 
     async fn modules(&self, hash: &str) -> Result<Modules, RunError> {

@@ -1952,7 +1952,8 @@ export default createAction({
         .unwrap();
     assert!(!status.success());
     assert!(
-        stderr.contains("no sync \"nosuch\" in ") && stderr.contains("(it has: demo/find-contact, demo/first-contact, demo/contacts)"),
+        stderr.contains("no sync \"nosuch\" in ")
+            && stderr.contains("(it has: demo/find-contact, demo/first-contact, demo/contacts)"),
         "{stderr}"
     );
 }

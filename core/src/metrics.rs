@@ -27,7 +27,8 @@ pub mod names {
     /// delivered but not acked.
     pub const CONSUMER_PENDING: &str = "hookyard_consumer_pending";
     pub const CONSUMER_ACK_PENDING: &str = "hookyard_consumer_ack_pending";
-    /// Function executions by `kind` (on_webhook, exec) and `status` (ok, failed).
+    /// Function executions by `kind` (on_webhook, exec, event, action) and `status` (ok,
+    /// failed).
     pub const EXECUTIONS: &str = "hookyard_executions_total";
     pub const EXECUTION_SECONDS: &str = "hookyard_execution_seconds";
     /// Record writes committed, by `action` (added, updated, deleted).

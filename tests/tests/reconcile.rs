@@ -857,6 +857,7 @@ impl Setup {
 
 #[tokio::test]
 async fn actions_run_for_a_connection_and_answer_what_they_return() {
+    hookyard_core::metrics::install();
     let s = setup_on(None, &[("c0", json!({}), api_key())], false, |config| {
         config.api.action_threads = 1;
         config.api.action_limits.cpu_budget = Duration::from_millis(300);
@@ -993,6 +994,14 @@ async fn actions_run_for_a_connection_and_answer_what_they_return() {
         .collect();
     statuses.sort();
     assert_eq!(statuses, [500, 500, 500, 500, 500, 503]);
+
+    // Counted as executions of their kind: the three that answered 200, and the nine
+    // that failed (refused input among them); what was answered 404, 400 or 503 never ran.
+    let metrics = hookyard_core::metrics::handle().render();
+    for (status, count) in [("ok", 3), ("failed", 9)] {
+        let line = format!("hookyard_executions_total{{kind=\"action\",status=\"{status}\"}} {count}");
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
 }
 
 /// Every owed connection event, claimed or not.
