@@ -3,54 +3,26 @@
 //! in the `Connection-Id` and `Provider-Config-Key` headers, the action and its input in
 //! the body. The caller waits for the run (at most `api.action_limits.timeout`).
 
-use std::sync::Arc;
-use std::time::Instant;
-
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use hookyard_core::keys::IntegrationKey;
-use hookyard_core::providers::Catalog;
 use hookyard_core::store::Environment;
-use hookyard_core::{Config, Store};
-use hookyard_functions::pool::Pool;
+use hookyard_functions::runs::TriggerError;
 use hookyard_functions::{ErrorKind, FunctionError};
 use serde::Deserialize;
 use serde_json::Value;
-use tokio::sync::Semaphore;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::error::{ApiError, Body, ErrorBody};
 use crate::records::header;
-use crate::runs::{Call, RunError, Runner};
 use crate::AppState;
-
-/// How many runs may wait for a thread, per thread.
-const WAITING_PER_THREAD: usize = 4;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(trigger))
-}
-
-/// Actions' JS threads, and the room left to wait for one.
-pub struct Actions {
-    runner: Runner,
-    pool: Pool,
-    room: Semaphore,
-}
-
-impl Actions {
-    pub fn new(store: Store, catalog: Arc<Catalog>, config: &Config) -> Actions {
-        let threads = config.api.action_threads;
-        Actions {
-            runner: Runner::new(store, catalog, config),
-            pool: Pool::new(threads, config.api.action_limits.clone()),
-            room: Semaphore::new(threads * (1 + WAITING_PER_THREAD)),
-        }
-    }
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -97,89 +69,35 @@ async fn trigger(
             "asynchronous actions are not supported: call without it and the answer is the action's output",
         ));
     }
-    let actions = &state.actions;
-    let store = actions.runner.store();
-    store
-        .existing_connection(environment.id, &integration, connection_id)
-        .await?;
-    let functions = store.functions(environment.id).await?;
-    let of_integration: Vec<_> = functions.iter().filter(|f| f.integration == integration).collect();
-    let Some(action) = of_integration
-        .iter()
-        .find(|f| f.name == request.action_name && f.config["type"] == "action")
-    else {
-        return Err(unknown_action(&integration, &request.action_name, &of_integration));
-    };
-    let Ok(_room) = actions.room.try_acquire() else {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "every action thread is busy and enough runs wait for one (api.action_threads); retry later",
-        ));
-    };
-    let input: Arc<str> = request.input.to_string().into();
-    let started = Instant::now();
-    let outcome = actions
-        .runner
-        .run(&actions.pool, &environment, action, connection_id, Call::Action(input))
-        .await;
-    let ms = started.elapsed().as_millis() as u64;
-    let name = &action.name;
-    match outcome {
-        Ok(effects) => {
-            let logs: Vec<&str> = effects.logs.iter().map(|l| l.message.as_str()).collect();
-            tracing::info!(action = %name, connection = connection_id, %integration, ms, ?logs, "action ran");
-            Ok(Json(effects.output.unwrap_or(Value::Null)).into_response())
-        }
-        Err(RunError::Setup(error)) => {
-            tracing::warn!(action = %name, connection = connection_id, %integration, %error, "action not run");
-            Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                format!("the action could not be run: {error}"),
-            ))
-        }
-        Err(RunError::Function(error)) => {
-            tracing::warn!(action = %name, connection = connection_id, %integration, ms, %error, "action failed");
-            Err(failed(error))
-        }
-    }
-}
-
-/// The action is not deployed; what is, said.
-fn unknown_action(
-    integration: &IntegrationKey,
-    name: &str,
-    deployed: &[&hookyard_core::store::functions::DeployedSync],
-) -> ApiError {
-    if deployed.iter().any(|f| f.name == name) {
-        return ApiError::not_found(format!(
-            "{integration}'s {name} is a sync or event function, not an action (createAction)"
-        ));
-    }
-    let actions: Vec<&str> = deployed
-        .iter()
-        .filter(|f| f.config["type"] == "action")
-        .map(|f| f.name.as_str())
-        .collect();
-    let known = match actions[..] {
-        [] => "it has none".to_string(),
-        _ => format!("its actions: {}", actions.join(", ")),
-    };
-    ApiError::not_found(format!(
-        "integration {integration} has no action named {name:?} ({known})"
-    ))
+    let output = state
+        .actions
+        .trigger(
+            environment.id,
+            &integration,
+            connection_id,
+            &request.action_name,
+            &request.input,
+        )
+        .await
+        .map_err(|error| match error {
+            TriggerError::UnknownAction(message) => ApiError::not_found(message),
+            TriggerError::Busy => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", error.to_string()),
+            TriggerError::Store(error) => ApiError::from(error),
+            TriggerError::Setup(message) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message),
+            TriggerError::Function(error) => failed(error),
+        })?;
+    Ok(Json(output.unwrap_or(Value::Null)).into_response())
 }
 
 /// A failed run's answer: the thrown error's type and payload where it has them (Nango's
 /// codes), its first line as the message (the stack is in the log).
 fn failed(error: FunctionError) -> ApiError {
     let first_line = |text: &str| text.lines().next().unwrap_or_default().to_string();
-    let Some(thrown) = error.thrown.filter(|_| error.kind == ErrorKind::Thrown) else {
+    let Some(thrown) = error.thrown.clone().filter(|_| error.kind == ErrorKind::Thrown) else {
         return ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "action_script_failure",
-            format!("{}: {}", error.kind.as_str(), first_line(&error.message)),
+            error.summary(),
         );
     };
     let (status, code) = match thrown.error_type.as_str() {

@@ -22,9 +22,8 @@ use hookyard_core::store::connection_events::OwedEvent;
 use hookyard_core::store::{Environment, StoreError};
 use hookyard_core::Store;
 use hookyard_functions::pool::Pool;
+use hookyard_functions::runs::{Actions, Call, RunError, Runner};
 use tokio_util::sync::CancellationToken;
-
-use crate::runs::{Call, RunError, Runner};
 
 /// How long an event function may run (and a deletion waits for one).
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -41,14 +40,15 @@ pub struct Events {
 }
 
 impl Events {
-    pub fn new(store: Store, catalog: Arc<Catalog>, config: &Config) -> Events {
+    /// Event functions that trigger actions run them on `actions`.
+    pub fn new(store: Store, catalog: Arc<Catalog>, config: &Config, actions: Arc<Actions>) -> Events {
         let limits = hookyard_functions::Limits {
             cpu_budget: config.worker.exec_limits.cpu_budget.min(EVENT_TIMEOUT),
             timeout: EVENT_TIMEOUT,
             ..config.worker.exec_limits.clone()
         };
         Events {
-            runner: Runner::new(store.clone(), catalog, config),
+            runner: Runner::new(store.clone(), catalog, config, Some(actions)),
             store,
             pool: Pool::new(1, limits),
         }
@@ -118,7 +118,7 @@ impl Events {
         {
             outcome.0 += 1;
             let started = std::time::Instant::now();
-            match self.run_one(environment, &function, connection_id).await {
+            match self.run_one(&function, connection_id).await {
                 Ok(logs) => tracing::info!(
                     function = %function.name, event, connection = connection_id, %integration,
                     ms = started.elapsed().as_millis() as u64, logs = ?logs, "event function ran"
@@ -137,15 +137,10 @@ impl Events {
 
     async fn run_one(
         &self,
-        environment: &Environment,
         function: &hookyard_core::store::functions::DeployedSync,
         connection_id: &str,
     ) -> Result<Vec<String>, String> {
-        match self
-            .runner
-            .run(&self.pool, environment, function, connection_id, Call::Event)
-            .await
-        {
+        match self.runner.run(&self.pool, function, connection_id, Call::Event).await {
             Ok(effects) => Ok(effects.logs.into_iter().map(|l| l.message).collect()),
             Err(RunError::Setup(error)) => Err(error),
             Err(RunError::Function(error)) => Err(error.to_string()),

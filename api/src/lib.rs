@@ -20,7 +20,6 @@ mod integrations;
 mod logs;
 mod records;
 mod replays;
-mod runs;
 mod syncs;
 
 use axum::extract::{Request, State};
@@ -32,6 +31,7 @@ use std::sync::Arc;
 
 use hookyard_core::providers::{Catalog, CatalogError};
 use hookyard_core::{Config, Store};
+use hookyard_functions::runs::Actions;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -57,7 +57,7 @@ pub struct AppState {
     /// Runs event functions when connections are created and deleted.
     events: Arc<events::Events>,
     /// Runs actions when triggered.
-    actions: Arc<actions::Actions>,
+    actions: Arc<Actions>,
 }
 
 /// Nango's wrapper of single objects and lists.
@@ -116,8 +116,13 @@ pub struct Api {
 impl Api {
     pub fn new(store: Store, config: &Config) -> Result<Api, CatalogError> {
         let catalog = Arc::new(Catalog::embedded()?);
-        let events = Arc::new(events::Events::new(store.clone(), catalog.clone(), config));
-        let actions = Arc::new(actions::Actions::new(store.clone(), catalog.clone(), config));
+        let actions = Arc::new(Actions::new(store.clone(), catalog.clone(), config));
+        let events = Arc::new(events::Events::new(
+            store.clone(),
+            catalog.clone(),
+            config,
+            actions.clone(),
+        ));
         let (router, document) = routes(store, catalog, events.clone(), actions, config);
         Ok(Api {
             router,
@@ -141,7 +146,7 @@ fn routes(
     store: Store,
     catalog: Arc<Catalog>,
     events: Arc<events::Events>,
-    actions: Arc<actions::Actions>,
+    actions: Arc<Actions>,
     config: &Config,
 ) -> (Router, Document) {
     let state = AppState {

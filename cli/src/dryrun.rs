@@ -15,6 +15,7 @@ use hookyard_core::{Config, Store};
 use hookyard_functions::compile::compile_project;
 use hookyard_functions::host::{connection_api, exec_invocation, raw_version, Kind, Mode, Run, StoreHost};
 use hookyard_functions::pool::{Pool, SyncCode};
+use hookyard_functions::runs::Actions;
 use hookyard_functions::{Handler, Invocation};
 use serde_json::{json, Value};
 
@@ -116,7 +117,7 @@ pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::e
         sync: sync.name.clone(),
         connection_id: args.connection_id.clone(),
     };
-    let catalog = Catalog::embedded()?;
+    let catalog = Arc::new(Catalog::embedded()?);
     let (connection, api) = connection_api(&store, &catalog, &key, &config.forwarding).await?;
     // A dry run compares against everything stored; a saved run writes at the version
     // a worker would.
@@ -141,6 +142,11 @@ pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::e
         kind: if is_action { Kind::Action } else { Kind::Sync },
         notice: None,
         webhook_base_url: config.webhook_base_url(),
+        // A dry run's triggerAction is refused (it would run the action for real); a saved
+        // run's runs the deployed action.
+        actions: args
+            .save
+            .then(|| Arc::new(Actions::new(store.clone(), catalog.clone(), config))),
     }));
     let models: Vec<String> = sync.config["models"]
         .as_array()

@@ -251,8 +251,9 @@ pub struct FunctionLimits {
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
     pub listen: SocketAddr,
-    /// Threads that run actions (`POST /action/trigger`): how many run at once. Four
-    /// times as many may wait for one; more are answered 503.
+    /// Threads that run actions (`POST /action/trigger`; in a worker, exec's
+    /// `triggerAction`): how many run at once. Four times as many may wait for one; more
+    /// are refused (503).
     pub action_threads: usize,
     /// Per action run; the caller waits for it.
     pub action_limits: FunctionLimits,

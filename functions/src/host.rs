@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use hookyard_core::config::ForwardingConfig;
+use hookyard_core::keys::IntegrationKey;
 use hookyard_core::providers::api::ApiSpec;
 use hookyard_core::providers::Catalog;
 use hookyard_core::store::{Connection, StoreError};
@@ -136,6 +137,8 @@ pub struct Run {
     ///
     /// [`Config::webhook_base_url`]: hookyard_core::config::Config::webhook_base_url
     pub webhook_base_url: String,
+    /// Where `nango.triggerAction` runs actions (`None`: it cannot here).
+    pub actions: Option<std::sync::Arc<crate::runs::Actions>>,
 }
 
 pub struct StoreHost {
@@ -178,6 +181,16 @@ struct IdsArgs {
 struct IntegrationArgs {
     #[serde(default)]
     include: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TriggerArgs {
+    provider_config_key: String,
+    connection_id: String,
+    action_name: String,
+    #[serde(default)]
+    input: Value,
 }
 
 #[derive(Deserialize)]
@@ -271,6 +284,10 @@ impl StoreHost {
                 Ok(api.token().await?.to_string())
             }
             "getWebhookURL" => Ok(Value::String(self.webhook_url(op).await?).to_string()),
+            "triggerAction" => {
+                let args: TriggerArgs = serde_json::from_str(args).map_err(parse_error)?;
+                self.trigger_action(args).await
+            }
             "getIntegration" => {
                 let args: IntegrationArgs = serde_json::from_str(args).map_err(parse_error)?;
                 let key = &self.run.key;
@@ -399,6 +416,38 @@ impl StoreHost {
             }
             other => Err(format!("nango has no {other}")),
         }
+    }
+
+    /// Nango's `triggerAction`: runs an action of this environment for a connection and
+    /// answers its output (JSON); its failure is thrown, with its message.
+    async fn trigger_action(&self, args: TriggerArgs) -> Result<String, String> {
+        let failed = |problem: String| format!("triggerAction({}): {problem}", args.action_name);
+        if self.run.mode == Mode::DryRun {
+            return Err(failed("not in a dry run: it would run the action for real".into()));
+        }
+        let Some(actions) = &self.run.actions else {
+            return Err(failed(match self.run.kind {
+                Kind::Action => "an action cannot trigger another (it would wait for a thread actions may all hold): \
+                                 call the other's code from this one"
+                    .into(),
+                _ => "actions cannot be triggered from here".into(),
+            }));
+        };
+        let integration: IntegrationKey = args
+            .provider_config_key
+            .parse()
+            .map_err(|e| failed(format!("providerConfigKey: {e}")))?;
+        let output = actions
+            .trigger(
+                self.run.key.environment_id,
+                &integration,
+                &args.connection_id,
+                &args.action_name,
+                &args.input,
+            )
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        Ok(output.unwrap_or(Value::Null).to_string())
     }
 
     async fn write(&self, args: WriteArgs) -> Result<(), String> {

@@ -15,6 +15,7 @@ pub mod host;
 pub mod pool;
 pub mod provider_api;
 mod queue;
+pub mod runs;
 mod sandbox;
 pub mod typescript;
 
@@ -89,6 +90,15 @@ pub struct Thrown {
 }
 
 impl FunctionError {
+    /// Its kind and the message's first line (the stack left out).
+    pub fn summary(&self) -> String {
+        format!(
+            "{}: {}",
+            self.kind.as_str(),
+            self.message.lines().next().unwrap_or_default()
+        )
+    }
+
     pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> FunctionError {
         FunctionError {
             kind,

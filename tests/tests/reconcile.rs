@@ -825,6 +825,12 @@ import { createAction } from 'nango';
 export default createAction({ exec: async () => { for (;;) {} } });
 "#;
 
+/// An action that triggers another: refused.
+const CHAIN: &str = r#"
+import { createAction } from 'nango';
+export default createAction({ exec: (nango) => nango.triggerAction('crm', nango.connectionId, 'subscribe', { url: 'x' }) });
+"#;
+
 const WAIT: &str = r#"
 import { createAction } from 'nango';
 export default createAction({ exec: () => new Promise((resolve) => setTimeout(resolve, 3600000)) });
@@ -870,6 +876,7 @@ async fn actions_run_for_a_connection_and_answer_what_they_return() {
         ("crm/actions/unsubscribe.js", UNSUBSCRIBE.to_string()),
         ("crm/actions/spin.js", SPIN.to_string()),
         ("crm/actions/wait.js", WAIT.to_string()),
+        ("crm/actions/chain.js", CHAIN.to_string()),
     ])
     .await;
     let listed = s.h.api_get("/functions").await;
@@ -882,6 +889,7 @@ async fn actions_run_for_a_connection_and_answer_what_they_return() {
     assert_eq!(
         kinds,
         [
+            ("chain", "action"),
             ("contacts", "sync"),
             ("spin", "action"),
             ("subscribe", "action"),
@@ -939,6 +947,16 @@ async fn actions_run_for_a_connection_and_answer_what_they_return() {
     );
     let (status, _) = s.trigger(subscribe(json!("https://app.example/b")), &[]).await;
     assert_eq!(status, 200);
+    // An action does not trigger another (it would wait for a thread actions may hold).
+    let (status, body) = s.trigger(json!({"action_name": "chain"}), &[]).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("thrown: Error: triggerAction(subscribe): an action cannot trigger another"),
+        "{body}"
+    );
 
     // What is not there, or not asked for properly, is said.
     for (body, headers, expected, says) in [
@@ -946,7 +964,7 @@ async fn actions_run_for_a_connection_and_answer_what_they_return() {
             json!({"action_name": "nope"}),
             vec![],
             404,
-            "integration crm has no action named \"nope\" (its actions: spin, subscribe, unsubscribe, wait)",
+            "integration crm has no action named \"nope\" (its actions: chain, spin, subscribe, unsubscribe, wait)",
         ),
         (
             json!({"action_name": "contacts"}),
@@ -995,13 +1013,67 @@ async fn actions_run_for_a_connection_and_answer_what_they_return() {
     statuses.sort();
     assert_eq!(statuses, [500, 500, 500, 500, 500, 503]);
 
-    // Counted as executions of their kind: the three that answered 200, and the nine
+    // Counted as executions of their kind: the three that answered 200, and the ten
     // that failed (refused input among them); what was answered 404, 400 or 503 never ran.
     let metrics = hookyard_core::metrics::handle().render();
-    for (status, count) in [("ok", 3), ("failed", 9)] {
+    for (status, count) in [("ok", 3), ("failed", 10)] {
         let line = format!("hookyard_executions_total{{kind=\"action\",status=\"{status}\"}} {count}");
         assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
     }
+}
+
+/// A sync whose exec runs the `subscribe` action through `nango.triggerAction`, once as
+/// it succeeds and once as it refuses, and saves what it saw.
+const RELAY: &str = r#"
+import { createSync } from 'nango';
+export default createSync({
+  frequency: 'every hour',
+  autoStart: false,
+  models: { Relayed: {} },
+  exec: async (nango) => {
+    const out = await nango.triggerAction('crm', nango.connectionId, 'subscribe', { url: 'https://app.example/relay' });
+    const refused = await nango.triggerAction('crm', nango.connectionId, 'subscribe', { url: 'refuse' })
+      .then(() => 'ran', (e) => e.message);
+    await nango.batchSave([{ id: out.id, connection: out.connection, refused }], 'Relayed');
+  },
+});
+"#;
+
+#[tokio::test]
+async fn an_exec_run_triggers_an_action_and_sees_its_output_or_its_failure() {
+    let s = setup(&[("c0", json!({}), api_key())], false).await;
+    s.h.deploy(&[
+        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false")),
+        ("crm/syncs/relay.js", RELAY.to_string()),
+        ("crm/actions/subscribe.js", SUBSCRIBE.to_string()),
+    ])
+    .await;
+    let since = Utc::now();
+    let trigger = json!({"syncs": ["relay"], "provider_config_key": "crm", "connection_id": "c0"});
+    assert_eq!(s.post("/sync/trigger", trigger).await.0, 200);
+    assert_eq!(s.reconciler.tick(Utc::now()).await.unwrap().triggered, 1);
+    let state = eventually("the relay run to finish", Duration::from_secs(30), || async {
+        let states = s.h.store.sync_states(Some(s.h.environment.id), None).await.unwrap();
+        states
+            .into_iter()
+            .find(|state| state.key.sync == "relay")
+            .filter(|state| !state.running && state.last_ended_at.is_some_and(|at| at > since))
+    })
+    .await;
+    assert_eq!(state.last_outcome.as_deref(), Some("SUCCESS"), "{state:?}");
+    let relayed = s.h.records("c0", "Relayed").await;
+    assert_eq!(relayed.len(), 1, "{relayed:?}");
+    let id = relayed[0]["id"].as_str().unwrap();
+    assert_eq!(
+        s.crm.subscriptions().get(id).map(String::as_str),
+        Some("https://app.example/relay"),
+        "the action ran, for this connection"
+    );
+    assert_eq!(relayed[0]["connection"], "c0");
+    assert_eq!(
+        relayed[0]["refused"],
+        "triggerAction(subscribe): thrown: ActionError: not that one"
+    );
 }
 
 /// Every owed connection event, claimed or not.

@@ -23,6 +23,7 @@ use hookyard_core::streams::{consume, durable, with_heartbeat, EXEC_STREAM};
 use hookyard_core::Store;
 use hookyard_functions::host::{connection_api, exec_invocation, raw_version, Kind, Mode, Run, StoreHost};
 use hookyard_functions::pool::Pool;
+use hookyard_functions::runs::Actions;
 use hookyard_functions::Invocation;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -62,6 +63,9 @@ pub struct Executor {
     lease: Duration,
     webhook_base_url: String,
     validation: hookyard_functions::RecordValidation,
+    /// Where exec's `nango.triggerAction` runs actions: threads of their own
+    /// (`api.action_threads`), as in the API.
+    actions: Arc<Actions>,
 }
 
 impl Executor {
@@ -72,10 +76,12 @@ impl Executor {
         settings: Arc<Settings>,
         config: &Config,
     ) -> Result<Executor, WorkerError> {
+        let catalog = Arc::new(Catalog::embedded().map_err(jetstream_error)?);
         Ok(Executor {
             settings,
             pool: Pool::new(config.worker.exec_threads, config.worker.exec_limits.clone()),
-            catalog: Arc::new(Catalog::embedded().map_err(jetstream_error)?),
+            actions: Arc::new(Actions::new(store.clone(), catalog.clone(), config)),
+            catalog,
             store,
             jetstream,
             deployments,
@@ -298,6 +304,7 @@ impl Executor {
             kind: Kind::Sync,
             notice,
             webhook_base_url: self.webhook_base_url.clone(),
+            actions: Some(self.actions.clone()),
         }));
         let invocation = exec_invocation(&connection, sync.models.clone(), host.clone(), self.validation);
         Ok((host, invocation))

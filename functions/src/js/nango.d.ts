@@ -290,6 +290,9 @@ declare module 'nango' {
     /** The cached records of `model` with these ids (deleted ones are not), keyed by the
      *  ids as given, in their order; each with its `_nango_metadata`. */
     getRecordsByIds<K extends string | number = string, T = any>(ids: readonly K[], model: string): Promise<Map<K, T>>;
+    /** Runs an action of this environment for a connection (as `POST /action/trigger`)
+     *  and answers its output; its failure is thrown. Not from an action, nor in a dry run. */
+    triggerAction<T = unknown>(providerConfigKey: string, connectionId: string, actionName: string, input?: unknown): Promise<T>;
   }
 
   /** A sync: `exec` on its `frequency`, `onWebhook` for its `webhookSubscriptions`. */

@@ -325,6 +325,9 @@
       getWebhookURL: async () => host('getWebhookURL', {}),
       // Nango's: the integration; `include: ['webhook']` adds its webhook_url.
       getIntegration: async (config) => host('getIntegration', { include: config?.include ?? [] }),
+      // Nango's: runs an action of this environment for a connection; its output.
+      triggerAction: async (providerConfigKey, connectionId, actionName, input) =>
+        host('triggerAction', { providerConfigKey, connectionId, actionName, input: input ?? null }),
       // Keyed by the ids as given (Nango's Map), in their order; asked for a hundred at a time.
       getRecordsByIds: async (ids, model) => {
         if (!Array.isArray(ids)) throw new TypeError('getRecordsByIds: the ids must be an array');
@@ -346,7 +349,7 @@
     Object.fromEntries(
       ['proxy', 'get', 'post', 'put', 'patch', 'delete', 'paginate', 'trackDeletesStart', 'trackDeletesEnd',
         'setMergingStrategy', 'getCheckpoint', 'saveCheckpoint', 'clearCheckpoint', 'getToken', 'getWebhookURL',
-        'getIntegration', 'getRecordsByIds'].map((name) => [
+        'getIntegration', 'getRecordsByIds', 'triggerAction'].map((name) => [
         name,
         () => {
           throw new Error(`${name}: the provider API, checkpoints, delete tracking and record reads are only available in exec, not in onWebhook`);

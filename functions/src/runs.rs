@@ -1,0 +1,278 @@
+//! A deployed function run for one connection on a pool of the caller's: the API's event
+//! functions, and actions ([`Actions`]: `POST /action/trigger` and `nango.triggerAction`).
+//! Each run gets the provider API and the store through a host of its own, as an exec run
+//! does.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use hookyard_core::config::{Config, ForwardingConfig};
+use hookyard_core::keys::IntegrationKey;
+use hookyard_core::metrics::names;
+use hookyard_core::providers::Catalog;
+use hookyard_core::store::functions::DeployedSync;
+use hookyard_core::store::syncs::SyncKey;
+use hookyard_core::store::StoreError;
+use hookyard_core::Store;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+
+use crate::compile::stored_modules;
+use crate::host::{connection_api, exec_invocation, Kind, Mode, Run, StoreHost};
+use crate::pool::{Pool, SyncCode};
+use crate::{Effects, FunctionError, Handler, Invocation, RecordValidation};
+
+/// Bundles kept decoded (a bundle never changes under its hash): a function run often
+/// does not read its bytecode from the database each time.
+const BUNDLES_KEPT: usize = 8;
+
+/// How many action runs may wait for a thread, per thread.
+const WAITING_PER_THREAD: usize = 4;
+
+/// A bundle's modules, by path.
+type Modules = Arc<BTreeMap<String, Vec<u8>>>;
+
+/// What to run.
+pub enum Call {
+    /// An event function's `exec(nango)`.
+    Event,
+    /// An action's `exec(nango, input)`, the input as JSON.
+    Action(Arc<str>),
+}
+
+/// Why a run did not happen, or failed.
+pub enum RunError {
+    /// The connection, its integration or the bundle could not be read.
+    Setup(String),
+    Function(FunctionError),
+}
+
+pub struct Runner {
+    store: Store,
+    catalog: Arc<Catalog>,
+    guard: ForwardingConfig,
+    webhook_base_url: String,
+    /// How an action's output is checked against its schema.
+    validation: RecordValidation,
+    /// What the functions run here may trigger with `nango.triggerAction`.
+    actions: Option<Arc<Actions>>,
+    bundles: Mutex<Vec<(String, Modules)>>,
+}
+
+impl Runner {
+    /// A runner whose functions trigger actions on `actions` (`None`: they cannot).
+    pub fn new(store: Store, catalog: Arc<Catalog>, config: &Config, actions: Option<Arc<Actions>>) -> Runner {
+        Runner {
+            store,
+            catalog,
+            guard: config.forwarding.clone(),
+            webhook_base_url: config.webhook_base_url(),
+            validation: config.worker.validate_records,
+            actions,
+            bundles: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Runs `function` for the connection on `pool`.
+    pub async fn run(
+        &self,
+        pool: &Pool,
+        function: &DeployedSync,
+        connection_id: &str,
+        call: Call,
+    ) -> Result<Effects, RunError> {
+        let key = SyncKey {
+            environment_id: function.environment_id,
+            integration: function.integration.clone(),
+            sync: function.name.clone(),
+            connection_id: connection_id.to_string(),
+        };
+        let (connection, api) = connection_api(&self.store, &self.catalog, &key, &self.guard)
+            .await
+            .map_err(RunError::Setup)?;
+        let code = Arc::new(SyncCode::of(function, self.modules(&function.bundle_hash).await?));
+        let (kind, label) = match call {
+            Call::Event => (Kind::Event, "event"),
+            Call::Action(_) => (Kind::Action, "action"),
+        };
+        // Neither writes records: their version does not matter.
+        let host = StoreHost::new(Run {
+            store: self.store.clone(),
+            jetstream: None,
+            key,
+            version: 0,
+            api,
+            mode: Mode::Apply,
+            kind,
+            notice: None,
+            webhook_base_url: self.webhook_base_url.clone(),
+            actions: self.actions.clone(),
+        });
+        let exec = exec_invocation(&connection, "[]".into(), Arc::new(host), RecordValidation::Off);
+        let invocation = match call {
+            Call::Event => exec,
+            Call::Action(input) => Invocation {
+                payload: input,
+                handler: Handler::Action,
+                validation: self.validation,
+                ..exec
+            },
+        };
+        let outcome = pool.execute(code, invocation).await;
+        let (status, elapsed) = match &outcome {
+            Ok(effects) => ("ok", effects.elapsed),
+            Err(error) => ("failed", error.elapsed),
+        };
+        metrics::counter!(names::EXECUTIONS, "kind" => label, "status" => status).increment(1);
+        metrics::histogram!(names::EXECUTION_SECONDS, "kind" => label).record(elapsed.as_secs_f64());
+        outcome.map_err(RunError::Function)
+    }
+
+    async fn modules(&self, hash: &str) -> Result<Modules, RunError> {
+        let kept = self
+            .bundles
+            .lock()
+            .expect("bundle cache")
+            .iter()
+            .find(|(h, _)| h == hash)
+            .map(|(_, m)| m.clone());
+        if let Some(modules) = kept {
+            return Ok(modules);
+        }
+        let modules = Arc::new(
+            stored_modules(&self.store, hash)
+                .await
+                .map_err(|e| RunError::Setup(e.to_string()))?,
+        );
+        let mut bundles = self.bundles.lock().expect("bundle cache");
+        if bundles.len() >= BUNDLES_KEPT {
+            bundles.remove(0);
+        }
+        bundles.push((hash.to_string(), modules.clone()));
+        Ok(modules)
+    }
+}
+
+/// Actions run on JS threads of their own (`api.action_threads`, each run within
+/// `api.action_limits`), and the room left to wait for one. An action cannot trigger
+/// another: it would wait for a thread that actions may all hold.
+pub struct Actions {
+    runner: Runner,
+    pool: Pool,
+    room: Semaphore,
+}
+
+/// Why an action did not answer.
+#[derive(Debug)]
+pub enum TriggerError {
+    /// No such action (the message names the integration's actions).
+    UnknownAction(String),
+    /// Every thread is busy and enough runs wait.
+    Busy,
+    /// The connection is not there, or the store could not say.
+    Store(StoreError),
+    /// The action could not be loaded or its connection read.
+    Setup(String),
+    /// It ran and failed.
+    Function(FunctionError),
+}
+
+impl std::fmt::Display for TriggerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TriggerError::UnknownAction(message) | TriggerError::Setup(message) => f.write_str(message),
+            TriggerError::Busy => f.write_str(
+                "every action thread is busy and enough runs wait for one (api.action_threads); retry later",
+            ),
+            TriggerError::Store(error) => write!(f, "{error}"),
+            TriggerError::Function(error) => f.write_str(&error.summary()),
+        }
+    }
+}
+
+impl Actions {
+    pub fn new(store: Store, catalog: Arc<Catalog>, config: &Config) -> Actions {
+        let threads = config.api.action_threads;
+        Actions {
+            runner: Runner::new(store, catalog, config, None),
+            pool: Pool::new(threads, config.api.action_limits.clone()),
+            room: Semaphore::new(threads * (1 + WAITING_PER_THREAD)),
+        }
+    }
+
+    /// Runs the action `name` of `integration` for the connection with `input`; what it
+    /// returned (`None` for nothing or `null`).
+    pub async fn trigger(
+        &self,
+        environment_id: i64,
+        integration: &IntegrationKey,
+        connection_id: &str,
+        name: &str,
+        input: &Value,
+    ) -> Result<Option<Value>, TriggerError> {
+        let store = &self.runner.store;
+        store
+            .existing_connection(environment_id, integration, connection_id)
+            .await
+            .map_err(TriggerError::Store)?;
+        let functions = store.functions(environment_id).await.map_err(TriggerError::Store)?;
+        let of_integration: Vec<&DeployedSync> = functions.iter().filter(|f| &f.integration == integration).collect();
+        let Some(action) = of_integration
+            .iter()
+            .find(|f| f.name == name && f.config["type"] == "action")
+        else {
+            return Err(TriggerError::UnknownAction(unknown_action(
+                integration,
+                name,
+                &of_integration,
+            )));
+        };
+        let Ok(_room) = self.room.try_acquire() else {
+            return Err(TriggerError::Busy);
+        };
+        let started = Instant::now();
+        let outcome = self
+            .runner
+            .run(
+                &self.pool,
+                action,
+                connection_id,
+                Call::Action(input.to_string().into()),
+            )
+            .await;
+        let ms = started.elapsed().as_millis() as u64;
+        match outcome {
+            Ok(effects) => {
+                let logs: Vec<&str> = effects.logs.iter().map(|l| l.message.as_str()).collect();
+                tracing::info!(action = name, connection = connection_id, %integration, ms, ?logs, "action ran");
+                Ok(effects.output)
+            }
+            Err(RunError::Setup(error)) => {
+                tracing::warn!(action = name, connection = connection_id, %integration, %error, "action not run");
+                Err(TriggerError::Setup(format!("the action could not be run: {error}")))
+            }
+            Err(RunError::Function(error)) => {
+                tracing::warn!(action = name, connection = connection_id, %integration, ms, %error, "action failed");
+                Err(TriggerError::Function(error))
+            }
+        }
+    }
+}
+
+/// The action is not deployed; what is, said.
+fn unknown_action(integration: &IntegrationKey, name: &str, deployed: &[&DeployedSync]) -> String {
+    if deployed.iter().any(|f| f.name == name) {
+        return format!("{integration}'s {name} is a sync or event function, not an action (createAction)");
+    }
+    let actions: Vec<&str> = deployed
+        .iter()
+        .filter(|f| f.config["type"] == "action")
+        .map(|f| f.name.as_str())
+        .collect();
+    let known = match actions[..] {
+        [] => "it has none".to_string(),
+        _ => format!("its actions: {}", actions.join(", ")),
+    };
+    format!("integration {integration} has no action named {name:?} ({known})")
+}
