@@ -359,7 +359,6 @@ fn read_config(export: &Object<'_>) -> Result<serde_json::Value, String> {
                 "type": "action",
                 "description": text("description")?,
                 "version": text("version")?,
-                "action": true,
                 "exec": false,
                 "onWebhook": false,
             }));

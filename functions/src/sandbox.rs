@@ -455,15 +455,21 @@ pub(crate) fn describe<'js>(
 
 /// The error's `type` and `payload` (as JSON), when it has a `type`.
 fn thrown_of<'js>(ctx: &Ctx<'js>, error: &rquickjs::Object<'js>) -> Option<Box<Thrown>> {
-    let error_type = error.get::<_, Option<String>>("type").ok().flatten()?;
-    let payload = error
-        .get::<_, rquickjs::Value>("payload")
-        .ok()
+    // A getter that throws, or a payload JSON cannot show (a cycle), is left out; the
+    // exception it raised is not the function's.
+    let read = |name: &str| match error.get::<_, rquickjs::Value>(name) {
+        Ok(value) => Some(value),
+        Err(_) => {
+            ctx.catch();
+            None
+        }
+    };
+    let error_type = read("type")?.as_string()?.to_string().ok()?;
+    let payload = read("payload")
         .filter(|p| !p.type_of().is_void())
         .and_then(|p| match ctx.json_stringify(p) {
             Ok(text) => text.and_then(|t| t.to_string().ok()),
             Err(_) => {
-                // A cycle: the exception JSON.stringify threw is not the function's.
                 ctx.catch();
                 None
             }
