@@ -160,7 +160,7 @@ impl Runner {
 pub struct Actions {
     runner: Runner,
     pool: Pool,
-    room: Semaphore,
+    room: Arc<Semaphore>,
 }
 
 /// Why an action did not answer.
@@ -197,14 +197,14 @@ impl Actions {
         Actions {
             runner: Runner::new(store, catalog, config, None),
             pool: Pool::new(threads, config.api.action_limits.clone()),
-            room: Semaphore::new(threads * (1 + WAITING_PER_THREAD)),
+            room: Arc::new(Semaphore::new(threads * (1 + WAITING_PER_THREAD))),
         }
     }
 
     /// Runs the action `name` of `integration` for the connection with `input`; what it
     /// returned (`None` for nothing or `null`).
     pub async fn trigger(
-        &self,
+        self: &Arc<Self>,
         environment_id: i64,
         integration: &IntegrationKey,
         connection_id: &str,
@@ -228,19 +228,26 @@ impl Actions {
                 &of_integration,
             )));
         };
-        let Ok(_room) = self.room.try_acquire() else {
+        let Ok(room) = self.room.clone().try_acquire_owned() else {
             return Err(TriggerError::Busy);
         };
         let started = Instant::now();
-        let outcome = self
-            .runner
-            .run(
-                &self.pool,
-                action,
-                connection_id,
-                Call::Action(input.to_string().into()),
-            )
-            .await;
+        // A task of its own, which holds its room until the run ends: a caller that goes
+        // away (an HTTP client that hangs up) leaves the run on its thread, and must not
+        // leave room for one more meanwhile.
+        let (actions, action, connection, input) = (
+            self.clone(),
+            (*action).clone(),
+            connection_id.to_string(),
+            input.to_string(),
+        );
+        let outcome = tokio::spawn(async move {
+            let _room = room;
+            let call = Call::Action(input.into());
+            actions.runner.run(&actions.pool, &action, &connection, call).await
+        })
+        .await
+        .map_err(|e| TriggerError::Setup(format!("the action's run stopped: {e}")))?;
         let ms = started.elapsed().as_millis() as u64;
         match outcome {
             Ok(effects) => {
