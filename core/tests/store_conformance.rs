@@ -130,6 +130,7 @@ async fn conformance(store: Store, url: Option<&str>) {
 
     schedule_slots(&store, &dev).await;
     delivery_attempts(&store).await;
+    locks(&store, &dev, &prod).await;
 
     assert!(store.delete_integration(dev.id, &new.unique_key).await.unwrap());
     assert!(!store.delete_integration(dev.id, &new.unique_key).await.unwrap());
@@ -378,6 +379,49 @@ async fn delivery_attempts(store: &Store) {
     let bulk = store.delivery_attempts("d2").await.unwrap();
     assert_eq!(bulk.len(), 1500);
     assert_eq!(bulk[1499], all[1501], "in the order written");
+}
+
+/// One owner per key and environment until it lets go or its time runs out.
+async fn locks(store: &Store, dev: &Environment, prod: &Environment) {
+    let now = chrono::Utc::now();
+    let minute = std::time::Duration::from_secs(60);
+    let take = |environment: &Environment, owner: &'static str, at: chrono::DateTime<chrono::Utc>| {
+        let id = environment.id;
+        async move { store.try_acquire_lock(id, "ledger", owner, at, minute).await.unwrap() }
+    };
+    assert!(take(dev, "run-a", now).await);
+    assert!(!take(dev, "run-b", now).await, "another run holds it");
+    assert!(take(prod, "run-b", now).await, "another environment's is another lock");
+    let half = now + chrono::Duration::seconds(30);
+    assert!(take(dev, "run-a", half).await, "its owner takes it again, for longer");
+    let later = now + chrono::Duration::seconds(90);
+    assert!(!take(dev, "run-b", later - chrono::Duration::seconds(1)).await);
+    assert!(
+        take(dev, "run-b", later).await,
+        "its time ran out: the next run takes it"
+    );
+    assert!(
+        !store.release_lock(dev.id, "ledger", "run-a").await.unwrap(),
+        "no longer run-a's"
+    );
+    assert!(store.release_lock(dev.id, "ledger", "run-b").await.unwrap());
+    assert!(take(dev, "run-c", later).await, "released");
+    store
+        .try_acquire_lock(dev.id, "other", "run-c", later, minute)
+        .await
+        .unwrap();
+    store
+        .try_acquire_lock(dev.id, "stale", "run-d", now, minute)
+        .await
+        .unwrap();
+    let released = store.release_all_locks(dev.id, "run-c", later).await.unwrap();
+    assert_eq!(released, 2, "the run's two locks");
+    assert!(take(dev, "run-e", later).await);
+    assert!(
+        !store.release_lock(dev.id, "stale", "run-d").await.unwrap(),
+        "locks whose time ran out are cleared with them"
+    );
+    assert!(!take(prod, "run-e", now).await, "prod's holder kept its own");
 }
 
 async fn owed_events(store: &Store, dev: &Environment, new: &dyn Fn(&str) -> NewConnection) {

@@ -145,6 +145,8 @@ pub struct StoreHost {
     runtime: tokio::runtime::Handle,
     run: Run,
     state: Mutex<RunState>,
+    /// Whose the run's locks are (`tryAcquireLock`): this run's, and no other's.
+    owner: String,
 }
 
 #[derive(Default)]
@@ -153,6 +155,8 @@ struct RunState {
     /// Per model whose deletes are tracked: the ids written since `trackDeletesStart`.
     seen: HashMap<String, HashSet<String>>,
     plan: Plan,
+    /// Whether the run took a lock: its locks are released when it ends.
+    locked: bool,
 }
 
 #[derive(Deserialize)]
@@ -185,6 +189,17 @@ struct IntegrationArgs {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
+struct LockArgs {
+    key: Option<Value>,
+    #[serde(default)]
+    ttl_ms: Option<Value>,
+}
+
+/// The longest lock key, as Nango's.
+const LOCK_KEY_MAX: usize = 255;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct TriggerArgs {
     provider_config_key: String,
     connection_id: String,
@@ -212,6 +227,7 @@ impl StoreHost {
             runtime: tokio::runtime::Handle::current(),
             run,
             state: Mutex::default(),
+            owner: hex::encode(hookyard_core::secrets::random_bytes::<12>()),
         }
     }
 
@@ -287,6 +303,36 @@ impl StoreHost {
             "triggerAction" => {
                 let args: TriggerArgs = serde_json::from_str(args).map_err(parse_error)?;
                 self.trigger_action(args).await
+            }
+            "tryAcquireLock" | "releaseLock" => {
+                let args: LockArgs = serde_json::from_str(args).map_err(parse_error)?;
+                let key = match &args.key {
+                    Some(Value::String(key)) if !key.is_empty() && key.chars().count() <= LOCK_KEY_MAX => key,
+                    _ => return Err(format!("{op}: key must be a string of 1 to {LOCK_KEY_MAX} characters")),
+                };
+                let environment_id = self.run.key.environment_id;
+                let done = if op == "releaseLock" {
+                    self.run.store.release_lock(environment_id, key, &self.owner).await
+                } else {
+                    let ttl = match args.ttl_ms.as_ref().and_then(Value::as_f64) {
+                        Some(ms) if ms >= 1.0 && ms.is_finite() => std::time::Duration::from_millis(ms as u64),
+                        _ => return Err(format!("{op}: ttlMs must be a number of milliseconds, 1 or more")),
+                    };
+                    let taken = self
+                        .run
+                        .store
+                        .try_acquire_lock(environment_id, key, &self.owner, chrono::Utc::now(), ttl)
+                        .await;
+                    if matches!(taken, Ok(true)) {
+                        self.state().locked = true;
+                    }
+                    taken
+                };
+                Ok(done.map_err(store_error)?.to_string())
+            }
+            "releaseAllLocks" => {
+                self.release_locks().await.map_err(store_error)?;
+                Ok(String::new())
             }
             "getIntegration" => {
                 let args: IntegrationArgs = serde_json::from_str(args).map_err(parse_error)?;
@@ -416,6 +462,19 @@ impl StoreHost {
             }
             other => Err(format!("nango has no {other}")),
         }
+    }
+
+    /// Releases every lock the run took (none taken: no query). Called as the run ends,
+    /// whatever its outcome; a lock it could not release runs out at its time.
+    pub async fn release_locks(&self) -> Result<(), StoreError> {
+        if !std::mem::take(&mut self.state().locked) {
+            return Ok(());
+        }
+        self.run
+            .store
+            .release_all_locks(self.run.key.environment_id, &self.owner, chrono::Utc::now())
+            .await
+            .map(|_| ())
     }
 
     /// Nango's `triggerAction`: runs an action of this environment for a connection and

@@ -97,7 +97,7 @@ impl Runner {
             Call::Action(_) => (Kind::Action, "action"),
         };
         // Neither writes records: their version does not matter.
-        let host = StoreHost::new(Run {
+        let host = Arc::new(StoreHost::new(Run {
             store: self.store.clone(),
             jetstream: None,
             key,
@@ -108,8 +108,8 @@ impl Runner {
             notice: None,
             webhook_base_url: self.webhook_base_url.clone(),
             actions: self.actions.clone(),
-        });
-        let exec = exec_invocation(&connection, "[]".into(), Arc::new(host), RecordValidation::Off);
+        }));
+        let exec = exec_invocation(&connection, "[]".into(), host.clone(), RecordValidation::Off);
         let invocation = match call {
             Call::Event => exec,
             Call::Action(input) => Invocation {
@@ -120,6 +120,9 @@ impl Runner {
             },
         };
         let outcome = pool.execute(code, invocation).await;
+        if let Err(error) = host.release_locks().await {
+            tracing::warn!(%error, function = %function.name, "the run's locks were not released; they run out at their time");
+        }
         let (status, elapsed) = match &outcome {
             Ok(effects) => ("ok", effects.elapsed),
             Err(error) => ("failed", error.elapsed),

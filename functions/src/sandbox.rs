@@ -350,7 +350,7 @@ fn install_host_call(ctx: &Ctx<'_>) -> rquickjs::Result<()> {
                 return Err(rquickjs::Exception::throw_message(
                     &ctx,
                     &format!(
-                        "{op}: the provider API, checkpoints, delete tracking and record reads are only available in exec, not in onWebhook"
+                        "{op}: the provider API, checkpoints, delete tracking, record reads, actions and locks are only available in exec, not in onWebhook"
                     ),
                 ));
             };

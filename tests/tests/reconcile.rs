@@ -1097,6 +1097,61 @@ async fn an_exec_run_triggers_an_action_and_sees_its_output_or_its_failure() {
     );
 }
 
+/// Takes the lock `input.key`, twice, and says what it got; a bad key is refused.
+const LOCKER: &str = r#"
+import { createAction } from 'nango';
+export default createAction({
+  exec: async (nango, input) => {
+    const taken = await nango.tryAcquireLock({ key: input.key, ttlMs: 60000 });
+    const again = taken ? await nango.tryAcquireLock({ key: input.key, ttlMs: 60000 }) : null;
+    const bad = await nango.tryAcquireLock({ key: '', ttlMs: 1000 }).then(() => 'taken', (e) => e.message);
+    return { taken, again, bad };
+  },
+});
+"#;
+
+#[tokio::test]
+async fn a_lock_is_one_runs_until_it_ends() {
+    let s = setup(&[("c0", json!({}), api_key())], false).await;
+    s.h.deploy(&[
+        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false")),
+        ("crm/actions/locker.js", LOCKER.to_string()),
+    ])
+    .await;
+    let (store, environment) = (&s.h.store, s.h.environment.id);
+    let minute = Duration::from_secs(60);
+    let other = |take: bool| async move {
+        match take {
+            true => {
+                store
+                    .try_acquire_lock(environment, "ledger", "someone", Utc::now(), minute)
+                    .await
+            }
+            false => store.release_lock(environment, "ledger", "someone").await,
+        }
+        .unwrap()
+    };
+    let locker = json!({"action_name": "locker", "input": {"key": "ledger"}});
+
+    // Held by another run: refused.
+    assert!(other(true).await);
+    let (status, body) = s.trigger(locker.clone(), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!((&body["taken"], &body["again"]), (&json!(false), &Value::Null));
+    assert_eq!(
+        body["bad"],
+        "tryAcquireLock: key must be a string of 1 to 255 characters"
+    );
+
+    // Free: taken, and taken again by the same run.
+    assert!(other(false).await);
+    let (status, body) = s.trigger(locker, &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!((&body["taken"], &body["again"]), (&json!(true), &json!(true)));
+    // Released as the run ended, a minute before its time.
+    assert!(other(true).await, "the run's lock went with it");
+}
+
 /// Every owed connection event, claimed or not.
 async fn owed_events(s: &Setup) -> Vec<String> {
     let far = Utc::now() + chrono::Duration::days(1);

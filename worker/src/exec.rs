@@ -256,6 +256,9 @@ impl Executor {
             .await
             .map_err(|e| (e, Vec::new()))?;
         let outcome = self.pool.execute(sync.code.clone(), invocation).await;
+        if let Err(error) = host.release_locks().await {
+            tracing::warn!(%error, sync = %job.sync, "the run's locks were not released; they run out at their time");
+        }
         let (logs, status, elapsed) = match &outcome {
             Ok(effects) => (&effects.logs, "ok", effects.elapsed),
             Err(error) => (&error.logs, "failed", error.elapsed),

@@ -122,6 +122,7 @@ mod environments;
 pub mod forwarding;
 pub mod functions;
 mod integrations;
+mod locks;
 pub mod logs;
 pub mod notices;
 pub mod records;

@@ -293,6 +293,12 @@ declare module 'nango' {
     /** Runs an action of this environment for a connection (as `POST /action/trigger`)
      *  and answers its output; its failure is thrown. Not from an action, nor in a dry run. */
     triggerAction<T = unknown>(providerConfigKey: string, connectionId: string, actionName: string, input?: unknown): Promise<T>;
+    /** Nango's: takes `key` (in this environment) for this run, for `ttlMs` at most; false
+     *  when another run holds it. Its locks are released when the run ends. */
+    tryAcquireLock(options: { key: string; ttlMs: number }): Promise<boolean>;
+    /** Lets go of `key` if this run holds it; whether it did. */
+    releaseLock(options: { key: string }): Promise<boolean>;
+    releaseAllLocks(): Promise<void>;
   }
 
   /** A sync: `exec` on its `frequency`, `onWebhook` for its `webhookSubscriptions`. */

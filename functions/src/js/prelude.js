@@ -325,6 +325,11 @@
       getWebhookURL: async () => host('getWebhookURL', {}),
       // Nango's: the integration; `include: ['webhook']` adds its webhook_url.
       getIntegration: async (config) => host('getIntegration', { include: config?.include ?? [] }),
+      // Nango's locks, per environment and key: held by this run until released, until
+      // the run ends, or for ttlMs.
+      tryAcquireLock: async (options) => host('tryAcquireLock', { key: options?.key, ttlMs: options?.ttlMs }),
+      releaseLock: async (options) => host('releaseLock', { key: options?.key }),
+      releaseAllLocks: async () => { host('releaseAllLocks', {}); },
       // Nango's: runs an action of this environment for a connection; its output.
       triggerAction: async (providerConfigKey, connectionId, actionName, input) =>
         host('triggerAction', { providerConfigKey, connectionId, actionName, input: input ?? null }),
@@ -349,10 +354,10 @@
     Object.fromEntries(
       ['proxy', 'get', 'post', 'put', 'patch', 'delete', 'paginate', 'trackDeletesStart', 'trackDeletesEnd',
         'setMergingStrategy', 'getCheckpoint', 'saveCheckpoint', 'clearCheckpoint', 'getToken', 'getWebhookURL',
-        'getIntegration', 'getRecordsByIds', 'triggerAction'].map((name) => [
+        'getIntegration', 'getRecordsByIds', 'triggerAction', 'tryAcquireLock', 'releaseLock', 'releaseAllLocks'].map((name) => [
         name,
         () => {
-          throw new Error(`${name}: the provider API, checkpoints, delete tracking and record reads are only available in exec, not in onWebhook`);
+          throw new Error(`${name}: the provider API, checkpoints, delete tracking, record reads, actions and locks are only available in exec, not in onWebhook`);
         },
       ]),
     ),
