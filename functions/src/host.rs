@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use async_nats::jetstream;
 use hookyard_core::store::notices::HeldNotice;
 use hookyard_core::store::records::{LastAction, RecordQuery, RecordScope, StoredRecord, WriteCounts, WriteKind};
-use hookyard_core::store::syncs::SyncKey;
+use hookyard_core::store::syncs::{SyncKey, Trigger};
 use hookyard_core::store::MetadataWrite;
 use hookyard_core::streams::RAW_STREAM;
 use hookyard_core::Store;
@@ -200,6 +200,16 @@ const LOCK_KEY_MAX: usize = 255;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
+struct SyncTriggerArgs {
+    provider_config_key: String,
+    connection_id: String,
+    sync_name: String,
+    #[serde(default)]
+    full_resync: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct TriggerArgs {
     provider_config_key: String,
     connection_id: String,
@@ -303,6 +313,11 @@ impl StoreHost {
             "triggerAction" => {
                 let args: TriggerArgs = serde_json::from_str(args).map_err(parse_error)?;
                 self.trigger_action(args).await
+            }
+            "triggerSync" => {
+                let args: SyncTriggerArgs = serde_json::from_str(args).map_err(parse_error)?;
+                self.trigger_sync(args).await?;
+                Ok(String::new())
             }
             "tryAcquireLock" | "releaseLock" => {
                 let args: LockArgs = serde_json::from_str(args).map_err(parse_error)?;
@@ -475,6 +490,54 @@ impl StoreHost {
             .release_all_locks(self.run.key.environment_id, &self.owner, chrono::Utc::now())
             .await
             .map(|_| ())
+    }
+
+    /// Nango's `triggerSync`: asks for a run of a sync with an exec for a connection of
+    /// this environment, as `POST /sync/trigger` does (the reconciler queues it at its
+    /// next tick); `fullResync` is its `reset`.
+    async fn trigger_sync(&self, args: SyncTriggerArgs) -> Result<(), String> {
+        let failed = |problem: String| format!("triggerSync({}): {problem}", args.sync_name);
+        if self.run.mode == Mode::DryRun {
+            return Err(failed("not in a dry run: it would queue a run for real".into()));
+        }
+        let environment_id = self.run.key.environment_id;
+        let integration: IntegrationKey = args
+            .provider_config_key
+            .parse()
+            .map_err(|e| failed(format!("providerConfigKey: {e}")))?;
+        let store = &self.run.store;
+        let functions = store
+            .functions(environment_id)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let sync = functions
+            .iter()
+            .find(|f| f.integration == integration && f.name == args.sync_name && f.config["exec"] == true)
+            .ok_or_else(|| {
+                failed(format!(
+                    "no sync with an exec of that name is deployed for integration {integration}"
+                ))
+            })?;
+        store
+            .existing_connection(environment_id, &integration, &args.connection_id)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let key = SyncKey {
+            environment_id,
+            integration,
+            sync: args.sync_name.clone(),
+            connection_id: args.connection_id.clone(),
+        };
+        let trigger = Trigger {
+            token: hex::encode(hookyard_core::secrets::random_bytes::<8>()),
+            reset: args.full_resync,
+            empty_cache: false,
+        };
+        let auto_start = sync.config["autoStart"] != false;
+        store
+            .request_trigger(&[(key, auto_start)], &trigger)
+            .await
+            .map_err(|e| failed(e.to_string()))
     }
 
     /// Nango's `triggerAction`: runs an action of this environment for a connection and

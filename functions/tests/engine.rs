@@ -766,6 +766,45 @@ export default createAction({
     assert!(plain.message.starts_with("Error: plain"), "{}", plain.message);
 }
 
+/// Nango's `batchSend` (batchSave's older name) and `zodValidateInput`.
+#[tokio::test]
+async fn batch_send_saves_and_zod_validate_input_logs_then_throws() {
+    let sync = "import { createSync } from 'nango';
+import { z } from 'zod';
+export default createSync({
+  models: { Contact: {} },
+  webhookSubscriptions: ['*'],
+  onWebhook: async (nango, payload) => {
+    await nango.batchSend([{ id: 'a' }], 'Contact');
+    await nango.zodValidateInput({ zodSchema: z.object({ email: z.string() }), input: payload });
+  },
+});";
+    let project = project(&[("crm/syncs/contacts.js", sync)]);
+    let pool = Pool::new(1, limits());
+    let failed = pool
+        .execute(code(&project, "contacts"), invocation(json!({"email": 7})))
+        .await
+        .unwrap_err();
+    assert!(
+        failed.message.starts_with("ActionError: Invalid input provided"),
+        "{failed}"
+    );
+    assert_eq!(failed.logs.len(), 1, "{:?}", failed.logs);
+    assert_eq!(failed.logs[0].level, "error");
+    assert!(
+        failed.logs[0].message.starts_with("Invalid input: ") && failed.logs[0].message.ends_with(" at path email")
+    );
+    let effects = pool
+        .execute(code(&project, "contacts"), invocation(json!({"email": "a@b.c"})))
+        .await
+        .expect("valid input passes");
+    assert_eq!(effects.writes.len(), 1);
+    assert_eq!(
+        (effects.writes[0].kind, effects.writes[0].records[0].0.as_str()),
+        (WriteKind::Save, "a")
+    );
+}
+
 #[test]
 fn index_js_chooses_the_syncs_and_an_object_export_is_a_sync_too() {
     let plain =

@@ -1152,6 +1152,46 @@ async fn a_lock_is_one_runs_until_it_ends() {
     assert!(other(true).await, "the run's lock went with it");
 }
 
+/// Asks for a full resync of `input.sync` for its connection.
+const RESYNC: &str = r#"
+import { createAction } from 'nango';
+export default createAction({
+  exec: (nango, input) => nango.triggerSync('crm', nango.connectionId, input.sync, true),
+});
+"#;
+
+#[tokio::test]
+async fn an_action_asks_for_a_sync_run_which_the_reconciler_queues() {
+    let s = setup(&[("c0", json!({}), api_key())], false).await;
+    s.h.deploy(&[
+        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false")),
+        ("crm/actions/resync.js", RESYNC.to_string()),
+    ])
+    .await;
+    let resync = |sync: &str| json!({"action_name": "resync", "input": {"sync": sync}});
+    let (status, body) = s.trigger(resync("nope"), &[]).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("triggerSync(nope): no sync with an exec of that name is deployed for integration crm"),
+        "{body}"
+    );
+    assert_eq!(s.reconciler.tick(Utc::now()).await.unwrap().triggered, 0);
+
+    let since = Utc::now();
+    let (status, body) = s.trigger(resync("contacts"), &[]).await;
+    assert_eq!((status, &body), (200, &Value::Null));
+    assert_eq!(
+        s.reconciler.tick(Utc::now()).await.unwrap().triggered,
+        1,
+        "queued as a trigger"
+    );
+    let state = s.finished_after("c0", since).await;
+    assert_eq!(state.last_outcome.as_deref(), Some("SUCCESS"));
+}
+
 /// Every owed connection event, claimed or not.
 async fn owed_events(s: &Setup) -> Vec<String> {
     let far = Utc::now() + chrono::Duration::days(1);

@@ -203,6 +203,10 @@ declare module 'nango' {
     batchSave<T extends RecordWithId>(records: T[], model: string): Promise<boolean>;
     batchUpdate<T extends RecordWithId>(records: T[], model: string): Promise<boolean>;
     batchDelete<T extends RecordWithId>(records: T[], model: string): Promise<boolean>;
+    /** @deprecated As in Nango: batchSave's older name. */
+    batchSend<T extends RecordWithId>(records: T[], model: string): Promise<boolean>;
+    /** Nango's: each issue `zodSchema` finds in `input` logged, then an `ActionError` thrown. */
+    zodValidateInput(options: { zodSchema: { safeParse(value: unknown): unknown }; input: unknown }): Promise<void>;
     getMetadata<T extends object = Record<string, unknown>>(): Promise<T>;
     /** @deprecated As in Nango: the metadata's `fieldMapping` (`{}` when it has none); use getMetadata. */
     getFieldMapping(): Promise<Record<string, unknown>>;
@@ -293,6 +297,9 @@ declare module 'nango' {
     /** Runs an action of this environment for a connection (as `POST /action/trigger`)
      *  and answers its output; its failure is thrown. Not from an action, nor in a dry run. */
     triggerAction<T = unknown>(providerConfigKey: string, connectionId: string, actionName: string, input?: unknown): Promise<T>;
+    /** Asks for a run of a sync (one with an exec) for a connection, as `POST /sync/trigger`;
+     *  `fullResync` resets it first. Not in a dry run. */
+    triggerSync(providerConfigKey: string, connectionId: string, syncName: string, fullResync?: boolean): Promise<void>;
     /** Nango's: takes `key` (in this environment) for this run, for `ttlMs` at most; false
      *  when another run holds it. Its locks are released when the run ends. */
     tryAcquireLock(options: { key: string; ttlMs: number }): Promise<boolean>;

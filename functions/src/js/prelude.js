@@ -177,7 +177,16 @@
       batchSave: write('save', 'batchSave'),
       batchUpdate: write('update', 'batchUpdate'),
       batchDelete: write('delete', 'batchDelete'),
+      // Nango's deprecated name of batchSave.
+      batchSend: write('save', 'batchSend'),
       getMetadata: async () => copy(currentMetadata()),
+      // Nango's: input against a zod schema; each issue logged, then an ActionError.
+      zodValidateInput: async ({ zodSchema, input: given }) => {
+        const parsed = zodSchema.safeParse(given);
+        if (parsed.success) return;
+        for (const issue of parsed.error.issues) log('error', `Invalid input: ${issue.message} at path ${issue.path.join('.')}`);
+        throw new ActionError({ message: 'Invalid input provided' });
+      },
       // Nango's, deprecated there for getMetadata: the metadata's `fieldMapping`.
       getFieldMapping: async () => copy(currentMetadata().fieldMapping) ?? {},
       setMetadata: metadataWrite('replace', 'setMetadata'),
@@ -325,6 +334,10 @@
       getWebhookURL: async () => host('getWebhookURL', {}),
       // Nango's: the integration; `include: ['webhook']` adds its webhook_url.
       getIntegration: async (config) => host('getIntegration', { include: config?.include ?? [] }),
+      // Nango's: asks for a run of a sync (with an exec) for a connection; `fullResync` resets it.
+      triggerSync: async (providerConfigKey, connectionId, syncName, fullResync) => {
+        host('triggerSync', { providerConfigKey, connectionId, syncName, fullResync: fullResync === true });
+      },
       // Nango's locks, per environment and key: held by this run until released, until
       // the run ends, or for ttlMs.
       tryAcquireLock: async (options) => host('tryAcquireLock', { key: options?.key, ttlMs: options?.ttlMs }),
@@ -354,7 +367,7 @@
     Object.fromEntries(
       ['proxy', 'get', 'post', 'put', 'patch', 'delete', 'paginate', 'trackDeletesStart', 'trackDeletesEnd',
         'setMergingStrategy', 'getCheckpoint', 'saveCheckpoint', 'clearCheckpoint', 'getToken', 'getWebhookURL',
-        'getIntegration', 'getRecordsByIds', 'triggerAction', 'tryAcquireLock', 'releaseLock', 'releaseAllLocks'].map((name) => [
+        'getIntegration', 'getRecordsByIds', 'triggerAction', 'triggerSync', 'tryAcquireLock', 'releaseLock', 'releaseAllLocks'].map((name) => [
         name,
         () => {
           throw new Error(`${name}: the provider API, checkpoints, delete tracking, record reads, actions and locks are only available in exec, not in onWebhook`);
