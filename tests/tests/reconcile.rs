@@ -123,6 +123,15 @@ async fn setup_on(
     Setup { h, crm, reconciler }
 }
 
+/// The pipeline with connection `c0`, the contacts sync (not started) and `functions`.
+async fn setup_with(functions: &[(&str, &str)]) -> Setup {
+    let s = setup(&[("c0", json!({}), api_key())], false).await;
+    let mut files = vec![("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false"))];
+    files.extend(functions.iter().map(|(path, source)| (*path, source.to_string())));
+    s.h.deploy(&files).await;
+    s
+}
+
 fn api_key() -> Credentials {
     Credentials::ApiKey {
         api_key: API_KEY.into(),
@@ -1062,13 +1071,7 @@ export default createSync({
 
 #[tokio::test]
 async fn an_exec_run_triggers_an_action_and_sees_its_output_or_its_failure() {
-    let s = setup(&[("c0", json!({}), api_key())], false).await;
-    s.h.deploy(&[
-        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false")),
-        ("crm/syncs/relay.js", RELAY.to_string()),
-        ("crm/actions/subscribe.js", SUBSCRIBE.to_string()),
-    ])
-    .await;
+    let s = setup_with(&[("crm/syncs/relay.js", RELAY), ("crm/actions/subscribe.js", SUBSCRIBE)]).await;
     let since = Utc::now();
     let trigger = json!({"syncs": ["relay"], "provider_config_key": "crm", "connection_id": "c0"});
     assert_eq!(s.post("/sync/trigger", trigger).await.0, 200);
@@ -1112,12 +1115,7 @@ export default createAction({
 
 #[tokio::test]
 async fn a_lock_is_one_runs_until_it_ends() {
-    let s = setup(&[("c0", json!({}), api_key())], false).await;
-    s.h.deploy(&[
-        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false")),
-        ("crm/actions/locker.js", LOCKER.to_string()),
-    ])
-    .await;
+    let s = setup_with(&[("crm/actions/locker.js", LOCKER)]).await;
     let (store, environment) = (&s.h.store, s.h.environment.id);
     let minute = Duration::from_secs(60);
     let other = |take: bool| async move {
@@ -1162,12 +1160,7 @@ export default createAction({
 
 #[tokio::test]
 async fn an_action_asks_for_a_sync_run_which_the_reconciler_queues() {
-    let s = setup(&[("c0", json!({}), api_key())], false).await;
-    s.h.deploy(&[
-        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false")),
-        ("crm/actions/resync.js", RESYNC.to_string()),
-    ])
-    .await;
+    let s = setup_with(&[("crm/actions/resync.js", RESYNC)]).await;
     let resync = |sync: &str| json!({"action_name": "resync", "input": {"sync": sync}});
     let (status, body) = s.trigger(resync("nope"), &[]).await;
     assert_eq!(status, 500, "{body}");
