@@ -142,6 +142,7 @@ impl Events {
     ) -> Result<Vec<String>, String> {
         match self.runner.run(&self.pool, function, connection_id, Call::Event).await {
             Ok(effects) => Ok(effects.logs.into_iter().map(|l| l.message).collect()),
+            Err(RunError::Store(error)) => Err(error.to_string()),
             Err(RunError::Setup(error)) => Err(error),
             Err(RunError::Function(error)) => Err(error.to_string()),
         }

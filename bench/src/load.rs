@@ -120,6 +120,17 @@ fn body(size: usize, n: u64) -> Vec<u8> {
 }
 
 pub async fn run(url: &str, plan: &Plan) -> anyhow::Result<Report> {
+    let (body_bytes, headers) = (plan.body_bytes, plan.headers);
+    run_with(url, plan, move |n| (request_headers(headers, n), body(body_bytes, n))).await
+}
+
+/// As [`run`], each request's headers and body made by `request` from its number.
+pub async fn run_with(
+    url: &str,
+    plan: &Plan,
+    request: impl Fn(u64) -> (reqwest::header::HeaderMap, Vec<u8>) + Send + Sync + 'static,
+) -> anyhow::Result<Report> {
+    let request = Arc::new(request);
     let client = hookyard_core::outbound::http_builder()
         .pool_max_idle_per_host(plan.connections)
         .tcp_nodelay(true)
@@ -139,7 +150,7 @@ pub async fn run(url: &str, plan: &Plan) -> anyhow::Result<Report> {
             let client = client.clone();
             let url = url.to_string();
             let counter = counter.clone();
-            let (body_bytes, headers) = (plan.body_bytes, plan.headers);
+            let request = request.clone();
             tokio::spawn(async move {
                 let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
                 let mut statuses = BTreeMap::new();
@@ -150,12 +161,8 @@ pub async fn run(url: &str, plan: &Plan) -> anyhow::Result<Report> {
                         break;
                     }
                     let n = counter.fetch_add(1, Ordering::Relaxed);
-                    let result = client
-                        .post(&url)
-                        .headers(request_headers(headers, n))
-                        .body(body(body_bytes, n))
-                        .send()
-                        .await;
+                    let (headers, body) = request(n);
+                    let result = client.post(&url).headers(headers).body(body).send().await;
                     let outcome = match result {
                         Ok(response) => {
                             let status = response.status().as_u16();

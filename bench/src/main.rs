@@ -1,5 +1,6 @@
 //! `hookyard-bench`: load generators and benchmarks that print their figures.
 
+mod actions;
 mod dev_memory;
 mod forward;
 mod ingest_compare;
@@ -159,6 +160,15 @@ enum Command {
         #[arg(long)]
         by_name: bool,
     },
+    /// Actions through the API (`POST /action/trigger`, an action that answers at once):
+    /// throughput, latency and CPU per action, API and Postgres.
+    Actions {
+        #[command(flatten)]
+        load: LoadArgs,
+        /// The API's action threads (`api.action_threads`).
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
     /// (Used by `worker`: the measured worker process.)
     #[command(hide = true)]
     WorkerProcess,
@@ -254,6 +264,7 @@ fn main() -> anyhow::Result<()> {
             }
             Command::WorkerProcess => worker::run_process().await,
             Command::Forward { events, by_name } => forward::run(events, by_name).await,
+            Command::Actions { load, threads } => actions::run(&load.plan(), threads).await,
         }
     })
 }

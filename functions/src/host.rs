@@ -73,29 +73,18 @@ pub async fn raw_version(jetstream: &jetstream::Context) -> Result<i64, String> 
 }
 
 /// A run's connection (live), and its provider API (or why there is none: a run that
-/// never calls it does not need one).
+/// never calls it does not need one). A connection or integration that is not there is
+/// [`StoreError::NotFound`].
 pub async fn connection_api(
     store: &Store,
     catalog: &Catalog,
     key: &SyncKey,
     guard: &ForwardingConfig,
-) -> Result<(Connection, Result<ProviderApi, String>), String> {
-    let failed = |e: StoreError| e.to_string();
+) -> Result<(Connection, Result<ProviderApi, String>), StoreError> {
     let connection = store
-        .connection(key.environment_id, &key.integration, &key.connection_id)
-        .await
-        .map_err(failed)?
-        .ok_or_else(|| {
-            format!(
-                "connection {} of integration {} does not exist",
-                key.connection_id, key.integration
-            )
-        })?;
-    let integration = store
-        .integration(key.environment_id, &key.integration)
-        .await
-        .map_err(failed)?
-        .ok_or_else(|| format!("integration {} does not exist", key.integration))?;
+        .existing_connection(key.environment_id, &key.integration, &key.connection_id)
+        .await?;
+    let integration = store.existing_integration(key.environment_id, &key.integration).await?;
     let provider = catalog.get(&integration.provider).and_then(|p| p.api.as_ref());
     let api = ApiSpec::for_integration(
         provider,

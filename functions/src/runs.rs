@@ -43,7 +43,9 @@ pub enum Call {
 
 /// Why a run did not happen, or failed.
 pub enum RunError {
-    /// The connection, its integration or the bundle could not be read.
+    /// The connection or its integration is not there, or could not be read.
+    Store(StoreError),
+    /// The bundle could not be read.
     Setup(String),
     Function(FunctionError),
 }
@@ -90,7 +92,7 @@ impl Runner {
         };
         let (connection, api) = connection_api(&self.store, &self.catalog, &key, &self.guard)
             .await
-            .map_err(RunError::Setup)?;
+            .map_err(RunError::Store)?;
         let code = Arc::new(SyncCode::of(function, self.modules(&function.bundle_hash).await?));
         let (kind, label) = match call {
             Call::Event => (Kind::Event, "event"),
@@ -214,12 +216,13 @@ impl Actions {
         name: &str,
         input: &Value,
     ) -> Result<Option<Value>, TriggerError> {
-        let store = &self.runner.store;
-        store
-            .existing_connection(environment_id, integration, connection_id)
+        // The connection is read with the run (a missing one is a `Store` error then).
+        let functions = self
+            .runner
+            .store
+            .functions(environment_id)
             .await
             .map_err(TriggerError::Store)?;
-        let functions = store.functions(environment_id).await.map_err(TriggerError::Store)?;
         let of_integration: Vec<&DeployedSync> = functions.iter().filter(|f| &f.integration == integration).collect();
         let Some(action) = of_integration
             .iter()
@@ -258,6 +261,7 @@ impl Actions {
                 tracing::info!(action = name, connection = connection_id, %integration, ms, ?logs, "action ran");
                 Ok(effects.output)
             }
+            Err(RunError::Store(error)) => Err(TriggerError::Store(error)),
             Err(RunError::Setup(error)) => {
                 tracing::warn!(action = name, connection = connection_id, %integration, %error, "action not run");
                 Err(TriggerError::Setup(format!("the action could not be run: {error}")))

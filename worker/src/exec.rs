@@ -283,7 +283,9 @@ impl Executor {
         notice: Option<HeldNotice>,
     ) -> Result<(Arc<StoreHost>, Invocation), String> {
         let failed = |e: &dyn std::fmt::Display| e.to_string();
-        let (connection, api) = connection_api(&self.store, &self.catalog, key, &self.guard).await?;
+        let (connection, api) = connection_api(&self.store, &self.catalog, key, &self.guard)
+            .await
+            .map_err(|e| failed(&e))?;
         let models: Vec<String> = serde_json::from_str(&sync.models).unwrap_or_default();
         if job.empty_cache {
             for model in &models {

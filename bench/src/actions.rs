@@ -1,0 +1,94 @@
+//! Actions through the API: `POST /action/trigger` of an action that checks its input
+//! against a zod schema and answers at once (no provider call), so what is measured is
+//! hookyard's own path: the route, the store reads (connection, functions, integration),
+//! the JS thread and the answer. Postgres, a fresh database; the API in this process.
+
+use std::time::Instant;
+
+use hookyard_core::secrets::{random_bytes, Cipher};
+use hookyard_core::store::{NewConnection, NewIntegration};
+use hookyard_core::{Config, Store};
+use hookyard_testkit::PgDatabase;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::load::{run_with, Plan};
+use crate::setup::{cpu_seconds, deploy_files, postgres_cpu, postgres_cpu_since};
+
+const ACTION: &str = "import { createAction } from 'nango';
+import * as z from 'zod';
+export default createAction({
+  input: z.object({ n: z.number() }),
+  output: z.object({ n: z.number(), connection: z.string() }),
+  exec: async (nango, input) => ({ n: input.n, connection: nango.connectionId }),
+});";
+
+pub async fn run(plan: &Plan, threads: usize) -> anyhow::Result<()> {
+    let pg = PgDatabase::create().await;
+    let mut config = Config {
+        database_url: pg.url.clone(),
+        ..Config::default()
+    };
+    config.api.action_threads = threads;
+    let store = Store::connect(&config.database_url, Cipher::from_bytes(random_bytes())).await?;
+    let environment = store.ensure_environment(&"dev".parse()?).await?;
+    store
+        .create_integration(&environment, &NewIntegration::new("crm".parse()?, "generic"))
+        .await?;
+    store
+        .create_connection(
+            &environment,
+            &NewConnection {
+                integration: "crm".parse()?,
+                connection_id: "c0".into(),
+                connection_config: json!({}),
+                metadata: json!({}),
+                tags: json!({}),
+                credentials: None,
+            },
+        )
+        .await?;
+    let files = [("crm/actions/echo.ts".to_string(), ACTION.to_string())].into();
+    deploy_files(&store, &environment, &config, files).await?;
+
+    let (router, _) = hookyard_api::router(store, &config)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/action/trigger", listener.local_addr()?);
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(hookyard_api::serve(listener, router, shutdown.clone()));
+
+    let key = environment.secret_key.clone();
+    let request = move |n: u64| {
+        let mut headers = reqwest::header::HeaderMap::new();
+        let mut add = |name: &'static str, value: String| {
+            headers.insert(name, value.parse().expect("a valid header value"));
+        };
+        add("authorization", format!("Bearer {key}"));
+        add("connection-id", "c0".into());
+        add("provider-config-key", "crm".into());
+        add("content-type", "application/json".into());
+        let body = json!({"action_name": "echo", "input": {"n": n}})
+            .to_string()
+            .into_bytes();
+        (headers, body)
+    };
+    let (own, postgres, started) = (cpu_seconds("self"), postgres_cpu(), Instant::now());
+    let report = run_with(&url, plan, request).await?;
+    let (own, postgres) = (cpu_seconds("self") - own, postgres_cpu_since(&postgres));
+    shutdown.cancel();
+    let _ = server.await;
+
+    report.print(&format!(
+        "actions: POST /action/trigger of an action that checks its input and answers (no provider call), Postgres, {threads} action thread(s)"
+    ));
+    // Over the warm-up too: requests are counted over the measured span only, so the
+    // figures per 1000 are a little high.
+    let count = report.ok().max(1) as f64;
+    println!(
+        "  cpu per 1000 actions: bench process (API + load generator) {:.0} ms, Postgres {:.0} ms ({:.1}s of run)",
+        own * 1e6 / count,
+        postgres * 1e6 / count,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
