@@ -177,7 +177,7 @@ pub enum TriggerError {
     Busy,
     /// The connection is not there, or the store could not say.
     Store(StoreError),
-    /// The action could not be loaded or its connection read.
+    /// The action's bundle could not be loaded.
     Setup(String),
     /// It ran and failed.
     Function(FunctionError),
