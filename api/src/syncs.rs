@@ -126,11 +126,7 @@ async fn trigger(
             (key, auto_start)
         })
         .collect();
-    let trigger = Trigger {
-        token: hex::encode(hookyard_core::secrets::random_bytes::<8>()),
-        reset: body.opts.reset,
-        empty_cache: body.opts.empty_cache,
-    };
+    let trigger = Trigger::new(body.opts.reset, body.opts.empty_cache);
     state.store.request_trigger(&keys, &trigger).await?;
     Ok(Json(Done {
         success: true,

@@ -5,15 +5,13 @@
 
 use std::time::Instant;
 
-use hookyard_core::secrets::{random_bytes, Cipher};
-use hookyard_core::store::{NewConnection, NewIntegration};
-use hookyard_core::{Config, Store};
+use hookyard_core::Config;
 use hookyard_testkit::PgDatabase;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::load::{run_with, Plan};
-use crate::setup::{cpu_seconds, deploy_files, postgres_cpu, postgres_cpu_since};
+use crate::setup::{cpu_seconds, deploy_files, postgres_cpu, postgres_cpu_since, store_with_connection};
 
 const ACTION: &str = "import { createAction } from 'nango';
 import * as z from 'zod';
@@ -30,24 +28,7 @@ pub async fn run(plan: &Plan, threads: usize) -> anyhow::Result<()> {
         ..Config::default()
     };
     config.api.action_threads = threads;
-    let store = Store::connect(&config.database_url, Cipher::from_bytes(random_bytes())).await?;
-    let environment = store.ensure_environment(&"dev".parse()?).await?;
-    store
-        .create_integration(&environment, &NewIntegration::new("crm".parse()?, "generic"))
-        .await?;
-    store
-        .create_connection(
-            &environment,
-            &NewConnection {
-                integration: "crm".parse()?,
-                connection_id: "c0".into(),
-                connection_config: json!({}),
-                metadata: json!({}),
-                tags: json!({}),
-                credentials: None,
-            },
-        )
-        .await?;
+    let (store, environment) = store_with_connection(&config).await?;
     let files = [("crm/actions/echo.ts".to_string(), ACTION.to_string())].into();
     deploy_files(&store, &environment, &config, files).await?;
 

@@ -9,16 +9,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hookyard_core::routed::RoutedEvent;
-use hookyard_core::secrets::{random_bytes, Cipher};
 use hookyard_core::store::forwarding::{ForwardingScope, ForwardingSettings};
-use hookyard_core::store::{NewConnection, NewIntegration};
 use hookyard_core::streams::Bus;
-use hookyard_core::{Config, Store};
+use hookyard_core::Config;
 use hookyard_testkit::{raw_texts, PgDatabase};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::setup::{postgres_cpu, postgres_cpu_since, start_nats, CpuMeter};
+use crate::setup::{postgres_cpu, postgres_cpu_since, start_nats, store_with_connection, CpuMeter};
 
 pub async fn run(events: u64, by_name: bool) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -30,24 +28,7 @@ pub async fn run(events: u64, by_name: bool) -> anyhow::Result<()> {
         ..Config::default()
     };
     config.forwarding.allow_loopback = true;
-    let store = Store::connect(&config.database_url, Cipher::from_bytes(random_bytes())).await?;
-    let environment = store.ensure_environment(&"dev".parse()?).await?;
-    store
-        .create_integration(&environment, &NewIntegration::new("crm".parse()?, "generic"))
-        .await?;
-    store
-        .create_connection(
-            &environment,
-            &NewConnection {
-                integration: "crm".parse()?,
-                connection_id: "c0".into(),
-                connection_config: json!({}),
-                metadata: json!({}),
-                tags: json!({}),
-                credentials: None,
-            },
-        )
-        .await?;
+    let (store, environment) = store_with_connection(&config).await?;
 
     // The receiver: answers 200 and counts.
     let received = Arc::new(AtomicU64::new(0));

@@ -30,6 +30,34 @@ pub fn start_nats(dir: &Path) -> anyhow::Result<(EmbeddedNats, u16)> {
     Ok((nats, port))
 }
 
+/// The store at `config.database_url` with a `dev` environment, a generic `crm`
+/// integration and its connection `c0` (no credentials).
+pub async fn store_with_connection(
+    config: &hookyard_core::Config,
+) -> anyhow::Result<(hookyard_core::Store, hookyard_core::store::Environment)> {
+    use hookyard_core::secrets::{random_bytes, Cipher};
+    use hookyard_core::store::{NewConnection, NewIntegration};
+    let store = hookyard_core::Store::connect(&config.database_url, Cipher::from_bytes(random_bytes())).await?;
+    let environment = store.ensure_environment(&"dev".parse()?).await?;
+    store
+        .create_integration(&environment, &NewIntegration::new("crm".parse()?, "generic"))
+        .await?;
+    store
+        .create_connection(
+            &environment,
+            &NewConnection {
+                integration: "crm".parse()?,
+                connection_id: "c0".into(),
+                connection_config: serde_json::json!({}),
+                metadata: serde_json::json!({}),
+                tags: serde_json::json!({}),
+                credentials: None,
+            },
+        )
+        .await?;
+    Ok((store, environment))
+}
+
 /// Deploys `examples/crm-contacts` to `environment`.
 pub async fn deploy_example(
     store: &hookyard_core::Store,

@@ -189,7 +189,7 @@ pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::e
         .execute(code, invocation)
         .await
         .map_err(|e| format!("{what} failed: {e}"));
-    host.release_locks().await?;
+    host.release_locks().await;
     let effects = effects?;
     // onWebhook's writes come back collected; they go the way exec's went.
     host.apply_effects(effects.writes, effects.metadata).await?;

@@ -335,7 +335,7 @@ impl StoreHost {
                 Ok(done.map_err(store_error)?.to_string())
             }
             "releaseAllLocks" => {
-                self.release_locks().await.map_err(store_error)?;
+                self.release_all_locks().await.map_err(store_error)?;
                 Ok(String::new())
             }
             "getIntegration" => {
@@ -468,9 +468,17 @@ impl StoreHost {
         }
     }
 
-    /// Releases every lock the run took (none taken: no query). Called as the run ends,
-    /// whatever its outcome; a lock it could not release runs out at its time.
-    pub async fn release_locks(&self) -> Result<(), StoreError> {
+    /// Releases every lock the run took, as the run ends, whatever its outcome; one it
+    /// could not release (logged) runs out at its time.
+    pub async fn release_locks(&self) {
+        if let Err(error) = self.release_all_locks().await {
+            let key = &self.run.key;
+            tracing::warn!(%error, function = %key.sync, connection = %key.connection_id, "the run's locks were not released; they run out at their time");
+        }
+    }
+
+    /// `releaseAllLocks`: every lock the run holds (none taken: no query).
+    async fn release_all_locks(&self) -> Result<(), StoreError> {
         if !std::mem::take(&mut self.state().locked) {
             return Ok(());
         }
@@ -517,11 +525,7 @@ impl StoreHost {
             sync: args.sync_name.clone(),
             connection_id: args.connection_id.clone(),
         };
-        let trigger = Trigger {
-            token: hex::encode(hookyard_core::secrets::random_bytes::<8>()),
-            reset: args.full_resync,
-            empty_cache: false,
-        };
+        let trigger = Trigger::new(args.full_resync, false);
         let auto_start = sync.config["autoStart"] != false;
         store
             .request_trigger(&[(key, auto_start)], &trigger)

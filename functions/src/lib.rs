@@ -139,6 +139,22 @@ pub struct Effects {
     pub output: Option<Value>,
 }
 
+/// Counts an execution of `kind` (`on_webhook`, `exec`, `event`, `action`) in the
+/// metrics; its status (`ok`, `failed`) and its log lines.
+pub fn count_execution<'a>(
+    kind: &'static str,
+    outcome: &'a Result<Effects, FunctionError>,
+) -> (&'static str, &'a [LogLine]) {
+    use hookyard_core::metrics::names;
+    let (logs, status, elapsed) = match outcome {
+        Ok(effects) => (&effects.logs, "ok", effects.elapsed),
+        Err(error) => (&error.logs, "failed", error.elapsed),
+    };
+    metrics::counter!(names::EXECUTIONS, "kind" => kind, "status" => status).increment(1);
+    metrics::histogram!(names::EXECUTION_SECONDS, "kind" => kind).record(elapsed.as_secs_f64());
+    (status, logs)
+}
+
 /// The handler an execution runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Handler {

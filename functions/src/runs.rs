@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use hookyard_core::config::{Config, ForwardingConfig};
 use hookyard_core::keys::IntegrationKey;
-use hookyard_core::metrics::names;
 use hookyard_core::providers::Catalog;
 use hookyard_core::store::functions::DeployedSync;
 use hookyard_core::store::syncs::SyncKey;
@@ -122,15 +121,8 @@ impl Runner {
             },
         };
         let outcome = pool.execute(code, invocation).await;
-        if let Err(error) = host.release_locks().await {
-            tracing::warn!(%error, function = %function.name, "the run's locks were not released; they run out at their time");
-        }
-        let (status, elapsed) = match &outcome {
-            Ok(effects) => ("ok", effects.elapsed),
-            Err(error) => ("failed", error.elapsed),
-        };
-        metrics::counter!(names::EXECUTIONS, "kind" => label, "status" => status).increment(1);
-        metrics::histogram!(names::EXECUTION_SECONDS, "kind" => label).record(elapsed.as_secs_f64());
+        host.release_locks().await;
+        crate::count_execution(label, &outcome);
         outcome.map_err(RunError::Function)
     }
 

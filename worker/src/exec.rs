@@ -14,7 +14,6 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind};
 use hookyard_core::config::{Config, ForwardingConfig};
 use hookyard_core::exec_job::ExecJob;
-use hookyard_core::metrics::names;
 use hookyard_core::providers::Catalog;
 use hookyard_core::store::notices::{HeldNotice, SyncNotice, UNFINISHED};
 use hookyard_core::store::records::WriteCounts;
@@ -256,15 +255,8 @@ impl Executor {
             .await
             .map_err(|e| (e, Vec::new()))?;
         let outcome = self.pool.execute(sync.code.clone(), invocation).await;
-        if let Err(error) = host.release_locks().await {
-            tracing::warn!(%error, sync = %job.sync, "the run's locks were not released; they run out at their time");
-        }
-        let (logs, status, elapsed) = match &outcome {
-            Ok(effects) => (&effects.logs, "ok", effects.elapsed),
-            Err(error) => (&error.logs, "failed", error.elapsed),
-        };
-        metrics::counter!(names::EXECUTIONS, "kind" => "exec", "status" => status).increment(1);
-        metrics::histogram!(names::EXECUTION_SECONDS, "kind" => "exec").record(elapsed.as_secs_f64());
+        host.release_locks().await;
+        let (_, logs) = hookyard_functions::count_execution("exec", &outcome);
         for line in logs {
             tracing::debug!(sync = %job.sync, connection = %job.connection_id, level = %line.level, "exec log: {}", line.message);
         }

@@ -834,12 +834,7 @@ fn execution_span(task: &Task) -> tracing::Span {
 
 /// Counts an execution in the metrics and puts its log lines in its span.
 fn observe(task: &Task, result: &Result<Effects, FunctionError>, span: &mut tracing::Span) {
-    let (logs, status, elapsed) = match result {
-        Ok(effects) => (&effects.logs, "ok", effects.elapsed),
-        Err(error) => (&error.logs, "failed", error.elapsed),
-    };
-    metrics::counter!(names::EXECUTIONS, "kind" => "on_webhook", "status" => status).increment(1);
-    metrics::histogram!(names::EXECUTION_SECONDS, "kind" => "on_webhook").record(elapsed.as_secs_f64());
+    let (status, logs) = hookyard_functions::count_execution("on_webhook", result);
     if span.is_none() && !logs.is_empty() {
         *span = execution_span(task);
     }

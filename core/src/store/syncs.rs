@@ -85,6 +85,17 @@ pub struct Trigger {
     pub empty_cache: bool,
 }
 
+impl Trigger {
+    /// A new request, with a token of its own.
+    pub fn new(reset: bool, empty_cache: bool) -> Trigger {
+        Trigger {
+            token: hex::encode(crate::secrets::random_bytes::<8>()),
+            reset,
+            empty_cache,
+        }
+    }
+}
+
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunOutcome {

@@ -87,6 +87,11 @@
 
   // Nango's `nango.ActionError`: an error whose payload the caller is meant to see. Its
   // message is the payload's (Nango leaves it empty), so a failure report says it.
+  // A zod issue as `path: message` (`whole` when it is about the value itself).
+  const issueText = (issue, whole) => {
+    const { path = [], message = 'invalid' } = issue ?? {};
+    return `${path.length > 0 ? path.join('.') : whole}: ${message}`;
+  };
   const shown = (value) => {
     try {
       return JSON.stringify(value) ?? '';
@@ -131,13 +136,12 @@
         const result = schema.safeParse(record);
         if (!result.success) {
           invalid += 1;
-          first ??= { id: record.id, issue: result.error.issues[0] ?? { path: [], message: 'invalid' } };
+          first ??= { id: record.id, issue: result.error.issues[0] };
         }
       }
       if (invalid === 0) return;
-      const where = first.issue.path.length > 0 ? first.issue.path.join('.') : 'the record';
       const message = `${call}: ${invalid} of ${records.length} record(s) do not match the ${model} model; ` +
-        `the first, id ${JSON.stringify(first.id)}: ${where}: ${first.issue.message}`;
+        `the first, id ${JSON.stringify(first.id)}: ${issueText(first.issue, 'the record')}`;
       if (input.validation === 'fail') throw new TypeError(message);
       log('warn', message);
     };
@@ -384,9 +388,7 @@
     return result.success ? undefined : result.error.issues;
   };
   const mismatch = (what, issues) => {
-    const first = issues[0] ?? { path: [], message: 'invalid' };
-    const where = first.path?.length > 0 ? first.path.join('.') : 'it';
-    const error = new Error(`the ${what} does not match the action's ${what} schema: ${where}: ${first.message}`);
+    const error = new Error(`the ${what} does not match the action's ${what} schema: ${issueText(issues[0], 'it')}`);
     error.name = 'ValidationError';
     error.type = `invalid_action_${what}`;
     error.payload = { issues: copy(issues) };
