@@ -1,17 +1,20 @@
 //! `POST /action/trigger`, Nango's: runs a deployed action (`createAction`) for a
 //! connection, here in the API, and answers with what it returned. The connection comes
 //! in the `Connection-Id` and `Provider-Config-Key` headers, the action and its input in
-//! the body. The caller waits for the run (at most `api.action_limits.timeout`).
+//! the body. The caller waits for the run (at most `api.action_limits.timeout`), or with
+//! `X-Async: true` it is queued for a worker (`hookyard_core::store::action_runs`) and
+//! `GET /action/{id}` answers its outcome.
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use hookyard_core::keys::IntegrationKey;
+use hookyard_core::store::action_runs::{ActionFailure, ActionRunStatus, NewActionRun};
 use hookyard_core::store::Environment;
-use hookyard_functions::runs::TriggerError;
-use hookyard_functions::{ErrorKind, FunctionError};
-use serde::Deserialize;
+use hookyard_functions::runs::{action_failure, TriggerError};
+use hookyard_functions::FunctionError;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -21,8 +24,11 @@ use crate::error::{ApiError, Body, ErrorBody};
 use crate::records::header;
 use crate::AppState;
 
+/// Nango's bound on `X-Max-Retries`.
+const MAX_RETRIES: u32 = 5;
+
 pub fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(trigger))
+    OpenApiRouter::new().routes(routes!(trigger)).routes(routes!(result))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -39,14 +45,20 @@ pub struct TriggerRequest {
 /// A failed run answers 500 (`action_script_runtime_error` with the payload of the
 /// `ActionError` it threw; `action_script_failure` otherwise), or 424
 /// (`script_http_error`) when a provider API call it did not catch failed.
+///
+/// With `X-Async: true` the run is queued for a worker instead and the answer is 202
+/// with its id and `statusUrl` (`GET /action/{id}`); `X-Max-Retries` (0 to 5, default 0)
+/// runs it again after a failure, as long as retries remain.
 #[utoipa::path(post, operation_id = "trigger_action", path = "/action/trigger", tag = "actions",
     params(
         ("Connection-Id" = String, Header),
         ("Provider-Config-Key" = String, Header),
-        ("X-Async" = Option<bool>, Header, description = "not supported: the answer is always the run's outcome"),
+        ("X-Async" = Option<bool>, Header, description = "queue the run for a worker; answered 202 with its id"),
+        ("X-Max-Retries" = Option<u32>, Header, description = "with X-Async: runs after a failed one, 0 to 5 (default 0)"),
     ),
     request_body = TriggerRequest,
     responses((status = 200, description = "the action's output", body = Object),
+              (status = 202, description = "queued (X-Async)", body = Queued),
               (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
               (status = 424, body = ErrorBody), (status = 500, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn trigger(
@@ -59,53 +71,134 @@ async fn trigger(
     let integration: IntegrationKey = header(&headers, "Provider-Config-Key")?
         .parse()
         .map_err(|e| ApiError::invalid("Provider-Config-Key", e))?;
-    if headers
-        .get("X-Async")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
-    {
-        return Err(ApiError::invalid(
-            "X-Async",
-            "asynchronous actions are not supported: call without it and the answer is the action's output",
-        ));
+    let max_retries = match headers.get("X-Max-Retries") {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u32>().ok())
+                .filter(|n| *n <= MAX_RETRIES)
+                .ok_or_else(|| {
+                    ApiError::invalid("X-Max-Retries", format!("must be a number from 0 to {MAX_RETRIES}"))
+                })?,
+        ),
+    };
+    let asynchronous = match headers.get("X-Async").map(|v| v.to_str().map(str::trim)) {
+        None => false,
+        Some(Ok(v)) if v.eq_ignore_ascii_case("true") => true,
+        Some(Ok(v)) if v.eq_ignore_ascii_case("false") => false,
+        Some(_) => return Err(ApiError::invalid("X-Async", "must be true or false")),
+    };
+    if !asynchronous {
+        if max_retries.is_some() {
+            return Err(ApiError::invalid(
+                "X-Max-Retries",
+                "only with X-Async: true (a synchronous action is not retried: its caller sees the failure)",
+            ));
+        }
+        let output = state
+            .actions
+            .trigger(
+                environment.id,
+                &integration,
+                connection_id,
+                &request.action_name,
+                &request.input,
+            )
+            .await
+            .map_err(not_run)?;
+        return Ok(Json(output.unwrap_or(Value::Null)).into_response());
     }
-    let output = state
+    let run = state
         .actions
-        .trigger(
-            environment.id,
-            &integration,
-            connection_id,
-            &request.action_name,
-            &request.input,
-        )
+        .queue(&NewActionRun {
+            environment_id: environment.id,
+            environment: environment.name.clone(),
+            integration,
+            connection_id: connection_id.to_string(),
+            action_name: request.action_name,
+            input: request.input,
+            max_retries: max_retries.unwrap_or(0),
+        })
         .await
-        .map_err(|error| match error {
-            TriggerError::UnknownAction(message) => ApiError::not_found(message),
-            TriggerError::Busy => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", error.to_string()),
-            TriggerError::Store(error) => ApiError::from(error),
-            TriggerError::Setup(message) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message),
-            TriggerError::Function(error) => failed(error),
-        })?;
-    Ok(Json(output.unwrap_or(Value::Null)).into_response())
+        .map_err(not_run)?;
+    let queued = Queued {
+        status_url: format!("/action/{}", run.id),
+        id: run.id,
+    };
+    Ok((StatusCode::ACCEPTED, Json(queued)).into_response())
 }
 
-/// A failed run's answer: the thrown error's type and payload where it has them (Nango's
-/// codes), its first line as the message (the stack is in the log).
+/// An asynchronous action's outcome: 200 with its output once it succeeded, 500 with
+/// its error once it failed (after its retries), 404 (`action_pending`) until then.
+#[utoipa::path(get, operation_id = "action_result", path = "/action/{id}", tag = "actions",
+    params(("id" = String, Path, description = "the id `POST /action/trigger` answered with X-Async")),
+    responses((status = 200, description = "the action's output", body = Object),
+              (status = 401, body = ErrorBody),
+              (status = 404, description = "not finished yet (`action_pending`), or no such run", body = ErrorBody),
+              (status = 500, description = "it failed", body = ErrorBody)))]
+async fn result(
+    State(state): State<AppState>,
+    Extension(environment): Extension<Environment>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let run = state.store.action_run(environment.id, &id).await?;
+    match run.status {
+        ActionRunStatus::Succeeded => Ok(Json(run.output.unwrap_or(Value::Null)).into_response()),
+        ActionRunStatus::Failed => {
+            let failure = run.error.unwrap_or_else(|| ActionFailure {
+                code: "action_script_failure".into(),
+                message: "the run failed".into(),
+                payload: None,
+            });
+            Err(ApiError::from_failure(StatusCode::INTERNAL_SERVER_ERROR, failure))
+        }
+        ActionRunStatus::Waiting | ActionRunStatus::Running => {
+            let status = if run.status == ActionRunStatus::Running {
+                "running"
+            } else if run.attempts == 0 {
+                "queued"
+            } else {
+                "waiting to be retried"
+            };
+            let message = format!(
+                "action run {id} ({} for connection {}) has not finished: {status}, attempt {} of {}",
+                run.action_name,
+                run.connection_id,
+                run.attempts.max(1),
+                run.max_retries + 1
+            );
+            Err(ApiError::new(StatusCode::NOT_FOUND, "action_pending", message))
+        }
+    }
+}
+
+/// `X-Async`'s answer.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Queued {
+    id: String,
+    /// Where its outcome will be: `/action/{id}`.
+    status_url: String,
+}
+
+/// Why an action was not run, or failed.
+fn not_run(error: TriggerError) -> ApiError {
+    match error {
+        TriggerError::UnknownAction(message) => ApiError::not_found(message),
+        TriggerError::Busy => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", error.to_string()),
+        TriggerError::Store(error) => ApiError::from(error),
+        TriggerError::Setup(message) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message),
+        TriggerError::Function(error) => failed(error),
+    }
+}
+
+/// A failed run's answer.
 fn failed(error: FunctionError) -> ApiError {
-    let first_line = |text: &str| text.lines().next().unwrap_or_default().to_string();
-    let Some(thrown) = error.thrown.clone().filter(|_| error.kind == ErrorKind::Thrown) else {
-        return ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "action_script_failure",
-            error.summary(),
-        );
-    };
-    let (status, code) = match thrown.error_type.as_str() {
-        "invalid_action_input" => (StatusCode::BAD_REQUEST, "invalid_action_input"),
-        "invalid_action_output" => (StatusCode::INTERNAL_SERVER_ERROR, "invalid_action_output"),
-        "script_http_error" => (StatusCode::FAILED_DEPENDENCY, "script_http_error"),
-        "action_script_runtime_error" => (StatusCode::INTERNAL_SERVER_ERROR, "action_script_runtime_error"),
-        _ => (StatusCode::INTERNAL_SERVER_ERROR, "action_script_failure"),
-    };
-    ApiError::new(status, code, first_line(&error.message)).with_payload(thrown.payload)
+    let (status, failure) = action_failure(&error);
+    ApiError::from_failure(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        failure,
+    )
 }

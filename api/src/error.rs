@@ -7,6 +7,9 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use std::borrow::Cow;
+
+use hookyard_core::store::action_runs::ActionFailure;
 use hookyard_core::store::StoreError;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -15,7 +18,7 @@ use utoipa::ToSchema;
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
-    code: &'static str,
+    code: Cow<'static, str>,
     message: String,
     payload: Option<serde_json::Value>,
 }
@@ -43,14 +46,20 @@ impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
-            code,
+            code: Cow::Borrowed(code),
             message: message.into(),
             payload: None,
         }
     }
 
-    pub fn with_payload(self, payload: Option<serde_json::Value>) -> ApiError {
-        ApiError { payload, ..self }
+    /// A failed action's answer, with the code, message and payload it failed with.
+    pub fn from_failure(status: StatusCode, failure: ActionFailure) -> ApiError {
+        ApiError {
+            status,
+            code: Cow::Owned(failure.code),
+            message: failure.message,
+            payload: failure.payload,
+        }
     }
 
     /// A 400 about one field of the request.

@@ -257,6 +257,15 @@ pub struct ApiConfig {
     pub action_threads: usize,
     /// Per action run; the caller waits for it.
     pub action_limits: FunctionLimits,
+    /// An asynchronous action (`X-Async: true`) that failed and may be retried
+    /// (`X-Max-Retries`) waits this before its first retry, twice as long before each
+    /// next one, at most 5 minutes.
+    #[serde(with = "humantime_serde")]
+    pub async_retry_delay: Duration,
+    /// How long an asynchronous action's outcome stays readable (`GET /action/{id}`)
+    /// after it finished.
+    #[serde(with = "humantime_serde")]
+    pub async_results_kept: Duration,
 }
 
 /// The encryption key's text; never printed.
@@ -397,6 +406,8 @@ impl Default for ApiConfig {
                 cpu_budget: Duration::from_secs(30),
                 timeout: Duration::from_secs(60),
             },
+            async_retry_delay: Duration::from_secs(5),
+            async_results_kept: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -580,6 +591,12 @@ impl Config {
         }
         if !(1..=64).contains(&self.api.action_threads) {
             problems.push("api.action_threads must be between 1 and 64".into());
+        }
+        if !(Duration::from_millis(10)..=Duration::from_secs(3600)).contains(&self.api.async_retry_delay) {
+            problems.push("api.async_retry_delay must be between 10ms and 1h".into());
+        }
+        if self.api.async_results_kept < Duration::from_secs(60) {
+            problems.push("api.async_results_kept must be at least 1m".into());
         }
         if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&worker.exec_lease) {
             problems.push("worker.exec_lease must be between 1s and 1h".into());

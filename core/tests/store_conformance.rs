@@ -131,6 +131,7 @@ async fn conformance(store: Store, url: Option<&str>) {
     schedule_slots(&store, &dev).await;
     delivery_attempts(&store).await;
     locks(&store, &dev, &prod).await;
+    action_runs(&store, &dev).await;
 
     assert!(store.delete_integration(dev.id, &new.unique_key).await.unwrap());
     assert!(!store.delete_integration(dev.id, &new.unique_key).await.unwrap());
@@ -422,6 +423,149 @@ async fn locks(store: &Store, dev: &Environment, prod: &Environment) {
         "locks whose time ran out are cleared with them"
     );
     assert!(!take(prod, "run-e", now).await, "prod's holder kept its own");
+}
+
+async fn action_runs(store: &Store, dev: &Environment) {
+    use chrono::SubsecRound as _;
+    use hookyard_core::store::action_runs::{ActionFailure, ActionOutcome, ActionRunStatus, NewActionRun};
+    // Both back ends keep milliseconds.
+    let now = chrono::Utc::now().trunc_subsecs(3);
+    let at = |seconds| now + chrono::Duration::seconds(seconds);
+    let lease = std::time::Duration::from_secs(60);
+    let new = |name: &str, max_retries| NewActionRun {
+        environment_id: dev.id,
+        environment: dev.name.clone(),
+        integration: "crm".parse().unwrap(),
+        connection_id: "c-1".into(),
+        action_name: name.into(),
+        input: json!({"email": "ada@example.com"}),
+        max_retries,
+    };
+    let first = store.queue_action_run(&new("first", 1), now).await.unwrap();
+    let second = store.queue_action_run(&new("second", 0), at(1000)).await.unwrap();
+    assert_ne!(first.id, second.id);
+    assert_eq!(
+        (first.status, first.attempts, first.max_retries),
+        (ActionRunStatus::Waiting, 0, 1)
+    );
+    assert_eq!(store.action_run(dev.id, &first.id).await.unwrap(), first);
+    assert!(
+        matches!(
+            store.action_run(dev.id + 1000, &first.id).await,
+            Err(StoreError::NotFound(_))
+        ),
+        "another environment's run is not found"
+    );
+
+    assert!(
+        store.claim_action_runs(at(-1), lease, 10).await.unwrap().is_empty(),
+        "not due yet"
+    );
+    let claimed = store.claim_action_runs(now, lease, 10).await.unwrap();
+    assert_eq!(claimed.len(), 1, "only the first is due");
+    assert_eq!((claimed[0].status, claimed[0].attempts), (ActionRunStatus::Running, 1));
+    assert_eq!(claimed[0].run_after, at(60), "its lease");
+    assert!(
+        store.claim_action_runs(at(2), lease, 10).await.unwrap().is_empty(),
+        "a leased run is not claimed twice"
+    );
+
+    // The first fails and waits for its retry; an attempt's writes are fenced.
+    let failure = ActionFailure {
+        code: "action_script_runtime_error".into(),
+        message: "no".into(),
+        payload: Some(json!({"why": 1})),
+    };
+    assert!(store
+        .defer_action_run(&first.id, 1, Some(&failure), at(5))
+        .await
+        .unwrap());
+    assert!(
+        !store
+            .defer_action_run(&first.id, 1, Some(&failure), at(5))
+            .await
+            .unwrap(),
+        "no longer running"
+    );
+    let waiting = store.action_run(dev.id, &first.id).await.unwrap();
+    assert_eq!(
+        (waiting.status, waiting.attempts, waiting.error.as_ref()),
+        (ActionRunStatus::Waiting, 1, Some(&failure))
+    );
+    let retried = store.claim_action_runs(at(5), lease, 10).await.unwrap();
+    assert_eq!(retried.iter().map(|r| r.attempts).collect::<Vec<_>>(), [2]);
+    // Its worker dies: once the lease lapses another claims it (a third attempt), and
+    // the first worker's late outcome is refused.
+    let again = store.claim_action_runs(at(65), lease, 10).await.unwrap();
+    assert_eq!(
+        again.iter().map(|r| (r.id.as_str(), r.attempts)).collect::<Vec<_>>(),
+        [(first.id.as_str(), 3)]
+    );
+    let done = ActionOutcome::Succeeded(Some(json!({"id": "c_1"})));
+    assert!(
+        !store.finish_action_run(&first.id, 2, &done, at(65)).await.unwrap(),
+        "fenced"
+    );
+    assert!(store.finish_action_run(&first.id, 3, &done, at(65)).await.unwrap());
+    let finished = store.action_run(dev.id, &first.id).await.unwrap();
+    assert_eq!(
+        (finished.status, finished.output, finished.finished_at),
+        (ActionRunStatus::Succeeded, Some(json!({"id": "c_1"})), Some(at(65)))
+    );
+    assert!(
+        store.claim_action_runs(at(900), lease, 10).await.unwrap().is_empty(),
+        "a finished run is never claimed"
+    );
+
+    // An attempt that did not run is not counted.
+    let taken = store.claim_action_runs(at(1000), lease, 10).await.unwrap();
+    assert_eq!(
+        taken.iter().map(|r| (r.id.as_str(), r.attempts)).collect::<Vec<_>>(),
+        [(second.id.as_str(), 1)]
+    );
+    assert!(store.defer_action_run(&second.id, 1, None, at(1000)).await.unwrap());
+    assert_eq!(store.action_run(dev.id, &second.id).await.unwrap().attempts, 0);
+    let taken = store.claim_action_runs(at(1000), lease, 10).await.unwrap();
+    let failed = ActionOutcome::Failed(failure.clone());
+    assert!(store
+        .finish_action_run(&second.id, taken[0].attempts, &failed, at(1001))
+        .await
+        .unwrap());
+    let second = store.action_run(dev.id, &second.id).await.unwrap();
+    assert_eq!((second.status, second.error), (ActionRunStatus::Failed, Some(failure)));
+
+    // Completion webhooks not queued yet, then pruning.
+    let ids =
+        |runs: Vec<hookyard_core::store::action_runs::ActionRun>| runs.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store.unnotified_action_runs(at(1002), 10).await.unwrap()),
+        [first.id.clone(), second.id.clone()]
+    );
+    assert!(
+        store.unnotified_action_runs(at(65), 10).await.unwrap().is_empty(),
+        "finished before"
+    );
+    store
+        .action_runs_notified(std::slice::from_ref(&first.id))
+        .await
+        .unwrap();
+    let owed = store.unnotified_action_runs(at(1002), 10).await.unwrap();
+    assert_eq!(ids(owed), [second.id.as_str()]);
+    let queued = store.queue_action_run(&new("third", 0), now).await.unwrap();
+    assert_eq!(store.prune_action_runs(at(66)).await.unwrap(), 1, "finished before");
+    assert!(matches!(
+        store.action_run(dev.id, &first.id).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(
+        store.prune_action_runs(at(2000)).await.unwrap(),
+        1,
+        "unfinished runs stay"
+    );
+    assert_eq!(
+        store.action_run(dev.id, &queued.id).await.unwrap().status,
+        ActionRunStatus::Waiting
+    );
 }
 
 async fn owed_events(store: &Store, dev: &Environment, new: &dyn Fn(&str) -> NewConnection) {

@@ -1,5 +1,6 @@
 //! A deployed function run for one connection on a pool of the caller's: the API's event
-//! functions, and actions ([`Actions`]: `POST /action/trigger` and `nango.triggerAction`).
+//! functions, and actions ([`Actions`]: `POST /action/trigger`, `nango.triggerAction`,
+//! and the asynchronous actions workers take from the store).
 //! Each run gets the provider API and the store through a host of its own, as an exec run
 //! does.
 
@@ -10,6 +11,7 @@ use std::time::Instant;
 use hookyard_core::config::{Config, ForwardingConfig};
 use hookyard_core::keys::IntegrationKey;
 use hookyard_core::providers::Catalog;
+use hookyard_core::store::action_runs::{ActionFailure, ActionRun, NewActionRun};
 use hookyard_core::store::functions::DeployedSync;
 use hookyard_core::store::syncs::SyncKey;
 use hookyard_core::store::StoreError;
@@ -20,7 +22,7 @@ use tokio::sync::Semaphore;
 use crate::compile::stored_modules;
 use crate::host::{connection_api, exec_invocation, Kind, Mode, Run, StoreHost};
 use crate::pool::{Pool, SyncCode};
-use crate::{Effects, FunctionError, Handler, Invocation, RecordValidation};
+use crate::{Effects, ErrorKind, FunctionError, Handler, Invocation, RecordValidation};
 
 /// Bundles kept decoded (a bundle never changes under its hash): a function run often
 /// does not read its bytecode from the database each time.
@@ -198,6 +200,49 @@ impl Actions {
         }
     }
 
+    /// The deployed action `name` of `integration`.
+    pub async fn find(
+        &self,
+        environment_id: i64,
+        integration: &IntegrationKey,
+        name: &str,
+    ) -> Result<DeployedSync, TriggerError> {
+        let functions = self
+            .runner
+            .store
+            .functions(environment_id)
+            .await
+            .map_err(TriggerError::Store)?;
+        let of_integration: Vec<&DeployedSync> = functions.iter().filter(|f| &f.integration == integration).collect();
+        match of_integration
+            .iter()
+            .find(|f| f.name == name && f.config["type"] == "action")
+        {
+            Some(action) => Ok((*action).clone()),
+            None => Err(TriggerError::UnknownAction(unknown_action(
+                integration,
+                name,
+                &of_integration,
+            ))),
+        }
+    }
+
+    /// Queues `new` for a worker to run (an asynchronous action), once its action and its
+    /// connection are known to be there.
+    pub async fn queue(&self, new: &NewActionRun) -> Result<ActionRun, TriggerError> {
+        self.find(new.environment_id, &new.integration, &new.action_name)
+            .await?;
+        let store = &self.runner.store;
+        store
+            .existing_connection(new.environment_id, &new.integration, &new.connection_id)
+            .await
+            .map_err(TriggerError::Store)?;
+        store
+            .queue_action_run(new, chrono::Utc::now())
+            .await
+            .map_err(TriggerError::Store)
+    }
+
     /// Runs the action `name` of `integration` for the connection with `input`; what it
     /// returned (`None` for nothing or `null`).
     pub async fn trigger(
@@ -209,23 +254,7 @@ impl Actions {
         input: &Value,
     ) -> Result<Option<Value>, TriggerError> {
         // The connection is read with the run (a missing one is a `Store` error then).
-        let functions = self
-            .runner
-            .store
-            .functions(environment_id)
-            .await
-            .map_err(TriggerError::Store)?;
-        let of_integration: Vec<&DeployedSync> = functions.iter().filter(|f| &f.integration == integration).collect();
-        let Some(action) = of_integration
-            .iter()
-            .find(|f| f.name == name && f.config["type"] == "action")
-        else {
-            return Err(TriggerError::UnknownAction(unknown_action(
-                integration,
-                name,
-                &of_integration,
-            )));
-        };
+        let action = self.find(environment_id, integration, name).await?;
         let Ok(room) = self.room.clone().try_acquire_owned() else {
             return Err(TriggerError::Busy);
         };
@@ -233,12 +262,7 @@ impl Actions {
         // A task of its own, which holds its room until the run ends: a caller that goes
         // away (an HTTP client that hangs up) leaves the run on its thread, and must not
         // leave room for one more meanwhile.
-        let (actions, action, connection, input) = (
-            self.clone(),
-            (*action).clone(),
-            connection_id.to_string(),
-            input.to_string(),
-        );
+        let (actions, connection, input) = (self.clone(), connection_id.to_string(), input.to_string());
         let outcome = tokio::spawn(async move {
             let _room = room;
             let call = Call::Action(input.into());
@@ -264,6 +288,34 @@ impl Actions {
             }
         }
     }
+}
+
+/// How a failed action answers, as Nango's: the HTTP status `POST /action/trigger` gives
+/// it, and the thrown error's type and payload where it has them, its first line as the
+/// message (the stack is in the log).
+pub fn action_failure(error: &FunctionError) -> (u16, ActionFailure) {
+    let first_line = |text: &str| text.lines().next().unwrap_or_default().to_string();
+    let Some(thrown) = error.thrown.as_ref().filter(|_| error.kind == ErrorKind::Thrown) else {
+        let failure = ActionFailure {
+            code: "action_script_failure".into(),
+            message: error.summary(),
+            payload: None,
+        };
+        return (500, failure);
+    };
+    let (status, code) = match thrown.error_type.as_str() {
+        "invalid_action_input" => (400, "invalid_action_input"),
+        "invalid_action_output" => (500, "invalid_action_output"),
+        "script_http_error" => (424, "script_http_error"),
+        "action_script_runtime_error" => (500, "action_script_runtime_error"),
+        _ => (500, "action_script_failure"),
+    };
+    let failure = ActionFailure {
+        code: code.into(),
+        message: first_line(&error.message),
+        payload: thrown.payload.clone(),
+    };
+    (status, failure)
 }
 
 /// The action is not deployed; what is, said.

@@ -993,6 +993,7 @@ async fn openapi_document_is_valid_and_lists_every_route() {
         "GET /logs",
         "GET /logs/{id}",
         "POST /action/trigger",
+        "GET /action/{id}",
     ]
     .into_iter()
     .map(String::from)

@@ -995,9 +995,15 @@ async fn actions_run_for_a_connection_and_answer_what_they_return() {
         ),
         (
             json!({"action_name": "spin"}),
-            vec![("X-Async", "true")],
+            vec![("X-Async", "maybe")],
             400,
-            "X-Async: asynchronous actions are not supported",
+            "X-Async: must be true or false",
+        ),
+        (
+            json!({"action_name": "spin"}),
+            vec![("X-Max-Retries", "1")],
+            400,
+            "X-Max-Retries: only with X-Async: true",
         ),
         (json!({"input": {}}), vec![], 400, "body: missing field `action_name`"),
     ] {
@@ -1050,6 +1056,189 @@ async fn actions_run_for_a_connection_and_answer_what_they_return() {
         let line = format!("hookyard_executions_total{{kind=\"action\",status=\"{status}\"}} {count}");
         assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
     }
+}
+
+/// An action that fails until its attempt `input.succeedOn` (counted in the
+/// connection's metadata), then answers how many it took.
+const FLAKY: &str = r#"
+import { createAction } from 'nango';
+export default createAction({
+  exec: async (nango, input) => {
+    const tries = ((await nango.getMetadata()).tries || 0) + 1;
+    await nango.updateMetadata({ tries });
+    if (tries < input.succeedOn) throw new nango.ActionError({ message: 'not yet', tries });
+    return { tries };
+  },
+});
+"#;
+
+impl Setup {
+    /// `GET /action/{id}`: its status and body.
+    async fn action_result(&self, id: &str) -> (u16, Value) {
+        let response = self
+            .h
+            .http
+            .get(format!("{}/action/{id}", self.h.api))
+            .bearer_auth(&self.h.environment.secret_key)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Triggers `body` with `X-Async: true` and `headers`; the run's id.
+    async fn trigger_async(&self, body: Value, headers: &[(&str, &str)]) -> String {
+        let headers: Vec<(&str, &str)> = [("X-Async", "true")]
+            .into_iter()
+            .chain(headers.iter().copied())
+            .collect();
+        let (status, answer) = self.trigger(body, &headers).await;
+        assert_eq!(status, 202, "{answer}");
+        let id = answer["id"].as_str().expect("an id").to_string();
+        assert_eq!(answer["statusUrl"], format!("/action/{id}"));
+        id
+    }
+
+    /// `GET /action/{id}` once the run has finished.
+    async fn finished_action(&self, id: &str) -> (u16, Value) {
+        eventually("the asynchronous action to finish", Duration::from_secs(30), || async {
+            let (status, body) = self.action_result(id).await;
+            (body["error"]["code"] != "action_pending").then_some((status, body))
+        })
+        .await
+    }
+}
+
+#[tokio::test]
+async fn asynchronous_actions_are_queued_run_by_a_worker_retried_and_announced() {
+    let s = setup_on(None, &[("c0", json!({}), api_key())], false, |config| {
+        config.api.action_limits.timeout = Duration::from_secs(2);
+        config.api.action_limits.cpu_budget = Duration::from_secs(1);
+        config.api.async_retry_delay = Duration::from_millis(50);
+        config.forwarding.notices_resend_after = Duration::from_millis(500);
+    })
+    .await;
+    s.h.deploy(&[
+        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false")),
+        ("crm/actions/flaky.js", FLAKY.to_string()),
+        ("crm/actions/wait.js", WAIT.to_string()),
+    ])
+    .await;
+    let receiver = Receiver::start(&[]).await;
+    s.forward_to(&receiver.url).await;
+
+    // Queued, then run by a worker: not finished while it runs (it waits out its 2 s
+    // timeout), then its failure.
+    let waiting = s.trigger_async(json!({"action_name": "wait"}), &[]).await;
+    let (status, body) = s.action_result(&waiting).await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (404, &json!("action_pending")),
+        "{body}"
+    );
+    let (status, body) = s.finished_action(&waiting).await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"]["code"], "action_script_failure");
+    assert!(
+        body["error"]["message"].as_str().unwrap().starts_with("timeout: "),
+        "{body}"
+    );
+
+    // Retried while X-Max-Retries allows: the third attempt succeeds.
+    let flaky = |succeed_on: u32| json!({"action_name": "flaky", "input": {"succeedOn": succeed_on}});
+    let succeeds = s.trigger_async(flaky(3), &[("X-Max-Retries", "2")]).await;
+    let (status, body) = s.finished_action(&succeeds).await;
+    assert_eq!((status, &body), (200, &json!({"tries": 3})));
+    // Without enough retries: the last attempt's error, ActionError's payload included.
+    let fails = s.trigger_async(flaky(10), &[("X-Max-Retries", "1")]).await;
+    let (status, body) = s.finished_action(&fails).await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"]["code"], "action_script_runtime_error");
+    assert_eq!(body["error"]["payload"], json!({"message": "not yet", "tries": 5}));
+    let run = s.h.store.action_run(s.h.environment.id, &fails).await.unwrap();
+    assert_eq!((run.attempts, run.max_retries), (2, 1));
+
+    // Each finished run is announced to the app, Nango's way.
+    let hits = receiver.wait_hits(3).await;
+    let mut announced: Vec<String> = hits
+        .iter()
+        .map(|hit| {
+            let body = hit.json();
+            assert_eq!(body["type"], "async_action", "{body}");
+            assert_eq!(
+                (&body["connectionId"], &body["providerConfigKey"]),
+                (&json!("c0"), &json!("crm"))
+            );
+            let id = body["payload"]["id"].as_str().unwrap().to_string();
+            assert_eq!(body["payload"]["statusUrl"], format!("/action/{id}"));
+            id
+        })
+        .collect();
+    announced.sort();
+    let mut expected = vec![waiting.clone(), succeeds.clone(), fails.clone()];
+    expected.sort();
+    assert_eq!(announced, expected);
+
+    // A run whose worker finished it but did not announce it (it died first) is
+    // announced by a worker's sweep. (Queued an hour ahead, so that no worker takes it.)
+    use hookyard_core::store::action_runs::{ActionOutcome, NewActionRun};
+    let later = Utc::now() + chrono::Duration::hours(1);
+    let left = NewActionRun {
+        environment_id: s.h.environment.id,
+        environment: s.h.environment.name.clone(),
+        integration: "crm".parse().unwrap(),
+        connection_id: "c0".into(),
+        action_name: "flaky".into(),
+        input: json!({}),
+        max_retries: 0,
+    };
+    let left = s.h.store.queue_action_run(&left, later).await.unwrap();
+    let claimed =
+        s.h.store
+            .claim_action_runs(later, Duration::from_secs(60), 1)
+            .await
+            .unwrap();
+    assert_eq!(claimed[0].id, left.id);
+    let done = ActionOutcome::Succeeded(None);
+    assert!(s
+        .h
+        .store
+        .finish_action_run(&left.id, 1, &done, Utc::now())
+        .await
+        .unwrap());
+    let hits = receiver.wait_hits(4).await;
+    assert_eq!(hits[3].json()["payload"]["id"], left.id);
+    assert_eq!(s.action_result(&left.id).await, (200, Value::Null));
+
+    // What cannot be queued is said at once.
+    for (body, headers, expected, says) in [
+        (
+            json!({"action_name": "nope"}),
+            vec![("X-Async", "true")],
+            404,
+            "integration crm has no action named \"nope\"",
+        ),
+        (
+            flaky(1),
+            vec![("X-Async", "true"), ("Connection-Id", "c9")],
+            404,
+            "connection c9 of integration crm does not exist",
+        ),
+        (
+            flaky(1),
+            vec![("X-Async", "true"), ("X-Max-Retries", "6")],
+            400,
+            "X-Max-Retries: must be a number from 0 to 5",
+        ),
+    ] {
+        let (status, answer) = s.trigger(body.clone(), &headers).await;
+        assert_eq!(status, expected, "{body} {headers:?}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.starts_with(says), "{body} {headers:?}: {message}");
+    }
+    let (status, body) = s.action_result("nope").await;
+    assert_eq!((status, &body["error"]["code"]), (404, &json!("not_found")), "{body}");
 }
 
 /// A sync whose exec runs the `subscribe` action through `nango.triggerAction`, once as

@@ -93,6 +93,11 @@ impl Executor {
         })
     }
 
+    /// The action threads, which asynchronous actions run on too.
+    pub(crate) fn actions(&self) -> Arc<Actions> {
+        self.actions.clone()
+    }
+
     /// Consumes `HOOKS_EXEC` until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), WorkerError> {
         let config = async_nats::jetstream::consumer::pull::Config {

@@ -10,6 +10,7 @@
 //! group's executions stop finishing, those done are committed, and the events still
 //! running commit on their own when they end.
 
+pub mod async_actions;
 pub mod deliver;
 pub mod deployments;
 pub mod exec;
@@ -919,8 +920,8 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box
     Ok(())
 }
 
-/// The worker's four consumers (functions, exec, forwarder, deliverer) and the sweep of
-/// left-behind sync notices until shutdown; when a consumer stops on an error the others
+/// The worker's four consumers (functions, exec, forwarder, deliverer), asynchronous
+/// actions and the sweep of left-behind sync notices until shutdown; when a consumer stops on an error the others
 /// are stopped too.
 pub async fn run_all(store: Store, bus: &Bus, config: &Config, shutdown: CancellationToken) -> Result<(), WorkerError> {
     let worker = Arc::new(Worker::new(store.clone(), bus, config));
@@ -941,13 +942,20 @@ pub async fn run_all(store: Store, bus: &Bus, config: &Config, shutdown: Cancell
         &config.forwarding,
         worker.oplog.clone(),
     )?);
+    let async_actions = Arc::new(async_actions::AsyncActions::new(
+        worker.store.clone(),
+        executor.actions(),
+        worker.settings.clone(),
+        bus.jetstream.clone(),
+        config,
+    ));
     let stopping = |outcome: Result<(), WorkerError>| {
         if outcome.is_err() {
             shutdown.cancel();
         }
         outcome
     };
-    let (functions, execs, forwarding, deliveries, ()) = tokio::join!(
+    let (functions, execs, forwarding, deliveries, (), ()) = tokio::join!(
         async { stopping(worker.clone().run(shutdown.clone()).await) },
         async { stopping(executor.run(shutdown.clone()).await) },
         async { stopping(forwarder.run(shutdown.clone()).await) },
@@ -959,6 +967,7 @@ pub async fn run_all(store: Store, bus: &Bus, config: &Config, shutdown: Cancell
             config.forwarding.notices_resend_after,
             shutdown.clone()
         ),
+        async_actions.run(shutdown.clone()),
     );
     functions.and(execs).and(forwarding).and(deliveries)
 }

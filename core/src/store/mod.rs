@@ -111,6 +111,7 @@ macro_rules! in_transaction {
     };
 }
 
+pub mod action_runs;
 mod clock;
 mod connections;
 pub(crate) mod tx;
@@ -205,6 +206,11 @@ impl Store {
         on_pool!(self, |pool| sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))?;
         Ok(())
     }
+}
+
+/// A lease or a wait as chrono's (one too long to say is as long as it gets).
+pub fn chrono_duration(duration: std::time::Duration) -> chrono::Duration {
+    chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX)
 }
 
 /// A timestamp in a JSON parameter: as the SQLite driver writes one (so that stored ones

@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::{Pool, Store, StoreError};
+use super::{chrono_duration, Pool, Store, StoreError};
 use crate::routed::ReplayTarget;
 
 /// What to replay.
@@ -305,8 +305,4 @@ impl Store {
         .map(|_| ()))?;
         Ok(())
     }
-}
-
-fn chrono_duration(duration: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX)
 }

@@ -1,0 +1,326 @@
+//! Asynchronous actions (`X-Async: true`): the API queues them in the store
+//! ([`hookyard_core::store::action_runs`]); every worker claims due runs, as many as it
+//! has action threads free, for a lease (the action's timeout and a minute), runs them
+//! on those threads (`api.action_threads`) and writes the outcome. A failed run is tried
+//! again while `X-Max-Retries` allows, after `api.async_retry_delay`, doubled each time.
+//!
+//! When a run ends, Nango's completion webhook (`type: "async_action"`, with the run's id
+//! and status URL) goes to the connection's forwarding destinations through `HOOKS_FWD`.
+//! A run whose webhook its worker did not queue (it died, NATS was away) is sent by the
+//! sweep, as sync notices are.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use chrono::Utc;
+use hookyard_core::store::action_runs::{ActionFailure, ActionOutcome, ActionRun};
+use hookyard_core::store::{chrono_duration as chrono_delay, StoreError};
+use hookyard_core::Store;
+use hookyard_functions::runs::{action_failure, Actions, TriggerError};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::forward::Delivery;
+use crate::settings::Settings;
+use crate::WorkerError;
+
+/// How often a worker looks for due runs (and after each run it ends).
+const POLL: Duration = Duration::from_millis(500);
+/// The longest wait before a retry.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
+/// Finished runs whose webhooks are sent per pass of the sweep.
+const SWEEP_BATCH: usize = 200;
+
+pub struct AsyncActions {
+    store: Store,
+    actions: Arc<Actions>,
+    settings: Arc<Settings>,
+    jetstream: jetstream::Context,
+    threads: usize,
+    lease: Duration,
+    retry_delay: Duration,
+    results_kept: Duration,
+    resend_after: Duration,
+}
+
+/// What became of one attempt.
+#[derive(Debug, PartialEq)]
+enum Next {
+    Finish(ActionOutcome),
+    /// Failed; retried after the delay.
+    Retry(ActionFailure),
+    /// Not run (the store or the threads were not there for it): again after the delay,
+    /// not counted as an attempt.
+    Again,
+}
+
+impl AsyncActions {
+    pub fn new(
+        store: Store,
+        actions: Arc<Actions>,
+        settings: Arc<Settings>,
+        jetstream: jetstream::Context,
+        config: &hookyard_core::Config,
+    ) -> AsyncActions {
+        AsyncActions {
+            store,
+            actions,
+            settings,
+            jetstream,
+            threads: config.api.action_threads,
+            lease: config.api.action_limits.timeout + Duration::from_secs(60),
+            retry_delay: config.api.async_retry_delay,
+            results_kept: config.api.async_results_kept,
+            resend_after: config.forwarding.notices_resend_after,
+        }
+    }
+
+    /// Claims and runs due runs until `shutdown`, then lets the ones under way end.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let free = Arc::new(Semaphore::new(self.threads));
+        let mut running = JoinSet::new();
+        let mut swept = tokio::time::Instant::now();
+        loop {
+            let room = free.available_permits();
+            if room > 0 {
+                match self.store.claim_action_runs(Utc::now(), self.lease, room).await {
+                    Ok(claimed) => {
+                        for run in claimed {
+                            let permit = free.clone().try_acquire_owned().expect("claimed no more than free");
+                            let this = self.clone();
+                            running.spawn(async move {
+                                this.attempt(run).await;
+                                drop(permit);
+                            });
+                        }
+                    }
+                    Err(error) => tracing::warn!(%error, "asynchronous actions could not be claimed; trying again"),
+                }
+            }
+            if swept.elapsed() >= self.resend_after / 2 {
+                swept = tokio::time::Instant::now();
+                self.sweep().await;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(POLL) => {}
+                Some(_) = running.join_next() => {}
+            }
+        }
+        if !running.is_empty() {
+            tracing::info!(
+                runs = running.len(),
+                "waiting for the asynchronous actions under way to end"
+            );
+        }
+        while running.join_next().await.is_some() {}
+    }
+
+    /// Runs one claimed attempt and writes what became of it.
+    async fn attempt(&self, run: ActionRun) {
+        let outcome = if run.attempts > run.max_retries + 1 {
+            // Its last attempt's worker died mid-run: no retry remains.
+            Next::Finish(ActionOutcome::Failed(ActionFailure {
+                code: "action_script_failure".into(),
+                message: "the run's worker stopped before it ended, and no retries remain".into(),
+                payload: None,
+            }))
+        } else {
+            let triggered = self
+                .actions
+                .trigger(
+                    run.environment_id,
+                    &run.integration,
+                    &run.connection_id,
+                    &run.action_name,
+                    &run.input,
+                )
+                .await;
+            next(triggered, run.attempts, run.max_retries)
+        };
+        let now = Utc::now();
+        let written = match &outcome {
+            Next::Finish(outcome) => self.store.finish_action_run(&run.id, run.attempts, outcome, now).await,
+            Next::Retry(failure) => {
+                let after = now + chrono_delay(retry_delay(self.retry_delay, run.attempts));
+                self.store
+                    .defer_action_run(&run.id, run.attempts, Some(failure), after)
+                    .await
+            }
+            Next::Again => {
+                let after = now + chrono_delay(self.retry_delay);
+                self.store.defer_action_run(&run.id, run.attempts, None, after).await
+            }
+        };
+        match written {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(id = %run.id, attempt = run.attempts, "asynchronous action outlived its lease: another attempt took it; this one's outcome is dropped");
+                return;
+            }
+            Err(error) => {
+                // The lease lapses and the run is claimed again (one attempt more).
+                tracing::warn!(id = %run.id, %error, "an asynchronous action's outcome could not be written");
+                return;
+            }
+        }
+        match &outcome {
+            Next::Finish(ActionOutcome::Succeeded(_)) => {
+                tracing::info!(id = %run.id, action = %run.action_name, connection = %run.connection_id, attempt = run.attempts, "asynchronous action succeeded");
+            }
+            Next::Finish(ActionOutcome::Failed(failure)) => {
+                tracing::warn!(id = %run.id, action = %run.action_name, connection = %run.connection_id, attempt = run.attempts, code = %failure.code, message = %failure.message, "asynchronous action failed");
+            }
+            Next::Retry(failure) => {
+                tracing::info!(id = %run.id, action = %run.action_name, attempt = run.attempts, code = %failure.code, message = %failure.message, "asynchronous action failed; it will be retried");
+                return;
+            }
+            Next::Again => return,
+        }
+        if let Err(error) = self.notify(std::slice::from_ref(&run)).await {
+            tracing::warn!(id = %run.id, %error, "the completion webhook could not be queued now; the sweep will");
+        }
+    }
+
+    /// Queues the completion webhooks of finished `runs` and marks them sent.
+    async fn notify(&self, runs: &[ActionRun]) -> Result<(), WorkerError> {
+        let mut deliveries = Vec::new();
+        for run in runs {
+            let Some(environment) = self.settings.forwarding_environment(&run.environment).await? else {
+                continue;
+            };
+            let targets = self
+                .settings
+                .targets(&environment, Some((&run.integration, &run.connection_id)))
+                .await?;
+            let body = completion_body(run);
+            for url in &targets.urls {
+                deliveries.push(Delivery::new(
+                    &format!("async_action:{}", run.id),
+                    run.environment.as_str(),
+                    run.integration.as_str(),
+                    Some(&run.connection_id),
+                    url,
+                    "async_action",
+                    &body,
+                    Vec::new(),
+                ));
+            }
+        }
+        crate::forward::publish_deliveries(&self.jetstream, deliveries).await?;
+        let ids: Vec<String> = runs.iter().map(|run| run.id.clone()).collect();
+        self.store.action_runs_notified(&ids).await?;
+        Ok(())
+    }
+
+    /// Sends the webhooks runs finished more than `forwarding.notices_resend_after` ago
+    /// still owe, and forgets runs finished longer ago than `api.async_results_kept`.
+    async fn sweep(&self) {
+        let swept: Result<usize, WorkerError> = async {
+            let before = Utc::now() - chrono_delay(self.resend_after);
+            let mut sent = 0;
+            loop {
+                let owed = self.store.unnotified_action_runs(before, SWEEP_BATCH).await?;
+                self.notify(&owed).await?;
+                sent += owed.len();
+                if owed.len() < SWEEP_BATCH {
+                    return Ok(sent);
+                }
+            }
+        }
+        .await;
+        match swept {
+            Ok(0) => {}
+            Ok(sent) => tracing::info!(
+                sent,
+                "completion webhooks of asynchronous actions left by a worker queued"
+            ),
+            Err(error) => tracing::warn!(%error, "queueing left-behind completion webhooks failed; trying again later"),
+        }
+        let kept_since = Utc::now() - chrono_delay(self.results_kept);
+        match self.store.prune_action_runs(kept_since).await {
+            Ok(0) => {}
+            Ok(pruned) => tracing::debug!(pruned, "old asynchronous action outcomes forgotten"),
+            Err(error) => tracing::warn!(%error, "old asynchronous action outcomes could not be pruned"),
+        }
+    }
+}
+
+/// What to do after attempt `attempt` (1 for the first) of a run that may be retried
+/// `max_retries` times ended with `triggered`.
+fn next(triggered: Result<Option<serde_json::Value>, TriggerError>, attempt: u32, max_retries: u32) -> Next {
+    let failure = match triggered {
+        Ok(output) => return Next::Finish(ActionOutcome::Succeeded(output)),
+        Err(TriggerError::Function(error)) => action_failure(&error).1,
+        // Undeployed, or the connection deleted, since it was queued: no retry helps.
+        Err(TriggerError::UnknownAction(message)) => not_found(message),
+        Err(TriggerError::Store(StoreError::NotFound(what))) => not_found(format!("{what} does not exist")),
+        Err(error @ (TriggerError::Busy | TriggerError::Store(_) | TriggerError::Setup(_))) => {
+            tracing::warn!(%error, "an asynchronous action could not be run now; it waits");
+            return Next::Again;
+        }
+    };
+    // Its input will be refused again.
+    let final_failure = failure.code == "invalid_action_input" || failure.code == "not_found";
+    if attempt <= max_retries && !final_failure {
+        Next::Retry(failure)
+    } else {
+        Next::Finish(ActionOutcome::Failed(failure))
+    }
+}
+
+fn not_found(message: String) -> ActionFailure {
+    ActionFailure {
+        code: "not_found".into(),
+        message,
+        payload: None,
+    }
+}
+
+/// The wait before the retry after attempt `attempt`: `first`, doubled for each attempt
+/// since, at most [`MAX_RETRY_DELAY`].
+fn retry_delay(first: Duration, attempt: u32) -> Duration {
+    first
+        .saturating_mul(1 << attempt.saturating_sub(1).min(16))
+        .min(MAX_RETRY_DELAY)
+}
+
+/// Nango's `async_action` webhook body.
+fn completion_body(run: &ActionRun) -> Vec<u8> {
+    let body = serde_json::json!({
+        "from": "hookyard",
+        "type": "async_action",
+        "connectionId": run.connection_id,
+        "providerConfigKey": run.integration,
+        "payload": {"id": run.id, "statusUrl": format!("/action/{}", run.id)},
+    });
+    serde_json::to_vec(&body).expect("JSON serialises")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_wait_longer_each_time_up_to_a_bound() {
+        let first = Duration::from_secs(5);
+        assert_eq!(retry_delay(first, 1), first);
+        assert_eq!(retry_delay(first, 2), Duration::from_secs(10));
+        assert_eq!(retry_delay(first, 3), Duration::from_secs(20));
+        assert_eq!(retry_delay(first, 40), MAX_RETRY_DELAY);
+    }
+
+    #[test]
+    fn a_failure_is_retried_while_retries_remain_unless_retrying_cannot_help() {
+        let unknown = || Err(TriggerError::UnknownAction("gone".into()));
+        assert_eq!(next(Ok(None), 1, 0), Next::Finish(ActionOutcome::Succeeded(None)));
+        assert!(matches!(next(unknown(), 1, 5), Next::Finish(ActionOutcome::Failed(f)) if f.code == "not_found"));
+        assert_eq!(next(Err(TriggerError::Busy), 3, 0), Next::Again);
+        let gone = Err(TriggerError::Store(StoreError::NotFound("connection c".into())));
+        assert!(
+            matches!(next(gone, 1, 5), Next::Finish(ActionOutcome::Failed(f)) if f.message == "connection c does not exist")
+        );
+    }
+}
