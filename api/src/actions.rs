@@ -12,7 +12,7 @@ use axum::{Extension, Json};
 use hookyard_core::keys::IntegrationKey;
 use hookyard_core::store::action_runs::{ActionFailure, ActionRunStatus, NewActionRun};
 use hookyard_core::store::Environment;
-use hookyard_functions::runs::{action_failure, TriggerError};
+use hookyard_functions::runs::{action_failure, Origin, TriggerError};
 use hookyard_functions::FunctionError;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -105,6 +105,7 @@ async fn trigger(
                 connection_id,
                 &request.action_name,
                 &request.input,
+                Origin::Api,
             )
             .await
             .map_err(not_run)?;

@@ -116,7 +116,9 @@ pub struct Api {
 impl Api {
     pub fn new(store: Store, config: &Config) -> Result<Api, CatalogError> {
         let catalog = Arc::new(Catalog::embedded()?);
-        let actions = Arc::new(Actions::new(store.clone(), catalog.clone(), config));
+        // Action runs are logged as they end, off the request's path.
+        let oplog = hookyard_core::oplog::OpLog::start(store.clone(), &config.logs);
+        let actions = Arc::new(Actions::new(store.clone(), catalog.clone(), config, Some(oplog)));
         let events = Arc::new(events::Events::new(
             store.clone(),
             catalog.clone(),

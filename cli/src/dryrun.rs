@@ -144,7 +144,8 @@ pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::e
         webhook_base_url: config.webhook_base_url(),
         // A dry run's triggerAction is refused (it would run the action for real); a saved
         // run's runs the deployed action (not from an action, as everywhere).
-        actions: (args.save && !is_action).then(|| Arc::new(Actions::new(store.clone(), catalog.clone(), config))),
+        actions: (args.save && !is_action)
+            .then(|| Arc::new(Actions::new(store.clone(), catalog.clone(), config, None))),
     }));
     let models: Vec<String> = sync.config["models"]
         .as_array()

@@ -1,5 +1,6 @@
 //! `hookyard logs [ID] [--follow] [filters]`: the operation log, one line per webhook
-//! (newest last), or one webhook with everything that followed it.
+//! (newest last), or one webhook with everything that followed it; with `--actions`,
+//! one line per action run, the function's log lines under it.
 
 use std::time::Duration;
 
@@ -21,15 +22,23 @@ pub struct LogsArgs {
     /// `HOOKS_RAW` through NATS (`nats_url`, as the services take it).
     #[arg(long, requires = "id")]
     body: bool,
-    /// Keep printing webhooks as they arrive.
+    /// Keep printing webhooks (or action runs) as they arrive.
     #[arg(long, short)]
     follow: bool,
+    /// Action runs instead of webhooks: POST /action/trigger, asynchronous runs' attempts,
+    /// nango.triggerAction.
+    #[arg(long, conflicts_with = "id")]
+    actions: bool,
+    /// With --actions: this action's runs.
+    #[arg(long, requires = "actions")]
+    action: Option<String>,
     #[arg(long)]
     integration: Option<String>,
-    /// Webhooks routed to this connection.
+    /// Webhooks routed to this connection (action runs for it).
     #[arg(long)]
     connection: Option<String>,
-    /// accepted, duplicate, handshake, rejected, unavailable, or failed.
+    /// accepted, duplicate, handshake, rejected, unavailable, or failed (action runs:
+    /// succeeded or failed).
     #[arg(long)]
     status: Option<String>,
     /// Received at or after this: RFC 3339 (2026-11-27T10:00:00Z) or a time ago (2h, 30m).
@@ -55,10 +64,15 @@ pub async fn run(args: LogsArgs) -> Result<(), String> {
         }
         return Ok(());
     }
+    let (path, line, none): (_, fn(&Value) -> String, _) = match args.actions {
+        true => ("/logs/actions", action_line, "no action runs logged"),
+        false => ("/logs", line, "no webhooks logged"),
+    };
     let filters = |extra: Vec<(&'static str, Option<String>)>| {
         let mut pairs = vec![
             ("integration", args.integration.clone()),
             ("connection", args.connection.clone()),
+            ("action", args.action.clone()),
             ("status", args.status.clone()),
             ("since", args.since.map(rfc3339)),
             ("until", args.until.map(rfc3339)),
@@ -68,14 +82,14 @@ pub async fn run(args: LogsArgs) -> Result<(), String> {
     };
     let page = client
         .get(&format!(
-            "/logs{}",
+            "{path}{}",
             filters(vec![("limit", Some(args.limit.to_string()))])
         ))
         .await?;
     let mut latest: Vec<Value> = page["data"].as_array().cloned().unwrap_or_default();
     latest.reverse();
     if latest.is_empty() && !args.follow {
-        println!("no webhooks logged");
+        println!("{none}");
     }
     let mut last = 0;
     for entry in &latest {
@@ -87,11 +101,11 @@ pub async fn run(args: LogsArgs) -> Result<(), String> {
     }
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let path = format!(
-            "/logs{}",
+        let next = format!(
+            "{path}{}",
             filters(vec![("after", Some(last.to_string())), ("limit", Some("500".into()))])
         );
-        let answer = client.get_waiting(&path, &|notice| eprintln!("{notice}")).await?;
+        let answer = client.get_waiting(&next, &|notice| eprintln!("{notice}")).await?;
         for entry in answer["data"].as_array().into_iter().flatten() {
             println!("{}", line(entry));
             last = last.max(entry["id"].as_i64().unwrap_or(0));
@@ -112,6 +126,43 @@ fn line(entry: &Value) -> String {
         entry["raw_seq"].as_i64().map_or("-".into(), |s| format!("seq {s}")),
         text("detail"),
     )
+}
+
+/// One action run on one line, the function's log lines under it.
+fn action_line(entry: &Value) -> String {
+    let text = |key: &str| entry[key].as_str().unwrap_or("-").to_string();
+    let origin = match (entry["run_id"].as_str(), entry["attempt"].as_i64()) {
+        (Some(run), Some(attempt)) => format!("async {run} attempt {attempt}"),
+        _ => text("origin"),
+    };
+    let error = &entry["error"];
+    let outcome = match error["code"].as_str() {
+        Some(code) => format!("{code}: {}", error["message"].as_str().unwrap_or_default()),
+        None => String::new(),
+    };
+    let mut line = format!(
+        "{:>7}  {}  {}/{}  {}  {:<9}  {:>7}  {}  {}",
+        entry["id"],
+        text("started_at").chars().take(23).collect::<String>(),
+        text("integration"),
+        text("action_name"),
+        text("connection_id"),
+        text("status"),
+        entry["duration_ms"]
+            .as_f64()
+            .map_or("-".into(), |ms| format!("{ms:.0}ms")),
+        origin,
+        outcome,
+    );
+    line.truncate(line.trim_end().len());
+    for log in entry["logs"].as_array().into_iter().flatten() {
+        line.push_str(&format!(
+            "\n           [{}] {}",
+            log["level"].as_str().unwrap_or("info"),
+            log["message"].as_str().unwrap_or_default()
+        ));
+    }
+    line
 }
 
 fn joined(values: &[Value]) -> String {

@@ -2199,6 +2199,50 @@ async fn logs_prints_webhooks_one_in_full_and_follows_new_ones() {
     assert_eq!(status.code(), Some(1));
     assert!(stderr.contains("404"), "{stderr}");
 
+    // --actions: one line per action run, what it logged under it.
+    let (_, stdout, _) = client(&["logs", "--actions"], &api, &key).await;
+    assert_eq!(stdout.trim(), "no action runs logged");
+    let run = |status: &str, attempt: Option<i32>| hookyard_core::store::logs::ActionEntry {
+        environment: "dev".into(),
+        integration: "demo".into(),
+        connection_id: "acme".into(),
+        action_name: "find-contact".into(),
+        origin: if attempt.is_some() { "async" } else { "api" }.into(),
+        run_id: attempt.map(|_| "run-7".into()),
+        attempt,
+        started_at: chrono::Utc::now(),
+        duration_ms: 41.6,
+        status: status.into(),
+        error: (status == "failed")
+            .then(|| serde_json::json!({"code": "action_script_runtime_error", "message": "ActionError: no contact"})),
+        logs: serde_json::json!([{"level": "warn", "message": "grace@example.com not found"}]),
+    };
+    store
+        .write_log(&[
+            LogWrite::Action(run("succeeded", None)),
+            LogWrite::Action(run("failed", Some(2))),
+        ])
+        .await
+        .unwrap();
+    let (status, stdout, stderr) = client(&["logs", "--actions"], &api, &key).await;
+    assert!(status.success(), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{stdout}");
+    assert!(
+        lines[0].contains("demo/find-contact  acme  succeeded") && lines[0].contains("42ms  api"),
+        "{stdout}"
+    );
+    assert_eq!(lines[1].trim(), "[warn] grace@example.com not found");
+    assert!(
+        lines[2].contains("failed")
+            && lines[2].contains("async run-7 attempt 2  action_script_runtime_error: ActionError: no contact"),
+        "{stdout}"
+    );
+    let (_, stdout, _) = client(&["logs", "--actions", "--status", "failed"], &api, &key).await;
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    let (status, _, stderr) = client(&["logs", "--action", "find-contact"], &api, &key).await;
+    assert_eq!(status.code(), Some(2), "--action needs --actions: {stderr}");
+
     let dir = tempfile::tempdir().unwrap();
     let mut follow = Process::spawn(
         &["logs", "--follow"],

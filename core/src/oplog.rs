@@ -10,7 +10,7 @@ use chrono::Utc;
 use tokio::sync::mpsc;
 
 use crate::config::LogsConfig;
-use crate::store::logs::{LogStep, LogWrite, WebhookEntry};
+use crate::store::logs::{ActionEntry, LogStep, LogWrite, WebhookEntry};
 use crate::Store;
 
 /// Entries written per transaction at most.
@@ -42,6 +42,10 @@ impl OpLog {
 
     pub fn webhook(&self, entry: WebhookEntry) {
         self.record(LogWrite::Webhook(entry));
+    }
+
+    pub fn action(&self, entry: ActionEntry) {
+        self.record(LogWrite::Action(entry));
     }
 
     pub fn step(

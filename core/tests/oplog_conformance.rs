@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use hookyard_core::config::LogsConfig;
 use hookyard_core::oplog::OpLog;
-use hookyard_core::store::logs::{LogFilter, LogStep, LogWrite, WebhookEntry};
+use hookyard_core::store::logs::{ActionEntry, ActionLogFilter, LogFilter, LogStep, LogWrite, WebhookEntry};
 use hookyard_core::store::Store;
 use hookyard_testkit::{eventually, test_cipher, PgDatabase, SqliteFile};
 use serde_json::json;
@@ -188,16 +188,161 @@ async fn log_conformance(store: Store) {
     );
 }
 
+/// Action runs: every field as written, each filter, both orders, retention.
+async fn action_log_conformance(store: &Store) {
+    let t0: DateTime<Utc> = "2026-11-27T10:00:00.123456Z".parse().unwrap();
+    let at = |ms: i64| t0 + chrono::Duration::milliseconds(ms);
+    let run = |environment: &str, integration: &str, name: &str, ms: i64| ActionEntry {
+        environment: environment.into(),
+        integration: integration.into(),
+        connection_id: "c0".into(),
+        action_name: name.into(),
+        origin: "api".into(),
+        run_id: None,
+        attempt: None,
+        started_at: at(ms),
+        duration_ms: 12.5,
+        status: "succeeded".into(),
+        error: None,
+        logs: json!([]),
+    };
+    let failed = ActionEntry {
+        origin: "async".into(),
+        run_id: Some("3f1c".into()),
+        attempt: Some(2),
+        status: "failed".into(),
+        error: Some(
+            json!({"code": "action_script_runtime_error", "message": "ActionError: no", "payload": {"why": "quoted \"no\""}}),
+        ),
+        logs: json!([{"level": "info", "message": "looking up ada@example.com"}]),
+        ..run("dev", "crm", "find", 1000)
+    };
+    let writes = [
+        run("dev", "crm", "find", 0),
+        failed.clone(),
+        ActionEntry {
+            origin: "function".into(),
+            ..run("dev", "other", "sync-now", 2000)
+        },
+        run("prod", "crm", "find", 0),
+    ];
+    store
+        .write_log(&writes.iter().cloned().map(LogWrite::Action).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let names = |filter: ActionLogFilter, limit: u32| async move {
+        let logged = store.logged_actions("dev", &filter, limit).await.unwrap();
+        logged
+            .iter()
+            .map(|a| {
+                format!(
+                    "{}/{}@{}",
+                    a.entry.integration,
+                    a.entry.action_name,
+                    (a.entry.started_at - t0).num_milliseconds()
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let all = store
+        .logged_actions("dev", &ActionLogFilter::default(), 10)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 3, "dev's only");
+    assert_eq!(all[1].entry, failed, "as written");
+    let (first, second) = (all[2].id, all[1].id);
+    for (filter, expected) in [
+        (
+            ActionLogFilter::default(),
+            vec!["other/sync-now@2000", "crm/find@1000", "crm/find@0"],
+        ),
+        (
+            ActionLogFilter {
+                status: Some("failed".into()),
+                ..Default::default()
+            },
+            vec!["crm/find@1000"],
+        ),
+        (
+            ActionLogFilter {
+                action_name: Some("find".into()),
+                ..Default::default()
+            },
+            vec!["crm/find@1000", "crm/find@0"],
+        ),
+        (
+            ActionLogFilter {
+                integration: Some("other".into()),
+                ..Default::default()
+            },
+            vec!["other/sync-now@2000"],
+        ),
+        (
+            ActionLogFilter {
+                connection_id: Some("c9".into()),
+                ..Default::default()
+            },
+            vec![],
+        ),
+        (
+            ActionLogFilter {
+                since: Some(at(1000)),
+                ..Default::default()
+            },
+            vec!["other/sync-now@2000", "crm/find@1000"],
+        ),
+        (
+            ActionLogFilter {
+                until: Some(at(1000)),
+                ..Default::default()
+            },
+            vec!["crm/find@0"],
+        ),
+        (
+            ActionLogFilter {
+                before_id: Some(second),
+                ..Default::default()
+            },
+            vec!["crm/find@0"],
+        ),
+        (
+            ActionLogFilter {
+                after_id: Some(first),
+                ..Default::default()
+            },
+            vec!["crm/find@1000", "other/sync-now@2000"],
+        ),
+    ] {
+        let shown = format!("{filter:?}");
+        assert_eq!(names(filter, 10).await, expected, "{shown}");
+    }
+    assert_eq!(names(ActionLogFilter::default(), 1).await, ["other/sync-now@2000"]);
+    let prod = store
+        .logged_actions("prod", &ActionLogFilter::default(), 10)
+        .await
+        .unwrap();
+    assert_eq!(prod.len(), 1);
+
+    let pruned = store.prune_log(at(1500)).await.unwrap();
+    assert_eq!(pruned, 3, "two of dev's runs and prod's");
+    assert_eq!(names(ActionLogFilter::default(), 10).await, ["other/sync-now@2000"]);
+    store.prune_log(at(3000)).await.unwrap();
+}
+
 #[tokio::test]
 async fn log_store_on_sqlite() {
     let file = SqliteFile::create();
-    log_conformance(Store::connect(&file.url, test_cipher()).await.unwrap()).await;
+    let store = Store::connect(&file.url, test_cipher()).await.unwrap();
+    action_log_conformance(&store).await;
+    log_conformance(store).await;
 }
 
 #[tokio::test]
 async fn log_store_on_postgres() {
     let db = PgDatabase::create().await;
-    log_conformance(Store::connect(&db.url, test_cipher()).await.unwrap()).await;
+    let store = Store::connect(&db.url, test_cipher()).await.unwrap();
+    action_log_conformance(&store).await;
+    log_conformance(store).await;
 }
 
 // Current-thread: the writer cannot run between the entries handed over below.

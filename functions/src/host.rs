@@ -559,6 +559,7 @@ impl StoreHost {
                 &args.connection_id,
                 &args.action_name,
                 &args.input,
+                crate::runs::Origin::Function,
             )
             .await
             .map_err(|e| failed(e.to_string()))?;

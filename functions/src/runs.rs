@@ -10,9 +10,11 @@ use std::time::Instant;
 
 use hookyard_core::config::{Config, ForwardingConfig};
 use hookyard_core::keys::IntegrationKey;
+use hookyard_core::oplog::OpLog;
 use hookyard_core::providers::Catalog;
 use hookyard_core::store::action_runs::{ActionFailure, ActionRun, NewActionRun};
 use hookyard_core::store::functions::DeployedSync;
+use hookyard_core::store::logs::ActionEntry;
 use hookyard_core::store::syncs::SyncKey;
 use hookyard_core::store::StoreError;
 use hookyard_core::Store;
@@ -160,6 +162,19 @@ pub struct Actions {
     runner: Runner,
     pool: Pool,
     room: Arc<Semaphore>,
+    /// Where each run is logged (`hookyard logs --actions`).
+    oplog: Option<OpLog>,
+}
+
+/// How an action run was called, for the operation log.
+#[derive(Debug, Clone, Copy)]
+pub enum Origin<'a> {
+    /// `POST /action/trigger`.
+    Api,
+    /// An attempt of an asynchronous run.
+    Async { run_id: &'a str, attempt: u32 },
+    /// `nango.triggerAction`.
+    Function,
 }
 
 /// Why an action did not answer.
@@ -191,12 +206,14 @@ impl std::fmt::Display for TriggerError {
 }
 
 impl Actions {
-    pub fn new(store: Store, catalog: Arc<Catalog>, config: &Config) -> Actions {
+    /// Actions whose runs are logged to `oplog` (`None`: only to the process's log).
+    pub fn new(store: Store, catalog: Arc<Catalog>, config: &Config, oplog: Option<OpLog>) -> Actions {
         let threads = config.api.action_threads;
         Actions {
             runner: Runner::new(store, catalog, config, None),
             pool: Pool::new(threads, config.api.action_limits.clone()),
             room: Arc::new(Semaphore::new(threads * (1 + WAITING_PER_THREAD))),
+            oplog,
         }
     }
 
@@ -252,13 +269,15 @@ impl Actions {
         connection_id: &str,
         name: &str,
         input: &Value,
+        origin: Origin<'_>,
     ) -> Result<Option<Value>, TriggerError> {
         // The connection is read with the run (a missing one is a `Store` error then).
         let action = self.find(environment_id, integration, name).await?;
         let Ok(room) = self.room.clone().try_acquire_owned() else {
             return Err(TriggerError::Busy);
         };
-        let started = Instant::now();
+        let (started, started_at) = (Instant::now(), chrono::Utc::now());
+        let action_environment = action.environment.to_string();
         // A task of its own, which holds its room until the run ends: a caller that goes
         // away (an HTTP client that hangs up) leaves the run on its thread, and must not
         // leave room for one more meanwhile.
@@ -271,8 +290,30 @@ impl Actions {
         .await
         .map_err(|e| TriggerError::Setup(format!("the action's run stopped: {e}")))?;
         let ms = started.elapsed().as_millis() as u64;
+        let logged = |status: &str, logs: &[crate::LogLine], error: Option<Value>| {
+            let Some(oplog) = &self.oplog else { return };
+            let (run_id, attempt) = match origin {
+                Origin::Async { run_id, attempt } => (Some(run_id.to_string()), Some(attempt as i32)),
+                Origin::Api | Origin::Function => (None, None),
+            };
+            oplog.action(ActionEntry {
+                environment: action_environment.clone(),
+                integration: integration.to_string(),
+                connection_id: connection_id.to_string(),
+                action_name: name.to_string(),
+                origin: origin.as_str().into(),
+                run_id,
+                attempt,
+                started_at,
+                duration_ms: started.elapsed().as_secs_f64() * 1e3,
+                status: status.into(),
+                error,
+                logs: serde_json::to_value(logs).unwrap_or_default(),
+            });
+        };
         match outcome {
             Ok(effects) => {
+                logged("succeeded", &effects.logs, None);
                 let logs: Vec<&str> = effects.logs.iter().map(|l| l.message.as_str()).collect();
                 tracing::info!(action = name, connection = connection_id, %integration, ms, ?logs, "action ran");
                 Ok(effects.output)
@@ -283,9 +324,21 @@ impl Actions {
                 Err(TriggerError::Setup(format!("the action could not be run: {error}")))
             }
             Err(RunError::Function(error)) => {
+                let failure = serde_json::to_value(action_failure(&error).1).ok();
+                logged("failed", &error.logs, failure);
                 tracing::warn!(action = name, connection = connection_id, %integration, ms, %error, "action failed");
                 Err(TriggerError::Function(error))
             }
+        }
+    }
+}
+
+impl Origin<'_> {
+    fn as_str(self) -> &'static str {
+        match self {
+            Origin::Api => "api",
+            Origin::Async { .. } => "async",
+            Origin::Function => "function",
         }
     }
 }

@@ -992,6 +992,7 @@ async fn openapi_document_is_valid_and_lists_every_route() {
         "POST /replay/{id}/cancel",
         "GET /logs",
         "GET /logs/{id}",
+        "GET /logs/actions",
         "POST /action/trigger",
         "GET /action/{id}",
     ]

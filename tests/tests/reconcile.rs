@@ -1180,6 +1180,51 @@ async fn asynchronous_actions_are_queued_run_by_a_worker_retried_and_announced()
     expected.sort();
     assert_eq!(announced, expected);
 
+    // Each attempt is in the operation log, and so is a synchronous run.
+    let (status, body) = s.trigger(flaky(1), &[]).await;
+    assert_eq!((status, &body), (200, &json!({"tries": 6})));
+    let logged = eventually("the runs in the operation log", Duration::from_secs(10), || async {
+        let page = s.h.api_get("/logs/actions?action=flaky").await;
+        let runs = page["data"].as_array().cloned().unwrap_or_default();
+        (runs.len() == 6).then_some(runs)
+    })
+    .await;
+    // (The worker and the API log through writers of their own: sorted, not in order.)
+    let mut seen: Vec<(String, Option<i64>, String, String)> = logged
+        .iter()
+        .map(|run| {
+            let origin = match run["run_id"].as_str() {
+                Some(id) if id == succeeds => "succeeds",
+                Some(id) if id == fails => "fails",
+                _ => run["origin"].as_str().unwrap(),
+            };
+            let text = |value: &Value| value.as_str().unwrap_or("-").to_string();
+            (
+                origin.to_string(),
+                run["attempt"].as_i64(),
+                text(&run["status"]),
+                text(&run["error"]["code"]),
+            )
+        })
+        .collect();
+    seen.sort();
+    let failure = "action_script_runtime_error";
+    let mut expected: Vec<(String, Option<i64>, String, String)> = [
+        ("succeeds", Some(1), "failed", failure),
+        ("succeeds", Some(2), "failed", failure),
+        ("succeeds", Some(3), "succeeded", "-"),
+        ("fails", Some(1), "failed", failure),
+        ("fails", Some(2), "failed", failure),
+        ("api", None, "succeeded", "-"),
+    ]
+    .into_iter()
+    .map(|(origin, attempt, status, code)| (origin.into(), attempt, status.into(), code.into()))
+    .collect();
+    expected.sort();
+    assert_eq!(seen, expected);
+    let failed = s.h.api_get("/logs/actions?status=failed&action=wait").await;
+    assert_eq!(failed["data"][0]["error"]["code"], "action_script_failure", "{failed}");
+
     // A run whose worker finished it but did not announce it (it died first) is
     // announced by a worker's sweep. (Queued an hour ahead, so that no worker takes it.)
     use hookyard_core::store::action_runs::{ActionOutcome, NewActionRun};
@@ -1286,6 +1331,25 @@ async fn an_exec_run_triggers_an_action_and_sees_its_output_or_its_failure() {
     assert_eq!(
         relayed[0]["refused"],
         "triggerAction(subscribe): thrown: ActionError: not that one"
+    );
+    // Both runs are in the operation log, as the function's.
+    let logged = eventually("the runs in the operation log", Duration::from_secs(10), || async {
+        let page = s.h.api_get("/logs/actions?action=subscribe").await;
+        let runs = page["data"].as_array().cloned().unwrap_or_default();
+        (runs.len() == 2).then_some(runs)
+    })
+    .await;
+    let seen: Vec<(&Value, &Value, &Value)> = logged
+        .iter()
+        .map(|r| (&r["origin"], &r["status"], &r["connection_id"]))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (&json!("function"), &json!("failed"), &json!("c0")),
+            (&json!("function"), &json!("succeeded"), &json!("c0"))
+        ],
+        "newest first"
     );
 }
 

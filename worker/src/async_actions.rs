@@ -17,7 +17,7 @@ use chrono::Utc;
 use hookyard_core::store::action_runs::{ActionFailure, ActionOutcome, ActionRun};
 use hookyard_core::store::{chrono_duration as chrono_delay, StoreError};
 use hookyard_core::Store;
-use hookyard_functions::runs::{action_failure, Actions, TriggerError};
+use hookyard_functions::runs::{action_failure, Actions, Origin, TriggerError};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -136,6 +136,10 @@ impl AsyncActions {
                     &run.connection_id,
                     &run.action_name,
                     &run.input,
+                    Origin::Async {
+                        run_id: &run.id,
+                        attempt: run.attempts,
+                    },
                 )
                 .await;
             next(triggered, run.attempts, run.max_retries)

@@ -14,6 +14,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind};
 use hookyard_core::config::{Config, ForwardingConfig};
 use hookyard_core::exec_job::ExecJob;
+use hookyard_core::oplog::OpLog;
 use hookyard_core::providers::Catalog;
 use hookyard_core::store::notices::{HeldNotice, SyncNotice, UNFINISHED};
 use hookyard_core::store::records::WriteCounts;
@@ -74,12 +75,13 @@ impl Executor {
         deployments: Arc<Deployments>,
         settings: Arc<Settings>,
         config: &Config,
+        oplog: OpLog,
     ) -> Result<Executor, WorkerError> {
         let catalog = Arc::new(Catalog::embedded().map_err(jetstream_error)?);
         Ok(Executor {
             settings,
             pool: Pool::new(config.worker.exec_threads, config.worker.exec_limits.clone()),
-            actions: Arc::new(Actions::new(store.clone(), catalog.clone(), config)),
+            actions: Arc::new(Actions::new(store.clone(), catalog.clone(), config, Some(oplog))),
             catalog,
             store,
             jetstream,

@@ -931,6 +931,7 @@ pub async fn run_all(store: Store, bus: &Bus, config: &Config, shutdown: Cancell
         worker.deployments.clone(),
         worker.settings.clone(),
         config,
+        worker.oplog.clone(),
     )?);
     // One cache of environments, integrations and targets for the consumers.
     let settings = worker.settings.clone();

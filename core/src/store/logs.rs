@@ -1,9 +1,11 @@
-//! The operation log: what became of each webhook. The router writes the entry of each
+//! The operation log: what became of each webhook, and each action run. The router writes the entry of each
 //! webhook it routes (from the envelope in `HOOKS_RAW`: one entry however often it is
 //! routed) and ingest the entry of each one it did not store (rejected, a handshake, a
 //! duplicate, NATS unavailable), so ingest's hot path writes nothing for an accepted
 //! webhook. The router, the worker and the deliverer add steps to an accepted one,
-//! found by its `HOOKS_RAW` sequence. Written in bulk by [`crate::oplog`].
+//! found by its `HOOKS_RAW` sequence. Each action run is an entry of its own
+//! ([`ActionEntry`]), written by the process that ran it. Written in bulk by
+//! [`crate::oplog`].
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -43,10 +45,55 @@ pub struct LogStep {
     pub detail: Value,
 }
 
+/// One run of an action.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ActionEntry {
+    pub environment: String,
+    pub integration: String,
+    pub connection_id: String,
+    pub action_name: String,
+    /// How it was called: `api` (`POST /action/trigger`), `async` (an attempt of an
+    /// asynchronous run) or `function` (`nango.triggerAction`).
+    pub origin: String,
+    /// The asynchronous run's id and this attempt's number.
+    pub run_id: Option<String>,
+    pub attempt: Option<i32>,
+    pub started_at: DateTime<Utc>,
+    pub duration_ms: f64,
+    /// `succeeded` or `failed`.
+    pub status: String,
+    /// Why it failed: `{code, message, payload?}` as its caller was answered.
+    pub error: Option<Value>,
+    /// What the function logged.
+    pub logs: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LoggedAction {
+    pub id: i64,
+    #[serde(flatten)]
+    pub entry: ActionEntry,
+}
+
+/// Which action runs of an environment; every part that is set must match.
+#[derive(Debug, Clone, Default)]
+pub struct ActionLogFilter {
+    pub integration: Option<String>,
+    pub connection_id: Option<String>,
+    pub action_name: Option<String>,
+    /// `succeeded` or `failed`.
+    pub status: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    pub before_id: Option<i64>,
+    pub after_id: Option<i64>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum LogWrite {
     Webhook(WebhookEntry),
     Step(LogStep),
+    Action(ActionEntry),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -115,6 +162,49 @@ impl From<EntryRow> for LoggedWebhook {
     }
 }
 
+#[derive(sqlx::FromRow)]
+struct ActionRow {
+    id: i64,
+    environment: String,
+    integration: String,
+    connection_id: String,
+    action_name: String,
+    origin: String,
+    run_id: Option<String>,
+    attempt: Option<i32>,
+    started_at: DateTime<Utc>,
+    duration_ms: f64,
+    status: String,
+    error: Option<String>,
+    logs: String,
+}
+
+impl From<ActionRow> for LoggedAction {
+    fn from(row: ActionRow) -> LoggedAction {
+        let json = |text: String| serde_json::from_str(&text).unwrap_or(Value::String(text));
+        LoggedAction {
+            id: row.id,
+            entry: ActionEntry {
+                environment: row.environment,
+                integration: row.integration,
+                connection_id: row.connection_id,
+                action_name: row.action_name,
+                origin: row.origin,
+                run_id: row.run_id,
+                attempt: row.attempt,
+                started_at: row.started_at,
+                duration_ms: row.duration_ms,
+                status: row.status,
+                error: row.error.map(json),
+                logs: json(row.logs),
+            },
+        }
+    }
+}
+
+const ACTION_COLUMNS: &str = "id, environment, integration, connection_id, action_name, origin, run_id, attempt, \
+     started_at, duration_ms, status, error, logs";
+
 const ENTRY_COLUMNS: &str =
     "id, environment, integration, raw_seq, delivery_id, received_at, status, detail, bytes, routing";
 
@@ -143,8 +233,17 @@ impl Store {
             status: &'a str,
             detail: String,
         }
+        #[derive(Serialize)]
+        struct ActionJson<'a> {
+            #[serde(flatten)]
+            entry: &'a ActionEntry,
+            started: String,
+            error_text: Option<String>,
+            logs_text: String,
+        }
         let mut webhooks = Vec::new();
         let mut steps = Vec::new();
+        let mut actions = Vec::new();
         for write in writes {
             match write {
                 LogWrite::Webhook(e) => webhooks.push(EntryJson {
@@ -166,9 +265,15 @@ impl Store {
                     status: &s.status,
                     detail: s.detail.to_string(),
                 }),
+                LogWrite::Action(a) => actions.push(ActionJson {
+                    entry: a,
+                    started: json_timestamp(&a.started_at),
+                    error_text: a.error.as_ref().map(Value::to_string),
+                    logs_text: a.logs.to_string(),
+                }),
             }
         }
-        let (insert_webhooks, insert_steps) = match self.pool {
+        let (insert_webhooks, insert_steps, insert_actions) = match self.pool {
             Pool::Postgres(_) => (
                 "INSERT INTO webhook_log (environment, integration, raw_seq, delivery_id, received_at, status, detail,
                                           bytes, routing)
@@ -181,6 +286,13 @@ impl Store {
                  SELECT s.raw_seq, s.at, s.stage, s.connection_id, s.status, s.detail
                  FROM jsonb_to_recordset($1::jsonb) AS s(raw_seq bigint, at timestamptz, stage text,
                       connection_id text, status text, detail text)",
+                "INSERT INTO action_log (environment, integration, connection_id, action_name, origin, run_id, attempt,
+                                         started_at, duration_ms, status, error, logs)
+                 SELECT a.environment, a.integration, a.connection_id, a.action_name, a.origin, a.run_id, a.attempt,
+                        a.started, a.duration_ms, a.status, a.error_text, a.logs_text
+                 FROM jsonb_to_recordset($1::jsonb) AS a(environment text, integration text, connection_id text,
+                      action_name text, origin text, run_id text, attempt integer, started timestamptz,
+                      duration_ms double precision, status text, error_text text, logs_text text)",
             ),
             Pool::Sqlite(_) => (
                 "INSERT INTO webhook_log (environment, integration, raw_seq, delivery_id, received_at, status, detail,
@@ -194,11 +306,19 @@ impl Store {
                  SELECT s.value ->> '$.raw_seq', s.value ->> '$.at', s.value ->> '$.stage',
                         s.value ->> '$.connection_id', s.value ->> '$.status', s.value ->> '$.detail'
                  FROM json_each($1) AS s WHERE true",
+                "INSERT INTO action_log (environment, integration, connection_id, action_name, origin, run_id, attempt,
+                                         started_at, duration_ms, status, error, logs)
+                 SELECT a.value ->> '$.environment', a.value ->> '$.integration', a.value ->> '$.connection_id',
+                        a.value ->> '$.action_name', a.value ->> '$.origin', a.value ->> '$.run_id',
+                        a.value ->> '$.attempt', a.value ->> '$.started', a.value ->> '$.duration_ms',
+                        a.value ->> '$.status', a.value ->> '$.error_text', a.value ->> '$.logs_text'
+                 FROM json_each($1) AS a WHERE true",
             ),
         };
         let mut tx = self.begin().await?;
         tx.insert_json_rows(insert_webhooks, &webhooks).await?;
         tx.insert_json_rows(insert_steps, &steps).await?;
+        tx.insert_json_rows(insert_actions, &actions).await?;
         tx.commit().await
     }
 
@@ -292,12 +412,51 @@ impl Store {
         Ok((webhook, steps))
     }
 
-    /// Deletes log entries and steps from before `before`; how many.
+    /// The environment's action runs that `filter` selects: newest first, or oldest first
+    /// after `after_id`.
+    pub async fn logged_actions(
+        &self,
+        environment: &str,
+        filter: &ActionLogFilter,
+        limit: u32,
+    ) -> Result<Vec<LoggedAction>, StoreError> {
+        let order = if filter.after_id.is_some() { "ASC" } else { "DESC" };
+        let sql = format!(
+            "SELECT {ACTION_COLUMNS} FROM action_log
+             WHERE environment = $1
+               AND (CAST($2 AS TEXT) IS NULL OR integration = $2)
+               AND (CAST($3 AS TEXT) IS NULL OR connection_id = $3)
+               AND (CAST($4 AS TEXT) IS NULL OR action_name = $4)
+               AND (CAST($5 AS TEXT) IS NULL OR status = $5)
+               AND ($6 IS NULL OR started_at >= $6)
+               AND ($7 IS NULL OR started_at < $7)
+               AND (CAST($8 AS BIGINT) IS NULL OR id < $8)
+               AND (CAST($9 AS BIGINT) IS NULL OR id > $9)
+             ORDER BY id {order} LIMIT $10"
+        );
+        let rows: Vec<ActionRow> = on_pool!(self, |pool| sqlx::query_as(&sql)
+            .bind(environment)
+            .bind(&filter.integration)
+            .bind(&filter.connection_id)
+            .bind(&filter.action_name)
+            .bind(&filter.status)
+            .bind(filter.since)
+            .bind(filter.until)
+            .bind(filter.before_id)
+            .bind(filter.after_id)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await)?;
+        Ok(rows.into_iter().map(LoggedAction::from).collect())
+    }
+
+    /// Deletes log entries, steps and action runs from before `before`; how many.
     pub async fn prune_log(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
         let mut pruned = 0;
         for sql in [
             "DELETE FROM webhook_log WHERE received_at < $1",
             "DELETE FROM webhook_log_steps WHERE at < $1",
+            "DELETE FROM action_log WHERE started_at < $1",
         ] {
             pruned += on_pool!(self, |pool| sqlx::query(sql)
                 .bind(before)
