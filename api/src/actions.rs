@@ -165,10 +165,10 @@ async fn result(
             };
             let message = format!(
                 "action run {id} ({} for connection {}) has not finished: {status}, attempt {} of {}",
-                run.action_name,
-                run.connection_id,
+                run.request.action_name,
+                run.request.connection_id,
                 run.attempts.max(1),
-                run.max_retries + 1
+                run.request.max_retries + 1
             );
             Err(ApiError::new(StatusCode::NOT_FOUND, "action_pending", message))
         }

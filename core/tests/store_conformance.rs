@@ -444,8 +444,9 @@ async fn action_runs(store: &Store, dev: &Environment) {
     let first = store.queue_action_run(&new("first", 1), now).await.unwrap();
     let second = store.queue_action_run(&new("second", 0), at(1000)).await.unwrap();
     assert_ne!(first.id, second.id);
+    assert_eq!(first.request, new("first", 1), "as asked");
     assert_eq!(
-        (first.status, first.attempts, first.max_retries),
+        (first.status, first.attempts, first.request.max_retries),
         (ActionRunStatus::Waiting, 0, 1)
     );
     assert_eq!(store.action_run(dev.id, &first.id).await.unwrap(), first);

@@ -1157,7 +1157,7 @@ async fn asynchronous_actions_are_queued_run_by_a_worker_retried_and_announced()
     assert_eq!(body["error"]["code"], "action_script_runtime_error");
     assert_eq!(body["error"]["payload"], json!({"message": "not yet", "tries": 5}));
     let run = s.h.store.action_run(s.h.environment.id, &fails).await.unwrap();
-    assert_eq!((run.attempts, run.max_retries), (2, 1));
+    assert_eq!((run.attempts, run.request.max_retries), (2, 1));
 
     // Each finished run is announced to the app, Nango's way.
     let hits = receiver.wait_hits(3).await;

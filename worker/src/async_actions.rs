@@ -120,7 +120,7 @@ impl AsyncActions {
 
     /// Runs one claimed attempt and writes what became of it.
     async fn attempt(&self, run: ActionRun) {
-        let outcome = if run.attempts > run.max_retries + 1 {
+        let outcome = if run.attempts > run.request.max_retries + 1 {
             // Its last attempt's worker died mid-run: no retry remains.
             Next::Finish(ActionOutcome::Failed(ActionFailure {
                 code: "action_script_failure".into(),
@@ -131,18 +131,18 @@ impl AsyncActions {
             let triggered = self
                 .actions
                 .trigger(
-                    run.environment_id,
-                    &run.integration,
-                    &run.connection_id,
-                    &run.action_name,
-                    &run.input,
+                    run.request.environment_id,
+                    &run.request.integration,
+                    &run.request.connection_id,
+                    &run.request.action_name,
+                    &run.request.input,
                     Origin::Async {
                         run_id: &run.id,
                         attempt: run.attempts,
                     },
                 )
                 .await;
-            next(triggered, run.attempts, run.max_retries)
+            next(triggered, run.attempts, run.request.max_retries)
         };
         let now = Utc::now();
         let written = match &outcome {
@@ -172,13 +172,13 @@ impl AsyncActions {
         }
         match &outcome {
             Next::Finish(ActionOutcome::Succeeded(_)) => {
-                tracing::info!(id = %run.id, action = %run.action_name, connection = %run.connection_id, attempt = run.attempts, "asynchronous action succeeded");
+                tracing::info!(id = %run.id, action = %run.request.action_name, connection = %run.request.connection_id, attempt = run.attempts, "asynchronous action succeeded");
             }
             Next::Finish(ActionOutcome::Failed(failure)) => {
-                tracing::warn!(id = %run.id, action = %run.action_name, connection = %run.connection_id, attempt = run.attempts, code = %failure.code, message = %failure.message, "asynchronous action failed");
+                tracing::warn!(id = %run.id, action = %run.request.action_name, connection = %run.request.connection_id, attempt = run.attempts, code = %failure.code, message = %failure.message, "asynchronous action failed");
             }
             Next::Retry(failure) => {
-                tracing::info!(id = %run.id, action = %run.action_name, attempt = run.attempts, code = %failure.code, message = %failure.message, "asynchronous action failed; it will be retried");
+                tracing::info!(id = %run.id, action = %run.request.action_name, attempt = run.attempts, code = %failure.code, message = %failure.message, "asynchronous action failed; it will be retried");
                 return;
             }
             Next::Again => return,
@@ -192,20 +192,23 @@ impl AsyncActions {
     async fn notify(&self, runs: &[ActionRun]) -> Result<(), WorkerError> {
         let mut deliveries = Vec::new();
         for run in runs {
-            let Some(environment) = self.settings.forwarding_environment(&run.environment).await? else {
+            let Some(environment) = self.settings.forwarding_environment(&run.request.environment).await? else {
                 continue;
             };
             let targets = self
                 .settings
-                .targets(&environment, Some((&run.integration, &run.connection_id)))
+                .targets(
+                    &environment,
+                    Some((&run.request.integration, &run.request.connection_id)),
+                )
                 .await?;
             let body = completion_body(run);
             for url in &targets.urls {
                 deliveries.push(Delivery::new(
                     &format!("async_action:{}", run.id),
-                    run.environment.as_str(),
-                    run.integration.as_str(),
-                    Some(&run.connection_id),
+                    run.request.environment.as_str(),
+                    run.request.integration.as_str(),
+                    Some(&run.request.connection_id),
                     url,
                     "async_action",
                     &body,
@@ -296,8 +299,8 @@ fn completion_body(run: &ActionRun) -> Vec<u8> {
     let body = serde_json::json!({
         "from": "hookyard",
         "type": "async_action",
-        "connectionId": run.connection_id,
-        "providerConfigKey": run.integration,
+        "connectionId": run.request.connection_id,
+        "providerConfigKey": run.request.integration,
         "payload": {"id": run.id, "statusUrl": format!("/action/{}", run.id)},
     });
     serde_json::to_vec(&body).expect("JSON serialises")

@@ -77,13 +77,8 @@ pub enum ActionOutcome {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ActionRun {
     pub id: String,
-    pub environment_id: i64,
-    pub environment: EnvironmentName,
-    pub integration: IntegrationKey,
-    pub connection_id: String,
-    pub action_name: String,
-    pub input: Value,
-    pub max_retries: u32,
+    /// What was asked for.
+    pub request: NewActionRun,
     /// Claims so far: the one running now included.
     pub attempts: u32,
     pub status: ActionRunStatus,
@@ -135,9 +130,15 @@ impl TryFrom<ActionRunRow> for ActionRun {
             serde_json::from_str(text)
         }
         Ok(ActionRun {
-            environment: row.environment.parse().map_err(|e| corrupt("environment", &e))?,
-            integration: row.integration.parse().map_err(|e| corrupt("integration", &e))?,
-            input: json(&row.input).map_err(|e| corrupt("input", &e))?,
+            request: NewActionRun {
+                environment_id: row.environment_id,
+                environment: row.environment.parse().map_err(|e| corrupt("environment", &e))?,
+                integration: row.integration.parse().map_err(|e| corrupt("integration", &e))?,
+                connection_id: row.connection_id,
+                action_name: row.action_name,
+                input: json(&row.input).map_err(|e| corrupt("input", &e))?,
+                max_retries: row.max_retries.max(0) as u32,
+            },
             output: row
                 .output
                 .as_deref()
@@ -151,12 +152,8 @@ impl TryFrom<ActionRunRow> for ActionRun {
                 .transpose()
                 .map_err(|e| corrupt("error", &e))?,
             status: ActionRunStatus::parse(&row.status)?,
-            max_retries: row.max_retries.max(0) as u32,
             attempts: row.attempts.max(0) as u32,
             id: row.id,
-            environment_id: row.environment_id,
-            connection_id: row.connection_id,
-            action_name: row.action_name,
             run_after: row.run_after,
             notified: row.notified,
             created_at: row.created_at,
