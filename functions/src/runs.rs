@@ -289,7 +289,8 @@ impl Actions {
         })
         .await
         .map_err(|e| TriggerError::Setup(format!("the action's run stopped: {e}")))?;
-        let ms = started.elapsed().as_millis() as u64;
+        let elapsed = started.elapsed();
+        let ms = elapsed.as_millis() as u64;
         let logged = |status: &str, logs: &[crate::LogLine], error: Option<Value>| {
             let Some(oplog) = &self.oplog else { return };
             let (run_id, attempt) = match origin {
@@ -305,7 +306,7 @@ impl Actions {
                 run_id,
                 attempt,
                 started_at,
-                duration_ms: started.elapsed().as_secs_f64() * 1e3,
+                duration_ms: elapsed.as_secs_f64() * 1e3,
                 status: status.into(),
                 error,
                 logs: serde_json::to_value(logs).unwrap_or_default(),

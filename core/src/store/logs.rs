@@ -235,9 +235,16 @@ impl Store {
         }
         #[derive(Serialize)]
         struct ActionJson<'a> {
-            #[serde(flatten)]
-            entry: &'a ActionEntry,
+            environment: &'a str,
+            integration: &'a str,
+            connection_id: &'a str,
+            action_name: &'a str,
+            origin: &'a str,
+            run_id: Option<&'a str>,
+            attempt: Option<i32>,
             started: String,
+            duration_ms: f64,
+            status: &'a str,
             error_text: Option<String>,
             logs_text: String,
         }
@@ -266,8 +273,16 @@ impl Store {
                     detail: s.detail.to_string(),
                 }),
                 LogWrite::Action(a) => actions.push(ActionJson {
-                    entry: a,
+                    environment: &a.environment,
+                    integration: &a.integration,
+                    connection_id: &a.connection_id,
+                    action_name: &a.action_name,
+                    origin: &a.origin,
+                    run_id: a.run_id.as_deref(),
+                    attempt: a.attempt,
                     started: json_timestamp(&a.started_at),
+                    duration_ms: a.duration_ms,
+                    status: &a.status,
                     error_text: a.error.as_ref().map(Value::to_string),
                     logs_text: a.logs.to_string(),
                 }),
