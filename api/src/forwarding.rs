@@ -38,6 +38,14 @@ pub struct ForwardingRequest {
     /// Send sync notifications after runs that changed nothing too (environment only).
     #[serde(default)]
     always_notify: bool,
+    /// Announce each finished asynchronous action (`type: "async_action"`; environment
+    /// only). Default true.
+    #[serde(default = "yes")]
+    async_action_webhooks: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Serialize, ToSchema)]
@@ -46,6 +54,7 @@ pub struct ForwardingView {
     /// Whether a signing key of its own is set (it is never returned).
     has_signing_key: bool,
     always_notify: bool,
+    async_action_webhooks: bool,
     /// After a `PUT`: the URLs whose deliveries would not go through as their names
     /// resolve now (a name that does not resolve, or resolves to an address the
     /// configuration refuses), and why. They are set all the same: names change.
@@ -78,6 +87,7 @@ fn settings(body: ForwardingRequest, allowed: &ForwardingConfig) -> Result<Forwa
         urls: body.urls,
         signing_key,
         always_notify: body.always_notify,
+        async_action_webhooks: body.async_action_webhooks,
     })
 }
 
@@ -87,6 +97,7 @@ fn view(settings: Option<ForwardingSettings>) -> ForwardingView {
         urls: settings.urls,
         has_signing_key: settings.signing_key.is_some(),
         always_notify: settings.always_notify,
+        async_action_webhooks: settings.async_action_webhooks,
         warnings: Vec::new(),
     }
 }

@@ -784,11 +784,17 @@ async fn reseals_under_a_new_key(url: &str) {
         urls: vec!["https://app.example.com/hooks".into()],
         signing_key: Some("fwd-key".into()),
         always_notify: false,
+        async_action_webhooks: false,
     };
     store
         .set_forwarding(dev.id, ForwardingScope::Environment, &forwarding)
         .await
         .unwrap();
+    assert_eq!(
+        store.forwarding(dev.id, ForwardingScope::Environment).await.unwrap(),
+        Some(forwarding.clone()),
+        "as set"
+    );
     let variable = EnvironmentVariable {
         name: "TEAM_ID".into(),
         value: "team-1".into(),

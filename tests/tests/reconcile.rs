@@ -14,7 +14,7 @@ use hookyard_core::store::notices::UNFINISHED;
 use hookyard_core::store::syncs::SyncState;
 use hookyard_core::store::IntegrationChanges;
 use hookyard_core::store::{Credentials, NewConnection};
-use hookyard_core::streams::EXEC_STREAM;
+use hookyard_core::streams::{EXEC_STREAM, FWD_STREAM};
 use hookyard_core::Config;
 use hookyard_reconciler::Reconciler;
 use hookyard_testkit::fake_provider::{FakeCrm, Held, API_KEY, CLIENT_ID, CLIENT_SECRET};
@@ -1284,6 +1284,35 @@ async fn asynchronous_actions_are_queued_run_by_a_worker_retried_and_announced()
     }
     let (status, body) = s.action_result("nope").await;
     assert_eq!((status, &body["error"]["code"]), (404, &json!("not_found")), "{body}");
+}
+
+#[tokio::test]
+async fn an_environment_can_turn_the_async_action_webhook_off() {
+    let s = setup_with(&[("crm/actions/flaky.js", FLAKY)]).await;
+    let receiver = Receiver::start(&[]).await;
+    let response =
+        s.h.http
+            .put(format!("{}/forwarding", s.h.api))
+            .bearer_auth(&s.h.environment.secret_key)
+            .json(&json!({"urls": [receiver.url], "async_action_webhooks": false}))
+            .send()
+            .await
+            .unwrap();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["data"]["async_action_webhooks"], false, "{body}");
+    let id = s
+        .trigger_async(json!({"action_name": "flaky", "input": {"succeedOn": 1}}), &[])
+        .await;
+    assert_eq!(s.finished_action(&id).await, (200, json!({"tries": 1})));
+    // Once the worker has dealt with its announcement, nothing was queued for it.
+    eventually("the run's announcement settled", Duration::from_secs(10), || async {
+        let run = s.h.store.action_run(s.h.environment.id, &id).await.unwrap();
+        run.notified.then_some(())
+    })
+    .await;
+    let mut forwards = s.h.bus.jetstream.get_stream(FWD_STREAM).await.unwrap();
+    assert_eq!(forwards.info().await.unwrap().state.messages, 0);
+    assert!(receiver.hits().is_empty());
 }
 
 /// A sync whose exec runs the `subscribe` action through `nango.triggerAction`, once as

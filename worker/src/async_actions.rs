@@ -82,11 +82,16 @@ impl AsyncActions {
         let free = Arc::new(Semaphore::new(self.threads));
         let mut running = JoinSet::new();
         let mut swept = tokio::time::Instant::now();
+        // While the store is away, said once (not twice a second), and when it is back.
+        let mut unclaimable = false;
         loop {
             let room = free.available_permits();
             if room > 0 {
                 match self.store.claim_action_runs(Utc::now(), self.lease, room).await {
                     Ok(claimed) => {
+                        if std::mem::take(&mut unclaimable) {
+                            tracing::info!("asynchronous actions can be claimed again");
+                        }
                         for run in claimed {
                             let permit = free.clone().try_acquire_owned().expect("claimed no more than free");
                             let this = self.clone();
@@ -96,7 +101,11 @@ impl AsyncActions {
                             });
                         }
                     }
-                    Err(error) => tracing::warn!(%error, "asynchronous actions could not be claimed; trying again"),
+                    Err(error) if !unclaimable => {
+                        unclaimable = true;
+                        tracing::warn!(%error, "asynchronous actions cannot be claimed; trying again every {POLL:?} (said once)");
+                    }
+                    Err(_) => {}
                 }
             }
             if swept.elapsed() >= self.resend_after / 2 {
@@ -202,6 +211,9 @@ impl AsyncActions {
                     Some((&run.request.integration, &run.request.connection_id)),
                 )
                 .await?;
+            if !targets.async_action_webhooks {
+                continue;
+            }
             let body = completion_body(run);
             for url in &targets.urls {
                 deliveries.push(Delivery::new(

@@ -16,13 +16,26 @@ use crate::secrets::Purpose;
 pub const MAX_URLS: usize = 2;
 
 /// Forwarding as set on the environment or on one connection.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ForwardingSettings {
     pub urls: Vec<String>,
     /// `None`: the environment's (for a connection), the secret key (for the environment).
     pub signing_key: Option<String>,
     /// Send sync notifications after runs that changed nothing too.
     pub always_notify: bool,
+    /// Announce each finished asynchronous action (the environment's setting).
+    pub async_action_webhooks: bool,
+}
+
+impl Default for ForwardingSettings {
+    fn default() -> Self {
+        ForwardingSettings {
+            urls: Vec::new(),
+            signing_key: None,
+            always_notify: false,
+            async_action_webhooks: true,
+        }
+    }
 }
 
 /// Where one connection's (or an unrouted event's) forwards go, and how they are signed.
@@ -31,6 +44,7 @@ pub struct ForwardTargets {
     pub urls: Vec<String>,
     pub signing_key: String,
     pub always_notify: bool,
+    pub async_action_webhooks: bool,
 }
 
 /// Whose settings: the environment's, or one connection's.
@@ -68,6 +82,7 @@ struct SettingsRow {
     urls: Json<Vec<String>>,
     signing_key: Option<String>,
     always_notify: bool,
+    async_action_webhooks: bool,
 }
 
 #[derive(sqlx::FromRow)]
@@ -101,11 +116,13 @@ impl Store {
         let mut tx = self.begin().await?;
         super::tx::on_tx!(&mut tx, |conn| {
             sqlx::query(
-                "INSERT INTO forwarding (environment_id, integration, connection_id, urls, signing_key, always_notify, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                "INSERT INTO forwarding (environment_id, integration, connection_id, urls, signing_key, always_notify,
+                                         updated_at, async_action_webhooks)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                  ON CONFLICT (environment_id, integration, connection_id) DO UPDATE SET
                      urls = excluded.urls, signing_key = excluded.signing_key,
-                     always_notify = excluded.always_notify, updated_at = excluded.updated_at",
+                     always_notify = excluded.always_notify, updated_at = excluded.updated_at,
+                     async_action_webhooks = excluded.async_action_webhooks",
             )
             .bind(environment_id)
             .bind(integration)
@@ -114,6 +131,7 @@ impl Store {
             .bind(&sealed)
             .bind(settings.always_notify)
             .bind(now)
+            .bind(settings.async_action_webhooks)
             .execute(&mut *conn)
             .await
             .map(|_| ())
@@ -140,7 +158,7 @@ impl Store {
     ) -> Result<Option<ForwardingSettings>, StoreError> {
         let (integration, connection) = scope.key();
         let row: Option<SettingsRow> = on_pool!(self, |pool| sqlx::query_as(
-            "SELECT urls, signing_key, always_notify FROM forwarding
+            "SELECT urls, signing_key, always_notify, async_action_webhooks FROM forwarding
              WHERE environment_id = $1 AND integration = $2 AND connection_id = $3"
         )
         .bind(environment_id)
@@ -156,6 +174,7 @@ impl Store {
                     .map(|sealed| self.cipher.open(Purpose::ForwardSigningKey, &sealed))
                     .transpose()?,
                 always_notify: row.always_notify,
+                async_action_webhooks: row.async_action_webhooks,
             })
         })
         .transpose()
@@ -205,6 +224,7 @@ impl Store {
             urls: urls.into_iter().filter(|u| !disabled.contains(u)).collect(),
             signing_key,
             always_notify: own.always_notify,
+            async_action_webhooks: own.async_action_webhooks,
         })
     }
 

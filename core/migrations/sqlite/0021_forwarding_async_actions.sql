@@ -1,0 +1,4 @@
+-- Whether an environment's forwarding destinations get the `async_action` webhook when
+-- an asynchronous action finishes (Nango's "Async action completed" setting). On unless
+-- turned off.
+ALTER TABLE forwarding ADD COLUMN async_action_webhooks INTEGER NOT NULL DEFAULT 1;
