@@ -1286,6 +1286,30 @@ async fn asynchronous_actions_are_queued_run_by_a_worker_retried_and_announced()
     assert_eq!((status, &body["error"]["code"]), (404, &json!("not_found")), "{body}");
 }
 
+/// Answers which version of it ran.
+const VERSIONED: &str = r#"
+import { createAction } from 'nango';
+export default createAction({ exec: async () => ({ version: VERSION }) });
+"#;
+
+#[tokio::test]
+async fn a_redeployed_action_runs_its_new_code_and_a_removed_one_is_gone() {
+    let s = setup_with(&[("crm/actions/versioned.js", &VERSIONED.replace("VERSION", "1"))]).await;
+    let versioned = json!({"action_name": "versioned"});
+    assert_eq!(s.trigger(versioned.clone(), &[]).await, (200, json!({"version": 1})));
+    assert_eq!(s.trigger(versioned.clone(), &[]).await, (200, json!({"version": 1})));
+    let contacts = CONTACTS.replace("AUTO_START", "false");
+    s.h.deploy(&[
+        ("crm/syncs/contacts.js", contacts.clone()),
+        ("crm/actions/versioned.js", VERSIONED.replace("VERSION", "2")),
+    ])
+    .await;
+    assert_eq!(s.trigger(versioned.clone(), &[]).await, (200, json!({"version": 2})));
+    s.h.deploy(&[("crm/syncs/contacts.js", contacts)]).await;
+    let (status, body) = s.trigger(versioned, &[]).await;
+    assert_eq!(status, 404, "{body}");
+}
+
 #[tokio::test]
 async fn an_environment_can_turn_the_async_action_webhook_off() {
     let s = setup_with(&[("crm/actions/flaky.js", FLAKY)]).await;
