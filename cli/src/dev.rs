@@ -297,22 +297,46 @@ async fn show_demo_log(api_url: &str, secret_key: &str, raw_seq: u64) -> Result<
     }
 }
 
-/// Runs the example's action for the demo connection, as an app would.
+/// Runs the example's action for the demo connection, as an app would: waiting for its
+/// output, then queued (`X-Async: true`) and its outcome read back.
 async fn show_demo_action(api_url: &str, secret_key: &str) -> Result<(), Error> {
+    let client = hookyard_core::outbound::http_client()?;
     let url = format!("{api_url}/action/trigger");
-    let body = serde_json::json!({"action_name": "find-contact", "input": {"email": "grace@example.com"}});
-    let response = hookyard_core::outbound::http_client()?
-        .post(&url)
-        .bearer_auth(secret_key)
-        .header("Connection-Id", DEMO_CONNECTION)
-        .header("Provider-Config-Key", DEMO_INTEGRATION)
-        .json(&body)
-        .send()
-        .await?;
-    let status = response.status();
-    let answer = response.text().await?;
+    let trigger = |email: &str, asynchronous: bool| {
+        let body = serde_json::json!({"action_name": "find-contact", "input": {"email": email}});
+        let request = client
+            .post(&url)
+            .bearer_auth(secret_key)
+            .header("Connection-Id", DEMO_CONNECTION)
+            .header("Provider-Config-Key", DEMO_INTEGRATION)
+            .header("X-Async", asynchronous.to_string())
+            .json(&body);
+        async move {
+            let response = request.send().await?;
+            Ok::<_, Error>((body, response.status(), response.text().await?))
+        }
+    };
+    let (body, status, answer) = trigger("grace@example.com", false).await?;
     println!("demo: action -> POST {url} {body}\n      -> {status} {answer}\n");
-    Ok(())
+
+    let (body, status, answer) = trigger("nobody@example.com", true).await?;
+    println!("demo: asynchronous action -> POST {url} (X-Async: true) {body}\n      -> {status} {answer}");
+    let queued: serde_json::Value = serde_json::from_str(&answer)?;
+    let Some(status_url) = queued["statusUrl"].as_str() else {
+        return Ok(());
+    };
+    let result_url = format!("{api_url}{status_url}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let response = client.get(&result_url).bearer_auth(secret_key).send().await?;
+        let status = response.status();
+        let answer = response.text().await?;
+        if !answer.contains("action_pending") || tokio::time::Instant::now() >= deadline {
+            println!("      -> GET {result_url} (the worker ran it)\n      -> {status} {answer}\n");
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Deploys `examples/crm-contacts` to the demo integration, unless the environment has

@@ -587,6 +587,17 @@ async fn dev_starts_everything_and_takes_a_webhook() {
         found.contains(r#""email":"grace@example.com""#) && found.contains(r#""id":"c_2""#),
         "{found}"
     );
+    // And queued: the worker runs it, and its outcome is read back.
+    let queued = Process::wait_for(&process.stdout, "demo: asynchronous action");
+    assert!(queued.contains("X-Async: true"), "{queued}");
+    let accepted = Process::wait_for(&process.stdout, "-> 202 Accepted");
+    assert!(accepted.contains(r#""statusUrl":"/action/"#), "{accepted}");
+    Process::wait_for(&process.stdout, "(the worker ran it)");
+    let outcome = Process::wait_for(&process.stdout, "-> 500 Internal Server Error");
+    assert!(
+        outcome.contains("action_script_runtime_error") && outcome.contains("no contact has this email"),
+        "{outcome}"
+    );
     // Metrics on their own listener, not on ingest's public one.
     let metrics = hookyard_core::outbound::http_client()
         .unwrap()
