@@ -331,8 +331,14 @@ async fn show_demo_action(api_url: &str, secret_key: &str) -> Result<(), Error> 
         let response = client.get(&result_url).bearer_auth(secret_key).send().await?;
         let status = response.status();
         let answer = response.text().await?;
-        if !answer.contains("action_pending") || tokio::time::Instant::now() >= deadline {
-            println!("      -> GET {result_url} (the worker ran it)\n      -> {status} {answer}\n");
+        let pending = answer.contains("action_pending");
+        if !pending || tokio::time::Instant::now() >= deadline {
+            let said = if pending {
+                "not run within 10 s"
+            } else {
+                "the worker ran it"
+            };
+            println!("      -> GET {result_url} ({said})\n      -> {status} {answer}\n");
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
