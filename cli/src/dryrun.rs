@@ -143,9 +143,15 @@ pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::e
         notice: None,
         webhook_base_url: config.webhook_base_url(),
         // A dry run's triggerAction is refused (it would run the action for real); a saved
-        // run's runs the deployed action (not from an action, as everywhere).
-        actions: (args.save && !is_action)
-            .then(|| Arc::new(Actions::new(store.clone(), catalog.clone(), config, None))),
+        // run's runs the deployed action, which (for an action's, as everywhere) triggers
+        // none itself.
+        actions: args.save.then(|| {
+            let (store, catalog) = (store.clone(), catalog.clone());
+            Arc::new(match is_action {
+                true => Actions::innermost(store, catalog, config, None),
+                false => Actions::new(store, catalog, config, None),
+            })
+        }),
     }));
     let models: Vec<String> = sync.config["models"]
         .as_array()

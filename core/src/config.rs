@@ -252,8 +252,9 @@ pub struct FunctionLimits {
 pub struct ApiConfig {
     pub listen: SocketAddr,
     /// Threads that run actions (`POST /action/trigger`; in a worker, exec's
-    /// `triggerAction`): how many run at once. Four times as many may wait for one; more
-    /// are refused (503).
+    /// `triggerAction` and asynchronous actions): how many run at once. Four times as many
+    /// may wait for one; more are refused (503). The actions these trigger run on as many
+    /// threads again.
     pub action_threads: usize,
     /// Per action run; the caller waits for it.
     pub action_limits: FunctionLimits,

@@ -542,9 +542,11 @@ impl StoreHost {
         }
         let Some(actions) = &self.run.actions else {
             return Err(failed(match self.run.kind {
-                Kind::Action => "an action cannot trigger another (it would wait for a thread actions may all hold): \
-                                 call the other's code from this one"
-                    .into(),
+                Kind::Action => {
+                    "an action triggered by another cannot trigger a third (actions nest one level: \
+                                 a deeper one could wait for ever on threads actions hold): call its code from this one"
+                        .into()
+                }
                 _ => "actions cannot be triggered from here".into(),
             }));
         };

@@ -156,8 +156,9 @@ impl Runner {
 }
 
 /// Actions run on JS threads of their own (`api.action_threads`, each run within
-/// `api.action_limits`), and the room left to wait for one. An action cannot trigger
-/// another: it would wait for a thread that actions may all hold.
+/// `api.action_limits`), and the room left to wait for one. An action triggers others
+/// (`nango.triggerAction`) on a second set of threads, whose actions trigger none: one
+/// waiting on the threads of its own set could wait for ever once actions hold them all.
 pub struct Actions {
     runner: Runner,
     pool: Pool,
@@ -206,11 +207,33 @@ impl std::fmt::Display for TriggerError {
 }
 
 impl Actions {
-    /// Actions whose runs are logged to `oplog` (`None`: only to the process's log).
+    /// Actions whose runs are logged to `oplog` (`None`: only to the process's log), and
+    /// that trigger others on threads of their own ([`Actions::innermost`]).
     pub fn new(store: Store, catalog: Arc<Catalog>, config: &Config, oplog: Option<OpLog>) -> Actions {
+        let inner = Arc::new(Actions::innermost(
+            store.clone(),
+            catalog.clone(),
+            config,
+            oplog.clone(),
+        ));
+        Actions::with(store, catalog, config, oplog, Some(inner))
+    }
+
+    /// Actions that trigger none: those an action triggers (and a dry run of an action).
+    pub fn innermost(store: Store, catalog: Arc<Catalog>, config: &Config, oplog: Option<OpLog>) -> Actions {
+        Actions::with(store, catalog, config, oplog, None)
+    }
+
+    fn with(
+        store: Store,
+        catalog: Arc<Catalog>,
+        config: &Config,
+        oplog: Option<OpLog>,
+        inner: Option<Arc<Actions>>,
+    ) -> Actions {
         let threads = config.api.action_threads;
         Actions {
-            runner: Runner::new(store, catalog, config, None),
+            runner: Runner::new(store, catalog, config, inner),
             pool: Pool::new(threads, config.api.action_limits.clone()),
             room: Arc::new(Semaphore::new(threads * (1 + WAITING_PER_THREAD))),
             oplog,

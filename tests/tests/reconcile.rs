@@ -834,10 +834,12 @@ import { createAction } from 'nango';
 export default createAction({ exec: async () => { for (;;) {} } });
 "#;
 
-/// An action that triggers another: refused.
+/// An action that triggers another (`input.next`, `subscribe` by default).
 const CHAIN: &str = r#"
 import { createAction } from 'nango';
-export default createAction({ exec: (nango) => nango.triggerAction('crm', nango.connectionId, 'subscribe', { url: 'x' }) });
+export default createAction({
+  exec: (nango, input) => nango.triggerAction('crm', nango.connectionId, input?.next ?? 'subscribe', { url: 'https://app.example/chained', next: 'subscribe' }),
+});
 "#;
 
 const WAIT: &str = r#"
@@ -956,14 +958,23 @@ async fn actions_run_for_a_connection_and_answer_what_they_return() {
     );
     let (status, _) = s.trigger(subscribe(json!("https://app.example/b")), &[]).await;
     assert_eq!(status, 200);
-    // An action does not trigger another (it would wait for a thread actions may hold).
+    // An action triggers another, and answers what that one answered; one level only
+    // (the inner one runs on threads whose actions trigger none).
     let (status, body) = s.trigger(json!({"action_name": "chain"}), &[]).await;
+    assert_eq!((status, &body["connection"]), (200, &json!("c0")), "{body}");
+    let chained = body["id"].as_str().expect("the inner action's subscription");
+    assert_eq!(
+        s.crm.subscriptions().get(chained).map(String::as_str),
+        Some("https://app.example/chained")
+    );
+    let (status, body) = s
+        .trigger(json!({"action_name": "chain", "input": {"next": "chain"}}), &[])
+        .await;
     assert_eq!(status, 500, "{body}");
     assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("thrown: Error: triggerAction(subscribe): an action cannot trigger another"),
+        body["error"]["message"].as_str().unwrap().starts_with(
+            "thrown: Error: triggerAction(chain): thrown: Error: triggerAction(subscribe): an action triggered by another cannot trigger a third"
+        ),
         "{body}"
     );
 
@@ -1043,16 +1054,17 @@ async fn actions_run_for_a_connection_and_answer_what_they_return() {
         .unwrap()
         .starts_with("every action thread is busy"));
 
-    // Counted as executions of their kind: the three that answered 200, and the ten
-    // that failed (refused input among them); what was answered 404, 400 or 503 never ran.
+    // Counted as executions of their kind: the five that ran through (a chained pair
+    // among them), and the eleven that failed (refused input, and the inner run of the
+    // chain too deep, among them); what was answered 404, 400 or 503 never ran.
     let metrics = eventually("the five runs to end", Duration::from_secs(20), || async {
         let metrics = hookyard_core::metrics::handle().render();
         metrics
-            .contains(r#"hookyard_executions_total{kind="action",status="failed"} 10"#)
+            .contains(r#"hookyard_executions_total{kind="action",status="failed"} 11"#)
             .then_some(metrics)
     })
     .await;
-    for (status, count) in [("ok", 3), ("failed", 10)] {
+    for (status, count) in [("ok", 5), ("failed", 11)] {
         let line = format!("hookyard_executions_total{{kind=\"action\",status=\"{status}\"}} {count}");
         assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
     }

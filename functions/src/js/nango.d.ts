@@ -295,7 +295,8 @@ declare module 'nango' {
      *  ids as given, in their order; each with its `_nango_metadata`. */
     getRecordsByIds<K extends string | number = string, T = any>(ids: readonly K[], model: string): Promise<Map<K, T>>;
     /** Runs an action of this environment for a connection (as `POST /action/trigger`)
-     *  and answers its output; its failure is thrown. Not from an action, nor in a dry run. */
+     *  and answers its output; its failure is thrown. Not in a dry run, nor from an action
+     *  that another triggered (actions nest one level). */
     triggerAction<T = unknown>(providerConfigKey: string, connectionId: string, actionName: string, input?: unknown): Promise<T>;
     /** Asks for a run of a sync (one with an exec) for a connection, as `POST /sync/trigger`;
      *  `fullResync` resets it first. Not in a dry run. */
