@@ -93,7 +93,7 @@ async fn list(
         .store
         .logged_webhooks(environment.name.as_str(), &filter, limit)
         .await?;
-    let next_cursor = next_cursor(&filter.after_id, limit, data.last().map(|w| w.id), data.len());
+    let next_cursor = next_cursor(filter.after_id, limit, data.last().map(|w| w.id), data.len());
     Ok(Json(LogPage { data, next_cursor }))
 }
 
@@ -186,7 +186,7 @@ async fn list_actions(
         .store
         .logged_actions(environment.name.as_str(), &filter, limit)
         .await?;
-    let next_cursor = next_cursor(&filter.after_id, limit, data.last().map(|a| a.id), data.len());
+    let next_cursor = next_cursor(filter.after_id, limit, data.last().map(|a| a.id), data.len());
     Ok(Json(ActionLogPage { data, next_cursor }))
 }
 
@@ -203,6 +203,6 @@ fn page_limit(limit: Option<u32>, cursor: Option<i64>, after: Option<i64>) -> Re
 }
 
 /// The cursor of the page after a full one, newest first (none when following).
-fn next_cursor(after: &Option<i64>, limit: u32, last_id: Option<i64>, len: usize) -> Option<i64> {
+fn next_cursor(after: Option<i64>, limit: u32, last_id: Option<i64>, len: usize) -> Option<i64> {
     (after.is_none() && len == limit as usize).then_some(last_id).flatten()
 }

@@ -122,7 +122,7 @@ async fn trigger(
     let keys: Vec<(SyncKey, bool)> = keys
         .into_iter()
         .map(|key| {
-            let auto_start = syncs[&key.sync].config["autoStart"] != false;
+            let auto_start = syncs[&key.sync].auto_start();
             (key, auto_start)
         })
         .collect();
@@ -216,7 +216,7 @@ async fn status(
                 connection_id: key.connection_id.clone(),
                 status: state.map_or_else(
                     || {
-                        if sync.config["autoStart"] != false {
+                        if sync.auto_start() {
                             SyncStatus::Pending
                         } else {
                             SyncStatus::Stopped
@@ -255,7 +255,7 @@ async fn resolve(
         .functions(environment.id)
         .await?
         .into_iter()
-        .filter(|s| s.integration == integration && s.config["exec"] == true)
+        .filter(|s| s.integration == integration && s.has_exec())
         .map(|s| (s.name.clone(), s))
         .collect();
     let chosen: Vec<String> = if names.is_empty() {

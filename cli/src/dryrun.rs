@@ -87,7 +87,7 @@ pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::e
             .into())
         }
     };
-    let is_action = sync.config["type"] == "action";
+    let is_action = sync.is_action();
     let input: Option<Value> = match (&args.input, is_action) {
         (Some(text), true) => Some(serde_json::from_str(text).map_err(|e| format!("--input: not JSON: {e}"))?),
         (None, true) => Some(Value::Null),

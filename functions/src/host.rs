@@ -509,7 +509,7 @@ impl StoreHost {
             .map_err(|e| failed(e.to_string()))?;
         let sync = functions
             .iter()
-            .find(|f| f.integration == integration && f.name == args.sync_name && f.config["exec"] == true)
+            .find(|f| f.integration == integration && f.name == args.sync_name && f.has_exec())
             .ok_or_else(|| {
                 failed(format!(
                     "no sync with an exec of that name is deployed for integration {integration}"
@@ -526,7 +526,7 @@ impl StoreHost {
             connection_id: args.connection_id.clone(),
         };
         let trigger = Trigger::new(args.full_resync, false);
-        let auto_start = sync.config["autoStart"] != false;
+        let auto_start = sync.auto_start();
         store
             .request_trigger(&[(key, auto_start)], &trigger)
             .await

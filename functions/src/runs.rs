@@ -254,10 +254,7 @@ impl Actions {
             .await
             .map_err(TriggerError::Store)?;
         let of_integration: Vec<&DeployedSync> = functions.iter().filter(|f| &f.integration == integration).collect();
-        match of_integration
-            .iter()
-            .find(|f| f.name == name && f.config["type"] == "action")
-        {
+        match of_integration.iter().find(|f| f.name == name && f.is_action()) {
             Some(action) => Ok((*action).clone()),
             None => Err(TriggerError::UnknownAction(unknown_action(
                 integration,
@@ -402,7 +399,7 @@ fn unknown_action(integration: &IntegrationKey, name: &str, deployed: &[&Deploye
     }
     let actions: Vec<&str> = deployed
         .iter()
-        .filter(|f| f.config["type"] == "action")
+        .filter(|f| f.is_action())
         .map(|f| f.name.as_str())
         .collect();
     let known = match actions[..] {

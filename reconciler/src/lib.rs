@@ -124,13 +124,13 @@ impl Reconciler {
         let deployed = self.store.all_functions().await?;
         let runnable: Vec<Runnable> = deployed
             .iter()
-            .filter(|sync| sync.config["exec"] == true)
+            .filter(|sync| sync.has_exec())
             .map(|sync| Runnable {
                 sync,
                 every: sync.config["frequency"]
                     .as_str()
                     .and_then(|text| parse_frequency(text).ok()),
-                auto_start: sync.config["autoStart"] != false,
+                auto_start: sync.auto_start(),
             })
             .collect();
         let changes = (

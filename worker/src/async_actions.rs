@@ -15,7 +15,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use chrono::Utc;
 use hookyard_core::store::action_runs::{ActionFailure, ActionOutcome, ActionRun};
-use hookyard_core::store::{chrono_duration as chrono_delay, StoreError};
+use hookyard_core::store::{chrono_duration, StoreError};
 use hookyard_core::Store;
 use hookyard_functions::runs::{action_failure, Actions, Origin, TriggerError};
 use tokio::sync::Semaphore;
@@ -157,13 +157,13 @@ impl AsyncActions {
         let written = match &outcome {
             Next::Finish(outcome) => self.store.finish_action_run(&run.id, run.attempts, outcome, now).await,
             Next::Retry(failure) => {
-                let after = now + chrono_delay(retry_delay(self.retry_delay, run.attempts));
+                let after = now + chrono_duration(retry_delay(self.retry_delay, run.attempts));
                 self.store
                     .defer_action_run(&run.id, run.attempts, Some(failure), after)
                     .await
             }
             Next::Again => {
-                let after = now + chrono_delay(self.retry_delay);
+                let after = now + chrono_duration(self.retry_delay);
                 self.store.defer_action_run(&run.id, run.attempts, None, after).await
             }
         };
@@ -238,7 +238,7 @@ impl AsyncActions {
     /// still owe, and forgets runs finished longer ago than `api.async_results_kept`.
     async fn sweep(&self) {
         let swept: Result<usize, WorkerError> = async {
-            let before = Utc::now() - chrono_delay(self.resend_after);
+            let before = Utc::now() - chrono_duration(self.resend_after);
             let mut sent = 0;
             loop {
                 let owed = self.store.unnotified_action_runs(before, SWEEP_BATCH).await?;
@@ -258,7 +258,7 @@ impl AsyncActions {
             ),
             Err(error) => tracing::warn!(%error, "queueing left-behind completion webhooks failed; trying again later"),
         }
-        let kept_since = Utc::now() - chrono_delay(self.results_kept);
+        let kept_since = Utc::now() - chrono_duration(self.results_kept);
         match self.store.prune_action_runs(kept_since).await {
             Ok(0) => {}
             Ok(pruned) => tracing::debug!(pruned, "old asynchronous action outcomes forgotten"),

@@ -165,7 +165,7 @@ impl Executor {
         let found = self
             .deployments
             .find(&job.environment, &job.integration, &job.sync)
-            .filter(|s| s.sync.config["exec"] == true);
+            .filter(|s| s.sync.has_exec());
         let Some(sync) = found else {
             return Ok(RunReport::NotDeployed);
         };

@@ -61,6 +61,35 @@ pub struct DeployedSync {
     pub deployed_at: DateTime<Utc>,
 }
 
+/// What a function's stored configuration says of it, read in one place.
+fn is_action(config: &Value) -> bool {
+    config["type"] == "action"
+}
+
+impl NewSync {
+    /// An action (`createAction`): run when triggered, never scheduled.
+    pub fn is_action(&self) -> bool {
+        is_action(&self.config)
+    }
+}
+
+impl DeployedSync {
+    /// An action (`createAction`): run when triggered, never scheduled.
+    pub fn is_action(&self) -> bool {
+        is_action(&self.config)
+    }
+
+    /// A sync with an `exec`: scheduled and triggered per connection.
+    pub fn has_exec(&self) -> bool {
+        self.config["exec"] == true
+    }
+
+    /// Whether a connection's schedule starts by itself (`autoStart`, unless false).
+    pub fn auto_start(&self) -> bool {
+        self.config["autoStart"] != false
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SyncChange {
