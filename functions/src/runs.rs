@@ -48,7 +48,7 @@ pub enum Call {
 pub enum RunError {
     /// The connection or its integration is not there, or could not be read.
     Store(StoreError),
-    /// The bundle could not be read.
+    /// The bundle could not be loaded.
     Setup(String),
     Function(FunctionError),
 }
@@ -141,11 +141,12 @@ impl Runner {
         if let Some(modules) = kept {
             return Ok(modules);
         }
-        let modules = Arc::new(
-            stored_modules(&self.store, hash)
-                .await
-                .map_err(|e| RunError::Setup(e.to_string()))?,
-        );
+        // A database away is worth waiting for; a bundle that is gone or no longer
+        // compiles is not.
+        let modules = Arc::new(stored_modules(&self.store, hash).await.map_err(|e| match e {
+            e if e.is_unavailable() => RunError::Store(e),
+            e => RunError::Setup(e.to_string()),
+        })?);
         let mut bundles = self.bundles.lock().expect("bundle cache");
         if bundles.len() >= BUNDLES_KEPT {
             bundles.remove(0);

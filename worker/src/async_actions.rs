@@ -51,8 +51,8 @@ enum Next {
     Finish(ActionOutcome),
     /// Failed; retried after the delay.
     Retry(ActionFailure),
-    /// Not run (the store or the threads were not there for it): again after the delay,
-    /// not counted as an attempt.
+    /// Not run (the database or the threads were not there for it): again after the
+    /// delay, not counted as an attempt.
     Again,
 }
 
@@ -276,10 +276,18 @@ fn next(triggered: Result<Option<serde_json::Value>, TriggerError>, attempt: u32
         // Undeployed, or the connection deleted, since it was queued: no retry helps.
         Err(TriggerError::UnknownAction(message)) => not_found(message),
         Err(TriggerError::Store(StoreError::NotFound(what))) => not_found(format!("{what} does not exist")),
-        Err(error @ (TriggerError::Busy | TriggerError::Store(_) | TriggerError::Setup(_))) => {
+        // The database or the threads were not there for it: it waits, uncounted.
+        Err(error) if is_passing(&error) => {
             tracing::warn!(%error, "an asynchronous action could not be run now; it waits");
             return Next::Again;
         }
+        // Its bundle does not load (or its run broke): an attempt, as the synchronous
+        // call's 500 is, so that a run that can never start ends.
+        Err(error) => ActionFailure {
+            code: "internal".into(),
+            message: error.to_string(),
+            payload: None,
+        },
     };
     // Its input will be refused again.
     let final_failure = failure.code == "invalid_action_input" || failure.code == "not_found";
@@ -287,6 +295,15 @@ fn next(triggered: Result<Option<serde_json::Value>, TriggerError>, attempt: u32
         Next::Retry(failure)
     } else {
         Next::Finish(ActionOutcome::Failed(failure))
+    }
+}
+
+/// Whether what stopped a run will pass by itself: every thread busy, the database away.
+fn is_passing(error: &TriggerError) -> bool {
+    match error {
+        TriggerError::Busy => true,
+        TriggerError::Store(error) => error.is_unavailable(),
+        _ => false,
     }
 }
 
@@ -337,6 +354,20 @@ mod tests {
         assert_eq!(next(Ok(None), 1, 0), Next::Finish(ActionOutcome::Succeeded(None)));
         assert!(matches!(next(unknown(), 1, 5), Next::Finish(ActionOutcome::Failed(f)) if f.code == "not_found"));
         assert_eq!(next(Err(TriggerError::Busy), 3, 0), Next::Again);
+        let away = || Err(TriggerError::Store(StoreError::Database(sqlx::Error::PoolTimedOut)));
+        assert_eq!(next(away(), 3, 0), Next::Again);
+        // A bundle that does not load is an attempt: retried while retries remain, then the end.
+        let broken = || {
+            Err(TriggerError::Setup(
+                "the action could not be run: bundle b no longer compiles".into(),
+            ))
+        };
+        assert!(matches!(next(broken(), 1, 1), Next::Retry(f) if f.code == "internal"));
+        assert!(
+            matches!(next(broken(), 2, 1), Next::Finish(ActionOutcome::Failed(f)) if f.message.contains("no longer compiles"))
+        );
+        let sealed = Err(TriggerError::Store(StoreError::Corrupt("credentials".into())));
+        assert!(matches!(next(sealed, 1, 0), Next::Finish(ActionOutcome::Failed(f)) if f.code == "internal"));
         let gone = Err(TriggerError::Store(StoreError::NotFound("connection c".into())));
         assert!(
             matches!(next(gone, 1, 5), Next::Finish(ActionOutcome::Failed(f)) if f.message == "connection c does not exist")
