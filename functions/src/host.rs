@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use async_nats::jetstream;
 use hookyard_core::store::notices::HeldNotice;
@@ -78,13 +79,15 @@ pub async fn raw_version(jetstream: &jetstream::Context) -> Result<i64, String> 
 pub async fn connection_api(
     store: &Store,
     catalog: &Catalog,
-    key: &SyncKey,
+    owner: Owner,
     guard: &ForwardingConfig,
 ) -> Result<(Connection, Result<ProviderApi, String>), StoreError> {
     let connection = store
-        .existing_connection(key.environment_id, &key.integration, &key.connection_id)
+        .existing_connection(owner.environment_id, &owner.integration, &owner.connection_id)
         .await?;
-    let integration = store.existing_integration(key.environment_id, &key.integration).await?;
+    let integration = store
+        .existing_integration(owner.environment_id, &owner.integration)
+        .await?;
     let provider = catalog.get(&integration.provider).and_then(|p| p.api.as_ref());
     let api = ApiSpec::for_integration(
         provider,
@@ -96,16 +99,116 @@ pub async fn connection_api(
         ProviderApi::new(
             spec,
             connection.credentials.clone(),
-            Owner {
-                environment_id: key.environment_id,
-                integration: key.integration.clone(),
-                connection_id: key.connection_id.clone(),
-            },
+            owner,
             store.clone(),
             guard.clone(),
         )
     });
     Ok((connection, api))
+}
+
+/// Blocks the JS thread on `call` for at most `time_left`, the run's time: a provider
+/// that does not answer fails the call when the run's time is up.
+fn within(
+    runtime: &tokio::runtime::Handle,
+    op: &str,
+    time_left: Duration,
+    call: impl std::future::Future<Output = Result<String, String>>,
+) -> Result<String, String> {
+    runtime.block_on(async {
+        tokio::time::timeout(time_left, call)
+            .await
+            .unwrap_or_else(|_| Err(format!("{op}: the run's time ran out while it waited for the answer")))
+    })
+}
+
+/// The provider API's calls (`proxy`, `getToken`, `pagination`), exec's and onWebhook's;
+/// `None` for any other.
+async fn provider_call<'a>(
+    api: impl std::future::Future<Output = Result<&'a ProviderApi, String>>,
+    op: &str,
+    args: &str,
+) -> Option<Result<String, String>> {
+    let answer = match op {
+        "proxy" => match serde_json::from_str::<ProxyRequest>(args) {
+            Ok(request) => match api.await {
+                Ok(api) => api
+                    .call(request)
+                    .await
+                    .and_then(|response| serde_json::to_string(&response).map_err(|e| e.to_string())),
+                Err(error) => Err(error),
+            },
+            Err(e) => Err(format!("{op}: {e}")),
+        },
+        "getToken" => match api.await {
+            Ok(api) => api.token().await.map(|token| token.to_string()),
+            Err(error) => Err(error),
+        },
+        // No API: no pagination rules either (its calls say why).
+        "pagination" => Ok(api
+            .await
+            .map(ProviderApi::pagination)
+            .unwrap_or(Value::Null)
+            .to_string()),
+        _ => return None,
+    };
+    Some(answer)
+}
+
+/// What onWebhook's `nango` calls out to: the provider's API, nothing else (its writes
+/// are collected and committed with the event). The connection's credentials are read
+/// at its first call: most webhook functions make none. One per connection in a group of
+/// events, so that its runs share a token refresh.
+pub struct WebhookHost {
+    runtime: tokio::runtime::Handle,
+    source: std::sync::Arc<ApiSource>,
+    owner: Owner,
+    api: tokio::sync::OnceCell<Result<ProviderApi, String>>,
+}
+
+/// Where onWebhook's provider API comes from: the connection and integration in the
+/// store, the provider in the catalog, the rules for calls out.
+pub struct ApiSource {
+    pub store: Store,
+    pub catalog: std::sync::Arc<Catalog>,
+    pub guard: ForwardingConfig,
+}
+
+impl WebhookHost {
+    /// A host for `owner`'s runs. Must be made on the async runtime its calls will block on.
+    pub fn new(source: std::sync::Arc<ApiSource>, owner: Owner) -> WebhookHost {
+        WebhookHost {
+            runtime: tokio::runtime::Handle::current(),
+            source,
+            owner,
+            api: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    async fn api(&self) -> Result<&ProviderApi, String> {
+        let source = &self.source;
+        // A database away is not kept: the next call asks again.
+        let api = self
+            .api
+            .get_or_try_init(|| async {
+                connection_api(&source.store, &source.catalog, self.owner.clone(), &source.guard)
+                    .await
+                    .map(|(_, api)| api)
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        api.as_ref().map_err(Clone::clone)
+    }
+}
+
+impl Host for WebhookHost {
+    fn call(&self, op: &str, args: &str, time_left: Duration) -> Result<String, String> {
+        within(&self.runtime, op, time_left, async {
+            provider_call(self.api(), op, args)
+                .await
+                .unwrap_or_else(|| Err(format!("{op}: only available in exec, not in onWebhook")))
+        })
+    }
 }
 
 /// What a host serves: one run of one function for one connection.
@@ -214,8 +317,8 @@ struct MetadataArgs {
 }
 
 impl Host for StoreHost {
-    fn call(&self, op: &str, args: &str) -> Result<String, String> {
-        self.runtime.block_on(self.dispatch(op, args))
+    fn call(&self, op: &str, args: &str, time_left: Duration) -> Result<String, String> {
+        within(&self.runtime, op, time_left, self.dispatch(op, args))
     }
 }
 
@@ -234,6 +337,10 @@ impl StoreHost {
         let parse_error = |e: serde_json::Error| format!("{op}: {e}");
         let store_error = |e: hookyard_core::store::StoreError| format!("{op}: {e}");
         let dry = self.run.mode == Mode::DryRun;
+        let api = async { self.run.api.as_ref().map_err(Clone::clone) };
+        if let Some(answer) = provider_call(api, op, args).await {
+            return answer;
+        }
         match op {
             "write" => {
                 let args: WriteArgs = serde_json::from_str(args).map_err(parse_error)?;
@@ -268,12 +375,6 @@ impl StoreHost {
                     .map_err(store_error)?;
                 Ok(String::new())
             }
-            "proxy" => {
-                let request: ProxyRequest = serde_json::from_str(args).map_err(parse_error)?;
-                let api = self.run.api.as_ref().map_err(Clone::clone)?;
-                let response = api.call(request).await?;
-                serde_json::to_string(&response).map_err(|e| e.to_string())
-            }
             "lastSyncDate" => {
                 let at = self
                     .run
@@ -293,10 +394,6 @@ impl StoreHost {
                     .await
                     .map_err(store_error)?;
                 serde_json::to_string(&variables).map_err(|e| e.to_string())
-            }
-            "getToken" => {
-                let api = self.run.api.as_ref().map_err(Clone::clone)?;
-                Ok(api.token().await?.to_string())
             }
             "getWebhookURL" => Ok(Value::String(self.webhook_url(op).await?).to_string()),
             "triggerAction" => {
@@ -392,13 +489,6 @@ impl StoreHost {
                 let records: Vec<Value> = page.records.into_iter().map(StoredRecord::into_nango).collect();
                 Ok(Value::Array(records).to_string())
             }
-            "pagination" => Ok(self
-                .run
-                .api
-                .as_ref()
-                .map(ProviderApi::pagination)
-                .unwrap_or(Value::Null)
-                .to_string()),
             "trackDeletesStart" => {
                 let args: ModelArgs = serde_json::from_str(args).map_err(parse_error)?;
                 self.state().seen.insert(args.model, HashSet::new());

@@ -180,12 +180,15 @@ impl Handler {
     }
 }
 
-/// What an exec's `nango` calls: the store, the provider's API, checkpoints. Called on the
-/// JS thread and may block it (the thread is the run's own).
+/// What a run's `nango` calls out to: for exec the store, the provider's API and
+/// checkpoints; for onWebhook the provider's API. Called on the JS thread and may block
+/// it (the thread is the run's own).
 pub trait Host: Send + Sync {
     /// One call: `op` names it and `args` is JSON; the answer is JSON (or empty for
-    /// nothing), or a message the function sees thrown.
-    fn call(&self, op: &str, args: &str) -> Result<String, String>;
+    /// nothing), or a message the function sees thrown. `time_left` is the run's until
+    /// its timeout: a call that takes longer is given up, not waited out (QuickJS can
+    /// stop only code it runs).
+    fn call(&self, op: &str, args: &str, time_left: std::time::Duration) -> Result<String, String>;
 }
 
 /// What an execution is given. The JSON texts are shared (`Arc<str>`): a
@@ -203,7 +206,7 @@ pub struct Invocation {
     /// The sync's model names as a JSON array: writes to other models are refused.
     pub models: Arc<str>,
     pub handler: Handler,
-    /// For [`Handler::Exec`]: what its `nango` calls out to.
+    /// What its `nango` calls out to (exec's everything, onWebhook's the provider API).
     pub host: Option<Arc<dyn Host>>,
     /// Whether `batchSave` checks records against their model's zod schema.
     pub validation: RecordValidation,

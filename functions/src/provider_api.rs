@@ -50,6 +50,7 @@ pub struct ProxyResponse {
 }
 
 /// Whose credentials, so that a refreshed token can be stored.
+#[derive(Debug, Clone)]
 pub struct Owner {
     pub environment_id: i64,
     pub integration: IntegrationKey,
@@ -65,6 +66,17 @@ pub struct ProviderApi {
     store: Store,
     /// Which addresses may be called (loopback and private ones are refused by default).
     guard: ForwardingConfig,
+}
+
+impl Owner {
+    /// The connection a sync's run is for.
+    pub fn of(key: &hookyard_core::store::syncs::SyncKey) -> Owner {
+        Owner {
+            environment_id: key.environment_id,
+            integration: key.integration.clone(),
+            connection_id: key.connection_id.clone(),
+        }
+    }
 }
 
 impl ProviderApi {

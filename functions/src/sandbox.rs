@@ -305,7 +305,7 @@ impl Sandbox {
         let context = Context::full(&runtime).map_err(setup)?;
         context.with(|ctx| {
             seed_math_random(&ctx).map_err(setup)?;
-            install_host_call(&ctx).map_err(setup)?;
+            install_host_call(&ctx, budget.clone()).map_err(setup)?;
             crate::globals::install_loader(&ctx).map_err(setup)?;
             ctx.eval::<(), _>(PRELUDE)
                 .catch(&ctx)
@@ -341,22 +341,21 @@ pub(crate) fn with_host<T>(host: Option<Arc<dyn Host>>, f: impl FnOnce() -> T) -
 
 /// `__hookyardHost(op, argsJson)`: the prelude's way out to the execution's [`Host`].
 /// Taken out of reach of function code by the prelude.
-fn install_host_call(ctx: &Ctx<'_>) -> rquickjs::Result<()> {
+fn install_host_call(ctx: &Ctx<'_>, budget: Arc<Budget>) -> rquickjs::Result<()> {
     let call = rquickjs::Function::new(
         ctx.clone(),
-        |ctx: Ctx<'_>, op: String, args: String| -> rquickjs::Result<String> {
+        move |ctx: Ctx<'_>, op: String, args: String| -> rquickjs::Result<String> {
             let host = HOST.with(|h| h.borrow().clone());
             let Some(host) = host else {
                 return Err(rquickjs::Exception::throw_message(
                     &ctx,
-                    &format!(
-                        "{op}: the provider API, checkpoints, delete tracking, record reads, actions and locks are only available in exec, not in onWebhook"
-                    ),
+                    &format!("{op}: this run has nothing to call it on (no host)"),
                 ));
             };
+            let time_left = budget.remaining();
             // A panic must not unwind into QuickJS (that aborts the process): one here (the
             // host's async runtime shutting down under it, say) fails the function instead.
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| host.call(&op, &args)))
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| host.call(&op, &args, time_left)))
                 .unwrap_or_else(|_| Err(format!("{op}: the host failed; the service may be stopping")))
                 .map_err(|message| rquickjs::Exception::throw_message(&ctx, &message))
         },

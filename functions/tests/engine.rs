@@ -853,7 +853,7 @@ struct FakeHost {
 }
 
 impl Host for FakeHost {
-    fn call(&self, op: &str, args: &str) -> Result<String, String> {
+    fn call(&self, op: &str, args: &str, _time_left: Duration) -> Result<String, String> {
         let args: serde_json::Value = serde_json::from_str(args).map_err(|e| e.to_string())?;
         self.calls.lock().unwrap().push((op.to_string(), args.clone()));
         Ok(match op {
@@ -941,24 +941,58 @@ async fn exec_calls_its_host_as_it_goes_and_paginates_by_cursor() {
     assert_eq!(saved[1]["records"], json!([{"id": "3", "since": "yesterday"}]));
     assert_eq!(calls[5].1["params"]["cursor"], "p2");
 
-    // onWebhook has no provider API nor record reads: the call throws.
+    // onWebhook calls the provider API through its host, and its writes are still
+    // collected (committed with the event); a thin event is filled in from the provider.
+    let fetches = sync_with(
+        "const contact = await nango.get({ endpoint: `/contacts/${payload.objectId}` });
+         await nango.batchSave(contact.data.items, 'Contact');",
+    );
+    let project = self::project(&[("crm/syncs/hook.js", &fetches)]);
+    let host = Arc::new(FakeHost::default());
+    let effects = pool
+        .execute(
+            code(&project, "hook"),
+            Invocation {
+                host: Some(host.clone()),
+                ..invocation(json!({"objectId": 1}))
+            },
+        )
+        .await
+        .expect("onWebhook fetches");
+    assert_eq!(effects.writes[0].records.len(), 2, "{:?}", effects.writes);
+    let calls = host.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(
+        (calls[0].0.as_str(), &calls[0].1["endpoint"]),
+        ("proxy", &json!("/contacts/1"))
+    );
+    // Record reads, checkpoints, delete tracking, actions, syncs and locks stay exec's.
     for call in [
-        "get({ endpoint: '/x' })",
         "getRecordsByIds(['a'], 'Contact')",
-        "getToken()",
+        "getCheckpoint()",
+        "trackDeletesStart('Contact')",
+        "triggerAction('crm', 'c', 'a', {})",
+        "tryAcquireLock({ key: 'k', ttlMs: 10 })",
     ] {
         let webhook_only = sync_with(&format!("await nango.{call};"));
         let project = self::project(&[("crm/syncs/hook.js", &webhook_only)]);
         let error = pool
-            .execute(code(&project, "hook"), invocation(json!({})))
+            .execute(
+                code(&project, "hook"),
+                Invocation {
+                    host: Some(host.clone()),
+                    ..invocation(json!({}))
+                },
+            )
             .await
-            .expect_err("no host for onWebhook");
+            .expect_err("exec's alone");
         assert!(
             error.message.contains("only available in exec, not in onWebhook"),
             "{call}: {}",
             error.message
         );
     }
+    assert_eq!(host.calls.lock().unwrap().len(), 1, "none of them reached the host");
     // The environment's variables are onWebhook's too, as the worker gives them.
     let reads = sync_with(
         "const vars = await nango.getEnvironmentVariables();
@@ -1038,10 +1072,52 @@ async fn identical_code_in_two_environments_shares_no_state() {
     assert_eq!(seen(&dev, 4).await, "[1,2,4]");
 }
 
+/// A host that keeps the time left each call was given.
+#[derive(Default)]
+struct ClockHost(Mutex<Vec<Duration>>);
+
+impl Host for ClockHost {
+    fn call(&self, _op: &str, _args: &str, time_left: Duration) -> Result<String, String> {
+        self.0.lock().unwrap().push(time_left);
+        Ok(String::new())
+    }
+}
+
+/// Each host call is told how long the run has left (a call must not wait past it:
+/// QuickJS stops only code it runs), less as the run goes on.
+#[tokio::test]
+async fn a_host_call_is_given_the_time_the_run_has_left() {
+    let sync = exec_sync(
+        "await nango.getCheckpoint();
+         await new Promise((resolve) => setTimeout(resolve, 50));
+         await nango.getCheckpoint();",
+    );
+    let project = project(&[("crm/syncs/clock.js", &sync)]);
+    let host = Arc::new(ClockHost::default());
+    Pool::new(1, limits())
+        .execute(
+            code(&project, "clock"),
+            Invocation {
+                handler: Handler::Exec,
+                host: Some(host.clone()),
+                ..invocation(json!(null))
+            },
+        )
+        .await
+        .expect("exec runs");
+    let seen = host.0.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(
+        seen[0] <= limits().timeout && seen[0] > limits().timeout / 2,
+        "{seen:?}"
+    );
+    assert!(seen[1] + Duration::from_millis(50) <= seen[0], "{seen:?}");
+}
+
 struct PanickingHost;
 
 impl Host for PanickingHost {
-    fn call(&self, op: &str, _args: &str) -> Result<String, String> {
+    fn call(&self, op: &str, _args: &str, _time_left: Duration) -> Result<String, String> {
         panic!("{op}: the async runtime is gone");
     }
 }

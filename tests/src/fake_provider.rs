@@ -6,6 +6,7 @@
 //! - `GET /cursor/contacts?cursor=&limit=` (also `/contacts`) → `{"results": [...], "next_cursor": "…"|null}`
 //! - `GET /link/contacts?page=&limit=` → `{"data": [...]}` and `Link: <…>; rel="next"`
 //! - `GET /offset/contacts?offset=&limit=` → `{"items": [...]}`
+//! - `GET /contacts/{id}` → the contact, or 404 (held as page 0)
 //! - `POST /webhooks` `{"url"}` → `{"id"}`, `DELETE /webhooks/{id}`: webhook subscriptions
 //! - `POST /oauth/token` (`grant_type=refresh_token`) → `{"access_token", "refresh_token", "expires_in"}`
 
@@ -71,6 +72,7 @@ impl FakeCrm {
         let app = Router::new()
             .route("/cursor/contacts", get(cursor_page))
             .route("/contacts", get(cursor_page))
+            .route("/contacts/{id}", get(one_contact))
             .route("/link/contacts", get(link_page))
             .route("/offset/contacts", get(offset_page))
             .route("/oauth/token", post(token))
@@ -261,6 +263,21 @@ async fn cursor_page(
     let (results, more) = slice(&state, from, limit);
     let next = more.then(|| (from + limit).to_string());
     axum::Json(json!({"results": results, "next_cursor": next})).into_response()
+}
+
+async fn one_contact(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    if let Err(refused) = gate(&state, &headers, 0, format!("/contacts/{id}")).await {
+        return refused;
+    }
+    let contact = state.lock().expect("fake CRM state").contacts.get(&id).cloned();
+    match contact {
+        Some(contact) => axum::Json(contact).into_response(),
+        None => (StatusCode::NOT_FOUND, axum::Json(json!({"error": "no such contact"}))).into_response(),
+    }
 }
 
 async fn link_page(

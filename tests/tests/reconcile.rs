@@ -256,6 +256,20 @@ impl Setup {
         (held, since)
     }
 
+    /// A thin provider event for `c0` (Nango's HubSpot-style: an id, no data), with a
+    /// `HOOKS_RAW` sequence of its own.
+    async fn thin_event(&self, contact: &str) {
+        let jetstream = &self.h.bus.jetstream;
+        let ack = jetstream
+            .publish("hooks.raw.dev.crm", "{}".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let event = json!({"type": "contact.changed", "objectId": contact});
+        self.h.publish([(ack.sequence, "c0", "contact.changed", event)]).await;
+    }
+
     async fn exec_jobs(&self) -> u64 {
         let mut stream = self.h.bus.jetstream.get_stream(EXEC_STREAM).await.unwrap();
         stream.info().await.unwrap().state.messages
@@ -2020,4 +2034,70 @@ async fn a_run_that_looked_dead_still_sends_its_final_notification() {
         (&json!(true), &json!({"added": 4, "updated": 0, "deleted": 0})),
         "{last}"
     );
+}
+
+/// A sync whose onWebhook fills a thin event in from the provider's API.
+const THIN: &str = r#"
+import { createSync } from 'nango';
+export default createSync({
+  models: { Contact: {} },
+  webhookSubscriptions: ['contact.changed'],
+  onWebhook: async (nango, payload) => {
+    const { data } = await nango.get({ endpoint: `/contacts/${payload.objectId}` });
+    await nango.batchSave([{ id: data.id, email: data.email }], 'Contact');
+  },
+});
+"#;
+
+/// onWebhook calls the provider's API with the connection's credentials, as exec does;
+/// a provider that does not answer fails the run when the run's time is up (not when the
+/// call's own timeout would), and the retry applies the event.
+#[tokio::test]
+async fn on_webhook_fetches_what_a_thin_event_names_and_gives_up_on_a_provider_that_hangs() {
+    // One JS thread: a run left waiting on the provider would hold every later one.
+    let s = setup_on(None, &[("c0", json!({}), api_key())], false, |config| {
+        config.worker.js_threads = 1;
+    })
+    .await;
+    s.h.deploy(&[
+        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false")),
+        ("crm/syncs/thin.js", THIN.to_string()),
+    ])
+    .await;
+    let stored = |id: &'static str, email: &'static str| {
+        let s = &s;
+        move || async move {
+            let contacts = s.contacts("c0").await;
+            contacts.iter().any(|(i, e, _)| i == id && e == email).then_some(())
+        }
+    };
+    s.crm.put_contact("p7", "seven@example.com");
+    s.thin_event("p7").await;
+    eventually(
+        "the fetched contact",
+        Duration::from_secs(20),
+        stored("p7", "seven@example.com"),
+    )
+    .await;
+
+    let held = s.crm.hold_page(0);
+    s.crm.put_contact("p8", "eight@example.com");
+    s.thin_event("p8").await;
+    held.reached().await;
+    // Written by the retry while the first call is still unanswered: the run that made
+    // it gave up (its timeout is 1 s, a provider call's own 30 s).
+    eventually(
+        "the retry's write",
+        Duration::from_secs(20),
+        stored("p8", "eight@example.com"),
+    )
+    .await;
+    let asked: Vec<(String, u16)> = s
+        .crm
+        .requests()
+        .into_iter()
+        .filter(|(path, _)| path == "/contacts/p8")
+        .collect();
+    assert_eq!(asked.len(), 2, "{asked:?}");
+    held.release();
 }

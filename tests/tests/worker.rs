@@ -384,7 +384,7 @@ async fn events_wait_out_a_postgres_outage_and_apply_once() {
 async fn a_worker_whose_consumer_is_deleted_creates_it_again_and_goes_on() {
     let h = harness(None, 1).await;
     h.deploy(&[("crm/syncs/runs.js", sync("['*']", ""))]).await;
-    let worker = std::sync::Arc::new(hookyard_worker::Worker::new(h.store.clone(), &h.bus, &h.config));
+    let worker = std::sync::Arc::new(hookyard_worker::Worker::new(h.store.clone(), &h.bus, &h.config).expect("worker"));
     let stop = tokio_util::sync::CancellationToken::new();
     let running = tokio::spawn(worker.run(stop.clone()));
     h.publish((1..=5).map(|n| (n, "c0", "any", json!({"n": n})))).await;

@@ -23,6 +23,7 @@ use hookyard_core::streams::{consume, durable, with_heartbeat, EXEC_STREAM};
 use hookyard_core::Store;
 use hookyard_functions::host::{connection_api, exec_invocation, raw_version, Kind, Mode, Run, StoreHost};
 use hookyard_functions::pool::Pool;
+use hookyard_functions::provider_api::Owner;
 use hookyard_functions::runs::Actions;
 use hookyard_functions::Invocation;
 use serde_json::Value;
@@ -31,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::deployments::{Deployments, LiveSync};
 use crate::notify;
 use crate::settings::Settings;
-use crate::{jetstream_error, WorkerError};
+use crate::WorkerError;
 
 /// The consumer's name, shared by every worker replica.
 pub const CONSUMER: &str = hookyard_core::store::dead_letters::EXEC_CONSUMER;
@@ -74,11 +75,11 @@ impl Executor {
         jetstream: jetstream::Context,
         deployments: Arc<Deployments>,
         settings: Arc<Settings>,
+        catalog: Arc<Catalog>,
         config: &Config,
         oplog: OpLog,
-    ) -> Result<Executor, WorkerError> {
-        let catalog = Arc::new(Catalog::embedded().map_err(jetstream_error)?);
-        Ok(Executor {
+    ) -> Executor {
+        Executor {
             settings,
             pool: Pool::new(config.worker.exec_threads, config.worker.exec_limits.clone()),
             actions: Arc::new(Actions::new(store.clone(), catalog.clone(), config, Some(oplog))),
@@ -92,7 +93,7 @@ impl Executor {
             lease: config.worker.exec_lease,
             webhook_base_url: config.webhook_base_url(),
             validation: config.worker.validate_records,
-        })
+        }
     }
 
     /// The action threads, which asynchronous actions run on too.
@@ -282,7 +283,7 @@ impl Executor {
         notice: Option<HeldNotice>,
     ) -> Result<(Arc<StoreHost>, Invocation), String> {
         let failed = |e: &dyn std::fmt::Display| e.to_string();
-        let (connection, api) = connection_api(&self.store, &self.catalog, key, &self.guard)
+        let (connection, api) = connection_api(&self.store, &self.catalog, Owner::of(key), &self.guard)
             .await
             .map_err(|e| failed(&e))?;
         let models: Vec<String> = serde_json::from_str(&sync.models).unwrap_or_default();

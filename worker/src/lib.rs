@@ -31,6 +31,7 @@ use hookyard_core::envelope::header_pairs;
 use hookyard_core::keys::IntegrationKey;
 use hookyard_core::metrics::names;
 use hookyard_core::oplog::OpLog;
+use hookyard_core::providers::Catalog;
 use hookyard_core::routed::{Origin, RoutedEvent};
 use hookyard_core::store::commit::{DeadLetter, Marker, MetadataCall, RecordCall, Unit, UnitOutcome};
 use hookyard_core::store::dead_letters::FailedAttempt;
@@ -41,8 +42,10 @@ use hookyard_core::store::StoreError;
 use hookyard_core::streams::{durable, with_heartbeat, Bus, Pulls, StreamsError, CONN_STREAM};
 use hookyard_core::trace_context::continue_trace;
 use hookyard_core::{Config, Store};
+use hookyard_functions::host::{ApiSource, WebhookHost};
 use hookyard_functions::pool::{Batch, Pool};
-use hookyard_functions::{Effects, FunctionError, Invocation};
+use hookyard_functions::provider_api::Owner;
+use hookyard_functions::{Effects, FunctionError, Host, Invocation};
 use tokio_util::sync::CancellationToken;
 
 use deployments::{Deployments, LiveSync};
@@ -71,6 +74,8 @@ pub enum WorkerError {
     JetStream(String),
     #[error("forwarding: {0}")]
     Forwarding(String),
+    #[error(transparent)]
+    Catalog(#[from] hookyard_core::providers::CatalogError),
 }
 
 pub(crate) fn jetstream_error(e: impl std::fmt::Display) -> WorkerError {
@@ -90,6 +95,8 @@ pub struct Worker {
     settings: Arc<settings::Settings>,
     /// Each execution's entry in the operation log.
     oplog: OpLog,
+    /// Where onWebhook's provider API calls find the connection's credentials.
+    api_source: Arc<ApiSource>,
 }
 
 /// One (event, sync) to run.
@@ -100,10 +107,15 @@ struct Task {
 }
 
 impl Worker {
-    pub fn new(store: Store, bus: &Bus, config: &Config) -> Worker {
+    pub fn new(store: Store, bus: &Bus, config: &Config) -> Result<Worker, WorkerError> {
         hookyard_core::metrics::install();
         let store_for_log = store.clone();
-        Worker {
+        let api_source = Arc::new(ApiSource {
+            store: store.clone(),
+            catalog: Arc::new(Catalog::embedded()?),
+            guard: config.forwarding.clone(),
+        });
+        Ok(Worker {
             pool: if config.worker.hold_back_slow_syncs {
                 Pool::shared(config.worker.js_threads, config.worker.limits.clone())
             } else {
@@ -117,7 +129,8 @@ impl Worker {
             marker_ttl: config.streams.raw_max_age,
             committed: AtomicU64::new(0),
             oplog: OpLog::start(store_for_log, &config.logs),
-        }
+            api_source,
+        })
     }
 
     /// Executions (and dead letters) this worker has committed since it started.
@@ -561,10 +574,12 @@ impl Worker {
                 ids.push(id);
             }
         }
-        // Each connection's JSON is made once for all its events.
-        // (environment, integration, connection id) → its metadata and its getConnection() JSON
+        // Each connection's JSON is made once for all its events, as is its host (whose
+        // provider API its events' runs share).
+        // (environment, integration, connection id) → its metadata, its getConnection() JSON, its host
         type ConnectionKey = (i64, IntegrationKey, String);
-        let mut connections: HashMap<ConnectionKey, (Arc<str>, Arc<str>)> = HashMap::new();
+        type ConnectionGiven = (Arc<str>, Arc<str>, Arc<dyn Host>);
+        let mut connections: HashMap<ConnectionKey, ConnectionGiven> = HashMap::new();
         // Each environment's variables, once for all its events.
         let mut variables: HashMap<i64, Arc<str>> = HashMap::new();
         for ((environment_id, integration), ids) in &wanted {
@@ -573,9 +588,16 @@ impl Worker {
                 variables.insert(*environment_id, json);
             }
             for connection in self.store.connections_named(*environment_id, integration, ids).await? {
+                let (metadata, described) = hookyard_functions::host::connection_texts(&connection);
+                let owner = Owner {
+                    environment_id: *environment_id,
+                    integration: integration.clone(),
+                    connection_id: connection.connection_id.clone(),
+                };
+                let host = Arc::new(WebhookHost::new(self.api_source.clone(), owner));
                 connections.insert(
-                    (*environment_id, integration.clone(), connection.connection_id.clone()),
-                    hookyard_functions::host::connection_texts(&connection),
+                    (*environment_id, integration.clone(), connection.connection_id),
+                    (metadata, described, host),
                 );
             }
         }
@@ -600,7 +622,7 @@ impl Worker {
                     Err(_) => event.payload.to_string().into(),
                 })
                 .clone();
-            let (metadata, connection) = connection.clone();
+            let (metadata, connection, host) = connection.clone();
             let environment_variables = variables[&key.0].clone();
             let invocation = Invocation {
                 payload,
@@ -610,7 +632,7 @@ impl Worker {
                 connection,
                 models: task.sync.models.clone(),
                 handler: Default::default(),
-                host: None,
+                host: Some(host),
                 validation: self.config.validate_records,
                 environment_variables,
             };
@@ -924,15 +946,16 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> Result<(), Box
 /// actions and the sweep of left-behind sync notices until shutdown; when a consumer stops on an error the others
 /// are stopped too.
 pub async fn run_all(store: Store, bus: &Bus, config: &Config, shutdown: CancellationToken) -> Result<(), WorkerError> {
-    let worker = Arc::new(Worker::new(store.clone(), bus, config));
+    let worker = Arc::new(Worker::new(store.clone(), bus, config)?);
     let executor = Arc::new(exec::Executor::new(
         store.clone(),
         bus.jetstream.clone(),
         worker.deployments.clone(),
         worker.settings.clone(),
+        worker.api_source.catalog.clone(),
         config,
         worker.oplog.clone(),
-    )?);
+    ));
     // One cache of environments, integrations and targets for the consumers.
     let settings = worker.settings.clone();
     let forwarder = Arc::new(forward::Forwarder::new(settings.clone(), bus.jetstream.clone()));

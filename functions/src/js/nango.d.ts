@@ -193,7 +193,8 @@ declare module 'nango' {
   /** A type, as in Nango: the class is `nango.ActionError`. */
   export type { ActionErrorClass as ActionError };
 
-  /** What `onWebhook` gets: record writes (committed when it succeeds), metadata, logs. */
+  /** What `onWebhook` gets: record writes (committed when it succeeds), metadata, logs,
+   *  the provider's API (each call within the run's timeout). */
   export interface NangoWebhook {
     readonly connectionId: string;
     readonly providerConfigKey: string;
@@ -217,6 +218,19 @@ declare module 'nango' {
      *  as the worker read them, at most a second before. */
     getEnvironmentVariables(): Promise<{ name: string; value: string }[]>;
     log(message: unknown, payload?: unknown, options?: { level?: LogLevel }): Promise<void>;
+    /** A call to the provider's API with the connection's credentials; a non-2xx answer is
+     *  thrown (`ProxyError`). */
+    proxy<T = any>(config: ProxyConfiguration): Promise<ProxyResponse<T>>;
+    get<T = any>(config: Omit<ProxyConfiguration, 'method'>): Promise<ProxyResponse<T>>;
+    post<T = any>(config: Omit<ProxyConfiguration, 'method'>): Promise<ProxyResponse<T>>;
+    put<T = any>(config: Omit<ProxyConfiguration, 'method'>): Promise<ProxyResponse<T>>;
+    patch<T = any>(config: Omit<ProxyConfiguration, 'method'>): Promise<ProxyResponse<T>>;
+    delete<T = any>(config: Omit<ProxyConfiguration, 'method'>): Promise<ProxyResponse<T>>;
+    /** Each page's items. */
+    paginate<T = any>(config: ProxyConfiguration): AsyncGenerator<T[], void, undefined>;
+    /** An OAuth2 connection's access token (refreshed when about to expire); the stored
+     *  credentials of another kind (`{ type: 'API_KEY', apiKey }`, …). */
+    getToken(): Promise<string | Record<string, unknown>>;
   }
 
   /** Nango's pagination rules; the integration's `settings.api.paginate` when a call gives none. */
@@ -259,18 +273,11 @@ declare module 'nango' {
     response: ProxyResponse;
   }
 
-  /** What `exec` (and an event function) gets: writes applied as they are made, the provider's API. */
+  /** What `exec` (and an event function) gets: writes applied as they are made, and
+   *  checkpoints, delete tracking, record reads, actions, syncs and locks. */
   export interface NangoSync extends NangoWebhook {
     /** When the last successful run started; undefined before the first and after a reset. */
     readonly lastSyncDate: Date | undefined;
-    proxy<T = any>(config: ProxyConfiguration): Promise<ProxyResponse<T>>;
-    get<T = any>(config: Omit<ProxyConfiguration, 'method'>): Promise<ProxyResponse<T>>;
-    post<T = any>(config: Omit<ProxyConfiguration, 'method'>): Promise<ProxyResponse<T>>;
-    put<T = any>(config: Omit<ProxyConfiguration, 'method'>): Promise<ProxyResponse<T>>;
-    patch<T = any>(config: Omit<ProxyConfiguration, 'method'>): Promise<ProxyResponse<T>>;
-    delete<T = any>(config: Omit<ProxyConfiguration, 'method'>): Promise<ProxyResponse<T>>;
-    /** Each page's items. */
-    paginate<T = any>(config: ProxyConfiguration): AsyncGenerator<T[], void, undefined>;
     trackDeletesStart(model: string): Promise<void>;
     /** The count of records deleted (in a dry run: that would be). */
     trackDeletesEnd(model: string): Promise<number>;
@@ -281,9 +288,6 @@ declare module 'nango' {
     getCheckpoint<T extends object = Record<string, unknown>>(): Promise<T | null>;
     saveCheckpoint(checkpoint: Record<string, unknown>): Promise<void>;
     clearCheckpoint(): Promise<void>;
-    /** An OAuth2 connection's access token (refreshed when about to expire); the stored
-     *  credentials of another kind (`{ type: 'API_KEY', apiKey }`, …). */
-    getToken(): Promise<string | Record<string, unknown>>;
     /** Where the provider sends this integration's webhooks for this environment: to
      *  register them in a `post-connection-creation` event function. */
     getWebhookURL(): Promise<string>;

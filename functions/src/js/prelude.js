@@ -12,7 +12,7 @@
   }
   delete globalThis.eval;
   globalThis.Function = noCode;
-  // The way out to the execution's host (exec only): kept here, out of function code's reach.
+  // The way out to the execution's host: kept here, out of function code's reach.
   const hostCall = globalThis.__hookyardHost;
   delete globalThis.__hookyardHost;
   // URL, Buffer and the rest of globals.js are set up the first time one is read (most
@@ -217,15 +217,104 @@
       });
       return nango;
     }
-    // In onWebhook they exist too (made once, shared), and throw saying they are for exec.
-    return Object.setPrototypeOf(nango, execOnly);
+    // onWebhook's has the provider API too, and the rest of exec's calls, which throw
+    // saying they are for exec (made once, shared).
+    return Object.setPrototypeOf(nango, webhookApi);
   };
 
   // The most ids one getRecordsByIds host call takes (host.rs's IDS_PER_CALL).
   const IDS_PER_CALL = 100;
 
-  // What exec adds to `nango`: the provider's API, delete tracking, checkpoints, reads of
-  // the records cache.
+  // The provider's API, with the connection's credentials: exec's and onWebhook's.
+  const proxy = async (config) => {
+    if (!isObject(config) || typeof config.endpoint !== 'string') {
+      throw new TypeError('proxy: give it an object with an endpoint');
+    }
+    const method = String(config.method || 'GET').toUpperCase();
+    const response = host('proxy', {
+      method,
+      endpoint: config.endpoint,
+      params: config.params ?? null,
+      data: config.data === undefined ? null : config.data,
+      headers: config.headers ?? null,
+      retries: config.retries ?? null,
+    });
+    if (response.status >= 400) {
+      const error = new Error(`${method} ${config.endpoint} answered ${response.status}`);
+      error.status = response.status;
+      error.response = response;
+      // What an action's caller is shown when the function lets it through.
+      error.type = 'script_http_error';
+      error.payload = { status: response.status, data: response.data };
+      throw error;
+    }
+    return response;
+  };
+  const verb = (method) => (config) => proxy({ ...config, method });
+  const at = (value, path) => {
+    if (!path) return value;
+    return String(path).split('.').reduce((v, key) => (v === null || v === undefined ? undefined : v[key]), value);
+  };
+  const nextLink = (header, rel) => {
+    if (typeof header !== 'string') return undefined;
+    for (const part of header.split(',')) {
+      const match = part.match(/<([^>]*)>\s*;(.*)/);
+      if (match && new RegExp(`rel="?${rel}"?`).test(match[2])) return match[1];
+    }
+    return undefined;
+  };
+  // Nango's paginate: cursor, link and offset styles; each page's items are yielded.
+  async function* paginate(config) {
+    if (!isObject(config) || typeof config.endpoint !== 'string') {
+      throw new TypeError('paginate: give it an object with an endpoint');
+    }
+    const rules = { ...(host('pagination', {}) ?? {}), ...(config.paginate ?? {}) };
+    const method = config.method || 'GET';
+    const params = { ...(config.params ?? {}) };
+    if (rules.limit !== undefined && rules.limit_name_in_request) params[rules.limit_name_in_request] = rules.limit;
+    let endpoint = config.endpoint;
+    let offset = Number(rules.offset_start_value ?? 0);
+    for (let page = 0; ; page++) {
+      if (rules.type === 'offset') params[rules.offset_name_in_request || 'offset'] = offset;
+      const response = await proxy({ ...config, method, endpoint, params });
+      const items = at(response.data, rules.response_path);
+      if (!Array.isArray(items)) {
+        throw new TypeError(`paginate: the response ${rules.response_path ? `at ${rules.response_path} ` : ''}is not an array`);
+      }
+      if (items.length > 0) yield items;
+      if (items.length === 0 || !rules.type) return;
+      if (rules.type === 'cursor') {
+        const cursor = at(response.data, rules.cursor_path_in_response);
+        if (cursor === undefined || cursor === null || cursor === '') return;
+        params[rules.cursor_name_in_request || 'cursor'] = cursor;
+      } else if (rules.type === 'link') {
+        const link = rules.link_path_in_response_body
+          ? at(response.data, rules.link_path_in_response_body)
+          : nextLink(response.headers.link, rules.link_rel_in_response_header || 'next');
+        if (!link) return;
+        endpoint = link;
+        for (const key of Object.keys(params)) delete params[key];
+      } else if (rules.type === 'offset') {
+        if (rules.limit !== undefined && items.length < Number(rules.limit)) return;
+        offset += rules.offset_calculation_method === 'per-page' ? 1 : items.length;
+      } else {
+        throw new TypeError(`paginate: type ${JSON.stringify(rules.type)} is not cursor, link or offset`);
+      }
+    }
+  }
+  const providerApi = {
+    proxy,
+    get: verb('GET'),
+    post: verb('POST'),
+    put: verb('PUT'),
+    patch: verb('PATCH'),
+    delete: verb('DELETE'),
+    paginate,
+    getToken: async () => host('getToken', {}),
+  };
+
+  // What exec adds to `nango` besides: delete tracking, checkpoints, reads of the records
+  // cache, actions, syncs and locks.
   const execApi = (models, setStrategy) => {
     const modelChecked = (model, call) => {
       if (typeof model !== 'string' || (models.size > 0 && !models.has(model))) {
@@ -233,90 +322,8 @@
       }
       return model;
     };
-    const proxy = async (config) => {
-      if (!isObject(config) || typeof config.endpoint !== 'string') {
-        throw new TypeError('proxy: give it an object with an endpoint');
-      }
-      const method = String(config.method || 'GET').toUpperCase();
-      const response = host('proxy', {
-        method,
-        endpoint: config.endpoint,
-        params: config.params ?? null,
-        data: config.data === undefined ? null : config.data,
-        headers: config.headers ?? null,
-        retries: config.retries ?? null,
-      });
-      if (response.status >= 400) {
-        const error = new Error(`${method} ${config.endpoint} answered ${response.status}`);
-        error.status = response.status;
-        error.response = response;
-        // What an action's caller is shown when the function lets it through.
-        error.type = 'script_http_error';
-        error.payload = { status: response.status, data: response.data };
-        throw error;
-      }
-      return response;
-    };
-    const verb = (method) => (config) => proxy({ ...config, method });
-    const at = (value, path) => {
-      if (!path) return value;
-      return String(path).split('.').reduce((v, key) => (v === null || v === undefined ? undefined : v[key]), value);
-    };
-    const nextLink = (header, rel) => {
-      if (typeof header !== 'string') return undefined;
-      for (const part of header.split(',')) {
-        const match = part.match(/<([^>]*)>\s*;(.*)/);
-        if (match && new RegExp(`rel="?${rel}"?`).test(match[2])) return match[1];
-      }
-      return undefined;
-    };
-    // Nango's paginate: cursor, link and offset styles; each page's items are yielded.
-    async function* paginate(config) {
-      if (!isObject(config) || typeof config.endpoint !== 'string') {
-        throw new TypeError('paginate: give it an object with an endpoint');
-      }
-      const rules = { ...(host('pagination', {}) ?? {}), ...(config.paginate ?? {}) };
-      const method = config.method || 'GET';
-      const params = { ...(config.params ?? {}) };
-      if (rules.limit !== undefined && rules.limit_name_in_request) params[rules.limit_name_in_request] = rules.limit;
-      let endpoint = config.endpoint;
-      let offset = Number(rules.offset_start_value ?? 0);
-      for (let page = 0; ; page++) {
-        if (rules.type === 'offset') params[rules.offset_name_in_request || 'offset'] = offset;
-        const response = await proxy({ ...config, method, endpoint, params });
-        const items = at(response.data, rules.response_path);
-        if (!Array.isArray(items)) {
-          throw new TypeError(`paginate: the response ${rules.response_path ? `at ${rules.response_path} ` : ''}is not an array`);
-        }
-        if (items.length > 0) yield items;
-        if (items.length === 0 || !rules.type) return;
-        if (rules.type === 'cursor') {
-          const cursor = at(response.data, rules.cursor_path_in_response);
-          if (cursor === undefined || cursor === null || cursor === '') return;
-          params[rules.cursor_name_in_request || 'cursor'] = cursor;
-        } else if (rules.type === 'link') {
-          const link = rules.link_path_in_response_body
-            ? at(response.data, rules.link_path_in_response_body)
-            : nextLink(response.headers.link, rules.link_rel_in_response_header || 'next');
-          if (!link) return;
-          endpoint = link;
-          for (const key of Object.keys(params)) delete params[key];
-        } else if (rules.type === 'offset') {
-          if (rules.limit !== undefined && items.length < Number(rules.limit)) return;
-          offset += rules.offset_calculation_method === 'per-page' ? 1 : items.length;
-        } else {
-          throw new TypeError(`paginate: type ${JSON.stringify(rules.type)} is not cursor, link or offset`);
-        }
-      }
-    }
     return {
-      proxy,
-      get: verb('GET'),
-      post: verb('POST'),
-      put: verb('PUT'),
-      patch: verb('PATCH'),
-      delete: verb('DELETE'),
-      paginate,
+      ...providerApi,
       trackDeletesStart: async (model) => { host('trackDeletesStart', { model: modelChecked(model, 'trackDeletesStart') }); },
       trackDeletesEnd: async (model) => host('trackDeletesEnd', { model: modelChecked(model, 'trackDeletesEnd') }),
       setMergingStrategy: async (merging, model) => {
@@ -333,7 +340,6 @@
         host('saveCheckpoint', checkpoint);
       },
       clearCheckpoint: async () => { host('clearCheckpoint', {}); },
-      getToken: async () => host('getToken', {}),
       getEnvironmentVariables: async () => host('getEnvironmentVariables', {}),
       getWebhookURL: async () => host('getWebhookURL', {}),
       // Nango's: the integration; `include: ['webhook']` adds its webhook_url.
@@ -367,18 +373,23 @@
     };
   };
 
-  const execOnly = Object.freeze(
-    Object.fromEntries(
-      ['proxy', 'get', 'post', 'put', 'patch', 'delete', 'paginate', 'trackDeletesStart', 'trackDeletesEnd',
-        'setMergingStrategy', 'getCheckpoint', 'saveCheckpoint', 'clearCheckpoint', 'getToken', 'getWebhookURL',
-        'getIntegration', 'getRecordsByIds', 'triggerAction', 'triggerSync', 'tryAcquireLock', 'releaseLock', 'releaseAllLocks'].map((name) => [
+  // onWebhook's `nango` beyond its own: the provider API, and exec's other calls, which
+  // throw. Its writes are committed with the event, after it returns, so record reads,
+  // checkpoints and delete tracking would not see them, and locks, actions and syncs
+  // would outlive a run that is retried.
+  const webhookApi = Object.freeze({
+    ...providerApi,
+    ...Object.fromEntries(
+      ['trackDeletesStart', 'trackDeletesEnd', 'setMergingStrategy', 'getCheckpoint', 'saveCheckpoint',
+        'clearCheckpoint', 'getWebhookURL', 'getIntegration', 'getRecordsByIds', 'triggerAction', 'triggerSync',
+        'tryAcquireLock', 'releaseLock', 'releaseAllLocks'].map((name) => [
         name,
         () => {
-          throw new Error(`${name}: the provider API, checkpoints, delete tracking, record reads, actions and locks are only available in exec, not in onWebhook`);
+          throw new Error(`${name}: checkpoints, delete tracking, record reads, actions, syncs and locks are only available in exec, not in onWebhook`);
         },
       ]),
     ),
-  );
+  });
 
   // An action's input or output against its zod schema, when it has one: the issues, or
   // undefined when it matches.

@@ -267,7 +267,7 @@ impl<N> Harness<N> {
     /// and what comes next waits there.
     pub async fn run_worker_once(&self) {
         let stop = CancellationToken::new();
-        let worker = Arc::new(Worker::new(self.store.clone(), &self.bus, &self.config));
+        let worker = Arc::new(Worker::new(self.store.clone(), &self.bus, &self.config).expect("worker"));
         let running = tokio::spawn(worker.run(stop.clone()));
         self.drained().await;
         stop.cancel();
@@ -275,7 +275,7 @@ impl<N> Harness<N> {
     }
 
     pub fn start_worker(&self) -> Arc<Worker> {
-        let worker = Arc::new(Worker::new(self.store.clone(), &self.bus, &self.config));
+        let worker = Arc::new(Worker::new(self.store.clone(), &self.bus, &self.config).expect("worker"));
         tokio::spawn(worker.clone().run(self.shutdown.clone()));
         worker
     }
