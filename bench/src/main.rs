@@ -149,6 +149,11 @@ enum Command {
         /// one).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
         slow_syncs: u64,
+        /// The sync's onWebhook fetches each event's contact from a local provider API
+        /// (`nango.get`, the connection's API key) before saving it, as a port of a Nango
+        /// handler for thin events does.
+        #[arg(long)]
+        fetch: bool,
     },
     /// Forwarding throughput to a fast local receiver, deliveries/s.
     Forward {
@@ -246,6 +251,7 @@ fn main() -> anyhow::Result<()> {
                 slow_every,
                 slow_ms,
                 slow_syncs,
+                fetch,
             } => {
                 worker::run(&worker::Plan {
                     events,
@@ -259,6 +265,7 @@ fn main() -> anyhow::Result<()> {
                         ms: slow_ms,
                         syncs: slow_syncs,
                     }),
+                    fetch,
                 })
                 .await
             }

@@ -9,6 +9,9 @@
 //! 2. latency: events are published at a steady rate below the burst throughput, and
 //!    each one's time from publish ack to its record's commit is measured (the
 //!    record's `first_seen_at`, stamped in the committing transaction).
+//!
+//! With `fetch`, the sync's onWebhook first fetches each event's contact from a local
+//! provider API (`nango.get`), as a handler for a provider's thin events does.
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -25,7 +28,7 @@ use hookyard_core::{Config, Store};
 use hookyard_testkit::PgDatabase;
 use serde_json::json;
 
-use crate::setup::{cpu_seconds, deploy_example, deploy_files, postgres_cpu, postgres_cpu_since, start_nats};
+use crate::setup::{cpu_seconds, deploy_files, postgres_cpu, postgres_cpu_since, start_nats};
 
 pub struct Plan {
     pub events: u64,
@@ -39,6 +42,8 @@ pub struct Plan {
     pub destination: Destination,
     /// Slow events, if any.
     pub slow: Option<Slow>,
+    /// Whether onWebhook fetches each contact from the provider (a local one) first.
+    pub fetch: bool,
 }
 
 /// Every `every`th event (`every` > 0) is a `contact.slow.{i}` one, for `i` in turn
@@ -91,6 +96,39 @@ fn slow_sync(i: u64, ms: u64) -> String {
     )
 }
 
+/// The example's sync, its onWebhook filling each event in from the provider.
+const FETCHING_SYNC: &str = "import { createSync } from 'nango';
+export default createSync({
+  models: { Contact: {} },
+  webhookSubscriptions: ['contact.updated'],
+  onWebhook: async (nango, payload) => {
+    const { data } = await nango.get({ endpoint: `/contacts/${payload.contact.id}` });
+    await nango.batchSave([{ id: String(data.id), email: data.email }], 'Contact');
+  },
+});
+";
+
+/// A provider API answering `GET /contacts/{id}` at once; its address and a count of the
+/// calls it answered.
+async fn start_provider() -> anyhow::Result<(String, std::sync::Arc<std::sync::atomic::AtomicU64>)> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let calls = std::sync::Arc::new(AtomicU64::new(0));
+    let counted = calls.clone();
+    let app = axum::Router::new().route(
+        "/contacts/{id}",
+        axum::routing::get(move |axum::extract::Path(id): axum::extract::Path<u64>| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            std::future::ready(axum::Json(
+                json!({"id": id, "email": format!("person{id}@example.com")}),
+            ))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((url, calls))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Destination {
     None,
@@ -110,9 +148,16 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     };
     let store = Store::connect(&config.database_url, Cipher::from_text(&key)?).await?;
     let environment = store.ensure_environment(&"dev".parse()?).await?;
-    store
-        .create_integration(&environment, &NewIntegration::new("demo".parse()?, "generic"))
-        .await?;
+    let mut integration = NewIntegration::new("demo".parse()?, "generic");
+    let provider = match plan.fetch {
+        true => {
+            let (url, calls) = start_provider().await?;
+            integration.settings = json!({"api": {"base_url": url, "api_key_header": "X-API-Key"}});
+            Some(calls)
+        }
+        false => None,
+    };
+    store.create_integration(&environment, &integration).await?;
     let connections: Vec<String> = (0..plan.connections).map(|n| format!("conn-{n}")).collect();
     for id in &connections {
         let connection = NewConnection {
@@ -121,25 +166,26 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
             connection_config: json!({}),
             metadata: json!({}),
             tags: json!({}),
-            credentials: None,
+            credentials: plan.fetch.then(|| hookyard_core::store::Credentials::ApiKey {
+                api_key: format!("key-{id}"),
+            }),
         };
         store.create_connection(&environment, &connection).await?;
     }
     let mix = Mix(plan.slow);
-    match plan.slow {
-        None => deploy_example(&store, &environment, &config).await?,
-        Some(slow) => {
-            let mut files = hookyard_functions::examples::files(hookyard_functions::examples::CRM_CONTACTS);
-            for i in 0..slow.syncs {
-                files.insert(format!("demo/syncs/slow{i}.js"), slow_sync(i, slow.ms));
-                files
-                    .get_mut("index.ts")
-                    .expect("the example has an index")
-                    .push_str(&format!("import './demo/syncs/slow{i}.js';\n"));
-            }
-            deploy_files(&store, &environment, &config, files).await?;
-        }
+    let mut files = hookyard_functions::examples::files(hookyard_functions::examples::CRM_CONTACTS);
+    if plan.fetch {
+        files.insert("demo/syncs/contacts.ts".into(), FETCHING_SYNC.into());
     }
+    for i in 0..plan.slow.map_or(0, |slow| slow.syncs) {
+        let ms = plan.slow.map_or(0, |slow| slow.ms);
+        files.insert(format!("demo/syncs/slow{i}.js"), slow_sync(i, ms));
+        files
+            .get_mut("index.ts")
+            .expect("the example has an index")
+            .push_str(&format!("import './demo/syncs/slow{i}.js';\n"));
+    }
+    deploy_files(&store, &environment, &config, files).await?;
     if plan.destination != Destination::None {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}/hook", listener.local_addr()?);
@@ -170,8 +216,13 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     bus.ensure_streams(&config.streams, &store).await?;
 
     println!(
-        "worker benchmark: examples/crm-contacts (one Contact saved per event), routed events published \
+        "worker benchmark: examples/crm-contacts (one Contact saved per event{}), routed events published \
          straight into {CONN_STREAM}, {} connections, Postgres, one worker process ({} JS threads){}\n",
+        if plan.fetch {
+            ", fetched from a local provider API first"
+        } else {
+            ""
+        },
         plan.connections,
         if plan.js_threads == 0 {
             "one per CPU".to_string()
@@ -263,6 +314,15 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
             "forwarding at the end: {} deliveries waiting or in flight",
             info.num_pending + info.num_ack_pending as u64
         );
+    }
+    if let Some(calls) = provider {
+        let calls = calls.load(std::sync::atomic::Ordering::Relaxed);
+        let contacts = mix.contacts(1..=plan.events + count) as u64;
+        anyhow::ensure!(
+            calls >= contacts,
+            "{calls} provider calls for {contacts} contact events"
+        );
+        println!("provider calls: {calls} for {contacts} contact events");
     }
     let _ = Command::new("kill").args(["-TERM", &pid]).status();
     let _ = worker.wait();

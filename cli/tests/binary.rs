@@ -1895,6 +1895,41 @@ async fn dryrun_prints_what_exec_and_on_webhook_would_write_and_save_writes_it()
     assert_eq!(ids(&plan["records"]["Contact"]["save"]), ["7"]);
     assert_eq!(stored().await, before, "nor does a dry run of onWebhook");
 
+    // An onWebhook that fills a thin event in from the provider calls it for real.
+    std::fs::write(
+        project.path().join("demo/syncs/thin.ts"),
+        "import { createSync } from 'nango';
+export default createSync({
+  models: { Contact: {} },
+  webhookSubscriptions: ['contact.changed'],
+  onWebhook: async (nango, payload: { objectId: string }) => {
+    const { data } = await nango.get({ endpoint: `/contacts/${payload.objectId}` });
+    await nango.batchSave([{ id: data.id, email: data.email }], 'Contact');
+  },
+});
+",
+    )
+    .unwrap();
+    let index = project.path().join("index.ts");
+    let imports = std::fs::read_to_string(&index).unwrap() + "import './demo/syncs/thin.js';\n";
+    std::fs::write(&index, imports).unwrap();
+    let thin = project.path().join("thin.json");
+    std::fs::write(&thin, r#"{"type": "contact.changed", "objectId": "p2"}"#).unwrap();
+    let run = dryrun.clone();
+    let webhook = vec!["--webhook".to_string(), thin.to_str().unwrap().into()];
+    let (status, stdout, stderr) = tokio::task::spawn_blocking(move || run("thin", webhook)).await.unwrap();
+    assert!(status.success(), "{stderr}");
+    let plan: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        plan["records"]["Contact"]["save"],
+        serde_json::json!([{"id": "p2", "email": "p2@crm.test"}])
+    );
+    assert!(crm
+        .requests()
+        .iter()
+        .any(|(path, status)| path == "/contacts/p2" && *status == 200));
+    assert_eq!(stored().await, before, "nor does one that calls the provider");
+
     let run = dryrun.clone();
     let (status, stdout, stderr) = tokio::task::spawn_blocking(move || run("contacts", vec!["--save".into()]))
         .await
@@ -1964,7 +1999,7 @@ export default createAction({
     assert!(!status.success());
     assert!(
         stderr.contains("no sync \"nosuch\" in ")
-            && stderr.contains("(it has: demo/find-contact, demo/first-contact, demo/contacts)"),
+            && stderr.contains("(it has: demo/find-contact, demo/first-contact, demo/contacts, demo/thin)"),
         "{stderr}"
     );
 }

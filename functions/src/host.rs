@@ -24,7 +24,7 @@ use hookyard_core::config::ForwardingConfig;
 use hookyard_core::keys::IntegrationKey;
 use hookyard_core::providers::api::ApiSpec;
 use hookyard_core::providers::Catalog;
-use hookyard_core::store::{Connection, StoreError};
+use hookyard_core::store::{Connection, Credentials, Integration, StoreError};
 
 use crate::provider_api::{Owner, ProviderApi, ProxyRequest};
 use crate::Host;
@@ -88,23 +88,35 @@ pub async fn connection_api(
     let integration = store
         .existing_integration(owner.environment_id, &owner.integration)
         .await?;
+    let api = provider_api(
+        store,
+        catalog,
+        &integration,
+        connection.credentials.clone(),
+        owner,
+        guard,
+    );
+    Ok((connection, api))
+}
+
+/// The provider API of `integration` with a connection's `credentials`, or why there is
+/// none (no base URL, a provider without an API).
+fn provider_api(
+    store: &Store,
+    catalog: &Catalog,
+    integration: &Integration,
+    credentials: Option<Credentials>,
+    owner: Owner,
+    guard: &ForwardingConfig,
+) -> Result<ProviderApi, String> {
     let provider = catalog.get(&integration.provider).and_then(|p| p.api.as_ref());
-    let api = ApiSpec::for_integration(
+    ApiSpec::for_integration(
         provider,
         &integration.settings,
         integration.oauth_client_secret.as_deref(),
     )
     .map_err(|e| e.to_string())
-    .and_then(|spec| {
-        ProviderApi::new(
-            spec,
-            connection.credentials.clone(),
-            owner,
-            store.clone(),
-            guard.clone(),
-        )
-    });
-    Ok((connection, api))
+    .and_then(|spec| ProviderApi::new(spec, credentials, owner, store.clone(), guard.clone()))
 }
 
 /// Blocks the JS thread on `call` for at most `time_left`, the run's time: a provider
@@ -125,13 +137,13 @@ fn within(
 /// The provider API's calls (`proxy`, `getToken`, `pagination`), exec's and onWebhook's;
 /// `None` for any other.
 async fn provider_call<'a>(
-    api: impl std::future::Future<Output = Result<&'a ProviderApi, String>>,
+    api: impl FnOnce() -> Result<&'a ProviderApi, String>,
     op: &str,
     args: &str,
 ) -> Option<Result<String, String>> {
     let answer = match op {
         "proxy" => match serde_json::from_str::<ProxyRequest>(args) {
-            Ok(request) => match api.await {
+            Ok(request) => match api() {
                 Ok(api) => api
                     .call(request)
                     .await
@@ -140,34 +152,34 @@ async fn provider_call<'a>(
             },
             Err(e) => Err(format!("{op}: {e}")),
         },
-        "getToken" => match api.await {
+        "getToken" => match api() {
             Ok(api) => api.token().await.map(|token| token.to_string()),
             Err(error) => Err(error),
         },
         // No API: no pagination rules either (its calls say why).
-        "pagination" => Ok(api
-            .await
-            .map(ProviderApi::pagination)
-            .unwrap_or(Value::Null)
-            .to_string()),
+        "pagination" => Ok(api().map(ProviderApi::pagination).unwrap_or(Value::Null).to_string()),
         _ => return None,
     };
     Some(answer)
 }
 
 /// What onWebhook's `nango` calls out to: the provider's API, nothing else (its writes
-/// are collected and committed with the event). The connection's credentials are read
-/// at its first call: most webhook functions make none. One per connection in a group of
-/// events, so that its runs share a token refresh.
+/// are collected and committed with the event). Made from what the worker read for the
+/// group (the connection's credentials, the integration), so that a call asks the
+/// store nothing; its API is made at the first call, which most webhook functions never
+/// make. One per connection in a group of events: its runs share a token refresh.
 pub struct WebhookHost {
     runtime: tokio::runtime::Handle,
     source: std::sync::Arc<ApiSource>,
     owner: Owner,
-    api: tokio::sync::OnceCell<Result<ProviderApi, String>>,
+    credentials: Option<Credentials>,
+    /// `None`: deleted since the event was routed.
+    integration: Option<std::sync::Arc<Integration>>,
+    api: std::sync::OnceLock<Result<ProviderApi, String>>,
 }
 
-/// Where onWebhook's provider API comes from: the connection and integration in the
-/// store, the provider in the catalog, the rules for calls out.
+/// What every onWebhook host of a worker shares: the store (for refreshed tokens), the
+/// provider catalog, the rules for calls out.
 pub struct ApiSource {
     pub store: Store,
     pub catalog: std::sync::Arc<Catalog>,
@@ -176,27 +188,38 @@ pub struct ApiSource {
 
 impl WebhookHost {
     /// A host for `owner`'s runs. Must be made on the async runtime its calls will block on.
-    pub fn new(source: std::sync::Arc<ApiSource>, owner: Owner) -> WebhookHost {
+    pub fn new(
+        source: std::sync::Arc<ApiSource>,
+        owner: Owner,
+        credentials: Option<Credentials>,
+        integration: Option<std::sync::Arc<Integration>>,
+    ) -> WebhookHost {
         WebhookHost {
             runtime: tokio::runtime::Handle::current(),
             source,
             owner,
-            api: tokio::sync::OnceCell::new(),
+            credentials,
+            integration,
+            api: std::sync::OnceLock::new(),
         }
     }
 
-    async fn api(&self) -> Result<&ProviderApi, String> {
-        let source = &self.source;
-        // A database away is not kept: the next call asks again.
-        let api = self
-            .api
-            .get_or_try_init(|| async {
-                connection_api(&source.store, &source.catalog, self.owner.clone(), &source.guard)
-                    .await
-                    .map(|(_, api)| api)
-            })
-            .await
-            .map_err(|e| e.to_string())?;
+    fn api(&self) -> Result<&ProviderApi, String> {
+        let api = self.api.get_or_init(|| {
+            let integration = self
+                .integration
+                .as_deref()
+                .ok_or_else(|| format!("integration {} does not exist", self.owner.integration))?;
+            let source = &self.source;
+            provider_api(
+                &source.store,
+                &source.catalog,
+                integration,
+                self.credentials.clone(),
+                self.owner.clone(),
+                &source.guard,
+            )
+        });
         api.as_ref().map_err(Clone::clone)
     }
 }
@@ -204,7 +227,7 @@ impl WebhookHost {
 impl Host for WebhookHost {
     fn call(&self, op: &str, args: &str, time_left: Duration) -> Result<String, String> {
         within(&self.runtime, op, time_left, async {
-            provider_call(self.api(), op, args)
+            provider_call(|| self.api(), op, args)
                 .await
                 .unwrap_or_else(|| Err(format!("{op}: only available in exec, not in onWebhook")))
         })
@@ -337,8 +360,7 @@ impl StoreHost {
         let parse_error = |e: serde_json::Error| format!("{op}: {e}");
         let store_error = |e: hookyard_core::store::StoreError| format!("{op}: {e}");
         let dry = self.run.mode == Mode::DryRun;
-        let api = async { self.run.api.as_ref().map_err(Clone::clone) };
-        if let Some(answer) = provider_call(api, op, args).await {
+        if let Some(answer) = provider_call(|| self.run.api.as_ref().map_err(Clone::clone), op, args).await {
             return answer;
         }
         match op {

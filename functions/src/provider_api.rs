@@ -68,6 +68,23 @@ pub struct ProviderApi {
     guard: ForwardingConfig,
 }
 
+/// The HTTP client for provider calls under `guard`: one per process and set of rules,
+/// which every run shares. Making one per run (its TLS roots read, no connection kept
+/// open) was most of the CPU of an onWebhook that fetches, and of every action.
+fn shared_client(guard: &ForwardingConfig) -> Result<reqwest::Client, String> {
+    static CLIENTS: std::sync::Mutex<Vec<(String, reqwest::Client)>> = std::sync::Mutex::new(Vec::new());
+    let rules = serde_json::to_string(guard).map_err(|e| e.to_string())?;
+    let mut clients = CLIENTS.lock().expect("provider clients");
+    if let Some((_, client)) = clients.iter().find(|(made_for, _)| *made_for == rules) {
+        return Ok(client.clone());
+    }
+    let client = hookyard_core::outbound::build_client(
+        hookyard_core::outbound::client_builder(guard)?.timeout(ATTEMPT_TIMEOUT),
+    )?;
+    clients.push((rules, client.clone()));
+    Ok(client)
+}
+
 impl Owner {
     /// The connection a sync's run is for.
     pub fn of(key: &hookyard_core::store::syncs::SyncKey) -> Owner {
@@ -94,9 +111,7 @@ impl ProviderApi {
             )
         })?;
         let base = Url::parse(&base_text).map_err(|e| format!("API base URL {base_text:?}: {e}"))?;
-        let client = hookyard_core::outbound::build_client(
-            hookyard_core::outbound::client_builder(&guard)?.timeout(ATTEMPT_TIMEOUT),
-        )?;
+        let client = shared_client(&guard)?;
         Ok(ProviderApi {
             client,
             base,

@@ -152,7 +152,7 @@ impl Forwarder {
         let Some(environment) = self.settings.forwarding_environment(&event.environment).await? else {
             return Ok(());
         };
-        let Some(integration) = self.settings.integration(&environment, &event.integration).await? else {
+        let Some(integration) = self.settings.integration(environment.id, &event.integration).await? else {
             return Ok(());
         };
         if !integration.forward_webhooks {

@@ -587,6 +587,12 @@ impl Worker {
                 let json = self.settings.environment_variables(*environment_id).await?;
                 variables.insert(*environment_id, json);
             }
+            // For the provider API: read once a second, not per call.
+            let settings = self
+                .settings
+                .integration(*environment_id, integration)
+                .await?
+                .map(Arc::new);
             for connection in self.store.connections_named(*environment_id, integration, ids).await? {
                 let (metadata, described) = hookyard_functions::host::connection_texts(&connection);
                 let owner = Owner {
@@ -594,7 +600,8 @@ impl Worker {
                     integration: integration.clone(),
                     connection_id: connection.connection_id.clone(),
                 };
-                let host = Arc::new(WebhookHost::new(self.api_source.clone(), owner));
+                let host = WebhookHost::new(self.api_source.clone(), owner, connection.credentials, settings.clone());
+                let host = Arc::new(host);
                 connections.insert(
                     (*environment_id, integration.clone(), connection.connection_id),
                     (metadata, described, host),

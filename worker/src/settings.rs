@@ -87,16 +87,16 @@ impl Settings {
 
     pub async fn integration(
         &self,
-        environment: &Environment,
+        environment_id: i64,
         key: &IntegrationKey,
     ) -> Result<Option<Integration>, StoreError> {
-        let cache_key = (environment.id, key.to_string());
+        let cache_key = (environment_id, key.to_string());
         if let Some(hit) = self.integrations.get(&cache_key) {
             return Ok(hit);
         }
         Ok(self
             .integrations
-            .put(cache_key, self.store.integration(environment.id, key).await?))
+            .put(cache_key, self.store.integration(environment_id, key).await?))
     }
 
     /// The environment, when it (or one of its connections) forwards anywhere.
