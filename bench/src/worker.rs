@@ -177,13 +177,14 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     if plan.fetch {
         files.insert("demo/syncs/contacts.ts".into(), FETCHING_SYNC.into());
     }
-    for i in 0..plan.slow.map_or(0, |slow| slow.syncs) {
-        let ms = plan.slow.map_or(0, |slow| slow.ms);
-        files.insert(format!("demo/syncs/slow{i}.js"), slow_sync(i, ms));
-        files
-            .get_mut("index.ts")
-            .expect("the example has an index")
-            .push_str(&format!("import './demo/syncs/slow{i}.js';\n"));
+    if let Some(slow) = plan.slow {
+        for i in 0..slow.syncs {
+            files.insert(format!("demo/syncs/slow{i}.js"), slow_sync(i, slow.ms));
+            files
+                .get_mut("index.ts")
+                .expect("the example has an index")
+                .push_str(&format!("import './demo/syncs/slow{i}.js';\n"));
+        }
     }
     deploy_files(&store, &environment, &config, files).await?;
     if plan.destination != Destination::None {

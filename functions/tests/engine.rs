@@ -69,6 +69,15 @@ fn invocation(payload: serde_json::Value) -> Invocation {
     }
 }
 
+/// An exec run whose `nango` calls `host`.
+fn exec_on(host: Arc<dyn Host>) -> Invocation {
+    Invocation {
+        handler: Handler::Exec,
+        host: Some(host),
+        ..invocation(json!(null))
+    }
+}
+
 /// A sync with an hourly `exec` whose body is `body`.
 fn exec_sync(body: &str) -> String {
     format!(
@@ -903,14 +912,7 @@ async fn exec_calls_its_host_as_it_goes_and_paginates_by_cursor() {
     let pool = Pool::new(1, limits());
     let host = Arc::new(FakeHost::default());
     let effects = pool
-        .execute(
-            code(&project, "contacts"),
-            Invocation {
-                handler: Handler::Exec,
-                host: Some(host.clone()),
-                ..invocation(json!(null))
-            },
-        )
+        .execute(code(&project, "contacts"), exec_on(host.clone()))
         .await
         .expect("exec runs");
     assert!(effects.writes.is_empty(), "exec writes go to the host, not the effects");
@@ -1017,14 +1019,7 @@ async fn exec_calls_its_host_as_it_goes_and_paginates_by_cursor() {
     ] {
         let project = self::project(&[("crm/syncs/reads.js", &exec_sync(&format!("await nango.{call};")))]);
         let error = pool
-            .execute(
-                code(&project, "reads"),
-                Invocation {
-                    handler: Handler::Exec,
-                    host: Some(Arc::new(FakeHost::default())),
-                    ..invocation(json!(null))
-                },
-            )
+            .execute(code(&project, "reads"), exec_on(Arc::new(FakeHost::default())))
             .await
             .expect_err("bad arguments");
         assert!(error.message.contains(expected), "{call}: {}", error.message);
@@ -1095,14 +1090,7 @@ async fn a_host_call_is_given_the_time_the_run_has_left() {
     let project = project(&[("crm/syncs/clock.js", &sync)]);
     let host = Arc::new(ClockHost::default());
     Pool::new(1, limits())
-        .execute(
-            code(&project, "clock"),
-            Invocation {
-                handler: Handler::Exec,
-                host: Some(host.clone()),
-                ..invocation(json!(null))
-            },
-        )
+        .execute(code(&project, "clock"), exec_on(host.clone()))
         .await
         .expect("exec runs");
     let seen = host.0.lock().unwrap().clone();
@@ -1139,16 +1127,7 @@ async fn a_host_that_panics_fails_the_run_not_the_process() {
     );
     let project = project(&[("crm/syncs/contacts.js", &sync)]);
     let pool = Pool::new(1, limits());
-    let run = || {
-        pool.execute(
-            code(&project, "contacts"),
-            Invocation {
-                handler: Handler::Exec,
-                host: Some(Arc::new(PanickingHost)),
-                ..invocation(json!(null))
-            },
-        )
-    };
+    let run = || pool.execute(code(&project, "contacts"), exec_on(Arc::new(PanickingHost)));
     for _ in 0..2 {
         let error = run().await.expect_err("the host fails");
         assert_eq!(error.kind, ErrorKind::Thrown, "{error}");

@@ -236,15 +236,9 @@ impl Setup {
         let since = Utc::now();
         assert_eq!(self.reconciler.tick(Utc::now()).await.unwrap().scheduled, 1);
         held.reached().await;
-        let jetstream = &self.h.bus.jetstream;
-        let ack = jetstream
-            .publish("hooks.raw.dev.crm", "{}".into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
         let contact = json!({"type": "contact.updated", "contact": {"id": "p1", "email": email}});
-        self.h.publish([(ack.sequence, "c0", "contact.updated", contact)]).await;
+        let seq = self.raw_sequence().await;
+        self.h.publish([(seq, "c0", "contact.updated", contact)]).await;
         eventually("the webhook's write", Duration::from_secs(20), || async {
             let contacts = self.contacts("c0").await;
             contacts
@@ -259,15 +253,17 @@ impl Setup {
     /// A thin provider event for `c0` (Nango's HubSpot-style: an id, no data), with a
     /// `HOOKS_RAW` sequence of its own.
     async fn thin_event(&self, contact: &str) {
-        let jetstream = &self.h.bus.jetstream;
-        let ack = jetstream
-            .publish("hooks.raw.dev.crm", "{}".into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
         let event = json!({"type": "contact.changed", "objectId": contact});
-        self.h.publish([(ack.sequence, "c0", "contact.changed", event)]).await;
+        let seq = self.raw_sequence().await;
+        self.h.publish([(seq, "c0", "contact.changed", event)]).await;
+    }
+
+    /// A `HOOKS_RAW` sequence for an event published straight to the worker, as a
+    /// webhook ingested now would have (a message stands in for it).
+    async fn raw_sequence(&self) -> u64 {
+        let jetstream = &self.h.bus.jetstream;
+        let ack = jetstream.publish("hooks.raw.dev.crm", "{}".into()).await.unwrap();
+        ack.await.unwrap().sequence
     }
 
     async fn exec_jobs(&self) -> u64 {
