@@ -1524,7 +1524,7 @@ enum Kind { Person }
 export default createSync({
   webhookSubscriptions: ['contact.updated'],
   onWebhook: async (nango, payload: CrmContact) => {
-    const cached = await nango.getRecordsByIds(['a'], 'Contact');
+    const checkpoint = await nango.getCheckpoint();
     await nango.batchSave([{ name: 'no id' }], 'Contact');
     Buffer.from('x').toString('utf32');
   },
@@ -1545,7 +1545,7 @@ export default createAction({ exec: async () => { throw new ActionError(); } });
     for expected in [
         "bad.ts(2,10): error TS1484: 'CrmContact' is a type and must be imported using a type-only import",
         "bad.ts(3,6): error TS1294: This syntax is not allowed when 'erasableSyntaxOnly' is enabled",
-        "bad.ts(7,32): error TS2339: Property 'getRecordsByIds' does not exist on type 'NangoWebhook'",
+        "bad.ts(7,36): error TS2339: Property 'getCheckpoint' does not exist on type 'NangoWebhook'",
         "bad.ts(8,30): error TS2353",
         "bad.ts(9,31): error TS2345: Argument of type '\"utf32\"' is not assignable to parameter of type 'BufferEncoding",
         "actions/bad.ts(2,61): error TS1362: 'ActionError' cannot be used as a value because it was exported using 'export type'",

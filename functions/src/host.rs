@@ -163,11 +163,35 @@ async fn provider_call<'a>(
     Some(answer)
 }
 
-/// What onWebhook's `nango` calls out to: the provider's API, nothing else (its writes
-/// are collected and committed with the event). Made from what the worker read for the
-/// group (the connection's credentials, the integration), so that a call asks the
-/// store nothing; its API is made at the first call, which most webhook functions never
-/// make. One per connection in a group of events: its runs share a token refresh.
+/// `getRecordsByIds`: the cached records of a model with these ids (a hundred at most a
+/// call) as committed now, with their `_nango_metadata`; deleted ones are not there.
+async fn records_by_ids(store: &Store, scope: impl FnOnce(&str) -> RecordScope, args: &str) -> Result<String, String> {
+    let op = "getRecordsByIds";
+    let args: IdsArgs = serde_json::from_str(args).map_err(|e| format!("{op}: {e}"))?;
+    if args.ids.len() > IDS_PER_CALL {
+        return Err(format!("{op}: at most {IDS_PER_CALL} ids a call"));
+    }
+    let query = RecordQuery {
+        cursor: None,
+        modified_after: None,
+        limit: IDS_PER_CALL as u32,
+        filter: vec![LastAction::Added, LastAction::Updated],
+        ids: Some(args.ids),
+    };
+    let page = store
+        .list_records(&scope(&args.model), &query)
+        .await
+        .map_err(|e| format!("{op}: {e}"))?;
+    let records: Vec<Value> = page.records.into_iter().map(StoredRecord::into_nango).collect();
+    Ok(Value::Array(records).to_string())
+}
+
+/// What onWebhook's `nango` calls out to: the provider's API and reads of the records
+/// cache, nothing else (its writes are collected and committed with the event). Made
+/// from what the worker read for the group (the connection's credentials, the
+/// integration), so that a provider call asks the store nothing; its API is made at the
+/// first call, which most webhook functions never make. One per connection in a group
+/// of events: its runs share a token refresh.
 pub struct WebhookHost {
     runtime: tokio::runtime::Handle,
     source: std::sync::Arc<ApiSource>,
@@ -178,8 +202,8 @@ pub struct WebhookHost {
     api: std::sync::OnceLock<Result<ProviderApi, String>>,
 }
 
-/// What every onWebhook host of a worker shares: the store (for refreshed tokens), the
-/// provider catalog, the rules for calls out.
+/// What every onWebhook host of a worker shares: the store (for record reads and
+/// refreshed tokens), the provider catalog, the rules for calls out.
 pub struct ApiSource {
     pub store: Store,
     pub catalog: std::sync::Arc<Catalog>,
@@ -227,6 +251,16 @@ impl WebhookHost {
 impl Host for WebhookHost {
     fn call(&self, op: &str, args: &str, time_left: Duration) -> Result<String, String> {
         within(&self.runtime, op, time_left, async {
+            if op == "getRecordsByIds" {
+                let owner = &self.owner;
+                let scope = |model: &str| RecordScope {
+                    environment_id: owner.environment_id,
+                    integration: owner.integration.clone(),
+                    connection_id: owner.connection_id.clone(),
+                    model: model.to_string(),
+                };
+                return records_by_ids(&self.source.store, scope, args).await;
+            }
             provider_call(|| self.api(), op, args)
                 .await
                 .unwrap_or_else(|| Err(format!("{op}: only available in exec, not in onWebhook")))
@@ -489,28 +523,7 @@ impl StoreHost {
                 }
                 Ok(shown.to_string())
             }
-            "getRecordsByIds" => {
-                let args: IdsArgs = serde_json::from_str(args).map_err(parse_error)?;
-                if args.ids.len() > IDS_PER_CALL {
-                    return Err(format!("{op}: at most {IDS_PER_CALL} ids a call"));
-                }
-                // What the cache holds now; deleted records are not there.
-                let query = RecordQuery {
-                    cursor: None,
-                    modified_after: None,
-                    limit: IDS_PER_CALL as u32,
-                    filter: vec![LastAction::Added, LastAction::Updated],
-                    ids: Some(args.ids),
-                };
-                let page = self
-                    .run
-                    .store
-                    .list_records(&self.scope(&args.model), &query)
-                    .await
-                    .map_err(store_error)?;
-                let records: Vec<Value> = page.records.into_iter().map(StoredRecord::into_nango).collect();
-                Ok(Value::Array(records).to_string())
-            }
+            "getRecordsByIds" => records_by_ids(&self.run.store, |model| self.scope(model), args).await,
             "trackDeletesStart" => {
                 let args: ModelArgs = serde_json::from_str(args).map_err(parse_error)?;
                 self.state().seen.insert(args.model, HashSet::new());

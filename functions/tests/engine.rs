@@ -880,6 +880,7 @@ impl Host for FakeHost {
                 }
             }
             "pagination" => "null".to_string(),
+            "getRecordsByIds" => json!([{"id": "1", "email": "one@x"}]).to_string(),
             "getCheckpoint" => json!({"since": "yesterday"}).to_string(),
             "trackDeletesEnd" => "0".to_string(),
             _ => String::new(),
@@ -943,11 +944,14 @@ async fn exec_calls_its_host_as_it_goes_and_paginates_by_cursor() {
     assert_eq!(saved[1]["records"], json!([{"id": "3", "since": "yesterday"}]));
     assert_eq!(calls[5].1["params"]["cursor"], "p2");
 
-    // onWebhook calls the provider API through its host, and its writes are still
-    // collected (committed with the event); a thin event is filled in from the provider.
+    // onWebhook reads the cache and calls the provider API through its host, and its
+    // writes are still collected (committed with the event): a thin event is filled in
+    // from the provider.
     let fetches = sync_with(
-        "const contact = await nango.get({ endpoint: `/contacts/${payload.objectId}` });
-         await nango.batchSave(contact.data.items, 'Contact');",
+        "const cached = await nango.getRecordsByIds(['1'], 'Contact');
+         const contact = await nango.get({ endpoint: `/contacts/${payload.objectId}` });
+         const before = cached.get('1')?.email ?? null;
+         await nango.batchSave(contact.data.items.map((c) => ({ ...c, before })), 'Contact');",
     );
     let project = self::project(&[("crm/syncs/hook.js", &fetches)]);
     let host = Arc::new(FakeHost::default());
@@ -962,19 +966,28 @@ async fn exec_calls_its_host_as_it_goes_and_paginates_by_cursor() {
         .await
         .expect("onWebhook fetches");
     assert_eq!(effects.writes[0].records.len(), 2, "{:?}", effects.writes);
+    assert_eq!(effects.writes[0].records[0].1["before"], "one@x");
     let calls = host.calls.lock().unwrap().clone();
-    assert_eq!(calls.len(), 1, "{calls:?}");
-    assert_eq!(
-        (calls[0].0.as_str(), &calls[0].1["endpoint"]),
-        ("proxy", &json!("/contacts/1"))
-    );
-    // Record reads, checkpoints, delete tracking, actions, syncs and locks stay exec's.
-    for call in [
-        "getRecordsByIds(['a'], 'Contact')",
-        "getCheckpoint()",
-        "trackDeletesStart('Contact')",
-        "triggerAction('crm', 'c', 'a', {})",
-        "tryAcquireLock({ key: 'k', ttlMs: 10 })",
+    let ops: Vec<&str> = calls.iter().map(|(op, _)| op.as_str()).collect();
+    assert_eq!(ops, ["getRecordsByIds", "proxy"]);
+    assert_eq!(calls[1].1["endpoint"], "/contacts/1");
+    // Checkpoints, delete tracking, actions, syncs and locks stay exec's, and a read of a
+    // model not the sync's is refused.
+    for (call, refused) in [
+        ("getRecordsByIds(['a'], 'Nope')", "is not one of this sync's models"),
+        ("getCheckpoint()", "only available in exec, not in onWebhook"),
+        (
+            "trackDeletesStart('Contact')",
+            "only available in exec, not in onWebhook",
+        ),
+        (
+            "triggerAction('crm', 'c', 'a', {})",
+            "only available in exec, not in onWebhook",
+        ),
+        (
+            "tryAcquireLock({ key: 'k', ttlMs: 10 })",
+            "only available in exec, not in onWebhook",
+        ),
     ] {
         let webhook_only = sync_with(&format!("await nango.{call};"));
         let project = self::project(&[("crm/syncs/hook.js", &webhook_only)]);
@@ -988,13 +1001,9 @@ async fn exec_calls_its_host_as_it_goes_and_paginates_by_cursor() {
             )
             .await
             .expect_err("exec's alone");
-        assert!(
-            error.message.contains("only available in exec, not in onWebhook"),
-            "{call}: {}",
-            error.message
-        );
+        assert!(error.message.contains(refused), "{call}: {}", error.message);
     }
-    assert_eq!(host.calls.lock().unwrap().len(), 1, "none of them reached the host");
+    assert_eq!(host.calls.lock().unwrap().len(), 2, "none of them reached the host");
     // The environment's variables are onWebhook's too, as the worker gives them.
     let reads = sync_with(
         "const vars = await nango.getEnvironmentVariables();

@@ -2032,24 +2032,28 @@ async fn a_run_that_looked_dead_still_sends_its_final_notification() {
     );
 }
 
-/// A sync whose onWebhook fills a thin event in from the provider's API.
+/// A sync whose onWebhook fills a thin event in from the provider's API, keeping the
+/// email the cache had before.
 const THIN: &str = r#"
 import { createSync } from 'nango';
 export default createSync({
   models: { Contact: {} },
   webhookSubscriptions: ['contact.changed'],
   onWebhook: async (nango, payload) => {
+    const cached = await nango.getRecordsByIds([payload.objectId], 'Contact');
     const { data } = await nango.get({ endpoint: `/contacts/${payload.objectId}` });
-    await nango.batchSave([{ id: data.id, email: data.email }], 'Contact');
+    const previous = cached.get(payload.objectId)?.email ?? null;
+    await nango.batchSave([{ id: data.id, email: data.email, previous }], 'Contact');
   },
 });
 "#;
 
-/// onWebhook calls the provider's API with the connection's credentials, as exec does;
-/// a provider that does not answer fails the run when the run's time is up (not when the
-/// call's own timeout would), and the retry applies the event.
+/// onWebhook reads the records cache and calls the provider's API with the connection's
+/// credentials, as exec does; a provider that does not answer fails the run when the
+/// run's time is up (not when the call's own timeout would), and the retry applies the
+/// event.
 #[tokio::test]
-async fn on_webhook_fetches_what_a_thin_event_names_and_gives_up_on_a_provider_that_hangs() {
+async fn on_webhook_reads_the_cache_and_fetches_what_a_thin_event_names_and_gives_up_on_a_provider_that_hangs() {
     // One JS thread: a run left waiting on the provider would hold every later one.
     let s = setup_on(None, &[("c0", json!({}), api_key())], false, |config| {
         config.worker.js_threads = 1;
@@ -2075,6 +2079,17 @@ async fn on_webhook_fetches_what_a_thin_event_names_and_gives_up_on_a_provider_t
         stored("p7", "seven@example.com"),
     )
     .await;
+    s.crm.put_contact("p7", "seven@new.example.com");
+    s.thin_event("p7").await;
+    eventually(
+        "the change",
+        Duration::from_secs(20),
+        stored("p7", "seven@new.example.com"),
+    )
+    .await;
+    let records = s.h.records("c0", "Contact").await;
+    let p7 = records.iter().find(|r| r["id"] == "p7").unwrap();
+    assert_eq!(p7["previous"], "seven@example.com", "read from the cache: {p7}");
 
     let held = s.crm.hold_page(0);
     s.crm.put_contact("p8", "eight@example.com");

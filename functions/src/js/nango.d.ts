@@ -193,8 +193,8 @@ declare module 'nango' {
   /** A type, as in Nango: the class is `nango.ActionError`. */
   export type { ActionErrorClass as ActionError };
 
-  /** What `onWebhook` gets: record writes (committed when it succeeds), metadata, logs,
-   *  the provider's API (each call within the run's timeout). */
+  /** What `onWebhook` gets: record writes (committed when it succeeds) and reads,
+   *  metadata, logs, the provider's API (each call within the run's timeout). */
   export interface NangoWebhook {
     readonly connectionId: string;
     readonly providerConfigKey: string;
@@ -231,6 +231,10 @@ declare module 'nango' {
     /** An OAuth2 connection's access token (refreshed when about to expire); the stored
      *  credentials of another kind (`{ type: 'API_KEY', apiKey }`, …). */
     getToken(): Promise<string | Record<string, unknown>>;
+    /** The cached records of `model` with these ids (deleted ones are not), keyed by the
+     *  ids as given, in their order; each with its `_nango_metadata`. As committed: in
+     *  onWebhook, not this run's writes nor those of other events still being applied. */
+    getRecordsByIds<K extends string | number = string, T = any>(ids: readonly K[], model: string): Promise<Map<K, T>>;
   }
 
   /** Nango's pagination rules; the integration's `settings.api.paginate` when a call gives none. */
@@ -274,7 +278,7 @@ declare module 'nango' {
   }
 
   /** What `exec` (and an event function) gets: writes applied as they are made, and
-   *  checkpoints, delete tracking, record reads, actions, syncs and locks. */
+   *  checkpoints, delete tracking, actions, syncs and locks. */
   export interface NangoSync extends NangoWebhook {
     /** When the last successful run started; undefined before the first and after a reset. */
     readonly lastSyncDate: Date | undefined;
@@ -295,9 +299,6 @@ declare module 'nango' {
      *  `webhook_url`. `'credentials'` is refused: functions are not given the
      *  integration's OAuth client secret. */
     getIntegration(config?: { include?: ('webhook' | 'credentials')[] }): Promise<Integration>;
-    /** The cached records of `model` with these ids (deleted ones are not), keyed by the
-     *  ids as given, in their order; each with its `_nango_metadata`. */
-    getRecordsByIds<K extends string | number = string, T = any>(ids: readonly K[], model: string): Promise<Map<K, T>>;
     /** Runs an action of this environment for a connection (as `POST /action/trigger`)
      *  and answers its output; its failure is thrown. Not in a dry run, nor from an action
      *  that another triggered (actions nest one level). */

@@ -205,7 +205,7 @@
       },
     };
     if (hosted) {
-      Object.assign(nango, execApi(models, (s) => { strategy = s; }));
+      Object.assign(nango, execApi((s) => { strategy = s; }));
       // Nango's: a Date, or undefined before the first successful run. Asked for once.
       let lastSyncDate = null;
       Object.defineProperty(nango, 'lastSyncDate', {
@@ -302,6 +302,29 @@
       }
     }
   }
+  // The models of the run under way: a call about another is refused.
+  let runModels = new Set();
+  const modelChecked = (model, call) => {
+    if (typeof model !== 'string' || (runModels.size > 0 && !runModels.has(model))) {
+      throw new TypeError(`${call}: model ${JSON.stringify(model)} is not one of this sync's models`);
+    }
+    return model;
+  };
+  // Reads of the records cache, as it is committed: keyed by the ids as given (Nango's
+  // Map), in their order; asked for a hundred at a time.
+  const getRecordsByIds = async (ids, model) => {
+    if (!Array.isArray(ids)) throw new TypeError('getRecordsByIds: the ids must be an array');
+    modelChecked(model, 'getRecordsByIds');
+    const given = new Map(ids.map((id) => [String(id), id]));
+    const texts = [...given.keys()];
+    const records = new Map();
+    for (let i = 0; i < texts.length; i += IDS_PER_CALL) {
+      for (const record of host('getRecordsByIds', { model, ids: texts.slice(i, i + IDS_PER_CALL) })) {
+        records.set(record.id, record);
+      }
+    }
+    return new Map(texts.filter((text) => records.has(text)).map((text) => [given.get(text), records.get(text)]));
+  };
   const providerApi = {
     proxy,
     get: verb('GET'),
@@ -313,17 +336,12 @@
     getToken: async () => host('getToken', {}),
   };
 
-  // What exec adds to `nango` besides: delete tracking, checkpoints, reads of the records
-  // cache, actions, syncs and locks.
-  const execApi = (models, setStrategy) => {
-    const modelChecked = (model, call) => {
-      if (typeof model !== 'string' || (models.size > 0 && !models.has(model))) {
-        throw new TypeError(`${call}: model ${JSON.stringify(model)} is not one of this sync's models`);
-      }
-      return model;
-    };
+  // What exec adds to `nango` besides: delete tracking, checkpoints, actions, syncs and
+  // locks.
+  const execApi = (setStrategy) => {
     return {
       ...providerApi,
+      getRecordsByIds,
       trackDeletesStart: async (model) => { host('trackDeletesStart', { model: modelChecked(model, 'trackDeletesStart') }); },
       trackDeletesEnd: async (model) => host('trackDeletesEnd', { model: modelChecked(model, 'trackDeletesEnd') }),
       setMergingStrategy: async (merging, model) => {
@@ -356,36 +374,23 @@
       // Nango's: runs an action of this environment for a connection; its output.
       triggerAction: async (providerConfigKey, connectionId, actionName, input) =>
         host('triggerAction', { providerConfigKey, connectionId, actionName, input: input ?? null }),
-      // Keyed by the ids as given (Nango's Map), in their order; asked for a hundred at a time.
-      getRecordsByIds: async (ids, model) => {
-        if (!Array.isArray(ids)) throw new TypeError('getRecordsByIds: the ids must be an array');
-        modelChecked(model, 'getRecordsByIds');
-        const given = new Map(ids.map((id) => [String(id), id]));
-        const texts = [...given.keys()];
-        const records = new Map();
-        for (let i = 0; i < texts.length; i += IDS_PER_CALL) {
-          for (const record of host('getRecordsByIds', { model, ids: texts.slice(i, i + IDS_PER_CALL) })) {
-            records.set(record.id, record);
-          }
-        }
-        return new Map(texts.filter((text) => records.has(text)).map((text) => [given.get(text), records.get(text)]));
-      },
     };
   };
 
-  // onWebhook's `nango` beyond its own: the provider API, and exec's other calls, which
-  // throw. Its writes are committed with the event, after it returns, so record reads,
+  // onWebhook's `nango` beyond its own: the provider API, record reads, and exec's other
+  // calls, which throw. Its writes are committed with the event, after it returns, so
   // checkpoints and delete tracking would not see them, and locks, actions and syncs
   // would outlive a run that is retried.
   const webhookApi = Object.freeze({
     ...providerApi,
+    getRecordsByIds,
     ...Object.fromEntries(
       ['trackDeletesStart', 'trackDeletesEnd', 'setMergingStrategy', 'getCheckpoint', 'saveCheckpoint',
-        'clearCheckpoint', 'getWebhookURL', 'getIntegration', 'getRecordsByIds', 'triggerAction', 'triggerSync',
+        'clearCheckpoint', 'getWebhookURL', 'getIntegration', 'triggerAction', 'triggerSync',
         'tryAcquireLock', 'releaseLock', 'releaseAllLocks'].map((name) => [
         name,
         () => {
-          throw new Error(`${name}: checkpoints, delete tracking, record reads, actions, syncs and locks are only available in exec, not in onWebhook`);
+          throw new Error(`${name}: checkpoints, delete tracking, actions, syncs and locks are only available in exec, not in onWebhook`);
         },
       ]),
     ),
@@ -424,8 +429,9 @@
       const effects = { writes: [], metadata: [], logs: [] };
       current = effects;
       timers = [];
+      runModels = modelsOf(models);
       const input = {
-        connectionId, providerConfigKey, metadata, connection, models: modelsOf(models), schemas: definition.models, validation,
+        connectionId, providerConfigKey, metadata, connection, models: runModels, schemas: definition.models, validation,
         environmentVariables,
       };
       const hosted = mode !== 'webhook';
