@@ -3,24 +3,24 @@
 //! in the `Connection-Id` and `Provider-Config-Key` headers, the action and its input in
 //! the body. The caller waits for the run (at most `api.action_limits.timeout`), or with
 //! `X-Async: true` it is queued for a worker (`hookyard_core::store::action_runs`) and
-//! `GET /action/{id}` answers its outcome.
+//! `GET /action/{id}` answers its outcome; `GET /action/runs` lists them.
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use hookyard_core::keys::IntegrationKey;
-use hookyard_core::store::action_runs::{ActionFailure, ActionRunStatus, NewActionRun};
+use hookyard_core::store::action_runs::{ActionFailure, ActionRun, ActionRunFilter, ActionRunStatus, NewActionRun};
 use hookyard_core::store::Environment;
 use hookyard_functions::runs::{action_failure, Origin, TriggerError};
 use hookyard_functions::FunctionError;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::error::{ApiError, Body, ErrorBody};
+use crate::error::{ApiError, Body, ErrorBody, Params};
 use crate::records::header;
 use crate::AppState;
 
@@ -28,7 +28,10 @@ use crate::AppState;
 const MAX_RETRIES: u32 = 5;
 
 pub fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(trigger)).routes(routes!(result))
+    OpenApiRouter::new()
+        .routes(routes!(trigger))
+        .routes(routes!(result))
+        .routes(routes!(list))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -173,6 +176,109 @@ async fn result(
             Err(ApiError::new(StatusCode::NOT_FOUND, "action_pending", message))
         }
     }
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RunsQuery {
+    /// `waiting` (queued, or waiting to be retried), `running`, `succeeded` or `failed`.
+    status: Option<String>,
+    integration: Option<String>,
+    connection: Option<String>,
+    /// The action's name.
+    action: Option<String>,
+    /// At most this many (default 50, at most 1000).
+    limit: Option<u32>,
+    /// From `next_cursor`: runs queued before.
+    cursor: Option<String>,
+}
+
+/// One asynchronous run, without its input and output (`GET /action/{id}` answers the
+/// output).
+#[derive(Serialize, ToSchema)]
+pub struct RunView {
+    id: String,
+    integration: String,
+    connection_id: String,
+    action_name: String,
+    /// `waiting`, `running`, `succeeded` or `failed`.
+    status: &'static str,
+    /// Claims so far (a running one's included).
+    attempts: u32,
+    max_retries: u32,
+    created_at: chrono::DateTime<chrono::Utc>,
+    /// A waiting run's next attempt; a running one's lease end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    run_after: Option<chrono::DateTime<chrono::Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    finished_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Why it failed; while it waits for a retry, why the last attempt did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    error: Option<ActionFailure>,
+}
+
+impl From<ActionRun> for RunView {
+    fn from(run: ActionRun) -> RunView {
+        let unfinished = matches!(run.status, ActionRunStatus::Waiting | ActionRunStatus::Running);
+        RunView {
+            id: run.id,
+            integration: run.request.integration.to_string(),
+            connection_id: run.request.connection_id,
+            action_name: run.request.action_name,
+            status: run.status.as_str(),
+            attempts: run.attempts,
+            max_retries: run.request.max_retries,
+            created_at: run.created_at,
+            run_after: unfinished.then_some(run.run_after),
+            finished_at: run.finished_at,
+            error: run.error,
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RunsPage {
+    data: Vec<RunView>,
+    /// Pass back as `cursor` for older runs; null on the last page.
+    next_cursor: Option<String>,
+}
+
+/// The environment's asynchronous action runs, newest first: what waits (a backlog
+/// building up), what runs, and how the others ended, for `api.async_results_kept`.
+#[utoipa::path(get, operation_id = "action_runs", path = "/action/runs", tag = "actions", params(RunsQuery),
+    responses((status = 200, body = RunsPage), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
+async fn list(
+    State(state): State<AppState>,
+    Extension(environment): Extension<Environment>,
+    Params(query): Params<RunsQuery>,
+) -> Result<Json<RunsPage>, ApiError> {
+    let limit = crate::fields::page_size(query.limit, 50)?;
+    let status = query
+        .status
+        .as_deref()
+        .map(|status| {
+            ActionRunStatus::parse(status).map_err(|_| {
+                ApiError::invalid(
+                    "status",
+                    format!("{status:?} is not one of waiting, running, succeeded, failed"),
+                )
+            })
+        })
+        .transpose()?;
+    let filter = ActionRunFilter {
+        status,
+        integration: query.integration,
+        connection_id: query.connection,
+        action_name: query.action,
+        before_id: query.cursor,
+    };
+    let runs = state.store.action_runs(environment.id, &filter, limit).await?;
+    let next_cursor = (runs.len() == limit as usize)
+        .then(|| runs.last().map(|run| run.id.clone()))
+        .flatten();
+    let data = runs.into_iter().map(RunView::from).collect();
+    Ok(Json(RunsPage { data, next_cursor }))
 }
 
 /// `X-Async`'s answer.

@@ -24,7 +24,6 @@ pub fn routes() -> OpenApiRouter<AppState> {
 }
 
 const DEFAULT_LIMIT: u32 = 100;
-const MAX_LIMIT: u32 = 1000;
 
 /// Which letters: by ids, or by what they are. Every part given must match.
 #[derive(Deserialize, IntoParams, ToSchema, Default)]
@@ -130,10 +129,7 @@ async fn list(
     Params(selection): Params<Selection>,
     Params(paging): Params<Paging>,
 ) -> Result<Json<Page>, ApiError> {
-    let limit = paging.limit.unwrap_or(DEFAULT_LIMIT);
-    if limit == 0 || limit > MAX_LIMIT {
-        return Err(ApiError::invalid("limit", format!("must be 1 to {MAX_LIMIT}")));
-    }
+    let limit = crate::fields::page_size(paging.limit, DEFAULT_LIMIT)?;
     let filter = DeadLetterFilter {
         before_id: paging.cursor,
         ..selection.filter()

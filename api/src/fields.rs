@@ -6,6 +6,17 @@ use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 
+/// The most entries a page of a list gives.
+pub const MAX_PAGE: u32 = 1000;
+
+/// A list's `limit`: `default` when not given, else 1 to [`MAX_PAGE`].
+pub fn page_size(limit: Option<u32>, default: u32) -> Result<u32, ApiError> {
+    match limit.unwrap_or(default) {
+        limit @ 1..=MAX_PAGE => Ok(limit),
+        _ => Err(ApiError::invalid("limit", format!("must be 1 to {MAX_PAGE}"))),
+    }
+}
+
 /// A required text of 1 to `max` characters without control characters.
 pub fn text(field: &str, value: String, max: usize) -> Result<String, ApiError> {
     if value.is_empty() {

@@ -24,8 +24,6 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(list_actions))
 }
 
-const MAX_LIMIT: u32 = 1000;
-
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct LogQuery {
@@ -192,10 +190,7 @@ async fn list_actions(
 
 /// The page size asked for, checked with the two ways of paging.
 fn page_limit(limit: Option<u32>, cursor: Option<i64>, after: Option<i64>) -> Result<u32, ApiError> {
-    let limit = limit.unwrap_or(50);
-    if limit == 0 || limit > MAX_LIMIT {
-        return Err(ApiError::invalid("limit", format!("must be 1 to {MAX_LIMIT}")));
-    }
+    let limit = fields::page_size(limit, 50)?;
     if cursor.is_some() && after.is_some() {
         return Err(ApiError::invalid("after", "give cursor or after, not both"));
     }

@@ -553,6 +553,48 @@ async fn action_runs(store: &Store, dev: &Environment) {
     let owed = store.unnotified_action_runs(at(1002), 10).await.unwrap();
     assert_eq!(ids(owed), [second.id.as_str()]);
     let queued = store.queue_action_run(&new("third", 0), now).await.unwrap();
+
+    // Listed newest first (queued at the same time: by id), filtered, paged.
+    use hookyard_core::store::action_runs::ActionRunFilter;
+    let listed = |filter: ActionRunFilter, limit| async move {
+        let runs = store.action_runs(dev.id, &filter, limit).await.unwrap();
+        runs.into_iter().map(|r| r.id).collect::<Vec<_>>()
+    };
+    let mut at_now = [first.id.clone(), queued.id.clone()];
+    at_now.sort_by(|a, b| b.cmp(a));
+    let everything = [second.id.clone(), at_now[0].clone(), at_now[1].clone()];
+    assert_eq!(listed(ActionRunFilter::default(), 10).await, everything);
+    let page = listed(ActionRunFilter::default(), 2).await;
+    assert_eq!(page, everything[..2]);
+    let rest = ActionRunFilter {
+        before_id: page.last().cloned(),
+        ..Default::default()
+    };
+    assert_eq!(listed(rest, 2).await, everything[2..]);
+    let by = |status, action_name: Option<&str>| ActionRunFilter {
+        status,
+        action_name: action_name.map(String::from),
+        ..Default::default()
+    };
+    assert_eq!(
+        listed(by(Some(ActionRunStatus::Waiting), None), 10).await,
+        [queued.id.as_str()]
+    );
+    assert_eq!(
+        listed(by(Some(ActionRunStatus::Failed), None), 10).await,
+        [second.id.as_str()]
+    );
+    assert_eq!(listed(by(None, Some("first")), 10).await, [first.id.as_str()]);
+    let elsewhere = ActionRunFilter {
+        connection_id: Some("c-2".into()),
+        ..Default::default()
+    };
+    assert!(listed(elsewhere, 10).await.is_empty());
+    assert!(store
+        .action_runs(dev.id + 1000, &ActionRunFilter::default(), 10)
+        .await
+        .unwrap()
+        .is_empty());
     assert_eq!(store.prune_action_runs(at(66)).await.unwrap(), 1, "finished before");
     assert!(matches!(
         store.action_run(dev.id, &first.id).await,

@@ -995,6 +995,7 @@ async fn openapi_document_is_valid_and_lists_every_route() {
         "GET /logs/actions",
         "POST /action/trigger",
         "GET /action/{id}",
+        "GET /action/runs",
     ]
     .into_iter()
     .map(String::from)

@@ -1181,6 +1181,39 @@ async fn asynchronous_actions_are_queued_run_by_a_worker_retried_and_announced()
     let run = s.h.store.action_run(s.h.environment.id, &fails).await.unwrap();
     assert_eq!((run.attempts, run.request.max_retries), (2, 1));
 
+    // Listed newest first, with how each ended (no input or output); by status; a page
+    // at a time.
+    let ids = |page: &Value| -> Vec<String> {
+        let runs = page["data"].as_array().unwrap_or_else(|| panic!("{page}"));
+        runs.iter().map(|run| run["id"].as_str().unwrap().to_string()).collect()
+    };
+    let listed = s.h.api_get("/action/runs").await;
+    assert_eq!(ids(&listed), [fails.clone(), succeeds.clone(), waiting.clone()]);
+    let last = &listed["data"][0];
+    assert_eq!(
+        (
+            &last["status"],
+            &last["attempts"],
+            &last["max_retries"],
+            &last["action_name"]
+        ),
+        (&json!("failed"), &json!(2), &json!(1), &json!("flaky"))
+    );
+    assert_eq!(last["error"]["code"], "action_script_runtime_error");
+    assert!(last.get("input").is_none() && last.get("run_after").is_none(), "{last}");
+    let failed = s.h.api_get("/action/runs?status=failed").await;
+    assert_eq!(ids(&failed), [fails.clone(), waiting.clone()]);
+    let page = s.h.api_get("/action/runs?limit=2").await;
+    assert_eq!(ids(&page), [fails.clone(), succeeds.clone()]);
+    let cursor = page["next_cursor"].as_str().expect("a cursor after a full page");
+    let rest = s.h.api_get(&format!("/action/runs?limit=2&cursor={cursor}")).await;
+    assert_eq!(
+        (ids(&rest), &rest["next_cursor"]),
+        (vec![waiting.clone()], &Value::Null)
+    );
+    let refused = s.h.api_get("/action/runs?status=queued").await;
+    assert_eq!(refused["error"]["code"], "invalid_request", "{refused}");
+
     // Each finished run is announced to the app, Nango's way.
     let hits = receiver.wait_hits(3).await;
     let mut announced: Vec<String> = hits

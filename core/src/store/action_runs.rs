@@ -37,7 +37,7 @@ pub enum ActionRunStatus {
 }
 
 impl ActionRunStatus {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             ActionRunStatus::Waiting => "waiting",
             ActionRunStatus::Running => "running",
@@ -46,7 +46,7 @@ impl ActionRunStatus {
         }
     }
 
-    fn parse(text: &str) -> Result<ActionRunStatus, StoreError> {
+    pub fn parse(text: &str) -> Result<ActionRunStatus, StoreError> {
         Ok(match text {
             "waiting" => ActionRunStatus::Waiting,
             "running" => ActionRunStatus::Running,
@@ -91,6 +91,17 @@ pub struct ActionRun {
     pub notified: bool,
     pub created_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// Which of an environment's runs [`Store::action_runs`] lists (all when empty).
+#[derive(Debug, Clone, Default)]
+pub struct ActionRunFilter {
+    pub status: Option<ActionRunStatus>,
+    pub integration: Option<String>,
+    pub connection_id: Option<String>,
+    pub action_name: Option<String>,
+    /// Only runs queued before this one (a page's last), newest first.
+    pub before_id: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -203,6 +214,38 @@ impl Store {
             .await)?;
         row.ok_or_else(|| StoreError::NotFound(format!("action run {id}")))?
             .try_into()
+    }
+
+    /// The environment's runs that `filter` selects, newest first, `limit` at most. A
+    /// `before_id` that is not the environment's run (pruned since) gives none.
+    pub async fn action_runs(
+        &self,
+        environment_id: i64,
+        filter: &ActionRunFilter,
+        limit: u32,
+    ) -> Result<Vec<ActionRun>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM action_runs
+             WHERE environment_id = $1
+               AND (CAST($2 AS TEXT) IS NULL OR status = $2)
+               AND (CAST($3 AS TEXT) IS NULL OR integration = $3)
+               AND (CAST($4 AS TEXT) IS NULL OR connection_id = $4)
+               AND (CAST($5 AS TEXT) IS NULL OR action_name = $5)
+               AND (CAST($6 AS TEXT) IS NULL OR (created_at, id) <
+                    (SELECT created_at, id FROM action_runs WHERE environment_id = $1 AND id = $6))
+             ORDER BY created_at DESC, id DESC LIMIT $7"
+        );
+        let rows: Vec<ActionRunRow> = on_pool!(self, |pool| sqlx::query_as(&sql)
+            .bind(environment_id)
+            .bind(filter.status.map(ActionRunStatus::as_str))
+            .bind(&filter.integration)
+            .bind(&filter.connection_id)
+            .bind(&filter.action_name)
+            .bind(&filter.before_id)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await)?;
+        runs(rows)
     }
 
     /// Takes up to `limit` due runs, oldest due first, for `lease` each: one attempt more.
