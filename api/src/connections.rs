@@ -159,10 +159,7 @@ async fn list(
     Extension(environment): Extension<Environment>,
     Params(params): Params<ListParams>,
 ) -> Result<Json<ConnectionList>, ApiError> {
-    let limit = params.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::invalid("limit", "must be between 1 and 1000"));
-    }
+    let limit = crate::fields::page_size(params.limit, 100)?;
     let page = params.page.unwrap_or(0);
     let query = ConnectionQuery {
         integration: params
