@@ -41,6 +41,10 @@ pub mod names {
     pub const REPLAY_READ: &str = "hookyard_replay_webhooks_read_total";
     pub const REPLAY_PUBLISHED: &str = "hookyard_replay_events_published_total";
     pub const REPLAYS_RUNNING: &str = "hookyard_replays_running";
+    /// Asynchronous actions due and not taken by a worker yet (the backlog), and those
+    /// running, across the environments: the same figures from every worker.
+    pub const ASYNC_ACTIONS_WAITING: &str = "hookyard_async_actions_waiting";
+    pub const ASYNC_ACTIONS_RUNNING: &str = "hookyard_async_actions_running";
 }
 
 /// Latency buckets (seconds) for every `_seconds` histogram.

@@ -441,8 +441,11 @@ async fn action_runs(store: &Store, dev: &Environment) {
         input: json!({"email": "ada@example.com"}),
         max_retries,
     };
+    assert_eq!(store.action_runs_in_flight(now).await.unwrap(), (0, 0));
     let first = store.queue_action_run(&new("first", 1), now).await.unwrap();
     let second = store.queue_action_run(&new("second", 0), at(1000)).await.unwrap();
+    assert_eq!(store.action_runs_in_flight(now).await.unwrap(), (1, 0), "one is due");
+    assert_eq!(store.action_runs_in_flight(at(1000)).await.unwrap(), (2, 0));
     assert_ne!(first.id, second.id);
     assert_eq!(first.request, new("first", 1), "as asked");
     assert_eq!(
@@ -466,6 +469,7 @@ async fn action_runs(store: &Store, dev: &Environment) {
     assert_eq!(claimed.len(), 1, "only the first is due");
     assert_eq!((claimed[0].status, claimed[0].attempts), (ActionRunStatus::Running, 1));
     assert_eq!(claimed[0].run_after, at(60), "its lease");
+    assert_eq!(store.action_runs_in_flight(now).await.unwrap(), (0, 1));
     assert!(
         store.claim_action_runs(at(2), lease, 10).await.unwrap().is_empty(),
         "a leased run is not claimed twice"

@@ -2065,6 +2065,40 @@ async fn a_run_that_looked_dead_still_sends_its_final_notification() {
     );
 }
 
+/// Every worker's metrics say how many asynchronous runs are due and not taken (the
+/// backlog, which `HOOKS_CONN`'s lag does not show) and how many run.
+#[tokio::test]
+async fn the_asynchronous_backlog_is_in_the_worker_metrics() {
+    let s = setup_on(None, &[("c0", json!({}), api_key())], false, |config| {
+        config.api.action_threads = 2;
+        config.api.action_limits.timeout = Duration::from_secs(20);
+        config.api.action_limits.cpu_budget = Duration::from_secs(1);
+    })
+    .await;
+    s.h.deploy(&[
+        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false")),
+        ("crm/actions/wait.js", WAIT.to_string()),
+    ])
+    .await;
+    for _ in 0..5 {
+        s.trigger_async(json!({"action_name": "wait"}), &[]).await;
+    }
+    // Two action threads: two run (each until its timeout), three wait for them.
+    let gauge = |text: &str, name: &str| -> Option<f64> {
+        let line = text.lines().find(|line| line.starts_with(&format!("{name} ")))?;
+        line.rsplit(' ').next()?.parse().ok()
+    };
+    eventually("the gauges to read the backlog", Duration::from_secs(15), || async {
+        let text = hookyard_core::metrics::render(None).await;
+        let counts = (
+            gauge(&text, "hookyard_async_actions_waiting"),
+            gauge(&text, "hookyard_async_actions_running"),
+        );
+        (counts == (Some(3.0), Some(2.0))).then_some(())
+    })
+    .await;
+}
+
 /// A sync whose onWebhook fills a thin event in from the provider's API, keeping the
 /// email the cache had before.
 const THIN: &str = r#"

@@ -32,6 +32,8 @@ const POLL: Duration = Duration::from_millis(500);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
 /// Finished runs whose webhooks are sent per pass of the sweep.
 const SWEEP_BATCH: usize = 200;
+/// How often a worker counts the runs waiting and running, for its metrics.
+const COUNT_EVERY: Duration = Duration::from_secs(5);
 
 pub struct AsyncActions {
     store: Store,
@@ -82,6 +84,7 @@ impl AsyncActions {
         let free = Arc::new(Semaphore::new(self.threads));
         let mut running = JoinSet::new();
         let mut swept = tokio::time::Instant::now();
+        let mut counted: Option<tokio::time::Instant> = None;
         // While the store is away, said once (not twice a second), and when it is back.
         let mut unclaimable = false;
         loop {
@@ -108,6 +111,10 @@ impl AsyncActions {
                     Err(_) => {}
                 }
             }
+            if counted.is_none_or(|at| at.elapsed() >= COUNT_EVERY) {
+                counted = Some(tokio::time::Instant::now());
+                self.count().await;
+            }
             if swept.elapsed() >= self.resend_after / 2 {
                 swept = tokio::time::Instant::now();
                 self.sweep().await;
@@ -125,6 +132,16 @@ impl AsyncActions {
             );
         }
         while running.join_next().await.is_some() {}
+    }
+
+    /// Sets the gauges of runs waiting (due, not taken) and running. With the database
+    /// away they keep their last figures (the claim says it is away).
+    async fn count(&self) {
+        use hookyard_core::metrics::names;
+        if let Ok((waiting, running)) = self.store.action_runs_in_flight(Utc::now()).await {
+            metrics::gauge!(names::ASYNC_ACTIONS_WAITING).set(waiting as f64);
+            metrics::gauge!(names::ASYNC_ACTIONS_RUNNING).set(running as f64);
+        }
     }
 
     /// Runs one claimed attempt and writes what became of it.

@@ -364,6 +364,20 @@ impl Store {
         Ok(())
     }
 
+    /// Runs waiting and due at `now` (the backlog no worker has taken yet), and runs
+    /// running, across the environments.
+    pub async fn action_runs_in_flight(&self, now: DateTime<Utc>) -> Result<(i64, i64), StoreError> {
+        let (due, running): (i64, i64) = on_pool!(self, |pool| sqlx::query_as(
+            "SELECT COALESCE(SUM(CASE WHEN status = 'waiting' AND run_after <= $1 THEN 1 ELSE 0 END), 0),
+                    COALESCE(SUM(CASE WHEN status = 'running' THEN 1 ELSE 0 END), 0)
+             FROM action_runs WHERE status IN ('waiting', 'running')"
+        )
+        .bind(now)
+        .fetch_one(pool)
+        .await)?;
+        Ok((due, running))
+    }
+
     /// Forgets the runs that finished before `before`; how many.
     pub async fn prune_action_runs(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
         Ok(on_pool!(self, |pool| sqlx::query(
