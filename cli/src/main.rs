@@ -1,5 +1,6 @@
 //! The `hookyard` binary: a thin CLI over the stage crates.
 
+mod actions;
 mod client;
 mod deploy;
 mod dev;
@@ -59,6 +60,9 @@ enum Command {
     /// The operation log: what became of each webhook (--follow to keep watching;
     /// an id shows one webhook with its routing, executions and forwards).
     Logs(logs::LogsArgs),
+    /// The environment's asynchronous action runs (X-Async): what waits, what runs, how
+    /// the others ended.
+    Actions(actions::ActionsArgs),
     /// Replay received webhooks (from HOOKS_RAW) through the functions and/or forwarding,
     /// with progress; Ctrl-C cancels. Also: replay list|watch ID|cancel ID.
     Replay(replay::ReplayArgs),
@@ -105,7 +109,9 @@ fn main() -> ExitCode {
         Command::Env(_) => ("hookyard-env", false),
         Command::Reseal(_) => ("hookyard-reseal", false),
         Command::Config => ("hookyard-config", false),
-        Command::Deploy(_) | Command::Dlq(_) | Command::Replay(_) | Command::Logs(_) => ("hookyard-client", false),
+        Command::Deploy(_) | Command::Dlq(_) | Command::Replay(_) | Command::Logs(_) | Command::Actions(_) => {
+            ("hookyard-client", false)
+        }
     };
     // Clients of the API: no configuration, no key of their own.
     let (client, command) = match cli.command {
@@ -113,6 +119,7 @@ fn main() -> ExitCode {
         Command::Dlq(args) => (Some(("dlq", dlq::run(args).boxed())), None),
         Command::Replay(args) => (Some(("replay", replay::run(args).boxed())), None),
         Command::Logs(args) => (Some(("logs", logs::run(args).boxed())), None),
+        Command::Actions(args) => (Some(("actions", actions::run(args).boxed())), None),
         command => (None, Some(command)),
     };
     if let Some((name, command)) = client {
@@ -202,7 +209,8 @@ fn main() -> ExitCode {
             | Command::Deploy(_)
             | Command::Dlq(_)
             | Command::Replay(_)
-            | Command::Logs(_) => Ok(()), // answered above
+            | Command::Logs(_)
+            | Command::Actions(_) => Ok(()), // answered above
         };
         match outcome {
             Ok(()) => ExitCode::SUCCESS,

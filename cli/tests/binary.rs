@@ -2151,6 +2151,78 @@ async fn logs_body_writes_a_webhook_as_received() {
     shutdown.cancel();
 }
 
+#[tokio::test]
+async fn actions_lists_the_asynchronous_runs_newest_last() {
+    use hookyard_core::store::action_runs::{ActionFailure, ActionOutcome, NewActionRun};
+    let sqlite = SqliteFile::create();
+    let (_, key) = prepared_environment(&sqlite.url).await;
+    let store = Store::connect(&sqlite.url, test_cipher()).await.unwrap();
+    let env = store.environment(&"dev".parse().unwrap()).await.unwrap().unwrap();
+    let (api, shutdown) = start_api(store.clone()).await;
+    let (status, stdout, stderr) = client(&["actions"], &api, &key).await;
+    assert!(status.success(), "{stderr}");
+    assert_eq!(stdout.trim(), "no asynchronous action runs");
+
+    let now = chrono::Utc::now();
+    let new = |name: &str| NewActionRun {
+        environment_id: env.id,
+        environment: env.name.clone(),
+        integration: "demo".parse().unwrap(),
+        connection_id: "acme".into(),
+        action_name: name.into(),
+        input: serde_json::json!({}),
+        max_retries: 1,
+    };
+    let failed = store.queue_action_run(&new("find-contact"), now).await.unwrap();
+    let claimed = store
+        .claim_action_runs(now, std::time::Duration::from_secs(60), 1)
+        .await
+        .unwrap();
+    let failure = ActionFailure {
+        code: "action_script_runtime_error".into(),
+        message: "ActionError: no contact".into(),
+        payload: None,
+    };
+    let outcome = ActionOutcome::Failed(failure);
+    assert!(store
+        .finish_action_run(&failed.id, claimed[0].attempts, &outcome, now)
+        .await
+        .unwrap());
+    let later = now + chrono::Duration::seconds(1);
+    let waiting = store.queue_action_run(&new("create-contact"), later).await.unwrap();
+
+    let (status, stdout, stderr) = client(&["actions"], &api, &key).await;
+    assert!(status.success(), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0].contains(&format!("{}  demo/find-contact  acme  failed", failed.id))
+            && lines[0].contains("attempt 1 of 2  ended ")
+            && lines[0].ends_with("action_script_runtime_error: ActionError: no contact"),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].contains(&format!("{}  demo/create-contact  acme  waiting", waiting.id))
+            && lines[1].contains("attempt 0 of 2  next at "),
+        "{stdout}"
+    );
+    let (_, stdout, _) = client(&["actions", "--status", "failed"], &api, &key).await;
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    let (_, stdout, stderr) = client(&["actions", "--limit", "1"], &api, &key).await;
+    assert!(
+        stdout.contains("create-contact") && stdout.lines().count() == 1,
+        "{stdout}"
+    );
+    assert!(stderr.contains("older runs not shown"), "{stderr}");
+    let (status, _, stderr) = client(&["actions", "--status", "queued"], &api, &key).await;
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        stderr.contains("is not one of waiting, running, succeeded, failed"),
+        "{stderr}"
+    );
+    shutdown.cancel();
+}
+
 // Multi-threaded: the API serves in-process while the test blocks on the child's output.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_prints_webhooks_one_in_full_and_follows_new_ones() {
