@@ -64,11 +64,7 @@ fn line(run: &Value) -> String {
         "running" => format!("lease until {}", time("run_after")),
         _ => format!("ended {}", time("finished_at")),
     };
-    let error = &run["error"];
-    let why = match error["code"].as_str() {
-        Some(code) => format!("{code}: {}", error["message"].as_str().unwrap_or_default()),
-        None => String::new(),
-    };
+    let why = crate::logs::failure(&run["error"]);
     let mut line = format!(
         "{}  {}  {}/{}  {}  {:<9}  {}  {}  {}",
         time("created_at"),

@@ -135,11 +135,7 @@ fn action_line(entry: &Value) -> String {
         (Some(run), Some(attempt)) => format!("async {run} attempt {attempt}"),
         _ => text("origin"),
     };
-    let error = &entry["error"];
-    let outcome = match error["code"].as_str() {
-        Some(code) => format!("{code}: {}", error["message"].as_str().unwrap_or_default()),
-        None => String::new(),
-    };
+    let outcome = failure(&entry["error"]);
     let mut line = format!(
         "{:>7}  {}  {}/{}  {}  {:<9}  {:>7}  {}  {}",
         entry["id"],
@@ -163,6 +159,14 @@ fn action_line(entry: &Value) -> String {
         ));
     }
     line
+}
+
+/// An action's failure as `code: message` (empty when it did not fail).
+pub fn failure(error: &Value) -> String {
+    match error["code"].as_str() {
+        Some(code) => format!("{code}: {}", error["message"].as_str().unwrap_or_default()),
+        None => String::new(),
+    }
 }
 
 fn joined(values: &[Value]) -> String {
