@@ -15,7 +15,6 @@ use hookyard_core::{Config, Store};
 use hookyard_functions::compile::compile_project;
 use hookyard_functions::host::{connection_api, exec_invocation, raw_version, Kind, Mode, Run, StoreHost};
 use hookyard_functions::pool::{Pool, SyncCode};
-use hookyard_functions::provider_api::Owner;
 use hookyard_functions::runs::Actions;
 use hookyard_functions::{Handler, Invocation};
 use serde_json::{json, Value};
@@ -119,7 +118,7 @@ pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::e
         connection_id: args.connection_id.clone(),
     };
     let catalog = Arc::new(Catalog::embedded()?);
-    let (connection, api) = connection_api(&store, &catalog, Owner::of(&key), &config.forwarding).await?;
+    let (connection, api) = connection_api(&store, &catalog, &key, &config.forwarding).await?;
     // A dry run compares against everything stored; a saved run writes at the version
     // a worker would.
     let (jetstream, version, mode) = if args.save && is_action {
@@ -161,12 +160,11 @@ pub async fn run(config: &Config, args: DryrunArgs) -> Result<(), Box<dyn std::e
     let models = serde_json::to_string(&models)?.into();
     let exec = exec_invocation(&connection, models, host.clone(), config.worker.validate_records);
     let invocation = match &payload {
-        // onWebhook's writes are collected, and applied (or planned) below.
+        // onWebhook's writes are collected, and applied (or planned) below; its provider
+        // calls and reads go to the host, as exec's do.
         Some(payload) => Invocation {
             payload: payload.to_string().into(),
             handler: Handler::OnWebhook,
-            // Its provider API calls go to the host; its writes are collected.
-            host: Some(host.clone()),
             environment_variables: serde_json::to_string(&store.environment_variables(environment.id).await?)?.into(),
             ..exec
         },

@@ -79,23 +79,15 @@ pub async fn raw_version(jetstream: &jetstream::Context) -> Result<i64, String> 
 pub async fn connection_api(
     store: &Store,
     catalog: &Catalog,
-    owner: Owner,
+    key: &SyncKey,
     guard: &ForwardingConfig,
 ) -> Result<(Connection, Result<ProviderApi, String>), StoreError> {
     let connection = store
-        .existing_connection(owner.environment_id, &owner.integration, &owner.connection_id)
+        .existing_connection(key.environment_id, &key.integration, &key.connection_id)
         .await?;
-    let integration = store
-        .existing_integration(owner.environment_id, &owner.integration)
-        .await?;
-    let api = provider_api(
-        store,
-        catalog,
-        &integration,
-        connection.credentials.clone(),
-        owner,
-        guard,
-    );
+    let integration = store.existing_integration(key.environment_id, &key.integration).await?;
+    let credentials = connection.credentials.clone();
+    let api = provider_api(store, catalog, &integration, credentials, Owner::of(key), guard);
     Ok((connection, api))
 }
 

@@ -24,7 +24,6 @@ use tokio::sync::Semaphore;
 use crate::compile::stored_modules;
 use crate::host::{connection_api, exec_invocation, Kind, Mode, Run, StoreHost};
 use crate::pool::{Pool, SyncCode};
-use crate::provider_api::Owner;
 use crate::{Effects, ErrorKind, FunctionError, Handler, Invocation, RecordValidation};
 
 /// Bundles kept decoded (a bundle never changes under its hash): a function run often
@@ -94,7 +93,7 @@ impl Runner {
             sync: function.name.clone(),
             connection_id: connection_id.to_string(),
         };
-        let (connection, api) = connection_api(&self.store, &self.catalog, Owner::of(&key), &self.guard)
+        let (connection, api) = connection_api(&self.store, &self.catalog, &key, &self.guard)
             .await
             .map_err(RunError::Store)?;
         let code = Arc::new(SyncCode::of(function, self.modules(&function.bundle_hash).await?));

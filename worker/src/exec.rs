@@ -23,7 +23,6 @@ use hookyard_core::streams::{consume, durable, with_heartbeat, EXEC_STREAM};
 use hookyard_core::Store;
 use hookyard_functions::host::{connection_api, exec_invocation, raw_version, Kind, Mode, Run, StoreHost};
 use hookyard_functions::pool::Pool;
-use hookyard_functions::provider_api::Owner;
 use hookyard_functions::runs::Actions;
 use hookyard_functions::Invocation;
 use serde_json::Value;
@@ -283,7 +282,7 @@ impl Executor {
         notice: Option<HeldNotice>,
     ) -> Result<(Arc<StoreHost>, Invocation), String> {
         let failed = |e: &dyn std::fmt::Display| e.to_string();
-        let (connection, api) = connection_api(&self.store, &self.catalog, Owner::of(key), &self.guard)
+        let (connection, api) = connection_api(&self.store, &self.catalog, key, &self.guard)
             .await
             .map_err(|e| failed(&e))?;
         let models: Vec<String> = serde_json::from_str(&sync.models).unwrap_or_default();
