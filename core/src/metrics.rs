@@ -45,6 +45,12 @@ pub mod names {
     /// running, across the environments: the same figures from every worker.
     pub const ASYNC_ACTIONS_WAITING: &str = "hookyard_async_actions_waiting";
     pub const ASYNC_ACTIONS_RUNNING: &str = "hookyard_async_actions_running";
+    /// OAuth2 token refreshes a run needed, by `outcome`: `refreshed` (it traded the
+    /// refresh token), `shared` (another run's refresh, stored meanwhile, was taken),
+    /// `failed`.
+    pub const OAUTH2_REFRESHES: &str = "hookyard_oauth2_refreshes_total";
+    /// Refreshes that found another run refreshing the same connection and waited for it.
+    pub const OAUTH2_REFRESH_WAITS: &str = "hookyard_oauth2_refresh_waits_total";
 }
 
 /// Latency buckets (seconds) for every `_seconds` histogram.

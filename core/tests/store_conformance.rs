@@ -302,7 +302,79 @@ async fn connections(store: &Store, dev: &Environment, prod: &Environment) {
         json!({"plan": "pro", "seats": 3}),
         "a new connection, not the old one"
     );
+    refresh_leases(store, dev, prod, &github).await;
     owed_events(store, dev, &new).await;
+}
+
+/// A connection's OAuth2 refresh lease: one holder until it stores credentials, lets go,
+/// or its time runs out.
+async fn refresh_leases(store: &Store, dev: &Environment, prod: &Environment, github: &IntegrationKey) {
+    let now = chrono::Utc::now();
+    let ttl = std::time::Duration::from_secs(45);
+    let at = |seconds: i64| now + chrono::Duration::seconds(seconds);
+    let take = |environment: &Environment, id: &'static str, holder: &'static str, when| {
+        let environment_id = environment.id;
+        async move {
+            store
+                .take_refresh_lease(environment_id, github, id, holder, when, ttl)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(take(dev, "acme", "r-a", now).await);
+    assert!(!take(dev, "acme", "r-b", now).await, "another run holds it");
+    assert!(
+        take(dev, "Beta_1", "r-b", now).await,
+        "another connection's is another lease"
+    );
+    assert!(take(prod, "acme", "r-b", now).await, "another environment's too");
+    assert!(
+        take(dev, "acme", "r-a", at(30)).await,
+        "its holder takes it again, for longer"
+    );
+    assert!(!take(dev, "acme", "r-b", at(74)).await);
+    assert!(take(dev, "acme", "r-b", at(75)).await, "its time ran out");
+    store
+        .release_refresh_lease(dev.id, github, "acme", "r-a")
+        .await
+        .unwrap();
+    assert!(
+        !take(dev, "acme", "r-c", at(76)).await,
+        "not r-a's to let go of any more"
+    );
+    let refreshed = Credentials::OAuth2 {
+        access_token: "tok_refreshed".into(),
+        refresh_token: Some("rt_2".into()),
+        expires_at: Some(at(3600)),
+        raw: None,
+    };
+    assert!(store
+        .update_credentials(dev.id, github, "acme", &refreshed)
+        .await
+        .unwrap());
+    assert_eq!(
+        store
+            .existing_connection(dev.id, github, "acme")
+            .await
+            .unwrap()
+            .credentials,
+        Some(refreshed)
+    );
+    assert!(
+        take(dev, "acme", "r-c", at(76)).await,
+        "storing credentials ended r-b's"
+    );
+    store
+        .release_refresh_lease(dev.id, github, "acme", "r-c")
+        .await
+        .unwrap();
+    assert!(take(dev, "acme", "r-d", at(76)).await, "released");
+    assert!(!take(dev, "acme", "r-a", at(77)).await);
+    assert!(!take(dev, "ghost", "r-a", now).await, "no such connection");
+    assert!(!store
+        .update_credentials(dev.id, github, "ghost", &Credentials::ApiKey { api_key: "k".into() })
+        .await
+        .unwrap());
 }
 
 /// Sync states are made once, whatever `started` says the second time; a slot is

@@ -1,11 +1,12 @@
 //! Exec's way to a provider's API (`nango.proxy`, `get`, `post`, …): calls against the
 //! integration's base URL only, with the connection's credentials applied (API key,
 //! Basic, OAuth2 Bearer refreshed through the token URL when expired or refused with
-//! 401, the new token stored), and 429 / 5xx retried honouring `Retry-After`.
+//! 401, one refresh at a time per connection: `token_refresh`), and 429 / 5xx retried
+//! honouring `Retry-After`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use hookyard_core::config::ForwardingConfig;
 use hookyard_core::keys::IntegrationKey;
 use hookyard_core::outbound::parse_retry_after;
@@ -18,13 +19,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokio::sync::Mutex;
 
+use crate::token_refresh::{expiring, Refresher};
+
 /// Retries of a 429 / 5xx / unreachable call unless the call says otherwise.
 const DEFAULT_RETRIES: u32 = 3;
 /// A `Retry-After` longer than this is not waited for: the call fails instead.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
-/// An OAuth2 token this close to expiring is refreshed before it is used.
-const EXPIRY_MARGIN: chrono::Duration = chrono::Duration::seconds(30);
 
 /// What `nango.proxy` asks for.
 #[derive(Debug, Deserialize)]
@@ -61,6 +62,7 @@ pub struct ProviderApi {
     client: reqwest::Client,
     base: Url,
     spec: ApiSpec,
+    /// The run's copy of the connection's credentials: replaced by a refresh.
     credentials: Mutex<Option<Credentials>>,
     owner: Owner,
     store: Store,
@@ -152,12 +154,23 @@ impl ProviderApi {
         let mut refreshed = false;
         let mut attempt = 0;
         loop {
-            let auth = auth_headers(self.credentials.lock().await.as_ref(), &self.spec)?;
+            let (auth, sent_with) = {
+                let credentials = self.credentials.lock().await;
+                let sent_with = refreshable(credentials.as_ref())
+                    .then(|| oauth2_token(credentials.as_ref()).map(str::to_string))
+                    .flatten();
+                (auth_headers(credentials.as_ref(), &self.spec)?, sent_with)
+            };
             let sent = self.send(&method, &url, &request, auth).await;
             let retry_in = match &sent {
-                Ok(response) if response.status().as_u16() == 401 && !refreshed && self.can_refresh().await => {
+                Ok(response)
+                    if response.status().as_u16() == 401
+                        && !refreshed
+                        && sent_with.is_some()
+                        && self.spec.token_url.is_some() =>
+                {
                     refreshed = true;
-                    self.refresh().await?;
+                    self.refresh_refused(sent_with.as_deref()).await?;
                     continue;
                 }
                 Ok(response) if response.status().as_u16() == 429 || response.status().is_server_error() => Some(
@@ -215,93 +228,51 @@ impl ProviderApi {
         builder.send().await
     }
 
-    async fn can_refresh(&self) -> bool {
-        self.spec.token_url.is_some()
-            && matches!(
-                &*self.credentials.lock().await,
-                Some(Credentials::OAuth2 {
-                    refresh_token: Some(_),
-                    ..
-                })
-            )
+    /// What a refresh of this connection's token needs, made when one is (rarely).
+    fn refresher(&self) -> Arc<Refresher> {
+        Refresher::new(
+            self.client.clone(),
+            &self.spec,
+            self.owner.clone(),
+            self.store.clone(),
+            self.guard.clone(),
+        )
     }
 
+    /// Refreshes an expiring OAuth2 token before it is used.
     async fn refresh_if_expired(&self) -> Result<(), String> {
-        let expired = matches!(
-            &*self.credentials.lock().await,
-            Some(Credentials::OAuth2 { expires_at: Some(at), refresh_token: Some(_), .. }) if *at <= Utc::now() + EXPIRY_MARGIN
-        );
-        if expired && self.spec.token_url.is_some() {
-            self.refresh().await?;
+        let mut credentials = self.credentials.lock().await;
+        if self.spec.token_url.is_some() && refreshable(credentials.as_ref()) && expiring(credentials.as_ref()) {
+            self.refresher().refresh(&mut credentials).await?;
         }
         Ok(())
     }
 
-    /// Trades the refresh token for a new access token and stores it.
-    async fn refresh(&self) -> Result<(), String> {
+    /// After a 401 to `access_token`: refreshes, unless another call of this run did since.
+    async fn refresh_refused(&self, access_token: Option<&str>) -> Result<(), String> {
         let mut credentials = self.credentials.lock().await;
-        let Some(Credentials::OAuth2 {
-            refresh_token: Some(refresh_token),
-            ..
-        }) = &*credentials
-        else {
-            return Err("the connection's OAuth2 token was refused and there is no refresh token".into());
-        };
-        let token_url = self
-            .spec
-            .token_url
-            .as_deref()
-            .ok_or("the integration has no token_url")?;
-        let mut form = form_urlencoded::Serializer::new(String::new());
-        form.append_pair("grant_type", "refresh_token");
-        form.append_pair("refresh_token", refresh_token);
-        if let Some(id) = &self.spec.client_id {
-            form.append_pair("client_id", id);
+        if oauth2_token(credentials.as_ref()) == access_token {
+            self.refresher().refresh(&mut credentials).await?;
         }
-        if let Some(secret) = &self.spec.client_secret {
-            form.append_pair("client_secret", secret);
-        }
-        hookyard_core::outbound::allowed_destination(token_url, &self.guard)
-            .await
-            .map_err(|e| format!("token URL: {e}"))?;
-        let response = self
-            .client
-            .post(token_url)
-            .header("content-type", "application/x-www-form-urlencoded")
-            .header("accept", "application/json")
-            .body(form.finish())
-            .send()
-            .await
-            .map_err(|e| format!("refreshing the OAuth2 token: {e}"))?;
-        let status = response.status();
-        let body: Value = response.json().await.unwrap_or(Value::Null);
-        let Some(access_token) = body["access_token"].as_str().filter(|_| status.is_success()) else {
-            return Err(format!("refreshing the OAuth2 token: the token URL answered {status}"));
-        };
-        let refreshed = Credentials::OAuth2 {
-            access_token: access_token.to_string(),
-            refresh_token: body["refresh_token"]
-                .as_str()
-                .map(str::to_string)
-                .or_else(|| Some(refresh_token.clone())),
-            expires_at: body["expires_in"]
-                .as_i64()
-                .map(|seconds| Utc::now() + chrono::Duration::seconds(seconds)),
-            raw: Some(body),
-        };
-        let owner = &self.owner;
-        self.store
-            .update_credentials(
-                owner.environment_id,
-                &owner.integration,
-                &owner.connection_id,
-                &refreshed,
-            )
-            .await
-            .map_err(|e| format!("storing the refreshed OAuth2 token: {e}"))?;
-        tracing::info!(connection = %owner.connection_id, integration = %owner.integration, "OAuth2 token refreshed");
-        *credentials = Some(refreshed);
         Ok(())
+    }
+}
+
+/// OAuth2 credentials with a refresh token.
+fn refreshable(credentials: Option<&Credentials>) -> bool {
+    matches!(
+        credentials,
+        Some(Credentials::OAuth2 {
+            refresh_token: Some(_),
+            ..
+        })
+    )
+}
+
+fn oauth2_token(credentials: Option<&Credentials>) -> Option<&str> {
+    match credentials {
+        Some(Credentials::OAuth2 { access_token, .. }) => Some(access_token),
+        _ => None,
     }
 }
 

@@ -8,7 +8,8 @@
 //! - `GET /offset/contacts?offset=&limit=` → `{"items": [...]}`
 //! - `GET /contacts/{id}` → the contact, or 404 (held as page 0)
 //! - `POST /webhooks` `{"url"}` → `{"id"}`, `DELETE /webhooks/{id}`: webhook subscriptions
-//! - `POST /oauth/token` (`grant_type=refresh_token`) → `{"access_token", "refresh_token", "expires_in"}`
+//! - `POST /oauth/token` (`grant_type=refresh_token`) → `{"access_token", "refresh_token", "expires_in"}`;
+//!   each refresh token is good once (rotated, as many providers do)
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -44,8 +45,8 @@ struct Fake {
     faults: VecDeque<(u16, Option<u64>)>,
     /// Every answered list request, with its status.
     requests: Vec<(String, u16)>,
-    /// A list page (by its number from 0) held until released.
-    hold: Option<(usize, Arc<Notify>, Arc<Notify>)>,
+    /// A request held until released.
+    hold: Option<(Hold, Arc<Notify>, Arc<Notify>)>,
     issued: u32,
     /// Webhook subscriptions: id → URL.
     subscriptions: BTreeMap<String, String>,
@@ -134,8 +135,17 @@ impl FakeCrm {
     /// Holds list page `page` (0-based) until [`Held::release`]; `reached` resolves when a
     /// request for it arrives.
     pub fn hold_page(&self, page: usize) -> Held {
+        self.hold(Hold::Page(page))
+    }
+
+    /// Holds the next token refresh (before it is checked) until [`Held::release`].
+    pub fn hold_token(&self) -> Held {
+        self.hold(Hold::Token)
+    }
+
+    fn hold(&self, what: Hold) -> Held {
         let (reached, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-        self.with(|f| f.hold = Some((page, reached.clone(), release.clone())));
+        self.with(|f| f.hold = Some((what, reached.clone(), release.clone())));
         Held { reached, release }
     }
 
@@ -174,6 +184,33 @@ pub struct Held {
     release: Arc<Notify>,
 }
 
+/// Which request [`FakeCrm::hold_page`] or [`FakeCrm::hold_token`] holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    Page(usize),
+    Token,
+}
+
+/// The hold set for `what`, taken (it holds one request).
+fn take_hold(fake: &mut Fake, what: Hold) -> Option<(Arc<Notify>, Arc<Notify>)> {
+    match &fake.hold {
+        Some((held, reached, release)) if *held == what => {
+            let hold = (reached.clone(), release.clone());
+            fake.hold = None;
+            Some(hold)
+        }
+        _ => None,
+    }
+}
+
+/// Tells the test the held request arrived, and waits for its release.
+async fn wait_if_held(hold: Option<(Arc<Notify>, Arc<Notify>)>) {
+    if let Some((reached, release)) = hold {
+        reached.notify_one();
+        release.notified().await;
+    }
+}
+
 impl Held {
     pub async fn reached(&self) {
         self.reached.notified().await;
@@ -203,20 +240,14 @@ async fn gate(state: &Shared, headers: &HeaderMap, page: usize, path: String) ->
             (true, None) => Ok(()),
         };
         fake.requests.push((path, status.map_or_else(|(s, _)| s, |()| 200)));
-        let hold = match &fake.hold {
-            Some((held, reached, release)) if *held == page && status.is_ok() => {
-                let hold = (reached.clone(), release.clone());
-                fake.hold = None;
-                Some(hold)
-            }
-            _ => None,
+        let hold = if status.is_ok() {
+            take_hold(&mut fake, Hold::Page(page))
+        } else {
+            None
         };
         (status, hold)
     };
-    if let Some((reached, release)) = hold {
-        reached.notify_one();
-        release.notified().await;
-    }
+    wait_if_held(hold).await;
     status.map_err(|(code, retry_after)| {
         let mut response = (
             StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
@@ -328,6 +359,8 @@ async fn offset_page(
 
 async fn token(State(state): State<Shared>, body: String) -> Response {
     let form: HashMap<String, String> = form_urlencoded::parse(body.as_bytes()).into_owned().collect();
+    let hold = take_hold(&mut state.lock().expect("fake CRM state"), Hold::Token);
+    wait_if_held(hold).await;
     let mut fake = state.lock().expect("fake CRM state");
     let client_ok = form.get("client_id").map(String::as_str) == Some(CLIENT_ID)
         && form.get("client_secret").map(String::as_str) == Some(CLIENT_SECRET);

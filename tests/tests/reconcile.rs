@@ -536,6 +536,125 @@ async fn oauth2_tokens_are_refreshed_once_when_expired_or_refused_and_stored() {
     assert_eq!(refused, 1);
 }
 
+/// Answers the fake CRM's contact `input.id`.
+const FETCH: &str = r#"
+import { createAction } from 'nango';
+export default createAction({
+  exec: async (nango, input) => (await nango.get({ endpoint: `/contacts/${input.id}` })).data,
+});
+"#;
+
+#[tokio::test]
+async fn runs_of_one_connection_share_one_refresh_of_a_rotating_oauth2_token() {
+    one_refresh_at_a_time(None).await;
+}
+
+#[tokio::test]
+async fn runs_of_one_connection_share_one_refresh_of_a_rotating_oauth2_token_on_postgres() {
+    let db = PgDatabase::create().await;
+    one_refresh_at_a_time(Some(&db.url)).await;
+}
+
+/// The fake CRM rotates refresh tokens (each is good once). Two actions of a connection
+/// whose token has expired: the first's refresh is held at the token URL until the
+/// second is seen waiting for it, so both found the token expired; the second takes
+/// what the first stored. A refresh that fails lets the next run try at once.
+async fn one_refresh_at_a_time(database_url: Option<&str>) {
+    hookyard_core::metrics::install();
+    let s = setup_on(database_url, &[("c0", json!({}), api_key())], false, |_| {}).await;
+    s.h.deploy(&[
+        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false")),
+        ("crm/actions/fetch.js", FETCH.to_string()),
+    ])
+    .await;
+    s.crm.put_contact("p1", "p1@crm.test");
+    let expired = |access_token: String, refresh_token: String| Credentials::OAuth2 {
+        access_token,
+        refresh_token: Some(refresh_token),
+        expires_at: Some(Utc::now() - chrono::Duration::seconds(60)),
+        raw: None,
+    };
+    let (access, refresh) = s.crm.issue_tokens(true);
+    let crm = "crm".parse().unwrap();
+    let env = s.h.environment.id;
+    assert!(s
+        .h
+        .store
+        .update_credentials(env, &crm, "c0", &expired(access, refresh.clone()))
+        .await
+        .unwrap());
+
+    let fetch = json!({"action_name": "fetch", "input": {"id": "p1"}});
+    let held = s.crm.hold_token();
+    let (first, second) = tokio::join!(s.trigger(fetch.clone(), &[]), async {
+        held.reached().await;
+        let release = async {
+            eventually(
+                "the second run to wait for the first's refresh",
+                Duration::from_secs(10),
+                || async { (metric(OAUTH2_WAITS).await >= 1.0).then_some(()) },
+            )
+            .await;
+            held.release();
+        };
+        tokio::join!(s.trigger(fetch.clone(), &[]), release).0
+    });
+    for (status, body) in [&first, &second] {
+        assert_eq!((*status, &body["email"]), (200, &json!("p1@crm.test")), "{body}");
+    }
+    assert_eq!(s.crm.refreshes(), 1, "the refresh token was used once");
+    assert_eq!(metric(&oauth2_refreshes("refreshed")).await, 1.0);
+    assert_eq!(metric(&oauth2_refreshes("shared")).await, 1.0);
+    let stored =
+        s.h.store
+            .existing_connection(env, &crm, "c0")
+            .await
+            .unwrap()
+            .credentials;
+    match stored {
+        Some(Credentials::OAuth2 {
+            refresh_token,
+            expires_at,
+            ..
+        }) => {
+            assert_ne!(
+                refresh_token.as_ref(),
+                Some(&refresh),
+                "the rotated refresh token is stored"
+            );
+            assert!(expires_at.unwrap() > Utc::now());
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // A refresh token the provider refuses: the run fails, and lets go of the lease, so
+    // the next run tries at once rather than waiting for it to run out.
+    let refused = expired("access-gone".into(), refresh);
+    assert!(s.h.store.update_credentials(env, &crm, "c0", &refused).await.unwrap());
+    for _ in 0..2 {
+        let (status, body) = s.trigger(fetch.clone(), &[]).await;
+        assert_eq!(status, 500, "{body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("the token URL answered 400"), "{body}");
+    }
+    assert_eq!(metric(&oauth2_refreshes("failed")).await, 2.0);
+    assert_eq!(metric(OAUTH2_WAITS).await, 1.0, "nothing waited for the failed refresh");
+}
+
+const OAUTH2_WAITS: &str = "hookyard_oauth2_refresh_waits_total";
+
+fn oauth2_refreshes(outcome: &str) -> String {
+    format!("hookyard_oauth2_refreshes_total{{outcome=\"{outcome}\"}}")
+}
+
+/// The process's metric `name` (with its labels, as rendered), 0 when not there.
+async fn metric(name: &str) -> f64 {
+    let text = hookyard_core::metrics::render(None).await;
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 #[tokio::test]
 async fn a_429_is_retried_after_its_retry_after_and_a_5xx_after_a_backoff() {
     let s = setup(&[("c0", json!({}), api_key())], true).await;
@@ -2084,17 +2203,12 @@ async fn the_asynchronous_backlog_is_in_the_worker_metrics() {
         s.trigger_async(json!({"action_name": "wait"}), &[]).await;
     }
     // Two action threads: two run (each until its timeout), three wait for them.
-    let gauge = |text: &str, name: &str| -> Option<f64> {
-        let line = text.lines().find(|line| line.starts_with(&format!("{name} ")))?;
-        line.rsplit(' ').next()?.parse().ok()
-    };
     eventually("the gauges to read the backlog", Duration::from_secs(15), || async {
-        let text = hookyard_core::metrics::render(None).await;
         let counts = (
-            gauge(&text, "hookyard_async_actions_waiting"),
-            gauge(&text, "hookyard_async_actions_running"),
+            metric("hookyard_async_actions_waiting").await,
+            metric("hookyard_async_actions_running").await,
         );
-        (counts == (Some(3.0), Some(2.0))).then_some(())
+        (counts == (3.0, 2.0)).then_some(())
     })
     .await;
 }

@@ -1,0 +1,243 @@
+//! OAuth2 token refreshes, one at a time per connection across runs and processes.
+//!
+//! Many providers rotate refresh tokens: each is good for one use, a second use is
+//! refused, and some revoke the whole grant when they see one used again. Two runs of
+//! one connection refreshing at once (two groups of webhooks, onWebhook beside exec, an
+//! action) would break it. So a refresh first looks at what is stored (another run may
+//! have refreshed since this one read the credentials), and trades the refresh token only
+//! under the connection's lease in the store; the others wait for what it stores.
+//!
+//! The trade and the store run in a task of their own: a run given up meanwhile (its
+//! time ran out) neither leaves a rotated token unstored nor keeps the lease.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use hookyard_core::config::ForwardingConfig;
+use hookyard_core::metrics::names;
+use hookyard_core::providers::api::ApiSpec;
+use hookyard_core::store::Credentials;
+use hookyard_core::Store;
+use serde_json::Value;
+
+use crate::provider_api::Owner;
+
+/// An OAuth2 token this close to expiring is refreshed before it is used.
+const EXPIRY_MARGIN: chrono::Duration = chrono::Duration::seconds(30);
+/// How long a refresh may hold the lease: the token URL's lookup and answer (at most
+/// the client's 30 s), with room to store what it got. A holder that died is waited for
+/// this long.
+const LEASE: Duration = Duration::from_secs(45);
+/// A refresh waiting for another's looks at the store again after this, doubling...
+const FIRST_POLL: Duration = Duration::from_millis(25);
+/// ...up to this.
+const LAST_POLL: Duration = Duration::from_millis(400);
+
+/// What a refresh needs, owned by its own task.
+pub(crate) struct Refresher {
+    client: reqwest::Client,
+    token_url: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+    owner: Owner,
+    store: Store,
+    guard: ForwardingConfig,
+}
+
+/// What one try under the lease came to.
+enum Attempt {
+    /// Credentials newer than the run's: another run's refresh, or (true) this one's.
+    Fresh(Option<Credentials>, bool),
+    /// Another run holds the lease.
+    Busy,
+}
+
+/// OAuth2 credentials that expire within the margin.
+pub(crate) fn expiring(credentials: Option<&Credentials>) -> bool {
+    matches!(credentials, Some(Credentials::OAuth2 { expires_at: Some(at), .. }) if *at <= Utc::now() + EXPIRY_MARGIN)
+}
+
+fn count(outcome: &'static str) {
+    metrics::counter!(names::OAUTH2_REFRESHES, "outcome" => outcome).increment(1);
+}
+
+/// `stored` replaces the run's `held` credentials without a refresh: they were changed
+/// since the run read them and are not about to expire.
+fn newer(stored: &Option<Credentials>, held: &Option<Credentials>) -> bool {
+    stored != held && !expiring(stored.as_ref())
+}
+
+impl Refresher {
+    pub(crate) fn new(
+        client: reqwest::Client,
+        spec: &ApiSpec,
+        owner: Owner,
+        store: Store,
+        guard: ForwardingConfig,
+    ) -> Arc<Refresher> {
+        Arc::new(Refresher {
+            client,
+            token_url: spec.token_url.clone(),
+            client_id: spec.client_id.clone(),
+            client_secret: spec.client_secret.clone(),
+            owner,
+            store,
+            guard,
+        })
+    }
+
+    /// Replaces a run's `credentials` (expiring, or refused by the provider) with fresher
+    /// ones: those another run stored since they were read, or a refresh of its own.
+    pub(crate) async fn refresh(self: &Arc<Self>, credentials: &mut Option<Credentials>) -> Result<(), String> {
+        let mut wait = FIRST_POLL;
+        loop {
+            let (this, held) = (self.clone(), credentials.clone());
+            let attempt = tokio::spawn(async move { this.attempt(held).await })
+                .await
+                .unwrap_or_else(|e| Err(format!("refreshing the OAuth2 token: {e}")));
+            match attempt {
+                Ok(Attempt::Fresh(fresh, refreshed)) => {
+                    count(if refreshed { "refreshed" } else { "shared" });
+                    *credentials = fresh;
+                    return Ok(());
+                }
+                Ok(Attempt::Busy) => {
+                    if wait == FIRST_POLL {
+                        metrics::counter!(names::OAUTH2_REFRESH_WAITS).increment(1);
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(LAST_POLL);
+                }
+                Err(error) => {
+                    count("failed");
+                    return Err(error);
+                }
+            }
+        }
+    }
+
+    async fn attempt(&self, held: Option<Credentials>) -> Result<Attempt, String> {
+        let stored = self.stored().await?;
+        if newer(&stored, &held) {
+            return Ok(Attempt::Fresh(stored, false));
+        }
+        let owner = &self.owner;
+        let holder = hex::encode(hookyard_core::secrets::random_bytes::<12>());
+        let taken = self
+            .store
+            .take_refresh_lease(
+                owner.environment_id,
+                &owner.integration,
+                &owner.connection_id,
+                &holder,
+                Utc::now(),
+                LEASE,
+            )
+            .await
+            .map_err(|e| format!("refreshing the OAuth2 token: {e}"))?;
+        if !taken {
+            return Ok(Attempt::Busy);
+        }
+        let result = self.under_lease(&held).await;
+        if !matches!(result, Ok((_, true))) {
+            // Storing a refreshed token ended the lease; anything else lets go of it.
+            let released = self
+                .store
+                .release_refresh_lease(owner.environment_id, &owner.integration, &owner.connection_id, &holder)
+                .await;
+            if let Err(error) = released {
+                tracing::warn!(connection = %owner.connection_id, %error, "the OAuth2 refresh lease is kept until it runs out");
+            }
+        }
+        result.map(|(fresh, refreshed)| Attempt::Fresh(fresh, refreshed))
+    }
+
+    /// With the lease held: what is stored now (another run may have stored a refresh
+    /// between the first read and the lease), or a refresh of it, stored; whether it
+    /// stored one.
+    async fn under_lease(&self, held: &Option<Credentials>) -> Result<(Option<Credentials>, bool), String> {
+        let stored = self.stored().await?;
+        if newer(&stored, held) {
+            return Ok((stored, false));
+        }
+        let refreshed = self.trade(stored.as_ref()).await?;
+        let owner = &self.owner;
+        let updated = self
+            .store
+            .update_credentials(
+                owner.environment_id,
+                &owner.integration,
+                &owner.connection_id,
+                &refreshed,
+            )
+            .await
+            .map_err(|e| format!("storing the refreshed OAuth2 token: {e}"))?;
+        if !updated {
+            return Err(format!("connection {} was deleted", owner.connection_id));
+        }
+        tracing::info!(connection = %owner.connection_id, integration = %owner.integration, "OAuth2 token refreshed");
+        Ok((Some(refreshed), true))
+    }
+
+    async fn stored(&self) -> Result<Option<Credentials>, String> {
+        let owner = &self.owner;
+        self.store
+            .existing_connection(owner.environment_id, &owner.integration, &owner.connection_id)
+            .await
+            .map(|connection| connection.credentials)
+            .map_err(|e| format!("reading the connection's credentials: {e}"))
+    }
+
+    /// Trades the refresh token for a new access token at the token URL.
+    async fn trade(&self, credentials: Option<&Credentials>) -> Result<Credentials, String> {
+        let Some(Credentials::OAuth2 {
+            refresh_token: Some(refresh_token),
+            ..
+        }) = credentials
+        else {
+            return Err("the connection's OAuth2 token was refused and there is no refresh token".into());
+        };
+        let token_url = self.token_url.as_deref().ok_or("the integration has no token_url")?;
+        let form = {
+            let mut form = form_urlencoded::Serializer::new(String::new());
+            form.append_pair("grant_type", "refresh_token");
+            form.append_pair("refresh_token", refresh_token);
+            if let Some(id) = &self.client_id {
+                form.append_pair("client_id", id);
+            }
+            if let Some(secret) = &self.client_secret {
+                form.append_pair("client_secret", secret);
+            }
+            form.finish()
+        };
+        hookyard_core::outbound::allowed_destination(token_url, &self.guard)
+            .await
+            .map_err(|e| format!("token URL: {e}"))?;
+        let response = self
+            .client
+            .post(token_url)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("accept", "application/json")
+            .body(form)
+            .send()
+            .await
+            .map_err(|e| format!("refreshing the OAuth2 token: {e}"))?;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        let Some(access_token) = body["access_token"].as_str().filter(|_| status.is_success()) else {
+            return Err(format!("refreshing the OAuth2 token: the token URL answered {status}"));
+        };
+        Ok(Credentials::OAuth2 {
+            access_token: access_token.to_string(),
+            refresh_token: body["refresh_token"]
+                .as_str()
+                .map(str::to_string)
+                .or_else(|| Some(refresh_token.clone())),
+            expires_at: body["expires_in"]
+                .as_i64()
+                .map(|seconds| Utc::now() + chrono::Duration::seconds(seconds)),
+            raw: Some(body),
+        })
+    }
+}
