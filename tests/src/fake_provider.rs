@@ -138,7 +138,8 @@ impl FakeCrm {
         self.hold(Hold::Page(page))
     }
 
-    /// Holds the next token refresh (before it is checked) until [`Held::release`].
+    /// Holds the answer to the next token refresh (its refresh token already used up)
+    /// until [`Held::release`].
     pub fn hold_token(&self) -> Held {
         self.hold(Hold::Token)
     }
@@ -359,9 +360,17 @@ async fn offset_page(
 
 async fn token(State(state): State<Shared>, body: String) -> Response {
     let form: HashMap<String, String> = form_urlencoded::parse(body.as_bytes()).into_owned().collect();
-    let hold = take_hold(&mut state.lock().expect("fake CRM state"), Hold::Token);
+    let (answer, hold) = {
+        let mut fake = state.lock().expect("fake CRM state");
+        (rotate(&mut fake, &form), take_hold(&mut fake, Hold::Token))
+    };
+    // The refresh token is used up whether or not the answer reaches the caller.
     wait_if_held(hold).await;
-    let mut fake = state.lock().expect("fake CRM state");
+    answer
+}
+
+/// A refresh: the refresh token traded for a new pair, and used up.
+fn rotate(fake: &mut Fake, form: &HashMap<String, String>) -> Response {
     let client_ok = form.get("client_id").map(String::as_str) == Some(CLIENT_ID)
         && form.get("client_secret").map(String::as_str) == Some(CLIENT_SECRET);
     let refresh = form.get("refresh_token").cloned().unwrap_or_default();

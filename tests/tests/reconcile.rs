@@ -641,6 +641,53 @@ async fn one_refresh_at_a_time(database_url: Option<&str>) {
     assert_eq!(metric(OAUTH2_WAITS).await, 1.0, "nothing waited for the failed refresh");
 }
 
+/// A run whose time runs out while the provider answers its refresh: the refresh token
+/// is used up at the provider all the same, so what it answers is stored for the next run.
+#[tokio::test]
+async fn a_refresh_answered_after_its_run_gave_up_is_stored_for_the_next() {
+    let s = setup_on(None, &[("c0", json!({}), api_key())], false, |config| {
+        config.api.action_limits.cpu_budget = Duration::from_millis(500);
+        config.api.action_limits.timeout = Duration::from_secs(1);
+    })
+    .await;
+    s.h.deploy(&[
+        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false")),
+        ("crm/actions/fetch.js", FETCH.to_string()),
+    ])
+    .await;
+    s.crm.put_contact("p1", "p1@crm.test");
+    let (access, refresh) = s.crm.issue_tokens(true);
+    let crm = "crm".parse().unwrap();
+    let env = s.h.environment.id;
+    let expired = Credentials::OAuth2 {
+        access_token: access,
+        refresh_token: Some(refresh),
+        expires_at: Some(Utc::now() - chrono::Duration::seconds(60)),
+        raw: None,
+    };
+    assert!(s.h.store.update_credentials(env, &crm, "c0", &expired).await.unwrap());
+    let fetch = json!({"action_name": "fetch", "input": {"id": "p1"}});
+
+    let held = s.crm.hold_token();
+    let (status, body) = s.trigger(fetch.clone(), &[]).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(body.to_string().contains("the run's time ran out"), "{body}");
+    held.release();
+    eventually("the refreshed token to be stored", Duration::from_secs(10), || async {
+        let stored =
+            s.h.store
+                .existing_connection(env, &crm, "c0")
+                .await
+                .unwrap()
+                .credentials;
+        (stored != Some(expired.clone())).then_some(())
+    })
+    .await;
+    let (status, body) = s.trigger(fetch, &[]).await;
+    assert_eq!((status, &body["email"]), (200, &json!("p1@crm.test")), "{body}");
+    assert_eq!(s.crm.refreshes(), 1);
+}
+
 const OAUTH2_WAITS: &str = "hookyard_oauth2_refresh_waits_total";
 
 fn oauth2_refreshes(outcome: &str) -> String {
