@@ -48,6 +48,20 @@ pub struct ConnectionView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     credentials: Option<Credentials>,
+    /// What stops it working (as Nango lists them): `auth`, an OAuth2 refresh the
+    /// provider refused, until credentials are stored again.
+    errors: Vec<ConnectionError>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ConnectionError {
+    /// `auth`.
+    #[serde(rename = "type")]
+    kind: &'static str,
+    /// The token URL's answer.
+    description: String,
+    /// The first refused refresh since the credentials were stored.
+    failed_at: DateTime<Utc>,
 }
 
 impl ConnectionView {
@@ -63,6 +77,15 @@ impl ConnectionView {
             created_at: connection.created_at,
             updated_at: connection.updated_at,
             credentials: if with_credentials { connection.credentials } else { None },
+            errors: connection
+                .refresh_failure
+                .into_iter()
+                .map(|failure| ConnectionError {
+                    kind: "auth",
+                    description: failure.error,
+                    failed_at: failure.failed_at,
+                })
+                .collect(),
         }
     }
 }

@@ -21,7 +21,7 @@ pub struct Delivery {
     pub integration: String,
     pub connection: Option<String>,
     pub url: String,
-    /// `forward` or `sync`.
+    /// `forward`, `sync`, `async_action` or `auth`.
     pub kind: String,
     /// The body, base64.
     pub body: String,

@@ -307,7 +307,7 @@ async fn connections(store: &Store, dev: &Environment, prod: &Environment) {
 }
 
 /// A connection's OAuth2 refresh lease: one holder until it stores credentials, lets go,
-/// or its time runs out.
+/// or its time runs out; and a refresh the provider refused.
 async fn refresh_leases(store: &Store, dev: &Environment, prod: &Environment, github: &IntegrationKey) {
     let now = chrono::Utc::now();
     let ttl = std::time::Duration::from_secs(45);
@@ -358,7 +358,7 @@ async fn refresh_leases(store: &Store, dev: &Environment, prod: &Environment, gi
             .await
             .unwrap()
             .credentials,
-        Some(refreshed)
+        Some(refreshed.clone())
     );
     assert!(
         take(dev, "acme", "r-c", at(76)).await,
@@ -371,6 +371,64 @@ async fn refresh_leases(store: &Store, dev: &Environment, prod: &Environment, gi
     assert!(take(dev, "acme", "r-d", at(76)).await, "released");
     assert!(!take(dev, "acme", "r-a", at(77)).await);
     assert!(!take(dev, "ghost", "r-a", now).await, "no such connection");
+
+    // A refused refresh: on the connection from the first refusal until credentials are
+    // stored, its webhook owed once.
+    let refuse = |id: &'static str, error: &'static str, when| async move {
+        store.refresh_refused(dev.id, github, id, error, when).await.unwrap()
+    };
+    let failure = |id: &'static str| async move {
+        store
+            .existing_connection(dev.id, github, id)
+            .await
+            .unwrap()
+            .refresh_failure
+    };
+    assert_eq!(failure("acme").await, None);
+    refuse(
+        "acme",
+        "the token URL answered 400 Bad Request (invalid_grant)",
+        at(100),
+    )
+    .await;
+    refuse("acme", "the token URL answered 401 Unauthorized", at(101)).await;
+    let first = failure("acme").await.expect("a failure");
+    assert_eq!(first.error, "the token URL answered 401 Unauthorized");
+    assert_eq!(
+        first.failed_at.timestamp_millis(),
+        at(100).timestamp_millis(),
+        "since the first"
+    );
+    refuse("gamma", "refused", at(102)).await;
+    assert!(store.delete_connection(dev.id, github, "gamma").await.unwrap());
+    refuse("ghost", "refused", at(102)).await;
+    let owed = store.owed_refresh_failures(10).await.unwrap();
+    let owed_ids: Vec<_> = owed
+        .iter()
+        .map(|o| (o.environment.as_str(), o.connection_id.as_str()))
+        .collect();
+    assert_eq!(owed_ids, [("dev", "acme")], "a deleted connection is owed nothing");
+    assert_eq!(
+        (owed[0].provider.as_str(), owed[0].integration.as_str()),
+        ("github", "github")
+    );
+    store.refresh_failures_notified(&owed, at(103)).await.unwrap();
+    assert!(store.owed_refresh_failures(10).await.unwrap().is_empty());
+    refuse("acme", "refused again", at(104)).await;
+    assert!(
+        store.owed_refresh_failures(10).await.unwrap().is_empty(),
+        "the same failure"
+    );
+    assert!(store
+        .update_credentials(dev.id, github, "acme", &refreshed)
+        .await
+        .unwrap());
+    assert_eq!(failure("acme").await, None, "new credentials end it");
+    store.refresh_failures_notified(&owed, at(105)).await.unwrap();
+    refuse("acme", "refused anew", at(106)).await;
+    let owed = store.owed_refresh_failures(10).await.unwrap();
+    assert_eq!(owed.len(), 1, "a failure of its own, owed again");
+    assert_eq!(owed[0].error, "refused anew");
     assert!(!store
         .update_credentials(dev.id, github, "ghost", &Credentials::ApiKey { api_key: "k".into() })
         .await

@@ -45,6 +45,30 @@ pub(crate) struct Refresher {
     guard: ForwardingConfig,
 }
 
+/// Why a trade of the refresh token failed.
+enum Trade {
+    /// The grant is refused: the connection needs new credentials.
+    Refused(String),
+    /// Anything else (the token URL unreachable, a server error): another try may pass.
+    Failed(String),
+}
+
+/// An OAuth2 error answer's `error` and `error_description` (RFC 6749, 5.2), as
+/// ` (error: description)`; empty when it has none.
+fn oauth_error(body: &Value) -> String {
+    let text = |key: &str| {
+        body[key]
+            .as_str()
+            .map(|text| text.chars().take(300).collect::<String>())
+    };
+    match (text("error"), text("error_description")) {
+        (Some(error), Some(description)) => format!(" ({error}: {description})"),
+        (Some(error), None) => format!(" ({error})"),
+        (None, Some(description)) => format!(" ({description})"),
+        (None, None) => String::new(),
+    }
+}
+
 /// What one try under the lease came to.
 enum Attempt {
     /// Credentials newer than the run's: another run's refresh, or (true) this one's.
@@ -161,8 +185,29 @@ impl Refresher {
         if newer(&stored, held) {
             return Ok((stored, false));
         }
-        let refreshed = self.trade(stored.as_ref()).await?;
         let owner = &self.owner;
+        let refreshed = match self.trade(stored.as_ref()).await {
+            Ok(refreshed) => refreshed,
+            Err(Trade::Failed(error)) => return Err(format!("refreshing the OAuth2 token: {error}")),
+            Err(Trade::Refused(error)) => {
+                let recorded = self
+                    .store
+                    .refresh_refused(
+                        owner.environment_id,
+                        &owner.integration,
+                        &owner.connection_id,
+                        &error,
+                        Utc::now(),
+                    )
+                    .await;
+                if let Err(store_error) = recorded {
+                    tracing::warn!(connection = %owner.connection_id, error = %store_error, "a refused OAuth2 refresh could not be recorded");
+                }
+                return Err(format!(
+                    "refreshing the OAuth2 token: {error}; the connection needs to be authorized again"
+                ));
+            }
+        };
         let updated = self
             .store
             .update_credentials(
@@ -190,15 +235,20 @@ impl Refresher {
     }
 
     /// Trades the refresh token for a new access token at the token URL.
-    async fn trade(&self, credentials: Option<&Credentials>) -> Result<Credentials, String> {
+    async fn trade(&self, credentials: Option<&Credentials>) -> Result<Credentials, Trade> {
         let Some(Credentials::OAuth2 {
             refresh_token: Some(refresh_token),
             ..
         }) = credentials
         else {
-            return Err("the connection's OAuth2 token was refused and there is no refresh token".into());
+            return Err(Trade::Refused(
+                "the token needs refreshing and there is no refresh token".into(),
+            ));
         };
-        let token_url = self.token_url.as_deref().ok_or("the integration has no token_url")?;
+        let token_url = self
+            .token_url
+            .as_deref()
+            .ok_or_else(|| Trade::Failed("the integration has no token_url".into()))?;
         let form = {
             let mut form = form_urlencoded::Serializer::new(String::new());
             form.append_pair("grant_type", "refresh_token");
@@ -213,7 +263,7 @@ impl Refresher {
         };
         hookyard_core::outbound::allowed_destination(token_url, &self.guard)
             .await
-            .map_err(|e| format!("token URL: {e}"))?;
+            .map_err(|e| Trade::Failed(format!("token URL: {e}")))?;
         let response = self
             .client
             .post(token_url)
@@ -222,11 +272,18 @@ impl Refresher {
             .body(form)
             .send()
             .await
-            .map_err(|e| format!("refreshing the OAuth2 token: {e}"))?;
+            .map_err(|e| Trade::Failed(e.to_string()))?;
         let status = response.status();
         let body: Value = response.json().await.unwrap_or(Value::Null);
         let Some(access_token) = body["access_token"].as_str().filter(|_| status.is_success()) else {
-            return Err(format!("refreshing the OAuth2 token: the token URL answered {status}"));
+            let answer = format!("the token URL answered {status}{}", oauth_error(&body));
+            // A client error is the grant refused (revoked, expired, unknown): only new
+            // credentials mend it. A server error may pass.
+            return Err(if status.is_client_error() {
+                Trade::Refused(answer)
+            } else {
+                Trade::Failed(answer)
+            });
         };
         Ok(Credentials::OAuth2 {
             access_token: access_token.to_string(),

@@ -201,6 +201,7 @@ mod tests {
             credentials: None,
             created_at: chrono::Utc::now(),
             updated_at: chrono::Utc::now(),
+            refresh_failure: None,
         }
     }
 

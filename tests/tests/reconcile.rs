@@ -558,7 +558,7 @@ async fn runs_of_one_connection_share_one_refresh_of_a_rotating_oauth2_token_on_
 /// The fake CRM rotates refresh tokens (each is good once). Two actions of a connection
 /// whose token has expired: the first's refresh is held at the token URL until the
 /// second is seen waiting for it, so both found the token expired; the second takes
-/// what the first stored. A refresh that fails lets the next run try at once.
+/// what the first stored.
 async fn one_refresh_at_a_time(database_url: Option<&str>) {
     hookyard_core::metrics::install();
     let s = setup_on(database_url, &[("c0", json!({}), api_key())], false, |_| {}).await;
@@ -626,19 +626,96 @@ async fn one_refresh_at_a_time(database_url: Option<&str>) {
         }
         other => panic!("{other:?}"),
     }
+}
 
-    // A refresh token the provider refuses: the run fails, and lets go of the lease, so
-    // the next run tries at once rather than waiting for it to run out.
-    let refused = expired("access-gone".into(), refresh);
-    assert!(s.h.store.update_credentials(env, &crm, "c0", &refused).await.unwrap());
+/// The token URL refuses the refresh token: each run fails at once (the failed refresh
+/// let go of the lease), the connection shows why, and the forwarding destination gets
+/// one `auth` webhook for the failure, however many runs meet it, until credentials are
+/// stored again; a later refusal is a failure of its own.
+#[tokio::test]
+async fn a_refused_refresh_fails_its_runs_shows_on_the_connection_and_is_notified_once() {
+    hookyard_core::metrics::install();
+    let s = setup_on(None, &[("c0", json!({}), api_key())], false, |config| {
+        config.forwarding.notices_resend_after = Duration::from_millis(200);
+    })
+    .await;
+    s.h.deploy(&[
+        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false")),
+        ("crm/actions/fetch.js", FETCH.to_string()),
+    ])
+    .await;
+    let receiver = Receiver::start(&[]).await;
+    s.forward_to(&receiver.url).await;
+    let crm = "crm".parse().unwrap();
+    let env = s.h.environment.id;
+    let revoked = |access: &str| Credentials::OAuth2 {
+        access_token: access.into(),
+        refresh_token: Some("refresh-revoked".into()),
+        expires_at: Some(Utc::now() - chrono::Duration::seconds(60)),
+        raw: None,
+    };
+    assert!(s
+        .h
+        .store
+        .update_credentials(env, &crm, "c0", &revoked("gone-1"))
+        .await
+        .unwrap());
+    let fetch = json!({"action_name": "fetch", "input": {"id": "p1"}});
     for _ in 0..2 {
         let (status, body) = s.trigger(fetch.clone(), &[]).await;
         assert_eq!(status, 500, "{body}");
         let message = body["error"]["message"].as_str().unwrap_or_default();
-        assert!(message.contains("the token URL answered 400"), "{body}");
+        assert!(
+            message.contains(
+                "the token URL answered 400 Bad Request (invalid_grant); the connection needs to be authorized again"
+            ),
+            "{body}"
+        );
     }
     assert_eq!(metric(&oauth2_refreshes("failed")).await, 2.0);
-    assert_eq!(metric(OAUTH2_WAITS).await, 1.0, "nothing waited for the failed refresh");
+    assert_eq!(metric(OAUTH2_WAITS).await, 0.0, "nothing waited for the failed refresh");
+    let shown = s.h.api_get("/connections/c0?provider_config_key=crm").await;
+    assert_eq!(shown["errors"][0]["type"], "auth", "{shown}");
+    assert_eq!(
+        shown["errors"][0]["description"],
+        "the token URL answered 400 Bad Request (invalid_grant)"
+    );
+    let first = receiver.wait_hits(1).await[0].json();
+    assert_eq!(
+        (&first["type"], &first["operation"], &first["success"]),
+        (&json!("auth"), &json!("refresh"), &json!(false))
+    );
+    assert_eq!(
+        (&first["connectionId"], &first["providerConfigKey"]),
+        (&json!("c0"), &json!("crm"))
+    );
+    assert_eq!(first["error"]["type"], "refresh_token_external_error");
+    assert_eq!(first["failedAt"], shown["errors"][0]["failed_at"]);
+
+    // New credentials end the failure; the next refusal is another, notified again.
+    let (access, refresh) = s.crm.issue_tokens(true);
+    let fresh = Credentials::OAuth2 {
+        access_token: access,
+        refresh_token: Some(refresh),
+        expires_at: Some(Utc::now() + chrono::Duration::hours(1)),
+        raw: None,
+    };
+    assert!(s.h.store.update_credentials(env, &crm, "c0", &fresh).await.unwrap());
+    s.crm.put_contact("p1", "p1@crm.test");
+    let (status, body) = s.trigger(fetch.clone(), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let shown = s.h.api_get("/connections/c0?provider_config_key=crm").await;
+    assert_eq!(shown["errors"], json!([]));
+    assert!(s
+        .h
+        .store
+        .update_credentials(env, &crm, "c0", &revoked("gone-2"))
+        .await
+        .unwrap());
+    assert_eq!(s.trigger(fetch, &[]).await.0, 500);
+    let hits = receiver.wait_hits(2).await;
+    assert_eq!(hits.len(), 2, "one webhook per failure");
+    assert_ne!(hits[1].json()["failedAt"], first["failedAt"]);
 }
 
 /// A run whose time runs out while the provider answers its refresh: the refresh token

@@ -11,6 +11,7 @@
 //! running commit on their own when they end.
 
 pub mod async_actions;
+mod auth_webhooks;
 pub mod deliver;
 pub mod deployments;
 pub mod exec;

@@ -149,7 +149,8 @@ pub async fn sweep(
     }
 }
 
-/// Runs [`sweep`] every half `after` until `shutdown`.
+/// Runs [`sweep`], and the sweep of refused refreshes' webhooks
+/// ([`crate::auth_webhooks`]), every half `after` until `shutdown`.
 pub async fn sweep_loop(
     settings: &Settings,
     jetstream: &jetstream::Context,
@@ -166,6 +167,13 @@ pub async fn sweep_loop(
             Ok(0) => {}
             Ok(sent) => tracing::info!(sent, "sync notices left by a worker queued"),
             Err(error) => tracing::warn!(%error, "queueing left-behind sync notices failed; trying again later"),
+        }
+        match crate::auth_webhooks::sweep(settings, jetstream, store).await {
+            Ok(0) => {}
+            Ok(sent) => tracing::info!(sent, "webhooks of refused OAuth2 refreshes queued"),
+            Err(error) => {
+                tracing::warn!(%error, "queueing webhooks of refused OAuth2 refreshes failed; trying again later")
+            }
         }
     }
 }

@@ -15,7 +15,8 @@ use crate::keys::IntegrationKey;
 use crate::secrets::Purpose;
 
 const SELECT: &str = "SELECT c.id, c.environment_id, i.unique_key AS integration, i.provider, c.connection_id,
-        c.connection_config, c.metadata, c.tags, c.credentials, c.created_at, c.updated_at
+        c.connection_config, c.metadata, c.tags, c.credentials, c.created_at, c.updated_at,
+        c.refresh_failed_at, c.refresh_error
     FROM connections c JOIN integrations i ON i.id = c.integration_id";
 
 /// Moves an integration's `connections_version` on (see migration 0004).
@@ -194,65 +195,9 @@ impl Store {
         rows.into_iter().map(|row| row.open(&self.cipher)).collect()
     }
 
-    /// Takes the connection's token-refresh lease for `holder` until `now + ttl`: when
-    /// nobody holds it, its holder's time ran out, or `holder` has it already. False when
-    /// another holds it or the connection is gone. Storing credentials
-    /// ([`Store::update_credentials`]) ends it.
-    pub async fn take_refresh_lease(
-        &self,
-        environment_id: i64,
-        integration: &IntegrationKey,
-        connection_id: &str,
-        holder: &str,
-        now: DateTime<Utc>,
-        ttl: std::time::Duration,
-    ) -> Result<bool, StoreError> {
-        let until = now
-            + chrono::Duration::from_std(ttl)
-                .map_err(|_| StoreError::Invalid(format!("lease ttl {ttl:?} is too long")))?;
-        let taken = on_pool!(self, |pool| sqlx::query(
-            "UPDATE connections SET refresh_holder = $1, refresh_until = $2
-             WHERE environment_id = $3 AND connection_id = $4 AND deleted_at IS NULL
-               AND integration_id = (SELECT id FROM integrations WHERE environment_id = $3 AND unique_key = $5)
-               AND (refresh_until IS NULL OR refresh_until <= $6 OR refresh_holder = $1)"
-        )
-        .bind(holder)
-        .bind(until)
-        .bind(environment_id)
-        .bind(connection_id)
-        .bind(integration.as_str())
-        .bind(now)
-        .execute(pool)
-        .await
-        .map(|r| r.rows_affected()))?;
-        Ok(taken == 1)
-    }
-
-    /// Lets go of the refresh lease if `holder` has it (a refresh that failed).
-    pub async fn release_refresh_lease(
-        &self,
-        environment_id: i64,
-        integration: &IntegrationKey,
-        connection_id: &str,
-        holder: &str,
-    ) -> Result<(), StoreError> {
-        on_pool!(self, |pool| sqlx::query(
-            "UPDATE connections SET refresh_holder = NULL, refresh_until = NULL
-             WHERE environment_id = $1 AND connection_id = $2 AND refresh_holder = $3
-               AND integration_id = (SELECT id FROM integrations WHERE environment_id = $1 AND unique_key = $4)"
-        )
-        .bind(environment_id)
-        .bind(connection_id)
-        .bind(holder)
-        .bind(integration.as_str())
-        .execute(pool)
-        .await
-        .map(|_| ()))?;
-        Ok(())
-    }
-
-    /// Replaces a live connection's credentials (a refreshed OAuth2 token) and ends any
-    /// refresh lease on it; false when the connection is gone.
+    /// Replaces a live connection's credentials (a refreshed OAuth2 token), ending any
+    /// refresh lease on it and any refresh failure it had; false when the connection is
+    /// gone.
     pub async fn update_credentials(
         &self,
         environment_id: i64,
@@ -263,7 +208,8 @@ impl Store {
         let json = serde_json::to_string(credentials).map_err(|e| StoreError::Invalid(e.to_string()))?;
         let sealed = self.cipher.seal(Purpose::Credentials, &json);
         let updated = on_pool!(self, |pool| sqlx::query(
-            "UPDATE connections SET credentials = $1, updated_at = $2, refresh_holder = NULL, refresh_until = NULL
+            "UPDATE connections SET credentials = $1, updated_at = $2, refresh_holder = NULL, refresh_until = NULL,
+                    refresh_failed_at = NULL, refresh_error = NULL, refresh_failure_notified_at = NULL
              WHERE environment_id = $3 AND connection_id = $4 AND deleted_at IS NULL
                AND integration_id = (SELECT id FROM integrations WHERE environment_id = $3 AND unique_key = $5)"
         )

@@ -18,7 +18,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 
 pub use model::{
     Connection, ConnectionQuery, Credentials, Environment, EnvironmentVariable, Integration, IntegrationChanges,
-    NewConnection, NewIntegration,
+    NewConnection, NewIntegration, RefreshFailure,
 };
 
 use crate::secrets::{Cipher, SecretError};
@@ -127,6 +127,7 @@ mod locks;
 pub mod logs;
 pub mod notices;
 pub mod records;
+pub mod refresh;
 pub mod replays;
 pub mod reseal;
 pub mod syncs;

@@ -143,6 +143,17 @@ pub struct Connection {
     pub credentials: Option<Credentials>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Its last OAuth2 refresh, refused by the token URL, until credentials are stored.
+    pub refresh_failure: Option<RefreshFailure>,
+}
+
+/// An OAuth2 refresh the provider refused: the connection needs to be authorized again.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RefreshFailure {
+    /// When the first refused refresh since the credentials were stored happened.
+    pub failed_at: DateTime<Utc>,
+    /// The token URL's answer (its status, `error` and `error_description`).
+    pub error: String,
 }
 
 #[derive(Debug, Clone)]
@@ -205,6 +216,8 @@ pub(super) struct ConnectionRow {
     credentials: Option<String>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
+    refresh_failed_at: Option<DateTime<Utc>>,
+    refresh_error: Option<String>,
 }
 
 pub(super) fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -276,6 +289,10 @@ impl ConnectionRow {
             credentials,
             created_at: self.created_at,
             updated_at: self.updated_at,
+            refresh_failure: self.refresh_failed_at.map(|failed_at| RefreshFailure {
+                failed_at,
+                error: self.refresh_error.unwrap_or_default(),
+            }),
         })
     }
 }
