@@ -7,7 +7,9 @@ use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use hookyard_core::keys::IntegrationKey;
 use hookyard_core::store::connection_events::POST_CREATION;
-use hookyard_core::store::{Connection, ConnectionQuery, Credentials, Environment, MetadataWrite, NewConnection};
+use hookyard_core::store::{
+    Connection, ConnectionChanges, ConnectionQuery, Credentials, Environment, MetadataWrite, NewConnection, StoreError,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::time::Duration;
@@ -204,9 +206,13 @@ async fn list(
     }))
 }
 
-/// Create (import) a connection.
+/// Create (import) a connection, or change one that exists (an upsert, as Nango's
+/// import: each field given replaces the stored one; new credentials are how a connection
+/// whose refresh was refused is authorized again).
 #[utoipa::path(post, operation_id = "create_connection", path = "/connections", tag = "connections", request_body = CreateConnection,
-    responses((status = 201, body = ConnectionView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+    responses((status = 201, body = ConnectionView, description = "created"),
+              (status = 200, body = ConnectionView, description = "an existing connection changed"),
+              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
               (status = 404, body = ErrorBody, description = "unknown integration"), (status = 409, body = ErrorBody)))]
 async fn create(
     State(state): State<AppState>,
@@ -222,28 +228,57 @@ async fn create(
         .map(serde_json::from_value::<Credentials>)
         .transpose()
         .map_err(|e| ApiError::invalid("credentials", e))?;
-    let connection_id = match body.connection_id {
-        Some(id) => fields::text("connection_id", id, MAX_CONNECTION_ID)?,
-        None => uuid_v4(),
-    };
+    let given = |value: &Option<Value>| value.as_ref().is_some_and(|v| !v.is_null());
+    let given = (given(&body.connection_config), given(&body.metadata), given(&body.tags));
     let new = NewConnection {
         integration: integration_key("provider_config_key", &body.provider_config_key)?,
-        connection_id,
+        connection_id: match body.connection_id {
+            Some(id) => fields::text("connection_id", id, MAX_CONNECTION_ID)?,
+            None => uuid_v4(),
+        },
         connection_config: Value::Object(fields::object("connection_config", body.connection_config)?),
         metadata: Value::Object(fields::object("metadata", body.metadata)?),
         tags: Value::Object(fields::tags(body.tags)?),
         credentials,
     };
-    let claimed_until = Utc::now() + crate::events::CLAIM;
-    let (connection, owed) = state
-        .store
-        .create_connection_owing(&environment, &new, POST_CREATION, claimed_until)
-        .await?;
-    // After the answer is on its way: registering a webhook need not hold the caller.
-    // Owed since the commit, so an API that stops meanwhile leaves it to another's sweep.
-    let events = state.events.clone();
-    tokio::spawn(async move { events.run_owed(&owed).await });
-    Ok((StatusCode::CREATED, Json(ConnectionView::new(connection, false))))
+    let changes = ConnectionChanges {
+        connection_config: given.0.then(|| new.connection_config.clone()),
+        metadata: given.1.then(|| new.metadata.clone()),
+        tags: given.2.then(|| new.tags.clone()),
+        credentials: new.credentials.clone(),
+    };
+    // Twice at most: a connection created by another request between the two is changed.
+    for _ in 0..2 {
+        if let Some(changed) = state
+            .store
+            .update_connection(environment.id, &new.integration, &new.connection_id, &changes)
+            .await?
+        {
+            return Ok((StatusCode::OK, Json(ConnectionView::new(changed, false))));
+        }
+        let claimed_until = Utc::now() + crate::events::CLAIM;
+        match state
+            .store
+            .create_connection_owing(&environment, &new, POST_CREATION, claimed_until)
+            .await
+        {
+            Ok((connection, owed)) => {
+                // After the answer is on its way: registering a webhook need not hold the
+                // caller. Owed since the commit, so an API that stops meanwhile leaves it
+                // to another's sweep.
+                let events = state.events.clone();
+                tokio::spawn(async move { events.run_owed(&owed).await });
+                return Ok((StatusCode::CREATED, Json(ConnectionView::new(connection, false))));
+            }
+            Err(StoreError::Conflict(_)) => continue,
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        "conflict",
+        "the connection was created and deleted by other requests meanwhile; try again",
+    ))
 }
 
 /// Get one connection, with its credentials.

@@ -5,8 +5,8 @@ use hookyard_core::store::connection_events::POST_CREATION;
 use hookyard_core::store::forwarding::DeliveryAttempt;
 use hookyard_core::store::syncs::SyncKey;
 use hookyard_core::store::{
-    Backend, ConnectionQuery, Credentials, Environment, EnvironmentVariable, IntegrationChanges, MetadataWrite,
-    NewConnection, NewIntegration, Store, StoreError,
+    Backend, ConnectionChanges, ConnectionQuery, Credentials, Environment, EnvironmentVariable, IntegrationChanges,
+    MetadataWrite, NewConnection, NewIntegration, Store, StoreError,
 };
 use hookyard_testkit::{raw_execute, raw_texts, test_cipher, PgDatabase, SqliteFile};
 use serde_json::json;
@@ -429,6 +429,63 @@ async fn refresh_leases(store: &Store, dev: &Environment, prod: &Environment, gi
     let owed = store.owed_refresh_failures(10).await.unwrap();
     assert_eq!(owed.len(), 1, "a failure of its own, owed again");
     assert_eq!(owed[0].error, "refused anew");
+
+    // An import of a connection that exists changes the fields given; new credentials end
+    // its failure, and routing sees a changed connection_config.
+    let integration_id = store.existing_integration(dev.id, github).await.unwrap().id;
+    let version = store.connections_version(integration_id).await.unwrap();
+    let changed = store
+        .update_connection(
+            dev.id,
+            github,
+            "acme",
+            &ConnectionChanges {
+                credentials: Some(Credentials::ApiKey { api_key: "k2".into() }),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .expect("acme is there");
+    assert_eq!(changed.credentials, Some(Credentials::ApiKey { api_key: "k2".into() }));
+    assert_eq!(changed.refresh_failure, None);
+    assert!(store.owed_refresh_failures(10).await.unwrap().is_empty());
+    assert_eq!(
+        changed.metadata,
+        json!({"plan": "free", "region": {"eu": true}}),
+        "not given: kept"
+    );
+    assert_eq!(store.connections_version(integration_id).await.unwrap(), version);
+    let changed = store
+        .update_connection(
+            dev.id,
+            github,
+            "acme",
+            &ConnectionChanges {
+                connection_config: Some(json!({"installation_id": 43})),
+                tags: Some(json!({"team": "b"})),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .expect("acme is there");
+    assert_eq!(
+        (changed.connection_config, changed.tags),
+        (json!({"installation_id": 43}), json!({"team": "b"}))
+    );
+    assert_eq!(changed.credentials, Some(Credentials::ApiKey { api_key: "k2".into() }));
+    assert!(store.connections_version(integration_id).await.unwrap() > version);
+    let (_, live) = store.routing_connections(integration_id).await.unwrap();
+    let acme = live.iter().find(|c| c.connection_id == "acme").unwrap();
+    assert_eq!(acme.connection_config, json!({"installation_id": 43}));
+    for (environment, id) in [(dev.id, "ghost"), (dev.id, "gamma"), (prod.id + 1000, "acme")] {
+        let none = store
+            .update_connection(environment, github, id, &ConnectionChanges::default())
+            .await
+            .unwrap();
+        assert!(none.is_none(), "{id}: no such live connection");
+    }
     assert!(!store
         .update_credentials(dev.id, github, "ghost", &Credentials::ApiKey { api_key: "k".into() })
         .await

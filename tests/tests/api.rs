@@ -521,13 +521,6 @@ async fn connections(api: &Api) {
         raw[0]
     );
 
-    let duplicate = api
-        .dev(Method::POST, "/connections")
-        .json(&json!({"provider_config_key": "github", "connection_id": "acme"}))
-        .send()
-        .await
-        .unwrap();
-    assert_error(duplicate, 409, "conflict").await;
     let unknown = api
         .dev(Method::POST, "/connections")
         .json(&json!({"provider_config_key": "nope"}))
@@ -629,6 +622,36 @@ async fn connections(api: &Api) {
         )
         .await;
     assert_eq!(singular, one);
+
+    // An id that exists: the fields given replace the stored ones (Nango's import is an
+    // upsert); routing's identifiers and the tags, not given, stay.
+    let changed = api
+        .ok(
+            api.dev(Method::POST, "/connections").json(&json!({
+                "provider_config_key": "github",
+                "connection_id": "acme",
+                "metadata": {"plan": "team"},
+                "credentials": {"type": "OAUTH2", "access_token": "tok_new", "refresh_token": "rt_new"},
+            })),
+            StatusCode::OK,
+        )
+        .await;
+    assert_eq!(
+        (&changed["id"], &changed["created_at"]),
+        (&created["id"], &created["created_at"]),
+        "the same connection"
+    );
+    assert_eq!(changed["connection_config"], json!({"installation_id": 42}));
+    assert_eq!(changed["metadata"], json!({"plan": "team"}));
+    assert_eq!(changed["tags"], json!({"team": "core"}));
+    let read = api
+        .ok(
+            api.dev(Method::GET, "/connections/acme?provider_config_key=github"),
+            StatusCode::OK,
+        )
+        .await;
+    assert_eq!(read["credentials"]["access_token"], "tok_new", "{read}");
+    assert_eq!(read["errors"], json!([]));
     assert_bad_field(
         api.dev(Method::GET, "/connections/acme").send().await.unwrap(),
         "provider_config_key",

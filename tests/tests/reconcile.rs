@@ -692,15 +692,19 @@ async fn a_refused_refresh_fails_its_runs_shows_on_the_connection_and_is_notifie
     assert_eq!(first["error"]["type"], "refresh_token_external_error");
     assert_eq!(first["failedAt"], shown["errors"][0]["failed_at"]);
 
-    // New credentials end the failure; the next refusal is another, notified again.
+    // New credentials (the connection authorized again, imported through the API) end
+    // the failure; the next refusal is another, notified again.
     let (access, refresh) = s.crm.issue_tokens(true);
-    let fresh = Credentials::OAuth2 {
-        access_token: access,
-        refresh_token: Some(refresh),
-        expires_at: Some(Utc::now() + chrono::Duration::hours(1)),
-        raw: None,
-    };
-    assert!(s.h.store.update_credentials(env, &crm, "c0", &fresh).await.unwrap());
+    let reauthorized =
+        s.h.http
+            .post(format!("{}/connections", s.h.api))
+            .bearer_auth(&s.h.environment.secret_key)
+            .json(&json!({"provider_config_key": "crm", "connection_id": "c0",
+                      "credentials": {"type": "OAUTH2", "access_token": access, "refresh_token": refresh}}))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(reauthorized.status(), 200);
     s.crm.put_contact("p1", "p1@crm.test");
     let (status, body) = s.trigger(fetch.clone(), &[]).await;
     assert_eq!(status, 200, "{body}");

@@ -25,6 +25,23 @@ const VERSION: &str = "SELECT connections_version FROM integrations WHERE id = $
 const BUMP_BY_KEY: &str =
     "UPDATE integrations SET connections_version = connections_version + 1 WHERE environment_id = $1 AND unique_key = $2";
 
+/// Stores sealed credentials `$4` at `$5` on the live connection (`$1` environment id,
+/// `$2` connection id, `$3` integration key), ending any refresh lease and failure.
+const STORE_CREDENTIALS: &str = "UPDATE connections SET credentials = $4, updated_at = $5,
+        refresh_holder = NULL, refresh_until = NULL,
+        refresh_failed_at = NULL, refresh_error = NULL, refresh_failure_notified_at = NULL
+    WHERE environment_id = $1 AND connection_id = $2 AND deleted_at IS NULL
+      AND integration_id = (SELECT id FROM integrations WHERE environment_id = $1 AND unique_key = $3)";
+
+/// What `POST /connections` changes on a connection that exists: the fields given.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionChanges {
+    pub connection_config: Option<Value>,
+    pub metadata: Option<Value>,
+    pub tags: Option<Value>,
+    pub credentials: Option<Credentials>,
+}
+
 /// How `set_connection_metadata` treats the stored metadata.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MetadataWrite {
@@ -71,13 +88,7 @@ impl Store {
         owed: Option<(&OwedEvent, DateTime<Utc>)>,
     ) -> Result<Connection, StoreError> {
         let integration = self.existing_integration(environment.id, &new.integration).await?;
-        let credentials = match &new.credentials {
-            Some(credentials) => {
-                let json = serde_json::to_string(credentials).map_err(|e| StoreError::Invalid(e.to_string()))?;
-                Some(self.cipher.seal(Purpose::Credentials, &json))
-            }
-            None => None,
-        };
+        let credentials = new.credentials.as_ref().map(|c| self.seal_credentials(c)).transpose()?;
         let now = Utc::now();
         in_transaction!(self, |tx| {
             let inserted = sqlx::query(
@@ -205,23 +216,86 @@ impl Store {
         connection_id: &str,
         credentials: &Credentials,
     ) -> Result<bool, StoreError> {
-        let json = serde_json::to_string(credentials).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        let sealed = self.cipher.seal(Purpose::Credentials, &json);
-        let updated = on_pool!(self, |pool| sqlx::query(
-            "UPDATE connections SET credentials = $1, updated_at = $2, refresh_holder = NULL, refresh_until = NULL,
-                    refresh_failed_at = NULL, refresh_error = NULL, refresh_failure_notified_at = NULL
-             WHERE environment_id = $3 AND connection_id = $4 AND deleted_at IS NULL
-               AND integration_id = (SELECT id FROM integrations WHERE environment_id = $3 AND unique_key = $5)"
-        )
-        .bind(&sealed)
-        .bind(Utc::now())
-        .bind(environment_id)
-        .bind(connection_id)
-        .bind(integration.as_str())
-        .execute(pool)
-        .await
-        .map(|r| r.rows_affected()))?;
+        let sealed = self.seal_credentials(credentials)?;
+        let updated = on_pool!(self, |pool| sqlx::query(STORE_CREDENTIALS)
+            .bind(environment_id)
+            .bind(connection_id)
+            .bind(integration.as_str())
+            .bind(&sealed)
+            .bind(Utc::now())
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected()))?;
         Ok(updated == 1)
+    }
+
+    /// Changes a live connection as `POST /connections` does for one that exists (Nango's
+    /// import is an upsert): each field given replaces the stored one; new credentials
+    /// end a refresh failure. `None` when there is no such connection.
+    pub async fn update_connection(
+        &self,
+        environment_id: i64,
+        integration: &IntegrationKey,
+        connection_id: &str,
+        changes: &ConnectionChanges,
+    ) -> Result<Option<Connection>, StoreError> {
+        let sealed = changes
+            .credentials
+            .as_ref()
+            .map(|c| self.seal_credentials(c))
+            .transpose()?;
+        let now = Utc::now();
+        let updated = in_transaction!(self, |tx| {
+            let updated = sqlx::query(
+                "UPDATE connections SET connection_config = COALESCE($4, connection_config),
+                        metadata = COALESCE($5, metadata), tags = COALESCE($6, tags), updated_at = $7
+                 WHERE environment_id = $1 AND connection_id = $2 AND deleted_at IS NULL
+                   AND integration_id = (SELECT id FROM integrations WHERE environment_id = $1 AND unique_key = $3)",
+            )
+            .bind(environment_id)
+            .bind(connection_id)
+            .bind(integration.as_str())
+            .bind(changes.connection_config.as_ref().map(Json))
+            .bind(changes.metadata.as_ref().map(Json))
+            .bind(changes.tags.as_ref().map(Json))
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if updated {
+                if let Some(sealed) = &sealed {
+                    sqlx::query(STORE_CREDENTIALS)
+                        .bind(environment_id)
+                        .bind(connection_id)
+                        .bind(integration.as_str())
+                        .bind(sealed)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                // Routing matches on both: its caches must see the change.
+                if changes.connection_config.is_some() || changes.metadata.is_some() {
+                    sqlx::query(BUMP_BY_KEY)
+                        .bind(environment_id)
+                        .bind(integration.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            Ok::<bool, StoreError>(updated)
+        })?;
+        if !updated {
+            return Ok(None);
+        }
+        self.existing_connection(environment_id, integration, connection_id)
+            .await
+            .map(Some)
+    }
+
+    fn seal_credentials(&self, credentials: &Credentials) -> Result<String, StoreError> {
+        let json = serde_json::to_string(credentials).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        Ok(self.cipher.seal(Purpose::Credentials, &json))
     }
 
     /// The ids of an integration's live connections, oldest first.

@@ -115,7 +115,7 @@ pub mod action_runs;
 mod clock;
 mod connections;
 pub(crate) mod tx;
-pub use connections::MetadataWrite;
+pub use connections::{ConnectionChanges, MetadataWrite};
 pub mod commit;
 pub mod connection_events;
 pub mod dead_letters;
