@@ -434,19 +434,18 @@ async fn refresh_leases(store: &Store, dev: &Environment, prod: &Environment, gi
     // its failure, and routing sees a changed connection_config.
     let integration_id = store.existing_integration(dev.id, github).await.unwrap().id;
     let version = store.connections_version(integration_id).await.unwrap();
-    let changed = store
-        .update_connection(
-            dev.id,
-            github,
-            "acme",
-            &ConnectionChanges {
-                credentials: Some(Credentials::ApiKey { api_key: "k2".into() }),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap()
-        .expect("acme is there");
+    let change = |changes: ConnectionChanges| async move {
+        store
+            .update_connection(dev.id, github, "acme", &changes)
+            .await
+            .unwrap()
+            .expect("acme is there")
+    };
+    let changed = change(ConnectionChanges {
+        credentials: Some(Credentials::ApiKey { api_key: "k2".into() }),
+        ..Default::default()
+    })
+    .await;
     assert_eq!(changed.credentials, Some(Credentials::ApiKey { api_key: "k2".into() }));
     assert_eq!(changed.refresh_failure, None);
     assert!(store.owed_refresh_failures(10).await.unwrap().is_empty());
@@ -456,20 +455,12 @@ async fn refresh_leases(store: &Store, dev: &Environment, prod: &Environment, gi
         "not given: kept"
     );
     assert_eq!(store.connections_version(integration_id).await.unwrap(), version);
-    let changed = store
-        .update_connection(
-            dev.id,
-            github,
-            "acme",
-            &ConnectionChanges {
-                connection_config: Some(json!({"installation_id": 43})),
-                tags: Some(json!({"team": "b"})),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap()
-        .expect("acme is there");
+    let changed = change(ConnectionChanges {
+        connection_config: Some(json!({"installation_id": 43})),
+        tags: Some(json!({"team": "b"})),
+        ..Default::default()
+    })
+    .await;
     assert_eq!(
         (changed.connection_config, changed.tags),
         (json!({"installation_id": 43}), json!({"team": "b"}))

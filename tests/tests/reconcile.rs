@@ -544,6 +544,62 @@ export default createAction({
 });
 "#;
 
+/// An OAuth2 token that expired a minute ago.
+fn expired_oauth2(access_token: &str, refresh_token: &str) -> Credentials {
+    Credentials::OAuth2 {
+        access_token: access_token.into(),
+        refresh_token: Some(refresh_token.into()),
+        expires_at: Some(Utc::now() - chrono::Duration::seconds(60)),
+        raw: None,
+    }
+}
+
+/// The pipeline (on `database_url`, configured by `tweak`) with the `fetch` action,
+/// contact `p1` at the fake CRM, and connection `c0` holding an expired OAuth2 token:
+/// `tokens` (access, refresh), or a pair the fake issued. The credentials stored, and the
+/// action's request.
+async fn expired_token_setup(
+    database_url: Option<&str>,
+    tokens: Option<(&str, &str)>,
+    tweak: impl FnOnce(&mut Config),
+) -> (Setup, Credentials, Value) {
+    let s = setup_on(database_url, &[("c0", json!({}), api_key())], false, tweak).await;
+    s.h.deploy(&[
+        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false")),
+        ("crm/actions/fetch.js", FETCH.to_string()),
+    ])
+    .await;
+    s.crm.put_contact("p1", "p1@crm.test");
+    let issued = s.crm.issue_tokens(true);
+    let (access, refresh) = tokens.unwrap_or((&issued.0, &issued.1));
+    let expired = expired_oauth2(access, refresh);
+    s.store_credentials(&expired).await;
+    (s, expired, json!({"action_name": "fetch", "input": {"id": "p1"}}))
+}
+
+impl Setup {
+    /// Stores `credentials` on connection `c0`, as a refresh does.
+    async fn store_credentials(&self, credentials: &Credentials) {
+        let stored = self
+            .h
+            .store
+            .update_credentials(self.h.environment.id, &"crm".parse().unwrap(), "c0", credentials)
+            .await
+            .unwrap();
+        assert!(stored, "c0 is there");
+    }
+
+    /// Connection `c0`'s credentials as stored.
+    async fn stored_credentials(&self) -> Option<Credentials> {
+        self.h
+            .store
+            .existing_connection(self.h.environment.id, &"crm".parse().unwrap(), "c0")
+            .await
+            .unwrap()
+            .credentials
+    }
+}
+
 #[tokio::test]
 async fn runs_of_one_connection_share_one_refresh_of_a_rotating_oauth2_token() {
     one_refresh_at_a_time(None).await;
@@ -561,30 +617,7 @@ async fn runs_of_one_connection_share_one_refresh_of_a_rotating_oauth2_token_on_
 /// what the first stored.
 async fn one_refresh_at_a_time(database_url: Option<&str>) {
     hookyard_core::metrics::install();
-    let s = setup_on(database_url, &[("c0", json!({}), api_key())], false, |_| {}).await;
-    s.h.deploy(&[
-        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false")),
-        ("crm/actions/fetch.js", FETCH.to_string()),
-    ])
-    .await;
-    s.crm.put_contact("p1", "p1@crm.test");
-    let expired = |access_token: String, refresh_token: String| Credentials::OAuth2 {
-        access_token,
-        refresh_token: Some(refresh_token),
-        expires_at: Some(Utc::now() - chrono::Duration::seconds(60)),
-        raw: None,
-    };
-    let (access, refresh) = s.crm.issue_tokens(true);
-    let crm = "crm".parse().unwrap();
-    let env = s.h.environment.id;
-    assert!(s
-        .h
-        .store
-        .update_credentials(env, &crm, "c0", &expired(access, refresh.clone()))
-        .await
-        .unwrap());
-
-    let fetch = json!({"action_name": "fetch", "input": {"id": "p1"}});
+    let (s, expired, fetch) = expired_token_setup(database_url, None, |_| {}).await;
     let held = s.crm.hold_token();
     let (first, second) = tokio::join!(s.trigger(fetch.clone(), &[]), async {
         held.reached().await;
@@ -605,23 +638,20 @@ async fn one_refresh_at_a_time(database_url: Option<&str>) {
     assert_eq!(s.crm.refreshes(), 1, "the refresh token was used once");
     assert_eq!(metric(&oauth2_refreshes("refreshed")).await, 1.0);
     assert_eq!(metric(&oauth2_refreshes("shared")).await, 1.0);
-    let stored =
-        s.h.store
-            .existing_connection(env, &crm, "c0")
-            .await
-            .unwrap()
-            .credentials;
+    let stored = s.stored_credentials().await;
     match stored {
         Some(Credentials::OAuth2 {
             refresh_token,
             expires_at,
             ..
         }) => {
-            assert_ne!(
-                refresh_token.as_ref(),
-                Some(&refresh),
-                "the rotated refresh token is stored"
-            );
+            let Credentials::OAuth2 {
+                refresh_token: used, ..
+            } = &expired
+            else {
+                unreachable!()
+            };
+            assert_ne!(&refresh_token, used, "the rotated refresh token is stored");
             assert!(expires_at.unwrap() > Utc::now());
         }
         other => panic!("{other:?}"),
@@ -635,32 +665,12 @@ async fn one_refresh_at_a_time(database_url: Option<&str>) {
 #[tokio::test]
 async fn a_refused_refresh_fails_its_runs_shows_on_the_connection_and_is_notified_once() {
     hookyard_core::metrics::install();
-    let s = setup_on(None, &[("c0", json!({}), api_key())], false, |config| {
+    let (s, _, fetch) = expired_token_setup(None, Some(("gone-1", "refresh-revoked")), |config| {
         config.forwarding.notices_resend_after = Duration::from_millis(200);
     })
     .await;
-    s.h.deploy(&[
-        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false")),
-        ("crm/actions/fetch.js", FETCH.to_string()),
-    ])
-    .await;
     let receiver = Receiver::start(&[]).await;
     s.forward_to(&receiver.url).await;
-    let crm = "crm".parse().unwrap();
-    let env = s.h.environment.id;
-    let revoked = |access: &str| Credentials::OAuth2 {
-        access_token: access.into(),
-        refresh_token: Some("refresh-revoked".into()),
-        expires_at: Some(Utc::now() - chrono::Duration::seconds(60)),
-        raw: None,
-    };
-    assert!(s
-        .h
-        .store
-        .update_credentials(env, &crm, "c0", &revoked("gone-1"))
-        .await
-        .unwrap());
-    let fetch = json!({"action_name": "fetch", "input": {"id": "p1"}});
     for _ in 0..2 {
         let (status, body) = s.trigger(fetch.clone(), &[]).await;
         assert_eq!(status, 500, "{body}");
@@ -705,17 +715,11 @@ async fn a_refused_refresh_fails_its_runs_shows_on_the_connection_and_is_notifie
             .await
             .unwrap();
     assert_eq!(reauthorized.status(), 200);
-    s.crm.put_contact("p1", "p1@crm.test");
     let (status, body) = s.trigger(fetch.clone(), &[]).await;
     assert_eq!(status, 200, "{body}");
     let shown = s.h.api_get("/connections/c0?provider_config_key=crm").await;
     assert_eq!(shown["errors"], json!([]));
-    assert!(s
-        .h
-        .store
-        .update_credentials(env, &crm, "c0", &revoked("gone-2"))
-        .await
-        .unwrap());
+    s.store_credentials(&expired_oauth2("gone-2", "refresh-revoked")).await;
     assert_eq!(s.trigger(fetch, &[]).await.0, 500);
     let hits = receiver.wait_hits(2).await;
     assert_eq!(hits.len(), 2, "one webhook per failure");
@@ -726,42 +730,18 @@ async fn a_refused_refresh_fails_its_runs_shows_on_the_connection_and_is_notifie
 /// is used up at the provider all the same, so what it answers is stored for the next run.
 #[tokio::test]
 async fn a_refresh_answered_after_its_run_gave_up_is_stored_for_the_next() {
-    let s = setup_on(None, &[("c0", json!({}), api_key())], false, |config| {
+    let (s, expired, fetch) = expired_token_setup(None, None, |config| {
         config.api.action_limits.cpu_budget = Duration::from_millis(500);
         config.api.action_limits.timeout = Duration::from_secs(1);
     })
     .await;
-    s.h.deploy(&[
-        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false")),
-        ("crm/actions/fetch.js", FETCH.to_string()),
-    ])
-    .await;
-    s.crm.put_contact("p1", "p1@crm.test");
-    let (access, refresh) = s.crm.issue_tokens(true);
-    let crm = "crm".parse().unwrap();
-    let env = s.h.environment.id;
-    let expired = Credentials::OAuth2 {
-        access_token: access,
-        refresh_token: Some(refresh),
-        expires_at: Some(Utc::now() - chrono::Duration::seconds(60)),
-        raw: None,
-    };
-    assert!(s.h.store.update_credentials(env, &crm, "c0", &expired).await.unwrap());
-    let fetch = json!({"action_name": "fetch", "input": {"id": "p1"}});
-
     let held = s.crm.hold_token();
     let (status, body) = s.trigger(fetch.clone(), &[]).await;
     assert_eq!(status, 500, "{body}");
     assert!(body.to_string().contains("the run's time ran out"), "{body}");
     held.release();
     eventually("the refreshed token to be stored", Duration::from_secs(10), || async {
-        let stored =
-            s.h.store
-                .existing_connection(env, &crm, "c0")
-                .await
-                .unwrap()
-                .credentials;
-        (stored != Some(expired.clone())).then_some(())
+        (s.stored_credentials().await != Some(expired.clone())).then_some(())
     })
     .await;
     let (status, body) = s.trigger(fetch, &[]).await;
