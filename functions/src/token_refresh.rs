@@ -17,8 +17,9 @@ use chrono::Utc;
 use hookyard_core::config::ForwardingConfig;
 use hookyard_core::metrics::names;
 use hookyard_core::providers::api::ApiSpec;
-use hookyard_core::store::Credentials;
+use hookyard_core::store::{Connection, Credentials};
 use hookyard_core::Store;
+use reqwest::StatusCode;
 use serde_json::Value;
 
 use crate::provider_api::Owner;
@@ -33,6 +34,14 @@ const LEASE: Duration = Duration::from_secs(45);
 const FIRST_POLL: Duration = Duration::from_millis(25);
 /// ...up to this.
 const LAST_POLL: Duration = Duration::from_millis(400);
+/// A refresh the token URL refused holds the lease this long: runs meanwhile fail at
+/// once with its answer, and the token URL is asked again after it (a fixed client
+/// secret mends without new credentials).
+const REFUSED_HOLD: Duration = Duration::from_secs(60);
+/// The error a run gets for a refused refresh: the token URL's answer.
+fn refused(answer: &str) -> String {
+    format!("refreshing the OAuth2 token: {answer}; the connection needs to be authorized again")
+}
 
 /// What a refresh needs, owned by its own task.
 pub(crate) struct Refresher {
@@ -67,6 +76,13 @@ fn oauth_error(body: &Value) -> String {
         (None, Some(description)) => format!(" ({description})"),
         (None, None) => String::new(),
     }
+}
+
+/// Why a refresh under the lease failed: `Refused` keeps the lease (for
+/// [`REFUSED_HOLD`]), `Failed` lets go of it.
+enum Leased {
+    Refused(String),
+    Failed(String),
 }
 
 /// What one try under the lease came to.
@@ -142,70 +158,75 @@ impl Refresher {
     }
 
     async fn attempt(&self, held: Option<Credentials>) -> Result<Attempt, String> {
-        let stored = self.stored().await?;
+        let connection = self.connection().await?;
+        let stored = connection.credentials;
         if newer(&stored, &held) {
             return Ok(Attempt::Fresh(stored, false));
         }
-        let owner = &self.owner;
         let holder = hex::encode(hookyard_core::secrets::random_bytes::<12>());
-        let taken = self
-            .store
-            .take_refresh_lease(
-                owner.environment_id,
-                &owner.integration,
-                &owner.connection_id,
-                &holder,
-                Utc::now(),
-                LEASE,
-            )
-            .await
-            .map_err(|e| format!("refreshing the OAuth2 token: {e}"))?;
-        if !taken {
-            return Ok(Attempt::Busy);
+        if self.lease(&holder, LEASE).await? {
+            return self.under_lease(&held, &holder).await;
         }
-        let result = self.under_lease(&held).await;
-        if !matches!(result, Ok((_, true))) {
-            // Storing a refreshed token ended the lease; anything else lets go of it.
+        // A refusal holds the lease a while: the runs meanwhile fail at once with it
+        // rather than each asking the token URL again.
+        match connection.refresh_failure {
+            Some(failure) if stored == held => Err(refused(&failure.error)),
+            _ => Ok(Attempt::Busy),
+        }
+    }
+
+    /// With the lease held: what is stored now (another run may have stored a refresh
+    /// between the first read and the lease), or a refresh of it, stored (which ends the
+    /// lease). A refusal is recorded and keeps the lease for [`REFUSED_HOLD`]; anything
+    /// else lets go of it.
+    async fn under_lease(&self, held: &Option<Credentials>, holder: &str) -> Result<Attempt, String> {
+        let owner = &self.owner;
+        let (result, keep) = match self.refresh_leased(held, holder).await {
+            Ok(Attempt::Fresh(fresh, true)) => (Ok(Attempt::Fresh(fresh, true)), true),
+            Ok(attempt) => (Ok(attempt), false),
+            Err(Leased::Refused(error)) => (Err(error), true),
+            Err(Leased::Failed(error)) => (Err(error), false),
+        };
+        if !keep {
             let released = self
                 .store
-                .release_refresh_lease(owner.environment_id, &owner.integration, &owner.connection_id, &holder)
+                .release_refresh_lease(owner.environment_id, &owner.integration, &owner.connection_id, holder)
                 .await;
             if let Err(error) = released {
                 tracing::warn!(connection = %owner.connection_id, %error, "the OAuth2 refresh lease is kept until it runs out");
             }
         }
-        result.map(|(fresh, refreshed)| Attempt::Fresh(fresh, refreshed))
+        result
     }
 
-    /// With the lease held: what is stored now (another run may have stored a refresh
-    /// between the first read and the lease), or a refresh of it, stored; whether it
-    /// stored one.
-    async fn under_lease(&self, held: &Option<Credentials>) -> Result<(Option<Credentials>, bool), String> {
-        let stored = self.stored().await?;
-        if newer(&stored, held) {
-            return Ok((stored, false));
-        }
+    /// [`Self::under_lease`]'s work, the lease aside.
+    async fn refresh_leased(&self, held: &Option<Credentials>, holder: &str) -> Result<Attempt, Leased> {
         let owner = &self.owner;
+        let stored = self.connection().await.map_err(Leased::Failed)?.credentials;
+        if newer(&stored, held) {
+            return Ok(Attempt::Fresh(stored, false));
+        }
         let refreshed = match self.trade(stored.as_ref()).await {
             Ok(refreshed) => refreshed,
-            Err(Trade::Failed(error)) => return Err(format!("refreshing the OAuth2 token: {error}")),
+            Err(Trade::Failed(error)) => return Err(Leased::Failed(format!("refreshing the OAuth2 token: {error}"))),
             Err(Trade::Refused(error)) => {
-                let recorded = self
-                    .store
-                    .refresh_refused(
-                        owner.environment_id,
-                        &owner.integration,
-                        &owner.connection_id,
-                        &error,
-                        Utc::now(),
-                    )
-                    .await;
-                if let Err(store_error) = recorded {
+                let recorded = async {
+                    self.store
+                        .refresh_refused(
+                            owner.environment_id,
+                            &owner.integration,
+                            &owner.connection_id,
+                            &error,
+                            Utc::now(),
+                        )
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    self.lease(holder, REFUSED_HOLD).await
+                };
+                if let Err(store_error) = recorded.await {
                     tracing::warn!(connection = %owner.connection_id, error = %store_error, "a refused OAuth2 refresh could not be recorded");
                 }
-                return Err(format!(
-                    "refreshing the OAuth2 token: {error}; the connection needs to be authorized again"
-                ));
+                return Err(Leased::Refused(refused(&error)));
             }
         };
         let updated = self
@@ -217,20 +238,38 @@ impl Refresher {
                 &refreshed,
             )
             .await
-            .map_err(|e| format!("storing the refreshed OAuth2 token: {e}"))?;
+            .map_err(|e| Leased::Failed(format!("storing the refreshed OAuth2 token: {e}")))?;
         if !updated {
-            return Err(format!("connection {} was deleted", owner.connection_id));
+            return Err(Leased::Failed(format!(
+                "connection {} was deleted",
+                owner.connection_id
+            )));
         }
         tracing::info!(connection = %owner.connection_id, integration = %owner.integration, "OAuth2 token refreshed");
-        Ok((Some(refreshed), true))
+        Ok(Attempt::Fresh(Some(refreshed), true))
     }
 
-    async fn stored(&self) -> Result<Option<Credentials>, String> {
+    /// Takes (or, held by `holder`, extends) the connection's refresh lease for `ttl`.
+    async fn lease(&self, holder: &str, ttl: Duration) -> Result<bool, String> {
+        let owner = &self.owner;
+        self.store
+            .take_refresh_lease(
+                owner.environment_id,
+                &owner.integration,
+                &owner.connection_id,
+                holder,
+                Utc::now(),
+                ttl,
+            )
+            .await
+            .map_err(|e| format!("refreshing the OAuth2 token: {e}"))
+    }
+
+    async fn connection(&self) -> Result<Connection, String> {
         let owner = &self.owner;
         self.store
             .existing_connection(owner.environment_id, &owner.integration, &owner.connection_id)
             .await
-            .map(|connection| connection.credentials)
             .map_err(|e| format!("reading the connection's credentials: {e}"))
     }
 
@@ -278,8 +317,9 @@ impl Refresher {
         let Some(access_token) = body["access_token"].as_str().filter(|_| status.is_success()) else {
             let answer = format!("the token URL answered {status}{}", oauth_error(&body));
             // A client error is the grant refused (revoked, expired, unknown): only new
-            // credentials mend it. A server error may pass.
-            return Err(if status.is_client_error() {
+            // credentials mend it. A server error, a 429 or a 408 may pass.
+            let passing = [StatusCode::TOO_MANY_REQUESTS, StatusCode::REQUEST_TIMEOUT].contains(&status);
+            return Err(if status.is_client_error() && !passing {
                 Trade::Refused(answer)
             } else {
                 Trade::Failed(answer)

@@ -41,6 +41,8 @@ struct Fake {
     tokens: HashMap<String, bool>,
     refresh_tokens: HashMap<String, bool>,
     refreshes: u32,
+    /// Every request to the token URL, answered or refused.
+    token_requests: u32,
     /// Answers to give before any real one: (status, Retry-After seconds).
     faults: VecDeque<(u16, Option<u64>)>,
     /// Every answered list request, with its status.
@@ -120,6 +122,11 @@ impl FakeCrm {
     /// Token refreshes answered so far.
     pub fn refreshes(&self) -> u32 {
         self.with(|f| f.refreshes)
+    }
+
+    /// Requests to the token URL so far, refused ones included.
+    pub fn token_requests(&self) -> u32 {
+        self.with(|f| f.token_requests)
     }
 
     /// The next `count` list requests answer `status` (with `Retry-After` when given).
@@ -362,6 +369,7 @@ async fn token(State(state): State<Shared>, body: String) -> Response {
     let form: HashMap<String, String> = form_urlencoded::parse(body.as_bytes()).into_owned().collect();
     let (answer, hold) = {
         let mut fake = state.lock().expect("fake CRM state");
+        fake.token_requests += 1;
         (rotate(&mut fake, &form), take_hold(&mut fake, Hold::Token))
     };
     // The refresh token is used up whether or not the answer reaches the caller.

@@ -658,8 +658,8 @@ async fn one_refresh_at_a_time(database_url: Option<&str>) {
     }
 }
 
-/// The token URL refuses the refresh token: each run fails at once (the failed refresh
-/// let go of the lease), the connection shows why, and the forwarding destination gets
+/// The token URL refuses the refresh token: each run fails at once (the next with the
+/// first's refusal, without asking the token URL again), the connection shows why, and the forwarding destination gets
 /// one `auth` webhook for the failure, however many runs meet it, until credentials are
 /// stored again; a later refusal is a failure of its own.
 #[tokio::test]
@@ -684,6 +684,11 @@ async fn a_refused_refresh_fails_its_runs_shows_on_the_connection_and_is_notifie
     }
     assert_eq!(metric(&oauth2_refreshes("failed")).await, 2.0);
     assert_eq!(metric(OAUTH2_WAITS).await, 0.0, "nothing waited for the failed refresh");
+    assert_eq!(
+        s.crm.token_requests(),
+        1,
+        "the second run failed on the first's refusal"
+    );
     let shown = s.h.api_get("/connections/c0?provider_config_key=crm").await;
     assert_eq!(shown["errors"][0]["type"], "auth", "{shown}");
     assert_eq!(
