@@ -20,6 +20,7 @@ use utoipa_axum::routes;
 use crate::error::{ApiError, Body, ErrorBody, Params};
 use crate::fields;
 use crate::{AppState, Success};
+use hookyard_functions::token_refresh::fresh_credentials;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -132,6 +133,15 @@ pub struct ListParams {
     limit: Option<u32>,
     /// 0-based page of `limit` connections.
     page: Option<u64>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct GetParams {
+    /// The integration the connection belongs to (required).
+    provider_config_key: Option<String>,
+    /// Refresh an OAuth2 token even if it does not expire soon.
+    force_refresh: Option<bool>,
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -281,22 +291,47 @@ async fn create(
     ))
 }
 
-/// Get one connection, with its credentials.
+/// Get one connection, with its credentials: an OAuth2 token that expires within 30 s
+/// (or any, with `force_refresh=true`) is refreshed first, as Nango does, so that the
+/// caller can use it at once.
 #[utoipa::path(get, operation_id = "get_connection", path = "/connections/{connection_id}", tag = "connections",
-    params(("connection_id" = String, Path), KeyParam),
+    params(("connection_id" = String, Path), GetParams),
     responses((status = 200, body = ConnectionView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-              (status = 404, body = ErrorBody)))]
+              (status = 404, body = ErrorBody),
+              (status = 424, body = ErrorBody, description = "the provider refused the refresh: the connection needs new credentials"),
+              (status = 502, body = ErrorBody, description = "the token URL could not refresh the token now")))]
 async fn get(
     State(state): State<AppState>,
     Extension(environment): Extension<Environment>,
     Path(connection_id): Path<String>,
-    Params(param): Params<KeyParam>,
+    Params(params): Params<GetParams>,
 ) -> Result<Json<ConnectionView>, ApiError> {
-    let key = required_key(param)?;
-    let connection = state
+    let key = required_key(KeyParam {
+        provider_config_key: params.provider_config_key,
+    })?;
+    let mut connection = state
         .store
         .existing_connection(environment.id, &key, &connection_id)
         .await?;
+    let integration = state.store.existing_integration(environment.id, &key).await?;
+    let force = params.force_refresh.unwrap_or(false);
+    connection.credentials = fresh_credentials(
+        &state.store,
+        &state.catalog,
+        &integration,
+        &connection,
+        &state.forwarding,
+        force,
+    )
+    .await
+    .map_err(|e| {
+        let (status, code) = if e.refused {
+            (StatusCode::FAILED_DEPENDENCY, "refresh_token_external_error")
+        } else {
+            (StatusCode::BAD_GATEWAY, "refresh_failed")
+        };
+        ApiError::new(status, code, e.message)
+    })?;
     Ok(Json(ConnectionView::new(connection, true)))
 }
 

@@ -22,11 +22,10 @@ use serde_json::{json, Map, Value};
 
 use hookyard_core::config::ForwardingConfig;
 use hookyard_core::keys::IntegrationKey;
-use hookyard_core::providers::api::ApiSpec;
 use hookyard_core::providers::Catalog;
 use hookyard_core::store::{Connection, Credentials, Integration, StoreError};
 
-use crate::provider_api::{Owner, ProviderApi, ProxyRequest};
+use crate::provider_api::{api_spec, Owner, ProviderApi, ProxyRequest};
 use crate::Host;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,14 +100,8 @@ fn provider_api(
     owner: Owner,
     guard: &ForwardingConfig,
 ) -> Result<ProviderApi, String> {
-    let provider = catalog.get(&integration.provider).and_then(|p| p.api.as_ref());
-    ApiSpec::for_integration(
-        provider,
-        &integration.settings,
-        integration.oauth_client_secret.as_deref(),
-    )
-    .map_err(|e| e.to_string())
-    .and_then(|spec| ProviderApi::new(spec, credentials, owner, store.clone(), guard.clone()))
+    api_spec(catalog, integration)
+        .and_then(|spec| ProviderApi::new(spec, credentials, owner, store.clone(), guard.clone()))
 }
 
 /// Blocks the JS thread on `call` for at most `time_left`, the run's time: a provider

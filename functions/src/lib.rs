@@ -17,7 +17,7 @@ pub mod provider_api;
 mod queue;
 pub mod runs;
 mod sandbox;
-mod token_refresh;
+pub mod token_refresh;
 pub mod typescript;
 
 use hookyard_core::store::records::WriteKind;

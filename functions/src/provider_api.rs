@@ -11,7 +11,8 @@ use hookyard_core::config::ForwardingConfig;
 use hookyard_core::keys::IntegrationKey;
 use hookyard_core::outbound::parse_retry_after;
 use hookyard_core::providers::api::ApiSpec;
-use hookyard_core::store::Credentials;
+use hookyard_core::providers::Catalog;
+use hookyard_core::store::{Credentials, Integration};
 use hookyard_core::Store;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, RETRY_AFTER};
 use reqwest::{Method, Url};
@@ -73,7 +74,7 @@ pub struct ProviderApi {
 /// The HTTP client for provider calls under `guard`: one per process and set of rules,
 /// which every run shares. Making one per run (its TLS roots read, no connection kept
 /// open) was most of the CPU of an onWebhook that fetches, and of every action.
-fn shared_client(guard: &ForwardingConfig) -> Result<reqwest::Client, String> {
+pub(crate) fn shared_client(guard: &ForwardingConfig) -> Result<reqwest::Client, String> {
     static CLIENTS: std::sync::Mutex<Vec<(String, reqwest::Client)>> = std::sync::Mutex::new(Vec::new());
     let rules = serde_json::to_string(guard).map_err(|e| e.to_string())?;
     let mut clients = CLIENTS.lock().expect("provider clients");
@@ -85,6 +86,18 @@ fn shared_client(guard: &ForwardingConfig) -> Result<reqwest::Client, String> {
     )?;
     clients.push((rules, client.clone()));
     Ok(client)
+}
+
+/// The provider API an integration's calls use: the catalog provider's, with the
+/// integration's `settings.api` laid over it and its OAuth2 client secret.
+pub(crate) fn api_spec(catalog: &Catalog, integration: &Integration) -> Result<ApiSpec, String> {
+    let provider = catalog.get(&integration.provider).and_then(|p| p.api.as_ref());
+    ApiSpec::for_integration(
+        provider,
+        &integration.settings,
+        integration.oauth_client_secret.as_deref(),
+    )
+    .map_err(|e| e.to_string())
 }
 
 impl Owner {
@@ -243,7 +256,10 @@ impl ProviderApi {
     async fn refresh_if_expired(&self) -> Result<(), String> {
         let mut credentials = self.credentials.lock().await;
         if self.spec.token_url.is_some() && refreshable(credentials.as_ref()) && expiring(credentials.as_ref()) {
-            self.refresher().refresh(&mut credentials).await?;
+            self.refresher()
+                .refresh(&mut credentials)
+                .await
+                .map_err(|e| e.message)?;
         }
         Ok(())
     }
@@ -252,14 +268,17 @@ impl ProviderApi {
     async fn refresh_refused(&self, access_token: Option<&str>) -> Result<(), String> {
         let mut credentials = self.credentials.lock().await;
         if oauth2_token(credentials.as_ref()) == access_token {
-            self.refresher().refresh(&mut credentials).await?;
+            self.refresher()
+                .refresh(&mut credentials)
+                .await
+                .map_err(|e| e.message)?;
         }
         Ok(())
     }
 }
 
 /// OAuth2 credentials with a refresh token.
-fn refreshable(credentials: Option<&Credentials>) -> bool {
+pub(crate) fn refreshable(credentials: Option<&Credentials>) -> bool {
     matches!(
         credentials,
         Some(Credentials::OAuth2 {

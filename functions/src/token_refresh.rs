@@ -17,12 +17,13 @@ use chrono::Utc;
 use hookyard_core::config::ForwardingConfig;
 use hookyard_core::metrics::names;
 use hookyard_core::providers::api::ApiSpec;
-use hookyard_core::store::{Connection, Credentials};
+use hookyard_core::providers::Catalog;
+use hookyard_core::store::{Connection, Credentials, Integration};
 use hookyard_core::Store;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::provider_api::Owner;
+use crate::provider_api::{api_spec, refreshable, shared_client, Owner};
 
 /// An OAuth2 token this close to expiring is refreshed before it is used.
 const EXPIRY_MARGIN: chrono::Duration = chrono::Duration::seconds(30);
@@ -38,10 +39,6 @@ const LAST_POLL: Duration = Duration::from_millis(400);
 /// once with its answer, and the token URL is asked again after it (a fixed client
 /// secret mends without new credentials).
 const REFUSED_HOLD: Duration = Duration::from_secs(60);
-/// The error a run gets for a refused refresh: the token URL's answer.
-fn refused(answer: &str) -> String {
-    format!("refreshing the OAuth2 token: {answer}; the connection needs to be authorized again")
-}
 
 /// What a refresh needs, owned by its own task.
 pub(crate) struct Refresher {
@@ -78,11 +75,42 @@ fn oauth_error(body: &Value) -> String {
     }
 }
 
-/// Why a refresh under the lease failed: `Refused` keeps the lease (for
-/// [`REFUSED_HOLD`]), `Failed` lets go of it.
+/// Why a refresh under the lease failed: `Refused` (the token URL's answer) keeps the
+/// lease (for [`REFUSED_HOLD`]), `Failed` lets go of it.
 enum Leased {
     Refused(String),
     Failed(String),
+}
+
+/// Why a refresh gave no fresh credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefreshError {
+    pub message: String,
+    /// The provider refused the grant: only new credentials mend it.
+    pub refused: bool,
+}
+
+impl RefreshError {
+    fn failed(message: String) -> RefreshError {
+        RefreshError {
+            message,
+            refused: false,
+        }
+    }
+
+    /// A refusal, with the token URL's `answer`.
+    fn refused(answer: &str) -> RefreshError {
+        RefreshError {
+            message: format!("refreshing the OAuth2 token: {answer}; the connection needs to be authorized again"),
+            refused: true,
+        }
+    }
+}
+
+impl std::fmt::Display for RefreshError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 /// What one try under the lease came to.
@@ -108,6 +136,39 @@ fn newer(stored: &Option<Credentials>, held: &Option<Credentials>) -> bool {
     stored != held && !expiring(stored.as_ref())
 }
 
+/// A connection's credentials, fresh, for `GET /connections/{id}` (Nango's refreshes an
+/// expired token before it answers, so that a caller can use it at once): an OAuth2 token
+/// that expires within the margin, or any with `force`, refreshed as a run's is (one
+/// refresh at a time per connection). Other credentials, and tokens without a refresh
+/// token or a token URL, as they are.
+pub async fn fresh_credentials(
+    store: &Store,
+    catalog: &Catalog,
+    integration: &Integration,
+    connection: &Connection,
+    guard: &ForwardingConfig,
+    force: bool,
+) -> Result<Option<Credentials>, RefreshError> {
+    let mut credentials = connection.credentials.clone();
+    if !refreshable(credentials.as_ref()) || !(force || expiring(credentials.as_ref())) {
+        return Ok(credentials);
+    }
+    let spec = api_spec(catalog, integration).map_err(RefreshError::failed)?;
+    if spec.token_url.is_none() {
+        return Ok(credentials);
+    }
+    let owner = Owner {
+        environment_id: connection.environment_id,
+        integration: integration.unique_key.clone(),
+        connection_id: connection.connection_id.clone(),
+    };
+    let client = shared_client(guard).map_err(RefreshError::failed)?;
+    Refresher::new(client, &spec, owner, store.clone(), guard.clone())
+        .refresh(&mut credentials)
+        .await?;
+    Ok(credentials)
+}
+
 impl Refresher {
     pub(crate) fn new(
         client: reqwest::Client,
@@ -129,13 +190,13 @@ impl Refresher {
 
     /// Replaces a run's `credentials` (expiring, or refused by the provider) with fresher
     /// ones: those another run stored since they were read, or a refresh of its own.
-    pub(crate) async fn refresh(self: &Arc<Self>, credentials: &mut Option<Credentials>) -> Result<(), String> {
+    pub(crate) async fn refresh(self: &Arc<Self>, credentials: &mut Option<Credentials>) -> Result<(), RefreshError> {
         let mut wait = FIRST_POLL;
         loop {
             let (this, held) = (self.clone(), credentials.clone());
             let attempt = tokio::spawn(async move { this.attempt(held).await })
                 .await
-                .unwrap_or_else(|e| Err(format!("refreshing the OAuth2 token: {e}")));
+                .unwrap_or_else(|e| Err(RefreshError::failed(format!("refreshing the OAuth2 token: {e}"))));
             match attempt {
                 Ok(Attempt::Fresh(fresh, refreshed)) => {
                     count(if refreshed { "refreshed" } else { "shared" });
@@ -157,20 +218,20 @@ impl Refresher {
         }
     }
 
-    async fn attempt(&self, held: Option<Credentials>) -> Result<Attempt, String> {
-        let connection = self.connection().await?;
+    async fn attempt(&self, held: Option<Credentials>) -> Result<Attempt, RefreshError> {
+        let connection = self.connection().await.map_err(RefreshError::failed)?;
         let stored = connection.credentials;
         if newer(&stored, &held) {
             return Ok(Attempt::Fresh(stored, false));
         }
         let holder = hex::encode(hookyard_core::secrets::random_bytes::<12>());
-        if self.lease(&holder, LEASE).await? {
+        if self.lease(&holder, LEASE).await.map_err(RefreshError::failed)? {
             return self.under_lease(&held, &holder).await;
         }
         // A refusal holds the lease a while: the runs meanwhile fail at once with it
         // rather than each asking the token URL again.
         match connection.refresh_failure {
-            Some(failure) if stored == held => Err(refused(&failure.error)),
+            Some(failure) if stored == held => Err(RefreshError::refused(&failure.error)),
             _ => Ok(Attempt::Busy),
         }
     }
@@ -179,13 +240,13 @@ impl Refresher {
     /// between the first read and the lease), or a refresh of it, stored (which ends the
     /// lease). A refusal is recorded and keeps the lease for [`REFUSED_HOLD`]; anything
     /// else lets go of it.
-    async fn under_lease(&self, held: &Option<Credentials>, holder: &str) -> Result<Attempt, String> {
+    async fn under_lease(&self, held: &Option<Credentials>, holder: &str) -> Result<Attempt, RefreshError> {
         let owner = &self.owner;
         let (result, keep) = match self.refresh_leased(held, holder).await {
             Ok(Attempt::Fresh(fresh, true)) => (Ok(Attempt::Fresh(fresh, true)), true),
             Ok(attempt) => (Ok(attempt), false),
-            Err(Leased::Refused(error)) => (Err(error), true),
-            Err(Leased::Failed(error)) => (Err(error), false),
+            Err(Leased::Refused(answer)) => (Err(RefreshError::refused(&answer)), true),
+            Err(Leased::Failed(error)) => (Err(RefreshError::failed(error)), false),
         };
         if !keep {
             let released = self
@@ -226,7 +287,7 @@ impl Refresher {
                 if let Err(store_error) = recorded.await {
                     tracing::warn!(connection = %owner.connection_id, error = %store_error, "a refused OAuth2 refresh could not be recorded");
                 }
-                return Err(Leased::Refused(refused(&error)));
+                return Err(Leased::Refused(error));
             }
         };
         let updated = self

@@ -689,7 +689,7 @@ async fn a_refused_refresh_fails_its_runs_shows_on_the_connection_and_is_notifie
         1,
         "the second run failed on the first's refusal"
     );
-    let shown = s.h.api_get("/connections/c0?provider_config_key=crm").await;
+    let shown = &s.h.api_get("/connections?connectionId=c0").await["connections"][0];
     assert_eq!(shown["errors"][0]["type"], "auth", "{shown}");
     assert_eq!(
         shown["errors"][0]["description"],
@@ -722,13 +722,59 @@ async fn a_refused_refresh_fails_its_runs_shows_on_the_connection_and_is_notifie
     assert_eq!(reauthorized.status(), 200);
     let (status, body) = s.trigger(fetch.clone(), &[]).await;
     assert_eq!(status, 200, "{body}");
-    let shown = s.h.api_get("/connections/c0?provider_config_key=crm").await;
+    let shown = &s.h.api_get("/connections?connectionId=c0").await["connections"][0];
     assert_eq!(shown["errors"], json!([]));
     s.store_credentials(&expired_oauth2("gone-2", "refresh-revoked")).await;
     assert_eq!(s.trigger(fetch, &[]).await.0, 500);
     let hits = receiver.wait_hits(2).await;
     assert_eq!(hits.len(), 2, "one webhook per failure");
     assert_ne!(hits[1].json()["failedAt"], first["failedAt"]);
+}
+
+/// `GET /connections/{id}` answers fresh credentials, as Nango's does: an expired token
+/// is refreshed first (once), `force_refresh` refreshes a fresh one, and a refusal is a
+/// 424 that says so.
+#[tokio::test]
+async fn getting_a_connection_refreshes_its_expired_token_first() {
+    let (s, expired, _) = expired_token_setup(None, None, |_| {}).await;
+    let get = |query: &'static str| {
+        let s = &s;
+        async move {
+            let response =
+                s.h.http
+                    .get(format!("{}/connections/c0?provider_config_key=crm{query}", s.h.api))
+                    .bearer_auth(&s.h.environment.secret_key)
+                    .send()
+                    .await
+                    .unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+        }
+    };
+    let Credentials::OAuth2 { access_token: old, .. } = &expired else {
+        unreachable!()
+    };
+    let (status, first) = get("").await;
+    assert_eq!(status, 200, "{first}");
+    let token = first["credentials"]["access_token"].as_str().unwrap().to_string();
+    assert_ne!(&token, old, "refreshed before the answer");
+    assert_eq!(s.crm.refreshes(), 1);
+    let stored = serde_json::to_value(s.stored_credentials().await).unwrap();
+    assert_eq!(first["credentials"], stored, "and stored");
+    let (_, again) = get("").await;
+    assert_eq!(again["credentials"]["access_token"], token.as_str(), "fresh: kept");
+    assert_eq!(s.crm.refreshes(), 1);
+    let (_, forced) = get("&force_refresh=true").await;
+    assert_ne!(forced["credentials"]["access_token"], token.as_str());
+    assert_eq!(s.crm.refreshes(), 2);
+
+    s.store_credentials(&expired_oauth2("gone", "refresh-revoked")).await;
+    let (status, refused) = get("").await;
+    assert_eq!(status, 424, "{refused}");
+    assert_eq!(refused["error"]["code"], "refresh_token_external_error");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(message.contains("invalid_grant"), "{message}");
+    let listed = s.h.api_get("/connections?connectionId=c0").await;
+    assert_eq!(listed["connections"][0]["errors"][0]["type"], "auth", "{listed}");
 }
 
 /// A run whose time runs out while the provider answers its refresh: the refresh token
