@@ -27,11 +27,12 @@ const BUMP_BY_KEY: &str =
 
 /// Stores sealed credentials `$4` at `$5` on the live connection (`$1` environment id,
 /// `$2` connection id, `$3` integration key), ending any refresh lease and failure.
-const STORE_CREDENTIALS: &str = "UPDATE connections SET credentials = $4, updated_at = $5,
-        refresh_holder = NULL, refresh_until = NULL,
-        refresh_failed_at = NULL, refresh_error = NULL, refresh_failure_notified_at = NULL
-    WHERE environment_id = $1 AND connection_id = $2 AND deleted_at IS NULL
-      AND integration_id = (SELECT id FROM integrations WHERE environment_id = $1 AND unique_key = $3)";
+const STORE_CREDENTIALS: &str = concat!(
+    "UPDATE connections SET credentials = $4, updated_at = $5, refresh_holder = NULL, refresh_until = NULL,
+            refresh_failed_at = NULL, refresh_error = NULL, refresh_failure_notified_at = NULL
+     WHERE ",
+    live_connection!()
+);
 
 /// What `POST /connections` changes on a connection that exists: the fields given.
 #[derive(Debug, Clone, Default)]
@@ -246,12 +247,12 @@ impl Store {
             .transpose()?;
         let now = Utc::now();
         let updated = in_transaction!(self, |tx| {
-            let updated = sqlx::query(
+            let updated = sqlx::query(concat!(
                 "UPDATE connections SET connection_config = COALESCE($4, connection_config),
                         metadata = COALESCE($5, metadata), tags = COALESCE($6, tags), updated_at = $7
-                 WHERE environment_id = $1 AND connection_id = $2 AND deleted_at IS NULL
-                   AND integration_id = (SELECT id FROM integrations WHERE environment_id = $1 AND unique_key = $3)",
-            )
+                 WHERE ",
+                live_connection!()
+            ))
             .bind(environment_id)
             .bind(connection_id)
             .bind(integration.as_str())

@@ -80,6 +80,15 @@ pub struct Store {
     cipher: Cipher,
 }
 
+/// The `WHERE` condition of the live connection `$2` of integration `$3` in environment
+/// `$1`, as a literal for `concat!`.
+macro_rules! live_connection {
+    () => {
+        "environment_id = $1 AND connection_id = $2 AND deleted_at IS NULL
+         AND integration_id = (SELECT id FROM integrations WHERE environment_id = $1 AND unique_key = $3)"
+    };
+}
+
 /// Runs `$body` with `$pool` bound to the configured back end's pool.
 macro_rules! on_pool {
     ($store:expr, |$pool:ident| $body:expr) => {

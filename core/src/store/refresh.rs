@@ -8,11 +8,6 @@ use chrono::{DateTime, Utc};
 use super::{Pool, Store, StoreError};
 use crate::keys::{EnvironmentName, IntegrationKey};
 
-/// The connection `$1`/`$2`/`$3` is (environment id, connection id, integration key),
-/// live.
-const LIVE: &str = "environment_id = $1 AND connection_id = $2 AND deleted_at IS NULL
-    AND integration_id = (SELECT id FROM integrations WHERE environment_id = $1 AND unique_key = $3)";
-
 /// A refused refresh whose webhook is owed.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct OwedRefreshFailure {
@@ -56,11 +51,12 @@ impl Store {
         let until = now
             + chrono::Duration::from_std(ttl)
                 .map_err(|_| StoreError::Invalid(format!("lease ttl {ttl:?} is too long")))?;
-        let sql = format!(
-            "UPDATE connections SET refresh_holder = $4, refresh_until = $5
-             WHERE {LIVE} AND (refresh_until IS NULL OR refresh_until <= $6 OR refresh_holder = $4)"
+        const TAKE: &str = concat!(
+            "UPDATE connections SET refresh_holder = $4, refresh_until = $5 WHERE ",
+            live_connection!(),
+            " AND (refresh_until IS NULL OR refresh_until <= $6 OR refresh_holder = $4)"
         );
-        let taken = on_pool!(self, |pool| sqlx::query(&sql)
+        let taken = on_pool!(self, |pool| sqlx::query(TAKE)
             .bind(environment_id)
             .bind(connection_id)
             .bind(integration.as_str())
@@ -81,10 +77,12 @@ impl Store {
         connection_id: &str,
         holder: &str,
     ) -> Result<(), StoreError> {
-        let sql = format!(
-            "UPDATE connections SET refresh_holder = NULL, refresh_until = NULL WHERE {LIVE} AND refresh_holder = $4"
+        const RELEASE: &str = concat!(
+            "UPDATE connections SET refresh_holder = NULL, refresh_until = NULL WHERE ",
+            live_connection!(),
+            " AND refresh_holder = $4"
         );
-        on_pool!(self, |pool| sqlx::query(&sql)
+        on_pool!(self, |pool| sqlx::query(RELEASE)
             .bind(environment_id)
             .bind(connection_id)
             .bind(integration.as_str())
@@ -106,10 +104,11 @@ impl Store {
         error: &str,
         at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        let sql = format!(
-            "UPDATE connections SET refresh_failed_at = COALESCE(refresh_failed_at, $4), refresh_error = $5 WHERE {LIVE}"
+        const REFUSED: &str = concat!(
+            "UPDATE connections SET refresh_failed_at = COALESCE(refresh_failed_at, $4), refresh_error = $5 WHERE ",
+            live_connection!()
         );
-        on_pool!(self, |pool| sqlx::query(&sql)
+        on_pool!(self, |pool| sqlx::query(REFUSED)
             .bind(environment_id)
             .bind(connection_id)
             .bind(integration.as_str())
