@@ -364,6 +364,26 @@ async fn refresh_leases(store: &Store, dev: &Environment, prod: &Environment, gi
         take(dev, "acme", "r-c", at(76)).await,
         "storing credentials ended r-b's"
     );
+    // A refresh token is refreshed a day after it was stored, to keep it alive.
+    let day = |hours: i64, minutes: i64| chrono::Utc::now() + chrono::Duration::minutes(hours * 60 + minutes);
+    let due = |when| async move {
+        let claimed = store.claim_refresh_checks(when, 10).await.unwrap();
+        claimed
+            .into_iter()
+            .map(|d| (d.environment_id, d.integration, d.connection_id))
+            .collect::<Vec<_>>()
+    };
+    assert!(due(day(23, 0)).await.is_empty(), "not yet");
+    let acme = (dev.id, "github".to_string(), "acme".to_string());
+    assert_eq!(
+        due(day(24, 1)).await,
+        std::slice::from_ref(&acme),
+        "only tokens with a refresh token"
+    );
+    assert!(due(day(24, 1)).await.is_empty(), "taken: not handed out twice");
+    assert_eq!(due(day(24, 12)).await, [acme], "nothing stored since: looked at again");
+    store.clear_refresh_check(dev.id, github, "acme").await.unwrap();
+    assert!(due(day(48, 0)).await.is_empty(), "nothing to refresh through: never");
     store
         .release_refresh_lease(dev.id, github, "acme", "r-c")
         .await

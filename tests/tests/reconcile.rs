@@ -19,7 +19,7 @@ use hookyard_core::Config;
 use hookyard_reconciler::Reconciler;
 use hookyard_testkit::fake_provider::{FakeCrm, Held, API_KEY, CLIENT_ID, CLIENT_SECRET};
 use hookyard_testkit::receiver::Receiver;
-use hookyard_testkit::{eventually, raw_execute, PgDatabase};
+use hookyard_testkit::{eventually, raw_execute, raw_texts, PgDatabase};
 use serde_json::{json, Value};
 
 /// Lists contacts in the style the connection's metadata names (cursor, link or offset),
@@ -775,6 +775,55 @@ async fn getting_a_connection_refreshes_its_expired_token_first() {
     assert!(message.contains("invalid_grant"), "{message}");
     let listed = s.h.api_get("/connections?connectionId=c0").await;
     assert_eq!(listed["connections"][0]["errors"][0]["type"], "auth", "{listed}");
+}
+
+/// A token unused for a day is refreshed by a worker, so that a provider that revokes
+/// unused refresh tokens does not; a connection with nothing to refresh is looked at
+/// once and then left alone.
+#[tokio::test]
+async fn workers_refresh_a_token_a_day_to_keep_it_alive() {
+    let s = setup_on(
+        None,
+        &[("c0", json!({}), api_key()), ("c1", json!({}), api_key())],
+        false,
+        |config| {
+            config.forwarding.notices_resend_after = Duration::from_millis(200);
+        },
+    )
+    .await;
+    let (access, refresh) = s.crm.issue_tokens(true);
+    let valid = Credentials::OAuth2 {
+        access_token: access,
+        refresh_token: Some(refresh),
+        expires_at: Some(Utc::now() + chrono::Duration::hours(1)),
+        raw: None,
+    };
+    s.store_credentials(&valid).await;
+    // As if both were stored a day ago (c1's API key as if from before the keep-alive).
+    let url = &s.h.config.database_url;
+    raw_execute(
+        url,
+        "UPDATE connections SET refresh_check_at = created_at WHERE credentials IS NOT NULL",
+    )
+    .await;
+    eventually("c0's token to be refreshed", Duration::from_secs(10), || async {
+        (s.stored_credentials().await != Some(valid.clone())).then_some(())
+    })
+    .await;
+    assert_eq!(s.crm.refreshes(), 1);
+    let checks = || async {
+        raw_texts(url, "SELECT connection_id || ':' || COALESCE(refresh_check_at, 'never') FROM connections ORDER BY connection_id").await
+    };
+    let looked_at = eventually("c1 to be left alone", Duration::from_secs(10), || async {
+        let checks = checks().await;
+        (checks[1] == "c1:never").then_some(checks)
+    })
+    .await;
+    let next: DateTime<Utc> = looked_at[0].trim_start_matches("c0:").parse().unwrap();
+    assert!(
+        next > Utc::now() + chrono::Duration::hours(23),
+        "c0 next in a day: {next}"
+    );
 }
 
 /// A run whose time runs out while the provider answers its refresh: the refresh token

@@ -18,6 +18,7 @@ pub mod exec;
 pub mod forward;
 pub mod notify;
 pub mod settings;
+mod token_keepalive;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -995,7 +996,7 @@ pub async fn run_all(store: Store, bus: &Bus, config: &Config, shutdown: Cancell
         notify::sweep_loop(
             &worker.settings,
             &bus.jetstream,
-            &worker.store,
+            &worker.api_source,
             config.forwarding.notices_resend_after,
             shutdown.clone()
         ),

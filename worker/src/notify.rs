@@ -18,6 +18,7 @@ use hookyard_core::keys::EnvironmentName;
 use hookyard_core::store::notices::SyncNotice;
 use hookyard_core::store::records::WriteCounts;
 use hookyard_core::Store;
+use hookyard_functions::host::ApiSource;
 use tokio_util::sync::CancellationToken;
 
 use crate::forward::Delivery;
@@ -149,15 +150,17 @@ pub async fn sweep(
     }
 }
 
-/// Runs [`sweep`], and the sweep of refused refreshes' webhooks
-/// ([`crate::auth_webhooks`]), every half `after` until `shutdown`.
+/// Runs [`sweep`], the sweep of refused refreshes' webhooks ([`crate::auth_webhooks`])
+/// and that of tokens to keep alive ([`crate::token_keepalive`]) every half `after`
+/// until `shutdown`.
 pub async fn sweep_loop(
     settings: &Settings,
     jetstream: &jetstream::Context,
-    store: &Store,
+    source: &ApiSource,
     after: Duration,
     shutdown: CancellationToken,
 ) {
+    let store = &source.store;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -174,6 +177,11 @@ pub async fn sweep_loop(
             Err(error) => {
                 tracing::warn!(%error, "queueing webhooks of refused OAuth2 refreshes failed; trying again later")
             }
+        }
+        match crate::token_keepalive::sweep(source).await {
+            Ok(0) => {}
+            Ok(refreshed) => tracing::info!(refreshed, "OAuth2 tokens refreshed to keep them alive"),
+            Err(error) => tracing::warn!(%error, "keeping OAuth2 tokens alive failed; trying again later"),
         }
     }
 }

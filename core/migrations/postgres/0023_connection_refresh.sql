@@ -13,3 +13,11 @@ ALTER TABLE connections ADD COLUMN refresh_error TEXT;
 ALTER TABLE connections ADD COLUMN refresh_failure_notified_at TIMESTAMPTZ;
 CREATE INDEX connections_refresh_failure_owed ON connections (id)
     WHERE refresh_failed_at IS NOT NULL AND refresh_failure_notified_at IS NULL;
+-- Refresh tokens kept alive: some providers revoke one left unused for weeks, so a
+-- worker refreshes each connection's token once a day at least. `refresh_check_at` is
+-- when a worker next looks (set as credentials are stored; NULL: nothing to refresh).
+-- Rows from before are looked at once, to find out.
+ALTER TABLE connections ADD COLUMN refresh_check_at TIMESTAMPTZ;
+UPDATE connections SET refresh_check_at = created_at WHERE credentials IS NOT NULL AND deleted_at IS NULL;
+CREATE INDEX connections_refresh_check ON connections (refresh_check_at)
+    WHERE refresh_check_at IS NOT NULL AND deleted_at IS NULL;

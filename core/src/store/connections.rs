@@ -7,6 +7,7 @@ use sqlx::types::Json;
 
 use super::connection_events::{bind_key, OwedEvent, OWE};
 use super::model::ConnectionRow;
+use super::refresh::refresh_check_after;
 use super::tx::{on_tx, Tx};
 use super::{
     conflict_on_unique, Connection, ConnectionQuery, Credentials, Environment, NewConnection, Pool, Store, StoreError,
@@ -26,9 +27,11 @@ const BUMP_BY_KEY: &str =
     "UPDATE integrations SET connections_version = connections_version + 1 WHERE environment_id = $1 AND unique_key = $2";
 
 /// Stores sealed credentials `$4` at `$5` on the live connection (`$1` environment id,
-/// `$2` connection id, `$3` integration key), ending any refresh lease and failure.
+/// `$2` connection id, `$3` integration key), with their keep-alive check `$6`, ending
+/// any refresh lease and failure.
 const STORE_CREDENTIALS: &str = concat!(
-    "UPDATE connections SET credentials = $4, updated_at = $5, refresh_holder = NULL, refresh_until = NULL,
+    "UPDATE connections SET credentials = $4, updated_at = $5, refresh_check_at = $6,
+            refresh_holder = NULL, refresh_until = NULL,
             refresh_failed_at = NULL, refresh_error = NULL, refresh_failure_notified_at = NULL
      WHERE ",
     live_connection!()
@@ -94,8 +97,8 @@ impl Store {
         in_transaction!(self, |tx| {
             let inserted = sqlx::query(
                 "INSERT INTO connections (environment_id, integration_id, connection_id, connection_config, metadata,
-                                          tags, credentials, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
+                                          tags, credentials, created_at, updated_at, refresh_check_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9)",
             )
             .bind(environment.id)
             .bind(integration.id)
@@ -105,6 +108,7 @@ impl Store {
             .bind(Json(&new.tags))
             .bind(&credentials)
             .bind(now)
+            .bind(refresh_check_after(new.credentials.as_ref(), now))
             .execute(&mut *tx)
             .await
             .map(|_| ());
@@ -218,12 +222,14 @@ impl Store {
         credentials: &Credentials,
     ) -> Result<bool, StoreError> {
         let sealed = self.seal_credentials(credentials)?;
+        let now = Utc::now();
         let updated = on_pool!(self, |pool| sqlx::query(STORE_CREDENTIALS)
             .bind(environment_id)
             .bind(connection_id)
             .bind(integration.as_str())
             .bind(&sealed)
-            .bind(Utc::now())
+            .bind(now)
+            .bind(refresh_check_after(Some(credentials), now))
             .execute(pool)
             .await
             .map(|r| r.rows_affected()))?;
@@ -272,6 +278,7 @@ impl Store {
                         .bind(integration.as_str())
                         .bind(sealed)
                         .bind(now)
+                        .bind(refresh_check_after(changes.credentials.as_ref(), now))
                         .execute(&mut *tx)
                         .await?;
                 }

@@ -1,12 +1,46 @@
 //! A connection's OAuth2 refreshes: the lease that lets one run at a time trade its
-//! refresh token (see `hookyard_functions::token_refresh`), and the refresh the token URL
+//! refresh token (see `hookyard_functions::token_refresh`); the refresh the token URL
 //! refused, kept on the connection until credentials are stored again and owed, once, to
-//! the forwarding destinations as an `auth` webhook.
+//! the forwarding destinations as an `auth` webhook; and when a worker next refreshes
+//! the token to keep it alive.
 
 use chrono::{DateTime, Utc};
 
-use super::{Pool, Store, StoreError};
+use super::{Credentials, Pool, Store, StoreError};
 use crate::keys::{EnvironmentName, IntegrationKey};
+
+/// A refresh token is used at least this often, whether or not runs need it (as Nango
+/// does): some providers revoke one left unused for weeks.
+pub const KEEPALIVE: chrono::Duration = chrono::Duration::hours(24);
+/// A keep-alive check that stored no credentials (the token URL away) is made again
+/// after this.
+const CHECK_AGAIN: chrono::Duration = chrono::Duration::minutes(10);
+
+/// A connection due a keep-alive refresh is looked at again when it is not: the
+/// condition, checked again on the locked row so that two workers do not both take it.
+const CHECK_DUE: &str =
+    "refresh_check_at IS NOT NULL AND refresh_check_at <= $1 AND deleted_at IS NULL AND refresh_failed_at IS NULL";
+
+/// When a worker should next refresh `credentials` stored at `now`: a day on for an
+/// OAuth2 token with a refresh token; never for the others.
+pub fn refresh_check_after(credentials: Option<&Credentials>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    matches!(
+        credentials,
+        Some(Credentials::OAuth2 {
+            refresh_token: Some(_),
+            ..
+        })
+    )
+    .then(|| now + KEEPALIVE)
+}
+
+/// A connection whose token is due a keep-alive refresh.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct DueRefresh {
+    pub environment_id: i64,
+    pub integration: String,
+    pub connection_id: String,
+}
 
 /// A refused refresh whose webhook is owed.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -114,6 +148,47 @@ impl Store {
             .bind(integration.as_str())
             .bind(at)
             .bind(error)
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// Takes up to `limit` connections due a keep-alive refresh, the longest due first;
+    /// each is due again in [`CHECK_AGAIN`] unless credentials are stored meanwhile.
+    pub async fn claim_refresh_checks(&self, now: DateTime<Utc>, limit: i64) -> Result<Vec<DueRefresh>, StoreError> {
+        let sql = format!(
+            "UPDATE connections SET refresh_check_at = $2
+             WHERE id IN (SELECT id FROM connections WHERE {CHECK_DUE} ORDER BY refresh_check_at LIMIT $3)
+               AND {CHECK_DUE}
+             RETURNING environment_id, connection_id,
+                       (SELECT unique_key FROM integrations i WHERE i.id = connections.integration_id) AS integration"
+        );
+        Ok(on_pool!(self, |pool| sqlx::query_as(&sql)
+            .bind(now)
+            .bind(now + CHECK_AGAIN)
+            .bind(limit)
+            .fetch_all(pool)
+            .await)?)
+    }
+
+    /// The connection has nothing a keep-alive could refresh (another kind of
+    /// credentials, or an integration without a token URL): not looked at again until
+    /// credentials are stored.
+    pub async fn clear_refresh_check(
+        &self,
+        environment_id: i64,
+        integration: &IntegrationKey,
+        connection_id: &str,
+    ) -> Result<(), StoreError> {
+        const CLEAR: &str = concat!(
+            "UPDATE connections SET refresh_check_at = NULL WHERE ",
+            live_connection!()
+        );
+        on_pool!(self, |pool| sqlx::query(CLEAR)
+            .bind(environment_id)
+            .bind(connection_id)
+            .bind(integration.as_str())
             .execute(pool)
             .await
             .map(|_| ()))?;
