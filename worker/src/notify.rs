@@ -166,22 +166,29 @@ pub async fn sweep_loop(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(after / 2) => {}
         }
-        match sweep(settings, jetstream, store, after).await {
-            Ok(0) => {}
-            Ok(sent) => tracing::info!(sent, "sync notices left by a worker queued"),
-            Err(error) => tracing::warn!(%error, "queueing left-behind sync notices failed; trying again later"),
-        }
-        match crate::auth_webhooks::sweep(settings, jetstream, store).await {
-            Ok(0) => {}
-            Ok(sent) => tracing::info!(sent, "webhooks of refused OAuth2 refreshes queued"),
-            Err(error) => {
-                tracing::warn!(%error, "queueing webhooks of refused OAuth2 refreshes failed; trying again later")
-            }
-        }
-        match crate::token_keepalive::sweep(source).await {
-            Ok(0) => {}
-            Ok(refreshed) => tracing::info!(refreshed, "OAuth2 tokens refreshed to keep them alive"),
-            Err(error) => tracing::warn!(%error, "keeping OAuth2 tokens alive failed; trying again later"),
-        }
+        report(
+            sweep(settings, jetstream, store, after).await,
+            "sync notices left by a worker queued",
+            "queueing left-behind sync notices failed; trying again later",
+        );
+        report(
+            crate::auth_webhooks::sweep(settings, jetstream, store).await,
+            "webhooks of refused OAuth2 refreshes queued",
+            "queueing webhooks of refused OAuth2 refreshes failed; trying again later",
+        );
+        report(
+            crate::token_keepalive::sweep(source).await,
+            "OAuth2 tokens refreshed to keep them alive",
+            "keeping OAuth2 tokens alive failed; trying again later",
+        );
+    }
+}
+
+/// Logs what one sweep did: `done` when it did something, `failed` when it could not.
+fn report(outcome: Result<usize, WorkerError>, done: &str, failed: &str) {
+    match outcome {
+        Ok(0) => {}
+        Ok(count) => tracing::info!(count, "{done}"),
+        Err(error) => tracing::warn!(%error, "{failed}"),
     }
 }
