@@ -42,6 +42,10 @@ pub struct ForwardingRequest {
     /// only). Default true.
     #[serde(default = "yes")]
     async_action_webhooks: bool,
+    /// Announce each OAuth2 refresh a provider refused (`type: "auth"`, `operation:
+    /// "refresh"`; environment only). Default true.
+    #[serde(default = "yes")]
+    auth_webhooks: bool,
 }
 
 fn yes() -> bool {
@@ -55,6 +59,7 @@ pub struct ForwardingView {
     has_signing_key: bool,
     always_notify: bool,
     async_action_webhooks: bool,
+    auth_webhooks: bool,
     /// After a `PUT`: the URLs whose deliveries would not go through as their names
     /// resolve now (a name that does not resolve, or resolves to an address the
     /// configuration refuses), and why. They are set all the same: names change.
@@ -88,6 +93,7 @@ fn settings(body: ForwardingRequest, allowed: &ForwardingConfig) -> Result<Forwa
         signing_key,
         always_notify: body.always_notify,
         async_action_webhooks: body.async_action_webhooks,
+        auth_webhooks: body.auth_webhooks,
     })
 }
 
@@ -98,6 +104,7 @@ fn view(settings: Option<ForwardingSettings>) -> ForwardingView {
         has_signing_key: settings.signing_key.is_some(),
         always_notify: settings.always_notify,
         async_action_webhooks: settings.async_action_webhooks,
+        auth_webhooks: settings.auth_webhooks,
         warnings: Vec::new(),
     }
 }

@@ -1029,6 +1029,7 @@ async fn reseals_under_a_new_key(url: &str) {
         signing_key: Some("fwd-key".into()),
         always_notify: false,
         async_action_webhooks: false,
+        auth_webhooks: false,
     };
     store
         .set_forwarding(dev.id, ForwardingScope::Environment, &forwarding)

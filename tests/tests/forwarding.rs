@@ -641,7 +641,7 @@ async fn destinations_are_set_through_the_api_and_a_connection_may_override_them
     let shown = h.api_get("/connections/c1/forwarding?provider_config_key=crm").await;
     assert_eq!(
         shown["data"],
-        json!({"urls": [connection_receiver.url], "has_signing_key": true, "always_notify": false, "async_action_webhooks": true})
+        json!({"urls": [connection_receiver.url], "has_signing_key": true, "always_notify": false, "async_action_webhooks": true, "auth_webhooks": true})
     );
 
     h.start_all();

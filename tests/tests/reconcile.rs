@@ -725,10 +725,47 @@ async fn a_refused_refresh_fails_its_runs_shows_on_the_connection_and_is_notifie
     let shown = &s.h.api_get("/connections?connectionId=c0").await["connections"][0];
     assert_eq!(shown["errors"], json!([]));
     s.store_credentials(&expired_oauth2("gone-2", "refresh-revoked")).await;
-    assert_eq!(s.trigger(fetch, &[]).await.0, 500);
+    assert_eq!(s.trigger(fetch.clone(), &[]).await.0, 500);
     let hits = receiver.wait_hits(2).await;
     assert_eq!(hits.len(), 2, "one webhook per failure");
     assert_ne!(hits[1].json()["failedAt"], first["failedAt"]);
+}
+
+/// An environment that turned `auth` webhooks off: a refused refresh is settled without
+/// one (still shown on the connection).
+#[tokio::test]
+async fn auth_webhooks_can_be_turned_off() {
+    let (s, _, fetch) = expired_token_setup(None, Some(("gone", "refresh-revoked")), |config| {
+        config.forwarding.notices_resend_after = Duration::from_millis(200);
+    })
+    .await;
+    let receiver = Receiver::start(&[]).await;
+    let off =
+        s.h.http
+            .put(format!("{}/forwarding", s.h.api))
+            .bearer_auth(&s.h.environment.secret_key)
+            .json(&json!({"urls": [receiver.url], "auth_webhooks": false}))
+            .send()
+            .await
+            .unwrap();
+    let body: Value = off.json().await.unwrap();
+    assert_eq!(body["data"]["auth_webhooks"], false, "{body}");
+    assert_eq!(s.trigger(fetch, &[]).await.0, 500);
+    eventually("the failure to be settled", Duration::from_secs(10), || async {
+        s.h.store
+            .owed_refresh_failures(10)
+            .await
+            .unwrap()
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    // A webhook is queued before its failure is settled: none was.
+    let mut forwards = s.h.bus.jetstream.get_stream(FWD_STREAM).await.unwrap();
+    assert_eq!(forwards.info().await.unwrap().state.messages, 0);
+    assert!(receiver.hits().is_empty());
+    let listed = s.h.api_get("/connections?connectionId=c0").await;
+    assert_eq!(listed["connections"][0]["errors"][0]["type"], "auth", "{listed}");
 }
 
 /// `GET /connections/{id}` answers fresh credentials, as Nango's does: an expired token

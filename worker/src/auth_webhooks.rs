@@ -44,6 +44,9 @@ async fn deliveries_of(settings: &Settings, failure: &OwedRefreshFailure) -> Res
     let targets = settings
         .targets(&environment, Some((&integration, &failure.connection_id)))
         .await?;
+    if !targets.auth_webhooks {
+        return Ok(Vec::new());
+    }
     let body = serde_json::to_vec(&body(failure)).expect("JSON serialises");
     let key = format!(
         "auth_refresh:{}:{}",

@@ -21,3 +21,5 @@ ALTER TABLE connections ADD COLUMN refresh_check_at TIMESTAMPTZ;
 UPDATE connections SET refresh_check_at = created_at WHERE credentials IS NOT NULL AND deleted_at IS NULL;
 CREATE INDEX connections_refresh_check ON connections (refresh_check_at)
     WHERE refresh_check_at IS NOT NULL AND deleted_at IS NULL;
+-- Whether the environment's forwarding destinations get those `auth` webhooks.
+ALTER TABLE forwarding ADD COLUMN auth_webhooks BOOLEAN NOT NULL DEFAULT TRUE;

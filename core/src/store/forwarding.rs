@@ -25,6 +25,8 @@ pub struct ForwardingSettings {
     pub always_notify: bool,
     /// Announce each finished asynchronous action (the environment's setting).
     pub async_action_webhooks: bool,
+    /// Announce each refresh a provider refused (the environment's setting).
+    pub auth_webhooks: bool,
 }
 
 impl Default for ForwardingSettings {
@@ -34,6 +36,7 @@ impl Default for ForwardingSettings {
             signing_key: None,
             always_notify: false,
             async_action_webhooks: true,
+            auth_webhooks: true,
         }
     }
 }
@@ -45,6 +48,7 @@ pub struct ForwardTargets {
     pub signing_key: String,
     pub always_notify: bool,
     pub async_action_webhooks: bool,
+    pub auth_webhooks: bool,
 }
 
 /// Whose settings: the environment's, or one connection's.
@@ -83,6 +87,7 @@ struct SettingsRow {
     signing_key: Option<String>,
     always_notify: bool,
     async_action_webhooks: bool,
+    auth_webhooks: bool,
 }
 
 #[derive(sqlx::FromRow)]
@@ -117,12 +122,12 @@ impl Store {
         super::tx::on_tx!(&mut tx, |conn| {
             sqlx::query(
                 "INSERT INTO forwarding (environment_id, integration, connection_id, urls, signing_key, always_notify,
-                                         updated_at, async_action_webhooks)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                                         updated_at, async_action_webhooks, auth_webhooks)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                  ON CONFLICT (environment_id, integration, connection_id) DO UPDATE SET
                      urls = excluded.urls, signing_key = excluded.signing_key,
                      always_notify = excluded.always_notify, updated_at = excluded.updated_at,
-                     async_action_webhooks = excluded.async_action_webhooks",
+                     async_action_webhooks = excluded.async_action_webhooks, auth_webhooks = excluded.auth_webhooks",
             )
             .bind(environment_id)
             .bind(integration)
@@ -132,6 +137,7 @@ impl Store {
             .bind(settings.always_notify)
             .bind(now)
             .bind(settings.async_action_webhooks)
+            .bind(settings.auth_webhooks)
             .execute(&mut *conn)
             .await
             .map(|_| ())
@@ -158,7 +164,7 @@ impl Store {
     ) -> Result<Option<ForwardingSettings>, StoreError> {
         let (integration, connection) = scope.key();
         let row: Option<SettingsRow> = on_pool!(self, |pool| sqlx::query_as(
-            "SELECT urls, signing_key, always_notify, async_action_webhooks FROM forwarding
+            "SELECT urls, signing_key, always_notify, async_action_webhooks, auth_webhooks FROM forwarding
              WHERE environment_id = $1 AND integration = $2 AND connection_id = $3"
         )
         .bind(environment_id)
@@ -175,6 +181,7 @@ impl Store {
                     .transpose()?,
                 always_notify: row.always_notify,
                 async_action_webhooks: row.async_action_webhooks,
+                auth_webhooks: row.auth_webhooks,
             })
         })
         .transpose()
@@ -225,6 +232,7 @@ impl Store {
             signing_key,
             always_notify: own.always_notify,
             async_action_webhooks: own.async_action_webhooks,
+            auth_webhooks: own.auth_webhooks,
         })
     }
 
