@@ -16,8 +16,8 @@ pub const KEEPALIVE: chrono::Duration = chrono::Duration::hours(24);
 /// after this.
 const CHECK_AGAIN: chrono::Duration = chrono::Duration::minutes(10);
 
-/// A connection due a keep-alive refresh is looked at again when it is not: the
-/// condition, checked again on the locked row so that two workers do not both take it.
+/// Which connections are due a keep-alive refresh: checked again on the locked row too,
+/// so that two workers do not both take one.
 const CHECK_DUE: &str =
     "refresh_check_at IS NOT NULL AND refresh_check_at <= $1 AND deleted_at IS NULL AND refresh_failed_at IS NULL";
 
