@@ -988,7 +988,7 @@ pub async fn run_all(store: Store, bus: &Bus, config: &Config, shutdown: Cancell
         }
         outcome
     };
-    let (functions, execs, forwarding, deliveries, (), ()) = tokio::join!(
+    let (functions, execs, forwarding, deliveries, (), (), ()) = tokio::join!(
         async { stopping(worker.clone().run(shutdown.clone()).await) },
         async { stopping(executor.run(shutdown.clone()).await) },
         async { stopping(forwarder.run(shutdown.clone()).await) },
@@ -996,8 +996,13 @@ pub async fn run_all(store: Store, bus: &Bus, config: &Config, shutdown: Cancell
         notify::sweep_loop(
             &worker.settings,
             &bus.jetstream,
-            &worker.api_source,
+            &worker.store,
             config.forwarding.notices_resend_after,
+            shutdown.clone()
+        ),
+        token_keepalive::run(
+            &worker.api_source,
+            config.forwarding.notices_resend_after / 2,
             shutdown.clone()
         ),
         async_actions.run(shutdown.clone()),

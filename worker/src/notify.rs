@@ -18,7 +18,6 @@ use hookyard_core::keys::EnvironmentName;
 use hookyard_core::store::notices::SyncNotice;
 use hookyard_core::store::records::WriteCounts;
 use hookyard_core::Store;
-use hookyard_functions::host::ApiSource;
 use tokio_util::sync::CancellationToken;
 
 use crate::forward::Delivery;
@@ -150,17 +149,15 @@ pub async fn sweep(
     }
 }
 
-/// Runs [`sweep`], the sweep of refused refreshes' webhooks ([`crate::auth_webhooks`])
-/// and that of tokens to keep alive ([`crate::token_keepalive`]) every half `after`
-/// until `shutdown`.
+/// Runs [`sweep`] and the sweep of refused refreshes' webhooks
+/// ([`crate::auth_webhooks`]) every half `after` until `shutdown`.
 pub async fn sweep_loop(
     settings: &Settings,
     jetstream: &jetstream::Context,
-    source: &ApiSource,
+    store: &Store,
     after: Duration,
     shutdown: CancellationToken,
 ) {
-    let store = &source.store;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -176,16 +173,11 @@ pub async fn sweep_loop(
             "webhooks of refused OAuth2 refreshes queued",
             "queueing webhooks of refused OAuth2 refreshes failed; trying again later",
         );
-        report(
-            crate::token_keepalive::sweep(source).await,
-            "OAuth2 tokens refreshed to keep them alive",
-            "keeping OAuth2 tokens alive failed; trying again later",
-        );
     }
 }
 
 /// Logs what one sweep did: `done` when it did something, `failed` when it could not.
-fn report(outcome: Result<usize, WorkerError>, done: &str, failed: &str) {
+pub(crate) fn report(outcome: Result<usize, WorkerError>, done: &str, failed: &str) {
     match outcome {
         Ok(0) => {}
         Ok(count) => tracing::info!(count, "{done}"),

@@ -5,12 +5,16 @@
 //! sweep takes the connections whose credentials were stored longer ago than
 //! [`KEEPALIVE`](hookyard_core::store::refresh::KEEPALIVE) and refreshes them through the
 //! same one-at-a-time refresh as runs (a refusal is recorded and notified as theirs is).
+//! It runs in a loop of its own: a slow token URL does not hold the notice sweeps.
+
+use std::time::Duration;
 
 use chrono::Utc;
 use hookyard_core::keys::IntegrationKey;
 use hookyard_core::store::StoreError;
 use hookyard_functions::host::ApiSource;
 use hookyard_functions::token_refresh::fresh_credentials;
+use tokio_util::sync::CancellationToken;
 
 use crate::WorkerError;
 
@@ -44,4 +48,19 @@ pub async fn sweep(source: &ApiSource) -> Result<usize, WorkerError> {
         }
     }
     Ok(refreshed)
+}
+
+/// Runs [`sweep`] every `every` until `shutdown`.
+pub async fn run(source: &ApiSource, every: Duration, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        crate::notify::report(
+            sweep(source).await,
+            "OAuth2 tokens refreshed to keep them alive",
+            "keeping OAuth2 tokens alive failed; trying again later",
+        );
+    }
 }
