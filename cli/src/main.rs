@@ -2,6 +2,7 @@
 
 mod actions;
 mod client;
+mod connections;
 mod deploy;
 mod dev;
 mod dev_nats;
@@ -63,6 +64,9 @@ enum Command {
     /// The environment's asynchronous action runs (X-Async): what waits, what runs, how
     /// the others ended.
     Actions(actions::ActionsArgs),
+    /// The environment's connections; `--broken`: those to authorize again (the provider
+    /// refused their OAuth2 refresh).
+    Connections(connections::ConnectionsArgs),
     /// Replay received webhooks (from HOOKS_RAW) through the functions and/or forwarding,
     /// with progress; Ctrl-C cancels. Also: replay list|watch ID|cancel ID.
     Replay(replay::ReplayArgs),
@@ -109,9 +113,12 @@ fn main() -> ExitCode {
         Command::Env(_) => ("hookyard-env", false),
         Command::Reseal(_) => ("hookyard-reseal", false),
         Command::Config => ("hookyard-config", false),
-        Command::Deploy(_) | Command::Dlq(_) | Command::Replay(_) | Command::Logs(_) | Command::Actions(_) => {
-            ("hookyard-client", false)
-        }
+        Command::Deploy(_)
+        | Command::Dlq(_)
+        | Command::Replay(_)
+        | Command::Logs(_)
+        | Command::Actions(_)
+        | Command::Connections(_) => ("hookyard-client", false),
     };
     // Clients of the API: no configuration, no key of their own.
     let (client, command) = match cli.command {
@@ -120,6 +127,7 @@ fn main() -> ExitCode {
         Command::Replay(args) => (Some(("replay", replay::run(args).boxed())), None),
         Command::Logs(args) => (Some(("logs", logs::run(args).boxed())), None),
         Command::Actions(args) => (Some(("actions", actions::run(args).boxed())), None),
+        Command::Connections(args) => (Some(("connections", connections::run(args).boxed())), None),
         command => (None, Some(command)),
     };
     if let Some((name, command)) = client {
@@ -210,7 +218,8 @@ fn main() -> ExitCode {
             | Command::Dlq(_)
             | Command::Replay(_)
             | Command::Logs(_)
-            | Command::Actions(_) => Ok(()), // answered above
+            | Command::Actions(_)
+            | Command::Connections(_) => Ok(()), // answered above
         };
         match outcome {
             Ok(()) => ExitCode::SUCCESS,

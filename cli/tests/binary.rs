@@ -2223,6 +2223,61 @@ async fn actions_lists_the_asynchronous_runs_newest_last() {
     shutdown.cancel();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_lists_them_and_those_to_authorize_again() {
+    use hookyard_core::store::{Credentials, NewConnection};
+    let sqlite = SqliteFile::create();
+    let (_, key) = prepared_environment(&sqlite.url).await;
+    let store = Store::connect(&sqlite.url, test_cipher()).await.unwrap();
+    let env = store.environment(&"dev".parse().unwrap()).await.unwrap().unwrap();
+    let (api, shutdown) = start_api(store.clone()).await;
+    for args in [&["connections"][..], &["connections", "--broken"]] {
+        let (status, stdout, stderr) = client(args, &api, &key).await;
+        assert!(status.success(), "{stderr}");
+        assert!(stdout.trim().starts_with("no connection"), "{stdout}");
+    }
+    let demo = "demo".parse().unwrap();
+    for id in ["acme", "globex"] {
+        let new = NewConnection {
+            integration: "demo".parse().unwrap(),
+            connection_id: id.into(),
+            connection_config: serde_json::json!({}),
+            metadata: serde_json::json!({}),
+            tags: serde_json::json!({}),
+            credentials: Some(Credentials::OAuth2 {
+                access_token: "t".into(),
+                refresh_token: Some("r".into()),
+                expires_at: None,
+                raw: None,
+            }),
+        };
+        store.create_connection(&env, &new).await.unwrap();
+    }
+    let answer = "the token URL answered 400 Bad Request (invalid_grant)";
+    store
+        .refresh_refused(env.id, &demo, "globex", answer, chrono::Utc::now())
+        .await
+        .unwrap();
+
+    let (status, stdout, stderr) = client(&["connections"], &api, &key).await;
+    assert!(status.success(), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(lines[0].ends_with("  demo/acme  generic"), "{stdout}");
+    assert!(
+        lines[1].contains("  demo/globex  generic  auth refused since ")
+            && lines[1].ends_with(&format!("authorize again: {answer}")),
+        "{stdout}"
+    );
+    let (_, stdout, _) = client(&["connections", "--broken"], &api, &key).await;
+    assert_eq!(stdout.lines().collect::<Vec<_>>(), [lines[1]]);
+    let (_, stdout, _) = client(&["connections", "--search", "ACM"], &api, &key).await;
+    assert_eq!(stdout.lines().collect::<Vec<_>>(), [lines[0]]);
+    let (status, _, stderr) = client(&["connections", "--integration", "nope!"], &api, &key).await;
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    shutdown.cancel();
+}
+
 // Multi-threaded: the API serves in-process while the test blocks on the child's output.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_prints_webhooks_one_in_full_and_follows_new_ones() {
