@@ -137,10 +137,10 @@ fn newer(stored: &Option<Credentials>, held: &Option<Credentials>) -> bool {
 }
 
 /// A connection's credentials, fresh, for `GET /connections/{id}` (Nango's refreshes an
-/// expired token before it answers, so that a caller can use it at once): an OAuth2 token
-/// that expires within the margin, or any with `force`, refreshed as a run's is (one
-/// refresh at a time per connection). Other credentials, and tokens without a refresh
-/// token or a token URL, as they are.
+/// expired token before it answers, so that a caller can use it at once) and the
+/// workers' keep-alive (`force`): an OAuth2 token that expires within the margin, or any
+/// with `force`, refreshed as a run's is (one refresh at a time per connection). Other
+/// credentials, and tokens without a refresh token or a token URL, as they are.
 pub async fn fresh_credentials(
     store: &Store,
     catalog: &Catalog,
