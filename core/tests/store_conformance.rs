@@ -384,6 +384,21 @@ async fn refresh_leases(store: &Store, dev: &Environment, prod: &Environment, gi
     assert_eq!(due(day(24, 12)).await, [acme], "nothing stored since: looked at again");
     store.clear_refresh_check(dev.id, github, "acme").await.unwrap();
     assert!(due(day(48, 0)).await.is_empty(), "nothing to refresh through: never");
+    // An integration changed (a token URL added, say): looked at again.
+    store
+        .update_integration(
+            dev.id,
+            github,
+            &IntegrationChanges {
+                settings: Some(json!({"api": {"token_url": "https://github.example/token"}})),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let again = due(day(0, 1)).await;
+    let acme = (dev.id, "github".to_string(), "acme".to_string());
+    assert!(again.contains(&acme), "{again:?}");
     store
         .release_refresh_lease(dev.id, github, "acme", "r-c")
         .await

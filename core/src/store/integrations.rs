@@ -92,8 +92,10 @@ impl Store {
         let (set_name, name) = split_change(&changes.display_name);
         let (set_secret, secret) = split_change(&changes.webhook_secret);
         let (set_client_secret, client_secret) = split_change(&changes.oauth_client_secret);
-        let updated = on_pool!(self, |pool| sqlx::query(
-            "UPDATE integrations SET
+        let now = Utc::now();
+        let updated = in_transaction!(self, |tx| {
+            let updated = sqlx::query(
+                "UPDATE integrations SET
                  provider = COALESCE($1, provider),
                  display_name = CASE WHEN $2 THEN $3 ELSE display_name END,
                  webhook_secret = CASE WHEN $4 THEN $5 ELSE webhook_secret END,
@@ -101,23 +103,39 @@ impl Store {
                  updated_at = $7,
                  settings = COALESCE($10, settings),
                  oauth_client_secret = CASE WHEN $11 THEN $12 ELSE oauth_client_secret END
-             WHERE environment_id = $8 AND unique_key = $9"
-        )
-        .bind(&changes.provider)
-        .bind(set_name)
-        .bind(name)
-        .bind(set_secret)
-        .bind(self.seal(Purpose::WebhookSecret, secret))
-        .bind(changes.forward_webhooks)
-        .bind(Utc::now())
-        .bind(environment_id)
-        .bind(key.as_str())
-        .bind(changes.settings.as_ref().map(Json))
-        .bind(set_client_secret)
-        .bind(self.seal(Purpose::OAuthClientSecret, client_secret))
-        .execute(pool)
-        .await
-        .map(|r| r.rows_affected()))?;
+             WHERE environment_id = $8 AND unique_key = $9",
+            )
+            .bind(&changes.provider)
+            .bind(set_name)
+            .bind(name)
+            .bind(set_secret)
+            .bind(self.seal(Purpose::WebhookSecret, secret))
+            .bind(changes.forward_webhooks)
+            .bind(now)
+            .bind(environment_id)
+            .bind(key.as_str())
+            .bind(changes.settings.as_ref().map(Json))
+            .bind(set_client_secret)
+            .bind(self.seal(Purpose::OAuthClientSecret, client_secret))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            // What refreshes tokens may have changed (a token URL, a client secret): the
+            // keep-alive looks again at the connections it had found nothing to refresh in.
+            if changes.provider.is_some() || changes.settings.is_some() || set_client_secret {
+                sqlx::query(
+                    "UPDATE connections SET refresh_check_at = $1
+                     WHERE refresh_check_at IS NULL AND credentials IS NOT NULL AND deleted_at IS NULL
+                       AND integration_id = (SELECT id FROM integrations WHERE environment_id = $2 AND unique_key = $3)",
+                )
+                .bind(now)
+                .bind(environment_id)
+                .bind(key.as_str())
+                .execute(&mut *tx)
+                .await?;
+            }
+            Ok::<u64, StoreError>(updated)
+        })?;
         if updated == 0 {
             return Err(StoreError::NotFound(format!("integration {key}")));
         }
