@@ -51,11 +51,13 @@ pub(crate) struct Refresher {
     guard: ForwardingConfig,
 }
 
-/// Why a trade of the refresh token failed.
+/// Why a trade of the refresh token (or the refresh around it) failed.
 enum Trade {
-    /// The grant is refused: the connection needs new credentials.
+    /// The grant is refused (the token URL's answer): the connection needs new
+    /// credentials. Keeps the lease for [`REFUSED_HOLD`].
     Refused(String),
-    /// Anything else (the token URL unreachable, a server error): another try may pass.
+    /// Anything else (the token URL unreachable, a server error, the store): another try
+    /// may pass. Lets go of the lease.
     Failed(String),
 }
 
@@ -73,13 +75,6 @@ fn oauth_error(body: &Value) -> String {
         (None, Some(description)) => format!(" ({description})"),
         (None, None) => String::new(),
     }
-}
-
-/// Why a refresh under the lease failed: `Refused` (the token URL's answer) keeps the
-/// lease (for [`REFUSED_HOLD`]), `Failed` lets go of it.
-enum Leased {
-    Refused(String),
-    Failed(String),
 }
 
 /// Why a refresh gave no fresh credentials.
@@ -242,13 +237,8 @@ impl Refresher {
     /// else lets go of it.
     async fn under_lease(&self, held: &Option<Credentials>, holder: &str) -> Result<Attempt, RefreshError> {
         let owner = &self.owner;
-        let (result, keep) = match self.refresh_leased(held, holder).await {
-            Ok(Attempt::Fresh(fresh, true)) => (Ok(Attempt::Fresh(fresh, true)), true),
-            Ok(attempt) => (Ok(attempt), false),
-            Err(Leased::Refused(answer)) => (Err(RefreshError::refused(&answer)), true),
-            Err(Leased::Failed(error)) => (Err(RefreshError::failed(error)), false),
-        };
-        if !keep {
+        let result = self.refresh_leased(held, holder).await;
+        if !matches!(result, Ok(Attempt::Fresh(_, true)) | Err(Trade::Refused(_))) {
             let released = self
                 .store
                 .release_refresh_lease(owner.environment_id, &owner.integration, &owner.connection_id, holder)
@@ -257,19 +247,22 @@ impl Refresher {
                 tracing::warn!(connection = %owner.connection_id, %error, "the OAuth2 refresh lease is kept until it runs out");
             }
         }
-        result
+        result.map_err(|error| match error {
+            Trade::Refused(answer) => RefreshError::refused(&answer),
+            Trade::Failed(error) => RefreshError::failed(error),
+        })
     }
 
     /// [`Self::under_lease`]'s work, the lease aside.
-    async fn refresh_leased(&self, held: &Option<Credentials>, holder: &str) -> Result<Attempt, Leased> {
+    async fn refresh_leased(&self, held: &Option<Credentials>, holder: &str) -> Result<Attempt, Trade> {
         let owner = &self.owner;
-        let stored = self.connection().await.map_err(Leased::Failed)?.credentials;
+        let stored = self.connection().await.map_err(Trade::Failed)?.credentials;
         if newer(&stored, held) {
             return Ok(Attempt::Fresh(stored, false));
         }
         let refreshed = match self.trade(stored.as_ref()).await {
             Ok(refreshed) => refreshed,
-            Err(Trade::Failed(error)) => return Err(Leased::Failed(format!("refreshing the OAuth2 token: {error}"))),
+            Err(Trade::Failed(error)) => return Err(Trade::Failed(format!("refreshing the OAuth2 token: {error}"))),
             Err(Trade::Refused(error)) => {
                 let recorded = async {
                     self.store
@@ -287,7 +280,7 @@ impl Refresher {
                 if let Err(store_error) = recorded.await {
                     tracing::warn!(connection = %owner.connection_id, error = %store_error, "a refused OAuth2 refresh could not be recorded");
                 }
-                return Err(Leased::Refused(error));
+                return Err(Trade::Refused(error));
             }
         };
         let updated = self
@@ -299,12 +292,9 @@ impl Refresher {
                 &refreshed,
             )
             .await
-            .map_err(|e| Leased::Failed(format!("storing the refreshed OAuth2 token: {e}")))?;
+            .map_err(|e| Trade::Failed(format!("storing the refreshed OAuth2 token: {e}")))?;
         if !updated {
-            return Err(Leased::Failed(format!(
-                "connection {} was deleted",
-                owner.connection_id
-            )));
+            return Err(Trade::Failed(format!("connection {} was deleted", owner.connection_id)));
         }
         tracing::info!(connection = %owner.connection_id, integration = %owner.integration, "OAuth2 token refreshed");
         Ok(Attempt::Fresh(Some(refreshed), true))

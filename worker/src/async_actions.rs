@@ -22,7 +22,6 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::forward::Delivery;
 use crate::settings::Settings;
 use crate::WorkerError;
 
@@ -218,32 +217,23 @@ impl AsyncActions {
     async fn notify(&self, runs: &[ActionRun]) -> Result<(), WorkerError> {
         let mut deliveries = Vec::new();
         for run in runs {
-            let Some(environment) = self.settings.forwarding_environment(&run.request.environment).await? else {
-                continue;
-            };
-            let targets = self
-                .settings
-                .targets(
-                    &environment,
-                    Some((&run.request.integration, &run.request.connection_id)),
+            let request = &run.request;
+            let connection = (
+                &request.environment,
+                &request.integration,
+                request.connection_id.as_str(),
+            );
+            let key = format!("async_action:{}", run.id);
+            deliveries.extend(
+                crate::forward::announcement(
+                    &self.settings,
+                    connection,
+                    ("async_action", &key),
+                    &completion_body(run),
+                    |targets| targets.async_action_webhooks,
                 )
-                .await?;
-            if !targets.async_action_webhooks {
-                continue;
-            }
-            let body = completion_body(run);
-            for url in &targets.urls {
-                deliveries.push(Delivery::new(
-                    &format!("async_action:{}", run.id),
-                    run.request.environment.as_str(),
-                    run.request.integration.as_str(),
-                    Some(&run.request.connection_id),
-                    url,
-                    "async_action",
-                    &body,
-                    Vec::new(),
-                ));
-            }
+                .await?,
+            );
         }
         crate::forward::publish_deliveries(&self.jetstream, deliveries).await?;
         let ids: Vec<String> = runs.iter().map(|run| run.id.clone()).collect();

@@ -37,38 +37,21 @@ pub async fn sweep(settings: &Settings, jetstream: &jetstream::Context, store: &
 }
 
 async fn deliveries_of(settings: &Settings, failure: &OwedRefreshFailure) -> Result<Vec<Delivery>, WorkerError> {
-    let Some(environment) = settings.forwarding_environment(&failure.environment()?).await? else {
-        return Ok(Vec::new());
-    };
-    let integration = failure.integration()?;
-    let targets = settings
-        .targets(&environment, Some((&integration, &failure.connection_id)))
-        .await?;
-    if !targets.auth_webhooks {
-        return Ok(Vec::new());
-    }
     let body = serde_json::to_vec(&body(failure)).expect("JSON serialises");
     let key = format!(
         "auth_refresh:{}:{}",
         failure.row_id,
         failure.failed_at.timestamp_micros()
     );
-    Ok(targets
-        .urls
-        .iter()
-        .map(|url| {
-            Delivery::new(
-                &key,
-                &failure.environment,
-                &failure.integration,
-                Some(&failure.connection_id),
-                url,
-                "auth",
-                &body,
-                Vec::new(),
-            )
-        })
-        .collect())
+    let connection = (
+        &failure.environment()?,
+        &failure.integration()?,
+        failure.connection_id.as_str(),
+    );
+    crate::forward::announcement(settings, connection, ("auth", &key), &body, |targets| {
+        targets.auth_webhooks
+    })
+    .await
 }
 
 /// Nango's auth webhook body, for a refresh.

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
 pub use hookyard_core::delivery::Delivery;
+use hookyard_core::keys::{EnvironmentName, IntegrationKey};
 use hookyard_core::routed::RoutedEvent;
+use hookyard_core::store::forwarding::ForwardTargets;
 use hookyard_core::streams::{consume, durable, CONN_STREAM, RAW_STREAM};
 use hookyard_core::trace_context::continue_trace;
 use hookyard_core::Envelope;
@@ -44,6 +46,41 @@ pub async fn publish_deliveries(jetstream: &jetstream::Context, deliveries: Vec<
         ack.await.map_err(jetstream_error)?;
     }
     Ok(())
+}
+
+/// One connection's announcement (an `async_action` or `auth` webhook): one delivery of
+/// `body` to each of the connection's forwarding destinations, if its environment
+/// forwards and `wanted` (the environment's setting for that kind) says so.
+pub async fn announcement(
+    settings: &Settings,
+    (environment, integration, connection): (&EnvironmentName, &IntegrationKey, &str),
+    (kind, key): (&str, &str),
+    body: &[u8],
+    wanted: fn(&ForwardTargets) -> bool,
+) -> Result<Vec<Delivery>, WorkerError> {
+    let Some(forwarding) = settings.forwarding_environment(environment).await? else {
+        return Ok(Vec::new());
+    };
+    let targets = settings.targets(&forwarding, Some((integration, connection))).await?;
+    if !wanted(&targets) {
+        return Ok(Vec::new());
+    }
+    Ok(targets
+        .urls
+        .iter()
+        .map(|url| {
+            Delivery::new(
+                key,
+                environment.as_str(),
+                integration.as_str(),
+                Some(connection),
+                url,
+                kind,
+                body,
+                Vec::new(),
+            )
+        })
+        .collect())
 }
 
 /// Request headers of the provider's that are not passed on.

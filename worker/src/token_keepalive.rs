@@ -10,8 +10,6 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use hookyard_core::keys::IntegrationKey;
-use hookyard_core::store::StoreError;
 use hookyard_functions::host::ApiSource;
 use hookyard_functions::token_refresh::fresh_credentials;
 use tokio_util::sync::CancellationToken;
@@ -26,10 +24,7 @@ pub async fn sweep(source: &ApiSource) -> Result<usize, WorkerError> {
     let store = &source.store;
     let mut refreshed = 0;
     for due in store.claim_refresh_checks(Utc::now(), BATCH).await? {
-        let key: IntegrationKey = due
-            .integration
-            .parse()
-            .map_err(|e| StoreError::Corrupt(format!("integration key: {e}")))?;
+        let key = due.integration()?;
         let (environment_id, id) = (due.environment_id, due.connection_id.as_str());
         let Some(connection) = store.connection(environment_id, &key, id).await? else {
             continue;

@@ -6,6 +6,7 @@
 
 use chrono::{DateTime, Utc};
 
+use super::model::corrupt;
 use super::{Credentials, Pool, Store, StoreError};
 use crate::keys::{EnvironmentName, IntegrationKey};
 
@@ -56,16 +57,22 @@ pub struct OwedRefreshFailure {
 
 impl OwedRefreshFailure {
     pub fn environment(&self) -> Result<EnvironmentName, StoreError> {
-        self.environment
-            .parse()
-            .map_err(|e| StoreError::Corrupt(format!("environment name: {e}")))
+        self.environment.parse().map_err(|e| corrupt("environment name", e))
     }
 
     pub fn integration(&self) -> Result<IntegrationKey, StoreError> {
-        self.integration
-            .parse()
-            .map_err(|e| StoreError::Corrupt(format!("integration key: {e}")))
+        integration_key(&self.integration)
     }
+}
+
+impl DueRefresh {
+    pub fn integration(&self) -> Result<IntegrationKey, StoreError> {
+        integration_key(&self.integration)
+    }
+}
+
+fn integration_key(text: &str) -> Result<IntegrationKey, StoreError> {
+    text.parse().map_err(|e| corrupt("integration key", e))
 }
 
 impl Store {
