@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use hookyard_core::store::notices::HeldNotice;
@@ -105,13 +105,16 @@ fn provider_api(
 }
 
 /// Blocks the JS thread on `call` for at most `time_left`, the run's time: a provider
-/// that does not answer fails the call when the run's time is up.
-fn within(
+/// that does not answer fails the call when the run's time is up. `call` is given the
+/// instant that is, so as not to start waits it could not finish.
+fn within<F: std::future::Future<Output = Result<String, String>>>(
     runtime: &tokio::runtime::Handle,
     op: &str,
     time_left: Duration,
-    call: impl std::future::Future<Output = Result<String, String>>,
+    call: impl FnOnce(Instant) -> F,
 ) -> Result<String, String> {
+    let now = Instant::now();
+    let call = call(now.checked_add(time_left).unwrap_or(now + Duration::from_secs(86_400)));
     runtime.block_on(async {
         tokio::time::timeout(time_left, call)
             .await
@@ -125,12 +128,13 @@ async fn provider_call<'a>(
     api: impl FnOnce() -> Result<&'a ProviderApi, String>,
     op: &str,
     args: &str,
+    deadline: Instant,
 ) -> Option<Result<String, String>> {
     let answer = match op {
         "proxy" => match serde_json::from_str::<ProxyRequest>(args) {
             Ok(request) => match api() {
                 Ok(api) => api
-                    .call(request)
+                    .call(request, deadline)
                     .await
                     .and_then(|response| serde_json::to_string(&response).map_err(|e| e.to_string())),
                 Err(error) => Err(error),
@@ -235,7 +239,7 @@ impl WebhookHost {
 
 impl Host for WebhookHost {
     fn call(&self, op: &str, args: &str, time_left: Duration) -> Result<String, String> {
-        within(&self.runtime, op, time_left, async {
+        within(&self.runtime, op, time_left, |deadline| async move {
             if op == "getRecordsByIds" {
                 let owner = &self.owner;
                 let scope = |model: &str| RecordScope {
@@ -246,7 +250,7 @@ impl Host for WebhookHost {
                 };
                 return records_by_ids(&self.source.store, scope, args).await;
             }
-            provider_call(|| self.api(), op, args)
+            provider_call(|| self.api(), op, args, deadline)
                 .await
                 .unwrap_or_else(|| Err(format!("{op}: only available in exec, not in onWebhook")))
         })
@@ -360,7 +364,9 @@ struct MetadataArgs {
 
 impl Host for StoreHost {
     fn call(&self, op: &str, args: &str, time_left: Duration) -> Result<String, String> {
-        within(&self.runtime, op, time_left, self.dispatch(op, args))
+        within(&self.runtime, op, time_left, |deadline| {
+            self.dispatch(op, args, deadline)
+        })
     }
 }
 
@@ -375,11 +381,11 @@ impl StoreHost {
         }
     }
 
-    async fn dispatch(&self, op: &str, args: &str) -> Result<String, String> {
+    async fn dispatch(&self, op: &str, args: &str, deadline: Instant) -> Result<String, String> {
         let parse_error = |e: serde_json::Error| format!("{op}: {e}");
         let store_error = |e: hookyard_core::store::StoreError| format!("{op}: {e}");
         let dry = self.run.mode == Mode::DryRun;
-        if let Some(answer) = provider_call(|| self.run.api.as_ref().map_err(Clone::clone), op, args).await {
+        if let Some(answer) = provider_call(|| self.run.api.as_ref().map_err(Clone::clone), op, args, deadline).await {
             return answer;
         }
         match op {
@@ -388,34 +394,7 @@ impl StoreHost {
                 self.write(args).await?;
                 Ok(String::new())
             }
-            "metadata" => {
-                let args: MetadataArgs = serde_json::from_str(args).map_err(parse_error)?;
-                if dry {
-                    self.state()
-                        .plan
-                        .metadata
-                        .push(json!({"how": args.how, "value": args.value}));
-                    return Ok(String::new());
-                }
-                let how = if args.how == "replace" {
-                    MetadataWrite::Replace
-                } else {
-                    MetadataWrite::Merge
-                };
-                let key = &self.run.key;
-                self.run
-                    .store
-                    .set_connection_metadata(
-                        key.environment_id,
-                        &key.integration,
-                        std::slice::from_ref(&key.connection_id),
-                        &args.value,
-                        how,
-                    )
-                    .await
-                    .map_err(store_error)?;
-                Ok(String::new())
-            }
+            "metadata" => self.metadata(serde_json::from_str(args).map_err(parse_error)?).await,
             "lastSyncDate" => {
                 let at = self
                     .run
@@ -721,6 +700,35 @@ impl StoreHost {
         Ok(())
     }
 
+    /// `setMetadata` / `updateMetadata` (or, dry, planned).
+    async fn metadata(&self, args: MetadataArgs) -> Result<String, String> {
+        if self.run.mode == Mode::DryRun {
+            self.state()
+                .plan
+                .metadata
+                .push(json!({"how": args.how, "value": args.value}));
+            return Ok(String::new());
+        }
+        let how = if args.how == "replace" {
+            MetadataWrite::Replace
+        } else {
+            MetadataWrite::Merge
+        };
+        let key = &self.run.key;
+        self.run
+            .store
+            .set_connection_metadata(
+                key.environment_id,
+                &key.integration,
+                std::slice::from_ref(&key.connection_id),
+                &args.value,
+                how,
+            )
+            .await
+            .map_err(|e| format!("metadata: {e}"))?;
+        Ok(String::new())
+    }
+
     /// Applies (or, dry, plans) what an onWebhook collected, as exec's calls would.
     pub async fn apply_effects(
         &self,
@@ -747,8 +755,7 @@ impl StoreHost {
             } else {
                 "merge"
             };
-            self.dispatch("metadata", &json!({"how": how, "value": value}).to_string())
-                .await?;
+            self.metadata(MetadataArgs { how: how.into(), value }).await?;
         }
         Ok(())
     }

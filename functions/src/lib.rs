@@ -15,6 +15,7 @@ pub mod host;
 pub mod pool;
 pub mod provider_api;
 mod queue;
+pub mod rate_limit;
 pub mod runs;
 mod sandbox;
 pub mod token_refresh;

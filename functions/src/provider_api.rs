@@ -2,10 +2,11 @@
 //! integration's base URL only, with the connection's credentials applied (API key,
 //! Basic, OAuth2 Bearer refreshed through the token URL when expired or refused with
 //! 401, one refresh at a time per connection: `token_refresh`), and 429 / 5xx retried
-//! honouring `Retry-After`.
+//! honouring `Retry-After` while the run has the time; a 429 pauses the connection's
+//! other calls too (`rate_limit`).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hookyard_core::config::ForwardingConfig;
 use hookyard_core::keys::IntegrationKey;
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokio::sync::Mutex;
 
+use crate::rate_limit;
 use crate::token_refresh::{expiring, Refresher};
 
 /// Retries of a 429 / 5xx / unreachable call unless the call says otherwise.
@@ -154,8 +156,9 @@ impl ProviderApi {
         }
     }
 
-    /// One call, with its retries and at most one token refresh.
-    pub async fn call(&self, request: ProxyRequest) -> Result<ProxyResponse, String> {
+    /// One call, with its retries and at most one token refresh, within its run's
+    /// `deadline`: a retry (or a rate limit's pause) the run cannot wait for ends it.
+    pub async fn call(&self, request: ProxyRequest, deadline: Instant) -> Result<ProxyResponse, String> {
         let url = endpoint_url(&self.base, &request)?;
         hookyard_core::outbound::allowed_destination(url.as_str(), &self.guard)
             .await
@@ -167,6 +170,7 @@ impl ProviderApi {
         let mut refreshed = false;
         let mut attempt = 0;
         loop {
+            rate_limit::wait_for_turn(&self.owner, deadline).await?;
             let (auth, sent_with) = {
                 let credentials = self.credentials.lock().await;
                 let sent_with = refreshable(credentials.as_ref())
@@ -186,22 +190,32 @@ impl ProviderApi {
                     self.refresh_refused(sent_with.as_deref()).await?;
                     continue;
                 }
-                Ok(response) if response.status().as_u16() == 429 || response.status().is_server_error() => Some(
-                    response
+                Ok(response) if response.status().as_u16() == 429 || response.status().is_server_error() => {
+                    let wait = response
                         .headers()
                         .get(RETRY_AFTER)
                         .and_then(|v| v.to_str().ok())
                         .and_then(parse_retry_after)
-                        .unwrap_or_else(|| backoff(attempt)),
-                ),
+                        .unwrap_or_else(|| backoff(attempt));
+                    if response.status().as_u16() == 429 {
+                        // Waited out at the loop's top, by this call and the connection's others.
+                        rate_limit::pause(&self.owner, wait);
+                    }
+                    Some(wait)
+                }
                 Ok(_) => None,
                 Err(_) => Some(backoff(attempt)),
             };
             match (retry_in, sent) {
-                (Some(wait), _) if attempt < retries && wait <= MAX_RETRY_AFTER => {
+                (Some(wait), sent)
+                    if attempt < retries && wait <= MAX_RETRY_AFTER && Instant::now() + wait <= deadline =>
+                {
                     attempt += 1;
                     tracing::debug!(url = %url_for_errors(&url), attempt, ?wait, "provider call retried");
-                    tokio::time::sleep(wait).await;
+                    let limited = matches!(&sent, Ok(response) if response.status().as_u16() == 429);
+                    if !limited {
+                        tokio::time::sleep(wait).await;
+                    }
                 }
                 (_, Ok(response)) => return read(response).await,
                 (_, Err(error)) => {

@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -45,6 +46,8 @@ struct Fake {
     token_requests: u32,
     /// Answers to give before any real one: (status, Retry-After seconds).
     faults: VecDeque<(u16, Option<u64>)>,
+    /// A rate limit: every request before this is answered 429 (`limit_for`).
+    limited_until: Option<Instant>,
     /// Every answered list request, with its status.
     requests: Vec<(String, u16)>,
     /// A request held until released.
@@ -132,6 +135,12 @@ impl FakeCrm {
     /// The next `count` list requests answer `status` (with `Retry-After` when given).
     pub fn fail_next(&self, count: usize, status: u16, retry_after: Option<u64>) {
         self.with(|f| f.faults.extend(std::iter::repeat_n((status, retry_after), count)));
+    }
+
+    /// A rate limit, as a provider's: for `window` from now, every request is answered
+    /// 429 with the seconds left as `Retry-After`.
+    pub fn limit_for(&self, window: Duration) {
+        self.with(|f| f.limited_until = Some(Instant::now() + window));
     }
 
     /// Every list request answered so far, as `(path?query, status)`.
@@ -241,7 +250,15 @@ async fn gate(state: &Shared, headers: &HeaderMap, page: usize, path: String) ->
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .is_some_and(|token| fake.tokens.get(token) == Some(&true)),
         };
-        let fault = if authorised { fake.faults.pop_front() } else { None };
+        let limited = fake
+            .limited_until
+            .and_then(|until| until.checked_duration_since(Instant::now()))
+            .map(|left| (429, Some(left.as_secs_f64().ceil() as u64)));
+        let fault = if authorised {
+            limited.or_else(|| fake.faults.pop_front())
+        } else {
+            None
+        };
         let status = match (authorised, fault) {
             (false, _) => Err((401, None)),
             (true, Some(fault)) => Err(fault),

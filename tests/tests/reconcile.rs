@@ -2531,3 +2531,123 @@ async fn on_webhook_reads_the_cache_and_fetches_what_a_thin_event_names_and_give
     assert_eq!(asked.len(), 2, "{asked:?}");
     held.release();
 }
+
+/// A provider's rate limit on a connection: its first 429 pauses the connection's calls
+/// in the worker, so an event that comes meanwhile is not sent to be refused again, and
+/// the runs that cannot wait the limit out (its `Retry-After` is longer than their time)
+/// end at once and are retried once it ends, not on the retry schedule, which would
+/// have spent their attempts inside the limit and dead-lettered them.
+#[tokio::test]
+async fn a_429_pauses_its_connections_calls_and_their_events_are_retried_when_the_limit_ends() {
+    let s = setup_with(&[("crm/syncs/thin.js", THIN)]).await;
+    let refused = || {
+        s.crm
+            .requests()
+            .into_iter()
+            .filter(|(_, status)| *status == 429)
+            .count()
+    };
+    // Longer than a run's 1 s and than the whole retry schedule (100 ms, 300 ms), with
+    // room for the second event to come while it lasts.
+    s.crm.limit_for(Duration::from_secs(5));
+    s.crm.put_contact("p1", "one@example.com");
+    s.crm.put_contact("p2", "two@example.com");
+    s.thin_event("p1").await;
+    eventually(
+        "the provider to refuse the first call",
+        Duration::from_secs(10),
+        || async { (refused() == 1).then_some(()) },
+    )
+    .await;
+    s.thin_event("p2").await;
+    eventually(
+        "the second event's run to give up without a call",
+        Duration::from_secs(10),
+        || async { (rate_limits("gave_up").await >= 1.0).then_some(()) },
+    )
+    .await;
+    for (id, email) in [("p1", "one@example.com"), ("p2", "two@example.com")] {
+        eventually(
+            "the contact fetched once the limit ended",
+            Duration::from_secs(20),
+            || async {
+                let contacts = s.contacts("c0").await;
+                contacts.iter().any(|(i, e, _)| i == id && e == email).then_some(())
+            },
+        )
+        .await;
+    }
+    assert_eq!(
+        refused(),
+        1,
+        "nothing was sent inside the limit after its 429: {:?}",
+        s.crm.requests()
+    );
+    assert_eq!(rate_limits("limited").await, 1.0);
+    let letters = s.h.store.dead_letters("dev", &Default::default(), 10).await.unwrap();
+    assert!(letters.is_empty(), "no event ran out of attempts");
+}
+
+/// A 429 whose `Retry-After` is longer than the run has left ends the call at once with
+/// the provider's answer, rather than holding the run (and its JS thread) until its time
+/// is up; the connection's next run meanwhile fails without a call.
+#[tokio::test]
+async fn a_rate_limit_longer_than_the_run_fails_it_at_once_with_the_providers_answer() {
+    let s = setup_on(None, &[("c0", json!({}), api_key())], false, |config| {
+        config.api.action_limits.cpu_budget = Duration::from_millis(500);
+        config.api.action_limits.timeout = Duration::from_secs(5);
+    })
+    .await;
+    s.h.deploy(&[
+        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false")),
+        ("crm/actions/fetch.js", FETCH.to_string()),
+    ])
+    .await;
+    s.crm.put_contact("p1", "one@example.com");
+    s.crm.limit_for(Duration::from_secs(30));
+    let fetch = json!({"action_name": "fetch", "input": {"id": "p1"}});
+    let (status, body) = s.trigger(fetch.clone(), &[]).await;
+    assert_eq!(
+        (status, &body["error"]["payload"]["status"]),
+        (424, &json!(429)),
+        "the provider's answer, not the run's timeout: {body}"
+    );
+    let (status, body) = s.trigger(fetch, &[]).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(body.to_string().contains("rate limited"), "{body}");
+    assert_eq!(
+        s.crm.requests().len(),
+        1,
+        "the second run sent nothing: {:?}",
+        s.crm.requests()
+    );
+}
+
+/// An asynchronous action refused by a rate limit is retried once the limit ends, not
+/// after `api.async_retry_delay`, which would spend its one retry inside the limit.
+#[tokio::test]
+async fn an_asynchronous_action_refused_by_a_rate_limit_is_retried_when_it_ends() {
+    let s = setup_on(None, &[("c0", json!({}), api_key())], false, |config| {
+        config.api.action_limits.cpu_budget = Duration::from_millis(500);
+        config.api.action_limits.timeout = Duration::from_secs(1);
+        config.api.async_retry_delay = Duration::from_millis(50);
+    })
+    .await;
+    s.h.deploy(&[
+        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false")),
+        ("crm/actions/fetch.js", FETCH.to_string()),
+    ])
+    .await;
+    s.crm.put_contact("p1", "one@example.com");
+    s.crm.limit_for(Duration::from_secs(3));
+    let fetch = json!({"action_name": "fetch", "input": {"id": "p1"}});
+    let id = s.trigger_async(fetch, &[("X-Max-Retries", "1")]).await;
+    let (status, body) = s.finished_action(&id).await;
+    assert_eq!((status, &body["email"]), (200, &json!("one@example.com")), "{body}");
+    let statuses: Vec<u16> = s.crm.requests().iter().map(|(_, status)| *status).collect();
+    assert_eq!(statuses, [429, 200]);
+}
+
+async fn rate_limits(outcome: &str) -> f64 {
+    metric(&format!("hookyard_provider_rate_limits_total{{outcome=\"{outcome}\"}}")).await
+}

@@ -17,6 +17,8 @@ use chrono::Utc;
 use hookyard_core::store::action_runs::{ActionFailure, ActionOutcome, ActionRun};
 use hookyard_core::store::{chrono_duration, StoreError};
 use hookyard_core::Store;
+use hookyard_functions::provider_api::Owner;
+use hookyard_functions::rate_limit;
 use hookyard_functions::runs::{action_failure, Actions, Origin, TriggerError};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -173,7 +175,14 @@ impl AsyncActions {
         let written = match &outcome {
             Next::Finish(outcome) => self.store.finish_action_run(&run.id, run.attempts, outcome, now).await,
             Next::Retry(failure) => {
-                let after = now + chrono_duration(retry_delay(self.retry_delay, run.attempts));
+                // Not before the provider's rate limit on the connection ends.
+                let owner = Owner {
+                    environment_id: run.request.environment_id,
+                    integration: run.request.integration.clone(),
+                    connection_id: run.request.connection_id.clone(),
+                };
+                let wait = rate_limit::not_before(&owner, retry_delay(self.retry_delay, run.attempts));
+                let after = now + chrono_duration(wait);
                 self.store
                     .defer_action_run(&run.id, run.attempts, Some(failure), after)
                     .await

@@ -47,6 +47,7 @@ use hookyard_core::{Config, Store};
 use hookyard_functions::host::{ApiSource, WebhookHost};
 use hookyard_functions::pool::{Batch, Pool};
 use hookyard_functions::provider_api::Owner;
+use hookyard_functions::rate_limit;
 use hookyard_functions::{Effects, FunctionError, Host, Invocation};
 use tokio_util::sync::CancellationToken;
 
@@ -457,10 +458,12 @@ impl Worker {
                 }
                 Err(error) => match self.config.retry_delays.get(attempts - 1) {
                     Some(delay) => {
+                        // Not before the provider's rate limit on the connection ends.
+                        let delay = rate_limit::not_before(&owner_of(&task, event), **delay);
                         tracing::warn!(
                             sync = %task.sync.sync.name, version = task.sync.sync.version,
                             message = %task.marker.message_id, attempts, error = %error,
-                            "function failed; retrying in {:?}", **delay
+                            "function failed; retrying in {delay:?}"
                         );
                         log.write(&self.oplog, "failed", None);
                         failed.push((
@@ -472,8 +475,8 @@ impl Worker {
                                 failed_at: chrono::Utc::now(),
                             },
                         ));
-                        let wait = retry.entry(index).or_insert(**delay);
-                        *wait = (*wait).max(**delay);
+                        let wait = retry.entry(index).or_insert(delay);
+                        *wait = (*wait).max(delay);
                         continue;
                     }
                     None => {
@@ -713,6 +716,15 @@ impl Worker {
                 .collect(),
             ..Unit::new(task.marker)
         }
+    }
+}
+
+/// The connection whose provider API `task`'s run called.
+fn owner_of(task: &Task, event: &RoutedEvent) -> Owner {
+    Owner {
+        environment_id: task.sync.sync.environment_id,
+        integration: event.integration.clone(),
+        connection_id: event.connection_id.clone().unwrap_or_default(),
     }
 }
 

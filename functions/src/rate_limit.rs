@@ -1,0 +1,126 @@
+//! Provider rate limits, per connection and per process. A 429 pauses every call of its
+//! connection until the provider's `Retry-After` (or the backoff when it gives none):
+//! the runs that share a connection wait once instead of each being refused in turn, and
+//! a provider that counts refused calls against the limit (GitHub's secondary limits)
+//! is not pushed further. A call whose run would end before the pause does fails at once
+//! rather than holding its JS thread until the run's time is up; the worker retries its
+//! event, and an asynchronous action its run, no sooner than the pause ends.
+//!
+//! Per process: each worker (and API process) learns of a limit from its own first 429.
+
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
+use std::time::{Duration, Instant};
+
+use hookyard_core::keys::IntegrationKey;
+use hookyard_core::metrics::names;
+
+use crate::provider_api::Owner;
+
+type Key = (i64, IntegrationKey, String);
+
+/// Each paused connection and when its pause ends. Entries whose pause has ended are
+/// dropped as others are added, so it holds only the connections limited lately.
+static PAUSES: LazyLock<Mutex<HashMap<Key, Instant>>> = LazyLock::new(Mutex::default);
+
+fn key(owner: &Owner) -> Key {
+    (
+        owner.environment_id,
+        owner.integration.clone(),
+        owner.connection_id.clone(),
+    )
+}
+
+/// A 429 for `owner`: its calls wait `wait` from now (a longer pause already set stays).
+pub fn pause(owner: &Owner, wait: Duration) {
+    let until = Instant::now() + wait;
+    let mut pauses = PAUSES.lock().expect("rate-limit pauses");
+    let now = Instant::now();
+    pauses.retain(|_, ends| *ends > now);
+    let ends = pauses.entry(key(owner)).or_insert(until);
+    *ends = (*ends).max(until);
+    metrics::counter!(names::PROVIDER_RATE_LIMITS, "outcome" => "limited").increment(1);
+}
+
+/// How long `owner`'s calls are still paused, if they are.
+pub fn paused_for(owner: &Owner) -> Option<Duration> {
+    let pauses = PAUSES.lock().expect("rate-limit pauses");
+    if pauses.is_empty() {
+        return None;
+    }
+    let ends = *pauses.get(&key(owner))?;
+    ends.checked_duration_since(Instant::now())
+        .filter(|left| !left.is_zero())
+}
+
+/// `wait`, or longer if `owner`'s pause lasts longer: when to retry a failed run.
+pub fn not_before(owner: &Owner, wait: Duration) -> Duration {
+    paused_for(owner).map_or(wait, |left| left.max(wait))
+}
+
+/// Waits out `owner`'s pause before a call, or fails at once when the run's `deadline`
+/// comes first: waiting would only hold the run's thread until its time ran out.
+pub(crate) async fn wait_for_turn(owner: &Owner, deadline: Instant) -> Result<(), String> {
+    let Some(left) = paused_for(owner) else {
+        return Ok(());
+    };
+    if Instant::now() + left > deadline {
+        metrics::counter!(names::PROVIDER_RATE_LIMITS, "outcome" => "gave_up").increment(1);
+        return Err(format!(
+            "rate limited: {}'s API asked for no calls of connection {} for {:.1} s more \
+             (a 429's Retry-After), longer than this run has left",
+            owner.integration,
+            owner.connection_id,
+            left.as_secs_f64()
+        ));
+    }
+    metrics::counter!(names::PROVIDER_RATE_LIMITS, "outcome" => "waited").increment(1);
+    tracing::debug!(connection = %owner.connection_id, ?left, "provider call waits out its connection's rate limit");
+    tokio::time::sleep(left).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner(connection: &str) -> Owner {
+        Owner {
+            environment_id: 1,
+            integration: "crm".parse().unwrap(),
+            connection_id: connection.into(),
+        }
+    }
+
+    #[test]
+    fn a_pause_is_per_connection_and_the_longer_one_stays() {
+        let (a, b) = (owner("pause-a"), owner("pause-b"));
+        assert_eq!(paused_for(&a), None);
+        pause(&a, Duration::from_secs(60));
+        pause(&a, Duration::from_secs(1));
+        let left = paused_for(&a).expect("paused");
+        assert!(left > Duration::from_secs(50), "the longer pause stays: {left:?}");
+        assert_eq!(paused_for(&b), None, "another connection is not paused");
+    }
+
+    #[tokio::test]
+    async fn a_call_fails_at_once_when_the_pause_outlasts_its_run() {
+        let c = owner("pause-c");
+        pause(&c, Duration::from_secs(30));
+        let started = Instant::now();
+        let error = wait_for_turn(&c, Instant::now() + Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(error.contains("rate limited") && error.contains("pause-c"), "{error}");
+        assert!(started.elapsed() < Duration::from_secs(5), "did not wait");
+
+        let d = owner("pause-d");
+        pause(&d, Duration::from_millis(200));
+        let started = Instant::now();
+        wait_for_turn(&d, Instant::now() + Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(150), "waited out the pause");
+        assert_eq!(paused_for(&d), None);
+    }
+}
