@@ -51,8 +51,8 @@ pub mod names {
     pub const OAUTH2_REFRESHES: &str = "hookyard_oauth2_refreshes_total";
     /// Refreshes that found another run refreshing the same connection and waited for it.
     pub const OAUTH2_REFRESH_WAITS: &str = "hookyard_oauth2_refresh_waits_total";
-    /// Provider rate limits, by `outcome`: `limited` (a 429 paused its connection's
-    /// calls), `waited` (a call held until the pause ended), `gave_up` (a call failed
+    /// Provider rate limits, by `outcome`: `limited` (a rate-limit answer, a 429 or the
+    /// provider's own, paused its connection's calls), `waited` (a call held until the pause ended), `gave_up` (a call failed
     /// because the pause outlasted its run).
     pub const PROVIDER_RATE_LIMITS: &str = "hookyard_provider_rate_limits_total";
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use hookyard_core::config::ForwardingConfig;
 use hookyard_core::keys::IntegrationKey;
 use hookyard_core::outbound::parse_retry_after;
-use hookyard_core::providers::api::ApiSpec;
+use hookyard_core::providers::api::{ApiSpec, RateLimitSpec};
 use hookyard_core::providers::Catalog;
 use hookyard_core::store::{Credentials, Integration};
 use hookyard_core::Store;
@@ -179,7 +179,7 @@ impl ProviderApi {
                 (auth_headers(credentials.as_ref(), &self.spec)?, sent_with)
             };
             let sent = self.send(&method, &url, &request, auth).await;
-            let retry_in = match &sent {
+            let (retry_in, limited) = match &sent {
                 Ok(response)
                     if response.status().as_u16() == 401
                         && !refreshed
@@ -190,29 +190,32 @@ impl ProviderApi {
                     self.refresh_refused(sent_with.as_deref()).await?;
                     continue;
                 }
-                Ok(response) if response.status().as_u16() == 429 || response.status().is_server_error() => {
-                    let wait = response
-                        .headers()
-                        .get(RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(parse_retry_after)
-                        .unwrap_or_else(|| backoff(attempt));
-                    if response.status().as_u16() == 429 {
-                        // Waited out at the loop's top, by this call and the connection's others.
+                Ok(response) => match rate_limited(
+                    response.status().as_u16(),
+                    response.headers(),
+                    self.spec.rate_limit.as_ref(),
+                    attempt,
+                ) {
+                    Some(wait) => {
                         rate_limit::pause(&self.owner, wait);
+                        (Some(wait), true)
                     }
-                    Some(wait)
-                }
-                Ok(_) => None,
-                Err(_) => Some(backoff(attempt)),
+                    None if response.status().is_server_error() => (
+                        Some(retry_after(response.headers()).unwrap_or_else(|| backoff(attempt))),
+                        false,
+                    ),
+                    None => (None, false),
+                },
+                Err(_) => (Some(backoff(attempt)), false),
             };
             match (retry_in, sent) {
-                (Some(wait), sent)
+                (Some(wait), _)
                     if attempt < retries && wait <= MAX_RETRY_AFTER && Instant::now() + wait <= deadline =>
                 {
                     attempt += 1;
                     tracing::debug!(url = %url_for_errors(&url), attempt, ?wait, "provider call retried");
-                    let limited = matches!(&sent, Ok(response) if response.status().as_u16() == 429);
+                    // A rate limit's pause is waited out at the loop's top, by this call
+                    // and the connection's others.
                     if !limited {
                         tokio::time::sleep(wait).await;
                     }
@@ -327,6 +330,46 @@ async fn read(response: reqwest::Response) -> Result<ProxyResponse, String> {
     Ok(ProxyResponse { status, headers, data })
 }
 
+/// An answer's `Retry-After` (seconds or a date).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after)
+}
+
+/// Whether an answer says the provider's rate limit is spent, and if so how long to wait:
+/// its `Retry-After`, else when the provider's reset header says the limit starts again,
+/// else the backoff. A 429 always is one; the statuses `spec` names are one with a
+/// `Retry-After` or nothing remaining.
+fn rate_limited(status: u16, headers: &HeaderMap, spec: Option<&RateLimitSpec>, attempt: u32) -> Option<Duration> {
+    let header = |name: Option<&String>| {
+        let value = headers.get(name?.as_str())?.to_str().ok()?;
+        Some(value.trim().to_string())
+    };
+    let retry_after = retry_after(headers);
+    let remaining = spec.and_then(|spec| header(spec.remaining_header.as_ref()));
+    let spent = remaining.as_deref() == Some("0");
+    let limited =
+        status == 429 || spec.is_some_and(|spec| spec.statuses.contains(&status) && (retry_after.is_some() || spent));
+    if !limited {
+        return None;
+    }
+    let reset = spec
+        .filter(|_| spent || remaining.is_none())
+        .and_then(|spec| header(spec.reset_header.as_ref()))
+        .and_then(|at| at.parse::<f64>().ok())
+        .map(|at| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64();
+            // At least a second: a clock a little ahead of the provider's would not wait.
+            Duration::from_secs_f64((at - now).clamp(1.0, 86_400.0))
+        });
+    Some(retry_after.or(reset).unwrap_or_else(|| backoff(attempt)))
+}
+
 fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(500 * 2u64.pow(attempt.min(6)))
 }
@@ -413,6 +456,69 @@ fn url_for_errors(url: &Url) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn headers(pairs: &[(&'static str, String)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(name, value)| (HeaderName::from_static(name), HeaderValue::try_from(value).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn rate_limits_are_read_from_429s_and_from_the_providers_own_answers() {
+        let none = HeaderMap::new();
+        // A 429: its Retry-After, or the backoff.
+        let after = headers(&[("retry-after", "7".into())]);
+        assert_eq!(rate_limited(429, &after, None, 0), Some(Duration::from_secs(7)));
+        assert_eq!(rate_limited(429, &none, None, 1), Some(backoff(1)));
+        assert_eq!(rate_limited(503, &after, None, 0), None, "a 5xx is not a rate limit");
+
+        // GitHub's: a 403 with nothing remaining, until its reset (epoch seconds).
+        let github = RateLimitSpec {
+            statuses: vec![403],
+            remaining_header: Some("x-ratelimit-remaining".into()),
+            reset_header: Some("x-ratelimit-reset".into()),
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let spent = headers(&[
+            ("x-ratelimit-remaining", "0".into()),
+            ("x-ratelimit-reset", (now + 600).to_string()),
+        ]);
+        let wait = rate_limited(403, &spent, Some(&github), 0).expect("a rate limit");
+        assert!(
+            wait > Duration::from_secs(590) && wait <= Duration::from_secs(600),
+            "{wait:?}"
+        );
+        assert_eq!(rate_limited(403, &spent, None, 0), None, "a plain 403 without the spec");
+        let refused = headers(&[
+            ("x-ratelimit-remaining", "4999".into()),
+            ("x-ratelimit-reset", (now + 600).to_string()),
+        ]);
+        assert_eq!(
+            rate_limited(403, &refused, Some(&github), 0),
+            None,
+            "calls remain: a refusal"
+        );
+        // A secondary limit: Retry-After wins over the reset.
+        let secondary = headers(&[
+            ("retry-after", "60".into()),
+            ("x-ratelimit-remaining", "0".into()),
+            ("x-ratelimit-reset", (now + 600).to_string()),
+        ]);
+        assert_eq!(
+            rate_limited(403, &secondary, Some(&github), 0),
+            Some(Duration::from_secs(60))
+        );
+        // A reset already past (clocks apart) still waits a second.
+        let past = headers(&[
+            ("x-ratelimit-remaining", "0".into()),
+            ("x-ratelimit-reset", (now - 5).to_string()),
+        ]);
+        assert_eq!(rate_limited(429, &past, Some(&github), 0), Some(Duration::from_secs(1)));
+    }
 
     fn request(endpoint: &str, params: Value) -> ProxyRequest {
         ProxyRequest {

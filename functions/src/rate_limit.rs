@@ -1,12 +1,14 @@
-//! Provider rate limits, per connection and per process. A 429 pauses every call of its
-//! connection until the provider's `Retry-After` (or the backoff when it gives none):
+//! Provider rate limits, per connection and per process. A 429 (or the provider's own
+//! rate-limit answer: `RateLimitSpec`) pauses every call of its connection until the
+//! provider's `Retry-After`, its reset, or the backoff when it gives neither:
 //! the runs that share a connection wait once instead of each being refused in turn, and
 //! a provider that counts refused calls against the limit (GitHub's secondary limits)
 //! is not pushed further. A call whose run would end before the pause does fails at once
 //! rather than holding its JS thread until the run's time is up; the worker retries its
 //! event, and an asynchronous action its run, no sooner than the pause ends.
 //!
-//! Per process: each worker (and API process) learns of a limit from its own first 429.
+//! Per process: each worker (and API process) learns of a limit from its own first
+//! rate-limit answer.
 
 use std::collections::HashMap;
 use std::sync::{LazyLock, Mutex};
@@ -31,7 +33,7 @@ fn key(owner: &Owner) -> Key {
     )
 }
 
-/// A 429 for `owner`: its calls wait `wait` from now (a longer pause already set stays).
+/// A rate limit for `owner`: its calls wait `wait` from now (a longer pause already set stays).
 pub fn pause(owner: &Owner, wait: Duration) {
     let until = Instant::now() + wait;
     let mut pauses = PAUSES.lock().expect("rate-limit pauses");

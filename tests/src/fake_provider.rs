@@ -46,8 +46,11 @@ struct Fake {
     token_requests: u32,
     /// Answers to give before any real one: (status, Retry-After seconds).
     faults: VecDeque<(u16, Option<u64>)>,
-    /// A rate limit: every request before this is answered 429 (`limit_for`).
+    /// A rate limit: every request before this is refused (`limit_for`, `limit_as_github_for`).
     limited_until: Option<Instant>,
+    /// GitHub's way of refusing them: 403, nothing remaining until this reset (epoch
+    /// seconds). Otherwise 429 with `Retry-After`.
+    github_reset: Option<u64>,
     /// Every answered list request, with its status.
     requests: Vec<(String, u16)>,
     /// A request held until released.
@@ -140,7 +143,25 @@ impl FakeCrm {
     /// A rate limit, as a provider's: for `window` from now, every request is answered
     /// 429 with the seconds left as `Retry-After`.
     pub fn limit_for(&self, window: Duration) {
-        self.with(|f| f.limited_until = Some(Instant::now() + window));
+        self.with(|f| {
+            f.limited_until = Some(Instant::now() + window);
+            f.github_reset = None;
+        });
+    }
+
+    /// A rate limit answered as GitHub does: 403 with `x-ratelimit-remaining: 0` and
+    /// `x-ratelimit-reset` (epoch seconds), until the whole second `window` from now
+    /// reaches.
+    pub fn limit_as_github_for(&self, window: Duration) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970");
+        let reset = (now + window).as_secs() + 1;
+        let until = Instant::now() + (Duration::from_secs(reset) - now);
+        self.with(|f| {
+            f.limited_until = Some(until);
+            f.github_reset = Some(reset);
+        });
     }
 
     /// Every list request answered so far, as `(path?query, status)`.
@@ -253,18 +274,35 @@ async fn gate(state: &Shared, headers: &HeaderMap, page: usize, path: String) ->
         let limited = fake
             .limited_until
             .and_then(|until| until.checked_duration_since(Instant::now()))
-            .map(|left| (429, Some(left.as_secs_f64().ceil() as u64)));
+            .map(|left| match fake.github_reset {
+                Some(reset) => (
+                    403,
+                    vec![
+                        ("x-ratelimit-remaining", "0".to_string()),
+                        ("x-ratelimit-reset", reset.to_string()),
+                    ],
+                ),
+                None => (
+                    429,
+                    vec![("retry-after", (left.as_secs_f64().ceil() as u64).to_string())],
+                ),
+            });
         let fault = if authorised {
-            limited.or_else(|| fake.faults.pop_front())
+            limited.or_else(|| {
+                let (status, retry_after) = fake.faults.pop_front()?;
+                let headers = retry_after.map(|seconds| ("retry-after", seconds.to_string()));
+                Some((status, headers.into_iter().collect()))
+            })
         } else {
             None
         };
         let status = match (authorised, fault) {
-            (false, _) => Err((401, None)),
+            (false, _) => Err((401, Vec::new())),
             (true, Some(fault)) => Err(fault),
             (true, None) => Ok(()),
         };
-        fake.requests.push((path, status.map_or_else(|(s, _)| s, |()| 200)));
+        fake.requests
+            .push((path, status.as_ref().map_or_else(|(s, _)| *s, |()| 200)));
         let hold = if status.is_ok() {
             take_hold(&mut fake, Hold::Page(page))
         } else {
@@ -273,16 +311,16 @@ async fn gate(state: &Shared, headers: &HeaderMap, page: usize, path: String) ->
         (status, hold)
     };
     wait_if_held(hold).await;
-    status.map_err(|(code, retry_after)| {
+    status.map_err(|(code, headers)| {
         let mut response = (
             StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             axum::Json(json!({"error": "injected"})),
         )
             .into_response();
-        if let Some(seconds) = retry_after {
+        for (name, value) in headers {
             response
                 .headers_mut()
-                .insert("retry-after", seconds.to_string().parse().expect("digits"));
+                .insert(name, value.parse().expect("a header value"));
         }
         response
     })

@@ -2539,17 +2539,53 @@ async fn on_webhook_reads_the_cache_and_fetches_what_a_thin_event_names_and_give
 /// have spent their attempts inside the limit and dead-lettered them.
 #[tokio::test]
 async fn a_429_pauses_its_connections_calls_and_their_events_are_retried_when_the_limit_ends() {
+    rate_limited_events(false).await;
+}
+
+/// The same with GitHub's answer to a spent limit: a 403 with nothing remaining until
+/// its reset, which the integration's `api.rate_limit` names (as GitHub's provider file
+/// does).
+#[tokio::test]
+async fn a_403_with_nothing_remaining_is_a_rate_limit_until_its_reset_where_the_provider_says_so() {
+    rate_limited_events(true).await;
+}
+
+async fn rate_limited_events(as_github: bool) {
     let s = setup_with(&[("crm/syncs/thin.js", THIN)]).await;
+    let refused_with = if as_github { 403 } else { 429 };
+    if as_github {
+        let crm: hookyard_core::keys::IntegrationKey = "crm".parse().unwrap();
+        let integration = s.h.store.existing_integration(s.h.environment.id, &crm).await.unwrap();
+        let mut settings = integration.settings.clone();
+        settings["api"]["rate_limit"] = json!({
+            "statuses": [403],
+            "remaining_header": "x-ratelimit-remaining",
+            "reset_header": "x-ratelimit-reset",
+        });
+        let changes = IntegrationChanges {
+            settings: Some(settings),
+            ..Default::default()
+        };
+        s.h.store
+            .update_integration(s.h.environment.id, &crm, &changes)
+            .await
+            .unwrap();
+    }
     let refused = || {
         s.crm
             .requests()
             .into_iter()
-            .filter(|(_, status)| *status == 429)
+            .filter(|(_, status)| *status == refused_with)
             .count()
     };
     // Longer than a run's 1 s and than the whole retry schedule (100 ms, 300 ms), with
     // room for the second event to come while it lasts.
-    s.crm.limit_for(Duration::from_secs(5));
+    let window = Duration::from_secs(5);
+    if as_github {
+        s.crm.limit_as_github_for(window);
+    } else {
+        s.crm.limit_for(window);
+    }
     s.crm.put_contact("p1", "one@example.com");
     s.crm.put_contact("p2", "two@example.com");
     s.thin_event("p1").await;
@@ -2580,7 +2616,7 @@ async fn a_429_pauses_its_connections_calls_and_their_events_are_retried_when_th
     assert_eq!(
         refused(),
         1,
-        "nothing was sent inside the limit after its 429: {:?}",
+        "nothing was sent inside the limit after its first refusal: {:?}",
         s.crm.requests()
     );
     assert_eq!(rate_limits("limited").await, 1.0);

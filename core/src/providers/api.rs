@@ -1,6 +1,7 @@
 //! How exec reaches a provider's API: its base URL, how an API key is sent, where an
-//! OAuth2 token is refreshed, and its default pagination. From the provider's file
-//! (`[api]`), field by field overridden by an integration's `settings.api`.
+//! OAuth2 token is refreshed, its default pagination and how it says a rate limit is
+//! spent. From the provider's file (`[api]`), field by field overridden by an
+//! integration's `settings.api`.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -28,6 +29,29 @@ pub struct ApiSpec {
     /// Nango's pagination config, used by `nango.paginate` unless the call gives its own.
     #[serde(default)]
     pub paginate: Option<Value>,
+    /// How the provider answers a spent rate limit, besides a 429 with `Retry-After`.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitSpec>,
+}
+
+/// A provider's rate-limit answers beyond the standard 429 with `Retry-After`: GitHub,
+/// for one, answers a spent limit with a 403 just as often, and says when it resets in
+/// a header of its own.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSpec {
+    /// Statuses besides 429 that are a rate limit when the answer has a `Retry-After`
+    /// or `remaining_header` says `0` (GitHub: 403; without either it is a refusal).
+    #[serde(default)]
+    pub statuses: Vec<u16>,
+    /// The header with the calls left in the limit's window.
+    #[serde(default)]
+    pub remaining_header: Option<String>,
+    /// The header with when the window starts again, in UTC epoch seconds: waited for
+    /// when no `Retry-After` says otherwise and nothing is left (or no remaining header
+    /// is named).
+    #[serde(default)]
+    pub reset_header: Option<String>,
 }
 
 impl ApiSpec {
@@ -61,6 +85,7 @@ impl ApiSpec {
             client_id: over.client_id.or(base.client_id),
             client_secret: base.client_secret,
             paginate: over.paginate.or(base.paginate),
+            rate_limit: over.rate_limit.or(base.rate_limit),
         })
     }
 }
