@@ -343,6 +343,9 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 /// else the backoff. A 429 always is one; the statuses `spec` names are one with a
 /// `Retry-After` or nothing remaining.
 fn rate_limited(status: u16, headers: &HeaderMap, spec: Option<&RateLimitSpec>, attempt: u32) -> Option<Duration> {
+    if status != 429 && !spec.is_some_and(|spec| spec.statuses.contains(&status)) {
+        return None;
+    }
     let header = |name: Option<&String>| {
         let value = headers.get(name?.as_str())?.to_str().ok()?;
         Some(value.trim().to_string())
@@ -350,9 +353,7 @@ fn rate_limited(status: u16, headers: &HeaderMap, spec: Option<&RateLimitSpec>, 
     let retry_after = retry_after(headers);
     let remaining = spec.and_then(|spec| header(spec.remaining_header.as_ref()));
     let spent = remaining.as_deref() == Some("0");
-    let limited =
-        status == 429 || spec.is_some_and(|spec| spec.statuses.contains(&status) && (retry_after.is_some() || spent));
-    if !limited {
+    if status != 429 && retry_after.is_none() && !spent {
         return None;
     }
     let reset = spec
