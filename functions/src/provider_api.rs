@@ -43,6 +43,24 @@ pub struct ProxyRequest {
     pub headers: Option<Map<String, Value>>,
     #[serde(default)]
     pub retries: Option<u32>,
+    /// Nango's `retryOn`: statuses retried besides 429 and 5xx (a 404 of a record the
+    /// provider has not made readable everywhere yet, say).
+    #[serde(default, rename = "retryOn")]
+    pub retry_on: Option<Vec<u16>>,
+    /// Nango's `retryHeader`: the headers that say how long to wait before a retry.
+    #[serde(default, rename = "retryHeader")]
+    pub retry_header: Option<RetryHeader>,
+}
+
+/// Where an answer says when to call again: `after`, a header with seconds to wait
+/// (instead of `Retry-After`), and `at`, one with when, in UTC epoch seconds (instead of
+/// the provider's `rate_limit.reset_header`).
+#[derive(Debug, Default, Deserialize)]
+pub struct RetryHeader {
+    #[serde(default)]
+    pub after: Option<String>,
+    #[serde(default)]
+    pub at: Option<String>,
 }
 
 /// What it gets back (a non-2xx is thrown by the prelude, with this as `response`).
@@ -166,6 +184,8 @@ impl ProviderApi {
         let method = Method::from_bytes(request.method.as_bytes())
             .map_err(|_| format!("{:?} is not an HTTP method", request.method))?;
         let retries = request.retries.unwrap_or(DEFAULT_RETRIES);
+        let retry_on = request.retry_on.as_deref().unwrap_or_default();
+        let asked = AskedWait::of(request.retry_header.as_ref(), self.spec.rate_limit.as_ref());
         self.refresh_if_expired().await?;
         let mut refreshed = false;
         let mut attempt = 0;
@@ -190,22 +210,21 @@ impl ProviderApi {
                     self.refresh_refused(sent_with.as_deref()).await?;
                     continue;
                 }
-                Ok(response) => match rate_limited(
-                    response.status().as_u16(),
-                    response.headers(),
-                    self.spec.rate_limit.as_ref(),
-                    attempt,
-                ) {
-                    Some(wait) => {
-                        rate_limit::pause(&self.owner, wait);
-                        (Some(wait), true)
+                Ok(response) => {
+                    let (status, headers) = (response.status(), response.headers());
+                    match rate_limited(status.as_u16(), headers, self.spec.rate_limit.as_ref(), &asked) {
+                        Some(wait) => {
+                            let wait = wait.unwrap_or_else(|| backoff(attempt));
+                            rate_limit::pause(&self.owner, wait);
+                            (Some(wait), true)
+                        }
+                        None if status.is_server_error() || retry_on.contains(&status.as_u16()) => (
+                            Some(asked.wait(headers, true).unwrap_or_else(|| backoff(attempt))),
+                            false,
+                        ),
+                        None => (None, false),
                     }
-                    None if response.status().is_server_error() => (
-                        Some(retry_after(response.headers()).unwrap_or_else(|| backoff(attempt))),
-                        false,
-                    ),
-                    None => (None, false),
-                },
+                }
                 Err(_) => (Some(backoff(attempt)), false),
             };
             match (retry_in, sent) {
@@ -330,45 +349,65 @@ async fn read(response: reqwest::Response) -> Result<ProxyResponse, String> {
     Ok(ProxyResponse { status, headers, data })
 }
 
-/// An answer's `Retry-After` (seconds or a date).
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    headers
-        .get(RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_retry_after)
+/// The headers an answer says how long to wait in: the call's `retryHeader`, else
+/// `Retry-After` and the provider's reset header.
+struct AskedWait<'a> {
+    /// Seconds to wait (or, for `Retry-After`, a date).
+    after: &'a str,
+    /// When to call again, in UTC epoch seconds.
+    at: Option<&'a str>,
 }
 
-/// Whether an answer says the provider's rate limit is spent, and if so how long to wait:
-/// its `Retry-After`, else when the provider's reset header says the limit starts again,
-/// else the backoff. A 429 always is one; the statuses `spec` names are one with a
-/// `Retry-After` or nothing remaining.
-fn rate_limited(status: u16, headers: &HeaderMap, spec: Option<&RateLimitSpec>, attempt: u32) -> Option<Duration> {
-    if status != 429 && !spec.is_some_and(|spec| spec.statuses.contains(&status)) {
-        return None;
+impl<'a> AskedWait<'a> {
+    fn of(call: Option<&'a RetryHeader>, provider: Option<&'a RateLimitSpec>) -> AskedWait<'a> {
+        AskedWait {
+            after: call.and_then(|c| c.after.as_deref()).unwrap_or(RETRY_AFTER.as_str()),
+            at: call
+                .and_then(|c| c.at.as_deref())
+                .or_else(|| provider.and_then(|p| p.reset_header.as_deref())),
+        }
     }
-    let header = |name: Option<&String>| {
-        let value = headers.get(name?.as_str())?.to_str().ok()?;
-        Some(value.trim().to_string())
-    };
-    let retry_after = retry_after(headers);
-    let remaining = spec.and_then(|spec| header(spec.remaining_header.as_ref()));
-    let spent = remaining.as_deref() == Some("0");
-    if status != 429 && retry_after.is_none() && !spent {
-        return None;
-    }
-    let reset = spec
-        .filter(|_| spent || remaining.is_none())
-        .and_then(|spec| header(spec.reset_header.as_ref()))
-        .and_then(|at| at.parse::<f64>().ok())
-        .map(|at| {
+
+    /// The wait `headers` ask for: `after`, else (when `at_too`) `at`.
+    fn wait(&self, headers: &HeaderMap, at_too: bool) -> Option<Duration> {
+        let header = |name: &str| headers.get(name)?.to_str().ok().map(str::trim);
+        let after = header(self.after).and_then(parse_retry_after);
+        let at = || {
+            let at: f64 = header(self.at?)?.parse().ok()?;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default()
                 .as_secs_f64();
             // At least a second: a clock a little ahead of the provider's would not wait.
-            Duration::from_secs_f64((at - now).clamp(1.0, 86_400.0))
-        });
-    Some(retry_after.or(reset).unwrap_or_else(|| backoff(attempt)))
+            Some(Duration::from_secs_f64((at - now).clamp(1.0, 86_400.0)))
+        };
+        after.or_else(|| at_too.then(at).flatten())
+    }
+}
+
+/// Whether an answer says the provider's rate limit is spent, and if so the wait it asks
+/// for (`None`: the backoff's). A 429 always is one; the statuses `spec` names are one
+/// with a wait asked in seconds or nothing remaining. The reset (`at`) is taken only
+/// when nothing remains or the provider names no remaining header.
+fn rate_limited(
+    status: u16,
+    headers: &HeaderMap,
+    spec: Option<&RateLimitSpec>,
+    asked: &AskedWait,
+) -> Option<Option<Duration>> {
+    if status != 429 && !spec.is_some_and(|spec| spec.statuses.contains(&status)) {
+        return None;
+    }
+    let remaining = spec
+        .and_then(|spec| headers.get(spec.remaining_header.as_deref()?))
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    let spent = remaining == Some("0");
+    let after = asked.wait(headers, false);
+    if status != 429 && after.is_none() && !spent {
+        return None;
+    }
+    Some(after.or_else(|| asked.wait(headers, spent || remaining.is_none())))
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -466,13 +505,53 @@ mod tests {
     }
 
     #[test]
+    fn a_calls_retry_header_names_where_the_wait_is() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let answer = headers(&[
+            ("retry-after", "60".into()),
+            ("x-wait", "3".into()),
+            ("x-reset-at", (now + 300).to_string()),
+        ]);
+        let plain = AskedWait::of(None, None);
+        assert_eq!(plain.wait(&answer, true), Some(Duration::from_secs(60)));
+        let after = RetryHeader {
+            after: Some("x-wait".into()),
+            at: None,
+        };
+        assert_eq!(
+            AskedWait::of(Some(&after), None).wait(&answer, true),
+            Some(Duration::from_secs(3))
+        );
+        let at = RetryHeader {
+            after: Some("x-none".into()),
+            at: Some("x-reset-at".into()),
+        };
+        let wait = AskedWait::of(Some(&at), None).wait(&answer, true).unwrap();
+        assert!(
+            wait > Duration::from_secs(290) && wait <= Duration::from_secs(300),
+            "{wait:?}"
+        );
+        assert_eq!(
+            AskedWait::of(Some(&at), None).wait(&answer, false),
+            None,
+            "no reset asked for"
+        );
+    }
+
+    #[test]
     fn rate_limits_are_read_from_429s_and_from_the_providers_own_answers() {
+        let limited = |status, headers: &HeaderMap, spec: Option<&RateLimitSpec>| {
+            rate_limited(status, headers, spec, &AskedWait::of(None, spec)).map(|wait| wait.unwrap_or(backoff(1)))
+        };
         let none = HeaderMap::new();
         // A 429: its Retry-After, or the backoff.
         let after = headers(&[("retry-after", "7".into())]);
-        assert_eq!(rate_limited(429, &after, None, 0), Some(Duration::from_secs(7)));
-        assert_eq!(rate_limited(429, &none, None, 1), Some(backoff(1)));
-        assert_eq!(rate_limited(503, &after, None, 0), None, "a 5xx is not a rate limit");
+        assert_eq!(limited(429, &after, None), Some(Duration::from_secs(7)));
+        assert_eq!(limited(429, &none, None), Some(backoff(1)));
+        assert_eq!(limited(503, &after, None), None, "a 5xx is not a rate limit");
 
         // GitHub's: a 403 with nothing remaining, until its reset (epoch seconds).
         let github = RateLimitSpec {
@@ -488,37 +567,30 @@ mod tests {
             ("x-ratelimit-remaining", "0".into()),
             ("x-ratelimit-reset", (now + 600).to_string()),
         ]);
-        let wait = rate_limited(403, &spent, Some(&github), 0).expect("a rate limit");
+        let wait = limited(403, &spent, Some(&github)).expect("a rate limit");
         assert!(
             wait > Duration::from_secs(590) && wait <= Duration::from_secs(600),
             "{wait:?}"
         );
-        assert_eq!(rate_limited(403, &spent, None, 0), None, "a plain 403 without the spec");
+        assert_eq!(limited(403, &spent, None), None, "a plain 403 without the spec");
         let refused = headers(&[
             ("x-ratelimit-remaining", "4999".into()),
             ("x-ratelimit-reset", (now + 600).to_string()),
         ]);
-        assert_eq!(
-            rate_limited(403, &refused, Some(&github), 0),
-            None,
-            "calls remain: a refusal"
-        );
+        assert_eq!(limited(403, &refused, Some(&github)), None, "calls remain: a refusal");
         // A secondary limit: Retry-After wins over the reset.
         let secondary = headers(&[
             ("retry-after", "60".into()),
             ("x-ratelimit-remaining", "0".into()),
             ("x-ratelimit-reset", (now + 600).to_string()),
         ]);
-        assert_eq!(
-            rate_limited(403, &secondary, Some(&github), 0),
-            Some(Duration::from_secs(60))
-        );
+        assert_eq!(limited(403, &secondary, Some(&github)), Some(Duration::from_secs(60)));
         // A reset already past (clocks apart) still waits a second.
         let past = headers(&[
             ("x-ratelimit-remaining", "0".into()),
             ("x-ratelimit-reset", (now - 5).to_string()),
         ]);
-        assert_eq!(rate_limited(429, &past, Some(&github), 0), Some(Duration::from_secs(1)));
+        assert_eq!(limited(429, &past, Some(&github)), Some(Duration::from_secs(1)));
     }
 
     fn request(endpoint: &str, params: Value) -> ProxyRequest {
@@ -529,6 +601,8 @@ mod tests {
             data: None,
             headers: None,
             retries: None,
+            retry_on: None,
+            retry_header: None,
         }
     }
 

@@ -2684,6 +2684,35 @@ async fn an_asynchronous_action_refused_by_a_rate_limit_is_retried_when_it_ends(
     assert_eq!(statuses, [429, 200]);
 }
 
+/// Nango's `retryOn`: a call retries the statuses it names, as it does 5xx; without it a
+/// 404 is the function's to handle.
+#[tokio::test]
+async fn a_call_retries_the_statuses_its_retry_on_names() {
+    const FETCH_RETRYING: &str = r#"
+import { createAction } from 'nango';
+export default createAction({
+  exec: async (nango, input) =>
+    (await nango.get({ endpoint: `/contacts/${input.id}`, retryOn: input.retryOn })).data,
+});
+"#;
+    let s = setup_with(&[("crm/actions/fetch.js", FETCH_RETRYING)]).await;
+    s.crm.put_contact("p1", "one@example.com");
+    let fetch = |retry_on: Value| json!({"action_name": "fetch", "input": {"id": "p1", "retryOn": retry_on}});
+    // Not readable everywhere yet: the first read answers 404.
+    s.crm.fail_next(1, 404, None);
+    let (status, body) = s.trigger(fetch(json!([404])), &[]).await;
+    assert_eq!((status, &body["email"]), (200, &json!("one@example.com")), "{body}");
+    s.crm.fail_next(1, 404, None);
+    let (status, body) = s.trigger(fetch(Value::Null), &[]).await;
+    assert_eq!(
+        (status, &body["error"]["payload"]["status"]),
+        (424, &json!(404)),
+        "{body}"
+    );
+    let statuses: Vec<u16> = s.crm.requests().iter().map(|(_, status)| *status).collect();
+    assert_eq!(statuses, [404, 200, 404]);
+}
+
 async fn rate_limits(outcome: &str) -> f64 {
     metric(&format!("hookyard_provider_rate_limits_total{{outcome=\"{outcome}\"}}")).await
 }

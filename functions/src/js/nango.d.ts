@@ -262,6 +262,10 @@ declare module 'nango' {
     data?: unknown;
     headers?: Record<string, string>;
     retries?: number;
+    /** Statuses retried besides 429 and 5xx. */
+    retryOn?: number[] | null;
+    /** Where the answer says how long to wait: `after` a header of seconds, `at` one of UTC epoch seconds. */
+    retryHeader?: { at?: string; after?: string };
     paginate?: Pagination;
   }
 

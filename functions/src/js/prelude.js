@@ -238,6 +238,8 @@
       data: config.data === undefined ? null : config.data,
       headers: config.headers ?? null,
       retries: config.retries ?? null,
+      retryOn: config.retryOn ?? null,
+      retryHeader: config.retryHeader ?? null,
     });
     if (response.status >= 400) {
       const error = new Error(`${method} ${config.endpoint} answered ${response.status}`);
