@@ -303,7 +303,53 @@ async fn connections(store: &Store, dev: &Environment, prod: &Environment) {
         "a new connection, not the old one"
     );
     refresh_leases(store, dev, prod, &github).await;
+    rate_limits(store, dev, prod, &github).await;
     owed_events(store, dev, &new).await;
+}
+
+/// A provider's rate limit on a connection, recorded for the other processes: the later
+/// time kept, read with the connection.
+async fn rate_limits(store: &Store, dev: &Environment, prod: &Environment, github: &IntegrationKey) {
+    let now = chrono::Utc::now();
+    let at = |seconds: i64| now + chrono::Duration::seconds(seconds);
+    let until = |environment: &Environment| {
+        let environment_id = environment.id;
+        async move {
+            let connection = store.existing_connection(environment_id, github, "acme").await.unwrap();
+            connection.rate_limited_until.map(|t| t.timestamp_millis())
+        }
+    };
+    assert_eq!(until(dev).await, None);
+    store
+        .rate_limit_connection(dev.id, github, "acme", at(60))
+        .await
+        .unwrap();
+    assert_eq!(until(dev).await, Some(at(60).timestamp_millis()));
+    store
+        .rate_limit_connection(dev.id, github, "acme", at(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        until(dev).await,
+        Some(at(60).timestamp_millis()),
+        "the later time stays"
+    );
+    store
+        .rate_limit_connection(dev.id, github, "acme", at(90))
+        .await
+        .unwrap();
+    assert_eq!(until(dev).await, Some(at(90).timestamp_millis()));
+    assert_eq!(until(prod).await, None, "another environment's connection is another");
+    let listed = store.connections_named(dev.id, github, &["acme"]).await.unwrap();
+    assert_eq!(
+        listed[0].rate_limited_until.map(|t| t.timestamp_millis()),
+        Some(at(90).timestamp_millis())
+    );
+    // A connection that is not there: nothing to record, no error.
+    store
+        .rate_limit_connection(dev.id, github, "ghost", at(90))
+        .await
+        .unwrap();
 }
 
 /// A connection's OAuth2 refresh lease: one holder until it stores credentials, lets go,

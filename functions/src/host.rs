@@ -86,7 +86,9 @@ pub async fn connection_api(
         .await?;
     let integration = store.existing_integration(key.environment_id, &key.integration).await?;
     let credentials = connection.credentials.clone();
-    let api = provider_api(store, catalog, &integration, credentials, Owner::of(key), guard);
+    let owner = Owner::of(key);
+    crate::rate_limit::learn(&owner, connection.rate_limited_until);
+    let api = provider_api(store, catalog, &integration, credentials, owner, guard);
     Ok((connection, api))
 }
 

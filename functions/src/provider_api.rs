@@ -215,7 +215,7 @@ impl ProviderApi {
                     match rate_limited(status.as_u16(), headers, self.spec.rate_limit.as_ref(), &asked) {
                         Some(wait) => {
                             let wait = wait.unwrap_or_else(|| backoff(attempt));
-                            rate_limit::pause(&self.owner, wait);
+                            self.rate_limited(wait).await;
                             (Some(wait), true)
                         }
                         None if status.is_server_error() || retry_on.contains(&status.as_u16()) => (
@@ -249,6 +249,24 @@ impl ProviderApi {
                     ))
                 }
             }
+        }
+    }
+
+    /// The provider's rate limit met: the connection's calls here wait `wait`, and the
+    /// store says so to the other processes.
+    async fn rate_limited(&self, wait: Duration) {
+        rate_limit::pause(&self.owner, wait);
+        let Ok(wait) = chrono::Duration::from_std(wait) else {
+            return;
+        };
+        let owner = &self.owner;
+        let until = chrono::Utc::now() + wait;
+        if let Err(error) = self
+            .store
+            .rate_limit_connection(owner.environment_id, &owner.integration, &owner.connection_id, until)
+            .await
+        {
+            tracing::warn!(%error, connection = %owner.connection_id, "a rate limit could not be recorded for the other processes");
         }
     }
 

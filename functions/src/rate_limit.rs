@@ -7,13 +7,16 @@
 //! rather than holding its JS thread until the run's time is up; the worker retries its
 //! event, and an asynchronous action its run, no sooner than the pause ends.
 //!
-//! Per process: each worker (and API process) learns of a limit from its own first
-//! rate-limit answer.
+//! The process that meets a limit records it on the connection (`rate_limited_until`);
+//! the others learn of it as they read the connection for a run (a worker once per
+//! group of events), so a scaled-out deployment holds the connection's calls everywhere
+//! after one refusal, not one per process.
 
 use std::collections::HashMap;
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use hookyard_core::keys::IntegrationKey;
 use hookyard_core::metrics::names;
 
@@ -33,15 +36,27 @@ fn key(owner: &Owner) -> Key {
     )
 }
 
-/// A rate limit for `owner`: its calls wait `wait` from now (a longer pause already set stays).
+/// A rate limit for `owner` met by this process: its calls wait `wait` from now (a
+/// longer pause already set stays). The caller records it in the store for the others.
 pub fn pause(owner: &Owner, wait: Duration) {
-    let until = Instant::now() + wait;
+    hold_until(owner, Instant::now() + wait);
+    metrics::counter!(names::PROVIDER_RATE_LIMITS, "outcome" => "limited").increment(1);
+}
+
+/// A rate limit another process met, read with the connection (`rate_limited_until`).
+pub fn learn(owner: &Owner, until: Option<DateTime<Utc>>) {
+    let left = until.and_then(|until| (until - Utc::now()).to_std().ok());
+    if let Some(left) = left.filter(|left| !left.is_zero()) {
+        hold_until(owner, Instant::now() + left);
+    }
+}
+
+fn hold_until(owner: &Owner, until: Instant) {
     let mut pauses = PAUSES.lock().expect("rate-limit pauses");
     let now = Instant::now();
     pauses.retain(|_, ends| *ends > now);
     let ends = pauses.entry(key(owner)).or_insert(until);
     *ends = (*ends).max(until);
-    metrics::counter!(names::PROVIDER_RATE_LIMITS, "outcome" => "limited").increment(1);
 }
 
 /// How long `owner`'s calls are still paused, if they are.
@@ -103,6 +118,17 @@ mod tests {
         let left = paused_for(&a).expect("paused");
         assert!(left > Duration::from_secs(50), "the longer pause stays: {left:?}");
         assert_eq!(paused_for(&b), None, "another connection is not paused");
+    }
+
+    #[test]
+    fn a_limit_read_with_the_connection_pauses_it_until_then() {
+        let e = owner("pause-e");
+        learn(&e, Some(Utc::now() - chrono::Duration::seconds(5)));
+        learn(&e, None);
+        assert_eq!(paused_for(&e), None, "a limit that ended, or none");
+        learn(&e, Some(Utc::now() + chrono::Duration::seconds(30)));
+        let left = paused_for(&e).expect("paused");
+        assert!(left > Duration::from_secs(25), "{left:?}");
     }
 
     #[tokio::test]

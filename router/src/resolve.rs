@@ -202,6 +202,7 @@ mod tests {
             created_at: chrono::Utc::now(),
             updated_at: chrono::Utc::now(),
             refresh_failure: None,
+            rate_limited_until: None,
         }
     }
 

@@ -125,7 +125,12 @@ async fn setup_on(
 
 /// The pipeline with connection `c0`, the contacts sync (not started) and `functions`.
 async fn setup_with(functions: &[(&str, &str)]) -> Setup {
-    let s = setup(&[("c0", json!({}), api_key())], false).await;
+    setup_configured(functions, |_| {}).await
+}
+
+/// [`setup_with`], configured by `tweak`.
+async fn setup_configured(functions: &[(&str, &str)], tweak: impl FnOnce(&mut Config)) -> Setup {
+    let s = setup_on(None, &[("c0", json!({}), api_key())], false, tweak).await;
     let mut files = vec![("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false"))];
     files.extend(functions.iter().map(|(path, source)| (*path, source.to_string())));
     s.h.deploy(&files).await;
@@ -1249,20 +1254,18 @@ impl Setup {
 #[tokio::test]
 async fn actions_run_for_a_connection_and_answer_what_they_return() {
     hookyard_core::metrics::install();
-    let s = setup_on(None, &[("c0", json!({}), api_key())], false, |config| {
+    let actions = [
+        ("crm/actions/subscribe.js", SUBSCRIBE),
+        ("crm/actions/unsubscribe.js", UNSUBSCRIBE),
+        ("crm/actions/spin.js", SPIN),
+        ("crm/actions/wait.js", WAIT),
+        ("crm/actions/chain.js", CHAIN),
+    ];
+    let s = setup_configured(&actions, |config| {
         config.api.action_threads = 1;
         config.api.action_limits.cpu_budget = Duration::from_millis(300);
         config.api.action_limits.timeout = Duration::from_secs(1);
     })
-    .await;
-    s.h.deploy(&[
-        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false")),
-        ("crm/actions/subscribe.js", SUBSCRIBE.to_string()),
-        ("crm/actions/unsubscribe.js", UNSUBSCRIBE.to_string()),
-        ("crm/actions/spin.js", SPIN.to_string()),
-        ("crm/actions/wait.js", WAIT.to_string()),
-        ("crm/actions/chain.js", CHAIN.to_string()),
-    ])
     .await;
     let listed = s.h.api_get("/functions").await;
     let kinds: Vec<(&str, &str)> = listed["data"]
@@ -1498,18 +1501,13 @@ impl Setup {
 
 #[tokio::test]
 async fn asynchronous_actions_are_queued_run_by_a_worker_retried_and_announced() {
-    let s = setup_on(None, &[("c0", json!({}), api_key())], false, |config| {
+    let actions = [("crm/actions/flaky.js", FLAKY), ("crm/actions/wait.js", WAIT)];
+    let s = setup_configured(&actions, |config| {
         config.api.action_limits.timeout = Duration::from_secs(2);
         config.api.action_limits.cpu_budget = Duration::from_secs(1);
         config.api.async_retry_delay = Duration::from_millis(50);
         config.forwarding.notices_resend_after = Duration::from_millis(500);
     })
-    .await;
-    s.h.deploy(&[
-        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false")),
-        ("crm/actions/flaky.js", FLAKY.to_string()),
-        ("crm/actions/wait.js", WAIT.to_string()),
-    ])
     .await;
     let receiver = Receiver::start(&[]).await;
     s.forward_to(&receiver.url).await;
@@ -2433,16 +2431,11 @@ async fn a_run_that_looked_dead_still_sends_its_final_notification() {
 /// backlog, which `HOOKS_CONN`'s lag does not show) and how many run.
 #[tokio::test]
 async fn the_asynchronous_backlog_is_in_the_worker_metrics() {
-    let s = setup_on(None, &[("c0", json!({}), api_key())], false, |config| {
+    let s = setup_configured(&[("crm/actions/wait.js", WAIT)], |config| {
         config.api.action_threads = 2;
         config.api.action_limits.timeout = Duration::from_secs(20);
         config.api.action_limits.cpu_budget = Duration::from_secs(1);
     })
-    .await;
-    s.h.deploy(&[
-        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false")),
-        ("crm/actions/wait.js", WAIT.to_string()),
-    ])
     .await;
     for _ in 0..5 {
         s.trigger_async(json!({"action_name": "wait"}), &[]).await;
@@ -2481,14 +2474,9 @@ export default createSync({
 #[tokio::test]
 async fn on_webhook_reads_the_cache_and_fetches_what_a_thin_event_names_and_gives_up_on_a_provider_that_hangs() {
     // One JS thread: a run left waiting on the provider would hold every later one.
-    let s = setup_on(None, &[("c0", json!({}), api_key())], false, |config| {
+    let s = setup_configured(&[("crm/syncs/thin.js", THIN)], |config| {
         config.worker.js_threads = 1;
     })
-    .await;
-    s.h.deploy(&[
-        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false")),
-        ("crm/syncs/thin.js", THIN.to_string()),
-    ])
     .await;
     let stored = |id: &'static str, email: &'static str| {
         let s = &s;
@@ -2622,6 +2610,47 @@ async fn rate_limited_events(as_github: bool) {
     assert_eq!(rate_limits("limited").await, 1.0);
     let letters = s.h.store.dead_letters("dev", &Default::default(), 10).await.unwrap();
     assert!(letters.is_empty(), "no event ran out of attempts");
+    let crm = "crm".parse().unwrap();
+    let connection =
+        s.h.store
+            .existing_connection(s.h.environment.id, &crm, "c0")
+            .await
+            .unwrap();
+    assert!(
+        connection.rate_limited_until.is_some(),
+        "recorded for the other processes"
+    );
+}
+
+/// A rate limit another process met (a worker elsewhere) is read with the connection:
+/// this worker's run does not call the provider until it ends, then applies the event.
+#[tokio::test]
+async fn a_rate_limit_another_process_recorded_holds_this_workers_calls_too() {
+    let s = setup_with(&[("crm/syncs/thin.js", THIN)]).await;
+    s.crm.put_contact("p1", "one@example.com");
+    let crm = "crm".parse().unwrap();
+    let until = Utc::now() + chrono::Duration::seconds(3);
+    s.h.store
+        .rate_limit_connection(s.h.environment.id, &crm, "c0", until)
+        .await
+        .unwrap();
+    s.thin_event("p1").await;
+    eventually("the run to give up without a call", Duration::from_secs(10), || async {
+        (rate_limits("gave_up").await >= 1.0).then_some(())
+    })
+    .await;
+    eventually(
+        "the contact fetched once the limit ended",
+        Duration::from_secs(20),
+        || async {
+            let contacts = s.contacts("c0").await;
+            contacts.iter().any(|(i, _, _)| i == "p1").then_some(())
+        },
+    )
+    .await;
+    assert!(Utc::now() >= until, "not before the limit ended");
+    let statuses: Vec<u16> = s.crm.requests().iter().map(|(_, status)| *status).collect();
+    assert_eq!(statuses, [200], "one call, after the limit");
 }
 
 /// A 429 whose `Retry-After` is longer than the run has left ends the call at once with
@@ -2629,15 +2658,10 @@ async fn rate_limited_events(as_github: bool) {
 /// is up; the connection's next run meanwhile fails without a call.
 #[tokio::test]
 async fn a_rate_limit_longer_than_the_run_fails_it_at_once_with_the_providers_answer() {
-    let s = setup_on(None, &[("c0", json!({}), api_key())], false, |config| {
+    let s = setup_configured(&[("crm/actions/fetch.js", FETCH)], |config| {
         config.api.action_limits.cpu_budget = Duration::from_millis(500);
         config.api.action_limits.timeout = Duration::from_secs(5);
     })
-    .await;
-    s.h.deploy(&[
-        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false")),
-        ("crm/actions/fetch.js", FETCH.to_string()),
-    ])
     .await;
     s.crm.put_contact("p1", "one@example.com");
     s.crm.limit_for(Duration::from_secs(30));
@@ -2663,16 +2687,11 @@ async fn a_rate_limit_longer_than_the_run_fails_it_at_once_with_the_providers_an
 /// after `api.async_retry_delay`, which would spend its one retry inside the limit.
 #[tokio::test]
 async fn an_asynchronous_action_refused_by_a_rate_limit_is_retried_when_it_ends() {
-    let s = setup_on(None, &[("c0", json!({}), api_key())], false, |config| {
+    let s = setup_configured(&[("crm/actions/fetch.js", FETCH)], |config| {
         config.api.action_limits.cpu_budget = Duration::from_millis(500);
         config.api.action_limits.timeout = Duration::from_secs(1);
         config.api.async_retry_delay = Duration::from_millis(50);
     })
-    .await;
-    s.h.deploy(&[
-        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false")),
-        ("crm/actions/fetch.js", FETCH.to_string()),
-    ])
     .await;
     s.crm.put_contact("p1", "one@example.com");
     s.crm.limit_for(Duration::from_secs(3));

@@ -605,6 +605,7 @@ impl Worker {
                     integration: integration.clone(),
                     connection_id: connection.connection_id.clone(),
                 };
+                rate_limit::learn(&owner, connection.rate_limited_until);
                 let host = WebhookHost::new(self.api_source.clone(), owner, connection.credentials, settings.clone());
                 let host = Arc::new(host);
                 connections.insert(

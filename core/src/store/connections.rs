@@ -17,7 +17,7 @@ use crate::secrets::Purpose;
 
 const SELECT: &str = "SELECT c.id, c.environment_id, i.unique_key AS integration, i.provider, c.connection_id,
         c.connection_config, c.metadata, c.tags, c.credentials, c.created_at, c.updated_at,
-        c.refresh_failed_at, c.refresh_error
+        c.refresh_failed_at, c.refresh_error, c.rate_limited_until
     FROM connections c JOIN integrations i ON i.id = c.integration_id";
 
 /// Moves an integration's `connections_version` on (see migration 0004).
@@ -146,6 +146,32 @@ impl Store {
             .fetch_optional(pool)
             .await)?;
         row.map(|row| row.open(&self.cipher)).transpose()
+    }
+
+    /// Records that the provider's rate limit holds the live connection's calls until
+    /// `until` (a later time already recorded stays), for the other processes to read
+    /// with the connection.
+    pub async fn rate_limit_connection(
+        &self,
+        environment_id: i64,
+        integration: &IntegrationKey,
+        connection_id: &str,
+        until: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        const LIMIT: &str = concat!(
+            "UPDATE connections SET rate_limited_until = $4 WHERE ",
+            live_connection!(),
+            " AND (rate_limited_until IS NULL OR rate_limited_until < $4)"
+        );
+        on_pool!(self, |pool| sqlx::query(LIMIT)
+            .bind(environment_id)
+            .bind(connection_id)
+            .bind(integration.as_str())
+            .bind(until)
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
+        Ok(())
     }
 
     /// The live connections among `connection_ids` of the integration (missing ones are

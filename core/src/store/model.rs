@@ -145,6 +145,9 @@ pub struct Connection {
     pub updated_at: DateTime<Utc>,
     /// Its last OAuth2 refresh, refused by the token URL, until credentials are stored.
     pub refresh_failure: Option<RefreshFailure>,
+    /// Until when the provider's rate limit holds its calls, as a process met it.
+    #[serde(skip)]
+    pub rate_limited_until: Option<DateTime<Utc>>,
 }
 
 /// An OAuth2 refresh the provider refused: the connection needs to be authorized again.
@@ -218,6 +221,7 @@ pub(super) struct ConnectionRow {
     updated_at: DateTime<Utc>,
     refresh_failed_at: Option<DateTime<Utc>>,
     refresh_error: Option<String>,
+    rate_limited_until: Option<DateTime<Utc>>,
 }
 
 pub(super) fn corrupt(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -293,6 +297,7 @@ impl ConnectionRow {
                 failed_at,
                 error: self.refresh_error.unwrap_or_default(),
             }),
+            rate_limited_until: self.rate_limited_until,
         })
     }
 }
