@@ -2,8 +2,9 @@
 //! integration's base URL only, with the connection's credentials applied (API key,
 //! Basic, OAuth2 Bearer refreshed through the token URL when expired or refused with
 //! 401, one refresh at a time per connection: `token_refresh`), and 429 / 5xx retried
-//! honouring `Retry-After` while the run has the time; a 429 pauses the connection's
-//! other calls too (`rate_limit`).
+//! honouring `Retry-After` while the run has the time; a rate limit (a 429, or the
+//! provider's own answer: `RateLimitSpec`) pauses the connection's other calls too
+//! (`rate_limit`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
