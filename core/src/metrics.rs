@@ -52,8 +52,9 @@ pub mod names {
     /// Refreshes that found another run refreshing the same connection and waited for it.
     pub const OAUTH2_REFRESH_WAITS: &str = "hookyard_oauth2_refresh_waits_total";
     /// Provider rate limits, by `outcome`: `limited` (a rate-limit answer, a 429 or the
-    /// provider's own, paused its connection's calls), `waited` (a call held until the pause ended), `gave_up` (a call failed
-    /// because the pause outlasted its run).
+    /// provider's own, paused its connection's calls), `waited` (a call held until the
+    /// pause ended), `gave_up` (a call failed because the pause outlasted its run),
+    /// `held` (a webhook run of a connection limited lately that waited its turn).
     pub const PROVIDER_RATE_LIMITS: &str = "hookyard_provider_rate_limits_total";
 }
 

@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 
 use crate::engine::Loaded;
 use crate::queue::Queue;
+use crate::rate_limit::Turn;
 use crate::{Effects, ErrorKind, FunctionError, Invocation, Limits};
 
 /// Syncs a thread keeps loaded; past this it starts again from none.
@@ -80,12 +81,18 @@ pub fn stopped() -> FunctionError {
 pub struct Batch {
     state: Mutex<Outcomes>,
     ended: Notify,
+    /// Told of every end, for a turn waiting on its run ([`Pool::submit`]).
+    each_end: Notify,
 }
 
 struct Outcomes {
     /// By slot: the outcome, once ended and until taken.
     slots: Vec<Option<Result<Effects, FunctionError>>>,
+    /// By slot: whether it ended.
+    done: Vec<bool>,
     running: usize,
+    /// Of those running, the ones waiting for their turn, not queued yet.
+    held: usize,
     last_end: Option<Instant>,
 }
 
@@ -94,10 +101,13 @@ impl Batch {
         Batch {
             state: Mutex::new(Outcomes {
                 slots: (0..size).map(|_| None).collect(),
+                done: vec![false; size],
                 running: size,
+                held: 0,
                 last_end: None,
             }),
             ended: Notify::new(),
+            each_end: Notify::new(),
         }
     }
 
@@ -109,23 +119,26 @@ impl Batch {
     fn end(&self, slot: usize, outcome: Result<Effects, FunctionError>) {
         let mut outcomes = self.outcomes();
         outcomes.slots[slot] = Some(outcome);
+        outcomes.done[slot] = true;
         outcomes.running -= 1;
         outcomes.last_end = Some(Instant::now());
-        if outcomes.running == 0 {
+        if outcomes.running == outcomes.held {
             self.ended.notify_one();
         }
+        drop(outcomes);
+        self.each_end.notify_waiters();
     }
 
-    /// Waits until every execution ended, or (with `quiet`) until none has ended for
-    /// that long after at least one did.
+    /// Waits until every execution ended, or (with `quiet`) until those not waiting for
+    /// their turn did, or none has ended for that long after at least one did.
     pub async fn wait(&self, quiet: Option<Duration>) {
         loop {
             let ended = self.ended.notified();
-            let (running, last_end) = {
+            let (running, held, last_end) = {
                 let outcomes = self.outcomes();
-                (outcomes.running, outcomes.last_end)
+                (outcomes.running, outcomes.held, outcomes.last_end)
             };
-            if running == 0 {
+            if running == 0 || (quiet.is_some() && running == held) {
                 return;
             }
             let Some(quiet) = quiet else {
@@ -142,6 +155,19 @@ impl Batch {
                 _ = ended => {}
                 _ = tokio::time::sleep(look_again) => {}
             }
+        }
+    }
+
+    /// Waits until the execution in `slot` ended.
+    async fn slot_ended(&self, slot: usize) {
+        loop {
+            let notified = self.each_end.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.outcomes().done[slot] {
+                return;
+            }
+            notified.await;
         }
     }
 
@@ -230,15 +256,41 @@ impl Pool {
 
     /// Queues `runs` as one batch, slot `n` for `runs[n]`.
     pub fn submit(&self, runs: Vec<(Arc<SyncCode>, Invocation)>) -> Arc<Batch> {
+        self.submit_in_turn(
+            runs.into_iter()
+                .map(|(code, invocation)| (code, invocation, None))
+                .collect(),
+        )
+    }
+
+    /// [`Pool::submit`], except that a run with a [`Turn`] (its connection's provider
+    /// limited it lately) is queued only once it has its turn, which it keeps until it
+    /// ends. Must be called on the async runtime.
+    pub fn submit_in_turn(&self, runs: Vec<(Arc<SyncCode>, Invocation, Option<Turn>)>) -> Arc<Batch> {
         let batch = Arc::new(Batch::new(runs.len()));
-        for (slot, run) in runs.into_iter().enumerate() {
-            let key = run.0.key.clone();
+        for (slot, (code, invocation, turn)) in runs.into_iter().enumerate() {
+            let key = code.key.clone();
             let job = Job {
                 batch: batch.clone(),
                 slot,
-                run: Some(run),
+                run: Some((code, invocation)),
             };
-            self.queue.0.push(key, job);
+            let Some(turn) = turn else {
+                self.queue.0.push(key, job);
+                continue;
+            };
+            batch.outcomes().held += 1;
+            let (queue, batch) = (self.queue.clone(), batch.clone());
+            tokio::spawn(async move {
+                let turn = turn.take().await;
+                {
+                    let mut outcomes = batch.outcomes();
+                    outcomes.held -= 1;
+                }
+                queue.0.push(key, job);
+                batch.slot_ended(slot).await;
+                drop(turn);
+            });
         }
         batch
     }

@@ -13,7 +13,7 @@
 //! after one refusal, not one per process.
 
 use std::collections::HashMap;
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -24,9 +24,24 @@ use crate::provider_api::Owner;
 
 type Key = (i64, IntegrationKey, String);
 
-/// Each paused connection and when its pause ends. Entries whose pause has ended are
-/// dropped as others are added, so it holds only the connections limited lately.
-static PAUSES: LazyLock<Mutex<HashMap<Key, Instant>>> = LazyLock::new(Mutex::default);
+/// How long after its last limit a connection's webhook runs take turns.
+const TURNS_FOR: Duration = Duration::from_secs(120);
+/// The longest a run waits for its turn, pauses included, before it runs anyway.
+const TURN_WAIT_AT_MOST: Duration = Duration::from_secs(60);
+
+/// A connection limited lately.
+struct Limited {
+    /// When its pause ends.
+    ends: Instant,
+    /// When it was last limited.
+    last: Instant,
+    /// Its webhook runs' turn: one at a time while it is limited lately.
+    turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Each connection limited within [`TURNS_FOR`]. Older entries are dropped as others
+/// are added, so it holds only the connections limited lately.
+static PAUSES: LazyLock<Mutex<HashMap<Key, Limited>>> = LazyLock::new(Mutex::default);
 
 fn key(owner: &Owner) -> Key {
     (
@@ -54,9 +69,58 @@ pub fn learn(owner: &Owner, until: Option<DateTime<Utc>>) {
 fn hold_until(owner: &Owner, until: Instant) {
     let mut pauses = PAUSES.lock().expect("rate-limit pauses");
     let now = Instant::now();
-    pauses.retain(|_, ends| *ends > now);
-    let ends = pauses.entry(key(owner)).or_insert(until);
-    *ends = (*ends).max(until);
+    pauses.retain(|_, limited| limited.ends > now || now.duration_since(limited.last) < TURNS_FOR);
+    let limited = pauses.entry(key(owner)).or_insert_with(|| Limited {
+        ends: until,
+        last: now,
+        turn: Arc::default(),
+    });
+    limited.ends = limited.ends.max(until);
+    limited.last = now;
+}
+
+/// A run's turn on a connection limited lately ([`turn`]).
+pub struct Turn {
+    owner: Owner,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The turn a webhook run of `owner` takes before it is handed to a JS thread, when the
+/// connection was limited lately: its runs go one at a time, each after any pause, so
+/// that a burst for it waits in memory rather than on the JS threads (each run waiting
+/// out the pause on one), and only the run that meets the next refusal fails for it.
+/// (`owner` is made only when some connection was limited: this is asked per event.)
+pub fn turn(owner: impl FnOnce() -> Owner) -> Option<Turn> {
+    let pauses = PAUSES.lock().expect("rate-limit pauses");
+    if pauses.is_empty() {
+        return None;
+    }
+    let owner = owner();
+    let limited = pauses.get(&key(&owner))?;
+    (limited.last.elapsed() < TURNS_FOR).then(|| Turn {
+        lock: limited.turn.clone(),
+        owner,
+    })
+}
+
+impl Turn {
+    /// Waits for the connection's other runs taking turns, then for its pause to end;
+    /// at most [`TURN_WAIT_AT_MOST`] in all (then `None`: the run goes anyway, and its
+    /// calls meet the pause themselves).
+    pub async fn take(self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        metrics::counter!(names::PROVIDER_RATE_LIMITS, "outcome" => "held").increment(1);
+        let started = Instant::now();
+        let guard = tokio::time::timeout(TURN_WAIT_AT_MOST, self.lock.lock_owned())
+            .await
+            .ok()?;
+        while let Some(left) = paused_for(&self.owner) {
+            if started.elapsed() + left > TURN_WAIT_AT_MOST {
+                return None;
+            }
+            tokio::time::sleep(left).await;
+        }
+        Some(guard)
+    }
 }
 
 /// How long `owner`'s calls are still paused, if they are.
@@ -65,7 +129,7 @@ pub fn paused_for(owner: &Owner) -> Option<Duration> {
     if pauses.is_empty() {
         return None;
     }
-    let ends = *pauses.get(&key(owner))?;
+    let ends = pauses.get(&key(owner))?.ends;
     ends.checked_duration_since(Instant::now())
         .filter(|left| !left.is_zero())
 }

@@ -140,8 +140,9 @@ impl FakeCrm {
         self.with(|f| f.faults.extend(std::iter::repeat_n((status, retry_after), count)));
     }
 
-    /// A rate limit, as a provider's: for `window` from now, every request is answered
-    /// 429 with the seconds left as `Retry-After`.
+    /// A rate limit, as a provider's: for `window` from now, every request with the API
+    /// key (the limit is per credential) is answered 429 with the seconds left as
+    /// `Retry-After`.
     pub fn limit_for(&self, window: Duration) {
         self.with(|f| {
             f.limited_until = Some(Instant::now() + window);
@@ -149,7 +150,7 @@ impl FakeCrm {
         });
     }
 
-    /// A rate limit answered as GitHub does: 403 with `x-ratelimit-remaining: 0` and
+    /// A rate limit (on the API key) answered as GitHub does: 403 with `x-ratelimit-remaining: 0` and
     /// `x-ratelimit-reset` (epoch seconds), until the whole second `window` from now
     /// reaches.
     pub fn limit_as_github_for(&self, window: Duration) {
@@ -287,6 +288,8 @@ async fn gate(state: &Shared, headers: &HeaderMap, page: usize, path: String) ->
                     vec![("retry-after", (left.as_secs_f64().ceil() as u64).to_string())],
                 ),
             });
+        // A provider's limit is per credential: the API key's here.
+        let limited = limited.filter(|_| headers.contains_key("x-api-key"));
         let fault = if authorised {
             limited.or_else(|| {
                 let (status, retry_after) = fake.faults.pop_front()?;

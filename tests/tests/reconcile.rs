@@ -2585,9 +2585,9 @@ async fn rate_limited_events(as_github: bool) {
     .await;
     s.thin_event("p2").await;
     eventually(
-        "the second event's run to give up without a call",
+        "the second event to wait its turn, unsent",
         Duration::from_secs(10),
-        || async { (rate_limits("gave_up").await >= 1.0).then_some(()) },
+        || async { (rate_limits("held").await >= 1.0).then_some(()) },
     )
     .await;
     for (id, email) in [("p1", "one@example.com"), ("p2", "two@example.com")] {
@@ -2635,8 +2635,8 @@ async fn a_rate_limit_another_process_recorded_holds_this_workers_calls_too() {
         .await
         .unwrap();
     s.thin_event("p1").await;
-    eventually("the run to give up without a call", Duration::from_secs(10), || async {
-        (rate_limits("gave_up").await >= 1.0).then_some(())
+    eventually("the run to wait its turn, unsent", Duration::from_secs(10), || async {
+        (rate_limits("held").await >= 1.0).then_some(())
     })
     .await;
     eventually(
@@ -2651,6 +2651,87 @@ async fn a_rate_limit_another_process_recorded_holds_this_workers_calls_too() {
     assert!(Utc::now() >= until, "not before the limit ended");
     let statuses: Vec<u16> = s.crm.requests().iter().map(|(_, status)| *status).collect();
     assert_eq!(statuses, [200], "one call, after the limit");
+}
+
+/// Once a connection's provider limited it, its webhook runs take turns: a burst for it
+/// waits in memory for the pause to end instead of each run waiting it out on a JS
+/// thread, so the same sync's events for another connection (another credential, not
+/// limited) are not held back meanwhile.
+#[tokio::test]
+async fn a_limited_connections_burst_waits_its_turn_without_holding_back_other_connections() {
+    let s = setup_on(None, &[("c0", json!({}), api_key())], false, |config| {
+        config.worker.js_threads = 2;
+        config.worker.hold_back_slow_syncs = false;
+        config.worker.limits.timeout = Duration::from_secs(8);
+        config.worker.ack_wait = Duration::from_secs(30);
+    })
+    .await;
+    s.h.deploy(&[
+        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false")),
+        ("crm/syncs/thin.js", THIN.to_string()),
+    ])
+    .await;
+    // c1 calls with an OAuth2 token: the limit, on c0's API key, is not its.
+    let (token, refresh) = s.crm.issue_tokens(true);
+    let oauth2 = Credentials::OAuth2 {
+        access_token: token,
+        refresh_token: Some(refresh),
+        expires_at: Some(Utc::now() + chrono::Duration::hours(1)),
+        raw: None,
+    };
+    s.h.store
+        .create_connection(&s.h.environment, &connection("c1", json!({}), oauth2))
+        .await
+        .unwrap();
+    let send = |connection: &'static str, contact: &'static str| {
+        let s = &s;
+        async move {
+            s.crm.put_contact(contact, &format!("{contact}@example.com"));
+            let event = json!({"type": "contact.changed", "objectId": contact});
+            let seq = s.raw_sequence().await;
+            s.h.publish([(seq, connection, "contact.changed", event)]).await;
+        }
+    };
+    let stored = |connection: &'static str, contact: &'static str| {
+        let s = &s;
+        move || async move {
+            let contacts = s.contacts(connection).await;
+            contacts.iter().any(|(id, _, _)| id == contact).then_some(())
+        }
+    };
+    let window = Duration::from_secs(5);
+    let limit_ends = Instant::now() + window;
+    s.crm.limit_for(window);
+    // The first event meets the limit; its run waits it out (its time is 8 s) on a thread.
+    send("c0", "p0").await;
+    eventually(
+        "the provider to refuse c0's first call",
+        Duration::from_secs(10),
+        || async { (s.crm.requests().iter().any(|(_, status)| *status == 429)).then_some(()) },
+    )
+    .await;
+    // A burst for c0, then an event for c1: c1's is applied while c0's limit holds.
+    for contact in ["p1", "p2", "p3", "p4"] {
+        send("c0", contact).await;
+    }
+    send("c1", "q1").await;
+    eventually("c1's event", Duration::from_secs(10), stored("c1", "q1")).await;
+    assert!(
+        Instant::now() < limit_ends,
+        "c1's event waited for c0's limit to end: c0's runs held the JS threads"
+    );
+    for contact in ["p0", "p1", "p2", "p3", "p4"] {
+        eventually(
+            "c0's events once the limit ended",
+            Duration::from_secs(30),
+            stored("c0", contact),
+        )
+        .await;
+    }
+    let refused = s.crm.requests().iter().filter(|(_, status)| *status == 429).count();
+    assert_eq!(refused, 1, "the burst waited its turn, unsent: {:?}", s.crm.requests());
+    let letters = s.h.store.dead_letters("dev", &Default::default(), 10).await.unwrap();
+    assert!(letters.is_empty());
 }
 
 /// A 429 whose `Retry-After` is longer than the run has left ends the call at once with

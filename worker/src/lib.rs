@@ -672,7 +672,9 @@ impl Worker {
                     }
                     None => tracing::Span::none(),
                 };
-                runs.push((task.sync.code.clone(), invocation));
+                // A connection its provider limited lately runs one event at a time.
+                let turn = rate_limit::turn(|| owner_of(&task, event));
+                runs.push((task.sync.code.clone(), invocation, turn));
                 Execution {
                     task,
                     span,
@@ -681,7 +683,7 @@ impl Worker {
                 }
             })
             .collect();
-        (self.pool.submit(runs), executions)
+        (self.pool.submit_in_turn(runs), executions)
     }
 
     fn unit(&self, task: Task, event: &RoutedEvent, effects: Effects) -> Unit {
