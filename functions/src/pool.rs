@@ -1,9 +1,11 @@
 //! The threads that run function code. JavaScript never runs on the async runtime's
 //! threads: each execution is queued here and taken by the first free thread, in order
 //! (in a [`Pool::shared`], syncs not known to be quick never take every thread:
-//! `queue.rs`). Its outcome is gathered in its [`Batch`]. Every thread keeps the syncs it has loaded (one
-//! QuickJS runtime each) and throws a runtime away after a timeout, out-of-memory or
-//! stack overflow, whose state cannot be trusted after.
+//! `queue.rs`; a run of a connection its provider limited lately waits for its turn
+//! before it is queued: [`Pool::submit_in_turn`]). Its outcome is gathered in its
+//! [`Batch`]. Every thread keeps the syncs it has loaded (one QuickJS runtime each) and
+//! throws a runtime away after a timeout, out-of-memory or stack overflow, whose state
+//! cannot be trusted after.
 
 use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
@@ -81,7 +83,7 @@ pub fn stopped() -> FunctionError {
 pub struct Batch {
     state: Mutex<Outcomes>,
     ended: Notify,
-    /// Told of every end, for a turn waiting on its run ([`Pool::submit`]).
+    /// Told of every end, for a turn waiting on its run ([`Pool::submit_in_turn`]).
     each_end: Notify,
 }
 
