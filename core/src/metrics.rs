@@ -54,7 +54,7 @@ pub mod names {
     /// Provider rate limits, by `outcome`: `limited` (a rate-limit answer, a 429 or the
     /// provider's own, paused its connection's calls), `waited` (a call held until the
     /// pause ended), `gave_up` (a call failed because the pause outlasted its run),
-    /// `held` (a webhook run of a connection limited lately that waited its turn).
+    /// `held` (a webhook run of a connection limited lately that took its turn).
     pub const PROVIDER_RATE_LIMITS: &str = "hookyard_provider_rate_limits_total";
 }
 

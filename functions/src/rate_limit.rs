@@ -1,4 +1,4 @@
-//! Provider rate limits, per connection and per process. A 429 (or the provider's own
+//! Provider rate limits, per connection. A 429 (or the provider's own
 //! rate-limit answer: `RateLimitSpec`) pauses every call of its connection until the
 //! provider's `Retry-After`, its reset, or the backoff when it gives neither:
 //! the runs that share a connection wait once instead of each being refused in turn, and
@@ -11,6 +11,9 @@
 //! the others learn of it as they read the connection for a run (a worker once per
 //! group of events), so a scaled-out deployment holds the connection's calls everywhere
 //! after one refusal, not one per process.
+//!
+//! For a while after a limit, a worker runs the connection's webhook events one at a
+//! time ([`turn`]), each after any pause, keeping the others off the JS threads.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
@@ -39,9 +42,28 @@ struct Limited {
     turn: Arc<tokio::sync::Mutex<()>>,
 }
 
-/// Each connection limited within [`TURNS_FOR`]. Older entries are dropped as others
-/// are added, so it holds only the connections limited lately.
-static PAUSES: LazyLock<Mutex<HashMap<Key, Limited>>> = LazyLock::new(Mutex::default);
+/// Each connection limited within [`TURNS_FOR`] (or paused longer). Older entries are
+/// dropped as others are added and, at most once a second, as runs ask for turns, so
+/// that a worker whose connections are no longer limited finds it empty again.
+static PAUSES: LazyLock<Mutex<Pauses>> = LazyLock::new(|| {
+    Mutex::new(Pauses {
+        limited: HashMap::new(),
+        pruned: Instant::now(),
+    })
+});
+
+struct Pauses {
+    limited: HashMap<Key, Limited>,
+    pruned: Instant,
+}
+
+impl Pauses {
+    fn prune(&mut self, now: Instant) {
+        self.limited
+            .retain(|_, limited| limited.ends > now || now.duration_since(limited.last) < TURNS_FOR);
+        self.pruned = now;
+    }
+}
 
 fn key(owner: &Owner) -> Key {
     (
@@ -69,8 +91,8 @@ pub fn learn(owner: &Owner, until: Option<DateTime<Utc>>) {
 fn hold_until(owner: &Owner, until: Instant) {
     let mut pauses = PAUSES.lock().expect("rate-limit pauses");
     let now = Instant::now();
-    pauses.retain(|_, limited| limited.ends > now || now.duration_since(limited.last) < TURNS_FOR);
-    let limited = pauses.entry(key(owner)).or_insert_with(|| Limited {
+    pauses.prune(now);
+    let limited = pauses.limited.entry(key(owner)).or_insert_with(|| Limited {
         ends: until,
         last: now,
         turn: Arc::default(),
@@ -91,12 +113,16 @@ pub struct Turn {
 /// out the pause on one), and only the run that meets the next refusal fails for it.
 /// (`owner` is made only when some connection was limited: this is asked per event.)
 pub fn turn(owner: impl FnOnce() -> Owner) -> Option<Turn> {
-    let pauses = PAUSES.lock().expect("rate-limit pauses");
-    if pauses.is_empty() {
+    let mut pauses = PAUSES.lock().expect("rate-limit pauses");
+    if pauses.limited.is_empty() {
         return None;
     }
+    let now = Instant::now();
+    if now.duration_since(pauses.pruned) >= Duration::from_secs(1) {
+        pauses.prune(now);
+    }
     let owner = owner();
-    let limited = pauses.get(&key(&owner))?;
+    let limited = pauses.limited.get(&key(&owner))?;
     (limited.last.elapsed() < TURNS_FOR).then(|| Turn {
         lock: limited.turn.clone(),
         owner,
@@ -126,10 +152,10 @@ impl Turn {
 /// How long `owner`'s calls are still paused, if they are.
 pub fn paused_for(owner: &Owner) -> Option<Duration> {
     let pauses = PAUSES.lock().expect("rate-limit pauses");
-    if pauses.is_empty() {
+    if pauses.limited.is_empty() {
         return None;
     }
-    let ends = pauses.get(&key(owner))?.ends;
+    let ends = pauses.limited.get(&key(owner))?.ends;
     ends.checked_duration_since(Instant::now())
         .filter(|left| !left.is_zero())
 }
@@ -193,6 +219,25 @@ mod tests {
         learn(&e, Some(Utc::now() + chrono::Duration::seconds(30)));
         let left = paused_for(&e).expect("paused");
         assert!(left > Duration::from_secs(25), "{left:?}");
+    }
+
+    #[tokio::test]
+    async fn runs_of_a_connection_limited_lately_take_turns_after_its_pause() {
+        let f = owner("turn-f");
+        assert!(turn(|| f.clone()).is_none(), "never limited: no turns");
+        pause(&f, Duration::from_millis(200));
+        let started = Instant::now();
+        let first = turn(|| f.clone())
+            .expect("limited lately")
+            .take()
+            .await
+            .expect("its turn");
+        assert!(started.elapsed() >= Duration::from_millis(150), "after the pause");
+        let mut second = tokio::spawn(turn(|| f.clone()).expect("limited lately").take());
+        let early = tokio::time::timeout(Duration::from_millis(100), &mut second).await;
+        assert!(early.is_err(), "not while the first holds the turn");
+        drop(first);
+        assert!(second.await.unwrap().is_some(), "then its own");
     }
 
     #[tokio::test]
