@@ -525,10 +525,7 @@ mod tests {
 
     #[test]
     fn a_calls_retry_header_names_where_the_wait_is() {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
+        let now = chrono::Utc::now().timestamp();
         let answer = headers(&[
             ("retry-after", "60".into()),
             ("x-wait", "3".into()),
@@ -578,10 +575,7 @@ mod tests {
             remaining_header: Some("x-ratelimit-remaining".into()),
             reset_header: Some("x-ratelimit-reset".into()),
         };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
+        let now = chrono::Utc::now().timestamp();
         let spent = headers(&[
             ("x-ratelimit-remaining", "0".into()),
             ("x-ratelimit-reset", (now + 600).to_string()),

@@ -156,16 +156,22 @@ impl Setup {
 
     /// Forwards the environment's events and notifications to `url`.
     async fn forward_to(&self, url: &str) {
+        self.put_forwarding(json!({"urls": [url]})).await;
+    }
+
+    /// `PUT /forwarding` with `body`; the answer.
+    async fn put_forwarding(&self, body: Value) -> Value {
         let response = self
             .h
             .http
             .put(format!("{}/forwarding", self.h.api))
             .bearer_auth(&self.h.environment.secret_key)
-            .json(&json!({"urls": [url]}))
+            .json(&body)
             .send()
             .await
             .unwrap();
         assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
     }
 
     /// Waits for a run of `connection` that ends after `since`.
@@ -491,23 +497,9 @@ async fn oauth2_tokens_are_refreshed_once_when_expired_or_refused_and_stored() {
         ("c-expired", expired, expired_refresh, -60),
         ("c-revoked", revoked, revoked_refresh, 3600),
     ] {
+        let credentials = oauth2(&access, &refresh, chrono::Duration::seconds(expires_in));
         s.h.store
-            .create_connection(
-                &s.h.environment,
-                &NewConnection {
-                    integration: "crm".parse().unwrap(),
-                    connection_id: id.into(),
-                    connection_config: json!({}),
-                    metadata: json!({}),
-                    tags: json!({}),
-                    credentials: Some(Credentials::OAuth2 {
-                        access_token: access,
-                        refresh_token: Some(refresh),
-                        expires_at: Some(Utc::now() + chrono::Duration::seconds(expires_in)),
-                        raw: None,
-                    }),
-                },
-            )
+            .create_connection(&s.h.environment, &connection(id, json!({}), credentials))
             .await
             .unwrap();
     }
@@ -551,10 +543,15 @@ export default createAction({
 
 /// An OAuth2 token that expired a minute ago.
 fn expired_oauth2(access_token: &str, refresh_token: &str) -> Credentials {
+    oauth2(access_token, refresh_token, -chrono::Duration::seconds(60))
+}
+
+/// An OAuth2 token, with its refresh token, that expires `expires_in` from now.
+fn oauth2(access_token: &str, refresh_token: &str, expires_in: chrono::Duration) -> Credentials {
     Credentials::OAuth2 {
         access_token: access_token.into(),
         refresh_token: Some(refresh_token.into()),
-        expires_at: Some(Utc::now() - chrono::Duration::seconds(60)),
+        expires_at: Some(Utc::now() + expires_in),
         raw: None,
     }
 }
@@ -745,15 +742,9 @@ async fn auth_webhooks_can_be_turned_off() {
     })
     .await;
     let receiver = Receiver::start(&[]).await;
-    let off =
-        s.h.http
-            .put(format!("{}/forwarding", s.h.api))
-            .bearer_auth(&s.h.environment.secret_key)
-            .json(&json!({"urls": [receiver.url], "auth_webhooks": false}))
-            .send()
-            .await
-            .unwrap();
-    let body: Value = off.json().await.unwrap();
+    let body = s
+        .put_forwarding(json!({"urls": [receiver.url], "auth_webhooks": false}))
+        .await;
     assert_eq!(body["data"]["auth_webhooks"], false, "{body}");
     assert_eq!(s.trigger(fetch, &[]).await.0, 500);
     eventually("the failure to be settled", Duration::from_secs(10), || async {
@@ -834,12 +825,7 @@ async fn workers_refresh_a_token_a_day_to_keep_it_alive() {
     )
     .await;
     let (access, refresh) = s.crm.issue_tokens(true);
-    let valid = Credentials::OAuth2 {
-        access_token: access,
-        refresh_token: Some(refresh),
-        expires_at: Some(Utc::now() + chrono::Duration::hours(1)),
-        raw: None,
-    };
+    let valid = oauth2(&access, &refresh, chrono::Duration::hours(1));
     s.store_credentials(&valid).await;
     // As if both were stored a day ago (c1's API key as if from before the keep-alive).
     let url = &s.h.config.database_url;
@@ -1731,15 +1717,9 @@ async fn a_redeployed_action_runs_its_new_code_and_a_removed_one_is_gone() {
 async fn an_environment_can_turn_the_async_action_webhook_off() {
     let s = setup_with(&[("crm/actions/flaky.js", FLAKY)]).await;
     let receiver = Receiver::start(&[]).await;
-    let response =
-        s.h.http
-            .put(format!("{}/forwarding", s.h.api))
-            .bearer_auth(&s.h.environment.secret_key)
-            .json(&json!({"urls": [receiver.url], "async_action_webhooks": false}))
-            .send()
-            .await
-            .unwrap();
-    let body: Value = response.json().await.unwrap();
+    let body = s
+        .put_forwarding(json!({"urls": [receiver.url], "async_action_webhooks": false}))
+        .await;
     assert_eq!(body["data"]["async_action_webhooks"], false, "{body}");
     let id = s
         .trigger_async(json!({"action_name": "flaky", "input": {"succeedOn": 1}}), &[])
@@ -2104,12 +2084,7 @@ export default createSync({
 async fn exec_reads_its_token_and_the_records_cache_as_nangos_does() {
     let s = setup(&[("c-key", json!({}), api_key())], false).await;
     let (expired, refresh) = s.crm.issue_tokens(true);
-    let oauth = Credentials::OAuth2 {
-        access_token: expired.clone(),
-        refresh_token: Some(refresh),
-        expires_at: Some(Utc::now() - chrono::Duration::seconds(60)),
-        raw: None,
-    };
+    let oauth = expired_oauth2(&expired, &refresh);
     s.h.store
         .create_connection(&s.h.environment, &connection("c-oauth", json!({}), oauth))
         .await
@@ -2659,28 +2634,18 @@ async fn a_rate_limit_another_process_recorded_holds_this_workers_calls_too() {
 /// limited) are not held back meanwhile.
 #[tokio::test]
 async fn a_limited_connections_burst_waits_its_turn_without_holding_back_other_connections() {
-    let s = setup_on(None, &[("c0", json!({}), api_key())], false, |config| {
+    let s = setup_configured(&[("crm/syncs/thin.js", THIN)], |config| {
         config.worker.js_threads = 2;
         config.worker.hold_back_slow_syncs = false;
         config.worker.limits.timeout = Duration::from_secs(8);
         config.worker.ack_wait = Duration::from_secs(30);
     })
     .await;
-    s.h.deploy(&[
-        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false")),
-        ("crm/syncs/thin.js", THIN.to_string()),
-    ])
-    .await;
     // c1 calls with an OAuth2 token: the limit, on c0's API key, is not its.
     let (token, refresh) = s.crm.issue_tokens(true);
-    let oauth2 = Credentials::OAuth2 {
-        access_token: token,
-        refresh_token: Some(refresh),
-        expires_at: Some(Utc::now() + chrono::Duration::hours(1)),
-        raw: None,
-    };
+    let credentials = oauth2(&token, &refresh, chrono::Duration::hours(1));
     s.h.store
-        .create_connection(&s.h.environment, &connection("c1", json!({}), oauth2))
+        .create_connection(&s.h.environment, &connection("c1", json!({}), credentials))
         .await
         .unwrap();
     let send = |connection: &'static str, contact: &'static str| {
