@@ -54,6 +54,9 @@ pub struct ConnectionView {
     /// What stops it working (as Nango lists them): `auth`, an OAuth2 refresh the
     /// provider refused, until credentials are stored again.
     errors: Vec<ConnectionError>,
+    /// While the provider's rate limit holds the connection's calls (a 429 or the
+    /// provider's own limit answer): when it ends. Null otherwise.
+    rate_limited_until: Option<DateTime<Utc>>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -89,6 +92,7 @@ impl ConnectionView {
                     failed_at: failure.failed_at,
                 })
                 .collect(),
+            rate_limited_until: connection.rate_limited_until.filter(|until| *until > Utc::now()),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! `hookyard connections [--integration K] [--search S] [--broken]`: the environment's
 //! connections (`GET /connections`, every page), one line each, oldest first; one whose
 //! OAuth2 refresh the provider refused says so, and `--broken` shows only those: the
-//! connections to authorize again.
+//! connections to authorize again. One whose provider's rate limit holds its calls
+//! says until when.
 
 use serde_json::Value;
 
@@ -60,7 +61,8 @@ pub async fn run(args: ConnectionsArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// One connection on one line: when it was made, which, its provider and what stops it.
+/// One connection on one line: when it was made, which, its provider and what stops or
+/// holds it.
 fn line(connection: &Value) -> String {
     let text = |value: &Value| value.as_str().unwrap_or("-").to_string();
     let time = |value: &Value| text(value).chars().take(23).collect::<String>();
@@ -71,6 +73,12 @@ fn line(connection: &Value) -> String {
         text(&connection["connection_id"]),
         text(&connection["provider"]),
     );
+    if connection["rate_limited_until"].is_string() {
+        line.push_str(&format!(
+            "  rate limited until {}",
+            time(&connection["rate_limited_until"])
+        ));
+    }
     for error in connection["errors"].as_array().into_iter().flatten() {
         line.push_str(&format!(
             "  {} refused since {}, authorize again: {}",

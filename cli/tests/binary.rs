@@ -2264,6 +2264,32 @@ async fn connections_lists_them_and_those_to_authorize_again() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 2, "{stdout}");
     assert!(lines[0].ends_with("  demo/acme  generic"), "{stdout}");
+    // A provider's rate limit on a connection is shown while it holds.
+    let until = chrono::Utc::now() + chrono::Duration::hours(1);
+    store.rate_limit_connection(env.id, &demo, "acme", until).await.unwrap();
+    let (_, limited, _) = client(&["connections"], &api, &key).await;
+    assert!(
+        limited.lines().next().unwrap().contains(&format!(
+            "  demo/acme  generic  rate limited until {}",
+            until.format("%Y-%m-%dT%H:")
+        )),
+        "{limited}"
+    );
+    store
+        .rate_limit_connection(
+            env.id,
+            &demo,
+            "globex",
+            chrono::Utc::now() - chrono::Duration::seconds(1),
+        )
+        .await
+        .unwrap();
+    let (_, stdout, _) = client(&["connections"], &api, &key).await;
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        !lines[1].contains("rate limited"),
+        "a limit that ended is not shown: {stdout}"
+    );
     assert!(
         lines[1].contains("  demo/globex  generic  auth refused since ")
             && lines[1].ends_with(&format!("authorize again: {answer}")),

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokio::sync::Mutex;
 
-use crate::rate_limit;
+use crate::rate_limit::{self, Limit};
 use crate::token_refresh::{expiring, Refresher};
 
 /// Retries of a 429 / 5xx / unreachable call unless the call says otherwise.
@@ -216,14 +216,17 @@ impl ProviderApi {
                     match rate_limited(status.as_u16(), headers, self.spec.rate_limit.as_ref(), &asked) {
                         Some(wait) => {
                             let wait = wait.unwrap_or_else(|| backoff(attempt));
-                            self.rate_limited(wait).await;
+                            self.rate_limited(wait, Limit::Refused).await;
                             (Some(wait), true)
                         }
-                        None if status.is_server_error() || retry_on.contains(&status.as_u16()) => (
-                            Some(asked.wait(headers, true).unwrap_or_else(|| backoff(attempt))),
-                            false,
-                        ),
-                        None => (None, false),
+                        None => {
+                            if let Some(wait) = spent(headers, self.spec.rate_limit.as_ref(), &asked) {
+                                self.rate_limited(wait, Limit::Spent).await;
+                            }
+                            let retried = status.is_server_error() || retry_on.contains(&status.as_u16());
+                            let wait = || asked.wait(headers, false).unwrap_or_else(|| backoff(attempt));
+                            (retried.then(wait), false)
+                        }
                     }
                 }
                 Err(_) => (Some(backoff(attempt)), false),
@@ -253,10 +256,13 @@ impl ProviderApi {
         }
     }
 
-    /// The provider's rate limit met: the connection's calls here wait `wait`, and the
-    /// store says so to the other processes.
-    async fn rate_limited(&self, wait: Duration) {
-        rate_limit::pause(&self.owner, wait);
+    /// The provider's rate limit met or spent: the connection's calls here wait `wait`,
+    /// and the store says so to the other processes unless this process knew of as long
+    /// a pause already (told by the store, or by another of its calls).
+    async fn rate_limited(&self, wait: Duration, how: Limit) {
+        if !rate_limit::pause(&self.owner, wait, how) {
+            return;
+        }
         let Ok(wait) = chrono::Duration::from_std(wait) else {
             return;
         };
@@ -373,41 +379,59 @@ async fn read(response: reqwest::Response) -> Result<ProxyResponse, String> {
 struct AskedWait<'a> {
     /// Seconds to wait (or, for `Retry-After`, a date).
     after: &'a str,
-    /// When to call again, in UTC epoch seconds.
+    /// The call's own `retryHeader.at`: when to call again, in UTC epoch seconds.
     at: Option<&'a str>,
+    /// The provider's reset header (epoch seconds), read only for a spent limit: GitHub
+    /// sends it with every answer, so a 5xx retried until it would wait out the hour.
+    reset: Option<&'a str>,
 }
 
 impl<'a> AskedWait<'a> {
     fn of(call: Option<&'a RetryHeader>, provider: Option<&'a RateLimitSpec>) -> AskedWait<'a> {
         AskedWait {
             after: call.and_then(|c| c.after.as_deref()).unwrap_or(RETRY_AFTER.as_str()),
-            at: call
-                .and_then(|c| c.at.as_deref())
-                .or_else(|| provider.and_then(|p| p.reset_header.as_deref())),
+            at: call.and_then(|c| c.at.as_deref()),
+            reset: provider.and_then(|p| p.reset_header.as_deref()),
         }
     }
 
-    /// The wait `headers` ask for: `after`, else (when `at_too`) `at`.
-    fn wait(&self, headers: &HeaderMap, at_too: bool) -> Option<Duration> {
-        let header = |name: &str| headers.get(name)?.to_str().ok().map(str::trim);
-        let after = header(self.after).and_then(parse_retry_after);
-        let at = || {
-            let at: f64 = header(self.at?)?.parse().ok()?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs_f64();
-            // At least a second: a clock a little ahead of the provider's would not wait.
-            Some(Duration::from_secs_f64((at - now).clamp(1.0, 86_400.0)))
-        };
-        after.or_else(|| at_too.then(at).flatten())
+    /// The wait `headers` ask for: `after`, else `at`, else (when `reset_too`) the reset.
+    fn wait(&self, headers: &HeaderMap, reset_too: bool) -> Option<Duration> {
+        self.after(headers)
+            .or_else(|| self.until(headers, self.at))
+            .or_else(|| self.until(headers, self.reset.filter(|_| reset_too)))
     }
+
+    /// The seconds `headers` ask to wait in `after`.
+    fn after(&self, headers: &HeaderMap) -> Option<Duration> {
+        header(headers, self.after).and_then(parse_retry_after)
+    }
+
+    /// The wait until the epoch seconds in the header `name`.
+    fn until(&self, headers: &HeaderMap, name: Option<&str>) -> Option<Duration> {
+        let at: f64 = header(headers, name?)?.parse().ok()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        // At least a second: a clock a little ahead of the provider's would not wait.
+        Some(Duration::from_secs_f64((at - now).clamp(1.0, 86_400.0)))
+    }
+}
+
+fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get(name)?.to_str().ok().map(str::trim)
+}
+
+/// What the provider's remaining header says is left of its limit.
+fn remaining<'h>(headers: &'h HeaderMap, spec: Option<&RateLimitSpec>) -> Option<&'h str> {
+    header(headers, spec?.remaining_header.as_deref()?)
 }
 
 /// Whether an answer says the provider's rate limit is spent, and if so the wait it asks
 /// for (`None`: the backoff's). A 429 always is one; the statuses `spec` names are one
-/// with a wait asked in seconds or nothing remaining. The reset (`at`) is taken only
-/// when nothing remains or the provider names no remaining header.
+/// with a wait asked in seconds or nothing remaining. The reset is taken only when
+/// nothing remains or the provider names no remaining header.
 fn rate_limited(
     status: u16,
     headers: &HeaderMap,
@@ -417,16 +441,21 @@ fn rate_limited(
     if status != 429 && !spec.is_some_and(|spec| spec.statuses.contains(&status)) {
         return None;
     }
-    let remaining = spec
-        .and_then(|spec| headers.get(spec.remaining_header.as_deref()?))
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim);
+    let remaining = remaining(headers, spec);
     let spent = remaining == Some("0");
-    let after = asked.wait(headers, false);
-    if status != 429 && after.is_none() && !spent {
+    if status != 429 && asked.after(headers).is_none() && !spent {
         return None;
     }
-    Some(after.or_else(|| asked.wait(headers, spent || remaining.is_none())))
+    Some(asked.wait(headers, spent || remaining.is_none()))
+}
+
+/// An answer that is not a refusal but says nothing is left of the provider's limit
+/// (GitHub's last call of the hour): the wait until its reset, so that the connection's
+/// next call is not sent into a refusal. `None` when calls remain or no reset is given.
+fn spent(headers: &HeaderMap, spec: Option<&RateLimitSpec>, asked: &AskedWait) -> Option<Duration> {
+    (remaining(headers, spec)? == "0")
+        .then(|| asked.wait(headers, true))
+        .flatten()
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -550,11 +579,16 @@ mod tests {
             wait > Duration::from_secs(290) && wait <= Duration::from_secs(300),
             "{wait:?}"
         );
-        assert_eq!(
-            AskedWait::of(Some(&at), None).wait(&answer, false),
-            None,
-            "no reset asked for"
-        );
+        // The provider's reset header is read for a spent limit only: GitHub sends one
+        // with every answer, and a 5xx's retry is not to wait out the hour.
+        let reset = RateLimitSpec {
+            reset_header: Some("x-reset-at".into()),
+            ..RateLimitSpec::default()
+        };
+        let provider = AskedWait::of(None, Some(&reset));
+        let answer = headers(&[("x-reset-at", (now + 300).to_string())]);
+        assert_eq!(provider.wait(&answer, false), None, "a 5xx's wait");
+        assert!(provider.wait(&answer, true).is_some(), "a spent limit's wait");
     }
 
     #[test]
@@ -604,6 +638,29 @@ mod tests {
             ("x-ratelimit-reset", (now - 5).to_string()),
         ]);
         assert_eq!(limited(429, &past, Some(&github)), Some(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn an_answer_with_nothing_remaining_is_a_spent_limit_until_its_reset() {
+        let github = RateLimitSpec {
+            statuses: vec![403],
+            remaining_header: Some("x-ratelimit-remaining".into()),
+            reset_header: Some("x-ratelimit-reset".into()),
+        };
+        let asked = AskedWait::of(None, Some(&github));
+        let reset = (chrono::Utc::now().timestamp() + 600).to_string();
+        let answer = |remaining: &str| {
+            headers(&[
+                ("x-ratelimit-remaining", remaining.into()),
+                ("x-ratelimit-reset", reset.clone()),
+            ])
+        };
+        let wait = spent(&answer("0"), Some(&github), &asked).expect("spent");
+        assert!(wait > Duration::from_secs(590), "{wait:?}");
+        assert_eq!(spent(&answer("1"), Some(&github), &asked), None, "one call left");
+        assert_eq!(spent(&answer("0"), None, &asked), None, "no remaining header named");
+        let no_reset = headers(&[("x-ratelimit-remaining", "0".into())]);
+        assert_eq!(spent(&no_reset, Some(&github), &asked), None, "no reset to wait for");
     }
 
     fn request(endpoint: &str, params: Value) -> ProxyRequest {

@@ -73,11 +73,27 @@ fn key(owner: &Owner) -> Key {
     )
 }
 
+/// How a provider said its limit was reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// A call was refused for it (a 429, or the provider's own answer).
+    Refused,
+    /// An answer said nothing is left until the reset: paused before any refusal.
+    Spent,
+}
+
 /// A rate limit for `owner` met by this process: its calls wait `wait` from now (a
-/// longer pause already set stays). The caller records it in the store for the others.
-pub fn pause(owner: &Owner, wait: Duration) {
-    hold_until(owner, Instant::now() + wait);
-    metrics::counter!(names::PROVIDER_RATE_LIMITS, "outcome" => "limited").increment(1);
+/// longer pause already set stays). Whether the pause now ends a second or more later
+/// than any this process knew of: then the caller records it in the store for the
+/// others (the many calls of a burst refused at once write it once).
+pub fn pause(owner: &Owner, wait: Duration, how: Limit) -> bool {
+    let lengthened = hold_until(owner, Instant::now() + wait);
+    let outcome = match how {
+        Limit::Refused => "limited",
+        Limit::Spent => "spent",
+    };
+    metrics::counter!(names::PROVIDER_RATE_LIMITS, "outcome" => outcome).increment(1);
+    lengthened
 }
 
 /// A rate limit another process met, read with the connection (`rate_limited_until`).
@@ -88,17 +104,21 @@ pub fn learn(owner: &Owner, until: Option<DateTime<Utc>>) {
     }
 }
 
-fn hold_until(owner: &Owner, until: Instant) {
+/// Pauses `owner` until `until` (or later, if it already is); whether it was not paused,
+/// or is now paused a second or more longer.
+fn hold_until(owner: &Owner, until: Instant) -> bool {
     let mut pauses = PAUSES.lock().expect("rate-limit pauses");
     let now = Instant::now();
     pauses.prune(now);
     let limited = pauses.limited.entry(key(owner)).or_insert_with(|| Limited {
-        ends: until,
+        ends: now,
         last: now,
         turn: Arc::default(),
     });
+    let lengthened = limited.ends <= now || until.saturating_duration_since(limited.ends) >= Duration::from_secs(1);
     limited.ends = limited.ends.max(until);
     limited.last = now;
+    lengthened
 }
 
 /// A run's turn on a connection limited lately ([`turn`]).
@@ -174,8 +194,8 @@ pub(crate) async fn wait_for_turn(owner: &Owner, deadline: Instant) -> Result<()
     if Instant::now() + left > deadline {
         metrics::counter!(names::PROVIDER_RATE_LIMITS, "outcome" => "gave_up").increment(1);
         return Err(format!(
-            "rate limited: {}'s API asked for no calls of connection {} for {:.1} s more \
-             (a 429's Retry-After), longer than this run has left",
+            "rate limited: {}'s API limit holds the calls of connection {} for {:.1} s more, \
+             longer than this run has left",
             owner.integration,
             owner.connection_id,
             left.as_secs_f64()
@@ -203,8 +223,19 @@ mod tests {
     fn a_pause_is_per_connection_and_the_longer_one_stays() {
         let (a, b) = (owner("pause-a"), owner("pause-b"));
         assert_eq!(paused_for(&a), None);
-        pause(&a, Duration::from_secs(60));
-        pause(&a, Duration::from_secs(1));
+        assert!(
+            pause(&a, Duration::from_secs(60), Limit::Refused),
+            "a new pause is recorded"
+        );
+        assert!(
+            !pause(&a, Duration::from_secs(1), Limit::Refused),
+            "a shorter one is not"
+        );
+        assert!(
+            !pause(&a, Duration::from_secs(60), Limit::Refused),
+            "nor the same again"
+        );
+        assert!(pause(&a, Duration::from_secs(90), Limit::Refused), "a longer one is");
         let left = paused_for(&a).expect("paused");
         assert!(left > Duration::from_secs(50), "the longer pause stays: {left:?}");
         assert_eq!(paused_for(&b), None, "another connection is not paused");
@@ -225,7 +256,7 @@ mod tests {
     async fn runs_of_a_connection_limited_lately_take_turns_after_its_pause() {
         let f = owner("turn-f");
         assert!(turn(|| f.clone()).is_none(), "never limited: no turns");
-        pause(&f, Duration::from_millis(200));
+        pause(&f, Duration::from_millis(200), Limit::Refused);
         let started = Instant::now();
         let first = turn(|| f.clone())
             .expect("limited lately")
@@ -243,7 +274,7 @@ mod tests {
     #[tokio::test]
     async fn a_call_fails_at_once_when_the_pause_outlasts_its_run() {
         let c = owner("pause-c");
-        pause(&c, Duration::from_secs(30));
+        pause(&c, Duration::from_secs(30), Limit::Refused);
         let started = Instant::now();
         let error = wait_for_turn(&c, Instant::now() + Duration::from_secs(5))
             .await
@@ -252,7 +283,7 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5), "did not wait");
 
         let d = owner("pause-d");
-        pause(&d, Duration::from_millis(200));
+        pause(&d, Duration::from_millis(200), Limit::Refused);
         let started = Instant::now();
         wait_for_turn(&d, Instant::now() + Duration::from_secs(5))
             .await

@@ -51,6 +51,9 @@ struct Fake {
     /// GitHub's way of refusing them: 403, nothing remaining until this reset (epoch
     /// seconds). Otherwise 429 with `Retry-After`.
     github_reset: Option<u64>,
+    /// GitHub's budget (`budget_as_github`): the calls answered before the limit refuses,
+    /// each with what remains.
+    budget: u32,
     /// Every answered list request, with its status.
     requests: Vec<(String, u16)>,
     /// A request held until released.
@@ -154,6 +157,13 @@ impl FakeCrm {
     /// `x-ratelimit-reset` (epoch seconds), until the whole second `window` from now
     /// reaches.
     pub fn limit_as_github_for(&self, window: Duration) {
+        self.budget_as_github(0, window);
+    }
+
+    /// GitHub's limit with `calls` left in it: those are answered, each with
+    /// `x-ratelimit-remaining` (down to `0`) and `x-ratelimit-reset`; after them the
+    /// API key's requests are refused as `limit_as_github_for` says, until the reset.
+    pub fn budget_as_github(&self, calls: u32, window: Duration) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .expect("after 1970");
@@ -162,6 +172,7 @@ impl FakeCrm {
         self.with(|f| {
             f.limited_until = Some(until);
             f.github_reset = Some(reset);
+            f.budget = calls;
         });
     }
 
@@ -260,8 +271,12 @@ impl Held {
     }
 }
 
-/// Auth, injected faults and the hold, before a list page is served.
-async fn gate(state: &Shared, headers: &HeaderMap, page: usize, path: String) -> Result<(), Response> {
+/// A header to answer with.
+type Header = (&'static str, String);
+
+/// Auth, injected faults, the rate limit and the hold, before a page is served: the
+/// headers to answer it with (a budget's remaining calls), or the refusal.
+async fn gate(state: &Shared, headers: &HeaderMap, page: usize, path: String) -> Result<Vec<Header>, Response> {
     let (status, hold) = {
         let mut fake = state.lock().expect("fake CRM state");
         let authorised = match headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
@@ -272,9 +287,21 @@ async fn gate(state: &Shared, headers: &HeaderMap, page: usize, path: String) ->
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .is_some_and(|token| fake.tokens.get(token) == Some(&true)),
         };
-        let limited = fake
+        // A provider's limit is per credential: the API key's here.
+        let window = fake
             .limited_until
             .and_then(|until| until.checked_duration_since(Instant::now()))
+            .filter(|_| headers.contains_key("x-api-key"));
+        let mut answer_headers = Vec::new();
+        if let (Some(_), Some(reset), true) = (window, fake.github_reset, fake.budget > 0) {
+            fake.budget -= 1;
+            answer_headers = vec![
+                ("x-ratelimit-remaining", fake.budget.to_string()),
+                ("x-ratelimit-reset", reset.to_string()),
+            ];
+        }
+        let limited = window
+            .filter(|_| answer_headers.is_empty())
             .map(|left| match fake.github_reset {
                 Some(reset) => (
                     403,
@@ -288,8 +315,6 @@ async fn gate(state: &Shared, headers: &HeaderMap, page: usize, path: String) ->
                     vec![("retry-after", (left.as_secs_f64().ceil() as u64).to_string())],
                 ),
             });
-        // A provider's limit is per credential: the API key's here.
-        let limited = limited.filter(|_| headers.contains_key("x-api-key"));
         let fault = if authorised {
             limited.or_else(|| {
                 let (status, retry_after) = fake.faults.pop_front()?;
@@ -302,10 +327,10 @@ async fn gate(state: &Shared, headers: &HeaderMap, page: usize, path: String) ->
         let status = match (authorised, fault) {
             (false, _) => Err((401, Vec::new())),
             (true, Some(fault)) => Err(fault),
-            (true, None) => Ok(()),
+            (true, None) => Ok(answer_headers),
         };
         fake.requests
-            .push((path, status.as_ref().map_or_else(|(s, _)| *s, |()| 200)));
+            .push((path, status.as_ref().map_or_else(|(s, _)| *s, |_| 200)));
         let hold = if status.is_ok() {
             take_hold(&mut fake, Hold::Page(page))
         } else {
@@ -315,18 +340,22 @@ async fn gate(state: &Shared, headers: &HeaderMap, page: usize, path: String) ->
     };
     wait_if_held(hold).await;
     status.map_err(|(code, headers)| {
-        let mut response = (
+        let refused = (
             StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             axum::Json(json!({"error": "injected"})),
-        )
-            .into_response();
-        for (name, value) in headers {
-            response
-                .headers_mut()
-                .insert(name, value.parse().expect("a header value"));
-        }
-        response
+        );
+        with_headers(headers, refused)
     })
+}
+
+fn with_headers(headers: Vec<Header>, answer: impl IntoResponse) -> Response {
+    let mut response = answer.into_response();
+    for (name, value) in headers {
+        response
+            .headers_mut()
+            .insert(name, value.parse().expect("a header value"));
+    }
+    response
 }
 
 fn slice(state: &Shared, from: usize, limit: usize) -> (Vec<Value>, bool) {
@@ -347,7 +376,7 @@ async fn cursor_page(
 ) -> Response {
     let from = number(&query, "cursor", 0);
     let limit = number(&query, "limit", 2);
-    if let Err(refused) = gate(
+    let answer_headers = match gate(
         &state,
         &headers,
         from / limit.max(1),
@@ -355,11 +384,15 @@ async fn cursor_page(
     )
     .await
     {
-        return refused;
-    }
+        Ok(answer_headers) => answer_headers,
+        Err(refused) => return refused,
+    };
     let (results, more) = slice(&state, from, limit);
     let next = more.then(|| (from + limit).to_string());
-    axum::Json(json!({"results": results, "next_cursor": next})).into_response()
+    with_headers(
+        answer_headers,
+        axum::Json(json!({"results": results, "next_cursor": next})),
+    )
 }
 
 async fn one_contact(
@@ -367,13 +400,17 @@ async fn one_contact(
     headers: HeaderMap,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Response {
-    if let Err(refused) = gate(&state, &headers, 0, format!("/contacts/{id}")).await {
-        return refused;
-    }
+    let answer_headers = match gate(&state, &headers, 0, format!("/contacts/{id}")).await {
+        Ok(answer_headers) => answer_headers,
+        Err(refused) => return refused,
+    };
     let contact = state.lock().expect("fake CRM state").contacts.get(&id).cloned();
     match contact {
-        Some(contact) => axum::Json(contact).into_response(),
-        None => (StatusCode::NOT_FOUND, axum::Json(json!({"error": "no such contact"}))).into_response(),
+        Some(contact) => with_headers(answer_headers, axum::Json(contact)),
+        None => with_headers(
+            answer_headers,
+            (StatusCode::NOT_FOUND, axum::Json(json!({"error": "no such contact"}))),
+        ),
     }
 }
 
@@ -384,11 +421,12 @@ async fn link_page(
 ) -> Response {
     let page = number(&query, "page", 0);
     let limit = number(&query, "limit", 2);
-    if let Err(refused) = gate(&state, &headers, page, format!("/link/contacts?page={page}")).await {
-        return refused;
-    }
+    let answer_headers = match gate(&state, &headers, page, format!("/link/contacts?page={page}")).await {
+        Ok(answer_headers) => answer_headers,
+        Err(refused) => return refused,
+    };
     let (data, more) = slice(&state, page * limit, limit);
-    let mut response = axum::Json(json!({"data": data})).into_response();
+    let mut response = with_headers(answer_headers, axum::Json(json!({"data": data})));
     if more {
         let host = headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("127.0.0.1");
         let link = format!(
@@ -409,7 +447,7 @@ async fn offset_page(
 ) -> Response {
     let offset = number(&query, "offset", 0);
     let limit = number(&query, "limit", 2);
-    if let Err(refused) = gate(
+    let answer_headers = match gate(
         &state,
         &headers,
         offset / limit.max(1),
@@ -417,10 +455,11 @@ async fn offset_page(
     )
     .await
     {
-        return refused;
-    }
+        Ok(answer_headers) => answer_headers,
+        Err(refused) => return refused,
+    };
     let (items, _) = slice(&state, offset, limit);
-    axum::Json(json!({"items": items})).into_response()
+    with_headers(answer_headers, axum::Json(json!({"items": items})))
 }
 
 async fn token(State(state): State<Shared>, body: String) -> Response {

@@ -261,6 +261,32 @@ impl Setup {
         (held, since)
     }
 
+    /// The integration's `api.rate_limit` as GitHub's provider file has it.
+    async fn rate_limits_as_github(&self) {
+        let crm: hookyard_core::keys::IntegrationKey = "crm".parse().unwrap();
+        let integration = self
+            .h
+            .store
+            .existing_integration(self.h.environment.id, &crm)
+            .await
+            .unwrap();
+        let mut settings = integration.settings.clone();
+        settings["api"]["rate_limit"] = json!({
+            "statuses": [403],
+            "remaining_header": "x-ratelimit-remaining",
+            "reset_header": "x-ratelimit-reset",
+        });
+        let changes = IntegrationChanges {
+            settings: Some(settings),
+            ..Default::default()
+        };
+        self.h
+            .store
+            .update_integration(self.h.environment.id, &crm, &changes)
+            .await
+            .unwrap();
+    }
+
     /// A thin provider event for `c0` (Nango's HubSpot-style: an id, no data), with a
     /// `HOOKS_RAW` sequence of its own.
     async fn thin_event(&self, contact: &str) {
@@ -2517,22 +2543,7 @@ async fn rate_limited_events(as_github: bool) {
     let s = setup_with(&[("crm/syncs/thin.js", THIN)]).await;
     let refused_with = if as_github { 403 } else { 429 };
     if as_github {
-        let crm: hookyard_core::keys::IntegrationKey = "crm".parse().unwrap();
-        let integration = s.h.store.existing_integration(s.h.environment.id, &crm).await.unwrap();
-        let mut settings = integration.settings.clone();
-        settings["api"]["rate_limit"] = json!({
-            "statuses": [403],
-            "remaining_header": "x-ratelimit-remaining",
-            "reset_header": "x-ratelimit-reset",
-        });
-        let changes = IntegrationChanges {
-            settings: Some(settings),
-            ..Default::default()
-        };
-        s.h.store
-            .update_integration(s.h.environment.id, &crm, &changes)
-            .await
-            .unwrap();
+        s.rate_limits_as_github().await;
     }
     let refused = || {
         s.crm
@@ -2565,6 +2576,8 @@ async fn rate_limited_events(as_github: bool) {
         || async { (rate_limits("held").await >= 1.0).then_some(()) },
     )
     .await;
+    let shown = &s.h.api_get("/connections?connectionId=c0").await["connections"][0];
+    assert!(shown["rate_limited_until"].is_string(), "shown while it holds: {shown}");
     for (id, email) in [("p1", "one@example.com"), ("p2", "two@example.com")] {
         eventually(
             "the contact fetched once the limit ended",
@@ -2595,6 +2608,45 @@ async fn rate_limited_events(as_github: bool) {
         connection.rate_limited_until.is_some(),
         "recorded for the other processes"
     );
+    let shown = &s.h.api_get("/connections?connectionId=c0").await["connections"][0];
+    assert_eq!(
+        shown["rate_limited_until"],
+        Value::Null,
+        "not shown once it ended: {shown}"
+    );
+}
+
+/// An answer that spends the provider's limit (GitHub's last call of the hour: a 200 with
+/// nothing remaining) pauses the connection until its reset: the next event's call waits
+/// for it instead of being refused.
+#[tokio::test]
+async fn an_answer_with_nothing_remaining_pauses_the_connection_until_its_reset_without_a_refusal() {
+    let s = setup_with(&[("crm/syncs/thin.js", THIN)]).await;
+    s.rate_limits_as_github().await;
+    // One call left, then refusals until the reset (2 s and a part on).
+    s.crm.budget_as_github(1, Duration::from_secs(2));
+    s.crm.put_contact("p1", "one@example.com");
+    s.crm.put_contact("p2", "two@example.com");
+    s.thin_event("p1").await;
+    for (id, email) in [("p1", "one@example.com"), ("p2", "two@example.com")] {
+        eventually("the contact fetched", Duration::from_secs(20), || async {
+            let contacts = s.contacts("c0").await;
+            contacts.iter().any(|(i, e, _)| i == id && e == email).then_some(())
+        })
+        .await;
+        if id == "p1" {
+            // Sent while the limit still holds: the fake would refuse its call.
+            s.thin_event("p2").await;
+        }
+    }
+    let requests = s.crm.requests();
+    assert!(
+        requests.iter().all(|(_, status)| *status == 200),
+        "no call was sent into the spent limit: {requests:?}"
+    );
+    assert_eq!(requests.len(), 2, "{requests:?}");
+    assert_eq!(rate_limits("spent").await, 1.0);
+    assert_eq!(rate_limits("limited").await, 0.0);
 }
 
 /// A rate limit another process met (a worker elsewhere) is read with the connection:

@@ -44,12 +44,15 @@ pub struct RateLimitSpec {
     /// or `remaining_header` says `0` (GitHub: 403; without either it is a refusal).
     #[serde(default)]
     pub statuses: Vec<u16>,
-    /// The header with the calls left in the limit's window.
+    /// The header with the calls left in the limit's window. Any answer, refused or
+    /// not, that says `0` pauses the connection's calls until the reset: the next
+    /// call is not sent into a refusal.
     #[serde(default)]
     pub remaining_header: Option<String>,
     /// The header with when the window starts again, in UTC epoch seconds: waited for
     /// when no `Retry-After` says otherwise and nothing is left (or no remaining header
-    /// is named).
+    /// is named). Not read for other retries (a 5xx's): GitHub sends it with every
+    /// answer.
     #[serde(default)]
     pub reset_header: Option<String>,
 }
