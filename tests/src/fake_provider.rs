@@ -319,7 +319,8 @@ async fn gate(state: &Shared, headers: &HeaderMap, page: usize, path: String) ->
             limited.or_else(|| {
                 let (status, retry_after) = fake.faults.pop_front()?;
                 let headers = retry_after.map(|seconds| ("retry-after", seconds.to_string()));
-                Some((status, headers.into_iter().collect()))
+                // A budget's headers come with every answer, as GitHub's do.
+                Some((status, headers.into_iter().chain(answer_headers.clone()).collect()))
             })
         } else {
             None

@@ -935,6 +935,22 @@ async fn a_429_is_retried_after_its_retry_after_and_a_5xx_after_a_backoff() {
     assert_eq!(live(&s.contacts("c0").await), ["p1"]);
 }
 
+/// GitHub names its limit's reset in every answer: a 5xx's retry waits the backoff, not
+/// until the reset (which, an hour away, would be no retry at all).
+#[tokio::test]
+async fn a_5xx_naming_the_limits_reset_is_retried_after_the_backoff() {
+    let s = setup(&[("c0", json!({}), api_key())], true).await;
+    s.rate_limits_as_github().await;
+    s.crm.budget_as_github(100, Duration::from_secs(3600));
+    s.crm.put_contact("p1", "p1@crm.test");
+    s.crm.fail_next(1, 502, None);
+    let state = &s.run_at(Utc::now(), &["c0"]).await[0];
+    assert_eq!(state.last_outcome.as_deref(), Some("SUCCESS"), "{:?}", state.last_error);
+    let statuses: Vec<u16> = s.crm.requests().iter().map(|(_, status)| *status).collect();
+    assert_eq!(statuses, [502, 200]);
+    assert_eq!(live(&s.contacts("c0").await), ["p1"]);
+}
+
 #[tokio::test]
 async fn two_reconcilers_queue_exactly_one_run_per_slot() {
     two_reconcilers(None).await;
