@@ -52,10 +52,14 @@ pub mod names {
     /// Refreshes that found another run refreshing the same connection and waited for it.
     pub const OAUTH2_REFRESH_WAITS: &str = "hookyard_oauth2_refresh_waits_total";
     /// Provider rate limits, by `outcome`: `limited` (a rate-limit answer, a 429 or the
-    /// provider's own, paused its connection's calls), `waited` (a call held until the
-    /// pause ended), `gave_up` (a call failed because the pause outlasted its run),
-    /// `held` (a webhook run of a connection limited lately that took its turn).
+    /// provider's own, paused its connection's calls), `spent` (an answer with nothing
+    /// remaining paused them before any refusal), `waited` (a call held until the pause
+    /// ended), `gave_up` (a call failed because the pause outlasted its run), `held` (a
+    /// webhook run of a connection limited lately that took its turn).
     pub const PROVIDER_RATE_LIMITS: &str = "hookyard_provider_rate_limits_total";
+    /// Provider reads (GETs) answered by an identical one of the same connection already
+    /// in flight, sent after the run's events came, instead of a request of their own.
+    pub const PROVIDER_READS_SHARED: &str = "hookyard_provider_reads_shared_total";
 }
 
 /// Latency buckets (seconds) for every `_seconds` histogram.

@@ -191,6 +191,8 @@ pub struct WebhookHost {
     /// `None`: deleted since the event was routed.
     integration: Option<std::sync::Arc<Integration>>,
     api: std::sync::OnceLock<Result<ProviderApi, String>>,
+    /// When it was made: after every event of its group came.
+    made: Instant,
 }
 
 /// What every onWebhook host of a worker shares: the store (for record reads and
@@ -216,6 +218,7 @@ impl WebhookHost {
             credentials,
             integration,
             api: std::sync::OnceLock::new(),
+            made: Instant::now(),
         }
     }
 
@@ -234,6 +237,7 @@ impl WebhookHost {
                 self.owner.clone(),
                 &source.guard,
             )
+            .map(|api| api.fresh_from(self.made))
         });
         api.as_ref().map_err(Clone::clone)
     }

@@ -18,6 +18,7 @@ mod queue;
 pub mod rate_limit;
 pub mod runs;
 mod sandbox;
+mod shared_reads;
 pub mod token_refresh;
 pub mod typescript;
 

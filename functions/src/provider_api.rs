@@ -23,6 +23,7 @@ use serde_json::{Map, Value};
 use tokio::sync::Mutex;
 
 use crate::rate_limit::{self, Limit};
+use crate::shared_reads;
 use crate::token_refresh::{expiring, Refresher};
 
 /// Retries of a 429 / 5xx / unreachable call unless the call says otherwise.
@@ -65,7 +66,7 @@ pub struct RetryHeader {
 }
 
 /// What it gets back (a non-2xx is thrown by the prelude, with this as `response`).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct ProxyResponse {
     pub status: u16,
     pub headers: Map<String, Value>,
@@ -90,6 +91,9 @@ pub struct ProviderApi {
     store: Store,
     /// Which addresses may be called (loopback and private ones are refused by default).
     guard: ForwardingConfig,
+    /// Every event this API's runs are for came by then: a read of the connection sent
+    /// since is as new as any of them, and may answer theirs ([`shared_reads`]).
+    fresh_from: Instant,
 }
 
 /// The HTTP client for provider calls under `guard`: one per process and set of rules,
@@ -156,7 +160,13 @@ impl ProviderApi {
             owner,
             store,
             guard,
+            fresh_from: Instant::now(),
         })
+    }
+
+    /// For runs of events that all came by `at` (before the API was made).
+    pub fn fresh_from(self, at: Instant) -> ProviderApi {
+        ProviderApi { fresh_from: at, ..self }
     }
 
     /// The integration's default pagination, for `nango.paginate`.
@@ -176,9 +186,41 @@ impl ProviderApi {
     }
 
     /// One call, with its retries and at most one token refresh, within its run's
-    /// `deadline`: a retry (or a rate limit's pause) the run cannot wait for ends it.
+    /// `deadline`: a retry (or a rate limit's pause) the run cannot wait for ends it. A
+    /// read may be answered by the same one in flight for another run ([`shared_reads`]).
     pub async fn call(&self, request: ProxyRequest, deadline: Instant) -> Result<ProxyResponse, String> {
-        let url = endpoint_url(&self.base, &request)?;
+        match self.read_key(&request) {
+            Some(key) => shared_reads::read(key, self.fresh_from, self.send_call(&request, deadline)).await,
+            None => self.send_call(&request, deadline).await,
+        }
+    }
+
+    /// What makes a read the same as another: the connection, the base URL and every part
+    /// of the call. `None` for a call that is not a read (a GET or HEAD without a body).
+    fn read_key(&self, request: &ProxyRequest) -> Option<String> {
+        let read = ["GET", "HEAD"].iter().any(|m| request.method.eq_ignore_ascii_case(m));
+        if !read || !matches!(request.data, None | Some(Value::Null)) {
+            return None;
+        }
+        let owner = &self.owner;
+        Some(format!(
+            "{} {} {} {} {} {} {:?} {:?} {:?} {:?} {:?}",
+            owner.environment_id,
+            owner.integration,
+            owner.connection_id,
+            request.method.to_ascii_uppercase(),
+            self.base,
+            request.endpoint,
+            request.params,
+            request.headers,
+            request.retries,
+            request.retry_on,
+            request.retry_header,
+        ))
+    }
+
+    async fn send_call(&self, request: &ProxyRequest, deadline: Instant) -> Result<ProxyResponse, String> {
+        let url = endpoint_url(&self.base, request)?;
         hookyard_core::outbound::allowed_destination(url.as_str(), &self.guard)
             .await
             .map_err(|e| format!("{}: {e}", url_for_errors(&url)))?;
@@ -199,7 +241,7 @@ impl ProviderApi {
                     .flatten();
                 (auth_headers(credentials.as_ref(), &self.spec)?, sent_with)
             };
-            let sent = self.send(&method, &url, &request, auth).await;
+            let sent = self.send(&method, &url, request, auth).await;
             let (retry_in, limited) = match &sent {
                 Ok(response)
                     if response.status().as_u16() == 401

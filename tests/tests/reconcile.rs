@@ -60,8 +60,6 @@ struct Setup {
     reconciler: Reconciler,
 }
 
-/// The pipeline with the worker running, `crm` pointed at the fake CRM, and one
-/// connection per `(id, metadata, credentials)`.
 /// A connection `id` of `crm`.
 fn connection(id: &str, metadata: Value, credentials: Credentials) -> NewConnection {
     NewConnection {
@@ -78,6 +76,8 @@ async fn setup(connections: &[(&str, Value, Credentials)], auto_start: bool) -> 
     setup_on(None, connections, auto_start, |_| {}).await
 }
 
+/// The pipeline with the worker running, `crm` pointed at the fake CRM, and one
+/// connection per `(id, metadata, credentials)`.
 async fn setup_on(
     database_url: Option<&str>,
     connections: &[(&str, Value, Credentials)],
@@ -904,6 +904,7 @@ async fn a_refresh_answered_after_its_run_gave_up_is_stored_for_the_next() {
 }
 
 const OAUTH2_WAITS: &str = "hookyard_oauth2_refresh_waits_total";
+const PROVIDER_READS_SHARED: &str = "hookyard_provider_reads_shared_total";
 
 fn oauth2_refreshes(outcome: &str) -> String {
     format!("hookyard_oauth2_refreshes_total{{outcome=\"{outcome}\"}}")
@@ -2663,6 +2664,87 @@ async fn an_answer_with_nothing_remaining_pauses_the_connection_until_its_reset_
     assert_eq!(requests.len(), 2, "{requests:?}");
     assert_eq!(rate_limits("spent").await, 1.0);
     assert_eq!(rate_limits("limited").await, 0.0);
+}
+
+/// onWebhook that fetches the contact a thin event names after a moment's work, so that
+/// every event of a burst has come before any fetch is sent.
+const FETCH_AFTER_A_MOMENT: &str = r#"
+import { createSync } from 'nango';
+export default createSync({
+  models: { Contact: {} },
+  webhookSubscriptions: ['contact.changed'],
+  onWebhook: async (nango, payload) => {
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    const { data } = await nango.get({ endpoint: `/contacts/${payload.objectId}` });
+    await nango.batchSave([{ id: data.id, email: data.email }], 'Contact');
+  },
+});
+"#;
+
+/// A burst of thin events about one contact (HubSpot's batch of property changes): the
+/// runs fetching it at once share one request, sent after every one of them came.
+#[tokio::test]
+async fn identical_reads_of_a_burst_share_one_request() {
+    let s = setup_configured(&[("crm/syncs/thin.js", FETCH_AFTER_A_MOMENT)], |config| {
+        config.worker.js_threads = 2;
+        config.worker.hold_back_slow_syncs = false;
+    })
+    .await;
+    s.crm.put_contact("p1", "one@example.com");
+    let held = s.crm.hold_page(0);
+    let event = json!({"type": "contact.changed", "objectId": "p1"});
+    let (first, second) = (s.raw_sequence().await, s.raw_sequence().await);
+    s.h.publish([
+        (first, "c0", "contact.changed", event.clone()),
+        (second, "c0", "contact.changed", event),
+    ])
+    .await;
+    tokio::time::timeout(Duration::from_secs(10), held.reached())
+        .await
+        .expect("the first fetch to reach the provider");
+    eventually(
+        "the second run to join the first's fetch",
+        Duration::from_secs(10),
+        || async { (metric(PROVIDER_READS_SHARED).await >= 1.0).then_some(()) },
+    )
+    .await;
+    held.release();
+    s.h.drained().await;
+    assert_eq!(s.crm.requests(), [("/contacts/p1".to_string(), 200)], "one request");
+    let contacts = s.contacts("c0").await;
+    assert!(
+        contacts
+            .iter()
+            .any(|(id, email, _)| id == "p1" && email == "one@example.com"),
+        "{contacts:?}"
+    );
+    assert_eq!(metric(PROVIDER_READS_SHARED).await, 1.0);
+    let runs = metric("hookyard_executions_total{kind=\"on_webhook\",status=\"ok\"}").await;
+    assert_eq!(runs, 2.0, "both events ran");
+
+    // An event that comes while a fetch is on its way does not take that fetch's answer,
+    // which may be older than the change it tells of: it sends its own.
+    let held = s.crm.hold_page(0);
+    let send = || async {
+        let seq = s.raw_sequence().await;
+        let event = json!({"type": "contact.changed", "objectId": "p1"});
+        s.h.publish([(seq, "c0", "contact.changed", event)]).await;
+    };
+    send().await;
+    tokio::time::timeout(Duration::from_secs(10), held.reached())
+        .await
+        .expect("the third fetch to reach the provider");
+    send().await;
+    eventually(
+        "the fourth event's own fetch, answered while the third's is held",
+        Duration::from_secs(10),
+        || async { (s.crm.requests().len() == 3).then_some(()) },
+    )
+    .await;
+    held.release();
+    s.h.drained().await;
+    assert_eq!(s.crm.requests().len(), 3);
+    assert_eq!(metric(PROVIDER_READS_SHARED).await, 1.0, "not shared");
 }
 
 /// A rate limit another process met (a worker elsewhere) is read with the connection:
