@@ -424,7 +424,7 @@ struct AskedWait<'a> {
     /// The call's own `retryHeader.at`: when to call again, in UTC epoch seconds.
     at: Option<&'a str>,
     /// The provider's reset header (epoch seconds), read only for a spent limit: GitHub
-    /// sends it with every answer, so a 5xx retried until it would wait out the hour.
+    /// sends it with every answer, and a 5xx's retry is not to wait out the hour.
     reset: Option<&'a str>,
 }
 
@@ -440,25 +440,25 @@ impl<'a> AskedWait<'a> {
     /// The wait `headers` ask for: `after`, else `at`, else (when `reset_too`) the reset.
     fn wait(&self, headers: &HeaderMap, reset_too: bool) -> Option<Duration> {
         self.after(headers)
-            .or_else(|| self.until(headers, self.at))
-            .or_else(|| self.until(headers, self.reset.filter(|_| reset_too)))
+            .or_else(|| until(headers, self.at))
+            .or_else(|| until(headers, self.reset.filter(|_| reset_too)))
     }
 
     /// The seconds `headers` ask to wait in `after`.
     fn after(&self, headers: &HeaderMap) -> Option<Duration> {
         header(headers, self.after).and_then(parse_retry_after)
     }
+}
 
-    /// The wait until the epoch seconds in the header `name`.
-    fn until(&self, headers: &HeaderMap, name: Option<&str>) -> Option<Duration> {
-        let at: f64 = header(headers, name?)?.parse().ok()?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs_f64();
-        // At least a second: a clock a little ahead of the provider's would not wait.
-        Some(Duration::from_secs_f64((at - now).clamp(1.0, 86_400.0)))
-    }
+/// The wait until the UTC epoch seconds in the header `name`.
+fn until(headers: &HeaderMap, name: Option<&str>) -> Option<Duration> {
+    let at: f64 = header(headers, name?)?.parse().ok()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    // At least a second: a clock a little ahead of the provider's would not wait.
+    Some(Duration::from_secs_f64((at - now).clamp(1.0, 86_400.0)))
 }
 
 fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {

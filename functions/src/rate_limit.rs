@@ -83,9 +83,9 @@ pub enum Limit {
 }
 
 /// A rate limit for `owner` met by this process: its calls wait `wait` from now (a
-/// longer pause already set stays). Whether the pause now ends a second or more later
-/// than any this process knew of: then the caller records it in the store for the
-/// others (the many calls of a burst refused at once write it once).
+/// longer pause already set stays). Whether none was in force or this one ends a second
+/// or more later than it: then the caller records it in the store for the others (the
+/// many calls of a burst refused at once write it once).
 pub fn pause(owner: &Owner, wait: Duration, how: Limit) -> bool {
     let lengthened = hold_until(owner, Instant::now() + wait);
     let outcome = match how {
