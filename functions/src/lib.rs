@@ -48,6 +48,9 @@ pub enum ErrorKind {
     StackOverflow,
     /// The engine could not run it (a bundle that does not load, for one).
     Internal,
+    /// It never ran: the worker stopped while it waited for its connection's turn
+    /// (`rate_limit::Turn`). Left for the next worker, not a failure.
+    NotRun,
 }
 
 impl ErrorKind {
@@ -58,6 +61,7 @@ impl ErrorKind {
             ErrorKind::OutOfMemory => "out_of_memory",
             ErrorKind::StackOverflow => "stack_overflow",
             ErrorKind::Internal => "internal",
+            ErrorKind::NotRun => "not_run",
         }
     }
 

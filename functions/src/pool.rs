@@ -71,6 +71,18 @@ impl Drop for Job {
     }
 }
 
+impl Job {
+    /// Ends it unrun: its worker stopped while it waited for its turn.
+    fn not_run(mut self) {
+        self.run = None;
+        let error = FunctionError::new(
+            ErrorKind::NotRun,
+            "not run: the worker stopped while it waited for its connection's turn",
+        );
+        self.batch.end(self.slot, Err(error));
+    }
+}
+
 /// The outcome of an execution whose thread went away.
 pub fn stopped() -> FunctionError {
     FunctionError::new(ErrorKind::Internal, "the JS threads stopped")
@@ -267,7 +279,8 @@ impl Pool {
 
     /// [`Pool::submit`], except that a run with a [`Turn`] (its connection's provider
     /// limited it lately) is queued only once it has its turn, which it keeps until it
-    /// ends. Must be called on the async runtime.
+    /// ends; one whose worker stops first ends unrun ([`ErrorKind::NotRun`]). Must be
+    /// called on the async runtime.
     pub fn submit_in_turn(&self, runs: Vec<(Arc<SyncCode>, Invocation, Option<Turn>)>) -> Arc<Batch> {
         let batch = Arc::new(Batch::new(runs.len()));
         for (slot, (code, invocation, turn)) in runs.into_iter().enumerate() {
@@ -289,6 +302,10 @@ impl Pool {
                     let mut outcomes = batch.outcomes();
                     outcomes.held -= 1;
                 }
+                let Ok(turn) = turn else {
+                    job.not_run();
+                    return;
+                };
                 queue.0.push(key, job);
                 batch.slot_ended(slot).await;
                 drop(turn);

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use hookyard_core::keys::IntegrationKey;
 use hookyard_core::metrics::names;
+use tokio_util::sync::CancellationToken;
 
 use crate::provider_api::Owner;
 
@@ -125,7 +126,13 @@ fn hold_until(owner: &Owner, until: Instant) -> bool {
 pub struct Turn {
     owner: Owner,
     lock: Arc<tokio::sync::Mutex<()>>,
+    /// The worker's stop: a run still waiting then is not run ([`Turn::unless`]).
+    stop: Option<CancellationToken>,
 }
+
+/// A run waiting for its turn when its worker stopped ([`Turn::take`]).
+#[derive(Debug)]
+pub struct Stopped;
 
 /// The turn a webhook run of `owner` takes before it is handed to a JS thread, when the
 /// connection was limited lately: its runs go one at a time, each after any pause, so
@@ -146,15 +153,33 @@ pub fn turn(owner: impl FnOnce() -> Owner) -> Option<Turn> {
     (limited.last.elapsed() < TURNS_FOR).then(|| Turn {
         lock: limited.turn.clone(),
         owner,
+        stop: None,
     })
 }
 
 impl Turn {
+    /// A turn given up when `stop` is cancelled (a worker stopping does not wait for the
+    /// runs still waiting: another worker takes their events).
+    pub fn unless(self, stop: CancellationToken) -> Turn {
+        Turn {
+            stop: Some(stop),
+            ..self
+        }
+    }
+
     /// Waits for the connection's other runs taking turns, then for its pause to end;
-    /// at most [`TURN_WAIT_AT_MOST`] in all (then `None`: the run goes anyway, and its
-    /// calls meet the pause themselves).
-    pub async fn take(self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+    /// at most [`TURN_WAIT_AT_MOST`] in all (then `Ok(None)`: the run goes anyway, and
+    /// its calls meet the pause themselves). [`Stopped`] if the worker stops meanwhile.
+    pub async fn take(self) -> Result<Option<tokio::sync::OwnedMutexGuard<()>>, Stopped> {
         metrics::counter!(names::PROVIDER_RATE_LIMITS, "outcome" => "held").increment(1);
+        let stop = self.stop.clone().unwrap_or_default();
+        tokio::select! {
+            taken = self.wait() => Ok(taken),
+            _ = stop.cancelled() => Err(Stopped),
+        }
+    }
+
+    async fn wait(self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
         let started = Instant::now();
         let guard = tokio::time::timeout(TURN_WAIT_AT_MOST, self.lock.lock_owned())
             .await
@@ -262,13 +287,26 @@ mod tests {
             .expect("limited lately")
             .take()
             .await
+            .unwrap()
             .expect("its turn");
         assert!(started.elapsed() >= Duration::from_millis(150), "after the pause");
         let mut second = tokio::spawn(turn(|| f.clone()).expect("limited lately").take());
         let early = tokio::time::timeout(Duration::from_millis(100), &mut second).await;
         assert!(early.is_err(), "not while the first holds the turn");
         drop(first);
-        assert!(second.await.unwrap().is_some(), "then its own");
+        assert!(second.await.unwrap().unwrap().is_some(), "then its own");
+    }
+
+    #[tokio::test]
+    async fn a_run_waiting_for_its_turn_gives_it_up_when_its_worker_stops() {
+        let g = owner("turn-g");
+        pause(&g, Duration::from_secs(30), Limit::Refused);
+        let stop = CancellationToken::new();
+        let waiting = tokio::spawn(turn(|| g.clone()).expect("limited lately").unless(stop.clone()).take());
+        tokio::task::yield_now().await;
+        stop.cancel();
+        let taken = tokio::time::timeout(Duration::from_secs(5), waiting).await;
+        assert!(matches!(taken, Ok(Ok(Err(Stopped)))), "{taken:?}");
     }
 
     #[tokio::test]

@@ -84,6 +84,18 @@ async fn setup_on(
     auto_start: bool,
     tweak: impl FnOnce(&mut Config),
 ) -> Setup {
+    let s = prepare_on(database_url, connections, auto_start, tweak).await;
+    s.h.start_all();
+    s
+}
+
+/// [`setup_on`] without the worker: the test starts its own.
+async fn prepare_on(
+    database_url: Option<&str>,
+    connections: &[(&str, Value, Credentials)],
+    auto_start: bool,
+    tweak: impl FnOnce(&mut Config),
+) -> Setup {
     let h = harness_with(database_url, 0, |config| {
         config.forwarding.allow_loopback = true;
         tweak(config);
@@ -118,7 +130,6 @@ async fn setup_on(
         CONTACTS.replace("AUTO_START", &auto_start.to_string()),
     )])
     .await;
-    h.start_all();
     let reconciler = Reconciler::new(h.store.clone(), h.bus.jetstream.clone());
     Setup { h, crm, reconciler }
 }
@@ -130,7 +141,14 @@ async fn setup_with(functions: &[(&str, &str)]) -> Setup {
 
 /// [`setup_with`], configured by `tweak`.
 async fn setup_configured(functions: &[(&str, &str)], tweak: impl FnOnce(&mut Config)) -> Setup {
-    let s = setup_on(None, &[("c0", json!({}), api_key())], false, tweak).await;
+    let s = prepare_configured(functions, tweak).await;
+    s.h.start_all();
+    s
+}
+
+/// [`setup_configured`] without the worker: the test starts its own.
+async fn prepare_configured(functions: &[(&str, &str)], tweak: impl FnOnce(&mut Config)) -> Setup {
+    let s = prepare_on(None, &[("c0", json!({}), api_key())], false, tweak).await;
     let mut files = vec![("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "false"))];
     files.extend(functions.iter().map(|(path, source)| (*path, source.to_string())));
     s.h.deploy(&files).await;
@@ -2745,6 +2763,55 @@ async fn identical_reads_of_a_burst_share_one_request() {
     s.h.drained().await;
     assert_eq!(s.crm.requests().len(), 3);
     assert_eq!(metric(PROVIDER_READS_SHARED).await, 1.0, "not shared");
+}
+
+/// A worker told to stop does not wait for the runs waiting for a limited connection's
+/// turn (up to a minute each, past Kubernetes' grace): it leaves them unrun, not failed,
+/// and the next worker runs them once the limit ends.
+#[tokio::test]
+async fn a_stopping_worker_leaves_the_runs_waiting_for_a_turn_to_the_next_one() {
+    let s = prepare_configured(&[("crm/syncs/thin.js", THIN)], |_| {}).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let worker = hookyard_worker::Worker::new(s.h.store.clone(), &s.h.bus, &s.h.config).unwrap();
+    let first = tokio::spawn(std::sync::Arc::new(worker).run(stop.clone()));
+    let refused = || s.crm.requests().iter().filter(|(_, status)| *status == 429).count();
+    s.crm.limit_for(Duration::from_secs(10));
+    s.crm.put_contact("p1", "one@example.com");
+    s.crm.put_contact("p2", "two@example.com");
+    s.thin_event("p1").await;
+    eventually(
+        "the provider to refuse the first call",
+        Duration::from_secs(10),
+        || async { (refused() == 1).then_some(()) },
+    )
+    .await;
+    s.thin_event("p2").await;
+    eventually("the second event to wait its turn", Duration::from_secs(10), || async {
+        (rate_limits("held").await >= 1.0).then_some(())
+    })
+    .await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(4), first)
+        .await
+        .expect("the worker stops without waiting for the turn")
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.crm.requests().len(), 1, "the waiting run was not run");
+
+    s.h.start_all();
+    for id in ["p1", "p2"] {
+        eventually(
+            "the contact stored by the next worker",
+            Duration::from_secs(30),
+            || async { s.contacts("c0").await.iter().any(|(i, _, _)| i == id).then_some(()) },
+        )
+        .await;
+    }
+    assert_eq!(refused(), 1);
+    let letters = s.h.store.dead_letters("dev", &Default::default(), 10).await.unwrap();
+    assert!(letters.is_empty(), "{letters:?}");
+    let failed = metric("hookyard_executions_total{kind=\"on_webhook\",status=\"failed\"}").await;
+    assert_eq!(failed, 1.0, "the refused run failed; the one left unrun did not");
 }
 
 /// A rate limit another process met (a worker elsewhere) is read with the connection:

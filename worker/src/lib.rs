@@ -48,7 +48,7 @@ use hookyard_functions::host::{ApiSource, WebhookHost};
 use hookyard_functions::pool::{Batch, Pool};
 use hookyard_functions::provider_api::Owner;
 use hookyard_functions::rate_limit;
-use hookyard_functions::{Effects, FunctionError, Host, Invocation};
+use hookyard_functions::{Effects, ErrorKind, FunctionError, Host, Invocation};
 use tokio_util::sync::CancellationToken;
 
 use deployments::{Deployments, LiveSync};
@@ -64,6 +64,9 @@ const LINGER: Duration = Duration::from_millis(5);
 const STRAGGLER_WAIT: Duration = Duration::from_millis(20);
 /// After an infrastructure failure (the database, NATS), try the group again after this.
 const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// The least a run a stopping worker left unrun waits to be delivered again (to another
+/// worker, or to this one restarted).
+const NOT_RUN_DELAY: Duration = Duration::from_secs(1);
 /// Markers outlive any redelivery by far after this; pruned once an hour.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -100,6 +103,9 @@ pub struct Worker {
     oplog: OpLog,
     /// Where onWebhook's provider API calls find the connection's credentials.
     api_source: Arc<ApiSource>,
+    /// Cancelled once it stops taking events: runs still waiting for a limited
+    /// connection's turn are then left for the next worker, not waited for.
+    stopping: CancellationToken,
 }
 
 /// One (event, sync) to run.
@@ -133,6 +139,7 @@ impl Worker {
             committed: AtomicU64::new(0),
             oplog: OpLog::start(store_for_log, &config.logs),
             api_source,
+            stopping: CancellationToken::new(),
         })
     }
 
@@ -172,7 +179,9 @@ impl Worker {
             tracing::info!(threads = self.pool.threads(), batch, "worker consuming {CONN_STREAM}");
             self.clone().consume(messages, &in_flight, &mut groups, &shutdown).await;
         };
-        // Groups in progress finish (and ack) before the worker stops.
+        // Groups in progress finish (and ack) before the worker stops; their runs still
+        // waiting for a turn give it up.
+        self.stopping.cancel();
         while groups.join_next().await.is_some() {}
         refresher.abort();
         tracing::info!("worker stopped");
@@ -456,6 +465,18 @@ impl Worker {
                     });
                     commit.spans.push(span);
                 }
+                // Never ran (this worker is stopping): the next worker's, once the
+                // connection's pause ends. Not a failure: nothing logged or recorded
+                // (the delivery counts toward the schedule, as any redelivery does).
+                Err(error) if error.kind == ErrorKind::NotRun => {
+                    let delay = rate_limit::not_before(&owner_of(&task, event), NOT_RUN_DELAY);
+                    tracing::info!(
+                        sync = %task.sync.sync.name, message = %task.marker.message_id,
+                        "{error}; left for another worker in {delay:?}"
+                    );
+                    let wait = retry.entry(index).or_insert(delay);
+                    *wait = (*wait).max(delay);
+                }
                 Err(error) => match self.config.retry_delays.get(attempts - 1) {
                     Some(delay) => {
                         // Not before the provider's rate limit on the connection ends.
@@ -673,7 +694,7 @@ impl Worker {
                     None => tracing::Span::none(),
                 };
                 // A connection its provider limited lately runs one event at a time.
-                let turn = rate_limit::turn(|| owner_of(&task, event));
+                let turn = rate_limit::turn(|| owner_of(&task, event)).map(|turn| turn.unless(self.stopping.clone()));
                 runs.push((task.sync.code.clone(), invocation, turn));
                 Execution {
                     task,
@@ -881,6 +902,9 @@ fn execution_span(task: &Task) -> tracing::Span {
 
 /// Counts an execution in the metrics and puts its log lines in its span.
 fn observe(task: &Task, result: &Result<Effects, FunctionError>, span: &mut tracing::Span) {
+    if matches!(result, Err(error) if error.kind == ErrorKind::NotRun) {
+        return;
+    }
     let (status, logs) = hookyard_functions::count_execution("on_webhook", result);
     if span.is_none() && !logs.is_empty() {
         *span = execution_span(task);
