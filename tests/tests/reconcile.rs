@@ -305,6 +305,27 @@ impl Setup {
             .unwrap();
     }
 
+    /// Contacts p1 and p2 and a thin event for each, the provider limited: the first's
+    /// call is refused (`refused` counts the refusals), the second waits its turn, unsent.
+    async fn first_refused_second_held(&self, refused: impl Fn() -> usize) {
+        self.crm.put_contact("p1", "one@example.com");
+        self.crm.put_contact("p2", "two@example.com");
+        self.thin_event("p1").await;
+        eventually(
+            "the provider to refuse the first call",
+            Duration::from_secs(10),
+            || async { (refused() == 1).then_some(()) },
+        )
+        .await;
+        self.thin_event("p2").await;
+        eventually(
+            "the second event to wait its turn, unsent",
+            Duration::from_secs(10),
+            || async { (rate_limits("held").await >= 1.0).then_some(()) },
+        )
+        .await;
+    }
+
     /// A thin provider event for `c0` (Nango's HubSpot-style: an id, no data), with a
     /// `HOOKS_RAW` sequence of its own.
     async fn thin_event(&self, contact: &str) {
@@ -2595,22 +2616,7 @@ async fn rate_limited_events(as_github: bool) {
     } else {
         s.crm.limit_for(window);
     }
-    s.crm.put_contact("p1", "one@example.com");
-    s.crm.put_contact("p2", "two@example.com");
-    s.thin_event("p1").await;
-    eventually(
-        "the provider to refuse the first call",
-        Duration::from_secs(10),
-        || async { (refused() == 1).then_some(()) },
-    )
-    .await;
-    s.thin_event("p2").await;
-    eventually(
-        "the second event to wait its turn, unsent",
-        Duration::from_secs(10),
-        || async { (rate_limits("held").await >= 1.0).then_some(()) },
-    )
-    .await;
+    s.first_refused_second_held(refused).await;
     let shown = &s.h.api_get("/connections?connectionId=c0").await["connections"][0];
     assert!(shown["rate_limited_until"].is_string(), "shown while it holds: {shown}");
     for (id, email) in [("p1", "one@example.com"), ("p2", "two@example.com")] {
@@ -2776,20 +2782,7 @@ async fn a_stopping_worker_leaves_the_runs_waiting_for_a_turn_to_the_next_one() 
     let first = tokio::spawn(std::sync::Arc::new(worker).run(stop.clone()));
     let refused = || s.crm.requests().iter().filter(|(_, status)| *status == 429).count();
     s.crm.limit_for(Duration::from_secs(10));
-    s.crm.put_contact("p1", "one@example.com");
-    s.crm.put_contact("p2", "two@example.com");
-    s.thin_event("p1").await;
-    eventually(
-        "the provider to refuse the first call",
-        Duration::from_secs(10),
-        || async { (refused() == 1).then_some(()) },
-    )
-    .await;
-    s.thin_event("p2").await;
-    eventually("the second event to wait its turn", Duration::from_secs(10), || async {
-        (rate_limits("held").await >= 1.0).then_some(())
-    })
-    .await;
+    s.first_refused_second_held(refused).await;
     stop.cancel();
     tokio::time::timeout(Duration::from_secs(4), first)
         .await
