@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use hookyard_core::config::ForwardingConfig;
 use hookyard_core::keys::IntegrationKey;
 use hookyard_core::outbound::parse_retry_after;
-use hookyard_core::providers::api::{ApiSpec, RateLimitSpec};
+use hookyard_core::providers::api::{ApiSpec, RateLimitSpec, ResetIn};
 use hookyard_core::providers::Catalog;
 use hookyard_core::store::{Credentials, Integration};
 use hookyard_core::Store;
@@ -423,9 +423,9 @@ struct AskedWait<'a> {
     after: &'a str,
     /// The call's own `retryHeader.at`: when to call again, in UTC epoch seconds.
     at: Option<&'a str>,
-    /// The provider's reset header (epoch seconds), read only for a spent limit: GitHub
-    /// sends it with every answer, and a 5xx's retry is not to wait out the hour.
-    reset: Option<&'a str>,
+    /// The provider's reset header, read only for a spent limit: GitHub sends it with
+    /// every answer, and a 5xx's retry is not to wait out the hour.
+    reset: Option<(&'a str, ResetIn)>,
 }
 
 impl<'a> AskedWait<'a> {
@@ -433,14 +433,14 @@ impl<'a> AskedWait<'a> {
         AskedWait {
             after: call.and_then(|c| c.after.as_deref()).unwrap_or(RETRY_AFTER.as_str()),
             at: call.and_then(|c| c.at.as_deref()),
-            reset: provider.and_then(|p| p.reset_header.as_deref()),
+            reset: provider.and_then(|p| Some((p.reset_header.as_deref()?, p.reset_in))),
         }
     }
 
     /// The wait `headers` ask for: `after`, else `at`, else (when `reset_too`) the reset.
     fn wait(&self, headers: &HeaderMap, reset_too: bool) -> Option<Duration> {
         self.after(headers)
-            .or_else(|| until(headers, self.at))
+            .or_else(|| until(headers, self.at.map(|at| (at, ResetIn::EpochSeconds))))
             .or_else(|| until(headers, self.reset.filter(|_| reset_too)))
     }
 
@@ -450,15 +450,22 @@ impl<'a> AskedWait<'a> {
     }
 }
 
-/// The wait until the UTC epoch seconds in the header `name`.
-fn until(headers: &HeaderMap, name: Option<&str>) -> Option<Duration> {
-    let at: f64 = header(headers, name?)?.parse().ok()?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs_f64();
+/// The wait until the time in the header `name`, written as `how` says.
+fn until(headers: &HeaderMap, reset: Option<(&str, ResetIn)>) -> Option<Duration> {
+    let (name, how) = reset?;
+    let value: f64 = header(headers, name)?.parse().ok()?;
+    let left = match how {
+        ResetIn::Seconds => value,
+        ResetIn::EpochSeconds => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64();
+            value - now
+        }
+    };
     // At least a second: a clock a little ahead of the provider's would not wait.
-    Some(Duration::from_secs_f64((at - now).clamp(1.0, 86_400.0)))
+    Some(Duration::from_secs_f64(left.clamp(1.0, 86_400.0)))
 }
 
 fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
@@ -633,6 +640,16 @@ mod tests {
         assert!(provider.wait(&answer, true).is_some(), "a spent limit's wait");
     }
 
+    /// GitHub's provider file's.
+    fn github() -> RateLimitSpec {
+        RateLimitSpec {
+            statuses: vec![403],
+            remaining_header: Some("x-ratelimit-remaining".into()),
+            reset_header: Some("x-ratelimit-reset".into()),
+            reset_in: ResetIn::EpochSeconds,
+        }
+    }
+
     #[test]
     fn rate_limits_are_read_from_429s_and_from_the_providers_own_answers() {
         let limited = |status, headers: &HeaderMap, spec: Option<&RateLimitSpec>| {
@@ -646,11 +663,7 @@ mod tests {
         assert_eq!(limited(503, &after, None), None, "a 5xx is not a rate limit");
 
         // GitHub's: a 403 with nothing remaining, until its reset (epoch seconds).
-        let github = RateLimitSpec {
-            statuses: vec![403],
-            remaining_header: Some("x-ratelimit-remaining".into()),
-            reset_header: Some("x-ratelimit-reset".into()),
-        };
+        let github = github();
         let now = chrono::Utc::now().timestamp();
         let spent = headers(&[
             ("x-ratelimit-remaining", "0".into()),
@@ -684,11 +697,7 @@ mod tests {
 
     #[test]
     fn an_answer_with_nothing_remaining_is_a_spent_limit_until_its_reset() {
-        let github = RateLimitSpec {
-            statuses: vec![403],
-            remaining_header: Some("x-ratelimit-remaining".into()),
-            reset_header: Some("x-ratelimit-reset".into()),
-        };
+        let github = github();
         let asked = AskedWait::of(None, Some(&github));
         let reset = (chrono::Utc::now().timestamp() + 600).to_string();
         let answer = |remaining: &str| {
@@ -703,6 +712,21 @@ mod tests {
         assert_eq!(spent(&answer("0"), None, &asked), None, "no remaining header named");
         let no_reset = headers(&[("x-ratelimit-remaining", "0".into())]);
         assert_eq!(spent(&no_reset, Some(&github), &asked), None, "no reset to wait for");
+
+        // Zendesk's reset is seconds from now.
+        let zendesk = RateLimitSpec {
+            remaining_header: Some("x-rate-limit-remaining".into()),
+            reset_header: Some("ratelimit-reset".into()),
+            reset_in: ResetIn::Seconds,
+            ..RateLimitSpec::default()
+        };
+        let answer = headers(&[("x-rate-limit-remaining", "0".into()), ("ratelimit-reset", "41".into())]);
+        let asked = AskedWait::of(None, Some(&zendesk));
+        assert_eq!(spent(&answer, Some(&zendesk), &asked), Some(Duration::from_secs(41)));
+        assert_eq!(
+            rate_limited(429, &answer, Some(&zendesk), &asked),
+            Some(Some(Duration::from_secs(41)))
+        );
     }
 
     fn request(endpoint: &str, params: Value) -> ProxyRequest {

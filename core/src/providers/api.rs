@@ -49,12 +49,26 @@ pub struct RateLimitSpec {
     /// call is not sent into a refusal.
     #[serde(default)]
     pub remaining_header: Option<String>,
-    /// The header with when the window starts again, in UTC epoch seconds: waited for
+    /// The header with when the window starts again (`reset_in` says how): waited for
     /// when no `Retry-After` says otherwise and nothing is left (or no remaining header
     /// is named). Not read for other retries (a 5xx's): GitHub sends it with every
     /// answer.
     #[serde(default)]
     pub reset_header: Option<String>,
+    /// What `reset_header` holds.
+    #[serde(default)]
+    pub reset_in: ResetIn,
+}
+
+/// How a provider writes when its rate limit starts again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResetIn {
+    /// UTC epoch seconds (GitHub, GitLab, Intercom).
+    #[default]
+    EpochSeconds,
+    /// Seconds from now (Zendesk; the IETF draft's `RateLimit-Reset`).
+    Seconds,
 }
 
 impl ApiSpec {
