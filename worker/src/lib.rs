@@ -103,9 +103,10 @@ pub struct Worker {
     oplog: OpLog,
     /// Where onWebhook's provider API calls find the connection's credentials.
     api_source: Arc<ApiSource>,
-    /// Cancelled once it stops taking events: runs still waiting for a limited
-    /// connection's turn are then left for the next worker, not waited for.
-    stopping: CancellationToken,
+    /// Cancelled once a run of it stops taking events (a new one for each run): runs
+    /// still waiting for a limited connection's turn are then left for the next worker,
+    /// not waited for.
+    stopping: std::sync::Mutex<CancellationToken>,
 }
 
 /// One (event, sync) to run.
@@ -139,8 +140,16 @@ impl Worker {
             committed: AtomicU64::new(0),
             oplog: OpLog::start(store_for_log, &config.logs),
             api_source,
-            stopping: CancellationToken::new(),
+            stopping: Default::default(),
         })
+    }
+
+    /// The current run's stop (see `stopping`).
+    fn stopping(&self) -> CancellationToken {
+        self.stopping
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// Executions (and dead letters) this worker has committed since it started.
@@ -154,6 +163,7 @@ impl Worker {
 
     /// Consumes `HOOKS_CONN` until `shutdown`; groups in progress finish first.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        *self.stopping.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = CancellationToken::new();
         self.deployments.refresh().await?;
         let batch = self.config.batch;
         // Create or update: a changed `worker.ack_wait` takes effect at the next start.
@@ -181,7 +191,7 @@ impl Worker {
         };
         // Groups in progress finish (and ack) before the worker stops; their runs still
         // waiting for a turn give it up.
-        self.stopping.cancel();
+        self.stopping().cancel();
         while groups.join_next().await.is_some() {}
         refresher.abort();
         tracing::info!("worker stopped");
@@ -694,7 +704,7 @@ impl Worker {
                     None => tracing::Span::none(),
                 };
                 // A connection its provider limited lately runs one event at a time.
-                let turn = rate_limit::turn(|| owner_of(&task, event)).map(|turn| turn.unless(self.stopping.clone()));
+                let turn = rate_limit::turn(|| owner_of(&task, event)).map(|turn| turn.unless(self.stopping()));
                 runs.push((task.sync.code.clone(), invocation, turn));
                 Execution {
                     task,
