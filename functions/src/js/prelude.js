@@ -54,13 +54,16 @@
     warn: consoleAt('warn'), error: consoleAt('error'),
   });
 
-  // Timers run while the execution waits for them, never past its deadline.
+  // Timers run while the execution waits for them, never past its deadline, and never
+  // before their time: `Date.now()` counts whole milliseconds, so a delay is one more
+  // than asked (as Node's 0 is 1).
   let timers = [];
   let timerSeq = 0;
   globalThis.setTimeout = (fn, ms, ...args) => {
     if (typeof fn !== 'function') throw new TypeError('setTimeout needs a function');
     const id = ++timerSeq;
-    timers.push({ id, at: Date.now() + Math.max(0, Number(ms) || 0), fn, args });
+    const delay = Math.max(0, Number(ms) || 0);
+    timers.push({ id, at: Date.now() + (delay > 0 ? delay + 1 : 0), fn, args });
     return id;
   };
   globalThis.clearTimeout = (id) => {
