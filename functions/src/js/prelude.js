@@ -55,8 +55,8 @@
   });
 
   // Timers run while the execution waits for them, never past its deadline, and never
-  // before their time: `Date.now()` counts whole milliseconds, so a delay is one more
-  // than asked (as Node's 0 is 1).
+  // before their time: `Date.now()` counts whole milliseconds, so a delay waits one more
+  // than asked (a zero delay stays zero).
   let timers = [];
   let timerSeq = 0;
   globalThis.setTimeout = (fn, ms, ...args) => {
