@@ -484,8 +484,7 @@ impl Worker {
                         sync = %task.sync.sync.name, message = %task.marker.message_id,
                         "{error}; left for another worker in {delay:?}"
                     );
-                    let wait = retry.entry(index).or_insert(delay);
-                    *wait = (*wait).max(delay);
+                    retry_after(&mut retry, index, delay);
                 }
                 Err(error) => match self.config.retry_delays.get(attempts - 1) {
                     Some(delay) => {
@@ -506,8 +505,7 @@ impl Worker {
                                 failed_at: chrono::Utc::now(),
                             },
                         ));
-                        let wait = retry.entry(index).or_insert(delay);
-                        *wait = (*wait).max(delay);
+                        retry_after(&mut retry, index, delay);
                         continue;
                     }
                     None => {
@@ -908,6 +906,13 @@ fn execution_span(task: &Task) -> tracing::Span {
         "on_webhook", sync = %task.sync.sync.name, version = task.sync.sync.version,
         message = %task.marker.message_id, status = tracing::field::Empty, trace_id = tracing::field::Empty
     )
+}
+
+/// Message `index` is to be delivered again after `delay`, or later if another of its
+/// executions asks for longer.
+fn retry_after(retry: &mut HashMap<usize, Duration>, index: usize, delay: Duration) {
+    let wait = retry.entry(index).or_insert(delay);
+    *wait = (*wait).max(delay);
 }
 
 /// Counts an execution in the metrics and puts its log lines in its span.
