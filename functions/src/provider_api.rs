@@ -190,7 +190,7 @@ impl ProviderApi {
     /// read may be answered by the same one in flight for another run ([`shared_reads`]).
     pub async fn call(&self, request: ProxyRequest, deadline: Instant) -> Result<ProxyResponse, String> {
         match self.read_key(&request) {
-            Some(key) => shared_reads::read(key, self.fresh_from, self.send_call(&request, deadline)).await,
+            Some(key) => shared_reads::read(key, self.fresh_from, || self.send_call(&request, deadline)).await,
             None => self.send_call(&request, deadline).await,
         }
     }

@@ -37,8 +37,10 @@ fn in_flight() -> std::sync::MutexGuard<'static, HashMap<String, Arc<Read>>> {
 /// The answer to the read `key` (the connection's, with the call's URL and options):
 /// that of the same read in flight if it was sent at `since` or after, else `send`'s.
 /// If the run whose request is in flight ends first (its time ran out), the next
-/// waiting run sends its own.
-pub async fn read<F: Future<Output = Answer>>(key: String, since: Instant, send: F) -> Answer {
+/// waiting run sends its own. A call that failed (no answer: the provider unreachable,
+/// a rate limit's pause longer than its run had) is not shared: a run that joined it
+/// makes its own, with its own time.
+pub async fn read<F: Future<Output = Answer>>(key: String, since: Instant, send: impl Fn() -> F) -> Answer {
     let read = {
         let mut reads = in_flight();
         match reads.get(&key) {
@@ -58,7 +60,20 @@ pub async fn read<F: Future<Output = Answer>>(key: String, since: Instant, send:
         }
     };
     let done = Done { key, read };
-    done.read.answer.get_or_init(|| send).await.clone()
+    let mut sent_here = false;
+    let answer = done
+        .read
+        .answer
+        .get_or_init(|| {
+            sent_here = true;
+            send()
+        })
+        .await
+        .clone();
+    match answer {
+        Err(_) if !sent_here => send().await,
+        answer => answer,
+    }
 }
 
 /// Takes a read out of the map once a run has its answer, or gave up waiting (its time
@@ -107,15 +122,15 @@ mod tests {
         let sent = AtomicUsize::new(0);
         let since = Instant::now();
         let key = || "shared-a GET /contacts/1".to_string();
-        let (a, b) = tokio::join!(read(key(), since, request(&sent, 50)), async {
+        let (a, b) = tokio::join!(read(key(), since, || request(&sent, 50)), async {
             tokio::time::sleep(Duration::from_millis(10)).await;
-            read(key(), since, request(&sent, 50)).await
+            read(key(), since, || request(&sent, 50)).await
         });
         assert_eq!(sent.load(Ordering::SeqCst), 1, "one request");
         assert_eq!(a.unwrap().data, b.unwrap().data);
 
         // Answered: the same read again is sent again.
-        let again = read(key(), since, request(&sent, 1)).await.unwrap();
+        let again = read(key(), since, || request(&sent, 1)).await.unwrap();
         assert_eq!((again.data, sent.load(Ordering::SeqCst)), (serde_json::json!(2), 2));
     }
 
@@ -123,10 +138,10 @@ mod tests {
     async fn a_read_sent_before_a_runs_events_came_is_not_shared_with_it() {
         let sent = AtomicUsize::new(0);
         let key = || "shared-b GET /contacts/1".to_string();
-        let (early, late) = tokio::join!(read(key(), Instant::now(), request(&sent, 50)), async {
+        let (early, late) = tokio::join!(read(key(), Instant::now(), || request(&sent, 50)), async {
             tokio::time::sleep(Duration::from_millis(10)).await;
             // Its events came after the first read was sent.
-            read(key(), Instant::now(), request(&sent, 50)).await
+            read(key(), Instant::now(), || request(&sent, 50)).await
         });
         assert_eq!(sent.load(Ordering::SeqCst), 2);
         assert_ne!(early.unwrap().data, late.unwrap().data);
@@ -137,10 +152,10 @@ mod tests {
         let sent = AtomicUsize::new(0);
         let since = Instant::now();
         let key = || "shared-c GET /contacts/1".to_string();
-        let first = tokio::time::timeout(Duration::from_millis(20), read(key(), since, request(&sent, 1000)));
+        let first = tokio::time::timeout(Duration::from_millis(20), read(key(), since, || request(&sent, 1000)));
         let (dropped, second) = tokio::join!(first, async {
             tokio::time::sleep(Duration::from_millis(5)).await;
-            read(key(), since, request(&sent, 10)).await
+            read(key(), since, || request(&sent, 10)).await
         });
         assert!(dropped.is_err(), "the first run's time ran out");
         assert_eq!(
@@ -151,12 +166,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_run_that_joined_a_failed_call_makes_its_own() {
+        let sent = AtomicUsize::new(0);
+        let since = Instant::now();
+        let key = || "shared-e GET /contacts/1".to_string();
+        let counted = &sent;
+        let failing = move || async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Err("rate limited: longer than this run has left".to_string())
+        };
+        let (first, second) = tokio::join!(read(key(), since, failing), async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            read(key(), since, || request(&sent, 1)).await
+        });
+        assert!(first.is_err());
+        assert_eq!(second.unwrap().data, serde_json::json!(2), "its own call answered it");
+        assert_eq!(sent.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
     async fn other_reads_are_not_shared() {
         let sent = AtomicUsize::new(0);
         let since = Instant::now();
         let (_, _) = tokio::join!(
-            read("shared-d GET /contacts/1".into(), since, request(&sent, 30)),
-            read("shared-d GET /contacts/2".into(), since, request(&sent, 30)),
+            read("shared-d GET /contacts/1".into(), since, || request(&sent, 30)),
+            read("shared-d GET /contacts/2".into(), since, || request(&sent, 30)),
         );
         assert_eq!(sent.load(Ordering::SeqCst), 2);
     }
