@@ -268,15 +268,21 @@ impl Setup {
         let contact = json!({"type": "contact.updated", "contact": {"id": "p1", "email": email}});
         let seq = self.raw_sequence().await;
         self.h.publish([(seq, "c0", "contact.updated", contact)]).await;
-        eventually("the webhook's write", Duration::from_secs(20), || async {
-            let contacts = self.contacts("c0").await;
-            contacts
-                .iter()
-                .any(|(id, stored, _)| id == "p1" && stored == email)
-                .then_some(())
+        eventually("the webhook's write", Duration::from_secs(20), || {
+            self.has_contact("c0", "p1", Some(email))
         })
         .await;
         (held, since)
+    }
+
+    /// Whether `connection`'s cache holds contact `id` (with `email`, when given): a probe
+    /// for `eventually`.
+    async fn has_contact(&self, connection: &str, id: &str, email: Option<&str>) -> Option<()> {
+        let contacts = self.contacts(connection).await;
+        contacts
+            .iter()
+            .any(|(i, e, _)| i == id && email.is_none_or(|email| *e == email))
+            .then_some(())
     }
 
     /// The integration's `api.rate_limit` as GitHub's provider file has it.
@@ -2537,10 +2543,7 @@ async fn on_webhook_reads_the_cache_and_fetches_what_a_thin_event_names_and_give
     .await;
     let stored = |id: &'static str, email: &'static str| {
         let s = &s;
-        move || async move {
-            let contacts = s.contacts("c0").await;
-            contacts.iter().any(|(i, e, _)| i == id && e == email).then_some(())
-        }
+        move || s.has_contact("c0", id, Some(email))
     };
     // The provider changes a contact and says so; the worker fetches it.
     let (s, stored) = (&s, &stored);
@@ -2623,10 +2626,7 @@ async fn rate_limited_events(as_github: bool) {
         eventually(
             "the contact fetched once the limit ended",
             Duration::from_secs(20),
-            || async {
-                let contacts = s.contacts("c0").await;
-                contacts.iter().any(|(i, e, _)| i == id && e == email).then_some(())
-            },
+            || s.has_contact("c0", id, Some(email)),
         )
         .await;
     }
@@ -2670,9 +2670,8 @@ async fn an_answer_with_nothing_remaining_pauses_the_connection_until_its_reset_
     s.crm.put_contact("p2", "two@example.com");
     s.thin_event("p1").await;
     for (id, email) in [("p1", "one@example.com"), ("p2", "two@example.com")] {
-        eventually("the contact fetched", Duration::from_secs(20), || async {
-            let contacts = s.contacts("c0").await;
-            contacts.iter().any(|(i, e, _)| i == id && e == email).then_some(())
+        eventually("the contact fetched", Duration::from_secs(20), || {
+            s.has_contact("c0", id, Some(email))
         })
         .await;
         if id == "p1" {
@@ -2735,12 +2734,10 @@ async fn identical_reads_of_a_burst_share_one_request() {
     held.release();
     s.h.drained().await;
     assert_eq!(s.crm.requests(), [("/contacts/p1".to_string(), 200)], "one request");
-    let contacts = s.contacts("c0").await;
     assert!(
-        contacts
-            .iter()
-            .any(|(id, email, _)| id == "p1" && email == "one@example.com"),
-        "{contacts:?}"
+        s.has_contact("c0", "p1", Some("one@example.com")).await.is_some(),
+        "{:?}",
+        s.contacts("c0").await
     );
     assert_eq!(metric(PROVIDER_READS_SHARED).await, 1.0);
     let runs = metric("hookyard_executions_total{kind=\"on_webhook\",status=\"ok\"}").await;
@@ -2793,11 +2790,9 @@ async fn a_stopping_worker_leaves_the_runs_waiting_for_a_turn_to_the_next_one() 
 
     s.h.start_all();
     for id in ["p1", "p2"] {
-        eventually(
-            "the contact stored by the next worker",
-            Duration::from_secs(30),
-            || async { s.contacts("c0").await.iter().any(|(i, _, _)| i == id).then_some(()) },
-        )
+        eventually("the contact stored by the next worker", Duration::from_secs(30), || {
+            s.has_contact("c0", id, None)
+        })
         .await;
     }
     assert_eq!(refused(), 1);
@@ -2827,10 +2822,7 @@ async fn a_rate_limit_another_process_recorded_holds_this_workers_calls_too() {
     eventually(
         "the contact fetched once the limit ended",
         Duration::from_secs(20),
-        || async {
-            let contacts = s.contacts("c0").await;
-            contacts.iter().any(|(i, _, _)| i == "p1").then_some(())
-        },
+        || s.has_contact("c0", "p1", None),
     )
     .await;
     assert!(Utc::now() >= until, "not before the limit ended");
@@ -2869,10 +2861,7 @@ async fn a_limited_connections_burst_waits_its_turn_without_holding_back_other_c
     };
     let stored = |connection: &'static str, contact: &'static str| {
         let s = &s;
-        move || async move {
-            let contacts = s.contacts(connection).await;
-            contacts.iter().any(|(id, _, _)| id == contact).then_some(())
-        }
+        move || s.has_contact(connection, contact, None)
     };
     let window = Duration::from_secs(5);
     let limit_ends = Instant::now() + window;
