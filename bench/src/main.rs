@@ -154,6 +154,10 @@ enum Command {
         /// handler for thin events does.
         #[arg(long)]
         fetch: bool,
+        /// With `fetch`: how long the provider API takes to answer each call, in ms (a
+        /// real one's 100–300), so that runs wait on it as they would in production.
+        #[arg(long, default_value_t = 0, requires = "fetch")]
+        provider_latency_ms: u64,
     },
     /// Forwarding throughput to a fast local receiver, deliveries/s.
     Forward {
@@ -252,6 +256,7 @@ fn main() -> anyhow::Result<()> {
                 slow_ms,
                 slow_syncs,
                 fetch,
+                provider_latency_ms,
             } => {
                 worker::run(&worker::Plan {
                     events,
@@ -266,6 +271,7 @@ fn main() -> anyhow::Result<()> {
                         syncs: slow_syncs,
                     }),
                     fetch,
+                    provider_latency: Duration::from_millis(provider_latency_ms),
                 })
                 .await
             }

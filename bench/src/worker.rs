@@ -44,6 +44,8 @@ pub struct Plan {
     pub slow: Option<Slow>,
     /// Whether onWebhook fetches each contact from the provider (a local one) first.
     pub fetch: bool,
+    /// How long the provider takes to answer each fetch (a real API's 100–300 ms).
+    pub provider_latency: Duration,
 }
 
 /// Every `every`th event (`every` > 0) is a `contact.slow.{i}` one, for `i` in turn
@@ -108,9 +110,9 @@ export default createSync({
 });
 ";
 
-/// A provider API answering `GET /contacts/{id}` at once; its address and a count of the
-/// calls it answered.
-async fn start_provider() -> anyhow::Result<(String, std::sync::Arc<std::sync::atomic::AtomicU64>)> {
+/// A provider API answering `GET /contacts/{id}` after `latency`; its address and a count
+/// of the calls it answered.
+async fn start_provider(latency: Duration) -> anyhow::Result<(String, std::sync::Arc<std::sync::atomic::AtomicU64>)> {
     use std::sync::atomic::{AtomicU64, Ordering};
     let calls = std::sync::Arc::new(AtomicU64::new(0));
     let counted = calls.clone();
@@ -118,9 +120,12 @@ async fn start_provider() -> anyhow::Result<(String, std::sync::Arc<std::sync::a
         "/contacts/{id}",
         axum::routing::get(move |axum::extract::Path(id): axum::extract::Path<u64>| {
             counted.fetch_add(1, Ordering::Relaxed);
-            std::future::ready(axum::Json(
-                json!({"id": id, "email": format!("person{id}@example.com")}),
-            ))
+            async move {
+                if !latency.is_zero() {
+                    tokio::time::sleep(latency).await;
+                }
+                axum::Json(json!({"id": id, "email": format!("person{id}@example.com")}))
+            }
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -151,7 +156,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     let mut integration = NewIntegration::new("demo".parse()?, "generic");
     let provider = match plan.fetch {
         true => {
-            let (url, calls) = start_provider().await?;
+            let (url, calls) = start_provider(plan.provider_latency).await?;
             integration.settings = json!({"api": {"base_url": url, "api_key_header": "X-API-Key"}});
             Some(calls)
         }
@@ -219,10 +224,10 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     println!(
         "worker benchmark: examples/crm-contacts (one Contact saved per event{}), routed events published \
          straight into {CONN_STREAM}, {} connections, Postgres, one worker process ({} JS threads){}\n",
-        if plan.fetch {
-            ", fetched from a local provider API first"
-        } else {
-            ""
+        match (plan.fetch, plan.provider_latency.as_millis()) {
+            (false, _) => String::new(),
+            (true, 0) => ", fetched from a local provider API first".to_string(),
+            (true, ms) => format!(", fetched from a local provider API answering in {ms} ms first"),
         },
         plan.connections,
         if plan.js_threads == 0 {
@@ -270,11 +275,13 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     anyhow::ensure!(saved == expected, "{saved} records saved for {expected} contact events");
     println!(
         "burst:   {} events in {elapsed:.2}s = {throughput:.0} events/s through one worker\n         \
-         CPU per 1,000 events: worker process {:.0} ms, Postgres {:.0} ms, nats-server {:.0} ms",
+         CPU per 1,000 events: worker process {:.0} ms, Postgres {:.0} ms, nats-server {:.0} ms\n         \
+         worker's peak memory (RSS): {:.0} MiB",
         plan.events,
         used.worker * 1e6 / plan.events as f64,
         used.postgres * 1e6 / plan.events as f64,
         used.nats * 1e6 / plan.events as f64,
+        peak_rss_kib(&pid) as f64 / 1024.0,
     );
 
     // 2. Latency at a steady rate.
@@ -469,6 +476,19 @@ impl Cpu {
             postgres: postgres_cpu_since(&self.postgres),
         }
     }
+}
+
+/// A process's peak resident memory (`VmHWM`), in KiB; 0 when it cannot be read.
+fn peak_rss_kib(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmHWM:"))
+                .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 async fn sqlx_count(url: &str) -> anyhow::Result<i64> {

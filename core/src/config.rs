@@ -112,11 +112,16 @@ pub struct RouterConfig {
 pub struct WorkerConfig {
     /// Routed events taken at once: executed together, their writes committed together.
     pub batch: usize,
-    /// Threads that run function code; 0 means one per CPU.
+    /// Executions running JavaScript at once; 0 means one per CPU.
     pub js_threads: usize,
-    /// Syncs not known to be quick (their last execution took 100 ms or more) share all
-    /// those threads but one, so that however many customers' functions hang, the quick
-    /// ones keep a thread. Off: any sync may take every thread.
+    /// Executions in progress at once, each on a thread of its own (at least
+    /// `js_threads`; 0 means 16 per JS thread). One waiting on the provider's API, the
+    /// store or a timer leaves its JS thread's turn to another meanwhile.
+    pub concurrent_runs: usize,
+    /// Syncs not known to be quick (their last execution took 100 ms or more, waits
+    /// included) share all those runs but one and all JS threads but one, so that however
+    /// many customers' functions hang, the quick ones keep room. Off: any sync may take
+    /// all of them.
     pub hold_back_slow_syncs: bool,
     /// An event a worker took and did not finish (it died) goes to another after this.
     #[serde(with = "humantime_serde")]
@@ -365,6 +370,7 @@ impl Default for WorkerConfig {
         WorkerConfig {
             batch: 256,
             js_threads: 0,
+            concurrent_runs: 0,
             hold_back_slow_syncs: true,
             ack_wait: Duration::from_secs(60),
             retry_delays: [1, 10, 60, 300, 1800]

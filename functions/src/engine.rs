@@ -222,11 +222,11 @@ fn settle<'js>(
         let wait = Duration::from_millis((next - now_ms).max(0.0) as u64);
         let remaining = budget.remaining();
         if wait >= remaining {
-            std::thread::sleep(remaining);
+            crate::pool::off_turn(|| std::thread::sleep(remaining));
             budget.expire_wall();
             return Err(budget.tripped(limits).expect("just expired"));
         }
-        std::thread::sleep(wait);
+        crate::pool::off_turn(|| std::thread::sleep(wait));
         timers
             .get::<_, Function>("fireTimers")
             .and_then(|f| f.call::<_, ()>(()))

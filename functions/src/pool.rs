@@ -1,12 +1,14 @@
 //! The threads that run function code. JavaScript never runs on the async runtime's
-//! threads: each execution is queued here and taken by the first free thread, in order
-//! (in a [`Pool::shared`], syncs not known to be quick never take every thread:
-//! `queue.rs`; a run of a connection its provider limited lately waits for its turn
-//! before it is queued: [`Pool::submit_in_turn`]). Its outcome is gathered in its
-//! [`Batch`]. Every thread keeps the syncs it has loaded (one QuickJS runtime each) and
-//! throws a runtime away after a timeout, out-of-memory or stack overflow, whose state
-//! cannot be trusted after.
+//! threads: each execution is queued here and taken by the first free thread, in order,
+//! once it may have a turn to run JavaScript (a run waiting on its host or a timer gives
+//! its turn to another: [`off_turn`]; in a pool that holds slow syncs back, syncs not
+//! known to be quick never take every thread or turn: `queue.rs`; a run of a connection
+//! its provider limited lately waits for its connection's turn before it is queued:
+//! [`Pool::submit_in_turn`]). Its outcome is gathered in its [`Batch`]. Every thread
+//! keeps the syncs it has loaded (one QuickJS runtime each) and throws a runtime away
+//! after a timeout, out-of-memory or stack overflow, whose state cannot be trusted after.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
@@ -15,7 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::engine::Loaded;
-use crate::queue::Queue;
+use crate::queue::{Queue, Share, Started};
 use crate::rate_limit::Turn;
 use crate::{Effects, ErrorKind, FunctionError, Invocation, Limits};
 
@@ -211,33 +213,55 @@ impl Drop for Closing {
     }
 }
 
+/// How many runs a pool runs at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizing {
+    /// Runs executing JavaScript at once (0: one per CPU).
+    pub turns: usize,
+    /// Runs in progress at once, each on a thread of its own, those waiting on their host
+    /// or a timer included; at least `turns` (0: [`RUNS_PER_TURN`] per turn).
+    pub runs: usize,
+    /// Whether syncs not known to be quick share all threads but one, and all turns but
+    /// one (`queue.rs`): for many customers' functions, where those that hang must not
+    /// hold back the others.
+    pub hold_back_slow: bool,
+}
+
+/// Runs in progress per turn by default: at a provider's 100–300 ms a call and a
+/// millisecond or so of JavaScript per run, this many keep a CPU busy for a sync that
+/// calls its provider once a run.
+pub const RUNS_PER_TURN: usize = 16;
+
 impl Pool {
-    /// Starts `threads` JS threads (0: one per CPU), which take executions in order.
+    /// Starts `threads` JS threads (0: one per CPU), which take executions in order, each
+    /// to its end: a run's waits keep its thread. (Exec runs, all long, hold no sync back.)
     pub fn new(threads: usize, limits: Limits) -> Pool {
-        Pool::start(threads, limits, false)
+        let threads = or_one_per_cpu(threads);
+        Pool::sized(
+            Sizing {
+                turns: threads,
+                runs: threads,
+                hold_back_slow: false,
+            },
+            limits,
+        )
     }
 
-    /// As [`Pool::new`], except that syncs not known to be quick share all threads but
-    /// one (`queue.rs`): for many customers' short functions, where those that hang must
-    /// not hold back the others. (Not for exec runs, which are all long.)
-    pub fn shared(threads: usize, limits: Limits) -> Pool {
-        Pool::start(threads, limits, true)
-    }
-
-    fn start(threads: usize, limits: Limits, shared: bool) -> Pool {
-        let threads = if threads == 0 {
-            std::thread::available_parallelism().map_or(2, |n| n.get())
+    /// A pool of `sizing.runs` threads, `sizing.turns` of which run JavaScript at once.
+    pub fn sized(sizing: Sizing, limits: Limits) -> Pool {
+        let turns = or_one_per_cpu(sizing.turns);
+        let threads = if sizing.runs == 0 {
+            turns * RUNS_PER_TURN
         } else {
-            threads
+            sizing.runs.max(turns)
         };
-        // A sync on every thread holds nothing back: the cap of a pool not shared.
-        let cap = if shared {
-            threads.saturating_sub(1).max(1)
-        } else {
-            threads
-        };
-        let queue = Arc::new(Queue::new(cap));
+        let queue = Arc::new(Queue::new(
+            Share::of(threads, sizing.hold_back_slow),
+            Share::of(turns, sizing.hold_back_slow),
+        ));
         let limits = Arc::new(limits);
+        // A run gives its turn back while it waits only where another thread can use it.
+        let turns_to_give = threads > turns;
         for n in 0..threads {
             let queue = queue.clone();
             let limits = limits.clone();
@@ -245,7 +269,7 @@ impl Pool {
                 .name(format!("hookyard-js-{n}"))
                 // QuickJS's own stack limit must be hit well before the thread's.
                 .stack_size(limits.stack_bytes + 8 * 1024 * 1024)
-                .spawn(move || run_thread(&queue, &limits))
+                .spawn(move || run_thread(n, &queue, &limits, turns_to_give))
                 .expect("spawning a JS thread");
         }
         Pool {
@@ -315,9 +339,66 @@ impl Pool {
     }
 }
 
-fn run_thread(queue: &Queue<Job>, limits: &Limits) {
+/// `n`, or one per CPU for 0.
+fn or_one_per_cpu(n: usize) -> usize {
+    match n {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        n => n,
+    }
+}
+
+/// What a run gives its turn back to while it waits, on a thread of a pool with threads
+/// to spare for waits.
+trait Turns: Send + Sync {
+    fn pause(&self, id: u64);
+    fn resume(&self, id: u64);
+}
+
+impl<T: Send> Turns for Queue<T> {
+    fn pause(&self, id: u64) {
+        Queue::pause(self, id);
+    }
+
+    fn resume(&self, id: u64) {
+        Queue::resume(self, id);
+    }
+}
+
+thread_local! {
+    /// The run on this thread, when it may give its turn back while it waits.
+    static WAITING: RefCell<Option<(Arc<dyn Turns>, u64)>> = const { RefCell::new(None) };
+}
+
+/// Runs `wait` (a host call, a timer) without a turn to run JavaScript: another run in
+/// progress may have it meanwhile. This run takes one back before it goes on.
+pub(crate) fn off_turn<R>(wait: impl FnOnce() -> R) -> R {
+    struct Resume(Arc<dyn Turns>, u64);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            self.0.resume(self.1);
+        }
+    }
+    let Some((turns, id)) = WAITING.with(|waiting| waiting.borrow().clone()) else {
+        return wait();
+    };
+    turns.pause(id);
+    let _resume = Resume(turns, id);
+    wait()
+}
+
+fn run_thread(thread: usize, queue: &Arc<Queue<Job>>, limits: &Limits, turns_to_give: bool) {
     let mut loaded: HashMap<String, Loaded> = HashMap::new();
-    while let Some((key, started, mut job)) = queue.next() {
+    while let Some(Started {
+        id,
+        started,
+        item: mut job,
+        ..
+    }) = queue.next(thread, |key| loaded.contains_key(key))
+    {
+        if turns_to_give {
+            let turns: Arc<dyn Turns> = queue.clone();
+            WAITING.with(|waiting| *waiting.borrow_mut() = Some((turns, id)));
+        }
         let mut outcome = match &job.run {
             Some((code, invocation)) => {
                 std::panic::catch_unwind(AssertUnwindSafe(|| execute(&mut loaded, code, invocation, limits)))
@@ -329,13 +410,14 @@ fn run_thread(queue: &Queue<Job>, limits: &Limits) {
             // Never: a job is queued once, with its run.
             None => Err(stopped()),
         };
+        WAITING.with(|waiting| waiting.borrow_mut().take());
         match &mut outcome {
             Ok(effects) => effects.elapsed = started.elapsed(),
             Err(error) => error.elapsed = started.elapsed(),
         }
         // Ended here, not by the drop guard.
         job.run = None;
-        queue.ended(&key, started);
+        queue.ended(id);
         job.batch.end(job.slot, outcome);
     }
 }

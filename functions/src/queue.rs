@@ -1,14 +1,22 @@
-//! The JS threads' queue: first in, first out, except that executions whose sync is not
-//! known to be quick share `cap` threads (all but one, in a shared pool). Known to be
-//! quick: the sync's last execution took less than [`SLOW`], and none of it has been
-//! running for that long. However many customers' functions hang, or loop until their
-//! limits stop them (a provider's API that stops answering makes every sync that calls
-//! it slow at once), one thread is left to the syncs that are quick.
+//! The JS threads' queue, and the turns to run JavaScript. Each run in progress has a
+//! thread of its own; of those runs, `turns` run JavaScript at a time (one per CPU by
+//! default). A run that waits (on its host: the provider's API, the store; or for a
+//! timer) gives its turn back and takes one again once its wait ends, ahead of the runs
+//! not started yet: threads are sized for the waits, turns for the CPUs, so a burst of
+//! runs that each wait 200 ms on a provider does not run two at a time on two CPUs.
+//!
+//! First in, first out, except that runs whose sync is not known to be quick hold at most
+//! all threads but one and all turns but one (in a shared pool). Known to be quick: the
+//! sync's last execution took less than [`SLOW`] (waits included), and none of it has
+//! been running for that long. However many customers' functions hang, or loop until
+//! their limits stop them (a provider's API that stops answering makes every sync that
+//! calls it slow at once), a thread and a turn are left to the syncs that are quick.
 //!
 //! A sync never seen may always run one execution (so a deploy's new syncs are not held
-//! back by slow ones); its second waits for room among the `cap` like a slow sync's.
-//! What this cannot bound: executions that started quick and then hang, and the first
-//! execution of each new sync, take a thread each until they end or reach their limits.
+//! back by slow ones); its second waits for room like a slow sync's. What this cannot
+//! bound: executions that started quick and then hang, and the first execution of each
+//! new sync, take a thread (and a turn, while they compute) each until they end or reach
+//! their limits.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -19,23 +27,79 @@ pub const SLOW: Duration = Duration::from_millis(100);
 /// Syncs remembered; past this, those not running are forgotten (each deploy makes new
 /// ones).
 const REMEMBERED: usize = 4096;
+/// Items after the first that a thread looks through for one of a sync it has loaded.
+const AFFINITY_WINDOW: usize = 64;
+
+/// How many there are of threads or of turns, and how many of them runs of syncs not
+/// known to be quick may hold at once.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Share {
+    pub all: usize,
+    pub doubtful: usize,
+}
+
+impl Share {
+    /// `all`, of which syncs not known to be quick hold all but one when `held_back`.
+    pub(crate) fn of(all: usize, held_back: bool) -> Share {
+        let doubtful = if held_back { all.saturating_sub(1).max(1) } else { all };
+        Share { all, doubtful }
+    }
+}
 
 pub(crate) struct Queue<T> {
     state: Mutex<State<T>>,
-    changed: Condvar,
-    /// Threads that executions of syncs not known to be quick may use at once.
-    cap: usize,
+    /// By thread: where it waits, idle, for an item to start.
+    starters: Vec<Condvar>,
+    /// Runs waiting to take a turn back.
+    resumable: Condvar,
+    /// `all` is the pool's thread count: no more than that call [`Queue::next`] at once.
+    threads: Share,
+    turns: Share,
+}
+
+/// An item not started yet.
+struct Waiting<T> {
+    key: String,
+    item: T,
+    /// How often a thread took a later item of a sync it had loaded instead of this one.
+    passed_over: usize,
+}
+
+/// A run in progress, on its thread.
+struct Run {
+    id: u64,
+    key: String,
+    started: Instant,
+    /// Whether it holds a turn (runs JavaScript), and whether it waits to take one back.
+    turn: bool,
+    resuming: bool,
 }
 
 struct State<T> {
     /// Items by the key of their sync's code, in the order they came.
-    waiting: VecDeque<(String, T)>,
-    /// Executions running now: their sync's key and when they started (one per busy
-    /// thread, so a handful).
-    running: Vec<(String, Instant)>,
+    waiting: VecDeque<Waiting<T>>,
+    /// Threads waiting for an item, the last to go idle last.
+    idle: Vec<usize>,
+    /// Runs in progress: one per busy thread, so a few dozen at most.
+    runs: Vec<Run>,
     /// Syncs seen: whether their last execution took less than [`SLOW`].
     quick: HashMap<String, bool>,
     closed: bool,
+    next_id: u64,
+}
+
+/// An item taken from the queue, with the id its run is known by until it ends.
+pub(crate) struct Started<T> {
+    pub id: u64,
+    pub started: Instant,
+    pub item: T,
+}
+
+/// What the conditions of the runs in progress allow: counted once per look.
+struct Room {
+    turns_held: usize,
+    doubtful_threads: usize,
+    doubtful_turns: usize,
 }
 
 impl<T> State<T> {
@@ -43,34 +107,69 @@ impl<T> State<T> {
     fn known_quick(&self, key: &str) -> bool {
         self.quick.get(key) == Some(&true)
             && self
-                .running
+                .runs
                 .iter()
-                .all(|(running, started)| running != key || started.elapsed() < SLOW)
+                .all(|run| run.key != key || run.started.elapsed() < SLOW)
     }
 
-    /// Threads busy with executions of syncs not known to be quick.
-    fn doubtful(&self) -> usize {
-        self.running.iter().filter(|(key, _)| !self.known_quick(key)).count()
+    fn room(&self) -> Room {
+        let mut room = Room {
+            turns_held: 0,
+            doubtful_threads: 0,
+            doubtful_turns: 0,
+        };
+        for run in &self.runs {
+            room.turns_held += usize::from(run.turn);
+            if !self.known_quick(&run.key) {
+                room.doubtful_threads += 1;
+                room.doubtful_turns += usize::from(run.turn);
+            }
+        }
+        room
     }
 
-    /// A sync never seen, none of whose executions runs: it may run one.
-    fn first_of_new(&self, key: &str) -> bool {
-        !self.quick.contains_key(key) && self.running.iter().all(|(running, _)| running != key)
+    /// A sync never seen none of whose runs is `busy`: it may have one more.
+    fn first_of_new(&self, key: &str, busy: impl Fn(&Run) -> bool) -> bool {
+        !self.quick.contains_key(key) && !self.runs.iter().any(|run| run.key == key && busy(run))
+    }
+
+    /// Whether a run of `key` may take a turn.
+    fn may_take_turn(&self, key: &str, room: &Room, turns: Share) -> bool {
+        room.turns_held < turns.all
+            && (room.doubtful_turns < turns.doubtful || self.known_quick(key) || self.first_of_new(key, |run| run.turn))
+    }
+
+    /// Whether a run not started yet of `key` may start (on the thread asking).
+    fn may_start(&self, key: &str, room: &Room, threads: Share, turns: Share) -> bool {
+        self.may_take_turn(key, room, turns)
+            && (room.doubtful_threads < threads.doubtful || self.known_quick(key) || self.first_of_new(key, |_| true))
+    }
+
+    /// Whether a run that waits to take its turn back may: those go first.
+    fn resumer_may_go(&self, room: &Room, turns: Share) -> bool {
+        self.runs
+            .iter()
+            .any(|run| run.resuming && self.may_take_turn(&run.key, room, turns))
     }
 }
 
 impl<T> Queue<T> {
-    /// A queue whose executions of syncs not known to be quick share `cap` threads.
-    pub(crate) fn new(cap: usize) -> Queue<T> {
+    /// A queue for `threads.all` threads (numbered from 0) of which `turns.all` run
+    /// JavaScript at once.
+    pub(crate) fn new(threads: Share, turns: Share) -> Queue<T> {
         Queue {
             state: Mutex::new(State {
                 waiting: VecDeque::new(),
-                running: Vec::new(),
+                idle: Vec::new(),
+                runs: Vec::new(),
                 quick: HashMap::new(),
                 closed: false,
+                next_id: 0,
             }),
-            changed: Condvar::new(),
-            cap,
+            starters: (0..threads.all).map(|_| Condvar::new()).collect(),
+            resumable: Condvar::new(),
+            threads,
+            turns,
         }
     }
 
@@ -79,69 +178,180 @@ impl<T> Queue<T> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub(crate) fn push(&self, key: String, item: T) {
-        self.state().waiting.push_back((key, item));
-        self.changed.notify_one();
+    fn wait<'a>(&self, condvar: &Condvar, state: MutexGuard<'a, State<T>>) -> MutexGuard<'a, State<T>> {
+        condvar.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The first item whose sync is not held back, its key and when it started; `None`
-    /// once the queue is closed and empty. Blocks until there is one.
-    pub(crate) fn next(&self) -> Option<(String, Instant, T)> {
+    /// Wakes the thread that went idle last: at a steady trickle the same few threads run
+    /// everything, and only they load the syncs they run.
+    fn wake_one(&self, state: &mut State<T>) {
+        if let Some(thread) = state.idle.pop() {
+            self.starters[thread].notify_one();
+        }
+    }
+
+    fn wake_all(&self, state: &mut State<T>) {
+        for thread in state.idle.drain(..) {
+            self.starters[thread].notify_one();
+        }
+    }
+
+    pub(crate) fn push(&self, key: String, item: T) {
+        let mut state = self.state();
+        state.waiting.push_back(Waiting {
+            key,
+            item,
+            passed_over: 0,
+        });
+        self.wake_one(&mut state);
+    }
+
+    /// For thread `thread`, the first item whose sync is not held back, started with a
+    /// turn; or a later one of a sync the thread has `loaded` (see [`Queue::start`]).
+    /// `None` once the queue is closed and empty. Blocks until there is one.
+    pub(crate) fn next(&self, thread: usize, loaded: impl Fn(&str) -> bool) -> Option<Started<T>> {
         let mut state = self.state();
         loop {
-            let found = {
-                let state = &*state;
-                // Counted once, and only when the first waiting sync is not quick.
-                let mut doubtful = None;
-                state.waiting.iter().position(|(key, _)| {
-                    state.known_quick(key)
-                        || *doubtful.get_or_insert_with(|| state.doubtful()) < self.cap
-                        || state.first_of_new(key)
-                })
-            };
-            if let Some(index) = found {
-                let (key, item) = state.waiting.remove(index).expect("found above");
-                let started = Instant::now();
-                state.running.push((key.clone(), started));
-                return Some((key, started, item));
+            // Woken by a wake (which took it off the list) or spuriously.
+            state.idle.retain(|idle| *idle != thread);
+            if let Some(started) = self.start(&mut state, &loaded) {
+                return Some(started);
             }
             if state.closed && state.waiting.is_empty() {
                 return None;
             }
-            state = self
-                .changed
-                .wait(state)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            state.idle.push(thread);
+            state = self.wait(&self.starters[thread], state);
         }
     }
 
-    /// The item of `key` that started at `started` has ended.
-    pub(crate) fn ended(&self, key: &str, started: Instant) {
-        {
-            let mut state = self.state();
-            if let Some(index) = state.running.iter().position(|(k, at)| k == key && *at == started) {
-                state.running.swap_remove(index);
+    /// Starts an item that may start now, if any: the first, unless one of the next
+    /// [`AFFINITY_WINDOW`] is of a sync `loaded` on this thread and the first is not, which
+    /// spares loading another copy of a sync (a few MB with its zod models). The first is
+    /// passed over at most once per thread, so it waits at most a round of them.
+    fn start(&self, state: &mut State<T>, loaded: &dyn Fn(&str) -> bool) -> Option<Started<T>> {
+        let (found, passed_over) = self.choose(state, loaded)?;
+        if let Some(first) = passed_over {
+            state.waiting[first].passed_over += 1;
+        }
+        let Waiting { key, item, .. } = state.waiting.remove(found).expect("found above");
+        let (id, started) = (state.next_id, Instant::now());
+        state.next_id += 1;
+        state.runs.push(Run {
+            id,
+            key,
+            started,
+            turn: true,
+            resuming: false,
+        });
+        Some(Started { id, started, item })
+    }
+
+    /// The item [`Queue::start`] starts, and the first it passes over if it does.
+    fn choose(&self, state: &State<T>, loaded: &dyn Fn(&str) -> bool) -> Option<(usize, Option<usize>)> {
+        if state.waiting.is_empty() {
+            return None;
+        }
+        let room = state.room();
+        if state.resumer_may_go(&room, self.turns) {
+            return None;
+        }
+        let may_start = |waiting: &Waiting<T>| state.may_start(&waiting.key, &room, self.threads, self.turns);
+        let first = state.waiting.iter().position(may_start)?;
+        let head = &state.waiting[first];
+        if loaded(&head.key) || head.passed_over >= self.threads.all {
+            return Some((first, None));
+        }
+        let ours = state
+            .waiting
+            .iter()
+            .enumerate()
+            .skip(first + 1)
+            .take(AFFINITY_WINDOW)
+            .find(|(_, waiting)| loaded(&waiting.key) && may_start(waiting));
+        Some(match ours {
+            Some((index, _)) => (index, Some(first)),
+            None => (first, None),
+        })
+    }
+
+    /// Run `id` waits: its turn goes to another.
+    pub(crate) fn pause(&self, id: u64) {
+        let mut state = self.state();
+        if let Some(run) = state.runs.iter_mut().find(|run| run.id == id) {
+            run.turn = false;
+        }
+        if state.runs.iter().any(|run| run.resuming) {
+            self.resumable.notify_all();
+        }
+        if !state.waiting.is_empty() {
+            self.wake_one(&mut state);
+        }
+    }
+
+    /// Run `id`'s wait ended: blocks until it has a turn again.
+    pub(crate) fn resume(&self, id: u64) {
+        let mut state = self.state();
+        while !self.take_turn(&mut state, id) {
+            state = self.wait(&self.resumable, state);
+        }
+        // Runs not started wait while a resuming one may go: this one went.
+        if !state.waiting.is_empty() {
+            self.wake_one(&mut state);
+        }
+    }
+
+    /// Gives run `id` its turn back if it may have it; if not, marks it as waiting for it.
+    fn take_turn(&self, state: &mut State<T>, id: u64) -> bool {
+        let room = state.room();
+        let Some(index) = state.runs.iter().position(|run| run.id == id) else {
+            return true;
+        };
+        let may = state.may_take_turn(&state.runs[index].key, &room, self.turns);
+        let run = &mut state.runs[index];
+        run.turn = may;
+        run.resuming = !may;
+        may
+    }
+
+    /// Run `id` has ended. Its thread takes the next item itself: others are woken only
+    /// when more than its turn may have come free.
+    pub(crate) fn ended(&self, id: u64) {
+        let mut state = self.state();
+        let Some(index) = state.runs.iter().position(|run| run.id == id) else {
+            return;
+        };
+        let run = state.runs.swap_remove(index);
+        let quick = run.started.elapsed() < SLOW;
+        // Ending slow, it may have held its sync (or others) back.
+        let mut changed = !quick;
+        match state.quick.get_mut(&run.key) {
+            Some(known) => {
+                changed |= *known != quick;
+                *known = quick;
             }
-            let quick = started.elapsed() < SLOW;
-            match state.quick.get_mut(key) {
-                Some(known) => *known = quick,
-                None => {
-                    state.quick.insert(key.to_string(), quick);
-                }
-            }
-            if state.quick.len() > REMEMBERED {
-                let State { quick, running, .. } = &mut *state;
-                quick.retain(|key, _| running.iter().any(|(k, _)| k == key));
+            None => {
+                changed = true;
+                state.quick.insert(run.key, quick);
             }
         }
-        // Waiting items may run now: of this sync, or of any other once it was slow.
-        self.changed.notify_all();
+        if state.quick.len() > REMEMBERED {
+            let State { quick, runs, .. } = &mut *state;
+            quick.retain(|key, _| runs.iter().any(|run| run.key == *key));
+        }
+        if state.runs.iter().any(|run| run.resuming) {
+            self.resumable.notify_all();
+        }
+        if changed && !state.waiting.is_empty() {
+            self.wake_all(&mut state);
+        }
     }
 
     /// No more items will come: threads stop once the queue is empty.
     pub(crate) fn close(&self) {
-        self.state().closed = true;
-        self.changed.notify_all();
+        let mut state = self.state();
+        state.closed = true;
+        self.wake_all(&mut state);
     }
 }
 
@@ -149,75 +359,198 @@ impl<T> Queue<T> {
 mod tests {
     use super::*;
 
+    /// As many as a test asks for: only the other share is tested.
+    const PLENTY: Share = Share {
+        all: 100,
+        doubtful: 100,
+    };
+
+    impl<T> Queue<T> {
+        fn try_next(&self) -> Option<(u64, T)> {
+            self.try_next_on(&|_| false)
+        }
+
+        /// As a thread with the syncs that `loaded` says loaded.
+        fn try_next_on(&self, loaded: &dyn Fn(&str) -> bool) -> Option<(u64, T)> {
+            self.start(&mut self.state(), loaded)
+                .map(|started| (started.id, started.item))
+        }
+
+        fn try_resume(&self, id: u64) -> bool {
+            self.take_turn(&mut self.state(), id)
+        }
+    }
+
+    fn held_back(all: usize) -> Share {
+        Share::of(all, true)
+    }
+
     #[test]
     fn a_sync_not_known_to_be_quick_leaves_a_thread_to_the_others() {
-        let queue = Queue::new(1);
+        let queue = Queue::new(held_back(2), PLENTY);
         for item in ["s1", "s2", "f1", "s3"] {
             queue.push(item[..1].to_string(), item);
         }
         // Unknown: one at a time while another sync waits.
-        let (_, first, _) = queue.next().unwrap();
-        let (_, quick, item) = queue.next().unwrap();
+        let (first, _) = queue.try_next().unwrap();
+        let (quick, item) = queue.try_next().unwrap();
         assert_eq!(item, "f1");
-        queue.ended("f", quick);
+        queue.ended(quick);
         // Quick once an execution ended within SLOW: every thread.
-        queue.ended("s", first);
-        let (_, second, item) = queue.next().unwrap();
+        queue.ended(first);
+        let (second, item) = queue.try_next().unwrap();
         assert_eq!(item, "s2");
-        let (_, third, item) = queue.next().unwrap();
+        let (third, item) = queue.try_next().unwrap();
         assert_eq!(item, "s3");
         // Running for SLOW makes it slow again: one at a time while another waits.
-        queue.ended("s", third);
+        queue.ended(third);
         queue.push("s".into(), "s4");
         queue.push("f".into(), "f2");
         std::thread::sleep(SLOW);
-        assert_eq!(queue.next().unwrap().2, "f2");
-        queue.ended("s", second);
+        assert_eq!(queue.try_next().unwrap().1, "f2");
+        queue.ended(second);
         assert_eq!(
-            queue.next().unwrap().2,
+            queue.try_next().unwrap().1,
             "s4",
             "its last execution was slow, but none runs"
         );
     }
 
-    #[test]
-    fn slow_syncs_share_all_threads_but_one() {
-        let queue = Queue::new(1);
-        // a and b known to be slow, f to be quick.
+    /// Makes `a` and `b` known to be slow and `f` quick.
+    fn known(queue: &Queue<&'static str>) {
         for key in ["a", "b"] {
             queue.push(key.into(), key);
         }
-        let (_, a, _) = queue.next().unwrap();
-        let (_, b, _) = queue.next().unwrap();
-        queue.push("f".into(), "f0");
+        let (a, _) = queue.try_next().unwrap();
+        let (b, _) = queue.try_next().unwrap();
         std::thread::sleep(SLOW);
-        let (_, f, _) = queue.next().unwrap();
-        queue.ended("f", f);
-        queue.ended("a", a);
-        queue.ended("b", b);
+        queue.ended(a);
+        queue.ended(b);
+        queue.push("f".into(), "f0");
+        let (f, _) = queue.try_next().unwrap();
+        queue.ended(f);
+    }
 
+    #[test]
+    fn slow_syncs_share_all_threads_but_one() {
+        let queue = Queue::new(held_back(2), PLENTY);
+        known(&queue);
         for item in ["a1", "b1", "n1", "n2", "f1", "b2"] {
             queue.push(item[..1].to_string(), item);
         }
-        assert_eq!(queue.next().unwrap().2, "a1");
+        assert_eq!(queue.try_next().unwrap().1, "a1");
         // b1 waits for a1, though b runs nothing: the slow ones share one thread. A sync
         // never seen may run one execution, and a quick one runs.
-        let (_, n1, item) = queue.next().unwrap();
+        let (n1, item) = queue.try_next().unwrap();
         assert_eq!(item, "n1");
-        assert_eq!(queue.next().unwrap().2, "f1");
+        assert_eq!(queue.try_next().unwrap().1, "f1");
         // n2 waits while n1, not yet known to be quick, runs; f runs again.
         queue.push("f".into(), "f2");
-        assert_eq!(queue.next().unwrap().2, "f2");
-        queue.ended("n", n1);
-        assert_eq!(queue.next().unwrap().2, "n2", "n is quick now");
+        assert_eq!(queue.try_next().unwrap().1, "f2");
+        queue.ended(n1);
+        assert_eq!(queue.try_next().unwrap().1, "n2", "n is quick now");
+    }
+
+    #[test]
+    fn slow_syncs_share_all_turns_but_one_though_threads_are_free() {
+        let queue = Queue::new(PLENTY, held_back(2));
+        known(&queue);
+        for item in ["a1", "b1", "f1", "f2"] {
+            queue.push(item[..1].to_string(), item);
+        }
+        let (a1, item) = queue.try_next().unwrap();
+        assert_eq!(item, "a1");
+        assert_eq!(
+            queue.try_next().unwrap().1,
+            "f1",
+            "b1 waits: a1 holds the slow ones' turn"
+        );
+        assert!(queue.try_next().is_none(), "both turns are held");
+        // a1 waits on its provider: its turn goes to b1, slow as it is.
+        queue.pause(a1);
+        assert_eq!(queue.try_next().unwrap().1, "b1");
+        assert!(!queue.try_resume(a1), "b1 holds the slow ones' turn, f1 the other");
+    }
+
+    #[test]
+    fn a_run_that_waits_gives_its_turn_and_takes_one_back_before_new_runs() {
+        let queue = Queue::new(PLENTY, Share::of(1, false));
+        for item in ["a", "b", "c"] {
+            queue.push(item.into(), item);
+        }
+        let (a, _) = queue.try_next().unwrap();
+        assert!(queue.try_next().is_none(), "one turn, held by a");
+        queue.pause(a);
+        let (b, item) = queue.try_next().unwrap();
+        assert_eq!(item, "b");
+        assert!(!queue.try_resume(a), "b holds the turn");
+        queue.pause(b);
+        assert!(
+            queue.try_next().is_none(),
+            "a waits to take its turn back: c does not start"
+        );
+        assert!(queue.try_resume(a));
+        queue.ended(a);
+        let (c, item) = queue.try_next().unwrap();
+        assert_eq!(item, "c", "b still waits on its host: the turn is free");
+        assert!(!queue.try_resume(b));
+        queue.ended(c);
+        assert!(queue.try_resume(b));
+    }
+
+    #[test]
+    fn a_resuming_run_blocks_until_a_turn_is_free() {
+        let queue = std::sync::Arc::new(Queue::new(PLENTY, Share::of(1, false)));
+        for item in ["a", "b"] {
+            queue.push(item.into(), item);
+        }
+        let (a, _) = queue.try_next().unwrap();
+        queue.pause(a);
+        let (b, _) = queue.try_next().unwrap();
+        let (resumed, took) = std::sync::mpsc::channel();
+        let resuming = {
+            let queue = queue.clone();
+            std::thread::spawn(move || {
+                queue.resume(a);
+                resumed.send(()).unwrap();
+            })
+        };
+        // Once it waits, b's end is what lets it go.
+        while !queue.state().runs.iter().any(|run| run.resuming) {
+            std::thread::yield_now();
+        }
+        assert!(took.try_recv().is_err());
+        queue.ended(b);
+        took.recv().unwrap();
+        resuming.join().unwrap();
+    }
+
+    #[test]
+    fn a_thread_takes_a_later_item_of_a_sync_it_has_loaded_but_passes_the_first_over_once_per_thread() {
+        let queue = Queue::new(Share::of(2, false), PLENTY);
+        for item in ["a1", "b1", "b2", "b3", "a2"] {
+            queue.push(item[..1].to_string(), item);
+        }
+        let has_b = |key: &str| key == "b";
+        // Each ends at once, leaving the room it took.
+        let take = |loaded: &dyn Fn(&str) -> bool| {
+            let (id, item) = queue.try_next_on(loaded).unwrap();
+            queue.ended(id);
+            item
+        };
+        assert_eq!(take(&has_b), "b1");
+        assert_eq!(take(&has_b), "b2");
+        assert_eq!(take(&has_b), "a1", "passed over twice, by two threads' worth");
+        assert_eq!(take(&|key| key == "a"), "a2", "its own, passing b3 over once");
+        assert_eq!(take(&|_| false), "b3", "nothing loaded: the first");
     }
 
     #[test]
     fn next_returns_none_once_closed_and_empty() {
-        let queue: Queue<()> = Queue::new(1);
+        let queue: Queue<()> = Queue::new(held_back(1), held_back(1));
         queue.push("a".into(), ());
         queue.close();
-        assert!(queue.next().is_some());
-        assert!(queue.next().is_none());
+        assert!(queue.next(0, |_| false).is_some());
+        assert!(queue.next(0, |_| false).is_none());
     }
 }

@@ -355,9 +355,12 @@ fn install_host_call(ctx: &Ctx<'_>, budget: Arc<Budget>) -> rquickjs::Result<()>
             let time_left = budget.remaining();
             // A panic must not unwind into QuickJS (that aborts the process): one here (the
             // host's async runtime shutting down under it, say) fails the function instead.
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| host.call(&op, &args, time_left)))
-                .unwrap_or_else(|_| Err(format!("{op}: the host failed; the service may be stopping")))
-                .map_err(|message| rquickjs::Exception::throw_message(&ctx, &message))
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                // The call waits (on the provider, the store): another run may compute.
+                crate::pool::off_turn(|| host.call(&op, &args, time_left))
+            }))
+            .unwrap_or_else(|_| Err(format!("{op}: the host failed; the service may be stopping")))
+            .map_err(|message| rquickjs::Exception::throw_message(&ctx, &message))
         },
     )?;
     ctx.globals().set("__hookyardHost", call)

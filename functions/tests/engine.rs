@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use hookyard_core::store::records::WriteKind;
 use hookyard_core::store::MetadataWrite;
 use hookyard_functions::compile::{compile_project, Project};
-use hookyard_functions::pool::{Pool, SyncCode};
+use hookyard_functions::pool::{Pool, Sizing, SyncCode};
 use hookyard_functions::{ErrorKind, Handler, Host, Invocation, Limits, RecordValidation};
 use serde_json::json;
 use std::sync::Mutex;
@@ -1175,10 +1175,125 @@ async fn a_shared_pool_holds_a_slow_sync_to_all_threads_but_one() {
     };
     let together = two_runs(&Pool::new(2, limits())).await;
     assert!(together < Duration::from_millis(1800), "side by side: {together:?}");
-    let one_by_one = two_runs(&Pool::shared(2, limits())).await;
+    let shared = Pool::sized(
+        Sizing {
+            turns: 2,
+            runs: 2,
+            hold_back_slow: true,
+        },
+        limits(),
+    );
+    let one_by_one = two_runs(&shared).await;
     assert!(
         one_by_one >= Duration::from_secs(2),
         "one after the other: {one_by_one:?}"
+    );
+}
+
+/// A host whose calls each wait (up to the run's time left) until `together` of them are
+/// in flight at once, and which keeps the most it saw and the order the calls came in.
+struct GatheringHost {
+    together: usize,
+    seen: Mutex<Gathered>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct Gathered {
+    in_flight: usize,
+    most: usize,
+    args: Vec<String>,
+}
+
+impl GatheringHost {
+    fn new(together: usize) -> Arc<GatheringHost> {
+        Arc::new(GatheringHost {
+            together,
+            seen: Mutex::default(),
+            changed: std::sync::Condvar::new(),
+        })
+    }
+}
+
+impl Host for GatheringHost {
+    fn call(&self, _op: &str, args: &str, time_left: Duration) -> Result<String, String> {
+        let mut seen = self.seen.lock().unwrap();
+        seen.in_flight += 1;
+        seen.most = seen.most.max(seen.in_flight);
+        seen.args.push(args.to_string());
+        self.changed.notify_all();
+        let (mut seen, _) = self
+            .changed
+            .wait_timeout_while(seen, time_left, |seen| seen.most < self.together)
+            .unwrap();
+        seen.in_flight -= 1;
+        Ok(String::new())
+    }
+}
+
+fn waiting_pool(turns: usize, runs: usize) -> Pool {
+    Pool::sized(
+        Sizing {
+            turns,
+            runs,
+            hold_back_slow: false,
+        },
+        limits(),
+    )
+}
+
+/// A run waiting on its host leaves its turn to run JavaScript to another: with one turn
+/// and four threads, four runs wait on their provider at once (a pool whose runs kept
+/// their turn through their waits would make them one at a time, each waiting in vain).
+#[tokio::test]
+async fn runs_waiting_on_their_host_leave_their_turn_to_others() {
+    let project = project(&[("crm/syncs/fetch.js", &exec_sync("await nango.saveCheckpoint({});"))]);
+    let host = GatheringHost::new(4);
+    let runs = (0..4)
+        .map(|_| (code(&project, "fetch"), exec_on(host.clone())))
+        .collect();
+    let batch = waiting_pool(1, 4).submit(runs);
+    batch.wait(None).await;
+    let outcomes = batch.take_ended();
+    assert_eq!(outcomes.len(), 4);
+    assert!(outcomes.iter().all(|(_, outcome)| outcome.is_ok()), "{outcomes:?}");
+    assert_eq!(host.seen.lock().unwrap().most, 4, "four calls in flight at once");
+
+    // Kept through the wait (threads no more than turns), one call at a time.
+    let host = GatheringHost::new(2);
+    let runs = (0..2)
+        .map(|_| (code(&project, "fetch"), exec_on(host.clone())))
+        .collect();
+    let batch = Pool::new(1, limits()).submit(runs);
+    batch.wait(None).await;
+    assert_eq!(host.seen.lock().unwrap().most, 1);
+}
+
+/// So does a run waiting for a timer: the second run's call comes while the first sleeps.
+#[tokio::test]
+async fn a_run_waiting_for_a_timer_leaves_its_turn_to_another() {
+    let project = project(&[(
+        "crm/syncs/sleeps.js",
+        &exec_sync(
+            "if (nango.connectionId === 'sleeper') await new Promise((done) => setTimeout(done, 500));
+             await nango.saveCheckpoint({ who: nango.connectionId });",
+        ),
+    )]);
+    let host = GatheringHost::new(1);
+    let run = |who: &str| {
+        let mut invocation = exec_on(host.clone());
+        invocation.connection_id = who.into();
+        (code(&project, "sleeps"), invocation)
+    };
+    let batch = waiting_pool(1, 2).submit(vec![run("sleeper"), run("caller")]);
+    batch.wait(None).await;
+    assert!(batch.take_ended().iter().all(|(_, outcome)| outcome.is_ok()));
+    let args = host.seen.lock().unwrap().args.clone();
+    let checkpoints: Vec<&String> = args.iter().filter(|a| a.contains("who")).collect();
+    assert_eq!(checkpoints.len(), 2, "{args:?}");
+    assert!(
+        checkpoints[0].contains("caller"),
+        "the sleeper's timer held no turn: {args:?}"
     );
 }
 

@@ -2536,9 +2536,10 @@ export default createSync({
 /// event.
 #[tokio::test]
 async fn on_webhook_reads_the_cache_and_fetches_what_a_thin_event_names_and_gives_up_on_a_provider_that_hangs() {
-    // One JS thread: a run left waiting on the provider would hold every later one.
+    // One thread: a run left waiting on the provider would hold every later one.
     let s = setup_configured(&[("crm/syncs/thin.js", THIN)], |config| {
         config.worker.js_threads = 1;
+        config.worker.concurrent_runs = 1;
     })
     .await;
     let stored = |id: &'static str, email: &'static str| {
@@ -2768,6 +2769,40 @@ async fn identical_reads_of_a_burst_share_one_request() {
     assert_eq!(metric(PROVIDER_READS_SHARED).await, 1.0, "not shared");
 }
 
+/// One JS thread fetches for several events at once: a run waiting on the provider leaves
+/// the thread's turn to the next event's run (`worker.concurrent_runs`).
+#[tokio::test]
+async fn one_js_thread_fetches_for_several_events_at_once() {
+    let s = setup_configured(&[("crm/syncs/thin.js", THIN)], |config| {
+        config.worker.js_threads = 1;
+    })
+    .await;
+    s.crm.put_contact("p1", "one@example.com");
+    s.crm.put_contact("p2", "two@example.com");
+    let held = s.crm.hold_page(0);
+    s.thin_event("p1").await;
+    tokio::time::timeout(Duration::from_secs(10), held.reached())
+        .await
+        .expect("the first fetch to reach the provider");
+    s.thin_event("p2").await;
+    eventually(
+        "the second event's fetch, sent while the first's is held",
+        Duration::from_secs(10),
+        || async {
+            let requests = s.crm.requests();
+            requests.iter().any(|(path, _)| path == "/contacts/p2").then_some(())
+        },
+    )
+    .await;
+    held.release();
+    for id in ["p1", "p2"] {
+        eventually("the contact stored", Duration::from_secs(10), || {
+            s.has_contact("c0", id, None)
+        })
+        .await;
+    }
+}
+
 /// A worker told to stop does not wait for the runs waiting for a limited connection's
 /// turn (up to a minute each, past Kubernetes' grace): it leaves them unrun, not failed,
 /// and the next worker runs them once the limit ends.
@@ -2837,7 +2872,9 @@ async fn a_rate_limit_another_process_recorded_holds_this_workers_calls_too() {
 #[tokio::test]
 async fn a_limited_connections_burst_waits_its_turn_without_holding_back_other_connections() {
     let s = setup_configured(&[("crm/syncs/thin.js", THIN)], |config| {
+        // Two threads: runs waiting out the pause on them would hold the rest back.
         config.worker.js_threads = 2;
+        config.worker.concurrent_runs = 2;
         config.worker.hold_back_slow_syncs = false;
         config.worker.limits.timeout = Duration::from_secs(8);
         config.worker.ack_wait = Duration::from_secs(30);

@@ -413,10 +413,13 @@ async fn slow_and_fine(wait_ms: u64) -> common::pipeline::Harness {
     .await
 }
 
-/// A worker configuration with two JS threads and these functions deployed.
+/// A worker configuration with two JS threads and these functions deployed, and two runs
+/// in progress at most: a run that waits keeps one of the two threads, as a run that
+/// computes does.
 async fn two_threads_with(files: &[(&str, String)]) -> common::pipeline::Harness {
     let h = harness_with(None, 1, |config| {
         config.worker.js_threads = 2;
+        config.worker.concurrent_runs = 2;
         config.worker.limits.timeout = Duration::from_secs(10);
         config.worker.ack_wait = Duration::from_secs(30);
     })

@@ -45,7 +45,7 @@ use hookyard_core::streams::{durable, with_heartbeat, Bus, Pulls, StreamsError, 
 use hookyard_core::trace_context::continue_trace;
 use hookyard_core::{Config, Store};
 use hookyard_functions::host::{ApiSource, WebhookHost};
-use hookyard_functions::pool::{Batch, Pool};
+use hookyard_functions::pool::{Batch, Pool, Sizing};
 use hookyard_functions::provider_api::Owner;
 use hookyard_functions::rate_limit;
 use hookyard_functions::{Effects, ErrorKind, FunctionError, Host, Invocation};
@@ -126,11 +126,14 @@ impl Worker {
             guard: config.forwarding.clone(),
         });
         Ok(Worker {
-            pool: if config.worker.hold_back_slow_syncs {
-                Pool::shared(config.worker.js_threads, config.worker.limits.clone())
-            } else {
-                Pool::new(config.worker.js_threads, config.worker.limits.clone())
-            },
+            pool: Pool::sized(
+                Sizing {
+                    turns: config.worker.js_threads,
+                    runs: config.worker.concurrent_runs,
+                    hold_back_slow: config.worker.hold_back_slow_syncs,
+                },
+                config.worker.limits.clone(),
+            ),
             deployments: Arc::new(Deployments::new(store.clone())),
             settings: Arc::new(settings::Settings::new(store.clone())),
             store,
