@@ -134,6 +134,10 @@ enum Command {
         /// The worker's JS threads (0: one per CPU).
         #[arg(long, default_value_t = 0)]
         js_threads: usize,
+        /// The worker's runs in progress at once, waiting ones included (0: 16 per JS
+        /// thread; as many as JS threads: each run keeps its thread through its waits).
+        #[arg(long, default_value_t = 0)]
+        concurrent_runs: usize,
         /// Also forward every event: nowhere (none), to a receiver answering 200 (fast),
         /// or to one that never answers (silent). Functions must not slow down for it.
         #[arg(long, value_enum, default_value = "none")]
@@ -251,6 +255,7 @@ fn main() -> anyhow::Result<()> {
                 latency_seconds,
                 rate,
                 js_threads,
+                concurrent_runs,
                 destination,
                 slow_every,
                 slow_ms,
@@ -264,6 +269,7 @@ fn main() -> anyhow::Result<()> {
                     latency_seconds,
                     rate,
                     js_threads,
+                    concurrent_runs,
                     destination,
                     slow: (slow_every > 0).then_some(worker::Slow {
                         every: slow_every,

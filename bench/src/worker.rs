@@ -37,6 +37,8 @@ pub struct Plan {
     /// Events/s of the latency phase; half the burst throughput when 0.
     pub rate: u64,
     pub js_threads: usize,
+    /// The worker's runs in progress at once (0: its default).
+    pub concurrent_runs: usize,
     /// Where every event is also forwarded: nowhere, a receiver answering 200 at once,
     /// or one that accepts connections and never answers.
     pub destination: Destination,
@@ -223,7 +225,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
 
     println!(
         "worker benchmark: examples/crm-contacts (one Contact saved per event{}), routed events published \
-         straight into {CONN_STREAM}, {} connections, Postgres, one worker process ({} JS threads){}\n",
+         straight into {CONN_STREAM}, {} connections, Postgres, one worker process ({} JS threads, {} runs in progress){}\n",
         match (plan.fetch, plan.provider_latency.as_millis()) {
             (false, _) => String::new(),
             (true, 0) => ", fetched from a local provider API first".to_string(),
@@ -234,6 +236,11 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
             "one per CPU".to_string()
         } else {
             plan.js_threads.to_string()
+        },
+        if plan.concurrent_runs == 0 {
+            "16 per JS thread".to_string()
+        } else {
+            plan.concurrent_runs.to_string()
         },
         match plan.slow {
             Some(Slow { every, ms, syncs }) =>
@@ -250,7 +257,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
         plan.events,
         started.elapsed().as_secs_f64()
     );
-    let mut worker = spawn_worker(&config, &key, plan.js_threads)?;
+    let mut worker = spawn_worker(&config, &key, plan)?;
     let pid = worker.id().to_string();
     let stream = bus.jetstream.get_stream(CONN_STREAM).await?;
     let consumer_exists = || async {
@@ -418,13 +425,14 @@ async fn wait_acked(jetstream: &jetstream::Context, worker: &mut Child) -> anyho
     Ok(())
 }
 
-fn spawn_worker(config: &Config, key: &str, js_threads: usize) -> anyhow::Result<Child> {
+fn spawn_worker(config: &Config, key: &str, plan: &Plan) -> anyhow::Result<Child> {
     Ok(Command::new(std::env::current_exe()?)
         .arg("worker-process")
         .env("HOOKYARD_NATS_URL", &config.nats_url)
         .env("HOOKYARD_DATABASE_URL", &config.database_url)
         .env("HOOKYARD_ENCRYPTION_KEY", key)
-        .env("HOOKYARD_WORKER__JS_THREADS", js_threads.to_string())
+        .env("HOOKYARD_WORKER__JS_THREADS", plan.js_threads.to_string())
+        .env("HOOKYARD_WORKER__CONCURRENT_RUNS", plan.concurrent_runs.to_string())
         .env("HOOKYARD_FORWARDING__ALLOW_LOOPBACK", "true")
         .env(
             "HOOKYARD_TELEMETRY__LOG_FILTER",

@@ -60,6 +60,9 @@ pub mod names {
     /// Provider reads (GETs) answered by an identical one of the same connection already
     /// in flight, sent after the run's events came, instead of a request of their own.
     pub const PROVIDER_READS_SHARED: &str = "hookyard_provider_reads_shared_total";
+    /// Copies of syncs loaded on the process's JS threads: one QuickJS runtime each (some
+    /// 3 MB with zod models), kept by each thread for the syncs it runs.
+    pub const SYNCS_LOADED: &str = "hookyard_js_syncs_loaded";
 }
 
 /// Latency buckets (seconds) for every `_seconds` histogram.

@@ -28,6 +28,12 @@ pub(crate) struct Loaded {
     sandbox: Sandbox,
 }
 
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        metrics::gauge!(hookyard_core::metrics::names::SYNCS_LOADED).decrement(1.0);
+    }
+}
+
 impl Loaded {
     /// Evaluates `entry` from `code` and keeps its `onWebhook` and `exec`.
     pub(crate) fn load(
@@ -52,6 +58,7 @@ impl Loaded {
             let definition = Persistent::save(&ctx, export);
             Ok::<_, FunctionError>((on_webhook, exec, definition, track_deletes, Persistent::save(&ctx, run)))
         })?;
+        metrics::gauge!(hookyard_core::metrics::names::SYNCS_LOADED).increment(1.0);
         Ok(Loaded {
             on_webhook,
             exec,

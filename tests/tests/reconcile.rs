@@ -2803,6 +2803,27 @@ async fn one_js_thread_fetches_for_several_events_at_once() {
     }
 }
 
+/// At a trickle of events, the thread that went idle last runs the next one, so a worker
+/// of many threads loads its sync once, not once per thread (some 3 MB each with zod).
+#[tokio::test]
+async fn a_trickle_of_events_loads_its_sync_once() {
+    let s = setup_configured(&[("crm/syncs/thin.js", THIN)], |config| {
+        config.worker.js_threads = 1;
+        config.worker.concurrent_runs = 8;
+    })
+    .await;
+    for n in 0..6 {
+        let id = format!("p{n}");
+        s.crm.put_contact(&id, "someone@example.com");
+        s.thin_event(&id).await;
+        eventually("the contact stored", Duration::from_secs(10), || {
+            s.has_contact("c0", &id, None)
+        })
+        .await;
+    }
+    assert_eq!(metric("hookyard_js_syncs_loaded").await, 1.0);
+}
+
 /// A worker told to stop does not wait for the runs waiting for a limited connection's
 /// turn (up to a minute each, past Kubernetes' grace): it leaves them unrun, not failed,
 /// and the next worker runs them once the limit ends.
