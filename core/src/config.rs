@@ -112,10 +112,10 @@ pub struct RouterConfig {
 pub struct WorkerConfig {
     /// Routed events taken at once: executed together, their writes committed together.
     pub batch: usize,
-    /// Executions running JavaScript at once; 0 means one per CPU.
+    /// Executions running JavaScript at once, at most 256; 0 means one per CPU.
     pub js_threads: usize,
     /// Executions in progress at once, each on a thread of its own (at least
-    /// `js_threads`; 0 means 16 per JS thread). One waiting on the provider's API, the
+    /// `js_threads`, at most 1024; 0 means 16 per JS thread). One waiting on the provider's API, the
     /// store or a timer leaves its JS thread's turn to another meanwhile.
     pub concurrent_runs: usize,
     /// Syncs not known to be quick (their last execution took 100 ms or more, waits
@@ -593,6 +593,13 @@ impl Config {
                 ));
             }
         }
+        // Each a thread; each thread keeps its own copies of the syncs it runs.
+        if worker.js_threads > 256 {
+            problems.push("worker.js_threads must be at most 256 (0: one per CPU)".into());
+        }
+        if worker.concurrent_runs > 1024 {
+            problems.push("worker.concurrent_runs must be at most 1024 (0: 16 per JS thread)".into());
+        }
         if !(1..=64).contains(&worker.exec_threads) {
             problems.push("worker.exec_threads must be between 1 and 64".into());
         }
@@ -973,6 +980,7 @@ mod tests {
             jail.set_env("HOOKYARD_LOGS__BUFFER", "0");
             jail.set_env("HOOKYARD_DATABASE_MAX_CONNECTIONS", "0");
             jail.set_env("HOOKYARD_FORWARDING__PROXY", "socks5://u:pw@proxy:1080");
+            jail.set_env("HOOKYARD_WORKER__CONCURRENT_RUNS", "5000");
             let message = Config::load().unwrap_err().to_string();
             assert!(message.contains("ingest.max_body_bytes is 10"), "{message}");
             assert!(message.contains("streams.replicas is 2"), "{message}");
@@ -989,6 +997,7 @@ mod tests {
                 "logs.retention must be at least 1m",
                 "logs.buffer must be at least 1",
                 "database_max_connections must be between 1 and 1000",
+                "worker.concurrent_runs must be at most 1024 (0: 16 per JS thread)",
                 "forwarding.proxy \"socks5://u:(hidden)@proxy:1080\" is not an http:// or https:// proxy",
             ] {
                 assert!(message.contains(problem), "{message}");

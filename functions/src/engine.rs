@@ -233,7 +233,9 @@ fn settle<'js>(
             budget.expire_wall();
             return Err(budget.tripped(limits).expect("just expired"));
         }
-        crate::pool::off_turn(|| std::thread::sleep(wait));
+        if !wait.is_zero() {
+            crate::pool::off_turn(|| std::thread::sleep(wait));
+        }
         timers
             .get::<_, Function>("fireTimers")
             .and_then(|f| f.call::<_, ()>(()))

@@ -347,42 +347,25 @@ fn or_one_per_cpu(n: usize) -> usize {
     }
 }
 
-/// What a run gives its turn back to while it waits, on a thread of a pool with threads
-/// to spare for waits.
-trait Turns: Send + Sync {
-    fn pause(&self, id: u64);
-    fn resume(&self, id: u64);
-}
-
-impl<T: Send> Turns for Queue<T> {
-    fn pause(&self, id: u64) {
-        Queue::pause(self, id);
-    }
-
-    fn resume(&self, id: u64) {
-        Queue::resume(self, id);
-    }
-}
-
 thread_local! {
     /// The run on this thread, when it may give its turn back while it waits.
-    static WAITING: RefCell<Option<(Arc<dyn Turns>, u64)>> = const { RefCell::new(None) };
+    static WAITING: RefCell<Option<(Arc<Queue<Job>>, u64)>> = const { RefCell::new(None) };
 }
 
 /// Runs `wait` (a host call, a timer) without a turn to run JavaScript: another run in
 /// progress may have it meanwhile. This run takes one back before it goes on.
 pub(crate) fn off_turn<R>(wait: impl FnOnce() -> R) -> R {
-    struct Resume(Arc<dyn Turns>, u64);
+    struct Resume(Arc<Queue<Job>>, u64);
     impl Drop for Resume {
         fn drop(&mut self) {
             self.0.resume(self.1);
         }
     }
-    let Some((turns, id)) = WAITING.with(|waiting| waiting.borrow().clone()) else {
+    let Some((queue, id)) = WAITING.with(|waiting| waiting.borrow().clone()) else {
         return wait();
     };
-    turns.pause(id);
-    let _resume = Resume(turns, id);
+    queue.pause(id);
+    let _resume = Resume(queue, id);
     wait()
 }
 
@@ -396,8 +379,7 @@ fn run_thread(thread: usize, queue: &Arc<Queue<Job>>, limits: &Limits, turns_to_
     }) = queue.next(thread, |key| loaded.contains_key(key))
     {
         if turns_to_give {
-            let turns: Arc<dyn Turns> = queue.clone();
-            WAITING.with(|waiting| *waiting.borrow_mut() = Some((turns, id)));
+            WAITING.with(|waiting| *waiting.borrow_mut() = Some((queue.clone(), id)));
         }
         let mut outcome = match &job.run {
             Some((code, invocation)) => {
