@@ -371,12 +371,13 @@ pub(crate) fn off_turn<R>(wait: impl FnOnce() -> R) -> R {
 
 fn run_thread(thread: usize, queue: &Arc<Queue<Job>>, limits: &Limits, turns_to_give: bool) {
     let mut loaded: HashMap<String, Loaded> = HashMap::new();
+    let mut ended = None;
     while let Some(Started {
         id,
         started,
         item: mut job,
         ..
-    }) = queue.next(thread, |key| loaded.contains_key(key))
+    }) = queue.next(ended, thread, |key| loaded.contains_key(key))
     {
         if turns_to_give {
             WAITING.with(|waiting| *waiting.borrow_mut() = Some((queue.clone(), id)));
@@ -397,10 +398,10 @@ fn run_thread(thread: usize, queue: &Arc<Queue<Job>>, limits: &Limits, turns_to_
             Ok(effects) => effects.elapsed = started.elapsed(),
             Err(error) => error.elapsed = started.elapsed(),
         }
-        // Ended here, not by the drop guard.
+        // Ended here, not by the drop guard; in the queue as the thread takes its next.
         job.run = None;
-        queue.ended(id);
         job.batch.end(job.slot, outcome);
+        ended = Some(id);
     }
 }
 

@@ -203,14 +203,27 @@ impl<T> Queue<T> {
             item,
             passed_over: 0,
         });
-        self.wake_one(&mut state);
+        // With every turn held, the thread that gives one up takes the item itself (or
+        // wakes one to); waking another now would only race it.
+        if self.turn_free(&state) {
+            self.wake_one(&mut state);
+        }
     }
 
-    /// For thread `thread`, the first item whose sync is not held back, started with a
-    /// turn; or a later one of a sync the thread has `loaded` (see [`Queue::start`]).
-    /// `None` once the queue is closed and empty. Blocks until there is one.
-    pub(crate) fn next(&self, thread: usize, loaded: impl Fn(&str) -> bool) -> Option<Started<T>> {
+    fn turn_free(&self, state: &State<T>) -> bool {
+        state.runs.iter().filter(|run| run.turn).count() < self.turns.all
+    }
+
+    /// Ends run `ended` of thread `thread`, if given, and takes the thread's next item:
+    /// the first whose sync is not held back, started with a turn, or a later one of a
+    /// sync the thread has `loaded` (see [`Queue::start`]). At once, so no other thread
+    /// takes the turn the ended run gave up. `None` once the queue is closed and empty.
+    /// Blocks until there is one.
+    pub(crate) fn next(&self, ended: Option<u64>, thread: usize, loaded: impl Fn(&str) -> bool) -> Option<Started<T>> {
         let mut state = self.state();
+        if let Some(id) = ended {
+            self.end(&mut state, id);
+        }
         loop {
             // Woken by a wake (which took it off the list) or spuriously.
             state.idle.retain(|idle| *idle != thread);
@@ -296,7 +309,7 @@ impl<T> Queue<T> {
             state = self.wait(&self.resumable, state);
         }
         // Runs not started wait while a resuming one may go: this one went.
-        if !state.waiting.is_empty() {
+        if !state.waiting.is_empty() && self.turn_free(&state) {
             self.wake_one(&mut state);
         }
     }
@@ -316,8 +329,12 @@ impl<T> Queue<T> {
 
     /// Run `id` has ended. Its thread takes the next item itself: others are woken only
     /// when more than its turn may have come free.
+    #[cfg(test)]
     pub(crate) fn ended(&self, id: u64) {
-        let mut state = self.state();
+        self.end(&mut self.state(), id);
+    }
+
+    fn end(&self, state: &mut State<T>, id: u64) {
         let Some(index) = state.runs.iter().position(|run| run.id == id) else {
             return;
         };
@@ -343,7 +360,7 @@ impl<T> Queue<T> {
             self.resumable.notify_all();
         }
         if changed && !state.waiting.is_empty() {
-            self.wake_all(&mut state);
+            self.wake_all(state);
         }
     }
 
@@ -550,7 +567,7 @@ mod tests {
         let queue: Queue<()> = Queue::new(held_back(1), held_back(1));
         queue.push("a".into(), ());
         queue.close();
-        assert!(queue.next(0, |_| false).is_some());
-        assert!(queue.next(0, |_| false).is_none());
+        let started = queue.next(None, 0, |_| false).unwrap();
+        assert!(queue.next(Some(started.id), 0, |_| false).is_none());
     }
 }
