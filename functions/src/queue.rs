@@ -48,10 +48,9 @@ impl Share {
 
 pub(crate) struct Queue<T> {
     state: Mutex<State<T>>,
-    /// By thread: where it waits, idle, for an item to start.
-    starters: Vec<Condvar>,
-    /// Runs waiting to take a turn back.
-    resumable: Condvar,
+    /// By thread: where it waits, idle for an item or for its run's turn back. Each is
+    /// woken alone, never all at once.
+    signals: Vec<Condvar>,
     /// `all` is the pool's thread count: no more than that call [`Queue::next`] at once.
     threads: Share,
     turns: Share,
@@ -70,9 +69,20 @@ struct Run {
     id: u64,
     key: String,
     started: Instant,
-    /// Whether it holds a turn (runs JavaScript), and whether it waits to take one back.
+    thread: usize,
+    /// Whether it holds a turn (runs JavaScript).
     turn: bool,
-    resuming: bool,
+    /// While it waits to take a turn back: its place in line.
+    resuming: Option<u64>,
+    /// A turn is kept for it and its thread woken to take it.
+    nudged: bool,
+}
+
+impl Run {
+    /// Holds a turn, or has one kept for it.
+    fn holds(&self) -> bool {
+        self.turn || self.nudged
+    }
 }
 
 struct State<T> {
@@ -80,12 +90,15 @@ struct State<T> {
     waiting: VecDeque<Waiting<T>>,
     /// Threads waiting for an item, the last to go idle last.
     idle: Vec<usize>,
+    /// Threads woken for an item that have not looked yet: the turns they will want.
+    woken: usize,
     /// Runs in progress: one per busy thread, so a few dozen at most.
     runs: Vec<Run>,
     /// Syncs seen: whether their last execution took less than [`SLOW`].
     quick: HashMap<String, bool>,
     closed: bool,
     next_id: u64,
+    next_in_line: u64,
 }
 
 /// An item taken from the queue, with the id its run is known by until it ends.
@@ -119,10 +132,10 @@ impl<T> State<T> {
             doubtful_turns: 0,
         };
         for run in &self.runs {
-            room.turns_held += usize::from(run.turn);
+            room.turns_held += usize::from(run.holds());
             if !self.known_quick(&run.key) {
                 room.doubtful_threads += 1;
-                room.doubtful_turns += usize::from(run.turn);
+                room.doubtful_turns += usize::from(run.holds());
             }
         }
         room
@@ -136,7 +149,7 @@ impl<T> State<T> {
     /// Whether a run of `key` may take a turn.
     fn may_take_turn(&self, key: &str, room: &Room, turns: Share) -> bool {
         room.turns_held < turns.all
-            && (room.doubtful_turns < turns.doubtful || self.known_quick(key) || self.first_of_new(key, |run| run.turn))
+            && (room.doubtful_turns < turns.doubtful || self.known_quick(key) || self.first_of_new(key, Run::holds))
     }
 
     /// Whether a run not started yet of `key` may start (on the thread asking).
@@ -145,11 +158,17 @@ impl<T> State<T> {
             && (room.doubtful_threads < threads.doubtful || self.known_quick(key) || self.first_of_new(key, |_| true))
     }
 
-    /// Whether a run that waits to take its turn back may: those go first.
-    fn resumer_may_go(&self, room: &Room, turns: Share) -> bool {
+    /// The first in line of the runs waiting to take their turn back that may take one
+    /// now (and have none kept for them yet): those go before runs not started.
+    fn next_resumer(&self, turns: Share) -> Option<usize> {
+        let room = self.room();
         self.runs
             .iter()
-            .any(|run| run.resuming && self.may_take_turn(&run.key, room, turns))
+            .enumerate()
+            .filter(|(_, run)| run.resuming.is_some() && !run.nudged)
+            .filter(|(_, run)| self.may_take_turn(&run.key, &room, turns))
+            .min_by_key(|(_, run)| run.resuming)
+            .map(|(index, _)| index)
     }
 }
 
@@ -161,13 +180,14 @@ impl<T> Queue<T> {
             state: Mutex::new(State {
                 waiting: VecDeque::new(),
                 idle: Vec::new(),
+                woken: 0,
                 runs: Vec::new(),
                 quick: HashMap::new(),
                 closed: false,
                 next_id: 0,
+                next_in_line: 0,
             }),
-            starters: (0..threads.all).map(|_| Condvar::new()).collect(),
-            resumable: Condvar::new(),
+            signals: (0..threads.all).map(|_| Condvar::new()).collect(),
             threads,
             turns,
         }
@@ -186,13 +206,15 @@ impl<T> Queue<T> {
     /// everything, and only they load the syncs they run.
     fn wake_one(&self, state: &mut State<T>) {
         if let Some(thread) = state.idle.pop() {
-            self.starters[thread].notify_one();
+            state.woken += 1;
+            self.signals[thread].notify_one();
         }
     }
 
     fn wake_all(&self, state: &mut State<T>) {
+        state.woken += state.idle.len();
         for thread in state.idle.drain(..) {
-            self.starters[thread].notify_one();
+            self.signals[thread].notify_one();
         }
     }
 
@@ -210,8 +232,15 @@ impl<T> Queue<T> {
         }
     }
 
+    /// Whether a turn is free that no thread woken already will take.
     fn turn_free(&self, state: &State<T>) -> bool {
-        state.runs.iter().filter(|run| run.turn).count() < self.turns.all
+        self.turns_free(state) > 0
+    }
+
+    /// Turns free that no thread woken already will take.
+    fn turns_free(&self, state: &State<T>) -> usize {
+        let held = state.runs.iter().filter(|run| run.holds()).count();
+        self.turns.all.saturating_sub(held + state.woken)
     }
 
     /// Ends run `ended` of thread `thread`, if given, and takes the thread's next item:
@@ -225,16 +254,21 @@ impl<T> Queue<T> {
             self.end(&mut state, id);
         }
         loop {
-            // Woken by a wake (which took it off the list) or spuriously.
-            state.idle.retain(|idle| *idle != thread);
-            if let Some(started) = self.start(&mut state, &loaded) {
+            if let Some(started) = self.start(&mut state, thread, &loaded) {
                 return Some(started);
             }
             if state.closed && state.waiting.is_empty() {
                 return None;
             }
             state.idle.push(thread);
-            state = self.wait(&self.starters[thread], state);
+            state = self.wait(&self.signals[thread], state);
+            // Still listed: woken spuriously. If not, a wake took it off and counted it.
+            match state.idle.iter().position(|idle| *idle == thread) {
+                Some(index) => {
+                    state.idle.remove(index);
+                }
+                None => state.woken -= 1,
+            }
         }
     }
 
@@ -242,7 +276,11 @@ impl<T> Queue<T> {
     /// [`AFFINITY_WINDOW`] is of a sync `loaded` on this thread and the first is not, which
     /// spares loading another copy of a sync (a few MB with its zod models). The first is
     /// passed over at most once per thread, so it waits at most a round of them.
-    fn start(&self, state: &mut State<T>, loaded: &dyn Fn(&str) -> bool) -> Option<Started<T>> {
+    fn start(&self, state: &mut State<T>, thread: usize, loaded: &dyn Fn(&str) -> bool) -> Option<Started<T>> {
+        // A run waiting for its turn back goes first.
+        if self.nudge_resumer(state) {
+            return None;
+        }
         let (found, passed_over) = self.choose(state, loaded)?;
         if let Some(first) = passed_over {
             state.waiting[first].passed_over += 1;
@@ -254,8 +292,10 @@ impl<T> Queue<T> {
             id,
             key,
             started,
+            thread,
             turn: true,
-            resuming: false,
+            resuming: None,
+            nudged: false,
         });
         Some(Started { id, started, item })
     }
@@ -266,9 +306,6 @@ impl<T> Queue<T> {
             return None;
         }
         let room = state.room();
-        if state.resumer_may_go(&room, self.turns) {
-            return None;
-        }
         let may_start = |waiting: &Waiting<T>| state.may_start(&waiting.key, &room, self.threads, self.turns);
         let first = state.waiting.iter().position(may_start)?;
         let head = &state.waiting[first];
@@ -288,16 +325,26 @@ impl<T> Queue<T> {
         })
     }
 
-    /// Run `id` waits: its turn goes to another.
+    /// Keeps a turn for the first run in line to take its turn back, if one may, and
+    /// wakes its thread.
+    fn nudge_resumer(&self, state: &mut State<T>) -> bool {
+        let Some(index) = state.next_resumer(self.turns) else {
+            return false;
+        };
+        let run = &mut state.runs[index];
+        run.nudged = true;
+        self.signals[run.thread].notify_one();
+        true
+    }
+
+    /// Run `id` waits: its turn goes to a run waiting to take its own back, or to one
+    /// not started yet.
     pub(crate) fn pause(&self, id: u64) {
         let mut state = self.state();
         if let Some(run) = state.runs.iter_mut().find(|run| run.id == id) {
             run.turn = false;
         }
-        if state.runs.iter().any(|run| run.resuming) {
-            self.resumable.notify_all();
-        }
-        if !state.waiting.is_empty() {
+        if !self.nudge_resumer(&mut state) && !state.waiting.is_empty() && self.turn_free(&state) {
             self.wake_one(&mut state);
         }
     }
@@ -305,8 +352,11 @@ impl<T> Queue<T> {
     /// Run `id`'s wait ended: blocks until it has a turn again.
     pub(crate) fn resume(&self, id: u64) {
         let mut state = self.state();
+        let Some(thread) = state.runs.iter().find(|run| run.id == id).map(|run| run.thread) else {
+            return;
+        };
         while !self.take_turn(&mut state, id) {
-            state = self.wait(&self.resumable, state);
+            state = self.wait(&self.signals[thread], state);
         }
         // Runs not started wait while a resuming one may go: this one went.
         if !state.waiting.is_empty() && self.turn_free(&state) {
@@ -314,16 +364,25 @@ impl<T> Queue<T> {
         }
     }
 
-    /// Gives run `id` its turn back if it may have it; if not, marks it as waiting for it.
+    /// Gives run `id` its turn back if one was kept for it or it may take one; if not,
+    /// puts it in line for one.
     fn take_turn(&self, state: &mut State<T>, id: u64) -> bool {
         let room = state.room();
         let Some(index) = state.runs.iter().position(|run| run.id == id) else {
             return true;
         };
-        let may = state.may_take_turn(&state.runs[index].key, &room, self.turns);
+        let run = &state.runs[index];
+        let may = run.nudged || state.may_take_turn(&run.key, &room, self.turns);
+        let in_line = state.next_in_line;
         let run = &mut state.runs[index];
-        run.turn = may;
-        run.resuming = !may;
+        if may {
+            run.turn = true;
+            run.nudged = false;
+            run.resuming = None;
+        } else if run.resuming.is_none() {
+            run.resuming = Some(in_line);
+            state.next_in_line += 1;
+        }
         may
     }
 
@@ -356,11 +415,15 @@ impl<T> Queue<T> {
             let State { quick, runs, .. } = &mut *state;
             quick.retain(|key, _| runs.iter().any(|run| run.key == *key));
         }
-        if state.runs.iter().any(|run| run.resuming) {
-            self.resumable.notify_all();
-        }
+        // Its turn goes to the first run in line for one; when it ended slow, or its sync
+        // changed from quick to slow or back (the caps moved), more may go.
+        while self.nudge_resumer(state) && changed {}
+        // Its thread takes a turn itself if it may; more may start now only when the caps
+        // moved.
         if changed && !state.waiting.is_empty() {
-            self.wake_all(state);
+            for _ in 1..self.turns_free(state) {
+                self.wake_one(state);
+            }
         }
     }
 
@@ -389,7 +452,7 @@ mod tests {
 
         /// As a thread with the syncs that `loaded` says loaded.
         fn try_next_on(&self, loaded: &dyn Fn(&str) -> bool) -> Option<(u64, T)> {
-            self.start(&mut self.state(), loaded)
+            self.start(&mut self.state(), 0, loaded)
                 .map(|started| (started.id, started.item))
         }
 
@@ -533,7 +596,7 @@ mod tests {
             })
         };
         // Once it waits, b's end is what lets it go.
-        while !queue.state().runs.iter().any(|run| run.resuming) {
+        while !queue.state().runs.iter().any(|run| run.resuming.is_some()) {
             std::thread::yield_now();
         }
         assert!(took.try_recv().is_err());

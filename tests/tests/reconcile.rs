@@ -2824,6 +2824,41 @@ async fn a_trickle_of_events_loads_its_sync_once() {
     assert_eq!(metric("hookyard_js_syncs_loaded").await, 1.0);
 }
 
+/// A burst whose runs never wait goes through the threads that hold the turns: on one JS
+/// thread, the sync is loaded once however many threads the worker has.
+#[tokio::test]
+async fn a_burst_that_never_waits_loads_its_sync_once() {
+    const SAVES: &str = r#"
+import { createSync } from 'nango';
+export default createSync({
+  models: { Contact: {} },
+  webhookSubscriptions: ['contact.changed'],
+  onWebhook: async (nango, payload) => {
+    await nango.batchSave([{ id: payload.objectId, email: `${payload.objectId}@example.com` }], 'Contact');
+  },
+});
+"#;
+    let s = setup_configured(&[("crm/syncs/saves.js", SAVES)], |config| {
+        config.worker.js_threads = 1;
+        config.worker.concurrent_runs = 8;
+    })
+    .await;
+    let mut events = Vec::new();
+    for n in 0..60 {
+        let seq = s.raw_sequence().await;
+        events.push((
+            seq,
+            "c0",
+            "contact.changed",
+            json!({"type": "contact.changed", "objectId": format!("p{n}")}),
+        ));
+    }
+    s.h.publish(events).await;
+    s.h.drained().await;
+    assert_eq!(s.contacts("c0").await.len(), 60);
+    assert_eq!(metric("hookyard_js_syncs_loaded").await, 1.0);
+}
+
 /// A worker told to stop does not wait for the runs waiting for a limited connection's
 /// turn (up to a minute each, past Kubernetes' grace): it leaves them unrun, not failed,
 /// and the next worker runs them once the limit ends.
