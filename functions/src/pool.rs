@@ -234,7 +234,7 @@ pub const RUNS_PER_TURN: usize = 16;
 
 impl Pool {
     /// Starts `threads` JS threads (0: one per CPU), which take executions in order, each
-    /// to its end: a run's waits keep its thread. (Exec runs, all long, hold no sync back.)
+    /// to its end: a run's waits keep its thread and its turn.
     pub fn new(threads: usize, limits: Limits) -> Pool {
         let threads = or_one_per_cpu(threads);
         Pool::sized(
@@ -376,7 +376,6 @@ fn run_thread(thread: usize, queue: &Arc<Queue<Job>>, limits: &Limits, turns_to_
         id,
         started,
         item: mut job,
-        ..
     }) = queue.next(ended, thread, |key| loaded.contains_key(key))
     {
         if turns_to_give {

@@ -161,12 +161,15 @@ impl<T> State<T> {
     /// The first in line of the runs waiting to take their turn back that may take one
     /// now (and have none kept for them yet): those go before runs not started.
     fn next_resumer(&self, turns: Share) -> Option<usize> {
+        let in_line = |run: &&Run| run.resuming.is_some() && !run.nudged;
+        if !self.runs.iter().any(|run| in_line(&run)) {
+            return None;
+        }
         let room = self.room();
         self.runs
             .iter()
             .enumerate()
-            .filter(|(_, run)| run.resuming.is_some() && !run.nudged)
-            .filter(|(_, run)| self.may_take_turn(&run.key, &room, turns))
+            .filter(|(_, run)| in_line(run) && self.may_take_turn(&run.key, &room, turns))
             .min_by_key(|(_, run)| run.resuming)
             .map(|(index, _)| index)
     }
