@@ -63,6 +63,9 @@ pub mod names {
     /// Copies of syncs loaded on the process's JS threads: one QuickJS runtime each (some
     /// 3 MB with zod models), kept by each thread for the syncs it runs.
     pub const SYNCS_LOADED: &str = "hookyard_js_syncs_loaded";
+    /// Provider calls that waited for another of their connection's to end, its
+    /// integration bounding the calls in flight at once (`api.max_concurrent_calls`).
+    pub const PROVIDER_CALLS_QUEUED: &str = "hookyard_provider_calls_queued_total";
 }
 
 /// Latency buckets (seconds) for every `_seconds` histogram.

@@ -241,6 +241,10 @@ impl ProviderApi {
                     .flatten();
                 (auth_headers(credentials.as_ref(), &self.spec)?, sent_with)
             };
+            let slot = match self.spec.max_concurrent_calls {
+                Some(bound) => Some(rate_limit::call_slot(&self.owner, bound, deadline).await?),
+                None => None,
+            };
             let sent = self.send(&method, &url, request, auth).await;
             let (retry_in, limited) = match &sent {
                 Ok(response)
@@ -279,6 +283,8 @@ impl ProviderApi {
                 {
                     attempt += 1;
                     tracing::debug!(url = %url_for_errors(&url), attempt, ?wait, "provider call retried");
+                    // Another of the connection's calls may go while this one waits.
+                    drop(slot);
                     // A rate limit's pause is waited out at the loop's top, by this call
                     // and the connection's others.
                     if !limited {

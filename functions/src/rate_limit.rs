@@ -14,6 +14,9 @@
 //!
 //! For a while after a limit, a worker runs the connection's webhook events one at a
 //! time ([`turn`]), each after any pause, keeping the others off the JS threads.
+//!
+//! Where the integration bounds a connection's calls in flight at once
+//! (`api.max_concurrent_calls`), a call takes a slot first ([`call_slot`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
@@ -72,6 +75,46 @@ fn key(owner: &Owner) -> Key {
         owner.integration.clone(),
         owner.connection_id.clone(),
     )
+}
+
+/// A connection's slots for calls in flight in this process, under one bound.
+type Slots = Arc<tokio::sync::Semaphore>;
+
+/// Each connection's slots, by connection and bound. Those no call holds are dropped once
+/// there are many.
+static SLOTS: LazyLock<Mutex<HashMap<(Key, u32), Slots>>> = LazyLock::new(Mutex::default);
+
+/// Slots kept before those no call holds are dropped.
+const SLOTS_KEPT: usize = 1024;
+
+/// A slot for one call of `owner`'s, `bound` of which may be in flight at once: waits for
+/// one to end if need be, up to `deadline`.
+pub async fn call_slot(
+    owner: &Owner,
+    bound: u32,
+    deadline: Instant,
+) -> Result<tokio::sync::OwnedSemaphorePermit, String> {
+    let slots = {
+        let mut all = SLOTS.lock().expect("call slots");
+        if all.len() >= SLOTS_KEPT {
+            all.retain(|_, slots| Arc::strong_count(slots) > 1);
+        }
+        let bound_usize = usize::try_from(bound).unwrap_or(usize::MAX);
+        all.entry((key(owner), bound))
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(bound_usize)))
+            .clone()
+    };
+    if let Ok(slot) = slots.clone().try_acquire_owned() {
+        return Ok(slot);
+    }
+    metrics::counter!(names::PROVIDER_CALLS_QUEUED).increment(1);
+    match tokio::time::timeout_at(deadline.into(), slots.acquire_owned()).await {
+        Ok(Ok(slot)) => Ok(slot),
+        _ => Err(format!(
+            "the run's time was up while its call waited for one of the connection's {bound} calls at once \
+             (the integration's api.max_concurrent_calls) to end"
+        )),
+    }
 }
 
 /// How a provider said its limit was reached.

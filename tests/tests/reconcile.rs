@@ -287,6 +287,16 @@ impl Setup {
 
     /// The integration's `api.rate_limit` as GitHub's provider file has it.
     async fn rate_limits_as_github(&self) {
+        let github = json!({
+            "statuses": [403],
+            "remaining_header": "x-ratelimit-remaining",
+            "reset_header": "x-ratelimit-reset",
+        });
+        self.set_api("rate_limit", github).await;
+    }
+
+    /// Sets the `crm` integration's `settings.api.{field}`.
+    async fn set_api(&self, field: &str, value: serde_json::Value) {
         let crm: hookyard_core::keys::IntegrationKey = "crm".parse().unwrap();
         let integration = self
             .h
@@ -295,11 +305,7 @@ impl Setup {
             .await
             .unwrap();
         let mut settings = integration.settings.clone();
-        settings["api"]["rate_limit"] = json!({
-            "statuses": [403],
-            "remaining_header": "x-ratelimit-remaining",
-            "reset_header": "x-ratelimit-reset",
-        });
+        settings["api"][field] = value;
         let changes = IntegrationChanges {
             settings: Some(settings),
             ..Default::default()
@@ -2801,6 +2807,41 @@ async fn one_js_thread_fetches_for_several_events_at_once() {
         })
         .await;
     }
+}
+
+/// An integration that bounds a connection's calls in flight (`api.max_concurrent_calls`,
+/// as GitHub asks for one at a time): with threads to spare, a second event's fetch
+/// waits for the first's to end.
+#[tokio::test]
+async fn a_connections_calls_in_flight_keep_to_its_integrations_bound() {
+    let s = setup_configured(&[("crm/syncs/thin.js", THIN)], |config| {
+        config.worker.js_threads = 1;
+    })
+    .await;
+    s.set_api("max_concurrent_calls", json!(1)).await;
+    s.crm.put_contact("p1", "one@example.com");
+    s.crm.put_contact("p2", "two@example.com");
+    let held = s.crm.hold_page(0);
+    s.thin_event("p1").await;
+    tokio::time::timeout(Duration::from_secs(10), held.reached())
+        .await
+        .expect("the first fetch to reach the provider");
+    s.thin_event("p2").await;
+    eventually(
+        "the second fetch to wait for the first's",
+        Duration::from_secs(10),
+        || async { (metric("hookyard_provider_calls_queued_total").await >= 1.0).then_some(()) },
+    )
+    .await;
+    assert_eq!(s.crm.requests().len(), 1, "{:?}", s.crm.requests());
+    held.release();
+    for id in ["p1", "p2"] {
+        eventually("the contact stored", Duration::from_secs(10), || {
+            s.has_contact("c0", id, None)
+        })
+        .await;
+    }
+    assert_eq!(s.crm.requests().len(), 2);
 }
 
 /// At a trickle of events, the thread that went idle last runs the next one, so a worker

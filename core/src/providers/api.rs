@@ -32,6 +32,10 @@ pub struct ApiSpec {
     /// How the provider answers a spent rate limit, besides a 429 with `Retry-After`.
     #[serde(default)]
     pub rate_limit: Option<RateLimitSpec>,
+    /// Calls of one connection in flight at once, per process (GitHub asks for one at a
+    /// time); more wait for one to end. None: no bound but the runs in progress.
+    #[serde(default)]
+    pub max_concurrent_calls: Option<u32>,
 }
 
 /// A provider's rate-limit answers beyond the standard 429 with `Retry-After`: GitHub,
@@ -103,6 +107,37 @@ impl ApiSpec {
             client_secret: base.client_secret,
             paginate: over.paginate.or(base.paginate),
             rate_limit: over.rate_limit.or(base.rate_limit),
+            max_concurrent_calls: match over.max_concurrent_calls {
+                Some(0) => {
+                    return Err(CatalogError::Settings(
+                        "api.max_concurrent_calls must be at least 1".into(),
+                    ))
+                }
+                over => over.or(base.max_concurrent_calls),
+            },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn settings_bound_a_connections_calls_at_once_but_never_to_none() {
+        let provider = ApiSpec {
+            max_concurrent_calls: Some(4),
+            ..ApiSpec::default()
+        };
+        let spec = |settings: Value| ApiSpec::for_integration(Some(&provider), &settings, None);
+        assert_eq!(spec(json!({})).unwrap().max_concurrent_calls, Some(4));
+        let one = spec(json!({"api": {"max_concurrent_calls": 1}})).unwrap();
+        assert_eq!(one.max_concurrent_calls, Some(1));
+        let error = spec(json!({"api": {"max_concurrent_calls": 0}})).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "integration settings: api.max_concurrent_calls must be at least 1"
+        );
     }
 }
