@@ -233,6 +233,11 @@ impl ProviderApi {
         let mut refreshed = false;
         let mut attempt = 0;
         loop {
+            // A slot first: a pause met while waiting for it is still waited out.
+            let slot = match self.spec.max_concurrent_calls {
+                Some(bound) => Some(rate_limit::call_slot(&self.owner, bound, deadline).await?),
+                None => None,
+            };
             rate_limit::wait_for_turn(&self.owner, deadline).await?;
             let (auth, sent_with) = {
                 let credentials = self.credentials.lock().await;
@@ -240,10 +245,6 @@ impl ProviderApi {
                     .then(|| oauth2_token(credentials.as_ref()).map(str::to_string))
                     .flatten();
                 (auth_headers(credentials.as_ref(), &self.spec)?, sent_with)
-            };
-            let slot = match self.spec.max_concurrent_calls {
-                Some(bound) => Some(rate_limit::call_slot(&self.owner, bound, deadline).await?),
-                None => None,
             };
             let sent = self.send(&method, &url, request, auth).await;
             let (retry_in, limited) = match &sent {
