@@ -317,6 +317,30 @@ impl Setup {
             .unwrap();
     }
 
+    /// Contacts p1 and p2 and a thin event for each: the first's fetch held by the
+    /// provider (the hold returned), the second's event sent once it is.
+    async fn first_held_second_sent(&self) -> Held {
+        self.crm.put_contact("p1", "one@example.com");
+        self.crm.put_contact("p2", "two@example.com");
+        let held = self.crm.hold_page(0);
+        self.thin_event("p1").await;
+        tokio::time::timeout(Duration::from_secs(10), held.reached())
+            .await
+            .expect("the first fetch to reach the provider");
+        self.thin_event("p2").await;
+        held
+    }
+
+    /// Waits for each of `ids` to be in c0's cache.
+    async fn stored(&self, ids: &[&str]) {
+        for id in ids {
+            eventually("the contact stored", Duration::from_secs(10), || {
+                self.has_contact("c0", id, None)
+            })
+            .await;
+        }
+    }
+
     /// Contacts p1 and p2 and a thin event for each, the provider limited: the first's
     /// call is refused (`refused` counts the refusals), the second waits its turn, unsent.
     async fn first_refused_second_held(&self, refused: impl Fn() -> usize) {
@@ -2783,14 +2807,7 @@ async fn one_js_thread_fetches_for_several_events_at_once() {
         config.worker.js_threads = 1;
     })
     .await;
-    s.crm.put_contact("p1", "one@example.com");
-    s.crm.put_contact("p2", "two@example.com");
-    let held = s.crm.hold_page(0);
-    s.thin_event("p1").await;
-    tokio::time::timeout(Duration::from_secs(10), held.reached())
-        .await
-        .expect("the first fetch to reach the provider");
-    s.thin_event("p2").await;
+    let held = s.first_held_second_sent().await;
     eventually(
         "the second event's fetch, sent while the first's is held",
         Duration::from_secs(10),
@@ -2801,12 +2818,7 @@ async fn one_js_thread_fetches_for_several_events_at_once() {
     )
     .await;
     held.release();
-    for id in ["p1", "p2"] {
-        eventually("the contact stored", Duration::from_secs(10), || {
-            s.has_contact("c0", id, None)
-        })
-        .await;
-    }
+    s.stored(&["p1", "p2"]).await;
 }
 
 /// An integration that bounds a connection's calls in flight (`api.max_concurrent_calls`,
@@ -2819,14 +2831,7 @@ async fn a_connections_calls_in_flight_keep_to_its_integrations_bound() {
     })
     .await;
     s.set_api("max_concurrent_calls", json!(1)).await;
-    s.crm.put_contact("p1", "one@example.com");
-    s.crm.put_contact("p2", "two@example.com");
-    let held = s.crm.hold_page(0);
-    s.thin_event("p1").await;
-    tokio::time::timeout(Duration::from_secs(10), held.reached())
-        .await
-        .expect("the first fetch to reach the provider");
-    s.thin_event("p2").await;
+    let held = s.first_held_second_sent().await;
     eventually(
         "the second fetch to wait for the first's",
         Duration::from_secs(10),
@@ -2835,12 +2840,7 @@ async fn a_connections_calls_in_flight_keep_to_its_integrations_bound() {
     .await;
     assert_eq!(s.crm.requests().len(), 1, "{:?}", s.crm.requests());
     held.release();
-    for id in ["p1", "p2"] {
-        eventually("the contact stored", Duration::from_secs(10), || {
-            s.has_contact("c0", id, None)
-        })
-        .await;
-    }
+    s.stored(&["p1", "p2"]).await;
     assert_eq!(s.crm.requests().len(), 2);
 }
 
