@@ -354,12 +354,7 @@ impl Setup {
         )
         .await;
         self.thin_event("p2").await;
-        eventually(
-            "the second event to wait its turn, unsent",
-            Duration::from_secs(10),
-            || async { (rate_limits("held").await >= 1.0).then_some(()) },
-        )
-        .await;
+        counted("the second event to wait its turn, unsent", &rate_limit_outcome("held")).await;
     }
 
     /// A thin provider event for `c0` (Nango's HubSpot-style: an id, no data), with a
@@ -725,12 +720,7 @@ async fn one_refresh_at_a_time(database_url: Option<&str>) {
     let (first, second) = tokio::join!(s.trigger(fetch.clone(), &[]), async {
         held.reached().await;
         let release = async {
-            eventually(
-                "the second run to wait for the first's refresh",
-                Duration::from_secs(10),
-                || async { (metric(OAUTH2_WAITS).await >= 1.0).then_some(()) },
-            )
-            .await;
+            counted("the second run to wait for the first's refresh", OAUTH2_WAITS).await;
             held.release();
         };
         tokio::join!(s.trigger(fetch.clone(), &[]), release).0
@@ -983,6 +973,15 @@ const PROVIDER_READS_SHARED: &str = "hookyard_provider_reads_shared_total";
 
 fn oauth2_refreshes(outcome: &str) -> String {
     format!("hookyard_oauth2_refreshes_total{{outcome=\"{outcome}\"}}")
+}
+
+/// Waits up to 10 s for the process's metric `name` to count at least once: `what` (the
+/// wait's description) is what that tells.
+async fn counted(what: &str, name: &str) {
+    eventually(what, Duration::from_secs(10), || async {
+        (metric(name).await >= 1.0).then_some(())
+    })
+    .await;
 }
 
 /// The process's metric `name` (with its labels, as rendered), 0 when not there.
@@ -2756,12 +2755,7 @@ async fn identical_reads_of_a_burst_share_one_request() {
     tokio::time::timeout(Duration::from_secs(10), held.reached())
         .await
         .expect("the first fetch to reach the provider");
-    eventually(
-        "the second run to join the first's fetch",
-        Duration::from_secs(10),
-        || async { (metric(PROVIDER_READS_SHARED).await >= 1.0).then_some(()) },
-    )
-    .await;
+    counted("the second run to join the first's fetch", PROVIDER_READS_SHARED).await;
     held.release();
     s.h.drained().await;
     assert_eq!(s.crm.requests(), [("/contacts/p1".to_string(), 200)], "one request");
@@ -2832,10 +2826,9 @@ async fn a_connections_calls_in_flight_keep_to_its_integrations_bound() {
     .await;
     s.set_api("max_concurrent_calls", json!(1)).await;
     let held = s.first_held_second_sent().await;
-    eventually(
+    counted(
         "the second fetch to wait for the first's",
-        Duration::from_secs(10),
-        || async { (metric("hookyard_provider_calls_queued_total").await >= 1.0).then_some(()) },
+        "hookyard_provider_calls_queued_total",
     )
     .await;
     assert_eq!(s.crm.requests().len(), 1, "{:?}", s.crm.requests());
@@ -2947,10 +2940,7 @@ async fn a_rate_limit_another_process_recorded_holds_this_workers_calls_too() {
         .await
         .unwrap();
     s.thin_event("p1").await;
-    eventually("the run to wait its turn, unsent", Duration::from_secs(10), || async {
-        (rate_limits("held").await >= 1.0).then_some(())
-    })
-    .await;
+    counted("the run to wait its turn, unsent", &rate_limit_outcome("held")).await;
     eventually(
         "the contact fetched once the limit ended",
         Duration::from_secs(20),
@@ -3112,5 +3102,10 @@ export default createAction({
 }
 
 async fn rate_limits(outcome: &str) -> f64 {
-    metric(&format!("hookyard_provider_rate_limits_total{{outcome=\"{outcome}\"}}")).await
+    metric(&rate_limit_outcome(outcome)).await
+}
+
+/// The rate-limit metric's series for `outcome`.
+fn rate_limit_outcome(outcome: &str) -> String {
+    format!("hookyard_provider_rate_limits_total{{outcome=\"{outcome}\"}}")
 }
