@@ -238,7 +238,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
             plan.js_threads.to_string()
         },
         if plan.concurrent_runs == 0 {
-            "16 per JS thread".to_string()
+            format!("{} per JS thread", hookyard_functions::pool::RUNS_PER_TURN)
         } else {
             plan.concurrent_runs.to_string()
         },
