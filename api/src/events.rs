@@ -2,7 +2,9 @@
 //! is created (its typical job: register the provider's webhook and keep the subscription
 //! id with `setMetadata`); `pre-connection-deletion` runs before one is deleted, and the
 //! deletion waits for it, at most [`EVENT_TIMEOUT`]. A failure is logged and the
-//! deletion goes ahead. They run here, in the API, on a JS thread of their own.
+//! deletion goes ahead. They run here, in the API, on JS threads of their own: one at a
+//! time runs JavaScript, and up to [`RUNS_PER_TURN`] are in progress, so that a deletion's
+//! function does not wait behind creations' functions waiting on their provider.
 //!
 //! A post-creation run is owed from the connection's commit on (the store's
 //! `connection_events`): the API that created the connection claims it for [`CLAIM`]
@@ -21,7 +23,7 @@ use hookyard_core::providers::Catalog;
 use hookyard_core::store::connection_events::OwedEvent;
 use hookyard_core::store::{Environment, StoreError};
 use hookyard_core::Store;
-use hookyard_functions::pool::Pool;
+use hookyard_functions::pool::{Pool, Sizing, RUNS_PER_TURN};
 use hookyard_functions::runs::{Actions, Call, RunError, Runner};
 use tokio_util::sync::CancellationToken;
 
@@ -50,7 +52,7 @@ impl Events {
         Events {
             runner: Runner::new(store.clone(), catalog, config, Some(actions)),
             store,
-            pool: Pool::new(1, limits),
+            pool: Pool::sized(Sizing::of(1, RUNS_PER_TURN), limits),
         }
     }
 

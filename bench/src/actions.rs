@@ -1,9 +1,11 @@
 //! Actions through the API: `POST /action/trigger` of an action that checks its input
 //! against a zod schema and answers at once (no provider call), so what is measured is
 //! hookyard's own path: the route, the store reads (connection, functions, integration),
-//! the JS thread and the answer. Postgres, a fresh database; the API in this process.
+//! the JS thread and the answer. With a provider, the action first fetches a contact from
+//! a local provider API that answers after a set time, as an action does in production.
+//! Postgres, a fresh database; the API in this process.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hookyard_core::Config;
 use hookyard_testkit::PgDatabase;
@@ -11,7 +13,9 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::load::{run_with, Plan};
-use crate::setup::{cpu_seconds, deploy_files, postgres_cpu, postgres_cpu_since, store_with_connection};
+use crate::setup::{
+    cpu_seconds, deploy_files, postgres_cpu, postgres_cpu_since, start_provider, store_with_connection,
+};
 
 const ACTION: &str = "import { createAction } from 'nango';
 import * as z from 'zod';
@@ -21,15 +25,40 @@ export default createAction({
   exec: async (nango, input) => ({ n: input.n, connection: nango.connectionId }),
 });";
 
-pub async fn run(plan: &Plan, threads: usize) -> anyhow::Result<()> {
+/// The same, after fetching contact `n` from the provider.
+const FETCHING_ACTION: &str = "import { createAction } from 'nango';
+import * as z from 'zod';
+export default createAction({
+  input: z.object({ n: z.number() }),
+  output: z.object({ n: z.number(), email: z.string() }),
+  exec: async (nango, input) => {
+    const { data } = await nango.get({ endpoint: `/contacts/${input.n}` });
+    return { n: input.n, email: data.email };
+  },
+});";
+
+/// `provider_latency`: how long the provider API the action calls takes to answer (`None`:
+/// it calls none).
+pub async fn run(
+    plan: &Plan,
+    threads: usize,
+    concurrent_runs: usize,
+    provider_latency: Option<Duration>,
+) -> anyhow::Result<()> {
     let pg = PgDatabase::create().await;
     let mut config = Config {
         database_url: pg.url.clone(),
         ..Config::default()
     };
     config.api.action_threads = threads;
-    let (store, environment) = store_with_connection(&config).await?;
-    let files = [("crm/actions/echo.ts".to_string(), ACTION.to_string())].into();
+    config.api.action_concurrent_runs = concurrent_runs;
+    let api = match provider_latency {
+        Some(latency) => Some(start_provider(latency).await?.0),
+        None => None,
+    };
+    let (store, environment) = store_with_connection(&config, api.as_deref()).await?;
+    let action = if api.is_some() { FETCHING_ACTION } else { ACTION };
+    let files = [("crm/actions/echo.ts".to_string(), action.to_string())].into();
     deploy_files(&store, &environment, &config, files).await?;
 
     let (router, _) = hookyard_api::router(store, &config)?;
@@ -59,8 +88,13 @@ pub async fn run(plan: &Plan, threads: usize) -> anyhow::Result<()> {
     shutdown.cancel();
     let _ = server.await;
 
+    let calls = match provider_latency {
+        None => "no provider call".to_string(),
+        Some(latency) => format!("one provider call answered in {} ms", latency.as_millis()),
+    };
+    let runs = concurrent_runs.max(threads);
     report.print(&format!(
-        "actions: POST /action/trigger of an action that checks its input and answers (no provider call), Postgres, {threads} action thread(s)"
+        "actions: POST /action/trigger of an action that checks its input and answers ({calls}), Postgres, {threads} action thread(s), {runs} in progress at most"
     ));
     // Over the warm-up too: requests are counted over the measured span only, so the
     // figures per 1000 are a little high.

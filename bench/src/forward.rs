@@ -28,7 +28,7 @@ pub async fn run(events: u64, by_name: bool) -> anyhow::Result<()> {
         ..Config::default()
     };
     config.forwarding.allow_loopback = true;
-    let (store, environment) = store_with_connection(&config).await?;
+    let (store, environment) = store_with_connection(&config, None).await?;
 
     // The receiver: answers 200 and counts.
     let received = Arc::new(AtomicU64::new(0));

@@ -173,14 +173,26 @@ enum Command {
         #[arg(long)]
         by_name: bool,
     },
-    /// Actions through the API (`POST /action/trigger`, an action that answers at once):
-    /// throughput, latency and CPU per action, API and Postgres.
+    /// Actions through the API (`POST /action/trigger`, an action that answers at once, or
+    /// after one call to a provider): throughput, latency and CPU per action, API and
+    /// Postgres.
     Actions {
         #[command(flatten)]
         load: LoadArgs,
         /// The API's action threads (`api.action_threads`).
         #[arg(long, default_value_t = 2)]
         threads: usize,
+        /// Actions in progress at once (`api.action_concurrent_runs`; as many as
+        /// `threads`: each run keeps its thread through its waits).
+        #[arg(long, default_value_t = hookyard_core::Config::default().api.action_concurrent_runs)]
+        concurrent_runs: usize,
+        /// The action fetches a contact from a local provider API (`nango.get`, the
+        /// connection's API key) before it answers.
+        #[arg(long)]
+        fetch: bool,
+        /// With `fetch`: how long the provider API takes to answer each call, in ms.
+        #[arg(long, default_value_t = 0, requires = "fetch")]
+        provider_latency_ms: u64,
     },
     /// (Used by `worker`: the measured worker process.)
     #[command(hide = true)]
@@ -283,7 +295,16 @@ fn main() -> anyhow::Result<()> {
             }
             Command::WorkerProcess => worker::run_process().await,
             Command::Forward { events, by_name } => forward::run(events, by_name).await,
-            Command::Actions { load, threads } => actions::run(&load.plan(), threads).await,
+            Command::Actions {
+                load,
+                threads,
+                concurrent_runs,
+                fetch,
+                provider_latency_ms,
+            } => {
+                let latency = fetch.then(|| Duration::from_millis(provider_latency_ms));
+                actions::run(&load.plan(), threads, concurrent_runs, latency).await
+            }
         }
     })
 }

@@ -30,18 +30,48 @@ pub fn start_nats(dir: &Path) -> anyhow::Result<(EmbeddedNats, u16)> {
     Ok((nats, port))
 }
 
+/// A provider API answering `GET /contacts/{id}` after `latency`; its address and a count
+/// of the calls it answered.
+pub async fn start_provider(
+    latency: Duration,
+) -> anyhow::Result<(String, std::sync::Arc<std::sync::atomic::AtomicU64>)> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let calls = std::sync::Arc::new(AtomicU64::new(0));
+    let counted = calls.clone();
+    let app = axum::Router::new().route(
+        "/contacts/{id}",
+        axum::routing::get(move |axum::extract::Path(id): axum::extract::Path<u64>| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            async move {
+                if !latency.is_zero() {
+                    tokio::time::sleep(latency).await;
+                }
+                axum::Json(serde_json::json!({"id": id, "email": format!("person{id}@example.com")}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((url, calls))
+}
+
 /// The store at `config.database_url` with a `dev` environment, a generic `crm`
-/// integration and its connection `c0` (no credentials).
+/// integration and its connection `c0`: without credentials, or with an API key for the
+/// provider API at `provider` (the integration's base URL).
 pub async fn store_with_connection(
     config: &hookyard_core::Config,
+    provider: Option<&str>,
 ) -> anyhow::Result<(hookyard_core::Store, hookyard_core::store::Environment)> {
     use hookyard_core::secrets::{random_bytes, Cipher};
-    use hookyard_core::store::{NewConnection, NewIntegration};
+    use hookyard_core::store::{Credentials, NewConnection, NewIntegration};
     let store = hookyard_core::Store::connect(&config.database_url, Cipher::from_bytes(random_bytes())).await?;
     let environment = store.ensure_environment(&"dev".parse()?).await?;
-    store
-        .create_integration(&environment, &NewIntegration::new("crm".parse()?, "generic"))
-        .await?;
+    let mut integration = NewIntegration::new("crm".parse()?, "generic");
+    if let Some(url) = provider {
+        integration.settings = serde_json::json!({"api": {"base_url": url, "api_key_header": "X-API-Key"}});
+    }
+    store.create_integration(&environment, &integration).await?;
     store
         .create_connection(
             &environment,
@@ -51,7 +81,9 @@ pub async fn store_with_connection(
                 connection_config: serde_json::json!({}),
                 metadata: serde_json::json!({}),
                 tags: serde_json::json!({}),
-                credentials: None,
+                credentials: provider.map(|_| Credentials::ApiKey {
+                    api_key: "key-c0".into(),
+                }),
             },
         )
         .await?;

@@ -28,7 +28,7 @@ use hookyard_core::{Config, Store};
 use hookyard_testkit::PgDatabase;
 use serde_json::json;
 
-use crate::setup::{cpu_seconds, deploy_files, postgres_cpu, postgres_cpu_since, start_nats};
+use crate::setup::{cpu_seconds, deploy_files, postgres_cpu, postgres_cpu_since, start_nats, start_provider};
 
 pub struct Plan {
     pub events: u64,
@@ -111,30 +111,6 @@ export default createSync({
   },
 });
 ";
-
-/// A provider API answering `GET /contacts/{id}` after `latency`; its address and a count
-/// of the calls it answered.
-async fn start_provider(latency: Duration) -> anyhow::Result<(String, std::sync::Arc<std::sync::atomic::AtomicU64>)> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    let calls = std::sync::Arc::new(AtomicU64::new(0));
-    let counted = calls.clone();
-    let app = axum::Router::new().route(
-        "/contacts/{id}",
-        axum::routing::get(move |axum::extract::Path(id): axum::extract::Path<u64>| {
-            counted.fetch_add(1, Ordering::Relaxed);
-            async move {
-                if !latency.is_zero() {
-                    tokio::time::sleep(latency).await;
-                }
-                axum::Json(json!({"id": id, "email": format!("person{id}@example.com")}))
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    Ok((url, calls))
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Destination {

@@ -133,9 +133,13 @@ pub struct WorkerConfig {
     #[serde(with = "humantime_serde")]
     pub functions_refresh: Duration,
     pub limits: FunctionLimits,
-    /// Threads that run exec (reconciliation runs); apart from the onWebhook threads, so a
-    /// long run never holds webhooks back. Also how many runs one worker does at once.
+    /// Exec runs (reconciliation runs) running JavaScript at once, on threads apart from
+    /// the onWebhook ones, so a long run never holds webhooks back.
     pub exec_threads: usize,
+    /// Exec runs one worker has in progress at once, each on a thread of its own (fewer
+    /// than `exec_threads` count as `exec_threads`, at most 1024). One waiting on the
+    /// provider's API leaves its turn to run JavaScript to another meanwhile.
+    pub exec_concurrent_runs: usize,
     /// Per exec run: longer than a webhook's, since a run pages through the provider's
     /// API (the wait for the API does not count against `cpu_budget`).
     pub exec_limits: FunctionLimits,
@@ -256,11 +260,15 @@ pub struct FunctionLimits {
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
     pub listen: SocketAddr,
-    /// Threads that run actions (`POST /action/trigger`; in a worker, exec's
-    /// `triggerAction` and asynchronous actions): how many run at once. Four times as many
-    /// may wait for one; more are refused (503). The actions these trigger run on as many
-    /// threads again.
+    /// Actions (`POST /action/trigger`; in a worker, exec's `triggerAction` and
+    /// asynchronous actions) running JavaScript at once.
     pub action_threads: usize,
+    /// Actions in progress at once, each on a thread of its own (fewer than
+    /// `action_threads` count as `action_threads`, at most 1024); one waiting on the
+    /// provider's API leaves its turn to run JavaScript to another. Four per action
+    /// thread more may wait for one; past that they are refused (503). The actions these
+    /// trigger run on as many threads again.
+    pub action_concurrent_runs: usize,
     /// Per action run; the caller waits for it.
     pub action_limits: FunctionLimits,
     /// An asynchronous action (`X-Async: true`) that failed and may be retried
@@ -379,6 +387,7 @@ impl Default for WorkerConfig {
             functions_refresh: Duration::from_secs(1),
             limits: FunctionLimits::default(),
             exec_threads: 2,
+            exec_concurrent_runs: 8,
             exec_limits: FunctionLimits {
                 memory_bytes: 256 * 1024 * 1024,
                 stack_bytes: 1024 * 1024,
@@ -407,6 +416,7 @@ impl Default for ApiConfig {
         ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 3004)),
             action_threads: 2,
+            action_concurrent_runs: 32,
             action_limits: FunctionLimits {
                 memory_bytes: 256 * 1024 * 1024,
                 stack_bytes: 1024 * 1024,
@@ -605,6 +615,14 @@ impl Config {
         }
         if !(1..=64).contains(&self.api.action_threads) {
             problems.push("api.action_threads must be between 1 and 64".into());
+        }
+        for (name, runs) in [
+            ("worker.exec_concurrent_runs", worker.exec_concurrent_runs),
+            ("api.action_concurrent_runs", self.api.action_concurrent_runs),
+        ] {
+            if runs > 1024 {
+                problems.push(format!("{name} must be at most 1024"));
+            }
         }
         if !(Duration::from_millis(10)..=Duration::from_secs(3600)).contains(&self.api.async_retry_delay) {
             problems.push("api.async_retry_delay must be between 10ms and 1h".into());
@@ -981,6 +999,7 @@ mod tests {
             jail.set_env("HOOKYARD_DATABASE_MAX_CONNECTIONS", "0");
             jail.set_env("HOOKYARD_FORWARDING__PROXY", "socks5://u:pw@proxy:1080");
             jail.set_env("HOOKYARD_WORKER__CONCURRENT_RUNS", "5000");
+            jail.set_env("HOOKYARD_API__ACTION_CONCURRENT_RUNS", "1025");
             let message = Config::load().unwrap_err().to_string();
             assert!(message.contains("ingest.max_body_bytes is 10"), "{message}");
             assert!(message.contains("streams.replicas is 2"), "{message}");
@@ -998,6 +1017,7 @@ mod tests {
                 "logs.buffer must be at least 1",
                 "database_max_connections must be between 1 and 1000",
                 "worker.concurrent_runs must be at most 1024 (0: 16 per JS thread)",
+                "api.action_concurrent_runs must be at most 1024",
                 "forwarding.proxy \"socks5://u:(hidden)@proxy:1080\" is not an http:// or https:// proxy",
             ] {
                 assert!(message.contains(problem), "{message}");

@@ -232,19 +232,24 @@ pub struct Sizing {
 /// calls its provider once a run.
 pub const RUNS_PER_TURN: usize = 16;
 
+impl Sizing {
+    /// `runs` in progress (fewer count as `turns`), `turns` of them running JavaScript at
+    /// once, none held back: for runs of one kind that all wait alike (exec, actions).
+    pub fn of(turns: usize, runs: usize) -> Sizing {
+        Sizing {
+            turns,
+            runs: runs.max(turns),
+            hold_back_slow: false,
+        }
+    }
+}
+
 impl Pool {
     /// Starts `threads` JS threads (0: one per CPU), which take executions in order, each
     /// to its end: a run's waits keep its thread and its turn.
     pub fn new(threads: usize, limits: Limits) -> Pool {
         let threads = or_one_per_cpu(threads);
-        Pool::sized(
-            Sizing {
-                turns: threads,
-                runs: threads,
-                hold_back_slow: false,
-            },
-            limits,
-        )
+        Pool::sized(Sizing::of(threads, threads), limits)
     }
 
     /// A pool of `sizing.runs` threads, `sizing.turns` of which run JavaScript at once.

@@ -23,14 +23,14 @@ use tokio::sync::Semaphore;
 
 use crate::compile::stored_modules;
 use crate::host::{connection_api, exec_invocation, Kind, Mode, Run, StoreHost};
-use crate::pool::{Pool, SyncCode};
+use crate::pool::{Pool, Sizing, SyncCode};
 use crate::{Effects, ErrorKind, FunctionError, Handler, Invocation, RecordValidation};
 
 /// Bundles kept decoded (a bundle never changes under its hash): a function run often
 /// does not read its bytecode from the database each time.
 const BUNDLES_KEPT: usize = 8;
 
-/// How many action runs may wait for a thread, per thread.
+/// How many action runs may wait for a thread, per action thread (turn).
 const WAITING_PER_THREAD: usize = 4;
 
 /// A bundle's modules, by path.
@@ -156,7 +156,8 @@ impl Runner {
     }
 }
 
-/// Actions run on JS threads of their own (`api.action_threads`, each run within
+/// Actions run on JS threads of their own (`api.action_concurrent_runs` in progress,
+/// `api.action_threads` of them running JavaScript at once, each within
 /// `api.action_limits`), and the room left to wait for one. An action triggers others
 /// (`nango.triggerAction`) on a second set of threads, whose actions trigger none: one
 /// waiting on the threads of its own set could wait for ever once actions hold them all.
@@ -199,7 +200,7 @@ impl std::fmt::Display for TriggerError {
         match self {
             TriggerError::UnknownAction(message) | TriggerError::Setup(message) => f.write_str(message),
             TriggerError::Busy => f.write_str(
-                "every action thread is busy and enough runs wait for one (api.action_threads); retry later",
+                "every action thread is busy and enough runs wait for one (api.action_concurrent_runs); retry later",
             ),
             TriggerError::Store(error) => write!(f, "{error}"),
             TriggerError::Function(error) => f.write_str(&error.summary()),
@@ -232,13 +233,22 @@ impl Actions {
         oplog: Option<OpLog>,
         inner: Option<Arc<Actions>>,
     ) -> Actions {
-        let threads = config.api.action_threads;
+        let turns = config.api.action_threads;
+        let pool = Pool::sized(
+            Sizing::of(turns, config.api.action_concurrent_runs),
+            config.api.action_limits.clone(),
+        );
         Actions {
             runner: Runner::new(store, catalog, config, inner),
-            pool: Pool::new(threads, config.api.action_limits.clone()),
-            room: Arc::new(Semaphore::new(threads * (1 + WAITING_PER_THREAD))),
+            room: Arc::new(Semaphore::new(pool.threads() + turns * WAITING_PER_THREAD)),
+            pool,
             oplog,
         }
+    }
+
+    /// How many runs are in progress at once, at most.
+    pub fn concurrent_runs(&self) -> usize {
+        self.pool.threads()
     }
 
     /// The deployed action `name` of `integration`.

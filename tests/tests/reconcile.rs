@@ -155,6 +155,11 @@ async fn prepare_configured(functions: &[(&str, &str)], tweak: impl FnOnce(&mut 
     s
 }
 
+/// Whether the state's last run ended after `since`, and no run is on.
+fn ended_after(state: &SyncState, since: DateTime<Utc>) -> bool {
+    !state.running && state.last_ended_at.is_some_and(|at| at > since)
+}
+
 fn api_key() -> Credentials {
     Credentials::ApiKey {
         api_key: API_KEY.into(),
@@ -195,9 +200,7 @@ impl Setup {
     /// Waits for a run of `connection` that ends after `since`.
     async fn finished_after(&self, connection: &str, since: DateTime<Utc>) -> SyncState {
         eventually("an exec run to finish", Duration::from_secs(30), || async {
-            self.state(connection)
-                .await
-                .filter(|s| !s.running && s.last_ended_at.is_some_and(|at| at > since))
+            self.state(connection).await.filter(|state| ended_after(state, since))
         })
         .await
     }
@@ -216,6 +219,19 @@ impl Setup {
             states.push(self.finished_after(connection, since).await);
         }
         states
+    }
+
+    /// `DELETE /connections/{id}` of `crm`: its status.
+    async fn delete_connection(&self, id: &str) -> u16 {
+        let response = self
+            .h
+            .http
+            .delete(format!("{}/connections/{id}?provider_config_key=crm", self.h.api))
+            .bearer_auth(&self.h.environment.secret_key)
+            .send()
+            .await
+            .expect("the API answers");
+        response.status().as_u16()
     }
 
     /// The connection's metadata, as the functions left it.
@@ -1077,6 +1093,39 @@ async fn two_reconcilers(database_url: Option<&str>) {
     assert_eq!(s.exec_jobs().await, 7, "and queued once");
 }
 
+/// An exec run waiting on its provider leaves its thread's turn to another: with one exec
+/// thread, one connection's run ends while the other's first page is held.
+#[tokio::test]
+async fn an_exec_run_waiting_on_its_provider_leaves_its_turn_to_another() {
+    let connections = [("c0", json!({}), api_key()), ("c1", json!({}), api_key())];
+    let s = setup_on(None, &connections, true, |config| config.worker.exec_threads = 1).await;
+    s.crm.put_contact("p1", "p1@crm.test");
+    let held = s.crm.hold_page(0);
+    let since = Utc::now();
+    assert_eq!(s.reconciler.tick(Utc::now()).await.unwrap().scheduled, 2);
+    held.reached().await;
+    let waiting = eventually("the run not held to end", Duration::from_secs(30), || async {
+        let states = s.h.store.sync_states(Some(s.h.environment.id), None).await.unwrap();
+        let ended: Vec<&str> = states
+            .iter()
+            .filter(|state| ended_after(state, since))
+            .map(|state| state.key.connection_id.as_str())
+            .collect();
+        match ended[..] {
+            ["c0"] => Some("c1"),
+            ["c1"] => Some("c0"),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(s.state(waiting).await.unwrap().running, "the held run is still on");
+    held.release();
+    s.finished_after(waiting, since).await;
+    for connection in ["c0", "c1"] {
+        assert_eq!(live(&s.contacts(connection).await), ["p1"]);
+    }
+}
+
 #[tokio::test]
 async fn pause_stops_scheduled_runs_and_start_resumes_them() {
     // autoStart false: nothing runs until started.
@@ -1240,13 +1289,7 @@ async fn event_functions_register_on_creation_and_unregister_before_deletion() {
     .await;
 
     // Pre-deletion runs before the deletion answers, while the connection still exists.
-    let delete = |id: &str| {
-        s.h.http
-            .delete(format!("{}/connections/{id}?provider_config_key=crm", s.h.api))
-            .bearer_auth(&s.h.environment.secret_key)
-            .send()
-    };
-    assert_eq!(delete("c-new").await.unwrap().status(), 200);
+    assert_eq!(s.delete_connection("c-new").await, 200);
     assert!(
         s.crm.subscriptions().is_empty(),
         "unregistered before the deletion answered"
@@ -1255,8 +1298,10 @@ async fn event_functions_register_on_creation_and_unregister_before_deletion() {
     // A failing pre-deletion function is logged and the deletion goes ahead.
     let (status, _) = s.post("/connections", create("c-stuck")).await;
     assert_eq!(status, 201);
+    // Its function has ended (it keeps the subscription id after registering it).
     eventually("the second registration", Duration::from_secs(20), || async {
-        (s.crm.subscriptions().len() == 1).then_some(())
+        let settled = owed_events(&s).await.is_empty();
+        (settled && s.crm.subscriptions().len() == 1).then_some(())
     })
     .await;
     s.h.store
@@ -1269,7 +1314,7 @@ async fn event_functions_register_on_creation_and_unregister_before_deletion() {
         )
         .await
         .unwrap();
-    assert_eq!(delete("c-stuck").await.unwrap().status(), 200);
+    assert_eq!(s.delete_connection("c-stuck").await, 200);
     let gone =
         s.h.http
             .get(format!("{}/connections/c-stuck?provider_config_key=crm", s.h.api))
@@ -1283,6 +1328,45 @@ async fn event_functions_register_on_creation_and_unregister_before_deletion() {
         1,
         "its subscription stayed: the function failed"
     );
+}
+
+/// A deletion's function does not wait behind a creation's function waiting on its
+/// provider: the API's event functions leave their turn to others while they wait.
+#[tokio::test]
+async fn a_deletion_does_not_wait_behind_a_creation_function_waiting_on_its_provider() {
+    let s = setup(&[("c0", json!({}), api_key())], true).await;
+    let fetch = "import { createOnEvent } from 'nango';
+export default createOnEvent({
+  event: 'post-connection-creation',
+  exec: async (nango) => { await nango.get({ endpoint: '/contacts/p1' }); },
+});";
+    let farewell = "import { createOnEvent } from 'nango';
+export default createOnEvent({
+  event: 'pre-connection-deletion',
+  exec: async (nango) => { await nango.post({ endpoint: '/webhooks', data: { url: `bye ${nango.connectionId}` } }); },
+});";
+    s.h.deploy(&[
+        ("crm/syncs/contacts.js", CONTACTS.replace("AUTO_START", "true")),
+        ("crm/on-events/fetch.js", fetch.to_string()),
+        ("crm/on-events/farewell.js", farewell.to_string()),
+    ])
+    .await;
+    s.crm.put_contact("p1", "p1@crm.test");
+    let held = s.crm.hold_page(0);
+    let create = json!({"provider_config_key": "crm", "connection_id": "c-new", "credentials": {"type": "API_KEY", "apiKey": API_KEY}});
+    assert_eq!(s.post("/connections", create).await.0, 201);
+    held.reached().await;
+    let deleted = tokio::time::timeout(Duration::from_secs(10), s.delete_connection("c0"))
+        .await
+        .expect("the deletion to answer while the creation's function waits");
+    assert_eq!(deleted, 200);
+    let farewells: Vec<String> = s.crm.subscriptions().into_values().collect();
+    assert_eq!(farewells, ["bye c0"], "its function ran before it answered");
+    held.release();
+    eventually("the creation's run to be settled", Duration::from_secs(10), || async {
+        owed_events(&s).await.is_empty().then_some(())
+    })
+    .await;
 }
 
 /// Subscribes the connection to a URL at the fake CRM and answers the subscription;
@@ -1366,6 +1450,7 @@ async fn actions_run_for_a_connection_and_answer_what_they_return() {
     ];
     let s = setup_configured(&actions, |config| {
         config.api.action_threads = 1;
+        config.api.action_concurrent_runs = 1;
         config.api.action_limits.cpu_budget = Duration::from_millis(300);
         config.api.action_limits.timeout = Duration::from_secs(1);
     })
@@ -1548,6 +1633,44 @@ async fn actions_run_for_a_connection_and_answer_what_they_return() {
         let line = format!("hookyard_executions_total{{kind=\"action\",status=\"{status}\"}} {count}");
         assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
     }
+}
+
+/// Fetches the contact `input.id` from the provider.
+const LOOKUP: &str = r#"
+import { createAction } from 'nango';
+export default createAction({
+  exec: async (nango, input) => (await nango.get({ endpoint: `/contacts/${input.id}` })).data,
+});
+"#;
+
+/// An action waiting on its provider leaves its thread's turn to another: with one action
+/// thread, a second caller is answered while the first's call is held, then the first.
+#[tokio::test]
+async fn an_action_waiting_on_its_provider_leaves_its_turn_to_another() {
+    let actions = [
+        ("crm/actions/lookup.js", LOOKUP),
+        ("crm/actions/subscribe.js", SUBSCRIBE),
+    ];
+    let s = setup_configured(&actions, |config| config.api.action_threads = 1).await;
+    s.crm.put_contact("p1", "one@example.com");
+    let held = s.crm.hold_page(0);
+    let lookup = json!({"action_name": "lookup", "input": {"id": "p1"}});
+    let first = s.trigger(lookup, &[]);
+    tokio::pin!(first);
+    tokio::select! {
+        _ = &mut first => panic!("the held call answered"),
+        _ = held.reached() => {}
+    }
+    let subscribe = json!({"action_name": "subscribe", "input": {"url": "https://app.example/a"}});
+    let second = tokio::select! {
+        _ = &mut first => panic!("the held call answered"),
+        second = tokio::time::timeout(Duration::from_secs(10), s.trigger(subscribe, &[])) => second,
+    };
+    let (status, body) = second.expect("the second action to run while the first waits");
+    assert_eq!(status, 200, "{body}");
+    held.release();
+    let (status, body) = first.await;
+    assert_eq!((status, &body["email"]), (200, &json!("one@example.com")), "{body}");
 }
 
 /// An action that fails until its attempt `input.succeedOn` (counted in the
@@ -1882,7 +2005,7 @@ async fn an_exec_run_triggers_an_action_and_sees_its_output_or_its_failure() {
         states
             .into_iter()
             .find(|state| state.key.sync == "relay")
-            .filter(|state| !state.running && state.last_ended_at.is_some_and(|at| at > since))
+            .filter(|state| ended_after(state, since))
     })
     .await;
     assert_eq!(state.last_outcome.as_deref(), Some("SUCCESS"), "{state:?}");
@@ -2352,10 +2475,7 @@ async fn track_deletes_on_a_full_sync_deletes_what_a_run_did_not_save() {
         assert_eq!(tick.triggered, 2);
         eventually("both runs to finish", Duration::from_secs(30), || async {
             let states = s.h.store.sync_states(Some(s.h.environment.id), None).await.unwrap();
-            let done = states
-                .iter()
-                .filter(|st| !st.running && st.last_ended_at.is_some_and(|at| at > since))
-                .count();
+            let done = states.iter().filter(|state| ended_after(state, since)).count();
             (done == 2).then_some(states)
         })
         .await
@@ -2525,6 +2645,7 @@ async fn a_run_that_looked_dead_still_sends_its_final_notification() {
 async fn the_asynchronous_backlog_is_in_the_worker_metrics() {
     let s = setup_configured(&[("crm/actions/wait.js", WAIT)], |config| {
         config.api.action_threads = 2;
+        config.api.action_concurrent_runs = 2;
         config.api.action_limits.timeout = Duration::from_secs(20);
         config.api.action_limits.cpu_budget = Duration::from_secs(1);
     })

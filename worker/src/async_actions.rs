@@ -1,7 +1,7 @@
 //! Asynchronous actions (`X-Async: true`): the API queues them in the store
-//! ([`hookyard_core::store::action_runs`]); every worker claims due runs, as many as it
-//! has action threads free, for a lease (the action's timeout and a minute), runs them
-//! on those threads (`api.action_threads`) and writes the outcome. A failed run is tried
+//! ([`hookyard_core::store::action_runs`]); every worker claims due runs, as many as its
+//! action threads have room for (`api.action_concurrent_runs`), for a lease (the
+//! action's timeout and a minute), runs them on those threads and writes the outcome. A failed run is tried
 //! again while `X-Max-Retries` allows, after `api.async_retry_delay`, doubled each time.
 //!
 //! When a run ends, Nango's completion webhook (`type: "async_action"`, with the run's id
@@ -41,7 +41,8 @@ pub struct AsyncActions {
     actions: Arc<Actions>,
     settings: Arc<Settings>,
     jetstream: jetstream::Context,
-    threads: usize,
+    /// Runs taken at once: as many as the action threads have in progress.
+    runs: usize,
     lease: Duration,
     retry_delay: Duration,
     results_kept: Duration,
@@ -68,11 +69,11 @@ impl AsyncActions {
         config: &hookyard_core::Config,
     ) -> AsyncActions {
         AsyncActions {
+            runs: actions.concurrent_runs(),
             store,
             actions,
             settings,
             jetstream,
-            threads: config.api.action_threads,
             lease: config.api.action_limits.timeout + Duration::from_secs(60),
             retry_delay: config.api.async_retry_delay,
             results_kept: config.api.async_results_kept,
@@ -82,7 +83,7 @@ impl AsyncActions {
 
     /// Claims and runs due runs until `shutdown`, then lets the ones under way end.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let free = Arc::new(Semaphore::new(self.threads));
+        let free = Arc::new(Semaphore::new(self.runs));
         let mut running = JoinSet::new();
         let mut swept = tokio::time::Instant::now();
         let mut counted: Option<tokio::time::Instant> = None;

@@ -22,7 +22,7 @@ use hookyard_core::store::syncs::{RunOutcome, SyncKey};
 use hookyard_core::streams::{consume, durable, with_heartbeat, EXEC_STREAM};
 use hookyard_core::Store;
 use hookyard_functions::host::{connection_api, exec_invocation, raw_version, Kind, Mode, Run, StoreHost};
-use hookyard_functions::pool::Pool;
+use hookyard_functions::pool::{Pool, Sizing};
 use hookyard_functions::runs::Actions;
 use hookyard_functions::Invocation;
 use serde_json::Value;
@@ -58,13 +58,14 @@ pub struct Executor {
     catalog: Arc<Catalog>,
     guard: ForwardingConfig,
     ack_wait: Duration,
-    threads: usize,
+    /// Runs in progress at once (`worker.exec_concurrent_runs`).
+    runs: usize,
     /// A run's lease (and its notice's hold); renewed every third of it while it lives.
     lease: Duration,
     webhook_base_url: String,
     validation: hookyard_functions::RecordValidation,
     /// Where exec's `nango.triggerAction` runs actions: threads of their own
-    /// (`api.action_threads`), as in the API.
+    /// (`api.action_threads`, `api.action_concurrent_runs`), as in the API.
     actions: Arc<Actions>,
 }
 
@@ -78,9 +79,14 @@ impl Executor {
         config: &Config,
         oplog: OpLog,
     ) -> Executor {
+        let pool = Pool::sized(
+            Sizing::of(config.worker.exec_threads, config.worker.exec_concurrent_runs),
+            config.worker.exec_limits.clone(),
+        );
         Executor {
             settings,
-            pool: Pool::new(config.worker.exec_threads, config.worker.exec_limits.clone()),
+            runs: pool.threads(),
+            pool,
             actions: Arc::new(Actions::new(store.clone(), catalog.clone(), config, Some(oplog))),
             catalog,
             store,
@@ -88,7 +94,6 @@ impl Executor {
             deployments,
             guard: config.forwarding.clone(),
             ack_wait: config.worker.ack_wait,
-            threads: config.worker.exec_threads,
             lease: config.worker.exec_lease,
             webhook_base_url: config.webhook_base_url(),
             validation: config.worker.validate_records,
@@ -104,19 +109,12 @@ impl Executor {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), WorkerError> {
         let config = async_nats::jetstream::consumer::pull::Config {
             filter_subject: "hooks.exec.>".into(),
-            ..durable(CONSUMER, "hookyard worker: exec runs", self.ack_wait, self.threads * 2)
+            ..durable(CONSUMER, "hookyard worker: exec runs", self.ack_wait, self.runs * 2)
         };
-        consume(
-            &self.jetstream,
-            EXEC_STREAM,
-            config,
-            self.threads,
-            shutdown,
-            |message| {
-                let executor = self.clone();
-                async move { executor.handle(message).await }
-            },
-        )
+        consume(&self.jetstream, EXEC_STREAM, config, self.runs, shutdown, |message| {
+            let executor = self.clone();
+            async move { executor.handle(message).await }
+        })
         .await?;
         Ok(())
     }
