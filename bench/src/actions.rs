@@ -56,6 +56,8 @@ pub async fn run(
         Some(latency) => Some(start_provider(latency).await?.0),
         None => None,
     };
+    // The provider is on loopback.
+    config.forwarding.allow_loopback = api.is_some();
     let (store, environment) = store_with_connection(&config, api.as_deref()).await?;
     let action = if api.is_some() { FETCHING_ACTION } else { ACTION };
     let files = [("crm/actions/echo.ts".to_string(), action.to_string())].into();
