@@ -1,8 +1,9 @@
 //! Asynchronous actions (`X-Async: true`): the API queues them in the store
 //! ([`hookyard_core::store::action_runs`]); every worker claims due runs, as many as its
 //! action threads have room for (`api.action_concurrent_runs`), for a lease (the
-//! action's timeout and a minute), runs them on those threads and writes the outcome. A failed run is tried
-//! again while `X-Max-Retries` allows, after `api.async_retry_delay`, doubled each time.
+//! action's timeout and a minute), runs them on those threads and writes the outcome. A
+//! failed run is tried again while `X-Max-Retries` allows, after
+//! `api.async_retry_delay`, doubled each time.
 //!
 //! When a run ends, Nango's completion webhook (`type: "async_action"`, with the run's id
 //! and status URL) goes to the connection's forwarding destinations through `HOOKS_FWD`.

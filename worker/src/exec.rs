@@ -58,8 +58,6 @@ pub struct Executor {
     catalog: Arc<Catalog>,
     guard: ForwardingConfig,
     ack_wait: Duration,
-    /// Runs in progress at once (`worker.exec_concurrent_runs`).
-    runs: usize,
     /// A run's lease (and its notice's hold); renewed every third of it while it lives.
     lease: Duration,
     webhook_base_url: String,
@@ -79,14 +77,12 @@ impl Executor {
         config: &Config,
         oplog: OpLog,
     ) -> Executor {
-        let pool = Pool::sized(
-            Sizing::of(config.worker.exec_threads, config.worker.exec_concurrent_runs),
-            config.worker.exec_limits.clone(),
-        );
         Executor {
             settings,
-            runs: pool.threads(),
-            pool,
+            pool: Pool::sized(
+                Sizing::of(config.worker.exec_threads, config.worker.exec_concurrent_runs),
+                config.worker.exec_limits.clone(),
+            ),
             actions: Arc::new(Actions::new(store.clone(), catalog.clone(), config, Some(oplog))),
             catalog,
             store,
@@ -107,11 +103,13 @@ impl Executor {
 
     /// Consumes `HOOKS_EXEC` until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        // Runs in progress at once (`worker.exec_concurrent_runs`).
+        let runs = self.pool.threads();
         let config = async_nats::jetstream::consumer::pull::Config {
             filter_subject: "hooks.exec.>".into(),
-            ..durable(CONSUMER, "hookyard worker: exec runs", self.ack_wait, self.runs * 2)
+            ..durable(CONSUMER, "hookyard worker: exec runs", self.ack_wait, runs * 2)
         };
-        consume(&self.jetstream, EXEC_STREAM, config, self.runs, shutdown, |message| {
+        consume(&self.jetstream, EXEC_STREAM, config, runs, shutdown, |message| {
             let executor = self.clone();
             async move { executor.handle(message).await }
         })
