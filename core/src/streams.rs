@@ -368,12 +368,16 @@ where
 
 /// Runs `handle` on each message of the durable pull consumer `config` (see
 /// [`durable_consumer`]) on `stream`, `concurrency` at once, until `shutdown`; messages
-/// in progress finish first. A failed pull is logged and retried after a second.
+/// in progress finish first. A failed pull is logged and retried after a second. Each
+/// pull asks for `batch` messages (`None`: async-nats' default, 200), and asks again once
+/// half have come, handled or not: a consumer whose messages are long jobs asks for few,
+/// so that no process holds, unstarted, jobs another could run.
 pub async fn consume<F, Fut>(
     jetstream: &jetstream::Context,
     stream: &str,
     config: jetstream::consumer::pull::Config,
     concurrency: usize,
+    batch: Option<usize>,
     shutdown: tokio_util::sync::CancellationToken,
     handle: F,
 ) -> Result<(), StreamsError>
@@ -382,7 +386,7 @@ where
     Fut: std::future::Future<Output = ()>,
 {
     use futures::StreamExt as _;
-    let mut pulls = Pulls::new(jetstream, stream, config, None, &shutdown);
+    let mut pulls = Pulls::new(jetstream, stream, config, batch, &shutdown);
     while let Some(messages) = pulls.next().await? {
         tracing::info!("{} consuming {stream}", pulls.consumer);
         messages

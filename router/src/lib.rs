@@ -116,7 +116,7 @@ impl Router {
         // Create or update: a changed `router.ack_wait` takes effect at the next start.
         let config = durable(CONSUMER, "hookyard router", self.config.ack_wait, 4 * CONCURRENCY);
         let jetstream = self.jetstream.clone();
-        consume(&jetstream, RAW_STREAM, config, CONCURRENCY, shutdown, |message| {
+        consume(&jetstream, RAW_STREAM, config, CONCURRENCY, None, shutdown, |message| {
             let router = self.clone();
             async move { router.handle(message).await }
         })

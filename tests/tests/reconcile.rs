@@ -221,6 +221,21 @@ impl Setup {
         states
     }
 
+    /// Waits until `count` exec runs are in progress at once, within 5 s: sooner than a
+    /// job a worker held unstarted goes to another (the tests' `worker.ack_wait`, 8 s).
+    async fn running(&self, count: usize) {
+        eventually(&format!("{count} runs in progress"), Duration::from_secs(5), || async {
+            let states = self
+                .h
+                .store
+                .sync_states(Some(self.h.environment.id), None)
+                .await
+                .unwrap();
+            (states.iter().filter(|state| state.running).count() == count).then_some(())
+        })
+        .await;
+    }
+
     /// `DELETE /connections/{id}` of `crm`: its status.
     async fn delete_connection(&self, id: &str) -> u16 {
         let response = self
@@ -1124,6 +1139,39 @@ async fn an_exec_run_waiting_on_its_provider_leaves_its_turn_to_another() {
     for connection in ["c0", "c1"] {
         assert_eq!(live(&s.contacts(connection).await), ["p1"]);
     }
+}
+
+/// Exec runs spread over the workers: with three workers running one exec run each,
+/// three connections' runs are all in progress at once, though the jobs were queued
+/// while one worker ran (it holds no job it cannot start yet, and the consumer does not
+/// stop at one worker's share).
+#[tokio::test]
+async fn three_workers_run_three_exec_runs_at_once() {
+    let connections = [
+        ("c0", json!({}), api_key()),
+        ("c1", json!({}), api_key()),
+        ("c2", json!({}), api_key()),
+    ];
+    let s = setup_on(None, &connections, true, |config| {
+        config.worker.exec_threads = 1;
+        config.worker.exec_concurrent_runs = 1;
+    })
+    .await;
+    // Each run waits for the next minute; the test ends once all three are on.
+    let waits = "import { createSync } from 'nango';
+export default createSync({
+  frequency: 'every hour',
+  models: { Contact: {} },
+  exec: async () => { await new Promise((done) => setTimeout(done, 60000)); },
+});";
+    s.h.deploy(&[("crm/syncs/waits.js", waits.to_string())]).await;
+    // The first worker starts one run, and leaves the other two jobs to workers that
+    // come later.
+    assert_eq!(s.reconciler.tick(Utc::now()).await.unwrap().scheduled, 3);
+    s.running(1).await;
+    s.h.start_all();
+    s.h.start_all();
+    s.running(3).await;
 }
 
 #[tokio::test]

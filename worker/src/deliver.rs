@@ -168,7 +168,7 @@ impl Deliverer {
             4 * CONCURRENCY,
         );
         let jetstream = self.jetstream.clone();
-        consume(&jetstream, FWD_STREAM, config, CONCURRENCY, shutdown, |message| {
+        consume(&jetstream, FWD_STREAM, config, CONCURRENCY, None, shutdown, |message| {
             let deliverer = self.clone();
             async move { deliverer.handle(message).await }
         })

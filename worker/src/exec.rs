@@ -35,6 +35,9 @@ use crate::WorkerError;
 
 /// The consumer's name, shared by every worker replica.
 pub const CONSUMER: &str = hookyard_core::store::dead_letters::EXEC_CONSUMER;
+/// Exec jobs out at once across all workers (`max_ack_pending`): more than any
+/// deployment runs, since each worker takes only as many as it runs.
+const EXEC_JOBS_OUT: usize = 4096;
 
 /// Why a run did not happen, or how it ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -103,16 +106,27 @@ impl Executor {
 
     /// Consumes `HOOKS_EXEC` until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), WorkerError> {
-        // Runs in progress at once (`worker.exec_concurrent_runs`).
+        // Runs in progress at once (`worker.exec_concurrent_runs`); jobs asked for one at a
+        // time, while a run is free, so that this worker holds at most one job unstarted
+        // that another worker could run (a larger batch is asked for again once half of
+        // it came). The consumer's bound on jobs out is for all workers together.
         let runs = self.pool.threads();
         let config = async_nats::jetstream::consumer::pull::Config {
             filter_subject: "hooks.exec.>".into(),
-            ..durable(CONSUMER, "hookyard worker: exec runs", self.ack_wait, runs * 2)
+            ..durable(CONSUMER, "hookyard worker: exec runs", self.ack_wait, EXEC_JOBS_OUT)
         };
-        consume(&self.jetstream, EXEC_STREAM, config, runs, shutdown, |message| {
-            let executor = self.clone();
-            async move { executor.handle(message).await }
-        })
+        consume(
+            &self.jetstream,
+            EXEC_STREAM,
+            config,
+            runs,
+            Some(1),
+            shutdown,
+            |message| {
+                let executor = self.clone();
+                async move { executor.handle(message).await }
+            },
+        )
         .await?;
         Ok(())
     }

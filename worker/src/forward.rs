@@ -141,10 +141,18 @@ impl Forwarder {
             4 * CONCURRENCY,
         );
         let jetstream = self.jetstream.clone();
-        consume(&jetstream, CONN_STREAM, config, CONCURRENCY, shutdown, |message| {
-            let forwarder = self.clone();
-            async move { forwarder.handle(message).await }
-        })
+        consume(
+            &jetstream,
+            CONN_STREAM,
+            config,
+            CONCURRENCY,
+            None,
+            shutdown,
+            |message| {
+                let forwarder = self.clone();
+                async move { forwarder.handle(message).await }
+            },
+        )
         .await?;
         Ok(())
     }
