@@ -56,6 +56,12 @@ pub async fn start_provider(
     Ok((url, calls))
 }
 
+/// An integration's settings that point it at the provider API at `url`, the connection's
+/// API key in `X-API-Key`.
+pub fn provider_settings(url: &str) -> serde_json::Value {
+    serde_json::json!({"api": {"base_url": url, "api_key_header": "X-API-Key"}})
+}
+
 /// The store at `config.database_url` with a `dev` environment, a generic `crm`
 /// integration and its connection `c0`: without credentials, or with an API key for the
 /// provider API at `provider` (the integration's base URL).
@@ -69,7 +75,7 @@ pub async fn store_with_connection(
     let environment = store.ensure_environment(&"dev".parse()?).await?;
     let mut integration = NewIntegration::new("crm".parse()?, "generic");
     if let Some(url) = provider {
-        integration.settings = serde_json::json!({"api": {"base_url": url, "api_key_header": "X-API-Key"}});
+        integration.settings = provider_settings(url);
     }
     store.create_integration(&environment, &integration).await?;
     store

@@ -28,7 +28,9 @@ use hookyard_core::{Config, Store};
 use hookyard_testkit::PgDatabase;
 use serde_json::json;
 
-use crate::setup::{cpu_seconds, deploy_files, postgres_cpu, postgres_cpu_since, start_nats, start_provider};
+use crate::setup::{
+    cpu_seconds, deploy_files, postgres_cpu, postgres_cpu_since, provider_settings, start_nats, start_provider,
+};
 
 pub struct Plan {
     pub events: u64,
@@ -135,7 +137,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     let provider = match plan.fetch {
         true => {
             let (url, calls) = start_provider(plan.provider_latency).await?;
-            integration.settings = json!({"api": {"base_url": url, "api_key_header": "X-API-Key"}});
+            integration.settings = provider_settings(&url);
             Some(calls)
         }
         false => None,

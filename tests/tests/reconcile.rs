@@ -20,6 +20,7 @@ use hookyard_reconciler::Reconciler;
 use hookyard_testkit::fake_provider::{FakeCrm, Held, API_KEY, CLIENT_ID, CLIENT_SECRET};
 use hookyard_testkit::receiver::Receiver;
 use hookyard_testkit::{eventually, raw_execute, raw_texts, PgDatabase};
+use reqwest::Method;
 use serde_json::{json, Value};
 
 /// Lists contacts in the style the connection's metadata names (cursor, link or offset),
@@ -184,15 +185,7 @@ impl Setup {
 
     /// `PUT /forwarding` with `body`; the answer.
     async fn put_forwarding(&self, body: Value) -> Value {
-        let response = self
-            .h
-            .http
-            .put(format!("{}/forwarding", self.h.api))
-            .bearer_auth(&self.h.environment.secret_key)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let response = self.api(Method::PUT, "/forwarding").json(&body).send().await.unwrap();
         assert_eq!(response.status(), 200);
         response.json().await.unwrap()
     }
@@ -239,10 +232,7 @@ impl Setup {
     /// `DELETE /connections/{id}` of `crm`: its status.
     async fn delete_connection(&self, id: &str) -> u16 {
         let response = self
-            .h
-            .http
-            .delete(format!("{}/connections/{id}?provider_config_key=crm", self.h.api))
-            .bearer_auth(&self.h.environment.secret_key)
+            .api(Method::DELETE, &format!("/connections/{id}?provider_config_key=crm"))
             .send()
             .await
             .expect("the API answers");
@@ -275,16 +265,16 @@ impl Setup {
         records
     }
 
-    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let response = self
-            .h
+    /// A request to the API at `path`, with the environment's secret key.
+    fn api(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.h
             .http
-            .post(format!("{}{path}", self.h.api))
+            .request(method, format!("{}{path}", self.h.api))
             .bearer_auth(&self.h.environment.secret_key)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let response = self.api(Method::POST, path).json(&body).send().await.unwrap();
         (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
     }
 
@@ -834,16 +824,9 @@ async fn a_refused_refresh_fails_its_runs_shows_on_the_connection_and_is_notifie
     // New credentials (the connection authorized again, imported through the API) end
     // the failure; the next refusal is another, notified again.
     let (access, refresh) = s.crm.issue_tokens(true);
-    let reauthorized =
-        s.h.http
-            .post(format!("{}/connections", s.h.api))
-            .bearer_auth(&s.h.environment.secret_key)
-            .json(&json!({"provider_config_key": "crm", "connection_id": "c0",
-                      "credentials": {"type": "OAUTH2", "access_token": access, "refresh_token": refresh}}))
-            .send()
-            .await
-            .unwrap();
-    assert_eq!(reauthorized.status(), 200);
+    let reauthorize = json!({"provider_config_key": "crm", "connection_id": "c0",
+                             "credentials": {"type": "OAUTH2", "access_token": access, "refresh_token": refresh}});
+    assert_eq!(s.post("/connections", reauthorize).await.0, 200);
     let (status, body) = s.trigger(fetch.clone(), &[]).await;
     assert_eq!(status, 200, "{body}");
     let shown = &s.h.api_get("/connections?connectionId=c0").await["connections"][0];
@@ -895,13 +878,8 @@ async fn getting_a_connection_refreshes_its_expired_token_first() {
     let get = |query: &'static str| {
         let s = &s;
         async move {
-            let response =
-                s.h.http
-                    .get(format!("{}/connections/c0?provider_config_key=crm{query}", s.h.api))
-                    .bearer_auth(&s.h.environment.secret_key)
-                    .send()
-                    .await
-                    .unwrap();
+            let path = format!("/connections/c0?provider_config_key=crm{query}");
+            let response = s.api(Method::GET, &path).send().await.unwrap();
             (response.status().as_u16(), response.json::<Value>().await.unwrap())
         }
     };
@@ -1363,13 +1341,11 @@ async fn event_functions_register_on_creation_and_unregister_before_deletion() {
         .await
         .unwrap();
     assert_eq!(s.delete_connection("c-stuck").await, 200);
-    let gone =
-        s.h.http
-            .get(format!("{}/connections/c-stuck?provider_config_key=crm", s.h.api))
-            .bearer_auth(&s.h.environment.secret_key)
-            .send()
-            .await
-            .unwrap();
+    let gone = s
+        .api(Method::GET, "/connections/c-stuck?provider_config_key=crm")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(gone.status(), 404);
     assert_eq!(
         s.crm.subscriptions().len(),
@@ -1464,12 +1440,7 @@ export default createAction({ exec: () => new Promise((resolve) => setTimeout(re
 impl Setup {
     /// `POST /action/trigger` for connection `c0` of `crm` with `headers` added.
     async fn trigger(&self, body: Value, headers: &[(&str, &str)]) -> (u16, Value) {
-        let mut request = self
-            .h
-            .http
-            .post(format!("{}/action/trigger", self.h.api))
-            .bearer_auth(&self.h.environment.secret_key)
-            .json(&body);
+        let mut request = self.api(Method::POST, "/action/trigger").json(&body);
         for (name, value) in [("Connection-Id", "c0"), ("Provider-Config-Key", "crm")]
             .iter()
             .filter(|(name, _)| !headers.iter().any(|(given, _)| given == name))
@@ -1738,14 +1709,7 @@ export default createAction({
 impl Setup {
     /// `GET /action/{id}`: its status and body.
     async fn action_result(&self, id: &str) -> (u16, Value) {
-        let response = self
-            .h
-            .http
-            .get(format!("{}/action/{id}", self.h.api))
-            .bearer_auth(&self.h.environment.secret_key)
-            .send()
-            .await
-            .unwrap();
+        let response = self.api(Method::GET, &format!("/action/{id}")).send().await.unwrap();
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
     }
@@ -2254,15 +2218,13 @@ async fn the_fake_crm_signs_webhooks_that_go_through_ingest_and_the_router_to_th
     assert_eq!(FakeCrm::send_webhook(&url, "whsec-test", &body).await, 202);
     assert_eq!(FakeCrm::send_webhook(&url, "not-the-secret", &body).await, 401);
     let records = eventually("the signed webhook's record", Duration::from_secs(20), || async {
-        let response =
-            s.h.http
-                .get(format!("{}/records?model=Contact", s.h.api))
-                .bearer_auth(&s.h.environment.secret_key)
-                .header("Connection-Id", "c0")
-                .header("Provider-Config-Key", "crmhooks")
-                .send()
-                .await
-                .ok()?;
+        let response = s
+            .api(Method::GET, "/records?model=Contact")
+            .header("Connection-Id", "c0")
+            .header("Provider-Config-Key", "crmhooks")
+            .send()
+            .await
+            .ok()?;
         let body: Value = response.json().await.ok()?;
         let records = body["records"].as_array()?.clone();
         (!records.is_empty()).then_some(records)

@@ -42,8 +42,6 @@ pub struct AsyncActions {
     actions: Arc<Actions>,
     settings: Arc<Settings>,
     jetstream: jetstream::Context,
-    /// Runs taken at once: as many as the action threads have in progress.
-    runs: usize,
     lease: Duration,
     retry_delay: Duration,
     results_kept: Duration,
@@ -70,7 +68,6 @@ impl AsyncActions {
         config: &hookyard_core::Config,
     ) -> AsyncActions {
         AsyncActions {
-            runs: actions.concurrent_runs(),
             store,
             actions,
             settings,
@@ -84,7 +81,8 @@ impl AsyncActions {
 
     /// Claims and runs due runs until `shutdown`, then lets the ones under way end.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let free = Arc::new(Semaphore::new(self.runs));
+        // Runs taken at once: as many as the action threads have in progress.
+        let free = Arc::new(Semaphore::new(self.actions.concurrent_runs()));
         let mut running = JoinSet::new();
         let mut swept = tokio::time::Instant::now();
         let mut counted: Option<tokio::time::Instant> = None;
