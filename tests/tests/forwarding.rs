@@ -13,6 +13,7 @@ use hookyard_core::{Config, Envelope};
 use hookyard_testkit::proxy::ForwardProxy;
 use hookyard_testkit::receiver::{Hit, Receiver};
 use hookyard_testkit::{eventually, PgDatabase};
+use reqwest::Method;
 use serde_json::{json, Value};
 use sha2::Sha256;
 
@@ -512,11 +513,7 @@ async fn setting_a_destination_warns_of_a_name_its_deliveries_would_fail_on() {
     let h = harness_with(None, 1, |_| {}).await;
     // The answer to setting `urls` at `path`.
     let set = |path: &'static str, urls: Value| {
-        let request = h
-            .http
-            .put(format!("{}{path}", h.api))
-            .bearer_auth(&h.environment.secret_key)
-            .json(&json!({ "urls": urls }));
+        let request = h.request(Method::PUT, path).json(&json!({ "urls": urls }));
         async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
     };
     let answer = set(
@@ -580,13 +577,7 @@ async fn destinations_are_set_through_the_api_and_a_connection_may_override_them
     let h = harness_with(None, 2, forwarding_config).await;
     let environment_receiver = Receiver::start(&[]).await;
     let connection_receiver = Receiver::start(&[]).await;
-    let put = |path: &str, body: Value| {
-        h.http
-            .put(format!("{}{path}", h.api))
-            .bearer_auth(&h.environment.secret_key)
-            .json(&body)
-            .send()
-    };
+    let put = |path: &str, body: Value| h.request(Method::PUT, path).json(&body).send();
     for (body, field) in [
         (
             json!({"urls": ["http://a.example/1", "http://a.example/2", "http://a.example/3"]}),
@@ -814,9 +805,7 @@ async fn a_given_up_delivery_is_redriven_with_the_same_webhook_id_and_delivered_
 
     // The receiver is fixed (it answers 200 from now on); the letter is redriven.
     let redrive = h
-        .http
-        .post(format!("{}/dead-letters/redrive", h.api))
-        .bearer_auth(&h.environment.secret_key)
+        .request(Method::POST, "/dead-letters/redrive")
         .json(&json!({"kind": "forward"}))
         .send()
         .await

@@ -105,10 +105,7 @@ async fn one_trace_follows_a_webhook_through_ingest_the_router_the_worker_and_it
 
 /// `method path` on the API as `dev`, with a JSON body when given; status and answer.
 async fn call(h: &Harness, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut request = h
-        .http
-        .request(method, format!("{}{path}", h.api))
-        .bearer_auth(&h.environment.secret_key);
+    let mut request = h.request(method, path);
     if let Some(body) = body {
         request = request.json(&body);
     }

@@ -185,7 +185,13 @@ impl Setup {
 
     /// `PUT /forwarding` with `body`; the answer.
     async fn put_forwarding(&self, body: Value) -> Value {
-        let response = self.api(Method::PUT, "/forwarding").json(&body).send().await.unwrap();
+        let response = self
+            .h
+            .request(Method::PUT, "/forwarding")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 200);
         response.json().await.unwrap()
     }
@@ -232,7 +238,8 @@ impl Setup {
     /// `DELETE /connections/{id}` of `crm`: its status.
     async fn delete_connection(&self, id: &str) -> u16 {
         let response = self
-            .api(Method::DELETE, &format!("/connections/{id}?provider_config_key=crm"))
+            .h
+            .request(Method::DELETE, &format!("/connections/{id}?provider_config_key=crm"))
             .send()
             .await
             .expect("the API answers");
@@ -265,16 +272,8 @@ impl Setup {
         records
     }
 
-    /// A request to the API at `path`, with the environment's secret key.
-    fn api(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        self.h
-            .http
-            .request(method, format!("{}{path}", self.h.api))
-            .bearer_auth(&self.h.environment.secret_key)
-    }
-
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let response = self.api(Method::POST, path).json(&body).send().await.unwrap();
+        let response = self.h.request(Method::POST, path).json(&body).send().await.unwrap();
         (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
     }
 
@@ -879,7 +878,7 @@ async fn getting_a_connection_refreshes_its_expired_token_first() {
         let s = &s;
         async move {
             let path = format!("/connections/c0?provider_config_key=crm{query}");
-            let response = s.api(Method::GET, &path).send().await.unwrap();
+            let response = s.h.request(Method::GET, &path).send().await.unwrap();
             (response.status().as_u16(), response.json::<Value>().await.unwrap())
         }
     };
@@ -1341,11 +1340,11 @@ async fn event_functions_register_on_creation_and_unregister_before_deletion() {
         .await
         .unwrap();
     assert_eq!(s.delete_connection("c-stuck").await, 200);
-    let gone = s
-        .api(Method::GET, "/connections/c-stuck?provider_config_key=crm")
-        .send()
-        .await
-        .unwrap();
+    let gone =
+        s.h.request(Method::GET, "/connections/c-stuck?provider_config_key=crm")
+            .send()
+            .await
+            .unwrap();
     assert_eq!(gone.status(), 404);
     assert_eq!(
         s.crm.subscriptions().len(),
@@ -1440,7 +1439,7 @@ export default createAction({ exec: () => new Promise((resolve) => setTimeout(re
 impl Setup {
     /// `POST /action/trigger` for connection `c0` of `crm` with `headers` added.
     async fn trigger(&self, body: Value, headers: &[(&str, &str)]) -> (u16, Value) {
-        let mut request = self.api(Method::POST, "/action/trigger").json(&body);
+        let mut request = self.h.request(Method::POST, "/action/trigger").json(&body);
         for (name, value) in [("Connection-Id", "c0"), ("Provider-Config-Key", "crm")]
             .iter()
             .filter(|(name, _)| !headers.iter().any(|(given, _)| given == name))
@@ -1709,7 +1708,12 @@ export default createAction({
 impl Setup {
     /// `GET /action/{id}`: its status and body.
     async fn action_result(&self, id: &str) -> (u16, Value) {
-        let response = self.api(Method::GET, &format!("/action/{id}")).send().await.unwrap();
+        let response = self
+            .h
+            .request(Method::GET, &format!("/action/{id}"))
+            .send()
+            .await
+            .unwrap();
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
     }
@@ -2218,13 +2222,13 @@ async fn the_fake_crm_signs_webhooks_that_go_through_ingest_and_the_router_to_th
     assert_eq!(FakeCrm::send_webhook(&url, "whsec-test", &body).await, 202);
     assert_eq!(FakeCrm::send_webhook(&url, "not-the-secret", &body).await, 401);
     let records = eventually("the signed webhook's record", Duration::from_secs(20), || async {
-        let response = s
-            .api(Method::GET, "/records?model=Contact")
-            .header("Connection-Id", "c0")
-            .header("Provider-Config-Key", "crmhooks")
-            .send()
-            .await
-            .ok()?;
+        let response =
+            s.h.request(Method::GET, "/records?model=Contact")
+                .header("Connection-Id", "c0")
+                .header("Provider-Config-Key", "crmhooks")
+                .send()
+                .await
+                .ok()?;
         let body: Value = response.json().await.ok()?;
         let records = body["records"].as_array()?.clone();
         (!records.is_empty()).then_some(records)

@@ -151,12 +151,17 @@ pub fn sync(subscriptions: &str, body: &str) -> String {
 }
 
 impl<N> Harness<N> {
+    /// A request to the API at `path` as the `dev` environment (its secret key).
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.api))
+            .bearer_auth(&self.environment.secret_key)
+    }
+
     /// `POST /functions/deploy` with these files.
     pub async fn post_deploy(&self, files: &[(&str, String)]) -> reqwest::Response {
         let files: BTreeMap<&str, &str> = files.iter().map(|(p, s)| (*p, s.as_str())).collect();
-        self.http
-            .post(format!("{}/functions/deploy", self.api))
-            .bearer_auth(&self.environment.secret_key)
+        self.request(reqwest::Method::POST, "/functions/deploy")
             .json(&json!({ "files": files }))
             .send()
             .await
@@ -316,9 +321,7 @@ impl<N> Harness<N> {
 
     /// `GET {path}` on the API as the `dev` environment; the JSON answer.
     pub async fn api_get(&self, path: &str) -> Value {
-        self.http
-            .get(format!("{}{path}", self.api))
-            .bearer_auth(&self.environment.secret_key)
+        self.request(reqwest::Method::GET, path)
             .send()
             .await
             .unwrap()
@@ -330,9 +333,7 @@ impl<N> Harness<N> {
     /// A connection's records of `model`, read through `GET /records`.
     pub async fn records(&self, connection: &str, model: &str) -> Vec<Value> {
         let response = self
-            .http
-            .get(format!("{}/records?model={model}&limit=1000", self.api))
-            .bearer_auth(&self.environment.secret_key)
+            .request(reqwest::Method::GET, &format!("/records?model={model}&limit=1000"))
             .header("Connection-Id", connection)
             .header("Provider-Config-Key", "crm")
             .send()
