@@ -138,6 +138,9 @@ enum Command {
         /// thread; as many as JS threads: each run keeps its thread through its waits).
         #[arg(long, default_value_t = 0)]
         concurrent_runs: usize,
+        /// Worker processes sharing the consumer, each with those threads and runs.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+        workers: u64,
         /// Also forward every event: nowhere (none), to a receiver answering 200 (fast),
         /// or to one that never answers (silent). Functions must not slow down for it.
         #[arg(long, value_enum, default_value = "none")]
@@ -268,6 +271,7 @@ fn main() -> anyhow::Result<()> {
                 rate,
                 js_threads,
                 concurrent_runs,
+                workers,
                 destination,
                 slow_every,
                 slow_ms,
@@ -282,6 +286,7 @@ fn main() -> anyhow::Result<()> {
                     rate,
                     js_threads,
                     concurrent_runs,
+                    workers: workers as usize,
                     destination,
                     slow: (slow_every > 0).then_some(worker::Slow {
                         every: slow_every,

@@ -1,8 +1,8 @@
 //! Worker throughput and latency for the `examples/crm-contacts` function on Postgres.
 //!
 //! Routed events go straight into `HOOKS_CONN` (as the router publishes them), spread
-//! over `connections` connections; each saves one Contact record. One worker runs in a
-//! child process (this binary, `worker-process`), so that its CPU is its own:
+//! over `connections` connections; each saves one Contact record. The workers run in
+//! child processes (this binary, `worker-process`), so that their CPU is their own:
 //!
 //! 1. burst: `events` events are published first, then the worker is timed from the
 //!    moment it starts consuming until it has acked the last one;
@@ -41,6 +41,8 @@ pub struct Plan {
     pub js_threads: usize,
     /// The worker's runs in progress at once (0: its default).
     pub concurrent_runs: usize,
+    /// Worker processes on the consumer.
+    pub workers: usize,
     /// Where every event is also forwarded: nowhere, a receiver answering 200 at once,
     /// or one that accepts connections and never answers.
     pub destination: Destination,
@@ -203,13 +205,15 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
 
     println!(
         "worker benchmark: examples/crm-contacts (one Contact saved per event{}), routed events published \
-         straight into {CONN_STREAM}, {} connections, Postgres, one worker process ({} JS threads, {} runs in progress){}\n",
+         straight into {CONN_STREAM}, {} connections, Postgres, {} worker process{} ({} JS threads, {} runs in progress, each){}\n",
         match (plan.fetch, plan.provider_latency.as_millis()) {
             (false, _) => String::new(),
             (true, 0) => ", fetched from a local provider API first".to_string(),
             (true, ms) => format!(", fetched from a local provider API answering in {ms} ms first"),
         },
         plan.connections,
+        plan.workers,
+        if plan.workers == 1 { "" } else { "es" },
         if plan.js_threads == 0 {
             "one per CPU".to_string()
         } else {
@@ -235,8 +239,10 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
         plan.events,
         started.elapsed().as_secs_f64()
     );
-    let mut worker = spawn_worker(&config, &key, plan)?;
-    let pid = worker.id().to_string();
+    let mut workers = (0..plan.workers)
+        .map(|_| spawn_worker(&config, &key, plan))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let pids: Vec<String> = workers.iter().map(|worker| worker.id().to_string()).collect();
     let stream = bus.jetstream.get_stream(CONN_STREAM).await?;
     let consumer_exists = || async {
         stream
@@ -249,9 +255,9 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
         anyhow::ensure!(Instant::now() < deadline, "the worker did not start");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let cpu = Cpu::now(&pid, nats.pid().unwrap_or(0));
+    let cpu = Cpu::now(&pids, nats.pid().unwrap_or(0));
     let started = Instant::now();
-    wait_acked(&bus.jetstream, &mut worker).await?;
+    wait_acked(&bus.jetstream, &mut workers).await?;
     let elapsed = started.elapsed().as_secs_f64();
     let used = cpu.since();
     let throughput = plan.events as f64 / elapsed;
@@ -259,14 +265,18 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     let expected = mix.contacts(1..=plan.events);
     anyhow::ensure!(saved == expected, "{saved} records saved for {expected} contact events");
     println!(
-        "burst:   {} events in {elapsed:.2}s = {throughput:.0} events/s through one worker\n         \
-         CPU per 1,000 events: worker process {:.0} ms, Postgres {:.0} ms, nats-server {:.0} ms\n         \
-         worker's peak memory (RSS): {:.0} MiB",
+        "burst:   {} events in {elapsed:.2}s = {throughput:.0} events/s through {} worker{}\n         \
+         CPU per 1,000 events: worker process{} {:.0} ms, Postgres {:.0} ms, nats-server {:.0} ms\n         \
+         worker's peak memory (RSS): {:.0} MiB{}",
         plan.events,
+        plan.workers,
+        if plan.workers == 1 { "" } else { "s" },
+        if plan.workers == 1 { "" } else { "es" },
         used.worker * 1e6 / plan.events as f64,
         used.postgres * 1e6 / plan.events as f64,
         used.nats * 1e6 / plan.events as f64,
-        peak_rss_kib(&pid) as f64 / 1024.0,
+        pids.iter().map(|pid| peak_rss_kib(pid)).max().unwrap_or(0) as f64 / 1024.0,
+        if plan.workers == 1 { "" } else { " (the largest)" },
     );
 
     // 2. Latency at a steady rate.
@@ -278,7 +288,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     let count = rate * plan.latency_seconds;
     let first = plan.events + 1;
     let acked = paced(&bus.jetstream, &connections, mix, first..=plan.events + count, rate).await?;
-    wait_acked(&bus.jetstream, &mut worker).await?;
+    wait_acked(&bus.jetstream, &mut workers).await?;
     let committed = commit_times(&pg.url).await?;
     let mut histogram = Histogram::<u64>::new(3)?;
     for (n, at) in acked.iter().filter(|(n, _)| !mix.is_slow(*n)) {
@@ -317,8 +327,10 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
         );
         println!("provider calls: {calls} for {contacts} contact events");
     }
-    let _ = Command::new("kill").args(["-TERM", &pid]).status();
-    let _ = worker.wait();
+    for (pid, mut worker) in pids.iter().zip(workers) {
+        let _ = Command::new("kill").args(["-TERM", pid]).status();
+        let _ = worker.wait();
+    }
     Ok(())
 }
 
@@ -390,12 +402,14 @@ async fn paced(
     Ok(acked)
 }
 
-/// Waits until the worker has applied and acked every event published so far.
-async fn wait_acked(jetstream: &jetstream::Context, worker: &mut Child) -> anyhow::Result<()> {
+/// Waits until the workers have applied and acked every event published so far.
+async fn wait_acked(jetstream: &jetstream::Context, workers: &mut [Child]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(600);
     while !hookyard_worker::idle(jetstream).await? {
-        if let Some(status) = worker.try_wait()? {
-            anyhow::bail!("the worker exited: {status}");
+        for worker in workers.iter_mut() {
+            if let Some(status) = worker.try_wait()? {
+                anyhow::bail!("a worker exited: {status}");
+            }
         }
         anyhow::ensure!(Instant::now() < deadline, "the worker did not finish within 10 minutes");
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -430,7 +444,7 @@ pub async fn run_process() -> anyhow::Result<()> {
 }
 
 struct Cpu {
-    worker_pid: String,
+    worker_pids: Vec<String>,
     nats_pid: String,
     worker: f64,
     nats: f64,
@@ -444,20 +458,21 @@ struct CpuDelta {
 }
 
 impl Cpu {
-    fn now(worker_pid: &str, nats_pid: u32) -> Cpu {
+    /// All workers' CPU counts as the worker's.
+    fn now(worker_pids: &[String], nats_pid: u32) -> Cpu {
         let nats_pid = nats_pid.to_string();
         Cpu {
-            worker: cpu_seconds(worker_pid),
+            worker: worker_pids.iter().map(|pid| cpu_seconds(pid)).sum(),
             nats: cpu_seconds(&nats_pid),
             postgres: postgres_cpu(),
-            worker_pid: worker_pid.to_string(),
+            worker_pids: worker_pids.to_vec(),
             nats_pid,
         }
     }
 
     fn since(&self) -> CpuDelta {
         CpuDelta {
-            worker: cpu_seconds(&self.worker_pid) - self.worker,
+            worker: self.worker_pids.iter().map(|pid| cpu_seconds(pid)).sum::<f64>() - self.worker,
             nats: cpu_seconds(&self.nats_pid) - self.nats,
             postgres: postgres_cpu_since(&self.postgres),
         }

@@ -139,21 +139,51 @@ fn jetstream_hint(error: &jetstream::context::CreateStreamError) -> &'static str
     }
 }
 
-/// A durable pull consumer with explicit acks that starts at the stream's first message.
-pub fn durable(
-    name: &str,
-    description: &str,
-    ack_wait: Duration,
-    max_ack_pending: usize,
-) -> jetstream::consumer::pull::Config {
+/// A durable pull consumer with explicit acks that starts at the stream's first message,
+/// shared by every process of a stage, each taking `share` of it.
+pub fn durable(name: &str, description: &str, ack_wait: Duration, share: Share) -> jetstream::consumer::pull::Config {
     jetstream::consumer::pull::Config {
         durable_name: Some(name.into()),
         description: Some(description.into()),
         ack_policy: jetstream::consumer::AckPolicy::Explicit,
         ack_wait,
         deliver_policy: jetstream::consumer::DeliverPolicy::All,
-        max_ack_pending: max_ack_pending as i64,
+        max_ack_pending: share.max_ack_pending() as i64,
         ..Default::default()
+    }
+}
+
+/// The processes one consumer's `max_ack_pending` makes room for (KEDA adds up to 20
+/// workers; routers are scaled by hand).
+const PROCESSES_PER_CONSUMER: usize = 64;
+
+/// One process's share of a durable consumer that all processes of a stage pull from.
+///
+/// A consumer's `max_ack_pending` bounds the messages out to all its processes
+/// together; what one process holds is bounded by its own pulls. So the bound is sized
+/// to many processes' holdings ([`Share::max_ack_pending`]), and each process asks for
+/// `batch` messages at a time: enough that its next messages are at hand when a handler
+/// frees up, few enough that it does not hold, unstarted, messages that another process
+/// could be handling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    /// Messages handled at once.
+    pub concurrency: usize,
+    /// Messages asked for per pull (at least 1).
+    pub batch: usize,
+}
+
+impl Share {
+    /// The most one process holds at once: the messages it handles, and those pulled but
+    /// not started (async-nats asks for the next `batch` once no more than half a batch
+    /// is still to come, so up to one and a half batches).
+    pub fn holds(self) -> usize {
+        self.concurrency + self.batch + self.batch / 2
+    }
+
+    /// The consumer's bound on messages out to all its processes together.
+    pub fn max_ack_pending(self) -> usize {
+        PROCESSES_PER_CONSUMER * self.holds()
     }
 }
 
@@ -173,7 +203,7 @@ const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 /// the election reproduction of `tests/tests/cluster.rs`; none of 8 at 10 s).
 const STREAM_SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The messages of `consumer`, `batch` per pull (async-nats's default when `None`).
+/// The messages of `consumer`, `batch` per pull.
 ///
 /// A pull request can be lost without a word: sent to a new replicated consumer before
 /// it has a leader, held by a leader that died, or dropped with this client's server.
@@ -186,7 +216,7 @@ const STREAM_SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// creates it again.
 pub fn pull(
     consumer: jetstream::consumer::PullConsumer,
-    batch: Option<usize>,
+    batch: usize,
 ) -> impl futures::Stream<Item = Result<jetstream::Message, async_nats::Error>> {
     use futures::StreamExt as _;
     use jetstream::consumer::pull::MessagesErrorKind;
@@ -196,11 +226,8 @@ pub fn pull(
         let mut messages = match current {
             Some(messages) => messages,
             None => {
-                let mut builder = consumer.stream().heartbeat(PULL_HEARTBEAT);
-                if let Some(batch) = batch {
-                    builder = builder.max_messages_per_batch(batch);
-                }
-                match builder.messages().await {
+                let builder = consumer.stream().heartbeat(PULL_HEARTBEAT);
+                match builder.max_messages_per_batch(batch).messages().await {
                     Ok(messages) => messages,
                     Err(error) => {
                         // Paced here: the caller asks again at once.
@@ -367,17 +394,14 @@ where
 }
 
 /// Runs `handle` on each message of the durable pull consumer `config` (see
-/// [`durable_consumer`]) on `stream`, `concurrency` at once, until `shutdown`; messages
-/// in progress finish first. A failed pull is logged and retried after a second. Each
-/// pull asks for `batch` messages (`None`: async-nats' default, 200), and asks again once
-/// half have come, handled or not: a consumer whose messages are long jobs asks for few,
-/// so that no process holds, unstarted, jobs another could run.
+/// [`durable_consumer`]) on `stream`, `share.concurrency` at once, `share.batch` per
+/// pull, until `shutdown`; messages in progress finish first. A failed pull is logged and
+/// retried after a second.
 pub async fn consume<F, Fut>(
     jetstream: &jetstream::Context,
     stream: &str,
     config: jetstream::consumer::pull::Config,
-    concurrency: usize,
-    batch: Option<usize>,
+    share: Share,
     shutdown: tokio_util::sync::CancellationToken,
     handle: F,
 ) -> Result<(), StreamsError>
@@ -386,12 +410,12 @@ where
     Fut: std::future::Future<Output = ()>,
 {
     use futures::StreamExt as _;
-    let mut pulls = Pulls::new(jetstream, stream, config, batch, &shutdown);
+    let mut pulls = Pulls::new(jetstream, stream, config, share.batch, &shutdown);
     while let Some(messages) = pulls.next().await? {
         tracing::info!("{} consuming {stream}", pulls.consumer);
         messages
             .take_until(shutdown.clone().cancelled_owned())
-            .for_each_concurrent(concurrency, |message| {
+            .for_each_concurrent(share.concurrency, |message| {
                 let handled = message.map(&handle);
                 async move {
                     match handled {
@@ -419,7 +443,7 @@ pub struct Pulls<'a> {
     stream: &'a str,
     pub consumer: String,
     config: jetstream::consumer::pull::Config,
-    batch: Option<usize>,
+    batch: usize,
     shutdown: &'a tokio_util::sync::CancellationToken,
     pulled: bool,
 }
@@ -429,7 +453,7 @@ impl<'a> Pulls<'a> {
         jetstream: &'a jetstream::Context,
         stream: &'a str,
         config: jetstream::consumer::pull::Config,
-        batch: Option<usize>,
+        batch: usize,
         shutdown: &'a tokio_util::sync::CancellationToken,
     ) -> Pulls<'a> {
         let consumer = config.durable_name.clone().unwrap_or_default();

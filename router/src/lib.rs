@@ -23,7 +23,7 @@ use hookyard_core::providers::{Catalog, CatalogError, Inbound, Route};
 use hookyard_core::routed::RoutedEvent;
 use hookyard_core::store::logs::WebhookEntry;
 use hookyard_core::store::StoreError;
-use hookyard_core::streams::{consume, durable, with_heartbeat, Bus, StreamsError, RAW_STREAM};
+use hookyard_core::streams::{consume, durable, with_heartbeat, Bus, Share, StreamsError, RAW_STREAM};
 use hookyard_core::trace_context::{continue_trace, current_traceparent};
 use hookyard_core::{Config, Envelope, Store};
 use tokio_util::sync::CancellationToken;
@@ -35,6 +35,11 @@ use resolve::Resolver;
 pub const CONSUMER: &str = "router";
 /// Raw messages handled at once per router.
 const CONCURRENCY: usize = 64;
+/// What one router takes of its consumer: half its concurrency per pull.
+const SHARE: Share = Share {
+    concurrency: CONCURRENCY,
+    batch: CONCURRENCY / 2,
+};
 /// Publishes of one webhook awaiting their acks at once. Each pending ack holds one of
 /// the JetStream context's 5,000 ack permits until awaited: every webhook in flight
 /// holding its window must fit, or all of them would wait on each other forever.
@@ -114,9 +119,9 @@ impl Router {
         let replayer = replay::Replayer::new(self.clone(), self.store.clone(), self.config.replay_max_backlog);
         let replays = tokio::spawn(replayer.run(shutdown.clone()));
         // Create or update: a changed `router.ack_wait` takes effect at the next start.
-        let config = durable(CONSUMER, "hookyard router", self.config.ack_wait, 4 * CONCURRENCY);
+        let config = durable(CONSUMER, "hookyard router", self.config.ack_wait, SHARE);
         let jetstream = self.jetstream.clone();
-        consume(&jetstream, RAW_STREAM, config, CONCURRENCY, None, shutdown, |message| {
+        consume(&jetstream, RAW_STREAM, config, SHARE, shutdown, |message| {
             let router = self.clone();
             async move { router.handle(message).await }
         })

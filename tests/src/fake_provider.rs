@@ -6,12 +6,13 @@
 //! - `GET /cursor/contacts?cursor=&limit=` (also `/contacts`) → `{"results": [...], "next_cursor": "…"|null}`
 //! - `GET /link/contacts?page=&limit=` → `{"data": [...]}` and `Link: <…>; rel="next"`
 //! - `GET /offset/contacts?offset=&limit=` → `{"items": [...]}`
-//! - `GET /contacts/{id}` → the contact, or 404 (held as page 0)
+//! - `GET /contacts/{id}` → the contact, or 404 (held as page 0, or all by `hold_contacts`)
 //! - `POST /webhooks` `{"url"}` → `{"id"}`, `DELETE /webhooks/{id}`: webhook subscriptions
 //! - `POST /oauth/token` (`grant_type=refresh_token`) → `{"access_token", "refresh_token", "expires_in"}`;
 //!   each refresh token is good once (rotated, as many providers do)
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,7 @@ use axum::Router;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 
 /// How `nango.paginate` walks `/contacts`: the integration's `settings.api.paginate`.
 pub fn cursor_pagination() -> Value {
@@ -58,6 +59,8 @@ struct Fake {
     requests: Vec<(String, u16)>,
     /// A request held until released.
     hold: Option<(Hold, Arc<Notify>, Arc<Notify>)>,
+    /// Where every request for one contact waits, once set.
+    contacts_gate: Option<Arc<Gate>>,
     issued: u32,
     /// Webhook subscriptions: id → URL.
     subscriptions: BTreeMap<String, String>,
@@ -199,6 +202,17 @@ impl FakeCrm {
         Held { reached, release }
     }
 
+    /// Holds every request for one contact (`GET /contacts/{id}`) from now on, until
+    /// [`Gate::release`].
+    pub fn hold_contacts(&self) -> Arc<Gate> {
+        let gate = Arc::new(Gate {
+            waiting: AtomicUsize::new(0),
+            shut: Semaphore::new(0),
+        });
+        self.with(|f| f.contacts_gate = Some(gate.clone()));
+        gate
+    }
+
     /// The webhook subscriptions: id → URL.
     pub fn subscriptions(&self) -> BTreeMap<String, String> {
         self.with(|f| f.subscriptions.clone())
@@ -232,6 +246,31 @@ impl FakeCrm {
 pub struct Held {
     reached: Arc<Notify>,
     release: Arc<Notify>,
+}
+
+/// Requests held by [`FakeCrm::hold_contacts`].
+pub struct Gate {
+    waiting: AtomicUsize,
+    /// No permits: a request waits for it to close.
+    shut: Semaphore,
+}
+
+impl Gate {
+    /// Requests held now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Lets the held requests, and every later one, through.
+    pub fn release(&self) {
+        self.shut.close();
+    }
+
+    async fn pass(&self) {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _ = self.shut.acquire().await;
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Which request [`FakeCrm::hold_page`] or [`FakeCrm::hold_token`] holds.
@@ -405,6 +444,10 @@ async fn one_contact(
         Ok(answer_headers) => answer_headers,
         Err(refused) => return refused,
     };
+    let gate = state.lock().expect("fake CRM state").contacts_gate.clone();
+    if let Some(gate) = gate {
+        gate.pass().await;
+    }
     let contact = state.lock().expect("fake CRM state").contacts.get(&id).cloned();
     match contact {
         Some(contact) => with_headers(answer_headers, axum::Json(contact)),

@@ -571,7 +571,7 @@ async fn every_routed_event_is_applied_once_through_the_loss_of_a_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "reproduces a nats-server fault; run by hand"]
 async fn a_consumer_created_during_its_streams_election_gets_a_leader() {
-    use hookyard_core::streams::{durable, durable_consumer};
+    use hookyard_core::streams::{durable, durable_consumer, Share};
     show_warnings();
     let rounds: usize = std::env::var("HOOKYARD_ROUNDS").map_or(10, |r| r.parse().unwrap());
     let mut cluster = NatsCluster::start(3);
@@ -589,7 +589,10 @@ async fn a_consumer_created_during_its_streams_election_gets_a_leader() {
             name,
             "created while the stream elects a leader",
             Duration::from_secs(30),
-            100,
+            Share {
+                concurrency: 64,
+                batch: 32,
+            },
         );
         let (jetstream, stop) = (bus.jetstream.clone(), CancellationToken::new());
         let creating = tokio::spawn(async move { durable_consumer(&jetstream, RAW_STREAM, consumer, &stop).await });

@@ -14,7 +14,7 @@ use hookyard_core::store::notices::UNFINISHED;
 use hookyard_core::store::syncs::SyncState;
 use hookyard_core::store::IntegrationChanges;
 use hookyard_core::store::{Credentials, NewConnection};
-use hookyard_core::streams::{EXEC_STREAM, FWD_STREAM};
+use hookyard_core::streams::{CONN_STREAM, EXEC_STREAM, FWD_STREAM};
 use hookyard_core::Config;
 use hookyard_reconciler::Reconciler;
 use hookyard_testkit::fake_provider::{FakeCrm, Held, API_KEY, CLIENT_ID, CLIENT_SECRET};
@@ -2868,6 +2868,125 @@ export default createSync({
   },
 });
 "#;
+
+/// Runs that wait on the provider as long as a test needs: the provider's answer, not
+/// the run's time limit, ends them.
+fn patient(config: &mut Config) {
+    config.worker.limits.timeout = Duration::from_secs(30);
+    config.worker.ack_wait = Duration::from_secs(65);
+    config.worker.hold_back_slow_syncs = false;
+}
+
+/// `count` thin events for `c0` about contacts `{prefix}{i}` (each put at the
+/// provider), of `event_type`.
+async fn thin_events(
+    s: &Setup,
+    prefix: &str,
+    count: usize,
+    event_type: &str,
+) -> Vec<(u64, &'static str, String, Value)> {
+    let mut events = Vec::new();
+    for i in 0..count {
+        let id = format!("{prefix}{i}");
+        s.crm.put_contact(&id, &format!("{id}@example.com"));
+        let event = json!({"type": event_type, "objectId": id});
+        events.push((s.raw_sequence().await, "c0", event_type.to_string(), event));
+    }
+    events
+}
+
+/// Three workers on the functions' consumer, and a burst whose runs wait on a provider
+/// that does not answer: each runs its share at once (two groups of one event here),
+/// rather than the first holding, unstarted, what the two others could run.
+#[tokio::test]
+async fn three_workers_share_a_burst_of_events() {
+    let s = prepare_configured(&[("crm/syncs/thin.js", THIN)], |config| {
+        config.worker.batch = 1;
+        patient(config);
+    })
+    .await;
+    let gate = s.crm.hold_contacts();
+    let events = thin_events(&s, "p", 12, "contact.changed").await;
+    s.h.publish(events.iter().map(|(seq, c, t, e)| (*seq, *c, t.as_str(), e.clone())))
+        .await;
+    let gate = &gate;
+    let held = |what: &'static str, count: usize| {
+        eventually(what, Duration::from_secs(5), move || {
+            let waiting = gate.waiting();
+            async move { (waiting == count).then_some(()) }
+        })
+    };
+    s.h.start_worker();
+    held("the first worker's two runs at the provider", 2).await;
+    s.h.start_worker();
+    s.h.start_worker();
+    held("three workers' two runs each at the provider", 6).await;
+    gate.release();
+    s.h.drained().await;
+    assert_eq!(s.contacts("c0").await.len(), 12, "{:?}", s.contacts("c0").await);
+}
+
+/// A sync that saves what a `contact.touched` event names at once.
+const TOUCHED: &str = r#"
+import { createSync } from 'nango';
+export default createSync({
+  models: { Touched: {} },
+  webhookSubscriptions: ['contact.touched'],
+  onWebhook: async (nango, payload) => {
+    await nango.batchSave([{ id: payload.objectId }], 'Touched');
+  },
+});
+"#;
+
+/// Groups of one event whose run hangs on the provider and one that ends at once: each
+/// group commits the quick one and leaves the other running as a straggler while the
+/// next group starts. The stragglers count against what the worker holds, so it stops
+/// taking events at its bound (three groups' worth) and the rest wait in the stream
+/// for another worker; before, a worker took every event of the backlog this way.
+#[tokio::test]
+async fn a_worker_whose_runs_hang_stops_taking_events_at_its_bound() {
+    let s = prepare_configured(
+        &[("crm/syncs/thin.js", THIN), ("crm/syncs/touched.js", TOUCHED)],
+        |config| {
+            config.worker.batch = 2;
+            patient(config);
+        },
+    )
+    .await;
+    let gate = s.crm.hold_contacts();
+    let hanging = thin_events(&s, "h", 10, "contact.changed").await;
+    let quick = thin_events(&s, "q", 10, "contact.touched").await;
+    let pairs = hanging.iter().zip(&quick).flat_map(|(h, q)| [h, q]);
+    s.h.publish(pairs.map(|(seq, c, t, e)| (*seq, *c, t.as_str(), e.clone())))
+        .await;
+    s.h.start_worker();
+    // Every place (six events) taken by a hanging run, four of them at least started.
+    eventually("runs hanging at the provider", Duration::from_secs(10), || async {
+        (gate.waiting() >= 4).then_some(())
+    })
+    .await;
+    // Taking more would be a pull (about 25 ms a group): a second gives it ample time.
+    // What the worker holds stays within its share, and the rest stays in the stream.
+    let stream = s.h.bus.jetstream.get_stream(CONN_STREAM).await.unwrap();
+    // Three groups of two, and a pull and a half on their way (`Share::holds`).
+    let share = 3 * 2 + 2 + 1;
+    let watched = tokio::time::Instant::now();
+    while watched.elapsed() < Duration::from_secs(1) {
+        let info = stream.consumer_info(hookyard_worker::CONSUMER).await.unwrap();
+        assert!(
+            info.num_ack_pending <= share && info.num_pending > 0,
+            "the worker holds {} events ({} left in the stream), more than its {share}",
+            info.num_ack_pending,
+            info.num_pending
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gate.waiting() <= 6, "{} runs at the provider", gate.waiting());
+    gate.release();
+    s.h.drained().await;
+    assert_eq!(s.contacts("c0").await.len(), 10);
+    assert_eq!(s.h.records("c0", "Touched").await.len(), 10);
+}
 
 /// A burst of thin events about one contact (HubSpot's batch of property changes): the
 /// runs fetching it at once share one request, sent after every one of them came.

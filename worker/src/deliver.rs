@@ -27,7 +27,7 @@ use hookyard_core::oplog::OpLog;
 use hookyard_core::outbound::Refusal;
 use hookyard_core::store::commit::{DeadLetter, Marker, Unit};
 use hookyard_core::store::forwarding::DeliveryAttempt;
-use hookyard_core::streams::{consume, durable, FWD_STREAM};
+use hookyard_core::streams::{consume, durable, Share, FWD_STREAM};
 use hookyard_core::Store;
 use sha2::Sha256;
 use tokio::sync::Semaphore;
@@ -38,8 +38,11 @@ use crate::settings::Settings;
 use crate::WorkerError;
 
 pub const DELIVERER: &str = hookyard_core::store::dead_letters::FORWARD_CONSUMER;
-/// Deliveries in flight at once, over all destinations.
-const CONCURRENCY: usize = 256;
+/// Deliveries in flight at once per worker, over all destinations; half as many per pull.
+const SHARE: Share = Share {
+    concurrency: 256,
+    batch: 128,
+};
 
 pub struct Deliverer {
     store: Store,
@@ -165,10 +168,10 @@ impl Deliverer {
             DELIVERER,
             "hookyard worker: deliveries to customers' apps",
             self.config.ack_wait,
-            4 * CONCURRENCY,
+            SHARE,
         );
         let jetstream = self.jetstream.clone();
-        consume(&jetstream, FWD_STREAM, config, CONCURRENCY, None, shutdown, |message| {
+        consume(&jetstream, FWD_STREAM, config, SHARE, shutdown, |message| {
             let deliverer = self.clone();
             async move { deliverer.handle(message).await }
         })

@@ -19,7 +19,7 @@ use hookyard_core::providers::Catalog;
 use hookyard_core::store::notices::{HeldNotice, SyncNotice, UNFINISHED};
 use hookyard_core::store::records::WriteCounts;
 use hookyard_core::store::syncs::{RunOutcome, SyncKey};
-use hookyard_core::streams::{consume, durable, with_heartbeat, EXEC_STREAM};
+use hookyard_core::streams::{consume, durable, with_heartbeat, Share, EXEC_STREAM};
 use hookyard_core::Store;
 use hookyard_functions::host::{connection_api, exec_invocation, raw_version, Kind, Mode, Run, StoreHost};
 use hookyard_functions::pool::{Pool, Sizing};
@@ -35,9 +35,6 @@ use crate::WorkerError;
 
 /// The consumer's name, shared by every worker replica.
 pub const CONSUMER: &str = hookyard_core::store::dead_letters::EXEC_CONSUMER;
-/// Exec jobs out at once across all workers (`max_ack_pending`): more than any
-/// deployment runs, since each worker takes only as many as it runs.
-const EXEC_JOBS_OUT: usize = 4096;
 
 /// Why a run did not happen, or how it ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -108,25 +105,19 @@ impl Executor {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), WorkerError> {
         // Runs in progress at once (`worker.exec_concurrent_runs`); jobs asked for one at a
         // time, while a run is free, so that this worker holds at most one job unstarted
-        // that another worker could run (a larger batch is asked for again once half of
-        // it came). The consumer's bound on jobs out is for all workers together.
-        let runs = self.pool.threads();
+        // that another worker could run.
+        let share = Share {
+            concurrency: self.pool.threads(),
+            batch: 1,
+        };
         let config = async_nats::jetstream::consumer::pull::Config {
             filter_subject: "hooks.exec.>".into(),
-            ..durable(CONSUMER, "hookyard worker: exec runs", self.ack_wait, EXEC_JOBS_OUT)
+            ..durable(CONSUMER, "hookyard worker: exec runs", self.ack_wait, share)
         };
-        consume(
-            &self.jetstream,
-            EXEC_STREAM,
-            config,
-            runs,
-            Some(1),
-            shutdown,
-            |message| {
-                let executor = self.clone();
-                async move { executor.handle(message).await }
-            },
-        )
+        consume(&self.jetstream, EXEC_STREAM, config, share, shutdown, |message| {
+            let executor = self.clone();
+            async move { executor.handle(message).await }
+        })
         .await?;
         Ok(())
     }

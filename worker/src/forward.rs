@@ -17,7 +17,7 @@ pub use hookyard_core::delivery::Delivery;
 use hookyard_core::keys::{EnvironmentName, IntegrationKey};
 use hookyard_core::routed::RoutedEvent;
 use hookyard_core::store::forwarding::ForwardTargets;
-use hookyard_core::streams::{consume, durable, CONN_STREAM, RAW_STREAM};
+use hookyard_core::streams::{consume, durable, Share, CONN_STREAM, RAW_STREAM};
 use hookyard_core::trace_context::continue_trace;
 use hookyard_core::Envelope;
 use tokio_util::sync::CancellationToken;
@@ -27,7 +27,11 @@ use crate::settings::Settings;
 use crate::{jetstream_error, WorkerError};
 
 pub const FORWARDER: &str = hookyard_core::streams::FORWARDER_CONSUMER;
-const CONCURRENCY: usize = 64;
+/// Events handled at once per worker, half as many per pull.
+const SHARE: Share = Share {
+    concurrency: 64,
+    batch: 32,
+};
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 
 /// Puts `deliveries` into `HOOKS_FWD`, returning once every one is stored.
@@ -138,21 +142,13 @@ impl Forwarder {
             FORWARDER,
             "hookyard worker: forwarding to customers' apps",
             Duration::from_secs(30),
-            4 * CONCURRENCY,
+            SHARE,
         );
         let jetstream = self.jetstream.clone();
-        consume(
-            &jetstream,
-            CONN_STREAM,
-            config,
-            CONCURRENCY,
-            None,
-            shutdown,
-            |message| {
-                let forwarder = self.clone();
-                async move { forwarder.handle(message).await }
-            },
-        )
+        consume(&jetstream, CONN_STREAM, config, SHARE, shutdown, |message| {
+            let forwarder = self.clone();
+            async move { forwarder.handle(message).await }
+        })
         .await?;
         Ok(())
     }

@@ -41,7 +41,7 @@ use hookyard_core::store::notices::SyncNotice;
 use hookyard_core::store::records::RecordScope;
 use hookyard_core::store::records::WriteCounts;
 use hookyard_core::store::StoreError;
-use hookyard_core::streams::{durable, with_heartbeat, Bus, Pulls, StreamsError, CONN_STREAM};
+use hookyard_core::streams::{durable, with_heartbeat, Bus, Pulls, Share, StreamsError, CONN_STREAM};
 use hookyard_core::trace_context::continue_trace;
 use hookyard_core::{Config, Store};
 use hookyard_functions::host::{ApiSource, WebhookHost};
@@ -49,6 +49,7 @@ use hookyard_functions::pool::{Batch, Pool, Sizing};
 use hookyard_functions::provider_api::Owner;
 use hookyard_functions::rate_limit;
 use hookyard_functions::{Effects, ErrorKind, FunctionError, Host, Invocation};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use deployments::{Deployments, LiveSync};
@@ -169,6 +170,12 @@ impl Worker {
         *self.stopping.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = CancellationToken::new();
         self.deployments.refresh().await?;
         let batch = self.config.batch;
+        // A group's worth per pull. Held at once: as many events as the groups in flight
+        // and the one gathered while they run, their stragglers included (see `consume`).
+        let share = Share {
+            concurrency: (GROUPS_IN_FLIGHT + 1) * batch,
+            batch,
+        };
         // Create or update: a changed `worker.ack_wait` takes effect at the next start.
         let config = pull::Config {
             filter_subject: "hooks.conn.>".into(),
@@ -176,13 +183,14 @@ impl Worker {
                 CONSUMER,
                 "hookyard worker: onWebhook functions",
                 self.config.ack_wait,
-                batch * GROUPS_IN_FLIGHT * 2,
+                share,
             )
         };
         let refresher = tokio::spawn(self.clone().refresh_loop(shutdown.clone()));
         let in_flight = Arc::new(tokio::sync::Semaphore::new(GROUPS_IN_FLIGHT));
+        let held = Arc::new(tokio::sync::Semaphore::new(share.concurrency));
         let mut groups = tokio::task::JoinSet::new();
-        let mut pulls = Pulls::new(&self.jetstream, CONN_STREAM, config, Some(batch), &shutdown);
+        let mut pulls = Pulls::new(&self.jetstream, CONN_STREAM, config, batch, &shutdown);
         let outcome = loop {
             let messages = match pulls.next().await {
                 Ok(Some(messages)) => messages,
@@ -190,7 +198,9 @@ impl Worker {
                 Err(error) => break Err(error.into()),
             };
             tracing::info!(threads = self.pool.threads(), batch, "worker consuming {CONN_STREAM}");
-            self.clone().consume(messages, &in_flight, &mut groups, &shutdown).await;
+            self.clone()
+                .consume(messages, &in_flight, &held, &mut groups, &shutdown)
+                .await;
         };
         // Groups in progress finish (and ack) before the worker stops; their runs still
         // waiting for a turn give it up.
@@ -202,11 +212,15 @@ impl Worker {
     }
 
     /// Takes `messages` in groups and hands each to [`Worker::handle_with_progress`],
-    /// [`GROUPS_IN_FLIGHT`] at once, until `shutdown` or the end of `messages`.
+    /// [`GROUPS_IN_FLIGHT`] at once, until `shutdown` or the end of `messages`. Each
+    /// event holds one of `held`'s permits until it is settled: a group's stragglers keep
+    /// theirs after the next group starts, so a worker whose runs hang (a provider that
+    /// does not answer) stops pulling at its bound, and the backlog goes to other workers.
     async fn consume(
         self: Arc<Self>,
         messages: impl futures::Stream<Item = Result<jetstream::Message, async_nats::Error>>,
         in_flight: &Arc<tokio::sync::Semaphore>,
+        held: &Arc<tokio::sync::Semaphore>,
         groups: &mut tokio::task::JoinSet<()>,
         shutdown: &CancellationToken,
     ) {
@@ -217,36 +231,36 @@ impl Worker {
             // up to `batch`: full groups under load, little wait when traffic is light.
             let first = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                next = messages.next() => next,
+                next = next_held(&mut messages, held) => next,
             };
             let Some(first) = first else { return };
-            let mut group = Vec::with_capacity(batch);
-            let take = |group: &mut Vec<jetstream::Message>, message: Result<jetstream::Message, _>| match message {
-                Ok(message) => group.push(message),
-                Err(error) => tracing::warn!(%error, "pulling from {CONN_STREAM} failed; retrying"),
-            };
-            take(&mut group, first);
+            let mut group = Gathered::with_capacity(batch);
+            group.take(first);
             let linger = tokio::time::sleep(LINGER);
             tokio::pin!(linger);
             let mut ended = false;
-            while group.len() < batch {
+            while group.messages.len() < batch {
                 tokio::select! {
                     biased;
-                    next = messages.next() => match next {
-                        Some(message) => take(&mut group, message),
+                    next = next_held(&mut messages, held) => match next {
+                        Some(next) => group.take(next),
                         None => { ended = true; break }
                     },
                     _ = &mut linger => break,
                 }
             }
-            if group.is_empty() {
+            let Gathered {
+                messages: group,
+                places,
+            } = group;
+            let Some(mut places) = places else {
                 if ended {
                     return;
                 }
                 // Only errors (NATS away): wait before pulling again.
                 tokio::time::sleep(RETRY_DELAY).await;
                 continue;
-            }
+            };
             let permit = in_flight
                 .clone()
                 .acquire_owned()
@@ -255,11 +269,15 @@ impl Worker {
             let worker = self.clone();
             groups.spawn(async move {
                 let stragglers = worker.handle_with_progress(group).await;
-                // The next group may start while the stragglers finish.
+                // The next group may start while the stragglers finish; they keep their
+                // places, the settled events free theirs.
                 drop(permit);
+                let kept = stragglers.as_ref().and_then(|late| places.split(late.mine.len()));
+                drop(places);
                 if let Some(stragglers) = stragglers {
                     worker.finish_stragglers(stragglers).await;
                 }
+                drop(kept);
             });
             while groups.try_join_next().is_some() {}
             if ended {
@@ -880,6 +898,53 @@ struct Execution {
     /// Its place in its batch.
     slot: usize,
     outcome: Option<Result<Effects, FunctionError>>,
+}
+
+/// A group being gathered: its messages, and their places among the events the worker
+/// holds.
+struct Gathered {
+    messages: Vec<jetstream::Message>,
+    places: Option<OwnedSemaphorePermit>,
+}
+
+impl Gathered {
+    fn with_capacity(batch: usize) -> Gathered {
+        Gathered {
+            messages: Vec::with_capacity(batch),
+            places: None,
+        }
+    }
+
+    /// Adds a pulled message; a failed pull is logged and gives its place back.
+    fn take(&mut self, (message, place): (Result<jetstream::Message, async_nats::Error>, OwnedSemaphorePermit)) {
+        match message {
+            Ok(message) => {
+                self.messages.push(message);
+                match &mut self.places {
+                    Some(places) => places.merge(place),
+                    None => self.places = Some(place),
+                }
+            }
+            Err(error) => tracing::warn!(%error, "pulling from {CONN_STREAM} failed; retrying"),
+        }
+    }
+}
+
+/// The next item of `messages` once the worker has a place to hold it: a worker holding
+/// all it may pulls nothing more.
+async fn next_held<S>(
+    messages: &mut std::pin::Pin<Box<S>>,
+    held: &Arc<tokio::sync::Semaphore>,
+) -> Option<(Result<jetstream::Message, async_nats::Error>, OwnedSemaphorePermit)>
+where
+    S: futures::Stream<Item = Result<jetstream::Message, async_nats::Error>>,
+{
+    let place = held
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the semaphore is never closed");
+    messages.next().await.map(|message| (message, place))
 }
 
 /// The messages of a group that waited for an execution, with what they need to commit.
