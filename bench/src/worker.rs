@@ -205,7 +205,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
 
     println!(
         "worker benchmark: examples/crm-contacts (one Contact saved per event{}), routed events published \
-         straight into {CONN_STREAM}, {} connections, Postgres, {} worker process{} ({} JS threads, {} runs in progress, each){}\n",
+         straight into {CONN_STREAM}, {} connections, Postgres, {} worker process{} (JS threads: {}; runs in progress: {}{}){}\n",
         match (plan.fetch, plan.provider_latency.as_millis()) {
             (false, _) => String::new(),
             (true, 0) => ", fetched from a local provider API first".to_string(),
@@ -224,6 +224,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
         } else {
             plan.concurrent_runs.to_string()
         },
+        if plan.workers == 1 { "" } else { "; each" },
         match plan.slow {
             Some(Slow { every, ms, syncs }) =>
                 format!("; every {every}th event is slow ({ms} ms), for {syncs} slow syncs in turn"),

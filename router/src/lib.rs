@@ -23,7 +23,7 @@ use hookyard_core::providers::{Catalog, CatalogError, Inbound, Route};
 use hookyard_core::routed::RoutedEvent;
 use hookyard_core::store::logs::WebhookEntry;
 use hookyard_core::store::StoreError;
-use hookyard_core::streams::{consume, durable, with_heartbeat, Bus, Share, StreamsError, RAW_STREAM};
+use hookyard_core::streams::{consume, durable, with_heartbeat, Bus, Share, StreamsError, PULL_BATCH, RAW_STREAM};
 use hookyard_core::trace_context::{continue_trace, current_traceparent};
 use hookyard_core::{Config, Envelope, Store};
 use tokio_util::sync::CancellationToken;
@@ -35,10 +35,10 @@ use resolve::Resolver;
 pub const CONSUMER: &str = "router";
 /// Raw messages handled at once per router.
 const CONCURRENCY: usize = 64;
-/// What one router takes of its consumer: half its concurrency per pull.
+/// What one router takes of its consumer.
 const SHARE: Share = Share {
     concurrency: CONCURRENCY,
-    batch: CONCURRENCY / 2,
+    batch: PULL_BATCH,
 };
 /// Publishes of one webhook awaiting their acks at once. Each pending ack holds one of
 /// the JetStream context's 5,000 ack permits until awaited: every webhook in flight

@@ -27,7 +27,7 @@ use hookyard_core::oplog::OpLog;
 use hookyard_core::outbound::Refusal;
 use hookyard_core::store::commit::{DeadLetter, Marker, Unit};
 use hookyard_core::store::forwarding::DeliveryAttempt;
-use hookyard_core::streams::{consume, durable, Share, FWD_STREAM};
+use hookyard_core::streams::{consume, durable, Share, FWD_STREAM, PULL_BATCH};
 use hookyard_core::Store;
 use sha2::Sha256;
 use tokio::sync::Semaphore;
@@ -38,10 +38,10 @@ use crate::settings::Settings;
 use crate::WorkerError;
 
 pub const DELIVERER: &str = hookyard_core::store::dead_letters::FORWARD_CONSUMER;
-/// Deliveries in flight at once per worker, over all destinations; half as many per pull.
+/// Deliveries in flight at once per worker, over all destinations, and pulled at a time.
 const SHARE: Share = Share {
     concurrency: 256,
-    batch: 128,
+    batch: PULL_BATCH,
 };
 
 pub struct Deliverer {

@@ -17,7 +17,7 @@ pub use hookyard_core::delivery::Delivery;
 use hookyard_core::keys::{EnvironmentName, IntegrationKey};
 use hookyard_core::routed::RoutedEvent;
 use hookyard_core::store::forwarding::ForwardTargets;
-use hookyard_core::streams::{consume, durable, Share, CONN_STREAM, RAW_STREAM};
+use hookyard_core::streams::{consume, durable, Share, CONN_STREAM, PULL_BATCH, RAW_STREAM};
 use hookyard_core::trace_context::continue_trace;
 use hookyard_core::Envelope;
 use tokio_util::sync::CancellationToken;
@@ -27,10 +27,10 @@ use crate::settings::Settings;
 use crate::{jetstream_error, WorkerError};
 
 pub const FORWARDER: &str = hookyard_core::streams::FORWARDER_CONSUMER;
-/// Events handled at once per worker, half as many per pull.
+/// Events handled at once per worker, and pulled at a time.
 const SHARE: Share = Share {
     concurrency: 64,
-    batch: 32,
+    batch: PULL_BATCH,
 };
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 
