@@ -2883,14 +2883,14 @@ async fn thin_events(
     s: &Setup,
     prefix: &str,
     count: usize,
-    event_type: &str,
-) -> Vec<(u64, &'static str, String, Value)> {
+    event_type: &'static str,
+) -> Vec<(u64, &'static str, &'static str, Value)> {
     let mut events = Vec::new();
     for i in 0..count {
         let id = format!("{prefix}{i}");
         s.crm.put_contact(&id, &format!("{id}@example.com"));
         let event = json!({"type": event_type, "objectId": id});
-        events.push((s.raw_sequence().await, "c0", event_type.to_string(), event));
+        events.push((s.raw_sequence().await, "c0", event_type, event));
     }
     events
 }
@@ -2907,8 +2907,7 @@ async fn three_workers_share_a_burst_of_events() {
     .await;
     let gate = s.crm.hold_contacts();
     let events = thin_events(&s, "p", 12, "contact.changed").await;
-    s.h.publish(events.iter().map(|(seq, c, t, e)| (*seq, *c, t.as_str(), e.clone())))
-        .await;
+    s.h.publish(events).await;
     let gate = &gate;
     let held = |what: &'static str, count: usize| {
         eventually(what, Duration::from_secs(5), move || {
@@ -2956,8 +2955,7 @@ async fn a_worker_whose_runs_hang_stops_taking_events_at_its_bound() {
     let gate = s.crm.hold_contacts();
     let hanging = thin_events(&s, "h", 10, "contact.changed").await;
     let quick = thin_events(&s, "q", 10, "contact.touched").await;
-    let pairs = hanging.iter().zip(&quick).flat_map(|(h, q)| [h, q]);
-    s.h.publish(pairs.map(|(seq, c, t, e)| (*seq, *c, t.as_str(), e.clone())))
+    s.h.publish(hanging.into_iter().zip(quick).flat_map(|(h, q)| [h, q]))
         .await;
     s.h.start_worker();
     // Every place (six events) taken by a hanging run, four of them at least started.
