@@ -6,6 +6,7 @@ mod forward;
 mod ingest_compare;
 mod load;
 mod publish_modes;
+mod pull_batches;
 mod reconciler;
 mod records;
 mod replay;
@@ -71,6 +72,16 @@ enum Command {
         /// Acked publishes in flight at once.
         #[arg(long, default_value_t = 256)]
         in_flight: usize,
+    },
+    /// A backlog taken through `consume` with each pull batch size, on a NATS connection
+    /// busy with other traffic: time, and the pauses a small batch causes.
+    PullBatches {
+        /// Batch sizes to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,32,200")]
+        batch: Vec<usize>,
+        /// Messages per batch size.
+        #[arg(long, default_value_t = 20_000)]
+        messages: usize,
     },
     /// Records write throughput on Postgres (a fresh database on the local server, or
     /// $HOOKYARD_TEST_POSTGRES_URL's) and SQLite, per batch size.
@@ -256,6 +267,7 @@ fn main() -> anyhow::Result<()> {
                 dev_memory::run(&hookyard, &load.plan(), rounds).await
             }
             Command::PublishModes { seconds, in_flight } => publish_modes::run(seconds, in_flight).await,
+            Command::PullBatches { batch, messages } => pull_batches::run(&batch, messages).await,
             Command::Records { batch, records } => records::run(&batch, records).await,
             Command::Reconciler { connections, ticks } => reconciler::run(&connections, ticks).await,
             Command::Router { batch, events, store } => router::run(&batch, events, store).await,

@@ -158,7 +158,8 @@ pub fn durable(name: &str, description: &str, ack_wait: Duration, share: Share) 
 /// for 4 s in about one run of ten (at 32): async-nats's pull stream can count more
 /// messages still to come than the server will send (a reply that outruns its pull's
 /// bookkeeping), and once that count is over half a batch it asks for no more until
-/// the missed heartbeat ends the pull; the larger the batch, the rarer.
+/// the missed heartbeat ends the pull; the larger the batch, the rarer
+/// (`hookyard-bench pull-batches` shows it on a busy connection: pauses at 1 and 2).
 pub const PULL_BATCH: usize = 200;
 
 /// The processes one consumer's `max_ack_pending` makes room for (KEDA adds up to 20
