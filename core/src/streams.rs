@@ -159,7 +159,8 @@ pub fn durable(name: &str, description: &str, ack_wait: Duration, share: Share) 
 /// messages still to come than the server will send (a reply that outruns its pull's
 /// bookkeeping), and once that count is over half a batch it asks for no more until
 /// the missed heartbeat ends the pull; the larger the batch, the rarer
-/// (`hookyard-bench pull-batches` shows it on a busy connection: pauses at 1 and 2).
+/// (`hookyard-bench pull-batches` shows it on a busy connection: pauses at 2; a batch
+/// of 1 is pulled otherwise, [`one_at_a_time`]).
 pub const PULL_BATCH: usize = 200;
 
 /// The processes one consumer's `max_ack_pending` makes room for (KEDA adds up to 20
@@ -212,7 +213,8 @@ const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 /// the election reproduction of `tests/tests/cluster.rs`; none of 8 at 10 s).
 const STREAM_SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The messages of `consumer`, `batch` per pull.
+/// The messages of `consumer`, `batch` per pull (for a batch of one, see
+/// [`one_at_a_time`]).
 ///
 /// A pull request can be lost without a word: sent to a new replicated consumer before
 /// it has a leader, held by a leader that died, or dropped with this client's server.
@@ -229,6 +231,9 @@ pub fn pull(
 ) -> impl futures::Stream<Item = Result<jetstream::Message, async_nats::Error>> {
     use futures::StreamExt as _;
     use jetstream::consumer::pull::MessagesErrorKind;
+    if batch == 1 {
+        return one_at_a_time(consumer).left_stream();
+    }
     // `None` once ended.
     futures::stream::unfold(Some((consumer, None)), move |state| async move {
         let (consumer, current) = state?;
@@ -262,6 +267,44 @@ pub fn pull(
     })
     // Ended stays ended: a loop that asks once more after the end gets `None` again
     // rather than a panic.
+    .fuse()
+    .right_stream()
+}
+
+/// How long a pull for one message waits at the server before it is asked again (see
+/// [`one_at_a_time`]); one that is lost ends on the client five seconds later.
+const SINGLE_PULL_EXPIRES: Duration = Duration::from_secs(5);
+
+/// [`pull`] for a batch of one (exec's jobs): each message from a pull request of its
+/// own, sent when the last one is taken. async-nats' pull stream, asking for one at a
+/// time, stopped asking once its count of messages to come drifted by one (see
+/// [`PULL_BATCH`]): about one pause of 4 s per 1,250 messages on a busy connection
+/// (`hookyard-bench pull-batches`). A request here ends with its message, or empty when
+/// it expires; none is asked for while the caller takes nothing, so a process holds no
+/// message it cannot start. A request that meets no consumer ends the stream as
+/// [`pull`]'s does; any other failure is passed on, a [`RETRY_PAUSE`] later.
+fn one_at_a_time(
+    consumer: jetstream::consumer::PullConsumer,
+) -> impl futures::Stream<Item = Result<jetstream::Message, async_nats::Error>> {
+    use futures::StreamExt as _;
+    futures::stream::unfold(Some(consumer), |state| async move {
+        let consumer = state?;
+        loop {
+            let request = consumer.batch().max_messages(1).expires(SINGLE_PULL_EXPIRES);
+            let failed: async_nats::Error = match request.messages().await {
+                Ok(mut batch) => match batch.next().await {
+                    Some(Ok(message)) => return Some((Ok(message), Some(consumer))),
+                    Some(Err(error)) => error,
+                    // Expired with nothing for us.
+                    None => continue,
+                },
+                Err(error) => error.into(),
+            };
+            let gone = gone(&consumer).await;
+            tokio::time::sleep(RETRY_PAUSE).await;
+            return Some((Err(failed), (!gone).then_some(consumer)));
+        }
+    })
     .fuse()
 }
 

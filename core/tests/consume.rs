@@ -103,3 +103,75 @@ async fn replicas_on_one_consumer_each_take_their_share_of_a_backlog() {
     })
     .await;
 }
+
+/// A consumer that asks for one message at a time (exec's jobs) on a connection busy
+/// with other traffic, as a worker's is, takes a backlog without pausing: async-nats'
+/// pull stream, asked for one at a time, stopped asking now and then until its missed
+/// heartbeat (4 s) started a fresh pull.
+// Threads of its own, as a worker's runtime has: the pause comes from a race between
+// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_at_a_time_on_a_busy_connection_takes_a_backlog_without_pausing() {
+    let nats = NatsServer::start();
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let jetstream = jetstream::new(client.clone());
+    let stream = jetstream::stream::Config {
+        name: "ONE".into(),
+        subjects: vec!["one.>".into()],
+        ..Default::default()
+    };
+    jetstream.create_stream(stream).await.unwrap();
+    const BACKLOG: usize = 3000;
+    for i in 0..BACKLOG {
+        jetstream.publish("one.job", i.to_string().into()).await.unwrap();
+    }
+    jetstream
+        .publish("one.job", "last".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    for _ in 0..4 {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let _ = client.publish("noise", vec![0u8; 512].into()).await;
+                tokio::task::yield_now().await;
+            }
+        });
+    }
+    let one = Share {
+        concurrency: 1,
+        batch: 1,
+    };
+    let (handled, stopping) = (Arc::new(AtomicUsize::new(0)), stop.clone());
+    let counted = handled.clone();
+    tokio::spawn(async move {
+        let config = durable("one", "one at a time", Duration::from_secs(30), one);
+        consume(&jetstream, "ONE", config, one, stopping, |message| {
+            let counted = counted.clone();
+            async move {
+                message.ack().await.expect("acked");
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+        .await
+        .expect("consumed");
+    });
+    // A pause is the missed heartbeat's 4 s; the messages come every few milliseconds.
+    let (mut seen, mut moved_at) = (0, tokio::time::Instant::now());
+    while seen < BACKLOG + 1 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = handled.load(Ordering::SeqCst);
+        if now != seen {
+            (seen, moved_at) = (now, tokio::time::Instant::now());
+        }
+        assert!(
+            moved_at.elapsed() < Duration::from_secs(3),
+            "no message for 3 s after {seen} of {}",
+            BACKLOG + 1
+        );
+    }
+}
