@@ -4,7 +4,8 @@
 //! while other tasks publish on the same connection. A batch small enough lets
 //! async-nats' pull stream count messages the server will not send (see
 //! `streams::PULL_BATCH`): it then pauses until the missed heartbeat starts a fresh
-//! pull. Prints the time per batch size and the pauses of over a second.
+//! pull. A batch of 1 (exec's) takes each message with a pull request of its own
+//! instead. Prints the time per batch size and the pauses of over a second.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
