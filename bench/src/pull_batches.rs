@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use hookyard_core::streams::{consume, durable, Share};
+use hookyard_testkit::Busy;
 use tokio_util::sync::CancellationToken;
 
 use crate::setup::start_nats;
@@ -35,17 +36,7 @@ pub async fn run(batches: &[usize], messages: usize) -> anyhow::Result<()> {
         ..Default::default()
     };
     jetstream.create_stream(stream).await?;
-    let noise = CancellationToken::new();
-    let _stop_noise = noise.clone().drop_guard();
-    for _ in 0..NOISE_TASKS {
-        let (client, noise) = (client.clone(), noise.clone());
-        tokio::spawn(async move {
-            while !noise.is_cancelled() {
-                let _ = client.publish("noise", vec![0u8; 512].into()).await;
-                tokio::task::yield_now().await;
-            }
-        });
-    }
+    let _busy = Busy::start(&client, NOISE_TASKS);
     println!(
         "{messages} messages per batch size, each acked as it comes, one at a time for a batch of 1 \
          (exec) and 64 at a time otherwise; {NOISE_TASKS} tasks publish other traffic on the same connection\n"

@@ -203,6 +203,8 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
     let bus = Bus::connect(&config, "bench-worker").await?;
     bus.ensure_streams(&config.streams, &store).await?;
 
+    // Words that only several workers take.
+    let several = |text: &'static str| if plan.workers > 1 { text } else { "" };
     println!(
         "worker benchmark: examples/crm-contacts (one Contact saved per event{}), routed events published \
          straight into {CONN_STREAM}, {} connections, Postgres, {} worker process{} (JS threads: {}; runs in progress: {}{}){}\n",
@@ -213,7 +215,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
         },
         plan.connections,
         plan.workers,
-        if plan.workers == 1 { "" } else { "es" },
+        several("es"),
         if plan.js_threads == 0 {
             "one per CPU".to_string()
         } else {
@@ -224,7 +226,7 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
         } else {
             plan.concurrent_runs.to_string()
         },
-        if plan.workers == 1 { "" } else { "; each" },
+        several("; each"),
         match plan.slow {
             Some(Slow { every, ms, syncs }) =>
                 format!("; every {every}th event is slow ({ms} ms), for {syncs} slow syncs in turn"),
@@ -271,13 +273,13 @@ pub async fn run(plan: &Plan) -> anyhow::Result<()> {
          worker's peak memory (RSS): {:.0} MiB{}",
         plan.events,
         plan.workers,
-        if plan.workers == 1 { "" } else { "s" },
-        if plan.workers == 1 { "" } else { "es" },
+        several("s"),
+        several("es"),
         used.worker * 1e6 / plan.events as f64,
         used.postgres * 1e6 / plan.events as f64,
         used.nats * 1e6 / plan.events as f64,
         pids.iter().map(|pid| peak_rss_kib(pid)).max().unwrap_or(0) as f64 / 1024.0,
-        if plan.workers == 1 { "" } else { " (the largest)" },
+        several(" (the largest)"),
     );
 
     // 2. Latency at a steady rate.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use hookyard_core::streams::{consume, durable, Share};
-use hookyard_testkit::{eventually, NatsServer};
+use hookyard_testkit::{eventually, Busy, NatsServer};
 use tokio_util::sync::CancellationToken;
 
 const STREAM: &str = "SHARED";
@@ -133,15 +133,7 @@ async fn one_at_a_time_on_a_busy_connection_takes_a_backlog_without_pausing() {
         .unwrap();
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
-    for _ in 0..4 {
-        let (client, stop) = (client.clone(), stop.clone());
-        tokio::spawn(async move {
-            while !stop.is_cancelled() {
-                let _ = client.publish("noise", vec![0u8; 512].into()).await;
-                tokio::task::yield_now().await;
-            }
-        });
-    }
+    let _busy = Busy::start(&client, 4);
     let one = Share {
         concurrency: 1,
         batch: 1,

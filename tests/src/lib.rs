@@ -9,6 +9,7 @@
 //! - [`SqliteFile`]: a fresh SQLite file in a temporary folder.
 //! - [`receiver::Receiver`]: an HTTP receiver on loopback that records what it is sent.
 //! - [`proxy::ForwardProxy`]: an egress proxy on loopback that records what it is asked.
+//! - [`Busy`]: tasks keeping a NATS connection busy with other traffic.
 //!
 //! nextest runs every test in its own process, so every test gets its own services.
 
@@ -27,6 +28,37 @@ use std::time::{Duration, Instant};
 
 /// The encryption key every test store and test process uses (base64 of 32 bytes).
 pub const TEST_ENCRYPTION_KEY: &str = "aG9va3lhcmQtdGVzdC1rZXktMzItYnl0ZXMtbG9uZyE=";
+
+/// Tasks publishing other traffic on a NATS connection, as a worker's carries its other
+/// consumers' acks and publishes; stopped when dropped.
+pub struct Busy(Vec<tokio::task::AbortHandle>);
+
+impl Busy {
+    /// Starts `tasks` tasks, each publishing 512 bytes to `noise` on `client` in a loop.
+    pub fn start(client: &async_nats::Client, tasks: usize) -> Busy {
+        let handles = (0..tasks)
+            .map(|_| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let _ = client.publish("noise", vec![0u8; 512].into()).await;
+                        tokio::task::yield_now().await;
+                    }
+                })
+                .abort_handle()
+            })
+            .collect();
+        Busy(handles)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
 
 /// The cipher of [`TEST_ENCRYPTION_KEY`].
 pub fn test_cipher() -> hookyard_core::secrets::Cipher {

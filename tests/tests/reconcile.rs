@@ -14,7 +14,7 @@ use hookyard_core::store::notices::UNFINISHED;
 use hookyard_core::store::syncs::SyncState;
 use hookyard_core::store::IntegrationChanges;
 use hookyard_core::store::{Credentials, NewConnection};
-use hookyard_core::streams::{CONN_STREAM, EXEC_STREAM, FWD_STREAM};
+use hookyard_core::streams::{Share, CONN_STREAM, EXEC_STREAM, FWD_STREAM};
 use hookyard_core::Config;
 use hookyard_reconciler::Reconciler;
 use hookyard_testkit::fake_provider::{FakeCrm, Held, API_KEY, CLIENT_ID, CLIENT_SECRET};
@@ -168,12 +168,18 @@ fn api_key() -> Credentials {
 }
 
 impl Setup {
-    async fn state(&self, connection: &str) -> Option<SyncState> {
+    /// Every sync state of the `dev` environment.
+    async fn states(&self) -> Vec<SyncState> {
         self.h
             .store
             .sync_states(Some(self.h.environment.id), None)
             .await
             .unwrap()
+    }
+
+    async fn state(&self, connection: &str) -> Option<SyncState> {
+        self.states()
+            .await
             .into_iter()
             .find(|s| s.key.connection_id == connection)
     }
@@ -224,12 +230,7 @@ impl Setup {
     /// job a worker held unstarted goes to another (the tests' `worker.ack_wait`, 8 s).
     async fn running(&self, count: usize) {
         eventually(&format!("{count} runs in progress"), Duration::from_secs(5), || async {
-            let states = self
-                .h
-                .store
-                .sync_states(Some(self.h.environment.id), None)
-                .await
-                .unwrap();
+            let states = self.states().await;
             (states.iter().filter(|state| state.running).count() == count).then_some(())
         })
         .await;
@@ -380,9 +381,14 @@ impl Setup {
     /// A thin provider event for `c0` (Nango's HubSpot-style: an id, no data), with a
     /// `HOOKS_RAW` sequence of its own.
     async fn thin_event(&self, contact: &str) {
-        let event = json!({"type": "contact.changed", "objectId": contact});
-        let seq = self.raw_sequence().await;
-        self.h.publish([(seq, "c0", "contact.changed", event)]).await;
+        self.h.publish([self.thin(contact, "contact.changed").await]).await;
+    }
+
+    /// A thin event of `event_type` for `c0` about `contact`, with a `HOOKS_RAW` sequence
+    /// of its own, ready to publish.
+    async fn thin(&self, contact: &str, event_type: &'static str) -> (u64, &'static str, &'static str, Value) {
+        let event = json!({"type": event_type, "objectId": contact});
+        (self.raw_sequence().await, "c0", event_type, event)
     }
 
     /// A `HOOKS_RAW` sequence for an event published straight to the worker, as a
@@ -437,7 +443,7 @@ async fn ticks_between_full_passes_see_new_and_deleted_connections() {
         .await
         .unwrap());
     assert_eq!(s.reconciler.tick(now).await.unwrap().scheduled, 0);
-    let states = s.h.store.sync_states(Some(s.h.environment.id), None).await.unwrap();
+    let states = s.states().await;
     let next_run = |id: &str| {
         states
             .iter()
@@ -1097,7 +1103,7 @@ async fn an_exec_run_waiting_on_its_provider_leaves_its_turn_to_another() {
     assert_eq!(s.reconciler.tick(Utc::now()).await.unwrap().scheduled, 2);
     held.reached().await;
     let waiting = eventually("the run not held to end", Duration::from_secs(30), || async {
-        let states = s.h.store.sync_states(Some(s.h.environment.id), None).await.unwrap();
+        let states = s.states().await;
         let ended: Vec<&str> = states
             .iter()
             .filter(|state| ended_after(state, since))
@@ -1608,7 +1614,7 @@ async fn actions_run_for_a_connection_and_answer_what_they_return() {
     }
 
     // Actions are never scheduled.
-    let states = s.h.store.sync_states(Some(s.h.environment.id), None).await.unwrap();
+    let states = s.states().await;
     assert!(states.iter().all(|state| state.key.sync == "contacts"), "{states:?}");
 
     // A busy thread with enough runs waiting for it: 503, not an ever longer queue. Five
@@ -2017,7 +2023,7 @@ async fn an_exec_run_triggers_an_action_and_sees_its_output_or_its_failure() {
     assert_eq!(s.post("/sync/trigger", trigger).await.0, 200);
     assert_eq!(s.reconciler.tick(Utc::now()).await.unwrap().triggered, 1);
     let state = eventually("the relay run to finish", Duration::from_secs(30), || async {
-        let states = s.h.store.sync_states(Some(s.h.environment.id), None).await.unwrap();
+        let states = s.states().await;
         states
             .into_iter()
             .find(|state| state.key.sync == "relay")
@@ -2488,7 +2494,7 @@ async fn track_deletes_on_a_full_sync_deletes_what_a_run_did_not_save() {
         let tick = s.reconciler.tick(Utc::now()).await.unwrap();
         assert_eq!(tick.triggered, 2);
         eventually("both runs to finish", Duration::from_secs(30), || async {
-            let states = s.h.store.sync_states(Some(s.h.environment.id), None).await.unwrap();
+            let states = s.states().await;
             let done = states.iter().filter(|state| ended_after(state, since)).count();
             (done == 2).then_some(states)
         })
@@ -2889,8 +2895,7 @@ async fn thin_events(
     for i in 0..count {
         let id = format!("{prefix}{i}");
         s.crm.put_contact(&id, &format!("{id}@example.com"));
-        let event = json!({"type": event_type, "objectId": id});
-        events.push((s.raw_sequence().await, "c0", event_type, event));
+        events.push(s.thin(&id, event_type).await);
     }
     events
 }
@@ -2966,8 +2971,12 @@ async fn a_worker_whose_runs_hang_stops_taking_events_at_its_bound() {
     // Taking more would be a pull (about 25 ms a group): a second gives it ample time.
     // What the worker holds stays within its share, and the rest stays in the stream.
     let stream = s.h.bus.jetstream.get_stream(CONN_STREAM).await.unwrap();
-    // Three groups of two, and a pull and a half on their way (`Share::holds`).
-    let share = 3 * 2 + 2 + 1;
+    // Three groups of two, and a pull and a half on their way.
+    let share = Share {
+        concurrency: 3 * 2,
+        batch: 2,
+    }
+    .holds();
     let watched = tokio::time::Instant::now();
     while watched.elapsed() < Duration::from_secs(1) {
         let info = stream.consumer_info(hookyard_worker::CONSUMER).await.unwrap();
