@@ -191,7 +191,7 @@ impl Envelope {
             // Pairs of strings always serialize; JSON escapes every control character,
             // so the value never needs `checked_value`'s refusal.
             let packed = serde_json::to_string(&self.headers).expect("string pairs serialize");
-            map.insert(HeaderName::from_static(H_HTTP_HEADERS), HeaderValue::from(packed));
+            map.insert(HeaderName::from_static(H_HTTP_HEADERS), packed);
         }
         map
     }
@@ -282,11 +282,7 @@ pub fn insert_checked(map: &mut HeaderMap, name: &str, value: &str) {
 
 /// `value` as a header value, or `None` (logged) when it holds CR or LF.
 fn checked_value(name: &str, value: String) -> Option<HeaderValue> {
-    if value.contains(['\r', '\n']) {
-        left_out(name);
-        return None;
-    }
-    Some(HeaderValue::from(value))
+    HeaderValue::try_from(value).map_err(|_| left_out(name)).ok()
 }
 
 fn left_out(name: &str) {

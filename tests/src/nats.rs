@@ -169,6 +169,42 @@ impl NatsServer {
         self.process = Some(process);
     }
 
+    /// Publishes one message from a plain TCP connection, its header block (the
+    /// `NATS/1.0` line, each header, the blank line) on the wire exactly as given: what
+    /// another NATS client may send and async-nats would not build. Returns once the
+    /// server has read it (its answer to the PING that follows).
+    pub async fn publish_raw(&self, subject: &str, header_block: &[u8], payload: &[u8]) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .expect("connect to nats-server");
+        let mut tcp = BufReader::new(tcp);
+        let mut line = String::new();
+        tcp.read_line(&mut line).await.expect("the server's INFO");
+        assert!(line.starts_with("INFO"), "expected INFO, got {line:?}");
+        let mut out = format!(
+            "CONNECT {{\"verbose\":false,\"headers\":true,\"protocol\":1}}\r\nHPUB {subject} {} {}\r\n",
+            header_block.len(),
+            header_block.len() + payload.len()
+        )
+        .into_bytes();
+        out.extend_from_slice(header_block);
+        out.extend_from_slice(payload);
+        out.extend_from_slice(b"\r\nPING\r\n");
+        tcp.get_mut().write_all(&out).await.expect("write to nats-server");
+        loop {
+            line.clear();
+            tcp.read_line(&mut line).await.expect("the server's answer");
+            assert!(
+                !line.starts_with("-ERR") && !line.is_empty(),
+                "the server refused: {line:?}"
+            );
+            if line.starts_with("PONG") {
+                return;
+            }
+        }
+    }
+
     /// Kills the server (SIGKILL) and waits for it to be gone.
     pub fn stop(&mut self) {
         self.process = None;

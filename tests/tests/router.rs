@@ -8,8 +8,9 @@
 //! NATS's store, whose loss stops the router if its stream is gone too), a `HOOKS_RAW`
 //! behind the store refused until moved past it, a router
 //! started while NATS does not answer waits for it,
-//! and an envelope from a newer ingest waits for a router
-//! that reads it.
+//! an envelope from a newer ingest waits for a router
+//! that reads it, and a header value with a line break, from another NATS client, does
+//! not stop it.
 
 mod common;
 
@@ -806,4 +807,48 @@ async fn an_envelope_from_a_newer_ingest_waits_for_a_router_that_reads_it() {
         "the message was acked or terminated: {:?}",
         info.ack_floor
     );
+}
+
+/// Another NATS client may put a bare CR in a header value, which async-nats 0.51 could
+/// not parse: the panic took the connection's task, and the process with it heard
+/// nothing more. The router routes such a message and the webhooks after it.
+#[tokio::test]
+async fn a_line_break_in_a_header_from_another_client_does_not_stop_the_router() {
+    let db = PgDatabase::create().await;
+    let ingest = start(&db).await;
+    let _router = start_router(&ingest);
+    let body = r#"{"installation":{"id":957387},"action":"created"}"#;
+    let envelope = Envelope {
+        environment: ingest.environment.name.clone(),
+        integration: "github".parse().unwrap(),
+        received_at: chrono::Utc::now(),
+        delivery_id: "from-another-client".into(),
+        method: "POST".into(),
+        path: None,
+        query: None,
+        headers: vec![("x-github-event".into(), "installation".into())],
+        body: bytes::Bytes::from(body),
+        verification: hookyard_core::providers::Verification::Unsigned,
+        traceparent: None,
+    };
+    let mut block = b"NATS/1.0\r\n".to_vec();
+    for (name, values) in envelope.to_headers().iter() {
+        for value in values {
+            block.extend_from_slice(format!("{name}: {}\r\n", value.as_str()).as_bytes());
+        }
+    }
+    block.extend_from_slice(b"X-Note: a\rb\r\n\r\n");
+    ingest
+        .nats
+        .publish_raw(&envelope.subject(), &block, body.as_bytes())
+        .await;
+    post(&ingest, "github", "", &[("x-github-event", "installation")], body).await;
+
+    let events = routed(&ingest).await;
+    let octo: Vec<_> = events
+        .iter()
+        .filter(|e| e.connection_id.as_deref() == Some("octo"))
+        .collect();
+    assert_eq!(octo.len(), 2, "both webhooks routed to octo: {events:?}");
+    assert!(octo.iter().any(|e| e.delivery_id == "from-another-client"), "{octo:?}");
 }
