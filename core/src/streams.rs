@@ -159,8 +159,8 @@ pub fn durable(name: &str, description: &str, ack_wait: Duration, share: Share) 
 /// messages still to come than the server will send (a reply that outruns its pull's
 /// bookkeeping), and once that count is over half a batch it asks for no more until
 /// the missed heartbeat ends the pull; the larger the batch, the rarer
-/// (`hookyard-bench pull-batches` shows it on a busy connection: pauses at 2; a batch
-/// of 1 is pulled otherwise, [`one_at_a_time`]).
+/// (`hookyard-bench pull-batches` shows it on a busy connection: pauses at 2). Smaller
+/// batches are pulled otherwise, [`request_at_a_time`].
 pub const PULL_BATCH: usize = 200;
 
 /// The processes one consumer's `max_ack_pending` makes room for (KEDA adds up to 20
@@ -213,8 +213,8 @@ const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 /// the election reproduction of `tests/tests/cluster.rs`; none of 8 at 10 s).
 const STREAM_SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The messages of `consumer`, `batch` per pull (for a batch of one, see
-/// [`one_at_a_time`]).
+/// The messages of `consumer`, `batch` per pull (for a batch smaller than
+/// [`PULL_BATCH`], see [`request_at_a_time`]).
 ///
 /// A pull request can be lost without a word: sent to a new replicated consumer before
 /// it has a leader, held by a leader that died, or dropped with this client's server.
@@ -226,13 +226,14 @@ const STREAM_SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// away, or on a server that lost its store, sends no word of it. [`Pulls`] then
 /// creates it again.
 pub fn pull(
+    jetstream: &jetstream::Context,
     consumer: jetstream::consumer::PullConsumer,
     batch: usize,
 ) -> impl futures::Stream<Item = Result<jetstream::Message, async_nats::Error>> {
     use futures::StreamExt as _;
     use jetstream::consumer::pull::MessagesErrorKind;
-    if batch == 1 {
-        return one_at_a_time(consumer).left_stream();
+    if batch < PULL_BATCH {
+        return request_at_a_time(jetstream.clone(), consumer, batch).left_stream();
     }
     // `None` once ended.
     futures::stream::unfold(Some((consumer, None)), move |state| async move {
@@ -271,41 +272,101 @@ pub fn pull(
     .right_stream()
 }
 
-/// How long a pull for one message waits at the server before it is asked again (see
-/// [`one_at_a_time`]); one that is lost ends on the client five seconds later.
-const SINGLE_PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// How long a pull request of [`request_at_a_time`] waits at the server before it is
+/// sent again (async-nats' own default for its pull stream).
+const REQUEST_EXPIRES: Duration = Duration::from_secs(30);
 
-/// [`pull`] for a batch of one (exec's jobs): each message from a pull request of its
-/// own, sent when the last one is taken. async-nats' pull stream, asking for one at a
-/// time, stopped asking once its count of messages to come drifted by one (see
-/// [`PULL_BATCH`]): about one pause of 4 s per 1,250 messages on a busy connection
-/// (`hookyard-bench pull-batches`). A request here ends with its message, or empty when
-/// it expires; none is asked for while the caller takes nothing, so a process holds no
-/// message it cannot start. A request that meets no consumer ends the stream as
-/// [`pull`]'s does; any other failure is passed on, a [`RETRY_PAUSE`] later.
-fn one_at_a_time(
+/// [`pull`] for a batch smaller than [`PULL_BATCH`] (exec's one job at a time; the
+/// functions consumer's when `worker.batch` is set low): one pull request at a time for
+/// `batch` messages, the next sent once the last has ended (all its messages taken, or
+/// expired). async-nats' pull stream, asked for few at a time, stopped asking once its
+/// count of messages to come drifted (see [`PULL_BATCH`]): pauses of 4 s on a busy
+/// connection, at a batch of 1 and of 2 (`hookyard-bench pull-batches`). Here each
+/// request counts only its own messages, so nothing drifts; none is sent while the
+/// caller takes nothing, so a process holds at most `batch` messages it has not
+/// started. A waiting request is kept alive by the server's heartbeats: two missed, it
+/// is taken for lost and the error passed on, as [`pull`] does. A request that meets no
+/// consumer ends the stream as [`pull`]'s does; any other failure is passed on, a
+/// [`RETRY_PAUSE`] later.
+fn request_at_a_time(
+    jetstream: jetstream::Context,
     consumer: jetstream::consumer::PullConsumer,
+    batch: usize,
 ) -> impl futures::Stream<Item = Result<jetstream::Message, async_nats::Error>> {
+    use async_nats::StatusCode;
     use futures::StreamExt as _;
-    futures::stream::unfold(Some(consumer), |state| async move {
-        let consumer = state?;
-        loop {
-            let request = consumer.batch().max_messages(1).expires(SINGLE_PULL_EXPIRES);
-            let failed: async_nats::Error = match request.messages().await {
-                Ok(mut batch) => match batch.next().await {
-                    Some(Ok(message)) => return Some((Ok(message), Some(consumer))),
-                    Some(Err(error)) => error,
-                    // Expired with nothing for us.
-                    None => continue,
-                },
-                Err(error) => error.into(),
+    futures::stream::unfold(Some((consumer, None)), move |state| {
+        let jetstream = jetstream.clone();
+        async move {
+            let (consumer, mut current): (_, Option<Request>) = state?;
+            let failed: async_nats::Error = loop {
+                let request = match current.as_mut() {
+                    Some(request) => request,
+                    None => match Request::send(&consumer, &jetstream.client(), batch).await {
+                        Ok(request) => current.insert(request),
+                        Err(error) => break error,
+                    },
+                };
+                let reply = match tokio::time::timeout(2 * PULL_HEARTBEAT, request.replies.next()).await {
+                    Ok(Some(reply)) => reply,
+                    Ok(None) => break "the pull request's subscription ended".into(),
+                    Err(_) => break "missed idle heartbeat: the pull request was lost".into(),
+                };
+                match reply.status {
+                    None | Some(StatusCode::OK) => {
+                        request.to_come -= 1;
+                        let rest = current.filter(|request| request.to_come > 0);
+                        let message = jetstream::Message {
+                            message: reply,
+                            context: jetstream.clone(),
+                        };
+                        return Some((Ok(message), Some((consumer, rest))));
+                    }
+                    Some(StatusCode::IDLE_HEARTBEAT) => {}
+                    // Expired with nothing (more) for us.
+                    Some(StatusCode::TIMEOUT) => current = None,
+                    Some(StatusCode::NO_RESPONDERS) => break "no responders: the consumer answers no pull".into(),
+                    Some(status) => {
+                        let why = reply.description.as_deref().unwrap_or("");
+                        break format!("the pull request ended with {status} {why}").into();
+                    }
+                }
             };
             let gone = gone(&consumer).await;
             tokio::time::sleep(RETRY_PAUSE).await;
-            return Some((Err(failed), (!gone).then_some(consumer)));
+            Some((Err(failed), (!gone).then_some((consumer, None))))
         }
     })
     .fuse()
+}
+
+/// A pull request of [`request_at_a_time`] on its way: its own inbox, and how many
+/// messages are still to come.
+struct Request {
+    replies: async_nats::Subscriber,
+    to_come: usize,
+}
+
+impl Request {
+    async fn send(
+        consumer: &jetstream::consumer::PullConsumer,
+        client: &Client,
+        batch: usize,
+    ) -> Result<Request, async_nats::Error> {
+        let inbox = async_nats::Subject::from(client.new_inbox());
+        let replies = client.subscribe(inbox.clone()).await?;
+        let request = jetstream::consumer::pull::BatchConfig {
+            batch,
+            expires: Some(REQUEST_EXPIRES),
+            idle_heartbeat: PULL_HEARTBEAT,
+            ..Default::default()
+        };
+        consumer.request_batch(request, inbox).await?;
+        Ok(Request {
+            replies,
+            to_come: batch,
+        })
+    }
 }
 
 /// Whether the server says `consumer`, or its stream, does not exist; asked for at
@@ -545,7 +606,7 @@ impl<'a> Pulls<'a> {
             }
         }
         let created = durable_consumer(self.jetstream, self.stream, self.config.clone(), self.shutdown).await?;
-        Ok(created.map(|consumer| pull(consumer, self.batch)))
+        Ok(created.map(|consumer| pull(self.jetstream, consumer, self.batch)))
     }
 }
 

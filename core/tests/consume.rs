@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use async_nats::jetstream::message::PublishMessage;
 use hookyard_core::streams::{consume, durable, Share};
 use hookyard_testkit::{eventually, Busy, NatsServer};
 use tokio_util::sync::CancellationToken;
@@ -104,45 +105,98 @@ async fn replicas_on_one_consumer_each_take_their_share_of_a_backlog() {
     .await;
 }
 
-/// A consumer that asks for one message at a time (exec's jobs) on a connection busy
-/// with other traffic, as a worker's is, takes a backlog without pausing: async-nats'
-/// pull stream, asked for one at a time, stopped asking now and then until its missed
-/// heartbeat (4 s) started a fresh pull.
+/// Consumers that ask for few messages at a time (exec's one job; the functions
+/// consumer's when `worker.batch` is set low) on a connection busy with other traffic,
+/// as a worker's is, take a backlog without pausing: async-nats' pull stream, asked for
+/// one or two at a time, stopped asking now and then until its missed heartbeat (4 s)
+/// started a fresh pull.
 // Threads of its own, as a worker's runtime has: the pause comes from a race between
 // them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_at_a_time_on_a_busy_connection_takes_a_backlog_without_pausing() {
+async fn small_batches_on_a_busy_connection_take_a_backlog_without_pausing() {
     let nats = NatsServer::start();
     let client = async_nats::connect(&nats.url).await.unwrap();
     let jetstream = jetstream::new(client.clone());
     let stream = jetstream::stream::Config {
-        name: "ONE".into(),
-        subjects: vec!["one.>".into()],
+        name: "FEW".into(),
+        subjects: vec!["few.>".into()],
         ..Default::default()
     };
     jetstream.create_stream(stream).await.unwrap();
-    const BACKLOG: usize = 3000;
-    for i in 0..BACKLOG {
-        jetstream.publish("one.job", i.to_string().into()).await.unwrap();
+    let _busy = Busy::start(&client, 4);
+    for batch in [1, 2] {
+        const BACKLOG: usize = 3000;
+        let subject = format!("few.{batch}");
+        for i in 0..BACKLOG {
+            jetstream.publish(subject.clone(), i.to_string().into()).await.unwrap();
+        }
+        jetstream
+            .publish(subject.clone(), "last".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let stop = CancellationToken::new();
+        let _stop = stop.clone().drop_guard();
+        let few = Share {
+            concurrency: batch,
+            batch,
+        };
+        let (handled, stopping, js) = (Arc::new(AtomicUsize::new(0)), stop.clone(), jetstream.clone());
+        let counted = handled.clone();
+        tokio::spawn(async move {
+            let config = jetstream::consumer::pull::Config {
+                filter_subject: subject,
+                ..durable(&format!("few-{batch}"), "a few at a time", Duration::from_secs(30), few)
+            };
+            consume(&js, "FEW", config, few, stopping, |message| {
+                let counted = counted.clone();
+                async move {
+                    message.ack().await.expect("acked");
+                    counted.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+            .await
+            .expect("consumed");
+        });
+        // A pause is the missed heartbeat's 4 s; the messages come every few milliseconds.
+        let (mut seen, mut moved_at) = (0, tokio::time::Instant::now());
+        while seen < BACKLOG + 1 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = handled.load(Ordering::SeqCst);
+            if now != seen {
+                (seen, moved_at) = (now, tokio::time::Instant::now());
+            }
+            assert!(
+                moved_at.elapsed() < Duration::from_secs(3),
+                "batch {batch}: no message for 3 s after {seen} of {}",
+                BACKLOG + 1
+            );
+        }
     }
-    jetstream
-        .publish("one.job", "last".into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+}
+
+/// A pull request for a few messages that is lost with its server (restarted: the
+/// request is gone, and no word of it comes) is taken for lost once its heartbeats
+/// stop, and a new one is sent: a message published after the restart is handled.
+#[tokio::test]
+async fn a_small_pull_lost_with_its_server_is_sent_again() {
+    let mut nats = NatsServer::start();
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let jetstream = jetstream::new(client.clone());
+    let stream = jetstream::stream::Config {
+        name: "LOST".into(),
+        subjects: vec!["lost.>".into()],
+        ..Default::default()
+    };
+    jetstream.create_stream(stream).await.unwrap();
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
-    let _busy = Busy::start(&client, 4);
-    let one = Share {
-        concurrency: 1,
-        batch: 1,
-    };
-    let (handled, stopping) = (Arc::new(AtomicUsize::new(0)), stop.clone());
+    let (handled, stopping, js) = (Arc::new(AtomicUsize::new(0)), stop.clone(), jetstream.clone());
     let counted = handled.clone();
     tokio::spawn(async move {
-        let config = durable("one", "one at a time", Duration::from_secs(30), one);
-        consume(&jetstream, "ONE", config, one, stopping, |message| {
+        let config = durable("lost", "a few at a time", Duration::from_secs(30), SHARE);
+        consume(&js, "LOST", config, SHARE, stopping, |message| {
             let counted = counted.clone();
             async move {
                 message.ack().await.expect("acked");
@@ -152,18 +206,29 @@ async fn one_at_a_time_on_a_busy_connection_takes_a_backlog_without_pausing() {
         .await
         .expect("consumed");
     });
-    // A pause is the missed heartbeat's 4 s; the messages come every few milliseconds.
-    let (mut seen, mut moved_at) = (0, tokio::time::Instant::now());
-    while seen < BACKLOG + 1 {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let now = handled.load(Ordering::SeqCst);
-        if now != seen {
-            (seen, moved_at) = (now, tokio::time::Instant::now());
-        }
-        assert!(
-            moved_at.elapsed() < Duration::from_secs(3),
-            "no message for 3 s after {seen} of {}",
-            BACKLOG + 1
-        );
-    }
+    eventually("a pull request waiting", Duration::from_secs(10), || async {
+        let stream = jetstream.get_stream("LOST").await.ok()?;
+        let info = stream.consumer_info("lost").await.ok()?;
+        (info.num_waiting >= 1).then_some(())
+    })
+    .await;
+
+    nats.restart();
+    eventually("the client back", Duration::from_secs(10), || async {
+        (client.connection_state() == async_nats::connection::State::Connected).then_some(())
+    })
+    .await;
+    // JetStream takes publishes again once its stream is recovered; the id keeps a
+    // publish retried after a lost ack from being stored twice.
+    eventually("the message stored", Duration::from_secs(20), || async {
+        let message = PublishMessage::build().message_id("after").payload("after".into());
+        jetstream.send_publish("lost.job", message).await.ok()?.await.ok()
+    })
+    .await;
+    // Two missed heartbeats (4 s), a look at whether the consumer is gone and a pause
+    // of a second: a new request within some 7 s.
+    eventually("the message handled", Duration::from_secs(15), || async {
+        (handled.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
 }
