@@ -1,11 +1,11 @@
 //! How the pull batch a consumer asks for (`Share::batch`) behaves on a NATS connection
 //! that is busy with other traffic, as a worker's is (its other consumers' acks and
 //! publishes): `streams::consume` takes a backlog of messages and acks each at once,
-//! while other tasks publish on the same connection. A batch small enough lets
-//! async-nats' pull stream count messages the server will not send (see
-//! `streams::PULL_BATCH`): it then pauses until the missed heartbeat starts a fresh
-//! pull. A batch of 1 (exec's) takes each message with a pull request of its own
-//! instead. Prints the time per batch size and the pauses of over a second.
+//! while other tasks publish on the same connection. async-nats' pull stream, which
+//! `streams::pull` used before, could count messages the server would not send at a
+//! small batch, and then paused until the missed heartbeat started a fresh pull; a
+//! request at a time, as now, cannot (see `streams::pull`). Prints the time per batch
+//! size and the pauses of over a second.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

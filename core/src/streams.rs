@@ -154,13 +154,9 @@ pub fn durable(name: &str, description: &str, ack_wait: Duration, share: Share) 
 }
 
 /// The pull batch of consumers whose messages are short work (routing, forwarding,
-/// deliveries): async-nats' default. Smaller batches stalled the forwarding benchmark
-/// for 4 s in about one run of ten (at 32): async-nats's pull stream can count more
-/// messages still to come than the server will send (a reply that outruns its pull's
-/// bookkeeping), and once that count is over half a batch it asks for no more until
-/// the missed heartbeat ends the pull; the larger the batch, the rarer
-/// (`hookyard-bench pull-batches` shows it on a busy connection: pauses at 2). Smaller
-/// batches are pulled otherwise, [`request_at_a_time`].
+/// deliveries): async-nats' default, one pull request per 200 messages. (32 went as fast
+/// in `hookyard-bench pull-batches`; the forwarding and router benchmarks were measured
+/// at 200.)
 pub const PULL_BATCH: usize = 200;
 
 /// The processes one consumer's `max_ack_pending` makes room for (KEDA adds up to 20
@@ -184,11 +180,10 @@ pub struct Share {
 }
 
 impl Share {
-    /// The most one process holds at once: the messages it handles, and those pulled but
-    /// not started (async-nats asks for the next `batch` once no more than half a batch
-    /// is still to come, so up to one and a half batches).
+    /// The most one process holds at once: the messages it handles, and up to one
+    /// pull's worth not started ([`pull`] asks for the next batch once the last is taken).
     pub fn holds(self) -> usize {
-        self.concurrency + self.batch + self.batch / 2
+        self.concurrency + self.batch
     }
 
     /// The consumer's bound on messages out to all its processes together.
@@ -213,88 +208,41 @@ const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 /// the election reproduction of `tests/tests/cluster.rs`; none of 8 at 10 s).
 const STREAM_SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The messages of `consumer`, `batch` per pull (for a batch smaller than
-/// [`PULL_BATCH`], see [`request_at_a_time`]).
+/// How long a pull request waits at the server before it is sent again (async-nats'
+/// own default).
+const REQUEST_EXPIRES: Duration = Duration::from_secs(30);
+
+/// The messages of `consumer`, `batch` per pull request: one request at a time, the
+/// next sent once the last has ended (all its messages taken, or expired), so a process
+/// holds at most `batch` messages it has not started, and none is asked for while the
+/// caller takes nothing.
+///
+/// Not async-nats' pull stream: it counts the messages still to come across its
+/// overlapping requests, and a reply that outruns its request's bookkeeping is never
+/// subtracted, so the count can drift above what the server will send; once it is over
+/// half a batch the stream asks for nothing more until a missed heartbeat ends the pull.
+/// On a connection busy with other traffic (a worker's) that paused 4 s about once per
+/// 1,250 messages at a batch of 1, and now and then at 2 and 32
+/// (`hookyard-bench pull-batches`; the forwarding benchmark, at 32, in 4 runs of 34).
+/// Each request here counts only its own messages, so nothing drifts.
 ///
 /// A pull request can be lost without a word: sent to a new replicated consumer before
 /// it has a leader, held by a leader that died, or dropped with this client's server.
-/// async-nats reports the missed heartbeats but pulls again only when the pull expires
-/// (35 s); the router sat idle that long in `tests/tests/cluster.rs`. Here a missed
-/// heartbeat is passed on as an error and the next item comes from a fresh pull.
-/// It ends (after the error saying so) when the consumer is deleted, and when a pull
-/// meets no consumer and the server says it is gone: one deleted while this client was
-/// away, or on a server that lost its store, sends no word of it. [`Pulls`] then
-/// creates it again.
+/// A waiting request is kept alive by the server's heartbeats: two missed, it is taken
+/// for lost, the error passed on, and the next item comes from a fresh request (the
+/// router sat idle 35 s in `tests/tests/cluster.rs` when only a request's expiry ended
+/// it). The stream ends (after the error saying so) when a request meets no consumer and
+/// the server says it is gone: one deleted, by an operator or while this client was
+/// away, or on a server that lost its store. [`Pulls`] then creates it again. Any other
+/// failure is passed on, a [`RETRY_PAUSE`] later.
 pub fn pull(
     jetstream: &jetstream::Context,
     consumer: jetstream::consumer::PullConsumer,
     batch: usize,
 ) -> impl futures::Stream<Item = Result<jetstream::Message, async_nats::Error>> {
-    use futures::StreamExt as _;
-    use jetstream::consumer::pull::MessagesErrorKind;
-    if batch < PULL_BATCH {
-        return request_at_a_time(jetstream.clone(), consumer, batch).left_stream();
-    }
-    // `None` once ended.
-    futures::stream::unfold(Some((consumer, None)), move |state| async move {
-        let (consumer, current) = state?;
-        let mut messages = match current {
-            Some(messages) => messages,
-            None => {
-                let builder = consumer.stream().heartbeat(PULL_HEARTBEAT);
-                match builder.max_messages_per_batch(batch).messages().await {
-                    Ok(messages) => messages,
-                    Err(error) => {
-                        // Paced here: the caller asks again at once.
-                        tokio::time::sleep(RETRY_PAUSE).await;
-                        return Some((Err(error.into()), Some((consumer, None))));
-                    }
-                }
-            }
-        };
-        match messages.next().await? {
-            Err(error) if error.kind() == MessagesErrorKind::MissingHeartbeat => {
-                Some((Err(error.into()), Some((consumer, None))))
-            }
-            // A consumer electing its leader answers no pull either: only the server's
-            // word that the consumer is gone ends the pull (else the same silence is met
-            // every heartbeat, for ever).
-            Err(error) if error.kind() == MessagesErrorKind::NoResponders => {
-                let gone = gone(&consumer).await;
-                Some((Err(error.into()), (!gone).then_some((consumer, Some(messages)))))
-            }
-            next => Some((next.map_err(Into::into), Some((consumer, Some(messages))))),
-        }
-    })
-    // Ended stays ended: a loop that asks once more after the end gets `None` again
-    // rather than a panic.
-    .fuse()
-    .right_stream()
-}
-
-/// How long a pull request of [`request_at_a_time`] waits at the server before it is
-/// sent again (async-nats' own default for its pull stream).
-const REQUEST_EXPIRES: Duration = Duration::from_secs(30);
-
-/// [`pull`] for a batch smaller than [`PULL_BATCH`] (exec's one job at a time; the
-/// functions consumer's when `worker.batch` is set low): one pull request at a time for
-/// `batch` messages, the next sent once the last has ended (all its messages taken, or
-/// expired). async-nats' pull stream, asked for few at a time, stopped asking once its
-/// count of messages to come drifted (see [`PULL_BATCH`]): pauses of 4 s on a busy
-/// connection, at a batch of 1 and of 2 (`hookyard-bench pull-batches`). Here each
-/// request counts only its own messages, so nothing drifts; none is sent while the
-/// caller takes nothing, so a process holds at most `batch` messages it has not
-/// started. A waiting request is kept alive by the server's heartbeats: two missed, it
-/// is taken for lost and the error passed on, as [`pull`] does. A request that meets no
-/// consumer ends the stream as [`pull`]'s does; any other failure is passed on, a
-/// [`RETRY_PAUSE`] later.
-fn request_at_a_time(
-    jetstream: jetstream::Context,
-    consumer: jetstream::consumer::PullConsumer,
-    batch: usize,
-) -> impl futures::Stream<Item = Result<jetstream::Message, async_nats::Error>> {
     use async_nats::StatusCode;
     use futures::StreamExt as _;
+    let jetstream = jetstream.clone();
     futures::stream::unfold(Some((consumer, None)), move |state| {
         let jetstream = jetstream.clone();
         async move {
@@ -340,7 +288,7 @@ fn request_at_a_time(
     .fuse()
 }
 
-/// A pull request of [`request_at_a_time`] on its way: its own inbox, and how many
+/// A pull request of [`pull`] on its way: its own inbox, and how many
 /// messages are still to come.
 struct Request {
     replies: async_nats::Subscriber,

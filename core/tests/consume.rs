@@ -176,11 +176,11 @@ async fn small_batches_on_a_busy_connection_take_a_backlog_without_pausing() {
     }
 }
 
-/// A pull request for a few messages that is lost with its server (restarted: the
-/// request is gone, and no word of it comes) is taken for lost once its heartbeats
-/// stop, and a new one is sent: a message published after the restart is handled.
+/// A pull request that is lost with its server (restarted: the request is gone, and no
+/// word of it comes) is taken for lost once its heartbeats stop, and a new one is sent:
+/// a message published after the restart is handled.
 #[tokio::test]
-async fn a_small_pull_lost_with_its_server_is_sent_again() {
+async fn a_pull_lost_with_its_server_is_sent_again() {
     let mut nats = NatsServer::start();
     let client = async_nats::connect(&nats.url).await.unwrap();
     let jetstream = jetstream::new(client.clone());

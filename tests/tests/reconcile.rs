@@ -2971,7 +2971,7 @@ async fn a_worker_whose_runs_hang_stops_taking_events_at_its_bound() {
     // Taking more would be a pull (about 25 ms a group): a second gives it ample time.
     // What the worker holds stays within its share, and the rest stays in the stream.
     let stream = s.h.bus.jetstream.get_stream(CONN_STREAM).await.unwrap();
-    // Three groups of two, and a pull and a half on their way.
+    // Three groups of two, and a pull on its way.
     let share = Share {
         concurrency: 3 * 2,
         batch: 2,
