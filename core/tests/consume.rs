@@ -105,6 +105,31 @@ async fn replicas_on_one_consumer_each_take_their_share_of_a_backlog() {
     .await;
 }
 
+/// A process on `config` of `stream` that acks each message as it comes, until `stop`:
+/// the count of messages it has acked.
+fn acking(
+    jetstream: &jetstream::Context,
+    stream: &'static str,
+    config: jetstream::consumer::pull::Config,
+    share: Share,
+    stop: CancellationToken,
+) -> Arc<AtomicUsize> {
+    let (handled, jetstream) = (Arc::new(AtomicUsize::new(0)), jetstream.clone());
+    let counted = handled.clone();
+    tokio::spawn(async move {
+        consume(&jetstream, stream, config, share, stop, |message| {
+            let counted = counted.clone();
+            async move {
+                message.ack().await.expect("acked");
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+        .await
+        .expect("consumed");
+    });
+    handled
+}
+
 /// Consumers that ask for few messages at a time (exec's one job; the functions
 /// consumer's when `worker.batch` is set low) on a connection busy with other traffic,
 /// as a worker's is, take a backlog without pausing: async-nats' pull stream, asked for
@@ -142,23 +167,11 @@ async fn small_batches_on_a_busy_connection_take_a_backlog_without_pausing() {
             concurrency: batch,
             batch,
         };
-        let (handled, stopping, js) = (Arc::new(AtomicUsize::new(0)), stop.clone(), jetstream.clone());
-        let counted = handled.clone();
-        tokio::spawn(async move {
-            let config = jetstream::consumer::pull::Config {
-                filter_subject: subject,
-                ..durable(&format!("few-{batch}"), "a few at a time", Duration::from_secs(30), few)
-            };
-            consume(&js, "FEW", config, few, stopping, |message| {
-                let counted = counted.clone();
-                async move {
-                    message.ack().await.expect("acked");
-                    counted.fetch_add(1, Ordering::SeqCst);
-                }
-            })
-            .await
-            .expect("consumed");
-        });
+        let config = jetstream::consumer::pull::Config {
+            filter_subject: subject,
+            ..durable(&format!("few-{batch}"), "a few at a time", Duration::from_secs(30), few)
+        };
+        let handled = acking(&jetstream, "FEW", config, few, stop.clone());
         // A pause is the missed heartbeat's 4 s; the messages come every few milliseconds.
         let (mut seen, mut moved_at) = (0, tokio::time::Instant::now());
         while seen < BACKLOG + 1 {
@@ -192,20 +205,8 @@ async fn a_pull_lost_with_its_server_is_sent_again() {
     jetstream.create_stream(stream).await.unwrap();
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
-    let (handled, stopping, js) = (Arc::new(AtomicUsize::new(0)), stop.clone(), jetstream.clone());
-    let counted = handled.clone();
-    tokio::spawn(async move {
-        let config = durable("lost", "a few at a time", Duration::from_secs(30), SHARE);
-        consume(&js, "LOST", config, SHARE, stopping, |message| {
-            let counted = counted.clone();
-            async move {
-                message.ack().await.expect("acked");
-                counted.fetch_add(1, Ordering::SeqCst);
-            }
-        })
-        .await
-        .expect("consumed");
-    });
+    let config = durable("lost", "a few at a time", Duration::from_secs(30), SHARE);
+    let handled = acking(&jetstream, "LOST", config, SHARE, stop.clone());
     eventually("a pull request waiting", Duration::from_secs(10), || async {
         let stream = jetstream.get_stream("LOST").await.ok()?;
         let info = stream.consumer_info("lost").await.ok()?;

@@ -760,6 +760,23 @@ async fn one_trace_follows_a_webhook_from_ingest_through_the_router() {
     assert_ne!(received[36..52], sent[36..52], "the router's own span");
 }
 
+/// The envelope ingest would store for a GitHub delivery of `event` with `body`.
+fn github_envelope(ingest: &Running, delivery_id: &str, event: &str, body: &str) -> Envelope {
+    Envelope {
+        environment: ingest.environment.name.clone(),
+        integration: "github".parse().unwrap(),
+        received_at: chrono::Utc::now(),
+        delivery_id: delivery_id.into(),
+        method: "POST".into(),
+        path: None,
+        query: None,
+        headers: vec![("x-github-event".into(), event.into())],
+        body: bytes::Bytes::copy_from_slice(body.as_bytes()),
+        verification: hookyard_core::providers::Verification::Unsigned,
+        traceparent: None,
+    }
+}
+
 /// In a rolling upgrade ingest may publish an envelope format this router does not
 /// read yet: it is handed back for a router that does, not terminated (which would
 /// leave it unrouted until someone replays it).
@@ -767,19 +784,7 @@ async fn one_trace_follows_a_webhook_from_ingest_through_the_router() {
 async fn an_envelope_from_a_newer_ingest_waits_for_a_router_that_reads_it() {
     let db = PgDatabase::create().await;
     let ingest = start(&db).await;
-    let envelope = Envelope {
-        environment: ingest.environment.name.clone(),
-        integration: "github".parse().unwrap(),
-        received_at: chrono::Utc::now(),
-        delivery_id: "from-the-future".into(),
-        method: "POST".into(),
-        path: None,
-        query: None,
-        headers: vec![("x-github-event".into(), "ping".into())],
-        body: bytes::Bytes::from_static(b"{}"),
-        verification: hookyard_core::providers::Verification::Unsigned,
-        traceparent: None,
-    };
+    let envelope = github_envelope(&ingest, "from-the-future", "ping", "{}");
     let mut headers = envelope.to_headers();
     headers.insert("Hookyard-Envelope", "99");
     let sequence = ingest
@@ -818,19 +823,7 @@ async fn a_line_break_in_a_header_from_another_client_does_not_stop_the_router()
     let ingest = start(&db).await;
     let _router = start_router(&ingest);
     let body = r#"{"installation":{"id":957387},"action":"created"}"#;
-    let envelope = Envelope {
-        environment: ingest.environment.name.clone(),
-        integration: "github".parse().unwrap(),
-        received_at: chrono::Utc::now(),
-        delivery_id: "from-another-client".into(),
-        method: "POST".into(),
-        path: None,
-        query: None,
-        headers: vec![("x-github-event".into(), "installation".into())],
-        body: bytes::Bytes::from(body),
-        verification: hookyard_core::providers::Verification::Unsigned,
-        traceparent: None,
-    };
+    let envelope = github_envelope(&ingest, "from-another-client", "installation", body);
     let mut block = b"NATS/1.0\r\n".to_vec();
     for (name, values) in envelope.to_headers().iter() {
         for value in values {
