@@ -62,13 +62,8 @@ async fn all_in_progress(what: &str, processes: &[Arc<Counts>]) {
 #[tokio::test]
 async fn replicas_on_one_consumer_each_take_their_share_of_a_backlog() {
     let nats = NatsServer::start();
-    let jetstream = jetstream::new(async_nats::connect(&nats.url).await.unwrap());
-    let stream = jetstream::stream::Config {
-        name: STREAM.into(),
-        subjects: vec!["shared.>".into()],
-        ..Default::default()
-    };
-    let stream = jetstream.create_stream(stream).await.unwrap();
+    let (_, jetstream) = with_stream(&nats, STREAM).await;
+    let stream = jetstream.get_stream(STREAM).await.unwrap();
     // Far more than three processes hold.
     const BACKLOG: usize = 60;
     for i in 0..BACKLOG {
@@ -103,6 +98,20 @@ async fn replicas_on_one_consumer_each_take_their_share_of_a_backlog() {
         (handled == BACKLOG).then_some(())
     })
     .await;
+}
+
+/// A client of `nats`, and the stream `name` it created, on the subjects `{name}.>` in
+/// lower case.
+async fn with_stream(nats: &NatsServer, name: &str) -> (async_nats::Client, jetstream::Context) {
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let jetstream = jetstream::new(client.clone());
+    let stream = jetstream::stream::Config {
+        name: name.into(),
+        subjects: vec![format!("{}.>", name.to_lowercase())],
+        ..Default::default()
+    };
+    jetstream.create_stream(stream).await.unwrap();
+    (client, jetstream)
 }
 
 /// A process on `config` of `stream` that acks each message as it comes, until `stop`:
@@ -140,14 +149,7 @@ fn acking(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_batches_on_a_busy_connection_take_a_backlog_without_pausing() {
     let nats = NatsServer::start();
-    let client = async_nats::connect(&nats.url).await.unwrap();
-    let jetstream = jetstream::new(client.clone());
-    let stream = jetstream::stream::Config {
-        name: "FEW".into(),
-        subjects: vec!["few.>".into()],
-        ..Default::default()
-    };
-    jetstream.create_stream(stream).await.unwrap();
+    let (client, jetstream) = with_stream(&nats, "FEW").await;
     let _busy = Busy::start(&client, 4);
     for batch in [1, 2] {
         const BACKLOG: usize = 3000;
@@ -195,14 +197,7 @@ async fn small_batches_on_a_busy_connection_take_a_backlog_without_pausing() {
 #[tokio::test]
 async fn a_pull_lost_with_its_server_is_sent_again() {
     let mut nats = NatsServer::start();
-    let client = async_nats::connect(&nats.url).await.unwrap();
-    let jetstream = jetstream::new(client.clone());
-    let stream = jetstream::stream::Config {
-        name: "LOST".into(),
-        subjects: vec!["lost.>".into()],
-        ..Default::default()
-    };
-    jetstream.create_stream(stream).await.unwrap();
+    let (client, jetstream) = with_stream(&nats, "LOST").await;
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
     let config = durable("lost", "a few at a time", Duration::from_secs(30), SHARE);
