@@ -154,9 +154,8 @@ pub fn durable(name: &str, description: &str, ack_wait: Duration, share: Share) 
 }
 
 /// The pull batch of consumers whose messages are short work (routing, forwarding,
-/// deliveries): async-nats' default, one pull request per 200 messages. (32 went as fast
-/// in `hookyard-bench pull-batches`; the forwarding and router benchmarks were measured
-/// at 200.)
+/// deliveries): async-nats' default, one pull request per 200 messages (what their
+/// benchmarks were measured at).
 pub const PULL_BATCH: usize = 200;
 
 /// The processes one consumer's `max_ack_pending` makes room for (KEDA adds up to 20
@@ -273,6 +272,8 @@ pub fn pull(
                     Some(StatusCode::IDLE_HEARTBEAT) => {}
                     // Expired with nothing (more) for us.
                     Some(StatusCode::TIMEOUT) => current = None,
+                    // A consumer electing its leader answers no pull either: only the
+                    // server's word that it is gone ends the stream (below).
                     Some(StatusCode::NO_RESPONDERS) => break "no responders: the consumer answers no pull".into(),
                     Some(status) => {
                         let why = reply.description.as_deref().unwrap_or("");
@@ -285,6 +286,8 @@ pub fn pull(
             Some((Err(failed), (!gone).then_some((consumer, None))))
         }
     })
+    // Ended stays ended: a loop that asks once more after the end gets `None` again
+    // rather than a panic.
     .fuse()
 }
 
