@@ -241,50 +241,46 @@ pub fn pull(
 ) -> impl futures::Stream<Item = Result<jetstream::Message, async_nats::Error>> {
     use async_nats::StatusCode;
     use futures::StreamExt as _;
-    let jetstream = jetstream.clone();
-    futures::stream::unfold(Some((consumer, None)), move |state| {
-        let jetstream = jetstream.clone();
-        async move {
-            let (consumer, mut current): (_, Option<Request>) = state?;
-            let failed: async_nats::Error = loop {
-                let request = match current.as_mut() {
-                    Some(request) => request,
-                    None => match Request::send(&consumer, &jetstream.client(), batch).await {
-                        Ok(request) => current.insert(request),
-                        Err(error) => break error,
-                    },
-                };
-                let reply = match tokio::time::timeout(2 * PULL_HEARTBEAT, request.replies.next()).await {
-                    Ok(Some(reply)) => reply,
-                    Ok(None) => break "the pull request's subscription ended".into(),
-                    Err(_) => break "missed idle heartbeat: the pull request was lost".into(),
-                };
-                match reply.status {
-                    None | Some(StatusCode::OK) => {
-                        request.to_come -= 1;
-                        let rest = current.filter(|request| request.to_come > 0);
-                        let message = jetstream::Message {
-                            message: reply,
-                            context: jetstream.clone(),
-                        };
-                        return Some((Ok(message), Some((consumer, rest))));
-                    }
-                    Some(StatusCode::IDLE_HEARTBEAT) => {}
-                    // Expired with nothing (more) for us.
-                    Some(StatusCode::TIMEOUT) => current = None,
-                    // A consumer electing its leader answers no pull either: only the
-                    // server's word that it is gone ends the stream (below).
-                    Some(StatusCode::NO_RESPONDERS) => break "no responders: the consumer answers no pull".into(),
-                    Some(status) => {
-                        let why = reply.description.as_deref().unwrap_or("");
-                        break format!("the pull request ended with {status} {why}").into();
-                    }
-                }
+    futures::stream::unfold(Some((jetstream.clone(), consumer, None)), move |state| async move {
+        let (jetstream, consumer, mut current): (_, _, Option<Request>) = state?;
+        let failed: async_nats::Error = loop {
+            let request = match current.as_mut() {
+                Some(request) => request,
+                None => match Request::send(&consumer, &jetstream.client(), batch).await {
+                    Ok(request) => current.insert(request),
+                    Err(error) => break error,
+                },
             };
-            let gone = gone(&consumer).await;
-            tokio::time::sleep(RETRY_PAUSE).await;
-            Some((Err(failed), (!gone).then_some((consumer, None))))
-        }
+            let reply = match tokio::time::timeout(2 * PULL_HEARTBEAT, request.replies.next()).await {
+                Ok(Some(reply)) => reply,
+                Ok(None) => break "the pull request's subscription ended".into(),
+                Err(_) => break "missed idle heartbeat: the pull request was lost".into(),
+            };
+            match reply.status {
+                None | Some(StatusCode::OK) => {
+                    request.to_come -= 1;
+                    let rest = current.filter(|request| request.to_come > 0);
+                    let message = jetstream::Message {
+                        message: reply,
+                        context: jetstream.clone(),
+                    };
+                    return Some((Ok(message), Some((jetstream, consumer, rest))));
+                }
+                Some(StatusCode::IDLE_HEARTBEAT) => {}
+                // Expired with nothing (more) for us.
+                Some(StatusCode::TIMEOUT) => current = None,
+                // A consumer electing its leader answers no pull either: only the
+                // server's word that it is gone ends the stream (below).
+                Some(StatusCode::NO_RESPONDERS) => break "no responders: the consumer answers no pull".into(),
+                Some(status) => {
+                    let why = reply.description.as_deref().unwrap_or("");
+                    break format!("the pull request ended with {status} {why}").into();
+                }
+            }
+        };
+        let gone = gone(&consumer).await;
+        tokio::time::sleep(RETRY_PAUSE).await;
+        Some((Err(failed), (!gone).then_some((jetstream, consumer, None))))
     })
     // Ended stays ended: a loop that asks once more after the end gets `None` again
     // rather than a panic.

@@ -38,7 +38,8 @@ use crate::settings::Settings;
 use crate::WorkerError;
 
 pub const DELIVERER: &str = hookyard_core::store::dead_letters::FORWARD_CONSUMER;
-/// Deliveries in flight at once per worker, over all destinations, and pulled at a time.
+/// Deliveries in flight at once per worker, over all destinations; [`PULL_BATCH`] asked
+/// for per pull.
 const SHARE: Share = Share {
     concurrency: 256,
     batch: PULL_BATCH,

@@ -27,7 +27,7 @@ use crate::settings::Settings;
 use crate::{jetstream_error, WorkerError};
 
 pub const FORWARDER: &str = hookyard_core::streams::FORWARDER_CONSUMER;
-/// Events handled at once per worker, and pulled at a time.
+/// Events handled at once per worker; [`PULL_BATCH`] asked for per pull.
 const SHARE: Share = Share {
     concurrency: 64,
     batch: PULL_BATCH,
